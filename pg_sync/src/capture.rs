@@ -1,0 +1,779 @@
+//! The capture trigger: turns each row change of a registered table into action rows and LWW
+//! row state, inside the writing transaction.
+//!
+//! `register_table` installs `pg_sync.capture()` as an AFTER ROW trigger whose arguments carry the
+//! table's registration: `model, group_column ('' = none), number of key columns, key columns...,
+//! excluded columns...`. Reading them from the trigger costs nothing per row; the parsed form is
+//! cached per trigger and dropped on any relcache invalidation (ALTER TABLE, re-registration).
+//!
+//! Local writes mint a fresh version from the shared HLC and write the action row and the row
+//! state in one statement; the row-state upsert only succeeds if the new version is above the
+//! row's current one (see `record_local`). Writes made by `apply_remote` run in "remote mode":
+//! the versions and origin come from the merge, and `apply_remote` maintains the row state.
+
+use crate::clock;
+use crate::errors;
+use crate::settings;
+use pg_sync_lww::version::{self, Version};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::datum::DatumWithOid;
+use pgrx::{JsonB, PgOid};
+use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CStr;
+
+/// What a change applied by `apply_remote` asks the trigger to record.
+pub struct RemoteContext {
+    pub origin: String,
+    /// The row's created version after the merge.
+    pub created: Option<String>,
+    /// The row's tombstone version after the merge.
+    pub deleted: Option<String>,
+    /// Per-column versions above `created`, after the merge (the canonical row state).
+    pub versions: BTreeMap<String, String>,
+    /// Columns that won the merge, with their versions.
+    pub won: BTreeMap<String, String>,
+    /// The change raised the created version of a row that stays live.
+    pub created_won: bool,
+}
+
+/// A client's identity, set by `mutate` for the writes of one client transaction.
+pub struct ClientContext {
+    pub client_id: String,
+    pub client_tx_id: String,
+}
+
+thread_local! {
+    static REMOTE: RefCell<Option<RemoteContext>> = const { RefCell::new(None) };
+    static CLIENT: RefCell<Option<ClientContext>> = const { RefCell::new(None) };
+    static CONFIGS: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
+    static OWNER: RefCell<Option<pg_sys::Oid>> = const { RefCell::new(None) };
+}
+
+/// Clears a thread-local context when dropped, also when an ERROR unwinds past it.
+pub struct ContextGuard(fn());
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+pub fn enter_remote(ctx: RemoteContext) -> ContextGuard {
+    REMOTE.with(|r| *r.borrow_mut() = Some(ctx));
+    ContextGuard(|| REMOTE.with(|r| *r.borrow_mut() = None))
+}
+
+pub fn enter_client(ctx: ClientContext) -> ContextGuard {
+    CLIENT.with(|c| *c.borrow_mut() = Some(ctx));
+    ContextGuard(|| CLIENT.with(|c| *c.borrow_mut() = None))
+}
+
+/// Relcache invalidation callback: forget every parsed registration.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    CONFIGS.with(|c| c.borrow_mut().clear());
+    OWNER.with(|o| *o.borrow_mut() = None);
+}
+
+/// A registration as the trigger sees it, resolved against the table's current columns.
+struct TableConfig {
+    model: String,
+    /// Column names by attribute index; `None` for dropped columns.
+    names: Vec<Option<String>>,
+    key: Vec<usize>,
+    group: Option<usize>,
+    /// Attribute indexes whose changes are captured (not dropped, not excluded).
+    captured: Vec<usize>,
+    /// Names removed from `to_jsonb(row)` to keep only captured columns.
+    drop_excluded: Vec<String>,
+    /// Names removed from `to_jsonb(row)` to keep only the key.
+    drop_non_key: Vec<String>,
+    /// Output function oids by attribute index (filled for key and group columns).
+    output_fn: Vec<pg_sys::Oid>,
+    typlen: Vec<i16>,
+    typbyval: Vec<bool>,
+}
+
+impl TableConfig {
+    unsafe fn build(trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> TableConfig {
+        let args: Vec<String> = (0..trigger.tgnargs as usize)
+            .map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }.to_string_lossy().into_owned())
+            .collect();
+        let bad = || -> ! {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+                "pg_sync.capture() was installed with malformed arguments",
+                "Install capture with pg_sync.register_table(), not CREATE TRIGGER.",
+            )
+        };
+        if args.len() < 4 {
+            bad();
+        }
+        let nkey: usize = args[2].parse().unwrap_or_else(|_| bad());
+        if nkey == 0 || args.len() < 3 + nkey {
+            bad();
+        }
+        let natts = unsafe { (*tupdesc).natts } as usize;
+        let mut names = Vec::with_capacity(natts);
+        let mut typlen = Vec::with_capacity(natts);
+        let mut typbyval = Vec::with_capacity(natts);
+        let mut types = Vec::with_capacity(natts);
+        for i in 0..natts {
+            let att = unsafe { &*(*tupdesc).attrs.as_ptr().add(i) };
+            typlen.push(att.attlen);
+            typbyval.push(att.attbyval);
+            types.push(att.atttypid);
+            if att.attisdropped {
+                names.push(None);
+            } else {
+                let name = unsafe { CStr::from_ptr(att.attname.data.as_ptr()) };
+                names.push(Some(name.to_string_lossy().into_owned()));
+            }
+        }
+        let find = |col: &str| -> usize {
+            names.iter().position(|n| n.as_deref() == Some(col)).unwrap_or_else(|| {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                    format!("column \"{col}\" registered with pg_sync no longer exists"),
+                    "Call pg_sync.register_table() again after renaming or dropping registered columns.",
+                )
+            })
+        };
+        let key: Vec<usize> = args[3..3 + nkey].iter().map(|c| find(c)).collect();
+        let group = if args[1].is_empty() { None } else { Some(find(&args[1])) };
+        let excluded: Vec<usize> = args[3 + nkey..].iter().map(|c| find(c)).collect();
+        let captured: Vec<usize> =
+            (0..natts).filter(|i| names[*i].is_some() && !excluded.contains(i)).collect();
+        let drop_excluded = excluded.iter().filter_map(|i| names[*i].clone()).collect();
+        let drop_non_key = (0..natts)
+            .filter(|i| !key.contains(i))
+            .filter_map(|i| names[i].clone())
+            .collect();
+        let mut output_fn = vec![pg_sys::InvalidOid; natts];
+        for &i in key.iter().chain(group.iter()) {
+            let mut func = pg_sys::InvalidOid;
+            let mut varlena = false;
+            unsafe { pg_sys::getTypeOutputInfo(types[i], &mut func, &mut varlena) };
+            output_fn[i] = func;
+        }
+        TableConfig {
+            model: args[0].clone(),
+            names,
+            key,
+            group,
+            captured,
+            drop_excluded,
+            drop_non_key,
+            output_fn,
+            typlen,
+            typbyval,
+        }
+    }
+
+    fn name(&self, i: usize) -> &str {
+        self.names[i].as_deref().unwrap_or_default()
+    }
+
+    /// Names of every column except `keep`.
+    fn drop_all_but(&self, keep: &[&str]) -> Vec<String> {
+        self.names.iter().flatten().filter(|n| !keep.contains(&n.as_str())).cloned().collect()
+    }
+}
+
+/// A deformed row.
+struct Row {
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    tuple: pg_sys::HeapTuple,
+}
+
+impl Row {
+    unsafe fn deform(tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Row {
+        let natts = unsafe { (*tupdesc).natts } as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        unsafe { pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+        Row { values, nulls, tuple }
+    }
+
+    fn text(&self, cfg: &TableConfig, i: usize) -> Option<String> {
+        if self.nulls[i] {
+            return None;
+        }
+        // SAFETY: output function of the column's own type, applied to a non-null value.
+        unsafe {
+            let out = pg_sys::OidOutputFunctionCall(cfg.output_fn[i], self.values[i]);
+            let s = CStr::from_ptr(out).to_string_lossy().into_owned();
+            pg_sys::pfree(out.cast());
+            Some(s)
+        }
+    }
+
+    /// The row's key as text: the key column's text form, or for a composite key a JSON array of
+    /// the key columns' text forms (see `key_text`).
+    fn model_id(&self, cfg: &TableConfig) -> String {
+        let parts: Vec<String> = cfg
+            .key
+            .iter()
+            .map(|&i| {
+                self.text(cfg, i).unwrap_or_else(|| {
+                    errors::raise(
+                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                        format!("key column \"{}\" of model \"{}\" is null", cfg.name(i), cfg.model),
+                        "Registered tables are identified by their primary key.",
+                    )
+                })
+            })
+            .collect();
+        key_text(parts)
+    }
+
+    fn group(&self, cfg: &TableConfig) -> Option<String> {
+        cfg.group.and_then(|i| self.text(cfg, i))
+    }
+}
+
+/// Canonical text of a key: the single column's text, or a compact JSON array of texts.
+pub fn key_text(mut parts: Vec<String>) -> String {
+    if parts.len() == 1 {
+        parts.pop().unwrap_or_default()
+    } else {
+        Value::Array(parts.into_iter().map(Value::String).collect()).to_string()
+    }
+}
+
+/// Byte-image equality of two non-null datums of one attribute (detoasting varlenas).
+unsafe fn same_image(cfg: &TableConfig, i: usize, a: pg_sys::Datum, b: pg_sys::Datum) -> bool {
+    if cfg.typbyval[i] {
+        return a == b;
+    }
+    match cfg.typlen[i] {
+        -1 => unsafe {
+            let pa = a.cast_mut_ptr::<pg_sys::varlena>();
+            let pb = b.cast_mut_ptr::<pg_sys::varlena>();
+            if pa == pb {
+                return true;
+            }
+            let da = pg_sys::pg_detoast_datum_packed(pa);
+            let db = pg_sys::pg_detoast_datum_packed(pb);
+            pgrx::varlena::varlena_to_byte_slice(da) == pgrx::varlena::varlena_to_byte_slice(db)
+        },
+        -2 => unsafe {
+            CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr())
+        },
+        n => unsafe {
+            let n = n as usize;
+            std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n)
+                == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
+        },
+    }
+}
+
+/// One action row to write.
+struct Action<'a> {
+    action: &'static str,
+    model_id: &'a str,
+    row: &'a Row,
+    drop: Vec<String>,
+    version: String,
+    versions: Option<Map<String, Value>>,
+    origin: &'a str,
+    group: Option<String>,
+    prev_group: Option<String>,
+    moved: bool,
+}
+
+struct Plans {
+    /// Row-state upsert gated on the version, plus the action row; returns the row state.
+    local: OwnedPreparedStatement,
+    /// The action row alone.
+    plain: OwnedPreparedStatement,
+    /// The row's current maximum version (slow path of the gate).
+    max_version: OwnedPreparedStatement,
+}
+
+const ACTION_COLUMNS: &str = "model, model_id, action, data, version, versions, origin, group_id, \
+     prev_group_id, moved, client_id, client_tx_id";
+const ACTION_VALUES: &str = "$1, $2, $3, pg_catalog.to_jsonb($4) OPERATOR(pg_catalog.-) $5, $6, $7, \
+     $8, $9, $10, $11, $12, $13::pg_catalog.uuid";
+
+fn prepare_plans(client: &SpiClient<'_>) -> Plans {
+    let text = PgOid::from(pg_sys::TEXTOID);
+    let action_args = [
+        text,
+        text,
+        text,
+        PgOid::from(pg_sys::RECORDOID),
+        PgOid::from(pg_sys::TEXTARRAYOID),
+        text,
+        PgOid::from(pg_sys::JSONBOID),
+        text,
+        text,
+        text,
+        PgOid::from(pg_sys::BOOLOID),
+        text,
+        text,
+    ];
+    let mut local_args = action_args.to_vec();
+    local_args.push(text); // $14 row-state op
+    local_args.push(PgOid::from(pg_sys::TEXTARRAYOID)); // $15 changed columns
+    let local_sql = format!(
+        "WITH st AS (
+           INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, max_version)
+           VALUES ($1, $2,
+                   CASE $14 WHEN 'I' THEN $6 WHEN 'U' THEN '' END,
+                   CASE $14 WHEN 'D' THEN $6 END,
+                   CASE $14 WHEN 'U'
+                     THEN (SELECT pg_catalog.jsonb_object_agg(c, $6) FROM pg_catalog.unnest($15) c)
+                     ELSE '{{}}'::pg_catalog.jsonb END,
+                   $6)
+           ON CONFLICT (model, model_id) DO UPDATE SET
+             created = CASE $14 WHEN 'I' THEN $6 ELSE s.created END,
+             deleted = CASE $14 WHEN 'D' THEN $6 ELSE s.deleted END,
+             versions = CASE $14 WHEN 'U'
+                          THEN s.versions OPERATOR(pg_catalog.||) EXCLUDED.versions
+                          ELSE '{{}}'::pg_catalog.jsonb END,
+             pending = NULL,
+             max_version = $6
+           WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version
+           RETURNING s.created, s.versions),
+         a AS (INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS})
+               SELECT {ACTION_VALUES} FROM st)
+         SELECT created, versions FROM st"
+    );
+    let plain_sql = format!("INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS}) VALUES ({ACTION_VALUES})");
+    let prepare = |sql: &str, args: &[PgOid]| -> OwnedPreparedStatement {
+        client
+            .prepare_mut(sql, args)
+            .unwrap_or_else(|e| panic!("pg_sync: cannot prepare capture statement: {e}"))
+            .keep()
+    };
+    Plans {
+        local: prepare(&local_sql, &local_args),
+        plain: prepare(&plain_sql, &action_args),
+        max_version: prepare(
+            "SELECT max_version FROM pg_sync.row_state WHERE model = $1 AND model_id = $2",
+            &[text, text],
+        ),
+    }
+}
+
+fn with_plans<R>(f: impl FnOnce(&Plans) -> R) -> R {
+    PLANS.with(|p| {
+        if p.borrow().is_none() {
+            let plans = Spi::connect(|client| prepare_plans(&client));
+            *p.borrow_mut() = Some(plans);
+        }
+        f(p.borrow().as_ref().expect("plans prepared"))
+    })
+}
+
+/// Runs `f` as the owner of the pg_sync tables, so application roles need no privileges on the
+/// log while they cannot write it directly either.
+fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = OWNER.with(|o| {
+        if let Some(owner) = *o.borrow() {
+            return owner;
+        }
+        let owner = Spi::get_one::<pg_sys::Oid>(
+            "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'pg_sync.sync_actions'::pg_catalog.regclass",
+        )
+        .ok()
+        .flatten()
+        .expect("pg_sync.sync_actions exists");
+        *o.borrow_mut() = Some(owner);
+        owner
+    });
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_ctx = 0;
+    // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what was saved above.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let _restore = Restore(saved_user, saved_ctx);
+    f()
+}
+
+fn action_args<'a>(
+    cfg: &'a TableConfig,
+    a: &'a Action<'a>,
+    tupdesc: pg_sys::TupleDesc,
+) -> Vec<DatumWithOid<'a>> {
+    let (client_id, client_tx_id) = CLIENT.with(|c| match &*c.borrow() {
+        Some(c) => (Some(c.client_id.clone()), Some(c.client_tx_id.clone())),
+        None => (None, None),
+    });
+    // SAFETY: the tuple belongs to the trigger's relation, whose descriptor this is.
+    let record = unsafe { pg_sys::heap_copy_tuple_as_datum(a.row.tuple, tupdesc) };
+    vec![
+        cfg.model.as_str().into(),
+        a.model_id.into(),
+        a.action.into(),
+        unsafe { DatumWithOid::new(record, pg_sys::RECORDOID) },
+        a.drop.clone().into(),
+        a.version.as_str().into(),
+        match &a.versions {
+            Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into(),
+            _ => DatumWithOid::null::<JsonB>(),
+        },
+        a.origin.into(),
+        a.group.clone().into(),
+        a.prev_group.clone().into(),
+        a.moved.into(),
+        client_id.into(),
+        client_tx_id.into(),
+    ]
+}
+
+fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
+    let args = action_args(cfg, a, tupdesc);
+    with_plans(|plans| {
+        Spi::connect_mut(|client| {
+            client.update(&plans.plain, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+        })
+    });
+}
+
+/// Writes a local action together with its row state. The row-state upsert only passes when
+/// `version` is above the row's current maximum; when it is not (a version imported from
+/// elsewhere ran ahead of this clock), the clock observes the row's version and retries, so a
+/// local write always gets a version strictly above the row's current one.
+/// Returns the row's (created, versions) after the write.
+fn record_local(
+    cfg: &TableConfig,
+    mut a: Action<'_>,
+    op: &'static str,
+    changed: &[&str],
+    tupdesc: pg_sys::TupleDesc,
+) -> (Option<String>, Map<String, Value>) {
+    for _ in 0..8 {
+        let mut args = action_args(cfg, &a, tupdesc);
+        args.push(op.into());
+        args.push(changed.to_vec().into());
+        let result = with_plans(|plans| {
+            Spi::connect_mut(|client| {
+                let table = client.update(&plans.local, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+                if table.is_empty() {
+                    return None;
+                }
+                let row = table.first();
+                let created: Option<String> = row.get(1).unwrap_or(None);
+                let versions: Option<JsonB> = row.get(2).unwrap_or(None);
+                let versions = match versions {
+                    Some(JsonB(Value::Object(m))) => m,
+                    _ => Map::new(),
+                };
+                Some((created, versions))
+            })
+        });
+        if let Some(done) = result {
+            return done;
+        }
+        let current: Option<String> = with_plans(|plans| {
+            Spi::connect(|client| {
+                client
+                    .select(&plans.max_version, None, &[cfg.model.as_str().into(), a.model_id.into()])
+                    .and_then(|t| t.first().get_one::<String>())
+                    .unwrap_or(None)
+            })
+        });
+        if let Some(current) = current.filter(|c| !c.is_empty()) {
+            match Version::parse(&current) {
+                Ok(v) => clock::observe(v.hlc),
+                Err(why) => errors::raise(
+                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                    format!("row state of model \"{}\" holds an invalid version: {why}", cfg.model),
+                    "Inspect pg_sync.row_state for this row.",
+                ),
+            }
+        }
+        a.version = clock::next_version().to_string();
+    }
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("could not order a write of model \"{}\" after its current version", cfg.model),
+        "Retry the transaction.",
+    )
+}
+
+fn versions_object(map: &BTreeMap<String, String>, except: &str) -> Map<String, Value> {
+    map.iter()
+        .filter(|(_, v)| v.as_str() != except)
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect()
+}
+
+fn max_of<'a>(versions: impl Iterator<Item = &'a String>) -> String {
+    versions.max_by(|a, b| version::cmp_text(a, b)).cloned().unwrap_or_default()
+}
+
+/// The body of `pg_sync.capture()`.
+pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
+    let td = trigger.trigger_data();
+    // SAFETY: Postgres hands a valid TriggerData to a trigger function.
+    let (tg_trigger, tupdesc) = unsafe { (&*td.tg_trigger, (*td.tg_relation).rd_att) };
+    let tgoid = tg_trigger.tgoid;
+    let cfg = CONFIGS.with(|c| {
+        c.borrow_mut()
+            .entry(tgoid)
+            .or_insert_with(|| std::rc::Rc::new(unsafe { TableConfig::build(tg_trigger, tupdesc) }))
+            .clone()
+    });
+    let event = td.tg_event;
+    let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
+    let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
+    let remote = REMOTE.with(|r| r.borrow_mut().take());
+    // Put the remote context back for the next row of the same statement, even on error.
+    struct Putback(Option<RemoteContext>);
+    impl Drop for Putback {
+        fn drop(&mut self) {
+            if let Some(ctx) = self.0.take() {
+                REMOTE.with(|r| *r.borrow_mut() = Some(ctx));
+            }
+        }
+    }
+    let remote = Putback(remote);
+    let node = settings::node_id();
+
+    as_owner(|| unsafe {
+        if is_insert || is_delete {
+            let row = Row::deform(td.tg_trigtuple, tupdesc);
+            let model_id = row.model_id(&cfg);
+            let group = row.group(&cfg);
+            match &remote.0 {
+                None => {
+                    let (action, op, drop) = if is_insert {
+                        ("I", "I", cfg.drop_excluded.clone())
+                    } else {
+                        ("D", "D", cfg.drop_non_key.clone())
+                    };
+                    let a = Action {
+                        action,
+                        model_id: &model_id,
+                        row: &row,
+                        drop,
+                        version: clock::next_version().to_string(),
+                        versions: None,
+                        origin: &node,
+                        group,
+                        prev_group: None,
+                        moved: false,
+                    };
+                    record_local(&cfg, a, op, &[], tupdesc);
+                }
+                Some(ctx) => {
+                    let (action, drop, version, versions) = if is_insert {
+                        let created = ctx.created.clone().unwrap_or_default();
+                        let versions = versions_object(&ctx.versions, &created);
+                        ("I", cfg.drop_excluded.clone(), created, Some(versions))
+                    } else {
+                        ("D", cfg.drop_non_key.clone(), ctx.deleted.clone().unwrap_or_default(), None)
+                    };
+                    let a = Action {
+                        action,
+                        model_id: &model_id,
+                        row: &row,
+                        drop,
+                        version,
+                        versions,
+                        origin: &ctx.origin,
+                        group,
+                        prev_group: None,
+                        moved: false,
+                    };
+                    write_plain(&cfg, &a, tupdesc);
+                }
+            }
+            return;
+        }
+
+        // UPDATE
+        let old = Row::deform(td.tg_trigtuple, tupdesc);
+        let new = Row::deform(td.tg_newtuple, tupdesc);
+        let changed: Vec<&str> = match &remote.0 {
+            Some(ctx) => ctx.won.keys().map(String::as_str).collect(),
+            None => cfg
+                .captured
+                .iter()
+                .copied()
+                .filter(|&i| match (old.nulls[i], new.nulls[i]) {
+                    (true, true) => false,
+                    (false, false) => !same_image(&cfg, i, old.values[i], new.values[i]),
+                    _ => true,
+                })
+                .map(|i| cfg.name(i))
+                .collect(),
+        };
+        if changed.is_empty() && remote.0.as_ref().is_none_or(|c| !c.created_won) {
+            return;
+        }
+        let old_id = old.model_id(&cfg);
+        let new_id = new.model_id(&cfg);
+        let old_group = old.group(&cfg);
+        let new_group = new.group(&cfg);
+        let origin = remote.0.as_ref().map(|c| c.origin.as_str()).unwrap_or(node.as_str());
+
+        if old_id != new_id {
+            // A key change is a delete of the old row and an insert of the new one.
+            if remote.0.is_some() {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("a remote change may not change the key of model \"{}\"", cfg.model),
+                    "Keys are immutable across nodes; delete and insert instead.",
+                );
+            }
+            let d = Action {
+                action: "D",
+                model_id: &old_id,
+                row: &old,
+                drop: cfg.drop_non_key.clone(),
+                version: clock::next_version().to_string(),
+                versions: None,
+                origin,
+                group: old_group,
+                prev_group: None,
+                moved: false,
+            };
+            record_local(&cfg, d, "D", &[], tupdesc);
+            let i = Action {
+                action: "I",
+                model_id: &new_id,
+                row: &new,
+                drop: cfg.drop_excluded.clone(),
+                version: clock::next_version().to_string(),
+                versions: None,
+                origin,
+                group: new_group,
+                prev_group: None,
+                moved: false,
+            };
+            record_local(&cfg, i, "I", &[], tupdesc);
+            return;
+        }
+
+        let moved = old_group != new_group;
+        match &remote.0 {
+            None => {
+                let version = clock::next_version().to_string();
+                if !moved {
+                    let a = Action {
+                        action: "U",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_all_but(&changed),
+                        version,
+                        versions: None,
+                        origin,
+                        group: new_group,
+                        prev_group: None,
+                        moved: false,
+                    };
+                    record_local(&cfg, a, "U", &changed, tupdesc);
+                } else {
+                    // A move: a delete for the old group, then the whole row for the new one.
+                    let d = Action {
+                        action: "D",
+                        model_id: &new_id,
+                        row: &old,
+                        drop: cfg.drop_non_key.clone(),
+                        version: version.clone(),
+                        versions: None,
+                        origin,
+                        group: old_group.clone(),
+                        prev_group: None,
+                        moved: true,
+                    };
+                    let (created, versions) = record_local(&cfg, d, "U", &changed, tupdesc);
+                    let created = created.unwrap_or_default();
+                    let versions = versions
+                        .into_iter()
+                        .filter(|(_, v)| v.as_str() != Some(created.as_str()))
+                        .collect();
+                    let i = Action {
+                        action: "I",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_excluded.clone(),
+                        version: created,
+                        versions: Some(versions),
+                        origin,
+                        group: new_group,
+                        prev_group: old_group,
+                        moved: true,
+                    };
+                    write_plain(&cfg, &i, tupdesc);
+                }
+            }
+            Some(ctx) => {
+                let created = ctx.created.clone().unwrap_or_default();
+                if moved {
+                    let d = Action {
+                        action: "D",
+                        model_id: &new_id,
+                        row: &old,
+                        drop: cfg.drop_non_key.clone(),
+                        version: max_of(ctx.won.values()),
+                        versions: None,
+                        origin,
+                        group: old_group.clone(),
+                        prev_group: None,
+                        moved: true,
+                    };
+                    write_plain(&cfg, &d, tupdesc);
+                }
+                let a = if moved || ctx.created_won {
+                    Action {
+                        action: "I",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_excluded.clone(),
+                        versions: Some(versions_object(&ctx.versions, &created)),
+                        version: created,
+                        origin,
+                        group: new_group,
+                        prev_group: if moved { old_group } else { None },
+                        moved,
+                    }
+                } else {
+                    let version = max_of(ctx.won.values());
+                    Action {
+                        action: "U",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_all_but(&changed),
+                        versions: Some(versions_object(&ctx.won, &version)),
+                        version,
+                        origin,
+                        group: new_group,
+                        prev_group: None,
+                        moved: false,
+                    }
+                };
+                write_plain(&cfg, &a, tupdesc);
+            }
+        }
+    });
+}
+
+/// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log.
+pub fn refuse_truncate(trigger: &pgrx::PgTrigger<'_>) -> ! {
+    let table = trigger.table_name().unwrap_or_default();
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("TRUNCATE is not allowed on \"{table}\": it is synced by pg_sync"),
+        "Use DELETE so every removal is captured, or call pg_sync.unregister_table() first.",
+    )
+}

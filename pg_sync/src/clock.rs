@@ -1,0 +1,173 @@
+//! The hybrid logical clock, shared by every backend of the cluster.
+//!
+//! An HLC value packs unix milliseconds in the high bits and a logical counter in the low
+//! `COUNTER_BITS`. The current value lives in shared memory and only ever grows (compare-and-swap),
+//! so versions are unique and monotonic across concurrent backends.
+//!
+//! Restart safety: no value is handed out unless it is at or below a high-water mark that has
+//! already been written and fsynced to `pg_sync_hlc` in the data directory. The mark runs a
+//! window ahead of the clock, so the file is written about once per window, not once per write.
+//! At start the clock resumes from the mark, so even a wall clock stepped back across a restart
+//! cannot produce a version at or below one issued before it.
+
+use crate::settings;
+use pg_sync_lww::version::{Version, COUNTER_BITS};
+use pgrx::prelude::*;
+use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::fs;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const HWM_FILE: &str = "pg_sync_hlc";
+const HWM_TMP: &str = "pg_sync_hlc.tmp";
+/// How far ahead of the clock the persisted mark is pushed each time it is written.
+const HWM_WINDOW: u64 = 10_000 << COUNTER_BITS;
+
+pub struct ClockShared {
+    hlc: AtomicU64,
+    persisted: AtomicU64,
+    initialized: AtomicBool,
+}
+
+// SAFETY: only atomics, valid in shared memory without further initialization.
+unsafe impl PGRXSharedMemory for ClockShared {}
+
+impl Default for ClockShared {
+    fn default() -> Self {
+        ClockShared {
+            hlc: AtomicU64::new(0),
+            persisted: AtomicU64::new(0),
+            initialized: AtomicBool::new(false),
+        }
+    }
+}
+
+pub static CLOCK: PgAtomic<ClockShared> = unsafe { PgAtomic::new(c"pg_sync_clock") };
+/// Serializes writes of the high-water-mark file; holds the value last written.
+static HWM_LOCK: PgLwLock<u64> = unsafe { PgLwLock::new(c"pg_sync_clock_hwm") };
+
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Called from `_PG_init` while `shared_preload_libraries` is being processed.
+pub fn init_shmem() {
+    pgrx::pg_shmem_init!(CLOCK);
+    pgrx::pg_shmem_init!(HWM_LOCK);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+fn shared() -> &'static ClockShared {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_sync must be loaded through shared_preload_libraries",
+            "Add pg_sync to shared_preload_libraries in postgresql.conf and restart the server."
+        );
+    }
+    let clock = CLOCK.get();
+    if !clock.initialized.load(Ordering::Acquire) {
+        load_persisted(clock);
+    }
+    clock
+}
+
+/// Reads the high-water mark once per cluster start (the first backend to use the clock).
+fn load_persisted(clock: &ClockShared) {
+    let mut guard = HWM_LOCK.exclusive();
+    if clock.initialized.load(Ordering::Acquire) {
+        return;
+    }
+    let mark = match fs::read_to_string(HWM_FILE) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(v) => v,
+            Err(_) => {
+                pgrx::warning!("pg_sync: {HWM_FILE} is unreadable; the clock starts from wall time");
+                0
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            pgrx::warning!("pg_sync: cannot read {HWM_FILE}: {e}; the clock starts from wall time");
+            0
+        }
+    };
+    *guard = mark;
+    clock.persisted.store(mark, Ordering::Release);
+    clock.hlc.fetch_max(mark, Ordering::AcqRel);
+    clock.initialized.store(true, Ordering::Release);
+}
+
+/// Makes sure `value` is covered by a durable high-water mark before it is used.
+fn ensure_persisted(clock: &ClockShared, value: u64) {
+    if value <= clock.persisted.load(Ordering::Acquire) {
+        return;
+    }
+    let mut guard = HWM_LOCK.exclusive();
+    if value <= *guard {
+        return;
+    }
+    let mark = value.saturating_add(HWM_WINDOW);
+    if let Err(e) = write_mark(mark) {
+        drop(guard);
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("pg_sync: cannot persist the clock high-water mark: {e}"),
+            "Check free space and permissions of the data directory."
+        );
+    }
+    *guard = mark;
+    clock.persisted.store(mark, Ordering::Release);
+}
+
+fn write_mark(mark: u64) -> std::io::Result<()> {
+    {
+        let mut f = fs::File::create(HWM_TMP)?;
+        writeln!(f, "{mark}")?;
+        f.sync_all()?;
+    }
+    fs::rename(HWM_TMP, HWM_FILE)?;
+    // Make the rename itself durable.
+    fs::File::open(".")?.sync_all()
+}
+
+/// Wall-clock milliseconds, shifted by the test-only `pg_sync.test_clock_offset`.
+pub fn wall_ms() -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    (now + settings::test_clock_offset_ms()).max(0) as u64
+}
+
+/// Next local event: strictly above every value handed out so far, and at least wall time.
+pub fn tick() -> u64 {
+    let clock = shared();
+    let physical = wall_ms() << COUNTER_BITS;
+    let mut current = clock.hlc.load(Ordering::Acquire);
+    let next = loop {
+        let next = (current + 1).max(physical);
+        match clock.hlc.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break next,
+            Err(seen) => current = seen,
+        }
+    };
+    ensure_persisted(clock, next);
+    next
+}
+
+/// HLC receive rule: after this, every local tick is above `remote`.
+pub fn observe(remote: u64) {
+    let clock = shared();
+    clock.hlc.fetch_max(remote, Ordering::AcqRel);
+    ensure_persisted(clock, remote);
+}
+
+/// The current value without advancing it.
+#[allow(dead_code)]
+pub fn peek() -> u64 {
+    shared().hlc.load(Ordering::Acquire)
+}
+
+/// A fresh version for a local write.
+pub fn next_version() -> Version {
+    Version { hlc: tick(), node: settings::node_id() }
+}

@@ -1,0 +1,106 @@
+//! pg_sync: change capture with last-writer-wins versions, inside Postgres.
+//!
+//! `_PG_init` does its steps in a fixed order: settings, then shared memory (only while
+//! `shared_preload_libraries` is processed; without it the clock refuses with a hint), then the
+//! relcache callback that keeps the capture trigger's parsed registrations fresh.
+
+use pgrx::prelude::*;
+
+mod capture;
+mod clock;
+mod errors;
+mod model;
+mod mutate;
+mod remote;
+mod settings;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../../sql/registry.sql", name = "registry", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    // SAFETY: reading a postmaster global during library load.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        clock::init_shmem();
+    }
+    // SAFETY: registering a callback that only clears backend-local caches.
+    unsafe {
+        pgrx::pg_sys::CacheRegisterRelcacheCallback(Some(capture::invalidate), pgrx::pg_sys::Datum::from(0usize));
+    }
+}
+
+/// Every SQL-callable function, in the extension's schema.
+#[pg_schema]
+mod pg_sync {
+    use pgrx::prelude::*;
+    use pgrx::{JsonB, Uuid};
+
+    /// A fresh HLC value (unix milliseconds << 16 | counter), strictly above every value before it.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn hlc_now() -> i64 {
+        crate::clock::tick() as i64
+    }
+
+    /// A fresh version for this node, as stored in `sync_actions.version`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn next_version() -> String {
+        crate::clock::next_version().to_string()
+    }
+
+    /// This node's id (`pg_sync.node_id`, or the derived default).
+    #[pg_extern(stable, parallel_safe)]
+    fn node_id() -> String {
+        crate::settings::node_id()
+    }
+
+    /// The canonical key text for key column texts: the text itself for one column, a JSON
+    /// array of the texts for several.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn key_text(parts: Vec<String>) -> String {
+        crate::capture::key_text(parts)
+    }
+
+    /// The HLC part of a version string.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn version_hlc(version: &str) -> i64 {
+        match pg_sync_lww::version::Version::parse(version) {
+            Ok(v) => v.hlc as i64,
+            Err(why) => crate::errors::invalid(
+                format!("invalid version: {why}"),
+                "Versions look like 0193a8f2c4d10003@node-id.",
+            ),
+        }
+    }
+
+    /// Merges changes captured on another node (one `to_jsonb(sync_actions row)`, or an array).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn apply_remote(change: JsonB) -> i64 {
+        crate::remote::apply_remote(change)
+    }
+
+    /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
+        crate::mutate::mutate(client_id, client_tx_id, ops)
+    }
+
+    /// AFTER ROW trigger installed by register_table().
+    #[pg_trigger]
+    fn capture<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
+        crate::capture::capture(trigger);
+        Ok(None)
+    }
+
+    /// BEFORE TRUNCATE trigger installed by register_table().
+    #[pg_trigger]
+    fn refuse_truncate<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
+        crate::capture::refuse_truncate(trigger)
+    }
+}

@@ -1,0 +1,236 @@
+//! Registered models as `apply_remote` and `mutate` see them, and the row-level statements both
+//! run against the user's tables. Values travel as JSON and are converted with
+//! `jsonb_populate_record`, the inverse of the `to_jsonb` mapping that capture uses.
+
+use crate::capture::key_text;
+use crate::errors;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{JsonB, PgOid};
+use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+pub struct Model {
+    pub name: String,
+    /// The table as a quoted, schema-qualified name.
+    pub table: String,
+    pub key: Vec<String>,
+    /// Columns whose values are synced (neither excluded nor dropped).
+    pub columns: Vec<String>,
+    pub federation: String,
+    pub enabled: bool,
+}
+
+impl Model {
+    /// Looks a model up in the registry; raises 42P01 when it is not registered.
+    pub fn lookup(name: &str) -> Model {
+        let row = Spi::connect(|client| {
+            let t = client.select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), r.pk_columns,
+                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                               WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                 AND a.attname <> ALL (r.excluded_columns)
+                               ORDER BY a.attnum),
+                        r.federation, r.enabled
+                   FROM pg_sync.registry r
+                   JOIN pg_catalog.pg_class c ON c.oid = r.rel
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE r.model = $1",
+                None,
+                &[name.into()],
+            )?;
+            if t.is_empty() {
+                return Ok::<_, pgrx::spi::Error>(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<Vec<String>>(2)?.unwrap_or_default(),
+                r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                r.get::<String>(4)?.unwrap_or_default(),
+                r.get::<bool>(5)?.unwrap_or(false),
+            )))
+        })
+        .unwrap_or_else(|e| panic!("pg_sync: registry lookup failed: {e}"));
+        let Some((table, key, columns, federation, enabled)) = row else {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("model \"{name}\" is not registered"),
+                "pg_sync.tables() lists the registered models.",
+            );
+        };
+        Model { name: name.to_owned(), table, key, columns, federation, enabled }
+    }
+
+    pub fn is_key(&self, col: &str) -> bool {
+        self.key.iter().any(|k| k == col)
+    }
+
+    /// Raises 42703 unless `col` is a synced column of this model.
+    pub fn check_column(&self, col: &str, context: &str) {
+        if !self.columns.iter().any(|c| c == col) {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("{context}model \"{}\" has no synced column \"{col}\"", self.name),
+                "Use the column names of the registered table; excluded columns cannot be written.",
+            );
+        }
+    }
+
+    /// Splits a model id (see `capture::key_text`) into `{key column: text}`.
+    pub fn key_object(&self, model_id: &str, context: &str) -> Map<String, Value> {
+        let parts: Vec<String> = if self.key.len() == 1 {
+            vec![model_id.to_owned()]
+        } else {
+            match serde_json::from_str::<Vec<String>>(model_id) {
+                Ok(p) if p.len() == self.key.len() => p,
+                _ => errors::invalid(
+                    format!(
+                        "{context}model_id of model \"{}\" must be a JSON array of {} strings",
+                        self.name,
+                        self.key.len()
+                    ),
+                    "Composite keys are written as a JSON array of each key column's text form.",
+                ),
+            }
+        };
+        self.key.iter().cloned().zip(parts.into_iter().map(Value::String)).collect()
+    }
+
+    /// The model id for a client-supplied id: a string or number, or an array for composite keys.
+    pub fn model_id_from_json(&self, id: &Value, context: &str) -> String {
+        let scalar = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let parts: Option<Vec<String>> = match (id, self.key.len()) {
+            (Value::Array(items), n) if n > 1 && items.len() == n => items.iter().map(scalar).collect(),
+            (v, 1) => scalar(v).map(|s| vec![s]),
+            _ => None,
+        };
+        match parts {
+            Some(p) => key_text(p),
+            None => errors::invalid(
+                format!("{context}invalid id for model \"{}\"", self.name),
+                format!(
+                    "Give the id as a string or number{}.",
+                    if self.key.len() > 1 { ", in an array with one element per key column" } else { "" }
+                ),
+            ),
+        }
+    }
+
+    fn key_condition(&self, param: usize) -> String {
+        let cols = self.key.iter().map(|k| spi::quote_identifier(k)).collect::<Vec<_>>().join(", ");
+        format!(
+            "({cols}) = (SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, ${param}))",
+            t = self.table
+        )
+    }
+
+    fn key_text_expr(&self) -> String {
+        let parts = self
+            .key
+            .iter()
+            .map(|k| format!("pg_catalog.format('%s', {})", spi::quote_identifier(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("pg_sync.key_text(ARRAY[{parts}])")
+    }
+
+    fn quoted(cols: &Map<String, Value>) -> String {
+        cols.keys().map(spi::quote_identifier).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The live row's synced columns, locked for update; `None` if there is no such row.
+    pub fn select_for_update(&self, key: &Map<String, Value>) -> Option<Map<String, Value>> {
+        let cols = self.columns.iter().map(spi::quote_identifier).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT pg_catalog.to_jsonb(r) FROM (SELECT {cols} FROM {t} WHERE {cond} FOR UPDATE) r",
+            t = self.table,
+            cond = self.key_condition(1)
+        );
+        match run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]) {
+            Some(Value::Object(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Inserts a row; returns its model id.
+    pub fn insert(&self, row: &Map<String, Value>) -> String {
+        let cols = Self::quoted(row);
+        let sql = format!(
+            "INSERT INTO {t} ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, $1) \
+             RETURNING pg_catalog.to_jsonb({id})",
+            t = self.table,
+            id = self.key_text_expr()
+        );
+        match run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(row)]) {
+            Some(Value::String(id)) => id,
+            _ => String::new(),
+        }
+    }
+
+    /// Updates columns of a row; returns whether the row existed.
+    pub fn update(&self, key: &Map<String, Value>, cols: &Map<String, Value>) -> bool {
+        let names = Self::quoted(cols);
+        let sql = format!(
+            "UPDATE {t} SET ({names}) = (SELECT {names} FROM pg_catalog.jsonb_populate_record(NULL::{t}, $1)) \
+             WHERE {cond} RETURNING 'true'::pg_catalog.jsonb",
+            t = self.table,
+            cond = self.key_condition(2)
+        );
+        let types = [PgOid::from(pg_sys::JSONBOID), PgOid::from(pg_sys::JSONBOID)];
+        run(&sql, &types, vec![jsonb(cols), jsonb(key)]).is_some()
+    }
+
+    /// Deletes a row; returns whether it existed.
+    pub fn delete(&self, key: &Map<String, Value>) -> bool {
+        let sql = format!(
+            "DELETE FROM {t} WHERE {cond} RETURNING 'true'::pg_catalog.jsonb",
+            t = self.table,
+            cond = self.key_condition(1)
+        );
+        run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]).is_some()
+    }
+}
+
+fn jsonb(m: &Map<String, Value>) -> JsonB {
+    JsonB(Value::Object(m.clone()))
+}
+
+const PLAN_CACHE_LIMIT: usize = 512;
+
+thread_local! {
+    static STATEMENTS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Runs a cached prepared statement returning at most one jsonb value.
+pub fn run(sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
+    STATEMENTS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.contains_key(sql) {
+            if cache.len() >= PLAN_CACHE_LIMIT {
+                cache.clear();
+            }
+            let stmt = Spi::connect(|client| {
+                client.prepare_mut(sql, types).map(|p| p.keep())
+            })
+            .unwrap_or_else(|e| panic!("pg_sync: cannot prepare statement: {e}"));
+            cache.insert(sql.to_owned(), stmt);
+        }
+        let stmt = cache.get(sql).expect("cached");
+        let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
+        Spi::connect_mut(|client| {
+            let t = client.update(stmt, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+            if t.is_empty() {
+                None
+            } else {
+                t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+            }
+        })
+    })
+}

@@ -1,0 +1,182 @@
+//! `pg_sync.mutate(client_id, client_tx_id, ops)`: a client's batch of writes, applied atomically
+//! and exactly once per (client_id, client_tx_id).
+//!
+//! The first call records its result in `pg_sync.client_transactions` in the same transaction as
+//! the writes; a replay finds that row and returns the first result with `"duplicate": true`,
+//! changing nothing. A concurrent replay waits on the first one's unique-key insert.
+
+use crate::capture::{self, ClientContext};
+use crate::errors;
+use crate::model::{self, Model};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB, PgOid, Uuid};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+/// The most operations one client transaction may carry.
+const MAX_OPS: usize = 10_000;
+const MAX_CLIENT_ID: usize = 200;
+
+/// The body of `pg_sync.mutate()`.
+pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
+    if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID {
+        errors::invalid(
+            format!("client_id must be 1 to {MAX_CLIENT_ID} bytes"),
+            "Use a stable identifier per client installation.",
+        );
+    }
+    let ops = match ops.0 {
+        Value::Array(ops) if !ops.is_empty() && ops.len() <= MAX_OPS => ops,
+        Value::Array(ops) if ops.is_empty() => {
+            errors::invalid("ops must not be empty", "Send at least one operation.")
+        }
+        Value::Array(_) => {
+            errors::invalid(format!("a client transaction holds at most {MAX_OPS} ops"), "Split it.")
+        }
+        _ => errors::invalid(
+            "ops must be a JSON array",
+            r#"Pass [{"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}, ...]."#,
+        ),
+    };
+    let tx = client_tx_id.to_string();
+    let ident = JsonB(json!({"c": client_id, "t": tx}));
+    let jsonb_arg = [PgOid::from(pg_sys::JSONBOID)];
+    let claimed = model::run(
+        "INSERT INTO pg_sync.client_transactions (client_id, client_tx_id, result)
+         VALUES ($1->>'c', ($1->>'t')::pg_catalog.uuid, '{}')
+         ON CONFLICT (client_id, client_tx_id) DO NOTHING
+         RETURNING 'true'::pg_catalog.jsonb",
+        &jsonb_arg,
+        vec![JsonB(ident.0.clone())],
+    );
+    if claimed.is_none() {
+        let first = model::run(
+            "SELECT result FROM pg_sync.client_transactions
+              WHERE client_id = $1->>'c' AND client_tx_id = ($1->>'t')::pg_catalog.uuid",
+            &jsonb_arg,
+            vec![JsonB(ident.0.clone())],
+        );
+        let mut first = match first {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        first.insert("status".into(), "duplicate".into());
+        first.insert("duplicate".into(), true.into());
+        return JsonB(Value::Object(first));
+    }
+
+    let mut models: HashMap<String, Model> = HashMap::new();
+    let mut results = Vec::with_capacity(ops.len());
+    {
+        let _client = capture::enter_client(ClientContext { client_id: client_id.to_owned(), client_tx_id: tx.clone() });
+        for (i, op) in ops.iter().enumerate() {
+            results.push(apply_op(op, &format!("op {i}: "), &mut models));
+        }
+    }
+    let result = json!({
+        "status": "applied",
+        "duplicate": false,
+        "clientId": client_id,
+        "clientTxId": tx,
+        "ops": results,
+    });
+    model::run(
+        "UPDATE pg_sync.client_transactions SET result = $1->'r'
+          WHERE client_id = $1->>'c' AND client_tx_id = ($1->>'t')::pg_catalog.uuid
+         RETURNING NULL::pg_catalog.jsonb",
+        &jsonb_arg,
+        vec![JsonB(json!({"c": client_id, "t": tx, "r": result}))],
+    );
+    JsonB(result)
+}
+
+fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value {
+    let shape = r#"An op is {"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}."#;
+    let Some(op) = op.as_object() else {
+        errors::invalid(format!("{ctx}an op must be a JSON object"), shape);
+    };
+    for k in op.keys() {
+        if !matches!(k.as_str(), "model" | "action" | "id" | "data") {
+            errors::invalid(format!("{ctx}unknown field \"{k}\""), shape);
+        }
+    }
+    let Some(name) = op.get("model").and_then(Value::as_str) else {
+        errors::invalid(format!("{ctx}\"model\" must be a string"), shape);
+    };
+    let action = match op.get("action").and_then(Value::as_str) {
+        Some(a @ ("I" | "U" | "D")) => a,
+        _ => errors::invalid(format!("{ctx}\"action\" must be \"I\", \"U\" or \"D\""), shape),
+    };
+    if !models.contains_key(name) {
+        models.insert(name.to_owned(), Model::lookup(name));
+    }
+    let model = &models[name];
+    if !model.enabled {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{ctx}model \"{name}\" is unregistered"),
+            "Register the table again with pg_sync.register_table().",
+        );
+    }
+    let data = match (op.get("data"), action) {
+        (Some(Value::Object(m)), "I" | "U") => m.clone(),
+        (None | Some(Value::Null), "D") => Map::new(),
+        (_, "D") => errors::invalid(format!("{ctx}a delete takes no \"data\""), shape),
+        _ => errors::invalid(format!("{ctx}\"data\" must be an object"), shape),
+    };
+    for col in data.keys() {
+        model.check_column(col, ctx);
+    }
+    let id = match op.get("id") {
+        Some(v) if !v.is_null() => Some(model.model_id_from_json(v, ctx)),
+        _ if action == "I" => None,
+        _ => errors::invalid(format!("{ctx}\"id\" is required for \"{action}\""), shape),
+    };
+    let key = id.as_deref().map(|id| model.key_object(id, ctx));
+    // Key values in data must agree with the id; keys never change through mutate.
+    if let Some(key) = &key {
+        for (k, v) in key {
+            if let Some(given) = data.get(k) {
+                let given_text = match given {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if Some(given_text.as_str()) != v.as_str() {
+                    errors::invalid(
+                        format!("{ctx}key column \"{k}\" in data disagrees with \"id\""),
+                        "Keys are immutable: delete the row and insert a new one.",
+                    );
+                }
+            }
+        }
+    }
+    let (model_id, status) = match action {
+        "I" => {
+            let mut row = data;
+            if let Some(key) = key {
+                row.extend(key);
+            }
+            (model.insert(&row), "applied")
+        }
+        "U" => {
+            let key = key.expect("id checked");
+            let cols: Map<String, Value> = data.into_iter().filter(|(k, _)| !model.is_key(k)).collect();
+            if cols.is_empty() {
+                errors::invalid(format!("{ctx}an update needs at least one non-key column"), shape);
+            }
+            if !model.update(&key, &cols) {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+                    format!("{ctx}model \"{name}\" has no row with this id"),
+                    "The row may have been deleted; re-read it before updating.",
+                );
+            }
+            (id.unwrap_or_default(), "applied")
+        }
+        _ => {
+            let existed = model.delete(&key.expect("id checked"));
+            (id.unwrap_or_default(), if existed { "applied" } else { "not_found" })
+        }
+    };
+    json!({"model": name, "id": model_id, "action": action, "status": status})
+}

@@ -1,0 +1,95 @@
+//! Every setting (GUC) of pg_sync, in one place.
+//!
+//! - `pg_sync.node_id` (superuser, text): this node's id in versions and `origin`. Empty means a
+//!   default derived from the cluster's system identifier and the database oid, unique per
+//!   database; set it explicitly on federated nodes (and after cloning a data directory).
+//! - `pg_sync.max_clock_skew` (superuser, milliseconds, default 60000): how far ahead of the local
+//!   wall clock a remote version may be before `apply_remote` rejects it.
+//! - `pg_sync.test_clock_offset` (superuser, milliseconds, default 0): shifts the wall clock the
+//!   HLC reads. For tests of clock steps only.
+
+use crate::errors;
+use pg_sync_lww::version::validate_node_id;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::cell::RefCell;
+use std::ffi::CString;
+
+static NODE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static TEST_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"pg_sync.node_id",
+        c"This node's id in LWW versions and the origin of captured changes.",
+        c"Letters, digits, '_', '-', '.', ':'; at most 63 bytes. Empty derives one from the system identifier and database oid.",
+        &NODE_ID,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_sync.max_clock_skew",
+        c"How far ahead of local time a remote version may be before it is rejected.",
+        c"apply_remote refuses changes whose clock is further in the future than this.",
+        &MAX_CLOCK_SKEW_MS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_sync.test_clock_offset",
+        c"Test only: shifts the wall clock that the hybrid logical clock reads.",
+        c"Used by tests that step the clock back; leave at 0.",
+        &TEST_CLOCK_OFFSET_MS,
+        i32::MIN,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+pub fn max_clock_skew_ms() -> u64 {
+    MAX_CLOCK_SKEW_MS.get().max(0) as u64
+}
+
+pub fn test_clock_offset_ms() -> i64 {
+    TEST_CLOCK_OFFSET_MS.get() as i64
+}
+
+thread_local! {
+    /// (address of the GUC's current string, resolved node id): re-resolved when the GUC changes.
+    static NODE_CACHE: RefCell<(usize, String)> = const { RefCell::new((usize::MAX, String::new())) };
+}
+
+/// This node's id, validated. Cheap on the hot path: resolved again only when the setting moves.
+pub fn node_id() -> String {
+    // SAFETY: reading the GUC's current string pointer; Postgres owns it.
+    let raw = unsafe { *NODE_ID.as_ptr() } as usize;
+    NODE_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != raw {
+            let id = match NODE_ID.get() {
+                Some(s) if !s.as_bytes().is_empty() => {
+                    let s = s.to_string_lossy().into_owned();
+                    if let Err(why) = validate_node_id(&s) {
+                        errors::invalid(
+                            format!("invalid pg_sync.node_id: {why}"),
+                            "Set pg_sync.node_id to a short identifier such as 'eu-west-1'.",
+                        );
+                    }
+                    s
+                }
+                _ => default_node_id(),
+            };
+            *cache = (raw, id);
+        }
+        cache.1.clone()
+    })
+}
+
+fn default_node_id() -> String {
+    // SAFETY: plain reads of backend globals.
+    let (sysid, db) = unsafe { (pgrx::pg_sys::GetSystemIdentifier(), pgrx::pg_sys::MyDatabaseId) };
+    format!("{sysid:x}.{}", db.to_u32())
+}

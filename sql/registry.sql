@@ -1,0 +1,226 @@
+-- Registration of synced tables, memberships and status: the SQL surface around the Rust core.
+
+CREATE FUNCTION pg_sync.register_table(
+    rel          regclass,
+    group_column text    DEFAULT NULL,
+    model        text    DEFAULT NULL,
+    exclude      text[]  DEFAULT '{}',
+    federation   text    DEFAULT 'both'
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = warning
+AS $$
+DECLARE
+    c          pg_class;
+    pk         text[];
+    m          text := model;
+    prior      pg_sync.registry;
+    col        text;
+    args       text;
+    key_expr   text;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'pg_sync.register_table: rel must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the table, e.g. ''public.todos''::regclass.';
+    END IF;
+    SELECT * INTO c FROM pg_class WHERE oid = rel;
+    IF c.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', rel
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'pg_sync captures ordinary and partitioned tables; views, foreign tables and materialized views cannot be registered.';
+    END IF;
+    IF c.relpersistence = 't' THEN
+        RAISE EXCEPTION 'temporary table "%" cannot be registered', rel
+            USING ERRCODE = 'feature_not_supported', HINT = 'Register a permanent table.';
+    END IF;
+    IF c.relnamespace = 'pg_sync'::regnamespace THEN
+        RAISE EXCEPTION 'pg_sync''s own tables cannot be registered'
+            USING ERRCODE = 'wrong_object_type', HINT = 'Register your application''s tables.';
+    END IF;
+
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO pk
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF pk IS NULL THEN
+        RAISE EXCEPTION 'table "%" has no primary key', rel
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'pg_sync identifies rows by their primary key: add one (ALTER TABLE ... ADD PRIMARY KEY).';
+    END IF;
+
+    IF group_column IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = group_column AND attnum > 0 AND NOT attisdropped
+    ) THEN
+        RAISE EXCEPTION 'column "%" of table "%" does not exist', group_column, rel
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'group_column names the column holding each row''s sync group; NULL makes the table visible to everyone.';
+    END IF;
+
+    exclude := coalesce(exclude, '{}');
+    FOREACH col IN ARRAY exclude LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = col AND attnum > 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'excluded column "%" of table "%" does not exist', col, rel
+                USING ERRCODE = 'undefined_column', HINT = 'exclude lists columns of the table that must never be synced.';
+        END IF;
+        IF col = ANY (pk) OR col = group_column THEN
+            RAISE EXCEPTION 'column "%" cannot be excluded: it is part of the key or the group column', col
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Key and group columns are always synced.';
+        END IF;
+    END LOOP;
+    SELECT coalesce(array_agg(DISTINCT e ORDER BY e), '{}') INTO exclude FROM unnest(exclude) e;
+
+    IF federation IS NULL OR federation NOT IN ('push', 'pull', 'both', 'off') THEN
+        RAISE EXCEPTION 'invalid federation mode "%"', federation
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use ''push'', ''pull'', ''both'' or ''off''.';
+    END IF;
+
+    m := coalesce(m, c.relname::text);
+    IF m !~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid model name "%"', m
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name starts with a letter or underscore and holds letters, digits and underscores (at most 63).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_sync.registry r WHERE r.model = m AND r.rel <> register_table.rel) THEN
+        RAISE EXCEPTION 'model "%" is already registered for another table', m
+            USING ERRCODE = 'duplicate_object', HINT = 'Pass a distinct model => ''name''.';
+    END IF;
+
+    SELECT * INTO prior FROM pg_sync.registry r WHERE r.rel = register_table.rel;
+    INSERT INTO pg_sync.registry AS r (rel, model, pk_columns, group_column, excluded_columns, federation, enabled)
+    VALUES (rel, m, pk, group_column, exclude, federation, true)
+    ON CONFLICT ON CONSTRAINT registry_pkey DO UPDATE
+       SET model = EXCLUDED.model, pk_columns = EXCLUDED.pk_columns, group_column = EXCLUDED.group_column,
+           excluded_columns = EXCLUDED.excluded_columns, federation = EXCLUDED.federation, enabled = true;
+    IF prior.model IS NOT NULL AND prior.model <> m THEN
+        UPDATE pg_sync.row_state SET model = m WHERE row_state.model = prior.model;
+    END IF;
+
+    -- Trigger arguments carry the registration: model, group column, key count, keys, exclusions.
+    SELECT string_agg(quote_literal(a), ', ') INTO args
+      FROM unnest(ARRAY[m, coalesce(group_column, ''), array_length(pk, 1)::text] || pk || exclude) a;
+    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_capture ON %s', rel);
+    EXECUTE format('CREATE TRIGGER pg_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s
+                    FOR EACH ROW EXECUTE FUNCTION pg_sync.capture(%s)', rel, args);
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_capture', rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', rel);
+    EXECUTE format('CREATE TRIGGER pg_sync_refuse_truncate BEFORE TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', rel);
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', rel);
+
+    -- Rows that exist before capture starts are live from now on, at a fresh version each.
+    SELECT string_agg(format('pg_catalog.format(''%%s'', %I)', k), ', ') INTO key_expr FROM unnest(pk) k;
+    EXECUTE format(
+        'INSERT INTO pg_sync.row_state (model, model_id, created, max_version)
+         SELECT $1, id, v, v FROM (SELECT pg_sync.key_text(ARRAY[%s]) AS id, pg_sync.next_version() AS v FROM %s) s
+         ON CONFLICT (model, model_id) DO NOTHING', key_expr, rel)
+    USING m;
+    RETURN m;
+END
+$$;
+COMMENT ON FUNCTION pg_sync.register_table IS
+  'Starts capturing a table''s changes. Registering again updates the options; history is kept.';
+
+CREATE FUNCTION pg_sync.unregister_table(rel regclass) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = warning
+AS $$
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'pg_sync.unregister_table: rel must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the table, e.g. ''public.todos''::regclass.';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_capture ON %s', rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', rel);
+    UPDATE pg_sync.registry r SET enabled = false WHERE r.rel = unregister_table.rel AND r.enabled;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pg_sync.unregister_table IS
+  'Stops capturing a table. Its actions and row versions stay; register it again to resume.';
+
+CREATE FUNCTION pg_sync.tables()
+RETURNS TABLE (rel regclass, model text, pk_columns text[], group_column text, excluded_columns text[],
+               federation text, enabled boolean, capturing boolean, registered_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.rel, r.model, r.pk_columns, r.group_column, r.excluded_columns, r.federation, r.enabled,
+           EXISTS (SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = r.rel AND t.tgname = 'pg_sync_capture' AND t.tgenabled <> 'D'),
+           r.registered_at
+      FROM pg_sync.registry r
+     ORDER BY r.model
+$$;
+
+-- Dropping a registered table drops its registration (its history stays in the log).
+CREATE FUNCTION pg_sync.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pg_sync.registry r
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objid = r.rel::oid AND d.objsubid = 0;
+END
+$$;
+CREATE EVENT TRIGGER pg_sync_sql_drop ON sql_drop
+    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+    EXECUTE FUNCTION pg_sync.on_sql_drop();
+
+CREATE FUNCTION pg_sync.add_member(user_id text, group_id text, group_type text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO pg_sync.group_memberships (user_id, group_id, group_type)
+    VALUES (user_id, group_id, group_type)
+    ON CONFLICT ON CONSTRAINT group_memberships_pkey
+    DO UPDATE SET group_type = EXCLUDED.group_type
+    WHERE group_memberships.group_type IS DISTINCT FROM EXCLUDED.group_type
+    RETURNING true
+$$;
+
+CREATE FUNCTION pg_sync.remove_member(user_id text, group_id text) RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH d AS (
+        DELETE FROM pg_sync.group_memberships m
+         WHERE m.user_id = remove_member.user_id AND m.group_id = remove_member.group_id
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d)
+$$;
+
+CREATE FUNCTION pg_sync.user_groups(user_id text) RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.group_id FROM pg_sync.group_memberships m WHERE m.user_id = user_groups.user_id ORDER BY 1
+$$;
+
+CREATE FUNCTION pg_sync.hlc_to_timestamptz(hlc bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pg_catalog.to_timestamp(((hlc >> 16)::numeric) / 1000) $$;
+
+CREATE FUNCTION pg_sync.status() RETURNS jsonb
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'node_id', pg_sync.node_id(),
+        'hlc', pg_sync.hlc_now(),
+        'registered_tables', (SELECT count(*) FROM pg_sync.registry WHERE enabled),
+        'last_action_id', (SELECT max(id) FROM pg_sync.sync_actions),
+        'max_clock_skew', current_setting('pg_sync.max_clock_skew'))
+$$;
+
+-- Administration is for the roles an administrator grants it to.
+REVOKE ALL ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.unregister_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.apply_remote(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.mutate(text, uuid, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.add_member(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.remove_member(text, text) FROM PUBLIC;

@@ -1,0 +1,80 @@
+-- The "pg_" prefix is reserved for system schemas; the extension script may claim it. The setting
+-- lasts only while CREATE EXTENSION runs its script.
+SET allow_system_table_mods = on;
+CREATE SCHEMA pg_sync;
+
+-- pg_sync's tables. Version columns use COLLATE "C": a version's text order is its LWW order.
+
+CREATE TABLE pg_sync.registry (
+    rel              regclass PRIMARY KEY,
+    model            text NOT NULL UNIQUE
+                     CHECK (model ~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$'),
+    pk_columns       text[] NOT NULL,
+    group_column     text,
+    excluded_columns text[] NOT NULL DEFAULT '{}',
+    federation       text NOT NULL DEFAULT 'both'
+                     CHECK (federation IN ('push', 'pull', 'both', 'off')),
+    enabled          boolean NOT NULL DEFAULT true,
+    registered_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pg_sync.registry IS 'Tables whose changes pg_sync captures; see pg_sync.register_table().';
+
+CREATE TABLE pg_sync.sync_actions (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    model         text NOT NULL,
+    model_id      text NOT NULL,
+    action        text NOT NULL CHECK (action IN ('I', 'U', 'D')),
+    data          jsonb NOT NULL,
+    version       text COLLATE "C" NOT NULL,
+    versions      jsonb,
+    origin        text NOT NULL,
+    group_id      text,
+    prev_group_id text,
+    moved         boolean NOT NULL DEFAULT false,
+    client_id     text,
+    client_tx_id  uuid,
+    xid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pg_sync.sync_actions IS
+  'One row per captured change. data: whole row on I, changed columns on U, key on D. '
+  'version applies to every column in data unless versions names another for it.';
+
+CREATE TABLE pg_sync.row_state (
+    model       text NOT NULL,
+    model_id    text NOT NULL,
+    created     text COLLATE "C",
+    deleted     text COLLATE "C",
+    versions    jsonb NOT NULL DEFAULT '{}',
+    pending     jsonb,
+    max_version text COLLATE "C" NOT NULL,
+    PRIMARY KEY (model, model_id)
+) WITH (fillfactor = 80);
+COMMENT ON TABLE pg_sync.row_state IS
+  'LWW state per row: created (last insert), deleted (tombstone), per-column versions above both, '
+  'and values waiting for a resurrecting insert while the row is not live.';
+
+CREATE TABLE pg_sync.group_memberships (
+    user_id    text NOT NULL CHECK (user_id <> ''),
+    group_id   text NOT NULL CHECK (group_id <> ''),
+    group_type text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, group_id)
+);
+CREATE INDEX group_memberships_group_idx ON pg_sync.group_memberships (group_id);
+
+CREATE TABLE pg_sync.client_transactions (
+    client_id    text NOT NULL,
+    client_tx_id uuid NOT NULL,
+    result       jsonb NOT NULL,
+    applied_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (client_id, client_tx_id)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.registry', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.sync_actions', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.row_state', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
+
+REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;

@@ -1,0 +1,163 @@
+//! A throwaway Postgres cluster per test: private port, private directory, removed on drop.
+//!
+//! Runs `initdb`/`pg_ctl` as the `postgres` OS user when the tests run as root (Postgres refuses
+//! root), directly otherwise. The binaries come from `PG_CONFIG` (default: the Postgres 15 one).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use postgres;
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    bindir: PathBuf,
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// initdb and start a cluster with pg_sync preloaded and logical WAL, plus `extra` settings.
+    pub fn start(name: &str, extra: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "pg_sync_test_{name}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let cluster = Cluster { dir, port: free_port(), bindir: pg_bindir() };
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir).status();
+            assert!(ok.map(|s| s.success()).unwrap_or(false), "chown of the cluster dir");
+        }
+        let data = cluster.data();
+        cluster.run(
+            cluster.bindir.join("initdb"),
+            &["-D", path(&data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+        );
+        let mut conf = vec![
+            format!("port = {}", cluster.port),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{}'", cluster.dir.display()),
+            "shared_preload_libraries = 'pg_sync'".into(),
+            "wal_level = logical".into(),
+            "max_connections = 120".into(),
+            "fsync = off".into(),
+            "log_min_messages = warning".into(),
+        ];
+        conf.extend(extra.iter().map(|s| s.to_string()));
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        text.push('\n');
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+        cluster
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn run(&self, program: PathBuf, args: &[&str]) -> Output {
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        let out = cmd.args(args).current_dir(&self.dir).output().expect("run a Postgres binary");
+        assert!(
+            out.status.success(),
+            "{:?} failed: {}{}",
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let data = self.data();
+        let log = self.dir.join("postgres.log");
+        let mut all = vec!["-D", path(&data), "-l", path(&log)];
+        all.extend_from_slice(args);
+        self.run(self.bindir.join("pg_ctl"), &all);
+    }
+
+    pub fn restart(&self) {
+        self.pg_ctl(&["restart", "-w", "-m", "fast", "-t", "60"]);
+    }
+
+    /// Appends settings to postgresql.conf (they apply at the next restart or reload).
+    pub fn configure(&self, lines: &[&str]) {
+        let conf_path = self.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(conf_path, text).expect("write postgresql.conf");
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    pub fn connect(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.url(db), postgres::NoTls).expect("connect to the test cluster")
+    }
+
+    /// Creates a database with the extension installed.
+    pub fn create_db(&self, db: &str) -> postgres::Client {
+        let mut admin = self.connect("postgres");
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).expect("create database");
+        let mut c = self.connect(db);
+        c.batch_execute("CREATE EXTENSION pg_sync").expect("create extension");
+        c
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bindir.join("pg_ctl"));
+            c
+        } else {
+            Command::new(self.bindir.join("pg_ctl"))
+        };
+        let _ = cmd.args(["-D", path(&data), "stop", "-m", "immediate", "-w"]).output();
+        if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
