@@ -78,3 +78,5 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
+-- Anyone may see the schema (and call what is granted); its tables stay private.
+GRANT USAGE ON SCHEMA pg_sync TO PUBLIC;

@@ -381,11 +381,11 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
             return owner;
         }
         let owner = Spi::get_one::<pg_sys::Oid>(
-            "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'pg_sync.sync_actions'::pg_catalog.regclass",
+            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_sync'",
         )
         .ok()
         .flatten()
-        .expect("pg_sync.sync_actions exists");
+        .expect("the pg_sync extension exists");
         *o.borrow_mut() = Some(owner);
         owner
     });

@@ -77,13 +77,27 @@ mod pg_sync {
 
     /// Merges changes captured on another node (one `to_jsonb(sync_actions row)`, or an array).
     #[pg_extern(volatile, parallel_unsafe)]
-    fn apply_remote(change: JsonB) -> i64 {
+    fn apply_remote(change: Option<JsonB>) -> i64 {
+        let Some(change) = change else {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "pg_sync.apply_remote: change must not be null",
+                "Pass to_jsonb() of a sync_actions row, or an array of them.",
+            );
+        };
         crate::remote::apply_remote(change)
     }
 
     /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).
     #[pg_extern(volatile, parallel_unsafe)]
-    fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
+    fn mutate(client_id: Option<&str>, client_tx_id: Option<Uuid>, ops: Option<JsonB>) -> JsonB {
+        let (Some(client_id), Some(client_tx_id), Some(ops)) = (client_id, client_tx_id, ops) else {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "pg_sync.mutate: client_id, client_tx_id and ops must not be null",
+                "Every client transaction needs its client id and a unique transaction id.",
+            );
+        };
         crate::mutate::mutate(client_id, client_tx_id, ops)
     }
 

@@ -1,0 +1,58 @@
+-- mutate applies a client's batch atomically, once per (client_id, client_tx_id).
+CREATE TABLE tasks (id uuid PRIMARY KEY, title text NOT NULL, done boolean NOT NULL DEFAULT false, team text, secret text);
+SELECT pg_sync.register_table('tasks', group_column => 'team', exclude => '{secret}');
+CREATE TABLE seq_items (id serial PRIMARY KEY, label text);
+SELECT pg_sync.register_table('seq_items');
+
+SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000001', '[
+  {"model": "tasks", "action": "I", "id": "11111111-1111-1111-1111-111111111111", "data": {"title": "write", "team": "t1"}},
+  {"model": "tasks", "action": "I", "data": {"id": "22222222-2222-2222-2222-222222222222", "title": "test", "team": "t1"}},
+  {"model": "tasks", "action": "U", "id": "11111111-1111-1111-1111-111111111111", "data": {"done": true}},
+  {"model": "seq_items", "action": "I", "data": {"label": "server keyed"}},
+  {"model": "tasks", "action": "D", "id": "33333333-3333-3333-3333-333333333333"}
+]');
+SELECT id, title, done, team FROM tasks ORDER BY id;
+-- The actions carry the client's ids, so the client can drop its optimistic copies.
+SELECT model, action, client_id, client_tx_id FROM pg_sync.sync_actions
+ WHERE model IN ('tasks', 'seq_items') ORDER BY id;
+
+-- A replay returns the first result and changes nothing.
+SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000001', '[
+  {"model": "tasks", "action": "U", "id": "11111111-1111-1111-1111-111111111111", "data": {"title": "changed by replay"}}
+]') ->> 'status' AS replay;
+SELECT title FROM tasks WHERE id = '11111111-1111-1111-1111-111111111111';
+SELECT count(*) AS actions FROM pg_sync.sync_actions WHERE model = 'tasks';
+-- The same tx id from another client is a different transaction.
+SELECT pg_sync.mutate('client-2', '00000000-0000-0000-0000-000000000001', '[
+  {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": true}}]') ->> 'status';
+-- Writes outside mutate carry no client id.
+UPDATE tasks SET title = 'plain sql' WHERE id = '22222222-2222-2222-2222-222222222222';
+SELECT client_id FROM pg_sync.sync_actions ORDER BY id DESC LIMIT 1;
+
+-- Atomic: a failing op undoes the whole batch, and the tx id stays free for a corrected retry.
+SELECT err($$SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000002', '[
+  {"model": "tasks", "action": "I", "id": "44444444-4444-4444-4444-444444444444", "data": {"title": "partial", "team": "t1"}},
+  {"model": "tasks", "action": "U", "id": "55555555-5555-5555-5555-555555555555", "data": {"done": true}}]')$$);
+SELECT count(*) AS partial_rows FROM tasks WHERE id = '44444444-4444-4444-4444-444444444444';
+SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000002', '[
+  {"model": "tasks", "action": "I", "id": "44444444-4444-4444-4444-444444444444", "data": {"title": "retried", "team": "t1"}}]') ->> 'status';
+
+-- Bad input.
+SELECT err($$SELECT pg_sync.mutate('', gen_random_uuid(), '[{"model": "tasks", "action": "D", "id": "x"}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '{"model": "tasks"}')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[1]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "ghost", "action": "I", "data": {}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "X", "id": "x"}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "I", "data": {"title": "t", "nope": 1}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "I", "data": {"title": "t", "secret": "x"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "I", "id": "66666666-6666-6666-6666-666666666666", "data": {"title": 5, "done": "maybe"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "I", "id": "not-a-uuid", "data": {"title": "t"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "I", "id": "66666666-6666-6666-6666-666666666666", "data": {"title": null}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "U", "data": {"done": true}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "U", "id": {"a": 1}, "data": {"done": true}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "U", "id": "11111111-1111-1111-1111-111111111111", "data": {"id": "22222222-2222-2222-2222-222222222222"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "D", "id": "11111111-1111-1111-1111-111111111111", "data": {"x": 1}}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "D", "id": "11111111-1111-1111-1111-111111111111", "extra": 1}]')$$);
+SELECT err($$SELECT pg_sync.mutate('c', NULL, '[{"model": "tasks", "action": "D", "id": "x"}]')$$);
+SELECT count(*) AS tasks_after_bad_input FROM tasks;
