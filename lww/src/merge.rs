@@ -115,7 +115,9 @@ impl State {
     /// The highest version this row has seen.
     pub fn max_version(&self) -> String {
         let base = self.base();
-        self.versions.values().fold(base, |m, v| if gt(v, &m) { v.clone() } else { m })
+        self.versions
+            .values()
+            .fold(base, |m, v| if gt(v, &m) { v.clone() } else { m })
     }
 }
 
@@ -127,13 +129,21 @@ pub fn merge(state: &State, current: Option<&Map<String, Value>>, change: &Chang
     let mut deleted_won = false;
     match change.kind {
         Kind::Insert => {
-            if next.created.as_deref().is_none_or(|c| gt(&change.version, c)) {
+            if next
+                .created
+                .as_deref()
+                .is_none_or(|c| gt(&change.version, c))
+            {
                 next.created = Some(change.version.clone());
                 created_won = true;
             }
         }
         Kind::Delete => {
-            if next.deleted.as_deref().is_none_or(|d| gt(&change.version, d)) {
+            if next
+                .deleted
+                .as_deref()
+                .is_none_or(|d| gt(&change.version, d))
+            {
                 next.deleted = Some(change.version.clone());
                 deleted_won = true;
             }
@@ -177,12 +187,24 @@ pub fn merge(state: &State, current: Option<&Map<String, Value>>, change: &Chang
                 let value = won_values
                     .get(c)
                     .or_else(|| state.pending.get(c))
-                    .or_else(|| if was_live { current.and_then(|r| r.get(c)) } else { None })?;
+                    .or_else(|| {
+                        if was_live {
+                            current.and_then(|r| r.get(c))
+                        } else {
+                            None
+                        }
+                    })?;
                 Some((c.clone(), value.clone()))
             })
             .collect()
     };
-    Outcome { state: next, dml, won, created_won, deleted_won }
+    Outcome {
+        state: next,
+        dml,
+        won,
+        created_won,
+        deleted_won,
+    }
 }
 
 #[cfg(test)]
@@ -198,7 +220,10 @@ mod tests {
         Change {
             kind,
             version: version.to_owned(),
-            columns: cols.iter().map(|(c, x)| (c.to_string(), (Value::from(*x), version.to_owned()))).collect(),
+            columns: cols
+                .iter()
+                .map(|(c, x)| (c.to_string(), (Value::from(*x), version.to_owned())))
+                .collect(),
         }
     }
 
@@ -246,7 +271,10 @@ mod tests {
         n.apply(&change(Kind::Columns, &v(2, "b"), &[("x", 5)]));
         assert!(n.row.is_none());
         n.apply(&change(Kind::Insert, &v(2, "b"), &[("x", 6)]));
-        assert!(n.row.is_none(), "an insert older than the tombstone stays dead");
+        assert!(
+            n.row.is_none(),
+            "an insert older than the tombstone stays dead"
+        );
         n.apply(&change(Kind::Insert, &v(4, "b"), &[("x", 7)]));
         assert_eq!(n.row.unwrap()["x"], Value::from(7));
     }
@@ -273,7 +301,10 @@ mod tests {
             assert_eq!(r, &results[0]);
         }
         let row = results[0].row.clone().unwrap();
-        assert_eq!((row["x"].clone(), row["y"].clone()), (Value::from(5), Value::from(4)));
+        assert_eq!(
+            (row["x"].clone(), row["y"].clone()),
+            (Value::from(5), Value::from(4))
+        );
     }
 
     /// Random histories over one row, applied in random orders with duplicates, converge.
@@ -325,8 +356,18 @@ mod tests {
                 match &reference {
                     None => reference = Some(n),
                     Some(r) => assert_eq!(
-                        (&r.row, &r.state.created, &r.state.deleted, &r.state.versions),
-                        (&n.row, &n.state.created, &n.state.deleted, &n.state.versions),
+                        (
+                            &r.row,
+                            &r.state.created,
+                            &r.state.deleted,
+                            &r.state.versions
+                        ),
+                        (
+                            &n.row,
+                            &n.state.created,
+                            &n.state.deleted,
+                            &n.state.versions
+                        ),
                         "histories diverged: {changes:?}"
                     ),
                 }

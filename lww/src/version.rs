@@ -22,19 +22,30 @@ pub struct Version {
 
 impl Version {
     pub fn new(hlc: u64, node: &str) -> Self {
-        Version { hlc, node: node.to_owned() }
+        Version {
+            hlc,
+            node: node.to_owned(),
+        }
     }
 
     /// Parses the text form. Returns a short reason on failure (no input echoed back).
     pub fn parse(s: &str) -> Result<Version, &'static str> {
-        let (hlc, node) = s.split_once('@').ok_or("missing '@' between clock and node id")?;
-        if hlc.len() != 16 || !hlc.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        let (hlc, node) = s
+            .split_once('@')
+            .ok_or("missing '@' between clock and node id")?;
+        if hlc.len() != 16
+            || !hlc
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         {
             return Err("clock part must be 16 lowercase hex digits");
         }
         validate_node_id(node)?;
         let hlc = u64::from_str_radix(hlc, 16).map_err(|_| "clock part is not hex")?;
-        Ok(Version { hlc, node: node.to_owned() })
+        Ok(Version {
+            hlc,
+            node: node.to_owned(),
+        })
     }
 
     /// Unix milliseconds of the physical part.
@@ -51,7 +62,9 @@ impl fmt::Display for Version {
 
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.hlc.cmp(&other.hlc).then_with(|| self.node.as_bytes().cmp(other.node.as_bytes()))
+        self.hlc
+            .cmp(&other.hlc)
+            .then_with(|| self.node.as_bytes().cmp(other.node.as_bytes()))
     }
 }
 
@@ -69,7 +82,10 @@ pub fn validate_node_id(node: &str) -> Result<(), &'static str> {
     if node.len() > MAX_NODE_ID_LEN {
         return Err("node id is longer than 63 bytes");
     }
-    if !node.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')) {
+    if !node
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
         return Err("node id may only hold letters, digits, '_', '-', '.' and ':'");
     }
     Ok(())

@@ -15,10 +15,10 @@ use crate::clock;
 use crate::errors;
 use crate::settings;
 use pg_sync_lww::version::{self, Version};
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::datum::DatumWithOid;
 use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -102,7 +102,11 @@ struct TableConfig {
 impl TableConfig {
     unsafe fn build(trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> TableConfig {
         let args: Vec<String> = (0..trigger.tgnargs as usize)
-            .map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }.to_string_lossy().into_owned())
+            .map(|i| {
+                unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         let bad = || -> ! {
             errors::raise(
@@ -145,10 +149,15 @@ impl TableConfig {
             })
         };
         let key: Vec<usize> = args[3..3 + nkey].iter().map(|c| find(c)).collect();
-        let group = if args[1].is_empty() { None } else { Some(find(&args[1])) };
+        let group = if args[1].is_empty() {
+            None
+        } else {
+            Some(find(&args[1]))
+        };
         let excluded: Vec<usize> = args[3 + nkey..].iter().map(|c| find(c)).collect();
-        let captured: Vec<usize> =
-            (0..natts).filter(|i| names[*i].is_some() && !excluded.contains(i)).collect();
+        let captured: Vec<usize> = (0..natts)
+            .filter(|i| names[*i].is_some() && !excluded.contains(i))
+            .collect();
         let drop_excluded = excluded.iter().filter_map(|i| names[*i].clone()).collect();
         let drop_non_key = (0..natts)
             .filter(|i| !key.contains(i))
@@ -181,7 +190,12 @@ impl TableConfig {
 
     /// Names of every column except `keep`.
     fn drop_all_but(&self, keep: &[&str]) -> Vec<String> {
-        self.names.iter().flatten().filter(|n| !keep.contains(&n.as_str())).cloned().collect()
+        self.names
+            .iter()
+            .flatten()
+            .filter(|n| !keep.contains(&n.as_str()))
+            .cloned()
+            .collect()
     }
 }
 
@@ -197,8 +211,14 @@ impl Row {
         let natts = unsafe { (*tupdesc).natts } as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
-        unsafe { pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
-        Row { values, nulls, tuple }
+        unsafe {
+            pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr())
+        };
+        Row {
+            values,
+            nulls,
+            tuple,
+        }
     }
 
     fn text(&self, cfg: &TableConfig, i: usize) -> Option<String> {
@@ -224,7 +244,11 @@ impl Row {
                 self.text(cfg, i).unwrap_or_else(|| {
                     errors::raise(
                         PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                        format!("key column \"{}\" of model \"{}\" is null", cfg.name(i), cfg.model),
+                        format!(
+                            "key column \"{}\" of model \"{}\" is null",
+                            cfg.name(i),
+                            cfg.model
+                        ),
                         "Registered tables are identified by their primary key.",
                     )
                 })
@@ -263,9 +287,7 @@ unsafe fn same_image(cfg: &TableConfig, i: usize, a: pg_sys::Datum, b: pg_sys::D
             let db = pg_sys::pg_detoast_datum_packed(pb);
             pgrx::varlena::varlena_to_byte_slice(da) == pgrx::varlena::varlena_to_byte_slice(db)
         },
-        -2 => unsafe {
-            CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr())
-        },
+        -2 => unsafe { CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr()) },
         n => unsafe {
             let n = n as usize;
             std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n)
@@ -299,7 +321,8 @@ struct Plans {
 
 const ACTION_COLUMNS: &str = "model, model_id, action, data, version, versions, origin, group_id, \
      prev_group_id, moved, client_id, client_tx_id";
-const ACTION_VALUES: &str = "$1, $2, $3, pg_catalog.to_jsonb($4) OPERATOR(pg_catalog.-) $5, $6, $7, \
+const ACTION_VALUES: &str =
+    "$1, $2, $3, pg_catalog.to_jsonb($4) OPERATOR(pg_catalog.-) $5, $6, $7, \
      $8, $9, $10, $11, $12, $13::pg_catalog.uuid";
 
 fn prepare_plans(client: &SpiClient<'_>) -> Plans {
@@ -346,7 +369,8 @@ fn prepare_plans(client: &SpiClient<'_>) -> Plans {
                SELECT {ACTION_VALUES} FROM st)
          SELECT created, versions FROM st"
     );
-    let plain_sql = format!("INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS}) VALUES ({ACTION_VALUES})");
+    let plain_sql =
+        format!("INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS}) VALUES ({ACTION_VALUES})");
     let prepare = |sql: &str, args: &[PgOid]| -> OwnedPreparedStatement {
         client
             .prepare_mut(sql, args)
@@ -394,7 +418,10 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
     }
     struct Restore(pg_sys::Oid, i32);
     impl Drop for Restore {
@@ -442,7 +469,9 @@ fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
     let args = action_args(cfg, a, tupdesc);
     with_plans(|plans| {
         Spi::connect_mut(|client| {
-            client.update(&plans.plain, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+            client
+                .update(&plans.plain, None, &args)
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"));
         })
     });
 }
@@ -465,7 +494,9 @@ fn record_local(
         args.push(changed.to_vec().into());
         let result = with_plans(|plans| {
             Spi::connect_mut(|client| {
-                let table = client.update(&plans.local, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+                let table = client
+                    .update(&plans.local, None, &args)
+                    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
                 if table.is_empty() {
                     return None;
                 }
@@ -485,7 +516,11 @@ fn record_local(
         let current: Option<String> = with_plans(|plans| {
             Spi::connect(|client| {
                 client
-                    .select(&plans.max_version, None, &[cfg.model.as_str().into(), a.model_id.into()])
+                    .select(
+                        &plans.max_version,
+                        None,
+                        &[cfg.model.as_str().into(), a.model_id.into()],
+                    )
                     .and_then(|t| t.first().get_one::<String>())
                     .unwrap_or(None)
             })
@@ -495,7 +530,10 @@ fn record_local(
                 Ok(v) => clock::observe(v.hlc),
                 Err(why) => errors::raise(
                     PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                    format!("row state of model \"{}\" holds an invalid version: {why}", cfg.model),
+                    format!(
+                        "row state of model \"{}\" holds an invalid version: {why}",
+                        cfg.model
+                    ),
                     "Inspect pg_sync.row_state for this row.",
                 ),
             }
@@ -504,7 +542,10 @@ fn record_local(
     }
     errors::raise(
         PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("could not order a write of model \"{}\" after its current version", cfg.model),
+        format!(
+            "could not order a write of model \"{}\" after its current version",
+            cfg.model
+        ),
         "Retry the transaction.",
     )
 }
@@ -517,7 +558,10 @@ fn versions_object(map: &BTreeMap<String, String>, except: &str) -> Map<String, 
 }
 
 fn max_of<'a>(versions: impl Iterator<Item = &'a String>) -> String {
-    versions.max_by(|a, b| version::cmp_text(a, b)).cloned().unwrap_or_default()
+    versions
+        .max_by(|a, b| version::cmp_text(a, b))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The body of `pg_sync.capture()`.
@@ -580,7 +624,12 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         let versions = versions_object(&ctx.versions, &created);
                         ("I", cfg.drop_excluded.clone(), created, Some(versions))
                     } else {
-                        ("D", cfg.drop_non_key.clone(), ctx.deleted.clone().unwrap_or_default(), None)
+                        (
+                            "D",
+                            cfg.drop_non_key.clone(),
+                            ctx.deleted.clone().unwrap_or_default(),
+                            None,
+                        )
                     };
                     let a = Action {
                         action,
@@ -624,14 +673,21 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
         let new_id = new.model_id(&cfg);
         let old_group = old.group(&cfg);
         let new_group = new.group(&cfg);
-        let origin = remote.0.as_ref().map(|c| c.origin.as_str()).unwrap_or(node.as_str());
+        let origin = remote
+            .0
+            .as_ref()
+            .map(|c| c.origin.as_str())
+            .unwrap_or(node.as_str());
 
         if old_id != new_id {
             // A key change is a delete of the old row and an insert of the new one.
             if remote.0.is_some() {
                 errors::raise(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    format!("a remote change may not change the key of model \"{}\"", cfg.model),
+                    format!(
+                        "a remote change may not change the key of model \"{}\"",
+                        cfg.model
+                    ),
                     "Keys are immutable across nodes; delete and insert instead.",
                 );
             }

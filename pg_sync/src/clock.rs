@@ -10,6 +10,7 @@
 //! At start the clock resumes from the mark, so even a wall clock stepped back across a restart
 //! cannot produce a version at or below one issued before it.
 
+use crate::errors;
 use crate::settings;
 use pg_sync_lww::version::{Version, COUNTER_BITS};
 use pgrx::prelude::*;
@@ -58,11 +59,10 @@ pub fn init_shmem() {
 
 fn shared() -> &'static ClockShared {
     if !PRELOADED.load(Ordering::Relaxed) {
-        ereport!(
-            ERROR,
+        errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "pg_sync must be loaded through shared_preload_libraries",
-            "Add pg_sync to shared_preload_libraries in postgresql.conf and restart the server."
+            "Add pg_sync to shared_preload_libraries in postgresql.conf and restart the server.",
         );
     }
     let clock = CLOCK.get();
@@ -82,7 +82,9 @@ fn load_persisted(clock: &ClockShared) {
         Ok(text) => match text.trim().parse::<u64>() {
             Ok(v) => v,
             Err(_) => {
-                pgrx::warning!("pg_sync: {HWM_FILE} is unreadable; the clock starts from wall time");
+                pgrx::warning!(
+                    "pg_sync: {HWM_FILE} is unreadable; the clock starts from wall time"
+                );
                 0
             }
         },
@@ -110,11 +112,10 @@ fn ensure_persisted(clock: &ClockShared, value: u64) {
     let mark = value.saturating_add(HWM_WINDOW);
     if let Err(e) = write_mark(mark) {
         drop(guard);
-        ereport!(
-            ERROR,
+        errors::raise(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("pg_sync: cannot persist the clock high-water mark: {e}"),
-            "Check free space and permissions of the data directory."
+            "Check free space and permissions of the data directory.",
         );
     }
     *guard = mark;
@@ -134,7 +135,10 @@ fn write_mark(mark: u64) -> std::io::Result<()> {
 
 /// Wall-clock milliseconds, shifted by the test-only `pg_sync.test_clock_offset`.
 pub fn wall_ms() -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     (now + settings::test_clock_offset_ms()).max(0) as u64
 }
 
@@ -145,7 +149,10 @@ pub fn tick() -> u64 {
     let mut current = clock.hlc.load(Ordering::Acquire);
     let next = loop {
         let next = (current + 1).max(physical);
-        match clock.hlc.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+        match clock
+            .hlc
+            .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => break next,
             Err(seen) => current = seen,
         }
@@ -169,5 +176,8 @@ pub fn peek() -> u64 {
 
 /// A fresh version for a local write.
 pub fn next_version() -> Version {
-    Version { hlc: tick(), node: settings::node_id() }
+    Version {
+        hlc: tick(),
+        node: settings::node_id(),
+    }
 }

@@ -13,5 +13,9 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: impl Into<S
 
 /// Bad argument value (22023) with a hint.
 pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ! {
-    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, hint)
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        hint,
+    )
 }

@@ -28,7 +28,10 @@ pub extern "C-unwind" fn _PG_init() {
     }
     // SAFETY: registering a callback that only clears backend-local caches.
     unsafe {
-        pgrx::pg_sys::CacheRegisterRelcacheCallback(Some(capture::invalidate), pgrx::pg_sys::Datum::from(0usize));
+        pgrx::pg_sys::CacheRegisterRelcacheCallback(
+            Some(capture::invalidate),
+            pgrx::pg_sys::Datum::from(0usize),
+        );
     }
 }
 
@@ -91,7 +94,8 @@ mod pg_sync {
     /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).
     #[pg_extern(volatile, parallel_unsafe)]
     fn mutate(client_id: Option<&str>, client_tx_id: Option<Uuid>, ops: Option<JsonB>) -> JsonB {
-        let (Some(client_id), Some(client_tx_id), Some(ops)) = (client_id, client_tx_id, ops) else {
+        let (Some(client_id), Some(client_tx_id), Some(ops)) = (client_id, client_tx_id, ops)
+        else {
             crate::errors::raise(
                 PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
                 "pg_sync.mutate: client_id, client_tx_id and ops must not be null",

@@ -61,7 +61,14 @@ impl Model {
                 "pg_sync.tables() lists the registered models.",
             );
         };
-        Model { name: name.to_owned(), table, key, columns, federation, enabled }
+        Model {
+            name: name.to_owned(),
+            table,
+            key,
+            columns,
+            federation,
+            enabled,
+        }
     }
 
     pub fn is_key(&self, col: &str) -> bool {
@@ -73,7 +80,10 @@ impl Model {
         if !self.columns.iter().any(|c| c == col) {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                format!("{context}model \"{}\" has no synced column \"{col}\"", self.name),
+                format!(
+                    "{context}model \"{}\" has no synced column \"{col}\"",
+                    self.name
+                ),
                 "Use the column names of the registered table; excluded columns cannot be written.",
             );
         }
@@ -96,7 +106,11 @@ impl Model {
                 ),
             }
         };
-        self.key.iter().cloned().zip(parts.into_iter().map(Value::String)).collect()
+        self.key
+            .iter()
+            .cloned()
+            .zip(parts.into_iter().map(Value::String))
+            .collect()
     }
 
     /// The model id for a client-supplied id: a string or number, or an array for composite keys.
@@ -107,7 +121,9 @@ impl Model {
             _ => None,
         };
         let parts: Option<Vec<String>> = match (id, self.key.len()) {
-            (Value::Array(items), n) if n > 1 && items.len() == n => items.iter().map(scalar).collect(),
+            (Value::Array(items), n) if n > 1 && items.len() == n => {
+                items.iter().map(scalar).collect()
+            }
             (v, 1) => scalar(v).map(|s| vec![s]),
             _ => None,
         };
@@ -117,14 +133,23 @@ impl Model {
                 format!("{context}invalid id for model \"{}\"", self.name),
                 format!(
                     "Give the id as a string or number{}.",
-                    if self.key.len() > 1 { ", in an array with one element per key column" } else { "" }
+                    if self.key.len() > 1 {
+                        ", in an array with one element per key column"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         }
     }
 
     fn key_condition(&self, param: usize) -> String {
-        let cols = self.key.iter().map(|k| spi::quote_identifier(k)).collect::<Vec<_>>().join(", ");
+        let cols = self
+            .key
+            .iter()
+            .map(|k| spi::quote_identifier(k))
+            .collect::<Vec<_>>()
+            .join(", ");
         format!(
             "({cols}) = (SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, ${param}))",
             t = self.table
@@ -142,12 +167,20 @@ impl Model {
     }
 
     fn quoted(cols: &Map<String, Value>) -> String {
-        cols.keys().map(spi::quote_identifier).collect::<Vec<_>>().join(", ")
+        cols.keys()
+            .map(spi::quote_identifier)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The live row's synced columns, locked for update; `None` if there is no such row.
     pub fn select_for_update(&self, key: &Map<String, Value>) -> Option<Map<String, Value>> {
-        let cols = self.columns.iter().map(spi::quote_identifier).collect::<Vec<_>>().join(", ");
+        let cols = self
+            .columns
+            .iter()
+            .map(spi::quote_identifier)
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "SELECT pg_catalog.to_jsonb(r) FROM (SELECT {cols} FROM {t} WHERE {cond} FOR UPDATE) r",
             t = self.table,
@@ -216,16 +249,16 @@ pub fn run(sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
             if cache.len() >= PLAN_CACHE_LIMIT {
                 cache.clear();
             }
-            let stmt = Spi::connect(|client| {
-                client.prepare_mut(sql, types).map(|p| p.keep())
-            })
-            .unwrap_or_else(|e| panic!("pg_sync: cannot prepare statement: {e}"));
+            let stmt = Spi::connect(|client| client.prepare_mut(sql, types).map(|p| p.keep()))
+                .unwrap_or_else(|e| panic!("pg_sync: cannot prepare statement: {e}"));
             cache.insert(sql.to_owned(), stmt);
         }
         let stmt = cache.get(sql).expect("cached");
         let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
         Spi::connect_mut(|client| {
-            let t = client.update(stmt, None, &args).unwrap_or_else(|e| panic!("pg_sync: {e}"));
+            let t = client
+                .update(stmt, None, &args)
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"));
             if t.is_empty() {
                 None
             } else {

@@ -30,9 +30,10 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
         Value::Array(ops) if ops.is_empty() => {
             errors::invalid("ops must not be empty", "Send at least one operation.")
         }
-        Value::Array(_) => {
-            errors::invalid(format!("a client transaction holds at most {MAX_OPS} ops"), "Split it.")
-        }
+        Value::Array(_) => errors::invalid(
+            format!("a client transaction holds at most {MAX_OPS} ops"),
+            "Split it.",
+        ),
         _ => errors::invalid(
             "ops must be a JSON array",
             r#"Pass [{"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}, ...]."#,
@@ -68,7 +69,10 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
     let mut models: HashMap<String, Model> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
     {
-        let _client = capture::enter_client(ClientContext { client_id: client_id.to_owned(), client_tx_id: tx.clone() });
+        let _client = capture::enter_client(ClientContext {
+            client_id: client_id.to_owned(),
+            client_tx_id: tx.clone(),
+        });
         for (i, op) in ops.iter().enumerate() {
             results.push(apply_op(op, &format!("op {i}: "), &mut models));
         }
@@ -105,7 +109,10 @@ fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value
     };
     let action = match op.get("action").and_then(Value::as_str) {
         Some(a @ ("I" | "U" | "D")) => a,
-        _ => errors::invalid(format!("{ctx}\"action\" must be \"I\", \"U\" or \"D\""), shape),
+        _ => errors::invalid(
+            format!("{ctx}\"action\" must be \"I\", \"U\" or \"D\""),
+            shape,
+        ),
     };
     if !models.contains_key(name) {
         models.insert(name.to_owned(), Model::lookup(name));
@@ -160,9 +167,13 @@ fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value
         }
         "U" => {
             let key = key.expect("id checked");
-            let cols: Map<String, Value> = data.into_iter().filter(|(k, _)| !model.is_key(k)).collect();
+            let cols: Map<String, Value> =
+                data.into_iter().filter(|(k, _)| !model.is_key(k)).collect();
             if cols.is_empty() {
-                errors::invalid(format!("{ctx}an update needs at least one non-key column"), shape);
+                errors::invalid(
+                    format!("{ctx}an update needs at least one non-key column"),
+                    shape,
+                );
             }
             if !model.update(&key, &cols) {
                 errors::raise(
@@ -175,7 +186,10 @@ fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value
         }
         _ => {
             let existed = model.delete(&key.expect("id checked"));
-            (id.unwrap_or_default(), if existed { "applied" } else { "not_found" })
+            (
+                id.unwrap_or_default(),
+                if existed { "applied" } else { "not_found" },
+            )
         }
     };
     json!({"model": name, "id": model_id, "action": action, "status": status})

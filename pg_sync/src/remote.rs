@@ -8,9 +8,9 @@
 use crate::capture::{self, RemoteContext};
 use crate::clock;
 use crate::errors;
-use pg_sync_lww::merge::{self, Change, Dml, Kind, State};
 use crate::model::{self, Model};
 use crate::settings;
+use pg_sync_lww::merge::{self, Change, Dml, Kind, State};
 use pg_sync_lww::version::{validate_node_id, Version};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgOid};
@@ -27,7 +27,10 @@ pub fn apply_remote(change: JsonB) -> i64 {
         Value::Array(items) => {
             if items.len() > MAX_BATCH {
                 errors::invalid(
-                    format!("a batch holds at most {MAX_BATCH} changes, got {}", items.len()),
+                    format!(
+                        "a batch holds at most {MAX_BATCH} changes, got {}",
+                        items.len()
+                    ),
                     "Split the batch.",
                 );
             }
@@ -52,7 +55,10 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str, ctx: &str) -> &'a Value {
 
 fn string_field<'a>(obj: &'a Map<String, Value>, name: &str, ctx: &str) -> &'a str {
     field(obj, name, ctx).as_str().unwrap_or_else(|| {
-        errors::invalid(format!("{ctx}\"{name}\" must be a string"), "See pg_sync.sync_actions for the shape.")
+        errors::invalid(
+            format!("{ctx}\"{name}\" must be a string"),
+            "See pg_sync.sync_actions for the shape.",
+        )
     })
 }
 
@@ -68,28 +74,40 @@ fn parse_version(text: &str, what: &str, ctx: &str) -> Version {
 /// Applies one change; returns whether it changed anything.
 fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> bool {
     let Some(obj) = raw.as_object() else {
-        errors::invalid(format!("{ctx}a change must be a JSON object"), "Pass to_jsonb() of a sync_actions row.");
+        errors::invalid(
+            format!("{ctx}a change must be a JSON object"),
+            "Pass to_jsonb() of a sync_actions row.",
+        );
     };
     let model_name = string_field(obj, "model", ctx);
     let model_id = string_field(obj, "model_id", ctx);
     let action = string_field(obj, "action", ctx);
     let origin = string_field(obj, "origin", ctx);
     if let Err(why) = validate_node_id(origin) {
-        errors::invalid(format!("{ctx}invalid origin: {why}"), "origin is the node id that made the change.");
+        errors::invalid(
+            format!("{ctx}invalid origin: {why}"),
+            "origin is the node id that made the change.",
+        );
     }
     let version_text = string_field(obj, "version", ctx);
     let version = parse_version(version_text, "\"version\"", ctx);
     let moved = match obj.get("moved") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => errors::invalid(format!("{ctx}\"moved\" must be a boolean"), "See pg_sync.sync_actions."),
+        Some(_) => errors::invalid(
+            format!("{ctx}\"moved\" must be a boolean"),
+            "See pg_sync.sync_actions.",
+        ),
     };
     let kind = match (action, moved) {
         ("I", false) => Kind::Insert,
         ("I", true) | ("U", _) => Kind::Columns,
         ("D", false) => Kind::Delete,
         ("D", true) => Kind::Ignore,
-        _ => errors::invalid(format!("{ctx}\"action\" must be \"I\", \"U\" or \"D\""), "See pg_sync.sync_actions."),
+        _ => errors::invalid(
+            format!("{ctx}\"action\" must be \"I\", \"U\" or \"D\""),
+            "See pg_sync.sync_actions.",
+        ),
     };
 
     if !models.contains_key(model_name) {
@@ -113,14 +131,20 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
     let per_column = match obj.get("versions") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
-        Some(_) => errors::invalid(format!("{row_ctx}\"versions\" must be an object"), "See pg_sync.sync_actions."),
+        Some(_) => errors::invalid(
+            format!("{row_ctx}\"versions\" must be an object"),
+            "See pg_sync.sync_actions.",
+        ),
     };
     let mut columns = BTreeMap::new();
     let mut newest = version.clone();
     if kind != Kind::Delete && kind != Kind::Ignore {
         let data = match field(obj, "data", ctx) {
             Value::Object(m) => m,
-            _ => errors::invalid(format!("{row_ctx}\"data\" must be an object"), "See pg_sync.sync_actions."),
+            _ => errors::invalid(
+                format!("{row_ctx}\"data\" must be an object"),
+                "See pg_sync.sync_actions.",
+            ),
         };
         for (col, value) in data {
             model.check_column(col, &row_ctx);
@@ -129,8 +153,13 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
             }
             let v = match per_column.get(col) {
                 None => version.clone(),
-                Some(Value::String(s)) => parse_version(s, &format!("\"versions\".{col}"), &row_ctx),
-                Some(_) => errors::invalid(format!("{row_ctx}versions must be strings"), "See pg_sync.sync_actions."),
+                Some(Value::String(s)) => {
+                    parse_version(s, &format!("\"versions\".{col}"), &row_ctx)
+                }
+                Some(_) => errors::invalid(
+                    format!("{row_ctx}versions must be strings"),
+                    "See pg_sync.sync_actions.",
+                ),
             };
             if v > newest {
                 newest = v.clone();
@@ -156,7 +185,11 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
     }
     clock::observe(newest.hlc);
 
-    let change = Change { kind, version: version.to_string(), columns };
+    let change = Change {
+        kind,
+        version: version.to_string(),
+        columns,
+    };
     apply_change(model, model_id, &key, &change, origin)
 }
 
@@ -185,15 +218,31 @@ fn load_state(model: &str, model_id: &str) -> Option<State> {
     let versions = v
         .get("versions")
         .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, x)| Some((k.clone(), x.as_str()?.to_owned()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, x)| Some((k.clone(), x.as_str()?.to_owned())))
+                .collect()
+        })
         .unwrap_or_default();
-    let pending = v.get("pending").and_then(Value::as_object).cloned().unwrap_or_default();
-    Some(State { created: s("created"), deleted: s("deleted"), versions, pending })
+    let pending = v
+        .get("pending")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    Some(State {
+        created: s("created"),
+        deleted: s("deleted"),
+        versions,
+        pending,
+    })
 }
 
 fn store_state(model: &str, model_id: &str, state: &State) {
-    let versions: Map<String, Value> =
-        state.versions.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let versions: Map<String, Value> = state
+        .versions
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     let doc = serde_json::json!({
         "m": model, "i": model_id, "c": state.created, "d": state.deleted,
         "v": versions, "p": if state.pending.is_empty() { Value::Null } else { Value::Object(state.pending.clone()) },
@@ -212,7 +261,13 @@ fn store_state(model: &str, model_id: &str, state: &State) {
     );
 }
 
-fn apply_change(model: &Model, model_id: &str, key: &Map<String, Value>, change: &Change, origin: &str) -> bool {
+fn apply_change(
+    model: &Model,
+    model_id: &str,
+    key: &Map<String, Value>,
+    change: &Change,
+    origin: &str,
+) -> bool {
     lock_row(&model.name, model_id);
     let current = model.select_for_update(key);
     let state = load_state(&model.name, model_id).unwrap_or_else(|| State {

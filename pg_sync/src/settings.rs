@@ -90,6 +90,11 @@ pub fn node_id() -> String {
 
 fn default_node_id() -> String {
     // SAFETY: plain reads of backend globals.
-    let (sysid, db) = unsafe { (pgrx::pg_sys::GetSystemIdentifier(), pgrx::pg_sys::MyDatabaseId) };
+    let (sysid, db) = unsafe {
+        (
+            pgrx::pg_sys::GetSystemIdentifier(),
+            pgrx::pg_sys::MyDatabaseId,
+        )
+    };
     format!("{sysid:x}.{}", db.to_u32())
 }

@@ -17,17 +17,28 @@ pub struct Cluster {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 fn pg_bindir() -> PathBuf {
-    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .expect("pg_config runs");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -42,15 +53,35 @@ impl Cluster {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create cluster dir");
-        let cluster = Cluster { dir, port: free_port(), bindir: pg_bindir() };
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            bindir: pg_bindir(),
+        };
         if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir).status();
-            assert!(ok.map(|s| s.success()).unwrap_or(false), "chown of the cluster dir");
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.dir)
+                .status();
+            assert!(
+                ok.map(|s| s.success()).unwrap_or(false),
+                "chown of the cluster dir"
+            );
         }
         let data = cluster.data();
         cluster.run(
             cluster.bindir.join("initdb"),
-            &["-D", path(&data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
         );
         let mut conf = vec![
             format!("port = {}", cluster.port),
@@ -85,7 +116,13 @@ impl Cluster {
         } else {
             Command::new(program)
         };
-        let out = cmd.args(args).current_dir(&self.dir).output().expect("run a Postgres binary");
+        // Rust backtraces in a server's error details would reach clients; keep them out.
+        let out = cmd
+            .args(args)
+            .current_dir(&self.dir)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run a Postgres binary");
         assert!(
             out.status.success(),
             "{:?} failed: {}{}",
@@ -120,19 +157,26 @@ impl Cluster {
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
     }
 
     pub fn connect(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(&self.url(db), postgres::NoTls).expect("connect to the test cluster")
+        postgres::Client::connect(&self.url(db), postgres::NoTls)
+            .expect("connect to the test cluster")
     }
 
     /// Creates a database with the extension installed.
     pub fn create_db(&self, db: &str) -> postgres::Client {
         let mut admin = self.connect("postgres");
-        admin.batch_execute(&format!("CREATE DATABASE {db}")).expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .expect("create database");
         let mut c = self.connect(db);
-        c.batch_execute("CREATE EXTENSION pg_sync").expect("create extension");
+        c.batch_execute("CREATE EXTENSION pg_sync")
+            .expect("create extension");
         c
     }
 
@@ -150,12 +194,15 @@ impl Drop for Cluster {
         let data = self.data();
         let mut cmd = if is_root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bindir.join("pg_ctl"));
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bindir.join("pg_ctl"));
             c
         } else {
             Command::new(self.bindir.join("pg_ctl"))
         };
-        let _ = cmd.args(["-D", path(&data), "stop", "-m", "immediate", "-w"]).output();
+        let _ = cmd
+            .args(["-D", path(&data), "stop", "-m", "immediate", "-w"])
+            .output();
         if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -1,0 +1,39 @@
+# pg_sync: the two commands a new machine needs are `make run` and `make test`.
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+export PG_CONFIG
+CARGO_PGRX_INSTALL = cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+.PHONY: deps install test unit regress integration lint run stop bench
+
+deps:
+	bash scripts/deps.sh
+
+# Installs the extension into the Postgres that PG_CONFIG names (sudo when not root).
+install: deps
+	cd pg_sync && if [ -w "$$($(PG_CONFIG) --pkglibdir)" ]; then $(CARGO_PGRX_INSTALL); else $(CARGO_PGRX_INSTALL) --sudo; fi
+
+# Everything CI runs.
+test: install unit regress integration
+
+unit:
+	cargo test -p pg_sync_lww
+
+regress:
+	bash scripts/regress.sh
+
+integration:
+	cargo test -p pg_sync_tests -- --test-threads=2
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+# A project-local Postgres 15 (./.run) with the extension and the demo schema, left running.
+run: install
+	bash scripts/run.sh
+
+stop:
+	bash scripts/run.sh stop
+
+bench: install
+	bash bench/write_overhead.sh
