@@ -390,7 +390,7 @@ fn prepare_plans(client: &SpiClient<'_>) -> Plans {
 fn with_plans<R>(f: impl FnOnce(&Plans) -> R) -> R {
     PLANS.with(|p| {
         if p.borrow().is_none() {
-            let plans = Spi::connect(|client| prepare_plans(&client));
+            let plans = Spi::connect(prepare_plans);
             *p.borrow_mut() = Some(plans);
         }
         f(p.borrow().as_ref().expect("plans prepared"))

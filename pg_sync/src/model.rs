@@ -147,7 +147,7 @@ impl Model {
         let cols = self
             .key
             .iter()
-            .map(|k| spi::quote_identifier(k))
+            .map(spi::quote_identifier)
             .collect::<Vec<_>>()
             .join(", ");
         format!(
