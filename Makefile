@@ -16,13 +16,13 @@ install: deps
 test: install unit regress integration
 
 unit:
-	cargo test -p pg_sync_lww
+	cargo test -p pg_sync_lww --lib
 
 regress:
 	bash scripts/regress.sh
 
 integration:
-	cargo test -p pg_sync_tests -- --test-threads=2
+	cargo test -p pg_sync_tests --test extension -- --test-threads=2
 
 lint:
 	cargo fmt --all -- --check
