@@ -18,7 +18,6 @@ DECLARE
     prior      pg_sync.registry;
     col        text;
     args       text;
-    key_expr   text;
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'pg_sync.register_table: rel must not be null'
@@ -88,14 +87,16 @@ BEGIN
     END IF;
 
     SELECT * INTO prior FROM pg_sync.registry r WHERE r.rel = register_table.rel;
+    IF prior.model IS NOT NULL AND prior.model <> m THEN
+        RAISE EXCEPTION 'table "%" is registered as model "%"; its model name cannot change', rel, prior.model
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Clients and peers know rows by model name. Register again with the same model name.';
+    END IF;
     INSERT INTO pg_sync.registry AS r (rel, model, pk_columns, group_column, excluded_columns, federation, enabled)
     VALUES (rel, m, pk, group_column, exclude, federation, true)
     ON CONFLICT ON CONSTRAINT registry_pkey DO UPDATE
        SET model = EXCLUDED.model, pk_columns = EXCLUDED.pk_columns, group_column = EXCLUDED.group_column,
            excluded_columns = EXCLUDED.excluded_columns, federation = EXCLUDED.federation, enabled = true;
-    IF prior.model IS NOT NULL AND prior.model <> m THEN
-        UPDATE pg_sync.row_state SET model = m WHERE row_state.model = prior.model;
-    END IF;
 
     -- Trigger arguments carry the registration: model, group column, key count, keys, exclusions.
     SELECT string_agg(quote_literal(a), ', ') INTO args
@@ -109,13 +110,6 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', rel);
     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', rel);
 
-    -- Rows that exist before capture starts are live from now on, at a fresh version each.
-    SELECT string_agg(format('pg_catalog.format(''%%s'', %I)', k), ', ') INTO key_expr FROM unnest(pk) k;
-    EXECUTE format(
-        'INSERT INTO pg_sync.row_state (model, model_id, created, max_version)
-         SELECT $1, id, v, v FROM (SELECT pg_sync.key_text(ARRAY[%s]) AS id, pg_sync.next_version() AS v FROM %s) s
-         ON CONFLICT (model, model_id) DO NOTHING', key_expr, rel)
-    USING m;
     RETURN m;
 END
 $$;

@@ -36,6 +36,8 @@ CREATE TABLE pg_sync.sync_actions (
     xid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- A row's history, for folding its LWW state (apply_remote) and for per-row reads.
+CREATE INDEX sync_actions_row_idx ON pg_sync.sync_actions (model, model_id, id);
 COMMENT ON TABLE pg_sync.sync_actions IS
   'One row per captured change. data: whole row on I, changed columns on U, key on D. '
   'version applies to every column in data unless versions names another for it.';
@@ -48,11 +50,13 @@ CREATE TABLE pg_sync.row_state (
     versions    jsonb NOT NULL DEFAULT '{}',
     pending     jsonb,
     max_version text COLLATE "C" NOT NULL,
+    folded_id   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (model, model_id)
 ) WITH (fillfactor = 80);
 COMMENT ON TABLE pg_sync.row_state IS
-  'LWW state per row: created (last insert), deleted (tombstone), per-column versions above both, '
-  'and values waiting for a resurrecting insert while the row is not live.';
+  'LWW state per row as of action folded_id: created (last insert), deleted (tombstone), per-column '
+  'versions above both, and values waiting for a resurrecting insert while the row is not live. '
+  'The current state is this plus the row''s later actions; see pg_sync.row_version_state().';
 
 CREATE TABLE pg_sync.group_memberships (
     user_id    text NOT NULL CHECK (user_id <> ''),

@@ -14,7 +14,8 @@
 use crate::clock;
 use crate::errors;
 use crate::settings;
-use pg_sync_lww::version::{self, Version};
+use pg_sync_lww::merge::State;
+use pg_sync_lww::version;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -28,12 +29,8 @@ use std::ffi::CStr;
 /// What a change applied by `apply_remote` asks the trigger to record.
 pub struct RemoteContext {
     pub origin: String,
-    /// The row's created version after the merge.
-    pub created: Option<String>,
-    /// The row's tombstone version after the merge.
-    pub deleted: Option<String>,
-    /// Per-column versions above `created`, after the merge (the canonical row state).
-    pub versions: BTreeMap<String, String>,
+    /// The row's state after the merge.
+    pub state: State,
     /// Columns that won the merge, with their versions.
     pub won: BTreeMap<String, String>,
     /// The change raised the created version of a row that stays live.
@@ -188,6 +185,19 @@ impl TableConfig {
         self.names[i].as_deref().unwrap_or_default()
     }
 
+    fn key_names(&self) -> Vec<String> {
+        self.key.iter().map(|&i| self.name(i).to_owned()).collect()
+    }
+
+    /// Each captured non-key column's effective version in `state` ("" for the zero version).
+    fn effective_versions(&self, state: &State) -> BTreeMap<String, String> {
+        self.captured
+            .iter()
+            .filter(|i| !self.key.contains(i))
+            .map(|&i| (self.name(i).to_owned(), state.effective(self.name(i))))
+            .collect()
+    }
+
     /// Names of every column except `keep`.
     fn drop_all_but(&self, keep: &[&str]) -> Vec<String> {
         self.names
@@ -311,12 +321,8 @@ struct Action<'a> {
 }
 
 struct Plans {
-    /// Row-state upsert gated on the version, plus the action row; returns the row state.
-    local: OwnedPreparedStatement,
-    /// The action row alone.
+    /// Inserts one action row.
     plain: OwnedPreparedStatement,
-    /// The row's current maximum version (slow path of the gate).
-    max_version: OwnedPreparedStatement,
 }
 
 const ACTION_COLUMNS: &str = "model, model_id, action, data, version, versions, origin, group_id, \
@@ -327,7 +333,7 @@ const ACTION_VALUES: &str =
 
 fn prepare_plans(client: &SpiClient<'_>) -> Plans {
     let text = PgOid::from(pg_sys::TEXTOID);
-    let action_args = [
+    let args = [
         text,
         text,
         text,
@@ -342,49 +348,13 @@ fn prepare_plans(client: &SpiClient<'_>) -> Plans {
         text,
         text,
     ];
-    let mut local_args = action_args.to_vec();
-    local_args.push(text); // $14 row-state op
-    local_args.push(PgOid::from(pg_sys::TEXTARRAYOID)); // $15 changed columns
-    let local_sql = format!(
-        "WITH st AS (
-           INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, max_version)
-           VALUES ($1, $2,
-                   CASE $14 WHEN 'I' THEN $6 WHEN 'U' THEN '' END,
-                   CASE $14 WHEN 'D' THEN $6 END,
-                   CASE $14 WHEN 'U'
-                     THEN (SELECT pg_catalog.jsonb_object_agg(c, $6) FROM pg_catalog.unnest($15) c)
-                     ELSE '{{}}'::pg_catalog.jsonb END,
-                   $6)
-           ON CONFLICT (model, model_id) DO UPDATE SET
-             created = CASE $14 WHEN 'I' THEN $6 ELSE s.created END,
-             deleted = CASE $14 WHEN 'D' THEN $6 ELSE s.deleted END,
-             versions = CASE $14 WHEN 'U'
-                          THEN s.versions OPERATOR(pg_catalog.||) EXCLUDED.versions
-                          ELSE '{{}}'::pg_catalog.jsonb END,
-             pending = NULL,
-             max_version = $6
-           WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version
-           RETURNING s.created, s.versions),
-         a AS (INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS})
-               SELECT {ACTION_VALUES} FROM st)
-         SELECT created, versions FROM st"
-    );
-    let plain_sql =
+    let sql =
         format!("INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS}) VALUES ({ACTION_VALUES})");
-    let prepare = |sql: &str, args: &[PgOid]| -> OwnedPreparedStatement {
-        client
-            .prepare_mut(sql, args)
-            .unwrap_or_else(|e| panic!("pg_sync: cannot prepare capture statement: {e}"))
-            .keep()
-    };
-    Plans {
-        local: prepare(&local_sql, &local_args),
-        plain: prepare(&plain_sql, &action_args),
-        max_version: prepare(
-            "SELECT max_version FROM pg_sync.row_state WHERE model = $1 AND model_id = $2",
-            &[text, text],
-        ),
-    }
+    let plain = client
+        .prepare_mut(&sql, &args)
+        .unwrap_or_else(|e| panic!("pg_sync: cannot prepare capture statement: {e}"))
+        .keep();
+    Plans { plain }
 }
 
 fn with_plans<R>(f: impl FnOnce(&Plans) -> R) -> R {
@@ -476,80 +446,6 @@ fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
     });
 }
 
-/// Writes a local action together with its row state. The row-state upsert only passes when
-/// `version` is above the row's current maximum; when it is not (a version imported from
-/// elsewhere ran ahead of this clock), the clock observes the row's version and retries, so a
-/// local write always gets a version strictly above the row's current one.
-/// Returns the row's (created, versions) after the write.
-fn record_local(
-    cfg: &TableConfig,
-    mut a: Action<'_>,
-    op: &'static str,
-    changed: &[&str],
-    tupdesc: pg_sys::TupleDesc,
-) -> (Option<String>, Map<String, Value>) {
-    for _ in 0..8 {
-        let mut args = action_args(cfg, &a, tupdesc);
-        args.push(op.into());
-        args.push(changed.to_vec().into());
-        let result = with_plans(|plans| {
-            Spi::connect_mut(|client| {
-                let table = client
-                    .update(&plans.local, None, &args)
-                    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
-                if table.is_empty() {
-                    return None;
-                }
-                let row = table.first();
-                let created: Option<String> = row.get(1).unwrap_or(None);
-                let versions: Option<JsonB> = row.get(2).unwrap_or(None);
-                let versions = match versions {
-                    Some(JsonB(Value::Object(m))) => m,
-                    _ => Map::new(),
-                };
-                Some((created, versions))
-            })
-        });
-        if let Some(done) = result {
-            return done;
-        }
-        let current: Option<String> = with_plans(|plans| {
-            Spi::connect(|client| {
-                client
-                    .select(
-                        &plans.max_version,
-                        None,
-                        &[cfg.model.as_str().into(), a.model_id.into()],
-                    )
-                    .and_then(|t| t.first().get_one::<String>())
-                    .unwrap_or(None)
-            })
-        });
-        if let Some(current) = current.filter(|c| !c.is_empty()) {
-            match Version::parse(&current) {
-                Ok(v) => clock::observe(v.hlc),
-                Err(why) => errors::raise(
-                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                    format!(
-                        "row state of model \"{}\" holds an invalid version: {why}",
-                        cfg.model
-                    ),
-                    "Inspect pg_sync.row_state for this row.",
-                ),
-            }
-        }
-        a.version = clock::next_version().to_string();
-    }
-    errors::raise(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!(
-            "could not order a write of model \"{}\" after its current version",
-            cfg.model
-        ),
-        "Retry the transaction.",
-    )
-}
-
 fn versions_object(map: &BTreeMap<String, String>, except: &str) -> Map<String, Value> {
     map.iter()
         .filter(|(_, v)| v.as_str() != except)
@@ -599,10 +495,10 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
             let group = row.group(&cfg);
             match &remote.0 {
                 None => {
-                    let (action, op, drop) = if is_insert {
-                        ("I", "I", cfg.drop_excluded.clone())
+                    let (action, drop) = if is_insert {
+                        ("I", cfg.drop_excluded.clone())
                     } else {
-                        ("D", "D", cfg.drop_non_key.clone())
+                        ("D", cfg.drop_non_key.clone())
                     };
                     let a = Action {
                         action,
@@ -616,18 +512,18 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         prev_group: None,
                         moved: false,
                     };
-                    record_local(&cfg, a, op, &[], tupdesc);
+                    write_plain(&cfg, &a, tupdesc);
                 }
                 Some(ctx) => {
                     let (action, drop, version, versions) = if is_insert {
-                        let created = ctx.created.clone().unwrap_or_default();
-                        let versions = versions_object(&ctx.versions, &created);
+                        let created = ctx.state.created.clone().unwrap_or_default();
+                        let versions = versions_object(&ctx.state.versions, &created);
                         ("I", cfg.drop_excluded.clone(), created, Some(versions))
                     } else {
                         (
                             "D",
                             cfg.drop_non_key.clone(),
-                            ctx.deleted.clone().unwrap_or_default(),
+                            ctx.state.deleted.clone().unwrap_or_default(),
                             None,
                         )
                     };
@@ -703,7 +599,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                 prev_group: None,
                 moved: false,
             };
-            record_local(&cfg, d, "D", &[], tupdesc);
+            write_plain(&cfg, &d, tupdesc);
             let i = Action {
                 action: "I",
                 model_id: &new_id,
@@ -716,7 +612,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                 prev_group: None,
                 moved: false,
             };
-            record_local(&cfg, i, "I", &[], tupdesc);
+            write_plain(&cfg, &i, tupdesc);
             return;
         }
 
@@ -737,7 +633,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         prev_group: None,
                         moved: false,
                     };
-                    record_local(&cfg, a, "U", &changed, tupdesc);
+                    write_plain(&cfg, &a, tupdesc);
                 } else {
                     // A move: a delete for the old group, then the whole row for the new one.
                     let d = Action {
@@ -752,19 +648,20 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         prev_group: None,
                         moved: true,
                     };
-                    let (created, versions) = record_local(&cfg, d, "U", &changed, tupdesc);
-                    let created = created.unwrap_or_default();
-                    let versions = versions
-                        .into_iter()
-                        .filter(|(_, v)| v.as_str() != Some(created.as_str()))
-                        .collect();
+                    // The whole row carries each column's own version, so peers merge it exactly.
+                    let before = crate::state::fold(&cfg.model, &new_id, true, &cfg.key_names());
+                    let mut effective = cfg.effective_versions(&before);
+                    for c in &changed {
+                        effective.insert(c.to_string(), version.clone());
+                    }
+                    write_plain(&cfg, &d, tupdesc);
                     let i = Action {
                         action: "I",
                         model_id: &new_id,
                         row: &new,
                         drop: cfg.drop_excluded.clone(),
-                        version: created,
-                        versions: Some(versions),
+                        versions: Some(versions_object(&effective, &version)),
+                        version,
                         origin,
                         group: new_group,
                         prev_group: old_group,
@@ -774,14 +671,15 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                 }
             }
             Some(ctx) => {
-                let created = ctx.created.clone().unwrap_or_default();
+                let created = ctx.state.created.clone().unwrap_or_default();
+                let newest = max_of(ctx.won.values());
                 if moved {
                     let d = Action {
                         action: "D",
                         model_id: &new_id,
                         row: &old,
                         drop: cfg.drop_non_key.clone(),
-                        version: max_of(ctx.won.values()),
+                        version: newest.clone(),
                         versions: None,
                         origin,
                         group: old_group.clone(),
@@ -790,13 +688,29 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     };
                     write_plain(&cfg, &d, tupdesc);
                 }
-                let a = if moved || ctx.created_won {
+                let a = if moved {
                     Action {
                         action: "I",
                         model_id: &new_id,
                         row: &new,
                         drop: cfg.drop_excluded.clone(),
-                        versions: Some(versions_object(&ctx.versions, &created)),
+                        versions: Some(versions_object(
+                            &cfg.effective_versions(&ctx.state),
+                            &newest,
+                        )),
+                        version: newest,
+                        origin,
+                        group: new_group,
+                        prev_group: old_group,
+                        moved,
+                    }
+                } else if ctx.created_won {
+                    Action {
+                        action: "I",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_excluded.clone(),
+                        versions: Some(versions_object(&ctx.state.versions, &created)),
                         version: created,
                         origin,
                         group: new_group,

@@ -13,6 +13,7 @@ mod model;
 mod mutate;
 mod remote;
 mod settings;
+mod state;
 
 ::pgrx::pg_module_magic!();
 
@@ -76,6 +77,12 @@ mod pg_sync {
                 "Versions look like 0193a8f2c4d10003@node-id.",
             ),
         }
+    }
+
+    /// A row's LWW state folded from the log: liveness, created/deleted and per-column versions.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn row_version_state(model: &str, model_id: &str) -> JsonB {
+        JsonB(crate::state::describe(model, model_id))
     }
 
     /// Merges changes captured on another node (one `to_jsonb(sync_actions row)`, or an array).

@@ -192,6 +192,16 @@ impl Model {
         }
     }
 
+    /// Whether the table holds a row with this key (without locking it).
+    pub fn exists(&self, key: &Map<String, Value>) -> bool {
+        let sql = format!(
+            "SELECT 'true'::pg_catalog.jsonb FROM {t} WHERE {cond}",
+            t = self.table,
+            cond = self.key_condition(1)
+        );
+        run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]).is_some()
+    }
+
     /// Inserts a row; returns its model id.
     pub fn insert(&self, row: &Map<String, Value>) -> String {
         let cols = Self::quoted(row);

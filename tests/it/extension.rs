@@ -88,8 +88,8 @@ fn snapshot(c: &mut Client) -> (String, String) {
         .get(0);
     let states: String = c
         .query_one(
-            "SELECT coalesce(jsonb_agg(jsonb_build_array(model_id, created, deleted, versions, max_version)
-                     ORDER BY model_id), '[]')::text FROM pg_sync.row_state",
+            "SELECT jsonb_agg(pg_sync.row_version_state('items', g::text) ORDER BY g)::text
+               FROM generate_series(0, 11) g",
             &[],
         )
         .unwrap()

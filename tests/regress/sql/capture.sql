@@ -42,7 +42,7 @@ INSERT INTO todos VALUES (22, 'dropped', false, 'home');
 ROLLBACK TO s;
 COMMIT;
 SELECT model_id, action FROM acts;
-SELECT count(*) AS states_for_rolled_back FROM pg_sync.row_state WHERE model = 'todos' AND model_id IN ('20', '22');
+SELECT k, s->'live' AS live, s->'created' AS created FROM unnest(ARRAY['20', '22']) k, pg_sync.row_version_state('todos', k) s;
 
 -- Versions: every write gets a version above the row's previous one, and the row state
 -- records the tombstone of a delete.
@@ -55,8 +55,9 @@ INSERT INTO todos VALUES (30, 'again', false, 'home');
 SELECT bool_and(v > prev) AS versions_increase
   FROM (SELECT version COLLATE "C" AS v, lag(version COLLATE "C") OVER (ORDER BY id) AS prev
           FROM pg_sync.sync_actions WHERE model_id = '30') s WHERE prev IS NOT NULL;
-SELECT created > deleted AS live_again, max_version = created AS max_is_insert
-  FROM pg_sync.row_state WHERE model = 'todos' AND model_id = '30';
+SELECT (s->>'live')::boolean AS live_again, s->>'created' COLLATE "C" > s->>'deleted' AS created_after_delete,
+       s->>'max_version' = s->>'created' AS max_is_insert
+  FROM pg_sync.row_version_state('todos', '30') s;
 SELECT origin = pg_sync.node_id() AS local_origin, count(*) FROM pg_sync.sync_actions GROUP BY 1;
 
 -- TRUNCATE is refused, never silently lost.

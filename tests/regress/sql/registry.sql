@@ -30,11 +30,15 @@ SELECT err($$SELECT pg_sync.register_table('other', model => 'items')$$);
 SELECT model, pk_columns, group_column, excluded_columns, federation, enabled, capturing FROM pg_sync.tables();
 SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'items'::regclass ORDER BY 1;
 
--- Rows that predate registration get a row state (live, versioned).
+-- Rows that predate registration are live at the zero version (empty created) until written.
 CREATE TABLE legacy (a int, b text, v int, PRIMARY KEY (a, b));
 INSERT INTO legacy VALUES (1, 'x', 1), (2, 'y"z', 2);
 SELECT pg_sync.register_table('legacy');
-SELECT model_id, created IS NOT NULL AS live, deleted FROM pg_sync.row_state WHERE model = 'legacy' ORDER BY 1;
+SELECT k, s->'live' AS live, s->'created' AS created, s->'deleted' AS deleted
+  FROM unnest(ARRAY['["1","x"]', '["2","y\"z"]', '["3","none"]']) k, pg_sync.row_version_state('legacy', k) s;
+UPDATE legacy SET v = 10 WHERE a = 1;
+SELECT s->'live' AS live, s->>'created' = '' AS zero_created, s->'versions' ? 'v' AS v_versioned
+  FROM pg_sync.row_version_state('legacy', '["1","x"]') s;
 
 -- Unregistering stops capture and keeps history; unregistered tables pay nothing (no trigger).
 INSERT INTO projects VALUES (1, 'one');
@@ -45,10 +49,11 @@ SELECT model_id, action FROM pg_sync.sync_actions WHERE model = 'projects' ORDER
 SELECT count(*) AS triggers_left FROM pg_trigger WHERE tgrelid = 'projects'::regclass;
 SELECT model, enabled, capturing FROM pg_sync.tables() WHERE model = 'projects';
 TRUNCATE projects;
--- Registering again resumes capture; rows written meanwhile become live at registration.
+-- Registering again resumes capture; rows written meanwhile are live (at the zero version).
 INSERT INTO projects VALUES (3, 'three');
 SELECT pg_sync.register_table('projects', group_column => 'id');
-SELECT model_id FROM pg_sync.row_state WHERE model = 'projects' ORDER BY 1;
+SELECT id, pg_sync.row_version_state('projects', id::text)->'live' AS live FROM projects ORDER BY id;
+SELECT err($$SELECT pg_sync.register_table('projects', model => 'renamed_projects')$$);
 INSERT INTO projects VALUES (4, 'four');
 SELECT model_id, action, group_id FROM pg_sync.sync_actions WHERE model = 'projects' ORDER BY id;
 
