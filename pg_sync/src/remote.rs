@@ -170,6 +170,17 @@ fn apply_change(
             }
         }
     }
-    state::store(&model.name, model_id, &outcome.state);
+    // The action rows just written fold back into this same state, so the cache only needs
+    // what the log cannot express: merges with no table change, values waiting while the row
+    // is not live, and a newer insert over a live row (recorded as a group move if it also
+    // moved the row, which folds as column writes only).
+    let logged = match outcome.dml {
+        Dml::None => false,
+        Dml::Update(_) => !outcome.created_won,
+        Dml::Insert(_) | Dml::Delete => true,
+    };
+    if !logged || !outcome.state.pending.is_empty() {
+        state::store(&model.name, model_id, &outcome.state);
+    }
     true
 }

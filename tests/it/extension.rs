@@ -100,7 +100,7 @@ fn snapshot(c: &mut Client) -> (String, String) {
 #[test]
 fn three_nodes_converge_through_apply_remote_in_any_order() {
     let cluster = Cluster::start("converge", &[]);
-    for seed in [7u64, 1234, 987_654_321] {
+    for seed in [7u64, 42, 1234, 31_337, 2024, 987_654_321] {
         let dbs: Vec<String> = NODES
             .iter()
             .map(|n| format!("conv_{seed}_{}", n.replace('-', "_")))
