@@ -195,6 +195,44 @@ AS $$
     SELECT m.group_id FROM pg_sync.group_memberships m WHERE m.user_id = user_groups.user_id ORDER BY 1
 $$;
 
+-- The sequenced log by sync id: the actions with sync ids after+1 .. after+span, of the given
+-- groups plus global tables (groups NULL: every group). Page by calling again with
+-- after + span until pg_sync.last_sync_id(); a page may hold fewer rows than span (filtering).
+CREATE FUNCTION pg_sync.changes(after bigint, groups text[] DEFAULT NULL, span integer DEFAULT 1000)
+RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
+               version text, versions jsonb, origin text, group_id text, prev_group_id text,
+               moved boolean, client_id text, client_tx_id uuid, global boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH tx AS (
+        SELECT c.xid, c.first_sync_id
+          FROM pg_sync.commit_order c
+         WHERE c.first_sync_id <= after + span
+           AND c.first_sync_id + c.action_count - 1 > after
+    ), numbered AS (
+        SELECT tx.first_sync_id + row_number() OVER (PARTITION BY a.xid ORDER BY a.id) - 1 AS sync_id, a.*
+          FROM tx JOIN pg_sync.sync_actions a ON a.xid = tx.xid
+    )
+    SELECT n.sync_id, n.id, n.model, n.model_id, n.action, n.data, n.version, n.versions, n.origin,
+           n.group_id, n.prev_group_id, n.moved, n.client_id, n.client_tx_id,
+           coalesce(r.model IS NOT NULL AND r.group_column IS NULL, false)
+      FROM numbered n
+      LEFT JOIN pg_sync.registry r ON r.model = n.model
+     WHERE n.sync_id > after AND n.sync_id <= after + span
+       AND (groups IS NULL OR (r.model IS NOT NULL AND r.group_column IS NULL) OR n.group_id = ANY (groups))
+     ORDER BY n.sync_id
+$$;
+-- The highest sync id the sequencer has persisted (0 before the first).
+CREATE FUNCTION pg_sync.last_sync_id() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT first_sync_id + action_count - 1 FROM pg_sync.commit_order
+                      ORDER BY first_sync_id DESC LIMIT 1), 0)
+$$;
+REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer) FROM PUBLIC;
+
 CREATE FUNCTION pg_sync.hlc_to_timestamptz(hlc bigint) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT pg_catalog.to_timestamp(((hlc >> 16)::numeric) / 1000) $$;

@@ -42,6 +42,18 @@ COMMENT ON TABLE pg_sync.sync_actions IS
   'One row per captured change. data: whole row on I, changed columns on U, key on D. '
   'version applies to every column in data unless versions names another for it.';
 
+-- Commit order, written by the worker's sequencer: the actions of transaction xid have the sync
+-- ids first_sync_id .. first_sync_id + action_count - 1, in action id order.
+CREATE TABLE pg_sync.commit_order (
+    xid           xid8 PRIMARY KEY,
+    first_sync_id bigint NOT NULL UNIQUE CHECK (first_sync_id > 0),
+    action_count  integer NOT NULL CHECK (action_count > 0),
+    commit_lsn    pg_lsn NOT NULL,
+    committed_at  timestamptz NOT NULL,
+    sequenced_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX sync_actions_xid_idx ON pg_sync.sync_actions (xid);
+
 CREATE TABLE pg_sync.row_state (
     model       text NOT NULL,
     model_id    text NOT NULL,
@@ -80,6 +92,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.sync_actions', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.row_state', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.commit_order', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
 -- Anyone may see the schema (and call what is granted); its tables stay private.

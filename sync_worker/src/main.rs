@@ -1,19 +1,30 @@
-//! sync_worker: tails pg_sync's action log over logical replication and fans it out.
-//! This is the skeleton the worker issue builds on; today it only answers --help and --version.
+//! The sync_worker binary: configuration, logging, signals; everything else is the library.
 
-fn main() {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version") | Some("-V") => println!("sync_worker {}", env!("CARGO_PKG_VERSION")),
-        _ => {
-            println!(
-                "sync_worker {}\n\nUsage: sync_worker [--help] [--version]\n\n\
-                 Replication, sequencing and client fan-out are not built yet; see the project's issues.",
-                env!("CARGO_PKG_VERSION")
-            );
-            if arg.is_some_and(|a| a != "--help" && a != "-h") {
-                std::process::exit(2);
-            }
+use sync_worker::config::Config;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::load()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sync_worker=info".into()),
+        )
+        .init();
+    tracing::info!(config = ?cfg, "starting");
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    sync_worker::serve(cfg, listener, rx).await
 }

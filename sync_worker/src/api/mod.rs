@@ -1,0 +1,120 @@
+//! The HTTP side: one port for `WS /sync/ws`, `GET /healthz` and `GET /metrics`.
+
+pub mod ws;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::db::Db;
+use crate::hub::Hub;
+use crate::replication::sequencer::Status;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub status: Arc<Status>,
+    pub verifier: Verifier,
+    pub db: Db,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/sync/ws", get(ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+/// A JSON error body: `{"code": ..., "message": ...}`.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"code": code, "message": message})),
+    )
+        .into_response()
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let slot = app
+        .status
+        .slot_problem
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(problem) = slot {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "slot_invalid",
+            &format!("replication slot is {problem}"),
+        );
+    }
+    if !app.status.streaming.load(Ordering::Acquire) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_streaming",
+            "replication is not streaming",
+        );
+    }
+    Json(serde_json::json!({"status": "ok", "lastSyncId": app.hub.published()})).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let s = &app.status;
+    let m = &app.hub.metrics;
+    let server = s.server_lsn.load(Ordering::Relaxed);
+    let acked = s.acked_lsn.load(Ordering::Relaxed);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let last_commit = s.last_commit_unix_ms.load(Ordering::Relaxed);
+    let lag_s = if last_commit > 0 {
+        (now_ms - last_commit).max(0) as f64 / 1000.0
+    } else {
+        0.0
+    };
+    let slot_ok = s
+        .slot_problem
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none();
+    let body = format!(
+        "# TYPE pg_sync_replication_streaming gauge\npg_sync_replication_streaming {}\n\
+         # TYPE pg_sync_replication_lag_bytes gauge\npg_sync_replication_lag_bytes {}\n\
+         # TYPE pg_sync_replication_lag_seconds gauge\npg_sync_replication_lag_seconds {lag_s}\n\
+         # TYPE pg_sync_slot_ok gauge\npg_sync_slot_ok {}\n\
+         # TYPE pg_sync_reconnects_total counter\npg_sync_reconnects_total {}\n\
+         # TYPE pg_sync_last_sync_id gauge\npg_sync_last_sync_id {}\n\
+         # TYPE pg_sync_sequenced_actions_total counter\npg_sync_sequenced_actions_total {}\n\
+         # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
+         # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
+         # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
+         # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n",
+        s.streaming.load(Ordering::Relaxed) as u8,
+        server.saturating_sub(acked),
+        slot_ok as u8,
+        s.reconnects.load(Ordering::Relaxed),
+        app.hub.published(),
+        s.sequenced_actions.load(Ordering::Relaxed),
+        m.deltas_published.load(Ordering::Relaxed),
+        m.deliveries.load(Ordering::Relaxed),
+        app.hub.subscriber_count(),
+        m.slow_cutoffs.load(Ordering::Relaxed),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
+}

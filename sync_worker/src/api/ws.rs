@@ -1,0 +1,277 @@
+//! `WS /sync/ws`, protocol v1 (see docs/protocol.md).
+//!
+//! Authentication happens at the handshake (`Authorization: Bearer …` or `?token=`). The client
+//! sends `{"type":"subscribe","after":N}`; the server replays what it may see after N from the
+//! database, switches to live with no gap and no duplicate, and says `caught_up`. Problems with a
+//! message get an `error` frame and harm nobody else; a slow consumer is closed with 4008 and the
+//! sync id to resume after.
+
+use super::{error, App};
+use crate::hub::Outbound;
+use crate::replication::sequencer;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Close codes (4000-4999 are ours).
+pub mod close {
+    pub const HEARTBEAT: u16 = 4000;
+    pub const BAD_INPUT: u16 = 4400;
+    pub const CURSOR_AHEAD: u16 = 4409;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const INTERNAL: u16 = 1011;
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+const REPLAY_SPAN: i64 = 5_000;
+const HEARTBEAT: Duration = Duration::from_secs(15);
+const MAX_BAD_MESSAGES: u32 = 20;
+
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.get("token").cloned());
+    let user = match token.as_deref().map(|t| app.verifier.verify(t)) {
+        Some(Ok(user)) => user,
+        Some(Err(e)) => return error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+        None => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "send Authorization: Bearer <jwt> or ?token=",
+            )
+        }
+    };
+    let max = app.cfg.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session(app, user, socket))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    Subscribe { after: i64 },
+    Ping,
+}
+
+fn frame(value: serde_json::Value) -> Message {
+    Message::Text(value.to_string().into())
+}
+
+fn error_frame(code: &str, message: &str) -> Message {
+    frame(json!({"type": "error", "code": code, "message": message}))
+}
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: String) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        })))
+        .await;
+}
+
+/// Unregisters the subscriber however the session ends.
+struct Registration<'a>(&'a App, u64);
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.0.hub.unregister(self.1);
+    }
+}
+
+async fn session(app: Arc<App>, user: String, mut socket: WebSocket) {
+    let (mut sub, must_load) = app.hub.register(&user);
+    let _registration = Registration(&app, sub.id);
+    if must_load {
+        let loaded = match app.db.get().await {
+            Ok(db) => db
+                .query(
+                    "SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1",
+                    &[&user],
+                )
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load memberships");
+                close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
+                return;
+            }
+        };
+        match loaded {
+            Ok(groups) => app.hub.set_groups(&user, groups),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load memberships");
+                close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
+                return;
+            }
+        }
+    }
+    let mut shutdown = app.shutdown.clone();
+    let mut subscribed = false;
+    // The sync id this client can resume after.
+    let mut position: i64 = 0;
+    let mut bad = 0u32;
+    let mut ping = tokio::time::interval(HEARTBEAT);
+    let mut last_pong = Instant::now();
+    loop {
+        tokio::select! {
+            msg = socket.recv() => {
+                let Some(Ok(msg)) = msg else { break };
+                match msg {
+                    Message::Text(text) => {
+                        let parsed = serde_json::from_str::<ClientMessage>(text.as_str());
+                        let reply = match parsed {
+                            Ok(ClientMessage::Subscribe { after }) if subscribed => {
+                                let _ = after;
+                                Some(error_frame("already_subscribed", "this connection is already subscribed"))
+                            }
+                            Ok(ClientMessage::Subscribe { after }) if after < 0 => {
+                                Some(error_frame("bad_cursor", "after must be 0 or a sync id"))
+                            }
+                            Ok(ClientMessage::Subscribe { after }) => {
+                                if after > app.hub.published() {
+                                    let _ = socket.send(error_frame("cursor_ahead", "after is beyond the last sync id; re-bootstrap")).await;
+                                    close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
+                                    break;
+                                }
+                                match replay(&app, &user, sub.id, after, &mut socket).await {
+                                    Ok(through) => {
+                                        subscribed = true;
+                                        position = through;
+                                        Some(frame(json!({"type": "caught_up", "syncId": through})))
+                                    }
+                                    Err(ReplayError::Socket) => break,
+                                    Err(ReplayError::Db(e)) => {
+                                        tracing::warn!(error = %e, "replay failed");
+                                        close_with(&mut socket, close::INTERNAL, "replay failed; retry".into()).await;
+                                        break;
+                                    }
+                                }
+                            }
+                            Ok(ClientMessage::Ping) => Some(frame(json!({"type": "pong"}))),
+                            Err(_) => {
+                                bad += 1;
+                                Some(error_frame("bad_message", "expected {\"type\":\"subscribe\",\"after\":N} or {\"type\":\"ping\"}"))
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            if socket.send(reply).await.is_err() {
+                                break;
+                            }
+                        }
+                        if bad > MAX_BAD_MESSAGES {
+                            close_with(&mut socket, close::BAD_INPUT, "too many malformed messages".into()).await;
+                            break;
+                        }
+                    }
+                    Message::Binary(_) => {
+                        bad += 1;
+                        if socket.send(error_frame("bad_message", "binary frames are not part of protocol v1")).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Pong(_) => last_pong = Instant::now(),
+                    Message::Ping(_) => {}
+                    Message::Close(_) => break,
+                }
+            }
+            out = sub.rx.recv(), if subscribed => {
+                match out {
+                    Some(Outbound::Delta { sync_id, frame }) => {
+                        if socket.send(Message::Text(Utf8Bytes::from(frame.as_ref()))).await.is_err() {
+                            break;
+                        }
+                        position = position.max(sync_id);
+                    }
+                    Some(Outbound::Membership { group_id, joined }) => {
+                        let f = frame(json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}));
+                        if socket.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => {
+                        let cut = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let (code, why) = cut.map(|c| (c.code, c.reason)).unwrap_or((close::INTERNAL, "dropped".into()));
+                        close_with(&mut socket, code, format!("{why}; resume after {position}")).await;
+                        break;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_pong.elapsed() > HEARTBEAT * 3 {
+                    close_with(&mut socket, close::HEARTBEAT, "heartbeat timeout".into()).await;
+                    break;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            _ = shutdown.changed() => {
+                close_with(&mut socket, close::GOING_AWAY, format!("server shutting down; resume after {position}")).await;
+                break;
+            }
+        }
+    }
+}
+
+enum ReplayError {
+    Socket,
+    Db(String),
+}
+
+/// Sends everything the user may see after `after` up to the published watermark, then makes the
+/// subscriber live; repeats if more was published meanwhile. Returns the watermark.
+async fn replay(
+    app: &App,
+    user: &str,
+    id: u64,
+    after: i64,
+    socket: &mut WebSocket,
+) -> Result<i64, ReplayError> {
+    let db = app
+        .db
+        .get()
+        .await
+        .map_err(|e| ReplayError::Db(e.to_string()))?;
+    let mut cursor = after;
+    loop {
+        let through = app.hub.published();
+        while cursor < through {
+            let span = REPLAY_SPAN.min(through - cursor) as i32;
+            let groups = app.hub.groups_of(user);
+            let deltas = sequencer::changes(&db, cursor, Some(&groups), span)
+                .await
+                .map_err(|e| ReplayError::Db(e.to_string()))?;
+            for d in deltas {
+                socket
+                    .send(Message::Text(Utf8Bytes::from(d.frame.as_ref())))
+                    .await
+                    .map_err(|_| ReplayError::Socket)?;
+            }
+            cursor += span as i64;
+        }
+        if app.hub.go_live(id, through) {
+            return Ok(through);
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Configuration: a TOML file, then the environment, then flags (each overriding the last).
+//! Secrets (the JWT secret, the database password) never appear in logs or `Debug` output.
+
+use clap::Parser;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "sync_worker",
+    version,
+    about = "pg_sync's worker: replication, sequencing and live fan-out"
+)]
+pub struct Config {
+    /// Postgres connection URL or key=value string (the database with the pg_sync extension).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Address for HTTP, WebSocket and metrics.
+    #[arg(long, env = "SYNC_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// HS256 secret for client JWTs.
+    #[arg(long, env = "SYNC_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS256 public key for client JWTs.
+    #[arg(long, env = "SYNC_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Logical replication slot the worker owns.
+    #[arg(long, env = "SYNC_SLOT", default_value = "pg_sync")]
+    pub slot: String,
+    /// Publication over pg_sync's tables, created when missing.
+    #[arg(long, env = "SYNC_PUBLICATION", default_value = "pg_sync")]
+    pub publication: String,
+    /// Frames a subscriber may have queued before it is cut off as too slow.
+    #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
+    pub subscriber_queue: usize,
+    /// Largest client message, in bytes.
+    #[arg(long, env = "SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Actions of one transaction held in memory; larger transactions are re-read from the database.
+    #[arg(long, env = "SYNC_TXN_BUFFER", default_value_t = 10_000)]
+    pub txn_buffer: usize,
+    /// Optional TOML file with the same keys as the flags (database_url, listen, ...).
+    #[arg(long, short = 'c', env = "SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database", &redact_url(&self.database_url))
+            .field("listen", &self.listen)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("subscriber_queue", &self.subscriber_queue)
+            .finish()
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => format!(
+            "host={:?} port={:?} user={:?} dbname={:?}",
+            c.get_hosts(),
+            c.get_ports(),
+            c.get_user(),
+            c.get_dbname()
+        ),
+        Err(_) => "<unparsable>".into(),
+    }
+}
+
+impl Config {
+    /// Parses flags and environment, after loading the config file (if named) into the
+    /// environment for keys that are not already set there.
+    pub fn load() -> anyhow::Result<Config> {
+        let args: Vec<String> = std::env::args().collect();
+        let file = args
+            .windows(2)
+            .find(|w| w[0] == "--config" || w[0] == "-c")
+            .map(|w| PathBuf::from(&w[1]))
+            .or_else(|| std::env::var_os("SYNC_CONFIG").map(PathBuf::from));
+        if let Some(file) = file {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", file.display()))?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", file.display()))?;
+            for (key, value) in table {
+                let env = match key.as_str() {
+                    "database_url" => "DATABASE_URL".to_string(),
+                    other => format!("SYNC_{}", other.to_ascii_uppercase()),
+                };
+                let value = match value {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                if std::env::var_os(&env).is_none() {
+                    // SAFETY: single-threaded: called before the runtime starts.
+                    unsafe { std::env::set_var(&env, value) };
+                }
+            }
+        }
+        let config = Config::parse();
+        if config.jwt_secret.is_none() && config.jwt_public_key_file.is_none() {
+            anyhow::bail!("set SYNC_JWT_SECRET (HS256) or SYNC_JWT_PUBLIC_KEY_FILE (RS256): clients must authenticate");
+        }
+        Ok(config)
+    }
+}

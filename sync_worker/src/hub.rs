@@ -1,0 +1,470 @@
+//! The fan-out hub: who is subscribed, which groups each user is in (in commit order), and the
+//! bounded queue of each subscriber. One serialization per delta is shared by all recipients.
+//!
+//! A subscriber replays from the database first and only then goes live: `go_live` succeeds only
+//! if nothing was published since the replay's upper bound, so the seam has no gap and no
+//! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
+
+use crate::delta::Delta;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// What the hub hands a subscriber's connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Delta {
+        sync_id: i64,
+        frame: Arc<str>,
+    },
+    /// The user joined or left a group (applies from the next delta on).
+    Membership {
+        group_id: String,
+        joined: bool,
+    },
+}
+
+/// A membership change, in commit order.
+#[derive(Debug, Clone)]
+pub struct MembershipChange {
+    pub user_id: String,
+    pub group_id: String,
+    pub joined: bool,
+}
+
+/// One sequenced transaction, as published.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub last_sync_id: i64,
+    pub deltas: Vec<Arc<Delta>>,
+    pub memberships: Vec<MembershipChange>,
+}
+
+/// Why the hub dropped a subscriber.
+#[derive(Debug, Clone)]
+pub struct Cutoff {
+    pub code: u16,
+    pub reason: String,
+}
+
+pub struct Subscription {
+    pub id: u64,
+    pub rx: mpsc::Receiver<Outbound>,
+    pub cutoff: Arc<Mutex<Option<Cutoff>>>,
+}
+
+struct Sub {
+    user: String,
+    tx: mpsc::Sender<Outbound>,
+    live: bool,
+    cutoff: Arc<Mutex<Option<Cutoff>>>,
+}
+
+#[derive(Default)]
+struct User {
+    groups: HashSet<String>,
+    subs: HashSet<u64>,
+    /// Changes seen while the user's groups load from the database, applied after it.
+    pending: Option<Vec<(String, bool)>>,
+}
+
+#[derive(Default)]
+struct State {
+    subs: HashMap<u64, Sub>,
+    users: HashMap<String, User>,
+    /// group -> users in it (only users with live subscriptions are tracked)
+    groups: HashMap<String, HashSet<String>>,
+    last_published: i64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub deltas_published: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub slow_cutoffs: AtomicU64,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    published: AtomicI64,
+    queue: usize,
+    pub metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(queue: usize, last_sync_id: i64) -> Hub {
+        Hub {
+            state: Mutex::new(State {
+                last_published: last_sync_id,
+                ..State::default()
+            }),
+            next_id: AtomicU64::new(1),
+            published: AtomicI64::new(last_sync_id),
+            queue,
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The highest sync id published (and so persisted).
+    pub fn published(&self) -> i64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Sets the starting point after the sequencer (re)loads it.
+    pub fn reset_published(&self, last_sync_id: i64) {
+        let mut st = self.lock();
+        if last_sync_id > st.last_published {
+            st.last_published = last_sync_id;
+            self.published.store(last_sync_id, Ordering::Release);
+        }
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subs.len()
+    }
+
+    /// Registers a subscriber (not live yet). Returns whether the user's groups must be loaded.
+    pub fn register(&self, user: &str) -> (Subscription, bool) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.queue);
+        let cutoff = Arc::new(Mutex::new(None));
+        let mut st = self.lock();
+        let entry = st.users.entry(user.to_owned()).or_default();
+        let must_load = entry.subs.is_empty() && entry.pending.is_none();
+        if must_load {
+            entry.pending = Some(Vec::new());
+            entry.groups.clear();
+        }
+        entry.subs.insert(id);
+        st.subs.insert(
+            id,
+            Sub {
+                user: user.to_owned(),
+                tx,
+                live: false,
+                cutoff: cutoff.clone(),
+            },
+        );
+        (Subscription { id, rx, cutoff }, must_load)
+    }
+
+    /// Installs the groups loaded from the database, then the changes seen meanwhile.
+    pub fn set_groups(&self, user: &str, loaded: Vec<String>) {
+        let mut st = self.lock();
+        let Some(entry) = st.users.get_mut(user) else {
+            return;
+        };
+        let Some(pending) = entry.pending.take() else {
+            return;
+        };
+        let mut groups: HashSet<String> = loaded.into_iter().collect();
+        for (g, joined) in pending {
+            if joined {
+                groups.insert(g);
+            } else {
+                groups.remove(&g);
+            }
+        }
+        entry.groups = groups.clone();
+        for g in groups {
+            st.groups.entry(g).or_default().insert(user.to_owned());
+        }
+    }
+
+    /// The user's groups now (for replay filters).
+    pub fn groups_of(&self, user: &str) -> Vec<String> {
+        let st = self.lock();
+        st.users
+            .get(user)
+            .map(|u| u.groups.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Makes the subscriber live if nothing was published after `through`.
+    pub fn go_live(&self, id: u64, through: i64) -> bool {
+        let mut st = self.lock();
+        if st.last_published != through {
+            return false;
+        }
+        match st.subs.get_mut(&id) {
+            Some(sub) => {
+                sub.live = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn unregister(&self, id: u64) {
+        let mut st = self.lock();
+        remove_sub(&mut st, id);
+    }
+
+    /// Drops every subscription of a user (e.g. a revoked key), with a reason.
+    pub fn cut_user(&self, user: &str, code: u16, reason: &str) {
+        let mut st = self.lock();
+        let ids: Vec<u64> = st
+            .users
+            .get(user)
+            .map(|u| u.subs.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if let Some(sub) = st.subs.get(&id) {
+                *sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cutoff {
+                    code,
+                    reason: reason.to_owned(),
+                });
+            }
+            remove_sub(&mut st, id);
+        }
+    }
+
+    /// Delivers sequenced transactions, in order, to live subscribers.
+    pub fn publish(&self, batch: &[Published]) {
+        let mut st = self.lock();
+        let mut slow: Vec<u64> = vec![];
+        for txn in batch {
+            for m in &txn.memberships {
+                apply_membership(&mut st, m);
+            }
+            for delta in &txn.deltas {
+                self.metrics
+                    .deltas_published
+                    .fetch_add(1, Ordering::Relaxed);
+                let targets: Vec<u64> = if delta.global {
+                    st.subs
+                        .iter()
+                        .filter(|(_, s)| s.live)
+                        .map(|(id, _)| *id)
+                        .collect()
+                } else if let Some(g) = &delta.group_id {
+                    st.groups
+                        .get(g)
+                        .map(|users| {
+                            users
+                                .iter()
+                                .flat_map(|u| {
+                                    st.users
+                                        .get(u)
+                                        .map(|e| e.subs.iter().copied())
+                                        .into_iter()
+                                        .flatten()
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    vec![]
+                };
+                for id in targets {
+                    let Some(sub) = st.subs.get(&id) else {
+                        continue;
+                    };
+                    if !sub.live {
+                        continue;
+                    }
+                    let out = Outbound::Delta {
+                        sync_id: delta.sync_id,
+                        frame: delta.frame.clone(),
+                    };
+                    match sub.tx.try_send(out) {
+                        Ok(()) => {
+                            self.metrics.deliveries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
+                        Err(mpsc::error::TrySendError::Closed(_)) => slow.push(id),
+                    }
+                }
+            }
+            if txn.last_sync_id > st.last_published {
+                st.last_published = txn.last_sync_id;
+            }
+            for id in slow.drain(..) {
+                if let Some(sub) = st.subs.get(&id) {
+                    let mut c = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner());
+                    if c.is_none() {
+                        *c = Some(Cutoff {
+                            code: 4008,
+                            reason: "slow consumer".into(),
+                        });
+                        self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                remove_sub(&mut st, id);
+            }
+        }
+        self.published.store(st.last_published, Ordering::Release);
+    }
+}
+
+fn apply_membership(st: &mut State, m: &MembershipChange) {
+    let Some(user) = st.users.get_mut(&m.user_id) else {
+        return;
+    };
+    if let Some(pending) = user.pending.as_mut() {
+        pending.push((m.group_id.clone(), m.joined));
+        return;
+    }
+    let changed = if m.joined {
+        user.groups.insert(m.group_id.clone())
+    } else {
+        user.groups.remove(&m.group_id)
+    };
+    if !changed {
+        return;
+    }
+    let subs: Vec<u64> = user.subs.iter().copied().collect();
+    if m.joined {
+        st.groups
+            .entry(m.group_id.clone())
+            .or_default()
+            .insert(m.user_id.clone());
+    } else if let Some(users) = st.groups.get_mut(&m.group_id) {
+        users.remove(&m.user_id);
+        if users.is_empty() {
+            st.groups.remove(&m.group_id);
+        }
+    }
+    for id in subs {
+        if let Some(sub) = st.subs.get(&id) {
+            let _ = sub.tx.try_send(Outbound::Membership {
+                group_id: m.group_id.clone(),
+                joined: m.joined,
+            });
+        }
+    }
+}
+
+fn remove_sub(st: &mut State, id: u64) {
+    let Some(sub) = st.subs.remove(&id) else {
+        return;
+    };
+    let mut drop_user = false;
+    if let Some(user) = st.users.get_mut(&sub.user) {
+        user.subs.remove(&id);
+        drop_user = user.subs.is_empty();
+    }
+    if drop_user {
+        if let Some(user) = st.users.remove(&sub.user) {
+            for g in user.groups {
+                if let Some(users) = st.groups.get_mut(&g) {
+                    users.remove(&sub.user);
+                    if users.is_empty() {
+                        st.groups.remove(&g);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(id: i64, group: Option<&str>, global: bool) -> Arc<Delta> {
+        Arc::new(Delta {
+            sync_id: id,
+            model: "m".into(),
+            group_id: group.map(str::to_owned),
+            global,
+            frame: format!("{{\"syncId\":{id}}}").into(),
+        })
+    }
+
+    fn txn(id: i64, deltas: Vec<Arc<Delta>>, memberships: Vec<MembershipChange>) -> Published {
+        Published {
+            last_sync_id: id,
+            deltas,
+            memberships,
+        }
+    }
+
+    #[test]
+    fn delivers_by_group_and_membership_in_commit_order() {
+        let hub = Hub::new(16, 0);
+        let (mut alice, load) = hub.register("alice");
+        assert!(load);
+        hub.set_groups("alice", vec!["a".into()]);
+        assert!(hub.go_live(alice.id, 0));
+        let join = MembershipChange {
+            user_id: "alice".into(),
+            group_id: "b".into(),
+            joined: true,
+        };
+        let leave = MembershipChange {
+            user_id: "alice".into(),
+            group_id: "a".into(),
+            joined: false,
+        };
+        hub.publish(&[
+            txn(1, vec![delta(1, Some("a"), false)], vec![]),
+            txn(2, vec![delta(2, Some("b"), false)], vec![]),
+            txn(3, vec![delta(3, Some("b"), false)], vec![join]),
+            txn(
+                4,
+                vec![
+                    delta(4, Some("a"), false),
+                    delta(5, None, true),
+                    delta(6, None, false),
+                ],
+                vec![leave],
+            ),
+        ]);
+        let mut got = vec![];
+        while let Ok(o) = alice.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        assert_eq!(got, ["d1", "+b", "d3", "-a", "d5"]);
+    }
+
+    #[test]
+    fn go_live_refuses_after_a_publish_and_slow_consumers_are_cut() {
+        let hub = Hub::new(2, 10);
+        let (sub, _) = hub.register("u");
+        hub.set_groups("u", vec!["g".into()]);
+        hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
+        assert!(
+            !hub.go_live(sub.id, 10),
+            "a delta was published after the replay bound"
+        );
+        assert!(hub.go_live(sub.id, 11));
+        hub.publish(&[txn(
+            14,
+            (12..=14).map(|i| delta(i, Some("g"), false)).collect(),
+            vec![],
+        )]);
+        let cut = sub.cutoff.lock().unwrap().clone().expect("cut off");
+        assert_eq!(cut.code, 4008);
+        assert_eq!(hub.subscriber_count(), 0);
+        assert_eq!(hub.metrics.slow_cutoffs.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn changes_while_loading_apply_after_the_load() {
+        let hub = Hub::new(8, 0);
+        let (_sub, load) = hub.register("u");
+        assert!(load);
+        let m = |g: &str, joined| MembershipChange {
+            user_id: "u".into(),
+            group_id: g.into(),
+            joined,
+        };
+        hub.publish(&[txn(0, vec![], vec![m("x", true), m("y", false)])]);
+        hub.set_groups("u", vec!["y".into(), "z".into()]);
+        let mut g = hub.groups_of("u");
+        g.sort();
+        assert_eq!(g, ["x", "z"]);
+    }
+}

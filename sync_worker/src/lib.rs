@@ -1,0 +1,54 @@
+//! sync_worker: tails pg_sync's action log over logical replication, sequences it in commit
+//! order, and fans it out live over WebSocket to the sync groups each user belongs to.
+//! The binary only wires this library together, so tests run the real server on port 0.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod delta;
+pub mod hub;
+pub mod replication;
+
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Runs the worker on `listener` until `shutdown` flips: replication and the API, then a drain
+/// (the sequencer persists and acknowledges what is complete; sessions close with 1001).
+pub async fn serve(
+    cfg: config::Config,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let verifier = match (&cfg.jwt_secret, &cfg.jwt_public_key_file) {
+        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes()),
+        (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?)?,
+        (None, None) => anyhow::bail!("no JWT secret or public key configured"),
+    };
+    let cfg = Arc::new(cfg);
+    let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue, 0));
+    let status = Arc::new(replication::sequencer::Status::default());
+    let replication = tokio::spawn(replication::sequencer::run(
+        cfg.clone(),
+        hub.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+    let app = Arc::new(api::App {
+        db: db::Db::new(cfg.database_url.clone()),
+        cfg: cfg.clone(),
+        hub,
+        status,
+        verifier,
+        shutdown: shutdown.clone(),
+    });
+    let mut stop = shutdown.clone();
+    axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    let _ = replication.await;
+    Ok(())
+}

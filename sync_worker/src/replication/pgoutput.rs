@@ -1,0 +1,219 @@
+//! Decoding of the pgoutput messages pg_sync needs: Relation, Insert and Delete (text format).
+//! Begin and Commit arrive as events of the transport client; everything else is skipped.
+
+use bytes::Buf;
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("truncated pgoutput message")]
+    Truncated,
+    #[error("invalid utf-8 in pgoutput message")]
+    Utf8,
+    #[error("change for unknown relation {0}")]
+    UnknownRelation(u32),
+    #[error("unexpected tuple kind {0:?}")]
+    TupleKind(u8),
+}
+
+#[derive(Debug, Clone)]
+pub struct Relation {
+    pub namespace: String,
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// A row in text format: column name -> value (None for NULL or unchanged TOAST).
+pub type Row = HashMap<String, Option<String>>;
+
+#[derive(Debug)]
+pub enum Message {
+    Insert { relation: Relation, row: Row },
+    Delete { relation: Relation, key: Row },
+    Other,
+}
+
+/// Keeps the relation cache of one replication session.
+#[derive(Default)]
+pub struct Decoder {
+    relations: HashMap<u32, Relation>,
+}
+
+fn cstr(buf: &mut &[u8]) -> Result<String, DecodeError> {
+    let end = buf
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(DecodeError::Truncated)?;
+    let s = std::str::from_utf8(&buf[..end])
+        .map_err(|_| DecodeError::Utf8)?
+        .to_owned();
+    buf.advance(end + 1);
+    Ok(s)
+}
+
+fn need(buf: &[u8], n: usize) -> Result<(), DecodeError> {
+    if buf.len() < n {
+        Err(DecodeError::Truncated)
+    } else {
+        Ok(())
+    }
+}
+
+fn tuple(buf: &mut &[u8], relation: &Relation) -> Result<Row, DecodeError> {
+    need(buf, 2)?;
+    let n = buf.get_i16() as usize;
+    let mut row = Row::with_capacity(n);
+    for i in 0..n {
+        need(buf, 1)?;
+        let kind = buf.get_u8();
+        let value = match kind {
+            b'n' | b'u' => None,
+            b't' | b'b' => {
+                need(buf, 4)?;
+                let len = buf.get_i32() as usize;
+                need(buf, len)?;
+                let v = std::str::from_utf8(&buf[..len])
+                    .map_err(|_| DecodeError::Utf8)?
+                    .to_owned();
+                buf.advance(len);
+                Some(v)
+            }
+            other => return Err(DecodeError::TupleKind(other)),
+        };
+        if let Some(name) = relation.columns.get(i) {
+            row.insert(name.clone(), value);
+        }
+    }
+    Ok(row)
+}
+
+impl Decoder {
+    pub fn decode(&mut self, data: &[u8]) -> Result<Message, DecodeError> {
+        let mut buf = data;
+        need(buf, 1)?;
+        let tag = buf.get_u8();
+        match tag {
+            b'R' => {
+                need(buf, 4)?;
+                let oid = buf.get_u32();
+                let namespace = cstr(&mut buf)?;
+                let name = cstr(&mut buf)?;
+                need(buf, 3)?;
+                let _replica_identity = buf.get_u8();
+                let n = buf.get_i16() as usize;
+                let mut columns = Vec::with_capacity(n);
+                for _ in 0..n {
+                    need(buf, 1)?;
+                    let _flags = buf.get_u8();
+                    columns.push(cstr(&mut buf)?);
+                    need(buf, 8)?;
+                    let _type = buf.get_u32();
+                    let _typmod = buf.get_i32();
+                }
+                self.relations.insert(
+                    oid,
+                    Relation {
+                        namespace,
+                        name,
+                        columns,
+                    },
+                );
+                Ok(Message::Other)
+            }
+            b'I' => {
+                need(buf, 5)?;
+                let oid = buf.get_u32();
+                let relation = self
+                    .relations
+                    .get(&oid)
+                    .ok_or(DecodeError::UnknownRelation(oid))?
+                    .clone();
+                let _new = buf.get_u8();
+                let row = tuple(&mut buf, &relation)?;
+                Ok(Message::Insert { relation, row })
+            }
+            b'D' => {
+                need(buf, 5)?;
+                let oid = buf.get_u32();
+                let relation = self
+                    .relations
+                    .get(&oid)
+                    .ok_or(DecodeError::UnknownRelation(oid))?
+                    .clone();
+                let _kind = buf.get_u8();
+                let key = tuple(&mut buf, &relation)?;
+                Ok(Message::Delete { relation, key })
+            }
+            _ => Ok(Message::Other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn relation_msg() -> Vec<u8> {
+        let mut b = vec![b'R'];
+        b.put_u32(42);
+        b.extend_from_slice(b"pg_sync\0group_memberships\0");
+        b.put_u8(b'd');
+        b.put_i16(2);
+        for name in ["user_id", "group_id"] {
+            b.put_u8(1);
+            b.extend_from_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(25);
+            b.put_i32(-1);
+        }
+        b
+    }
+
+    #[test]
+    fn decodes_relation_then_insert_and_delete() {
+        let mut d = Decoder::default();
+        assert!(matches!(d.decode(&relation_msg()).unwrap(), Message::Other));
+        let mut ins = vec![b'I'];
+        ins.put_u32(42);
+        ins.put_u8(b'N');
+        ins.put_i16(2);
+        ins.put_u8(b't');
+        ins.put_i32(5);
+        ins.extend_from_slice(b"alice");
+        ins.put_u8(b'n');
+        match d.decode(&ins).unwrap() {
+            Message::Insert { relation, row } => {
+                assert_eq!(relation.name, "group_memberships");
+                assert_eq!(row["user_id"].as_deref(), Some("alice"));
+                assert_eq!(row["group_id"], None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut del = vec![b'D'];
+        del.put_u32(42);
+        del.put_u8(b'K');
+        del.put_i16(1);
+        del.put_u8(b't');
+        del.put_i32(1);
+        del.extend_from_slice(b"x");
+        assert!(matches!(d.decode(&del).unwrap(), Message::Delete { .. }));
+    }
+
+    #[test]
+    fn rejects_truncated_and_unknown() {
+        let mut d = Decoder::default();
+        let msg = relation_msg();
+        for cut in 1..msg.len() {
+            assert!(d.decode(&msg[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut ins = vec![b'I'];
+        ins.put_u32(7);
+        ins.put_u8(b'N');
+        ins.put_i16(0);
+        assert!(matches!(
+            d.decode(&ins),
+            Err(DecodeError::UnknownRelation(7))
+        ));
+    }
+}

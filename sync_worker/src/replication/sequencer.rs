@@ -1,0 +1,557 @@
+//! The sequencer: the one place sync ids are assigned.
+//!
+//! Transactions arrive in commit order. Each one's `sync_actions` rows get consecutive sync ids
+//! (in action id order); batches of transactions are persisted to `pg_sync.commit_order` in one
+//! statement, then published to the hub, and only then is their end LSN acknowledged to
+//! Postgres. After a crash the slot replays from the last acknowledged LSN; transactions at or
+//! below the last persisted commit LSN are skipped, and the rest get the same ids again, because
+//! ids follow from the persisted counter and the commit order alone.
+
+use super::pgoutput::{Decoder, Message, Row};
+use crate::config::Config;
+use crate::delta::Delta;
+use crate::hub::{Hub, MembershipChange, Published};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+/// What health and metrics read about replication.
+#[derive(Default)]
+pub struct Status {
+    pub streaming: AtomicBool,
+    pub acked_lsn: AtomicU64,
+    pub server_lsn: AtomicU64,
+    pub last_commit_unix_ms: AtomicI64,
+    pub sequenced_actions: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub slot_problem: Mutex<Option<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SequencerError {
+    #[error("database error")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("replication stream error")]
+    Stream(#[from] pgwire_replication::PgWireError),
+    #[error("cannot decode the replication stream")]
+    Decode(#[from] super::pgoutput::DecodeError),
+    #[error("replication slot {0:?} is invalidated (wal_status = lost); drop it and resynchronize clients")]
+    SlotLost(String),
+    #[error("the pg_sync extension is not installed in this database")]
+    NoExtension,
+    #[error("invalid database url")]
+    Url,
+}
+
+const FLUSH_AFTER: Duration = Duration::from_millis(5);
+const FLUSH_ACTIONS: usize = 5_000;
+const LARGE_PAGE: i32 = 5_000;
+
+/// Microseconds between the Unix and Postgres epochs.
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+pub async fn connect(url: &str) -> Result<Client, SequencerError> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "control connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the publication and the slot when missing; reports an invalidated slot.
+async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), SequencerError> {
+    if db
+        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pg_sync'", &[])
+        .await?
+        .is_none()
+    {
+        return Err(SequencerError::NoExtension);
+    }
+    if db
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await?
+        .is_none()
+    {
+        let sql = format!(
+            "CREATE PUBLICATION \"{}\" FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships \
+             WITH (publish = 'insert, delete')",
+            cfg.publication.replace('"', "\"\"")
+        );
+        db.batch_execute(&sql).await?;
+        tracing::info!(publication = %cfg.publication, "created publication");
+    }
+    match db
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await?
+    {
+        None => {
+            db.query_one(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&cfg.slot],
+            )
+            .await?;
+            tracing::info!(slot = %cfg.slot, "created replication slot");
+        }
+        Some(row) => {
+            let wal_status: String = row.get(0);
+            if wal_status == "lost" {
+                *status
+                    .slot_problem
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some("lost".into());
+                return Err(SequencerError::SlotLost(cfg.slot.clone()));
+            }
+        }
+    }
+    *status
+        .slot_problem
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(())
+}
+
+fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SequencerError> {
+    let pg: tokio_postgres::Config = cfg.database_url.parse().map_err(|_| SequencerError::Url)?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let mut rc = ReplicationConfig::new(
+        host,
+        pg.get_user().unwrap_or("postgres"),
+        password,
+        pg.get_dbname().unwrap_or("postgres"),
+        cfg.slot.clone(),
+        cfg.publication.clone(),
+    )
+    .with_port(port)
+    .with_status_interval(Duration::from_millis(200))
+    .with_application_name("pg_sync_worker");
+    if matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+        rc = rc.with_tls(pgwire_replication::TlsConfig::require());
+    }
+    Ok(rc)
+}
+
+struct OpenTxn {
+    commit_lsn: Lsn,
+    actions: Vec<Row>,
+    count: usize,
+    large: bool,
+    xid: Option<String>,
+    memberships: Vec<MembershipChange>,
+}
+
+struct ReadyTxn {
+    end_lsn: Lsn,
+    commit_lsn: Lsn,
+    committed_at_us: i64,
+    actions: Vec<Row>,
+    count: usize,
+    large: bool,
+    xid: Option<String>,
+    memberships: Vec<MembershipChange>,
+}
+
+struct Session<'a> {
+    cfg: &'a Config,
+    db: Client,
+    hub: &'a Hub,
+    status: &'a Status,
+    next_sync_id: i64,
+    last_commit_lsn: Lsn,
+    globals: HashMap<String, bool>,
+    pending: Vec<ReadyTxn>,
+    pending_actions: usize,
+    pending_since: Option<Instant>,
+}
+
+/// Runs replication until `shutdown` flips, reconnecting with backoff after failures.
+pub async fn run(
+    cfg: Arc<Config>,
+    hub: Arc<Hub>,
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        let result = session(&cfg, &hub, &status, &mut shutdown).await;
+        status.streaming.store(false, Ordering::Release);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(|s| s.to_string()), "replication session ended; reconnecting");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    cfg: &Config,
+    hub: &Hub,
+    status: &Status,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SequencerError> {
+    let db = connect(&cfg.database_url).await?;
+    ensure_setup(&db, cfg, status).await?;
+    let row = db
+        .query_one(
+            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
+            &[],
+        )
+        .await?;
+    let last_sync_id: i64 = row.get(0);
+    let last_lsn: String = row.get(1);
+    hub.reset_published(last_sync_id);
+    let mut s = Session {
+        cfg,
+        db,
+        hub,
+        status,
+        next_sync_id: last_sync_id + 1,
+        last_commit_lsn: Lsn::parse(&last_lsn).unwrap_or(Lsn::ZERO),
+        globals: HashMap::new(),
+        pending: vec![],
+        pending_actions: 0,
+        pending_since: None,
+    };
+    s.load_globals().await?;
+    let mut repl = ReplicationClient::connect(replication_config(cfg)?).await?;
+    status.streaming.store(true, Ordering::Release);
+    tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
+    let mut decoder = Decoder::default();
+    let mut open: Option<OpenTxn> = None;
+    loop {
+        let wait = match s.pending_since {
+            Some(t) => FLUSH_AFTER.saturating_sub(t.elapsed()),
+            None => Duration::from_secs(3600),
+        };
+        let event = tokio::select! {
+            ev = repl.recv() => ev?,
+            _ = tokio::time::sleep(wait) => { s.flush(&repl).await?; continue; }
+            _ = shutdown.changed() => {
+                // Drain: what is complete is persisted, published and acknowledged.
+                s.flush(&repl).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(2), repl.shutdown()).await;
+                return Ok(());
+            }
+        };
+        let Some(event) = event else {
+            s.flush(&repl).await?;
+            return Ok(());
+        };
+        match event {
+            ReplicationEvent::Begin { final_lsn, .. } => {
+                open = Some(OpenTxn {
+                    commit_lsn: final_lsn,
+                    actions: vec![],
+                    count: 0,
+                    large: false,
+                    xid: None,
+                    memberships: vec![],
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let msg = decoder.decode(&data)?;
+                if let Some(txn) = open.as_mut() {
+                    s.absorb(txn, msg);
+                }
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let Some(txn) = open.take() else { continue };
+                debug_assert_eq!(txn.commit_lsn, lsn);
+                s.status
+                    .last_commit_unix_ms
+                    .store((commit_time_micros + PG_EPOCH_US) / 1000, Ordering::Relaxed);
+                s.pending_actions += txn.count;
+                s.pending.push(ReadyTxn {
+                    end_lsn,
+                    commit_lsn: lsn,
+                    committed_at_us: commit_time_micros,
+                    actions: txn.actions,
+                    count: txn.count,
+                    large: txn.large,
+                    xid: txn.xid,
+                    memberships: txn.memberships,
+                });
+                s.pending_since.get_or_insert_with(Instant::now);
+                if s.pending_actions >= FLUSH_ACTIONS {
+                    s.flush(&repl).await?;
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                s.status
+                    .server_lsn
+                    .store(wal_end.as_u64(), Ordering::Relaxed);
+                if open.is_none() && s.pending.is_empty() {
+                    s.ack(&repl, wal_end);
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                s.flush(&repl).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    async fn load_globals(&mut self) -> Result<(), SequencerError> {
+        let rows = self
+            .db
+            .query(
+                "SELECT model, group_column IS NULL FROM pg_sync.registry",
+                &[],
+            )
+            .await?;
+        self.globals = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+            .collect();
+        Ok(())
+    }
+
+    fn absorb(&mut self, txn: &mut OpenTxn, msg: Message) {
+        match msg {
+            Message::Insert { relation, row } if relation.namespace == "pg_sync" => {
+                match relation.name.as_str() {
+                    "sync_actions" => {
+                        if txn.xid.is_none() {
+                            txn.xid = row.get("xid").cloned().flatten();
+                        }
+                        txn.count += 1;
+                        if txn.actions.len() < self.cfg.txn_buffer {
+                            txn.actions.push(row);
+                        } else {
+                            // Bounded memory: a huge transaction is re-read from the database.
+                            txn.large = true;
+                            txn.actions = vec![];
+                        }
+                    }
+                    "group_memberships" => txn.memberships.extend(membership(&row, true)),
+                    _ => {}
+                }
+            }
+            Message::Delete { relation, key }
+                if relation.namespace == "pg_sync" && relation.name == "group_memberships" =>
+            {
+                txn.memberships.extend(membership(&key, false));
+            }
+            _ => {}
+        }
+    }
+
+    fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {
+        repl.update_applied_lsn(lsn);
+        self.status
+            .acked_lsn
+            .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// Persists, publishes, then acknowledges everything pending.
+    async fn flush(&mut self, repl: &ReplicationClient) -> Result<(), SequencerError> {
+        self.pending_since = None;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_actions = 0;
+        let mut xids = vec![];
+        let mut firsts = vec![];
+        let mut counts = vec![];
+        let mut lsns = vec![];
+        let mut times = vec![];
+        let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
+        for txn in &pending {
+            if txn.commit_lsn <= self.last_commit_lsn {
+                continue; // sequenced before a restart
+            }
+            if txn.count == 0 {
+                assigned.push((0, txn));
+                continue;
+            }
+            let first = self.next_sync_id;
+            self.next_sync_id += txn.count as i64;
+            xids.push(txn.xid.clone().unwrap_or_default());
+            firsts.push(first);
+            counts.push(txn.count as i32);
+            lsns.push(txn.commit_lsn.to_pg_string());
+            times.push(txn.committed_at_us);
+            assigned.push((first, txn));
+        }
+        if !firsts.is_empty() {
+            self.db
+                .execute(
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                     SELECT x::xid8, f, c, l::pg_lsn, to_timestamp((t + 946684800000000)::float8 / 1e6)
+                       FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::bigint[]) AS u(x, f, c, l, t)",
+                    &[&xids, &firsts, &counts, &lsns, &times],
+                )
+                .await?;
+        }
+        // Persisted: now clients may see these ids.
+        let mut batch = vec![];
+        for (first, txn) in &assigned {
+            if txn.large {
+                self.hub.publish(&std::mem::take(&mut batch));
+                self.publish_large(*first, txn).await?;
+                continue;
+            }
+            let mut rows: Vec<&Row> = txn.actions.iter().collect();
+            rows.sort_by_key(|r| {
+                r.get("id")
+                    .cloned()
+                    .flatten()
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0)
+            });
+            let mut deltas = Vec::with_capacity(rows.len());
+            for (i, row) in rows.into_iter().enumerate() {
+                let model = row.get("model").cloned().flatten().unwrap_or_default();
+                let global = self.global(&model).await?;
+                deltas.push(Arc::new(Delta::from_columns(
+                    first + i as i64,
+                    global,
+                    |c| row.get(c).cloned().flatten(),
+                )));
+            }
+            let last = if txn.count > 0 {
+                first + txn.count as i64 - 1
+            } else {
+                0
+            };
+            batch.push(Published {
+                last_sync_id: last,
+                deltas,
+                memberships: txn.memberships.clone(),
+            });
+        }
+        self.hub.publish(&batch);
+        self.status.sequenced_actions.fetch_add(
+            firsts.iter().zip(&counts).map(|(_, c)| *c as u64).sum(),
+            Ordering::Relaxed,
+        );
+        if let Some(last) = pending.last() {
+            self.last_commit_lsn = self.last_commit_lsn.max(last.commit_lsn);
+            self.ack(repl, last.end_lsn);
+        }
+        Ok(())
+    }
+
+    async fn global(&mut self, model: &str) -> Result<bool, SequencerError> {
+        if !self.globals.contains_key(model) {
+            self.load_globals().await?;
+        }
+        Ok(self.globals.get(model).copied().unwrap_or(false))
+    }
+
+    /// Publishes a transaction too large to hold, page by page from the database.
+    async fn publish_large(&mut self, first: i64, txn: &ReadyTxn) -> Result<(), SequencerError> {
+        let last = first + txn.count as i64 - 1;
+        let mut after = first - 1;
+        let mut memberships = txn.memberships.clone();
+        while after < last {
+            let span = LARGE_PAGE.min((last - after) as i32);
+            let deltas = changes(&self.db, after, None, span).await?;
+            after += span as i64;
+            self.hub.publish(&[Published {
+                last_sync_id: after,
+                deltas,
+                memberships: std::mem::take(&mut memberships),
+            }]);
+        }
+        Ok(())
+    }
+}
+
+fn membership(row: &Row, joined: bool) -> Option<MembershipChange> {
+    Some(MembershipChange {
+        user_id: row.get("user_id").cloned().flatten()?,
+        group_id: row.get("group_id").cloned().flatten()?,
+        joined,
+    })
+}
+
+/// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
+/// global models.
+pub async fn changes(
+    db: &Client,
+    after: i64,
+    groups: Option<&[String]>,
+    span: i32,
+) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
+                    moved::text, client_id, client_tx_id::text
+               FROM pg_sync.changes($1, $2, $3)",
+            &[&after, &groups, &span],
+        )
+        .await?;
+    const NAMES: [&str; 10] = [
+        "model",
+        "model_id",
+        "action",
+        "data",
+        "version",
+        "group_id",
+        "prev_group_id",
+        "moved",
+        "client_id",
+        "client_tx_id",
+    ];
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let sync_id: i64 = r.get(0);
+            let global: bool = r.get(1);
+            Arc::new(Delta::from_columns(sync_id, global, |c| {
+                let i = NAMES.iter().position(|n| *n == c)?;
+                r.get::<_, Option<String>>(i + 2).map(|v| {
+                    if c == "moved" {
+                        if v == "true" {
+                            "t".into()
+                        } else {
+                            "f".into()
+                        }
+                    } else {
+                        v
+                    }
+                })
+            }))
+        })
+        .collect())
+}
