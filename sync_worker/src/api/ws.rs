@@ -27,6 +27,7 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const INTERNAL: u16 = 1011;
     pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
 }
 
 const REPLAY_SPAN: i64 = 5_000;
@@ -136,7 +137,21 @@ async fn session(app: Arc<App>, user: String, mut socket: WebSocket) {
     loop {
         tokio::select! {
             msg = socket.recv() => {
-                let Some(Ok(msg)) = msg else { break };
+                let msg = match msg {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        let too_big = e
+                            .into_inner()
+                            .downcast::<tungstenite::Error>()
+                            .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+                        if too_big {
+                            let limit = app.cfg.max_message_bytes;
+                            close_with(&mut socket, close::TOO_BIG, format!("message larger than {limit} bytes")).await;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 match msg {
                     Message::Text(text) => {
                         let parsed = serde_json::from_str::<ClientMessage>(text.as_str());

@@ -1,0 +1,506 @@
+//! The worker end to end: a real cluster, the real binary, real WebSockets.
+
+use futures::{SinkExt, StreamExt};
+use pg_sync_tests::Cluster;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "e2e-secret";
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Worker {
+    child: Child,
+    port: u16,
+}
+
+impl Worker {
+    fn start(cluster: &Cluster, db: &str, port: u16) -> Worker {
+        let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+            .env("DATABASE_URL", cluster.url(db))
+            .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SYNC_JWT_SECRET", SECRET)
+            .env("RUST_LOG", "sync_worker=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sync_worker");
+        Worker { child, port }
+    }
+
+    fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(self.port, "/healthz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "worker never became healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
+}
+
+fn token(user: &str, exp_offset: i64, secret: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + exp_offset;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn connect(port: u16, user: &str) -> Ws {
+    let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token(user, 3600, SECRET))
+            .parse()
+            .unwrap(),
+    );
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket connects")
+        .0
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON frame (skipping pings), or None on close/timeout.
+async fn next(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Some(serde_json::from_str(t.as_str()).unwrap())
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Subscribes after `after`; returns the frames before `caught_up` and its sync id.
+async fn subscribe(ws: &mut Ws, after: i64) -> (Vec<Value>, i64) {
+    send(ws, json!({"type": "subscribe", "after": after})).await;
+    let mut frames = vec![];
+    loop {
+        let f = next(ws, Duration::from_secs(20))
+            .await
+            .expect("frames until caught_up");
+        if f["type"] == "caught_up" {
+            return (frames, f["syncId"].as_i64().unwrap());
+        }
+        frames.push(f);
+    }
+}
+
+/// Collects deltas until `done` says so (or a timeout).
+async fn collect(ws: &mut Ws, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let mut got = vec![];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done(&got) && Instant::now() < deadline {
+        if let Some(f) = next(ws, Duration::from_millis(500)).await {
+            if f["type"] == "delta" {
+                got.push(f);
+            }
+        }
+    }
+    got
+}
+
+/// Nothing more arrives within `wait`.
+async fn quiet(ws: &mut Ws, wait: Duration) -> Vec<Value> {
+    let mut got = vec![];
+    while let Some(f) = next(ws, wait).await {
+        got.push(f);
+    }
+    got
+}
+
+fn setup(cluster: &Cluster, db: &str) -> postgres_client::Client {
+    tokio::task::block_in_place(|| setup_blocking(cluster, db))
+}
+
+fn setup_blocking(cluster: &Cluster, db: &str) -> postgres_client::Client {
+    let mut c = cluster.create_db(db);
+    c.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
+         SELECT pg_sync.register_table('todos', group_column => 'project');
+         CREATE TABLE announcements (id int PRIMARY KEY, body text);
+         SELECT pg_sync.register_table('announcements');
+         SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('bob', 'p2');",
+    )
+    .unwrap();
+    c
+}
+
+fn exec(db: &mut postgres_client::Client, sql: &str) {
+    tokio::task::block_in_place(|| db.batch_execute(sql).expect("sql runs"));
+}
+
+mod postgres_client {
+    pub use pg_sync_tests::postgres::Client;
+}
+
+fn summary(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| {
+            format!(
+                "{}:{}:{}",
+                f["model"].as_str().unwrap_or(""),
+                f["action"].as_str().unwrap_or(""),
+                f["modelId"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_reach_exactly_their_groups_live_and_on_replay() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_groups", &[]));
+    let mut db = setup(&cluster, "app");
+    let worker = Worker::start(&cluster, "app", free_port());
+    worker.wait_healthy().await;
+
+    let mut alice = connect(worker.port, "alice").await;
+    let mut bob = connect(worker.port, "bob").await;
+    let mut carol = connect(worker.port, "carol").await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        let (frames, _) = subscribe(ws, 0).await;
+        assert!(frames.is_empty());
+    }
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'a1', 'p1'), (2, 'b1', 'p2');
+         INSERT INTO announcements VALUES (1, 'hello all');
+         UPDATE todos SET title = 'a1!' WHERE id = 1;
+         UPDATE todos SET project = 'p2' WHERE id = 1;
+         DELETE FROM todos WHERE id = 2;",
+    );
+    let a = collect(&mut alice, |g| g.len() >= 4).await;
+    let b = collect(&mut bob, |g| g.len() >= 4).await;
+    assert_eq!(
+        summary(&a),
+        ["todos:I:1", "announcements:I:1", "todos:U:1", "todos:D:1"]
+    );
+    assert_eq!(
+        summary(&b),
+        ["todos:I:2", "announcements:I:1", "todos:I:1", "todos:D:2"]
+    );
+    assert_eq!(a[3]["moved"], true);
+    assert_eq!(b[2]["moved"], true);
+    assert_eq!(b[2]["data"]["title"], "a1!", "the moved row arrives whole");
+    assert_eq!(
+        a[0]["data"],
+        json!({"id": 1, "title": "a1", "project": "p1"})
+    );
+    let c = collect(&mut carol, |g| !g.is_empty()).await;
+    assert_eq!(
+        summary(&c),
+        ["announcements:I:1"],
+        "carol is in no group: only the global table"
+    );
+    // Sync ids are consecutive in commit order, shared by all recipients.
+    let ids = |v: &[Value]| {
+        v.iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(ids(&a).windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(ids(&a)[1], ids(&b)[1]);
+    assert!(quiet(&mut alice, Duration::from_millis(500))
+        .await
+        .is_empty());
+
+    // Replay from 0 gives a new connection exactly what alice saw live.
+    let mut alice2 = connect(worker.port, "alice").await;
+    let (replayed, through) = subscribe(&mut alice2, 0).await;
+    assert_eq!(summary(&replayed), summary(&a));
+    assert_eq!(ids(&replayed), ids(&a));
+    assert!(through >= *ids(&b).iter().max().unwrap());
+
+    // Membership changes apply to live connections without reconnecting.
+    exec(&mut db, "SELECT pg_sync.add_member('carol', 'p2')");
+    let f = next(&mut carol, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        (
+            f["type"].as_str(),
+            f["groupId"].as_str(),
+            f["joined"].as_bool()
+        ),
+        (Some("membership"), Some("p2"), Some(true))
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (3, 'c', 'p2')");
+    assert_eq!(
+        summary(&collect(&mut carol, |g| !g.is_empty()).await),
+        ["todos:I:3"]
+    );
+    exec(
+        &mut db,
+        "SELECT pg_sync.remove_member('carol', 'p2'); INSERT INTO todos VALUES (4, 'd', 'p2');",
+    );
+    let rest = quiet(&mut carol, Duration::from_millis(800)).await;
+    assert_eq!(
+        rest.iter().filter(|f| f["type"] == "delta").count(),
+        0,
+        "left p2: {rest:?}"
+    );
+    assert!(rest
+        .iter()
+        .any(|f| f["type"] == "membership" && f["joined"] == false));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_harms_nobody() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_bad", &[]));
+    let mut db = setup(&cluster, "app");
+    let worker = Worker::start(&cluster, "app", free_port());
+    worker.wait_healthy().await;
+    let url = format!("ws://127.0.0.1:{}/sync/ws", worker.port);
+
+    // Handshake: no token, forged, expired.
+    for tok in [
+        None,
+        Some(token("alice", 3600, "wrong")),
+        Some(token("alice", -3600, SECRET)),
+    ] {
+        let mut req = url.clone().into_client_request().unwrap();
+        if let Some(t) = tok {
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 401)
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+    // ?token= works (browsers cannot set headers).
+    let (mut via_query, _) =
+        tokio_tungstenite::connect_async(format!("{url}?token={}", token("alice", 3600, SECRET)))
+            .await
+            .unwrap();
+    let (_, _) = subscribe(&mut via_query, 0).await;
+
+    let mut bystander = connect(worker.port, "alice").await;
+    subscribe(&mut bystander, 0).await;
+    let mut bad = connect(worker.port, "alice").await;
+    for msg in [
+        "not json",
+        r#"{"type":"dance"}"#,
+        r#"{"type":"subscribe","after":"x"}"#,
+        r#"{"type":"subscribe","after":-1}"#,
+    ] {
+        bad.send(Message::Text(msg.into())).await.unwrap();
+        let f = next(&mut bad, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(f["type"], "error", "{msg}");
+    }
+    subscribe(&mut bad, 0).await;
+    send(&mut bad, json!({"type": "subscribe", "after": 0})).await;
+    assert_eq!(
+        next(&mut bad, Duration::from_secs(5)).await.unwrap()["code"],
+        "already_subscribed"
+    );
+    send(&mut bad, json!({"type": "ping"})).await;
+    assert_eq!(
+        next(&mut bad, Duration::from_secs(5)).await.unwrap()["type"],
+        "pong"
+    );
+    // Oversized: the connection is closed with 1009; others are unaffected.
+    let _ = bad.send(Message::Text("x".repeat(200 * 1024).into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match bad.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return Some(u16::from(frame.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(1009));
+    exec(&mut db, "INSERT INTO todos VALUES (10, 'still fine', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut bystander, |g| !g.is_empty()).await),
+        ["todos:I:10"]
+    );
+
+    // A cursor from the future.
+    let mut ahead = connect(worker.port, "alice").await;
+    send(&mut ahead, json!({"type": "subscribe", "after": 1_000_000})).await;
+    assert_eq!(
+        next(&mut ahead, Duration::from_secs(5)).await.unwrap()["code"],
+        "cursor_ahead"
+    );
+
+    let (status, body) = http_get(worker.port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("pg_sync_replication_streaming 1"), "{body}");
+    assert!(body.contains("pg_sync_subscribers"));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Reads every delta until `count` arrived or the stream stalls; reconnects are the caller's.
+async fn drain(ws: &mut Ws, seen: &mut Vec<i64>, count: usize) -> bool {
+    loop {
+        if seen.len() >= count {
+            return true;
+        }
+        match next(ws, Duration::from_secs(5)).await {
+            Some(f) if f["type"] == "delta" => seen.push(f["syncId"].as_i64().unwrap()),
+            Some(_) => {}
+            None => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_and_restarts_lose_and_duplicate_nothing() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_kill", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let mut worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+
+    // A steady writer: single- and multi-row transactions into the global table.
+    let url = cluster.url("app");
+    let writer = std::thread::spawn(move || {
+        let connect = || loop {
+            match pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls) {
+                Ok(c) => return c,
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let mut c = connect();
+        let mut committed = 0usize;
+        for i in 0..400 {
+            let rows = 1 + (i % 5);
+            let sql = format!(
+                "INSERT INTO announcements SELECT g, 'x' FROM generate_series({}, {}) g",
+                i * 10,
+                i * 10 + rows - 1
+            );
+            match c.batch_execute(&sql) {
+                Ok(()) => committed += 1,
+                // The server restarts under us: reconnect and go on (the count comes from the log).
+                Err(_) => c = connect(),
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        committed
+    });
+
+    let mut seen: Vec<i64> = vec![];
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    seen.extend(frames.iter().map(|f| f["syncId"].as_i64().unwrap()));
+    // Let some flow, then kill -9 the worker mid-stream and start it again.
+    drain(&mut ws, &mut seen, 150).await;
+    worker.kill9();
+    drain(&mut ws, &mut seen, usize::MAX).await;
+    let mut worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    // Restart Postgres under the worker, too.
+    let after = *seen.last().unwrap_or(&0);
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, after).await;
+    seen.extend(frames.iter().map(|f| f["syncId"].as_i64().unwrap()));
+    let target = seen.len() + 200;
+    drain(&mut ws, &mut seen, target).await;
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.restart();
+    });
+    worker.wait_healthy().await;
+    let total = tokio::task::block_in_place(|| writer.join().unwrap_or(0));
+    db = tokio::task::block_in_place(|| cluster.connect("app"));
+    let expected: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
+            .unwrap()
+            .get(0)
+    });
+    // Resume (the connection may have been cut by the restarts) until everything arrived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (seen.len() as i64) < expected && Instant::now() < deadline {
+        let after = *seen.last().unwrap_or(&0);
+        let mut ws = connect(port, "zoe").await;
+        let (frames, _) = subscribe(&mut ws, after).await;
+        seen.extend(frames.iter().map(|f| f["syncId"].as_i64().unwrap()));
+        drain(&mut ws, &mut seen, expected as usize).await;
+    }
+    assert!(total > 0);
+    assert_eq!(seen.len() as i64, expected, "every action exactly once");
+    let want: Vec<i64> = (1..=expected).collect();
+    assert_eq!(
+        seen, want,
+        "consecutive sync ids, in order, no gap, no duplicate"
+    );
+    // The database agrees: every action sequenced exactly once.
+    let sequenced: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT pg_sync.last_sync_id()", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(sequenced, expected);
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+}
