@@ -23,17 +23,21 @@ regress:
 
 integration:
 	cargo test -p pg_sync_tests --test extension -- --test-threads=2
+	cargo test -p sync_worker --lib --test e2e -- --test-threads=1
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
-# A project-local Postgres 15 (./.run) with the extension and the demo schema, left running.
+# A project-local Postgres 15 (./.run) with the extension, the demo schema and the worker.
 run: install
+	cargo build --release -p sync_worker
 	bash scripts/run.sh
 
 stop:
 	bash scripts/run.sh stop
 
 bench: install
+	cargo build --release -p sync_worker
 	bash bench/write_overhead.sh
+	bash bench/tail.sh

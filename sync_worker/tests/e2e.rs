@@ -504,3 +504,58 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
     worker.kill9();
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_from_before_the_slot_are_sequenced_once() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_backlog", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'early' FROM generate_series(1, 5) g",
+    );
+    exec(&mut db, "INSERT INTO announcements VALUES (6, 'early too')");
+    let port = free_port();
+    let mut worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "anyone").await;
+    let (frames, through) = subscribe(&mut ws, 0).await;
+    let ids: Vec<i64> = frames
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=6).collect::<Vec<_>>());
+    assert_eq!(through, 6);
+    exec(&mut db, "INSERT INTO announcements VALUES (7, 'live')");
+    let live = collect(&mut ws, |g| !g.is_empty()).await;
+    assert_eq!(live[0]["syncId"], 7);
+    // A restart neither re-sequences the backlog nor the live transaction.
+    worker.kill9();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (8, 'after restart')",
+    );
+    let mut ws = connect(port, "anyone").await;
+    let (frames, _) = subscribe(&mut ws, 7).await;
+    let mut got: Vec<Value> = frames;
+    if got.is_empty() {
+        got = collect(&mut ws, |g| !g.is_empty()).await;
+    }
+    assert_eq!(
+        got.iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [8]
+    );
+    let rows: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert_eq!(rows, 8);
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -244,6 +244,7 @@ async fn session(
         pending_since: None,
     };
     s.load_globals().await?;
+    s.sequence_backlog().await?;
     let mut repl = ReplicationClient::connect(replication_config(cfg)?).await?;
     status.streaming.store(true, Ordering::Release);
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
@@ -329,6 +330,48 @@ async fn session(
 }
 
 impl Session<'_> {
+    /// Sequences committed actions that the slot will never stream: those written before the
+    /// slot existed, or committed while no slot held them. Every committed, unsequenced
+    /// transaction is taken at once (ordered by its first action), so none can later receive a
+    /// smaller id; one that is also streamed afterwards is recognised by its xid and skipped.
+    async fn sequence_backlog(&mut self) -> Result<(), SequencerError> {
+        let first = self.next_sync_id;
+        let n = self
+            .db
+            .execute(
+                "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                 SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
+                   FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
+                           FROM pg_sync.sync_actions a
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
+                          GROUP BY a.xid) s",
+                &[&first],
+            )
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let last: i64 = self
+            .db
+            .query_one("SELECT pg_sync.last_sync_id()", &[])
+            .await?
+            .get(0);
+        tracing::info!(transactions = n, first, last, "sequenced backlog");
+        let mut after = first - 1;
+        while after < last {
+            let span = LARGE_PAGE.min((last - after) as i32);
+            let deltas = changes(&self.db, after, None, span).await?;
+            after += span as i64;
+            self.hub.publish(&[Published {
+                last_sync_id: after,
+                deltas,
+                memberships: vec![],
+            }]);
+        }
+        self.next_sync_id = last + 1;
+        Ok(())
+    }
+
     async fn load_globals(&mut self) -> Result<(), SequencerError> {
         let rows = self
             .db
@@ -389,6 +432,25 @@ impl Session<'_> {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
+        // Transactions the backlog pass already sequenced are not sequenced again.
+        let candidates: Vec<String> = pending
+            .iter()
+            .filter(|t| t.count > 0)
+            .filter_map(|t| t.xid.clone())
+            .collect();
+        let known: std::collections::HashSet<String> = if candidates.is_empty() {
+            Default::default()
+        } else {
+            self.db
+                .query(
+                    "SELECT xid::text FROM pg_sync.commit_order WHERE xid = ANY ($1::text[]::xid8[])",
+                    &[&candidates],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
         let mut xids = vec![];
         let mut firsts = vec![];
         let mut counts = vec![];
@@ -396,8 +458,11 @@ impl Session<'_> {
         let mut times = vec![];
         let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
         for txn in &pending {
-            if txn.commit_lsn <= self.last_commit_lsn {
-                continue; // sequenced before a restart
+            if txn.commit_lsn <= self.last_commit_lsn
+                || txn.xid.as_ref().is_some_and(|x| known.contains(x))
+            {
+                assigned.push((0, txn)); // sequenced already: only its memberships matter now
+                continue;
             }
             if txn.count == 0 {
                 assigned.push((0, txn));
@@ -425,6 +490,14 @@ impl Session<'_> {
         // Persisted: now clients may see these ids.
         let mut batch = vec![];
         for (first, txn) in &assigned {
+            if *first == 0 {
+                batch.push(Published {
+                    last_sync_id: 0,
+                    deltas: vec![],
+                    memberships: txn.memberships.clone(),
+                });
+                continue;
+            }
             if txn.large {
                 self.hub.publish(&std::mem::take(&mut batch));
                 self.publish_large(*first, txn).await?;
