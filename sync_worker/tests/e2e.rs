@@ -20,7 +20,12 @@ struct Worker {
 
 impl Worker {
     fn start(cluster: &Cluster, db: &str, port: u16) -> Worker {
+        Self::start_with(cluster, db, port, &[])
+    }
+
+    fn start_with(cluster: &Cluster, db: &str, port: u16, env: &[(&str, &str)]) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+            .envs(env.iter().copied())
             .env("DATABASE_URL", cluster.url(db))
             .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
             .env("SYNC_JWT_SECRET", SECRET)
@@ -30,6 +35,19 @@ impl Worker {
             .spawn()
             .expect("start sync_worker");
         Worker { child, port }
+    }
+
+    /// SIGTERM, and the exit status once it has drained.
+    fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     fn kill9(&mut self) {
@@ -557,5 +575,56 @@ async fn actions_from_before_the_slot_are_sequenced_once() {
         .get(0)
     });
     assert_eq!(rows, 8);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_large", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    // A transaction buffer of 50 actions forces the page-by-page path for bigger transactions.
+    let mut worker = Worker::start_with(&cluster, "app", port, &[("SYNC_TXN_BUFFER", "50")]);
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "anyone").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO announcements SELECT g, 'bulk' FROM generate_series(1, 3000) g");
+    exec(&mut db, "INSERT INTO announcements VALUES (5000, 'small')");
+    let got = collect(&mut ws, |g| g.len() >= 3001).await;
+    let ids: Vec<i64> = got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=3001).collect::<Vec<_>>());
+    assert_eq!(got[2999]["modelId"], "3000");
+    assert_eq!(got[3000]["modelId"], "5000");
+
+    // A dropped replication connection: the worker reconnects and nothing is lost.
+    exec(&mut db, "SELECT pg_terminate_backend(pid) FROM pg_stat_replication");
+    exec(&mut db, "INSERT INTO announcements VALUES (5001, 'after drop')");
+    let got = collect(&mut ws, |g| !g.is_empty()).await;
+    assert_eq!(got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect::<Vec<_>>(), [3002]);
+
+    // SIGTERM: sessions are told to resume, the worker exits cleanly, and a restart goes on.
+    let status = tokio::task::block_in_place(|| worker.terminate());
+    assert_eq!(status, Some(0), "a clean exit after SIGTERM");
+    let frame = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some((u16::from(f.code), f.reason.to_string())),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    let (code, reason) = frame.expect("a close frame");
+    assert_eq!(code, 1001);
+    assert!(reason.contains("resume after 3002"), "{reason}");
+    exec(&mut db, "INSERT INTO announcements VALUES (5002, 'while down')");
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "anyone").await;
+    let (frames, through) = subscribe(&mut ws, 3002).await;
+    assert_eq!(frames.iter().map(|f| f["syncId"].as_i64().unwrap()).collect::<Vec<_>>(), [3003]);
+    assert_eq!(through, 3003);
     tokio::task::block_in_place(|| drop(db));
 }
