@@ -39,7 +39,9 @@ impl Worker {
 
     /// SIGTERM, and the exit status once it has drained.
     fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -588,7 +590,10 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     worker.wait_healthy().await;
     let mut ws = connect(port, "anyone").await;
     subscribe(&mut ws, 0).await;
-    exec(&mut db, "INSERT INTO announcements SELECT g, 'bulk' FROM generate_series(1, 3000) g");
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'bulk' FROM generate_series(1, 3000) g",
+    );
     exec(&mut db, "INSERT INTO announcements VALUES (5000, 'small')");
     let got = collect(&mut ws, |g| g.len() >= 3001).await;
     let ids: Vec<i64> = got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect();
@@ -597,10 +602,21 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     assert_eq!(got[3000]["modelId"], "5000");
 
     // A dropped replication connection: the worker reconnects and nothing is lost.
-    exec(&mut db, "SELECT pg_terminate_backend(pid) FROM pg_stat_replication");
-    exec(&mut db, "INSERT INTO announcements VALUES (5001, 'after drop')");
+    exec(
+        &mut db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication",
+    );
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (5001, 'after drop')",
+    );
     let got = collect(&mut ws, |g| !g.is_empty()).await;
-    assert_eq!(got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect::<Vec<_>>(), [3002]);
+    assert_eq!(
+        got.iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [3002]
+    );
 
     // SIGTERM: sessions are told to resume, the worker exits cleanly, and a restart goes on.
     let status = tokio::task::block_in_place(|| worker.terminate());
@@ -608,7 +624,9 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     let frame = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some((u16::from(f.code), f.reason.to_string())),
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some((u16::from(f.code), f.reason.to_string()))
+                }
                 Some(Ok(_)) => continue,
                 _ => return None,
             }
@@ -619,12 +637,163 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     let (code, reason) = frame.expect("a close frame");
     assert_eq!(code, 1001);
     assert!(reason.contains("resume after 3002"), "{reason}");
-    exec(&mut db, "INSERT INTO announcements VALUES (5002, 'while down')");
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (5002, 'while down')",
+    );
     let worker = Worker::start(&cluster, "app", port);
     worker.wait_healthy().await;
     let mut ws = connect(port, "anyone").await;
     let (frames, through) = subscribe(&mut ws, 3002).await;
-    assert_eq!(frames.iter().map(|f| f["syncId"].as_i64().unwrap()).collect::<Vec<_>>(), [3003]);
+    assert_eq!(
+        frames
+            .iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [3003]
+    );
     assert_eq!(through, 3003);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Group isolation as a property: random memberships, writes and membership changes, applied in
+/// one commit order; every user must receive exactly the deltas of the groups it is in at each
+/// delta's position in that order, plus global ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_isolation_holds_under_random_memberships_and_writes() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_prop", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(&mut db, "DELETE FROM pg_sync.group_memberships");
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let users = ["u0", "u1", "u2", "u3", "u4", "u5"];
+    let groups = ["g0", "g1", "g2", "g3"];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut member: std::collections::HashSet<(usize, usize)> = Default::default();
+    for u in 0..users.len() {
+        for g in 0..groups.len() {
+            if rnd(2) == 0 {
+                member.insert((u, g));
+                exec(
+                    &mut db,
+                    &format!("SELECT pg_sync.add_member('{}', '{}')", users[u], groups[g]),
+                );
+            }
+        }
+    }
+    let mut sockets = vec![];
+    for u in users {
+        let mut ws = connect(port, u).await;
+        subscribe(&mut ws, 0).await;
+        sockets.push(ws);
+    }
+    let mut expected: Vec<Vec<String>> = vec![vec![]; users.len()];
+    let mut rows: std::collections::HashMap<i32, usize> = Default::default(); // id -> group
+    let mut deliver =
+        |member: &std::collections::HashSet<(usize, usize)>, action: &str, id: i32, g: usize| {
+            for (u, exp) in expected.iter_mut().enumerate() {
+                if member.contains(&(u, g)) {
+                    exp.push(format!("{action}:{id}:{}", groups[g]));
+                }
+            }
+        };
+    for step in 0..120 {
+        match rnd(6) {
+            0 => {
+                let (u, g) = (rnd(users.len()), rnd(groups.len()));
+                let joined = member.insert((u, g));
+                if !joined {
+                    member.remove(&(u, g));
+                    exec(
+                        &mut db,
+                        &format!(
+                            "SELECT pg_sync.remove_member('{}', '{}')",
+                            users[u], groups[g]
+                        ),
+                    );
+                } else {
+                    exec(
+                        &mut db,
+                        &format!("SELECT pg_sync.add_member('{}', '{}')", users[u], groups[g]),
+                    );
+                }
+            }
+            1 | 2 => {
+                let g = rnd(groups.len());
+                exec(
+                    &mut db,
+                    &format!("INSERT INTO todos VALUES ({step}, 't', '{}')", groups[g]),
+                );
+                rows.insert(step, g);
+                deliver(&member, "I", step, g);
+            }
+            3 if !rows.is_empty() => {
+                let id = *rows.keys().nth(rnd(rows.len())).unwrap();
+                exec(
+                    &mut db,
+                    &format!("UPDATE todos SET title = 'u{step}' WHERE id = {id}"),
+                );
+                deliver(&member, "U", id, rows[&id]);
+            }
+            4 if !rows.is_empty() => {
+                let id = *rows.keys().nth(rnd(rows.len())).unwrap();
+                let (from, to) = (rows[&id], rnd(groups.len()));
+                exec(
+                    &mut db,
+                    &format!(
+                        "UPDATE todos SET project = '{}' WHERE id = {id}",
+                        groups[to]
+                    ),
+                );
+                if from != to {
+                    deliver(&member, "D", id, from);
+                    deliver(&member, "I", id, to);
+                    rows.insert(id, to);
+                }
+            }
+            5 if !rows.is_empty() => {
+                let id = *rows.keys().nth(rnd(rows.len())).unwrap();
+                exec(&mut db, &format!("DELETE FROM todos WHERE id = {id}"));
+                deliver(&member, "D", id, rows.remove(&id).unwrap());
+            }
+            _ => {}
+        }
+    }
+    exec(&mut db, "INSERT INTO announcements VALUES (999, 'fence')");
+    for (u, ws) in sockets.iter_mut().enumerate() {
+        let got = collect(ws, |g| {
+            g.last().is_some_and(|f| f["model"] == "announcements")
+        })
+        .await;
+        assert_eq!(
+            got.last().map(|f| f["modelId"].clone()),
+            Some(json!("999")),
+            "{} never saw the fence",
+            users[u]
+        );
+        let got: Vec<String> = got[..got.len() - 1]
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}:{}:{}",
+                    f["action"].as_str().unwrap(),
+                    f["modelId"].as_str().unwrap(),
+                    f["groupId"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(got, expected[u], "deliveries of {}", users[u]);
+    }
+    assert!(
+        expected.iter().map(Vec::len).sum::<usize>() > 50,
+        "the run exercised too little"
+    );
     tokio::task::block_in_place(|| drop(db));
 }
