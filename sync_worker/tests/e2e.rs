@@ -677,13 +677,13 @@ async fn group_isolation_holds_under_random_memberships_and_writes() {
         (seed % n as u64) as usize
     };
     let mut member: std::collections::HashSet<(usize, usize)> = Default::default();
-    for u in 0..users.len() {
-        for g in 0..groups.len() {
+    for (u, user) in users.iter().enumerate() {
+        for (g, group) in groups.iter().enumerate() {
             if rnd(2) == 0 {
                 member.insert((u, g));
                 exec(
                     &mut db,
-                    &format!("SELECT pg_sync.add_member('{}', '{}')", users[u], groups[g]),
+                    &format!("SELECT pg_sync.add_member('{user}', '{group}')"),
                 );
             }
         }
