@@ -233,6 +233,33 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer) FROM PUBLIC;
 
+-- API keys: the key is returned once and never stored; clients send it as the bearer token.
+CREATE FUNCTION pg_sync.create_api_key(user_id text, label text DEFAULT NULL, OUT id uuid, OUT key text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF user_id IS NULL OR user_id = '' THEN
+        RAISE EXCEPTION 'user_id must not be empty'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the id of the user the key acts for.';
+    END IF;
+    key := 'pgs_' || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO pg_sync.api_keys (user_id, key_hash, label)
+    VALUES (user_id, sha256(convert_to(key, 'UTF8')), label)
+    RETURNING api_keys.id INTO id;
+END
+$$;
+
+CREATE FUNCTION pg_sync.revoke_api_key(id uuid) RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH d AS (DELETE FROM pg_sync.api_keys k WHERE k.id = revoke_api_key.id RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d)
+$$;
+REVOKE ALL ON FUNCTION pg_sync.create_api_key(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.revoke_api_key(uuid) FROM PUBLIC;
+
 CREATE FUNCTION pg_sync.hlc_to_timestamptz(hlc bigint) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT pg_catalog.to_timestamp(((hlc >> 16)::numeric) / 1000) $$;

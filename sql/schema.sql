@@ -79,6 +79,16 @@ CREATE TABLE pg_sync.group_memberships (
 );
 CREATE INDEX group_memberships_group_idx ON pg_sync.group_memberships (group_id);
 
+-- Revocable API keys for clients that do not use JWTs. Only a hash is stored; revoking deletes
+-- the row, which the worker sees in the replication stream and closes that key's sessions.
+CREATE TABLE pg_sync.api_keys (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    text NOT NULL CHECK (user_id <> ''),
+    key_hash   bytea NOT NULL UNIQUE,
+    label      text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE pg_sync.client_transactions (
     client_id    text NOT NULL,
     client_tx_id uuid NOT NULL,
@@ -93,6 +103,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.row_state', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.commit_order', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.api_keys', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
 -- Anyone may see the schema (and call what is granted); its tables stay private.

@@ -6,6 +6,7 @@
 //! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
 
 use crate::delta::Delta;
+use crate::protocol::close;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,8 @@ pub struct Published {
     pub last_sync_id: i64,
     pub deltas: Vec<Arc<Delta>>,
     pub memberships: Vec<MembershipChange>,
+    /// API keys revoked by this transaction: their sessions are closed.
+    pub revoked_keys: Vec<String>,
 }
 
 /// Why the hub dropped a subscriber.
@@ -56,6 +59,7 @@ pub struct Subscription {
 
 struct Sub {
     user: String,
+    key: Option<String>,
     tx: mpsc::Sender<Outbound>,
     live: bool,
     cutoff: Arc<Mutex<Option<Cutoff>>>,
@@ -129,8 +133,9 @@ impl Hub {
         self.lock().subs.len()
     }
 
-    /// Registers a subscriber (not live yet). Returns whether the user's groups must be loaded.
-    pub fn register(&self, user: &str) -> (Subscription, bool) {
+    /// Registers a subscriber (not live yet), authenticated by `key` when it used an API key.
+    /// Returns whether the user's groups must be loaded.
+    pub fn register(&self, user: &str, key: Option<&str>) -> (Subscription, bool) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.queue);
         let cutoff = Arc::new(Mutex::new(None));
@@ -146,6 +151,7 @@ impl Hub {
             id,
             Sub {
                 user: user.to_owned(),
+                key: key.map(str::to_owned),
                 tx,
                 live: false,
                 cutoff: cutoff.clone(),
@@ -233,6 +239,23 @@ impl Hub {
             for m in &txn.memberships {
                 apply_membership(&mut st, m);
             }
+            for key in &txn.revoked_keys {
+                let ids: Vec<u64> = st
+                    .subs
+                    .iter()
+                    .filter(|(_, s)| s.key.as_deref() == Some(key))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    if let Some(sub) = st.subs.get(&id) {
+                        *sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cutoff {
+                            code: close::REVOKED,
+                            reason: "api key revoked".into(),
+                        });
+                    }
+                    remove_sub(&mut st, id);
+                }
+            }
             for delta in &txn.deltas {
                 self.metrics
                     .deltas_published
@@ -290,7 +313,7 @@ impl Hub {
                     let mut c = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner());
                     if c.is_none() {
                         *c = Some(Cutoff {
-                            code: 4008,
+                            code: close::SLOW_CONSUMER,
                             reason: "slow consumer".into(),
                         });
                         self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
@@ -383,13 +406,14 @@ mod tests {
             last_sync_id: id,
             deltas,
             memberships,
+            revoked_keys: vec![],
         }
     }
 
     #[test]
     fn delivers_by_group_and_membership_in_commit_order() {
         let hub = Hub::new(16, 0);
-        let (mut alice, load) = hub.register("alice");
+        let (mut alice, load) = hub.register("alice", None);
         assert!(load);
         hub.set_groups("alice", vec!["a".into()]);
         assert!(hub.go_live(alice.id, 0));
@@ -432,7 +456,7 @@ mod tests {
     #[test]
     fn go_live_refuses_after_a_publish_and_slow_consumers_are_cut() {
         let hub = Hub::new(2, 10);
-        let (sub, _) = hub.register("u");
+        let (sub, _) = hub.register("u", None);
         hub.set_groups("u", vec!["g".into()]);
         hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
         assert!(
@@ -454,7 +478,7 @@ mod tests {
     #[test]
     fn changes_while_loading_apply_after_the_load() {
         let hub = Hub::new(8, 0);
-        let (_sub, load) = hub.register("u");
+        let (_sub, load) = hub.register("u", None);
         assert!(load);
         let m = |g: &str, joined| MembershipChange {
             user_id: "u".into(),

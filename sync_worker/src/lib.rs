@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod delta;
 pub mod hub;
+pub mod protocol;
 pub mod replication;
 
 use std::sync::Arc;

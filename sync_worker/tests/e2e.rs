@@ -797,3 +797,78 @@ async fn group_isolation_holds_under_random_memberships_and_writes() {
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_work_and_revocation_closes_live_sessions() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_keys", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let (id, key): (String, String) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice', 'laptop')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    let stored: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT count(*) FROM pg_sync.api_keys WHERE key_hash::text LIKE '%' || $1 || '%'",
+            &[&key],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert_eq!(stored, 0, "the key itself is never stored");
+    let with_key = |k: &str| {
+        let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {k}").parse().unwrap());
+        req
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(with_key(&key))
+        .await
+        .expect("api key accepted");
+    subscribe(&mut ws, 0).await;
+    let mut jwt_session = connect(port, "alice").await;
+    subscribe(&mut jwt_session, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'x', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+
+    let revoked_at = Instant::now();
+    exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(4401));
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        revoked_at.elapsed()
+    );
+    match tokio_tungstenite::connect_async(with_key(&key)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("a revoked key must be refused, got {:?}", other.map(|_| ())),
+    }
+    // The same user's JWT session is unaffected.
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'y', 'p1')");
+    let got = collect(&mut jwt_session, |g| g.len() >= 2).await;
+    assert_eq!(summary(&got), ["todos:I:1", "todos:I:2"]);
+    tokio::task::block_in_place(|| drop(db));
+}

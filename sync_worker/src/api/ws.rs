@@ -19,16 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Close codes (4000-4999 are ours).
-pub mod close {
-    pub const HEARTBEAT: u16 = 4000;
-    pub const BAD_INPUT: u16 = 4400;
-    pub const CURSOR_AHEAD: u16 = 4409;
-    pub const SLOW_CONSUMER: u16 = 4008;
-    pub const INTERNAL: u16 = 1011;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const TOO_BIG: u16 = 1009;
-}
+use crate::protocol::close;
 
 const REPLAY_SPAN: i64 = 5_000;
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -46,21 +37,55 @@ pub async fn upgrade(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned)
         .or_else(|| query.get("token").cloned());
-    let user = match token.as_deref().map(|t| app.verifier.verify(t)) {
-        Some(Ok(user)) => user,
-        Some(Err(e)) => return error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
-        None => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing_token",
-                "send Authorization: Bearer <jwt> or ?token=",
-            )
+    let Some(token) = token else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <jwt or api key> or ?token=",
+        );
+    };
+    let (user, key) = if token.starts_with("pgs_") {
+        match api_key_user(&app, &token).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key",
+                    "unknown or revoked API key",
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "api key lookup failed");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "cannot check the API key now; retry",
+                );
+            }
+        }
+    } else {
+        match app.verifier.verify(&token) {
+            Ok(user) => (user, None),
+            Err(e) => return error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
         }
     };
     let max = app.cfg.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(app, user, socket))
+        .on_upgrade(move |socket| session(app, user, key, socket))
+}
+
+/// The (user, key id) of a live API key.
+async fn api_key_user(app: &App, token: &str) -> Result<Option<(String, Option<String>)>, String> {
+    let db = app.db.get().await.map_err(|e| e.to_string())?;
+    let row = db
+        .query_opt(
+            "SELECT user_id, id::text FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
+            &[&token],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.map(|r| (r.get(0), Some(r.get(1)))))
 }
 
 #[derive(Deserialize)]
@@ -96,8 +121,8 @@ impl Drop for Registration<'_> {
     }
 }
 
-async fn session(app: Arc<App>, user: String, mut socket: WebSocket) {
-    let (mut sub, must_load) = app.hub.register(&user);
+async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: WebSocket) {
+    let (mut sub, must_load) = app.hub.register(&user, key.as_deref());
     let _registration = Registration(&app, sub.id);
     if must_load {
         let loaded = match app.db.get().await {

@@ -82,12 +82,22 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .is_none()
     {
         let sql = format!(
-            "CREATE PUBLICATION \"{}\" FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships \
+            "CREATE PUBLICATION \"{}\" FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys \
              WITH (publish = 'insert, delete')",
             cfg.publication.replace('"', "\"\"")
         );
         db.batch_execute(&sql).await?;
         tracing::info!(publication = %cfg.publication, "created publication");
+    } else if db
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = 'api_keys'",
+            &[&cfg.publication],
+        )
+        .await?
+        .is_none()
+    {
+        let sql = format!("ALTER PUBLICATION \"{}\" ADD TABLE pg_sync.api_keys", cfg.publication.replace('"', "\"\""));
+        db.batch_execute(&sql).await?;
     }
     match db
         .query_opt(
@@ -158,6 +168,7 @@ struct OpenTxn {
     large: bool,
     xid: Option<String>,
     memberships: Vec<MembershipChange>,
+    revoked_keys: Vec<String>,
 }
 
 struct ReadyTxn {
@@ -169,6 +180,7 @@ struct ReadyTxn {
     large: bool,
     xid: Option<String>,
     memberships: Vec<MembershipChange>,
+    revoked_keys: Vec<String>,
 }
 
 struct Session<'a> {
@@ -278,6 +290,7 @@ async fn session(
                     large: false,
                     xid: None,
                     memberships: vec![],
+                    revoked_keys: vec![],
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -306,6 +319,7 @@ async fn session(
                     large: txn.large,
                     xid: txn.xid,
                     memberships: txn.memberships,
+                    revoked_keys: txn.revoked_keys,
                 });
                 s.pending_since.get_or_insert_with(Instant::now);
                 if s.pending_actions >= FLUSH_ACTIONS {
@@ -365,7 +379,7 @@ impl Session<'_> {
             self.hub.publish(&[Published {
                 last_sync_id: after,
                 deltas,
-                memberships: vec![],
+                ..Default::default()
             }]);
         }
         self.next_sync_id = last + 1;
@@ -408,10 +422,12 @@ impl Session<'_> {
                     _ => {}
                 }
             }
-            Message::Delete { relation, key }
-                if relation.namespace == "pg_sync" && relation.name == "group_memberships" =>
-            {
-                txn.memberships.extend(membership(&key, false));
+            Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
+                match relation.name.as_str() {
+                    "group_memberships" => txn.memberships.extend(membership(&key, false)),
+                    "api_keys" => txn.revoked_keys.extend(key.get("id").cloned().flatten()),
+                    _ => {}
+                }
             }
             _ => {}
         }
@@ -495,6 +511,7 @@ impl Session<'_> {
                     last_sync_id: 0,
                     deltas: vec![],
                     memberships: txn.memberships.clone(),
+                    revoked_keys: txn.revoked_keys.clone(),
                 });
                 continue;
             }
@@ -530,6 +547,7 @@ impl Session<'_> {
                 last_sync_id: last,
                 deltas,
                 memberships: txn.memberships.clone(),
+                revoked_keys: txn.revoked_keys.clone(),
             });
         }
         self.hub.publish(&batch);
@@ -556,6 +574,7 @@ impl Session<'_> {
         let last = first + txn.count as i64 - 1;
         let mut after = first - 1;
         let mut memberships = txn.memberships.clone();
+        let mut revoked = txn.revoked_keys.clone();
         while after < last {
             let span = LARGE_PAGE.min((last - after) as i32);
             let deltas = changes(&self.db, after, None, span).await?;
@@ -564,6 +583,7 @@ impl Session<'_> {
                 last_sync_id: after,
                 deltas,
                 memberships: std::mem::take(&mut memberships),
+                revoked_keys: std::mem::take(&mut revoked),
             }]);
         }
         Ok(())
