@@ -212,25 +212,6 @@ impl Hub {
         remove_sub(&mut st, id);
     }
 
-    /// Drops every subscription of a user (e.g. a revoked key), with a reason.
-    pub fn cut_user(&self, user: &str, code: u16, reason: &str) {
-        let mut st = self.lock();
-        let ids: Vec<u64> = st
-            .users
-            .get(user)
-            .map(|u| u.subs.iter().copied().collect())
-            .unwrap_or_default();
-        for id in ids {
-            if let Some(sub) = st.subs.get(&id) {
-                *sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cutoff {
-                    code,
-                    reason: reason.to_owned(),
-                });
-            }
-            remove_sub(&mut st, id);
-        }
-    }
-
     /// Delivers sequenced transactions, in order, to live subscribers.
     pub fn publish(&self, batch: &[Published]) {
         let mut st = self.lock();
