@@ -41,3 +41,4 @@ bench: install
 	cargo build --release -p sync_worker
 	bash bench/write_overhead.sh
 	bash bench/tail.sh
+	bash bench/fanout.sh

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::protocol::close;
 
 const REPLAY_SPAN: i64 = 5_000;
+const SOCKET_BUFFER: usize = 4 * 1024;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const MAX_BAD_MESSAGES: u32 = 20;
 
@@ -70,8 +71,11 @@ pub async fn upgrade(
         }
     };
     let max = app.cfg.max_message_bytes;
+    // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| session(app, user, key, socket))
 }
 

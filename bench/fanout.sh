@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Fan-out: FANOUT_SUBS WebSocket subscribers (default 10000) over FANOUT_GROUPS groups (100), and
+# FANOUT_RATE single-row commits per second (1000) spread over the groups, so
+# RATE * SUBS / GROUPS deliveries per second are offered (100,000 by default). The load generator
+# is a separate process; it measures commit-to-receive latency from a timestamp written with each
+# row. Reports deliveries/s against the offered rate, p50/p99, and worker memory per idle
+# subscriber. Knob: FANOUT_SECONDS (60).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/scripts/cluster.sh"
+subs=${FANOUT_SUBS:-10000}
+groups=${FANOUT_GROUPS:-100}
+rate=${FANOUT_RATE:-1000}
+secs=${FANOUT_SECONDS:-60}
+cargo build --release -q -p sync_worker -p pg_sync_bench
+worker="$here/target/release/sync_worker"
+load="$here/target/release/fanout_load"
+ulimit -n "$(ulimit -Hn)"
+
+work=$(mktemp -d /tmp/pg_sync_fanout.XXXXXX)
+chmod 755 "$work"
+port=$(free_port)
+wport=$(free_port)
+cleanup() {
+  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
+  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
+  cluster_stop "$work/pg" immediate; rm -rf "$work"
+}
+trap cleanup EXIT
+cluster_init "$work/pg" "$port" "shared_buffers = '512MB'"
+cluster_start "$work/pg"
+psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+psql_b -d postgres -c "CREATE DATABASE bench"
+psql_b -d bench <<SQL
+CREATE EXTENSION pg_sync;
+CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
+SELECT pg_sync.register_table('events', group_column => 'grp');
+INSERT INTO pg_sync.group_memberships (user_id, group_id)
+SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i;
+SQL
+
+DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=bench" SYNC_LISTEN="127.0.0.1:$wport" \
+  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
+wpid=$!
+echo $wpid >"$work/worker.pid"
+until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done
+rss() { awk '/VmRSS/ {print $2}' "/proc/$wpid/status"; }
+rss0=$(rss)
+
+mkfifo "$work/go"
+"$load" "$wport" bench "$subs" "$secs" <"$work/go" >"$work/load.out" &
+load_pid=$!
+exec 3>"$work/go"
+until grep -q READY "$work/load.out"; do sleep 0.2; done
+sleep 2
+rss1=$(rss)
+printf '\\set g random(0, %d)\nINSERT INTO events (grp, ts) VALUES (%s, extract(epoch FROM clock_timestamp()) * 1000);\n' \
+  "$((groups - 1))" "'g' || :g" >"$work/write.sql"
+echo go >&3
+"$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c 4 -j 2 -R "$rate" -T "$((secs + 2))" \
+  -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1 &
+pg_pid=$!
+peak=$rss1
+for _ in $(seq 1 "$secs"); do sleep 1; r=$(rss); [ "$r" -gt "$peak" ] && peak=$r; done
+wait "$load_pid" || true
+load_pid=
+wait "$pg_pid" || true
+result=$(grep '^{' "$work/load.out")
+tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/pgbench.out" | head -1)
+
+report=$(python3 - <<PY
+import json
+r = json.loads('''$result''')
+offered = $rate * $subs / $groups
+print(f"## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/fanout.sh\` (FANOUT_SUBS=$subs FANOUT_GROUPS=$groups FANOUT_RATE=$rate FANOUT_SECONDS=$secs)")
+print()
+print("Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; Postgres, the worker, pgbench and the load generator share it.")
+print()
+print("| measure | value |")
+print("|---|---|")
+print(f"| commits/s written (pgbench -R $rate) | {float('${tps:-0}'):,.0f} |")
+print(f"| deliveries/s offered (commits/s x $subs / $groups) | {offered:,.0f} |")
+print(f"| deliveries/s received | {r['deliveries_per_s']:,.0f} |")
+print(f"| received / offered | {r['deliveries_per_s'] / offered:.2f} |")
+print(f"| commit-to-receive p50 / p99 / p99.9 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['p999_ms']:.1f} ms |")
+print(f"| subscribers closed during the run | {r['closed']} |")
+print(f"| worker RSS: empty / {$subs} idle subscribers / peak under load | {$rss0/1024:.0f} / {$rss1/1024:.0f} / {$peak/1024:.0f} MiB |")
+print(f"| worker memory per idle subscriber | {($rss1 - $rss0) * 1024 / $subs / 1024:.1f} KiB |")
+PY
+)
+echo "$report"
+printf '\n%s\n' "$report" >>"$here/bench/RESULTS.md"

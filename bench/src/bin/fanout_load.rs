@@ -1,0 +1,175 @@
+//! Fan-out load: N WebSocket subscribers spread over G groups, each measuring commit-to-receive
+//! latency from the `ts` (unix ms, set at insert) in every delta's data.
+//!
+//! Usage: fanout_load PORT SECRET SUBSCRIBERS SECONDS (user uI is subscriber I; memberships are
+//! set up by the caller)
+//! Prints `READY` once every subscriber is caught up, then waits for a line on stdin to start
+//! measuring for SECONDS, then prints one JSON line with the results.
+
+use futures::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Latency histogram: 0.1 ms buckets up to 10 s.
+const BUCKETS: usize = 100_000;
+
+struct Stats {
+    buckets: Vec<AtomicU64>,
+    deliveries: AtomicU64,
+    measuring: std::sync::atomic::AtomicBool,
+    closed: AtomicU64,
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+fn token(secret: &str, user: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 7200;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The `ts` number inside a delta frame, without a full parse.
+fn ts_of(frame: &str) -> Option<f64> {
+    let at = frame.find("\"ts\":")? + 5;
+    let rest = &frame[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+async fn subscriber(
+    port: u16,
+    secret: Arc<String>,
+    user: String,
+    stats: Arc<Stats>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) {
+    let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token(&secret, &user)).parse().unwrap(),
+    );
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(req.clone()).await {
+            Ok((ws, _)) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    ws.send(Message::Text(r#"{"type":"subscribe","after":0}"#.into()))
+        .await
+        .unwrap();
+    let mut ready = Some(ready);
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Text(t)) => {
+                if let Some(r) = ready.take_if(|_| t.contains("\"caught_up\"")) {
+                    let _ = r.send(()).await;
+                    continue;
+                }
+                if !stats.measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Some(ts) = ts_of(t.as_str()) {
+                    let us = ((now_ms() - ts) * 10.0).max(0.0) as usize;
+                    stats.buckets[us.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+                    stats.deliveries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            _ => {}
+        }
+    }
+    stats.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+fn percentile(stats: &Stats, p: f64) -> f64 {
+    let total: u64 = stats
+        .buckets
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .sum();
+    let want = (total as f64 * p).ceil() as u64;
+    let mut seen = 0;
+    for (i, b) in stats.buckets.iter().enumerate() {
+        seen += b.load(Ordering::Relaxed);
+        if seen >= want && want > 0 {
+            return i as f64 / 10.0;
+        }
+    }
+    f64::NAN
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let port: u16 = args[1].parse().unwrap();
+    let secret = Arc::new(args[2].clone());
+    let subscribers: usize = args[3].parse().unwrap();
+    let seconds: u64 = args[4].parse().unwrap();
+    let stats = Arc::new(Stats {
+        buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        deliveries: AtomicU64::new(0),
+        measuring: false.into(),
+        closed: AtomicU64::new(0),
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel(subscribers);
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..subscribers {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let (secret, stats, tx) = (secret.clone(), stats.clone(), tx.clone());
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(subscriber(port, secret, format!("u{i}"), stats, ready_tx));
+        tokio::spawn(async move {
+            if ready_rx.recv().await.is_some() {
+                let _ = tx.send(()).await;
+            }
+            drop(permit);
+        });
+    }
+    for _ in 0..subscribers {
+        rx.recv().await.unwrap();
+    }
+    println!("READY");
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    stats.measuring.store(true, Ordering::Relaxed);
+    let start = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stats.measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    let deliveries = stats.deliveries.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "deliveries": deliveries,
+            "deliveries_per_s": deliveries as f64 / elapsed,
+            "p50_ms": percentile(&stats, 0.50),
+            "p99_ms": percentile(&stats, 0.99),
+            "p999_ms": percentile(&stats, 0.999),
+            "closed": stats.closed.load(Ordering::Relaxed),
+        })
+    );
+    std::process::exit(0);
+}
