@@ -1,7 +1,7 @@
 //! A sequenced change as clients see it: serialized once, shared by all its recipients.
 
 use serde_json::{json, Value};
-use std::sync::Arc;
+use axum::extract::ws::Utf8Bytes;
 
 #[derive(Debug, Clone)]
 pub struct Delta {
@@ -11,8 +11,8 @@ pub struct Delta {
     pub group_id: Option<String>,
     /// The model has no group column: everyone sees it.
     pub global: bool,
-    /// The protocol v1 `delta` frame.
-    pub frame: Arc<str>,
+    /// The protocol v1 `delta` frame (reference-counted: recipients share the bytes).
+    pub frame: Utf8Bytes,
 }
 
 impl Delta {

@@ -6,6 +6,7 @@
 //! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
 
 use crate::delta::Delta;
+use axum::extract::ws::Utf8Bytes;
 use crate::protocol::close;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 pub enum Outbound {
     Delta {
         sync_id: i64,
-        frame: Arc<str>,
+        frame: Utf8Bytes,
     },
     /// The user joined or left a group (applies from the next delta on).
     Membership {

@@ -13,6 +13,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use futures::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ use crate::protocol::close;
 
 const REPLAY_SPAN: i64 = 5_000;
 const SOCKET_BUFFER: usize = 4 * 1024;
+/// Queued frames written per flush.
+const WRITE_BATCH: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const MAX_BAD_MESSAGES: u32 = 20;
 
@@ -241,15 +244,31 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
             }
             out = sub.rx.recv(), if subscribed => {
                 match out {
-                    Some(Outbound::Delta { sync_id, frame }) => {
-                        if socket.send(Message::Text(Utf8Bytes::from(frame.as_ref()))).await.is_err() {
-                            break;
+                    Some(first) => {
+                        // Everything already queued goes out in one write.
+                        let mut next = Some(first);
+                        let mut batched = 0;
+                        let mut ok = true;
+                        while let Some(out) = next.take() {
+                            let msg = match out {
+                                Outbound::Delta { sync_id, frame } => {
+                                    position = position.max(sync_id);
+                                    Message::Text(frame)
+                                }
+                                Outbound::Membership { group_id, joined } => frame(json!({
+                                    "type": "membership", "groupId": group_id, "joined": joined, "syncId": position
+                                })),
+                            };
+                            if socket.feed(msg).await.is_err() {
+                                ok = false;
+                                break;
+                            }
+                            batched += 1;
+                            if batched < WRITE_BATCH {
+                                next = sub.rx.try_recv().ok();
+                            }
                         }
-                        position = position.max(sync_id);
-                    }
-                    Some(Outbound::Membership { group_id, joined }) => {
-                        let f = frame(json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}));
-                        if socket.send(f).await.is_err() {
+                        if !ok || socket.flush().await.is_err() {
                             break;
                         }
                     }
@@ -307,11 +326,9 @@ async fn replay(
                 .await
                 .map_err(|e| ReplayError::Db(e.to_string()))?;
             for d in deltas {
-                socket
-                    .send(Message::Text(Utf8Bytes::from(d.frame.as_ref())))
-                    .await
-                    .map_err(|_| ReplayError::Socket)?;
+                socket.feed(Message::Text(d.frame.clone())).await.map_err(|_| ReplayError::Socket)?;
             }
+            socket.flush().await.map_err(|_| ReplayError::Socket)?;
             cursor += span as i64;
         }
         if app.hub.go_live(id, through) {
