@@ -1,7 +1,7 @@
 //! A sequenced change as clients see it: serialized once, shared by all its recipients.
 
-use serde_json::{json, Value};
 use axum::extract::ws::Utf8Bytes;
+use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
 pub struct Delta {

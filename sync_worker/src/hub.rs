@@ -6,8 +6,8 @@
 //! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
 
 use crate::delta::Delta;
-use axum::extract::ws::Utf8Bytes;
 use crate::protocol::close;
+use axum::extract::ws::Utf8Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -10,6 +10,7 @@ pub mod delta;
 pub mod hub;
 pub mod protocol;
 pub mod replication;
+pub mod tls;
 
 use std::sync::Arc;
 use tokio::net::TcpListener;

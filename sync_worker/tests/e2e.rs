@@ -872,3 +872,98 @@ async fn api_keys_work_and_revocation_closes_live_sessions() {
     assert_eq!(summary(&got), ["todos:I:1", "todos:I:2"]);
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_scram_for_both_connections() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start_with(
+            "ws_tls",
+            &["ssl = on", "password_encryption = 'scram-sha-256'"],
+            |data| {
+                let ok = Command::new("openssl")
+                    .args([
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-days",
+                        "2",
+                        "-subj",
+                        "/CN=localhost",
+                    ])
+                    .args(["-keyout", "server.key", "-out", "server.crt"])
+                    .current_dir(data)
+                    .output()
+                    .expect("openssl runs");
+                assert!(
+                    ok.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&ok.stderr)
+                );
+                let mut perms = std::fs::metadata(data.join("server.key"))
+                    .unwrap()
+                    .permissions();
+                std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+                std::fs::set_permissions(data.join("server.key"), perms).unwrap();
+                // The worker's role may only come in over TLS with SCRAM.
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\n\
+                 host all postgres 127.0.0.1/32 trust\n\
+                 hostssl all syncer 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication syncer 127.0.0.1/32 scram-sha-256\n",
+                )
+                .unwrap();
+            },
+        )
+    });
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE ROLE syncer LOGIN REPLICATION PASSWORD 'pw-s3cret';
+         GRANT USAGE ON SCHEMA pg_sync TO syncer;
+         GRANT ALL ON ALL TABLES IN SCHEMA pg_sync TO syncer;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pg_sync TO syncer;
+         CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys
+           WITH (publish = 'insert, delete');",
+    );
+    let port = free_port();
+    let url = format!(
+        "host=127.0.0.1 port={} user=syncer password=pw-s3cret dbname=app sslmode=require",
+        cluster.port
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .env("DATABASE_URL", &url)
+        .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SYNC_JWT_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let worker = Worker { child, port };
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'secure', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+    let (encrypted, plain): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'syncer'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert!(
+        encrypted >= 2,
+        "replication and control connections use TLS ({encrypted})"
+    );
+    assert_eq!(plain, 0);
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -46,6 +46,12 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl Cluster {
     /// initdb and start a cluster with pg_sync preloaded and logical WAL, plus `extra` settings.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
+        Self::start_with(name, extra, |_| {})
+    }
+
+    /// Like `start`, running `prepare` on the data directory (as the test user; files are
+    /// handed to the server's user afterwards) before the server starts.
+    pub fn start_with(name: &str, extra: &[&str], prepare: impl FnOnce(&Path)) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "pg_sync_test_{name}_{}_{}",
             std::process::id(),
@@ -100,6 +106,17 @@ impl Cluster {
         text.push_str(&conf.join("\n"));
         text.push('\n');
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        prepare(&data);
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status();
+            assert!(
+                ok.map(|s| s.success()).unwrap_or(false),
+                "chown of the data dir"
+            );
+        }
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
         cluster
     }

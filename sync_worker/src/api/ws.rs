@@ -326,7 +326,10 @@ async fn replay(
                 .await
                 .map_err(|e| ReplayError::Db(e.to_string()))?;
             for d in deltas {
-                socket.feed(Message::Text(d.frame.clone())).await.map_err(|_| ReplayError::Socket)?;
+                socket
+                    .feed(Message::Text(d.frame.clone()))
+                    .await
+                    .map_err(|_| ReplayError::Socket)?;
             }
             socket.flush().await.map_err(|_| ReplayError::Socket)?;
             cursor += span as i64;

@@ -54,13 +54,31 @@ const LARGE_PAGE: i32 = 5_000;
 /// Microseconds between the Unix and Postgres epochs.
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
+/// A control connection. With `sslmode=require` (or `prefer`) the connection is encrypted;
+/// like libpq's `require`, the server certificate is not verified.
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "control connection ended");
-        }
-    });
+    let config: tokio_postgres::Config = url.parse()?;
+    let client = if matches!(
+        config.get_ssl_mode(),
+        tokio_postgres::config::SslMode::Disable
+    ) {
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+        client
+    } else {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(crate::tls::require_config());
+        let (client, conn) = config.connect(tls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+        client
+    };
     Ok(client)
 }
 
@@ -155,8 +173,10 @@ fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SequencerError>
     .with_port(port)
     .with_status_interval(Duration::from_millis(200))
     .with_application_name("pg_sync_worker");
-    if matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-        rc = rc.with_tls(pgwire_replication::TlsConfig::require());
+    match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => {}
+        // The replication connection cannot fall back, so `prefer` asks for TLS too.
+        _ => rc = rc.with_tls(pgwire_replication::TlsConfig::require()),
     }
     Ok(rc)
 }
