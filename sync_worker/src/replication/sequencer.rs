@@ -150,7 +150,8 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
     Ok(())
 }
 
-fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SequencerError> {
+/// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
+fn replication_config(cfg: &Config, encrypted: bool) -> Result<ReplicationConfig, SequencerError> {
     let pg: tokio_postgres::Config = cfg.database_url.parse().map_err(|_| SequencerError::Url)?;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -173,10 +174,14 @@ fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SequencerError>
     .with_port(port)
     .with_status_interval(Duration::from_millis(200))
     .with_application_name("pg_sync_worker");
-    match pg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => {}
-        // The replication connection cannot fall back, so `prefer` asks for TLS too.
-        _ => rc = rc.with_tls(pgwire_replication::TlsConfig::require()),
+    let tls = match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => false,
+        tokio_postgres::config::SslMode::Require => true,
+        // `prefer`: encrypt when the server offered it to the control connection.
+        _ => encrypted,
+    };
+    if tls {
+        rc = rc.with_tls(pgwire_replication::TlsConfig::require());
     }
     Ok(rc)
 }
@@ -277,7 +282,12 @@ async fn session(
     };
     s.load_globals().await?;
     s.sequence_backlog().await?;
-    let mut repl = ReplicationClient::connect(replication_config(cfg)?).await?;
+    let encrypted: bool = s
+        .db
+        .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+        .await?
+        .get(0);
+    let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
     status.streaming.store(true, Ordering::Release);
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
     let mut decoder = Decoder::default();
