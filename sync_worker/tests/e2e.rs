@@ -967,3 +967,63 @@ async fn tls_and_scram_for_both_connections() {
     assert_eq!(plain, 0);
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_then_environment_then_flags() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_config", &[]));
+    let db = setup(&cluster, "app");
+    let (file_port, flag_port) = (free_port(), free_port());
+    let path = cluster.dir.join("worker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"{}\"\nlisten = \"127.0.0.1:{file_port}\"\njwt_secret = \"{SECRET}\"\nsubscriber_queue = 64\n",
+            cluster.url("app")
+        ),
+    )
+    .unwrap();
+    // The file alone is enough.
+    let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worker = Worker {
+        child,
+        port: file_port,
+    };
+    worker.wait_healthy().await;
+    let mut out = worker.child.stdout.take().unwrap();
+    worker.kill9();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut out, &mut logs).unwrap();
+    assert!(logs.contains("starting"), "{logs}");
+    assert!(!logs.contains(SECRET), "the JWT secret was logged");
+    // A flag overrides the file.
+    let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{flag_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let worker = Worker {
+        child,
+        port: flag_port,
+    };
+    worker.wait_healthy().await;
+    // Without any way to authenticate clients the worker refuses to start.
+    let out = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .env("DATABASE_URL", cluster.url("app"))
+        .env_remove("SYNC_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SYNC_JWT_SECRET"));
+    tokio::task::block_in_place(|| drop(db));
+}

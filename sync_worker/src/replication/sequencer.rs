@@ -282,9 +282,11 @@ async fn session(
     };
     s.load_globals().await?;
     s.sequence_backlog().await?;
-    let encrypted: bool = s
-        .db
-        .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+    let encrypted: bool =
+        s.db.query_one(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )
         .await?
         .get(0);
     let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
