@@ -320,6 +320,32 @@ struct Action<'a> {
     moved: bool,
 }
 
+impl<'a> Action<'a> {
+    /// A plain action: every column in its data at `version`, not part of a move.
+    fn new(
+        action: &'static str,
+        model_id: &'a str,
+        row: &'a Row,
+        drop: Vec<String>,
+        version: String,
+        origin: &'a str,
+        group: Option<String>,
+    ) -> Self {
+        Action {
+            action,
+            model_id,
+            row,
+            drop,
+            version,
+            versions: None,
+            origin,
+            group,
+            prev_group: None,
+            moved: false,
+        }
+    }
+}
+
 struct Plans {
     /// Inserts one action row.
     plain: OwnedPreparedStatement,
@@ -587,31 +613,25 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     "Keys are immutable across nodes; delete and insert instead.",
                 );
             }
-            let d = Action {
-                action: "D",
-                model_id: &old_id,
-                row: &old,
-                drop: cfg.drop_non_key.clone(),
-                version: clock::next_version().to_string(),
-                versions: None,
+            let d = Action::new(
+                "D",
+                &old_id,
+                &old,
+                cfg.drop_non_key.clone(),
+                clock::next_version().to_string(),
                 origin,
-                group: old_group,
-                prev_group: None,
-                moved: false,
-            };
+                old_group,
+            );
             write_plain(&cfg, &d, tupdesc);
-            let i = Action {
-                action: "I",
-                model_id: &new_id,
-                row: &new,
-                drop: cfg.drop_excluded.clone(),
-                version: clock::next_version().to_string(),
-                versions: None,
+            let i = Action::new(
+                "I",
+                &new_id,
+                &new,
+                cfg.drop_excluded.clone(),
+                clock::next_version().to_string(),
                 origin,
-                group: new_group,
-                prev_group: None,
-                moved: false,
-            };
+                new_group,
+            );
             write_plain(&cfg, &i, tupdesc);
             return;
         }

@@ -88,6 +88,13 @@ fn tuple(buf: &mut &[u8], relation: &Relation) -> Result<Row, DecodeError> {
 }
 
 impl Decoder {
+    fn relation(&self, oid: u32) -> Result<Relation, DecodeError> {
+        self.relations
+            .get(&oid)
+            .cloned()
+            .ok_or(DecodeError::UnknownRelation(oid))
+    }
+
     pub fn decode(&mut self, data: &[u8]) -> Result<Message, DecodeError> {
         let mut buf = data;
         need(buf, 1)?;
@@ -123,11 +130,7 @@ impl Decoder {
             b'I' => {
                 need(buf, 5)?;
                 let oid = buf.get_u32();
-                let relation = self
-                    .relations
-                    .get(&oid)
-                    .ok_or(DecodeError::UnknownRelation(oid))?
-                    .clone();
+                let relation = self.relation(oid)?;
                 let _new = buf.get_u8();
                 let row = tuple(&mut buf, &relation)?;
                 Ok(Message::Insert { relation, row })
@@ -135,11 +138,7 @@ impl Decoder {
             b'D' => {
                 need(buf, 5)?;
                 let oid = buf.get_u32();
-                let relation = self
-                    .relations
-                    .get(&oid)
-                    .ok_or(DecodeError::UnknownRelation(oid))?
-                    .clone();
+                let relation = self.relation(oid)?;
                 let _kind = buf.get_u8();
                 let key = tuple(&mut buf, &relation)?;
                 Ok(Message::Delete { relation, key })

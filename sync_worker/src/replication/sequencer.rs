@@ -403,17 +403,7 @@ impl Session<'_> {
             .await?
             .get(0);
         tracing::info!(transactions = n, first, last, "sequenced backlog");
-        let mut after = first - 1;
-        while after < last {
-            let span = LARGE_PAGE.min((last - after) as i32);
-            let deltas = changes(&self.db, after, None, span).await?;
-            after += span as i64;
-            self.hub.publish(&[Published {
-                last_sync_id: after,
-                deltas,
-                ..Default::default()
-            }]);
-        }
+        self.publish_from_db(first, last, vec![], vec![]).await?;
         self.next_sync_id = last + 1;
         Ok(())
     }
@@ -604,9 +594,25 @@ impl Session<'_> {
     /// Publishes a transaction too large to hold, page by page from the database.
     async fn publish_large(&mut self, first: i64, txn: &ReadyTxn) -> Result<(), SequencerError> {
         let last = first + txn.count as i64 - 1;
+        self.publish_from_db(
+            first,
+            last,
+            txn.memberships.clone(),
+            txn.revoked_keys.clone(),
+        )
+        .await
+    }
+
+    /// Publishes the persisted sync ids `first..=last`, read back page by page; the membership
+    /// changes and revocations ride on the first page.
+    async fn publish_from_db(
+        &self,
+        first: i64,
+        last: i64,
+        mut memberships: Vec<MembershipChange>,
+        mut revoked_keys: Vec<String>,
+    ) -> Result<(), SequencerError> {
         let mut after = first - 1;
-        let mut memberships = txn.memberships.clone();
-        let mut revoked = txn.revoked_keys.clone();
         while after < last {
             let span = LARGE_PAGE.min((last - after) as i32);
             let deltas = changes(&self.db, after, None, span).await?;
@@ -615,7 +621,7 @@ impl Session<'_> {
                 last_sync_id: after,
                 deltas,
                 memberships: std::mem::take(&mut memberships),
-                revoked_keys: std::mem::take(&mut revoked),
+                revoked_keys: std::mem::take(&mut revoked_keys),
             }]);
         }
         Ok(())
