@@ -1027,3 +1027,138 @@ async fn config_file_then_environment_then_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("SYNC_JWT_SECRET"));
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// A GET with headers; returns (status, body).
+async fn http_get_with(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_endpoint_pages_and_sse_resumes() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("http_reads", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'b', 'p2'), (3, 'c', 'p1');
+         INSERT INTO announcements VALUES (1, 'all');
+         INSERT INTO todos VALUES (4, 'd', 'p1');",
+    );
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("alice", 3600, SECRET)),
+    )];
+    // Wait until everything is sequenced.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get_with(port, "/sync/deltas?after=0&limit=100", &auth).await;
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if v["lastSyncId"] == 5 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = http_get_with(port, "/sync/deltas?after=0&limit=2", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        summary(page["deltas"].as_array().unwrap()),
+        ["todos:I:1", "todos:I:3"]
+    );
+    assert_eq!(page["hasMore"], true);
+    let next = page["lastSyncId"].as_i64().unwrap();
+    let (_, body) =
+        http_get_with(port, &format!("/sync/deltas?after={next}&limit=100"), &auth).await;
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        summary(page["deltas"].as_array().unwrap()),
+        ["announcements:I:1", "todos:I:4"]
+    );
+    assert_eq!(page["hasMore"], false);
+    assert_eq!(page["lastSyncId"], 5);
+    // Errors: status, code and message.
+    for (path, hdrs, want, code) in [
+        ("/sync/deltas?after=0", vec![], 401, "missing_token"),
+        ("/sync/deltas?after=-3", auth.clone(), 400, "bad_cursor"),
+        ("/sync/deltas?after=x", auth.clone(), 400, "bad_cursor"),
+        (
+            "/sync/deltas?after=0&limit=0",
+            auth.clone(),
+            400,
+            "bad_limit",
+        ),
+        ("/sync/deltas?after=999", auth.clone(), 409, "cursor_ahead"),
+    ] {
+        let (status, body) = http_get_with(port, path, &hdrs).await;
+        assert_eq!(status, want, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], code);
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // SSE: resume after sync id 1 with Last-Event-ID, then live.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET /sync/sse?token={} HTTP/1.1\r\nHost: localhost\r\nLast-Event-ID: 1\r\nAccept: text/event-stream\r\n\r\n",
+            token("alice", 3600, SECRET)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = async |s: &mut tokio::net::TcpStream, text: &mut String, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !text.contains(needle) && Instant::now() < deadline {
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    };
+    read_until(&mut s, &mut text, "caught_up").await;
+    assert!(text.contains("text/event-stream"), "{text}");
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, ["3", "4", "5"], "{text}");
+    assert!(!text.contains("\"modelId\":\"2\""), "p2 leaked: {text}");
+    exec(&mut db, "INSERT INTO todos VALUES (5, 'live', 'p1')");
+    read_until(&mut s, &mut text, "id: 6").await;
+    assert!(text.contains("id: 6"), "{text}");
+    tokio::task::block_in_place(|| drop(db));
+}

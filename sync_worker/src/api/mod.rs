@@ -1,5 +1,7 @@
 //! The HTTP side: one port for `WS /sync/ws`, `GET /healthz` and `GET /metrics`.
 
+pub mod http;
+pub mod stream;
 pub mod ws;
 
 use crate::auth::Verifier;
@@ -28,9 +30,74 @@ pub struct App {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/sync/ws", get(ws::upgrade))
+        .route("/sync/deltas", get(http::deltas))
+        .route("/sync/sse", get(http::sse))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(app)
+}
+
+/// Who a request acts for: the user, and the API key it used (if any).
+pub struct Identity {
+    pub user: String,
+    pub key: Option<String>,
+}
+
+/// Authenticates a request from `Authorization: Bearer …` or `?token=`: a JWT, or an API key
+/// (`pgs_…`). Refusals are 401 (503 when the key cannot be checked).
+pub async fn authenticate(
+    app: &App,
+    headers: &axum::http::HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Identity, Response> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.get("token").cloned());
+    let Some(token) = token else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <jwt or api key> or ?token=",
+        ));
+    };
+    if !token.starts_with("pgs_") {
+        return match app.verifier.verify(&token) {
+            Ok(user) => Ok(Identity { user, key: None }),
+            Err(e) => Err(error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string())),
+        };
+    }
+    let found = async {
+        let db = app.db.get().await.map_err(|e| e.to_string())?;
+        db.query_opt(
+            "SELECT user_id, id::text FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
+            &[&token],
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+    .await;
+    match found {
+        Ok(Some(row)) => Ok(Identity {
+            user: row.get(0),
+            key: Some(row.get(1)),
+        }),
+        Ok(None) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "unknown or revoked API key",
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "api key lookup failed");
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "cannot check the API key now; retry",
+            ))
+        }
+    }
 }
 
 /// A JSON error body: `{"code": ..., "message": ...}`.

@@ -6,12 +6,12 @@
 //! message get an `error` frame and harm nobody else; a slow consumer is closed with 4008 and the
 //! sync id to resume after.
 
-use super::{error, App};
+use super::stream::{self, ReplayError};
+use super::{authenticate, App, Identity};
 use crate::hub::Outbound;
-use crate::replication::sequencer;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures::SinkExt;
 use serde::Deserialize;
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::close;
 
-const REPLAY_SPAN: i64 = 5_000;
 const SOCKET_BUFFER: usize = 4 * 1024;
 /// Queued frames written per flush.
 const WRITE_BATCH: usize = 256;
@@ -35,43 +34,9 @@ pub async fn upgrade(
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
-        .or_else(|| query.get("token").cloned());
-    let Some(token) = token else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing_token",
-            "send Authorization: Bearer <jwt or api key> or ?token=",
-        );
-    };
-    let (user, key) = if token.starts_with("pgs_") {
-        match api_key_user(&app, &token).await {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_api_key",
-                    "unknown or revoked API key",
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "api key lookup failed");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "cannot check the API key now; retry",
-                );
-            }
-        }
-    } else {
-        match app.verifier.verify(&token) {
-            Ok(user) => (user, None),
-            Err(e) => return error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
-        }
+    let Identity { user, key } = match authenticate(&app, &headers, &query).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
     };
     let max = app.cfg.max_message_bytes;
     // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
@@ -80,19 +45,6 @@ pub async fn upgrade(
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| session(app, user, key, socket))
-}
-
-/// The (user, key id) of a live API key.
-async fn api_key_user(app: &App, token: &str) -> Result<Option<(String, Option<String>)>, String> {
-    let db = app.db.get().await.map_err(|e| e.to_string())?;
-    let row = db
-        .query_opt(
-            "SELECT user_id, id::text FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
-            &[&token],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(row.map(|r| (r.get(0), Some(r.get(1)))))
 }
 
 #[derive(Deserialize)]
@@ -119,46 +71,11 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: String) {
         .await;
 }
 
-/// Unregisters the subscriber however the session ends.
-struct Registration<'a>(&'a App, u64);
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.0.hub.unregister(self.1);
-    }
-}
-
 async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: WebSocket) {
-    let (mut sub, must_load) = app.hub.register(&user, key.as_deref());
-    let _registration = Registration(&app, sub.id);
-    if must_load {
-        let loaded = match app.db.get().await {
-            Ok(db) => db
-                .query(
-                    "SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1",
-                    &[&user],
-                )
-                .await
-                .map(|rows| {
-                    rows.iter()
-                        .map(|r| r.get::<_, String>(0))
-                        .collect::<Vec<_>>()
-                }),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot load memberships");
-                close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
-                return;
-            }
-        };
-        match loaded {
-            Ok(groups) => app.hub.set_groups(&user, groups),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot load memberships");
-                close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
-                return;
-            }
-        }
-    }
+    let Some((mut sub, _registration)) = stream::register(&app, &user, key.as_deref()).await else {
+        close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
+        return;
+    };
     let mut shutdown = app.shutdown.clone();
     let mut subscribed = false;
     // The sync id this client can resume after.
@@ -201,13 +118,24 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
                                 }
-                                match replay(&app, &user, sub.id, after, &mut socket).await {
+                                let sent = async {
+                                    let mut replay = stream::Replay::start(&app, &user, sub.id, after).await?;
+                                    while let Some(page) = replay.next_page().await? {
+                                        for d in page {
+                                            socket.feed(Message::Text(d.frame.clone())).await.map_err(|_| ReplayError::Sink)?;
+                                        }
+                                        socket.flush().await.map_err(|_| ReplayError::Sink)?;
+                                    }
+                                    Ok::<_, ReplayError>(replay.through)
+                                }
+                                .await;
+                                match sent {
                                     Ok(through) => {
                                         subscribed = true;
                                         position = through;
                                         Some(frame(json!({"type": "caught_up", "syncId": through})))
                                     }
-                                    Err(ReplayError::Socket) => break,
+                                    Err(ReplayError::Sink) => break,
                                     Err(ReplayError::Db(e)) => {
                                         tracing::warn!(error = %e, "replay failed");
                                         close_with(&mut socket, close::INTERNAL, "replay failed; retry".into()).await;
@@ -293,49 +221,6 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                 close_with(&mut socket, close::GOING_AWAY, format!("server shutting down; resume after {position}")).await;
                 break;
             }
-        }
-    }
-}
-
-enum ReplayError {
-    Socket,
-    Db(String),
-}
-
-/// Sends everything the user may see after `after` up to the published watermark, then makes the
-/// subscriber live; repeats if more was published meanwhile. Returns the watermark.
-async fn replay(
-    app: &App,
-    user: &str,
-    id: u64,
-    after: i64,
-    socket: &mut WebSocket,
-) -> Result<i64, ReplayError> {
-    let db = app
-        .db
-        .get()
-        .await
-        .map_err(|e| ReplayError::Db(e.to_string()))?;
-    let mut cursor = after;
-    loop {
-        let through = app.hub.published();
-        while cursor < through {
-            let span = REPLAY_SPAN.min(through - cursor) as i32;
-            let groups = app.hub.groups_of(user);
-            let deltas = sequencer::changes(&db, cursor, Some(&groups), span)
-                .await
-                .map_err(|e| ReplayError::Db(e.to_string()))?;
-            for d in deltas {
-                socket
-                    .feed(Message::Text(d.frame.clone()))
-                    .await
-                    .map_err(|_| ReplayError::Socket)?;
-            }
-            socket.flush().await.map_err(|_| ReplayError::Socket)?;
-            cursor += span as i64;
-        }
-        if app.hub.go_live(id, through) {
-            return Ok(through);
         }
     }
 }

@@ -1,0 +1,210 @@
+//! Plain HTTP reads of the stream: `GET /sync/deltas` (a page) and `GET /sync/sse` (Server-Sent
+//! Events with the same subscribe-after-N semantics as the WebSocket; `Last-Event-ID` resumes).
+
+use super::stream::{self, ReplayError};
+use super::{authenticate, error, App, Identity};
+use crate::hub::Outbound;
+use crate::replication::sequencer;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+const PAGE_SPAN: i64 = 5_000;
+const MAX_LIMIT: usize = 10_000;
+
+/// Parses a cursor; `Err` is the 400/409 response.
+fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Response> {
+    let after = match raw {
+        None | Some("") => 0,
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_cursor",
+                    "after must be 0 or a sync id",
+                ))
+            }
+        },
+    };
+    if after > app.hub.published() {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "cursor_ahead",
+            "after is beyond the last sync id; re-bootstrap",
+        ));
+    }
+    Ok(after)
+}
+
+/// `GET /sync/deltas?after=N&limit=M`: `{"deltas": [...], "lastSyncId": L, "hasMore": bool}`;
+/// continue with `after=L`.
+pub async fn deltas(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    let after = match cursor(&app, q.get("after").map(String::as_str)) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let limit = match q.get("limit").map(|s| s.parse::<usize>()) {
+        None => 1_000,
+        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_limit",
+                "limit must be 1 to 10000",
+            )
+        }
+    };
+    let (Some(groups), Ok(db)) = (stream::load_groups(&app, &user).await, app.db.get().await)
+    else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "database unavailable; retry",
+        );
+    };
+    let through = app.hub.published();
+    let mut frames: Vec<String> = vec![];
+    let mut cursor = after;
+    'pages: while cursor < through {
+        let span = PAGE_SPAN.min(through - cursor);
+        let page = match sequencer::changes(&db, cursor, Some(&groups), span as i32).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "deltas read failed");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "database unavailable; retry",
+                );
+            }
+        };
+        for d in page {
+            frames.push(d.frame.as_str().to_owned());
+            if frames.len() == limit {
+                cursor = d.sync_id;
+                break 'pages;
+            }
+        }
+        cursor += span;
+    }
+    let body = format!(
+        "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
+        frames.join(","),
+        cursor < through
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `GET /sync/sse?after=N` (or `Last-Event-ID: N`): the WebSocket's frames as SSE `data:`
+/// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
+pub async fn sse(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Identity { user, key } = match authenticate(&app, &headers, &q).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    let raw = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| q.get("after").cloned());
+    let after = match cursor(&app, raw.as_deref()) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let Some((mut sub, registration)) = stream::register(&app, &user, key.as_deref()).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "database unavailable; retry",
+        );
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
+    let mut shutdown = app.shutdown.clone();
+    tokio::spawn(async move {
+        let _registration = registration;
+        let delta =
+            |sync_id: i64, frame: &str| Event::default().id(sync_id.to_string()).data(frame);
+        let replayed = async {
+            let mut replay = stream::Replay::start(&app, &user, sub.id, after).await?;
+            while let Some(page) = replay.next_page().await? {
+                for d in page {
+                    tx.send(delta(d.sync_id, d.frame.as_str()))
+                        .await
+                        .map_err(|_| ReplayError::Sink)?;
+                }
+            }
+            Ok::<_, ReplayError>(replay.through)
+        }
+        .await;
+        let through = match replayed {
+            Ok(through) => through,
+            Err(ReplayError::Sink) => return,
+            Err(ReplayError::Db(e)) => {
+                tracing::warn!(error = %e, "sse replay failed");
+                let _ = tx
+                    .send(Event::default().data(
+                        r#"{"type":"error","code":"unavailable","message":"replay failed; retry"}"#,
+                    ))
+                    .await;
+                return;
+            }
+        };
+        let caught_up = serde_json::json!({"type": "caught_up", "syncId": through}).to_string();
+        if tx.send(Event::default().data(caught_up)).await.is_err() {
+            return;
+        }
+        let mut position = through;
+        loop {
+            let event = tokio::select! {
+                out = sub.rx.recv() => match out {
+                    Some(Outbound::Delta { sync_id, frame }) => {
+                        position = position.max(sync_id);
+                        delta(sync_id, frame.as_str())
+                    }
+                    Some(Outbound::Membership { group_id, joined }) => Event::default().data(
+                        serde_json::json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}).to_string(),
+                    ),
+                    None => {
+                        let cut = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let reason = cut.map(|c| c.reason).unwrap_or_else(|| "dropped".into());
+                        let _ = tx
+                            .send(Event::default().data(
+                                serde_json::json!({"type": "error", "code": "closed", "message": format!("{reason}; resume after {position}")}).to_string(),
+                            ))
+                            .await;
+                        return;
+                    }
+                },
+                _ = tx.closed() => return,
+                _ = shutdown.changed() => return,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}

@@ -1,0 +1,114 @@
+//! What every streaming endpoint (WebSocket, SSE) shares: registering a subscriber with its
+//! groups, and the replay-then-live seam (no gap, no duplicate).
+
+use super::App;
+use crate::delta::Delta;
+use crate::hub::Subscription;
+use crate::replication::sequencer;
+use std::sync::Arc;
+
+const REPLAY_SPAN: i64 = 5_000;
+
+/// Unregisters the subscriber however the stream ends.
+pub struct Registration(Arc<App>, u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.0.hub.unregister(self.1);
+    }
+}
+
+/// The groups of `user`, from the database.
+pub async fn load_groups(app: &App, user: &str) -> Option<Vec<String>> {
+    let db = app
+        .db
+        .get()
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot load memberships"))
+        .ok()?;
+    let rows = db
+        .query(
+            "SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot load memberships"))
+        .ok()?;
+    Some(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Registers a subscriber (not live yet) and makes sure the hub knows the user's groups.
+/// `None` when the database cannot be reached.
+pub async fn register(
+    app: &Arc<App>,
+    user: &str,
+    key: Option<&str>,
+) -> Option<(Subscription, Registration)> {
+    let (sub, must_load) = app.hub.register(user, key);
+    let registration = Registration(app.clone(), sub.id);
+    if must_load {
+        let groups = load_groups(app, user).await?;
+        app.hub.set_groups(user, groups);
+    }
+    Some((sub, registration))
+}
+
+pub enum ReplayError {
+    /// The client went away.
+    Sink,
+    Db(String),
+}
+
+/// Replays, page by page, everything `user` may see after `after` up to the published
+/// watermark, then makes the subscriber live; if more was published meanwhile it goes on
+/// paging. `next_page` returns `None` once live; `through` is then the watermark the client is
+/// caught up to.
+pub struct Replay<'a> {
+    app: &'a App,
+    user: &'a str,
+    id: u64,
+    db: Arc<tokio_postgres::Client>,
+    cursor: i64,
+    pub through: i64,
+}
+
+impl<'a> Replay<'a> {
+    pub async fn start(
+        app: &'a App,
+        user: &'a str,
+        id: u64,
+        after: i64,
+    ) -> Result<Replay<'a>, ReplayError> {
+        let db = app
+            .db
+            .get()
+            .await
+            .map_err(|e| ReplayError::Db(e.to_string()))?;
+        Ok(Replay {
+            app,
+            user,
+            id,
+            db,
+            cursor: after,
+            through: app.hub.published(),
+        })
+    }
+
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Arc<Delta>>>, ReplayError> {
+        loop {
+            if self.cursor < self.through {
+                let span = REPLAY_SPAN.min(self.through - self.cursor) as i32;
+                let groups = self.app.hub.groups_of(self.user);
+                let page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
+                    .await
+                    .map_err(|e| ReplayError::Db(e.to_string()))?;
+                self.cursor += span as i64;
+                return Ok(Some(page));
+            }
+            if self.app.hub.go_live(self.id, self.through) {
+                return Ok(None);
+            }
+            self.through = self.app.hub.published();
+        }
+    }
+}
