@@ -2,7 +2,7 @@
 //! Events with the same subscribe-after-N semantics as the WebSocket; `Last-Event-ID` resumes).
 
 use super::stream::{self, ReplayError};
-use super::{authenticate, error, App, Identity};
+use super::{authenticate, error, App, Identity, Refusal};
 use crate::hub::Outbound;
 use crate::replication::sequencer;
 use axum::extract::{Query, State};
@@ -18,13 +18,13 @@ const PAGE_SPAN: i64 = 5_000;
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
-fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Response> {
+fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
     let after = match raw {
         None | Some("") => 0,
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n >= 0 => n,
             _ => {
-                return Err(error(
+                return Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
                     "bad_cursor",
                     "after must be 0 or a sync id",
@@ -33,7 +33,7 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Response> {
         },
     };
     if after > app.hub.published() {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "cursor_ahead",
             "after is beyond the last sync id; re-bootstrap",
@@ -51,11 +51,11 @@ pub async fn deltas(
 ) -> Response {
     let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
         Ok(identity) => identity,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let after = match cursor(&app, q.get("after").map(String::as_str)) {
         Ok(a) => a,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let limit = match q.get("limit").map(|s| s.parse::<usize>()) {
         None => 1_000,
@@ -118,7 +118,7 @@ pub async fn sse(
 ) -> Response {
     let Identity { user, key } = match authenticate(&app, &headers, &q).await {
         Ok(identity) => identity,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let raw = headers
         .get("last-event-id")
@@ -127,7 +127,7 @@ pub async fn sse(
         .or_else(|| q.get("after").cloned());
     let after = match cursor(&app, raw.as_deref()) {
         Ok(a) => a,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let Some((mut sub, registration)) = stream::register(&app, &user, key.as_deref()).await else {
         return error(

@@ -49,7 +49,7 @@ pub async fn authenticate(
     app: &App,
     headers: &axum::http::HeaderMap,
     query: &std::collections::HashMap<String, String>,
-) -> Result<Identity, Response> {
+) -> Result<Identity, Refusal> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -57,7 +57,7 @@ pub async fn authenticate(
         .map(str::to_owned)
         .or_else(|| query.get("token").cloned());
     let Some(token) = token else {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             "missing_token",
             "send Authorization: Bearer <jwt or api key> or ?token=",
@@ -66,7 +66,11 @@ pub async fn authenticate(
     if !token.starts_with("pgs_") {
         return match app.verifier.verify(&token) {
             Ok(user) => Ok(Identity { user, key: None }),
-            Err(e) => Err(error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string())),
+            Err(e) => Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                e.code(),
+                &e.to_string(),
+            )),
         };
     }
     let found = async {
@@ -84,14 +88,14 @@ pub async fn authenticate(
             user: row.get(0),
             key: Some(row.get(1)),
         }),
-        Ok(None) => Err(error(
+        Ok(None) => Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
             "unknown or revoked API key",
         )),
         Err(e) => {
             tracing::warn!(error = %e, "api key lookup failed");
-            Err(error(
+            Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "cannot check the API key now; retry",
@@ -102,11 +106,54 @@ pub async fn authenticate(
 
 /// A JSON error body: `{"code": ..., "message": ...}`.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(serde_json::json!({"code": code, "message": message})),
-    )
-        .into_response()
+    Refusal::new(status, code, message).into_response()
+}
+
+/// A refused request: what the client sees (status, code, message), nothing internal.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: &str, message: &str) -> Refusal {
+        // Codes are fixed protocol words; an unknown one is reported as "internal".
+        let code = PROTOCOL_CODES
+            .iter()
+            .copied()
+            .find(|c| *c == code)
+            .unwrap_or("internal");
+        Refusal {
+            status,
+            code,
+            message: message.to_owned(),
+        }
+    }
+}
+
+const PROTOCOL_CODES: &[&str] = &[
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "invalid_api_key",
+    "unavailable",
+    "bad_cursor",
+    "bad_limit",
+    "cursor_ahead",
+    "slot_invalid",
+    "not_streaming",
+];
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {

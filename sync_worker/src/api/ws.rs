@@ -12,7 +12,7 @@ use crate::hub::Outbound;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -36,7 +36,7 @@ pub async fn upgrade(
 ) -> Response {
     let Identity { user, key } = match authenticate(&app, &headers, &query).await {
         Ok(identity) => identity,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let max = app.cfg.max_message_bytes;
     // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
