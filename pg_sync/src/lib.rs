@@ -109,7 +109,28 @@ mod pg_sync {
                 "Every client transaction needs its client id and a unique transaction id.",
             );
         };
-        crate::mutate::mutate(client_id, client_tx_id, ops)
+        crate::mutate::mutate(client_id, client_tx_id, ops, None)
+    }
+
+    /// `mutate` on behalf of a client user: every op must stay within the user's groups
+    /// (42501 otherwise). This is what the worker calls for `POST /sync/mutate`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn mutate_as(
+        user_id: Option<&str>,
+        client_id: Option<&str>,
+        client_tx_id: Option<Uuid>,
+        ops: Option<JsonB>,
+    ) -> JsonB {
+        let (Some(user), Some(client_id), Some(client_tx_id), Some(ops)) =
+            (user_id, client_id, client_tx_id, ops)
+        else {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "pg_sync.mutate_as: user_id, client_id, client_tx_id and ops must not be null",
+                "Pass the authenticated user and the client's transaction.",
+            );
+        };
+        crate::mutate::mutate(client_id, client_tx_id, ops, Some(user))
     }
 
     /// AFTER ROW trigger installed by register_table().

@@ -21,6 +21,8 @@ pub struct Model {
     pub columns: Vec<String>,
     pub federation: String,
     pub enabled: bool,
+    /// The group column; `None` for a global model.
+    pub group: Option<String>,
 }
 
 impl Model {
@@ -33,7 +35,7 @@ impl Model {
                                WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
                                  AND a.attname <> ALL (r.excluded_columns)
                                ORDER BY a.attnum),
-                        r.federation, r.enabled
+                        r.federation, r.enabled, r.group_column
                    FROM pg_sync.registry r
                    JOIN pg_catalog.pg_class c ON c.oid = r.rel
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -51,10 +53,11 @@ impl Model {
                 r.get::<Vec<String>>(3)?.unwrap_or_default(),
                 r.get::<String>(4)?.unwrap_or_default(),
                 r.get::<bool>(5)?.unwrap_or(false),
+                r.get::<String>(6)?,
             )))
         })
         .unwrap_or_else(|e| panic!("pg_sync: registry lookup failed: {e}"));
-        let Some((table, key, columns, federation, enabled)) = row else {
+        let Some((table, key, columns, federation, enabled, group)) = row else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("model \"{name}\" is not registered"),
@@ -68,7 +71,21 @@ impl Model {
             columns,
             federation,
             enabled,
+            group,
         }
+    }
+
+    /// The current row's group as text, locking the row; `None` when there is no such row,
+    /// `Some(None)` when its group is NULL.
+    pub fn group_of(&self, key: &Map<String, Value>) -> Option<Option<String>> {
+        let col = spi::quote_identifier(self.group.as_deref()?);
+        let sql = format!(
+            "SELECT pg_catalog.jsonb_build_array(pg_catalog.format('%s', {col})) FROM {t} WHERE {cond} FOR UPDATE",
+            t = self.table,
+            cond = self.key_condition(1)
+        );
+        let found = run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)])?;
+        Some(found.get(0).and_then(Value::as_str).map(str::to_owned))
     }
 
     pub fn is_key(&self, col: &str) -> bool {

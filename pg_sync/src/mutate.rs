@@ -18,7 +18,7 @@ const MAX_OPS: usize = 10_000;
 const MAX_CLIENT_ID: usize = 200;
 
 /// The body of `pg_sync.mutate()`.
-pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
+pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str>) -> JsonB {
     if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID {
         errors::invalid(
             format!("client_id must be 1 to {MAX_CLIENT_ID} bytes"),
@@ -74,7 +74,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
             client_tx_id: tx.clone(),
         });
         for (i, op) in ops.iter().enumerate() {
-            results.push(apply_op(op, &format!("op {i}: "), &mut models));
+            results.push(apply_op(op, &format!("op {i}: "), &mut models, user));
         }
     }
     let result = json!({
@@ -94,7 +94,12 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB) -> JsonB {
     JsonB(result)
 }
 
-fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value {
+fn apply_op(
+    op: &Value,
+    ctx: &str,
+    models: &mut HashMap<String, Model>,
+    user: Option<&str>,
+) -> Value {
     let shape = r#"An op is {"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}."#;
     let Some(op) = op.as_object() else {
         errors::invalid(format!("{ctx}an op must be a JSON object"), shape);
@@ -157,6 +162,9 @@ fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value
             }
         }
     }
+    if let Some(user) = user {
+        authorize(model, action, &data, key.as_ref(), user, ctx);
+    }
     let (model_id, status) = match action {
         "I" => {
             let mut row = data;
@@ -193,4 +201,68 @@ fn apply_op(op: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> Value
         }
     };
     json!({"model": name, "id": model_id, "action": action, "status": status})
+}
+
+/// Raises 42501 unless `user` may make this write: rows only in groups the user belongs to, for
+/// the row as it is (locked) and as it will be; global models are read-only for clients.
+fn authorize(
+    model: &Model,
+    action: &str,
+    data: &Map<String, Value>,
+    key: Option<&Map<String, Value>>,
+    user: &str,
+    ctx: &str,
+) {
+    let forbid = |why: String| -> ! {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{ctx}{why}"),
+            "Clients may write only rows of the sync groups they belong to.",
+        )
+    };
+    let Some(group_col) = model.group.as_deref() else {
+        forbid(format!(
+            "model \"{}\" is global and read-only for clients",
+            model.name
+        ));
+    };
+    let member = |group: &str| -> bool {
+        matches!(
+            model::run(
+                "SELECT pg_catalog.to_jsonb(EXISTS (SELECT 1 FROM pg_sync.group_memberships
+                  WHERE user_id = $1->>'u' AND group_id = $1->>'g'))",
+                &[PgOid::from(pg_sys::JSONBOID)],
+                vec![JsonB(json!({"u": user, "g": group}))],
+            ),
+            Some(Value::Bool(true))
+        )
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    if action != "I" {
+        if let Some(current) = key.and_then(|k| model.group_of(k)) {
+            match current {
+                Some(g) if member(&g) => {}
+                _ => forbid("not a member of the row's group".into()),
+            }
+        }
+    }
+    // The group the row will be in, when this write sets it.
+    let target = match data.get(group_col) {
+        Some(v) => Some(
+            text(v).unwrap_or_else(|| forbid("the row's group must be a string or number".into())),
+        ),
+        None if action == "I" => forbid(format!(
+            "an insert must set the group column \"{group_col}\""
+        )),
+        None => None,
+    };
+    if let Some(g) = target {
+        if !member(&g) {
+            forbid("not a member of the target group".into());
+        }
+    }
 }

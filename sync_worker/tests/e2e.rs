@@ -1162,3 +1162,143 @@ async fn deltas_endpoint_pages_and_sse_resumes() {
     assert!(text.contains("id: 6"), "{text}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+async fn http_post(port: u16, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutate_applies_once_within_the_users_groups() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("http_mutate", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (100, 'bobs', 'p2'), (101, 'alices', 'p1')",
+    );
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("alice", 3600, SECRET)),
+    )];
+    let tx = |id: &str, ops: Value| json!({"clientTxId": id, "ops": ops});
+    let t1 = "00000000-0000-4000-8000-000000000001";
+    let body = json!({"clientId": "laptop", "transactions": [
+        tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}},
+                      {"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}])),
+        tx("00000000-0000-4000-8000-000000000002", json!([{"model": "todos", "action": "I", "id": 2, "data": {"title": "x", "project": "p2"}}])),
+        tx("00000000-0000-4000-8000-000000000003", json!([{"model": "todos", "action": "U", "id": 101, "data": {"project": "p2"}}])),
+        tx("00000000-0000-4000-8000-000000000004", json!([{"model": "todos", "action": "D", "id": 100}])),
+        tx("00000000-0000-4000-8000-000000000005", json!([{"model": "announcements", "action": "I", "id": 9, "data": {"body": "spam"}}])),
+        tx("00000000-0000-4000-8000-000000000006", json!([{"model": "ghosts", "action": "I", "id": 1, "data": {}}])),
+        tx("00000000-0000-4000-8000-000000000007", json!([{"model": "todos", "action": "I", "id": 3, "data": {"title": "t", "project": "p1", "nope": 1}}])),
+        tx("00000000-0000-4000-8000-000000000008", json!([{"model": "todos", "action": "I", "id": "x", "data": {"title": "t", "project": "p1"}}])),
+        tx("00000000-0000-4000-8000-000000000009", json!([{"model": "todos", "action": "I", "id": 4, "data": {"title": "ok", "project": "p1"}},
+                      {"model": "todos", "action": "I", "id": 5, "data": {"title": "not ok", "project": "p2"}}])),
+    ]});
+    let (status, text) = http_post(port, "/sync/mutate", &auth, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let res: Value = serde_json::from_str(&text).unwrap();
+    let got: Vec<(String, String)> = res["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap().to_owned(),
+                r["code"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("applied", ""),
+        ("rejected", "forbidden"),
+        ("rejected", "forbidden"),
+        ("rejected", "forbidden"),
+        ("rejected", "forbidden"),
+        ("rejected", "unknown_model"),
+        ("rejected", "unknown_column"),
+        ("rejected", "invalid"),
+        ("rejected", "forbidden"),
+    ];
+    assert_eq!(got, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    // Replays apply nothing twice, however often they come.
+    for _ in 0..3 {
+        let replay = json!({"clientId": "laptop", "transactions": [tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))]});
+        let (_, text) = http_post(port, "/sync/mutate", &auth, &replay.to_string()).await;
+        let res: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(res["results"][0]["status"], "duplicate");
+    }
+    // Only the applied transaction changed the database; nothing partial.
+    let rows: Vec<(i32, String, String)> = tokio::task::block_in_place(|| {
+        db.query("SELECT id, title, project FROM todos ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    });
+    assert_eq!(
+        rows,
+        [
+            (1, "mine".into(), "p1".into()),
+            (100, "bobs".into(), "p2".into()),
+            (101, "edited".into(), "p1".into())
+        ]
+    );
+    // The client's own changes come back through the stream, tagged with its ids.
+    let got = collect(&mut ws, |g| g.len() >= 2).await;
+    assert_eq!(summary(&got), ["todos:I:1", "todos:U:101"]);
+    assert!(got
+        .iter()
+        .all(|f| f["clientId"] == "laptop" && f["clientTxId"] == t1));
+
+    // Malformed, oversized and unauthenticated requests.
+    let (status, text) = http_post(port, "/sync/mutate", &auth, "{not json").await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["code"],
+        "bad_request"
+    );
+    let (status, _) = http_post(
+        port,
+        "/sync/mutate",
+        &auth,
+        &json!({"clientId": "c", "transactions": []}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, text) = http_post(port, "/sync/mutate", &auth, &"x".repeat(2 << 20)).await;
+    assert_eq!(status, 413, "{text}");
+    let (status, _) = http_post(port, "/sync/mutate", &[], &body.to_string()).await;
+    assert_eq!(status, 401);
+    tokio::task::block_in_place(|| drop(db));
+}

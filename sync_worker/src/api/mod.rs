@@ -1,6 +1,7 @@
 //! The HTTP side: one port for `WS /sync/ws`, `GET /healthz` and `GET /metrics`.
 
 pub mod http;
+pub mod mutate;
 pub mod stream;
 pub mod ws;
 
@@ -32,6 +33,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sync/ws", get(ws::upgrade))
         .route("/sync/deltas", get(http::deltas))
         .route("/sync/sse", get(http::sse))
+        .route(
+            "/sync/mutate",
+            axum::routing::post(mutate::mutate)
+                .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(app)
@@ -144,6 +150,8 @@ const PROTOCOL_CODES: &[&str] = &[
     "cursor_ahead",
     "slot_invalid",
     "not_streaming",
+    "bad_request",
+    "too_large",
 ];
 
 impl IntoResponse for Refusal {

@@ -56,3 +56,20 @@ SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", 
 SELECT err($$SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "tasks", "action": "D", "id": "11111111-1111-1111-1111-111111111111", "extra": 1}]')$$);
 SELECT err($$SELECT pg_sync.mutate('c', NULL, '[{"model": "tasks", "action": "D", "id": "x"}]')$$);
 SELECT count(*) AS tasks_after_bad_input FROM tasks;
+
+-- mutate_as: the same, on behalf of a client user, within the user's groups only.
+SELECT pg_sync.add_member('carol', 't1');
+SELECT pg_sync.mutate_as('carol', 'c-phone', '00000000-0000-0000-0000-0000000000c1', '[
+  {"model": "tasks", "action": "I", "id": "c1c1c1c1-0000-0000-0000-000000000001", "data": {"title": "carol", "team": "t1"}}]') ->> 'status';
+SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "tasks", "action": "I", "id": "c1c1c1c1-0000-0000-0000-000000000002", "data": {"title": "elsewhere", "team": "t9"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "tasks", "action": "I", "id": "c1c1c1c1-0000-0000-0000-000000000003", "data": {"title": "no team"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "tasks", "action": "U", "id": "c1c1c1c1-0000-0000-0000-000000000001", "data": {"team": "t9"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate_as('dave', 'd-phone', gen_random_uuid(), '[
+  {"model": "tasks", "action": "D", "id": "c1c1c1c1-0000-0000-0000-000000000001"}]')$$);
+SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "seq_items", "action": "I", "data": {"label": "global"}}]')$$);
+SELECT err($$SELECT pg_sync.mutate_as(NULL, 'c', gen_random_uuid(), '[]')$$);
+SELECT title, team FROM tasks WHERE id::text LIKE 'c1c1c1c1%';

@@ -1,0 +1,138 @@
+//! `POST /sync/mutate`: a client's batch of transactions, each applied atomically and at most
+//! once through `pg_sync.mutate_as`, which also enforces the user's groups in-database.
+
+use super::{authenticate, App, Identity, Refusal};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The largest request body.
+pub const MAX_BODY: usize = 1 << 20;
+const MAX_TRANSACTIONS: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Request {
+    client_id: String,
+    transactions: Vec<Transaction>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Transaction {
+    client_tx_id: String,
+    ops: Value,
+}
+
+/// The protocol code for a SQLSTATE raised by `pg_sync.mutate_as`.
+fn code_for(sqlstate: &str) -> &'static str {
+    match sqlstate {
+        "42501" => "forbidden",
+        "42P01" => "unknown_model",
+        "42703" => "unknown_column",
+        "P0002" => "not_found",
+        "55000" => "model_unavailable",
+        "23505" | "23503" | "23514" | "23502" => "constraint",
+        _ if sqlstate.starts_with("22") || sqlstate == "42804" => "invalid",
+        _ => "error",
+    }
+}
+
+fn bad(message: &str) -> Response {
+    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message).into_response()
+}
+
+pub async fn mutate(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused.into_response(),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("the body exceeds {MAX_BODY} bytes"),
+            )
+            .into_response()
+        }
+        Err(_) => return bad("cannot read the request body"),
+    };
+    let request: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(&format!(
+                "expected {{\"clientId\": ..., \"transactions\": [...]}}: {e}"
+            ))
+        }
+    };
+    if request.client_id.is_empty() || request.client_id.len() > 200 {
+        return bad("clientId must be 1 to 200 bytes");
+    }
+    if request.transactions.is_empty() || request.transactions.len() > MAX_TRANSACTIONS {
+        return bad(&format!("send 1 to {MAX_TRANSACTIONS} transactions"));
+    }
+    let db = match app.db.get().await {
+        Ok(db) => db,
+        Err(_) => {
+            return Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable; retry",
+            )
+            .into_response()
+        }
+    };
+    let mut results = Vec::with_capacity(request.transactions.len());
+    for tx in &request.transactions {
+        let ops = tx.ops.to_string();
+        let outcome = db
+            .query_one(
+                "SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text",
+                &[&user, &request.client_id, &tx.client_tx_id, &ops],
+            )
+            .await;
+        results.push(match outcome {
+            Ok(row) => {
+                let text: String = row.get(0);
+                let first: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                json!({
+                    "clientTxId": tx.client_tx_id,
+                    "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
+                    "ops": first["ops"],
+                })
+            }
+            Err(e) => match e.as_db_error() {
+                Some(db_err) => json!({
+                    "clientTxId": tx.client_tx_id,
+                    "status": "rejected",
+                    "code": code_for(db_err.code().code()),
+                    "message": db_err.message(),
+                }),
+                None => {
+                    tracing::warn!(error = %e, "mutate failed");
+                    return Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "database unavailable; retry",
+                    )
+                    .into_response();
+                }
+            },
+        });
+    }
+    Json(json!({"results": results})).into_response()
+}
