@@ -1281,6 +1281,41 @@ async fn mutate_applies_once_within_the_users_groups() {
         .iter()
         .all(|f| f["clientId"] == "laptop" && f["clientTxId"] == t1));
 
+    // The same message over the WebSocket.
+    send(
+        &mut ws,
+        json!({"type": "mutate", "clientId": "laptop", "transactions": [
+            tx("00000000-0000-4000-8000-00000000000a", json!([{"model": "todos", "action": "U", "id": 1, "data": {"title": "via ws"}}])),
+            tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))
+        ]}),
+    )
+    .await;
+    let mut result = None;
+    let mut echoed = vec![];
+    for _ in 0..10 {
+        match next(&mut ws, Duration::from_secs(5)).await {
+            Some(f) if f["type"] == "mutate_result" => result = Some(f),
+            Some(f) if f["type"] == "delta" => echoed.push(f),
+            _ => {}
+        }
+        if result.is_some() && !echoed.is_empty() {
+            break;
+        }
+    }
+    let result = result.expect("a mutate_result frame");
+    assert_eq!(result["results"][0]["status"], "applied");
+    assert_eq!(result["results"][1]["status"], "duplicate");
+    assert_eq!(summary(&echoed), ["todos:U:1"]);
+    send(
+        &mut ws,
+        json!({"type": "mutate", "clientId": "", "transactions": []}),
+    )
+    .await;
+    assert_eq!(
+        next(&mut ws, Duration::from_secs(5)).await.unwrap()["code"],
+        "bad_request"
+    );
+
     // Malformed, oversized and unauthenticated requests.
     let (status, text) = http_post(port, "/sync/mutate", &auth, "{not json").await;
     assert_eq!(status, 400, "{text}");

@@ -19,14 +19,14 @@ const MAX_TRANSACTIONS: usize = 100;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Request {
+pub struct Request {
     client_id: String,
     transactions: Vec<Transaction>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Transaction {
+pub struct Transaction {
     client_tx_id: String,
     ops: Value,
 }
@@ -47,6 +47,61 @@ fn code_for(sqlstate: &str) -> &'static str {
 
 fn bad(message: &str) -> Response {
     Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message).into_response()
+}
+
+/// Why a whole batch could not be applied.
+pub enum BatchError {
+    /// The request is malformed (400).
+    Bad(String),
+    /// The database cannot be reached (503).
+    Unavailable,
+}
+
+/// Applies each transaction of the batch for `user`; returns one result per transaction.
+pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value>, BatchError> {
+    if request.client_id.is_empty() || request.client_id.len() > 200 {
+        return Err(BatchError::Bad("clientId must be 1 to 200 bytes".into()));
+    }
+    if request.transactions.is_empty() || request.transactions.len() > MAX_TRANSACTIONS {
+        return Err(BatchError::Bad(format!(
+            "send 1 to {MAX_TRANSACTIONS} transactions"
+        )));
+    }
+    let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
+    let mut results = Vec::with_capacity(request.transactions.len());
+    for tx in &request.transactions {
+        let ops = tx.ops.to_string();
+        let outcome = db
+            .query_one(
+                "SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text",
+                &[&user, &request.client_id, &tx.client_tx_id, &ops],
+            )
+            .await;
+        results.push(match outcome {
+            Ok(row) => {
+                let text: String = row.get(0);
+                let first: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                json!({
+                    "clientTxId": tx.client_tx_id,
+                    "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
+                    "ops": first["ops"],
+                })
+            }
+            Err(e) => match e.as_db_error() {
+                Some(db_err) => json!({
+                    "clientTxId": tx.client_tx_id,
+                    "status": "rejected",
+                    "code": code_for(db_err.code().code()),
+                    "message": db_err.message(),
+                }),
+                None => {
+                    tracing::warn!(error = %e, "mutate failed");
+                    return Err(BatchError::Unavailable);
+                }
+            },
+        });
+    }
+    Ok(results)
 }
 
 pub async fn mutate(
@@ -79,60 +134,14 @@ pub async fn mutate(
             ))
         }
     };
-    if request.client_id.is_empty() || request.client_id.len() > 200 {
-        return bad("clientId must be 1 to 200 bytes");
+    match apply(&app, &user, &request).await {
+        Ok(results) => Json(json!({"results": results})).into_response(),
+        Err(BatchError::Bad(why)) => bad(&why),
+        Err(BatchError::Unavailable) => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "database unavailable; retry",
+        )
+        .into_response(),
     }
-    if request.transactions.is_empty() || request.transactions.len() > MAX_TRANSACTIONS {
-        return bad(&format!("send 1 to {MAX_TRANSACTIONS} transactions"));
-    }
-    let db = match app.db.get().await {
-        Ok(db) => db,
-        Err(_) => {
-            return Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "database unavailable; retry",
-            )
-            .into_response()
-        }
-    };
-    let mut results = Vec::with_capacity(request.transactions.len());
-    for tx in &request.transactions {
-        let ops = tx.ops.to_string();
-        let outcome = db
-            .query_one(
-                "SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text",
-                &[&user, &request.client_id, &tx.client_tx_id, &ops],
-            )
-            .await;
-        results.push(match outcome {
-            Ok(row) => {
-                let text: String = row.get(0);
-                let first: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                json!({
-                    "clientTxId": tx.client_tx_id,
-                    "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
-                    "ops": first["ops"],
-                })
-            }
-            Err(e) => match e.as_db_error() {
-                Some(db_err) => json!({
-                    "clientTxId": tx.client_tx_id,
-                    "status": "rejected",
-                    "code": code_for(db_err.code().code()),
-                    "message": db_err.message(),
-                }),
-                None => {
-                    tracing::warn!(error = %e, "mutate failed");
-                    return Refusal::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "database unavailable; retry",
-                    )
-                    .into_response();
-                }
-            },
-        });
-    }
-    Json(json!({"results": results})).into_response()
 }

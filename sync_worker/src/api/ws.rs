@@ -50,8 +50,12 @@ pub async fn upgrade(
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientMessage {
-    Subscribe { after: i64 },
+    Subscribe {
+        after: i64,
+    },
     Ping,
+    /// The body of `POST /sync/mutate`, answered with `mutate_result`.
+    Mutate(super::mutate::Request),
 }
 
 fn frame(value: serde_json::Value) -> Message {
@@ -144,6 +148,15 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                 }
                             }
                             Ok(ClientMessage::Ping) => Some(frame(json!({"type": "pong"}))),
+                            Ok(ClientMessage::Mutate(request)) => {
+                                Some(match super::mutate::apply(&app, &user, &request).await {
+                                    Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
+                                    Err(super::mutate::BatchError::Bad(why)) => error_frame("bad_request", &why),
+                                    Err(super::mutate::BatchError::Unavailable) => {
+                                        error_frame("unavailable", "database unavailable; retry")
+                                    }
+                                })
+                            }
                             Err(_) => {
                                 bad += 1;
                                 Some(error_frame("bad_message", "expected {\"type\":\"subscribe\",\"after\":N} or {\"type\":\"ping\"}"))
