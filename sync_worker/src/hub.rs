@@ -121,13 +121,19 @@ impl Hub {
         self.published.load(Ordering::Acquire)
     }
 
-    /// Sets the starting point after the sequencer (re)loads it.
-    pub fn reset_published(&self, last_sync_id: i64) {
+    /// Moves the watermark up to what the sequencer has persisted, but only while nobody is
+    /// subscribed (at start-up); returns false otherwise, and the caller must publish the gap.
+    pub fn catch_up_if_idle(&self, last_sync_id: i64) -> bool {
         let mut st = self.lock();
-        if last_sync_id > st.last_published {
-            st.last_published = last_sync_id;
-            self.published.store(last_sync_id, Ordering::Release);
+        if last_sync_id <= st.last_published {
+            return true;
         }
+        if !st.subs.is_empty() {
+            return false;
+        }
+        st.last_published = last_sync_id;
+        self.published.store(last_sync_id, Ordering::Release);
+        true
     }
 
     pub fn subscriber_count(&self) -> usize {

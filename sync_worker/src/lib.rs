@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod delta;
+pub mod failpoint;
 pub mod hub;
 pub mod protocol;
 pub mod replication;

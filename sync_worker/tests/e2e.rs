@@ -1337,3 +1337,40 @@ async fn mutate_applies_once_within_the_users_groups() {
     assert_eq!(status, 401);
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_failing_after_persist_still_delivers_to_live_subscribers() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_failpoint", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        port,
+        &[("SYNC_FAILPOINTS", "after_persist")],
+    );
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "anyone").await;
+    subscribe(&mut ws, 0).await;
+    // The first flush persists sync ids 1..3, then the session fails before publishing them.
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'x' FROM generate_series(1, 3) g",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    exec(&mut db, "INSERT INTO announcements VALUES (4, 'after')");
+    let got = collect(&mut ws, |g| g.len() >= 4).await;
+    let ids: Vec<i64> = got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [1, 2, 3, 4],
+        "the live subscriber got the persisted-but-unpublished ids once, in order"
+    );
+    assert!(quiet(&mut ws, Duration::from_millis(500))
+        .await
+        .iter()
+        .all(|f| f["type"] != "delta"));
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert!(metrics.contains("pg_sync_reconnects_total 1"), "{metrics}");
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -45,6 +45,8 @@ pub enum SequencerError {
     NoExtension,
     #[error("invalid database url")]
     Url,
+    #[error("failpoint {0} fired")]
+    Failpoint(&'static str),
 }
 
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
@@ -267,7 +269,6 @@ async fn session(
         .await?;
     let last_sync_id: i64 = row.get(0);
     let last_lsn: String = row.get(1);
-    hub.reset_published(last_sync_id);
     let mut s = Session {
         cfg,
         db,
@@ -281,6 +282,13 @@ async fn session(
         pending_since: None,
     };
     s.load_globals().await?;
+    // What a previous session persisted but could not publish (it failed in between) reaches
+    // live subscribers now, before anything newer.
+    let published = hub.published();
+    if !hub.catch_up_if_idle(last_sync_id) {
+        s.publish_from_db(published + 1, last_sync_id, vec![], vec![])
+            .await?;
+    }
     s.sequence_backlog().await?;
     let encrypted: bool =
         s.db.query_one(
@@ -524,6 +532,9 @@ impl Session<'_> {
                     &[&xids, &firsts, &counts, &lsns, &times],
                 )
                 .await?;
+        }
+        if crate::failpoint::fire("after_persist") {
+            return Err(SequencerError::Failpoint("after_persist"));
         }
         // Persisted: now clients may see these ids.
         let mut batch = vec![];
