@@ -228,10 +228,31 @@ CREATE FUNCTION pg_sync.last_sync_id() RETURNS bigint
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((SELECT first_sync_id + action_count - 1 FROM pg_sync.commit_order
-                      ORDER BY first_sync_id DESC LIMIT 1), 0)
+    -- Compaction removes commit_order rows, never the counter: the horizon keeps it.
+    SELECT GREATEST(
+        coalesce((SELECT first_sync_id + action_count - 1 FROM pg_sync.commit_order
+                   ORDER BY first_sync_id DESC LIMIT 1), 0),
+        coalesce((SELECT horizon FROM pg_sync.retention), 0))
 $$;
 REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer) FROM PUBLIC;
+
+-- Retention by age: compacts every transaction sequenced before now() - age.
+CREATE FUNCTION pg_sync.compact_older_than(age interval) RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_sync.compact(coalesce(
+        (SELECT max(first_sync_id + action_count - 1) FROM pg_sync.commit_order
+          WHERE committed_at < now() - age), 0))
+$$;
+REVOKE ALL ON FUNCTION pg_sync.compact(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.compact_older_than(interval) FROM PUBLIC;
+
+-- The retention horizon: cursors below it must bootstrap again.
+CREATE FUNCTION pg_sync.retention_horizon() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT coalesce((SELECT horizon FROM pg_sync.retention), 0) $$;
 
 -- API keys: the key is returned once and never stored; clients send it as the bearer token.
 CREATE FUNCTION pg_sync.create_api_key(user_id text, label text DEFAULT NULL, OUT id uuid, OUT key text)

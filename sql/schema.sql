@@ -54,6 +54,15 @@ CREATE TABLE pg_sync.commit_order (
 );
 CREATE INDEX sync_actions_xid_idx ON pg_sync.sync_actions (xid);
 
+-- Retention: actions with sync ids at or below the horizon have been compacted away; a client
+-- whose cursor is older must bootstrap again.
+CREATE TABLE pg_sync.retention (
+    only_row     boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    horizon      bigint NOT NULL DEFAULT 0,
+    compacted_at timestamptz
+);
+INSERT INTO pg_sync.retention DEFAULT VALUES;
+
 CREATE TABLE pg_sync.row_state (
     model       text NOT NULL,
     model_id    text NOT NULL,
@@ -104,6 +113,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.commit_order', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.retention', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
 -- Anyone may see the schema (and call what is granted); its tables stay private.

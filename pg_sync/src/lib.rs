@@ -12,6 +12,7 @@ mod errors;
 mod model;
 mod mutate;
 mod remote;
+mod retention;
 mod settings;
 mod state;
 
@@ -131,6 +132,13 @@ mod pg_sync {
             );
         };
         crate::mutate::mutate(client_id, client_tx_id, ops, Some(user))
+    }
+
+    /// Compacts the log: actions at or below `horizon` (a sync id) go, after each affected
+    /// row's LWW state is folded into row_state. Returns how many actions were removed.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn compact(horizon: i64) -> i64 {
+        crate::retention::compact(horizon)
     }
 
     /// AFTER ROW trigger installed by register_table().

@@ -10,4 +10,5 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const TOO_BIG: u16 = 1009;
     pub const REVOKED: u16 = 4401;
+    pub const RESYNC: u16 = 4410;
 }

@@ -9,6 +9,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use serde_json::json;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -76,9 +77,23 @@ pub async fn deltas(
             "database unavailable; retry",
         );
     };
+    let horizon = match stream::horizon(&db).await {
+        Ok(h) => h,
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable; retry",
+            )
+        }
+    };
+    if after > 0 && after < horizon {
+        let why = format!("the log before sync id {horizon} was compacted; bootstrap again");
+        return error(StatusCode::GONE, "resync_required", &why);
+    }
     let through = app.hub.published();
     let mut frames: Vec<String> = vec![];
-    let mut cursor = after;
+    let mut cursor = after.max(horizon);
     'pages: while cursor < through {
         let span = PAGE_SPAN.min(through - cursor);
         let page = match sequencer::changes(&db, cursor, Some(&groups), span as i32).await {
@@ -157,6 +172,13 @@ pub async fn sse(
         let through = match replayed {
             Ok(through) => through,
             Err(ReplayError::Sink) => return,
+            Err(ReplayError::Expired(horizon)) => {
+                let why =
+                    format!("the log before sync id {horizon} was compacted; bootstrap again");
+                let frame = json!({"type": "error", "code": "resync_required", "message": why});
+                let _ = tx.send(Event::default().data(frame.to_string())).await;
+                return;
+            }
             Err(ReplayError::Db(e)) => {
                 tracing::warn!(error = %e, "sse replay failed");
                 let _ = tx

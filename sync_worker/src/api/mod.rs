@@ -152,6 +152,7 @@ const PROTOCOL_CODES: &[&str] = &[
     "not_streaming",
     "bad_request",
     "too_large",
+    "resync_required",
 ];
 
 impl IntoResponse for Refusal {

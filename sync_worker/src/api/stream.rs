@@ -57,6 +57,8 @@ pub enum ReplayError {
     /// The client went away.
     Sink,
     Db(String),
+    /// The cursor is older than the retention horizon: the client must bootstrap again.
+    Expired(i64),
 }
 
 /// Replays, page by page, everything `user` may see after `after` up to the published
@@ -73,6 +75,7 @@ pub struct Replay<'a> {
 }
 
 impl<'a> Replay<'a> {
+    /// `after` 0 means from the start of the retained log.
     pub async fn start(
         app: &'a App,
         user: &'a str,
@@ -84,12 +87,16 @@ impl<'a> Replay<'a> {
             .get()
             .await
             .map_err(|e| ReplayError::Db(e.to_string()))?;
+        let horizon = horizon(&db).await?;
+        if after > 0 && after < horizon {
+            return Err(ReplayError::Expired(horizon));
+        }
         Ok(Replay {
             app,
             user,
             id,
             db,
-            cursor: after,
+            cursor: after.max(horizon),
             through: app.hub.published(),
         })
     }
@@ -97,6 +104,11 @@ impl<'a> Replay<'a> {
     pub async fn next_page(&mut self) -> Result<Option<Vec<Arc<Delta>>>, ReplayError> {
         loop {
             if self.cursor < self.through {
+                // Compaction may have passed the cursor since the last page: never serve a gap.
+                let horizon = horizon(&self.db).await?;
+                if horizon > self.cursor {
+                    return Err(ReplayError::Expired(horizon));
+                }
                 let span = REPLAY_SPAN.min(self.through - self.cursor) as i32;
                 let groups = self.app.hub.groups_of(self.user);
                 let page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
@@ -111,4 +123,12 @@ impl<'a> Replay<'a> {
             self.through = self.app.hub.published();
         }
     }
+}
+
+/// The retention horizon: sync ids at or below it are gone.
+pub async fn horizon(db: &tokio_postgres::Client) -> Result<i64, ReplayError> {
+    db.query_one("SELECT pg_sync.retention_horizon()", &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| ReplayError::Db(e.to_string()))
 }

@@ -140,6 +140,12 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                         Some(frame(json!({"type": "caught_up", "syncId": through})))
                                     }
                                     Err(ReplayError::Sink) => break,
+                                    Err(ReplayError::Expired(horizon)) => {
+                                        let why = format!("the log before sync id {horizon} was compacted; bootstrap again");
+                                        let _ = socket.send(error_frame("resync_required", &why)).await;
+                                        close_with(&mut socket, close::RESYNC, "resync required".into()).await;
+                                        break;
+                                    }
                                     Err(ReplayError::Db(e)) => {
                                         tracing::warn!(error = %e, "replay failed");
                                         close_with(&mut socket, close::INTERNAL, "replay failed; retry".into()).await;
