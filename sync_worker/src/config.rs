@@ -40,6 +40,12 @@ pub struct Config {
     /// Actions of one transaction held in memory; larger transactions are re-read from the database.
     #[arg(long, env = "SYNC_TXN_BUFFER", default_value_t = 10_000)]
     pub txn_buffer: usize,
+    /// Keep the sequenced log this long (a Postgres interval, e.g. '7 days'); 'off' keeps it all.
+    #[arg(long, env = "SYNC_RETENTION", default_value = "7 days")]
+    pub retention: String,
+    /// Seconds between compactions.
+    #[arg(long, env = "SYNC_COMPACT_INTERVAL_SECS", default_value_t = 3600)]
+    pub compact_interval_secs: u64,
     /// Optional TOML file with the same keys as the flags (database_url, listen, ...).
     #[arg(long, short = 'c', env = "SYNC_CONFIG")]
     pub config: Option<PathBuf>,

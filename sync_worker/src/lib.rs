@@ -46,6 +46,9 @@ pub async fn serve(
         verifier,
         shutdown: shutdown.clone(),
     });
+    if app.cfg.retention != "off" {
+        tokio::spawn(compaction(app.clone(), shutdown.clone()));
+    }
     let mut stop = shutdown.clone();
     axum::serve(listener, api::router(app))
         .with_graceful_shutdown(async move {
@@ -54,4 +57,31 @@ pub async fn serve(
         .await?;
     let _ = replication.await;
     Ok(())
+}
+
+/// Compacts the log on a schedule (`SYNC_RETENTION`, `SYNC_COMPACT_INTERVAL_SECS`).
+async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
+    let every = std::time::Duration::from_secs(app.cfg.compact_interval_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let result = match app.db.get().await {
+            Ok(db) => db
+                .query_one(
+                    "SELECT pg_sync.compact_older_than($1::text::interval)",
+                    &[&app.cfg.retention],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(actions = n, "compacted the log"),
+            Err(e) => tracing::warn!(error = %e, "compaction failed"),
+        }
+    }
 }

@@ -1374,3 +1374,70 @@ async fn a_session_failing_after_persist_still_delivers_to_live_subscribers() {
     assert!(metrics.contains("pg_sync_reconnects_total 1"), "{metrics}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_older_than_retention_are_told_to_resync() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_retention", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        port,
+        &[
+            ("SYNC_RETENTION", "0 seconds"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    );
+    worker.wait_healthy().await;
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'old' FROM generate_series(1, 5) g",
+    );
+    // Wait for the compaction to pass them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let h: i64 = tokio::task::block_in_place(|| {
+            db.query_one("SELECT pg_sync.retention_horizon()", &[])
+                .unwrap()
+                .get(0)
+        });
+        if h >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "compaction never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ws = connect(port, "anyone").await;
+    send(&mut ws, json!({"type": "subscribe", "after": 2})).await;
+    let f = next(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(f["code"], "resync_required", "{f}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(4410));
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("anyone", 3600, SECRET)),
+    )];
+    let (status, body) = http_get_with(port, "/sync/deltas?after=2", &auth).await;
+    assert_eq!(status, 410, "{body}");
+    // From the start of the retained log: nothing old, then live.
+    let mut ws = connect(port, "anyone").await;
+    let (frames, through) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty() && through >= 5);
+    exec(&mut db, "INSERT INTO announcements VALUES (6, 'new')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["announcements:I:6"]
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
