@@ -4,6 +4,7 @@ use futures::{SinkExt, StreamExt};
 use pg_sync_tests::Cluster;
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -1439,5 +1440,161 @@ async fn cursors_older_than_retention_are_told_to_resync() {
         summary(&collect(&mut ws, |g| !g.is_empty()).await),
         ["announcements:I:6"]
     );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Reads an NDJSON body (chunked transfer) fully; returns its JSON lines.
+async fn ndjson(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, Vec<Value>) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    // De-chunk: keep the lines that are JSON objects.
+    let lines = body
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (status, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_writes() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("bootstrap", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(&mut db, "INSERT INTO todos SELECT g, 'seed', CASE WHEN g % 2 = 0 THEN 'p1' ELSE 'p2' END FROM generate_series(1, 200) g");
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    // Writers keep inserting and updating while clients bootstrap.
+    let url = cluster.url("app");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c =
+                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                    .unwrap();
+            let mut i = 1000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.batch_execute(&format!(
+                    "INSERT INTO todos VALUES ({i}, 'new', 'p1'); UPDATE todos SET title = 't{i}' WHERE id = {};
+                     DELETE FROM todos WHERE id = {}",
+                    i % 200 + 1,
+                    i - 3
+                ))
+                .unwrap();
+                i += 1;
+            }
+        })
+    };
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("alice", 3600, SECRET)),
+    )];
+    for _ in 0..3 {
+        let (status, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
+        assert_eq!(status, 200);
+        assert_eq!(lines[0]["type"], "bootstrap");
+        assert_eq!(lines.last().unwrap()["type"], "end", "{:?}", lines.last());
+        let through = lines[0]["syncId"].as_i64().unwrap();
+        let mut state: std::collections::BTreeMap<String, Value> = Default::default();
+        for l in &lines[1..lines.len() - 1] {
+            assert_eq!(l["model"], "todos", "alice may only see todos of p1");
+            assert_eq!(l["data"]["project"], "p1");
+            state.insert(l["id"].as_str().unwrap().to_owned(), l["data"].clone());
+        }
+        // Follow the stream from the snapshot's sync id.
+        let mut ws = connect(port, "alice").await;
+        let (replayed, _) = subscribe(&mut ws, through).await;
+        let mut apply = |f: &Value| {
+            assert!(f["syncId"].as_i64().unwrap() > through);
+            let id = f["modelId"].as_str().unwrap().to_owned();
+            match f["action"].as_str().unwrap() {
+                "I" => {
+                    assert!(
+                        !state.contains_key(&id) || f["moved"] == true,
+                        "insert of {id} seen twice (sync id {})",
+                        f["syncId"]
+                    );
+                    state.insert(id, f["data"].clone());
+                }
+                "U" => {
+                    let row = state
+                        .get_mut(&id)
+                        .unwrap_or_else(|| panic!("update of {id} that the snapshot lacks"));
+                    for (k, v) in f["data"].as_object().unwrap() {
+                        row[k] = v.clone();
+                    }
+                }
+                _ => {
+                    state
+                        .remove(&id)
+                        .unwrap_or_else(|| panic!("delete of {id} that the snapshot lacks"));
+                }
+            }
+        };
+        replayed.iter().for_each(&mut apply);
+        let live = collect(&mut ws, |g| g.len() >= 20).await;
+        live.iter().for_each(&mut apply);
+        drop(ws);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::block_in_place(|| writer.join().unwrap());
+    // With writes stopped: a final bootstrap equals the database, and so does bootstrap + stream.
+    let (_, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
+    let through = lines[0]["syncId"].as_i64().unwrap();
+    let snapshot: std::collections::BTreeMap<String, Value> = lines[1..lines.len() - 1]
+        .iter()
+        .map(|l| (l["id"].as_str().unwrap().to_owned(), l["data"].clone()))
+        .collect();
+    let expected: std::collections::BTreeMap<String, Value> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                serde_json::from_str(&r.get::<_, String>(1)).unwrap(),
+            )
+        })
+        .collect()
+    });
+    assert_eq!(snapshot, expected);
+    let mut ws = connect(port, "alice").await;
+    let (after, _) = subscribe(&mut ws, through).await;
+    assert!(
+        after.is_empty(),
+        "nothing after the final snapshot: {after:?}"
+    );
+    // Models filter and auth.
+    let (_, lines) = ndjson(port, "/sync/bootstrap?models=announcements", &auth).await;
+    assert_eq!(lines[0]["models"], json!(["announcements"]));
+    let (status, _) = ndjson(port, "/sync/bootstrap", &[]).await;
+    assert_eq!(status, 401);
     tokio::task::block_in_place(|| drop(db));
 }

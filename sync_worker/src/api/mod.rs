@@ -1,5 +1,6 @@
 //! The HTTP side: one port for `WS /sync/ws`, `GET /healthz` and `GET /metrics`.
 
+pub mod bootstrap;
 pub mod http;
 pub mod mutate;
 pub mod stream;
@@ -32,6 +33,11 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/sync/ws", get(ws::upgrade))
         .route("/sync/deltas", get(http::deltas))
+        .route(
+            "/sync/bootstrap",
+            get(bootstrap::bootstrap)
+                .layer(tower_http::compression::CompressionLayer::new().gzip(true)),
+        )
         .route("/sync/sse", get(http::sse))
         .route(
             "/sync/mutate",

@@ -24,6 +24,8 @@ use tokio_postgres::Client;
 pub struct Status {
     pub streaming: AtomicBool,
     pub acked_lsn: AtomicU64,
+    /// Every transaction whose commit is below this LSN has been sequenced and published.
+    pub processed_lsn: AtomicU64,
     pub server_lsn: AtomicU64,
     pub last_commit_unix_ms: AtomicI64,
     pub sequenced_actions: AtomicU64,
@@ -221,6 +223,8 @@ struct Session<'a> {
     pending: Vec<ReadyTxn>,
     pending_actions: usize,
     pending_since: Option<Instant>,
+    /// A fence message seen while transactions were pending; processed once they are.
+    fence: Option<Lsn>,
 }
 
 /// Runs replication until `shutdown` flips, reconnecting with backoff after failures.
@@ -280,6 +284,7 @@ async fn session(
         pending: vec![],
         pending_actions: 0,
         pending_since: None,
+        fence: None,
     };
     s.load_globals().await?;
     // What a previous session persisted but could not publish (it failed in between) reaches
@@ -372,6 +377,23 @@ async fn session(
                     .store(wal_end.as_u64(), Ordering::Relaxed);
                 if open.is_none() && s.pending.is_empty() {
                     s.ack(&repl, wal_end);
+                    s.status
+                        .processed_lsn
+                        .fetch_max(wal_end.as_u64(), Ordering::Release);
+                }
+            }
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => {
+                // A fence (pg_logical_emit_message): every commit before it has arrived.
+                if s.pending.is_empty() {
+                    s.status
+                        .processed_lsn
+                        .fetch_max(lsn.as_u64(), Ordering::Release);
+                } else {
+                    s.fence = Some(s.fence.map_or(lsn, |f| f.max(lsn)));
                 }
             }
             ReplicationEvent::Message { .. } => {}
@@ -591,6 +613,13 @@ impl Session<'_> {
         if let Some(last) = pending.last() {
             self.last_commit_lsn = self.last_commit_lsn.max(last.commit_lsn);
             self.ack(repl, last.end_lsn);
+            let mut done = last.end_lsn;
+            if let Some(fence) = self.fence.take() {
+                done = done.max(fence);
+            }
+            self.status
+                .processed_lsn
+                .fetch_max(done.as_u64(), Ordering::Release);
         }
         Ok(())
     }
