@@ -63,7 +63,9 @@ pg_sync is running:
   sync_worker on 127.0.0.1:$worker_port (log: .run/worker.log), health: curl http://127.0.0.1:$worker_port/healthz
 A WebSocket token for demo-user (member of project 'demo'), valid 24 h:
   $token
-Connect to ws://127.0.0.1:$worker_port/sync/ws?token=<token>, send {"type":"subscribe","after":0}, then in psql:
+Open the demo page (two tabs show each other's changes):
+  http://127.0.0.1:$worker_port/demo?token=$token
+Or connect to ws://127.0.0.1:$worker_port/sync/ws?token=<token>, send {"type":"subscribe","after":0}; then in psql:
   UPDATE tasks SET done = true WHERE title = 'Try pg_sync';
   SELECT id, model, action, data, group_id FROM pg_sync.sync_actions ORDER BY id DESC LIMIT 5;
 Stop everything with: make stop

@@ -45,6 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
         )
         .route("/healthz", get(healthz))
+        .route("/demo", get(demo))
         .route("/metrics", get(metrics))
         .with_state(app)
 }
@@ -169,6 +170,11 @@ impl IntoResponse for Refusal {
         )
             .into_response()
     }
+}
+
+/// The demo page (`make run`): a shared task list that bootstraps, stays live and writes.
+async fn demo() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../static/demo.html"))
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
