@@ -32,11 +32,12 @@ fi
 as_pg "$PG_BIN/pg_ctl" -D "$dir/pg/data" status >/dev/null 2>&1 || cluster_start "$dir/pg"
 
 psql_run() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-psql_run -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'pg_sync_demo'" | grep -q 1 \
-  || psql_run -d postgres -c "CREATE DATABASE pg_sync_demo"
-psql_run -d pg_sync_demo -c "CREATE EXTENSION IF NOT EXISTS pg_sync" -f "$here/sql/demo.sql" >/dev/null
-
+# A fresh demo database each time, so it always matches the extension just installed.
 stop_worker
+psql_run -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'pg_sync_demo'" >/dev/null
+psql_run -d postgres -c "DROP DATABASE IF EXISTS pg_sync_demo WITH (FORCE)" -c "CREATE DATABASE pg_sync_demo"
+psql_run -d pg_sync_demo -c "CREATE EXTENSION pg_sync" -f "$here/sql/demo.sql" >/dev/null
+
 DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=pg_sync_demo" \
 SYNC_LISTEN="127.0.0.1:$worker_port" SYNC_JWT_SECRET="$secret" \
   nohup "$here/target/release/sync_worker" >"$dir/worker.log" 2>&1 &

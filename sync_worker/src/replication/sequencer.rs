@@ -227,6 +227,18 @@ struct Session<'a> {
     fence: Option<Lsn>,
 }
 
+/// The chain of causes below an error, for logs (never row values: database errors here come
+/// from pg_sync's own statements).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = vec![];
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push(cause.to_string());
+        next = cause.source();
+    }
+    out.join(": ")
+}
+
 /// Runs replication until `shutdown` flips, reconnecting with backoff after failures.
 pub async fn run(
     cfg: Arc<Config>,
@@ -243,7 +255,7 @@ pub async fn run(
             Ok(()) => return,
             Err(e) => {
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(|s| s.to_string()), "replication session ended; reconnecting");
+                tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
