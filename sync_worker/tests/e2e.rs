@@ -91,21 +91,56 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+/// One HTTP/1.1 request over a fresh connection; returns the status and the raw body.
+async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let status = buf
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    // A refused oversized body may close the connection before it is all written.
+    let _ = s.write_all(body.as_bytes()).await;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    Ok((status, body))
+    Ok((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    request(port, "GET", path, &[], "").await
+}
+
+async fn http_get_with(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, String) {
+    request(port, "GET", path, headers, "")
+        .await
+        .expect("request")
+}
+
+async fn http_post(port: u16, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
+    request(port, "POST", path, headers, body)
+        .await
+        .expect("request")
 }
 
 fn token(user: &str, exp_offset: i64, secret: &str) -> String {
@@ -1029,34 +1064,6 @@ async fn config_file_then_environment_then_flags() {
     tokio::task::block_in_place(|| drop(db));
 }
 
-/// A GET with headers; returns (status, body).
-async fn http_get_with(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_endpoint_pages_and_sse_resumes() {
     let cluster = tokio::task::block_in_place(|| Cluster::start("http_reads", &[]));
@@ -1162,36 +1169,6 @@ async fn deltas_endpoint_pages_and_sse_resumes() {
     read_until(&mut s, &mut text, "id: 6").await;
     assert!(text.contains("id: 6"), "{text}");
     tokio::task::block_in_place(|| drop(db));
-}
-
-async fn http_post(port: u16, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf).await;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1445,32 +1422,8 @@ async fn cursors_older_than_retention_are_told_to_resync() {
 
 /// Reads an NDJSON body (chunked transfer) fully; returns its JSON lines.
 async fn ndjson(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, Vec<Value>) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    // De-chunk: keep the lines that are JSON objects.
+    let (status, body) = http_get_with(port, path, headers).await;
+    // Chunk-size lines are not JSON objects; the NDJSON lines are.
     let lines = body
         .lines()
         .filter(|l| l.starts_with('{'))

@@ -8,11 +8,11 @@
 //! used when the transactions up to W are exactly the ones it sees; otherwise a new snapshot is
 //! taken (that window is microseconds wide).
 
-use super::{authenticate, error, App, Identity};
+use super::{error, App, Identity};
 use crate::replication::sequencer;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
@@ -26,13 +26,9 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn bootstrap(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Identity { user, .. }: Identity,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
-        Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
-    };
     let only: Option<Vec<String>> = q
         .get("models")
         .map(|m| m.split(',').map(str::to_owned).collect());

@@ -2,7 +2,7 @@
 //! Events with the same subscribe-after-N semantics as the WebSocket; `Last-Event-ID` resumes).
 
 use super::stream::{self, ReplayError};
-use super::{authenticate, error, App, Identity, Refusal};
+use super::{error, App, Identity, Refusal};
 use crate::hub::Outbound;
 use crate::replication::sequencer;
 use axum::extract::{Query, State};
@@ -47,13 +47,9 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
 /// continue with `after=L`.
 pub async fn deltas(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Identity { user, .. }: Identity,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
-        Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
-    };
     let after = match cursor(&app, q.get("after").map(String::as_str)) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
@@ -128,13 +124,10 @@ pub async fn deltas(
 /// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
 pub async fn sse(
     State(app): State<Arc<App>>,
+    Identity { user, key }: Identity,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Identity { user, key } = match authenticate(&app, &headers, &q).await {
-        Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
-    };
     let raw = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

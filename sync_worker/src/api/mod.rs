@@ -56,6 +56,23 @@ pub struct Identity {
     pub key: Option<String>,
 }
 
+impl axum::extract::FromRequestParts<Arc<App>> for Identity {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Refusal> {
+        let query =
+            axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                &parts.uri,
+            )
+            .map(|q| q.0)
+            .unwrap_or_default();
+        authenticate(app, &parts.headers, &query).await
+    }
+}
+
 /// Authenticates a request from `Authorization: Bearer …` or `?token=`: a JWT, or an API key
 /// (`pgs_…`). Refusals are 401 (503 when the key cannot be checked).
 pub async fn authenticate(

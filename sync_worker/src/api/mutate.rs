@@ -1,16 +1,15 @@
 //! `POST /sync/mutate`: a client's batch of transactions, each applied atomically and at most
 //! once through `pg_sync.mutate_as`, which also enforces the user's groups in-database.
 
-use super::{authenticate, App, Identity, Refusal};
+use super::{App, Identity, Refusal};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The largest request body.
@@ -106,14 +105,9 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
 
 pub async fn mutate(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    Identity { user, .. }: Identity,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Identity { user, .. } = match authenticate(&app, &headers, &q).await {
-        Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
-    };
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -7,16 +7,14 @@
 //! sync id to resume after.
 
 use super::stream::{self, ReplayError};
-use super::{authenticate, App, Identity};
+use super::{App, Identity};
 use crate::hub::Outbound;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
+use axum::response::Response;
 use futures::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,14 +28,9 @@ const MAX_BAD_MESSAGES: u32 = 20;
 
 pub async fn upgrade(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    Identity { user, key }: Identity,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Identity { user, key } = match authenticate(&app, &headers, &query).await {
-        Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
-    };
     let max = app.cfg.max_message_bytes;
     // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
     ws.max_message_size(max)

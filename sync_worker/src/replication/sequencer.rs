@@ -200,16 +200,19 @@ struct OpenTxn {
     revoked_keys: Vec<String>,
 }
 
+/// A committed transaction waiting to be sequenced.
 struct ReadyTxn {
     end_lsn: Lsn,
-    commit_lsn: Lsn,
     committed_at_us: i64,
-    actions: Vec<Row>,
-    count: usize,
-    large: bool,
-    xid: Option<String>,
-    memberships: Vec<MembershipChange>,
-    revoked_keys: Vec<String>,
+    txn: OpenTxn,
+}
+
+impl std::ops::Deref for ReadyTxn {
+    type Target = OpenTxn;
+
+    fn deref(&self) -> &OpenTxn {
+        &self.txn
+    }
 }
 
 struct Session<'a> {
@@ -369,14 +372,8 @@ async fn session(
                 s.pending_actions += txn.count;
                 s.pending.push(ReadyTxn {
                     end_lsn,
-                    commit_lsn: lsn,
                     committed_at_us: commit_time_micros,
-                    actions: txn.actions,
-                    count: txn.count,
-                    large: txn.large,
-                    xid: txn.xid,
-                    memberships: txn.memberships,
-                    revoked_keys: txn.revoked_keys,
+                    txn,
                 });
                 s.pending_since.get_or_insert_with(Instant::now);
                 if s.pending_actions >= FLUSH_ACTIONS {
