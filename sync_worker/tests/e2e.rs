@@ -190,6 +190,23 @@ async fn next(ws: &mut Ws, wait: Duration) -> Option<Value> {
     }
 }
 
+/// The close frame the server sends next (code, reason), skipping other frames.
+async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some((u16::from(f.code), f.reason.to_string()))
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None)
+}
+
 /// Subscribes after `after`; returns the frames before `caught_up` and its sync id.
 async fn subscribe(ws: &mut Ws, after: i64) -> (Vec<Value>, i64) {
     send(ws, json!({"type": "subscribe", "after": after})).await;
@@ -422,17 +439,7 @@ async fn bad_input_gets_clear_errors_and_harms_nobody() {
     );
     // Oversized: the connection is closed with 1009; others are unaffected.
     let _ = bad.send(Message::Text("x".repeat(200 * 1024).into())).await;
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match bad.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => return Some(u16::from(frame.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let closed = close_frame(&mut bad).await.map(|(code, _)| code);
     assert_eq!(closed, Some(1009));
     exec(&mut db, "INSERT INTO todos VALUES (10, 'still fine', 'p1')");
     assert_eq!(
@@ -657,19 +664,7 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     // SIGTERM: sessions are told to resume, the worker exits cleanly, and a restart goes on.
     let status = tokio::task::block_in_place(|| worker.terminate());
     assert_eq!(status, Some(0), "a clean exit after SIGTERM");
-    let frame = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => {
-                    return Some((u16::from(f.code), f.reason.to_string()))
-                }
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let frame = close_frame(&mut ws).await;
     let (code, reason) = frame.expect("a close frame");
     assert_eq!(code, 1001);
     assert!(reason.contains("resume after 3002"), "{reason}");
@@ -881,17 +876,7 @@ async fn api_keys_work_and_revocation_closes_live_sessions() {
 
     let revoked_at = Instant::now();
     exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let closed = close_frame(&mut ws).await.map(|(code, _)| code);
     assert_eq!(closed, Some(4401));
     assert!(
         revoked_at.elapsed() < Duration::from_secs(1),
@@ -1390,17 +1375,7 @@ async fn cursors_older_than_retention_are_told_to_resync() {
     send(&mut ws, json!({"type": "subscribe", "after": 2})).await;
     let f = next(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(f["code"], "resync_required", "{f}");
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let closed = close_frame(&mut ws).await.map(|(code, _)| code);
     assert_eq!(closed, Some(4410));
     let auth = vec![(
         "Authorization",
