@@ -53,19 +53,7 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
             "Pass to_jsonb() of a sync_actions row.",
         );
     };
-    let text = |name: &str| -> String {
-        match obj.get(name) {
-            Some(Value::String(s)) => s.clone(),
-            None | Some(Value::Null) => errors::invalid(
-                format!("{ctx}change is missing \"{name}\""),
-                "Pass to_jsonb() of a pg_sync.sync_actions row from the other node.",
-            ),
-            Some(_) => errors::invalid(
-                format!("{ctx}\"{name}\" must be a string"),
-                "See pg_sync.sync_actions.",
-            ),
-        }
-    };
+    let text = |name: &str| state::required_str(obj, name, ctx).to_owned();
     let model_name = text("model");
     let model_id = text("model_id");
     let origin = text("origin");

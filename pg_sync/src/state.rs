@@ -27,19 +27,7 @@ pub struct Parsed {
 /// Parses the merge-relevant fields of an action. `ctx` prefixes error messages; `is_key` skips
 /// key columns (keys are immutable and carry no version).
 pub fn parse_action(obj: &Map<String, Value>, ctx: &str, is_key: impl Fn(&str) -> bool) -> Parsed {
-    let string = |name: &str| -> &str {
-        match obj.get(name) {
-            Some(Value::String(s)) => s,
-            None | Some(Value::Null) => errors::invalid(
-                format!("{ctx}change is missing \"{name}\""),
-                "Pass to_jsonb() of a pg_sync.sync_actions row from the other node.",
-            ),
-            Some(_) => errors::invalid(
-                format!("{ctx}\"{name}\" must be a string"),
-                "See pg_sync.sync_actions for the shape.",
-            ),
-        }
-    };
+    let string = |name: &str| required_str(obj, name, ctx);
     let version = parse_version(string("version"), "\"version\"", ctx);
     let moved = match obj.get("moved") {
         None | Some(Value::Null) => false,
@@ -100,6 +88,21 @@ pub fn parse_action(obj: &Map<String, Value>, ctx: &str, is_key: impl Fn(&str) -
         kind,
         version,
         columns,
+    }
+}
+
+/// A string field a `sync_actions` row must have; raises 22023 naming it otherwise.
+pub fn required_str<'a>(obj: &'a Map<String, Value>, name: &str, ctx: &str) -> &'a str {
+    match obj.get(name) {
+        Some(Value::String(s)) => s,
+        None | Some(Value::Null) => errors::invalid(
+            format!("{ctx}change is missing \"{name}\""),
+            "Pass to_jsonb() of a pg_sync.sync_actions row from the other node.",
+        ),
+        Some(_) => errors::invalid(
+            format!("{ctx}\"{name}\" must be a string"),
+            "See pg_sync.sync_actions for the shape.",
+        ),
     }
 }
 
