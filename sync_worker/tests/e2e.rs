@@ -1358,19 +1358,7 @@ async fn cursors_older_than_retention_are_told_to_resync() {
         "INSERT INTO announcements SELECT g, 'old' FROM generate_series(1, 5) g",
     );
     // Wait for the compaction to pass them.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let h: i64 = tokio::task::block_in_place(|| {
-            db.query_one("SELECT pg_sync.retention_horizon()", &[])
-                .unwrap()
-                .get(0)
-        });
-        if h >= 5 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "compaction never ran");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_horizon(&mut db, 5).await;
     let mut ws = connect(port, "anyone").await;
     send(&mut ws, json!({"type": "subscribe", "after": 2})).await;
     let f = next(&mut ws, Duration::from_secs(5)).await.unwrap();
@@ -1387,12 +1375,42 @@ async fn cursors_older_than_retention_are_told_to_resync() {
     let mut ws = connect(port, "anyone").await;
     let (frames, through) = subscribe(&mut ws, 0).await;
     assert!(frames.is_empty() && through >= 5);
-    exec(&mut db, "INSERT INTO announcements VALUES (6, 'new')");
-    assert_eq!(
-        summary(&collect(&mut ws, |g| !g.is_empty()).await),
-        ["announcements:I:6"]
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (6, 'new'), (7, 'new')",
     );
+    assert_eq!(
+        summary(&collect(&mut ws, |g| g.len() >= 2).await),
+        ["announcements:I:6", "announcements:I:7"]
+    );
+    // A bootstrap cursor whose sync id the compaction has passed: bootstrap again.
+    let (_, page) = ndjson(port, "/sync/bootstrap?limit=1", &auth).await;
+    let end = page.last().unwrap();
+    assert_eq!(end["hasMore"], true, "{end}");
+    let w = end["syncId"].as_i64().unwrap();
+    exec(&mut db, "INSERT INTO announcements VALUES (8, 'newer')");
+    wait_for_horizon(&mut db, w + 1).await;
+    let path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+    let (status, body) = http_get_with(port, &path, &auth).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("resync_required"), "{body}");
     tokio::task::block_in_place(|| drop(db));
+}
+
+async fn wait_for_horizon(db: &mut postgres_client::Client, at_least: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let h: i64 = tokio::task::block_in_place(|| {
+            db.query_one("SELECT pg_sync.retention_horizon()", &[])
+                .unwrap()
+                .get(0)
+        });
+        if h >= at_least {
+            return;
+        }
+        assert!(Instant::now() < deadline, "compaction never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads an NDJSON body (chunked transfer) fully; returns its JSON lines.
@@ -1524,5 +1542,245 @@ async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_write
     assert_eq!(lines[0]["models"], json!(["announcements"]));
     let (status, _) = ndjson(port, "/sync/bootstrap", &[]).await;
     assert_eq!(status, 401);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A client's copy of what it may see: `(model, id)` to row.
+type Replica = std::collections::BTreeMap<(String, String), Value>;
+
+/// Applies a delta the way the protocol says any client may: `I` sets the whole row, `U` the
+/// named columns of a row it holds, `D` removes it. Idempotent, so changes a resumed
+/// bootstrap already shows can arrive again harmlessly.
+fn apply_delta(replica: &mut Replica, f: &Value) {
+    let key = (
+        f["model"].as_str().unwrap().to_owned(),
+        f["modelId"].as_str().unwrap().to_owned(),
+    );
+    match f["action"].as_str().unwrap() {
+        "I" => {
+            replica.insert(key, f["data"].clone());
+        }
+        "U" => {
+            if let Some(row) = replica.get_mut(&key) {
+                for (k, v) in f["data"].as_object().unwrap() {
+                    row[k] = v.clone();
+                }
+            }
+        }
+        _ => {
+            replica.remove(&key);
+        }
+    }
+}
+
+/// Adds a bootstrap response's rows; every row must be new to the replica.
+fn add_rows(replica: &mut Replica, lines: &[Value]) -> usize {
+    let mut n = 0;
+    for l in lines.iter().filter(|l| l["type"] == "row") {
+        let key = (
+            l["model"].as_str().unwrap().to_owned(),
+            l["id"].as_str().unwrap().to_owned(),
+        );
+        assert!(
+            replica.insert(key.clone(), l["data"].clone()).is_none(),
+            "row {key:?} sent twice"
+        );
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("bootstrap_pages", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE TABLE notes (project text, n int, body text, PRIMARY KEY (project, n));
+         SELECT pg_sync.register_table('notes', group_column => 'project');
+         SELECT pg_sync.add_member('alice', 'p3');
+         INSERT INTO todos SELECT g, 'seed', 'p' || (g % 3 + 1) FROM generate_series(1, 2500) g;
+         INSERT INTO notes SELECT 'p' || (g % 3 + 1), g, 'n' FROM generate_series(1, 900) g;
+         INSERT INTO announcements SELECT g, 'a' FROM generate_series(1, 5) g;",
+    );
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("alice", 3600, SECRET)),
+    )];
+    // Writes everywhere in the key space while alice pages through her bootstrap.
+    let url = cluster.url("app");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c =
+                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                    .unwrap();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (a, b) = (i * 7919 % 3000 + 1, i * 104_729 % 1200 + 1);
+                c.batch_execute(&format!(
+                    "INSERT INTO todos VALUES ({a}, 'w{i}', 'p{p}') ON CONFLICT (id) DO UPDATE SET title = 'u{i}', project = 'p{p}';
+                     DELETE FROM todos WHERE id = {d};
+                     INSERT INTO notes VALUES ('p1', {b}, 'w{i}') ON CONFLICT (project, n) DO UPDATE SET body = 'u{i}';
+                     DELETE FROM notes WHERE project = 'p3' AND n = {b}",
+                    p = i % 3 + 1,
+                    d = (i * 31) % 3000 + 1,
+                ))
+                .unwrap();
+                i += 1;
+            }
+        })
+    };
+    let mut replica = Replica::new();
+    let (status, first) = ndjson(port, "/sync/bootstrap?limit=700", &auth).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        first[0]["models"],
+        json!(["announcements", "notes", "todos"])
+    );
+    assert_eq!(first[0]["resumed"], false);
+    let w = first[0]["syncId"].as_i64().unwrap();
+    let mut page = first;
+    let mut pages = 1;
+    loop {
+        let end = page.last().unwrap().clone();
+        assert_eq!(end["type"], "end", "{end}");
+        assert_eq!(
+            end["syncId"], w,
+            "every page keeps the first page's sync id"
+        );
+        let n = add_rows(&mut replica, &page);
+        assert_eq!(end["rows"], n);
+        assert!(n <= 700, "{n} rows; end {end}; pages {pages}");
+        for l in page.iter().filter(|l| l["type"] == "row") {
+            let project = &l["data"]["project"];
+            assert!(
+                l["model"] == "announcements" || project == "p1" || project == "p3",
+                "a row alice may not see: {l}"
+            );
+        }
+        if end["hasMore"] == false {
+            assert!(end.get("cursor").is_none());
+            break;
+        }
+        assert_eq!(n, 700, "a page short of the limit is the last");
+        let path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+        let (status, next_page) = ndjson(port, &path, &auth).await;
+        assert_eq!(status, 200);
+        assert_eq!(next_page[0]["resumed"], true);
+        page = next_page;
+        pages += 1;
+    }
+    assert!(pages >= 3, "{pages} pages");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::block_in_place(|| writer.join().unwrap());
+    // Everything after the first page's sync id brings the replica to the database.
+    let mut ws = connect(port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, w).await;
+    assert!(!frames.is_empty());
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let expected: Replica = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project IN ('p1', 'p3')
+             UNION ALL SELECT 'notes', pg_sync.key_text(ARRAY[project, n::text]), to_jsonb(t)::text
+               FROM notes t WHERE project IN ('p1', 'p3')
+             UNION ALL SELECT 'announcements', id::text, to_jsonb(t)::text FROM announcements t",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                (r.get::<_, String>(0), r.get::<_, String>(1)),
+                serde_json::from_str(&r.get::<_, String>(2)).unwrap(),
+            )
+        })
+        .collect()
+    });
+    assert_eq!(replica.len(), expected.len());
+    assert!(replica == expected, "the replica differs from the database");
+
+    // A stream that breaks resumes from its last `cursor` line: with no writes, the rows
+    // before it and the resumed rows are exactly the whole bootstrap.
+    let (_, whole) = ndjson(port, "/sync/bootstrap", &auth).await;
+    let checkpoints: Vec<usize> = (0..whole.len())
+        .filter(|&i| whole[i]["type"] == "cursor")
+        .collect();
+    assert_eq!(
+        checkpoints.len(),
+        (whole.len() - 2) / 1001,
+        "one per 1000 rows"
+    );
+    let cut = checkpoints[0];
+    let mut all = Replica::new();
+    add_rows(&mut all, &whole);
+    let mut resumed = Replica::new();
+    assert_eq!(add_rows(&mut resumed, &whole[..cut]), 1000);
+    let path = format!(
+        "/sync/bootstrap?cursor={}",
+        whole[cut]["cursor"].as_str().unwrap()
+    );
+    let (_, rest) = ndjson(port, &path, &auth).await;
+    add_rows(&mut resumed, &rest);
+    assert!(resumed == all && all == expected);
+
+    // Filters ride along in the cursor; bad cursors and limits are refused.
+    let (_, only) = ndjson(port, "/sync/bootstrap?groups=p3&limit=10", &auth).await;
+    assert_eq!(
+        only[0]["models"],
+        json!(["notes", "todos"]),
+        "global models have no group"
+    );
+    let mut p3 = Replica::new();
+    add_rows(&mut p3, &only);
+    let path = format!(
+        "/sync/bootstrap?limit=100000&cursor={}",
+        only.last().unwrap()["cursor"].as_str().unwrap()
+    );
+    let (_, rest) = ndjson(port, &path, &auth).await;
+    assert_eq!(
+        rest.last().unwrap()["hasMore"],
+        false,
+        "the request's limit wins"
+    );
+    add_rows(&mut p3, &rest);
+    let want: Replica = expected
+        .iter()
+        .filter(|(_, v)| v["project"] == "p3")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(p3 == want);
+    let (_, foreign) = ndjson(port, "/sync/bootstrap?groups=p2", &auth).await;
+    assert_eq!(
+        foreign.last().unwrap()["rows"],
+        0,
+        "a filter never widens access"
+    );
+    for (path, status, code) in [
+        ("/sync/bootstrap?cursor=garbage", 400, "bad_cursor"),
+        (
+            "/sync/bootstrap?cursor=eyJ3IjotMSwibSI6IngifQ",
+            400,
+            "bad_cursor",
+        ),
+        ("/sync/bootstrap?limit=0", 400, "bad_limit"),
+        ("/sync/bootstrap?limit=x", 400, "bad_limit"),
+        // {"w":999999999,"m":"todos"}
+        (
+            "/sync/bootstrap?cursor=eyJ3Ijo5OTk5OTk5OTksIm0iOiJ0b2RvcyJ9",
+            409,
+            "cursor_ahead",
+        ),
+    ] {
+        let (got, body) = http_get_with(port, path, &auth).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.contains(code), "{path}: {body}");
+    }
     tokio::task::block_in_place(|| drop(db));
 }
