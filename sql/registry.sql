@@ -245,8 +245,25 @@ AS $$
         (SELECT max(first_sync_id + action_count - 1) FROM pg_sync.commit_order
           WHERE committed_at < now() - age), 0))
 $$;
+
+-- Compaction by size: keeps at most the newest `max_actions` sequenced actions (whole
+-- transactions go, so a little more may stay).
+CREATE FUNCTION pg_sync.compact_to_size(max_actions bigint) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_actions IS NULL OR max_actions < 0 THEN
+        RAISE EXCEPTION 'max_actions must be 0 or more, not %', coalesce(max_actions::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass how many of the newest sequenced actions to keep.';
+    END IF;
+    RETURN pg_sync.compact(GREATEST(pg_sync.last_sync_id() - max_actions, 0));
+END
+$$;
 REVOKE ALL ON FUNCTION pg_sync.compact(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.compact_older_than(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.compact_to_size(bigint) FROM PUBLIC;
 
 -- The retention horizon: cursors below it must bootstrap again.
 CREATE FUNCTION pg_sync.retention_horizon() RETURNS bigint

@@ -49,6 +49,9 @@ thread_local! {
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
     static OWNER: RefCell<Option<pg_sys::Oid>> = const { RefCell::new(None) };
+    /// Actions this backend has written, ever: a difference of two readings counts the
+    /// actions written in between (see `written`).
+    static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Clears a thread-local context when dropped, also when an ERROR unwinds past it.
@@ -470,6 +473,12 @@ fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
                 .unwrap_or_else(|e| panic!("pg_sync: {e}"));
         })
     });
+    WRITTEN.with(|w| w.set(w.get() + 1));
+}
+
+/// How many actions this backend has written so far.
+pub fn written() -> u64 {
+    WRITTEN.with(|w| w.get())
 }
 
 fn versions_object(map: &BTreeMap<String, String>, except: &str) -> Map<String, Value> {

@@ -68,6 +68,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
 
     let mut models: HashMap<String, Model> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
+    let before = capture::written();
     {
         let _client = capture::enter_client(ClientContext {
             client_id: client_id.to_owned(),
@@ -83,6 +84,8 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
         "clientId": client_id,
         "clientTxId": tx,
         "ops": results,
+        // Deltas this transaction made (each carries clientTxId); 0: none will come back.
+        "changes": capture::written() - before,
     });
     model::run(
         "UPDATE pg_sync.client_transactions SET result = $1->'r'
@@ -133,7 +136,11 @@ fn apply_op(
     let data = match (op.get("data"), action) {
         (Some(Value::Object(m)), "I" | "U") => m.clone(),
         (None | Some(Value::Null), "D") => Map::new(),
-        (_, "D") => errors::invalid(format!("{ctx}a delete takes no \"data\""), shape),
+        (Some(Value::Object(m)), "D") if m.is_empty() => Map::new(),
+        (_, "D") => errors::invalid(
+            format!("{ctx}a delete takes no \"data\" (or an empty one)"),
+            shape,
+        ),
         _ => errors::invalid(format!("{ctx}\"data\" must be an object"), shape),
     };
     for col in data.keys() {

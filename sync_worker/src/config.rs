@@ -43,6 +43,9 @@ pub struct Config {
     /// Keep the sequenced log this long (a Postgres interval, e.g. '7 days'); 'off' keeps it all.
     #[arg(long, env = "SYNC_RETENTION", default_value = "7 days")]
     pub retention: String,
+    /// Keep at most this many of the newest sequenced actions (0: no size limit).
+    #[arg(long, env = "SYNC_RETENTION_MAX_ACTIONS", default_value_t = 0)]
+    pub retention_max_actions: u64,
     /// Seconds between compactions.
     #[arg(long, env = "SYNC_COMPACT_INTERVAL_SECS", default_value_t = 3600)]
     pub compact_interval_secs: u64,

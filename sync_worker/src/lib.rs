@@ -46,7 +46,7 @@ pub async fn serve(
         verifier,
         shutdown: shutdown.clone(),
     });
-    if app.cfg.retention != "off" {
+    if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
     }
     let mut stop = shutdown.clone();
@@ -67,11 +67,16 @@ async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
+        // By age and by size: whichever horizon is higher wins.
+        let age = (app.cfg.retention != "off").then_some(app.cfg.retention.as_str());
+        let size =
+            (app.cfg.retention_max_actions > 0).then_some(app.cfg.retention_max_actions as i64);
         let result = match app.db.get().await {
             Ok(db) => db
                 .query_one(
-                    "SELECT pg_sync.compact_older_than($1::text::interval)",
-                    &[&app.cfg.retention],
+                    "SELECT CASE WHEN $1::text IS NULL THEN 0 ELSE pg_sync.compact_older_than($1::text::interval) END
+                          + CASE WHEN $2::bigint IS NULL THEN 0 ELSE pg_sync.compact_to_size($2::bigint) END",
+                    &[&age, &size],
                 )
                 .await
                 .map(|r| r.get::<_, i64>(0))

@@ -1214,12 +1214,14 @@ async fn mutate_applies_once_within_the_users_groups() {
         ("rejected", "forbidden"),
     ];
     assert_eq!(got, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    assert_eq!(res["results"][0]["changes"], 2, "two deltas will come back");
     // Replays apply nothing twice, however often they come.
     for _ in 0..3 {
         let replay = json!({"clientId": "laptop", "transactions": [tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))]});
         let (_, text) = http_post(port, "/sync/mutate", &auth, &replay.to_string()).await;
         let res: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(res["results"][0]["status"], "duplicate");
+        assert_eq!(res["results"][0]["changes"], 2, "the first result");
     }
     // Only the applied transaction changed the database; nothing partial.
     let rows: Vec<(i32, String, String)> = tokio::task::block_in_place(|| {
@@ -1782,5 +1784,199 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(code), "{path}: {body}");
     }
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_clients_queue_replays_exactly_once_and_converges() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("offline", &[]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, 'seed', 'p1' FROM generate_series(1, 20) g",
+    );
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("alice", 3600, SECRET)),
+    )];
+    // Online: bootstrap. Then offline: others write, and the client queues transactions.
+    let (_, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
+    let w = lines[0]["syncId"].as_i64().unwrap();
+    let mut replica = Replica::new();
+    assert_eq!(add_rows(&mut replica, &lines), 20);
+    exec(
+        &mut db,
+        "UPDATE todos SET title = 'server' WHERE id <= 5; DELETE FROM todos WHERE id IN (6, 7)",
+    );
+    let op = |action: &str, id: i64, data: Value| json!({"model": "todos", "action": action, "id": id, "data": data});
+    let queue: Vec<Value> = (0..40i64)
+        .map(|i| {
+            let ops = match i % 4 {
+                0 => json!([op(
+                    "I",
+                    1000 + i,
+                    json!({"title": format!("q{i}"), "project": "p1"})
+                )]),
+                // Ids 2, 6, 10, 14, 18, twice: 6 was deleted meanwhile, so those two are refused.
+                1 => json!([op("U", i % 20 + 1, json!({"title": format!("q{i}")}))]),
+                2 => json!([op(
+                    "U",
+                    1000 + i - 2,
+                    json!({"title": format!("q{i} edited")})
+                )]),
+                _ if i % 8 == 3 => json!([op("D", 1000 + i - 3, json!({}))]),
+                _ => json!([
+                    op("I", 2000 + i, json!({"title": "pair", "project": "p1"})),
+                    op("U", 1000 + i - 3, json!({"title": format!("q{i} paired")}))
+                ]),
+            };
+            json!({"clientTxId": format!("00000000-0000-4000-8000-{i:012}"), "ops": ops})
+        })
+        .collect();
+    let batch = |txs: &[Value]| json!({"clientId": "phone", "transactions": txs}).to_string();
+    // Reconnecting, the first attempt dies after sending the first half: its answer is lost.
+    {
+        let body = batch(&queue[..20]);
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!(
+            "POST /sync/mutate HTTP/1.1\r\nHost: x\r\n{}: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            auth[0].0,
+            auth[0].1,
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+    }
+    // So the client replays the whole queue, twice.
+    let mut answers = vec![];
+    for _ in 0..2 {
+        let (status, text) = http_post(port, "/sync/mutate", &auth, &batch(&queue)).await;
+        assert_eq!(status, 200, "{text}");
+        let res: Value = serde_json::from_str(&text).unwrap();
+        answers.push(res["results"].as_array().unwrap().clone());
+    }
+    let mut changes: std::collections::BTreeMap<String, i64> = Default::default();
+    for (i, (first, second)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        let refused = i == 5 || i == 25;
+        let want = if refused { "rejected" } else { "duplicate" };
+        assert_eq!(second["status"], want, "transaction {i}: {second}");
+        if refused {
+            assert_eq!(first["code"], "not_found");
+            continue;
+        }
+        assert!(first["status"] == "applied" || first["status"] == "duplicate");
+        assert_eq!(first["ops"], second["ops"]);
+        assert_eq!(first["changes"], second["changes"]);
+        changes.insert(
+            first["clientTxId"].as_str().unwrap().to_owned(),
+            first["changes"].as_i64().unwrap(),
+        );
+    }
+    // Each transaction's changes are in the log exactly once.
+    let logged: std::collections::BTreeMap<String, i64> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT client_tx_id::text, count(*) FROM pg_sync.sync_actions WHERE client_id = 'phone' GROUP BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    });
+    assert_eq!(logged, changes);
+    assert_eq!(changes.values().sum::<i64>(), 10 + 8 + 10 + 5 + 10);
+    // Back online: the stream after the bootstrap brings the client to the database.
+    let mut ws = connect(port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, w).await;
+    let own = frames.iter().filter(|f| f["clientId"] == "phone").count() as i64;
+    assert_eq!(
+        own,
+        changes.values().sum::<i64>(),
+        "each own change comes back once"
+    );
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let expected: Replica = tokio::task::block_in_place(|| {
+        db.query("SELECT id::text, to_jsonb(t)::text FROM todos t", &[])
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    ("todos".to_owned(), r.get::<_, String>(0)),
+                    serde_json::from_str(&r.get::<_, String>(1)).unwrap(),
+                )
+            })
+            .collect()
+    });
+    assert!(
+        replica == expected,
+        "the client's copy differs from the database"
+    );
+    let titles: Vec<String> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT title FROM todos WHERE id IN (2, 1004, 1008, 1012) ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    });
+    assert_eq!(
+        titles,
+        ["q21", "q7 paired", "q15 paired"],
+        "the later writes win"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_keeps_the_newest_actions() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("retention_size", &[]));
+    let mut db = setup(&cluster, "app");
+    let port = free_port();
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        port,
+        &[
+            ("SYNC_RETENTION", "off"),
+            ("SYNC_RETENTION_MAX_ACTIONS", "3"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    );
+    worker.wait_healthy().await;
+    for i in 1..=10 {
+        exec(
+            &mut db,
+            &format!("INSERT INTO announcements VALUES ({i}, 'a')"),
+        );
+    }
+    wait_for_horizon(&mut db, 7).await;
+    let left: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(left, 3);
+    let mut ws = connect(port, "anyone").await;
+    let (frames, _) = subscribe(&mut ws, 7).await;
+    assert_eq!(
+        summary(&frames),
+        [
+            "announcements:I:8",
+            "announcements:I:9",
+            "announcements:I:10"
+        ]
+    );
+    let mut old = connect(port, "anyone").await;
+    send(&mut old, json!({"type": "subscribe", "after": 6})).await;
+    let f = next(&mut old, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(f["code"], "resync_required", "{f}");
     tokio::task::block_in_place(|| drop(db));
 }

@@ -84,6 +84,7 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
                     "clientTxId": tx.client_tx_id,
                     "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
                     "ops": first["ops"],
+                    "changes": first["changes"],
                 })
             }
             Err(e) => match e.as_db_error() {

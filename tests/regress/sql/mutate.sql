@@ -25,6 +25,15 @@ SELECT count(*) AS actions FROM pg_sync.sync_actions WHERE model = 'tasks';
 -- The same tx id from another client is a different transaction.
 SELECT pg_sync.mutate('client-2', '00000000-0000-0000-0000-000000000001', '[
   {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": true}}]') ->> 'status';
+-- `changes` counts the deltas a transaction made; a write that changes nothing makes none,
+-- so a client knows no delta will come back for it. A replay reports the first count.
+SELECT pg_sync.mutate('client-3', '00000000-0000-0000-0000-000000000009', '[
+  {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": true}}]') -> 'changes' AS no_op;
+SELECT pg_sync.mutate('client-3', '00000000-0000-0000-0000-000000000010', '[
+  {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": false}},
+  {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": true}}]') -> 'changes' AS two;
+SELECT pg_sync.mutate('client-3', '00000000-0000-0000-0000-000000000010', '[
+  {"model": "tasks", "action": "U", "id": "22222222-2222-2222-2222-222222222222", "data": {"done": false}}]') -> 'changes' AS replayed;
 -- Writes outside mutate carry no client id.
 UPDATE tasks SET title = 'plain sql' WHERE id = '22222222-2222-2222-2222-222222222222';
 SELECT client_id FROM pg_sync.sync_actions ORDER BY id DESC LIMIT 1;

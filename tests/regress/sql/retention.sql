@@ -35,3 +35,15 @@ SELECT count(*) AS zombie FROM kept WHERE id = 2;
 UPDATE kept SET v = 'a3' WHERE id = 1;
 SELECT (pg_sync.row_version_state('kept', '1')->>'max_version') COLLATE "C" > (SELECT s->>'max_version' FROM before WHERE k = '1') AS newer;
 SELECT err($$SELECT pg_sync.compact_older_than('1 hour')$$);
+
+-- By size: keep the newest N sequenced actions, whole transactions only.
+INSERT INTO kept SELECT g, 'bulk' FROM generate_series(10, 14) g;
+INSERT INTO kept VALUES (20, 'x');
+INSERT INTO kept VALUES (21, 'y');
+SELECT sequence_all();
+SELECT pg_sync.compact_to_size(2) AS removed_by_size;
+SELECT count(*) AS actions_left FROM pg_sync.sync_actions WHERE model = 'kept';
+SELECT pg_sync.retention_horizon() = pg_sync.last_sync_id() - 2 AS horizon_at_size;
+SELECT pg_sync.compact_to_size(1000) AS nothing_more;
+SELECT err($$SELECT pg_sync.compact_to_size(-1)$$);
+SELECT err($$SELECT pg_sync.compact_to_size(NULL)$$);
