@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_sync needs, idempotently: Debian packages (when root),
-# the pinned cargo-pgrx, and `cargo pgrx init` pointed at the system Postgres 15.
+# the pinned cargo-pgrx, `cargo pgrx init` pointed at the system Postgres 15, and the browser
+# test's npm packages (tests/browser, from its lock file).
 set -euo pipefail
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PGRX_VERSION=0.18.1
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo curl)
+# chromium: the browser test of the demo page (tests/browser).
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo curl chromium)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -30,4 +32,19 @@ fi
 if ! grep -qs "^pg15 = \"${PG_CONFIG}\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
   echo "deps: cargo pgrx init --pg15 ${PG_CONFIG}"
   cargo pgrx init --pg15 "${PG_CONFIG}"
+fi
+
+# The browser test drives Debian's chromium with playwright-core, which needs Node.js 20+.
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "deps: the browser test needs Node.js 20 or newer (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
+here=$(cd "$(dirname "$0")/.." && pwd)
+lock="$here/tests/browser/package-lock.json"
+stamp="$here/tests/browser/node_modules/.installed-from"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then
+  echo "deps: npm ci in tests/browser"
+  (cd "$here/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+  sha256sum <"$lock" >"$stamp"
 fi

@@ -3,159 +3,18 @@
 use futures::{SinkExt, StreamExt};
 use pg_sync_tests::Cluster;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const SECRET: &str = "e2e-secret";
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Worker {
-    child: Child,
-    port: u16,
-}
-
-impl Worker {
-    fn start(cluster: &Cluster, db: &str, port: u16) -> Worker {
-        Self::start_with(cluster, db, port, &[])
-    }
-
-    fn start_with(cluster: &Cluster, db: &str, port: u16, env: &[(&str, &str)]) -> Worker {
-        let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
-            .envs(env.iter().copied())
-            .env("DATABASE_URL", cluster.url(db))
-            .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
-            .env("SYNC_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "sync_worker=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sync_worker");
-        Worker { child, port }
-    }
-
-    /// SIGTERM, and the exit status once it has drained.
-    fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    fn kill9(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-
-    async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_get(self.port, "/healthz")
-                .await
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "worker never became healthy");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.1 request over a fresh connection; returns the status and the raw body.
-async fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, String)],
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    // A refused oversized body may close the connection before it is all written.
-    let _ = s.write_all(body.as_bytes()).await;
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((
-        status,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    ))
-}
-
-async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    request(port, "GET", path, &[], "").await
-}
-
-async fn http_get_with(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, String) {
-    request(port, "GET", path, headers, "")
-        .await
-        .expect("request")
-}
-
-async fn http_post(port: u16, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
-    request(port, "POST", path, headers, body)
-        .await
-        .expect("request")
-}
-
-fn token(user: &str, exp_offset: i64, secret: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        + exp_offset;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
+mod common;
+use common::*;
 
 async fn connect(port: u16, user: &str) -> Ws {
     let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
@@ -1418,11 +1277,12 @@ async fn wait_for_horizon(db: &mut postgres_client::Client, at_least: i64) {
 /// Reads an NDJSON body (chunked transfer) fully; returns its JSON lines.
 async fn ndjson(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, Vec<Value>) {
     let (status, body) = http_get_with(port, path, headers).await;
-    // Chunk-size lines are not JSON objects; the NDJSON lines are.
+    if status != 200 {
+        return (status, vec![]);
+    }
     let lines = body
         .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     (status, lines)
 }
@@ -1731,6 +1591,29 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
     let (_, rest) = ndjson(port, &path, &auth).await;
     add_rows(&mut resumed, &rest);
     assert!(resumed == all && all == expected);
+
+    // Gzip when the client takes it: the same lines.
+    let mut gzip = auth.clone();
+    gzip.push(("Accept-Encoding", "gzip".into()));
+    let reply = raw_request(port, "GET", "/sync/bootstrap", &gzip, "")
+        .await
+        .unwrap();
+    assert_eq!(reply.header("content-encoding"), Some("gzip"));
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&reply.body[..]),
+        &mut text,
+    )
+    .unwrap();
+    let unzipped: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(unzipped.len() < reply.body.len() / 4, "compressed");
+    let (mut a, mut b) = (Replica::new(), Replica::new());
+    add_rows(&mut a, &unzipped);
+    add_rows(&mut b, &whole);
+    assert!(a == b);
 
     // Filters ride along in the cursor; bad cursors and limits are refused.
     let (_, only) = ndjson(port, "/sync/bootstrap?groups=p3&limit=10", &auth).await;

@@ -415,11 +415,7 @@ async fn stream(
         out.push_json(last);
         let _ = out.flush(true).await;
     });
-    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    }));
+    let body = Body::from_stream(super::receiver_stream(rx));
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 

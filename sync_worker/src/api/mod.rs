@@ -134,6 +134,18 @@ pub async fn authenticate(
     }
 }
 
+/// A channel as a response body stream. Fused: a body layer (compression) may poll once
+/// more after the end.
+pub fn receiver_stream<T>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = Result<T, std::convert::Infallible>> {
+    use futures::StreamExt;
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (Ok(item), rx))
+    })
+    .fuse()
+}
+
 /// A JSON error body: `{"code": ..., "message": ...}`.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     Refusal::new(status, code, message).into_response()

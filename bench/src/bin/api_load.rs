@@ -1,0 +1,279 @@
+//! Load for the client API benchmarks, each side by side with its baseline in one run.
+//!
+//! `api_load bootstrap PORT SECRET USER DATABASE_URL SQL`: streams `GET /sync/bootstrap` (plain,
+//! then gzip) and `COPY (SQL) TO STDOUT` over one connection, three rounds interleaved; prints
+//! one JSON line with rows, bytes and seconds of each run.
+//!
+//! `api_load mutate PORT SECRET USER DATABASE_URL TABLE GROUP SECONDS CLIENTS BATCH`: single-row
+//! inserts into TABLE for SECONDS each way: plain `INSERT`s, one transaction each, from one
+//! connection; then `POST /sync/mutate` from CLIENTS keep-alive connections, BATCH
+//! transactions (one insert op each) per request. Prints one JSON line: transactions/s and
+//! latency percentiles of each.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn token(secret: &str, user: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 7200;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn db(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the database");
+    tokio::spawn(conn);
+    client
+}
+
+/// One bootstrap over HTTP/1.0 (the body ends at close, no chunk framing): (rows, bytes).
+async fn bootstrap(port: u16, token: &str, gzip: bool) -> (u64, u64) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let enc = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+    s.write_all(
+        format!("GET /sync/bootstrap HTTP/1.0\r\nAuthorization: Bearer {token}\r\n{enc}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    let mut tail: Vec<u8> = vec![];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 8192 {
+            tail.drain(..tail.len() - 4096);
+        }
+    }
+    if gzip {
+        return (0, bytes);
+    }
+    // The `end` line says how many rows were sent.
+    let text = String::from_utf8_lossy(&tail);
+    let end = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"type\":\"end\""))
+        .expect("an end line");
+    let v: serde_json::Value = serde_json::from_str(end).unwrap();
+    (v["rows"].as_u64().unwrap(), bytes)
+}
+
+async fn copy(url: &str, sql: &str) -> (u64, u64) {
+    use futures::StreamExt;
+    let c = db(url).await;
+    let stream = c
+        .copy_out(&format!("COPY ({sql}) TO STDOUT"))
+        .await
+        .unwrap();
+    futures::pin_mut!(stream);
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        bytes += chunk.len() as u64;
+        rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    (rows, bytes)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn latencies(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    serde_json::json!({"p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99), "max_ms": v.last().copied().unwrap_or(0.0)})
+}
+
+/// A keep-alive HTTP/1.1 connection for JSON POSTs.
+struct Http {
+    r: BufReader<TcpStream>,
+    auth: String,
+}
+
+impl Http {
+    async fn post(&mut self, path: &str, body: &str) -> (u16, String) {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.auth,
+            body.len()
+        );
+        self.r.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).await.unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.r.read_exact(&mut body).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn mutate_client(
+    port: u16,
+    token: String,
+    table: String,
+    group: String,
+    first_id: i64,
+    batch: usize,
+    until: Instant,
+) -> (u64, Vec<f64>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut http = Http {
+        r: BufReader::new(s),
+        auth: token,
+    };
+    let client_id = format!("bench-{first_id}");
+    let (mut id, mut done, mut lat) = (first_id, 0u64, vec![]);
+    while Instant::now() < until {
+        let txs: Vec<serde_json::Value> = (0..batch)
+            .map(|k| {
+                let i = id + k as i64;
+                serde_json::json!({
+                    "clientTxId": format!("00000000-0000-4000-8000-{i:012}"),
+                    "ops": [{"model": table, "action": "I", "id": i,
+                             "data": {"grp": group, "title": format!("task {i}"), "done": false}}]})
+            })
+            .collect();
+        id += batch as i64;
+        let body = serde_json::json!({"clientId": client_id, "transactions": txs}).to_string();
+        let t = Instant::now();
+        let (status, reply) = http.post("/sync/mutate", &body).await;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200, "{reply}");
+        let applied = reply.matches("\"status\":\"applied\",").count();
+        assert_eq!(applied, batch, "every transaction applies: {reply}");
+        done += batch as u64;
+    }
+    (done, lat)
+}
+
+async fn run_mutate(args: &[String]) {
+    let port: u16 = args[0].parse().unwrap();
+    let token = token(&args[1], &args[2]);
+    let (url, table, group) = (&args[3], &args[4], &args[5]);
+    let secs: u64 = args[6].parse().unwrap();
+    let clients: usize = args[7].parse().unwrap();
+    let batch: usize = args[8].parse().unwrap();
+
+    // Baseline: the same rows by plain SQL, one transaction per insert, one connection.
+    let c = db(url).await;
+    let insert = c
+        .prepare(&format!(
+            "INSERT INTO {table} (id, grp, title, done) VALUES ($1, $2, $3, false)"
+        ))
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (mut id, mut lat) = (1_000_000_000i64, vec![]);
+    let start = Instant::now();
+    while Instant::now() < until {
+        let t = Instant::now();
+        c.execute(&insert, &[&id, group, &format!("task {id}")])
+            .await
+            .unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        id += 1;
+    }
+    let sql_tps = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let sql_lat = latencies(lat);
+
+    let until = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|k| {
+            tokio::spawn(mutate_client(
+                port,
+                token.clone(),
+                table.clone(),
+                group.clone(),
+                2_000_000_000 + k as i64 * 100_000_000,
+                batch,
+                until,
+            ))
+        })
+        .collect();
+    let (mut txns, mut lat) = (0u64, vec![]);
+    for h in handles {
+        let (n, l) = h.await.unwrap();
+        txns += n;
+        lat.extend(l);
+    }
+    let api_tps = txns as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "sql_tps": sql_tps, "sql_latency": sql_lat,
+            "mutate_tps": api_tps, "mutate_request_latency": latencies(lat),
+            "clients": clients, "batch": batch,
+        })
+    );
+}
+
+async fn run_bootstrap(args: &[String]) {
+    let port: u16 = args[0].parse().unwrap();
+    let token = token(&args[1], &args[2]);
+    let (url, sql) = (&args[3], &args[4]);
+    let mut runs = vec![];
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (rows, bytes) = copy(url, sql).await;
+        runs.push(serde_json::json!({"what": "copy", "rows": rows, "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
+        let t = Instant::now();
+        let (rows, bytes) = bootstrap(port, &token, false).await;
+        runs.push(serde_json::json!({"what": "bootstrap", "rows": rows, "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
+        let t = Instant::now();
+        let (_, bytes) = bootstrap(port, &token, true).await;
+        runs.push(serde_json::json!({"what": "bootstrap_gzip", "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
+    }
+    println!("{}", serde_json::Value::Array(runs));
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bootstrap") if args.len() == 6 => run_bootstrap(&args[1..]).await,
+        Some("mutate") if args.len() == 10 => run_mutate(&args[1..]).await,
+        _ => {
+            eprintln!("usage: see the comment at the top of bench/src/bin/api_load.rs");
+            std::process::exit(2);
+        }
+    }
+}

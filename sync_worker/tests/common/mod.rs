@@ -1,0 +1,211 @@
+//! What the worker's integration tests share: the worker binary as a child process, a free
+//! port, plain HTTP requests and tokens.
+#![allow(dead_code)]
+
+use pg_sync_tests::Cluster;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const SECRET: &str = "e2e-secret";
+pub struct Worker {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Worker {
+    pub fn start(cluster: &Cluster, db: &str, port: u16) -> Worker {
+        Self::start_with(cluster, db, port, &[])
+    }
+
+    pub fn start_with(cluster: &Cluster, db: &str, port: u16, env: &[(&str, &str)]) -> Worker {
+        let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+            .envs(env.iter().copied())
+            .env("DATABASE_URL", cluster.url(db))
+            .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SYNC_JWT_SECRET", SECRET)
+            .env("RUST_LOG", "sync_worker=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sync_worker");
+        Worker { child, port }
+    }
+
+    /// SIGTERM, and the exit status once it has drained.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(self.port, "/healthz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "worker never became healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns the status and the raw body.
+/// An HTTP response: status, header block, and the body (de-chunked).
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection.
+pub async fn raw_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> std::io::Result<Reply> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    // A refused oversized body may close the connection before it is all written.
+    let _ = s.write_all(body.as_bytes()).await;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |i| i + 4);
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut reply = Reply {
+        status,
+        headers,
+        body: raw[split..].to_vec(),
+    };
+    if reply.header("transfer-encoding") == Some("chunked") {
+        reply.body = dechunk(&reply.body);
+    }
+    Ok(reply)
+}
+
+/// The payload of a chunked body (as much of it as arrived).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size.filter(|&n| n > 0) else {
+            break;
+        };
+        let data = &raw[eol + 2..];
+        let take = size.min(data.len());
+        out.extend_from_slice(&data[..take]);
+        raw = data.get(take + 2..).unwrap_or_default();
+    }
+    out
+}
+
+pub async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let r = raw_request(port, method, path, headers, body).await?;
+    Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
+}
+
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    request(port, "GET", path, &[], "").await
+}
+
+pub async fn http_get_with(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, String) {
+    request(port, "GET", path, headers, "")
+        .await
+        .expect("request")
+}
+
+pub async fn http_post(
+    port: u16,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, String) {
+    request(port, "POST", path, headers, body)
+        .await
+        .expect("request")
+}
+
+pub fn token(user: &str, exp_offset: i64, secret: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + exp_offset;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
