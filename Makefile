@@ -43,3 +43,5 @@ bench: install
 	bash bench/write_overhead.sh
 	bash bench/tail.sh
 	bash bench/fanout.sh
+	bash bench/bootstrap.sh
+	bash bench/mutate.sh

@@ -28,35 +28,39 @@ pub struct Model {
 impl Model {
     /// Looks a model up in the registry; raises 42P01 when it is not registered.
     pub fn lookup(name: &str) -> Model {
-        let row = Spi::connect(|client| {
-            let t = client.select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), r.pk_columns,
-                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-                               WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND a.attname <> ALL (r.excluded_columns)
-                               ORDER BY a.attnum),
-                        r.federation, r.enabled, r.group_column
-                   FROM pg_sync.registry r
-                   JOIN pg_catalog.pg_class c ON c.oid = r.rel
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE r.model = $1",
-                None,
-                &[name.into()],
-            )?;
-            if t.is_empty() {
-                return Ok::<_, pgrx::spi::Error>(None);
-            }
-            let r = t.first();
-            Ok(Some((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<Vec<String>>(2)?.unwrap_or_default(),
-                r.get::<Vec<String>>(3)?.unwrap_or_default(),
-                r.get::<String>(4)?.unwrap_or_default(),
-                r.get::<bool>(5)?.unwrap_or(false),
-                r.get::<String>(6)?,
-            )))
-        })
-        .unwrap_or_else(|e| panic!("pg_sync: registry lookup failed: {e}"));
+        // A cached plan: mutate looks models up on every call.
+        let found = run(
+            "SELECT pg_catalog.jsonb_build_object(
+                        't', pg_catalog.format('%I.%I', n.nspname, c.relname), 'k', r.pk_columns,
+                        'c', ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                                    WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                      AND a.attname <> ALL (r.excluded_columns)
+                                    ORDER BY a.attnum),
+                        'f', r.federation, 'e', r.enabled, 'g', r.group_column)
+               FROM pg_sync.registry r
+               JOIN pg_catalog.pg_class c ON c.oid = r.rel
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE r.model = $1->>'m'",
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(serde_json::json!({"m": name}))],
+        );
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        let row = found.map(|r| {
+            (
+                r["t"].as_str().unwrap_or_default().to_owned(),
+                strings(&r["k"]),
+                strings(&r["c"]),
+                r["f"].as_str().unwrap_or_default().to_owned(),
+                r["e"].as_bool().unwrap_or(false),
+                r["g"].as_str().map(str::to_owned),
+            )
+        });
         let Some((table, key, columns, federation, enabled, group)) = row else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -199,7 +203,7 @@ impl Model {
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "SELECT pg_catalog.to_jsonb(r) FROM (SELECT {cols} FROM {t} WHERE {cond} FOR UPDATE) r",
+            "SELECT pg_catalog.to_jsonb(r.*) FROM (SELECT {cols} FROM {t} WHERE {cond} FOR UPDATE) r",
             t = self.table,
             cond = self.key_condition(1)
         );

@@ -1863,3 +1863,94 @@ async fn retention_by_size_keeps_the_newest_actions() {
     assert_eq!(f["code"], "resync_required", "{f}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("bootstrap_types", &["timezone = 'UTC'"]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        r#"CREATE TABLE kinds (id uuid PRIMARY KEY, i2 int2, i4 int4, i8 int8, b bool, t text,
+             v varchar(20), n numeric, nn numeric, f4 float4, f8 float8, ts timestamptz, d date,
+             j json, jb jsonb, arr int[], tags text[], by bytea, c char(5), nm name, iv interval,
+             "we""ird col" text, secret text);
+           SELECT pg_sync.register_table('kinds', exclude => '{secret}');
+           INSERT INTO kinds VALUES
+             ('00000000-0000-0000-0000-000000000001', -32768, 2147483647, -9223372036854775808, true,
+              E'quote" back\\ nl\n tab\t ctl\u0001 é 😀', 'vc', 1.50, 'NaN', 1.5e-7, 'Infinity',
+              '2026-11-22 04:31:00.123456+00', '2026-11-22', '{"b": 1, "a": 2, "a": 3}',
+              '{"b": 1, "a": [1, 2.0, "x"]}', '{1,NULL,3}', '{"x,y",NULL}', '\x00ff', 'ab',
+              'nm', '1 day 02:03:04', 'w', 'hidden'),
+             ('00000000-0000-0000-0000-000000000002', NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'x');
+           CREATE TABLE times (id int PRIMARY KEY, tz timestamptz, ts timestamp, d date);
+           SELECT pg_sync.register_table('times');
+           INSERT INTO times VALUES
+             (1, '2026-11-22 04:31:00+00', '2026-11-22 04:31:00', '2026-11-22'),
+             (2, '2000-01-01 00:00:00.000001+00', '1999-12-31 23:59:59.5', '2000-02-29'),
+             (3, 'infinity', '-infinity', 'infinity'),
+             (4, '0044-03-15 12:00:00.25+00 BC', '4713-01-01 00:00:00 BC', '0001-12-31 BC'),
+             (5, '12345-06-07 08:09:10+00', '1900-02-28 23:59:59.999999', '1600-02-29'),
+             (6, '1969-12-31 23:59:59.9+00', '1970-01-01 00:00:00.1', '-infinity');
+           CREATE TABLE events (at timestamptz, name text, n numeric, PRIMARY KEY (at, name));
+           SELECT pg_sync.register_table('events');
+           INSERT INTO events VALUES ('2026-01-01 00:00+00', 'b', -0.000), ('2026-01-01 00:00+00', 'a', 1e30),
+                                     ('2025-06-30 23:59:59.5+02', 'z', 'Infinity');"#,
+    );
+    // The cluster runs in UTC, so timestamptz takes the worker's own formatting too.
+    let zone: String =
+        tokio::task::block_in_place(|| db.query_one("SHOW TimeZone", &[]).unwrap().get(0));
+    assert!(zone.ends_with("UTC"), "{zone}");
+    let port = free_port();
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let auth = vec![(
+        "Authorization",
+        format!("Bearer {}", token("anyone", 3600, SECRET)),
+    )];
+    // What Postgres says, and what the inserts' deltas said.
+    let expected: Replica = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT 'kinds', id::text, (to_jsonb(k) - 'secret')::text FROM kinds k
+             UNION ALL SELECT 'events', pg_sync.key_text(ARRAY[format('%s', at), name]), to_jsonb(e)::text FROM events e
+             UNION ALL SELECT 'times', id::text, to_jsonb(x)::text FROM times x",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                (r.get::<_, String>(0), r.get::<_, String>(1)),
+                serde_json::from_str(&r.get::<_, String>(2)).unwrap(),
+            )
+        })
+        .collect()
+    });
+    let mut ws = connect(port, "anyone").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    let mut from_deltas = Replica::new();
+    for f in &frames {
+        apply_delta(&mut from_deltas, f);
+    }
+    assert!(from_deltas == expected, "{from_deltas:#?}\n{expected:#?}");
+    // One response, and one row per page (resuming after keys of every kind).
+    let (_, whole) = ndjson(port, "/sync/bootstrap?models=kinds,events,times", &auth).await;
+    let mut got = Replica::new();
+    add_rows(&mut got, &whole);
+    assert!(got == expected, "{got:#?}\n{expected:#?}");
+    let mut paged = Replica::new();
+    let mut path = "/sync/bootstrap?models=kinds,events,times&limit=1".to_owned();
+    loop {
+        let (status, page) = ndjson(port, &path, &auth).await;
+        assert_eq!(status, 200);
+        add_rows(&mut paged, &page);
+        let end = page.last().unwrap();
+        if end["hasMore"] == false {
+            break;
+        }
+        path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+    }
+    assert!(paged == expected, "{paged:#?}");
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -4,7 +4,7 @@
 //! then gzip) and `COPY (SQL) TO STDOUT` over one connection, three rounds interleaved; prints
 //! one JSON line with rows, bytes and seconds of each run.
 //!
-//! `api_load mutate PORT SECRET USER DATABASE_URL TABLE GROUP SECONDS CLIENTS BATCH`: single-row
+//! `api_load mutate PORT SECRET USER DATABASE_URL TABLE GROUP SECONDS CLIENTS BATCH ID_BASE`: single-row
 //! inserts into TABLE for SECONDS each way: plain `INSERT`s, one transaction each, from one
 //! connection; then `POST /sync/mutate` from CLIENTS keep-alive connections, BATCH
 //! transactions (one insert op each) per request. Prints one JSON line: transactions/s and
@@ -39,7 +39,11 @@ async fn db(url: &str) -> tokio_postgres::Client {
 /// One bootstrap over HTTP/1.0 (the body ends at close, no chunk framing): (rows, bytes).
 async fn bootstrap(port: u16, token: &str, gzip: bool) -> (u64, u64) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let enc = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+    let enc = if gzip {
+        "Accept-Encoding: gzip\r\n"
+    } else {
+        ""
+    };
     s.write_all(
         format!("GET /sync/bootstrap HTTP/1.0\r\nAuthorization: Bearer {token}\r\n{enc}\r\n")
             .as_bytes(),
@@ -177,8 +181,15 @@ async fn mutate_client(
         let (status, reply) = http.post("/sync/mutate", &body).await;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(status, 200, "{reply}");
-        let applied = reply.matches("\"status\":\"applied\",").count();
-        assert_eq!(applied, batch, "every transaction applies: {reply}");
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        let results = reply["results"].as_array().unwrap();
+        assert_eq!(results.len(), batch);
+        for r in results {
+            assert!(
+                r["status"] == "applied" && r["changes"] == 1,
+                "every transaction applies and makes one delta: {r}"
+            );
+        }
         done += batch as u64;
     }
     (done, lat)
@@ -191,6 +202,8 @@ async fn run_mutate(args: &[String]) {
     let secs: u64 = args[6].parse().unwrap();
     let clients: usize = args[7].parse().unwrap();
     let batch: usize = args[8].parse().unwrap();
+    // Ids of this run start here (runs share a table).
+    let base: i64 = args[9].parse().unwrap();
 
     // Baseline: the same rows by plain SQL, one transaction per insert, one connection.
     let c = db(url).await;
@@ -201,7 +214,7 @@ async fn run_mutate(args: &[String]) {
         .await
         .unwrap();
     let until = Instant::now() + Duration::from_secs(secs);
-    let (mut id, mut lat) = (1_000_000_000i64, vec![]);
+    let (mut id, mut lat) = (base, vec![]);
     let start = Instant::now();
     while Instant::now() < until {
         let t = Instant::now();
@@ -223,7 +236,7 @@ async fn run_mutate(args: &[String]) {
                 token.clone(),
                 table.clone(),
                 group.clone(),
-                2_000_000_000 + k as i64 * 100_000_000,
+                base + 1_000_000_000 + k as i64 * 100_000_000,
                 batch,
                 until,
             ))
@@ -270,7 +283,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bootstrap") if args.len() == 6 => run_bootstrap(&args[1..]).await,
-        Some("mutate") if args.len() == 10 => run_mutate(&args[1..]).await,
+        Some("mutate") if args.len() == 11 => run_mutate(&args[1..]).await,
         _ => {
             eprintln!("usage: see the comment at the top of bench/src/bin/api_load.rs");
             std::process::exit(2);

@@ -15,6 +15,7 @@
 //! idempotent (`I` sets the whole row, `U` sets the named columns, `D` removes), so the client
 //! ends where the database is, with nothing missed.
 
+use super::row_json::{self, Column};
 use super::{error, App, Identity, Refusal};
 use crate::replication::sequencer;
 use axum::body::{Body, Bytes};
@@ -281,13 +282,45 @@ struct Model {
     name: String,
     table: String,
     group: Option<String>,
-    excluded: Vec<String>,
     key: Vec<String>,
+    /// The columns clients see (all but the excluded ones), in table order.
+    columns: Vec<Column>,
+    /// The column whose value is the model id, for a one-column key of a simple kind;
+    /// otherwise the id is the first select-list item, made by `pg_sync.key_text`.
+    id_column: Option<usize>,
 }
 
 impl Model {
-    /// The rows of this model the user may see, in key order, after `$3` (a key as jsonb,
-    /// or NULL), at most `$4`.
+    fn new(
+        name: String,
+        table: String,
+        group: Option<String>,
+        key: Vec<String>,
+        columns: Vec<Column>,
+    ) -> Model {
+        let id_column = match key.as_slice() {
+            [k] => columns
+                .iter()
+                .position(|c| &c.name == k && c.kind.is_own_text()),
+            _ => None,
+        };
+        Model {
+            name,
+            table,
+            group,
+            key,
+            columns,
+            id_column,
+        }
+    }
+
+    /// Where the columns start in a selected row.
+    fn first_column(&self) -> usize {
+        usize::from(self.id_column.is_none())
+    }
+
+    /// The rows of this model the user may see (`$1`: the user's groups), in key order, after
+    /// `$2` (a key as jsonb, or NULL), at most `$3`.
     fn select(&self, after: bool) -> String {
         let key_cols = |prefix: &str| {
             self.key
@@ -296,42 +329,66 @@ impl Model {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let key_text = self
-            .key
-            .iter()
-            .map(|k| format!("format('%s', t.{})", quote(k)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut items: Vec<String> = vec![];
+        if self.id_column.is_none() {
+            let parts = self
+                .key
+                .iter()
+                .map(|k| format!("format('%s', t.{})", quote(k)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            items.push(format!("pg_sync.key_text(ARRAY[{parts}])::text"));
+        }
+        items.extend(self.columns.iter().map(|c| c.kind.expr(&quote(&c.name))));
+        // A group id is the column's text form; a cast gives it without format() where the
+        // two agree.
         let group = match &self.group {
+            Some(g)
+                if self
+                    .columns
+                    .iter()
+                    .any(|c| &c.name == g && c.kind.is_own_text()) =>
+            {
+                format!("t.{}::text = ANY ($1)", quote(g))
+            }
             Some(g) => format!("format('%s', t.{}) = ANY ($1)", quote(g)),
             None => "$1::text[] IS NOT NULL".into(),
         };
         let (from, keyset) = if after {
             (
                 format!(
-                    ", jsonb_populate_record(NULL::{}, $3::text::jsonb) c",
+                    ", jsonb_populate_record(NULL::{}, $2::text::jsonb) c",
                     self.table
                 ),
                 format!(" AND ({}) > ({})", key_cols("t"), key_cols("c")),
             )
         } else {
-            (String::new(), " AND $3::text IS NULL".into())
+            (String::new(), " AND $2::text IS NULL".into())
         };
         format!(
-            "SELECT pg_sync.key_text(ARRAY[{key_text}])::text, (to_jsonb(t) - $2::text[])::text
+            "SELECT {items}
                FROM {table} t{from}
               WHERE {group}{keyset}
               ORDER BY {order}
-              LIMIT $4",
+              LIMIT $3",
+            items = items.join(", "),
             table = self.table,
             order = key_cols("t"),
         )
     }
 
+    /// Writes the model id of a selected row as a JSON string.
+    fn write_id(&self, out: &mut Vec<u8>, row: &tokio_postgres::Row) {
+        match self.id_column {
+            Some(i) => row_json::write_own_text(out, self.columns[i].kind, row, i),
+            None => serde_json::to_writer(out, row.get::<_, &str>(0)).expect("a string serializes"),
+        }
+    }
+
     /// The key of a row, from its `data`.
-    fn key_of(&self, data: &str) -> serde_json::Map<String, serde_json::Value> {
+    fn key_of(&self, data: &[u8]) -> serde_json::Map<String, serde_json::Value> {
         let mut row: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(data).unwrap_or_default();
+            serde_json::from_slice(data).unwrap_or_default();
         self.key
             .iter()
             .map(|k| (k.clone(), row.remove(k).unwrap_or_default()))
@@ -351,14 +408,23 @@ impl Out {
         self.buf.push(b'\n');
     }
 
-    fn push_row(&mut self, model_json: &str, id: &str, data: &str) {
+    /// Writes a `row` line; returns where its `data` object lies in the buffer.
+    fn push_row(
+        &mut self,
+        model: &Model,
+        model_json: &str,
+        row: &tokio_postgres::Row,
+    ) -> std::ops::Range<usize> {
         self.buf.extend_from_slice(b"{\"type\":\"row\",\"model\":");
         self.buf.extend_from_slice(model_json.as_bytes());
         self.buf.extend_from_slice(b",\"id\":");
-        serde_json::to_writer(&mut self.buf, id).expect("a string serializes");
+        model.write_id(&mut self.buf, row);
         self.buf.extend_from_slice(b",\"data\":");
-        self.buf.extend_from_slice(data.as_bytes());
+        let start = self.buf.len();
+        row_json::write_object(&mut self.buf, &model.columns, row, model.first_column());
+        let data = start..self.buf.len();
         self.buf.extend_from_slice(b"}\n");
+        data
     }
 
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the
@@ -429,10 +495,24 @@ async fn send_rows(
 ) -> Result<(u64, Option<Cursor>), Failure> {
     let gone = |_| Failure::ClientGone;
     let start = req.resume.as_ref();
+    // timestamptz is written here only when the session's zone is UTC (to_jsonb's form
+    // depends on the zone).
+    let utc: bool = snap
+        .query_one(
+            "SELECT current_setting('TimeZone') = ANY ('{UTC,Etc/UTC,GMT,Etc/GMT,UCT,Etc/UCT,Universal,Etc/Universal,Zulu,Etc/Zulu,GMT0,Etc/GMT0,Etc/GMT+0,Etc/GMT-0,Greenwich,Etc/Greenwich}')",
+            &[],
+        )
+        .await?
+        .get(0);
     let models: Vec<Model> = snap
         .query(
-            "SELECT r.model, r.rel::text, r.group_column, r.excluded_columns, r.pk_columns::text[]
-               FROM pg_sync.registry r
+            "SELECT r.model, r.rel::text, r.group_column, r.pk_columns::text[], c.names, c.types
+               FROM pg_sync.registry r,
+                    LATERAL (SELECT array_agg(a.attname::text ORDER BY a.attnum) AS names,
+                                    array_agg(a.atttypid ORDER BY a.attnum) AS types
+                               FROM pg_attribute a
+                              WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attname <> ALL (r.excluded_columns)) c
               WHERE r.enabled AND ($1::text[] IS NULL OR r.model = ANY ($1))
                 AND ($2::text IS NULL OR r.model >= $2)
                 AND ($3::text[] IS NULL OR r.group_column IS NOT NULL)
@@ -441,12 +521,14 @@ async fn send_rows(
         )
         .await?
         .iter()
-        .map(|m| Model {
-            name: m.get(0),
-            table: m.get(1),
-            group: m.get(2),
-            excluded: m.get(3),
-            key: m.get(4),
+        .map(|m| {
+            let (names, types): (Vec<String>, Vec<u32>) = (m.get(4), m.get(5));
+            let columns = names
+                .into_iter()
+                .zip(types)
+                .map(|(n, t)| Column::new(n, t, utc))
+                .collect();
+            Model::new(m.get(0), m.get(1), m.get(2), m.get(3), columns)
         })
         .collect();
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
@@ -482,29 +564,31 @@ async fn send_rows(
         // One row more than the limit allows tells whether there is more.
         let room = req.limit.map_or(i64::MAX, |l| (l - rows) as i64 + 1);
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&groups, &m.excluded, &after_text, &room];
+            vec![&groups, &after_text, &room];
         let stream = snap.query_raw(&m.select(after.is_some()), params).await?;
         futures::pin_mut!(stream);
-        let mut last: Option<String> = None;
+        // The data of the last row sent of this model: its key is parsed only when needed.
+        let mut last: Option<Vec<u8>> = None;
         while let Some(row) = stream.next().await {
             let row = row?;
-            let (id, data): (&str, &str) = (row.get(0), row.get(1));
             if req.limit == Some(rows) {
-                let key = match last {
-                    Some(data) => Some(m.key_of(&data)),
+                let key = match &last {
+                    Some(data) => Some(m.key_of(data)),
                     None => after.cloned(),
                 };
                 out.flush(true).await.map_err(gone)?;
                 return Ok((rows, Some(cursor_at(m, key))));
             }
-            out.push_row(&model_json, id, data);
+            let data = out.push_row(m, &model_json, &row);
             rows += 1;
+            let kept = last.get_or_insert_with(Vec::new);
+            kept.clear();
+            kept.extend_from_slice(&out.buf[data]);
             if rows.is_multiple_of(CHECKPOINT_ROWS) {
-                let c = cursor_at(m, Some(m.key_of(data)));
+                let c = cursor_at(m, Some(m.key_of(kept)));
                 out.push_json(json!({"type": "cursor", "cursor": c.encode()}));
             }
             out.flush(false).await.map_err(gone)?;
-            last = Some(data.to_owned());
         }
     }
     snap.batch_execute("COMMIT").await?;
@@ -544,21 +628,40 @@ mod tests {
 
     #[test]
     fn keyset_query_orders_and_resumes_by_the_whole_key() {
-        let m = Model {
-            name: "t".into(),
-            table: "public.t".into(),
-            group: Some("org".into()),
-            excluded: vec![],
-            key: vec!["a".into(), "b\"x".into()],
-        };
+        let m = Model::new(
+            "t".into(),
+            "public.t".into(),
+            Some("org".into()),
+            vec!["a".into(), "b\"x".into()],
+            vec![
+                Column::new("a".into(), 23, false),
+                Column::new("b\"x".into(), 25, false),
+                Column::new("at".into(), 1184, false),
+            ],
+        );
         let q = m.select(true);
+        assert!(q.starts_with(r#"SELECT pg_sync.key_text(ARRAY[format('%s', t."a"), format('%s', t."b""x")])::text, t."a", t."b""x"::text, to_jsonb(t."at")::text"#), "{q}");
+        assert_eq!(m.first_column(), 1);
+        let single = Model::new(
+            "s".into(),
+            "s".into(),
+            None,
+            vec!["id".into()],
+            vec![Column::new("id".into(), 20, false)],
+        );
+        assert_eq!(single.id_column, Some(0), "an int8 key is its own id");
+        assert!(
+            single.select(false).starts_with("SELECT t.\"id\"\n"),
+            "{}",
+            single.select(false)
+        );
         assert!(
             q.contains(r#"(t."a", t."b""x") > (c."a", c."b""x")"#),
             "{q}"
         );
         assert!(q.contains(r#"ORDER BY t."a", t."b""x""#), "{q}");
         assert_eq!(
-            m.key_of(r#"{"a": 1, "b\"x": "z", "v": 3}"#),
+            m.key_of(br#"{"a": 1, "b\"x": "z", "v": 3}"#),
             serde_json::from_str::<serde_json::Map<_, _>>(r#"{"a": 1, "b\"x": "z"}"#).unwrap()
         );
     }

@@ -3,6 +3,7 @@
 pub mod bootstrap;
 pub mod http;
 pub mod mutate;
+pub mod row_json;
 pub mod stream;
 pub mod ws;
 
@@ -35,8 +36,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sync/deltas", get(http::deltas))
         .route(
             "/sync/bootstrap",
-            get(bootstrap::bootstrap)
-                .layer(tower_http::compression::CompressionLayer::new().gzip(true)),
+            get(bootstrap::bootstrap).layer(
+                // Fastest: a bootstrap is large and the worker's CPU is shared.
+                tower_http::compression::CompressionLayer::new()
+                    .gzip(true)
+                    .quality(tower_http::CompressionLevel::Fastest),
+            ),
         )
         .route("/sync/sse", get(http::sse))
         .route(

@@ -82,3 +82,14 @@ SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
   {"model": "seq_items", "action": "I", "data": {"label": "global"}}]')$$);
 SELECT err($$SELECT pg_sync.mutate_as(NULL, 'c', gen_random_uuid(), '[]')$$);
 SELECT title, team FROM tasks WHERE id::text LIKE 'c1c1c1c1%';
+
+-- Column names that are also the aliases of internal queries (r, t, c) change nothing.
+CREATE TABLE odd (id int PRIMARY KEY, r text, t text, c text, team text);
+SELECT pg_sync.register_table('odd', group_column => 'team');
+SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "odd", "action": "I", "id": 1, "data": {"r": "r1", "t": "t1", "c": "c1", "team": "t1"}},
+  {"model": "odd", "action": "U", "id": 1, "data": {"r": "r2"}}]') -> 'changes' AS changes;
+SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "odd", "action": "U", "id": 1, "data": {"team": "t9"}}]')$$);
+SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
+  {"model": "odd", "action": "D", "id": 1}]') -> 'ops' -> 0 ->> 'status' AS deleted;

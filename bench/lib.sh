@@ -1,0 +1,36 @@
+# Shared by the benchmark scripts (source it after setting `here`): a private cluster with a
+# `bench` database, and the release worker beside it. Cleans up on exit.
+source "$here/scripts/cluster.sh"
+worker="$here/target/release/sync_worker"
+
+psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+bench_url() { echo "host=127.0.0.1 port=$port user=postgres dbname=bench"; }
+
+bench_cleanup() {
+  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
+  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
+  cluster_stop "$work/pg" immediate
+  rm -rf "$work"
+}
+
+# bench_cluster NAME [postgresql.conf lines...]: sets work, port, wport.
+bench_cluster() {
+  work=$(mktemp -d "/tmp/pg_sync_$1.XXXXXX"); shift
+  chmod 755 "$work"
+  port=$(free_port)
+  wport=$(free_port)
+  trap bench_cleanup EXIT
+  cluster_init "$work/pg" "$port" "$@"
+  cluster_start "$work/pg"
+  psql_b -d postgres -c "CREATE DATABASE bench"
+}
+
+# start_worker [VAR=value...]: the worker on $wport (JWT secret `bench`); sets wpid.
+start_worker() {
+  env DATABASE_URL="$(bench_url)" SYNC_LISTEN="127.0.0.1:$wport" SYNC_JWT_SECRET=bench RUST_LOG=warn "$@" \
+    "$worker" >"$work/worker.log" 2>&1 &
+  wpid=$!
+  echo $wpid >"$work/worker.pid"
+}
+
+wait_healthy() { until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done; }
