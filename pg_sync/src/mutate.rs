@@ -75,7 +75,13 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
             client_tx_id: tx.clone(),
         });
         for (i, op) in ops.iter().enumerate() {
-            results.push(apply_op(op, &format!("op {i}: "), &mut models, user));
+            let models = &mut models;
+            let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                apply_op(op, &format!("op {i}: "), models, user)
+            }))
+            .catch_others(|e| rethrow_at(e, i))
+            .execute();
+            results.push(result);
         }
     }
     let result = json!({
@@ -97,6 +103,39 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     JsonB(result)
 }
 
+thread_local! {
+    /// The field of the op being checked or applied (`model`, `id`, `data.title`, ...).
+    static FIELD: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Notes which field of the op the next error would be about.
+fn at(field: Option<String>) {
+    FIELD.with(|f| *f.borrow_mut() = field);
+}
+
+/// Re-raises an error of op `op` with the op (and field, when known) as a JSON DETAIL
+/// `{"op": N, "field": "data.title"}`, so callers can point at it. Postgres' own detail is
+/// dropped: it can quote row values.
+fn rethrow_at(e: pg_sys::panic::CaughtError, op: usize) -> ! {
+    use pg_sys::panic::{CaughtError, ErrorReport};
+    let report = match &e {
+        CaughtError::PostgresError(r)
+        | CaughtError::ErrorReport(r)
+        | CaughtError::RustPanic { ereport: r, .. } => r,
+    };
+    let prefix = format!("op {op}: ");
+    let message = match report.message() {
+        m if m.starts_with(&prefix) => m.to_owned(),
+        m => format!("{prefix}{m}"),
+    };
+    let field = FIELD.with(|f| f.borrow_mut().take());
+    ErrorReport::new(report.sql_error_code(), message, "pg_sync")
+        .set_detail(json!({"op": op, "field": field}).to_string())
+        .set_hint(report.hint().unwrap_or_default().to_owned())
+        .report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
 fn apply_op(
     op: &Value,
     ctx: &str,
@@ -104,17 +143,21 @@ fn apply_op(
     user: Option<&str>,
 ) -> Value {
     let shape = r#"An op is {"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}."#;
+    at(None);
     let Some(op) = op.as_object() else {
         errors::invalid(format!("{ctx}an op must be a JSON object"), shape);
     };
     for k in op.keys() {
         if !matches!(k.as_str(), "model" | "action" | "id" | "data") {
+            at(Some(k.clone()));
             errors::invalid(format!("{ctx}unknown field \"{k}\""), shape);
         }
     }
+    at(Some("model".into()));
     let Some(name) = op.get("model").and_then(Value::as_str) else {
         errors::invalid(format!("{ctx}\"model\" must be a string"), shape);
     };
+    at(Some("action".into()));
     let action = match op.get("action").and_then(Value::as_str) {
         Some(a @ ("I" | "U" | "D")) => a,
         _ => errors::invalid(
@@ -122,6 +165,7 @@ fn apply_op(
             shape,
         ),
     };
+    at(Some("model".into()));
     if !models.contains_key(name) {
         models.insert(name.to_owned(), Model::lookup(name));
     }
@@ -133,6 +177,7 @@ fn apply_op(
             "Register the table again with pg_sync.register_table().",
         );
     }
+    at(Some("data".into()));
     let data = match (op.get("data"), action) {
         (Some(Value::Object(m)), "I" | "U") => m.clone(),
         (None | Some(Value::Null), "D") => Map::new(),
@@ -144,8 +189,10 @@ fn apply_op(
         _ => errors::invalid(format!("{ctx}\"data\" must be an object"), shape),
     };
     for col in data.keys() {
+        at(Some(format!("data.{col}")));
         model.check_column(col, ctx);
     }
+    at(Some("id".into()));
     let id = match op.get("id") {
         Some(v) if !v.is_null() => Some(model.model_id_from_json(v, ctx)),
         _ if action == "I" => None,
@@ -161,6 +208,7 @@ fn apply_op(
                     other => other.to_string(),
                 };
                 if Some(given_text.as_str()) != v.as_str() {
+                    at(Some(format!("data.{k}")));
                     errors::invalid(
                         format!("{ctx}key column \"{k}\" in data disagrees with \"id\""),
                         "Keys are immutable: delete the row and insert a new one.",
@@ -170,8 +218,10 @@ fn apply_op(
         }
     }
     if let Some(user) = user {
+        at(model.group.as_ref().map(|g| format!("data.{g}")));
         authorize(model, action, &data, key.as_ref(), user, ctx);
     }
+    at(None);
     let (model_id, status) = match action {
         "I" => {
             let mut row = data;

@@ -31,6 +31,9 @@ pub struct Config {
     /// Publication over pg_sync's tables, created when missing.
     #[arg(long, env = "SYNC_PUBLICATION", default_value = "pg_sync")]
     pub publication: String,
+    /// Database connections the API shares (reads, API keys, mutations), round-robin.
+    #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
+    pub db_connections: usize,
     /// Frames a subscriber may have queued before it is cut off as too slow.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
@@ -66,6 +69,7 @@ impl fmt::Debug for Config {
             .field("jwt_public_key_file", &self.jwt_public_key_file)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
+            .field("db_connections", &self.db_connections)
             .field("subscriber_queue", &self.subscriber_queue)
             .finish()
     }

@@ -39,7 +39,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let app = Arc::new(api::App {
-        db: db::Db::new(cfg.database_url.clone()),
+        db: db::Db::new(cfg.database_url.clone(), cfg.db_connections),
         cfg: cfg.clone(),
         hub,
         status,

@@ -81,6 +81,19 @@ async fn subscribe(ws: &mut Ws, after: i64) -> (Vec<Value>, i64) {
     }
 }
 
+/// Subscribes, then takes the live deltas too until none comes for a while: everything
+/// committed so far, even what the worker had not sequenced when the replay ended.
+async fn subscribe_settled(ws: &mut Ws, after: i64) -> Vec<Value> {
+    let (mut frames, _) = subscribe(ws, after).await;
+    frames.extend(
+        quiet(ws, Duration::from_millis(700))
+            .await
+            .into_iter()
+            .filter(|f| f["type"] == "delta"),
+    );
+    frames
+}
+
 /// Collects deltas until `done` says so (or a timeout).
 async fn collect(ws: &mut Ws, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
     let mut got = vec![];
@@ -102,6 +115,13 @@ async fn quiet(ws: &mut Ws, wait: Duration) -> Vec<Value> {
         got.push(f);
     }
     got
+}
+
+/// A fresh cluster with the `app` database set up (see `setup_blocking`).
+fn app_cluster(name: &str) -> (Cluster, postgres_client::Client) {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(name, &[]));
+    let db = setup(&cluster, "app");
+    (cluster, db)
 }
 
 fn setup(cluster: &Cluster, db: &str) -> postgres_client::Client {
@@ -145,8 +165,7 @@ fn summary(frames: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_reach_exactly_their_groups_live_and_on_replay() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_groups", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("ws_groups");
     let worker = Worker::start(&cluster, "app", free_port());
     worker.wait_healthy().await;
 
@@ -241,8 +260,7 @@ async fn deltas_reach_exactly_their_groups_live_and_on_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_harms_nobody() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_bad", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("ws_bad");
     let worker = Worker::start(&cluster, "app", free_port());
     worker.wait_healthy().await;
     let url = format!("ws://127.0.0.1:{}/sync/ws", worker.port);
@@ -337,11 +355,9 @@ async fn drain(ws: &mut Ws, seen: &mut Vec<i64>, count: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_and_restarts_lose_and_duplicate_nothing() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_kill", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let mut worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let (cluster, mut db) = app_cluster("ws_kill");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
 
     // A steady writer: single- and multi-row transactions into the global table.
     let url = cluster.url("app");
@@ -429,16 +445,14 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_from_before_the_slot_are_sequenced_once() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_backlog", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("ws_backlog");
     exec(
         &mut db,
         "INSERT INTO announcements SELECT g, 'early' FROM generate_series(1, 5) g",
     );
     exec(&mut db, "INSERT INTO announcements VALUES (6, 'early too')");
-    let port = free_port();
-    let mut worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     let mut ws = connect(port, "anyone").await;
     let (frames, through) = subscribe(&mut ws, 0).await;
     let ids: Vec<i64> = frames
@@ -484,8 +498,7 @@ async fn actions_from_before_the_slot_are_sequenced_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_large", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("ws_large");
     let port = free_port();
     // A transaction buffer of 50 actions forces the page-by-page path for bigger transactions.
     let mut worker = Worker::start_with(&cluster, "app", port, &[("SYNC_TXN_BUFFER", "50")]);
@@ -551,12 +564,10 @@ async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
 /// delta's position in that order, plus global ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_isolation_holds_under_random_memberships_and_writes() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_prop", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("ws_prop");
     exec(&mut db, "DELETE FROM pg_sync.group_memberships");
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     let users = ["u0", "u1", "u2", "u3", "u4", "u5"];
     let groups = ["g0", "g1", "g2", "g3"];
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -690,11 +701,9 @@ async fn group_isolation_holds_under_random_memberships_and_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_work_and_revocation_closes_live_sessions() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_keys", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let (cluster, mut db) = app_cluster("ws_keys");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     let (id, key): (String, String) = tokio::task::block_in_place(|| {
         let r = db
             .query_one(
@@ -910,21 +919,16 @@ async fn config_file_then_environment_then_flags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_endpoint_pages_and_sse_resumes() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("http_reads", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let (cluster, mut db) = app_cluster("http_reads");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     exec(
         &mut db,
         "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'b', 'p2'), (3, 'c', 'p1');
          INSERT INTO announcements VALUES (1, 'all');
          INSERT INTO todos VALUES (4, 'd', 'p1');",
     );
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("alice", 3600, SECRET)),
-    )];
+    let auth = bearer("alice");
     // Wait until everything is sequenced.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1017,21 +1021,16 @@ async fn deltas_endpoint_pages_and_sse_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutate_applies_once_within_the_users_groups() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("http_mutate", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("http_mutate");
     exec(
         &mut db,
         "INSERT INTO todos VALUES (100, 'bobs', 'p2'), (101, 'alices', 'p1')",
     );
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     let mut ws = connect(port, "alice").await;
     subscribe(&mut ws, 0).await;
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("alice", 3600, SECRET)),
-    )];
+    let auth = bearer("alice");
     let tx = |id: &str, ops: Value| json!({"clientTxId": id, "ops": ops});
     let t1 = "00000000-0000-4000-8000-000000000001";
     let body = json!({"clientId": "laptop", "transactions": [
@@ -1074,6 +1073,32 @@ async fn mutate_applies_once_within_the_users_groups() {
     ];
     assert_eq!(got, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
     assert_eq!(res["results"][0]["changes"], 2, "two deltas will come back");
+    // Rejections point at the op and, where there is one, the field.
+    let at: Vec<(i64, String)> = res["results"].as_array().unwrap()[1..]
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_i64().unwrap_or(-1),
+                r["field"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want_at = [
+        (0, "data.project"),
+        (0, "data.project"),
+        (0, "data.project"),
+        (0, ""),
+        (0, "model"),
+        (0, "data.nope"),
+        // A value of the wrong type fails inside Postgres, which does not say which column.
+        (0, ""),
+        (1, "data.project"),
+    ];
+    assert_eq!(at, want_at.map(|(o, f)| (o, f.to_owned())));
+    assert!(res["results"][6]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("op 0: "));
     // Replays apply nothing twice, however often they come.
     for _ in 0..3 {
         let replay = json!({"clientId": "laptop", "transactions": [tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))]});
@@ -1147,6 +1172,29 @@ async fn mutate_applies_once_within_the_users_groups() {
         serde_json::from_str::<Value>(&text).unwrap()["code"],
         "bad_request"
     );
+    for (body, field) in [
+        (
+            json!({"clientId": "c", "transactions": [{"clientTxId": "a", "ops": []}, {"clientTxId": 1, "ops": []}]}),
+            "transactions[1].clientTxId",
+        ),
+        (
+            json!({"clientId": "c", "transactions": [], "extra": 1}),
+            "extra",
+        ),
+        (
+            json!({"clientId": "", "transactions": [{"clientTxId": "a", "ops": []}]}),
+            "clientId",
+        ),
+    ] {
+        let (status, text) = http_post(port, "/sync/mutate", &auth, &body.to_string()).await;
+        assert_eq!(status, 400, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["field"].as_str()),
+            (Some("bad_request"), Some(field)),
+            "{text}"
+        );
+    }
     let (status, _) = http_post(
         port,
         "/sync/mutate",
@@ -1164,16 +1212,10 @@ async fn mutate_applies_once_within_the_users_groups() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_failing_after_persist_still_delivers_to_live_subscribers() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_failpoint", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let worker = Worker::start_with(
-        &cluster,
-        "app",
-        port,
-        &[("SYNC_FAILPOINTS", "after_persist")],
-    );
-    worker.wait_healthy().await;
+    let (cluster, mut db) = app_cluster("ws_failpoint");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let port = worker.port;
     let mut ws = connect(port, "anyone").await;
     subscribe(&mut ws, 0).await;
     // The first flush persists sync ids 1..3, then the session fails before publishing them.
@@ -1201,19 +1243,17 @@ async fn a_session_failing_after_persist_still_delivers_to_live_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cursors_older_than_retention_are_told_to_resync() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_retention", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let worker = Worker::start_with(
+    let (cluster, mut db) = app_cluster("ws_retention");
+    let worker = Worker::started_with(
         &cluster,
         "app",
-        port,
         &[
             ("SYNC_RETENTION", "0 seconds"),
             ("SYNC_COMPACT_INTERVAL_SECS", "1"),
         ],
-    );
-    worker.wait_healthy().await;
+    )
+    .await;
+    let port = worker.port;
     exec(
         &mut db,
         "INSERT INTO announcements SELECT g, 'old' FROM generate_series(1, 5) g",
@@ -1226,10 +1266,7 @@ async fn cursors_older_than_retention_are_told_to_resync() {
     assert_eq!(f["code"], "resync_required", "{f}");
     let closed = close_frame(&mut ws).await.map(|(code, _)| code);
     assert_eq!(closed, Some(4410));
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("anyone", 3600, SECRET)),
-    )];
+    let auth = bearer("anyone");
     let (status, body) = http_get_with(port, "/sync/deltas?after=2", &auth).await;
     assert_eq!(status, 410, "{body}");
     // From the start of the retained log: nothing old, then live.
@@ -1289,12 +1326,10 @@ async fn ndjson(port: u16, path: &str, headers: &[(&str, String)]) -> (u16, Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_writes() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("bootstrap", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("bootstrap");
     exec(&mut db, "INSERT INTO todos SELECT g, 'seed', CASE WHEN g % 2 = 0 THEN 'p1' ELSE 'p2' END FROM generate_series(1, 200) g");
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
     // Writers keep inserting and updating while clients bootstrap.
     let url = cluster.url("app");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1317,10 +1352,7 @@ async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_write
             }
         })
     };
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("alice", 3600, SECRET)),
-    )];
+    let auth = bearer("alice");
     for _ in 0..3 {
         let (status, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
         assert_eq!(status, 200);
@@ -1454,8 +1486,7 @@ fn add_rows(replica: &mut Replica, lines: &[Value]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("bootstrap_pages", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("bootstrap_pages");
     exec(
         &mut db,
         "CREATE TABLE notes (project text, n int, body text, PRIMARY KEY (project, n));
@@ -1465,13 +1496,9 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
          INSERT INTO notes SELECT 'p' || (g % 3 + 1), g, 'n' FROM generate_series(1, 900) g;
          INSERT INTO announcements SELECT g, 'a' FROM generate_series(1, 5) g;",
     );
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("alice", 3600, SECRET)),
-    )];
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let auth = bearer("alice");
     // Writes everywhere in the key space while alice pages through her bootstrap.
     let url = cluster.url("app");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1542,7 +1569,7 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
     tokio::task::block_in_place(|| writer.join().unwrap());
     // Everything after the first page's sync id brings the replica to the database.
     let mut ws = connect(port, "alice").await;
-    let (frames, _) = subscribe(&mut ws, w).await;
+    let frames = subscribe_settled(&mut ws, w).await;
     assert!(!frames.is_empty());
     for f in &frames {
         apply_delta(&mut replica, f);
@@ -1672,19 +1699,14 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_clients_queue_replays_exactly_once_and_converges() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("offline", &[]));
-    let mut db = setup(&cluster, "app");
+    let (cluster, mut db) = app_cluster("offline");
     exec(
         &mut db,
         "INSERT INTO todos SELECT g, 'seed', 'p1' FROM generate_series(1, 20) g",
     );
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("alice", 3600, SECRET)),
-    )];
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let auth = bearer("alice");
     // Online: bootstrap. Then offline: others write, and the client queues transactions.
     let (_, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
     let w = lines[0]["syncId"].as_i64().unwrap();
@@ -1774,7 +1796,7 @@ async fn an_offline_clients_queue_replays_exactly_once_and_converges() {
     assert_eq!(changes.values().sum::<i64>(), 10 + 8 + 10 + 5 + 10);
     // Back online: the stream after the bootstrap brings the client to the database.
     let mut ws = connect(port, "alice").await;
-    let (frames, _) = subscribe(&mut ws, w).await;
+    let frames = subscribe_settled(&mut ws, w).await;
     let own = frames.iter().filter(|f| f["clientId"] == "phone").count() as i64;
     assert_eq!(
         own,
@@ -1820,20 +1842,18 @@ async fn an_offline_clients_queue_replays_exactly_once_and_converges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_size_keeps_the_newest_actions() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("retention_size", &[]));
-    let mut db = setup(&cluster, "app");
-    let port = free_port();
-    let worker = Worker::start_with(
+    let (cluster, mut db) = app_cluster("retention_size");
+    let worker = Worker::started_with(
         &cluster,
         "app",
-        port,
         &[
             ("SYNC_RETENTION", "off"),
             ("SYNC_RETENTION_MAX_ACTIONS", "3"),
             ("SYNC_COMPACT_INTERVAL_SECS", "1"),
         ],
-    );
-    worker.wait_healthy().await;
+    )
+    .await;
+    let port = worker.port;
     for i in 1..=10 {
         exec(
             &mut db,
@@ -1902,13 +1922,9 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     let zone: String =
         tokio::task::block_in_place(|| db.query_one("SHOW TimeZone", &[]).unwrap().get(0));
     assert!(zone.ends_with("UTC"), "{zone}");
-    let port = free_port();
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
-    let auth = vec![(
-        "Authorization",
-        format!("Bearer {}", token("anyone", 3600, SECRET)),
-    )];
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let auth = bearer("anyone");
     // What Postgres says, and what the inserts' deltas said.
     let expected: Replica = tokio::task::block_in_place(|| {
         db.query(
@@ -1928,7 +1944,7 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
         .collect()
     });
     let mut ws = connect(port, "anyone").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
+    let frames = subscribe_settled(&mut ws, 0).await;
     let mut from_deltas = Replica::new();
     for f in &frames {
         apply_delta(&mut from_deltas, f);

@@ -162,6 +162,8 @@ pub struct Refusal {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The request field the refusal is about (`transactions[2].clientTxId`), when known.
+    pub field: Option<String>,
 }
 
 impl Refusal {
@@ -176,7 +178,13 @@ impl Refusal {
             status,
             code,
             message: message.to_owned(),
+            field: None,
         }
+    }
+
+    pub fn at(mut self, field: Option<String>) -> Refusal {
+        self.field = field;
+        self
     }
 }
 
@@ -198,11 +206,11 @@ const PROTOCOL_CODES: &[&str] = &[
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({"code": self.code, "message": self.message})),
-        )
-            .into_response()
+        let mut body = serde_json::json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            body["field"] = field.into();
+        }
+        (self.status, Json(body)).into_response()
     }
 }
 

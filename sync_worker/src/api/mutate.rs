@@ -44,14 +44,16 @@ fn code_for(sqlstate: &str) -> &'static str {
     }
 }
 
-fn bad(message: &str) -> Response {
-    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message).into_response()
+fn bad(message: &str, field: Option<String>) -> Response {
+    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        .at(field)
+        .into_response()
 }
 
 /// Why a whole batch could not be applied.
 pub enum BatchError {
-    /// The request is malformed (400).
-    Bad(String),
+    /// The request is malformed (400): why, and which field.
+    Bad(String, &'static str),
     /// The database cannot be reached (503).
     Unavailable,
 }
@@ -59,12 +61,16 @@ pub enum BatchError {
 /// Applies each transaction of the batch for `user`; returns one result per transaction.
 pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value>, BatchError> {
     if request.client_id.is_empty() || request.client_id.len() > 200 {
-        return Err(BatchError::Bad("clientId must be 1 to 200 bytes".into()));
+        return Err(BatchError::Bad(
+            "clientId must be 1 to 200 bytes".into(),
+            "clientId",
+        ));
     }
     if request.transactions.is_empty() || request.transactions.len() > MAX_TRANSACTIONS {
-        return Err(BatchError::Bad(format!(
-            "send 1 to {MAX_TRANSACTIONS} transactions"
-        )));
+        return Err(BatchError::Bad(
+            format!("send 1 to {MAX_TRANSACTIONS} transactions"),
+            "transactions",
+        ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
     let statement = db
@@ -103,12 +109,26 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
                 })
             }
             Err(e) => match e.as_db_error() {
-                Some(db_err) => json!({
-                    "clientTxId": tx.client_tx_id,
-                    "status": "rejected",
-                    "code": code_for(db_err.code().code()),
-                    "message": db_err.message(),
-                }),
+                Some(db_err) => {
+                    let mut r = json!({
+                        "clientTxId": tx.client_tx_id,
+                        "status": "rejected",
+                        "code": code_for(db_err.code().code()),
+                        "message": db_err.message(),
+                    });
+                    // pg_sync.mutate_as names the op (and field) in a JSON detail.
+                    let at: Value = db_err
+                        .detail()
+                        .and_then(|d| serde_json::from_str(d).ok())
+                        .unwrap_or(Value::Null);
+                    if let Some(op) = at["op"].as_u64() {
+                        r["op"] = op.into();
+                        if let Some(field) = at["field"].as_str() {
+                            r["field"] = field.into();
+                        }
+                    }
+                    r
+                }
                 None => {
                     tracing::warn!(error = %e, "mutate failed");
                     return Err(BatchError::Unavailable);
@@ -134,19 +154,26 @@ pub async fn mutate(
             )
             .into_response()
         }
-        Err(_) => return bad("cannot read the request body"),
+        Err(_) => return bad("cannot read the request body", None),
     };
-    let request: Request = match serde_json::from_slice(&body) {
+    let request: Request = match serde_path_to_error::deserialize(
+        &mut serde_json::Deserializer::from_slice(&body),
+    ) {
         Ok(r) => r,
         Err(e) => {
-            return bad(&format!(
-                "expected {{\"clientId\": ..., \"transactions\": [...]}}: {e}"
-            ))
+            let field = e.path().to_string();
+            return bad(
+                    &format!(
+                        "expected {{\"clientId\": ..., \"transactions\": [{{\"clientTxId\": ..., \"ops\": [...]}}]}}: {}",
+                        e.inner()
+                    ),
+                    (field != ".").then_some(field),
+                );
         }
     };
     match apply(&app, &user, &request).await {
         Ok(results) => Json(json!({"results": results})).into_response(),
-        Err(BatchError::Bad(why)) => bad(&why),
+        Err(BatchError::Bad(why, field)) => bad(&why, Some(field.into())),
         Err(BatchError::Unavailable) => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -150,7 +150,9 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                             Ok(ClientMessage::Mutate(request)) => {
                                 Some(match super::mutate::apply(&app, &user, &request).await {
                                     Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
-                                    Err(super::mutate::BatchError::Bad(why)) => error_frame("bad_request", &why),
+                                    Err(super::mutate::BatchError::Bad(why, field)) => frame(
+                                        json!({"type": "error", "code": "bad_request", "message": why, "field": field}),
+                                    ),
                                     Err(super::mutate::BatchError::Unavailable) => {
                                         error_frame("unavailable", "database unavailable; retry")
                                     }

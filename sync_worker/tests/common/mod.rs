@@ -19,6 +19,20 @@ impl Worker {
         Self::start_with(cluster, db, port, &[])
     }
 
+    /// Starts the worker on a free port and waits until it is healthy.
+    pub async fn started(cluster: &Cluster, db: &str) -> Worker {
+        let worker = Self::start(cluster, db, free_port());
+        worker.wait_healthy().await;
+        worker
+    }
+
+    /// `started` with extra environment.
+    pub async fn started_with(cluster: &Cluster, db: &str, env: &[(&str, &str)]) -> Worker {
+        let worker = Self::start_with(cluster, db, free_port(), env);
+        worker.wait_healthy().await;
+        worker
+    }
+
     pub fn start_with(cluster: &Cluster, db: &str, port: u16, env: &[(&str, &str)]) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
             .envs(env.iter().copied())
@@ -208,4 +222,12 @@ pub fn token(user: &str, exp_offset: i64, secret: &str) -> String {
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
+}
+
+/// An `Authorization` header with a valid JWT for `user`.
+pub fn bearer(user: &str) -> Vec<(&'static str, String)> {
+    vec![(
+        "Authorization",
+        format!("Bearer {}", token(user, 3600, SECRET)),
+    )]
 }

@@ -93,3 +93,26 @@ SELECT err($$SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
   {"model": "odd", "action": "U", "id": 1, "data": {"team": "t9"}}]')$$);
 SELECT pg_sync.mutate_as('carol', 'c-phone', gen_random_uuid(), '[
   {"model": "odd", "action": "D", "id": 1}]') -> 'ops' -> 0 ->> 'status' AS deleted;
+
+-- Errors of an op carry {"op": N, "field": ...} as DETAIL (Postgres' own detail, which can
+-- quote values, is dropped).
+DO $$
+DECLARE d text;
+BEGIN
+    PERFORM pg_sync.mutate('c', gen_random_uuid(), '[
+      {"model": "odd", "action": "I", "id": 5, "data": {"r": "x", "team": "t1"}},
+      {"model": "odd", "action": "U", "id": 5, "data": {"nope": 1}}]');
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+    RAISE NOTICE 'detail: %', d;
+END $$;
+DO $$
+DECLARE d text;
+BEGIN
+    PERFORM pg_sync.mutate('c', gen_random_uuid(), '[
+      {"model": "odd", "action": "I", "id": 1, "data": {"team": "t1"}},
+      {"model": "odd", "action": "I", "id": 1, "data": {"team": "t1"}}]');
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+    RAISE NOTICE 'detail: %', d;
+END $$;
