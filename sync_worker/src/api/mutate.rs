@@ -74,7 +74,7 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
     let statement = db
-        .prepare("SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text")
+        .mutate_statement()
         .await
         .map_err(|_| BatchError::Unavailable)?;
     // Pipelined on one connection: each transaction commits on its own, in order, and the
@@ -84,7 +84,7 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         .iter()
         .map(|tx| tx.ops.to_string())
         .collect();
-    let (db, statement) = (&db, &statement);
+    let db = &db;
     let outcomes = futures::future::join_all(request.transactions.iter().zip(&ops).map(
         |(tx, ops)| async move {
             db.query_one(

@@ -69,7 +69,7 @@ pub struct Replay<'a> {
     app: &'a App,
     user: &'a str,
     id: u64,
-    db: Arc<tokio_postgres::Client>,
+    db: Arc<crate::db::Conn>,
     cursor: i64,
     pub through: i64,
 }
