@@ -1185,6 +1185,10 @@ async fn mutate_applies_once_within_the_users_groups() {
             json!({"clientId": "", "transactions": [{"clientTxId": "a", "ops": []}]}),
             "clientId",
         ),
+        (
+            json!({"clientId": "c", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000001", "ops": []}, {"clientTxId": "1", "ops": []}]}),
+            "transactions[1].clientTxId",
+        ),
     ] {
         let (status, text) = http_post(port, "/sync/mutate", &auth, &body.to_string()).await;
         assert_eq!(status, 400, "{text}");

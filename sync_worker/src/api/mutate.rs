@@ -44,6 +44,15 @@ fn code_for(sqlstate: &str) -> &'static str {
     }
 }
 
+/// A UUID in its usual text form (what clients generate: `crypto.randomUUID()`, uuid v4/v7).
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
 fn bad(message: &str, field: Option<String>) -> Response {
     Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
         .at(field)
@@ -53,7 +62,7 @@ fn bad(message: &str, field: Option<String>) -> Response {
 /// Why a whole batch could not be applied.
 pub enum BatchError {
     /// The request is malformed (400): why, and which field.
-    Bad(String, &'static str),
+    Bad(String, String),
     /// The database cannot be reached (503).
     Unavailable,
 }
@@ -63,13 +72,23 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
     if request.client_id.is_empty() || request.client_id.len() > 200 {
         return Err(BatchError::Bad(
             "clientId must be 1 to 200 bytes".into(),
-            "clientId",
+            "clientId".into(),
         ));
     }
     if request.transactions.is_empty() || request.transactions.len() > MAX_TRANSACTIONS {
         return Err(BatchError::Bad(
             format!("send 1 to {MAX_TRANSACTIONS} transactions"),
-            "transactions",
+            "transactions".into(),
+        ));
+    }
+    if let Some(i) = request
+        .transactions
+        .iter()
+        .position(|tx| !is_uuid(&tx.client_tx_id))
+    {
+        return Err(BatchError::Bad(
+            "clientTxId must be a UUID (8-4-4-4-12 hex digits)".into(),
+            format!("transactions[{i}].clientTxId"),
         ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
@@ -173,12 +192,30 @@ pub async fn mutate(
     };
     match apply(&app, &user, &request).await {
         Ok(results) => Json(json!({"results": results})).into_response(),
-        Err(BatchError::Bad(why, field)) => bad(&why, Some(field.into())),
+        Err(BatchError::Bad(why, field)) => bad(&why, Some(field)),
         Err(BatchError::Unavailable) => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "database unavailable; retry",
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn client_tx_ids_are_uuids() {
+        assert!(super::is_uuid("8f9e7c1e-1111-4a2b-9c3d-000000000001"));
+        assert!(super::is_uuid("8F9E7C1E-1111-4A2B-9C3D-00000000000A"));
+        for bad in [
+            "1",
+            "",
+            "8f9e7c1e11114a2b9c3d000000000001",
+            "8f9e7c1e-1111-4a2b-9c3d-00000000000g",
+            "8f9e7c1e-1111-4a2b-9c3d-0000000000011",
+        ] {
+            assert!(!super::is_uuid(bad), "{bad}");
+        }
     }
 }
