@@ -1974,3 +1974,118 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     assert!(paged == expected, "{paged:#?}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// The complete lines of a raw HTTP/1.0 response (its body ends when the connection does).
+fn body_lines(raw: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(raw);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let complete = &body[..body.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
+    let (cluster, mut db) = app_cluster("api_kill9");
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
+    );
+    let mut worker = Worker::started(&cluster, "app").await;
+    let auth = bearer("alice");
+    // A bootstrap stream dies with its worker, after some cursor lines.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", worker.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
+            auth[0].0, auth[0].1
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = vec![];
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&raw)
+        .matches("\"type\":\"cursor\"")
+        .count()
+        < 2
+    {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended early");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    tokio::task::block_in_place(|| worker.kill9());
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let got = body_lines(&raw);
+    assert_ne!(got.last().unwrap()["type"], "end", "it was cut short");
+    let cut = got.iter().rposition(|l| l["type"] == "cursor").unwrap();
+    let mut replica = Replica::new();
+    add_rows(&mut replica, &got[..cut]);
+    // Another worker takes the cursor.
+    let worker = Worker::started(&cluster, "app").await;
+    let path = format!(
+        "/sync/bootstrap?cursor={}",
+        got[cut]["cursor"].as_str().unwrap()
+    );
+    let (status, rest) = ndjson(worker.port, &path, &auth).await;
+    assert_eq!(status, 200);
+    assert_eq!(rest.last().unwrap()["type"], "end");
+    add_rows(&mut replica, &rest);
+    assert_eq!(replica.len(), 60000, "every row once");
+
+    // A batch whose worker dies mid-flight is replayed against the next one: once each.
+    let txs: Vec<Value> = (0..100)
+        .map(|i| json!({"clientTxId": format!("00000000-0000-4000-8000-{i:012}"),
+                        "ops": [{"model": "todos", "action": "I", "id": 100_000 + i, "data": {"title": "t", "project": "p1"}}]}))
+        .collect();
+    let batch = json!({"clientId": "kill9", "transactions": txs}).to_string();
+    let mut worker = worker;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", worker.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /sync/mutate HTTP/1.1\r\nHost: x\r\n{}: {}\r\nContent-Length: {}\r\n\r\n{batch}",
+            auth[0].0,
+            auth[0].1,
+            batch.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::task::block_in_place(|| worker.kill9());
+    let worker = Worker::started(&cluster, "app").await;
+    for round in 0..2 {
+        let (status, text) = http_post(worker.port, "/sync/mutate", &auth, &batch).await;
+        assert_eq!(status, 200, "{text}");
+        let res: Value = serde_json::from_str(&text).unwrap();
+        for r in res["results"].as_array().unwrap() {
+            let ok = r["status"] == "duplicate" || (round == 0 && r["status"] == "applied");
+            assert!(ok, "round {round}: {r}");
+        }
+    }
+    let (rows, actions): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM todos WHERE id >= 100000),
+                        (SELECT count(*) FROM pg_sync.sync_actions WHERE client_id = 'kill9')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert_eq!((rows, actions), (100, 100));
+    tokio::task::block_in_place(|| drop(db));
+}
