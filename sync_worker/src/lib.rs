@@ -45,6 +45,7 @@ pub async fn serve(
         status,
         verifier,
         shutdown: shutdown.clone(),
+        counters: Default::default(),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));

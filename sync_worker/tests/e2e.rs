@@ -1211,6 +1211,14 @@ async fn mutate_applies_once_within_the_users_groups() {
     assert_eq!(status, 413, "{text}");
     let (status, _) = http_post(port, "/sync/mutate", &[], &body.to_string()).await;
     assert_eq!(status, 401);
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    for line in [
+        "pg_sync_mutate_transactions_total{status=\"applied\"} 2",
+        "pg_sync_mutate_transactions_total{status=\"duplicate\"} 4",
+        "pg_sync_mutate_transactions_total{status=\"rejected\"} 8",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     tokio::task::block_in_place(|| drop(db));
 }
 
@@ -1687,6 +1695,11 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
         ),
         ("/sync/bootstrap?limit=0", 400, "bad_limit"),
         ("/sync/bootstrap?limit=x", 400, "bad_limit"),
+        (
+            "/sync/bootstrap?models=todos,ghost",
+            400,
+            "\"unknown_model\",\"field\":\"models\"",
+        ),
         // {"w":999999999,"m":"todos"}
         (
             "/sync/bootstrap?cursor=eyJ3Ijo5OTk5OTk5OTksIm0iOiJ0b2RvcyJ9",
@@ -1698,6 +1711,13 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(code), "{path}: {body}");
     }
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    let rows_total: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_sync_bootstrap_rows_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(rows_total > 4 * 2000, "{metrics}");
     tokio::task::block_in_place(|| drop(db));
 }
 

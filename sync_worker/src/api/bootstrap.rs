@@ -154,10 +154,29 @@ pub async fn bootstrap(
     let Ok(control) = app.db.get().await else {
         return unavailable();
     };
+    if let (Some(models), None) = (&req.models, &req.resume) {
+        let unknown: Option<Vec<String>> = match control
+            .query_one(
+                "SELECT array_agg(m ORDER BY m) FROM unnest($1::text[]) m
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_sync.registry r WHERE r.model = m AND r.enabled)",
+                &[models],
+            )
+            .await
+        {
+            Ok(row) => row.get(0),
+            Err(_) => return unavailable(),
+        };
+        if let Some(unknown) = unknown {
+            let why = format!("not registered: {}", unknown.join(", "));
+            return Refusal::new(StatusCode::BAD_REQUEST, "unknown_model", &why)
+                .at(Some("models".into()))
+                .into_response();
+        }
+    }
     if let Some(c) = &req.resume {
         let through = c.sync_id;
         return match resume_point(&app, &control, c).await {
-            Ok(snap) => stream(user, req, snap, through).await,
+            Ok(snap) => stream(app.clone(), user, req, snap, through).await,
             Err(refused) => refused.into_response(),
         };
     }
@@ -166,7 +185,7 @@ pub async fn bootstrap(
             return unavailable();
         };
         match consistent_point(&app, &control, &snap).await {
-            Ok(Some(through)) => return stream(user, req, snap, through).await,
+            Ok(Some(through)) => return stream(app.clone(), user, req, snap, through).await,
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "bootstrap snapshot failed");
@@ -453,6 +472,7 @@ impl From<tokio_postgres::Error> for Failure {
 /// Streams the snapshot: a `bootstrap` line, `row` lines with a `cursor` line every
 /// `CHECKPOINT_ROWS` rows, and an `end` line (with a cursor when `limit` cut it short).
 async fn stream(
+    app: Arc<App>,
     user: String,
     req: Request,
     snap: tokio_postgres::Client,
@@ -464,8 +484,12 @@ async fn stream(
             tx,
             buf: Vec::with_capacity(CHUNK_BYTES + 1024),
         };
+        app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
         let last = match send_rows(&mut out, &user, &req, &snap, through).await {
             Ok((rows, rest)) => {
+                app.counters
+                    .bootstrap_rows
+                    .fetch_add(rows, Ordering::Relaxed);
                 let mut end = json!({"type": "end", "syncId": through, "rows": rows, "hasMore": rest.is_some()});
                 if let Some(c) = rest {
                     end["cursor"] = c.encode().into();

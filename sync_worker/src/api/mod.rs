@@ -28,6 +28,17 @@ pub struct App {
     pub verifier: Verifier,
     pub db: Db,
     pub shutdown: watch::Receiver<bool>,
+    pub counters: Counters,
+}
+
+/// What the client API has done, for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub bootstraps: std::sync::atomic::AtomicU64,
+    pub bootstrap_rows: std::sync::atomic::AtomicU64,
+    pub mutate_applied: std::sync::atomic::AtomicU64,
+    pub mutate_duplicate: std::sync::atomic::AtomicU64,
+    pub mutate_rejected: std::sync::atomic::AtomicU64,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -202,6 +213,7 @@ const PROTOCOL_CODES: &[&str] = &[
     "bad_request",
     "too_large",
     "resync_required",
+    "unknown_model",
 ];
 
 impl IntoResponse for Refusal {
@@ -246,6 +258,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let s = &app.status;
     let m = &app.hub.metrics;
+    let c = &app.counters;
     let server = s.server_lsn.load(Ordering::Relaxed);
     let acked = s.acked_lsn.load(Ordering::Relaxed);
     let now_ms = std::time::SystemTime::now()
@@ -274,7 +287,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
          # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
          # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
-         # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n",
+         # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n\
+         # TYPE pg_sync_bootstraps_total counter\npg_sync_bootstraps_total {}\n\
+         # TYPE pg_sync_bootstrap_rows_total counter\npg_sync_bootstrap_rows_total {}\n\
+         # TYPE pg_sync_mutate_transactions_total counter\n\
+         pg_sync_mutate_transactions_total{{status=\"applied\"}} {}\n\
+         pg_sync_mutate_transactions_total{{status=\"duplicate\"}} {}\n\
+         pg_sync_mutate_transactions_total{{status=\"rejected\"}} {}\n",
         s.streaming.load(Ordering::Relaxed) as u8,
         server.saturating_sub(acked),
         slot_ok as u8,
@@ -285,6 +304,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         m.deliveries.load(Ordering::Relaxed),
         app.hub.subscriber_count(),
         m.slow_cutoffs.load(Ordering::Relaxed),
+        c.bootstraps.load(Ordering::Relaxed),
+        c.bootstrap_rows.load(Ordering::Relaxed),
+        c.mutate_applied.load(Ordering::Relaxed),
+        c.mutate_duplicate.load(Ordering::Relaxed),
+        c.mutate_rejected.load(Ordering::Relaxed),
     );
     (
         [(

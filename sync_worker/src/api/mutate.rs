@@ -155,6 +155,15 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
             },
         });
     }
+    let c = &app.counters;
+    for r in &results {
+        let counter = match r["status"].as_str() {
+            Some("applied") => &c.mutate_applied,
+            Some("duplicate") => &c.mutate_duplicate,
+            _ => &c.mutate_rejected,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(results)
 }
 
