@@ -99,6 +99,47 @@ try {
   }
   step("changes made in psql show in both pages");
 
+  // Offline, A's writes wait in its outbox (shown pending) and B sees none of them. Back online
+  // they are sent; the first answer is lost on the way, so A sends them again: each is applied
+  // once.
+  await a.context().setOffline(true);
+  for (const title of ["Offline one", "Offline two"]) {
+    await a.fill("#title", title);
+    await a.press("#title", "Enter");
+  }
+  await row(a, "From psql").locator("input[type=checkbox]").check();
+  await until("A to queue three writes", async () =>
+    (await a.textContent("#status")).startsWith("offline: 3") || (await a.textContent("#status")));
+  assert.equal((await shown(a)).filter(([, , pending]) => pending).length, 3);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok(!(await titles(b)).includes("Offline one"), "B must not see A's queued writes");
+  let sent = 0;
+  await a.route("**/sync/mutate*", async (route) => {
+    if (sent++ === 0) {
+      await route.fetch();   // the server applies the batch...
+      await route.abort();   // ...and A never hears back
+    } else {
+      await route.continue();
+    }
+  });
+  await a.context().setOffline(false);
+  for (const title of ["Offline one", "Offline two"]) {
+    await until(`B to show ${title}`, hasTitle(b, title));
+  }
+  await until("B to show the offline tick", async () =>
+    (await shown(b)).some(([t, done]) => t === "From psql" && done));
+  await until("A's queue to drain and confirm", async () =>
+    (await shown(a)).every(([, , pending]) => !pending) && sent >= 2);
+  const clientId = await a.evaluate(() => sessionStorage.getItem("pg_sync_client"));
+  const [actions, txns, offline] = psql(
+    `SELECT count(*), count(DISTINCT client_tx_id),
+            (SELECT count(*) FROM tasks WHERE title LIKE 'Offline%')
+       FROM pg_sync.sync_actions WHERE client_id = '${clientId}'`).split("|").map(Number);
+  assert.equal(offline, 2, "each offline insert applied once");
+  assert.equal(actions, txns, "one action per client transaction: nothing applied twice");
+  assert.ok(txns >= 5, `A's transactions: ${txns}`);
+  step("offline writes queue, replay after a lost answer, and apply once");
+
   // Both pages now show exactly the database's demo tasks, and nothing of 'secret'.
   const expected = psql(
     "SELECT string_agg(title || '|' || done, E'\\n' ORDER BY title) FROM tasks WHERE project_id = 'demo'")
