@@ -31,6 +31,9 @@ pub struct Config {
     /// Publication over pg_sync's tables, created when missing.
     #[arg(long, env = "SYNC_PUBLICATION", default_value = "pg_sync")]
     pub publication: String,
+    /// Terminate the walsender holding our slot when its peer has been silent this long (0: never).
+    #[arg(long, env = "SYNC_SLOT_TAKEOVER_SECS", default_value_t = 30)]
+    pub slot_takeover_secs: u64,
     /// Database connections the API shares (reads, API keys, mutations), round-robin.
     #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: usize,

@@ -2109,3 +2109,127 @@ async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
     assert_eq!((rows, actions), (100, 100));
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// `pg_recvlogical` holding the worker's slot, replying every second; killed on drop (even
+/// when stopped), so a failing test does not leave the cluster waiting on its walsender.
+struct SlotHolder(std::process::Child);
+
+impl SlotHolder {
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for SlotHolder {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hold_slot(cluster: &Cluster) -> SlotHolder {
+    SlotHolder(
+        Command::new(cluster.bindir().join("pg_recvlogical"))
+            .args([
+                "-d",
+                &cluster.url("app"),
+                "--slot",
+                "pg_sync",
+                "--start",
+                "--status-interval=1",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=pg_sync",
+                "-f",
+                "/dev/null",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pg_recvlogical"),
+    )
+}
+
+fn slot_holder(db: &mut postgres_client::Client) -> Option<i32> {
+    tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_sync'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_held_by_a_silent_walsender_is_taken_over_a_live_one_is_not() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start("takeover", &["wal_sender_timeout = '300s'"])
+    });
+    let mut db = setup(&cluster, "app");
+    // The worker makes its slot and publication, then stops.
+    let mut first = Worker::started(&cluster, "app").await;
+    assert_eq!(tokio::task::block_in_place(|| first.terminate()), Some(0));
+    let env = [("SYNC_SLOT_TAKEOVER_SECS", "2")];
+
+    // A live holder (it replies every second) keeps the slot.
+    let live = hold_slot(&cluster);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        if let Some(pid) = slot_holder(&mut db) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg_recvlogical never took the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let port = free_port();
+    let worker = Worker::start_with(&cluster, "app", port, &env);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        slot_holder(&mut db),
+        Some(holder),
+        "a live holder is left alone"
+    );
+    let (status, _) = http_get(port, "/healthz").await.unwrap();
+    assert_eq!(status, 503, "not streaming while another holds the slot");
+
+    // Frozen (its host gone silent), it stops replying: the worker takes the slot over long
+    // before wal_sender_timeout.
+    live.signal("-STOP");
+    let frozen_at = Instant::now();
+    worker.wait_healthy().await;
+    assert!(
+        frozen_at.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        frozen_at.elapsed()
+    );
+    assert_ne!(slot_holder(&mut db), Some(holder));
+    let gone: bool = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_replication WHERE pid = $1)",
+            &[&holder],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(gone, "the stale walsender was terminated");
+    // And it streams.
+    let mut ws = connect(port, "anyone").await;
+    subscribe(&mut ws, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (1, 'after takeover')",
+    );
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["announcements:I:1"]
+    );
+    drop(live);
+    tokio::task::block_in_place(|| drop(db));
+}

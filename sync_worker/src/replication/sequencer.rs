@@ -151,6 +151,61 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .slot_problem
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
+    take_over_stale_slot(db, cfg).await
+}
+
+/// A walsender whose peer died without closing the connection (a crashed host, a network
+/// partition) holds the slot until `wal_sender_timeout`. When the slot's holder has not
+/// replied for `SYNC_SLOT_TAKEOVER_SECS`, it is terminated so this worker can stream now; a
+/// live holder (another worker replies every 200 ms) is left alone, and this worker keeps
+/// retrying.
+async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), SequencerError> {
+    if cfg.slot_takeover_secs == 0 {
+        return Ok(());
+    }
+    let stale = db
+        .query_opt(
+            "SELECT s.active_pid,
+                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start, now()))::float8
+               FROM pg_replication_slots s
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND s.active",
+            &[&cfg.slot],
+        )
+        .await?;
+    let Some(row) = stale else { return Ok(()) };
+    let (pid, silent_secs): (i32, f64) = (row.get(0), row.get(1));
+    if silent_secs < cfg.slot_takeover_secs as f64 {
+        return Ok(());
+    }
+    tracing::warn!(
+        slot = %cfg.slot,
+        pid,
+        silent_secs,
+        "the replication slot is held by a walsender whose peer has not replied; terminating it"
+    );
+    let signalled: bool = db
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?
+        .get(0);
+    if !signalled {
+        tracing::warn!(pid, "could not terminate the stale walsender");
+        return Ok(());
+    }
+    // Wait (briefly) for the slot to be released.
+    for _ in 0..50 {
+        let active: bool = db
+            .query_one(
+                "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)",
+                &[&cfg.slot],
+            )
+            .await?
+            .get(0);
+        if !active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
