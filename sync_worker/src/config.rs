@@ -34,6 +34,12 @@ pub struct Config {
     /// Terminate the walsender holding our slot when its peer has been silent this long (0: never).
     #[arg(long, env = "SYNC_SLOT_TAKEOVER_SECS", default_value_t = 30)]
     pub slot_takeover_secs: u64,
+    /// Bootstraps streaming at once; more wait (up to SYNC_BOOTSTRAP_WAIT_SECS, then 503 busy).
+    #[arg(long, env = "SYNC_MAX_BOOTSTRAPS", default_value_t = 16)]
+    pub max_bootstraps: usize,
+    /// How long a bootstrap waits for a free slot before it is told to retry.
+    #[arg(long, env = "SYNC_BOOTSTRAP_WAIT_SECS", default_value_t = 30)]
+    pub bootstrap_wait_secs: u64,
     /// Database connections the API shares (reads, API keys, mutations), round-robin.
     #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: usize,

@@ -46,6 +46,7 @@ pub async fn serve(
         verifier,
         shutdown: shutdown.clone(),
         counters: Default::default(),
+        bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));

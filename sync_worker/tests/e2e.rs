@@ -2233,3 +2233,62 @@ async fn a_slot_held_by_a_silent_walsender_is_taken_over_a_live_one_is_not() {
     drop(live);
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
+    let (cluster, mut db) = app_cluster("bootstrap_busy");
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    // A client that starts a bootstrap and stops reading holds the only slot.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(
+        format!(
+            "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
+            auth[0].0, auth[0].1
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 1024];
+    let n = slow.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.0 200"));
+    let t = Instant::now();
+    let reply = raw_request(port, "GET", "/sync/bootstrap", &auth, "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert!(String::from_utf8_lossy(&reply.body).contains("\"busy\""));
+    assert!(t.elapsed() >= Duration::from_millis(900), "it waited first");
+    // Other endpoints are not held up.
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth).await;
+    assert_eq!(status, 200);
+    // The slot frees when that client goes away.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, lines) = ndjson(port, "/sync/bootstrap?limit=10", &auth).await;
+        if status == 200 {
+            assert_eq!(lines.last().unwrap()["rows"], 10);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never released");
+    }
+    tokio::task::block_in_place(|| drop(db));
+}

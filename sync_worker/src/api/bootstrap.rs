@@ -39,6 +39,9 @@ const CHECKPOINT_ROWS: u64 = 1_000;
 const CHUNK_BYTES: usize = 32 * 1024;
 const MAX_LIMIT: u64 = 1_000_000;
 const MAX_CURSOR_BYTES: usize = 16 * 1024;
+/// A client that takes no data for this long is dropped: a bootstrap holds a snapshot (and so
+/// holds back vacuum) while it streams.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a bootstrap stands, and what it covers: the opaque `cursor` of the protocol.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -151,6 +154,20 @@ pub async fn bootstrap(
             "cannot take a consistent snapshot now; retry",
         )
     };
+    // Each bootstrap holds a connection and a snapshot while it streams: only so many at once.
+    let wait = Duration::from_secs(app.cfg.bootstrap_wait_secs);
+    let Ok(Ok(permit)) =
+        tokio::time::timeout(wait, app.bootstrap_slots.clone().acquire_owned()).await
+    else {
+        let mut busy = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many bootstraps at once; retry shortly",
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
+    };
     let Ok(control) = app.db.get().await else {
         return unavailable();
     };
@@ -176,7 +193,7 @@ pub async fn bootstrap(
     if let Some(c) = &req.resume {
         let through = c.sync_id;
         return match resume_point(&app, &control, c).await {
-            Ok(snap) => stream(app.clone(), user, req, snap, through).await,
+            Ok(snap) => stream(app.clone(), permit, user, req, snap, through).await,
             Err(refused) => refused.into_response(),
         };
     }
@@ -185,7 +202,9 @@ pub async fn bootstrap(
             return unavailable();
         };
         match consistent_point(&app, &control, &snap).await {
-            Ok(Some(through)) => return stream(app.clone(), user, req, snap, through).await,
+            Ok(Some(through)) => {
+                return stream(app.clone(), permit, user, req, snap, through).await
+            }
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "bootstrap snapshot failed");
@@ -454,7 +473,10 @@ impl Out {
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
         self.buf.reserve(CHUNK_BYTES + 1024);
-        self.tx.send(chunk).await.map_err(|_| ())
+        match tokio::time::timeout(STALL_TIMEOUT, self.tx.send(chunk)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
     }
 }
 
@@ -473,6 +495,7 @@ impl From<tokio_postgres::Error> for Failure {
 /// `CHECKPOINT_ROWS` rows, and an `end` line (with a cursor when `limit` cut it short).
 async fn stream(
     app: Arc<App>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     user: String,
     req: Request,
     snap: tokio_postgres::Client,
@@ -484,6 +507,7 @@ async fn stream(
             tx,
             buf: Vec::with_capacity(CHUNK_BYTES + 1024),
         };
+        let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
         let last = match send_rows(&mut out, &user, &req, &snap, through).await {
             Ok((rows, rest)) => {

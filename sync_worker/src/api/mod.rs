@@ -29,6 +29,8 @@ pub struct App {
     pub db: Db,
     pub shutdown: watch::Receiver<bool>,
     pub counters: Counters,
+    /// Bootstraps streaming at once (each holds a database connection and a snapshot).
+    pub bootstrap_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the client API has done, for `/metrics`.
@@ -214,6 +216,7 @@ const PROTOCOL_CODES: &[&str] = &[
     "too_large",
     "resync_required",
     "unknown_model",
+    "busy",
 ];
 
 impl IntoResponse for Refusal {
