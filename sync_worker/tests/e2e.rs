@@ -1479,6 +1479,22 @@ fn apply_delta(replica: &mut Replica, f: &Value) {
     }
 }
 
+/// What the database holds, as a replica: `sql` returns (model, id, row as JSON text).
+fn replica_of(db: &mut postgres_client::Client, sql: &str) -> Replica {
+    tokio::task::block_in_place(|| {
+        db.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    (r.get::<_, String>(0), r.get::<_, String>(1)),
+                    serde_json::from_str(&r.get::<_, String>(2)).unwrap(),
+                )
+            })
+            .collect()
+    })
+}
+
 /// Adds a bootstrap response's rows; every row must be new to the replica.
 fn add_rows(replica: &mut Replica, lines: &[Value]) -> usize {
     let mut n = 0;
@@ -1586,24 +1602,13 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
     for f in &frames {
         apply_delta(&mut replica, f);
     }
-    let expected: Replica = tokio::task::block_in_place(|| {
-        db.query(
-            "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project IN ('p1', 'p3')
+    let expected = replica_of(
+        &mut db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project IN ('p1', 'p3')
              UNION ALL SELECT 'notes', pg_sync.key_text(ARRAY[project, n::text]), to_jsonb(t)::text
                FROM notes t WHERE project IN ('p1', 'p3')
              UNION ALL SELECT 'announcements', id::text, to_jsonb(t)::text FROM announcements t",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                (r.get::<_, String>(0), r.get::<_, String>(1)),
-                serde_json::from_str(&r.get::<_, String>(2)).unwrap(),
-            )
-        })
-        .collect()
-    });
+    );
     assert_eq!(replica.len(), expected.len());
     assert!(replica == expected, "the replica differs from the database");
 
@@ -1830,18 +1835,10 @@ async fn an_offline_clients_queue_replays_exactly_once_and_converges() {
     for f in &frames {
         apply_delta(&mut replica, f);
     }
-    let expected: Replica = tokio::task::block_in_place(|| {
-        db.query("SELECT id::text, to_jsonb(t)::text FROM todos t", &[])
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    ("todos".to_owned(), r.get::<_, String>(0)),
-                    serde_json::from_str(&r.get::<_, String>(1)).unwrap(),
-                )
-            })
-            .collect()
-    });
+    let expected = replica_of(
+        &mut db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t",
+    );
     assert!(
         replica == expected,
         "the client's copy differs from the database"
@@ -1950,23 +1947,9 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     let port = worker.port;
     let auth = bearer("anyone");
     // What Postgres says, and what the inserts' deltas said.
-    let expected: Replica = tokio::task::block_in_place(|| {
-        db.query(
-            "SELECT 'kinds', id::text, (to_jsonb(k) - 'secret')::text FROM kinds k
+    let expected = replica_of(&mut db, "SELECT 'kinds', id::text, (to_jsonb(k) - 'secret')::text FROM kinds k
              UNION ALL SELECT 'events', pg_sync.key_text(ARRAY[format('%s', at), name]), to_jsonb(e)::text FROM events e
-             UNION ALL SELECT 'times', id::text, to_jsonb(x)::text FROM times x",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                (r.get::<_, String>(0), r.get::<_, String>(1)),
-                serde_json::from_str(&r.get::<_, String>(2)).unwrap(),
-            )
-        })
-        .collect()
-    });
+             UNION ALL SELECT 'times', id::text, to_jsonb(x)::text FROM times x");
     let mut ws = connect(port, "anyone").await;
     let frames = subscribe_settled(&mut ws, 0).await;
     let mut from_deltas = Replica::new();
