@@ -336,6 +336,17 @@ async fn bad_input_gets_clear_errors_and_harms_nobody() {
     assert_eq!(status, 200);
     assert!(body.contains("pg_sync_replication_streaming 1"), "{body}");
     assert!(body.contains("pg_sync_subscribers"));
+    // Unknown endpoints and methods answer in JSON too.
+    for (method, path, status, code) in [
+        ("GET", "/sync/nope", 404, "not_found"),
+        ("DELETE", "/sync/mutate", 405, "method_not_allowed"),
+        ("POST", "/sync/bootstrap", 405, "method_not_allowed"),
+    ] {
+        let (got, body) = request(worker.port, method, path, &[], "").await.unwrap();
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], code);
+    }
     tokio::task::block_in_place(|| drop(db));
 }
 

@@ -65,6 +65,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
         .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (see docs/protocol.md)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
         .with_state(app)
 }
 
@@ -217,6 +231,8 @@ const PROTOCOL_CODES: &[&str] = &[
     "resync_required",
     "unknown_model",
     "busy",
+    "not_found",
+    "method_not_allowed",
 ];
 
 impl IntoResponse for Refusal {
