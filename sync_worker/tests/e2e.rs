@@ -1716,9 +1716,9 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
             400,
             "\"unknown_model\",\"field\":\"models\"",
         ),
-        // {"w":999999999,"m":"todos"}
+        // {"w":999999999,"m":"todos","u":"alice"}
         (
-            "/sync/bootstrap?cursor=eyJ3Ijo5OTk5OTk5OTksIm0iOiJ0b2RvcyJ9",
+            "/sync/bootstrap?cursor=eyJ3Ijo5OTk5OTk5OTksIm0iOiJ0b2RvcyIsInUiOiJhbGljZSJ9",
             409,
             "cursor_ahead",
         ),
@@ -1727,6 +1727,14 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(code), "{path}: {body}");
     }
+    // A cursor is its user's: another user's would skip rows of theirs.
+    let path = format!(
+        "/sync/bootstrap?cursor={}",
+        only.last().unwrap()["cursor"].as_str().unwrap()
+    );
+    let (status, body) = http_get_with(port, &path, &bearer("bob")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bad_cursor"), "{body}");
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
     let rows_total: u64 = metrics
         .lines()

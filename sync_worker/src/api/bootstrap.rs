@@ -64,6 +64,10 @@ struct Cursor {
     /// The `limit` of the request, if any: the default for the next one.
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
     limit: Option<u64>,
+    /// Whose bootstrap it is: rows before the position were that user's, so another user's
+    /// cursor would skip rows of theirs.
+    #[serde(rename = "u")]
+    user: String,
 }
 
 impl Cursor {
@@ -168,6 +172,14 @@ pub async fn bootstrap(
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return busy;
     };
+    if req.resume.as_ref().is_some_and(|c| c.user != user) {
+        return Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_cursor",
+            "this cursor belongs to another user's bootstrap",
+        )
+        .into_response();
+    }
     let Ok(control) = app.db.get().await else {
         return unavailable();
     };
@@ -601,6 +613,7 @@ async fn send_rows(
         models: req.models.clone(),
         groups: req.groups.clone(),
         limit: req.limit,
+        user: user.to_owned(),
     };
     let mut rows = 0u64;
     for m in &models {
@@ -660,6 +673,7 @@ mod tests {
             models: Some(vec!["tasks".into()]),
             groups: None,
             limit: Some(10),
+            user: "alice".into(),
         };
         let s = c.encode();
         assert!(s
@@ -669,7 +683,7 @@ mod tests {
         assert_eq!(Cursor::decode("not a cursor"), None);
         assert_eq!(Cursor::decode(""), None);
         let negative =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"w":-1,"m":"x"}"#);
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"w":-1,"m":"x","u":"a"}"#);
         assert_eq!(Cursor::decode(&negative), None);
         assert_eq!(Cursor::decode(&"A".repeat(MAX_CURSOR_BYTES + 4)), None);
     }
