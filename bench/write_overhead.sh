@@ -92,6 +92,36 @@ for sc in on off; do
   done
 done
 
+# Bulk statements: one INSERT ... SELECT of many rows, where the per-row trigger cost dominates
+# (pgbench's single-row transactions are dominated by commits). Three rounds, interleaved.
+bulk=${BENCH_BULK_ROWS:-100000}
+declare -A bulk_s
+for round in 1 2 3; do
+  for table in t_plain t_synced t_plpgsql; do
+    t0=$(date +%s.%N)
+    psql_b -d bench -c "SET synchronous_commit = off" \
+      -c "INSERT INTO $table (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $bulk) i"
+    t1=$(date +%s.%N)
+    bulk_s[$table]="${bulk_s[$table]:-} $(python3 -c "print($t1 - $t0)")"
+  done
+done
+{
+  echo
+  echo "### Bulk INSERT ... SELECT of $bulk rows (synchronous_commit off, median of 3)"
+  echo
+  python3 - <<PY
+import statistics
+s = {t: statistics.median(float(x) for x in v.split()) for t, v in
+     {"t_plain": "${bulk_s[t_plain]}", "t_synced": "${bulk_s[t_synced]}", "t_plpgsql": "${bulk_s[t_plpgsql]}"}.items()}
+print("| table | rows/s | vs unregistered |")
+print("|---|---|---|")
+for t, name in [("t_plain", "unregistered"), ("t_synced", "pg_sync"), ("t_plpgsql", "PL/pgSQL trigger")]:
+    print(f"| {name} | {$bulk / s[t]:,.0f} | {s['t_plain'] / s[t]:.2f} |")
+print()
+print(f"pg_sync / PL/pgSQL: {s['t_plpgsql'] / s['t_synced']:.2f}")
+PY
+} >>"$report"
+
 # apply_remote: the captured rows of 20k inserts merged into a peer, against INSERT ... ON CONFLICT.
 rows=20000
 psql_b -d peer -c "CREATE EXTENSION pg_sync" -c "SET pg_sync.node_id = 'peer'" \
