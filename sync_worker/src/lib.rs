@@ -14,7 +14,10 @@ pub mod replication;
 pub mod tls;
 
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio::sync::watch;
 
 /// Runs the worker on `listener` until `shutdown` flips: replication and the API, then a drain
@@ -52,11 +55,19 @@ pub async fn serve(
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
     }
     let mut stop = shutdown.clone();
-    axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+    let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    // Connections get DRAIN_TIMEOUT to finish after shutdown begins (a client that stopped
+    // reading a response must not hold the worker up); then they are dropped.
+    let mut deadline = shutdown.clone();
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served?,
+        _ = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => tracing::warn!(?DRAIN_TIMEOUT, "connections still open after shutdown began; dropping them"),
+    }
     let _ = replication.await;
     Ok(())
 }

@@ -2109,6 +2109,60 @@ async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
         (r.get(0), r.get(1))
     });
     assert_eq!((rows, actions), (100, 100));
+
+    // SIGTERM while a client is slowly reading a bootstrap: the worker still exits promptly,
+    // and the client resumes from the last cursor it got.
+    let port = worker.port;
+    let mut worker = worker;
+    let request = format!(
+        "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
+        auth[0].0, auth[0].1
+    );
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                received.lock().unwrap().extend_from_slice(&buf[..n]);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while String::from_utf8_lossy(&received.lock().unwrap())
+        .matches("\"type\":\"cursor\"")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no cursor lines arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    assert_eq!(tokio::task::block_in_place(|| worker.terminate()), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    reader.await.unwrap();
+    let got = body_lines(&received.lock().unwrap());
+    assert_ne!(got.last().unwrap()["type"], "end", "it was cut short");
+    let cut = got.iter().rposition(|l| l.get("cursor").is_some()).unwrap();
+    let mut replica = Replica::new();
+    add_rows(&mut replica, &got[..cut]);
+    let worker = Worker::started(&cluster, "app").await;
+    let path = format!(
+        "/sync/bootstrap?cursor={}",
+        got[cut]["cursor"].as_str().unwrap()
+    );
+    let (_, rest) = ndjson(worker.port, &path, &auth).await;
+    assert_eq!(rest.last().unwrap()["type"], "end");
+    add_rows(&mut replica, &rest);
+    assert_eq!(replica.len(), 60_100, "every row once");
     tokio::task::block_in_place(|| drop(db));
 }
 

@@ -450,6 +450,7 @@ impl Model {
 struct Out {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     buf: Vec<u8>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Out {
@@ -478,16 +479,22 @@ impl Out {
     }
 
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the
-    /// client has gone.
+    /// client has gone, has taken nothing for `STALL_TIMEOUT`, or the worker is shutting down
+    /// while the client is not taking data (it resumes from its last `cursor` line).
     async fn flush(&mut self, force: bool) -> Result<(), ()> {
         if self.buf.is_empty() || (!force && self.buf.len() < CHUNK_BYTES) {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
         self.buf.reserve(CHUNK_BYTES + 1024);
-        match tokio::time::timeout(STALL_TIMEOUT, self.tx.send(chunk)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(()),
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            biased;
+            sent = tokio::time::timeout(STALL_TIMEOUT, self.tx.send(chunk)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(()),
+            },
+            _ = shutdown.wait_for(|s| *s) => Err(()),
         }
     }
 }
@@ -495,6 +502,8 @@ impl Out {
 enum Failure {
     ClientGone,
     Db(tokio_postgres::Error),
+    /// The worker is shutting down: the client resumes from this cursor.
+    ShuttingDown(Cursor),
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -518,6 +527,7 @@ async fn stream(
         let mut out = Out {
             tx,
             buf: Vec::with_capacity(CHUNK_BYTES + 1024),
+            shutdown: app.shutdown.clone(),
         };
         let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
@@ -533,6 +543,10 @@ async fn stream(
                 end
             }
             Err(Failure::ClientGone) => return,
+            Err(Failure::ShuttingDown(c)) => json!({
+                "type": "error", "code": "shutting_down", "cursor": c.encode(),
+                "message": "the server is shutting down; resume with this cursor"
+            }),
             Err(Failure::Db(e)) => {
                 tracing::warn!(error = %e, "bootstrap failed");
                 json!({"type": "error", "code": "unavailable", "message": "bootstrap failed; resume from the last cursor or retry"})
@@ -648,6 +662,11 @@ async fn send_rows(
             if rows.is_multiple_of(CHECKPOINT_ROWS) {
                 let c = cursor_at(m, Some(m.key_of(kept)));
                 out.push_json(json!({"type": "cursor", "cursor": c.encode()}));
+            }
+            if *out.shutdown.borrow() {
+                // Everything written so far goes out; the rest is the cursor's.
+                out.flush(true).await.map_err(gone)?;
+                return Err(Failure::ShuttingDown(cursor_at(m, Some(m.key_of(kept)))));
             }
             out.flush(false).await.map_err(gone)?;
         }
