@@ -47,12 +47,13 @@ impl Worker {
         Worker { child, port }
     }
 
-    /// SIGTERM, and the exit status once it has drained.
+    /// SIGTERM, and the exit status once it has drained (`None` if it has not exited within
+    /// 20 s, twice the worker's drain deadline).
     pub fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
