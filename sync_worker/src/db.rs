@@ -35,6 +35,11 @@ impl Conn {
     }
 }
 
+/// `ident` as a quoted SQL identifier.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
 pub struct Db {
     url: String,
     slots: Vec<Mutex<Option<Arc<Conn>>>>,

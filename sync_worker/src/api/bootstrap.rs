@@ -17,6 +17,7 @@
 
 use super::row_json::{self, Column};
 use super::{error, App, Identity, Refusal};
+use crate::db::quote_ident as quote;
 use crate::replication::sequencer;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -32,6 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ATTEMPTS: usize = 5;
+/// Opens the (read-only, repeatable-read) snapshot a bootstrap reads.
+const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A `cursor` line every this many rows, so a broken stream resumes close to where it broke.
 const CHECKPOINT_ROWS: u64 = 1_000;
@@ -151,6 +154,14 @@ pub async fn bootstrap(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
+    if req.resume.as_ref().is_some_and(|c| c.user != user) {
+        return Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_cursor",
+            "this cursor belongs to another user's bootstrap",
+        )
+        .into_response();
+    }
     let unavailable = || {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -172,14 +183,6 @@ pub async fn bootstrap(
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return busy;
     };
-    if req.resume.as_ref().is_some_and(|c| c.user != user) {
-        return Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "bad_cursor",
-            "this cursor belongs to another user's bootstrap",
-        )
-        .into_response();
-    }
     let Ok(control) = app.db.get().await else {
         return unavailable();
     };
@@ -248,19 +251,18 @@ async fn resume_point(
             "the cursor's sync id is beyond the last sync id; bootstrap again",
         ));
     }
-    let horizon: i64 = control
-        .query_one("SELECT pg_sync.retention_horizon()", &[])
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .get(0);
+    let horizon = super::stream::horizon(control).await.map_err(|e| match e {
+        super::stream::ReplayError::Db(e) => unavailable(e),
+        _ => unavailable("cannot read the retention horizon".into()),
+    })?;
     if c.sync_id < horizon {
-        let why = format!("the log before sync id {horizon} was compacted; bootstrap again");
+        let why = super::stream::compacted(horizon);
         return Err(Refusal::new(StatusCode::GONE, "resync_required", &why));
     }
     let snap = sequencer::connect(&app.cfg.database_url)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    snap.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    snap.batch_execute(SNAPSHOT)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     Ok(snap)
@@ -273,9 +275,7 @@ async fn consistent_point(
     snap: &tokio_postgres::Client,
 ) -> Result<Option<i64>, String> {
     let e = |e: tokio_postgres::Error| e.to_string();
-    snap.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(e)?;
+    snap.batch_execute(SNAPSHOT).await.map_err(e)?;
     let row = snap
         .query_one(
             "SELECT pg_current_snapshot()::text, pg_snapshot_xmin(pg_current_snapshot())::text",
@@ -673,10 +673,6 @@ async fn send_rows(
     }
     snap.batch_execute("COMMIT").await?;
     Ok((rows, None))
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 #[cfg(test)]

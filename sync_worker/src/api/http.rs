@@ -83,8 +83,11 @@ pub async fn deltas(
         }
     };
     if after > 0 && after < horizon {
-        let why = format!("the log before sync id {horizon} was compacted; bootstrap again");
-        return error(StatusCode::GONE, "resync_required", &why);
+        return error(
+            StatusCode::GONE,
+            "resync_required",
+            &stream::compacted(horizon),
+        );
     }
     let through = app.hub.published();
     let mut frames: Vec<String> = vec![];
@@ -165,9 +168,7 @@ pub async fn sse(
             Ok(through) => through,
             Err(ReplayError::Sink) => return,
             Err(ReplayError::Expired(horizon)) => {
-                let why =
-                    format!("the log before sync id {horizon} was compacted; bootstrap again");
-                let frame = json!({"type": "error", "code": "resync_required", "message": why});
+                let frame = json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)});
                 let _ = tx.send(Event::default().data(frame.to_string())).await;
                 return;
             }

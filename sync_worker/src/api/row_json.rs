@@ -86,6 +86,15 @@ impl Column {
     }
 }
 
+/// The value of an integer column (`Int2`, `Int4`, `Int8`) widened to i64; `None` for NULL.
+fn integer(kind: Kind, row: &Row, idx: usize) -> Option<i64> {
+    match kind {
+        Kind::Int2 => row.get::<_, Option<i16>>(idx).map(i64::from),
+        Kind::Int4 => row.get::<_, Option<i32>>(idx).map(i64::from),
+        _ => row.get::<_, Option<i64>>(idx),
+    }
+}
+
 fn int(out: &mut Vec<u8>, v: Option<i64>) {
     match v {
         Some(v) => write!(out, "{v}").expect("writing to a Vec"),
@@ -96,9 +105,7 @@ fn int(out: &mut Vec<u8>, v: Option<i64>) {
 /// Writes the value of `row[idx]` (a column of kind `kind`) as JSON.
 pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
     match kind {
-        Kind::Int2 => int(out, row.get::<_, Option<i16>>(idx).map(i64::from)),
-        Kind::Int4 => int(out, row.get::<_, Option<i32>>(idx).map(i64::from)),
-        Kind::Int8 => int(out, row.get::<_, Option<i64>>(idx)),
+        Kind::Int2 | Kind::Int4 | Kind::Int8 => int(out, integer(kind, row, idx)),
         Kind::Bool => out.extend_from_slice(match row.get::<_, Option<bool>>(idx) {
             Some(true) => b"true",
             Some(false) => b"false",
@@ -232,16 +239,13 @@ pub fn write_object(out: &mut Vec<u8>, columns: &[Column], row: &Row, first: usi
 /// Writes the model id of a one-column key of an `is_own_text` kind (its text form) as a JSON
 /// string.
 pub fn write_own_text(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
-    let n = match kind {
-        Kind::Int2 => i64::from(row.get::<_, i16>(idx)),
-        Kind::Int4 => i64::from(row.get::<_, i32>(idx)),
-        Kind::Int8 => row.get::<_, i64>(idx),
-        _ => {
-            let s: &str = row.get(idx);
-            return serde_json::to_writer(&mut *out, s).expect("a string serializes");
-        }
-    };
-    write!(out, "\"{n}\"").expect("writing to a Vec");
+    if let Kind::Int2 | Kind::Int4 | Kind::Int8 = kind {
+        let n = integer(kind, row, idx).expect("a key column is never NULL");
+        write!(out, "\"{n}\"").expect("writing to a Vec");
+    } else {
+        let s: &str = row.get(idx);
+        serde_json::to_writer(&mut *out, s).expect("a string serializes");
+    }
 }
 
 #[cfg(test)]

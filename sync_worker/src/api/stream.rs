@@ -125,6 +125,11 @@ impl<'a> Replay<'a> {
     }
 }
 
+/// What a client whose cursor is older than the horizon is told.
+pub fn compacted(horizon: i64) -> String {
+    format!("the log before sync id {horizon} was compacted; bootstrap again")
+}
+
 /// The retention horizon: sync ids at or below it are gone.
 pub async fn horizon(db: &tokio_postgres::Client) -> Result<i64, ReplayError> {
     db.query_one("SELECT pg_sync.retention_horizon()", &[])

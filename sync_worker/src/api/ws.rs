@@ -134,7 +134,7 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                     }
                                     Err(ReplayError::Sink) => break,
                                     Err(ReplayError::Expired(horizon)) => {
-                                        let why = format!("the log before sync id {horizon} was compacted; bootstrap again");
+                                        let why = super::stream::compacted(horizon);
                                         let _ = socket.send(error_frame("resync_required", &why)).await;
                                         close_with(&mut socket, close::RESYNC, "resync required".into()).await;
                                         break;

@@ -104,9 +104,9 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .is_none()
     {
         let sql = format!(
-            "CREATE PUBLICATION \"{}\" FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys \
+            "CREATE PUBLICATION {} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys \
              WITH (publish = 'insert, delete')",
-            cfg.publication.replace('"', "\"\"")
+            crate::db::quote_ident(&cfg.publication)
         );
         db.batch_execute(&sql).await?;
         tracing::info!(publication = %cfg.publication, "created publication");
@@ -118,7 +118,10 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .await?
         .is_none()
     {
-        let sql = format!("ALTER PUBLICATION \"{}\" ADD TABLE pg_sync.api_keys", cfg.publication.replace('"', "\"\""));
+        let sql = format!(
+            "ALTER PUBLICATION {} ADD TABLE pg_sync.api_keys",
+            crate::db::quote_ident(&cfg.publication)
+        );
         db.batch_execute(&sql).await?;
     }
     match db
