@@ -39,8 +39,8 @@ CREATE TABLE pg_sync.sync_actions (
     xid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at    timestamptz NOT NULL DEFAULT now()
 );
--- A row's history, for folding its LWW state (apply_remote) and for per-row reads.
-CREATE INDEX sync_actions_row_idx ON pg_sync.sync_actions (model, model_id, id);
+-- No (model, model_id) index: nothing reads a row's history (its LWW state is in row_state), and
+-- every captured write would pay for maintaining one.
 COMMENT ON TABLE pg_sync.sync_actions IS
   'One row per captured change. data: whole row on I, changed columns on U, key on D. '
   'version applies to every column in data unless versions names another for it.';
@@ -74,13 +74,13 @@ CREATE TABLE pg_sync.row_state (
     versions    jsonb NOT NULL DEFAULT '{}',
     pending     jsonb,
     max_version text COLLATE "C" NOT NULL,
-    folded_id   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (model, model_id)
 ) WITH (fillfactor = 80);
 COMMENT ON TABLE pg_sync.row_state IS
-  'LWW state per row as of action folded_id: created (last insert), deleted (tombstone), per-column '
-  'versions above both, and values waiting for a resurrecting insert while the row is not live. '
-  'The current state is this plus the row''s later actions; see pg_sync.row_version_state().';
+  'Current LWW state per row, written with every captured write and merge: created (last insert), '
+  'deleted (tombstone), per-column versions above both, and values waiting for a resurrecting insert '
+  'while the row is not live. An empty row (no created, deleted or versions) is a merge''s lock '
+  'placeholder, the same as no row; see pg_sync.row_version_state().';
 
 CREATE TABLE pg_sync.group_memberships (
     user_id    text NOT NULL CHECK (user_id <> ''),

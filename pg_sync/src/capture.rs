@@ -6,14 +6,17 @@
 //! excluded columns...`. Reading them from the trigger costs nothing per row; the parsed form is
 //! cached per trigger and dropped on any relcache invalidation (ALTER TABLE, re-registration).
 //!
-//! Local writes mint a fresh version from the shared HLC and write the action row and the row
-//! state in one statement; the row-state upsert only succeeds if the new version is above the
-//! row's current one (see `record_local`). Writes made by `apply_remote` run in "remote mode":
-//! the versions and origin come from the merge, and `apply_remote` maintains the row state.
+//! Local writes mint a fresh version from the shared HLC, record it in the row's state
+//! (`state::record_local`, which re-mints if the state is already at or above it) and write the
+//! action row. The one write `apply_remote` makes runs in "remote mode": the versions and origin
+//! come from the merge, and `apply_remote` stores the row state. Remote mode applies only to
+//! that write (same relation, same key, fired by apply_remote's own statement); FK cascades and
+//! other triggers it sets off are local writes.
 
 use crate::clock;
 use crate::errors;
 use crate::settings;
+use crate::state::{self, Local};
 use pg_sync_lww::merge::State;
 use pg_sync_lww::version;
 use pgrx::datum::DatumWithOid;
@@ -28,6 +31,10 @@ use std::ffi::CStr;
 
 /// What a change applied by `apply_remote` asks the trigger to record.
 pub struct RemoteContext {
+    /// The relation, key and trigger depth of the one write this context is for.
+    pub relid: pg_sys::Oid,
+    pub model_id: String,
+    pub depth: i32,
     pub origin: String,
     /// The row's state after the merge.
     pub state: State,
@@ -61,6 +68,32 @@ impl Drop for ContextGuard {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+/// The current trigger nesting depth (`pg_trigger_depth()`).
+pub fn trigger_depth() -> i32 {
+    // SAFETY: pg_trigger_depth reads a backend global and ignores its argument.
+    let d = unsafe { pg_sys::pg_trigger_depth(std::ptr::null_mut()) };
+    d.value() as i32
+}
+
+/// Takes the remote context if it is for this write: the relation and key apply_remote writes,
+/// fired directly by its statement (one trigger level below where apply_remote entered it).
+/// Anything else fired while it is set (FK cascades, other triggers' writes) is local.
+fn take_remote(relid: pg_sys::Oid, model_id: impl FnOnce() -> String) -> Option<RemoteContext> {
+    let (oid, depth) = REMOTE.with(|r| r.borrow().as_ref().map(|c| (c.relid, c.depth)))?;
+    if oid != relid || depth != trigger_depth() {
+        return None;
+    }
+    let id = model_id();
+    REMOTE.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.as_ref().is_some_and(|c| c.model_id == id) {
+            r.take()
+        } else {
+            None
+        }
+    })
 }
 
 pub fn enter_remote(ctx: RemoteContext) -> ContextGuard {
@@ -127,8 +160,13 @@ impl TableConfig {
         let mut typlen = Vec::with_capacity(natts);
         let mut typbyval = Vec::with_capacity(natts);
         let mut types = Vec::with_capacity(natts);
+        let mut generated = Vec::new();
         for i in 0..natts {
             let att = unsafe { &*(*tupdesc).attrs.as_ptr().add(i) };
+            if att.attgenerated != 0 && !att.attisdropped {
+                // Every node computes its generated columns itself (and refuses values for them).
+                generated.push(i);
+            }
             typlen.push(att.attlen);
             typbyval.push(att.attbyval);
             types.push(att.atttypid);
@@ -154,7 +192,8 @@ impl TableConfig {
         } else {
             Some(find(&args[1]))
         };
-        let excluded: Vec<usize> = args[3 + nkey..].iter().map(|c| find(c)).collect();
+        let mut excluded: Vec<usize> = args[3 + nkey..].iter().map(|c| find(c)).collect();
+        excluded.extend(generated.iter().filter(|i| !key.contains(i)));
         let captured: Vec<usize> = (0..natts)
             .filter(|i| names[*i].is_some() && !excluded.contains(i))
             .collect();
@@ -186,10 +225,6 @@ impl TableConfig {
 
     fn name(&self, i: usize) -> &str {
         self.names[i].as_deref().unwrap_or_default()
-    }
-
-    fn key_names(&self) -> Vec<String> {
-        self.key.iter().map(|&i| self.name(i).to_owned()).collect()
     }
 
     /// Each captured non-key column's effective version in `state` ("" for the zero version).
@@ -510,7 +545,11 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
-    let remote = REMOTE.with(|r| r.borrow_mut().take());
+    // SAFETY: as above.
+    let relid = unsafe { (*td.tg_relation).rd_id };
+    let remote = take_remote(relid, || unsafe {
+        Row::deform(td.tg_trigtuple, tupdesc).model_id(&cfg)
+    });
     // Put the remote context back for the next row of the same statement, even on error.
     struct Putback(Option<RemoteContext>);
     impl Drop for Putback {
@@ -530,17 +569,23 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
             let group = row.group(&cfg);
             match &remote.0 {
                 None => {
-                    let (action, drop) = if is_insert {
-                        ("I", cfg.drop_excluded.clone())
+                    let (action, drop, what) = if is_insert {
+                        ("I", cfg.drop_excluded.clone(), Local::Insert)
                     } else {
-                        ("D", cfg.drop_non_key.clone())
+                        ("D", cfg.drop_non_key.clone(), Local::Delete)
                     };
+                    let version = state::record_local(
+                        &cfg.model,
+                        &model_id,
+                        what,
+                        clock::next_version().to_string(),
+                    );
                     let a = Action {
                         action,
                         model_id: &model_id,
                         row: &row,
                         drop,
-                        version: clock::next_version().to_string(),
+                        version,
                         versions: None,
                         origin: &node,
                         group,
@@ -622,22 +667,34 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     "Keys are immutable across nodes; delete and insert instead.",
                 );
             }
+            let version = state::record_local(
+                &cfg.model,
+                &old_id,
+                Local::Delete,
+                clock::next_version().to_string(),
+            );
             let d = Action::new(
                 "D",
                 &old_id,
                 &old,
                 cfg.drop_non_key.clone(),
-                clock::next_version().to_string(),
+                version,
                 origin,
                 old_group,
             );
             write_plain(&cfg, &d, tupdesc);
+            let version = state::record_local(
+                &cfg.model,
+                &new_id,
+                Local::Insert,
+                clock::next_version().to_string(),
+            );
             let i = Action::new(
                 "I",
                 &new_id,
                 &new,
                 cfg.drop_excluded.clone(),
-                clock::next_version().to_string(),
+                version,
                 origin,
                 new_group,
             );
@@ -648,7 +705,14 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
         let moved = old_group != new_group;
         match &remote.0 {
             None => {
-                let version = clock::next_version().to_string();
+                // A move's delete half changes no state: both halves record as column writes.
+                let before = moved.then(|| state::load(&cfg.model, &new_id, true));
+                let version = state::record_local(
+                    &cfg.model,
+                    &new_id,
+                    Local::Columns(&changed),
+                    clock::next_version().to_string(),
+                );
                 if !moved {
                     let a = Action {
                         action: "U",
@@ -678,7 +742,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         moved: true,
                     };
                     // The whole row carries each column's own version, so peers merge it exactly.
-                    let before = crate::state::fold(&cfg.model, &new_id, true, &cfg.key_names());
+                    let before = before.unwrap_or_default();
                     let mut effective = cfg.effective_versions(&before);
                     for c in &changed {
                         effective.insert(c.to_string(), version.clone());

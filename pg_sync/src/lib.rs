@@ -80,7 +80,7 @@ mod pg_sync {
         }
     }
 
-    /// A row's LWW state folded from the log: liveness, created/deleted and per-column versions.
+    /// A row's current LWW state (from row_state): liveness, created/deleted and per-column versions.
     #[pg_extern(volatile, parallel_unsafe)]
     fn row_version_state(model: &str, model_id: &str) -> JsonB {
         JsonB(crate::state::describe(model, model_id))
@@ -134,8 +134,8 @@ mod pg_sync {
         crate::mutate::mutate(client_id, client_tx_id, ops, Some(user))
     }
 
-    /// Compacts the log: actions at or below `horizon` (a sync id) go, after each affected
-    /// row's LWW state is folded into row_state. Returns how many actions were removed.
+    /// Compacts the log: actions at or below `horizon` (a sync id) go (row states live in
+    /// row_state, independent of the log). Returns how many actions were removed.
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn compact(horizon: i64) -> i64 {
         crate::retention::compact(horizon)

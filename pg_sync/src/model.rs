@@ -34,6 +34,7 @@ impl Model {
                         't', pg_catalog.format('%I.%I', n.nspname, c.relname), 'k', r.pk_columns,
                         'c', ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
                                     WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                      AND a.attgenerated = ''
                                       AND a.attname <> ALL (r.excluded_columns)
                                     ORDER BY a.attnum),
                         'f', r.federation, 'e', r.enabled, 'g', r.group_column)
@@ -225,9 +226,19 @@ impl Model {
 
     /// Inserts a row; returns its model id.
     pub fn insert(&self, row: &Map<String, Value>) -> String {
+        self.insert_with(row, "")
+    }
+
+    /// Inserts a row with the values given even for GENERATED ALWAYS identity columns (a peer's
+    /// row keeps the values its origin assigned); returns its model id, "" if no row went in.
+    pub fn insert_overriding(&self, row: &Map<String, Value>) -> String {
+        self.insert_with(row, "OVERRIDING SYSTEM VALUE ")
+    }
+
+    fn insert_with(&self, row: &Map<String, Value>, overriding: &str) -> String {
         let cols = Self::quoted(row);
         let sql = format!(
-            "INSERT INTO {t} ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, $1) \
+            "INSERT INTO {t} ({cols}) {overriding}SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, $1) \
              RETURNING pg_catalog.to_jsonb({id})",
             t = self.table,
             id = self.key_text_expr()

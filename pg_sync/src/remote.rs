@@ -4,6 +4,12 @@
 //! validated, checked against `pg_sync.max_clock_skew`, observed by the local HLC (receive rule),
 //! merged per column with `merge::merge`, and applied to the table in "remote mode", so the
 //! capture trigger records it with the remote versions and origin instead of minting new ones.
+//!
+//! Merges of one row serialize on its `row_state` row (`state::lock`), taken after the table
+//! row's lock, the order local writers take them in; the merge reads only that state, never the
+//! log. Columns this node does not sync (dropped, excluded, generated, or unknown) are skipped
+//! with a WARNING naming them, so one change from a peer with a different schema does not fail
+//! its batch.
 
 use crate::capture::{self, RemoteContext};
 use crate::clock;
@@ -23,7 +29,7 @@ const MAX_BATCH: usize = 100_000;
 
 /// The body of `pg_sync.apply_remote()`: returns how many changes changed something.
 pub fn apply_remote(change: JsonB) -> i64 {
-    let mut models: HashMap<String, Model> = HashMap::new();
+    let mut models: HashMap<String, Target> = HashMap::new();
     match change.0 {
         Value::Array(items) => {
             if items.len() > MAX_BATCH {
@@ -45,8 +51,32 @@ pub fn apply_remote(change: JsonB) -> i64 {
     }
 }
 
+/// A registered model and its relation.
+struct Target {
+    model: Model,
+    relid: pg_sys::Oid,
+}
+
+impl Target {
+    fn lookup(name: &str) -> Target {
+        let model = Model::lookup(name);
+        let relid = model::run(
+            "SELECT pg_catalog.to_jsonb(r.rel::pg_catalog.oid::pg_catalog.int8) FROM pg_sync.registry r
+              WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')",
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(serde_json::json!({"m": name}))],
+        )
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+        Target {
+            model,
+            relid: pg_sys::Oid::from(relid as u32),
+        }
+    }
+}
+
 /// Applies one change; returns whether it changed anything.
-fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> bool {
+fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bool {
     let Some(obj) = raw.as_object() else {
         errors::invalid(
             format!("{ctx}a change must be a JSON object"),
@@ -64,9 +94,10 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
         );
     }
     if !models.contains_key(&model_name) {
-        models.insert(model_name.clone(), Model::lookup(&model_name));
+        models.insert(model_name.clone(), Target::lookup(&model_name));
     }
-    let model = &models[&model_name];
+    let target = &models[&model_name];
+    let model = &target.model;
     if !model.enabled || matches!(model.federation.as_str(), "off" | "push") {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -80,11 +111,22 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
     }
     let row_ctx = format!("{ctx}model \"{model_name}\" id {model_id:?}: ");
     let key = model.key_object(&model_id, &row_ctx);
-    let parsed = state::parse_action(obj, &row_ctx, |c| model.is_key(c));
-    if let Some(data) = obj.get("data").and_then(Value::as_object) {
-        for col in data.keys() {
-            model.check_column(col, &row_ctx);
-        }
+    let mut parsed = state::parse_action(obj, &row_ctx, |c| model.is_key(c));
+    let unknown: Vec<&str> = obj
+        .get("data")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|data| data.keys())
+        .filter(|c| !model.is_key(c) && !model.columns.contains(c))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        // Names only: values are the application's data and stay out of the server log.
+        pgrx::warning!(
+            "pg_sync: {row_ctx}skipped columns this node does not sync: {}",
+            unknown.join(", ")
+        );
+        parsed.columns.retain(|c, _| !unknown.contains(&c.as_str()));
     }
     let newest = parsed
         .columns
@@ -108,67 +150,65 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Model>) -> boo
         );
     }
     clock::observe(newest.hlc);
-    apply_change(model, &model_id, &key, &parsed.change(), &origin)
-}
-
-fn lock_row(model: &str, model_id: &str) {
-    // Serializes concurrent merges of one row, including rows that do not exist yet.
-    model::run(
-        "SELECT pg_catalog.to_jsonb(pg_catalog.pg_advisory_xact_lock(\
-           pg_catalog.hashtextextended(($1 OPERATOR(pg_catalog.->>) 'm') OPERATOR(pg_catalog.||) ':' \
-             OPERATOR(pg_catalog.||) ($1 OPERATOR(pg_catalog.->>) 'i'), 7061)))",
-        &[PgOid::from(pg_sys::JSONBOID)],
-        vec![JsonB(serde_json::json!({"m": model, "i": model_id}))],
-    );
+    apply_change(target, &model_id, &key, &parsed.change(), &origin, &row_ctx)
 }
 
 fn apply_change(
-    model: &Model,
+    target: &Target,
     model_id: &str,
     key: &Map<String, Value>,
     change: &Change,
     origin: &str,
+    row_ctx: &str,
 ) -> bool {
-    lock_row(&model.name, model_id);
-    let current = model.select_for_update(key);
-    let state = state::fold(&model.name, model_id, current.is_some(), &model.key);
+    let model = &target.model;
+    // Table row first, then its state: the order local writers lock them in (the trigger runs
+    // with the table row locked). A key the table does not hold may be inserted locally until
+    // the state is locked, so look again after.
+    let mut current = model.select_for_update(key);
+    let stored = state::lock(&model.name, model_id);
+    if current.is_none() {
+        current = model.select_for_update(key);
+    }
+    let state = stored.unwrap_or_else(|| state::unrecorded(current.is_some()));
     let outcome = merge::merge(&state, current.as_ref(), change);
     if !outcome.changed() {
         return false;
     }
-    {
+    let touched = {
         let _remote = capture::enter_remote(RemoteContext {
+            relid: target.relid,
+            model_id: model_id.to_owned(),
+            depth: capture::trigger_depth() + 1,
             origin: origin.to_owned(),
             state: outcome.state.clone(),
             won: outcome.won.clone(),
             created_won: outcome.created_won,
         });
         match &outcome.dml {
-            Dml::None => {}
+            Dml::None => true,
             Dml::Insert(row) => {
-                let mut row = row.clone();
+                // Values waiting for a resurrecting insert may name columns dropped since.
+                let mut row: Map<String, Value> = row
+                    .iter()
+                    .filter(|(c, _)| model.columns.contains(c))
+                    .map(|(c, v)| (c.clone(), v.clone()))
+                    .collect();
                 row.extend(key.clone());
-                model.insert(&row);
+                !model.insert_overriding(&row).is_empty()
             }
-            Dml::Update(cols) => {
-                model.update(key, cols);
-            }
-            Dml::Delete => {
-                model.delete(key);
-            }
+            Dml::Update(cols) => model.update(key, cols),
+            Dml::Delete => model.delete(key),
         }
-    }
-    // The action rows just written fold back into this same state, so the cache only needs
-    // what the log cannot express: merges with no table change, values waiting while the row
-    // is not live, and a newer insert over a live row (recorded as a group move if it also
-    // moved the row, which folds as column writes only).
-    let logged = match outcome.dml {
-        Dml::None => false,
-        Dml::Update(_) => !outcome.created_won,
-        Dml::Insert(_) | Dml::Delete => true,
     };
-    if !logged || !outcome.state.pending.is_empty() {
-        state::store(&model.name, model_id, &outcome.state);
+    if !touched {
+        // A BEFORE trigger or a policy skipped the write: the table does not hold what the merge
+        // decided, so the state stays as it was and the change does not count as applied.
+        pgrx::warning!(
+            "pg_sync: {row_ctx}the table's triggers or policies skipped the merged write; change not applied"
+        );
+        return false;
     }
+    state::store(&model.name, model_id, &outcome.state);
     true
 }

@@ -1,20 +1,26 @@
-//! A row's LWW state, folded from the log.
+//! A row's LWW state, kept current in `pg_sync.row_state`.
 //!
-//! Local writes only append to `sync_actions`; they do not touch `row_state`, which keeps the
-//! write path to one insert. A row's state is `row_state` (the state as of action `folded_id`,
-//! written by `apply_remote`) with every later action of the row merged in. Merging is
-//! order-independent and idempotent, so folding the log gives exactly the state the writes made.
-//! Writers of one row are serialized by its row lock (or, for rows that do not exist, the key's
-//! unique index and `apply_remote`'s advisory lock), so a row's later actions always have
-//! higher ids than the ones already folded.
+//! Every writer keeps `row_state` current as it writes, so reading a row's state is one index
+//! lookup and never reads the log: a merge does bounded work however long the row's history,
+//! and compaction only deletes actions. Local writes go through `record_local` (called by the
+//! capture trigger, serialized with other writers of the row by the table row lock, or for an
+//! absent key by its unique index); `apply_remote` locks the `row_state` row with `lock`, merges
+//! and writes the result back with `store`. A row with no `row_state` row (or only the
+//! placeholder `lock` inserts) has no recorded state: it is live at the zero version if the
+//! table holds it (it predates capture), otherwise unknown.
 
+use crate::clock;
 use crate::errors;
 use crate::model;
-use pg_sync_lww::merge::{self, Change, Kind, State};
+use pg_sync_lww::merge::{Change, Kind, State};
 use pg_sync_lww::version::Version;
-use pgrx::{pg_sys, JsonB, PgOid};
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{pg_sys, JsonB, PgOid, Spi};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 /// What a `sync_actions` row (as JSON) asks a merge to do.
 pub struct Parsed {
@@ -133,66 +139,126 @@ fn strings(v: Option<&Value>) -> Option<String> {
     v.and_then(Value::as_str).map(str::to_owned)
 }
 
-/// The row's current state. `exists` says whether the table holds the row now: a row with no
-/// recorded state and no captured history that exists predates capture, and is live at the zero
-/// version.
-pub fn fold(model_name: &str, model_id: &str, exists: bool, key: &[String]) -> State {
-    let doc = model::run(
-        "WITH s AS (SELECT * FROM pg_sync.row_state
-                     WHERE model = $1 OPERATOR(pg_catalog.->>) 'm' AND model_id = $1 OPERATOR(pg_catalog.->>) 'i')
-         SELECT pg_catalog.jsonb_build_object(
-           'state', (SELECT pg_catalog.to_jsonb(s) FROM s),
-           'actions', (SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(a) ORDER BY a.id)
-                         FROM pg_sync.sync_actions a
-                        WHERE a.model = $1 OPERATOR(pg_catalog.->>) 'm'
-                          AND a.model_id = $1 OPERATOR(pg_catalog.->>) 'i'
-                          AND a.id > coalesce((SELECT folded_id FROM s), 0)))",
-        &[PgOid::from(pg_sys::JSONBOID)],
-        vec![JsonB(json!({"m": model_name, "i": model_id}))],
-    )
-    .unwrap_or(Value::Null);
-    let actions = doc
-        .get("actions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut state = match doc.get("state").filter(|s| !s.is_null()) {
-        Some(s) => State {
-            created: strings(s.get("created")),
-            deleted: strings(s.get("deleted")),
-            versions: s
-                .get("versions")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            pending: s
-                .get("pending")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default(),
-        },
-        None if exists || !actions.is_empty() => State {
-            created: Some(String::new()),
-            ..State::default()
-        },
-        None => State::default(),
-    };
-    let ctx = format!("log of model \"{model_name}\": ");
-    for action in &actions {
-        let Some(obj) = action.as_object() else {
-            continue;
-        };
-        let parsed = parse_action(obj, &ctx, |c| key.iter().any(|k| k == c));
-        state = merge::merge(&state, None, &parsed.change()).state;
-    }
-    state
+thread_local! {
+    /// This module's prepared statements. Separate from `model::run`'s cache, and never borrowed
+    /// while a statement runs: the capture trigger runs these inside statements `model::run`
+    /// executes (apply_remote's and mutate's DML, and the FK cascades they fire).
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
-/// Stores `state` as folded through the row's newest action.
+/// Runs one of this module's statements; returns the first column of its first row, if any.
+fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> Option<Value> {
+    let plan = PLANS.with(|p| p.borrow().get(sql).cloned());
+    let plan = plan.unwrap_or_else(|| {
+        let plan = Rc::new(
+            Spi::connect(|client| client.prepare_mut(sql, types).map(|p| p.keep()))
+                .unwrap_or_else(|e| panic!("pg_sync: cannot prepare statement: {e}")),
+        );
+        PLANS.with(|p| p.borrow_mut().insert(sql, plan.clone()));
+        plan
+    });
+    Spi::connect_mut(|client| {
+        let t = client
+            .update(&*plan, None, args)
+            .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+        if t.is_empty() {
+            None
+        } else {
+            t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+        }
+    })
+}
+
+fn text2() -> [PgOid; 2] {
+    [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::TEXTOID)]
+}
+
+/// A stored `row_state` row as a `State`; `None` for no recorded state (the placeholder `lock`
+/// inserts is the empty state).
+fn from_json(s: &Value) -> Option<State> {
+    if s.is_null() {
+        return None;
+    }
+    let state = State {
+        created: strings(s.get("created")),
+        deleted: strings(s.get("deleted")),
+        versions: s
+            .get("versions")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        pending: s
+            .get("pending")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    };
+    (state != State::default()).then_some(state)
+}
+
+/// The state a row without recorded state has: live at the zero version when the table holds
+/// it (it predates capture), nothing otherwise.
+pub fn unrecorded(exists: bool) -> State {
+    if exists {
+        State {
+            created: Some(String::new()),
+            ..State::default()
+        }
+    } else {
+        State::default()
+    }
+}
+
+/// The row's current state (one index lookup; safe inside the capture trigger).
+pub fn load(model_name: &str, model_id: &str, exists: bool) -> State {
+    let found = run(
+        "SELECT pg_catalog.to_jsonb(s) FROM pg_sync.row_state s
+          WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2",
+        &text2(),
+        &[model_name.into(), model_id.into()],
+    );
+    found
+        .as_ref()
+        .and_then(from_json)
+        .unwrap_or_else(|| unrecorded(exists))
+}
+
+/// Locks the row's `row_state` row for `apply_remote`, inserting an empty placeholder when there
+/// is none, so merges of one row serialize with each other and with local writes (whose
+/// `record_local` waits for this lock), also for keys the table does not hold. Returns the
+/// stored state, `None` when there is none.
+pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
+    let select = || {
+        run(
+            "SELECT pg_catalog.to_jsonb(s) FROM pg_sync.row_state s
+              WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2
+                FOR UPDATE",
+            &text2(),
+            &[model_name.into(), model_id.into()],
+        )
+    };
+    if let Some(found) = select() {
+        return from_json(&found);
+    }
+    let inserted = run(
+        "INSERT INTO pg_sync.row_state (model, model_id, max_version) VALUES ($1, $2, '')
+         ON CONFLICT (model, model_id) DO NOTHING RETURNING 'null'::pg_catalog.jsonb",
+        &text2(),
+        &[model_name.into(), model_id.into()],
+    );
+    if inserted.is_some() {
+        return None;
+    }
+    // Another transaction inserted it meanwhile and has committed: this statement's snapshot
+    // sees it.
+    select().as_ref().and_then(from_json)
+}
+
+/// Stores `state` as the row's current state (the caller holds the row's `lock`).
 pub fn store(model_name: &str, model_id: &str, state: &State) {
     let versions: Map<String, Value> = state
         .versions
@@ -204,27 +270,112 @@ pub fn store(model_name: &str, model_id: &str, state: &State) {
         "p": if state.pending.is_empty() { Value::Null } else { Value::Object(state.pending.clone()) },
         "x": state.max_version(),
     });
-    model::run(
-        "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version, folded_id)
-         SELECT $1->>'m', $1->>'i', $1->>'c', $1->>'d', $1->'v',
-                CASE WHEN pg_catalog.jsonb_typeof($1->'p') = 'object' THEN $1->'p' END, $1->>'x',
-                coalesce((SELECT max(a.id) FROM pg_sync.sync_actions a
-                           WHERE a.model = $1->>'m' AND a.model_id = $1->>'i'), 0)
+    run(
+        "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+         SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
+                $1 OPERATOR(pg_catalog.->>) 'c', $1 OPERATOR(pg_catalog.->>) 'd',
+                $1 OPERATOR(pg_catalog.->) 'v',
+                CASE WHEN pg_catalog.jsonb_typeof($1 OPERATOR(pg_catalog.->) 'p') OPERATOR(pg_catalog.=) 'object'
+                     THEN $1 OPERATOR(pg_catalog.->) 'p' END,
+                $1 OPERATOR(pg_catalog.->>) 'x'
          ON CONFLICT (model, model_id) DO UPDATE SET
            created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
-           pending = EXCLUDED.pending, max_version = EXCLUDED.max_version, folded_id = EXCLUDED.folded_id
-         RETURNING NULL::pg_catalog.jsonb",
+           pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
         &[PgOid::from(pg_sys::JSONBOID)],
-        vec![JsonB(doc)],
+        &[JsonB(doc).into()],
     );
 }
 
-/// `pg_sync.row_version_state(model, model_id)`: the folded state as JSON, for inspection.
+/// What a local write does to its row's state.
+#[derive(Clone, Copy)]
+pub enum Local<'a> {
+    Insert,
+    Delete,
+    /// Column writes (an update, or a group move: its delete half changes nothing).
+    Columns(&'a [&'a str]),
+}
+
+/// Records a local write at `version` in the row's state and returns the version it was recorded
+/// at: `version`, or a fresh one if the row's state already holds a version at or above it (a
+/// merge committed between minting and this write), so a local write is always above the row's
+/// current state. The capture trigger writes its action rows with the returned version.
+///
+/// A local write's version is above everything in the state, so the merge reduces to: an insert
+/// or delete resets the per-column versions (they all fall below it) and the pending values,
+/// column writes set their columns' versions.
+pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: String) -> String {
+    let (kind, versions) = match what {
+        Local::Insert => ("I", Map::new()),
+        Local::Delete => ("D", Map::new()),
+        Local::Columns(cols) => (
+            "U",
+            cols.iter()
+                .map(|c| (c.to_string(), Value::String(version.clone())))
+                .collect(),
+        ),
+    };
+    let mut version = version;
+    for _ in 0..8 {
+        let versions = match what {
+            Local::Columns(_) => versions
+                .keys()
+                .map(|c| (c.clone(), Value::String(version.clone())))
+                .collect(),
+            _ => versions.clone(),
+        };
+        let done = run(
+            "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+             VALUES ($1, $2,
+                     CASE WHEN $3 OPERATOR(pg_catalog.=) 'I' THEN $4 ELSE '' END,
+                     CASE WHEN $3 OPERATOR(pg_catalog.=) 'D' THEN $4 END,
+                     $5, NULL, $4)
+             ON CONFLICT (model, model_id) DO UPDATE SET
+               created = CASE WHEN $3 OPERATOR(pg_catalog.=) 'I' THEN $4 ELSE COALESCE(s.created, '') END,
+               deleted = CASE WHEN $3 OPERATOR(pg_catalog.=) 'D' THEN $4 ELSE s.deleted END,
+               versions = CASE WHEN $3 OPERATOR(pg_catalog.=) 'U'
+                               THEN s.versions OPERATOR(pg_catalog.||) $5 ELSE $5 END,
+               pending = NULL,
+               max_version = $4
+             WHERE s.max_version OPERATOR(pg_catalog.<) ($4 COLLATE pg_catalog.\"C\")
+             RETURNING 'true'::pg_catalog.jsonb",
+            &[
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::JSONBOID),
+            ],
+            &[
+                model_name.into(),
+                model_id.into(),
+                kind.into(),
+                version.as_str().into(),
+                JsonB(Value::Object(versions)).into(),
+            ],
+        );
+        if done.is_some() {
+            return version;
+        }
+        // The row's state is at or above our version: move the clock past it and mint again.
+        let current = load(model_name, model_id, true).max_version();
+        if let Ok(v) = Version::parse(&current) {
+            clock::observe(v.hlc);
+        }
+        version = clock::next_version().to_string();
+    }
+    errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("could not version a write of model \"{model_name}\" above its current state"),
+        "Report this: the row's recorded state is ahead of the node's clock.",
+    )
+}
+
+/// `pg_sync.row_version_state(model, model_id)`: the row's state as JSON, for inspection.
 pub fn describe(model_name: &str, model_id: &str) -> Value {
     let m = model::Model::lookup(model_name);
     let key = m.key_object(model_id, "");
     let exists = m.exists(&key);
-    let state = fold(model_name, model_id, exists, &m.key);
+    let state = load(model_name, model_id, exists);
     json!({
         "live": state.live(),
         "created": state.created,
