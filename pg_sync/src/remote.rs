@@ -175,6 +175,9 @@ fn apply_change(
     if !outcome.changed() {
         return false;
     }
+    // Stored before the write: triggers it fires may write this row locally (recording their
+    // own, newer versions on top), which storing afterwards would overwrite.
+    state::store(&model.name, model_id, &outcome.state);
     let touched = {
         let _remote = capture::enter_remote(RemoteContext {
             relid: target.relid,
@@ -203,12 +206,12 @@ fn apply_change(
     };
     if !touched {
         // A BEFORE trigger or a policy skipped the write: the table does not hold what the merge
-        // decided, so the state stays as it was and the change does not count as applied.
+        // decided, so the state goes back to what it was and the change does not count.
         pgrx::warning!(
             "pg_sync: {row_ctx}the table's triggers or policies skipped the merged write; change not applied"
         );
+        state::store(&model.name, model_id, &state);
         return false;
     }
-    state::store(&model.name, model_id, &outcome.state);
     true
 }
