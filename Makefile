@@ -20,6 +20,7 @@ unit:
 
 regress:
 	bash scripts/regress.sh
+	bash scripts/isolation.sh
 
 integration:
 	cargo test -p pg_sync_tests --test extension -- --test-threads=2
