@@ -320,74 +320,44 @@ pub enum Local<'a> {
 /// or delete resets the per-column versions (they all fall below it) and the pending values,
 /// column writes set their columns' versions.
 pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: String) -> String {
-    let kind = match what {
-        Local::Insert => "I",
-        Local::Delete => "D",
-        Local::Columns(_) => "U",
-    };
-    let cols: Vec<String> = match what {
-        Local::Columns(cols) => cols.iter().map(|c| c.to_string()).collect(),
-        _ => Vec::new(),
+    // One small statement per kind: an upsert's executor setup (its projections) is most of
+    // what this costs per row, so each statement carries only the expressions its kind needs.
+    let (update, upsert) = match what {
+        Local::Insert => (None, RECORD_INSERT),
+        Local::Delete => (Some(UPDATE_DELETE), UPSERT_DELETE),
+        Local::Columns(_) => (Some(UPDATE_COLUMNS), UPSERT_COLUMNS),
     };
     let types = [
         PgOid::from(pg_sys::TEXTOID),
         PgOid::from(pg_sys::TEXTOID),
         PgOid::from(pg_sys::TEXTOID),
-        PgOid::from(pg_sys::TEXTOID),
-        PgOid::from(pg_sys::TEXTARRAYOID),
+        PgOid::from(pg_sys::JSONBOID),
     ];
     let mut version = version;
     for attempt in 0..8 {
-        let args = || -> [DatumWithOid<'_>; 5] {
+        let versions = match what {
+            Local::Columns(cols) => cols
+                .iter()
+                .map(|c| (c.to_string(), Value::String(version.clone())))
+                .collect(),
+            _ => Map::new(),
+        };
+        let args = || -> [DatumWithOid<'_>; 4] {
             [
                 model_name.into(),
                 model_id.into(),
-                kind.into(),
                 version.as_str().into(),
-                cols.clone().into(),
+                JsonB(Value::Object(versions.clone())).into(),
             ]
         };
         // Updates and deletes of rows with state (nearly all): a plain HOT update, cheaper than
         // an upsert's speculative insertion and tuple lock. Inserts usually find no state.
-        if attempt == 0 && kind != "I" {
-            let updated = run_count(
-                "UPDATE pg_sync.row_state s SET
-                   created = COALESCE(s.created, ''),
-                   deleted = CASE WHEN $3 OPERATOR(pg_catalog.=) 'D' THEN $4 ELSE s.deleted END,
-                   versions = CASE WHEN $3 OPERATOR(pg_catalog.=) 'U'
-                                   THEN s.versions OPERATOR(pg_catalog.||)
-                                        pg_catalog.jsonb_object($5, pg_catalog.array_fill($4, ARRAY[pg_catalog.cardinality($5)]))
-                                   ELSE '{}' END,
-                   pending = NULL,
-                   max_version = $4
-                 WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2
-                   AND s.max_version OPERATOR(pg_catalog.<) ($4 COLLATE pg_catalog.\"C\")",
-                &types,
-                &args(),
-            );
-            if updated > 0 {
+        if let (0, Some(update)) = (attempt, update) {
+            if run_count(update, &types, &args()) > 0 {
                 return version;
             }
         }
-        let done = run_count(
-            "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
-             VALUES ($1, $2,
-                     CASE WHEN $3 OPERATOR(pg_catalog.=) 'I' THEN $4 ELSE '' END,
-                     CASE WHEN $3 OPERATOR(pg_catalog.=) 'D' THEN $4 END,
-                     pg_catalog.jsonb_object($5, pg_catalog.array_fill($4, ARRAY[pg_catalog.cardinality($5)])),
-                     NULL, $4)
-             ON CONFLICT (model, model_id) DO UPDATE SET
-               created = CASE WHEN $3 OPERATOR(pg_catalog.=) 'I' THEN $4 ELSE COALESCE(s.created, '') END,
-               deleted = CASE WHEN $3 OPERATOR(pg_catalog.=) 'D' THEN $4 ELSE s.deleted END,
-               versions = CASE WHEN $3 OPERATOR(pg_catalog.=) 'U'
-                               THEN s.versions OPERATOR(pg_catalog.||) EXCLUDED.versions ELSE '{}' END,
-               pending = NULL,
-               max_version = $4
-             WHERE s.max_version OPERATOR(pg_catalog.<) ($4 COLLATE pg_catalog.\"C\")",
-            &types,
-            &args(),
-        );
-        if done > 0 {
+        if run_count(upsert, &types, &args()) > 0 {
             return version;
         }
         // The row's state is at or above our version: move the clock past it and mint again.
@@ -403,6 +373,39 @@ pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: 
         "Report this: the row's recorded state is ahead of the node's clock.",
     )
 }
+
+// `record_local`'s statements: $1 model, $2 model_id, $3 the write's version, $4 the versions
+// of the columns it writes. Each refuses a version not above the row's current one. A row with
+// no state that is updated or deleted predates capture (created at the zero version); a
+// placeholder left by `lock` has created NULL, which the same COALESCE fixes.
+const RECORD_INSERT: &str =
+    "INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version) VALUES ($1, $2, $3, $3)
+     ON CONFLICT (model, model_id) DO UPDATE SET
+       created = EXCLUDED.created, versions = '{}', pending = NULL, max_version = EXCLUDED.max_version
+     WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version";
+const UPDATE_DELETE: &str = "UPDATE pg_sync.row_state s SET
+       created = COALESCE(s.created, ''), deleted = $3, versions = '{}', pending = NULL, max_version = $3
+     WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2
+       AND s.max_version OPERATOR(pg_catalog.<) ($3 COLLATE pg_catalog.\"C\")";
+const UPSERT_DELETE: &str =
+    "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, max_version)
+     VALUES ($1, $2, '', $3, $3)
+     ON CONFLICT (model, model_id) DO UPDATE SET
+       created = COALESCE(s.created, ''), deleted = EXCLUDED.deleted, versions = '{}', pending = NULL,
+       max_version = EXCLUDED.max_version
+     WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version";
+const UPDATE_COLUMNS: &str = "UPDATE pg_sync.row_state s SET
+       created = COALESCE(s.created, ''), versions = s.versions OPERATOR(pg_catalog.||) $4,
+       pending = NULL, max_version = $3
+     WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2
+       AND s.max_version OPERATOR(pg_catalog.<) ($3 COLLATE pg_catalog.\"C\")";
+const UPSERT_COLUMNS: &str =
+    "INSERT INTO pg_sync.row_state AS s (model, model_id, created, versions, max_version)
+     VALUES ($1, $2, '', $4, $3)
+     ON CONFLICT (model, model_id) DO UPDATE SET
+       created = COALESCE(s.created, ''), versions = s.versions OPERATOR(pg_catalog.||) EXCLUDED.versions,
+       pending = NULL, max_version = EXCLUDED.max_version
+     WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version";
 
 /// `pg_sync.row_version_state(model, model_id)`: the row's state as JSON, for inspection.
 pub fn describe(model_name: &str, model_id: &str) -> Value {

@@ -22,6 +22,15 @@ SELECT k, s = pg_sync.row_version_state('st', k) AS same_state, s->>'live' AS li
 SELECT pg_sync.apply_remote(chm('st', 'U', '1', v(-100000, 'old'), '{"a": "stale", "b": 0}')) AS applied;
 SELECT pg_sync.apply_remote(chm('st', 'I', '2', v(-100000, 'old'), '{"id": 2, "a": "zombie", "b": 0}')) AS applied;
 SELECT * FROM st ORDER BY id;
+-- A local write is versioned above the row's state even when the state is ahead of this node's
+-- clock (a merge that committed between minting and recording): the trigger observes and re-mints.
+SELECT lpad(to_hex(pg_sync.hlc_now() + 100000000), 16, '0') || '@ahead' AS ahead \gset
+UPDATE pg_sync.row_state SET max_version = :'ahead', versions = jsonb_build_object('b', :'ahead')
+ WHERE model = 'st' AND model_id = '1';
+UPDATE st SET a = 'a3' WHERE id = 1;
+SELECT version > :'ahead' COLLATE "C" AS above_state FROM pg_sync.sync_actions ORDER BY id DESC LIMIT 1;
+SELECT (pg_sync.row_version_state('st', '1')->'versions'->>'a') > :'ahead' COLLATE "C" AS state_a_above,
+       pg_sync.row_version_state('st', '1')->'versions'->>'b' = :'ahead' AS state_b_kept;
 -- Nothing reads a row's history any more, so the log keeps no per-row index.
 SELECT count(*) AS row_history_indexes FROM pg_indexes
  WHERE schemaname = 'pg_sync' AND tablename = 'sync_actions' AND indexdef LIKE '%model_id%';
