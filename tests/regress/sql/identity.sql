@@ -9,7 +9,7 @@ INSERT INTO mx_types VALUES
   ('uuid', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'), ('bool', 'true'), ('date', '2024-02-29'),
   ('timestamp', '2024-02-29 13:14:15.5'), ('timestamptz', '2024-02-29 13:14:15.5+00'),
   ('time', '13:14:15.25'), ('interval', '-1 years +2 mons -3 days 04:05:06.5'),
-  ('float4', '1.1'), ('float8', '0.1'), ('money', '1234.5'), ('bytea', '\x00ff41');
+  ('float4', '1.1'), ('float8', '0.30000000000000004'), ('money', '1234.5'), ('bytea', '\x00ff41');
 SET DateStyle = 'ISO, MDY';
 SET TimeZone = 'UTC';
 DO $$
