@@ -68,20 +68,36 @@ pub fn depends_on(output_fn: pg_sys::Oid) -> u8 {
     }
 }
 
-/// Which of `needed` the session has away from its canonical value.
-fn differing(needed: u8) -> u8 {
+/// Zones that are UTC at every instant: ISO output prints only the numeric offset, so they print
+/// timestamps exactly as UTC does.
+const UTC_NAMES: [&CStr; 10] = [
+    c"UTC",
+    c"Etc/UTC",
+    c"GMT",
+    c"Etc/GMT",
+    c"UCT",
+    c"Etc/UCT",
+    c"Universal",
+    c"Etc/Universal",
+    c"Zulu",
+    c"Etc/Zulu",
+];
+
+/// Which of `needed` the session has away from its canonical value. Output only looks at the
+/// date style; parsing (`input`) also at the field order, which reads ambiguous dates.
+fn differing(needed: u8, input: bool) -> u8 {
     let mut off = 0;
     // SAFETY: plain reads of backend globals and of GUC values Postgres owns.
     unsafe {
         if needed & DATESTYLE != 0
             && (pg_sys::DateStyle != pg_sys::USE_ISO_DATES as i32
-                || pg_sys::DateOrder != pg_sys::DATEORDER_MDY as i32)
+                || (input && pg_sys::DateOrder != pg_sys::DATEORDER_MDY as i32))
         {
             off |= DATESTYLE;
         }
         if needed & TIMEZONE != 0 {
             let name = pg_sys::pg_get_timezone_name(pg_sys::session_timezone);
-            if name.is_null() || CStr::from_ptr(name) != c"UTC" {
+            if name.is_null() || !UTC_NAMES.contains(&CStr::from_ptr(name)) {
                 off |= TIMEZONE;
             }
         }
@@ -108,8 +124,8 @@ fn differing(needed: u8) -> u8 {
 /// Runs `f` with the settings in `needed` at their canonical values. The settings are set in a
 /// nest level of their own and restored after `f`; an ERROR in `f` restores them with the
 /// (sub)transaction it aborts.
-pub fn with_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {
-    let off = differing(needed);
+fn with_settings<R>(needed: u8, input: bool, f: impl FnOnce() -> R) -> R {
+    let off = differing(needed, input);
     if off == 0 {
         return f();
     }
@@ -141,7 +157,9 @@ pub fn with_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {
 /// # Safety
 /// `value` must be a valid datum of a type whose output function is `output_fn`.
 pub unsafe fn output(output_fn: pg_sys::Oid, value: pg_sys::Datum) -> String {
-    with_settings(depends_on(output_fn), || unsafe { print(output_fn, value) })
+    with_settings(depends_on(output_fn), false, || unsafe {
+        print(output_fn, value)
+    })
 }
 
 unsafe fn print(output_fn: pg_sys::Oid, value: pg_sys::Datum) -> String {
@@ -194,7 +212,7 @@ pub fn reparse(typid: pg_sys::Oid, typmod: i32, text: &str, what: &str) -> Strin
         pg_sys::getTypeOutputInfo(typid, &mut outfunc, &mut varlena);
     }
     PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-        with_settings(depends_on(outfunc), || unsafe {
+        with_settings(depends_on(outfunc), true, || unsafe {
             let datum =
                 pg_sys::OidInputFunctionCall(infunc, c.as_ptr().cast_mut(), ioparam, typmod);
             print(outfunc, datum)
