@@ -62,6 +62,31 @@ SELECT model, count(*) AS actions, count(DISTINCT model_id) AS ids, count(DISTIN
        min(model_id) AS model_id, min(group_id) AS group_id
   FROM pg_sync.sync_actions WHERE model LIKE 'mx\_%' GROUP BY model ORDER BY model;
 
+-- Canonical ids find their rows from any session: peers' updates and client updates by id.
+SET DateStyle = 'German';
+SET TimeZone = 'Pacific/Chatham';
+SET IntervalStyle = 'sql_standard';
+SET extra_float_digits = 0;
+SET bytea_output = 'escape';
+SELECT pg_sync.apply_remote(pg_catalog.jsonb_build_array(
+  pg_catalog.jsonb_build_object('model', 'mx_composite', 'action', 'U', 'origin', 'peer',
+    'model_id', '["2024-02-29","0.1","1 day 02:00:00","2024-02-29 23:30:00+00","\\x00ff","7"]',
+    'data', '{"v": 100}'::jsonb, 'version', pg_sync.next_version()),
+  pg_catalog.jsonb_build_object('model', 'mx_timestamptz', 'action', 'U', 'origin', 'peer',
+    'model_id', '2024-02-29 13:14:15.5+00', 'data', '{"v": 100}'::jsonb, 'version', pg_sync.next_version()),
+  pg_catalog.jsonb_build_object('model', 'mx_interval', 'action', 'U', 'origin', 'peer',
+    'model_id', '-10 mons -3 days +04:05:06.5', 'data', '{"v": 100}'::jsonb, 'version', pg_sync.next_version()))) AS applied;
+SELECT pg_sync.mutate('c-matrix', gen_random_uuid(), '[
+  {"model": "mx_date", "action": "U", "id": "2024-02-29", "data": {"v": 100}},
+  {"model": "mx_float8", "action": "U", "id": 0.30000000000000004, "data": {"v": 100}},
+  {"model": "mx_bytea", "action": "U", "id": "\\x00ff41", "data": {"v": 100}},
+  {"model": "mx_timestamp", "action": "U", "id": "2024-02-29T13:14:15.5", "data": {"v": 100}}]') -> 'ops';
+RESET ALL;
+SELECT (SELECT v FROM mx_composite) AS composite, (SELECT v FROM mx_timestamptz) AS timestamptz,
+       (SELECT v FROM mx_interval) AS "interval", (SELECT v FROM mx_date) AS date,
+       (SELECT v FROM mx_float8) AS float8, (SELECT v FROM mx_bytea) AS bytea,
+       (SELECT v FROM mx_timestamp) AS "timestamp";
+
 -- pg_sync.canonical_text gives the same text in any session.
 SET DateStyle = 'SQL, DMY';
 SET TimeZone = 'Asia/Kolkata';
