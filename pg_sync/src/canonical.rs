@@ -196,7 +196,7 @@ pub fn reparse(typid: pg_sys::Oid, typmod: i32, text: &str, what: &str) -> Strin
         errors::raise(
             PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             format!("{what} is not a valid {typname}"),
-            "Send ids as the key columns' text forms, as pg_sync.sync_actions.model_id holds them.",
+            "Send key and group values in their columns' text forms, as pg_sync.sync_actions holds them (model_id, group_id).",
         )
     };
     let Ok(c) = CString::new(text) else { bad() };

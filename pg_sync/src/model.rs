@@ -20,6 +20,8 @@ pub struct Model {
     pub key: Vec<String>,
     /// Each key column's type and typmod, to parse ids into canonical text.
     pub key_types: Vec<(pg_sys::Oid, i32)>,
+    /// The group column's type and typmod, to compare group ids canonically.
+    pub group_type: Option<(pg_sys::Oid, i32)>,
     /// Columns whose values are synced (neither excluded nor dropped).
     pub columns: Vec<String>,
     pub federation: String,
@@ -44,7 +46,11 @@ impl Model {
                                         a.atttypid::pg_catalog.int8, a.atttypmod) ORDER BY k.o)
                                  FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(n, o)
                                  JOIN pg_catalog.pg_attribute a
-                                   ON a.attrelid = r.rel AND a.attname = k.n AND NOT a.attisdropped))
+                                   ON a.attrelid = r.rel AND a.attname = k.n AND NOT a.attisdropped),
+                        'gt', (SELECT pg_catalog.jsonb_build_array(a.atttypid::pg_catalog.int8, a.atttypmod)
+                                 FROM pg_catalog.pg_attribute a
+                                WHERE a.attrelid = r.rel AND a.attname = r.group_column
+                                  AND NOT a.attisdropped))
                FROM pg_sync.registry r
                JOIN pg_catalog.pg_class c ON c.oid = r.rel
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -71,15 +77,13 @@ impl Model {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|t| {
-                        let oid = t[0].as_u64().unwrap_or_default() as u32;
-                        let typmod = t[1].as_i64().unwrap_or(-1) as i32;
-                        (pg_sys::Oid::from(oid), typmod)
-                    })
+                    .map(type_of)
                     .collect::<Vec<_>>(),
+                Some(&r["gt"]).filter(|t| t.is_array()).map(type_of),
             )
         });
-        let Some((table, key, columns, federation, enabled, group, key_types)) = row else {
+        let Some((table, key, columns, federation, enabled, group, key_types, group_type)) = row
+        else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("model \"{name}\" is not registered"),
@@ -98,6 +102,7 @@ impl Model {
             table,
             key,
             key_types,
+            group_type,
             columns,
             federation,
             enabled,
@@ -168,6 +173,23 @@ impl Model {
                 )
             })
             .collect()
+    }
+
+    /// The canonical text of a JSON value given for the group column (a string or number);
+    /// `None` for other JSON.
+    pub fn canonical_group_value(&self, v: &Value, context: &str) -> Option<String> {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let (typid, typmod) = self.group_type?;
+        Some(crate::canonical::reparse(
+            typid,
+            typmod,
+            &text,
+            &format!("{context}the group column in data"),
+        ))
     }
 
     /// The canonical text of a JSON value given for key column `col` (a string or number).
@@ -331,6 +353,13 @@ impl Model {
         );
         run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]).is_some()
     }
+}
+
+/// `[type oid, typmod]` as the registry query returns it.
+fn type_of(t: &Value) -> (pg_sys::Oid, i32) {
+    let oid = t[0].as_u64().unwrap_or_default() as u32;
+    let typmod = t[1].as_i64().unwrap_or(-1) as i32;
+    (pg_sys::Oid::from(oid), typmod)
 }
 
 fn jsonb(m: &Map<String, Value>) -> JsonB {

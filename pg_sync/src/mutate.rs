@@ -306,11 +306,6 @@ fn authorize(
             Some(Value::Bool(true))
         )
     };
-    let text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    };
     if action != "I" {
         if let Some(current) = key.and_then(|k| model.group_of(k)) {
             match current {
@@ -319,10 +314,12 @@ fn authorize(
             }
         }
     }
-    // The group the row will be in, when this write sets it.
+    // The group the row will be in, when this write sets it, as its canonical group id.
     let target = match data.get(group_col) {
         Some(v) => Some(
-            text(v).unwrap_or_else(|| forbid("the row's group must be a string or number".into())),
+            model
+                .canonical_group_value(v, ctx)
+                .unwrap_or_else(|| forbid("the row's group must be a string or number".into())),
         ),
         None if action == "I" => forbid(format!(
             "an insert must set the group column \"{group_col}\""

@@ -88,3 +88,14 @@ SELECT user_id, client_id, client_tx_id FROM pg_sync.client_transactions
  WHERE client_id = 'shared' ORDER BY user_id;
 SELECT err($$SELECT pg_sync.mutate_as('', 'shared', gen_random_uuid(), '[
   {"model": "ms_notes", "action": "D", "id": 12}]')$$);
+
+-- Group values in data are compared as canonical group ids: "07" is group 7.
+CREATE TABLE ms_boards (id int PRIMARY KEY, team int, day date);
+SELECT pg_sync.register_table('ms_boards', group_column => 'team');
+SELECT pg_sync.add_member('erin', '7');
+SELECT pg_sync.mutate_as('erin', 'e-phone', gen_random_uuid(), '[
+  {"model": "ms_boards", "action": "I", "id": 1, "data": {"team": "07"}},
+  {"model": "ms_boards", "action": "U", "id": 1, "data": {"team": 7, "day": "2024-02-29"}}]') -> 'ops' -> 0 ->> 'status' AS status;
+SELECT model_id, group_id FROM pg_sync.sync_actions WHERE model = 'ms_boards' ORDER BY id;
+SELECT err($$SELECT pg_sync.mutate_as('erin', 'e-phone', gen_random_uuid(), '[
+  {"model": "ms_boards", "action": "U", "id": 1, "data": {"team": "8"}}]')$$);
