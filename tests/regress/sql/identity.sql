@@ -62,6 +62,15 @@ SELECT model, count(*) AS actions, count(DISTINCT model_id) AS ids, count(DISTIN
        min(model_id) AS model_id, min(group_id) AS group_id
   FROM pg_sync.sync_actions WHERE model LIKE 'mx\_%' GROUP BY model ORDER BY model;
 
+-- Compaction folds each row once, under its one id.
+INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+SELECT xid, pg_sync.last_sync_id() + sum(n) OVER (ORDER BY first_id) - n + 1, n, '0/0', now()
+  FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n FROM pg_sync.sync_actions a
+         WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid) GROUP BY a.xid) s;
+SELECT pg_sync.compact(pg_sync.last_sync_id()) > 0 AS compacted;
+SELECT model, model_id, created > deleted AS live FROM pg_sync.row_state
+ WHERE model IN ('mx_date', 'mx_timestamptz', 'mx_interval', 'mx_bytea') ORDER BY model;
+
 -- Canonical ids find their rows from any session: peers' updates and client updates by id.
 SET DateStyle = 'German';
 SET TimeZone = 'Pacific/Chatham';
