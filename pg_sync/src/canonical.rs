@@ -109,7 +109,8 @@ fn differing(needed: u8, input: bool) -> u8 {
         if needed & FLOAT_DIGITS != 0 && pg_sys::extra_float_digits <= 0 {
             off |= FLOAT_DIGITS;
         }
-        for (bit, name, value) in [CANONICAL[4], CANONICAL[5]] {
+        // No exported global holds these two: compare the settings' text.
+        for &(bit, name, value) in CANONICAL.iter().filter(|c| c.0 & (MONETARY | BYTEA) != 0) {
             if needed & bit != 0 {
                 let now = pg_sys::GetConfigOption(name.as_ptr(), false, false);
                 if now.is_null() || CStr::from_ptr(now) != value {
