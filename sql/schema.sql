@@ -101,12 +101,15 @@ CREATE TABLE pg_sync.api_keys (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Client transactions applied by mutate, for exactly-once replays. Scoped to the user mutate_as
+-- wrote for ('' for plain mutate): one user's tx id never replays another's result.
 CREATE TABLE pg_sync.client_transactions (
+    user_id      text NOT NULL DEFAULT '',
     client_id    text NOT NULL,
     client_tx_id uuid NOT NULL,
     result       jsonb NOT NULL,
     applied_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (client_id, client_tx_id)
+    PRIMARY KEY (user_id, client_id, client_tx_id)
 );
 
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.registry', '');

@@ -48,12 +48,19 @@ pub struct RemoteContext {
 pub struct ClientContext {
     pub client_id: String,
     pub client_tx_id: String,
+    /// The user `mutate_as` writes for: every row written while it is set, also by cascades and
+    /// triggers, must be in one of the user's groups (see `authorize_user_write`).
+    pub user: Option<String>,
 }
 
 thread_local! {
     static REMOTE: RefCell<Option<RemoteContext>> = const { RefCell::new(None) };
     static CLIENT: RefCell<Option<ClientContext>> = const { RefCell::new(None) };
-    static CONFIGS: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>> = RefCell::new(HashMap::new());
+    /// Parsed registrations by trigger oid, valid while their generation is `GENERATION`.
+    static CONFIGS: RefCell<(u64, HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>)> = RefCell::new((0, HashMap::new()));
+    /// Bumped by every relcache invalidation. A counter rather than clearing the map: an
+    /// invalidation can arrive from inside a catalog lookup while the map is in use.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
     static OWNER: RefCell<Option<pg_sys::Oid>> = const { RefCell::new(None) };
     /// Actions this backend has written, ever: a difference of two readings counts the
@@ -109,8 +116,45 @@ pub fn enter_client(ctx: ClientContext) -> ContextGuard {
 /// Relcache invalidation callback: forget every parsed registration.
 #[pg_guard]
 pub unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
-    CONFIGS.with(|c| c.borrow_mut().clear());
-    OWNER.with(|o| *o.borrow_mut() = None);
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+    // Never panics: when the owner is being read right now, the reader stores a fresh value.
+    OWNER.with(|o| {
+        if let Ok(mut o) = o.try_borrow_mut() {
+            *o = None;
+        }
+    });
+}
+
+/// The parsed registration of a capture trigger, cached until the next relcache invalidation.
+/// No borrow is held while parsing: parsing reads the catalogs, which can deliver invalidations.
+fn table_config(
+    tg_trigger: &pg_sys::Trigger,
+    tupdesc: pg_sys::TupleDesc,
+) -> std::rc::Rc<TableConfig> {
+    let tgoid = tg_trigger.tgoid;
+    let generation = GENERATION.with(|g| g.get());
+    let cached = CONFIGS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != generation {
+            *c = (generation, HashMap::new());
+        }
+        c.1.get(&tgoid).cloned()
+    });
+    if let Some(cfg) = cached {
+        return cfg;
+    }
+    // SAFETY: the trigger and descriptor Postgres handed to this trigger call.
+    let cfg = std::rc::Rc::new(unsafe { TableConfig::build(tg_trigger, tupdesc) });
+    // Cache it only if no invalidation arrived while it was built (it may be stale then).
+    if GENERATION.with(|g| g.get()) == generation {
+        CONFIGS.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 == generation {
+                c.1.insert(tgoid, cfg.clone());
+            }
+        });
+    }
+    cfg
 }
 
 /// A registration as the trigger sees it, resolved against the table's current columns.
@@ -274,12 +318,9 @@ impl Row {
             return None;
         }
         // SAFETY: output function of the column's own type, applied to a non-null value.
-        unsafe {
-            let out = pg_sys::OidOutputFunctionCall(cfg.output_fn[i], self.values[i]);
-            let s = CStr::from_ptr(out).to_string_lossy().into_owned();
-            pg_sys::pfree(out.cast());
-            Some(s)
-        }
+        // Canonical text: one row has one identity whatever the writer's DateStyle, TimeZone,
+        // float digits, ... (see `canonical`).
+        Some(unsafe { crate::canonical::output(cfg.output_fn[i], self.values[i]) })
     }
 
     /// The row's key as text: the key column's text form, or for a composite key a JSON array of
@@ -535,13 +576,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let td = trigger.trigger_data();
     // SAFETY: Postgres hands a valid TriggerData to a trigger function.
     let (tg_trigger, tupdesc) = unsafe { (&*td.tg_trigger, (*td.tg_relation).rd_att) };
-    let tgoid = tg_trigger.tgoid;
-    let cfg = CONFIGS.with(|c| {
-        c.borrow_mut()
-            .entry(tgoid)
-            .or_insert_with(|| std::rc::Rc::new(unsafe { TableConfig::build(tg_trigger, tupdesc) }))
-            .clone()
-    });
+    let cfg = table_config(tg_trigger, tupdesc);
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
@@ -569,6 +604,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
             let group = row.group(&cfg);
             match &remote.0 {
                 None => {
+                    authorize_user_write(&cfg, &[group.as_deref()]);
                     let (action, drop, what) = if is_insert {
                         ("I", cfg.drop_excluded.clone(), Local::Insert)
                     } else {
@@ -628,6 +664,13 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
         // UPDATE
         let old = Row::deform(td.tg_trigtuple, tupdesc);
         let new = Row::deform(td.tg_newtuple, tupdesc);
+        if remote.0.is_none() && client_user().is_some() {
+            // Before the no-change exit: a write of excluded columns is a write too.
+            authorize_user_write(
+                &cfg,
+                &[old.group(&cfg).as_deref(), new.group(&cfg).as_deref()],
+            );
+        }
         let changed: Vec<&str> = match &remote.0 {
             Some(ctx) => ctx.won.keys().map(String::as_str).collect(),
             None => cfg
@@ -829,6 +872,54 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
             }
         }
     });
+}
+
+fn client_user() -> Option<String> {
+    CLIENT.with(|c| c.borrow().as_ref().and_then(|c| c.user.clone()))
+}
+
+/// Raises 42501 when `mutate_as` set a user and a row it writes is (or was) outside the user's
+/// groups. Enforced here, where every written row is seen, because the JSON `mutate_as` checked
+/// is not the row written: BEFORE triggers may rewrite the group, and cascades and triggers write
+/// other rows. Global models are read-only for clients, also through such indirect writes.
+fn authorize_user_write(cfg: &TableConfig, groups: &[Option<&str>]) {
+    let Some(user) = client_user() else {
+        return;
+    };
+    let forbid = |why: String| -> ! {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            why,
+            "Clients may write only rows of the sync groups they belong to; triggers and cascades that a client's write fires are held to the same groups.",
+        )
+    };
+    if cfg.group.is_none() {
+        forbid(format!(
+            "model \"{}\" is global and read-only for clients",
+            cfg.model
+        ));
+    }
+    for group in groups {
+        let Some(group) = group else {
+            forbid(format!(
+                "a row of model \"{}\" without a group cannot be written by a client",
+                cfg.model
+            ));
+        };
+        let member = crate::model::run(
+            "SELECT pg_catalog.to_jsonb(EXISTS (SELECT FROM pg_sync.group_memberships m
+              WHERE m.user_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'u')
+                AND m.group_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'g')))",
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(serde_json::json!({"u": user, "g": group}))],
+        );
+        if member != Some(Value::Bool(true)) {
+            forbid(format!(
+                "a row of model \"{}\" would be written outside the user's groups",
+                cfg.model
+            ));
+        }
+    }
 }
 
 /// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log.

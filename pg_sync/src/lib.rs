@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod canonical;
 mod capture;
 mod clock;
 mod errors;
@@ -66,6 +67,15 @@ mod pg_sync {
     #[pg_extern(immutable, parallel_safe, strict)]
     fn key_text(parts: Vec<String>) -> String {
         crate::capture::key_text(parts)
+    }
+
+    /// The text form pg_sync identifies a key or group value by: the type's output under fixed
+    /// settings (DateStyle ISO, TimeZone UTC, IntervalStyle postgres, extra_float_digits 1,
+    /// lc_monetary C, bytea_output hex), whatever the session's.
+    #[pg_extern(stable, parallel_restricted, strict)]
+    fn canonical_text(value: pgrx::AnyElement) -> String {
+        // SAFETY: a non-null value of the type Postgres says it has.
+        unsafe { crate::canonical::output_of_type(value.oid(), value.datum()) }
     }
 
     /// The HLC part of a version string.

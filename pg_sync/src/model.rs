@@ -11,12 +11,17 @@ use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 pub struct Model {
     pub name: String,
     /// The table as a quoted, schema-qualified name.
     pub table: String,
     pub key: Vec<String>,
+    /// Each key column's type and typmod, to parse ids into canonical text.
+    pub key_types: Vec<(pg_sys::Oid, i32)>,
+    /// The group column's type and typmod, to compare group ids canonically.
+    pub group_type: Option<(pg_sys::Oid, i32)>,
     /// Columns whose values are synced (neither excluded nor dropped).
     pub columns: Vec<String>,
     pub federation: String,
@@ -37,7 +42,16 @@ impl Model {
                                       AND a.attgenerated = ''
                                       AND a.attname <> ALL (r.excluded_columns)
                                     ORDER BY a.attnum),
-                        'f', r.federation, 'e', r.enabled, 'g', r.group_column)
+                        'f', r.federation, 'e', r.enabled, 'g', r.group_column,
+                        'kt', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(
+                                        a.atttypid::pg_catalog.int8, a.atttypmod) ORDER BY k.o)
+                                 FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(n, o)
+                                 JOIN pg_catalog.pg_attribute a
+                                   ON a.attrelid = r.rel AND a.attname = k.n AND NOT a.attisdropped),
+                        'gt', (SELECT pg_catalog.jsonb_build_array(a.atttypid::pg_catalog.int8, a.atttypmod)
+                                 FROM pg_catalog.pg_attribute a
+                                WHERE a.attrelid = r.rel AND a.attname = r.group_column
+                                  AND NOT a.attisdropped))
                FROM pg_sync.registry r
                JOIN pg_catalog.pg_class c ON c.oid = r.rel
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -60,19 +74,36 @@ impl Model {
                 r["f"].as_str().unwrap_or_default().to_owned(),
                 r["e"].as_bool().unwrap_or(false),
                 r["g"].as_str().map(str::to_owned),
+                r["kt"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(type_of)
+                    .collect::<Vec<_>>(),
+                Some(&r["gt"]).filter(|t| t.is_array()).map(type_of),
             )
         });
-        let Some((table, key, columns, federation, enabled, group)) = row else {
+        let Some((table, key, columns, federation, enabled, group, key_types, group_type)) = row
+        else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("model \"{name}\" is not registered"),
                 "pg_sync.tables() lists the registered models.",
             );
         };
+        if key_types.len() != key.len() {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("a key column of model \"{name}\" no longer exists"),
+                "Call pg_sync.register_table() again after changing the primary key.",
+            );
+        }
         Model {
             name: name.to_owned(),
             table,
             key,
+            key_types,
+            group_type,
             columns,
             federation,
             enabled,
@@ -85,7 +116,7 @@ impl Model {
     pub fn group_of(&self, key: &Map<String, Value>) -> Option<Option<String>> {
         let col = spi::quote_identifier(self.group.as_deref()?);
         let sql = format!(
-            "SELECT pg_catalog.jsonb_build_array(pg_catalog.format('%s', {col})) FROM {t} WHERE {cond} FOR UPDATE",
+            "SELECT pg_catalog.jsonb_build_array(pg_sync.canonical_text({col})) FROM {t} WHERE {cond} FOR UPDATE",
             t = self.table,
             cond = self.key_condition(1)
         );
@@ -113,7 +144,74 @@ impl Model {
 
     /// Splits a model id (see `capture::key_text`) into `{key column: text}`.
     pub fn key_object(&self, model_id: &str, context: &str) -> Map<String, Value> {
-        let parts: Vec<String> = if self.key.len() == 1 {
+        let parts = self.key_parts(model_id, context);
+        self.key
+            .iter()
+            .cloned()
+            .zip(parts.into_iter().map(Value::String))
+            .collect()
+    }
+
+    /// The canonical form of a model id from a peer or client: each part parsed as its key
+    /// column's type and printed canonically (`"01"` is `"1"` for an integer key). Raises 22P02
+    /// when a part is no value of its column's type, 22023 when the shape is wrong.
+    pub fn canonical_id(&self, model_id: &str, context: &str) -> String {
+        let parts = self.key_parts(model_id, context);
+        key_text(self.canonical_parts(parts, context))
+    }
+
+    fn canonical_parts(&self, parts: Vec<String>, context: &str) -> Vec<String> {
+        parts
+            .into_iter()
+            .zip(&self.key_types)
+            .zip(&self.key)
+            .map(|((p, &(typid, typmod)), col)| {
+                crate::canonical::reparse(
+                    typid,
+                    typmod,
+                    &p,
+                    &format!("{context}id part for key column \"{col}\""),
+                )
+            })
+            .collect()
+    }
+
+    /// The canonical text of a JSON value given for the group column (a string or number);
+    /// `None` for other JSON.
+    pub fn canonical_group_value(&self, v: &Value, context: &str) -> Option<String> {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let (typid, typmod) = self.group_type?;
+        Some(crate::canonical::reparse(
+            typid,
+            typmod,
+            &text,
+            &format!("{context}the group column in data"),
+        ))
+    }
+
+    /// The canonical text of a JSON value given for key column `col` (a string or number).
+    pub fn canonical_key_value(&self, col: &str, v: &Value, context: &str) -> Option<String> {
+        let i = self.key.iter().position(|k| k == col)?;
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let (typid, typmod) = self.key_types[i];
+        Some(crate::canonical::reparse(
+            typid,
+            typmod,
+            &text,
+            &format!("{context}key column \"{col}\" in data"),
+        ))
+    }
+
+    fn key_parts(&self, model_id: &str, context: &str) -> Vec<String> {
+        if self.key.len() == 1 {
             vec![model_id.to_owned()]
         } else {
             match serde_json::from_str::<Vec<String>>(model_id) {
@@ -127,12 +225,7 @@ impl Model {
                     "Composite keys are written as a JSON array of each key column's text form.",
                 ),
             }
-        };
-        self.key
-            .iter()
-            .cloned()
-            .zip(parts.into_iter().map(Value::String))
-            .collect()
+        }
     }
 
     /// The model id for a client-supplied id: a string or number, or an array for composite keys.
@@ -150,7 +243,7 @@ impl Model {
             _ => None,
         };
         match parts {
-            Some(p) => key_text(p),
+            Some(p) => key_text(self.canonical_parts(p, context)),
             None => errors::invalid(
                 format!("{context}invalid id for model \"{}\"", self.name),
                 format!(
@@ -182,7 +275,7 @@ impl Model {
         let parts = self
             .key
             .iter()
-            .map(|k| format!("pg_catalog.format('%s', {})", spi::quote_identifier(k)))
+            .map(|k| format!("pg_sync.canonical_text({})", spi::quote_identifier(k)))
             .collect::<Vec<_>>()
             .join(", ");
         format!("pg_sync.key_text(ARRAY[{parts}])")
@@ -273,6 +366,13 @@ impl Model {
     }
 }
 
+/// `[type oid, typmod]` as the registry query returns it.
+fn type_of(t: &Value) -> (pg_sys::Oid, i32) {
+    let oid = t[0].as_u64().unwrap_or_default() as u32;
+    let typmod = t[1].as_i64().unwrap_or(-1) as i32;
+    (pg_sys::Oid::from(oid), typmod)
+}
+
 fn jsonb(m: &Map<String, Value>) -> JsonB {
     JsonB(Value::Object(m.clone()))
 }
@@ -280,32 +380,41 @@ fn jsonb(m: &Map<String, Value>) -> JsonB {
 const PLAN_CACHE_LIMIT: usize = 512;
 
 thread_local! {
-    static STATEMENTS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static STATEMENTS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Runs a cached prepared statement returning at most one jsonb value.
+///
+/// Re-entrant: the statement's triggers (capture, which folds a moved row's state) run
+/// statements through here too, so no borrow of the cache is held while one executes; the `Rc`
+/// keeps the plan alive even if a nested call clears the cache.
 pub fn run(sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
-    STATEMENTS.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if !cache.contains_key(sql) {
-            if cache.len() >= PLAN_CACHE_LIMIT {
-                cache.clear();
-            }
+    let cached = STATEMENTS.with(|cache| cache.borrow().get(sql).cloned());
+    let stmt = match cached {
+        Some(stmt) => stmt,
+        None => {
             let stmt = Spi::connect(|client| client.prepare_mut(sql, types).map(|p| p.keep()))
                 .unwrap_or_else(|e| panic!("pg_sync: cannot prepare statement: {e}"));
-            cache.insert(sql.to_owned(), stmt);
+            let stmt = Rc::new(stmt);
+            STATEMENTS.with(|cache| {
+                let mut cache = cache.borrow_mut();
+                if cache.len() >= PLAN_CACHE_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(sql.to_owned(), stmt.clone());
+            });
+            stmt
         }
-        let stmt = cache.get(sql).expect("cached");
-        let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
-        Spi::connect_mut(|client| {
-            let t = client
-                .update(stmt, None, &args)
-                .unwrap_or_else(|e| panic!("pg_sync: {e}"));
-            if t.is_empty() {
-                None
-            } else {
-                t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
-            }
-        })
+    };
+    let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
+    Spi::connect_mut(|client| {
+        let t = client
+            .update(&*stmt, None, &args)
+            .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+        if t.is_empty() {
+            None
+        } else {
+            t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+        }
     })
 }

@@ -4,6 +4,9 @@
 //! The first call records its result in `pg_sync.client_transactions` in the same transaction as
 //! the writes; a replay finds that row and returns the first result with `"duplicate": true`,
 //! changing nothing. A concurrent replay waits on the first one's unique-key insert.
+//! Transactions are keyed by (user, client_id, client_tx_id): `mutate_as` for user U sees only
+//! U's transactions (a tx id seen in a shared group replays nothing of another user's), and
+//! plain `mutate` has a namespace of its own (user_id '').
 
 use crate::capture::{self, ClientContext};
 use crate::errors;
@@ -39,13 +42,20 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
             r#"Pass [{"model": ..., "action": "I"|"U"|"D", "id": ..., "data": {...}}, ...]."#,
         ),
     };
+    if user == Some("") {
+        errors::invalid(
+            "user_id must not be empty",
+            "Pass the id of the authenticated user the write is made for.",
+        );
+    }
     let tx = client_tx_id.to_string();
-    let ident = JsonB(json!({"c": client_id, "t": tx}));
+    let ns = user.unwrap_or_default();
+    let ident = JsonB(json!({"u": ns, "c": client_id, "t": tx}));
     let jsonb_arg = [PgOid::from(pg_sys::JSONBOID)];
     let claimed = model::run(
-        "INSERT INTO pg_sync.client_transactions (client_id, client_tx_id, result)
-         VALUES ($1->>'c', ($1->>'t')::pg_catalog.uuid, '{}')
-         ON CONFLICT (client_id, client_tx_id) DO NOTHING
+        "INSERT INTO pg_sync.client_transactions (user_id, client_id, client_tx_id, result)
+         VALUES ($1->>'u', $1->>'c', ($1->>'t')::pg_catalog.uuid, '{}')
+         ON CONFLICT (user_id, client_id, client_tx_id) DO NOTHING
          RETURNING 'true'::pg_catalog.jsonb",
         &jsonb_arg,
         vec![JsonB(ident.0.clone())],
@@ -53,7 +63,8 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     if claimed.is_none() {
         let first = model::run(
             "SELECT result FROM pg_sync.client_transactions
-              WHERE client_id = $1->>'c' AND client_tx_id = ($1->>'t')::pg_catalog.uuid",
+              WHERE user_id = $1->>'u' AND client_id = $1->>'c'
+                AND client_tx_id = ($1->>'t')::pg_catalog.uuid",
             &jsonb_arg,
             vec![JsonB(ident.0.clone())],
         );
@@ -73,6 +84,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
         let _client = capture::enter_client(ClientContext {
             client_id: client_id.to_owned(),
             client_tx_id: tx.clone(),
+            user: user.map(str::to_owned),
         });
         for (i, op) in ops.iter().enumerate() {
             let models = &mut models;
@@ -95,10 +107,13 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     });
     model::run(
         "UPDATE pg_sync.client_transactions SET result = $1->'r'
-          WHERE client_id = $1->>'c' AND client_tx_id = ($1->>'t')::pg_catalog.uuid
+          WHERE user_id = $1->>'u' AND client_id = $1->>'c'
+            AND client_tx_id = ($1->>'t')::pg_catalog.uuid
          RETURNING NULL::pg_catalog.jsonb",
         &jsonb_arg,
-        vec![JsonB(json!({"c": client_id, "t": tx, "r": result}))],
+        vec![JsonB(
+            json!({"u": ns, "c": client_id, "t": tx, "r": result}),
+        )],
     );
     JsonB(result)
 }
@@ -203,12 +218,9 @@ fn apply_op(
     if let Some(key) = &key {
         for (k, v) in key {
             if let Some(given) = data.get(k) {
-                let given_text = match given {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                if Some(given_text.as_str()) != v.as_str() {
-                    at(Some(format!("data.{k}")));
+                at(Some(format!("data.{k}")));
+                let given_text = model.canonical_key_value(k, given, ctx);
+                if given_text.as_deref() != v.as_str() {
                     errors::invalid(
                         format!("{ctx}key column \"{k}\" in data disagrees with \"id\""),
                         "Keys are immutable: delete the row and insert a new one.",
@@ -294,11 +306,6 @@ fn authorize(
             Some(Value::Bool(true))
         )
     };
-    let text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    };
     if action != "I" {
         if let Some(current) = key.and_then(|k| model.group_of(k)) {
             match current {
@@ -307,10 +314,12 @@ fn authorize(
             }
         }
     }
-    // The group the row will be in, when this write sets it.
+    // The group the row will be in, when this write sets it, as its canonical group id.
     let target = match data.get(group_col) {
         Some(v) => Some(
-            text(v).unwrap_or_else(|| forbid("the row's group must be a string or number".into())),
+            model
+                .canonical_group_value(v, ctx)
+                .unwrap_or_else(|| forbid("the row's group must be a string or number".into())),
         ),
         None if action == "I" => forbid(format!(
             "an insert must set the group column \"{group_col}\""

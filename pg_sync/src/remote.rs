@@ -110,6 +110,9 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bo
         );
     }
     let row_ctx = format!("{ctx}model \"{model_name}\" id {model_id:?}: ");
+    // One row, one id: "01" and "1" (or an upper-case uuid) name the same row and share its
+    // state and tombstone.
+    let model_id = model.canonical_id(&model_id, &row_ctx);
     let key = model.key_object(&model_id, &row_ctx);
     let mut parsed = state::parse_action(obj, &row_ctx, |c| model.is_key(c));
     let unknown: Vec<&str> = obj

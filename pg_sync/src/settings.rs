@@ -12,7 +12,7 @@ use crate::errors;
 use pg_sync_lww::version::validate_node_id;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::cell::RefCell;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 static NODE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
@@ -58,34 +58,41 @@ pub fn test_clock_offset_ms() -> i64 {
 }
 
 thread_local! {
-    /// (address of the GUC's current string, resolved node id): re-resolved when the GUC changes.
-    static NODE_CACHE: RefCell<(usize, String)> = const { RefCell::new((usize::MAX, String::new())) };
+    /// (the GUC's value when last resolved, resolved node id): re-resolved when the value
+    /// changes. Compared by content: a new string may reuse a freed one's address.
+    static NODE_CACHE: RefCell<Option<(Vec<u8>, String)>> = const { RefCell::new(None) };
 }
 
 /// This node's id, validated. Cheap on the hot path: resolved again only when the setting moves.
 pub fn node_id() -> String {
-    // SAFETY: reading the GUC's current string pointer; Postgres owns it.
-    let raw = unsafe { *NODE_ID.as_ptr() } as usize;
-    NODE_CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.0 != raw {
-            let id = match NODE_ID.get() {
-                Some(s) if !s.as_bytes().is_empty() => {
-                    let s = s.to_string_lossy().into_owned();
-                    if let Err(why) = validate_node_id(&s) {
-                        errors::invalid(
-                            format!("invalid pg_sync.node_id: {why}"),
-                            "Set pg_sync.node_id to a short identifier such as 'eu-west-1'.",
-                        );
-                    }
-                    s
-                }
-                _ => default_node_id(),
-            };
-            *cache = (raw, id);
+    // SAFETY: reading the GUC's current string; Postgres owns it and it lives until the next SET.
+    let raw = unsafe { *NODE_ID.as_ptr() };
+    let current: &[u8] = if raw.is_null() {
+        &[]
+    } else {
+        unsafe { CStr::from_ptr(raw) }.to_bytes()
+    };
+    let cached = NODE_CACHE.with(|cache| match &*cache.borrow() {
+        Some((value, id)) if value.as_slice() == current => Some(id.clone()),
+        _ => None,
+    });
+    if let Some(id) = cached {
+        return id;
+    }
+    let id = if current.is_empty() {
+        default_node_id()
+    } else {
+        let s = String::from_utf8_lossy(current).into_owned();
+        if let Err(why) = validate_node_id(&s) {
+            errors::invalid(
+                format!("invalid pg_sync.node_id: {why}"),
+                "Set pg_sync.node_id to a short identifier such as 'eu-west-1'.",
+            );
         }
-        cache.1.clone()
-    })
+        s
+    };
+    NODE_CACHE.with(|cache| *cache.borrow_mut() = Some((current.to_vec(), id.clone())));
+    id
 }
 
 fn default_node_id() -> String {
