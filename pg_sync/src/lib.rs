@@ -11,6 +11,7 @@ mod clock;
 mod errors;
 mod model;
 mod mutate;
+mod owner;
 mod remote;
 mod retention;
 mod settings;
@@ -41,7 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
 #[pg_schema]
 mod pg_sync {
     use pgrx::prelude::*;
-    use pgrx::{JsonB, Uuid};
+    use pgrx::{pg_sys, JsonB, Uuid};
 
     /// A fresh HLC value (unix milliseconds << 16 | counter), strictly above every value before it.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -139,6 +140,34 @@ mod pg_sync {
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn compact(horizon: i64) -> i64 {
         crate::retention::compact(horizon)
+    }
+
+    /// The registry write of `register_table`: checks that the caller owns the table and may
+    /// call `register_table`, then writes as `pgsync_owner`. Returns false when the table is
+    /// registered under another model name (nothing changes).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn registry_put(
+        rel: pg_sys::Oid,
+        model: &str,
+        pk_columns: Vec<String>,
+        group_column: Option<&str>,
+        excluded_columns: Vec<String>,
+        federation: &str,
+    ) -> bool {
+        crate::owner::registry_put(
+            rel,
+            model,
+            pk_columns,
+            group_column,
+            excluded_columns,
+            federation,
+        )
+    }
+
+    /// The registry write of `unregister_table`, with the same checks as `registry_put`.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn registry_disable(rel: pg_sys::Oid) -> bool {
+        crate::owner::registry_disable(rel)
     }
 
     /// AFTER ROW trigger installed by register_table().
