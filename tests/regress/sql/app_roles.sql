@@ -118,6 +118,8 @@ BEGIN
     RETURN a OPERATOR(pg_catalog.=) b;
 END $$;
 CREATE OPERATOR writer_ns.= (LEFTARG = text, RIGHTARG = text, FUNCTION = writer_ns.evil_eq);
+-- Usable by every role, the log owner included.
+GRANT USAGE ON SCHEMA writer_ns TO PUBLIC;
 SET search_path = writer_ns, pg_catalog, public;
 SELECT err($$UPDATE app.chores SET grp = 'g3' WHERE id = 2$$);
 RESET search_path;
