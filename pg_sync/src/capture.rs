@@ -174,8 +174,8 @@ fn registration(relid: pg_sys::Oid) -> Option<Registration> {
     })
 }
 
-/// Raises 0A000 (or 09000 for a malformed trigger) unless this is pg_sync's own capture trigger
-/// on a registered table.
+/// Refuses to capture (09000, triggered action exception): the trigger is not pg_sync's own
+/// capture trigger on a registered table.
 fn refuse(message: String, hint: &str) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
@@ -609,7 +609,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let relid = unsafe { (*td.tg_relation).rd_id };
     let table = || trigger.table_name().unwrap_or_default();
     check_event(tg_trigger, td.tg_event, table);
-    let cfg = config(relid, tg_trigger, tupdesc, &table());
+    let cfg = config(relid, tg_trigger, tupdesc, table);
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
@@ -881,7 +881,7 @@ fn config(
     relid: pg_sys::Oid,
     trigger: &pg_sys::Trigger,
     tupdesc: pg_sys::TupleDesc,
-    table: &str,
+    table: impl Fn() -> String,
 ) -> std::rc::Rc<TableConfig> {
     let generation = GENERATION.with(Cell::get);
     let cached = CONFIGS.with(|c| c.borrow().get(&relid).cloned());
@@ -892,8 +892,9 @@ fn config(
     }
     let seen = INVALIDATIONS.with(Cell::get);
     // Built without holding a borrow: the registry read and type lookups accept invalidations.
-    let cfg =
-        std::rc::Rc::new(unsafe { TableConfig::build(relid, trigger, tupdesc, table, generation) });
+    let cfg = std::rc::Rc::new(unsafe {
+        TableConfig::build(relid, trigger, tupdesc, &table(), generation)
+    });
     if INVALIDATIONS.with(Cell::get) == seen {
         CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
     }

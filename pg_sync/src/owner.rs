@@ -16,20 +16,14 @@
 use crate::errors;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::cell::Cell;
 use std::ffi::CStr;
 
 /// The role that owns pg_sync's tables; created by the extension script when missing.
 pub const OWNER_ROLE: &CStr = c"pgsync_owner";
 
-thread_local! {
-    static OWNER: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
-}
-
+/// The owner role's oid. Looked up each time (a syscache hit): a cached oid would outlive a
+/// DROP EXTENSION, DROP ROLE and CREATE EXTENSION in another session.
 fn owner_oid() -> pg_sys::Oid {
-    if let Some(oid) = OWNER.with(Cell::get) {
-        return oid;
-    }
     // SAFETY: a catalog lookup by name; missing_ok returns InvalidOid instead of raising.
     let oid = unsafe { pg_sys::get_role_oid(OWNER_ROLE.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
@@ -40,7 +34,6 @@ fn owner_oid() -> pg_sys::Oid {
              (DROP EXTENSION pg_sync; CREATE EXTENSION pg_sync) to create it.",
         );
     }
-    OWNER.with(|o| o.set(Some(oid)));
     oid
 }
 
