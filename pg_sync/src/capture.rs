@@ -901,8 +901,15 @@ fn config(
     cfg
 }
 
-/// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log.
-pub fn refuse_truncate(trigger: &pgrx::PgTrigger<'_>) -> ! {
+/// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log. Refuses only while
+/// the table (or a partition ancestor) is registered: a guard left on a detached partition, or
+/// attached to any other table, lets TRUNCATE through.
+pub fn refuse_truncate(trigger: &pgrx::PgTrigger<'_>) {
+    // SAFETY: Postgres hands a valid TriggerData to a trigger function.
+    let relid = unsafe { (*trigger.trigger_data().tg_relation).rd_id };
+    if registration(relid).is_none() {
+        return;
+    }
     let table = trigger.table_name().unwrap_or_default();
     errors::raise(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

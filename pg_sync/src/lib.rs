@@ -184,6 +184,7 @@ mod pg_sync {
     fn refuse_truncate<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
-        crate::capture::refuse_truncate(trigger)
+        crate::capture::refuse_truncate(trigger);
+        Ok(None)
     }
 }

@@ -145,6 +145,10 @@ SELECT err($$TRUNCATE app.outings_b1$$);
 SELECT err($$TRUNCATE app.outings_c$$);
 SELECT err($$TRUNCATE app.outings$$);
 SELECT count(*) AS rows_kept FROM app.outings;
+-- A detached partition is no longer synced: its leftover guard lets TRUNCATE through.
+ALTER TABLE app.outings DETACH PARTITION app.outings_c;
+TRUNCATE app.outings_c;
+SELECT count(*) AS detached_rows FROM app.outings_c;
 RESET ROLE;
 SELECT model, model_id, action FROM pg_sync.sync_actions WHERE model = 'outings' ORDER BY id;
 SET ROLE app_owner;
