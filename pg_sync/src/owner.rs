@@ -87,8 +87,11 @@ pub fn with_fixed_search_path<R>(f: impl FnOnce() -> R) -> R {
     struct Pop(i32);
     impl Drop for Pop {
         fn drop(&mut self) {
-            // SAFETY: pops the nest level pushed above (commit = keep nothing of it).
-            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+            // While an ERROR unwinds, the (sub)transaction abort pops the level itself.
+            if !std::thread::panicking() {
+                // SAFETY: pops the nest level pushed above, restoring the previous value.
+                unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+            }
         }
     }
     let _pop = Pop(level);
