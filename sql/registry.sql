@@ -203,6 +203,10 @@ BEGIN
              WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g
                                 WHERE g.tgrelid = t.relid AND g.tgname = 'pg_sync_refuse_truncate')
         LOOP
+            -- Checked again: the ALTER TABLE below fires this trigger recursively, which may
+            -- already have guarded partitions this loop's (earlier) snapshot still lists.
+            CONTINUE WHEN EXISTS (SELECT 1 FROM pg_trigger g
+                                   WHERE g.tgrelid = part AND g.tgname = 'pg_sync_refuse_truncate');
             EXECUTE format('CREATE TRIGGER pg_sync_refuse_truncate BEFORE TRUNCATE ON %s
                             FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', part);
             EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', part);

@@ -127,6 +127,39 @@ RESET ROLE;
 SELECT model_id, action, group_id, prev_group_id, moved FROM pg_sync.sync_actions
  WHERE model = 'chores' AND group_id = 'g3' ORDER BY id;
 
+-- The worker as a non-superuser, with the grants docs/extension.md lists: it merges peers'
+-- changes, applies client mutations, sequences and reads the log, compacts, and owns its
+-- publication on pg_sync's tables.
+CREATE ROLE app_sync_worker LOGIN REPLICATION;
+GRANT pgsync_owner TO app_sync_worker;
+DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO app_sync_worker', current_database()); END $$;
+GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.apply_remote(jsonb),
+      pg_sync.changes(bigint, text[], integer), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
+      pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
+      pg_sync.user_groups(text), pg_sync.status(), pg_sync.hlc_now() TO app_sync_worker;
+GRANT USAGE ON SCHEMA app TO app_sync_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON app.chores TO app_sync_worker;
+SELECT pg_sync.add_member('alice', 'g1');
+SET ROLE app_sync_worker;
+SELECT pg_sync.apply_remote(jsonb_build_object(
+    'model', 'chores', 'model_id', '50', 'action', 'I', 'origin', 'node-x',
+    'version', lpad(to_hex(pg_sync.hlc_now()), 16, '0') || '@node-x',
+    'data', '{"id": 50, "title": "from a peer", "grp": "g1"}'::jsonb)) AS applied;
+SELECT pg_sync.mutate_as('alice', 'client-1', gen_random_uuid(),
+    '[{"model": "chores", "action": "I", "id": 60, "data": {"title": "from a client", "grp": "g1"}}]')->>'status' AS mutated;
+SELECT sequence_all();
+SELECT count(*) AS sequenced FROM pg_sync.changes(pg_sync.retention_horizon(), NULL, 100000)
+ WHERE model = 'chores' AND model_id IN ('50', '60');
+SELECT pg_sync.compact_to_size(1000000) >= 0 AS compacted;
+CREATE PUBLICATION app_roles_pub FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys;
+DROP PUBLICATION app_roles_pub;
+RESET ROLE;
+SELECT model_id, action, origin FROM pg_sync.sync_actions
+ WHERE model = 'chores' AND model_id IN ('50', '60') ORDER BY id;
+SELECT pg_sync.remove_member('alice', 'g1');
+DROP OWNED BY app_sync_worker;
+DROP ROLE app_sync_worker;
+
 -- Partitions: TRUNCATE of any partition of a registered table is refused, also of partitions
 -- created or attached after registration; writes to a partition are captured under the model.
 SET ROLE app_owner;
