@@ -157,26 +157,38 @@ pub fn wall_ms() -> u64 {
     (now + settings::test_clock_offset_ms()).max(0) as u64
 }
 
+/// What this backend knows of its database's stored versions (see `observe_stored`).
+#[derive(Clone, Copy, PartialEq)]
+enum Observed {
+    No,
+    /// Observed while the server was a standby: enough until it is promoted, then again.
+    InRecovery,
+    Yes,
+}
+
 thread_local! {
-    /// This backend has seen its database observed (see `observe_stored`).
-    static OBSERVED_HERE: Cell<bool> = const { Cell::new(false) };
+    static OBSERVED_HERE: Cell<Observed> = const { Cell::new(Observed::No) };
 }
 
 /// Raises the clock to the highest version stored in this database, once per database per
 /// server start. One scan of the log and the row state: their versions are not indexed.
 fn observe_stored(clock: &ClockShared) {
-    if OBSERVED_HERE.with(Cell::get) {
+    let seen = OBSERVED_HERE.with(Cell::get);
+    if seen == Observed::Yes {
         return;
     }
     // SAFETY: plain reads of backend globals.
     let (db, in_recovery) =
         unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::RecoveryInProgress()) };
+    if in_recovery && seen == Observed::InRecovery {
+        return;
+    }
     if clock
         .observed
         .iter()
         .any(|s| s.load(Ordering::Acquire) == db)
     {
-        OBSERVED_HERE.with(|o| o.set(true));
+        OBSERVED_HERE.with(|o| o.set(Observed::Yes));
         return;
     }
     let stored = owner::as_owner(|| {
@@ -194,6 +206,8 @@ fn observe_stored(clock: &ClockShared) {
         ensure_persisted(clock, v.hlc);
     }
     if in_recovery {
+        // A standby's data is still moving: observe again once it is promoted.
+        OBSERVED_HERE.with(|o| o.set(Observed::InRecovery));
         return;
     }
     for slot in &clock.observed {
@@ -203,7 +217,7 @@ fn observe_stored(clock: &ClockShared) {
             Err(_) => {}
         }
     }
-    OBSERVED_HERE.with(|o| o.set(true));
+    OBSERVED_HERE.with(|o| o.set(Observed::Yes));
 }
 
 /// Next local event: strictly above every value handed out so far (and every version stored in
