@@ -17,7 +17,7 @@ DECLARE
     m          text := model;
     prior      pg_sync.registry;
     col        text;
-    args       text;
+    part       regclass;
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'pg_sync.register_table: rel must not be null'
@@ -92,23 +92,28 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Clients and peers know rows by model name. Register again with the same model name.';
     END IF;
-    INSERT INTO pg_sync.registry AS r (rel, model, pk_columns, group_column, excluded_columns, federation, enabled)
-    VALUES (rel, m, pk, group_column, exclude, federation, true)
-    ON CONFLICT ON CONSTRAINT registry_pkey DO UPDATE
-       SET model = EXCLUDED.model, pk_columns = EXCLUDED.pk_columns, group_column = EXCLUDED.group_column,
-           excluded_columns = EXCLUDED.excluded_columns, federation = EXCLUDED.federation, enabled = true;
+    -- The registry is pgsync_owner's: registry_put checks that the caller owns the table (and
+    -- may call this function), then writes it as that role.
+    IF NOT pg_sync.registry_put(rel, m, pk, group_column, exclude, federation) THEN
+        RAISE EXCEPTION 'table "%" is registered as another model', rel
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Clients and peers know rows by model name. Register again with the same model name.';
+    END IF;
 
-    -- Trigger arguments carry the registration: model, group column, key count, keys, exclusions.
-    SELECT string_agg(quote_literal(a), ', ') INTO args
-      FROM unnest(ARRAY[m, coalesce(group_column, ''), array_length(pk, 1)::text] || pk || exclude) a;
+    -- The trigger takes no arguments: it reads the registration by the table's oid.
     EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_capture ON %s', rel);
     EXECUTE format('CREATE TRIGGER pg_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s
-                    FOR EACH ROW EXECUTE FUNCTION pg_sync.capture(%s)', rel, args);
+                    FOR EACH ROW EXECUTE FUNCTION pg_sync.capture()', rel);
     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_capture', rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', rel);
-    EXECUTE format('CREATE TRIGGER pg_sync_refuse_truncate BEFORE TRUNCATE ON %s
-                    FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', rel);
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', rel);
+    -- Statement triggers are not cloned to partitions: every table of the partition tree gets
+    -- its own TRUNCATE guard (pg_sync.on_ddl_end adds it to partitions created later).
+    -- (pg_partition_tree lists nothing for a table that is not partitioned.)
+    FOR part IN SELECT rel UNION SELECT t.relid FROM pg_partition_tree(rel) t LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', part);
+        EXECUTE format('CREATE TRIGGER pg_sync_refuse_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', part);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', part);
+    END LOOP;
 
     RETURN m;
 END
@@ -121,15 +126,18 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET client_min_messages = warning
 AS $$
+DECLARE
+    part regclass;
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'pg_sync.unregister_table: rel must not be null'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the table, e.g. ''public.todos''::regclass.';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_capture ON %s', rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', rel);
-    UPDATE pg_sync.registry r SET enabled = false WHERE r.rel = unregister_table.rel AND r.enabled;
-    RETURN FOUND;
+    FOR part IN SELECT rel UNION SELECT t.relid FROM pg_partition_tree(rel) t LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_refuse_truncate ON %s', part);
+    END LOOP;
+    RETURN pg_sync.registry_disable(rel);
 END
 $$;
 COMMENT ON FUNCTION pg_sync.unregister_table IS
@@ -149,9 +157,12 @@ AS $$
      ORDER BY r.model
 $$;
 
--- Dropping a registered table drops its registration (its history stays in the log).
+-- Dropping a registered table drops its registration (its history stays in the log). Event
+-- triggers run as whoever issues the DROP, who has no rights on the registry: this function runs
+-- as its owner, pgsync_owner, and does only this one delete.
 CREATE FUNCTION pg_sync.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -160,9 +171,52 @@ BEGIN
      WHERE d.classid = 'pg_class'::regclass AND d.objid = r.rel::oid AND d.objsubid = 0;
 END
 $$;
+ALTER FUNCTION pg_sync.on_sql_drop() OWNER TO pgsync_owner;
 CREATE EVENT TRIGGER pg_sync_sql_drop ON sql_drop
     WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pg_sync.on_sql_drop();
+
+-- A partition created in (or attached to) a registered table's partition tree gets the TRUNCATE
+-- guard: statement triggers are not cloned to partitions, and a TRUNCATE of a partition would
+-- lose its rows without a trace in the log. Runs as the caller, who owns the new partition
+-- (CREATE TRIGGER needs that); the registry is readable by everyone.
+CREATE FUNCTION pg_sync.on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    obj  oid;
+    part regclass;
+BEGIN
+    FOR obj IN
+        SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_class'::regclass AND c.objsubid = 0
+           AND c.command_tag IN ('CREATE TABLE', 'ALTER TABLE')
+    LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = obj AND (relispartition OR relkind = 'p'));
+        CONTINUE WHEN NOT EXISTS (
+            SELECT 1 FROM (SELECT obj::regclass UNION SELECT relid FROM pg_partition_ancestors(obj)) a(relid)
+              JOIN pg_sync.registry r ON r.rel = a.relid
+             WHERE r.enabled);
+        FOR part IN
+            SELECT t.relid FROM (SELECT obj::regclass UNION SELECT relid FROM pg_partition_tree(obj)) t(relid)
+             WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g
+                                WHERE g.tgrelid = t.relid AND g.tgname = 'pg_sync_refuse_truncate')
+        LOOP
+            -- Checked again: the ALTER TABLE below fires this trigger recursively, which may
+            -- already have guarded partitions this loop's (earlier) snapshot still lists.
+            CONTINUE WHEN EXISTS (SELECT 1 FROM pg_trigger g
+                                   WHERE g.tgrelid = part AND g.tgname = 'pg_sync_refuse_truncate');
+            EXECUTE format('CREATE TRIGGER pg_sync_refuse_truncate BEFORE TRUNCATE ON %s
+                            FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.refuse_truncate()', part);
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_sync_refuse_truncate', part);
+        END LOOP;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER pg_sync_ddl_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION pg_sync.on_ddl_end();
 
 CREATE FUNCTION pg_sync.add_member(user_id text, group_id text, group_type text DEFAULT NULL)
 RETURNS boolean
@@ -314,7 +368,11 @@ AS $$
         'max_clock_skew', current_setting('pg_sync.max_clock_skew'))
 $$;
 
--- Administration is for the roles an administrator grants it to.
+-- EXECUTE grants, every function (PUBLIC gets EXECUTE on new functions by default).
+--
+-- Administration is for the roles an administrator grants it to. The clock, the log readers and
+-- the membership, key and status functions read or write pgsync_owner's tables and are for the
+-- worker (a member of pgsync_owner) and administrators.
 REVOKE ALL ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.unregister_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.apply_remote(jsonb) FROM PUBLIC;
@@ -322,3 +380,20 @@ REVOKE ALL ON FUNCTION pg_sync.mutate(text, uuid, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.add_member(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.remove_member(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.user_groups(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.hlc_now() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.next_version() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.row_version_state(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.last_sync_id() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.retention_horizon() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.status() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.on_sql_drop() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.on_ddl_end() FROM PUBLIC;
+-- Kept for PUBLIC, on purpose:
+-- * registry_put / registry_disable check for themselves that the caller owns the table and
+--   holds EXECUTE on register_table / unregister_table.
+-- * capture() and refuse_truncate(): EXECUTE on a trigger function is checked only by CREATE
+--   TRIGGER (register_table runs it as the table's owner); capture() refuses to run anywhere but
+--   as the pg_sync_capture trigger of a registered table, refuse_truncate() only raises.
+-- * node_id, key_text, version_hlc, hlc_to_timestamptz: pure functions of their arguments and
+--   settings; tables(): the registry is readable by everyone.

@@ -3,6 +3,24 @@
 SET allow_system_table_mods = on;
 CREATE SCHEMA pg_sync;
 
+-- pg_sync's tables belong to a dedicated NOLOGIN role, not to the superuser that installs the
+-- extension: the capture trigger switches to it only for its fixed INSERT into the log. Roles
+-- are cluster-wide, so a second database (or a restore) finds it in place. A role of that name
+-- that could log in or is a superuser would defeat the point: refuse it.
+DO $$
+DECLARE r pg_catalog.pg_roles;
+BEGIN
+    SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = 'pgsync_owner';
+    IF NOT FOUND THEN
+        CREATE ROLE pgsync_owner NOLOGIN;
+    ELSIF r.rolcanlogin OR r.rolsuper THEN
+        RAISE EXCEPTION 'role "pgsync_owner" exists and can log in or is a superuser'
+            USING ERRCODE = 'invalid_role_specification',
+                  HINT = 'pg_sync''s tables belong to pgsync_owner, which must be NOLOGIN and not a superuser: ALTER ROLE pgsync_owner NOLOGIN NOSUPERUSER.';
+    END IF;
+END
+$$;
+
 -- pg_sync's tables. Version columns use COLLATE "C": a version's text order is its LWW order.
 
 CREATE TABLE pg_sync.registry (
@@ -64,7 +82,8 @@ CREATE TABLE pg_sync.retention (
     horizon      bigint NOT NULL DEFAULT 0,
     compacted_at timestamptz
 );
-INSERT INTO pg_sync.retention DEFAULT VALUES;
+-- No seeded row: pg_dump restores the table's rows into a freshly created extension, where a
+-- seeded row would collide. Readers treat "no row" as horizon 0; compaction upserts.
 
 CREATE TABLE pg_sync.row_state (
     model       text NOT NULL,
@@ -114,6 +133,9 @@ CREATE TABLE pg_sync.client_transactions (
 
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.registry', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.sync_actions', '');
+-- The identity sequence too: otherwise a restored log gets ids from 1 again and every captured
+-- write fails on the primary key.
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.sync_actions_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.row_state', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.group_memberships', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
@@ -122,5 +144,17 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.retention', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
--- Anyone may see the schema (and call what is granted); its tables stay private.
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA pg_sync FROM PUBLIC;
+ALTER TABLE pg_sync.registry OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.sync_actions OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.commit_order OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.retention OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.row_state OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.group_memberships OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.api_keys OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.client_transactions OWNER TO pgsync_owner;
+-- Anyone may see the schema (and call what is granted); its tables stay private, except the
+-- registry, which only names tables and columns the catalogs show anyway (pg_sync.tables(),
+-- register_table's checks and the partition event trigger read it as the caller).
 GRANT USAGE ON SCHEMA pg_sync TO PUBLIC;
+GRANT SELECT ON pg_sync.registry TO PUBLIC;

@@ -1,10 +1,12 @@
 //! The capture trigger: turns each row change of a registered table into action rows and LWW
 //! row state, inside the writing transaction.
 //!
-//! `register_table` installs `pg_sync.capture()` as an AFTER ROW trigger whose arguments carry the
-//! table's registration: `model, group_column ('' = none), number of key columns, key columns...,
-//! excluded columns...`. Reading them from the trigger costs nothing per row; the parsed form is
-//! cached per trigger and dropped on any relcache invalidation (ALTER TABLE, re-registration).
+//! `register_table` installs `pg_sync.capture()` as the AFTER ROW trigger `pg_sync_capture`. The
+//! trigger takes nothing from its arguments: it reads the table's registration from
+//! `pg_sync.registry` by the relation's oid (or its nearest registered partition ancestor), and
+//! refuses to run on anything else, so attaching it to another table cannot forge actions. The
+//! parsed registration is cached per relation and dropped on relcache invalidation (ALTER TABLE,
+//! re-registration, which recreates the trigger).
 //!
 //! Local writes mint a fresh version from the shared HLC, record it in the row's state
 //! (`state::record_local`, which re-mints if the state is already at or above it) and write the
@@ -12,9 +14,14 @@
 //! come from the merge, and `apply_remote` stores the row state. Remote mode applies only to
 //! that write (same relation, same key, fired by apply_remote's own statement); FK cascades and
 //! other triggers it sets off are local writes.
+//!
+//! Privileges (see `owner`): the row's JSON is built here, as the writing user; only fixed
+//! statements (the log INSERT, the row-state bookkeeping, the membership check) run as
+//! `pgsync_owner`.
 
 use crate::clock;
 use crate::errors;
+use crate::owner;
 use crate::settings;
 use crate::state::{self, Local};
 use pg_sync_lww::merge::State;
@@ -25,7 +32,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 
@@ -56,13 +63,14 @@ pub struct ClientContext {
 thread_local! {
     static REMOTE: RefCell<Option<RemoteContext>> = const { RefCell::new(None) };
     static CLIENT: RefCell<Option<ClientContext>> = const { RefCell::new(None) };
-    /// Parsed registrations by trigger oid, valid while their generation is `GENERATION`.
-    static CONFIGS: RefCell<(u64, HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>)> = RefCell::new((0, HashMap::new()));
-    /// Bumped by every relcache invalidation. A counter rather than clearing the map: an
-    /// invalidation can arrive from inside a catalog lookup while the map is in use.
-    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static CONFIGS: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>> = RefCell::new(HashMap::new());
+    /// Bumped when every cached registration is stale (a full relcache reset, or an
+    /// invalidation that arrived while `CONFIGS` was borrowed).
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// Bumped by every relcache invalidation: a registration built while it moved may be stale
+    /// and is used once, not cached.
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
     static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
-    static OWNER: RefCell<Option<pg_sys::Oid>> = const { RefCell::new(None) };
     /// Actions this backend has written, ever: a difference of two readings counts the
     /// actions written in between (see `written`).
     static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -113,52 +121,31 @@ pub fn enter_client(ctx: ClientContext) -> ContextGuard {
     ContextGuard(|| CLIENT.with(|c| *c.borrow_mut() = None))
 }
 
-/// Relcache invalidation callback: forget every parsed registration.
+/// Relcache invalidation callback: forget the relation's parsed registration (all of them on a
+/// full reset). Never waits on a borrow: Postgres can deliver invalidations while a registration
+/// is being built (its catalog reads accept them).
 #[pg_guard]
-pub unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
-    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
-    // Never panics: when the owner is being read right now, the reader stores a fresh value.
-    OWNER.with(|o| {
-        if let Ok(mut o) = o.try_borrow_mut() {
-            *o = None;
-        }
-    });
-}
-
-/// The parsed registration of a capture trigger, cached until the next relcache invalidation.
-/// No borrow is held while parsing: parsing reads the catalogs, which can deliver invalidations.
-fn table_config(
-    tg_trigger: &pg_sys::Trigger,
-    tupdesc: pg_sys::TupleDesc,
-) -> std::rc::Rc<TableConfig> {
-    let tgoid = tg_trigger.tgoid;
-    let generation = GENERATION.with(|g| g.get());
-    let cached = CONFIGS.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != generation {
-            *c = (generation, HashMap::new());
-        }
-        c.1.get(&tgoid).cloned()
-    });
-    if let Some(cfg) = cached {
-        return cfg;
-    }
-    // SAFETY: the trigger and descriptor Postgres handed to this trigger call.
-    let cfg = std::rc::Rc::new(unsafe { TableConfig::build(tg_trigger, tupdesc) });
-    // Cache it only if no invalidation arrived while it was built (it may be stale then).
-    if GENERATION.with(|g| g.get()) == generation {
-        CONFIGS.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.0 == generation {
-                c.1.insert(tgoid, cfg.clone());
+pub unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATIONS.with(|n| n.set(n.get().wrapping_add(1)));
+    let removed = relid != pg_sys::InvalidOid
+        && CONFIGS.with(|c| match c.try_borrow_mut() {
+            Ok(mut c) => {
+                c.remove(&relid);
+                true
             }
+            Err(_) => false,
         });
+    if !removed {
+        GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
     }
-    cfg
 }
 
 /// A registration as the trigger sees it, resolved against the table's current columns.
 struct TableConfig {
+    /// The `pg_sync_capture` trigger this registration was checked against.
+    tgoid: pg_sys::Oid,
+    /// `GENERATION` when built.
+    generation: u64,
     model: String,
     /// Column names by attribute index; `None` for dropped columns.
     names: Vec<Option<String>>,
@@ -176,28 +163,106 @@ struct TableConfig {
     typbyval: Vec<bool>,
 }
 
-impl TableConfig {
-    unsafe fn build(trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> TableConfig {
-        let args: Vec<String> = (0..trigger.tgnargs as usize)
-            .map(|i| {
-                unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }
-                    .to_string_lossy()
-                    .into_owned()
+/// A table's row in `pg_sync.registry`.
+struct Registration {
+    rel: pg_sys::Oid,
+    model: String,
+    key: Vec<String>,
+    group: Option<String>,
+    excluded: Vec<String>,
+}
+
+/// The enabled registration of `relid` or of its nearest partition ancestor. Runs as the owner
+/// (the registry is the owner's), with every name and operator schema-qualified.
+fn registration(relid: pg_sys::Oid) -> Option<Registration> {
+    owner::as_owner(|| {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT r.rel::pg_catalog.oid, r.model, r.pk_columns, r.group_column,
+                            r.excluded_columns
+                       FROM (SELECT $1, 0::pg_catalog.int8
+                             UNION ALL
+                             -- A partition's ancestors, itself first; nothing for other tables.
+                             SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY)
+                            AS a(relid, depth)
+                       JOIN pg_sync.registry r
+                         ON r.rel::pg_catalog.oid OPERATOR(pg_catalog.=) a.relid::pg_catalog.oid
+                      WHERE r.enabled
+                      ORDER BY a.depth
+                      LIMIT 1",
+                    None,
+                    &[unsafe { pgrx::datum::DatumWithOid::new(relid, pg_sys::REGCLASSOID) }],
+                )
+                .unwrap_or_else(|e| panic!("pg_sync: cannot read the registry: {e}"));
+            let row = rows.into_iter().next()?;
+            let get = |i: usize| -> Option<String> { row.get::<String>(i).ok().flatten() };
+            let list = |i: usize| -> Vec<String> {
+                row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default()
+            };
+            Some(Registration {
+                rel: row.get::<pg_sys::Oid>(1).ok().flatten()?,
+                model: get(2)?,
+                key: list(3),
+                group: get(4),
+                excluded: list(5),
             })
-            .collect();
-        let bad = || -> ! {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-                "pg_sync.capture() was installed with malformed arguments",
-                "Install capture with pg_sync.register_table(), not CREATE TRIGGER.",
-            )
+        })
+    })
+}
+
+/// Refuses to capture (09000, triggered action exception): the trigger is not pg_sync's own
+/// capture trigger on a registered table.
+fn refuse(message: String, hint: &str) -> ! {
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+        message,
+        hint.to_owned(),
+    )
+}
+
+fn check_event(trigger: &pg_sys::Trigger, event: u32, table: impl Fn() -> String) {
+    // SAFETY: the trigger name is a valid C string owned by the relcache entry.
+    let name = unsafe { CStr::from_ptr(trigger.tgname) };
+    let row_after = event & pg_sys::TRIGGER_EVENT_ROW != 0
+        && event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER;
+    if name != c"pg_sync_capture" || !row_after {
+        refuse(
+            format!(
+                "pg_sync.capture() may only run as the AFTER ROW trigger pg_sync_capture (fired by \"{}\" on \"{}\")",
+                name.to_string_lossy(),
+                table()
+            ),
+            "pg_sync.register_table() installs the capture trigger; do not create it yourself.",
+        );
+    }
+}
+
+impl TableConfig {
+    unsafe fn build(
+        relid: pg_sys::Oid,
+        trigger: &pg_sys::Trigger,
+        tupdesc: pg_sys::TupleDesc,
+        table: &str,
+        generation: u64,
+    ) -> TableConfig {
+        let Some(reg) = registration(relid) else {
+            refuse(
+                format!("table \"{table}\" is not registered with pg_sync"),
+                "pg_sync.capture() only runs on tables registered with pg_sync.register_table().",
+            );
         };
-        if args.len() < 4 {
-            bad();
+        if reg.rel != relid && !trigger.tgisclone {
+            refuse(
+                format!("trigger on \"{table}\" is not pg_sync's capture trigger of its registered parent"),
+                "pg_sync.register_table() installs the capture trigger; do not create it yourself.",
+            );
         }
-        let nkey: usize = args[2].parse().unwrap_or_else(|_| bad());
-        if nkey == 0 || args.len() < 3 + nkey {
-            bad();
+        if reg.key.is_empty() {
+            refuse(
+                format!("the registration of \"{table}\" has no key"),
+                "Call pg_sync.register_table() again.",
+            );
         }
         let natts = unsafe { (*tupdesc).natts } as usize;
         let mut names = Vec::with_capacity(natts);
@@ -230,13 +295,9 @@ impl TableConfig {
                 )
             })
         };
-        let key: Vec<usize> = args[3..3 + nkey].iter().map(|c| find(c)).collect();
-        let group = if args[1].is_empty() {
-            None
-        } else {
-            Some(find(&args[1]))
-        };
-        let mut excluded: Vec<usize> = args[3 + nkey..].iter().map(|c| find(c)).collect();
+        let key: Vec<usize> = reg.key.iter().map(|c| find(c)).collect();
+        let group = reg.group.as_deref().map(find);
+        let mut excluded: Vec<usize> = reg.excluded.iter().map(|c| find(c)).collect();
         excluded.extend(generated.iter().filter(|i| !key.contains(i)));
         let captured: Vec<usize> = (0..natts)
             .filter(|i| names[*i].is_some() && !excluded.contains(i))
@@ -254,7 +315,9 @@ impl TableConfig {
             output_fn[i] = func;
         }
         TableConfig {
-            model: args[0].clone(),
+            tgoid: trigger.tgoid,
+            generation,
+            model: reg.model,
             names,
             key,
             group,
@@ -432,9 +495,9 @@ struct Plans {
 
 const ACTION_COLUMNS: &str = "model, model_id, action, data, version, versions, origin, group_id, \
      prev_group_id, moved, client_id, client_tx_id";
-const ACTION_VALUES: &str =
-    "$1, $2, $3, pg_catalog.to_jsonb($4) OPERATOR(pg_catalog.-) $5, $6, $7, \
-     $8, $9, $10, $11, $12, $13::pg_catalog.uuid";
+// Nothing here resolves through the caller's search_path or calls user code: the data arrives
+// as finished jsonb, and the uuid cast is found by type.
+const ACTION_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::pg_catalog.uuid";
 
 fn prepare_plans(client: &SpiClient<'_>) -> Plans {
     let text = PgOid::from(pg_sys::TEXTOID);
@@ -442,8 +505,7 @@ fn prepare_plans(client: &SpiClient<'_>) -> Plans {
         text,
         text,
         text,
-        PgOid::from(pg_sys::RECORDOID),
-        PgOid::from(pg_sys::TEXTARRAYOID),
+        PgOid::from(pg_sys::JSONBOID),
         text,
         PgOid::from(pg_sys::JSONBOID),
         text,
@@ -472,41 +534,41 @@ fn with_plans<R>(f: impl FnOnce(&Plans) -> R) -> R {
     })
 }
 
-/// Runs `f` as the owner of the pg_sync tables, so application roles need no privileges on the
-/// log while they cannot write it directly either.
-fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = OWNER.with(|o| {
-        if let Some(owner) = *o.borrow() {
-            return owner;
-        }
-        let owner = Spi::get_one::<pg_sys::Oid>(
-            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_sync'",
-        )
-        .ok()
-        .flatten()
-        .expect("the pg_sync extension exists");
-        *o.borrow_mut() = Some(owner);
-        owner
-    });
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_ctx = 0;
-    // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
+/// `to_jsonb(row) - drop`, evaluated here in the writer's security context: `to_jsonb` calls
+/// user-defined casts to json, which must never run with the log owner's rights. Direct function
+/// calls, no SQL: no extra statement per row and nothing resolved by name.
+unsafe fn row_json(row: &Row, tupdesc: pg_sys::TupleDesc, drop: &[String]) -> pg_sys::Datum {
     unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: restores what was saved above.
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        let record = pg_sys::heap_copy_tuple_as_datum(row.tuple, tupdesc);
+        let mut to_jsonb: pg_sys::FmgrInfo = std::mem::zeroed();
+        pg_sys::fmgr_info(pg_sys::Oid::from(pg_sys::F_TO_JSONB), &mut to_jsonb);
+        // to_jsonb(anyelement) reads its argument's type from the call expression.
+        let arg = pg_sys::makeNullConst((*tupdesc).tdtypeid, -1, pg_sys::InvalidOid);
+        let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
+        to_jsonb.fn_expr = pg_sys::makeFuncExpr(
+            pg_sys::Oid::from(pg_sys::F_TO_JSONB),
+            pg_sys::JSONBOID,
+            args,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        )
+        .cast();
+        let json = pg_sys::FunctionCall1Coll(&mut to_jsonb, pg_sys::InvalidOid, record);
+        if drop.is_empty() {
+            return json;
         }
+        let names = drop
+            .to_vec()
+            .into_datum()
+            .expect("a text array is not null");
+        let mut minus: pg_sys::FmgrInfo = std::mem::zeroed();
+        pg_sys::fmgr_info(
+            pg_sys::Oid::from(pg_sys::F_JSONB_DELETE_JSONB__TEXT),
+            &mut minus,
+        );
+        pg_sys::FunctionCall2Coll(&mut minus, pg_sys::InvalidOid, json, names)
     }
-    let _restore = Restore(saved_user, saved_ctx);
-    f()
 }
 
 fn action_args<'a>(
@@ -519,13 +581,12 @@ fn action_args<'a>(
         None => (None, None),
     });
     // SAFETY: the tuple belongs to the trigger's relation, whose descriptor this is.
-    let record = unsafe { pg_sys::heap_copy_tuple_as_datum(a.row.tuple, tupdesc) };
+    let data = unsafe { row_json(a.row, tupdesc, &a.drop) };
     vec![
         cfg.model.as_str().into(),
         a.model_id.into(),
         a.action.into(),
-        unsafe { DatumWithOid::new(record, pg_sys::RECORDOID) },
-        a.drop.clone().into(),
+        unsafe { DatumWithOid::new(data, pg_sys::JSONBOID) },
         a.version.as_str().into(),
         match &a.versions {
             Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into(),
@@ -540,13 +601,17 @@ fn action_args<'a>(
     ]
 }
 
+/// Writes one action: its values are computed as the writer, then only the plain INSERT runs as
+/// the log's owner.
 fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
     let args = action_args(cfg, a, tupdesc);
-    with_plans(|plans| {
-        Spi::connect_mut(|client| {
-            client
-                .update(&plans.plain, None, &args)
-                .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+    owner::as_owner(|| {
+        with_plans(|plans| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(&plans.plain, None, &args)
+                    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+            })
         })
     });
     WRITTEN.with(|w| w.set(w.get() + 1));
@@ -576,7 +641,11 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let td = trigger.trigger_data();
     // SAFETY: Postgres hands a valid TriggerData to a trigger function.
     let (tg_trigger, tupdesc) = unsafe { (&*td.tg_trigger, (*td.tg_relation).rd_att) };
-    let cfg = table_config(tg_trigger, tupdesc);
+    // SAFETY: as above.
+    let relid = unsafe { (*td.tg_relation).rd_id };
+    let table = || trigger.table_name().unwrap_or_default();
+    check_event(tg_trigger, td.tg_event, table);
+    let cfg = config(relid, tg_trigger, tupdesc, table);
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
@@ -597,7 +666,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let remote = Putback(remote);
     let node = settings::node_id();
 
-    as_owner(|| unsafe {
+    unsafe {
         if is_insert || is_delete {
             let row = Row::deform(td.tg_trigtuple, tupdesc);
             let model_id = row.model_id(&cfg);
@@ -871,7 +940,7 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                 write_plain(&cfg, &a, tupdesc);
             }
         }
-    });
+    }
 }
 
 fn client_user() -> Option<String> {
@@ -906,13 +975,16 @@ fn authorize_user_write(cfg: &TableConfig, groups: &[Option<&str>]) {
                 cfg.model
             ));
         };
-        let member = crate::model::run(
-            "SELECT pg_catalog.to_jsonb(EXISTS (SELECT FROM pg_sync.group_memberships m
+        // The memberships are the owner's; the statement is fixed and fully qualified.
+        let member = owner::as_owner(|| {
+            crate::model::run(
+                "SELECT pg_catalog.to_jsonb(EXISTS (SELECT FROM pg_sync.group_memberships m
               WHERE m.user_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'u')
                 AND m.group_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'g')))",
-            &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(serde_json::json!({"u": user, "g": group}))],
-        );
+                &[PgOid::from(pg_sys::JSONBOID)],
+                vec![JsonB(serde_json::json!({"u": user, "g": group}))],
+            )
+        });
         if member != Some(Value::Bool(true)) {
             forbid(format!(
                 "a row of model \"{}\" would be written outside the user's groups",
@@ -922,8 +994,40 @@ fn authorize_user_write(cfg: &TableConfig, groups: &[Option<&str>]) {
     }
 }
 
-/// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log.
-pub fn refuse_truncate(trigger: &pgrx::PgTrigger<'_>) -> ! {
+/// The cached registration of `relid`, checked against the firing trigger; built on a miss.
+fn config(
+    relid: pg_sys::Oid,
+    trigger: &pg_sys::Trigger,
+    tupdesc: pg_sys::TupleDesc,
+    table: impl Fn() -> String,
+) -> std::rc::Rc<TableConfig> {
+    let generation = GENERATION.with(Cell::get);
+    let cached = CONFIGS.with(|c| c.borrow().get(&relid).cloned());
+    if let Some(cfg) = cached {
+        if cfg.generation == generation && cfg.tgoid == trigger.tgoid {
+            return cfg;
+        }
+    }
+    let seen = INVALIDATIONS.with(Cell::get);
+    // Built without holding a borrow: the registry read and type lookups accept invalidations.
+    let cfg = std::rc::Rc::new(unsafe {
+        TableConfig::build(relid, trigger, tupdesc, &table(), generation)
+    });
+    if INVALIDATIONS.with(Cell::get) == seen {
+        CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
+    }
+    cfg
+}
+
+/// BEFORE TRUNCATE: a truncate would drop rows without a trace in the log. Refuses only while
+/// the table (or a partition ancestor) is registered: a guard left on a detached partition, or
+/// attached to any other table, lets TRUNCATE through.
+pub fn refuse_truncate(trigger: &pgrx::PgTrigger<'_>) {
+    // SAFETY: Postgres hands a valid TriggerData to a trigger function.
+    let relid = unsafe { (*trigger.trigger_data().tg_relation).rd_id };
+    if registration(relid).is_none() {
+        return;
+    }
     let table = trigger.table_name().unwrap_or_default();
     errors::raise(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -9,15 +9,23 @@
 //! window ahead of the clock, so the file is written about once per window, not once per write.
 //! At start the clock resumes from the mark, so even a wall clock stepped back across a restart
 //! cannot produce a version at or below one issued before it.
+//!
+//! The mark file covers crashes of this data directory only. After a failover to a standby, a
+//! point-in-time recovery or a restore from a dump, the database holds versions the mark never
+//! saw. So before a backend first mints a version, the clock observes the highest version stored
+//! in its database (log and row state), once per database per server start (a small table of
+//! observed databases in shared memory; a standby does not count, its data is still moving).
 
 use crate::errors;
+use crate::owner;
 use crate::settings;
 use pg_sync_lww::version::{Version, COUNTER_BITS};
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::cell::Cell;
 use std::fs;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const HWM_FILE: &str = "pg_sync_hlc";
@@ -25,10 +33,16 @@ const HWM_TMP: &str = "pg_sync_hlc.tmp";
 /// How far ahead of the clock the persisted mark is pushed each time it is written.
 const HWM_WINDOW: u64 = 10_000 << COUNTER_BITS;
 
+/// How many databases' stored versions the shared table remembers as observed; past that, each
+/// new backend of a further database observes them again (correct, only slower).
+const OBSERVED_DBS: usize = 64;
+
 pub struct ClockShared {
     hlc: AtomicU64,
     persisted: AtomicU64,
     initialized: AtomicBool,
+    /// Oids of databases whose stored maximum version the clock has observed (0: free).
+    observed: [AtomicU32; OBSERVED_DBS],
 }
 
 // SAFETY: only atomics, valid in shared memory without further initialization.
@@ -40,6 +54,7 @@ impl Default for ClockShared {
             hlc: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
             initialized: AtomicBool::new(false),
+            observed: [const { AtomicU32::new(0) }; OBSERVED_DBS],
         }
     }
 }
@@ -142,9 +157,74 @@ pub fn wall_ms() -> u64 {
     (now + settings::test_clock_offset_ms()).max(0) as u64
 }
 
-/// Next local event: strictly above every value handed out so far, and at least wall time.
+/// What this backend knows of its database's stored versions (see `observe_stored`).
+#[derive(Clone, Copy, PartialEq)]
+enum Observed {
+    No,
+    /// Observed while the server was a standby: enough until it is promoted, then again.
+    InRecovery,
+    Yes,
+}
+
+thread_local! {
+    static OBSERVED_HERE: Cell<Observed> = const { Cell::new(Observed::No) };
+}
+
+/// Raises the clock to the highest version stored in this database, once per database per
+/// server start. One scan of the log and the row state: their versions are not indexed.
+fn observe_stored(clock: &ClockShared) {
+    let seen = OBSERVED_HERE.with(Cell::get);
+    if seen == Observed::Yes {
+        return;
+    }
+    // SAFETY: plain reads of backend globals.
+    let (db, in_recovery) =
+        unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::RecoveryInProgress()) };
+    if in_recovery && seen == Observed::InRecovery {
+        return;
+    }
+    if clock
+        .observed
+        .iter()
+        .any(|s| s.load(Ordering::Acquire) == db)
+    {
+        OBSERVED_HERE.with(|o| o.set(Observed::Yes));
+        return;
+    }
+    let stored = owner::as_owner(|| {
+        owner::with_fixed_search_path(|| {
+            Spi::get_one::<String>(
+                "SELECT GREATEST((SELECT pg_catalog.max(a.version) FROM pg_sync.sync_actions a),
+                                 (SELECT pg_catalog.max(s.max_version) FROM pg_sync.row_state s))",
+            )
+        })
+    })
+    .ok()
+    .flatten();
+    if let Some(v) = stored.as_deref().and_then(|t| Version::parse(t).ok()) {
+        clock.hlc.fetch_max(v.hlc, Ordering::AcqRel);
+        ensure_persisted(clock, v.hlc);
+    }
+    if in_recovery {
+        // A standby's data is still moving: observe again once it is promoted.
+        OBSERVED_HERE.with(|o| o.set(Observed::InRecovery));
+        return;
+    }
+    for slot in &clock.observed {
+        match slot.compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(seen) if seen == db => break,
+            Err(_) => {}
+        }
+    }
+    OBSERVED_HERE.with(|o| o.set(Observed::Yes));
+}
+
+/// Next local event: strictly above every value handed out so far (and every version stored in
+/// this database), and at least wall time.
 pub fn tick() -> u64 {
     let clock = shared();
+    observe_stored(clock);
     let physical = wall_ms() << COUNTER_BITS;
     let mut current = clock.hlc.load(Ordering::Acquire);
     let next = loop {

@@ -12,6 +12,7 @@ mod clock;
 mod errors;
 mod model;
 mod mutate;
+mod owner;
 mod remote;
 mod retention;
 mod settings;
@@ -42,7 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
 #[pg_schema]
 mod pg_sync {
     use pgrx::prelude::*;
-    use pgrx::{JsonB, Uuid};
+    use pgrx::{pg_sys, JsonB, Uuid};
 
     /// A fresh HLC value (unix milliseconds << 16 | counter), strictly above every value before it.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -151,6 +152,34 @@ mod pg_sync {
         crate::retention::compact(horizon)
     }
 
+    /// The registry write of `register_table`: checks that the caller owns the table and may
+    /// call `register_table`, then writes as `pgsync_owner`. Returns false when the table is
+    /// registered under another model name (nothing changes).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn registry_put(
+        rel: pg_sys::Oid,
+        model: &str,
+        pk_columns: Vec<String>,
+        group_column: Option<&str>,
+        excluded_columns: Vec<String>,
+        federation: &str,
+    ) -> bool {
+        crate::owner::registry_put(
+            rel,
+            model,
+            pk_columns,
+            group_column,
+            excluded_columns,
+            federation,
+        )
+    }
+
+    /// The registry write of `unregister_table`, with the same checks as `registry_put`.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn registry_disable(rel: pg_sys::Oid) -> bool {
+        crate::owner::registry_disable(rel)
+    }
+
     /// AFTER ROW trigger installed by register_table().
     #[pg_trigger]
     fn capture<'a>(
@@ -165,6 +194,7 @@ mod pg_sync {
     fn refuse_truncate<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
-        crate::capture::refuse_truncate(trigger)
+        crate::capture::refuse_truncate(trigger);
+        Ok(None)
     }
 }

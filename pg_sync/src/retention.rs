@@ -34,7 +34,10 @@ pub fn compact(horizon: i64) -> i64 {
          tx AS (
            DELETE FROM pg_sync.commit_order c WHERE c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint),
          h AS (
-           UPDATE pg_sync.retention SET horizon = GREATEST(horizon, ($1->>'h')::bigint), compacted_at = now())
+           INSERT INTO pg_sync.retention AS r (only_row, horizon, compacted_at)
+           VALUES (true, ($1->>'h')::bigint, now())
+           ON CONFLICT (only_row) DO UPDATE
+              SET horizon = GREATEST(r.horizon, EXCLUDED.horizon), compacted_at = now())
          SELECT pg_catalog.to_jsonb(count(*)) FROM gone",
         &jsonb,
         arg(),

@@ -12,6 +12,7 @@
 use crate::clock;
 use crate::errors;
 use crate::model;
+use crate::owner;
 use pg_sync_lww::merge::{Change, Kind, State};
 use pg_sync_lww::version::Version;
 use pgrx::datum::DatumWithOid;
@@ -162,26 +163,31 @@ fn plan(sql: &'static str, types: &[PgOid]) -> Rc<OwnedPreparedStatement> {
 /// Runs one of this module's statements; returns the first column of its first row, if any.
 fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> Option<Value> {
     let plan = plan(sql, types);
-    Spi::connect_mut(|client| {
-        let t = client
-            .update(&*plan, None, args)
-            .unwrap_or_else(|e| panic!("pg_sync: {e}"));
-        if t.is_empty() {
-            None
-        } else {
-            t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
-        }
+    // row_state is the owner's; these statements are fixed and fully qualified.
+    owner::as_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(&*plan, None, args)
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+            if t.is_empty() {
+                None
+            } else {
+                t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+            }
+        })
     })
 }
 
 /// Runs one of this module's statements; returns how many rows it processed.
 fn run_count(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> usize {
     let plan = plan(sql, types);
-    Spi::connect_mut(|client| {
-        client
-            .update(&*plan, None, args)
-            .unwrap_or_else(|e| panic!("pg_sync: {e}"))
-            .len()
+    owner::as_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(&*plan, None, args)
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"))
+                .len()
+        })
     })
 }
 

@@ -1,0 +1,181 @@
+//! The privilege boundary: the `pgsync_owner` role, which owns the log and the registry, and the
+//! few places that act as it.
+//!
+//! Application roles hold no privileges on `pg_sync` tables. The capture trigger switches to
+//! `pgsync_owner` only around statements whose text and arguments are fixed by pg_sync (the
+//! action insert, registry and log reads): every value that user code could influence (the
+//! row's JSON, which calls user-defined casts to json; key text from output functions) is
+//! computed before, in the writer's own security context. The switch also sets
+//! `SECURITY_RESTRICTED_OPERATION`, and statements that resolve operators through the caller's
+//! `search_path` run with a fixed one (`with_fixed_search_path`).
+//!
+//! Registration goes through `registry_put`/`registry_disable`: the caller must own the table and
+//! be allowed to call `register_table`/`unregister_table`; only then is the registry written as
+//! `pgsync_owner`.
+
+use crate::errors;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+/// The role that owns pg_sync's tables; created by the extension script when missing.
+pub const OWNER_ROLE: &CStr = c"pgsync_owner";
+
+/// The owner role's oid. Looked up each time (a syscache hit): a cached oid would outlive a
+/// DROP EXTENSION, DROP ROLE and CREATE EXTENSION in another session.
+fn owner_oid() -> pg_sys::Oid {
+    // SAFETY: a catalog lookup by name; missing_ok returns InvalidOid instead of raising.
+    let oid = unsafe { pg_sys::get_role_oid(OWNER_ROLE.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "role \"pgsync_owner\" does not exist",
+            "pg_sync's tables belong to the NOLOGIN role pgsync_owner; reinstall the extension \
+             (DROP EXTENSION pg_sync; CREATE EXTENSION pg_sync) to create it.",
+        );
+    }
+    oid
+}
+
+/// Runs `f` as `pgsync_owner` in a security-restricted operation. Only statements fixed by
+/// pg_sync may run inside: nothing that evaluates user-defined functions, casts or operators.
+pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = owner_oid();
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_ctx = 0;
+    // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_ctx
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what was saved above.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let _restore = Restore(saved_user, saved_ctx);
+    f()
+}
+
+/// Runs `f` with `search_path = pg_catalog, pg_temp`, for statements (shared with other modules)
+/// that name operators without a schema: under the caller's path, a user-created operator in an
+/// earlier schema would be chosen. Cached plans notice the different path and are re-planned.
+pub fn with_fixed_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the same save/set/restore that a function's SET clause does; an ERROR's
+    // (sub)transaction abort pops the GUC nest level as well.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+        level
+    };
+    struct Pop(i32);
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            // While an ERROR unwinds, the (sub)transaction abort pops the level itself.
+            if !std::thread::panicking() {
+                // SAFETY: pops the nest level pushed above, restoring the previous value.
+                unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+            }
+        }
+    }
+    let _pop = Pop(level);
+    f()
+}
+
+/// Raises 42501 unless the current user owns `rel` and may call `gate` (a function signature).
+fn check_caller(rel: pg_sys::Oid, gate: &str) {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
+                AND pg_catalog.has_function_privilege($2, 'EXECUTE')
+           FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[rel.into(), gate.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !allowed {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to change the pg_sync registration of this table",
+            format!("Only the table's owner can, and only with EXECUTE on {gate}."),
+        );
+    }
+}
+
+const REGISTER: &str = "pg_sync.register_table(pg_catalog.regclass, pg_catalog.text, \
+     pg_catalog.text, pg_catalog.text[], pg_catalog.text)";
+const UNREGISTER: &str = "pg_sync.unregister_table(pg_catalog.regclass)";
+
+/// `pg_sync.registry_put(...)`: the registry write of `register_table`, as `pgsync_owner`.
+pub fn registry_put(
+    rel: pg_sys::Oid,
+    model: &str,
+    pk: Vec<String>,
+    group_column: Option<&str>,
+    exclude: Vec<String>,
+    federation: &str,
+) -> bool {
+    check_caller(rel, REGISTER);
+    as_owner(|| {
+        Spi::connect_mut(|client| {
+            let args = [
+                rel.into(),
+                model.into(),
+                pk.into(),
+                group_column.into(),
+                exclude.into(),
+                federation.into(),
+            ];
+            client
+                .update(
+                    "INSERT INTO pg_sync.registry AS r
+                            (rel, model, pk_columns, group_column, excluded_columns, federation, enabled)
+                     VALUES ($1, $2, $3, $4, $5, $6, true)
+                     ON CONFLICT ON CONSTRAINT registry_pkey DO UPDATE
+                        SET pk_columns = EXCLUDED.pk_columns, group_column = EXCLUDED.group_column,
+                            excluded_columns = EXCLUDED.excluded_columns,
+                            federation = EXCLUDED.federation, enabled = true
+                      WHERE r.model OPERATOR(pg_catalog.=) EXCLUDED.model
+                     RETURNING true",
+                    None,
+                    &args,
+                )
+                .map(|t| !t.is_empty())
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"))
+        })
+    })
+}
+
+/// `pg_sync.registry_disable(rel)`: the registry write of `unregister_table`.
+pub fn registry_disable(rel: pg_sys::Oid) -> bool {
+    check_caller(rel, UNREGISTER);
+    as_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE pg_sync.registry r SET enabled = false
+                      WHERE r.rel OPERATOR(pg_catalog.=) $1 AND r.enabled RETURNING true",
+                    None,
+                    &[rel.into()],
+                )
+                .map(|t| !t.is_empty())
+                .unwrap_or_else(|e| panic!("pg_sync: {e}"))
+        })
+    })
+}
