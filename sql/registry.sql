@@ -100,6 +100,8 @@ BEGIN
                   HINT = 'Clients and peers know rows by model name. Register again with the same model name.';
     END IF;
 
+    PERFORM pg_sync.warn_sequence_key(rel, federation);
+
     -- The trigger takes no arguments: it reads the registration by the table's oid.
     EXECUTE format('DROP TRIGGER IF EXISTS pg_sync_capture ON %s', rel);
     EXECUTE format('CREATE TRIGGER pg_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s

@@ -13,6 +13,7 @@ mod errors;
 mod model;
 mod mutate;
 mod owner;
+mod peers;
 mod remote;
 mod retention;
 mod settings;
@@ -22,6 +23,9 @@ mod state;
 
 extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../../sql/registry.sql", name = "registry", finalize);
+// Federation's tables and functions (sql/federation.sql); its plpgsql reads registry.sql's
+// functions only when called, so its place before the finalize file does not matter.
+extension_sql_file!("../../sql/federation.sql", name = "federation");
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -181,6 +181,23 @@ fn apply_change(
     // Stored before the write: triggers it fires may write this row locally (recording their
     // own, newer versions on top), which storing afterwards would overwrite.
     state::store(&model.name, model_id, &outcome.state);
+    if outcome.dml == Dml::None {
+        // No write, so no capture: log what the merge raised, or relays never forward it.
+        let group = match current {
+            Some(_) => model.group_of(key).flatten(),
+            None => None,
+        };
+        crate::peers::log_state_only(
+            model,
+            model_id,
+            key,
+            &outcome,
+            origin,
+            current.as_ref(),
+            group,
+        );
+        return true;
+    }
     let touched = {
         let _remote = capture::enter_remote(RemoteContext {
             relid: target.relid,

@@ -1,0 +1,718 @@
+-- Federation, the extension's part: the peer registry and secrets, the receiver's cursors and
+-- batch apply with quarantine, the sender's filtered log, announce for rows that predate
+-- registration, and this node's log identity (epoch). The worker drives the links; see
+-- docs/federation.md.
+
+-- This node's log identity: the random part is minted by CREATE EXTENSION and deliberately not
+-- dumped, so a restored database gets a new one (its sync ids may repeat an older history).
+CREATE TABLE pg_sync.node_identity (
+    only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    epoch_id   uuid NOT NULL DEFAULT gen_random_uuid(),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO pg_sync.node_identity DEFAULT VALUES;
+
+-- Peers: other deployments this node exchanges changes with. direction is seen from this node:
+-- 'pull' (this node receives), 'push' (this node sends), 'both'. node_id is pinned by the worker
+-- at the first authenticated link (pg_sync.pin_peer) and checked on every later one.
+CREATE TABLE pg_sync.peers (
+    name       text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$'),
+    node_id    text UNIQUE,
+    url        text NOT NULL CHECK (url ~ '^wss?://'),
+    direction  text NOT NULL DEFAULT 'both' CHECK (direction IN ('push', 'pull', 'both')),
+    models     text[],
+    bootstrap  text NOT NULL DEFAULT 'snapshot' CHECK (bootstrap IN ('snapshot', 'none')),
+    enabled    boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Shared secrets, one per peering; previous_secret is still accepted during a rotation.
+-- Readable only by pgsync_owner (the worker's role is a member).
+CREATE TABLE pg_sync.peer_secrets (
+    peer            text PRIMARY KEY REFERENCES pg_sync.peers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    secret          text NOT NULL,
+    previous_secret text,
+    rotated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- How much of each peer's log is applied here; advanced only by apply_peer_batch, in the
+-- transaction that applied the changes.
+CREATE TABLE pg_sync.peer_cursors (
+    peer_node_id text PRIMARY KEY,
+    peer_epoch   text,
+    last_sync_id bigint NOT NULL DEFAULT 0 CHECK (last_sync_id >= 0),
+    state        text NOT NULL DEFAULT 'new',
+    applied      bigint NOT NULL DEFAULT 0,
+    changed      bigint NOT NULL DEFAULT 0,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Changes from a peer that failed to apply, with why; retried by retry_quarantined.
+CREATE TABLE pg_sync.peer_quarantine (
+    peer_node_id text NOT NULL,
+    sync_id      bigint NOT NULL,
+    change       jsonb NOT NULL,
+    sqlstate     text NOT NULL,
+    message      text NOT NULL,
+    attempts     integer NOT NULL DEFAULT 1,
+    first_seen   timestamptz NOT NULL DEFAULT now(),
+    last_seen    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (peer_node_id, sync_id)
+);
+
+-- What happened on each peering (added, changed, removed, quarantined, and what the worker
+-- reports: connected, auth_failed, resync, ...). Never holds secrets or row values.
+CREATE TABLE pg_sync.peer_events (
+    id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at     timestamptz NOT NULL DEFAULT now(),
+    peer   text NOT NULL,
+    event  text NOT NULL,
+    detail jsonb
+);
+CREATE INDEX peer_events_at_idx ON pg_sync.peer_events (at);
+
+-- Link state the worker reports, one row per peer and direction ('in': this node receives).
+CREATE TABLE pg_sync.peer_links (
+    peer              text NOT NULL REFERENCES pg_sync.peers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    direction         text NOT NULL CHECK (direction IN ('in', 'out')),
+    state             text NOT NULL DEFAULT 'connecting',
+    connected_since   timestamptz,
+    peer_last_sync_id bigint,
+    lag_seconds       double precision,
+    applied           bigint NOT NULL DEFAULT 0,
+    changed           bigint NOT NULL DEFAULT 0,
+    last_error        text,
+    rtt_ms            double precision,
+    clock_offset_ms   double precision,
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (peer, direction)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_quarantine', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
+REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
+    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
+ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_secrets OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_cursors OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_quarantine OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_events OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_links OWNER TO pgsync_owner;
+
+-- This node's log identity: system identifier, timeline and the random id made at CREATE
+-- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
+-- re-bootstrap: sync ids may repeat. SECURITY DEFINER (the installing superuser) only to read
+-- pg_control, which is superuser-only.
+CREATE FUNCTION pg_sync.epoch() RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (SELECT system_identifier::text FROM pg_control_system())
+        || '.' || (SELECT timeline_id::text FROM pg_control_checkpoint())
+        || '.' || (SELECT replace(epoch_id::text, '-', '') FROM pg_sync.node_identity)
+$$;
+
+-- Refuses unless pg_sync.node_id is set explicitly: the derived default repeats on a cloned
+-- database, and peers pin node ids.
+CREATE FUNCTION pg_sync.require_explicit_node_id() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF coalesce(current_setting('pg_sync.node_id', true), '') = '' THEN
+        RAISE EXCEPTION 'pg_sync.node_id is not set'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Federation needs an explicit, unique node id: ALTER SYSTEM SET pg_sync.node_id = ''eu-west''; SELECT pg_reload_conf(); (the derived default repeats on a cloned database).';
+    END IF;
+END
+$$;
+
+-- The SQL expression of a registered table's model id (canonical key text) over alias "t".
+CREATE FUNCTION pg_sync.model_id_expr(r pg_sync.registry) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'pg_sync.key_text(ARRAY[' || string_agg(format('pg_sync.canonical_text(t.%I)', c), ', ' ORDER BY o) || '])'
+      FROM unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
+$$;
+
+-- Rows of a registered table with no recorded insert: they predate registration, so peers
+-- have never seen them (at most `lim` are counted).
+CREATE FUNCTION pg_sync.unannounced(model text, lim bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r pg_sync.registry;
+    n bigint;
+BEGIN
+    SELECT * INTO r FROM pg_sync.registry g WHERE g.model = unannounced.model;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model "%" is not registered', model
+            USING ERRCODE = 'undefined_object', HINT = 'See pg_sync.tables() for the registered models.';
+    END IF;
+    EXECUTE format(
+        'SELECT count(*) FROM (SELECT 1 FROM %s t WHERE NOT EXISTS (
+             SELECT 1 FROM pg_sync.row_state s
+              WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) %s
+                AND s.created OPERATOR(pg_catalog.<>) '''') LIMIT $2) x',
+        r.rel, pg_sync.model_id_expr(r))
+      INTO n USING r.model, lim;
+    RETURN n;
+END
+$$;
+
+-- Mints versions and insert actions for rows that predate registration (rows without a recorded
+-- insert), in batches of batch_size rows, each row locked while it is announced. Idempotent:
+-- announced rows are skipped. Returns how many rows were announced.
+CREATE FUNCTION pg_sync.announce(model text, batch_size integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r     pg_sync.registry;
+    total bigint := 0;
+    n     bigint;
+    grp   text;
+BEGIN
+    SELECT * INTO r FROM pg_sync.registry g WHERE g.model = announce.model;
+    IF NOT FOUND OR NOT r.enabled THEN
+        RAISE EXCEPTION 'model "%" is not registered', model
+            USING ERRCODE = 'undefined_object', HINT = 'Register the table first: pg_sync.register_table(...).';
+    END IF;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass how many rows to announce per statement.';
+    END IF;
+    grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
+                ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
+    LOOP
+        EXECUTE format(
+            'WITH cand AS (
+                 SELECT %2$s AS mid, %3$s AS grp, pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $2 AS data
+                   FROM %1$s t
+                  WHERE NOT EXISTS (
+                        SELECT 1 FROM pg_sync.row_state s
+                         WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) %2$s
+                           AND s.created OPERATOR(pg_catalog.<>) '''')
+                  LIMIT $3 FOR UPDATE OF t
+             ), v AS (
+                 SELECT cand.*, pg_sync.next_version() AS ver FROM cand
+             ), st AS (
+                 INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version)
+                 SELECT $1, v.mid, v.ver, v.ver FROM v
+                 ON CONFLICT (model, model_id) DO UPDATE SET
+                   created = EXCLUDED.created, deleted = NULL, versions = ''{}'', pending = NULL,
+                   max_version = EXCLUDED.max_version
+                 WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version
+                 RETURNING s.model_id
+             ), a AS (
+                 INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+                 SELECT $1, v.mid, ''I'', v.data, v.ver, pg_sync.node_id(), v.grp
+                   FROM v JOIN st ON st.model_id OPERATOR(pg_catalog.=) v.mid
+                 RETURNING 1
+             )
+             SELECT count(*) FROM a',
+            r.rel, pg_sync.model_id_expr(r), grp)
+          INTO n USING r.model, r.excluded_columns, batch_size;
+        total := total + n;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- A federated table (federation other than 'off') whose key defaults to a sequence mints the
+-- same keys on every node: warn (register_table calls this).
+CREATE FUNCTION pg_sync.warn_sequence_key(rel regclass, federation text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col text;
+BEGIN
+    IF federation = 'off' THEN
+        RETURN;
+    END IF;
+    FOR col IN
+        SELECT a.attname FROM pg_index i
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE i.indrelid = rel AND i.indisprimary
+           AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%')
+         ORDER BY a.attnum
+    LOOP
+        RAISE WARNING 'key column "%" of federated table "%" defaults to a sequence', col, rel
+            USING HINT = 'Every node would mint the same keys and overwrite each other''s rows: use globally unique keys (uuid, or node-prefixed), or register with federation => ''off''.';
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pg_sync.check_peer_models(models text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text;
+BEGIN
+    FOREACH m IN ARRAY coalesce(models, '{}') LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_sync.registry r WHERE r.model = m) THEN
+            RAISE EXCEPTION 'model "%" is not registered', m
+                USING ERRCODE = 'undefined_object',
+                      HINT = 'models lists registered model names (pg_sync.tables()); NULL means every federated model.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pg_sync.add_peer(
+    name      text,
+    url       text,
+    secret    text,
+    direction text    DEFAULT 'both',
+    models    text[]  DEFAULT NULL,
+    bootstrap text    DEFAULT 'snapshot'
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text;
+BEGIN
+    PERFORM pg_sync.require_explicit_node_id();
+    IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid peer name "%"', coalesce(name, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A peer name starts with a letter or digit and holds letters, digits, ".", "_" and "-" (at most 63).';
+    END IF;
+    IF name = pg_sync.node_id() THEN
+        RAISE EXCEPTION 'peer "%" is this node', name
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A node cannot peer with itself; name the other deployment.';
+    END IF;
+    IF url IS NULL OR url !~ '^wss?://' THEN
+        RAISE EXCEPTION 'invalid peer url "%"', coalesce(url, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the peer worker''s address, e.g. ''wss://us-east.example.com''.';
+    END IF;
+    IF secret IS NULL OR length(secret) < 16 THEN
+        RAISE EXCEPTION 'the peer secret must have at least 16 characters'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use the same long random secret on both sides, e.g. encode(gen_random_bytes(32), ''hex'').';
+    END IF;
+    IF direction IS NULL OR direction NOT IN ('push', 'pull', 'both') THEN
+        RAISE EXCEPTION 'invalid direction "%"', coalesce(direction, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use ''both'', ''push'' (this node sends) or ''pull'' (this node receives).';
+    END IF;
+    IF bootstrap IS NULL OR bootstrap NOT IN ('snapshot', 'none') THEN
+        RAISE EXCEPTION 'invalid bootstrap "%"', coalesce(bootstrap, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use ''snapshot'' (join from the peer''s state) or ''none'' (start at the peer''s log start).';
+    END IF;
+    PERFORM pg_sync.check_peer_models(models);
+    IF EXISTS (SELECT 1 FROM pg_sync.peers p WHERE p.name = add_peer.name) THEN
+        RAISE EXCEPTION 'peer "%" already exists', name
+            USING ERRCODE = 'duplicate_object', HINT = 'Change it with pg_sync.set_peer(...), or remove it first.';
+    END IF;
+    FOR m IN SELECT r.model FROM pg_sync.registry r WHERE r.enabled AND r.federation <> 'off' ORDER BY 1 LOOP
+        IF pg_sync.unannounced(m, 1) > 0 THEN
+            RAISE EXCEPTION 'model "%" holds rows that predate its registration', m
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Peers would never see them: run SELECT pg_sync.announce(%L) first.', m);
+        END IF;
+    END LOOP;
+    INSERT INTO pg_sync.peers (name, url, direction, models, bootstrap)
+    VALUES (name, url, direction, models, bootstrap);
+    INSERT INTO pg_sync.peer_secrets (peer, secret) VALUES (name, secret);
+    INSERT INTO pg_sync.peer_events (peer, event, detail)
+    VALUES (name, 'added', jsonb_build_object('direction', direction, 'models', models, 'bootstrap', bootstrap));
+    RETURN name;
+END
+$$;
+
+CREATE FUNCTION pg_sync.peer_or_raise(name text) RETURNS pg_sync.peers
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers;
+BEGIN
+    SELECT * INTO p FROM pg_sync.peers q WHERE q.name = peer_or_raise.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'peer "%" does not exist', coalesce(name, 'NULL')
+            USING ERRCODE = 'undefined_object', HINT = 'See pg_sync.peers() for the peers of this node.';
+    END IF;
+    RETURN p;
+END
+$$;
+
+-- Changes a peer. NULL leaves a setting as it is. A new secret keeps the old one accepted as
+-- previous_secret until retire_previous => true (rotate on both sides, then retire).
+CREATE FUNCTION pg_sync.set_peer(
+    name            text,
+    enabled         boolean DEFAULT NULL,
+    url             text    DEFAULT NULL,
+    secret          text    DEFAULT NULL,
+    direction       text    DEFAULT NULL,
+    models          text[]  DEFAULT NULL,
+    retire_previous boolean DEFAULT false
+) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p       pg_sync.peers := pg_sync.peer_or_raise(name);
+    changed text[] := '{}';
+BEGIN
+    IF url IS NOT NULL AND url !~ '^wss?://' THEN
+        RAISE EXCEPTION 'invalid peer url "%"', url
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the peer worker''s address, e.g. ''wss://us-east.example.com''.';
+    END IF;
+    IF secret IS NOT NULL AND length(secret) < 16 THEN
+        RAISE EXCEPTION 'the peer secret must have at least 16 characters'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a long random secret, e.g. encode(gen_random_bytes(32), ''hex'').';
+    END IF;
+    IF direction IS NOT NULL AND direction NOT IN ('push', 'pull', 'both') THEN
+        RAISE EXCEPTION 'invalid direction "%"', direction
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use ''both'', ''push'' (this node sends) or ''pull'' (this node receives).';
+    END IF;
+    PERFORM pg_sync.check_peer_models(models);
+    IF enabled IS NOT NULL AND enabled IS DISTINCT FROM p.enabled THEN changed := array_append(changed, 'enabled'); END IF;
+    IF url IS NOT NULL AND url IS DISTINCT FROM p.url THEN changed := array_append(changed, 'url'); END IF;
+    IF direction IS NOT NULL AND direction IS DISTINCT FROM p.direction THEN changed := array_append(changed, 'direction'); END IF;
+    IF models IS NOT NULL AND models IS DISTINCT FROM p.models THEN changed := array_append(changed, 'models'); END IF;
+    UPDATE pg_sync.peers q SET
+        enabled = coalesce(set_peer.enabled, q.enabled),
+        url = coalesce(set_peer.url, q.url),
+        direction = coalesce(set_peer.direction, q.direction),
+        -- '{}' (no model) is distinct from NULL (every model); pass '{}' to stop all models.
+        models = CASE WHEN set_peer.models IS NULL THEN q.models ELSE set_peer.models END,
+        updated_at = now()
+     WHERE q.name = p.name;
+    IF secret IS NOT NULL THEN
+        UPDATE pg_sync.peer_secrets s
+           SET previous_secret = CASE WHEN retire_previous THEN NULL ELSE s.secret END,
+               secret = set_peer.secret, rotated_at = now()
+         WHERE s.peer = p.name;
+        changed := array_append(changed, 'secret');
+    ELSIF retire_previous THEN
+        UPDATE pg_sync.peer_secrets s SET previous_secret = NULL WHERE s.peer = p.name AND s.previous_secret IS NOT NULL;
+        IF FOUND THEN changed := array_append(changed, 'previous_secret_retired'); END IF;
+    END IF;
+    IF cardinality(changed) > 0 THEN
+        INSERT INTO pg_sync.peer_events (peer, event, detail)
+        VALUES (p.name, 'changed', jsonb_build_object('changed', changed));
+    END IF;
+    RETURN cardinality(changed) > 0;
+END
+$$;
+
+-- Removes a peer, its secret, cursor and quarantine (adding it again bootstraps afresh). The
+-- worker sees the row go and closes the links.
+CREATE FUNCTION pg_sync.remove_peer(name text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(name);
+BEGIN
+    DELETE FROM pg_sync.peers q WHERE q.name = p.name;
+    IF p.node_id IS NOT NULL THEN
+        DELETE FROM pg_sync.peer_cursors c WHERE c.peer_node_id = p.node_id;
+        DELETE FROM pg_sync.peer_quarantine q WHERE q.peer_node_id = p.node_id;
+    END IF;
+    INSERT INTO pg_sync.peer_events (peer, event) VALUES (p.name, 'removed');
+    RETURN true;
+END
+$$;
+
+-- For the worker, after authenticating a link: pins the peer's node id at first contact, then
+-- refuses any other (a cloned or replaced node), and refuses this node's own id (a self-link).
+CREATE FUNCTION pg_sync.pin_peer(name text, node_id text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(name);
+BEGIN
+    IF node_id IS NULL OR node_id = '' THEN
+        RAISE EXCEPTION 'node_id must not be empty'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the node id the peer proved in its handshake.';
+    END IF;
+    IF node_id = pg_sync.node_id() THEN
+        RAISE EXCEPTION 'peer "%" has this node''s own node id "%"', p.name, node_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The peer is this database or a clone of it: give every node its own pg_sync.node_id.';
+    END IF;
+    IF p.node_id IS NULL THEN
+        IF EXISTS (SELECT 1 FROM pg_sync.peers q WHERE q.node_id = pin_peer.node_id) THEN
+            RAISE EXCEPTION 'node id "%" is pinned for another peer', node_id
+                USING ERRCODE = 'duplicate_object', HINT = 'Two peer entries name the same deployment: remove one.';
+        END IF;
+        UPDATE pg_sync.peers q SET node_id = pin_peer.node_id, updated_at = now() WHERE q.name = p.name;
+        INSERT INTO pg_sync.peer_events (peer, event, detail) VALUES (p.name, 'pinned', jsonb_build_object('node_id', node_id));
+    ELSIF p.node_id <> node_id THEN
+        RAISE EXCEPTION 'peer "%" answered as node "%", but is pinned to "%"', p.name, node_id, p.node_id
+            USING ERRCODE = 'invalid_authorization_specification',
+                  HINT = 'If the peer was really replaced, remove and add it again.';
+    END IF;
+    RETURN node_id;
+END
+$$;
+
+-- Peers without their secrets.
+CREATE FUNCTION pg_sync.peers()
+RETURNS TABLE (name text, node_id text, url text, direction text, models text[], bootstrap text,
+               enabled boolean, has_previous_secret boolean, secret_rotated_at timestamptz,
+               created_at timestamptz, updated_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.name, p.node_id, p.url, p.direction, p.models, p.bootstrap, p.enabled,
+           s.previous_secret IS NOT NULL, s.rotated_at, p.created_at, p.updated_at
+      FROM pg_sync.peers p LEFT JOIN pg_sync.peer_secrets s ON s.peer = p.name
+     ORDER BY p.name
+$$;
+
+CREATE VIEW pg_sync.peer_status AS
+    SELECT p.name AS peer, p.node_id, p.direction, p.enabled,
+           CASE WHEN NOT p.enabled THEN 'disabled'
+                WHEN p.direction = 'push' THEN coalesce(o.state, 'connecting')
+                ELSE coalesce(l.state, 'connecting') END AS state,
+           l.connected_since,
+           c.last_sync_id AS cursor,
+           c.peer_epoch,
+           l.peer_last_sync_id,
+           GREATEST(l.peer_last_sync_id - coalesce(c.last_sync_id, 0), 0) AS lag_actions,
+           l.lag_seconds,
+           coalesce(c.applied, 0) AS applied,
+           coalesce(c.changed, 0) AS changed,
+           (SELECT count(*) FROM pg_sync.peer_quarantine q WHERE q.peer_node_id = p.node_id) AS open_quarantine,
+           coalesce(l.last_error, o.last_error) AS last_error,
+           coalesce(l.rtt_ms, o.rtt_ms) AS rtt_ms,
+           coalesce(l.clock_offset_ms, o.clock_offset_ms) AS clock_offset_ms,
+           o.state AS out_state,
+           o.peer_last_sync_id AS out_acked_sync_id,
+           c.updated_at AS cursor_updated_at
+      FROM pg_sync.peers p
+      LEFT JOIN pg_sync.peer_cursors c ON c.peer_node_id = p.node_id
+      LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
+      LEFT JOIN pg_sync.peer_links o ON o.peer = p.name AND o.direction = 'out';
+ALTER VIEW pg_sync.peer_status OWNER TO pgsync_owner;
+REVOKE ALL ON pg_sync.peer_status FROM PUBLIC;
+
+CREATE FUNCTION pg_sync.clear_peer_events(older_than interval) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a non-negative interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. pg_sync.clear_peer_events(older_than => ''30 days'').';
+    END IF;
+    DELETE FROM pg_sync.peer_events e WHERE e.at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Parks (or re-parks) a change that failed to apply.
+CREATE FUNCTION pg_sync.quarantine_change(peer_node_id text, sync_id bigint, change jsonb, sqlstate text, message text)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO pg_sync.peer_quarantine AS q (peer_node_id, sync_id, change, sqlstate, message)
+    VALUES (peer_node_id, sync_id, change, sqlstate, message)
+    ON CONFLICT (peer_node_id, sync_id) DO UPDATE SET
+        change = EXCLUDED.change, sqlstate = EXCLUDED.sqlstate, message = EXCLUDED.message,
+        attempts = q.attempts + 1, last_seen = now()
+$$;
+
+-- The receiver's apply of one batch from peer `peer` (its name): the changes with sync ids
+-- from_id+1 .. to_id of the peer's log whose epoch is `epoch`, as a JSON array of actions (each
+-- with its "sync_id"). One or more whole source transactions: the worker never splits one.
+-- Locks the cursor; a range already applied answers 'duplicate'; a gap or another epoch raises.
+-- Applies the batch in one go; if that fails, change by change in subtransactions, parking
+-- failures in peer_quarantine. Advances the cursor in this same transaction.
+CREATE FUNCTION pg_sync.apply_peer_batch(peer text, epoch text, from_id bigint, to_id bigint, changes jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p        pg_sync.peers := pg_sync.peer_or_raise(peer);
+    c        pg_sync.peer_cursors;
+    todo     jsonb;
+    item     jsonb;
+    n        bigint := 0;
+    n_changed bigint := 0;
+    parked   bigint := 0;
+    st       text;
+    msg      text;
+BEGIN
+    IF p.node_id IS NULL THEN
+        RAISE EXCEPTION 'peer "%" has no pinned node id', p.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The worker pins it with pg_sync.pin_peer() after authenticating the link.';
+    END IF;
+    IF NOT p.enabled OR p.direction = 'push' THEN
+        RAISE EXCEPTION 'peer "%" does not send to this node (%)', p.name,
+                        CASE WHEN p.enabled THEN 'direction ' || p.direction ELSE 'disabled' END
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable the peer or set its direction to ''pull'' or ''both'' with pg_sync.set_peer().';
+    END IF;
+    IF epoch IS NULL OR from_id IS NULL OR to_id IS NULL OR from_id < 0 OR to_id < from_id THEN
+        RAISE EXCEPTION 'invalid batch range (%, %]', coalesce(from_id::text, 'NULL'), coalesce(to_id::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A batch covers sync ids from_id+1 .. to_id of one epoch.';
+    END IF;
+    IF changes IS NULL OR jsonb_typeof(changes) <> 'array' THEN
+        RAISE EXCEPTION 'changes must be a JSON array'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the peer''s actions, each with its "sync_id".';
+    END IF;
+    INSERT INTO pg_sync.peer_cursors (peer_node_id) VALUES (p.node_id) ON CONFLICT DO NOTHING;
+    SELECT * INTO c FROM pg_sync.peer_cursors k WHERE k.peer_node_id = p.node_id FOR UPDATE;
+    IF c.peer_epoch IS NOT NULL AND c.peer_epoch <> epoch THEN
+        RAISE EXCEPTION 'peer "%" sends epoch "%", but this node applied its log of epoch "%"', p.name, epoch, c.peer_epoch
+            USING ERRCODE = 'PS002',
+                  HINT = 'The peer''s log was restored or replaced and its sync ids may repeat: re-bootstrap with pg_sync.resync_peer() (the worker does).';
+    END IF;
+    IF to_id <= c.last_sync_id THEN
+        RETURN jsonb_build_object('status', 'duplicate', 'cursor', c.last_sync_id);
+    END IF;
+    IF from_id > c.last_sync_id THEN
+        RAISE EXCEPTION 'gap in the log of peer "%": batch starts after sync id %, applied up to %', p.name, from_id, c.last_sync_id
+            USING ERRCODE = 'PS001', HINT = 'Re-subscribe from the cursor in pg_sync.peer_cursors (the worker does).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(changes) e
+                WHERE jsonb_typeof(e -> 'sync_id') IS DISTINCT FROM 'number'
+                   OR (e ->> 'sync_id')::numeric <= from_id OR (e ->> 'sync_id')::numeric > to_id) THEN
+        RAISE EXCEPTION 'every change of a batch needs its "sync_id" within (%, %]', from_id, to_id
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Send the rows of pg_sync.peer_changes() with their sync ids.';
+    END IF;
+    -- A partial overlap: only what is new (the rest was applied with the earlier batch). The
+    -- peer's models filter again here: the sender may not know of a change made since.
+    SELECT coalesce(jsonb_agg(e ORDER BY o), '[]') INTO todo
+      FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(e, o)
+     WHERE (e ->> 'sync_id')::bigint > c.last_sync_id
+       AND (p.models IS NULL OR (e ->> 'model') = ANY (p.models));
+    n := jsonb_array_length(todo);
+    IF n > 0 THEN
+        BEGIN
+            n_changed := pg_sync.apply_remote(todo);
+        EXCEPTION WHEN OTHERS THEN
+            n_changed := 0;
+            FOR item IN SELECT e FROM jsonb_array_elements(todo) e LOOP
+                BEGIN
+                    n_changed := n_changed + pg_sync.apply_remote(item);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+                    PERFORM pg_sync.quarantine_change(p.node_id, (item ->> 'sync_id')::bigint, item, st, msg);
+                    parked := parked + 1;
+                END;
+            END LOOP;
+            INSERT INTO pg_sync.peer_events (peer, event, detail)
+            VALUES (p.name, 'quarantined', jsonb_build_object('from_id', from_id, 'to_id', to_id, 'count', parked));
+        END;
+    END IF;
+    UPDATE pg_sync.peer_cursors k SET
+        peer_epoch = epoch, last_sync_id = to_id, state = 'applied',
+        applied = k.applied + n - parked, changed = k.changed + n_changed, updated_at = now()
+     WHERE k.peer_node_id = p.node_id;
+    RETURN jsonb_build_object('status', 'applied', 'cursor', to_id, 'applied', n - parked,
+                              'changed', n_changed, 'quarantined', parked);
+END
+$$;
+
+-- Re-applies a peer's parked changes in sync id order; those that now apply leave the
+-- quarantine, the others count an attempt. Returns how many remain.
+CREATE FUNCTION pg_sync.retry_quarantined(peer text) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p   pg_sync.peers := pg_sync.peer_or_raise(peer);
+    q   pg_sync.peer_quarantine;
+    st  text;
+    msg text;
+    ok  bigint := 0;
+BEGIN
+    FOR q IN SELECT * FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = p.node_id ORDER BY k.sync_id FOR UPDATE LOOP
+        BEGIN
+            PERFORM pg_sync.apply_remote(q.change);
+            DELETE FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = q.peer_node_id AND k.sync_id = q.sync_id;
+            ok := ok + 1;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            PERFORM pg_sync.quarantine_change(q.peer_node_id, q.sync_id, q.change, st, msg);
+        END;
+    END LOOP;
+    IF ok > 0 THEN
+        INSERT INTO pg_sync.peer_events (peer, event, detail) VALUES (p.name, 'unquarantined', jsonb_build_object('count', ok));
+    END IF;
+    RETURN (SELECT count(*) FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = p.node_id);
+END
+$$;
+
+-- The sender's log for a peer (by its pinned node id): pg_sync.changes() from sync id after+1
+-- to after+span, keeping actions of models federated with 'push' or 'both' that the peer
+-- accepts, and dropping an action only when every version in it was minted by the peer (never
+-- by origin alone: an action can carry versions from several nodes). The worker pages with
+-- after + span until pg_sync.last_sync_id(); a page with nothing for the peer still moves the
+-- peer's cursor to after + span.
+CREATE FUNCTION pg_sync.peer_changes(peer_node_id text, after bigint, span integer DEFAULT 1000)
+RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
+               version text, versions jsonb, origin text, group_id text, prev_group_id text,
+               moved boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers;
+BEGIN
+    SELECT * INTO p FROM pg_sync.peers q WHERE q.node_id = peer_changes.peer_node_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no peer is pinned to node id "%"', peer_node_id
+            USING ERRCODE = 'undefined_object', HINT = 'Add the peer with pg_sync.add_peer(); the worker pins its node id at the first link.';
+    END IF;
+    IF NOT p.enabled OR p.direction = 'pull' THEN
+        RAISE EXCEPTION 'this node does not send to peer "%" (%)', p.name,
+                        CASE WHEN p.enabled THEN 'direction ' || p.direction ELSE 'disabled' END
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable the peer or set its direction to ''push'' or ''both''.';
+    END IF;
+    RETURN QUERY
+    SELECT c.sync_id, c.id, c.model, c.model_id, c.action, c.data, c.version, c.versions, c.origin,
+           c.group_id, c.prev_group_id, c.moved
+      FROM pg_sync.changes(after, NULL, span) c
+      JOIN pg_sync.registry r ON r.model = c.model AND r.federation IN ('push', 'both')
+     WHERE (p.models IS NULL OR c.model = ANY (p.models))
+       AND NOT (substr(c.version, strpos(c.version, '@') + 1) = p.node_id
+                AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(coalesce(c.versions, '{}')) v
+                                 WHERE substr(v.value, strpos(v.value, '@') + 1) <> p.node_id))
+     ORDER BY c.sync_id;
+END
+$$;
+
+-- Administration and the worker's functions: not for PUBLIC. Kept for PUBLIC: warn_sequence_key
+-- (register_table, which table owners may be granted, calls it; it reads catalogs and warns).
+REVOKE ALL ON FUNCTION pg_sync.epoch() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.require_explicit_node_id() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.model_id_expr(pg_sync.registry) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.unannounced(text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.announce(text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.check_peer_models(text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.add_peer(text, text, text, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peer_or_raise(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.set_peer(text, boolean, text, text, text, text[], boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.remove_peer(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.pin_peer(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peers() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.clear_peer_events(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.quarantine_change(text, bigint, jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.retry_quarantined(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peer_changes(text, bigint, integer) FROM PUBLIC;
