@@ -522,6 +522,13 @@ BEGIN
 END
 $$;
 
+-- Errors that say nothing about the change: transaction rollback (deadlock, serialization),
+-- lock timeout, insufficient resources, operator intervention, system and internal errors.
+CREATE FUNCTION pg_sync.transient_sqlstate(st text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT left(st, 2) IN ('40', '53', '57', '58', 'XX') OR st = '55P03' $$;
+
 -- Parks (or re-parks) a change that failed to apply.
 CREATE FUNCTION pg_sync.quarantine_change(peer_node_id text, sync_id bigint, change jsonb, sqlstate text, message text)
 RETURNS void
@@ -605,12 +612,21 @@ BEGIN
         BEGIN
             n_changed := pg_sync.apply_remote(todo);
         EXCEPTION WHEN OTHERS THEN
+            -- Transient failures (deadlock, serialization, lock timeout, resources, shutdown)
+            -- are not the change's fault: the whole batch fails and the worker retries it.
+            GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE;
+            IF pg_sync.transient_sqlstate(st) THEN
+                RAISE;
+            END IF;
             n_changed := 0;
             FOR item IN SELECT e FROM jsonb_array_elements(todo) e LOOP
                 BEGIN
                     n_changed := n_changed + pg_sync.apply_remote(item);
                 EXCEPTION WHEN OTHERS THEN
                     GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+                    IF pg_sync.transient_sqlstate(st) THEN
+                        RAISE;
+                    END IF;
                     PERFORM pg_sync.quarantine_change(p.node_id, (item ->> 'sync_id')::bigint, item, st, msg);
                     parked := parked + 1;
                 END;
@@ -648,6 +664,9 @@ BEGIN
             ok := ok + 1;
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            IF pg_sync.transient_sqlstate(st) THEN
+                RAISE;
+            END IF;
             PERFORM pg_sync.quarantine_change(q.peer_node_id, q.sync_id, q.change, st, msg);
         END;
     END LOOP;
@@ -712,6 +731,7 @@ REVOKE ALL ON FUNCTION pg_sync.remove_peer(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.pin_peer(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.peers() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.clear_peer_events(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.transient_sqlstate(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.quarantine_change(text, bigint, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.retry_quarantined(text) FROM PUBLIC;
