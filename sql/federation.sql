@@ -713,7 +713,29 @@ BEGIN
                 AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(coalesce(c.versions, '{}')) v
                                  WHERE substr(v.value, strpos(v.value, '@') + 1) <> p.node_id))
      ORDER BY c.sync_id;
+    -- Checked after the read, in a snapshot at least as new as the read's: the horizon only
+    -- grows, so if it is not past the cursor now, nothing the read needed was compacted.
+    IF after < pg_sync.retention_horizon() THEN
+        RAISE EXCEPTION 'the log after sync id % is compacted (horizon %): peer "%" must resync', after, pg_sync.retention_horizon(), p.name
+            USING ERRCODE = 'PS003',
+                  HINT = 'The receiver re-bootstraps from a snapshot (resync_required); raise retention for lagging peers to avoid it.';
+    END IF;
 END
+$$;
+
+-- Where a batch that starts after `after` and covers at least `span` sync ids ends: at the end
+-- of the source transaction holding sync id after + span (never inside one), at most the last
+-- sequenced sync id. The worker pulls peer_changes(node, after, batch_end - after) and applies
+-- it as the batch (after, batch_end], so no source transaction is split.
+CREATE FUNCTION pg_sync.batch_end(after bigint, span integer DEFAULT 1000) RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT LEAST(pg_sync.last_sync_id(), coalesce(
+        (SELECT c.first_sync_id + c.action_count - 1 FROM pg_sync.commit_order c
+          WHERE c.first_sync_id <= after + GREATEST(span, 1)
+            AND c.first_sync_id + c.action_count - 1 >= after + GREATEST(span, 1)),
+        after + GREATEST(span, 1)))
 $$;
 
 -- Administration and the worker's functions: not for PUBLIC. Kept for PUBLIC: warn_sequence_key
@@ -736,3 +758,4 @@ REVOKE ALL ON FUNCTION pg_sync.quarantine_change(text, bigint, jsonb, text, text
 REVOKE ALL ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.retry_quarantined(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.peer_changes(text, bigint, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.batch_end(bigint, integer) FROM PUBLIC;

@@ -175,6 +175,20 @@ SELECT count(*) > 0 AS sequenced, (SELECT after FROM smark) IS NOT NULL AS marke
 SELECT model, model_id, action, origin FROM pg_sync.peer_changes('p3', (SELECT after FROM smark), 100);
 SELECT model, model_id, action, origin FROM pg_sync.peer_changes('p2', (SELECT after FROM smark), 100)
   WHERE model <> 'fed' OR model_id LIKE 's%';
+-- Batches end at source transaction boundaries: the insert of three rows in one statement is
+-- one transaction, a batch ending inside it is extended to its end.
+INSERT INTO fed_push VALUES ('t1', '1'), ('t2', '2'), ('t3', '3');
+INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+SELECT xid, pg_sync.last_sync_id() + 1, count(*), '0/0', now()
+  FROM pg_sync.sync_actions WHERE xid NOT IN (SELECT xid FROM pg_sync.commit_order) GROUP BY xid;
+SELECT pg_sync.batch_end(pg_sync.last_sync_id() - 3, 1) - (pg_sync.last_sync_id() - 3) AS extended_to,
+       pg_sync.batch_end(pg_sync.last_sync_id() - 4, 1) - (pg_sync.last_sync_id() - 4) AS one_tx,
+       pg_sync.batch_end(pg_sync.last_sync_id(), 100) = pg_sync.last_sync_id() AS capped;
+-- A cursor below the retention horizon: the peer must resync (its changes were compacted).
+SELECT pg_sync.compact((SELECT after FROM smark) + 1) > 0 AS compacted;
+SELECT regexp_replace(err($$SELECT * FROM pg_sync.peer_changes('p3', (SELECT after FROM smark), 10)$$),
+                      'id \d+ is compacted \(horizon \d+\)', 'id N is compacted (horizon N+1)') AS err;
+SELECT count(*) > 0 AS from_horizon_ok FROM pg_sync.peer_changes('p3', pg_sync.retention_horizon(), 100);
 SELECT err($$SELECT * FROM pg_sync.peer_changes('nobody', 0, 10)$$);
 SELECT pg_sync.set_peer('p3', direction => 'pull');
 SELECT err($$SELECT * FROM pg_sync.peer_changes('p3', 0, 10)$$);
