@@ -399,3 +399,4 @@ REVOKE ALL ON FUNCTION pg_sync.on_ddl_end() FROM PUBLIC;
 --   as the pg_sync_capture trigger of a registered table, refuse_truncate() only raises.
 -- * node_id, key_text, version_hlc, hlc_to_timestamptz: pure functions of their arguments and
 --   settings; tables(): the registry is readable by everyone.
+-- * warn_sequence_key (sql/federation.sql), which register_table calls: reads catalogs, warns.
