@@ -23,8 +23,7 @@ regress:
 	bash scripts/isolation.sh
 
 integration:
-	cargo test -p pg_sync_tests --test extension -- --test-threads=2
-	cargo test -p pg_sync_tests --test dump
+	cargo test -p pg_sync_tests -- --test-threads=2
 	cargo test -p sync_worker --lib --test e2e -- --test-threads=1
 	cargo test -p sync_worker --test browser
 
