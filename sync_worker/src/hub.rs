@@ -11,7 +11,7 @@ use axum::extract::ws::Utf8Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// What the hub hands a subscriber's connection.
 #[derive(Debug, Clone)]
@@ -56,6 +56,16 @@ pub struct Subscription {
     pub id: u64,
     pub rx: mpsc::Receiver<Outbound>,
     pub cutoff: Arc<Mutex<Option<Cutoff>>>,
+    /// Signalled when the hub drops this subscriber (revoked key, slow consumer), so a
+    /// connection that is not reading `rx` yet (not subscribed, or replaying) learns it too.
+    pub dropped: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Why the hub dropped this subscriber, if it did.
+    pub fn cut(&self) -> Option<Cutoff> {
+        self.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 struct Sub {
@@ -64,6 +74,7 @@ struct Sub {
     tx: mpsc::Sender<Outbound>,
     live: bool,
     cutoff: Arc<Mutex<Option<Cutoff>>>,
+    dropped: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -72,6 +83,29 @@ struct User {
     subs: HashSet<u64>,
     /// Changes seen while the user's groups load from the database, applied after it.
     pending: Option<Vec<(String, bool)>>,
+    /// `groups` holds what the database said (plus the changes since).
+    loaded: bool,
+}
+
+/// What a new subscriber must do about its user's groups before it replays.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Load {
+    /// They are known.
+    Ready,
+    /// This subscriber loads them (`set_groups`, or `load_failed`).
+    Must,
+    /// Another subscriber of the same user is loading them: wait (`wait_loaded`).
+    Wait,
+}
+
+/// What `go_live` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GoLive {
+    Live,
+    /// More was published since the replay's bound: page on.
+    Behind,
+    /// The hub dropped the subscriber meanwhile (revoked key).
+    Gone,
 }
 
 #[derive(Default)]
@@ -81,6 +115,9 @@ struct State {
     /// group -> users in it (only users with live subscriptions are tracked)
     groups: HashMap<String, HashSet<String>>,
     last_published: i64,
+    /// The watermark came from the database (the sequencer's first session); until then
+    /// cursors cannot be judged.
+    known: bool,
 }
 
 #[derive(Default)]
@@ -92,6 +129,8 @@ pub struct Metrics {
 
 pub struct Hub {
     state: Mutex<State>,
+    /// Wakes subscribers waiting for another subscriber's group load.
+    loads: Notify,
     next_id: AtomicU64,
     published: AtomicI64,
     queue: usize,
@@ -99,12 +138,22 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(queue: usize, last_sync_id: i64) -> Hub {
+    /// A hub whose watermark is unknown until the sequencer reports it (`catch_up`).
+    pub fn new(queue: usize) -> Hub {
+        let hub = Hub::with_watermark(queue, 0);
+        hub.lock().known = false;
+        hub
+    }
+
+    /// A hub whose watermark is known to be `last_sync_id`.
+    pub fn with_watermark(queue: usize, last_sync_id: i64) -> Hub {
         Hub {
             state: Mutex::new(State {
                 last_published: last_sync_id,
+                known: true,
                 ..State::default()
             }),
+            loads: Notify::new(),
             next_id: AtomicU64::new(1),
             published: AtomicI64::new(last_sync_id),
             queue,
@@ -121,16 +170,27 @@ impl Hub {
         self.published.load(Ordering::Acquire)
     }
 
-    /// Moves the watermark up to what the sequencer has persisted, but only while nobody is
-    /// subscribed (at start-up); returns false otherwise, and the caller must publish the gap.
-    pub fn catch_up_if_idle(&self, last_sync_id: i64) -> bool {
+    /// The published watermark, once it is known (`None` while the worker starts and the
+    /// database has not answered yet: no cursor can be judged then).
+    pub fn watermark(&self) -> Option<i64> {
+        let st = self.lock();
+        st.known.then_some(st.last_published)
+    }
+
+    /// Moves the watermark up to what the sequencer has persisted (at the start of a session).
+    /// Only live subscribers need the persisted-but-unpublished ids delivered: when there are
+    /// none (or the watermark was not known yet, so nobody can be live) the watermark just
+    /// moves, and a replay in progress pages on to it. Returns false when the caller must
+    /// publish the gap instead.
+    pub fn catch_up(&self, last_sync_id: i64) -> bool {
         let mut st = self.lock();
-        if last_sync_id <= st.last_published {
+        if st.known && last_sync_id <= st.last_published {
             return true;
         }
-        if !st.subs.is_empty() {
+        if st.known && st.subs.values().any(|s| s.live) {
             return false;
         }
+        st.known = true;
         st.last_published = last_sync_id;
         self.published.store(last_sync_id, Ordering::Release);
         true
@@ -141,18 +201,15 @@ impl Hub {
     }
 
     /// Registers a subscriber (not live yet), authenticated by `key` when it used an API key.
-    /// Returns whether the user's groups must be loaded.
-    pub fn register(&self, user: &str, key: Option<&str>) -> (Subscription, bool) {
+    /// Says what must happen about the user's groups before it replays.
+    pub fn register(&self, user: &str, key: Option<&str>) -> (Subscription, Load) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.queue);
         let cutoff = Arc::new(Mutex::new(None));
+        let dropped = Arc::new(Notify::new());
         let mut st = self.lock();
         let entry = st.users.entry(user.to_owned()).or_default();
-        let must_load = entry.subs.is_empty() && entry.pending.is_none();
-        if must_load {
-            entry.pending = Some(Vec::new());
-            entry.groups.clear();
-        }
+        let load = claim_load(entry);
         entry.subs.insert(id);
         st.subs.insert(
             id,
@@ -162,9 +219,51 @@ impl Hub {
                 tx,
                 live: false,
                 cutoff: cutoff.clone(),
+                dropped: dropped.clone(),
             },
         );
-        (Subscription { id, rx, cutoff }, must_load)
+        (
+            Subscription {
+                id,
+                rx,
+                cutoff,
+                dropped,
+            },
+            load,
+        )
+    }
+
+    /// Waits until another subscriber's load of `user`'s groups ends: `Ready` when it
+    /// succeeded, `Must` when it failed (this subscriber loads them now).
+    pub async fn wait_loaded(&self, user: &str) -> Load {
+        loop {
+            let notified = self.loads.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                let Some(entry) = st.users.get_mut(user) else {
+                    return Load::Must;
+                };
+                match claim_load(entry) {
+                    Load::Wait => {}
+                    other => return other,
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The load of `user`'s groups failed: another subscriber of the user may try again.
+    pub fn load_failed(&self, user: &str) {
+        let mut st = self.lock();
+        if let Some(entry) = st.users.get_mut(user) {
+            if !entry.loaded {
+                entry.pending = None;
+            }
+        }
+        drop(st);
+        self.loads.notify_waiters();
     }
 
     /// Installs the groups loaded from the database, then the changes seen meanwhile.
@@ -185,9 +284,17 @@ impl Hub {
             }
         }
         entry.groups = groups.clone();
+        entry.loaded = true;
         for g in groups {
             st.groups.entry(g).or_default().insert(user.to_owned());
         }
+        drop(st);
+        self.loads.notify_waiters();
+    }
+
+    /// Whether the hub still holds subscriber `id` (it drops revoked and slow ones).
+    pub fn is_registered(&self, id: u64) -> bool {
+        self.lock().subs.contains_key(&id)
     }
 
     /// The user's groups now (for replay filters).
@@ -200,17 +307,16 @@ impl Hub {
     }
 
     /// Makes the subscriber live if nothing was published after `through`.
-    pub fn go_live(&self, id: u64, through: i64) -> bool {
+    pub fn go_live(&self, id: u64, through: i64) -> GoLive {
         let mut st = self.lock();
-        if st.last_published != through {
-            return false;
-        }
+        let behind = st.last_published != through;
         match st.subs.get_mut(&id) {
+            None => GoLive::Gone,
+            Some(_) if behind => GoLive::Behind,
             Some(sub) => {
                 sub.live = true;
-                true
+                GoLive::Live
             }
-            None => false,
         }
     }
 
@@ -240,6 +346,7 @@ impl Hub {
                             code: close::REVOKED,
                             reason: "api key revoked".into(),
                         });
+                        sub.dropped.notify_one();
                     }
                     remove_sub(&mut st, id);
                 }
@@ -306,11 +413,25 @@ impl Hub {
                         });
                         self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
                     }
+                    sub.dropped.notify_one();
                 }
                 remove_sub(&mut st, id);
             }
         }
         self.published.store(st.last_published, Ordering::Release);
+    }
+}
+
+/// What a new subscriber of `user` must do about the groups (and claims the load for it).
+fn claim_load(user: &mut User) -> Load {
+    if user.loaded {
+        Load::Ready
+    } else if user.pending.is_some() {
+        Load::Wait
+    } else {
+        user.pending = Some(Vec::new());
+        user.groups.clear();
+        Load::Must
     }
 }
 
@@ -400,11 +521,11 @@ mod tests {
 
     #[test]
     fn delivers_by_group_and_membership_in_commit_order() {
-        let hub = Hub::new(16, 0);
+        let hub = Hub::with_watermark(16, 0);
         let (mut alice, load) = hub.register("alice", None);
-        assert!(load);
+        assert_eq!(load, Load::Must);
         hub.set_groups("alice", vec!["a".into()]);
-        assert!(hub.go_live(alice.id, 0));
+        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
         let join = MembershipChange {
             user_id: "alice".into(),
             group_id: "b".into(),
@@ -443,15 +564,16 @@ mod tests {
 
     #[test]
     fn go_live_refuses_after_a_publish_and_slow_consumers_are_cut() {
-        let hub = Hub::new(2, 10);
+        let hub = Hub::with_watermark(2, 10);
         let (sub, _) = hub.register("u", None);
         hub.set_groups("u", vec!["g".into()]);
         hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
-        assert!(
-            !hub.go_live(sub.id, 10),
+        assert_eq!(
+            hub.go_live(sub.id, 10),
+            GoLive::Behind,
             "a delta was published after the replay bound"
         );
-        assert!(hub.go_live(sub.id, 11));
+        assert_eq!(hub.go_live(sub.id, 11), GoLive::Live);
         hub.publish(&[txn(
             14,
             (12..=14).map(|i| delta(i, Some("g"), false)).collect(),
@@ -465,9 +587,9 @@ mod tests {
 
     #[test]
     fn changes_while_loading_apply_after_the_load() {
-        let hub = Hub::new(8, 0);
+        let hub = Hub::with_watermark(8, 0);
         let (_sub, load) = hub.register("u", None);
-        assert!(load);
+        assert_eq!(load, Load::Must);
         let m = |g: &str, joined| MembershipChange {
             user_id: "u".into(),
             group_id: g.into(),
@@ -478,5 +600,108 @@ mod tests {
         let mut g = hub.groups_of("u");
         g.sort();
         assert_eq!(g, ["x", "z"]);
+    }
+
+    #[test]
+    fn a_revoked_subscriber_is_gone_for_go_live_and_is_told_at_once() {
+        let hub = Hub::with_watermark(8, 5);
+        let (sub, _) = hub.register("u", Some("key-1"));
+        hub.set_groups("u", vec![]);
+        hub.publish(&[Published {
+            last_sync_id: 0,
+            revoked_keys: vec!["key-1".into()],
+            ..Published::default()
+        }]);
+        // The replay loop must stop here, not ask again forever.
+        assert_eq!(hub.go_live(sub.id, 5), GoLive::Gone);
+        assert!(!hub.is_registered(sub.id));
+        assert_eq!(sub.cut().map(|c| c.code), Some(close::REVOKED));
+        // The notification waits for the connection even if it was not listening yet.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), sub.dropped.notified())
+                .await
+                .expect("dropped is signalled");
+        });
+    }
+
+    #[test]
+    fn a_second_connection_waits_for_the_first_ones_group_load() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (_first, load) = hub.register("u", None);
+        assert_eq!(load, Load::Must);
+        let (_second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait, "the groups are not known yet");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.wait_loaded("u").await })
+            };
+            tokio::task::yield_now().await;
+            hub.set_groups("u", vec!["g".into()]);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Ready);
+        });
+        assert_eq!(hub.groups_of("u"), ["g"]);
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Ready);
+    }
+
+    #[test]
+    fn a_failed_group_load_hands_the_load_to_a_waiting_connection() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (first, _) = hub.register("u", None);
+        let (_second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.wait_loaded("u").await })
+            };
+            tokio::task::yield_now().await;
+            hub.load_failed("u");
+            hub.unregister(first.id);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Must, "the waiter loads them now");
+        });
+        // A newcomer waits for that load instead of starting blind.
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+    }
+
+    #[test]
+    fn the_watermark_is_unknown_until_the_sequencer_says_and_idle_sockets_do_not_force_a_republish(
+    ) {
+        let hub = Hub::new(8);
+        assert_eq!(hub.watermark(), None, "no cursor can be judged yet");
+        // A connected, not yet live socket does not make the log be published again.
+        let (sub, _) = hub.register("u", None);
+        hub.set_groups("u", vec![]);
+        assert!(hub.catch_up(1_000));
+        assert_eq!(hub.watermark(), Some(1_000));
+        assert_eq!(hub.published(), 1_000);
+        // Not live yet: the watermark still just moves (a replay pages on to it).
+        assert!(hub.catch_up(1_010));
+        assert_eq!(hub.go_live(sub.id, 1_010), GoLive::Live);
+        // A live subscriber must get the gap published.
+        assert!(!hub.catch_up(1_020));
+        assert_eq!(hub.published(), 1_010);
     }
 }

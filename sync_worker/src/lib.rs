@@ -27,13 +27,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let expect = auth::Expect {
+        audience: cfg.jwt_audience.clone(),
+        issuer: cfg.jwt_issuer.clone(),
+    };
     let verifier = match (&cfg.jwt_secret, &cfg.jwt_public_key_file) {
-        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes()),
-        (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?)?,
+        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes(), &expect),
+        (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?, &expect)?,
         (None, None) => anyhow::bail!("no JWT secret or public key configured"),
     };
     let cfg = Arc::new(cfg);
-    let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue, 0));
+    let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue));
     let status = Arc::new(replication::sequencer::Status::default());
     let replication = tokio::spawn(replication::sequencer::run(
         cfg.clone(),
@@ -50,6 +54,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         counters: Default::default(),
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
+        unknown_keys: Default::default(),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-const PAGE_SPAN: i64 = 5_000;
+const PAGE_SPAN: i32 = 5_000;
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
@@ -32,7 +32,16 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
             }
         },
     };
-    if after > app.hub.published() {
+    let Some(watermark) = app.hub.watermark() else {
+        // Right after a start the watermark is not known: a valid cursor must not be told
+        // to re-bootstrap.
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the worker is starting; retry",
+        ));
+    };
+    if after > watermark {
         return Err(Refusal::new(
             StatusCode::CONFLICT,
             "cursor_ahead",
@@ -93,8 +102,8 @@ pub async fn deltas(
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
-        let span = PAGE_SPAN.min(through - cursor);
-        let page = match sequencer::changes(&db, cursor, Some(&groups), span as i32).await {
+        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let page = match sequencer::changes(&db, cursor, Some(&groups), span).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "deltas read failed");
@@ -112,7 +121,7 @@ pub async fn deltas(
                 break 'pages;
             }
         }
-        cursor += span;
+        cursor += i64::from(span);
     }
     let body = format!(
         "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
@@ -126,7 +135,7 @@ pub async fn deltas(
 /// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
 pub async fn sse(
     State(app): State<Arc<App>>,
-    Identity { user, key }: Identity,
+    Identity { user, key, expires }: Identity,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -172,6 +181,20 @@ pub async fn sse(
                 let _ = tx.send(Event::default().data(frame.to_string())).await;
                 return;
             }
+            Err(ReplayError::Dropped) => {
+                let reason = sub.cut().map(|c| c.reason).unwrap_or_else(|| "dropped".into());
+                let frame = json!({"type": "error", "code": "closed", "message": reason});
+                let _ = tx.send(Event::default().data(frame.to_string())).await;
+                return;
+            }
+            Err(ReplayError::NotReady) => {
+                let _ = tx
+                    .send(Event::default().data(
+                        r#"{"type":"error","code":"unavailable","message":"the worker is starting; retry"}"#,
+                    ))
+                    .await;
+                return;
+            }
             Err(ReplayError::Db(e)) => {
                 tracing::warn!(error = %e, "sse replay failed");
                 let _ = tx
@@ -187,8 +210,26 @@ pub async fn sse(
             return;
         }
         let mut position = through;
+        // The stream ends when the token does; the client reconnects with a fresh one.
+        let expiry = async {
+            match expires {
+                Some(at) => {
+                    let left = at
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         loop {
             let event = tokio::select! {
+                _ = &mut expiry => {
+                    let frame = json!({"type": "error", "code": "token_expired", "message": format!("token expired; reconnect with a fresh token and resume after {position}")});
+                    let _ = tx.send(Event::default().data(frame.to_string())).await;
+                    return;
+                }
                 out = sub.rx.recv() => match out {
                     Some(Outbound::Delta { sync_id, frame }) => {
                         position = position.max(sync_id);

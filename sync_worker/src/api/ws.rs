@@ -28,7 +28,7 @@ const MAX_BAD_MESSAGES: u32 = 20;
 
 pub async fn upgrade(
     State(app): State<Arc<App>>,
-    Identity { user, key }: Identity,
+    Identity { user, key, expires }: Identity,
     ws: WebSocketUpgrade,
 ) -> Response {
     let max = app.cfg.max_message_bytes;
@@ -37,7 +37,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| session(app, user, key, socket))
+        .on_upgrade(move |socket| session(app, user, key, expires, socket))
 }
 
 #[derive(Deserialize)]
@@ -68,11 +68,51 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: String) {
         .await;
 }
 
-async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: WebSocket) {
+/// Closes with the code the hub dropped the subscriber for (4401 for a revoked key).
+async fn close_dropped(socket: &mut WebSocket, sub: &crate::hub::Subscription, position: i64) {
+    let (code, why) = sub
+        .cut()
+        .map(|c| (c.code, c.reason))
+        .unwrap_or((close::INTERNAL, "dropped".into()));
+    close_with(socket, code, format!("{why}; resume after {position}")).await;
+}
+
+/// Whether the API key this session authenticated with still exists (`None`: cannot tell).
+async fn key_valid(app: &App, key: &str) -> Option<bool> {
+    let db = app.db.get().await.ok()?;
+    db.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys WHERE id = $1::text::uuid)",
+        &[&key],
+    )
+    .await
+    .ok()
+    .map(|r| r.get(0))
+}
+
+async fn session(
+    app: Arc<App>,
+    user: String,
+    key: Option<String>,
+    expires: Option<std::time::SystemTime>,
+    mut socket: WebSocket,
+) {
     let Some((mut sub, _registration)) = stream::register(&app, &user, key.as_deref()).await else {
         close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
         return;
     };
+    // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
+    let expiry = async {
+        match expires {
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(left).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let mut shutdown = app.shutdown.clone();
     let mut subscribed = false;
     // The sync id this client can resume after.
@@ -110,7 +150,12 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                 Some(error_frame("bad_cursor", "after must be 0 or a sync id"))
                             }
                             Ok(ClientMessage::Subscribe { after }) => {
-                                if after > app.hub.published() {
+                                let Some(watermark) = app.hub.watermark() else {
+                                    let _ = socket.send(error_frame("unavailable", "the worker is starting; retry")).await;
+                                    close_with(&mut socket, close::INTERNAL, "not ready; retry".into()).await;
+                                    break;
+                                };
+                                if after > watermark {
                                     let _ = socket.send(error_frame("cursor_ahead", "after is beyond the last sync id; re-bootstrap")).await;
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
@@ -139,6 +184,15 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                         close_with(&mut socket, close::RESYNC, "resync required".into()).await;
                                         break;
                                     }
+                                    Err(ReplayError::Dropped) => {
+                                        close_dropped(&mut socket, &sub, after).await;
+                                        break;
+                                    }
+                                    Err(ReplayError::NotReady) => {
+                                        let _ = socket.send(error_frame("unavailable", "the worker is starting; retry")).await;
+                                        close_with(&mut socket, close::INTERNAL, "not ready; retry".into()).await;
+                                        break;
+                                    }
                                     Err(ReplayError::Db(e)) => {
                                         tracing::warn!(error = %e, "replay failed");
                                         close_with(&mut socket, close::INTERNAL, "replay failed; retry".into()).await;
@@ -148,6 +202,18 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                             }
                             Ok(ClientMessage::Ping) => Some(frame(json!({"type": "pong"}))),
                             Ok(ClientMessage::Mutate(request)) => {
+                                if !app.hub.is_registered(sub.id) {
+                                    // Dropped by the hub (revoked key): it may not write either.
+                                    close_dropped(&mut socket, &sub, position).await;
+                                    break;
+                                }
+                                if let Some(k) = key.as_deref() {
+                                    // Revoked, and the replication stream has not said so yet.
+                                    if key_valid(&app, k).await == Some(false) {
+                                        close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                        break;
+                                    }
+                                }
                                 Some(match super::mutate::apply(&app, &user, &request).await {
                                     Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
                                     Err(super::mutate::BatchError::Bad(why, field)) => frame(
@@ -221,6 +287,15 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                         break;
                     }
                 }
+            }
+            _ = sub.dropped.notified() => {
+                // Revoked (or cut off): close now, even before a subscribe or mid-idle.
+                close_dropped(&mut socket, &sub, position).await;
+                break;
+            }
+            _ = &mut expiry => {
+                close_with(&mut socket, close::TOKEN_EXPIRED, format!("token expired; reconnect with a fresh token and resume after {position}")).await;
+                break;
             }
             _ = ping.tick() => {
                 if last_pong.elapsed() > HEARTBEAT * 3 {

@@ -363,7 +363,7 @@ async fn session(
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
     let published = hub.published();
-    if !hub.catch_up_if_idle(last_sync_id) {
+    if !hub.catch_up(last_sync_id) {
         s.publish_from_db(published + 1, last_sync_id, vec![], vec![])
             .await?;
     }
@@ -721,7 +721,7 @@ impl Session<'_> {
     ) -> Result<(), SequencerError> {
         let mut after = first - 1;
         while after < last {
-            let span = LARGE_PAGE.min((last - after) as i32);
+            let span = page_span(after, last, LARGE_PAGE);
             let deltas = changes(&self.db, after, None, span).await?;
             after += span as i64;
             self.hub.publish(&[Published {
@@ -733,6 +733,12 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// How many sync ids the next page after `after` covers on the way to `last`: at most `max`,
+/// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
+pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
+    (last - after).clamp(0, i64::from(max)) as i32
 }
 
 fn membership(row: &Row, joined: bool) -> Option<MembershipChange> {
@@ -792,4 +798,20 @@ pub async fn changes(
             }))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_spans_never_wrap() {
+        assert_eq!(page_span(0, 10, 5_000), 10);
+        assert_eq!(page_span(10, 10, 5_000), 0);
+        assert_eq!(page_span(0, 1 << 40, 5_000), 5_000);
+        // (last - after) as i32 was negative here, and the paging loop never ended.
+        assert_eq!(page_span(0, 3_000_000_000, 5_000), 5_000);
+        assert_eq!(page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
+        assert_eq!(page_span(20, 10, 5_000), 0);
+    }
 }
