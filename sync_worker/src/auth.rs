@@ -94,7 +94,8 @@ impl Verifier {
             Ok(data) if !data.claims.sub.is_empty() && data.claims.sub.len() <= 256 => {
                 Ok(Verified {
                     user: data.claims.sub,
-                    expires: UNIX_EPOCH + Duration::from_secs(data.claims.exp.saturating_add(LEEWAY)),
+                    expires: UNIX_EPOCH
+                        + Duration::from_secs(data.claims.exp.saturating_add(LEEWAY)),
                 })
             }
             Ok(_) => Err(AuthError::Invalid),
@@ -201,7 +202,12 @@ mod tests {
             ..base
         };
         assert_eq!(plain.verify(&full(&early)), Err(AuthError::NotYetValid));
-        let ok = plain.verify(&full(&Full { nbf: Some(now() - 10), ..base })).unwrap();
+        let ok = plain
+            .verify(&full(&Full {
+                nbf: Some(now() - 10),
+                ..base
+            }))
+            .unwrap();
         assert_eq!(ok.user, "alice");
         let exp = ok.expires.duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert!(exp >= now() + 60 && exp <= now() + 60 + LEEWAY + 1, "{exp}");
@@ -222,8 +228,14 @@ mod tests {
         for bad in [
             Full { aud: None, ..good },
             Full { iss: None, ..good },
-            Full { aud: Some("other"), ..good },
-            Full { iss: Some("https://evil.example"), ..good },
+            Full {
+                aud: Some("other"),
+                ..good
+            },
+            Full {
+                iss: Some("https://evil.example"),
+                ..good
+            },
         ] {
             assert_eq!(pinned.verify(&full(&bad)), Err(AuthError::Invalid));
         }
@@ -267,11 +279,13 @@ mod tests {
     fn accepts_valid_refuses_forged_expired_and_garbage() {
         let v = Verifier::hs256(b"secret", &Expect::default());
         assert_eq!(
-            v.verify(&token(b"secret", "alice", now() + 60)).map(|v| v.user),
+            v.verify(&token(b"secret", "alice", now() + 60))
+                .map(|v| v.user),
             Ok("alice".into())
         );
         assert_eq!(
-            v.verify(&token(b"other", "alice", now() + 60)).map(|v| v.user),
+            v.verify(&token(b"other", "alice", now() + 60))
+                .map(|v| v.user),
             Err(AuthError::Invalid)
         );
         assert_eq!(

@@ -227,7 +227,9 @@ mod tests {
                 ("SYNC_SUBSCRIBER_QUEUE".into(), "64".into()),
             ]
         );
-        let err = file_settings("subscriber_queu = 64\n").unwrap_err().to_string();
+        let err = file_settings("subscriber_queu = 64\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("subscriber_queu"), "{err}");
         assert!(file_settings("config = \"other.toml\"\n").is_err());
         assert!(file_settings("listen = [1]\n").is_err());

@@ -64,7 +64,10 @@ pub struct Subscription {
 impl Subscription {
     /// Why the hub dropped this subscriber, if it did.
     pub fn cut(&self) -> Option<Cutoff> {
-        self.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cutoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -687,8 +690,8 @@ mod tests {
     }
 
     #[test]
-    fn the_watermark_is_unknown_until_the_sequencer_says_and_idle_sockets_do_not_force_a_republish(
-    ) {
+    fn the_watermark_is_unknown_until_the_sequencer_says_and_idle_sockets_do_not_force_a_republish()
+    {
         let hub = Hub::new(8);
         assert_eq!(hub.watermark(), None, "no cursor can be judged yet");
         // A connected, not yet live socket does not make the log be published again.

@@ -2348,3 +2348,179 @@ async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     }
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// Opens `/sync/ws` with an API key.
+async fn connect_key(port: u16, key: &str) -> Ws {
+    let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("api key accepted")
+        .0
+}
+
+/// How long `/healthz` takes to answer (a generous cap when it does not).
+async fn healthz_latency(port: u16) -> Duration {
+    let t = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(3), http_get(port, "/healthz")).await {
+        Ok(Ok(_)) => t.elapsed(),
+        _ => Duration::from_secs(3),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
+    let (cluster, mut db) = app_cluster("ws_revoked_spin");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let key = |db: &mut postgres_client::Client| -> (String, String) {
+        tokio::task::block_in_place(|| {
+            let r = db
+                .query_one(
+                    "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        })
+    };
+    // One connection subscribes only after its key was revoked.
+    let (id, k) = key(&mut db);
+    let mut ws = connect_key(port, &k).await;
+    exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = ws
+        .send(Message::Text(
+            json!({"type": "subscribe", "after": 0}).to_string().into(),
+        ))
+        .await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        slowest = slowest.max(healthz_latency(port).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?} with a revoked session around"
+    );
+    assert_eq!(close_frame(&mut ws).await.map(|(c, _)| c), Some(4401));
+
+    // Another writes right after its key was revoked: refused, and nothing is written.
+    let (id, k) = key(&mut db);
+    let mut ws = connect_key(port, &k).await;
+    exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    let mutate = json!({"type": "mutate", "clientId": "c1", "transactions": [{
+        "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000001",
+        "ops": [{"model": "todos", "id": 50, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
+    let _ = ws.send(Message::Text(mutate.to_string().into())).await;
+    let mut replies = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(4401), "replies: {replies:?}");
+    let written: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT count(*) FROM todos WHERE id = 50", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(written, 0, "a revoked key wrote: {replies:?}");
+    assert!(healthz_latency(port).await < Duration::from_millis(500));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_model_re_registered_with_a_group_column_stops_reaching_everyone() {
+    let (cluster, mut db) = app_cluster("ws_reregister");
+    exec(
+        &mut db,
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, team text);
+         SELECT pg_sync.register_table('notes');",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let mut bob = connect(worker.port, "bob").await;
+    subscribe(&mut bob, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO notes VALUES (1, 'for everyone', NULL)",
+    );
+    let got = collect(&mut bob, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["notes:I:1"], "global while it is global");
+    exec(
+        &mut db,
+        "SELECT pg_sync.register_table('notes', group_column => 'team')",
+    );
+    exec(&mut db, "INSERT INTO notes VALUES (2, 'secret', 'p1')");
+    exec(&mut db, "INSERT INTO notes VALUES (3, 'for bob', 'p2')");
+    let got = collect(&mut bob, |g| g.iter().any(|f| f["modelId"] == "3")).await;
+    assert_eq!(summary(&got), ["notes:I:3"], "p1's row leaked to bob");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_committed_while_the_worker_is_down_are_sequenced_in_commit_order() {
+    let (cluster, mut db) = app_cluster("ws_down_order");
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'y0', 'p1')");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut alice = connect(port, "alice").await;
+    let (before, _) = subscribe(&mut alice, 0).await;
+    assert_eq!(summary(&before), ["todos:I:1"]);
+    drop(alice);
+    assert_eq!(worker.terminate(), Some(0));
+    // T_b starts first (its first action has the smaller id) but commits last.
+    let mut b = tokio::task::block_in_place(|| cluster.connect("app"));
+    exec(&mut b, "BEGIN; INSERT INTO todos VALUES (2, 'x', 'p1');");
+    exec(&mut db, "UPDATE todos SET title = 'a' WHERE id = 1");
+    exec(&mut b, "UPDATE todos SET title = 'b' WHERE id = 1; COMMIT;");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    let frames = subscribe_settled(&mut alice, 0).await;
+    let titles: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["modelId"] == "1")
+        .filter_map(|f| f["data"]["title"].as_str())
+        .collect();
+    assert_eq!(titles, ["y0", "a", "b"], "{frames:?}");
+    let ids: Vec<i64> = frames
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4], "T_a (1 action) before T_b (2 actions)");
+    assert_eq!(frames[1]["modelId"], "1");
+    tokio::task::block_in_place(|| drop((db, b)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_panic_is_survived_not_hidden() {
+    let (cluster, mut db) = app_cluster("ws_panic");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "panic_in_flush")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'after the panic', 'p1')",
+    );
+    // The panicking session is replaced; the row still arrives, once.
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["todos:I:1"]);
+    let (_, metrics) = http_get(worker.port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("pg_sync_sequencer_panics_total 1"),
+        "{metrics}"
+    );
+    worker.wait_healthy().await;
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -182,7 +182,10 @@ pub async fn sse(
                 return;
             }
             Err(ReplayError::Dropped) => {
-                let reason = sub.cut().map(|c| c.reason).unwrap_or_else(|| "dropped".into());
+                let reason = sub
+                    .cut()
+                    .map(|c| c.reason)
+                    .unwrap_or_else(|| "dropped".into());
                 let frame = json!({"type": "error", "code": "closed", "message": reason});
                 let _ = tx.send(Event::default().data(frame.to_string())).await;
                 return;

@@ -321,6 +321,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE pg_sync_replication_lag_seconds gauge\npg_sync_replication_lag_seconds {lag_s}\n\
          # TYPE pg_sync_slot_ok gauge\npg_sync_slot_ok {}\n\
          # TYPE pg_sync_reconnects_total counter\npg_sync_reconnects_total {}\n\
+         # TYPE pg_sync_sequencer_panics_total counter\npg_sync_sequencer_panics_total {}\n\
          # TYPE pg_sync_last_sync_id gauge\npg_sync_last_sync_id {}\n\
          # TYPE pg_sync_sequenced_actions_total counter\npg_sync_sequenced_actions_total {}\n\
          # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
@@ -337,6 +338,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         server.saturating_sub(acked),
         slot_ok as u8,
         s.reconnects.load(Ordering::Relaxed),
+        s.panics.load(Ordering::Relaxed),
         app.hub.published(),
         s.sequenced_actions.load(Ordering::Relaxed),
         m.deltas_published.load(Ordering::Relaxed),

@@ -11,6 +11,7 @@ use super::pgoutput::{Decoder, Message, Row};
 use crate::config::Config;
 use crate::delta::Delta;
 use crate::hub::{Hub, MembershipChange, Published};
+use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct Status {
     pub last_commit_unix_ms: AtomicI64,
     pub sequenced_actions: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Replication sessions that panicked (each was restarted).
+    pub panics: AtomicU64,
     pub slot_problem: Mutex<Option<String>>,
 }
 
@@ -95,34 +98,47 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
     {
         return Err(SequencerError::NoExtension);
     }
-    if db
+    // The registry is published too: a re-registration (an UPDATE) changes which models are
+    // global, and live fan-out must follow it in commit order.
+    let publication = crate::db::quote_ident(&cfg.publication);
+    match db
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT pubupdate FROM pg_publication WHERE pubname = $1",
             &[&cfg.publication],
         )
         .await?
-        .is_none()
     {
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys \
-             WITH (publish = 'insert, delete')",
-            crate::db::quote_ident(&cfg.publication)
-        );
-        db.batch_execute(&sql).await?;
-        tracing::info!(publication = %cfg.publication, "created publication");
-    } else if db
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = 'api_keys'",
-            &[&cfg.publication],
-        )
-        .await?
-        .is_none()
-    {
-        let sql = format!(
-            "ALTER PUBLICATION {} ADD TABLE pg_sync.api_keys",
-            crate::db::quote_ident(&cfg.publication)
-        );
-        db.batch_execute(&sql).await?;
+        None => {
+            let sql = format!(
+                "CREATE PUBLICATION {publication} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+                 pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete')"
+            );
+            db.batch_execute(&sql).await?;
+            tracing::info!(publication = %cfg.publication, "created publication");
+        }
+        Some(row) => {
+            for table in ["api_keys", "registry"] {
+                let listed = db
+                    .query_opt(
+                        "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = $2",
+                        &[&cfg.publication, &table],
+                    )
+                    .await?
+                    .is_some();
+                if !listed {
+                    db.batch_execute(&format!(
+                        "ALTER PUBLICATION {publication} ADD TABLE pg_sync.{table}"
+                    ))
+                    .await?;
+                }
+            }
+            if !row.get::<_, bool>(0) {
+                db.batch_execute(&format!(
+                    "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete')"
+                ))
+                .await?;
+            }
+        }
     }
     match db
         .query_opt(
@@ -256,6 +272,9 @@ struct OpenTxn {
     xid: Option<String>,
     memberships: Vec<MembershipChange>,
     revoked_keys: Vec<String>,
+    /// Registry changes, in order: (model, whether it is now global); `None` when the stream
+    /// did not say (a deleted registration): the registry is read again.
+    registry: Vec<Option<(String, bool)>>,
 }
 
 /// A committed transaction waiting to be sequenced.
@@ -310,13 +329,28 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
-        let result = session(&cfg, &hub, &status, &mut shutdown).await;
+        // A panic in a session must not leave the worker looking healthy with nobody
+        // sequencing: it ends the session like an error does (health says not streaming), and
+        // the next session starts from what is persisted.
+        let result = std::panic::AssertUnwindSafe(session(&cfg, &hub, &status, &mut shutdown))
+            .catch_unwind()
+            .await;
         status.streaming.store(false, Ordering::Release);
         match result {
-            Ok(()) => return,
-            Err(e) => {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
+            }
+            Err(panic) => {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                status.panics.fetch_add(1, Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "replication session panicked; reconnecting");
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -409,6 +443,7 @@ async fn session(
                     xid: None,
                     memberships: vec![],
                     revoked_keys: vec![],
+                    registry: vec![],
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -474,23 +509,67 @@ async fn session(
 
 impl Session<'_> {
     /// Sequences committed actions that the slot will never stream: those written before the
-    /// slot existed, or committed while no slot held them. Every committed, unsequenced
-    /// transaction is taken at once (ordered by its first action), so none can later receive a
-    /// smaller id; one that is also streamed afterwards is recognised by its xid and skipped.
+    /// slot existed (or while no slot held them). Transactions committed while the worker was
+    /// down are not among them: the slot streams those, in commit order, and only the stream
+    /// knows that order, so they are left to it. Which unsequenced transactions the slot will
+    /// stream is read by peeking at the slot (not consuming it) in the snapshot the backlog is
+    /// taken from; the rest go first, ordered by their first action (before the slot existed
+    /// there is no commit order to read). One that is streamed anyway is recognised by its xid
+    /// and skipped.
     async fn sequence_backlog(&mut self) -> Result<(), SequencerError> {
-        let first = self.next_sync_id;
-        let n = self
+        let any: bool = self
             .db
-            .execute(
-                "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                 SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
-                   FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
-                           FROM pg_sync.sync_actions a
-                          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
-                          GROUP BY a.xid) s",
-                &[&first],
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_sync.sync_actions a
+                                 WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid))",
+                &[],
             )
+            .await?
+            .get(0);
+        if !any {
+            return Ok(());
+        }
+        let first = self.next_sync_id;
+        // One snapshot for both: every transaction it sees committed before the peek's end.
+        self.db
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
+        let result = async {
+            let streamed: Vec<i64> = self
+                .db
+                .query_one(
+                    "SELECT coalesce(array_agg(DISTINCT p.xid::text::bigint), '{}')
+                       FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL,
+                            'proto_version', '1', 'publication_names', $2::text) p",
+                    &[&self.cfg.slot, &crate::db::quote_ident(&self.cfg.publication)],
+                )
+                .await?
+                .get(0);
+            // The stream names 32-bit xids; the log keeps xid8 (epoch and xid).
+            self.db
+                .execute(
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
+                       FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
+                               FROM pg_sync.sync_actions a
+                              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
+                              GROUP BY a.xid) s
+                      WHERE (s.xid::text::bigint % 4294967296) <> ALL ($2::bigint[])",
+                    &[&first, &streamed],
+                )
+                .await
+        }
+        .await;
+        let n = match result {
+            Ok(n) => {
+                self.db.batch_execute("COMMIT").await?;
+                n
+            }
+            Err(e) => {
+                let _ = self.db.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
         if n == 0 {
             return Ok(());
         }
@@ -538,13 +617,20 @@ impl Session<'_> {
                         }
                     }
                     "group_memberships" => txn.memberships.extend(membership(&row, true)),
+                    "registry" => txn.registry.push(registration(&row)),
                     _ => {}
                 }
+            }
+            Message::Update { relation, row }
+                if relation.namespace == "pg_sync" && relation.name == "registry" =>
+            {
+                txn.registry.push(registration(&row));
             }
             Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
                 match relation.name.as_str() {
                     "group_memberships" => txn.memberships.extend(membership(&key, false)),
                     "api_keys" => txn.revoked_keys.extend(key.get("id").cloned().flatten()),
+                    "registry" => txn.registry.push(None),
                     _ => {}
                 }
             }
@@ -564,6 +650,9 @@ impl Session<'_> {
         self.pending_since = None;
         if self.pending.is_empty() {
             return Ok(());
+        }
+        if crate::failpoint::fire("panic_in_flush") {
+            panic!("failpoint panic_in_flush");
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
@@ -628,6 +717,15 @@ impl Session<'_> {
         // Persisted: now clients may see these ids.
         let mut batch = vec![];
         for (first, txn) in &assigned {
+            // Which models are global changes with the registry, in commit order.
+            for change in &txn.registry {
+                match change {
+                    Some((model, global)) => {
+                        self.globals.insert(model.clone(), *global);
+                    }
+                    None => self.load_globals().await?,
+                }
+            }
             if *first == 0 {
                 batch.push(Published {
                     last_sync_id: 0,
@@ -739,6 +837,14 @@ impl Session<'_> {
 /// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
 pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
     (last - after).clamp(0, i64::from(max)) as i32
+}
+
+/// A registry row as streamed: its model and whether it is global (no group column). `None`
+/// when the group column is not in the row (unchanged TOAST, never for a short name).
+fn registration(row: &Row) -> Option<(String, bool)> {
+    let model = row.get("model").cloned().flatten()?;
+    let group_column = row.get("group_column")?;
+    Some((model, group_column.is_none()))
 }
 
 fn membership(row: &Row, joined: bool) -> Option<MembershipChange> {
