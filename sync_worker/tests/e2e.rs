@@ -2524,3 +2524,101 @@ async fn a_sequencer_panic_is_survived_not_hidden() {
     worker.wait_healthy().await;
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let (cluster, db) = app_cluster("ws_token_exp");
+    let worker = Worker::started(&cluster, "app").await;
+    // Expires in 2 s (plus the 5 s leeway).
+    let mut req = format!("ws://127.0.0.1:{}/sync/ws", worker.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("alice", 2, SECRET))
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (_, through) = subscribe(&mut ws, 0).await;
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some((u16::from(f.code), f.reason.to_string()))
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    let (code, reason) = closed.expect("closed when the token expired");
+    assert_eq!(code, 4402, "{reason}");
+    assert!(
+        reason.contains(&format!("resume after {through}")),
+        "{reason}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // A token that is not valid yet is refused at the handshake.
+    let nbf = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let early = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": nbf + 600, "nbf": nbf}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = http_get_with(
+        worker.port,
+        "/sync/deltas?after=0",
+        &[("Authorization", format!("Bearer {early}"))],
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_equals_form_works_and_unknown_keys_are_errors() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_config_eq", &[]));
+    let db = setup(&cluster, "app");
+    let port = free_port();
+    let path = cluster.dir.join("worker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"{}\"\nlisten = \"127.0.0.1:{port}\"\njwt_secret = \"{SECRET}\"\n",
+            cluster.url("app")
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg(format!("--config={}", path.display()))
+        .env_remove("DATABASE_URL")
+        .env_remove("SYNC_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let worker = Worker { child, port };
+    worker.wait_healthy().await;
+    drop(worker);
+    let bad = cluster.dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nsubscriber_queu = 64\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg(format!("--config={}", bad.display()))
+        .env("SYNC_JWT_SECRET", SECRET)
+        .env("DATABASE_URL", cluster.url("app"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subscriber_queu"), "{err}");
+    tokio::task::block_in_place(|| drop(db));
+}
