@@ -120,20 +120,13 @@ pub fn is_api_key_shaped(token: &str) -> bool {
 
 /// API keys the database said it does not know, remembered for a while so that repeating a
 /// bad key costs no query. Bounded: when full, expired entries go, then everything.
+#[derive(Default)]
 pub struct UnknownKeys {
     seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 const UNKNOWN_KEYS_MAX: usize = 10_000;
 const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(60);
-
-impl Default for UnknownKeys {
-    fn default() -> Self {
-        UnknownKeys {
-            seen: Default::default(),
-        }
-    }
-}
 
 impl UnknownKeys {
     pub fn contains(&self, key: &str) -> bool {
