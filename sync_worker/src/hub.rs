@@ -295,6 +295,46 @@ impl Hub {
         self.loads.notify_waiters();
     }
 
+    /// The users whose groups the hub tracks (they have subscribers).
+    pub fn users(&self) -> Vec<String> {
+        self.lock().users.keys().cloned().collect()
+    }
+
+    /// Brings the tracked users' groups to what the database says now (`fresh`: user ->
+    /// groups; a tracked user missing from it is in none), as membership changes, so live
+    /// connections hear of them. For deltas published without their transactions' membership
+    /// changes (a session's start): a user removed from a group must not get its rows.
+    pub fn refresh_groups(&self, fresh: &HashMap<String, Vec<String>>) {
+        let mut st = self.lock();
+        let users: Vec<String> = st.users.keys().cloned().collect();
+        for user in users {
+            let now: HashSet<&String> = fresh.get(&user).into_iter().flatten().collect();
+            let Some(entry) = st.users.get(&user) else {
+                continue;
+            };
+            let mut changes: Vec<MembershipChange> = entry
+                .groups
+                .iter()
+                .filter(|g| !now.contains(g))
+                .map(|g| MembershipChange {
+                    user_id: user.clone(),
+                    group_id: g.clone(),
+                    joined: false,
+                })
+                .collect();
+            changes.extend(now.iter().filter(|g| !entry.groups.contains(**g)).map(|g| {
+                MembershipChange {
+                    user_id: user.clone(),
+                    group_id: (*g).clone(),
+                    joined: true,
+                }
+            }));
+            for m in &changes {
+                apply_membership(&mut st, m);
+            }
+        }
+    }
+
     /// Whether the hub still holds subscriber `id` (it drops revoked and slow ones).
     pub fn is_registered(&self, id: u64) -> bool {
         self.lock().subs.contains_key(&id)
@@ -706,5 +746,38 @@ mod tests {
         // A live subscriber must get the gap published.
         assert!(!hub.catch_up(1_020));
         assert_eq!(hub.published(), 1_010);
+    }
+
+    #[test]
+    fn refreshed_groups_remove_and_add_before_a_republish() {
+        let hub = Hub::with_watermark(16, 0);
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into(), "b".into()]);
+        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
+        let fresh: HashMap<String, Vec<String>> =
+            [("alice".to_string(), vec!["b".to_string(), "c".to_string()])].into();
+        hub.refresh_groups(&fresh);
+        hub.publish(&[txn(
+            3,
+            vec![
+                delta(1, Some("a"), false),
+                delta(2, Some("b"), false),
+                delta(3, Some("c"), false),
+            ],
+            vec![],
+        )]);
+        let mut got = vec![];
+        while let Ok(o) = alice.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        assert_eq!(got, ["-a", "+c", "d2", "d3"]);
+        // Nobody in the database: no groups at all.
+        hub.refresh_groups(&HashMap::new());
+        assert!(hub.groups_of("alice").is_empty());
     }
 }

@@ -2622,3 +2622,36 @@ async fn config_equals_form_works_and_unknown_keys_are_errors() {
     assert!(err.contains("subscriber_queu"), "{err}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_in_a_republished_gap_gets_none_of_its_rows() {
+    let (cluster, mut db) = app_cluster("ws_gap_members");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    // One transaction removes alice from p1 and writes p1's row; its sync id is persisted,
+    // then the session fails before publishing it (with its membership change).
+    exec(
+        &mut db,
+        "BEGIN; SELECT pg_sync.remove_member('alice', 'p1');
+         INSERT INTO todos VALUES (1, 'not for alice', 'p1'); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    exec(&mut db, "SELECT pg_sync.add_member('alice', 'p3')");
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'for alice', 'p3')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    let deltas: Vec<Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .cloned()
+        .collect();
+    assert_eq!(summary(&deltas), ["todos:I:2"], "{frames:?}");
+    tokio::task::block_in_place(|| drop(db));
+}

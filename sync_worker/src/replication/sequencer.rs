@@ -398,6 +398,9 @@ async fn session(
     // live subscribers now, before anything newer.
     let published = hub.published();
     if !hub.catch_up(last_sync_id) {
+        // Those transactions' membership changes were lost with the session that persisted
+        // them: the database's memberships now go first, so a removed user gets none of it.
+        s.refresh_memberships().await?;
         s.publish_from_db(published + 1, last_sync_id, vec![], vec![])
             .await?;
     }
@@ -579,8 +582,30 @@ impl Session<'_> {
             .await?
             .get(0);
         tracing::info!(transactions = n, first, last, "sequenced backlog");
+        // The backlog's membership changes never stream: take the database's.
+        self.refresh_memberships().await?;
         self.publish_from_db(first, last, vec![], vec![]).await?;
         self.next_sync_id = last + 1;
+        Ok(())
+    }
+
+    /// Gives the hub the current groups of every user it tracks.
+    async fn refresh_memberships(&self) -> Result<(), SequencerError> {
+        let users = self.hub.users();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .db
+            .query(
+                "SELECT user_id, array_agg(group_id) FROM pg_sync.group_memberships
+                  WHERE user_id = ANY ($1) GROUP BY user_id",
+                &[&users],
+            )
+            .await?;
+        let fresh: HashMap<String, Vec<String>> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        self.hub.refresh_groups(&fresh);
         Ok(())
     }
 
