@@ -56,9 +56,12 @@ pub struct Subscription {
     pub id: u64,
     pub rx: mpsc::Receiver<Outbound>,
     pub cutoff: Arc<Mutex<Option<Cutoff>>>,
-    /// Signalled when the hub drops this subscriber (revoked key, slow consumer), so a
-    /// connection that is not reading `rx` yet (not subscribed, or replaying) learns it too.
+    /// Signalled when the hub drops this subscriber (revoked key), so a connection that is not
+    /// reading `rx` yet (not subscribed, or replaying) learns it too.
     pub dropped: Arc<Notify>,
+    /// Signalled when the subscriber's queue filled: it is no longer live; it sends what is
+    /// queued, replays from the log after the last sync id it sent, and goes live again.
+    pub lagged: Arc<Notify>,
 }
 
 impl Subscription {
@@ -78,6 +81,7 @@ struct Sub {
     live: bool,
     cutoff: Arc<Mutex<Option<Cutoff>>>,
     dropped: Arc<Notify>,
+    lagged: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -127,7 +131,10 @@ struct State {
 pub struct Metrics {
     pub deltas_published: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Connections cut off for not reading (their socket writes timed out).
     pub slow_cutoffs: AtomicU64,
+    /// Live subscribers that fell behind and went back to paging from the log.
+    pub fallbacks: AtomicU64,
 }
 
 pub struct Hub {
@@ -210,6 +217,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.queue);
         let cutoff = Arc::new(Mutex::new(None));
         let dropped = Arc::new(Notify::new());
+        let lagged = Arc::new(Notify::new());
         let mut st = self.lock();
         let entry = st.users.entry(user.to_owned()).or_default();
         let load = claim_load(entry);
@@ -223,6 +231,7 @@ impl Hub {
                 live: false,
                 cutoff: cutoff.clone(),
                 dropped: dropped.clone(),
+                lagged: lagged.clone(),
             },
         );
         (
@@ -231,6 +240,7 @@ impl Hub {
                 rx,
                 cutoff,
                 dropped,
+                lagged,
             },
             load,
         )
@@ -371,7 +381,7 @@ impl Hub {
     /// Delivers sequenced transactions, in order, to live subscribers.
     pub fn publish(&self, batch: &[Published]) {
         let mut st = self.lock();
-        let mut slow: Vec<u64> = vec![];
+        let mut gone: Vec<u64> = vec![];
         for txn in batch {
             for m in &txn.memberships {
                 apply_membership(&mut st, m);
@@ -438,26 +448,24 @@ impl Hub {
                         Ok(()) => {
                             self.metrics.deliveries.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
-                        Err(mpsc::error::TrySendError::Closed(_)) => slow.push(id),
+                        // Behind (a large transaction, a slow reader): it leaves live delivery
+                        // at once, so it gets nothing out of order, drains its queue, pages the
+                        // rest from the log and goes live again by itself (`lagged`).
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            if let Some(sub) = st.subs.get_mut(&id) {
+                                sub.live = false;
+                                sub.lagged.notify_one();
+                            }
+                            self.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => gone.push(id),
                     }
                 }
             }
             if txn.last_sync_id > st.last_published {
                 st.last_published = txn.last_sync_id;
             }
-            for id in slow.drain(..) {
-                if let Some(sub) = st.subs.get(&id) {
-                    let mut c = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner());
-                    if c.is_none() {
-                        *c = Some(Cutoff {
-                            code: close::SLOW_CONSUMER,
-                            reason: "slow consumer".into(),
-                        });
-                        self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    sub.dropped.notify_one();
-                }
+            for id in gone.drain(..) {
                 remove_sub(&mut st, id);
             }
         }
@@ -606,9 +614,9 @@ mod tests {
     }
 
     #[test]
-    fn go_live_refuses_after_a_publish_and_slow_consumers_are_cut() {
+    fn go_live_refuses_after_a_publish_and_a_full_queue_falls_back_to_paging() {
         let hub = Hub::with_watermark(2, 10);
-        let (sub, _) = hub.register("u", None);
+        let (mut sub, _) = hub.register("u", None);
         hub.set_groups("u", vec!["g".into()]);
         hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
         assert_eq!(
@@ -617,15 +625,40 @@ mod tests {
             "a delta was published after the replay bound"
         );
         assert_eq!(hub.go_live(sub.id, 11), GoLive::Live);
+        // Three deltas into a queue of two: the third does not fit.
         hub.publish(&[txn(
             14,
             (12..=14).map(|i| delta(i, Some("g"), false)).collect(),
             vec![],
         )]);
-        let cut = sub.cutoff.lock().unwrap().clone().expect("cut off");
-        assert_eq!(cut.code, 4008);
-        assert_eq!(hub.subscriber_count(), 0);
-        assert_eq!(hub.metrics.slow_cutoffs.load(Ordering::Relaxed), 1);
+        assert!(sub.cut().is_none(), "not cut off");
+        assert!(hub.is_registered(sub.id));
+        assert_eq!(hub.metrics.fallbacks.load(Ordering::Relaxed), 1);
+        // Nothing more is queued once it is behind, even when the queue has room again.
+        let first = sub.rx.try_recv().unwrap();
+        assert!(matches!(first, Outbound::Delta { sync_id: 12, .. }));
+        hub.publish(&[txn(15, vec![delta(15, Some("g"), false)], vec![])]);
+        let mut queued = vec![];
+        while let Ok(Outbound::Delta { sync_id, .. }) = sub.rx.try_recv() {
+            queued.push(sync_id);
+        }
+        assert_eq!(queued, [13], "14 and 15 come from the log");
+        // It is told, and goes live again after paging up to the watermark.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), sub.lagged.notified())
+                .await
+                .expect("lagged is signalled");
+        });
+        assert_eq!(hub.go_live(sub.id, 15), GoLive::Live);
+        hub.publish(&[txn(16, vec![delta(16, Some("g"), false)], vec![])]);
+        assert!(matches!(
+            sub.rx.try_recv(),
+            Ok(Outbound::Delta { sync_id: 16, .. })
+        ));
     }
 
     #[test]

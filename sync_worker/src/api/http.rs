@@ -161,50 +161,10 @@ pub async fn sse(
         let _registration = registration;
         let delta =
             |sync_id: i64, frame: &str| Event::default().id(sync_id.to_string()).data(frame);
-        let replayed = async {
-            let mut replay = stream::Replay::start(&app, &user, sub.id, after).await?;
-            while let Some(page) = replay.next_page().await? {
-                for d in page {
-                    tx.send(delta(d.sync_id, d.frame.as_str()))
-                        .await
-                        .map_err(|_| ReplayError::Sink)?;
-                }
-            }
-            Ok::<_, ReplayError>(replay.through)
-        }
-        .await;
-        let through = match replayed {
+        let through = match sse_replay(&app, &user, sub.id, after, &tx).await {
             Ok(through) => through,
-            Err(ReplayError::Sink) => return,
-            Err(ReplayError::Expired(horizon)) => {
-                let frame = json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)});
-                let _ = tx.send(Event::default().data(frame.to_string())).await;
-                return;
-            }
-            Err(ReplayError::Dropped) => {
-                let reason = sub
-                    .cut()
-                    .map(|c| c.reason)
-                    .unwrap_or_else(|| "dropped".into());
-                let frame = json!({"type": "error", "code": "closed", "message": reason});
-                let _ = tx.send(Event::default().data(frame.to_string())).await;
-                return;
-            }
-            Err(ReplayError::NotReady) => {
-                let _ = tx
-                    .send(Event::default().data(
-                        r#"{"type":"error","code":"unavailable","message":"the worker is starting; retry"}"#,
-                    ))
-                    .await;
-                return;
-            }
-            Err(ReplayError::Db(e)) => {
-                tracing::warn!(error = %e, "sse replay failed");
-                let _ = tx
-                    .send(Event::default().data(
-                        r#"{"type":"error","code":"unavailable","message":"replay failed; retry"}"#,
-                    ))
-                    .await;
+            Err(e) => {
+                sse_replay_failed(&tx, &sub, e, after).await;
                 return;
             }
         };
@@ -252,6 +212,31 @@ pub async fn sse(
                         return;
                     }
                 },
+                _ = sub.lagged.notified() => {
+                    // The queue filled: send what is queued, page the rest, go live again.
+                    while let Ok(out) = sub.rx.try_recv() {
+                        let event = match out {
+                            Outbound::Delta { sync_id, frame } => {
+                                position = position.max(sync_id);
+                                delta(sync_id, frame.as_str())
+                            }
+                            Outbound::Membership { group_id, joined } => Event::default().data(
+                                serde_json::json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}).to_string(),
+                            ),
+                        };
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    match sse_replay(&app, &user, sub.id, position, &tx).await {
+                        Ok(through) => position = position.max(through),
+                        Err(e) => {
+                            sse_replay_failed(&tx, &sub, e, position).await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 _ = tx.closed() => return,
                 _ = shutdown.changed() => return,
             };
@@ -263,4 +248,58 @@ pub async fn sse(
     Sse::new(super::receiver_stream(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+/// Replays what `user` may see after `after` as SSE events and makes the subscriber live;
+/// returns the sync id the client is then caught up to.
+async fn sse_replay(
+    app: &App,
+    user: &str,
+    id: u64,
+    after: i64,
+    tx: &tokio::sync::mpsc::Sender<Event>,
+) -> Result<i64, ReplayError> {
+    let mut replay = stream::Replay::start(app, user, id, after).await?;
+    while let Some(page) = replay.next_page().await? {
+        for d in page {
+            tx.send(
+                Event::default()
+                    .id(d.sync_id.to_string())
+                    .data(d.frame.as_str()),
+            )
+            .await
+            .map_err(|_| ReplayError::Sink)?;
+        }
+    }
+    Ok(replay.through)
+}
+
+/// The `error` event that ends an SSE stream whose replay failed.
+async fn sse_replay_failed(
+    tx: &tokio::sync::mpsc::Sender<Event>,
+    sub: &crate::hub::Subscription,
+    error: ReplayError,
+    position: i64,
+) {
+    let frame = match error {
+        ReplayError::Sink | ReplayError::Stalled => return,
+        ReplayError::Expired(horizon) => {
+            json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)})
+        }
+        ReplayError::Dropped => {
+            let reason = sub
+                .cut()
+                .map(|c| c.reason)
+                .unwrap_or_else(|| "dropped".into());
+            json!({"type": "error", "code": "closed", "message": reason})
+        }
+        ReplayError::NotReady => {
+            json!({"type": "error", "code": "unavailable", "message": "the worker is starting; retry"})
+        }
+        ReplayError::Db(e) => {
+            tracing::warn!(error = %e, "sse replay failed");
+            json!({"type": "error", "code": "unavailable", "message": format!("replay failed; retry after {position}")})
+        }
+    };
+    let _ = tx.send(Event::default().data(frame.to_string())).await;
 }

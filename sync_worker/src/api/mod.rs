@@ -328,6 +328,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
          # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
          # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n\
+         # TYPE pg_sync_subscriber_fallbacks_total counter\npg_sync_subscriber_fallbacks_total {}\n\
          # TYPE pg_sync_bootstraps_total counter\npg_sync_bootstraps_total {}\n\
          # TYPE pg_sync_bootstrap_rows_total counter\npg_sync_bootstrap_rows_total {}\n\
          # TYPE pg_sync_mutate_transactions_total counter\n\
@@ -345,6 +346,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         m.deliveries.load(Ordering::Relaxed),
         app.hub.subscriber_count(),
         m.slow_cutoffs.load(Ordering::Relaxed),
+        m.fallbacks.load(Ordering::Relaxed),
         c.bootstraps.load(Ordering::Relaxed),
         c.bootstrap_rows.load(Ordering::Relaxed),
         c.mutate_applied.load(Ordering::Relaxed),

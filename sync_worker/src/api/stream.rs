@@ -70,6 +70,8 @@ pub async fn register(
 pub enum ReplayError {
     /// The client went away.
     Sink,
+    /// The client stopped reading (a write timed out).
+    Stalled,
     Db(String),
     /// The cursor is older than the retention horizon: the client must bootstrap again.
     Expired(i64),
