@@ -43,6 +43,10 @@ pub struct Published {
     pub memberships: Vec<MembershipChange>,
     /// API keys revoked by this transaction: their sessions are closed.
     pub revoked_keys: Vec<String>,
+    /// The memberships were truncated: every user leaves every group first.
+    pub memberships_reset: bool,
+    /// The API keys were truncated: every session opened with a key is closed.
+    pub all_keys_revoked: bool,
 }
 
 /// Why the hub dropped a subscriber.
@@ -88,7 +92,8 @@ struct Sub {
 struct User {
     groups: HashSet<String>,
     subs: HashSet<u64>,
-    /// Changes seen while the user's groups load from the database, applied after it.
+    /// Changes seen while the user's groups load from the database, applied after it. An
+    /// empty group id (never a real one) stands for "left every group" (a TRUNCATE).
     pending: Option<Vec<(String, bool)>>,
     /// `groups` holds what the database said (plus the changes since).
     loaded: bool,
@@ -290,7 +295,9 @@ impl Hub {
         };
         let mut groups: HashSet<String> = loaded.into_iter().collect();
         for (g, joined) in pending {
-            if joined {
+            if g.is_empty() {
+                groups.clear();
+            } else if joined {
                 groups.insert(g);
             } else {
                 groups.remove(&g);
@@ -383,14 +390,22 @@ impl Hub {
         let mut st = self.lock();
         let mut gone: Vec<u64> = vec![];
         for txn in batch {
+            if txn.memberships_reset {
+                reset_memberships(&mut st);
+            }
             for m in &txn.memberships {
                 apply_membership(&mut st, m);
             }
-            for key in &txn.revoked_keys {
+            let revoked: Vec<&str> = txn.revoked_keys.iter().map(String::as_str).collect();
+            if txn.all_keys_revoked || !revoked.is_empty() {
                 let ids: Vec<u64> = st
                     .subs
                     .iter()
-                    .filter(|(_, s)| s.key.as_deref() == Some(key))
+                    .filter(|(_, s)| {
+                        s.key
+                            .as_deref()
+                            .is_some_and(|k| txn.all_keys_revoked || revoked.contains(&k))
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
@@ -470,6 +485,31 @@ impl Hub {
             }
         }
         self.published.store(st.last_published, Ordering::Release);
+    }
+}
+
+/// Every tracked user leaves every group (the memberships were truncated).
+fn reset_memberships(st: &mut State) {
+    let users: Vec<String> = st.users.keys().cloned().collect();
+    for user in users {
+        let Some(entry) = st.users.get_mut(&user) else {
+            continue;
+        };
+        if let Some(pending) = entry.pending.as_mut() {
+            pending.push((String::new(), false));
+            continue;
+        }
+        let groups: Vec<String> = entry.groups.iter().cloned().collect();
+        for g in groups {
+            apply_membership(
+                st,
+                &MembershipChange {
+                    user_id: user.clone(),
+                    group_id: g,
+                    joined: false,
+                },
+            );
+        }
     }
 }
 
@@ -566,7 +606,7 @@ mod tests {
             last_sync_id: id,
             deltas,
             memberships,
-            revoked_keys: vec![],
+            ..Published::default()
         }
     }
 
@@ -812,5 +852,48 @@ mod tests {
         // Nobody in the database: no groups at all.
         hub.refresh_groups(&HashMap::new());
         assert!(hub.groups_of("alice").is_empty());
+    }
+
+    #[test]
+    fn truncated_memberships_and_keys_take_everything_away() {
+        let hub = Hub::with_watermark(16, 0);
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into()]);
+        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
+        let (keyed, _) = hub.register("bob", Some("k1"));
+        hub.set_groups("bob", vec![]);
+        // Carol is still loading: her loaded groups predate the truncation.
+        let (_carol, load) = hub.register("carol", None);
+        assert_eq!(load, Load::Must);
+        let join = MembershipChange {
+            user_id: "alice".into(),
+            group_id: "b".into(),
+            joined: true,
+        };
+        hub.publish(&[
+            Published {
+                last_sync_id: 1,
+                deltas: vec![delta(1, Some("a"), false), delta(2, Some("b"), false)],
+                memberships: vec![join],
+                memberships_reset: true,
+                all_keys_revoked: true,
+                ..Published::default()
+            },
+            txn(3, vec![delta(3, Some("a"), false)], vec![]),
+        ]);
+        hub.set_groups("carol", vec!["a".into()]);
+        let mut got = vec![];
+        while let Ok(o) = alice.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        assert_eq!(got, ["-a", "+b", "d2"]);
+        assert!(hub.groups_of("carol").is_empty());
+        assert!(!hub.is_registered(keyed.id));
+        assert_eq!(keyed.cut().map(|c| c.code), Some(close::REVOKED));
     }
 }

@@ -2743,3 +2743,60 @@ async fn a_transaction_larger_than_the_queue_does_not_disconnect_live_subscriber
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberships_changed_by_update_or_truncate_reach_live_sessions() {
+    let (cluster, mut db) = app_cluster("ws_member_update");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    // alice moves from p1 to p2 by an UPDATE of her membership row.
+    exec(
+        &mut db,
+        "UPDATE pg_sync.group_memberships SET group_id = 'p2' WHERE user_id = 'alice' AND group_id = 'p1'",
+    );
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'p1 now foreign', 'p1')",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'p2 now hers', 'p2')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    let seen: Vec<String> = frames
+        .iter()
+        .map(|f| match f["type"].as_str() {
+            Some("membership") => format!(
+                "{}{}",
+                if f["joined"] == true { "+" } else { "-" },
+                f["groupId"].as_str().unwrap()
+            ),
+            _ => format!("d{}", f["modelId"].as_str().unwrap_or("")),
+        })
+        .collect();
+    assert_eq!(seen, ["-p1", "+p2", "d2"]);
+    // TRUNCATE takes every group away.
+    exec(&mut db, "TRUNCATE pg_sync.group_memberships");
+    exec(&mut db, "INSERT INTO todos VALUES (3, 'nobody''s', 'p2')");
+    exec(&mut db, "INSERT INTO announcements VALUES (1, 'everyone')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["model"] == "announcements") && Instant::now() < deadline
+    {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    assert!(
+        frames.iter().all(|f| f["modelId"] != "3"),
+        "a truncated membership still delivered: {frames:?}"
+    );
+    assert!(frames
+        .iter()
+        .any(|f| f["type"] == "membership" && f["groupId"] == "p2" && f["joined"] == false));
+    tokio::task::block_in_place(|| drop(db));
+}

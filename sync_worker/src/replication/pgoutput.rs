@@ -36,10 +36,16 @@ pub enum Message {
         relation: Relation,
         row: Row,
     },
-    /// The new row of an update.
+    /// An update: the old key when the key changed (or the old row with REPLICA IDENTITY
+    /// FULL), and the new row.
     Update {
         relation: Relation,
+        old: Option<Row>,
         row: Row,
+    },
+    /// TRUNCATE of these relations (those this session knows).
+    Truncate {
+        relations: Vec<Relation>,
     },
     Delete {
         relation: Relation,
@@ -161,8 +167,9 @@ impl Decoder {
                 let oid = buf.get_u32();
                 let relation = self.relation(oid)?;
                 let mut kind = buf.get_u8();
+                let mut old = None;
                 if kind == b'K' || kind == b'O' {
-                    let _old = tuple(&mut buf, &relation)?;
+                    old = Some(tuple(&mut buf, &relation)?);
                     need(buf, 1)?;
                     kind = buf.get_u8();
                 }
@@ -170,7 +177,17 @@ impl Decoder {
                     return Err(DecodeError::TupleKind(kind));
                 }
                 let row = tuple(&mut buf, &relation)?;
-                Ok(Message::Update { relation, row })
+                Ok(Message::Update { relation, old, row })
+            }
+            b'T' => {
+                need(buf, 5)?;
+                let n = buf.get_u32() as usize;
+                let _options = buf.get_u8();
+                need(buf, n.saturating_mul(4))?;
+                let relations = (0..n)
+                    .filter_map(|_| self.relations.get(&buf.get_u32()).cloned())
+                    .collect();
+                Ok(Message::Truncate { relations })
             }
             b'D' => {
                 need(buf, 5)?;
@@ -296,11 +313,31 @@ mod tests {
         upd.put_u8(b'u');
         upd.put_u8(b'n');
         match d.decode(&upd).unwrap() {
-            Message::Update { row, .. } => {
+            Message::Update { row, old, .. } => {
                 assert!(!row.contains_key("user_id"), "unchanged toast is absent");
                 assert_eq!(row.get("group_id"), Some(&None));
+                assert_eq!(old.unwrap()["user_id"].as_deref(), Some("old"));
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn truncate_names_its_relations() {
+        let mut d = Decoder::default();
+        d.decode(&relation_msg()).unwrap();
+        let mut t = vec![b'T'];
+        t.put_u32(2);
+        t.put_u8(0);
+        t.put_u32(42);
+        t.put_u32(77);
+        match d.decode(&t).unwrap() {
+            Message::Truncate { relations } => {
+                assert_eq!(relations.len(), 1);
+                assert_eq!(relations[0].name, "group_memberships");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(d.decode(&t[..8]).is_err());
     }
 }

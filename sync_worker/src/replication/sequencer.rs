@@ -57,6 +57,7 @@ pub enum SequencerError {
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
 const FLUSH_ACTIONS: usize = 5_000;
 const LARGE_PAGE: i32 = 5_000;
+const REGISTRY_POLL: Duration = Duration::from_secs(1);
 
 /// Microseconds between the Unix and Postgres epochs.
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -90,7 +91,10 @@ pub async fn connect(url: &str) -> Result<Client, SequencerError> {
 }
 
 /// Creates the publication and the slot when missing; reports an invalidated slot.
-async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), SequencerError> {
+/// Returns whether the publication carries everything the sequencer follows (the registry,
+/// updates and truncations); a publication this role may not alter is used as it is.
+async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<bool, SequencerError> {
+    let mut complete = true;
     if db
         .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pg_sync'", &[])
         .await?
@@ -99,11 +103,12 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         return Err(SequencerError::NoExtension);
     }
     // The registry is published too: a re-registration (an UPDATE) changes which models are
-    // global, and live fan-out must follow it in commit order.
+    // global, and live fan-out must follow it in commit order. Updates and truncations are
+    // published so that membership and API key changes made that way reach the hub.
     let publication = crate::db::quote_ident(&cfg.publication);
     match db
         .query_opt(
-            "SELECT pubupdate FROM pg_publication WHERE pubname = $1",
+            "SELECT pubupdate AND pubtruncate FROM pg_publication WHERE pubname = $1",
             &[&cfg.publication],
         )
         .await?
@@ -111,12 +116,13 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         None => {
             let sql = format!(
                 "CREATE PUBLICATION {publication} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
-                 pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete')"
+                 pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate')"
             );
             db.batch_execute(&sql).await?;
             tracing::info!(publication = %cfg.publication, "created publication");
         }
         Some(row) => {
+            let mut alter = vec![];
             for table in ["api_keys", "registry"] {
                 let listed = db
                     .query_opt(
@@ -126,17 +132,36 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
                     .await?
                     .is_some();
                 if !listed {
-                    db.batch_execute(&format!(
+                    alter.push(format!(
                         "ALTER PUBLICATION {publication} ADD TABLE pg_sync.{table}"
-                    ))
-                    .await?;
+                    ));
                 }
             }
             if !row.get::<_, bool>(0) {
-                db.batch_execute(&format!(
-                    "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete')"
-                ))
-                .await?;
+                alter.push(format!(
+                    "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+                ));
+            }
+            for sql in alter {
+                match db.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    // Only its owner may alter a publication made by someone else.
+                    Err(e)
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+                    {
+                        complete = false;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !complete {
+                tracing::warn!(
+                    publication = %cfg.publication,
+                    "the publication lacks pg_sync.registry, pg_sync.api_keys, updates or truncations and this role may not \
+                     alter it; registry changes are re-read every second and membership or key changes made by UPDATE or \
+                     TRUNCATE reach live sessions only on reconnect: ALTER it as its owner (see the worker's ensure_setup)"
+                );
             }
         }
     }
@@ -170,7 +195,8 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .slot_problem
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
-    take_over_stale_slot(db, cfg).await
+    take_over_stale_slot(db, cfg).await?;
+    Ok(complete)
 }
 
 /// A walsender whose peer died without closing the connection (a crashed host, a network
@@ -275,6 +301,10 @@ struct OpenTxn {
     /// Registry changes, in order: (model, whether it is now global); `None` when the stream
     /// did not say (a deleted registration): the registry is read again.
     registry: Vec<Option<(String, bool)>>,
+    /// TRUNCATE of the memberships: every user leaves every group (before `memberships`).
+    memberships_reset: bool,
+    /// TRUNCATE of the API keys: every key session is closed.
+    all_keys_revoked: bool,
 }
 
 /// A committed transaction waiting to be sequenced.
@@ -300,6 +330,10 @@ struct Session<'a> {
     next_sync_id: i64,
     last_commit_lsn: Lsn,
     globals: HashMap<String, bool>,
+    /// Registry changes arrive in the stream; if not (a publication we may not alter), the
+    /// registry is read again at most every REGISTRY_POLL.
+    registry_streamed: bool,
+    globals_read_at: Instant,
     pending: Vec<ReadyTxn>,
     pending_actions: usize,
     pending_since: Option<Instant>,
@@ -371,7 +405,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SequencerError> {
     let db = connect(&cfg.database_url).await?;
-    ensure_setup(&db, cfg, status).await?;
+    let registry_streamed = ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
             "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
@@ -388,6 +422,8 @@ async fn session(
         next_sync_id: last_sync_id + 1,
         last_commit_lsn: Lsn::parse(&last_lsn).unwrap_or(Lsn::ZERO),
         globals: HashMap::new(),
+        registry_streamed,
+        globals_read_at: Instant::now(),
         pending: vec![],
         pending_actions: 0,
         pending_since: None,
@@ -447,6 +483,8 @@ async fn session(
                     memberships: vec![],
                     revoked_keys: vec![],
                     registry: vec![],
+                    memberships_reset: false,
+                    all_keys_revoked: false,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -621,6 +659,7 @@ impl Session<'_> {
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
             .collect();
+        self.globals_read_at = Instant::now();
         Ok(())
     }
 
@@ -646,10 +685,37 @@ impl Session<'_> {
                     _ => {}
                 }
             }
-            Message::Update { relation, row }
-                if relation.namespace == "pg_sync" && relation.name == "registry" =>
-            {
-                txn.registry.push(registration(&row));
+            Message::Update { relation, old, row } if relation.namespace == "pg_sync" => {
+                match relation.name.as_str() {
+                    "registry" => txn.registry.push(registration(&row)),
+                    // The old key comes only when the key (user, group) changed: a move.
+                    "group_memberships" => {
+                        if let Some(old) = old {
+                            txn.memberships.extend(membership(&old, false));
+                            txn.memberships.extend(membership(&row, true));
+                        }
+                    }
+                    // A key whose hash or user changed no longer stands for its sessions.
+                    "api_keys" => {
+                        txn.revoked_keys
+                            .extend(old.and_then(|o| o.get("id").cloned().flatten()));
+                        txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                    }
+                    _ => {}
+                }
+            }
+            Message::Truncate { relations } => {
+                for r in relations.iter().filter(|r| r.namespace == "pg_sync") {
+                    match r.name.as_str() {
+                        "group_memberships" => {
+                            // Everything before it in this transaction is moot.
+                            txn.memberships.clear();
+                            txn.memberships_reset = true;
+                        }
+                        "api_keys" => txn.all_keys_revoked = true,
+                        _ => {}
+                    }
+                }
             }
             Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
                 match relation.name.as_str() {
@@ -740,6 +806,9 @@ impl Session<'_> {
             return Err(SequencerError::Failpoint("after_persist"));
         }
         // Persisted: now clients may see these ids.
+        if !self.registry_streamed && self.globals_read_at.elapsed() >= REGISTRY_POLL {
+            self.load_globals().await?;
+        }
         let mut batch = vec![];
         for (first, txn) in &assigned {
             // Which models are global changes with the registry, in commit order.
@@ -757,10 +826,18 @@ impl Session<'_> {
                     deltas: vec![],
                     memberships: txn.memberships.clone(),
                     revoked_keys: txn.revoked_keys.clone(),
+                    memberships_reset: txn.memberships_reset,
+                    all_keys_revoked: txn.all_keys_revoked,
                 });
                 continue;
             }
             if txn.large {
+                // Its truncations go first, as the membership changes do in publish_large.
+                batch.push(Published {
+                    memberships_reset: txn.memberships_reset,
+                    all_keys_revoked: txn.all_keys_revoked,
+                    ..Published::default()
+                });
                 self.hub.publish(&std::mem::take(&mut batch));
                 self.publish_large(*first, txn).await?;
                 continue;
@@ -793,6 +870,8 @@ impl Session<'_> {
                 deltas,
                 memberships: txn.memberships.clone(),
                 revoked_keys: txn.revoked_keys.clone(),
+                memberships_reset: txn.memberships_reset,
+                all_keys_revoked: txn.all_keys_revoked,
             });
         }
         self.hub.publish(&batch);
@@ -852,6 +931,7 @@ impl Session<'_> {
                 deltas,
                 memberships: std::mem::take(&mut memberships),
                 revoked_keys: std::mem::take(&mut revoked_keys),
+                ..Published::default()
             }]);
         }
         Ok(())
