@@ -312,6 +312,15 @@ impl Hub {
         self.loads.notify_waiters();
     }
 
+    /// The API keys live sessions authenticated with.
+    pub fn keys(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut keys: Vec<String> = st.subs.values().filter_map(|s| s.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// The users whose groups the hub tracks (they have subscribers).
     pub fn users(&self) -> Vec<String> {
         self.lock().users.keys().cloned().collect()

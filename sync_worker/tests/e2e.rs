@@ -2800,3 +2800,50 @@ async fn memberships_changed_by_update_or_truncate_reach_live_sessions() {
         .any(|f| f["type"] == "membership" && f["groupId"] == "p2" && f["joined"] == false));
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_in_a_republished_gap_gets_none_of_it() {
+    let (cluster, mut db) = app_cluster("ws_gap_keys");
+    // Made before the worker starts: the first transaction it streams is the one below.
+    let (id, key): (String, String) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let mut ws = connect_key(worker.port, &key).await;
+    subscribe(&mut ws, 0).await;
+    // One transaction revokes the key and writes alice's group; its sync id is persisted,
+    // then the session fails before publishing it (with the revocation).
+    exec(
+        &mut db,
+        &format!(
+            "BEGIN; SELECT pg_sync.revoke_api_key('{id}');
+             INSERT INTO todos VALUES (1, 'after the revocation', 'p1'); COMMIT;"
+        ),
+    );
+    let mut frames = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => frames.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(4401));
+    assert!(
+        frames.iter().all(|f| !f.contains("\"delta\"")),
+        "a revoked key got {frames:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}

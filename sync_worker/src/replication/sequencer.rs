@@ -627,8 +627,30 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Gives the hub the current groups of every user it tracks.
+    /// Gives the hub the current groups of every user it tracks, and closes the sessions of
+    /// API keys that no longer exist.
     async fn refresh_memberships(&self) -> Result<(), SequencerError> {
+        let keys = self.hub.keys();
+        if !keys.is_empty() {
+            let live: std::collections::HashSet<String> = self
+                .db
+                .query(
+                    "SELECT id::text FROM pg_sync.api_keys WHERE id = ANY ($1::text[]::uuid[])",
+                    &[&keys],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let revoked_keys: Vec<String> =
+                keys.into_iter().filter(|k| !live.contains(k)).collect();
+            if !revoked_keys.is_empty() {
+                self.hub.publish(&[Published {
+                    revoked_keys,
+                    ..Published::default()
+                }]);
+            }
+        }
         let users = self.hub.users();
         if users.is_empty() {
             return Ok(());
