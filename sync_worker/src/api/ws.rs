@@ -293,8 +293,13 @@ async fn session(
                             }
                         };
                         if let Some(reply) = reply {
-                            if socket.send(reply).await.is_err() {
-                                break;
+                            match tokio::time::timeout(WRITE_TIMEOUT, socket.send(reply)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break,
+                                Err(_) => {
+                                    replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
+                                    break;
+                                }
                             }
                         }
                         if bad > MAX_BAD_MESSAGES {
@@ -385,8 +390,13 @@ async fn session(
                     close_with(&mut socket, close::HEARTBEAT, "heartbeat timeout".into()).await;
                     break;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
+                        break;
+                    }
                 }
             }
             _ = shutdown.changed() => {
