@@ -85,16 +85,28 @@ async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        // By age and by size: whichever horizon is higher wins.
+        // By age and by size, whichever horizon is higher, but never past what is published:
+        // a client may hold any published sync id as its cursor, and ids persisted but not yet
+        // published (nor acknowledged to the slot) must stay for a restarted session to find.
+        let Some(published) = app.hub.watermark() else {
+            continue;
+        };
         let age = (app.cfg.retention != "off").then_some(app.cfg.retention.as_str());
         let size =
             (app.cfg.retention_max_actions > 0).then_some(app.cfg.retention_max_actions as i64);
         let result = match app.db.get().await {
             Ok(db) => db
                 .query_one(
-                    "SELECT CASE WHEN $1::text IS NULL THEN 0 ELSE pg_sync.compact_older_than($1::text::interval) END
-                          + CASE WHEN $2::bigint IS NULL THEN 0 ELSE pg_sync.compact_to_size($2::bigint) END",
-                    &[&age, &size],
+                    "WITH t AS (
+                       SELECT LEAST(GREATEST(
+                                CASE WHEN $1::text IS NULL THEN 0 ELSE coalesce(
+                                  (SELECT max(first_sync_id + action_count - 1) FROM pg_sync.commit_order
+                                    WHERE committed_at < now() - $1::text::interval), 0) END,
+                                CASE WHEN $2::bigint IS NULL THEN 0
+                                     ELSE GREATEST(pg_sync.last_sync_id() - $2::bigint, 0) END),
+                              $3::bigint) AS h)
+                     SELECT CASE WHEN h > pg_sync.retention_horizon() THEN pg_sync.compact(h) ELSE 0 END FROM t",
+                    &[&age, &size, &published],
                 )
                 .await
                 .map(|r| r.get::<_, i64>(0))

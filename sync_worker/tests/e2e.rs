@@ -2847,3 +2847,57 @@ async fn a_key_revoked_in_a_republished_gap_gets_none_of_it() {
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_never_passes_what_is_published() {
+    let (cluster, mut db) = app_cluster("ws_compact_cap");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_FAILPOINTS", "stall_after_persist"),
+            ("SYNC_RETENTION", "off"),
+            ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'one', 'p1')");
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(got[0]["syncId"], 1);
+    // Sync ids 2..4 are persisted, then held unpublished for 3 s; compaction runs meanwhile.
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, 'bulk', 'p1' FROM generate_series(2, 4) g",
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (horizon, last): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT pg_sync.retention_horizon(), pg_sync.last_sync_id()",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert_eq!(last, 4, "persisted");
+    assert!(
+        horizon <= 1,
+        "compacted to {horizon} while only 1 was published"
+    );
+    // The published cursor stays valid.
+    let mut bob = connect(worker.port, "alice").await;
+    let (mut frames, _) = subscribe(&mut bob, 1).await;
+    let need = 3 - frames.len();
+    frames.extend(collect(&mut bob, |g| g.len() >= need).await);
+    assert_eq!(
+        frames
+            .iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    tokio::task::block_in_place(|| drop(db));
+}

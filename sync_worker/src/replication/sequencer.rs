@@ -827,6 +827,11 @@ impl Session<'_> {
         if crate::failpoint::fire("after_persist") {
             return Err(SequencerError::Failpoint("after_persist"));
         }
+        // Holds persisted ids unpublished for a while (not the first transaction's, so a test
+        // can have one published first).
+        if firsts.first().is_some_and(|f| *f > 1) && crate::failpoint::fire("stall_after_persist") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         // Persisted: now clients may see these ids.
         if !self.registry_streamed && self.globals_read_at.elapsed() >= REGISTRY_POLL {
             self.load_globals().await?;
