@@ -123,6 +123,20 @@ pub async fn deltas(
         }
         cursor += i64::from(span);
     }
+    // Read after the pages: a compaction that took rows from them is seen (never a gap).
+    match stream::horizon(&db).await {
+        Ok(now) if now > after.max(horizon) => {
+            return error(StatusCode::GONE, "resync_required", &stream::compacted(now))
+        }
+        Ok(_) => {}
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable; retry",
+            )
+        }
+    }
     let body = format!(
         "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
         frames.join(","),

@@ -129,16 +129,18 @@ impl<'a> Replay<'a> {
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
                 }
-                // Compaction may have passed the cursor since the last page: never serve a gap.
-                let horizon = horizon(&self.db).await?;
-                if horizon > self.cursor {
-                    return Err(ReplayError::Expired(horizon));
-                }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let groups = self.app.hub.groups_of(self.user);
                 let page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
+                // Compaction may have passed the cursor: never serve a gap. The horizon is read
+                // after the page, so a compaction that committed before the page was read (and
+                // took rows from it) is seen.
+                let horizon = horizon(&self.db).await?;
+                if horizon > self.cursor {
+                    return Err(ReplayError::Expired(horizon));
+                }
                 self.cursor += span as i64;
                 return Ok(Some(page));
             }

@@ -58,6 +58,7 @@ const FLUSH_AFTER: Duration = Duration::from_millis(5);
 const FLUSH_ACTIONS: usize = 5_000;
 const LARGE_PAGE: i32 = 5_000;
 const REGISTRY_POLL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Microseconds between the Unix and Postgres epochs.
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -65,7 +66,11 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// A control connection. With `sslmode=require` (or `prefer`) the connection is encrypted;
 /// like libpq's `require`, the server certificate is not verified.
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    let config: tokio_postgres::Config = url.parse()?;
+    let mut config: tokio_postgres::Config = url.parse()?;
+    // An unreachable database must fail a request, not hang it.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
     let client = if matches!(
         config.get_ssl_mode(),
         tokio_postgres::config::SslMode::Disable
