@@ -1,9 +1,10 @@
 //! The fan-out hub: who is subscribed, which groups each user is in (in commit order), and the
 //! bounded queue of each subscriber. One serialization per delta is shared by all recipients.
 //!
-//! A subscriber replays from the database first and only then goes live: `go_live` succeeds only
-//! if nothing was published since the replay's upper bound, so the seam has no gap and no
-//! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
+//! A subscriber replays from the database first, then goes live: `go_live` says after which sync
+//! id live delivery starts, and the replay pages up to exactly there (a finite range: steady
+//! writes cannot keep it from ever going live), so the seam has no gap and no duplicate. A
+//! subscriber whose queue fills leaves live delivery and pages from the log again.
 
 use crate::delta::Delta;
 use crate::protocol::close;
@@ -113,9 +114,8 @@ pub enum Load {
 /// What `go_live` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum GoLive {
-    Live,
-    /// More was published since the replay's bound: page on.
-    Behind,
+    /// Live: every delta after this sync id is delivered; the replay must reach it.
+    Live(i64),
     /// The hub dropped the subscriber meanwhile (revoked key).
     Gone,
 }
@@ -375,16 +375,16 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Makes the subscriber live if nothing was published after `through`.
-    pub fn go_live(&self, id: u64, through: i64) -> GoLive {
+    /// Makes the subscriber live: it gets every delta published from now on, i.e. after the
+    /// returned sync id (the watermark now).
+    pub fn go_live(&self, id: u64) -> GoLive {
         let mut st = self.lock();
-        let behind = st.last_published != through;
+        let watermark = st.last_published;
         match st.subs.get_mut(&id) {
             None => GoLive::Gone,
-            Some(_) if behind => GoLive::Behind,
             Some(sub) => {
                 sub.live = true;
-                GoLive::Live
+                GoLive::Live(watermark)
             }
         }
     }
@@ -625,7 +625,7 @@ mod tests {
         let (mut alice, load) = hub.register("alice", None);
         assert_eq!(load, Load::Must);
         hub.set_groups("alice", vec!["a".into()]);
-        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
         let join = MembershipChange {
             user_id: "alice".into(),
             group_id: "b".into(),
@@ -663,17 +663,13 @@ mod tests {
     }
 
     #[test]
-    fn go_live_refuses_after_a_publish_and_a_full_queue_falls_back_to_paging() {
+    fn go_live_starts_after_the_watermark_and_a_full_queue_falls_back_to_paging() {
         let hub = Hub::with_watermark(2, 10);
         let (mut sub, _) = hub.register("u", None);
         hub.set_groups("u", vec!["g".into()]);
         hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
-        assert_eq!(
-            hub.go_live(sub.id, 10),
-            GoLive::Behind,
-            "a delta was published after the replay bound"
-        );
-        assert_eq!(hub.go_live(sub.id, 11), GoLive::Live);
+        // Published while it replayed up to 10: the replay pages on to 11, then it is live.
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(11));
         // Three deltas into a queue of two: the third does not fit.
         hub.publish(&[txn(
             14,
@@ -702,7 +698,7 @@ mod tests {
                 .await
                 .expect("lagged is signalled");
         });
-        assert_eq!(hub.go_live(sub.id, 15), GoLive::Live);
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(15));
         hub.publish(&[txn(16, vec![delta(16, Some("g"), false)], vec![])]);
         assert!(matches!(
             sub.rx.try_recv(),
@@ -738,7 +734,7 @@ mod tests {
             ..Published::default()
         }]);
         // The replay loop must stop here, not ask again forever.
-        assert_eq!(hub.go_live(sub.id, 5), GoLive::Gone);
+        assert_eq!(hub.go_live(sub.id), GoLive::Gone);
         assert!(!hub.is_registered(sub.id));
         assert_eq!(sub.cut().map(|c| c.code), Some(close::REVOKED));
         // The notification waits for the connection even if it was not listening yet.
@@ -824,7 +820,7 @@ mod tests {
         assert_eq!(hub.published(), 1_000);
         // Not live yet: the watermark still just moves (a replay pages on to it).
         assert!(hub.catch_up(1_010));
-        assert_eq!(hub.go_live(sub.id, 1_010), GoLive::Live);
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(1_010));
         // A live subscriber must get the gap published.
         assert!(!hub.catch_up(1_020));
         assert_eq!(hub.published(), 1_010);
@@ -835,7 +831,7 @@ mod tests {
         let hub = Hub::with_watermark(16, 0);
         let (mut alice, _) = hub.register("alice", None);
         hub.set_groups("alice", vec!["a".into(), "b".into()]);
-        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
         let fresh: HashMap<String, Vec<String>> =
             [("alice".to_string(), vec!["b".to_string(), "c".to_string()])].into();
         hub.refresh_groups(&fresh);
@@ -868,7 +864,7 @@ mod tests {
         let hub = Hub::with_watermark(16, 0);
         let (mut alice, _) = hub.register("alice", None);
         hub.set_groups("alice", vec!["a".into()]);
-        assert_eq!(hub.go_live(alice.id, 0), GoLive::Live);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
         let (keyed, _) = hub.register("bob", Some("k1"));
         hub.set_groups("bob", vec![]);
         // Carol is still loading: her loaded groups predate the truncation.

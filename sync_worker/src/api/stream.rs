@@ -82,9 +82,9 @@ pub enum ReplayError {
 }
 
 /// Replays, page by page, everything `user` may see after `after` up to the published
-/// watermark, then makes the subscriber live; if more was published meanwhile it goes on
-/// paging. `next_page` returns `None` once live; `through` is then the watermark the client is
-/// caught up to.
+/// watermark, then makes the subscriber live and pages on to the watermark at that instant
+/// (deltas after it are queued for the subscriber meanwhile). `next_page` returns `None` once
+/// that is done; `through` is then the sync id the client is caught up to.
 pub struct Replay<'a> {
     app: &'a App,
     user: &'a str,
@@ -92,6 +92,7 @@ pub struct Replay<'a> {
     db: Arc<crate::db::Conn>,
     cursor: i64,
     pub through: i64,
+    live: bool,
 }
 
 impl<'a> Replay<'a> {
@@ -119,6 +120,7 @@ impl<'a> Replay<'a> {
             db,
             cursor: after.max(horizon),
             through,
+            live: false,
         })
     }
 
@@ -144,11 +146,17 @@ impl<'a> Replay<'a> {
                 self.cursor += span as i64;
                 return Ok(Some(page));
             }
-            match self.app.hub.go_live(self.id, self.through) {
-                GoLive::Live => return Ok(None),
-                // Without this the loop would ask again forever without awaiting anything.
+            if self.live {
+                return Ok(None);
+            }
+            match self.app.hub.go_live(self.id) {
+                // Pages on to where live delivery starts: a bounded range, so writes that keep
+                // coming cannot hold the subscriber in replay forever.
+                GoLive::Live(from) => {
+                    self.live = true;
+                    self.through = self.through.max(from);
+                }
                 GoLive::Gone => return Err(ReplayError::Dropped),
-                GoLive::Behind => self.through = self.app.hub.published(),
             }
         }
     }
