@@ -49,7 +49,7 @@ pub struct Config {
     /// Database connections the API shares (reads, API keys, mutations), round-robin.
     #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: usize,
-    /// Frames a subscriber may have queued before it is cut off as too slow.
+    /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
     /// Largest client message, in bytes.
