@@ -2901,3 +2901,42 @@ async fn compaction_never_passes_what_is_published() {
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_api_keys_cost_the_database_nothing() {
+    // Every statement is logged: the key lookups can be counted.
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("ws_bad_keys", &["log_statement = 'all'"]));
+    let db = setup(&cluster, "app");
+    let worker = Worker::started(&cluster, "app").await;
+    let lookups = || {
+        std::fs::read_to_string(cluster.dir.join("postgres.log"))
+            .unwrap_or_default()
+            .matches("FROM pg_sync.api_keys WHERE key_hash")
+            .count()
+    };
+    let before = lookups();
+    let unknown = format!("pgs_{}", "0123456789abcdef".repeat(4));
+    for i in 0..100 {
+        let key = if i % 2 == 0 {
+            format!("pgs_not-a-key-{i}")
+        } else {
+            unknown.clone()
+        };
+        let (status, body) = http_get_with(
+            worker.port,
+            "/sync/deltas?after=0",
+            &[("Authorization", format!("Bearer {key}"))],
+        )
+        .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("invalid_api_key"), "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spent = lookups() - before;
+    assert_eq!(
+        spent, 1,
+        "100 bad keys cost {spent} lookups (one: the first unknown key)"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
