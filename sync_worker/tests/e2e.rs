@@ -2940,3 +2940,39 @@ async fn bad_api_keys_cost_the_database_nothing() {
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_the_database_is_down_does_not_judge_cursors() {
+    let (cluster, mut db) = app_cluster("ws_db_down");
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'x' FROM generate_series(1, 5) g",
+    );
+    let mut worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "zoe").await;
+    let (frames, through) = subscribe(&mut ws, 0).await;
+    assert_eq!((frames.len(), through), (5, 5));
+    drop(ws);
+    worker.kill9();
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "fast"]);
+    });
+    let worker = Worker::start(&cluster, "app", free_port());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A valid cursor (5) is not "ahead of the log" just because the log is unreachable.
+    let (status, body) = http_get_with(worker.port, "/sync/deltas?after=5", &bearer("zoe")).await;
+    assert_eq!(status, 503, "{body}");
+    let mut ws = connect(worker.port, "zoe").await;
+    send(&mut ws, json!({"type": "subscribe", "after": 5})).await;
+    let closed = close_frame(&mut ws).await.map(|(c, _)| c);
+    assert_ne!(
+        closed,
+        Some(4409),
+        "a valid cursor was told to re-bootstrap"
+    );
+    tokio::task::block_in_place(|| cluster.pg_ctl(&["start", "-w"]));
+    worker.wait_healthy().await;
+    let (status, body) = http_get_with(worker.port, "/sync/deltas?after=5", &bearer("zoe")).await;
+    assert_eq!(status, 200, "{body}");
+}
