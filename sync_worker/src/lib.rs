@@ -78,8 +78,11 @@ pub async fn serve(
 }
 
 /// Compacts the log on a schedule (`SYNC_RETENTION`, `SYNC_COMPACT_INTERVAL_SECS`).
+/// It has a connection of its own: a long compaction (or one waiting on a lock) must not hold
+/// up authentication, group loads and replays queued behind it on the shared ones.
 async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(app.cfg.compact_interval_secs.max(1));
+    let mut own: Option<tokio_postgres::Client> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -94,7 +97,13 @@ async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
         let age = (app.cfg.retention != "off").then_some(app.cfg.retention.as_str());
         let size =
             (app.cfg.retention_max_actions > 0).then_some(app.cfg.retention_max_actions as i64);
-        let result = match app.db.get().await {
+        if own.as_ref().is_none_or(|c| c.is_closed()) {
+            own = replication::sequencer::connect(&app.cfg.database_url)
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "compaction cannot connect"))
+                .ok();
+        }
+        let result = match own.as_ref().ok_or("no connection") {
             Ok(db) => db
                 .query_one(
                     "WITH t AS (

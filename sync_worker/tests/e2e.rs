@@ -2976,3 +2976,44 @@ async fn a_worker_started_while_the_database_is_down_does_not_judge_cursors() {
     let (status, body) = http_get_with(worker.port, "/sync/deltas?after=5", &bearer("zoe")).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_compaction_holds_up_no_request() {
+    let (cluster, mut db) = app_cluster("ws_compact_conn");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_DB_CONNECTIONS", "1"),
+            ("SYNC_RETENTION", "off"),
+            ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    for i in 1..=3 {
+        exec(
+            &mut db,
+            &format!("INSERT INTO todos VALUES ({i}, 'x', 'p1')"),
+        );
+    }
+    let mut alice = connect(worker.port, "alice").await;
+    let frames = subscribe_settled(&mut alice, 0).await;
+    assert_eq!(frames.len(), 3);
+    // The next compaction waits on this lock (it moves the horizon) until we let go.
+    let mut locker = tokio::task::block_in_place(|| cluster.connect("app"));
+    exec(
+        &mut locker,
+        "BEGIN; SELECT 1 FROM pg_sync.retention FOR UPDATE;",
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(3),
+        http_get_with(worker.port, "/sync/deltas?after=0", &bearer("alice")),
+    )
+    .await;
+    exec(&mut locker, "ROLLBACK");
+    let (status, body) = answered.expect("/sync/deltas waited for the compaction");
+    assert_eq!(status, 200, "{body}");
+    tokio::task::block_in_place(|| drop((db, locker)));
+}
