@@ -261,10 +261,17 @@ RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- The transactions overlapping after+1 .. after+span: from the one holding sync id
+    -- after+1 (the last to start at or before it: one index probe) up to after+span. The
+    -- lower bound keeps a page's cost independent of how much log lies before it.
     WITH tx AS (
         SELECT c.xid, c.first_sync_id
           FROM pg_sync.commit_order c
-         WHERE c.first_sync_id <= after + span
+         WHERE c.first_sync_id >= coalesce(
+                   (SELECT s.first_sync_id FROM pg_sync.commit_order s
+                     WHERE s.first_sync_id <= after + 1
+                     ORDER BY s.first_sync_id DESC LIMIT 1), 0)
+           AND c.first_sync_id <= after + span
            AND c.first_sync_id + c.action_count - 1 > after
     ), numbered AS (
         SELECT tx.first_sync_id + row_number() OVER (PARTITION BY a.xid ORDER BY a.id) - 1 AS sync_id, a.*

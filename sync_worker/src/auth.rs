@@ -1,8 +1,10 @@
 //! Client authentication: a bearer JWT (HS256 secret or RS256 public key) whose `sub` is the
-//! user id. Tokens are never logged; failures say only why in general terms.
+//! user id, checked for `exp`, `nbf` and (when configured) `aud` and `iss`. Tokens are never
+//! logged; failures say only why in general terms.
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
@@ -10,6 +12,8 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
     #[error("invalid token")]
     Invalid,
 }
@@ -19,7 +23,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing_token",
             AuthError::Expired => "token_expired",
-            AuthError::Invalid => "invalid_token",
+            AuthError::Invalid | AuthError::NotYetValid => "invalid_token",
         }
     }
 }
@@ -27,6 +31,25 @@ impl AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
+}
+
+/// The claims a deployment may pin (`SYNC_JWT_AUDIENCE`, `SYNC_JWT_ISSUER`): when set, a token
+/// must carry it.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+const LEEWAY: u64 = 5;
+
+/// A verified token: who, and until when the session it opens may last.
+#[derive(Debug, PartialEq)]
+pub struct Verified {
+    pub user: String,
+    pub expires: SystemTime,
 }
 
 pub struct Verifier {
@@ -34,37 +57,93 @@ pub struct Verifier {
     validation: Validation,
 }
 
+fn validation(alg: Algorithm, expect: &Expect) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = LEEWAY;
+    v.validate_nbf = true;
+    if let Some(aud) = &expect.audience {
+        v.set_audience(&[aud]);
+        v.required_spec_claims.insert("aud".into());
+    }
+    if let Some(iss) = &expect.issuer {
+        v.set_issuer(&[iss]);
+        v.required_spec_claims.insert("iss".into());
+    }
+    v
+}
+
 impl Verifier {
-    pub fn hs256(secret: &[u8]) -> Verifier {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+    pub fn hs256(secret: &[u8], expect: &Expect) -> Verifier {
         Verifier {
             key: DecodingKey::from_secret(secret),
-            validation,
+            validation: validation(Algorithm::HS256, expect),
         }
     }
 
-    pub fn rs256(pem: &[u8]) -> anyhow::Result<Verifier> {
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = 5;
+    pub fn rs256(pem: &[u8], expect: &Expect) -> anyhow::Result<Verifier> {
         Ok(Verifier {
             key: DecodingKey::from_rsa_pem(pem)?,
-            validation,
+            validation: validation(Algorithm::RS256, expect),
         })
     }
 
-    /// The user id of a valid token.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+    /// The user id of a valid token, and when the token expires.
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
         match decode::<Claims>(token, &self.key, &self.validation) {
             Ok(data) if !data.claims.sub.is_empty() && data.claims.sub.len() <= 256 => {
-                Ok(data.claims.sub)
+                Ok(Verified {
+                    user: data.claims.sub,
+                    expires: UNIX_EPOCH
+                        + Duration::from_secs(data.claims.exp.saturating_add(LEEWAY)),
+                })
             }
             Ok(_) => Err(AuthError::Invalid),
-            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
-                Err(AuthError::Expired)
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
+            Err(e) if matches!(e.kind(), ErrorKind::ImmatureSignature) => {
+                Err(AuthError::NotYetValid)
             }
             Err(_) => Err(AuthError::Invalid),
         }
+    }
+}
+
+/// Whether `token` has the shape of a key `pg_sync.create_api_key` makes (`pgs_` and 64
+/// lowercase hex digits): anything else is refused without asking the database.
+pub fn is_api_key_shaped(token: &str) -> bool {
+    token.len() == 68
+        && token.starts_with("pgs_")
+        && token[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// API keys the database said it does not know, remembered for a while so that repeating a
+/// bad key costs no query. Bounded: when full, expired entries go, then everything.
+#[derive(Default)]
+pub struct UnknownKeys {
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+const UNKNOWN_KEYS_MAX: usize = 10_000;
+const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(60);
+
+impl UnknownKeys {
+    pub fn contains(&self, key: &str) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(key)
+            .is_some_and(|at| at.elapsed() < UNKNOWN_KEY_TTL)
+    }
+
+    pub fn insert(&self, key: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= UNKNOWN_KEYS_MAX {
+            seen.retain(|_, at| at.elapsed() < UNKNOWN_KEY_TTL);
+            if seen.len() >= UNKNOWN_KEYS_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(key.to_owned(), std::time::Instant::now());
     }
 }
 
@@ -78,6 +157,99 @@ mod tests {
     struct C<'a> {
         sub: &'a str,
         exp: u64,
+    }
+
+    #[derive(Serialize, Clone, Copy)]
+    struct Full<'a> {
+        sub: &'a str,
+        exp: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nbf: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        aud: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iss: Option<&'a str>,
+    }
+
+    fn full(claims: &Full) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_aud_and_iss_are_enforced_and_exp_is_reported() {
+        let plain = Verifier::hs256(b"secret", &Expect::default());
+        let base = Full {
+            sub: "alice",
+            exp: now() + 60,
+            nbf: None,
+            aud: None,
+            iss: None,
+        };
+        let early = Full {
+            nbf: Some(now() + 600),
+            ..base
+        };
+        assert_eq!(plain.verify(&full(&early)), Err(AuthError::NotYetValid));
+        let ok = plain
+            .verify(&full(&Full {
+                nbf: Some(now() - 10),
+                ..base
+            }))
+            .unwrap();
+        assert_eq!(ok.user, "alice");
+        let exp = ok.expires.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert!(exp >= now() + 60 && exp <= now() + 60 + LEEWAY + 1, "{exp}");
+
+        let pinned = Verifier::hs256(
+            b"secret",
+            &Expect {
+                audience: Some("sync".into()),
+                issuer: Some("https://auth.example".into()),
+            },
+        );
+        let good = Full {
+            aud: Some("sync"),
+            iss: Some("https://auth.example"),
+            ..base
+        };
+        assert!(pinned.verify(&full(&good)).is_ok());
+        for bad in [
+            Full { aud: None, ..good },
+            Full { iss: None, ..good },
+            Full {
+                aud: Some("other"),
+                ..good
+            },
+            Full {
+                iss: Some("https://evil.example"),
+                ..good
+            },
+        ] {
+            assert_eq!(pinned.verify(&full(&bad)), Err(AuthError::Invalid));
+        }
+    }
+
+    #[test]
+    fn api_key_shape_and_the_unknown_key_cache() {
+        let key = format!("pgs_{}", "0123456789abcdef".repeat(4));
+        assert!(is_api_key_shaped(&key));
+        assert!(!is_api_key_shaped("pgs_"));
+        assert!(!is_api_key_shaped(&key.to_uppercase()));
+        assert!(!is_api_key_shaped(&format!("{key}0")));
+        assert!(!is_api_key_shaped(&format!("pgs_{}", "g".repeat(64))));
+        let unknown = UnknownKeys::default();
+        assert!(!unknown.contains(&key));
+        unknown.insert(&key);
+        assert!(unknown.contains(&key));
+        for i in 0..UNKNOWN_KEYS_MAX + 5 {
+            unknown.insert(&format!("k{i}"));
+        }
+        assert!(unknown.seen.lock().unwrap().len() <= UNKNOWN_KEYS_MAX);
     }
 
     fn now() -> u64 {
@@ -98,13 +270,15 @@ mod tests {
 
     #[test]
     fn accepts_valid_refuses_forged_expired_and_garbage() {
-        let v = Verifier::hs256(b"secret");
+        let v = Verifier::hs256(b"secret", &Expect::default());
         assert_eq!(
-            v.verify(&token(b"secret", "alice", now() + 60)),
+            v.verify(&token(b"secret", "alice", now() + 60))
+                .map(|v| v.user),
             Ok("alice".into())
         );
         assert_eq!(
-            v.verify(&token(b"other", "alice", now() + 60)),
+            v.verify(&token(b"other", "alice", now() + 60))
+                .map(|v| v.user),
             Err(AuthError::Invalid)
         );
         assert_eq!(

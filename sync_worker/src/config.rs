@@ -25,6 +25,12 @@ pub struct Config {
     /// PEM file with an RS256 public key for client JWTs.
     #[arg(long, env = "SYNC_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
+    /// When set, client JWTs must carry this `aud`.
+    #[arg(long, env = "SYNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// When set, client JWTs must carry this `iss`.
+    #[arg(long, env = "SYNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Logical replication slot the worker owns.
     #[arg(long, env = "SYNC_SLOT", default_value = "pg_sync")]
     pub slot: String,
@@ -43,7 +49,7 @@ pub struct Config {
     /// Database connections the API shares (reads, API keys, mutations), round-robin.
     #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: usize,
-    /// Frames a subscriber may have queued before it is cut off as too slow.
+    /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
     /// Largest client message, in bytes.
@@ -76,6 +82,8 @@ impl fmt::Debug for Config {
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("db_connections", &self.db_connections)
@@ -98,33 +106,75 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The config file named by `--config FILE`, `--config=FILE`, `-c FILE` or `-cFILE` (flags win
+/// over `SYNC_CONFIG`).
+fn config_file_arg(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(arg) = it.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--config" || arg == "-c" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+        if let Some(v) = arg.strip_prefix("-c").filter(|v| !v.is_empty()) {
+            return Some(PathBuf::from(v.strip_prefix('=').unwrap_or(v)));
+        }
+    }
+    None
+}
+
+/// The environment variables a config file sets: each key must be one of the flags' names
+/// (snake_case), so a typo is an error naming the key rather than a setting silently ignored.
+fn file_settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    use clap::CommandFactory;
+    let table: toml::Table = text.parse()?;
+    let cmd = Config::command();
+    let mut out = vec![];
+    for (key, value) in table {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == key && key != "config")
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown key {key:?} (keys are the flags' names in snake_case, e.g. database_url, listen)")
+            })?;
+        let env = arg
+            .get_env()
+            .and_then(|e| e.to_str())
+            .ok_or_else(|| anyhow::anyhow!("key {key:?} cannot be set in the config file"))?
+            .to_owned();
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                value.to_string()
+            }
+            _ => anyhow::bail!("key {key:?} must be a string, number or boolean"),
+        };
+        out.push((env, value));
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Parses flags and environment, after loading the config file (if named) into the
-    /// environment for keys that are not already set there.
+    /// environment for keys that are not already set there. Call it before any thread starts
+    /// (the binary builds its runtime afterwards): it sets environment variables.
     pub fn load() -> anyhow::Result<Config> {
         let args: Vec<String> = std::env::args().collect();
-        let file = args
-            .windows(2)
-            .find(|w| w[0] == "--config" || w[0] == "-c")
-            .map(|w| PathBuf::from(&w[1]))
-            .or_else(|| std::env::var_os("SYNC_CONFIG").map(PathBuf::from));
+        let file =
+            config_file_arg(&args).or_else(|| std::env::var_os("SYNC_CONFIG").map(PathBuf::from));
         if let Some(file) = file {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", file.display()))?;
-            let table: toml::Table = text
-                .parse()
+            let settings = file_settings(&text)
                 .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", file.display()))?;
-            for (key, value) in table {
-                let env = match key.as_str() {
-                    "database_url" => "DATABASE_URL".to_string(),
-                    other => format!("SYNC_{}", other.to_ascii_uppercase()),
-                };
-                let value = match value {
-                    toml::Value::String(s) => s,
-                    other => other.to_string(),
-                };
+            for (env, value) in settings {
                 if std::env::var_os(&env).is_none() {
-                    // SAFETY: single-threaded: called before the runtime starts.
+                    // SAFETY: no other thread runs yet: main calls this before building the
+                    // tokio runtime.
                     unsafe { std::env::set_var(&env, value) };
                 }
             }
@@ -134,5 +184,54 @@ impl Config {
             anyhow::bail!("set SYNC_JWT_SECRET (HS256) or SYNC_JWT_PUBLIC_KEY_FILE (RS256): clients must authenticate");
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("sync_worker")
+            .chain(a.iter().copied())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_spelling_of_the_config_flag_is_found() {
+        let want = Some(PathBuf::from("w.toml"));
+        assert_eq!(config_file_arg(&args(&["--config", "w.toml"])), want);
+        assert_eq!(config_file_arg(&args(&["--config=w.toml"])), want);
+        assert_eq!(config_file_arg(&args(&["-c", "w.toml"])), want);
+        assert_eq!(config_file_arg(&args(&["-cw.toml"])), want);
+        assert_eq!(
+            config_file_arg(&args(&["--listen", "x", "--config=w.toml"])),
+            want
+        );
+        assert_eq!(config_file_arg(&args(&["--listen", "x"])), None);
+        assert_eq!(config_file_arg(&args(&["--", "--config=w.toml"])), None);
+    }
+
+    #[test]
+    fn config_file_keys_map_to_the_environment_and_unknown_keys_are_errors() {
+        let got = file_settings(
+            "database_url = \"postgres://x\"\nsubscriber_queue = 64\njwt_audience = \"sync\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                ("DATABASE_URL".to_string(), "postgres://x".to_string()),
+                ("SYNC_JWT_AUDIENCE".into(), "sync".into()),
+                ("SYNC_SUBSCRIBER_QUEUE".into(), "64".into()),
+            ]
+        );
+        let err = file_settings("subscriber_queu = 64\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("subscriber_queu"), "{err}");
+        assert!(file_settings("config = \"other.toml\"\n").is_err());
+        assert!(file_settings("listen = [1]\n").is_err());
     }
 }

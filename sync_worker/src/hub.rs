@@ -1,9 +1,10 @@
 //! The fan-out hub: who is subscribed, which groups each user is in (in commit order), and the
 //! bounded queue of each subscriber. One serialization per delta is shared by all recipients.
 //!
-//! A subscriber replays from the database first and only then goes live: `go_live` succeeds only
-//! if nothing was published since the replay's upper bound, so the seam has no gap and no
-//! duplicate. A subscriber whose queue is full is cut off with the last sync id it was sent.
+//! A subscriber replays from the database first, then goes live: `go_live` says after which sync
+//! id live delivery starts, and the replay pages up to exactly there (a finite range: steady
+//! writes cannot keep it from ever going live), so the seam has no gap and no duplicate. A
+//! subscriber whose queue fills leaves live delivery and pages from the log again.
 
 use crate::delta::Delta;
 use crate::protocol::close;
@@ -11,7 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// What the hub hands a subscriber's connection.
 #[derive(Debug, Clone)]
@@ -43,6 +44,10 @@ pub struct Published {
     pub memberships: Vec<MembershipChange>,
     /// API keys revoked by this transaction: their sessions are closed.
     pub revoked_keys: Vec<String>,
+    /// The memberships were truncated: every user leaves every group first.
+    pub memberships_reset: bool,
+    /// The API keys were truncated: every session opened with a key is closed.
+    pub all_keys_revoked: bool,
 }
 
 /// Why the hub dropped a subscriber.
@@ -56,6 +61,22 @@ pub struct Subscription {
     pub id: u64,
     pub rx: mpsc::Receiver<Outbound>,
     pub cutoff: Arc<Mutex<Option<Cutoff>>>,
+    /// Signalled when the hub drops this subscriber (revoked key), so a connection that is not
+    /// reading `rx` yet (not subscribed, or replaying) learns it too.
+    pub dropped: Arc<Notify>,
+    /// Signalled when the subscriber's queue filled: it is no longer live; it sends what is
+    /// queued, replays from the log after the last sync id it sent, and goes live again.
+    pub lagged: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Why the hub dropped this subscriber, if it did.
+    pub fn cut(&self) -> Option<Cutoff> {
+        self.cutoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 struct Sub {
@@ -64,14 +85,39 @@ struct Sub {
     tx: mpsc::Sender<Outbound>,
     live: bool,
     cutoff: Arc<Mutex<Option<Cutoff>>>,
+    dropped: Arc<Notify>,
+    lagged: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct User {
     groups: HashSet<String>,
     subs: HashSet<u64>,
-    /// Changes seen while the user's groups load from the database, applied after it.
+    /// Changes seen while the user's groups load from the database, applied after it. An
+    /// empty group id (never a real one) stands for "left every group" (a TRUNCATE).
     pending: Option<Vec<(String, bool)>>,
+    /// `groups` holds what the database said (plus the changes since).
+    loaded: bool,
+}
+
+/// What a new subscriber must do about its user's groups before it replays.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Load {
+    /// They are known.
+    Ready,
+    /// This subscriber loads them (`set_groups`, or `load_failed`).
+    Must,
+    /// Another subscriber of the same user is loading them: wait (`wait_loaded`).
+    Wait,
+}
+
+/// What `go_live` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GoLive {
+    /// Live: every delta after this sync id is delivered; the replay must reach it.
+    Live(i64),
+    /// The hub dropped the subscriber meanwhile (revoked key).
+    Gone,
 }
 
 #[derive(Default)]
@@ -81,17 +127,25 @@ struct State {
     /// group -> users in it (only users with live subscriptions are tracked)
     groups: HashMap<String, HashSet<String>>,
     last_published: i64,
+    /// The watermark came from the database (the sequencer's first session); until then
+    /// cursors cannot be judged.
+    known: bool,
 }
 
 #[derive(Default)]
 pub struct Metrics {
     pub deltas_published: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Connections cut off for not reading (their socket writes timed out).
     pub slow_cutoffs: AtomicU64,
+    /// Live subscribers that fell behind and went back to paging from the log.
+    pub fallbacks: AtomicU64,
 }
 
 pub struct Hub {
     state: Mutex<State>,
+    /// Wakes subscribers waiting for another subscriber's group load.
+    loads: Notify,
     next_id: AtomicU64,
     published: AtomicI64,
     queue: usize,
@@ -99,12 +153,22 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(queue: usize, last_sync_id: i64) -> Hub {
+    /// A hub whose watermark is unknown until the sequencer reports it (`catch_up`).
+    pub fn new(queue: usize) -> Hub {
+        let hub = Hub::with_watermark(queue, 0);
+        hub.lock().known = false;
+        hub
+    }
+
+    /// A hub whose watermark is known to be `last_sync_id`.
+    pub fn with_watermark(queue: usize, last_sync_id: i64) -> Hub {
         Hub {
             state: Mutex::new(State {
                 last_published: last_sync_id,
+                known: true,
                 ..State::default()
             }),
+            loads: Notify::new(),
             next_id: AtomicU64::new(1),
             published: AtomicI64::new(last_sync_id),
             queue,
@@ -121,16 +185,27 @@ impl Hub {
         self.published.load(Ordering::Acquire)
     }
 
-    /// Moves the watermark up to what the sequencer has persisted, but only while nobody is
-    /// subscribed (at start-up); returns false otherwise, and the caller must publish the gap.
-    pub fn catch_up_if_idle(&self, last_sync_id: i64) -> bool {
+    /// The published watermark, once it is known (`None` while the worker starts and the
+    /// database has not answered yet: no cursor can be judged then).
+    pub fn watermark(&self) -> Option<i64> {
+        let st = self.lock();
+        st.known.then_some(st.last_published)
+    }
+
+    /// Moves the watermark up to what the sequencer has persisted (at the start of a session).
+    /// Only live subscribers need the persisted-but-unpublished ids delivered: when there are
+    /// none (or the watermark was not known yet, so nobody can be live) the watermark just
+    /// moves, and a replay in progress pages on to it. Returns false when the caller must
+    /// publish the gap instead.
+    pub fn catch_up(&self, last_sync_id: i64) -> bool {
         let mut st = self.lock();
-        if last_sync_id <= st.last_published {
+        if st.known && last_sync_id <= st.last_published {
             return true;
         }
-        if !st.subs.is_empty() {
+        if st.known && st.subs.values().any(|s| s.live) {
             return false;
         }
+        st.known = true;
         st.last_published = last_sync_id;
         self.published.store(last_sync_id, Ordering::Release);
         true
@@ -141,18 +216,16 @@ impl Hub {
     }
 
     /// Registers a subscriber (not live yet), authenticated by `key` when it used an API key.
-    /// Returns whether the user's groups must be loaded.
-    pub fn register(&self, user: &str, key: Option<&str>) -> (Subscription, bool) {
+    /// Says what must happen about the user's groups before it replays.
+    pub fn register(&self, user: &str, key: Option<&str>) -> (Subscription, Load) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.queue);
         let cutoff = Arc::new(Mutex::new(None));
+        let dropped = Arc::new(Notify::new());
+        let lagged = Arc::new(Notify::new());
         let mut st = self.lock();
         let entry = st.users.entry(user.to_owned()).or_default();
-        let must_load = entry.subs.is_empty() && entry.pending.is_none();
-        if must_load {
-            entry.pending = Some(Vec::new());
-            entry.groups.clear();
-        }
+        let load = claim_load(entry);
         entry.subs.insert(id);
         st.subs.insert(
             id,
@@ -162,9 +235,53 @@ impl Hub {
                 tx,
                 live: false,
                 cutoff: cutoff.clone(),
+                dropped: dropped.clone(),
+                lagged: lagged.clone(),
             },
         );
-        (Subscription { id, rx, cutoff }, must_load)
+        (
+            Subscription {
+                id,
+                rx,
+                cutoff,
+                dropped,
+                lagged,
+            },
+            load,
+        )
+    }
+
+    /// Waits until another subscriber's load of `user`'s groups ends: `Ready` when it
+    /// succeeded, `Must` when it failed (this subscriber loads them now).
+    pub async fn wait_loaded(&self, user: &str) -> Load {
+        loop {
+            let notified = self.loads.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                let Some(entry) = st.users.get_mut(user) else {
+                    return Load::Must;
+                };
+                match claim_load(entry) {
+                    Load::Wait => {}
+                    other => return other,
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The load of `user`'s groups failed: another subscriber of the user may try again.
+    pub fn load_failed(&self, user: &str) {
+        let mut st = self.lock();
+        if let Some(entry) = st.users.get_mut(user) {
+            if !entry.loaded {
+                entry.pending = None;
+            }
+        }
+        drop(st);
+        self.loads.notify_waiters();
     }
 
     /// Installs the groups loaded from the database, then the changes seen meanwhile.
@@ -178,16 +295,75 @@ impl Hub {
         };
         let mut groups: HashSet<String> = loaded.into_iter().collect();
         for (g, joined) in pending {
-            if joined {
+            if g.is_empty() {
+                groups.clear();
+            } else if joined {
                 groups.insert(g);
             } else {
                 groups.remove(&g);
             }
         }
         entry.groups = groups.clone();
+        entry.loaded = true;
         for g in groups {
             st.groups.entry(g).or_default().insert(user.to_owned());
         }
+        drop(st);
+        self.loads.notify_waiters();
+    }
+
+    /// The API keys live sessions authenticated with.
+    pub fn keys(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut keys: Vec<String> = st.subs.values().filter_map(|s| s.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The users whose groups the hub tracks (they have subscribers).
+    pub fn users(&self) -> Vec<String> {
+        self.lock().users.keys().cloned().collect()
+    }
+
+    /// Brings the tracked users' groups to what the database says now (`fresh`: user ->
+    /// groups; a tracked user missing from it is in none), as membership changes, so live
+    /// connections hear of them. For deltas published without their transactions' membership
+    /// changes (a session's start): a user removed from a group must not get its rows.
+    pub fn refresh_groups(&self, fresh: &HashMap<String, Vec<String>>) {
+        let mut st = self.lock();
+        let users: Vec<String> = st.users.keys().cloned().collect();
+        for user in users {
+            let now: HashSet<&String> = fresh.get(&user).into_iter().flatten().collect();
+            let Some(entry) = st.users.get(&user) else {
+                continue;
+            };
+            let mut changes: Vec<MembershipChange> = entry
+                .groups
+                .iter()
+                .filter(|g| !now.contains(g))
+                .map(|g| MembershipChange {
+                    user_id: user.clone(),
+                    group_id: g.clone(),
+                    joined: false,
+                })
+                .collect();
+            changes.extend(now.iter().filter(|g| !entry.groups.contains(**g)).map(|g| {
+                MembershipChange {
+                    user_id: user.clone(),
+                    group_id: (*g).clone(),
+                    joined: true,
+                }
+            }));
+            for m in &changes {
+                apply_membership(&mut st, m);
+            }
+        }
+    }
+
+    /// Whether the hub still holds subscriber `id` (it drops revoked and slow ones).
+    pub fn is_registered(&self, id: u64) -> bool {
+        self.lock().subs.contains_key(&id)
     }
 
     /// The user's groups now (for replay filters).
@@ -199,18 +375,17 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Makes the subscriber live if nothing was published after `through`.
-    pub fn go_live(&self, id: u64, through: i64) -> bool {
+    /// Makes the subscriber live: it gets every delta published from now on, i.e. after the
+    /// returned sync id (the watermark now).
+    pub fn go_live(&self, id: u64) -> GoLive {
         let mut st = self.lock();
-        if st.last_published != through {
-            return false;
-        }
+        let watermark = st.last_published;
         match st.subs.get_mut(&id) {
+            None => GoLive::Gone,
             Some(sub) => {
                 sub.live = true;
-                true
+                GoLive::Live(watermark)
             }
-            None => false,
         }
     }
 
@@ -222,16 +397,24 @@ impl Hub {
     /// Delivers sequenced transactions, in order, to live subscribers.
     pub fn publish(&self, batch: &[Published]) {
         let mut st = self.lock();
-        let mut slow: Vec<u64> = vec![];
+        let mut gone: Vec<u64> = vec![];
         for txn in batch {
+            if txn.memberships_reset {
+                reset_memberships(&mut st);
+            }
             for m in &txn.memberships {
                 apply_membership(&mut st, m);
             }
-            for key in &txn.revoked_keys {
+            let revoked: Vec<&str> = txn.revoked_keys.iter().map(String::as_str).collect();
+            if txn.all_keys_revoked || !revoked.is_empty() {
                 let ids: Vec<u64> = st
                     .subs
                     .iter()
-                    .filter(|(_, s)| s.key.as_deref() == Some(key))
+                    .filter(|(_, s)| {
+                        s.key
+                            .as_deref()
+                            .is_some_and(|k| txn.all_keys_revoked || revoked.contains(&k))
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
@@ -240,6 +423,7 @@ impl Hub {
                             code: close::REVOKED,
                             reason: "api key revoked".into(),
                         });
+                        sub.dropped.notify_one();
                     }
                     remove_sub(&mut st, id);
                 }
@@ -288,29 +472,66 @@ impl Hub {
                         Ok(()) => {
                             self.metrics.deliveries.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
-                        Err(mpsc::error::TrySendError::Closed(_)) => slow.push(id),
+                        // Behind (a large transaction, a slow reader): it leaves live delivery
+                        // at once, so it gets nothing out of order, drains its queue, pages the
+                        // rest from the log and goes live again by itself (`lagged`).
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            if let Some(sub) = st.subs.get_mut(&id) {
+                                sub.live = false;
+                                sub.lagged.notify_one();
+                            }
+                            self.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => gone.push(id),
                     }
                 }
             }
             if txn.last_sync_id > st.last_published {
                 st.last_published = txn.last_sync_id;
             }
-            for id in slow.drain(..) {
-                if let Some(sub) = st.subs.get(&id) {
-                    let mut c = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner());
-                    if c.is_none() {
-                        *c = Some(Cutoff {
-                            code: close::SLOW_CONSUMER,
-                            reason: "slow consumer".into(),
-                        });
-                        self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            for id in gone.drain(..) {
                 remove_sub(&mut st, id);
             }
         }
         self.published.store(st.last_published, Ordering::Release);
+    }
+}
+
+/// Every tracked user leaves every group (the memberships were truncated).
+fn reset_memberships(st: &mut State) {
+    let users: Vec<String> = st.users.keys().cloned().collect();
+    for user in users {
+        let Some(entry) = st.users.get_mut(&user) else {
+            continue;
+        };
+        if let Some(pending) = entry.pending.as_mut() {
+            pending.push((String::new(), false));
+            continue;
+        }
+        let groups: Vec<String> = entry.groups.iter().cloned().collect();
+        for g in groups {
+            apply_membership(
+                st,
+                &MembershipChange {
+                    user_id: user.clone(),
+                    group_id: g,
+                    joined: false,
+                },
+            );
+        }
+    }
+}
+
+/// What a new subscriber of `user` must do about the groups (and claims the load for it).
+fn claim_load(user: &mut User) -> Load {
+    if user.loaded {
+        Load::Ready
+    } else if user.pending.is_some() {
+        Load::Wait
+    } else {
+        user.pending = Some(Vec::new());
+        user.groups.clear();
+        Load::Must
     }
 }
 
@@ -394,17 +615,17 @@ mod tests {
             last_sync_id: id,
             deltas,
             memberships,
-            revoked_keys: vec![],
+            ..Published::default()
         }
     }
 
     #[test]
     fn delivers_by_group_and_membership_in_commit_order() {
-        let hub = Hub::new(16, 0);
+        let hub = Hub::with_watermark(16, 0);
         let (mut alice, load) = hub.register("alice", None);
-        assert!(load);
+        assert_eq!(load, Load::Must);
         hub.set_groups("alice", vec!["a".into()]);
-        assert!(hub.go_live(alice.id, 0));
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
         let join = MembershipChange {
             user_id: "alice".into(),
             group_id: "b".into(),
@@ -442,32 +663,54 @@ mod tests {
     }
 
     #[test]
-    fn go_live_refuses_after_a_publish_and_slow_consumers_are_cut() {
-        let hub = Hub::new(2, 10);
-        let (sub, _) = hub.register("u", None);
+    fn go_live_starts_after_the_watermark_and_a_full_queue_falls_back_to_paging() {
+        let hub = Hub::with_watermark(2, 10);
+        let (mut sub, _) = hub.register("u", None);
         hub.set_groups("u", vec!["g".into()]);
         hub.publish(&[txn(11, vec![delta(11, Some("g"), false)], vec![])]);
-        assert!(
-            !hub.go_live(sub.id, 10),
-            "a delta was published after the replay bound"
-        );
-        assert!(hub.go_live(sub.id, 11));
+        // Published while it replayed up to 10: the replay pages on to 11, then it is live.
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(11));
+        // Three deltas into a queue of two: the third does not fit.
         hub.publish(&[txn(
             14,
             (12..=14).map(|i| delta(i, Some("g"), false)).collect(),
             vec![],
         )]);
-        let cut = sub.cutoff.lock().unwrap().clone().expect("cut off");
-        assert_eq!(cut.code, 4008);
-        assert_eq!(hub.subscriber_count(), 0);
-        assert_eq!(hub.metrics.slow_cutoffs.load(Ordering::Relaxed), 1);
+        assert!(sub.cut().is_none(), "not cut off");
+        assert!(hub.is_registered(sub.id));
+        assert_eq!(hub.metrics.fallbacks.load(Ordering::Relaxed), 1);
+        // Nothing more is queued once it is behind, even when the queue has room again.
+        let first = sub.rx.try_recv().unwrap();
+        assert!(matches!(first, Outbound::Delta { sync_id: 12, .. }));
+        hub.publish(&[txn(15, vec![delta(15, Some("g"), false)], vec![])]);
+        let mut queued = vec![];
+        while let Ok(Outbound::Delta { sync_id, .. }) = sub.rx.try_recv() {
+            queued.push(sync_id);
+        }
+        assert_eq!(queued, [13], "14 and 15 come from the log");
+        // It is told, and goes live again after paging up to the watermark.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), sub.lagged.notified())
+                .await
+                .expect("lagged is signalled");
+        });
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(15));
+        hub.publish(&[txn(16, vec![delta(16, Some("g"), false)], vec![])]);
+        assert!(matches!(
+            sub.rx.try_recv(),
+            Ok(Outbound::Delta { sync_id: 16, .. })
+        ));
     }
 
     #[test]
     fn changes_while_loading_apply_after_the_load() {
-        let hub = Hub::new(8, 0);
+        let hub = Hub::with_watermark(8, 0);
         let (_sub, load) = hub.register("u", None);
-        assert!(load);
+        assert_eq!(load, Load::Must);
         let m = |g: &str, joined| MembershipChange {
             user_id: "u".into(),
             group_id: g.into(),
@@ -478,5 +721,184 @@ mod tests {
         let mut g = hub.groups_of("u");
         g.sort();
         assert_eq!(g, ["x", "z"]);
+    }
+
+    #[test]
+    fn a_revoked_subscriber_is_gone_for_go_live_and_is_told_at_once() {
+        let hub = Hub::with_watermark(8, 5);
+        let (sub, _) = hub.register("u", Some("key-1"));
+        hub.set_groups("u", vec![]);
+        hub.publish(&[Published {
+            last_sync_id: 0,
+            revoked_keys: vec!["key-1".into()],
+            ..Published::default()
+        }]);
+        // The replay loop must stop here, not ask again forever.
+        assert_eq!(hub.go_live(sub.id), GoLive::Gone);
+        assert!(!hub.is_registered(sub.id));
+        assert_eq!(sub.cut().map(|c| c.code), Some(close::REVOKED));
+        // The notification waits for the connection even if it was not listening yet.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), sub.dropped.notified())
+                .await
+                .expect("dropped is signalled");
+        });
+    }
+
+    #[test]
+    fn a_second_connection_waits_for_the_first_ones_group_load() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (_first, load) = hub.register("u", None);
+        assert_eq!(load, Load::Must);
+        let (_second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait, "the groups are not known yet");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.wait_loaded("u").await })
+            };
+            tokio::task::yield_now().await;
+            hub.set_groups("u", vec!["g".into()]);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Ready);
+        });
+        assert_eq!(hub.groups_of("u"), ["g"]);
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Ready);
+    }
+
+    #[test]
+    fn a_failed_group_load_hands_the_load_to_a_waiting_connection() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (first, _) = hub.register("u", None);
+        let (_second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.wait_loaded("u").await })
+            };
+            tokio::task::yield_now().await;
+            hub.load_failed("u");
+            hub.unregister(first.id);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Must, "the waiter loads them now");
+        });
+        // A newcomer waits for that load instead of starting blind.
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+    }
+
+    #[test]
+    fn the_watermark_is_unknown_until_the_sequencer_says_and_idle_sockets_do_not_force_a_republish()
+    {
+        let hub = Hub::new(8);
+        assert_eq!(hub.watermark(), None, "no cursor can be judged yet");
+        // A connected, not yet live socket does not make the log be published again.
+        let (sub, _) = hub.register("u", None);
+        hub.set_groups("u", vec![]);
+        assert!(hub.catch_up(1_000));
+        assert_eq!(hub.watermark(), Some(1_000));
+        assert_eq!(hub.published(), 1_000);
+        // Not live yet: the watermark still just moves (a replay pages on to it).
+        assert!(hub.catch_up(1_010));
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(1_010));
+        // A live subscriber must get the gap published.
+        assert!(!hub.catch_up(1_020));
+        assert_eq!(hub.published(), 1_010);
+    }
+
+    #[test]
+    fn refreshed_groups_remove_and_add_before_a_republish() {
+        let hub = Hub::with_watermark(16, 0);
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into(), "b".into()]);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
+        let fresh: HashMap<String, Vec<String>> =
+            [("alice".to_string(), vec!["b".to_string(), "c".to_string()])].into();
+        hub.refresh_groups(&fresh);
+        hub.publish(&[txn(
+            3,
+            vec![
+                delta(1, Some("a"), false),
+                delta(2, Some("b"), false),
+                delta(3, Some("c"), false),
+            ],
+            vec![],
+        )]);
+        let mut got = vec![];
+        while let Ok(o) = alice.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        assert_eq!(got, ["-a", "+c", "d2", "d3"]);
+        // Nobody in the database: no groups at all.
+        hub.refresh_groups(&HashMap::new());
+        assert!(hub.groups_of("alice").is_empty());
+    }
+
+    #[test]
+    fn truncated_memberships_and_keys_take_everything_away() {
+        let hub = Hub::with_watermark(16, 0);
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into()]);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(0));
+        let (keyed, _) = hub.register("bob", Some("k1"));
+        hub.set_groups("bob", vec![]);
+        // Carol is still loading: her loaded groups predate the truncation.
+        let (_carol, load) = hub.register("carol", None);
+        assert_eq!(load, Load::Must);
+        let join = MembershipChange {
+            user_id: "alice".into(),
+            group_id: "b".into(),
+            joined: true,
+        };
+        hub.publish(&[
+            Published {
+                last_sync_id: 1,
+                deltas: vec![delta(1, Some("a"), false), delta(2, Some("b"), false)],
+                memberships: vec![join],
+                memberships_reset: true,
+                all_keys_revoked: true,
+                ..Published::default()
+            },
+            txn(3, vec![delta(3, Some("a"), false)], vec![]),
+        ]);
+        hub.set_groups("carol", vec!["a".into()]);
+        let mut got = vec![];
+        while let Ok(o) = alice.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        assert_eq!(got, ["-a", "+b", "d2"]);
+        assert!(hub.groups_of("carol").is_empty());
+        assert!(!hub.is_registered(keyed.id));
+        assert_eq!(keyed.cut().map(|c| c.code), Some(close::REVOKED));
     }
 }

@@ -27,13 +27,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let expect = auth::Expect {
+        audience: cfg.jwt_audience.clone(),
+        issuer: cfg.jwt_issuer.clone(),
+    };
     let verifier = match (&cfg.jwt_secret, &cfg.jwt_public_key_file) {
-        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes()),
-        (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?)?,
+        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes(), &expect),
+        (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?, &expect)?,
         (None, None) => anyhow::bail!("no JWT secret or public key configured"),
     };
     let cfg = Arc::new(cfg);
-    let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue, 0));
+    let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue));
     let status = Arc::new(replication::sequencer::Status::default());
     let replication = tokio::spawn(replication::sequencer::run(
         cfg.clone(),
@@ -50,6 +54,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         counters: Default::default(),
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
+        unknown_keys: Default::default(),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
@@ -73,23 +78,44 @@ pub async fn serve(
 }
 
 /// Compacts the log on a schedule (`SYNC_RETENTION`, `SYNC_COMPACT_INTERVAL_SECS`).
+/// It has a connection of its own: a long compaction (or one waiting on a lock) must not hold
+/// up authentication, group loads and replays queued behind it on the shared ones.
 async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(app.cfg.compact_interval_secs.max(1));
+    let mut own: Option<tokio_postgres::Client> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        // By age and by size: whichever horizon is higher wins.
+        // By age and by size, whichever horizon is higher, but never past what is published:
+        // a client may hold any published sync id as its cursor, and ids persisted but not yet
+        // published (nor acknowledged to the slot) must stay for a restarted session to find.
+        let Some(published) = app.hub.watermark() else {
+            continue;
+        };
         let age = (app.cfg.retention != "off").then_some(app.cfg.retention.as_str());
         let size =
             (app.cfg.retention_max_actions > 0).then_some(app.cfg.retention_max_actions as i64);
-        let result = match app.db.get().await {
+        if own.as_ref().is_none_or(|c| c.is_closed()) {
+            own = replication::sequencer::connect(&app.cfg.database_url)
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "compaction cannot connect"))
+                .ok();
+        }
+        let result = match own.as_ref().ok_or("no connection") {
             Ok(db) => db
                 .query_one(
-                    "SELECT CASE WHEN $1::text IS NULL THEN 0 ELSE pg_sync.compact_older_than($1::text::interval) END
-                          + CASE WHEN $2::bigint IS NULL THEN 0 ELSE pg_sync.compact_to_size($2::bigint) END",
-                    &[&age, &size],
+                    "WITH t AS (
+                       SELECT LEAST(GREATEST(
+                                CASE WHEN $1::text IS NULL THEN 0 ELSE coalesce(
+                                  (SELECT max(first_sync_id + action_count - 1) FROM pg_sync.commit_order
+                                    WHERE committed_at < now() - $1::text::interval), 0) END,
+                                CASE WHEN $2::bigint IS NULL THEN 0
+                                     ELSE GREATEST(pg_sync.last_sync_id() - $2::bigint, 0) END),
+                              $3::bigint) AS h)
+                     SELECT CASE WHEN h > pg_sync.retention_horizon() THEN pg_sync.compact(h) ELSE 0 END FROM t",
+                    &[&age, &size, &published],
                 )
                 .await
                 .map(|r| r.get::<_, i64>(0))

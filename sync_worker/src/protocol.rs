@@ -10,5 +10,7 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const TOO_BIG: u16 = 1009;
     pub const REVOKED: u16 = 4401;
+    /// The session's JWT expired (`exp` passed): reconnect with a fresh token.
+    pub const TOKEN_EXPIRED: u16 = 4402;
     pub const RESYNC: u16 = 4410;
 }

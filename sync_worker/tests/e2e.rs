@@ -2348,3 +2348,672 @@ async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     }
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// Opens `/sync/ws` with an API key.
+async fn connect_key(port: u16, key: &str) -> Ws {
+    let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("api key accepted")
+        .0
+}
+
+/// How long `/healthz` takes to answer (a generous cap when it does not).
+async fn healthz_latency(port: u16) -> Duration {
+    let t = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(3), http_get(port, "/healthz")).await {
+        Ok(Ok(_)) => t.elapsed(),
+        _ => Duration::from_secs(3),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
+    let (cluster, mut db) = app_cluster("ws_revoked_spin");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let key = |db: &mut postgres_client::Client| -> (String, String) {
+        tokio::task::block_in_place(|| {
+            let r = db
+                .query_one(
+                    "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        })
+    };
+    // One connection subscribes only after its key was revoked.
+    let (id, k) = key(&mut db);
+    let mut ws = connect_key(port, &k).await;
+    exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    // The session may be closed right away; if it is not, it gets a subscribe.
+    let early = tokio::time::timeout(Duration::from_millis(500), close_frame(&mut ws))
+        .await
+        .ok()
+        .flatten();
+    if early.is_none() {
+        let _ = ws
+            .send(Message::Text(
+                json!({"type": "subscribe", "after": 0}).to_string().into(),
+            ))
+            .await;
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        slowest = slowest.max(healthz_latency(port).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?} with a revoked session around"
+    );
+    let closed = match early {
+        Some(frame) => Some(frame),
+        None => close_frame(&mut ws).await,
+    };
+    assert_eq!(closed.map(|(c, _)| c), Some(4401));
+
+    // Another writes right after its key was revoked: refused, and nothing is written.
+    let (id, k) = key(&mut db);
+    let mut ws = connect_key(port, &k).await;
+    exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    let mutate = json!({"type": "mutate", "clientId": "c1", "transactions": [{
+        "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000001",
+        "ops": [{"model": "todos", "id": 50, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
+    let _ = ws.send(Message::Text(mutate.to_string().into())).await;
+    let mut replies = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    // 4401, or (when the close crossed the mutate on the wire) a reset connection; either
+    // way nothing may have been written.
+    assert!(
+        matches!(closed, Some(4401) | None),
+        "{closed:?}, replies: {replies:?}"
+    );
+    assert!(
+        replies.iter().all(|r| !r.contains("mutate_result")),
+        "{replies:?}"
+    );
+    let written: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT count(*) FROM todos WHERE id = 50", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(written, 0, "a revoked key wrote: {replies:?}");
+    assert!(healthz_latency(port).await < Duration::from_millis(500));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_model_re_registered_with_a_group_column_stops_reaching_everyone() {
+    let (cluster, mut db) = app_cluster("ws_reregister");
+    exec(
+        &mut db,
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, team text);
+         SELECT pg_sync.register_table('notes');",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let mut bob = connect(worker.port, "bob").await;
+    subscribe(&mut bob, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO notes VALUES (1, 'for everyone', NULL)",
+    );
+    let got = collect(&mut bob, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["notes:I:1"], "global while it is global");
+    exec(
+        &mut db,
+        "SELECT pg_sync.register_table('notes', group_column => 'team')",
+    );
+    exec(&mut db, "INSERT INTO notes VALUES (2, 'secret', 'p1')");
+    exec(&mut db, "INSERT INTO notes VALUES (3, 'for bob', 'p2')");
+    let got = collect(&mut bob, |g| g.iter().any(|f| f["modelId"] == "3")).await;
+    assert_eq!(summary(&got), ["notes:I:3"], "p1's row leaked to bob");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_committed_while_the_worker_is_down_are_sequenced_in_commit_order() {
+    let (cluster, mut db) = app_cluster("ws_down_order");
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'y0', 'p1')");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut alice = connect(port, "alice").await;
+    let (before, _) = subscribe(&mut alice, 0).await;
+    assert_eq!(summary(&before), ["todos:I:1"]);
+    drop(alice);
+    assert_eq!(worker.terminate(), Some(0));
+    // T_b starts first (its first action has the smaller id) but commits last.
+    let mut b = tokio::task::block_in_place(|| cluster.connect("app"));
+    exec(&mut b, "BEGIN; INSERT INTO todos VALUES (2, 'x', 'p1');");
+    exec(&mut db, "UPDATE todos SET title = 'a' WHERE id = 1");
+    exec(&mut b, "UPDATE todos SET title = 'b' WHERE id = 1; COMMIT;");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    let frames = subscribe_settled(&mut alice, 0).await;
+    let titles: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["modelId"] == "1")
+        .filter_map(|f| f["data"]["title"].as_str())
+        .collect();
+    assert_eq!(titles, ["y0", "a", "b"], "{frames:?}");
+    let ids: Vec<i64> = frames
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4], "T_a (1 action) before T_b (2 actions)");
+    assert_eq!(frames[1]["modelId"], "1");
+    tokio::task::block_in_place(|| drop((db, b)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_panic_is_survived_not_hidden() {
+    let (cluster, mut db) = app_cluster("ws_panic");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "panic_in_flush")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'after the panic', 'p1')",
+    );
+    // The panicking session is replaced; the row still arrives, once.
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["todos:I:1"]);
+    let (_, metrics) = http_get(worker.port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("pg_sync_sequencer_panics_total 1"),
+        "{metrics}"
+    );
+    worker.wait_healthy().await;
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let (cluster, db) = app_cluster("ws_token_exp");
+    let worker = Worker::started(&cluster, "app").await;
+    // Expires in 2 s (plus the 5 s leeway).
+    let mut req = format!("ws://127.0.0.1:{}/sync/ws", worker.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("alice", 2, SECRET))
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (_, through) = subscribe(&mut ws, 0).await;
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some((u16::from(f.code), f.reason.to_string()))
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    let (code, reason) = closed.expect("closed when the token expired");
+    assert_eq!(code, 4402, "{reason}");
+    assert!(
+        reason.contains(&format!("resume after {through}")),
+        "{reason}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // A token that is not valid yet is refused at the handshake.
+    let nbf = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let early = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": nbf + 600, "nbf": nbf}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = http_get_with(
+        worker.port,
+        "/sync/deltas?after=0",
+        &[("Authorization", format!("Bearer {early}"))],
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_equals_form_works_and_unknown_keys_are_errors() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("ws_config_eq", &[]));
+    let db = setup(&cluster, "app");
+    let port = free_port();
+    let path = cluster.dir.join("worker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"{}\"\nlisten = \"127.0.0.1:{port}\"\njwt_secret = \"{SECRET}\"\n",
+            cluster.url("app")
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg(format!("--config={}", path.display()))
+        .env_remove("DATABASE_URL")
+        .env_remove("SYNC_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let worker = Worker { child, port };
+    worker.wait_healthy().await;
+    drop(worker);
+    let bad = cluster.dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nsubscriber_queu = 64\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .arg(format!("--config={}", bad.display()))
+        .env("SYNC_JWT_SECRET", SECRET)
+        .env("DATABASE_URL", cluster.url("app"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subscriber_queu"), "{err}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_in_a_republished_gap_gets_none_of_its_rows() {
+    let (cluster, mut db) = app_cluster("ws_gap_members");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    // One transaction removes alice from p1 and writes p1's row; its sync id is persisted,
+    // then the session fails before publishing it (with its membership change).
+    exec(
+        &mut db,
+        "BEGIN; SELECT pg_sync.remove_member('alice', 'p1');
+         INSERT INTO todos VALUES (1, 'not for alice', 'p1'); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    exec(&mut db, "SELECT pg_sync.add_member('alice', 'p3')");
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'for alice', 'p3')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    let deltas: Vec<Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .cloned()
+        .collect();
+    assert_eq!(summary(&deltas), ["todos:I:2"], "{frames:?}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_frame_flood_is_closed_like_a_text_one() {
+    let (cluster, db) = app_cluster("ws_binary_flood");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    for _ in 0..50 {
+        if ws
+            .send(Message::Binary(vec![1, 2, 3].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_frame(&mut ws).await.map(|(c, _)| c), Some(4400));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_the_queue_does_not_disconnect_live_subscribers() {
+    let (cluster, mut db) = app_cluster("ws_big_txn");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_SUBSCRIBER_QUEUE", "64")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    let mut bob = connect(worker.port, "bob").await;
+    subscribe(&mut alice, 0).await;
+    subscribe(&mut bob, 0).await;
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, 'bulk', 'p1' FROM generate_series(1, 3000) g",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (5000, 'after', 'p1')");
+    exec(&mut db, "INSERT INTO todos VALUES (5001, 'for bob', 'p2')");
+    let mut ids = vec![];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ids.len() < 3001 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), alice.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                if f["type"] == "delta" {
+                    ids.push(f["syncId"].as_i64().unwrap());
+                }
+            }
+            Ok(Some(Ok(Message::Close(c)))) => panic!("alice was closed: {c:?}"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("alice's stream ended: {other:?}"),
+        }
+    }
+    assert_eq!(
+        ids,
+        (1..=3001).collect::<Vec<_>>(),
+        "every delta once, in order"
+    );
+    // Both rejoined live delivery by themselves.
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (5002, 'live again', 'p1')",
+    );
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["todos:I:5002"]);
+    let got = collect(&mut bob, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["todos:I:5001"]);
+    let (_, metrics) = http_get(worker.port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("pg_sync_slow_consumer_closes_total 0"),
+        "{metrics}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberships_changed_by_update_or_truncate_reach_live_sessions() {
+    let (cluster, mut db) = app_cluster("ws_member_update");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    // alice moves from p1 to p2 by an UPDATE of her membership row.
+    exec(
+        &mut db,
+        "UPDATE pg_sync.group_memberships SET group_id = 'p2' WHERE user_id = 'alice' AND group_id = 'p1'",
+    );
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'p1 now foreign', 'p1')",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'p2 now hers', 'p2')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    let seen: Vec<String> = frames
+        .iter()
+        .map(|f| match f["type"].as_str() {
+            Some("membership") => format!(
+                "{}{}",
+                if f["joined"] == true { "+" } else { "-" },
+                f["groupId"].as_str().unwrap()
+            ),
+            _ => format!("d{}", f["modelId"].as_str().unwrap_or("")),
+        })
+        .collect();
+    assert_eq!(seen, ["-p1", "+p2", "d2"]);
+    // TRUNCATE takes every group away.
+    exec(&mut db, "TRUNCATE pg_sync.group_memberships");
+    exec(&mut db, "INSERT INTO todos VALUES (3, 'nobody''s', 'p2')");
+    exec(&mut db, "INSERT INTO announcements VALUES (1, 'everyone')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["model"] == "announcements") && Instant::now() < deadline
+    {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    assert!(
+        frames.iter().all(|f| f["modelId"] != "3"),
+        "a truncated membership still delivered: {frames:?}"
+    );
+    assert!(frames
+        .iter()
+        .any(|f| f["type"] == "membership" && f["groupId"] == "p2" && f["joined"] == false));
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_in_a_republished_gap_gets_none_of_it() {
+    let (cluster, mut db) = app_cluster("ws_gap_keys");
+    // Made before the worker starts: the first transaction it streams is the one below.
+    let (id, key): (String, String) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let mut ws = connect_key(worker.port, &key).await;
+    subscribe(&mut ws, 0).await;
+    // One transaction revokes the key and writes alice's group; its sync id is persisted,
+    // then the session fails before publishing it (with the revocation).
+    exec(
+        &mut db,
+        &format!(
+            "BEGIN; SELECT pg_sync.revoke_api_key('{id}');
+             INSERT INTO todos VALUES (1, 'after the revocation', 'p1'); COMMIT;"
+        ),
+    );
+    let mut frames = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => frames.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(closed, Some(4401));
+    assert!(
+        frames.iter().all(|f| !f.contains("\"delta\"")),
+        "a revoked key got {frames:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_never_passes_what_is_published() {
+    let (cluster, mut db) = app_cluster("ws_compact_cap");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_FAILPOINTS", "stall_after_persist"),
+            ("SYNC_RETENTION", "off"),
+            ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'one', 'p1')");
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(got[0]["syncId"], 1);
+    // Sync ids 2..4 are persisted, then held unpublished for 3 s; compaction runs meanwhile.
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, 'bulk', 'p1' FROM generate_series(2, 4) g",
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (horizon, last): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT pg_sync.retention_horizon(), pg_sync.last_sync_id()",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert_eq!(last, 4, "persisted");
+    assert!(
+        horizon <= 1,
+        "compacted to {horizon} while only 1 was published"
+    );
+    // The published cursor stays valid.
+    let mut bob = connect(worker.port, "alice").await;
+    let (mut frames, _) = subscribe(&mut bob, 1).await;
+    let need = 3 - frames.len();
+    frames.extend(collect(&mut bob, |g| g.len() >= need).await);
+    assert_eq!(
+        frames
+            .iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_api_keys_cost_the_database_nothing() {
+    // Every statement is logged: the key lookups can be counted.
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("ws_bad_keys", &["log_statement = 'all'"]));
+    let db = setup(&cluster, "app");
+    let worker = Worker::started(&cluster, "app").await;
+    let lookups = || {
+        std::fs::read_to_string(cluster.dir.join("postgres.log"))
+            .unwrap_or_default()
+            .matches("FROM pg_sync.api_keys WHERE key_hash")
+            .count()
+    };
+    let before = lookups();
+    let unknown = format!("pgs_{}", "0123456789abcdef".repeat(4));
+    for i in 0..100 {
+        let key = if i % 2 == 0 {
+            format!("pgs_not-a-key-{i}")
+        } else {
+            unknown.clone()
+        };
+        let (status, body) = http_get_with(
+            worker.port,
+            "/sync/deltas?after=0",
+            &[("Authorization", format!("Bearer {key}"))],
+        )
+        .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("invalid_api_key"), "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spent = lookups() - before;
+    assert_eq!(
+        spent, 1,
+        "100 bad keys cost {spent} lookups (one: the first unknown key)"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_the_database_is_down_does_not_judge_cursors() {
+    let (cluster, mut db) = app_cluster("ws_db_down");
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'x' FROM generate_series(1, 5) g",
+    );
+    let mut worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "zoe").await;
+    let (frames, through) = subscribe(&mut ws, 0).await;
+    assert_eq!((frames.len(), through), (5, 5));
+    drop(ws);
+    worker.kill9();
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "fast"]);
+    });
+    let worker = Worker::start(&cluster, "app", free_port());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A valid cursor (5) is not "ahead of the log" just because the log is unreachable.
+    let (status, body) = http_get_with(worker.port, "/sync/deltas?after=5", &bearer("zoe")).await;
+    assert_eq!(status, 503, "{body}");
+    let mut ws = connect(worker.port, "zoe").await;
+    send(&mut ws, json!({"type": "subscribe", "after": 5})).await;
+    let closed = close_frame(&mut ws).await.map(|(c, _)| c);
+    assert_ne!(
+        closed,
+        Some(4409),
+        "a valid cursor was told to re-bootstrap"
+    );
+    tokio::task::block_in_place(|| cluster.pg_ctl(&["start", "-w"]));
+    worker.wait_healthy().await;
+    let (status, body) = http_get_with(worker.port, "/sync/deltas?after=5", &bearer("zoe")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_compaction_holds_up_no_request() {
+    let (cluster, mut db) = app_cluster("ws_compact_conn");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_DB_CONNECTIONS", "1"),
+            ("SYNC_RETENTION", "off"),
+            ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+            ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    for i in 1..=3 {
+        exec(
+            &mut db,
+            &format!("INSERT INTO todos VALUES ({i}, 'x', 'p1')"),
+        );
+    }
+    let mut alice = connect(worker.port, "alice").await;
+    let frames = subscribe_settled(&mut alice, 0).await;
+    assert_eq!(frames.len(), 3);
+    // The next compaction waits on this lock (it moves the horizon) until we let go.
+    let mut locker = tokio::task::block_in_place(|| cluster.connect("app"));
+    exec(
+        &mut locker,
+        "BEGIN; SELECT 1 FROM pg_sync.retention FOR UPDATE;",
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(3),
+        http_get_with(worker.port, "/sync/deltas?after=0", &bearer("alice")),
+    )
+    .await;
+    exec(&mut locker, "ROLLBACK");
+    let (status, body) = answered.expect("/sync/deltas waited for the compaction");
+    assert_eq!(status, 200, "{body}");
+    tokio::task::block_in_place(|| drop((db, locker)));
+}

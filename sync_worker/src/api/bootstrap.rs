@@ -244,7 +244,10 @@ async fn resume_point(
             "cannot take a snapshot now; retry",
         )
     };
-    if c.sync_id > app.hub.published() {
+    let Some(watermark) = app.hub.watermark() else {
+        return Err(unavailable("the worker is starting".into()));
+    };
+    if c.sync_id > watermark {
         return Err(Refusal::new(
             StatusCode::CONFLICT,
             "cursor_ahead",

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-const PAGE_SPAN: i64 = 5_000;
+const PAGE_SPAN: i32 = 5_000;
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
@@ -32,7 +32,16 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
             }
         },
     };
-    if after > app.hub.published() {
+    let Some(watermark) = app.hub.watermark() else {
+        // Right after a start the watermark is not known: a valid cursor must not be told
+        // to re-bootstrap.
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the worker is starting; retry",
+        ));
+    };
+    if after > watermark {
         return Err(Refusal::new(
             StatusCode::CONFLICT,
             "cursor_ahead",
@@ -93,8 +102,8 @@ pub async fn deltas(
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
-        let span = PAGE_SPAN.min(through - cursor);
-        let page = match sequencer::changes(&db, cursor, Some(&groups), span as i32).await {
+        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let page = match sequencer::changes(&db, cursor, Some(&groups), span).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "deltas read failed");
@@ -112,7 +121,21 @@ pub async fn deltas(
                 break 'pages;
             }
         }
-        cursor += span;
+        cursor += i64::from(span);
+    }
+    // Read after the pages: a compaction that took rows from them is seen (never a gap).
+    match stream::horizon(&db).await {
+        Ok(now) if now > after.max(horizon) => {
+            return error(StatusCode::GONE, "resync_required", &stream::compacted(now))
+        }
+        Ok(_) => {}
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable; retry",
+            )
+        }
     }
     let body = format!(
         "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
@@ -126,7 +149,7 @@ pub async fn deltas(
 /// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
 pub async fn sse(
     State(app): State<Arc<App>>,
-    Identity { user, key }: Identity,
+    Identity { user, key, expires }: Identity,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -152,33 +175,10 @@ pub async fn sse(
         let _registration = registration;
         let delta =
             |sync_id: i64, frame: &str| Event::default().id(sync_id.to_string()).data(frame);
-        let replayed = async {
-            let mut replay = stream::Replay::start(&app, &user, sub.id, after).await?;
-            while let Some(page) = replay.next_page().await? {
-                for d in page {
-                    tx.send(delta(d.sync_id, d.frame.as_str()))
-                        .await
-                        .map_err(|_| ReplayError::Sink)?;
-                }
-            }
-            Ok::<_, ReplayError>(replay.through)
-        }
-        .await;
-        let through = match replayed {
+        let through = match sse_replay(&app, &user, sub.id, after, &tx).await {
             Ok(through) => through,
-            Err(ReplayError::Sink) => return,
-            Err(ReplayError::Expired(horizon)) => {
-                let frame = json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)});
-                let _ = tx.send(Event::default().data(frame.to_string())).await;
-                return;
-            }
-            Err(ReplayError::Db(e)) => {
-                tracing::warn!(error = %e, "sse replay failed");
-                let _ = tx
-                    .send(Event::default().data(
-                        r#"{"type":"error","code":"unavailable","message":"replay failed; retry"}"#,
-                    ))
-                    .await;
+            Err(e) => {
+                sse_replay_failed(&tx, &sub, e, after).await;
                 return;
             }
         };
@@ -187,8 +187,26 @@ pub async fn sse(
             return;
         }
         let mut position = through;
+        // The stream ends when the token does; the client reconnects with a fresh one.
+        let expiry = async {
+            match expires {
+                Some(at) => {
+                    let left = at
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         loop {
             let event = tokio::select! {
+                _ = &mut expiry => {
+                    let frame = json!({"type": "error", "code": "token_expired", "message": format!("token expired; reconnect with a fresh token and resume after {position}")});
+                    let _ = tx.send(Event::default().data(frame.to_string())).await;
+                    return;
+                }
                 out = sub.rx.recv() => match out {
                     Some(Outbound::Delta { sync_id, frame }) => {
                         position = position.max(sync_id);
@@ -208,6 +226,31 @@ pub async fn sse(
                         return;
                     }
                 },
+                _ = sub.lagged.notified() => {
+                    // The queue filled: send what is queued, page the rest, go live again.
+                    while let Ok(out) = sub.rx.try_recv() {
+                        let event = match out {
+                            Outbound::Delta { sync_id, frame } => {
+                                position = position.max(sync_id);
+                                delta(sync_id, frame.as_str())
+                            }
+                            Outbound::Membership { group_id, joined } => Event::default().data(
+                                serde_json::json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}).to_string(),
+                            ),
+                        };
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    match sse_replay(&app, &user, sub.id, position, &tx).await {
+                        Ok(through) => position = position.max(through),
+                        Err(e) => {
+                            sse_replay_failed(&tx, &sub, e, position).await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 _ = tx.closed() => return,
                 _ = shutdown.changed() => return,
             };
@@ -219,4 +262,58 @@ pub async fn sse(
     Sse::new(super::receiver_stream(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+/// Replays what `user` may see after `after` as SSE events and makes the subscriber live;
+/// returns the sync id the client is then caught up to.
+async fn sse_replay(
+    app: &App,
+    user: &str,
+    id: u64,
+    after: i64,
+    tx: &tokio::sync::mpsc::Sender<Event>,
+) -> Result<i64, ReplayError> {
+    let mut replay = stream::Replay::start(app, user, id, after).await?;
+    while let Some(page) = replay.next_page().await? {
+        for d in page {
+            tx.send(
+                Event::default()
+                    .id(d.sync_id.to_string())
+                    .data(d.frame.as_str()),
+            )
+            .await
+            .map_err(|_| ReplayError::Sink)?;
+        }
+    }
+    Ok(replay.through)
+}
+
+/// The `error` event that ends an SSE stream whose replay failed.
+async fn sse_replay_failed(
+    tx: &tokio::sync::mpsc::Sender<Event>,
+    sub: &crate::hub::Subscription,
+    error: ReplayError,
+    position: i64,
+) {
+    let frame = match error {
+        ReplayError::Sink | ReplayError::Stalled => return,
+        ReplayError::Expired(horizon) => {
+            json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)})
+        }
+        ReplayError::Dropped => {
+            let reason = sub
+                .cut()
+                .map(|c| c.reason)
+                .unwrap_or_else(|| "dropped".into());
+            json!({"type": "error", "code": "closed", "message": reason})
+        }
+        ReplayError::NotReady => {
+            json!({"type": "error", "code": "unavailable", "message": "the worker is starting; retry"})
+        }
+        ReplayError::Db(e) => {
+            tracing::warn!(error = %e, "sse replay failed");
+            json!({"type": "error", "code": "unavailable", "message": format!("replay failed; retry after {position}")})
+        }
+    };
+    let _ = tx.send(Event::default().data(frame.to_string())).await;
 }

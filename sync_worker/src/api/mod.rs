@@ -31,6 +31,8 @@ pub struct App {
     pub counters: Counters,
     /// Bootstraps streaming at once (each holds a database connection and a snapshot).
     pub bootstrap_slots: Arc<tokio::sync::Semaphore>,
+    /// API keys the database did not know (a repeated bad key costs no query).
+    pub unknown_keys: crate::auth::UnknownKeys,
 }
 
 /// What the client API has done, for `/metrics`.
@@ -82,10 +84,12 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Who a request acts for: the user, and the API key it used (if any).
+/// Who a request acts for: the user, the API key it used (if any), and when its JWT expires
+/// (a session must not outlive it).
 pub struct Identity {
     pub user: String,
     pub key: Option<String>,
+    pub expires: Option<std::time::SystemTime>,
 }
 
 impl axum::extract::FromRequestParts<Arc<App>> for Identity {
@@ -127,13 +131,29 @@ pub async fn authenticate(
     };
     if !token.starts_with("pgs_") {
         return match app.verifier.verify(&token) {
-            Ok(user) => Ok(Identity { user, key: None }),
+            Ok(v) => Ok(Identity {
+                user: v.user,
+                key: None,
+                expires: Some(v.expires),
+            }),
             Err(e) => Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 e.code(),
                 &e.to_string(),
             )),
         };
+    }
+    let unknown = || {
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "unknown or revoked API key",
+        )
+    };
+    // Strings that cannot be keys, and keys the database just said it does not know, are
+    // refused without a query: an unauthenticated flood must not cost the database.
+    if !crate::auth::is_api_key_shaped(&token) || app.unknown_keys.contains(&token) {
+        return Err(unknown());
     }
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
@@ -149,12 +169,12 @@ pub async fn authenticate(
         Ok(Some(row)) => Ok(Identity {
             user: row.get(0),
             key: Some(row.get(1)),
+            expires: None,
         }),
-        Ok(None) => Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "unknown or revoked API key",
-        )),
+        Ok(None) => {
+            app.unknown_keys.insert(&token);
+            Err(unknown())
+        }
         Err(e) => {
             tracing::warn!(error = %e, "api key lookup failed");
             Err(Refusal::new(
@@ -301,12 +321,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE pg_sync_replication_lag_seconds gauge\npg_sync_replication_lag_seconds {lag_s}\n\
          # TYPE pg_sync_slot_ok gauge\npg_sync_slot_ok {}\n\
          # TYPE pg_sync_reconnects_total counter\npg_sync_reconnects_total {}\n\
+         # TYPE pg_sync_sequencer_panics_total counter\npg_sync_sequencer_panics_total {}\n\
          # TYPE pg_sync_last_sync_id gauge\npg_sync_last_sync_id {}\n\
          # TYPE pg_sync_sequenced_actions_total counter\npg_sync_sequenced_actions_total {}\n\
          # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
          # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
          # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
          # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n\
+         # TYPE pg_sync_subscriber_fallbacks_total counter\npg_sync_subscriber_fallbacks_total {}\n\
          # TYPE pg_sync_bootstraps_total counter\npg_sync_bootstraps_total {}\n\
          # TYPE pg_sync_bootstrap_rows_total counter\npg_sync_bootstrap_rows_total {}\n\
          # TYPE pg_sync_mutate_transactions_total counter\n\
@@ -317,12 +339,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         server.saturating_sub(acked),
         slot_ok as u8,
         s.reconnects.load(Ordering::Relaxed),
+        s.panics.load(Ordering::Relaxed),
         app.hub.published(),
         s.sequenced_actions.load(Ordering::Relaxed),
         m.deltas_published.load(Ordering::Relaxed),
         m.deliveries.load(Ordering::Relaxed),
         app.hub.subscriber_count(),
         m.slow_cutoffs.load(Ordering::Relaxed),
+        m.fallbacks.load(Ordering::Relaxed),
         c.bootstraps.load(Ordering::Relaxed),
         c.bootstrap_rows.load(Ordering::Relaxed),
         c.mutate_applied.load(Ordering::Relaxed),

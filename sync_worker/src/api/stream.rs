@@ -3,11 +3,11 @@
 
 use super::App;
 use crate::delta::Delta;
-use crate::hub::Subscription;
+use crate::hub::{GoLive, Load, Subscription};
 use crate::replication::sequencer;
 use std::sync::Arc;
 
-const REPLAY_SPAN: i64 = 5_000;
+const REPLAY_SPAN: i32 = 5_000;
 
 /// Unregisters the subscriber however the stream ends.
 pub struct Registration(Arc<App>, u64);
@@ -44,11 +44,25 @@ pub async fn register(
     user: &str,
     key: Option<&str>,
 ) -> Option<(Subscription, Registration)> {
-    let (sub, must_load) = app.hub.register(user, key);
+    let (sub, mut load) = app.hub.register(user, key);
     let registration = Registration(app.clone(), sub.id);
-    if must_load {
-        let groups = load_groups(app, user).await?;
-        app.hub.set_groups(user, groups);
+    loop {
+        match load {
+            Load::Ready => break,
+            // Another connection of this user is loading them: its result is ours.
+            Load::Wait => load = app.hub.wait_loaded(user).await,
+            Load::Must => match load_groups(app, user).await {
+                Some(groups) => {
+                    app.hub.set_groups(user, groups);
+                    break;
+                }
+                None => {
+                    // Let a waiting connection of the user try, rather than wait forever.
+                    app.hub.load_failed(user);
+                    return None;
+                }
+            },
+        }
     }
     Some((sub, registration))
 }
@@ -56,15 +70,21 @@ pub async fn register(
 pub enum ReplayError {
     /// The client went away.
     Sink,
+    /// The client stopped reading (a write timed out).
+    Stalled,
     Db(String),
     /// The cursor is older than the retention horizon: the client must bootstrap again.
     Expired(i64),
+    /// The hub dropped the subscriber (its API key was revoked): see its cutoff.
+    Dropped,
+    /// The watermark is not known yet (the worker is starting): retry.
+    NotReady,
 }
 
 /// Replays, page by page, everything `user` may see after `after` up to the published
-/// watermark, then makes the subscriber live; if more was published meanwhile it goes on
-/// paging. `next_page` returns `None` once live; `through` is then the watermark the client is
-/// caught up to.
+/// watermark, then makes the subscriber live and pages on to the watermark at that instant
+/// (deltas after it are queued for the subscriber meanwhile). `next_page` returns `None` once
+/// that is done; `through` is then the sync id the client is caught up to.
 pub struct Replay<'a> {
     app: &'a App,
     user: &'a str,
@@ -72,6 +92,7 @@ pub struct Replay<'a> {
     db: Arc<crate::db::Conn>,
     cursor: i64,
     pub through: i64,
+    live: bool,
 }
 
 impl<'a> Replay<'a> {
@@ -87,6 +108,7 @@ impl<'a> Replay<'a> {
             .get()
             .await
             .map_err(|e| ReplayError::Db(e.to_string()))?;
+        let through = app.hub.watermark().ok_or(ReplayError::NotReady)?;
         let horizon = horizon(&db).await?;
         if after > 0 && after < horizon {
             return Err(ReplayError::Expired(horizon));
@@ -97,30 +119,45 @@ impl<'a> Replay<'a> {
             id,
             db,
             cursor: after.max(horizon),
-            through: app.hub.published(),
+            through,
+            live: false,
         })
     }
 
     pub async fn next_page(&mut self) -> Result<Option<Vec<Arc<Delta>>>, ReplayError> {
         loop {
             if self.cursor < self.through {
-                // Compaction may have passed the cursor since the last page: never serve a gap.
-                let horizon = horizon(&self.db).await?;
-                if horizon > self.cursor {
-                    return Err(ReplayError::Expired(horizon));
+                // A revoked session stops at the next page, not at the end of the replay.
+                if !self.app.hub.is_registered(self.id) {
+                    return Err(ReplayError::Dropped);
                 }
-                let span = REPLAY_SPAN.min(self.through - self.cursor) as i32;
+                let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let groups = self.app.hub.groups_of(self.user);
                 let page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
+                // Compaction may have passed the cursor: never serve a gap. The horizon is read
+                // after the page, so a compaction that committed before the page was read (and
+                // took rows from it) is seen.
+                let horizon = horizon(&self.db).await?;
+                if horizon > self.cursor {
+                    return Err(ReplayError::Expired(horizon));
+                }
                 self.cursor += span as i64;
                 return Ok(Some(page));
             }
-            if self.app.hub.go_live(self.id, self.through) {
+            if self.live {
                 return Ok(None);
             }
-            self.through = self.app.hub.published();
+            match self.app.hub.go_live(self.id) {
+                // Pages on to where live delivery starts: a bounded range, so writes that keep
+                // coming cannot hold the subscriber in replay forever.
+                GoLive::Live(from) => {
+                    self.live = true;
+                    self.through = self.through.max(from);
+                }
+                GoLive::Gone => return Err(ReplayError::Dropped),
+            }
         }
     }
 }

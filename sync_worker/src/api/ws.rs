@@ -15,6 +15,7 @@ use axum::response::Response;
 use futures::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,14 @@ const SOCKET_BUFFER: usize = 4 * 1024;
 const WRITE_BATCH: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const MAX_BAD_MESSAGES: u32 = 20;
+/// A write (a batch of frames, a replay page) the client does not take within this is a
+/// client that stopped reading: it is cut off (4008) and may resume.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn upgrade(
     State(app): State<Arc<App>>,
-    Identity { user, key }: Identity,
+    Identity { user, key, expires }: Identity,
     ws: WebSocketUpgrade,
 ) -> Response {
     let max = app.cfg.max_message_bytes;
@@ -37,7 +42,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| session(app, user, key, socket))
+        .on_upgrade(move |socket| session(app, user, key, expires, socket))
 }
 
 #[derive(Deserialize)]
@@ -60,19 +65,145 @@ fn error_frame(code: &str, message: &str) -> Message {
 }
 
 async fn close_with(socket: &mut WebSocket, code: u16, reason: String) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
+    // A peer that stopped reading must not hold the connection open through its close.
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        socket.send(Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(reason),
-        })))
-        .await;
+        }))),
+    )
+    .await;
 }
 
-async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: WebSocket) {
+/// A queued frame as sent; moves `position` past a delta.
+fn outbound(out: Outbound, position: &mut i64) -> Message {
+    match out {
+        Outbound::Delta { sync_id, frame } => {
+            *position = (*position).max(sync_id);
+            Message::Text(frame)
+        }
+        Outbound::Membership { group_id, joined } => frame(json!({
+            "type": "membership", "groupId": group_id, "joined": joined, "syncId": *position
+        })),
+    }
+}
+
+/// Replays what `user` may see after `after` into the socket, page by page, and makes the
+/// subscriber live; returns the sync id the client is then caught up to. A page that cannot be
+/// written within WRITE_TIMEOUT ends it (`Stalled`).
+async fn replay(
+    app: &App,
+    user: &str,
+    id: u64,
+    after: i64,
+    socket: &mut WebSocket,
+) -> Result<i64, ReplayError> {
+    let mut replay = stream::Replay::start(app, user, id, after).await?;
+    while let Some(page) = replay.next_page().await? {
+        let write = async {
+            for d in page {
+                socket.feed(Message::Text(d.frame.clone())).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ReplayError::Sink),
+            Err(_) => return Err(ReplayError::Stalled),
+        }
+    }
+    Ok(replay.through)
+}
+
+/// Tells the client why its replay ended (the caller then ends the session).
+async fn replay_failed(
+    app: &App,
+    socket: &mut WebSocket,
+    sub: &crate::hub::Subscription,
+    error: ReplayError,
+    position: i64,
+) {
+    match error {
+        ReplayError::Sink => {}
+        ReplayError::Stalled => {
+            app.hub.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
+            close_with(
+                socket,
+                close::SLOW_CONSUMER,
+                format!("slow consumer; resume after {position}"),
+            )
+            .await;
+        }
+        ReplayError::Expired(horizon) => {
+            let why = super::stream::compacted(horizon);
+            let _ = socket.send(error_frame("resync_required", &why)).await;
+            close_with(socket, close::RESYNC, "resync required".into()).await;
+        }
+        ReplayError::Dropped => close_dropped(socket, sub, position).await,
+        ReplayError::NotReady => {
+            let _ = socket
+                .send(error_frame("unavailable", "the worker is starting; retry"))
+                .await;
+            close_with(socket, close::INTERNAL, "not ready; retry".into()).await;
+        }
+        ReplayError::Db(e) => {
+            tracing::warn!(error = %e, "replay failed");
+            close_with(
+                socket,
+                close::INTERNAL,
+                format!("replay failed; retry after {position}"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Closes with the code the hub dropped the subscriber for (4401 for a revoked key).
+async fn close_dropped(socket: &mut WebSocket, sub: &crate::hub::Subscription, position: i64) {
+    let (code, why) = sub
+        .cut()
+        .map(|c| (c.code, c.reason))
+        .unwrap_or((close::INTERNAL, "dropped".into()));
+    close_with(socket, code, format!("{why}; resume after {position}")).await;
+}
+
+/// Whether the API key this session authenticated with still exists (`None`: cannot tell).
+async fn key_valid(app: &App, key: &str) -> Option<bool> {
+    let db = app.db.get().await.ok()?;
+    db.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys WHERE id = $1::text::uuid)",
+        &[&key],
+    )
+    .await
+    .ok()
+    .map(|r| r.get(0))
+}
+
+async fn session(
+    app: Arc<App>,
+    user: String,
+    key: Option<String>,
+    expires: Option<std::time::SystemTime>,
+    mut socket: WebSocket,
+) {
     let Some((mut sub, _registration)) = stream::register(&app, &user, key.as_deref()).await else {
         close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
         return;
     };
+    // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
+    let expiry = async {
+        match expires {
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(left).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let mut shutdown = app.shutdown.clone();
     let mut subscribed = false;
     // The sync id this client can resume after.
@@ -110,44 +241,42 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                                 Some(error_frame("bad_cursor", "after must be 0 or a sync id"))
                             }
                             Ok(ClientMessage::Subscribe { after }) => {
-                                if after > app.hub.published() {
+                                let Some(watermark) = app.hub.watermark() else {
+                                    let _ = socket.send(error_frame("unavailable", "the worker is starting; retry")).await;
+                                    close_with(&mut socket, close::INTERNAL, "not ready; retry".into()).await;
+                                    break;
+                                };
+                                if after > watermark {
                                     let _ = socket.send(error_frame("cursor_ahead", "after is beyond the last sync id; re-bootstrap")).await;
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
                                 }
-                                let sent = async {
-                                    let mut replay = stream::Replay::start(&app, &user, sub.id, after).await?;
-                                    while let Some(page) = replay.next_page().await? {
-                                        for d in page {
-                                            socket.feed(Message::Text(d.frame.clone())).await.map_err(|_| ReplayError::Sink)?;
-                                        }
-                                        socket.flush().await.map_err(|_| ReplayError::Sink)?;
-                                    }
-                                    Ok::<_, ReplayError>(replay.through)
-                                }
-                                .await;
-                                match sent {
+                                match replay(&app, &user, sub.id, after, &mut socket).await {
                                     Ok(through) => {
                                         subscribed = true;
                                         position = through;
                                         Some(frame(json!({"type": "caught_up", "syncId": through})))
                                     }
-                                    Err(ReplayError::Sink) => break,
-                                    Err(ReplayError::Expired(horizon)) => {
-                                        let why = super::stream::compacted(horizon);
-                                        let _ = socket.send(error_frame("resync_required", &why)).await;
-                                        close_with(&mut socket, close::RESYNC, "resync required".into()).await;
-                                        break;
-                                    }
-                                    Err(ReplayError::Db(e)) => {
-                                        tracing::warn!(error = %e, "replay failed");
-                                        close_with(&mut socket, close::INTERNAL, "replay failed; retry".into()).await;
+                                    Err(e) => {
+                                        replay_failed(&app, &mut socket, &sub, e, after).await;
                                         break;
                                     }
                                 }
                             }
                             Ok(ClientMessage::Ping) => Some(frame(json!({"type": "pong"}))),
                             Ok(ClientMessage::Mutate(request)) => {
+                                if !app.hub.is_registered(sub.id) {
+                                    // Dropped by the hub (revoked key): it may not write either.
+                                    close_dropped(&mut socket, &sub, position).await;
+                                    break;
+                                }
+                                if let Some(k) = key.as_deref() {
+                                    // Revoked, and the replication stream has not said so yet.
+                                    if key_valid(&app, k).await == Some(false) {
+                                        close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                        break;
+                                    }
+                                }
                                 Some(match super::mutate::apply(&app, &user, &request).await {
                                     Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
                                     Err(super::mutate::BatchError::Bad(why, field)) => frame(
@@ -164,8 +293,13 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                             }
                         };
                         if let Some(reply) = reply {
-                            if socket.send(reply).await.is_err() {
-                                break;
+                            match tokio::time::timeout(WRITE_TIMEOUT, socket.send(reply)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break,
+                                Err(_) => {
+                                    replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
+                                    break;
+                                }
                             }
                         }
                         if bad > MAX_BAD_MESSAGES {
@@ -175,6 +309,11 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                     }
                     Message::Binary(_) => {
                         bad += 1;
+                        // A flood of binary frames counts like one of malformed text frames.
+                        if bad > MAX_BAD_MESSAGES {
+                            close_with(&mut socket, close::BAD_INPUT, "too many malformed messages".into()).await;
+                            break;
+                        }
                         if socket.send(error_frame("bad_message", "binary frames are not part of protocol v1")).await.is_err() {
                             break;
                         }
@@ -185,50 +324,79 @@ async fn session(app: Arc<App>, user: String, key: Option<String>, mut socket: W
                 }
             }
             out = sub.rx.recv(), if subscribed => {
-                match out {
-                    Some(first) => {
-                        // Everything already queued goes out in one write.
-                        let mut next = Some(first);
-                        let mut batched = 0;
-                        let mut ok = true;
-                        while let Some(out) = next.take() {
-                            let msg = match out {
-                                Outbound::Delta { sync_id, frame } => {
-                                    position = position.max(sync_id);
-                                    Message::Text(frame)
-                                }
-                                Outbound::Membership { group_id, joined } => frame(json!({
-                                    "type": "membership", "groupId": group_id, "joined": joined, "syncId": position
-                                })),
-                            };
-                            if socket.feed(msg).await.is_err() {
-                                ok = false;
-                                break;
-                            }
-                            batched += 1;
-                            if batched < WRITE_BATCH {
-                                next = sub.rx.try_recv().ok();
-                            }
-                        }
-                        if !ok || socket.flush().await.is_err() {
-                            break;
+                let Some(first) = out else {
+                    close_dropped(&mut socket, &sub, position).await;
+                    break;
+                };
+                // Everything already queued goes out in one write; a client that does not
+                // take it within WRITE_TIMEOUT has stopped reading and is cut off.
+                let write = async {
+                    let mut next = Some(first);
+                    let mut batched = 0;
+                    while let Some(out) = next.take() {
+                        socket.feed(outbound(out, &mut position)).await?;
+                        batched += 1;
+                        if batched < WRITE_BATCH {
+                            next = sub.rx.try_recv().ok();
                         }
                     }
-                    None => {
-                        let cut = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        let (code, why) = cut.map(|c| (c.code, c.reason)).unwrap_or((close::INTERNAL, "dropped".into()));
-                        close_with(&mut socket, code, format!("{why}; resume after {position}")).await;
+                    socket.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
                         break;
                     }
                 }
+            }
+            _ = sub.lagged.notified(), if subscribed => {
+                // The queue filled (a large transaction, a slow network): send what is queued,
+                // page the rest from the log, and go live again, without the client noticing.
+                let write = async {
+                    while let Ok(out) = sub.rx.try_recv() {
+                        socket.feed(outbound(out, &mut position)).await?;
+                    }
+                    socket.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
+                        break;
+                    }
+                }
+                match replay(&app, &user, sub.id, position, &mut socket).await {
+                    Ok(through) => position = position.max(through),
+                    Err(e) => {
+                        replay_failed(&app, &mut socket, &sub, e, position).await;
+                        break;
+                    }
+                }
+            }
+            _ = sub.dropped.notified() => {
+                // Revoked (or cut off): close now, even before a subscribe or mid-idle.
+                close_dropped(&mut socket, &sub, position).await;
+                break;
+            }
+            _ = &mut expiry => {
+                close_with(&mut socket, close::TOKEN_EXPIRED, format!("token expired; reconnect with a fresh token and resume after {position}")).await;
+                break;
             }
             _ = ping.tick() => {
                 if last_pong.elapsed() > HEARTBEAT * 3 {
                     close_with(&mut socket, close::HEARTBEAT, "heartbeat timeout".into()).await;
                     break;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
+                        break;
+                    }
                 }
             }
             _ = shutdown.changed() => {

@@ -1,4 +1,5 @@
-//! Decoding of the pgoutput messages pg_sync needs: Relation, Insert and Delete (text format).
+//! Decoding of the pgoutput messages pg_sync needs: Relation, Insert, Update and Delete (text
+//! format).
 //! Begin and Commit arrive as events of the transport client; everything else is skipped.
 
 use bytes::Buf;
@@ -14,6 +15,8 @@ pub enum DecodeError {
     UnknownRelation(u32),
     #[error("unexpected tuple kind {0:?}")]
     TupleKind(u8),
+    #[error("negative count or length {0} in pgoutput message")]
+    Negative(i64),
 }
 
 #[derive(Debug, Clone)]
@@ -23,13 +26,31 @@ pub struct Relation {
     pub columns: Vec<String>,
 }
 
-/// A row in text format: column name -> value (None for NULL or unchanged TOAST).
+/// A row in text format: column name -> value (None for NULL). An unchanged TOAST value of an
+/// update is absent.
 pub type Row = HashMap<String, Option<String>>;
 
 #[derive(Debug)]
 pub enum Message {
-    Insert { relation: Relation, row: Row },
-    Delete { relation: Relation, key: Row },
+    Insert {
+        relation: Relation,
+        row: Row,
+    },
+    /// An update: the old key when the key changed (or the old row with REPLICA IDENTITY
+    /// FULL), and the new row.
+    Update {
+        relation: Relation,
+        old: Option<Row>,
+        row: Row,
+    },
+    /// TRUNCATE of these relations (those this session knows).
+    Truncate {
+        relations: Vec<Relation>,
+    },
+    Delete {
+        relation: Relation,
+        key: Row,
+    },
     Other,
 }
 
@@ -59,18 +80,24 @@ fn need(buf: &[u8], n: usize) -> Result<(), DecodeError> {
     }
 }
 
+/// A count read from the stream: negative is an error, never a huge `usize`.
+fn count(n: i64) -> Result<usize, DecodeError> {
+    usize::try_from(n).map_err(|_| DecodeError::Negative(n))
+}
+
 fn tuple(buf: &mut &[u8], relation: &Relation) -> Result<Row, DecodeError> {
     need(buf, 2)?;
-    let n = buf.get_i16() as usize;
-    let mut row = Row::with_capacity(n);
+    let n = count(buf.get_i16().into())?;
+    let mut row = Row::with_capacity(n.min(relation.columns.len()));
     for i in 0..n {
         need(buf, 1)?;
         let kind = buf.get_u8();
         let value = match kind {
-            b'n' | b'u' => None,
+            b'n' => None,
+            b'u' => continue,
             b't' | b'b' => {
                 need(buf, 4)?;
-                let len = buf.get_i32() as usize;
+                let len = count(buf.get_i32().into())?;
                 need(buf, len)?;
                 let v = std::str::from_utf8(&buf[..len])
                     .map_err(|_| DecodeError::Utf8)?
@@ -107,8 +134,8 @@ impl Decoder {
                 let name = cstr(&mut buf)?;
                 need(buf, 3)?;
                 let _replica_identity = buf.get_u8();
-                let n = buf.get_i16() as usize;
-                let mut columns = Vec::with_capacity(n);
+                let n = count(buf.get_i16().into())?;
+                let mut columns = Vec::with_capacity(n.min(buf.len()));
                 for _ in 0..n {
                     need(buf, 1)?;
                     let _flags = buf.get_u8();
@@ -134,6 +161,33 @@ impl Decoder {
                 let _new = buf.get_u8();
                 let row = tuple(&mut buf, &relation)?;
                 Ok(Message::Insert { relation, row })
+            }
+            b'U' => {
+                need(buf, 5)?;
+                let oid = buf.get_u32();
+                let relation = self.relation(oid)?;
+                let mut kind = buf.get_u8();
+                let mut old = None;
+                if kind == b'K' || kind == b'O' {
+                    old = Some(tuple(&mut buf, &relation)?);
+                    need(buf, 1)?;
+                    kind = buf.get_u8();
+                }
+                if kind != b'N' {
+                    return Err(DecodeError::TupleKind(kind));
+                }
+                let row = tuple(&mut buf, &relation)?;
+                Ok(Message::Update { relation, old, row })
+            }
+            b'T' => {
+                need(buf, 5)?;
+                let n = buf.get_u32() as usize;
+                let _options = buf.get_u8();
+                need(buf, n.saturating_mul(4))?;
+                let relations = (0..n)
+                    .filter_map(|_| self.relations.get(&buf.get_u32()).cloned())
+                    .collect();
+                Ok(Message::Truncate { relations })
             }
             b'D' => {
                 need(buf, 5)?;
@@ -214,5 +268,76 @@ mod tests {
             d.decode(&ins),
             Err(DecodeError::UnknownRelation(7))
         ));
+    }
+
+    #[test]
+    fn negative_counts_are_errors_not_panics() {
+        let mut d = Decoder::default();
+        // A relation with -1 columns.
+        let mut rel = vec![b'R'];
+        rel.put_u32(9);
+        rel.extend_from_slice(b"pg_sync\0x\0");
+        rel.put_u8(b'd');
+        rel.put_i16(-1);
+        assert!(matches!(d.decode(&rel), Err(DecodeError::Negative(-1))));
+        d.decode(&relation_msg()).unwrap();
+        // A tuple with -2 columns.
+        let mut ins = vec![b'I'];
+        ins.put_u32(42);
+        ins.put_u8(b'N');
+        ins.put_i16(-2);
+        assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-2))));
+        // A value with a negative length.
+        let mut ins = vec![b'I'];
+        ins.put_u32(42);
+        ins.put_u8(b'N');
+        ins.put_i16(1);
+        ins.put_u8(b't');
+        ins.put_i32(-5);
+        assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-5))));
+    }
+
+    #[test]
+    fn updates_give_the_new_row_and_leave_unchanged_toast_out() {
+        let mut d = Decoder::default();
+        d.decode(&relation_msg()).unwrap();
+        let mut upd = vec![b'U'];
+        upd.put_u32(42);
+        upd.put_u8(b'K');
+        upd.put_i16(1);
+        upd.put_u8(b't');
+        upd.put_i32(3);
+        upd.extend_from_slice(b"old");
+        upd.put_u8(b'N');
+        upd.put_i16(2);
+        upd.put_u8(b'u');
+        upd.put_u8(b'n');
+        match d.decode(&upd).unwrap() {
+            Message::Update { row, old, .. } => {
+                assert!(!row.contains_key("user_id"), "unchanged toast is absent");
+                assert_eq!(row.get("group_id"), Some(&None));
+                assert_eq!(old.unwrap()["user_id"].as_deref(), Some("old"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncate_names_its_relations() {
+        let mut d = Decoder::default();
+        d.decode(&relation_msg()).unwrap();
+        let mut t = vec![b'T'];
+        t.put_u32(2);
+        t.put_u8(0);
+        t.put_u32(42);
+        t.put_u32(77);
+        match d.decode(&t).unwrap() {
+            Message::Truncate { relations } => {
+                assert_eq!(relations.len(), 1);
+                assert_eq!(relations[0].name, "group_memberships");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(d.decode(&t[..8]).is_err());
     }
 }

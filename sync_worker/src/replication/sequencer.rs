@@ -11,6 +11,7 @@ use super::pgoutput::{Decoder, Message, Row};
 use crate::config::Config;
 use crate::delta::Delta;
 use crate::hub::{Hub, MembershipChange, Published};
+use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct Status {
     pub last_commit_unix_ms: AtomicI64,
     pub sequenced_actions: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Replication sessions that panicked (each was restarted).
+    pub panics: AtomicU64,
     pub slot_problem: Mutex<Option<String>>,
 }
 
@@ -54,6 +57,8 @@ pub enum SequencerError {
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
 const FLUSH_ACTIONS: usize = 5_000;
 const LARGE_PAGE: i32 = 5_000;
+const REGISTRY_POLL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Microseconds between the Unix and Postgres epochs.
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -61,7 +66,11 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// A control connection. With `sslmode=require` (or `prefer`) the connection is encrypted;
 /// like libpq's `require`, the server certificate is not verified.
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    let config: tokio_postgres::Config = url.parse()?;
+    let mut config: tokio_postgres::Config = url.parse()?;
+    // An unreachable database must fail a request, not hang it.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
     let client = if matches!(
         config.get_ssl_mode(),
         tokio_postgres::config::SslMode::Disable
@@ -87,7 +96,10 @@ pub async fn connect(url: &str) -> Result<Client, SequencerError> {
 }
 
 /// Creates the publication and the slot when missing; reports an invalidated slot.
-async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), SequencerError> {
+/// Returns whether the publication carries everything the sequencer follows (the registry,
+/// updates and truncations); a publication this role may not alter is used as it is.
+async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<bool, SequencerError> {
+    let mut complete = true;
     if db
         .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pg_sync'", &[])
         .await?
@@ -95,34 +107,68 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
     {
         return Err(SequencerError::NoExtension);
     }
-    if db
+    // The registry is published too: a re-registration (an UPDATE) changes which models are
+    // global, and live fan-out must follow it in commit order. Updates and truncations are
+    // published so that membership and API key changes made that way reach the hub.
+    let publication = crate::db::quote_ident(&cfg.publication);
+    match db
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT pubupdate AND pubtruncate FROM pg_publication WHERE pubname = $1",
             &[&cfg.publication],
         )
         .await?
-        .is_none()
     {
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys \
-             WITH (publish = 'insert, delete')",
-            crate::db::quote_ident(&cfg.publication)
-        );
-        db.batch_execute(&sql).await?;
-        tracing::info!(publication = %cfg.publication, "created publication");
-    } else if db
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = 'api_keys'",
-            &[&cfg.publication],
-        )
-        .await?
-        .is_none()
-    {
-        let sql = format!(
-            "ALTER PUBLICATION {} ADD TABLE pg_sync.api_keys",
-            crate::db::quote_ident(&cfg.publication)
-        );
-        db.batch_execute(&sql).await?;
+        None => {
+            let sql = format!(
+                "CREATE PUBLICATION {publication} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+                 pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate')"
+            );
+            db.batch_execute(&sql).await?;
+            tracing::info!(publication = %cfg.publication, "created publication");
+        }
+        Some(row) => {
+            let mut alter = vec![];
+            for table in ["api_keys", "registry"] {
+                let listed = db
+                    .query_opt(
+                        "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = $2",
+                        &[&cfg.publication, &table],
+                    )
+                    .await?
+                    .is_some();
+                if !listed {
+                    alter.push(format!(
+                        "ALTER PUBLICATION {publication} ADD TABLE pg_sync.{table}"
+                    ));
+                }
+            }
+            if !row.get::<_, bool>(0) {
+                alter.push(format!(
+                    "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+                ));
+            }
+            for sql in alter {
+                match db.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    // Only its owner may alter a publication made by someone else.
+                    Err(e)
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+                    {
+                        complete = false;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !complete {
+                tracing::warn!(
+                    publication = %cfg.publication,
+                    "the publication lacks pg_sync.registry, pg_sync.api_keys, updates or truncations and this role may not \
+                     alter it; registry changes are re-read every second and membership or key changes made by UPDATE or \
+                     TRUNCATE reach live sessions only on reconnect: ALTER it as its owner (see the worker's ensure_setup)"
+                );
+            }
+        }
     }
     match db
         .query_opt(
@@ -154,7 +200,8 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<(), 
         .slot_problem
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
-    take_over_stale_slot(db, cfg).await
+    take_over_stale_slot(db, cfg).await?;
+    Ok(complete)
 }
 
 /// A walsender whose peer died without closing the connection (a crashed host, a network
@@ -256,6 +303,13 @@ struct OpenTxn {
     xid: Option<String>,
     memberships: Vec<MembershipChange>,
     revoked_keys: Vec<String>,
+    /// Registry changes, in order: (model, whether it is now global); `None` when the stream
+    /// did not say (a deleted registration): the registry is read again.
+    registry: Vec<Option<(String, bool)>>,
+    /// TRUNCATE of the memberships: every user leaves every group (before `memberships`).
+    memberships_reset: bool,
+    /// TRUNCATE of the API keys: every key session is closed.
+    all_keys_revoked: bool,
 }
 
 /// A committed transaction waiting to be sequenced.
@@ -281,6 +335,10 @@ struct Session<'a> {
     next_sync_id: i64,
     last_commit_lsn: Lsn,
     globals: HashMap<String, bool>,
+    /// Registry changes arrive in the stream; if not (a publication we may not alter), the
+    /// registry is read again at most every REGISTRY_POLL.
+    registry_streamed: bool,
+    globals_read_at: Instant,
     pending: Vec<ReadyTxn>,
     pending_actions: usize,
     pending_since: Option<Instant>,
@@ -310,13 +368,28 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
-        let result = session(&cfg, &hub, &status, &mut shutdown).await;
+        // A panic in a session must not leave the worker looking healthy with nobody
+        // sequencing: it ends the session like an error does (health says not streaming), and
+        // the next session starts from what is persisted.
+        let result = std::panic::AssertUnwindSafe(session(&cfg, &hub, &status, &mut shutdown))
+            .catch_unwind()
+            .await;
         status.streaming.store(false, Ordering::Release);
         match result {
-            Ok(()) => return,
-            Err(e) => {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
+            }
+            Err(panic) => {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                status.panics.fetch_add(1, Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "replication session panicked; reconnecting");
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -337,7 +410,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SequencerError> {
     let db = connect(&cfg.database_url).await?;
-    ensure_setup(&db, cfg, status).await?;
+    let registry_streamed = ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
             "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
@@ -354,6 +427,8 @@ async fn session(
         next_sync_id: last_sync_id + 1,
         last_commit_lsn: Lsn::parse(&last_lsn).unwrap_or(Lsn::ZERO),
         globals: HashMap::new(),
+        registry_streamed,
+        globals_read_at: Instant::now(),
         pending: vec![],
         pending_actions: 0,
         pending_since: None,
@@ -363,7 +438,10 @@ async fn session(
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
     let published = hub.published();
-    if !hub.catch_up_if_idle(last_sync_id) {
+    if !hub.catch_up(last_sync_id) {
+        // Those transactions' membership changes were lost with the session that persisted
+        // them: the database's memberships now go first, so a removed user gets none of it.
+        s.refresh_memberships().await?;
         s.publish_from_db(published + 1, last_sync_id, vec![], vec![])
             .await?;
     }
@@ -409,6 +487,9 @@ async fn session(
                     xid: None,
                     memberships: vec![],
                     revoked_keys: vec![],
+                    registry: vec![],
+                    memberships_reset: false,
+                    all_keys_revoked: false,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -474,23 +555,67 @@ async fn session(
 
 impl Session<'_> {
     /// Sequences committed actions that the slot will never stream: those written before the
-    /// slot existed, or committed while no slot held them. Every committed, unsequenced
-    /// transaction is taken at once (ordered by its first action), so none can later receive a
-    /// smaller id; one that is also streamed afterwards is recognised by its xid and skipped.
+    /// slot existed (or while no slot held them). Transactions committed while the worker was
+    /// down are not among them: the slot streams those, in commit order, and only the stream
+    /// knows that order, so they are left to it. Which unsequenced transactions the slot will
+    /// stream is read by peeking at the slot (not consuming it) in the snapshot the backlog is
+    /// taken from; the rest go first, ordered by their first action (before the slot existed
+    /// there is no commit order to read). One that is streamed anyway is recognised by its xid
+    /// and skipped.
     async fn sequence_backlog(&mut self) -> Result<(), SequencerError> {
-        let first = self.next_sync_id;
-        let n = self
+        let any: bool = self
             .db
-            .execute(
-                "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                 SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
-                   FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
-                           FROM pg_sync.sync_actions a
-                          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
-                          GROUP BY a.xid) s",
-                &[&first],
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_sync.sync_actions a
+                                 WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid))",
+                &[],
             )
+            .await?
+            .get(0);
+        if !any {
+            return Ok(());
+        }
+        let first = self.next_sync_id;
+        // One snapshot for both: every transaction it sees committed before the peek's end.
+        self.db
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
+        let result = async {
+            let streamed: Vec<i64> = self
+                .db
+                .query_one(
+                    "SELECT coalesce(array_agg(DISTINCT p.xid::text::bigint), '{}')
+                       FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL,
+                            'proto_version', '1', 'publication_names', $2::text) p",
+                    &[&self.cfg.slot, &crate::db::quote_ident(&self.cfg.publication)],
+                )
+                .await?
+                .get(0);
+            // The stream names 32-bit xids; the log keeps xid8 (epoch and xid).
+            self.db
+                .execute(
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
+                       FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
+                               FROM pg_sync.sync_actions a
+                              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
+                              GROUP BY a.xid) s
+                      WHERE (s.xid::text::bigint % 4294967296) <> ALL ($2::bigint[])",
+                    &[&first, &streamed],
+                )
+                .await
+        }
+        .await;
+        let n = match result {
+            Ok(n) => {
+                self.db.batch_execute("COMMIT").await?;
+                n
+            }
+            Err(e) => {
+                let _ = self.db.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
         if n == 0 {
             return Ok(());
         }
@@ -500,8 +625,52 @@ impl Session<'_> {
             .await?
             .get(0);
         tracing::info!(transactions = n, first, last, "sequenced backlog");
+        // The backlog's membership changes never stream: take the database's.
+        self.refresh_memberships().await?;
         self.publish_from_db(first, last, vec![], vec![]).await?;
         self.next_sync_id = last + 1;
+        Ok(())
+    }
+
+    /// Gives the hub the current groups of every user it tracks, and closes the sessions of
+    /// API keys that no longer exist.
+    async fn refresh_memberships(&self) -> Result<(), SequencerError> {
+        let keys = self.hub.keys();
+        if !keys.is_empty() {
+            let live: std::collections::HashSet<String> = self
+                .db
+                .query(
+                    "SELECT id::text FROM pg_sync.api_keys WHERE id = ANY ($1::text[]::uuid[])",
+                    &[&keys],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let revoked_keys: Vec<String> =
+                keys.into_iter().filter(|k| !live.contains(k)).collect();
+            if !revoked_keys.is_empty() {
+                self.hub.publish(&[Published {
+                    revoked_keys,
+                    ..Published::default()
+                }]);
+            }
+        }
+        let users = self.hub.users();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .db
+            .query(
+                "SELECT user_id, array_agg(group_id) FROM pg_sync.group_memberships
+                  WHERE user_id = ANY ($1) GROUP BY user_id",
+                &[&users],
+            )
+            .await?;
+        let fresh: HashMap<String, Vec<String>> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        self.hub.refresh_groups(&fresh);
         Ok(())
     }
 
@@ -517,6 +686,7 @@ impl Session<'_> {
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
             .collect();
+        self.globals_read_at = Instant::now();
         Ok(())
     }
 
@@ -538,13 +708,47 @@ impl Session<'_> {
                         }
                     }
                     "group_memberships" => txn.memberships.extend(membership(&row, true)),
+                    "registry" => txn.registry.push(registration(&row)),
                     _ => {}
+                }
+            }
+            Message::Update { relation, old, row } if relation.namespace == "pg_sync" => {
+                match relation.name.as_str() {
+                    "registry" => txn.registry.push(registration(&row)),
+                    // The old key comes only when the key (user, group) changed: a move.
+                    "group_memberships" => {
+                        if let Some(old) = old {
+                            txn.memberships.extend(membership(&old, false));
+                            txn.memberships.extend(membership(&row, true));
+                        }
+                    }
+                    // A key whose hash or user changed no longer stands for its sessions.
+                    "api_keys" => {
+                        txn.revoked_keys
+                            .extend(old.and_then(|o| o.get("id").cloned().flatten()));
+                        txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                    }
+                    _ => {}
+                }
+            }
+            Message::Truncate { relations } => {
+                for r in relations.iter().filter(|r| r.namespace == "pg_sync") {
+                    match r.name.as_str() {
+                        "group_memberships" => {
+                            // Everything before it in this transaction is moot.
+                            txn.memberships.clear();
+                            txn.memberships_reset = true;
+                        }
+                        "api_keys" => txn.all_keys_revoked = true,
+                        _ => {}
+                    }
                 }
             }
             Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
                 match relation.name.as_str() {
                     "group_memberships" => txn.memberships.extend(membership(&key, false)),
                     "api_keys" => txn.revoked_keys.extend(key.get("id").cloned().flatten()),
+                    "registry" => txn.registry.push(None),
                     _ => {}
                 }
             }
@@ -564,6 +768,9 @@ impl Session<'_> {
         self.pending_since = None;
         if self.pending.is_empty() {
             return Ok(());
+        }
+        if crate::failpoint::fire("panic_in_flush") {
+            panic!("failpoint panic_in_flush");
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
@@ -625,19 +832,44 @@ impl Session<'_> {
         if crate::failpoint::fire("after_persist") {
             return Err(SequencerError::Failpoint("after_persist"));
         }
+        // Holds persisted ids unpublished for a while (not the first transaction's, so a test
+        // can have one published first).
+        if firsts.first().is_some_and(|f| *f > 1) && crate::failpoint::fire("stall_after_persist") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         // Persisted: now clients may see these ids.
+        if !self.registry_streamed && self.globals_read_at.elapsed() >= REGISTRY_POLL {
+            self.load_globals().await?;
+        }
         let mut batch = vec![];
         for (first, txn) in &assigned {
+            // Which models are global changes with the registry, in commit order.
+            for change in &txn.registry {
+                match change {
+                    Some((model, global)) => {
+                        self.globals.insert(model.clone(), *global);
+                    }
+                    None => self.load_globals().await?,
+                }
+            }
             if *first == 0 {
                 batch.push(Published {
                     last_sync_id: 0,
                     deltas: vec![],
                     memberships: txn.memberships.clone(),
                     revoked_keys: txn.revoked_keys.clone(),
+                    memberships_reset: txn.memberships_reset,
+                    all_keys_revoked: txn.all_keys_revoked,
                 });
                 continue;
             }
             if txn.large {
+                // Its truncations go first, as the membership changes do in publish_large.
+                batch.push(Published {
+                    memberships_reset: txn.memberships_reset,
+                    all_keys_revoked: txn.all_keys_revoked,
+                    ..Published::default()
+                });
                 self.hub.publish(&std::mem::take(&mut batch));
                 self.publish_large(*first, txn).await?;
                 continue;
@@ -670,6 +902,8 @@ impl Session<'_> {
                 deltas,
                 memberships: txn.memberships.clone(),
                 revoked_keys: txn.revoked_keys.clone(),
+                memberships_reset: txn.memberships_reset,
+                all_keys_revoked: txn.all_keys_revoked,
             });
         }
         self.hub.publish(&batch);
@@ -721,7 +955,7 @@ impl Session<'_> {
     ) -> Result<(), SequencerError> {
         let mut after = first - 1;
         while after < last {
-            let span = LARGE_PAGE.min((last - after) as i32);
+            let span = page_span(after, last, LARGE_PAGE);
             let deltas = changes(&self.db, after, None, span).await?;
             after += span as i64;
             self.hub.publish(&[Published {
@@ -729,10 +963,25 @@ impl Session<'_> {
                 deltas,
                 memberships: std::mem::take(&mut memberships),
                 revoked_keys: std::mem::take(&mut revoked_keys),
+                ..Published::default()
             }]);
         }
         Ok(())
     }
+}
+
+/// How many sync ids the next page after `after` covers on the way to `last`: at most `max`,
+/// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
+pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
+    (last - after).clamp(0, i64::from(max)) as i32
+}
+
+/// A registry row as streamed: its model and whether it is global (no group column). `None`
+/// when the group column is not in the row (unchanged TOAST, never for a short name).
+fn registration(row: &Row) -> Option<(String, bool)> {
+    let model = row.get("model").cloned().flatten()?;
+    let group_column = row.get("group_column")?;
+    Some((model, group_column.is_none()))
 }
 
 fn membership(row: &Row, joined: bool) -> Option<MembershipChange> {
@@ -792,4 +1041,20 @@ pub async fn changes(
             }))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_spans_never_wrap() {
+        assert_eq!(page_span(0, 10, 5_000), 10);
+        assert_eq!(page_span(10, 10, 5_000), 0);
+        assert_eq!(page_span(0, 1 << 40, 5_000), 5_000);
+        // (last - after) as i32 was negative here, and the paging loop never ended.
+        assert_eq!(page_span(0, 3_000_000_000, 5_000), 5_000);
+        assert_eq!(page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
+        assert_eq!(page_span(20, 10, 5_000), 0);
+    }
 }
