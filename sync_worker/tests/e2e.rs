@@ -1997,6 +1997,50 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Bootstrap ids are the log's canonical ids whatever the server's time zone and date style: a
+/// timestamptz key and group read in New York still match the deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_ids_match_the_log_outside_utc() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(
+            "bootstrap_zone",
+            &["timezone = 'America/New_York'", "datestyle = 'SQL, DMY'"],
+        )
+    });
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE TABLE slots (at timestamptz, day date, v text, PRIMARY KEY (at, day));
+         SELECT pg_sync.register_table('slots', group_column => 'day');
+         SELECT pg_sync.add_member('ann', '2026-03-01');
+         INSERT INTO slots VALUES ('2026-03-01 09:30:00-05', '2026-03-01', 'a'),
+                                  ('2026-03-01 23:30:00-05', '2026-03-01', 'b'),
+                                  ('2026-03-02 00:00:00-05', '2026-03-02', 'hidden');",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let logged: Vec<String> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT model_id FROM pg_sync.sync_actions WHERE group_id = '2026-03-01' ORDER BY model_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    });
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    let (status, lines) = ndjson(worker.port, "/sync/bootstrap?models=slots", &bearer("ann")).await;
+    assert_eq!(status, 200);
+    let mut ids: Vec<String> = lines
+        .iter()
+        .filter(|l| l["model"] == "slots")
+        .map(|l| l["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, logged, "{lines:#?}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// The complete lines of a raw HTTP/1.0 response (its body ends when the connection does).
 fn body_lines(raw: &[u8]) -> Vec<Value> {
     let text = String::from_utf8_lossy(raw);

@@ -387,7 +387,9 @@ impl Model {
             let parts = self
                 .key
                 .iter()
-                .map(|k| format!("format('%s', t.{})", quote(k)))
+                // The log's ids: each key column's canonical text (independent of this session's
+                // DateStyle, TimeZone, ...), as the capture trigger writes them.
+                .map(|k| format!("pg_sync.canonical_text(t.{})", quote(k)))
                 .collect::<Vec<_>>()
                 .join(", ");
             items.push(format!("pg_sync.key_text(ARRAY[{parts}])::text"));
@@ -404,7 +406,7 @@ impl Model {
             {
                 format!("t.{}::text = ANY ($1)", quote(g))
             }
-            Some(g) => format!("format('%s', t.{}) = ANY ($1)", quote(g)),
+            Some(g) => format!("pg_sync.canonical_text(t.{}) = ANY ($1)", quote(g)),
             None => "$1::text[] IS NOT NULL".into(),
         };
         let (from, keyset) = if after {
@@ -720,7 +722,7 @@ mod tests {
             ],
         );
         let q = m.select(true);
-        assert!(q.starts_with(r#"SELECT pg_sync.key_text(ARRAY[format('%s', t."a"), format('%s', t."b""x")])::text, t."a", t."b""x"::text, to_jsonb(t."at")::text"#), "{q}");
+        assert!(q.starts_with(r#"SELECT pg_sync.key_text(ARRAY[pg_sync.canonical_text(t."a"), pg_sync.canonical_text(t."b""x")])::text, t."a", t."b""x"::text, to_jsonb(t."at")::text"#), "{q}");
         assert_eq!(m.first_column(), 1);
         let single = Model::new(
             "s".into(),
