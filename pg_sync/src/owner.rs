@@ -40,14 +40,33 @@ fn owner_oid() -> pg_sys::Oid {
 /// Runs `f` as `pgsync_owner` in a security-restricted operation. Only statements fixed by
 /// pg_sync may run inside: nothing that evaluates user-defined functions, casts or operators.
 pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = owner_oid();
+    as_role(owner_oid(), f)
+}
+
+/// Runs `f` as `table_owner` (the owner of the application table a statement writes) in a
+/// security-restricted operation, like logical replication's apply as table owner, REFRESH
+/// MATERIALIZED VIEW and autovacuum: the table's triggers, column defaults, check and domain
+/// functions and json casts are the owner's code and run with the owner's rights, never with
+/// the caller's (the worker is a member of `pgsync_owner`).
+pub fn as_table_owner<R>(table_owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    if table_owner == pg_sys::InvalidOid {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "the owner of a registered table was not found",
+            "Call pg_sync.register_table() again.",
+        );
+    }
+    as_role(table_owner, f)
+}
+
+fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_ctx = 0;
     // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
         pg_sys::SetUserIdAndSecContext(
-            owner,
+            role,
             saved_ctx
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,

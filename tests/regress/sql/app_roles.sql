@@ -137,9 +137,30 @@ GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.ap
       pg_sync.changes(bigint, text[], integer), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
       pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
       pg_sync.user_groups(text), pg_sync.status(), pg_sync.hlc_now() TO app_sync_worker;
-GRANT USAGE ON SCHEMA app TO app_sync_worker;
-GRANT SELECT, INSERT, UPDATE, DELETE ON app.chores TO app_sync_worker;
+-- No grant on the application's schema or tables: apply_remote and mutate_as write them as
+-- their owner. The owner's code (here a trigger) runs as the owner in a security-restricted
+-- operation, never with the worker's membership in pgsync_owner.
 SELECT pg_sync.add_member('alice', 'g1');
+SET ROLE app_owner;
+CREATE FUNCTION app.probe() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE NOTICE 'trigger runs as %', current_user;
+    BEGIN
+        INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('mallory', 'g1');
+        RAISE NOTICE 'trigger wrote pg_sync.group_memberships';
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE NOTICE 'trigger: %', SQLERRM;
+    END;
+    BEGIN
+        CREATE TEMP TABLE probe_tmp (x int);
+        RAISE NOTICE 'trigger created a temp table';
+    EXCEPTION WHEN insufficient_privilege OR invalid_transaction_state THEN
+        RAISE NOTICE 'trigger: %', SQLERRM;
+    END;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER probe BEFORE INSERT ON app.chores FOR EACH ROW EXECUTE FUNCTION app.probe();
+RESET ROLE;
 SET ROLE app_sync_worker;
 SELECT pg_sync.apply_remote(jsonb_build_object(
     'model', 'chores', 'model_id', '50', 'action', 'I', 'origin', 'node-x',
@@ -156,6 +177,8 @@ DROP PUBLICATION app_roles_pub;
 RESET ROLE;
 SELECT model_id, action, origin FROM pg_sync.sync_actions
  WHERE model = 'chores' AND model_id IN ('50', '60') ORDER BY id;
+SELECT count(*) AS planted_memberships FROM pg_sync.group_memberships WHERE user_id = 'mallory';
+DROP TRIGGER probe ON app.chores;
 SELECT pg_sync.remove_member('alice', 'g1');
 DROP OWNED BY app_sync_worker;
 DROP ROLE app_sync_worker;
