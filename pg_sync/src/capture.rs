@@ -146,6 +146,8 @@ struct TableConfig {
     tgoid: pg_sys::Oid,
     /// `GENERATION` when built.
     generation: u64,
+    /// The registered relation: the table itself, or the partitioned table it is a partition of.
+    rel: pg_sys::Oid,
     model: String,
     /// Column names by attribute index; `None` for dropped columns.
     names: Vec<Option<String>>,
@@ -317,6 +319,7 @@ impl TableConfig {
         TableConfig {
             tgoid: trigger.tgoid,
             generation,
+            rel: reg.rel,
             model: reg.model,
             names,
             key,
@@ -649,9 +652,9 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
-    // SAFETY: as above.
-    let relid = unsafe { (*td.tg_relation).rd_id };
-    let remote = take_remote(relid, || unsafe {
+    // apply_remote writes the registered relation; for a partitioned one the trigger fires on
+    // the leaf partition the row lands in, so match on the registration, not the firing leaf.
+    let remote = take_remote(cfg.rel, || unsafe {
         Row::deform(td.tg_trigtuple, tupdesc).model_id(&cfg)
     });
     // Put the remote context back for the next row of the same statement, even on error.
