@@ -39,6 +39,24 @@ SET ROLE app_owner;
 SELECT err($$SELECT pg_sync.register_table('not_owned')$$);
 SELECT err($$SELECT pg_sync.registry_put('not_owned'::regclass, 'not_owned', '{id}', NULL, '{}', 'both')$$);
 RESET ROLE;
+-- registry_put, callable directly, checks what register_table checks; a direct write takes
+-- effect at once (cached registrations are invalidated).
+SET ROLE app_owner;
+CREATE TEMP TABLE tmp_t (id int PRIMARY KEY, g text);
+SELECT err($$SELECT pg_sync.registry_put('tmp_t'::regclass, 'tmp_t', '{id}', NULL, '{}', 'both')$$);
+CREATE TABLE app.reg2 (id int PRIMARY KEY, g text, v text, note text);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{v}', 'g', '{}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'nonexistent', '{}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{id}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{}', 'sideways')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'bad name', '{id}', 'g', '{}', 'both')$$);
+SELECT pg_sync.register_table('app.reg2', 'g');
+INSERT INTO app.reg2 VALUES (1, 'g1', 'a', 'kept');
+SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{note}', 'both');
+INSERT INTO app.reg2 VALUES (2, 'g1', 'b', 'excluded');
+DROP TABLE app.reg2, tmp_t;
+RESET ROLE;
+SELECT model_id, data FROM pg_sync.sync_actions WHERE model = 'reg2' ORDER BY id;
 
 -- DML as the writer, with no privileges on pg_sync's tables.
 SET ROLE app_writer;
