@@ -259,3 +259,23 @@ RESET ROLE;
 DROP OWNED BY app_attacker;
 DROP TABLE not_owned;
 DROP ROLE app_owner, app_writer, app_reader, app_attacker;
+
+-- A CREATEROLE role that grants itself pgsync_owner (a role of that name may also be created
+-- by it before pg_sync is first installed) could rewrite pg_sync's tables in every database
+-- pg_sync is installed in later: CREATE EXTENSION refuses such a role.
+CREATE ROLE app_helpdesk CREATEROLE;
+SET ROLE app_helpdesk;
+GRANT pgsync_owner TO app_helpdesk;
+RESET ROLE;
+SELECT current_database() AS regress_db \gset
+CREATE DATABASE pg_sync_squat;
+\c pg_sync_squat
+CREATE EXTENSION pg_sync;
+\c :regress_db
+REVOKE pgsync_owner FROM app_helpdesk;
+\c pg_sync_squat
+CREATE EXTENSION pg_sync;
+SELECT count(*) AS registrations FROM pg_sync.registry;
+\c :regress_db
+DROP DATABASE pg_sync_squat;
+DROP ROLE app_helpdesk;
