@@ -164,3 +164,31 @@ SELECT pg_sync.hlc_now() > 0
        pg_read_file('pg_sync_hlc')::numeric < 2 ^ 63 AS mark_sane;
 \c :regress_db
 DROP DATABASE pg_sync_far;
+
+-- A BEFORE trigger that changes what apply_remote writes (or, on an update, other columns):
+-- those columns hold this node's values, recorded as a local write above the peer's version,
+-- not under it. Values the trigger leaves alone (whatever their JSON spelling from the peer)
+-- are not.
+CREATE TABLE bt (id int PRIMARY KEY, title text, stamp text, note text, at timestamptz, n numeric);
+CREATE FUNCTION bt_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.title <> 'leave' THEN
+        NEW.stamp := 'local';
+        IF TG_OP = 'UPDATE' THEN NEW.note := 'touched'; END IF;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER bt_stamp BEFORE INSERT OR UPDATE ON bt FOR EACH ROW EXECUTE FUNCTION bt_stamp();
+SELECT pg_sync.register_table('bt');
+SELECT pg_sync.apply_remote(chm('bt', 'I', '1', fresh('peer'),
+  '{"id": 1, "title": "p", "stamp": "peer-stamp", "at": "2024-01-01T00:00:00+00:00", "n": 1.50}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'U', '1', fresh('peer'), '{"title": "p2"}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'I', '2', fresh('peer'),
+  '{"id": 2, "title": "leave", "stamp": "s", "at": "2024-01-01T00:00:00+00:00", "n": 1.50}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'U', '2', fresh('peer'), '{"at": "2024-06-01T12:00:00Z", "n": 2.0}')) AS applied;
+SELECT id, title, stamp, note, n FROM bt ORDER BY id;
+SELECT model_id, action, origin, data - 'at' AS data FROM pg_sync.sync_actions WHERE model = 'bt' ORDER BY id;
+SELECT model_id, versions->>'title' LIKE '%@peer' AS title_peer, versions->>'stamp' LIKE '%@regress' AS stamp_local,
+       versions->>'note' LIKE '%@regress' AS note_local,
+       versions->>'note' > versions->>'title' AS local_above_peer
+  FROM pg_sync.row_state WHERE model = 'bt' ORDER BY model_id;
