@@ -190,6 +190,27 @@ DECLARE
     obj  oid;
     part regclass;
 BEGIN
+    -- Renaming a column of a registered table (or of a partition tree with a registered table
+    -- in it) is refused: the registry, peers and clients know columns by name, so a renamed
+    -- column would be synced under a name peers skip, and a renamed key or group column would
+    -- break every later write. (ALTER TABLE ... RENAME COLUMN reports the column itself.)
+    FOR obj IN
+        SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_class'::regclass AND c.objsubid <> 0
+           AND c.command_tag = 'ALTER TABLE' AND c.object_type = 'table column'
+    LOOP
+        IF EXISTS (
+            SELECT 1 FROM (SELECT obj::regclass UNION SELECT relid FROM pg_partition_ancestors(obj)
+                           UNION SELECT relid FROM pg_partition_tree(obj)) a(relid)
+              JOIN pg_sync.registry r ON r.rel = a.relid
+             WHERE r.enabled) THEN
+            RAISE EXCEPTION 'cannot rename a column of table "%": it is registered with pg_sync', obj::regclass
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Peers and clients know columns by name. To rename one, on every node: '
+                             'pg_sync.unregister_table(), ALTER TABLE ... RENAME COLUMN, then '
+                             'pg_sync.register_table() with the new names.';
+        END IF;
+    END LOOP;
     FOR obj IN
         SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
          WHERE c.classid = 'pg_class'::regclass AND c.objsubid = 0

@@ -17,6 +17,15 @@ BEGIN
         RAISE EXCEPTION 'role "pgsync_owner" exists and can log in or is a superuser'
             USING ERRCODE = 'invalid_role_specification',
                   HINT = 'pg_sync''s tables belong to pgsync_owner, which must be NOLOGIN and not a superuser: ALTER ROLE pgsync_owner NOLOGIN NOSUPERUSER.';
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                    LEFT JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) m.grantor
+                   WHERE m.roleid OPERATOR(pg_catalog.=) r.oid AND NOT coalesce(g.rolsuper, false)) THEN
+        -- Its members can rewrite pg_sync's log and memberships. A CREATEROLE role can create
+        -- the role (or grant it to itself) before pg_sync is installed: only memberships a
+        -- superuser granted (the worker's) are accepted.
+        RAISE EXCEPTION 'role "pgsync_owner" exists and has members granted by a non-superuser'
+            USING ERRCODE = 'invalid_role_specification',
+                  HINT = 'Members of pgsync_owner can rewrite pg_sync''s tables. Check who created it and its members (\du pgsync_owner), REVOKE pgsync_owner FROM each member a superuser did not grant it to (or DROP ROLE pgsync_owner), and try again.';
     END IF;
 END
 $$;

@@ -7,7 +7,11 @@
 //! types we cannot vouch for: arrays, composites, ranges, user types) are printed and parsed
 //! under fixed settings, set in a GUC nest level only when the session differs from them.
 //! Integers, numeric, text, uuid, bool, enums and json print the same everywhere and take the
-//! plain path.
+//! plain path; numeric is printed without trailing fractional zeros (equal values, one text).
+//!
+//! Known limits (equal values with several texts, so several ids): intervals that are equal
+//! but spelled differently ('1 day' = '24:00:00'), float -0 and 0, and types whose equality is
+//! not their text's (citext, arrays or composites of numeric).
 
 use crate::errors;
 use pgrx::pg_sys;
@@ -164,12 +168,31 @@ pub unsafe fn output(output_fn: pg_sys::Oid, value: pg_sys::Datum) -> String {
 }
 
 unsafe fn print(output_fn: pg_sys::Oid, value: pg_sys::Datum) -> String {
-    unsafe {
+    let s = unsafe {
         let out = pg_sys::OidOutputFunctionCall(output_fn, value);
         let s = CStr::from_ptr(out).to_string_lossy().into_owned();
         pg_sys::pfree(out.cast());
         s
+    };
+    if output_fn.to_u32() == pg_sys::F_NUMERIC_OUT {
+        strip_scale(s)
+    } else {
+        s
     }
+}
+
+/// A numeric's text without trailing fractional zeros: numeric equality ignores the scale
+/// (`1.0 = 1.00`), its output keeps it, so one key would otherwise have one id per scale.
+/// numeric_out never uses an exponent; NaN and infinities have no '.'.
+fn strip_scale(mut s: String) -> String {
+    if s.contains('.') {
+        let kept = s.trim_end_matches('0').trim_end_matches('.').len();
+        s.truncate(kept);
+        if s == "-0" {
+            s = "0".to_owned();
+        }
+    }
+    s
 }
 
 /// The canonical text of a value of any type (`pg_sync.canonical_text`).

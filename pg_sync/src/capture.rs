@@ -49,6 +49,9 @@ pub struct RemoteContext {
     pub won: BTreeMap<String, String>,
     /// The change raised the created version of a row that stays live.
     pub created_won: bool,
+    /// The column values apply_remote writes (as JSON): a BEFORE trigger that writes other
+    /// values makes a local write of those columns (`record_trigger_changes`).
+    pub written: Map<String, Value>,
 }
 
 /// A client's identity, set by `mutate` for the writes of one client transaction.
@@ -146,6 +149,8 @@ struct TableConfig {
     tgoid: pg_sys::Oid,
     /// `GENERATION` when built.
     generation: u64,
+    /// The registered relation: the table itself, or the partitioned table it is a partition of.
+    rel: pg_sys::Oid,
     model: String,
     /// Column names by attribute index; `None` for dropped columns.
     names: Vec<Option<String>>,
@@ -317,6 +322,7 @@ impl TableConfig {
         TableConfig {
             tgoid: trigger.tgoid,
             generation,
+            rel: reg.rel,
             model: reg.model,
             names,
             key,
@@ -649,9 +655,9 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let event = td.tg_event;
     let is_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
     let is_delete = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_DELETE;
-    // SAFETY: as above.
-    let relid = unsafe { (*td.tg_relation).rd_id };
-    let remote = take_remote(relid, || unsafe {
+    // apply_remote writes the registered relation; for a partitioned one the trigger fires on
+    // the leaf partition the row lands in, so match on the registration, not the firing leaf.
+    let remote = take_remote(cfg.rel, || unsafe {
         Row::deform(td.tg_trigtuple, tupdesc).model_id(&cfg)
     });
     // Put the remote context back for the next row of the same statement, even on error.
@@ -720,11 +726,23 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         version,
                         versions,
                         origin: &ctx.origin,
-                        group,
+                        group: group.clone(),
                         prev_group: None,
                         moved: false,
                     };
                     write_plain(&cfg, &a, tupdesc);
+                    if is_insert {
+                        record_trigger_changes(
+                            &cfg,
+                            ctx,
+                            td.tg_relation,
+                            None,
+                            &row,
+                            &model_id,
+                            group,
+                            &node,
+                        );
+                    }
                 }
             }
             return;
@@ -938,9 +956,121 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     }
                 };
                 write_plain(&cfg, &a, tupdesc);
+                record_trigger_changes(
+                    &cfg,
+                    ctx,
+                    td.tg_relation,
+                    Some(&old),
+                    &new,
+                    &new_id,
+                    new.group(&cfg),
+                    &node,
+                );
             }
         }
     }
+}
+
+/// A BEFORE ROW trigger may have written other values than `apply_remote` did (or, on an
+/// update, changed other columns too). Those columns hold this node's values, not the peer's, so
+/// they are recorded as a local write at a fresh version (above the peer's: the clock observed
+/// it) instead of under the peer's version, which would leave the nodes diverged for good.
+/// Only tables with BEFORE ROW triggers for the event pay for the comparison.
+///
+/// # Safety
+/// `rel` is the trigger's relation and `old`/`new` tuples of it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn record_trigger_changes(
+    cfg: &TableConfig,
+    ctx: &RemoteContext,
+    rel: pg_sys::Relation,
+    old: Option<&Row>,
+    new: &Row,
+    model_id: &str,
+    group: Option<String>,
+    node: &str,
+) {
+    // SAFETY: the relation and its trigger descriptor are open while the trigger runs.
+    let (trigdesc, tupdesc) = unsafe { ((*rel).trigdesc, (*rel).rd_att) };
+    let has_before = !trigdesc.is_null()
+        && unsafe {
+            if old.is_some() {
+                (*trigdesc).trig_update_before_row
+            } else {
+                (*trigdesc).trig_insert_before_row
+            }
+        };
+    if !has_before {
+        return;
+    }
+    let captured = |c: &str| cfg.captured.iter().any(|&i| cfg.name(i) == c);
+    let mut changed: Vec<&str> = Vec::new();
+    if !ctx.written.is_empty() {
+        // The written values as this table's types print them in JSON (the same session, so
+        // the same time zone and styles as the row's own JSON below).
+        // SAFETY: the relation's row type exists; the name is palloc'd.
+        let typname = unsafe {
+            CStr::from_ptr(pg_sys::format_type_be_qualified((*tupdesc).tdtypeid))
+                .to_string_lossy()
+                .into_owned()
+        };
+        let intended = crate::model::run(
+            &format!(
+                "SELECT pg_catalog.to_jsonb(r) FROM pg_catalog.jsonb_populate_record(NULL::{typname}, $1) r"
+            ),
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(Value::Object(ctx.written.clone()))],
+        );
+        // SAFETY: the tuple belongs to this relation.
+        let actual = unsafe { JsonB::from_datum(row_json(new, tupdesc, &[]), false) }.map(|j| j.0);
+        if let (Some(Value::Object(intended)), Some(Value::Object(actual))) = (intended, actual) {
+            changed.extend(
+                ctx.written
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|c| captured(c) && intended.get(*c) != actual.get(*c)),
+            );
+        }
+    }
+    if let Some(old) = old {
+        for &i in &cfg.captured {
+            let name = cfg.name(i);
+            if ctx.written.contains_key(name) || changed.contains(&name) {
+                continue;
+            }
+            let differs = match (old.nulls[i], new.nulls[i]) {
+                (true, true) => false,
+                // SAFETY: both are non-null datums of column i.
+                (false, false) => !unsafe { same_image(cfg, i, old.values[i], new.values[i]) },
+                _ => true,
+            };
+            if differs {
+                changed.push(name);
+            }
+        }
+    }
+    if changed.is_empty() {
+        return;
+    }
+    let version = state::record_local(
+        &cfg.model,
+        model_id,
+        Local::Columns(&changed),
+        clock::next_version().to_string(),
+    );
+    let a = Action {
+        action: "U",
+        model_id,
+        row: new,
+        drop: cfg.drop_all_but(&changed),
+        version,
+        versions: None,
+        origin: node,
+        group,
+        prev_group: None,
+        moved: false,
+    };
+    write_plain(cfg, &a, tupdesc);
 }
 
 fn client_user() -> Option<String> {

@@ -191,17 +191,32 @@ fn observe_stored(clock: &ClockShared) {
         OBSERVED_HERE.with(|o| o.set(Observed::Yes));
         return;
     }
+    // Only versions within pg_sync.max_clock_skew of wall time count: one stored far in the
+    // future (a corrupted or forged row) must not drag the clock, and its persisted mark, to the
+    // end of its range. Versions are 16 hex digits, '@', node id: their first 16 characters
+    // compare as numbers under the C collation.
+    let bound = format!("{:016x}", limit());
     let stored = owner::as_owner(|| {
         owner::with_fixed_search_path(|| {
-            Spi::get_one::<String>(
-                "SELECT GREATEST((SELECT pg_catalog.max(a.version) FROM pg_sync.sync_actions a),
-                                 (SELECT pg_catalog.max(s.max_version) FROM pg_sync.row_state s))",
+            Spi::get_two_with_args::<String, bool>(
+                "WITH v(version) AS (
+                   SELECT a.version FROM pg_sync.sync_actions a
+                   UNION ALL SELECT s.max_version FROM pg_sync.row_state s)
+                 SELECT pg_catalog.max(v.version COLLATE \"C\")
+                          FILTER (WHERE pg_catalog.left(v.version, 16) COLLATE \"C\" <= $1),
+                        pg_catalog.bool_or(pg_catalog.left(v.version, 16) COLLATE \"C\" > $1)
+                   FROM v",
+                &[bound.as_str().into()],
             )
         })
     })
-    .ok()
-    .flatten();
-    if let Some(v) = stored.as_deref().and_then(|t| Version::parse(t).ok()) {
+    .unwrap_or((None, None));
+    if stored.1 == Some(true) {
+        pgrx::warning!(
+            "pg_sync: this database stores versions beyond pg_sync.max_clock_skew ahead of the clock; the clock ignores them"
+        );
+    }
+    if let Some(v) = stored.0.as_deref().and_then(|t| Version::parse(t).ok()) {
         clock.hlc.fetch_max(v.hlc, Ordering::AcqRel);
         ensure_persisted(clock, v.hlc);
     }
@@ -228,7 +243,10 @@ pub fn tick() -> u64 {
     let physical = wall_ms() << COUNTER_BITS;
     let mut current = clock.hlc.load(Ordering::Acquire);
     let next = loop {
-        let next = (current + 1).max(physical);
+        let Some(bumped) = current.checked_add(1) else {
+            exhausted()
+        };
+        let next = bumped.max(physical);
         match clock
             .hlc
             .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
@@ -239,6 +257,43 @@ pub fn tick() -> u64 {
     };
     ensure_persisted(clock, next);
     next
+}
+
+/// The highest HLC value the clock takes from a stored or received version: wall time plus
+/// `pg_sync.max_clock_skew`, last counter value of that millisecond.
+pub fn limit() -> u64 {
+    let ms = wall_ms()
+        .saturating_add(settings::max_clock_skew_ms())
+        .min(u64::MAX >> COUNTER_BITS);
+    (ms << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1)
+}
+
+/// Raises 22008 unless `hlc` is within `limit()`: such a version would move the clock (and its
+/// persisted mark) ahead for every database of the cluster.
+pub fn check_skew(hlc: u64, what: &str) {
+    if hlc > limit() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+            format!(
+                "{what} holds a version further ahead of this node's clock than pg_sync.max_clock_skew ({} ms)",
+                settings::max_clock_skew_ms()
+            ),
+            "A stored version this far ahead is corrupted or forged: inspect it with \
+             pg_sync.row_version_state(model, model_id) and repair pg_sync.row_state, or fix the \
+             node's clock or raise pg_sync.max_clock_skew if it is right.",
+        );
+    }
+}
+
+/// The clock is at the end of its range (only reachable through a persisted mark from before
+/// versions were bounded).
+fn exhausted() -> ! {
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+        "pg_sync's clock reached the end of its range",
+        "Stop the server, remove the pg_sync_hlc file from the data directory if it holds a \
+         value far in the future, and remove stored versions that are far ahead of wall time.",
+    )
 }
 
 /// HLC receive rule: after this, every local tick is above `remote`.

@@ -15,6 +15,8 @@ use std::rc::Rc;
 
 pub struct Model {
     pub name: String,
+    /// The table's owner: every statement on the table runs as it (`owner::as_table_owner`).
+    pub owner: pg_sys::Oid,
     /// The table as a quoted, schema-qualified name.
     pub table: String,
     pub key: Vec<String>,
@@ -43,6 +45,7 @@ impl Model {
                                       AND a.attname <> ALL (r.excluded_columns)
                                     ORDER BY a.attnum),
                         'f', r.federation, 'e', r.enabled, 'g', r.group_column,
+                        'o', c.relowner::pg_catalog.int8,
                         'kt', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(
                                         a.atttypid::pg_catalog.int8, a.atttypmod) ORDER BY k.o)
                                  FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(n, o)
@@ -81,9 +84,11 @@ impl Model {
                     .map(type_of)
                     .collect::<Vec<_>>(),
                 Some(&r["gt"]).filter(|t| t.is_array()).map(type_of),
+                pg_sys::Oid::from(r["o"].as_u64().unwrap_or_default() as u32),
             )
         });
-        let Some((table, key, columns, federation, enabled, group, key_types, group_type)) = row
+        let Some((table, key, columns, federation, enabled, group, key_types, group_type, owner)) =
+            row
         else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -100,6 +105,7 @@ impl Model {
         }
         Model {
             name: name.to_owned(),
+            owner,
             table,
             key,
             key_types,
@@ -120,8 +126,15 @@ impl Model {
             t = self.table,
             cond = self.key_condition(1)
         );
-        let found = run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)])?;
+        let found = self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)])?;
         Some(found.get(0).and_then(Value::as_str).map(str::to_owned))
+    }
+
+    /// Runs a statement on the table as its owner, in a security-restricted operation: what
+    /// it fires (triggers, defaults, casts, check functions) is the owner's code and must not
+    /// run with the caller's rights. The caller needs no privilege on the table.
+    fn run(&self, sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
+        crate::owner::as_table_owner(self.owner, || run(sql, types, args))
     }
 
     pub fn is_key(&self, col: &str) -> bool {
@@ -301,7 +314,7 @@ impl Model {
             t = self.table,
             cond = self.key_condition(1)
         );
-        match run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]) {
+        match self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]) {
             Some(Value::Object(m)) => Some(m),
             _ => None,
         }
@@ -314,7 +327,8 @@ impl Model {
             t = self.table,
             cond = self.key_condition(1)
         );
-        run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]).is_some()
+        self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)])
+            .is_some()
     }
 
     /// Inserts a row; returns its model id.
@@ -336,7 +350,7 @@ impl Model {
             t = self.table,
             id = self.key_text_expr()
         );
-        match run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(row)]) {
+        match self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(row)]) {
             Some(Value::String(id)) => id,
             _ => String::new(),
         }
@@ -352,7 +366,8 @@ impl Model {
             cond = self.key_condition(2)
         );
         let types = [PgOid::from(pg_sys::JSONBOID), PgOid::from(pg_sys::JSONBOID)];
-        run(&sql, &types, vec![jsonb(cols), jsonb(key)]).is_some()
+        self.run(&sql, &types, vec![jsonb(cols), jsonb(key)])
+            .is_some()
     }
 
     /// Deletes a row; returns whether it existed.
@@ -362,7 +377,8 @@ impl Model {
             t = self.table,
             cond = self.key_condition(1)
         );
-        run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)]).is_some()
+        self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(key)])
+            .is_some()
     }
 }
 

@@ -40,14 +40,33 @@ fn owner_oid() -> pg_sys::Oid {
 /// Runs `f` as `pgsync_owner` in a security-restricted operation. Only statements fixed by
 /// pg_sync may run inside: nothing that evaluates user-defined functions, casts or operators.
 pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = owner_oid();
+    as_role(owner_oid(), f)
+}
+
+/// Runs `f` as `table_owner` (the owner of the application table a statement writes) in a
+/// security-restricted operation, like logical replication's apply as table owner, REFRESH
+/// MATERIALIZED VIEW and autovacuum: the table's triggers, column defaults, check and domain
+/// functions and json casts are the owner's code and run with the owner's rights, never with
+/// the caller's (the worker is a member of `pgsync_owner`).
+pub fn as_table_owner<R>(table_owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    if table_owner == pg_sys::InvalidOid {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "the owner of a registered table was not found",
+            "Call pg_sync.register_table() again.",
+        );
+    }
+    as_role(table_owner, f)
+}
+
+fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_ctx = 0;
     // SAFETY: save and switch the current user; an ERROR's abort restores it, so does the guard.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
         pg_sys::SetUserIdAndSecContext(
-            owner,
+            role,
             saved_ctx
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
@@ -132,7 +151,8 @@ pub fn registry_put(
     federation: &str,
 ) -> bool {
     check_caller(rel, REGISTER);
-    as_owner(|| {
+    validate(rel, model, &pk, group_column, &exclude, federation);
+    let written = as_owner(|| {
         Spi::connect_mut(|client| {
             let args = [
                 rel.into(),
@@ -159,13 +179,117 @@ pub fn registry_put(
                 .map(|t| !t.is_empty())
                 .unwrap_or_else(|e| panic!("pg_sync: {e}"))
         })
+    });
+    invalidate(rel);
+    written
+}
+
+/// Makes every backend drop its cached registration of `rel` (capture caches it per relation,
+/// flushed by relcache invalidation) at the end of this transaction.
+fn invalidate(rel: pg_sys::Oid) {
+    // SAFETY: queues a relcache invalidation; a missing relation is ignored.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
+}
+
+/// What `register_table` checks, checked again here: `registry_put` is callable directly (by
+/// PUBLIC; it checks ownership itself), so nothing but a valid registration may be written.
+fn validate(
+    rel: pg_sys::Oid,
+    model: &str,
+    pk: &[String],
+    group_column: Option<&str>,
+    exclude: &[String],
+    federation: &str,
+) {
+    let problem = with_fixed_search_path(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT CASE
+               WHEN c.oid IS NULL THEN 'missing'
+               WHEN c.relkind NOT IN ('r', 'p') THEN 'kind'
+               WHEN c.relpersistence = 't' THEN 'temporary'
+               WHEN c.relnamespace = 'pg_sync'::pg_catalog.regnamespace THEN 'own'
+               WHEN $2 IS DISTINCT FROM (
+                      SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY k.ord)
+                        FROM pg_catalog.pg_index i
+                        CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                        JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                       WHERE i.indrelid = c.oid AND i.indisprimary) THEN 'pk'
+               WHEN $3 IS NOT NULL AND NOT EXISTS (
+                      SELECT 1 FROM pg_catalog.pg_attribute a
+                       WHERE a.attrelid = c.oid AND a.attname = $3 AND a.attnum > 0
+                         AND NOT a.attisdropped) THEN 'group'
+               WHEN EXISTS (
+                      SELECT 1 FROM pg_catalog.unnest($4) e
+                       WHERE e IS NULL OR e = ANY ($2) OR e = $3 OR NOT EXISTS (
+                             SELECT 1 FROM pg_catalog.pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attname = e AND a.attnum > 0
+                                AND NOT a.attisdropped)) THEN 'exclude'
+               WHEN $5 NOT IN ('push', 'pull', 'both', 'off') THEN 'federation'
+               WHEN $6 !~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$' THEN 'model'
+             END
+             FROM (SELECT $1::pg_catalog.oid) AS x(oid)
+             LEFT JOIN pg_catalog.pg_class c ON c.oid = x.oid",
+            &[
+                rel.into(),
+                pk.to_vec().into(),
+                group_column.into(),
+                exclude.to_vec().into(),
+                federation.into(),
+                model.into(),
+            ],
+        )
     })
+    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+    let Some(problem) = problem else { return };
+    let (code, message) = match problem.as_str() {
+        "missing" => (
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            "the table does not exist",
+        ),
+        "kind" => (
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            "not an ordinary or partitioned table",
+        ),
+        "temporary" => (
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a temporary table cannot be registered",
+        ),
+        "own" => (
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            "pg_sync's own tables cannot be registered",
+        ),
+        "pk" => (
+            PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+            "pk_columns must be the table's primary key columns, in order",
+        ),
+        "group" => (
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            "the group column does not exist",
+        ),
+        "exclude" => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "an excluded column does not exist, or is a key or the group column",
+        ),
+        "federation" => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid federation mode",
+        ),
+        _ => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid model name",
+        ),
+    };
+    errors::raise(
+        code,
+        format!("pg_sync.registry_put: {message}"),
+        "Register tables with pg_sync.register_table(), which derives and checks these values.",
+    );
 }
 
 /// `pg_sync.registry_disable(rel)`: the registry write of `unregister_table`.
 pub fn registry_disable(rel: pg_sys::Oid) -> bool {
     check_caller(rel, UNREGISTER);
-    as_owner(|| {
+    let written = as_owner(|| {
         Spi::connect_mut(|client| {
             client
                 .update(
@@ -177,5 +301,7 @@ pub fn registry_disable(rel: pg_sys::Oid) -> bool {
                 .map(|t| !t.is_empty())
                 .unwrap_or_else(|e| panic!("pg_sync: {e}"))
         })
-    })
+    });
+    invalidate(rel);
+    written
 }

@@ -198,6 +198,19 @@ fn apply_change(
         );
         return true;
     }
+    // Values waiting for a resurrecting insert may name columns dropped since.
+    let insert_row = match &outcome.dml {
+        Dml::Insert(row) => {
+            let mut row: Map<String, Value> = row
+                .iter()
+                .filter(|(c, _)| model.columns.contains(c))
+                .map(|(c, v)| (c.clone(), v.clone()))
+                .collect();
+            row.extend(key.clone());
+            row
+        }
+        _ => Map::new(),
+    };
     let touched = {
         let _remote = capture::enter_remote(RemoteContext {
             relid: target.relid,
@@ -207,19 +220,14 @@ fn apply_change(
             state: outcome.state.clone(),
             won: outcome.won.clone(),
             created_won: outcome.created_won,
+            written: match &outcome.dml {
+                Dml::Update(cols) => cols.clone(),
+                _ => insert_row.clone(),
+            },
         });
         match &outcome.dml {
             Dml::None => true,
-            Dml::Insert(row) => {
-                // Values waiting for a resurrecting insert may name columns dropped since.
-                let mut row: Map<String, Value> = row
-                    .iter()
-                    .filter(|(c, _)| model.columns.contains(c))
-                    .map(|(c, v)| (c.clone(), v.clone()))
-                    .collect();
-                row.extend(key.clone());
-                !model.insert_overriding(&row).is_empty()
-            }
+            Dml::Insert(_) => !model.insert_overriding(&insert_row).is_empty(),
             Dml::Update(cols) => model.update(key, cols),
             Dml::Delete => model.delete(key),
         }

@@ -369,6 +369,8 @@ pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: 
         // The row's state is at or above our version: move the clock past it and mint again.
         let current = load(model_name, model_id, true).max_version();
         if let Ok(v) = Version::parse(&current) {
+            // Never beyond the skew bound: a corrupted or forged state must not move the clock.
+            clock::check_skew(v.hlc, &format!("the state of model \"{model_name}\""));
             clock::observe(v.hlc);
         }
         version = clock::next_version().to_string();

@@ -39,6 +39,24 @@ SET ROLE app_owner;
 SELECT err($$SELECT pg_sync.register_table('not_owned')$$);
 SELECT err($$SELECT pg_sync.registry_put('not_owned'::regclass, 'not_owned', '{id}', NULL, '{}', 'both')$$);
 RESET ROLE;
+-- registry_put, callable directly, checks what register_table checks; a direct write takes
+-- effect at once (cached registrations are invalidated).
+SET ROLE app_owner;
+CREATE TEMP TABLE tmp_t (id int PRIMARY KEY, g text);
+SELECT err($$SELECT pg_sync.registry_put('tmp_t'::regclass, 'tmp_t', '{id}', NULL, '{}', 'both')$$);
+CREATE TABLE app.reg2 (id int PRIMARY KEY, g text, v text, note text);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{v}', 'g', '{}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'nonexistent', '{}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{id}', 'both')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{}', 'sideways')$$);
+SELECT err($$SELECT pg_sync.registry_put('app.reg2'::regclass, 'bad name', '{id}', 'g', '{}', 'both')$$);
+SELECT pg_sync.register_table('app.reg2', 'g');
+INSERT INTO app.reg2 VALUES (1, 'g1', 'a', 'kept');
+SELECT pg_sync.registry_put('app.reg2'::regclass, 'reg2', '{id}', 'g', '{note}', 'both');
+INSERT INTO app.reg2 VALUES (2, 'g1', 'b', 'excluded');
+DROP TABLE app.reg2, tmp_t;
+RESET ROLE;
+SELECT model_id, data FROM pg_sync.sync_actions WHERE model = 'reg2' ORDER BY id;
 
 -- DML as the writer, with no privileges on pg_sync's tables.
 SET ROLE app_writer;
@@ -137,9 +155,30 @@ GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.ap
       pg_sync.changes(bigint, text[], integer), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
       pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
       pg_sync.user_groups(text), pg_sync.status(), pg_sync.hlc_now() TO app_sync_worker;
-GRANT USAGE ON SCHEMA app TO app_sync_worker;
-GRANT SELECT, INSERT, UPDATE, DELETE ON app.chores TO app_sync_worker;
+-- No grant on the application's schema or tables: apply_remote and mutate_as write them as
+-- their owner. The owner's code (here a trigger) runs as the owner in a security-restricted
+-- operation, never with the worker's membership in pgsync_owner.
 SELECT pg_sync.add_member('alice', 'g1');
+SET ROLE app_owner;
+CREATE FUNCTION app.probe() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE NOTICE 'trigger runs as %', current_user;
+    BEGIN
+        INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('mallory', 'g1');
+        RAISE NOTICE 'trigger wrote pg_sync.group_memberships';
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE NOTICE 'trigger: %', SQLERRM;
+    END;
+    BEGIN
+        CREATE TEMP TABLE probe_tmp (x int);
+        RAISE NOTICE 'trigger created a temp table';
+    EXCEPTION WHEN insufficient_privilege OR invalid_transaction_state THEN
+        RAISE NOTICE 'trigger: %', SQLERRM;
+    END;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER probe BEFORE INSERT ON app.chores FOR EACH ROW EXECUTE FUNCTION app.probe();
+RESET ROLE;
 SET ROLE app_sync_worker;
 SELECT pg_sync.apply_remote(jsonb_build_object(
     'model', 'chores', 'model_id', '50', 'action', 'I', 'origin', 'node-x',
@@ -156,6 +195,8 @@ DROP PUBLICATION app_roles_pub;
 RESET ROLE;
 SELECT model_id, action, origin FROM pg_sync.sync_actions
  WHERE model = 'chores' AND model_id IN ('50', '60') ORDER BY id;
+SELECT count(*) AS planted_memberships FROM pg_sync.group_memberships WHERE user_id = 'mallory';
+DROP TRIGGER probe ON app.chores;
 SELECT pg_sync.remove_member('alice', 'g1');
 DROP OWNED BY app_sync_worker;
 DROP ROLE app_sync_worker;
@@ -218,3 +259,23 @@ RESET ROLE;
 DROP OWNED BY app_attacker;
 DROP TABLE not_owned;
 DROP ROLE app_owner, app_writer, app_reader, app_attacker;
+
+-- A CREATEROLE role that grants itself pgsync_owner (a role of that name may also be created
+-- by it before pg_sync is first installed) could rewrite pg_sync's tables in every database
+-- pg_sync is installed in later: CREATE EXTENSION refuses such a role.
+CREATE ROLE app_helpdesk CREATEROLE;
+SET ROLE app_helpdesk;
+GRANT pgsync_owner TO app_helpdesk;
+RESET ROLE;
+SELECT current_database() AS regress_db \gset
+CREATE DATABASE pg_sync_squat;
+\c pg_sync_squat
+CREATE EXTENSION pg_sync;
+\c :regress_db
+REVOKE pgsync_owner FROM app_helpdesk;
+\c pg_sync_squat
+CREATE EXTENSION pg_sync;
+SELECT count(*) AS registrations FROM pg_sync.registry;
+\c :regress_db
+DROP DATABASE pg_sync_squat;
+DROP ROLE app_helpdesk;

@@ -151,3 +151,17 @@ SET pg_sync.node_id = 'node-ccc';
 SELECT pg_sync.node_id();
 RESET pg_sync.node_id;
 SELECT pg_sync.node_id();
+
+-- numeric equality ignores the scale: 1.0, 1.00 and 1 are one key (and 2.50, 2.5 one group),
+-- in capture, in ids from peers and clients, and in group checks.
+CREATE TABLE nums (id numeric PRIMARY KEY, grp numeric, v text);
+SELECT pg_sync.register_table('nums', 'grp');
+INSERT INTO nums VALUES (1.0, 2.50, 'a'), (10, 0.0, 'b'), (-0.50, -3.000, 'c');
+SELECT pg_sync.apply_remote(jsonb_build_object(
+    'model', 'nums', 'model_id', '1.00', 'action', 'U', 'origin', 'node-x',
+    'version', lpad(to_hex(pg_sync.hlc_now() + 1000), 16, '0') || '@node-x',
+    'data', '{"v": "peer"}'::jsonb)) AS applied;
+SELECT pg_sync.mutate('c', gen_random_uuid(), '[{"model": "nums", "action": "U", "id": "10.000", "data": {"v": "client"}}]')->>'status' AS mutated;
+SELECT id, grp, v FROM nums ORDER BY id;
+SELECT model_id, action, group_id, origin FROM pg_sync.sync_actions WHERE model = 'nums' ORDER BY id;
+SELECT model_id FROM pg_sync.row_state WHERE model = 'nums' ORDER BY model_id;

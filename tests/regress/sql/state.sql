@@ -120,3 +120,75 @@ SELECT sequence_all();
 SELECT pg_sync.compact(pg_sync.last_sync_id()) > 0 AS compacted;
 SELECT count(*) AS left_for_pair FROM pg_sync.sync_actions WHERE model = 'pair';
 SELECT pg_sync.row_version_state('pair', '["1","2"]')->>'live' AS pair_live;
+
+-- A partitioned registered table: apply_remote's write lands in a leaf partition and is
+-- recorded as the peer's change (its version and origin), not as a local write.
+CREATE TABLE parted (id int PRIMARY KEY, grp text, v text) PARTITION BY RANGE (id);
+CREATE TABLE parted_a PARTITION OF parted FOR VALUES FROM (0) TO (100);
+SELECT pg_sync.register_table('parted', 'grp');
+INSERT INTO parted VALUES (1, 'g1', 'local');
+SELECT pg_sync.apply_remote(chm('parted', 'I', '5', fresh('peer'), '{"id": 5, "v": "peer", "grp": "g1"}')) AS applied;
+SELECT pg_sync.apply_remote(chm('parted', 'U', '1', fresh('peer'), '{"v": "peer-upd"}')) AS applied;
+SELECT model_id, action, origin, version LIKE '%@peer' AS peer_version
+  FROM pg_sync.sync_actions WHERE model = 'parted' ORDER BY id;
+SELECT model_id, created LIKE '%@peer' AS created_by_peer, versions->>'v' LIKE '%@peer' AS v_by_peer
+  FROM pg_sync.row_state WHERE model = 'parted' ORDER BY model_id;
+
+-- A stored version far beyond wall time + pg_sync.max_clock_skew (corrupted or forged) does
+-- not move the clock: a local write of that row is refused (22008), other writes go on, and
+-- neither the clock nor its persisted mark jump to the end of the range.
+CREATE TABLE far (id int PRIMARY KEY, v text);
+SELECT pg_sync.register_table('far');
+INSERT INTO far VALUES (1, 'a');
+UPDATE pg_sync.row_state SET max_version = 'fffffffffffffffe@x', created = 'fffffffffffffffe@x'
+ WHERE model = 'far' AND model_id = '1';
+SELECT err($$UPDATE far SET v = 'b' WHERE id = 1$$);
+INSERT INTO far VALUES (2, 'a');
+UPDATE far SET v = 'c' WHERE id = 2;
+SELECT pg_sync.hlc_now() > 0
+   AND (pg_sync.hlc_now() >> 16) < extract(epoch FROM now()) * 1000 + 3600000 AS clock_sane,
+       pg_read_file('pg_sync_hlc')::numeric < 2 ^ 63 AS mark_sane;
+-- The same in a database whose stored versions the clock observes for the first time.
+SELECT current_database() AS regress_db \gset
+CREATE DATABASE pg_sync_far;
+\c pg_sync_far
+CREATE EXTENSION pg_sync;
+CREATE TABLE far (id int PRIMARY KEY, v text);
+SELECT pg_sync.register_table('far');
+INSERT INTO pg_sync.row_state (model, model_id, created, max_version)
+VALUES ('far', '9', 'fffffffffffffffe@x', 'fffffffffffffffe@x');
+INSERT INTO far VALUES (1, 'a');
+INSERT INTO far VALUES (9, 'a');
+SELECT pg_sync.hlc_now() > 0
+   AND (pg_sync.hlc_now() >> 16) < extract(epoch FROM now()) * 1000 + 3600000 AS clock_sane,
+       pg_read_file('pg_sync_hlc')::numeric < 2 ^ 63 AS mark_sane;
+\c :regress_db
+DROP DATABASE pg_sync_far;
+
+-- A BEFORE trigger that changes what apply_remote writes (or, on an update, other columns):
+-- those columns hold this node's values, recorded as a local write above the peer's version,
+-- not under it. Values the trigger leaves alone (whatever their JSON spelling from the peer)
+-- are not.
+CREATE TABLE bt (id int PRIMARY KEY, title text, stamp text, note text, at timestamptz, n numeric);
+CREATE FUNCTION bt_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.title <> 'leave' THEN
+        NEW.stamp := 'local';
+        IF TG_OP = 'UPDATE' THEN NEW.note := 'touched'; END IF;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER bt_stamp BEFORE INSERT OR UPDATE ON bt FOR EACH ROW EXECUTE FUNCTION bt_stamp();
+SELECT pg_sync.register_table('bt');
+SELECT pg_sync.apply_remote(chm('bt', 'I', '1', fresh('peer'),
+  '{"id": 1, "title": "p", "stamp": "peer-stamp", "at": "2024-01-01T00:00:00+00:00", "n": 1.50}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'U', '1', fresh('peer'), '{"title": "p2"}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'I', '2', fresh('peer'),
+  '{"id": 2, "title": "leave", "stamp": "s", "at": "2024-01-01T00:00:00+00:00", "n": 1.50}')) AS applied;
+SELECT pg_sync.apply_remote(chm('bt', 'U', '2', fresh('peer'), '{"at": "2024-06-01T12:00:00Z", "n": 2.0}')) AS applied;
+SELECT id, title, stamp, note, n FROM bt ORDER BY id;
+SELECT model_id, action, origin, data - 'at' AS data FROM pg_sync.sync_actions WHERE model = 'bt' ORDER BY id;
+SELECT model_id, versions->>'title' LIKE '%@peer' AS title_peer, versions->>'stamp' LIKE '%@regress' AS stamp_local,
+       versions->>'note' LIKE '%@regress' AS note_local,
+       versions->>'note' > versions->>'title' AS local_above_peer
+  FROM pg_sync.row_state WHERE model = 'bt' ORDER BY model_id;
