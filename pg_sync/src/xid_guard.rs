@@ -17,8 +17,9 @@
 //! remapped before and are left alone.
 //!
 //! The check is two index probes per table, once per backend: a backend remembers that its
-//! database's log was clean, but only once a check found nothing outside a transaction that
-//! remapped (which may still roll back). Every path that inserts into the log mints or observes a
+//! database's log was clean once a check found nothing; after a remap the next transaction
+//! checks again (the remapping one may still roll back). A remap rolled back to a savepoint is
+//! not redone in the same transaction (its locks went with it): the next transaction redoes it. Every path that inserts into the log mints or observes a
 //! version first (`clock::tick`, `clock::observe`), and both run this check before the insert.
 
 use crate::owner;
@@ -31,8 +32,8 @@ pub const REMAPPED_BASE: &str = "4611686018427387904";
 thread_local! {
     /// This backend found its database's log free of foreign xids.
     static CLEAN: Cell<bool> = const { Cell::new(false) };
-    /// The top-level transaction id that remapped last (0: none), so that the same transaction
-    /// does not declare the log clean: it may still roll the remap back.
+    /// The top-level transaction id that remapped last (0: none). It neither checks again nor
+    /// declares the log clean (it may still roll the remap back): the next transaction checks.
     static REMAPPED_IN: Cell<u32> = const { Cell::new(0) };
 }
 
@@ -107,16 +108,19 @@ pub fn ensure_own_xids() {
     if unsafe { pg_sys::RecoveryInProgress() } {
         return; // a standby writes nothing; checked again once promoted
     }
+    // SAFETY: reads the current transaction's id without assigning one.
+    let top = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
+    if top != 0 && REMAPPED_IN.with(Cell::get) == top {
+        // This transaction remapped and holds both tables until it ends; checking again would
+        // take its own actions, written since, for foreign ones.
+        return;
+    }
     let found =
         owner::as_owner(|| owner::with_fixed_search_path(|| Spi::get_one::<bool>(&check_sql())));
     // No log (the extension's tables are missing or unreadable) is not this module's to report.
     let Ok(found) = found else { return };
     if found != Some(true) {
-        // SAFETY: reads the current transaction's id without assigning one.
-        let top = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
-        if top == 0 || REMAPPED_IN.with(Cell::get) != top {
-            CLEAN.with(|c| c.set(true));
-        }
+        CLEAN.with(|c| c.set(true));
         return;
     }
     let (xids, rows) = owner::as_owner(|| {

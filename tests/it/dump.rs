@@ -268,7 +268,14 @@ fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
 
     // The target's counter runs through the restored range, every transaction there capturing
     // a write, from this backend and from another one.
-    burn_xids_to(&mut c, lo - 3);
+    burn_xids_to(&mut c, lo - 6);
+    // The first writer remaps, but rolls back: the next one remaps again. That one writes twice
+    // in one transaction: its own first action is not taken for a restored one.
+    c.batch_execute(
+        "BEGIN; UPDATE items SET v = 'r' WHERE id = 1; ROLLBACK;
+         BEGIN; UPDATE items SET v = 's' WHERE id = 1; UPDATE items SET v = 's' WHERE id = 2; COMMIT;",
+    )
+    .unwrap();
     c.batch_execute(&format!(
         "DO $$ BEGIN
            WHILE pg_current_xact_id()::text::bigint <= {hi} + 2 LOOP
@@ -295,6 +302,22 @@ fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
         .unwrap()
         .get(0);
     assert_eq!(shared, 0, "new transactions reused restored xids");
+    let (moved_new, kept_old): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE id > $1 AND xid >= '4611686018427387904'),
+                        count(*) FILTER (WHERE id <= $1 AND xid < '4611686018427387904')
+                   FROM pg_sync.sync_actions",
+                &[&last_restored],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (moved_new, kept_old),
+        (0, 0),
+        "only the restored xids are moved, all of them"
+    );
     let new_actions: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_sync.sync_actions WHERE id > $1",
