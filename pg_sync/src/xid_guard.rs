@@ -22,6 +22,7 @@
 //! not redone in the same transaction (its locks went with it): the next transaction redoes it. Every path that inserts into the log mints or observes a
 //! version first (`clock::tick`, `clock::observe`), and both run this check before the insert.
 
+use crate::errors;
 use crate::owner;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -130,7 +131,13 @@ pub fn ensure_own_xids() {
             Spi::get_two::<i64, i64>(&remap_sql())
         })
     })
-    .unwrap_or_else(|e| panic!("pg_sync: cannot remap restored transaction ids: {e}"));
+    .unwrap_or_else(|e| {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("pg_sync: cannot remap transaction ids restored from another cluster: {e}"),
+            "Retry the write; the log's xids are checked again by the next writer.",
+        )
+    });
     // SAFETY: the update above assigned this transaction an id.
     let top = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
     REMAPPED_IN.with(|r| r.set(top));
