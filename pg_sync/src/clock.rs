@@ -19,6 +19,7 @@
 use crate::errors;
 use crate::owner;
 use crate::settings;
+use crate::xid_guard;
 use pg_sync_lww::version::{Version, COUNTER_BITS};
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
@@ -240,6 +241,8 @@ fn observe_stored(clock: &ClockShared) {
 pub fn tick() -> u64 {
     let clock = shared();
     observe_stored(clock);
+    // A version is minted to be written to the log: its xids must be this cluster's first.
+    xid_guard::ensure_own_xids();
     let physical = wall_ms() << COUNTER_BITS;
     let mut current = clock.hlc.load(Ordering::Acquire);
     let next = loop {
@@ -299,6 +302,8 @@ fn exhausted() -> ! {
 /// HLC receive rule: after this, every local tick is above `remote`.
 pub fn observe(remote: u64) {
     let clock = shared();
+    // A received version is about to be written to the log (apply_remote).
+    xid_guard::ensure_own_xids();
     clock.hlc.fetch_max(remote, Ordering::AcqRel);
     ensure_persisted(clock, remote);
 }

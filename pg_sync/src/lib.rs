@@ -18,6 +18,7 @@ mod remote;
 mod retention;
 mod settings;
 mod state;
+mod xid_guard;
 
 ::pgrx::pg_module_magic!();
 

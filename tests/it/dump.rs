@@ -56,6 +56,52 @@ fn run(program: &Path, args: &[&str]) {
     );
 }
 
+/// `pg_dump -Fc` of database `db`, into the cluster's directory.
+fn dump(source: &Cluster, db: &str) -> std::path::PathBuf {
+    let file = source.dir.join(format!("{db}.dump"));
+    let port = source.port.to_string();
+    run(
+        &source.bindir().join("pg_dump"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-Fc",
+            "-f",
+            file.to_str().unwrap(),
+            db,
+        ],
+    );
+    file
+}
+
+/// Creates database `db` in `target` and `pg_restore`s `file` into it.
+fn restore(target: &Cluster, db: &str, file: &str) {
+    target
+        .connect("postgres")
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let port = target.port.to_string();
+    run(
+        &target.bindir().join("pg_restore"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--exit-on-error",
+            "-d",
+            db,
+            file,
+        ],
+    );
+}
+
 fn max_hlc(c: &mut Client, filter: &str) -> i64 {
     c.query_one(
         &format!("SELECT max(pg_sync.version_hlc(version)) FROM pg_sync.sync_actions {filter}"),
@@ -91,24 +137,8 @@ fn dump_and_restore_keep_log_counter_and_clock() {
     let restored_max = max_hlc(&mut c, "");
     drop(c);
 
-    let file = source.dir.join("src.dump");
+    let file = dump(&source, "src");
     let file = file.to_str().unwrap();
-    let port = source.port.to_string();
-    run(
-        &source.bindir().join("pg_dump"),
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-Fc",
-            "-f",
-            file,
-            "src",
-        ],
-    );
 
     // A fresh cluster whose wall clock is an hour behind the source's. The clock only takes
     // stored versions within pg_sync.max_clock_skew of wall time (a far-future version is
@@ -121,26 +151,7 @@ fn dump_and_restore_keep_log_counter_and_clock() {
             "pg_sync.max_clock_skew = '2h'",
         ],
     );
-    target
-        .connect("postgres")
-        .batch_execute("CREATE DATABASE dst")
-        .unwrap();
-    let port = target.port.to_string();
-    run(
-        &target.bindir().join("pg_restore"),
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "--exit-on-error",
-            "-d",
-            "dst",
-            file,
-        ],
-    );
+    restore(&target, "dst", file);
     let mut c = target.connect("dst");
     assert_eq!(
         snapshot(&mut c),
@@ -190,4 +201,188 @@ fn dump_and_restore_keep_log_counter_and_clock() {
         .unwrap()
         .get(0);
     assert_eq!(state, "true");
+}
+
+fn last_sync_id(c: &mut Client) -> i64 {
+    c.query_one("SELECT pg_sync.last_sync_id()", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Numeric value of an xid8 expression.
+fn xid(c: &mut Client, expr: &str) -> i64 {
+    c.query_one(&format!("SELECT ({expr})::text::bigint"), &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Uses up transaction ids, one committed transaction each, until the next one is at least
+/// `target`.
+fn burn_xids_to(c: &mut Client, target: i64) {
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+           WHILE pg_current_xact_id()::text::bigint < {target} - 1 LOOP COMMIT; END LOOP;
+         END $$"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
+    // The source has used a few thousand transaction ids more than a fresh cluster, then writes
+    // in separate transactions, some sequenced, the last ones not.
+    let source = Cluster::start("xid_src", &["pg_sync.node_id = 'node-a'"]);
+    let mut c = source.create_db("src");
+    let start = xid(&mut c, "pg_current_xact_id()");
+    burn_xids_to(&mut c, start + 5000);
+    c.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text, grp text);
+         SELECT pg_sync.register_table('items', group_column => 'grp');",
+    )
+    .unwrap();
+    for i in 1..=10 {
+        c.batch_execute(&format!(
+            "INSERT INTO items VALUES ({i}, 'v', 'g1'), ({}, 'v', 'g1')",
+            i + 100
+        ))
+        .unwrap();
+    }
+    c.batch_execute(SEQUENCE_ALL).unwrap();
+    for i in 1..=5 {
+        c.batch_execute(&format!("UPDATE items SET v = 'w' WHERE id = {i}"))
+            .unwrap();
+    }
+    drop(c);
+    let file = dump(&source, "src");
+
+    let target = Cluster::start("xid_dst", &["pg_sync.node_id = 'node-a'"]);
+    restore(&target, "dst", file.to_str().unwrap());
+    let mut c = target.connect("dst");
+    let (lo, hi) = (
+        xid(&mut c, "SELECT min(xid) FROM pg_sync.sync_actions"),
+        xid(&mut c, "SELECT max(xid) FROM pg_sync.sync_actions"),
+    );
+    let now = xid(&mut c, "pg_current_xact_id()");
+    assert!(
+        now + 1000 < lo,
+        "the target ({now}) is behind the restored xids ({lo}..{hi})"
+    );
+    let last_restored: i64 = c
+        .query_one("SELECT max(id) FROM pg_sync.sync_actions", &[])
+        .unwrap()
+        .get(0);
+
+    // The target's counter runs through the restored range, every transaction there capturing
+    // a write, from this backend and from another one.
+    burn_xids_to(&mut c, lo - 6);
+    // The first writer remaps, but rolls back: the next one remaps again. That one writes twice
+    // in one transaction: its own first action is not taken for a restored one.
+    c.batch_execute(
+        "BEGIN; UPDATE items SET v = 'r' WHERE id = 1; ROLLBACK;
+         BEGIN; UPDATE items SET v = 's' WHERE id = 1; UPDATE items SET v = 's' WHERE id = 2; COMMIT;",
+    )
+    .unwrap();
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+           WHILE pg_current_xact_id()::text::bigint <= {hi} + 2 LOOP
+             UPDATE items SET v = v || '.' WHERE id = 200 + pg_current_xact_id()::text::bigint % 2;
+             IF NOT FOUND THEN
+               INSERT INTO items VALUES (200, 'n', 'g1'), (201, 'n', 'g1');
+             END IF;
+             COMMIT;
+           END LOOP;
+         END $$"
+    ))
+    .unwrap();
+    let mut other = target.connect("dst");
+    other
+        .batch_execute("UPDATE items SET v = 'x' WHERE id = 1")
+        .unwrap();
+
+    let shared: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT o.xid) FROM pg_sync.sync_actions o JOIN pg_sync.sync_actions n
+                ON n.xid = o.xid AND o.id <= $1 AND n.id > $1",
+            &[&last_restored],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(shared, 0, "new transactions reused restored xids");
+    let (moved_new, kept_old): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE id > $1 AND xid >= '4611686018427387904'),
+                        count(*) FILTER (WHERE id <= $1 AND xid < '4611686018427387904')
+                   FROM pg_sync.sync_actions",
+                &[&last_restored],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (moved_new, kept_old),
+        (0, 0),
+        "only the restored xids are moved, all of them"
+    );
+    let new_actions: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_sync.sync_actions WHERE id > $1",
+            &[&last_restored],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        new_actions > (hi - lo),
+        "the writes were captured: {new_actions}"
+    );
+
+    // The sequencer's backlog pass, as the worker runs it (its 32-bit comparison with the
+    // stream's xids, nothing streamed here): every transaction, restored unsequenced or new, gets
+    // one commit order row, and each commit order row holds exactly the actions it sequenced.
+    let first = last_sync_id(&mut c) + 1;
+    c.execute(
+        "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+         SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
+           FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
+                   FROM pg_sync.sync_actions a
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
+                  GROUP BY a.xid) s
+          WHERE (s.xid::text::bigint % 4294967296) <> ALL ($2::bigint[])",
+        &[&first, &Vec::<i64>::new()],
+    )
+    .unwrap();
+    let mismatched: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_sync.commit_order c
+              WHERE c.action_count <> (SELECT count(*) FROM pg_sync.sync_actions a WHERE a.xid = c.xid)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        mismatched, 0,
+        "commit order rows that do not match their actions"
+    );
+    let (unsequenced, ids, distinct): (i64, i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_sync.sync_actions a
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)),
+                        (SELECT count(*) FROM pg_sync.changes(0, NULL, 1000)),
+                        (SELECT count(DISTINCT sync_id) FROM pg_sync.changes(0, NULL, 1000))",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(unsequenced, 0);
+    let total: i64 = c
+        .query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (ids, distinct),
+        (total, total),
+        "changes() lists every action once"
+    );
 }

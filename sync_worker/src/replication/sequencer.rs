@@ -581,6 +581,13 @@ impl Session<'_> {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
         let result = async {
+            // Taken before the snapshot (LOCK takes none): a remap of restored xids (the
+            // extension's xid_guard.rs, which holds this lock until it commits) is either
+            // seen whole or waits for this pass; otherwise this pass could write commit order
+            // rows for the xids it just moved.
+            self.db
+                .batch_execute("LOCK TABLE pg_sync.commit_order IN SHARE ROW EXCLUSIVE MODE")
+                .await?;
             let streamed: Vec<i64> = self
                 .db
                 .query_one(
