@@ -62,6 +62,10 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::post(mutate::mutate)
                 .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
         )
+        .route(
+            crate::federation::PATH,
+            get(crate::federation::send::upgrade),
+        )
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
         .route("/metrics", get(metrics))
