@@ -55,8 +55,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let Some(c) = db.as_ref() else { continue };
         let rows = match c
             .query(
-                "SELECT name, url, created_at::text FROM pg_sync.peers
-                  WHERE enabled AND direction IN ('pull', 'both')",
+                // A new secret re-authenticates the link: it is part of the fingerprint.
+                "SELECT p.name, p.url, p.created_at::text || ' ' || coalesce(s.rotated_at::text, '')
+                   FROM pg_sync.peers p LEFT JOIN pg_sync.peer_secrets s ON s.peer = p.name
+                  WHERE p.enabled AND p.direction IN ('pull', 'both')",
                 &[],
             )
             .await
