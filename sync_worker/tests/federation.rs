@@ -256,6 +256,16 @@ fn two_regions_converge_through_their_workers() {
             "SELECT string_agg(event || coalesce(' ' || (detail->>'reason'), ''), ', ' ORDER BY id) FROM pg_sync.peer_events"
         )
     );
+    let (status, body) = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(http_get(pb, "/metrics"))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
     for node in ["a", "b"] {
         assert_eq!(
             minted_by(&mut a, node),

@@ -332,7 +332,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         c.mutate_applied.load(Ordering::Relaxed),
         c.mutate_duplicate.load(Ordering::Relaxed),
         c.mutate_rejected.load(Ordering::Relaxed),
-    );
+    ) + &crate::federation::metrics::render();
     (
         [(
             axum::http::header::CONTENT_TYPE,

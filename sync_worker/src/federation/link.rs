@@ -7,7 +7,8 @@
 
 use super::frames::{close, Frame, PROTO};
 use super::{
-    auth, auth_failed_event, event, identity, report, sqlstate, Report, PATH, REGISTRY_POLL,
+    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, PATH,
+    REGISTRY_POLL,
 };
 use crate::api::App;
 use crate::replication::sequencer;
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
@@ -32,6 +33,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+const LIVENESS: Duration = Duration::from_secs(60);
+const MAX_FRAME_BYTES: usize = 1 << 30;
 
 struct Running {
     fingerprint: (String, String),
@@ -119,7 +122,12 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     let mut backoff = BACKOFF_MIN;
     let mut shutdown = app.shutdown.clone();
     loop {
-        match session(&app, &name, &url, &mut stop).await {
+        let outcome = session(&app, &name, &url, &mut stop).await;
+        metrics::with(&name, "in", |l| {
+            l.up = false;
+            l.reconnects += 1;
+        });
+        match outcome {
             Outcome::Stop => return,
             Outcome::Retry { progressed } => {
                 if progressed {
@@ -145,11 +153,11 @@ async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
         .await;
 }
 
-/// The next frame within `wait`: Ok(frame), or Err(why), with a close frame's code if any.
+/// The next frame, unless the peer is silent (not even a ping) for `wait`: Ok(frame), or
+/// Err(why), with a close frame's code if any.
 async fn recv(ws: &mut Ws, wait: Duration) -> Result<Frame, (Option<u16>, String)> {
-    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
+        match tokio::time::timeout(wait, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 return Frame::parse(&t).map_err(|e| (None, format!("malformed frame: {e}")))
             }
@@ -198,7 +206,17 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
     let endpoint = format!("{}{PATH}", url.trim_end_matches('/'));
     let mut ws = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::connect_async(endpoint.as_str()),
+        tokio_tungstenite::connect_async_with_config(
+            endpoint.as_str(),
+            Some(
+                // One frame is one or more whole source transactions: a large transaction is a
+                // large frame (tungstenite's defaults would refuse it forever).
+                WebSocketConfig::default()
+                    .max_message_size(Some(MAX_FRAME_BYTES))
+                    .max_frame_size(Some(MAX_FRAME_BYTES)),
+            ),
+            true,
+        ),
     )
     .await
     {
@@ -427,6 +445,10 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
         json!({"direction": "in", "node_id": s, "after": after}),
     )
     .await;
+    metrics::with(name, "in", |l| {
+        l.up = true;
+        l.lag_actions = (head - after).max(0);
+    });
     let mut state = if head > after {
         "catching_up"
     } else {
@@ -452,7 +474,8 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
     let mut reported = Instant::now();
     loop {
         let frame = tokio::select! {
-            f = recv(&mut ws, Duration::from_secs(3600)) => f,
+            // The sender pings every 10 s: a silent minute means a dead connection.
+            f = recv(&mut ws, LIVENESS) => f,
             _ = stop.changed() => {
                 close_ws(&mut ws, close::PEER_GONE, "peer removed or disabled on the receiver").await;
                 return Outcome::Stop;
@@ -471,12 +494,24 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
                 last_sync_id,
                 changes,
             }) => {
+                let changes = changes.to_string();
+                let started = Instant::now();
                 let res = db
                     .query_one(
                         "SELECT pg_sync.apply_peer_batch($1, $2, $3, $4, $5::text::jsonb)::text",
-                        &[&name, &batch_epoch, &from, &to, &changes.to_string()],
+                        &[&name, &batch_epoch, &from, &to, &changes],
                     )
                     .await;
+                let took = started.elapsed().as_secs_f64();
+                metrics::with(name, "in", |l| {
+                    l.bytes += changes.len() as u64;
+                    l.apply_seconds_sum += took;
+                    if let Err(e) = &res {
+                        *l.errors
+                            .entry(sqlstate(e).unwrap_or("connection").to_owned())
+                            .or_default() += 1;
+                    }
+                });
                 match res {
                     Ok(row) => {
                         // Committed (autocommit): now it may be acknowledged.
@@ -485,6 +520,12 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
                         applied += answer["applied"].as_i64().unwrap_or(0);
                         changed += answer["changed"].as_i64().unwrap_or(0);
                         head = head.max(last_sync_id);
+                        metrics::with(name, "in", |l| {
+                            l.batches += 1;
+                            l.applied += answer["applied"].as_u64().unwrap_or(0);
+                            l.changed += answer["changed"].as_u64().unwrap_or(0);
+                            l.lag_actions = (head - to).max(0);
+                        });
                         if ws
                             .send(Message::text(Frame::Ack { to }.to_text()))
                             .await

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod frames;
 pub mod link;
+pub mod metrics;
 pub mod send;
 
 use std::collections::HashMap;
@@ -38,6 +39,12 @@ static AUTH_EVENTS: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
 
 pub async fn auth_failed_event(db: &Client, peer: &str, detail: serde_json::Value) {
     tracing::warn!(peer, %detail, "federation link authentication failed");
+    let direction = if detail["direction"] == "in" {
+        "in"
+    } else {
+        "out"
+    };
+    metrics::with(peer, direction, |l| l.auth_failures += 1);
     let due = {
         let mut g = AUTH_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
         let map = g.get_or_insert_with(HashMap::new);

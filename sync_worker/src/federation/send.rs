@@ -4,7 +4,9 @@
 //! source transactions), never more than the receiver's window unacknowledged.
 
 use super::frames::{batch_text, close, Frame, PROTO};
-use super::{auth, auth_failed_event, event, identity, report, sqlstate, Report, REGISTRY_POLL};
+use super::{
+    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, REGISTRY_POLL,
+};
 use crate::api::App;
 use crate::replication::sequencer;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -25,6 +27,10 @@ pub const MAX_WINDOW: u32 = 64;
 const POLL: Duration = Duration::from_millis(50);
 /// `peer_links` is written at most this often while streaming.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Pings keep a quiet link's liveness visible both ways; a receiver silent for `LIVENESS`
+/// (no ack, no pong) is taken for dead, so a half-open connection does not hold a link.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const LIVENESS: Duration = Duration::from_secs(60);
 
 pub async fn upgrade(State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| serve(app, socket))
@@ -106,7 +112,12 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
         },
     )
     .await;
+    metrics::with(&peer.name, "out", |l| l.up = true);
     let why = stream(&app, &db, &mut ws, &peer, &r, &epoch, after, window).await;
+    metrics::with(&peer.name, "out", |l| {
+        l.up = false;
+        l.reconnects += 1;
+    });
     tracing::info!(peer = %peer.name, why, "federation: sender link closed");
     report(
         &db,
@@ -320,12 +331,19 @@ async fn stream(
     let mut poll = tokio::time::interval(POLL);
     let mut registry = tokio::time::interval(REGISTRY_POLL);
     let mut shutdown = app.shutdown.clone();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut heard = Instant::now();
     loop {
         while inflight.len() < window as usize {
             match next_batch(db, r, sent).await {
                 Ok(None) => break,
                 Ok(Some((to, last, changes))) => {
                     let text = batch_text(sent, to, epoch, last, &changes);
+                    metrics::with(&peer.name, "out", |l| {
+                        l.batches += 1;
+                        l.bytes += text.len() as u64;
+                        l.lag_actions = (last - acked).max(0);
+                    });
                     if ws.send(Message::Text(text.into())).await.is_err() {
                         return "receiver gone";
                     }
@@ -361,9 +379,19 @@ async fn stream(
             }
         }
         tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() > LIVENESS {
+                    close_with(ws, close::PROTOCOL, "receiver silent").await;
+                    return "receiver silent";
+                }
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    return "receiver gone";
+                }
+            }
             msg = ws.recv() => match msg {
                 Some(Ok(Message::Text(t))) => match Frame::parse(&t) {
                     Ok(Frame::Ack { to }) if to <= sent => {
+                        heard = Instant::now();
                         while inflight.front().is_some_and(|&f| f <= to) {
                             inflight.pop_front();
                         }
@@ -386,7 +414,7 @@ async fn stream(
                         return "protocol error";
                     }
                 },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = Instant::now(),
                 Some(Ok(Message::Binary(_))) => {
                     close_with(ws, close::PROTOCOL, "binary frames are not used").await;
                     return "protocol error";
