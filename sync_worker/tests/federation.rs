@@ -14,14 +14,20 @@ use common::*;
 const PEER_SECRET: &str = "a-shared-secret-of-some-length";
 
 fn region(cluster: &Cluster, node: &str) -> Client {
+    region_db(cluster, "app", node)
+}
+
+fn region_db(cluster: &Cluster, db: &str, node: &str) -> Client {
     let mut admin = cluster.connect("postgres");
-    admin.batch_execute("CREATE DATABASE app").unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
     admin
         .batch_execute(&format!(
-            "ALTER DATABASE app SET pg_sync.node_id = '{node}'"
+            "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
         ))
         .unwrap();
-    let mut c = cluster.connect("app");
+    let mut c = cluster.connect(db);
     c.batch_execute(
         "CREATE EXTENSION pg_sync;
          CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
@@ -290,4 +296,111 @@ fn two_regions_converge_through_their_workers() {
     );
     drop(wa);
     drop(wb);
+}
+
+fn events(c: &mut Client, peer: &str) -> String {
+    text(
+        c,
+        &format!(
+            "SELECT coalesce(string_agg(event || ':' || coalesce(detail->>'direction', '') || ':'
+                                        || coalesce(detail->>'reason', ''), ',' ORDER BY id), '')
+               FROM pg_sync.peer_events WHERE peer = '{peer}'"
+        ),
+    )
+}
+
+/// A link to this node itself (under another name), a peer answering with another node id
+/// than the pinned one, and a sender whose log epoch changed: each refused on both sides with
+/// the reason in peer_events, and the changed epoch stops the link as `invalidated`.
+#[test]
+fn self_links_pinned_ids_and_changed_epochs_are_refused() {
+    // One cluster, two databases: each worker has its own slot.
+    let cluster = Cluster::start("fed_refuse", &[]);
+    let (mut a, mut b) = (
+        region_db(&cluster, "na", "a"),
+        region_db(&cluster, "nb", "b"),
+    );
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!(
+            "SELECT pg_sync.add_peer('loop', 'ws://127.0.0.1:{pa}', 'the-loop-secret-0123');
+             SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
+             SELECT pg_sync.pin_peer('b', 'not-b');"
+        ),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&cluster, "na", pa, &[("SYNC_SLOT", "pg_sync_a")]);
+    let wb = Worker::start_with(&cluster, "nb", pb, &[("SYNC_SLOT", "pg_sync_b")]);
+    healthy(&wa);
+    healthy(&wb);
+    // The self-link: the dialer sees its own node id in the challenge and stops there.
+    wait_for("the self-link refused", || {
+        events(&mut a, "loop").contains("auth_failed:in:self_link")
+    });
+    // 'b' is pinned to another id on A: A's sender and A's receiver both refuse B.
+    wait_for("the pinned id enforced both ways", || {
+        let e = events(&mut a, "b");
+        e.contains("auth_failed:out:node_id_mismatch")
+            && e.contains("auth_failed:in:node_id_mismatch")
+    });
+    wait_for("B told it was refused", || {
+        events(&mut b, "a").contains("auth_failed:in:refused_by_peer")
+    });
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'"
+        ),
+        "auth_failed"
+    );
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM pg_sync.peer_cursors"),
+        "0"
+    );
+
+    // Fix the pin: B's link streams; then B's cursor claims another epoch of A's log (as if A
+    // had been restored): the link stops as invalidated.
+    exec(
+        &mut a,
+        "SELECT pg_sync.remove_peer('b');
+         SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:1', 'a-shared-secret-of-some-length', direction => 'push');
+         INSERT INTO items VALUES ('x', 'x', 1, 'g');",
+    );
+    wait_for("B to receive A's row", || {
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'x'") == "1"
+    });
+    exec(
+        &mut b,
+        &format!(
+            "UPDATE pg_sync.peer_cursors SET peer_epoch = 'restored' WHERE peer_node_id = 'a';
+             SELECT pg_sync.set_peer('a', secret => '{PEER_SECRET}');"
+        ),
+    );
+    wait_for("the link invalidated", || {
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'",
+        ) == "invalidated"
+    });
+    assert!(events(&mut b, "a").contains("epoch_changed"));
+    exec(&mut a, "INSERT INTO items VALUES ('y', 'y', 2, 'g')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'y'"),
+        "0"
+    );
+    for c in [&mut a, &mut b] {
+        assert_eq!(
+            text(
+                c,
+                &format!("SELECT count(*) FROM pg_sync.peer_events WHERE detail::text LIKE '%{PEER_SECRET}%'")
+            ),
+            "0"
+        );
+    }
+    drop((wa, wb));
 }

@@ -32,7 +32,8 @@ pub async fn event(db: &Client, peer: &str, event: &str, detail: serde_json::Val
     }
 }
 
-/// Auth failures are recorded at most once per `AUTH_EVENT_EVERY` per peer (and logged every
+/// Auth failures are recorded at most once per `AUTH_EVENT_EVERY` per peer, direction and
+/// reason (and logged every
 /// time), so a misconfigured or hostile dialer cannot flood `peer_events`.
 const AUTH_EVENT_EVERY: Duration = Duration::from_secs(5);
 static AUTH_EVENTS: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
@@ -45,14 +46,16 @@ pub async fn auth_failed_event(db: &Client, peer: &str, detail: serde_json::Valu
         "out"
     };
     metrics::with(peer, direction, |l| l.auth_failures += 1);
+    // Per peer, direction and reason: one kind of failure must not hide another.
+    let key = format!("{peer}\n{direction}\n{}", detail["reason"]);
     let due = {
         let mut g = AUTH_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
         let map = g.get_or_insert_with(HashMap::new);
         let now = Instant::now();
-        match map.get(peer) {
+        match map.get(&key) {
             Some(t) if now.duration_since(*t) < AUTH_EVENT_EVERY => false,
             _ => {
-                map.insert(peer.to_owned(), now);
+                map.insert(key, now);
                 true
             }
         }
