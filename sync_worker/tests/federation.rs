@@ -280,6 +280,37 @@ fn two_regions_converge_through_their_workers() {
         );
     }
 
+    // Rotation: A takes a new secret first (B still proves the old one, A still accepts it as
+    // the previous, and A's own link proves the previous after B refuses the new one); then
+    // B rotates and A retires the previous secret. Writes flow throughout.
+    let new_secret = "the-rotated-secret-0123456789";
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.set_peer('b', secret => '{new_secret}')"),
+    );
+    // A's own link re-authenticates (a rotated secret restarts it) before B writes.
+    wait_for("A's link refused with the new secret", || {
+        events(&mut a, "b").contains("auth_failed:in:refused_by_peer")
+    });
+    exec(&mut a, "INSERT INTO items VALUES ('rot1', 'r', 1, 'g1')");
+    exec(&mut b, "INSERT INTO items VALUES ('rot2', 'r', 2, 'g1')");
+    converge(&mut a, &mut b);
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.set_peer('a', secret => '{new_secret}')"),
+    );
+    exec(
+        &mut a,
+        "SELECT pg_sync.set_peer('b', retire_previous => true)",
+    );
+    exec(&mut a, "INSERT INTO items VALUES ('rot3', 'r', 3, 'g1')");
+    exec(&mut b, "INSERT INTO items VALUES ('rot4', 'r', 4, 'g1')");
+    converge(&mut a, &mut b);
+    assert_eq!(
+        text(&mut a, "SELECT count(*) FROM items WHERE id LIKE 'rot%'"),
+        "4"
+    );
+
     // Removing the peer on B closes B's link within about a second: A's sender sees it go.
     exec(&mut b, "SELECT pg_sync.remove_peer('a')");
     wait_for("A's sender link to close", || {

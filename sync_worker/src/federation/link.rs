@@ -120,9 +120,12 @@ enum Outcome {
 
 async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_MIN;
+    // During a rotation the peer may not know our new secret yet: after a refusal, the next
+    // attempt proves the previous secret (and the one after, the new one again).
+    let mut use_previous = false;
     let mut shutdown = app.shutdown.clone();
     loop {
-        let outcome = session(&app, &name, &url, &mut stop).await;
+        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous).await;
         metrics::with(&name, "in", |l| {
             l.up = false;
             l.reconnects += 1;
@@ -184,7 +187,13 @@ fn state_report<'a>(state: &'a str, connected: Option<bool>, error: Option<&'a s
     }
 }
 
-async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bool>) -> Outcome {
+async fn session(
+    app: &App,
+    name: &str,
+    url: &str,
+    stop: &mut watch::Receiver<bool>,
+    use_previous: &mut bool,
+) -> Outcome {
     let retry = Outcome::Retry { progressed: false };
     let db = match sequencer::connect(&app.cfg.database_url).await {
         Ok(db) => db,
@@ -323,10 +332,14 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
         return retry;
     }
     let rn = auth::nonce();
+    let proving = match previous.as_ref().filter(|_| *use_previous) {
+        Some(p) => p,
+        None => &secret,
+    };
     let hello = Frame::Auth {
         node_id: me.clone(),
         nonce: rn.clone(),
-        mac: auth::mac(&secret, auth::RECEIVER_TAG, &me, &s, &sn, &rn),
+        mac: auth::mac(proving, auth::RECEIVER_TAG, &me, &s, &sn, &rn),
     };
     if ws.send(Message::text(hello.to_text())).await.is_err() {
         return retry;
@@ -365,6 +378,9 @@ async fn session(app: &App, name: &str, url: &str, stop: &mut watch::Receiver<bo
             (epoch, last_sync_id)
         }
         Err((Some(code), reason)) if code == close::AUTH_FAILED || code == close::FORBIDDEN => {
+            if code == close::AUTH_FAILED {
+                *use_previous = !*use_previous && previous.is_some();
+            }
             auth_failed_event(
                 &db,
                 name,
