@@ -33,6 +33,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Parked changes are re-applied this often (their cause, e.g. a missing parent row or a
+/// version too far in the future, may have cleared).
+const RETRY_QUARANTINE_EVERY: Duration = Duration::from_secs(60);
 const LIVENESS: Duration = Duration::from_secs(60);
 const MAX_FRAME_BYTES: usize = 1 << 30;
 
@@ -47,6 +50,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut db: Option<Client> = None;
     let mut tick = tokio::time::interval(REGISTRY_POLL);
+    let mut retried = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -72,6 +76,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
+        if retried.elapsed() >= RETRY_QUARANTINE_EVERY {
+            retried = Instant::now();
+            retry_quarantined(c).await;
+        }
         let wanted: HashMap<String, (String, String)> = rows
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
@@ -681,4 +689,26 @@ async fn invalidated(
     .await;
     close_ws(ws, 1000, "epoch changed").await;
     Outcome::Stop
+}
+
+/// `retry_quarantined` for every pulled peer with parked changes.
+async fn retry_quarantined(db: &Client) {
+    let res = db
+        .query(
+            "SELECT p.name, pg_sync.retry_quarantined(p.name)
+               FROM pg_sync.peers p
+              WHERE p.enabled AND p.direction IN ('pull', 'both')
+                AND EXISTS (SELECT 1 FROM pg_sync.peer_quarantine q WHERE q.peer_node_id = p.node_id)",
+            &[],
+        )
+        .await;
+    match res {
+        Ok(rows) => {
+            for r in rows {
+                let (peer, left): (String, i64) = (r.get(0), r.get(1));
+                tracing::info!(peer, left, "federation: retried quarantined changes");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "federation: retrying quarantined changes failed"),
+    }
 }
