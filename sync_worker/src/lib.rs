@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod delta;
 pub mod failpoint;
+pub mod federation;
 pub mod hub;
 pub mod protocol;
 pub mod replication;
@@ -59,6 +60,7 @@ pub async fn serve(
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
     }
+    tokio::spawn(federation::link::run(app.clone(), shutdown.clone()));
     let mut stop = shutdown.clone();
     let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -64,6 +64,10 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::post(mutate::mutate)
                 .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
         )
+        .route(
+            crate::federation::PATH,
+            get(crate::federation::send::upgrade),
+        )
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
         .route("/metrics", get(metrics))
@@ -352,7 +356,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         c.mutate_applied.load(Ordering::Relaxed),
         c.mutate_duplicate.load(Ordering::Relaxed),
         c.mutate_rejected.load(Ordering::Relaxed),
-    );
+    ) + &crate::federation::metrics::render();
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -1,0 +1,714 @@
+//! The receiver's end of links: one task per enabled peer with direction `pull` or `both`
+//! (the registry is polled, so removal or disable closes a link within about a second). A
+//! task dials the peer's `/federation/v1/ws`, authenticates both ways, subscribes from the
+//! durable cursor (`peer_cursors`) and applies each batch with `apply_peer_batch` (which
+//! moves the cursor in the applying transaction), acking after commit; it reconnects with
+//! backoff.
+
+use super::frames::{close, Frame, PROTO};
+use super::{
+    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, PATH,
+    REGISTRY_POLL,
+};
+use crate::api::App;
+use crate::replication::sequencer;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Frames the receiver lets the sender have in flight.
+const WINDOW: u32 = 8;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Parked changes are re-applied this often (their cause, e.g. a missing parent row or a
+/// version too far in the future, may have cleared).
+const RETRY_QUARANTINE_EVERY: Duration = Duration::from_secs(60);
+const LIVENESS: Duration = Duration::from_secs(60);
+const MAX_FRAME_BYTES: usize = 1 << 30;
+
+struct Running {
+    fingerprint: (String, String),
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Keeps one link task per pulled peer until `shutdown`.
+pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut db: Option<Client> = None;
+    let mut tick = tokio::time::interval(REGISTRY_POLL);
+    let mut retried = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        if db.as_ref().is_none_or(|c| c.is_closed()) {
+            db = sequencer::connect(&app.cfg.database_url).await.ok();
+        }
+        let Some(c) = db.as_ref() else { continue };
+        let rows = match c
+            .query(
+                // A new secret re-authenticates the link: it is part of the fingerprint.
+                "SELECT p.name, p.url, p.created_at::text || ' ' || coalesce(s.rotated_at::text, '')
+                   FROM pg_sync.peers p LEFT JOIN pg_sync.peer_secrets s ON s.peer = p.name
+                  WHERE p.enabled AND p.direction IN ('pull', 'both')",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "federation: cannot read the peer registry");
+                continue;
+            }
+        };
+        if retried.elapsed() >= RETRY_QUARANTINE_EVERY {
+            retried = Instant::now();
+            retry_quarantined(c).await;
+        }
+        let wanted: HashMap<String, (String, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        running.retain(|name, link| {
+            let keep = wanted.get(name) == Some(&link.fingerprint);
+            if !keep {
+                tracing::info!(peer = %name, "federation: closing the link (peer removed, disabled or changed)");
+                let _ = link.stop.send(true);
+            }
+            keep
+        });
+        for (name, fingerprint) in wanted {
+            if running.contains_key(&name) {
+                continue; // a finished task (invalidated) stays finished until the peer changes
+            }
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(link(
+                app.clone(),
+                name.clone(),
+                fingerprint.0.clone(),
+                stopped,
+            ));
+            running.insert(
+                name,
+                Running {
+                    fingerprint,
+                    stop,
+                    task,
+                },
+            );
+        }
+    }
+    for (_, link) in running.drain() {
+        let _ = link.stop.send(true);
+        let _ = link.task.await;
+    }
+}
+
+enum Outcome {
+    /// Reconnect after the backoff; `progressed`: the session authenticated (reset backoff).
+    Retry { progressed: bool },
+    /// Stopped, removed, shutting down, or invalidated: the task ends.
+    Stop,
+}
+
+async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    // During a rotation the peer may not know our new secret yet: after a refusal, the next
+    // attempt proves the previous secret (and the one after, the new one again).
+    let mut use_previous = false;
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous).await;
+        metrics::with(&name, "in", |l| {
+            l.up = false;
+            l.reconnects += 1;
+        });
+        match outcome {
+            Outcome::Stop => return,
+            Outcome::Retry { progressed } => {
+                if progressed {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
+    let _ = ws
+        .close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_owned().into(),
+        }))
+        .await;
+}
+
+/// The next frame, unless the peer is silent (not even a ping) for `wait`: Ok(frame), or
+/// Err(why), with a close frame's code if any.
+async fn recv(ws: &mut Ws, wait: Duration) -> Result<Frame, (Option<u16>, String)> {
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Frame::parse(&t).map_err(|e| (None, format!("malformed frame: {e}")))
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                return Err((Some(f.code.into()), f.reason.to_string()))
+            }
+            Ok(Some(Ok(_))) => return Err((None, "unexpected frame".into())),
+            Ok(Some(Err(e))) => return Err((None, e.to_string())),
+            Ok(None) => return Err((None, "connection closed".into())),
+            Err(_) => return Err((None, "timed out".into())),
+        }
+    }
+}
+
+fn state_report<'a>(state: &'a str, connected: Option<bool>, error: Option<&'a str>) -> Report<'a> {
+    Report {
+        state,
+        connected,
+        peer_last_sync_id: None,
+        applied: 0,
+        changed: 0,
+        last_error: error,
+    }
+}
+
+async fn session(
+    app: &App,
+    name: &str,
+    url: &str,
+    stop: &mut watch::Receiver<bool>,
+    use_previous: &mut bool,
+) -> Outcome {
+    let retry = Outcome::Retry { progressed: false };
+    let db = match sequencer::connect(&app.cfg.database_url).await {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::warn!(peer = name, error = %e, "federation: database unavailable");
+            return retry;
+        }
+    };
+    let Ok((me, _)) = identity(&db).await else {
+        return retry;
+    };
+    report(
+        &db,
+        name,
+        "in",
+        state_report("connecting", Some(false), None),
+    )
+    .await;
+    let endpoint = format!("{}{PATH}", url.trim_end_matches('/'));
+    let mut ws = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(
+            endpoint.as_str(),
+            Some(
+                // One frame is one or more whole source transactions: a large transaction is a
+                // large frame (tungstenite's defaults would refuse it forever).
+                WebSocketConfig::default()
+                    .max_message_size(Some(MAX_FRAME_BYTES))
+                    .max_frame_size(Some(MAX_FRAME_BYTES)),
+            ),
+            true,
+        ),
+    )
+    .await
+    {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            let msg = format!("connect: {e}");
+            report(
+                &db,
+                name,
+                "in",
+                state_report("connecting", None, Some(&msg)),
+            )
+            .await;
+            return retry;
+        }
+        Err(_) => {
+            report(
+                &db,
+                name,
+                "in",
+                state_report("connecting", None, Some("connect: timed out")),
+            )
+            .await;
+            return retry;
+        }
+    };
+    let (s, sn) = match recv(&mut ws, HANDSHAKE_TIMEOUT).await {
+        Ok(Frame::Challenge {
+            proto: PROTO,
+            node_id,
+            nonce,
+        }) if auth::valid_nonce(&nonce) => (node_id, nonce),
+        other => {
+            let msg = format!("expected a challenge: {other:?}");
+            report(
+                &db,
+                name,
+                "in",
+                state_report("connecting", None, Some(&msg)),
+            )
+            .await;
+            close_ws(&mut ws, close::PROTOCOL, "expected challenge").await;
+            return retry;
+        }
+    };
+    if s == me {
+        auth_failed_event(
+            &db,
+            name,
+            json!({"direction": "in", "node_id": s, "reason": "self_link"}),
+        )
+        .await;
+        report(
+            &db,
+            name,
+            "in",
+            state_report(
+                "auth_failed",
+                None,
+                Some("self-link: the peer has this node's node id"),
+            ),
+        )
+        .await;
+        close_ws(&mut ws, close::FORBIDDEN, "self-link").await;
+        return retry;
+    }
+    let peer = db
+        .query_opt(
+            "SELECT p.node_id, s.secret, s.previous_secret
+               FROM pg_sync.peers p JOIN pg_sync.peer_secrets s ON s.peer = p.name
+              WHERE p.name = $1",
+            &[&name],
+        )
+        .await;
+    let (pinned, secret, previous): (Option<String>, String, Option<String>) = match peer {
+        Ok(Some(row)) => (row.get(0), row.get(1), row.get(2)),
+        Ok(None) => return Outcome::Stop,
+        Err(_) => return retry,
+    };
+    if let Some(p) = pinned.as_deref().filter(|p| *p != s) {
+        auth_failed_event(
+            &db,
+            name,
+            json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
+        )
+        .await;
+        report(
+            &db,
+            name,
+            "in",
+            state_report(
+                "auth_failed",
+                None,
+                Some("the peer's node id differs from the pinned one"),
+            ),
+        )
+        .await;
+        close_ws(
+            &mut ws,
+            close::FORBIDDEN,
+            "node id differs from the pinned one",
+        )
+        .await;
+        return retry;
+    }
+    let rn = auth::nonce();
+    let proving = match previous.as_ref().filter(|_| *use_previous) {
+        Some(p) => p,
+        None => &secret,
+    };
+    let hello = Frame::Auth {
+        node_id: me.clone(),
+        nonce: rn.clone(),
+        mac: auth::mac(proving, auth::RECEIVER_TAG, &me, &s, &sn, &rn),
+    };
+    if ws.send(Message::text(hello.to_text())).await.is_err() {
+        return retry;
+    }
+    let (epoch, head) = match recv(&mut ws, HANDSHAKE_TIMEOUT).await {
+        Ok(Frame::Welcome {
+            mac,
+            epoch,
+            last_sync_id,
+        }) => {
+            let proved = [Some(secret), previous]
+                .into_iter()
+                .flatten()
+                .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
+            if !proved {
+                auth_failed_event(
+                    &db,
+                    name,
+                    json!({"direction": "in", "node_id": s, "reason": "peer_bad_mac"}),
+                )
+                .await;
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report(
+                        "auth_failed",
+                        None,
+                        Some("the peer failed to prove the shared secret"),
+                    ),
+                )
+                .await;
+                close_ws(&mut ws, close::AUTH_FAILED, "authentication failed").await;
+                return retry;
+            }
+            (epoch, last_sync_id)
+        }
+        Err((Some(code), reason)) if code == close::AUTH_FAILED || code == close::FORBIDDEN => {
+            if code == close::AUTH_FAILED {
+                *use_previous = !*use_previous && previous.is_some();
+            }
+            auth_failed_event(
+                &db,
+                name,
+                json!({"direction": "in", "node_id": s, "reason": "refused_by_peer", "code": code, "message": reason}),
+            )
+            .await;
+            let msg = format!("refused by the peer ({code}): {reason}");
+            report(
+                &db,
+                name,
+                "in",
+                state_report("auth_failed", None, Some(&msg)),
+            )
+            .await;
+            return retry;
+        }
+        other => {
+            let msg = format!("expected welcome: {other:?}");
+            report(
+                &db,
+                name,
+                "in",
+                state_report("connecting", None, Some(&msg)),
+            )
+            .await;
+            return retry;
+        }
+    };
+    if let Err(e) = db
+        .execute("SELECT pg_sync.pin_peer($1, $2)", &[&name, &s])
+        .await
+    {
+        let msg = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+        auth_failed_event(
+            &db,
+            name,
+            json!({"direction": "in", "node_id": s, "reason": msg}),
+        )
+        .await;
+        report(
+            &db,
+            name,
+            "in",
+            state_report("auth_failed", None, Some(&msg)),
+        )
+        .await;
+        close_ws(&mut ws, close::FORBIDDEN, "node id refused").await;
+        return retry;
+    }
+    let cursor = db
+        .query_opt(
+            "SELECT last_sync_id, peer_epoch FROM pg_sync.peer_cursors WHERE peer_node_id = $1",
+            &[&s],
+        )
+        .await;
+    let (after, cursor_epoch): (i64, Option<String>) = match cursor {
+        Ok(Some(row)) => (row.get(0), row.get(1)),
+        Ok(None) => (0, None),
+        Err(_) => return retry,
+    };
+    if cursor_epoch.as_deref().is_some_and(|e| e != epoch) {
+        return invalidated(&db, &mut ws, name, cursor_epoch.as_deref(), &epoch).await;
+    }
+    let sub = Frame::Subscribe {
+        after,
+        window: WINDOW,
+    };
+    if ws.send(Message::text(sub.to_text())).await.is_err() {
+        return retry;
+    }
+    tracing::info!(peer = name, node_id = %s, after, head, "federation: receiving");
+    event(
+        &db,
+        name,
+        "connected",
+        json!({"direction": "in", "node_id": s, "after": after}),
+    )
+    .await;
+    metrics::with(name, "in", |l| {
+        l.up = true;
+        l.lag_actions = (head - after).max(0);
+    });
+    let mut state = if head > after {
+        "catching_up"
+    } else {
+        "streaming"
+    };
+    report(
+        &db,
+        name,
+        "in",
+        Report {
+            state,
+            connected: Some(true),
+            peer_last_sync_id: Some(head),
+            applied: 0,
+            changed: 0,
+            last_error: None,
+        },
+    )
+    .await;
+    let progressed = Outcome::Retry { progressed: true };
+    let mut shutdown = app.shutdown.clone();
+    let (mut applied, mut changed, mut head) = (0i64, 0i64, head);
+    let mut reported = Instant::now();
+    loop {
+        let frame = tokio::select! {
+            // The sender pings every 10 s: a silent minute means a dead connection.
+            f = recv(&mut ws, LIVENESS) => f,
+            _ = stop.changed() => {
+                close_ws(&mut ws, close::PEER_GONE, "peer removed or disabled on the receiver").await;
+                return Outcome::Stop;
+            }
+            _ = shutdown.changed() => {
+                close_ws(&mut ws, close::GOING_AWAY, "receiver shutting down").await;
+                report(&db, name, "in", state_report("connecting", Some(false), Some("receiver shut down"))).await;
+                return Outcome::Stop;
+            }
+        };
+        match frame {
+            Ok(Frame::Batch {
+                from,
+                to,
+                epoch: batch_epoch,
+                last_sync_id,
+                changes,
+            }) => {
+                let changes = changes.to_string();
+                let started = Instant::now();
+                let res = db
+                    .query_one(
+                        "SELECT pg_sync.apply_peer_batch($1, $2, $3, $4, $5::text::jsonb)::text",
+                        &[&name, &batch_epoch, &from, &to, &changes],
+                    )
+                    .await;
+                let took = started.elapsed().as_secs_f64();
+                metrics::with(name, "in", |l| {
+                    l.bytes += changes.len() as u64;
+                    l.apply_seconds_sum += took;
+                    if let Err(e) = &res {
+                        *l.errors
+                            .entry(sqlstate(e).unwrap_or("connection").to_owned())
+                            .or_default() += 1;
+                    }
+                });
+                match res {
+                    Ok(row) => {
+                        // Committed (autocommit): now it may be acknowledged.
+                        let answer: serde_json::Value =
+                            serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default();
+                        applied += answer["applied"].as_i64().unwrap_or(0);
+                        changed += answer["changed"].as_i64().unwrap_or(0);
+                        head = head.max(last_sync_id);
+                        metrics::with(name, "in", |l| {
+                            l.batches += 1;
+                            l.applied += answer["applied"].as_u64().unwrap_or(0);
+                            l.changed += answer["changed"].as_u64().unwrap_or(0);
+                            l.lag_actions = (head - to).max(0);
+                        });
+                        if ws
+                            .send(Message::text(Frame::Ack { to }.to_text()))
+                            .await
+                            .is_err()
+                        {
+                            return progressed;
+                        }
+                        let now_state = if to >= head {
+                            "streaming"
+                        } else {
+                            "catching_up"
+                        };
+                        if now_state != state || reported.elapsed() >= REPORT_EVERY {
+                            state = now_state;
+                            reported = Instant::now();
+                            report(
+                                &db,
+                                name,
+                                "in",
+                                Report {
+                                    state,
+                                    connected: None,
+                                    peer_last_sync_id: Some(head),
+                                    applied,
+                                    changed,
+                                    last_error: None,
+                                },
+                            )
+                            .await;
+                            (applied, changed) = (0, 0);
+                        }
+                    }
+                    Err(e) if sqlstate(&e) == Some("PS001") => {
+                        // A gap: the sender skipped ahead of our cursor; re-subscribe from it.
+                        event(&db, name, "gap", json!({"from": from, "to": to})).await;
+                        close_ws(&mut ws, 1000, "gap; re-subscribing").await;
+                        return progressed;
+                    }
+                    Err(e) if sqlstate(&e) == Some("PS002") => {
+                        return invalidated(
+                            &db,
+                            &mut ws,
+                            name,
+                            cursor_epoch.as_deref(),
+                            &batch_epoch,
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        let msg = e.as_db_error().map_or_else(
+                            || e.to_string(),
+                            |d| format!("{}: {}", d.code().code(), d.message()),
+                        );
+                        tracing::warn!(peer = name, error = %msg, "federation: applying a batch failed");
+                        report(&db, name, "in", state_report("stalled", None, Some(&msg))).await;
+                        close_ws(&mut ws, close::INTERNAL, "apply failed; retrying").await;
+                        return progressed;
+                    }
+                }
+            }
+            Ok(Frame::Error { code, message }) => {
+                if code == "resync_required" {
+                    event(
+                        &db,
+                        name,
+                        "resync_required",
+                        json!({"direction": "in", "after": after}),
+                    )
+                    .await;
+                }
+                let msg = format!("{code}: {message}");
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report("stalled", Some(false), Some(&msg)),
+                )
+                .await;
+                return retry;
+            }
+            Ok(other) => {
+                let msg = format!("unexpected frame {other:?}");
+                close_ws(&mut ws, close::PROTOCOL, "unexpected frame").await;
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report("connecting", Some(false), Some(&msg)),
+                )
+                .await;
+                return progressed;
+            }
+            Err((code, reason)) => {
+                let msg = match code {
+                    Some(c) => format!("closed by the peer ({c}): {reason}"),
+                    None => reason,
+                };
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report("connecting", Some(false), Some(&msg)),
+                )
+                .await;
+                return progressed;
+            }
+        }
+    }
+}
+
+/// The sender's log identity changed (restored, replaced): its sync ids may repeat, so the
+/// link stops (`invalidated`) until the peer is re-added or re-bootstrapped.
+async fn invalidated(
+    db: &Client,
+    ws: &mut Ws,
+    name: &str,
+    ours: Option<&str>,
+    theirs: &str,
+) -> Outcome {
+    event(
+        db,
+        name,
+        "epoch_changed",
+        json!({"cursor_epoch": ours, "peer_epoch": theirs}),
+    )
+    .await;
+    report(
+        db,
+        name,
+        "in",
+        state_report(
+            "invalidated",
+            Some(false),
+            Some("the peer's log epoch changed: re-bootstrap (remove and add the peer)"),
+        ),
+    )
+    .await;
+    close_ws(ws, 1000, "epoch changed").await;
+    Outcome::Stop
+}
+
+/// `retry_quarantined` for every pulled peer with parked changes.
+async fn retry_quarantined(db: &Client) {
+    let res = db
+        .query(
+            "SELECT p.name, pg_sync.retry_quarantined(p.name)
+               FROM pg_sync.peers p
+              WHERE p.enabled AND p.direction IN ('pull', 'both')
+                AND EXISTS (SELECT 1 FROM pg_sync.peer_quarantine q WHERE q.peer_node_id = p.node_id)",
+            &[],
+        )
+        .await;
+    match res {
+        Ok(rows) => {
+            for r in rows {
+                let (peer, left): (String, i64) = (r.get(0), r.get(1));
+                tracing::info!(peer, left, "federation: retried quarantined changes");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "federation: retrying quarantined changes failed"),
+    }
+}

@@ -1,0 +1,444 @@
+//! The sender's end of a link, `GET /federation/v1/ws`: challenges the dialer, checks its MAC
+//! against the peer's secret (or the previous one during a rotation), proves itself back, then
+//! streams `peer_changes` after the receiver's cursor, one frame per `batch_end` range (whole
+//! source transactions), never more than the receiver's window unacknowledged.
+
+use super::frames::{batch_text, close, Frame, PROTO};
+use super::{
+    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, REGISTRY_POLL,
+};
+use crate::api::App;
+use crate::replication::sequencer;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sync ids per batch (rounded up to whole source transactions by `batch_end`).
+const SPAN: i32 = 1000;
+/// The most frames a receiver may ask to have in flight.
+pub const MAX_WINDOW: u32 = 64;
+/// How often a caught-up link looks for new commits.
+const POLL: Duration = Duration::from_millis(50);
+/// `peer_links` is written at most this often while streaming.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Pings keep a quiet link's liveness visible both ways; a receiver silent for `LIVENESS`
+/// (no ack, no pong) is taken for dead, so a half-open connection does not hold a link.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const LIVENESS: Duration = Duration::from_secs(60);
+
+pub async fn upgrade(State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| serve(app, socket))
+}
+
+async fn close_with(ws: &mut WebSocket, code: u16, reason: &str) {
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// The next text frame within `wait`, parsed; None on timeout, close or garbage.
+async fn recv(ws: &mut WebSocket, wait: Duration) -> Option<Frame> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Frame::parse(&t).ok(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+struct Peer {
+    name: String,
+    node_id: Option<String>,
+    enabled: bool,
+    direction: String,
+    secret: String,
+}
+
+async fn serve(app: Arc<App>, mut ws: WebSocket) {
+    let db = match sequencer::connect(&app.cfg.database_url).await {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::warn!(error = %e, "federation: database unavailable");
+            return close_with(&mut ws, close::INTERNAL, "database unavailable").await;
+        }
+    };
+    let (me, epoch) = match identity(&db).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "federation: cannot read this node's identity");
+            return close_with(&mut ws, close::INTERNAL, "node identity unavailable").await;
+        }
+    };
+    let Some(peer) = handshake(&db, &mut ws, &me, &epoch).await else {
+        return;
+    };
+    let (after, window) = match recv(&mut ws, HANDSHAKE_TIMEOUT).await {
+        Some(Frame::Subscribe { after, window }) if after >= 0 => {
+            (after, window.clamp(1, MAX_WINDOW))
+        }
+        _ => return close_with(&mut ws, close::PROTOCOL, "expected subscribe").await,
+    };
+    let r = peer.node_id.clone().unwrap_or_default();
+    tracing::info!(peer = %peer.name, node_id = %r, after, window, "federation: sending");
+    event(
+        &db,
+        &peer.name,
+        "connected",
+        json!({"direction": "out", "node_id": r, "after": after}),
+    )
+    .await;
+    report(
+        &db,
+        &peer.name,
+        "out",
+        Report {
+            state: "streaming",
+            connected: Some(true),
+            peer_last_sync_id: Some(after),
+            applied: 0,
+            changed: 0,
+            last_error: None,
+        },
+    )
+    .await;
+    metrics::with(&peer.name, "out", |l| l.up = true);
+    let why = stream(&app, &db, &mut ws, &peer, &r, &epoch, after, window).await;
+    metrics::with(&peer.name, "out", |l| {
+        l.up = false;
+        l.reconnects += 1;
+    });
+    tracing::info!(peer = %peer.name, why, "federation: sender link closed");
+    report(
+        &db,
+        &peer.name,
+        "out",
+        Report {
+            state: "disconnected",
+            connected: Some(false),
+            peer_last_sync_id: None,
+            applied: 0,
+            changed: 0,
+            last_error: Some(why),
+        },
+    )
+    .await;
+}
+
+/// Challenge, verify the receiver, prove ourselves, pin its node id. None: refused (closed).
+async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Option<Peer> {
+    let sn = auth::nonce();
+    let challenge = Frame::Challenge {
+        proto: PROTO,
+        node_id: me.to_owned(),
+        nonce: sn.clone(),
+    };
+    if ws
+        .send(Message::Text(challenge.to_text().into()))
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let Some(Frame::Auth {
+        node_id: r,
+        nonce: rn,
+        mac,
+    }) = recv(ws, HANDSHAKE_TIMEOUT).await
+    else {
+        close_with(ws, close::PROTOCOL, "expected auth").await;
+        return None;
+    };
+    if !auth::valid_nonce(&rn) || r.is_empty() {
+        close_with(ws, close::PROTOCOL, "malformed auth").await;
+        return None;
+    }
+    if r == me {
+        auth_failed_event(
+            db,
+            "(self)",
+            json!({"direction": "out", "node_id": r, "reason": "self_link"}),
+        )
+        .await;
+        close_with(
+            ws,
+            close::FORBIDDEN,
+            "self-link: the dialer has this node's node id",
+        )
+        .await;
+        return None;
+    }
+    // The peer pinned to this node id first, then unpinned peers (first contact), then the
+    // rest (to tell a pinned-id mismatch from a wrong secret).
+    let rows = match db
+        .query(
+            "SELECT p.name, p.node_id, p.enabled, p.direction, s.secret, s.previous_secret
+               FROM pg_sync.peers p JOIN pg_sync.peer_secrets s ON s.peer = p.name
+              ORDER BY (p.node_id IS NOT DISTINCT FROM $1) DESC, (p.node_id IS NULL) DESC, p.name",
+            &[&r],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "federation: cannot read the peer registry");
+            close_with(ws, close::INTERNAL, "peer registry unavailable").await;
+            return None;
+        }
+    };
+    let matched = rows.iter().find_map(|row| {
+        let secrets: [Option<String>; 2] = [Some(row.get(4)), row.get(5)];
+        secrets
+            .into_iter()
+            .flatten()
+            .find(|s| auth::verify(s, auth::RECEIVER_TAG, &r, me, &sn, &rn, &mac))
+            .map(|secret| Peer {
+                name: row.get(0),
+                node_id: row.get(1),
+                enabled: row.get(2),
+                direction: row.get(3),
+                secret,
+            })
+    });
+    let Some(mut peer) = matched else {
+        let label = rows
+            .iter()
+            .find(|row| row.get::<_, Option<String>>(1).as_deref() == Some(r.as_str()))
+            .map_or_else(|| "(unknown)".to_owned(), |row| row.get(0));
+        auth_failed_event(
+            db,
+            &label,
+            json!({"direction": "out", "node_id": r, "reason": "bad_mac"}),
+        )
+        .await;
+        close_with(ws, close::AUTH_FAILED, "authentication failed").await;
+        return None;
+    };
+    if let Some(pinned) = peer.node_id.as_deref().filter(|p| *p != r) {
+        auth_failed_event(
+            db,
+            &peer.name,
+            json!({"direction": "out", "node_id": r, "pinned": pinned, "reason": "node_id_mismatch"}),
+        )
+        .await;
+        close_with(
+            ws,
+            close::FORBIDDEN,
+            "node id differs from the one pinned for this peer",
+        )
+        .await;
+        return None;
+    }
+    if !peer.enabled {
+        close_with(ws, close::PEER_GONE, "peer disabled on the sender").await;
+        return None;
+    }
+    if peer.direction == "pull" {
+        close_with(
+            ws,
+            close::FORBIDDEN,
+            "the sender does not send to this peer (direction pull)",
+        )
+        .await;
+        return None;
+    }
+    if let Err(e) = db
+        .execute("SELECT pg_sync.pin_peer($1, $2)", &[&peer.name, &r])
+        .await
+    {
+        let msg = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+        auth_failed_event(
+            db,
+            &peer.name,
+            json!({"direction": "out", "node_id": r, "reason": msg}),
+        )
+        .await;
+        close_with(ws, close::FORBIDDEN, "node id refused").await;
+        return None;
+    }
+    peer.node_id = Some(r.clone());
+    let last: i64 = match db.query_one("SELECT pg_sync.last_sync_id()", &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => {
+            close_with(ws, close::INTERNAL, "log unavailable").await;
+            return None;
+        }
+    };
+    let welcome = Frame::Welcome {
+        mac: auth::mac(&peer.secret, auth::SENDER_TAG, &r, me, &sn, &rn),
+        epoch: epoch.to_owned(),
+        last_sync_id: last,
+    };
+    if ws
+        .send(Message::Text(welcome.to_text().into()))
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    Some(peer)
+}
+
+/// The next range after `sent` for node `r`: (end, last sync id, changes JSON), read in one
+/// statement (one snapshot). None when caught up.
+async fn next_batch(
+    db: &Client,
+    r: &str,
+    sent: i64,
+) -> Result<Option<(i64, i64, String)>, tokio_postgres::Error> {
+    let row = db
+        .query_one(
+            "SELECT e, pg_sync.last_sync_id(),
+                    CASE WHEN e > $2 THEN
+                        (SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY c.sync_id), '[]')::text
+                           FROM pg_sync.peer_changes($1, $2, (e - $2)::int) c) END
+               FROM pg_sync.batch_end($2, $3) e",
+            &[&r, &sent, &SPAN],
+        )
+        .await?;
+    let end: i64 = row.get(0);
+    Ok((end > sent).then(|| (end, row.get(1), row.get(2))))
+}
+
+/// Streams until the link ends; returns why.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    app: &App,
+    db: &Client,
+    ws: &mut WebSocket,
+    peer: &Peer,
+    r: &str,
+    epoch: &str,
+    after: i64,
+    window: u32,
+) -> &'static str {
+    let mut sent = after;
+    let mut inflight: VecDeque<i64> = VecDeque::new();
+    let mut acked = after;
+    let mut reported = Instant::now();
+    let mut poll = tokio::time::interval(POLL);
+    let mut registry = tokio::time::interval(REGISTRY_POLL);
+    let mut shutdown = app.shutdown.clone();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut heard = Instant::now();
+    loop {
+        while inflight.len() < window as usize {
+            match next_batch(db, r, sent).await {
+                Ok(None) => break,
+                Ok(Some((to, last, changes))) => {
+                    let text = batch_text(sent, to, epoch, last, &changes);
+                    metrics::with(&peer.name, "out", |l| {
+                        l.batches += 1;
+                        l.bytes += text.len() as u64;
+                        l.lag_actions = (last - acked).max(0);
+                    });
+                    if ws.send(Message::Text(text.into())).await.is_err() {
+                        return "receiver gone";
+                    }
+                    sent = to;
+                    inflight.push_back(to);
+                }
+                Err(e) if sqlstate(&e) == Some("PS003") => {
+                    event(
+                        db,
+                        &peer.name,
+                        "resync_required",
+                        json!({"direction": "out", "after": sent}),
+                    )
+                    .await;
+                    let f = Frame::Error {
+                        code: "resync_required".into(),
+                        message: "the log after the receiver's cursor is compacted".into(),
+                    };
+                    let _ = ws.send(Message::Text(f.to_text().into())).await;
+                    close_with(ws, close::RESYNC_REQUIRED, "resync required").await;
+                    return "resync required";
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.name, error = %e, "federation: reading the log failed");
+                    let code = if matches!(sqlstate(&e), Some("55000" | "42704")) {
+                        close::PEER_GONE
+                    } else {
+                        close::INTERNAL
+                    };
+                    close_with(ws, code, "the sender cannot read its log for this peer").await;
+                    return "log read failed";
+                }
+            }
+        }
+        tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() > LIVENESS {
+                    close_with(ws, close::PROTOCOL, "receiver silent").await;
+                    return "receiver silent";
+                }
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    return "receiver gone";
+                }
+            }
+            msg = ws.recv() => match msg {
+                Some(Ok(Message::Text(t))) => match Frame::parse(&t) {
+                    Ok(Frame::Ack { to }) if to <= sent => {
+                        heard = Instant::now();
+                        while inflight.front().is_some_and(|&f| f <= to) {
+                            inflight.pop_front();
+                        }
+                        acked = acked.max(to);
+                        if reported.elapsed() >= REPORT_EVERY {
+                            reported = Instant::now();
+                            report(db, &peer.name, "out", Report {
+                                state: "streaming",
+                                connected: None,
+                                peer_last_sync_id: Some(acked),
+                                applied: 0,
+                                changed: 0,
+                                last_error: None,
+                            })
+                            .await;
+                        }
+                    }
+                    _ => {
+                        close_with(ws, close::PROTOCOL, "expected ack").await;
+                        return "protocol error";
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = Instant::now(),
+                Some(Ok(Message::Binary(_))) => {
+                    close_with(ws, close::PROTOCOL, "binary frames are not used").await;
+                    return "protocol error";
+                }
+                _ => return "receiver closed",
+            },
+            _ = poll.tick(), if inflight.len() < window as usize => {}
+            _ = registry.tick() => {
+                let still = db
+                    .query_opt(
+                        "SELECT 1 FROM pg_sync.peers WHERE name = $1 AND enabled
+                            AND direction <> 'pull' AND node_id IS NOT DISTINCT FROM $2",
+                        &[&peer.name, &r],
+                    )
+                    .await;
+                if matches!(still, Ok(None)) {
+                    close_with(ws, close::PEER_GONE, "peer removed or disabled on the sender").await;
+                    return "peer removed or disabled";
+                }
+            }
+            _ = shutdown.changed() => {
+                close_with(ws, close::GOING_AWAY, "sender shutting down").await;
+                return "shutting down";
+            }
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! Federation through real workers: two clusters, two workers on loopback, peered both ways
+//! with one secret. Writes on either side reach the other (inserts, updates, a delete, a
+//! concurrent edit of different columns of one row converging per column); a wrong secret is
+//! refused and recorded on both sides; a kill -9 of a receiver worker loses and duplicates
+//! nothing (cursors and per-node action counts exact); removing a peer closes its link.
+
+use pg_sync_tests::postgres::Client;
+use pg_sync_tests::Cluster;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+const PEER_SECRET: &str = "a-shared-secret-of-some-length";
+
+fn region(cluster: &Cluster, node: &str) -> Client {
+    region_db(cluster, "app", node)
+}
+
+fn region_db(cluster: &Cluster, db: &str, node: &str) -> Client {
+    let mut admin = cluster.connect("postgres");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
+        ))
+        .unwrap();
+    let mut c = cluster.connect(db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_sync;
+         CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
+         SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');",
+    )
+    .unwrap();
+    c
+}
+
+fn exec(c: &mut Client, sql: &str) {
+    c.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The first column of the first row, as text.
+fn text(c: &mut Client, sql: &str) -> String {
+    c.query_one(&format!("SELECT ({sql})::text"), &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default()
+}
+
+fn items(c: &mut Client) -> String {
+    text(
+        c,
+        "SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY id), '[]') FROM items t",
+    )
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The workers' health check is async; the rest of this test is blocking.
+fn healthy(w: &Worker) {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(w.wait_healthy());
+}
+
+/// Until both sides hold the same rows, and each side's cursor for the other is at the
+/// other's last sync id (nothing in flight).
+fn converge(a: &mut Client, b: &mut Client) {
+    wait_for("convergence", || {
+        let (ia, ib) = (items(a), items(b));
+        let cur_b = text(
+            b,
+            "SELECT coalesce((SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'a'), 0)",
+        );
+        let cur_a = text(
+            a,
+            "SELECT coalesce((SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'b'), 0)",
+        );
+        let (la, lb) = (
+            text(a, "SELECT pg_sync.last_sync_id()"),
+            text(b, "SELECT pg_sync.last_sync_id()"),
+        );
+        ia == ib && cur_b == la && cur_a == lb
+    });
+}
+
+fn no_duplicates(c: &mut Client, node: &str) {
+    let twice = text(
+        c,
+        "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
+           GROUP BY model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
+    );
+    assert_eq!(twice, "0", "{node} logged an action twice");
+    let parked = text(c, "SELECT count(*) FROM pg_sync.peer_quarantine");
+    assert_eq!(parked, "0", "{node} quarantined changes");
+}
+
+fn minted_by(c: &mut Client, node: &str) -> String {
+    text(
+        c,
+        &format!("SELECT count(*) FROM pg_sync.sync_actions WHERE version LIKE '%@{node}'"),
+    )
+}
+
+#[test]
+fn two_regions_converge_through_their_workers() {
+    let (ca, cb) = (Cluster::start("fed_a", &[]), Cluster::start("fed_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&ca, "app", pa, &[]);
+    let mut wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wa);
+    healthy(&wb);
+
+    // A → B, B → A, a delete, and edits of different columns of one row on both sides.
+    exec(
+        &mut a,
+        "INSERT INTO items VALUES ('r1', 'x', 1, 'g1'), ('r2', 'y', 2, 'g1'), ('r3', 'z', 3, 'g2');
+         INSERT INTO items VALUES ('r4', 'w', 4, 'g2');",
+    );
+    converge(&mut a, &mut b);
+    assert!(items(&mut b).contains("\"r4\""));
+    exec(
+        &mut b,
+        "INSERT INTO items VALUES ('r5', 'v', 5, 'g1'); UPDATE items SET a = 'x-b' WHERE id = 'r1';",
+    );
+    converge(&mut a, &mut b);
+    assert_eq!(text(&mut a, "SELECT a FROM items WHERE id = 'r1'"), "x-b");
+    exec(&mut a, "DELETE FROM items WHERE id = 'r2'");
+    exec(&mut a, "UPDATE items SET a = 'a-edit' WHERE id = 'r3'");
+    exec(&mut b, "UPDATE items SET b = 333 WHERE id = 'r3'");
+    converge(&mut a, &mut b);
+    for c in [&mut a, &mut b] {
+        assert_eq!(text(c, "SELECT count(*) FROM items WHERE id = 'r2'"), "0");
+        assert_eq!(
+            text(c, "SELECT a || '/' || b FROM items WHERE id = 'r3'"),
+            "a-edit/333"
+        );
+    }
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'"
+        ),
+        "streaming"
+    );
+
+    // A wrong secret on B: B's link from A re-authenticates and is refused on both sides,
+    // recorded in peer_events (never with the secret); nothing flows A → B meanwhile.
+    exec(
+        &mut b,
+        "SELECT pg_sync.set_peer('a', secret => 'wrong-secret-wrong-secret', retire_previous => true)",
+    );
+    wait_for("auth_failed events on both sides", || {
+        text(
+            &mut a,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'b' AND event = 'auth_failed'",
+        ) != "0"
+            && text(
+                &mut b,
+                "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'auth_failed'",
+            ) != "0"
+    });
+    for c in [&mut a, &mut b] {
+        assert_eq!(
+            text(
+                c,
+                &format!(
+                    "SELECT count(*) FROM pg_sync.peer_events
+                      WHERE detail::text LIKE '%wrong-secret%' OR detail::text LIKE '%{PEER_SECRET}%'"
+                )
+            ),
+            "0"
+        );
+    }
+    exec(&mut a, "INSERT INTO items VALUES ('r6', 'u', 6, 'g1')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'r6'"),
+        "0"
+    );
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'"
+        ),
+        "auth_failed"
+    );
+    exec(
+        &mut b,
+        &format!(
+            "SELECT pg_sync.set_peer('a', secret => '{PEER_SECRET}', retire_previous => true)"
+        ),
+    );
+    converge(&mut a, &mut b);
+
+    // kill -9 of B's worker while it applies A's backlog, writes on both sides while it is
+    // down, then a restart: cursors resume, nothing is lost or applied twice.
+    for t in 0..40 {
+        exec(
+            &mut a,
+            &format!(
+                "INSERT INTO items SELECT 'k{t}-' || g, 'k', g, 'g' || (g % 3) FROM generate_series(1, 25) g"
+            ),
+        );
+    }
+    let start = text(
+        &mut b,
+        "SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'a'",
+    );
+    wait_for("B applying A's backlog", || {
+        text(
+            &mut b,
+            "SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'a'",
+        ) != start
+    });
+    wb.kill9();
+    eprintln!(
+        "killed B's worker with its cursor for A at {} of {}",
+        text(
+            &mut b,
+            "SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'a'"
+        ),
+        text(&mut a, "SELECT pg_sync.last_sync_id()")
+    );
+    exec(&mut a, "UPDATE items SET b = b + 1000 WHERE id LIKE 'k1-%'");
+    exec(
+        &mut b,
+        "UPDATE items SET a = 'b-while-down' WHERE id = 'r4'",
+    );
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    converge(&mut a, &mut b);
+    assert_eq!(
+        text(&mut a, "SELECT a FROM items WHERE id = 'r4'"),
+        "b-while-down"
+    );
+    for (c, node) in [(&mut a, "a"), (&mut b, "b")] {
+        no_duplicates(c, node);
+    }
+    eprintln!(
+        "events on B: {}",
+        text(
+            &mut b,
+            "SELECT string_agg(event || coalesce(' ' || (detail->>'reason'), ''), ', ' ORDER BY id) FROM pg_sync.peer_events"
+        )
+    );
+    let (status, body) = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(http_get(pb, "/metrics"))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
+    for node in ["a", "b"] {
+        assert_eq!(
+            minted_by(&mut a, node),
+            minted_by(&mut b, node),
+            "actions minted by {node} differ between the nodes"
+        );
+    }
+
+    // Rotation: A takes a new secret first (B still proves the old one, A still accepts it as
+    // the previous, and A's own link proves the previous after B refuses the new one); then
+    // B rotates and A retires the previous secret. Writes flow throughout.
+    let new_secret = "the-rotated-secret-0123456789";
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.set_peer('b', secret => '{new_secret}')"),
+    );
+    // A's own link re-authenticates (a rotated secret restarts it) before B writes.
+    wait_for("A's link refused with the new secret", || {
+        events(&mut a, "b").contains("auth_failed:in:refused_by_peer")
+    });
+    exec(&mut a, "INSERT INTO items VALUES ('rot1', 'r', 1, 'g1')");
+    exec(&mut b, "INSERT INTO items VALUES ('rot2', 'r', 2, 'g1')");
+    converge(&mut a, &mut b);
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.set_peer('a', secret => '{new_secret}')"),
+    );
+    exec(
+        &mut a,
+        "SELECT pg_sync.set_peer('b', retire_previous => true)",
+    );
+    exec(&mut a, "INSERT INTO items VALUES ('rot3', 'r', 3, 'g1')");
+    exec(&mut b, "INSERT INTO items VALUES ('rot4', 'r', 4, 'g1')");
+    converge(&mut a, &mut b);
+    assert_eq!(
+        text(&mut a, "SELECT count(*) FROM items WHERE id LIKE 'rot%'"),
+        "4"
+    );
+
+    // Removing the peer on B closes B's link within about a second: A's sender sees it go.
+    let removed = Instant::now();
+    exec(&mut b, "SELECT pg_sync.remove_peer('a')");
+    wait_for("A's sender link to close", || {
+        text(
+            &mut a,
+            "SELECT state FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'out'",
+        ) == "disconnected"
+    });
+    // The registry is polled every 500 ms; allow for a loaded machine.
+    assert!(
+        removed.elapsed() < Duration::from_secs(3),
+        "the link took {:?} to close",
+        removed.elapsed()
+    );
+    exec(&mut a, "INSERT INTO items VALUES ('r7', 't', 7, 'g1')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'r7'"),
+        "0"
+    );
+    drop(wa);
+    drop(wb);
+}
+
+fn events(c: &mut Client, peer: &str) -> String {
+    text(
+        c,
+        &format!(
+            "SELECT coalesce(string_agg(event || ':' || coalesce(detail->>'direction', '') || ':'
+                                        || coalesce(detail->>'reason', ''), ',' ORDER BY id), '')
+               FROM pg_sync.peer_events WHERE peer = '{peer}'"
+        ),
+    )
+}
+
+/// A link to this node itself (under another name), a peer answering with another node id
+/// than the pinned one, and a sender whose log epoch changed: each refused on both sides with
+/// the reason in peer_events, and the changed epoch stops the link as `invalidated`.
+#[test]
+fn self_links_pinned_ids_and_changed_epochs_are_refused() {
+    // One cluster, two databases: each worker has its own slot.
+    let cluster = Cluster::start("fed_refuse", &[]);
+    let (mut a, mut b) = (
+        region_db(&cluster, "na", "a"),
+        region_db(&cluster, "nb", "b"),
+    );
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!(
+            "SELECT pg_sync.add_peer('loop', 'ws://127.0.0.1:{pa}', 'the-loop-secret-0123');
+             SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
+             SELECT pg_sync.pin_peer('b', 'not-b');"
+        ),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&cluster, "na", pa, &[("SYNC_SLOT", "pg_sync_a")]);
+    let wb = Worker::start_with(&cluster, "nb", pb, &[("SYNC_SLOT", "pg_sync_b")]);
+    healthy(&wa);
+    healthy(&wb);
+    // The self-link: the dialer sees its own node id in the challenge and stops there.
+    wait_for("the self-link refused", || {
+        events(&mut a, "loop").contains("auth_failed:in:self_link")
+    });
+    // 'b' is pinned to another id on A: A's sender and A's receiver both refuse B.
+    wait_for("the pinned id enforced both ways", || {
+        let e = events(&mut a, "b");
+        e.contains("auth_failed:out:node_id_mismatch")
+            && e.contains("auth_failed:in:node_id_mismatch")
+    });
+    wait_for("B told it was refused", || {
+        events(&mut b, "a").contains("auth_failed:in:refused_by_peer")
+    });
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'"
+        ),
+        "auth_failed"
+    );
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM pg_sync.peer_cursors"),
+        "0"
+    );
+
+    // Fix the pin: B's link streams; then B's cursor claims another epoch of A's log (as if A
+    // had been restored): the link stops as invalidated.
+    exec(
+        &mut a,
+        "SELECT pg_sync.remove_peer('b');
+         SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:1', 'a-shared-secret-of-some-length', direction => 'push');
+         INSERT INTO items VALUES ('x', 'x', 1, 'g');",
+    );
+    wait_for("B to receive A's row", || {
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'x'") == "1"
+    });
+    exec(
+        &mut b,
+        &format!(
+            "UPDATE pg_sync.peer_cursors SET peer_epoch = 'restored' WHERE peer_node_id = 'a';
+             SELECT pg_sync.set_peer('a', secret => '{PEER_SECRET}');"
+        ),
+    );
+    wait_for("the link invalidated", || {
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'",
+        ) == "invalidated"
+    });
+    assert!(events(&mut b, "a").contains("epoch_changed"));
+    exec(&mut a, "INSERT INTO items VALUES ('y', 'y', 2, 'g')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        text(&mut b, "SELECT count(*) FROM items WHERE id = 'y'"),
+        "0"
+    );
+    for c in [&mut a, &mut b] {
+        assert_eq!(
+            text(
+                c,
+                &format!("SELECT count(*) FROM pg_sync.peer_events WHERE detail::text LIKE '%{PEER_SECRET}%'")
+            ),
+            "0"
+        );
+    }
+    drop((wa, wb));
+}
