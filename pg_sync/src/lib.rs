@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod actions;
 mod canonical;
 mod capture;
 mod clock;
@@ -17,6 +18,7 @@ mod remote;
 mod retention;
 mod settings;
 mod state;
+mod state_direct;
 
 ::pgrx::pg_module_magic!();
 

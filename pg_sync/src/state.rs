@@ -356,6 +356,14 @@ pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: 
                 JsonB(Value::Object(versions.clone())).into(),
             ]
         };
+        // Inserts usually find no state: their first state row goes in without the executor
+        // (the upsert below handles a key that has state).
+        if attempt == 0
+            && matches!(what, Local::Insert)
+            && crate::state_direct::insert_new(model_name, model_id, &version)
+        {
+            return version;
+        }
         // Updates and deletes of rows with state (nearly all): a plain HOT update, cheaper than
         // an upsert's speculative insertion and tuple lock. Inserts usually find no state.
         if let (0, Some(update)) = (attempt, update) {
