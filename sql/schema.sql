@@ -85,9 +85,12 @@ CREATE TABLE pg_sync.retention (
 -- No seeded row: pg_dump restores the table's rows into a freshly created extension, where a
 -- seeded row would collide. Readers treat "no row" as horizon 0; compaction upserts.
 
+-- The key columns compare bytewise ("C"): equality is the same under any deterministic
+-- collation, and every captured insert descends this index (with the database's collation each
+-- comparison is a strcoll).
 CREATE TABLE pg_sync.row_state (
-    model       text NOT NULL,
-    model_id    text NOT NULL,
+    model       text COLLATE "C" NOT NULL,
+    model_id    text COLLATE "C" NOT NULL,
     created     text COLLATE "C",
     deleted     text COLLATE "C",
     versions    jsonb NOT NULL DEFAULT '{}',

@@ -2,9 +2,8 @@
 //!
 //! Nearly every captured insert creates its key's `row_state` row. Through SPI that is an
 //! `INSERT ... ON CONFLICT` with a full executor start-up per row; here it is the same
-//! speculative insertion the executor performs for it (pre-check the unique index, insert the
-//! tuple speculatively, insert its index entries, confirm or super-delete), with a minimal
-//! executor state. Anything but a clean insert (the key has state, or another transaction
+//! speculative insertion the executor performs for it (insert the tuple speculatively, insert its
+//! index entries, confirm, or super-delete on a conflict), with a minimal executor state. Anything but a clean insert (the key has state, or another transaction
 //! inserted it meanwhile) writes nothing here and leaves it to `record_local`'s SQL upsert,
 //! which waits, compares versions and updates exactly as before.
 //!
@@ -112,35 +111,32 @@ pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
         }
         pg_sys::ExecStoreVirtualTuple(slot);
 
-        let mut inserted = false;
-        let mut conflict: pg_sys::ItemPointerData = std::mem::zeroed();
-        // A key with state (even uncommitted) goes to the upsert, which waits for it.
-        if pg_sys::ExecCheckIndexConstraints(rri, slot, estate, &mut conflict, std::ptr::null_mut())
-        {
-            let xid = pg_sys::GetCurrentTransactionId();
-            let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
-            let am = (*rel).rd_tableam;
-            let insert = (*am)
-                .tuple_insert_speculative
-                .expect("heap access method inserts speculatively");
-            insert(
-                rel,
-                slot,
-                pg_sys::GetCurrentCommandId(true),
-                0,
-                std::ptr::null_mut(),
-                token,
-            );
-            let mut spec_conflict = false;
-            insert_index_tuples(rri, slot, estate, &mut spec_conflict);
-            let complete = (*am)
-                .tuple_complete_speculative
-                .expect("heap access method completes speculative inserts");
-            // A conflict that appeared after the pre-check: the tuple is super-deleted.
-            complete(rel, slot, token, !spec_conflict);
-            pg_sys::SpeculativeInsertionLockRelease(xid);
-            inserted = !spec_conflict;
-        }
+        // No pre-check of the key index (the executor's ExecCheckIndexConstraints): it is a
+        // second descent of the index on every insert, and a key without state is the common
+        // case. A key with state (committed or not) shows up as a conflict of the speculative
+        // insertion, which is then super-deleted; the upsert takes it from there.
+        let xid = pg_sys::GetCurrentTransactionId();
+        let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
+        let am = (*rel).rd_tableam;
+        let insert = (*am)
+            .tuple_insert_speculative
+            .expect("heap access method inserts speculatively");
+        insert(
+            rel,
+            slot,
+            pg_sys::GetCurrentCommandId(true),
+            0,
+            std::ptr::null_mut(),
+            token,
+        );
+        let mut conflict = false;
+        insert_index_tuples(rri, slot, estate, &mut conflict);
+        let complete = (*am)
+            .tuple_complete_speculative
+            .expect("heap access method completes speculative inserts");
+        complete(rel, slot, token, !conflict);
+        pg_sys::SpeculativeInsertionLockRelease(xid);
+        let inserted = !conflict;
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::FreeExecutorState(estate);
