@@ -4,9 +4,10 @@ SET allow_system_table_mods = on;
 CREATE SCHEMA pg_sync;
 
 -- pg_sync's tables belong to a dedicated NOLOGIN role, not to the superuser that installs the
--- extension: the capture trigger switches to it only for its fixed INSERT into the log. Roles
--- are cluster-wide, so a second database (or a restore) finds it in place. A role of that name
--- that could log in or is a superuser would defeat the point: refuse it.
+-- extension: the capture trigger writes the log directly or switches to it only for fixed
+-- statements (pg_sync/src/owner.rs). Roles are cluster-wide, so a second database (or a restore)
+-- finds it in place. A role of that name that could log in or is a superuser would defeat the
+-- point: refuse it.
 DO $$
 DECLARE r pg_catalog.pg_roles;
 BEGIN

@@ -15,9 +15,10 @@
 //! that write (same relation, same key, fired by apply_remote's own statement); FK cascades and
 //! other triggers it sets off are local writes.
 //!
-//! Privileges (see `owner`): the row's JSON is built here, as the writing user; only fixed
-//! statements (the log INSERT, the row-state bookkeeping, the membership check) run as
-//! `pgsync_owner`.
+//! Privileges (see `owner`): the row's JSON is built here, as the writing user. The action row
+//! goes straight into the heap (`actions`), a key's first state row too (`state_direct`); only
+//! fixed statements (the row-state upsert/update, the log INSERT when the log table was altered,
+//! the membership check) run as `pgsync_owner`.
 
 use crate::actions;
 use crate::clock;
