@@ -65,6 +65,42 @@ ALTER TABLE pg_sync.row_state DROP CONSTRAINT no_eights;
 INSERT INTO direct VALUES (8, 'h', 'x');
 SELECT count(*) FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '8';
 
+-- Updates and deletes of keys with state update their row_state row in place: the columns'
+-- versions merged in at the write's version, a delete's tombstone resetting them.
+UPDATE direct SET v = 'x2' WHERE id = 4;
+UPDATE direct SET g = 'y' WHERE id = 4;
+SELECT created < max_version AS after_insert, deleted IS NULL AS not_deleted,
+       versions ->> 'v' < max_version AS v_older, versions ->> 'g' = max_version AS g_latest,
+       versions ? 'id' AS has_key
+  FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '4';
+DELETE FROM direct WHERE id = 4;
+SELECT deleted = max_version AS tombstone, versions, pending, created IS NOT NULL AS created
+  FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '4';
+-- A row that predates capture has no state: its first update creates it (created at zero).
+ALTER TABLE direct DISABLE TRIGGER pg_sync_capture;
+INSERT INTO direct VALUES (9, 'old', 'x');
+ALTER TABLE direct ENABLE TRIGGER pg_sync_capture;
+UPDATE direct SET v = 'new' WHERE id = 9;
+SELECT created, versions ->> 'v' = max_version AS v_latest
+  FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '9';
+-- A second index on row_state makes updates that change max_version non-HOT: the new version
+-- gets its index entries (found through that index afterwards).
+CREATE INDEX row_state_max ON pg_sync.row_state (max_version);
+UPDATE direct SET v = 'indexed' WHERE id = 9;
+SET enable_seqscan = off;
+SET enable_bitmapscan = off;
+SELECT count(*) FROM pg_sync.row_state s
+ WHERE s.max_version = (SELECT max_version FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '9');
+RESET enable_seqscan;
+RESET enable_bitmapscan;
+DROP INDEX pg_sync.row_state_max;
+-- Under REPEATABLE READ the UPDATE statement runs (its snapshot rules); the result is the same.
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+UPDATE direct SET v = 'rr' WHERE id = 9;
+COMMIT;
+SELECT versions ->> 'v' = max_version AS v_latest
+  FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '9';
+
 SELECT pg_sync.unregister_table('direct');
 DROP TABLE direct;
 DROP FUNCTION count_action();
