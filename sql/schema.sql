@@ -4,9 +4,10 @@ SET allow_system_table_mods = on;
 CREATE SCHEMA pg_sync;
 
 -- pg_sync's tables belong to a dedicated NOLOGIN role, not to the superuser that installs the
--- extension: the capture trigger switches to it only for its fixed INSERT into the log. Roles
--- are cluster-wide, so a second database (or a restore) finds it in place. A role of that name
--- that could log in or is a superuser would defeat the point: refuse it.
+-- extension: the capture trigger writes the log directly or switches to it only for fixed
+-- statements (pg_sync/src/owner.rs). Roles are cluster-wide, so a second database (or a restore)
+-- finds it in place. A role of that name that could log in or is a superuser would defeat the
+-- point: refuse it.
 DO $$
 DECLARE r pg_catalog.pg_roles;
 BEGIN
@@ -94,9 +95,12 @@ CREATE TABLE pg_sync.retention (
 -- No seeded row: pg_dump restores the table's rows into a freshly created extension, where a
 -- seeded row would collide. Readers treat "no row" as horizon 0; compaction upserts.
 
+-- The key columns compare bytewise ("C"): equality is the same under any deterministic
+-- collation, and every captured insert descends this index (with the database's collation each
+-- comparison is a strcoll).
 CREATE TABLE pg_sync.row_state (
-    model       text NOT NULL,
-    model_id    text NOT NULL,
+    model       text COLLATE "C" NOT NULL,
+    model_id    text COLLATE "C" NOT NULL,
     created     text COLLATE "C",
     deleted     text COLLATE "C",
     versions    jsonb NOT NULL DEFAULT '{}',

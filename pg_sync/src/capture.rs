@@ -15,10 +15,12 @@
 //! that write (same relation, same key, fired by apply_remote's own statement); FK cascades and
 //! other triggers it sets off are local writes.
 //!
-//! Privileges (see `owner`): the row's JSON is built here, as the writing user; only fixed
-//! statements (the log INSERT, the row-state bookkeeping, the membership check) run as
-//! `pgsync_owner`.
+//! Privileges (see `owner`): the row's JSON is built here, as the writing user. The action row
+//! goes straight into the heap (`actions`), a key's first state row too (`state_direct`); only
+//! fixed statements (the row-state upsert/update, the log INSERT when the log table was altered,
+//! the membership check) run as `pgsync_owner`.
 
+use crate::actions;
 use crate::clock;
 use crate::errors;
 use crate::owner;
@@ -130,6 +132,8 @@ pub fn enter_client(ctx: ClientContext) -> ContextGuard {
 #[pg_guard]
 pub unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     INVALIDATIONS.with(|n| n.set(n.get().wrapping_add(1)));
+    actions::invalidate(relid);
+    crate::state_direct::invalidate(relid);
     let removed = relid != pg_sys::InvalidOid
         && CONFIGS.with(|c| match c.try_borrow_mut() {
             Ok(mut c) => {
@@ -503,7 +507,7 @@ const ACTION_COLUMNS: &str = "model, model_id, action, data, version, versions, 
      prev_group_id, moved, client_id, client_tx_id";
 // Nothing here resolves through the caller's search_path or calls user code: the data arrives
 // as finished jsonb, and the uuid cast is found by type.
-const ACTION_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::pg_catalog.uuid";
+const ACTION_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12";
 
 fn prepare_plans(client: &SpiClient<'_>) -> Plans {
     let text = PgOid::from(pg_sys::TEXTOID);
@@ -519,7 +523,7 @@ fn prepare_plans(client: &SpiClient<'_>) -> Plans {
         text,
         PgOid::from(pg_sys::BOOLOID),
         text,
-        text,
+        PgOid::from(pg_sys::UUIDOID),
     ];
     let sql =
         format!("INSERT INTO pg_sync.sync_actions ({ACTION_COLUMNS}) VALUES ({ACTION_VALUES})");
@@ -577,49 +581,96 @@ unsafe fn row_json(row: &Row, tupdesc: pg_sys::TupleDesc, drop: &[String]) -> pg
     }
 }
 
-fn action_args<'a>(
-    cfg: &'a TableConfig,
-    a: &'a Action<'a>,
+/// Column types of `ACTION_COLUMNS`, in order (`client_tx_id` is passed as uuid here).
+const ACTION_TYPES: [pg_sys::Oid; 12] = [
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::BOOLOID,
+    pg_sys::TEXTOID,
+    pg_sys::UUIDOID,
+];
+
+/// The action's column values (`ACTION_COLUMNS` order) as datums, `None` for NULL. Computed as
+/// the writer: `row_json` may call user-defined casts.
+fn action_datums(
+    a: &Action<'_>,
+    model: &str,
     tupdesc: pg_sys::TupleDesc,
-) -> Vec<DatumWithOid<'a>> {
+) -> [Option<pg_sys::Datum>; 12] {
     let (client_id, client_tx_id) = CLIENT.with(|c| match &*c.borrow() {
         Some(c) => (Some(c.client_id.clone()), Some(c.client_tx_id.clone())),
         None => (None, None),
     });
     // SAFETY: the tuple belongs to the trigger's relation, whose descriptor this is.
     let data = unsafe { row_json(a.row, tupdesc, &a.drop) };
-    vec![
-        cfg.model.as_str().into(),
-        a.model_id.into(),
-        a.action.into(),
-        unsafe { DatumWithOid::new(data, pg_sys::JSONBOID) },
-        a.version.as_str().into(),
-        match &a.versions {
-            Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into(),
-            _ => DatumWithOid::null::<JsonB>(),
-        },
-        a.origin.into(),
-        a.group.clone().into(),
-        a.prev_group.clone().into(),
-        a.moved.into(),
-        client_id.into(),
-        client_tx_id.into(),
+    let versions = match &a.versions {
+        Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into_datum(),
+        _ => None,
+    };
+    // uuid_in is the built-in input function: an invalid id raises 22P02 as the cast did.
+    let client_tx_id = client_tx_id.map(|t| {
+        let t = std::ffi::CString::new(t).unwrap_or_default();
+        // SAFETY: a built-in input function applied to a NUL-terminated string.
+        unsafe {
+            pg_sys::OidInputFunctionCall(
+                pg_sys::Oid::from(pg_sys::F_UUID_IN),
+                t.as_ptr().cast_mut(),
+                pg_sys::UUIDOID,
+                -1,
+            )
+        }
+    });
+    [
+        model.into_datum(),
+        a.model_id.into_datum(),
+        a.action.into_datum(),
+        Some(data),
+        a.version.as_str().into_datum(),
+        versions,
+        a.origin.into_datum(),
+        a.group.as_deref().into_datum(),
+        a.prev_group.as_deref().into_datum(),
+        a.moved.into_datum(),
+        client_id.into_datum(),
+        client_tx_id,
     ]
 }
 
-/// Writes one action: its values are computed as the writer, then only the plain INSERT runs as
-/// the log's owner.
+/// Writes one action. Its values are computed as the writer; then the row goes straight into the
+/// heap (`actions::insert`), or, if the log table was altered, through the plain INSERT as the
+/// log's owner.
 fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
-    let args = action_args(cfg, a, tupdesc);
-    owner::as_owner(|| {
-        with_plans(|plans| {
-            Spi::connect_mut(|client| {
-                client
-                    .update(&plans.plain, None, &args)
-                    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+    let datums = action_datums(a, &cfg.model, tupdesc);
+    let mut direct = actions::Values { datums: [None; 15] };
+    // ACTION_COLUMNS are the log's columns 1..=12 (after id, before xid and created_at).
+    direct.datums[1..13].copy_from_slice(&datums);
+    if !actions::insert(&direct) {
+        let args: Vec<DatumWithOid<'_>> = datums
+            .iter()
+            .zip(ACTION_TYPES)
+            .map(|(d, oid)| match d {
+                // SAFETY: each datum is of its column's type.
+                Some(d) => unsafe { DatumWithOid::new(*d, oid) },
+                None => DatumWithOid::null_oid(oid),
             })
-        })
-    });
+            .collect();
+        owner::as_owner(|| {
+            with_plans(|plans| {
+                Spi::connect_mut(|client| {
+                    client
+                        .update(&plans.plain, None, &args)
+                        .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+                })
+            })
+        });
+    }
     WRITTEN.with(|w| w.set(w.get() + 1));
 }
 

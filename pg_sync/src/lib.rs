@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod actions;
 mod canonical;
 mod capture;
 mod clock;
@@ -18,6 +19,7 @@ mod remote;
 mod retention;
 mod settings;
 mod state;
+mod state_direct;
 mod xid_guard;
 
 ::pgrx::pg_module_magic!();

@@ -356,10 +356,26 @@ pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: 
                 JsonB(Value::Object(versions.clone())).into(),
             ]
         };
+        // Inserts usually find no state: their first state row goes in without the executor
+        // (the upsert below handles a key that has state).
+        if attempt == 0
+            && matches!(what, Local::Insert)
+            && crate::state_direct::insert_new(model_name, model_id, &version)
+        {
+            return version;
+        }
         // Updates and deletes of rows with state (nearly all): a plain HOT update, cheaper than
         // an upsert's speculative insertion and tuple lock. Inserts usually find no state.
         if let (0, Some(update)) = (attempt, update) {
-            if run_count(update, &types, &args()) > 0 {
+            // Without the executor first; it defers to the statement whenever that has more to
+            // do than a plain update (no row, a version not above it, a concurrent change).
+            let change = match what {
+                Local::Delete => crate::state_direct::Change::Delete,
+                _ => crate::state_direct::Change::Columns(&versions),
+            };
+            if crate::state_direct::update_existing(model_name, model_id, change, &version)
+                || run_count(update, &types, &args()) > 0
+            {
                 return version;
             }
         }

@@ -1,0 +1,224 @@
+//! Writes `pg_sync.sync_actions` rows without the executor.
+//!
+//! Every captured row writes one or two action rows. Through SPI each is a full executor
+//! start-up and shut-down (most of what a captured row cost); here the tuple is formed in Rust
+//! and inserted with `simple_heap_insert` plus plain index inserts (`CatalogTupleInsert`), the
+//! same WAL and the same visibility as the INSERT it replaces. The column defaults are filled
+//! here: `id` from the identity sequence, `xid` as `pg_current_xact_id()`, `created_at` as
+//! `now()`.
+//!
+//! No permission check runs (the heap is written directly), so no switch to `pgsync_owner` is
+//! needed either, and nothing user-defined is evaluated: the values arrive as finished datums
+//! computed as the writer by the caller. The direct path is used only while the table looks
+//! exactly as pg_sync created it (known columns, no triggers, no CHECK constraints, only plain
+//! indexes without expressions, predicates, exclusion or deferred uniqueness); otherwise the
+//! caller falls back to its SPI INSERT, which honours whatever was added.
+
+use pgrx::pg_sys;
+use std::cell::Cell;
+use std::ffi::CStr;
+
+extern "C-unwind" {
+    // commands/sequence.h; exported by the server. Permissions are pg_sync's own business here:
+    // the identity sequence belongs to the log, which only pg_sync writes.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// `nextval` of the log's identity sequence, with an ERROR turned into a Rust panic.
+unsafe fn nextval(seq: pg_sys::Oid) -> i64 {
+    // SAFETY: a plain call into the server, guarded like pgrx's own bindings.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(seq, false)) }
+}
+
+/// The columns of `sync_actions`, in the order `Values` holds them.
+const COLUMNS: [&CStr; 15] = [
+    c"id",
+    c"model",
+    c"model_id",
+    c"action",
+    c"data",
+    c"version",
+    c"versions",
+    c"origin",
+    c"group_id",
+    c"prev_group_id",
+    c"moved",
+    c"client_id",
+    c"client_tx_id",
+    c"xid",
+    c"created_at",
+];
+const ID: usize = 0;
+const XID: usize = 13;
+const CREATED_AT: usize = 14;
+
+/// What the direct path needs to know about the log table, checked once per relcache entry.
+#[derive(Clone, Copy)]
+struct Target {
+    relid: pg_sys::Oid,
+    /// 0-based attribute index of each of `COLUMNS`.
+    att: [usize; 15],
+    /// The identity sequence of `id`.
+    seq: pg_sys::Oid,
+    /// The table is as pg_sync created it: the direct path applies.
+    direct: bool,
+}
+
+thread_local! {
+    static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+}
+
+/// Relcache invalidation: forget the checked layout when the log table (or everything) changes.
+/// Never borrows, so it is safe whenever Postgres delivers invalidations.
+pub fn invalidate(relid: pg_sys::Oid) {
+    TARGET.with(|t| {
+        if relid == pg_sys::InvalidOid || t.get().is_some_and(|t| t.relid == relid) {
+            t.set(None);
+        }
+    });
+}
+
+/// One action row's values, without the defaults (`id`, `xid`, `created_at`); `None` is NULL.
+/// Datums must be of the columns' types (text, jsonb, bool, uuid).
+pub struct Values {
+    pub datums: [Option<pg_sys::Datum>; 15],
+}
+
+/// Checks that the open relation is as pg_sync created it for a direct write: a plain table
+/// whose live columns are exactly `columns` (their attribute indexes go to `att`), without
+/// triggers or CHECK constraints, whose indexes are all plain (no expressions, predicates,
+/// exclusion or deferred uniqueness, so keys are formed from columns and checked at once).
+pub(crate) unsafe fn plain_layout(
+    rel: pg_sys::Relation,
+    columns: &[&CStr],
+    att: &mut [usize],
+) -> bool {
+    unsafe {
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        att.fill(usize::MAX);
+        let mut direct = (*(*rel).rd_rel).relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+            && (*rel).trigdesc.is_null()
+            && ((*desc).constr.is_null() || (*(*desc).constr).num_check == 0);
+        for i in 0..natts {
+            let a = &*(*desc).attrs.as_ptr().add(i);
+            if a.attisdropped {
+                continue;
+            }
+            let name = CStr::from_ptr(a.attname.data.as_ptr());
+            match columns.iter().position(|c| *c == name) {
+                Some(k) => att[k] = i,
+                // A column pg_sync does not know: its default must come from an INSERT.
+                None => direct = false,
+            }
+        }
+        if att.contains(&usize::MAX) {
+            direct = false;
+        }
+        if direct {
+            let list = pg_sys::RelationGetIndexList(rel);
+            if !list.is_null() {
+                for k in 0..(*list).length as usize {
+                    let oid = (*(*list).elements.add(k)).oid_value;
+                    let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
+                    let form = &*(*idx).rd_index;
+                    let plain = form.indimmediate
+                        && !form.indisexclusion
+                        && form.indisready
+                        && form.indislive
+                        && pg_sys::RelationGetIndexExpressions(idx).is_null()
+                        && pg_sys::RelationGetIndexPredicate(idx).is_null();
+                    pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
+                    if !plain {
+                        direct = false;
+                        break;
+                    }
+                }
+            }
+        }
+        direct
+    }
+}
+
+/// Checks the open log relation and records its layout.
+unsafe fn check(rel: pg_sys::Relation) -> Target {
+    unsafe {
+        let relid = (*rel).rd_id;
+        let mut att = [usize::MAX; 15];
+        let mut direct = plain_layout(rel, &COLUMNS, &mut att);
+        let mut seq = pg_sys::InvalidOid;
+        if direct {
+            seq = pg_sys::getIdentitySequence(relid, (att[ID] + 1) as pg_sys::AttrNumber, true);
+            direct = seq != pg_sys::InvalidOid;
+        }
+        Target {
+            relid,
+            att,
+            seq,
+            direct,
+        }
+    }
+}
+
+/// The oid of `pg_sync.<name>`, `None` when the extension's schema or table is missing.
+pub(crate) fn relid_of(name: &CStr) -> Option<pg_sys::Oid> {
+    // SAFETY: syscache lookups by name; missing_ok.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"pg_sync".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return None;
+        }
+        let rel = pg_sys::get_relname_relid(name.as_ptr(), nsp);
+        (rel != pg_sys::InvalidOid).then_some(rel)
+    }
+}
+
+/// Inserts one action row directly; returns false (having written nothing) when the table is not
+/// as pg_sync created it and the caller must use its SQL INSERT instead.
+pub fn insert(values: &Values) -> bool {
+    let Some(relid) = relid_of(c"sync_actions") else {
+        return false;
+    };
+    // SAFETY: the relation is opened and locked as an INSERT would; the tuple is formed against
+    // its own descriptor, with datums of the columns' types.
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        // After the lock: pending invalidations of the table have been processed.
+        let target = match TARGET.with(Cell::get) {
+            Some(t) if t.relid == relid => t,
+            _ => {
+                let t = check(rel);
+                TARGET.with(|c| c.set(Some(t)));
+                t
+            }
+        };
+        if !target.direct {
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            return false;
+        }
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut datums = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![true; natts];
+        for (k, v) in values.datums.iter().enumerate() {
+            if let Some(d) = v {
+                datums[target.att[k]] = *d;
+                nulls[target.att[k]] = false;
+            }
+        }
+        let id = nextval(target.seq);
+        datums[target.att[ID]] = pg_sys::Datum::from(id);
+        nulls[target.att[ID]] = false;
+        let xid = pg_sys::GetTopFullTransactionId().value;
+        datums[target.att[XID]] = pg_sys::Datum::from(xid);
+        nulls[target.att[XID]] = false;
+        datums[target.att[CREATED_AT]] =
+            pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
+        nulls[target.att[CREATED_AT]] = false;
+        let tuple = pg_sys::heap_form_tuple(desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::CatalogTupleInsert(rel, tuple);
+        pg_sys::heap_freetuple(tuple);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    }
+    true
+}

@@ -1,0 +1,389 @@
+//! The first `row_state` row of a key, inserted without the executor.
+//!
+//! Nearly every captured insert creates its key's `row_state` row. Through SPI that is an
+//! `INSERT ... ON CONFLICT` with a full executor start-up per row; here it is the same
+//! speculative insertion the executor performs for it (insert the tuple speculatively, insert its
+//! index entries, confirm, or super-delete on a conflict), with a minimal executor state. Anything but a clean insert (the key has state, or another transaction
+//! inserted it meanwhile) writes nothing here and leaves it to `record_local`'s SQL upsert,
+//! which waits, compares versions and updates exactly as before.
+//!
+//! Like `actions`, this writes the heap directly: no permission check, no switch to
+//! `pgsync_owner`, nothing user-defined evaluated (the key index compares with the built-in
+//! text operators), and only while the table is as pg_sync created it.
+
+use crate::actions;
+use pgrx::pg_sys;
+use pgrx::{FromDatum, IntoDatum, JsonB};
+use std::cell::Cell;
+use std::ffi::CStr;
+
+const COLUMNS: [&CStr; 7] = [
+    c"model",
+    c"model_id",
+    c"created",
+    c"deleted",
+    c"versions",
+    c"pending",
+    c"max_version",
+];
+
+#[derive(Clone, Copy)]
+struct Target {
+    relid: pg_sys::Oid,
+    att: [usize; 7],
+    direct: bool,
+    /// The primary key index on (model, model_id), for finding a key's row.
+    pkey: pg_sys::Oid,
+}
+
+thread_local! {
+    static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+}
+
+/// Relcache invalidation: forget the checked layout of `row_state` (or everything).
+pub fn invalidate(relid: pg_sys::Oid) {
+    TARGET.with(|t| {
+        if relid == pg_sys::InvalidOid || t.get().is_some_and(|t| t.relid == relid) {
+            t.set(None);
+        }
+    });
+}
+
+/// The checked layout of the open `row_state` relation.
+unsafe fn target(rel: pg_sys::Relation) -> Target {
+    unsafe {
+        let relid = (*rel).rd_id;
+        if let Some(t) = TARGET.with(Cell::get).filter(|t| t.relid == relid) {
+            return t;
+        }
+        let mut att = [usize::MAX; 7];
+        let direct = actions::plain_layout(rel, &COLUMNS, &mut att);
+        let mut pkey = pg_sys::InvalidOid;
+        if direct {
+            let oid = pg_sys::RelationGetPrimaryKeyIndex(rel);
+            if oid != pg_sys::InvalidOid {
+                let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
+                let form = &*(*idx).rd_index;
+                let keys = form.indkey.values.as_slice(form.indnkeyatts as usize);
+                if form.indnkeyatts == 2
+                    && keys[0] as usize == att[0] + 1
+                    && keys[1] as usize == att[1] + 1
+                {
+                    pkey = oid;
+                }
+                pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
+            }
+        }
+        let t = Target {
+            relid,
+            att,
+            direct,
+            pkey,
+        };
+        TARGET.with(|c| c.set(Some(t)));
+        t
+    }
+}
+
+/// Inserts the key's first state for a local insert at `version` (created and max_version at
+/// it, no column versions, no tombstone, nothing pending). Returns false, having written
+/// nothing, when the key already has a `row_state` row (committed or not) or the table was
+/// altered: the caller's upsert handles those.
+#[cfg(feature = "pg13")]
+pub fn insert_new(_model: &str, _model_id: &str, _version: &str) -> bool {
+    // Postgres 13's index-insertion API differs; its executor path (the upsert) is used.
+    false
+}
+
+/// See above.
+#[cfg(not(feature = "pg13"))]
+pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
+    let Some(relid) = actions::relid_of(c"row_state") else {
+        return false;
+    };
+    // SAFETY: mirrors ExecInsert's ON CONFLICT path for a relation opened and locked as an INSERT
+    // would; the slot is filled with datums of the columns' types. An ERROR anywhere aborts the
+    // (sub)transaction, which releases the relation, indexes, speculative lock and memory.
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        let target = target(rel);
+        if !target.direct {
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            return false;
+        }
+        let estate = pg_sys::CreateExecutorState();
+        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            .cast::<pg_sys::ResultRelInfo>();
+        // No range table: nothing here looks up the statement's columns.
+        pg_sys::InitResultRelInfo(rri, rel, 0, std::ptr::null_mut(), 0);
+        // speculative: also sets up what the unique pre-check and conflict check need.
+        pg_sys::ExecOpenIndices(rri, true);
+        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        pg_sys::ExecClearTuple(slot);
+        let natts = (*(*rel).rd_att).natts as usize;
+        let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        nulls.fill(true);
+        let datums = [
+            model.into_datum(),
+            model_id.into_datum(),
+            version.into_datum(),
+            None,
+            JsonB(serde_json::Value::Object(Default::default())).into_datum(),
+            None,
+            version.into_datum(),
+        ];
+        for (k, d) in datums.into_iter().enumerate() {
+            if let Some(d) = d {
+                values[target.att[k]] = d;
+                nulls[target.att[k]] = false;
+            }
+        }
+        pg_sys::ExecStoreVirtualTuple(slot);
+
+        // No pre-check of the key index (the executor's ExecCheckIndexConstraints): it is a
+        // second descent of the index on every insert, and a key without state is the common
+        // case. A key with state (committed or not) shows up as a conflict of the speculative
+        // insertion, which is then super-deleted; the upsert takes it from there.
+        let xid = pg_sys::GetCurrentTransactionId();
+        let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
+        let am = (*rel).rd_tableam;
+        let insert = (*am)
+            .tuple_insert_speculative
+            .expect("heap access method inserts speculatively");
+        insert(
+            rel,
+            slot,
+            pg_sys::GetCurrentCommandId(true),
+            0,
+            std::ptr::null_mut(),
+            token,
+        );
+        let mut conflict = false;
+        insert_index_tuples(rri, slot, estate, &mut conflict);
+        let complete = (*am)
+            .tuple_complete_speculative
+            .expect("heap access method completes speculative inserts");
+        complete(rel, slot, token, !conflict);
+        pg_sys::SpeculativeInsertionLockRelease(xid);
+        let inserted = !conflict;
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        inserted
+    }
+}
+
+#[cfg(any(feature = "pg14", feature = "pg15"))]
+unsafe fn insert_index_tuples(
+    rri: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+    conflict: &mut bool,
+) {
+    unsafe {
+        pg_sys::ExecInsertIndexTuples(
+            rri,
+            slot,
+            estate,
+            false,
+            true,
+            conflict,
+            std::ptr::null_mut(),
+        );
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+// Postgres 16 added `onlySummarizing`.
+unsafe fn insert_index_tuples(
+    rri: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+    conflict: &mut bool,
+) {
+    unsafe {
+        pg_sys::ExecInsertIndexTuples(
+            rri,
+            slot,
+            estate,
+            false,
+            true,
+            conflict,
+            std::ptr::null_mut(),
+            false,
+        );
+    }
+}
+
+/// What a local update or delete writes into an existing `row_state` row.
+pub enum Change<'a> {
+    /// A delete: the tombstone at the version; column versions and pending values reset.
+    Delete,
+    /// Column writes: these columns' versions (a jsonb object) merged in.
+    Columns(&'a serde_json::Map<String, serde_json::Value>),
+}
+
+/// Records a local update or delete at `version` in the key's existing `row_state` row, the
+/// same as `record_local`'s UPDATE statements, without the executor. Returns false, having
+/// written nothing, whenever the statement's own handling is needed: no row for the key, a row
+/// at or above `version` (the caller re-mints), a row changed or locked concurrently (the
+/// UPDATE waits and re-checks; here the wait is only for the lock, then anything but a clean
+/// update goes back to SQL), a transaction snapshot (REPEATABLE READ and above: the UPDATE's
+/// visibility rules), or a table altered since pg_sync created it.
+#[cfg(any(feature = "pg14", feature = "pg15"))]
+pub fn update_existing(model: &str, model_id: &str, change: Change<'_>, version: &str) -> bool {
+    // SAFETY: a relation opened and locked as an UPDATE would; an index scan under a registered
+    // snapshot; the table AM's own update, which waits for row locks. An ERROR aborts the
+    // (sub)transaction, which releases all of it.
+    unsafe {
+        if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            return false;
+        }
+        let Some(relid) = actions::relid_of(c"row_state") else {
+            return false;
+        };
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        let target = target(rel);
+        if !target.direct || target.pkey == pg_sys::InvalidOid {
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            return false;
+        }
+        // What an SQL statement here would see: this transaction's earlier writes (also this
+        // command's, e.g. the state row an earlier row of the statement inserted) and the
+        // latest commits.
+        pg_sys::CommandCounterIncrement();
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let idx = pg_sys::index_open(target.pkey, pg_sys::RowExclusiveLock as i32);
+        let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
+        let model_d = model.into_datum().expect("text");
+        let id_d = model_id.into_datum().expect("text");
+        for (k, d) in [model_d, id_d].into_iter().enumerate() {
+            pg_sys::ScanKeyInit(
+                &mut keys[k],
+                (k + 1) as pg_sys::AttrNumber,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::regproc::from(pg_sys::F_TEXTEQ),
+                d,
+            );
+        }
+        let scan = pg_sys::index_beginscan(rel, idx, snapshot, 2, 0);
+        pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
+        let old = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let found =
+            pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, old);
+        pg_sys::index_endscan(scan);
+        let mut updated = false;
+        if found {
+            pg_sys::slot_getallattrs(old);
+            let natts = (*(*rel).rd_att).natts as usize;
+            let ov = std::slice::from_raw_parts((*old).tts_values, natts);
+            let on = std::slice::from_raw_parts((*old).tts_isnull, natts);
+            let text = |k: usize| -> Option<String> {
+                let i = target.att[k];
+                if on[i] {
+                    None
+                } else {
+                    String::from_datum(ov[i], false)
+                }
+            };
+            // WHERE max_version < $3 (COLLATE "C": bytewise).
+            let above = text(6).is_some_and(|m| m.as_bytes() < version.as_bytes());
+            if above {
+                let new = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+                pg_sys::ExecClearTuple(new);
+                let nv = std::slice::from_raw_parts_mut((*new).tts_values, natts);
+                let nn = std::slice::from_raw_parts_mut((*new).tts_isnull, natts);
+                nv.copy_from_slice(ov);
+                nn.copy_from_slice(on);
+                let mut set = |k: usize, d: Option<pg_sys::Datum>| {
+                    let i = target.att[k];
+                    nn[i] = d.is_none();
+                    nv[i] = d.unwrap_or(pg_sys::Datum::from(0usize));
+                };
+                // created = COALESCE(created, ''): a row with no state predates capture.
+                set(
+                    2,
+                    Some(text(2).unwrap_or_default().into_datum().expect("text")),
+                );
+                match change {
+                    Change::Delete => {
+                        set(3, version.into_datum());
+                        set(
+                            4,
+                            JsonB(serde_json::Value::Object(Default::default())).into_datum(),
+                        );
+                    }
+                    Change::Columns(cols) => {
+                        let add = JsonB(serde_json::Value::Object(cols.clone()))
+                            .into_datum()
+                            .expect("jsonb");
+                        let merged = pg_sys::OidFunctionCall2Coll(
+                            pg_sys::Oid::from(pg_sys::F_JSONB_CONCAT),
+                            pg_sys::InvalidOid,
+                            ov[target.att[4]],
+                            add,
+                        );
+                        set(4, Some(merged));
+                    }
+                }
+                set(5, None);
+                set(6, version.into_datum());
+                pg_sys::ExecStoreVirtualTuple(new);
+                let mut tmfd: pg_sys::TM_FailureData = std::mem::zeroed();
+                let mut lockmode: pg_sys::LockTupleMode::Type = 0;
+                let mut update_indexes = false;
+                let am = (*rel).rd_tableam;
+                let update = (*am).tuple_update.expect("heap access method updates");
+                let result = update(
+                    rel,
+                    &mut (*old).tts_tid,
+                    new,
+                    pg_sys::GetCurrentCommandId(true),
+                    snapshot,
+                    std::ptr::null_mut(),
+                    true,
+                    &mut tmfd,
+                    &mut lockmode,
+                    &mut update_indexes,
+                );
+                updated = result == pg_sys::TM_Result::TM_Ok;
+                if updated && update_indexes {
+                    // Not a HOT update: the new version needs its own index entries.
+                    let estate = pg_sys::CreateExecutorState();
+                    let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                        .cast::<pg_sys::ResultRelInfo>();
+                    pg_sys::InitResultRelInfo(rri, rel, 0, std::ptr::null_mut(), 0);
+                    pg_sys::ExecOpenIndices(rri, false);
+                    let mut conflict = false;
+                    // update = false: the "index unchanged" hint reads the statement's range
+                    // table, which there is none of; it is only a hint.
+                    pg_sys::ExecInsertIndexTuples(
+                        rri,
+                        new,
+                        estate,
+                        false,
+                        false,
+                        &mut conflict,
+                        std::ptr::null_mut(),
+                    );
+                    pg_sys::ExecCloseIndices(rri);
+                    pg_sys::FreeExecutorState(estate);
+                }
+                pg_sys::ExecDropSingleTupleTableSlot(new);
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(old);
+        pg_sys::index_close(idx, pg_sys::NoLock as i32);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        updated
+    }
+}
+
+/// See above; other Postgres versions use the SQL statements.
+#[cfg(not(any(feature = "pg14", feature = "pg15")))]
+pub fn update_existing(_model: &str, _model_id: &str, _change: Change<'_>, _version: &str) -> bool {
+    false
+}
