@@ -3221,7 +3221,6 @@ async fn review2_every_join_of_a_bulk_membership_change_is_announced() {
 /// review2: an UPDATE of an API key that changes neither its hash nor its user (a label edit)
 /// closes every session of the key: the sequencer treats any api_keys UPDATE as a revocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
 async fn review2_relabelling_a_key_does_not_close_its_sessions() {
     let (cluster, mut db) = app_cluster("ws_key_label");
     let worker = Worker::started(&cluster, "app").await;
@@ -3245,8 +3244,18 @@ async fn review2_relabelling_a_key_does_not_close_its_sessions() {
         .ok()
         .flatten();
     eprintln!("review2: after a label edit: {closed:?}");
-    tokio::task::block_in_place(|| drop(db));
     assert!(closed.is_none(), "closed: {closed:?}");
+    // A new hash still closes them.
+    exec(
+        &mut db,
+        &format!("UPDATE pg_sync.api_keys SET key_hash = sha256('other') WHERE id = '{id}'"),
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), close_frame(&mut ws))
+        .await
+        .ok()
+        .flatten();
+    tokio::task::block_in_place(|| drop(db));
+    assert!(closed.is_some(), "a rehashed key's session stayed open");
 }
 
 /// review2: live and replay disagree after a re-registration. Replay judges "global" by the
