@@ -96,6 +96,9 @@ struct User {
     /// Changes seen while the user's groups load from the database, applied after it. An
     /// empty group id (never a real one) stands for "left every group" (a TRUNCATE).
     pending: Option<Vec<(String, bool)>>,
+    /// The subscriber that claimed the load (while `pending` is set): when it goes away
+    /// without finishing, the claim is released and a waiting subscriber loads instead.
+    loader: Option<u64>,
     /// `groups` holds what the database said (plus the changes since).
     loaded: bool,
 }
@@ -225,7 +228,7 @@ impl Hub {
         let lagged = Arc::new(Notify::new());
         let mut st = self.lock();
         let entry = st.users.entry(user.to_owned()).or_default();
-        let load = claim_load(entry);
+        let load = claim_load(entry, id);
         entry.subs.insert(id);
         st.subs.insert(
             id,
@@ -252,8 +255,9 @@ impl Hub {
     }
 
     /// Waits until another subscriber's load of `user`'s groups ends: `Ready` when it
-    /// succeeded, `Must` when it failed (this subscriber loads them now).
-    pub async fn wait_loaded(&self, user: &str) -> Load {
+    /// succeeded, `Must` when it failed or its subscriber went away (subscriber `id` loads
+    /// them now).
+    pub async fn wait_loaded(&self, user: &str, id: u64) -> Load {
         loop {
             let notified = self.loads.notified();
             tokio::pin!(notified);
@@ -263,7 +267,7 @@ impl Hub {
                 let Some(entry) = st.users.get_mut(user) else {
                     return Load::Must;
                 };
-                match claim_load(entry) {
+                match claim_load(entry, id) {
                     Load::Wait => {}
                     other => return other,
                 }
@@ -272,16 +276,18 @@ impl Hub {
         }
     }
 
-    /// The load of `user`'s groups failed: another subscriber of the user may try again.
-    pub fn load_failed(&self, user: &str) {
+    /// Subscriber `id`'s load of `user`'s groups failed (or was abandoned): another
+    /// subscriber of the user may try again. A claim `id` does not hold is left alone.
+    pub fn load_failed(&self, user: &str, id: u64) {
         let mut st = self.lock();
-        if let Some(entry) = st.users.get_mut(user) {
-            if !entry.loaded {
-                entry.pending = None;
-            }
-        }
+        let released = st
+            .users
+            .get_mut(user)
+            .is_some_and(|entry| release_load(entry, id));
         drop(st);
-        self.loads.notify_waiters();
+        if released {
+            self.loads.notify_waiters();
+        }
     }
 
     /// Installs the groups loaded from the database, then the changes seen meanwhile.
@@ -305,6 +311,7 @@ impl Hub {
         }
         entry.groups = groups.clone();
         entry.loaded = true;
+        entry.loader = None;
         for g in groups {
             st.groups.entry(g).or_default().insert(user.to_owned());
         }
@@ -389,9 +396,19 @@ impl Hub {
         }
     }
 
+    /// Forgets subscriber `id`; a group load it claimed and did not finish is released, and
+    /// the user's other subscribers waiting for it are woken (one of them loads instead).
     pub fn unregister(&self, id: u64) {
         let mut st = self.lock();
+        let user = st.subs.get(&id).map(|sub| sub.user.clone());
+        let released = user
+            .and_then(|u| st.users.get_mut(&u))
+            .is_some_and(|entry| release_load(entry, id));
         remove_sub(&mut st, id);
+        drop(st);
+        if released {
+            self.loads.notify_waiters();
+        }
     }
 
     /// Delivers sequenced transactions, in order, to live subscribers.
@@ -522,17 +539,28 @@ fn reset_memberships(st: &mut State) {
     }
 }
 
-/// What a new subscriber of `user` must do about the groups (and claims the load for it).
-fn claim_load(user: &mut User) -> Load {
+/// What a new subscriber `id` of `user` must do about the groups (and claims the load for it).
+fn claim_load(user: &mut User, id: u64) -> Load {
     if user.loaded {
         Load::Ready
     } else if user.pending.is_some() {
         Load::Wait
     } else {
         user.pending = Some(Vec::new());
+        user.loader = Some(id);
         user.groups.clear();
         Load::Must
     }
+}
+
+/// Releases the unfinished load subscriber `id` claimed; false when it holds none.
+fn release_load(user: &mut User, id: u64) -> bool {
+    if user.loaded || user.loader != Some(id) {
+        return false;
+    }
+    user.pending = None;
+    user.loader = None;
+    true
 }
 
 fn apply_membership(st: &mut State, m: &MembershipChange) {
@@ -754,7 +782,7 @@ mod tests {
         let hub = Arc::new(Hub::with_watermark(8, 0));
         let (_first, load) = hub.register("u", None);
         assert_eq!(load, Load::Must);
-        let (_second, load) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait, "the groups are not known yet");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -763,7 +791,8 @@ mod tests {
         rt.block_on(async {
             let waiter = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.wait_loaded("u").await })
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
             };
             tokio::task::yield_now().await;
             hub.set_groups("u", vec!["g".into()]);
@@ -782,7 +811,7 @@ mod tests {
     fn a_failed_group_load_hands_the_load_to_a_waiting_connection() {
         let hub = Arc::new(Hub::with_watermark(8, 0));
         let (first, _) = hub.register("u", None);
-        let (_second, load) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -791,10 +820,11 @@ mod tests {
         rt.block_on(async {
             let waiter = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.wait_loaded("u").await })
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
             };
             tokio::task::yield_now().await;
-            hub.load_failed("u");
+            hub.load_failed("u", first.id);
             hub.unregister(first.id);
             let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
                 .await
@@ -900,6 +930,37 @@ mod tests {
         assert!(hub.groups_of("carol").is_empty());
         assert!(!hub.is_registered(keyed.id));
         assert_eq!(keyed.cut().map(|c| c.code), Some(close::REVOKED));
+    }
+
+    #[test]
+    fn a_loader_gone_mid_load_hands_the_load_to_a_waiting_connection() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (first, _) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
+            };
+            tokio::task::yield_now().await;
+            // Its connection went away without a word about the load.
+            hub.unregister(first.id);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Must, "the waiter loads them now");
+        });
+        // A stale failure report of the first loader does not release the second's claim.
+        hub.load_failed("u", first.id);
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
     }
 
     /// review2: a membership change published while a lagged subscriber's queue is still full

@@ -3099,7 +3099,6 @@ async fn review2_a_leave_right_after_a_large_transaction_reaches_the_client() {
 /// user's groups load) leaves `pending` set and never tells the hub; a second connection of the
 /// user that waits for that load (Load::Wait) waits forever: no caught_up, ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
 async fn review2_a_cancelled_group_load_does_not_block_the_users_other_connections() {
     let (cluster, db) = app_cluster("ws_cancel_load");
     let worker = Worker::started(&cluster, "app").await;
