@@ -87,6 +87,11 @@ struct Sub {
     cutoff: Arc<Mutex<Option<Cutoff>>>,
     dropped: Arc<Notify>,
     lagged: Arc<Notify>,
+    /// Set while the subscriber is behind (its queue filled): the groups its client was last
+    /// told of. Membership frames are not queued meanwhile (never dropped either): the
+    /// connection gets the difference to the groups now from `missed_memberships` before it
+    /// pages again.
+    told: Option<HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -240,6 +245,7 @@ impl Hub {
                 cutoff: cutoff.clone(),
                 dropped: dropped.clone(),
                 lagged: lagged.clone(),
+                told: None,
             },
         );
         (
@@ -396,6 +402,38 @@ impl Hub {
         }
     }
 
+    /// The membership frames subscriber `id` missed while it was behind (its queue full):
+    /// the difference between the groups its client was last told of and the groups now,
+    /// leaves first. Its connection sends them after draining its queue and before paging
+    /// again; from then on membership frames are queued again.
+    pub fn missed_memberships(&self, id: u64) -> Vec<Outbound> {
+        let mut st = self.lock();
+        let Some(sub) = st.subs.get_mut(&id) else {
+            return vec![];
+        };
+        let Some(told) = sub.told.take() else {
+            return vec![];
+        };
+        let user = sub.user.clone();
+        let now = st
+            .users
+            .get(&user)
+            .map(|u| u.groups.clone())
+            .unwrap_or_default();
+        let mut left: Vec<&String> = told.difference(&now).collect();
+        let mut joined: Vec<&String> = now.difference(&told).collect();
+        left.sort();
+        joined.sort();
+        left.into_iter()
+            .map(|g| (g, false))
+            .chain(joined.into_iter().map(|g| (g, true)))
+            .map(|(g, joined)| Outbound::Membership {
+                group_id: g.clone(),
+                joined,
+            })
+            .collect()
+    }
+
     /// Forgets subscriber `id`; a group load it claimed and did not finish is released, and
     /// the user's other subscribers waiting for it are woken (one of them loads instead).
     pub fn unregister(&self, id: u64) {
@@ -493,9 +531,9 @@ impl Hub {
                         // at once, so it gets nothing out of order, drains its queue, pages the
                         // rest from the log and goes live again by itself (`lagged`).
                         Err(mpsc::error::TrySendError::Full(_)) => {
+                            let groups = st.users.get(&sub.user).map(|u| u.groups.clone());
                             if let Some(sub) = st.subs.get_mut(&id) {
-                                sub.live = false;
-                                sub.lagged.notify_one();
+                                fall_behind(sub, groups.unwrap_or_default());
                             }
                             self.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
                         }
@@ -580,6 +618,16 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         return;
     }
     let subs: Vec<u64> = user.subs.iter().copied().collect();
+    // What the user's clients were told before this change (for one that misses it).
+    let before: HashSet<String> = {
+        let mut g = user.groups.clone();
+        if m.joined {
+            g.remove(&m.group_id);
+        } else {
+            g.insert(m.group_id.clone());
+        }
+        g
+    };
     if m.joined {
         st.groups
             .entry(m.group_id.clone())
@@ -592,13 +640,31 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         }
     }
     for id in subs {
-        if let Some(sub) = st.subs.get(&id) {
-            let _ = sub.tx.try_send(Outbound::Membership {
-                group_id: m.group_id.clone(),
-                joined: m.joined,
-            });
+        let Some(sub) = st.subs.get_mut(&id) else {
+            continue;
+        };
+        // Behind already: `missed_memberships` tells it, in order with its paging.
+        if sub.told.is_some() {
+            continue;
+        }
+        let out = Outbound::Membership {
+            group_id: m.group_id.clone(),
+            joined: m.joined,
+        };
+        // Never dropped: a full queue makes it fall behind, like a delta would.
+        if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(out) {
+            fall_behind(sub, before.clone());
         }
     }
+}
+
+/// The subscriber's queue is full: it leaves live delivery at once (so it gets nothing out of
+/// order), drains its queue, learns the membership changes it missed and pages the rest from
+/// the log (`lagged`). `groups`: what its client was told of (kept if already behind).
+fn fall_behind(sub: &mut Sub, groups: HashSet<String>) {
+    sub.live = false;
+    sub.told.get_or_insert(groups);
+    sub.lagged.notify_one();
 }
 
 fn remove_sub(st: &mut State, id: u64) {
@@ -967,7 +1033,6 @@ mod tests {
     /// is dropped (try_send, result ignored); the fallback replay then pages with the new
     /// groups, so the client is never told it left the group and keeps its rows.
     #[test]
-    #[ignore = "review2: fails on this branch (open defect); run with --ignored"]
     fn review2_a_leave_while_lagged_reaches_the_client() {
         let hub = Hub::with_watermark(2, 10);
         let (mut sub, _) = hub.register("u", None);
@@ -990,7 +1055,13 @@ mod tests {
             }],
         )]);
         let mut got = vec![];
+        // What the connection does on `lagged`: drain the queue, then the missed memberships.
+        let mut drained = vec![];
         while let Ok(out) = sub.rx.try_recv() {
+            drained.push(out);
+        }
+        drained.extend(hub.missed_memberships(sub.id));
+        for out in drained {
             got.push(match out {
                 Outbound::Delta { sync_id, .. } => format!("delta {sync_id}"),
                 Outbound::Membership { group_id, joined } => {

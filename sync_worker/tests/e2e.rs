@@ -3067,7 +3067,6 @@ async fn a_blocked_compaction_holds_up_no_request() {
 /// error. The fallback replay pages with the new groups, so the client is never told it left
 /// the group (and keeps its rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
 async fn review2_a_leave_right_after_a_large_transaction_reaches_the_client() {
     let (cluster, mut db) = app_cluster("ws_lag_leave");
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_SUBSCRIBER_QUEUE", "64")]).await;
@@ -3187,7 +3186,6 @@ async fn review2_distinct_well_formed_bad_keys_each_cost_a_query() {
 /// the membership frames beyond the queue are dropped (no fallback either), so the client never
 /// learns of those joins (and never bootstraps those groups), while their deltas do arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
 async fn review2_every_join_of_a_bulk_membership_change_is_announced() {
     let (cluster, mut db) = app_cluster("ws_bulk_join");
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_SUBSCRIBER_QUEUE", "64")]).await;
