@@ -3150,7 +3150,6 @@ async fn review2_a_cancelled_group_load_does_not_block_the_users_other_connectio
 /// review2: well-formed but distinct unknown API keys still cost one database query each (the
 /// negative cache only helps a repeated key); nothing bounds an unauthenticated flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
 async fn review2_distinct_well_formed_bad_keys_each_cost_a_query() {
     let cluster =
         tokio::task::block_in_place(|| Cluster::start("ws_bad_keys2", &["log_statement = 'all'"]));
@@ -3166,13 +3165,17 @@ async fn review2_distinct_well_formed_bad_keys_each_cost_a_query() {
     let started = Instant::now();
     for i in 0..200u32 {
         let key = format!("pgs_{:064x}", i);
-        let (status, _) = http_get_with(
+        let (status, body) = http_get_with(
             worker.port,
             "/sync/deltas?after=0",
             &[("Authorization", format!("Bearer {key}"))],
         )
         .await;
-        assert_eq!(status, 401);
+        // Past the lookup budget: 429 (retry later), no query.
+        assert!(
+            status == 401 || (status == 429 && body.contains("busy")),
+            "{status} {body}"
+        );
     }
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
