@@ -3264,7 +3264,9 @@ async fn review2_relabelling_a_key_does_not_close_its_sessions() {
 /// live subscriber; a client of the same user resuming from before it never gets it (its log
 /// row has no group id and the model is no longer global), so the two clients diverge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
+// Open (issue 9, review2): replay judges "global" by the current registry; fixing it needs
+// the extension to record, per log row, whether its model was global when it was written.
+#[ignore = "issue 9 (review2): replay judges 'global' by the current registry; needs an extension design change"]
 async fn review2_a_resumed_client_gets_what_a_live_one_got_across_a_re_registration() {
     let (cluster, mut db) = app_cluster("ws_rereg_replay");
     exec(
@@ -3300,7 +3302,9 @@ async fn review2_a_resumed_client_gets_what_a_live_one_got_across_a_re_registrat
 /// it hands every user the old deltas of every group (here a p1 row, deleted before the
 /// re-registration, that bob was never in a group to see); live never sent them to bob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review2: fails on this branch (open defect); run with --ignored"]
+// Open (issue 9, review2): replay judges "global" by the current registry; fixing it needs
+// the extension to record, per log row, whether its model was global when it was written.
+#[ignore = "issue 9 (review2): replay judges 'global' by the current registry; needs an extension design change"]
 async fn review2_a_grouped_model_made_global_does_not_replay_other_groups_history() {
     let (cluster, mut db) = app_cluster("ws_rereg_global");
     let worker = Worker::started(&cluster, "app").await;
