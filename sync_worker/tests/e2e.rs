@@ -3326,3 +3326,71 @@ async fn review2_a_grouped_model_made_global_does_not_replay_other_groups_histor
     tokio::task::block_in_place(|| drop(db));
     assert!(leaked.is_empty(), "{leaked:?}");
 }
+
+/// A bootstrap ends at its deadline (here: at once, by a failpoint) with a `deadline` error
+/// line naming a cursor, and frees its slot, even for a client that stopped reading; the
+/// cursor resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
+    let (cluster, mut db) = app_cluster("bootstrap_deadline");
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
+            ("SYNC_FAILPOINTS", "bootstrap_deadline"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    // A client that starts a bootstrap and stops reading (but stays connected).
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(
+        format!(
+            "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
+            auth[0].0, auth[0].1
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 1024];
+    let n = slow.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.0 200"));
+    // Its slot frees at the deadline, not when it goes away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, lines) = ndjson(port, "/sync/bootstrap?limit=10", &auth).await;
+        if status == 200 {
+            assert_eq!(lines.last().unwrap()["rows"], 10);
+            break;
+        }
+        assert!(Instant::now() < deadline, "a stalled reader held the slot");
+    }
+    // What it got ends with the deadline error and a cursor, which resumes the bootstrap.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let last: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .last()
+        .expect("a line");
+    assert_eq!(last["code"], "deadline", "{last}");
+    let path = format!(
+        "/sync/bootstrap?limit=10&cursor={}",
+        last["cursor"].as_str().unwrap()
+    );
+    let (status, lines) = ndjson(port, &path, &auth).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.last().unwrap()["type"], "end");
+    tokio::task::block_in_place(|| drop(db));
+}
