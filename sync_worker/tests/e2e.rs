@@ -3381,8 +3381,8 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     let text = String::from_utf8_lossy(&got).into_owned();
     let last: Value = text
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
         .expect("a line");
     assert_eq!(last["code"], "deadline", "{last}");
     let path = format!(
