@@ -132,6 +132,9 @@ CREATE TABLE pg_sync.api_keys (
     label      text,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+-- The whole old row in the replication stream: the worker closes a key's sessions only when its
+-- hash, user or id changed, not on a label edit.
+ALTER TABLE pg_sync.api_keys REPLICA IDENTITY FULL;
 
 -- Client transactions applied by mutate, for exactly-once replays. Scoped to the user mutate_as
 -- wrote for ('' for plain mutate): one user's tx id never replays another's result.

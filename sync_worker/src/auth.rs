@@ -119,16 +119,48 @@ pub fn is_api_key_shaped(token: &str) -> bool {
 }
 
 /// API keys the database said it does not know, remembered for a while so that repeating a
-/// bad key costs no query. Bounded: when full, expired entries go, then everything.
+/// bad key costs no query. Bounded: when full, expired entries go, then everything. Distinct
+/// bad keys are bounded too: every lookup takes a token from a bucket that only a key found
+/// gives back, so unknown keys cost at most UNKNOWN_LOOKUP_BURST queries at once and
+/// UNKNOWN_LOOKUP_RATE a second, however many a flood brings.
 #[derive(Default)]
 pub struct UnknownKeys {
     seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Lookup tokens left and when they were counted (`None`: a full bucket).
+    budget: std::sync::Mutex<Option<(f64, std::time::Instant)>>,
 }
 
 const UNKNOWN_KEYS_MAX: usize = 10_000;
 const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(60);
+const UNKNOWN_LOOKUP_BURST: f64 = 5.0;
+const UNKNOWN_LOOKUP_RATE: f64 = 1.0;
 
 impl UnknownKeys {
+    /// Takes a lookup token; false when there is none left (the caller refuses without a
+    /// query, asking to retry later).
+    pub fn begin_lookup(&self) -> bool {
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let (left, at) = budget.unwrap_or((UNKNOWN_LOOKUP_BURST, now));
+        let left = (left + now.duration_since(at).as_secs_f64() * UNKNOWN_LOOKUP_RATE)
+            .min(UNKNOWN_LOOKUP_BURST);
+        if left < 1.0 {
+            *budget = Some((left, now));
+            return false;
+        }
+        *budget = Some((left - 1.0, now));
+        true
+    }
+
+    /// Gives back the token of a lookup that found its key (or could not run): only unknown
+    /// keys spend the budget.
+    pub fn refund_lookup(&self) {
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((left, _)) = budget.as_mut() {
+            *left = (*left + 1.0).min(UNKNOWN_LOOKUP_BURST);
+        }
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.get(key)
@@ -152,6 +184,18 @@ mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde::Serialize;
+
+    #[test]
+    fn unknown_key_lookups_are_bounded_and_found_keys_give_theirs_back() {
+        let keys = UnknownKeys::default();
+        for _ in 0..UNKNOWN_LOOKUP_BURST as usize {
+            assert!(keys.begin_lookup());
+        }
+        assert!(!keys.begin_lookup(), "the burst is spent");
+        keys.refund_lookup();
+        assert!(keys.begin_lookup(), "a found key gave its token back");
+        assert!(!keys.begin_lookup());
+    }
 
     #[derive(Serialize)]
     struct C<'a> {

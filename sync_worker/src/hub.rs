@@ -87,6 +87,11 @@ struct Sub {
     cutoff: Arc<Mutex<Option<Cutoff>>>,
     dropped: Arc<Notify>,
     lagged: Arc<Notify>,
+    /// Set while the subscriber is behind (its queue filled): the groups its client was last
+    /// told of. Membership frames are not queued meanwhile (never dropped either): the
+    /// connection gets the difference to the groups now from `missed_memberships` before it
+    /// pages again.
+    told: Option<HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -96,6 +101,9 @@ struct User {
     /// Changes seen while the user's groups load from the database, applied after it. An
     /// empty group id (never a real one) stands for "left every group" (a TRUNCATE).
     pending: Option<Vec<(String, bool)>>,
+    /// The subscriber that claimed the load (while `pending` is set): when it goes away
+    /// without finishing, the claim is released and a waiting subscriber loads instead.
+    loader: Option<u64>,
     /// `groups` holds what the database said (plus the changes since).
     loaded: bool,
 }
@@ -225,7 +233,7 @@ impl Hub {
         let lagged = Arc::new(Notify::new());
         let mut st = self.lock();
         let entry = st.users.entry(user.to_owned()).or_default();
-        let load = claim_load(entry);
+        let load = claim_load(entry, id);
         entry.subs.insert(id);
         st.subs.insert(
             id,
@@ -237,6 +245,7 @@ impl Hub {
                 cutoff: cutoff.clone(),
                 dropped: dropped.clone(),
                 lagged: lagged.clone(),
+                told: None,
             },
         );
         (
@@ -252,8 +261,9 @@ impl Hub {
     }
 
     /// Waits until another subscriber's load of `user`'s groups ends: `Ready` when it
-    /// succeeded, `Must` when it failed (this subscriber loads them now).
-    pub async fn wait_loaded(&self, user: &str) -> Load {
+    /// succeeded, `Must` when it failed or its subscriber went away (subscriber `id` loads
+    /// them now).
+    pub async fn wait_loaded(&self, user: &str, id: u64) -> Load {
         loop {
             let notified = self.loads.notified();
             tokio::pin!(notified);
@@ -263,7 +273,7 @@ impl Hub {
                 let Some(entry) = st.users.get_mut(user) else {
                     return Load::Must;
                 };
-                match claim_load(entry) {
+                match claim_load(entry, id) {
                     Load::Wait => {}
                     other => return other,
                 }
@@ -272,16 +282,18 @@ impl Hub {
         }
     }
 
-    /// The load of `user`'s groups failed: another subscriber of the user may try again.
-    pub fn load_failed(&self, user: &str) {
+    /// Subscriber `id`'s load of `user`'s groups failed (or was abandoned): another
+    /// subscriber of the user may try again. A claim `id` does not hold is left alone.
+    pub fn load_failed(&self, user: &str, id: u64) {
         let mut st = self.lock();
-        if let Some(entry) = st.users.get_mut(user) {
-            if !entry.loaded {
-                entry.pending = None;
-            }
-        }
+        let released = st
+            .users
+            .get_mut(user)
+            .is_some_and(|entry| release_load(entry, id));
         drop(st);
-        self.loads.notify_waiters();
+        if released {
+            self.loads.notify_waiters();
+        }
     }
 
     /// Installs the groups loaded from the database, then the changes seen meanwhile.
@@ -305,6 +317,7 @@ impl Hub {
         }
         entry.groups = groups.clone();
         entry.loaded = true;
+        entry.loader = None;
         for g in groups {
             st.groups.entry(g).or_default().insert(user.to_owned());
         }
@@ -389,9 +402,51 @@ impl Hub {
         }
     }
 
+    /// The membership frames subscriber `id` missed while it was behind (its queue full):
+    /// the difference between the groups its client was last told of and the groups now,
+    /// leaves first. Its connection sends them after draining its queue and before paging
+    /// again; from then on membership frames are queued again.
+    pub fn missed_memberships(&self, id: u64) -> Vec<Outbound> {
+        let mut st = self.lock();
+        let Some(sub) = st.subs.get_mut(&id) else {
+            return vec![];
+        };
+        let Some(told) = sub.told.take() else {
+            return vec![];
+        };
+        let user = sub.user.clone();
+        let now = st
+            .users
+            .get(&user)
+            .map(|u| u.groups.clone())
+            .unwrap_or_default();
+        let mut left: Vec<&String> = told.difference(&now).collect();
+        let mut joined: Vec<&String> = now.difference(&told).collect();
+        left.sort();
+        joined.sort();
+        left.into_iter()
+            .map(|g| (g, false))
+            .chain(joined.into_iter().map(|g| (g, true)))
+            .map(|(g, joined)| Outbound::Membership {
+                group_id: g.clone(),
+                joined,
+            })
+            .collect()
+    }
+
+    /// Forgets subscriber `id`; a group load it claimed and did not finish is released, and
+    /// the user's other subscribers waiting for it are woken (one of them loads instead).
     pub fn unregister(&self, id: u64) {
         let mut st = self.lock();
+        let user = st.subs.get(&id).map(|sub| sub.user.clone());
+        let released = user
+            .and_then(|u| st.users.get_mut(&u))
+            .is_some_and(|entry| release_load(entry, id));
         remove_sub(&mut st, id);
+        drop(st);
+        if released {
+            self.loads.notify_waiters();
+        }
     }
 
     /// Delivers sequenced transactions, in order, to live subscribers.
@@ -476,9 +531,9 @@ impl Hub {
                         // at once, so it gets nothing out of order, drains its queue, pages the
                         // rest from the log and goes live again by itself (`lagged`).
                         Err(mpsc::error::TrySendError::Full(_)) => {
+                            let groups = st.users.get(&sub.user).map(|u| u.groups.clone());
                             if let Some(sub) = st.subs.get_mut(&id) {
-                                sub.live = false;
-                                sub.lagged.notify_one();
+                                fall_behind(sub, groups.unwrap_or_default());
                             }
                             self.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
                         }
@@ -522,17 +577,28 @@ fn reset_memberships(st: &mut State) {
     }
 }
 
-/// What a new subscriber of `user` must do about the groups (and claims the load for it).
-fn claim_load(user: &mut User) -> Load {
+/// What a new subscriber `id` of `user` must do about the groups (and claims the load for it).
+fn claim_load(user: &mut User, id: u64) -> Load {
     if user.loaded {
         Load::Ready
     } else if user.pending.is_some() {
         Load::Wait
     } else {
         user.pending = Some(Vec::new());
+        user.loader = Some(id);
         user.groups.clear();
         Load::Must
     }
+}
+
+/// Releases the unfinished load subscriber `id` claimed; false when it holds none.
+fn release_load(user: &mut User, id: u64) -> bool {
+    if user.loaded || user.loader != Some(id) {
+        return false;
+    }
+    user.pending = None;
+    user.loader = None;
+    true
 }
 
 fn apply_membership(st: &mut State, m: &MembershipChange) {
@@ -552,6 +618,16 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         return;
     }
     let subs: Vec<u64> = user.subs.iter().copied().collect();
+    // What the user's clients were told before this change (for one that misses it).
+    let before: HashSet<String> = {
+        let mut g = user.groups.clone();
+        if m.joined {
+            g.remove(&m.group_id);
+        } else {
+            g.insert(m.group_id.clone());
+        }
+        g
+    };
     if m.joined {
         st.groups
             .entry(m.group_id.clone())
@@ -564,13 +640,31 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         }
     }
     for id in subs {
-        if let Some(sub) = st.subs.get(&id) {
-            let _ = sub.tx.try_send(Outbound::Membership {
-                group_id: m.group_id.clone(),
-                joined: m.joined,
-            });
+        let Some(sub) = st.subs.get_mut(&id) else {
+            continue;
+        };
+        // Behind already: `missed_memberships` tells it, in order with its paging.
+        if sub.told.is_some() {
+            continue;
+        }
+        let out = Outbound::Membership {
+            group_id: m.group_id.clone(),
+            joined: m.joined,
+        };
+        // Never dropped: a full queue makes it fall behind, like a delta would.
+        if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(out) {
+            fall_behind(sub, before.clone());
         }
     }
+}
+
+/// The subscriber's queue is full: it leaves live delivery at once (so it gets nothing out of
+/// order), drains its queue, learns the membership changes it missed and pages the rest from
+/// the log (`lagged`). `groups`: what its client was told of (kept if already behind).
+fn fall_behind(sub: &mut Sub, groups: HashSet<String>) {
+    sub.live = false;
+    sub.told.get_or_insert(groups);
+    sub.lagged.notify_one();
 }
 
 fn remove_sub(st: &mut State, id: u64) {
@@ -754,7 +848,7 @@ mod tests {
         let hub = Arc::new(Hub::with_watermark(8, 0));
         let (_first, load) = hub.register("u", None);
         assert_eq!(load, Load::Must);
-        let (_second, load) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait, "the groups are not known yet");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -763,7 +857,8 @@ mod tests {
         rt.block_on(async {
             let waiter = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.wait_loaded("u").await })
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
             };
             tokio::task::yield_now().await;
             hub.set_groups("u", vec!["g".into()]);
@@ -782,7 +877,7 @@ mod tests {
     fn a_failed_group_load_hands_the_load_to_a_waiting_connection() {
         let hub = Arc::new(Hub::with_watermark(8, 0));
         let (first, _) = hub.register("u", None);
-        let (_second, load) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -791,10 +886,11 @@ mod tests {
         rt.block_on(async {
             let waiter = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.wait_loaded("u").await })
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
             };
             tokio::task::yield_now().await;
-            hub.load_failed("u");
+            hub.load_failed("u", first.id);
             hub.unregister(first.id);
             let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
                 .await
@@ -900,5 +996,84 @@ mod tests {
         assert!(hub.groups_of("carol").is_empty());
         assert!(!hub.is_registered(keyed.id));
         assert_eq!(keyed.cut().map(|c| c.code), Some(close::REVOKED));
+    }
+
+    #[test]
+    fn a_loader_gone_mid_load_hands_the_load_to_a_waiting_connection() {
+        let hub = Arc::new(Hub::with_watermark(8, 0));
+        let (first, _) = hub.register("u", None);
+        let (second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let hub = hub.clone();
+                let id = second.id;
+                tokio::spawn(async move { hub.wait_loaded("u", id).await })
+            };
+            tokio::task::yield_now().await;
+            // Its connection went away without a word about the load.
+            hub.unregister(first.id);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(got, Load::Must, "the waiter loads them now");
+        });
+        // A stale failure report of the first loader does not release the second's claim.
+        hub.load_failed("u", first.id);
+        let (_third, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+    }
+
+    /// review2: a membership change published while a lagged subscriber's queue is still full
+    /// is dropped (try_send, result ignored); the fallback replay then pages with the new
+    /// groups, so the client is never told it left the group and keeps its rows.
+    #[test]
+    fn review2_a_leave_while_lagged_reaches_the_client() {
+        let hub = Hub::with_watermark(2, 10);
+        let (mut sub, _) = hub.register("u", None);
+        hub.set_groups("u", vec!["g".into()]);
+        assert_eq!(hub.go_live(sub.id), GoLive::Live(10));
+        // A transaction larger than the queue: the subscriber lags.
+        hub.publish(&[txn(
+            13,
+            (11..=13).map(|i| delta(i, Some("g"), false)).collect(),
+            vec![],
+        )]);
+        // Before the connection drains its queue, the user leaves g.
+        hub.publish(&[txn(
+            14,
+            vec![],
+            vec![MembershipChange {
+                user_id: "u".into(),
+                group_id: "g".into(),
+                joined: false,
+            }],
+        )]);
+        let mut got = vec![];
+        // What the connection does on `lagged`: drain the queue, then the missed memberships.
+        let mut drained = vec![];
+        while let Ok(out) = sub.rx.try_recv() {
+            drained.push(out);
+        }
+        drained.extend(hub.missed_memberships(sub.id));
+        for out in drained {
+            got.push(match out {
+                Outbound::Delta { sync_id, .. } => format!("delta {sync_id}"),
+                Outbound::Membership { group_id, joined } => {
+                    format!("membership {group_id} {joined}")
+                }
+            });
+        }
+        eprintln!("drained: {got:?}; groups now {:?}", hub.groups_of("u"));
+        assert!(
+            got.iter().any(|f| f == "membership g false"),
+            "the leave of g is lost: drained {got:?}, and the replay pages with groups {:?}",
+            hub.groups_of("u")
+        );
     }
 }

@@ -45,6 +45,9 @@ const MAX_CURSOR_BYTES: usize = 16 * 1024;
 /// A client that takes no data for this long is dropped: a bootstrap holds a snapshot (and so
 /// holds back vacuum) while it streams.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// However fast it reads, a bootstrap ends after this long with a cursor to resume from: a
+/// trickling reader cannot hold a bootstrap slot (and a snapshot) indefinitely.
+const DEADLINE: Duration = Duration::from_secs(300);
 
 /// Where a bootstrap stands, and what it covers: the opaque `cursor` of the protocol.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -460,6 +463,8 @@ struct Out {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     buf: Vec<u8>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// When the bootstrap stops (`DEADLINE` after it started).
+    deadline: Instant,
 }
 
 impl Out {
@@ -488,7 +493,7 @@ impl Out {
     }
 
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the
-    /// client has gone, has taken nothing for `STALL_TIMEOUT`, or the worker is shutting down
+    /// client has gone, has taken nothing for `STALL_TIMEOUT` (or by the deadline), or the worker is shutting down
     /// while the client is not taking data (it resumes from its last `cursor` line).
     async fn flush(&mut self, force: bool) -> Result<(), ()> {
         if self.buf.is_empty() || (!force && self.buf.len() < CHUNK_BYTES) {
@@ -499,7 +504,10 @@ impl Out {
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
             biased;
-            sent = tokio::time::timeout(STALL_TIMEOUT, self.tx.send(chunk)) => match sent {
+            sent = tokio::time::timeout(
+                STALL_TIMEOUT.min(self.deadline.saturating_duration_since(Instant::now())),
+                self.tx.send(chunk),
+            ) => match sent {
                 Ok(Ok(())) => Ok(()),
                 _ => Err(()),
             },
@@ -513,6 +521,8 @@ enum Failure {
     Db(tokio_postgres::Error),
     /// The worker is shutting down: the client resumes from this cursor.
     ShuttingDown(Cursor),
+    /// The bootstrap ran for `DEADLINE`: the client resumes from this cursor.
+    Deadline(Cursor),
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -537,6 +547,11 @@ async fn stream(
             tx,
             buf: Vec::with_capacity(CHUNK_BYTES + 1024),
             shutdown: app.shutdown.clone(),
+            deadline: if crate::failpoint::fire("bootstrap_deadline") {
+                Instant::now()
+            } else {
+                Instant::now() + DEADLINE
+            },
         };
         let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
@@ -555,6 +570,10 @@ async fn stream(
             Err(Failure::ShuttingDown(c)) => json!({
                 "type": "error", "code": "shutting_down", "cursor": c.encode(),
                 "message": "the server is shutting down; resume with this cursor"
+            }),
+            Err(Failure::Deadline(c)) => json!({
+                "type": "error", "code": "deadline", "cursor": c.encode(),
+                "message": "the bootstrap ran for its time limit; resume with this cursor"
             }),
             Err(Failure::Db(e)) => {
                 tracing::warn!(error = %e, "bootstrap failed");
@@ -676,6 +695,10 @@ async fn send_rows(
                 // Everything written so far goes out; the rest is the cursor's.
                 out.flush(true).await.map_err(gone)?;
                 return Err(Failure::ShuttingDown(cursor_at(m, Some(m.key_of(kept)))));
+            }
+            if Instant::now() >= out.deadline {
+                out.flush(true).await.map_err(gone)?;
+                return Err(Failure::Deadline(cursor_at(m, Some(m.key_of(kept)))));
             }
             out.flush(false).await.map_err(gone)?;
         }

@@ -228,7 +228,9 @@ pub async fn sse(
                 },
                 _ = sub.lagged.notified() => {
                     // The queue filled: send what is queued, page the rest, go live again.
-                    while let Ok(out) = sub.rx.try_recv() {
+                    // Then the membership changes it could not queue, before the paging.
+                    let queued = std::iter::from_fn(|| sub.rx.try_recv().ok()).collect::<Vec<_>>();
+                    for out in queued.into_iter().chain(app.hub.missed_memberships(sub.id)) {
                         let event = match out {
                             Outbound::Delta { sync_id, frame } => {
                                 position = position.max(sync_id);

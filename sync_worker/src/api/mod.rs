@@ -159,6 +159,15 @@ pub async fn authenticate(
     if !crate::auth::is_api_key_shaped(&token) || app.unknown_keys.contains(&token) {
         return Err(unknown());
     }
+    // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
+    // back: past it, no query, and the client is asked to retry.
+    if !app.unknown_keys.begin_lookup() {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            "too many API key lookups; retry after a second",
+        ));
+    }
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
         db.query_opt(
@@ -170,16 +179,20 @@ pub async fn authenticate(
     }
     .await;
     match found {
-        Ok(Some(row)) => Ok(Identity {
-            user: row.get(0),
-            key: Some(row.get(1)),
-            expires: None,
-        }),
+        Ok(Some(row)) => {
+            app.unknown_keys.refund_lookup();
+            Ok(Identity {
+                user: row.get(0),
+                key: Some(row.get(1)),
+                expires: None,
+            })
+        }
         Ok(None) => {
             app.unknown_keys.insert(&token);
             Err(unknown())
         }
         Err(e) => {
+            app.unknown_keys.refund_lookup();
             tracing::warn!(error = %e, "api key lookup failed");
             Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -265,7 +278,14 @@ impl IntoResponse for Refusal {
         if let Some(field) = self.field {
             body["field"] = field.into();
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -50,21 +50,37 @@ pub async fn register(
         match load {
             Load::Ready => break,
             // Another connection of this user is loading them: its result is ours.
-            Load::Wait => load = app.hub.wait_loaded(user).await,
-            Load::Must => match load_groups(app, user).await {
-                Some(groups) => {
-                    app.hub.set_groups(user, groups);
-                    break;
-                }
-                None => {
-                    // Let a waiting connection of the user try, rather than wait forever.
-                    app.hub.load_failed(user);
-                    return None;
-                }
-            },
+            Load::Wait => load = app.hub.wait_loaded(user, sub.id).await,
+            Load::Must => {
+                // Released however the load ends short of `set_groups`: a failure, or this
+                // future dropped mid-load (a client gone), so waiters never wait forever.
+                let claim = LoadClaim {
+                    app,
+                    user,
+                    id: sub.id,
+                };
+                let groups = load_groups(app, user).await?;
+                std::mem::forget(claim);
+                app.hub.set_groups(user, groups);
+                break;
+            }
         }
     }
     Some((sub, registration))
+}
+
+/// A claimed group load: dropped before `set_groups`, it lets a waiting connection of the
+/// user load them instead.
+struct LoadClaim<'a> {
+    app: &'a App,
+    user: &'a str,
+    id: u64,
+}
+
+impl Drop for LoadClaim<'_> {
+    fn drop(&mut self) {
+        self.app.hub.load_failed(self.user, self.id);
+    }
 }
 
 pub enum ReplayError {

@@ -358,6 +358,10 @@ async fn session(
                     while let Ok(out) = sub.rx.try_recv() {
                         socket.feed(outbound(out, &mut position)).await?;
                     }
+                    // Then the membership changes it could not queue, before the paging.
+                    for out in app.hub.missed_memberships(sub.id) {
+                        socket.feed(outbound(out, &mut position)).await?;
+                    }
                     socket.flush().await
                 };
                 match tokio::time::timeout(WRITE_TIMEOUT, write).await {

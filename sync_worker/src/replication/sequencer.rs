@@ -729,11 +729,22 @@ impl Session<'_> {
                             txn.memberships.extend(membership(&row, true));
                         }
                     }
-                    // A key whose hash or user changed no longer stands for its sessions.
+                    // A key whose hash, user or id changed no longer stands for its sessions;
+                    // any other edit (a label) leaves them be. The old row comes whole
+                    // (REPLICA IDENTITY FULL); without it nothing tells what changed, so the
+                    // key's sessions are closed, to be safe.
                     "api_keys" => {
-                        txn.revoked_keys
-                            .extend(old.and_then(|o| o.get("id").cloned().flatten()));
-                        txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                        let same = |c: &str| {
+                            old.as_ref().is_some_and(|o| {
+                                o.get(c)
+                                    .is_some_and(|v| v.is_some() && Some(v) == row.get(c))
+                            })
+                        };
+                        if !(same("id") && same("user_id") && same("key_hash")) {
+                            txn.revoked_keys
+                                .extend(old.and_then(|o| o.get("id").cloned().flatten()));
+                            txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                        }
                     }
                     _ => {}
                 }
