@@ -30,23 +30,25 @@ unsafe fn nextval(seq: pg_sys::Oid) -> i64 {
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(seq, false)) }
 }
 
-/// The columns of `sync_actions`, in the order `Values` holds them.
-const COLUMNS: [&CStr; 15] = [
-    c"id",
-    c"model",
-    c"model_id",
-    c"action",
-    c"data",
-    c"version",
-    c"versions",
-    c"origin",
-    c"group_id",
-    c"prev_group_id",
-    c"moved",
-    c"client_id",
-    c"client_tx_id",
-    c"xid",
-    c"created_at",
+/// The columns of `sync_actions` as `sql/schema.sql` creates them, in the order `Values` holds
+/// them.
+const COLUMNS: [Col; 15] = [
+    // An identity column has no pg_attrdef default.
+    col(c"id", pg_sys::INT8OID, true, false, NONE),
+    col(c"model", pg_sys::TEXTOID, true, false, DEFAULT),
+    col(c"model_id", pg_sys::TEXTOID, true, false, DEFAULT),
+    col(c"action", pg_sys::TEXTOID, true, false, DEFAULT),
+    col(c"data", pg_sys::JSONBOID, true, false, NONE),
+    col(c"version", pg_sys::TEXTOID, true, false, C),
+    col(c"versions", pg_sys::JSONBOID, false, false, NONE),
+    col(c"origin", pg_sys::TEXTOID, true, false, DEFAULT),
+    col(c"group_id", pg_sys::TEXTOID, false, false, DEFAULT),
+    col(c"prev_group_id", pg_sys::TEXTOID, false, false, DEFAULT),
+    col(c"moved", pg_sys::BOOLOID, true, true, NONE),
+    col(c"client_id", pg_sys::TEXTOID, false, false, DEFAULT),
+    col(c"client_tx_id", pg_sys::UUIDOID, false, false, NONE),
+    col(c"xid", pg_sys::XID8OID, true, true, NONE),
+    col(c"created_at", pg_sys::TIMESTAMPTZOID, true, true, NONE),
 ];
 const ID: usize = 0;
 const XID: usize = 13;
@@ -84,13 +86,46 @@ pub struct Values {
     pub datums: [Option<pg_sys::Datum>; 15],
 }
 
+/// A column as pg_sync creates it: type, NOT NULL, whether it has a default, collation. The
+/// direct paths write raw datums of these types and fill the defaults themselves, so a column
+/// altered in any of these ways must send the write back to SQL.
+#[derive(Clone, Copy)]
+pub(crate) struct Col {
+    pub name: &'static CStr,
+    pub typ: pg_sys::Oid,
+    pub not_null: bool,
+    pub has_default: bool,
+    pub collation: pg_sys::Oid,
+}
+
+pub(crate) const fn col(
+    name: &'static CStr,
+    typ: pg_sys::Oid,
+    not_null: bool,
+    has_default: bool,
+    collation: pg_sys::Oid,
+) -> Col {
+    Col {
+        name,
+        typ,
+        not_null,
+        has_default,
+        collation,
+    }
+}
+
+const NONE: pg_sys::Oid = pg_sys::InvalidOid;
+const DEFAULT: pg_sys::Oid = pg_sys::DEFAULT_COLLATION_OID;
+pub(crate) const C: pg_sys::Oid = pg_sys::C_COLLATION_OID;
+
 /// Checks that the open relation is as pg_sync created it for a direct write: a plain table
-/// whose live columns are exactly `columns` (their attribute indexes go to `att`), without
+/// without row-level security whose live columns are exactly `columns` (same types, NOT NULL,
+/// defaults and collations; none generated; their attribute indexes go to `att`), without
 /// triggers or CHECK constraints, whose indexes are all plain (no expressions, predicates,
 /// exclusion or deferred uniqueness, so keys are formed from columns and checked at once).
 pub(crate) unsafe fn plain_layout(
     rel: pg_sys::Relation,
-    columns: &[&CStr],
+    columns: &[Col],
     att: &mut [usize],
 ) -> bool {
     unsafe {
@@ -98,6 +133,7 @@ pub(crate) unsafe fn plain_layout(
         let natts = (*desc).natts as usize;
         att.fill(usize::MAX);
         let mut direct = (*(*rel).rd_rel).relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+            && !(*(*rel).rd_rel).relrowsecurity
             && (*rel).trigdesc.is_null()
             && ((*desc).constr.is_null() || (*(*desc).constr).num_check == 0);
         for i in 0..natts {
@@ -106,8 +142,19 @@ pub(crate) unsafe fn plain_layout(
                 continue;
             }
             let name = CStr::from_ptr(a.attname.data.as_ptr());
-            match columns.iter().position(|c| *c == name) {
-                Some(k) => att[k] = i,
+            match columns.iter().position(|c| c.name == name) {
+                Some(k) => {
+                    let c = &columns[k];
+                    if a.atttypid != c.typ
+                        || a.attnotnull != c.not_null
+                        || a.atthasdef != c.has_default
+                        || a.attgenerated != 0
+                        || a.attcollation != c.collation
+                    {
+                        direct = false;
+                    }
+                    att[k] = i;
+                }
                 // A column pg_sync does not know: its default must come from an INSERT.
                 None => direct = false,
             }

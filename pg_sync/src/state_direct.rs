@@ -11,20 +11,32 @@
 //! `pgsync_owner`, nothing user-defined evaluated (the key index compares with the built-in
 //! text operators), and only while the table is as pg_sync created it.
 
-use crate::actions;
+use crate::actions::{self, col, Col, C};
 use pgrx::pg_sys;
 use pgrx::{FromDatum, IntoDatum, JsonB};
 use std::cell::Cell;
-use std::ffi::CStr;
 
-const COLUMNS: [&CStr; 7] = [
-    c"model",
-    c"model_id",
-    c"created",
-    c"deleted",
-    c"versions",
-    c"pending",
-    c"max_version",
+/// The columns of `row_state` as `sql/schema.sql` creates them.
+const COLUMNS: [Col; 7] = [
+    col(c"model", pg_sys::TEXTOID, true, false, C),
+    col(c"model_id", pg_sys::TEXTOID, true, false, C),
+    col(c"created", pg_sys::TEXTOID, false, false, C),
+    col(c"deleted", pg_sys::TEXTOID, false, false, C),
+    col(
+        c"versions",
+        pg_sys::JSONBOID,
+        true,
+        true,
+        pg_sys::InvalidOid,
+    ),
+    col(
+        c"pending",
+        pg_sys::JSONBOID,
+        false,
+        false,
+        pg_sys::InvalidOid,
+    ),
+    col(c"max_version", pg_sys::TEXTOID, true, false, C),
 ];
 
 #[derive(Clone, Copy)]

@@ -101,6 +101,30 @@ COMMIT;
 SELECT versions ->> 'v' = max_version AS v_latest
   FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '9';
 
+-- A column altered in type, NOT NULL or nullability sends the writes back to SQL, which honours
+-- it (the direct paths write raw datums and fill defaults themselves): no garbage in the log,
+-- no constraint bypassed, no crash on a NULL the direct update would not expect.
+BEGIN;
+ALTER TABLE pg_sync.sync_actions ALTER COLUMN client_tx_id TYPE text USING client_tx_id::text;
+SELECT pg_sync.mutate('c1', '00000000-0000-4000-8000-000000000099',
+                      '[{"model": "direct", "action": "U", "id": 9, "data": {"v": "typed"}}]') ->> 'status';
+SELECT client_tx_id, data::text
+  FROM pg_sync.sync_actions WHERE model = 'direct' AND model_id = '9' ORDER BY id DESC LIMIT 1;
+ROLLBACK;
+BEGIN;
+UPDATE pg_sync.sync_actions SET client_id = '' WHERE client_id IS NULL;
+ALTER TABLE pg_sync.sync_actions ALTER COLUMN client_id SET NOT NULL;
+SELECT err($$INSERT INTO direct VALUES (21, 'not null', 'x')$$);
+ROLLBACK;
+BEGIN;
+ALTER TABLE pg_sync.row_state ALTER COLUMN versions DROP NOT NULL;
+UPDATE pg_sync.row_state SET versions = NULL WHERE model = 'direct' AND model_id = '9';
+UPDATE direct SET v = 'after null versions' WHERE id = 9;
+SELECT versions IS NULL AS versions_null FROM pg_sync.row_state WHERE model = 'direct' AND model_id = '9';
+ROLLBACK;
+INSERT INTO direct VALUES (22, 'direct again', 'x');
+SELECT action, data ->> 'v' FROM pg_sync.sync_actions WHERE model = 'direct' AND model_id = '22';
+
 SELECT pg_sync.unregister_table('direct');
 DROP TABLE direct;
 DROP FUNCTION count_action();
