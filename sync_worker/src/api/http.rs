@@ -188,17 +188,7 @@ pub async fn sse(
         }
         let mut position = through;
         // The stream ends when the token does; the client reconnects with a fresh one.
-        let expiry = async {
-            match expires {
-                Some(at) => {
-                    let left = at
-                        .duration_since(std::time::SystemTime::now())
-                        .unwrap_or_default();
-                    tokio::time::sleep(left).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let expiry = stream::token_expiry(expires);
         tokio::pin!(expiry);
         loop {
             let event = tokio::select! {

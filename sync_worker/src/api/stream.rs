@@ -178,6 +178,19 @@ impl<'a> Replay<'a> {
     }
 }
 
+/// Resolves when a session's token expires (never for `None`): WS and SSE sessions end then.
+pub async fn token_expiry(expires: Option<std::time::SystemTime>) {
+    match expires {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What a client whose cursor is older than the horizon is told.
 pub fn compacted(horizon: i64) -> String {
     format!("the log before sync id {horizon} was compacted; bootstrap again")

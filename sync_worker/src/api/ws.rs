@@ -192,17 +192,7 @@ async fn session(
         return;
     };
     // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
-    let expiry = async {
-        match expires {
-            Some(at) => {
-                let left = at
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default();
-                tokio::time::sleep(left).await
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let expiry = stream::token_expiry(expires);
     tokio::pin!(expiry);
     let mut shutdown = app.shutdown.clone();
     let mut subscribed = false;

@@ -155,6 +155,28 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     }
 }
 
+/// Refuses the peer during authentication: an `auth_failed` event (`detail`, never a secret),
+/// the link's state with `error`, and a close with `code` and `reason`.
+async fn refuse(
+    db: &Client,
+    name: &str,
+    ws: &mut Ws,
+    detail: serde_json::Value,
+    error: &str,
+    code: u16,
+    reason: &str,
+) {
+    auth_failed_event(db, name, detail).await;
+    report(
+        db,
+        name,
+        "in",
+        state_report("auth_failed", None, Some(error)),
+    )
+    .await;
+    close_ws(ws, code, reason).await;
+}
+
 async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
     let _ = ws
         .close(Some(CloseFrame {
@@ -280,24 +302,16 @@ async fn session(
         }
     };
     if s == me {
-        auth_failed_event(
+        refuse(
             &db,
             name,
+            &mut ws,
             json!({"direction": "in", "node_id": s, "reason": "self_link"}),
+            "self-link: the peer has this node's node id",
+            close::FORBIDDEN,
+            "self-link",
         )
         .await;
-        report(
-            &db,
-            name,
-            "in",
-            state_report(
-                "auth_failed",
-                None,
-                Some("self-link: the peer has this node's node id"),
-            ),
-        )
-        .await;
-        close_ws(&mut ws, close::FORBIDDEN, "self-link").await;
         return retry;
     }
     let peer = db
@@ -314,25 +328,12 @@ async fn session(
         Err(_) => return retry,
     };
     if let Some(p) = pinned.as_deref().filter(|p| *p != s) {
-        auth_failed_event(
+        refuse(
             &db,
             name,
-            json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
-        )
-        .await;
-        report(
-            &db,
-            name,
-            "in",
-            state_report(
-                "auth_failed",
-                None,
-                Some("the peer's node id differs from the pinned one"),
-            ),
-        )
-        .await;
-        close_ws(
             &mut ws,
+            json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
+            "the peer's node id differs from the pinned one",
             close::FORBIDDEN,
             "node id differs from the pinned one",
         )
@@ -363,24 +364,16 @@ async fn session(
                 .flatten()
                 .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
             if !proved {
-                auth_failed_event(
+                refuse(
                     &db,
                     name,
+                    &mut ws,
                     json!({"direction": "in", "node_id": s, "reason": "peer_bad_mac"}),
+                    "the peer failed to prove the shared secret",
+                    close::AUTH_FAILED,
+                    "authentication failed",
                 )
                 .await;
-                report(
-                    &db,
-                    name,
-                    "in",
-                    state_report(
-                        "auth_failed",
-                        None,
-                        Some("the peer failed to prove the shared secret"),
-                    ),
-                )
-                .await;
-                close_ws(&mut ws, close::AUTH_FAILED, "authentication failed").await;
                 return retry;
             }
             (epoch, last_sync_id)
@@ -424,20 +417,16 @@ async fn session(
         let msg = e
             .as_db_error()
             .map_or_else(|| e.to_string(), |d| d.message().to_owned());
-        auth_failed_event(
+        refuse(
             &db,
             name,
+            &mut ws,
             json!({"direction": "in", "node_id": s, "reason": msg}),
+            &msg,
+            close::FORBIDDEN,
+            "node id refused",
         )
         .await;
-        report(
-            &db,
-            name,
-            "in",
-            state_report("auth_failed", None, Some(&msg)),
-        )
-        .await;
-        close_ws(&mut ws, close::FORBIDDEN, "node id refused").await;
         return retry;
     }
     let cursor = db
