@@ -138,15 +138,48 @@ fn setup_blocking(cluster: &Cluster, db: &str) -> postgres_client::Client {
          SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('bob', 'p2');",
     )
     .unwrap();
-    c
+    c.into()
 }
 
-fn exec(db: &mut postgres_client::Client, sql: &str) {
+fn exec(db: &mut pg_sync_tests::postgres::Client, sql: &str) {
     tokio::task::block_in_place(|| db.batch_execute(sql).expect("sql runs"));
 }
 
 mod postgres_client {
-    pub use pg_sync_tests::postgres::Client;
+    use std::ops::{Deref, DerefMut};
+
+    /// A blocking client that can be dropped anywhere, also while a failed assertion unwinds
+    /// through an async test: the inner client's destructor blocks on its own runtime, which
+    /// panics inside ours and aborts the test binary (leaving its clusters running), so it is
+    /// dropped on a plain thread.
+    pub struct Client(Option<pg_sync_tests::postgres::Client>);
+
+    impl From<pg_sync_tests::postgres::Client> for Client {
+        fn from(c: pg_sync_tests::postgres::Client) -> Self {
+            Client(Some(c))
+        }
+    }
+
+    impl Deref for Client {
+        type Target = pg_sync_tests::postgres::Client;
+        fn deref(&self) -> &Self::Target {
+            self.0.as_ref().expect("client present until dropped")
+        }
+    }
+
+    impl DerefMut for Client {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            self.0.as_mut().expect("client present until dropped")
+        }
+    }
+
+    impl Drop for Client {
+        fn drop(&mut self) {
+            if let Some(inner) = self.0.take() {
+                let _ = std::thread::spawn(move || drop(inner)).join();
+            }
+        }
+    }
 }
 
 fn summary(frames: &[Value]) -> Vec<String> {
@@ -421,7 +454,7 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
     });
     worker.wait_healthy().await;
     let total = tokio::task::block_in_place(|| writer.join().unwrap_or(0));
-    db = tokio::task::block_in_place(|| cluster.connect("app"));
+    db = tokio::task::block_in_place(|| cluster.connect("app")).into();
     let expected: i64 = tokio::task::block_in_place(|| {
         db.query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
             .unwrap()
@@ -1322,7 +1355,7 @@ async fn cursors_older_than_retention_are_told_to_resync() {
     tokio::task::block_in_place(|| drop(db));
 }
 
-async fn wait_for_horizon(db: &mut postgres_client::Client, at_least: i64) {
+async fn wait_for_horizon(db: &mut pg_sync_tests::postgres::Client, at_least: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let h: i64 = tokio::task::block_in_place(|| {
@@ -1495,7 +1528,7 @@ fn apply_delta(replica: &mut Replica, f: &Value) {
 }
 
 /// What the database holds, as a replica: `sql` returns (model, id, row as JSON text).
-fn replica_of(db: &mut postgres_client::Client, sql: &str) -> Replica {
+fn replica_of(db: &mut pg_sync_tests::postgres::Client, sql: &str) -> Replica {
     tokio::task::block_in_place(|| {
         db.query(sql, &[])
             .unwrap()
@@ -2257,7 +2290,7 @@ fn hold_slot(cluster: &Cluster) -> SlotHolder {
     )
 }
 
-fn slot_holder(db: &mut postgres_client::Client) -> Option<i32> {
+fn slot_holder(db: &mut pg_sync_tests::postgres::Client) -> Option<i32> {
     tokio::task::block_in_place(|| {
         db.query_one(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_sync'",
@@ -2424,7 +2457,7 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
     let (cluster, mut db) = app_cluster("ws_revoked_spin");
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let key = |db: &mut postgres_client::Client| -> (String, String) {
+    let key = |db: &mut pg_sync_tests::postgres::Client| -> (String, String) {
         tokio::task::block_in_place(|| {
             let r = db
                 .query_one(
@@ -2547,7 +2580,8 @@ async fn transactions_committed_while_the_worker_is_down_are_sequenced_in_commit
     drop(alice);
     assert_eq!(worker.terminate(), Some(0));
     // T_b starts first (its first action has the smaller id) but commits last.
-    let mut b = tokio::task::block_in_place(|| cluster.connect("app"));
+    let mut b: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
     exec(&mut b, "BEGIN; INSERT INTO todos VALUES (2, 'x', 'p1');");
     exec(&mut db, "UPDATE todos SET title = 'a' WHERE id = 1");
     exec(&mut b, "UPDATE todos SET title = 'b' WHERE id = 1; COMMIT;");
@@ -2728,9 +2762,9 @@ async fn a_binary_frame_flood_is_closed_like_a_text_one() {
     let (cluster, db) = app_cluster("ws_binary_flood");
     let worker = Worker::started(&cluster, "app").await;
     let mut ws = connect(worker.port, "alice").await;
-    // One more than the worker tolerates (20): frames sent after its close would make the
-    // socket reset and could discard the close frame before the client reads it.
-    for _ in 0..21 {
+    // Ten times what the worker tolerates (20): the frames sent after its Close must be read
+    // through the closing handshake, or the socket resets and the Close can be lost.
+    for _ in 0..200 {
         if ws
             .send(Message::Binary(vec![1, 2, 3].into()))
             .await
@@ -3051,7 +3085,8 @@ async fn a_blocked_compaction_holds_up_no_request() {
     let frames = subscribe_settled(&mut alice, 0).await;
     assert_eq!(frames.len(), 3);
     // The next compaction waits on this lock (it moves the horizon) until we let go.
-    let mut locker = tokio::task::block_in_place(|| cluster.connect("app"));
+    let mut locker: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
     exec(
         &mut locker,
         "BEGIN; SELECT 1 FROM pg_sync.retention FOR UPDATE;",
@@ -3108,7 +3143,8 @@ async fn review2_a_cancelled_group_load_does_not_block_the_users_other_connectio
     let (cluster, db) = app_cluster("ws_cancel_load");
     let worker = Worker::started(&cluster, "app").await;
     // Hold the memberships so the first load takes a while.
-    let mut locker = tokio::task::block_in_place(|| cluster.connect("app"));
+    let mut locker: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
     exec(
         &mut locker,
         "BEGIN; LOCK TABLE pg_sync.group_memberships IN ACCESS EXCLUSIVE MODE",

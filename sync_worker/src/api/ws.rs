@@ -64,16 +64,27 @@ fn error_frame(code: &str, message: &str) -> Message {
     frame(json!({"type": "error", "code": code, "message": message}))
 }
 
+/// Sends `code` and completes the closing handshake (RFC 6455 §7.1.1): frames the client sent
+/// before it saw our Close are read and dropped until its Close arrives, the stream ends or
+/// CLOSE_TIMEOUT passes. Dropping the socket with unread data would make the kernel answer with a
+/// reset, which can destroy the Close frame before the client reads it.
 async fn close_with(socket: &mut WebSocket, code: u16, reason: String) {
-    // A peer that stopped reading must not hold the connection open through its close.
-    let _ = tokio::time::timeout(
-        CLOSE_TIMEOUT,
-        socket.send(Message::Close(Some(CloseFrame {
+    let handshake = async {
+        let frame = Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(reason),
-        }))),
-    )
-    .await;
+        }));
+        if socket.send(frame).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    // A peer that stopped reading, or keeps writing, must not hold the connection open.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
 
 /// A queued frame as sent; moves `position` past a delta.
