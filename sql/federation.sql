@@ -193,7 +193,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass how many rows to announce per statement.';
     END IF;
     grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
-                ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
+                ELSE format('coalesce(pg_sync.canonical_text(t.%I), '''')', r.group_column) END;
     LOOP
         EXECUTE format(
             'WITH cand AS (

@@ -265,6 +265,59 @@ AS $$
     SELECT EXISTS (SELECT 1 FROM d)
 $$;
 
+-- Membership changes are part of the sequenced log: every join and leave, however it is made
+-- (add_member/remove_member, plain INSERT/UPDATE/DELETE/TRUNCATE), writes an action of the
+-- reserved model '$membership' (no registered model can have the name) in the same
+-- transaction: model_id the user, group_id the group, action 'J' (joined) or 'L' (left),
+-- data '{}'. The worker gives it a sync id like any action, applies it to live subscribers at
+-- that position and replays it, so a client resuming from any cursor learns every join and
+-- leave since, in order with the deltas. Not federated (peer_changes sends registered models
+-- only): memberships are each deployment's own.
+-- SECURITY DEFINER (the installing superuser, like pg_sync.epoch): whoever may write the
+-- memberships may not write the log; the statements are fixed and the function refuses any
+-- table but the memberships.
+CREATE FUNCTION pg_sync.log_membership() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'pg_sync.group_memberships'::regclass THEN
+        RAISE EXCEPTION 'pg_sync.log_membership() logs pg_sync.group_memberships only'
+            USING ERRCODE = 'feature_not_supported', HINT = 'Do not attach it to other tables.';
+    END IF;
+    -- pg_dump's scripts and pg_restore run with check_function_bodies off: the memberships
+    -- restored then come with the log that already holds their history.
+    IF current_setting('check_function_bodies') = 'off' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+        SELECT '$membership', m.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), m.group_id
+          FROM pg_sync.group_memberships m ORDER BY m.user_id, m.group_id;
+        RETURN NULL;
+    END IF;
+    -- An UPDATE that keeps (user, group) (a group_type edit) is no membership change.
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.user_id, OLD.group_id) IS DISTINCT FROM (NEW.user_id, NEW.group_id)) THEN
+        INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+        VALUES ('$membership', OLD.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), OLD.group_id);
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND (OLD.user_id, OLD.group_id) IS DISTINCT FROM (NEW.user_id, NEW.group_id)) THEN
+        INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+        VALUES ('$membership', NEW.user_id, 'J', '{}', pg_sync.next_version(), pg_sync.node_id(), NEW.group_id);
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION pg_sync.log_membership() FROM PUBLIC;
+CREATE TRIGGER pg_sync_log_membership AFTER INSERT OR UPDATE OR DELETE ON pg_sync.group_memberships
+    FOR EACH ROW EXECUTE FUNCTION pg_sync.log_membership();
+CREATE TRIGGER pg_sync_log_membership_truncate BEFORE TRUNCATE ON pg_sync.group_memberships
+    FOR EACH STATEMENT EXECUTE FUNCTION pg_sync.log_membership();
+-- Also under session_replication_role = replica: no membership change escapes the log.
+ALTER TABLE pg_sync.group_memberships ENABLE ALWAYS TRIGGER pg_sync_log_membership;
+ALTER TABLE pg_sync.group_memberships ENABLE ALWAYS TRIGGER pg_sync_log_membership_truncate;
+
 CREATE FUNCTION pg_sync.user_groups(user_id text) RETURNS SETOF text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -273,7 +326,10 @@ AS $$
 $$;
 
 -- The sequenced log by sync id: the actions with sync ids after+1 .. after+span, of the given
--- groups plus global tables (groups NULL: every group). Page by calling again with
+-- groups plus global tables (groups NULL: every group), plus every membership change ('$membership'
+-- actions, whoever's: the reader picks its user's). Whether an action is global is recorded in
+-- the action itself (group_id NULL; a grouped model's row without a group has group_id ''), so
+-- a re-registration never changes how older actions are served. Page by calling again with
 -- after + span until pg_sync.last_sync_id(); a page may hold fewer rows than span (filtering).
 CREATE FUNCTION pg_sync.changes(after bigint, groups text[] DEFAULT NULL, span integer DEFAULT 1000)
 RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
@@ -300,11 +356,11 @@ AS $$
     )
     SELECT n.sync_id, n.id, n.model, n.model_id, n.action, n.data, n.version, n.versions, n.origin,
            n.group_id, n.prev_group_id, n.moved, n.client_id, n.client_tx_id,
-           coalesce(r.model IS NOT NULL AND r.group_column IS NULL, false)
+           n.group_id IS NULL
       FROM numbered n
-      LEFT JOIN pg_sync.registry r ON r.model = n.model
      WHERE n.sync_id > after AND n.sync_id <= after + span
-       AND (groups IS NULL OR (r.model IS NOT NULL AND r.group_column IS NULL) OR n.group_id = ANY (groups))
+       AND (groups IS NULL OR n.group_id IS NULL OR n.group_id = ANY (groups)
+            OR n.model = '$membership')
      ORDER BY n.sync_id
 $$;
 -- The highest sync id the sequencer has persisted (0 before the first).

@@ -581,6 +581,9 @@ unsafe fn row_json(row: &Row, tupdesc: pg_sys::TupleDesc, drop: &[String]) -> pg
     }
 }
 
+/// Where `group_id` is in `ACTION_COLUMNS`.
+const GROUP_DATUM: usize = 7;
+
 /// Column types of `ACTION_COLUMNS`, in order (`client_tx_id` is passed as uuid here).
 const ACTION_TYPES: [pg_sys::Oid; 12] = [
     pg_sys::TEXTOID,
@@ -647,7 +650,13 @@ fn action_datums(
 /// heap (`actions::insert`), or, if the log table was altered, through the plain INSERT as the
 /// log's owner.
 fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
-    let datums = action_datums(a, &cfg.model, tupdesc);
+    let mut datums = action_datums(a, &cfg.model, tupdesc);
+    // A grouped model's row without a group is logged with group '' (no user is in it): NULL
+    // means "global model" in the log, so replay judges each row by the registration it was
+    // captured under, not by the registry now. One byte, only for group-less rows.
+    if cfg.group.is_some() && datums[GROUP_DATUM].is_none() {
+        datums[GROUP_DATUM] = "".into_datum();
+    }
     let mut direct = actions::Values { datums: [None; 15] };
     // ACTION_COLUMNS are the log's columns 1..=12 (after id, before xid and created_at).
     direct.datums[1..13].copy_from_slice(&datums);

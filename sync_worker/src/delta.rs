@@ -11,8 +11,21 @@ pub struct Delta {
     pub group_id: Option<String>,
     /// The model has no group column: everyone sees it.
     pub global: bool,
-    /// The protocol v1 `delta` frame (reference-counted: recipients share the bytes).
+    /// The protocol v1 `delta` frame (reference-counted: recipients share the bytes); for a
+    /// membership change, its `membership` frame.
     pub frame: Utf8Bytes,
+    /// A membership change (an action of `MEMBERSHIP_MODEL`): the user who joined or left
+    /// `group_id`. Only that user's streams carry it.
+    pub member: Option<Member>,
+}
+
+/// The reserved model of membership actions in the log (`pg_sync.log_membership()`).
+pub const MEMBERSHIP_MODEL: &str = "$membership";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: String,
+    pub joined: bool,
 }
 
 impl Delta {
@@ -26,7 +39,29 @@ impl Delta {
         };
         let text = |name: &str| col(name).map(Value::String).unwrap_or(Value::Null);
         let model = col("model").unwrap_or_default();
-        let group_id = col("group_id");
+        // '' is a grouped model's row without a group (nobody's): v1 shows it as null.
+        let group_id = col("group_id").filter(|g| !g.is_empty());
+        if model == MEMBERSHIP_MODEL {
+            let joined = col("action").as_deref() == Some("J");
+            let frame = json!({
+                "type": "membership",
+                "groupId": group_id,
+                "joined": joined,
+                "syncId": sync_id,
+            })
+            .to_string();
+            return Delta {
+                sync_id,
+                model,
+                group_id,
+                global: false,
+                frame: frame.into(),
+                member: Some(Member {
+                    user_id: col("model_id").unwrap_or_default(),
+                    joined,
+                }),
+            };
+        }
         let frame = json!({
             "type": "delta",
             "syncId": sync_id,
@@ -48,6 +83,13 @@ impl Delta {
             group_id,
             global,
             frame: frame.into(),
+            member: None,
         }
+    }
+
+    /// Whether `user`'s streams carry it: every delta (the group filter is the reader's), and
+    /// only the user's own membership changes.
+    pub fn for_user(&self, user: &str) -> bool {
+        self.member.as_ref().is_none_or(|m| m.user_id == user)
     }
 }

@@ -21,10 +21,13 @@ pub enum Outbound {
         sync_id: i64,
         frame: Utf8Bytes,
     },
-    /// The user joined or left a group (applies from the next delta on).
+    /// The user joined or left a group (applies from the next delta on). `sync_id`: its
+    /// position in the log; `None` for a change the log does not hold (the hub catching up
+    /// with the database's memberships), told at the connection's position.
     Membership {
         group_id: String,
         joined: bool,
+        sync_id: Option<i64>,
     },
 }
 
@@ -34,6 +37,9 @@ pub struct MembershipChange {
     pub user_id: String,
     pub group_id: String,
     pub joined: bool,
+    /// Its sync id when it comes from the log (`pg_sync.log_membership()`): a subscriber
+    /// that is replaying (or behind) gets it from its paging instead of its queue.
+    pub sync_id: Option<i64>,
 }
 
 /// One sequenced transaction, as published.
@@ -359,6 +365,7 @@ impl Hub {
                     user_id: user.clone(),
                     group_id: g.clone(),
                     joined: false,
+                    sync_id: None,
                 })
                 .collect();
             changes.extend(now.iter().filter(|g| !entry.groups.contains(**g)).map(|g| {
@@ -366,6 +373,7 @@ impl Hub {
                     user_id: user.clone(),
                     group_id: (*g).clone(),
                     joined: true,
+                    sync_id: None,
                 }
             }));
             for m in &changes {
@@ -430,6 +438,7 @@ impl Hub {
             .map(|(g, joined)| Outbound::Membership {
                 group_id: g.clone(),
                 joined,
+                sync_id: None,
             })
             .collect()
     }
@@ -571,6 +580,7 @@ fn reset_memberships(st: &mut State) {
                     user_id: user.clone(),
                     group_id: g,
                     joined: false,
+                    sync_id: None,
                 },
             );
         }
@@ -618,6 +628,7 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         return;
     }
     let subs: Vec<u64> = user.subs.iter().copied().collect();
+    let after = user.groups.clone();
     // What the user's clients were told before this change (for one that misses it).
     let before: HashSet<String> = {
         let mut g = user.groups.clone();
@@ -643,18 +654,43 @@ fn apply_membership(st: &mut State, m: &MembershipChange) {
         let Some(sub) = st.subs.get_mut(&id) else {
             continue;
         };
-        // Behind already: `missed_memberships` tells it, in order with its paging.
-        if sub.told.is_some() {
+        if m.sync_id.is_some() {
+            // A change from the log reaches a subscriber that is not live through its paging,
+            // at its position: not queued (it would come twice), and, for one behind, counted
+            // as told (`missed_memberships` must not repeat it).
+            if let Some(told) = sub.told.as_mut() {
+                apply_to(told, m);
+            }
+            if !sub.live {
+                continue;
+            }
+        } else if sub.told.is_some() {
+            // Behind already: `missed_memberships` tells it, in order with its paging.
             continue;
         }
         let out = Outbound::Membership {
             group_id: m.group_id.clone(),
             joined: m.joined,
+            sync_id: m.sync_id,
         };
-        // Never dropped: a full queue makes it fall behind, like a delta would.
+        // Never dropped: a full queue makes it fall behind, like a delta would. A change from
+        // the log then comes with the paging, so the client counts as told of it.
         if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(out) {
-            fall_behind(sub, before.clone());
+            let told = if m.sync_id.is_some() {
+                after.clone()
+            } else {
+                before.clone()
+            };
+            fall_behind(sub, told);
         }
+    }
+}
+
+fn apply_to(groups: &mut HashSet<String>, m: &MembershipChange) {
+    if m.joined {
+        groups.insert(m.group_id.clone());
+    } else {
+        groups.remove(&m.group_id);
     }
 }
 
@@ -724,11 +760,13 @@ mod tests {
             user_id: "alice".into(),
             group_id: "b".into(),
             joined: true,
+            sync_id: None,
         };
         let leave = MembershipChange {
             user_id: "alice".into(),
             group_id: "a".into(),
             joined: false,
+            sync_id: None,
         };
         hub.publish(&[
             txn(1, vec![delta(1, Some("a"), false)], vec![]),
@@ -748,7 +786,9 @@ mod tests {
         while let Ok(o) = alice.rx.try_recv() {
             got.push(match o {
                 Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership { group_id, joined } => {
+                Outbound::Membership {
+                    group_id, joined, ..
+                } => {
                     format!("{}{group_id}", if joined { "+" } else { "-" })
                 }
             });
@@ -809,6 +849,7 @@ mod tests {
             user_id: "u".into(),
             group_id: g.into(),
             joined,
+            sync_id: None,
         };
         hub.publish(&[txn(0, vec![], vec![m("x", true), m("y", false)])]);
         hub.set_groups("u", vec!["y".into(), "z".into()]);
@@ -944,7 +985,9 @@ mod tests {
         while let Ok(o) = alice.rx.try_recv() {
             got.push(match o {
                 Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership { group_id, joined } => {
+                Outbound::Membership {
+                    group_id, joined, ..
+                } => {
                     format!("{}{group_id}", if joined { "+" } else { "-" })
                 }
             });
@@ -970,6 +1013,7 @@ mod tests {
             user_id: "alice".into(),
             group_id: "b".into(),
             joined: true,
+            sync_id: None,
         };
         hub.publish(&[
             Published {
@@ -987,7 +1031,9 @@ mod tests {
         while let Ok(o) = alice.rx.try_recv() {
             got.push(match o {
                 Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership { group_id, joined } => {
+                Outbound::Membership {
+                    group_id, joined, ..
+                } => {
                     format!("{}{group_id}", if joined { "+" } else { "-" })
                 }
             });
@@ -1052,6 +1098,7 @@ mod tests {
                 user_id: "u".into(),
                 group_id: "g".into(),
                 joined: false,
+                sync_id: None,
             }],
         )]);
         let mut got = vec![];
@@ -1064,7 +1111,9 @@ mod tests {
         for out in drained {
             got.push(match out {
                 Outbound::Delta { sync_id, .. } => format!("delta {sync_id}"),
-                Outbound::Membership { group_id, joined } => {
+                Outbound::Membership {
+                    group_id, joined, ..
+                } => {
                     format!("membership {group_id} {joined}")
                 }
             });

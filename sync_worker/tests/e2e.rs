@@ -66,8 +66,16 @@ async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
     .unwrap_or(None)
 }
 
-/// Subscribes after `after`; returns the frames before `caught_up` and its sync id.
+/// Subscribes after `after`; returns the frames before `caught_up` but `membership` frames
+/// (see `subscribe_all`) and its sync id.
 async fn subscribe(ws: &mut Ws, after: i64) -> (Vec<Value>, i64) {
+    let (mut frames, through) = subscribe_all(ws, after).await;
+    frames.retain(|f| f["type"] != "membership");
+    (frames, through)
+}
+
+/// Subscribes after `after`; returns every frame before `caught_up` and its sync id.
+async fn subscribe_all(ws: &mut Ws, after: i64) -> (Vec<Value>, i64) {
     send(ws, json!({"type": "subscribe", "after": after})).await;
     let mut frames = vec![];
     loop {
@@ -3306,9 +3314,6 @@ async fn review2_relabelling_a_key_does_not_close_its_sessions() {
 /// live subscriber; a client of the same user resuming from before it never gets it (its log
 /// row has no group id and the model is no longer global), so the two clients diverge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-// Open (issue 9, review2): replay judges "global" by the current registry; fixing it needs
-// the extension to record, per log row, whether its model was global when it was written.
-#[ignore = "issue 9 (review2): replay judges 'global' by the current registry; needs an extension design change"]
 async fn review2_a_resumed_client_gets_what_a_live_one_got_across_a_re_registration() {
     let (cluster, mut db) = app_cluster("ws_rereg_replay");
     exec(
@@ -3344,9 +3349,6 @@ async fn review2_a_resumed_client_gets_what_a_live_one_got_across_a_re_registrat
 /// it hands every user the old deltas of every group (here a p1 row, deleted before the
 /// re-registration, that bob was never in a group to see); live never sent them to bob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-// Open (issue 9, review2): replay judges "global" by the current registry; fixing it needs
-// the extension to record, per log row, whether its model was global when it was written.
-#[ignore = "issue 9 (review2): replay judges 'global' by the current registry; needs an extension design change"]
 async fn review2_a_grouped_model_made_global_does_not_replay_other_groups_history() {
     let (cluster, mut db) = app_cluster("ws_rereg_global");
     let worker = Worker::started(&cluster, "app").await;
@@ -3434,5 +3436,98 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     let (status, lines) = ndjson(port, &path, &auth).await;
     assert_eq!(status, 200);
     assert_eq!(lines.last().unwrap()["type"], "end");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Membership changes have positions in the log: a client that resumes from a cursor learns
+/// every join and leave since, each at its own sync id, in order with the deltas, however the
+/// change was made (add_member, plain DELETE, UPDATE of the key, TRUNCATE); live membership
+/// frames carry their own sync id too, and /sync/deltas pages them the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_client_learns_every_join_and_leave_since_its_cursor_in_order() {
+    let (cluster, mut db) = app_cluster("membership_log");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    let (_, from) = subscribe(&mut ws, 0).await;
+    ws.close(None).await.ok();
+    // Offline: joins, leaves and deltas, each in its own transaction.
+    for sql in [
+        "SELECT pg_sync.add_member('alice', 'p3')",
+        "INSERT INTO todos VALUES (10, 'in p3', 'p3')",
+        "DELETE FROM pg_sync.group_memberships WHERE user_id = 'alice' AND group_id = 'p1'",
+        "INSERT INTO todos VALUES (11, 'in p1, after alice left', 'p1')",
+        "SELECT pg_sync.add_member('alice', 'p6')",
+        "UPDATE pg_sync.group_memberships SET group_id = 'p7' WHERE user_id = 'alice' AND group_id = 'p6'",
+        "SELECT pg_sync.add_member('bob', 'p3')",
+        "INSERT INTO todos VALUES (12, 'in p7', 'p7')",
+    ] {
+        exec(&mut db, sql);
+    }
+    let describe = |frames: &[Value]| -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| match f["type"].as_str() {
+                Some("membership") => format!("{}:{}", f["groupId"].as_str().unwrap(), f["joined"]),
+                _ => summary(std::slice::from_ref(f))[0].clone(),
+            })
+            .collect()
+    };
+    let expected = [
+        "p3:true",
+        "todos:I:10",
+        "p1:false",
+        "p6:true",
+        "p6:false",
+        "p7:true",
+        "todos:I:12",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (frames, through) = loop {
+        let mut ws = connect(worker.port, "alice").await;
+        let (frames, through) = subscribe_all(&mut ws, from).await;
+        if frames.len() >= expected.len() || Instant::now() > deadline {
+            break (frames, through);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(describe(&frames), expected, "{frames:?}");
+    let ids: Vec<i64> = frames
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "sync ids not increasing: {ids:?}"
+    );
+    assert!(*ids.first().unwrap() > from && *ids.last().unwrap() <= through);
+    // The same over /sync/deltas.
+    let auth = bearer("alice");
+    let (status, body) = http_get_with(
+        worker.port,
+        &format!("/sync/deltas?after={from}&limit=100"),
+        &auth,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(describe(page["deltas"].as_array().unwrap()), expected);
+    // Live: a membership frame says its own position, and a TRUNCATE is a leave of each group.
+    let mut ws = connect(worker.port, "alice").await;
+    let (_, through) = subscribe(&mut ws, through).await;
+    exec(&mut db, "TRUNCATE pg_sync.group_memberships");
+    let mut live = vec![];
+    while live.len() < 2 {
+        let Some(f) = next(&mut ws, Duration::from_secs(10)).await else {
+            break;
+        };
+        live.push(f);
+    }
+    let mut left = describe(&live);
+    left.sort();
+    assert_eq!(left, ["p3:false", "p7:false"], "{live:?}");
+    assert!(
+        live.iter().all(|f| f["syncId"].as_i64().unwrap() > through),
+        "{live:?}"
+    );
     tokio::task::block_in_place(|| drop(db));
 }

@@ -114,7 +114,7 @@ pub async fn deltas(
                 );
             }
         };
-        for d in page {
+        for d in page.into_iter().filter(|d| d.for_user(&user)) {
             frames.push(d.frame.as_str().to_owned());
             if frames.len() == limit {
                 cursor = d.sync_id;
@@ -202,9 +202,7 @@ pub async fn sse(
                         position = position.max(sync_id);
                         delta(sync_id, frame.as_str())
                     }
-                    Some(Outbound::Membership { group_id, joined }) => Event::default().data(
-                        serde_json::json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}).to_string(),
-                    ),
+                    Some(Outbound::Membership { group_id, joined, sync_id }) => membership(&mut position, group_id, joined, sync_id),
                     None => {
                         let cut = sub.cutoff.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         let reason = cut.map(|c| c.reason).unwrap_or_else(|| "dropped".into());
@@ -226,9 +224,7 @@ pub async fn sse(
                                 position = position.max(sync_id);
                                 delta(sync_id, frame.as_str())
                             }
-                            Outbound::Membership { group_id, joined } => Event::default().data(
-                                serde_json::json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": position}).to_string(),
-                            ),
+                            Outbound::Membership { group_id, joined, sync_id } => membership(&mut position, group_id, joined, sync_id),
                         };
                         if tx.send(event).await.is_err() {
                             return;
@@ -254,6 +250,19 @@ pub async fn sse(
     Sse::new(super::receiver_stream(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+/// A queued membership change as an SSE event. One from the log is a position like a delta's
+/// (it carries `id:`); one the log does not hold is told at the stream's position.
+fn membership(position: &mut i64, group_id: String, joined: bool, sync_id: Option<i64>) -> Event {
+    let frame = json!({"type": "membership", "groupId": group_id, "joined": joined, "syncId": sync_id.unwrap_or(*position)});
+    match sync_id {
+        Some(id) => {
+            *position = (*position).max(id);
+            Event::default().id(id.to_string()).data(frame.to_string())
+        }
+        None => Event::default().data(frame.to_string()),
+    }
 }
 
 /// Replays what `user` may see after `after` as SSE events and makes the subscriber live;

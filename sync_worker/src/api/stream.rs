@@ -149,9 +149,11 @@ impl<'a> Replay<'a> {
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let groups = self.app.hub.groups_of(self.user);
-                let page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
+                let mut page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
+                // Membership changes come in order with the deltas, each user's own only.
+                page.retain(|d| d.for_user(self.user));
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read
                 // after the page, so a compaction that committed before the page was read (and
                 // took rows from it) is seen.

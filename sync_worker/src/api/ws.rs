@@ -94,9 +94,18 @@ fn outbound(out: Outbound, position: &mut i64) -> Message {
             *position = (*position).max(sync_id);
             Message::Text(frame)
         }
-        Outbound::Membership { group_id, joined } => frame(json!({
-            "type": "membership", "groupId": group_id, "joined": joined, "syncId": *position
-        })),
+        Outbound::Membership {
+            group_id,
+            joined,
+            sync_id,
+        } => {
+            // A change from the log is a position like a delta's (everything before it was
+            // sent); one the log does not hold is told at the connection's position.
+            *position = (*position).max(sync_id.unwrap_or(0));
+            frame(json!({
+                "type": "membership", "groupId": group_id, "joined": joined, "syncId": *position
+            }))
+        }
     }
 }
 

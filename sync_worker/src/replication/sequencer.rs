@@ -57,7 +57,6 @@ pub enum SequencerError {
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
 const FLUSH_ACTIONS: usize = 5_000;
 const LARGE_PAGE: i32 = 5_000;
-const REGISTRY_POLL: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Microseconds between the Unix and Postgres epochs.
@@ -107,9 +106,10 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<bool
     {
         return Err(SequencerError::NoExtension);
     }
-    // The registry is published too: a re-registration (an UPDATE) changes which models are
-    // global, and live fan-out must follow it in commit order. Updates and truncations are
-    // published so that membership and API key changes made that way reach the hub.
+    // Updates and truncations are published so that API key changes made that way reach the
+    // hub. Memberships and the registry no longer need to be (kept for publications made
+    // before): membership changes are actions in the log (pg_sync.log_membership()), and each
+    // action says whether it is global (a NULL group id), so re-registrations need no stream.
     let publication = crate::db::quote_ident(&cfg.publication);
     match db
         .query_opt(
@@ -164,8 +164,7 @@ async fn ensure_setup(db: &Client, cfg: &Config, status: &Status) -> Result<bool
                 tracing::warn!(
                     publication = %cfg.publication,
                     "the publication lacks pg_sync.registry, pg_sync.api_keys, updates or truncations and this role may not \
-                     alter it; registry changes are re-read every second and membership or key changes made by UPDATE or \
-                     TRUNCATE reach live sessions only on reconnect: ALTER it as its owner (see the worker's ensure_setup)"
+                     alter it; API key changes made by UPDATE or TRUNCATE reach live sessions only on reconnect: ALTER it as its owner (see the worker's ensure_setup)"
                 );
             }
         }
@@ -301,13 +300,7 @@ struct OpenTxn {
     count: usize,
     large: bool,
     xid: Option<String>,
-    memberships: Vec<MembershipChange>,
     revoked_keys: Vec<String>,
-    /// Registry changes, in order: (model, whether it is now global); `None` when the stream
-    /// did not say (a deleted registration): the registry is read again.
-    registry: Vec<Option<(String, bool)>>,
-    /// TRUNCATE of the memberships: every user leaves every group (before `memberships`).
-    memberships_reset: bool,
     /// TRUNCATE of the API keys: every key session is closed.
     all_keys_revoked: bool,
 }
@@ -334,11 +327,6 @@ struct Session<'a> {
     status: &'a Status,
     next_sync_id: i64,
     last_commit_lsn: Lsn,
-    globals: HashMap<String, bool>,
-    /// Registry changes arrive in the stream; if not (a publication we may not alter), the
-    /// registry is read again at most every REGISTRY_POLL.
-    registry_streamed: bool,
-    globals_read_at: Instant,
     pending: Vec<ReadyTxn>,
     pending_actions: usize,
     pending_since: Option<Instant>,
@@ -410,7 +398,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SequencerError> {
     let db = connect(&cfg.database_url).await?;
-    let registry_streamed = ensure_setup(&db, cfg, status).await?;
+    ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
             "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
@@ -426,15 +414,11 @@ async fn session(
         status,
         next_sync_id: last_sync_id + 1,
         last_commit_lsn: Lsn::parse(&last_lsn).unwrap_or(Lsn::ZERO),
-        globals: HashMap::new(),
-        registry_streamed,
-        globals_read_at: Instant::now(),
         pending: vec![],
         pending_actions: 0,
         pending_since: None,
         fence: None,
     };
-    s.load_globals().await?;
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
     let published = hub.published();
@@ -442,7 +426,7 @@ async fn session(
         // Those transactions' membership changes were lost with the session that persisted
         // them: the database's memberships now go first, so a removed user gets none of it.
         s.refresh_memberships().await?;
-        s.publish_from_db(published + 1, last_sync_id, vec![], vec![])
+        s.publish_from_db(published + 1, last_sync_id, vec![])
             .await?;
     }
     s.sequence_backlog().await?;
@@ -485,10 +469,7 @@ async fn session(
                     count: 0,
                     large: false,
                     xid: None,
-                    memberships: vec![],
                     revoked_keys: vec![],
-                    registry: vec![],
-                    memberships_reset: false,
                     all_keys_revoked: false,
                 });
             }
@@ -634,7 +615,7 @@ impl Session<'_> {
         tracing::info!(transactions = n, first, last, "sequenced backlog");
         // The backlog's membership changes never stream: take the database's.
         self.refresh_memberships().await?;
-        self.publish_from_db(first, last, vec![], vec![]).await?;
+        self.publish_from_db(first, last, vec![]).await?;
         self.next_sync_id = last + 1;
         Ok(())
     }
@@ -681,22 +662,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn load_globals(&mut self) -> Result<(), SequencerError> {
-        let rows = self
-            .db
-            .query(
-                "SELECT model, group_column IS NULL FROM pg_sync.registry",
-                &[],
-            )
-            .await?;
-        self.globals = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
-            .collect();
-        self.globals_read_at = Instant::now();
-        Ok(())
-    }
-
     fn absorb(&mut self, txn: &mut OpenTxn, msg: Message) {
         match msg {
             Message::Insert { relation, row } if relation.namespace == "pg_sync" => {
@@ -714,21 +679,11 @@ impl Session<'_> {
                             txn.actions = vec![];
                         }
                     }
-                    "group_memberships" => txn.memberships.extend(membership(&row, true)),
-                    "registry" => txn.registry.push(registration(&row)),
                     _ => {}
                 }
             }
             Message::Update { relation, old, row } if relation.namespace == "pg_sync" => {
                 match relation.name.as_str() {
-                    "registry" => txn.registry.push(registration(&row)),
-                    // The old key comes only when the key (user, group) changed: a move.
-                    "group_memberships" => {
-                        if let Some(old) = old {
-                            txn.memberships.extend(membership(&old, false));
-                            txn.memberships.extend(membership(&row, true));
-                        }
-                    }
                     // A key whose hash, user or id changed no longer stands for its sessions;
                     // any other edit (a label) leaves them be. The old row comes whole
                     // (REPLICA IDENTITY FULL); without it nothing tells what changed, so the
@@ -752,11 +707,6 @@ impl Session<'_> {
             Message::Truncate { relations } => {
                 for r in relations.iter().filter(|r| r.namespace == "pg_sync") {
                     match r.name.as_str() {
-                        "group_memberships" => {
-                            // Everything before it in this transaction is moot.
-                            txn.memberships.clear();
-                            txn.memberships_reset = true;
-                        }
                         "api_keys" => txn.all_keys_revoked = true,
                         _ => {}
                     }
@@ -764,9 +714,7 @@ impl Session<'_> {
             }
             Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
                 match relation.name.as_str() {
-                    "group_memberships" => txn.memberships.extend(membership(&key, false)),
                     "api_keys" => txn.revoked_keys.extend(key.get("id").cloned().flatten()),
-                    "registry" => txn.registry.push(None),
                     _ => {}
                 }
             }
@@ -856,35 +804,20 @@ impl Session<'_> {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
         // Persisted: now clients may see these ids.
-        if !self.registry_streamed && self.globals_read_at.elapsed() >= REGISTRY_POLL {
-            self.load_globals().await?;
-        }
         let mut batch = vec![];
         for (first, txn) in &assigned {
-            // Which models are global changes with the registry, in commit order.
-            for change in &txn.registry {
-                match change {
-                    Some((model, global)) => {
-                        self.globals.insert(model.clone(), *global);
-                    }
-                    None => self.load_globals().await?,
-                }
-            }
             if *first == 0 {
+                // Sequenced (and published) already: its membership changes came with it.
                 batch.push(Published {
-                    last_sync_id: 0,
-                    deltas: vec![],
-                    memberships: txn.memberships.clone(),
                     revoked_keys: txn.revoked_keys.clone(),
-                    memberships_reset: txn.memberships_reset,
                     all_keys_revoked: txn.all_keys_revoked,
+                    ..Published::default()
                 });
                 continue;
             }
             if txn.large {
-                // Its truncations go first, as the membership changes do in publish_large.
+                // Its key revocations go first, as they do in publish_large.
                 batch.push(Published {
-                    memberships_reset: txn.memberships_reset,
                     all_keys_revoked: txn.all_keys_revoked,
                     ..Published::default()
                 });
@@ -902,8 +835,9 @@ impl Session<'_> {
             });
             let mut deltas = Vec::with_capacity(rows.len());
             for (i, row) in rows.into_iter().enumerate() {
-                let model = row.get("model").cloned().flatten().unwrap_or_default();
-                let global = self.global(&model).await?;
+                // Global is what the action says (no group id), as replay judges it: never the
+                // registry now, which a re-registration may have changed since.
+                let global = row.get("group_id").is_none_or(|g| g.is_none());
                 deltas.push(Arc::new(Delta::from_columns(
                     first + i as i64,
                     global,
@@ -915,14 +849,12 @@ impl Session<'_> {
             } else {
                 0
             };
-            batch.push(Published {
-                last_sync_id: last,
+            batch.extend(at_positions(
                 deltas,
-                memberships: txn.memberships.clone(),
-                revoked_keys: txn.revoked_keys.clone(),
-                memberships_reset: txn.memberships_reset,
-                all_keys_revoked: txn.all_keys_revoked,
-            });
+                last,
+                txn.revoked_keys.clone(),
+                txn.all_keys_revoked,
+            ));
         }
         self.hub.publish(&batch);
         self.status.sequenced_actions.fetch_add(
@@ -943,32 +875,19 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn global(&mut self, model: &str) -> Result<bool, SequencerError> {
-        if !self.globals.contains_key(model) {
-            self.load_globals().await?;
-        }
-        Ok(self.globals.get(model).copied().unwrap_or(false))
-    }
-
     /// Publishes a transaction too large to hold, page by page from the database.
     async fn publish_large(&mut self, first: i64, txn: &ReadyTxn) -> Result<(), SequencerError> {
         let last = first + txn.count as i64 - 1;
-        self.publish_from_db(
-            first,
-            last,
-            txn.memberships.clone(),
-            txn.revoked_keys.clone(),
-        )
-        .await
+        self.publish_from_db(first, last, txn.revoked_keys.clone())
+            .await
     }
 
-    /// Publishes the persisted sync ids `first..=last`, read back page by page; the membership
-    /// changes and revocations ride on the first page.
+    /// Publishes the persisted sync ids `first..=last`, read back page by page (membership
+    /// changes at their positions); the revocations ride on the first page.
     async fn publish_from_db(
         &self,
         first: i64,
         last: i64,
-        mut memberships: Vec<MembershipChange>,
         mut revoked_keys: Vec<String>,
     ) -> Result<(), SequencerError> {
         let mut after = first - 1;
@@ -976,13 +895,12 @@ impl Session<'_> {
             let span = page_span(after, last, LARGE_PAGE);
             let deltas = changes(&self.db, after, None, span).await?;
             after += span as i64;
-            self.hub.publish(&[Published {
-                last_sync_id: after,
+            self.hub.publish(&at_positions(
                 deltas,
-                memberships: std::mem::take(&mut memberships),
-                revoked_keys: std::mem::take(&mut revoked_keys),
-                ..Published::default()
-            }]);
+                after,
+                std::mem::take(&mut revoked_keys),
+                false,
+            ));
         }
         Ok(())
     }
@@ -994,20 +912,42 @@ pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
     (last - after).clamp(0, i64::from(max)) as i32
 }
 
-/// A registry row as streamed: its model and whether it is global (no group column). `None`
-/// when the group column is not in the row (unchanged TOAST, never for a short name).
-fn registration(row: &Row) -> Option<(String, bool)> {
-    let model = row.get("model").cloned().flatten()?;
-    let group_column = row.get("group_column")?;
-    Some((model, group_column.is_none()))
-}
-
-fn membership(row: &Row, joined: bool) -> Option<MembershipChange> {
-    Some(MembershipChange {
-        user_id: row.get("user_id").cloned().flatten()?,
-        group_id: row.get("group_id").cloned().flatten()?,
-        joined,
-    })
+/// A sequenced transaction (or page of one) as the hub takes it: each membership change in it
+/// (an action of `MEMBERSHIP_MODEL`) applies at its own position, so the deltas after it go in
+/// a part of their own that carries it first. Key revocations go first; the last part moves
+/// the watermark to `last_sync_id`.
+fn at_positions(
+    deltas: Vec<Arc<Delta>>,
+    last_sync_id: i64,
+    revoked_keys: Vec<String>,
+    all_keys_revoked: bool,
+) -> Vec<Published> {
+    let mut parts = vec![Published {
+        revoked_keys,
+        all_keys_revoked,
+        ..Published::default()
+    }];
+    for d in deltas {
+        let Some(member) = &d.member else {
+            parts.last_mut().expect("one part").deltas.push(d);
+            continue;
+        };
+        if !parts.last().expect("one part").deltas.is_empty() {
+            parts.push(Published::default());
+        }
+        parts
+            .last_mut()
+            .expect("one part")
+            .memberships
+            .push(MembershipChange {
+                user_id: member.user_id.clone(),
+                group_id: d.group_id.clone().unwrap_or_default(),
+                joined: member.joined,
+                sync_id: Some(d.sync_id),
+            });
+    }
+    parts.last_mut().expect("one part").last_sync_id = last_sync_id;
+    parts
 }
 
 /// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
