@@ -273,9 +273,9 @@ $$;
 -- that position and replays it, so a client resuming from any cursor learns every join and
 -- leave since, in order with the deltas. Not federated (peer_changes sends registered models
 -- only): memberships are each deployment's own.
--- SECURITY DEFINER (the installing superuser, like pg_sync.epoch): whoever may write the
--- memberships may not write the log; the statements are fixed and the function refuses any
--- table but the memberships.
+-- SECURITY DEFINER as pgsync_owner (like on_sql_drop): whoever may write the memberships may
+-- not write the log; the statements are fixed and the function refuses any table but the
+-- memberships.
 CREATE FUNCTION pg_sync.log_membership() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -309,6 +309,7 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION pg_sync.log_membership() OWNER TO pgsync_owner;
 REVOKE ALL ON FUNCTION pg_sync.log_membership() FROM PUBLIC;
 CREATE TRIGGER pg_sync_log_membership AFTER INSERT OR UPDATE OR DELETE ON pg_sync.group_memberships
     FOR EACH ROW EXECUTE FUNCTION pg_sync.log_membership();
@@ -469,6 +470,8 @@ REVOKE ALL ON FUNCTION pg_sync.remove_member(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.user_groups(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.hlc_now() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.next_version() FROM PUBLIC;
+-- log_membership() runs as pgsync_owner and stamps each membership action with a version.
+GRANT EXECUTE ON FUNCTION pg_sync.next_version() TO pgsync_owner;
 REVOKE ALL ON FUNCTION pg_sync.row_version_state(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.last_sync_id() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.retention_horizon() FROM PUBLIC;

@@ -48,6 +48,19 @@ SELECT pg_sync.add_member('ml_u5', 'ml_g6');
 RESET check_function_bodies;
 SELECT count(*) AS logged FROM pg_sync.sync_actions WHERE model_id = 'ml_u5';
 
+-- A role that may write the memberships, and nothing else of pg_sync's, has its change logged.
+CREATE ROLE ml_admin;
+GRANT INSERT ON pg_sync.group_memberships TO ml_admin;
+SET ROLE ml_admin;
+INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('ml_u7', 'ml_g8');
+SELECT err($$INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin) VALUES ('$membership', 'x', 'J', '{}', '', '')$$);
+RESET ROLE;
+SELECT action, group_id FROM pg_sync.sync_actions WHERE model_id = 'ml_u7';
+DELETE FROM pg_sync.group_memberships WHERE user_id = 'ml_u7';
+REVOKE ALL ON pg_sync.group_memberships FROM ml_admin;
+DROP ROLE ml_admin;
+SELECT seq();
+
 -- The trigger function logs the memberships only.
 CREATE TABLE ml_other (user_id text, group_id text);
 CREATE TRIGGER t AFTER INSERT ON ml_other FOR EACH ROW EXECUTE FUNCTION pg_sync.log_membership();
