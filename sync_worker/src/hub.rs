@@ -737,7 +737,47 @@ mod tests {
             group_id: group.map(str::to_owned),
             global,
             frame: format!("{{\"syncId\":{id}}}").into(),
+            member: None,
         })
+    }
+
+    /// A membership change from the log reaches a live subscriber with its own sync id; a
+    /// subscriber that is replaying does not get it queued (its paging brings it, so it would
+    /// come twice), and one that is behind is not told it again by `missed_memberships`.
+    #[test]
+    fn membership_changes_from_the_log_come_once_at_their_position() {
+        let hub = Hub::with_watermark(1, 0);
+        let (mut live, _) = hub.register("u", None);
+        hub.set_groups("u", vec!["a".into()]);
+        let (mut replaying, _) = hub.register("u", None);
+        assert_eq!(hub.go_live(live.id), GoLive::Live(0));
+        let change = |g: &str, joined, id| MembershipChange {
+            user_id: "u".into(),
+            group_id: g.into(),
+            joined,
+            sync_id: Some(id),
+        };
+        hub.publish(&[txn(1, vec![], vec![change("b", true, 1)])]);
+        match live.rx.try_recv() {
+            Ok(Outbound::Membership {
+                group_id, sync_id, ..
+            }) => assert_eq!((group_id.as_str(), sync_id), ("b", Some(1))),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            replaying.rx.try_recv().is_err(),
+            "queued to a replaying subscriber"
+        );
+        // Fill the live one's queue: it falls behind, and a later change from the log comes
+        // with its paging, not from missed_memberships.
+        hub.publish(&[txn(2, vec![delta(2, Some("a"), false)], vec![])]);
+        hub.publish(&[txn(
+            3,
+            vec![delta(3, Some("a"), false)],
+            vec![change("a", false, 3)],
+        )]);
+        assert!(hub.missed_memberships(live.id).is_empty());
+        assert_eq!(hub.groups_of("u"), ["b"]);
     }
 
     fn txn(id: i64, deltas: Vec<Arc<Delta>>, memberships: Vec<MembershipChange>) -> Published {

@@ -1005,6 +1005,65 @@ pub async fn changes(
 mod tests {
     use super::*;
 
+    /// A membership change applies at its own position: the deltas before it go out before
+    /// it, those after it after it; the last part moves the watermark.
+    #[test]
+    fn membership_changes_split_a_transaction_at_their_positions() {
+        let row = |id: i64, model: &str, action: &str, group: &str| {
+            let (model, action, group) = (model.to_owned(), action.to_owned(), group.to_owned());
+            Arc::new(Delta::from_columns(id, false, move |c| match c {
+                "model" => Some(model.clone()),
+                "model_id" => Some("u".into()),
+                "action" => Some(action.clone()),
+                "group_id" => Some(group.clone()),
+                _ => None,
+            }))
+        };
+        let parts = at_positions(
+            vec![
+                row(5, "todos", "I", "a"),
+                row(6, crate::delta::MEMBERSHIP_MODEL, "J", "b"),
+                row(7, crate::delta::MEMBERSHIP_MODEL, "L", "a"),
+                row(8, "todos", "I", "b"),
+            ],
+            8,
+            vec!["k".into()],
+            false,
+        );
+        let shape: Vec<(Vec<i64>, Vec<(String, bool, Option<i64>)>, i64)> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p.deltas.iter().map(|d| d.sync_id).collect(),
+                    p.memberships
+                        .iter()
+                        .map(|m| (m.group_id.clone(), m.joined, m.sync_id))
+                        .collect(),
+                    p.last_sync_id,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (vec![5], vec![], 0),
+                (
+                    vec![8],
+                    vec![("b".into(), true, Some(6)), ("a".into(), false, Some(7))],
+                    8
+                )
+            ]
+        );
+        assert_eq!(parts[0].revoked_keys, ["k"]);
+        // Its frame is a membership frame at its own sync id.
+        let m: serde_json::Value =
+            serde_json::from_str(row(6, "$membership", "J", "b").frame.as_str()).unwrap();
+        assert_eq!(
+            m,
+            serde_json::json!({"type": "membership", "groupId": "b", "joined": true, "syncId": 6})
+        );
+    }
+
     #[test]
     fn page_spans_never_wrap() {
         assert_eq!(page_span(0, 10, 5_000), 10);
