@@ -2070,7 +2070,7 @@ async fn bootstrap_ids_match_the_log_outside_utc() {
     let worker = Worker::started(&cluster, "app").await;
     let logged: Vec<String> = tokio::task::block_in_place(|| {
         db.query(
-            "SELECT model_id FROM pg_sync.sync_actions WHERE group_id = '2026-03-01' ORDER BY model_id",
+            "SELECT model_id FROM pg_sync.sync_actions WHERE model = 'slots' AND group_id = '2026-03-01' ORDER BY model_id",
             &[],
         )
         .unwrap()
