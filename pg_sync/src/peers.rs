@@ -33,10 +33,7 @@ pub fn log_state_only(
 ) {
     // As capture logs it: '' for a grouped model's row without a group, NULL only for a
     // global model (replay tells them apart by the log row alone).
-    let group = match model.group {
-        Some(_) => Some(group.unwrap_or_default()),
-        None => None,
-    };
+    let group = model.group.as_ref().map(|_| group.unwrap_or_default());
     let state = &outcome.state;
     let mut actions: Vec<Logged> = Vec::new();
     if outcome.deleted_won {

@@ -662,61 +662,48 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Takes in one decoded message of an open transaction: its actions (membership changes
+    /// among them) and its API key changes. The memberships and the registry, where a
+    /// publication still carries them, are not followed: the log says all the hub needs.
     fn absorb(&mut self, txn: &mut OpenTxn, msg: Message) {
+        let ours =
+            |r: &super::pgoutput::Relation, name: &str| r.namespace == "pg_sync" && r.name == name;
         match msg {
-            Message::Insert { relation, row } if relation.namespace == "pg_sync" => {
-                match relation.name.as_str() {
-                    "sync_actions" => {
-                        if txn.xid.is_none() {
-                            txn.xid = row.get("xid").cloned().flatten();
-                        }
-                        txn.count += 1;
-                        if txn.actions.len() < self.cfg.txn_buffer {
-                            txn.actions.push(row);
-                        } else {
-                            // Bounded memory: a huge transaction is re-read from the database.
-                            txn.large = true;
-                            txn.actions = vec![];
-                        }
-                    }
-                    _ => {}
+            Message::Insert { relation, row } if ours(&relation, "sync_actions") => {
+                if txn.xid.is_none() {
+                    txn.xid = row.get("xid").cloned().flatten();
+                }
+                txn.count += 1;
+                if txn.actions.len() < self.cfg.txn_buffer {
+                    txn.actions.push(row);
+                } else {
+                    // Bounded memory: a huge transaction is re-read from the database.
+                    txn.large = true;
+                    txn.actions = vec![];
                 }
             }
-            Message::Update { relation, old, row } if relation.namespace == "pg_sync" => {
-                match relation.name.as_str() {
-                    // A key whose hash, user or id changed no longer stands for its sessions;
-                    // any other edit (a label) leaves them be. The old row comes whole
-                    // (REPLICA IDENTITY FULL); without it nothing tells what changed, so the
-                    // key's sessions are closed, to be safe.
-                    "api_keys" => {
-                        let same = |c: &str| {
-                            old.as_ref().is_some_and(|o| {
-                                o.get(c)
-                                    .is_some_and(|v| v.is_some() && Some(v) == row.get(c))
-                            })
-                        };
-                        if !(same("id") && same("user_id") && same("key_hash")) {
-                            txn.revoked_keys
-                                .extend(old.and_then(|o| o.get("id").cloned().flatten()));
-                            txn.revoked_keys.extend(row.get("id").cloned().flatten());
-                        }
-                    }
-                    _ => {}
+            // A key whose hash, user or id changed no longer stands for its sessions; any
+            // other edit (a label) leaves them be. The old row comes whole (REPLICA IDENTITY
+            // FULL); without it nothing tells what changed, so the key's sessions are closed,
+            // to be safe.
+            Message::Update { relation, old, row } if ours(&relation, "api_keys") => {
+                let same = |c: &str| {
+                    old.as_ref().is_some_and(|o| {
+                        o.get(c)
+                            .is_some_and(|v| v.is_some() && Some(v) == row.get(c))
+                    })
+                };
+                if !(same("id") && same("user_id") && same("key_hash")) {
+                    txn.revoked_keys
+                        .extend(old.and_then(|o| o.get("id").cloned().flatten()));
+                    txn.revoked_keys.extend(row.get("id").cloned().flatten());
                 }
             }
-            Message::Truncate { relations } => {
-                for r in relations.iter().filter(|r| r.namespace == "pg_sync") {
-                    match r.name.as_str() {
-                        "api_keys" => txn.all_keys_revoked = true,
-                        _ => {}
-                    }
-                }
+            Message::Truncate { relations } if relations.iter().any(|r| ours(r, "api_keys")) => {
+                txn.all_keys_revoked = true;
             }
-            Message::Delete { relation, key } if relation.namespace == "pg_sync" => {
-                match relation.name.as_str() {
-                    "api_keys" => txn.revoked_keys.extend(key.get("id").cloned().flatten()),
-                    _ => {}
-                }
+            Message::Delete { relation, key } if ours(&relation, "api_keys") => {
+                txn.revoked_keys.extend(key.get("id").cloned().flatten());
             }
             _ => {}
         }
@@ -1030,29 +1017,33 @@ mod tests {
             vec!["k".into()],
             false,
         );
-        let shape: Vec<(Vec<i64>, Vec<(String, bool, Option<i64>)>, i64)> = parts
+        let shape: Vec<String> = parts
             .iter()
             .map(|p| {
-                (
-                    p.deltas.iter().map(|d| d.sync_id).collect(),
-                    p.memberships
-                        .iter()
-                        .map(|m| (m.group_id.clone(), m.joined, m.sync_id))
-                        .collect(),
-                    p.last_sync_id,
+                let deltas: Vec<String> = p.deltas.iter().map(|d| d.sync_id.to_string()).collect();
+                let members: Vec<String> = p
+                    .memberships
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}{}@{:?}",
+                            if m.joined { "+" } else { "-" },
+                            m.group_id,
+                            m.sync_id
+                        )
+                    })
+                    .collect();
+                format!(
+                    "[{}] d[{}] last {}",
+                    members.join(" "),
+                    deltas.join(" "),
+                    p.last_sync_id
                 )
             })
             .collect();
         assert_eq!(
             shape,
-            [
-                (vec![5], vec![], 0),
-                (
-                    vec![8],
-                    vec![("b".into(), true, Some(6)), ("a".into(), false, Some(7))],
-                    8
-                )
-            ]
+            ["[] d[5] last 0", "[+b@Some(6) -a@Some(7)] d[8] last 8"]
         );
         assert_eq!(parts[0].revoked_keys, ["k"]);
         // Its frame is a membership frame at its own sync id.
