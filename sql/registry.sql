@@ -276,11 +276,28 @@ $$;
 -- SECURITY DEFINER as pgsync_owner (like on_sql_drop): whoever may write the memberships may
 -- not write the log; the statements are fixed and the function refuses any table but the
 -- memberships.
+-- The joins and leaves of each user, by action: what pg_sync.member_joins() reads to find a
+-- user's joins in a range of the log with an index scan (the log itself has no index a user
+-- could be found by, and every captured write would pay for one). Compaction removes the rows
+-- of compacted actions.
+CREATE TABLE pg_sync.membership_log (
+    action_id bigint PRIMARY KEY,
+    user_id   text NOT NULL,
+    group_id  text NOT NULL,
+    joined    boolean NOT NULL
+);
+CREATE INDEX membership_log_user_idx ON pg_sync.membership_log (user_id);
+ALTER TABLE pg_sync.membership_log OWNER TO pgsync_owner;
+REVOKE ALL ON pg_sync.membership_log FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.membership_log', '');
+
 CREATE FUNCTION pg_sync.log_membership() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    aid bigint;
 BEGIN
     IF TG_RELID OPERATOR(pg_catalog.<>) 'pg_sync.group_memberships'::regclass THEN
         RAISE EXCEPTION 'pg_sync.log_membership() logs pg_sync.group_memberships only'
@@ -292,19 +309,29 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
-        SELECT '$membership', m.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), m.group_id
-          FROM pg_sync.group_memberships m ORDER BY m.user_id, m.group_id;
+        WITH a AS (
+            INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+            SELECT '$membership', m.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), m.group_id
+              FROM pg_sync.group_memberships m ORDER BY m.user_id, m.group_id
+            RETURNING id, model_id, group_id)
+        INSERT INTO pg_sync.membership_log (action_id, user_id, group_id, joined)
+        SELECT a.id, a.model_id, a.group_id, false FROM a;
         RETURN NULL;
     END IF;
     -- An UPDATE that keeps (user, group) (a group_type edit) is no membership change.
     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.user_id, OLD.group_id) IS DISTINCT FROM (NEW.user_id, NEW.group_id)) THEN
         INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
-        VALUES ('$membership', OLD.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), OLD.group_id);
+        VALUES ('$membership', OLD.user_id, 'L', '{}', pg_sync.next_version(), pg_sync.node_id(), OLD.group_id)
+        RETURNING id INTO aid;
+        INSERT INTO pg_sync.membership_log (action_id, user_id, group_id, joined)
+        VALUES (aid, OLD.user_id, OLD.group_id, false);
     END IF;
     IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND (OLD.user_id, OLD.group_id) IS DISTINCT FROM (NEW.user_id, NEW.group_id)) THEN
         INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
-        VALUES ('$membership', NEW.user_id, 'J', '{}', pg_sync.next_version(), pg_sync.node_id(), NEW.group_id);
+        VALUES ('$membership', NEW.user_id, 'J', '{}', pg_sync.next_version(), pg_sync.node_id(), NEW.group_id)
+        RETURNING id INTO aid;
+        INSERT INTO pg_sync.membership_log (action_id, user_id, group_id, joined)
+        VALUES (aid, NEW.user_id, NEW.group_id, true);
     END IF;
     RETURN NULL;
 END
@@ -318,6 +345,27 @@ CREATE TRIGGER pg_sync_log_membership_truncate BEFORE TRUNCATE ON pg_sync.group_
 -- Also under session_replication_role = replica: no membership change escapes the log.
 ALTER TABLE pg_sync.group_memberships ENABLE ALWAYS TRIGGER pg_sync_log_membership;
 ALTER TABLE pg_sync.group_memberships ENABLE ALWAYS TRIGGER pg_sync_log_membership_truncate;
+
+-- The groups `user_id` joined within sync ids after+1 .. upto, each with the sync id of its last
+-- join there: a reader replaying that range serves a group's deltas only after the user's join
+-- of it (the user was not in the group before; the join tells the client to fetch its rows).
+CREATE FUNCTION pg_sync.member_joins(user_id text, after bigint, upto bigint)
+RETURNS TABLE (group_id text, sync_id bigint)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT j.group_id, max(j.sync_id)
+      FROM (SELECT m.group_id,
+                   c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
+                                       WHERE b.xid = a.xid AND b.id < a.id) AS sync_id
+              FROM pg_sync.membership_log m
+              JOIN pg_sync.sync_actions a ON a.id = m.action_id
+              JOIN pg_sync.commit_order c ON c.xid = a.xid
+             WHERE m.user_id = member_joins.user_id AND m.joined) j
+     WHERE j.sync_id > after AND j.sync_id <= upto
+     GROUP BY j.group_id
+$$;
+REVOKE ALL ON FUNCTION pg_sync.member_joins(text, bigint, bigint) FROM PUBLIC;
 
 CREATE FUNCTION pg_sync.user_groups(user_id text) RETURNS SETOF text
 LANGUAGE sql STABLE

@@ -30,7 +30,10 @@ pub fn compact(horizon: i64) -> i64 {
         "WITH gone AS (
            DELETE FROM pg_sync.sync_actions a USING pg_sync.commit_order c
             WHERE c.xid = a.xid AND c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint
-           RETURNING 1),
+           RETURNING a.id, a.model),
+         members AS (
+           DELETE FROM pg_sync.membership_log m
+            WHERE m.action_id IN (SELECT gone.id FROM gone WHERE gone.model = '$membership')),
          tx AS (
            DELETE FROM pg_sync.commit_order c WHERE c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint),
          h AS (

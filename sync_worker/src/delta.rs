@@ -86,10 +86,4 @@ impl Delta {
             member: None,
         }
     }
-
-    /// Whether `user`'s streams carry it: every delta (the group filter is the reader's), and
-    /// only the user's own membership changes.
-    pub fn for_user(&self, user: &str) -> bool {
-        self.member.as_ref().is_none_or(|m| m.user_id == user)
-    }
 }

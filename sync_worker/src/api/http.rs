@@ -99,6 +99,17 @@ pub async fn deltas(
         );
     }
     let through = app.hub.published();
+    let joins = match stream::joins(&db, &user, after.max(horizon), through).await {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(error = %e, "membership read failed");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable; retry",
+            );
+        }
+    };
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
@@ -114,7 +125,10 @@ pub async fn deltas(
                 );
             }
         };
-        for d in page.into_iter().filter(|d| d.for_user(&user)) {
+        for d in page
+            .into_iter()
+            .filter(|d| stream::visible(d, &user, &joins))
+        {
             frames.push(d.frame.as_str().to_owned());
             if frames.len() == limit {
                 cursor = d.sync_id;

@@ -5,6 +5,7 @@ use super::App;
 use crate::delta::Delta;
 use crate::hub::{GoLive, Load, Subscription};
 use crate::replication::sequencer;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 const REPLAY_SPAN: i32 = 5_000;
@@ -109,6 +110,45 @@ pub struct Replay<'a> {
     cursor: i64,
     pub through: i64,
     live: bool,
+    /// The user's joins in the range (cursor, joins_upto]: group -> sync id of the last one.
+    joins: Joins,
+    joins_upto: i64,
+}
+
+/// Group -> the sync id of the user's last join of it in a replayed range.
+pub type Joins = HashMap<String, i64>;
+
+/// The user's joins after `after` up to `upto` (`pg_sync.member_joins`).
+pub async fn joins(
+    db: &tokio_postgres::Client,
+    user: &str,
+    after: i64,
+    upto: i64,
+) -> Result<Joins, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "SELECT group_id, sync_id FROM pg_sync.member_joins($1, $2, $3)",
+            &[&user, &after, &upto],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Whether a replayed `d` goes to `user`: the user's own membership changes, global deltas,
+/// and deltas of its groups (the page's filter) from where the user was in them: none of a
+/// group from before the user's last join of it in the range (its join frame tells the client
+/// to fetch that group's rows).
+pub fn visible(d: &Delta, user: &str, joins: &Joins) -> bool {
+    if let Some(m) = &d.member {
+        return m.user_id == user;
+    }
+    d.global
+        || d.group_id
+            .as_ref()
+            .and_then(|g| joins.get(g))
+            .is_none_or(|joined| d.sync_id > *joined)
 }
 
 impl<'a> Replay<'a> {
@@ -137,6 +177,8 @@ impl<'a> Replay<'a> {
             cursor: after.max(horizon),
             through,
             live: false,
+            joins: Joins::new(),
+            joins_upto: after.max(horizon),
         })
     }
 
@@ -147,13 +189,23 @@ impl<'a> Replay<'a> {
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
                 }
+                if self.joins_upto < self.through {
+                    let more = joins(&self.db, self.user, self.joins_upto, self.through)
+                        .await
+                        .map_err(|e| ReplayError::Db(e.to_string()))?;
+                    for (g, at) in more {
+                        let last = self.joins.entry(g).or_insert(at);
+                        *last = (*last).max(at);
+                    }
+                    self.joins_upto = self.through;
+                }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let groups = self.app.hub.groups_of(self.user);
                 let mut page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
                 // Membership changes come in order with the deltas, each user's own only.
-                page.retain(|d| d.for_user(self.user));
+                page.retain(|d| visible(d, self.user, &self.joins));
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read
                 // after the page, so a compaction that committed before the page was read (and
                 // took rows from it) is seen.

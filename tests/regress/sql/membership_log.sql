@@ -87,3 +87,26 @@ SELECT c.model, c.model_id, coalesce(quote_literal(c.group_id), 'NULL') AS group
   FROM pg_sync.changes((SELECT at FROM mark), ARRAY['t1'], 1000) c ORDER BY c.sync_id;
 SELECT pg_sync.unregister_table('ml_notes');
 DROP TABLE ml_notes;
+
+-- Each membership action is indexed by user in membership_log; member_joins() finds a user's
+-- last join of each group within a range of sync ids (a replay serves a group's deltas only
+-- after it).
+SELECT seq();
+UPDATE mark SET at = pg_sync.last_sync_id();
+SELECT pg_sync.add_member('ml_u8', 'ml_g9');
+SELECT pg_sync.remove_member('ml_u8', 'ml_g9');
+SELECT pg_sync.add_member('ml_u8', 'ml_g9');
+SELECT pg_sync.add_member('ml_u8', 'ml_g10');
+SELECT seq();
+SELECT m.user_id, m.group_id, m.joined, a.action
+  FROM pg_sync.membership_log m JOIN pg_sync.sync_actions a ON a.id = m.action_id
+ WHERE m.user_id = 'ml_u8' ORDER BY m.action_id;
+SELECT j.group_id, j.sync_id - (SELECT at FROM mark) AS offset
+  FROM pg_sync.member_joins('ml_u8', (SELECT at FROM mark), pg_sync.last_sync_id()) j ORDER BY 1;
+SELECT count(*) AS joins_in_an_earlier_range
+  FROM pg_sync.member_joins('ml_u8', 0, (SELECT at FROM mark));
+-- Compaction takes the compacted actions' rows with them.
+SELECT pg_sync.compact(pg_sync.last_sync_id() - 1) > 0 AS compacted;
+SELECT count(*) AS kept FROM pg_sync.membership_log;
+SELECT has_table_privilege('public', 'pg_sync.membership_log', 'SELECT') AS public_may_read,
+       has_function_privilege('public', 'pg_sync.member_joins(text, bigint, bigint)', 'EXECUTE') AS public_may_call;
