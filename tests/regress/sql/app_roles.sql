@@ -154,7 +154,8 @@ DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO app_sync_worker', cur
 GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.apply_remote(jsonb),
       pg_sync.changes(bigint, text[], integer), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
       pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
-      pg_sync.user_groups(text), pg_sync.status(), pg_sync.hlc_now() TO app_sync_worker;
+      pg_sync.user_groups(text), pg_sync.member_joins(text, bigint, bigint), pg_sync.status(),
+      pg_sync.hlc_now() TO app_sync_worker;
 -- No grant on the application's schema or tables: apply_remote and mutate_as write them as
 -- their owner. The owner's code (here a trigger) runs as the owner in a security-restricted
 -- operation, never with the worker's membership in pgsync_owner.
@@ -189,6 +190,7 @@ SELECT pg_sync.mutate_as('alice', 'client-1', gen_random_uuid(),
 SELECT sequence_all();
 SELECT count(*) AS sequenced FROM pg_sync.changes(pg_sync.retention_horizon(), NULL, 100000)
  WHERE model = 'chores' AND model_id IN ('50', '60');
+SELECT group_id FROM pg_sync.member_joins('alice', 0, pg_sync.last_sync_id());
 SELECT pg_sync.compact_to_size(1000000) >= 0 AS compacted;
 CREATE PUBLICATION app_roles_pub FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys;
 DROP PUBLICATION app_roles_pub;
