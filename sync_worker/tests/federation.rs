@@ -336,6 +336,127 @@ fn two_regions_converge_through_their_workers() {
     drop(wb);
 }
 
+/// Retention holds: A compacts its log down to one action every second, but keeps what B (its
+/// peer, stopped meanwhile) has not acknowledged, so B catches up from its cursor. Past the
+/// cap (SYNC_PEER_MAX_LAG) A releases B, compacts, and B's link is told resync_required.
+#[test]
+fn retention_holds_keep_a_lagging_peers_log_up_to_the_cap() {
+    let (ca, cb) = (Cluster::start("hold_a", &[]), Cluster::start("hold_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let compacting = [
+        ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+        ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ("SYNC_PEER_MAX_LAG", "200"),
+    ];
+    let wa = Worker::start_with(&ca, "app", pa, &compacting);
+    let mut wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wa);
+    healthy(&wb);
+    exec(
+        &mut a,
+        "INSERT INTO items SELECT 'h' || g, 'x', g, 'g' FROM generate_series(1, 5) g",
+    );
+    converge(&mut a, &mut b);
+
+    // B's worker stops; A writes 30 transactions. Compaction goes up to B's acknowledgement
+    // and no further.
+    wb.terminate();
+    for t in 0..30 {
+        exec(
+            &mut a,
+            &format!("INSERT INTO items VALUES ('w{t}', 'w', {t}, 'g')"),
+        );
+    }
+    let hold = "SELECT out_hold FROM pg_sync.peer_status WHERE peer = 'b'";
+    wait_for("A's compaction to reach B's hold", || {
+        text(&mut a, "SELECT pg_sync.retention_horizon()") == text(&mut a, hold)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        text(&mut a, "SELECT pg_sync.retention_horizon()"),
+        text(&mut a, hold),
+        "compaction went past B's hold"
+    );
+    assert_eq!(
+        text(
+            &mut a,
+            &format!("SELECT count(*) >= 30 FROM pg_sync.peer_changes('b', ({hold}), 1000)")
+        ),
+        "true"
+    );
+    let wb2 = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb2);
+    converge(&mut a, &mut b);
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE event = 'resync_required'"
+        ),
+        "0"
+    );
+    drop(wb2);
+
+    // Past the cap: 250 actions behind (cap 200), A releases B (an event, peer_status), stops
+    // holding and compacts; B's restarted link is told resync_required.
+    wait_for("B's worker to stop", || {
+        text(
+            &mut a,
+            "SELECT state FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'out'",
+        ) == "disconnected"
+    });
+    for t in 0..5 {
+        exec(
+            &mut a,
+            &format!(
+                "INSERT INTO items SELECT 'c{t}-' || g, 'c', g, 'g' FROM generate_series(1, 50) g"
+            ),
+        );
+    }
+    wait_for("A to release B", || {
+        text(
+            &mut a,
+            "SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'b'",
+        ) == "true"
+    });
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT detail->>'reason' FROM pg_sync.peer_events WHERE peer = 'b' AND event = 'resync_required'"
+        ),
+        "lag_cap"
+    );
+    wait_for("A to compact past B's cursor", || {
+        text(
+            &mut a,
+            &format!("SELECT pg_sync.retention_horizon() > ({hold})"),
+        ) == "true"
+    });
+    let wb3 = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb3);
+    wait_for("B's link from A to be told resync_required", || {
+        text(
+            &mut b,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'",
+        ) == "resync_required"
+    });
+    assert!(
+        events(&mut b, "a").contains("resync_required:in"),
+        "{}",
+        events(&mut b, "a")
+    );
+    drop(wa);
+    drop(wb3);
+}
+
 fn events(c: &mut Client, peer: &str) -> String {
     text(
         c,

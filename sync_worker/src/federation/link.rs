@@ -63,7 +63,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let rows = match c
             .query(
                 // A new secret re-authenticates the link: it is part of the fingerprint.
+                // So does resync_peer (its event): the link restarts and joins by snapshot.
                 "SELECT p.name, p.url, p.created_at::text || ' ' || coalesce(s.rotated_at::text, '')
+                        || ' ' || coalesce((SELECT max(e.at)::text FROM pg_sync.peer_events e
+                                             WHERE e.peer = p.name AND e.event = 'resync'), '')
                    FROM pg_sync.peers p LEFT JOIN pg_sync.peer_secrets s ON s.peer = p.name
                   WHERE p.enabled AND p.direction IN ('pull', 'both')",
                 &[],
@@ -429,20 +432,47 @@ async fn session(
         .await;
         return retry;
     }
+    // Join by snapshot when the peer is new here (bootstrap 'snapshot'), must resync, or a
+    // join is in progress; otherwise stream from the cursor.
     let cursor = db
-        .query_opt(
-            "SELECT last_sync_id, peer_epoch FROM pg_sync.peer_cursors WHERE peer_node_id = $1",
-            &[&s],
+        .query_one(
+            "SELECT c.last_sync_id, c.peer_epoch,
+                    j.peer_node_id IS NOT NULL OR c.state = 'resync_required'
+                      OR (c.peer_node_id IS NULL AND p.bootstrap = 'snapshot'),
+                    CASE WHEN j.peer_epoch = $2 THEN j.w END
+               FROM pg_sync.peers p
+               LEFT JOIN pg_sync.peer_cursors c ON c.peer_node_id = $1
+               LEFT JOIN pg_sync.peer_joins j ON j.peer_node_id = $1
+              WHERE p.name = $3",
+            &[&s, &epoch, &name],
         )
         .await;
-    let (after, cursor_epoch): (i64, Option<String>) = match cursor {
-        Ok(Some(row)) => (row.get(0), row.get(1)),
-        Ok(None) => (0, None),
-        Err(_) => return retry,
+    let (after, cursor_epoch, joining, resume_w): (Option<i64>, Option<String>, bool, Option<i64>) =
+        match cursor {
+            Ok(row) => (row.get(0), row.get(1), row.get(2), row.get(3)),
+            Err(_) => return retry,
+        };
+    let after = if joining {
+        match join(&db, &mut ws, name, &epoch, resume_w).await {
+            Ok(w) => w,
+            Err(msg) => {
+                tracing::warn!(peer = name, error = %msg, "federation: snapshot join interrupted");
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report("bootstrapping", Some(false), Some(&msg)),
+                )
+                .await;
+                return Outcome::Retry { progressed: true };
+            }
+        }
+    } else {
+        if cursor_epoch.as_deref().is_some_and(|e| e != epoch) {
+            return invalidated(&db, &mut ws, name, cursor_epoch.as_deref(), &epoch).await;
+        }
+        after.unwrap_or(0)
     };
-    if cursor_epoch.as_deref().is_some_and(|e| e != epoch) {
-        return invalidated(&db, &mut ws, name, cursor_epoch.as_deref(), &epoch).await;
-    }
     let sub = Frame::Subscribe {
         after,
         window: WINDOW,
@@ -608,13 +638,25 @@ async fn session(
                         json!({"direction": "in", "after": after}),
                     )
                     .await;
+                    // Re-bootstrap by snapshot: the link restarts and joins (writes made here
+                    // meanwhile stay: the merge is a join).
+                    if let Err(e) = db.execute("SELECT pg_sync.resync_peer($1)", &[&name]).await {
+                        tracing::warn!(peer = name, error = %e, "federation: cannot start a resync");
+                    }
                 }
                 let msg = format!("{code}: {message}");
+                // The sender no longer holds the log after our cursor: only a re-bootstrap
+                // (resync_peer) moves this link again, so say so rather than "stalled".
+                let state = if code == "resync_required" {
+                    "resync_required"
+                } else {
+                    "stalled"
+                };
                 report(
                     &db,
                     name,
                     "in",
-                    state_report("stalled", Some(false), Some(&msg)),
+                    state_report(state, Some(false), Some(&msg)),
                 )
                 .await;
                 return retry;
@@ -651,6 +693,113 @@ async fn session(
 
 /// The sender's log identity changed (restored, replaced): its sync ids may repeat, so the
 /// link stops (`invalidated`) until the peer is re-added or re-bootstrapped.
+/// Rows per snapshot page a receiver asks for.
+const SNAPSHOT_PAGE: u32 = 1000;
+
+/// Joins the peer by snapshot on an authenticated link: asks for W (resuming `resume_w`, the
+/// W of our join in progress, if the peer still holds its log), then merges the peer's state
+/// page by page, each page committed with the join's position (`apply_peer_snapshot`), and
+/// finally moves the cursors (`finish_peer_join`). Returns W, where the log continues.
+async fn join(
+    db: &Client,
+    ws: &mut Ws,
+    name: &str,
+    epoch: &str,
+    resume_w: Option<i64>,
+) -> Result<i64, String> {
+    report(
+        db,
+        name,
+        "in",
+        state_report("bootstrapping", Some(true), None),
+    )
+    .await;
+    let ask = Frame::Join { resume_w };
+    ws.send(Message::text(ask.to_text()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (w, cursors) = match recv(ws, LIVENESS).await {
+        Ok(Frame::JoinStart {
+            w,
+            epoch: e,
+            cursors,
+        }) if e == epoch => (w, cursors),
+        other => return Err(format!("expected join_start: {other:?}")),
+    };
+    let pos = db
+        .query_one(
+            "SELECT pg_sync.begin_peer_join($1, $2, $3, $4::text::jsonb)::text",
+            &[&name, &epoch, &w, &cursors.to_string()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let pos: serde_json::Value = serde_json::from_str(&pos.get::<_, String>(0)).unwrap_or_default();
+    let (mut model, mut model_id) = (
+        pos["after_model"].as_str().unwrap_or_default().to_owned(),
+        pos["after_model_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    tracing::info!(
+        peer = name,
+        w,
+        resumed = pos["resumed"].as_bool(),
+        "federation: joining by snapshot"
+    );
+    loop {
+        let ask = Frame::Snapshot {
+            after_model: model.clone(),
+            after_model_id: model_id.clone(),
+            limit: SNAPSHOT_PAGE,
+        };
+        ws.send(Message::text(ask.to_text()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (rows, done) = match recv(ws, LIVENESS).await {
+            Ok(Frame::SnapshotPage { rows, done }) => (rows, done),
+            other => return Err(format!("expected snapshot_page: {other:?}")),
+        };
+        let rows = rows.to_string();
+        let started = Instant::now();
+        let res = db
+            .query_one(
+                "SELECT pg_sync.apply_peer_snapshot($1, $2, $3, $4, $5::text::jsonb)::text",
+                &[&name, &w, &model, &model_id, &rows],
+            )
+            .await;
+        let took = started.elapsed().as_secs_f64();
+        metrics::with(name, "in", |l| {
+            l.bytes += rows.len() as u64;
+            l.apply_seconds_sum += took;
+            if let Err(e) = &res {
+                *l.errors
+                    .entry(sqlstate(e).unwrap_or("connection").to_owned())
+                    .or_default() += 1;
+            }
+        });
+        let answer: serde_json::Value = match res {
+            Ok(row) => serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default(),
+            Err(e) => return Err(e.to_string()),
+        };
+        model = answer["after_model"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        model_id = answer["after_model_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if done {
+            break;
+        }
+    }
+    db.execute("SELECT pg_sync.finish_peer_join($1, $2)", &[&name, &w])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(w)
+}
+
 async fn invalidated(
     db: &Client,
     ws: &mut Ws,
