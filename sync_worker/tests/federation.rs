@@ -338,9 +338,10 @@ fn two_regions_converge_through_their_workers() {
 
 /// Retention holds: A compacts its log down to one action every second, but keeps what B (its
 /// peer, stopped meanwhile) has not acknowledged, so B catches up from its cursor. Past the
-/// cap (SYNC_PEER_MAX_LAG) A releases B, compacts, and B's link is told resync_required.
+/// cap (SYNC_PEER_MAX_LAG) A releases B and compacts; B's link is told resync_required, joins
+/// A by snapshot and converges, keeping what B wrote meanwhile.
 #[test]
-fn retention_holds_keep_a_lagging_peers_log_up_to_the_cap() {
+fn retention_holds_then_resync_past_the_cap() {
     let (ca, cb) = (Cluster::start("hold_a", &[]), Cluster::start("hold_b", &[]));
     let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
     let (pa, pb) = (free_port(), free_port());
@@ -366,6 +367,11 @@ fn retention_holds_keep_a_lagging_peers_log_up_to_the_cap() {
         "INSERT INTO items SELECT 'h' || g, 'x', g, 'g' FROM generate_series(1, 5) g",
     );
     converge(&mut a, &mut b);
+    // A records B's acks: its hold follows B's cursor.
+    let hold = "SELECT out_hold FROM pg_sync.peer_status WHERE peer = 'b'";
+    wait_for("A to record B's last ack", || {
+        text(&mut a, hold) == text(&mut a, "SELECT pg_sync.last_sync_id()")
+    });
 
     // B's worker stops; A writes 30 transactions. Compaction goes up to B's acknowledgement
     // and no further.
@@ -376,7 +382,6 @@ fn retention_holds_keep_a_lagging_peers_log_up_to_the_cap() {
             &format!("INSERT INTO items VALUES ('w{t}', 'w', {t}, 'g')"),
         );
     }
-    let hold = "SELECT out_hold FROM pg_sync.peer_status WHERE peer = 'b'";
     wait_for("A's compaction to reach B's hold", || {
         text(&mut a, "SELECT pg_sync.retention_horizon()") == text(&mut a, hold)
     });
@@ -440,19 +445,35 @@ fn retention_holds_keep_a_lagging_peers_log_up_to_the_cap() {
             &format!("SELECT pg_sync.retention_horizon() > ({hold})"),
         ) == "true"
     });
+    exec(
+        &mut b,
+        "INSERT INTO items VALUES ('b-partitioned', 'b', 1, 'g')",
+    );
     let wb3 = Worker::start_with(&cb, "app", pb, &[]);
     healthy(&wb3);
-    wait_for("B's link from A to be told resync_required", || {
+    // B's link is told resync_required, re-bootstraps by snapshot and continues from W; the
+    // write B made meanwhile stays and reaches A.
+    converge(&mut a, &mut b);
+    let ev = events(&mut b, "a");
+    for e in [
+        "resync_required:in",
+        "resync:in",
+        "bootstrapping:in",
+        "joined:in",
+    ] {
+        assert!(ev.contains(e), "{e} missing from {ev}");
+    }
+    assert!(items(&mut a).contains("b-partitioned"));
+    assert_eq!(
         text(
-            &mut b,
-            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'",
-        ) == "resync_required"
-    });
-    assert!(
-        events(&mut b, "a").contains("resync_required:in"),
-        "{}",
-        events(&mut b, "a")
+            &mut a,
+            "SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'b'"
+        ),
+        "false",
+        "B holds A's log again after its join"
     );
+    no_duplicates(&mut a, "a");
+    no_duplicates(&mut b, "b");
     drop(wa);
     drop(wb3);
 }

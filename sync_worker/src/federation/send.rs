@@ -424,6 +424,8 @@ async fn stream(
     let mut sent = after;
     let mut inflight: VecDeque<i64> = VecDeque::new();
     let mut acked = after;
+    // What the retention hold records (`peer_ack`), at most once per REPORT_EVERY.
+    let mut held = after;
     let mut reported = Instant::now();
     let mut poll = tokio::time::interval(POLL);
     let mut registry = tokio::time::interval(REGISTRY_POLL);
@@ -496,6 +498,7 @@ async fn stream(
                         if reported.elapsed() >= REPORT_EVERY {
                             reported = Instant::now();
                             hold(db, &peer.name, acked, false).await;
+                            held = acked;
                             report(db, &peer.name, "out", Report {
                                 state: "streaming",
                                 connected: None,
@@ -519,7 +522,14 @@ async fn stream(
                 }
                 _ => return "receiver closed",
             },
-            _ = poll.tick(), if inflight.len() < window as usize => {}
+            _ = poll.tick(), if inflight.len() < window as usize => {
+                // A quiet link still records its last ack, so the hold does not lag behind.
+                if acked > held && reported.elapsed() >= REPORT_EVERY {
+                    reported = Instant::now();
+                    hold(db, &peer.name, acked, false).await;
+                    held = acked;
+                }
+            }
             _ = registry.tick() => {
                 let still = db
                     .query_opt(
