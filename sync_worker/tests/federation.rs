@@ -478,6 +478,92 @@ fn retention_holds_then_resync_past_the_cap() {
     drop(wb3);
 }
 
+/// A node added under load joins by snapshot through the workers: A holds 6,000 rows and keeps
+/// writing; B (new, bootstrap 'snapshot') pulls A's state in pages of 1,000; its worker is
+/// killed -9 after the second page and restarted: the join resumes after the last committed
+/// page at the same W, then B continues from W and converges, nothing applied twice.
+#[test]
+fn a_node_joins_under_load_and_its_killed_join_resumes() {
+    let (ca, cb) = (Cluster::start("join_a", &[]), Cluster::start("join_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        "INSERT INTO items SELECT 'j' || g, 'x', g, 'g' || (g % 7) FROM generate_series(1, 6000) g;
+         DELETE FROM items WHERE id LIKE 'j%0';
+         UPDATE items SET a = 'edited' WHERE id LIKE 'j%3';",
+    );
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&ca, "app", pa, &[]);
+    healthy(&wa);
+    let load = std::thread::spawn({
+        let mut a = ca.connect("app");
+        move || {
+            for t in 0..60 {
+                a.batch_execute(&format!(
+                    "INSERT INTO items VALUES ('load{t}', 'l', {t}, 'g1');
+                     UPDATE items SET b = b + 1 WHERE id = 'j{}'",
+                    t * 7 + 1
+                ))
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    let mut wb = Worker::start_with(&cb, "app", pb, &[]);
+    wait_for("B's join to pass its second page", || {
+        text(
+            &mut b,
+            "SELECT count(*) = 1 AND coalesce(max(pages), 0) >= 2 FROM pg_sync.peer_joins",
+        ) == "true"
+    });
+    wb.kill9();
+    let killed_w = text(&mut b, "SELECT w FROM pg_sync.peer_joins");
+    assert_ne!(killed_w, "", "the join was recorded");
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    load.join().unwrap();
+    converge(&mut a, &mut b);
+    let joined = text(
+        &mut b,
+        "SELECT detail::text FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'joined'",
+    );
+    let joined: serde_json::Value = serde_json::from_str(&joined).unwrap();
+    assert_eq!(
+        joined["w"].to_string(),
+        killed_w,
+        "the join resumed at its W"
+    );
+    let rows = joined["rows"].as_i64().unwrap();
+    assert!(rows >= 6000, "the join read {rows} rows");
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'b' AND event = 'join_started' AND detail->>'resumed' = 'true'"
+        ),
+        "1"
+    );
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'bootstrapping'"
+        ),
+        "1",
+        "the restarted worker resumed the join instead of beginning another"
+    );
+    no_duplicates(&mut a, "a");
+    no_duplicates(&mut b, "b");
+    drop(wa);
+    drop(wb);
+}
+
 fn events(c: &mut Client, peer: &str) -> String {
     text(
         c,
