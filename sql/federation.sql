@@ -120,6 +120,27 @@ CREATE TABLE pg_sync.peer_joins (
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- Connection tests (pg_sync.test_peer): the worker's last handshake with each peer, as the
+-- receiver: reachable, authenticated, the peer's node id, protocol and versions, RTT, clock
+-- offset and models. requested_at asks the worker for a fresh probe (it polls this table).
+CREATE TABLE pg_sync.peer_probes (
+    peer              text PRIMARY KEY REFERENCES pg_sync.peers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    requested_at      timestamptz,
+    checked_at        timestamptz,
+    reachable         boolean,
+    auth_ok           boolean,
+    node_id           text,
+    proto             integer,
+    extension_version text,
+    worker_version    text,
+    rtt_ms            double precision,
+    clock_offset_ms   double precision,
+    models_sent       text[],
+    models_taken      text[],
+    models_compatible boolean,
+    error             text
+);
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
@@ -129,7 +150,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
-    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins FROM PUBLIC;
+    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
@@ -140,6 +161,7 @@ ALTER TABLE pg_sync.peer_events OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_links OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_holds OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_joins OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_probes OWNER TO pgsync_owner;
 
 -- This node's log identity: system identifier, timeline and the random id made at CREATE
 -- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
@@ -1123,6 +1145,71 @@ BEGIN
 END
 $$;
 
+-- Tests the connection to a peer, through the worker (the extension does no network I/O):
+-- asks the worker for a fresh probe (it dials the peer, authenticates as the receiver and
+-- hangs up, within about a second of this transaction's commit) and returns the latest result.
+-- The receiver's own link refreshes it at every connect too. A result with checked_at before
+-- requested_at is the previous one: call again for the fresh one.
+CREATE FUNCTION pg_sync.test_peer(peer text)
+RETURNS TABLE (peer_name text, checked_at timestamptz, requested_at timestamptz, reachable boolean,
+               auth_ok boolean, node_id text, proto integer, extension_version text,
+               worker_version text, rtt_ms double precision, clock_offset_ms double precision,
+               models_sent text[], models_taken text[], models_compatible boolean, error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+BEGIN
+    INSERT INTO pg_sync.peer_probes AS q (peer, requested_at) VALUES (p.name, now())
+    ON CONFLICT ON CONSTRAINT peer_probes_pkey DO UPDATE SET requested_at = now();
+    RETURN QUERY
+    SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
+           q.extension_version, q.worker_version, q.rtt_ms, q.clock_offset_ms, q.models_sent,
+           q.models_taken, q.models_compatible, q.error
+      FROM pg_sync.peer_probes q WHERE q.peer = p.name;
+END
+$$;
+
+-- For the worker: records a probe of peer `peer` (a jsonb of peer_probes' columns; absent ones
+-- become NULL). models_taken (what this node takes from the peer) and models_compatible (every
+-- model taken is one the peer sends) are computed here.
+CREATE FUNCTION pg_sync.record_peer_probe(peer text, result jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p     pg_sync.peers := pg_sync.peer_or_raise(peer);
+    taken text[];
+    sent  text[];
+BEGIN
+    SELECT coalesce(array_agg(r.model ORDER BY r.model), '{}') INTO taken FROM pg_sync.registry r
+     WHERE r.enabled AND r.federation IN ('pull', 'both') AND (p.models IS NULL OR r.model = ANY (p.models));
+    IF jsonb_typeof(result -> 'models_sent') = 'array' THEN
+        sent := ARRAY(SELECT jsonb_array_elements_text(result -> 'models_sent'));
+    END IF;
+    INSERT INTO pg_sync.peer_probes AS q (peer, checked_at, reachable, auth_ok, node_id, proto, extension_version,
+                                          worker_version, rtt_ms, clock_offset_ms, models_sent, models_taken,
+                                          models_compatible, error)
+    VALUES (p.name, now(), (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
+            (result ->> 'proto')::integer, result ->> 'extension_version', result ->> 'worker_version',
+            (result ->> 'rtt_ms')::double precision, (result ->> 'clock_offset_ms')::double precision,
+            sent, taken, CASE WHEN sent IS NOT NULL THEN taken <@ sent END, result ->> 'error')
+    ON CONFLICT ON CONSTRAINT peer_probes_pkey DO UPDATE SET
+        checked_at = EXCLUDED.checked_at, reachable = EXCLUDED.reachable, auth_ok = EXCLUDED.auth_ok,
+        node_id = EXCLUDED.node_id, proto = EXCLUDED.proto, extension_version = EXCLUDED.extension_version,
+        worker_version = EXCLUDED.worker_version, rtt_ms = EXCLUDED.rtt_ms,
+        clock_offset_ms = EXCLUDED.clock_offset_ms, models_sent = EXCLUDED.models_sent,
+        models_taken = EXCLUDED.models_taken, models_compatible = EXCLUDED.models_compatible,
+        error = EXCLUDED.error;
+    IF (result ->> 'rtt_ms') IS NOT NULL THEN
+        UPDATE pg_sync.peer_links l SET rtt_ms = (result ->> 'rtt_ms')::double precision,
+               clock_offset_ms = (result ->> 'clock_offset_ms')::double precision
+         WHERE l.peer = p.name AND l.direction = 'in';
+    END IF;
+END
+$$;
+
 -- Where a batch that starts after `after` and covers at least `span` sync ids ends: at the end
 -- of the source transaction holding sync id after + span (never inside one), at most the last
 -- sequenced sync id. The worker pulls peer_changes(node, after, batch_end - after) and applies
@@ -1169,3 +1256,5 @@ REVOKE ALL ON FUNCTION pg_sync.begin_peer_join(text, text, bigint, jsonb) FROM P
 REVOKE ALL ON FUNCTION pg_sync.apply_peer_snapshot(text, bigint, text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.finish_peer_join(text, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.resync_peer(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.test_peer(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.record_peer_probe(text, jsonb) FROM PUBLIC;

@@ -6,6 +6,7 @@
 
 use pg_sync_tests::postgres::Client;
 use pg_sync_tests::Cluster;
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -560,6 +561,108 @@ fn a_node_joins_under_load_and_its_killed_join_resumes() {
     );
     no_duplicates(&mut a, "a");
     no_duplicates(&mut b, "b");
+    drop(wa);
+    drop(wb);
+}
+
+/// Until the worker has answered the latest test_peer request for `peer`; its result as JSON.
+fn tested(c: &mut Client, peer: &str) -> serde_json::Value {
+    exec(c, &format!("SELECT pg_sync.test_peer('{peer}')"));
+    wait_for("the worker's connection test", || {
+        text(
+            c,
+            &format!(
+                "SELECT checked_at >= requested_at FROM pg_sync.peer_probes WHERE peer = '{peer}'"
+            ),
+        ) == "true"
+    });
+    serde_json::from_str(&text(
+        c,
+        &format!("SELECT to_jsonb(t) FROM pg_sync.test_peer('{peer}') t"),
+    ))
+    .unwrap()
+}
+
+/// test_peer, through the worker: a healthy peer (reachable, authenticated, node id, protocol
+/// and versions, RTT, clock offset, models compatible), a wrong secret (reachable, not
+/// authenticated), and an address nobody listens on (unreachable).
+#[test]
+fn test_peer_reports_reachability_auth_versions_and_models() {
+    let (ca, cb) = (
+        Cluster::start("probe_a", &[]),
+        Cluster::start("probe_b", &[]),
+    );
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!(
+            "SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
+             SELECT pg_sync.add_peer('nowhere', 'ws://127.0.0.1:{}', '{PEER_SECRET}', direction => 'push')",
+            free_port()
+        ),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&ca, "app", pa, &[]);
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wa);
+    healthy(&wb);
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"], &t["node_id"], &t["proto"]),
+        (&json!(true), &json!(true), &json!("b"), &json!(1)),
+        "{t}"
+    );
+    assert_eq!(t["extension_version"], json!("0.1.0"), "{t}");
+    assert_eq!(t["worker_version"], json!(env!("CARGO_PKG_VERSION")), "{t}");
+    assert_eq!(t["models_sent"], json!(["items"]), "{t}");
+    assert_eq!(t["models_compatible"], json!(true), "{t}");
+    assert!(t["rtt_ms"].as_f64().unwrap() >= 0.0, "{t}");
+    // One machine, one clock: the offset is within the round trip's noise.
+    assert!(t["clock_offset_ms"].as_f64().unwrap().abs() < 1000.0, "{t}");
+    assert_eq!(
+        text(&mut a, "SELECT rtt_ms IS NOT NULL FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'in'"),
+        "true"
+    );
+    // B stops sending items: A takes a model B does not send.
+    exec(&mut b, "SELECT pg_sync.set_peer('a', models => '{}')");
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["models_sent"], &t["models_compatible"]),
+        (&json!([]), &json!(false)),
+        "{t}"
+    );
+
+    exec(
+        &mut a,
+        "SELECT pg_sync.set_peer('b', secret => 'not-the-shared-secret', retire_previous => true)",
+    );
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"]),
+        (&json!(true), &json!(false)),
+        "{t}"
+    );
+    assert!(t["error"].as_str().unwrap().contains("4501"), "{t}");
+
+    let t = tested(&mut a, "nowhere");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"]),
+        (&json!(false), &json!(null)),
+        "{t}"
+    );
+    assert!(t["error"].as_str().unwrap().starts_with("connect"), "{t}");
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT count(*) FROM pg_sync.peer_links WHERE peer = 'nowhere'"
+        ),
+        "0",
+        "a connection test reports no link state"
+    );
     drop(wa);
     drop(wb);
 }

@@ -28,6 +28,10 @@ pub enum Frame {
         mac: String,
         epoch: String,
         last_sync_id: i64,
+        /// S's versions, wall clock and the models it sends R, for `pg_sync.test_peer`:
+        /// `extension_version`, `worker_version`, `time_ms`, `models`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        info: Option<serde_json::Value>,
     },
     /// R → S: stream the log after `after`, at most `window` batches unacknowledged.
     Subscribe { after: i64, window: u32 },
@@ -123,6 +127,13 @@ mod tests {
                 mac: "cd".into(),
                 epoch: "1.1.x".into(),
                 last_sync_id: 9,
+                info: None,
+            },
+            Frame::Welcome {
+                mac: "cd".into(),
+                epoch: "1.1.x".into(),
+                last_sync_id: 9,
+                info: Some(json!({"time_ms": 1, "models": ["m"]})),
             },
             Frame::Subscribe {
                 after: 3,

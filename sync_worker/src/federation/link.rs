@@ -7,8 +7,8 @@
 
 use super::frames::{close, Frame, PROTO};
 use super::{
-    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, PATH,
-    REGISTRY_POLL,
+    auth, auth_failed_event, event, identity, metrics, probe, report, sqlstate, wall_ms, Report,
+    PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
 use crate::replication::sequencer;
@@ -48,6 +48,7 @@ struct Running {
 /// Keeps one link task per pulled peer until `shutdown`.
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
+    let mut probing: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut db: Option<Client> = None;
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
@@ -79,6 +80,23 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
+        // Connection tests asked for by pg_sync.test_peer: one probe per peer at a time.
+        probing.retain(|_, task: &mut JoinHandle<()>| !task.is_finished());
+        if let Ok(asked) = c
+            .query(
+                "SELECT p.name, p.url FROM pg_sync.peer_probes q JOIN pg_sync.peers p ON p.name = q.peer
+                  WHERE q.requested_at IS NOT NULL AND (q.checked_at IS NULL OR q.checked_at < q.requested_at)",
+                &[],
+            )
+            .await
+        {
+            for row in asked {
+                let (name, url): (String, String) = (row.get(0), row.get(1));
+                probing
+                    .entry(name.clone())
+                    .or_insert_with(|| tokio::spawn(probe_peer(app.clone(), name, url)));
+            }
+        }
         if retried.elapsed() >= RETRY_QUARANTINE_EVERY {
             retried = Instant::now();
             retry_quarantined(c).await;
@@ -136,7 +154,7 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     let mut use_previous = false;
     let mut shutdown = app.shutdown.clone();
     loop {
-        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous).await;
+        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous, false).await;
         metrics::with(&name, "in", |l| {
             l.up = false;
             l.reconnects += 1;
@@ -158,11 +176,31 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     }
 }
 
+/// A connection test (`pg_sync.test_peer`): one handshake as the receiver, then hang up. A
+/// probe that could not record anything (the database failed mid-way) still answers the
+/// request, so it is not retried forever.
+async fn probe_peer(app: Arc<App>, name: String, url: String) {
+    let (_keep, mut stop) = watch::channel(false);
+    let mut use_previous = false;
+    let _ = session(&app, &name, &url, &mut stop, &mut use_previous, true).await;
+    if let Ok(db) = sequencer::connect(&app.cfg.database_url).await {
+        let _ = db
+            .execute(
+                "UPDATE pg_sync.peer_probes SET checked_at = now(), error = coalesce(error, 'the test did not complete')
+                  WHERE peer = $1 AND (checked_at IS NULL OR checked_at < requested_at)",
+                &[&name],
+            )
+            .await;
+    }
+}
+
 /// Refuses the peer during authentication: an `auth_failed` event (`detail`, never a secret),
 /// the link's state with `error`, and a close with `code` and `reason`.
+#[allow(clippy::too_many_arguments)]
 async fn refuse(
     db: &Client,
     name: &str,
+    lane: &str,
     ws: &mut Ws,
     detail: serde_json::Value,
     error: &str,
@@ -173,7 +211,7 @@ async fn refuse(
     report(
         db,
         name,
-        "in",
+        lane,
         state_report("auth_failed", None, Some(error)),
     )
     .await;
@@ -220,14 +258,19 @@ fn state_report<'a>(state: &'a str, connected: Option<bool>, error: Option<&'a s
     }
 }
 
+/// One connection to the peer: handshake, then (a join and) the stream. `probe_only`: a
+/// connection test for `pg_sync.test_peer`, which hangs up after the handshake and reports no
+/// link state (its lane is PROBE).
 async fn session(
     app: &App,
     name: &str,
     url: &str,
     stop: &mut watch::Receiver<bool>,
     use_previous: &mut bool,
+    probe_only: bool,
 ) -> Outcome {
     let retry = Outcome::Retry { progressed: false };
+    let lane = if probe_only { PROBE } else { "in" };
     let db = match sequencer::connect(&app.cfg.database_url).await {
         Ok(db) => db,
         Err(e) => {
@@ -241,7 +284,7 @@ async fn session(
     report(
         &db,
         name,
-        "in",
+        lane,
         state_report("connecting", Some(false), None),
     )
     .await;
@@ -265,20 +308,27 @@ async fn session(
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             let msg = format!("connect: {e}");
+            probe(&db, name, json!({"reachable": false, "error": msg})).await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
             return retry;
         }
         Err(_) => {
+            probe(
+                &db,
+                name,
+                json!({"reachable": false, "error": "connect: timed out"}),
+            )
+            .await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some("connect: timed out")),
             )
             .await;
@@ -293,10 +343,11 @@ async fn session(
         }) if auth::valid_nonce(&nonce) => (node_id, nonce),
         other => {
             let msg = format!("expected a challenge: {other:?}");
+            probe(&db, name, json!({"reachable": true, "error": msg})).await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
@@ -308,6 +359,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "reason": "self_link"}),
             "self-link: the peer has this node's node id",
@@ -334,6 +386,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
             "the peer's node id differs from the pinned one",
@@ -353,6 +406,7 @@ async fn session(
         nonce: rn.clone(),
         mac: auth::mac(proving, auth::RECEIVER_TAG, &me, &s, &sn, &rn),
     };
+    let (sent_at, sent_wall) = (Instant::now(), wall_ms());
     if ws.send(Message::text(hello.to_text())).await.is_err() {
         return retry;
     }
@@ -361,15 +415,25 @@ async fn session(
             mac,
             epoch,
             last_sync_id,
+            info,
         }) => {
+            let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
             let proved = [Some(secret), previous]
                 .into_iter()
                 .flatten()
                 .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
             if !proved {
+                probe(
+                    &db,
+                    name,
+                    json!({"reachable": true, "auth_ok": false, "node_id": s, "proto": PROTO,
+                           "error": "the peer failed to prove the shared secret"}),
+                )
+                .await;
                 refuse(
                     &db,
                     name,
+                    lane,
                     &mut ws,
                     json!({"direction": "in", "node_id": s, "reason": "peer_bad_mac"}),
                     "the peer failed to prove the shared secret",
@@ -378,6 +442,24 @@ async fn session(
                 )
                 .await;
                 return retry;
+            }
+            // The peer's clock read at about the middle of the round trip.
+            let info = info.unwrap_or_default();
+            let offset = info["time_ms"]
+                .as_f64()
+                .map(|t| t - (sent_wall + rtt_ms / 2.0));
+            probe(
+                &db,
+                name,
+                json!({"reachable": true, "auth_ok": true, "node_id": s, "proto": PROTO,
+                       "extension_version": info["extension_version"],
+                       "worker_version": info["worker_version"], "rtt_ms": rtt_ms,
+                       "clock_offset_ms": offset, "models_sent": info["models"]}),
+            )
+            .await;
+            if probe_only {
+                close_ws(&mut ws, 1000, "connection test").await;
+                return Outcome::Stop;
             }
             (epoch, last_sync_id)
         }
@@ -391,11 +473,19 @@ async fn session(
                 json!({"direction": "in", "node_id": s, "reason": "refused_by_peer", "code": code, "message": reason}),
             )
             .await;
+            // 4502: the peer verified our secret, then refused (direction, node id).
+            probe(
+                &db,
+                name,
+                json!({"reachable": true, "auth_ok": code == close::FORBIDDEN, "node_id": s,
+                       "proto": PROTO, "error": format!("refused by the peer ({code}): {reason}")}),
+            )
+            .await;
             let msg = format!("refused by the peer ({code}): {reason}");
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("auth_failed", None, Some(&msg)),
             )
             .await;
@@ -406,7 +496,7 @@ async fn session(
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
@@ -423,6 +513,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "reason": msg}),
             &msg,

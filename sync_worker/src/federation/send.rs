@@ -314,8 +314,18 @@ async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Op
         return None;
     }
     peer.node_id = Some(r.clone());
-    let last: i64 = match db.query_one("SELECT pg_sync.last_sync_id()", &[]).await {
-        Ok(row) => row.get(0),
+    let (last, extension_version, models): (i64, Option<String>, Vec<String>) = match db
+        .query_one(
+            "SELECT pg_sync.last_sync_id(),
+                    (SELECT extversion FROM pg_extension WHERE extname = 'pg_sync'),
+                    ARRAY(SELECT r.model FROM pg_sync.registry r, pg_sync.peers p
+                           WHERE p.name = $1 AND r.enabled AND r.federation IN ('push', 'both')
+                             AND (p.models IS NULL OR r.model = ANY (p.models)) ORDER BY 1)",
+            &[&peer.name],
+        )
+        .await
+    {
+        Ok(row) => (row.get(0), row.get(1), row.get(2)),
         Err(_) => {
             close_with(ws, close::INTERNAL, "log unavailable").await;
             return None;
@@ -325,6 +335,12 @@ async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Op
         mac: auth::mac(&peer.secret, auth::SENDER_TAG, &r, me, &sn, &rn),
         epoch: epoch.to_owned(),
         last_sync_id: last,
+        info: Some(json!({
+            "extension_version": extension_version,
+            "worker_version": env!("CARGO_PKG_VERSION"),
+            "time_ms": super::wall_ms(),
+            "models": models,
+        })),
     };
     if ws
         .send(Message::Text(welcome.to_text().into()))
