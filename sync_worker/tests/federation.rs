@@ -667,6 +667,175 @@ fn test_peer_reports_reachability_auth_versions_and_models() {
     drop(wb);
 }
 
+/// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pg_sync test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "peer.key",
+        "-out",
+        "peer.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "peer.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "peer.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// A TLS-terminating proxy on `port` in front of the worker on `to` (as a load balancer in
+/// front of a region's worker would be), on its own thread and runtime.
+fn tls_proxy(dir: &std::path::Path, port: u16, to: u16) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("peer.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("peer.key")).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                    });
+                }
+            });
+    });
+}
+
+/// wss:// peers: A dials B through a TLS-terminating proxy. Without B's CA, A refuses B's
+/// certificate (the error is in peer_status); with SYNC_PEER_CA_FILE naming it, the link
+/// authenticates and B's writes reach A.
+#[test]
+fn wss_peers_are_verified_against_the_configured_ca() {
+    let dir = std::env::temp_dir().join(format!("pg_sync_wss_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    test_pki(&dir);
+    let (ca, cb) = (Cluster::start("wss_a", &[]), Cluster::start("wss_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb, tls) = (free_port(), free_port(), free_port());
+    tls_proxy(&dir, tls, pb);
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'wss://127.0.0.1:{tls}', '{PEER_SECRET}', direction => 'pull')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}', direction => 'push')"),
+    );
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    let mut wa = Worker::start_with(&ca, "app", pa, &[]);
+    healthy(&wa);
+    wait_for("A to refuse B's certificate", || {
+        text(
+            &mut a,
+            "SELECT coalesce(last_error, '') FROM pg_sync.peer_status WHERE peer = 'b'",
+        )
+        .contains("certificate")
+    });
+    wa.terminate();
+    let ca_file = dir.join("ca.pem");
+    let wa = Worker::start_with(
+        &ca,
+        "app",
+        pa,
+        &[("SYNC_PEER_CA_FILE", ca_file.to_str().unwrap())],
+    );
+    healthy(&wa);
+    exec(&mut b, "INSERT INTO items VALUES ('over-tls', 't', 1, 'g')");
+    wait_for("B's write to reach A over wss", || {
+        items(&mut a).contains("over-tls")
+    });
+    wait_for("A's link from B to stream", || {
+        text(
+            &mut a,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'b'",
+        ) == "streaming"
+    });
+    drop(wa);
+    drop(wb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn events(c: &mut Client, peer: &str) -> String {
     text(
         c,

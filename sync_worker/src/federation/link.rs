@@ -176,6 +176,21 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     }
 }
 
+/// The TLS client configuration for `wss://` peers, built once: the web PKI roots plus the
+/// certificates in `SYNC_PEER_CA_FILE`. An unreadable file is logged and leaves the web roots
+/// (so a private peer fails to verify, visibly in `last_error`, rather than the worker failing).
+fn peer_tls(app: &App) -> Arc<rustls::ClientConfig> {
+    static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let ca = app.cfg.peer_ca_file.as_deref();
+        Arc::new(crate::tls::peer_config(ca).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "federation: cannot read SYNC_PEER_CA_FILE; trusting the web PKI roots only");
+            crate::tls::peer_config(None).expect("the web PKI roots load")
+        }))
+    })
+    .clone()
+}
+
 /// A connection test (`pg_sync.test_peer`): one handshake as the receiver, then hang up. A
 /// probe that could not record anything (the database failed mid-way) still answers the
 /// request, so it is not retried forever.
@@ -291,7 +306,7 @@ async fn session(
     let endpoint = format!("{}{PATH}", url.trim_end_matches('/'));
     let mut ws = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(
+        tokio_tungstenite::connect_async_tls_with_config(
             endpoint.as_str(),
             Some(
                 // One frame is one or more whole source transactions: a large transaction is a
@@ -301,6 +316,9 @@ async fn session(
                     .max_frame_size(Some(MAX_FRAME_BYTES)),
             ),
             true,
+            // wss:// verifies the peer's certificate against the web PKI roots and
+            // SYNC_PEER_CA_FILE; ws:// stays plain.
+            Some(tokio_tungstenite::Connector::Rustls(peer_tls(app))),
         ),
     )
     .await
