@@ -273,6 +273,11 @@ fn two_regions_converge_through_their_workers() {
         "{body}"
     );
     assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
+    // A's writes reached B first-hop: their write-to-apply delays are in B's histogram.
+    assert!(
+        body.contains("pg_sync_peer_write_to_apply_seconds_count{peer=\"a\",direction=\"in\"}"),
+        "{body}"
+    );
     for node in ["a", "b"] {
         assert_eq!(
             minted_by(&mut a, node),

@@ -646,6 +646,13 @@ async fn session(
                 last_sync_id,
                 changes,
             }) => {
+                // First-hop changes (minted by the peer itself) measure write-to-apply delay.
+                let minted: Vec<f64> = changes
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| metrics::minted_ms(c["version"].as_str()?, &s))
+                    .collect();
                 let changes = changes.to_string();
                 let started = Instant::now();
                 let res = db
@@ -672,7 +679,11 @@ async fn session(
                         applied += answer["applied"].as_i64().unwrap_or(0);
                         changed += answer["changed"].as_i64().unwrap_or(0);
                         head = head.max(last_sync_id);
+                        let now = wall_ms();
                         metrics::with(name, "in", |l| {
+                            for ms in &minted {
+                                l.observe_delay((now - ms) / 1000.0);
+                            }
                             l.batches += 1;
                             l.applied += answer["applied"].as_u64().unwrap_or(0);
                             l.changed += answer["changed"].as_u64().unwrap_or(0);
