@@ -1146,10 +1146,11 @@ END
 $$;
 
 -- Tests the connection to a peer, through the worker (the extension does no network I/O):
--- asks the worker for a fresh probe (it dials the peer, authenticates as the receiver and
--- hangs up, within about a second of this transaction's commit) and returns the latest result.
--- The receiver's own link refreshes it at every connect too. A result with checked_at before
--- requested_at is the previous one: call again for the fresh one.
+-- returns the latest result, and unless a request is already pending, asks the worker for a
+-- fresh probe (it dials the peer, authenticates as the receiver and hangs up, within about a
+-- second of this transaction's commit). A result with checked_at >= requested_at answers the
+-- latest request; otherwise it is older: call again a moment later. The receiver's own link
+-- refreshes the result at every connect too.
 CREATE FUNCTION pg_sync.test_peer(peer text)
 RETURNS TABLE (peer_name text, checked_at timestamptz, requested_at timestamptz, reachable boolean,
                auth_ok boolean, node_id text, proto integer, extension_version text,
@@ -1160,14 +1161,17 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    q pg_sync.peer_probes;
 BEGIN
-    INSERT INTO pg_sync.peer_probes AS q (peer, requested_at) VALUES (p.name, now())
-    ON CONFLICT ON CONSTRAINT peer_probes_pkey DO UPDATE SET requested_at = now();
-    RETURN QUERY
-    SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
+    SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now()) RETURNING * INTO q;
+    ELSIF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
+        UPDATE pg_sync.peer_probes k SET requested_at = now() WHERE k.peer = p.name;
+    END IF;
+    RETURN QUERY SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
            q.extension_version, q.worker_version, q.rtt_ms, q.clock_offset_ms, q.models_sent,
-           q.models_taken, q.models_compatible, q.error
-      FROM pg_sync.peer_probes q WHERE q.peer = p.name;
+           q.models_taken, q.models_compatible, q.error;
 END
 $$;
 

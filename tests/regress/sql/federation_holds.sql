@@ -63,9 +63,57 @@ SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'h1';
 SELECT event, detail ->> 'direction' AS direction FROM pg_sync.peer_events WHERE peer = 'h1' AND event = 'hold_resumed';
 SELECT count(*) AS h1_gets FROM pg_sync.peer_changes('h1', pg_sync.last_sync_id() - 1, 100);
 SELECT pg_sync.peer_retention_hold() = pg_sync.last_sync_id() - 1 AS holds_again;
+-- test_peer asks the worker (it records a request) and shows the last result; the worker's
+-- record_peer_probe fills it in, with the models this node takes and whether the peer sends them.
+SELECT peer_name, checked_at IS NULL AS never_checked, requested_at IS NOT NULL AS requested FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "node_id": "h1", "proto": 1,
+  "extension_version": "0.1.0", "worker_version": "0.1.0", "rtt_ms": 1.5, "clock_offset_ms": -2,
+  "models_sent": ["hold_t", "other"]}');
+-- The result answers the request (fresh); this call places the next request.
+SELECT peer_name, checked_at >= requested_at AS fresh, reachable, auth_ok, node_id, proto, rtt_ms, clock_offset_ms,
+       models_sent, 'hold_t' = ANY (models_taken) AS takes_hold_t, models_compatible, error FROM pg_sync.test_peer('h1');
+SELECT checked_at < requested_at AS pending FROM pg_sync.peer_probes WHERE peer = 'h1';
+-- While a request is pending, calling again does not move it.
+SELECT requested_at = (SELECT requested_at FROM pg_sync.peer_probes WHERE peer = 'h1') AS same_request
+  FROM pg_sync.test_peer('h1');
+SELECT pg_sync.set_peer('h1', models => '{hold_t}');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "models_sent": ["hold_t"]}');
+SELECT models_taken, models_compatible FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "models_sent": []}');
+SELECT models_taken, models_compatible FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": false, "error": "connect: refused"}');
+SELECT reachable, auth_ok, models_compatible, error FROM pg_sync.test_peer('h1');
+SELECT err($$SELECT * FROM pg_sync.test_peer('nope')$$);
+-- resync_peer: the cursor is marked for a snapshot join (any join in progress is dropped); a
+-- push-only peer is refused. The join functions check their peer and position.
+SELECT pg_sync.resync_peer('h1');
+SELECT state, last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'h1';
+SELECT pg_sync.set_peer('h1', direction => 'push');
+SELECT err($$SELECT pg_sync.resync_peer('h1')$$);
+SELECT pg_sync.set_peer('h1', direction => 'both');
+SELECT err($$SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]')$$);
+SELECT err($$SELECT pg_sync.finish_peer_join('h1', 5)$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', -1, '[]')$$);
+SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": 7}]');
+SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[]') ->> 'resumed' AS resumed;
+SELECT pg_sync.apply_peer_snapshot('h1', 5, 'x', 'y', '[]') ->> 'status' AS wrong_position;
+SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]') ->> 'status' AS empty_page;
+SELECT pg_sync.finish_peer_join('h1', 5);
+SELECT peer_node_id, peer_epoch, last_sync_id, state FROM pg_sync.peer_cursors ORDER BY 1;
+SELECT count(*) AS joins FROM pg_sync.peer_joins;
+SELECT event, detail FROM pg_sync.peer_events WHERE peer = 'h1' AND event IN ('resync', 'bootstrapping', 'joined') ORDER BY id;
+-- The sender's join start holds the log at W for the peer, and its snapshot lists the rows.
+SELECT (pg_sync.peer_join_start('h1') ->> 'w')::bigint = pg_sync.last_sync_id() AS w_is_end;
+SELECT pg_sync.peer_retention_hold() = pg_sync.last_sync_id() AS holds_w;
+SELECT model, model_id, jsonb_array_length(changes) AS changes, changes -> 0 ->> 'action' AS first
+  FROM pg_sync.peer_snapshot('h1', '', '', 3);
+SELECT count(*) AS rest FROM pg_sync.peer_snapshot('h1', 'hold_t', 'k3');
+DELETE FROM hold_t WHERE id = 'k1';
+SELECT model_id, jsonb_path_query_array(changes, '$[*].action') AS actions
+  FROM pg_sync.peer_snapshot('h1', '', '', 1);
 -- Removing a peer drops its hold.
 SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
-SELECT count(*) AS holds FROM pg_sync.peer_holds;
+SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
 SELECT pg_sync.unregister_table('hold_t');
 DROP TABLE hold_t, hstart;
 DROP FUNCTION hold_seq();
