@@ -89,14 +89,68 @@ CREATE TABLE pg_sync.peer_links (
     PRIMARY KEY (peer, direction)
 );
 
+-- The sender's retention holds: what each peer it sends to has acknowledged (applied and
+-- committed there), recorded by the worker at subscribe and on acks. Compaction never removes
+-- a sync id above the lowest acknowledgement of a holding peer. A peer that lagged past the cap
+-- (pg_sync.release_lagging_peers, the worker's SYNC_PEER_MAX_LAG) stops holding: resync_below
+-- is the log's end when it was released, and the peer gets PS003 (resync_required) for any
+-- cursor below it until it has re-bootstrapped and acknowledged past it.
+CREATE TABLE pg_sync.peer_holds (
+    peer          text PRIMARY KEY REFERENCES pg_sync.peers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    acked_sync_id bigint NOT NULL DEFAULT 0 CHECK (acked_sync_id >= 0),
+    resync_below  bigint,
+    released_at   timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- The receiver's snapshot joins in progress, one per peer (by node id): the sender's log
+-- position W and its peer cursors, read together when the join began, and the last row
+-- applied (pages go in (model, model_id) order). It commits with each page, so a killed join
+-- resumes after the last page applied. finish_peer_join moves the cursors and deletes it.
+CREATE TABLE pg_sync.peer_joins (
+    peer_node_id   text PRIMARY KEY,
+    peer_epoch     text NOT NULL,
+    w              bigint NOT NULL CHECK (w >= 0),
+    cursors        jsonb NOT NULL DEFAULT '[]',
+    after_model    text COLLATE "C" NOT NULL DEFAULT '',
+    after_model_id text COLLATE "C" NOT NULL DEFAULT '',
+    rows           bigint NOT NULL DEFAULT 0,
+    pages          bigint NOT NULL DEFAULT 0,
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Connection tests (pg_sync.test_peer): the worker's last handshake with each peer, as the
+-- receiver: reachable, authenticated, the peer's node id, protocol and versions, RTT, clock
+-- offset and models. requested_at asks the worker for a fresh probe (it polls this table).
+CREATE TABLE pg_sync.peer_probes (
+    peer              text PRIMARY KEY REFERENCES pg_sync.peers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    requested_at      timestamptz,
+    checked_at        timestamptz,
+    reachable         boolean,
+    auth_ok           boolean,
+    node_id           text,
+    proto             integer,
+    extension_version text,
+    worker_version    text,
+    rtt_ms            double precision,
+    clock_offset_ms   double precision,
+    models_sent       text[],
+    models_taken      text[],
+    models_compatible boolean,
+    error             text
+);
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_quarantine', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
-    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links FROM PUBLIC;
+    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
@@ -105,6 +159,9 @@ ALTER TABLE pg_sync.peer_cursors OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_quarantine OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_events OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_links OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_holds OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_joins OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.peer_probes OWNER TO pgsync_owner;
 
 -- This node's log identity: system identifier, timeline and the random id made at CREATE
 -- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
@@ -424,6 +481,7 @@ BEGIN
     IF p.node_id IS NOT NULL THEN
         DELETE FROM pg_sync.peer_cursors c WHERE c.peer_node_id = p.node_id;
         DELETE FROM pg_sync.peer_quarantine q WHERE q.peer_node_id = p.node_id;
+        DELETE FROM pg_sync.peer_joins j WHERE j.peer_node_id = p.node_id;
     END IF;
     INSERT INTO pg_sync.peer_events (peer, event) VALUES (p.name, 'removed');
     RETURN true;
@@ -497,8 +555,11 @@ CREATE VIEW pg_sync.peer_status AS
            coalesce(l.clock_offset_ms, o.clock_offset_ms) AS clock_offset_ms,
            o.state AS out_state,
            o.peer_last_sync_id AS out_acked_sync_id,
-           c.updated_at AS cursor_updated_at
+           c.updated_at AS cursor_updated_at,
+           h.acked_sync_id AS out_hold,
+           h.resync_below IS NOT NULL AS resync_required
       FROM pg_sync.peers p
+      LEFT JOIN pg_sync.peer_holds h ON h.peer = p.name
       LEFT JOIN pg_sync.peer_cursors c ON c.peer_node_id = p.node_id
       LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
       LEFT JOIN pg_sync.peer_links o ON o.peer = p.name AND o.direction = 'out';
@@ -720,6 +781,436 @@ BEGIN
             USING ERRCODE = 'PS003',
                   HINT = 'The receiver re-bootstraps from a snapshot (resync_required); raise retention for lagging peers to avoid it.';
     END IF;
+    -- Released for lagging past the cap: the log it needs is no longer held (and may go at any
+    -- compaction), so it must re-bootstrap even if that log is still there now.
+    IF after < (SELECT h.resync_below FROM pg_sync.peer_holds h WHERE h.peer = p.name) THEN
+        RAISE EXCEPTION 'peer "%" lagged past the retention cap and was released: it must resync', p.name
+            USING ERRCODE = 'PS003',
+                  HINT = 'The receiver re-bootstraps from a snapshot (resync_required); raise SYNC_PEER_MAX_LAG to hold the log longer for lagging peers.';
+    END IF;
+END
+$$;
+
+-- The sender records what peer `peer` acknowledged (the worker: its cursor at subscribe, with
+-- at_subscribe, which may move it back; then each ack, which only moves it forward). An ack at
+-- or past resync_below ends a release: the peer re-bootstrapped and holds the log again.
+CREATE FUNCTION pg_sync.peer_ack(peer text, acked bigint, at_subscribe boolean DEFAULT false) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    h pg_sync.peer_holds;
+BEGIN
+    IF acked IS NULL OR acked < 0 OR acked > pg_sync.last_sync_id() THEN
+        RAISE EXCEPTION 'acknowledged sync id % is outside 0..=%', coalesce(acked::text, 'NULL'), pg_sync.last_sync_id()
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A peer acknowledges sync ids of this node''s sequenced log.';
+    END IF;
+    INSERT INTO pg_sync.peer_holds AS k (peer, acked_sync_id) VALUES (p.name, acked)
+    ON CONFLICT ON CONSTRAINT peer_holds_pkey DO UPDATE SET
+        acked_sync_id = CASE WHEN at_subscribe THEN EXCLUDED.acked_sync_id
+                             ELSE GREATEST(k.acked_sync_id, EXCLUDED.acked_sync_id) END,
+        updated_at = now()
+    RETURNING * INTO h;
+    IF h.resync_below IS NOT NULL AND h.acked_sync_id >= h.resync_below THEN
+        UPDATE pg_sync.peer_holds k SET resync_below = NULL, released_at = NULL WHERE k.peer = p.name;
+        INSERT INTO pg_sync.peer_events (peer, event, detail)
+        VALUES (p.name, 'hold_resumed', jsonb_build_object('direction', 'out', 'acked', h.acked_sync_id));
+    END IF;
+    RETURN h.acked_sync_id;
+END
+$$;
+
+-- The highest sync id compaction may remove: below the lowest acknowledgement of every peer
+-- that holds the log (one this node sends to, not released). NULL: no peer holds anything.
+-- Disabled peers hold too (disabling is a pause); peers that never acknowledged hold nothing
+-- (they join by snapshot).
+CREATE FUNCTION pg_sync.peer_retention_hold() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT min(h.acked_sync_id) FROM pg_sync.peer_holds h JOIN pg_sync.peers p ON p.name = h.peer
+     WHERE p.direction <> 'pull' AND h.resync_below IS NULL
+$$;
+
+-- The retention cap: peers whose acknowledgement is more than max_lag sync ids behind the log's
+-- end stop holding it; each gets a resync_required event, and its link is told resync_required
+-- (PS003 from peer_changes) until it re-bootstraps. The worker's compaction runs this first
+-- (SYNC_PEER_MAX_LAG). Returns the peers released.
+CREATE FUNCTION pg_sync.release_lagging_peers(max_lag bigint) RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    log_end bigint := pg_sync.last_sync_id();
+    h       pg_sync.peer_holds;
+BEGIN
+    IF max_lag IS NULL OR max_lag < 0 THEN
+        RAISE EXCEPTION 'max_lag must be a non-negative number of sync ids'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. pg_sync.release_lagging_peers(1000000).';
+    END IF;
+    FOR h IN UPDATE pg_sync.peer_holds k SET resync_below = log_end, released_at = now(), updated_at = now()
+               FROM pg_sync.peers p
+              WHERE p.name = k.peer AND p.direction <> 'pull' AND k.resync_below IS NULL
+                AND log_end - k.acked_sync_id > max_lag
+             RETURNING k.* LOOP
+        INSERT INTO pg_sync.peer_events (peer, event, detail)
+        VALUES (h.peer, 'resync_required', jsonb_build_object('direction', 'out', 'reason', 'lag_cap',
+                'acked', h.acked_sync_id, 'lag', log_end - h.acked_sync_id, 'max_lag', max_lag));
+        RETURN NEXT h.peer;
+    END LOOP;
+END
+$$;
+
+-- Joining by snapshot, the sender's part. A receiver that is new (bootstrap 'snapshot') or must
+-- resync reads this node's folded LWW state page by page, then continues from the log after W.
+-- peer_join_start fixes W (the log's end, or the W of a join being resumed while the log after
+-- it is still here) and holds the log after W for the peer, and returns this node's peer
+-- cursors read with it: every page is read later, so it holds everything up to W and up to
+-- those cursors (no gap), and anything newer is merged again from the log (a no-op).
+CREATE FUNCTION pg_sync.peer_join_start(peer_node_id text, resume_w bigint DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers;
+    w bigint;
+    answer jsonb;
+BEGIN
+    SELECT * INTO p FROM pg_sync.peers q WHERE q.node_id = peer_join_start.peer_node_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no peer is pinned to node id "%"', peer_node_id
+            USING ERRCODE = 'undefined_object', HINT = 'Add the peer with pg_sync.add_peer(); the worker pins its node id at the first link.';
+    END IF;
+    IF NOT p.enabled OR p.direction = 'pull' THEN
+        RAISE EXCEPTION 'this node does not send to peer "%" (%)', p.name,
+                        CASE WHEN p.enabled THEN 'direction ' || p.direction ELSE 'disabled' END
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable the peer or set its direction to ''push'' or ''both''.';
+    END IF;
+    IF resume_w IS NOT NULL AND resume_w >= pg_sync.retention_horizon() AND resume_w <= pg_sync.last_sync_id() THEN
+        w := resume_w;
+    ELSE
+        w := pg_sync.last_sync_id();
+    END IF;
+    PERFORM pg_sync.peer_ack(p.name, w, at_subscribe => true);
+    -- A compaction that read the holds before ours may have passed W: start again.
+    IF w < pg_sync.retention_horizon() THEN
+        RAISE EXCEPTION 'the log after sync id % was compacted while the join of peer "%" began', w, p.name
+            USING ERRCODE = 'PS003', HINT = 'Retry: the next join starts at the log''s end.';
+    END IF;
+    SELECT jsonb_build_object('w', w, 'epoch', pg_sync.epoch(), 'resumed', w IS NOT DISTINCT FROM resume_w,
+             'cursors', coalesce(jsonb_agg(jsonb_build_object('node_id', c.peer_node_id, 'epoch', c.peer_epoch,
+                                                              'last_sync_id', c.last_sync_id) ORDER BY c.peer_node_id)
+                                   FILTER (WHERE c.peer_node_id IS NOT NULL), '[]'))
+      INTO answer
+      FROM (SELECT 1) one LEFT JOIN pg_sync.peer_cursors c ON c.peer_epoch IS NOT NULL;
+    INSERT INTO pg_sync.peer_events (peer, event, detail)
+    VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
+    RETURN answer;
+END
+$$;
+
+-- A page of this node's LWW state for peer_node_id: the rows after (after_model, after_model_id)
+-- in (model, model_id) order (bytewise), of models federated 'push' or 'both' that the peer
+-- accepts, at most lim. Each row comes as the changes that rebuild its registers on a merge: a
+-- D at its tombstone, an I at its insert (the whole live row, each column above the insert with
+-- its own version in versions; the key only for a dead row), and a U with the values pending
+-- for a dead row. Merging them is a join, so a row read twice (or also merged from the log)
+-- changes nothing. Read in one snapshot per page.
+CREATE FUNCTION pg_sync.peer_snapshot(peer_node_id text, after_model text DEFAULT '', after_model_id text DEFAULT '',
+                                      lim integer DEFAULT 1000)
+RETURNS TABLE (model text, model_id text, changes jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p    pg_sync.peers;
+    r    pg_sync.registry;
+    got  integer := 0;
+    n    integer;
+    keyc text;
+    keyo text;
+    grp  text;
+BEGIN
+    SELECT * INTO p FROM pg_sync.peers q WHERE q.node_id = peer_snapshot.peer_node_id;
+    IF NOT FOUND OR NOT p.enabled OR p.direction = 'pull' THEN
+        RAISE EXCEPTION 'this node does not send to a peer pinned to node id "%"', peer_node_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The peer must be pinned, enabled and have direction ''push'' or ''both''.';
+    END IF;
+    IF lim IS NULL OR lim < 1 THEN
+        RAISE EXCEPTION 'lim must be at least 1' USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the page size.';
+    END IF;
+    FOR r IN SELECT * FROM pg_sync.registry g
+              WHERE g.enabled AND g.federation IN ('push', 'both')
+                AND (p.models IS NULL OR g.model = ANY (p.models))
+                AND g.model COLLATE "C" >= coalesce(after_model, '') COLLATE "C"
+              ORDER BY g.model COLLATE "C" LOOP
+        EXIT WHEN got >= lim;
+        -- The table row of a state, by its key parsed from the model id (the key's index), then
+        -- checked against the canonical id.
+        SELECT string_agg(format('t.%I = %s::%s', k.c,
+                                 CASE WHEN cardinality(r.pk_columns) = 1 THEN 's.model_id'
+                                      ELSE format('(s.model_id::jsonb ->> %s)', k.o - 1) END,
+                                 format_type(a.atttypid, a.atttypmod)), ' AND '),
+               'jsonb_build_object(' || string_agg(format('%L, %s', k.c,
+                                 CASE WHEN cardinality(r.pk_columns) = 1 THEN 's.model_id'
+                                      ELSE format('(s.model_id::jsonb ->> %s)', k.o - 1) END), ', ') || ')'
+          INTO keyc, keyo
+          FROM unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
+          JOIN pg_attribute a ON a.attrelid = r.rel AND a.attname = k.c;
+        grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
+                    ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
+        RETURN QUERY EXECUTE format(
+            'SELECT s.model::text, s.model_id::text,
+                    pg_catalog.jsonb_path_query_array(pg_catalog.jsonb_build_array(
+                      CASE WHEN s.deleted IS NOT NULL THEN pg_catalog.jsonb_build_object(
+                        ''model'', s.model, ''model_id'', s.model_id, ''action'', ''D'', ''data'', %3$s,
+                        ''version'', s.deleted, ''origin'', pg_catalog.split_part(s.deleted, ''@'', 2)) END,
+                      CASE WHEN s.created IS NOT NULL THEN pg_catalog.jsonb_build_object(
+                        ''model'', s.model, ''model_id'', s.model_id, ''action'', ''I'',
+                        ''data'', coalesce(t.data, %3$s), ''version'', s.created,
+                        ''versions'', CASE WHEN t.data IS NOT NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'' THEN s.versions END,
+                        ''origin'', pg_catalog.split_part(s.created, ''@'', 2), ''group_id'', t.grp) END,
+                      CASE WHEN (t.data IS NULL AND s.pending IS NOT NULL AND s.pending OPERATOR(pg_catalog.<>) ''{}'')
+                             OR (t.data IS NOT NULL AND s.created IS NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'') THEN
+                        (SELECT pg_catalog.jsonb_build_object(
+                           ''model'', s.model, ''model_id'', s.model_id, ''action'', ''U'',
+                           ''data'', pg_catalog.jsonb_object_agg(v.key, coalesce(t.data, s.pending) OPERATOR(pg_catalog.->) v.key),
+                           ''version'', max(v.value COLLATE "C"), ''versions'', pg_catalog.jsonb_object_agg(v.key, v.value),
+                           ''origin'', pg_catalog.split_part(max(v.value COLLATE "C"), ''@'', 2), ''group_id'', t.grp)
+                           FROM pg_catalog.jsonb_each_text(s.versions) v
+                          WHERE coalesce(t.data, s.pending) OPERATOR(pg_catalog.?) v.key
+                         HAVING count(*) OPERATOR(pg_catalog.>) 0) END),
+                      ''$[*] ? (@ != null)'')
+               FROM pg_sync.row_state s
+               LEFT JOIN LATERAL (
+                    SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS data, %5$s AS grp FROM %1$s t
+                     WHERE %2$s AND %4$s OPERATOR(pg_catalog.=) s.model_id) t ON true
+              WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
+                AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
+              ORDER BY s.model_id LIMIT $3',
+            r.rel, keyc, keyo, pg_sync.model_id_expr(r), grp)
+          USING r.model, CASE WHEN r.model = after_model THEN coalesce(after_model_id, '') ELSE '' END,
+                lim - got, r.excluded_columns;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        got := got + n;
+    END LOOP;
+END
+$$;
+
+-- Joining by snapshot, the receiver's part. begin_peer_join records (or resumes) a join of the
+-- peer's state: the same epoch and W resume where the last page left off; anything else starts
+-- over (rows already merged stay: merging them again is a no-op). Returns where to read next.
+CREATE FUNCTION pg_sync.begin_peer_join(peer text, epoch text, w bigint, cursors jsonb DEFAULT '[]')
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    j pg_sync.peer_joins;
+BEGIN
+    IF p.node_id IS NULL THEN
+        RAISE EXCEPTION 'peer "%" has no pinned node id', p.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The worker pins it with pg_sync.pin_peer() after authenticating the link.';
+    END IF;
+    IF epoch IS NULL OR w IS NULL OR w < 0 OR cursors IS NULL OR jsonb_typeof(cursors) <> 'array' THEN
+        RAISE EXCEPTION 'invalid join: epoch, w >= 0 and a cursors array are required'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass what pg_sync.peer_join_start() answered on the peer.';
+    END IF;
+    SELECT * INTO j FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id FOR UPDATE;
+    IF FOUND AND j.peer_epoch = epoch AND j.w = w THEN
+        RETURN jsonb_build_object('after_model', j.after_model, 'after_model_id', j.after_model_id,
+                                  'rows', j.rows, 'resumed', true);
+    END IF;
+    INSERT INTO pg_sync.peer_joins AS k (peer_node_id, peer_epoch, w, cursors)
+    VALUES (p.node_id, epoch, w, cursors)
+    ON CONFLICT (peer_node_id) DO UPDATE SET
+        peer_epoch = EXCLUDED.peer_epoch, w = EXCLUDED.w, cursors = EXCLUDED.cursors, after_model = '',
+        after_model_id = '', rows = 0, pages = 0, started_at = now(), updated_at = now();
+    INSERT INTO pg_sync.peer_events (peer, event, detail)
+    VALUES (p.name, 'bootstrapping', jsonb_build_object('direction', 'in', 'w', w, 'restarted', j.peer_node_id IS NOT NULL));
+    RETURN jsonb_build_object('after_model', '', 'after_model_id', '', 'rows', 0, 'resumed', false);
+END
+$$;
+
+-- Merges one page of the peer's state (rows of peer_snapshot, read after (after_model,
+-- after_model_id)) and moves the join past its last row, in one transaction: a kill -9 leaves
+-- the page either merged and recorded or neither. A page for another position (a retry after
+-- a lost answer) changes nothing. Models this node does not take from the peer are skipped.
+CREATE FUNCTION pg_sync.apply_peer_snapshot(peer text, w bigint, after_model text, after_model_id text, page jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    j pg_sync.peer_joins;
+    todo jsonb;
+    last_row jsonb;
+    n_changed bigint := 0;
+BEGIN
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'page must be a JSON array' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass the rows of pg_sync.peer_snapshot() (model, model_id, changes).';
+    END IF;
+    SELECT * INTO j FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id FOR UPDATE;
+    IF NOT FOUND OR j.w <> w THEN
+        RAISE EXCEPTION 'no join of peer "%" at W %', p.name, w
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Begin it with pg_sync.begin_peer_join().';
+    END IF;
+    IF j.after_model <> coalesce(after_model, '') OR j.after_model_id <> coalesce(after_model_id, '') THEN
+        RETURN jsonb_build_object('status', 'duplicate', 'after_model', j.after_model, 'after_model_id', j.after_model_id);
+    END IF;
+    SELECT coalesce(jsonb_agg(c ORDER BY o, ci), '[]') INTO todo
+      FROM jsonb_array_elements(page) WITH ORDINALITY AS x(e, o),
+           jsonb_array_elements(e -> 'changes') WITH ORDINALITY AS y(c, ci)
+      JOIN pg_sync.registry g ON g.model = c ->> 'model'
+     WHERE g.enabled AND g.federation IN ('pull', 'both') AND (p.models IS NULL OR g.model = ANY (p.models));
+    IF jsonb_array_length(todo) > 0 THEN
+        n_changed := pg_sync.apply_remote(todo);
+    END IF;
+    last_row := page -> -1;
+    UPDATE pg_sync.peer_joins k SET
+        after_model = coalesce(last_row ->> 'model', k.after_model),
+        after_model_id = coalesce(last_row ->> 'model_id', k.after_model_id),
+        rows = k.rows + jsonb_array_length(page), pages = k.pages + 1, updated_at = now()
+     WHERE k.peer_node_id = p.node_id
+    RETURNING * INTO j;
+    RETURN jsonb_build_object('status', 'applied', 'after_model', j.after_model, 'after_model_id', j.after_model_id,
+                              'rows', jsonb_array_length(page), 'changed', n_changed);
+END
+$$;
+
+-- Ends a join: the cursor for the peer becomes W (its epoch), and the cursor for every other
+-- node the peer had applied rises to the peer's (this node now holds that state too, so
+-- starting there leaves no gap; an overlap is a no-op). Cursors of another epoch stay. The
+-- join's record goes, in the same transaction.
+CREATE FUNCTION pg_sync.finish_peer_join(peer text, w bigint) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    j pg_sync.peer_joins;
+BEGIN
+    SELECT * INTO j FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id FOR UPDATE;
+    IF NOT FOUND OR j.w <> w THEN
+        RAISE EXCEPTION 'no join of peer "%" at W %', p.name, w
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Begin it with pg_sync.begin_peer_join().';
+    END IF;
+    INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, peer_epoch, last_sync_id, state)
+    VALUES (p.node_id, j.peer_epoch, j.w, 'joined')
+    ON CONFLICT (peer_node_id) DO UPDATE SET
+        peer_epoch = EXCLUDED.peer_epoch, last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now();
+    INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, peer_epoch, last_sync_id, state)
+    SELECT c ->> 'node_id', c ->> 'epoch', (c ->> 'last_sync_id')::bigint, 'joined'
+      FROM jsonb_array_elements(j.cursors) c
+     WHERE c ->> 'node_id' IS DISTINCT FROM p.node_id AND c ->> 'node_id' IS DISTINCT FROM pg_sync.node_id()
+       AND c ->> 'epoch' IS NOT NULL
+    ON CONFLICT (peer_node_id) DO UPDATE SET
+        last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now()
+     WHERE k.peer_epoch IS NOT DISTINCT FROM EXCLUDED.peer_epoch AND k.last_sync_id < EXCLUDED.last_sync_id;
+    DELETE FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id;
+    INSERT INTO pg_sync.peer_events (peer, event, detail)
+    VALUES (p.name, 'joined', jsonb_build_object('direction', 'in', 'w', j.w, 'rows', j.rows, 'pages', j.pages));
+    RETURN j.w;
+END
+$$;
+
+-- Re-bootstraps this node's copy of a peer's state: the next link from the peer joins by
+-- snapshot (merging the peer's state into this node's, so writes made here meanwhile stay),
+-- then continues from the snapshot's log position. The worker also does this by itself when the
+-- peer answers resync_required.
+CREATE FUNCTION pg_sync.resync_peer(peer text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+BEGIN
+    IF p.direction = 'push' THEN
+        RAISE EXCEPTION 'this node does not receive from peer "%" (direction push)', p.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Resync on the peer, which receives from this node.';
+    END IF;
+    IF p.node_id IS NOT NULL THEN
+        INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, state) VALUES (p.node_id, 'resync_required')
+        ON CONFLICT (peer_node_id) DO UPDATE SET state = 'resync_required', updated_at = now();
+        DELETE FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id;
+    END IF;
+    -- A new fingerprint for the worker: the running link restarts and joins.
+    UPDATE pg_sync.peers q SET updated_at = now() WHERE q.name = p.name;
+    INSERT INTO pg_sync.peer_events (peer, event, detail) VALUES (p.name, 'resync', jsonb_build_object('direction', 'in'));
+    RETURN true;
+END
+$$;
+
+-- Tests the connection to a peer, through the worker (the extension does no network I/O):
+-- returns the latest result, and unless a request is already pending, asks the worker for a
+-- fresh probe (it dials the peer, authenticates as the receiver and hangs up, within about a
+-- second of this transaction's commit). A result with checked_at >= requested_at answers the
+-- latest request; otherwise it is older: call again a moment later. The receiver's own link
+-- refreshes the result at every connect too.
+CREATE FUNCTION pg_sync.test_peer(peer text)
+RETURNS TABLE (peer_name text, checked_at timestamptz, requested_at timestamptz, reachable boolean,
+               auth_ok boolean, node_id text, proto integer, extension_version text,
+               worker_version text, rtt_ms double precision, clock_offset_ms double precision,
+               models_sent text[], models_taken text[], models_compatible boolean, error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pg_sync.peers := pg_sync.peer_or_raise(peer);
+    q pg_sync.peer_probes;
+BEGIN
+    SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now()) RETURNING * INTO q;
+    ELSIF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
+        UPDATE pg_sync.peer_probes k SET requested_at = now() WHERE k.peer = p.name;
+    END IF;
+    RETURN QUERY SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
+           q.extension_version, q.worker_version, q.rtt_ms, q.clock_offset_ms, q.models_sent,
+           q.models_taken, q.models_compatible, q.error;
+END
+$$;
+
+-- For the worker: records a probe of peer `peer` (a jsonb of peer_probes' columns; absent ones
+-- become NULL). models_taken (what this node takes from the peer) and models_compatible (every
+-- model taken is one the peer sends) are computed here.
+CREATE FUNCTION pg_sync.record_peer_probe(peer text, result jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p     pg_sync.peers := pg_sync.peer_or_raise(peer);
+    taken text[];
+    sent  text[];
+BEGIN
+    SELECT coalesce(array_agg(r.model ORDER BY r.model), '{}') INTO taken FROM pg_sync.registry r
+     WHERE r.enabled AND r.federation IN ('pull', 'both') AND (p.models IS NULL OR r.model = ANY (p.models));
+    IF jsonb_typeof(result -> 'models_sent') = 'array' THEN
+        sent := ARRAY(SELECT jsonb_array_elements_text(result -> 'models_sent'));
+    END IF;
+    INSERT INTO pg_sync.peer_probes AS q (peer, checked_at, reachable, auth_ok, node_id, proto, extension_version,
+                                          worker_version, rtt_ms, clock_offset_ms, models_sent, models_taken,
+                                          models_compatible, error)
+    VALUES (p.name, now(), (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
+            (result ->> 'proto')::integer, result ->> 'extension_version', result ->> 'worker_version',
+            (result ->> 'rtt_ms')::double precision, (result ->> 'clock_offset_ms')::double precision,
+            sent, taken, CASE WHEN sent IS NOT NULL THEN taken <@ sent END, result ->> 'error')
+    ON CONFLICT ON CONSTRAINT peer_probes_pkey DO UPDATE SET
+        checked_at = EXCLUDED.checked_at, reachable = EXCLUDED.reachable, auth_ok = EXCLUDED.auth_ok,
+        node_id = EXCLUDED.node_id, proto = EXCLUDED.proto, extension_version = EXCLUDED.extension_version,
+        worker_version = EXCLUDED.worker_version, rtt_ms = EXCLUDED.rtt_ms,
+        clock_offset_ms = EXCLUDED.clock_offset_ms, models_sent = EXCLUDED.models_sent,
+        models_taken = EXCLUDED.models_taken, models_compatible = EXCLUDED.models_compatible,
+        error = EXCLUDED.error;
+    IF (result ->> 'rtt_ms') IS NOT NULL THEN
+        UPDATE pg_sync.peer_links l SET rtt_ms = (result ->> 'rtt_ms')::double precision,
+               clock_offset_ms = (result ->> 'clock_offset_ms')::double precision
+         WHERE l.peer = p.name AND l.direction = 'in';
+    END IF;
 END
 $$;
 
@@ -739,7 +1230,9 @@ AS $$
 $$;
 
 -- Administration and the worker's functions: not for PUBLIC. Kept for PUBLIC: warn_sequence_key
--- (register_table, which table owners may be granted, calls it; it reads catalogs and warns).
+-- (register_table, which table owners may be granted, calls it; it reads catalogs and warns),
+-- and peer_retention_hold (compact, which the worker's role is granted, calls it; it reads
+-- tables only pgsync_owner may read).
 REVOKE ALL ON FUNCTION pg_sync.epoch() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.require_explicit_node_id() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.model_id_expr(pg_sync.registry) FROM PUBLIC;
@@ -759,3 +1252,13 @@ REVOKE ALL ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, json
 REVOKE ALL ON FUNCTION pg_sync.retry_quarantined(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.peer_changes(text, bigint, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.batch_end(bigint, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peer_ack(text, bigint, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.release_lagging_peers(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peer_join_start(text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.peer_snapshot(text, text, text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.begin_peer_join(text, text, bigint, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.apply_peer_snapshot(text, bigint, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.finish_peer_join(text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.resync_peer(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.test_peer(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.record_peer_probe(text, jsonb) FROM PUBLIC;

@@ -26,7 +26,12 @@ pub fn compact(horizon: i64) -> i64 {
     // Only whole transactions go: every action of a compacted transaction is at or below it.
     // Row states are kept current by every writer (see `state`), so nothing needs folding first
     // and no row is read or locked: compaction cannot race the rows' writers.
+    // Peers' retention holds (`peer_retention_hold`, sql/federation.sql) lower the horizon:
+    // nothing a peer this node sends to has not acknowledged goes, unless the peer was released
+    // for lagging past the cap. Read in this statement's snapshot; a later subscribe that moves
+    // a hold back finds its cursor below the horizon and is told to resync (never a gap).
     let deleted = model::run(
+<<<<<<< HEAD
         "WITH gone AS (
            DELETE FROM pg_sync.sync_actions a USING pg_sync.commit_order c
             WHERE c.xid = a.xid AND c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint
@@ -34,11 +39,19 @@ pub fn compact(horizon: i64) -> i64 {
          members AS (
            DELETE FROM pg_sync.membership_log m
             WHERE m.action_id IN (SELECT gone.id FROM gone WHERE gone.model = '$membership')),
+=======
+        "WITH lim AS (
+           SELECT LEAST(($1->>'h')::bigint, coalesce(pg_sync.peer_retention_hold(), ($1->>'h')::bigint)) AS h),
+         gone AS (
+           DELETE FROM pg_sync.sync_actions a USING pg_sync.commit_order c, lim
+            WHERE c.xid = a.xid AND c.first_sync_id + c.action_count - 1 <= lim.h
+           RETURNING 1),
+>>>>>>> fedops
          tx AS (
-           DELETE FROM pg_sync.commit_order c WHERE c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint),
+           DELETE FROM pg_sync.commit_order c USING lim WHERE c.first_sync_id + c.action_count - 1 <= lim.h),
          h AS (
            INSERT INTO pg_sync.retention AS r (only_row, horizon, compacted_at)
-           VALUES (true, ($1->>'h')::bigint, now())
+           SELECT true, lim.h, now() FROM lim
            ON CONFLICT (only_row) DO UPDATE
               SET horizon = GREATEST(r.horizon, EXCLUDED.horizon), compacted_at = now())
          SELECT pg_catalog.to_jsonb(count(*)) FROM gone",

@@ -67,6 +67,15 @@ pub struct Config {
     /// Seconds between compactions.
     #[arg(long, env = "SYNC_COMPACT_INTERVAL_SECS", default_value_t = 3600)]
     pub compact_interval_secs: u64,
+    /// Retention cap for federated peers, in sync ids: compaction keeps the log a peer this
+    /// node sends to has not acknowledged, unless it lags more than this (then the peer is
+    /// released and must resync). 0: no cap (hold for as long as the peer lags).
+    #[arg(long, env = "SYNC_PEER_MAX_LAG", default_value_t = 10_000_000)]
+    pub peer_max_lag: u64,
+    /// PEM file of extra CA certificates trusted for `wss://` peers (besides the web PKI roots),
+    /// e.g. a private CA that signed the peers' certificates.
+    #[arg(long, env = "SYNC_PEER_CA_FILE")]
+    pub peer_ca_file: Option<PathBuf>,
     /// Optional TOML file with the same keys as the flags (database_url, listen, ...).
     #[arg(long, short = 'c', env = "SYNC_CONFIG")]
     pub config: Option<PathBuf>,

@@ -105,6 +105,23 @@ async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
                 .map_err(|e| tracing::warn!(error = %e, "compaction cannot connect"))
                 .ok();
         }
+        // Peers lagging past SYNC_PEER_MAX_LAG stop holding the log (and are told to resync);
+        // the others hold it: pg_sync.compact never goes past their acknowledgements.
+        if let (Some(db), true) = (own.as_ref(), app.cfg.peer_max_lag > 0) {
+            let cap = i64::try_from(app.cfg.peer_max_lag).unwrap_or(i64::MAX);
+            match db
+                .query("SELECT pg_sync.release_lagging_peers($1)", &[&cap])
+                .await
+            {
+                Ok(rows) => {
+                    for row in rows {
+                        let peer: String = row.get(0);
+                        tracing::warn!(peer, cap, "federation: peer lagged past SYNC_PEER_MAX_LAG; released (it must resync)");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "releasing lagging peers failed"),
+            }
+        }
         let result = match own.as_ref().ok_or("no connection") {
             Ok(db) => db
                 .query_one(

@@ -6,6 +6,7 @@
 
 use pg_sync_tests::postgres::Client;
 use pg_sync_tests::Cluster;
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -272,6 +273,11 @@ fn two_regions_converge_through_their_workers() {
         "{body}"
     );
     assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
+    // A's writes reached B first-hop: their write-to-apply delays are in B's histogram.
+    assert!(
+        body.contains("pg_sync_peer_write_to_apply_seconds_count{peer=\"a\",direction=\"in\"}"),
+        "{body}"
+    );
     for node in ["a", "b"] {
         assert_eq!(
             minted_by(&mut a, node),
@@ -334,6 +340,505 @@ fn two_regions_converge_through_their_workers() {
     );
     drop(wa);
     drop(wb);
+}
+
+/// Retention holds: A compacts its log down to one action every second, but keeps what B (its
+/// peer, stopped meanwhile) has not acknowledged, so B catches up from its cursor. Past the
+/// cap (SYNC_PEER_MAX_LAG) A releases B and compacts; B's link is told resync_required, joins
+/// A by snapshot and converges, keeping what B wrote meanwhile.
+#[test]
+fn retention_holds_then_resync_past_the_cap() {
+    let (ca, cb) = (Cluster::start("hold_a", &[]), Cluster::start("hold_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let compacting = [
+        ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+        ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ("SYNC_PEER_MAX_LAG", "200"),
+    ];
+    let wa = Worker::start_with(&ca, "app", pa, &compacting);
+    let mut wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wa);
+    healthy(&wb);
+    exec(
+        &mut a,
+        "INSERT INTO items SELECT 'h' || g, 'x', g, 'g' FROM generate_series(1, 5) g",
+    );
+    converge(&mut a, &mut b);
+    // A records B's acks: its hold follows B's cursor.
+    let hold = "SELECT out_hold FROM pg_sync.peer_status WHERE peer = 'b'";
+    wait_for("A to record B's last ack", || {
+        text(&mut a, hold) == text(&mut a, "SELECT pg_sync.last_sync_id()")
+    });
+
+    // B's worker stops; A writes 30 transactions. Compaction goes up to B's acknowledgement
+    // and no further.
+    wb.terminate();
+    for t in 0..30 {
+        exec(
+            &mut a,
+            &format!("INSERT INTO items VALUES ('w{t}', 'w', {t}, 'g')"),
+        );
+    }
+    wait_for("A's compaction to reach B's hold", || {
+        text(&mut a, "SELECT pg_sync.retention_horizon()") == text(&mut a, hold)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        text(&mut a, "SELECT pg_sync.retention_horizon()"),
+        text(&mut a, hold),
+        "compaction went past B's hold"
+    );
+    assert_eq!(
+        text(
+            &mut a,
+            &format!("SELECT count(*) >= 30 FROM pg_sync.peer_changes('b', ({hold}), 1000)")
+        ),
+        "true"
+    );
+    let wb2 = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb2);
+    converge(&mut a, &mut b);
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE event = 'resync_required'"
+        ),
+        "0"
+    );
+    drop(wb2);
+
+    // Past the cap: 250 actions behind (cap 200), A releases B (an event, peer_status), stops
+    // holding and compacts; B's restarted link is told resync_required.
+    wait_for("B's worker to stop", || {
+        text(
+            &mut a,
+            "SELECT state FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'out'",
+        ) == "disconnected"
+    });
+    for t in 0..5 {
+        exec(
+            &mut a,
+            &format!(
+                "INSERT INTO items SELECT 'c{t}-' || g, 'c', g, 'g' FROM generate_series(1, 50) g"
+            ),
+        );
+    }
+    wait_for("A to release B", || {
+        text(
+            &mut a,
+            "SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'b'",
+        ) == "true"
+    });
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT detail->>'reason' FROM pg_sync.peer_events WHERE peer = 'b' AND event = 'resync_required'"
+        ),
+        "lag_cap"
+    );
+    wait_for("A to compact past B's cursor", || {
+        text(
+            &mut a,
+            &format!("SELECT pg_sync.retention_horizon() > ({hold})"),
+        ) == "true"
+    });
+    exec(
+        &mut b,
+        "INSERT INTO items VALUES ('b-partitioned', 'b', 1, 'g')",
+    );
+    let wb3 = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb3);
+    // B's link is told resync_required, re-bootstraps by snapshot and continues from W; the
+    // write B made meanwhile stays and reaches A.
+    converge(&mut a, &mut b);
+    let ev = events(&mut b, "a");
+    for e in [
+        "resync_required:in",
+        "resync:in",
+        "bootstrapping:in",
+        "joined:in",
+    ] {
+        assert!(ev.contains(e), "{e} missing from {ev}");
+    }
+    assert!(items(&mut a).contains("b-partitioned"));
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'b'"
+        ),
+        "false",
+        "B holds A's log again after its join"
+    );
+    no_duplicates(&mut a, "a");
+    no_duplicates(&mut b, "b");
+    drop(wa);
+    drop(wb3);
+}
+
+/// A node added under load joins by snapshot through the workers: A holds 6,000 rows and keeps
+/// writing; B (new, bootstrap 'snapshot') pulls A's state in pages of 1,000; its worker is
+/// killed -9 after the second page and restarted: the join resumes after the last committed
+/// page at the same W, then B continues from W and converges, nothing applied twice.
+#[test]
+fn a_node_joins_under_load_and_its_killed_join_resumes() {
+    let (ca, cb) = (Cluster::start("join_a", &[]), Cluster::start("join_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        "INSERT INTO items SELECT 'j' || g, 'x', g, 'g' || (g % 7) FROM generate_series(1, 6000) g;
+         DELETE FROM items WHERE id LIKE 'j%0';
+         UPDATE items SET a = 'edited' WHERE id LIKE 'j%3';",
+    );
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&ca, "app", pa, &[]);
+    healthy(&wa);
+    let load = std::thread::spawn({
+        let mut a = ca.connect("app");
+        move || {
+            for t in 0..60 {
+                a.batch_execute(&format!(
+                    "INSERT INTO items VALUES ('load{t}', 'l', {t}, 'g1');
+                     UPDATE items SET b = b + 1 WHERE id = 'j{}'",
+                    t * 7 + 1
+                ))
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    let mut wb = Worker::start_with(&cb, "app", pb, &[]);
+    wait_for("B's join to pass its second page", || {
+        text(
+            &mut b,
+            "SELECT count(*) = 1 AND coalesce(max(pages), 0) >= 2 FROM pg_sync.peer_joins",
+        ) == "true"
+    });
+    wb.kill9();
+    let killed_w = text(&mut b, "SELECT w FROM pg_sync.peer_joins");
+    assert_ne!(killed_w, "", "the join was recorded");
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    load.join().unwrap();
+    converge(&mut a, &mut b);
+    let joined = text(
+        &mut b,
+        "SELECT detail::text FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'joined'",
+    );
+    let joined: serde_json::Value = serde_json::from_str(&joined).unwrap();
+    assert_eq!(
+        joined["w"].to_string(),
+        killed_w,
+        "the join resumed at its W"
+    );
+    let rows = joined["rows"].as_i64().unwrap();
+    assert!(rows >= 6000, "the join read {rows} rows");
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'b' AND event = 'join_started' AND detail->>'resumed' = 'true'"
+        ),
+        "1"
+    );
+    assert_eq!(
+        text(
+            &mut b,
+            "SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'bootstrapping'"
+        ),
+        "1",
+        "the restarted worker resumed the join instead of beginning another"
+    );
+    no_duplicates(&mut a, "a");
+    no_duplicates(&mut b, "b");
+    drop(wa);
+    drop(wb);
+}
+
+/// Until the worker has answered the latest test_peer request for `peer`; its result as JSON.
+fn tested(c: &mut Client, peer: &str) -> serde_json::Value {
+    exec(c, &format!("SELECT pg_sync.test_peer('{peer}')"));
+    wait_for("the worker's connection test", || {
+        text(
+            c,
+            &format!(
+                "SELECT checked_at >= requested_at FROM pg_sync.peer_probes WHERE peer = '{peer}'"
+            ),
+        ) == "true"
+    });
+    serde_json::from_str(&text(
+        c,
+        &format!("SELECT to_jsonb(t) FROM pg_sync.test_peer('{peer}') t"),
+    ))
+    .unwrap()
+}
+
+/// test_peer, through the worker: a healthy peer (reachable, authenticated, node id, protocol
+/// and versions, RTT, clock offset, models compatible), a wrong secret (reachable, not
+/// authenticated), and an address nobody listens on (unreachable).
+#[test]
+fn test_peer_reports_reachability_auth_versions_and_models() {
+    let (ca, cb) = (
+        Cluster::start("probe_a", &[]),
+        Cluster::start("probe_b", &[]),
+    );
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!(
+            "SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
+             SELECT pg_sync.add_peer('nowhere', 'ws://127.0.0.1:{}', '{PEER_SECRET}', direction => 'push')",
+            free_port()
+        ),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&ca, "app", pa, &[]);
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wa);
+    healthy(&wb);
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"], &t["node_id"], &t["proto"]),
+        (&json!(true), &json!(true), &json!("b"), &json!(1)),
+        "{t}"
+    );
+    assert_eq!(t["extension_version"], json!("0.1.0"), "{t}");
+    assert_eq!(t["worker_version"], json!(env!("CARGO_PKG_VERSION")), "{t}");
+    assert_eq!(t["models_sent"], json!(["items"]), "{t}");
+    assert_eq!(t["models_compatible"], json!(true), "{t}");
+    assert!(t["rtt_ms"].as_f64().unwrap() >= 0.0, "{t}");
+    // One machine, one clock: the offset is within the round trip's noise.
+    assert!(t["clock_offset_ms"].as_f64().unwrap().abs() < 1000.0, "{t}");
+    assert_eq!(
+        text(&mut a, "SELECT rtt_ms IS NOT NULL FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'in'"),
+        "true"
+    );
+    // B stops sending items: A takes a model B does not send.
+    exec(&mut b, "SELECT pg_sync.set_peer('a', models => '{}')");
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["models_sent"], &t["models_compatible"]),
+        (&json!([]), &json!(false)),
+        "{t}"
+    );
+
+    exec(
+        &mut a,
+        "SELECT pg_sync.set_peer('b', secret => 'not-the-shared-secret', retire_previous => true)",
+    );
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"]),
+        (&json!(true), &json!(false)),
+        "{t}"
+    );
+    assert!(t["error"].as_str().unwrap().contains("4501"), "{t}");
+
+    let t = tested(&mut a, "nowhere");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"]),
+        (&json!(false), &json!(null)),
+        "{t}"
+    );
+    assert!(t["error"].as_str().unwrap().starts_with("connect"), "{t}");
+    assert_eq!(
+        text(
+            &mut a,
+            "SELECT count(*) FROM pg_sync.peer_links WHERE peer = 'nowhere'"
+        ),
+        "0",
+        "a connection test reports no link state"
+    );
+    drop(wa);
+    drop(wb);
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pg_sync test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "peer.key",
+        "-out",
+        "peer.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "peer.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "peer.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// A TLS-terminating proxy on `port` in front of the worker on `to` (as a load balancer in
+/// front of a region's worker would be), on its own thread and runtime.
+fn tls_proxy(dir: &std::path::Path, port: u16, to: u16) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("peer.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("peer.key")).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                    });
+                }
+            });
+    });
+}
+
+/// wss:// peers: A dials B through a TLS-terminating proxy. Without B's CA, A refuses B's
+/// certificate (the error is in peer_status); with SYNC_PEER_CA_FILE naming it, the link
+/// authenticates and B's writes reach A.
+#[test]
+fn wss_peers_are_verified_against_the_configured_ca() {
+    let dir = std::env::temp_dir().join(format!("pg_sync_wss_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    test_pki(&dir);
+    let (ca, cb) = (Cluster::start("wss_a", &[]), Cluster::start("wss_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb, tls) = (free_port(), free_port(), free_port());
+    tls_proxy(&dir, tls, pb);
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'wss://127.0.0.1:{tls}', '{PEER_SECRET}', direction => 'pull')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}', direction => 'push')"),
+    );
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    let mut wa = Worker::start_with(&ca, "app", pa, &[]);
+    healthy(&wa);
+    wait_for("A to refuse B's certificate", || {
+        text(
+            &mut a,
+            "SELECT coalesce(last_error, '') FROM pg_sync.peer_status WHERE peer = 'b'",
+        )
+        .contains("certificate")
+    });
+    wa.terminate();
+    let ca_file = dir.join("ca.pem");
+    let wa = Worker::start_with(
+        &ca,
+        "app",
+        pa,
+        &[("SYNC_PEER_CA_FILE", ca_file.to_str().unwrap())],
+    );
+    healthy(&wa);
+    exec(&mut b, "INSERT INTO items VALUES ('over-tls', 't', 1, 'g')");
+    wait_for("B's write to reach A over wss", || {
+        items(&mut a).contains("over-tls")
+    });
+    wait_for("A's link from B to stream", || {
+        text(
+            &mut a,
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'b'",
+        ) == "streaming"
+    });
+    drop(wa);
+    drop(wb);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn events(c: &mut Client, peer: &str) -> String {

@@ -316,3 +316,278 @@ fn mesh_through_peer_functions_converges() {
         assert_eq!(before, after, "seed {seed}: a log grew after quiescence");
     }
 }
+
+/// Pulls every link among `nodes` (all pairs, or those `up` allows) until none moves.
+fn quiesce(nodes: &mut [Client], up: impl Fn(usize, usize) -> bool) {
+    for _ in 0..50 {
+        let mut moved = false;
+        for s in 0..nodes.len() {
+            for r in 0..nodes.len() {
+                if s != r && up(s, r) {
+                    moved |= pump(nodes, s, r);
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+    panic!("the mesh did not quiesce");
+}
+
+fn json(
+    c: &mut Client,
+    sql: &str,
+    params: &[&(dyn pg_sync_tests::postgres::types::ToSql + Sync)],
+) -> serde_json::Value {
+    let text: String = c
+        .query_one(&format!("SELECT ({sql})::text"), params)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// One snapshot page from `nodes[s]` to `nodes[r]` (the receiver's join position, a page of
+/// `lim` rows, apply_peer_snapshot), as the worker runs it. Returns whether the state is done.
+fn snapshot_page(nodes: &mut [Client], s: usize, r: usize, w: i64, lim: i32) -> bool {
+    let pos = json(
+        &mut nodes[r],
+        "SELECT jsonb_build_object('m', after_model, 'id', after_model_id) FROM pg_sync.peer_joins WHERE peer_node_id = $1",
+        &[&MESH[s]],
+    );
+    let (m, id) = (pos["m"].as_str().unwrap(), pos["id"].as_str().unwrap());
+    let page = json(
+        &mut nodes[s],
+        "SELECT coalesce(jsonb_agg(to_jsonb(x)), '[]') FROM pg_sync.peer_snapshot($1, $2, $3, $4) x",
+        &[&MESH[r], &m, &id, &lim],
+    );
+    let n = page.as_array().unwrap().len();
+    let status = json(
+        &mut nodes[r],
+        "SELECT pg_sync.apply_peer_snapshot($1, $2, $3, $4, $5::text::jsonb) -> 'status'",
+        &[&MESH[s], &w, &m, &id, &page.to_string()],
+    );
+    assert_eq!(status, "applied");
+    n < lim as usize
+}
+
+/// Begins (or resumes) a join of `nodes[r]` from `nodes[s]`: returns W.
+fn begin_join(nodes: &mut [Client], s: usize, r: usize, resume: Option<i64>) -> (i64, bool) {
+    sequence(&mut nodes[s]);
+    let start = json(
+        &mut nodes[s],
+        "SELECT pg_sync.peer_join_start($1, $2)",
+        &[&MESH[r], &resume],
+    );
+    let w = start["w"].as_i64().unwrap();
+    let pos = json(
+        &mut nodes[r],
+        "SELECT pg_sync.begin_peer_join($1, $2, $3, $4::text::jsonb)",
+        &[
+            &MESH[s],
+            &start["epoch"].as_str().unwrap(),
+            &w,
+            &start["cursors"].to_string(),
+        ],
+    );
+    (w, pos["resumed"].as_bool().unwrap())
+}
+
+fn converged(nodes: &mut [Client], what: &str) {
+    let snaps: Vec<(String, String)> = nodes.iter_mut().map(mesh_snapshot).collect();
+    for (i, s) in snaps.iter().enumerate().skip(1) {
+        assert_eq!(s.0, snaps[0].0, "{what}: rows of {} differ", MESH[i]);
+        assert_eq!(s.1, snaps[0].1, "{what}: states of {} differ", MESH[i]);
+    }
+}
+
+/// Joining by snapshot: C joins A's state (paged, 3 rows a page) while A and B keep writing
+/// and exchanging; the join is killed mid-page (the page's transaction is lost) and resumed
+/// where the last committed page left off; then C continues from W on A's log and from A's
+/// cursor for B on B's log, and all three converge with nothing logged twice. Then a partition
+/// beyond the retention cap: A releases C, compacts, C's pull gets PS003; resync_peer and a new
+/// join bring C back, keeping the writes C made meanwhile.
+#[test]
+fn join_by_snapshot_resumes_and_resyncs_past_the_cap() {
+    let cluster = Cluster::start("join", &[]);
+    let mut nodes: Vec<Client> = MESH
+        .iter()
+        .map(|n| node(&cluster, &format!("join_{}", &n[5..]), n))
+        .collect();
+    for (i, c) in nodes.iter_mut().enumerate() {
+        for (j, other) in MESH.iter().enumerate() {
+            if i != j {
+                c.execute(
+                    "SELECT pg_sync.add_peer($1, 'ws://127.0.0.1:1', 'a-secret-of-16-chars'),
+                            pg_sync.pin_peer($1, $1)",
+                    &[other],
+                )
+                .unwrap();
+            }
+        }
+    }
+    // A and B only, with deletes, column edits and group moves.
+    let mut rng = Rng(77);
+    for _ in 0..4 {
+        mesh_writes(&mut nodes[0], &mut rng, 20);
+        mesh_writes(&mut nodes[1], &mut rng, 20);
+        quiesce(&mut nodes, |s, r| s != 2 && r != 2);
+    }
+    // Some of B's log A has not applied yet: C must get it from B, after A's cursor for B.
+    mesh_writes(&mut nodes[1], &mut rng, 10);
+    sequence(&mut nodes[1]);
+
+    let (w, resumed) = begin_join(&mut nodes, 0, 2, None);
+    assert!(!resumed);
+    // Under load: A and B write and exchange between pages.
+    let mut pages = 0;
+    while !snapshot_page(&mut nodes, 0, 2, w, 3) {
+        pages += 1;
+        mesh_writes(&mut nodes[0], &mut rng, 3);
+        mesh_writes(&mut nodes[1], &mut rng, 3);
+        pump(&mut nodes, 0, 1);
+        if pages == 2 {
+            // A kill mid-page: the page's transaction never commits.
+            let killed_at = json(
+                &mut nodes[2],
+                "SELECT to_jsonb(j) - 'updated_at' - 'started_at' FROM pg_sync.peer_joins j",
+                &[],
+            );
+            let (m, id) = (
+                killed_at["after_model"].as_str().unwrap().to_owned(),
+                killed_at["after_model_id"].as_str().unwrap().to_owned(),
+            );
+            let page = json(
+                &mut nodes[0],
+                "SELECT coalesce(jsonb_agg(to_jsonb(x)), '[]') FROM pg_sync.peer_snapshot($1, $2, $3, 3) x",
+                &[&MESH[2], &m, &id],
+            );
+            {
+                let mut tx = nodes[2].transaction().unwrap();
+                tx.execute(
+                    "SELECT pg_sync.apply_peer_snapshot($1, $2, $3, $4, $5::text::jsonb)",
+                    &[&MESH[0], &w, &m, &id, &page.to_string()],
+                )
+                .unwrap();
+                // Dropped without a commit: rolled back, as a killed session's would be.
+            }
+            let resume = json(&mut nodes[2], "SELECT w FROM pg_sync.peer_joins", &[]).as_i64();
+            let (w2, resumed) = begin_join(&mut nodes, 0, 2, resume);
+            assert_eq!((w2, resumed), (w, true), "the join resumes at its W");
+            let now = json(
+                &mut nodes[2],
+                "SELECT to_jsonb(j) - 'updated_at' - 'started_at' FROM pg_sync.peer_joins j",
+                &[],
+            );
+            assert_eq!(
+                now, killed_at,
+                "the join resumes after the last committed page"
+            );
+        }
+    }
+    assert!(pages >= 3, "the state took {pages} pages");
+    let b_cursor_on_a = json(
+        &mut nodes[2],
+        "SELECT (cursors -> 0 ->> 'last_sync_id')::bigint FROM pg_sync.peer_joins",
+        &[],
+    );
+    let finished = json(
+        &mut nodes[2],
+        "SELECT pg_sync.finish_peer_join($1, $2)",
+        &[&MESH[0], &w],
+    );
+    assert_eq!(finished.as_i64(), Some(w));
+    let cursors = json(
+        &mut nodes[2],
+        "SELECT jsonb_object_agg(peer_node_id, last_sync_id) FROM pg_sync.peer_cursors",
+        &[],
+    );
+    assert_eq!(cursors[MESH[0]].as_i64(), Some(w));
+    assert_eq!(
+        cursors[MESH[1]], b_cursor_on_a,
+        "C starts on B's log at A's cursor for B"
+    );
+    quiesce(&mut nodes, |_, _| true);
+    converged(&mut nodes, "after the join");
+
+    // Partition beyond the cap: C is cut from A (both ways) and B; A holds for C, then
+    // releases it past the cap and compacts. C writes meanwhile.
+    let c_acked: i64 = nodes[0]
+        .query_one("SELECT pg_sync.last_sync_id()", &[])
+        .unwrap()
+        .get(0);
+    nodes[0]
+        .execute("SELECT pg_sync.peer_ack($1, $2)", &[&MESH[2], &c_acked])
+        .unwrap();
+    for _ in 0..3 {
+        mesh_writes(&mut nodes[0], &mut rng, 20);
+        mesh_writes(&mut nodes[1], &mut rng, 10);
+        mesh_writes(&mut nodes[2], &mut rng, 5);
+        quiesce(&mut nodes, |s, r| s != 2 && r != 2);
+    }
+    sequence(&mut nodes[0]);
+    json(
+        &mut nodes[0],
+        "SELECT pg_sync.compact(pg_sync.last_sync_id())",
+        &[],
+    );
+    let held = json(&mut nodes[0], "SELECT pg_sync.retention_horizon()", &[]);
+    assert_eq!(held.as_i64(), Some(c_acked), "compaction stops at C's hold");
+    let released = json(
+        &mut nodes[0],
+        "SELECT jsonb_agg(x) FROM pg_sync.release_lagging_peers(5) x",
+        &[],
+    );
+    assert_eq!(released, serde_json::json!([MESH[2]]));
+    json(
+        &mut nodes[0],
+        "SELECT pg_sync.compact(pg_sync.last_sync_id())",
+        &[],
+    );
+    let cursor: i64 = nodes[2]
+        .query_one(
+            "SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = $1",
+            &[&MESH[0]],
+        )
+        .unwrap()
+        .get(0);
+    let err = nodes[0]
+        .query(
+            "SELECT * FROM pg_sync.peer_changes($1, $2, 10)",
+            &[&MESH[2], &cursor],
+        )
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("PS003"), "{err}");
+    // Resync: C joins A again (one page), then everything flows.
+    nodes[2]
+        .execute("SELECT pg_sync.resync_peer($1)", &[&MESH[0]])
+        .unwrap();
+    let (w, _) = begin_join(&mut nodes, 0, 2, None);
+    while !snapshot_page(&mut nodes, 0, 2, w, 1000) {}
+    nodes[2]
+        .execute("SELECT pg_sync.finish_peer_join($1, $2)", &[&MESH[0], &w])
+        .unwrap();
+    let hold = json(
+        &mut nodes[0],
+        "SELECT jsonb_build_array(resync_required, out_hold) FROM pg_sync.peer_status WHERE peer = $1",
+        &[&MESH[2]],
+    );
+    assert_eq!(
+        hold,
+        serde_json::json!([false, w]),
+        "C holds A's log again from W"
+    );
+    quiesce(&mut nodes, |_, _| true);
+    converged(&mut nodes, "after the resync");
+    for c in nodes.iter_mut() {
+        let twice: i64 = c
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
+                   GROUP BY model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(twice, 0, "an action was logged twice");
+    }
+}

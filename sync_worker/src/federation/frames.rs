@@ -1,5 +1,6 @@
 //! The federation link's frames: JSON text frames tagged by `type`, in the order a link uses
-//! them (challenge, auth, welcome, subscribe, then batch/ack), plus `error`. See
+//! them (challenge, auth, welcome, then either join/snapshot pages or straight to subscribe,
+//! then batch/ack), plus `error`. See
 //! docs/federation.md, "The link protocol".
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,10 @@ pub enum Frame {
         mac: String,
         epoch: String,
         last_sync_id: i64,
+        /// S's versions, wall clock and the models it sends R, for `pg_sync.test_peer`:
+        /// `extension_version`, `worker_version`, `time_ms`, `models`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        info: Option<serde_json::Value>,
     },
     /// R → S: stream the log after `after`, at most `window` batches unacknowledged.
     Subscribe { after: i64, window: u32 },
@@ -43,6 +48,25 @@ pub enum Frame {
     Ack { to: i64 },
     /// Either side, before closing: a machine-readable code and a message.
     Error { code: String, message: String },
+    /// R → S, instead of `subscribe`: R joins by snapshot (it is new, or must resync).
+    /// `resume_w`: the W of R's join in progress, to resume it while S still holds its log.
+    Join { resume_w: Option<i64> },
+    /// S → R: the join's log position W (S holds its log after W for R), S's epoch and S's
+    /// peer cursors, read together (`pg_sync.peer_join_start`).
+    JoinStart {
+        w: i64,
+        epoch: String,
+        cursors: serde_json::Value,
+    },
+    /// R → S: the next page of S's state after (`after_model`, `after_model_id`).
+    Snapshot {
+        after_model: String,
+        after_model_id: String,
+        limit: u32,
+    },
+    /// S → R: rows of `pg_sync.peer_snapshot` (each `model`, `model_id`, `changes`); `done` when
+    /// fewer than the limit came (the state is complete). Then R subscribes after W.
+    SnapshotPage { rows: serde_json::Value, done: bool },
 }
 
 impl Frame {
@@ -103,6 +127,13 @@ mod tests {
                 mac: "cd".into(),
                 epoch: "1.1.x".into(),
                 last_sync_id: 9,
+                info: None,
+            },
+            Frame::Welcome {
+                mac: "cd".into(),
+                epoch: "1.1.x".into(),
+                last_sync_id: 9,
+                info: Some(json!({"time_ms": 1, "models": ["m"]})),
             },
             Frame::Subscribe {
                 after: 3,
@@ -119,6 +150,22 @@ mod tests {
             Frame::Error {
                 code: "resync_required".into(),
                 message: "compacted".into(),
+            },
+            Frame::Join { resume_w: Some(4) },
+            Frame::Join { resume_w: None },
+            Frame::JoinStart {
+                w: 9,
+                epoch: "1.1.x".into(),
+                cursors: json!([{"node_id": "c", "epoch": "e", "last_sync_id": 3}]),
+            },
+            Frame::Snapshot {
+                after_model: "m".into(),
+                after_model_id: "k".into(),
+                limit: 10,
+            },
+            Frame::SnapshotPage {
+                rows: json!([]),
+                done: true,
             },
         ];
         for f in frames {

@@ -7,8 +7,8 @@
 
 use super::frames::{close, Frame, PROTO};
 use super::{
-    auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, PATH,
-    REGISTRY_POLL,
+    auth, auth_failed_event, event, identity, metrics, probe, report, sqlstate, wall_ms, Report,
+    PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
 use crate::replication::sequencer;
@@ -48,6 +48,7 @@ struct Running {
 /// Keeps one link task per pulled peer until `shutdown`.
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
+    let mut probing: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut db: Option<Client> = None;
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
@@ -63,7 +64,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let rows = match c
             .query(
                 // A new secret re-authenticates the link: it is part of the fingerprint.
+                // So does resync_peer (its event): the link restarts and joins by snapshot.
                 "SELECT p.name, p.url, p.created_at::text || ' ' || coalesce(s.rotated_at::text, '')
+                        || ' ' || coalesce((SELECT max(e.at)::text FROM pg_sync.peer_events e
+                                             WHERE e.peer = p.name AND e.event = 'resync'), '')
                    FROM pg_sync.peers p LEFT JOIN pg_sync.peer_secrets s ON s.peer = p.name
                   WHERE p.enabled AND p.direction IN ('pull', 'both')",
                 &[],
@@ -76,6 +80,23 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
+        // Connection tests asked for by pg_sync.test_peer: one probe per peer at a time.
+        probing.retain(|_, task: &mut JoinHandle<()>| !task.is_finished());
+        if let Ok(asked) = c
+            .query(
+                "SELECT p.name, p.url FROM pg_sync.peer_probes q JOIN pg_sync.peers p ON p.name = q.peer
+                  WHERE q.requested_at IS NOT NULL AND (q.checked_at IS NULL OR q.checked_at < q.requested_at)",
+                &[],
+            )
+            .await
+        {
+            for row in asked {
+                let (name, url): (String, String) = (row.get(0), row.get(1));
+                probing
+                    .entry(name.clone())
+                    .or_insert_with(|| tokio::spawn(probe_peer(app.clone(), name, url)));
+            }
+        }
         if retried.elapsed() >= RETRY_QUARANTINE_EVERY {
             retried = Instant::now();
             retry_quarantined(c).await;
@@ -133,7 +154,7 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     let mut use_previous = false;
     let mut shutdown = app.shutdown.clone();
     loop {
-        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous).await;
+        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous, false).await;
         metrics::with(&name, "in", |l| {
             l.up = false;
             l.reconnects += 1;
@@ -155,11 +176,46 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     }
 }
 
+/// The TLS client configuration for `wss://` peers, built once: the web PKI roots plus the
+/// certificates in `SYNC_PEER_CA_FILE`. An unreadable file is logged and leaves the web roots
+/// (so a private peer fails to verify, visibly in `last_error`, rather than the worker failing).
+fn peer_tls(app: &App) -> Arc<rustls::ClientConfig> {
+    static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let ca = app.cfg.peer_ca_file.as_deref();
+        Arc::new(crate::tls::peer_config(ca).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "federation: cannot read SYNC_PEER_CA_FILE; trusting the web PKI roots only");
+            crate::tls::peer_config(None).expect("the web PKI roots load")
+        }))
+    })
+    .clone()
+}
+
+/// A connection test (`pg_sync.test_peer`): one handshake as the receiver, then hang up. A
+/// probe that could not record anything (the database failed mid-way) still answers the
+/// request, so it is not retried forever.
+async fn probe_peer(app: Arc<App>, name: String, url: String) {
+    let (_keep, mut stop) = watch::channel(false);
+    let mut use_previous = false;
+    let _ = session(&app, &name, &url, &mut stop, &mut use_previous, true).await;
+    if let Ok(db) = sequencer::connect(&app.cfg.database_url).await {
+        let _ = db
+            .execute(
+                "UPDATE pg_sync.peer_probes SET checked_at = now(), error = coalesce(error, 'the test did not complete')
+                  WHERE peer = $1 AND (checked_at IS NULL OR checked_at < requested_at)",
+                &[&name],
+            )
+            .await;
+    }
+}
+
 /// Refuses the peer during authentication: an `auth_failed` event (`detail`, never a secret),
 /// the link's state with `error`, and a close with `code` and `reason`.
+#[allow(clippy::too_many_arguments)]
 async fn refuse(
     db: &Client,
     name: &str,
+    lane: &str,
     ws: &mut Ws,
     detail: serde_json::Value,
     error: &str,
@@ -170,7 +226,7 @@ async fn refuse(
     report(
         db,
         name,
-        "in",
+        lane,
         state_report("auth_failed", None, Some(error)),
     )
     .await;
@@ -217,14 +273,19 @@ fn state_report<'a>(state: &'a str, connected: Option<bool>, error: Option<&'a s
     }
 }
 
+/// One connection to the peer: handshake, then (a join and) the stream. `probe_only`: a
+/// connection test for `pg_sync.test_peer`, which hangs up after the handshake and reports no
+/// link state (its lane is PROBE).
 async fn session(
     app: &App,
     name: &str,
     url: &str,
     stop: &mut watch::Receiver<bool>,
     use_previous: &mut bool,
+    probe_only: bool,
 ) -> Outcome {
     let retry = Outcome::Retry { progressed: false };
+    let lane = if probe_only { PROBE } else { "in" };
     let db = match sequencer::connect(&app.cfg.database_url).await {
         Ok(db) => db,
         Err(e) => {
@@ -238,14 +299,14 @@ async fn session(
     report(
         &db,
         name,
-        "in",
+        lane,
         state_report("connecting", Some(false), None),
     )
     .await;
     let endpoint = format!("{}{PATH}", url.trim_end_matches('/'));
     let mut ws = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(
+        tokio_tungstenite::connect_async_tls_with_config(
             endpoint.as_str(),
             Some(
                 // One frame is one or more whole source transactions: a large transaction is a
@@ -255,6 +316,9 @@ async fn session(
                     .max_frame_size(Some(MAX_FRAME_BYTES)),
             ),
             true,
+            // wss:// verifies the peer's certificate against the web PKI roots and
+            // SYNC_PEER_CA_FILE; ws:// stays plain.
+            Some(tokio_tungstenite::Connector::Rustls(peer_tls(app))),
         ),
     )
     .await
@@ -262,20 +326,27 @@ async fn session(
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             let msg = format!("connect: {e}");
+            probe(&db, name, json!({"reachable": false, "error": msg})).await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
             return retry;
         }
         Err(_) => {
+            probe(
+                &db,
+                name,
+                json!({"reachable": false, "error": "connect: timed out"}),
+            )
+            .await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some("connect: timed out")),
             )
             .await;
@@ -290,10 +361,11 @@ async fn session(
         }) if auth::valid_nonce(&nonce) => (node_id, nonce),
         other => {
             let msg = format!("expected a challenge: {other:?}");
+            probe(&db, name, json!({"reachable": true, "error": msg})).await;
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
@@ -305,6 +377,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "reason": "self_link"}),
             "self-link: the peer has this node's node id",
@@ -331,6 +404,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
             "the peer's node id differs from the pinned one",
@@ -350,6 +424,7 @@ async fn session(
         nonce: rn.clone(),
         mac: auth::mac(proving, auth::RECEIVER_TAG, &me, &s, &sn, &rn),
     };
+    let (sent_at, sent_wall) = (Instant::now(), wall_ms());
     if ws.send(Message::text(hello.to_text())).await.is_err() {
         return retry;
     }
@@ -358,15 +433,25 @@ async fn session(
             mac,
             epoch,
             last_sync_id,
+            info,
         }) => {
+            let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
             let proved = [Some(secret), previous]
                 .into_iter()
                 .flatten()
                 .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
             if !proved {
+                probe(
+                    &db,
+                    name,
+                    json!({"reachable": true, "auth_ok": false, "node_id": s, "proto": PROTO,
+                           "error": "the peer failed to prove the shared secret"}),
+                )
+                .await;
                 refuse(
                     &db,
                     name,
+                    lane,
                     &mut ws,
                     json!({"direction": "in", "node_id": s, "reason": "peer_bad_mac"}),
                     "the peer failed to prove the shared secret",
@@ -375,6 +460,24 @@ async fn session(
                 )
                 .await;
                 return retry;
+            }
+            // The peer's clock read at about the middle of the round trip.
+            let info = info.unwrap_or_default();
+            let offset = info["time_ms"]
+                .as_f64()
+                .map(|t| t - (sent_wall + rtt_ms / 2.0));
+            probe(
+                &db,
+                name,
+                json!({"reachable": true, "auth_ok": true, "node_id": s, "proto": PROTO,
+                       "extension_version": info["extension_version"],
+                       "worker_version": info["worker_version"], "rtt_ms": rtt_ms,
+                       "clock_offset_ms": offset, "models_sent": info["models"]}),
+            )
+            .await;
+            if probe_only {
+                close_ws(&mut ws, 1000, "connection test").await;
+                return Outcome::Stop;
             }
             (epoch, last_sync_id)
         }
@@ -388,11 +491,19 @@ async fn session(
                 json!({"direction": "in", "node_id": s, "reason": "refused_by_peer", "code": code, "message": reason}),
             )
             .await;
+            // 4502: the peer verified our secret, then refused (direction, node id).
+            probe(
+                &db,
+                name,
+                json!({"reachable": true, "auth_ok": code == close::FORBIDDEN, "node_id": s,
+                       "proto": PROTO, "error": format!("refused by the peer ({code}): {reason}")}),
+            )
+            .await;
             let msg = format!("refused by the peer ({code}): {reason}");
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("auth_failed", None, Some(&msg)),
             )
             .await;
@@ -403,7 +514,7 @@ async fn session(
             report(
                 &db,
                 name,
-                "in",
+                lane,
                 state_report("connecting", None, Some(&msg)),
             )
             .await;
@@ -420,6 +531,7 @@ async fn session(
         refuse(
             &db,
             name,
+            lane,
             &mut ws,
             json!({"direction": "in", "node_id": s, "reason": msg}),
             &msg,
@@ -429,20 +541,47 @@ async fn session(
         .await;
         return retry;
     }
+    // Join by snapshot when the peer is new here (bootstrap 'snapshot'), must resync, or a
+    // join is in progress; otherwise stream from the cursor.
     let cursor = db
-        .query_opt(
-            "SELECT last_sync_id, peer_epoch FROM pg_sync.peer_cursors WHERE peer_node_id = $1",
-            &[&s],
+        .query_one(
+            "SELECT c.last_sync_id, c.peer_epoch,
+                    j.peer_node_id IS NOT NULL OR c.state = 'resync_required'
+                      OR (c.peer_node_id IS NULL AND p.bootstrap = 'snapshot'),
+                    CASE WHEN j.peer_epoch = $2 THEN j.w END
+               FROM pg_sync.peers p
+               LEFT JOIN pg_sync.peer_cursors c ON c.peer_node_id = $1
+               LEFT JOIN pg_sync.peer_joins j ON j.peer_node_id = $1
+              WHERE p.name = $3",
+            &[&s, &epoch, &name],
         )
         .await;
-    let (after, cursor_epoch): (i64, Option<String>) = match cursor {
-        Ok(Some(row)) => (row.get(0), row.get(1)),
-        Ok(None) => (0, None),
-        Err(_) => return retry,
+    let (after, cursor_epoch, joining, resume_w): (Option<i64>, Option<String>, bool, Option<i64>) =
+        match cursor {
+            Ok(row) => (row.get(0), row.get(1), row.get(2), row.get(3)),
+            Err(_) => return retry,
+        };
+    let after = if joining {
+        match join(&db, &mut ws, name, &epoch, resume_w).await {
+            Ok(w) => w,
+            Err(msg) => {
+                tracing::warn!(peer = name, error = %msg, "federation: snapshot join interrupted");
+                report(
+                    &db,
+                    name,
+                    "in",
+                    state_report("bootstrapping", Some(false), Some(&msg)),
+                )
+                .await;
+                return Outcome::Retry { progressed: true };
+            }
+        }
+    } else {
+        if cursor_epoch.as_deref().is_some_and(|e| e != epoch) {
+            return invalidated(&db, &mut ws, name, cursor_epoch.as_deref(), &epoch).await;
+        }
+        after.unwrap_or(0)
     };
-    if cursor_epoch.as_deref().is_some_and(|e| e != epoch) {
-        return invalidated(&db, &mut ws, name, cursor_epoch.as_deref(), &epoch).await;
-    }
     let sub = Frame::Subscribe {
         after,
         window: WINDOW,
@@ -507,6 +646,13 @@ async fn session(
                 last_sync_id,
                 changes,
             }) => {
+                // First-hop changes (minted by the peer itself) measure write-to-apply delay.
+                let minted: Vec<f64> = changes
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| metrics::minted_ms(c["version"].as_str()?, &s))
+                    .collect();
                 let changes = changes.to_string();
                 let started = Instant::now();
                 let res = db
@@ -533,7 +679,11 @@ async fn session(
                         applied += answer["applied"].as_i64().unwrap_or(0);
                         changed += answer["changed"].as_i64().unwrap_or(0);
                         head = head.max(last_sync_id);
+                        let now = wall_ms();
                         metrics::with(name, "in", |l| {
+                            for ms in &minted {
+                                l.observe_delay((now - ms) / 1000.0);
+                            }
                             l.batches += 1;
                             l.applied += answer["applied"].as_u64().unwrap_or(0);
                             l.changed += answer["changed"].as_u64().unwrap_or(0);
@@ -608,13 +758,25 @@ async fn session(
                         json!({"direction": "in", "after": after}),
                     )
                     .await;
+                    // Re-bootstrap by snapshot: the link restarts and joins (writes made here
+                    // meanwhile stay: the merge is a join).
+                    if let Err(e) = db.execute("SELECT pg_sync.resync_peer($1)", &[&name]).await {
+                        tracing::warn!(peer = name, error = %e, "federation: cannot start a resync");
+                    }
                 }
                 let msg = format!("{code}: {message}");
+                // The sender no longer holds the log after our cursor: only a re-bootstrap
+                // (resync_peer) moves this link again, so say so rather than "stalled".
+                let state = if code == "resync_required" {
+                    "resync_required"
+                } else {
+                    "stalled"
+                };
                 report(
                     &db,
                     name,
                     "in",
-                    state_report("stalled", Some(false), Some(&msg)),
+                    state_report(state, Some(false), Some(&msg)),
                 )
                 .await;
                 return retry;
@@ -651,6 +813,113 @@ async fn session(
 
 /// The sender's log identity changed (restored, replaced): its sync ids may repeat, so the
 /// link stops (`invalidated`) until the peer is re-added or re-bootstrapped.
+/// Rows per snapshot page a receiver asks for.
+const SNAPSHOT_PAGE: u32 = 1000;
+
+/// Joins the peer by snapshot on an authenticated link: asks for W (resuming `resume_w`, the
+/// W of our join in progress, if the peer still holds its log), then merges the peer's state
+/// page by page, each page committed with the join's position (`apply_peer_snapshot`), and
+/// finally moves the cursors (`finish_peer_join`). Returns W, where the log continues.
+async fn join(
+    db: &Client,
+    ws: &mut Ws,
+    name: &str,
+    epoch: &str,
+    resume_w: Option<i64>,
+) -> Result<i64, String> {
+    report(
+        db,
+        name,
+        "in",
+        state_report("bootstrapping", Some(true), None),
+    )
+    .await;
+    let ask = Frame::Join { resume_w };
+    ws.send(Message::text(ask.to_text()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (w, cursors) = match recv(ws, LIVENESS).await {
+        Ok(Frame::JoinStart {
+            w,
+            epoch: e,
+            cursors,
+        }) if e == epoch => (w, cursors),
+        other => return Err(format!("expected join_start: {other:?}")),
+    };
+    let pos = db
+        .query_one(
+            "SELECT pg_sync.begin_peer_join($1, $2, $3, $4::text::jsonb)::text",
+            &[&name, &epoch, &w, &cursors.to_string()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let pos: serde_json::Value = serde_json::from_str(&pos.get::<_, String>(0)).unwrap_or_default();
+    let (mut model, mut model_id) = (
+        pos["after_model"].as_str().unwrap_or_default().to_owned(),
+        pos["after_model_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    tracing::info!(
+        peer = name,
+        w,
+        resumed = pos["resumed"].as_bool(),
+        "federation: joining by snapshot"
+    );
+    loop {
+        let ask = Frame::Snapshot {
+            after_model: model.clone(),
+            after_model_id: model_id.clone(),
+            limit: SNAPSHOT_PAGE,
+        };
+        ws.send(Message::text(ask.to_text()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (rows, done) = match recv(ws, LIVENESS).await {
+            Ok(Frame::SnapshotPage { rows, done }) => (rows, done),
+            other => return Err(format!("expected snapshot_page: {other:?}")),
+        };
+        let rows = rows.to_string();
+        let started = Instant::now();
+        let res = db
+            .query_one(
+                "SELECT pg_sync.apply_peer_snapshot($1, $2, $3, $4, $5::text::jsonb)::text",
+                &[&name, &w, &model, &model_id, &rows],
+            )
+            .await;
+        let took = started.elapsed().as_secs_f64();
+        metrics::with(name, "in", |l| {
+            l.bytes += rows.len() as u64;
+            l.apply_seconds_sum += took;
+            if let Err(e) = &res {
+                *l.errors
+                    .entry(sqlstate(e).unwrap_or("connection").to_owned())
+                    .or_default() += 1;
+            }
+        });
+        let answer: serde_json::Value = match res {
+            Ok(row) => serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default(),
+            Err(e) => return Err(e.to_string()),
+        };
+        model = answer["after_model"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        model_id = answer["after_model_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if done {
+            break;
+        }
+    }
+    db.execute("SELECT pg_sync.finish_peer_join($1, $2)", &[&name, &w])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(w)
+}
+
 async fn invalidated(
     db: &Client,
     ws: &mut Ws,

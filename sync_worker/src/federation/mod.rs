@@ -16,6 +16,9 @@ use tokio_postgres::Client;
 /// Where a sender serves links, on the worker's listener.
 pub const PATH: &str = "/federation/v1/ws";
 
+/// The lane of a connection test (`pg_sync.test_peer`): it reports no link state.
+pub const PROBE: &str = "probe";
+
 /// How often the registry is read (removal or disable closes a link within about this).
 pub const REGISTRY_POLL: Duration = Duration::from_millis(500);
 
@@ -79,6 +82,9 @@ pub struct Report<'a> {
 /// Upserts the link's row (direction `in` or `out`); a removed peer's row cannot be written
 /// (the foreign key), which is fine: the link is closing.
 pub async fn report(db: &Client, peer: &str, direction: &str, r: Report<'_>) {
+    if direction == PROBE {
+        return;
+    }
     let connected: Option<bool> = r.connected;
     let res = db
         .execute(
@@ -123,4 +129,24 @@ pub async fn identity(db: &Client) -> Result<(String, String), tokio_postgres::E
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
+}
+
+/// Wall-clock milliseconds since the epoch (for the clock offset `test_peer` reports).
+pub fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Records a handshake's outcome for `pg_sync.test_peer` (`pg_sync.record_peer_probe`).
+pub async fn probe(db: &Client, peer: &str, result: serde_json::Value) {
+    if let Err(e) = db
+        .execute(
+            "SELECT pg_sync.record_peer_probe($1, $2::text::jsonb)",
+            &[&peer, &result.to_string()],
+        )
+        .await
+    {
+        tracing::debug!(peer, error = %e, "could not record a probe");
+    }
 }

@@ -31,6 +31,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// (no ack, no pong) is taken for dead, so a half-open connection does not hold a link.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const LIVENESS: Duration = Duration::from_secs(60);
+/// The most state rows a receiver may ask for in one snapshot page.
+pub const SNAPSHOT_PAGE_MAX: u32 = 10_000;
 
 pub async fn upgrade(State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| serve(app, socket))
@@ -83,13 +85,53 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
     let Some(peer) = handshake(&db, &mut ws, &me, &epoch).await else {
         return;
     };
-    let (after, window) = match recv(&mut ws, HANDSHAKE_TIMEOUT).await {
-        Some(Frame::Subscribe { after, window }) if after >= 0 => {
-            (after, window.clamp(1, MAX_WINDOW))
-        }
-        _ => return close_with(&mut ws, close::PROTOCOL, "expected subscribe").await,
-    };
     let r = peer.node_id.clone().unwrap_or_default();
+    // A joining receiver first reads our state page by page (it applies each page between its
+    // requests, so it gets LIVENESS per page), then subscribes after the join's W.
+    let mut wait = HANDSHAKE_TIMEOUT;
+    let (after, window) = loop {
+        match recv(&mut ws, wait).await {
+            Some(Frame::Subscribe { after, window }) if after >= 0 => {
+                break (after, window.clamp(1, MAX_WINDOW))
+            }
+            Some(Frame::Join { resume_w }) => {
+                wait = LIVENESS;
+                if let Err(why) = join_start(&db, &mut ws, &peer.name, &r, resume_w).await {
+                    return close_with(&mut ws, close::INTERNAL, why).await;
+                }
+            }
+            Some(Frame::Snapshot {
+                after_model,
+                after_model_id,
+                limit,
+            }) => {
+                let limit = limit.clamp(1, SNAPSHOT_PAGE_MAX) as i32;
+                let page = db
+                    .query_one(
+                        "SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.model COLLATE \"C\", s.model_id COLLATE \"C\"), '[]')::text, count(*)
+                           FROM pg_sync.peer_snapshot($1, $2, $3, $4) s",
+                        &[&r, &after_model, &after_model_id, &limit],
+                    )
+                    .await;
+                let (rows, n): (String, i64) = match page {
+                    Ok(row) => (row.get(0), row.get(1)),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.name, error = %e, "federation: reading a snapshot page failed");
+                        return close_with(&mut ws, close::INTERNAL, "snapshot unavailable").await;
+                    }
+                };
+                metrics::with(&peer.name, "out", |l| l.bytes += rows.len() as u64);
+                let text = format!(
+                    r#"{{"type":"snapshot_page","rows":{rows},"done":{}}}"#,
+                    n < i64::from(limit)
+                );
+                if ws.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            _ => return close_with(&mut ws, close::PROTOCOL, "expected subscribe").await,
+        }
+    };
     tracing::info!(peer = %peer.name, node_id = %r, after, window, "federation: sending");
     event(
         &db,
@@ -113,6 +155,9 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
     )
     .await;
     metrics::with(&peer.name, "out", |l| l.up = true);
+    // The receiver's cursor is what it holds of our log from now on (it may have moved back,
+    // e.g. after a re-bootstrap); acks move it forward.
+    hold(&db, &peer.name, after, true).await;
     let why = stream(&app, &db, &mut ws, &peer, &r, &epoch, after, window).await;
     metrics::with(&peer.name, "out", |l| {
         l.up = false;
@@ -269,8 +314,18 @@ async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Op
         return None;
     }
     peer.node_id = Some(r.clone());
-    let last: i64 = match db.query_one("SELECT pg_sync.last_sync_id()", &[]).await {
-        Ok(row) => row.get(0),
+    let (last, extension_version, models): (i64, Option<String>, Vec<String>) = match db
+        .query_one(
+            "SELECT pg_sync.last_sync_id(),
+                    (SELECT extversion FROM pg_extension WHERE extname = 'pg_sync'),
+                    ARRAY(SELECT r.model FROM pg_sync.registry r, pg_sync.peers p
+                           WHERE p.name = $1 AND r.enabled AND r.federation IN ('push', 'both')
+                             AND (p.models IS NULL OR r.model = ANY (p.models)) ORDER BY 1)",
+            &[&peer.name],
+        )
+        .await
+    {
+        Ok(row) => (row.get(0), row.get(1), row.get(2)),
         Err(_) => {
             close_with(ws, close::INTERNAL, "log unavailable").await;
             return None;
@@ -280,6 +335,12 @@ async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Op
         mac: auth::mac(&peer.secret, auth::SENDER_TAG, &r, me, &sn, &rn),
         epoch: epoch.to_owned(),
         last_sync_id: last,
+        info: Some(json!({
+            "extension_version": extension_version,
+            "worker_version": env!("CARGO_PKG_VERSION"),
+            "time_ms": super::wall_ms(),
+            "models": models,
+        })),
     };
     if ws
         .send(Message::Text(welcome.to_text().into()))
@@ -289,6 +350,58 @@ async fn handshake(db: &Client, ws: &mut WebSocket, me: &str, epoch: &str) -> Op
         return None;
     }
     Some(peer)
+}
+
+/// Starts (or resumes) a receiver's snapshot join: fixes W, holds the log after it, and sends
+/// W, our epoch and our peer cursors (`pg_sync.peer_join_start`, one transaction).
+async fn join_start(
+    db: &Client,
+    ws: &mut WebSocket,
+    peer: &str,
+    r: &str,
+    resume_w: Option<i64>,
+) -> Result<(), &'static str> {
+    let answer = db
+        .query_one(
+            "SELECT pg_sync.peer_join_start($1, $2)::text",
+            &[&r, &resume_w],
+        )
+        .await;
+    let answer: serde_json::Value = match answer {
+        Ok(row) => serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(peer, error = %e, "federation: starting a snapshot join failed");
+            return Err("cannot start the join");
+        }
+    };
+    let f = Frame::JoinStart {
+        w: answer["w"].as_i64().unwrap_or(0),
+        epoch: answer["epoch"].as_str().unwrap_or_default().to_owned(),
+        cursors: answer["cursors"].clone(),
+    };
+    tracing::info!(
+        peer,
+        w = answer["w"].as_i64(),
+        resumed = answer["resumed"].as_bool(),
+        "federation: snapshot join"
+    );
+    ws.send(Message::Text(f.to_text().into()))
+        .await
+        .map_err(|_| "receiver gone")
+}
+
+/// Records the receiver's acknowledgement for the retention hold (`pg_sync.peer_ack`). A
+/// failure only delays the hold (compaction holds at the older ack), so it is logged, not fatal.
+async fn hold(db: &Client, peer: &str, acked: i64, at_subscribe: bool) {
+    if let Err(e) = db
+        .execute(
+            "SELECT pg_sync.peer_ack($1, $2, $3)",
+            &[&peer, &acked, &at_subscribe],
+        )
+        .await
+    {
+        tracing::warn!(peer, acked, error = %e, "federation: recording the peer's ack failed");
+    }
 }
 
 /// The next range after `sent` for node `r`: (end, last sync id, changes JSON), read in one
@@ -327,6 +440,8 @@ async fn stream(
     let mut sent = after;
     let mut inflight: VecDeque<i64> = VecDeque::new();
     let mut acked = after;
+    // What the retention hold records (`peer_ack`), at most once per REPORT_EVERY.
+    let mut held = after;
     let mut reported = Instant::now();
     let mut poll = tokio::time::interval(POLL);
     let mut registry = tokio::time::interval(REGISTRY_POLL);
@@ -398,6 +513,8 @@ async fn stream(
                         acked = acked.max(to);
                         if reported.elapsed() >= REPORT_EVERY {
                             reported = Instant::now();
+                            hold(db, &peer.name, acked, false).await;
+                            held = acked;
                             report(db, &peer.name, "out", Report {
                                 state: "streaming",
                                 connected: None,
@@ -421,7 +538,14 @@ async fn stream(
                 }
                 _ => return "receiver closed",
             },
-            _ = poll.tick(), if inflight.len() < window as usize => {}
+            _ = poll.tick(), if inflight.len() < window as usize => {
+                // A quiet link still records its last ack, so the hold does not lag behind.
+                if acked > held && reported.elapsed() >= REPORT_EVERY {
+                    reported = Instant::now();
+                    hold(db, &peer.name, acked, false).await;
+                    held = acked;
+                }
+            }
             _ = registry.tick() => {
                 let still = db
                     .query_opt(

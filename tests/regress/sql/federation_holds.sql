@@ -1,0 +1,119 @@
+-- Retention holds for peers: compaction keeps what a peer this node sends to has not
+-- acknowledged; past the cap (release_lagging_peers) the peer stops holding, gets a
+-- resync_required event and PS003 from peer_changes until it re-bootstraps and acks past it.
+CREATE TABLE hold_t (id text PRIMARY KEY, v text);
+SELECT pg_sync.register_table('hold_t', federation => 'both');
+SELECT pg_sync.add_peer('h1', 'ws://127.0.0.1:1', 'a-secret-of-16-chars');
+SELECT pg_sync.add_peer('h2', 'ws://127.0.0.1:2', 'a-secret-of-16-chars', direction => 'pull');
+SELECT pg_sync.pin_peer('h1', 'h1'), pg_sync.pin_peer('h2', 'h2');
+-- Ten source transactions, sequenced as the worker's sequencer does.
+CREATE FUNCTION hold_seq() RETURNS void LANGUAGE sql AS $$
+  INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+  SELECT xid, pg_sync.last_sync_id() + 1
+              + coalesce(sum(count(*)) OVER (ORDER BY min(id) ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0),
+         count(*), '0/0', now()
+    FROM pg_sync.sync_actions WHERE xid NOT IN (SELECT xid FROM pg_sync.commit_order) GROUP BY xid $$;
+SELECT hold_seq();  -- what earlier tests left unsequenced
+CREATE TABLE hstart AS SELECT pg_sync.last_sync_id() AS s;
+DO $$ BEGIN FOR i IN 1..10 LOOP INSERT INTO hold_t VALUES ('k' || i, 'v'); COMMIT; END LOOP; END $$;
+SELECT hold_seq();
+SELECT pg_sync.last_sync_id() - (SELECT s FROM hstart) AS logged;
+-- No acknowledgement yet: nothing is held.
+SELECT pg_sync.peer_retention_hold() AS hold;
+-- h1 subscribes after 2 (relative), then acks 4: the hold is its ack.
+SELECT pg_sync.peer_ack('h1', (SELECT s FROM hstart) + 2, at_subscribe => true) - (SELECT s FROM hstart) AS acked;
+SELECT pg_sync.peer_ack('h1', (SELECT s FROM hstart) + 4) - (SELECT s FROM hstart) AS acked;
+-- An older ack does not move it back; a subscribe does (the receiver's cursor is what it holds).
+SELECT pg_sync.peer_ack('h1', (SELECT s FROM hstart) + 3) - (SELECT s FROM hstart) AS acked;
+SELECT pg_sync.peer_retention_hold() - (SELECT s FROM hstart) AS hold;
+SELECT regexp_replace(err($$SELECT pg_sync.peer_ack('h1', pg_sync.last_sync_id() + 1)$$), '\y\d+\y', 'N', 'g') AS err;
+SELECT err($$SELECT pg_sync.peer_ack('nope', 1)$$);
+-- A pull-only peer (this node does not send to it) holds nothing.
+SELECT pg_sync.peer_ack('h2', (SELECT s FROM hstart)) - (SELECT s FROM hstart) AS h2_acked;
+SELECT pg_sync.peer_retention_hold() - (SELECT s FROM hstart) AS hold;
+-- Compaction asked to go to the end stops at the hold: h1 can still read after its ack.
+SELECT pg_sync.compact(pg_sync.last_sync_id()) > 0 AS compacted;
+SELECT pg_sync.retention_horizon() - (SELECT s FROM hstart) AS horizon;
+SELECT count(*) AS h1_gets FROM pg_sync.peer_changes('h1', (SELECT s FROM hstart) + 4, 100);
+SELECT pg_sync.compact_to_size(0) AS compacted, pg_sync.retention_horizon() - (SELECT s FROM hstart) AS horizon;
+-- A disabled peer still holds (disabling is a pause).
+SELECT pg_sync.set_peer('h1', enabled => false);
+SELECT pg_sync.peer_retention_hold() - (SELECT s FROM hstart) AS hold;
+SELECT pg_sync.set_peer('h1', enabled => true);
+-- The cap: 6 behind the end, a cap of 6 keeps it, a cap of 5 releases it (once).
+SELECT pg_sync.release_lagging_peers(6) AS released;
+SELECT pg_sync.release_lagging_peers(5) AS released;
+SELECT pg_sync.release_lagging_peers(5) AS released;
+SELECT err($$SELECT pg_sync.release_lagging_peers(-1)$$);
+SELECT peer, state, out_hold - (SELECT s FROM hstart) AS out_hold, resync_required FROM pg_sync.peer_status ORDER BY peer;
+SELECT event, detail - 'acked' AS detail, (detail ->> 'acked')::bigint - (SELECT s FROM hstart) AS acked
+  FROM pg_sync.peer_events WHERE peer = 'h1' AND event = 'resync_required';
+-- Released, h1 no longer holds: compaction goes to the end, and h1 is told to resync even from
+-- a cursor whose log would still be there.
+SELECT pg_sync.peer_retention_hold() AS hold;
+SELECT regexp_replace(err($$SELECT * FROM pg_sync.peer_changes('h1', pg_sync.last_sync_id() - 1, 10)$$), '\y\d+\y', 'N', 'g') AS err;
+SELECT pg_sync.compact(pg_sync.last_sync_id()) AS compacted;
+SELECT pg_sync.retention_horizon() = pg_sync.last_sync_id() AS at_end;
+-- After a re-bootstrap h1 subscribes at the log's end (at or past where it was released): the
+-- release ends, it holds again and reads on.
+INSERT INTO hold_t VALUES ('k11', 'v');
+SELECT hold_seq();
+SELECT pg_sync.peer_ack('h1', pg_sync.last_sync_id() - 1, at_subscribe => true) = pg_sync.last_sync_id() - 1 AS resumed;
+SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'h1';
+SELECT event, detail ->> 'direction' AS direction FROM pg_sync.peer_events WHERE peer = 'h1' AND event = 'hold_resumed';
+SELECT count(*) AS h1_gets FROM pg_sync.peer_changes('h1', pg_sync.last_sync_id() - 1, 100);
+SELECT pg_sync.peer_retention_hold() = pg_sync.last_sync_id() - 1 AS holds_again;
+-- test_peer asks the worker (it records a request) and shows the last result; the worker's
+-- record_peer_probe fills it in, with the models this node takes and whether the peer sends them.
+SELECT peer_name, checked_at IS NULL AS never_checked, requested_at IS NOT NULL AS requested FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "node_id": "h1", "proto": 1,
+  "extension_version": "0.1.0", "worker_version": "0.1.0", "rtt_ms": 1.5, "clock_offset_ms": -2,
+  "models_sent": ["hold_t", "other"]}');
+-- The result answers the request (fresh); this call places the next request.
+SELECT peer_name, checked_at >= requested_at AS fresh, reachable, auth_ok, node_id, proto, rtt_ms, clock_offset_ms,
+       models_sent, 'hold_t' = ANY (models_taken) AS takes_hold_t, models_compatible, error FROM pg_sync.test_peer('h1');
+SELECT checked_at < requested_at AS pending FROM pg_sync.peer_probes WHERE peer = 'h1';
+-- While a request is pending, calling again does not move it.
+SELECT requested_at = (SELECT requested_at FROM pg_sync.peer_probes WHERE peer = 'h1') AS same_request
+  FROM pg_sync.test_peer('h1');
+SELECT pg_sync.set_peer('h1', models => '{hold_t}');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "models_sent": ["hold_t"]}');
+SELECT models_taken, models_compatible FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "models_sent": []}');
+SELECT models_taken, models_compatible FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": false, "error": "connect: refused"}');
+SELECT reachable, auth_ok, models_compatible, error FROM pg_sync.test_peer('h1');
+SELECT err($$SELECT * FROM pg_sync.test_peer('nope')$$);
+-- resync_peer: the cursor is marked for a snapshot join (any join in progress is dropped); a
+-- push-only peer is refused. The join functions check their peer and position.
+SELECT pg_sync.resync_peer('h1');
+SELECT state, last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'h1';
+SELECT pg_sync.set_peer('h1', direction => 'push');
+SELECT err($$SELECT pg_sync.resync_peer('h1')$$);
+SELECT pg_sync.set_peer('h1', direction => 'both');
+SELECT err($$SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]')$$);
+SELECT err($$SELECT pg_sync.finish_peer_join('h1', 5)$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', -1, '[]')$$);
+SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": 7}]');
+SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[]') ->> 'resumed' AS resumed;
+SELECT pg_sync.apply_peer_snapshot('h1', 5, 'x', 'y', '[]') ->> 'status' AS wrong_position;
+SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]') ->> 'status' AS empty_page;
+SELECT pg_sync.finish_peer_join('h1', 5);
+SELECT peer_node_id, peer_epoch, last_sync_id, state FROM pg_sync.peer_cursors ORDER BY 1;
+SELECT count(*) AS joins FROM pg_sync.peer_joins;
+SELECT event, detail FROM pg_sync.peer_events WHERE peer = 'h1' AND event IN ('resync', 'bootstrapping', 'joined') ORDER BY id;
+-- The sender's join start holds the log at W for the peer, and its snapshot lists the rows.
+SELECT (pg_sync.peer_join_start('h1') ->> 'w')::bigint = pg_sync.last_sync_id() AS w_is_end;
+SELECT pg_sync.peer_retention_hold() = pg_sync.last_sync_id() AS holds_w;
+SELECT model, model_id, jsonb_array_length(changes) AS changes, changes -> 0 ->> 'action' AS first
+  FROM pg_sync.peer_snapshot('h1', '', '', 3);
+SELECT count(*) AS rest FROM pg_sync.peer_snapshot('h1', 'hold_t', 'k3');
+DELETE FROM hold_t WHERE id = 'k1';
+SELECT model_id, jsonb_path_query_array(changes, '$[*].action') AS actions
+  FROM pg_sync.peer_snapshot('h1', '', '', 1);
+-- Removing a peer drops its hold.
+SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
+SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
+SELECT pg_sync.unregister_table('hold_t');
+DROP TABLE hold_t, hstart;
+DROP FUNCTION hold_seq();
