@@ -508,6 +508,7 @@ async fn session(
                 changes,
             }) => {
                 let changes = changes.to_string();
+                crate::failpoint::crash("fed_crash_before_apply");
                 let started = Instant::now();
                 let res = db
                     .query_one(
@@ -528,6 +529,7 @@ async fn session(
                 match res {
                     Ok(row) => {
                         // Committed (autocommit): now it may be acknowledged.
+                        crate::failpoint::crash("fed_crash_after_commit");
                         let answer: serde_json::Value =
                             serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default();
                         applied += answer["applied"].as_i64().unwrap_or(0);
@@ -546,6 +548,7 @@ async fn session(
                         {
                             return progressed;
                         }
+                        crate::failpoint::crash("fed_crash_after_ack");
                         let now_state = if to >= head {
                             "streaming"
                         } else {
