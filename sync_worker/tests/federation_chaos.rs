@@ -17,6 +17,8 @@ use fed::*;
 /// Random writes on one node: inserts, column updates, deletes, re-inserts and multi-row
 /// transactions over a small key space (so nodes collide on rows and columns).
 fn random_writes(c: &mut pg_sync_tests::postgres::Client, who: &str, rng: &mut Rng, n: usize) {
+    // Rows a transaction adds are new: their ids carry this call's tag.
+    let tag = rng.below(1 << 40);
     for i in 0..n {
         let id = format!("k{}", rng.below(24));
         let v = rng.below(1000);
@@ -33,7 +35,7 @@ fn random_writes(c: &mut pg_sync_tests::postgres::Client, who: &str, rng: &mut R
                 "BEGIN;
                  INSERT INTO items VALUES ('{id}', '{who}{i}', {v}, 'g1') ON CONFLICT (id) DO NOTHING;
                  UPDATE items SET b = b + 1 WHERE id = '{id}';
-                 INSERT INTO items SELECT '{who}-t{i}-' || g, 'x', g, 'g2' FROM generate_series(1, 3) g;
+                 INSERT INTO items SELECT '{who}-{tag}-{i}-' || g, 'x', g, 'g2' FROM generate_series(1, 3) g;
                  COMMIT;"
             ),
         };
@@ -143,17 +145,18 @@ fn relay_chain_forwards_state_only_merges() {
 fn receiver_killed_around_commit_and_ack() {
     let mut m = Mesh::start("fc_kill", &["a", "b"], ITEMS, &Mesh::full(2));
     for (round, fp) in [
-        "fed_crash_before_apply@3",
-        "fed_crash_after_commit@3",
-        "fed_crash_after_ack@2",
+        "fed_crash_before_apply@2",
+        "fed_crash_after_commit@1",
+        "fed_crash_after_ack@1",
     ]
     .into_iter()
     .enumerate()
     {
         m.node("b").kill9();
+        // About 2,400 sync ids: three batches (a batch spans about 1,000).
         for t in 0..30 {
             m.node("a").exec(&format!(
-                "INSERT INTO items SELECT 'r{round}-{t}-' || g, 'k', g, 'g' || (g % 3) FROM generate_series(1, 20) g"
+                "INSERT INTO items SELECT 'r{round}-{t}-' || g, 'k', g, 'g' || (g % 3) FROM generate_series(1, 80) g"
             ));
         }
         m.node("b").exec(&format!(
