@@ -77,8 +77,10 @@ fn check_all(m: &mut Mesh) {
 #[test]
 fn full_mesh_under_concurrent_writes() {
     let mut m = Mesh::start("fc_mesh", &["a", "b", "c"], ITEMS, &Mesh::full(3));
-    m.proxy("a", "b").set(|f| f.delay = Duration::from_millis(20));
-    m.proxy("c", "a").set(|f| f.delay = Duration::from_millis(5));
+    m.proxy("a", "b")
+        .set(|f| f.delay = Duration::from_millis(20));
+    m.proxy("c", "a")
+        .set(|f| f.delay = Duration::from_millis(5));
     concurrent_writes(&m, 7, 150);
     check_all(&mut m);
 
@@ -88,13 +90,16 @@ fn full_mesh_under_concurrent_writes() {
     for p in m.proxies.values() {
         p.set(|f| f.freeze_data = true);
     }
-    m.node("a").exec("UPDATE items SET a = 'from-a' WHERE id = 'dc'");
+    m.node("a")
+        .exec("UPDATE items SET a = 'from-a' WHERE id = 'dc'");
     m.node("b").exec("UPDATE items SET b = 42 WHERE id = 'dc'");
-    m.node("c").exec("UPDATE items SET grp = 'g2' WHERE id = 'dc'");
+    m.node("c")
+        .exec("UPDATE items SET grp = 'g2' WHERE id = 'dc'");
     m.heal_all();
     check_all(&mut m);
     assert_eq!(
-        m.node("c").text("SELECT a || '/' || b || '/' || grp FROM items WHERE id = 'dc'"),
+        m.node("c")
+            .text("SELECT a || '/' || b || '/' || grp FROM items WHERE id = 'dc'"),
         "from-a/42/g2"
     );
 }
@@ -120,7 +125,8 @@ fn relay_chain_forwards_state_only_merges() {
     m.proxy("b", "a").cut();
     m.node("b").exec("DELETE FROM items WHERE id IN ('p', 't')");
     std::thread::sleep(Duration::from_millis(20));
-    m.node("a").exec("UPDATE items SET a = 'late' WHERE id = 'p'");
+    m.node("a")
+        .exec("UPDATE items SET a = 'late' WHERE id = 'p'");
     m.node("a").exec("DELETE FROM items WHERE id = 't'");
     m.node("c").exec("UPDATE items SET b = 30 WHERE id = 'q'");
     m.quiesce();
@@ -165,9 +171,11 @@ fn receiver_killed_around_commit_and_ack() {
         let before = m.node("b").cursor("a");
         m.node("b").spawn_worker(&[("SYNC_FAILPOINTS", fp)]);
         let node = m.node("b");
-        wait_for(&format!("B's worker to abort at {fp}"), Duration::from_secs(60), || {
-            node.worker_exited()
-        });
+        wait_for(
+            &format!("B's worker to abort at {fp}"),
+            Duration::from_secs(60),
+            || node.worker_exited(),
+        );
         let at = m.node("b").cursor("a");
         let head = m.node("a").last_sync_id();
         eprintln!("{fp}: B's cursor for A went {before} → {at} of {head}");
@@ -183,7 +191,10 @@ fn receiver_killed_around_commit_and_ack() {
                     "SELECT count(*) FROM pg_sync.sync_actions WHERE version LIKE '%@{node}'"
                 )),
             );
-            assert_eq!(x, y, "{fp}: actions minted by {node} differ between A and B");
+            assert_eq!(
+                x, y,
+                "{fp}: actions minted by {node} differ between A and B"
+            );
         }
     }
     // B's cursor for A counts each applied action once.
@@ -271,18 +282,30 @@ fn far_future_version_is_quarantined_and_the_link_flows() {
         b.text("SELECT string_agg(sqlstate, ',') FROM pg_sync.peer_quarantine"),
         "22008"
     );
-    assert_eq!(b.int("SELECT count(*) FROM items WHERE id IN ('ok', 'after')"), 2);
+    assert_eq!(
+        b.int("SELECT count(*) FROM items WHERE id IN ('ok', 'after')"),
+        2
+    );
     assert_eq!(b.int("SELECT count(*) FROM items WHERE id = 'future'"), 0);
     assert!(b
         .text("SELECT string_agg(event, ',') FROM pg_sync.peer_events WHERE peer = 'c'")
         .contains("quarantined"));
     assert_eq!(
-        b.text("SELECT open_quarantine FROM pg_sync.peer_status WHERE peer = 'c' AND direction = 'in'"),
+        b.text("SELECT open_quarantine FROM pg_sync.peer_status WHERE peer = 'c'"),
         "1"
     );
     b.exec("SET pg_sync.max_clock_skew = '1h'; SELECT pg_sync.retry_quarantined('c'); RESET pg_sync.max_clock_skew;");
     assert_eq!(b.int("SELECT count(*) FROM pg_sync.peer_quarantine"), 0);
+    // B relays it to A, whose clock refuses it the same way: parked there, retried there.
     m.quiesce();
+    let a = m.node("a");
+    assert_eq!(
+        a.text("SELECT string_agg(sqlstate, ',') FROM pg_sync.peer_quarantine"),
+        "22008"
+    );
+    a.exec("SET pg_sync.max_clock_skew = '1h'; SELECT pg_sync.retry_quarantined('b'); RESET pg_sync.max_clock_skew;");
+    m.quiesce();
+    m.assert_no_quarantine();
     m.assert_converged("items");
     m.assert_exactly_once();
 }
@@ -292,8 +315,10 @@ fn far_future_version_is_quarantined_and_the_link_flows() {
 #[test]
 fn equal_hlc_ties_in_every_arrival_order() {
     let mut m = Mesh::start("fc_ties", &["a", "b", "c"], ITEMS, &Mesh::full(3));
-    m.proxy("a", "c").set(|f| f.delay = Duration::from_millis(30));
-    m.proxy("c", "b").set(|f| f.delay = Duration::from_millis(15));
+    m.proxy("a", "c")
+        .set(|f| f.delay = Duration::from_millis(30));
+    m.proxy("c", "b")
+        .set(|f| f.delay = Duration::from_millis(15));
     let base = m.node("b").int("SELECT pg_sync.hlc_now()") + (1 << 16);
     let change = |id: &str, action: &str, node: &str, a: &str| {
         format!(
@@ -316,14 +341,20 @@ fn equal_hlc_ties_in_every_arrival_order() {
     // A tied update and delete of one row on two nodes.
     m.node("a").exec(&change("tie-ud", "I", "x", "base"));
     m.quiesce();
-    m.node("a").exec(&change("tie-ud", "U", "z", "upd").replace(&format!("{base:016x}@z"), &format!("{:016x}@z", base + 5)));
+    m.node("a").exec(
+        &change("tie-ud", "U", "z", "upd")
+            .replace(&format!("{base:016x}@z"), &format!("{:016x}@z", base + 5)),
+    );
     m.node("c").exec(
-        &change("tie-ud", "D", "w", "").replace(&format!("{base:016x}@w"), &format!("{:016x}@w", base + 5)),
+        &change("tie-ud", "D", "w", "")
+            .replace(&format!("{base:016x}@w"), &format!("{:016x}@w", base + 5)),
     );
     check_all(&mut m);
     for id in ["tie-ab", "tie-ba", "tie-cc", "tie-ac"] {
         // x < y: the larger node id wins the tie.
-        let a = m.node("b").text(&format!("SELECT a FROM items WHERE id = '{id}'"));
+        let a = m
+            .node("b")
+            .text(&format!("SELECT a FROM items WHERE id = '{id}'"));
         if id == "tie-cc" {
             assert_eq!(a, "from-x");
         } else {
@@ -346,7 +377,8 @@ fn foreign_key_order_through_a_relay() {
         schema,
         &Mesh::pairs(&[(0, 1), (1, 2)]),
     );
-    m.proxy("b", "c").set(|f| f.delay = Duration::from_millis(10));
+    m.proxy("b", "c")
+        .set(|f| f.delay = Duration::from_millis(10));
     for i in 0..40 {
         m.node("a")
             .exec(&format!("INSERT INTO parents VALUES ('p{i}', 'n{i}')"));
@@ -404,7 +436,10 @@ fn large_transaction_applied_atomically_through_a_crash() {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let n = b.int("SELECT count(*) FROM items");
-        assert!(n == 0 || n == 100_000, "B showed {n} of the transaction's rows");
+        assert!(
+            n == 0 || n == 100_000,
+            "B showed {n} of the transaction's rows"
+        );
         if n == 100_000 {
             break;
         }
@@ -415,8 +450,10 @@ fn large_transaction_applied_atomically_through_a_crash() {
     m.assert_exactly_once();
     m.assert_no_quarantine();
     assert_eq!(
-        m.node("a").text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items"),
-        m.node("b").text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items")
+        m.node("a")
+            .text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items"),
+        m.node("b")
+            .text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items")
     );
 }
 
@@ -484,4 +521,107 @@ fn seeded_random_chaos() {
     m.assert_exactly_once();
     m.assert_no_quarantine();
     eprintln!("seeded_random_chaos: converged (FEDCHAOS_SEED={seed})");
+}
+
+/// A hand-driven receiver against A's sender endpoint: a correct MAC is welcomed (and A
+/// proves itself back); the same `auth` frame replayed on a new connection (another
+/// challenge) is refused; so are a wrong secret and a dialer with A's own node id; each
+/// failure is recorded without the secret.
+#[test]
+fn replayed_auth_wrong_secret_and_self_link_are_refused() {
+    use futures::{SinkExt, StreamExt};
+    use sync_worker::federation::{auth, frames::close, frames::Frame, PATH};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut m = Mesh::start("fc_auth", &["a"], ITEMS, &[]);
+    let secret = "the-r-secret-0123456789";
+    m.node("a").exec(&format!(
+        "SELECT pg_sync.add_peer('r', 'ws://127.0.0.1:1', '{secret}', direction => 'push')"
+    ));
+    let url = format!("ws://127.0.0.1:{}{PATH}", m.nodes[0].port);
+    // One handshake: the challenge's nonce, then `answer` builds the auth frame from it;
+    // returns the nonce and what came back (a frame, or the close code).
+    let attempt = |answer: &dyn Fn(&str) -> Frame| -> (String, Result<Frame, u16>) {
+        block_on(async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                .await
+                .unwrap();
+            let sn = match ws.next().await {
+                Some(Ok(Message::Text(t))) => match Frame::parse(&t).unwrap() {
+                    Frame::Challenge { nonce, node_id, .. } => {
+                        assert_eq!(node_id, "a");
+                        nonce
+                    }
+                    other => panic!("expected a challenge: {other:?}"),
+                },
+                other => panic!("expected a challenge: {other:?}"),
+            };
+            ws.send(Message::text(answer(&sn).to_text())).await.unwrap();
+            let back = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => break Ok(Frame::parse(&t).unwrap()),
+                    Some(Ok(Message::Close(Some(f)))) => break Err(u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    other => panic!("connection ended without a close frame: {other:?}"),
+                }
+            };
+            (sn, back)
+        })
+    };
+    let rn = auth::nonce();
+    let honest = |sn: &str| Frame::Auth {
+        node_id: "r".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(secret, auth::RECEIVER_TAG, "r", "a", sn, &rn),
+    };
+    let (sn1, back) = attempt(&honest);
+    match back {
+        Ok(Frame::Welcome { mac, .. }) => assert!(
+            auth::verify(secret, auth::SENDER_TAG, "r", "a", &sn1, &rn, &mac),
+            "A's proof does not verify"
+        ),
+        other => panic!("expected welcome: {other:?}"),
+    }
+    // The recorded auth frame, replayed against a fresh challenge.
+    let recorded = honest(&sn1);
+    let (sn2, back) = attempt(&|_| recorded.clone());
+    assert_ne!(sn1, sn2, "the sender repeated a nonce");
+    assert_eq!(
+        back,
+        Err(close::AUTH_FAILED),
+        "a replayed auth frame was accepted"
+    );
+    let (_, back) = attempt(&|sn| Frame::Auth {
+        node_id: "r".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(
+            "not-the-secret-000000",
+            auth::RECEIVER_TAG,
+            "r",
+            "a",
+            sn,
+            &rn,
+        ),
+    });
+    assert_eq!(back, Err(close::AUTH_FAILED));
+    let (_, back) = attempt(&|sn| Frame::Auth {
+        node_id: "a".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(secret, auth::RECEIVER_TAG, "a", "a", sn, &rn),
+    });
+    assert_eq!(back, Err(close::FORBIDDEN));
+    let a = m.node("a");
+    let events = a.text(
+        "SELECT string_agg(event || ':' || (detail->>'reason'), ',' ORDER BY id) FROM pg_sync.peer_events WHERE event = 'auth_failed'",
+    );
+    assert!(
+        events.contains("bad_mac") && events.contains("self_link"),
+        "{events}"
+    );
+    assert_eq!(
+        a.int(&format!(
+            "SELECT count(*) FROM pg_sync.peer_events WHERE detail::text LIKE '%{secret}%' OR detail::text LIKE '%not-the-secret%'"
+        )),
+        0
+    );
 }

@@ -152,8 +152,45 @@ fn relay_forwards_an_insert_that_moves_a_live_row() {
                                     "version": v(5), "origin": "node-y", "data": {"id": 1}});
     apply(&mut b, &delete);
     apply(&mut c, &delete);
-    assert_eq!(state(&mut b), state(&mut c), "B and C diverged after the delete");
+    assert_eq!(
+        state(&mut b),
+        state(&mut c),
+        "B and C diverged after the delete"
+    );
     assert!(state(&mut c).0.contains("\"x\""), "the row is gone on C");
+}
+
+/// A change too far ahead is refused (22008), but once applied (with a larger allowed skew, as
+/// `retry_quarantined` under a raised setting does) its echo from a peer is a no-op, not a
+/// refusal: otherwise every relay parks a copy of a change this node already holds.
+#[test]
+fn an_echo_of_an_accepted_future_change_is_not_refused() {
+    let cluster = Cluster::start("skew_echo", &[]);
+    let mut b = node(&cluster, "skew_b", "node-b");
+    let base: i64 = b.query_one("SELECT pg_sync.hlc_now()", &[]).unwrap().get(0);
+    let ahead = base as u64 + ((10 * 60 * 1000u64) << 16);
+    let change = serde_json::json!({"model": "items", "model_id": "1", "action": "I",
+        "version": format!("{ahead:016x}@node-x"), "origin": "node-x",
+        "data": {"id": 1, "a": "f", "b": 1, "grp": "g"}});
+    let refused = b
+        .execute(
+            "SELECT pg_sync.apply_remote($1::text::jsonb)",
+            &[&change.to_string()],
+        )
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("22008"));
+    b.batch_execute("SET pg_sync.max_clock_skew = '1h'")
+        .unwrap();
+    apply(&mut b, &change);
+    b.batch_execute("RESET pg_sync.max_clock_skew").unwrap();
+    let n: i64 = b
+        .query_one(
+            "SELECT pg_sync.apply_remote($1::text::jsonb)",
+            &[&change.to_string()],
+        )
+        .unwrap_or_else(|e| panic!("the echo was refused: {e}"))
+        .get(0);
+    assert_eq!(n, 0);
 }
 
 /// xorshift: reproducible randomness without a dependency.

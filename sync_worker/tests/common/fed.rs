@@ -271,6 +271,7 @@ pub struct Mesh {
     pub links: Vec<(usize, usize)>,
     pub proxies: BTreeMap<(usize, usize), Proxy>,
     rt: Arc<tokio::runtime::Runtime>,
+    started: Instant,
 }
 
 impl Mesh {
@@ -305,6 +306,7 @@ impl Mesh {
         links: &[(usize, usize)],
         env: &[(&str, &str)],
     ) -> Mesh {
+        let started = Instant::now();
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -369,6 +371,7 @@ impl Mesh {
             links: links.to_vec(),
             proxies,
             rt,
+            started,
         }
     }
 
@@ -427,12 +430,8 @@ impl Mesh {
                 .filter_map(|&(s, r)| {
                     let sname = self.nodes[s].name.clone();
                     let at = self.nodes[r].cursor(&sname);
-                    (at != heads[s]).then(|| {
-                        format!(
-                            "{}→{}: {at}/{}",
-                            sname, self.nodes[r].name, heads[s]
-                        )
-                    })
+                    (at != heads[s])
+                        .then(|| format!("{}→{}: {at}/{}", sname, self.nodes[r].name, heads[s]))
                 })
                 .collect();
             if lags.is_empty() && heads == last {
@@ -468,12 +467,18 @@ impl Mesh {
             match &first {
                 None => first = Some((n.name.clone(), s)),
                 Some((name, f)) => {
-                    assert_eq!(f.0, s.0, "{table}: rows differ between {name} and {}", n.name);
-                    assert_eq!(
-                        f.1, s.1,
-                        "{table}: LWW state differs between {name} and {}",
-                        n.name
-                    );
+                    if f != &s {
+                        panic!(
+                            "{table}: {name} and {} differ:\nrows only on {name}: {}\nrows only on {}: {}\nstate only on {name}: {}\nstate only on {}: {}",
+                            n.name,
+                            missing_from(&f.0, &s.0),
+                            n.name,
+                            missing_from(&s.0, &f.0),
+                            missing_from(&f.1, &s.1),
+                            n.name,
+                            missing_from(&s.1, &f.1),
+                        );
+                    }
                 }
             }
         }
@@ -517,7 +522,14 @@ impl Mesh {
             );
             if !again.is_empty() {
                 let name = n.name.clone();
-                let id: String = again.split("\"model_id\": \"").nth(1).unwrap_or("").split('"').next().unwrap_or("").to_owned();
+                let id: String = again
+                    .split("\"model_id\": \"")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('"')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
                 let mut hist = String::new();
                 for o in &mut self.nodes {
                     let h = o.text(&format!(
@@ -561,6 +573,7 @@ impl Drop for Mesh {
         for n in &mut self.nodes {
             n.worker = None;
         }
+        eprintln!("mesh ran {:?}", self.started.elapsed());
     }
 }
 
@@ -589,4 +602,22 @@ pub fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The elements of JSON array `x` that `y` lacks, as text.
+fn missing_from(x: &str, y: &str) -> String {
+    let parse = |t: &str| -> Vec<String> {
+        serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .unwrap_or_default()
+            .iter()
+            .map(|v| v.to_string())
+            .collect()
+    };
+    let ys = parse(y);
+    parse(x)
+        .into_iter()
+        .filter(|e| !ys.contains(e))
+        .take(20)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
