@@ -3,7 +3,7 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 export PG_CONFIG
 CARGO_PGRX_INSTALL = cargo pgrx install --release --pg-config $(PG_CONFIG)
 
-.PHONY: deps install test unit regress integration lint run stop bench
+.PHONY: deps install test unit regress integration lint run stop bench soak
 
 deps:
 	bash scripts/deps.sh
@@ -24,7 +24,7 @@ regress:
 
 integration:
 	cargo test -p pg_sync_tests -- --test-threads=2
-	cargo test -p sync_worker --lib --test e2e --test federation -- --test-threads=1
+	cargo test -p sync_worker --lib --test e2e --test federation --test federation_chaos -- --test-threads=1
 	cargo test -p sync_worker --test browser
 
 lint:
@@ -46,3 +46,8 @@ bench: install
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
 	bash bench/mutate.sh
+
+# A long seeded federation chaos run (3 clusters, 3 workers, random link faults and kills);
+# FEDCHAOS_SEED=<n> replays a printed seed.
+soak: install
+	FEDCHAOS_ROUNDS=$${FEDCHAOS_ROUNDS:-150} cargo test -p sync_worker --test federation_chaos seeded_random_chaos -- --nocapture

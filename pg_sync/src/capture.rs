@@ -971,7 +971,24 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     };
                     write_plain(&cfg, &d, tupdesc);
                 }
-                let a = if moved {
+                // An insert that won over the live row is logged as an insert even when it
+                // also moves the row: peers merge a moved `I` as column writes only, so a
+                // relay would not raise their `created` and their row state (and later their
+                // rows) would diverge. The moved `D` above still tells the old group's clients.
+                let a = if ctx.created_won {
+                    Action {
+                        action: "I",
+                        model_id: &new_id,
+                        row: &new,
+                        drop: cfg.drop_excluded.clone(),
+                        versions: Some(versions_object(&ctx.state.versions, &created)),
+                        version: created,
+                        origin,
+                        group: new_group,
+                        prev_group: if moved { old_group } else { None },
+                        moved: false,
+                    }
+                } else if moved {
                     Action {
                         action: "I",
                         model_id: &new_id,
@@ -985,19 +1002,6 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                         origin,
                         group: new_group,
                         prev_group: old_group,
-                        moved,
-                    }
-                } else if ctx.created_won {
-                    Action {
-                        action: "I",
-                        model_id: &new_id,
-                        row: &new,
-                        drop: cfg.drop_excluded.clone(),
-                        versions: Some(versions_object(&ctx.state.versions, &created)),
-                        version: created,
-                        origin,
-                        group: new_group,
-                        prev_group: if moved { old_group } else { None },
                         moved,
                     }
                 } else {

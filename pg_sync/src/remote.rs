@@ -1,8 +1,8 @@
 //! `pg_sync.apply_remote(change jsonb)`: merges changes captured on another node.
 //!
 //! A change is `to_jsonb()` of the other node's `sync_actions` row (or an array of them). Each is
-//! validated, checked against `pg_sync.max_clock_skew`, observed by the local HLC (receive rule),
-//! merged per column with `merge::merge`, and applied to the table in "remote mode", so the
+//! validated, merged per column with `merge::merge` and, when it changes something, checked
+//! against `pg_sync.max_clock_skew`, observed by the local HLC (receive rule) and applied to the table in "remote mode", so the
 //! capture trigger records it with the remote versions and origin instead of minting new ones.
 //!
 //! Merges of one row serialize on its `row_state` row (`state::lock`), taken after the table
@@ -18,7 +18,7 @@ use crate::model::{self, Model};
 use crate::settings;
 use crate::state;
 use pg_sync_lww::merge::{self, Change, Dml};
-use pg_sync_lww::version::validate_node_id;
+use pg_sync_lww::version::{validate_node_id, Version};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgOid};
 use serde_json::{Map, Value};
@@ -135,25 +135,17 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bo
         .columns
         .values()
         .map(|(_, v)| v)
-        .fold(&parsed.version, |m, v| if v > m { v } else { m });
-
-    // Reject versions from too far in the future before they can drag the clock along.
-    let now = clock::wall_ms();
-    let limit = now.saturating_add(settings::max_clock_skew_ms());
-    if newest.physical_ms() > limit {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
-            format!(
-                "{row_ctx}version from node \"{}\" is {} ms ahead of this node's clock, beyond pg_sync.max_clock_skew ({} ms)",
-                newest.node,
-                newest.physical_ms() - now,
-                settings::max_clock_skew_ms()
-            ),
-            "Fix the clock of the sending node, or raise pg_sync.max_clock_skew.",
-        );
-    }
-    clock::observe(newest.hlc);
-    apply_change(target, &model_id, &key, &parsed.change(), &origin, &row_ctx)
+        .fold(&parsed.version, |m, v| if v > m { v } else { m })
+        .clone();
+    apply_change(
+        target,
+        &model_id,
+        &key,
+        &parsed.change(),
+        &newest,
+        &origin,
+        &row_ctx,
+    )
 }
 
 fn apply_change(
@@ -161,6 +153,7 @@ fn apply_change(
     model_id: &str,
     key: &Map<String, Value>,
     change: &Change,
+    newest: &Version,
     origin: &str,
     row_ctx: &str,
 ) -> bool {
@@ -176,8 +169,28 @@ fn apply_change(
     let state = stored.unwrap_or_else(|| state::unrecorded(current.is_some()));
     let outcome = merge::merge(&state, current.as_ref(), change);
     if !outcome.changed() {
+        // Already merged (an echo of a change applied before, e.g. by retry_quarantined with
+        // a larger skew): nothing to store and no clock to move, so no skew to refuse; parking
+        // it would show an open quarantine for a change this node holds.
         return false;
     }
+    // Reject versions from too far in the future before they can drag the clock along (or be
+    // stored).
+    let now = clock::wall_ms();
+    let limit = now.saturating_add(settings::max_clock_skew_ms());
+    if newest.physical_ms() > limit {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+            format!(
+                "{row_ctx}version from node \"{}\" is {} ms ahead of this node's clock, beyond pg_sync.max_clock_skew ({} ms)",
+                newest.node,
+                newest.physical_ms() - now,
+                settings::max_clock_skew_ms()
+            ),
+            "Fix the clock of the sending node, or raise pg_sync.max_clock_skew.",
+        );
+    }
+    clock::observe(newest.hlc);
     // Stored before the write: triggers it fires may write this row locally (recording their
     // own, newer versions on top), which storing afterwards would overwrite.
     state::store(&model.name, model_id, &outcome.state);

@@ -123,6 +123,76 @@ fn relay_forwards_state_only_merges() {
     assert_eq!(last_id(&mut c), before, "an echo grew C's log");
 }
 
+/// An insert from another node that wins over a live row and moves it to another group: the
+/// relay must log it as an insert (not only the moved pair, which peers merge as column
+/// writes), or C keeps the older `created` and a delete between the two versions later removes
+/// the row on C alone. (Found by sync_worker/tests/federation_chaos.rs, relay chain.)
+#[test]
+fn relay_forwards_an_insert_that_moves_a_live_row() {
+    let cluster = Cluster::start("relay_move", &[]);
+    let mut b = node(&cluster, "move_b", "node-b");
+    let mut c = node(&cluster, "move_c", "node-c");
+    let (mut b_mark, mut c_mark) = (0i64, 0i64);
+    b.batch_execute("INSERT INTO items VALUES (1, 'b', 1, 'g1')")
+        .unwrap();
+    relay(&mut b, &mut b_mark, &mut c);
+    relay(&mut c, &mut c_mark, &mut b);
+    let base: i64 = b.query_one("SELECT pg_sync.hlc_now()", &[]).unwrap().get(0);
+    let v = |k: i64| format!("{:016x}@node-x", base + k);
+    // Node x re-inserted the row (it had deleted it) in group g2; only B hears of it.
+    apply(
+        &mut b,
+        &serde_json::json!({"model": "items", "model_id": "1", "action": "I", "version": v(10),
+                            "origin": "node-x", "data": {"id": 1, "a": "x", "b": 2, "grp": "g2"}}),
+    );
+    relay(&mut b, &mut b_mark, &mut c);
+    assert_eq!(state(&mut b), state(&mut c), "C's state differs from B's");
+    // A delete between the two inserts (from node y) leaves the row on both.
+    let delete = serde_json::json!({"model": "items", "model_id": "1", "action": "D",
+                                    "version": v(5), "origin": "node-y", "data": {"id": 1}});
+    apply(&mut b, &delete);
+    apply(&mut c, &delete);
+    assert_eq!(
+        state(&mut b),
+        state(&mut c),
+        "B and C diverged after the delete"
+    );
+    assert!(state(&mut c).0.contains("\"x\""), "the row is gone on C");
+}
+
+/// A change too far ahead is refused (22008), but once applied (with a larger allowed skew, as
+/// `retry_quarantined` under a raised setting does) its echo from a peer is a no-op, not a
+/// refusal: otherwise every relay parks a copy of a change this node already holds.
+#[test]
+fn an_echo_of_an_accepted_future_change_is_not_refused() {
+    let cluster = Cluster::start("skew_echo", &[]);
+    let mut b = node(&cluster, "skew_b", "node-b");
+    let base: i64 = b.query_one("SELECT pg_sync.hlc_now()", &[]).unwrap().get(0);
+    let ahead = base as u64 + ((10 * 60 * 1000u64) << 16);
+    let change = serde_json::json!({"model": "items", "model_id": "1", "action": "I",
+        "version": format!("{ahead:016x}@node-x"), "origin": "node-x",
+        "data": {"id": 1, "a": "f", "b": 1, "grp": "g"}});
+    let refused = b
+        .execute(
+            "SELECT pg_sync.apply_remote($1::text::jsonb)",
+            &[&change.to_string()],
+        )
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("22008"));
+    b.batch_execute("SET pg_sync.max_clock_skew = '1h'")
+        .unwrap();
+    apply(&mut b, &change);
+    b.batch_execute("RESET pg_sync.max_clock_skew").unwrap();
+    let n: i64 = b
+        .query_one(
+            "SELECT pg_sync.apply_remote($1::text::jsonb)",
+            &[&change.to_string()],
+        )
+        .unwrap_or_else(|e| panic!("the echo was refused: {e}"))
+        .get(0);
+    assert_eq!(n, 0);
+}
+
 /// xorshift: reproducible randomness without a dependency.
 struct Rng(u64);
 

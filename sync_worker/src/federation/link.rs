@@ -654,6 +654,7 @@ async fn session(
                     .filter_map(|c| metrics::minted_ms(c["version"].as_str()?, &s))
                     .collect();
                 let changes = changes.to_string();
+                crate::failpoint::crash("fed_crash_before_apply");
                 let started = Instant::now();
                 let res = db
                     .query_one(
@@ -674,6 +675,7 @@ async fn session(
                 match res {
                     Ok(row) => {
                         // Committed (autocommit): now it may be acknowledged.
+                        crate::failpoint::crash("fed_crash_after_commit");
                         let answer: serde_json::Value =
                             serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default();
                         applied += answer["applied"].as_i64().unwrap_or(0);
@@ -696,6 +698,7 @@ async fn session(
                         {
                             return progressed;
                         }
+                        crate::failpoint::crash("fed_crash_after_ack");
                         let now_state = if to >= head {
                             "streaming"
                         } else {

@@ -1,0 +1,623 @@
+//! The federation chaos harness: N clusters and N workers on loopback, one TCP proxy per
+//! directed link (cut, freeze, delay, one-way), worker restarts with failpoints, a quiescence
+//! barrier, a convergence checker (table contents and per-row LWW state) and exactly-once
+//! checks. Blocking (the `postgres` client); the proxies run on the harness's own runtime.
+#![allow(dead_code)]
+
+use super::common::{free_port, http_get, Worker};
+use pg_sync_tests::postgres::Client;
+use pg_sync_tests::Cluster;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// What a proxy does to its link right now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// Connections are closed and new ones dropped at once (a refused, reset link).
+    pub cut: bool,
+    /// Bytes from the sender (frames) are held, connections stay open (a black hole).
+    pub freeze_data: bool,
+    /// Bytes from the receiver (auth, acks) are held.
+    pub freeze_acks: bool,
+    /// Added before each chunk is forwarded, both ways.
+    pub delay: Duration,
+    /// Bumped by `cut`: pumps of older connections end.
+    generation: u64,
+}
+
+/// A TCP proxy for one directed link S → R: R dials the proxy, which dials S's worker.
+pub struct Proxy {
+    pub port: u16,
+    state: watch::Sender<Fault>,
+}
+
+impl Proxy {
+    fn start(rt: &tokio::runtime::Runtime, upstream: u16) -> Proxy {
+        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        let port = std.local_addr().unwrap().port();
+        let (state, _) = watch::channel(Fault::default());
+        let rx = state.subscribe();
+        rt.spawn(async move {
+            let listener = TcpListener::from_std(std).unwrap();
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let f = rx.borrow_and_update().clone();
+                    if f.cut {
+                        return; // dropped: the dialer sees the connection reset
+                    }
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let _ = down.set_nodelay(true);
+                    let _ = up.set_nodelay(true);
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    let g = f.generation;
+                    let acks = tokio::spawn(pump(dr, uw, rx.clone(), g, false));
+                    pump(ur, dw, rx, g, true).await;
+                    acks.abort();
+                });
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn set(&self, change: impl FnOnce(&mut Fault)) {
+        self.state.send_modify(|f| {
+            let was_cut = f.cut;
+            change(f);
+            if f.cut && !was_cut {
+                f.generation += 1;
+            }
+        });
+    }
+
+    pub fn cut(&self) {
+        self.set(|f| f.cut = true);
+    }
+
+    pub fn heal(&self) {
+        self.set(|f| {
+            let g = f.generation;
+            *f = Fault::default();
+            f.generation = g;
+        });
+    }
+}
+
+/// Forwards one direction of a proxied connection while the link's fault allows it.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: watch::Receiver<Fault>,
+    generation: u64,
+    data: bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = rx.changed() => {
+                if rx.borrow().generation != generation {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Hold the chunk while this direction is frozen; a cut ends the connection.
+        loop {
+            let f = rx.borrow_and_update().clone();
+            if f.generation != generation {
+                return;
+            }
+            let frozen = if data { f.freeze_data } else { f.freeze_acks };
+            if !frozen {
+                if !f.delay.is_zero() {
+                    tokio::time::sleep(f.delay).await;
+                }
+                break;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+pub const ITEMS: &str = "CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
+     SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');";
+
+pub struct Node {
+    pub name: String,
+    pub cluster: Cluster,
+    pub db: Client,
+    /// The worker's listener (kept across restarts: peers' proxies dial it).
+    pub port: u16,
+    pub worker: Option<Worker>,
+}
+
+impl Node {
+    pub fn exec(&mut self, sql: &str) {
+        let name = &self.name;
+        self.db
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{name}: {sql}: {e}"));
+    }
+
+    /// The first column of the first row, as text ('' for NULL).
+    pub fn text(&mut self, sql: &str) -> String {
+        let name = &self.name;
+        self.db
+            .query_one(&format!("SELECT ({sql})::text"), &[])
+            .unwrap_or_else(|e| panic!("{name}: {sql}: {e}"))
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default()
+    }
+
+    pub fn int(&mut self, sql: &str) -> i64 {
+        self.text(sql).parse().unwrap_or(0)
+    }
+
+    pub fn last_sync_id(&mut self) -> i64 {
+        self.int("SELECT pg_sync.last_sync_id()")
+    }
+
+    /// How much of `peer`'s log this node has applied.
+    pub fn cursor(&mut self, peer: &str) -> i64 {
+        self.int(&format!(
+            "SELECT coalesce((SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = '{peer}'), 0)"
+        ))
+    }
+
+    /// The table's rows and the rows' LWW state (lock placeholders left out), as text.
+    pub fn state(&mut self, table: &str) -> (String, String) {
+        let rows = self.text(&format!(
+            "SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY id), '[]') FROM {table} t"
+        ));
+        let lww = self.text(&format!(
+            "SELECT coalesce(jsonb_agg(jsonb_build_array(model_id, created, deleted, versions, pending)
+                                       ORDER BY model_id), '[]')
+               FROM pg_sync.row_state
+              WHERE model = '{table}' AND (created IS NOT NULL OR deleted IS NOT NULL OR versions <> '{{}}')"
+        ));
+        (rows, lww)
+    }
+
+    /// Starts (or restarts) the worker, with `env` (e.g. failpoints), and waits until healthy.
+    pub fn start_worker(&mut self, env: &[(&str, &str)]) {
+        self.worker = None;
+        let w = Worker::start_with(&self.cluster, "app", self.port, env);
+        block_on(w.wait_healthy());
+        self.worker = Some(w);
+    }
+
+    /// Starts the worker without waiting (it may be meant to die at a failpoint).
+    pub fn spawn_worker(&mut self, env: &[(&str, &str)]) {
+        self.worker = None;
+        self.worker = Some(Worker::start_with(&self.cluster, "app", self.port, env));
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.kill9();
+        }
+    }
+
+    /// True once the worker process has exited by itself (a failpoint aborted it).
+    pub fn worker_exited(&mut self) -> bool {
+        self.worker
+            .as_mut()
+            .is_none_or(|w| matches!(w.child.try_wait(), Ok(Some(_))))
+    }
+
+    pub fn metrics(&self) -> String {
+        block_on(http_get(self.port, "/metrics"))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Reconnects the test's session (after the server restarted).
+    pub fn reconnect(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match pg_sync_tests::postgres::Client::connect(
+                &self.cluster.url("app"),
+                pg_sync_tests::postgres::NoTls,
+            ) {
+                Ok(c) => {
+                    self.db = c;
+                    return;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{}: reconnect: {e}", self.name);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+pub fn secret(x: &str, y: &str) -> String {
+    let (p, q) = if x < y { (x, y) } else { (y, x) };
+    format!("secret-{p}-{q}-0123456789")
+}
+
+/// The nodes, their links (S → R, by index) and one proxy per link.
+pub struct Mesh {
+    pub nodes: Vec<Node>,
+    pub links: Vec<(usize, usize)>,
+    pub proxies: BTreeMap<(usize, usize), Proxy>,
+    rt: Arc<tokio::runtime::Runtime>,
+    started: Instant,
+}
+
+impl Mesh {
+    /// Every directed link between every pair.
+    pub fn full(n: usize) -> Vec<(usize, usize)> {
+        let mut v = vec![];
+        for s in 0..n {
+            for r in 0..n {
+                if s != r {
+                    v.push((s, r));
+                }
+            }
+        }
+        v
+    }
+
+    /// Both directions of each pair.
+    pub fn pairs(p: &[(usize, usize)]) -> Vec<(usize, usize)> {
+        p.iter().flat_map(|&(x, y)| [(x, y), (y, x)]).collect()
+    }
+
+    /// Clusters named `names` (each node's `pg_sync.node_id` is its name), each with `schema`
+    /// in database `app`, peered along `links` through proxies; workers started.
+    pub fn start(test: &str, names: &[&str], schema: &str, links: &[(usize, usize)]) -> Mesh {
+        Self::start_with(test, names, schema, links, &[])
+    }
+
+    pub fn start_with(
+        test: &str,
+        names: &[&str],
+        schema: &str,
+        links: &[(usize, usize)],
+        env: &[(&str, &str)],
+    ) -> Mesh {
+        let started = Instant::now();
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let mut nodes: Vec<Node> = names
+            .iter()
+            .map(|&name| {
+                let cluster = Cluster::start(&format!("{test}_{name}"), &[]);
+                let mut admin = cluster.connect("postgres");
+                admin.batch_execute("CREATE DATABASE app").unwrap();
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE app SET pg_sync.node_id = '{name}'"
+                    ))
+                    .unwrap();
+                let mut db = cluster.connect("app");
+                db.batch_execute(&format!("CREATE EXTENSION pg_sync; {schema}"))
+                    .unwrap();
+                Node {
+                    name: name.to_owned(),
+                    cluster,
+                    db,
+                    port: free_port(),
+                    worker: None,
+                }
+            })
+            .collect();
+        let proxies: BTreeMap<(usize, usize), Proxy> = links
+            .iter()
+            .map(|&(s, r)| ((s, r), Proxy::start(&rt, nodes[s].port)))
+            .collect();
+        let n = nodes.len();
+        for x in 0..n {
+            for y in 0..n {
+                let (pull, push) = (proxies.get(&(y, x)), links.contains(&(x, y)));
+                let direction = match (pull.is_some(), push) {
+                    (true, true) => "both",
+                    (true, false) => "pull",
+                    (false, true) => "push",
+                    (false, false) => continue,
+                };
+                // X dials Y's proxy for the link Y → X; a push-only peer is never dialed.
+                let url = pull.map_or_else(
+                    || "ws://127.0.0.1:1".to_owned(),
+                    |p| format!("ws://127.0.0.1:{}", p.port),
+                );
+                let (xn, yn) = (nodes[x].name.clone(), nodes[y].name.clone());
+                nodes[x].exec(&format!(
+                    "SELECT pg_sync.add_peer('{yn}', '{url}', '{}', direction => '{direction}')",
+                    secret(&xn, &yn)
+                ));
+            }
+        }
+        for node in &mut nodes {
+            node.start_worker(env);
+        }
+        Mesh {
+            nodes,
+            links: links.to_vec(),
+            proxies,
+            rt,
+            started,
+        }
+    }
+
+    pub fn idx(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == name).unwrap()
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        let i = self.idx(name);
+        &mut self.nodes[i]
+    }
+
+    pub fn proxy(&self, s: &str, r: &str) -> &Proxy {
+        &self.proxies[&(self.idx(s), self.idx(r))]
+    }
+
+    /// Cuts every link to and from `name`.
+    pub fn isolate(&self, name: &str) {
+        let i = self.idx(name);
+        for (&(s, r), p) in &self.proxies {
+            if s == i || r == i {
+                p.cut();
+            }
+        }
+    }
+
+    pub fn heal_all(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    /// The links that are not cut (the barrier waits only for those).
+    pub fn live_links(&self) -> Vec<(usize, usize)> {
+        self.links
+            .iter()
+            .copied()
+            .filter(|l| {
+                let f = self.proxies[l].state.borrow();
+                !f.cut && !f.freeze_data && !f.freeze_acks
+            })
+            .collect()
+    }
+
+    /// The quiescence barrier: every live link's receiver has applied its sender's whole log,
+    /// and a second look finds no node's log moved. Panics (with the lags) after `within`.
+    pub fn quiesce_within(&mut self, within: Duration) {
+        let links = self.live_links();
+        let deadline = Instant::now() + within;
+        let mut settled = 0;
+        let mut last: Vec<i64> = vec![];
+        loop {
+            let heads: Vec<i64> = self.nodes.iter_mut().map(|n| n.last_sync_id()).collect();
+            let lags: Vec<String> = links
+                .iter()
+                .filter_map(|&(s, r)| {
+                    let sname = self.nodes[s].name.clone();
+                    let at = self.nodes[r].cursor(&sname);
+                    (at != heads[s])
+                        .then(|| format!("{}→{}: {at}/{}", sname, self.nodes[r].name, heads[s]))
+                })
+                .collect();
+            if lags.is_empty() && heads == last {
+                settled += 1;
+                if settled >= 2 {
+                    return;
+                }
+            } else {
+                settled = 0;
+            }
+            last = heads;
+            assert!(
+                Instant::now() < deadline,
+                "no quiescence within {within:?}: {}",
+                lags.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+
+    pub fn quiesce(&mut self) {
+        self.quiesce_within(Duration::from_secs(90));
+    }
+
+    /// Every node (or those in `only`) holds the same rows and the same per-row LWW state.
+    pub fn assert_converged_among(&mut self, table: &str, only: &[&str]) {
+        let mut first: Option<(String, (String, String))> = None;
+        for n in &mut self.nodes {
+            if !only.is_empty() && !only.contains(&n.name.as_str()) {
+                continue;
+            }
+            let s = n.state(table);
+            match &first {
+                None => first = Some((n.name.clone(), s)),
+                Some((name, f)) => {
+                    if f != &s {
+                        panic!(
+                            "{table}: {name} and {} differ:\nrows only on {name}: {}\nrows only on {}: {}\nstate only on {name}: {}\nstate only on {}: {}",
+                            n.name,
+                            missing_from(&f.0, &s.0),
+                            n.name,
+                            missing_from(&s.0, &f.0),
+                            missing_from(&f.1, &s.1),
+                            n.name,
+                            missing_from(&s.1, &f.1),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn assert_converged(&mut self, table: &str) {
+        self.assert_converged_among(table, &[]);
+    }
+
+    /// Exactly once: no node logged an action twice or parked anything; and after quiescence
+    /// no node's log grows (echoes died out).
+    pub fn assert_exactly_once(&mut self) {
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            let twice = n.int(
+                "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
+                   GROUP BY model, model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
+            );
+            assert_eq!(twice, 0, "{} logged an action twice", n.name);
+            // Every logged action brings at least one (column, version) pair, or tombstone
+            // version, that the row's earlier actions on this node did not: a merge that
+            // changed nothing logged nothing. (A relayed merge may carry old versions along
+            // with new ones; an action made only of old ones is a duplicate.)
+            let again = n.text(
+                "WITH p AS (
+                   SELECT s.id, s.model, s.model_id, k.col,
+                          CASE WHEN k.col LIKE '(%' THEN s.version
+                               ELSE coalesce(s.versions ->> k.col, s.version) END AS v
+                     FROM pg_sync.sync_actions s,
+                          LATERAL jsonb_object_keys(CASE
+                              WHEN s.action = 'D' AND s.moved THEN '{\"(moved)\": 0}'::jsonb
+                              WHEN s.action = 'D' THEN '{\"(deleted)\": 0}'::jsonb
+                              WHEN s.action = 'I' AND NOT s.moved THEN s.data || '{\"(created)\": 0}'
+                              ELSE s.data END) AS k(col))
+                 SELECT string_agg(to_jsonb(s)::text, E'\n' ORDER BY s.id)
+                   FROM pg_sync.sync_actions s
+                  WHERE NOT EXISTS (SELECT 1 FROM p WHERE p.id = s.id
+                                       AND NOT EXISTS (SELECT 1 FROM p q
+                                                        WHERE q.model = p.model AND q.model_id = p.model_id
+                                                          AND q.col = p.col AND q.v = p.v AND q.id < p.id))",
+            );
+            if !again.is_empty() {
+                let name = n.name.clone();
+                let id: String = again
+                    .split("\"model_id\": \"")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('"')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let mut hist = String::new();
+                for o in &mut self.nodes {
+                    let h = o.text(&format!(
+                        "SELECT string_agg(format('%s %s %s v=%s vs=%s data=%s', id, origin, action, version, versions, data), E'\\n' ORDER BY id)
+                           FROM pg_sync.sync_actions WHERE model_id = '{id}'"));
+                    hist += &format!("--- {} ---\n{h}\n", o.name);
+                }
+                panic!("{name} logged an action with nothing new:\n{again}\n{hist}");
+            }
+        }
+        let heads: Vec<i64> = self.nodes.iter_mut().map(|n| n.last_sync_id()).collect();
+        let logs: Vec<i64> = self
+            .nodes
+            .iter_mut()
+            .map(|n| n.int("SELECT count(*) FROM pg_sync.sync_actions"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let heads2: Vec<i64> = self.nodes.iter_mut().map(|n| n.last_sync_id()).collect();
+        let logs2: Vec<i64> = self
+            .nodes
+            .iter_mut()
+            .map(|n| n.int("SELECT count(*) FROM pg_sync.sync_actions"))
+            .collect();
+        assert_eq!(heads, heads2, "a log grew after quiescence");
+        assert_eq!(logs, logs2, "a log grew after quiescence");
+    }
+
+    pub fn assert_no_quarantine(&mut self) {
+        for n in &mut self.nodes {
+            let parked = n.text(
+                "SELECT coalesce(string_agg(sqlstate || ' ' || message, '; '), '') FROM pg_sync.peer_quarantine",
+            );
+            assert_eq!(parked, "", "{} quarantined changes", n.name);
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Workers before clusters (Node's field order drops the cluster first otherwise).
+        for n in &mut self.nodes {
+            n.worker = None;
+        }
+        eprintln!("mesh ran {:?}", self.started.elapsed());
+    }
+}
+
+/// xorshift64*: reproducible randomness without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Polls `done` until true or `within` passes.
+pub fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The elements of JSON array `x` that `y` lacks, as text.
+fn missing_from(x: &str, y: &str) -> String {
+    let parse = |t: &str| -> Vec<String> {
+        serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .unwrap_or_default()
+            .iter()
+            .map(|v| v.to_string())
+            .collect()
+    };
+    let ys = parse(y);
+    parse(x)
+        .into_iter()
+        .filter(|e| !ys.contains(e))
+        .take(20)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

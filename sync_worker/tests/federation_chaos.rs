@@ -1,0 +1,627 @@
+//! Federation under faults: three clusters and three workers on loopback, every link through a
+//! TCP proxy the test cuts, freezes, delays or makes one-way, workers killed (kill -9, or
+//! aborted at failpoints around apply commit and ack) and Postgres backends crashed mid-apply.
+//! Each scenario ends at a quiescence barrier and checks convergence (rows and per-row LWW
+//! state equal on every node) and exactly-once (nothing logged twice, no log growth after
+//! quiescence, nothing parked unless the scenario parks it).
+//!
+//! `FEDCHAOS_SEED` replays the randomized run; `FEDCHAOS_ROUNDS` lengthens it (`make soak`).
+
+use std::time::{Duration, Instant};
+
+mod common;
+#[path = "common/fed.rs"]
+mod fed;
+use fed::*;
+
+/// Random writes on one node: inserts, column updates, deletes, re-inserts and multi-row
+/// transactions over a small key space (so nodes collide on rows and columns).
+fn random_writes(c: &mut pg_sync_tests::postgres::Client, who: &str, rng: &mut Rng, n: usize) {
+    // Rows a transaction adds are new: their ids carry this call's tag.
+    let tag = rng.below(1 << 40);
+    for i in 0..n {
+        let id = format!("k{}", rng.below(24));
+        let v = rng.below(1000);
+        let sql = match rng.below(7) {
+            0 | 1 => format!(
+                "INSERT INTO items VALUES ('{id}', '{who}{i}', {v}, 'g{}') ON CONFLICT (id) DO NOTHING",
+                v % 3
+            ),
+            2 => format!("UPDATE items SET a = '{who}{i}' WHERE id = '{id}'"),
+            3 => format!("UPDATE items SET b = {v} WHERE id = '{id}'"),
+            4 => format!("UPDATE items SET grp = 'g{}' WHERE id = '{id}'", v % 3),
+            5 => format!("DELETE FROM items WHERE id = '{id}'"),
+            _ => format!(
+                "BEGIN;
+                 INSERT INTO items VALUES ('{id}', '{who}{i}', {v}, 'g1') ON CONFLICT (id) DO NOTHING;
+                 UPDATE items SET b = b + 1 WHERE id = '{id}';
+                 INSERT INTO items SELECT '{who}-{tag}-{i}-' || g, 'x', g, 'g2' FROM generate_series(1, 3) g;
+                 COMMIT;"
+            ),
+        };
+        c.batch_execute(&sql).unwrap_or_else(|e| {
+            panic!(
+                "{who}: {sql}: {e}: {:?}",
+                e.as_db_error().map(|d| (d.code(), d.message(), d.where_()))
+            )
+        });
+    }
+}
+
+/// Writes concurrently on every node (one thread and connection each).
+fn concurrent_writes(m: &Mesh, seed: u64, per_node: usize) {
+    std::thread::scope(|s| {
+        for (k, n) in m.nodes.iter().enumerate() {
+            let url = n.cluster.url("app");
+            let who = n.name.clone();
+            s.spawn(move || {
+                let mut c =
+                    pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                        .unwrap();
+                let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(k as u64 + 1));
+                random_writes(&mut c, &who, &mut rng, per_node);
+            });
+        }
+    });
+}
+
+fn check_all(m: &mut Mesh) {
+    m.quiesce();
+    m.assert_converged("items");
+    m.assert_exactly_once();
+    m.assert_no_quarantine();
+}
+
+/// Full mesh, concurrent writes on all three nodes with uneven link delays; then different
+/// columns of one row edited on two nodes while their links are frozen: both edits survive.
+#[test]
+fn full_mesh_under_concurrent_writes() {
+    let mut m = Mesh::start("fc_mesh", &["a", "b", "c"], ITEMS, &Mesh::full(3));
+    m.proxy("a", "b")
+        .set(|f| f.delay = Duration::from_millis(20));
+    m.proxy("c", "a")
+        .set(|f| f.delay = Duration::from_millis(5));
+    concurrent_writes(&m, 7, 150);
+    check_all(&mut m);
+
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('dc', 'a0', 0, 'g1')");
+    m.quiesce();
+    for p in m.proxies.values() {
+        p.set(|f| f.freeze_data = true);
+    }
+    m.node("a")
+        .exec("UPDATE items SET a = 'from-a' WHERE id = 'dc'");
+    m.node("b").exec("UPDATE items SET b = 42 WHERE id = 'dc'");
+    m.node("c")
+        .exec("UPDATE items SET grp = 'g2' WHERE id = 'dc'");
+    m.heal_all();
+    check_all(&mut m);
+    assert_eq!(
+        m.node("c")
+            .text("SELECT a || '/' || b || '/' || grp FROM items WHERE id = 'dc'"),
+        "from-a/42/g2"
+    );
+}
+
+/// A chain A – B – C (A and C never linked): B relays everything, including the state-only
+/// merges (a column newer than B's tombstone, kept pending; a tombstone raised by a later
+/// delete), so C ends with the same per-row state as A and B.
+#[test]
+fn relay_chain_forwards_state_only_merges() {
+    let mut m = Mesh::start(
+        "fc_chain",
+        &["a", "b", "c"],
+        ITEMS,
+        &Mesh::pairs(&[(0, 1), (1, 2)]),
+    );
+    m.node("a").exec(
+        "INSERT INTO items VALUES ('p', 'a', 1, 'g1'), ('t', 'a', 2, 'g1'), ('q', 'a', 3, 'g1')",
+    );
+    m.quiesce();
+    // A and B apart: B deletes, then A (not knowing) edits a column and deletes another row
+    // B deleted earlier. Healed, B holds a pending value and a raised tombstone it must relay.
+    m.proxy("a", "b").cut();
+    m.proxy("b", "a").cut();
+    m.node("b").exec("DELETE FROM items WHERE id IN ('p', 't')");
+    std::thread::sleep(Duration::from_millis(20));
+    m.node("a")
+        .exec("UPDATE items SET a = 'late' WHERE id = 'p'");
+    m.node("a").exec("DELETE FROM items WHERE id = 't'");
+    m.node("c").exec("UPDATE items SET b = 30 WHERE id = 'q'");
+    m.quiesce();
+    m.heal_all();
+    check_all(&mut m);
+    // The pending value is visible in C's row state, relayed by B.
+    let pending = m.node("c").text(
+        "SELECT pending IS NOT NULL OR versions ? 'a' FROM pg_sync.row_state WHERE model = 'items' AND model_id = 'p'",
+    );
+    assert_eq!(pending, "true");
+    // A re-insert everywhere after: the row comes back with the same values on all nodes.
+    m.node("c")
+        .exec("INSERT INTO items VALUES ('p', 'again', 9, 'g2')");
+    concurrent_writes(&m, 3, 60);
+    check_all(&mut m);
+}
+
+/// kill -9 of a receiver's worker before applying a batch, between the apply's commit and its
+/// ack, and after the ack (failpoints abort the process there), each while A's backlog flows:
+/// after a restart the cursor resumes, nothing is lost, nothing applied or logged twice.
+#[test]
+fn receiver_killed_around_commit_and_ack() {
+    let mut m = Mesh::start("fc_kill", &["a", "b"], ITEMS, &Mesh::full(2));
+    for (round, fp) in [
+        "fed_crash_before_apply@2",
+        "fed_crash_after_commit@1",
+        "fed_crash_after_ack@1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        m.node("b").kill9();
+        // About 2,400 sync ids: three batches (a batch spans about 1,000).
+        for t in 0..30 {
+            m.node("a").exec(&format!(
+                "INSERT INTO items SELECT 'r{round}-{t}-' || g, 'k', g, 'g' || (g % 3) FROM generate_series(1, 80) g"
+            ));
+        }
+        m.node("b").exec(&format!(
+            "UPDATE items SET a = 'b{round}' WHERE id LIKE 'r0-1-%'"
+        ));
+        let before = m.node("b").cursor("a");
+        m.node("b").spawn_worker(&[("SYNC_FAILPOINTS", fp)]);
+        let node = m.node("b");
+        wait_for(
+            &format!("B's worker to abort at {fp}"),
+            Duration::from_secs(60),
+            || node.worker_exited(),
+        );
+        let at = m.node("b").cursor("a");
+        let head = m.node("a").last_sync_id();
+        eprintln!("{fp}: B's cursor for A went {before} → {at} of {head}");
+        assert!(at < head, "{fp}: B applied everything before the failpoint");
+        m.node("b").start_worker(&[]);
+        check_all(&mut m);
+        for node in ["a", "b"] {
+            let (x, y) = (
+                m.node("a").int(&format!(
+                    "SELECT count(*) FROM pg_sync.sync_actions WHERE version LIKE '%@{node}'"
+                )),
+                m.node("b").int(&format!(
+                    "SELECT count(*) FROM pg_sync.sync_actions WHERE version LIKE '%@{node}'"
+                )),
+            );
+            assert_eq!(
+                x, y,
+                "{fp}: actions minted by {node} differ between A and B"
+            );
+        }
+    }
+    // B's cursor for A counts each applied action once.
+    let applied = m
+        .node("b")
+        .int("SELECT applied FROM pg_sync.peer_cursors WHERE peer_node_id = 'a'");
+    let sent = m.node("a").int(
+        "SELECT count(*) FROM pg_sync.sync_actions WHERE NOT (version LIKE '%@b' AND versions IS NULL)",
+    );
+    assert!(applied <= sent, "B counted {applied} applied of {sent}");
+}
+
+/// A partition with writes on every side (C cut off both ways; then a one-way partition where
+/// A's frames to B are held while B's acks flow), healed: everything converges.
+#[test]
+fn partitions_with_writes_on_both_sides() {
+    let mut m = Mesh::start("fc_part", &["a", "b", "c"], ITEMS, &Mesh::full(3));
+    concurrent_writes(&m, 11, 40);
+    m.quiesce();
+    m.isolate("c");
+    concurrent_writes(&m, 12, 80);
+    // The majority side converges by itself meanwhile.
+    m.quiesce();
+    m.assert_converged_among("items", &["a", "b"]);
+    m.heal_all();
+    check_all(&mut m);
+
+    m.proxy("a", "b").set(|f| f.freeze_data = true);
+    m.proxy("b", "a").set(|f| f.freeze_acks = true);
+    concurrent_writes(&m, 13, 60);
+    std::thread::sleep(Duration::from_millis(500));
+    m.heal_all();
+    check_all(&mut m);
+}
+
+/// Hub and spoke: B and C link only through A. A's worker is killed -9 while both spokes
+/// write, and A's Postgres is restarted too; after A returns, all three converge.
+#[test]
+fn hub_and_spoke_with_the_hub_killed() {
+    let mut m = Mesh::start(
+        "fc_hub",
+        &["a", "b", "c"],
+        ITEMS,
+        &Mesh::pairs(&[(0, 1), (0, 2)]),
+    );
+    concurrent_writes(&m, 21, 40);
+    m.node("a").kill9();
+    concurrent_writes(&m, 22, 60);
+    m.node("a").cluster.restart();
+    m.node("a").reconnect();
+    m.node("a").start_worker(&[]);
+    check_all(&mut m);
+}
+
+/// A change from C carrying a version far ahead of B's clock is parked in B's quarantine with
+/// 22008, while C's cursor moves past it and A's writes keep flowing to B; retried with a
+/// larger allowed skew, it applies and all converge.
+#[test]
+fn far_future_version_is_quarantined_and_the_link_flows() {
+    // C only sends to B; A and B are peered both ways.
+    let mut m = Mesh::start(
+        "fc_skew",
+        &["a", "b", "c"],
+        ITEMS,
+        &[(0, 1), (1, 0), (2, 1)],
+    );
+    m.node("c")
+        .exec("INSERT INTO items VALUES ('ok', 'c', 1, 'g1')");
+    m.quiesce();
+    // C takes a change from a (forged) node 10 minutes ahead; its own clock follows it.
+    let base = m.node("c").int("SELECT pg_sync.hlc_now()");
+    let ahead = (base as u64) + ((10 * 60 * 1000u64) << 16);
+    m.node("c").exec(&format!(
+        "SET pg_sync.max_clock_skew = '1h';
+         SELECT pg_sync.apply_remote('{{\"model\": \"items\", \"model_id\": \"future\", \"action\": \"I\",
+             \"version\": \"{ahead:016x}@x\", \"origin\": \"x\",
+             \"data\": {{\"id\": \"future\", \"a\": \"f\", \"b\": 1, \"grp\": \"g1\"}}}}'::jsonb);
+         RESET pg_sync.max_clock_skew;"
+    ));
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('after', 'a', 2, 'g1')");
+    m.quiesce();
+    let b = m.node("b");
+    assert_eq!(
+        b.text("SELECT string_agg(sqlstate, ',') FROM pg_sync.peer_quarantine"),
+        "22008"
+    );
+    assert_eq!(
+        b.int("SELECT count(*) FROM items WHERE id IN ('ok', 'after')"),
+        2
+    );
+    assert_eq!(b.int("SELECT count(*) FROM items WHERE id = 'future'"), 0);
+    assert!(b
+        .text("SELECT string_agg(event, ',') FROM pg_sync.peer_events WHERE peer = 'c'")
+        .contains("quarantined"));
+    assert_eq!(
+        b.text("SELECT open_quarantine FROM pg_sync.peer_status WHERE peer = 'c'"),
+        "1"
+    );
+    b.exec("SET pg_sync.max_clock_skew = '1h'; SELECT pg_sync.retry_quarantined('c'); RESET pg_sync.max_clock_skew;");
+    assert_eq!(b.int("SELECT count(*) FROM pg_sync.peer_quarantine"), 0);
+    // B relays it to A, whose clock refuses it the same way: parked there, retried there.
+    m.quiesce();
+    let a = m.node("a");
+    assert_eq!(
+        a.text("SELECT string_agg(sqlstate, ',') FROM pg_sync.peer_quarantine"),
+        "22008"
+    );
+    a.exec("SET pg_sync.max_clock_skew = '1h'; SELECT pg_sync.retry_quarantined('b'); RESET pg_sync.max_clock_skew;");
+    m.quiesce();
+    m.assert_no_quarantine();
+    // C only sends: A and B hold everything.
+    m.assert_converged_among("items", &["a", "b"]);
+    m.assert_exactly_once();
+}
+
+/// Equal HLC values from two (forged) nodes x and y, injected on different nodes so each node
+/// sees them in another order: ties break the same way everywhere.
+#[test]
+fn equal_hlc_ties_in_every_arrival_order() {
+    let mut m = Mesh::start("fc_ties", &["a", "b", "c"], ITEMS, &Mesh::full(3));
+    m.proxy("a", "c")
+        .set(|f| f.delay = Duration::from_millis(30));
+    m.proxy("c", "b")
+        .set(|f| f.delay = Duration::from_millis(15));
+    let base = m.node("b").int("SELECT pg_sync.hlc_now()") + (1 << 16);
+    let change = |id: &str, action: &str, node: &str, a: &str| {
+        format!(
+            "SELECT pg_sync.apply_remote('{{\"model\": \"items\", \"model_id\": \"{id}\", \"action\": \"{action}\",
+                \"version\": \"{base:016x}@{node}\", \"origin\": \"{node}\",
+                \"data\": {{\"id\": \"{id}\", \"a\": \"{a}\", \"b\": 1, \"grp\": \"g1\"}}}}'::jsonb)"
+        )
+    };
+    // Every ordered pair of nodes gets the two tied writes of one row, one each.
+    let names = ["a", "b", "c"];
+    for (i, x) in names.iter().enumerate() {
+        for (j, y) in names.iter().enumerate() {
+            let id = format!("tie-{x}{y}");
+            m.node(x).exec(&change(&id, "I", "x", "from-x"));
+            if i != j {
+                m.node(y).exec(&change(&id, "I", "y", "from-y"));
+            }
+        }
+    }
+    // A tied update and delete of one row on two nodes.
+    m.node("a").exec(&change("tie-ud", "I", "x", "base"));
+    m.quiesce();
+    m.node("a").exec(
+        &change("tie-ud", "U", "z", "upd")
+            .replace(&format!("{base:016x}@z"), &format!("{:016x}@z", base + 5)),
+    );
+    m.node("c").exec(
+        &change("tie-ud", "D", "w", "")
+            .replace(&format!("{base:016x}@w"), &format!("{:016x}@w", base + 5)),
+    );
+    check_all(&mut m);
+    for id in ["tie-ab", "tie-ba", "tie-cc", "tie-ac"] {
+        // x < y: the larger node id wins the tie.
+        let a = m
+            .node("b")
+            .text(&format!("SELECT a FROM items WHERE id = '{id}'"));
+        if id == "tie-cc" {
+            assert_eq!(a, "from-x");
+        } else {
+            assert_eq!(a, "from-y", "{id}");
+        }
+    }
+}
+
+/// A parent and child table with a foreign key, written on A, reach C only through B: the
+/// link's causal order keeps parents first, so nothing is parked on the way.
+#[test]
+fn foreign_key_order_through_a_relay() {
+    let schema = "CREATE TABLE parents (id text PRIMARY KEY, name text);
+         CREATE TABLE children (id text PRIMARY KEY, parent text NOT NULL REFERENCES parents, v int);
+         SELECT pg_sync.register_table('parents', federation => 'both');
+         SELECT pg_sync.register_table('children', federation => 'both');";
+    let mut m = Mesh::start(
+        "fc_fk",
+        &["a", "b", "c"],
+        schema,
+        &Mesh::pairs(&[(0, 1), (1, 2)]),
+    );
+    m.proxy("b", "c")
+        .set(|f| f.delay = Duration::from_millis(10));
+    for i in 0..40 {
+        m.node("a")
+            .exec(&format!("INSERT INTO parents VALUES ('p{i}', 'n{i}')"));
+        m.node("a").exec(&format!(
+            "INSERT INTO children SELECT 'c{i}-' || g, 'p{i}', g FROM generate_series(1, 3) g"
+        ));
+        if i % 5 == 4 {
+            m.node("a").exec(&format!(
+                "DELETE FROM children WHERE parent = 'p{}'; DELETE FROM parents WHERE id = 'p{}'",
+                i - 2,
+                i - 2
+            ));
+        }
+    }
+    m.quiesce();
+    m.assert_no_quarantine();
+    m.assert_converged("parents");
+    m.assert_converged("children");
+    m.assert_exactly_once();
+    assert_eq!(m.node("c").int("SELECT count(*) FROM children"), 32 * 3);
+}
+
+/// A 100k-row transaction on A reaches B in one local transaction: a reader on B sees none or
+/// all of it. B's Postgres backend applying it is killed -9 mid-apply first (the server
+/// restarts through crash recovery); the worker re-applies from its durable cursor.
+#[test]
+fn large_transaction_applied_atomically_through_a_crash() {
+    let mut m = Mesh::start("fc_big", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("a").exec(
+        "INSERT INTO items SELECT 'big' || g, 'v', g, 'g' || (g % 7) FROM generate_series(1, 100000) g",
+    );
+    // Crash B's Postgres while it applies the batch.
+    let started = Instant::now();
+    let b = m.node("b");
+    let pid = loop {
+        let pid = b.int(
+            "SELECT coalesce(max(pid), 0) FROM pg_stat_activity
+              WHERE query LIKE '%apply_peer_batch%' AND state = 'active' AND pid <> pg_backend_pid()",
+        );
+        if pid != 0 {
+            break pid;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no apply seen");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    eprintln!("killed B's applying backend {pid}");
+    std::thread::sleep(Duration::from_secs(1));
+    m.node("b").reconnect();
+    // Meanwhile a reader on B sees all or nothing.
+    let b = m.node("b");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let n = b.int("SELECT count(*) FROM items");
+        assert!(
+            n == 0 || n == 100_000,
+            "B showed {n} of the transaction's rows"
+        );
+        if n == 100_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never applied the transaction");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.quiesce_within(Duration::from_secs(180));
+    m.assert_exactly_once();
+    m.assert_no_quarantine();
+    assert_eq!(
+        m.node("a")
+            .text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items"),
+        m.node("b")
+            .text("SELECT md5(string_agg(id || a || b || grp, ',' ORDER BY id)) FROM items")
+    );
+}
+
+/// Random writes on all nodes with random link cuts, freezes, delays, kill -9s and failpoint
+/// aborts; healed, everything converges exactly once. Prints its seed (`FEDCHAOS_SEED`
+/// replays it; `FEDCHAOS_ROUNDS` runs longer).
+#[test]
+fn seeded_random_chaos() {
+    let seed: u64 = std::env::var("FEDCHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let rounds: u64 = std::env::var("FEDCHAOS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    eprintln!("seeded_random_chaos: FEDCHAOS_SEED={seed} FEDCHAOS_ROUNDS={rounds}");
+    let mut rng = Rng(seed);
+    let mut m = Mesh::start("fc_rand", &["a", "b", "c"], ITEMS, &Mesh::full(3));
+    let links: Vec<(usize, usize)> = m.links.clone();
+    for round in 0..rounds {
+        let (s, r) = links[rng.below(links.len() as u64) as usize];
+        let what = rng.below(8);
+        let p = &m.proxies[&(s, r)];
+        match what {
+            0 => p.cut(),
+            1 => p.set(|f| f.freeze_data = true),
+            2 => p.set(|f| f.freeze_acks = true),
+            3 => p.set(|f| f.delay = Duration::from_millis(25)),
+            4 | 5 => p.heal(),
+            6 => m.nodes[r].kill9(),
+            _ => {
+                let fp = [
+                    "fed_crash_before_apply@2",
+                    "fed_crash_after_commit@2",
+                    "fed_crash_after_ack@2",
+                ][rng.below(3) as usize];
+                m.nodes[r].spawn_worker(&[("SYNC_FAILPOINTS", fp)]);
+            }
+        }
+        eprintln!("round {round}: {:?} on {s}→{r}", what);
+        concurrent_writes(&m, seed ^ round, 20);
+        // Restart dead workers now and then (a failpoint worker may still be running).
+        for n in &mut m.nodes {
+            if n.worker.is_none() || (rng.below(2) == 0 && n.worker_exited()) {
+                n.spawn_worker(&[]);
+            }
+        }
+    }
+    m.heal_all();
+    // Fresh workers everywhere: one still armed with a failpoint would abort once the healed
+    // links reach it, after this point.
+    for n in &mut m.nodes {
+        n.start_worker(&[]);
+    }
+    m.quiesce_within(Duration::from_secs(120));
+    m.assert_converged("items");
+    m.assert_exactly_once();
+    m.assert_no_quarantine();
+    eprintln!("seeded_random_chaos: converged (FEDCHAOS_SEED={seed})");
+}
+
+/// A hand-driven receiver against A's sender endpoint: a correct MAC is welcomed (and A
+/// proves itself back); the same `auth` frame replayed on a new connection (another
+/// challenge) is refused; so are a wrong secret and a dialer with A's own node id; each
+/// failure is recorded without the secret.
+#[test]
+fn replayed_auth_wrong_secret_and_self_link_are_refused() {
+    use futures::{SinkExt, StreamExt};
+    use sync_worker::federation::{auth, frames::close, frames::Frame, PATH};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut m = Mesh::start("fc_auth", &["a"], ITEMS, &[]);
+    let secret = "the-r-secret-0123456789";
+    m.node("a").exec(&format!(
+        "SELECT pg_sync.add_peer('r', 'ws://127.0.0.1:1', '{secret}', direction => 'push')"
+    ));
+    let url = format!("ws://127.0.0.1:{}{PATH}", m.nodes[0].port);
+    // One handshake: the challenge's nonce, then `answer` builds the auth frame from it;
+    // returns the nonce and what came back (a frame, or the close code).
+    let attempt = |answer: &dyn Fn(&str) -> Frame| -> (String, Result<Frame, u16>) {
+        block_on(async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                .await
+                .unwrap();
+            let sn = match ws.next().await {
+                Some(Ok(Message::Text(t))) => match Frame::parse(&t).unwrap() {
+                    Frame::Challenge { nonce, node_id, .. } => {
+                        assert_eq!(node_id, "a");
+                        nonce
+                    }
+                    other => panic!("expected a challenge: {other:?}"),
+                },
+                other => panic!("expected a challenge: {other:?}"),
+            };
+            ws.send(Message::text(answer(&sn).to_text())).await.unwrap();
+            let back = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => break Ok(Frame::parse(&t).unwrap()),
+                    Some(Ok(Message::Close(Some(f)))) => break Err(u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    other => panic!("connection ended without a close frame: {other:?}"),
+                }
+            };
+            (sn, back)
+        })
+    };
+    let rn = auth::nonce();
+    let honest = |sn: &str| Frame::Auth {
+        node_id: "r".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(secret, auth::RECEIVER_TAG, "r", "a", sn, &rn),
+    };
+    let (sn1, back) = attempt(&honest);
+    match back {
+        Ok(Frame::Welcome { mac, .. }) => assert!(
+            auth::verify(secret, auth::SENDER_TAG, "r", "a", &sn1, &rn, &mac),
+            "A's proof does not verify"
+        ),
+        other => panic!("expected welcome: {other:?}"),
+    }
+    // The recorded auth frame, replayed against a fresh challenge.
+    let recorded = honest(&sn1);
+    let (sn2, back) = attempt(&|_| recorded.clone());
+    assert_ne!(sn1, sn2, "the sender repeated a nonce");
+    assert_eq!(
+        back,
+        Err(close::AUTH_FAILED),
+        "a replayed auth frame was accepted"
+    );
+    let (_, back) = attempt(&|sn| Frame::Auth {
+        node_id: "r".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(
+            "not-the-secret-000000",
+            auth::RECEIVER_TAG,
+            "r",
+            "a",
+            sn,
+            &rn,
+        ),
+    });
+    assert_eq!(back, Err(close::AUTH_FAILED));
+    let (_, back) = attempt(&|sn| Frame::Auth {
+        node_id: "a".into(),
+        nonce: rn.clone(),
+        mac: auth::mac(secret, auth::RECEIVER_TAG, "a", "a", sn, &rn),
+    });
+    assert_eq!(back, Err(close::FORBIDDEN));
+    let a = m.node("a");
+    let events = a.text(
+        "SELECT string_agg(event || ':' || (detail->>'reason'), ',' ORDER BY id) FROM pg_sync.peer_events WHERE event = 'auth_failed'",
+    );
+    assert!(
+        events.contains("bad_mac") && events.contains("self_link"),
+        "{events}"
+    );
+    assert_eq!(
+        a.int(&format!(
+            "SELECT count(*) FROM pg_sync.peer_events WHERE detail::text LIKE '%{secret}%' OR detail::text LIKE '%not-the-secret%'"
+        )),
+        0
+    );
+}
