@@ -31,22 +31,15 @@ pub fn compact(horizon: i64) -> i64 {
     // for lagging past the cap. Read in this statement's snapshot; a later subscribe that moves
     // a hold back finds its cursor below the horizon and is told to resync (never a gap).
     let deleted = model::run(
-<<<<<<< HEAD
-        "WITH gone AS (
-           DELETE FROM pg_sync.sync_actions a USING pg_sync.commit_order c
-            WHERE c.xid = a.xid AND c.first_sync_id + c.action_count - 1 <= ($1->>'h')::bigint
-           RETURNING a.id, a.model),
-         members AS (
-           DELETE FROM pg_sync.membership_log m
-            WHERE m.action_id IN (SELECT gone.id FROM gone WHERE gone.model = '$membership')),
-=======
         "WITH lim AS (
            SELECT LEAST(($1->>'h')::bigint, coalesce(pg_sync.peer_retention_hold(), ($1->>'h')::bigint)) AS h),
          gone AS (
            DELETE FROM pg_sync.sync_actions a USING pg_sync.commit_order c, lim
             WHERE c.xid = a.xid AND c.first_sync_id + c.action_count - 1 <= lim.h
-           RETURNING 1),
->>>>>>> fedops
+           RETURNING a.id, a.model),
+         members AS (
+           DELETE FROM pg_sync.membership_log m
+            WHERE m.action_id IN (SELECT gone.id FROM gone WHERE gone.model = '$membership')),
          tx AS (
            DELETE FROM pg_sync.commit_order c USING lim WHERE c.first_sync_id + c.action_count - 1 <= lim.h),
          h AS (
