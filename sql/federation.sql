@@ -141,6 +141,20 @@ CREATE TABLE pg_sync.peer_probes (
     error             text
 );
 
+-- The optional conflict log (pg_sync.log_conflicts = on): remote column values that lost, on
+-- arrival, to a newer register minted by another node. Versions only, never values.
+CREATE TABLE pg_sync.conflicts (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT now(),
+    model        text NOT NULL,
+    model_id     text NOT NULL,
+    column_name  text NOT NULL,
+    kept_version text NOT NULL,
+    lost_version text NOT NULL,
+    origin       text NOT NULL
+);
+CREATE INDEX conflicts_at_idx ON pg_sync.conflicts (at);
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
@@ -150,7 +164,8 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
-    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes FROM PUBLIC;
+    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.conflicts_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
@@ -162,6 +177,7 @@ ALTER TABLE pg_sync.peer_links OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_holds OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_joins OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_probes OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.conflicts OWNER TO pgsync_owner;
 
 -- This node's log identity: system identifier, timeline and the random id made at CREATE
 -- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
