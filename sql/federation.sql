@@ -962,8 +962,9 @@ BEGIN
                 AND g.model COLLATE "C" >= coalesce(after_model, '') COLLATE "C"
               ORDER BY g.model COLLATE "C" LOOP
         EXIT WHEN got >= lim;
-        -- The table row of a state, by its key parsed from the model id (the key's index), then
-        -- checked against the canonical id.
+        -- The page of states first (row_state's primary key, in order), then each one's table
+        -- row by its key parsed from the model id (the key's index), checked against the
+        -- canonical id: a page costs its own rows, not a scan of the table.
         SELECT string_agg(format('t.%I = %s::%s', k.c,
                                  CASE WHEN cardinality(r.pk_columns) = 1 THEN 's.model_id'
                                       ELSE format('(s.model_id::jsonb ->> %s)', k.o - 1) END,
@@ -998,13 +999,14 @@ BEGIN
                           WHERE coalesce(t.data, s.pending) OPERATOR(pg_catalog.?) v.key
                          HAVING count(*) OPERATOR(pg_catalog.>) 0) END),
                       ''$[*] ? (@ != null)'')
-               FROM pg_sync.row_state s
+               FROM (SELECT * FROM pg_sync.row_state s
+                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
+                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
+                      ORDER BY s.model_id LIMIT $3) s
                LEFT JOIN LATERAL (
                     SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS data, %5$s AS grp FROM %1$s t
                      WHERE %2$s AND %4$s OPERATOR(pg_catalog.=) s.model_id) t ON true
-              WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
-                AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
-              ORDER BY s.model_id LIMIT $3',
+              ORDER BY s.model_id',
             r.rel, keyc, keyo, pg_sync.model_id_expr(r), grp)
           USING r.model, CASE WHEN r.model = after_model THEN coalesce(after_model_id, '') ELSE '' END,
                 lim - got, r.excluded_columns;
