@@ -46,6 +46,7 @@ bench: install
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
 	bash bench/mutate.sh
+	bash bench/join.sh
 
 # A long seeded federation chaos run (3 clusters, 3 workers, random link faults and kills);
 # FEDCHAOS_SEED=<n> replays a printed seed.

@@ -141,6 +141,20 @@ CREATE TABLE pg_sync.peer_probes (
     error             text
 );
 
+-- The optional conflict log (pg_sync.log_conflicts = on): remote column values that lost, on
+-- arrival, to a newer register minted by another node. Versions only, never values.
+CREATE TABLE pg_sync.conflicts (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT now(),
+    model        text NOT NULL,
+    model_id     text NOT NULL,
+    column_name  text NOT NULL,
+    kept_version text NOT NULL,
+    lost_version text NOT NULL,
+    origin       text NOT NULL
+);
+CREATE INDEX conflicts_at_idx ON pg_sync.conflicts (at);
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
@@ -150,7 +164,8 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
-    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes FROM PUBLIC;
+    pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.conflicts_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
@@ -162,6 +177,7 @@ ALTER TABLE pg_sync.peer_links OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_holds OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_joins OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_probes OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.conflicts OWNER TO pgsync_owner;
 
 -- This node's log identity: system identifier, timeline and the random id made at CREATE
 -- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
@@ -946,8 +962,9 @@ BEGIN
                 AND g.model COLLATE "C" >= coalesce(after_model, '') COLLATE "C"
               ORDER BY g.model COLLATE "C" LOOP
         EXIT WHEN got >= lim;
-        -- The table row of a state, by its key parsed from the model id (the key's index), then
-        -- checked against the canonical id.
+        -- The page of states first (row_state's primary key, in order), then each one's table
+        -- row by its key parsed from the model id (the key's index), checked against the
+        -- canonical id: a page costs its own rows, not a scan of the table.
         SELECT string_agg(format('t.%I = %s::%s', k.c,
                                  CASE WHEN cardinality(r.pk_columns) = 1 THEN 's.model_id'
                                       ELSE format('(s.model_id::jsonb ->> %s)', k.o - 1) END,
@@ -982,13 +999,14 @@ BEGIN
                           WHERE coalesce(t.data, s.pending) OPERATOR(pg_catalog.?) v.key
                          HAVING count(*) OPERATOR(pg_catalog.>) 0) END),
                       ''$[*] ? (@ != null)'')
-               FROM pg_sync.row_state s
+               FROM (SELECT * FROM pg_sync.row_state s
+                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
+                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
+                      ORDER BY s.model_id LIMIT $3) s
                LEFT JOIN LATERAL (
                     SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS data, %5$s AS grp FROM %1$s t
                      WHERE %2$s AND %4$s OPERATOR(pg_catalog.=) s.model_id) t ON true
-              WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
-                AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
-              ORDER BY s.model_id LIMIT $3',
+              ORDER BY s.model_id',
             r.rel, keyc, keyo, pg_sync.model_id_expr(r), grp)
           USING r.model, CASE WHEN r.model = after_model THEN coalesce(after_model_id, '') ELSE '' END,
                 lim - got, r.excluded_columns;

@@ -168,6 +168,17 @@ fn apply_change(
     }
     let state = stored.unwrap_or_else(|| state::unrecorded(current.is_some()));
     let outcome = merge::merge(&state, current.as_ref(), change);
+    if settings::log_conflicts() {
+        log_conflicts(
+            &model.name,
+            model_id,
+            &state,
+            current.as_ref(),
+            change,
+            &outcome,
+            origin,
+        );
+    }
     if !outcome.changed() {
         // Already merged (an echo of a change applied before, e.g. by retry_quarantined with
         // a larger skew): nothing to store and no clock to move, so no skew to refuse; parking
@@ -255,4 +266,52 @@ fn apply_change(
         return false;
     }
     true
+}
+
+/// The optional conflict log (`pg_sync.log_conflicts`): each incoming column value that lost to
+/// a newer register minted by another node (a column version, or the tombstone of a dead row),
+/// one row in `pg_sync.conflicts` with both versions and no values. Losing to a newer write of
+/// the same node is not a conflict (a late relay of an older write), nor is an equal version
+/// (an echo), nor a loss to an equal value.
+fn log_conflicts(
+    model: &str,
+    model_id: &str,
+    state: &merge::State,
+    current: Option<&Map<String, Value>>,
+    change: &Change,
+    outcome: &merge::Outcome,
+    origin: &str,
+) {
+    let node = |v: &str| {
+        v.rsplit_once('@')
+            .map(|(_, n)| n.to_owned())
+            .unwrap_or_default()
+    };
+    let lost: Vec<Value> = change
+        .columns
+        .iter()
+        .filter(|(col, _)| !outcome.won.contains_key(*col))
+        .filter_map(|(col, (value, version))| {
+            let kept = match current {
+                Some(row) if row.get(col) != Some(value) => state.effective(col),
+                Some(_) => return None,
+                None => state.deleted.clone()?,
+            };
+            (merge::gt(&kept, version) && node(&kept) != node(version)).then(|| {
+                serde_json::json!({"model": model, "model_id": model_id, "column_name": col,
+                                   "kept_version": kept, "lost_version": version, "origin": origin})
+            })
+        })
+        .collect();
+    if lost.is_empty() {
+        return;
+    }
+    model::run(
+        "INSERT INTO pg_sync.conflicts (model, model_id, column_name, kept_version, lost_version, origin)
+         SELECT x.model, x.model_id, x.column_name, x.kept_version, x.lost_version, x.origin
+           FROM pg_catalog.jsonb_to_recordset($1) AS x(model text, model_id text, column_name text,
+                                                        kept_version text, lost_version text, origin text)",
+        &[PgOid::from(pg_sys::JSONBOID)],
+        vec![JsonB(Value::Array(lost))],
+    );
 }

@@ -7,6 +7,8 @@
 //!   wall clock a remote version may be before `apply_remote` rejects it.
 //! - `pg_sync.test_clock_offset` (superuser, milliseconds, default 0): shifts the wall clock the
 //!   HLC reads. For tests of clock steps only.
+//! - `pg_sync.log_conflicts` (superuser, boolean, default off): `apply_remote` records in
+//!   `pg_sync.conflicts` each incoming column value that lost to a newer one from another node.
 
 use crate::errors;
 use pg_sync_lww::version::validate_node_id;
@@ -17,8 +19,17 @@ use std::ffi::{CStr, CString};
 static NODE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static TEST_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static LOG_CONFLICTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"pg_sync.log_conflicts",
+        c"Record remote column values that lost to a newer value from another node.",
+        c"apply_remote inserts one row per lost column into pg_sync.conflicts (no values).",
+        &LOG_CONFLICTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pg_sync.node_id",
         c"This node's id in LWW versions and the origin of captured changes.",
@@ -47,6 +58,10 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
+}
+
+pub fn log_conflicts() -> bool {
+    LOG_CONFLICTS.get()
 }
 
 pub fn max_clock_skew_ms() -> u64 {

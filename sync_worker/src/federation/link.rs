@@ -491,20 +491,20 @@ async fn session(
                 json!({"direction": "in", "node_id": s, "reason": "refused_by_peer", "code": code, "message": reason}),
             )
             .await;
-            // 4502: the peer verified our secret, then refused (direction, node id).
-            probe(
-                &db,
-                name,
-                json!({"reachable": true, "auth_ok": code == close::FORBIDDEN, "node_id": s,
-                       "proto": PROTO, "error": format!("refused by the peer ({code}): {reason}")}),
-            )
-            .await;
             let msg = format!("refused by the peer ({code}): {reason}");
             report(
                 &db,
                 name,
                 lane,
                 state_report("auth_failed", None, Some(&msg)),
+            )
+            .await;
+            // 4502: the peer verified our secret, then refused (direction, node id).
+            probe(
+                &db,
+                name,
+                json!({"reachable": true, "auth_ok": code == close::FORBIDDEN, "node_id": s,
+                       "proto": PROTO, "error": msg}),
             )
             .await;
             return retry;

@@ -111,6 +111,37 @@ SELECT count(*) AS rest FROM pg_sync.peer_snapshot('h1', 'hold_t', 'k3');
 DELETE FROM hold_t WHERE id = 'k1';
 SELECT model_id, jsonb_path_query_array(changes, '$[*].action') AS actions
   FROM pg_sync.peer_snapshot('h1', '', '', 1);
+-- The optional conflict log: off by default; on, a remote column value that loses to a newer
+-- one from another node is recorded (versions, no values), once per lost column.
+CREATE TABLE cbase AS SELECT pg_sync.hlc_now() AS hlc;
+CREATE FUNCTION cv(k int, node text) RETURNS text LANGUAGE sql AS
+  $$ SELECT lpad(to_hex((SELECT hlc FROM cbase) + k), 16, '0') || '@' || node $$;
+CREATE FUNCTION cch(action text, ver text, data jsonb) RETURNS jsonb LANGUAGE sql AS
+  $$ SELECT jsonb_build_object('model', 'hold_t', 'model_id', 'c1', 'action', action, 'version', ver,
+                               'origin', split_part(ver, '@', 2), 'data', data) $$;
+SELECT pg_sync.apply_remote(cch('I', cv(10, 'p1'), '{"id": "c1", "v": "a"}'));
+SELECT pg_sync.apply_remote(cch('U', cv(30, 'p1'), '{"v": "newer"}'));
+SELECT pg_sync.apply_remote(cch('U', cv(20, 'p2'), '{"v": "lost, not logged"}'));
+SELECT count(*) AS logged_while_off FROM pg_sync.conflicts;
+SET pg_sync.log_conflicts = on;
+SELECT pg_sync.apply_remote(cch('U', cv(21, 'p2'), '{"v": "concurrent"}'));
+-- Not conflicts: an older write of the same node (a late relay), an echo, an equal value.
+SELECT pg_sync.apply_remote(cch('U', cv(25, 'p1'), '{"v": "superseded"}'));
+SELECT pg_sync.apply_remote(cch('U', cv(30, 'p1'), '{"v": "newer"}'));
+SELECT pg_sync.apply_remote(cch('U', cv(22, 'p3'), '{"v": "newer"}'));
+-- A newer write wins: not a conflict here (the loser is recorded where it loses).
+SELECT pg_sync.apply_remote(cch('U', cv(40, 'p2'), '{"v": "p2 wins"}'));
+-- An update that loses to a delete from another node.
+SELECT pg_sync.apply_remote(cch('D', cv(50, 'p1'), '{"id": "c1"}'));
+SELECT pg_sync.apply_remote(cch('U', cv(45, 'p3'), '{"v": "too late"}'));
+RESET pg_sync.log_conflicts;
+SELECT model, model_id, column_name,
+       (SELECT k FROM generate_series(0, 60) k, unnest(ARRAY['p1', 'p2', 'p3']) n WHERE cv(k, n) = kept_version) AS kept,
+       (SELECT k FROM generate_series(0, 60) k, unnest(ARRAY['p1', 'p2', 'p3']) n WHERE cv(k, n) = lost_version) AS lost,
+       origin
+  FROM pg_sync.conflicts ORDER BY id;
+DROP FUNCTION cch(text, text, jsonb), cv(int, text);
+DROP TABLE cbase;
 -- Removing a peer drops its hold.
 SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
 SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
