@@ -3867,3 +3867,51 @@ async fn random_interleavings_fold_every_subscriber_to_its_groups_rows() {
     }
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// A user who connects while a join of theirs is committed (even persisted) but not yet
+/// published gets the join's `membership` frame when it is published, and none of the group's
+/// deltas from before it: the hub loads the user's groups as of its published position, not
+/// as the database has them already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_not_yet_published_when_the_user_connects_is_announced_at_its_position() {
+    let (cluster, mut db) = app_cluster("join_unpublished");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_after_persist")],
+    )
+    .await;
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (1, 'published first')",
+    );
+    let mut ws = connect(worker.port, "carol").await;
+    let (_, at) = subscribe(&mut ws, 0).await;
+    assert_eq!(at, 1);
+    ws.close(None).await.ok();
+    // Sequenced as 2 (before the join), 3 (the join), 4; held unpublished for 3 s.
+    exec(
+        &mut db,
+        "BEGIN;
+         INSERT INTO todos VALUES (20, 'before carol joined', 'p1');
+         SELECT pg_sync.add_member('carol', 'p1');
+         INSERT INTO todos VALUES (21, 'after carol joined', 'p1');
+         COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut ws = connect(worker.port, "carol").await;
+    let (replayed, _) = subscribe_all(&mut ws, 1).await;
+    let mut got = replayed;
+    while !got.iter().any(|f| f["modelId"] == "21") {
+        match next(&mut ws, Duration::from_secs(10)).await {
+            Some(f) => got.push(f),
+            None => break,
+        }
+    }
+    let seen: Vec<String> = got
+        .iter()
+        .map(|f| format!("{}:{}", f["type"].as_str().unwrap(), f["syncId"]))
+        .collect();
+    assert_eq!(seen, ["membership:3", "delta:4"], "{got:?}");
+    tokio::task::block_in_place(|| drop(db));
+}
