@@ -3543,3 +3543,375 @@ async fn a_resumed_client_learns_every_join_and_leave_since_its_cursor_in_order(
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// One subscriber of the randomized interleaving test: what its client holds, folded from the
+/// frames as docs/protocol.md says (a join bootstraps the group, a leave drops its rows).
+struct Folder {
+    user: &'static str,
+    ws: Option<Ws>,
+    /// The last sync id received (the resume cursor).
+    cursor: i64,
+    last_delta: i64,
+    groups: std::collections::HashSet<String>,
+    /// id -> (group, row)
+    rows: std::collections::HashMap<String, (String, serde_json::Map<String, Value>)>,
+    /// Deltas of a group at or below its bootstrap's sync id are in the snapshot already.
+    snapshot_at: std::collections::HashMap<String, i64>,
+}
+
+impl Folder {
+    async fn apply(&mut self, port: u16, f: Value) {
+        if std::env::var_os("PG_SYNC_TRACE").is_some() {
+            eprintln!("{} <- {f}", self.user);
+        }
+        let id = f["syncId"].as_i64().unwrap_or(0);
+        match f["type"].as_str() {
+            Some("delta") => {
+                assert!(
+                    id > self.last_delta,
+                    "{}: sync id {id} after {}",
+                    self.user,
+                    self.last_delta
+                );
+                self.last_delta = id;
+                self.cursor = self.cursor.max(id);
+                if f["model"] != "todos" {
+                    return;
+                }
+                let g = f["groupId"].as_str().unwrap().to_owned();
+                assert!(
+                    self.groups.contains(&g),
+                    "{} got delta {id} of {g}, not one of its groups {:?}",
+                    self.user,
+                    self.groups
+                );
+                if self.snapshot_at.get(&g).is_some_and(|w| id <= *w) {
+                    return;
+                }
+                let key = f["modelId"].as_str().unwrap().to_owned();
+                let data = f["data"].as_object().cloned().unwrap_or_default();
+                match f["action"].as_str() {
+                    Some("I") => {
+                        self.rows.insert(key, (g, data));
+                    }
+                    Some("U") => {
+                        if let Some((_, row)) = self.rows.get_mut(&key) {
+                            row.extend(data);
+                        }
+                    }
+                    // A row the client holds in another group now (it came with a newer
+                    // group bootstrap) is not this group's to remove.
+                    _ => {
+                        if self.rows.get(&key).is_some_and(|(rg, _)| *rg == g) {
+                            self.rows.remove(&key);
+                        }
+                    }
+                }
+            }
+            Some("membership") => {
+                assert!(
+                    id >= self.cursor,
+                    "{}: membership at {id} after {}",
+                    self.user,
+                    self.cursor
+                );
+                self.cursor = id;
+                let g = f["groupId"].as_str().unwrap().to_owned();
+                self.rows.retain(|_, (rg, _)| *rg != g);
+                if f["joined"] == true {
+                    self.groups.insert(g.clone());
+                    let (status, lines) = ndjson(
+                        port,
+                        &format!("/sync/bootstrap?models=todos&groups={g}"),
+                        &bearer(self.user),
+                    )
+                    .await;
+                    assert_eq!(status, 200, "{lines:?}");
+                    for l in &lines {
+                        if l["type"] == "row" {
+                            let row = l["data"].as_object().cloned().unwrap();
+                            self.rows
+                                .insert(l["id"].as_str().unwrap().to_owned(), (g.clone(), row));
+                        }
+                    }
+                    let w = lines.last().unwrap()["syncId"].as_i64().unwrap();
+                    self.snapshot_at.insert(g, w);
+                } else {
+                    self.groups.remove(&g);
+                }
+            }
+            Some("caught_up") => self.cursor = self.cursor.max(id),
+            _ => panic!("{}: unexpected frame {f}", self.user),
+        }
+    }
+
+    /// Takes what has arrived (waiting at most `wait` for each frame); a closed socket is gone.
+    async fn drain(&mut self, port: u16, wait: Duration) {
+        while let Some(ws) = self.ws.as_mut() {
+            match tokio::time::timeout(wait, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if f["type"] == "error" {
+                        self.ws = None;
+                        continue;
+                    }
+                    self.apply(port, f).await;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => self.ws = None,
+                Err(_) => return,
+            }
+        }
+    }
+
+    async fn connect(&mut self, port: u16) {
+        let mut ws = connect(port, self.user).await;
+        send(&mut ws, json!({"type": "subscribe", "after": self.cursor})).await;
+        self.last_delta = self.cursor;
+        self.ws = Some(ws);
+    }
+}
+
+/// issue 9: randomized interleavings (seeded: the seed is printed; rerun with
+/// PG_SYNC_SEED=<seed>). Writers, membership changes made every way, subscribers that drop and
+/// resume from their cursor, compaction up to the oldest cursor, replication-link drops and
+/// worker kill -9; after settling, every subscriber's folded state equals the database rows of
+/// its groups, it never got a delta of a group it was not in at that position, and its sync
+/// ids only grew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_interleavings_fold_every_subscriber_to_its_groups_rows() {
+    let seed: u64 = std::env::var("PG_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("random interleavings: seed {seed} (rerun with PG_SYNC_SEED={seed})");
+    let mut state = seed;
+    let mut rnd = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let (cluster, mut db) = app_cluster("random_interleavings");
+    // The fixture's memberships predate the log: start from none.
+    exec(&mut db, "DELETE FROM pg_sync.group_memberships");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let users = ["alice", "bob", "carol", "dave"];
+    let groups = ["p1", "p2", "p3", "p4"];
+    let mut folders: Vec<Folder> = users
+        .iter()
+        .map(|u| Folder {
+            user: u,
+            ws: None,
+            cursor: 0,
+            last_delta: 0,
+            groups: Default::default(),
+            rows: Default::default(),
+            snapshot_at: Default::default(),
+        })
+        .collect();
+    for f in folders.iter_mut() {
+        f.connect(port).await;
+    }
+    let mut next_id = 1;
+    let mut down = false;
+    for step in 0..160 {
+        let user = users[rnd(users.len())];
+        let group = groups[rnd(groups.len())];
+        let other = groups[rnd(groups.len())];
+        let id = 1 + rnd(next_id);
+        let sql = match rnd(20) {
+            0 | 1 => format!("SELECT pg_sync.add_member('{user}', '{group}')"),
+            2 => format!("SELECT pg_sync.remove_member('{user}', '{group}')"),
+            3 => format!("DELETE FROM pg_sync.group_memberships WHERE user_id = '{user}' AND group_id = '{group}'"),
+            4 => format!(
+                "UPDATE pg_sync.group_memberships SET group_id = '{other}' WHERE user_id = '{user}' AND group_id = '{group}'
+                   AND NOT EXISTS (SELECT 1 FROM pg_sync.group_memberships WHERE user_id = '{user}' AND group_id = '{other}')"
+            ),
+            5..=8 => {
+                next_id += 1;
+                format!("INSERT INTO todos VALUES ({next_id}, 't{step}', '{group}')")
+            }
+            9 | 10 => format!("UPDATE todos SET title = 'u{step}' WHERE id = {id}"),
+            11 => format!("UPDATE todos SET project = '{group}' WHERE id = {id}"),
+            12 => format!("DELETE FROM todos WHERE id = {id}"),
+            13 => format!(
+                "BEGIN; INSERT INTO todos VALUES ({}, 'with a join', '{group}'); SELECT pg_sync.add_member('{user}', '{group}'); UPDATE todos SET title = 'after the join' WHERE project = '{group}'; COMMIT",
+                { next_id += 1; next_id }
+            ),
+            14 => {
+                // A subscriber drops and resumes later from its cursor.
+                let i = rnd(users.len());
+                folders[i].ws = None;
+                String::new()
+            }
+            15 => {
+                // Compaction, never past the oldest cursor (no one is sent to re-bootstrap).
+                let oldest = folders.iter().map(|f| f.cursor).min().unwrap_or(0);
+                format!("SELECT pg_sync.compact(LEAST({oldest}, pg_sync.last_sync_id()))")
+            }
+            16 => "SELECT pg_terminate_backend(pid) FROM pg_stat_replication".into(),
+            17 if !down => {
+                worker.kill9();
+                down = true;
+                for f in folders.iter_mut() {
+                    f.ws = None;
+                }
+                String::new()
+            }
+            _ => String::new(),
+        };
+        if !sql.is_empty() {
+            exec(&mut db, &sql);
+        }
+        if down && rnd(4) == 0 {
+            worker = Worker::start(&cluster, "app", port);
+            worker.wait_healthy().await;
+            down = false;
+        }
+        if !down {
+            for f in folders.iter_mut() {
+                if f.ws.is_none() && rnd(3) == 0 {
+                    f.connect(port).await;
+                }
+                f.drain(port, Duration::from_millis(5)).await;
+            }
+        }
+    }
+    // Settle: everyone connected, a global fence, then every folded state is the database's.
+    if down {
+        worker = Worker::start(&cluster, "app", port);
+        worker.wait_healthy().await;
+    }
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (999999, 'fence')",
+    );
+    let fence: i64 = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_sync.changes(pg_sync.retention_horizon(), NULL, 1000000) WHERE model = 'announcements' AND model_id = '999999'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 || Instant::now() > deadline {
+                return db
+                    .query_one("SELECT pg_sync.last_sync_id()", &[])
+                    .unwrap()
+                    .get(0);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    for f in folders.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while f.cursor < fence && Instant::now() < deadline {
+            if f.ws.is_none() {
+                f.connect(port).await;
+            }
+            f.drain(port, Duration::from_millis(300)).await;
+        }
+        assert!(
+            f.cursor >= fence,
+            "seed {seed}: {} stopped at {} before the fence {fence}",
+            f.user,
+            f.cursor
+        );
+        let (groups_now, rows_now): (Vec<String>, Vec<(String, String, String)>) =
+            tokio::task::block_in_place(|| {
+                let g = db
+                    .query("SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1 ORDER BY 1", &[&f.user])
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let r = db
+                    .query(
+                        "SELECT t.id::text, t.title, t.project FROM todos t
+                          WHERE t.project IN (SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1)
+                          ORDER BY t.id",
+                        &[&f.user],
+                    )
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                (g, r)
+            });
+        let mut told: Vec<String> = f.groups.iter().cloned().collect();
+        told.sort();
+        assert_eq!(told, groups_now, "seed {seed}: {}'s groups", f.user);
+        let mut folded: Vec<(String, String, String)> = f
+            .rows
+            .iter()
+            .map(|(id, (_, row))| {
+                (
+                    id.clone(),
+                    row["title"].as_str().unwrap_or_default().to_owned(),
+                    row["project"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        folded.sort_by_key(|(id, _, _)| id.parse::<i64>().unwrap_or(0));
+        assert_eq!(folded, rows_now, "seed {seed}: {}'s folded rows", f.user);
+    }
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A user who connects while a join of theirs is committed (even persisted) but not yet
+/// published gets the join's `membership` frame when it is published, and none of the group's
+/// deltas from before it: the hub loads the user's groups as of its published position, not
+/// as the database has them already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_not_yet_published_when_the_user_connects_is_announced_at_its_position() {
+    let (cluster, mut db) = app_cluster("join_unpublished");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_after_persist")],
+    )
+    .await;
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (1, 'published first')",
+    );
+    let mut ws = connect(worker.port, "carol").await;
+    let (_, at) = subscribe(&mut ws, 0).await;
+    assert_eq!(at, 1);
+    ws.close(None).await.ok();
+    // Sequenced as 2 (before the join), 3 (the join), 4; held unpublished for 3 s.
+    exec(
+        &mut db,
+        "BEGIN;
+         INSERT INTO todos VALUES (20, 'before carol joined', 'p1');
+         SELECT pg_sync.add_member('carol', 'p1');
+         INSERT INTO todos VALUES (21, 'after carol joined', 'p1');
+         COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut ws = connect(worker.port, "carol").await;
+    let (replayed, _) = subscribe_all(&mut ws, 1).await;
+    let mut got = replayed;
+    while !got.iter().any(|f| f["modelId"] == "21") {
+        match next(&mut ws, Duration::from_secs(10)).await {
+            Some(f) => got.push(f),
+            None => break,
+        }
+    }
+    let seen: Vec<String> = got
+        .iter()
+        .map(|f| format!("{}:{}", f["type"].as_str().unwrap(), f["syncId"]))
+        .collect();
+    assert_eq!(seen, ["membership:3", "delta:4"], "{got:?}");
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -73,8 +73,11 @@ pub async fn deltas(
             )
         }
     };
-    let (Some(groups), Ok(db)) = (stream::load_groups(&app, &user).await, app.db.get().await)
-    else {
+    let through = app.hub.published();
+    let (Some(groups), Ok(db)) = (
+        stream::load_groups(&app, &user, through).await,
+        app.db.get().await,
+    ) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -98,7 +101,6 @@ pub async fn deltas(
             &stream::compacted(horizon),
         );
     }
-    let through = app.hub.published();
     let joins = match stream::joins(&db, &user, after.max(horizon), through).await {
         Ok(j) => j,
         Err(e) => {

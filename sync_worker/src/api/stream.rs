@@ -19,8 +19,14 @@ impl Drop for Registration {
     }
 }
 
-/// The groups of `user`, from the database.
-pub async fn load_groups(app: &App, user: &str) -> Option<Vec<String>> {
+/// The groups of `user` as of sync id `at` (what the hub has published), from the database:
+/// the memberships now, with each group whose membership changed after `at` (an action not
+/// sequenced yet, or sequenced above `at`) taken as it was before its first such change. The
+/// hub's view must not run ahead of its position: a join committed but not yet published would
+/// otherwise be in the groups already, so its deltas from before it would be delivered and its
+/// `membership` frame, a no-op when it is published, never sent. One membership's changes
+/// commit in action id order (its row lock serializes them).
+pub async fn load_groups(app: &App, user: &str, at: i64) -> Option<Vec<String>> {
     let db = app
         .db
         .get()
@@ -29,8 +35,21 @@ pub async fn load_groups(app: &App, user: &str) -> Option<Vec<String>> {
         .ok()?;
     let rows = db
         .query(
-            "SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1",
-            &[&user],
+            "WITH later AS (
+                 SELECT DISTINCT ON (m.group_id) m.group_id, m.joined
+                   FROM pg_sync.membership_log m
+                   JOIN pg_sync.sync_actions a ON a.id = m.action_id
+                   LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
+                  WHERE m.user_id = $1
+                    AND (c.xid IS NULL
+                         OR c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
+                                                WHERE b.xid = a.xid AND b.id < a.id) > $2)
+                  ORDER BY m.group_id, m.action_id)
+             SELECT g.group_id FROM pg_sync.group_memberships g
+              WHERE g.user_id = $1 AND g.group_id NOT IN (SELECT l.group_id FROM later l)
+             UNION
+             SELECT l.group_id FROM later l WHERE NOT l.joined",
+            &[&user, &at],
         )
         .await
         .map_err(|e| tracing::warn!(error = %e, "cannot load memberships"))
@@ -60,7 +79,9 @@ pub async fn register(
                     user,
                     id: sub.id,
                 };
-                let groups = load_groups(app, user).await?;
+                // At least where the claim started: changes published after it are pending
+                // and applied on top (per group, the last change wins either way).
+                let groups = load_groups(app, user, app.hub.published()).await?;
                 std::mem::forget(claim);
                 app.hub.set_groups(user, groups);
                 break;
