@@ -39,12 +39,22 @@ fn random_writes(c: &mut pg_sync_tests::postgres::Client, who: &str, rng: &mut R
                  COMMIT;"
             ),
         };
-        c.batch_execute(&sql).unwrap_or_else(|e| {
+        // A local transaction and an applying batch touching the same rows in another order
+        // can deadlock; like any application, retry the loser (and say so).
+        let mut tries = 0;
+        while let Err(e) = c.batch_execute(&sql) {
+            let code = e.code().map(|c| c.code().to_owned());
+            let _ = c.batch_execute("ROLLBACK");
+            tries += 1;
+            if tries < 5 && matches!(code.as_deref(), Some("40P01" | "40001")) {
+                eprintln!("{who}: retrying after {code:?}: {e:?}");
+                continue;
+            }
             panic!(
                 "{who}: {sql}: {e}: {:?}",
                 e.as_db_error().map(|d| (d.code(), d.message(), d.where_()))
-            )
-        });
+            );
+        }
     }
 }
 
