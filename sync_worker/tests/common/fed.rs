@@ -574,6 +574,21 @@ impl Drop for Mesh {
             n.worker = None;
         }
         eprintln!("mesh ran {:?}", self.started.elapsed());
+        // Deadlocks the servers reported (with both sides' statements), for the record.
+        for n in &self.nodes {
+            let log =
+                std::fs::read_to_string(n.cluster.dir.join("postgres.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("deadlock detected") {
+                    eprintln!(
+                        "{}: {}",
+                        n.name,
+                        lines[i..(i + 8).min(lines.len())].join("\n")
+                    );
+                }
+            }
+        }
     }
 }
 
