@@ -845,3 +845,63 @@ async fn shape_values_equal_postgres_text_output() {
     }
     assert!(checked > columns.len() * 2 * most);
 }
+
+/// The real `@electric-sql/client` (tests/shape, pinned by its lock file) against the worker:
+/// `node --test tests/shape/shape.test.mjs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn electric_client_syncs_resumes_and_recovers_in_node() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    assert!(
+        root.join("tests/shape/node_modules/@electric-sql/client")
+            .exists(),
+        "@electric-sql/client is missing: run `make deps` (npm ci in tests/shape)"
+    );
+    let cluster = tokio::task::block_in_place(|| Cluster::start("shape_node", &[]));
+    tokio::task::block_in_place(|| {
+        cluster.create_db("app");
+    });
+    let c = db(&cluster, "app").await;
+    c.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text, n int);
+         SELECT pg_sync.register_table('todos', group_column => 'project');
+         SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('alice', 'p2'),
+                pg_sync.add_member('bob', 'p3');",
+    )
+    .await
+    .expect("setup");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "5")]).await;
+    let seed = std::env::var("SEED").unwrap_or_else(|_| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        (now.as_secs() % 100_000).to_string()
+    });
+    eprintln!("shape node test: SEED={seed}");
+    let status = tokio::task::block_in_place(|| {
+        let mut node = std::process::Command::new("node");
+        node.arg("--test")
+            .arg("--test-concurrency=1")
+            // The client keeps timers after its streams are aborted: do not wait for them.
+            .arg("--test-force-exit");
+        // SHAPE_TEST=<pattern> runs only the matching Node tests (for debugging).
+        if let Ok(only) = std::env::var("SHAPE_TEST") {
+            node.arg(format!("--test-name-pattern={only}"));
+        }
+        node.arg(root.join("tests/shape/shape.test.mjs"))
+            .current_dir(root.join("tests/shape"))
+            .env(
+                "SHAPE_URL",
+                format!("http://127.0.0.1:{}/v1/shape", worker.port),
+            )
+            .env("TOKEN", token("alice", 3600, SECRET))
+            .env("DATABASE_URL", cluster.url("app"))
+            .env("PSQL", cluster.bindir().join("psql"))
+            .env("SEED", &seed)
+            .status()
+            .expect("run node")
+    });
+    assert!(
+        status.success(),
+        "the Node test failed (SEED={seed}): {status}"
+    );
+}

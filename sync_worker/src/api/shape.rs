@@ -1275,3 +1275,75 @@ fn sse(app: Arc<App>, shape: Shape, handle: String, after: i64, p: Params) -> Re
     });
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn where_accepts_only_the_group_column() {
+        let params: HashMap<usize, String> = [(1, "a".into()), (2, "b".into())].into();
+        let g = Some("project_id");
+        assert_eq!(where_groups("project_id = $1", g, &params).unwrap(), ["a"]);
+        assert_eq!(
+            where_groups(r#""project_id" IN ($1, 'it''s', 7)"#, g, &params).unwrap(),
+            ["a", "it's", "7"]
+        );
+        assert_eq!(
+            where_groups("PROJECT_ID in ($2)", g, &params).unwrap(),
+            ["b"]
+        );
+        for refused in [
+            "title = 'x'",
+            "project_id = $1 AND title = 'x'",
+            "project_id IN ()",
+            "project_id IN ($1,)",
+            "project_id <> $1",
+            "project_id = $3",
+            "lower(project_id) = $1",
+            r#""Project_id" = $1"#,
+        ] {
+            assert!(where_groups(refused, g, &params).is_err(), "{refused}");
+        }
+        assert!(where_groups("id = 1", None, &params).is_err());
+    }
+
+    #[test]
+    fn offsets_columns_and_keys() {
+        let q = |s: &[(&str, &str)]| -> HashMap<String, String> {
+            s.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let p = parse(&q(&[("table", "t"), ("offset", "12_0"), ("handle", "h")])).unwrap();
+        assert_eq!(p.offset, Offset::At(12));
+        assert!(parse(&q(&[("table", "t"), ("offset", "12_1"), ("handle", "h")])).is_err());
+        assert!(parse(&q(&[("table", "t"), ("offset", "12_0")])).is_err());
+        let p = parse(&q(&[
+            ("table", "t"),
+            ("offset", "5_0"),
+            ("handle", "h"),
+            ("live", "true"),
+            ("live_sse", "true"),
+        ]))
+        .unwrap();
+        assert!(p.live && p.sse);
+        assert_eq!(
+            identifiers(r#"id, "Title","a,b""#).unwrap(),
+            ["id", "Title", "a,b"]
+        );
+        assert_eq!(identifiers("id,,x"), None);
+        let m = Model {
+            name: "t".into(),
+            schema: "public".into(),
+            table: "to\"dos".into(),
+            rel: String::new(),
+            oid: 0,
+            group: None,
+            pk: vec!["a".into(), "b".into()],
+            registered: String::new(),
+            cols: vec![],
+        };
+        assert_eq!(m.key(&["x/y", "2"]), r#""public"."to""dos"/"x//y"/"2""#);
+    }
+}
