@@ -46,4 +46,5 @@ bench: install
 	bash bench/tail.sh
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
+	bash bench/shape.sh
 	bash bench/mutate.sh
