@@ -805,7 +805,14 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
                 return must_refetch(&shape.new_handle());
             }
             if p.sse {
-                return sse(app.clone(), shape, handle, after, p.clone());
+                return sse(
+                    app.clone(),
+                    shape,
+                    handle,
+                    after,
+                    p.clone(),
+                    identity.expires,
+                );
             }
             changes(app, &shape, &handle, after, &p).await
         }
@@ -1199,9 +1206,16 @@ fn stream_snapshot(
 
 /// `live=true&live_sse=true`: the changes after `after` as Server-Sent Events, one message per
 /// event, an `up-to-date` (carrying the sync id it is up to) after each batch, and keep-alive
-/// comments. Ends after `SSE_MAX` (the client reconnects from its last offset), or when the
-/// shape's groups change (the reconnect then gets the 409).
-fn sse(app: Arc<App>, shape: Shape, handle: String, after: i64, p: Params) -> Response {
+/// comments. Ends after `SSE_MAX` or when the token expires (the client reconnects from its
+/// last offset), or when the shape's groups change (the reconnect then gets the 409).
+fn sse(
+    app: Arc<App>,
+    shape: Shape,
+    handle: String,
+    after: i64,
+    p: Params,
+    expires: Option<std::time::SystemTime>,
+) -> Response {
     let answer = Answer {
         handle: &handle,
         offset: after,
@@ -1220,6 +1234,9 @@ fn sse(app: Arc<App>, shape: Shape, handle: String, after: i64, p: Params) -> Re
         let mut shutdown = app.shutdown.clone();
         let mut after = after;
         let mut first = true;
+        // The stream ends when the token does; the client reconnects with a fresh one.
+        let expiry = super::stream::token_expiry(expires);
+        tokio::pin!(expiry);
         loop {
             ticks.borrow_and_update();
             let through = app.hub.published();
@@ -1265,6 +1282,7 @@ fn sse(app: Arc<App>, shape: Shape, handle: String, after: i64, p: Params) -> Re
                     }
                     _ = shutdown.changed() => return,
                     _ = tx.closed() => return,
+                    _ = &mut expiry => return,
                 }
             }
             match fingerprint_now(&app, &shape, &p).await {
