@@ -26,6 +26,7 @@ integration:
 	cargo test -p pg_sync_tests -- --test-threads=2
 	cargo test -p sync_worker --lib --test e2e --test federation --test federation_chaos -- --test-threads=1
 	cargo test -p sync_worker --test browser
+	cargo test -p sync_worker --test shape
 
 lint:
 	cargo fmt --all -- --check
@@ -45,6 +46,7 @@ bench: install
 	bash bench/tail.sh
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
+	bash bench/shape.sh
 	bash bench/mutate.sh
 	bash bench/join.sh
 

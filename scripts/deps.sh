@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_sync needs, idempotently: Debian packages (when root),
 # the pinned cargo-pgrx, `cargo pgrx init` pointed at the system Postgres 15, and the browser
-# test's npm packages (tests/browser, from its lock file).
+# tests' npm packages (tests/browser and tests/shape, from their lock files).
 set -euo pipefail
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -41,10 +41,14 @@ if [ "$node_major" -lt 20 ]; then
   exit 1
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
-lock="$here/tests/browser/package-lock.json"
-stamp="$here/tests/browser/node_modules/.installed-from"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then
-  echo "deps: npm ci in tests/browser"
-  (cd "$here/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
-  sha256sum <"$lock" >"$stamp"
-fi
+# tests/browser: playwright-core; tests/shape: the real @electric-sql/client. Each from its lock
+# file, again only when the lock file changed.
+for dir in tests/browser tests/shape; do
+  lock="$here/$dir/package-lock.json"
+  stamp="$here/$dir/node_modules/.installed-from"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then
+    echo "deps: npm ci in $dir"
+    (cd "$here/$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    sha256sum <"$lock" >"$stamp"
+  fi
+done
