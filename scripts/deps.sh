@@ -41,10 +41,14 @@ if [ "$node_major" -lt 20 ]; then
   exit 1
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
-lock="$here/tests/browser/package-lock.json"
-stamp="$here/tests/browser/node_modules/.installed-from"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then
-  echo "deps: npm ci in tests/browser"
-  (cd "$here/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
-  sha256sum <"$lock" >"$stamp"
-fi
+# npm packages from their lock files: the browser test's (tests/browser) and the TypeScript client
+# package's (clients/js, whose Node tests sync_worker/tests/jsclient.rs runs).
+for dir in tests/browser clients/js; do
+  lock="$here/$dir/package-lock.json"
+  stamp="$here/$dir/node_modules/.installed-from"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then
+    echo "deps: npm ci in $dir"
+    (cd "$here/$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    sha256sum <"$lock" >"$stamp"
+  fi
+done

@@ -1147,13 +1147,34 @@ async fn mutate_applies_once_within_the_users_groups() {
         .as_str()
         .unwrap()
         .starts_with("op 0: "));
-    // Replays apply nothing twice, however often they come.
+    // txid: the applying transaction's 32-bit xid, what Electric's change messages carry in
+    // `headers.txids` (TanStack DB's awaitTxId waits for it); the log row's xid8 mod 2^32.
+    let txid_of = |db: &mut pg_sync_tests::postgres::Client, client_tx: &str| -> Vec<i64> {
+        tokio::task::block_in_place(|| {
+            db.query(
+                "SELECT DISTINCT xid::xid::text::bigint FROM pg_sync.sync_actions
+                  WHERE client_id = 'laptop' AND client_tx_id = $1::text::uuid",
+                &[&client_tx],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        })
+    };
+    let first_txid = res["results"][0]["txid"].as_i64().expect("a numeric txid");
+    assert_eq!(txid_of(&mut db, t1), [first_txid]);
+    assert!(res["results"].as_array().unwrap()[1..]
+        .iter()
+        .all(|r| r.get("txid").is_none()));
+    // Replays apply nothing twice, however often they come, and name the first transaction.
     for _ in 0..3 {
         let replay = json!({"clientId": "laptop", "transactions": [tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))]});
         let (_, text) = http_post(port, "/sync/mutate", &auth, &replay.to_string()).await;
         let res: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(res["results"][0]["status"], "duplicate");
         assert_eq!(res["results"][0]["changes"], 2, "the first result");
+        assert_eq!(res["results"][0]["txid"], first_txid, "the first txid");
     }
     // Only the applied transaction changed the database; nothing partial.
     let rows: Vec<(i32, String, String)> = tokio::task::block_in_place(|| {
@@ -1202,6 +1223,13 @@ async fn mutate_applies_once_within_the_users_groups() {
     let result = result.expect("a mutate_result frame");
     assert_eq!(result["results"][0]["status"], "applied");
     assert_eq!(result["results"][1]["status"], "duplicate");
+    assert_eq!(
+        txid_of(&mut db, "00000000-0000-4000-8000-00000000000a"),
+        [result["results"][0]["txid"]
+            .as_i64()
+            .expect("a numeric txid")]
+    );
+    assert_eq!(result["results"][1]["txid"], first_txid);
     assert_eq!(summary(&echoed), ["todos:U:1"]);
     send(
         &mut ws,

@@ -125,6 +125,9 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
                     "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
                     "ops": first["ops"],
                     "changes": first["changes"],
+                    // The applying transaction's 32-bit xid (also on a duplicate): the
+                    // `txids` entry of its change messages on /v1/shape (awaitTxId).
+                    "txid": first["txid"],
                 })
             }
             Err(e) => match e.as_db_error() {
