@@ -26,6 +26,7 @@ integration:
 	cargo test -p pg_sync_tests -- --test-threads=2
 	cargo test -p sync_worker --lib --test e2e --test federation -- --test-threads=1
 	cargo test -p sync_worker --test browser --test jsclient
+	cargo test -p sync_worker --test shape
 
 lint:
 	cargo fmt --all -- --check

@@ -67,6 +67,12 @@ pub struct Config {
     /// Seconds between compactions.
     #[arg(long, env = "SYNC_COMPACT_INTERVAL_SECS", default_value_t = 3600)]
     pub compact_interval_secs: u64,
+    /// How long `GET /v1/shape?live=true` holds a request with nothing new (Electric's long-poll).
+    #[arg(long, env = "SYNC_SHAPE_LONG_POLL_SECS", default_value_t = 20)]
+    pub shape_long_poll_secs: u64,
+    /// Origins allowed to call `/v1/shape` from a browser (comma-separated; `*`: any).
+    #[arg(long, env = "SYNC_SHAPE_CORS_ORIGINS", default_value = "*")]
+    pub shape_cors_origins: String,
     /// Optional TOML file with the same keys as the flags (database_url, listen, ...).
     #[arg(long, short = 'c', env = "SYNC_CONFIG")]
     pub config: Option<PathBuf>,

@@ -158,6 +158,8 @@ pub struct Hub {
     published: AtomicI64,
     queue: usize,
     pub metrics: Metrics,
+    /// Bumped after every `publish` and `catch_up`: long-polls (`/v1/shape`) wait on it.
+    published_tick: tokio::sync::watch::Sender<u64>,
 }
 
 impl Hub {
@@ -181,6 +183,7 @@ impl Hub {
             published: AtomicI64::new(last_sync_id),
             queue,
             metrics: Metrics::default(),
+            published_tick: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -216,6 +219,8 @@ impl Hub {
         st.known = true;
         st.last_published = last_sync_id;
         self.published.store(last_sync_id, Ordering::Release);
+        drop(st);
+        self.published_tick.send_modify(|t| *t += 1);
         true
     }
 
@@ -549,6 +554,13 @@ impl Hub {
             }
         }
         self.published.store(st.last_published, Ordering::Release);
+        drop(st);
+        self.published_tick.send_modify(|t| *t += 1);
+    }
+
+    /// Changes after every publish (deltas, memberships): what a long-poll waits on.
+    pub fn published_ticks(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published_tick.subscribe()
     }
 }
 

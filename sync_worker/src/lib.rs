@@ -56,6 +56,7 @@ pub async fn serve(
         counters: Default::default(),
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
         unknown_keys: Default::default(),
+        shape: Default::default(),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));

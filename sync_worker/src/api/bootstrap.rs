@@ -275,7 +275,7 @@ async fn resume_point(
 }
 
 /// Opens the snapshot on `snap` and returns its sync id, or `None` to try again.
-async fn consistent_point(
+pub(super) async fn consistent_point(
     app: &App,
     control: &tokio_postgres::Client,
     snap: &tokio_postgres::Client,

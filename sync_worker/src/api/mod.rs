@@ -4,6 +4,7 @@ pub mod bootstrap;
 pub mod http;
 pub mod mutate;
 pub mod row_json;
+pub mod shape;
 pub mod stream;
 pub mod ws;
 
@@ -33,6 +34,8 @@ pub struct App {
     pub bootstrap_slots: Arc<tokio::sync::Semaphore>,
     /// API keys the database did not know (a repeated bad key costs no query).
     pub unknown_keys: crate::auth::UnknownKeys,
+    /// `/v1/shape`'s own connections.
+    pub shape: shape::Shared,
 }
 
 /// What the client API has done, for `/metrics`.
@@ -68,6 +71,7 @@ pub fn router(app: Arc<App>) -> Router {
             crate::federation::PATH,
             get(crate::federation::send::upgrade),
         )
+        .route("/v1/shape", get(shape::shape).options(shape::preflight))
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
         .route("/metrics", get(metrics))

@@ -1,0 +1,1277 @@
+//! `GET /v1/shape`: Electric's HTTP Shape API over pg_sync's models, so `@electric-sql/client`
+//! (and what is built on it) works against pg_sync unchanged. See docs/clients.md.
+//!
+//! A shape is one registered model, optionally narrowed to some of its groups (`where` on the
+//! group column) and columns, as one user may see it. Offsets are sync ids: `<syncId>_0` means
+//! "everything through sync id N". `offset=-1` answers a consistent snapshot at a sync id W (the
+//! bootstrap's snapshot machinery) with offset `W_0`; later requests answer the log after their
+//! offset (`pg_sync.changes`, scoped to the user's groups when read), up to the published
+//! watermark, which is always a transaction boundary: only then is the body `up-to-date`.
+//!
+//! A handle is `<fingerprint>-<nonce>`: the fingerprint hashes what the client's copy depends on
+//! (user, registration, columns and types, the groups the shape covers), the nonce is random, so
+//! a handle is never issued twice. A request whose fingerprint no longer matches, whose offset
+//! lies before the retention horizon or beyond the watermark, gets a 409 with a new handle.
+
+use super::{bootstrap, App, Refusal};
+use crate::db::quote_ident as quote;
+use crate::replication::sequencer;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Values are what `col::text` gives under these settings (Electric's wire form).
+const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; \
+     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 1";
+const PAGE_SPAN: i32 = 5_000;
+/// A delta response stops at the first page end past this many messages (not up to date then).
+const MAX_MESSAGES: usize = 10_000;
+const SNAPSHOT_CHUNK: usize = 64 * 1024;
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+/// An SSE response ends after this long; the client reconnects from its last offset.
+const SSE_MAX: Duration = Duration::from_secs(300);
+const ATTEMPTS: usize = 5;
+
+const EXPOSED: &str = "electric-offset, electric-handle, electric-schema, electric-cursor, \
+     electric-up-to-date, retry-after";
+
+/// Connections with `SETTINGS` applied, for the log reads (the shared pool keeps the server's
+/// settings, which other endpoints rely on).
+pub struct Shared {
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Client>>>>,
+    next: AtomicUsize,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            slots: (0..2).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+async fn conn(app: &App) -> Result<Arc<Client>, String> {
+    let s = &app.shape;
+    let i = s.next.fetch_add(1, Ordering::Relaxed) % s.slots.len();
+    let mut slot = s.slots[i].lock().await;
+    if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+        return Ok(c.clone());
+    }
+    let c = sequencer::connect(&app.cfg.database_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.batch_execute(SETTINGS).await.map_err(|e| e.to_string())?;
+    let c = Arc::new(c);
+    *slot = Some(c.clone());
+    Ok(c)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Offset {
+    Start,
+    Now,
+    At(i64),
+}
+
+/// What one request asks for.
+#[derive(Debug, Clone)]
+struct Params {
+    table: String,
+    filter: Option<String>,
+    params: HashMap<usize, String>,
+    columns: Option<Vec<String>>,
+    offset: Offset,
+    handle: Option<String>,
+    live: bool,
+    sse: bool,
+    cursor: Option<String>,
+}
+
+fn bad(message: &str) -> Refusal {
+    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn parse(q: &HashMap<String, String>) -> Result<Params, Refusal> {
+    let table = q
+        .get("table")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("table is required: a registered model or schema.table"))?
+        .clone();
+    let offset = match q.get("offset").map(String::as_str) {
+        None | Some("-1") => Offset::Start,
+        Some("now") => Offset::Now,
+        Some(o) => match o.split_once('_') {
+            Some((n, "0")) => match n.parse::<i64>() {
+                Ok(n) if n >= 0 => Offset::At(n),
+                _ => {
+                    return Err(bad(
+                        "offset must be -1, now, or an offset this server issued",
+                    ))
+                }
+            },
+            _ => {
+                return Err(bad(
+                    "offset must be -1, now, or an offset this server issued",
+                ))
+            }
+        },
+    };
+    let truthy = |k: &str| q.get(k).is_some_and(|v| v == "true");
+    let live = truthy("live");
+    let sse = live && (truthy("live_sse") || truthy("experimental_live_sse"));
+    if q.get("replica").is_some_and(|r| r != "default") {
+        return Err(bad(
+            "replica=full is not supported: updates carry the changed columns and the key",
+        ));
+    }
+    if q.get("log").is_some_and(|l| l != "full") {
+        return Err(bad("only log=full is supported"));
+    }
+    if q.keys().any(|k| k.starts_with("subset__")) {
+        return Err(bad("subset snapshots (subset__*) are not supported"));
+    }
+    if live && offset == Offset::Start {
+        return Err(bad("live=true needs an offset other than -1"));
+    }
+    let handle = q.get("handle").filter(|h| !h.is_empty()).cloned();
+    if matches!(offset, Offset::At(_)) && handle.is_none() {
+        return Err(bad(
+            "an offset other than -1 or now needs the handle it came with",
+        ));
+    }
+    let mut params = HashMap::new();
+    for (k, v) in q {
+        if let Some(n) = k.strip_prefix("params[").and_then(|r| r.strip_suffix(']')) {
+            let n: usize = n
+                .parse()
+                .map_err(|_| bad("params keys are params[1], params[2], ..."))?;
+            params.insert(n, v.clone());
+        }
+    }
+    let columns = match q.get("columns") {
+        None => None,
+        Some(c) => Some(
+            identifiers(c)
+                .ok_or_else(|| bad("columns must be a comma-separated list of column names"))?,
+        ),
+    };
+    Ok(Params {
+        table,
+        filter: q.get("where").filter(|w| !w.trim().is_empty()).cloned(),
+        params,
+        columns,
+        offset,
+        handle,
+        live,
+        sse,
+        cursor: q.get("cursor").cloned(),
+    })
+}
+
+/// Tokens of a `where` clause: the small grammar we accept.
+#[derive(Debug, PartialEq, Clone)]
+enum Token {
+    Ident(String),
+    Str(String),
+    Param(usize),
+    Eq,
+    In,
+    Open,
+    Close,
+    Comma,
+}
+
+fn tokens(s: &str) -> Option<Vec<Token>> {
+    let b: Vec<char> = s.chars().collect();
+    let mut out = vec![];
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '=' => {
+                out.push(Token::Eq);
+                i += 1
+            }
+            '(' => {
+                out.push(Token::Open);
+                i += 1
+            }
+            ')' => {
+                out.push(Token::Close);
+                i += 1
+            }
+            ',' => {
+                out.push(Token::Comma);
+                i += 1
+            }
+            '\'' | '"' => {
+                let mut v = String::new();
+                i += 1;
+                loop {
+                    let ch = *b.get(i)?;
+                    if ch == c {
+                        if b.get(i + 1) == Some(&c) {
+                            v.push(c);
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    v.push(ch);
+                    i += 1;
+                }
+                out.push(if c == '"' {
+                    Token::Ident(v)
+                } else {
+                    Token::Str(v)
+                });
+            }
+            '$' => {
+                let start = i + 1;
+                i = start;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                out.push(Token::Param(
+                    b[start..i].iter().collect::<String>().parse().ok()?,
+                ));
+            }
+            c if c.is_ascii_digit() || c == '-' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && (b[i].is_ascii_digit() || b[i] == '.') {
+                    i += 1;
+                }
+                out.push(Token::Str(b[start..i].iter().collect()));
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_alphanumeric() || b[i] == '_' || b[i] == '$') {
+                    i += 1;
+                }
+                let word: String = b[start..i].iter().collect();
+                if word.eq_ignore_ascii_case("in") {
+                    out.push(Token::In)
+                } else {
+                    // Unquoted identifiers fold to lower case, as in SQL.
+                    out.push(Token::Ident(word.to_lowercase()))
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// The group ids a `where` selects: `col = v` or `col IN (v, ...)`, `col` the group column,
+/// each `v` a literal or `$n`.
+fn where_groups(
+    filter: &str,
+    group: Option<&str>,
+    params: &HashMap<usize, String>,
+) -> Result<Vec<String>, Refusal> {
+    let unsupported = || {
+        bad(&match group {
+            Some(g) => format!(
+                "where supports only the group column: {g} = $1 or {g} IN ($1, $2, ...) \
+                 (literals or params[n]); filter other columns in the client"
+            ),
+            None => "where is not supported on a model without a group column".into(),
+        })
+    };
+    let group = group.ok_or_else(unsupported)?;
+    let toks = tokens(filter).ok_or_else(unsupported)?;
+    let value = |t: &Token| -> Result<String, Refusal> {
+        match t {
+            Token::Str(s) => Ok(s.clone()),
+            Token::Param(n) => params
+                .get(n)
+                .cloned()
+                .ok_or_else(|| bad(&format!("where uses ${n} but params[{n}] is missing"))),
+            _ => Err(unsupported()),
+        }
+    };
+    match toks.as_slice() {
+        [Token::Ident(c), Token::Eq, v] if c == group => Ok(vec![value(v)?]),
+        [Token::Ident(c), Token::In, Token::Open, rest @ .., Token::Close] if c == group => {
+            let mut out = vec![];
+            for (i, t) in rest.iter().enumerate() {
+                if i % 2 == 1 {
+                    if *t != Token::Comma {
+                        return Err(unsupported());
+                    }
+                } else {
+                    out.push(value(t)?);
+                }
+            }
+            if out.is_empty() || rest.len() % 2 == 0 {
+                return Err(unsupported());
+            }
+            Ok(out)
+        }
+        _ => Err(unsupported()),
+    }
+}
+
+/// A comma-separated identifier list (quoted identifiers keep their case and commas).
+fn identifiers(s: &str) -> Option<Vec<String>> {
+    let toks = tokens(s)?;
+    let mut out = vec![];
+    for (i, t) in toks.iter().enumerate() {
+        match (i % 2, t) {
+            (0, Token::Ident(n)) => out.push(n.clone()),
+            (1, Token::Comma) => {}
+            _ => return None,
+        }
+    }
+    (!out.is_empty() && toks.len() % 2 == 1).then_some(out)
+}
+
+struct Col {
+    name: String,
+    /// Electric's `type`: the type's name (the element type's for arrays).
+    typname: String,
+    /// `format_type`: what casts back to the column's type.
+    format: String,
+    not_null: bool,
+    dims: i32,
+}
+
+/// A registered model as the catalog describes it now.
+struct Model {
+    name: String,
+    schema: String,
+    table: String,
+    /// Quoted `schema.table`.
+    rel: String,
+    oid: u32,
+    group: Option<String>,
+    pk: Vec<String>,
+    /// `registered_at` and the registry row's xmin: any re-registration or change of it.
+    registered: String,
+    cols: Vec<Col>,
+}
+
+impl Model {
+    async fn load(db: &Client, table: &str) -> Result<Option<Model>, String> {
+        // to_regclass raises on a malformed name; such a name is no model anyway.
+        let rel: Option<u32> = if table.len() <= 200 {
+            db.query_one(
+                "SELECT (SELECT r.rel::oid FROM pg_sync.registry r
+                          WHERE r.enabled AND r.model = $1)",
+                &[&table],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0)
+        } else {
+            None
+        };
+        let rel = match rel {
+            Some(r) => Some(r),
+            None => match db
+                .query_one(
+                    "SELECT (SELECT r.rel::oid FROM pg_sync.registry r
+                              WHERE r.enabled AND r.rel = to_regclass($1))",
+                    &[&table],
+                )
+                .await
+            {
+                Ok(row) => row.get(0),
+                Err(e) if e.as_db_error().is_some() => None,
+                Err(e) => return Err(e.to_string()),
+            },
+        };
+        let Some(rel) = rel else { return Ok(None) };
+        let row = db
+            .query_opt(
+                "SELECT r.model, n.nspname::text, c.relname::text, r.group_column,
+                        r.pk_columns::text[], r.registered_at::text || '/' || r.xmin::text, cols.names, cols.types,
+                        cols.formats, cols.not_null, cols.dims
+                   FROM pg_sync.registry r
+                   JOIN pg_class c ON c.oid = r.rel
+                   JOIN pg_namespace n ON n.oid = c.relnamespace,
+                   LATERAL (
+                     SELECT array_agg(a.attname::text ORDER BY a.attnum) AS names,
+                            array_agg(CASE WHEN t.typcategory = 'A' AND t.typelem <> 0
+                                           THEN et.typname ELSE t.typname END::text
+                                      ORDER BY a.attnum) AS types,
+                            array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) AS formats,
+                            array_agg(a.attnotnull ORDER BY a.attnum) AS not_null,
+                            array_agg(CASE WHEN t.typcategory = 'A' AND t.typelem <> 0
+                                           THEN greatest(a.attndims, 1) ELSE 0 END ORDER BY a.attnum) AS dims
+                       FROM pg_attribute a
+                       JOIN pg_type t ON t.oid = a.atttypid
+                       LEFT JOIN pg_type et ON et.oid = t.typelem
+                      WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attname <> ALL (r.excluded_columns)) cols
+                  WHERE r.rel = $1::oid AND r.enabled",
+                &[&rel],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(row) = row else { return Ok(None) };
+        let names: Vec<String> = row.get(6);
+        let types: Vec<String> = row.get(7);
+        let formats: Vec<String> = row.get(8);
+        let not_null: Vec<bool> = row.get(9);
+        let dims: Vec<i32> = row.get(10);
+        let cols = (0..names.len())
+            .map(|i| Col {
+                name: names[i].clone(),
+                typname: types[i].clone(),
+                format: formats[i].clone(),
+                not_null: not_null[i],
+                dims: dims[i],
+            })
+            .collect();
+        let (schema, table): (String, String) = (row.get(1), row.get(2));
+        Ok(Some(Model {
+            name: row.get(0),
+            rel: format!("{}.{}", quote(&schema), quote(&table)),
+            schema,
+            table,
+            oid: rel,
+            group: row.get(3),
+            pk: row.get(4),
+            registered: row.get(5),
+            cols,
+        }))
+    }
+
+    /// The key of a row in Electric's form: `"schema"."table"/"v1"/"v2"`.
+    fn key(&self, pk_values: &[&str]) -> String {
+        let mut k = format!(
+            "\"{}\".\"{}\"",
+            self.schema.replace('"', "\"\""),
+            self.table.replace('"', "\"\"")
+        );
+        for v in pk_values {
+            k.push_str("/\"");
+            k.push_str(&v.replace('/', "//"));
+            k.push('"');
+        }
+        k
+    }
+
+    fn relation(&self) -> Value {
+        json!([self.schema, self.table])
+    }
+}
+
+/// The shape as one request resolved it.
+struct Shape {
+    user: String,
+    model: Model,
+    /// Indexes into `model.cols`, in the order they are sent.
+    selected: Vec<usize>,
+    /// For each key column, its position in `selected`.
+    pk_pos: Vec<usize>,
+    /// The groups whose rows the shape holds (sorted); `None`: a model without groups.
+    groups: Option<Vec<String>>,
+    fingerprint: String,
+}
+
+impl Shape {
+    fn schema_header(&self) -> String {
+        let mut schema = serde_json::Map::new();
+        for &i in &self.selected {
+            let c = &self.model.cols[i];
+            let mut info = json!({"type": c.typname});
+            if let Some(p) = self.model.pk.iter().position(|k| *k == c.name) {
+                info["pk_index"] = p.into();
+            }
+            if c.not_null {
+                info["not_null"] = true.into();
+            }
+            if c.dims > 0 {
+                info["dims"] = c.dims.into();
+            }
+            schema.insert(c.name.clone(), info);
+        }
+        Value::Object(schema).to_string()
+    }
+
+    fn new_handle(&self) -> String {
+        let mut nonce = [0u8; 8];
+        getrandom::getrandom(&mut nonce).expect("the OS random source works");
+        format!("{}-{}", self.fingerprint, hex(&nonce))
+    }
+
+    fn handle_matches(&self, handle: &str) -> bool {
+        handle.split_once('-').map(|(f, _)| f) == Some(self.fingerprint.as_str())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn resolve(app: &App, user: &str, p: &Params) -> Result<Shape, Refusal> {
+    let unavailable = |e: String| {
+        tracing::warn!(error = %e, "shape lookup failed");
+        unavailable("database unavailable; retry")
+    };
+    let db = app.db.get().await.map_err(|e| unavailable(e.to_string()))?;
+    let model = Model::load(&db, &p.table)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| {
+            bad(&format!(
+                "table {:?} is not a registered model (see pg_sync.tables())",
+                p.table
+            ))
+        })?;
+    let selected: Vec<usize> = match &p.columns {
+        None => (0..model.cols.len()).collect(),
+        Some(names) => {
+            let mut out = vec![];
+            for n in names {
+                let i = model
+                    .cols
+                    .iter()
+                    .position(|c| &c.name == n)
+                    .ok_or_else(|| {
+                        bad(&format!(
+                            "column {n:?} is not a synced column of this model"
+                        ))
+                    })?;
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+            out
+        }
+    };
+    let mut pk_pos = vec![];
+    for k in &model.pk {
+        let pos = selected
+            .iter()
+            .position(|&i| &model.cols[i].name == k)
+            .ok_or_else(|| bad(&format!("columns must include the key column {k:?}")))?;
+        pk_pos.push(pos);
+    }
+    let groups = match &model.group {
+        None => {
+            if p.filter.is_some() {
+                where_groups("", None, &p.params)?;
+            }
+            None
+        }
+        Some(g) => {
+            let wanted = match &p.filter {
+                Some(f) => Some(where_groups(f, Some(g), &p.params)?),
+                None => None,
+            };
+            let rows = db
+                .query(
+                    "SELECT group_id FROM pg_sync.group_memberships WHERE user_id = $1",
+                    &[&user],
+                )
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let mut mine: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            if let Some(w) = wanted {
+                mine.retain(|g| w.contains(g));
+            }
+            mine.sort();
+            mine.dedup();
+            Some(mine)
+        }
+    };
+    let mut h = sha2::Sha256::new();
+    let mut put = |s: &str| {
+        h.update(s.as_bytes());
+        h.update([0]);
+    };
+    put(user);
+    put(&model.name);
+    put(&model.oid.to_string());
+    put(&model.registered);
+    for &i in &selected {
+        put(&model.cols[i].name);
+        put(&model.cols[i].format);
+    }
+    put(if groups.is_some() { "groups" } else { "global" });
+    for g in groups.iter().flatten() {
+        put(g);
+    }
+    let fingerprint = hex(&h.finalize()[..8]);
+    Ok(Shape {
+        user: user.to_owned(),
+        model,
+        selected,
+        pk_pos,
+        groups,
+        fingerprint,
+    })
+}
+
+fn unavailable(message: &str) -> Refusal {
+    Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+}
+
+/// CORS headers for a request from `origin` (none when the origin is not allowed).
+fn cors(app: &App, req: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let origin = req.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    let allowed: Vec<&str> = app
+        .cfg
+        .shape_cors_origins
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let allow = if allowed.contains(&"*") {
+        Some("*".to_owned())
+    } else {
+        origin.filter(|o| allowed.contains(o)).map(str::to_owned)
+    };
+    let Some(allow) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) else {
+        return vec![];
+    };
+    vec![
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, allow),
+        (
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSED),
+        ),
+    ]
+}
+
+/// Headers every `/v1/shape` answer carries: answers are per user and never cached.
+fn finish(app: &App, req: &HeaderMap, mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("authorization, origin"),
+    );
+    if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .entry(header::RETRY_AFTER)
+            .or_insert(HeaderValue::from_static("1"));
+    }
+    for (k, v) in cors(app, req) {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
+}
+
+/// `OPTIONS /v1/shape`: the CORS preflight.
+pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let requested = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, OPTIONS"),
+    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    finish(&app, &headers, resp)
+}
+
+/// A 2xx answer with Electric's headers.
+struct Answer<'a> {
+    handle: &'a str,
+    offset: i64,
+    schema: Option<String>,
+    cursor: Option<String>,
+    up_to_date: bool,
+}
+
+impl Answer<'_> {
+    fn into_response(self, content_type: &'static str, body: Body) -> Response {
+        let mut resp = Response::new(body);
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let mut set = |k: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(HeaderName::from_static(k), v);
+            }
+        };
+        set("electric-handle", self.handle);
+        set("electric-offset", &format!("{}_0", self.offset));
+        if let Some(s) = &self.schema {
+            set("electric-schema", s);
+        }
+        if let Some(c) = &self.cursor {
+            set("electric-cursor", c);
+        }
+        if self.up_to_date {
+            set("electric-up-to-date", "");
+        }
+        resp
+    }
+}
+
+/// The live cursor: a value that differs from the one the client sent (it only busts caches).
+fn next_cursor(sent: Option<&str>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match sent.and_then(|s| s.parse::<u64>().ok()) {
+        Some(s) if s >= now => (s + 1).to_string(),
+        _ => now.to_string(),
+    }
+}
+
+fn up_to_date(sync_id: i64) -> String {
+    json!({"headers": {"control": "up-to-date", "global_last_seen_lsn": sync_id.to_string()}})
+        .to_string()
+}
+
+/// A 409: the client's copy cannot be continued; it starts over with `handle`.
+fn must_refetch(handle: &str) -> Response {
+    let mut resp = (
+        StatusCode::CONFLICT,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"[{"headers":{"control":"must-refetch"}}]"#,
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(handle) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("electric-handle"), v);
+    }
+    resp
+}
+
+/// `GET /v1/shape`.
+pub async fn shape(State(app): State<Arc<App>>, headers: HeaderMap, uri: Uri) -> Response {
+    let resp = answer(&app, &headers, &uri).await;
+    finish(&app, &headers, resp)
+}
+
+async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
+    let q = axum::extract::Query::<HashMap<String, String>>::try_from_uri(uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let p = match parse(&q) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let identity = match super::authenticate(app, headers, &q).await {
+        Ok(i) => i,
+        Err(r) => return r.into_response(),
+    };
+    let shape = match resolve(app, &identity.user, &p).await {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let Some(watermark) = app.hub.watermark() else {
+        return unavailable("the worker is starting; retry").into_response();
+    };
+    match p.offset {
+        Offset::Start => snapshot(app.clone(), shape).await,
+        Offset::Now => {
+            let handle = match &p.handle {
+                Some(h) if shape.handle_matches(h) => h.clone(),
+                _ => shape.new_handle(),
+            };
+            let a = Answer {
+                handle: &handle,
+                offset: watermark,
+                schema: (!p.live).then(|| shape.schema_header()),
+                cursor: p.live.then(|| next_cursor(p.cursor.as_deref())),
+                up_to_date: true,
+            };
+            a.into_response(
+                "application/json",
+                Body::from(format!("[{}]", up_to_date(watermark))),
+            )
+        }
+        Offset::At(after) => {
+            let handle = p.handle.clone().unwrap_or_default();
+            if !shape.handle_matches(&handle) || after > watermark {
+                return must_refetch(&shape.new_handle());
+            }
+            if p.sse {
+                return sse(app.clone(), shape, handle, after, p.clone());
+            }
+            changes(app, &shape, &handle, after, &p).await
+        }
+    }
+}
+
+/// One page of the log as Electric messages.
+struct Page {
+    messages: Vec<String>,
+    /// Sync id the page reaches.
+    end: i64,
+}
+
+/// Reads the shape's changes in (`after`, `through`], at most about `MAX_MESSAGES`.
+/// `Ok(None)`: the log before `after` was compacted (the client must refetch).
+async fn read_log(
+    app: &App,
+    shape: &Shape,
+    after: i64,
+    through: i64,
+) -> Result<Option<Page>, String> {
+    let db = conn(app).await?;
+    let horizon: i64 = db
+        .query_one("SELECT pg_sync.retention_horizon()", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if after < horizon {
+        return Ok(None);
+    }
+    let m = &shape.model;
+    let mut items = vec![];
+    for (pos, &i) in shape.selected.iter().enumerate() {
+        let c = &m.cols[i];
+        let lit = sql_literal(&c.name);
+        let from_data = format!("r.{}::text", quote(&c.name));
+        match shape.pk_pos.iter().position(|&p| p == pos) {
+            // Updates carry only the changed columns: the key comes from the model id.
+            Some(k) => {
+                let id = if m.pk.len() == 1 {
+                    "c.model_id".to_owned()
+                } else {
+                    format!("(c.model_id::jsonb ->> {k})")
+                };
+                items.push(format!(
+                    "true, CASE WHEN c.data ? {lit} THEN {from_data} ELSE ({id})::{}::text END",
+                    c.format
+                ));
+            }
+            None => items.push(format!("c.data ? {lit}, {from_data}")),
+        }
+    }
+    let sql = format!(
+        "SELECT c.sync_id, c.action, (a.xid::text::bigint & 4294967295), {items}
+           FROM pg_sync.changes($1, $2, $3) c
+           JOIN pg_sync.sync_actions a ON a.id = c.id
+           LEFT JOIN LATERAL jsonb_populate_record(NULL::{rel}, c.data) r ON true
+          WHERE c.model = $4
+          ORDER BY c.sync_id",
+        items = items.join(", "),
+        rel = m.rel,
+    );
+    let stmt = db.prepare(&sql).await.map_err(|e| e.to_string())?;
+    let relation = m.relation();
+    let mut messages = vec![];
+    let mut cursor = after;
+    while cursor < through && messages.len() < MAX_MESSAGES {
+        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let rows = db
+            .query(&stmt, &[&cursor, &shape.groups, &span, &m.name])
+            .await
+            .map_err(|e| e.to_string())?;
+        for row in &rows {
+            let sync_id: i64 = row.get(0);
+            let action: &str = row.get(1);
+            let xid: i64 = row.get(2);
+            let mut value = serde_json::Map::new();
+            let mut pk: Vec<&str> = vec![""; m.pk.len()];
+            let mut non_key = 0;
+            for (pos, &i) in shape.selected.iter().enumerate() {
+                let present: bool = row.get(3 + 2 * pos);
+                let text: Option<&str> = row.get(4 + 2 * pos);
+                let key = shape.pk_pos.iter().position(|&p| p == pos);
+                if let Some(k) = key {
+                    pk[k] = text.unwrap_or_default();
+                }
+                if action == "D" && key.is_none() {
+                    continue;
+                }
+                if present {
+                    non_key += usize::from(key.is_none());
+                    value.insert(
+                        m.cols[i].name.clone(),
+                        text.map_or(Value::Null, |t| Value::String(t.to_owned())),
+                    );
+                }
+            }
+            let operation = match action {
+                "I" => "insert",
+                "U" if non_key == 0 => continue,
+                "U" => "update",
+                _ => "delete",
+            };
+            messages.push(
+                json!({
+                    "headers": {"operation": operation, "relation": relation,
+                                "lsn": sync_id.to_string(), "op_position": 0, "txids": [xid]},
+                    "key": m.key(&pk),
+                    "value": value,
+                })
+                .to_string(),
+            );
+        }
+        cursor += i64::from(span);
+    }
+    // Read after the pages: a compaction that took rows from them is seen (never a gap).
+    let now: i64 = db
+        .query_one("SELECT pg_sync.retention_horizon()", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if now > after {
+        return Ok(None);
+    }
+    Ok(Some(Page {
+        messages,
+        end: cursor.min(through),
+    }))
+}
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A non-SSE answer from the log after `after` (long-polled when `live`).
+async fn changes(
+    app: &Arc<App>,
+    shape: &Shape,
+    handle: &str,
+    mut after: i64,
+    p: &Params,
+) -> Response {
+    let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
+    let deadline = tokio::time::Instant::now() + hold;
+    let mut ticks = app.hub.published_ticks();
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        ticks.borrow_and_update();
+        let through = app.hub.published();
+        let page = match read_log(app, shape, after, through).await {
+            Ok(Some(page)) => page,
+            Ok(None) => return must_refetch(&shape.new_handle()),
+            Err(e) => {
+                tracing::warn!(error = %e, "shape log read failed");
+                return unavailable("database unavailable; retry").into_response();
+            }
+        };
+        let caught_up = page.end >= through;
+        if !p.live || !page.messages.is_empty() || !caught_up {
+            return respond_messages(shape, handle, page, caught_up, p);
+        }
+        after = through;
+        tokio::select! {
+            changed = ticks.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = shutdown.changed() => break,
+        }
+        // The user's groups may have changed with that publish.
+        if let Ok(now) = fingerprint_now(app, shape, p).await {
+            if now != shape.fingerprint {
+                return must_refetch(&shape.new_handle());
+            }
+        }
+    }
+    respond_messages(
+        shape,
+        handle,
+        Page {
+            messages: vec![],
+            end: after,
+        },
+        true,
+        p,
+    )
+}
+
+/// The fingerprint the shape would have now (the user's groups may have changed).
+async fn fingerprint_now(app: &App, shape: &Shape, p: &Params) -> Result<String, Refusal> {
+    resolve(app, &shape.user, p).await.map(|s| s.fingerprint)
+}
+
+fn respond_messages(
+    shape: &Shape,
+    handle: &str,
+    page: Page,
+    caught_up: bool,
+    p: &Params,
+) -> Response {
+    let mut body =
+        String::with_capacity(page.messages.iter().map(|m| m.len() + 1).sum::<usize>() + 64);
+    body.push('[');
+    for m in &page.messages {
+        if body.len() > 1 {
+            body.push(',');
+        }
+        body.push_str(m);
+    }
+    if caught_up {
+        if body.len() > 1 {
+            body.push(',');
+        }
+        body.push_str(&up_to_date(page.end));
+    }
+    body.push(']');
+    Answer {
+        handle,
+        offset: page.end,
+        schema: (!p.live).then(|| shape.schema_header()),
+        cursor: p.live.then(|| next_cursor(p.cursor.as_deref())),
+        up_to_date: caught_up,
+    }
+    .into_response("application/json", Body::from(body))
+}
+
+/// `offset=-1`: every row of the shape in one consistent snapshot at a sync id W, then
+/// `up-to-date` at `W_0`.
+async fn snapshot(app: Arc<App>, shape: Shape) -> Response {
+    let wait = Duration::from_secs(app.cfg.bootstrap_wait_secs);
+    let Ok(Ok(permit)) =
+        tokio::time::timeout(wait, app.bootstrap_slots.clone().acquire_owned()).await
+    else {
+        return Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many snapshots at once; retry shortly",
+        )
+        .into_response();
+    };
+    let failed = |e: String| {
+        tracing::warn!(error = %e, "shape snapshot failed");
+        unavailable("cannot take a consistent snapshot now; retry").into_response()
+    };
+    let control = match app.db.get().await {
+        Ok(c) => c,
+        Err(e) => return failed(e.to_string()),
+    };
+    for _ in 0..ATTEMPTS {
+        let snap = match sequencer::connect(&app.cfg.database_url).await {
+            Ok(s) => s,
+            Err(e) => return failed(e.to_string()),
+        };
+        if let Err(e) = snap.batch_execute(SETTINGS).await {
+            return failed(e.to_string());
+        }
+        match bootstrap::consistent_point(&app, &control, &snap).await {
+            Ok(Some(w)) => return stream_snapshot(app, permit, shape, snap, w),
+            Ok(None) => continue,
+            Err(e) => return failed(e),
+        }
+    }
+    failed("no consistent snapshot after retries".into())
+}
+
+/// Types whose `::text` is the group id pg_sync records (`canonical_text`) without a call.
+const OWN_TEXT: &[&str] = &[
+    "text",
+    "character varying",
+    "integer",
+    "bigint",
+    "smallint",
+    "uuid",
+];
+
+fn stream_snapshot(
+    app: Arc<App>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    shape: Shape,
+    snap: Client,
+    w: i64,
+) -> Response {
+    let handle = shape.new_handle();
+    let m = &shape.model;
+    let items: Vec<String> = shape
+        .selected
+        .iter()
+        .map(|&i| format!("t.{}::text", quote(&m.cols[i].name)))
+        .collect();
+    let filter = match &m.group {
+        None => "$1::text[] IS NULL".to_owned(),
+        Some(g) => {
+            let own = m
+                .cols
+                .iter()
+                .any(|c| &c.name == g && OWN_TEXT.contains(&c.format.as_str()));
+            if own {
+                format!("t.{}::text = ANY ($1)", quote(g))
+            } else {
+                format!("pg_sync.canonical_text(t.{}) = ANY ($1)", quote(g))
+            }
+        }
+    };
+    let sql = format!(
+        "SELECT {} FROM {} t WHERE {filter}",
+        items.join(", "),
+        m.rel
+    );
+    let answer = Answer {
+        handle: &handle,
+        offset: w,
+        schema: Some(shape.schema_header()),
+        cursor: None,
+        up_to_date: true,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let resp = answer.into_response(
+        "application/json",
+        Body::from_stream(super::receiver_stream(rx)),
+    );
+    tokio::spawn(async move {
+        let _permit = permit;
+        let m = &shape.model;
+        let mut prefix = br#"{"headers":{"operation":"insert","relation":"#.to_vec();
+        prefix.extend_from_slice(m.relation().to_string().as_bytes());
+        prefix.extend_from_slice(br#"},"key":"#);
+        let names: Vec<String> = shape
+            .selected
+            .iter()
+            .map(|&i| Value::from(m.cols[i].name.clone()).to_string())
+            .collect();
+        let mut buf: Vec<u8> = Vec::with_capacity(SNAPSHOT_CHUNK + 4096);
+        buf.push(b'[');
+        let rows = match snap.query_raw(&sql, [&shape.groups]).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "shape snapshot query failed");
+                return;
+            }
+        };
+        futures::pin_mut!(rows);
+        let mut count = 0u64;
+        while let Some(row) = rows.next().await {
+            let Ok(row) = row else {
+                // The body ends unterminated: the client retries from its last offset.
+                return;
+            };
+            if count > 0 {
+                buf.push(b',');
+            }
+            count += 1;
+            buf.extend_from_slice(&prefix);
+            let pk: Vec<&str> = shape
+                .pk_pos
+                .iter()
+                .map(|&p| row.get::<_, Option<&str>>(p).unwrap_or_default())
+                .collect();
+            serde_json::to_writer(&mut buf, &m.key(&pk)).expect("a string serializes");
+            buf.extend_from_slice(br#","value":{"#);
+            for (pos, name) in names.iter().enumerate() {
+                if pos > 0 {
+                    buf.push(b',');
+                }
+                buf.extend_from_slice(name.as_bytes());
+                buf.push(b':');
+                match row.get::<_, Option<&str>>(pos) {
+                    Some(v) => serde_json::to_writer(&mut buf, v).expect("a string serializes"),
+                    None => buf.extend_from_slice(b"null"),
+                }
+            }
+            buf.extend_from_slice(b"}}");
+            if buf.len() >= SNAPSHOT_CHUNK {
+                let chunk = Bytes::from(std::mem::take(&mut buf));
+                buf.reserve(SNAPSHOT_CHUNK + 4096);
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = snap.batch_execute("COMMIT").await;
+        app.counters
+            .bootstrap_rows
+            .fetch_add(count, Ordering::Relaxed);
+        if count > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(up_to_date(w).as_bytes());
+        buf.push(b']');
+        let _ = tx.send(Bytes::from(buf)).await;
+    });
+    resp
+}
+
+/// `live=true&live_sse=true`: the changes after `after` as Server-Sent Events, one message per
+/// event, an `up-to-date` (carrying the sync id it is up to) after each batch, and keep-alive
+/// comments. Ends after `SSE_MAX` (the client reconnects from its last offset), or when the
+/// shape's groups change (the reconnect then gets the 409).
+fn sse(app: Arc<App>, shape: Shape, handle: String, after: i64, p: Params) -> Response {
+    let answer = Answer {
+        handle: &handle,
+        offset: after,
+        schema: None,
+        cursor: Some(next_cursor(p.cursor.as_deref())),
+        up_to_date: false,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let resp = answer.into_response(
+        "text/event-stream",
+        Body::from_stream(super::receiver_stream(rx)),
+    );
+    tokio::spawn(async move {
+        let deadline = Instant::now() + SSE_MAX;
+        let mut ticks = app.hub.published_ticks();
+        let mut shutdown = app.shutdown.clone();
+        let mut after = after;
+        let mut first = true;
+        loop {
+            ticks.borrow_and_update();
+            let through = app.hub.published();
+            let page = match read_log(&app, &shape, after, through).await {
+                Ok(Some(page)) => page,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "shape log read failed");
+                    return;
+                }
+            };
+            let caught_up = page.end >= through;
+            let mut out = String::new();
+            for m in &page.messages {
+                out.push_str("data: ");
+                out.push_str(m);
+                out.push_str("\n\n");
+            }
+            if caught_up && (first || !page.messages.is_empty()) {
+                out.push_str("data: ");
+                out.push_str(&up_to_date(page.end));
+                out.push_str("\n\n");
+            }
+            first = false;
+            after = page.end;
+            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                return;
+            }
+            if !caught_up {
+                continue;
+            }
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::select! {
+                    changed = ticks.changed() => if changed.is_err() { return } else { break },
+                    _ = tokio::time::sleep(SSE_KEEPALIVE.min(left)) => {
+                        if Instant::now() >= deadline {
+                            return;
+                        }
+                        if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                    _ = tx.closed() => return,
+                }
+            }
+            match fingerprint_now(&app, &shape, &p).await {
+                Ok(now) if now == shape.fingerprint => {}
+                _ => return,
+            }
+        }
+    });
+    resp
+}
