@@ -89,12 +89,16 @@ try {
   step("offline writes are optimistic and queued");
 
   // The page is closed while offline; later the user is online and opens it again. The first
-  // answer to a mutate is lost on the way back, so that write is sent again.
+  // answer to the update is lost on the way back, so it is sent again (an update, because
+  // applying it twice would show: a second insert would be refused by the primary key).
   await first.close();
   await context.setOffline(false);
   let sent = 0;
+  let lost = 0;
   await context.route("**/sync/mutate*", async (route) => {
-    if (sent++ === 0) {
+    sent++;
+    if (lost === 0 && route.request().postData().includes('"action":"U"')) {
+      lost++;
       await route.fetch(); // the server applies it...
       await route.abort(); // ...and the page never hears back
     } else {
@@ -108,6 +112,7 @@ try {
     const rows = await second.evaluate(() => window.app.rows());
     return JSON.stringify(rows) === JSON.stringify(["101|renamed offline", "300|offline one", "301|offline two"]) || rows;
   });
+  assert.equal(lost, 1, "the update's answer was lost");
   assert.ok(sent >= 4, `one answer lost, then resent: ${sent} requests`);
   assert.equal(psql("SELECT string_agg(id || '|' || title, ',' ORDER BY id) FROM todos"),
     "100|bobs,101|renamed offline,300|offline one,301|offline two");
@@ -115,6 +120,10 @@ try {
     "SELECT count(*), count(DISTINCT client_tx_id) FROM pg_sync.sync_actions WHERE client_tx_id IS NOT NULL",
   ).split("|").map(Number);
   assert.deepEqual([actions, txns], [3, 3], "each write applied exactly once");
+  // A second application of the update would change no row (same title) but would be a client
+  // transaction of its own.
+  assert.equal(psql("SELECT count(*) FROM pg_sync.client_transactions WHERE user_id = 'alice'"), "3",
+    "three client transactions applied, none twice");
   step("after a reload the writes were sent, one answer lost, each applied once");
   await second.close();
 } catch (e) {
