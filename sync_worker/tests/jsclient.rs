@@ -30,10 +30,11 @@ async fn tanstack_collections_and_offline_transactions_in_node() {
         cluster
             .create_db("app")
             .batch_execute(
-                "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
+                "CREATE TABLE todos (id int PRIMARY KEY, title text, project text, n bigint);
                  SELECT pg_sync.register_table('todos', group_column => 'project');
                  SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('bob', 'p2');
-                 INSERT INTO todos VALUES (100, 'bobs', 'p2'), (101, 'alices', 'p1');",
+                 INSERT INTO todos VALUES (100, 'bobs', 'p2', NULL), (101, 'alices', 'p1', 42),
+                                          (102, 'big', 'p1', 9007199254740993);",
             )
             .expect("schema")
     });
@@ -46,6 +47,7 @@ async fn tanstack_collections_and_offline_transactions_in_node() {
                 // Once the tests are done: a stopped ShapeStream's last long-poll request can
                 // keep the event loop alive for a minute.
                 "--test-force-exit",
+                "test/unit.test.mjs",
                 "test/collection.test.mjs",
                 "test/offline.test.mjs",
             ])

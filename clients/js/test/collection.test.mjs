@@ -33,6 +33,9 @@ test(`optimistic insert, update and delete are confirmed by txid`, async () => {
   // alice sees her group's row (p1), not bob's (p2).
   assert.equal(c.get(101)?.title, `alices`)
   assert.equal(c.get(100), undefined)
+  // int8 through pgSyncParser: a number when exact, else a BigInt (never a rounded number).
+  assert.equal(c.get(101)?.n, 42)
+  assert.equal(c.get(102)?.n, 9007199254740993n)
 
   const ins = c.insert({ id: 1, title: `first`, project: `p1` })
   assert.equal(c.get(1)?.title, `first`, `shown before the server answers`)
