@@ -18,6 +18,23 @@ async fn demo_page_shows_other_pages_and_psql_changes_in_chromium() {
     let _one = CHROMIUM.lock().await;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let script = root.join("tests/browser/demo.mjs");
+    // The page's script is built from clients/js and committed: it must be what the sources
+    // build to now.
+    let fresh = std::env::temp_dir().join(format!("pg_sync_demo_{}.js", std::process::id()));
+    let built = tokio::task::block_in_place(|| {
+        Command::new("bash")
+            .arg(root.join("scripts/build-demo.sh"))
+            .arg(&fresh)
+            .status()
+            .expect("run scripts/build-demo.sh")
+    });
+    assert!(built.success(), "scripts/build-demo.sh failed: {built}");
+    let current = std::fs::read(&fresh).unwrap() == include_bytes!("../static/demo.js");
+    let _ = std::fs::remove_file(&fresh);
+    assert!(
+        current,
+        "sync_worker/static/demo.js is stale: run scripts/build-demo.sh"
+    );
     assert!(
         root.join("tests/browser/node_modules/playwright-core")
             .exists(),

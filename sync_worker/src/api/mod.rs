@@ -74,6 +74,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/shape", get(shape::shape).options(shape::preflight))
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
+        .route("/demo.js", get(demo_js))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(
@@ -296,6 +297,18 @@ impl IntoResponse for Refusal {
 /// The demo page (`make run`): a shared task list that bootstraps, stays live and writes.
 async fn demo() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../../static/demo.html"))
+}
+
+/// The demo page's script: clients/js/demo/demo.mjs bundled with TanStack DB
+/// (scripts/build-demo.sh).
+async fn demo_js() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../../static/demo.js"),
+    )
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
