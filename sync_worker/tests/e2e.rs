@@ -1295,6 +1295,43 @@ async fn mutate_applies_once_within_the_users_groups() {
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
     }
+    // CORS: an app served from another origin writes here (SYNC_SHAPE_CORS_ORIGINS, default
+    // any): the preflight allows POST with its headers, and answers (refusals too) say so.
+    let origin = ("Origin", "http://app.example".to_owned());
+    let pre = raw_request(
+        port,
+        "OPTIONS",
+        "/sync/mutate",
+        &[
+            origin.clone(),
+            ("Access-Control-Request-Method", "POST".into()),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type".into(),
+            ),
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    let h = pre.headers.to_ascii_lowercase();
+    assert_eq!(pre.status, 204, "{h}");
+    for want in [
+        "access-control-allow-origin: *",
+        "access-control-allow-methods: post, options",
+        "access-control-allow-headers: authorization,content-type",
+    ] {
+        assert!(h.contains(want), "{want}: {h}");
+    }
+    for auth in [auth.clone(), vec![]] {
+        let mut headers = auth;
+        headers.push(origin.clone());
+        let r = raw_request(port, "POST", "/sync/mutate", &headers, &body.to_string())
+            .await
+            .unwrap();
+        let h = r.headers.to_ascii_lowercase();
+        assert!(h.contains("access-control-allow-origin: *"), "{h}");
+    }
     tokio::task::block_in_place(|| drop(db));
 }
 

@@ -65,7 +65,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/sync/mutate",
             axum::routing::post(mutate::mutate)
-                .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
+                .options(mutate::preflight)
+                .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY))
+                .layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    mutate::with_cors,
+                )),
         )
         .route(
             crate::federation::PATH,
