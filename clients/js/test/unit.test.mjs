@@ -49,3 +49,11 @@ test(`client transaction ids: a UUID key as is, any other key the same UUID ever
   assert.equal(clientTxIdFor(uuid), uuid)
   assert.notEqual(clientTxIdFor(`not-a-uuid`), `not-a-uuid`)
 })
+
+test(`one copy of @tanstack/db is installed (collections and transactions of two copies do not mix)`, async () => {
+  const { readdirSync } = await import(`node:fs`)
+  const copies = readdirSync(new URL(`../node_modules`, import.meta.url), { recursive: true })
+    .map(String)
+    .filter((p) => p.replaceAll(`\\`, `/`).endsWith(`@tanstack/db/package.json`))
+  assert.deepEqual(copies, [`@tanstack/db/package.json`])
+})
