@@ -11,7 +11,7 @@ after(async () => {
   for (const c of collections) await c.cleanup()
 })
 
-function todos(id) {
+function todos(id, shapeOptions) {
   const c = createCollection(
     pgSyncCollectionOptions({
       id,
@@ -19,6 +19,7 @@ function todos(id) {
       headers,
       model: `todos`,
       getKey: (row) => row.id,
+      shapeOptions,
       // The write must come back well within this, or the test fails.
       txidTimeout: 8_000,
     }),
@@ -89,4 +90,16 @@ test(`a refused write is rolled back`, async () => {
   // A change made elsewhere still arrives after the refusals.
   sql(`UPDATE todos SET title = 'from psql' WHERE id = 101`)
   await until(() => c.get(101)?.title === `from psql`, 10_000, `the psql change`)
+})
+
+test(`writes are confirmed over SSE too (liveSse)`, async () => {
+  const c = todos(`todos-sse`, { liveSse: true })
+  await c.preload()
+  const ins = c.insert({ id: 3, title: `over sse`, project: `p1` })
+  await ins.isPersisted.promise
+  assert.equal(c._state.syncedData.get(3)?.title, `over sse`)
+  const del = c.delete(3)
+  await del.isPersisted.promise
+  assert.equal(c._state.syncedData.has(3), false)
+  assert.deepEqual(sql(`SELECT count(*) FROM todos WHERE id = 3`), [`0`])
 })
