@@ -41,9 +41,11 @@ if [ "$node_major" -lt 20 ]; then
   exit 1
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
-# tests/browser: playwright-core; tests/shape: the real @electric-sql/client. Each from its lock
-# file, again only when the lock file changed.
-for dir in tests/browser tests/shape; do
+# npm packages from their lock files, again only when a lock file changed: the browser test's
+# (tests/browser: playwright-core), the Shape API test's (tests/shape: the real
+# @electric-sql/client) and the TypeScript client package's (clients/js, whose Node tests
+# sync_worker/tests/jsclient.rs runs).
+for dir in tests/browser tests/shape clients/js; do
   lock="$here/$dir/package-lock.json"
   stamp="$here/$dir/node_modules/.installed-from"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum <"$lock")" ]; then

@@ -4,6 +4,9 @@
 //! The first call records its result in `pg_sync.client_transactions` in the same transaction as
 //! the writes; a replay finds that row and returns the first result with `"duplicate": true`,
 //! changing nothing. A concurrent replay waits on the first one's unique-key insert.
+//! Both carry `txid`, the applying transaction's 32-bit xid: what Electric's change messages list
+//! in `headers.txids` and what TanStack DB's `awaitTxId` waits for. It is stored with the result,
+//! so a replay answers with the xid of the transaction that really applied the writes.
 //! Transactions are keyed by (user, client_id, client_tx_id): `mutate_as` for user U sees only
 //! U's transactions (a tx id seen in a shared group replays nothing of another user's), and
 //! plain `mutate` has a namespace of its own (user_id '').
@@ -105,17 +108,21 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
         // Deltas this transaction made (each carries clientTxId); 0: none will come back.
         "changes": capture::written() - before,
     });
-    model::run(
-        "UPDATE pg_sync.client_transactions SET result = $1->'r'
+    // txid: the 32-bit xid, as Electric reports it (pgoutput's Begin carries the 32-bit xid, and
+    // Electric tells application backends to return `pg_current_xact_id()::xid`), a JSON number.
+    let stored = model::run(
+        "UPDATE pg_sync.client_transactions
+            SET result = ($1->'r') OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('txid',
+                pg_catalog.pg_current_xact_id()::pg_catalog.xid::pg_catalog.text::pg_catalog.int8)
           WHERE user_id = $1->>'u' AND client_id = $1->>'c'
             AND client_tx_id = ($1->>'t')::pg_catalog.uuid
-         RETURNING NULL::pg_catalog.jsonb",
+         RETURNING result",
         &jsonb_arg,
         vec![JsonB(
             json!({"u": ns, "c": client_id, "t": tx, "r": result}),
         )],
     );
-    JsonB(result)
+    JsonB(stored.unwrap_or(result))
 }
 
 thread_local! {

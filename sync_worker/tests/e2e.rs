@@ -1160,13 +1160,34 @@ async fn mutate_applies_once_within_the_users_groups() {
         .as_str()
         .unwrap()
         .starts_with("op 0: "));
-    // Replays apply nothing twice, however often they come.
+    // txid: the applying transaction's 32-bit xid, what Electric's change messages carry in
+    // `headers.txids` (TanStack DB's awaitTxId waits for it); the log row's xid8 mod 2^32.
+    let txid_of = |db: &mut pg_sync_tests::postgres::Client, client_tx: &str| -> Vec<i64> {
+        tokio::task::block_in_place(|| {
+            db.query(
+                "SELECT DISTINCT xid::xid::text::bigint FROM pg_sync.sync_actions
+                  WHERE client_id = 'laptop' AND client_tx_id = $1::text::uuid",
+                &[&client_tx],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        })
+    };
+    let first_txid = res["results"][0]["txid"].as_i64().expect("a numeric txid");
+    assert_eq!(txid_of(&mut db, t1), [first_txid]);
+    assert!(res["results"].as_array().unwrap()[1..]
+        .iter()
+        .all(|r| r.get("txid").is_none()));
+    // Replays apply nothing twice, however often they come, and name the first transaction.
     for _ in 0..3 {
         let replay = json!({"clientId": "laptop", "transactions": [tx(t1, json!([{"model": "todos", "action": "I", "id": 1, "data": {"title": "mine", "project": "p1"}}]))]});
         let (_, text) = http_post(port, "/sync/mutate", &auth, &replay.to_string()).await;
         let res: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(res["results"][0]["status"], "duplicate");
         assert_eq!(res["results"][0]["changes"], 2, "the first result");
+        assert_eq!(res["results"][0]["txid"], first_txid, "the first txid");
     }
     // Only the applied transaction changed the database; nothing partial.
     let rows: Vec<(i32, String, String)> = tokio::task::block_in_place(|| {
@@ -1215,6 +1236,13 @@ async fn mutate_applies_once_within_the_users_groups() {
     let result = result.expect("a mutate_result frame");
     assert_eq!(result["results"][0]["status"], "applied");
     assert_eq!(result["results"][1]["status"], "duplicate");
+    assert_eq!(
+        txid_of(&mut db, "00000000-0000-4000-8000-00000000000a"),
+        [result["results"][0]["txid"]
+            .as_i64()
+            .expect("a numeric txid")]
+    );
+    assert_eq!(result["results"][1]["txid"], first_txid);
     assert_eq!(summary(&echoed), ["todos:U:1"]);
     send(
         &mut ws,
@@ -1279,6 +1307,43 @@ async fn mutate_applies_once_within_the_users_groups() {
         "pg_sync_mutate_transactions_total{status=\"rejected\"} 8",
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
+    }
+    // CORS: an app served from another origin writes here (SYNC_SHAPE_CORS_ORIGINS, default
+    // any): the preflight allows POST with its headers, and answers (refusals too) say so.
+    let origin = ("Origin", "http://app.example".to_owned());
+    let pre = raw_request(
+        port,
+        "OPTIONS",
+        "/sync/mutate",
+        &[
+            origin.clone(),
+            ("Access-Control-Request-Method", "POST".into()),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type".into(),
+            ),
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    let h = pre.headers.to_ascii_lowercase();
+    assert_eq!(pre.status, 204, "{h}");
+    for want in [
+        "access-control-allow-origin: *",
+        "access-control-allow-methods: post, options",
+        "access-control-allow-headers: authorization,content-type",
+    ] {
+        assert!(h.contains(want), "{want}: {h}");
+    }
+    for auth in [auth.clone(), vec![]] {
+        let mut headers = auth;
+        headers.push(origin.clone());
+        let r = raw_request(port, "POST", "/sync/mutate", &headers, &body.to_string())
+            .await
+            .unwrap();
+        let h = r.headers.to_ascii_lowercase();
+        assert!(h.contains("access-control-allow-origin: *"), "{h}");
     }
     tokio::task::block_in_place(|| drop(db));
 }

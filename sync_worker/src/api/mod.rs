@@ -65,7 +65,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/sync/mutate",
             axum::routing::post(mutate::mutate)
-                .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY)),
+                .options(mutate::preflight)
+                .layer(axum::extract::DefaultBodyLimit::max(mutate::MAX_BODY))
+                .layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    mutate::with_cors,
+                )),
         )
         .route(
             crate::federation::PATH,
@@ -74,6 +79,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/shape", get(shape::shape).options(shape::preflight))
         .route("/healthz", get(healthz))
         .route("/demo", get(demo))
+        .route("/demo.js", get(demo_js))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(
@@ -296,6 +302,18 @@ impl IntoResponse for Refusal {
 /// The demo page (`make run`): a shared task list that bootstraps, stays live and writes.
 async fn demo() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../../static/demo.html"))
+}
+
+/// The demo page's script: clients/js/demo/demo.mjs bundled with TanStack DB
+/// (scripts/build-demo.sh).
+async fn demo_js() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../../static/demo.js"),
+    )
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {

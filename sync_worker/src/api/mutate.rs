@@ -5,7 +5,7 @@ use super::{App, Identity, Refusal};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -125,6 +125,9 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
                     "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
                     "ops": first["ops"],
                     "changes": first["changes"],
+                    // The applying transaction's 32-bit xid (also on a duplicate): the
+                    // `txids` entry of its change messages on /v1/shape (awaitTxId).
+                    "txid": first["txid"],
                 })
             }
             Err(e) => match e.as_db_error() {
@@ -165,6 +168,58 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(results)
+}
+
+/// `Access-Control-Allow-Origin` for a request from `origin`, when the origins allowed to call
+/// the API from a browser (`SYNC_SHAPE_CORS_ORIGINS`, shared with `/v1/shape`) include it: an app
+/// served from another origin reads through `/v1/shape` and writes here.
+fn allow_origin(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
+    let mut allowed = app.cfg.shape_cors_origins.split(',').map(str::trim);
+    if allowed.clone().any(|a| a == "*") {
+        Some(HeaderValue::from_static("*"))
+    } else if allowed.any(|a| a == origin) {
+        HeaderValue::from_str(origin).ok()
+    } else {
+        None
+    }
+}
+
+/// Adds the CORS headers to any answer of `/sync/mutate` (refusals included, so a browser app
+/// can read why).
+pub async fn with_cors(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allow = allow_origin(&app, request.headers());
+    let mut response = next.run(request).await;
+    if let Some(allow) = allow {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        h.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    response
+}
+
+/// `OPTIONS /sync/mutate`: the CORS preflight of a cross-origin POST (JSON body, Authorization).
+pub async fn preflight(headers: HeaderMap) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let requested = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
 }
 
 pub async fn mutate(
