@@ -552,14 +552,15 @@ async fn shape_protocol_headers_offsets_live_and_refetch() {
     )
     .await;
     refetch(&r, "re-registered");
-    // Compacted past the offset.
+    // Compacted past the offset: row 8 is sequenced after o1 (membership changes take sync ids
+    // too, so waiting past an older position would compact before it).
     c.batch_execute("INSERT INTO todos VALUES (8, 'eight', 'p1')")
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let done: bool = c
-            .query_one("SELECT pg_sync.last_sync_id() > $1", &[&w4])
+            .query_one("SELECT pg_sync.last_sync_id() > $1", &[&o1])
             .await
             .unwrap()
             .get(0);
