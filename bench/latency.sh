@@ -12,8 +12,8 @@ source "$here/scripts/cluster.sh"
 rate=${LATENCY_RATE:-20}
 secs=${LATENCY_SECONDS:-20}
 runs=${LATENCY_RUNS:-3}
-cargo build --release -q -p sync_worker -p pg_sync_bench
-worker="$here/target/release/sync_worker"
+[ -n "${BENCH_WORKER:-}" ] && [ -x "$here/target/release/fanout_load" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
+worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/fanout_load"
 
 work=$(mktemp -d /tmp/pg_sync_latency.XXXXXX)
@@ -112,7 +112,7 @@ commit=$(git -C "$here" log -1 --format='%h %s' | cut -c1-70)
 report=$( {
   echo "## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/latency.sh\` (LATENCY_RATE=$rate LATENCY_SECONDS=$secs LATENCY_RUNS=$runs)"
   echo
-  echo "Commit $commit. Machine: $(nproc) cores; release build; one subscriber, $rate single-row commits/s;"
+  echo "Commit $commit; worker $worker. Machine: $(nproc) cores; release build; one subscriber, $rate single-row commits/s;"
   echo "pg_recvlogical (pgoutput) reads the same commits from its own slot at the same time. Latency is"
   echo "now - the writer's clock at insert, in ms. Goal (issue 11): p50 within 2 ms, p99 within 5 ms of pg_recvlogical."
   echo

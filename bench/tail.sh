@@ -8,7 +8,7 @@ source "$here/scripts/cluster.sh"
 rows=${TAIL_ROWS:-200000}
 per_txn=${TAIL_TXN_ROWS:-1000}
 worker=${BENCH_WORKER:-$here/target/release/sync_worker}
-[ -n "${BENCH_WORKER:-}" ] || cargo build --release -q -p sync_worker
+[ -n "${BENCH_WORKER:-}" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
 floor=${TAIL_FLOOR:-$(awk '$1 == "tail" {print $2}' "$here/bench/floors")}
 
 work=$(mktemp -d /tmp/pg_sync_tail.XXXXXX)
