@@ -25,7 +25,10 @@ psql_b -d bench <<SQL
 CREATE EXTENSION pg_sync;
 CREATE TABLE t (id bigint PRIMARY KEY, body text, grp text);
 SELECT pg_sync.register_table('t', group_column => 'grp');
-CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships WITH (publish = 'insert, delete');
+-- The publication the worker would create (it alters a narrower one, and the walsender then
+-- decodes the backlog against a publication changed under it).
+CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships,
+  pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate');
 SELECT pg_create_logical_replication_slot('pg_sync', 'pgoutput');
 SELECT pg_create_logical_replication_slot('baseline', 'pgoutput');
 SQL

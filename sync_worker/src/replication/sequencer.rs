@@ -558,8 +558,8 @@ enum Backlog {
 /// pending WAL a second time before streaming (it cost the tail about 40%).
 struct Unresolved {
     end: Lsn,
-    /// Low 32 bits (what the stream names) -> the xid8, as text.
-    candidates: HashMap<u32, Vec<String>>,
+    /// Their xids' low 32 bits (what the stream names).
+    candidates: std::collections::HashSet<u32>,
     seen: std::collections::HashSet<u32>,
 }
 
@@ -667,7 +667,7 @@ impl Session<'_> {
                 false
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
-                *end_lsn >= u.end || u.candidates.keys().all(|x| u.seen.contains(x))
+                *end_lsn >= u.end || u.candidates.iter().all(|x| u.seen.contains(x))
             }
             _ => false,
         };
@@ -697,11 +697,10 @@ impl Session<'_> {
             return Ok(());
         };
         let end = Lsn::parse(&row.get::<_, String>(1)).unwrap_or(Lsn::ZERO);
-        let mut candidates: HashMap<u32, Vec<String>> = HashMap::new();
-        for xid in xids {
-            let low = (xid.parse::<u64>().unwrap_or(0) % (1 << 32)) as u32;
-            candidates.entry(low).or_default().push(xid);
-        }
+        let candidates = xids
+            .iter()
+            .map(|xid| (xid.parse::<u64>().unwrap_or(0) % (1 << 32)) as u32)
+            .collect();
         self.unresolved = Some(Unresolved {
             end,
             candidates,
@@ -716,11 +715,13 @@ impl Session<'_> {
         let Some(u) = self.unresolved.take() else {
             return Ok(());
         };
-        let backlog: Vec<String> = u
+        // By the low 32 bits, which a remap of restored xids (xid_guard.rs) keeps: one that
+        // ran since the candidates were read is still matched.
+        let backlog: Vec<i64> = u
             .candidates
             .iter()
-            .filter(|(low, _)| !u.seen.contains(*low))
-            .flat_map(|(_, xids)| xids.iter().cloned())
+            .filter(|low| !u.seen.contains(*low))
+            .map(|low| i64::from(*low))
             .collect();
         if backlog.is_empty() {
             return Ok(());
@@ -738,7 +739,7 @@ impl Session<'_> {
                      SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
                        FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
                                FROM pg_sync.sync_actions a
-                              WHERE a.xid = ANY ($2::text[]::xid8[])
+                              WHERE (a.xid::text::bigint % 4294967296) = ANY ($2::bigint[])
                                 AND NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
                               GROUP BY a.xid) s",
                     &[&first, &backlog],
@@ -1110,10 +1111,10 @@ impl Session<'_> {
                 continue;
             }
             let mut rows: Vec<&Row> = txn.actions.iter().collect();
-            rows.sort_by_key(|r| {
+            // Each key read once (not a cloned string per comparison).
+            rows.sort_by_cached_key(|r| {
                 r.get("id")
-                    .cloned()
-                    .flatten()
+                    .and_then(|v| v.as_deref())
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0)
             });
