@@ -44,6 +44,7 @@ bench: install
 	cargo build --release -p sync_worker
 	bash bench/write_overhead.sh
 	bash bench/tail.sh
+	bash bench/latency.sh
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
 	bash bench/shape.sh

@@ -7,8 +7,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
 rows=${TAIL_ROWS:-200000}
 per_txn=${TAIL_TXN_ROWS:-1000}
-worker="$here/target/release/sync_worker"
-[ -x "$worker" ] || cargo build --release -p sync_worker
+worker=${BENCH_WORKER:-$here/target/release/sync_worker}
+[ -n "${BENCH_WORKER:-}" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
+floor=${TAIL_FLOOR:-$(awk '$1 == "tail" {print $2}' "$here/bench/floors")}
 
 work=$(mktemp -d /tmp/pg_sync_tail.XXXXXX)
 chmod 755 "$work"
@@ -24,7 +25,10 @@ psql_b -d bench <<SQL
 CREATE EXTENSION pg_sync;
 CREATE TABLE t (id bigint PRIMARY KEY, body text, grp text);
 SELECT pg_sync.register_table('t', group_column => 'grp');
-CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships WITH (publish = 'insert, delete');
+-- The publication the worker would create (it alters a narrower one, and the walsender then
+-- decodes the backlog against a publication changed under it).
+CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships,
+  pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate');
 SELECT pg_create_logical_replication_slot('pg_sync', 'pgoutput');
 SELECT pg_create_logical_replication_slot('baseline', 'pgoutput');
 SQL
@@ -45,7 +49,7 @@ DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=bench" SYNC_LISTEN=
 echo $! >"$work/worker.pid"
 t2=$(date +%s.%N)
 while :; do
-  last=$(curl -fsS "http://127.0.0.1:$wport/metrics" 2>/dev/null | sed -n 's/^pg_sync_last_sync_id //p')
+  last=$(curl -fsS "http://127.0.0.1:$wport/metrics" 2>/dev/null | sed -n 's/^pg_sync_last_sync_id //p' || true)
   [ "${last:-0}" -ge "$actions" ] && break
   sleep 0.02
 done
@@ -55,6 +59,7 @@ report=$(python3 - <<PY
 base = $actions / ($t1 - $t0); ours = $actions / ($t3 - $t2)
 print(f"## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/tail.sh\` (TAIL_ROWS=$rows TAIL_TXN_ROWS=$per_txn)")
 print()
+print("Commit $(git -C "$here" log -1 --format=%h); worker $worker; load average $(uptime | sed 's/.*load average: //').")
 print("Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; release build; backlog written first, then each reader")
 print("drains the same WAL from its own slot. The worker's time includes its start-up and persisting")
 print("commit_order; pg_recvlogical only decodes to /dev/null.")
@@ -64,8 +69,14 @@ print("|---|---|---|---|")
 print(f"| pg_recvlogical (pgoutput, baseline) | $actions | {$t1 - $t0:.2f} | {base:,.0f} |")
 print(f"| sync_worker (decode, sequence, persist, publish, ack) | $actions | {$t3 - $t2:.2f} | {ours:,.0f} |")
 print()
-print(f"sync_worker / pg_recvlogical: {ours / base:.2f}")
+print(f"sync_worker / pg_recvlogical: {ours / base:.2f} (floor $floor)")
 PY
 )
 echo "$report"
 printf '\n%s\n' "$report" >>"$here/bench/RESULTS.md"
+ratio=$(python3 -c "print($actions / ($t3 - $t2) / ($actions / ($t1 - $t0)))")
+if python3 -c "import sys; sys.exit(0 if $ratio >= $floor else 1)"; then
+  exit 0
+fi
+echo "REGRESSION: sync_worker / pg_recvlogical = $ratio, below the floor $floor in bench/floors" >&2
+exit 3

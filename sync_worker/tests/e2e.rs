@@ -553,6 +553,60 @@ async fn actions_from_before_the_slot_are_sequenced_once() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A slot created after some actions and before others (the worker not running): the ones
+/// from before the slot are the backlog and go first; the ones the slot streams follow in
+/// commit order. The worker tells them apart by following the stream (no peek at the slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_and_streamed_downtime_commits_are_told_apart() {
+    let (cluster, mut db) = app_cluster("ws_backlog_mixed");
+    exec(
+        &mut db,
+        "INSERT INTO announcements SELECT g, 'before the slot' FROM generate_series(1, 3) g",
+    );
+    exec(
+        &mut db,
+        "CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+         pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate')",
+    );
+    exec(
+        &mut db,
+        "SELECT pg_create_logical_replication_slot('pg_sync', 'pgoutput')",
+    );
+    // Streamed: T_b starts first (smaller action id) but commits after T_a.
+    let mut b: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    exec(&mut b, "BEGIN; INSERT INTO announcements VALUES (5, 'b');");
+    exec(&mut db, "INSERT INTO announcements VALUES (4, 'a')");
+    exec(&mut b, "COMMIT");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "anyone").await;
+    let frames = subscribe_settled(&mut ws, 0).await;
+    let got: Vec<(i64, String)> = frames
+        .iter()
+        .map(|f| {
+            (
+                f["syncId"].as_i64().unwrap(),
+                f["modelId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(i64, String)> = [(1, "1"), (2, "2"), (3, "3"), (4, "4"), (5, "5")]
+        .iter()
+        .map(|(i, m)| (*i, m.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    let rows: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert_eq!(rows, 5);
+    tokio::task::block_in_place(|| drop((db, b)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_transactions_stream_in_bounded_memory_and_sigterm_drains() {
     let (cluster, mut db) = app_cluster("ws_large");

@@ -23,12 +23,13 @@ pub enum DecodeError {
 pub struct Relation {
     pub namespace: String,
     pub name: String,
-    pub columns: Vec<String>,
+    /// Shared with every decoded row (a row clones the name, not the string).
+    pub columns: Vec<std::sync::Arc<str>>,
 }
 
 /// A row in text format: column name -> value (None for NULL). An unchanged TOAST value of an
 /// update is absent.
-pub type Row = HashMap<String, Option<String>>;
+pub type Row = HashMap<std::sync::Arc<str>, Option<String>>;
 
 #[derive(Debug)]
 pub enum Message {
@@ -139,7 +140,7 @@ impl Decoder {
                 for _ in 0..n {
                     need(buf, 1)?;
                     let _flags = buf.get_u8();
-                    columns.push(cstr(&mut buf)?);
+                    columns.push(cstr(&mut buf)?.into());
                     need(buf, 8)?;
                     let _type = buf.get_u32();
                     let _typmod = buf.get_i32();

@@ -52,10 +52,17 @@ pub enum SequencerError {
     Url,
     #[error("failpoint {0} fired")]
     Failpoint(&'static str),
+    #[error("more than {HOLD_ACTIONS} actions streamed before the backlog was resolved; peeking at the slot instead")]
+    HoldOverflow,
 }
 
+/// Under continuous load, how long committed transactions may wait to be batched at most;
+/// when the stream has nothing more ready they are persisted and published at once.
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
 const FLUSH_ACTIONS: usize = 5_000;
+/// Actions decoded but not sequenced while the start-up backlog is being told apart from what
+/// the slot streams (see `Unresolved`); past it the session restarts and peeks at the slot.
+const HOLD_ACTIONS: usize = 250_000;
 const LARGE_PAGE: i32 = 5_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -332,6 +339,8 @@ struct Session<'a> {
     pending_since: Option<Instant>,
     /// A fence message seen while transactions were pending; processed once they are.
     fence: Option<Lsn>,
+    /// The start-up backlog not yet told apart from what the slot streams.
+    unresolved: Option<Unresolved>,
 }
 
 /// The chain of causes below an error, for logs (never row values: database errors here come
@@ -354,14 +363,18 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    // Set when a session held too much of the stream to resolve the backlog: the next one
+    // peeks at the slot instead.
+    let mut peek = false;
     loop {
         let started = Instant::now();
         // A panic in a session must not leave the worker looking healthy with nobody
         // sequencing: it ends the session like an error does (health says not streaming), and
         // the next session starts from what is persisted.
-        let result = std::panic::AssertUnwindSafe(session(&cfg, &hub, &status, &mut shutdown))
-            .catch_unwind()
-            .await;
+        let result =
+            std::panic::AssertUnwindSafe(session(&cfg, &hub, &status, &mut shutdown, &mut peek))
+                .catch_unwind()
+                .await;
         status.streaming.store(false, Ordering::Release);
         match result {
             Ok(Ok(())) => return,
@@ -396,6 +409,7 @@ async fn session(
     hub: &Hub,
     status: &Status,
     shutdown: &mut watch::Receiver<bool>,
+    peek: &mut bool,
 ) -> Result<(), SequencerError> {
     let db = connect(&cfg.database_url).await?;
     ensure_setup(&db, cfg, status).await?;
@@ -418,6 +432,7 @@ async fn session(
         pending_actions: 0,
         pending_since: None,
         fence: None,
+        unresolved: None,
     };
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
@@ -429,7 +444,11 @@ async fn session(
         s.publish_from_db(published + 1, last_sync_id, vec![])
             .await?;
     }
-    s.sequence_backlog().await?;
+    if std::mem::take(peek) {
+        s.sequence_backlog_peeked().await?;
+    } else {
+        s.find_backlog().await?;
+    }
     let encrypted: bool =
         s.db.query_one(
             "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
@@ -437,33 +456,107 @@ async fn session(
         )
         .await?
         .get(0);
-    let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
-    status.streaming.store(true, Ordering::Release);
+    let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    if s.unresolved.is_none() {
+        status.streaming.store(true, Ordering::Release);
+    }
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
-    let mut decoder = Decoder::default();
-    let mut open: Option<OpenTxn> = None;
+    let mut st = Stream {
+        repl,
+        decoder: Decoder::default(),
+        open: None,
+    };
     loop {
-        let wait = match s.pending_since {
-            Some(t) => FLUSH_AFTER.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        let event = tokio::select! {
-            ev = repl.recv() => ev?,
-            _ = tokio::time::sleep(wait) => { s.flush(&repl).await?; continue; }
-            _ = shutdown.changed() => {
-                // Drain: what is complete is persisted, published and acknowledged.
-                s.flush(&repl).await?;
-                let _ = tokio::time::timeout(Duration::from_secs(2), repl.shutdown()).await;
-                return Ok(());
+        // Adaptive batching: committed transactions wait only while the stream has more ready
+        // (under load, what arrives during one persist round trip is the next batch); when
+        // nothing is ready they are persisted and published at once. No fixed wait.
+        let idle_flush = async {
+            if s.pending.is_empty() || s.unresolved.is_some() {
+                std::future::pending::<()>().await
             }
         };
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                // Drain: what is complete is persisted, published and acknowledged (unless the
+                // backlog is unresolved: then it streams again next time).
+                s.flush(&st.repl).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(2), st.repl.shutdown()).await;
+                return Ok(());
+            }
+            ev = st.repl.recv() => ev?,
+            _ = idle_flush => { s.flush(&st.repl).await?; continue; }
+        };
         let Some(event) = event else {
-            s.flush(&repl).await?;
+            s.flush(&st.repl).await?;
             return Ok(());
         };
+        // While the backlog is unresolved, transactions are decoded as they stream (so decoding
+        // overlaps the walsender's) but not sequenced: `flush` waits for the resolution.
+        let resolved = match s.watch_backlog(&event) {
+            Backlog::Unresolved => false,
+            Backlog::Resolved => true,
+            Backlog::Overflow => {
+                *peek = true;
+                return Err(SequencerError::HoldOverflow);
+            }
+        };
+        if matches!(event, ReplicationEvent::KeepAlive { .. })
+            && s.unresolved.is_some()
+            && !resolved
+        {
+            // Nothing may be acknowledged before the backlog is sequenced.
+            continue;
+        }
+        if resolved {
+            s.resolve_backlog().await?;
+            status.streaming.store(true, Ordering::Release);
+        }
+        if s.handle(&mut st, event).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// The replication stream and the transaction being received from it.
+struct Stream {
+    repl: ReplicationClient,
+    decoder: Decoder,
+    open: Option<OpenTxn>,
+}
+
+/// What `Session::watch_backlog` found.
+enum Backlog {
+    Unresolved,
+    /// The backlog can be told apart now (`resolve_backlog`).
+    Resolved,
+    /// Too much streamed while unresolved: the next session peeks at the slot instead.
+    Overflow,
+}
+
+/// Unsequenced transactions found at a session's start (committed before `end`) that the slot
+/// may or may not stream: those it streams are sequenced from the stream, in commit order; the
+/// rest (committed before the slot could see them) are the backlog and go first. Which is which
+/// is known once the stream has passed `end` (or has shown every one of them), so streamed
+/// transactions are decoded but not sequenced until then (at most HOLD_ACTIONS actions). This replaces a peek at the slot, which decoded the slot's whole
+/// pending WAL a second time before streaming (it cost the tail about 40%).
+struct Unresolved {
+    end: Lsn,
+    /// Their xids' low 32 bits (what the stream names).
+    candidates: std::collections::HashSet<u32>,
+    seen: std::collections::HashSet<u32>,
+}
+
+impl Session<'_> {
+    /// Handles one stream event; true when the stream ended.
+    async fn handle(
+        &mut self,
+        st: &mut Stream,
+        event: ReplicationEvent,
+    ) -> Result<bool, SequencerError> {
         match event {
             ReplicationEvent::Begin { final_lsn, .. } => {
-                open = Some(OpenTxn {
+                st.open = Some(OpenTxn {
                     commit_lsn: final_lsn,
                     actions: vec![],
                     count: 0,
@@ -474,9 +567,9 @@ async fn session(
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
-                let msg = decoder.decode(&data)?;
-                if let Some(txn) = open.as_mut() {
-                    s.absorb(txn, msg);
+                let msg = st.decoder.decode(&data)?;
+                if let Some(txn) = st.open.as_mut() {
+                    self.absorb(txn, msg);
                 }
             }
             ReplicationEvent::Commit {
@@ -484,29 +577,32 @@ async fn session(
                 end_lsn,
                 commit_time_micros,
             } => {
-                let Some(txn) = open.take() else { continue };
+                let Some(txn) = st.open.take() else {
+                    return Ok(false);
+                };
                 debug_assert_eq!(txn.commit_lsn, lsn);
-                s.status
+                self.status
                     .last_commit_unix_ms
                     .store((commit_time_micros + PG_EPOCH_US) / 1000, Ordering::Relaxed);
-                s.pending_actions += txn.count;
-                s.pending.push(ReadyTxn {
+                self.pending_actions += txn.count;
+                self.pending.push(ReadyTxn {
                     end_lsn,
                     committed_at_us: commit_time_micros,
                     txn,
                 });
-                s.pending_since.get_or_insert_with(Instant::now);
-                if s.pending_actions >= FLUSH_ACTIONS {
-                    s.flush(&repl).await?;
+                let since = *self.pending_since.get_or_insert_with(Instant::now);
+                // Batches are bounded in size and, under continuous load, in delay.
+                if self.pending_actions >= FLUSH_ACTIONS || since.elapsed() >= FLUSH_AFTER {
+                    self.flush(&st.repl).await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                s.status
+                self.status
                     .server_lsn
                     .store(wal_end.as_u64(), Ordering::Relaxed);
-                if open.is_none() && s.pending.is_empty() {
-                    s.ack(&repl, wal_end);
-                    s.status
+                if st.open.is_none() && self.pending.is_empty() {
+                    self.ack(&st.repl, wal_end);
+                    self.status
                         .processed_lsn
                         .fetch_max(wal_end.as_u64(), Ordering::Release);
                 }
@@ -517,24 +613,152 @@ async fn session(
                 ..
             } => {
                 // A fence (pg_logical_emit_message): every commit before it has arrived.
-                if s.pending.is_empty() {
-                    s.status
+                if self.pending.is_empty() {
+                    self.status
                         .processed_lsn
                         .fetch_max(lsn.as_u64(), Ordering::Release);
                 } else {
-                    s.fence = Some(s.fence.map_or(lsn, |f| f.max(lsn)));
+                    self.fence = Some(self.fence.map_or(lsn, |f| f.max(lsn)));
                 }
             }
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {
-                s.flush(&repl).await?;
-                return Ok(());
+                self.flush(&st.repl).await?;
+                return Ok(true);
             }
         }
+        Ok(false)
     }
-}
 
-impl Session<'_> {
+    /// Follows the stream while the backlog is unresolved, and says when it is resolved.
+    fn watch_backlog(&mut self, event: &ReplicationEvent) -> Backlog {
+        let Some(u) = self.unresolved.as_mut() else {
+            return Backlog::Unresolved;
+        };
+        let done = match event {
+            // Everything up to the server's position has been sent.
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.status
+                    .server_lsn
+                    .store(wal_end.as_u64(), Ordering::Relaxed);
+                *wal_end >= u.end
+            }
+            ReplicationEvent::Begin { xid, .. } => {
+                u.seen.insert(*xid);
+                false
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                *end_lsn >= u.end || u.candidates.iter().all(|x| u.seen.contains(x))
+            }
+            _ => false,
+        };
+        if done {
+            Backlog::Resolved
+        } else if self.pending_actions > HOLD_ACTIONS {
+            Backlog::Overflow
+        } else {
+            Backlog::Unresolved
+        }
+    }
+
+    /// Finds the unsequenced transactions at the start of a session (see `Unresolved`).
+    async fn find_backlog(&mut self) -> Result<(), SequencerError> {
+        // One statement, one snapshot: the end position is read after it was taken, so every
+        // candidate committed before it.
+        let row = self
+            .db
+            .query_one(
+                "SELECT (SELECT array_agg(DISTINCT a.xid::text) FROM pg_sync.sync_actions a
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)),
+                        pg_current_wal_lsn()::text",
+                &[],
+            )
+            .await?;
+        let Some(xids) = row.get::<_, Option<Vec<String>>>(0) else {
+            return Ok(());
+        };
+        let end = Lsn::parse(&row.get::<_, String>(1)).unwrap_or(Lsn::ZERO);
+        let candidates = xids
+            .iter()
+            .map(|xid| (xid.parse::<u64>().unwrap_or(0) % (1 << 32)) as u32)
+            .collect();
+        self.unresolved = Some(Unresolved {
+            end,
+            candidates,
+            seen: Default::default(),
+        });
+        Ok(())
+    }
+
+    /// Sequences the backlog once the stream told it apart: the candidates the stream did not
+    /// show, ordered by their first action (before the slot existed there is no commit order).
+    async fn resolve_backlog(&mut self) -> Result<(), SequencerError> {
+        let Some(u) = self.unresolved.take() else {
+            return Ok(());
+        };
+        // By the low 32 bits, which a remap of restored xids (xid_guard.rs) keeps: one that
+        // ran since the candidates were read is still matched.
+        let backlog: Vec<i64> = u
+            .candidates
+            .iter()
+            .filter(|low| !u.seen.contains(*low))
+            .map(|low| i64::from(*low))
+            .collect();
+        if backlog.is_empty() {
+            return Ok(());
+        }
+        let first = self.next_sync_id;
+        self.db.batch_execute("BEGIN").await?;
+        let result = async {
+            // As in the peeked pass: a concurrent remap of restored xids is seen whole.
+            self.db
+                .batch_execute("LOCK TABLE pg_sync.commit_order IN SHARE ROW EXCLUSIVE MODE")
+                .await?;
+            self.db
+                .execute(
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY first_id) - n, n, '0/0', now()
+                       FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n
+                               FROM pg_sync.sync_actions a
+                              WHERE (a.xid::text::bigint % 4294967296) = ANY ($2::bigint[])
+                                AND NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
+                              GROUP BY a.xid) s",
+                    &[&first, &backlog],
+                )
+                .await
+        }
+        .await;
+        let n = match result {
+            Ok(n) => {
+                self.db.batch_execute("COMMIT").await?;
+                n
+            }
+            Err(e) => {
+                let _ = self.db.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
+        self.published_backlog(first, n).await
+    }
+
+    /// Publishes the `n` backlog transactions sequenced from sync id `first` on.
+    async fn published_backlog(&mut self, first: i64, n: u64) -> Result<(), SequencerError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let last: i64 = self
+            .db
+            .query_one("SELECT pg_sync.last_sync_id()", &[])
+            .await?
+            .get(0);
+        tracing::info!(transactions = n, first, last, "sequenced backlog");
+        // The backlog's membership changes never stream: take the database's.
+        self.refresh_memberships().await?;
+        self.publish_from_db(first, last, vec![]).await?;
+        self.next_sync_id = last + 1;
+        Ok(())
+    }
+
     /// Sequences committed actions that the slot will never stream: those written before the
     /// slot existed (or while no slot held them). Transactions committed while the worker was
     /// down are not among them: the slot streams those, in commit order, and only the stream
@@ -543,7 +767,7 @@ impl Session<'_> {
     /// taken from; the rest go first, ordered by their first action (before the slot existed
     /// there is no commit order to read). One that is streamed anyway is recognised by its xid
     /// and skipped.
-    async fn sequence_backlog(&mut self) -> Result<(), SequencerError> {
+    async fn sequence_backlog_peeked(&mut self) -> Result<(), SequencerError> {
         let any: bool = self
             .db
             .query_one(
@@ -604,20 +828,7 @@ impl Session<'_> {
                 return Err(e.into());
             }
         };
-        if n == 0 {
-            return Ok(());
-        }
-        let last: i64 = self
-            .db
-            .query_one("SELECT pg_sync.last_sync_id()", &[])
-            .await?
-            .get(0);
-        tracing::info!(transactions = n, first, last, "sequenced backlog");
-        // The backlog's membership changes never stream: take the database's.
-        self.refresh_memberships().await?;
-        self.publish_from_db(first, last, vec![]).await?;
-        self.next_sync_id = last + 1;
-        Ok(())
+        self.published_backlog(first, n).await
     }
 
     /// Gives the hub the current groups of every user it tracks, and closes the sessions of
@@ -718,6 +929,11 @@ impl Session<'_> {
 
     /// Persists, publishes, then acknowledges everything pending.
     async fn flush(&mut self, repl: &ReplicationClient) -> Result<(), SequencerError> {
+        if self.unresolved.is_some() {
+            // Nothing is sequenced before the backlog (it goes first); unacknowledged, what is
+            // pending streams again after a restart.
+            return Ok(());
+        }
         self.pending_since = None;
         if self.pending.is_empty() {
             return Ok(());
@@ -727,30 +943,45 @@ impl Session<'_> {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
-        // Transactions the backlog pass already sequenced are not sequenced again.
-        let candidates: Vec<String> = pending
-            .iter()
-            .filter(|t| t.count > 0)
-            .filter_map(|t| t.xid.clone())
-            .collect();
-        let known: std::collections::HashSet<String> = if candidates.is_empty() {
+        // Persisted in one round trip: transactions a backlog pass already sequenced (known by
+        // their xid) are skipped by the statement, which names them; the others get
+        // consecutive ids in commit order, exactly as assigned below.
+        let mut xids = vec![];
+        let mut counts = vec![];
+        let mut lsns = vec![];
+        let mut times = vec![];
+        for txn in &pending {
+            if txn.commit_lsn <= self.last_commit_lsn || txn.count == 0 {
+                continue;
+            }
+            xids.push(txn.xid.clone().unwrap_or_default());
+            counts.push(txn.count as i32);
+            lsns.push(txn.commit_lsn.to_pg_string());
+            times.push(txn.committed_at_us);
+        }
+        let known: std::collections::HashSet<String> = if xids.is_empty() {
             Default::default()
         } else {
             self.db
                 .query(
-                    "SELECT xid::text FROM pg_sync.commit_order WHERE xid = ANY ($1::text[]::xid8[])",
-                    &[&candidates],
+                    "WITH u AS (
+                       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
+                         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
+                     k AS (
+                       SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
+                     ins AS (
+                       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
+                         FROM k WHERE NOT known)
+                     SELECT x::text FROM k WHERE known",
+                    &[&xids, &counts, &lsns, &times, &self.next_sync_id],
                 )
                 .await?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
         };
-        let mut xids = vec![];
         let mut firsts = vec![];
-        let mut counts = vec![];
-        let mut lsns = vec![];
-        let mut times = vec![];
         let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
         for txn in &pending {
             if txn.commit_lsn <= self.last_commit_lsn
@@ -765,29 +996,16 @@ impl Session<'_> {
             }
             let first = self.next_sync_id;
             self.next_sync_id += txn.count as i64;
-            xids.push(txn.xid.clone().unwrap_or_default());
-            firsts.push(first);
-            counts.push(txn.count as i32);
-            lsns.push(txn.commit_lsn.to_pg_string());
-            times.push(txn.committed_at_us);
+            firsts.push((first, txn.count as u64));
             assigned.push((first, txn));
-        }
-        if !firsts.is_empty() {
-            self.db
-                .execute(
-                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                     SELECT x::xid8, f, c, l::pg_lsn, to_timestamp((t + 946684800000000)::float8 / 1e6)
-                       FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::bigint[]) AS u(x, f, c, l, t)",
-                    &[&xids, &firsts, &counts, &lsns, &times],
-                )
-                .await?;
         }
         if crate::failpoint::fire("after_persist") {
             return Err(SequencerError::Failpoint("after_persist"));
         }
         // Holds persisted ids unpublished for a while (not the first transaction's, so a test
         // can have one published first).
-        if firsts.first().is_some_and(|f| *f > 1) && crate::failpoint::fire("stall_after_persist") {
+        if firsts.first().is_some_and(|f| f.0 > 1) && crate::failpoint::fire("stall_after_persist")
+        {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
         // Persisted: now clients may see these ids.
@@ -813,10 +1031,10 @@ impl Session<'_> {
                 continue;
             }
             let mut rows: Vec<&Row> = txn.actions.iter().collect();
-            rows.sort_by_key(|r| {
+            // Each key read once (not a cloned string per comparison).
+            rows.sort_by_cached_key(|r| {
                 r.get("id")
-                    .cloned()
-                    .flatten()
+                    .and_then(|v| v.as_deref())
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0)
             });
@@ -844,10 +1062,9 @@ impl Session<'_> {
             ));
         }
         self.hub.publish(&batch);
-        self.status.sequenced_actions.fetch_add(
-            firsts.iter().zip(&counts).map(|(_, c)| *c as u64).sum(),
-            Ordering::Relaxed,
-        );
+        self.status
+            .sequenced_actions
+            .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);
         if let Some(last) = pending.last() {
             self.last_commit_lsn = self.last_commit_lsn.max(last.commit_lsn);
             self.ack(repl, last.end_lsn);
