@@ -46,3 +46,4 @@ bench: install
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
 	bash bench/mutate.sh
+	bash bench/hostile.sh
