@@ -195,8 +195,13 @@ impl Bystander {
             let mut written = vec![];
             let mut id = first_id;
             while !flag.load(Ordering::Relaxed) {
-                c.execute("INSERT INTO todos VALUES ($1, 'bystander', 'p1')", &[&id])
-                    .unwrap();
+                // An error ends the writing quietly: it only happens once a failed assertion
+                // is tearing the cluster down.
+                if c.execute("INSERT INTO todos VALUES ($1, 'bystander', 'p1')", &[&id])
+                    .is_err()
+                {
+                    break;
+                }
                 written.push(id);
                 id += 1;
                 std::thread::sleep(Duration::from_millis(50));

@@ -146,7 +146,7 @@ async fn bad_frames(port: u16, jwt: String, stats: Arc<Stats>) {
         };
         let mut n = 0u32;
         loop {
-            let frame = if n % 2 == 0 {
+            let frame = if n.is_multiple_of(2) {
                 Message::Text("{\"type\":\"nope\"".into())
             } else {
                 Message::Binary(vec![0xff; 64].into())
