@@ -24,7 +24,7 @@ regress:
 
 integration:
 	cargo test -p pg_sync_tests -- --test-threads=2
-	cargo test -p sync_worker --lib --test e2e --test federation --test federation_chaos -- --test-threads=1
+	cargo test -p sync_worker --lib --test e2e --test federation --test federation_chaos --test hostile -- --test-threads=1
 	cargo test -p sync_worker --test browser --test jsclient
 	cargo test -p sync_worker --test shape
 
@@ -50,6 +50,7 @@ bench: install
 	bash bench/shape.sh
 	bash bench/mutate.sh
 	bash bench/join.sh
+	bash bench/hostile.sh
 
 # A long seeded federation chaos run (3 clusters, 3 workers, random link faults and kills);
 # FEDCHAOS_SEED=<n> replays a printed seed.

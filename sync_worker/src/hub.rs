@@ -156,8 +156,17 @@ pub struct Metrics {
     pub fallbacks: AtomicU64,
 }
 
+/// A revocation the hub has seen, for streams that are not subscribers (a bootstrap).
+#[derive(Clone, Debug)]
+pub enum Revoked {
+    Key(String),
+    /// The API keys were truncated.
+    All,
+}
+
 pub struct Hub {
     state: Mutex<State>,
+    revocations: tokio::sync::broadcast::Sender<Revoked>,
     /// Wakes subscribers waiting for another subscriber's group load.
     loads: Notify,
     next_id: AtomicU64,
@@ -184,6 +193,7 @@ impl Hub {
                 known: true,
                 ..State::default()
             }),
+            revocations: tokio::sync::broadcast::channel(1024).0,
             loads: Notify::new(),
             next_id: AtomicU64::new(1),
             published: AtomicI64::new(last_sync_id),
@@ -195,6 +205,11 @@ impl Hub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Revocations from now on: a bootstrap streaming under an API key ends when its key goes.
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revoked> {
+        self.revocations.subscribe()
     }
 
     /// The highest sync id published (and so persisted).
@@ -475,6 +490,12 @@ impl Hub {
                 apply_membership(&mut st, m);
             }
             let revoked: Vec<&str> = txn.revoked_keys.iter().map(String::as_str).collect();
+            if txn.all_keys_revoked {
+                let _ = self.revocations.send(Revoked::All);
+            }
+            for key in &revoked {
+                let _ = self.revocations.send(Revoked::Key((*key).to_owned()));
+            }
             if txn.all_keys_revoked || !revoked.is_empty() {
                 let ids: Vec<u64> = st
                     .subs

@@ -19,6 +19,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to send a request head, counted from when it opens (or its
+/// previous response ended): an idle or Slowloris connection is closed then, and holds no
+/// socket or task beyond it. axum::serve sets no timer, so hyper's timeout never fired.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head (request line and headers): hyper rescans its whole buffer for the
+/// head's end on every read, so its default (up to its 400 KiB buffer) let each client burn CPU
+/// quadratically; past this a request is refused with 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 use tokio::sync::watch;
 
 /// Runs the worker on `listener` until `shutdown` flips: replication and the API, then a drain
@@ -62,15 +70,12 @@ pub async fn serve(
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
     }
     tokio::spawn(federation::link::run(app.clone(), shutdown.clone()));
-    let mut stop = shutdown.clone();
-    let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
-    });
+    let server = accept(listener, api::router(app), shutdown.clone());
     // Connections get DRAIN_TIMEOUT to finish after shutdown begins (a client that stopped
     // reading a response must not hold the worker up); then they are dropped.
     let mut deadline = shutdown.clone();
     tokio::select! {
-        served = std::future::IntoFuture::into_future(server) => served?,
+        () = server => {}
         _ = async move {
             let _ = deadline.wait_for(|s| *s).await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;
@@ -78,6 +83,52 @@ pub async fn serve(
     }
     let _ = replication.await;
     Ok(())
+}
+
+/// Serves `router` on `listener` until `shutdown` flips, then until every connection has
+/// finished (each is told to end after its current request; upgraded sockets end on their own
+/// shutdown signal). HTTP/1.1 with upgrades, with a deadline for each request head.
+async fn accept(listener: TcpListener, router: axum::Router, shutdown: watch::Receiver<bool>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // Every connection task holds a clone; `closed()` resolves once all are gone.
+    let (open_tx, open_rx) = watch::channel(());
+    let mut stop = shutdown.clone();
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving what is open, and
+                    // do not spin on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let _ = io.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stop = shutdown.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_header_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(open_rx);
+    open_tx.closed().await;
 }
 
 /// Compacts the log on a schedule (`SYNC_RETENTION`, `SYNC_COMPACT_INTERVAL_SECS`).

@@ -150,9 +150,11 @@ fn parse(q: &HashMap<String, String>) -> Result<Request, Refusal> {
 
 pub async fn bootstrap(
     State(app): State<Arc<App>>,
-    Identity { user, .. }: Identity,
+    Identity { user, key, .. }: Identity,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    // Subscribed before anything is read: a key revoked from here on ends the stream.
+    let watch = key.map(|k| (k, app.hub.revocations()));
     let req = match parse(&q) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
@@ -211,7 +213,7 @@ pub async fn bootstrap(
     if let Some(c) = &req.resume {
         let through = c.sync_id;
         return match resume_point(&app, &control, c).await {
-            Ok(snap) => stream(app.clone(), permit, user, req, snap, through).await,
+            Ok(snap) => stream(app.clone(), permit, user, watch, req, snap, through).await,
             Err(refused) => refused.into_response(),
         };
     }
@@ -221,7 +223,7 @@ pub async fn bootstrap(
         };
         match consistent_point(&app, &control, &snap).await {
             Ok(Some(through)) => {
-                return stream(app.clone(), permit, user, req, snap, through).await
+                return stream(app.clone(), permit, user, watch, req, snap, through).await
             }
             Ok(None) => continue,
             Err(e) => {
@@ -465,6 +467,11 @@ struct Out {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// When the bootstrap stops (`DEADLINE` after it started).
     deadline: Instant,
+    /// The API key the bootstrap was authenticated with, and the hub's revocations.
+    watch: Option<(
+        String,
+        tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
+    )>,
 }
 
 impl Out {
@@ -492,12 +499,33 @@ impl Out {
         data
     }
 
+    /// Whether the key this bootstrap streams under was revoked (or revocations were missed):
+    /// the stream then ends without its `end` line, and resuming it needs a valid key.
+    fn revoked(&mut self) -> bool {
+        use crate::hub::Revoked;
+        use tokio::sync::broadcast::error::TryRecvError;
+        let Some((key, rx)) = &mut self.watch else {
+            return false;
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(Revoked::All) | Err(TryRecvError::Lagged(_)) => return true,
+                Ok(Revoked::Key(k)) if k == *key => return true,
+                Ok(Revoked::Key(_)) => continue,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+            }
+        }
+    }
+
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the
     /// client has gone, has taken nothing for `STALL_TIMEOUT` (or by the deadline), or the worker is shutting down
     /// while the client is not taking data (it resumes from its last `cursor` line).
     async fn flush(&mut self, force: bool) -> Result<(), ()> {
         if self.buf.is_empty() || (!force && self.buf.len() < CHUNK_BYTES) {
             return Ok(());
+        }
+        if self.revoked() {
+            return Err(());
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
         self.buf.reserve(CHUNK_BYTES + 1024);
@@ -537,6 +565,10 @@ async fn stream(
     app: Arc<App>,
     permit: tokio::sync::OwnedSemaphorePermit,
     user: String,
+    watch: Option<(
+        String,
+        tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
+    )>,
     req: Request,
     snap: tokio_postgres::Client,
     through: i64,
@@ -552,6 +584,7 @@ async fn stream(
             } else {
                 Instant::now() + DEADLINE
             },
+            watch,
         };
         let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);

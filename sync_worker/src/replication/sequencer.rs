@@ -1170,6 +1170,7 @@ pub async fn changes(
             &[&after, &groups, &span],
         )
         .await?;
+    let rows_len = rows.len();
     const NAMES: [&str; 10] = [
         "model",
         "model_id",
@@ -1182,28 +1183,51 @@ pub async fn changes(
         "client_id",
         "client_tx_id",
     ];
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let sync_id: i64 = r.get(0);
-            let global: bool = r.get(1);
-            Arc::new(Delta::from_columns(sync_id, global, |c| {
-                let i = NAMES.iter().position(|n| *n == c)?;
-                r.get::<_, Option<String>>(i + 2).map(|v| {
-                    if c == "moved" {
-                        if v == "true" {
-                            "t".into()
+    let build = move || -> Vec<Arc<Delta>> {
+        rows.iter()
+            .map(|r| {
+                let sync_id: i64 = r.get(0);
+                let global: bool = r.get(1);
+                Arc::new(Delta::from_columns(sync_id, global, |c| {
+                    let i = NAMES.iter().position(|n| *n == c)?;
+                    r.get::<_, Option<String>>(i + 2).map(|v| {
+                        if c == "moved" {
+                            if v == "true" {
+                                "t".into()
+                            } else {
+                                "f".into()
+                            }
                         } else {
-                            "f".into()
+                            v
                         }
-                    } else {
-                        v
-                    }
-                })
-            }))
-        })
-        .collect())
+                    })
+                }))
+            })
+            .collect()
+    };
+    // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
+    // one in release: built on a runtime thread it stalls every task scheduled there (two
+    // replaying clients held /healthz up for 2 s). Large pages are built on the blocking pool.
+    if rows_len > BLOCKING_PAGE_ROWS {
+        // At most (cores - 1) pages are built at once (at least one), so many clients replaying
+        // together leave a core to everything else (/healthz, live delivery): six replays at
+        // once still held /healthz up for 230 ms without this bound.
+        static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        let builders = BUILDERS.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+        });
+        let _turn = builders.acquire().await.expect("never closed");
+        Ok(tokio::task::spawn_blocking(build)
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+    } else {
+        Ok(build())
+    }
 }
+
+/// Pages with more rows than this are turned into deltas off the async runtime.
+const BLOCKING_PAGE_ROWS: usize = 64;
 
 #[cfg(test)]
 mod tests {

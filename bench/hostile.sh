@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Fan-out under attack: HOSTILE_SUBS normal WebSocket subscribers (default 1000) over
+# HOSTILE_GROUPS groups (100) get HOSTILE_RATE single-row commits per second (500), and in
+# alternate phases of HOSTILE_SECONDS (20) each, HOSTILE_ROUNDS times (3), 100 hostile
+# connections run beside them (bad-frame floods, API keys revoked under them, subscribers that
+# stop reading; see bench/src/bin/hostile_load.rs). One run, one worker: per phase, the normal
+# subscribers' commit-to-receive p50/p99 and the worker's CPU; the report gives min/median/max
+# over the rounds and the hostile/quiet p99 ratio (target: within 1.2x).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/scripts/cluster.sh"
+subs=${HOSTILE_SUBS:-1000}
+groups=${HOSTILE_GROUPS:-100}
+rate=${HOSTILE_RATE:-500}
+secs=${HOSTILE_SECONDS:-20}
+rounds=${HOSTILE_ROUNDS:-3}
+cargo build --release -q -p sync_worker -p pg_sync_bench
+worker="$here/target/release/sync_worker"
+load="$here/target/release/hostile_load"
+ulimit -n "$(ulimit -Hn)"
+
+work=$(mktemp -d /tmp/pg_sync_hostile.XXXXXX)
+chmod 755 "$work"
+port=$(free_port)
+wport=$(free_port)
+cleanup() {
+  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
+  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
+  [ -n "${pg_pid:-}" ] && kill "$pg_pid" 2>/dev/null
+  cluster_stop "$work/pg" immediate; rm -rf "$work"
+}
+trap cleanup EXIT
+cluster_init "$work/pg" "$port" "shared_buffers = '512MB'"
+cluster_start "$work/pg"
+psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+psql_b -d postgres -c "CREATE DATABASE bench"
+psql_b -d bench <<SQL
+CREATE EXTENSION pg_sync;
+CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
+SELECT pg_sync.register_table('events', group_column => 'grp');
+INSERT INTO pg_sync.group_memberships (user_id, group_id)
+SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i
+UNION ALL SELECT 'h' || i, 'g' || (i % $groups) FROM generate_series(0, 99) i;
+SQL
+
+url="host=127.0.0.1 port=$port user=postgres dbname=bench"
+DATABASE_URL="$url" SYNC_LISTEN="127.0.0.1:$wport" \
+  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
+wpid=$!
+echo $wpid >"$work/worker.pid"
+until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done
+
+mkfifo "$work/go"
+"$load" "$wport" bench "$subs" "$secs" "$rounds" "$wpid" "$url" <"$work/go" >"$work/load.out" &
+load_pid=$!
+exec 3>"$work/go"
+until grep -q READY "$work/load.out"; do sleep 0.2; done
+printf '\\set g random(0, %d)\nINSERT INTO events (grp, ts) VALUES (%s, extract(epoch FROM clock_timestamp()) * 1000);\n' \
+  "$((groups - 1))" "'g' || :g" >"$work/write.sql"
+total=$((rounds * 2 * (secs + 2) + 5))
+"$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c 4 -j 2 -R "$rate" -T "$total" \
+  -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1 &
+pg_pid=$!
+sleep 3
+echo go >&3
+wait "$load_pid" || true
+load_pid=
+kill "$pg_pid" 2>/dev/null || true
+wait "$pg_pid" 2>/dev/null || true
+pg_pid=
+grep '^{' "$work/load.out" >"$work/phases.json"
+commit=$(git -C "$here" rev-parse --short HEAD)
+
+report=$(python3 - "$work/phases.json" <<PY
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+quiet = [r for r in rows if not r["hostile"]]
+hostile = [r for r in rows if r["hostile"]]
+def mmm(xs, f="{:.1f}"):
+    return " / ".join(f.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
+ratios = [h["p99_ms"] / q["p99_ms"] for q, h in zip(quiet, hostile)]
+last = rows[-1]
+print(f"## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/hostile.sh\` (HOSTILE_SUBS=$subs HOSTILE_GROUPS=$groups HOSTILE_RATE=$rate HOSTILE_SECONDS=$secs HOSTILE_ROUNDS=$rounds), commit $commit")
+print()
+print("Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; Postgres, the release worker, pgbench and the load generator share it.")
+print("One worker, $subs normal subscribers throughout; phases alternate quiet / 100 hostile connections")
+print("(a third flood bad frames, a third have their API key revoked under them, a third subscribe from 0 and stop reading).")
+print("min / median / max over the $rounds rounds:")
+print()
+print("| measure | quiet | with 100 hostile |")
+print("|---|---|---|")
+print(f"| normal p50 (ms) | {mmm([r['p50_ms'] for r in quiet])} | {mmm([r['p50_ms'] for r in hostile])} |")
+print(f"| normal p99 (ms) | {mmm([r['p99_ms'] for r in quiet])} | {mmm([r['p99_ms'] for r in hostile])} |")
+print(f"| normal p99.9 (ms) | {mmm([r['p999_ms'] for r in quiet])} | {mmm([r['p999_ms'] for r in hostile])} |")
+print(f"| deliveries/s | {mmm([r['deliveries_per_s'] for r in quiet], '{:,.0f}')} | {mmm([r['deliveries_per_s'] for r in hostile], '{:,.0f}')} |")
+print(f"| worker CPU (cores) | {mmm([r['worker_cpu'] for r in quiet], '{:.2f}')} | {mmm([r['worker_cpu'] for r in hostile], '{:.2f}')} |")
+print()
+print(f"p99 hostile / quiet, per round: {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}; target <= 1.2).")
+print(f"Hostile outcomes over the run: {last['bad_frame_closes']} closed 4400, {last['revoked_closes']} closed 4401, "
+      f"{last['stalled_cutoffs']} stalled readers cut off 4008, {last['other_ends']} other ends; normal subscribers closed: {last['normal_closed']}.")
+PY
+)
+echo "$report"
+printf '\n%s\n' "$report" >>"$here/bench/RESULTS.md"

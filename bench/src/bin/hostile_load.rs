@@ -1,0 +1,352 @@
+//! Fan-out under attack: N normal WebSocket subscribers (as in fanout_load) measure
+//! commit-to-receive latency while, in alternate phases, 100 hostile connections run beside them:
+//! a third flood bad frames (text and binary, closed 4400, reconnect), a third use API keys that
+//! are revoked under them (closed 4401, a new key, again), a third subscribe from 0 and stop
+//! reading (cut off 4008 after 30 s, reconnect). Worker CPU is read from /proc per phase.
+//!
+//! Usage: hostile_load PORT SECRET SUBSCRIBERS SECONDS ROUNDS WORKER_PID DATABASE_URL
+//! (user uI is normal subscriber I, users hI the hostile ones; memberships are set up by the
+//! caller). Prints `READY` once every normal subscriber is caught up, waits for a line on stdin,
+//! then runs ROUNDS rounds of a quiet phase and a hostile phase of SECONDS each, and prints one
+//! JSON line per phase.
+
+use futures::{SinkExt, StreamExt};
+use pg_sync_bench::token;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Latency histogram: 0.1 ms buckets up to 10 s.
+const BUCKETS: usize = 100_000;
+const HOSTILE: usize = 100;
+const IDLE: usize = usize::MAX;
+
+struct Stats {
+    /// One histogram per phase.
+    phases: Vec<Vec<AtomicU64>>,
+    /// The phase being measured (`IDLE`: none).
+    phase: AtomicUsize,
+    hostile: AtomicBool,
+    closed: AtomicU64,
+    /// What the hostile connections got: 4400 closes, 4401 closes, 4008 closes, other ends.
+    bad_frame_closes: AtomicU64,
+    revoked_closes: AtomicU64,
+    stalled_cutoffs: AtomicU64,
+    other_ends: AtomicU64,
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// The `ts` number inside a delta frame, without a full parse.
+fn ts_of(frame: &str) -> Option<f64> {
+    let at = frame.find("\"ts\":")? + 5;
+    let rest = &frame[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn connect(port: u16, bearer: &str, rcvbuf: Option<u32>) -> Option<Ws> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    if let Some(n) = rcvbuf {
+        socket.set_recv_buffer_size(n).ok()?;
+    }
+    let stream = socket.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+    let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {bearer}").parse().unwrap());
+    tokio_tungstenite::client_async(req, stream)
+        .await
+        .ok()
+        .map(|(ws, _)| ws)
+}
+
+async fn subscriber(
+    port: u16,
+    secret: Arc<String>,
+    user: String,
+    stats: Arc<Stats>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) {
+    let jwt = token(&secret, &user);
+    let mut ws = loop {
+        match connect(port, &jwt, None).await {
+            Some(ws) => break ws,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    ws.send(Message::Text(r#"{"type":"subscribe","after":0}"#.into()))
+        .await
+        .unwrap();
+    let mut ready = Some(ready);
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Text(t)) => {
+                if let Some(r) = ready.take_if(|_| t.contains("\"caught_up\"")) {
+                    let _ = r.send(()).await;
+                    continue;
+                }
+                let phase = stats.phase.load(Ordering::Relaxed);
+                if phase == IDLE {
+                    continue;
+                }
+                if let Some(ts) = ts_of(t.as_str()) {
+                    let us = ((now_ms() - ts) * 10.0).max(0.0) as usize;
+                    stats.phases[phase][us.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            _ => {}
+        }
+    }
+    stats.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The close code a hostile connection ends with (None: reset, or still open after `wait`).
+async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
+    tokio::time::timeout(wait, async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(Some(f))) => return Some(u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or(None)
+}
+
+async fn wait_hostile(stats: &Stats) {
+    while !stats.hostile.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Floods junk frames (text and binary, 100 a second) until closed, then reconnects.
+async fn bad_frames(port: u16, jwt: String, stats: Arc<Stats>) {
+    loop {
+        wait_hostile(&stats).await;
+        let Some(mut ws) = connect(port, &jwt, None).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut n = 0u32;
+        loop {
+            let frame = if n.is_multiple_of(2) {
+                Message::Text("{\"type\":\"nope\"".into())
+            } else {
+                Message::Binary(vec![0xff; 64].into())
+            };
+            n += 1;
+            if ws.send(frame).await.is_err() || n > 40 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match close_code(&mut ws, Duration::from_secs(5)).await {
+            Some(4400) => stats.bad_frame_closes.fetch_add(1, Ordering::Relaxed),
+            _ => stats.other_ends.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Subscribes with a fresh API key, has it revoked, and waits for the close; again.
+async fn revoked(port: u16, user: String, db: Arc<tokio_postgres::Client>, stats: Arc<Stats>) {
+    loop {
+        wait_hostile(&stats).await;
+        let Ok(row) = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key($1)",
+                &[&user],
+            )
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let (id, key): (String, String) = (row.get(0), row.get(1));
+        let Some(mut ws) = connect(port, &key, None).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let last = r#"{"type":"subscribe","after":0}"#;
+        let _ = ws.send(Message::Text(last.into())).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = db
+            .execute("SELECT pg_sync.revoke_api_key($1::text::uuid)", &[&id])
+            .await;
+        match close_code(&mut ws, Duration::from_secs(10)).await {
+            Some(4401) => stats.revoked_closes.fetch_add(1, Ordering::Relaxed),
+            _ => stats.other_ends.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Subscribes from 0 over a 4 KiB receive window and never reads; holds the connection until
+/// the phase ends (or the worker cuts it off), then starts again.
+async fn stalled(port: u16, jwt: String, stats: Arc<Stats>) {
+    loop {
+        wait_hostile(&stats).await;
+        let Some(mut ws) = connect(port, &jwt, Some(4096)).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = ws
+            .send(Message::Text(r#"{"type":"subscribe","after":0}"#.into()))
+            .await;
+        while stats.hostile.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Reading now drains what was buffered and shows whether the worker cut it off.
+        if close_code(&mut ws, Duration::from_millis(200)).await == Some(4008) {
+            stats.stalled_cutoffs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn percentile(h: &[AtomicU64], p: f64) -> (u64, f64) {
+    let total: u64 = h.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+    let want = (total as f64 * p).ceil() as u64;
+    let mut seen = 0;
+    for (i, b) in h.iter().enumerate() {
+        seen += b.load(Ordering::Relaxed);
+        if seen >= want && want > 0 {
+            return (total, i as f64 / 10.0);
+        }
+    }
+    (total, f64::NAN)
+}
+
+/// The worker's CPU time so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let port: u16 = args[1].parse().unwrap();
+    let secret = Arc::new(args[2].clone());
+    let subscribers: usize = args[3].parse().unwrap();
+    let seconds: u64 = args[4].parse().unwrap();
+    let rounds: usize = args[5].parse().unwrap();
+    let worker: u32 = args[6].parse().unwrap();
+    let (db, conn) = tokio_postgres::connect(&args[7], tokio_postgres::NoTls)
+        .await
+        .expect("database");
+    tokio::spawn(conn);
+    let db = Arc::new(db);
+    let stats = Arc::new(Stats {
+        phases: (0..rounds * 2)
+            .map(|_| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+        phase: AtomicUsize::new(IDLE),
+        hostile: false.into(),
+        closed: AtomicU64::new(0),
+        bad_frame_closes: AtomicU64::new(0),
+        revoked_closes: AtomicU64::new(0),
+        stalled_cutoffs: AtomicU64::new(0),
+        other_ends: AtomicU64::new(0),
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel(subscribers);
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..subscribers {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let (secret, stats, tx) = (secret.clone(), stats.clone(), tx.clone());
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(subscriber(port, secret, format!("u{i}"), stats, ready_tx));
+        tokio::spawn(async move {
+            if ready_rx.recv().await.is_some() {
+                let _ = tx.send(()).await;
+            }
+            drop(permit);
+        });
+    }
+    for _ in 0..subscribers {
+        rx.recv().await.unwrap();
+    }
+    // The hostile connections run on threads of their own at the lowest CPU priority: their
+    // client-side work must not delay the normal subscribers' measuring in this same process
+    // (real attackers have machines of their own). Their rate is paced, not CPU-bound.
+    let attackers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(|| {
+            // SAFETY: setpriority on the calling thread (0 = this thread on Linux).
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+        })
+        .build()
+        .unwrap();
+    for i in 0..HOSTILE {
+        let (stats, user) = (stats.clone(), format!("h{i}"));
+        match i % 3 {
+            0 => attackers.spawn(bad_frames(port, token(&secret, &user), stats)),
+            1 => attackers.spawn(revoked(port, user, db.clone(), stats)),
+            _ => attackers.spawn(stalled(port, token(&secret, &user), stats)),
+        };
+    }
+    println!("READY");
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    for round in 0..rounds {
+        for hostile in [false, true] {
+            let phase = round * 2 + usize::from(hostile);
+            stats.hostile.store(hostile, Ordering::Relaxed);
+            // Let the phase settle (connections come up or go) before measuring it.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let cpu0 = cpu_seconds(worker);
+            let start = std::time::Instant::now();
+            stats.phase.store(phase, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            stats.phase.store(IDLE, Ordering::Relaxed);
+            let elapsed = start.elapsed().as_secs_f64();
+            let cpu = (cpu_seconds(worker) - cpu0) / elapsed;
+            let h = &stats.phases[phase];
+            let (deliveries, p50) = percentile(h, 0.50);
+            let (_, p99) = percentile(h, 0.99);
+            let (_, p999) = percentile(h, 0.999);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "round": round,
+                    "hostile": hostile,
+                    "deliveries_per_s": deliveries as f64 / elapsed,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "p999_ms": p999,
+                    "worker_cpu": cpu,
+                    "normal_closed": stats.closed.load(Ordering::Relaxed),
+                    "bad_frame_closes": stats.bad_frame_closes.load(Ordering::Relaxed),
+                    "revoked_closes": stats.revoked_closes.load(Ordering::Relaxed),
+                    "stalled_cutoffs": stats.stalled_cutoffs.load(Ordering::Relaxed),
+                    "other_ends": stats.other_ends.load(Ordering::Relaxed),
+                })
+            );
+        }
+    }
+    std::process::exit(0);
+}
