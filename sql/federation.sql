@@ -244,8 +244,10 @@ END
 $$;
 
 -- Mints versions and insert actions for rows that predate registration (rows without a recorded
--- insert), in batches of batch_size rows, each row locked while it is announced. Idempotent:
--- announced rows are skipped. Returns how many rows were announced.
+-- insert). Reads the table in pages of batch_size rows in key order, each page locked while it
+-- is announced, as the table's owner (pg_sync.owner_rows: the row JSON calls the owner's casts
+-- to json, which must not run with the caller's rights). Idempotent: announced rows are skipped.
+-- Returns how many rows were announced.
 CREATE FUNCTION pg_sync.announce(model text, batch_size integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -254,7 +256,8 @@ DECLARE
     r     pg_sync.registry;
     total bigint := 0;
     n     bigint;
-    grp   text;
+    page  jsonb;
+    after text;
 BEGIN
     SELECT * INTO r FROM pg_sync.registry g WHERE g.model = announce.model;
     IF NOT FOUND OR NOT r.enabled THEN
@@ -265,39 +268,35 @@ BEGIN
         RAISE EXCEPTION 'batch_size must be at least 1'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass how many rows to announce per statement.';
     END IF;
-    grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
-                ELSE format('coalesce(pg_sync.canonical_text(t.%I), '''')', r.group_column) END;
     LOOP
-        EXECUTE format(
-            'WITH cand AS (
-                 SELECT %2$s AS mid, %3$s AS grp, pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $2 AS data
-                   FROM %1$s t
-                  WHERE NOT EXISTS (
-                        SELECT 1 FROM pg_sync.row_state s
-                         WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) %2$s
-                           AND s.created OPERATOR(pg_catalog.<>) '''')
-                  LIMIT $3 FOR UPDATE OF t
-             ), v AS (
-                 SELECT cand.*, pg_sync.next_version() AS ver FROM cand
-             ), st AS (
-                 INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version)
-                 SELECT $1, v.mid, v.ver, v.ver FROM v
-                 ON CONFLICT (model, model_id) DO UPDATE SET
-                   created = EXCLUDED.created, deleted = NULL, versions = ''{}'', pending = NULL,
-                   max_version = EXCLUDED.max_version
-                 WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version
-                 RETURNING s.model_id
-             ), a AS (
-                 INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
-                 SELECT $1, v.mid, ''I'', v.data, v.ver, pg_sync.node_id(), v.grp
-                   FROM v JOIN st ON st.model_id OPERATOR(pg_catalog.=) v.mid
-                 RETURNING 1
-             )
-             SELECT count(*) FROM a',
-            r.rel, pg_sync.model_id_expr(r), grp)
-          INTO n USING r.model, r.excluded_columns, batch_size;
+        page := pg_sync.owner_rows(r.model, NULL, after, batch_size, true);
+        EXIT WHEN jsonb_array_length(page) = 0;
+        after := page -> -1 ->> 'id';
+        WITH cand AS (
+             SELECT x ->> 'id' AS mid, coalesce(x ->> 'grp', '') AS grp, x -> 'data' AS data
+               FROM jsonb_array_elements(page) x
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM pg_sync.row_state s
+                     WHERE s.model = r.model AND s.model_id = x ->> 'id' AND s.created <> '')
+         ), v AS (
+             SELECT cand.*, pg_sync.next_version() AS ver FROM cand
+         ), st AS (
+             INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version)
+             SELECT r.model, v.mid, v.ver, v.ver FROM v
+             ON CONFLICT ON CONSTRAINT row_state_pkey DO UPDATE SET
+               created = EXCLUDED.created, deleted = NULL, versions = '{}', pending = NULL,
+               max_version = EXCLUDED.max_version
+             WHERE s.max_version < EXCLUDED.max_version
+             RETURNING s.model_id
+         ), a AS (
+             INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+             SELECT r.model, v.mid, 'I', v.data, v.ver, pg_sync.node_id(), CASE WHEN r.group_column IS NOT NULL THEN v.grp END
+               FROM v JOIN st ON st.model_id = v.mid
+             RETURNING 1
+         )
+        SELECT count(*) INTO n FROM a;
         total := total + n;
-        EXIT WHEN n < batch_size;
+        EXIT WHEN jsonb_array_length(page) < batch_size;
     END LOOP;
     RETURN total;
 END
@@ -978,7 +977,14 @@ BEGIN
         grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
                     ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
         RETURN QUERY EXECUTE format(
-            'SELECT s.model::text, s.model_id::text,
+            'WITH s AS (SELECT * FROM pg_sync.row_state s
+                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
+                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
+                      ORDER BY s.model_id LIMIT $3),
+                  o AS (SELECT pg_catalog.jsonb_object_agg(x OPERATOR(pg_catalog.->>) ''id'', x) AS m
+                          FROM pg_catalog.jsonb_array_elements(
+                                 pg_sync.owner_rows($1, ARRAY(SELECT s.model_id::pg_catalog.text FROM s), NULL, NULL, false)) x)
+             SELECT s.model::text, s.model_id::text,
                     pg_catalog.jsonb_path_query_array(pg_catalog.jsonb_build_array(
                       CASE WHEN s.deleted IS NOT NULL THEN pg_catalog.jsonb_build_object(
                         ''model'', s.model, ''model_id'', s.model_id, ''action'', ''D'', ''data'', %3$s,
@@ -999,15 +1005,13 @@ BEGIN
                           WHERE coalesce(t.data, s.pending) OPERATOR(pg_catalog.?) v.key
                          HAVING count(*) OPERATOR(pg_catalog.>) 0) END),
                       ''$[*] ? (@ != null)'')
-               FROM (SELECT * FROM pg_sync.row_state s
-                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
-                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
-                      ORDER BY s.model_id LIMIT $3) s
+               FROM s
+               CROSS JOIN o
                LEFT JOIN LATERAL (
-                    SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS data, %5$s AS grp FROM %1$s t
-                     WHERE %2$s AND %4$s OPERATOR(pg_catalog.=) s.model_id) t ON true
+                    SELECT o.m OPERATOR(pg_catalog.->) s.model_id OPERATOR(pg_catalog.->) ''data'' AS data,
+                           o.m OPERATOR(pg_catalog.->) s.model_id OPERATOR(pg_catalog.->>) ''grp'' AS grp) t ON true
               ORDER BY s.model_id',
-            r.rel, keyc, keyo, pg_sync.model_id_expr(r), grp)
+            r.rel, keyc, keyo)
           USING r.model, CASE WHEN r.model = after_model THEN coalesce(after_model_id, '') ELSE '' END,
                 lim - got, r.excluded_columns;
         GET DIAGNOSTICS n = ROW_COUNT;

@@ -142,6 +142,48 @@ SELECT model, model_id, column_name,
   FROM pg_sync.conflicts ORDER BY id;
 DROP FUNCTION cch(text, text, jsonb), cv(int, text);
 DROP TABLE cbase;
+-- A snapshot page and announce read application tables as the table's owner (in a
+-- security-restricted operation), never as the worker or administrator calling them: a cast to
+-- json that the table's owner wrote runs with the owner's rights only (review rev1 #01).
+SELECT pg_sync.add_peer('fedp', 'ws://127.0.0.1:3', 'a-secret-of-16-chars', direction => 'push');
+SELECT pg_sync.pin_peer('fedp', 'fedp');
+CREATE ROLE fed_mig;
+GRANT CREATE ON SCHEMA public TO fed_mig;
+GRANT EXECUTE ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) TO fed_mig;
+SET ROLE fed_mig;
+CREATE TYPE fed_mood AS ENUM ('ok');
+CREATE TABLE fed_loot (who text, what text);
+CREATE FUNCTION fed_mood_json(fed_mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+  BEGIN
+    INSERT INTO public.fed_loot SELECT current_user, 'secrets: ' || count(*) FROM pg_sync.peer_secrets;
+  EXCEPTION WHEN OTHERS THEN
+    INSERT INTO public.fed_loot VALUES (current_user, SQLSTATE);
+  END;
+  RETURN to_json($1::text);
+END $$;
+CREATE CAST (fed_mood AS json) WITH FUNCTION fed_mood_json(fed_mood);
+CREATE TABLE fed_t (id text PRIMARY KEY, m fed_mood);
+SELECT pg_sync.register_table('fed_t', federation => 'both');
+INSERT INTO fed_t VALUES ('a', 'ok');
+CREATE TABLE fed_t2 (id text PRIMARY KEY, m fed_mood);
+INSERT INTO fed_t2 VALUES ('z', 'ok');
+SELECT pg_sync.register_table('fed_t2', federation => 'both');
+TRUNCATE fed_loot;
+RESET ROLE;
+-- What the worker does for a joining peer, and what add_peer's hint tells an administrator.
+SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT pg_sync.announce('fed_t2');
+SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT who, what, count(*) FROM fed_loot GROUP BY 1, 2 ORDER BY 1, 2;
+SELECT pg_sync.unregister_table('fed_t'), pg_sync.unregister_table('fed_t2'), pg_sync.remove_peer('fedp');
+DROP TABLE fed_t, fed_t2, fed_loot;
+DROP CAST (fed_mood AS json);
+DROP FUNCTION fed_mood_json(fed_mood);
+DROP TYPE fed_mood;
+REVOKE CREATE ON SCHEMA public FROM fed_mig;
+REVOKE EXECUTE ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM fed_mig;
+DROP ROLE fed_mig;
 -- Removing a peer drops its hold.
 SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
 SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
