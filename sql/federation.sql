@@ -1036,7 +1036,12 @@ BEGIN
         RAISE EXCEPTION 'peer "%" has no pinned node id', p.name
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The worker pins it with pg_sync.pin_peer() after authenticating the link.';
     END IF;
-    IF epoch IS NULL OR w IS NULL OR w < 0 OR cursors IS NULL OR jsonb_typeof(cursors) <> 'array' THEN
+    IF epoch IS NULL OR w IS NULL OR w < 0 OR cursors IS NULL OR jsonb_typeof(cursors) <> 'array'
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(cursors) c
+                   WHERE jsonb_typeof(c) <> 'object' OR jsonb_typeof(c -> 'node_id') IS DISTINCT FROM 'string'
+                      OR jsonb_typeof(c -> 'epoch') IS DISTINCT FROM 'string'
+                      OR jsonb_typeof(c -> 'last_sync_id') IS DISTINCT FROM 'number'
+                      OR (c ->> 'last_sync_id') !~ '^[0-9]{1,18}$') THEN
         RAISE EXCEPTION 'invalid join: epoch, w >= 0 and a cursors array are required'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass what pg_sync.peer_join_start() answered on the peer.';
     END IF;
@@ -1104,10 +1109,11 @@ BEGIN
 END
 $$;
 
--- Ends a join: the cursor for the peer becomes W (its epoch), and the cursor for every other
--- node the peer had applied rises to the peer's (this node now holds that state too, so
--- starting there leaves no gap; an overlap is a no-op). Cursors of another epoch stay. The
--- join's record goes, in the same transaction.
+-- Ends a join: the cursor for the peer becomes W (its epoch); the join's record goes, in the
+-- same transaction. Cursors for other nodes are neither created nor raised: the peer's cursor
+-- for a node X says how far it looked at X's log, not that its snapshot carried X's changes
+-- (models it does not take from X or send here, quarantined changes), so raising ours to it
+-- could skip X's changes for good. Receiving them again from X is a no-op merge.
 CREATE FUNCTION pg_sync.finish_peer_join(peer text, w bigint) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1125,14 +1131,6 @@ BEGIN
     VALUES (p.node_id, j.peer_epoch, j.w, 'joined')
     ON CONFLICT (peer_node_id) DO UPDATE SET
         peer_epoch = EXCLUDED.peer_epoch, last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now();
-    INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, peer_epoch, last_sync_id, state)
-    SELECT c ->> 'node_id', c ->> 'epoch', (c ->> 'last_sync_id')::bigint, 'joined'
-      FROM jsonb_array_elements(j.cursors) c
-     WHERE c ->> 'node_id' IS DISTINCT FROM p.node_id AND c ->> 'node_id' IS DISTINCT FROM pg_sync.node_id()
-       AND c ->> 'epoch' IS NOT NULL
-    ON CONFLICT (peer_node_id) DO UPDATE SET
-        last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now()
-     WHERE k.peer_epoch IS NOT DISTINCT FROM EXCLUDED.peer_epoch AND k.last_sync_id < EXCLUDED.last_sync_id;
     DELETE FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id;
     INSERT INTO pg_sync.peer_events (peer, event, detail)
     VALUES (p.name, 'joined', jsonb_build_object('direction', 'in', 'w', j.w, 'rows', j.rows, 'pages', j.pages));

@@ -94,6 +94,12 @@ SELECT pg_sync.set_peer('h1', direction => 'both');
 SELECT err($$SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]')$$);
 SELECT err($$SELECT pg_sync.finish_peer_join('h1', 5)$$);
 SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', -1, '[]')$$);
+-- A cursor list that is not what peer_join_start answers is refused.
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": -7}]')$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": 1, "epoch": "e2", "last_sync_id": 7}]')$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '["h2"]')$$);
+-- The peer's cursor for h2 does not become this node's (review rev1 #02): after the join,
+-- there is no cursor for h2 (it was none before), so nothing of h2's log is skipped.
 SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": 7}]');
 SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[]') ->> 'resumed' AS resumed;
 SELECT pg_sync.apply_peer_snapshot('h1', 5, 'x', 'y', '[]') ->> 'status' AS wrong_position;
