@@ -48,7 +48,9 @@ CREATE TABLE pg_sync.peer_cursors (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- Changes from a peer that failed to apply, with why; retried by retry_quarantined.
+-- Changes from a peer that failed to apply, with why; retried by retry_quarantined. A row of a
+-- snapshot join (no sync id) is parked under -nextval(snapshot_quarantine_seq).
+CREATE SEQUENCE pg_sync.snapshot_quarantine_seq;
 CREATE TABLE pg_sync.peer_quarantine (
     peer_node_id text NOT NULL,
     sync_id      bigint NOT NULL,
@@ -163,10 +165,13 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.snapshot_quarantine_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
     pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.conflicts_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.snapshot_quarantine_seq FROM PUBLIC;
+ALTER SEQUENCE pg_sync.snapshot_quarantine_seq OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_secrets OWNER TO pgsync_owner;
@@ -919,8 +924,11 @@ BEGIN
                                    FILTER (WHERE c.peer_node_id IS NOT NULL), '[]'))
       INTO answer
       FROM (SELECT 1) one LEFT JOIN pg_sync.peer_cursors c ON c.peer_epoch IS NOT NULL;
-    INSERT INTO pg_sync.peer_events (peer, event, detail)
-    VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
+    -- Once per join: a receiver retrying a page resumes at the same W and is not logged again.
+    IF w IS DISTINCT FROM resume_w THEN
+        INSERT INTO pg_sync.peer_events (peer, event, detail)
+        VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
+    END IF;
     RETURN answer;
 END
 $$;
@@ -1074,8 +1082,12 @@ DECLARE
     p pg_sync.peers := pg_sync.peer_or_raise(peer);
     j pg_sync.peer_joins;
     todo jsonb;
+    item jsonb;
     last_row jsonb;
     n_changed bigint := 0;
+    parked bigint := 0;
+    st text;
+    msg text;
 BEGIN
     IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'page must be a JSON array' USING ERRCODE = 'invalid_parameter_value',
@@ -1095,7 +1107,36 @@ BEGIN
       JOIN pg_sync.registry g ON g.model = c ->> 'model'
      WHERE g.enabled AND g.federation IN ('pull', 'both') AND (p.models IS NULL OR g.model = ANY (p.models));
     IF jsonb_array_length(todo) > 0 THEN
-        n_changed := pg_sync.apply_remote(todo);
+        BEGIN
+            n_changed := pg_sync.apply_remote(todo);
+        EXCEPTION WHEN OTHERS THEN
+            -- As apply_peer_batch: a transient failure fails the page (the worker retries it);
+            -- otherwise row by row, each row's changes in a subtransaction, parking a row that
+            -- fails in peer_quarantine (under a negative key of its own: snapshot rows have no
+            -- sync id) for retry_quarantined, so one bad row cannot stop the join.
+            GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE;
+            IF pg_sync.transient_sqlstate(st) THEN
+                RAISE;
+            END IF;
+            n_changed := 0;
+            FOR item IN SELECT jsonb_agg(c ORDER BY ci)
+                          FROM jsonb_array_elements(todo) WITH ORDINALITY AS y(c, ci)
+                         GROUP BY c ->> 'model', c ->> 'model_id'
+                         ORDER BY min(ci) LOOP
+                BEGIN
+                    n_changed := n_changed + pg_sync.apply_remote(item);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+                    IF pg_sync.transient_sqlstate(st) THEN
+                        RAISE;
+                    END IF;
+                    PERFORM pg_sync.quarantine_change(p.node_id, -nextval('pg_sync.snapshot_quarantine_seq'), item, st, msg);
+                    parked := parked + 1;
+                END;
+            END LOOP;
+            INSERT INTO pg_sync.peer_events (peer, event, detail)
+            VALUES (p.name, 'quarantined', jsonb_build_object('join_w', w, 'count', parked));
+        END;
     END IF;
     last_row := page -> -1;
     UPDATE pg_sync.peer_joins k SET
@@ -1105,7 +1146,7 @@ BEGIN
      WHERE k.peer_node_id = p.node_id
     RETURNING * INTO j;
     RETURN jsonb_build_object('status', 'applied', 'after_model', j.after_model, 'after_model_id', j.after_model_id,
-                              'rows', jsonb_array_length(page), 'changed', n_changed);
+                              'rows', jsonb_array_length(page), 'changed', n_changed, 'quarantined', parked);
 END
 $$;
 

@@ -475,8 +475,8 @@ fn converged(nodes: &mut [Client], what: &str) {
 /// and exchanging; the join is killed mid-page (the page's transaction is lost) and resumed
 /// where the last committed page left off; then C continues from W on A's log and from the start
 /// of B's log (A's cursor for B is not taken over), and all three converge with nothing logged
-/// twice. Then a partition beyond the retention cap: A releases C, compacts, C's pull gets PS003; resync_peer and a new
-/// join bring C back, keeping the writes C made meanwhile.
+/// twice. Then a partition beyond the retention cap: A releases C, compacts, C's pull gets
+/// PS003; resync_peer and a new join bring C back, keeping the writes C made meanwhile.
 #[test]
 fn join_by_snapshot_resumes_and_resyncs_past_the_cap() {
     let cluster = Cluster::start("join", &[]);
