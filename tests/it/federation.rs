@@ -573,7 +573,10 @@ fn join_by_snapshot_resumes_and_resyncs_past_the_cap() {
         &[],
     );
     assert_eq!(cursors[MESH[0]].as_i64(), Some(w));
-    assert!(b_cursor_on_a.as_i64().is_some(), "A reported its cursor for B");
+    assert!(
+        b_cursor_on_a.as_i64().is_some(),
+        "A reported its cursor for B"
+    );
     assert_eq!(
         cursors[MESH[1]],
         serde_json::Value::Null,

@@ -182,10 +182,33 @@ SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp
 SELECT pg_sync.announce('fed_t2');
 SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
 SELECT who, what, count(*) FROM fed_loot GROUP BY 1, 2 ORDER BY 1, 2;
+-- A worker role that is no superuser, with the grants docs/extension.md lists ("What the
+-- worker's role needs", the federation part), runs the sender's and the receiver's join and
+-- the hold functions (rev1 #05); the rest of this file's join runs as it.
+CREATE ROLE fed_wrk;
+GRANT pgsync_owner TO fed_wrk;
+GRANT EXECUTE ON FUNCTION pg_sync.apply_remote(jsonb), pg_sync.last_sync_id(), pg_sync.retention_horizon()
+      TO fed_wrk;
+GRANT EXECUTE ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb),
+      pg_sync.peer_changes(text, bigint, integer), pg_sync.batch_end(bigint, integer),
+      pg_sync.pin_peer(text, text), pg_sync.epoch(), pg_sync.transient_sqlstate(text),
+      pg_sync.retry_quarantined(text), pg_sync.peer_or_raise(text),
+      pg_sync.quarantine_change(text, bigint, jsonb, text, text),
+      pg_sync.peer_ack(text, bigint, boolean), pg_sync.release_lagging_peers(bigint),
+      pg_sync.peer_join_start(text, bigint), pg_sync.peer_snapshot(text, text, text, integer),
+      pg_sync.owner_rows(text, text[], text, integer, boolean),
+      pg_sync.begin_peer_join(text, text, bigint, jsonb),
+      pg_sync.apply_peer_snapshot(text, bigint, text, text, jsonb),
+      pg_sync.finish_peer_join(text, bigint), pg_sync.resync_peer(text),
+      pg_sync.record_peer_probe(text, jsonb) TO fed_wrk;
+SET ROLE fed_wrk;
+SELECT model_id FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT count(*) AS released FROM pg_sync.release_lagging_peers(1000000000);
 -- A join retried at the same W (peer_join_start with resume_w) logs join_started once (rev1 #04).
 SELECT (pg_sync.peer_join_start('fedp') ->> 'w')::bigint AS fed_w \gset
 SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS resumed, pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS again;
 SELECT count(*) AS join_started FROM pg_sync.peer_events WHERE peer = 'fedp' AND event = 'join_started';
+RESET ROLE;
 -- One bad row does not stop a join (rev1 #04): a page whose rows this node refuses (a CHECK
 -- only this node has, a version far beyond the clock skew) is applied row by row; the bad rows
 -- are parked in peer_quarantine (negative keys: snapshot rows have no sync id), the join moves
@@ -194,6 +217,7 @@ CREATE TABLE fed_chk (id text PRIMARY KEY, v text CHECK (v <> 'bad'));
 SELECT pg_sync.register_table('fed_chk', federation => 'both');
 SELECT pg_sync.add_peer('fedq', 'ws://127.0.0.1:4', 'a-secret-of-16-chars', direction => 'pull');
 SELECT pg_sync.pin_peer('fedq', 'fedq');
+SET ROLE fed_wrk;
 SELECT pg_sync.begin_peer_join('fedq', 'eq', 0, '[]') ->> 'resumed' AS resumed;
 SELECT pg_sync.apply_peer_snapshot('fedq', 0, '', '', $$[
   {"model": "fed_chk", "model_id": "a", "changes": [{"model": "fed_chk", "model_id": "a", "action": "I", "data": {"id": "a", "v": "ok"}, "version": "0193a8f2c4d10003@fedq", "origin": "fedq"}]},
@@ -202,10 +226,11 @@ SELECT pg_sync.apply_peer_snapshot('fedq', 0, '', '', $$[
   {"model": "fed_chk", "model_id": "d", "changes": [{"model": "fed_chk", "model_id": "d", "action": "I", "data": {"id": "d", "v": "ok"}, "version": "0193a8f2c4d10005@fedq", "origin": "fedq"}]}
 ]$$) - 'after_model' AS applied;
 SELECT after_model, after_model_id, rows, pages FROM pg_sync.peer_joins WHERE peer_node_id = 'fedq';
-SELECT id, v FROM fed_chk ORDER BY id;
 SELECT sync_id < 0 AS snapshot_key, sqlstate, regexp_replace(message, '\d{6,}', 'N', 'g') AS message, change -> 0 ->> 'model_id' AS model_id
   FROM pg_sync.peer_quarantine WHERE peer_node_id = 'fedq' ORDER BY model_id;
 SELECT event, detail - 'join_w' AS detail FROM pg_sync.peer_events WHERE peer = 'fedq' AND event = 'quarantined';
+RESET ROLE;
+SELECT id, v FROM fed_chk ORDER BY id;
 ALTER TABLE fed_chk DROP CONSTRAINT fed_chk_v_check;
 SELECT pg_sync.retry_quarantined('fedq') AS remaining;
 SELECT id, v FROM fed_chk ORDER BY id;
@@ -213,6 +238,8 @@ SELECT pg_sync.finish_peer_join('fedq', 0);
 DELETE FROM pg_sync.peer_quarantine WHERE peer_node_id = 'fedq';
 SELECT pg_sync.unregister_table('fed_chk'), pg_sync.remove_peer('fedq');
 DROP TABLE fed_chk;
+DROP OWNED BY fed_wrk;
+DROP ROLE fed_wrk;
 SELECT pg_sync.unregister_table('fed_t'), pg_sync.unregister_table('fed_t2'), pg_sync.remove_peer('fedp');
 DROP TABLE fed_t, fed_t2, fed_loot;
 DROP CAST (fed_mood AS json);
