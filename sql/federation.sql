@@ -1226,8 +1226,15 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
     IF NOT FOUND THEN
-        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now()) RETURNING * INTO q;
-    ELSIF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
+        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now())
+        ON CONFLICT ON CONSTRAINT peer_probes_pkey DO NOTHING RETURNING * INTO q;
+        IF NOT FOUND THEN
+            -- A concurrent first call, or the worker's record_peer_probe, inserted it meanwhile
+            -- (this INSERT waited for it to commit): take that row as if it had been there.
+            SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
+        END IF;
+    END IF;
+    IF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
         UPDATE pg_sync.peer_probes k SET requested_at = now() WHERE k.peer = p.name;
     END IF;
     RETURN QUERY SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
