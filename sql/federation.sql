@@ -102,7 +102,10 @@ CREATE TABLE pg_sync.peer_holds (
     acked_sync_id bigint NOT NULL DEFAULT 0 CHECK (acked_sync_id >= 0),
     resync_below  bigint,
     released_at   timestamptz,
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set by peer_join_start, cleared by the next ack: a joining peer acks nothing until its
+    -- join ends, so release_lagging_peers spares it for a day after the join (re)started.
+    joining_since timestamptz
 );
 
 -- The receiver's snapshot joins in progress, one per peer (by node id): the sender's log
@@ -830,7 +833,7 @@ BEGIN
     ON CONFLICT ON CONSTRAINT peer_holds_pkey DO UPDATE SET
         acked_sync_id = CASE WHEN at_subscribe THEN EXCLUDED.acked_sync_id
                              ELSE GREATEST(k.acked_sync_id, EXCLUDED.acked_sync_id) END,
-        updated_at = now()
+        updated_at = now(), joining_since = NULL
     RETURNING * INTO h;
     IF h.resync_below IS NOT NULL AND h.acked_sync_id >= h.resync_below THEN
         UPDATE pg_sync.peer_holds k SET resync_below = NULL, released_at = NULL WHERE k.peer = p.name;
@@ -873,6 +876,7 @@ BEGIN
                FROM pg_sync.peers p
               WHERE p.name = k.peer AND p.direction <> 'pull' AND k.resync_below IS NULL
                 AND log_end - k.acked_sync_id > max_lag
+                AND (k.joining_since IS NULL OR k.joining_since < now() - interval '1 day')
              RETURNING k.* LOOP
         INSERT INTO pg_sync.peer_events (peer, event, detail)
         VALUES (h.peer, 'resync_required', jsonb_build_object('direction', 'out', 'reason', 'lag_cap',
@@ -913,6 +917,7 @@ BEGIN
         w := pg_sync.last_sync_id();
     END IF;
     PERFORM pg_sync.peer_ack(p.name, w, at_subscribe => true);
+    UPDATE pg_sync.peer_holds k SET joining_since = now() WHERE k.peer = p.name;
     -- A compaction that read the holds before ours may have passed W: start again.
     IF w < pg_sync.retention_horizon() THEN
         RAISE EXCEPTION 'the log after sync id % was compacted while the join of peer "%" began', w, p.name
@@ -938,8 +943,10 @@ $$;
 -- accepts, at most lim. Each row comes as the changes that rebuild its registers on a merge: a
 -- D at its tombstone, an I at its insert (the whole live row, each column above the insert with
 -- its own version in versions; the key only for a dead row), and a U with the values pending
--- for a dead row. Merging them is a join, so a row read twice (or also merged from the log)
--- changes nothing. Read in one snapshot per page.
+-- for a dead row. A live state whose table row is gone (deleted while unregistered, or with
+-- triggers off) sends no insert: a key-only insert would make a phantom row on the peer (review
+-- rev1 #08). Merging them is a join, so a row read twice (or also merged from the log)
+-- changes nothing. Read in one snapshot per page; the table rows as their owner (owner_rows).
 CREATE FUNCTION pg_sync.peer_snapshot(peer_node_id text, after_model text DEFAULT '', after_model_id text DEFAULT '',
                                       lim integer DEFAULT 1000)
 RETURNS TABLE (model text, model_id text, changes jsonb)
@@ -982,8 +989,16 @@ BEGIN
           INTO keyc, keyo
           FROM unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
           JOIN pg_attribute a ON a.attrelid = r.rel AND a.attname = k.c;
-        grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
-                    ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
+        -- A row updated but never inserted while registered (created = '', the "unrecorded"
+        -- marker: it predates the registration) has no insert this node can vouch for: only
+        -- its versioned columns go (as a U); announce() gives it an insert (review rev1 #03).
+        IF coalesce(after_model_id, '') = '' OR r.model <> after_model THEN
+            PERFORM 1 FROM pg_sync.row_state s WHERE s.model = r.model AND s.created = '' LIMIT 1;
+            IF FOUND THEN
+                RAISE WARNING 'model "%" holds rows that predate its registration: a joining peer gets only their updated columns', r.model
+                    USING HINT = format('Run SELECT pg_sync.announce(%L) on this node.', r.model);
+            END IF;
+        END IF;
         RETURN QUERY EXECUTE format(
             'WITH s AS (SELECT * FROM pg_sync.row_state s
                       WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
@@ -997,13 +1012,14 @@ BEGIN
                       CASE WHEN s.deleted IS NOT NULL THEN pg_catalog.jsonb_build_object(
                         ''model'', s.model, ''model_id'', s.model_id, ''action'', ''D'', ''data'', %3$s,
                         ''version'', s.deleted, ''origin'', pg_catalog.split_part(s.deleted, ''@'', 2)) END,
-                      CASE WHEN s.created IS NOT NULL THEN pg_catalog.jsonb_build_object(
+                      CASE WHEN NULLIF(s.created, '''') IS NOT NULL AND (t.data IS NOT NULL OR s.deleted IS NOT NULL)
+                      THEN pg_catalog.jsonb_build_object(
                         ''model'', s.model, ''model_id'', s.model_id, ''action'', ''I'',
                         ''data'', coalesce(t.data, %3$s), ''version'', s.created,
                         ''versions'', CASE WHEN t.data IS NOT NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'' THEN s.versions END,
                         ''origin'', pg_catalog.split_part(s.created, ''@'', 2), ''group_id'', t.grp) END,
                       CASE WHEN (t.data IS NULL AND s.pending IS NOT NULL AND s.pending OPERATOR(pg_catalog.<>) ''{}'')
-                             OR (t.data IS NOT NULL AND s.created IS NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'') THEN
+                             OR (t.data IS NOT NULL AND NULLIF(s.created, '''') IS NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'') THEN
                         (SELECT pg_catalog.jsonb_build_object(
                            ''model'', s.model, ''model_id'', s.model_id, ''action'', ''U'',
                            ''data'', pg_catalog.jsonb_object_agg(v.key, coalesce(t.data, s.pending) OPERATOR(pg_catalog.->) v.key),

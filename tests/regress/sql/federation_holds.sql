@@ -208,6 +208,15 @@ SELECT count(*) AS released FROM pg_sync.release_lagging_peers(1000000000);
 SELECT (pg_sync.peer_join_start('fedp') ->> 'w')::bigint AS fed_w \gset
 SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS resumed, pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS again;
 SELECT count(*) AS join_started FROM pg_sync.peer_events WHERE peer = 'fedp' AND event = 'join_started';
+-- The lag cap spares a peer whose join is in progress (rev1 #06): it acks nothing until the
+-- join ends. Its subscribe after W ends that; from then on the cap applies again.
+RESET ROLE;
+INSERT INTO fed_t SELECT 'j' || i, 'ok' FROM generate_series(1, 3) i;
+SELECT hold_seq();
+SET ROLE fed_wrk;
+SELECT count(*) AS fedp_released FROM pg_sync.release_lagging_peers(1) r WHERE r = 'fedp';
+SELECT pg_sync.peer_ack('fedp', :fed_w, at_subscribe => true) = :fed_w AS subscribed_after_w;
+SELECT count(*) AS fedp_released FROM pg_sync.release_lagging_peers(1) r WHERE r = 'fedp';
 RESET ROLE;
 -- One bad row does not stop a join (rev1 #04): a page whose rows this node refuses (a CHECK
 -- only this node has, a version far beyond the clock skew) is applied row by row; the bad rows
@@ -240,6 +249,25 @@ SELECT pg_sync.unregister_table('fed_chk'), pg_sync.remove_peer('fedq');
 DROP TABLE fed_chk;
 DROP OWNED BY fed_wrk;
 DROP ROLE fed_wrk;
+-- A live state whose table row is gone is sent without an insert, not as a key-only live row
+-- (rev1 #08); a row that predates its registration (registered after the peer was added) and
+-- was then updated goes as a U of its updated columns, never as an I with version '' (rev1
+-- #03), with a WARNING that names the model and the announce hint.
+CREATE TABLE fed_u (id int PRIMARY KEY, v text NOT NULL);
+SELECT pg_sync.register_table('fed_u', federation => 'both');
+INSERT INTO fed_u VALUES (1, 'one'), (2, 'two');
+SELECT pg_sync.unregister_table('fed_u');
+DELETE FROM fed_u WHERE id = 2;
+INSERT INTO fed_u VALUES (3, 'three');
+SELECT pg_sync.register_table('fed_u', federation => 'both');
+UPDATE fed_u SET v = 'drei' WHERE id = 3;
+SELECT model_id, created = '' AS unrecorded, deleted IS NULL AS live FROM pg_sync.row_state WHERE model = 'fed_u' ORDER BY 1;
+SELECT model_id, jsonb_path_query_array(changes, '$[*].action') AS actions,
+       jsonb_path_query_array(changes, '$[*].data') AS data,
+       jsonb_path_query_array(changes, '$[*].version ? (@ == "")') AS empty_versions
+  FROM pg_sync.peer_snapshot('fedp') WHERE model = 'fed_u' ORDER BY 1;
+SELECT pg_sync.unregister_table('fed_u');
+DROP TABLE fed_u;
 SELECT pg_sync.unregister_table('fed_t'), pg_sync.unregister_table('fed_t2'), pg_sync.remove_peer('fedp');
 DROP TABLE fed_t, fed_t2, fed_loot;
 DROP CAST (fed_mood AS json);
