@@ -929,8 +929,12 @@ BEGIN
                                    FILTER (WHERE c.peer_node_id IS NOT NULL), '[]'))
       INTO answer
       FROM (SELECT 1) one LEFT JOIN pg_sync.peer_cursors c ON c.peer_epoch IS NOT NULL;
-    -- Once per join: a receiver retrying a page resumes at the same W and is not logged again.
-    IF w IS DISTINCT FROM resume_w THEN
+    -- A new join, and its first resume, are logged; a receiver that keeps retrying at the
+    -- same W is not logged again each time (review rev1 #04).
+    IF w IS DISTINCT FROM resume_w OR NOT EXISTS (
+           SELECT 1 FROM pg_sync.peer_events e
+            WHERE e.peer = p.name AND e.event = 'join_started' AND e.detail ->> 'direction' = 'out'
+              AND (e.detail ->> 'w')::bigint = w AND e.detail ->> 'resumed' = 'true') THEN
         INSERT INTO pg_sync.peer_events (peer, event, detail)
         VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
     END IF;

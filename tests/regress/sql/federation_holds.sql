@@ -204,10 +204,12 @@ GRANT EXECUTE ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, j
 SET ROLE fed_wrk;
 SELECT model_id FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
 SELECT count(*) AS released FROM pg_sync.release_lagging_peers(1000000000);
--- A join retried at the same W (peer_join_start with resume_w) logs join_started once (rev1 #04).
+-- A join retried at the same W (peer_join_start with resume_w) logs join_started for the new
+-- join and its first resume only, not for every retry (rev1 #04).
 SELECT (pg_sync.peer_join_start('fedp') ->> 'w')::bigint AS fed_w \gset
-SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS resumed, pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS again;
-SELECT count(*) AS join_started FROM pg_sync.peer_events WHERE peer = 'fedp' AND event = 'join_started';
+SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS resumed;
+SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS again, pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS and_again;
+SELECT detail ->> 'resumed' AS resumed, count(*) AS join_started FROM pg_sync.peer_events WHERE peer = 'fedp' AND event = 'join_started' GROUP BY 1 ORDER BY 1;
 -- The lag cap spares a peer whose join is in progress (rev1 #06): it acks nothing until the
 -- join ends. Its subscribe after W ends that; from then on the cap applies again.
 RESET ROLE;
