@@ -168,6 +168,9 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
+-- The conflict log is data too: a dump/restore keeps it (review rev1 #12).
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.conflicts', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.conflicts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.snapshot_quarantine_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
     pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;

@@ -278,6 +278,10 @@ DROP TYPE fed_mood;
 REVOKE CREATE ON SCHEMA public FROM fed_mig;
 REVOKE EXECUTE ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM fed_mig;
 DROP ROLE fed_mig;
+-- pg_dump keeps federation's data tables, the conflict log and the snapshot quarantine keys'
+-- sequence included (rev1 #12).
+SELECT c::regclass::text AS dumped FROM pg_extension e, unnest(e.extconfig) c
+ WHERE e.extname = 'pg_sync' AND c::regclass::text ~ '^pg_sync\.(conflicts|snapshot_quarantine)' ORDER BY 1;
 -- Removing a peer drops its hold.
 SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
 SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
