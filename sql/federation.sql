@@ -48,7 +48,9 @@ CREATE TABLE pg_sync.peer_cursors (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- Changes from a peer that failed to apply, with why; retried by retry_quarantined.
+-- Changes from a peer that failed to apply, with why; retried by retry_quarantined. A row of a
+-- snapshot join (no sync id) is parked under -nextval(snapshot_quarantine_seq).
+CREATE SEQUENCE pg_sync.snapshot_quarantine_seq;
 CREATE TABLE pg_sync.peer_quarantine (
     peer_node_id text NOT NULL,
     sync_id      bigint NOT NULL,
@@ -100,7 +102,10 @@ CREATE TABLE pg_sync.peer_holds (
     acked_sync_id bigint NOT NULL DEFAULT 0 CHECK (acked_sync_id >= 0),
     resync_below  bigint,
     released_at   timestamptz,
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set by peer_join_start, cleared by the next ack: a joining peer acks nothing until its
+    -- join ends, so release_lagging_peers spares it for a day after the join (re)started.
+    joining_since timestamptz
 );
 
 -- The receiver's snapshot joins in progress, one per peer (by node id): the sender's log
@@ -163,10 +168,16 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_joins', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_events_id_seq', '');
+-- The conflict log is data too: a dump/restore keeps it (review rev1 #12).
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.conflicts', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.conflicts_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.snapshot_quarantine_seq', '');
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
     pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.conflicts_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.snapshot_quarantine_seq FROM PUBLIC;
+ALTER SEQUENCE pg_sync.snapshot_quarantine_seq OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.node_identity OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peers OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_secrets OWNER TO pgsync_owner;
@@ -244,8 +255,10 @@ END
 $$;
 
 -- Mints versions and insert actions for rows that predate registration (rows without a recorded
--- insert), in batches of batch_size rows, each row locked while it is announced. Idempotent:
--- announced rows are skipped. Returns how many rows were announced.
+-- insert). Reads the table in pages of batch_size rows in key order, each page locked while it
+-- is announced, as the table's owner (pg_sync.owner_rows: the row JSON calls the owner's casts
+-- to json, which must not run with the caller's rights). Idempotent: announced rows are skipped.
+-- Returns how many rows were announced.
 CREATE FUNCTION pg_sync.announce(model text, batch_size integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -254,7 +267,8 @@ DECLARE
     r     pg_sync.registry;
     total bigint := 0;
     n     bigint;
-    grp   text;
+    page  jsonb;
+    after text;
 BEGIN
     SELECT * INTO r FROM pg_sync.registry g WHERE g.model = announce.model;
     IF NOT FOUND OR NOT r.enabled THEN
@@ -265,39 +279,35 @@ BEGIN
         RAISE EXCEPTION 'batch_size must be at least 1'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass how many rows to announce per statement.';
     END IF;
-    grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
-                ELSE format('coalesce(pg_sync.canonical_text(t.%I), '''')', r.group_column) END;
     LOOP
-        EXECUTE format(
-            'WITH cand AS (
-                 SELECT %2$s AS mid, %3$s AS grp, pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $2 AS data
-                   FROM %1$s t
-                  WHERE NOT EXISTS (
-                        SELECT 1 FROM pg_sync.row_state s
-                         WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) %2$s
-                           AND s.created OPERATOR(pg_catalog.<>) '''')
-                  LIMIT $3 FOR UPDATE OF t
-             ), v AS (
-                 SELECT cand.*, pg_sync.next_version() AS ver FROM cand
-             ), st AS (
-                 INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version)
-                 SELECT $1, v.mid, v.ver, v.ver FROM v
-                 ON CONFLICT (model, model_id) DO UPDATE SET
-                   created = EXCLUDED.created, deleted = NULL, versions = ''{}'', pending = NULL,
-                   max_version = EXCLUDED.max_version
-                 WHERE s.max_version OPERATOR(pg_catalog.<) EXCLUDED.max_version
-                 RETURNING s.model_id
-             ), a AS (
-                 INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
-                 SELECT $1, v.mid, ''I'', v.data, v.ver, pg_sync.node_id(), v.grp
-                   FROM v JOIN st ON st.model_id OPERATOR(pg_catalog.=) v.mid
-                 RETURNING 1
-             )
-             SELECT count(*) FROM a',
-            r.rel, pg_sync.model_id_expr(r), grp)
-          INTO n USING r.model, r.excluded_columns, batch_size;
+        page := pg_sync.owner_rows(r.model, NULL, after, batch_size, true);
+        EXIT WHEN jsonb_array_length(page) = 0;
+        after := page -> -1 ->> 'id';
+        WITH cand AS (
+             SELECT x ->> 'id' AS mid, coalesce(x ->> 'grp', '') AS grp, x -> 'data' AS data
+               FROM jsonb_array_elements(page) x
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM pg_sync.row_state s
+                     WHERE s.model = r.model AND s.model_id = x ->> 'id' AND s.created <> '')
+         ), v AS (
+             SELECT cand.*, pg_sync.next_version() AS ver FROM cand
+         ), st AS (
+             INSERT INTO pg_sync.row_state AS s (model, model_id, created, max_version)
+             SELECT r.model, v.mid, v.ver, v.ver FROM v
+             ON CONFLICT ON CONSTRAINT row_state_pkey DO UPDATE SET
+               created = EXCLUDED.created, deleted = NULL, versions = '{}', pending = NULL,
+               max_version = EXCLUDED.max_version
+             WHERE s.max_version < EXCLUDED.max_version
+             RETURNING s.model_id
+         ), a AS (
+             INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, group_id)
+             SELECT r.model, v.mid, 'I', v.data, v.ver, pg_sync.node_id(), CASE WHEN r.group_column IS NOT NULL THEN v.grp END
+               FROM v JOIN st ON st.model_id = v.mid
+             RETURNING 1
+         )
+        SELECT count(*) INTO n FROM a;
         total := total + n;
-        EXIT WHEN n < batch_size;
+        EXIT WHEN jsonb_array_length(page) < batch_size;
     END LOOP;
     RETURN total;
 END
@@ -826,7 +836,7 @@ BEGIN
     ON CONFLICT ON CONSTRAINT peer_holds_pkey DO UPDATE SET
         acked_sync_id = CASE WHEN at_subscribe THEN EXCLUDED.acked_sync_id
                              ELSE GREATEST(k.acked_sync_id, EXCLUDED.acked_sync_id) END,
-        updated_at = now()
+        updated_at = now(), joining_since = NULL
     RETURNING * INTO h;
     IF h.resync_below IS NOT NULL AND h.acked_sync_id >= h.resync_below THEN
         UPDATE pg_sync.peer_holds k SET resync_below = NULL, released_at = NULL WHERE k.peer = p.name;
@@ -869,6 +879,7 @@ BEGIN
                FROM pg_sync.peers p
               WHERE p.name = k.peer AND p.direction <> 'pull' AND k.resync_below IS NULL
                 AND log_end - k.acked_sync_id > max_lag
+                AND (k.joining_since IS NULL OR k.joining_since < now() - interval '1 day')
              RETURNING k.* LOOP
         INSERT INTO pg_sync.peer_events (peer, event, detail)
         VALUES (h.peer, 'resync_required', jsonb_build_object('direction', 'out', 'reason', 'lag_cap',
@@ -909,6 +920,7 @@ BEGIN
         w := pg_sync.last_sync_id();
     END IF;
     PERFORM pg_sync.peer_ack(p.name, w, at_subscribe => true);
+    UPDATE pg_sync.peer_holds k SET joining_since = now() WHERE k.peer = p.name;
     -- A compaction that read the holds before ours may have passed W: start again.
     IF w < pg_sync.retention_horizon() THEN
         RAISE EXCEPTION 'the log after sync id % was compacted while the join of peer "%" began', w, p.name
@@ -920,8 +932,15 @@ BEGIN
                                    FILTER (WHERE c.peer_node_id IS NOT NULL), '[]'))
       INTO answer
       FROM (SELECT 1) one LEFT JOIN pg_sync.peer_cursors c ON c.peer_epoch IS NOT NULL;
-    INSERT INTO pg_sync.peer_events (peer, event, detail)
-    VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
+    -- A new join, and its first resume, are logged; a receiver that keeps retrying at the
+    -- same W is not logged again each time (review rev1 #04).
+    IF w IS DISTINCT FROM resume_w OR NOT EXISTS (
+           SELECT 1 FROM pg_sync.peer_events e
+            WHERE e.peer = p.name AND e.event = 'join_started' AND e.detail ->> 'direction' = 'out'
+              AND (e.detail ->> 'w')::bigint = w AND e.detail ->> 'resumed' = 'true') THEN
+        INSERT INTO pg_sync.peer_events (peer, event, detail)
+        VALUES (p.name, 'join_started', jsonb_build_object('direction', 'out', 'w', w, 'resumed', answer -> 'resumed'));
+    END IF;
     RETURN answer;
 END
 $$;
@@ -931,8 +950,10 @@ $$;
 -- accepts, at most lim. Each row comes as the changes that rebuild its registers on a merge: a
 -- D at its tombstone, an I at its insert (the whole live row, each column above the insert with
 -- its own version in versions; the key only for a dead row), and a U with the values pending
--- for a dead row. Merging them is a join, so a row read twice (or also merged from the log)
--- changes nothing. Read in one snapshot per page.
+-- for a dead row. A live state whose table row is gone (deleted while unregistered, or with
+-- triggers off) sends no insert: a key-only insert would make a phantom row on the peer (review
+-- rev1 #08). Merging them is a join, so a row read twice (or also merged from the log)
+-- changes nothing. Read in one snapshot per page; the table rows as their owner (owner_rows).
 CREATE FUNCTION pg_sync.peer_snapshot(peer_node_id text, after_model text DEFAULT '', after_model_id text DEFAULT '',
                                       lim integer DEFAULT 1000)
 RETURNS TABLE (model text, model_id text, changes jsonb)
@@ -975,21 +996,37 @@ BEGIN
           INTO keyc, keyo
           FROM unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
           JOIN pg_attribute a ON a.attrelid = r.rel AND a.attname = k.c;
-        grp := CASE WHEN r.group_column IS NULL THEN 'NULL::text'
-                    ELSE format('pg_sync.canonical_text(t.%I)', r.group_column) END;
+        -- A row updated but never inserted while registered (created = '', the "unrecorded"
+        -- marker: it predates the registration) has no insert this node can vouch for: only
+        -- its versioned columns go (as a U); announce() gives it an insert (review rev1 #03).
+        IF coalesce(after_model_id, '') = '' OR r.model <> after_model THEN
+            PERFORM 1 FROM pg_sync.row_state s WHERE s.model = r.model AND s.created = '' LIMIT 1;
+            IF FOUND THEN
+                RAISE WARNING 'model "%" holds rows that predate its registration: a joining peer gets only their updated columns', r.model
+                    USING HINT = format('Run SELECT pg_sync.announce(%L) on this node.', r.model);
+            END IF;
+        END IF;
         RETURN QUERY EXECUTE format(
-            'SELECT s.model::text, s.model_id::text,
+            'WITH s AS (SELECT * FROM pg_sync.row_state s
+                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
+                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
+                      ORDER BY s.model_id LIMIT $3),
+                  o AS (SELECT pg_catalog.jsonb_object_agg(x OPERATOR(pg_catalog.->>) ''id'', x) AS m
+                          FROM pg_catalog.jsonb_array_elements(
+                                 pg_sync.owner_rows($1, ARRAY(SELECT s.model_id::pg_catalog.text FROM s), NULL, NULL, false)) x)
+             SELECT s.model::text, s.model_id::text,
                     pg_catalog.jsonb_path_query_array(pg_catalog.jsonb_build_array(
                       CASE WHEN s.deleted IS NOT NULL THEN pg_catalog.jsonb_build_object(
                         ''model'', s.model, ''model_id'', s.model_id, ''action'', ''D'', ''data'', %3$s,
                         ''version'', s.deleted, ''origin'', pg_catalog.split_part(s.deleted, ''@'', 2)) END,
-                      CASE WHEN s.created IS NOT NULL THEN pg_catalog.jsonb_build_object(
+                      CASE WHEN NULLIF(s.created, '''') IS NOT NULL AND (t.data IS NOT NULL OR s.deleted IS NOT NULL)
+                      THEN pg_catalog.jsonb_build_object(
                         ''model'', s.model, ''model_id'', s.model_id, ''action'', ''I'',
                         ''data'', coalesce(t.data, %3$s), ''version'', s.created,
                         ''versions'', CASE WHEN t.data IS NOT NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'' THEN s.versions END,
                         ''origin'', pg_catalog.split_part(s.created, ''@'', 2), ''group_id'', t.grp) END,
                       CASE WHEN (t.data IS NULL AND s.pending IS NOT NULL AND s.pending OPERATOR(pg_catalog.<>) ''{}'')
-                             OR (t.data IS NOT NULL AND s.created IS NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'') THEN
+                             OR (t.data IS NOT NULL AND NULLIF(s.created, '''') IS NULL AND s.versions OPERATOR(pg_catalog.<>) ''{}'') THEN
                         (SELECT pg_catalog.jsonb_build_object(
                            ''model'', s.model, ''model_id'', s.model_id, ''action'', ''U'',
                            ''data'', pg_catalog.jsonb_object_agg(v.key, coalesce(t.data, s.pending) OPERATOR(pg_catalog.->) v.key),
@@ -999,15 +1036,13 @@ BEGIN
                           WHERE coalesce(t.data, s.pending) OPERATOR(pg_catalog.?) v.key
                          HAVING count(*) OPERATOR(pg_catalog.>) 0) END),
                       ''$[*] ? (@ != null)'')
-               FROM (SELECT * FROM pg_sync.row_state s
-                      WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.>) $2
-                        AND (s.created IS NOT NULL OR s.deleted IS NOT NULL OR s.versions OPERATOR(pg_catalog.<>) ''{}'')
-                      ORDER BY s.model_id LIMIT $3) s
+               FROM s
+               CROSS JOIN o
                LEFT JOIN LATERAL (
-                    SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS data, %5$s AS grp FROM %1$s t
-                     WHERE %2$s AND %4$s OPERATOR(pg_catalog.=) s.model_id) t ON true
+                    SELECT o.m OPERATOR(pg_catalog.->) s.model_id OPERATOR(pg_catalog.->) ''data'' AS data,
+                           o.m OPERATOR(pg_catalog.->) s.model_id OPERATOR(pg_catalog.->>) ''grp'' AS grp) t ON true
               ORDER BY s.model_id',
-            r.rel, keyc, keyo, pg_sync.model_id_expr(r), grp)
+            r.rel, keyc, keyo)
           USING r.model, CASE WHEN r.model = after_model THEN coalesce(after_model_id, '') ELSE '' END,
                 lim - got, r.excluded_columns;
         GET DIAGNOSTICS n = ROW_COUNT;
@@ -1032,7 +1067,12 @@ BEGIN
         RAISE EXCEPTION 'peer "%" has no pinned node id', p.name
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The worker pins it with pg_sync.pin_peer() after authenticating the link.';
     END IF;
-    IF epoch IS NULL OR w IS NULL OR w < 0 OR cursors IS NULL OR jsonb_typeof(cursors) <> 'array' THEN
+    IF epoch IS NULL OR w IS NULL OR w < 0 OR cursors IS NULL OR jsonb_typeof(cursors) <> 'array'
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(cursors) c
+                   WHERE jsonb_typeof(c) <> 'object' OR jsonb_typeof(c -> 'node_id') IS DISTINCT FROM 'string'
+                      OR jsonb_typeof(c -> 'epoch') IS DISTINCT FROM 'string'
+                      OR jsonb_typeof(c -> 'last_sync_id') IS DISTINCT FROM 'number'
+                      OR (c ->> 'last_sync_id') !~ '^[0-9]{1,18}$') THEN
         RAISE EXCEPTION 'invalid join: epoch, w >= 0 and a cursors array are required'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass what pg_sync.peer_join_start() answered on the peer.';
     END IF;
@@ -1065,8 +1105,12 @@ DECLARE
     p pg_sync.peers := pg_sync.peer_or_raise(peer);
     j pg_sync.peer_joins;
     todo jsonb;
+    item jsonb;
     last_row jsonb;
     n_changed bigint := 0;
+    parked bigint := 0;
+    st text;
+    msg text;
 BEGIN
     IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'page must be a JSON array' USING ERRCODE = 'invalid_parameter_value',
@@ -1086,7 +1130,36 @@ BEGIN
       JOIN pg_sync.registry g ON g.model = c ->> 'model'
      WHERE g.enabled AND g.federation IN ('pull', 'both') AND (p.models IS NULL OR g.model = ANY (p.models));
     IF jsonb_array_length(todo) > 0 THEN
-        n_changed := pg_sync.apply_remote(todo);
+        BEGIN
+            n_changed := pg_sync.apply_remote(todo);
+        EXCEPTION WHEN OTHERS THEN
+            -- As apply_peer_batch: a transient failure fails the page (the worker retries it);
+            -- otherwise row by row, each row's changes in a subtransaction, parking a row that
+            -- fails in peer_quarantine (under a negative key of its own: snapshot rows have no
+            -- sync id) for retry_quarantined, so one bad row cannot stop the join.
+            GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE;
+            IF pg_sync.transient_sqlstate(st) THEN
+                RAISE;
+            END IF;
+            n_changed := 0;
+            FOR item IN SELECT jsonb_agg(c ORDER BY ci)
+                          FROM jsonb_array_elements(todo) WITH ORDINALITY AS y(c, ci)
+                         GROUP BY c ->> 'model', c ->> 'model_id'
+                         ORDER BY min(ci) LOOP
+                BEGIN
+                    n_changed := n_changed + pg_sync.apply_remote(item);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+                    IF pg_sync.transient_sqlstate(st) THEN
+                        RAISE;
+                    END IF;
+                    PERFORM pg_sync.quarantine_change(p.node_id, -nextval('pg_sync.snapshot_quarantine_seq'), item, st, msg);
+                    parked := parked + 1;
+                END;
+            END LOOP;
+            INSERT INTO pg_sync.peer_events (peer, event, detail)
+            VALUES (p.name, 'quarantined', jsonb_build_object('join_w', w, 'count', parked));
+        END;
     END IF;
     last_row := page -> -1;
     UPDATE pg_sync.peer_joins k SET
@@ -1096,14 +1169,15 @@ BEGIN
      WHERE k.peer_node_id = p.node_id
     RETURNING * INTO j;
     RETURN jsonb_build_object('status', 'applied', 'after_model', j.after_model, 'after_model_id', j.after_model_id,
-                              'rows', jsonb_array_length(page), 'changed', n_changed);
+                              'rows', jsonb_array_length(page), 'changed', n_changed, 'quarantined', parked);
 END
 $$;
 
--- Ends a join: the cursor for the peer becomes W (its epoch), and the cursor for every other
--- node the peer had applied rises to the peer's (this node now holds that state too, so
--- starting there leaves no gap; an overlap is a no-op). Cursors of another epoch stay. The
--- join's record goes, in the same transaction.
+-- Ends a join: the cursor for the peer becomes W (its epoch); the join's record goes, in the
+-- same transaction. Cursors for other nodes are neither created nor raised: the peer's cursor
+-- for a node X says how far it looked at X's log, not that its snapshot carried X's changes
+-- (models it does not take from X or send here, quarantined changes), so raising ours to it
+-- could skip X's changes for good. Receiving them again from X is a no-op merge.
 CREATE FUNCTION pg_sync.finish_peer_join(peer text, w bigint) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1121,14 +1195,6 @@ BEGIN
     VALUES (p.node_id, j.peer_epoch, j.w, 'joined')
     ON CONFLICT (peer_node_id) DO UPDATE SET
         peer_epoch = EXCLUDED.peer_epoch, last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now();
-    INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, peer_epoch, last_sync_id, state)
-    SELECT c ->> 'node_id', c ->> 'epoch', (c ->> 'last_sync_id')::bigint, 'joined'
-      FROM jsonb_array_elements(j.cursors) c
-     WHERE c ->> 'node_id' IS DISTINCT FROM p.node_id AND c ->> 'node_id' IS DISTINCT FROM pg_sync.node_id()
-       AND c ->> 'epoch' IS NOT NULL
-    ON CONFLICT (peer_node_id) DO UPDATE SET
-        last_sync_id = EXCLUDED.last_sync_id, state = 'joined', updated_at = now()
-     WHERE k.peer_epoch IS NOT DISTINCT FROM EXCLUDED.peer_epoch AND k.last_sync_id < EXCLUDED.last_sync_id;
     DELETE FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id;
     INSERT INTO pg_sync.peer_events (peer, event, detail)
     VALUES (p.name, 'joined', jsonb_build_object('direction', 'in', 'w', j.w, 'rows', j.rows, 'pages', j.pages));
@@ -1183,8 +1249,15 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
     IF NOT FOUND THEN
-        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now()) RETURNING * INTO q;
-    ELSIF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
+        INSERT INTO pg_sync.peer_probes AS k (peer, requested_at) VALUES (p.name, now())
+        ON CONFLICT ON CONSTRAINT peer_probes_pkey DO NOTHING RETURNING * INTO q;
+        IF NOT FOUND THEN
+            -- A concurrent first call, or the worker's record_peer_probe, inserted it meanwhile
+            -- (this INSERT waited for it to commit): take that row as if it had been there.
+            SELECT * INTO q FROM pg_sync.peer_probes k WHERE k.peer = p.name FOR UPDATE;
+        END IF;
+    END IF;
+    IF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
         UPDATE pg_sync.peer_probes k SET requested_at = now() WHERE k.peer = p.name;
     END IF;
     RETURN QUERY SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,

@@ -526,6 +526,9 @@ REVOKE ALL ON FUNCTION pg_sync.retention_horizon() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.on_sql_drop() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.on_ddl_end() FROM PUBLIC;
+-- owner_rows reads any registered table as its owner: for federation's peer_snapshot and
+-- announce only (sql/federation.sql).
+REVOKE ALL ON FUNCTION pg_sync.owner_rows(text, text[], text, integer, boolean) FROM PUBLIC;
 -- Kept for PUBLIC, on purpose:
 -- * registry_put / registry_disable check for themselves that the caller owns the table and
 --   holds EXECUTE on register_table / unregister_table.

@@ -181,6 +181,19 @@ mod pg_sync {
         )
     }
 
+    /// Rows of a registered table read as its owner (see `owner::owner_rows`): by model ids, or
+    /// the next `lim` rows after `after_id` in key order.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn owner_rows(
+        model: &str,
+        ids: Option<Vec<String>>,
+        after_id: Option<&str>,
+        lim: Option<i32>,
+        lock: default!(bool, false),
+    ) -> JsonB {
+        crate::owner::owner_rows(model, ids, after_id, lim, lock)
+    }
+
     /// The registry write of `unregister_table`, with the same checks as `registry_put`.
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn registry_disable(rel: pg_sys::Oid) -> bool {

@@ -305,3 +305,116 @@ pub fn registry_disable(rel: pg_sys::Oid) -> bool {
     invalidate(rel);
     written
 }
+
+/// `pg_sync.owner_rows(model, ids, after_id, lim, lock)`: rows of a registered table as
+/// `[{"id": model id, "data": row JSON minus excluded columns, "grp": group text}]`, read as
+/// the table's owner in a security-restricted operation. Federation's snapshot and announce
+/// read application tables through it: `to_jsonb` calls the column types' casts to json and the
+/// key text calls output functions, the owner's code, which must never run with the caller's
+/// (the worker's or an administrator's) rights. With `ids`, the rows of those model ids (missing
+/// ones are left out); without, at most `lim` rows after `after_id` in key order (the next
+/// page), locked FOR UPDATE when `lock`. The statement's text is built here from the registry,
+/// never taken from the caller.
+pub fn owner_rows(
+    model: &str,
+    ids: Option<Vec<String>>,
+    after_id: Option<&str>,
+    lim: Option<i32>,
+    lock: bool,
+) -> pgrx::JsonB {
+    // The catalog reads run as the caller (fixed statements, nothing user-defined evaluated).
+    let meta = with_fixed_search_path(|| {
+        Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT pg_catalog.jsonb_build_object(
+                  'tbl', r.rel::pg_catalog.regclass::pg_catalog.text,
+                  'owner', c.relowner::pg_catalog.int8,
+                  'ex', pg_catalog.to_jsonb(r.excluded_columns),
+                  'grp', CASE WHEN r.group_column IS NULL THEN 'NULL::text'
+                              ELSE pg_catalog.format('pg_sync.canonical_text(t.%I)', r.group_column) END,
+                  'mid', 'pg_sync.key_text(ARRAY[' OPERATOR(pg_catalog.||) (
+                          SELECT pg_catalog.string_agg(pg_catalog.format('pg_sync.canonical_text(t.%I)', k.c), ', ' ORDER BY k.o)
+                            FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)) OPERATOR(pg_catalog.||) '])',
+                  'cols', (SELECT pg_catalog.string_agg(pg_catalog.format('t.%I', k.c), ', ' ORDER BY k.o)
+                             FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)),
+                  'vals', (SELECT pg_catalog.string_agg(pg_catalog.format('(%s)::%s',
+                                    CASE WHEN pg_catalog.cardinality(r.pk_columns) OPERATOR(pg_catalog.=) 1 THEN '$ID'
+                                         ELSE pg_catalog.format('($ID::pg_catalog.jsonb OPERATOR(pg_catalog.->>) %s)', k.o OPERATOR(pg_catalog.-) 1) END,
+                                    pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.o)
+                             FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
+                             JOIN pg_catalog.pg_attribute a
+                               ON a.attrelid OPERATOR(pg_catalog.=) r.rel AND a.attname OPERATOR(pg_catalog.=) k.c
+                              AND NOT a.attisdropped),
+                  'nkey', pg_catalog.cardinality(r.pk_columns))
+               FROM pg_sync.registry r JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.rel
+              WHERE r.model OPERATOR(pg_catalog.=) $1 AND r.enabled",
+            &[model.into()],
+        )
+    })
+    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+    let Some(pgrx::JsonB(meta)) = meta else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("model \"{model}\" is not registered"),
+            "See pg_sync.tables() for the registered models.",
+        );
+    };
+    let s = |k: &str| meta[k].as_str().unwrap_or_default().to_owned();
+    let (tbl, grp, mid, cols, vals) = (s("tbl"), s("grp"), s("mid"), s("cols"), s("vals"));
+    if vals.is_empty() || meta["nkey"].as_u64() != Some(vals.split("$ID").count() as u64 - 1) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("a key column of model \"{model}\" no longer exists"),
+            "Call pg_sync.register_table() again after changing the primary key.",
+        );
+    }
+    let excluded: Vec<String> = meta["ex"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let owner = pg_sys::Oid::from(meta["owner"].as_u64().unwrap_or_default() as u32);
+    let row = format!(
+        "pg_catalog.jsonb_build_object('id', {mid}, 'data', pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) $2, 'grp', {grp})"
+    );
+    let sql = match ids {
+        Some(_) => format!(
+            "SELECT coalesce(pg_catalog.jsonb_agg({row} ORDER BY s.o), '[]')
+               FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS s(id, o)
+               JOIN {tbl} t ON ({cols}) OPERATOR(pg_catalog.=) ({v}) AND {mid} OPERATOR(pg_catalog.=) s.id",
+            v = vals.replace("$ID", "s.id")
+        ),
+        None => format!(
+            "SELECT coalesce(pg_catalog.jsonb_agg(x.j), '[]') FROM (
+               SELECT {row} AS j FROM {tbl} t {cond} ORDER BY {cols} LIMIT $4 {lock}) x",
+            cond = if after_id.is_some() {
+                format!(
+                    "WHERE ({cols}) OPERATOR(pg_catalog.>) ({v})",
+                    v = vals.replace("$ID", "$3")
+                )
+            } else {
+                String::new()
+            },
+            lock = if lock { "FOR UPDATE OF t" } else { "" }
+        ),
+    };
+    let lim = lim.unwrap_or(1000).max(1);
+    let args = [
+        ids.unwrap_or_default().into(),
+        excluded.into(),
+        after_id.into(),
+        lim.into(),
+    ];
+    let rows = as_table_owner(owner, || {
+        with_fixed_search_path(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(&sql, None, &args)?
+                    .first()
+                    .get_one::<pgrx::JsonB>()
+            })
+        })
+    })
+    .unwrap_or_else(|e| panic!("pg_sync: {e}"));
+    rows.unwrap_or(pgrx::JsonB(serde_json::json!([])))
+}

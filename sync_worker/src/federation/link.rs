@@ -7,8 +7,8 @@
 
 use super::frames::{close, Frame, PROTO};
 use super::{
-    auth, auth_failed_event, event, identity, metrics, probe, report, sqlstate, wall_ms, Report,
-    PATH, PROBE, REGISTRY_POLL,
+    auth, auth_failed_event, db_text, event, identity, metrics, probe, report, sqlstate, wall_ms,
+    Report, PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
 use crate::replication::sequencer;
@@ -855,7 +855,7 @@ async fn join(
             &[&name, &epoch, &w, &cursors.to_string()],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| db_text(&e))?;
     let pos: serde_json::Value = serde_json::from_str(&pos.get::<_, String>(0)).unwrap_or_default();
     let (mut model, mut model_id) = (
         pos["after_model"].as_str().unwrap_or_default().to_owned(),
@@ -903,7 +903,7 @@ async fn join(
         });
         let answer: serde_json::Value = match res {
             Ok(row) => serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default(),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(db_text(&e)),
         };
         model = answer["after_model"]
             .as_str()
@@ -919,7 +919,7 @@ async fn join(
     }
     db.execute("SELECT pg_sync.finish_peer_join($1, $2)", &[&name, &w])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| db_text(&e))?;
     Ok(w)
 }
 

@@ -157,7 +157,24 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
     metrics::with(&peer.name, "out", |l| l.up = true);
     // The receiver's cursor is what it holds of our log from now on (it may have moved back,
     // e.g. after a re-bootstrap); acks move it forward.
-    hold(&db, &peer.name, after, true).await;
+    if let Err(msg) = hold(&db, &peer.name, after, true).await {
+        metrics::with(&peer.name, "out", |l| l.up = false);
+        report(
+            &db,
+            &peer.name,
+            "out",
+            Report {
+                state: "stalled",
+                connected: Some(false),
+                peer_last_sync_id: None,
+                applied: 0,
+                changed: 0,
+                last_error: Some(&msg),
+            },
+        )
+        .await;
+        return close_with(&mut ws, close::INTERNAL, "cannot hold the log").await;
+    }
     let why = stream(&app, &db, &mut ws, &peer, &r, &epoch, after, window).await;
     metrics::with(&peer.name, "out", |l| {
         l.up = false;
@@ -391,17 +408,21 @@ async fn join_start(
 }
 
 /// Records the receiver's acknowledgement for the retention hold (`pg_sync.peer_ack`). A
-/// failure only delays the hold (compaction holds at the older ack), so it is logged, not fatal.
-async fn hold(db: &Client, peer: &str, acked: i64, at_subscribe: bool) {
-    if let Err(e) = db
-        .execute(
-            "SELECT pg_sync.peer_ack($1, $2, $3)",
-            &[&peer, &acked, &at_subscribe],
-        )
-        .await
-    {
-        tracing::warn!(peer, acked, error = %e, "federation: recording the peer's ack failed");
-    }
+/// failed ack only delays the hold (compaction holds at the older ack), so it is logged; a
+/// failed hold at subscribe leaves the log unheld for the peer, so the caller closes the link
+/// (the receiver retries) rather than stream while compaction may pass the peer's cursor.
+async fn hold(db: &Client, peer: &str, acked: i64, at_subscribe: bool) -> Result<(), String> {
+    db.execute(
+        "SELECT pg_sync.peer_ack($1, $2, $3)",
+        &[&peer, &acked, &at_subscribe],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| {
+        let msg = super::db_text(&e);
+        tracing::error!(peer, acked, error = %msg, "federation: recording the peer's ack failed (is EXECUTE on pg_sync.peer_ack granted to the worker's role?)");
+        msg
+    })
 }
 
 /// The next range after `sent` for node `r`: (end, last sync id, changes JSON), read in one
@@ -513,7 +534,7 @@ async fn stream(
                         acked = acked.max(to);
                         if reported.elapsed() >= REPORT_EVERY {
                             reported = Instant::now();
-                            hold(db, &peer.name, acked, false).await;
+                            let _ = hold(db, &peer.name, acked, false).await;
                             held = acked;
                             report(db, &peer.name, "out", Report {
                                 state: "streaming",
@@ -542,7 +563,7 @@ async fn stream(
                 // A quiet link still records its last ack, so the hold does not lag behind.
                 if acked > held && reported.elapsed() >= REPORT_EVERY {
                     reported = Instant::now();
-                    hold(db, &peer.name, acked, false).await;
+                    let _ = hold(db, &peer.name, acked, false).await;
                     held = acked;
                 }
             }

@@ -94,6 +94,12 @@ SELECT pg_sync.set_peer('h1', direction => 'both');
 SELECT err($$SELECT pg_sync.apply_peer_snapshot('h1', 5, '', '', '[]')$$);
 SELECT err($$SELECT pg_sync.finish_peer_join('h1', 5)$$);
 SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', -1, '[]')$$);
+-- A cursor list that is not what peer_join_start answers is refused.
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": -7}]')$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": 1, "epoch": "e2", "last_sync_id": 7}]')$$);
+SELECT err($$SELECT pg_sync.begin_peer_join('h1', 'e', 5, '["h2"]')$$);
+-- The peer's cursor for h2 does not become this node's (review rev1 #02): after the join,
+-- there is no cursor for h2 (it was none before), so nothing of h2's log is skipped.
 SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[{"node_id": "h2", "epoch": "e2", "last_sync_id": 7}]');
 SELECT pg_sync.begin_peer_join('h1', 'e', 5, '[]') ->> 'resumed' AS resumed;
 SELECT pg_sync.apply_peer_snapshot('h1', 5, 'x', 'y', '[]') ->> 'status' AS wrong_position;
@@ -142,6 +148,140 @@ SELECT model, model_id, column_name,
   FROM pg_sync.conflicts ORDER BY id;
 DROP FUNCTION cch(text, text, jsonb), cv(int, text);
 DROP TABLE cbase;
+-- A snapshot page and announce read application tables as the table's owner (in a
+-- security-restricted operation), never as the worker or administrator calling them: a cast to
+-- json that the table's owner wrote runs with the owner's rights only (review rev1 #01).
+SELECT pg_sync.add_peer('fedp', 'ws://127.0.0.1:3', 'a-secret-of-16-chars', direction => 'push');
+SELECT pg_sync.pin_peer('fedp', 'fedp');
+CREATE ROLE fed_mig;
+GRANT CREATE ON SCHEMA public TO fed_mig;
+GRANT EXECUTE ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) TO fed_mig;
+SET ROLE fed_mig;
+CREATE TYPE fed_mood AS ENUM ('ok');
+CREATE TABLE fed_loot (who text, what text);
+CREATE FUNCTION fed_mood_json(fed_mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+  BEGIN
+    INSERT INTO public.fed_loot SELECT current_user, 'secrets: ' || count(*) FROM pg_sync.peer_secrets;
+  EXCEPTION WHEN OTHERS THEN
+    INSERT INTO public.fed_loot VALUES (current_user, SQLSTATE);
+  END;
+  RETURN to_json($1::text);
+END $$;
+CREATE CAST (fed_mood AS json) WITH FUNCTION fed_mood_json(fed_mood);
+CREATE TABLE fed_t (id text PRIMARY KEY, m fed_mood);
+SELECT pg_sync.register_table('fed_t', federation => 'both');
+INSERT INTO fed_t VALUES ('a', 'ok');
+CREATE TABLE fed_t2 (id text PRIMARY KEY, m fed_mood);
+INSERT INTO fed_t2 VALUES ('z', 'ok');
+SELECT pg_sync.register_table('fed_t2', federation => 'both');
+TRUNCATE fed_loot;
+RESET ROLE;
+-- What the worker does for a joining peer, and what add_peer's hint tells an administrator.
+SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT pg_sync.announce('fed_t2');
+SELECT model_id, changes -> 0 -> 'data' AS data FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT who, what, count(*) FROM fed_loot GROUP BY 1, 2 ORDER BY 1, 2;
+-- A worker role that is no superuser, with the grants docs/extension.md lists ("What the
+-- worker's role needs", the federation part), runs the sender's and the receiver's join and
+-- the hold functions (rev1 #05); the rest of this file's join runs as it.
+CREATE ROLE fed_wrk;
+GRANT pgsync_owner TO fed_wrk;
+GRANT EXECUTE ON FUNCTION pg_sync.apply_remote(jsonb), pg_sync.last_sync_id(), pg_sync.retention_horizon()
+      TO fed_wrk;
+GRANT EXECUTE ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb),
+      pg_sync.peer_changes(text, bigint, integer), pg_sync.batch_end(bigint, integer),
+      pg_sync.pin_peer(text, text), pg_sync.epoch(), pg_sync.transient_sqlstate(text),
+      pg_sync.retry_quarantined(text), pg_sync.peer_or_raise(text),
+      pg_sync.quarantine_change(text, bigint, jsonb, text, text),
+      pg_sync.peer_ack(text, bigint, boolean), pg_sync.release_lagging_peers(bigint),
+      pg_sync.peer_join_start(text, bigint), pg_sync.peer_snapshot(text, text, text, integer),
+      pg_sync.owner_rows(text, text[], text, integer, boolean),
+      pg_sync.begin_peer_join(text, text, bigint, jsonb),
+      pg_sync.apply_peer_snapshot(text, bigint, text, text, jsonb),
+      pg_sync.finish_peer_join(text, bigint), pg_sync.resync_peer(text),
+      pg_sync.record_peer_probe(text, jsonb) TO fed_wrk;
+SET ROLE fed_wrk;
+SELECT model_id FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
+SELECT count(*) AS released FROM pg_sync.release_lagging_peers(1000000000);
+-- A join retried at the same W (peer_join_start with resume_w) logs join_started for the new
+-- join and its first resume only, not for every retry (rev1 #04).
+SELECT (pg_sync.peer_join_start('fedp') ->> 'w')::bigint AS fed_w \gset
+SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS resumed;
+SELECT pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS again, pg_sync.peer_join_start('fedp', :fed_w) ->> 'resumed' AS and_again;
+SELECT detail ->> 'resumed' AS resumed, count(*) AS join_started FROM pg_sync.peer_events WHERE peer = 'fedp' AND event = 'join_started' GROUP BY 1 ORDER BY 1;
+-- The lag cap spares a peer whose join is in progress (rev1 #06): it acks nothing until the
+-- join ends. Its subscribe after W ends that; from then on the cap applies again.
+RESET ROLE;
+INSERT INTO fed_t SELECT 'j' || i, 'ok' FROM generate_series(1, 3) i;
+SELECT hold_seq();
+SET ROLE fed_wrk;
+SELECT count(*) AS fedp_released FROM pg_sync.release_lagging_peers(1) r WHERE r = 'fedp';
+SELECT pg_sync.peer_ack('fedp', :fed_w, at_subscribe => true) = :fed_w AS subscribed_after_w;
+SELECT count(*) AS fedp_released FROM pg_sync.release_lagging_peers(1) r WHERE r = 'fedp';
+RESET ROLE;
+-- One bad row does not stop a join (rev1 #04): a page whose rows this node refuses (a CHECK
+-- only this node has, a version far beyond the clock skew) is applied row by row; the bad rows
+-- are parked in peer_quarantine (negative keys: snapshot rows have no sync id), the join moves
+-- past the page, and retry_quarantined applies them once they can be.
+CREATE TABLE fed_chk (id text PRIMARY KEY, v text CHECK (v <> 'bad'));
+SELECT pg_sync.register_table('fed_chk', federation => 'both');
+SELECT pg_sync.add_peer('fedq', 'ws://127.0.0.1:4', 'a-secret-of-16-chars', direction => 'pull');
+SELECT pg_sync.pin_peer('fedq', 'fedq');
+SET ROLE fed_wrk;
+SELECT pg_sync.begin_peer_join('fedq', 'eq', 0, '[]') ->> 'resumed' AS resumed;
+SELECT pg_sync.apply_peer_snapshot('fedq', 0, '', '', $$[
+  {"model": "fed_chk", "model_id": "a", "changes": [{"model": "fed_chk", "model_id": "a", "action": "I", "data": {"id": "a", "v": "ok"}, "version": "0193a8f2c4d10003@fedq", "origin": "fedq"}]},
+  {"model": "fed_chk", "model_id": "b", "changes": [{"model": "fed_chk", "model_id": "b", "action": "I", "data": {"id": "b", "v": "bad"}, "version": "0193a8f2c4d10004@fedq", "origin": "fedq"}]},
+  {"model": "fed_chk", "model_id": "c", "changes": [{"model": "fed_chk", "model_id": "c", "action": "I", "data": {"id": "c", "v": "ok"}, "version": "7fffa8f2c4d10003@fedq", "origin": "fedq"}]},
+  {"model": "fed_chk", "model_id": "d", "changes": [{"model": "fed_chk", "model_id": "d", "action": "I", "data": {"id": "d", "v": "ok"}, "version": "0193a8f2c4d10005@fedq", "origin": "fedq"}]}
+]$$) - 'after_model' AS applied;
+SELECT after_model, after_model_id, rows, pages FROM pg_sync.peer_joins WHERE peer_node_id = 'fedq';
+SELECT sync_id < 0 AS snapshot_key, sqlstate, regexp_replace(message, '\d{6,}', 'N', 'g') AS message, change -> 0 ->> 'model_id' AS model_id
+  FROM pg_sync.peer_quarantine WHERE peer_node_id = 'fedq' ORDER BY model_id;
+SELECT event, detail - 'join_w' AS detail FROM pg_sync.peer_events WHERE peer = 'fedq' AND event = 'quarantined';
+RESET ROLE;
+SELECT id, v FROM fed_chk ORDER BY id;
+ALTER TABLE fed_chk DROP CONSTRAINT fed_chk_v_check;
+SELECT pg_sync.retry_quarantined('fedq') AS remaining;
+SELECT id, v FROM fed_chk ORDER BY id;
+SELECT pg_sync.finish_peer_join('fedq', 0);
+DELETE FROM pg_sync.peer_quarantine WHERE peer_node_id = 'fedq';
+SELECT pg_sync.unregister_table('fed_chk'), pg_sync.remove_peer('fedq');
+DROP TABLE fed_chk;
+DROP OWNED BY fed_wrk;
+DROP ROLE fed_wrk;
+-- A live state whose table row is gone is sent without an insert, not as a key-only live row
+-- (rev1 #08); a row that predates its registration (registered after the peer was added) and
+-- was then updated goes as a U of its updated columns, never as an I with version '' (rev1
+-- #03), with a WARNING that names the model and the announce hint.
+CREATE TABLE fed_u (id int PRIMARY KEY, v text NOT NULL);
+SELECT pg_sync.register_table('fed_u', federation => 'both');
+INSERT INTO fed_u VALUES (1, 'one'), (2, 'two');
+SELECT pg_sync.unregister_table('fed_u');
+DELETE FROM fed_u WHERE id = 2;
+INSERT INTO fed_u VALUES (3, 'three');
+SELECT pg_sync.register_table('fed_u', federation => 'both');
+UPDATE fed_u SET v = 'drei' WHERE id = 3;
+SELECT model_id, created = '' AS unrecorded, deleted IS NULL AS live FROM pg_sync.row_state WHERE model = 'fed_u' ORDER BY 1;
+SELECT model_id, jsonb_path_query_array(changes, '$[*].action') AS actions,
+       jsonb_path_query_array(changes, '$[*].data') AS data,
+       jsonb_path_query_array(changes, '$[*].version ? (@ == "")') AS empty_versions
+  FROM pg_sync.peer_snapshot('fedp') WHERE model = 'fed_u' ORDER BY 1;
+SELECT pg_sync.unregister_table('fed_u');
+DROP TABLE fed_u;
+SELECT pg_sync.unregister_table('fed_t'), pg_sync.unregister_table('fed_t2'), pg_sync.remove_peer('fedp');
+DROP TABLE fed_t, fed_t2, fed_loot;
+DROP CAST (fed_mood AS json);
+DROP FUNCTION fed_mood_json(fed_mood);
+DROP TYPE fed_mood;
+REVOKE CREATE ON SCHEMA public FROM fed_mig;
+REVOKE EXECUTE ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM fed_mig;
+DROP ROLE fed_mig;
+-- pg_dump keeps federation's data tables, the conflict log and the snapshot quarantine keys'
+-- sequence included (rev1 #12).
+SELECT c::regclass::text AS dumped FROM pg_extension e, unnest(e.extconfig) c
+ WHERE e.extname = 'pg_sync' AND c::regclass::text ~ '^pg_sync\.(conflicts|snapshot_quarantine)' ORDER BY 1;
 -- Removing a peer drops its hold.
 SELECT pg_sync.remove_peer('h1'), pg_sync.remove_peer('h2');
 SELECT count(*) AS holds, (SELECT count(*) FROM pg_sync.peer_probes) AS probes FROM pg_sync.peer_holds;
