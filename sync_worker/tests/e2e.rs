@@ -143,12 +143,12 @@ fn setup_blocking(cluster: &Cluster, db: &str) -> postgres_client::Client {
          SELECT pg_sync.register_table('todos', group_column => 'project');
          CREATE TABLE announcements (id int PRIMARY KEY, body text);
          SELECT pg_sync.register_table('announcements');
-         -- The fixture's memberships predate the log, as a restored database's do (a session
-         -- with check_function_bodies off is not logged): sync ids here count the tests' own
-         -- changes. Memberships a test makes are logged.
-         SET check_function_bodies = off;
+         -- The fixture's memberships predate the log, as a restored database's do (a restore
+         -- session, pg_sync.restoring on, superuser only, is not logged): sync ids here count
+         -- the tests' own changes. Memberships a test makes are logged.
+         SET pg_sync.restoring = on;
          SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('bob', 'p2');
-         RESET check_function_bodies;",
+         RESET pg_sync.restoring;",
     )
     .unwrap();
     c.into()
