@@ -441,9 +441,11 @@ async fn session(
         // The gap's membership changes are log actions: publishing applies each at its
         // position. Reconciling with the database's memberships first would apply a join
         // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
+        // A key revoked in the gap gets none of it: revocations are not positional.
+        s.revoke_gone_keys().await?;
         s.publish_from_db(published + 1, last_sync_id, vec![])
             .await?;
-        s.refresh_memberships(last_sync_id).await?;
+        s.reconcile_groups(last_sync_id).await?;
     }
     if std::mem::take(peek) {
         s.sequence_backlog_peeked().await?;
@@ -755,8 +757,9 @@ impl Session<'_> {
         tracing::info!(transactions = n, first, last, "sequenced backlog");
         // The backlog's membership changes are among its actions, applied at their
         // positions; the reconciliation comes after them, as of where they left the hub.
+        self.revoke_gone_keys().await?;
         self.publish_from_db(first, last, vec![]).await?;
-        self.refresh_memberships(last).await?;
+        self.reconcile_groups(last).await?;
         self.next_sync_id = last + 1;
         Ok(())
     }
@@ -833,13 +836,9 @@ impl Session<'_> {
         self.published_backlog(first, n).await
     }
 
-    /// Gives the hub the groups of every user it tracks as of sync id `at` (where the hub's
-    /// publishing has got to: changes sequenced above it, or not yet, are taken as before
-    /// them), and closes the sessions of API keys that no longer exist. Every membership
-    /// change is logged and applied at its position, so this changes nothing unless a change
-    /// escaped the log (a trigger disabled by the owner); called after publishing, never
-    /// before, so it cannot run ahead of the position.
-    async fn refresh_memberships(&self, at: i64) -> Result<(), SequencerError> {
+    /// Closes the sessions of API keys that no longer exist (called before publishing a gap:
+    /// a key revoked in it gets none of it).
+    async fn revoke_gone_keys(&self) -> Result<(), SequencerError> {
         let keys = self.hub.keys();
         if !keys.is_empty() {
             let live: std::collections::HashSet<String> = self
@@ -861,6 +860,15 @@ impl Session<'_> {
                 }]);
             }
         }
+        Ok(())
+    }
+
+    /// Gives the hub the groups of every user it tracks as of sync id `at` (where the hub's
+    /// publishing has got to: changes sequenced above it, or not yet, are taken as before
+    /// them). Every membership change is logged and applied at its position, so this changes
+    /// nothing unless a change escaped the log (a trigger disabled by the owner); called after
+    /// publishing, never before, so it cannot run ahead of the position (REVIEW rev2 F3).
+    async fn reconcile_groups(&self, at: i64) -> Result<(), SequencerError> {
         let users = self.hub.users();
         if users.is_empty() {
             return Ok(());
