@@ -9,6 +9,10 @@
 //!   HLC reads. For tests of clock steps only.
 //! - `pg_sync.log_conflicts` (superuser, boolean, default off): `apply_remote` records in
 //!   `pg_sync.conflicts` each incoming column value that lost to a newer one from another node.
+//! - `pg_sync.restoring` (superuser, boolean, default off): a restore session (`pg_restore`,
+//!   a `pg_dump` script) sets it so the memberships it restores are not logged again (the log is
+//!   restored with them). Superuser only: a writer of memberships must not be able to change
+//!   them unlogged (REVIEW rev2 F1). Read by `pg_sync.log_membership()` in SQL.
 
 use crate::errors;
 use pg_sync_lww::version::validate_node_id;
@@ -20,6 +24,7 @@ static NODE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static TEST_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static LOG_CONFLICTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static RESTORING: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
     GucRegistry::define_bool_guc(
@@ -27,6 +32,14 @@ pub fn define() {
         c"Record remote column values that lost to a newer value from another node.",
         c"apply_remote inserts one row per lost column into pg_sync.conflicts (no values).",
         &LOG_CONFLICTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_sync.restoring",
+        c"This session restores a dump: membership changes are not logged again.",
+        c"Set by a superuser for pg_restore or a pg_dump script (PGOPTIONS='-c pg_sync.restoring=on'); the log is restored with the memberships.",
+        &RESTORING,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -402,6 +402,18 @@ impl Hub {
         }
     }
 
+    /// The user's groups now and the published watermark they are as of (read together: every
+    /// membership change in them is at or below it).
+    pub fn groups_and_position(&self, user: &str) -> (Vec<String>, i64) {
+        let st = self.lock();
+        let groups = st
+            .users
+            .get(user)
+            .map(|u| u.groups.iter().cloned().collect())
+            .unwrap_or_default();
+        (groups, st.last_published)
+    }
+
     /// Whether the hub still holds subscriber `id` (it drops revoked and slow ones).
     pub fn is_registered(&self, id: u64) -> bool {
         self.lock().subs.contains_key(&id)

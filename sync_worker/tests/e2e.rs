@@ -143,12 +143,12 @@ fn setup_blocking(cluster: &Cluster, db: &str) -> postgres_client::Client {
          SELECT pg_sync.register_table('todos', group_column => 'project');
          CREATE TABLE announcements (id int PRIMARY KEY, body text);
          SELECT pg_sync.register_table('announcements');
-         -- The fixture's memberships predate the log, as a restored database's do (a session
-         -- with check_function_bodies off is not logged): sync ids here count the tests' own
-         -- changes. Memberships a test makes are logged.
-         SET check_function_bodies = off;
+         -- The fixture's memberships predate the log, as a restored database's do (a restore
+         -- session, pg_sync.restoring on, superuser only, is not logged): sync ids here count
+         -- the tests' own changes. Memberships a test makes are logged.
+         SET pg_sync.restoring = on;
          SELECT pg_sync.add_member('alice', 'p1'), pg_sync.add_member('bob', 'p2');
-         RESET check_function_bodies;",
+         RESET pg_sync.restoring;",
     )
     .unwrap();
     c.into()
@@ -4032,5 +4032,189 @@ async fn a_join_not_yet_published_when_the_user_connects_is_announced_at_its_pos
         .map(|f| format!("{}:{}", f["type"].as_str().unwrap(), f["syncId"]))
         .collect();
     assert_eq!(seen, ["membership:3", "delta:4"], "{got:?}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A membership removed in a session with `check_function_bodies = off` (a setting any role may
+/// change) is logged like any other: the live session stops getting the group (REVIEW rev2 F1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_made_with_check_function_bodies_off_is_logged_and_applied_live() {
+    let (cluster, mut db) = app_cluster("rev2_cfb");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(
+        &mut db,
+        "SET check_function_bodies = off;
+         DELETE FROM pg_sync.group_memberships WHERE user_id = 'alice' AND group_id = 'p1';
+         RESET check_function_bodies;",
+    );
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'secret after removal', 'p1')",
+    );
+    let got = quiet(&mut alice, Duration::from_secs(3)).await;
+    eprintln!("frames after removal: {got:?}");
+    assert!(
+        got.iter().all(|f| f["modelId"] != "1"),
+        "alice was removed from p1 but got its delta: {got:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A join published while a long replay is still paging (the hub's groups have the group before
+/// the replay reaches the join) serves none of the group's deltas from before the join: a page's
+/// groups and joins are read as of the same position (REVIEW rev2 F2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_published_while_a_replay_pages_hides_the_groups_earlier_history() {
+    let (cluster, mut db) = app_cluster("rev2_replay_join");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    let (_, from) = subscribe(&mut alice, 0).await;
+    alice.close(None).await.ok();
+    // 16000 actions alternating p1 (alice's, big) and p2 (bob's): pages of 5000 sync ids with
+    // megabytes of p1 rows each, so the replay stalls on the socket.
+    exec(
+        &mut db,
+        "INSERT INTO todos SELECT i, CASE WHEN i % 2 = 0 THEN repeat('x', 3000) ELSE 'p2 secret' END,
+                CASE WHEN i % 2 = 0 THEN 'p1' ELSE 'p2' END FROM generate_series(1, 16000) i",
+    );
+    // Wait until published (healthz says the hub's watermark).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (_, body) = http_get(worker.port, "/healthz").await.unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if v["lastSyncId"].as_i64().unwrap_or(0) >= from + 16000 || Instant::now() > deadline {
+            eprintln!("healthz {body}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut alice = connect(worker.port, "alice").await;
+    send(&mut alice, json!({"type": "subscribe", "after": from})).await;
+    // Read one frame, then stall while alice joins p2 and it is published.
+    let first = next(&mut alice, Duration::from_secs(30)).await;
+    eprintln!(
+        "REV2 first frame {:?}",
+        first
+            .as_ref()
+            .map(|f| (f["type"].clone(), f["syncId"].clone()))
+    );
+    exec(&mut db, "SELECT pg_sync.add_member('alice', 'p2')");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut leaked = vec![];
+    let mut join_at = None;
+    let mut n = 0;
+    loop {
+        let Some(f) = next(&mut alice, Duration::from_secs(30)).await else {
+            break;
+        };
+        n += 1;
+        if f["type"] == "membership" && f["groupId"] == "p2" {
+            join_at = f["syncId"].as_i64();
+        }
+        if f["type"] == "delta" && f["groupId"] == "p2" {
+            leaked.push(f["syncId"].as_i64().unwrap());
+        }
+        if f["type"] == "caught_up" {
+            break;
+        }
+    }
+    eprintln!(
+        "REV2 frames {n}, join at {join_at:?}, p2 deltas delivered: {} (first {:?}, last {:?})",
+        leaked.len(),
+        leaked.first(),
+        leaked.last()
+    );
+    assert!(
+        leaked.is_empty(),
+        "p2 history from before alice's join at {join_at:?} delivered: {} deltas",
+        leaked.len()
+    );
+    assert_eq!(
+        join_at,
+        Some(from + 16001),
+        "the join frame, at its position"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// After a session fails between persist and publish, the new session republishes the gap with
+/// each membership change at its position: a join inside the gap comes after the gap's earlier
+/// deltas of that group, so they do not reach the user, and the join is announced at its sync id
+/// (REVIEW rev2 F3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_in_a_republished_gap_gets_none_of_the_groups_earlier_deltas() {
+    let (cluster, mut db) = app_cluster("rev2_gap_join");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(
+        &mut db,
+        "BEGIN; INSERT INTO todos VALUES (1, 'p2 secret, deleted before alice joined', 'p2');
+         DELETE FROM todos WHERE id = 1;
+         SELECT pg_sync.add_member('alice', 'p2'); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'for alice', 'p2')");
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
+        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    eprintln!("gap frames: {frames:?}");
+    let (_, body) = http_get_with(
+        worker.port,
+        "/sync/deltas?after=0&limit=100",
+        &bearer("alice"),
+    )
+    .await;
+    eprintln!("same range over /sync/deltas: {body}");
+    let deltas: Vec<Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .cloned()
+        .collect();
+    assert_eq!(summary(&deltas), ["todos:I:2"], "{frames:?}");
+    let joins: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "membership" && f["groupId"] == "p2")
+        .map(|f| &f["syncId"])
+        .collect();
+    assert_eq!(
+        joins,
+        [&json!(3)],
+        "the join at its log position: {frames:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A join made with `check_function_bodies = off` is logged too, so a replay serves none of the
+/// group's history from before it (REVIEW rev2 F1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_made_with_check_function_bodies_off_hides_earlier_history() {
+    let (cluster, mut db) = app_cluster("rev2_cfb_join");
+    let worker = Worker::started(&cluster, "app").await;
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'p2 before alice', 'p2')",
+    );
+    exec(&mut db, "DELETE FROM todos WHERE id = 1");
+    exec(
+        &mut db,
+        "SET check_function_bodies = off; SELECT pg_sync.add_member('alice', 'p2'); RESET check_function_bodies;",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = http_get_with(
+        worker.port,
+        "/sync/deltas?after=0&limit=100",
+        &bearer("alice"),
+    )
+    .await;
+    eprintln!("deltas {status} {body}");
+    assert!(!body.contains("p2 before alice"), "{body}");
     tokio::task::block_in_place(|| drop(db));
 }

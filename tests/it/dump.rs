@@ -42,8 +42,13 @@ fn snapshot(c: &mut Client) -> Vec<String> {
 }
 
 fn run(program: &Path, args: &[&str]) {
+    run_with(program, args, &[]);
+}
+
+fn run_with(program: &Path, args: &[&str], env: &[(&str, &str)]) {
     let out = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run a Postgres client binary");
     assert!(
@@ -78,14 +83,16 @@ fn dump(source: &Cluster, db: &str) -> std::path::PathBuf {
     file
 }
 
-/// Creates database `db` in `target` and `pg_restore`s `file` into it.
+/// Creates database `db` in `target` and `pg_restore`s `file` into it, as a restore session
+/// (`pg_sync.restoring`, superuser only): the restored memberships come with their log and are
+/// not logged again (without it the restore logs them anew and its log rows collide).
 fn restore(target: &Cluster, db: &str, file: &str) {
     target
         .connect("postgres")
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .unwrap();
     let port = target.port.to_string();
-    run(
+    run_with(
         &target.bindir().join("pg_restore"),
         &[
             "-h",
@@ -99,6 +106,7 @@ fn restore(target: &Cluster, db: &str, file: &str) {
             db,
             file,
         ],
+        &[("PGOPTIONS", "-c pg_sync.restoring=on")],
     );
 }
 

@@ -131,7 +131,8 @@ pub struct Replay<'a> {
     cursor: i64,
     pub through: i64,
     live: bool,
-    /// The user's joins in the range (cursor, joins_upto]: group -> sync id of the last one.
+    /// The user's joins in the range (start, joins_upto]: group -> sync id of the last one.
+    /// `joins_upto` is at least the position of the groups each page filters by.
     joins: Joins,
     joins_upto: i64,
 }
@@ -210,18 +211,23 @@ impl<'a> Replay<'a> {
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
                 }
-                if self.joins_upto < self.through {
-                    let more = joins(&self.db, self.user, self.joins_upto, self.through)
+                // The page's groups are the hub's now, which hold every join published so far,
+                // beyond `through` too: the joins are read up to the same position, so a group
+                // joined while the replay pages has its join here and none of its deltas from
+                // before it pass (REVIEW rev2 F2).
+                let (groups, groups_at) = self.app.hub.groups_and_position(self.user);
+                let upto = self.through.max(groups_at);
+                if self.joins_upto < upto {
+                    let more = joins(&self.db, self.user, self.joins_upto, upto)
                         .await
                         .map_err(|e| ReplayError::Db(e.to_string()))?;
                     for (g, at) in more {
                         let last = self.joins.entry(g).or_insert(at);
                         *last = (*last).max(at);
                     }
-                    self.joins_upto = self.through;
+                    self.joins_upto = upto;
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
-                let groups = self.app.hub.groups_of(self.user);
                 let mut page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;

@@ -438,11 +438,14 @@ async fn session(
     // live subscribers now, before anything newer.
     let published = hub.published();
     if !hub.catch_up(last_sync_id) {
-        // Those transactions' membership changes were lost with the session that persisted
-        // them: the database's memberships now go first, so a removed user gets none of it.
-        s.refresh_memberships().await?;
+        // The gap's membership changes are log actions: publishing applies each at its
+        // position. Reconciling with the database's memberships first would apply a join
+        // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
+        // A key revoked in the gap gets none of it: revocations are not positional.
+        s.revoke_gone_keys().await?;
         s.publish_from_db(published + 1, last_sync_id, vec![])
             .await?;
+        s.reconcile_groups(last_sync_id).await?;
     }
     if std::mem::take(peek) {
         s.sequence_backlog_peeked().await?;
@@ -752,9 +755,11 @@ impl Session<'_> {
             .await?
             .get(0);
         tracing::info!(transactions = n, first, last, "sequenced backlog");
-        // The backlog's membership changes never stream: take the database's.
-        self.refresh_memberships().await?;
+        // The backlog's membership changes are among its actions, applied at their
+        // positions; the reconciliation comes after them, as of where they left the hub.
+        self.revoke_gone_keys().await?;
         self.publish_from_db(first, last, vec![]).await?;
+        self.reconcile_groups(last).await?;
         self.next_sync_id = last + 1;
         Ok(())
     }
@@ -831,9 +836,9 @@ impl Session<'_> {
         self.published_backlog(first, n).await
     }
 
-    /// Gives the hub the current groups of every user it tracks, and closes the sessions of
-    /// API keys that no longer exist.
-    async fn refresh_memberships(&self) -> Result<(), SequencerError> {
+    /// Closes the sessions of API keys that no longer exist (called before publishing a gap:
+    /// a key revoked in it gets none of it).
+    async fn revoke_gone_keys(&self) -> Result<(), SequencerError> {
         let keys = self.hub.keys();
         if !keys.is_empty() {
             let live: std::collections::HashSet<String> = self
@@ -855,16 +860,43 @@ impl Session<'_> {
                 }]);
             }
         }
+        Ok(())
+    }
+
+    /// Gives the hub the groups of every user it tracks as of sync id `at` (where the hub's
+    /// publishing has got to: changes sequenced above it, or not yet, are taken as before
+    /// them). Every membership change is logged and applied at its position, so this changes
+    /// nothing unless a change escaped the log (a trigger disabled by the owner); called after
+    /// publishing, never before, so it cannot run ahead of the position (REVIEW rev2 F3).
+    async fn reconcile_groups(&self, at: i64) -> Result<(), SequencerError> {
         let users = self.hub.users();
         if users.is_empty() {
             return Ok(());
         }
+        // `stream::load_groups` for many users: the memberships now, each whose membership
+        // changed after `at` taken as it was before its first such change.
         let rows = self
             .db
             .query(
-                "SELECT user_id, array_agg(group_id) FROM pg_sync.group_memberships
-                  WHERE user_id = ANY ($1) GROUP BY user_id",
-                &[&users],
+                "WITH later AS (
+                     SELECT DISTINCT ON (m.user_id, m.group_id) m.user_id, m.group_id, m.joined
+                       FROM pg_sync.membership_log m
+                       JOIN pg_sync.sync_actions a ON a.id = m.action_id
+                       LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
+                      WHERE m.user_id = ANY ($1)
+                        AND (c.xid IS NULL
+                             OR c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
+                                                    WHERE b.xid = a.xid AND b.id < a.id) > $2)
+                      ORDER BY m.user_id, m.group_id, m.action_id),
+                 at_pos AS (
+                     SELECT g.user_id, g.group_id FROM pg_sync.group_memberships g
+                      WHERE g.user_id = ANY ($1)
+                        AND NOT EXISTS (SELECT 1 FROM later l
+                                         WHERE l.user_id = g.user_id AND l.group_id = g.group_id)
+                     UNION
+                     SELECT l.user_id, l.group_id FROM later l WHERE NOT l.joined)
+                 SELECT user_id, array_agg(group_id) FROM at_pos GROUP BY user_id",
+                &[&users, &at],
             )
             .await?;
         let fresh: HashMap<String, Vec<String>> =

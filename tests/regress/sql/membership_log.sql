@@ -41,18 +41,27 @@ TRUNCATE pg_sync.group_memberships;
 SELECT seq();
 SELECT * FROM log_since((SELECT at FROM mark));
 
--- pg_dump's restore (check_function_bodies off) restores memberships and the log alike: the
--- restored rows are not logged again.
-SET check_function_bodies = off;
+-- A restore (a superuser session with pg_sync.restoring on) restores memberships and the log
+-- alike: the restored rows are not logged again.
+SET pg_sync.restoring = on;
 SELECT pg_sync.add_member('ml_u5', 'ml_g6');
-RESET check_function_bodies;
+RESET pg_sync.restoring;
 SELECT count(*) AS logged FROM pg_sync.sync_actions WHERE model_id = 'ml_u5';
+
+-- check_function_bodies off (as pg_dump scripts set it; any role may) is no restore: logged.
+SET check_function_bodies = off;
+SELECT pg_sync.add_member('ml_u9', 'ml_g6');
+RESET check_function_bodies;
+SELECT action, group_id FROM pg_sync.sync_actions WHERE model_id = 'ml_u9';
 
 -- A role that may write the memberships, and nothing else of pg_sync's, has its change logged.
 CREATE ROLE ml_admin;
 GRANT INSERT ON pg_sync.group_memberships TO ml_admin;
 SET ROLE ml_admin;
 INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('ml_u7', 'ml_g8');
+-- ... and cannot declare itself a restore to change memberships unlogged.
+SELECT err($$SET pg_sync.restoring = on$$);
+SELECT err($$SELECT set_config('pg_sync.restoring', 'on', false)$$);
 SELECT err($$INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin) VALUES ('$membership', 'x', 'J', '{}', '', '')$$);
 RESET ROLE;
 SELECT action, group_id FROM pg_sync.sync_actions WHERE model_id = 'ml_u7';
