@@ -906,3 +906,120 @@ async fn electric_client_syncs_resumes_and_recovers_in_node() {
         "the Node test failed (SEED={seed}): {status}"
     );
 }
+
+/// Reads an open connection until it closes or `secs` pass; returns what came and whether it
+/// closed.
+async fn drain(s: &mut tokio::net::TcpStream, secs: u64) -> (String, bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = String::new();
+    loop {
+        let mut buf = [0u8; 8192];
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (seen, true),
+            Err(_) => return (seen, false),
+            Ok(Ok(n)) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+}
+
+/// Review rev3 #1 and #3 in one cluster: an API key revoked while its SSE stream and long-poll
+/// are open ends the stream at once and answers the long-poll 401 (nothing written after the
+/// revocation goes out); JSON `null` in a NOT NULL jsonb column is the text `null` in deltas,
+/// as in the snapshot (@electric-sql/client refuses a null there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_revoked_key_ends_held_requests_and_json_null_stays_text() {
+    let (cluster, c) = app_cluster("shape_revoke_jnull").await;
+    c.batch_execute(
+        "CREATE TABLE d (id int PRIMARY KEY, doc jsonb NOT NULL, opt jsonb);
+         SELECT pg_sync.register_table('d');
+         INSERT INTO d VALUES (1, 'null', NULL);",
+    )
+    .await
+    .unwrap();
+    let row = c
+        .query_one(
+            "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (key_id, key): (String, String) = (row.get(0), row.get(1));
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let auth = format!("Bearer {key}");
+    let r = raw_request(
+        port,
+        "GET",
+        "/v1/shape?table=todos&offset=-1",
+        &[("Authorization", auth.clone())],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
+             Host: x\r\nConnection: close\r\nAuthorization: {auth}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, closed) = drain(&mut sse, 1).await;
+    assert!(head.contains("200 OK") && !closed, "{head}");
+    let poll = {
+        let path = format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true");
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = raw_request(port, "GET", &path, &[("Authorization", auth)], "")
+                .await
+                .unwrap();
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let revoked: bool = c
+        .query_one("SELECT pg_sync.revoke_api_key($1::text::uuid)", &[&key_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(revoked);
+    c.batch_execute("INSERT INTO todos VALUES (10, 'written after the revoke', 'p1')")
+        .await
+        .unwrap();
+    let (r, held) = poll.await.unwrap();
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert!(held < Duration::from_secs(10), "held {held:?}");
+    let (after, closed) = drain(&mut sse, 5).await;
+    assert!(closed, "the SSE stream stayed open: {after}");
+    assert!(!after.contains("written after the revoke"), "{after}");
+
+    let r = get(port, "/v1/shape?table=d&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let snap = body(&r);
+    assert_eq!(snap[0]["value"]["doc"], "null", "{snap:?}");
+    assert_eq!(snap[0]["value"]["opt"], Value::Null, "{snap:?}");
+    c.batch_execute("INSERT INTO d VALUES (2, 'null', NULL); UPDATE d SET doc = '{}' WHERE id = 1; UPDATE d SET doc = 'null' WHERE id = 1")
+        .await
+        .unwrap();
+    let mut offset = format!("{}_0", offset_id(&r));
+    let mut seen = vec![];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < 3 {
+        let r = next_changes(port, "d", "alice", &handle, &offset).await;
+        offset = format!("{}_0", offset_id(&r));
+        seen.extend(changes(&body(&r)).into_iter().cloned());
+        assert!(Instant::now() < deadline);
+    }
+    assert_eq!(seen[0]["value"]["doc"], "null", "{seen:?}");
+    assert_eq!(seen[0]["value"]["opt"], Value::Null, "{seen:?}");
+    assert_eq!(seen[1]["value"]["doc"], "{}", "{seen:?}");
+    assert_eq!(seen[2]["value"]["doc"], "null", "{seen:?}");
+}

@@ -769,6 +769,8 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(p) => p,
         Err(r) => return r.into_response(),
     };
+    // Subscribed before the key is checked: a key revoked from here on ends a held request.
+    let revocations = app.hub.revocations();
     let identity = match super::authenticate(app, headers, &q).await {
         Ok(i) => i,
         Err(r) => return r.into_response(),
@@ -777,6 +779,7 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    let watch = identity.key.clone().map(|k| (k, revocations));
     let Some(watermark) = app.hub.watermark() else {
         return unavailable("the worker is starting; retry").into_response();
     };
@@ -812,9 +815,10 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
                     after,
                     p.clone(),
                     identity.expires,
+                    watch,
                 );
             }
-            changes(app, &shape, &handle, after, &p).await
+            changes(app, &shape, &handle, after, &p, watch).await
         }
     }
 }
@@ -848,7 +852,16 @@ async fn read_log(
     for (pos, &i) in shape.selected.iter().enumerate() {
         let c = &m.cols[i];
         let lit = sql_literal(&c.name);
-        let from_data = format!("r.{}::text", quote(&c.name));
+        // Capture stores SQL NULL and JSON null alike as JSON null, which
+        // `jsonb_populate_record` makes SQL NULL. A NOT NULL json/jsonb column holds no SQL
+        // NULL, so its value is the captured JSON text (`null` stays the text `null`, as the
+        // snapshot sends it; the client refuses a null in a not_null column).
+        let json_text = c.not_null && c.dims == 0 && matches!(c.typname.as_str(), "json" | "jsonb");
+        let from_data = if json_text {
+            format!("(c.data -> {lit})::text")
+        } else {
+            format!("r.{}::text", quote(&c.name))
+        };
         match shape.pk_pos.iter().position(|&p| p == pos) {
             // Updates carry only the changed columns: the key comes from the model id.
             Some(k) => {
@@ -954,6 +967,7 @@ async fn changes(
     handle: &str,
     mut after: i64,
     p: &Params,
+    mut watch: bootstrap::KeyWatch,
 ) -> Response {
     let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
     let deadline = tokio::time::Instant::now() + hold;
@@ -970,6 +984,10 @@ async fn changes(
                 return unavailable("database unavailable; retry").into_response();
             }
         };
+        // Checked after the read: nothing written after a revocation goes out under the key.
+        if bootstrap::key_revoked(&mut watch) {
+            return revoked_key();
+        }
         let caught_up = page.end >= through;
         if !p.live || !page.messages.is_empty() || !caught_up {
             return respond_messages(shape, handle, page, caught_up, p);
@@ -997,6 +1015,17 @@ async fn changes(
         true,
         p,
     )
+}
+
+/// The answer to a request whose API key was revoked while it was held (what a new request
+/// with the key gets).
+fn revoked_key() -> Response {
+    Refusal::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+        "unknown or revoked API key",
+    )
+    .into_response()
 }
 
 /// The fingerprint the shape would have now (the user's groups may have changed).
@@ -1215,6 +1244,7 @@ fn sse(
     after: i64,
     p: Params,
     expires: Option<std::time::SystemTime>,
+    mut watch: bootstrap::KeyWatch,
 ) -> Response {
     let answer = Answer {
         handle: &handle,
@@ -1248,6 +1278,10 @@ fn sse(
                     return;
                 }
             };
+            // The stream ends when the key is revoked: the reconnect gets the 401.
+            if bootstrap::key_revoked(&mut watch) {
+                return;
+            }
             let caught_up = page.end >= through;
             let mut out = String::new();
             for m in &page.messages {
