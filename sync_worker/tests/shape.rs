@@ -1023,3 +1023,58 @@ async fn shape_revoked_key_ends_held_requests_and_json_null_stays_text() {
     assert_eq!(seen[1]["value"]["doc"], "{}", "{seen:?}");
     assert_eq!(seen[2]["value"]["doc"], "null", "{seen:?}");
 }
+
+/// Review rev3 #2: an `offset=-1` snapshot whose client never reads gives up (as
+/// /sync/bootstrap does, at its stall timeout or deadline; the deadline is forced to now by a
+/// failpoint), ending the snapshot and freeing its bootstrap slot for the next snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_stalled_snapshot_frees_its_slot() {
+    let (cluster, c) = app_cluster("shape_stall").await;
+    // Several MB of text output: more than the channel, hyper and the socket buffers hold.
+    c.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, body text);
+         INSERT INTO big SELECT i, repeat(md5(i::text), 300) FROM generate_series(1, 2000) i;
+         SELECT pg_sync.register_table('big');",
+    )
+    .await
+    .unwrap();
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_FAILPOINTS", "shape_snapshot_deadline"),
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "5"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET /v1/shape?table=big&offset=-1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                token("alice", 3600, SECRET)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let r = get(port, "/v1/shape?table=notes&offset=-1", "bob").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let open: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "a snapshot is still held open");
+    drop(stalled);
+}

@@ -1162,6 +1162,15 @@ fn stream_snapshot(
     );
     tokio::spawn(async move {
         let _permit = permit;
+        // As /sync/bootstrap: a client that takes nothing for `STALL_TIMEOUT`, or has not
+        // taken it all by `DEADLINE`, loses the stream (its body ends unterminated, so it
+        // retries), and dropping `snap` ends the snapshot and frees the slot.
+        let deadline = if crate::failpoint::fire("shape_snapshot_deadline") {
+            Instant::now()
+        } else {
+            Instant::now() + bootstrap::DEADLINE
+        };
+        let mut shutdown = app.shutdown.clone();
         let m = &shape.model;
         let mut prefix = br#"{"headers":{"operation":"insert","relation":"#.to_vec();
         prefix.extend_from_slice(m.relation().to_string().as_bytes());
@@ -1214,7 +1223,7 @@ fn stream_snapshot(
             if buf.len() >= SNAPSHOT_CHUNK {
                 let chunk = Bytes::from(std::mem::take(&mut buf));
                 buf.reserve(SNAPSHOT_CHUNK + 4096);
-                if tx.send(chunk).await.is_err() {
+                if !send_chunk(&tx, chunk, deadline, &mut shutdown).await {
                     return;
                 }
             }
@@ -1228,9 +1237,25 @@ fn stream_snapshot(
         }
         buf.extend_from_slice(up_to_date(w).as_bytes());
         buf.push(b']');
-        let _ = tx.send(Bytes::from(buf)).await;
+        send_chunk(&tx, Bytes::from(buf), deadline, &mut shutdown).await;
     });
     resp
+}
+
+/// Sends one snapshot chunk; false when the client has gone, took nothing for
+/// `STALL_TIMEOUT`, the `deadline` passed, or the worker is shutting down.
+async fn send_chunk(
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    chunk: Bytes,
+    deadline: Instant,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let wait = bootstrap::STALL_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+    tokio::select! {
+        biased;
+        sent = tokio::time::timeout(wait, tx.send(chunk)) => matches!(sent, Ok(Ok(()))),
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
 }
 
 /// `live=true&live_sse=true`: the changes after `after` as Server-Sent Events, one message per
