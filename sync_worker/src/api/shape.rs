@@ -971,10 +971,9 @@ async fn changes(
 ) -> Response {
     let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
     let deadline = tokio::time::Instant::now() + hold;
-    let mut ticks = app.hub.published_ticks();
+    let mut wakes = app.hub.touched();
     let mut shutdown = app.shutdown.clone();
     loop {
-        ticks.borrow_and_update();
         let through = app.hub.published();
         let page = match read_log(app, shape, after, through).await {
             Ok(Some(page)) => page,
@@ -994,7 +993,7 @@ async fn changes(
         }
         after = through;
         tokio::select! {
-            changed = ticks.changed() => if changed.is_err() { break },
+            woke = next_wake(&mut wakes, shape) => if !woke { break },
             _ = tokio::time::sleep_until(deadline) => break,
             _ = shutdown.changed() => break,
         }
@@ -1015,6 +1014,31 @@ async fn changes(
         true,
         p,
     )
+}
+
+/// Waits for a publish that may concern `shape` (its model, its user's memberships, or
+/// everyone's); false when the hub is gone. Subscribed before the held request read the
+/// watermark, so no publish after that read is missed (earlier ones only wake it needlessly).
+/// Cancel-safe: what it skipped concerned other shapes.
+async fn next_wake(
+    wakes: &mut tokio::sync::broadcast::Receiver<Arc<crate::hub::Touched>>,
+    shape: &Shape,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match wakes.recv().await {
+            Ok(t)
+                if t.everyone
+                    || t.models.contains(&shape.model.name)
+                    || t.members.contains(&shape.user) =>
+            {
+                return true
+            }
+            Ok(_) => continue,
+            Err(RecvError::Lagged(_)) => return true,
+            Err(RecvError::Closed) => return false,
+        }
+    }
 }
 
 /// The answer to a request whose API key was revoked while it was held (what a new request
@@ -1285,7 +1309,7 @@ fn sse(
     );
     tokio::spawn(async move {
         let deadline = Instant::now() + SSE_MAX;
-        let mut ticks = app.hub.published_ticks();
+        let mut wakes = app.hub.touched();
         let mut shutdown = app.shutdown.clone();
         let mut after = after;
         let mut first = true;
@@ -1293,7 +1317,6 @@ fn sse(
         let expiry = super::stream::token_expiry(expires);
         tokio::pin!(expiry);
         loop {
-            ticks.borrow_and_update();
             let through = app.hub.published();
             let page = match read_log(&app, &shape, after, through).await {
                 Ok(Some(page)) => page,
@@ -1330,7 +1353,7 @@ fn sse(
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::select! {
-                    changed = ticks.changed() => if changed.is_err() { return } else { break },
+                    woke = next_wake(&mut wakes, &shape) => if woke { break } else { return },
                     _ = tokio::time::sleep(SSE_KEEPALIVE.min(left)) => {
                         if Instant::now() >= deadline {
                             return;
