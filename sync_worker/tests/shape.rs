@@ -1143,3 +1143,53 @@ async fn shape_held_polls_ignore_unrelated_publishes() {
             .any(|m| m["value"]["title"] == "mine"));
     }
 }
+
+/// Review rev3 #5: one request reads a bounded part of the log (here one page, forced by a
+/// failpoint) and answers the offset it reached without up-to-date; the client goes on from
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_log_read_is_bounded_per_request() {
+    let (cluster, c) = app_cluster("shape_pages").await;
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "shape_one_page")]).await;
+    let port = worker.port;
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    // More than one page (5,000 sync ids) of actions alice cannot see, then one she can.
+    c.batch_execute(
+        "INSERT INTO todos SELECT i, 'other', 'p3' FROM generate_series(100, 6100) i;
+         INSERT INTO todos VALUES (7000, 'last', 'p1');",
+    )
+    .await
+    .unwrap();
+    let watermark = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = get(port, "/v1/shape?table=notes&offset=now", "alice").await;
+            let w = offset_id(&r);
+            if w > 6000 {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "the writes were not published");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let r = get(
+        port,
+        &format!("/v1/shape?table=todos&offset=0_0&handle={handle}"),
+        "alice",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let first = body(&r);
+    let reached = offset_id(&r);
+    assert!(!is_up_to_date(&first), "{first:?}");
+    assert!(
+        reached > 0 && reached < watermark,
+        "{reached} of {watermark}"
+    );
+    let r = next_changes(port, "todos", "alice", &handle, &format!("{reached}_0")).await;
+    let rest = body(&r);
+    assert!(is_up_to_date(&rest));
+    assert!(changes(&rest).iter().any(|m| m["value"]["title"] == "last"));
+}

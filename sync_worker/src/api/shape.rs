@@ -35,6 +35,11 @@ const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; \
 const PAGE_SPAN: i32 = 5_000;
 /// A delta response stops at the first page end past this many messages (not up to date then).
 const MAX_MESSAGES: usize = 10_000;
+/// One request reads at most this many pages of the log (`PAGE_SPAN` sync ids each) ...
+const MAX_PAGES: usize = 20;
+/// ... or for about this long: the answer then carries the offset reached (no up-to-date) and
+/// the client asks again from there, so an old offset never costs one long request.
+const READ_BUDGET: Duration = Duration::from_secs(2);
 const SNAPSHOT_CHUNK: usize = 64 * 1024;
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// An SSE response ends after this long; the client reconnects from its last offset.
@@ -830,7 +835,8 @@ struct Page {
     end: i64,
 }
 
-/// Reads the shape's changes in (`after`, `through`], at most about `MAX_MESSAGES`.
+/// Reads the shape's changes in (`after`, `through`], at most about `MAX_MESSAGES`, `MAX_PAGES`
+/// pages or `READ_BUDGET`.
 /// `Ok(None)`: the log before `after` was compacted (the client must refetch).
 async fn read_log(
     app: &App,
@@ -892,7 +898,19 @@ async fn read_log(
     let relation = m.relation();
     let mut messages = vec![];
     let mut cursor = after;
-    while cursor < through && messages.len() < MAX_MESSAGES {
+    let started = Instant::now();
+    let max_pages = if crate::failpoint::fire("shape_one_page") {
+        1
+    } else {
+        MAX_PAGES
+    };
+    let mut pages = 0;
+    while cursor < through
+        && messages.len() < MAX_MESSAGES
+        && pages < max_pages
+        && (pages == 0 || started.elapsed() < READ_BUDGET)
+    {
+        pages += 1;
         let span = sequencer::page_span(cursor, through, PAGE_SPAN);
         let rows = db
             .query(&stmt, &[&cursor, &shape.groups, &span, &m.name])
