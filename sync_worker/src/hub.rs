@@ -56,6 +56,43 @@ pub struct Published {
     pub all_keys_revoked: bool,
 }
 
+/// What one `publish` (or `catch_up`) touched: a held `/v1/shape` request wakes only for its
+/// model, its user's memberships, or anything that concerns everyone.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Models with a row change.
+    pub models: HashSet<String>,
+    /// Users who joined or left a group.
+    pub members: HashSet<String>,
+    /// Memberships reset, keys revoked, or a catch-up (unknown contents): wake every request.
+    pub everyone: bool,
+}
+
+impl Touched {
+    fn of(batch: &[Published]) -> Touched {
+        let mut t = Touched::default();
+        for txn in batch {
+            t.everyone |=
+                txn.memberships_reset || txn.all_keys_revoked || !txn.revoked_keys.is_empty();
+            t.members
+                .extend(txn.memberships.iter().map(|m| m.user_id.clone()));
+            for d in &txn.deltas {
+                match &d.member {
+                    Some(m) => {
+                        t.members.insert(m.user_id.clone());
+                    }
+                    None => {
+                        if !t.models.contains(&d.model) {
+                            t.models.insert(d.model.clone());
+                        }
+                    }
+                }
+            }
+        }
+        t
+    }
+}
+
 /// Why the hub dropped a subscriber.
 #[derive(Debug, Clone)]
 pub struct Cutoff {
@@ -175,6 +212,8 @@ pub struct Hub {
     pub metrics: Metrics,
     /// Bumped after every `publish` and `catch_up`: long-polls (`/v1/shape`) wait on it.
     published_tick: tokio::sync::watch::Sender<u64>,
+    /// What each publish touched, sent after it (`/v1/shape` held requests filter on it).
+    touched: tokio::sync::broadcast::Sender<Arc<Touched>>,
 }
 
 impl Hub {
@@ -200,6 +239,7 @@ impl Hub {
             queue,
             metrics: Metrics::default(),
             published_tick: tokio::sync::watch::Sender::new(0),
+            touched: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
@@ -242,6 +282,10 @@ impl Hub {
         self.published.store(last_sync_id, Ordering::Release);
         drop(st);
         self.published_tick.send_modify(|t| *t += 1);
+        let _ = self.touched.send(Arc::new(Touched {
+            everyone: true,
+            ..Touched::default()
+        }));
         true
     }
 
@@ -598,6 +642,14 @@ impl Hub {
         self.published.store(st.last_published, Ordering::Release);
         drop(st);
         self.published_tick.send_modify(|t| *t += 1);
+        if self.touched.receiver_count() > 0 {
+            let _ = self.touched.send(Arc::new(Touched::of(batch)));
+        }
+    }
+
+    /// What each publish from now on touched (a lagging receiver must assume everything).
+    pub fn touched(&self) -> tokio::sync::broadcast::Receiver<Arc<Touched>> {
+        self.touched.subscribe()
     }
 
     /// Changes after every publish (deltas, memberships): what a long-poll waits on.

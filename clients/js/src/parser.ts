@@ -2,13 +2,15 @@
 // timestamps, ISO dates, hex bytea), and @electric-sql/client parses by the `electric-schema`
 // header: its defaults cover bool, int2/int4, float4/float8, json/jsonb and arrays of them.
 // This parser changes int8 only, so rows stay plain JSON (TanStack DB's offline outbox and
-// `/sync/mutate` serialise with JSON, which has no BigInt).
+// `/sync/mutate` serialise with JSON, which has no BigInt, and TanStack DB keys are strings or
+// numbers).
 
-/** `int8` as a number when it is exactly representable, else a BigInt (exact, like
- * @electric-sql/client's default). Every other type keeps the client's default. */
-export function parseInt8(value: string): number | bigint {
+/** `int8` as a number when it is exactly representable, else its decimal string (exact, JSON-
+ * safe, a valid collection key, and what `/sync/mutate` accepts back). Every other type keeps
+ * the client's default. */
+export function parseInt8(value: string): number | string {
   const n = Number(value)
-  return Number.isSafeInteger(n) ? n : BigInt(value)
+  return Number.isSafeInteger(n) ? n : value
 }
 
 /** `bytea` (`\x0aff`) as bytes; opt in with `parser: { ...pgSyncParser, bytea: parseBytea }`.

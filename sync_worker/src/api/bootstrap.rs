@@ -44,10 +44,10 @@ const MAX_LIMIT: u64 = 1_000_000;
 const MAX_CURSOR_BYTES: usize = 16 * 1024;
 /// A client that takes no data for this long is dropped: a bootstrap holds a snapshot (and so
 /// holds back vacuum) while it streams.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// However fast it reads, a bootstrap ends after this long with a cursor to resume from: a
 /// trickling reader cannot hold a bootstrap slot (and a snapshot) indefinitely.
-const DEADLINE: Duration = Duration::from_secs(300);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(300);
 
 /// Where a bootstrap stands, and what it covers: the opaque `cursor` of the protocol.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -460,6 +460,30 @@ impl Model {
     }
 }
 
+/// An API key and the hub's revocations, subscribed before the key was checked.
+pub(crate) type KeyWatch = Option<(
+    String,
+    tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
+)>;
+
+/// Whether the watched key was revoked (or revocations were missed, which counts as revoked:
+/// the client re-authenticates). `None` (a JWT, which expires by itself) is never revoked.
+pub(crate) fn key_revoked(watch: &mut KeyWatch) -> bool {
+    use crate::hub::Revoked;
+    use tokio::sync::broadcast::error::TryRecvError;
+    let Some((key, rx)) = watch else {
+        return false;
+    };
+    loop {
+        match rx.try_recv() {
+            Ok(Revoked::All) | Err(TryRecvError::Lagged(_)) => return true,
+            Ok(Revoked::Key(k)) if k == *key => return true,
+            Ok(Revoked::Key(_)) => continue,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+        }
+    }
+}
+
 /// Buffers NDJSON lines into chunks for the response body.
 struct Out {
     tx: tokio::sync::mpsc::Sender<Bytes>,
@@ -502,19 +526,7 @@ impl Out {
     /// Whether the key this bootstrap streams under was revoked (or revocations were missed):
     /// the stream then ends without its `end` line, and resuming it needs a valid key.
     fn revoked(&mut self) -> bool {
-        use crate::hub::Revoked;
-        use tokio::sync::broadcast::error::TryRecvError;
-        let Some((key, rx)) = &mut self.watch else {
-            return false;
-        };
-        loop {
-            match rx.try_recv() {
-                Ok(Revoked::All) | Err(TryRecvError::Lagged(_)) => return true,
-                Ok(Revoked::Key(k)) if k == *key => return true,
-                Ok(Revoked::Key(_)) => continue,
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
-            }
-        }
+        key_revoked(&mut self.watch)
     }
 
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the

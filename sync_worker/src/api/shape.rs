@@ -35,6 +35,11 @@ const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; \
 const PAGE_SPAN: i32 = 5_000;
 /// A delta response stops at the first page end past this many messages (not up to date then).
 const MAX_MESSAGES: usize = 10_000;
+/// One request reads at most this many pages of the log (`PAGE_SPAN` sync ids each) ...
+const MAX_PAGES: usize = 20;
+/// ... or for about this long: the answer then carries the offset reached (no up-to-date) and
+/// the client asks again from there, so an old offset never costs one long request.
+const READ_BUDGET: Duration = Duration::from_secs(2);
 const SNAPSHOT_CHUNK: usize = 64 * 1024;
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// An SSE response ends after this long; the client reconnects from its last offset.
@@ -769,6 +774,8 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(p) => p,
         Err(r) => return r.into_response(),
     };
+    // Subscribed before the key is checked: a key revoked from here on ends a held request.
+    let revocations = app.hub.revocations();
     let identity = match super::authenticate(app, headers, &q).await {
         Ok(i) => i,
         Err(r) => return r.into_response(),
@@ -777,6 +784,7 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    let watch = identity.key.clone().map(|k| (k, revocations));
     let Some(watermark) = app.hub.watermark() else {
         return unavailable("the worker is starting; retry").into_response();
     };
@@ -812,9 +820,10 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
                     after,
                     p.clone(),
                     identity.expires,
+                    watch,
                 );
             }
-            changes(app, &shape, &handle, after, &p).await
+            changes(app, &shape, &handle, after, &p, watch).await
         }
     }
 }
@@ -826,7 +835,8 @@ struct Page {
     end: i64,
 }
 
-/// Reads the shape's changes in (`after`, `through`], at most about `MAX_MESSAGES`.
+/// Reads the shape's changes in (`after`, `through`], at most about `MAX_MESSAGES`, `MAX_PAGES`
+/// pages or `READ_BUDGET`.
 /// `Ok(None)`: the log before `after` was compacted (the client must refetch).
 async fn read_log(
     app: &App,
@@ -848,7 +858,16 @@ async fn read_log(
     for (pos, &i) in shape.selected.iter().enumerate() {
         let c = &m.cols[i];
         let lit = sql_literal(&c.name);
-        let from_data = format!("r.{}::text", quote(&c.name));
+        // Capture stores SQL NULL and JSON null alike as JSON null, which
+        // `jsonb_populate_record` makes SQL NULL. A NOT NULL json/jsonb column holds no SQL
+        // NULL, so its value is the captured JSON text (`null` stays the text `null`, as the
+        // snapshot sends it; the client refuses a null in a not_null column).
+        let json_text = c.not_null && c.dims == 0 && matches!(c.typname.as_str(), "json" | "jsonb");
+        let from_data = if json_text {
+            format!("(c.data -> {lit})::text")
+        } else {
+            format!("r.{}::text", quote(&c.name))
+        };
         match shape.pk_pos.iter().position(|&p| p == pos) {
             // Updates carry only the changed columns: the key comes from the model id.
             Some(k) => {
@@ -879,7 +898,19 @@ async fn read_log(
     let relation = m.relation();
     let mut messages = vec![];
     let mut cursor = after;
-    while cursor < through && messages.len() < MAX_MESSAGES {
+    let started = Instant::now();
+    let max_pages = if crate::failpoint::fire("shape_one_page") {
+        1
+    } else {
+        MAX_PAGES
+    };
+    let mut pages = 0;
+    while cursor < through
+        && messages.len() < MAX_MESSAGES
+        && pages < max_pages
+        && (pages == 0 || started.elapsed() < READ_BUDGET)
+    {
+        pages += 1;
         let span = sequencer::page_span(cursor, through, PAGE_SPAN);
         let rows = db
             .query(&stmt, &[&cursor, &shape.groups, &span, &m.name])
@@ -954,13 +985,13 @@ async fn changes(
     handle: &str,
     mut after: i64,
     p: &Params,
+    mut watch: bootstrap::KeyWatch,
 ) -> Response {
     let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
     let deadline = tokio::time::Instant::now() + hold;
-    let mut ticks = app.hub.published_ticks();
+    let mut wakes = app.hub.touched();
     let mut shutdown = app.shutdown.clone();
     loop {
-        ticks.borrow_and_update();
         let through = app.hub.published();
         let page = match read_log(app, shape, after, through).await {
             Ok(Some(page)) => page,
@@ -970,13 +1001,17 @@ async fn changes(
                 return unavailable("database unavailable; retry").into_response();
             }
         };
+        // Checked after the read: nothing written after a revocation goes out under the key.
+        if bootstrap::key_revoked(&mut watch) {
+            return revoked_key();
+        }
         let caught_up = page.end >= through;
         if !p.live || !page.messages.is_empty() || !caught_up {
             return respond_messages(shape, handle, page, caught_up, p);
         }
         after = through;
         tokio::select! {
-            changed = ticks.changed() => if changed.is_err() { break },
+            woke = next_wake(&mut wakes, shape) => if !woke { break },
             _ = tokio::time::sleep_until(deadline) => break,
             _ = shutdown.changed() => break,
         }
@@ -997,6 +1032,42 @@ async fn changes(
         true,
         p,
     )
+}
+
+/// Waits for a publish that may concern `shape` (its model, its user's memberships, or
+/// everyone's); false when the hub is gone. Subscribed before the held request read the
+/// watermark, so no publish after that read is missed (earlier ones only wake it needlessly).
+/// Cancel-safe: what it skipped concerned other shapes.
+async fn next_wake(
+    wakes: &mut tokio::sync::broadcast::Receiver<Arc<crate::hub::Touched>>,
+    shape: &Shape,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match wakes.recv().await {
+            Ok(t)
+                if t.everyone
+                    || t.models.contains(&shape.model.name)
+                    || t.members.contains(&shape.user) =>
+            {
+                return true
+            }
+            Ok(_) => continue,
+            Err(RecvError::Lagged(_)) => return true,
+            Err(RecvError::Closed) => return false,
+        }
+    }
+}
+
+/// The answer to a request whose API key was revoked while it was held (what a new request
+/// with the key gets).
+fn revoked_key() -> Response {
+    Refusal::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+        "unknown or revoked API key",
+    )
+    .into_response()
 }
 
 /// The fingerprint the shape would have now (the user's groups may have changed).
@@ -1133,6 +1204,15 @@ fn stream_snapshot(
     );
     tokio::spawn(async move {
         let _permit = permit;
+        // As /sync/bootstrap: a client that takes nothing for `STALL_TIMEOUT`, or has not
+        // taken it all by `DEADLINE`, loses the stream (its body ends unterminated, so it
+        // retries), and dropping `snap` ends the snapshot and frees the slot.
+        let deadline = if crate::failpoint::fire("shape_snapshot_deadline") {
+            Instant::now()
+        } else {
+            Instant::now() + bootstrap::DEADLINE
+        };
+        let mut shutdown = app.shutdown.clone();
         let m = &shape.model;
         let mut prefix = br#"{"headers":{"operation":"insert","relation":"#.to_vec();
         prefix.extend_from_slice(m.relation().to_string().as_bytes());
@@ -1185,7 +1265,7 @@ fn stream_snapshot(
             if buf.len() >= SNAPSHOT_CHUNK {
                 let chunk = Bytes::from(std::mem::take(&mut buf));
                 buf.reserve(SNAPSHOT_CHUNK + 4096);
-                if tx.send(chunk).await.is_err() {
+                if !send_chunk(&tx, chunk, deadline, &mut shutdown).await {
                     return;
                 }
             }
@@ -1199,9 +1279,25 @@ fn stream_snapshot(
         }
         buf.extend_from_slice(up_to_date(w).as_bytes());
         buf.push(b']');
-        let _ = tx.send(Bytes::from(buf)).await;
+        send_chunk(&tx, Bytes::from(buf), deadline, &mut shutdown).await;
     });
     resp
+}
+
+/// Sends one snapshot chunk; false when the client has gone, took nothing for
+/// `STALL_TIMEOUT`, the `deadline` passed, or the worker is shutting down.
+async fn send_chunk(
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    chunk: Bytes,
+    deadline: Instant,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let wait = bootstrap::STALL_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+    tokio::select! {
+        biased;
+        sent = tokio::time::timeout(wait, tx.send(chunk)) => matches!(sent, Ok(Ok(()))),
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
 }
 
 /// `live=true&live_sse=true`: the changes after `after` as Server-Sent Events, one message per
@@ -1215,6 +1311,7 @@ fn sse(
     after: i64,
     p: Params,
     expires: Option<std::time::SystemTime>,
+    mut watch: bootstrap::KeyWatch,
 ) -> Response {
     let answer = Answer {
         handle: &handle,
@@ -1230,7 +1327,7 @@ fn sse(
     );
     tokio::spawn(async move {
         let deadline = Instant::now() + SSE_MAX;
-        let mut ticks = app.hub.published_ticks();
+        let mut wakes = app.hub.touched();
         let mut shutdown = app.shutdown.clone();
         let mut after = after;
         let mut first = true;
@@ -1238,7 +1335,6 @@ fn sse(
         let expiry = super::stream::token_expiry(expires);
         tokio::pin!(expiry);
         loop {
-            ticks.borrow_and_update();
             let through = app.hub.published();
             let page = match read_log(&app, &shape, after, through).await {
                 Ok(Some(page)) => page,
@@ -1248,6 +1344,10 @@ fn sse(
                     return;
                 }
             };
+            // The stream ends when the key is revoked: the reconnect gets the 401.
+            if bootstrap::key_revoked(&mut watch) {
+                return;
+            }
             let caught_up = page.end >= through;
             let mut out = String::new();
             for m in &page.messages {
@@ -1271,7 +1371,7 @@ fn sse(
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::select! {
-                    changed = ticks.changed() => if changed.is_err() { return } else { break },
+                    woke = next_wake(&mut wakes, &shape) => if woke { break } else { return },
                     _ = tokio::time::sleep(SSE_KEEPALIVE.min(left)) => {
                         if Instant::now() >= deadline {
                             return;
