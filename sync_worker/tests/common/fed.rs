@@ -177,6 +177,15 @@ impl Node {
         self.int("SELECT pg_sync.last_sync_id()")
     }
 
+    /// Committed actions the worker has not sequenced yet (no sync id, so no peer can have
+    /// them): quiescence needs none, or a slow sequencer looks like a settled log.
+    pub fn unsequenced(&mut self) -> i64 {
+        self.int(
+            "SELECT count(*) FROM pg_sync.sync_actions a
+              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)",
+        )
+    }
+
     /// How much of `peer`'s log this node has applied.
     pub fn cursor(&mut self, peer: &str) -> i64 {
         self.int(&format!(
@@ -425,6 +434,14 @@ impl Mesh {
         let mut last: Vec<i64> = vec![];
         loop {
             let heads: Vec<i64> = self.nodes.iter_mut().map(|n| n.last_sync_id()).collect();
+            let unsequenced: Vec<String> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| {
+                    let k = n.unsequenced();
+                    (k > 0).then(|| format!("{}: {k} unsequenced", n.name))
+                })
+                .collect();
             let lags: Vec<String> = links
                 .iter()
                 .filter_map(|&(s, r)| {
@@ -434,6 +451,7 @@ impl Mesh {
                         .then(|| format!("{}→{}: {at}/{}", sname, self.nodes[r].name, heads[s]))
                 })
                 .collect();
+            let lags: Vec<String> = lags.into_iter().chain(unsequenced).collect();
             if lags.is_empty() && heads == last {
                 settled += 1;
                 if settled >= 2 {
