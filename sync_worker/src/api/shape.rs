@@ -1292,6 +1292,11 @@ async fn send_chunk(
     deadline: Instant,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> bool {
+    // Checked first: a send into a channel with room completes even with a zero timeout, so a
+    // client that keeps up would otherwise hold its slot and snapshot past the deadline.
+    if Instant::now() >= deadline {
+        return false;
+    }
     let wait = bootstrap::STALL_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
     tokio::select! {
         biased;
