@@ -1185,12 +1185,24 @@ AS $$
 DECLARE
     p pg_sync.peers := pg_sync.peer_or_raise(peer);
     j pg_sync.peer_joins;
+    left_before bigint;
+    left_now bigint;
 BEGIN
     SELECT * INTO j FROM pg_sync.peer_joins k WHERE k.peer_node_id = p.node_id FOR UPDATE;
     IF NOT FOUND OR j.w <> w THEN
         RAISE EXCEPTION 'no join of peer "%" at W %', p.name, w
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Begin it with pg_sync.begin_peer_join().';
     END IF;
+    -- The snapshot goes model by model in name order, so a row can arrive before the row its
+    -- foreign key references (children before parents) and be parked. Now that every page is
+    -- in, retry the parked rows until a pass frees none: each pass frees at least one more
+    -- level of a reference chain. What still fails is really the row's (and stays parked).
+    LOOP
+        SELECT count(*) INTO left_before FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = p.node_id;
+        EXIT WHEN left_before = 0;
+        left_now := pg_sync.retry_quarantined(p.name);
+        EXIT WHEN left_now >= left_before;
+    END LOOP;
     INSERT INTO pg_sync.peer_cursors AS k (peer_node_id, peer_epoch, last_sync_id, state)
     VALUES (p.node_id, j.peer_epoch, j.w, 'joined')
     ON CONFLICT (peer_node_id) DO UPDATE SET

@@ -2767,6 +2767,104 @@ async fn a_sequencer_panic_is_survived_not_hidden() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Decoding can hand the sequencer a commit before the committing backend has left the proc
+/// array (the commit record is flushed first). Held in that window on purpose (synchronous
+/// replication to a standby that never comes), a write is streamed but invisible to every
+/// snapshot: no sync id may be persisted or published for it until readers can see it, or
+/// `changes()` shows a range with a hole that a peer or a replaying client skips for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_commit_gets_its_sync_id_only_once_visible() {
+    let (cluster, mut db) = app_cluster("ws_invisible_commit");
+    // The worker's own commits do not wait for the missing standby; the application's do.
+    let url = format!(
+        "{} options='-c synchronous_commit=local'",
+        cluster.url("app")
+    );
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(
+        &mut db,
+        "ALTER SYSTEM SET synchronous_standby_names = 'ghost'",
+    );
+    exec(&mut db, "SELECT pg_reload_conf()");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer_url = cluster.url("app");
+    let writer = std::thread::spawn(move || {
+        let mut c =
+            pg_sync_tests::postgres::Client::connect(&writer_url, pg_sync_tests::postgres::NoTls)
+                .unwrap();
+        // Returns once synchronous replication is switched off again.
+        c.batch_execute("INSERT INTO announcements VALUES (1, 'held')")
+            .map_err(|e| e.to_string())
+    });
+    let waiting = |db: &mut postgres_client::Client| {
+        tokio::task::block_in_place(|| {
+            db.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting(&mut db) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never waited for the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The worker streams the commit and asks whether it may persist it, again and again;
+    // meanwhile every persisted sync id must name a visible action, and no delta goes out.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(worker.port, "/metrics").await.unwrap();
+        let (persisted, visible): (i64, i64) = tokio::task::block_in_place(|| {
+            let r = db
+                .query_one(
+                    "SELECT pg_sync.last_sync_id(), (SELECT count(*) FROM pg_sync.changes(0, NULL, 1000))",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        });
+        assert_eq!(
+            persisted, visible,
+            "sync ids persisted for a transaction readers cannot see yet"
+        );
+        if !metrics.contains("pg_sync_sequencer_visibility_waits_total 0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sequencer never saw the held commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(quiet(&mut alice, Duration::from_millis(500))
+        .await
+        .is_empty());
+    // Released (the wait ends when synchronous replication is switched off), the write is
+    // visible, sequenced and delivered, once.
+    exec(&mut db, "ALTER SYSTEM RESET synchronous_standby_names");
+    exec(&mut db, "SELECT pg_reload_conf()");
+    assert_eq!(
+        tokio::task::block_in_place(|| writer.join().unwrap()),
+        Ok(())
+    );
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["announcements:I:1"]);
+    let persisted: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT count(*) FROM pg_sync.changes(0, NULL, 1000)", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(persisted, 1);
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires() {
     let (cluster, db) = app_cluster("ws_token_exp");

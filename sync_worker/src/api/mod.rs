@@ -370,6 +370,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE pg_sync_sequencer_panics_total counter\npg_sync_sequencer_panics_total {}\n\
          # TYPE pg_sync_last_sync_id gauge\npg_sync_last_sync_id {}\n\
          # TYPE pg_sync_sequenced_actions_total counter\npg_sync_sequenced_actions_total {}\n\
+         # TYPE pg_sync_sequencer_visibility_waits_total counter\npg_sync_sequencer_visibility_waits_total {}\n\
          # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
          # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
          # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
@@ -388,6 +389,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         s.panics.load(Ordering::Relaxed),
         app.hub.published(),
         s.sequenced_actions.load(Ordering::Relaxed),
+        s.visibility_waits.load(Ordering::Relaxed),
         m.deltas_published.load(Ordering::Relaxed),
         m.deliveries.load(Ordering::Relaxed),
         app.hub.subscriber_count(),

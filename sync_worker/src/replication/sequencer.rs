@@ -30,6 +30,8 @@ pub struct Status {
     pub server_lsn: AtomicU64,
     pub last_commit_unix_ms: AtomicI64,
     pub sequenced_actions: AtomicU64,
+    /// Flushes that waited for a streamed transaction to become visible to new snapshots.
+    pub visibility_waits: AtomicU64,
     pub reconnects: AtomicU64,
     /// Replication sessions that panicked (each was restarted).
     pub panics: AtomicU64,
@@ -959,6 +961,66 @@ impl Session<'_> {
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
     }
 
+    /// Persists the sync ids of `xids` (consecutive from `next_sync_id`, in this order) in one
+    /// statement, and returns the xids a backlog pass had sequenced already (skipped).
+    ///
+    /// Decoding can deliver a commit before the committing backend has left the proc array (it
+    /// flushes its commit record first), so a transaction can be streamed here while snapshots
+    /// still see it in progress. Ids persisted then would name actions a reader cannot see yet:
+    /// `changes()` would return the range with a hole, and a peer or a replaying client would
+    /// move its cursor past actions it never got. So the statement persists nothing until every
+    /// one of the transactions is visible in its own snapshot (then in every later one too),
+    /// and the sequencer asks again shortly.
+    async fn persist(
+        &self,
+        xids: &[String],
+        counts: &[i32],
+        lsns: &[String],
+        times: &[i64],
+    ) -> Result<std::collections::HashSet<String>, SequencerError> {
+        let started = Instant::now();
+        let mut waits = 0u32;
+        loop {
+            let row = self
+                .db
+                .query_one(
+                    "WITH u AS (
+                       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
+                         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
+                     v AS (
+                       SELECT bool_and(pg_visible_in_snapshot(u.x, pg_current_snapshot())) AS visible FROM u),
+                     k AS (
+                       SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
+                     ins AS (
+                       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+                       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
+                         FROM k WHERE NOT known AND (SELECT visible FROM v))
+                     SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known)",
+                    &[&xids, &counts, &lsns, &times, &self.next_sync_id],
+                )
+                .await?;
+            if row.get::<_, bool>(0) {
+                if waits > 0 {
+                    tracing::debug!(
+                        waits,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "sequencer: waited for streamed transactions to become visible"
+                    );
+                }
+                return Ok(row.get::<_, Vec<String>>(1).into_iter().collect());
+            }
+            waits += 1;
+            self.status.visibility_waits.fetch_add(1, Ordering::Relaxed);
+            if waits == 1000 {
+                tracing::warn!(
+                    "sequencer: streamed transactions are still not visible to new snapshots after {:?}",
+                    started.elapsed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Persists, publishes, then acknowledges everything pending.
     async fn flush(&mut self, repl: &ReplicationClient) -> Result<(), SequencerError> {
         if self.unresolved.is_some() {
@@ -994,24 +1056,7 @@ impl Session<'_> {
         let known: std::collections::HashSet<String> = if xids.is_empty() {
             Default::default()
         } else {
-            self.db
-                .query(
-                    "WITH u AS (
-                       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
-                         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
-                     k AS (
-                       SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
-                     ins AS (
-                       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
-                         FROM k WHERE NOT known)
-                     SELECT x::text FROM k WHERE known",
-                    &[&xids, &counts, &lsns, &times, &self.next_sync_id],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
+            self.persist(&xids, &counts, &lsns, &times).await?
         };
         let mut firsts = vec![];
         let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];

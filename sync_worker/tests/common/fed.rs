@@ -476,28 +476,29 @@ impl Mesh {
 
     /// Every node (or those in `only`) holds the same rows and the same per-row LWW state.
     pub fn assert_converged_among(&mut self, table: &str, only: &[&str]) {
-        let mut first: Option<(String, (String, String))> = None;
-        for n in &mut self.nodes {
-            if !only.is_empty() && !only.contains(&n.name.as_str()) {
-                continue;
-            }
-            let s = n.state(table);
-            match &first {
-                None => first = Some((n.name.clone(), s)),
-                Some((name, f)) => {
-                    if f != &s {
-                        panic!(
-                            "{table}: {name} and {} differ:\nrows only on {name}: {}\nrows only on {}: {}\nstate only on {name}: {}\nstate only on {}: {}",
-                            n.name,
-                            missing_from(&f.0, &s.0),
-                            n.name,
-                            missing_from(&s.0, &f.0),
-                            missing_from(&f.1, &s.1),
-                            n.name,
-                            missing_from(&s.1, &f.1),
-                        );
-                    }
+        let states: Vec<(String, (String, String))> = self
+            .nodes
+            .iter_mut()
+            .filter(|n| only.is_empty() || only.contains(&n.name.as_str()))
+            .map(|n| (n.name.clone(), n.state(table)))
+            .collect();
+        let Some((name, f)) = states.first() else {
+            return;
+        };
+        for (other, s) in &states[1..] {
+            if f != s {
+                // What each node parked and went through explains most divergences.
+                let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+                for n in &names {
+                    self.explain_quarantine(n);
                 }
+                panic!(
+                    "{table}: {name} and {other} differ:\nrows only on {name}: {}\nrows only on {other}: {}\nstate only on {name}: {}\nstate only on {other}: {}",
+                    missing_from(&f.0, &s.0),
+                    missing_from(&s.0, &f.0),
+                    missing_from(&f.1, &s.1),
+                    missing_from(&s.1, &f.1),
+                );
             }
         }
     }
@@ -576,12 +577,32 @@ impl Mesh {
     }
 
     pub fn assert_no_quarantine(&mut self) {
-        for n in &mut self.nodes {
-            let parked = n.text(
+        for i in 0..self.nodes.len() {
+            let parked = self.nodes[i].text(
                 "SELECT coalesce(string_agg(sqlstate || ' ' || message, '; '), '') FROM pg_sync.peer_quarantine",
             );
-            assert_eq!(parked, "", "{} quarantined changes", n.name);
+            let name = self.nodes[i].name.clone();
+            if !parked.is_empty() {
+                self.explain_quarantine(&name);
+            }
+            assert_eq!(parked, "", "{name} quarantined changes");
         }
+    }
+
+    /// For a failed check: what `at` parked, its peer events and cursors.
+    fn explain_quarantine(&mut self, at: &str) {
+        let n = self.node(at);
+        let parked = n.text(
+            "SELECT coalesce(string_agg(format('%s %s %s', q.sync_id, q.sqlstate, left(q.change::text, 300)), E'\n' ORDER BY q.sync_id), '')
+               FROM pg_sync.peer_quarantine q",
+        );
+        let events = n.text(
+            "SELECT coalesce(string_agg(format('%s %s %s', e.at, e.event, e.detail), E'\n' ORDER BY e.at), '') FROM pg_sync.peer_events e",
+        );
+        let cursors = n.text(
+            "SELECT coalesce(string_agg(format('%s %s', peer_node_id, last_sync_id), ', '), '') FROM pg_sync.peer_cursors",
+        );
+        eprintln!("{at} parked:\n{parked}\n{at} events:\n{events}\n{at} cursors: {cursors}");
     }
 }
 
