@@ -369,14 +369,13 @@ pub fn insert(values: &Values) -> bool {
             } else {
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
             };
-            pg_sys::index_insert(
+            index_insert(
                 idx,
-                keys.as_mut_ptr(),
-                key_nulls.as_mut_ptr(),
+                &mut keys,
+                &mut key_nulls,
                 &mut (*tuple).t_self,
                 rel,
                 unique,
-                false,
                 info,
             );
             pg_sys::index_close(idx, pg_sys::NoLock as i32);
@@ -385,4 +384,57 @@ pub fn insert(values: &Values) -> bool {
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
     }
     true
+}
+
+/// `index_insert` of one entry (Postgres 14 added the `indexUnchanged` hint: false, this is an
+/// insert).
+///
+/// # Safety
+/// Open, locked index and heap relations; `tid` the heap tuple's; `info` the index's.
+#[cfg(not(feature = "pg13"))]
+unsafe fn index_insert(
+    idx: pg_sys::Relation,
+    keys: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    tid: pg_sys::ItemPointer,
+    heap: pg_sys::Relation,
+    unique: pg_sys::IndexUniqueCheck::Type,
+    info: *mut pg_sys::IndexInfo,
+) {
+    unsafe {
+        pg_sys::index_insert(
+            idx,
+            keys.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            tid,
+            heap,
+            unique,
+            false,
+            info,
+        );
+    }
+}
+
+/// See above.
+#[cfg(feature = "pg13")]
+unsafe fn index_insert(
+    idx: pg_sys::Relation,
+    keys: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    tid: pg_sys::ItemPointer,
+    heap: pg_sys::Relation,
+    unique: pg_sys::IndexUniqueCheck::Type,
+    info: *mut pg_sys::IndexInfo,
+) {
+    unsafe {
+        pg_sys::index_insert(
+            idx,
+            keys.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            tid,
+            heap,
+            unique,
+            info,
+        );
+    }
 }
