@@ -219,14 +219,18 @@ unsafe fn check(rel: pg_sys::Relation) -> Target {
             pg_sys::MemoryContextReset(context);
             let old = pg_sys::MemoryContextSwitchTo(context);
             let list = pg_sys::RelationGetIndexList(rel);
-            let n = if list.is_null() { 0 } else { (*list).length as usize };
+            let n = if list.is_null() {
+                0
+            } else {
+                (*list).length as usize
+            };
             if n > MAX_INDEXES {
                 direct = false;
             } else {
-                for k in 0..n {
+                for (k, slot) in indexes.iter_mut().enumerate().take(n) {
                     let oid = (*(*list).elements.add(k)).oid_value;
                     let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
-                    indexes[k] = (oid, pg_sys::BuildIndexInfo(idx));
+                    *slot = (oid, pg_sys::BuildIndexInfo(idx));
                     pg_sys::index_close(idx, pg_sys::NoLock as i32);
                 }
                 nindexes = n;
