@@ -281,7 +281,9 @@ pub(crate) unsafe fn open_cached(
     unsafe {
         if let Some(relid) = cached() {
             // try_: a dropped table's oid (invalidation not yet seen) is not an ERROR.
-            let rel = pg_sys::try_table_open(relid, lock);
+            // relation_: Postgres 13 has no try_table_open, and the layout checks refuse
+            // anything but a plain table.
+            let rel = pg_sys::try_relation_open(relid, lock);
             if !rel.is_null() {
                 // The lock processed pending invalidations: still cached means unchanged.
                 if cached() == Some(relid) {
@@ -291,7 +293,7 @@ pub(crate) unsafe fn open_cached(
             }
         }
         let relid = relid_of(name)?;
-        let rel = pg_sys::try_table_open(relid, lock);
+        let rel = pg_sys::try_relation_open(relid, lock);
         (!rel.is_null()).then_some((rel, true))
     }
 }
