@@ -2,8 +2,10 @@
 //!
 //! Every captured row writes one or two action rows. Through SPI each is a full executor
 //! start-up and shut-down (most of what a captured row cost); here the tuple is formed in Rust
-//! and inserted with `simple_heap_insert` plus plain index inserts (`CatalogTupleInsert`), the
-//! same WAL and the same visibility as the INSERT it replaces. The column defaults are filled
+//! and inserted with `simple_heap_insert` plus plain `index_insert`s, the same WAL and the same
+//! visibility as the INSERT it replaces. What that needs beyond the tuple (the table's oid, its
+//! layout, each index's `IndexInfo`) is looked up once per relcache invalidation of the log, not
+//! per row: `CatalogTupleInsert` rebuilt every index's `IndexInfo` and a slot for each row. The column defaults are filled
 //! here: `id` from the identity sequence, `xid` as `pg_current_xact_id()`, `created_at` as
 //! `now()`.
 //!
@@ -54,6 +56,10 @@ const ID: usize = 0;
 const XID: usize = 13;
 const CREATED_AT: usize = 14;
 
+/// The most indexes the direct path maintains (pg_sync creates two); a log with more goes
+/// through SQL.
+const MAX_INDEXES: usize = 4;
+
 /// What the direct path needs to know about the log table, checked once per relcache entry.
 #[derive(Clone, Copy)]
 struct Target {
@@ -64,10 +70,17 @@ struct Target {
     seq: pg_sys::Oid,
     /// The table is as pg_sync created it: the direct path applies.
     direct: bool,
+    /// The log's indexes (all plain, see `plain_layout`) with their `IndexInfo`, built in
+    /// `INFO_CONTEXT`; `nindexes` of them are set.
+    indexes: [(pg_sys::Oid, *mut pg_sys::IndexInfo); MAX_INDEXES],
+    nindexes: usize,
 }
 
 thread_local! {
     static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+    /// Holds the `IndexInfo`s of `TARGET`; reset only when a new `Target` is checked (never from
+    /// the invalidation callback, which may run while an insert uses them).
+    static INFO_CONTEXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// Relcache invalidation: forget the checked layout when the log table (or everything) changes.
@@ -187,7 +200,7 @@ pub(crate) unsafe fn plain_layout(
     }
 }
 
-/// Checks the open log relation and records its layout.
+/// Checks the open log relation and records its layout and its indexes' `IndexInfo`s.
 unsafe fn check(rel: pg_sys::Relation) -> Target {
     unsafe {
         let relid = (*rel).rd_id;
@@ -198,12 +211,90 @@ unsafe fn check(rel: pg_sys::Relation) -> Target {
             seq = pg_sys::getIdentitySequence(relid, (att[ID] + 1) as pg_sys::AttrNumber, true);
             direct = seq != pg_sys::InvalidOid;
         }
+        let mut indexes = [(pg_sys::InvalidOid, std::ptr::null_mut()); MAX_INDEXES];
+        let mut nindexes = 0;
+        if direct {
+            let context = info_context();
+            // Nothing uses the previous Target's IndexInfos any more: it was invalidated.
+            pg_sys::MemoryContextReset(context);
+            let old = pg_sys::MemoryContextSwitchTo(context);
+            let list = pg_sys::RelationGetIndexList(rel);
+            let n = if list.is_null() {
+                0
+            } else {
+                (*list).length as usize
+            };
+            if n > MAX_INDEXES {
+                direct = false;
+            } else {
+                for (k, slot) in indexes.iter_mut().enumerate().take(n) {
+                    let oid = (*(*list).elements.add(k)).oid_value;
+                    let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
+                    *slot = (oid, pg_sys::BuildIndexInfo(idx));
+                    pg_sys::index_close(idx, pg_sys::NoLock as i32);
+                }
+                nindexes = n;
+            }
+            pg_sys::MemoryContextSwitchTo(old);
+        }
         Target {
             relid,
             att,
             seq,
             direct,
+            indexes,
+            nindexes,
         }
+    }
+}
+
+/// The long-lived context `Target`'s `IndexInfo`s live in, created on first use.
+unsafe fn info_context() -> pg_sys::MemoryContext {
+    INFO_CONTEXT.with(|c| {
+        if c.get().is_null() {
+            // SAFETY: a child of TopMemoryContext, for the backend's lifetime.
+            let context = unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"pg_sync log indexes".as_ptr(),
+                    0,
+                    1024,
+                    8192,
+                )
+            };
+            c.set(context);
+        }
+        c.get()
+    })
+}
+
+/// Opens `pg_sync.<name>` with `lock`, by the oid `cached` from an earlier open when there is
+/// one (no catalog lookup by name per row). `fresh` is true when that oid could not be trusted:
+/// not cached, or the table's cached layout was invalidated while locking it (so it may have
+/// been dropped and the oid reused); the caller then checks the layout again. `None` when the
+/// table does not exist.
+pub(crate) unsafe fn open_cached(
+    name: &CStr,
+    cached: impl Fn() -> Option<pg_sys::Oid>,
+    lock: pg_sys::LOCKMODE,
+) -> Option<(pg_sys::Relation, bool)> {
+    unsafe {
+        if let Some(relid) = cached() {
+            // try_: a dropped table's oid (invalidation not yet seen) is not an ERROR.
+            // relation_: Postgres 13 has no try_table_open, and the layout checks refuse
+            // anything but a plain table.
+            let rel = pg_sys::try_relation_open(relid, lock);
+            if !rel.is_null() {
+                // The lock processed pending invalidations: still cached means unchanged.
+                if cached() == Some(relid) {
+                    return Some((rel, false));
+                }
+                pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            }
+        }
+        let relid = relid_of(name)?;
+        let rel = pg_sys::try_relation_open(relid, lock);
+        (!rel.is_null()).then_some((rel, true))
     }
 }
 
@@ -223,16 +314,19 @@ pub(crate) fn relid_of(name: &CStr) -> Option<pg_sys::Oid> {
 /// Inserts one action row directly; returns false (having written nothing) when the table is not
 /// as pg_sync created it and the caller must use its SQL INSERT instead.
 pub fn insert(values: &Values) -> bool {
-    let Some(relid) = relid_of(c"sync_actions") else {
-        return false;
-    };
     // SAFETY: the relation is opened and locked as an INSERT would; the tuple is formed against
-    // its own descriptor, with datums of the columns' types.
+    // its own descriptor, with datums of the columns' types; the index entries are formed from
+    // the same datums (the indexes are plain: columns only).
     unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        let cached = || TARGET.with(Cell::get).map(|t| t.relid);
+        let Some((rel, fresh)) =
+            open_cached(c"sync_actions", cached, pg_sys::RowExclusiveLock as i32)
+        else {
+            return false;
+        };
         // After the lock: pending invalidations of the table have been processed.
         let target = match TARGET.with(Cell::get) {
-            Some(t) if t.relid == relid => t,
+            Some(t) if !fresh && t.relid == (*rel).rd_id => t,
             _ => {
                 let t = check(rel);
                 TARGET.with(|c| c.set(Some(t)));
@@ -263,9 +357,90 @@ pub fn insert(values: &Values) -> bool {
             pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
         nulls[target.att[CREATED_AT]] = false;
         let tuple = pg_sys::heap_form_tuple(desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::CatalogTupleInsert(rel, tuple);
+        pg_sys::simple_heap_insert(rel, tuple);
+        // What CatalogIndexInsert does, with the IndexInfos kept and the keys taken from the
+        // datums: no slot, no FormIndexDatum (no expressions), no ResultRelInfo per row.
+        let mut keys = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+        let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+        for &(oid, info) in &target.indexes[..target.nindexes] {
+            let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
+            let n = (*info).ii_NumIndexAttrs as usize;
+            for k in 0..n {
+                let a = (*info).ii_IndexAttrNumbers[k] as usize - 1;
+                keys[k] = datums[a];
+                key_nulls[k] = nulls[a];
+            }
+            let unique = if (*(*idx).rd_index).indisunique {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+            } else {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+            };
+            index_insert(
+                idx,
+                &mut keys,
+                &mut key_nulls,
+                &mut (*tuple).t_self,
+                rel,
+                unique,
+                info,
+            );
+            pg_sys::index_close(idx, pg_sys::NoLock as i32);
+        }
         pg_sys::heap_freetuple(tuple);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
     }
     true
+}
+
+/// `index_insert` of one entry (Postgres 14 added the `indexUnchanged` hint: false, this is an
+/// insert).
+///
+/// # Safety
+/// Open, locked index and heap relations; `tid` the heap tuple's; `info` the index's.
+#[cfg(not(feature = "pg13"))]
+unsafe fn index_insert(
+    idx: pg_sys::Relation,
+    keys: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    tid: pg_sys::ItemPointer,
+    heap: pg_sys::Relation,
+    unique: pg_sys::IndexUniqueCheck::Type,
+    info: *mut pg_sys::IndexInfo,
+) {
+    unsafe {
+        pg_sys::index_insert(
+            idx,
+            keys.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            tid,
+            heap,
+            unique,
+            false,
+            info,
+        );
+    }
+}
+
+/// See above.
+#[cfg(feature = "pg13")]
+unsafe fn index_insert(
+    idx: pg_sys::Relation,
+    keys: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    tid: pg_sys::ItemPointer,
+    heap: pg_sys::Relation,
+    unique: pg_sys::IndexUniqueCheck::Type,
+    info: *mut pg_sys::IndexInfo,
+) {
+    unsafe {
+        pg_sys::index_insert(
+            idx,
+            keys.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            tid,
+            heap,
+            unique,
+            info,
+        );
+    }
 }

@@ -61,6 +61,45 @@ pub fn invalidate(relid: pg_sys::Oid) {
     });
 }
 
+/// Opens `row_state` for writing, by its cached oid when its layout is cached (see
+/// `actions::open_cached`); a fresh open forgets the cached layout so `target` checks it again.
+unsafe fn open() -> Option<pg_sys::Relation> {
+    unsafe {
+        let cached = || TARGET.with(Cell::get).map(|t| t.relid);
+        let (rel, fresh) =
+            actions::open_cached(c"row_state", cached, pg_sys::RowExclusiveLock as i32)?;
+        if fresh {
+            TARGET.with(|t| t.set(None));
+        }
+        Some(rel)
+    }
+}
+
+/// An empty jsonb object (`'{}'`), built once: every first state row and every delete writes
+/// one, and building it through serde cost a few percent of a captured insert.
+fn empty_object() -> pg_sys::Datum {
+    thread_local! {
+        static EMPTY: Cell<Option<pg_sys::Datum>> = const { Cell::new(None) };
+    }
+    EMPTY.with(|e| match e.get() {
+        Some(d) => d,
+        None => {
+            // SAFETY: copied into TopMemoryContext, kept for the backend's lifetime; readers only
+            // copy it into tuples.
+            let d = unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+                let d = JsonB(serde_json::Value::Object(Default::default()))
+                    .into_datum()
+                    .expect("jsonb");
+                pg_sys::MemoryContextSwitchTo(old);
+                d
+            };
+            e.set(Some(d));
+            d
+        }
+    })
+}
+
 /// The checked layout of the open `row_state` relation.
 unsafe fn target(rel: pg_sys::Relation) -> Target {
     unsafe {
@@ -110,14 +149,13 @@ pub fn insert_new(_model: &str, _model_id: &str, _version: &str) -> bool {
 /// See above.
 #[cfg(not(feature = "pg13"))]
 pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
-    let Some(relid) = actions::relid_of(c"row_state") else {
-        return false;
-    };
     // SAFETY: mirrors ExecInsert's ON CONFLICT path for a relation opened and locked as an INSERT
     // would; the slot is filled with datums of the columns' types. An ERROR anywhere aborts the
     // (sub)transaction, which releases the relation, indexes, speculative lock and memory.
     unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        let Some(rel) = open() else {
+            return false;
+        };
         let target = target(rel);
         if !target.direct {
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
@@ -141,7 +179,7 @@ pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
             model_id.into_datum(),
             version.into_datum(),
             None,
-            JsonB(serde_json::Value::Object(Default::default())).into_datum(),
+            Some(empty_object()),
             None,
             version.into_datum(),
         ];
@@ -253,10 +291,9 @@ pub fn update_existing(model: &str, model_id: &str, change: Change<'_>, version:
         if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
             return false;
         }
-        let Some(relid) = actions::relid_of(c"row_state") else {
+        let Some(rel) = open() else {
             return false;
         };
-        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
         let target = target(rel);
         if !target.direct || target.pkey == pg_sys::InvalidOid {
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
@@ -322,10 +359,7 @@ pub fn update_existing(model: &str, model_id: &str, change: Change<'_>, version:
                 match change {
                     Change::Delete => {
                         set(3, version.into_datum());
-                        set(
-                            4,
-                            JsonB(serde_json::Value::Object(Default::default())).into_datum(),
-                        );
+                        set(4, Some(empty_object()));
                     }
                     Change::Columns(cols) => {
                         let add = JsonB(serde_json::Value::Object(cols.clone()))
