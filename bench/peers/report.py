@@ -39,6 +39,10 @@ def ratio(v):
 lines, goals = [], []
 
 
+def fmt_opt(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
 def row(label, zero, ours, lower_bound, fmt, goal=10.0):
     """zero, ours: {run: value or None}; None for Zero means 'more than lower_bound'."""
     ratios, bounded = [], False
@@ -108,6 +112,14 @@ for label, z, o, fmt in [
     ("RSS with 100 connected clients, MiB", rss("zero", 100), rss("pg_sync", 100), lambda v: f"{v:,.1f}"),
     ("memory per connected client: (RSS@100 - RSS@1) / 99, KiB", per_client("zero"), per_client("pg_sync"),
      lambda v: f"{v:,.0f}"),
+    (f"RSS at the end of {secs} s of 100 writes/s to 100 clients, MiB",
+     {k: v["rss_end_mib"] for k, v in pick(kind="latency", system="zero", rate=100, clients=100).items()},
+     {k: v["rss_end_mib"] for k, v in pick(kind="latency", system="pg_sync", rate=100, clients=100).items()},
+     lambda v: f"{v:,.1f}"),
+    (f"RSS at the end of {secs} s of 1,000 writes/s to 100 clients, MiB",
+     {k: v["rss_end_mib"] for k, v in pick(kind="latency", system="zero", rate=1000, clients=100).items()},
+     {k: v["rss_end_mib"] for k, v in pick(kind="latency", system="pg_sync", rate=1000, clients=100).items()},
+     lambda v: f"{v:,.1f}"),
 ]:
     row(label, z, o, 0.0, fmt, goal=None)
 
@@ -129,15 +141,16 @@ lines.append(f"| (during catch-up) into Zero's plain `events_zero`, zero-cache r
 lines.append(f"| (during catch-up) into pg_sync's `events`, the worker reading | {mmm([oc[r]['writer_s'] for r in rounds if r in oc], lambda v: f'{v:.2f}')} | | |")
 
 lines.append("")
-lines.append("Per round (latency p50 / p99 ms, missing rows; catch-up s; writer s):")
+lines.append("Per round (latency p50 / p99 ms, missing rows, RSS after connecting / after the writes, CPU of the measuring client process; catch-up s; writer s):")
 lines.append("")
 lines.append("```")
 for r in res:
     if r["kind"] == "latency":
         lines.append(f"round {r['run']} {r['system']:7} {r['rate']:>5}/s x{r['clients']:<3} tps {r['tps']:8.1f} rows {r['written']:6} "
-                     f"p50 {r['p50_ms']} p99 {r['p99_ms']} delivered {r['deliveries']} missing {r['missing']} rss {r['rss_mib']} MiB")
+                     f"p50 {fmt_opt(r['p50_ms'])} p99 {fmt_opt(r['p99_ms'])} delivered {r['deliveries']} missing {r['missing']} "
+                     f"rss {r['rss_mib']}/{r['rss_end_mib']} MiB client cpu {fmt_opt(r.get('client_cpu_s'))} s")
     elif r["kind"] == "catchup":
-        lines.append(f"round {r['run']} {r['system']:7} catch-up {r['catchup_s']} s (rows {r['rows']}), writer {r['writer_s']} s")
+        lines.append(f"round {r['run']} {r['system']:7} catch-up {fmt_opt(r['catchup_s'])} s (rows {r['rows']}), writer {r['writer_s']} s")
     else:
         lines.append(f"round {r['run']} writer {r['table']:8} {r['writer_s']} s")
 lines.append("```")

@@ -44,6 +44,8 @@ zero_bin="$peers/node_modules/@rocicorp/zero/out/zero/src"
 
 # --- cluster, tables, publications.
 work=$(mktemp -d /tmp/pg_sync_peers.XXXXXX)
+logs=${PEERS_LOGS:-/tmp/pg_sync_peers.logs} # the last run's logs are kept here
+rm -rf "$logs"
 chmod 755 "$work"
 port=$(free_port)
 wport=$(free_port)
@@ -52,6 +54,9 @@ while :; do # zero-cache listens on ZERO_PORT and ZERO_PORT + 1 (its change stre
   python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', $zport + 1))" 2>/dev/null && break
 done
 cleanup() {
+  set +e # a process already gone must not stop the rest of the cleanup
+  mkdir -p "$logs"
+  cp "$work/worker.log" "$work/zero/zero-cache.log" "$work/zero/deploy.log" "$work"/*.err "$logs/" 2>/dev/null
   [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
   [ -n "${wpid:-}" ] && kill "$wpid" 2>/dev/null
   # zero-cache runs in its own session (setsid), so its group holds only its own processes.
@@ -123,7 +128,7 @@ last_sync_id() { psql_b -d bench -Atc "SELECT coalesce(max(first_sync_id + actio
 max_id() { psql_b -d bench -Atc "SELECT coalesce(max(id), 0) FROM $1"; }
 record() { echo "$1" >>"$results"; echo "  $1" >&2; }
 ready_wait() { # FILE PID: until READY is in FILE (or the process died)
-  for _ in $(seq 1800); do grep -q READY "$1" && return 0; kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 1800); do grep -qs READY "$1" && return 0; kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
   echo "client did not get ready:" >&2; cat "$1" >&2; exit 1
 }
 # Let both systems settle: the last phase's rows delivered, the worker sequenced everything.
@@ -138,7 +143,7 @@ settle() {
 
 # latency SYSTEM RATE CLIENTS RUN
 latency() {
-  local sys=$1 rate=$2 n=$3 run=$4 table base out tps written rss pg_clients
+  local sys=$1 rate=$2 n=$3 run=$4 table base out tps written rss rss_end pg_clients
   table=$([ "$sys" = zero ] && echo events_zero || echo events)
   base=$(max_id "$table")
   out="$work/lat.$sys.$rate.$n.$run"
@@ -160,17 +165,19 @@ latency() {
     -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1
   written=$(psql_b -d bench -Atc "SELECT count(*) FROM $table WHERE id > $base")
   tps=$(awk '/^tps/ { print $3; exit }' "$work/pgbench.out")
+  if [ "$sys" = zero ]; then rss_end=$(rss_mib $(zero_pids)); else rss_end=$(rss_mib "$wpid"); fi
   echo "stop $written $drain" >&3
   wait "$load_pid" || true
   load_pid=
   exec 3>&-
-  record "$(python3 - "$out" "$sys" "$rate" "$n" "$run" "$tps" "$written" "$rss" <<'PY'
+  record "$(python3 - "$out" "$sys" "$rate" "$n" "$run" "$tps" "$written" "$rss" "$rss_end" <<'PY'
 import json, sys
-out, sysname, rate, n, run, tps, written, rss = sys.argv[1:]
+out, sysname, rate, n, run, tps, written, rss, rss_end = sys.argv[1:]
 line = [l for l in open(out) if l.startswith("{")]
 r = json.loads(line[-1]) if line else {"p50_ms": None, "p99_ms": None, "missing": None, "deliveries": 0}
 print(json.dumps({"kind": "latency", "system": sysname, "rate": int(rate), "clients": int(n), "run": int(run),
-                  "tps": float(tps or 0), "written": int(written), "rss_mib": float(rss), **r}))
+                  "tps": float(tps or 0), "written": int(written), "rss_mib": float(rss),
+                  "rss_end_mib": float(rss_end), **r}))
 PY
 )"
   settle
@@ -245,3 +252,4 @@ report=$(python3 "$peers/report.py" "$results" "$started" "$runs" "$secs" "$drai
   "$zero_version" "$(node --version)" "$loopback_report" "$(uptime | sed 's/.*load average: //')")
 echo "$report"
 printf '\n%s\n' "$report" >>"$here/bench/RESULTS.md"
+echo "logs of this run: $logs" >&2

@@ -39,6 +39,11 @@ function pct(sorted, missing, p) {
   return i < sorted.length ? sorted[i] : null;
 }
 
+const cpuSeconds = () => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+};
+
 if (mode === 'latency') {
   const [n, base] = [Number(rest[0]), Number(rest[1])];
   const lat = [];
@@ -89,6 +94,7 @@ if (mode === 'latency') {
           missing: rows * n - delivered,
           p50_ms: pct(lat, rows * n - delivered, 0.5),
           p99_ms: pct(lat, rows * n - delivered, 0.99),
+          client_cpu_s: cpuSeconds(),
         }),
       );
       break;

@@ -70,6 +70,15 @@ async fn subscribe(port: u16, secret: &str, user: &str, after: u64) -> Ws {
     panic!("{user}: connection ended before caught_up");
 }
 
+/// User + system CPU time of this process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 struct Client {
     count: AtomicU64,
     lat: Mutex<Vec<f64>>,
@@ -151,6 +160,7 @@ async fn latency(args: &[String]) {
                         "missing": missing,
                         "p50_ms": pct(0.50),
                         "p99_ms": pct(0.99),
+                        "client_cpu_s": cpu_seconds(),
                     })
                 );
                 break;
