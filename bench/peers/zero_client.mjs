@@ -14,7 +14,16 @@ import {Zero} from '@rocicorp/zero';
 import {schema} from './schema.js';
 import readline from 'node:readline';
 
-globalThis.WebSocket ??= WebSocket; // Node 20 has no global WebSocket
+// Node 20 has no global WebSocket: use `ws`. Unlike a browser's, a `ws` socket closed before it
+// opened (Zero's connect timeout does that when the server is slow to answer) emits an 'error'
+// event that crashes the process unless something listens; Zero's own handlers still get it.
+class NodeWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    this.on('error', () => {});
+  }
+}
+globalThis.WebSocket ??= NodeWebSocket;
 
 const [mode, server, ...rest] = process.argv.slice(2);
 const now = () => performance.timeOrigin + performance.now();
