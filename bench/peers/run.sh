@@ -59,8 +59,14 @@ cleanup() {
   cp "$work/worker.log" "$work/zero/zero-cache.log" "$work/zero/deploy.log" "$work"/*.err "$logs/" 2>/dev/null
   [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
   [ -n "${wpid:-}" ] && kill "$wpid" 2>/dev/null
-  # zero-cache runs in its own session (setsid), so its group holds only its own processes.
-  [ -n "${zpid:-}" ] && kill -TERM -- "-$zpid" 2>/dev/null && sleep 2 && kill -KILL -- "-$zpid" 2>/dev/null
+  # zero-cache and every process it started (found through their parents, before any exits).
+  if [ -n "${zpid:-}" ]; then
+    local zp
+    zp=$(zero_pids)
+    kill -TERM $zp 2>/dev/null
+    for _ in $(seq 50); do kill -0 $zp 2>/dev/null || break; sleep 0.1; done
+    kill -KILL $zp 2>/dev/null
+  fi
   cluster_stop "$work/pg" immediate
   rm -rf "$work"
 }
@@ -100,12 +106,17 @@ zero_env=(NODE_ENV=production NODE_OPTIONS="--require $peers/loopback.cjs" DO_NO
   ZERO_REPLICA_FILE="$work/zero/replica.db" ZERO_PORT="$zport" ZERO_APP_PUBLICATIONS=zero_pub
   ZERO_ADMIN_PASSWORD=bench ZERO_LOG_LEVEL=warn)
 (cd "$work/zero" && exec setsid env "${zero_env[@]}" node "$zero_bin/cli.js" >"$work/zero/zero-cache.log" 2>&1) &
-zpid=$! # setsid did not fork (a background subshell leads no group), so this is node's pid and sid
+zpid=$! # setsid did not fork (a background subshell leads no group), so this is node's pid
 for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$zport/" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fsS "http://127.0.0.1:$zport/" >/dev/null || { cat "$work/zero/zero-cache.log"; exit 1; }
 
-# Every process of zero-cache: the session it runs in.
-zero_pids() { ps -e -o pid=,sid= | awk -v s="$zpid" '$2 == s { print $1 }'; }
+# Every process of zero-cache: its process and all descendants (its workers start sessions of
+# their own, so neither the session nor the process group finds them).
+zero_pids() {
+  ps -e -o pid=,ppid= | awk -v root="$zpid" '
+    { parent[$1] = $2 }
+    END { for (p in parent) { q = p; while (q != "" && q > 1) { if (q == root) { print p; break } q = parent[q] } } }'
+}
 rss_mib() { # PIDS... -> summed RSS in MiB
   local kb=0 p r
   for p in "$@"; do r=$(ps -o rss= -p "$p" 2>/dev/null || true); kb=$((kb + ${r:-0})); done
@@ -115,6 +126,7 @@ rss_mib() { # PIDS... -> summed RSS in MiB
 check_loopback() {
   local pids listeners bad
   pids=$( (zero_pids; echo "$wpid") | paste -sd'|')
+  echo "  zero-cache processes: $(zero_pids | wc -l)" >&2
   listeners=$(ss -ltnpH | grep -E "pid=($pids)," || true)
   echo "$listeners" | awk '{ print "  listening: " $4 " " $6 }' >&2
   bad=$(echo "$listeners" | awk '$4 !~ /^127\.0\.0\.1:/' | grep . || true)
