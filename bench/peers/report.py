@@ -39,6 +39,10 @@ def ratio(v):
 lines, goals = [], []
 
 
+def fmt3(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
 def fmt_opt(v):
     return "-" if v is None else f"{v:.1f}"
 
@@ -93,9 +97,14 @@ for rate, n in [(100, 1), (1000, 1), (100, 100), (1000, 100)]:
             {k: v[p] for k, v in z.items()}, {k: v[p] for k, v in o.items()}, drain_ms, ms)
 
 z, o = pick(kind="catchup", system="zero"), pick(kind="catchup", system="pg_sync")
-row(f"catch-up of {int(rows):,} rows in 1,000-row transactions: last commit to client has all, s",
-    {k: v["catchup_s"] for k, v in z.items()}, {k: v["catchup_s"] for k, v in o.items()}, 600.0,
-    lambda v: f"{v:,.2f}")
+# The last commit is taken as psql's return, a few ms after it: a client that had every row by
+# then measures <= 0. Such a figure counts as 1 ms (the ratio is then a floor).
+early = [k for k, v in o.items() if v["catchup_s"] is not None and v["catchup_s"] < 0.001]
+row(f"catch-up of {int(rows):,} rows in 1,000-row transactions: last commit to client has all, s"
+    + (f" (pg_sync had all rows before psql returned in {len(early)} round(s): counted as 0.001 s)" if early else ""),
+    {k: v["catchup_s"] for k, v in z.items()},
+    {k: (max(v["catchup_s"], 0.001) if v["catchup_s"] is not None else None) for k, v in o.items()}, 600.0,
+    lambda v: f"{v:,.3f}")
 
 def rss(system, n):
     return {k: v["rss_mib"] for k, v in pick(kind="latency", system=system, rate=100, clients=n).items()}
@@ -150,7 +159,7 @@ for r in res:
                      f"p50 {fmt_opt(r['p50_ms'])} p99 {fmt_opt(r['p99_ms'])} delivered {r['deliveries']} missing {r['missing']} "
                      f"rss {r['rss_mib']}/{r['rss_end_mib']} MiB client cpu {fmt_opt(r.get('client_cpu_s'))} s")
     elif r["kind"] == "catchup":
-        lines.append(f"round {r['run']} {r['system']:7} catch-up {fmt_opt(r['catchup_s'])} s (rows {r['rows']}), writer {r['writer_s']} s")
+        lines.append(f"round {r['run']} {r['system']:7} catch-up {fmt3(r['catchup_s'])} s (rows {r['rows']}), writer {r['writer_s']} s")
     else:
         lines.append(f"round {r['run']} writer {r['table']:8} {r['writer_s']} s")
 lines.append("```")
