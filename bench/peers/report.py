@@ -25,7 +25,7 @@ def mmm(values, fmt):
         return "-"
     out = [fmt(min(vals)), fmt(statistics.median(vals)), fmt(max(vals))]
     missing = len(values) - len(vals)
-    return " / ".join(out) + (f" ({missing} round(s) not delivered)" if missing else "")
+    return " / ".join(out) + (f" ({missing} round(s) without a figure)" if missing else "")
 
 
 def ms(v):
@@ -58,6 +58,9 @@ def row(label, zero, ours, lower_bound, fmt, goal=10.0):
         if z is None:
             z, bounded = lower_bound, True
         ratios.append(z / o)
+    if goal is None and any(v is None or v <= 0 for v in list(zero.values()) + list(ours.values())):
+        # A difference of RSS samples within their noise (<= 0) has no meaningful ratio.
+        ratios = [None] * len(rounds)
     zs = [zero.get(r) for r in rounds]
     zero_txt = mmm(zs, fmt)
     if any(z is None for z in zs):
