@@ -54,7 +54,7 @@ bench: install
 
 # pg_sync side by side with Zero (bench/peers/README.md): installs @rocicorp/zero from
 # bench/peers/package-lock.json the first time (its SQLite addon compiles, ~5 min), then about
-# 15 min for 3 rounds; not part of `make bench`.
+# 20 min for 3 rounds; not part of `make bench` (too long).
 bench-peers: install
 	bash bench/peers/run.sh
 
