@@ -3,7 +3,7 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 export PG_CONFIG
 CARGO_PGRX_INSTALL = cargo pgrx install --release --pg-config $(PG_CONFIG)
 
-.PHONY: deps install test unit regress integration lint run stop bench soak
+.PHONY: deps install test unit regress integration lint run stop bench bench-peers soak
 
 deps:
 	bash scripts/deps.sh
@@ -52,6 +52,12 @@ bench: install
 	bash bench/join.sh
 	bash bench/hostile.sh
 	bash bench/replay.sh
+
+# pg_sync side by side with Zero (bench/peers/README.md): installs @rocicorp/zero from
+# bench/peers/package-lock.json the first time (its SQLite addon compiles, ~5 min), then about
+# 20 min for 3 rounds; not part of `make bench` (too long).
+bench-peers: install
+	bash bench/peers/run.sh
 
 # A long seeded federation chaos run (3 clusters, 3 workers, random link faults and kills);
 # FEDCHAOS_SEED=<n> replays a printed seed.
