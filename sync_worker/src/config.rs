@@ -46,9 +46,16 @@ pub struct Config {
     /// How long a bootstrap waits for a free slot before it is told to retry.
     #[arg(long, env = "SYNC_BOOTSTRAP_WAIT_SECS", default_value_t = 30)]
     pub bootstrap_wait_secs: u64,
-    /// Database connections the API shares (reads, API keys, mutations), round-robin.
-    #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
+    /// Database connections the API pool holds at most (auth, group loads, replay pages,
+    /// mutations); each request uses one alone, so a long one never delays another's.
+    #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 8)]
     pub db_connections: usize,
+    /// How long a request waits for a pooled connection when all are busy (then 503).
+    #[arg(long, env = "SYNC_DB_WAIT_SECS", default_value_t = 10)]
+    pub db_wait_secs: u64,
+    /// `statement_timeout` of the pooled connections, in seconds (0: none).
+    #[arg(long, env = "SYNC_DB_STATEMENT_TIMEOUT_SECS", default_value_t = 30)]
+    pub db_statement_timeout_secs: u64,
     /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,

@@ -127,7 +127,6 @@ pub struct Replay<'a> {
     app: &'a App,
     user: &'a str,
     id: u64,
-    db: Arc<crate::db::Conn>,
     cursor: i64,
     pub through: i64,
     live: bool,
@@ -181,13 +180,10 @@ impl<'a> Replay<'a> {
         id: u64,
         after: i64,
     ) -> Result<Replay<'a>, ReplayError> {
-        let db = app
-            .db
-            .get()
-            .await
-            .map_err(|e| ReplayError::Db(e.to_string()))?;
         let through = app.hub.watermark().ok_or(ReplayError::NotReady)?;
+        let db = pooled(app).await?;
         let horizon = horizon(&db).await?;
+        drop(db);
         if after > 0 && after < horizon {
             return Err(ReplayError::Expired(horizon));
         }
@@ -195,7 +191,6 @@ impl<'a> Replay<'a> {
             app,
             user,
             id,
-            db,
             cursor: after.max(horizon),
             through,
             live: false,
@@ -216,9 +211,12 @@ impl<'a> Replay<'a> {
                 // joined while the replay pages has its join here and none of its deltas from
                 // before it pass (REVIEW rev2 F2).
                 let (groups, groups_at) = self.app.hub.groups_and_position(self.user);
+                // A pooled connection per page, not per replay: between pages the session
+                // writes to its socket, and a slow reader must not hold a connection.
+                let db = pooled(self.app).await?;
                 let upto = self.through.max(groups_at);
                 if self.joins_upto < upto {
-                    let more = joins(&self.db, self.user, self.joins_upto, upto)
+                    let more = joins(&db, self.user, self.joins_upto, upto)
                         .await
                         .map_err(|e| ReplayError::Db(e.to_string()))?;
                     for (g, at) in more {
@@ -228,7 +226,7 @@ impl<'a> Replay<'a> {
                     self.joins_upto = upto;
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
-                let mut page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
+                let mut page = sequencer::changes(&db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
                 // Membership changes come in order with the deltas, each user's own only.
@@ -236,7 +234,7 @@ impl<'a> Replay<'a> {
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read
                 // after the page, so a compaction that committed before the page was read (and
                 // took rows from it) is seen.
-                let horizon = horizon(&self.db).await?;
+                let horizon = horizon(&db).await?;
                 if horizon > self.cursor {
                     return Err(ReplayError::Expired(horizon));
                 }
@@ -257,6 +255,13 @@ impl<'a> Replay<'a> {
             }
         }
     }
+}
+
+async fn pooled(app: &App) -> Result<crate::db::Conn, ReplayError> {
+    app.db
+        .get()
+        .await
+        .map_err(|e| ReplayError::Db(e.to_string()))
 }
 
 /// Resolves when a session's token expires (never for `None`): WS and SSE sessions end then.

@@ -35,11 +35,11 @@ impl Worker {
 
     pub fn start_with(cluster: &Cluster, db: &str, port: u16, env: &[(&str, &str)]) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
-            .envs(env.iter().copied())
             .env("DATABASE_URL", cluster.url(db))
             .env("SYNC_LISTEN", format!("127.0.0.1:{port}"))
             .env("SYNC_JWT_SECRET", SECRET)
             .env("RUST_LOG", "sync_worker=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
