@@ -191,6 +191,7 @@ pub struct Metrics {
     pub slow_cutoffs: AtomicU64,
     /// Live subscribers that fell behind and went back to paging from the log.
     pub fallbacks: AtomicU64,
+    pub latency: crate::metrics::Latency,
 }
 
 /// A revocation the hub has seen, for streams that are not subscribers (a bootstrap).

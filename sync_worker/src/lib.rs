@@ -10,6 +10,7 @@ pub mod delta;
 pub mod failpoint;
 pub mod federation;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod replication;
 pub mod tls;

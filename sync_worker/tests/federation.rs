@@ -269,13 +269,13 @@ fn two_regions_converge_through_their_workers() {
         .unwrap();
     assert_eq!(status, 200);
     assert!(
-        body.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        body.contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1"),
         "{body}"
     );
-    assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
+    assert!(body.contains("pg_sync_peer_batches_total{direction=\"in\",peer=\"a\"}"));
     // A's writes reached B first-hop: their write-to-apply delays are in B's histogram.
     assert!(
-        body.contains("pg_sync_peer_write_to_apply_seconds_count{peer=\"a\",direction=\"in\"}"),
+        body.contains("pg_sync_peer_write_to_apply_seconds_count{direction=\"in\",peer=\"a\"}"),
         "{body}"
     );
     for node in ["a", "b"] {

@@ -134,6 +134,8 @@ pub struct Replay<'a> {
     /// `joins_upto` is at least the position of the groups each page filters by.
     joins: Joins,
     joins_upto: i64,
+    /// When the replay began, until it is live (`pg_sync_replay_seconds`).
+    started: Option<std::time::Instant>,
 }
 
 /// Group -> the sync id of the user's last join of it in a replayed range.
@@ -196,6 +198,7 @@ impl<'a> Replay<'a> {
             live: false,
             joins: Joins::new(),
             joins_upto: after.max(horizon),
+            started: Some(std::time::Instant::now()),
         })
     }
 
@@ -242,6 +245,10 @@ impl<'a> Replay<'a> {
                 return Ok(Some(page));
             }
             if self.live {
+                if let Some(t) = self.started.take() {
+                    let replay = &self.app.hub.metrics.latency.replay;
+                    replay.observe(t.elapsed().as_secs_f64());
+                }
                 return Ok(None);
             }
             match self.app.hub.go_live(self.id) {

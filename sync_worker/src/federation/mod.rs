@@ -48,7 +48,7 @@ pub async fn auth_failed_event(db: &Client, peer: &str, detail: serde_json::Valu
     } else {
         "out"
     };
-    metrics::with(peer, direction, |l| l.auth_failures += 1);
+    metrics::link(peer, direction).auth_failures.inc();
     // Per peer, direction and reason: one kind of failure must not hide another.
     let key = format!("{peer}\n{direction}\n{}", detail["reason"]);
     let due = {

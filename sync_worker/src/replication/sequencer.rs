@@ -68,7 +68,7 @@ const HOLD_ACTIONS: usize = 250_000;
 const LARGE_PAGE: i32 = 5_000;
 
 /// Microseconds between the Unix and Postgres epochs.
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// A control connection (`db::connect`: TLS as the URL's `sslmode` says).
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
@@ -954,6 +954,7 @@ impl Session<'_> {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
+        let started = std::time::Instant::now();
         // Persisted in one round trip: transactions a backlog pass already sequenced (known by
         // their xid) are skipped by the statement, which names them; the others get
         // consecutive ids in commit order, exactly as assigned below.
@@ -1073,6 +1074,8 @@ impl Session<'_> {
             ));
         }
         self.hub.publish(&batch);
+        let latency = &self.hub.metrics.latency;
+        latency.flushed(started, pending.iter().map(|t| t.committed_at_us));
         self.status
             .sequenced_actions
             .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);
