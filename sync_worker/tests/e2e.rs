@@ -975,18 +975,7 @@ async fn tls_and_scram_for_both_connections() {
 /// A CA, and a server certificate it signed for `db.invalid` (not the host the worker dials),
 /// made with the openssl command line in the data directory; a second, unrelated CA.
 fn server_pki(data: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(data)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(data, args);
     let ec = [
         "-newkey",
         "ec",

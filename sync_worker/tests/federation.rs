@@ -674,18 +674,7 @@ fn test_peer_reports_reachability_auth_versions_and_models() {
 
 /// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
 fn test_pki(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",

@@ -710,6 +710,16 @@ impl Session<'_> {
                 .await
         }
         .await;
+        self.finish_backlog(first, result).await
+    }
+
+    /// Ends a backlog pass's transaction (COMMIT when its statements succeeded, else
+    /// ROLLBACK) and publishes the `n` ids it assigned from `first`.
+    async fn finish_backlog(
+        &mut self,
+        first: i64,
+        result: Result<u64, tokio_postgres::Error>,
+    ) -> Result<(), SequencerError> {
         let n = match result {
             Ok(n) => {
                 self.db.batch_execute("COMMIT").await?;
@@ -802,17 +812,7 @@ impl Session<'_> {
                 .await
         }
         .await;
-        let n = match result {
-            Ok(n) => {
-                self.db.batch_execute("COMMIT").await?;
-                n
-            }
-            Err(e) => {
-                let _ = self.db.batch_execute("ROLLBACK").await;
-                return Err(e.into());
-            }
-        };
-        self.published_backlog(first, n).await
+        self.finish_backlog(first, result).await
     }
 
     /// Closes the sessions of API keys that no longer exist (called before publishing a gap:
