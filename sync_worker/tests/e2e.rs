@@ -1149,6 +1149,48 @@ async fn tls_verify_ca_and_verify_full() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A mutate stuck on a row lock holds one pooled connection, not the others: another user's
+/// requests (auth, group load, replay page) are answered meanwhile. With connections shared by
+/// pipelining, every query that landed behind the stuck one waited for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_mutate_does_not_hold_up_other_users() {
+    let (cluster, mut db) = app_cluster("ws_pool");
+    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    let mut locker = tokio::task::block_in_place(|| {
+        let mut c = cluster.connect("app");
+        c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
+            .unwrap();
+        c
+    });
+    let body = json!({"clientId": "laptop", "transactions": [
+        {"clientTxId": "00000000-0000-4000-8000-000000000001",
+         "ops": [{"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}]}
+    ]});
+    let stuck = tokio::spawn(async move {
+        http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stuck.is_finished(), "the mutate waits for the row lock");
+    for _ in 0..4 {
+        let t = Instant::now();
+        let (status, text) = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+        )
+        .await
+        .expect("another user's request is not held up by the stuck mutate");
+        assert_eq!(status, 200, "{text}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    tokio::task::block_in_place(|| locker.batch_execute("COMMIT").unwrap());
+    let (status, text) = stuck.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("applied"), "{text}");
+    tokio::task::block_in_place(|| drop((db, locker)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_then_environment_then_flags() {
     let cluster = tokio::task::block_in_place(|| Cluster::start("ws_config", &[]));
