@@ -116,15 +116,19 @@ impl fmt::Debug for Config {
 
 /// The URL without its password, for logs.
 pub fn redact_url(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => format!(
-            "host={:?} port={:?} user={:?} dbname={:?}",
+    let parsed = crate::tls::split_database_url(url)
+        .ok()
+        .and_then(|(rest, tls)| Some((rest.parse::<tokio_postgres::Config>().ok()?, tls)));
+    match parsed {
+        Some((c, tls)) => format!(
+            "host={:?} port={:?} user={:?} dbname={:?} sslmode={:?}",
             c.get_hosts(),
             c.get_ports(),
             c.get_user(),
-            c.get_dbname()
+            c.get_dbname(),
+            tls.mode
         ),
-        Err(_) => "<unparsable>".into(),
+        None => "<unparsable>".into(),
     }
 }
 
