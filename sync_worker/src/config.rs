@@ -46,9 +46,16 @@ pub struct Config {
     /// How long a bootstrap waits for a free slot before it is told to retry.
     #[arg(long, env = "SYNC_BOOTSTRAP_WAIT_SECS", default_value_t = 30)]
     pub bootstrap_wait_secs: u64,
-    /// Database connections the API shares (reads, API keys, mutations), round-robin.
-    #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 4)]
+    /// Database connections the API pool holds at most (auth, group loads, replay pages,
+    /// mutations); each request uses one alone, so a long one never delays another's.
+    #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 8)]
     pub db_connections: usize,
+    /// How long a request waits for a pooled connection when all are busy (then 503).
+    #[arg(long, env = "SYNC_DB_WAIT_SECS", default_value_t = 10)]
+    pub db_wait_secs: u64,
+    /// `statement_timeout` of the pooled connections, in seconds (0: none).
+    #[arg(long, env = "SYNC_DB_STATEMENT_TIMEOUT_SECS", default_value_t = 30)]
+    pub db_statement_timeout_secs: u64,
     /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
@@ -109,15 +116,19 @@ impl fmt::Debug for Config {
 
 /// The URL without its password, for logs.
 pub fn redact_url(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => format!(
-            "host={:?} port={:?} user={:?} dbname={:?}",
+    let parsed = crate::tls::split_database_url(url)
+        .ok()
+        .and_then(|(rest, tls)| Some((rest.parse::<tokio_postgres::Config>().ok()?, tls)));
+    match parsed {
+        Some((c, tls)) => format!(
+            "host={:?} port={:?} user={:?} dbname={:?} sslmode={:?}",
             c.get_hosts(),
             c.get_ports(),
             c.get_user(),
-            c.get_dbname()
+            c.get_dbname(),
+            tls.mode
         ),
-        Err(_) => "<unparsable>".into(),
+        None => "<unparsable>".into(),
     }
 }
 
@@ -142,25 +153,18 @@ fn config_file_arg(args: &[String]) -> Option<PathBuf> {
     None
 }
 
-/// The environment variables a config file sets: each key must be one of the flags' names
-/// (snake_case), so a typo is an error naming the key rather than a setting silently ignored.
+/// The settings of a config file, as (flag id, value): each key must be one of the flags'
+/// names (snake_case), so a typo is an error naming the key rather than a setting silently
+/// ignored.
 fn file_settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
     use clap::CommandFactory;
     let table: toml::Table = text.parse()?;
     let cmd = Config::command();
     let mut out = vec![];
     for (key, value) in table {
-        let arg = cmd
-            .get_arguments()
-            .find(|a| a.get_id().as_str() == key && key != "config")
-            .ok_or_else(|| {
-                anyhow::anyhow!("unknown key {key:?} (keys are the flags' names in snake_case, e.g. database_url, listen)")
-            })?;
-        let env = arg
-            .get_env()
-            .and_then(|e| e.to_str())
-            .ok_or_else(|| anyhow::anyhow!("key {key:?} cannot be set in the config file"))?
-            .to_owned();
+        if key == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == key) {
+            anyhow::bail!("unknown key {key:?} (keys are the flags' names in snake_case, e.g. database_url, listen)");
+        }
         let value = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
@@ -168,37 +172,45 @@ fn file_settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
             }
             _ => anyhow::bail!("key {key:?} must be a string, number or boolean"),
         };
-        out.push((env, value));
+        out.push((key, value));
     }
     Ok(out)
 }
 
 impl Config {
-    /// Parses flags and environment, after loading the config file (if named) into the
-    /// environment for keys that are not already set there. Call it before any thread starts
-    /// (the binary builds its runtime afterwards): it sets environment variables.
+    /// Flags, then environment, then the config file (if named), then defaults: the file's
+    /// values become the flags' defaults, so clap layers them under the environment and the
+    /// command line. Nothing is written to the environment (no `set_var`).
     pub fn load() -> anyhow::Result<Config> {
         let args: Vec<String> = std::env::args().collect();
         let file =
             config_file_arg(&args).or_else(|| std::env::var_os("SYNC_CONFIG").map(PathBuf::from));
-        if let Some(file) = file {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", file.display()))?;
-            let settings = file_settings(&text)
-                .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", file.display()))?;
-            for (env, value) in settings {
-                if std::env::var_os(&env).is_none() {
-                    // SAFETY: no other thread runs yet: main calls this before building the
-                    // tokio runtime.
-                    unsafe { std::env::set_var(&env, value) };
-                }
-            }
-        }
-        let config = Config::parse();
+        let config = Config::from_args_and_file(args, file.as_deref())?;
         if config.jwt_secret.is_none() && config.jwt_public_key_file.is_none() {
             anyhow::bail!("set SYNC_JWT_SECRET (HS256) or SYNC_JWT_PUBLIC_KEY_FILE (RS256): clients must authenticate");
         }
         Ok(config)
+    }
+
+    fn from_args_and_file(
+        args: Vec<String>,
+        file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Config> {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Config::command();
+        if let Some(file) = file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", file.display()))?;
+            let settings = file_settings(&text)
+                .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", file.display()))?;
+            for (key, value) in settings {
+                // Loaded once per process: clap's defaults are `'static`.
+                let value: &'static str = Box::leak(value.into_boxed_str());
+                cmd = cmd.mut_arg(key, |a| a.default_value(value).required(false));
+            }
+        }
+        let matches = cmd.try_get_matches_from(args).unwrap_or_else(|e| e.exit());
+        Ok(Config::from_arg_matches(&matches)?)
     }
 }
 
@@ -229,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn config_file_keys_map_to_the_environment_and_unknown_keys_are_errors() {
+    fn config_file_keys_are_flags_and_unknown_keys_are_errors() {
         let got = file_settings(
             "database_url = \"postgres://x\"\nsubscriber_queue = 64\njwt_audience = \"sync\"\n",
         )
@@ -237,9 +249,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("DATABASE_URL".to_string(), "postgres://x".to_string()),
-                ("SYNC_JWT_AUDIENCE".into(), "sync".into()),
-                ("SYNC_SUBSCRIBER_QUEUE".into(), "64".into()),
+                ("database_url".to_string(), "postgres://x".to_string()),
+                ("jwt_audience".into(), "sync".into()),
+                ("subscriber_queue".into(), "64".into()),
             ]
         );
         let err = file_settings("subscriber_queu = 64\n")
@@ -248,5 +260,28 @@ mod tests {
         assert!(err.contains("subscriber_queu"), "{err}");
         assert!(file_settings("config = \"other.toml\"\n").is_err());
         assert!(file_settings("listen = [1]\n").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("sync_worker_config_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("w.toml");
+        // Keys whose variables the test environment does not set.
+        std::fs::write(
+            &file,
+            "database_url = \"host=f\"\nsubscriber_queue = 64\nmax_bootstraps = 3\n",
+        )
+        .unwrap();
+        let c = Config::from_args_and_file(
+            args(&["--max-bootstraps", "5", "--config", "w.toml"]),
+            Some(&file),
+        )
+        .unwrap();
+        assert_eq!(c.database_url, "host=f");
+        assert_eq!(c.subscriber_queue, 64);
+        assert_eq!(c.max_bootstraps, 5);
+        assert_eq!(c.txn_buffer, 10_000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

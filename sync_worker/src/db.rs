@@ -1,37 +1,91 @@
-//! A few shared connections for the API (replay, memberships, API keys, mutations), handed out
-//! round-robin and reconnected when they drop. tokio-postgres pipelines concurrent queries on
-//! one connection; several connections keep a long mutate batch from delaying other reads.
+//! The store's connections: `connect` opens one control connection as the database URL says
+//! (TLS per `sslmode`, verified under `verify-ca`/`verify-full`; a connect timeout), and `Db`
+//! is the API's pool (deadpool-postgres) for short reads and mutations: auth, group loads,
+//! replay pages, `/sync/mutate`. Each checkout is exclusive, so a long mutate batch or a slow
+//! query holds one connection and never delays the queries of other users queued behind it
+//! on a shared pipeline; compaction, bootstrap snapshots and federation links open their own.
 
-use crate::replication::sequencer;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::{Mutex, OnceCell};
+use crate::tls::DbTls;
+use std::time::Duration;
 use tokio_postgres::{Client, Statement};
 
-/// One connection, with the statements prepared on it once.
-pub struct Conn {
-    client: Client,
-    mutate: OnceCell<Statement>,
+/// How long a connection attempt may take when the URL sets no `connect_timeout`: an
+/// unreachable database must fail a request, not hang it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("database TLS configuration: {0}")]
+    Tls(String),
+    #[error("database error")]
+    Db(#[from] tokio_postgres::Error),
 }
 
-impl std::ops::Deref for Conn {
-    type Target = Client;
+/// A database URL taken apart: what tokio-postgres connects with, and how TLS is verified.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: DbTls,
+    rustls: Option<rustls::ClientConfig>,
+}
 
-    fn deref(&self) -> &Client {
-        &self.client
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, ConnectError> {
+        let (rest, tls) = crate::tls::split_database_url(url).map_err(ConnectError::Url)?;
+        // The parse error would quote the URL (and its password): say only that it is invalid.
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|_| ConnectError::Url("not a Postgres URL or key=value string".into()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let rustls = tls.client_config().map_err(ConnectError::Tls)?;
+        Ok(Target {
+            config,
+            tls,
+            rustls,
+        })
+    }
+
+    async fn connect(&self) -> Result<Client, ConnectError> {
+        Ok(match &self.rustls {
+            None => {
+                let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(log_end(conn));
+                client
+            }
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
+                let (client, conn) = self.config.connect(tls).await?;
+                tokio::spawn(log_end(conn));
+                client
+            }
+        })
     }
 }
 
-impl Conn {
-    /// `pg_sync.mutate_as(user, client_id, client_tx_id, ops)`, prepared on first use.
-    pub async fn mutate_statement(&self) -> Result<&Statement, tokio_postgres::Error> {
-        self.mutate
-            .get_or_try_init(|| {
-                self.client.prepare(
-                    "SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text",
-                )
-            })
-            .await
+async fn log_end(conn: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>) {
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "control connection ended");
+    }
+}
+
+/// A control connection (see `Target`).
+pub async fn connect(url: &str) -> Result<Client, ConnectError> {
+    Target::parse(url)?.connect().await
+}
+
+/// A database error as operators need it: `SQLSTATE: message (hint: ...)`. tokio_postgres's
+/// Display prints only "db error" for a server error. DETAIL is left out: it may carry row
+/// values (e.g. "Failing row contains ...").
+pub fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.hint() {
+            Some(h) => format!("{}: {} (hint: {h})", d.code().code(), d.message()),
+            None => format!("{}: {}", d.code().code(), d.message()),
+        },
+        None => e.to_string(),
     }
 }
 
@@ -40,32 +94,88 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// A pooled connection, returned to the pool when dropped.
+pub type Conn = deadpool_postgres::Object;
+
+/// `pg_sync.mutate_as(user, client_id, client_tx_id, ops)`, prepared once per connection.
+pub async fn mutate_statement(conn: &Conn) -> Result<Statement, tokio_postgres::Error> {
+    conn.prepare_cached("SELECT pg_sync.mutate_as($1, $2, $3::text::uuid, $4::text::jsonb)::text")
+        .await
+}
+
+/// Why no pooled connection was handed out.
+#[derive(Debug, thiserror::Error)]
+#[error("no database connection: {0}")]
+pub struct PoolError(String);
+
 pub struct Db {
-    url: String,
-    slots: Vec<Mutex<Option<Arc<Conn>>>>,
-    next: AtomicUsize,
+    pool: deadpool_postgres::Pool,
+}
+
+/// Limits of the API pool (`SYNC_DB_*`).
+#[derive(Clone, Copy, Debug)]
+pub struct PoolLimits {
+    pub size: usize,
+    /// How long a checkout waits for a busy pool before the request is answered "unavailable".
+    pub wait: Duration,
+    /// Each statement on a pooled connection (Postgres `statement_timeout`; zero: none).
+    pub statement: Duration,
 }
 
 impl Db {
-    pub fn new(url: String, connections: usize) -> Db {
-        Db {
-            url,
-            slots: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+    pub fn new(url: &str, limits: PoolLimits) -> Result<Db, ConnectError> {
+        let mut target = Target::parse(url)?;
+        if !limits.statement.is_zero() {
+            let ms = limits.statement.as_millis();
+            let options = match target.config.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={ms}"),
+                _ => format!("-c statement_timeout={ms}"),
+            };
+            target.config.options(options);
         }
+        let create = target
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match target.rustls {
+            None => deadpool_postgres::Manager::from_config(
+                target.config,
+                tokio_postgres::NoTls,
+                manager_config,
+            ),
+            Some(tls) => deadpool_postgres::Manager::from_config(
+                target.config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config,
+            ),
+        };
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(limits.size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(create))
+            .wait_timeout(Some(limits.wait))
+            .build()
+            .map_err(|e| ConnectError::Url(e.to_string()))?;
+        Ok(Db { pool })
     }
 
-    pub async fn get(&self) -> Result<Arc<Conn>, sequencer::SequencerError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[i].lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(Conn {
-            client: sequencer::connect(&self.url).await?,
-            mutate: OnceCell::new(),
-        });
-        *slot = Some(c.clone());
-        Ok(c)
+    pub async fn get(&self) -> Result<Conn, PoolError> {
+        self.pool.get().await.map_err(|e| {
+            // The cause (timeout, refused, authentication) without the URL.
+            PoolError(match e {
+                deadpool_postgres::PoolError::Backend(e) => db_text(&e),
+                other => other.to_string(),
+            })
+        })
+    }
+
+    /// Connections open and connections idle, for `/metrics`.
+    pub fn usage(&self) -> (usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available)
     }
 }

@@ -191,6 +191,7 @@ pub struct Metrics {
     pub slow_cutoffs: AtomicU64,
     /// Live subscribers that fell behind and went back to paging from the log.
     pub fallbacks: AtomicU64,
+    pub latency: crate::metrics::Latency,
 }
 
 /// A revocation the hub has seen, for streams that are not subscribers (a bootstrap).
@@ -210,8 +211,6 @@ pub struct Hub {
     published: AtomicI64,
     queue: usize,
     pub metrics: Metrics,
-    /// Bumped after every `publish` and `catch_up`: long-polls (`/v1/shape`) wait on it.
-    published_tick: tokio::sync::watch::Sender<u64>,
     /// What each publish touched, sent after it (`/v1/shape` held requests filter on it).
     touched: tokio::sync::broadcast::Sender<Arc<Touched>>,
 }
@@ -238,7 +237,6 @@ impl Hub {
             published: AtomicI64::new(last_sync_id),
             queue,
             metrics: Metrics::default(),
-            published_tick: tokio::sync::watch::Sender::new(0),
             touched: tokio::sync::broadcast::channel(1024).0,
         }
     }
@@ -281,7 +279,6 @@ impl Hub {
         st.last_published = last_sync_id;
         self.published.store(last_sync_id, Ordering::Release);
         drop(st);
-        self.published_tick.send_modify(|t| *t += 1);
         let _ = self.touched.send(Arc::new(Touched {
             everyone: true,
             ..Touched::default()
@@ -463,7 +460,8 @@ impl Hub {
         self.lock().subs.contains_key(&id)
     }
 
-    /// The user's groups now (for replay filters).
+    /// The user's groups now.
+    #[cfg(test)]
     pub fn groups_of(&self, user: &str) -> Vec<String> {
         let st = self.lock();
         st.users
@@ -641,7 +639,6 @@ impl Hub {
         }
         self.published.store(st.last_published, Ordering::Release);
         drop(st);
-        self.published_tick.send_modify(|t| *t += 1);
         if self.touched.receiver_count() > 0 {
             let _ = self.touched.send(Arc::new(Touched::of(batch)));
         }
@@ -650,11 +647,6 @@ impl Hub {
     /// What each publish from now on touched (a lagging receiver must assume everything).
     pub fn touched(&self) -> tokio::sync::broadcast::Receiver<Arc<Touched>> {
         self.touched.subscribe()
-    }
-
-    /// Changes after every publish (deltas, memberships): what a long-poll waits on.
-    pub fn published_ticks(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.published_tick.subscribe()
     }
 }
 

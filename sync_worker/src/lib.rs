@@ -10,6 +10,7 @@ pub mod delta;
 pub mod failpoint;
 pub mod federation;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod replication;
 pub mod tls;
@@ -45,6 +46,16 @@ pub async fn serve(
         (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?, &expect)?,
         (None, None) => anyhow::bail!("no JWT secret or public key configured"),
     };
+    // A URL that cannot be used (a bad sslmode, an unreadable sslrootcert) stops the worker
+    // now, with the reason, instead of failing every connection later.
+    let db = db::Db::new(
+        &cfg.database_url,
+        db::PoolLimits {
+            size: cfg.db_connections,
+            wait: Duration::from_secs(cfg.db_wait_secs.max(1)),
+            statement: Duration::from_secs(cfg.db_statement_timeout_secs),
+        },
+    )?;
     let cfg = Arc::new(cfg);
     let hub = Arc::new(hub::Hub::new(cfg.subscriber_queue));
     let status = Arc::new(replication::sequencer::Status::default());
@@ -55,7 +66,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let app = Arc::new(api::App {
-        db: db::Db::new(cfg.database_url.clone(), cfg.db_connections),
+        db,
         cfg: cfg.clone(),
         hub,
         status,

@@ -4,8 +4,6 @@ use sync_worker::config::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> anyhow::Result<()> {
-    // The config file is applied through the environment: that must happen before the
-    // runtime starts its threads (setting variables while others read them is undefined).
     let cfg = Config::load()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,6 +1,7 @@
-//! TLS for control connections with `sslmode=require`: encrypted, certificate not verified
-//! (libpq's meaning of `require`; use a private network or a proxy that verifies otherwise);
-//! and for `wss://` federation peers: verified against the web PKI roots and a CA file.
+//! TLS to the database as libpq's `sslmode` says: `require` encrypts without verifying the
+//! certificate (libpq's meaning), `verify-ca` checks its chain against `sslrootcert` (or the
+//! web PKI roots), `verify-full` also the host name; and TLS for `wss://` federation peers:
+//! verified against the web PKI roots and a CA file.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -89,4 +90,370 @@ pub fn peer_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// How a database connection is secured: libpq's `sslmode` values, and the root certificate
+/// file (`sslrootcert`) that `verify-ca` and `verify-full` check the server's chain against
+/// (without one: the web PKI roots).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbTls {
+    pub mode: SslMode,
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    /// TLS when the server offers it, not verified (tokio-postgres' and libpq's default).
+    Prefer,
+    /// Encrypted, not verified.
+    Require,
+    /// The server's certificate must chain to the root certificate; any host name.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host connected to.
+    VerifyFull,
+}
+
+/// A database URL (`postgres://...?k=v` or `k=v ...`) that tokio-postgres can parse, and how
+/// to secure it. tokio-postgres knows neither `verify-ca`/`verify-full` nor `sslrootcert`:
+/// those are taken out here (the mode becomes `require` for tokio-postgres, which then only
+/// decides that TLS is used; the certificate check is ours). As in libpq, `require` with a
+/// root certificate file verifies like `verify-ca`.
+pub fn split_database_url(url: &str) -> Result<(String, DbTls), String> {
+    let mut mode: Option<SslMode> = None;
+    let mut root_cert = None;
+    let mut take = |key: &str, value: &str| -> Result<bool, String> {
+        match key {
+            "sslmode" => {
+                mode = Some(match value {
+                    "disable" => SslMode::Disable,
+                    "allow" | "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => return Err(format!("unknown sslmode {other:?}")),
+                });
+                Ok(true)
+            }
+            "sslrootcert" => {
+                root_cert = Some(std::path::PathBuf::from(value));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    };
+    let rest = if let Some((base, query)) = url
+        .split_once('?')
+        .filter(|_| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        let mut kept = vec![];
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k, &percent_decode(v))? {
+                kept.push(pair);
+            }
+        }
+        if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        }
+    } else if url.contains("://") {
+        url.to_owned()
+    } else {
+        let mut kept = vec![];
+        for (k, v, raw) in key_values(url)? {
+            if !take(&k, &v)? {
+                kept.push(raw);
+            }
+        }
+        kept.join(" ")
+    };
+    let mut mode = mode.unwrap_or(SslMode::Prefer);
+    if mode == SslMode::Require && root_cert.is_some() {
+        mode = SslMode::VerifyCa;
+    }
+    // tokio-postgres decides whether to use TLS; it parses the rest.
+    let tokio_mode = match mode {
+        SslMode::Disable => "disable",
+        SslMode::Prefer => "prefer",
+        _ => "require",
+    };
+    let rest = if rest.contains("://") {
+        let sep = if rest.contains('?') { '&' } else { '?' };
+        format!("{rest}{sep}sslmode={tokio_mode}")
+    } else {
+        format!("{rest} sslmode={tokio_mode}")
+    };
+    Ok((rest, DbTls { mode, root_cert }))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|&b| hex(b)),
+            bytes.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `key = value` pairs of a libpq key/value string: (key, unquoted value, the pair as
+/// written).
+fn key_values(s: &str) -> Result<Vec<(String, String, String)>, String> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut out = vec![];
+    let skip_ws = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= chars.len() {
+            return Ok(out);
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        skip_ws(&mut i);
+        if chars.get(i) != Some(&'=') {
+            return Err(format!("missing = after {key:?}"));
+        }
+        i += 1;
+        skip_ws(&mut i);
+        let mut value = String::new();
+        if chars.get(i) == Some(&'\'') {
+            i += 1;
+            loop {
+                match chars.get(i) {
+                    None => return Err(format!("unterminated quoted value of {key:?}")),
+                    Some('\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some('\\') if i + 1 < chars.len() => {
+                        value.push(chars[i + 1]);
+                        i += 2;
+                    }
+                    Some(&c) => {
+                        value.push(c);
+                        i += 1;
+                    }
+                }
+            }
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i]);
+                i += 1;
+            }
+        }
+        out.push((key, value, chars[start..i].iter().collect()));
+    }
+}
+
+impl DbTls {
+    /// The rustls configuration for tokio-postgres (`None`: no TLS).
+    pub fn client_config(&self) -> Result<Option<rustls::ClientConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifying = |roots: rustls::RootCertStore| {
+            rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())
+                .map(|b| b.with_root_certificates(roots))
+        };
+        Ok(match self.mode {
+            SslMode::Disable => None,
+            SslMode::Prefer | SslMode::Require => Some(require_config()),
+            SslMode::VerifyFull => Some(verifying(self.roots()?)?.with_no_client_auth()),
+            SslMode::VerifyCa => {
+                let roots = Arc::new(self.roots()?);
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| e.to_string())?;
+                let mut config = verifying((*roots).clone())?.with_no_client_auth();
+                config
+                    .dangerous()
+                    .set_certificate_verifier(Arc::new(AnyName(inner)));
+                Some(config)
+            }
+        })
+    }
+
+    /// The same choice for the replication connection to `host`, made after a control
+    /// connection to it (`encrypted`: whether that one negotiated TLS).
+    pub fn replication_config(
+        &self,
+        host: &str,
+        encrypted: bool,
+    ) -> Option<pgwire_replication::TlsConfig> {
+        use pgwire_replication::TlsConfig;
+        match self.mode {
+            SslMode::Disable => None,
+            // `prefer`: encrypt when the server offered it to the control connection.
+            SslMode::Prefer => encrypted.then(TlsConfig::require),
+            SslMode::Require => Some(TlsConfig::require()),
+            SslMode::VerifyCa => {
+                let tls = TlsConfig::verify_ca(self.root_cert.clone());
+                let seen = CERT_NAMES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(host)
+                    .cloned();
+                Some(match seen {
+                    Some(name) => tls.with_sni_hostname(name),
+                    None => tls,
+                })
+            }
+            SslMode::VerifyFull => Some(TlsConfig::verify_full(self.root_cert.clone())),
+        }
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let Some(path) = &self.root_cert else {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            return Ok(roots);
+        };
+        let fail = |e: &dyn std::fmt::Display| format!("sslrootcert {}: {e}", path.display());
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| fail(&e))? {
+            roots
+                .add(cert.map_err(|e| fail(&e))?)
+                .map_err(|e| fail(&e))?;
+        }
+        if roots.is_empty() {
+            return Err(fail(&"no certificate found"));
+        }
+        Ok(roots)
+    }
+}
+
+/// Host dialed -> a DNS name its certificate (verified under `verify-ca`) is valid for.
+/// pgwire-replication 0.5.0's `verify-ca` forgives only rustls' `NotValidForName`, not the
+/// `NotValidForNameContext` that rustls 0.23 reports, so it refuses every name mismatch: the
+/// replication connection is given the name the control connection saw as its TLS server
+/// name (the chain is still verified against the same root certificate).
+static CERT_NAMES: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// `verify-ca`: the chain must verify; the name in the certificate is not checked.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => {
+                // The chain verified (webpki checks it before the name).
+                if let Some(name) = webpki::EndEntityCert::try_from(end_entity)
+                    .ok()
+                    .and_then(|c| {
+                        c.valid_dns_names()
+                            .find(|n| !n.starts_with('*'))
+                            .map(str::to_owned)
+                    })
+                {
+                    CERT_NAMES
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(server_name.to_str().into_owned(), name);
+                }
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_modes_and_root_certs_are_taken_out_of_both_url_forms() {
+        let (rest, tls) = split_database_url(
+            "host=db port=5 sslmode=verify-full sslrootcert='/etc/a b.pem' dbname=x",
+        )
+        .unwrap();
+        assert_eq!(rest, "host=db port=5 dbname=x sslmode=require");
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        assert_eq!(tls.root_cert, Some("/etc/a b.pem".into()));
+        rest.parse::<tokio_postgres::Config>().unwrap();
+
+        let (rest, tls) = split_database_url(
+            "postgres://u@h/d?sslmode=verify-ca&sslrootcert=%2Fca.pem&application_name=a",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u@h/d?application_name=a&sslmode=require");
+        assert_eq!(tls.mode, SslMode::VerifyCa);
+        assert_eq!(tls.root_cert, Some("/ca.pem".into()));
+        rest.parse::<tokio_postgres::Config>().unwrap();
+
+        let (rest, tls) = split_database_url("postgres://u@h/d").unwrap();
+        assert_eq!(rest, "postgres://u@h/d?sslmode=prefer");
+        assert_eq!(tls.mode, SslMode::Prefer);
+        // libpq: `require` with a root certificate verifies the chain.
+        let (_, tls) = split_database_url("host=h sslmode=require sslrootcert=/c").unwrap();
+        assert_eq!(tls.mode, SslMode::VerifyCa);
+        assert!(split_database_url("host=h sslmode=verify").is_err());
+    }
 }

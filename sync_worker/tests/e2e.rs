@@ -972,6 +972,225 @@ async fn tls_and_scram_for_both_connections() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A CA, and a server certificate it signed for `db.invalid` (not the host the worker dials),
+/// made with the openssl command line in the data directory; a second, unrelated CA.
+fn server_pki(data: &std::path::Path) {
+    let run = |args: &[&str]| openssl(data, args);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    for (key, pem, subject) in [
+        ("ca.key", "ca.pem", "/CN=pg_sync test CA"),
+        ("other.key", "other.pem", "/CN=another CA"),
+    ] {
+        run(&[
+            &["req", "-x509"],
+            &ec[..],
+            &["-keyout", key, "-out", pem, "-days", "2", "-subj", subject],
+        ]
+        .concat());
+    }
+    run(&[
+        &["req"],
+        &ec[..],
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=db.invalid",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        data.join("ext.cnf"),
+        "subjectAltName=DNS:db.invalid\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let mut perms = std::fs::metadata(data.join("server.key"))
+        .unwrap()
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    std::fs::set_permissions(data.join("server.key"), perms).unwrap();
+}
+
+/// `sslmode=verify-full` refuses a server whose certificate names another host;
+/// `verify-ca` accepts it when it chains to `sslrootcert` (control and replication
+/// connections alike), and refuses a certificate of another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_ca_and_verify_full() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start_with("ws_verify", &["ssl = on"], |data| {
+            server_pki(data);
+            // Only TLS connections for the worker's role.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 host all postgres 127.0.0.1/32 trust\n\
+                 hostssl all syncer 127.0.0.1/32 trust\n\
+                 hostssl replication syncer 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+        })
+    });
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE ROLE syncer LOGIN REPLICATION;
+         GRANT USAGE ON SCHEMA pg_sync TO syncer;
+         GRANT ALL ON ALL TABLES IN SCHEMA pg_sync TO syncer;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pg_sync TO syncer;
+         CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, pg_sync.api_keys
+           WITH (publish = 'insert, update, delete, truncate');",
+    );
+    let data = cluster.data();
+    let url = |mode: &str, ca: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=syncer dbname=app sslmode={mode} sslrootcert={}",
+            cluster.port,
+            data.join(ca).display()
+        )
+    };
+    // The control connection: the certificate names db.invalid, not 127.0.0.1.
+    let err = sync_worker::db::connect(&url("verify-full", "ca.pem"))
+        .await
+        .expect_err("verify-full must refuse a certificate for another host");
+    let why = format!("{err:?}");
+    assert!(why.contains("NotValidForName"), "{why}");
+    let err = sync_worker::db::connect(&url("verify-ca", "other.pem"))
+        .await
+        .expect_err("verify-ca must refuse a certificate of another CA");
+    assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
+    let client = sync_worker::db::connect(&url("verify-ca", "ca.pem"))
+        .await
+        .expect("verify-ca accepts the CA's certificate for any host");
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+    drop(client);
+
+    // The worker, both connections: never healthy under verify-full, streaming under verify-ca.
+    let mut refused = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("DATABASE_URL", &url("verify-full", "ca.pem"))],
+    );
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let status = http_get(refused.port, "/healthz")
+            .await
+            .map(|(s, _)| s)
+            .unwrap_or(0);
+        assert_ne!(
+            status, 200,
+            "verify-full with a wrong host name must not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    refused.kill9();
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("DATABASE_URL", &url("verify-ca", "ca.pem"))],
+    );
+    worker.wait_healthy().await;
+    let mut ws = connect(worker.port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'verified', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+    let (encrypted, plain): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'syncer'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert!(
+        encrypted >= 2,
+        "replication and control connections use TLS ({encrypted})"
+    );
+    assert_eq!(plain, 0);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A mutate stuck on a row lock holds one pooled connection, not the others: another user's
+/// requests (auth, group load, replay page) are answered meanwhile. With connections shared by
+/// pipelining, every query that landed behind the stuck one waited for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_mutate_does_not_hold_up_other_users() {
+    let (cluster, mut db) = app_cluster("ws_pool");
+    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    let mut locker = tokio::task::block_in_place(|| {
+        let mut c = cluster.connect("app");
+        c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
+            .unwrap();
+        c
+    });
+    let body = json!({"clientId": "laptop", "transactions": [
+        {"clientTxId": "00000000-0000-4000-8000-000000000001",
+         "ops": [{"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}]}
+    ]});
+    let stuck = tokio::spawn(async move {
+        http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stuck.is_finished(), "the mutate waits for the row lock");
+    for _ in 0..4 {
+        let t = Instant::now();
+        let (status, text) = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+        )
+        .await
+        .expect("another user's request is not held up by the stuck mutate");
+        assert_eq!(status, 200, "{text}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    tokio::task::block_in_place(|| locker.batch_execute("COMMIT").unwrap());
+    let (status, text) = stuck.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("applied"), "{text}");
+    tokio::task::block_in_place(|| drop((db, locker)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_then_environment_then_flags() {
     let cluster = tokio::task::block_in_place(|| Cluster::start("ws_config", &[]));

@@ -269,13 +269,13 @@ fn two_regions_converge_through_their_workers() {
         .unwrap();
     assert_eq!(status, 200);
     assert!(
-        body.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        body.contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1"),
         "{body}"
     );
-    assert!(body.contains("pg_sync_peer_batches_total{peer=\"a\",direction=\"in\"}"));
+    assert!(body.contains("pg_sync_peer_batches_total{direction=\"in\",peer=\"a\"}"));
     // A's writes reached B first-hop: their write-to-apply delays are in B's histogram.
     assert!(
-        body.contains("pg_sync_peer_write_to_apply_seconds_count{peer=\"a\",direction=\"in\"}"),
+        body.contains("pg_sync_peer_write_to_apply_seconds_count{direction=\"in\",peer=\"a\"}"),
         "{body}"
     );
     for node in ["a", "b"] {
@@ -674,18 +674,7 @@ fn test_peer_reports_reachability_auth_versions_and_models() {
 
 /// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
 fn test_pki(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",

@@ -600,8 +600,11 @@ async fn stream(
         };
         let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let last = match send_rows(&mut out, &user, &req, &snap, through).await {
             Ok((rows, rest)) => {
+                let bootstrap = &app.hub.metrics.latency.bootstrap;
+                bootstrap.observe(started.elapsed().as_secs_f64());
                 app.counters
                     .bootstrap_rows
                     .fetch_add(rows, Ordering::Relaxed);

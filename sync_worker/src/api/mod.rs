@@ -361,51 +361,113 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .is_none();
-    let body = format!(
-        "# TYPE pg_sync_replication_streaming gauge\npg_sync_replication_streaming {}\n\
-         # TYPE pg_sync_replication_lag_bytes gauge\npg_sync_replication_lag_bytes {}\n\
-         # TYPE pg_sync_replication_lag_seconds gauge\npg_sync_replication_lag_seconds {lag_s}\n\
-         # TYPE pg_sync_slot_ok gauge\npg_sync_slot_ok {}\n\
-         # TYPE pg_sync_reconnects_total counter\npg_sync_reconnects_total {}\n\
-         # TYPE pg_sync_sequencer_panics_total counter\npg_sync_sequencer_panics_total {}\n\
-         # TYPE pg_sync_last_sync_id gauge\npg_sync_last_sync_id {}\n\
-         # TYPE pg_sync_sequenced_actions_total counter\npg_sync_sequenced_actions_total {}\n\
-         # TYPE pg_sync_sequencer_visibility_waits_total counter\npg_sync_sequencer_visibility_waits_total {}\n\
-         # TYPE pg_sync_deltas_published_total counter\npg_sync_deltas_published_total {}\n\
-         # TYPE pg_sync_deliveries_total counter\npg_sync_deliveries_total {}\n\
-         # TYPE pg_sync_subscribers gauge\npg_sync_subscribers {}\n\
-         # TYPE pg_sync_slow_consumer_closes_total counter\npg_sync_slow_consumer_closes_total {}\n\
-         # TYPE pg_sync_subscriber_fallbacks_total counter\npg_sync_subscriber_fallbacks_total {}\n\
-         # TYPE pg_sync_bootstraps_total counter\npg_sync_bootstraps_total {}\n\
-         # TYPE pg_sync_bootstrap_rows_total counter\npg_sync_bootstrap_rows_total {}\n\
-         # TYPE pg_sync_mutate_transactions_total counter\n\
-         pg_sync_mutate_transactions_total{{status=\"applied\"}} {}\n\
-         pg_sync_mutate_transactions_total{{status=\"duplicate\"}} {}\n\
-         pg_sync_mutate_transactions_total{{status=\"rejected\"}} {}\n",
-        s.streaming.load(Ordering::Relaxed) as u8,
-        server.saturating_sub(acked),
-        slot_ok as u8,
-        s.reconnects.load(Ordering::Relaxed),
-        s.panics.load(Ordering::Relaxed),
-        app.hub.published(),
-        s.sequenced_actions.load(Ordering::Relaxed),
-        s.visibility_waits.load(Ordering::Relaxed),
-        m.deltas_published.load(Ordering::Relaxed),
-        m.deliveries.load(Ordering::Relaxed),
-        app.hub.subscriber_count(),
-        m.slow_cutoffs.load(Ordering::Relaxed),
-        m.fallbacks.load(Ordering::Relaxed),
-        c.bootstraps.load(Ordering::Relaxed),
-        c.bootstrap_rows.load(Ordering::Relaxed),
-        c.mutate_applied.load(Ordering::Relaxed),
-        c.mutate_duplicate.load(Ordering::Relaxed),
-        c.mutate_rejected.load(Ordering::Relaxed),
-    ) + &crate::federation::metrics::render();
+    use crate::metrics::{counter, gauge, labelled_counter};
+    let (pool_open, pool_idle) = app.db.usage();
+    let families = vec![
+        gauge(
+            "pg_sync_replication_streaming",
+            "Whether the replication stream is open.",
+            s.streaming.load(Ordering::Relaxed) as u8 as f64,
+        ),
+        gauge(
+            "pg_sync_replication_lag_bytes",
+            "WAL bytes the server has that are not acknowledged yet.",
+            server.saturating_sub(acked) as f64,
+        ),
+        gauge(
+            "pg_sync_replication_lag_seconds",
+            "Seconds since the last sequenced commit.",
+            lag_s,
+        ),
+        gauge(
+            "pg_sync_slot_ok",
+            "Whether the replication slot is usable.",
+            slot_ok as u8 as f64,
+        ),
+        counter(
+            "pg_sync_reconnects_total",
+            "Replication sessions restarted.",
+            s.reconnects.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_sequencer_panics_total",
+            "Replication sessions that panicked.",
+            s.panics.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "pg_sync_last_sync_id",
+            "The last published sync id.",
+            app.hub.published() as f64,
+        ),
+        counter(
+            "pg_sync_sequenced_actions_total",
+            "Actions given a sync id.",
+            s.sequenced_actions.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_sequencer_visibility_waits_total",
+            "Flushes that waited for a streamed transaction to become visible to new snapshots.",
+            s.visibility_waits.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_deltas_published_total",
+            "Deltas published to the hub.",
+            m.deltas_published.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_deliveries_total",
+            "Deltas queued for subscribers.",
+            m.deliveries.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "pg_sync_subscribers",
+            "Live subscribers.",
+            app.hub.subscriber_count() as f64,
+        ),
+        counter(
+            "pg_sync_slow_consumer_closes_total",
+            "Connections cut off for not reading.",
+            m.slow_cutoffs.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_subscriber_fallbacks_total",
+            "Live subscribers that fell behind and went back to paging from the log.",
+            m.fallbacks.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_bootstraps_total",
+            "Bootstraps started.",
+            c.bootstraps.load(Ordering::Relaxed),
+        ),
+        counter(
+            "pg_sync_bootstrap_rows_total",
+            "Rows sent by bootstraps.",
+            c.bootstrap_rows.load(Ordering::Relaxed),
+        ),
+        labelled_counter(
+            "pg_sync_mutate_transactions_total",
+            "Client transactions by outcome.",
+            "status",
+            &[
+                ("applied", c.mutate_applied.load(Ordering::Relaxed)),
+                ("duplicate", c.mutate_duplicate.load(Ordering::Relaxed)),
+                ("rejected", c.mutate_rejected.load(Ordering::Relaxed)),
+            ],
+        ),
+        gauge(
+            "pg_sync_db_pool_connections",
+            "Connections the API pool holds open.",
+            pool_open as f64,
+        ),
+        gauge(
+            "pg_sync_db_pool_idle",
+            "Open pooled connections not in use.",
+            pool_idle as f64,
+        ),
+    ];
+    let body = crate::metrics::render(families, &m.latency);
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         body,
     )
         .into_response()

@@ -92,10 +92,10 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
-    let statement = db
-        .mutate_statement()
+    let statement = crate::db::mutate_statement(&db)
         .await
         .map_err(|_| BatchError::Unavailable)?;
+    let statement = &statement;
     // Pipelined on one connection: each transaction commits on its own, in order, and the
     // batch pays one round trip instead of one per transaction.
     let ops: Vec<String> = request

@@ -127,7 +127,6 @@ pub struct Replay<'a> {
     app: &'a App,
     user: &'a str,
     id: u64,
-    db: Arc<crate::db::Conn>,
     cursor: i64,
     pub through: i64,
     live: bool,
@@ -135,6 +134,8 @@ pub struct Replay<'a> {
     /// `joins_upto` is at least the position of the groups each page filters by.
     joins: Joins,
     joins_upto: i64,
+    /// When the replay began, until it is live (`pg_sync_replay_seconds`).
+    started: Option<std::time::Instant>,
 }
 
 /// Group -> the sync id of the user's last join of it in a replayed range.
@@ -181,13 +182,10 @@ impl<'a> Replay<'a> {
         id: u64,
         after: i64,
     ) -> Result<Replay<'a>, ReplayError> {
-        let db = app
-            .db
-            .get()
-            .await
-            .map_err(|e| ReplayError::Db(e.to_string()))?;
         let through = app.hub.watermark().ok_or(ReplayError::NotReady)?;
+        let db = pooled(app).await?;
         let horizon = horizon(&db).await?;
+        drop(db);
         if after > 0 && after < horizon {
             return Err(ReplayError::Expired(horizon));
         }
@@ -195,12 +193,12 @@ impl<'a> Replay<'a> {
             app,
             user,
             id,
-            db,
             cursor: after.max(horizon),
             through,
             live: false,
             joins: Joins::new(),
             joins_upto: after.max(horizon),
+            started: Some(std::time::Instant::now()),
         })
     }
 
@@ -216,9 +214,12 @@ impl<'a> Replay<'a> {
                 // joined while the replay pages has its join here and none of its deltas from
                 // before it pass (REVIEW rev2 F2).
                 let (groups, groups_at) = self.app.hub.groups_and_position(self.user);
+                // A pooled connection per page, not per replay: between pages the session
+                // writes to its socket, and a slow reader must not hold a connection.
+                let db = pooled(self.app).await?;
                 let upto = self.through.max(groups_at);
                 if self.joins_upto < upto {
-                    let more = joins(&self.db, self.user, self.joins_upto, upto)
+                    let more = joins(&db, self.user, self.joins_upto, upto)
                         .await
                         .map_err(|e| ReplayError::Db(e.to_string()))?;
                     for (g, at) in more {
@@ -228,7 +229,7 @@ impl<'a> Replay<'a> {
                     self.joins_upto = upto;
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
-                let mut page = sequencer::changes(&self.db, self.cursor, Some(&groups), span)
+                let mut page = sequencer::changes(&db, self.cursor, Some(&groups), span)
                     .await
                     .map_err(|e| ReplayError::Db(e.to_string()))?;
                 // Membership changes come in order with the deltas, each user's own only.
@@ -236,7 +237,7 @@ impl<'a> Replay<'a> {
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read
                 // after the page, so a compaction that committed before the page was read (and
                 // took rows from it) is seen.
-                let horizon = horizon(&self.db).await?;
+                let horizon = horizon(&db).await?;
                 if horizon > self.cursor {
                     return Err(ReplayError::Expired(horizon));
                 }
@@ -244,6 +245,10 @@ impl<'a> Replay<'a> {
                 return Ok(Some(page));
             }
             if self.live {
+                if let Some(t) = self.started.take() {
+                    let replay = &self.app.hub.metrics.latency.replay;
+                    replay.observe(t.elapsed().as_secs_f64());
+                }
                 return Ok(None);
             }
             match self.app.hub.go_live(self.id) {
@@ -257,6 +262,13 @@ impl<'a> Replay<'a> {
             }
         }
     }
+}
+
+async fn pooled(app: &App) -> Result<crate::db::Conn, ReplayError> {
+    app.db
+        .get()
+        .await
+        .map_err(|e| ReplayError::Db(e.to_string()))
 }
 
 /// Resolves when a session's token expires (never for `None`): WS and SSE sessions end then.

@@ -155,10 +155,7 @@ async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receive
     let mut shutdown = app.shutdown.clone();
     loop {
         let outcome = session(&app, &name, &url, &mut stop, &mut use_previous, false).await;
-        metrics::with(&name, "in", |l| {
-            l.up = false;
-            l.reconnects += 1;
-        });
+        metrics::link(&name, "in").closed();
         match outcome {
             Outcome::Stop => return,
             Outcome::Retry { progressed } => {
@@ -597,10 +594,9 @@ async fn session(
         json!({"direction": "in", "node_id": s, "after": after}),
     )
     .await;
-    metrics::with(name, "in", |l| {
-        l.up = true;
-        l.lag_actions = (head - after).max(0);
-    });
+    let l = metrics::link(name, "in");
+    l.up.set(1);
+    l.lag_actions.set((head - after).max(0));
     let mut state = if head > after {
         "catching_up"
     } else {
@@ -663,15 +659,7 @@ async fn session(
                     )
                     .await;
                 let took = started.elapsed().as_secs_f64();
-                metrics::with(name, "in", |l| {
-                    l.bytes += changes.len() as u64;
-                    l.apply_seconds_sum += took;
-                    if let Err(e) = &res {
-                        *l.errors
-                            .entry(sqlstate(e).unwrap_or("connection").to_owned())
-                            .or_default() += 1;
-                    }
-                });
+                l.applied(changes.len(), took, &res);
                 match res {
                     Ok(row) => {
                         // Committed (autocommit): now it may be acknowledged.
@@ -682,15 +670,13 @@ async fn session(
                         changed += answer["changed"].as_i64().unwrap_or(0);
                         head = head.max(last_sync_id);
                         let now = wall_ms();
-                        metrics::with(name, "in", |l| {
-                            for ms in &minted {
-                                l.observe_delay((now - ms) / 1000.0);
-                            }
-                            l.batches += 1;
-                            l.applied += answer["applied"].as_u64().unwrap_or(0);
-                            l.changed += answer["changed"].as_u64().unwrap_or(0);
-                            l.lag_actions = (head - to).max(0);
-                        });
+                        for ms in &minted {
+                            l.observe_delay((now - ms) / 1000.0);
+                        }
+                        l.batches.inc();
+                        l.applied.inc_by(answer["applied"].as_u64().unwrap_or(0));
+                        l.changed.inc_by(answer["changed"].as_u64().unwrap_or(0));
+                        l.lag_actions.set((head - to).max(0));
                         if ws
                             .send(Message::text(Frame::Ack { to }.to_text()))
                             .await
@@ -892,15 +878,7 @@ async fn join(
             )
             .await;
         let took = started.elapsed().as_secs_f64();
-        metrics::with(name, "in", |l| {
-            l.bytes += rows.len() as u64;
-            l.apply_seconds_sum += took;
-            if let Err(e) = &res {
-                *l.errors
-                    .entry(sqlstate(e).unwrap_or("connection").to_owned())
-                    .or_default() += 1;
-            }
-        });
+        metrics::link(name, "in").applied(rows.len(), took, &res);
         let answer: serde_json::Value = match res {
             Ok(row) => serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default(),
             Err(e) => return Err(db_text(&e)),

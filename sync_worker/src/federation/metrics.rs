@@ -1,44 +1,153 @@
-//! Per-peer link counters for `/metrics`, kept in one process-wide table (links come and go
-//! with the registry; a removed peer's counters stay until restart, as Prometheus expects).
+//! Per-peer link series for `/metrics` (the `prometheus` crate), labelled by peer and
+//! direction (`in`/`out`), in one process-wide set (links come and go with the registry; a
+//! removed peer's series stay until restart, as Prometheus expects).
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-
-#[derive(Default, Clone)]
-pub struct Link {
-    pub up: bool,
-    pub lag_actions: i64,
-    pub batches: u64,
-    pub applied: u64,
-    pub changed: u64,
-    pub bytes: u64,
-    pub reconnects: u64,
-    pub auth_failures: u64,
-    pub apply_seconds_sum: f64,
-    pub errors: BTreeMap<String, u64>,
-    /// Write-to-apply delay of first-hop changes (`observe_delay`): per-bucket counts (not
-    /// cumulative), sum and count.
-    pub delay_buckets: [u64; DELAY_BUCKETS.len()],
-    pub delay_sum: f64,
-    pub delay_count: u64,
-}
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+use std::sync::LazyLock;
 
 /// Upper bounds (seconds) of the write-to-apply delay histogram's buckets (+Inf is implied).
 pub const DELAY_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+const LABELS: &[&str] = &["peer", "direction"];
+
+struct Series {
+    up: IntGaugeVec,
+    lag_actions: IntGaugeVec,
+    batches: IntCounterVec,
+    applied: IntCounterVec,
+    changed: IntCounterVec,
+    bytes: IntCounterVec,
+    reconnects: IntCounterVec,
+    auth_failures: IntCounterVec,
+    apply_seconds: HistogramVec,
+    write_to_apply: HistogramVec,
+    errors: IntCounterVec,
+}
+
+fn counters(name: &str, help: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), LABELS).expect("a valid counter")
+}
+
+fn gauges(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), LABELS).expect("a valid gauge")
+}
+
+static SERIES: LazyLock<Series> = LazyLock::new(|| {
+    Series {
+    up: gauges("pg_sync_peer_up", "Whether the link is connected."),
+    lag_actions: gauges(
+        "pg_sync_peer_lag_actions",
+        "Sync ids the receiver is behind the sender's last one.",
+    ),
+    batches: counters("pg_sync_peer_batches_total", "Batches sent or applied."),
+    applied: counters("pg_sync_peer_applied_total", "Changes applied from the peer."),
+    changed: counters(
+        "pg_sync_peer_changed_total",
+        "Applied changes that won the merge and changed a row.",
+    ),
+    bytes: counters("pg_sync_peer_bytes_total", "Bytes of change data sent or applied."),
+    reconnects: counters("pg_sync_peer_reconnects_total", "Links that closed."),
+    auth_failures: counters(
+        "pg_sync_peer_auth_failures_total",
+        "Failed link authentications.",
+    ),
+    apply_seconds: HistogramVec::new(
+        HistogramOpts::new(
+            "pg_sync_peer_apply_seconds",
+            "Time to apply one batch or snapshot page from the peer.",
+        ),
+        LABELS,
+    )
+    .expect("a valid histogram"),
+    write_to_apply: HistogramVec::new(
+        HistogramOpts::new(
+            "pg_sync_peer_write_to_apply_seconds",
+            "First-hop changes: this node's clock after the apply committed minus the physical time of the change's version.",
+        )
+        .buckets(DELAY_BUCKETS.to_vec()),
+        LABELS,
+    )
+    .expect("a valid histogram"),
+    errors: IntCounterVec::new(
+        Opts::new("pg_sync_peer_errors_total", "Failed applies by SQLSTATE."),
+        &["peer", "direction", "code"],
+    )
+    .expect("a valid counter"),
+}
+});
+
+/// One link's series.
+pub struct Link {
+    peer: String,
+    direction: &'static str,
+    pub up: IntGauge,
+    pub lag_actions: IntGauge,
+    pub batches: IntCounter,
+    pub applied: IntCounter,
+    pub changed: IntCounter,
+    pub bytes: IntCounter,
+    pub reconnects: IntCounter,
+    pub auth_failures: IntCounter,
+}
+
+/// The series of the link with `peer` in `direction` (`in` or `out`).
+pub fn link(peer: &str, direction: &'static str) -> Link {
+    let s = &*SERIES;
+    let l = [peer, direction];
+    Link {
+        peer: peer.to_owned(),
+        direction,
+        up: s.up.with_label_values(&l),
+        lag_actions: s.lag_actions.with_label_values(&l),
+        batches: s.batches.with_label_values(&l),
+        applied: s.applied.with_label_values(&l),
+        changed: s.changed.with_label_values(&l),
+        bytes: s.bytes.with_label_values(&l),
+        reconnects: s.reconnects.with_label_values(&l),
+        auth_failures: s.auth_failures.with_label_values(&l),
+    }
+}
+
 impl Link {
+    /// A link that closed.
+    pub fn closed(&self) {
+        self.up.set(0);
+        self.reconnects.inc();
+    }
+
     /// One change's write-to-apply delay: this node's commit of the apply minus the physical
     /// time of the version its origin minted (a skewed clock can make it negative: counted as 0).
-    pub fn observe_delay(&mut self, seconds: f64) {
-        let seconds = seconds.max(0.0);
-        if let Some(i) = DELAY_BUCKETS.iter().position(|&le| seconds <= le) {
-            self.delay_buckets[i] += 1;
+    pub fn observe_delay(&self, seconds: f64) {
+        self.write_to_apply().observe(seconds.max(0.0));
+    }
+
+    fn write_to_apply(&self) -> Histogram {
+        SERIES
+            .write_to_apply
+            .with_label_values(&[&self.peer, self.direction])
+    }
+
+    /// One apply (a batch or a snapshot page) of `bytes` that took `seconds`; a failed one is
+    /// counted by its SQLSTATE (`connection` when the database did not answer).
+    pub fn applied<T>(&self, bytes: usize, seconds: f64, res: &Result<T, tokio_postgres::Error>) {
+        self.bytes.inc_by(bytes as u64);
+        SERIES
+            .apply_seconds
+            .with_label_values(&[&self.peer, self.direction])
+            .observe(seconds);
+        if let Err(e) = res {
+            let code = crate::federation::sqlstate(e).unwrap_or("connection");
+            SERIES
+                .errors
+                .with_label_values(&[&self.peer, self.direction, code])
+                .inc();
         }
-        self.delay_sum += seconds;
-        self.delay_count += 1;
     }
 }
 
@@ -52,131 +161,66 @@ pub fn minted_ms(version: &str, node: &str) -> Option<f64> {
     u64::from_str_radix(hlc, 16).ok().map(|h| (h >> 16) as f64)
 }
 
-/// Keyed by (peer, direction `in`/`out`).
-static LINKS: Mutex<BTreeMap<(String, &'static str), Link>> = Mutex::new(BTreeMap::new());
-
-/// Updates the counters of one link.
-pub fn with(peer: &str, direction: &'static str, f: impl FnOnce(&mut Link)) {
-    let mut g = LINKS.lock().unwrap_or_else(|p| p.into_inner());
-    f(g.entry((peer.to_owned(), direction)).or_default());
-}
-
-/// A series: name, Prometheus type, and how to read it from a link.
-type Series = (&'static str, &'static str, fn(&Link) -> String);
-
-/// The Prometheus text for every link seen since start.
-pub fn render() -> String {
-    let g = LINKS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut out = String::new();
-    let series: [Series; 9] = [
-        ("pg_sync_peer_up", "gauge", |l| (l.up as u8).to_string()),
-        ("pg_sync_peer_lag_actions", "gauge", |l| {
-            l.lag_actions.to_string()
-        }),
-        ("pg_sync_peer_batches_total", "counter", |l| {
-            l.batches.to_string()
-        }),
-        ("pg_sync_peer_applied_total", "counter", |l| {
-            l.applied.to_string()
-        }),
-        ("pg_sync_peer_changed_total", "counter", |l| {
-            l.changed.to_string()
-        }),
-        ("pg_sync_peer_bytes_total", "counter", |l| {
-            l.bytes.to_string()
-        }),
-        ("pg_sync_peer_reconnects_total", "counter", |l| {
-            l.reconnects.to_string()
-        }),
-        ("pg_sync_peer_auth_failures_total", "counter", |l| {
-            l.auth_failures.to_string()
-        }),
-        ("pg_sync_peer_apply_seconds_sum", "counter", |l| {
-            format!("{:.6}", l.apply_seconds_sum)
-        }),
-    ];
-    for (name, kind, value) in series {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for ((peer, dir), l) in g.iter() {
-            let _ = writeln!(
-                out,
-                "{name}{{peer=\"{peer}\",direction=\"{dir}\"}} {}",
-                value(l)
-            );
-        }
+/// Every link's series seen since start.
+pub fn families() -> Vec<MetricFamily> {
+    let s = &*SERIES;
+    let mut out: Vec<MetricFamily> = vec![];
+    for c in [
+        &s.batches,
+        &s.applied,
+        &s.changed,
+        &s.bytes,
+        &s.reconnects,
+        &s.auth_failures,
+        &s.errors,
+    ] {
+        out.extend(c.collect());
     }
-    let _ = writeln!(out, "# TYPE pg_sync_peer_write_to_apply_seconds histogram");
-    for ((peer, dir), l) in g.iter().filter(|(_, l)| l.delay_count > 0) {
-        let mut cumulative = 0;
-        for (le, n) in DELAY_BUCKETS.iter().zip(l.delay_buckets) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "pg_sync_peer_write_to_apply_seconds_bucket{{peer=\"{peer}\",direction=\"{dir}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let labels = format!("peer=\"{peer}\",direction=\"{dir}\"");
-        let _ = writeln!(
-            out,
-            "pg_sync_peer_write_to_apply_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-            l.delay_count
-        );
-        let _ = writeln!(
-            out,
-            "pg_sync_peer_write_to_apply_seconds_sum{{{labels}}} {:.6}",
-            l.delay_sum
-        );
-        let _ = writeln!(
-            out,
-            "pg_sync_peer_write_to_apply_seconds_count{{{labels}}} {}",
-            l.delay_count
-        );
-    }
-    let _ = writeln!(out, "# TYPE pg_sync_peer_errors_total counter");
-    for ((peer, dir), l) in g.iter() {
-        for (code, n) in &l.errors {
-            let _ = writeln!(
-                out,
-                "pg_sync_peer_errors_total{{peer=\"{peer}\",direction=\"{dir}\",code=\"{code}\"}} {n}"
-            );
-        }
-    }
+    out.extend(s.up.collect());
+    out.extend(s.lag_actions.collect());
+    out.extend(s.apply_seconds.collect());
+    out.extend(s.write_to_apply.collect());
+    // A vector no link has touched yet yields an empty family, which the encoder refuses.
+    out.retain(|f| !f.get_metric().is_empty());
     out
 }
 
 #[cfg(test)]
 mod tests {
+    fn render() -> String {
+        crate::metrics::render(vec![], &Default::default())
+    }
+
     #[test]
     fn renders_per_link_series() {
-        super::with("zz-test", "in", |l| {
-            l.up = true;
-            l.batches += 2;
-            *l.errors.entry("PS001".into()).or_default() += 1;
-        });
-        let text = super::render();
-        assert!(text.contains("pg_sync_peer_up{peer=\"zz-test\",direction=\"in\"} 1"));
-        assert!(text.contains("pg_sync_peer_batches_total{peer=\"zz-test\",direction=\"in\"} 2"));
-        assert!(text.contains(
-            "pg_sync_peer_errors_total{peer=\"zz-test\",direction=\"in\",code=\"PS001\"} 1"
-        ));
+        let l = super::link("zz-test", "in");
+        l.up.set(1);
+        l.batches.inc_by(2);
+        l.applied::<()>(10, 0.1, &Ok(()));
+        let text = render();
+        assert!(text.contains("pg_sync_peer_up{direction=\"in\",peer=\"zz-test\"} 1"));
+        assert!(text.contains("pg_sync_peer_batches_total{direction=\"in\",peer=\"zz-test\"} 2"));
+        assert!(text.contains("pg_sync_peer_bytes_total{direction=\"in\",peer=\"zz-test\"} 10"));
+        assert!(
+            text.contains("pg_sync_peer_apply_seconds_sum{direction=\"in\",peer=\"zz-test\"} 0.1")
+        );
     }
 
     #[test]
     fn write_to_apply_delays_form_a_cumulative_histogram() {
-        super::with("zz-delay", "in", |l| {
-            for s in [0.003, 0.2, 0.2, 7.0, 120.0, -1.0] {
-                l.observe_delay(s);
-            }
-        });
-        let text = super::render();
+        let l = super::link("zz-delay", "in");
+        for s in [0.003, 0.2, 0.2, 7.0, 120.0, -1.0] {
+            l.observe_delay(s);
+        }
+        let text = render();
         let line = |le: &str| {
-            format!("pg_sync_peer_write_to_apply_seconds_bucket{{peer=\"zz-delay\",direction=\"in\",le=\"{le}\"}} ")
+            format!("pg_sync_peer_write_to_apply_seconds_bucket{{direction=\"in\",peer=\"zz-delay\",le=\"{le}\"}} ")
         };
         for (le, n) in [("0.005", 2), ("0.25", 4), ("10", 5), ("60", 5), ("+Inf", 6)] {
             assert!(text.contains(&format!("{}{n}\n", line(le))), "{le}: {text}");
         }
         assert!(text.contains(
-            "pg_sync_peer_write_to_apply_seconds_count{peer=\"zz-delay\",direction=\"in\"} 6"
+            "pg_sync_peer_write_to_apply_seconds_count{direction=\"in\",peer=\"zz-delay\"} 6"
         ));
         assert_eq!(super::minted_ms("0000000000010003@a", "a"), Some(1.0));
         assert_eq!(super::minted_ms("0000000000010003@a", "b"), None);

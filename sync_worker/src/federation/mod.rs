@@ -48,7 +48,7 @@ pub async fn auth_failed_event(db: &Client, peer: &str, detail: serde_json::Valu
     } else {
         "out"
     };
-    metrics::with(peer, direction, |l| l.auth_failures += 1);
+    metrics::link(peer, direction).auth_failures.inc();
     // Per peer, direction and reason: one kind of failure must not hide another.
     let key = format!("{peer}\n{direction}\n{}", detail["reason"]);
     let due = {
@@ -126,18 +126,7 @@ pub async fn identity(db: &Client) -> Result<(String, String), tokio_postgres::E
     Ok((row.get(0), row.get(1)))
 }
 
-/// A database error as operators need it: `SQLSTATE: message (hint: ...)`. tokio_postgres's
-/// Display prints only "db error" for a server error. DETAIL is left out: it may carry row
-/// values (e.g. "Failing row contains ...").
-pub fn db_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => match d.hint() {
-            Some(h) => format!("{}: {} (hint: {h})", d.code().code(), d.message()),
-            None => format!("{}: {}", d.code().code(), d.message()),
-        },
-        None => e.to_string(),
-    }
-}
+pub use crate::db::db_text;
 
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {

@@ -120,7 +120,9 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
                         return close_with(&mut ws, close::INTERNAL, "snapshot unavailable").await;
                     }
                 };
-                metrics::with(&peer.name, "out", |l| l.bytes += rows.len() as u64);
+                metrics::link(&peer.name, "out")
+                    .bytes
+                    .inc_by(rows.len() as u64);
                 let text = format!(
                     r#"{{"type":"snapshot_page","rows":{rows},"done":{}}}"#,
                     n < i64::from(limit)
@@ -154,11 +156,11 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
         },
     )
     .await;
-    metrics::with(&peer.name, "out", |l| l.up = true);
+    metrics::link(&peer.name, "out").up.set(1);
     // The receiver's cursor is what it holds of our log from now on (it may have moved back,
     // e.g. after a re-bootstrap); acks move it forward.
     if let Err(msg) = hold(&db, &peer.name, after, true).await {
-        metrics::with(&peer.name, "out", |l| l.up = false);
+        metrics::link(&peer.name, "out").up.set(0);
         report(
             &db,
             &peer.name,
@@ -176,10 +178,7 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
         return close_with(&mut ws, close::INTERNAL, "cannot hold the log").await;
     }
     let why = stream(&app, &db, &mut ws, &peer, &r, &epoch, after, window).await;
-    metrics::with(&peer.name, "out", |l| {
-        l.up = false;
-        l.reconnects += 1;
-    });
+    metrics::link(&peer.name, "out").closed();
     tracing::info!(peer = %peer.name, why, "federation: sender link closed");
     report(
         &db,
@@ -475,11 +474,10 @@ async fn stream(
                 Ok(None) => break,
                 Ok(Some((to, last, changes))) => {
                     let text = batch_text(sent, to, epoch, last, &changes);
-                    metrics::with(&peer.name, "out", |l| {
-                        l.batches += 1;
-                        l.bytes += text.len() as u64;
-                        l.lag_actions = (last - acked).max(0);
-                    });
+                    let l = metrics::link(&peer.name, "out");
+                    l.batches.inc();
+                    l.bytes.inc_by(text.len() as u64);
+                    l.lag_actions.set((last - acked).max(0));
                     if ws.send(Message::Text(text.into())).await.is_err() {
                         return "receiver gone";
                     }

@@ -52,6 +52,8 @@ pub enum SequencerError {
     NoExtension,
     #[error("invalid database url")]
     Url,
+    #[error("database TLS configuration: {0}")]
+    Tls(String),
     #[error("failpoint {0} fired")]
     Failpoint(&'static str),
     #[error("more than {HOLD_ACTIONS} actions streamed before the backlog was resolved; peeking at the slot instead")]
@@ -66,41 +68,23 @@ const FLUSH_ACTIONS: usize = 5_000;
 /// the slot streams (see `Unresolved`); past it the session restarts and peeks at the slot.
 const HOLD_ACTIONS: usize = 250_000;
 const LARGE_PAGE: i32 = 5_000;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Microseconds between the Unix and Postgres epochs.
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
-/// A control connection. With `sslmode=require` (or `prefer`) the connection is encrypted;
-/// like libpq's `require`, the server certificate is not verified.
+/// A control connection (`db::connect`: TLS as the URL's `sslmode` says).
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    // An unreachable database must fail a request, not hang it.
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
+    crate::db::connect(url).await.map_err(SequencerError::from)
+}
+
+impl From<crate::db::ConnectError> for SequencerError {
+    fn from(e: crate::db::ConnectError) -> SequencerError {
+        match e {
+            crate::db::ConnectError::Db(e) => SequencerError::Db(e),
+            crate::db::ConnectError::Url(_) => SequencerError::Url,
+            crate::db::ConnectError::Tls(why) => SequencerError::Tls(why),
+        }
     }
-    let client = if matches!(
-        config.get_ssl_mode(),
-        tokio_postgres::config::SslMode::Disable
-    ) {
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control connection ended");
-            }
-        });
-        client
-    } else {
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(crate::tls::require_config());
-        let (client, conn) = config.connect(tls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control connection ended");
-            }
-        });
-        client
-    };
-    Ok(client)
 }
 
 /// Creates the publication and the slot when missing; reports an invalidated slot.
@@ -269,7 +253,8 @@ async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), Sequencer
 
 /// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
 fn replication_config(cfg: &Config, encrypted: bool) -> Result<ReplicationConfig, SequencerError> {
-    let pg: tokio_postgres::Config = cfg.database_url.parse().map_err(|_| SequencerError::Url)?;
+    let target = crate::db::Target::parse(&cfg.database_url)?;
+    let pg = &target.config;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -281,7 +266,7 @@ fn replication_config(cfg: &Config, encrypted: bool) -> Result<ReplicationConfig
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let mut rc = ReplicationConfig::new(
-        host,
+        host.clone(),
         pg.get_user().unwrap_or("postgres"),
         password,
         pg.get_dbname().unwrap_or("postgres"),
@@ -291,14 +276,8 @@ fn replication_config(cfg: &Config, encrypted: bool) -> Result<ReplicationConfig
     .with_port(port)
     .with_status_interval(Duration::from_millis(200))
     .with_application_name("pg_sync_worker");
-    let tls = match pg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => false,
-        tokio_postgres::config::SslMode::Require => true,
-        // `prefer`: encrypt when the server offered it to the control connection.
-        _ => encrypted,
-    };
-    if tls {
-        rc = rc.with_tls(pgwire_replication::TlsConfig::require());
+    if let Some(tls) = target.tls.replication_config(&host, encrypted) {
+        rc = rc.with_tls(tls);
     }
     Ok(rc)
 }
@@ -733,6 +712,16 @@ impl Session<'_> {
                 .await
         }
         .await;
+        self.finish_backlog(first, result).await
+    }
+
+    /// Ends a backlog pass's transaction (COMMIT when its statements succeeded, else
+    /// ROLLBACK) and publishes the `n` ids it assigned from `first`.
+    async fn finish_backlog(
+        &mut self,
+        first: i64,
+        result: Result<u64, tokio_postgres::Error>,
+    ) -> Result<(), SequencerError> {
         let n = match result {
             Ok(n) => {
                 self.db.batch_execute("COMMIT").await?;
@@ -825,17 +814,7 @@ impl Session<'_> {
                 .await
         }
         .await;
-        let n = match result {
-            Ok(n) => {
-                self.db.batch_execute("COMMIT").await?;
-                n
-            }
-            Err(e) => {
-                let _ = self.db.batch_execute("ROLLBACK").await;
-                return Err(e.into());
-            }
-        };
-        self.published_backlog(first, n).await
+        self.finish_backlog(first, result).await
     }
 
     /// Closes the sessions of API keys that no longer exist (called before publishing a gap:
@@ -1037,6 +1016,7 @@ impl Session<'_> {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
+        let started = std::time::Instant::now();
         // Persisted in one round trip: transactions a backlog pass already sequenced (known by
         // their xid) are skipped by the statement, which names them; the others get
         // consecutive ids in commit order, exactly as assigned below.
@@ -1139,6 +1119,8 @@ impl Session<'_> {
             ));
         }
         self.hub.publish(&batch);
+        let latency = &self.hub.metrics.latency;
+        latency.flushed(started, pending.iter().map(|t| t.committed_at_us));
         self.status
             .sequenced_actions
             .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);

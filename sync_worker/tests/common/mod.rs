@@ -233,3 +233,17 @@ pub fn bearer(user: &str) -> Vec<(&'static str, String)> {
         format!("Bearer {}", token(user, 3600, SECRET)),
     )]
 }
+
+/// Runs the openssl command line in `dir` (the tests' certificates), failing with its stderr.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
