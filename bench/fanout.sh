@@ -12,8 +12,9 @@ subs=${FANOUT_SUBS:-10000}
 groups=${FANOUT_GROUPS:-100}
 rate=${FANOUT_RATE:-1000}
 secs=${FANOUT_SECONDS:-60}
-cargo build --release -q -p sync_worker -p pg_sync_bench
-worker="$here/target/release/sync_worker"
+# BENCH_WORKER: another worker binary (an A/B run against an older build); no build then.
+[ -n "${BENCH_WORKER:-}" ] && [ -x "$here/target/release/fanout_load" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
+worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/fanout_load"
 ulimit -n "$(ulimit -Hn)"
 
@@ -47,8 +48,13 @@ until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1;
 rss() { awk '/VmRSS/ {print $2}' "/proc/$wpid/status"; }
 rss0=$(rss)
 
+# Subscribers start after the log's end: the bench measures live fan-out, not a replay of the
+# 10k membership actions the set-up logged (each from-0 replay reads the whole membership
+# transaction: quadratic, minutes of set-up).
+until [ "$(psql_b -d bench -Atc "SELECT pg_sync.last_sync_id() >= $subs")" = t ]; do sleep 0.2; done
+after=$(psql_b -d bench -Atc "SELECT pg_sync.last_sync_id()")
 mkfifo "$work/go"
-"$load" "$wport" bench "$subs" "$secs" <"$work/go" >"$work/load.out" &
+"$load" "$wport" bench "$subs" "$secs" "$after" <"$work/go" >"$work/load.out" &
 load_pid=$!
 exec 3>"$work/go"
 until grep -q READY "$work/load.out"; do sleep 0.2; done
@@ -74,6 +80,7 @@ r = json.loads('''$result''')
 offered = $rate * $subs / $groups
 print(f"## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/fanout.sh\` (FANOUT_SUBS=$subs FANOUT_GROUPS=$groups FANOUT_RATE=$rate FANOUT_SECONDS=$secs)")
 print()
+print("Commit $(git -C "$here" log -1 --format=%h); worker $worker; load average $(cut -d' ' -f1-3 /proc/loadavg).")
 print("Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; Postgres, the worker, pgbench and the load generator share it.")
 print()
 print("| measure | value |")

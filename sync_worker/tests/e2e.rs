@@ -4544,3 +4544,69 @@ async fn a_join_made_with_check_function_bodies_off_hides_earlier_history() {
     assert!(!body.contains("p2 before alice"), "{body}");
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// A replay page for one user carries only that user's membership changes: `pg_sync.changes()`
+/// returns everyone's, and shipping them all made each subscriber from 0 read (and decode) the
+/// whole membership log: quadratic in the users (10,000 subscribers took over ten minutes to
+/// subscribe in `bench/fanout.sh`). The client still gets its own change at its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_pages_read_only_the_users_own_membership_changes() {
+    let (cluster, mut db) = app_cluster("e2e_member_pages");
+    let mut worker = Worker::started(&cluster, "app").await;
+    exec(
+        &mut db,
+        "SELECT pg_sync.add_member('u' || i, 'p1') FROM generate_series(1, 40) i;
+         SELECT pg_sync.add_member('alice', 'p3');
+         INSERT INTO todos VALUES (1, 'one', 'p1');",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last: i64 = tokio::task::block_in_place(|| {
+            db.query_one("SELECT pg_sync.last_sync_id()", &[])
+                .unwrap()
+                .get(0)
+        });
+        if last >= 42 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sequenced: {last} of 42");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (client, conn) = tokio_postgres::connect(&cluster.url("app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let groups = vec!["p1".to_string(), "p3".to_string()];
+    let changes = sync_worker::replication::sequencer::changes;
+    let everyone = changes(&client, 0, Some(&groups), 1000, None)
+        .await
+        .unwrap();
+    let members = |page: &[Arc<sync_worker::delta::Delta>]| -> Vec<String> {
+        page.iter()
+            .filter_map(|d| d.member.as_ref().map(|m| m.user_id.clone()))
+            .collect()
+    };
+    assert_eq!(members(&everyone).len(), 41, "every user's, unfiltered");
+    let alices = changes(&client, 0, Some(&groups), 1000, Some("alice"))
+        .await
+        .unwrap();
+    assert_eq!(members(&alices), ["alice"], "only alice's");
+    assert_eq!(
+        alices.iter().filter(|d| d.member.is_none()).count(),
+        1,
+        "the row of p1 still comes"
+    );
+    let ids: Vec<i64> = alices.iter().map(|d| d.sync_id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
+    // Over the socket: alice's join, then p1's row, as before.
+    let mut ws = connect(worker.port, "alice").await;
+    let (frames, through) = subscribe_all(&mut ws, 0).await;
+    assert_eq!(through, 42);
+    let kinds: Vec<String> = frames
+        .iter()
+        .map(|f| format!("{}:{}", f["type"].as_str().unwrap_or(""), f["syncId"]))
+        .collect();
+    assert_eq!(kinds, ["membership:41", "delta:42"], "{frames:?}");
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -1,8 +1,8 @@
 //! Fan-out load: N WebSocket subscribers spread over G groups, each measuring commit-to-receive
 //! latency from the `ts` (unix ms, set at insert) in every delta's data.
 //!
-//! Usage: fanout_load PORT SECRET SUBSCRIBERS SECONDS (user uI is subscriber I; memberships are
-//! set up by the caller)
+//! Usage: fanout_load PORT SECRET SUBSCRIBERS SECONDS [AFTER] (user uI is subscriber I;
+//! memberships are set up by the caller; each subscribes after sync id AFTER, default 0)
 //! Prints `READY` once every subscriber is caught up, then waits for a line on stdin to start
 //! measuring for SECONDS, then prints one JSON line with the results.
 
@@ -47,6 +47,7 @@ async fn subscriber(
     user: String,
     stats: Arc<Stats>,
     ready: tokio::sync::mpsc::Sender<()>,
+    after: i64,
 ) {
     let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
         .into_client_request()
@@ -61,9 +62,11 @@ async fn subscriber(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    ws.send(Message::Text(r#"{"type":"subscribe","after":0}"#.into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(
+        format!(r#"{{"type":"subscribe","after":{after}}}"#).into(),
+    ))
+    .await
+    .unwrap();
     let mut ready = Some(ready);
     while let Some(msg) = ws.next().await {
         match msg {
@@ -112,6 +115,7 @@ async fn main() {
     let secret = Arc::new(args[2].clone());
     let subscribers: usize = args[3].parse().unwrap();
     let seconds: u64 = args[4].parse().unwrap();
+    let after: i64 = args.get(5).map_or(0, |a| a.parse().unwrap());
     let stats = Arc::new(Stats {
         buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         deliveries: AtomicU64::new(0),
@@ -124,7 +128,14 @@ async fn main() {
         let permit = limit.clone().acquire_owned().await.unwrap();
         let (secret, stats, tx) = (secret.clone(), stats.clone(), tx.clone());
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(subscriber(port, secret, format!("u{i}"), stats, ready_tx));
+        tokio::spawn(subscriber(
+            port,
+            secret,
+            format!("u{i}"),
+            stats,
+            ready_tx,
+            after,
+        ));
         tokio::spawn(async move {
             if ready_rx.recv().await.is_some() {
                 let _ = tx.send(()).await;

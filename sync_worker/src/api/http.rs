@@ -116,7 +116,7 @@ pub async fn deltas(
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
         let span = sequencer::page_span(cursor, through, PAGE_SPAN);
-        let page = match sequencer::changes(&db, cursor, Some(&groups), span).await {
+        let page = match sequencer::changes(&db, cursor, Some(&groups), span, Some(&user)).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "deltas read failed");

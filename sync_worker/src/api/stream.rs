@@ -229,9 +229,10 @@ impl<'a> Replay<'a> {
                     self.joins_upto = upto;
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
-                let mut page = sequencer::changes(&db, self.cursor, Some(&groups), span)
-                    .await
-                    .map_err(|e| ReplayError::Db(e.to_string()))?;
+                let mut page =
+                    sequencer::changes(&db, self.cursor, Some(&groups), span, Some(self.user))
+                        .await
+                        .map_err(|e| ReplayError::Db(e.to_string()))?;
                 // Membership changes come in order with the deltas, each user's own only.
                 page.retain(|d| visible(d, self.user, &self.joins));
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read

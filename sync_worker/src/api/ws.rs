@@ -214,7 +214,18 @@ async fn session(
     // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
     let expiry = stream::token_expiry(expires);
     tokio::pin!(expiry);
-    let mut shutdown = app.shutdown.clone();
+    // The futures of the rarely firing branches live across iterations: made afresh each time,
+    // every delivery registered and removed a waiter on the shutdown channel (shared by every
+    // connection) and on both notifies, a lock round trip each, 100k times a second in the
+    // fan-out bench.
+    let mut shutdown_rx = app.shutdown.clone();
+    let shutdown = shutdown_rx.changed();
+    tokio::pin!(shutdown);
+    let (lagged, dropped) = (sub.lagged.clone(), sub.dropped.clone());
+    let lagged_fired = lagged.notified();
+    tokio::pin!(lagged_fired);
+    let dropped_fired = dropped.notified();
+    tokio::pin!(dropped_fired);
     let mut subscribed = false;
     // The sync id this client can resume after.
     let mut position: i64 = 0;
@@ -361,7 +372,8 @@ async fn session(
                     }
                 }
             }
-            _ = sub.lagged.notified(), if subscribed => {
+            _ = &mut lagged_fired, if subscribed => {
+                lagged_fired.set(lagged.notified());
                 // The queue filled (a large transaction, a slow network): send what is queued,
                 // page the rest from the log, and go live again, without the client noticing.
                 let write = async {
@@ -390,7 +402,7 @@ async fn session(
                     }
                 }
             }
-            _ = sub.dropped.notified() => {
+            _ = &mut dropped_fired => {
                 // Revoked (or cut off): close now, even before a subscribe or mid-idle.
                 close_dropped(&mut socket, &sub, position).await;
                 break;
@@ -413,7 +425,7 @@ async fn session(
                     }
                 }
             }
-            _ = shutdown.changed() => {
+            _ = &mut shutdown => {
                 close_with(&mut socket, close::GOING_AWAY, format!("server shutting down; resume after {position}")).await;
                 break;
             }
