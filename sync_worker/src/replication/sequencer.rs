@@ -310,6 +310,9 @@ struct OpenTxn {
     revoked_keys: Vec<String>,
     /// TRUNCATE of the API keys: every key session is closed.
     all_keys_revoked: bool,
+    /// A registration changed (`register_table` again, `unregister_table`): held `/v1/shape`
+    /// requests wake to answer their 409.
+    registry_changed: bool,
 }
 
 /// A committed transaction waiting to be sequenced.
@@ -567,6 +570,7 @@ impl Session<'_> {
                     xid: None,
                     revoked_keys: vec![],
                     all_keys_revoked: false,
+                    registry_changed: false,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -948,6 +952,16 @@ impl Session<'_> {
             Message::Delete { relation, key } if ours(&relation, "api_keys") => {
                 txn.revoked_keys.extend(key.get("id").cloned().flatten());
             }
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if ours(&relation, "registry") =>
+            {
+                txn.registry_changed = true;
+            }
+            Message::Truncate { relations } if relations.iter().any(|r| ours(r, "registry")) => {
+                txn.registry_changed = true;
+            }
             _ => {}
         }
     }
@@ -1094,6 +1108,9 @@ impl Session<'_> {
             ));
         }
         self.hub.publish(&batch);
+        if pending.iter().any(|t| t.registry_changed) {
+            self.hub.wake_all();
+        }
         self.status
             .sequenced_actions
             .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);
