@@ -12,6 +12,7 @@
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { createServer } from "node:http";
 import assert from "node:assert/strict";
 
 const { APP_URL, TOKEN, BUNDLE, DATABASE_URL, PSQL = "psql" } = process.env;
@@ -129,21 +130,23 @@ try {
   step("after a reload the writes were sent, one answer lost, each applied once");
   await second.close();
 
-  // Another origin, live over SSE: the page is served from http://app.test (by playwright),
-  // the worker stays at APP_URL, so every /v1/shape and /sync/mutate request is cross-origin
-  // (preflighted: it sends Authorization), and the collection reads live changes over SSE.
-  const ORIGIN = "http://app.test";
-  const other = await browser.newContext();
-  await other.route(`${ORIGIN}/**`, (route) => {
-    const path = new URL(route.request().url()).pathname;
-    if (path.endsWith("/page.js")) {
-      return route.fulfill({ contentType: "text/javascript", body: bundle });
+  // Another origin, live over SSE: the page is served by a server of its own on another
+  // loopback port, the worker stays at APP_URL, so every /v1/shape and /sync/mutate request is
+  // cross-origin (preflighted: it sends Authorization), and the collection reads live changes
+  // over SSE. (A real loopback server: Chromium refuses requests from a page it does not know
+  // to be local to loopback addresses, CORS or not.)
+  const server = createServer((req, res) => {
+    if (req.url.startsWith("/page.js")) {
+      res.writeHead(200, { "content-type": "text/javascript" }).end(bundle);
+    } else {
+      res.writeHead(200, { "content-type": "text/html" }).end(
+        `<!doctype html><title>pg_sync cross-origin SSE test</title><script type="module" src="/page.js"></script>`);
     }
-    return route.fulfill({
-      contentType: "text/html",
-      body: `<!doctype html><title>pg_sync cross-origin SSE test</title><script type="module" src="/page.js"></script>`,
-    });
   });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const ORIGIN = `http://127.0.0.1:${server.address().port}`;
+  assert.notEqual(ORIGIN, APP_URL);
+  const other = await browser.newContext();
   const third = await other.newPage();
   third.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
   third.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
@@ -174,6 +177,7 @@ try {
   });
   step("live over SSE and writes through /sync/mutate from another origin");
   await third.close();
+  server.close();
 } catch (e) {
   console.error(`tanstack: FAILED: ${e.stack || e}`);
   failed = true;
