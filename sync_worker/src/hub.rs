@@ -644,6 +644,14 @@ impl Hub {
         }
     }
 
+    /// Wakes every held `/v1/shape` request (a registration changed: each checks its own).
+    pub fn wake_all(&self) {
+        let _ = self.touched.send(Arc::new(Touched {
+            everyone: true,
+            ..Touched::default()
+        }));
+    }
+
     /// What each publish from now on touched (a lagging receiver must assume everything).
     pub fn touched(&self) -> tokio::sync::broadcast::Receiver<Arc<Touched>> {
         self.touched.subscribe()

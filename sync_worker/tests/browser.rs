@@ -1,7 +1,8 @@
 //! Headless Chromium (playwright-core, installed by `make deps`) against a real cluster and
 //! worker: the demo page (`/demo`), where two pages show each other's changes and a change made
 //! in psql shows in both (tests/browser/demo.mjs); and a page built from clients/js (TanStack DB
-//! with offline-transactions on real IndexedDB) whose offline writes apply exactly once
+//! with offline-transactions on real IndexedDB) whose offline writes apply exactly once, then
+//! the same page served from another origin (CORS) reading live over SSE
 //! (tests/browser/tanstack.mjs).
 
 mod common;

@@ -1077,6 +1077,182 @@ async fn shape_stalled_snapshot_frees_its_slot() {
         .get(0);
     assert_eq!(open, 0, "a snapshot is still held open");
     drop(stalled);
+
+    // A snapshot of several MB comes in chunks of about 4 MB, each a whole JSON array with
+    // offset `W_k`, as Electric's: the last one has offset `W_0` and the up-to-date.
+    let r = get(port, "/v1/shape?table=big&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    assert!(r.header("electric-schema").is_some());
+    assert!(r.header("electric-up-to-date").is_none());
+    assert!(r.body.len() < 5 * 1024 * 1024, "{}", r.body.len());
+    let first = r.header("electric-offset").unwrap().to_owned();
+    let (w, k) = first.split_once('_').unwrap();
+    assert_eq!(k, "1", "{first}");
+    let mut ids: Vec<i64> = changes(&body(&r))
+        .iter()
+        .map(|m| m["value"]["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(!is_up_to_date(&body(&r)));
+    let mut offset = first.clone();
+    let mut chunks = 1;
+    loop {
+        let r = get(
+            port,
+            &format!("/v1/shape?table=big&offset={offset}&handle={handle}"),
+            "alice",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("electric-handle"), Some(handle.as_str()));
+        let msgs = body(&r);
+        ids.extend(
+            changes(&msgs)
+                .iter()
+                .map(|m| m["value"]["id"].as_str().unwrap().parse::<i64>().unwrap()),
+        );
+        chunks += 1;
+        offset = r.header("electric-offset").unwrap().to_owned();
+        if is_up_to_date(&msgs) {
+            assert_eq!(offset, format!("{w}_0"));
+            assert!(r.header("electric-up-to-date").is_some());
+            break;
+        }
+        assert_eq!(offset, format!("{w}_{chunks}"));
+    }
+    assert!(chunks >= 4, "{chunks} chunks");
+    ids.sort();
+    assert_eq!(ids, (1..=2000).collect::<Vec<i64>>());
+    // A chunk already taken (a retried request), or one of a finished snapshot: 409, start over.
+    let r = get(
+        port,
+        &format!("/v1/shape?table=big&offset={first}&handle={handle}"),
+        "alice",
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert_ne!(r.header("electric-handle"), Some(handle.as_str()));
+    // Another user's chunk request with this handle: 409 (the handle is not theirs).
+    let r = get(port, "/v1/shape?table=big&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let next = r.header("electric-offset").unwrap().to_owned();
+    let r = get(
+        port,
+        &format!("/v1/shape?table=big&offset={next}&handle={handle}"),
+        "bob",
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    // live with a chunk offset is refused.
+    let r = get(
+        port,
+        &format!("/v1/shape?table=big&offset={next}&handle={handle}&live=true"),
+        "alice",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Issue 12 defects: re-registering a table (another group column) answers a held long-poll
+/// with a 409 at once and ends a held SSE stream; a burst of other keys' revocations (more
+/// than the hub's revocation channel holds, so the held request's receiver lags) gives a
+/// request held with a valid key no 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_the_key() {
+    let (cluster, c) = app_cluster("shape_rereg").await;
+    let row = c
+        .query_one(
+            "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let key: String = row.get(1);
+    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
+        .await
+        .unwrap();
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "30")]).await;
+    let port = worker.port;
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
+             Host: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            token("alice", 3600, SECRET)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, closed) = drain(&mut sse, 1).await;
+    assert!(head.contains("200 OK") && !closed, "{head}");
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = get(
+            port,
+            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
+            "alice",
+        )
+        .await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute("SELECT pg_sync.register_table('todos', group_column => 'title')")
+        .await
+        .unwrap();
+    let (r, held) = poll.await.unwrap();
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(held < Duration::from_secs(10), "held {held:?}");
+    let (_, closed) = drain(&mut sse, 10).await;
+    assert!(
+        closed,
+        "the SSE stream stayed open after the re-registration"
+    );
+
+    // Lagged revocations: alice's key is still valid, so her held long-poll goes on and
+    // answers the next change, not 401.
+    let auth = format!("Bearer {key}");
+    let r = raw_request(
+        port,
+        "GET",
+        "/v1/shape?table=notes&offset=-1",
+        &[("Authorization", auth.clone())],
+        "",
+    )
+    .await
+    .unwrap();
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let poll = tokio::spawn(async move {
+        raw_request(
+            port,
+            "GET",
+            &format!("/v1/shape?table=notes&offset={w}_0&handle={handle}&live=true"),
+            &[("Authorization", auth)],
+            "",
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.batch_execute("INSERT INTO notes VALUES (2, 'after the revocations')")
+        .await
+        .unwrap();
+    let r = poll.await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(changes(&body(&r))
+        .iter()
+        .any(|m| m["value"]["body"] == "after the revocations"));
 }
 
 /// Review rev3 #4: held long-polls wake only for publishes that touch their model or their

@@ -1,7 +1,9 @@
 // A page built from clients/js (TanStack DB + offline-transactions, real IndexedDB) in headless
 // Chromium, driven by playwright-core: writes made offline survive closing the page, are sent
 // by the next page load, the first answer is lost on purpose, and Postgres holds each write
-// exactly once. Run by sync_worker/tests/browser.rs, which passes:
+// exactly once. Then a page from another origin (CORS) whose collection reads live changes
+// over SSE (live_sse) and writes through /sync/mutate. Run by sync_worker/tests/browser.rs,
+// which passes:
 //   APP_URL       http://127.0.0.1:<port> (the worker; the page is served under its origin)
 //   TOKEN         a token of alice (member of p1)
 //   BUNDLE        the page's bundled script (clients/js/dist-test/page.js)
@@ -10,6 +12,7 @@
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { createServer } from "node:http";
 import assert from "node:assert/strict";
 
 const { APP_URL, TOKEN, BUNDLE, DATABASE_URL, PSQL = "psql" } = process.env;
@@ -126,6 +129,55 @@ try {
     "three client transactions applied, none twice");
   step("after a reload the writes were sent, one answer lost, each applied once");
   await second.close();
+
+  // Another origin, live over SSE: the page is served by a server of its own on another
+  // loopback port, the worker stays at APP_URL, so every /v1/shape and /sync/mutate request is
+  // cross-origin (preflighted: it sends Authorization), and the collection reads live changes
+  // over SSE. (A real loopback server: Chromium refuses requests from a page it does not know
+  // to be local to loopback addresses, CORS or not.)
+  const server = createServer((req, res) => {
+    if (req.url.startsWith("/page.js")) {
+      res.writeHead(200, { "content-type": "text/javascript" }).end(bundle);
+    } else {
+      res.writeHead(200, { "content-type": "text/html" }).end(
+        `<!doctype html><title>pg_sync cross-origin SSE test</title><script type="module" src="/page.js"></script>`);
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const ORIGIN = `http://127.0.0.1:${server.address().port}`;
+  assert.notEqual(ORIGIN, APP_URL);
+  const other = await browser.newContext();
+  const third = await other.newPage();
+  third.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
+  third.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
+  const sse = [];
+  third.on("response", (r) => {
+    if (r.url().includes("live_sse=true")) sse.push(`${r.status()} ${r.headers()["content-type"]}`);
+  });
+  await third.goto(`${ORIGIN}/index.html?token=${TOKEN}&sse=1&worker=${encodeURIComponent(APP_URL)}`);
+  await third.waitForFunction(() => window.app);
+  await third.evaluate(() => window.app.ready);
+  assert.equal(await third.evaluate(() => location.origin), ORIGIN);
+  assert.deepEqual(await third.evaluate(() => window.app.rows()),
+    ["101|renamed offline", "300|offline one", "301|offline two"]);
+  step("a page from another origin synced through CORS");
+  psql("INSERT INTO todos VALUES (400, 'from psql', 'p1')");
+  await until("the psql row to arrive over SSE", async () => {
+    const rows = await third.evaluate(() => window.app.rows());
+    return rows.includes("400|from psql") || rows;
+  });
+  assert.ok(sse.some((s) => s === "200 text/event-stream"), `live requests over SSE: ${sse}`);
+  await third.evaluate(() => window.app.insert(401, "cross-origin write"));
+  await until("the cross-origin write to be confirmed", async () =>
+    (await third.evaluate(() => window.app.outbox())) === 0 &&
+      psql("SELECT count(*) FROM todos WHERE id = 401 AND title = 'cross-origin write'") === "1" || "not yet");
+  await until("the write's change to come back over SSE", async () => {
+    const rows = await third.evaluate(() => window.app.rows());
+    return rows.includes("401|cross-origin write") || rows;
+  });
+  step("live over SSE and writes through /sync/mutate from another origin");
+  await third.close();
+  server.close();
 } catch (e) {
   console.error(`tanstack: FAILED: ${e.stack || e}`);
   failed = true;

@@ -40,7 +40,13 @@ const MAX_PAGES: usize = 20;
 /// ... or for about this long: the answer then carries the offset reached (no up-to-date) and
 /// the client asks again from there, so an old offset never costs one long request.
 const READ_BUDGET: Duration = Duration::from_secs(2);
-const SNAPSHOT_CHUNK: usize = 64 * 1024;
+/// A snapshot answer ends at the first row past this many bytes; the client asks for the next
+/// chunk with the offset it got (`W_k`), as Electric's snapshot chunks. Bounded answers keep the
+/// client's response text far below V8's string limit (512 MB: one answer for a few million
+/// rows could never be read in Node) and let it parse one chunk while the next is produced.
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Chunks produced ahead of the client's requests (its prefetch asks for two ahead).
+const CHUNKS_AHEAD: usize = 2;
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// An SSE response ends after this long; the client reconnects from its last offset.
 const SSE_MAX: Duration = Duration::from_secs(300);
@@ -54,6 +60,28 @@ const EXPOSED: &str = "electric-offset, electric-handle, electric-schema, electr
 pub struct Shared {
     slots: Vec<tokio::sync::Mutex<Option<Arc<Client>>>>,
     next: AtomicUsize,
+    /// Snapshots being read chunk by chunk, by the handle they were issued with.
+    snapshots: std::sync::Mutex<HashMap<String, Arc<Session>>>,
+}
+
+/// One chunked snapshot: its chunks, produced ahead by the task that reads the snapshot.
+struct Session {
+    w: i64,
+    chunks: tokio::sync::Mutex<Chunks>,
+    /// When a request last took a chunk (the session ends `STALL_TIMEOUT` after).
+    used: std::sync::Mutex<Instant>,
+}
+
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    /// Chunks taken so far: the next request must carry offset `W_<taken>`.
+    taken: u64,
+}
+
+/// A complete JSON array of snapshot rows; the `last` one ends with the up-to-date.
+struct Chunk {
+    body: Bytes,
+    last: bool,
 }
 
 impl Default for Shared {
@@ -61,6 +89,7 @@ impl Default for Shared {
         Shared {
             slots: (0..2).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            snapshots: Default::default(),
         }
     }
 }
@@ -86,6 +115,8 @@ enum Offset {
     Start,
     Now,
     At(i64),
+    /// `W_k` (k >= 1): the snapshot at W, after its first k chunks.
+    Chunk(i64, u64),
 }
 
 /// What one request asks for.
@@ -115,15 +146,12 @@ fn parse(q: &HashMap<String, String>) -> Result<Params, Refusal> {
     let offset = match q.get("offset").map(String::as_str) {
         None | Some("-1") => Offset::Start,
         Some("now") => Offset::Now,
-        Some(o) => match o.split_once('_') {
-            Some((n, "0")) => match n.parse::<i64>() {
-                Ok(n) if n >= 0 => Offset::At(n),
-                _ => {
-                    return Err(bad(
-                        "offset must be -1, now, or an offset this server issued",
-                    ))
-                }
-            },
+        Some(o) => match o
+            .split_once('_')
+            .map(|(n, k)| (n.parse::<i64>(), k.parse::<u64>()))
+        {
+            Some((Ok(n), Ok(0))) if n >= 0 => Offset::At(n),
+            Some((Ok(n), Ok(k))) if n >= 0 && k > 0 => Offset::Chunk(n, k),
             _ => {
                 return Err(bad(
                     "offset must be -1, now, or an offset this server issued",
@@ -145,11 +173,13 @@ fn parse(q: &HashMap<String, String>) -> Result<Params, Refusal> {
     if q.keys().any(|k| k.starts_with("subset__")) {
         return Err(bad("subset snapshots (subset__*) are not supported"));
     }
-    if live && offset == Offset::Start {
-        return Err(bad("live=true needs an offset other than -1"));
+    if live && matches!(offset, Offset::Start | Offset::Chunk(..)) {
+        return Err(bad(
+            "live=true needs the offset of an up-to-date answer (not -1 or a snapshot chunk)",
+        ));
     }
     let handle = q.get("handle").filter(|h| !h.is_empty()).cloned();
-    if matches!(offset, Offset::At(_)) && handle.is_none() {
+    if matches!(offset, Offset::At(_) | Offset::Chunk(..)) && handle.is_none() {
         return Err(bad(
             "an offset other than -1 or now needs the handle it came with",
         ));
@@ -344,6 +374,7 @@ fn identifiers(s: &str) -> Option<Vec<String>> {
     (!out.is_empty() && toks.len() % 2 == 1).then_some(out)
 }
 
+#[derive(Clone)]
 struct Col {
     name: String,
     /// Electric's `type`: the type's name (the element type's for arrays).
@@ -355,6 +386,7 @@ struct Col {
 }
 
 /// A registered model as the catalog describes it now.
+#[derive(Clone)]
 struct Model {
     name: String,
     schema: String,
@@ -477,6 +509,7 @@ impl Model {
 }
 
 /// The shape as one request resolved it.
+#[derive(Clone)]
 struct Shape {
     user: String,
     model: Model,
@@ -698,6 +731,8 @@ pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Respo
 struct Answer<'a> {
     handle: &'a str,
     offset: i64,
+    /// Non-zero for a snapshot chunk's offset `offset_chunk`.
+    chunk: u64,
     schema: Option<String>,
     cursor: Option<String>,
     up_to_date: bool,
@@ -714,7 +749,10 @@ impl Answer<'_> {
             }
         };
         set("electric-handle", self.handle);
-        set("electric-offset", &format!("{}_0", self.offset));
+        set(
+            "electric-offset",
+            &format!("{}_{}", self.offset, self.chunk),
+        );
         if let Some(s) = &self.schema {
             set("electric-schema", s);
         }
@@ -784,12 +822,20 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    let watch = identity.key.clone().map(|k| (k, revocations));
+    let watch = identity.key.clone().map(|id| KeyWatch {
+        id,
+        token: bearer(headers, &q).unwrap_or_default(),
+        rx: revocations,
+    });
     let Some(watermark) = app.hub.watermark() else {
         return unavailable("the worker is starting; retry").into_response();
     };
     match p.offset {
         Offset::Start => snapshot(app.clone(), shape).await,
+        Offset::Chunk(w, k) => match p.handle.as_deref() {
+            Some(h) if shape.handle_matches(h) => next_chunk(app, &shape, h, w, k).await,
+            _ => must_refetch(&shape.new_handle()),
+        },
         Offset::Now => {
             let handle = match &p.handle {
                 Some(h) if shape.handle_matches(h) => h.clone(),
@@ -798,6 +844,7 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
             let a = Answer {
                 handle: &handle,
                 offset: watermark,
+                chunk: 0,
                 schema: (!p.live).then(|| shape.schema_header()),
                 cursor: p.live.then(|| next_cursor(p.cursor.as_deref())),
                 up_to_date: true,
@@ -985,7 +1032,7 @@ async fn changes(
     handle: &str,
     mut after: i64,
     p: &Params,
-    mut watch: bootstrap::KeyWatch,
+    mut watch: Option<KeyWatch>,
 ) -> Response {
     let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
     let deadline = tokio::time::Instant::now() + hold;
@@ -1002,8 +1049,13 @@ async fn changes(
             }
         };
         // Checked after the read: nothing written after a revocation goes out under the key.
-        if bootstrap::key_revoked(&mut watch) {
-            return revoked_key();
+        match key_revoked(app, &mut watch).await {
+            Ok(false) => {}
+            Ok(true) => return revoked_key(),
+            Err(e) => {
+                tracing::warn!(error = %e, "api key check failed");
+                return unavailable("cannot check the API key now; retry").into_response();
+            }
         }
         let caught_up = page.end >= through;
         if !p.live || !page.messages.is_empty() || !caught_up {
@@ -1059,6 +1111,58 @@ async fn next_wake(
     }
 }
 
+/// The API key a request was authenticated with, and the hub's revocations.
+struct KeyWatch {
+    /// `pg_sync.api_keys.id`.
+    id: String,
+    token: String,
+    rx: tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
+}
+
+/// The token a request was authenticated with (as `super::authenticate` reads it).
+fn bearer(headers: &HeaderMap, q: &HashMap<String, String>) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| q.get("token").cloned())
+}
+
+/// Whether the watched key was revoked since the request was authenticated (`None`, a JWT,
+/// never is). Revocations the receiver missed (it lagged behind a burst of other keys'
+/// revocations) are settled by the database, as a new request would be: a valid key must not
+/// get a 401 because others were revoked.
+async fn key_revoked(app: &App, watch: &mut Option<KeyWatch>) -> Result<bool, String> {
+    use crate::hub::Revoked;
+    use tokio::sync::broadcast::error::TryRecvError;
+    let Some(w) = watch else { return Ok(false) };
+    let mut missed = false;
+    loop {
+        match w.rx.try_recv() {
+            Ok(Revoked::All) => return Ok(true),
+            Ok(Revoked::Key(k)) if k == w.id => return Ok(true),
+            Ok(Revoked::Key(_)) => continue,
+            Err(TryRecvError::Lagged(_)) => missed = true,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+        }
+    }
+    if !missed {
+        return Ok(false);
+    }
+    let db = app.db.get().await.map_err(|e| e.to_string())?;
+    let valid: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys
+                             WHERE id::text = $1 AND key_hash = sha256(convert_to($2, 'UTF8')))",
+            &[&w.id, &w.token],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    Ok(!valid)
+}
+
 /// The answer to a request whose API key was revoked while it was held (what a new request
 /// with the key gets).
 fn revoked_key() -> Response {
@@ -1101,6 +1205,7 @@ fn respond_messages(
     Answer {
         handle,
         offset: page.end,
+        chunk: 0,
         schema: (!p.live).then(|| shape.schema_header()),
         cursor: p.live.then(|| next_cursor(p.cursor.as_deref())),
         up_to_date: caught_up,
@@ -1139,7 +1244,12 @@ async fn snapshot(app: Arc<App>, shape: Shape) -> Response {
             return failed(e.to_string());
         }
         match bootstrap::consistent_point(&app, &control, &snap).await {
-            Ok(Some(w)) => return stream_snapshot(app, permit, shape, snap, w),
+            Ok(Some(w)) => {
+                drop(control);
+                let (handle, session) =
+                    stream_snapshot(app.clone(), permit, shape.clone(), snap, w);
+                return take_chunk(&app, &shape, &handle, &session, 0).await;
+            }
             Ok(None) => continue,
             Err(e) => return failed(e),
         }
@@ -1163,7 +1273,7 @@ fn stream_snapshot(
     shape: Shape,
     snap: Client,
     w: i64,
-) -> Response {
+) -> (String, Arc<Session>) {
     let handle = shape.new_handle();
     let m = &shape.model;
     let items: Vec<String> = shape
@@ -1190,23 +1300,23 @@ fn stream_snapshot(
         items.join(", "),
         m.rel
     );
-    let answer = Answer {
-        handle: &handle,
-        offset: w,
-        schema: Some(shape.schema_header()),
-        cursor: None,
-        up_to_date: true,
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let resp = answer.into_response(
-        "application/json",
-        Body::from_stream(super::receiver_stream(rx)),
-    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_AHEAD);
+    let session = Arc::new(Session {
+        w,
+        chunks: tokio::sync::Mutex::new(Chunks { rx, taken: 0 }),
+        used: std::sync::Mutex::new(Instant::now()),
+    });
+    app.shape
+        .snapshots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(handle.clone(), session.clone());
+    tokio::spawn(reap(app.clone(), handle.clone(), Arc::downgrade(&session)));
     tokio::spawn(async move {
         let _permit = permit;
-        // As /sync/bootstrap: a client that takes nothing for `STALL_TIMEOUT`, or has not
-        // taken it all by `DEADLINE`, loses the stream (its body ends unterminated, so it
-        // retries), and dropping `snap` ends the snapshot and frees the slot.
+        // As /sync/bootstrap: a client that asks for no chunk for `STALL_TIMEOUT`, or has not
+        // taken them all by `DEADLINE`, loses the snapshot (its next chunk request gets a 409),
+        // and dropping `snap` ends the snapshot and frees the slot.
         let deadline = if crate::failpoint::fire("shape_snapshot_deadline") {
             Instant::now()
         } else {
@@ -1222,7 +1332,7 @@ fn stream_snapshot(
             .iter()
             .map(|&i| Value::from(m.cols[i].name.clone()).to_string())
             .collect();
-        let mut buf: Vec<u8> = Vec::with_capacity(SNAPSHOT_CHUNK + 4096);
+        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
         buf.push(b'[');
         let rows = match snap.query_raw(&sql, [&shape.groups]).await {
             Ok(rows) => rows,
@@ -1233,15 +1343,17 @@ fn stream_snapshot(
         };
         futures::pin_mut!(rows);
         let mut count = 0u64;
+        let mut in_chunk = 0usize;
         while let Some(row) = rows.next().await {
             let Ok(row) = row else {
-                // The body ends unterminated: the client retries from its last offset.
+                // The session ends without its last chunk: the next request gets a 409.
                 return;
             };
-            if count > 0 {
+            if in_chunk > 0 {
                 buf.push(b',');
             }
             count += 1;
+            in_chunk += 1;
             buf.extend_from_slice(&prefix);
             let pk: Vec<&str> = shape
                 .pk_pos
@@ -1262,33 +1374,124 @@ fn stream_snapshot(
                 }
             }
             buf.extend_from_slice(b"}}");
-            if buf.len() >= SNAPSHOT_CHUNK {
-                let chunk = Bytes::from(std::mem::take(&mut buf));
-                buf.reserve(SNAPSHOT_CHUNK + 4096);
+            if buf.len() >= CHUNK_BYTES {
+                buf.push(b']');
+                let body = Bytes::from(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(CHUNK_BYTES + 64 * 1024),
+                ));
+                buf.push(b'[');
+                in_chunk = 0;
+                let chunk = Chunk { body, last: false };
                 if !send_chunk(&tx, chunk, deadline, &mut shutdown).await {
                     return;
                 }
             }
         }
         let _ = snap.batch_execute("COMMIT").await;
+        drop(snap);
         app.counters
             .bootstrap_rows
             .fetch_add(count, Ordering::Relaxed);
-        if count > 0 {
+        if in_chunk > 0 {
             buf.push(b',');
         }
         buf.extend_from_slice(up_to_date(w).as_bytes());
         buf.push(b']');
-        send_chunk(&tx, Bytes::from(buf), deadline, &mut shutdown).await;
+        let chunk = Chunk {
+            body: Bytes::from(buf),
+            last: true,
+        };
+        send_chunk(&tx, chunk, deadline, &mut shutdown).await;
     });
-    resp
+    (handle, session)
+}
+
+/// Ends a chunked snapshot session no request has taken a chunk from for `STALL_TIMEOUT`.
+async fn reap(app: Arc<App>, handle: String, session: std::sync::Weak<Session>) {
+    loop {
+        tokio::time::sleep(bootstrap::STALL_TIMEOUT / 4).await;
+        let Some(s) = session.upgrade() else { return };
+        let idle = s.used.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        if idle >= bootstrap::STALL_TIMEOUT {
+            forget(&app, &handle, &s);
+            return;
+        }
+    }
+}
+
+/// Removes `session` (if it is still the one under `handle`).
+fn forget(app: &App, handle: &str, session: &Arc<Session>) {
+    let mut all = app
+        .shape
+        .snapshots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if all.get(handle).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        all.remove(handle);
+    }
+}
+
+/// The answer with the snapshot's chunk `k` (`k` chunks were taken before). A session that is
+/// gone (stalled, past its deadline, failed, another worker's) or a chunk out of turn (a
+/// retried request whose chunk was already taken) is a 409: the client starts over.
+async fn take_chunk(
+    app: &App,
+    shape: &Shape,
+    handle: &str,
+    session: &Arc<Session>,
+    k: u64,
+) -> Response {
+    let mut chunks = session.chunks.lock().await;
+    *session.used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    if chunks.taken != k {
+        drop(chunks);
+        forget(app, handle, session);
+        return must_refetch(&shape.new_handle());
+    }
+    let chunk = tokio::time::timeout(bootstrap::STALL_TIMEOUT, chunks.rx.recv()).await;
+    let Ok(Some(chunk)) = chunk else {
+        drop(chunks);
+        forget(app, handle, session);
+        return must_refetch(&shape.new_handle());
+    };
+    chunks.taken += 1;
+    *session.used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    if chunk.last {
+        drop(chunks);
+        forget(app, handle, session);
+    }
+    Answer {
+        handle,
+        offset: session.w,
+        chunk: if chunk.last { 0 } else { k + 1 },
+        schema: Some(shape.schema_header()),
+        cursor: None,
+        up_to_date: chunk.last,
+    }
+    .into_response("application/json", Body::from(chunk.body))
+}
+
+/// `offset=W_k`: the next chunk of the snapshot issued with `handle`.
+async fn next_chunk(app: &App, shape: &Shape, handle: &str, w: i64, k: u64) -> Response {
+    let session = app
+        .shape
+        .snapshots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(handle)
+        .cloned();
+    match session {
+        Some(s) if s.w == w => take_chunk(app, shape, handle, &s, k).await,
+        _ => must_refetch(&shape.new_handle()),
+    }
 }
 
 /// Sends one snapshot chunk; false when the client has gone, took nothing for
 /// `STALL_TIMEOUT`, the `deadline` passed, or the worker is shutting down.
 async fn send_chunk(
-    tx: &tokio::sync::mpsc::Sender<Bytes>,
-    chunk: Bytes,
+    tx: &tokio::sync::mpsc::Sender<Chunk>,
+    chunk: Chunk,
     deadline: Instant,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> bool {
@@ -1316,11 +1519,12 @@ fn sse(
     after: i64,
     p: Params,
     expires: Option<std::time::SystemTime>,
-    mut watch: bootstrap::KeyWatch,
+    mut watch: Option<KeyWatch>,
 ) -> Response {
     let answer = Answer {
         handle: &handle,
         offset: after,
+        chunk: 0,
         schema: None,
         cursor: Some(next_cursor(p.cursor.as_deref())),
         up_to_date: false,
@@ -1350,7 +1554,8 @@ fn sse(
                 }
             };
             // The stream ends when the key is revoked: the reconnect gets the 401.
-            if bootstrap::key_revoked(&mut watch) {
+            // (A failed check ends it too: the reconnect authenticates again.)
+            if !matches!(key_revoked(&app, &mut watch).await, Ok(false)) {
                 return;
             }
             let caught_up = page.end >= through;

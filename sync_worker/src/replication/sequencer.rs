@@ -291,6 +291,9 @@ struct OpenTxn {
     revoked_keys: Vec<String>,
     /// TRUNCATE of the API keys: every key session is closed.
     all_keys_revoked: bool,
+    /// A registration changed (`register_table` again, `unregister_table`): held `/v1/shape`
+    /// requests wake to answer their 409.
+    registry_changed: bool,
 }
 
 /// A committed transaction waiting to be sequenced.
@@ -548,6 +551,7 @@ impl Session<'_> {
                     xid: None,
                     revoked_keys: vec![],
                     all_keys_revoked: false,
+                    registry_changed: false,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -929,6 +933,16 @@ impl Session<'_> {
             Message::Delete { relation, key } if ours(&relation, "api_keys") => {
                 txn.revoked_keys.extend(key.get("id").cloned().flatten());
             }
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if ours(&relation, "registry") =>
+            {
+                txn.registry_changed = true;
+            }
+            Message::Truncate { relations } if relations.iter().any(|r| ours(r, "registry")) => {
+                txn.registry_changed = true;
+            }
             _ => {}
         }
     }
@@ -1121,6 +1135,9 @@ impl Session<'_> {
         self.hub.publish(&batch);
         let latency = &self.hub.metrics.latency;
         latency.flushed(started, pending.iter().map(|t| t.committed_at_us));
+        if pending.iter().any(|t| t.registry_changed) {
+            self.hub.wake_all();
+        }
         self.status
             .sequenced_actions
             .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);

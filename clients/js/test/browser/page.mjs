@@ -1,14 +1,18 @@
 // A page built from the package (bundled by esbuild with the real TanStack DB libraries) for
 // the headless Chromium test (tests/browser/tanstack.mjs): a todos collection on /v1/shape and an
 // offline executor with its default storage (IndexedDB), leader election (Web Locks) and
-// connectivity (online/offline events). The test drives it through `window.app`.
+// connectivity (online/offline events). The test drives it through `window.app`. Query
+// parameters: `token`; `worker` (the worker's origin, default the page's own: another origin
+// makes every request cross-origin, CORS); `sse=1` (live updates over SSE, `liveSse`).
 import { createCollection } from '@tanstack/db'
 import { startOfflineExecutor } from '@tanstack/offline-transactions'
 import { pgSyncCollectionOptions } from '../../dist/index.js'
 import { pgSyncOfflineMutationFn } from '../../dist/offline.js'
 
-const token = new URLSearchParams(location.search).get(`token`)
-const url = location.origin
+const query = new URLSearchParams(location.search)
+const token = query.get(`token`)
+const url = query.get(`worker`) ?? location.origin
+const sse = query.get(`sse`) === `1`
 const headers = { Authorization: `Bearer ${token}` }
 
 const todos = createCollection(
@@ -19,6 +23,7 @@ const todos = createCollection(
     model: `todos`,
     getKey: (row) => row.id,
     txidTimeout: 8_000,
+    ...(sse ? { shapeOptions: { liveSse: true } } : {}),
   }),
 )
 const executor = startOfflineExecutor({
