@@ -8,6 +8,7 @@ use super::common::{free_port, http_get, Worker};
 use pg_sync_tests::postgres::Client;
 use pg_sync_tests::Cluster;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,6 +34,10 @@ pub struct Fault {
 pub struct Proxy {
     pub port: u16,
     state: watch::Sender<Fault>,
+    /// Bytes forwarded from the sender (frames) so far, over every connection.
+    pub data_bytes: Arc<AtomicU64>,
+    /// The sender's worker port, read at each new connection.
+    upstream: Arc<AtomicU16>,
 }
 
 impl Proxy {
@@ -42,6 +47,10 @@ impl Proxy {
         let port = std.local_addr().unwrap().port();
         let (state, _) = watch::channel(Fault::default());
         let rx = state.subscribe();
+        let data_bytes = Arc::new(AtomicU64::new(0));
+        let counted = data_bytes.clone();
+        let upstream = Arc::new(AtomicU16::new(upstream));
+        let to = upstream.clone();
         rt.spawn(async move {
             let listener = TcpListener::from_std(std).unwrap();
             loop {
@@ -49,6 +58,8 @@ impl Proxy {
                     continue;
                 };
                 let mut rx = rx.clone();
+                let counted = counted.clone();
+                let upstream = to.load(Ordering::Relaxed);
                 tokio::spawn(async move {
                     let f = rx.borrow_and_update().clone();
                     if f.cut {
@@ -62,13 +73,23 @@ impl Proxy {
                     let (dr, dw) = down.into_split();
                     let (ur, uw) = up.into_split();
                     let g = f.generation;
-                    let acks = tokio::spawn(pump(dr, uw, rx.clone(), g, false));
-                    pump(ur, dw, rx, g, true).await;
+                    let acks = tokio::spawn(pump(dr, uw, rx.clone(), g, None));
+                    pump(ur, dw, rx, g, Some(counted)).await;
                     acks.abort();
                 });
             }
         });
-        Proxy { port, state }
+        Proxy {
+            port,
+            state,
+            data_bytes,
+            upstream,
+        }
+    }
+
+    /// Points new connections at another worker port (a second worker on the same database).
+    pub fn set_upstream(&self, port: u16) {
+        self.upstream.store(port, Ordering::Relaxed);
     }
 
     pub fn set(&self, change: impl FnOnce(&mut Fault)) {
@@ -100,7 +121,8 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut rx: watch::Receiver<Fault>,
     generation: u64,
-    data: bool,
+    // Some(counter): this is the sender's direction (frames), counted.
+    data: Option<Arc<AtomicU64>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -122,7 +144,11 @@ async fn pump(
             if f.generation != generation {
                 return;
             }
-            let frozen = if data { f.freeze_data } else { f.freeze_acks };
+            let frozen = if data.is_some() {
+                f.freeze_data
+            } else {
+                f.freeze_acks
+            };
             if !frozen {
                 if !f.delay.is_zero() {
                     tokio::time::sleep(f.delay).await;
@@ -135,6 +161,9 @@ async fn pump(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(c) = &data {
+            c.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
