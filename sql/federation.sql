@@ -756,8 +756,11 @@ BEGIN
             VALUES (p.name, 'quarantined', jsonb_build_object('from_id', from_id, 'to_id', to_id, 'count', parked));
         END;
     END IF;
+    -- A resync asked for (resync_peer) stays asked for until the join ends: the link that
+    -- applies this batch may be the one about to restart for it.
     UPDATE pg_sync.peer_cursors k SET
-        peer_epoch = epoch, last_sync_id = to_id, state = 'applied',
+        peer_epoch = epoch, last_sync_id = to_id,
+        state = CASE WHEN k.state = 'resync_required' THEN k.state ELSE 'applied' END,
         applied = k.applied + n - parked, changed = k.changed + n_changed, updated_at = now()
      WHERE k.peer_node_id = p.node_id;
     RETURN jsonb_build_object('status', 'applied', 'cursor', to_id, 'applied', n - parked,

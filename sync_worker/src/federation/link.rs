@@ -79,7 +79,9 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 {
                     Ok(true) => {
                         if standing_by {
-                            tracing::info!("federation: the other worker is gone; taking over the links");
+                            tracing::info!(
+                                "federation: the other worker is gone; taking over the links"
+                            );
                             event(c, "(self)", "leading", json!({"pid": std::process::id()})).await;
                         }
                         standing_by = false;
@@ -93,7 +95,9 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                         }
                         standing_by = true;
                     }
-                    Err(e) => tracing::warn!(error = %e, "federation: cannot take the federation lock"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "federation: cannot take the federation lock")
+                    }
                 }
             }
             if lock.is_none() {
