@@ -404,6 +404,23 @@ impl Mesh {
         for node in &mut nodes {
             node.start_worker(env);
         }
+        // Every link up (its receiver joined: it has a cursor for the sender) before the
+        // scenario starts, so a scenario's first fault does not race the links' first connect.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for &(s, r) in links {
+            let sender = nodes[s].name.clone();
+            while nodes[r].int(&format!(
+                "SELECT count(*) FROM pg_sync.peer_cursors WHERE peer_node_id = '{sender}'"
+            )) == 0
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "link {sender}→{} never came up",
+                    nodes[r].name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Mesh {
             nodes,
             links: links.to_vec(),
