@@ -951,9 +951,9 @@ fn schema_mismatch_is_quarantined_and_retried() {
     ] {
         let node = m.node(n);
         assert_eq!(
-            node.text(&format!(
+            node.text(
                 "SELECT string_agg(DISTINCT sqlstate || ' ' || (change->>'model'), ',') FROM pg_sync.peer_quarantine"
-            )),
+            ),
             format!("{code} {model}"),
             "{n}'s quarantine"
         );
