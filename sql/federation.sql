@@ -160,6 +160,33 @@ CREATE TABLE pg_sync.conflicts (
 );
 CREATE INDEX conflicts_at_idx ON pg_sync.conflicts (at);
 
+-- Federation mode changes by log position: a model's mode applies to the transactions that
+-- commit after the change (commit LSN past at_lsn, the WAL insert position when the registry row
+-- changed), so peer_changes sends what was logged while the model was sent, whatever a
+-- receiver's lag when the mode changed. `before` is the mode for everything committed before.
+CREATE TABLE pg_sync.federation_modes (
+    id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    model  text NOT NULL,
+    before text NOT NULL,
+    at_lsn pg_lsn NOT NULL,
+    at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX federation_modes_model_idx ON pg_sync.federation_modes (model, at_lsn);
+
+CREATE FUNCTION pg_sync.record_federation_mode() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO pg_sync.federation_modes (model, before, at_lsn)
+    VALUES (OLD.model, OLD.federation, pg_current_wal_insert_lsn());
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER record_federation_mode AFTER UPDATE OF federation ON pg_sync.registry
+    FOR EACH ROW WHEN (OLD.federation IS DISTINCT FROM NEW.federation)
+    EXECUTE FUNCTION pg_sync.record_federation_mode();
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peers', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.peer_cursors', '');
@@ -175,6 +202,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.snapshot_quarantine_seq', ''
 REVOKE ALL ON pg_sync.node_identity, pg_sync.peers, pg_sync.peer_secrets, pg_sync.peer_cursors,
     pg_sync.peer_quarantine, pg_sync.peer_events, pg_sync.peer_links, pg_sync.peer_holds, pg_sync.peer_joins, pg_sync.peer_probes, pg_sync.conflicts FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.conflicts_id_seq FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pg_sync.federation_modes_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.peer_events_id_seq FROM PUBLIC;
 REVOKE ALL ON SEQUENCE pg_sync.snapshot_quarantine_seq FROM PUBLIC;
 ALTER SEQUENCE pg_sync.snapshot_quarantine_seq OWNER TO pgsync_owner;
@@ -189,6 +217,8 @@ ALTER TABLE pg_sync.peer_holds OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_joins OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.peer_probes OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.conflicts OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.federation_modes OWNER TO pgsync_owner;
+REVOKE ALL ON pg_sync.federation_modes FROM PUBLIC;
 
 -- This node's log identity: system identifier, timeline and the random id made at CREATE
 -- EXTENSION. A peer that sees it change (restore from backup, promotion, reinstall) must
@@ -693,7 +723,11 @@ BEGIN
     SELECT coalesce(jsonb_agg(e ORDER BY o), '[]') INTO todo
       FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(e, o)
      WHERE (e ->> 'sync_id')::bigint > c.last_sync_id
-       AND (p.models IS NULL OR (e ->> 'model') = ANY (p.models));
+       AND (p.models IS NULL OR (e ->> 'model') = ANY (p.models))
+       -- Models this node does not take (federation 'push' or 'off') are skipped, not parked:
+       -- a mode is a choice, and a parked change would apply once the mode changes back.
+       AND NOT EXISTS (SELECT 1 FROM pg_sync.registry r
+                        WHERE r.model = (e ->> 'model') AND r.enabled AND r.federation IN ('push', 'off'));
     n := jsonb_array_length(todo);
     IF n > 0 THEN
         BEGIN
@@ -722,8 +756,11 @@ BEGIN
             VALUES (p.name, 'quarantined', jsonb_build_object('from_id', from_id, 'to_id', to_id, 'count', parked));
         END;
     END IF;
+    -- A resync asked for (resync_peer) stays asked for until the join ends: the link that
+    -- applies this batch may be the one about to restart for it.
     UPDATE pg_sync.peer_cursors k SET
-        peer_epoch = epoch, last_sync_id = to_id, state = 'applied',
+        peer_epoch = epoch, last_sync_id = to_id,
+        state = CASE WHEN k.state = 'resync_required' THEN k.state ELSE 'applied' END,
         applied = k.applied + n - parked, changed = k.changed + n_changed, updated_at = now()
      WHERE k.peer_node_id = p.node_id;
     RETURN jsonb_build_object('status', 'applied', 'cursor', to_id, 'applied', n - parked,
@@ -794,8 +831,17 @@ BEGIN
     SELECT c.sync_id, c.id, c.model, c.model_id, c.action, c.data, c.version, c.versions, c.origin,
            c.group_id, c.prev_group_id, c.moved
       FROM pg_sync.changes(after, NULL, span) c
-      JOIN pg_sync.registry r ON r.model = c.model AND r.federation IN ('push', 'both')
-     WHERE (p.models IS NULL OR c.model = ANY (p.models))
+      JOIN pg_sync.registry r ON r.model = c.model
+     -- The mode in force when the action committed (federation_modes), else the current one.
+     WHERE (CASE WHEN NOT EXISTS (SELECT 1 FROM pg_sync.federation_modes f WHERE f.model = c.model)
+                 THEN r.federation
+                 ELSE coalesce((SELECT f.before FROM pg_sync.federation_modes f
+                                 WHERE f.model = c.model
+                                   AND f.at_lsn > (SELECT o.commit_lsn FROM pg_sync.sync_actions a
+                                                     JOIN pg_sync.commit_order o ON o.xid = a.xid
+                                                    WHERE a.id = c.id)
+                                 ORDER BY f.at_lsn LIMIT 1), r.federation) END) IN ('push', 'both')
+       AND (p.models IS NULL OR c.model = ANY (p.models))
        AND NOT (substr(c.version, strpos(c.version, '@') + 1) = p.node_id
                 AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(coalesce(c.versions, '{}')) v
                                  WHERE substr(v.value, strpos(v.value, '@') + 1) <> p.node_id))
@@ -1337,6 +1383,7 @@ $$;
 -- and peer_retention_hold (compact, which the worker's role is granted, calls it; it reads
 -- tables only pgsync_owner may read).
 REVOKE ALL ON FUNCTION pg_sync.epoch() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.record_federation_mode() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.require_explicit_node_id() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.model_id_expr(pg_sync.registry) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.unannounced(text, bigint) FROM PUBLIC;

@@ -26,6 +26,9 @@ pub struct Model {
     pub group_type: Option<(pg_sys::Oid, i32)>,
     /// Columns whose values are synced (neither excluded nor dropped).
     pub columns: Vec<String>,
+    /// Columns the table has but does not sync (excluded or generated): a peer's value for one
+    /// is skipped, whereas a column the table lacks is a schema mismatch.
+    pub unsynced: Vec<String>,
     pub federation: String,
     pub enabled: bool,
     /// The group column; `None` for a global model.
@@ -44,6 +47,9 @@ impl Model {
                                       AND a.attgenerated = ''
                                       AND a.attname <> ALL (r.excluded_columns)
                                     ORDER BY a.attnum),
+                        'x', ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                                    WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                      AND (a.attgenerated <> '' OR a.attname = ANY (r.excluded_columns))),
                         'f', r.federation, 'e', r.enabled, 'g', r.group_column,
                         'o', c.relowner::pg_catalog.int8,
                         'kt', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(
@@ -85,10 +91,21 @@ impl Model {
                     .collect::<Vec<_>>(),
                 Some(&r["gt"]).filter(|t| t.is_array()).map(type_of),
                 pg_sys::Oid::from(r["o"].as_u64().unwrap_or_default() as u32),
+                strings(&r["x"]),
             )
         });
-        let Some((table, key, columns, federation, enabled, group, key_types, group_type, owner)) =
-            row
+        let Some((
+            table,
+            key,
+            columns,
+            federation,
+            enabled,
+            group,
+            key_types,
+            group_type,
+            owner,
+            unsynced,
+        )) = row
         else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -111,6 +128,7 @@ impl Model {
             key_types,
             group_type,
             columns,
+            unsynced,
             federation,
             enabled,
             group,

@@ -7,9 +7,9 @@
 //!
 //! Merges of one row serialize on its `row_state` row (`state::lock`), taken after the table
 //! row's lock, the order local writers take them in; the merge reads only that state, never the
-//! log. Columns this node does not sync (dropped, excluded, generated, or unknown) are skipped
-//! with a WARNING naming them, so one change from a peer with a different schema does not fail
-//! its batch.
+//! log. Columns this node does not sync (excluded or generated) are skipped with a WARNING
+//! naming them; a column the table lacks (never added, or dropped) fails the change with 42703,
+//! so a peer batch parks it until the schema is fixed instead of losing the value.
 
 use crate::capture::{self, RemoteContext};
 use crate::clock;
@@ -123,7 +123,30 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bo
         .filter(|c| !model.is_key(c) && !model.columns.contains(c))
         .map(String::as_str)
         .collect();
+    let missing: Vec<&str> = unknown
+        .iter()
+        .copied()
+        .filter(|c| !model.unsynced.iter().any(|u| u == c))
+        .collect();
+    if !missing.is_empty() {
+        // A column this table lacks: the peer's schema is ahead (or differs). Skipping it would
+        // lose the value for good (nothing re-sends it once the column is added), so the change
+        // fails: a peer batch parks it and retry_quarantined applies it after the fix.
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!(
+                "{row_ctx}the table has no column {}: the peer's schema differs",
+                missing
+                    .iter()
+                    .map(|c| format!("\"{c}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "Add the column here (then pg_sync.retry_quarantined(peer)), or exclude it on the sending node.",
+        );
+    }
     if !unknown.is_empty() {
+        // Excluded or generated here: not synced by this node, skipped.
         // Names only: values are the application's data and stay out of the server log.
         pgrx::warning!(
             "pg_sync: {row_ctx}skipped columns this node does not sync: {}",

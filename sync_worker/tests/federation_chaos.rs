@@ -7,6 +7,7 @@
 //!
 //! `FEDCHAOS_SEED` replays the randomized run; `FEDCHAOS_ROUNDS` lengthens it (`make soak`).
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -641,4 +642,442 @@ fn replayed_auth_wrong_secret_and_self_link_are_refused() {
         )),
         0
     );
+}
+
+/// Rows of `items` on a node whose id starts with `prefix`.
+fn count_like(n: &mut Node, prefix: &str) -> i64 {
+    n.int(&format!(
+        "SELECT count(*) FROM items WHERE id LIKE '{prefix}%'"
+    ))
+}
+
+/// kill -9 of the sender's worker mid-frame (a 3,000-row transaction crossing a slowed link is
+/// cut off part way) and mid-batch (the receiver is applying the frame, blocked on a row lock,
+/// when the sender dies, so its ack is lost): the receiver never shows part of a source
+/// transaction, and after the sender returns nothing is lost, applied or logged twice.
+#[test]
+fn sender_killed_mid_frame_and_mid_batch() {
+    let mut m = Mesh::start("fc_skill", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('warm', 'a', 0, 'g0')");
+    m.quiesce();
+
+    // Mid-frame: A → B slowed (100 ms per chunk); A dies once about half the frame (about 1 MB,
+    // one frame: a batch never splits a transaction) crossed.
+    m.proxy("a", "b")
+        .set(|f| f.delay = Duration::from_millis(100));
+    let base = m.proxy("a", "b").data_bytes.load(Ordering::Relaxed);
+    m.node("a").exec(
+        "INSERT INTO items SELECT 'big' || g, repeat('x', 100), g, 'g1' FROM generate_series(1, 3000) g",
+    );
+    {
+        let p = m.proxy("a", "b").data_bytes.clone();
+        wait_for(
+            "part of the frame to cross",
+            Duration::from_secs(60),
+            || p.load(Ordering::Relaxed) - base > 500 * 1024,
+        );
+    }
+    m.node("a").kill9();
+    m.proxy("a", "b").heal();
+    let crossed = m.proxy("a", "b").data_bytes.load(Ordering::Relaxed) - base;
+    eprintln!("killed A's worker after {crossed} bytes of the frame");
+    // B writes meanwhile; it holds none of A's transaction while A is down.
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('b-while-a-down', 'b', 1, 'g0')");
+    for _ in 0..10 {
+        assert_eq!(
+            count_like(m.node("b"), "big"),
+            0,
+            "B shows part of A's transaction"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.node("a").start_worker(&[]);
+    check_all(&mut m);
+    assert_eq!(count_like(m.node("b"), "big"), 3000);
+
+    // Mid-batch: B's apply of A's next transaction waits on a row B's test session locks; A's
+    // worker dies meanwhile, then the lock goes and B's apply commits with no one to ack to.
+    let url = m.node("b").cluster.url("app");
+    let mut locker =
+        pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls).unwrap();
+    locker
+        .batch_execute("BEGIN; SELECT * FROM items WHERE id = 'warm' FOR UPDATE")
+        .unwrap();
+    m.node("a").exec(
+        "BEGIN;
+         INSERT INTO items SELECT 'mid' || g, 'm', g, 'g2' FROM generate_series(1, 2000) g;
+         UPDATE items SET b = 7 WHERE id = 'warm';
+         COMMIT;",
+    );
+    let started = Instant::now();
+    loop {
+        let waiting = m.node("b").int(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE query LIKE '%apply_peer_batch%' AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        );
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "B's apply never waited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count_like(m.node("b"), "mid"), 0);
+    m.node("a").kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    locker.batch_execute("COMMIT").unwrap();
+    wait_for(
+        "B's apply to commit without the sender",
+        Duration::from_secs(30),
+        || {
+            let n = count_like(m.node("b"), "mid");
+            assert!(n == 0 || n == 2000, "B showed {n} of 2000 rows");
+            n == 2000
+        },
+    );
+    m.node("b")
+        .exec("UPDATE items SET a = 'b-edit' WHERE id = 'mid7'");
+    m.node("a").start_worker(&[]);
+    check_all(&mut m);
+    assert_eq!(
+        m.node("a")
+            .text("SELECT a || '/' || b FROM items WHERE id = 'mid7'"),
+        "b-edit/7"
+    );
+}
+
+/// A second sync_worker started against B's database while the first runs: it stands by (no
+/// receiver link, its sender endpoint refuses with 4506, a `standby` event), so nothing is
+/// applied or sent twice; when the first is killed -9 it takes over and the links flow.
+#[test]
+fn two_workers_on_one_database() {
+    let mut m = Mesh::start("fc_twin", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('one', 'a', 1, 'g0')");
+    m.quiesce();
+    let twin_port = common::free_port();
+    let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    concurrent_writes(&m, 41, 60);
+    check_all(&mut m);
+    // A served one link to B (B's first worker), never a second one from the twin.
+    assert_eq!(
+        m.node("a").int(
+            "SELECT count(*) FROM pg_sync.peer_events
+              WHERE peer = 'b' AND event = 'connected' AND detail->>'direction' = 'out'"
+        ),
+        1,
+        "A's sender served B more than once"
+    );
+    let metrics = block_on(common::http_get(twin_port, "/metrics"))
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        !metrics.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        "the twin pulls from A:\n{metrics}"
+    );
+    assert_eq!(
+        m.node("b")
+            .int("SELECT count(*) FROM pg_sync.peer_events WHERE event = 'standby'"),
+        1,
+        "the twin did not say it stands by"
+    );
+    // The twin's sender endpoint refuses a dialer.
+    let refused = block_on(async {
+        use futures::StreamExt;
+        let url = format!(
+            "ws://127.0.0.1:{twin_port}{}",
+            sync_worker::federation::PATH
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.ok()?;
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                    return Some(u16::from(f.code))
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    });
+    assert_eq!(
+        refused,
+        Some(sync_worker::federation::frames::close::STANDBY)
+    );
+    // The first worker dies: the twin takes over both directions (A now dials the twin).
+    m.node("b").kill9();
+    m.proxy("b", "a").set_upstream(twin_port);
+    m.node("b").port = twin_port;
+    m.node("b").worker = Some(twin);
+    concurrent_writes(&m, 42, 40);
+    check_all(&mut m);
+    assert!(
+        m.node("b").int(
+            "SELECT count(*) FROM pg_sync.peer_events WHERE event = 'connected' AND detail->>'direction' = 'in'"
+        ) >= 2
+    );
+}
+
+/// A partition past the retention cap: C is cut off while A and B write more than
+/// SYNC_PEER_MAX_LAG (300) sync ids and compact down to one action; both release C
+/// (`resync_required`). Healed, C's links are told `resync_required`, C resyncs (resync_peer)
+/// by snapshot and converges, keeping what it wrote meanwhile. Then a `resync_peer` by hand
+/// under writes brings the link back the same way.
+#[test]
+fn partition_beyond_the_retention_cap() {
+    let env = [
+        ("SYNC_RETENTION_MAX_ACTIONS", "1"),
+        ("SYNC_COMPACT_INTERVAL_SECS", "1"),
+        ("SYNC_PEER_MAX_LAG", "300"),
+    ];
+    let mut m = Mesh::start_with("fc_cap", &["a", "b", "c"], ITEMS, &Mesh::full(3), &env);
+    concurrent_writes(&m, 31, 30);
+    check_all(&mut m);
+    m.isolate("c");
+    for t in 0..5 {
+        for n in ["a", "b"] {
+            m.node(n).exec(&format!(
+                "INSERT INTO items SELECT '{n}{t}-' || g, '{n}', g, 'g' || (g % 3) FROM generate_series(1, 40) g"
+            ));
+        }
+    }
+    concurrent_writes(&m, 32, 20);
+    m.node("c")
+        .exec("INSERT INTO items VALUES ('c-partitioned', 'c', 1, 'g1')");
+    for n in ["a", "b"] {
+        let node = m.node(n);
+        wait_for(
+            &format!("{n} to release C"),
+            Duration::from_secs(60),
+            || {
+                node.text("SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'c'")
+                    == "true"
+            },
+        );
+        assert_eq!(
+            node.text(
+                "SELECT detail->>'reason' FROM pg_sync.peer_events WHERE peer = 'c' AND event = 'resync_required'"
+            ),
+            "lag_cap"
+        );
+    }
+    // The log C needs goes with the next compactions.
+    for n in ["a", "b"] {
+        let node = m.node(n);
+        wait_for(
+            &format!("{n} to compact past C's cursor"),
+            Duration::from_secs(30),
+            || {
+                let c_at =
+                    node.int("SELECT acked_sync_id FROM pg_sync.peer_holds WHERE peer = 'c'");
+                node.int("SELECT pg_sync.retention_horizon()") > c_at
+            },
+        );
+    }
+    m.heal_all();
+    concurrent_writes(&m, 33, 20);
+    check_all(&mut m);
+    assert_eq!(
+        m.node("a")
+            .int("SELECT count(*) FROM items WHERE id = 'c-partitioned'"),
+        1
+    );
+    let c = m.node("c");
+    for peer in ["a", "b"] {
+        let ev = c.text(&format!(
+            "SELECT string_agg(event, ',' ORDER BY id) FROM pg_sync.peer_events WHERE peer = '{peer}'"
+        ));
+        for e in ["resync_required", "resync", "joined"] {
+            assert!(
+                ev.contains(e),
+                "{e} missing from C's events for {peer}: {ev}"
+            );
+        }
+    }
+    for n in ["a", "b"] {
+        assert_eq!(
+            m.node(n)
+                .text("SELECT resync_required FROM pg_sync.peer_status WHERE peer = 'c'"),
+            "false",
+            "{n} holds its log for C again"
+        );
+    }
+    // By hand, under writes: B re-bootstraps from A and carries on.
+    let joins = m
+        .node("b")
+        .int("SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'joined'");
+    m.node("b").exec("SELECT pg_sync.resync_peer('a')");
+    concurrent_writes(&m, 34, 30);
+    {
+        let b = m.node("b");
+        wait_for("B's join to finish", Duration::from_secs(60), || {
+            b.int("SELECT count(*) FROM pg_sync.peer_events WHERE peer = 'a' AND event = 'joined'")
+                > joins
+        });
+    }
+    check_all(&mut m);
+}
+
+/// Schema mismatch: B's `items` lacks column `b`, C's `notes.body` is an integer. A's changes
+/// that do not fit are parked with their SQLSTATE (42703 undefined column, 22P02 invalid text)
+/// and a `quarantined` event, while the other model keeps flowing on the same link; once the
+/// schema is fixed, `retry_quarantined` applies them and every node converges.
+#[test]
+fn schema_mismatch_is_quarantined_and_retried() {
+    let schema = "CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
+         CREATE TABLE notes (id text PRIMARY KEY, body text);
+         SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');
+         SELECT pg_sync.register_table('notes', federation => 'both');";
+    let mut m = Mesh::start(
+        "fc_schema",
+        &["a", "b", "c"],
+        schema,
+        &Mesh::pairs(&[(0, 1), (0, 2)]),
+    );
+    m.node("b").exec("ALTER TABLE items DROP COLUMN b");
+    m.node("c")
+        .exec("ALTER TABLE notes ALTER COLUMN body TYPE int USING 0");
+    m.node("a").exec(
+        "INSERT INTO items VALUES ('s1', 'x', 5, 'g1');
+         INSERT INTO notes VALUES ('n1', 'hello');",
+    );
+    m.quiesce();
+    m.node("a").exec(
+        "INSERT INTO items VALUES ('s2', 'y', 6, 'g1');
+         INSERT INTO notes VALUES ('n2', 'world');
+         UPDATE items SET a = 'x2' WHERE id = 's1';",
+    );
+    m.quiesce();
+    for (n, model, code, flowing) in [
+        ("b", "items", "42703", "notes"),
+        ("c", "notes", "22P02", "items"),
+    ] {
+        let node = m.node(n);
+        assert_eq!(
+            node.text(
+                "SELECT string_agg(DISTINCT sqlstate || ' ' || (change->>'model'), ',') FROM pg_sync.peer_quarantine"
+            ),
+            format!("{code} {model}"),
+            "{n}'s quarantine"
+        );
+        assert!(
+            node.int("SELECT count(*) FROM pg_sync.peer_events WHERE event = 'quarantined'") > 0
+        );
+        assert_eq!(
+            node.int(&format!("SELECT count(*) FROM {flowing}")),
+            2,
+            "{n}: {flowing} stopped flowing"
+        );
+        assert!(node.int("SELECT open_quarantine FROM pg_sync.peer_status WHERE peer = 'a'") > 0);
+    }
+    let msg = m
+        .node("b")
+        .text("SELECT min(message) FROM pg_sync.peer_quarantine");
+    assert!(msg.contains("\"b\""), "the message names the column: {msg}");
+    // Fixed, retried: applied.
+    m.node("b").exec("ALTER TABLE items ADD COLUMN b int");
+    m.node("c")
+        .exec("ALTER TABLE notes ALTER COLUMN body TYPE text");
+    for n in ["b", "c"] {
+        assert_eq!(m.node(n).int("SELECT pg_sync.retry_quarantined('a')"), 0);
+    }
+    m.node("c")
+        .exec("UPDATE notes SET body = 'from-c' WHERE id = 'n2'");
+    check_all(&mut m);
+    m.assert_converged("notes");
+    assert_eq!(
+        m.node("b")
+            .text("SELECT a || '/' || b FROM items WHERE id = 's1'"),
+        "x2/5"
+    );
+}
+
+/// The federation mode of a model changed while the link runs, writes on both sides: the
+/// sender sends what was logged while it sent (push/both) and nothing logged while it did not,
+/// whatever the receiver's lag when the mode changed; the receiver takes what arrives while it
+/// takes (pull/both) and skips (without parking) what arrives while it does not.
+#[test]
+fn federation_modes_toggled_while_the_link_runs() {
+    let mut m = Mesh::start("fc_modes", &["a", "b"], ITEMS, &Mesh::full(2));
+    let mode = |m: &mut Mesh, n: &str, f: &str| {
+        m.node(n).exec(&format!(
+            "SELECT pg_sync.register_table('items', group_column => 'grp', federation => '{f}')"
+        ));
+    };
+    let has = |m: &mut Mesh, n: &str, id: &str| -> bool {
+        m.node(n)
+            .int(&format!("SELECT count(*) FROM items WHERE id = '{id}'"))
+            == 1
+    };
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m0', 'a', 0, 'g0')");
+    m.quiesce();
+    // Sender side, with B lagging (A's frames held): m1 logged while A sends, m2 while A only
+    // pulls, m3 after A sends again; then m4 while it sends and m5 after it stopped.
+    m.proxy("a", "b").set(|f| f.freeze_data = true);
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m1', 'a', 1, 'g0')");
+    mode(&mut m, "a", "pull");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m2', 'a', 2, 'g0')");
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('b1', 'b', 1, 'g0')");
+    mode(&mut m, "a", "both");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m3', 'a', 3, 'g0')");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m4', 'a', 4, 'g0')");
+    mode(&mut m, "a", "pull");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('m5', 'a', 5, 'g0')");
+    m.proxy("a", "b").heal();
+    m.quiesce();
+    for (id, sent) in [
+        ("m1", true),
+        ("m2", false),
+        ("m3", true),
+        ("m4", true),
+        ("m5", false),
+    ] {
+        assert_eq!(has(&mut m, "b", id), sent, "{id} on B");
+    }
+    assert!(has(&mut m, "a", "b1"), "A (pull) took B's write");
+    mode(&mut m, "a", "both");
+
+    // Receiver side: B stops taking (push: it only sends), then takes again.
+    mode(&mut m, "b", "push");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('r1', 'a', 1, 'g0')");
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('b2', 'b', 2, 'g0')");
+    m.quiesce();
+    mode(&mut m, "b", "both");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('r2', 'a', 2, 'g0')");
+    m.quiesce();
+    assert!(!has(&mut m, "b", "r1"), "B took r1 while in push mode");
+    assert!(has(&mut m, "b", "r2"));
+    assert!(has(&mut m, "a", "b2"), "B (push) sent b2");
+    // Off on B: neither direction, while both sides write.
+    mode(&mut m, "b", "off");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('o1', 'a', 1, 'g0')");
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('o2', 'b', 2, 'g0')");
+    m.quiesce();
+    mode(&mut m, "b", "both");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('o3', 'a', 3, 'g0')");
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('o4', 'b', 4, 'g0')");
+    m.quiesce();
+    assert!(!has(&mut m, "b", "o1") && !has(&mut m, "a", "o2"));
+    assert!(has(&mut m, "b", "o3") && has(&mut m, "a", "o4"));
+    // Nothing parked: a mode is a choice, not a failure.
+    m.assert_no_quarantine();
+    m.assert_exactly_once();
 }

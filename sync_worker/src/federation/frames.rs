@@ -101,6 +101,8 @@ pub mod close {
     pub const RESYNC_REQUIRED: u16 = 4504;
     /// The peer was removed or disabled on this node.
     pub const PEER_GONE: u16 = 4505;
+    /// This worker stands by: another worker runs federation for its database.
+    pub const STANDBY: u16 = 4506;
     pub const GOING_AWAY: u16 = 1001;
     pub const INTERNAL: u16 = 1011;
 }

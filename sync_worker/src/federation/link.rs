@@ -50,6 +50,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut probing: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut db: Option<Client> = None;
+    // The session holding LEADER_LOCK: links run only while it is alive and holds the lock.
+    let mut lock: Option<Client> = None;
+    let mut standing_by = false;
+    let url = app.cfg.database_url.clone();
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
     loop {
@@ -58,9 +62,48 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         }
         if db.as_ref().is_none_or(|c| c.is_closed()) {
-            db = sequencer::connect(&app.cfg.database_url).await.ok();
+            db = sequencer::connect(&url).await.ok();
         }
         let Some(c) = db.as_ref() else { continue };
+        if lock.as_ref().is_none_or(|l| l.is_closed()) {
+            // Lost (or never had) the lock's session: stop the links before anyone else may
+            // start them, then try to take it.
+            super::set_leading(&url, false);
+            stop_all(&mut running).await;
+            lock = None;
+            if let Ok(l) = sequencer::connect(&url).await {
+                match l
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&super::LEADER_LOCK])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                {
+                    Ok(true) => {
+                        if standing_by {
+                            tracing::info!(
+                                "federation: the other worker is gone; taking over the links"
+                            );
+                            event(c, "(self)", "leading", json!({"pid": std::process::id()})).await;
+                        }
+                        standing_by = false;
+                        lock = Some(l);
+                        super::set_leading(&url, true);
+                    }
+                    Ok(false) => {
+                        if !standing_by {
+                            tracing::warn!("federation: another worker runs the links of this database; standing by");
+                            event(c, "(self)", "standby", json!({"pid": std::process::id()})).await;
+                        }
+                        standing_by = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "federation: cannot take the federation lock")
+                    }
+                }
+            }
+            if lock.is_none() {
+                continue;
+            }
+        }
         let rows = match c
             .query(
                 // A new secret re-authenticates the link: it is part of the fingerprint.
@@ -134,6 +177,12 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             );
         }
     }
+    stop_all(&mut running).await;
+    super::set_leading(&url, false);
+}
+
+/// Stops every link task and waits for them (their sessions close).
+async fn stop_all(running: &mut HashMap<String, Running>) {
     for (_, link) in running.drain() {
         let _ = link.stop.send(true);
         let _ = link.task.await;

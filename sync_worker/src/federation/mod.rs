@@ -22,6 +22,31 @@ pub const PROBE: &str = "probe";
 /// How often the registry is read (removal or disable closes a link within about this).
 pub const REGISTRY_POLL: Duration = Duration::from_millis(500);
 
+/// The advisory lock (per database) whose holder runs federation: one worker per database
+/// sends and receives; a second one started against the same database stands by (no links,
+/// its sender endpoint refuses with 4506) and takes over when the holder's session ends.
+pub const LEADER_LOCK: i64 = 0x7067_5f73_796e_6366; // "pg_syncf"
+
+/// The databases (by URL) whose federation lock this process holds.
+static LEADING: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Whether this process runs federation for `database_url` (holds `LEADER_LOCK`).
+pub fn leading(database_url: &str) -> bool {
+    LEADING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|u| u == database_url)
+}
+
+pub(crate) fn set_leading(database_url: &str, on: bool) {
+    let mut g = LEADING.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|u| u != database_url);
+    if on {
+        g.push(database_url.to_owned());
+    }
+}
+
 /// Records a `peer_events` row. Never pass secrets or row values in `detail`.
 pub async fn event(db: &Client, peer: &str, event: &str, detail: serde_json::Value) {
     if let Err(e) = db

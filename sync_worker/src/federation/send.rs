@@ -68,6 +68,16 @@ struct Peer {
 }
 
 async fn serve(app: Arc<App>, mut ws: WebSocket) {
+    if !super::leading(&app.cfg.database_url) {
+        // Another worker runs federation for this database (or this one has not taken the
+        // lock yet): serving a link here would send the log twice.
+        return close_with(
+            &mut ws,
+            close::STANDBY,
+            "standby: another worker serves federation for this database",
+        )
+        .await;
+    }
     let db = match sequencer::connect(&app.cfg.database_url).await {
         Ok(db) => db,
         Err(e) => {
@@ -566,6 +576,11 @@ async fn stream(
                 }
             }
             _ = registry.tick() => {
+                if !super::leading(&app.cfg.database_url) {
+                    // This worker lost the federation lock: the one that took it serves.
+                    close_with(ws, close::STANDBY, "standby: another worker serves federation for this database").await;
+                    return "standby";
+                }
                 let still = db
                     .query_opt(
                         "SELECT 1 FROM pg_sync.peers WHERE name = $1 AND enabled

@@ -95,13 +95,20 @@ SELECT pg_sync.apply_remote(chm('gen', 'I', '7', v(1300, 'peer'), '{"id": 7, "a"
 SELECT pg_sync.apply_remote(chm('gen', 'I', '8', v(1301, 'peer'), '{"id": 8, "a": 6, "twice": 99}')) AS applied;
 SELECT * FROM gen ORDER BY id;
 
--- Columns this node lacks are skipped per change (WARNING with names, no values); the rest of
--- the change and of the batch applies.
+-- A column this node lacks is a schema mismatch: the change fails with 42703 naming the
+-- column (never its value), so a peer batch parks it until the column exists, instead of
+-- losing the value for good. Once added, the same change applies.
 CREATE TABLE wide (id int PRIMARY KEY, a text, gone text);
 SELECT pg_sync.register_table('wide');
+SELECT err(format('SELECT pg_sync.apply_remote(%L)', jsonb_build_array(
+  chm('wide', 'I', '1', v(1400, 'peer'), '{"id": 1, "a": "one", "extra": "secret-value"}'),
+  chm('wide', 'I', '2', v(1401, 'peer'), '{"id": 2, "a": "two"}'))));
+SELECT id, a FROM wide ORDER BY id;
+ALTER TABLE wide ADD COLUMN extra text;
 SELECT pg_sync.apply_remote(jsonb_build_array(
   chm('wide', 'I', '1', v(1400, 'peer'), '{"id": 1, "a": "one", "extra": "secret-value"}'),
   chm('wide', 'I', '2', v(1401, 'peer'), '{"id": 2, "a": "two"}'))) AS applied;
+ALTER TABLE wide DROP COLUMN extra;
 SELECT id, a FROM wide ORDER BY id;
 -- Values waiting for a resurrecting insert may name a column dropped since: they are dropped.
 SELECT pg_sync.apply_remote(chm('wide', 'D', '1', v(1500, 'peer'), '{"id": 1}')) AS applied;
