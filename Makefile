@@ -51,6 +51,7 @@ bench: install
 	bash bench/mutate.sh
 	bash bench/join.sh
 	bash bench/hostile.sh
+	bash bench/federation.sh
 
 # A long seeded federation chaos run (3 clusters, 3 workers, random link faults and kills);
 # FEDCHAOS_SEED=<n> replays a printed seed.
