@@ -77,6 +77,8 @@ cleanup() {
   [ -n "${FED_KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
+# A signal (e.g. `timeout`) exits through the EXIT trap too, so no worker or cluster outlives us.
+trap "exit 143" INT TERM
 
 ensure_pglogical
 conf=("fsync = off" "shared_preload_libraries = 'pg_sync,pglogical'" "max_replication_slots = 20"
