@@ -65,6 +65,8 @@ load_pid=
 
 cleanup() {
   local rc=$?
+  trap '' INT TERM # a second signal must not cut the clean-up short
+  set +e           # nor a worker that already exited
   if [ "$rc" != 0 ]; then # say why
     for f in "$work"/a/postgres.log "$work"/b/postgres.log "$work"/worker_*.log; do
       [ -f "$f" ] && { echo "== $f"; grep -E "ERROR|FATAL|PANIC|error" "$f" | tail -5; }
