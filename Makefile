@@ -53,6 +53,7 @@ bench: install
 	bash bench/join.sh
 	bash bench/hostile.sh
 	bash bench/replay.sh
+	bash bench/federation.sh
 
 # pg_sync side by side with Zero (bench/peers/README.md): installs @rocicorp/zero from
 # bench/peers/package-lock.json the first time (its SQLite addon compiles, ~5 min), then about

@@ -1645,7 +1645,17 @@ mod tests {
         };
         let p = parse(&q(&[("table", "t"), ("offset", "12_0"), ("handle", "h")])).unwrap();
         assert_eq!(p.offset, Offset::At(12));
-        assert!(parse(&q(&[("table", "t"), ("offset", "12_1"), ("handle", "h")])).is_err());
+        // `W_k`: the snapshot at W after its first k chunks (live needs an up-to-date offset).
+        let p = parse(&q(&[("table", "t"), ("offset", "12_1"), ("handle", "h")])).unwrap();
+        assert_eq!(p.offset, Offset::Chunk(12, 1));
+        assert!(parse(&q(&[
+            ("table", "t"),
+            ("offset", "12_1"),
+            ("handle", "h"),
+            ("live", "true")
+        ]))
+        .is_err());
+        assert!(parse(&q(&[("table", "t"), ("offset", "12_x"), ("handle", "h")])).is_err());
         assert!(parse(&q(&[("table", "t"), ("offset", "12_0")])).is_err());
         let p = parse(&q(&[
             ("table", "t"),
