@@ -169,6 +169,10 @@ CREATE TABLE pg_sync.federation_modes (
     model  text NOT NULL,
     before text NOT NULL,
     at_lsn pg_lsn NOT NULL,
+    -- For transactions sequenced by a backlog pass (commit_order.commit_lsn '0/0': the worker
+    -- was not streaming when they committed, so no commit LSN is known): one this snapshot sees
+    -- committed before the change.
+    snap   pg_snapshot NOT NULL,
     at     timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX federation_modes_model_idx ON pg_sync.federation_modes (model, at_lsn);
@@ -178,8 +182,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    INSERT INTO pg_sync.federation_modes (model, before, at_lsn)
-    VALUES (OLD.model, OLD.federation, pg_current_wal_insert_lsn());
+    INSERT INTO pg_sync.federation_modes (model, before, at_lsn, snap)
+    VALUES (OLD.model, OLD.federation, pg_current_wal_insert_lsn(), pg_current_snapshot());
     RETURN NULL;
 END
 $$;
@@ -835,11 +839,14 @@ BEGIN
      -- The mode in force when the action committed (federation_modes), else the current one.
      WHERE (CASE WHEN NOT EXISTS (SELECT 1 FROM pg_sync.federation_modes f WHERE f.model = c.model)
                  THEN r.federation
-                 ELSE coalesce((SELECT f.before FROM pg_sync.federation_modes f
+                 ELSE coalesce((SELECT f.before FROM pg_sync.federation_modes f,
+                                        (SELECT o.commit_lsn, a.xid FROM pg_sync.sync_actions a
+                                           JOIN pg_sync.commit_order o ON o.xid = a.xid
+                                          WHERE a.id = c.id) t
                                  WHERE f.model = c.model
-                                   AND f.at_lsn > (SELECT o.commit_lsn FROM pg_sync.sync_actions a
-                                                     JOIN pg_sync.commit_order o ON o.xid = a.xid
-                                                    WHERE a.id = c.id)
+                                   AND CASE WHEN t.commit_lsn = '0/0'
+                                            THEN pg_visible_in_snapshot(t.xid, f.snap)
+                                            ELSE f.at_lsn > t.commit_lsn END
                                  ORDER BY f.at_lsn LIMIT 1), r.federation) END) IN ('push', 'both')
        AND (p.models IS NULL OR c.model = ANY (p.models))
        AND NOT (substr(c.version, strpos(c.version, '@') + 1) = p.node_id

@@ -3084,6 +3084,100 @@ async fn a_streamed_commit_gets_its_sync_id_only_once_visible() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// The visibility wait asks about the committing transaction's own xid, not the log rows'
+/// `xid` column: rows a data-only restore writes keep the old cluster's xid (ahead of this
+/// cluster's counter), which no snapshot here ever sees. Waiting on it stalled the sequencer
+/// for good (review rev5 D1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_rows_with_a_restored_xid_do_not_stall_the_sequencer() {
+    let (cluster, mut db) = app_cluster("ws_restored_xid");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(&mut db, "INSERT INTO announcements VALUES (1, 'before')");
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["announcements:I:1"]);
+    // What pg_restore --data-only writes into the log: a row carrying another cluster's xid.
+    exec(
+        &mut db,
+        "SET pg_sync.restoring = on;
+         INSERT INTO pg_sync.sync_actions (model, model_id, action, data, version, origin, xid)
+         SELECT model, '9', action, jsonb_build_object('id', 9, 'body', 'restored'), version, origin,
+                '123456789'::xid8
+           FROM pg_sync.sync_actions LIMIT 1;
+         RESET pg_sync.restoring;",
+    );
+    exec(&mut db, "INSERT INTO announcements VALUES (2, 'after')");
+    let got = collect(&mut alice, |g| {
+        g.iter()
+            .any(|f| f["type"] == "delta" && f["modelId"] == "2")
+    })
+    .await;
+    assert!(
+        summary(&got).contains(&"announcements:I:2".to_owned()),
+        "{got:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Transactions a backlog pass sequences (the worker was not streaming when they committed: no
+/// commit LSN is known) are sent to peers by the federation mode they were written under, not
+/// by the model's oldest mode (review rev5 D2: rows written while `both` were never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_rows_reach_peers_by_the_mode_they_were_written_under() {
+    let (cluster, mut db) = app_cluster("ws_modes_backlog");
+    exec(&mut db, "ALTER DATABASE app SET pg_sync.node_id = 'ea'");
+    let mut db: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    // Each statement its own transaction (a batch would be one).
+    for sql in [
+        "CREATE TABLE fm (id int PRIMARY KEY, v text)",
+        "SELECT pg_sync.register_table('fm', federation => 'off')",
+        "SELECT pg_sync.register_table('fm', federation => 'both')",
+        "INSERT INTO fm VALUES (1, 'while both')",
+        "SELECT pg_sync.register_table('fm', federation => 'off')",
+        "INSERT INTO fm VALUES (2, 'while off')",
+        "SELECT pg_sync.register_table('fm', federation => 'both')",
+        "INSERT INTO fm VALUES (3, 'while both again')",
+        "SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:1/', repeat('s', 32), 'push')",
+        "UPDATE pg_sync.peers SET node_id = 'eb' WHERE name = 'b'",
+    ] {
+        exec(&mut db, sql);
+    }
+    let _worker = Worker::started(&cluster, "app").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sent = loop {
+        let (unsequenced, sent): (i64, String) = tokio::task::block_in_place(|| {
+            let r = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_sync.sync_actions a
+                              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)),
+                            (SELECT coalesce(string_agg(model_id, ',' ORDER BY sync_id), '')
+                               FROM pg_sync.peer_changes('eb', 0) WHERE model = 'fm')",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        });
+        if unsequenced == 0 {
+            break sent;
+        }
+        assert!(Instant::now() < deadline, "the backlog was never sequenced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sent, "1,3");
+    let lsns: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT count(*) FROM pg_sync.commit_order WHERE commit_lsn = '0/0'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(lsns >= 3, "the rows were not sequenced by a backlog pass");
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires() {
     let (cluster, db) = app_cluster("ws_token_exp");

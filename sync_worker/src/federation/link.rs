@@ -52,6 +52,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut db: Option<Client> = None;
     // The session holding LEADER_LOCK: links run only while it is alive and holds the lock.
     let mut lock: Option<Client> = None;
+    // A standby keeps its session and asks again on it each tick (not a new session per tick).
+    let mut asking: Option<Client> = None;
     let mut standing_by = false;
     let url = app.cfg.database_url.clone();
     let mut tick = tokio::time::interval(REGISTRY_POLL);
@@ -71,7 +73,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             super::set_leading(&url, false);
             stop_all(&mut running).await;
             lock = None;
-            if let Ok(l) = sequencer::connect(&url).await {
+            if asking.as_ref().is_none_or(|a| a.is_closed()) {
+                asking = sequencer::connect(&url).await.ok();
+            }
+            if let Some(l) = asking.take() {
                 match l
                     .query_one("SELECT pg_try_advisory_lock($1)", &[&super::LEADER_LOCK])
                     .await
@@ -94,6 +99,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                             event(c, "(self)", "standby", json!({"pid": std::process::id()})).await;
                         }
                         standing_by = true;
+                        asking = Some(l);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "federation: cannot take the federation lock")

@@ -54,6 +54,8 @@ pub enum SequencerError {
     Url,
     #[error("database TLS configuration: {0}")]
     Tls(String),
+    #[error("streamed transactions were still not visible to new snapshots after {0:?} (a synchronous standby holding their commits?); restarting the session")]
+    NotVisible(Duration),
     #[error("failpoint {0} fired")]
     Failpoint(&'static str),
     #[error("more than {HOLD_ACTIONS} actions streamed before the backlog was resolved; peeking at the slot instead")]
@@ -63,6 +65,9 @@ pub enum SequencerError {
 /// Under continuous load, how long committed transactions may wait to be batched at most;
 /// when the stream has nothing more ready they are persisted and published at once.
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
+/// How long a flush waits for streamed transactions to become visible before the session
+/// restarts (see `persist`).
+const VISIBILITY_WAIT_MAX: Duration = Duration::from_secs(10);
 const FLUSH_ACTIONS: usize = 5_000;
 /// Actions decoded but not sequenced while the start-up backlog is being told apart from what
 /// the slot streams (see `Unresolved`); past it the session restarts and peeks at the slot.
@@ -288,6 +293,10 @@ struct OpenTxn {
     count: usize,
     large: bool,
     xid: Option<String>,
+    /// The committing transaction's own xid as the stream names it (low 32 bits). The log
+    /// rows' `xid` column is not always it: a restore keeps the old cluster's, and xid_guard
+    /// remaps those above 2^62.
+    stream_xid: u32,
     revoked_keys: Vec<String>,
     /// TRUNCATE of the API keys: every key session is closed.
     all_keys_revoked: bool,
@@ -542,13 +551,14 @@ impl Session<'_> {
         event: ReplicationEvent,
     ) -> Result<bool, SequencerError> {
         match event {
-            ReplicationEvent::Begin { final_lsn, .. } => {
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
                 st.open = Some(OpenTxn {
                     commit_lsn: final_lsn,
                     actions: vec![],
                     count: 0,
                     large: false,
                     xid: None,
+                    stream_xid: xid,
                     revoked_keys: vec![],
                     all_keys_revoked: false,
                     registry_changed: false,
@@ -967,6 +977,7 @@ impl Session<'_> {
     async fn persist(
         &self,
         xids: &[String],
+        stream_xids: &[i64],
         counts: &[i32],
         lsns: &[String],
         times: &[i64],
@@ -980,8 +991,14 @@ impl Session<'_> {
                     "WITH u AS (
                        SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
                          FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
+                     -- The committing transactions' own xids: the stream's 32 bits widened
+                     -- by the epoch of the newest xid8 below this snapshot's xmax that has them.
                      v AS (
-                       SELECT bool_and(pg_visible_in_snapshot(u.x, pg_current_snapshot())) AS visible FROM u),
+                       SELECT coalesce(bool_and(pg_visible_in_snapshot(
+                                (m.xmax - ((m.xmax % 4294967296 - s.x + 4294967296) % 4294967296))::text::xid8,
+                                pg_current_snapshot())), true) AS visible
+                         FROM unnest($6::bigint[]) AS s(x),
+                              (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax) m),
                      k AS (
                        SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
                      ins AS (
@@ -989,7 +1006,14 @@ impl Session<'_> {
                        SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
                          FROM k WHERE NOT known AND (SELECT visible FROM v))
                      SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known)",
-                    &[&xids, &counts, &lsns, &times, &self.next_sync_id],
+                    &[
+                        &xids,
+                        &counts,
+                        &lsns,
+                        &times,
+                        &self.next_sync_id,
+                        &stream_xids,
+                    ],
                 )
                 .await?;
             if row.get::<_, bool>(0) {
@@ -1004,13 +1028,13 @@ impl Session<'_> {
             }
             waits += 1;
             self.status.visibility_waits.fetch_add(1, Ordering::Relaxed);
-            if waits == 1000 {
-                tracing::warn!(
-                    "sequencer: streamed transactions are still not visible to new snapshots after {:?}",
-                    started.elapsed()
-                );
+            // Normally microseconds; as long as a synchronous standby keeps the committer
+            // waiting. Bounded, so the session restarts (and a shutdown gets through) instead
+            // of waiting here for good: what is pending is unacknowledged and streams again.
+            if started.elapsed() >= VISIBILITY_WAIT_MAX {
+                return Err(SequencerError::NotVisible(started.elapsed()));
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(if waits < 100 { 1 } else { 10 })).await;
         }
     }
 
@@ -1035,6 +1059,7 @@ impl Session<'_> {
         // their xid) are skipped by the statement, which names them; the others get
         // consecutive ids in commit order, exactly as assigned below.
         let mut xids = vec![];
+        let mut stream_xids = vec![];
         let mut counts = vec![];
         let mut lsns = vec![];
         let mut times = vec![];
@@ -1043,6 +1068,7 @@ impl Session<'_> {
                 continue;
             }
             xids.push(txn.xid.clone().unwrap_or_default());
+            stream_xids.push(i64::from(txn.stream_xid));
             counts.push(txn.count as i32);
             lsns.push(txn.commit_lsn.to_pg_string());
             times.push(txn.committed_at_us);
@@ -1050,7 +1076,8 @@ impl Session<'_> {
         let known: std::collections::HashSet<String> = if xids.is_empty() {
             Default::default()
         } else {
-            self.persist(&xids, &counts, &lsns, &times).await?
+            self.persist(&xids, &stream_xids, &counts, &lsns, &times)
+                .await?
         };
         let mut firsts = vec![];
         let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
