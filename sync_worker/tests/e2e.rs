@@ -4610,3 +4610,60 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
     worker.kill9();
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// rev6: `/sync/bootstrap` holds a pooled API connection (`control`) idle for the whole fence
+/// wait (`consistent_point`, up to FENCE_TIMEOUT = 10 s per attempt) while the sequencer lags
+/// (here: stalled by a lock on its log; in production: a large transaction being sequenced).
+/// SYNC_MAX_BOOTSTRAPS (16) > SYNC_DB_CONNECTIONS (8): a few bootstraps during a lag take every
+/// pooled connection, and other users' short requests wait SYNC_DB_WAIT_SECS and get 503.
+/// Expected: another user's /sync/deltas is answered while bootstraps wait for the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_bootstraps_waiting_for_the_fence_do_not_starve_the_pool() {
+    rev6_fence_case("rev6_fence_pool", &["alice", "carol"]).await;
+}
+
+/// rev6 control for the test above: with no bootstrap waiting, the same /sync/deltas is
+/// answered at once while the sequencer is stalled (so the pool, not the lock, is the cause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_control_deltas_answered_while_the_sequencer_is_stalled() {
+    rev6_fence_case("rev6_fence_ctl", &[]).await;
+}
+
+async fn rev6_fence_case(name: &str, users: &[&'static str]) {
+    let (cluster, mut db) = app_cluster(name);
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    // Readers pass (EXCLUSIVE conflicts only with writers): the sequencer blocks on its next
+    // write of the log.
+    let mut locker: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    exec(
+        &mut locker,
+        "BEGIN; LOCK TABLE pg_sync.commit_order IN EXCLUSIVE MODE",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'x', 'p1')");
+    let mut bootstraps = vec![];
+    for &user in users {
+        bootstraps.push(tokio::spawn(async move {
+            http_get_with(port, "/sync/bootstrap", &bearer(user)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = Instant::now();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+    )
+    .await;
+    let waited = t.elapsed();
+    exec(&mut locker, "ROLLBACK");
+    for b in bootstraps {
+        let (status, _) = b.await.unwrap();
+        eprintln!("rev6: bootstrap answered {status}");
+    }
+    tokio::task::block_in_place(|| drop((db, locker)));
+    let (status, body) = answered.unwrap_or_else(|_| {
+        panic!("/sync/deltas not answered in {waited:?}: the bootstraps' fence waits hold the pool")
+    });
+    assert_eq!(status, 200, "after {waited:?}: {body}");
+}

@@ -41,8 +41,14 @@ fn rev6_help_does_not_print_config_file_secrets() {
         ),
     );
     let help = run(&["--help"], &path);
-    assert!(!help.contains(PASSWORD), "--help printed the DB password:\n{help}");
-    assert!(!help.contains(JWT), "--help printed the JWT secret:\n{help}");
+    assert!(
+        !help.contains(PASSWORD),
+        "--help printed the DB password:\n{help}"
+    );
+    assert!(
+        !help.contains(JWT),
+        "--help printed the JWT secret:\n{help}"
+    );
 }
 
 /// toml's parse error quotes the offending line: an unterminated string on the database_url
@@ -55,7 +61,10 @@ fn rev6_toml_syntax_error_does_not_print_secrets() {
     );
     let out = run(&[], &path);
     assert!(out.contains("invalid config file"), "{out}");
-    assert!(!out.contains(PASSWORD), "the config error printed the DB password:\n{out}");
+    assert!(
+        !out.contains(PASSWORD),
+        "the config error printed the DB password:\n{out}"
+    );
 }
 
 /// libpq: `sslmode=verify-ca`/`verify-full` without a root certificate file (and no
@@ -63,7 +72,8 @@ fn rev6_toml_syntax_error_does_not_print_secrets() {
 /// name is not checked (`AnyName`): any certificate a public CA issued for any domain passes.
 #[test]
 fn rev6_verify_ca_without_root_cert_is_refused() {
-    let (_, tls) = sync_worker::tls::split_database_url("host=127.0.0.1 sslmode=verify-ca").unwrap();
+    let (_, tls) =
+        sync_worker::tls::split_database_url("host=127.0.0.1 sslmode=verify-ca").unwrap();
     assert_eq!(tls.root_cert, None);
     let config = tls.client_config();
     assert!(
