@@ -4667,3 +4667,32 @@ async fn rev6_fence_case(name: &str, users: &[&'static str]) {
     });
     assert_eq!(status, 200, "after {waited:?}: {body}");
 }
+
+/// rev6: pooled connections whose backends were terminated (a failover, an operator's
+/// pg_terminate_backend, idle_session_timeout) must not fail the next requests: deadpool's
+/// `RecyclingMethod::Fast` only checks `is_closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_terminated_pooled_connections_are_not_handed_out() {
+    let (cluster, mut db) = app_cluster("rev6_pool_stale");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    for _ in 0..2 {
+        let (status, body) = http_get_with(port, "/sync/deltas?after=0", &bearer("bob")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    exec(
+        &mut db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+            AND datname = 'app' AND state = 'idle' AND query NOT LIKE '%pg_sync_fence%'",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answers = vec![];
+    for _ in 0..3 {
+        answers.push(http_get_with(port, "/sync/deltas?after=0", &bearer("bob")).await);
+    }
+    tokio::task::block_in_place(|| drop(db));
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+    }
+}
