@@ -4696,3 +4696,80 @@ async fn rev6_terminated_pooled_connections_are_not_handed_out() {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// rev6: under `verify-ca` the replication connection is given a DNS name from the server's
+/// certificate (tls.rs `CERT_NAMES`), skipping wildcard names. A certificate whose only name is
+/// a wildcard (`*.db.invalid`, common for managed databases reached by IP or an alias) chains
+/// to sslrootcert and the control connection accepts it, but the replication connection
+/// (pgwire-replication's verify-ca checks the name) is refused: the worker never streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_verify_ca_with_a_wildcard_only_certificate_streams() {
+    rev6_verify_ca_case("rev6_wild", "DNS:*.db.invalid").await;
+}
+
+/// rev6 control for the test above: the same set-up with a certificate that also has a
+/// non-wildcard name streams (so the wildcard-only name is the cause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_control_verify_ca_with_a_plain_name_streams() {
+    rev6_verify_ca_case("rev6_wild_ctl", "DNS:*.db.invalid,DNS:db.invalid").await;
+}
+
+async fn rev6_verify_ca_case(name: &str, san: &'static str) {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start_with(name, &["ssl = on"], |data| {
+            server_pki(data);
+            std::fs::write(
+                data.join("ext.cnf"),
+                format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+            )
+            .unwrap();
+            openssl(
+                data,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
+                ],
+            );
+        })
+    });
+    let db = setup(&cluster, "app");
+    let data = cluster.data();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
+        cluster.port,
+        data.join("ca.pem").display()
+    );
+    let client = sync_worker::db::connect(&url)
+        .await
+        .expect("the control connection accepts the CA's wildcard certificate under verify-ca");
+    drop(client);
+    let mut worker = Worker::start_with(&cluster, "app", free_port(), &[("DATABASE_URL", &url)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut healthy = false;
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = http_get(worker.port, "/healthz").await {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+    assert!(
+        healthy,
+        "verify-ca: the worker never became healthy (replication refused)"
+    );
+}
