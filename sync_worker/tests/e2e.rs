@@ -4773,3 +4773,54 @@ async fn rev6_verify_ca_case(name: &str, san: &'static str) {
         "verify-ca: the worker never became healthy (replication refused)"
     );
 }
+
+/// rev6: a client that goes away while its `/sync/mutate` waits (here on a row lock) drops the
+/// handler; the pooled connection goes back to the pool with the mutate_as statement still
+/// running on it (deadpool's Fast recycling checks only `is_closed`), and the next user's
+/// query is pipelined behind it: it waits for the lock or SYNC_DB_STATEMENT_TIMEOUT_SECS. The
+/// exclusive checkout the pool was introduced for is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
+    let (cluster, mut db) = app_cluster("rev6_abandon");
+    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "1")]).await;
+    let port = worker.port;
+    let mut locker = tokio::task::block_in_place(|| {
+        let mut c = cluster.connect("app");
+        c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
+            .unwrap();
+        c
+    });
+    let body = json!({"clientId": "laptop", "transactions": [
+        {"clientTxId": "00000000-0000-4000-8000-000000000001",
+         "ops": [{"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}]}
+    ]});
+    let stuck = tokio::spawn(async move {
+        http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!stuck.is_finished(), "the mutate waits for the row lock");
+    // The client gives up: its socket is closed.
+    stuck.abort();
+    let _ = stuck.await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    let pool: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pg_sync_db_pool"))
+        .collect();
+    eprintln!("rev6: after the client left: {pool:?}");
+    let t = Instant::now();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+    )
+    .await;
+    let waited = t.elapsed();
+    tokio::task::block_in_place(|| locker.batch_execute("ROLLBACK").unwrap());
+    tokio::task::block_in_place(|| drop((db, locker)));
+    let (status, text) = answered.unwrap_or_else(|_| {
+        panic!("/sync/deltas not answered in {waited:?}: queued behind the abandoned mutate")
+    });
+    assert_eq!(status, 200, "{text}");
+}
