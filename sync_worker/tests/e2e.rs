@@ -4824,3 +4824,78 @@ async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
     });
     assert_eq!(status, 200, "{text}");
 }
+
+/// rev6: tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication
+/// connection's SNI under verify-ca) is only written on a name mismatch and never cleared. After
+/// the server's certificate is rotated to one valid for the host dialed (here an IP SAN), the
+/// control connection verifies without a mismatch, the stale name stays, and every replication
+/// reconnect is refused (the new certificate does not name it): the worker stops streaming
+/// until it is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_verify_ca_survives_a_certificate_rotation() {
+    rev6_rotation_case("rev6_rotate", "IP:127.0.0.1").await;
+}
+
+/// rev6 control for the test above: a rotation to a certificate that still does not name the
+/// host (so the map is rewritten) streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_control_verify_ca_rotation_to_another_name_streams() {
+    rev6_rotation_case("rev6_rotate_ctl", "DNS:db2.invalid").await;
+}
+
+async fn rev6_rotation_case(name: &str, san: &str) {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start_with(name, &["ssl = on"], server_pki));
+    let mut db = setup(&cluster, "app");
+    let data = cluster.data();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
+        cluster.port,
+        data.join("ca.pem").display()
+    );
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("DATABASE_URL", &url)]);
+    worker.wait_healthy().await;
+    let mut ws = connect(worker.port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'before', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+    // Rotation: the new certificate (same CA) names the address dialed.
+    std::fs::write(
+        data.join("ext.cnf"),
+        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        &data,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    exec(&mut db, "SELECT pg_reload_conf()");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    exec(
+        &mut db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'after', 'p1')");
+    let got = summary(&collect(&mut ws, |g| !g.is_empty()).await);
+    tokio::task::block_in_place(|| drop(db));
+    assert_eq!(got, ["todos:I:2"], "nothing streamed after the rotation");
+}
