@@ -4899,3 +4899,32 @@ async fn rev6_rotation_case(name: &str, san: &str) {
     tokio::task::block_in_place(|| drop(db));
     assert_eq!(got, ["todos:I:2"], "nothing streamed after the rotation");
 }
+
+/// rev6: SYNC_DB_STATEMENT_TIMEOUT_SECS is not bounded: above 2147483 s the `-c
+/// statement_timeout=<ms>` startup option is out of Postgres' range, every pooled connection is
+/// refused, and the worker reports healthy while every API request answers 503. Expected: the
+/// value is refused at startup (or clamped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_an_out_of_range_statement_timeout_is_refused_at_startup() {
+    let (cluster, db) = app_cluster("rev6_stmt_range");
+    let mut worker = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("SYNC_DB_STATEMENT_TIMEOUT_SECS", "3000000")],
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let healthy = matches!(http_get(worker.port, "/healthz").await, Ok((200, _)));
+    let deltas = if healthy {
+        Some(http_get_with(worker.port, "/sync/deltas?after=0", &bearer("bob")).await)
+    } else {
+        None
+    };
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+    eprintln!("rev6: healthy {healthy}, /sync/deltas {deltas:?}");
+    assert!(
+        !healthy || deltas.is_some_and(|(s, _)| s == 200),
+        "healthy, yet the API cannot get a database connection"
+    );
+}
