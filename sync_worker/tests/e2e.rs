@@ -4622,7 +4622,7 @@ async fn rev6_bootstraps_waiting_for_the_fence_do_not_starve_the_pool() {
     rev6_fence_case("rev6_fence_pool", &["alice", "carol"]).await;
 }
 
-/// rev6 control for the test above: with no bootstrap waiting, the same /sync/deltas is
+/// Control for the test above: with no bootstrap waiting, the same /sync/deltas is
 /// answered at once while the sequencer is stalled (so the pool, not the lock, is the cause).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rev6_control_deltas_answered_while_the_sequencer_is_stalled() {
@@ -4697,24 +4697,24 @@ async fn rev6_terminated_pooled_connections_are_not_handed_out() {
     }
 }
 
-/// rev6: under `verify-ca` the replication connection is given a DNS name from the server's
-/// certificate (tls.rs `CERT_NAMES`), skipping wildcard names. A certificate whose only name is
-/// a wildcard (`*.db.invalid`, common for managed databases reached by IP or an alias) chains
-/// to sslrootcert and the control connection accepts it, but the replication connection
-/// (pgwire-replication's verify-ca checks the name) is refused: the worker never streams.
+/// Under `verify-ca` the replication connection is given a DNS name from the server's
+/// certificate (tls.rs `CERT_NAMES`; pgwire-replication's verify-ca checks the name). A
+/// certificate whose only name is a wildcard (`*.db.invalid`, common for managed databases
+/// reached by IP or an alias) gives a name the wildcard matches, so the worker streams
+/// (review rev6 D6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_verify_ca_with_a_wildcard_only_certificate_streams() {
-    rev6_verify_ca_case("rev6_wild", "DNS:*.db.invalid").await;
+async fn verify_ca_with_a_wildcard_only_certificate_streams() {
+    verify_ca_wildcard_case("rev6_wild", "DNS:*.db.invalid").await;
 }
 
-/// rev6 control for the test above: the same set-up with a certificate that also has a
+/// Control for the test above: the same set-up with a certificate that also has a
 /// non-wildcard name streams (so the wildcard-only name is the cause).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_control_verify_ca_with_a_plain_name_streams() {
-    rev6_verify_ca_case("rev6_wild_ctl", "DNS:*.db.invalid,DNS:db.invalid").await;
+async fn verify_ca_with_a_plain_and_a_wildcard_name_streams() {
+    verify_ca_wildcard_case("rev6_wild_ctl", "DNS:*.db.invalid,DNS:db.invalid").await;
 }
 
-async fn rev6_verify_ca_case(name: &str, san: &'static str) {
+async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
     let cluster = tokio::task::block_in_place(|| {
         Cluster::start_with(name, &["ssl = on"], |data| {
             server_pki(data);
@@ -4825,25 +4825,24 @@ async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
     assert_eq!(status, 200, "{text}");
 }
 
-/// rev6: tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication
-/// connection's SNI under verify-ca) is only written on a name mismatch and never cleared. After
-/// the server's certificate is rotated to one valid for the host dialed (here an IP SAN), the
-/// control connection verifies without a mismatch, the stale name stays, and every replication
-/// reconnect is refused (the new certificate does not name it): the worker stops streaming
-/// until it is restarted.
+/// tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication connection's
+/// SNI under verify-ca) is refreshed by every control connection. After the server's
+/// certificate is rotated to one valid for the host dialed (here an IP SAN), the stale name is
+/// dropped, so the replication reconnect (which the new certificate would refuse under the old
+/// name) succeeds and streaming goes on (review rev6 D7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_verify_ca_survives_a_certificate_rotation() {
-    rev6_rotation_case("rev6_rotate", "IP:127.0.0.1").await;
+async fn verify_ca_survives_a_certificate_rotation() {
+    verify_ca_rotation_case("rev6_rotate", "IP:127.0.0.1").await;
 }
 
-/// rev6 control for the test above: a rotation to a certificate that still does not name the
+/// Control for the test above: a rotation to a certificate that still does not name the
 /// host (so the map is rewritten) streams on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_control_verify_ca_rotation_to_another_name_streams() {
-    rev6_rotation_case("rev6_rotate_ctl", "DNS:db2.invalid").await;
+async fn verify_ca_rotation_to_another_name_streams() {
+    verify_ca_rotation_case("rev6_rotate_ctl", "DNS:db2.invalid").await;
 }
 
-async fn rev6_rotation_case(name: &str, san: &str) {
+async fn verify_ca_rotation_case(name: &str, san: &str) {
     let cluster =
         tokio::task::block_in_place(|| Cluster::start_with(name, &["ssl = on"], server_pki));
     let mut db = setup(&cluster, "app");
@@ -4900,12 +4899,12 @@ async fn rev6_rotation_case(name: &str, san: &str) {
     assert_eq!(got, ["todos:I:2"], "nothing streamed after the rotation");
 }
 
-/// rev6: SYNC_DB_STATEMENT_TIMEOUT_SECS is not bounded: above 2147483 s the `-c
-/// statement_timeout=<ms>` startup option is out of Postgres' range, every pooled connection is
-/// refused, and the worker reports healthy while every API request answers 503. Expected: the
-/// value is refused at startup (or clamped).
+/// SYNC_DB_STATEMENT_TIMEOUT_SECS above 2147483 s would put the `-c statement_timeout=<ms>`
+/// startup option out of Postgres' range: every pooled connection refused while the worker
+/// reports healthy and every API request answers 503. The value is refused at startup (review
+/// rev6 D8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_an_out_of_range_statement_timeout_is_refused_at_startup() {
+async fn an_out_of_range_statement_timeout_is_refused_at_startup() {
     let (cluster, db) = app_cluster("rev6_stmt_range");
     let mut worker = Worker::start_with(
         &cluster,
@@ -4922,7 +4921,7 @@ async fn rev6_an_out_of_range_statement_timeout_is_refused_at_startup() {
     };
     worker.kill9();
     tokio::task::block_in_place(|| drop(db));
-    eprintln!("rev6: healthy {healthy}, /sync/deltas {deltas:?}");
+    eprintln!("statement timeout out of range: healthy {healthy}, /sync/deltas {deltas:?}");
     assert!(
         !healthy || deltas.is_some_and(|(s, _)| s == 200),
         "healthy, yet the API cannot get a database connection"

@@ -1,6 +1,5 @@
-//! Reviewer rev6 reproductions: secrets from a config file printed by `--help` and by a TOML
-//! syntax error, and `sslmode=verify-ca` without `sslrootcert` accepted (libpq refuses it).
-//! Each test asserts the safe behaviour, so each FAILS while the defect is present.
+//! Secrets from a config file stay out of `--help` and of TOML syntax errors, and
+//! `sslmode=verify-ca` without `sslrootcert` is refused as libpq does (review rev6 D1, D2, D3).
 
 use std::process::Command;
 
@@ -8,7 +7,7 @@ const PASSWORD: &str = "S3cretPW_rev6";
 const JWT: &str = "TOPSECRETJWT_rev6";
 
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("rev6_cfg_{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("config_secrets_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -30,10 +29,10 @@ fn run(args: &[&str], config: &std::path::Path) -> String {
     )
 }
 
-/// The file's values become clap defaults, and clap prints defaults in `--help`
-/// (`hide_env_values` hides only environment values).
+/// The file's values become clap defaults, which clap would print in `--help`
+/// (`hide_env_values` hides only environment values): they are hidden.
 #[test]
-fn rev6_help_does_not_print_config_file_secrets() {
+fn help_does_not_print_config_file_secrets() {
     let path = config_file(
         "help.toml",
         &format!(
@@ -51,10 +50,10 @@ fn rev6_help_does_not_print_config_file_secrets() {
     );
 }
 
-/// toml's parse error quotes the offending line: an unterminated string on the database_url
-/// line puts the password in the startup error.
+/// toml's parse error quotes the offending line (an unterminated string on the database_url
+/// line would put the password in the startup error): only line, column and message are shown.
 #[test]
-fn rev6_toml_syntax_error_does_not_print_secrets() {
+fn toml_syntax_error_does_not_print_secrets() {
     let path = config_file(
         "bad.toml",
         &format!("database_url = \"postgres://app:{PASSWORD}@127.0.0.1:1/db\njwt_secret = \"x\"\n"),
@@ -67,11 +66,11 @@ fn rev6_toml_syntax_error_does_not_print_secrets() {
     );
 }
 
-/// libpq: `sslmode=verify-ca`/`verify-full` without a root certificate file (and no
-/// ~/.postgresql/root.crt) is an error. Here the web PKI roots are used, and under verify-ca the
-/// name is not checked (`AnyName`): any certificate a public CA issued for any domain passes.
+/// libpq: `sslmode=verify-ca`/`verify-full` without a root certificate file is an error. Falling
+/// back to the web PKI roots would let verify-ca (no name check) accept any certificate a public
+/// CA issued for any domain.
 #[test]
-fn rev6_verify_ca_without_root_cert_is_refused() {
+fn verify_ca_without_root_cert_is_refused() {
     let (_, tls) =
         sync_worker::tls::split_database_url("host=127.0.0.1 sslmode=verify-ca").unwrap();
     assert_eq!(tls.root_cert, None);
