@@ -6,6 +6,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Postgres' `statement_timeout` is an int of milliseconds: 2147483647 ms, in whole seconds.
+pub const MAX_STATEMENT_TIMEOUT_SECS: u64 = i32::MAX as u64 / 1000;
+
 #[derive(Parser, Clone)]
 #[command(
     name = "sync_worker",
@@ -53,8 +56,14 @@ pub struct Config {
     /// How long a request waits for a pooled connection when all are busy (then 503).
     #[arg(long, env = "SYNC_DB_WAIT_SECS", default_value_t = 10)]
     pub db_wait_secs: u64,
-    /// `statement_timeout` of the pooled connections, in seconds (0: none).
-    #[arg(long, env = "SYNC_DB_STATEMENT_TIMEOUT_SECS", default_value_t = 30)]
+    /// `statement_timeout` of the pooled connections, in seconds (0: none; at most 2147483,
+    /// Postgres' limit in milliseconds: a larger value would make every connection fail).
+    #[arg(
+        long,
+        env = "SYNC_DB_STATEMENT_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_STATEMENT_TIMEOUT_SECS)
+    )]
     pub db_statement_timeout_secs: u64,
     /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
@@ -158,7 +167,18 @@ fn config_file_arg(args: &[String]) -> Option<PathBuf> {
 /// ignored.
 fn file_settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
     use clap::CommandFactory;
-    let table: toml::Table = text.parse()?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        // toml's Display quotes the offending source line, which may hold a secret (the
+        // database password, the JWT secret): report only where and what.
+        let message = e.message();
+        match e.span() {
+            Some(span) => {
+                let (line, column) = line_column(text, span.start);
+                anyhow::anyhow!("TOML syntax error at line {line}, column {column}: {message}")
+            }
+            None => anyhow::anyhow!("TOML syntax error: {message}"),
+        }
+    })?;
     let cmd = Config::command();
     let mut out = vec![];
     for (key, value) in table {
@@ -175,6 +195,18 @@ fn file_settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
         out.push((key, value));
     }
     Ok(out)
+}
+
+/// 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
 }
 
 impl Config {
@@ -206,7 +238,14 @@ impl Config {
             for (key, value) in settings {
                 // Loaded once per process: clap's defaults are `'static`.
                 let value: &'static str = Box::leak(value.into_boxed_str());
-                cmd = cmd.mut_arg(key, |a| a.default_value(value).required(false));
+                // Hidden from `--help`: the file may hold secrets (the database password, the
+                // JWT secret), and clap prints defaults (`hide_env_values` covers only the
+                // environment).
+                cmd = cmd.mut_arg(key, |a| {
+                    a.default_value(value)
+                        .hide_default_value(true)
+                        .required(false)
+                });
             }
         }
         let matches = cmd.try_get_matches_from(args).unwrap_or_else(|e| e.exit());

@@ -1,6 +1,7 @@
 //! TLS to the database as libpq's `sslmode` says: `require` encrypts without verifying the
-//! certificate (libpq's meaning), `verify-ca` checks its chain against `sslrootcert` (or the
-//! web PKI roots), `verify-full` also the host name; and TLS for `wss://` federation peers:
+//! certificate (libpq's meaning), `verify-ca` checks its chain against `sslrootcert` (required,
+//! as in libpq), `verify-full` also the host name (`sslrootcert=system`: the web PKI roots);
+//! and TLS for `wss://` federation peers:
 //! verified against the web PKI roots and a CA file.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -94,7 +95,7 @@ pub fn peer_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::
 
 /// How a database connection is secured: libpq's `sslmode` values, and the root certificate
 /// file (`sslrootcert`) that `verify-ca` and `verify-full` check the server's chain against
-/// (without one: the web PKI roots).
+/// (required, as in libpq; `system`, for `verify-full` only: the web PKI roots).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DbTls {
     pub mode: SslMode,
@@ -169,7 +170,18 @@ pub fn split_database_url(url: &str) -> Result<(String, DbTls), String> {
         }
         kept.join(" ")
     };
-    let mut mode = mode.unwrap_or(SslMode::Prefer);
+    let system = root_cert.as_deref() == Some(std::path::Path::new(SYSTEM_ROOTS));
+    // libpq (16+): `sslrootcert=system` defaults to `verify-full` and refuses weaker modes:
+    // the web PKI vouches for names, so a chain alone (verify-ca) proves nothing.
+    let mut mode = match mode {
+        None if system => SslMode::VerifyFull,
+        Some(m) if system && m != SslMode::VerifyFull => {
+            return Err(format!(
+                "sslrootcert=system requires sslmode=verify-full (got {m:?})"
+            ))
+        }
+        m => m.unwrap_or(SslMode::Prefer),
+    };
     if mode == SslMode::Require && root_cert.is_some() {
         mode = SslMode::VerifyCa;
     }
@@ -328,17 +340,50 @@ impl DbTls {
                     None => tls,
                 })
             }
-            SslMode::VerifyFull => Some(TlsConfig::verify_full(self.root_cert.clone())),
+            // `system`: pgwire-replication's `None` is the web PKI roots too.
+            SslMode::VerifyFull => Some(TlsConfig::verify_full(
+                self.root_cert
+                    .clone()
+                    .filter(|p| p != std::path::Path::new(SYSTEM_ROOTS)),
+            )),
+        }
+    }
+
+    fn mode_name(&self) -> &'static str {
+        match self.mode {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
         }
     }
 
     fn roots(&self) -> Result<rustls::RootCertStore, String> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
+        // libpq refuses verify-ca/verify-full without a root certificate file: falling back
+        // to the web PKI roots would let verify-ca accept any certificate a public CA issued,
+        // for any domain.
         let Some(path) = &self.root_cert else {
+            return Err(format!(
+                "sslmode={} needs sslrootcert=/path/to/ca.pem (the CA that signed the server's \
+                 certificate){}",
+                self.mode_name(),
+                if self.mode == SslMode::VerifyFull {
+                    ", or sslrootcert=system for the web PKI roots"
+                } else {
+                    ""
+                }
+            ));
+        };
+        if path == std::path::Path::new(SYSTEM_ROOTS) {
+            if self.mode != SslMode::VerifyFull {
+                return Err("sslrootcert=system requires sslmode=verify-full".into());
+            }
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             return Ok(roots);
-        };
+        }
         let fail = |e: &dyn std::fmt::Display| format!("sslrootcert {}: {e}", path.display());
         for cert in CertificateDer::pem_file_iter(path).map_err(|e| fail(&e))? {
             roots
@@ -352,13 +397,35 @@ impl DbTls {
     }
 }
 
+/// `sslrootcert=system`: libpq's spelling for the system's trusted roots (here the web PKI's).
+const SYSTEM_ROOTS: &str = "system";
+
 /// Host dialed -> a DNS name its certificate (verified under `verify-ca`) is valid for.
 /// pgwire-replication 0.5.0's `verify-ca` forgives only rustls' `NotValidForName`, not the
 /// `NotValidForNameContext` that rustls 0.23 reports, so it refuses every name mismatch: the
 /// replication connection is given the name the control connection saw as its TLS server
-/// name (the chain is still verified against the same root certificate).
+/// name (the chain is still verified against the same root certificate). Refreshed by every
+/// control connection: a rotated certificate that names the host removes the entry, one with
+/// other names replaces it.
 static CERT_NAMES: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A DNS name the certificate with these names is valid for: a plain name if it has one, else
+/// a name its wildcard matches (`*.db.example` -> `pg-sync.db.example`), so a wildcard-only
+/// certificate also serves the replication connection.
+fn replication_name<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    let mut wildcard = None;
+    for name in names {
+        match name.strip_prefix("*.") {
+            Some(parent) => {
+                wildcard.get_or_insert_with(|| format!("pg-sync.{parent}"));
+            }
+            None if !name.contains('*') => return Some(name.to_owned()),
+            None => {}
+        }
+    }
+    wildcard
+}
 
 /// `verify-ca`: the chain must verify; the name in the certificate is not checked.
 #[derive(Debug)]
@@ -374,27 +441,32 @@ impl ServerCertVerifier for AnyName {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        let host = server_name.to_str().into_owned();
         match self
             .0
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
         {
+            Ok(ok) => {
+                // The certificate names the host: the replication connection needs no other
+                // name (a stale one from before a rotation would be refused).
+                CERT_NAMES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&host);
+                Ok(ok)
+            }
             Err(rustls::Error::InvalidCertificate(
                 NotValidForName | NotValidForNameContext { .. },
             )) => {
                 // The chain verified (webpki checks it before the name).
-                if let Some(name) = webpki::EndEntityCert::try_from(end_entity)
+                let name = webpki::EndEntityCert::try_from(end_entity)
                     .ok()
-                    .and_then(|c| {
-                        c.valid_dns_names()
-                            .find(|n| !n.starts_with('*'))
-                            .map(str::to_owned)
-                    })
-                {
-                    CERT_NAMES
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(server_name.to_str().into_owned(), name);
-                }
+                    .and_then(|c| replication_name(c.valid_dns_names()));
+                let mut names = CERT_NAMES.lock().unwrap_or_else(|p| p.into_inner());
+                match name {
+                    Some(name) => names.insert(host, name),
+                    None => names.remove(&host),
+                };
                 Ok(ServerCertVerified::assertion())
             }
             other => other,
@@ -455,5 +527,37 @@ mod tests {
         let (_, tls) = split_database_url("host=h sslmode=require sslrootcert=/c").unwrap();
         assert_eq!(tls.mode, SslMode::VerifyCa);
         assert!(split_database_url("host=h sslmode=verify").is_err());
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_only() {
+        let (_, tls) = split_database_url("host=h sslrootcert=system").unwrap();
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        assert!(tls.client_config().unwrap().is_some());
+        let (_, tls) = split_database_url("host=h sslmode=verify-full sslrootcert=system").unwrap();
+        assert!(tls.client_config().unwrap().is_some());
+        for weak in ["verify-ca", "require", "prefer", "disable"] {
+            assert!(
+                split_database_url(&format!("host=h sslmode={weak} sslrootcert=system")).is_err(),
+                "{weak}"
+            );
+        }
+        let (_, tls) = split_database_url("host=h sslmode=verify-full").unwrap();
+        let err = tls.client_config().unwrap_err();
+        assert!(err.contains("sslrootcert"), "{err}");
+    }
+
+    #[test]
+    fn the_replication_name_prefers_a_plain_name_then_a_wildcard_match() {
+        let name = |n: &[&str]| replication_name(n.iter().copied());
+        assert_eq!(
+            name(&["*.db.invalid", "db.invalid"]).as_deref(),
+            Some("db.invalid")
+        );
+        assert_eq!(
+            name(&["*.db.invalid"]).as_deref(),
+            Some("pg-sync.db.invalid")
+        );
+        assert_eq!(name(&[]), None);
     }
 }

@@ -4704,3 +4704,320 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
     worker.kill9();
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// rev6: `/sync/bootstrap` holds a pooled API connection (`control`) idle for the whole fence
+/// wait (`consistent_point`, up to FENCE_TIMEOUT = 10 s per attempt) while the sequencer lags
+/// (here: stalled by a lock on its log; in production: a large transaction being sequenced).
+/// SYNC_MAX_BOOTSTRAPS (16) > SYNC_DB_CONNECTIONS (8): a few bootstraps during a lag take every
+/// pooled connection, and other users' short requests wait SYNC_DB_WAIT_SECS and get 503.
+/// Expected: another user's /sync/deltas is answered while bootstraps wait for the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_bootstraps_waiting_for_the_fence_do_not_starve_the_pool() {
+    rev6_fence_case("rev6_fence_pool", &["alice", "carol"]).await;
+}
+
+/// Control for the test above: with no bootstrap waiting, the same /sync/deltas is
+/// answered at once while the sequencer is stalled (so the pool, not the lock, is the cause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_control_deltas_answered_while_the_sequencer_is_stalled() {
+    rev6_fence_case("rev6_fence_ctl", &[]).await;
+}
+
+async fn rev6_fence_case(name: &str, users: &[&'static str]) {
+    let (cluster, mut db) = app_cluster(name);
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    // Readers pass (EXCLUSIVE conflicts only with writers): the sequencer blocks on its next
+    // write of the log.
+    let mut locker: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    exec(
+        &mut locker,
+        "BEGIN; LOCK TABLE pg_sync.commit_order IN EXCLUSIVE MODE",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'x', 'p1')");
+    let mut bootstraps = vec![];
+    for &user in users {
+        bootstraps.push(tokio::spawn(async move {
+            http_get_with(port, "/sync/bootstrap", &bearer(user)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = Instant::now();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+    )
+    .await;
+    let waited = t.elapsed();
+    exec(&mut locker, "ROLLBACK");
+    for b in bootstraps {
+        let (status, _) = b.await.unwrap();
+        eprintln!("rev6: bootstrap answered {status}");
+    }
+    tokio::task::block_in_place(|| drop((db, locker)));
+    let (status, body) = answered.unwrap_or_else(|_| {
+        panic!("/sync/deltas not answered in {waited:?}: the bootstraps' fence waits hold the pool")
+    });
+    assert_eq!(status, 200, "after {waited:?}: {body}");
+}
+
+/// rev6: pooled connections whose backends were terminated (a failover, an operator's
+/// pg_terminate_backend, idle_session_timeout) must not fail the next requests: deadpool's
+/// `RecyclingMethod::Fast` only checks `is_closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_terminated_pooled_connections_are_not_handed_out() {
+    let (cluster, mut db) = app_cluster("rev6_pool_stale");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+    let port = worker.port;
+    for _ in 0..2 {
+        let (status, body) = http_get_with(port, "/sync/deltas?after=0", &bearer("bob")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    exec(
+        &mut db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+            AND datname = 'app' AND state = 'idle' AND query NOT LIKE '%pg_sync_fence%'",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answers = vec![];
+    for _ in 0..3 {
+        answers.push(http_get_with(port, "/sync/deltas?after=0", &bearer("bob")).await);
+    }
+    tokio::task::block_in_place(|| drop(db));
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// Under `verify-ca` the replication connection is given a DNS name from the server's
+/// certificate (tls.rs `CERT_NAMES`; pgwire-replication's verify-ca checks the name). A
+/// certificate whose only name is a wildcard (`*.db.invalid`, common for managed databases
+/// reached by IP or an alias) gives a name the wildcard matches, so the worker streams
+/// (review rev6 D6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_ca_with_a_wildcard_only_certificate_streams() {
+    verify_ca_wildcard_case("rev6_wild", "DNS:*.db.invalid").await;
+}
+
+/// Control for the test above: the same set-up with a certificate that also has a
+/// non-wildcard name streams (so the wildcard-only name is the cause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_ca_with_a_plain_and_a_wildcard_name_streams() {
+    verify_ca_wildcard_case("rev6_wild_ctl", "DNS:*.db.invalid,DNS:db.invalid").await;
+}
+
+async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start_with(name, &["ssl = on"], |data| {
+            server_pki(data);
+            std::fs::write(
+                data.join("ext.cnf"),
+                format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+            )
+            .unwrap();
+            openssl(
+                data,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
+                ],
+            );
+        })
+    });
+    let db = setup(&cluster, "app");
+    let data = cluster.data();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
+        cluster.port,
+        data.join("ca.pem").display()
+    );
+    let client = sync_worker::db::connect(&url)
+        .await
+        .expect("the control connection accepts the CA's wildcard certificate under verify-ca");
+    drop(client);
+    let mut worker = Worker::start_with(&cluster, "app", free_port(), &[("DATABASE_URL", &url)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut healthy = false;
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = http_get(worker.port, "/healthz").await {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+    assert!(
+        healthy,
+        "verify-ca: the worker never became healthy (replication refused)"
+    );
+}
+
+/// rev6: a client that goes away while its `/sync/mutate` waits (here on a row lock) drops the
+/// handler; the pooled connection goes back to the pool with the mutate_as statement still
+/// running on it (deadpool's Fast recycling checks only `is_closed`), and the next user's
+/// query is pipelined behind it: it waits for the lock or SYNC_DB_STATEMENT_TIMEOUT_SECS. The
+/// exclusive checkout the pool was introduced for is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
+    let (cluster, mut db) = app_cluster("rev6_abandon");
+    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "1")]).await;
+    let port = worker.port;
+    let mut locker = tokio::task::block_in_place(|| {
+        let mut c = cluster.connect("app");
+        c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
+            .unwrap();
+        c
+    });
+    let body = json!({"clientId": "laptop", "transactions": [
+        {"clientTxId": "00000000-0000-4000-8000-000000000001",
+         "ops": [{"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}]}
+    ]});
+    let stuck = tokio::spawn(async move {
+        http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!stuck.is_finished(), "the mutate waits for the row lock");
+    // The client gives up: its socket is closed.
+    stuck.abort();
+    let _ = stuck.await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    let pool: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pg_sync_db_pool"))
+        .collect();
+    eprintln!("rev6: after the client left: {pool:?}");
+    let t = Instant::now();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_get_with(port, "/sync/deltas?after=0", &bearer("bob")),
+    )
+    .await;
+    let waited = t.elapsed();
+    tokio::task::block_in_place(|| locker.batch_execute("ROLLBACK").unwrap());
+    tokio::task::block_in_place(|| drop((db, locker)));
+    let (status, text) = answered.unwrap_or_else(|_| {
+        panic!("/sync/deltas not answered in {waited:?}: queued behind the abandoned mutate")
+    });
+    assert_eq!(status, 200, "{text}");
+}
+
+/// tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication connection's
+/// SNI under verify-ca) is refreshed by every control connection. After the server's
+/// certificate is rotated to one valid for the host dialed (here an IP SAN), the stale name is
+/// dropped, so the replication reconnect (which the new certificate would refuse under the old
+/// name) succeeds and streaming goes on (review rev6 D7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_ca_survives_a_certificate_rotation() {
+    verify_ca_rotation_case("rev6_rotate", "IP:127.0.0.1").await;
+}
+
+/// Control for the test above: a rotation to a certificate that still does not name the
+/// host (so the map is rewritten) streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_ca_rotation_to_another_name_streams() {
+    verify_ca_rotation_case("rev6_rotate_ctl", "DNS:db2.invalid").await;
+}
+
+async fn verify_ca_rotation_case(name: &str, san: &str) {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start_with(name, &["ssl = on"], server_pki));
+    let mut db = setup(&cluster, "app");
+    let data = cluster.data();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
+        cluster.port,
+        data.join("ca.pem").display()
+    );
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("DATABASE_URL", &url)]);
+    worker.wait_healthy().await;
+    let mut ws = connect(worker.port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'before', 'p1')");
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+    // Rotation: the new certificate (same CA) names the address dialed.
+    std::fs::write(
+        data.join("ext.cnf"),
+        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        &data,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    exec(&mut db, "SELECT pg_reload_conf()");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    exec(
+        &mut db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication",
+    );
+    exec(&mut db, "INSERT INTO todos VALUES (2, 'after', 'p1')");
+    let got = summary(&collect(&mut ws, |g| !g.is_empty()).await);
+    tokio::task::block_in_place(|| drop(db));
+    assert_eq!(got, ["todos:I:2"], "nothing streamed after the rotation");
+}
+
+/// SYNC_DB_STATEMENT_TIMEOUT_SECS above 2147483 s would put the `-c statement_timeout=<ms>`
+/// startup option out of Postgres' range: every pooled connection refused while the worker
+/// reports healthy and every API request answers 503. The value is refused at startup (review
+/// rev6 D8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_range_statement_timeout_is_refused_at_startup() {
+    let (cluster, db) = app_cluster("rev6_stmt_range");
+    let mut worker = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("SYNC_DB_STATEMENT_TIMEOUT_SECS", "3000000")],
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let healthy = matches!(http_get(worker.port, "/healthz").await, Ok((200, _)));
+    let deltas = if healthy {
+        Some(http_get_with(worker.port, "/sync/deltas?after=0", &bearer("bob")).await)
+    } else {
+        None
+    };
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+    eprintln!("statement timeout out of range: healthy {healthy}, /sync/deltas {deltas:?}");
+    assert!(
+        !healthy || deltas.is_some_and(|(s, _)| s == 200),
+        "healthy, yet the API cannot get a database connection"
+    );
+}
