@@ -76,12 +76,20 @@ pub async fn serve(
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
         unknown_keys: Default::default(),
         shape: Default::default(),
+        sessions: Default::default(),
     });
     if app.cfg.retention != "off" || app.cfg.retention_max_actions > 0 {
         tokio::spawn(compaction(app.clone(), shutdown.clone()));
     }
     tokio::spawn(federation::link::run(app.clone(), shutdown.clone()));
+    let sessions = app.sessions.clone();
     let server = accept(listener, api::router(app), shutdown.clone());
+    // The HTTP connections, then the WebSocket sessions they upgraded to.
+    let server = async move {
+        server.await;
+        sessions.close();
+        sessions.wait().await;
+    };
     // Connections get DRAIN_TIMEOUT to finish after shutdown begins (a client that stopped
     // reading a response must not hold the worker up); then they are dropped.
     let mut deadline = shutdown.clone();

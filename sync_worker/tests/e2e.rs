@@ -3178,6 +3178,31 @@ async fn backlog_rows_reach_peers_by_the_mode_they_were_written_under() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A WebSocket session outlives its HTTP connection's task (it was upgraded): the drain at
+/// SIGTERM waits for it, so its close frame ("resume after N") goes out even when the session
+/// is slow to send it. Before, the worker could exit first and the client got a bare EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_websocket_sessions_to_say_where_to_resume() {
+    let (cluster, mut db) = app_cluster("ws_drain_sessions");
+    let mut worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "slow_shutdown_close")],
+    )
+    .await;
+    let mut alice = connect(worker.port, "alice").await;
+    subscribe(&mut alice, 0).await;
+    exec(&mut db, "INSERT INTO announcements VALUES (1, 'one')");
+    let got = collect(&mut alice, |g| !g.is_empty()).await;
+    assert_eq!(summary(&got), ["announcements:I:1"]);
+    let status = tokio::task::block_in_place(|| worker.terminate());
+    assert_eq!(status, Some(0), "a clean exit after SIGTERM");
+    let (code, reason) = close_frame(&mut alice).await.expect("a close frame");
+    assert_eq!(code, 1001);
+    assert!(reason.contains("resume after 1"), "{reason}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires() {
     let (cluster, db) = app_cluster("ws_token_exp");

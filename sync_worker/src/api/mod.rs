@@ -36,6 +36,9 @@ pub struct App {
     pub unknown_keys: crate::auth::UnknownKeys,
     /// `/v1/shape`'s own connections.
     pub shape: shape::Shared,
+    /// Upgraded WebSocket sessions: they outlive their HTTP connection's task, so the drain at
+    /// shutdown waits for them here (each sends its close frame, "resume after N").
+    pub sessions: tokio_util::task::TaskTracker,
 }
 
 /// What the client API has done, for `/metrics`.

@@ -42,7 +42,14 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| session(app, user, key, expires, socket))
+        .on_upgrade(move |socket| {
+            // Counted until the session ends: a shutdown waits for its close frame.
+            let open = app.sessions.token();
+            async move {
+                session(app, user, key, expires, socket).await;
+                drop(open);
+            }
+        })
 }
 
 #[derive(Deserialize)]
@@ -426,6 +433,9 @@ async fn session(
                 }
             }
             _ = &mut shutdown => {
+                if crate::failpoint::fire("slow_shutdown_close") {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 close_with(&mut socket, close::GOING_AWAY, format!("server shutting down; resume after {position}")).await;
                 break;
             }
