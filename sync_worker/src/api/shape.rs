@@ -563,7 +563,8 @@ async fn resolve(app: &App, user: &str, p: &Params) -> Result<Shape, Refusal> {
         unavailable("database unavailable; retry")
     };
     let db = app.db.get().await.map_err(|e| unavailable(e.to_string()))?;
-    let model = Model::load(&db, &p.table)
+    let model = db
+        .track(Model::load(&db, &p.table))
         .await
         .map_err(unavailable)?
         .ok_or_else(|| {
