@@ -113,7 +113,7 @@ pub struct Conn {
 #[derive(Clone)]
 enum Canceller {
     Plain,
-    Tls(rustls::ClientConfig),
+    Tls(std::sync::Arc<rustls::ClientConfig>),
 }
 
 impl Canceller {
@@ -121,7 +121,7 @@ impl Canceller {
         let done = match self {
             Canceller::Plain => token.cancel_query(tokio_postgres::NoTls).await,
             Canceller::Tls(tls) => {
-                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
                 token.cancel_query(tls).await
             }
         };
@@ -274,7 +274,7 @@ impl Db {
         };
         let cancel = match &target.rustls {
             None => Canceller::Plain,
-            Some(tls) => Canceller::Tls(tls.clone()),
+            Some(tls) => Canceller::Tls(std::sync::Arc::new(tls.clone())),
         };
         let manager = match target.rustls {
             None => deadpool_postgres::Manager::from_config(
