@@ -4810,6 +4810,17 @@ async fn an_abandoned_mutate_does_not_hold_up_the_next_user() {
         .filter(|l| l.starts_with("pg_sync_db_pool"))
         .collect();
     eprintln!("rev6: after the client left: {pool:?}");
+    // The abandoned statement was cancelled, not just left running on a discarded
+    // connection (it would keep its backend waiting on the lock).
+    let running: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE state = 'active' AND query LIKE '%mutate_as%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
     let t = Instant::now();
     let answered = tokio::time::timeout(
         Duration::from_secs(5),
@@ -4823,6 +4834,7 @@ async fn an_abandoned_mutate_does_not_hold_up_the_next_user() {
         panic!("/sync/deltas not answered in {waited:?}: queued behind the abandoned mutate")
     });
     assert_eq!(status, 200, "{text}");
+    assert_eq!(running, 0, "the abandoned mutate's statement still ran");
 }
 
 /// rev6: tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication
