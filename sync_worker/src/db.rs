@@ -6,8 +6,11 @@
 //! on a shared pipeline; compaction, bootstrap snapshots and federation links open their own.
 
 use crate::tls::DbTls;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement, ToStatement};
 
 /// How long a connection attempt may take when the URL sets no `connect_timeout`: an
 /// unreachable database must fail a request, not hang it.
@@ -94,8 +97,135 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// A pooled connection, returned to the pool when dropped.
-pub type Conn = deadpool_postgres::Object;
+/// A pooled connection, returned to the pool when dropped, unless it is dropped with a
+/// statement still in flight (the request was cancelled: its client went away). Fast
+/// recycling checks only `is_closed`, so such a connection would go back with the statement
+/// running, and the next user's query would queue behind it until the lock or statement
+/// timeout. Instead the running statement is cancelled and the connection discarded.
+/// Queries made through `Conn`'s own methods, or inside `Conn::track`, are counted.
+pub struct Conn {
+    obj: Option<deadpool_postgres::Object>,
+    in_flight: AtomicUsize,
+    cancel: Canceller,
+}
+
+/// How to reach the server for a cancel request (with the pool's TLS).
+#[derive(Clone)]
+enum Canceller {
+    Plain,
+    Tls(std::sync::Arc<rustls::ClientConfig>),
+}
+
+impl Canceller {
+    async fn cancel(self, token: tokio_postgres::CancelToken) {
+        let done = match self {
+            Canceller::Plain => token.cancel_query(tokio_postgres::NoTls).await,
+            Canceller::Tls(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                token.cancel_query(tls).await
+            }
+        };
+        if let Err(e) = done {
+            tracing::debug!(error = %db_text(&e), "cancelling an abandoned statement failed");
+        }
+    }
+}
+
+/// Decrements the in-flight count only when the query completes (not when it is dropped).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn start(n: &'a AtomicUsize) -> InFlight<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n)
+    }
+    fn done(self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Conn {
+    fn object(&self) -> &deadpool_postgres::Object {
+        self.obj
+            .as_ref()
+            .expect("a Conn holds its object until dropped")
+    }
+
+    /// Runs `work` (queries on this connection through a `&Client`) counted as in flight:
+    /// if it is dropped before completing, the connection is not reused.
+    pub async fn track<F: Future>(&self, work: F) -> F::Output {
+        let guard = InFlight::start(&self.in_flight);
+        let out = work.await;
+        guard.done();
+        out
+    }
+
+    pub async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.track(self.object().query(statement, params)).await
+    }
+
+    pub async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        self.track(self.object().query_one(statement, params)).await
+    }
+
+    pub async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        self.track(self.object().query_opt(statement, params)).await
+    }
+
+    pub async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        self.track(self.object().execute(statement, params)).await
+    }
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.track(self.object().batch_execute(sql)).await
+    }
+
+    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        self.track(self.object().prepare_cached(sql)).await
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &deadpool_postgres::Object {
+        self.object()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(obj) = self.obj.take() else { return };
+        if *self.in_flight.get_mut() == 0 || obj.is_closed() {
+            return; // back to the pool (a closed one is discarded by recycling)
+        }
+        // Abandoned mid-statement: cancel it so its locks and backend are freed, and keep the
+        // connection out of the pool (it would answer the abandoned statement first).
+        let token = obj.cancel_token();
+        drop(deadpool_postgres::Object::take(obj));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(self.cancel.clone().cancel(token));
+            }
+            Err(_) => tracing::debug!("no runtime to cancel an abandoned statement"),
+        }
+    }
+}
 
 /// `pg_sync.mutate_as(user, client_id, client_tx_id, ops)`, prepared once per connection.
 pub async fn mutate_statement(conn: &Conn) -> Result<Statement, tokio_postgres::Error> {
@@ -110,6 +240,7 @@ pub struct PoolError(String);
 
 pub struct Db {
     pool: deadpool_postgres::Pool,
+    cancel: Canceller,
 }
 
 /// Limits of the API pool (`SYNC_DB_*`).
@@ -141,6 +272,10 @@ impl Db {
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
+        let cancel = match &target.rustls {
+            None => Canceller::Plain,
+            Some(tls) => Canceller::Tls(std::sync::Arc::new(tls.clone())),
+        };
         let manager = match target.rustls {
             None => deadpool_postgres::Manager::from_config(
                 target.config,
@@ -160,16 +295,21 @@ impl Db {
             .wait_timeout(Some(limits.wait))
             .build()
             .map_err(|e| ConnectError::Url(e.to_string()))?;
-        Ok(Db { pool })
+        Ok(Db { pool, cancel })
     }
 
     pub async fn get(&self) -> Result<Conn, PoolError> {
-        self.pool.get().await.map_err(|e| {
+        let obj = self.pool.get().await.map_err(|e| {
             // The cause (timeout, refused, authentication) without the URL.
             PoolError(match e {
                 deadpool_postgres::PoolError::Backend(e) => db_text(&e),
                 other => other.to_string(),
             })
+        })?;
+        Ok(Conn {
+            obj: Some(obj),
+            in_flight: AtomicUsize::new(0),
+            cancel: self.cancel.clone(),
         })
     }
 

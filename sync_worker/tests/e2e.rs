@@ -4737,18 +4737,18 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
 /// pooled connection, and other users' short requests wait SYNC_DB_WAIT_SECS and get 503.
 /// Expected: another user's /sync/deltas is answered while bootstraps wait for the fence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_bootstraps_waiting_for_the_fence_do_not_starve_the_pool() {
-    rev6_fence_case("rev6_fence_pool", &["alice", "carol"]).await;
+async fn bootstraps_waiting_for_the_fence_do_not_starve_the_pool() {
+    fence_case("rev6_fence_pool", &["alice", "carol"]).await;
 }
 
 /// Control for the test above: with no bootstrap waiting, the same /sync/deltas is
 /// answered at once while the sequencer is stalled (so the pool, not the lock, is the cause).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_control_deltas_answered_while_the_sequencer_is_stalled() {
-    rev6_fence_case("rev6_fence_ctl", &[]).await;
+async fn control_deltas_answered_while_the_sequencer_is_stalled() {
+    fence_case("rev6_fence_ctl", &[]).await;
 }
 
-async fn rev6_fence_case(name: &str, users: &[&'static str]) {
+async fn fence_case(name: &str, users: &[&'static str]) {
     let (cluster, mut db) = app_cluster(name);
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
     let port = worker.port;
@@ -4899,7 +4899,7 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
 /// query is pipelined behind it: it waits for the lock or SYNC_DB_STATEMENT_TIMEOUT_SECS. The
 /// exclusive checkout the pool was introduced for is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
+async fn an_abandoned_mutate_does_not_hold_up_the_next_user() {
     let (cluster, mut db) = app_cluster("rev6_abandon");
     exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "1")]).await;
@@ -4929,6 +4929,17 @@ async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
         .filter(|l| l.starts_with("pg_sync_db_pool"))
         .collect();
     eprintln!("rev6: after the client left: {pool:?}");
+    // The abandoned statement was cancelled, not just left running on a discarded
+    // connection (it would keep its backend waiting on the lock).
+    let running: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE state = 'active' AND query LIKE '%mutate_as%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
     let t = Instant::now();
     let answered = tokio::time::timeout(
         Duration::from_secs(5),
@@ -4942,6 +4953,7 @@ async fn rev6_an_abandoned_mutate_does_not_hold_up_the_next_user() {
         panic!("/sync/deltas not answered in {waited:?}: queued behind the abandoned mutate")
     });
     assert_eq!(status, 200, "{text}");
+    assert_eq!(running, 0, "the abandoned mutate's statement still ran");
 }
 
 /// tls.rs `CERT_NAMES` (host -> a name from the certificate, for the replication connection's

@@ -217,11 +217,13 @@ pub async fn bootstrap(
             Err(refused) => refused.into_response(),
         };
     }
+    // Not held through the attempts: consistent_point takes its own for each query.
+    drop(control);
     for _ in 0..ATTEMPTS {
         let Ok(snap) = sequencer::connect(&app.cfg.database_url).await else {
             return unavailable();
         };
-        match consistent_point(&app, &control, &snap).await {
+        match consistent_point(&app, &snap).await {
             Ok(Some(through)) => {
                 return stream(app.clone(), permit, user, watch, req, snap, through).await
             }
@@ -277,9 +279,11 @@ async fn resume_point(
 }
 
 /// Opens the snapshot on `snap` and returns its sync id, or `None` to try again.
+/// The fence and the log read each take a pooled connection just for their query: none is
+/// held through the fence wait (up to FENCE_TIMEOUT while the sequencer lags), or a few
+/// bootstraps would take the whole pool from other users' short requests.
 pub(super) async fn consistent_point(
     app: &App,
-    control: &tokio_postgres::Client,
     snap: &tokio_postgres::Client,
 ) -> Result<Option<i64>, String> {
     let e = |e: tokio_postgres::Error| e.to_string();
@@ -292,7 +296,11 @@ pub(super) async fn consistent_point(
         .await
         .map_err(e)?;
     let (snapshot, xmin): (String, String) = (row.get(0), row.get(1));
-    let fence: String = control
+    let fence: String = app
+        .db
+        .get()
+        .await
+        .map_err(|e| e.to_string())?
         .query_one(
             "SELECT pg_logical_emit_message(false, 'pg_sync_fence', '')::text",
             &[],
@@ -312,7 +320,11 @@ pub(super) async fn consistent_point(
     }
     // Xids from 2^62 up are restored ones the extension moved out of this cluster's range
     // (xid_guard.rs): committed history, though no snapshot calls them visible.
-    let row = control
+    let row = app
+        .db
+        .get()
+        .await
+        .map_err(|e| e.to_string())?
         .query_one(
             "WITH c AS (
                SELECT xid, first_sync_id, first_sync_id + action_count - 1 AS last_id

@@ -84,7 +84,7 @@ pub async fn deltas(
             "database unavailable; retry",
         );
     };
-    let horizon = match stream::horizon(&db).await {
+    let horizon = match db.track(stream::horizon(&db)).await {
         Ok(h) => h,
         Err(_) => {
             return error(
@@ -101,7 +101,10 @@ pub async fn deltas(
             &stream::compacted(horizon),
         );
     }
-    let joins = match stream::joins(&db, &user, after.max(horizon), through).await {
+    let joins = match db
+        .track(stream::joins(&db, &user, after.max(horizon), through))
+        .await
+    {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(error = %e, "membership read failed");
@@ -116,7 +119,16 @@ pub async fn deltas(
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
         let span = sequencer::page_span(cursor, through, PAGE_SPAN);
-        let page = match sequencer::changes(&db, cursor, Some(&groups), span, Some(&user)).await {
+        let page = match db
+            .track(sequencer::changes(
+                &db,
+                cursor,
+                Some(&groups),
+                span,
+                Some(&user),
+            ))
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "deltas read failed");
@@ -140,7 +152,7 @@ pub async fn deltas(
         cursor += i64::from(span);
     }
     // Read after the pages: a compaction that took rows from them is seen (never a gap).
-    match stream::horizon(&db).await {
+    match db.track(stream::horizon(&db)).await {
         Ok(now) if now > after.max(horizon) => {
             return error(StatusCode::GONE, "resync_required", &stream::compacted(now))
         }

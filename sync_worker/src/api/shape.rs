@@ -563,7 +563,8 @@ async fn resolve(app: &App, user: &str, p: &Params) -> Result<Shape, Refusal> {
         unavailable("database unavailable; retry")
     };
     let db = app.db.get().await.map_err(|e| unavailable(e.to_string()))?;
-    let model = Model::load(&db, &p.table)
+    let model = db
+        .track(Model::load(&db, &p.table))
         .await
         .map_err(unavailable)?
         .ok_or_else(|| {
@@ -1231,10 +1232,8 @@ async fn snapshot(app: Arc<App>, shape: Shape) -> Response {
         tracing::warn!(error = %e, "shape snapshot failed");
         unavailable("cannot take a consistent snapshot now; retry").into_response()
     };
-    let control = match app.db.get().await {
-        Ok(c) => c,
-        Err(e) => return failed(e.to_string()),
-    };
+    // No pooled connection is held here: consistent_point takes one per query, never across
+    // its fence wait.
     for _ in 0..ATTEMPTS {
         let snap = match sequencer::connect(&app.cfg.database_url).await {
             Ok(s) => s,
@@ -1243,9 +1242,8 @@ async fn snapshot(app: Arc<App>, shape: Shape) -> Response {
         if let Err(e) = snap.batch_execute(SETTINGS).await {
             return failed(e.to_string());
         }
-        match bootstrap::consistent_point(&app, &control, &snap).await {
+        match bootstrap::consistent_point(&app, &snap).await {
             Ok(Some(w)) => {
-                drop(control);
                 let (handle, session) =
                     stream_snapshot(app.clone(), permit, shape.clone(), snap, w);
                 return take_chunk(&app, &shape, &handle, &session, 0).await;

@@ -184,7 +184,7 @@ impl<'a> Replay<'a> {
     ) -> Result<Replay<'a>, ReplayError> {
         let through = app.hub.watermark().ok_or(ReplayError::NotReady)?;
         let db = pooled(app).await?;
-        let horizon = horizon(&db).await?;
+        let horizon = db.track(horizon(&db)).await?;
         drop(db);
         if after > 0 && after < horizon {
             return Err(ReplayError::Expired(horizon));
@@ -219,7 +219,8 @@ impl<'a> Replay<'a> {
                 let db = pooled(self.app).await?;
                 let upto = self.through.max(groups_at);
                 if self.joins_upto < upto {
-                    let more = joins(&db, self.user, self.joins_upto, upto)
+                    let more = db
+                        .track(joins(&db, self.user, self.joins_upto, upto))
                         .await
                         .map_err(|e| ReplayError::Db(e.to_string()))?;
                     for (g, at) in more {
@@ -229,16 +230,22 @@ impl<'a> Replay<'a> {
                     self.joins_upto = upto;
                 }
                 let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
-                let mut page =
-                    sequencer::changes(&db, self.cursor, Some(&groups), span, Some(self.user))
-                        .await
-                        .map_err(|e| ReplayError::Db(e.to_string()))?;
+                let mut page = db
+                    .track(sequencer::changes(
+                        &db,
+                        self.cursor,
+                        Some(&groups),
+                        span,
+                        Some(self.user),
+                    ))
+                    .await
+                    .map_err(|e| ReplayError::Db(e.to_string()))?;
                 // Membership changes come in order with the deltas, each user's own only.
                 page.retain(|d| visible(d, self.user, &self.joins));
                 // Compaction may have passed the cursor: never serve a gap. The horizon is read
                 // after the page, so a compaction that committed before the page was read (and
                 // took rows from it) is seen.
-                let horizon = horizon(&db).await?;
+                let horizon = db.track(horizon(&db)).await?;
                 if horizon > self.cursor {
                     return Err(ReplayError::Expired(horizon));
                 }
