@@ -4791,7 +4791,7 @@ async fn fence_case(name: &str, users: &[&'static str]) {
 /// pg_terminate_backend, idle_session_timeout) must not fail the next requests: deadpool's
 /// `RecyclingMethod::Fast` only checks `is_closed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev6_terminated_pooled_connections_are_not_handed_out() {
+async fn terminated_pooled_connections_are_not_handed_out() {
     let (cluster, mut db) = app_cluster("rev6_pool_stale");
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
     let port = worker.port;
