@@ -199,16 +199,24 @@ fn observe_stored(clock: &ClockShared) {
     let bound = format!("{:016x}", limit());
     let stored = owner::as_owner(|| {
         owner::with_fixed_search_path(|| {
-            Spi::get_two_with_args::<String, bool>(
-                "WITH v(version) AS (
+            // A read-only statement: `Spi::get_two_with_args` would assign a transaction id,
+            // which a standby cannot (the clock is asked there too, e.g. `hlc_now()`).
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "WITH v(version) AS (
                    SELECT a.version FROM pg_sync.sync_actions a
                    UNION ALL SELECT s.max_version FROM pg_sync.row_state s)
                  SELECT pg_catalog.max(v.version COLLATE \"C\")
                           FILTER (WHERE pg_catalog.left(v.version, 16) COLLATE \"C\" <= $1),
                         pg_catalog.bool_or(pg_catalog.left(v.version, 16) COLLATE \"C\" > $1)
                    FROM v",
-                &[bound.as_str().into()],
-            )
+                        Some(1),
+                        &[bound.as_str().into()],
+                    )?
+                    .first()
+                    .get_two::<String, bool>()
+            })
         })
     })
     .unwrap_or((None, None));

@@ -1,7 +1,7 @@
 //! pg_dump / pg_restore of a database using pg_sync into a fresh database of another cluster:
 //! data, registry, log, horizon and sync-id counter come back intact, captured writes keep
 //! working, and the restored node's clock, even stepped an hour back, mints versions above every
-//! restored one.
+//! restored one. The same for a standby promoted after failover.
 
 use pg_sync_tests::postgres::Client;
 use pg_sync_tests::Cluster;
@@ -393,4 +393,103 @@ fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
         (total, total),
         "changes() lists every action once"
     );
+}
+
+/// The highest HLC stored in the log and the row state.
+fn max_stored_hlc(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT max(pg_sync.version_hlc(v)) FROM (SELECT version FROM pg_sync.sync_actions
+          UNION ALL SELECT max_version FROM pg_sync.row_state) s(v)",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The version of the newest action in the log.
+fn last_action_hlc(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT pg_sync.version_hlc(version) FROM pg_sync.sync_actions ORDER BY id DESC LIMIT 1",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Failover (the same recovery end as a point-in-time recovery): a standby's copy of the clock's
+/// high-water mark is as old as its base backup, so the versions it replayed since are above
+/// it. Promoted, with its wall clock an hour behind, it must still mint above all of them, in
+/// a session that was already open (and asked the clock) while it was a standby and in a new
+/// one.
+#[test]
+fn a_promoted_standby_mints_versions_above_everything_it_replayed() {
+    let skew = "pg_sync.max_clock_skew = '3h'";
+    let primary = Cluster::start("failover_primary", &[skew]);
+    let mut p = primary.create_db("fo");
+    p.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         SELECT pg_sync.register_table('items');
+         INSERT INTO items SELECT g, 'before' FROM generate_series(1, 10) g;",
+    )
+    .unwrap();
+    let standby = Cluster::standby_of(
+        &primary,
+        "failover_standby",
+        &[skew, "pg_sync.test_clock_offset = '-1h'"],
+    );
+    let mut early = standby.connect("fo");
+    let in_recovery: bool = early
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .unwrap()
+        .get(0);
+    assert!(in_recovery);
+    // The clock, asked on the standby, observes what the standby holds so far.
+    let asked: i64 = early
+        .query_one("SELECT pg_sync.hlc_now()", &[])
+        .unwrap()
+        .get(0);
+    // The primary writes on after the backup with its clock half an hour ahead: versions above
+    // the mark the standby copied, and above what the early session observed.
+    p.batch_execute(
+        "SET pg_sync.test_clock_offset = '30min';
+         UPDATE items SET v = 'after';
+         INSERT INTO items VALUES (11, 'after');",
+    )
+    .unwrap();
+    let primary_max = max_stored_hlc(&mut p);
+    assert!(primary_max > asked);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let replayed: i64 = early
+            .query_one("SELECT count(*) FROM items WHERE v = 'after'", &[])
+            .unwrap()
+            .get(0);
+        if replayed == 11 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby did not replay"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(max_stored_hlc(&mut early), primary_max);
+    drop(p);
+    primary.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    standby.pg_ctl(&["promote", "-w", "-t", "60"]);
+
+    // New keys: a write to a row with state would be re-minted above that row's version anyway.
+    early
+        .batch_execute("INSERT INTO items VALUES (20, 'promoted')")
+        .unwrap();
+    let first = last_action_hlc(&mut early);
+    assert!(
+        first > primary_max,
+        "a version minted after promotion ({first}) is not above the replayed ones ({primary_max})"
+    );
+    let mut late = standby.connect("fo");
+    late.batch_execute("INSERT INTO items VALUES (12, 'promoted')")
+        .unwrap();
+    let second = last_action_hlc(&mut late);
+    assert!(second > first);
 }

@@ -121,6 +121,63 @@ impl Cluster {
         cluster
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R`, which also copies the primary's
+    /// files such as pg_sync's clock mark), started with `extra` settings; promote it with
+    /// `pg_ctl(&["promote", "-w"])`.
+    pub fn standby_of(primary: &Cluster, name: &str, extra: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "pg_sync_test_{name}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            bindir: pg_bindir(),
+        };
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.dir)
+                .status();
+            assert!(
+                ok.map(|s| s.success()).unwrap_or(false),
+                "chown of the cluster dir"
+            );
+        }
+        let data = cluster.data();
+        let port = primary.port.to_string();
+        cluster.run(
+            cluster.bindir.join("pg_basebackup"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                path(&data),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        );
+        let mut lines = vec![
+            format!("port = {}", cluster.port),
+            format!("unix_socket_directories = '{}'", cluster.dir.display()),
+        ];
+        lines.extend(extra.iter().map(|s| s.to_string()));
+        cluster.configure(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+        cluster
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
