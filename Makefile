@@ -54,6 +54,7 @@ bench: install
 	bash bench/hostile.sh
 	bash bench/replay.sh
 	bash bench/federation.sh
+	bash bench/long_history.sh
 
 # pg_sync side by side with Zero (bench/peers/README.md): installs @rocicorp/zero from
 # bench/peers/package-lock.json the first time (its SQLite addon compiles, ~5 min), then about
