@@ -522,6 +522,8 @@ REVOKE ALL ON FUNCTION pg_sync.add_member(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.remove_member(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.user_groups(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.hlc_now() FROM PUBLIC;
+-- The federation leader lock (pg_sync/src/leader.rs): for the worker only.
+REVOKE ALL ON FUNCTION pg_sync.try_federation_lock() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.next_version() FROM PUBLIC;
 -- log_membership() runs as pgsync_owner and stamps each membership action with a version.
 GRANT EXECUTE ON FUNCTION pg_sync.next_version() TO pgsync_owner;

@@ -11,6 +11,7 @@ mod canonical;
 mod capture;
 mod clock;
 mod errors;
+mod leader;
 mod model;
 mod mutate;
 mod owner;
@@ -51,6 +52,13 @@ pub extern "C-unwind" fn _PG_init() {
 mod pg_sync {
     use pgrx::prelude::*;
     use pgrx::{pg_sys, JsonB, Uuid};
+
+    /// Takes this database's federation leader lock for the session, without waiting: true
+    /// when this session holds it. The worker runs federation links only while it holds it.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn try_federation_lock() -> bool {
+        crate::leader::try_lock()
+    }
 
     /// A fresh HLC value (unix milliseconds << 16 | counter), strictly above every value before it.
     #[pg_extern(volatile, parallel_unsafe)]

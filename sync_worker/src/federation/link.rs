@@ -50,7 +50,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut probing: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut db: Option<Client> = None;
-    // The session holding LEADER_LOCK: links run only while it is alive and holds the lock.
+    // The session holding the federation lock: links run only while it is alive and holds the lock.
     let mut lock: Option<Client> = None;
     // A standby keeps its session and asks again on it each tick (not a new session per tick).
     let mut asking: Option<Client> = None;
@@ -78,7 +78,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             }
             if let Some(l) = asking.take() {
                 match l
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&super::LEADER_LOCK])
+                    .query_one("SELECT pg_sync.try_federation_lock()", &[])
                     .await
                     .map(|r| r.get::<_, bool>(0))
                 {

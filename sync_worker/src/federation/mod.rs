@@ -22,15 +22,15 @@ pub const PROBE: &str = "probe";
 /// How often the registry is read (removal or disable closes a link within about this).
 pub const REGISTRY_POLL: Duration = Duration::from_millis(500);
 
-/// The advisory lock (per database) whose holder runs federation: one worker per database
-/// sends and receives; a second one started against the same database stands by (no links,
-/// its sender endpoint refuses with 4506) and takes over when the holder's session ends.
-pub const LEADER_LOCK: i64 = 0x7067_5f73_796e_6366; // "pg_syncf"
+/// The holder of the federation lock (per database, `pg_sync.try_federation_lock()`: pg_sync's
+/// own lock, not in the application's advisory-lock keys) runs federation: one worker per
+/// database sends and receives; a second one started against the same database stands by (no
+/// links, its sender endpoint refuses with 4506) and takes over when the holder's session ends.
 
 /// The databases (by URL) whose federation lock this process holds.
 static LEADING: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// Whether this process runs federation for `database_url` (holds `LEADER_LOCK`).
+/// Whether this process runs federation for `database_url` (holds the federation lock).
 pub fn leading(database_url: &str) -> bool {
     LEADING
         .lock()

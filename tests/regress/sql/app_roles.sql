@@ -72,6 +72,8 @@ SELECT err($$INSERT INTO pg_sync.group_memberships VALUES ('u', 'g1')$$);
 SELECT err($$SELECT count(*) FROM pg_sync.row_state$$);
 SELECT err($$SELECT pg_sync.hlc_now()$$);
 SELECT err($$SELECT pg_sync.next_version()$$);
+-- Nor can it take the worker's federation lock (it could take any advisory lock).
+SELECT err($$SELECT pg_sync.try_federation_lock()$$);
 SELECT err($$SELECT pg_sync.registry_disable('app.chores'::regclass)$$);
 SELECT err($$TRUNCATE app.chores$$);
 RESET ROLE;

@@ -200,8 +200,9 @@ GRANT EXECUTE ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, j
       pg_sync.begin_peer_join(text, text, bigint, jsonb),
       pg_sync.apply_peer_snapshot(text, bigint, text, text, jsonb),
       pg_sync.finish_peer_join(text, bigint), pg_sync.resync_peer(text),
-      pg_sync.record_peer_probe(text, jsonb) TO fed_wrk;
+      pg_sync.record_peer_probe(text, jsonb), pg_sync.try_federation_lock() TO fed_wrk;
 SET ROLE fed_wrk;
+SELECT pg_sync.try_federation_lock() AS leading;
 SELECT model_id FROM pg_sync.peer_snapshot('fedp') WHERE model LIKE 'fed_t%';
 SELECT count(*) AS released FROM pg_sync.release_lagging_peers(1000000000);
 -- A join retried at the same W (peer_join_start with resume_w) logs join_started for the new
