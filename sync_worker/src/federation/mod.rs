@@ -26,8 +26,7 @@ pub const REGISTRY_POLL: Duration = Duration::from_millis(500);
 /// own lock, not in the application's advisory-lock keys) runs federation: one worker per
 /// database sends and receives; a second one started against the same database stands by (no
 /// links, its sender endpoint refuses with 4506) and takes over when the holder's session ends.
-
-/// The databases (by URL) whose federation lock this process holds.
+/// These are the databases (by URL) whose federation lock this process holds.
 static LEADING: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// Whether this process runs federation for `database_url` (holds the federation lock).
