@@ -7,7 +7,7 @@ set -euo pipefail
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PGRX_VERSION=0.18.1
 # chromium: the browser test of the demo page (tests/browser).
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo curl chromium)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo curl chromium locales)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -20,6 +20,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
     echo "deps: missing Debian packages: ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+# A locale whose money format differs from C's (comma decimal, euro sign): the settings matrix
+# of tests/regress/sql/identity.sql writes keys under lc_monetary = de_DE.UTF-8.
+if ! locale -a 2>/dev/null | grep -qix 'de_DE.utf8'; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "deps: localedef de_DE.UTF-8"
+    localedef -i de_DE -f UTF-8 de_DE.UTF-8
+  else
+    echo "deps: missing locale de_DE.UTF-8 (sudo localedef -i de_DE -f UTF-8 de_DE.UTF-8)" >&2
     exit 1
   fi
 fi

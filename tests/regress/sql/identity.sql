@@ -42,7 +42,7 @@ DECLARE
     zones text[] := '{UTC,America/New_York,Asia/Kolkata,Pacific/Chatham}';
     intervalstyles text[] := '{postgres,sql_standard,iso_8601,postgres_verbose}';
     digits text[] := '{1,0,3,-15,2}';
-    monetary text[] := '{C,C.utf8,POSIX}';
+    monetary text[] := '{C,de_DE.UTF-8,POSIX}';
     bytea_outputs text[] := '{hex,escape}';
     t text;
 BEGIN
