@@ -910,12 +910,20 @@ async fn read_log(
         // `jsonb_populate_record` makes SQL NULL. A NOT NULL json/jsonb column holds no SQL
         // NULL, so its value is the captured JSON text (`null` stays the text `null`, as the
         // snapshot sends it; the client refuses a null in a not_null column).
+        // (Rows captured before exact texts existed; see below for the others.)
         let json_text = c.not_null && c.dims == 0 && matches!(c.typname.as_str(), "json" | "jsonb");
-        let from_data = if json_text {
+        let from_json = if json_text {
             format!("(c.data -> {lit})::text")
         } else {
             format!("r.{}::text", quote(&c.name))
         };
+        // A value whose JSON form loses something (a JSON null, array bounds, a json text,
+        // composites) comes with its exact text under the key '' (docs/extension.md): read back
+        // through the type, so it prints under this session's settings like the snapshot.
+        let from_data = format!(
+            "coalesce((c.data -> '' ->> {lit})::{}::text, {from_json})",
+            c.format
+        );
         match shape.pk_pos.iter().position(|&p| p == pos) {
             // Updates carry only the changed columns: the key comes from the model id.
             Some(k) => {
