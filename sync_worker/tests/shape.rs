@@ -221,6 +221,11 @@ async fn shape_protocol_headers_offsets_live_and_refetch() {
     assert_eq!(schema.as_object().unwrap().len(), 2);
     assert_eq!(changes(&body(&r))[0]["value"].as_object().unwrap().len(), 2);
 
+    // log=full (the client's default) is accepted.
+    let r = get(port, "/v1/shape?table=todos&offset=-1&log=full", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(changes(&body(&r)).len(), 2);
+
     // Refused parameters: a clear 400 that says what is supported.
     for (q, says) in [
         ("table=todos&offset=-1&where=title%3D'x'", "group column"),
@@ -447,6 +452,18 @@ async fn shape_protocol_headers_offsets_live_and_refetch() {
     let next = sse.until("up-to-date").await;
     assert!(next.contains(r#""id":"7""#), "{next}");
     drop(sse);
+    // The older spelling of live_sse (clients before 1.1) streams too.
+    let mut old_spelling = Sse::open(
+        port,
+        &sse_path.replace("&live_sse=", "&experimental_live_sse="),
+        "alice",
+    )
+    .await;
+    let head = old_spelling.until("\r\n\r\n").await;
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    let first = old_spelling.until("up-to-date").await;
+    assert!(first.contains(r#""id":"6""#), "{first}");
+    drop(old_spelling);
     let r = get(
         port,
         &format!("/v1/shape?table=todos&offset={w4}_0&handle={handle}"),
@@ -1402,7 +1419,8 @@ async fn shape_log_read_is_bounded_per_request() {
 /// Issue 12: a `/sync/bootstrap` streaming under a valid API key while a burst of other keys'
 /// revocations overflows the hub's revocation channel (its receiver lags) goes on to its `end`
 /// line: the missed revocations are settled by the database, as for `/v1/shape`. The failpoint
-/// holds the bootstrap before its first flush while the keys are revoked.
+/// holds the bootstrap before its first flush while the keys are revoked. Also: a shape
+/// snapshot finding no free snapshot slot gets 503 with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_lagged_revocations_check_the_key() {
     let (cluster, c) = app_cluster("bootstrap_lagged").await;
@@ -1417,7 +1435,11 @@ async fn bootstrap_lagged_revocations_check_the_key() {
     let worker = Worker::started_with(
         &cluster,
         "app",
-        &[("SYNC_FAILPOINTS", "bootstrap_flush_pause")],
+        &[
+            ("SYNC_FAILPOINTS", "bootstrap_flush_pause"),
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
+        ],
     )
     .await;
     let port = worker.port;
@@ -1436,6 +1458,13 @@ async fn bootstrap_lagged_revocations_check_the_key() {
     c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
         .await
         .unwrap();
+    // The paused bootstrap holds the only snapshot slot: a shape snapshot waits for it
+    // SYNC_BOOTSTRAP_WAIT_SECS, then gets 503 with Retry-After (and CORS, so a browser reads it).
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     let r = boot.await.unwrap();
     assert_eq!(r.status, 200);
     let body = String::from_utf8_lossy(&r.body);
