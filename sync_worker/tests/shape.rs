@@ -137,6 +137,8 @@ async fn shape_protocol_headers_offsets_live_and_refetch() {
                 "SYNC_SHAPE_CORS_ORIGINS",
                 "http://other.example, http://app.example",
             ),
+            // The first SSE stream sends keep-alives every second, not every 15 s.
+            ("SYNC_FAILPOINTS", "shape_fast_keepalive"),
         ],
     )
     .await;
@@ -451,6 +453,9 @@ async fn shape_protocol_headers_offsets_live_and_refetch() {
         .unwrap();
     let next = sse.until("up-to-date").await;
     assert!(next.contains(r#""id":"7""#), "{next}");
+    // Idle: keep-alive comments (an SSE comment line the client ignores).
+    let idle = sse.until(": keep-alive\n\n").await;
+    assert!(!idle.contains("data:"), "{idle}");
     drop(sse);
     // The older spelling of live_sse (clients before 1.1) streams too.
     let mut old_spelling = Sse::open(

@@ -1540,6 +1540,12 @@ fn sse(
         "text/event-stream",
         Body::from_stream(super::receiver_stream(rx)),
     );
+    // A test sees a keep-alive without waiting 15 s.
+    let keepalive = if crate::failpoint::fire("shape_fast_keepalive") {
+        Duration::from_secs(1)
+    } else {
+        SSE_KEEPALIVE
+    };
     tokio::spawn(async move {
         let deadline = Instant::now() + SSE_MAX;
         let mut wakes = app.hub.touched();
@@ -1588,7 +1594,7 @@ fn sse(
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::select! {
                     woke = next_wake(&mut wakes, &shape) => if woke { break } else { return },
-                    _ = tokio::time::sleep(SSE_KEEPALIVE.min(left)) => {
+                    _ = tokio::time::sleep(keepalive.min(left)) => {
                         if Instant::now() >= deadline {
                             return;
                         }
