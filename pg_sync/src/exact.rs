@@ -138,40 +138,47 @@ impl Columns {
     }
 }
 
-/// A jsonb that is the JSON scalar `null` (a tiny datum: only those are printed to check).
+/// A jsonb that is the JSON scalar `null`. Only a tiny inline datum can be one, so nothing is
+/// fetched or decompressed to tell (`to_jsonb` already read the value once).
 ///
 /// # Safety
 /// `value` is a non-null jsonb datum.
 unsafe fn is_jsonb_null(value: pg_sys::Datum) -> bool {
     unsafe {
-        let p = pg_sys::pg_detoast_datum_packed(value.cast_mut_ptr());
-        // header + one JEntry: 8 bytes; anything longer is not a bare null.
-        if pgrx::varlena::varsize_any_exhdr(p) > 8 {
+        let raw = value.cast_mut_ptr::<pg_sys::varlena>();
+        // header + one JEntry: 8 bytes; anything longer (or out of line) is not a bare null.
+        if pgrx::varlena::varatt_is_1b_e(raw)
+            || pgrx::varlena::varatt_is_4b_c(raw)
+            || pgrx::varlena::varsize_any_exhdr(raw) > 8
+        {
             return false;
         }
-        let out = pg_sys::OidOutputFunctionCall(
-            pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
-            pg_sys::Datum::from(p),
-        );
+        let out = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), value);
         let null = std::ffi::CStr::from_ptr(out).to_bytes() == b"null";
         pg_sys::pfree(out.cast());
         null
     }
 }
 
-/// An array with a lower bound other than 1 in some dimension.
+/// An array with a lower bound other than 1 in some dimension. Reads only the array's header
+/// (a slice: a toasted array is not fetched whole a second time).
 ///
 /// # Safety
 /// `value` is a non-null array datum.
 unsafe fn has_other_bounds(value: pg_sys::Datum) -> bool {
+    // ArrayType's fields after the length word, then dims[ndim] and lbound[ndim] (MAXDIM 6).
+    const HEADER: usize = std::mem::size_of::<pg_sys::ArrayType>() - 4 + 2 * 4 * 6;
     unsafe {
-        let arr = pg_sys::pg_detoast_datum(value.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
-        let ndim = (*arr).ndim as usize;
+        let arr = pg_sys::pg_detoast_datum_slice(value.cast_mut_ptr(), 0, HEADER as i32)
+            .cast::<pg_sys::ArrayType>();
+        let ndim = ((*arr).ndim as usize).min(6);
         // ARR_LBOUND: the lower bounds follow the dimensions, right after the header.
         let dims = arr
             .cast::<u8>()
             .add(std::mem::size_of::<pg_sys::ArrayType>()) as *const i32;
-        (0..ndim).any(|d| *dims.add(ndim + d) != 1)
+        let other = (0..ndim).any(|d| dims.add(ndim + d).read_unaligned() != 1);
+        pg_sys::pfree(arr.cast());
+        other
     }
 }
 

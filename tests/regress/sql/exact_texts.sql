@@ -16,6 +16,18 @@ INSERT INTO exact VALUES
 UPDATE exact SET jb = 'null', plain = 'z' WHERE id = 2;
 UPDATE exact SET plain = 'w' WHERE id = 1;
 SELECT model_id, action, data FROM pg_sync.sync_actions WHERE model = 'exact' ORDER BY id;
+-- Toasted values: a long array with lower bound 0 gets its entry (read from a slice of its
+-- header), a long jsonb is no JSON null and gets none.
+INSERT INTO exact (id, jb, arr)
+SELECT 4, jsonb_build_object('big', (SELECT jsonb_agg(md5(g::text)) FROM generate_series(1, 5000) g)),
+       '[0:0]={0}'::int[] || (SELECT array_agg(g) FROM generate_series(1, 100000) g);
+-- (Stored over 2 kB: out of line, as toasting leaves nothing larger in the row.)
+SELECT pg_column_size(arr) > 2048 AS arr_toasted, pg_column_size(jb) > 2048 AS jb_toasted,
+       array_lower(arr, 1) AS lower FROM exact WHERE id = 4;
+SELECT data -> '' ? 'jb' AS jb_entry, left(data -> '' ->> 'arr', 20) AS arr_entry,
+       length(data -> '' ->> 'arr') = length(e.arr::text) AS arr_whole
+  FROM pg_sync.sync_actions a, exact e
+ WHERE a.model = 'exact' AND a.model_id = '4' AND e.id = 4;
 -- The entry holds each value's col::text under UTC (whatever the writer's time zone).
 SET LOCAL timezone = 'UTC';
 SET LOCAL DateStyle = 'ISO, MDY';
