@@ -48,6 +48,7 @@ bench: install
 	bash bench/fanout.sh
 	bash bench/bootstrap.sh
 	bash bench/shape.sh
+	node bench/shape_parse.mjs
 	bash bench/shape_live.sh
 	bash bench/mutate.sh
 	bash bench/join.sh

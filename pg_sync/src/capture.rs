@@ -170,6 +170,8 @@ struct TableConfig {
     output_fn: Vec<pg_sys::Oid>,
     typlen: Vec<i16>,
     typbyval: Vec<bool>,
+    /// Captured columns whose `to_jsonb` form may lose something (`exact`).
+    exact: crate::exact::Columns,
 }
 
 /// A table's row in `pg_sync.registry`.
@@ -323,6 +325,8 @@ impl TableConfig {
             unsafe { pg_sys::getTypeOutputInfo(types[i], &mut func, &mut varlena) };
             output_fn[i] = func;
         }
+        // SAFETY: the trigger's own descriptor, in the writing transaction.
+        let exact = unsafe { crate::exact::Columns::of(tupdesc, &captured) };
         TableConfig {
             tgoid: trigger.tgoid,
             generation,
@@ -337,6 +341,7 @@ impl TableConfig {
             output_fn,
             typlen,
             typbyval,
+            exact,
         }
     }
 
@@ -604,15 +609,23 @@ const ACTION_TYPES: [pg_sys::Oid; 12] = [
 /// the writer: `row_json` may call user-defined casts.
 fn action_datums(
     a: &Action<'_>,
-    model: &str,
+    cfg: &TableConfig,
     tupdesc: pg_sys::TupleDesc,
 ) -> [Option<pg_sys::Datum>; 12] {
+    let model = cfg.model.as_str();
     let (client_id, client_tx_id) = CLIENT.with(|c| match &*c.borrow() {
         Some(c) => (Some(c.client_id.clone()), Some(c.client_tx_id.clone())),
         None => (None, None),
     });
     // SAFETY: the tuple belongs to the trigger's relation, whose descriptor this is.
     let data = unsafe { row_json(a.row, tupdesc, &a.drop) };
+    // SAFETY: the row is deformed with this descriptor; `data` is its jsonb.
+    let data = unsafe {
+        cfg.exact
+            .add_to(data, &cfg.names, &a.row.values, &a.row.nulls, |i| {
+                !a.drop.iter().any(|d| Some(d) == cfg.names[i].as_ref())
+            })
+    };
     let versions = match &a.versions {
         Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into_datum(),
         _ => None,
@@ -650,7 +663,7 @@ fn action_datums(
 /// heap (`actions::insert`), or, if the log table was altered, through the plain INSERT as the
 /// log's owner.
 fn write_plain(cfg: &TableConfig, a: &Action<'_>, tupdesc: pg_sys::TupleDesc) {
-    let mut datums = action_datums(a, &cfg.model, tupdesc);
+    let mut datums = action_datums(a, cfg, tupdesc);
     // A grouped model's row without a group is logged with group '' (no user is in it): NULL
     // means "global model" in the log, so replay judges each row by the registration it was
     // captured under, not by the registry now. One byte, only for group-less rows.

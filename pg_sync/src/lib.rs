@@ -11,6 +11,7 @@ mod canonical;
 mod capture;
 mod clock;
 mod errors;
+mod exact;
 mod leader;
 mod model;
 mod mutate;

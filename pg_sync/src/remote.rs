@@ -83,6 +83,20 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bo
             "Pass to_jsonb() of a sync_actions row.",
         );
     };
+    // A captured row's exact texts (`exact`) are no column: the merge writes the JSON form, as
+    // for log rows written before they existed.
+    let stripped;
+    let obj = match obj.get("data").and_then(Value::as_object) {
+        Some(d) if d.contains_key(crate::exact::KEY) => {
+            let mut o = obj.clone();
+            if let Some(Value::Object(d)) = o.get_mut("data") {
+                crate::exact::strip(d);
+            }
+            stripped = o;
+            &stripped
+        }
+        _ => obj,
+    };
     let text = |name: &str| state::required_str(obj, name, ctx).to_owned();
     let model_name = text("model");
     let model_id = text("model_id");

@@ -66,9 +66,14 @@ impl Delta {
                 }),
             };
         }
-        let data = col("data")
+        let mut data = col("data")
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .unwrap_or(Value::Null);
+        // The exact texts of a captured row (key '', docs/extension.md) are for `/v1/shape`:
+        // v1 rows stay in `to_jsonb` form, as `/sync/bootstrap` sends them.
+        if let Value::Object(m) = &mut data {
+            m.remove("");
+        }
         let moved = matches!(col("moved").as_deref(), Some("t") | Some("true"));
         let mut frame = String::with_capacity(256);
         frame.push_str("{\"action\":");
@@ -145,5 +150,21 @@ mod tests {
         let bad = Delta::from_columns(1, true, |c| (c == "data").then(|| "{".to_string()));
         assert!(bad.frame.as_str().contains("\"data\":null"));
         assert!(bad.frame.as_str().contains("\"moved\":false"));
+    }
+
+    /// A captured row's exact texts (key "") stay out of v1 frames.
+    #[test]
+    fn frames_drop_the_exact_texts() {
+        let d = Delta::from_columns(1, true, |c| match c {
+            "data" => {
+                Some(r#"{"a": [1, 2], "j": null, "": {"a": "[2:3]={1,2}", "j": "null"}}"#.into())
+            }
+            _ => None,
+        });
+        assert!(
+            d.frame.as_str().contains(r#""data":{"a":[1,2],"j":null},"#),
+            "{}",
+            d.frame
+        );
     }
 }

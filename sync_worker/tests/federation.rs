@@ -31,7 +31,10 @@ fn region_db(cluster: &Cluster, db: &str, node: &str) -> Client {
     let mut c = cluster.connect(db);
     c.batch_execute(
         "CREATE EXTENSION pg_sync;
-         CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
+         -- j: a json value on every inserted row, so every insert carries its exact text (the
+         -- log's \"\" entry, docs/extension.md), which receivers must take, not park.
+         CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text,
+                             j json DEFAULT '{\"k\":  1}');
          SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');",
     )
     .unwrap();

@@ -478,21 +478,42 @@ pub(crate) type KeyWatch = Option<(
     tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
 )>;
 
-/// Whether the watched key was revoked (or revocations were missed, which counts as revoked:
-/// the client re-authenticates). `None` (a JWT, which expires by itself) is never revoked.
-pub(crate) fn key_revoked(watch: &mut KeyWatch) -> bool {
+/// Whether the watched key was revoked. `None` (a JWT, which expires by itself) never is.
+/// Revocations the receiver missed (it lagged behind a burst of other keys' revocations) are
+/// settled by the database, as a new request would be: a valid key must not lose its stream
+/// because others were revoked. If the database cannot say, the key counts as revoked (the
+/// client resumes from its last cursor and re-authenticates).
+pub(crate) async fn key_revoked(app: &App, watch: &mut KeyWatch) -> bool {
     use crate::hub::Revoked;
     use tokio::sync::broadcast::error::TryRecvError;
     let Some((key, rx)) = watch else {
         return false;
     };
+    let mut missed = false;
     loop {
         match rx.try_recv() {
-            Ok(Revoked::All) | Err(TryRecvError::Lagged(_)) => return true,
+            Ok(Revoked::All) => return true,
             Ok(Revoked::Key(k)) if k == *key => return true,
             Ok(Revoked::Key(_)) => continue,
-            Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+            Err(TryRecvError::Lagged(_)) => missed = true,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
         }
+    }
+    if !missed {
+        return false;
+    }
+    let Ok(db) = app.db.get().await else {
+        return true;
+    };
+    match db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys WHERE id::text = $1)",
+            &[&*key],
+        )
+        .await
+    {
+        Ok(row) => !row.get::<_, bool>(0),
+        Err(_) => true,
     }
 }
 
@@ -503,6 +524,8 @@ struct Out {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// When the bootstrap stops (`DEADLINE` after it started).
     deadline: Instant,
+    /// Settles missed revocations (`key_revoked`).
+    app: Arc<App>,
     /// The API key the bootstrap was authenticated with, and the hub's revocations.
     watch: Option<(
         String,
@@ -537,8 +560,8 @@ impl Out {
 
     /// Whether the key this bootstrap streams under was revoked (or revocations were missed):
     /// the stream then ends without its `end` line, and resuming it needs a valid key.
-    fn revoked(&mut self) -> bool {
-        key_revoked(&mut self.watch)
+    async fn revoked(&mut self) -> bool {
+        key_revoked(&self.app, &mut self.watch).await
     }
 
     /// Sends what is buffered once it is a chunk (or now, with `force`); `Err` when the
@@ -548,7 +571,10 @@ impl Out {
         if self.buf.is_empty() || (!force && self.buf.len() < CHUNK_BYTES) {
             return Ok(());
         }
-        if self.revoked() {
+        if crate::failpoint::fire("bootstrap_flush_pause") {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        if self.revoked().await {
             return Err(());
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
@@ -608,6 +634,7 @@ async fn stream(
             } else {
                 Instant::now() + DEADLINE
             },
+            app: app.clone(),
             watch,
         };
         let _permit = permit;

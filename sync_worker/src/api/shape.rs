@@ -910,12 +910,20 @@ async fn read_log(
         // `jsonb_populate_record` makes SQL NULL. A NOT NULL json/jsonb column holds no SQL
         // NULL, so its value is the captured JSON text (`null` stays the text `null`, as the
         // snapshot sends it; the client refuses a null in a not_null column).
+        // (Rows captured before exact texts existed; see below for the others.)
         let json_text = c.not_null && c.dims == 0 && matches!(c.typname.as_str(), "json" | "jsonb");
-        let from_data = if json_text {
+        let from_json = if json_text {
             format!("(c.data -> {lit})::text")
         } else {
             format!("r.{}::text", quote(&c.name))
         };
+        // A value whose JSON form loses something (a JSON null, array bounds, a json text,
+        // composites) comes with its exact text under the key '' (docs/extension.md): read back
+        // through the type, so it prints under this session's settings like the snapshot.
+        let from_data = format!(
+            "coalesce((c.data -> '' ->> {lit})::{}::text, {from_json})",
+            c.format
+        );
         match shape.pk_pos.iter().position(|&p| p == pos) {
             // Updates carry only the changed columns: the key comes from the model id.
             Some(k) => {
@@ -1532,6 +1540,12 @@ fn sse(
         "text/event-stream",
         Body::from_stream(super::receiver_stream(rx)),
     );
+    // A test sees a keep-alive without waiting 15 s.
+    let keepalive = if crate::failpoint::fire("shape_fast_keepalive") {
+        Duration::from_secs(1)
+    } else {
+        SSE_KEEPALIVE
+    };
     tokio::spawn(async move {
         let deadline = Instant::now() + SSE_MAX;
         let mut wakes = app.hub.touched();
@@ -1580,7 +1594,7 @@ fn sse(
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::select! {
                     woke = next_wake(&mut wakes, &shape) => if woke { break } else { return },
-                    _ = tokio::time::sleep(SSE_KEEPALIVE.min(left)) => {
+                    _ = tokio::time::sleep(keepalive.min(left)) => {
                         if Instant::now() >= deadline {
                             return;
                         }
