@@ -72,6 +72,25 @@ pub fn depends_on(output_fn: pg_sys::Oid) -> u8 {
     }
 }
 
+/// The settings `to_jsonb` of a value printed by `output_fn` depends on: those of its text form,
+/// except that dates and timestamps are written in ISO form whatever DateStyle says (their
+/// offsets follow TimeZone, but name the same instant). A float printed with
+/// `extra_float_digits <= 0`, money in the writer's `lc_monetary`, an interval in `sql_standard`
+/// style or a range in German dates would otherwise reach the log and every reader as text
+/// that loses digits or that another session cannot parse.
+pub fn json_depends_on(output_fn: pg_sys::Oid) -> u8 {
+    match output_fn.to_u32() {
+        pg_sys::F_DATE_OUT | pg_sys::F_TIMESTAMP_OUT | pg_sys::F_TIMESTAMPTZ_OUT => 0,
+        _ => depends_on(output_fn),
+    }
+}
+
+/// Runs `f` (which prints values, e.g. `to_jsonb` of a row) with the output settings in
+/// `needed` at their canonical values, set only when the session differs from them.
+pub fn with_output_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {
+    with_settings(needed, false, f)
+}
+
 /// Zones that are UTC at every instant: ISO output prints only the numeric offset, so they print
 /// timestamps exactly as UTC does.
 const UTC_NAMES: [&CStr; 10] = [

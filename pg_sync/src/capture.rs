@@ -172,6 +172,8 @@ struct TableConfig {
     typbyval: Vec<bool>,
     /// Captured columns whose `to_jsonb` form may lose something (`exact`).
     exact: crate::exact::Columns,
+    /// Settings the captured columns' `to_jsonb` form depends on: set canonically around it.
+    json_settings: u8,
 }
 
 /// A table's row in `pg_sync.registry`.
@@ -318,6 +320,14 @@ impl TableConfig {
             .filter(|i| !key.contains(i))
             .filter_map(|i| names[i].clone())
             .collect();
+        // The settings the captured columns' JSON depends on (canonical::json_depends_on).
+        let mut json_settings = 0;
+        for &i in &captured {
+            let mut func = pg_sys::InvalidOid;
+            let mut varlena = false;
+            unsafe { pg_sys::getTypeOutputInfo(types[i], &mut func, &mut varlena) };
+            json_settings |= crate::canonical::json_depends_on(func);
+        }
         let mut output_fn = vec![pg_sys::InvalidOid; natts];
         for &i in key.iter().chain(group.iter()) {
             let mut func = pg_sys::InvalidOid;
@@ -342,6 +352,7 @@ impl TableConfig {
             typlen,
             typbyval,
             exact,
+            json_settings,
         }
     }
 
@@ -618,7 +629,9 @@ fn action_datums(
         None => (None, None),
     });
     // SAFETY: the tuple belongs to the trigger's relation, whose descriptor this is.
-    let data = unsafe { row_json(a.row, tupdesc, &a.drop) };
+    let data = crate::canonical::with_output_settings(cfg.json_settings, || unsafe {
+        row_json(a.row, tupdesc, &a.drop)
+    });
     // SAFETY: the row is deformed with this descriptor; `data` is its jsonb.
     let data = unsafe {
         cfg.exact
