@@ -393,12 +393,12 @@ pub fn insert(values: &Values) -> bool {
 }
 
 /// `index_insert` of one entry (Postgres 14 added the `indexUnchanged` hint: false, this is an
-/// insert).
+/// insert). Returns false only for `UNIQUE_CHECK_PARTIAL` when the key may be a duplicate.
 ///
 /// # Safety
 /// Open, locked index and heap relations; `tid` the heap tuple's; `info` the index's.
 #[cfg(not(feature = "pg13"))]
-unsafe fn index_insert(
+pub(crate) unsafe fn index_insert(
     idx: pg_sys::Relation,
     keys: &mut [pg_sys::Datum],
     nulls: &mut [bool],
@@ -406,7 +406,7 @@ unsafe fn index_insert(
     heap: pg_sys::Relation,
     unique: pg_sys::IndexUniqueCheck::Type,
     info: *mut pg_sys::IndexInfo,
-) {
+) -> bool {
     unsafe {
         pg_sys::index_insert(
             idx,
@@ -417,13 +417,13 @@ unsafe fn index_insert(
             unique,
             false,
             info,
-        );
+        )
     }
 }
 
 /// See above.
 #[cfg(feature = "pg13")]
-unsafe fn index_insert(
+pub(crate) unsafe fn index_insert(
     idx: pg_sys::Relation,
     keys: &mut [pg_sys::Datum],
     nulls: &mut [bool],
@@ -431,7 +431,7 @@ unsafe fn index_insert(
     heap: pg_sys::Relation,
     unique: pg_sys::IndexUniqueCheck::Type,
     info: *mut pg_sys::IndexInfo,
-) {
+) -> bool {
     unsafe {
         pg_sys::index_insert(
             idx,
@@ -441,6 +441,6 @@ unsafe fn index_insert(
             heap,
             unique,
             info,
-        );
+        )
     }
 }
