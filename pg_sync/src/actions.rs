@@ -555,18 +555,25 @@ pub(crate) mod batch {
                     slot
                 })
                 .collect();
-            let am = (*rel).rd_tableam;
-            let multi_insert = (*am)
-                .multi_insert
-                .expect("heap access method multi-inserts");
-            multi_insert(
-                rel,
-                slots.as_mut_ptr(),
-                slots.len() as i32,
-                pg_sys::GetCurrentCommandId(true),
-                0,
-                std::ptr::null_mut(),
-            );
+            if let [t] = mine[..] {
+                // One row (a single-row statement): a plain insert's WAL record is 8 bytes
+                // smaller than a multi-insert's.
+                pg_sys::simple_heap_insert(rel, t);
+                (*slots[0]).tts_tid = (*t).t_self;
+            } else {
+                let am = (*rel).rd_tableam;
+                let multi_insert = (*am)
+                    .multi_insert
+                    .expect("heap access method multi-inserts");
+                multi_insert(
+                    rel,
+                    slots.as_mut_ptr(),
+                    slots.len() as i32,
+                    pg_sys::GetCurrentCommandId(true),
+                    0,
+                    std::ptr::null_mut(),
+                );
+            }
             for &slot in &slots {
                 pg_sys::slot_getallattrs(slot);
                 let datums = std::slice::from_raw_parts((*slot).tts_values, natts);
