@@ -4,11 +4,13 @@
 # capture_ab.sh prints), one client, a fixed count, the same tables as bench/write_overhead.sh.
 # Prints bytes per transaction for INSERT and UPDATE into the unregistered table, the PL/pgSQL
 # audit trigger's and pg_sync's, then pg_waldump's per-record breakdown of pg_sync's inserts.
-# Knobs: WAL_TX (1000).
+# Then WAL bytes per row of one multi-row INSERT ... SELECT (WAL_BULK_ROWS, 20000) into each.
+# Knobs: WAL_TX (1000), WAL_BULK_ROWS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
 txs=${WAL_TX:-1000}
+bulk=${WAL_BULK_ROWS:-20000}
 work=$(mktemp -d /tmp/pg_sync_wal.XXXXXX)
 chmod 755 "$work"
 port=$(free_port)
@@ -44,3 +46,14 @@ echo "pg_sync's INSERT transactions, per record type (pg_waldump --stats=record)
 psql_b -c CHECKPOINT >/dev/null
 as_pg "$PG_BIN/pg_waldump" -p "$work/pg/data/pg_wal" -s "$ia" -e "$ib" --stats=record 2>/dev/null |
   awk -v n="$txs" 'NR <= 2 || ($2 > 0 && $0 !~ /^Total/) { print } /^Total/ { print; print "per tx:", int($3 / n + 0.5), "B" }'
+echo
+echo "| WAL B per row of one INSERT ... SELECT of $bulk rows | t_plain | t_plpgsql | t_synced |"
+echo "|---|---|---|---|"
+row="|"
+for t in t_plain t_plpgsql t_synced; do
+  a=$(lsn)
+  psql_b -c "INSERT INTO $t (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $bulk) i" >/dev/null
+  b=$(lsn)
+  row="$row $(psql_b -tAc "SELECT round(('$b'::pg_lsn - '$a'::pg_lsn) / $bulk)") |"
+done
+echo "| bytes $row"
