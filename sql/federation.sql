@@ -840,9 +840,12 @@ BEGIN
      WHERE (CASE WHEN NOT EXISTS (SELECT 1 FROM pg_sync.federation_modes f WHERE f.model = c.model)
                  THEN r.federation
                  ELSE coalesce((SELECT f.before FROM pg_sync.federation_modes f,
-                                        (SELECT o.commit_lsn, a.xid FROM pg_sync.sync_actions a
-                                           JOIN pg_sync.commit_order o ON o.xid = a.xid
-                                          WHERE a.id = c.id) t
+                                        -- The transaction holding sync id c.sync_id (one
+                                        -- probe of commit_order's first_sync_id key; the log
+                                        -- has no index on id alone).
+                                        (SELECT o.commit_lsn, o.xid FROM pg_sync.commit_order o
+                                          WHERE o.first_sync_id <= c.sync_id
+                                          ORDER BY o.first_sync_id DESC LIMIT 1) t
                                  WHERE f.model = c.model
                                    AND CASE WHEN t.commit_lsn = '0/0'
                                             THEN pg_visible_in_snapshot(t.xid, f.snap)

@@ -284,7 +284,9 @@ CREATE TABLE pg_sync.membership_log (
     action_id bigint PRIMARY KEY,
     user_id   text NOT NULL,
     group_id  text NOT NULL,
-    joined    boolean NOT NULL
+    joined    boolean NOT NULL,
+    -- The action's transaction: with action_id, the log's key (it has no index on id alone).
+    xid       xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 CREATE INDEX membership_log_user_idx ON pg_sync.membership_log (user_id);
 ALTER TABLE pg_sync.membership_log OWNER TO pgsync_owner;
@@ -364,7 +366,7 @@ AS $$
                    c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
                                        WHERE b.xid = a.xid AND b.id < a.id) AS sync_id
               FROM pg_sync.membership_log m
-              JOIN pg_sync.sync_actions a ON a.id = m.action_id
+              JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
               JOIN pg_sync.commit_order c ON c.xid = a.xid
              WHERE m.user_id = member_joins.user_id AND m.joined) j
      WHERE j.sync_id > after AND j.sync_id <= upto
@@ -504,7 +506,9 @@ AS $$
         'node_id', pg_sync.node_id(),
         'hlc', pg_sync.hlc_now(),
         'registered_tables', (SELECT count(*) FROM pg_sync.registry WHERE enabled),
-        'last_action_id', (SELECT max(id) FROM pg_sync.sync_actions),
+        -- The sequence's, not max(id): the log has no index on id alone. It may name an action
+        -- of a transaction that rolled back (NULL before the first).
+        'last_action_id', pg_sequence_last_value('pg_sync.sync_actions_id_seq'),
         'max_clock_skew', current_setting('pg_sync.max_clock_skew'))
 $$;
 

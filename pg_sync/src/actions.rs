@@ -311,19 +311,12 @@ pub(crate) fn relid_of(name: &CStr) -> Option<pg_sys::Oid> {
     }
 }
 
-/// Inserts one action row directly; returns false (having written nothing) when the table is not
-/// as pg_sync created it and the caller must use its SQL INSERT instead.
-pub fn insert(values: &Values) -> bool {
-    // SAFETY: the relation is opened and locked as an INSERT would; the tuple is formed against
-    // its own descriptor, with datums of the columns' types; the index entries are formed from
-    // the same datums (the indexes are plain: columns only).
+/// Opens the log for writing and returns it with its checked layout; `None` (nothing open) when
+/// the table is missing.
+unsafe fn open_target() -> Option<(pg_sys::Relation, Target)> {
     unsafe {
         let cached = || TARGET.with(Cell::get).map(|t| t.relid);
-        let Some((rel, fresh)) =
-            open_cached(c"sync_actions", cached, pg_sys::RowExclusiveLock as i32)
-        else {
-            return false;
-        };
+        let (rel, fresh) = open_cached(c"sync_actions", cached, pg_sys::RowExclusiveLock as i32)?;
         // After the lock: pending invalidations of the table have been processed.
         let target = match TARGET.with(Cell::get) {
             Some(t) if !fresh && t.relid == (*rel).rd_id => t,
@@ -332,6 +325,24 @@ pub fn insert(values: &Values) -> bool {
                 TARGET.with(|c| c.set(Some(t)));
                 t
             }
+        };
+        Some((rel, target))
+    }
+}
+
+/// Captures one action row for the direct write; returns false (having written nothing) when
+/// the table is not as pg_sync created it and the caller must use its SQL INSERT instead.
+///
+/// The row gets its id, xid and timestamp now (so ids keep capture order), but on Postgres 14
+/// and later it is only formed here and queued (`batch`); the queue goes into the heap in one
+/// multi-insert at the end of the statement.
+pub fn insert(values: &Values) -> bool {
+    // SAFETY: the relation is opened and locked as an INSERT would; the tuple is formed against
+    // its own descriptor, with datums of the columns' types; the index entries are formed from
+    // the same datums (the indexes are plain: columns only).
+    unsafe {
+        let Some((rel, target)) = open_target() else {
+            return false;
         };
         if !target.direct {
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
@@ -356,10 +367,35 @@ pub fn insert(values: &Values) -> bool {
         datums[target.att[CREATED_AT]] =
             pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
         nulls[target.att[CREATED_AT]] = false;
+        if batch::enabled() {
+            let tuple = batch::form(desc, &mut datums, &mut nulls);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            batch::push(tuple);
+            return true;
+        }
         let tuple = pg_sys::heap_form_tuple(desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(rel, tuple);
-        // What CatalogIndexInsert does, with the IndexInfos kept and the keys taken from the
-        // datums: no slot, no FormIndexDatum (no expressions), no ResultRelInfo per row.
+        insert_index_entries(rel, &target, &datums, &nulls, &mut (*tuple).t_self);
+        pg_sys::heap_freetuple(tuple);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    }
+    true
+}
+
+/// The log row's entries in every index of `target`, keys taken from its column values.
+///
+/// # Safety
+/// `rel` open and locked for writing, `target` its checked layout, `tid` the heap tuple's.
+unsafe fn insert_index_entries(
+    rel: pg_sys::Relation,
+    target: &Target,
+    datums: &[pg_sys::Datum],
+    nulls: &[bool],
+    tid: pg_sys::ItemPointer,
+) {
+    // What CatalogIndexInsert does, with the IndexInfos kept and the keys taken from the
+    // datums: no slot, no FormIndexDatum (no expressions), no ResultRelInfo per row.
+    unsafe {
         let mut keys = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
         let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
         for &(oid, info) in &target.indexes[..target.nindexes] {
@@ -375,30 +411,369 @@ pub fn insert(values: &Values) -> bool {
             } else {
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
             };
-            index_insert(
-                idx,
-                &mut keys,
-                &mut key_nulls,
-                &mut (*tuple).t_self,
-                rel,
-                unique,
-                info,
-            );
+            index_insert(idx, &mut keys, &mut key_nulls, tid, rel, unique, info);
             pg_sys::index_close(idx, pg_sys::NoLock as i32);
         }
-        pg_sys::heap_freetuple(tuple);
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
     }
-    true
+}
+
+/// Statement-level batching of the direct log writes (Postgres 14 and later).
+///
+/// Captured rows are queued, each tagged with the subtransaction that captured it, and written
+/// with one `multi_insert` (one WAL record per heap page instead of one per row) at the end of
+/// every executor run (`ExecutorFinish`, after the AFTER triggers that capture), around every
+/// utility statement (COPY fires its triggers there; DDL must find no rows queued) and before
+/// commit or prepare. Only the current subtransaction's rows are written at such a point: a
+/// parent's rows are never written inside a child, whose rollback would take them along. A
+/// subtransaction's commit hands its rows to its parent; its rollback drops them, so a rolled-back
+/// savepoint leaks nothing; a transaction's end drops whatever is left. The log's readers are
+/// unaffected: they read committed transactions, and the sequencer orders a transaction's
+/// actions by id, which the rows got when captured. A query started by a trigger in the middle
+/// of the capturing statement does not see the statement's queued rows (it did when each row was
+/// inserted at once); every later statement does.
+#[cfg(not(feature = "pg13"))]
+pub(crate) mod batch {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// At most this many rows wait: a longer statement writes them in chunks.
+    const MAX_ROWS: usize = 1000;
+
+    thread_local! {
+        /// The queued rows (formed in `CONTEXT`) with the subtransaction that captured each.
+        static QUEUE: RefCell<Vec<(pg_sys::SubTransactionId, pg_sys::HeapTuple)>> =
+            const { RefCell::new(Vec::new()) };
+        /// Holds the queued tuples; reset whenever the queue is empty again.
+        static CONTEXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
+    }
+
+    pub fn enabled() -> bool {
+        true
+    }
+
+    fn context() -> pg_sys::MemoryContext {
+        CONTEXT.with(|c| {
+            if c.get().is_null() {
+                // SAFETY: a child of TopMemoryContext, for the backend's lifetime.
+                let context = unsafe {
+                    pg_sys::AllocSetContextCreateInternal(
+                        pg_sys::TopMemoryContext,
+                        c"pg_sync queued log rows".as_ptr(),
+                        0,
+                        8192,
+                        8 * 1024 * 1024,
+                    )
+                };
+                c.set(context);
+            }
+            c.get()
+        })
+    }
+
+    /// Forms the row in the queue's memory.
+    ///
+    /// # Safety
+    /// `desc` the log's descriptor; datums of its columns' types.
+    pub unsafe fn form(
+        desc: pg_sys::TupleDesc,
+        datums: &mut [pg_sys::Datum],
+        nulls: &mut [bool],
+    ) -> pg_sys::HeapTuple {
+        unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(context());
+            let tuple = pg_sys::heap_form_tuple(desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::MemoryContextSwitchTo(old);
+            tuple
+        }
+    }
+
+    /// Queues a formed row for the current subtransaction; writes the queue when full.
+    pub fn push(tuple: pg_sys::HeapTuple) {
+        // SAFETY: reads backend state.
+        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let full = QUEUE.with(|q| {
+            let mut q = q.borrow_mut();
+            q.push((sub, tuple));
+            q.len() >= MAX_ROWS
+        });
+        if full {
+            flush();
+        }
+    }
+
+    /// Writes the current subtransaction's queued rows (in capture order): one multi-insert into
+    /// the heap, then each row's index entries.
+    pub fn flush() {
+        // SAFETY: reads backend state.
+        unsafe {
+            // Nothing is written in a failed transaction (its rows were dropped when it
+            // failed) or outside one.
+            if !pg_sys::IsTransactionState() || pg_sys::IsAbortedTransactionBlockState() {
+                return;
+            }
+        }
+        // SAFETY: reads backend state.
+        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let mine: Vec<pg_sys::HeapTuple> = QUEUE.with(|q| {
+            let mut q = q.borrow_mut();
+            if !q.iter().any(|(s, _)| *s == sub) {
+                return Vec::new();
+            }
+            let (mine, rest): (Vec<_>, Vec<_>) = q.drain(..).partition(|(s, _)| *s == sub);
+            *q = rest;
+            mine.into_iter().map(|(_, t)| t).collect()
+        });
+        if mine.is_empty() {
+            return;
+        }
+        // SAFETY: the log opened and locked as an INSERT would; the tuples were formed against
+        // its descriptor, which cannot have changed since: every utility statement writes the
+        // queue first, and other sessions' DDL waits for this transaction's lock.
+        unsafe {
+            let Some((rel, target)) = open_target() else {
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    "pg_sync: the log table pg_sync.sync_actions is gone with captured rows queued",
+                    "Do not drop pg_sync's tables; reinstall the extension.",
+                );
+            };
+            if !target.direct {
+                pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                crate::errors::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_sync: the log table pg_sync.sync_actions changed with captured rows queued",
+                    "Alter pg_sync's tables in a transaction of their own.",
+                );
+            }
+            let desc = (*rel).rd_att;
+            let natts = (*desc).natts as usize;
+            let mut slots: Vec<*mut pg_sys::TupleTableSlot> = mine
+                .iter()
+                .map(|&t| {
+                    let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsHeapTuple);
+                    pg_sys::ExecStoreHeapTuple(t, slot, false);
+                    slot
+                })
+                .collect();
+            if let [t] = mine[..] {
+                // One row (a single-row statement): a plain insert's WAL record is 8 bytes
+                // smaller than a multi-insert's.
+                pg_sys::simple_heap_insert(rel, t);
+                (*slots[0]).tts_tid = (*t).t_self;
+            } else {
+                let am = (*rel).rd_tableam;
+                let multi_insert = (*am)
+                    .multi_insert
+                    .expect("heap access method multi-inserts");
+                multi_insert(
+                    rel,
+                    slots.as_mut_ptr(),
+                    slots.len() as i32,
+                    pg_sys::GetCurrentCommandId(true),
+                    0,
+                    std::ptr::null_mut(),
+                );
+            }
+            for &slot in &slots {
+                pg_sys::slot_getallattrs(slot);
+                let datums = std::slice::from_raw_parts((*slot).tts_values, natts);
+                let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+                insert_index_entries(rel, &target, datums, nulls, &mut (*slot).tts_tid);
+            }
+            for slot in slots {
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+            }
+            for t in mine {
+                pg_sys::heap_freetuple(t);
+            }
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        }
+        reset_if_empty();
+    }
+
+    /// Drops the rows of subtransaction `sub` and of its children (which have larger ids).
+    fn drop_from(sub: pg_sys::SubTransactionId) {
+        QUEUE.with(|q| {
+            q.borrow_mut().retain(|&(s, t)| {
+                if s >= sub {
+                    // SAFETY: allocated in CONTEXT by form; no longer referenced.
+                    unsafe { pg_sys::heap_freetuple(t) };
+                    false
+                } else {
+                    true
+                }
+            })
+        });
+        reset_if_empty();
+    }
+
+    fn reset_if_empty() {
+        if QUEUE.with(|q| q.borrow().is_empty()) {
+            CONTEXT.with(|c| {
+                if !c.get().is_null() {
+                    // SAFETY: nothing refers to the queue's memory any more.
+                    unsafe { pg_sys::MemoryContextReset(c.get()) };
+                }
+            });
+        }
+    }
+
+    /// Forgets every queued row without touching the heap (the transaction is over).
+    fn clear() {
+        QUEUE.with(|q| q.borrow_mut().clear());
+        reset_if_empty();
+    }
+
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn on_xact(
+        event: pg_sys::XactEvent::Type,
+        _arg: *mut std::ffi::c_void,
+    ) {
+        use pg_sys::XactEvent::*;
+        match event {
+            XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+                flush()
+            }
+            // Nothing queued survives the transaction, whichever way it ended.
+            XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE => clear(),
+            _ => {}
+        }
+    }
+
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn on_subxact(
+        event: pg_sys::SubXactEvent::Type,
+        my: pg_sys::SubTransactionId,
+        parent: pg_sys::SubTransactionId,
+        _arg: *mut std::ffi::c_void,
+    ) {
+        use pg_sys::SubXactEvent::*;
+        match event {
+            // The committed child's rows are the parent's now, written by it.
+            SUBXACT_EVENT_COMMIT_SUB => QUEUE.with(|q| {
+                for e in q.borrow_mut().iter_mut() {
+                    if e.0 >= my {
+                        e.0 = parent;
+                    }
+                }
+            }),
+            SUBXACT_EVENT_ABORT_SUB => drop_from(my),
+            _ => {}
+        }
+    }
+
+    // The hooks call the next hook or the standard function unguarded, through their own
+    // declarations: pgrx's guarded bindings would turn an ERROR raised inside (by any trigger,
+    // any utility statement) into a Rust panic and raise it again, which loses its CONTEXT
+    // lines. Their own frames hold nothing to drop, so an ERROR's longjmp may cross them; only
+    // `flush_guarded` runs Rust code, behind its own guard.
+    extern "C-unwind" {
+        #[link_name = "standard_ExecutorFinish"]
+        fn raw_standard_executor_finish(query: *mut pg_sys::QueryDesc);
+        #[link_name = "standard_ProcessUtility"]
+        #[allow(clippy::too_many_arguments)]
+        fn raw_standard_process_utility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query: *const std::ffi::c_char,
+            read_only_tree: bool,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+    }
+
+    static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+    static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+    #[pgrx::pg_guard]
+    extern "C-unwind" fn flush_guarded() {
+        flush();
+    }
+
+    unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+        unsafe {
+            match PREV_FINISH {
+                Some(prev) => prev(query),
+                None => raw_standard_executor_finish(query),
+            }
+        }
+        flush_guarded();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe extern "C-unwind" fn process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    ) {
+        flush_guarded();
+        unsafe {
+            match PREV_UTILITY {
+                Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+                None => raw_standard_process_utility(
+                    pstmt,
+                    query,
+                    read_only_tree,
+                    context,
+                    params,
+                    env,
+                    dest,
+                    qc,
+                ),
+            }
+        }
+        flush_guarded();
+    }
+
+    /// Installs the hooks and callbacks; once, from `_PG_init`.
+    pub fn init() {
+        // SAFETY: library load, single-threaded; the previous hooks are chained.
+        unsafe {
+            PREV_FINISH = pg_sys::ExecutorFinish_hook;
+            pg_sys::ExecutorFinish_hook = Some(executor_finish);
+            PREV_UTILITY = pg_sys::ProcessUtility_hook;
+            pg_sys::ProcessUtility_hook = Some(process_utility);
+            pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        }
+    }
+}
+
+/// Postgres 13: no batching (its utility hook differs); every row is written at once.
+#[cfg(feature = "pg13")]
+pub(crate) mod batch {
+    pub fn enabled() -> bool {
+        false
+    }
+    pub unsafe fn form(
+        _desc: pgrx::pg_sys::TupleDesc,
+        _datums: &mut [pgrx::pg_sys::Datum],
+        _nulls: &mut [bool],
+    ) -> pgrx::pg_sys::HeapTuple {
+        unreachable!()
+    }
+    pub fn push(_tuple: pgrx::pg_sys::HeapTuple) {}
+    pub fn init() {}
 }
 
 /// `index_insert` of one entry (Postgres 14 added the `indexUnchanged` hint: false, this is an
-/// insert).
+/// insert). Returns false only for `UNIQUE_CHECK_PARTIAL` when the key may be a duplicate.
 ///
 /// # Safety
 /// Open, locked index and heap relations; `tid` the heap tuple's; `info` the index's.
 #[cfg(not(feature = "pg13"))]
-unsafe fn index_insert(
+pub(crate) unsafe fn index_insert(
     idx: pg_sys::Relation,
     keys: &mut [pg_sys::Datum],
     nulls: &mut [bool],
@@ -406,7 +781,7 @@ unsafe fn index_insert(
     heap: pg_sys::Relation,
     unique: pg_sys::IndexUniqueCheck::Type,
     info: *mut pg_sys::IndexInfo,
-) {
+) -> bool {
     unsafe {
         pg_sys::index_insert(
             idx,
@@ -417,13 +792,13 @@ unsafe fn index_insert(
             unique,
             false,
             info,
-        );
+        )
     }
 }
 
 /// See above.
 #[cfg(feature = "pg13")]
-unsafe fn index_insert(
+pub(crate) unsafe fn index_insert(
     idx: pg_sys::Relation,
     keys: &mut [pg_sys::Datum],
     nulls: &mut [bool],
@@ -431,7 +806,7 @@ unsafe fn index_insert(
     heap: pg_sys::Relation,
     unique: pg_sys::IndexUniqueCheck::Type,
     info: *mut pg_sys::IndexInfo,
-) {
+) -> bool {
     unsafe {
         pg_sys::index_insert(
             idx,
@@ -441,6 +816,6 @@ unsafe fn index_insert(
             heap,
             unique,
             info,
-        );
+        )
     }
 }

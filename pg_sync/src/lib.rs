@@ -46,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
             pgrx::pg_sys::Datum::from(0usize),
         );
     }
+    actions::batch::init();
 }
 
 /// Every SQL-callable function, in the extension's schema.

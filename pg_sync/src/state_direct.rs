@@ -1,11 +1,15 @@
 //! The first `row_state` row of a key, inserted without the executor.
 //!
 //! Nearly every captured insert creates its key's `row_state` row. Through SPI that is an
-//! `INSERT ... ON CONFLICT` with a full executor start-up per row; here it is the same
-//! speculative insertion the executor performs for it (insert the tuple speculatively, insert its
-//! index entries, confirm, or super-delete on a conflict), with a minimal executor state. Anything but a clean insert (the key has state, or another transaction
-//! inserted it meanwhile) writes nothing here and leaves it to `record_local`'s SQL upsert,
-//! which waits, compares versions and updates exactly as before.
+//! `INSERT ... ON CONFLICT` with a full executor start-up per row; here it is a plain heap
+//! insert whose key index entry is checked for uniqueness without waiting or raising
+//! (`UNIQUE_CHECK_PARTIAL`, what a deferred unique constraint uses): the btree reports whether
+//! another live or in-progress row holds the key, under the same leaf lock as the insert, so two
+//! inserters of one key can never both see none. On a conflict (the key has state, or another
+//! transaction, e.g. `apply_remote`'s placeholder, is inserting it) the new tuple is deleted
+//! again and `record_local`'s SQL upsert takes over, which waits, compares versions and updates
+//! exactly as before. No speculative insertion: it cost a lock-manager round trip and a confirm
+//! WAL record (48 B) per captured row to make the rare conflict cheaper.
 //!
 //! Like `actions`, this writes the heap directly: no permission check, no switch to
 //! `pgsync_owner`, nothing user-defined evaluated (the key index compares with the built-in
@@ -46,10 +50,17 @@ struct Target {
     direct: bool,
     /// The primary key index on (model, model_id), for finding a key's row.
     pkey: pg_sys::Oid,
+    /// The primary key's `IndexInfo` (in `INFO_CONTEXT`) when it is the table's only index:
+    /// the plain first insert maintains that one index itself. Null otherwise (the first state
+    /// row then goes through SQL).
+    pkey_info: *mut pg_sys::IndexInfo,
 }
 
 thread_local! {
     static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+    /// Holds `TARGET`'s `IndexInfo`; reset only when a new `Target` is checked (never from the
+    /// invalidation callback, which may run while an insert uses it).
+    static INFO_CONTEXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// Relcache invalidation: forget the checked layout of `row_state` (or everything).
@@ -100,6 +111,26 @@ fn empty_object() -> pg_sys::Datum {
     })
 }
 
+/// The long-lived context `Target`'s `IndexInfo` lives in, created on first use.
+unsafe fn info_context() -> pg_sys::MemoryContext {
+    INFO_CONTEXT.with(|c| {
+        if c.get().is_null() {
+            // SAFETY: a child of TopMemoryContext, for the backend's lifetime.
+            let context = unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"pg_sync state index".as_ptr(),
+                    0,
+                    1024,
+                    8192,
+                )
+            };
+            c.set(context);
+        }
+        c.get()
+    })
+}
+
 /// The checked layout of the open `row_state` relation.
 unsafe fn target(rel: pg_sys::Relation) -> Target {
     unsafe {
@@ -125,11 +156,26 @@ unsafe fn target(rel: pg_sys::Relation) -> Target {
                 pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
             }
         }
+        let mut pkey_info = std::ptr::null_mut();
+        if pkey != pg_sys::InvalidOid {
+            let list = pg_sys::RelationGetIndexList(rel);
+            if !list.is_null() && (*list).length == 1 {
+                let context = info_context();
+                // Nothing uses the previous Target's IndexInfo any more: it was invalidated.
+                pg_sys::MemoryContextReset(context);
+                let old = pg_sys::MemoryContextSwitchTo(context);
+                let idx = pg_sys::index_open(pkey, pg_sys::RowExclusiveLock as i32);
+                pkey_info = pg_sys::BuildIndexInfo(idx);
+                pg_sys::index_close(idx, pg_sys::NoLock as i32);
+                pg_sys::MemoryContextSwitchTo(old);
+            }
+        }
         let t = Target {
             relid,
             att,
             direct,
             pkey,
+            pkey_info,
         };
         TARGET.with(|c| c.set(Some(t)));
         t
@@ -149,31 +195,23 @@ pub fn insert_new(_model: &str, _model_id: &str, _version: &str) -> bool {
 /// See above.
 #[cfg(not(feature = "pg13"))]
 pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
-    // SAFETY: mirrors ExecInsert's ON CONFLICT path for a relation opened and locked as an INSERT
-    // would; the slot is filled with datums of the columns' types. An ERROR anywhere aborts the
-    // (sub)transaction, which releases the relation, indexes, speculative lock and memory.
+    // SAFETY: the relation and its one index are opened and locked as an INSERT would; the tuple
+    // is formed against the table's own descriptor with datums of the columns' types and its key
+    // entry from the same datums (the index is the plain (model, model_id) key). An ERROR
+    // anywhere aborts the (sub)transaction, which releases the relation, index and memory.
     unsafe {
         let Some(rel) = open() else {
             return false;
         };
         let target = target(rel);
-        if !target.direct {
+        if !target.direct || target.pkey_info.is_null() {
             pg_sys::table_close(rel, pg_sys::NoLock as i32);
             return false;
         }
-        let estate = pg_sys::CreateExecutorState();
-        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
-            .cast::<pg_sys::ResultRelInfo>();
-        // No range table: nothing here looks up the statement's columns.
-        pg_sys::InitResultRelInfo(rri, rel, 0, std::ptr::null_mut(), 0);
-        // speculative: also sets up what the unique pre-check and conflict check need.
-        pg_sys::ExecOpenIndices(rri, true);
-        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
-        pg_sys::ExecClearTuple(slot);
-        let natts = (*(*rel).rd_att).natts as usize;
-        let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
-        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
-        nulls.fill(true);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![true; natts];
         let datums = [
             model.into_datum(),
             model_id.into_datum(),
@@ -189,81 +227,39 @@ pub fn insert_new(model: &str, model_id: &str, version: &str) -> bool {
                 nulls[target.att[k]] = false;
             }
         }
-        pg_sys::ExecStoreVirtualTuple(slot);
-
-        // No pre-check of the key index (the executor's ExecCheckIndexConstraints): it is a
-        // second descent of the index on every insert, and a key without state is the common
-        // case. A key with state (committed or not) shows up as a conflict of the speculative
-        // insertion, which is then super-deleted; the upsert takes it from there.
-        let xid = pg_sys::GetCurrentTransactionId();
-        let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
-        let am = (*rel).rd_tableam;
-        let insert = (*am)
-            .tuple_insert_speculative
-            .expect("heap access method inserts speculatively");
-        insert(
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(rel, tuple);
+        let info = target.pkey_info;
+        let mut keys = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+        let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+        for k in 0..(*info).ii_NumIndexAttrs as usize {
+            let a = (*info).ii_IndexAttrNumbers[k] as usize - 1;
+            keys[k] = values[a];
+            key_nulls[k] = nulls[a];
+        }
+        let idx = pg_sys::index_open(target.pkey, pg_sys::RowExclusiveLock as i32);
+        // PARTIAL: no wait and no error on a duplicate, only the answer (the entry goes in
+        // either way, as for a deferred constraint).
+        let unique = actions::index_insert(
+            idx,
+            &mut keys,
+            &mut key_nulls,
+            &mut (*tuple).t_self,
             rel,
-            slot,
-            pg_sys::GetCurrentCommandId(true),
-            0,
-            std::ptr::null_mut(),
-            token,
+            pg_sys::IndexUniqueCheck::UNIQUE_CHECK_PARTIAL,
+            info,
         );
-        let mut conflict = false;
-        insert_index_tuples(rri, slot, estate, &mut conflict);
-        let complete = (*am)
-            .tuple_complete_speculative
-            .expect("heap access method completes speculative inserts");
-        complete(rel, slot, token, !conflict);
-        pg_sys::SpeculativeInsertionLockRelease(xid);
-        let inserted = !conflict;
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::FreeExecutorState(estate);
+        pg_sys::index_close(idx, pg_sys::NoLock as i32);
+        if !unique {
+            // Another row (live, or being inserted) holds the key: take ours back. The delete
+            // needs a command id after the insert's to see its own tuple; the upsert that
+            // follows then sees neither it nor its dead key entry.
+            pg_sys::CommandCounterIncrement();
+            pg_sys::simple_heap_delete(rel, &mut (*tuple).t_self);
+        }
+        pg_sys::heap_freetuple(tuple);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        inserted
-    }
-}
-
-#[cfg(any(feature = "pg14", feature = "pg15"))]
-unsafe fn insert_index_tuples(
-    rri: *mut pg_sys::ResultRelInfo,
-    slot: *mut pg_sys::TupleTableSlot,
-    estate: *mut pg_sys::EState,
-    conflict: &mut bool,
-) {
-    unsafe {
-        pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            true,
-            conflict,
-            std::ptr::null_mut(),
-        );
-    }
-}
-
-#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-// Postgres 16 added `onlySummarizing`.
-unsafe fn insert_index_tuples(
-    rri: *mut pg_sys::ResultRelInfo,
-    slot: *mut pg_sys::TupleTableSlot,
-    estate: *mut pg_sys::EState,
-    conflict: &mut bool,
-) {
-    unsafe {
-        pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            true,
-            conflict,
-            std::ptr::null_mut(),
-            false,
-        );
+        unique
     }
 }
 

@@ -89,8 +89,13 @@ fn remap_sql() -> String {
              FROM d WHERE a.xid IN (SELECT xid FROM f) RETURNING 1),
          uc AS (
            UPDATE pg_sync.commit_order c SET xid = (c.xid::text::numeric + d.shift)::text::xid8
-             FROM d WHERE c.xid IN (SELECT xid FROM f) RETURNING 1)
-         SELECT (SELECT count(*) FROM f), (SELECT count(*) FROM ua) + (SELECT count(*) FROM uc)",
+             FROM d WHERE c.xid IN (SELECT xid FROM f) RETURNING 1),
+         -- membership_log names its actions by (xid, action_id), the log's key: moved alike.
+         um AS (
+           UPDATE pg_sync.membership_log m SET xid = (m.xid::text::numeric + d.shift)::text::xid8
+             FROM d WHERE m.xid IN (SELECT xid FROM f) RETURNING 1)
+         SELECT (SELECT count(*) FROM f),
+                (SELECT count(*) FROM ua) + (SELECT count(*) FROM uc) + (SELECT count(*) FROM um)",
         fa = foreign("xid"),
         fc = foreign("xid"),
     )

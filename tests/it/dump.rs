@@ -255,11 +255,17 @@ fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
         ))
         .unwrap();
     }
+    // A membership change, sequenced, and one that is not: membership_log names its actions by
+    // (xid, action_id), so the remap must move its xids with the log's.
+    c.batch_execute("SELECT pg_sync.add_member('alice', 'g1')")
+        .unwrap();
     c.batch_execute(SEQUENCE_ALL).unwrap();
     for i in 1..=5 {
         c.batch_execute(&format!("UPDATE items SET v = 'w' WHERE id = {i}"))
             .unwrap();
     }
+    c.batch_execute("SELECT pg_sync.add_member('bob', 'g1')")
+        .unwrap();
     drop(c);
     let file = dump(&source, "src");
 
@@ -342,6 +348,24 @@ fn restore_into_a_cluster_behind_the_dumped_xids_keeps_log_xids_unique() {
     assert!(
         new_actions > (hi - lo),
         "the writes were captured: {new_actions}"
+    );
+    let (memberships, orphaned): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE NOT EXISTS (
+                            SELECT 1 FROM pg_sync.sync_actions a
+                             WHERE a.xid = m.xid AND a.id = m.action_id))
+                   FROM pg_sync.membership_log m",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (memberships, orphaned),
+        (2, 0),
+        "membership_log rows whose (xid, action_id) names no action after the remap"
     );
 
     // The sequencer's backlog pass, as the worker runs it (its 32-bit comparison with the

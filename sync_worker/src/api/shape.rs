@@ -943,7 +943,10 @@ async fn read_log(
     let sql = format!(
         "SELECT c.sync_id, c.action, (a.xid::text::bigint & 4294967295), {items}
            FROM pg_sync.changes($1, $2, $3) c
-           JOIN pg_sync.sync_actions a ON a.id = c.id
+           -- The action's transaction: the one holding its sync id (the log has no index on id).
+           CROSS JOIN LATERAL (SELECT o.xid FROM pg_sync.commit_order o
+                                WHERE o.first_sync_id <= c.sync_id
+                                ORDER BY o.first_sync_id DESC LIMIT 1) a
            LEFT JOIN LATERAL jsonb_populate_record(NULL::{rel}, c.data) r ON true
           WHERE c.model = $4
           ORDER BY c.sync_id",

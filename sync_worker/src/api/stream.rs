@@ -38,7 +38,7 @@ pub async fn load_groups(app: &App, user: &str, at: i64) -> Option<Vec<String>> 
             "WITH later AS (
                  SELECT DISTINCT ON (m.group_id) m.group_id, m.joined
                    FROM pg_sync.membership_log m
-                   JOIN pg_sync.sync_actions a ON a.id = m.action_id
+                   JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
                    LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
                   WHERE m.user_id = $1
                     AND (c.xid IS NULL

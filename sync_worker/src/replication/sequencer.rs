@@ -876,7 +876,7 @@ impl Session<'_> {
                 "WITH later AS (
                      SELECT DISTINCT ON (m.user_id, m.group_id) m.user_id, m.group_id, m.joined
                        FROM pg_sync.membership_log m
-                       JOIN pg_sync.sync_actions a ON a.id = m.action_id
+                       JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
                        LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
                       WHERE m.user_id = ANY ($1)
                         AND (c.xid IS NULL

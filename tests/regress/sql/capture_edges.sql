@@ -108,10 +108,14 @@ RESET enable_bitmapscan;
 DROP INDEX pg_sync.edge_log_model_id;
 INSERT INTO edge VALUES (13, 'thirteen', 'e');
 SELECT count(*) FROM pg_sync.sync_actions WHERE model = 'edge' AND model_id = '13';
--- The log's unique key is still enforced by the direct write (its cached IndexInfo): an id
--- handed out twice fails the write instead of logging two actions under one id.
+-- The log's unique key (xid, id) is still enforced by the direct write (its cached IndexInfo):
+-- an id handed out twice within a transaction fails the write instead of logging two actions
+-- under one key.
+BEGIN;
+UPDATE edge SET v = 'x' WHERE id = 13;
 SELECT setval('pg_sync.sync_actions_id_seq', (SELECT max(id) FROM pg_sync.sync_actions) - 1) > 0 AS rewound;
 SELECT err($$UPDATE edge SET v = 'w' WHERE id = 13$$);
+ROLLBACK;
 SELECT setval('pg_sync.sync_actions_id_seq', (SELECT max(id) FROM pg_sync.sync_actions)) > 0 AS restored;
 SELECT err($$UPDATE edge SET v = 'w' WHERE id = 13$$);
 SELECT action, data FROM pg_sync.sync_actions WHERE model = 'edge' AND model_id = '13' ORDER BY id;
