@@ -64,6 +64,8 @@ pub(super) struct Session<'a> {
     pub(super) fence: Option<Lsn>,
     /// The start-up backlog not yet told apart from what the slot streams.
     pub(super) unresolved: Option<Unresolved>,
+    /// `PERSIST_SQL`, prepared on this session's connection.
+    pub(super) persist_stmt: Option<tokio_postgres::Statement>,
 }
 
 /// The chain of causes below an error, for logs (never row values: database errors here come
@@ -156,6 +158,7 @@ async fn session(
         pending_since: None,
         fence: None,
         unresolved: None,
+        persist_stmt: None,
     };
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
