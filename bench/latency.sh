@@ -94,6 +94,12 @@ for run in $(seq 1 "$runs"); do
   recv_pid=
   rm -f "$work/recv.pid"
   ws=$(grep '^{' "$work/load.out")
+  # Where the worker's time went (cumulative over the runs so far): visibility waits, and the
+  # mean persist+publish time per flush.
+  curl -fsS "http://127.0.0.1:$wport/metrics" | awk '
+    /^pg_sync_sequencer_visibility_waits_total / {w = $2}
+    /^pg_sync_flush_seconds_sum / {s = $2} /^pg_sync_flush_seconds_count / {c = $2}
+    END {if (c > 0) printf "worker so far: %d flushes, mean flush %.2f ms, %d visibility waits\n", c, 1000 * s / c, w}' >&2 || true
   rows+=("$(python3 - "$work/recv.$run" "$ws" "$(uptime | sed 's/.*load average: //')" <<'PY'
 import json, sys
 lat = sorted(float(x) for x in open(sys.argv[1]).read().split() if x)

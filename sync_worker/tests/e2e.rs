@@ -500,6 +500,98 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Persist-before-publish, pinned: sync ids a client has seen survive a crash of both the
+/// worker (kill -9) and Postgres (immediate stop, no checkpoint) right after the publish. The
+/// WAL writer is held back (`wal_writer_delay`), so a persist committed without waiting for its
+/// WAL flush (`synchronous_commit = off`) would be lost here: the database would be behind the
+/// client, whose cursor is then refused as ahead of the log. After the restarts the client
+/// resumes from its cursor, every id names the action it named before, with no gap and no
+/// duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_publish() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start("crash_publish", &["wal_writer_delay = '10s'"])
+    });
+    let mut db = setup(&cluster, "app");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut ws = connect(port, "zoe").await;
+    let (mut frames, _) = subscribe(&mut ws, 0).await;
+    for i in 1..=5 {
+        exec(
+            &mut db,
+            &format!("INSERT INTO announcements VALUES ({i}, 'x')"),
+        );
+        while frames.iter().filter(|f| f["type"] == "delta").count() < i {
+            frames.push(
+                next(&mut ws, Duration::from_secs(10))
+                    .await
+                    .expect("the write is delivered"),
+            );
+        }
+    }
+    // Right after the last publish: both die, nothing is flushed on the way down.
+    worker.kill9();
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+    });
+    let seen: Vec<(i64, String)> = frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .map(|f| (f["syncId"].as_i64().unwrap(), f["modelId"].to_string()))
+        .collect();
+    let last_seen = seen.last().unwrap().0;
+    db = tokio::task::block_in_place(|| cluster.connect("app")).into();
+    let persisted: i64 = tokio::task::block_in_place(|| {
+        db.query_one("SELECT pg_sync.last_sync_id()", &[])
+            .unwrap()
+            .get(0)
+    });
+    assert!(
+        persisted >= last_seen,
+        "a client saw sync id {last_seen}, but after the crash the database has only {persisted}"
+    );
+    let worker = Worker::start(&cluster, "app", port);
+    worker.wait_healthy().await;
+    let mut ws = connect(port, "zoe").await;
+    let (mut more, _) = subscribe(&mut ws, last_seen).await;
+    exec(&mut db, "INSERT INTO announcements VALUES (6, 'x')");
+    while more.iter().filter(|f| f["type"] == "delta").count() < 1 {
+        more.push(
+            next(&mut ws, Duration::from_secs(10))
+                .await
+                .expect("the resumed client gets the next write"),
+        );
+    }
+    let ids: Vec<i64> = seen
+        .iter()
+        .map(|s| s.0)
+        .chain(
+            more.iter()
+                .filter(|f| f["type"] == "delta")
+                .map(|f| f["syncId"].as_i64().unwrap()),
+        )
+        .collect();
+    assert_eq!(ids, (1..=6).collect::<Vec<i64>>(), "no gap, no duplicate");
+    // Every id the client saw still names the same action.
+    let now: Vec<(i64, String)> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT sync_id, to_json(model_id)::text FROM pg_sync.changes(0, NULL::text[], 100) ORDER BY sync_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .take(seen.len())
+        .collect()
+    });
+    assert_eq!(now, seen, "sync ids re-assigned to other actions");
+    drop(worker);
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_from_before_the_slot_are_sequenced_once() {
     let (cluster, mut db) = app_cluster("ws_backlog");

@@ -1,0 +1,570 @@
+//! Sequencing proper: assigns consecutive sync ids to committed transactions, persists them to
+//! `pg_sync.commit_order` (once the transactions are visible), publishes them to the hub, and
+//! only then acknowledges them; reads persisted ranges back (`changes`, `publish_from_db`) and
+//! keeps the hub's keys and groups in line with the database.
+
+use super::session::{ReadyTxn, Session};
+use super::{SequencerError, LARGE_PAGE, VISIBILITY_WAIT_MAX};
+use crate::delta::Delta;
+use crate::hub::{MembershipChange, Published};
+use crate::replication::pgoutput::Row;
+use pgwire_replication::ReplicationClient;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Persists a batch of streamed transactions once all of them are visible (see `persist`):
+/// $1 xids (xid8 text), $2 action counts, $3 commit LSNs, $4 commit times (Postgres epoch,
+/// microseconds), $5 the first sync id, $6 the committing xids as the stream names them.
+const PERSIST_SQL: &str = "WITH u AS (
+       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
+         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
+     -- The committing transactions' own xids: the stream's 32 bits widened
+     -- by the epoch of the newest xid8 below this snapshot's xmax that has them.
+     v AS (
+       SELECT coalesce(bool_and(pg_visible_in_snapshot(
+                (m.xmax - ((m.xmax % 4294967296 - s.x + 4294967296) % 4294967296))::text::xid8,
+                pg_current_snapshot())), true) AS visible
+         FROM unnest($6::bigint[]) AS s(x),
+              (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax) m),
+     k AS (
+       SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
+     ins AS (
+       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
+         FROM k WHERE NOT known AND (SELECT visible FROM v))
+     SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known)";
+
+/// Visibility re-checks made at once (one round trip each) before `persist` sleeps between them.
+const IMMEDIATE_RETRIES: u32 = 3;
+
+impl Session<'_> {
+    /// Closes the sessions of API keys that no longer exist (called before publishing a gap:
+    /// a key revoked in it gets none of it).
+    pub(super) async fn revoke_gone_keys(&self) -> Result<(), SequencerError> {
+        let keys = self.hub.keys();
+        if !keys.is_empty() {
+            let live: std::collections::HashSet<String> = self
+                .db
+                .query(
+                    "SELECT id::text FROM pg_sync.api_keys WHERE id = ANY ($1::text[]::uuid[])",
+                    &[&keys],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let revoked_keys: Vec<String> =
+                keys.into_iter().filter(|k| !live.contains(k)).collect();
+            if !revoked_keys.is_empty() {
+                self.hub.publish(&[Published {
+                    revoked_keys,
+                    ..Published::default()
+                }]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the hub the groups of every user it tracks as of sync id `at` (where the hub's
+    /// publishing has got to: changes sequenced above it, or not yet, are taken as before
+    /// them). Every membership change is logged and applied at its position, so this changes
+    /// nothing unless a change escaped the log (a trigger disabled by the owner); called after
+    /// publishing, never before, so it cannot run ahead of the position (REVIEW rev2 F3).
+    pub(super) async fn reconcile_groups(&self, at: i64) -> Result<(), SequencerError> {
+        let users = self.hub.users();
+        if users.is_empty() {
+            return Ok(());
+        }
+        // `stream::load_groups` for many users: the memberships now, each whose membership
+        // changed after `at` taken as it was before its first such change.
+        let rows = self
+            .db
+            .query(
+                "WITH later AS (
+                     SELECT DISTINCT ON (m.user_id, m.group_id) m.user_id, m.group_id, m.joined
+                       FROM pg_sync.membership_log m
+                       JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
+                       LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
+                      WHERE m.user_id = ANY ($1)
+                        AND (c.xid IS NULL
+                             OR c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
+                                                    WHERE b.xid = a.xid AND b.id < a.id) > $2)
+                      ORDER BY m.user_id, m.group_id, m.action_id),
+                 at_pos AS (
+                     SELECT g.user_id, g.group_id FROM pg_sync.group_memberships g
+                      WHERE g.user_id = ANY ($1)
+                        AND NOT EXISTS (SELECT 1 FROM later l
+                                         WHERE l.user_id = g.user_id AND l.group_id = g.group_id)
+                     UNION
+                     SELECT l.user_id, l.group_id FROM later l WHERE NOT l.joined)
+                 SELECT user_id, array_agg(group_id) FROM at_pos GROUP BY user_id",
+                &[&users, &at],
+            )
+            .await?;
+        let fresh: HashMap<String, Vec<String>> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        self.hub.refresh_groups(&fresh);
+        Ok(())
+    }
+
+    /// Persists the sync ids of `xids` (consecutive from `next_sync_id`, in this order) in one
+    /// statement, and returns the xids a backlog pass had sequenced already (skipped).
+    ///
+    /// Decoding can deliver a commit before the committing backend has left the proc array (it
+    /// flushes its commit record first), so a transaction can be streamed here while snapshots
+    /// still see it in progress. Ids persisted then would name actions a reader cannot see yet:
+    /// `changes()` would return the range with a hole, and a peer or a replaying client would
+    /// move its cursor past actions it never got. So the statement persists nothing until every
+    /// one of the transactions is visible in its own snapshot (then in every later one too),
+    /// and the sequencer asks again shortly.
+    pub(super) async fn persist(
+        &mut self,
+        xids: &[String],
+        stream_xids: &[i64],
+        counts: &[i32],
+        lsns: &[String],
+        times: &[i64],
+    ) -> Result<std::collections::HashSet<String>, SequencerError> {
+        let started = Instant::now();
+        let mut waits = 0u32;
+        // Prepared once per session: a statement sent as text is parsed and described in a
+        // round trip of its own before every execution (on a loaded machine each round trip
+        // is a wake-up of the backend, and this is on every commit's way to the clients).
+        let stmt = match &self.persist_stmt {
+            Some(stmt) => stmt.clone(),
+            None => {
+                let stmt = self.db.prepare(PERSIST_SQL).await?;
+                self.persist_stmt = Some(stmt.clone());
+                stmt
+            }
+        };
+        loop {
+            let row = self
+                .db
+                .query_one(
+                    &stmt,
+                    &[
+                        &xids,
+                        &counts,
+                        &lsns,
+                        &times,
+                        &self.next_sync_id,
+                        &stream_xids,
+                    ],
+                )
+                .await?;
+            if row.get::<_, bool>(0) {
+                if waits > 0 {
+                    tracing::debug!(
+                        waits,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "sequencer: waited for streamed transactions to become visible"
+                    );
+                }
+                return Ok(row.get::<_, Vec<String>>(1).into_iter().collect());
+            }
+            waits += 1;
+            self.status.visibility_waits.fetch_add(1, Ordering::Relaxed);
+            // Normally microseconds; as long as a synchronous standby keeps the committer
+            // waiting. Bounded, so the session restarts (and a shutdown gets through) instead
+            // of waiting here for good: what is pending is unacknowledged and streams again.
+            if started.elapsed() >= VISIBILITY_WAIT_MAX {
+                return Err(SequencerError::NotVisible(started.elapsed()));
+            }
+            // The committer leaves the proc array right after its commit record is flushed, so
+            // the window is normally microseconds and an immediate second look (one round
+            // trip) usually finds it closed: no timer in the way (a 1 ms sleep cost 1-2 ms).
+            if waits <= IMMEDIATE_RETRIES {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(if waits < 100 { 1 } else { 10 })).await;
+        }
+    }
+
+    /// Persists, publishes, then acknowledges everything pending.
+    pub(super) async fn flush(&mut self, repl: &ReplicationClient) -> Result<(), SequencerError> {
+        if self.unresolved.is_some() {
+            // Nothing is sequenced before the backlog (it goes first); unacknowledged, what is
+            // pending streams again after a restart.
+            return Ok(());
+        }
+        self.pending_since = None;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if crate::failpoint::fire("panic_in_flush") {
+            panic!("failpoint panic_in_flush");
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_actions = 0;
+        let started = std::time::Instant::now();
+        // Persisted in one round trip: transactions a backlog pass already sequenced (known by
+        // their xid) are skipped by the statement, which names them; the others get
+        // consecutive ids in commit order, exactly as assigned below.
+        let mut xids = vec![];
+        let mut stream_xids = vec![];
+        let mut counts = vec![];
+        let mut lsns = vec![];
+        let mut times = vec![];
+        for txn in &pending {
+            if txn.commit_lsn <= self.last_commit_lsn || txn.count == 0 {
+                continue;
+            }
+            xids.push(txn.xid.clone().unwrap_or_default());
+            stream_xids.push(i64::from(txn.stream_xid));
+            counts.push(txn.count as i32);
+            lsns.push(txn.commit_lsn.to_pg_string());
+            times.push(txn.committed_at_us);
+        }
+        let known: std::collections::HashSet<String> = if xids.is_empty() {
+            Default::default()
+        } else {
+            self.persist(&xids, &stream_xids, &counts, &lsns, &times)
+                .await?
+        };
+        let mut firsts = vec![];
+        let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
+        for txn in &pending {
+            if txn.commit_lsn <= self.last_commit_lsn
+                || txn.xid.as_ref().is_some_and(|x| known.contains(x))
+            {
+                assigned.push((0, txn)); // sequenced already: only its memberships matter now
+                continue;
+            }
+            if txn.count == 0 {
+                assigned.push((0, txn));
+                continue;
+            }
+            let first = self.next_sync_id;
+            self.next_sync_id += txn.count as i64;
+            firsts.push((first, txn.count as u64));
+            assigned.push((first, txn));
+        }
+        if crate::failpoint::fire("after_persist") {
+            return Err(SequencerError::Failpoint("after_persist"));
+        }
+        // Holds persisted ids unpublished for a while (not the first transaction's, so a test
+        // can have one published first).
+        if firsts.first().is_some_and(|f| f.0 > 1) && crate::failpoint::fire("stall_after_persist")
+        {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        // Persisted: now clients may see these ids.
+        let mut batch = vec![];
+        for (first, txn) in &assigned {
+            if *first == 0 {
+                // Sequenced (and published) already: its membership changes came with it.
+                batch.push(Published {
+                    revoked_keys: txn.revoked_keys.clone(),
+                    all_keys_revoked: txn.all_keys_revoked,
+                    ..Published::default()
+                });
+                continue;
+            }
+            if txn.large {
+                // Its key revocations go first, as they do in publish_large.
+                batch.push(Published {
+                    all_keys_revoked: txn.all_keys_revoked,
+                    ..Published::default()
+                });
+                self.hub.publish(&std::mem::take(&mut batch));
+                self.publish_large(*first, txn).await?;
+                continue;
+            }
+            let mut rows: Vec<&Row> = txn.actions.iter().collect();
+            // Each key read once (not a cloned string per comparison).
+            rows.sort_by_cached_key(|r| {
+                r.get("id")
+                    .and_then(|v| v.as_deref())
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0)
+            });
+            let mut deltas = Vec::with_capacity(rows.len());
+            for (i, row) in rows.into_iter().enumerate() {
+                // Global is what the action says (no group id), as replay judges it: never the
+                // registry now, which a re-registration may have changed since.
+                let global = row.get("group_id").is_none_or(|g| g.is_none());
+                deltas.push(Arc::new(Delta::from_columns(
+                    first + i as i64,
+                    global,
+                    |c| row.get(c).cloned().flatten(),
+                )));
+            }
+            let last = if txn.count > 0 {
+                first + txn.count as i64 - 1
+            } else {
+                0
+            };
+            batch.extend(at_positions(
+                deltas,
+                last,
+                txn.revoked_keys.clone(),
+                txn.all_keys_revoked,
+            ));
+        }
+        self.hub.publish(&batch);
+        let latency = &self.hub.metrics.latency;
+        latency.flushed(started, pending.iter().map(|t| t.committed_at_us));
+        if pending.iter().any(|t| t.registry_changed) {
+            self.hub.wake_all();
+        }
+        self.status
+            .sequenced_actions
+            .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);
+        if let Some(last) = pending.last() {
+            self.last_commit_lsn = self.last_commit_lsn.max(last.commit_lsn);
+            self.ack(repl, last.end_lsn);
+            let mut done = last.end_lsn;
+            if let Some(fence) = self.fence.take() {
+                done = done.max(fence);
+            }
+            self.status
+                .processed_lsn
+                .fetch_max(done.as_u64(), Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Publishes a transaction too large to hold, page by page from the database.
+    pub(super) async fn publish_large(
+        &mut self,
+        first: i64,
+        txn: &ReadyTxn,
+    ) -> Result<(), SequencerError> {
+        let last = first + txn.count as i64 - 1;
+        self.publish_from_db(first, last, txn.revoked_keys.clone())
+            .await
+    }
+
+    /// Publishes the persisted sync ids `first..=last`, read back page by page (membership
+    /// changes at their positions); the revocations ride on the first page.
+    pub(super) async fn publish_from_db(
+        &self,
+        first: i64,
+        last: i64,
+        mut revoked_keys: Vec<String>,
+    ) -> Result<(), SequencerError> {
+        let mut after = first - 1;
+        while after < last {
+            let span = page_span(after, last, LARGE_PAGE);
+            let deltas = changes(&self.db, after, None, span, None).await?;
+            after += span as i64;
+            self.hub.publish(&at_positions(
+                deltas,
+                after,
+                std::mem::take(&mut revoked_keys),
+                false,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How many sync ids the next page after `after` covers on the way to `last`: at most `max`,
+/// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
+pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
+    (last - after).clamp(0, i64::from(max)) as i32
+}
+
+/// A sequenced transaction (or page of one) as the hub takes it: each membership change in it
+/// (an action of `MEMBERSHIP_MODEL`) applies at its own position, so the deltas after it go in
+/// a part of their own that carries it first. Key revocations go first; the last part moves
+/// the watermark to `last_sync_id`.
+fn at_positions(
+    deltas: Vec<Arc<Delta>>,
+    last_sync_id: i64,
+    revoked_keys: Vec<String>,
+    all_keys_revoked: bool,
+) -> Vec<Published> {
+    let mut parts = vec![Published {
+        revoked_keys,
+        all_keys_revoked,
+        ..Published::default()
+    }];
+    for d in deltas {
+        let Some(member) = &d.member else {
+            parts.last_mut().expect("one part").deltas.push(d);
+            continue;
+        };
+        if !parts.last().expect("one part").deltas.is_empty() {
+            parts.push(Published::default());
+        }
+        parts
+            .last_mut()
+            .expect("one part")
+            .memberships
+            .push(MembershipChange {
+                user_id: member.user_id.clone(),
+                group_id: d.group_id.clone().unwrap_or_default(),
+                joined: member.joined,
+                sync_id: Some(d.sync_id),
+            });
+    }
+    parts.last_mut().expect("one part").last_sync_id = last_sync_id;
+    parts
+}
+
+/// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
+/// global models, and the membership changes of `member` (None: everyone's).
+pub async fn changes(
+    db: &Client,
+    after: i64,
+    groups: Option<&[String]>,
+    span: i32,
+    member: Option<&str>,
+) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
+    // `pg_sync.changes()` returns every user's membership changes; a reader for one user drops
+    // the others here, in the database, not after shipping and decoding them: with 10,000
+    // users each subscribing from 0, that was 10,000 x 10,000 rows turned into deltas and thrown
+    // away (the fan-out bench's set-up took over ten minutes).
+    let rows = db
+        .query(
+            "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
+                    moved::text, client_id, client_tx_id::text
+               FROM pg_sync.changes($1, $2, $3)
+              WHERE $4::text IS NULL OR model <> '$membership' OR model_id = $4
+              ORDER BY sync_id",
+            &[&after, &groups, &span, &member],
+        )
+        .await?;
+    let rows_len = rows.len();
+    const NAMES: [&str; 10] = [
+        "model",
+        "model_id",
+        "action",
+        "data",
+        "version",
+        "group_id",
+        "prev_group_id",
+        "moved",
+        "client_id",
+        "client_tx_id",
+    ];
+    let build = move || -> Vec<Arc<Delta>> {
+        rows.iter()
+            .map(|r| {
+                let sync_id: i64 = r.get(0);
+                let global: bool = r.get(1);
+                Arc::new(Delta::from_columns(sync_id, global, |c| {
+                    let i = NAMES.iter().position(|n| *n == c)?;
+                    r.get::<_, Option<String>>(i + 2).map(|v| {
+                        if c == "moved" {
+                            if v == "true" {
+                                "t".into()
+                            } else {
+                                "f".into()
+                            }
+                        } else {
+                            v
+                        }
+                    })
+                }))
+            })
+            .collect()
+    };
+    // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
+    // one in release: built on a runtime thread it stalls every task scheduled there (two
+    // replaying clients held /healthz up for 2 s). Large pages are built on the blocking pool.
+    if rows_len > BLOCKING_PAGE_ROWS {
+        // At most (cores - 1) pages are built at once (at least one), so many clients replaying
+        // together leave a core to everything else (/healthz, live delivery): six replays at
+        // once still held /healthz up for 230 ms without this bound.
+        static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        let builders = BUILDERS.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+        });
+        let _turn = builders.acquire().await.expect("never closed");
+        Ok(tokio::task::spawn_blocking(build)
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+    } else {
+        Ok(build())
+    }
+}
+
+/// Pages with more rows than this are turned into deltas off the async runtime.
+const BLOCKING_PAGE_ROWS: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A membership change applies at its own position: the deltas before it go out before
+    /// it, those after it after it; the last part moves the watermark.
+    #[test]
+    fn membership_changes_split_a_transaction_at_their_positions() {
+        let row = |id: i64, model: &str, action: &str, group: &str| {
+            let (model, action, group) = (model.to_owned(), action.to_owned(), group.to_owned());
+            Arc::new(Delta::from_columns(id, false, move |c| match c {
+                "model" => Some(model.clone()),
+                "model_id" => Some("u".into()),
+                "action" => Some(action.clone()),
+                "group_id" => Some(group.clone()),
+                _ => None,
+            }))
+        };
+        let parts = at_positions(
+            vec![
+                row(5, "todos", "I", "a"),
+                row(6, crate::delta::MEMBERSHIP_MODEL, "J", "b"),
+                row(7, crate::delta::MEMBERSHIP_MODEL, "L", "a"),
+                row(8, "todos", "I", "b"),
+            ],
+            8,
+            vec!["k".into()],
+            false,
+        );
+        let shape: Vec<String> = parts
+            .iter()
+            .map(|p| {
+                let deltas: Vec<String> = p.deltas.iter().map(|d| d.sync_id.to_string()).collect();
+                let members: Vec<String> = p
+                    .memberships
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}{}@{:?}",
+                            if m.joined { "+" } else { "-" },
+                            m.group_id,
+                            m.sync_id
+                        )
+                    })
+                    .collect();
+                format!(
+                    "[{}] d[{}] last {}",
+                    members.join(" "),
+                    deltas.join(" "),
+                    p.last_sync_id
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            ["[] d[5] last 0", "[+b@Some(6) -a@Some(7)] d[8] last 8"]
+        );
+        assert_eq!(parts[0].revoked_keys, ["k"]);
+        // Its frame is a membership frame at its own sync id.
+        let m: serde_json::Value =
+            serde_json::from_str(row(6, "$membership", "J", "b").frame.as_str()).unwrap();
+        assert_eq!(
+            m,
+            serde_json::json!({"type": "membership", "groupId": "b", "joined": true, "syncId": 6})
+        );
+    }
+
+    #[test]
+    fn page_spans_never_wrap() {
+        assert_eq!(page_span(0, 10, 5_000), 10);
+        assert_eq!(page_span(10, 10, 5_000), 0);
+        assert_eq!(page_span(0, 1 << 40, 5_000), 5_000);
+        // (last - after) as i32 was negative here, and the paging loop never ended.
+        assert_eq!(page_span(0, 3_000_000_000, 5_000), 5_000);
+        assert_eq!(page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
+        assert_eq!(page_span(20, 10, 5_000), 0);
+    }
+}

@@ -1,0 +1,406 @@
+//! One replication session: connects, resolves what a previous session left (a persisted but
+//! unpublished gap, the start-up backlog), then follows the stream: decodes each transaction,
+//! hands committed ones to sequencing in batches, and acknowledges what is done. `run` restarts
+//! sessions after failures.
+
+use super::backlog::{Backlog, Unresolved};
+use super::setup::{connect, ensure_setup, replication_config};
+use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, PG_EPOCH_US};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::replication::pgoutput::{Decoder, Message, Row};
+use futures::FutureExt;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+pub(super) struct OpenTxn {
+    pub(super) commit_lsn: Lsn,
+    pub(super) actions: Vec<Row>,
+    pub(super) count: usize,
+    pub(super) large: bool,
+    pub(super) xid: Option<String>,
+    /// The committing transaction's own xid as the stream names it (low 32 bits). The log
+    /// rows' `xid` column is not always it: a restore keeps the old cluster's, and xid_guard
+    /// remaps those above 2^62.
+    pub(super) stream_xid: u32,
+    pub(super) revoked_keys: Vec<String>,
+    /// TRUNCATE of the API keys: every key session is closed.
+    pub(super) all_keys_revoked: bool,
+    /// A registration changed (`register_table` again, `unregister_table`): held `/v1/shape`
+    /// requests wake to answer their 409.
+    pub(super) registry_changed: bool,
+}
+
+/// A committed transaction waiting to be sequenced.
+pub(super) struct ReadyTxn {
+    pub(super) end_lsn: Lsn,
+    pub(super) committed_at_us: i64,
+    pub(super) txn: OpenTxn,
+}
+
+impl std::ops::Deref for ReadyTxn {
+    type Target = OpenTxn;
+
+    fn deref(&self) -> &OpenTxn {
+        &self.txn
+    }
+}
+
+pub(super) struct Session<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) db: Client,
+    pub(super) hub: &'a Hub,
+    pub(super) status: &'a Status,
+    pub(super) next_sync_id: i64,
+    pub(super) last_commit_lsn: Lsn,
+    pub(super) pending: Vec<ReadyTxn>,
+    pub(super) pending_actions: usize,
+    pub(super) pending_since: Option<Instant>,
+    /// A fence message seen while transactions were pending; processed once they are.
+    pub(super) fence: Option<Lsn>,
+    /// The start-up backlog not yet told apart from what the slot streams.
+    pub(super) unresolved: Option<Unresolved>,
+    /// `PERSIST_SQL`, prepared on this session's connection.
+    pub(super) persist_stmt: Option<tokio_postgres::Statement>,
+}
+
+/// The chain of causes below an error, for logs (never row values: database errors here come
+/// from pg_sync's own statements).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = vec![];
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push(cause.to_string());
+        next = cause.source();
+    }
+    out.join(": ")
+}
+
+/// Runs replication until `shutdown` flips, reconnecting with backoff after failures.
+pub async fn run(
+    cfg: Arc<Config>,
+    hub: Arc<Hub>,
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    // Set when a session held too much of the stream to resolve the backlog: the next one
+    // peeks at the slot instead.
+    let mut peek = false;
+    loop {
+        let started = Instant::now();
+        // A panic in a session must not leave the worker looking healthy with nobody
+        // sequencing: it ends the session like an error does (health says not streaming), and
+        // the next session starts from what is persisted.
+        let result =
+            std::panic::AssertUnwindSafe(session(&cfg, &hub, &status, &mut shutdown, &mut peek))
+                .catch_unwind()
+                .await;
+        status.streaming.store(false, Ordering::Release);
+        match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
+            }
+            Err(panic) => {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                status.panics.fetch_add(1, Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "replication session panicked; reconnecting");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    cfg: &Config,
+    hub: &Hub,
+    status: &Status,
+    shutdown: &mut watch::Receiver<bool>,
+    peek: &mut bool,
+) -> Result<(), SequencerError> {
+    let db = connect(&cfg.database_url).await?;
+    ensure_setup(&db, cfg, status).await?;
+    let row = db
+        .query_one(
+            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
+            &[],
+        )
+        .await?;
+    let last_sync_id: i64 = row.get(0);
+    let last_lsn: String = row.get(1);
+    let mut s = Session {
+        cfg,
+        db,
+        hub,
+        status,
+        next_sync_id: last_sync_id + 1,
+        last_commit_lsn: Lsn::parse(&last_lsn).unwrap_or(Lsn::ZERO),
+        pending: vec![],
+        pending_actions: 0,
+        pending_since: None,
+        fence: None,
+        unresolved: None,
+        persist_stmt: None,
+    };
+    // What a previous session persisted but could not publish (it failed in between) reaches
+    // live subscribers now, before anything newer.
+    let published = hub.published();
+    if !hub.catch_up(last_sync_id) {
+        // The gap's membership changes are log actions: publishing applies each at its
+        // position. Reconciling with the database's memberships first would apply a join
+        // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
+        // A key revoked in the gap gets none of it: revocations are not positional.
+        s.revoke_gone_keys().await?;
+        s.publish_from_db(published + 1, last_sync_id, vec![])
+            .await?;
+        s.reconcile_groups(last_sync_id).await?;
+    }
+    if std::mem::take(peek) {
+        s.sequence_backlog_peeked().await?;
+    } else {
+        s.find_backlog().await?;
+    }
+    let encrypted: bool =
+        s.db.query_one(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )
+        .await?
+        .get(0);
+    let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    if s.unresolved.is_none() {
+        status.streaming.store(true, Ordering::Release);
+    }
+    tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
+    let mut st = Stream {
+        repl,
+        decoder: Decoder::default(),
+        open: None,
+    };
+    loop {
+        // Adaptive batching: committed transactions wait only while the stream has more ready
+        // (under load, what arrives during one persist round trip is the next batch); when
+        // nothing is ready they are persisted and published at once. No fixed wait.
+        let idle_flush = async {
+            if s.pending.is_empty() || s.unresolved.is_some() {
+                std::future::pending::<()>().await
+            }
+        };
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                // Drain: what is complete is persisted, published and acknowledged (unless the
+                // backlog is unresolved: then it streams again next time).
+                s.flush(&st.repl).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(2), st.repl.shutdown()).await;
+                return Ok(());
+            }
+            ev = st.repl.recv() => ev?,
+            _ = idle_flush => { s.flush(&st.repl).await?; continue; }
+        };
+        let Some(event) = event else {
+            s.flush(&st.repl).await?;
+            return Ok(());
+        };
+        // While the backlog is unresolved, transactions are decoded as they stream (so decoding
+        // overlaps the walsender's) but not sequenced: `flush` waits for the resolution.
+        let resolved = match s.watch_backlog(&event) {
+            Backlog::Unresolved => false,
+            Backlog::Resolved => true,
+            Backlog::Overflow => {
+                *peek = true;
+                return Err(SequencerError::HoldOverflow);
+            }
+        };
+        if matches!(event, ReplicationEvent::KeepAlive { .. })
+            && s.unresolved.is_some()
+            && !resolved
+        {
+            // Nothing may be acknowledged before the backlog is sequenced.
+            continue;
+        }
+        if resolved {
+            s.resolve_backlog().await?;
+            status.streaming.store(true, Ordering::Release);
+        }
+        if s.handle(&mut st, event).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// The replication stream and the transaction being received from it.
+pub(super) struct Stream {
+    pub(super) repl: ReplicationClient,
+    pub(super) decoder: Decoder,
+    pub(super) open: Option<OpenTxn>,
+}
+
+impl Session<'_> {
+    /// Handles one stream event; true when the stream ended.
+    pub(super) async fn handle(
+        &mut self,
+        st: &mut Stream,
+        event: ReplicationEvent,
+    ) -> Result<bool, SequencerError> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                st.open = Some(OpenTxn {
+                    commit_lsn: final_lsn,
+                    actions: vec![],
+                    count: 0,
+                    large: false,
+                    xid: None,
+                    stream_xid: xid,
+                    revoked_keys: vec![],
+                    all_keys_revoked: false,
+                    registry_changed: false,
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let msg = st.decoder.decode(&data)?;
+                if let Some(txn) = st.open.as_mut() {
+                    self.absorb(txn, msg);
+                }
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let Some(txn) = st.open.take() else {
+                    return Ok(false);
+                };
+                debug_assert_eq!(txn.commit_lsn, lsn);
+                self.status
+                    .last_commit_unix_ms
+                    .store((commit_time_micros + PG_EPOCH_US) / 1000, Ordering::Relaxed);
+                self.pending_actions += txn.count;
+                self.pending.push(ReadyTxn {
+                    end_lsn,
+                    committed_at_us: commit_time_micros,
+                    txn,
+                });
+                let since = *self.pending_since.get_or_insert_with(Instant::now);
+                // Batches are bounded in size and, under continuous load, in delay.
+                if self.pending_actions >= FLUSH_ACTIONS || since.elapsed() >= FLUSH_AFTER {
+                    self.flush(&st.repl).await?;
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.status
+                    .server_lsn
+                    .store(wal_end.as_u64(), Ordering::Relaxed);
+                if st.open.is_none() && self.pending.is_empty() {
+                    self.ack(&st.repl, wal_end);
+                    self.status
+                        .processed_lsn
+                        .fetch_max(wal_end.as_u64(), Ordering::Release);
+                }
+            }
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => {
+                // A fence (pg_logical_emit_message): every commit before it has arrived.
+                if self.pending.is_empty() {
+                    self.status
+                        .processed_lsn
+                        .fetch_max(lsn.as_u64(), Ordering::Release);
+                } else {
+                    self.fence = Some(self.fence.map_or(lsn, |f| f.max(lsn)));
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                self.flush(&st.repl).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes in one decoded message of an open transaction: its actions (membership changes
+    /// among them) and its API key changes. The memberships and the registry, where a
+    /// publication still carries them, are not followed: the log says all the hub needs.
+    pub(super) fn absorb(&mut self, txn: &mut OpenTxn, msg: Message) {
+        let ours = |r: &crate::replication::pgoutput::Relation, name: &str| {
+            r.namespace == "pg_sync" && r.name == name
+        };
+        match msg {
+            Message::Insert { relation, row } if ours(&relation, "sync_actions") => {
+                if txn.xid.is_none() {
+                    txn.xid = row.get("xid").cloned().flatten();
+                }
+                txn.count += 1;
+                if txn.actions.len() < self.cfg.txn_buffer {
+                    txn.actions.push(row);
+                } else {
+                    // Bounded memory: a huge transaction is re-read from the database.
+                    txn.large = true;
+                    txn.actions = vec![];
+                }
+            }
+            // A key whose hash, user or id changed no longer stands for its sessions; any
+            // other edit (a label) leaves them be. The old row comes whole (REPLICA IDENTITY
+            // FULL); without it nothing tells what changed, so the key's sessions are closed,
+            // to be safe.
+            Message::Update { relation, old, row } if ours(&relation, "api_keys") => {
+                let same = |c: &str| {
+                    old.as_ref().is_some_and(|o| {
+                        o.get(c)
+                            .is_some_and(|v| v.is_some() && Some(v) == row.get(c))
+                    })
+                };
+                if !(same("id") && same("user_id") && same("key_hash")) {
+                    txn.revoked_keys
+                        .extend(old.and_then(|o| o.get("id").cloned().flatten()));
+                    txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                }
+            }
+            Message::Truncate { relations } if relations.iter().any(|r| ours(r, "api_keys")) => {
+                txn.all_keys_revoked = true;
+            }
+            Message::Delete { relation, key } if ours(&relation, "api_keys") => {
+                txn.revoked_keys.extend(key.get("id").cloned().flatten());
+            }
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if ours(&relation, "registry") =>
+            {
+                txn.registry_changed = true;
+            }
+            Message::Truncate { relations } if relations.iter().any(|r| ours(r, "registry")) => {
+                txn.registry_changed = true;
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {
+        repl.update_applied_lsn(lsn);
+        self.status
+            .acked_lsn
+            .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,226 @@
+//! Setup of a replication session: the control connection, the publication and the slot
+//! (created when missing, an invalidated one reported, a stale holder taken over), and the
+//! replication connection's configuration.
+
+use super::{SequencerError, Status};
+use crate::config::Config;
+use pgwire_replication::ReplicationConfig;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// A control connection (`db::connect`: TLS as the URL's `sslmode` says).
+pub async fn connect(url: &str) -> Result<Client, SequencerError> {
+    crate::db::connect(url).await.map_err(SequencerError::from)
+}
+
+impl From<crate::db::ConnectError> for SequencerError {
+    fn from(e: crate::db::ConnectError) -> SequencerError {
+        match e {
+            crate::db::ConnectError::Db(e) => SequencerError::Db(e),
+            crate::db::ConnectError::Url(_) => SequencerError::Url,
+            crate::db::ConnectError::Tls(why) => SequencerError::Tls(why),
+        }
+    }
+}
+
+/// Creates the publication and the slot when missing; reports an invalidated slot.
+/// Returns whether the publication carries everything the sequencer follows (the registry,
+/// updates and truncations); a publication this role may not alter is used as it is.
+pub(super) async fn ensure_setup(
+    db: &Client,
+    cfg: &Config,
+    status: &Status,
+) -> Result<bool, SequencerError> {
+    let mut complete = true;
+    if db
+        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pg_sync'", &[])
+        .await?
+        .is_none()
+    {
+        return Err(SequencerError::NoExtension);
+    }
+    // Updates and truncations are published so that API key changes made that way reach the
+    // hub. Memberships and the registry no longer need to be (kept for publications made
+    // before): membership changes are actions in the log (pg_sync.log_membership()), and each
+    // action says whether it is global (a NULL group id), so re-registrations need no stream.
+    let publication = crate::db::quote_ident(&cfg.publication);
+    match db
+        .query_opt(
+            "SELECT pubupdate AND pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await?
+    {
+        None => {
+            let sql = format!(
+                "CREATE PUBLICATION {publication} FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+                 pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate')"
+            );
+            db.batch_execute(&sql).await?;
+            tracing::info!(publication = %cfg.publication, "created publication");
+        }
+        Some(row) => {
+            let mut alter = vec![];
+            for table in ["api_keys", "registry"] {
+                let listed = db
+                    .query_opt(
+                        "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'pg_sync' AND tablename = $2",
+                        &[&cfg.publication, &table],
+                    )
+                    .await?
+                    .is_some();
+                if !listed {
+                    alter.push(format!(
+                        "ALTER PUBLICATION {publication} ADD TABLE pg_sync.{table}"
+                    ));
+                }
+            }
+            if !row.get::<_, bool>(0) {
+                alter.push(format!(
+                    "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+                ));
+            }
+            for sql in alter {
+                match db.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    // Only its owner may alter a publication made by someone else.
+                    Err(e)
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+                    {
+                        complete = false;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !complete {
+                tracing::warn!(
+                    publication = %cfg.publication,
+                    "the publication lacks pg_sync.registry, pg_sync.api_keys, updates or truncations and this role may not \
+                     alter it; API key changes made by UPDATE or TRUNCATE reach live sessions only on reconnect: ALTER it as its owner (see the worker's ensure_setup)"
+                );
+            }
+        }
+    }
+    match db
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await?
+    {
+        None => {
+            db.query_one(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&cfg.slot],
+            )
+            .await?;
+            tracing::info!(slot = %cfg.slot, "created replication slot");
+        }
+        Some(row) => {
+            let wal_status: String = row.get(0);
+            if wal_status == "lost" {
+                *status
+                    .slot_problem
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some("lost".into());
+                return Err(SequencerError::SlotLost(cfg.slot.clone()));
+            }
+        }
+    }
+    *status
+        .slot_problem
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    take_over_stale_slot(db, cfg).await?;
+    Ok(complete)
+}
+
+/// A walsender whose peer died without closing the connection (a crashed host, a network
+/// partition) holds the slot until `wal_sender_timeout`. When the slot's holder has not
+/// replied for `SYNC_SLOT_TAKEOVER_SECS`, it is terminated so this worker can stream now; a
+/// live holder (another worker replies every 200 ms) is left alone, and this worker keeps
+/// retrying.
+async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), SequencerError> {
+    if cfg.slot_takeover_secs == 0 {
+        return Ok(());
+    }
+    let stale = db
+        .query_opt(
+            "SELECT s.active_pid,
+                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start, now()))::float8
+               FROM pg_replication_slots s
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND s.active",
+            &[&cfg.slot],
+        )
+        .await?;
+    let Some(row) = stale else { return Ok(()) };
+    let (pid, silent_secs): (i32, f64) = (row.get(0), row.get(1));
+    if silent_secs < cfg.slot_takeover_secs as f64 {
+        return Ok(());
+    }
+    tracing::warn!(
+        slot = %cfg.slot,
+        pid,
+        silent_secs,
+        "the replication slot is held by a walsender whose peer has not replied; terminating it"
+    );
+    let signalled: bool = db
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?
+        .get(0);
+    if !signalled {
+        tracing::warn!(pid, "could not terminate the stale walsender");
+        return Ok(());
+    }
+    // Wait (briefly) for the slot to be released.
+    for _ in 0..50 {
+        let active: bool = db
+            .query_one(
+                "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)",
+                &[&cfg.slot],
+            )
+            .await?
+            .get(0);
+        if !active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
+pub(super) fn replication_config(
+    cfg: &Config,
+    encrypted: bool,
+) -> Result<ReplicationConfig, SequencerError> {
+    let target = crate::db::Target::parse(&cfg.database_url)?;
+    let pg = &target.config;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let mut rc = ReplicationConfig::new(
+        host.clone(),
+        pg.get_user().unwrap_or("postgres"),
+        password,
+        pg.get_dbname().unwrap_or("postgres"),
+        cfg.slot.clone(),
+        cfg.publication.clone(),
+    )
+    .with_port(port)
+    .with_status_interval(Duration::from_millis(200))
+    .with_application_name("pg_sync_worker");
+    if let Some(tls) = target.tls.replication_config(&host, encrypted) {
+        rc = rc.with_tls(tls);
+    }
+    Ok(rc)
+}
