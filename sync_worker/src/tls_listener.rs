@@ -48,6 +48,7 @@ impl ServerTls {
             return Ok(None);
         };
         let config = load(cert, key)?;
+        tracing::info!(cert = %cert.display(), "listener speaks TLS (https://, wss://)");
         Ok(Some(ServerTls {
             cert_file: cert.clone(),
             key_file: key.clone(),
