@@ -912,6 +912,9 @@ fn regions_federate_over_the_workers_own_tls() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("HTTPS"), "{body}");
     https_ok(pa);
+    let (status, metrics) = rt.block_on(https_get(pa, &ca_file, "/metrics")).unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("pg_sync_last_sync_id"), "{metrics}");
     // A WebSocket client over wss, trusting the private CA.
     rt.block_on(async {
         let url = format!(
