@@ -92,6 +92,13 @@ pub struct Config {
     /// e.g. a private CA that signed the peers' certificates.
     #[arg(long, env = "SYNC_PEER_CA_FILE")]
     pub peer_ca_file: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) for TLS on the listener: https:// and wss://
+    /// (set with SYNC_TLS_KEY_FILE; reloaded on SIGHUP or when the files change).
+    #[arg(long, env = "SYNC_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of SYNC_TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SYNC_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     /// How long `GET /v1/shape?live=true` holds a request with nothing new (Electric's long-poll).
     #[arg(long, env = "SYNC_SHAPE_LONG_POLL_SECS", default_value_t = 20)]
     pub shape_long_poll_secs: u64,
@@ -119,6 +126,9 @@ impl fmt::Debug for Config {
             .field("publication", &self.publication)
             .field("db_connections", &self.db_connections)
             .field("subscriber_queue", &self.subscriber_queue)
+            .field("peer_ca_file", &self.peer_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -221,6 +231,10 @@ impl Config {
         if config.jwt_secret.is_none() && config.jwt_public_key_file.is_none() {
             anyhow::bail!("set SYNC_JWT_SECRET (HS256) or SYNC_JWT_PUBLIC_KEY_FILE (RS256): clients must authenticate");
         }
+        crate::tls_listener::check_pair(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+        )?;
         Ok(config)
     }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod replication;
 pub mod tls;
+pub mod tls_listener;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,15 @@ pub async fn serve(
         (None, Some(path)) => auth::Verifier::rs256(&std::fs::read(path)?, &expect)?,
         (None, None) => anyhow::bail!("no JWT secret or public key configured"),
     };
+    // Unusable certificate files stop the worker now, naming the file.
+    let tls = tls_listener::ServerTls::from_config(&cfg)?;
+    if let Some(ca) = &cfg.peer_ca_file {
+        // Otherwise every wss:// link would fail later with the same error.
+        tls::peer_config(Some(ca)).map_err(|e| anyhow::anyhow!("peer_ca_file: {e}"))?;
+    }
+    if let Some(tls) = &tls {
+        tls.spawn_reloader(shutdown.clone());
+    }
     // A URL that cannot be used (a bad sslmode, an unreadable sslrootcert) stops the worker
     // now, with the reason, instead of failing every connection later.
     let db = db::Db::new(
@@ -83,7 +93,7 @@ pub async fn serve(
     }
     tokio::spawn(federation::link::run(app.clone(), shutdown.clone()));
     let sessions = app.sessions.clone();
-    let server = accept(listener, api::router(app), shutdown.clone());
+    let server = accept(listener, tls, api::router(app), shutdown.clone());
     // The HTTP connections, then the WebSocket sessions they upgraded to.
     let server = async move {
         server.await;
@@ -107,8 +117,12 @@ pub async fn serve(
 /// Serves `router` on `listener` until `shutdown` flips, then until every connection has
 /// finished (each is told to end after its current request; upgraded sockets end on their own
 /// shutdown signal). HTTP/1.1 with upgrades, with a deadline for each request head.
-async fn accept(listener: TcpListener, router: axum::Router, shutdown: watch::Receiver<bool>) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+async fn accept(
+    listener: TcpListener,
+    tls: Option<tls_listener::ServerTls>,
+    router: axum::Router,
+    shutdown: watch::Receiver<bool>,
+) {
     // Every connection task holds a clone; `closed()` resolves once all are gone.
     let (open_tx, open_rx) = watch::channel(());
     let mut stop = shutdown.clone();
@@ -128,26 +142,49 @@ async fn accept(listener: TcpListener, router: axum::Router, shutdown: watch::Re
         };
         let _ = io.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         let open = open_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _open = open;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_header_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            match tls {
+                // The handshake counts against the request-head deadline: a client that
+                // opens a connection and sends nothing holds it no longer than over HTTP.
+                Some(tls) => {
+                    if let Some(io) = tls.accept(io, HEADER_READ_TIMEOUT).await {
+                        serve_connection(io, service, stop).await;
+                    }
+                }
+                None => serve_connection(io, service, stop).await,
             }
-            let _ = conn.await;
         });
     }
     drop(open_rx);
     open_tx.closed().await;
+}
+
+/// One connection, plain or TLS: HTTP/1.1 with upgrades, with a deadline for each request
+/// head, told to end after its current request when `stop` flips.
+async fn serve_connection<I>(
+    io: I,
+    service: hyper_util::service::TowerToHyperService<axum::Router>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
 }
 
 /// Compacts the log on a schedule (`SYNC_RETENTION`, `SYNC_COMPACT_INTERVAL_SECS`).

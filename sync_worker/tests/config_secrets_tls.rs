@@ -80,3 +80,156 @@ fn verify_ca_without_root_cert_is_refused() {
         "verify-ca with no sslrootcert was accepted (web PKI roots, any host name)"
     );
 }
+
+/// The worker's output when started with `env` (and the config file), or a panic if it is still
+/// running after 20 s (a configuration error must stop it at startup).
+fn run_env(env: &[(&str, &str)], config: &std::path::Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sync_worker"))
+        .env_remove("DATABASE_URL")
+        .env_remove("SYNC_JWT_SECRET")
+        .env("SYNC_CONFIG", config)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the worker did not stop on a bad TLS configuration");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// TLS on the listener: the certificate without the key (or the key without the certificate)
+/// is refused at startup; a missing, non-PEM or mismatched file is an error naming the file,
+/// and a broken key file never has its contents printed.
+#[test]
+fn listener_tls_config_errors_are_clear() {
+    let base = config_file(
+        "tls.toml",
+        "database_url = \"postgres://app@127.0.0.1:1/db\"\njwt_secret = \"x\"\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let dir = base.parent().unwrap().to_path_buf();
+    let out = run_env(&[("SYNC_TLS_CERT_FILE", "/nonexistent/cert.pem")], &base);
+    assert!(out.contains("tls_key_file"), "{out}");
+    let out = run_env(&[("SYNC_TLS_KEY_FILE", "/nonexistent/key.pem")], &base);
+    assert!(out.contains("tls_cert_file"), "{out}");
+
+    let missing = run_env(
+        &[
+            ("SYNC_TLS_CERT_FILE", "/nonexistent/cert.pem"),
+            ("SYNC_TLS_KEY_FILE", "/nonexistent/key.pem"),
+        ],
+        &base,
+    );
+    assert!(missing.contains("/nonexistent/cert.pem"), "{missing}");
+
+    // A real certificate, and a key file whose base64 is broken around a secret-looking body.
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "good.key",
+        "-out",
+        "good.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    const KEY_BODY: &str = "S3CRETKEYMATERIAL!!not*base64";
+    let bad_key = dir.join("bad.key");
+    std::fs::write(
+        &bad_key,
+        format!("-----BEGIN PRIVATE KEY-----\n{KEY_BODY}\n-----END PRIVATE KEY-----\n"),
+    )
+    .unwrap();
+    let cert = dir.join("good.pem");
+    let out = run_env(
+        &[
+            ("SYNC_TLS_CERT_FILE", cert.to_str().unwrap()),
+            ("SYNC_TLS_KEY_FILE", bad_key.to_str().unwrap()),
+        ],
+        &base,
+    );
+    assert!(out.contains(bad_key.to_str().unwrap()), "{out}");
+    assert!(
+        !out.contains("S3CRET"),
+        "the key file's contents were printed:\n{out}"
+    );
+
+    // The key given as the certificate: no certificate in it, named.
+    let key = dir.join("good.key");
+    let out = run_env(
+        &[
+            ("SYNC_TLS_CERT_FILE", key.to_str().unwrap()),
+            ("SYNC_TLS_KEY_FILE", key.to_str().unwrap()),
+        ],
+        &base,
+    );
+    assert!(out.contains("no CERTIFICATE"), "{out}");
+    assert!(!out.contains("BEGIN"), "{out}");
+
+    // A key that is not the certificate's.
+    let other = dir.join("other.key");
+    let out = run_env(
+        &[
+            ("SYNC_TLS_CERT_FILE", cert.to_str().unwrap()),
+            ("SYNC_TLS_KEY_FILE", other.to_str().unwrap()),
+        ],
+        &base,
+    );
+    assert!(out.contains("cannot be used together"), "{out}");
+
+    // An unreadable peer CA file stops the worker too, instead of failing every wss:// link.
+    let out = run_env(&[("SYNC_PEER_CA_FILE", "/nonexistent/ca.pem")], &base);
+    assert!(
+        out.contains("peer_ca_file") && out.contains("/nonexistent/ca.pem"),
+        "{out}"
+    );
+}

@@ -677,62 +677,74 @@ fn test_peer_reports_reachability_auth_versions_and_models() {
 
 /// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
 fn test_pki(dir: &std::path::Path) {
+    test_pki_for(dir, "peer", "IP:127.0.0.1");
+}
+
+/// `test_pki`, the leaf (`{leaf}.pem`, `{leaf}.key`) with subjectAltName `san`; the CA is made
+/// once per directory.
+fn test_pki_for(dir: &std::path::Path, leaf: &str, san: &str) {
     let run = |args: &[&str]| openssl(dir, args);
+    if !dir.join("ca.pem").exists() {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pg_sync test CA",
+        ]);
+    }
+    let (key, csr, pem) = (
+        format!("{leaf}.key"),
+        format!("{leaf}.csr"),
+        format!("{leaf}.pem"),
+    );
     run(&[
         "req",
-        "-x509",
         "-newkey",
         "ec",
         "-pkeyopt",
         "ec_paramgen_curve:P-256",
         "-nodes",
         "-keyout",
-        "ca.key",
+        &key,
         "-out",
-        "ca.pem",
-        "-days",
-        "2",
+        &csr,
         "-subj",
-        "/CN=pg_sync test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "peer.key",
-        "-out",
-        "peer.csr",
-        "-subj",
-        "/CN=127.0.0.1",
+        &format!("/CN={leaf}"),
     ]);
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
     )
     .unwrap();
     run(&[
         "x509",
         "-req",
         "-in",
-        "peer.csr",
+        &csr,
         "-CA",
         "ca.pem",
         "-CAkey",
         "ca.key",
         "-CAcreateserial",
         "-out",
-        "peer.pem",
+        &pem,
         "-days",
         "2",
         "-extfile",
         "ext.cnf",
     ]);
 }
-
 /// A TLS-terminating proxy on `port` in front of the worker on `to` (as a load balancer in
 /// front of a region's worker would be), on its own thread and runtime.
 fn tls_proxy(dir: &std::path::Path, port: u16, to: u16) {
@@ -828,6 +840,124 @@ fn wss_peers_are_verified_against_the_configured_ca() {
             "SELECT state FROM pg_sync.peer_status WHERE peer = 'b'",
         ) == "streaming"
     });
+    drop(wa);
+    drop(wb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The worker's own TLS listener (SYNC_TLS_CERT_FILE/SYNC_TLS_KEY_FILE), no proxy: https
+/// /healthz and a wss WebSocket client with the private CA trusted; plain HTTP on the TLS port
+/// gets a 400 and the worker keeps serving; a peer whose certificate (signed by the trusted CA)
+/// names another host is refused (verify-full); after its files are replaced and it gets
+/// SIGHUP, the two regions federate both ways over wss://.
+#[test]
+fn regions_federate_over_the_workers_own_tls() {
+    let dir = std::env::temp_dir().join(format!("pg_sync_tls_listener_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    test_pki_for(&dir, "a", "IP:127.0.0.1");
+    test_pki_for(&dir, "right", "IP:127.0.0.1");
+    test_pki_for(&dir, "wrong", "DNS:wrong.example");
+    // B starts with the wrong-name certificate, in the files it will be reloaded from.
+    std::fs::copy(dir.join("wrong.pem"), dir.join("b.pem")).unwrap();
+    std::fs::copy(dir.join("wrong.key"), dir.join("b.key")).unwrap();
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (ca_pem, a_pem, a_key, b_pem, b_key) = (
+        path("ca.pem"),
+        path("a.pem"),
+        path("a.key"),
+        path("b.pem"),
+        path("b.key"),
+    );
+    let (ca, cb) = (Cluster::start("tlsl_a", &[]), Cluster::start("tlsl_b", &[]));
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'wss://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'wss://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let env_a = [
+        ("SYNC_TLS_CERT_FILE", a_pem.as_str()),
+        ("SYNC_TLS_KEY_FILE", a_key.as_str()),
+        ("SYNC_PEER_CA_FILE", ca_pem.as_str()),
+    ];
+    let env_b = [
+        ("SYNC_TLS_CERT_FILE", b_pem.as_str()),
+        ("SYNC_TLS_KEY_FILE", b_key.as_str()),
+        ("SYNC_PEER_CA_FILE", ca_pem.as_str()),
+    ];
+    let wa = Worker::start_with(&ca, "app", pa, &env_a);
+    let wb = Worker::start_with(&cb, "app", pb, &env_b);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca_file = dir.join("ca.pem");
+    let https_ok = |port: u16| {
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok((200, _)) = https_get(port, &ca_file, "/healthz").await {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "no https /healthz on {port}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    https_ok(pa);
+    // Plain HTTP on the TLS port: a 400 saying so, and the worker keeps serving.
+    let (status, body) = rt.block_on(http_get(pa, "/healthz")).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("HTTPS"), "{body}");
+    https_ok(pa);
+    let (status, metrics) = rt.block_on(https_get(pa, &ca_file, "/metrics")).unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("pg_sync_last_sync_id"), "{metrics}");
+    // A WebSocket client over wss, trusting the private CA.
+    rt.block_on(async {
+        let url = format!(
+            "wss://127.0.0.1:{pa}/sync/ws?token={}",
+            token("alice", 3600, SECRET)
+        );
+        let (ws, resp) = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            None,
+            false,
+            Some(tokio_tungstenite::Connector::Rustls(tls_client(&ca_file))),
+        )
+        .await
+        .expect("wss handshake with the worker");
+        assert_eq!(resp.status(), 101);
+        drop(ws);
+    });
+    // B's certificate chains to the trusted CA but names wrong.example: A refuses it.
+    wait_for("A to refuse B's wrong-name certificate", || {
+        let e = text(
+            &mut a,
+            "SELECT coalesce(last_error, '') FROM pg_sync.peer_status WHERE peer = 'b'",
+        );
+        e.contains("certificate") && e.contains("name")
+    });
+    // Renewal in place, then SIGHUP: B serves the right certificate without a restart.
+    std::fs::copy(dir.join("right.pem"), dir.join("b.pem")).unwrap();
+    std::fs::copy(dir.join("right.key"), dir.join("b.key")).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &wb.child.id().to_string()])
+        .status();
+    https_ok(pb);
+    exec(&mut a, "INSERT INTO items VALUES ('from-a', 'a', 1, 'g')");
+    exec(&mut b, "INSERT INTO items VALUES ('from-b', 'b', 1, 'g')");
+    converge(&mut a, &mut b);
+    for (c, peer) in [(&mut a, "b"), (&mut b, "a")] {
+        wait_for("the links to stream over wss", || {
+            text(
+                c,
+                &format!("SELECT state FROM pg_sync.peer_status WHERE peer = '{peer}'"),
+            ) == "streaming"
+        });
+    }
     drop(wa);
     drop(wb);
     let _ = std::fs::remove_dir_all(&dir);
