@@ -6,12 +6,24 @@ use std::process::Command;
 const PASSWORD: &str = "S3cretPW_rev6";
 const JWT: &str = "TOPSECRETJWT_rev6";
 
-fn config_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("config_secrets_{}", std::process::id()));
+/// A test's scratch directory, removed when the test ends (also when it fails): it holds
+/// config files with secrets and throwaway keys.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `text` to `name` in a scratch directory of its own (one per test: they run in
+/// parallel); the file lives as long as the returned guard.
+fn config_file(name: &str, text: &str) -> (Scratch, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("config_secrets_{}_{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    (Scratch(dir), path)
 }
 
 fn run(args: &[&str], config: &std::path::Path) -> String {
@@ -33,7 +45,7 @@ fn run(args: &[&str], config: &std::path::Path) -> String {
 /// (`hide_env_values` hides only environment values): they are hidden.
 #[test]
 fn help_does_not_print_config_file_secrets() {
-    let path = config_file(
+    let (_scratch, path) = config_file(
         "help.toml",
         &format!(
             "database_url = \"postgres://app:{PASSWORD}@127.0.0.1:1/db\"\njwt_secret = \"{JWT}\"\n"
@@ -54,7 +66,7 @@ fn help_does_not_print_config_file_secrets() {
 /// line would put the password in the startup error): only line, column and message are shown.
 #[test]
 fn toml_syntax_error_does_not_print_secrets() {
-    let path = config_file(
+    let (_scratch, path) = config_file(
         "bad.toml",
         &format!("database_url = \"postgres://app:{PASSWORD}@127.0.0.1:1/db\njwt_secret = \"x\"\n"),
     );
@@ -116,7 +128,7 @@ fn run_env(env: &[(&str, &str)], config: &std::path::Path) -> String {
 /// and a broken key file never has its contents printed.
 #[test]
 fn listener_tls_config_errors_are_clear() {
-    let base = config_file(
+    let (_scratch, base) = config_file(
         "tls.toml",
         "database_url = \"postgres://app@127.0.0.1:1/db\"\njwt_secret = \"x\"\nlisten = \"127.0.0.1:0\"\n",
     );
