@@ -59,11 +59,13 @@ struct Write {
     ctx: RemoteContext,
 }
 
+/// A state-only merge: key index, change index, outcome, the row at the merge.
+type StateOnly = (usize, usize, Outcome, Option<Map<String, Value>>);
+
 /// A round's writes to one model.
 #[derive(Default)]
 struct Writes {
-    /// State-only merges: (key index, change index, outcome, the row at the merge).
-    state_only: Vec<(usize, usize, Outcome, Option<Map<String, Value>>)>,
+    state_only: Vec<StateOnly>,
     deletes: Vec<Write>,
     /// By written column set.
     updates: BTreeMap<Vec<String>, Vec<Write>>,
@@ -318,8 +320,8 @@ fn quoted<'a>(cols: impl IntoIterator<Item = &'a String>, prefix: &str) -> Strin
 /// columns by model id.
 fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<String, Value>> {
     let sql = format!(
-        "WITH l AS (SELECT {cols} FROM {t} AS t
-                     WHERE ({tk}) IN (SELECT {xk} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x)
+        "WITH l AS (SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
+                       JOIN {t} AS t ON ({tk}) = ({xk})
                      ORDER BY {tk} FOR UPDATE OF t)
          SELECT pg_catalog.jsonb_object_agg({id}, pg_catalog.to_jsonb(l)) FROM l",
         cols = quoted(&model.columns, "t."),
@@ -363,9 +365,11 @@ fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, State>
             vec![arg()],
         );
         let found = model::run(
-            "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s) AS j FROM pg_sync.row_state s
-                         WHERE s.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')
-                           AND s.model_id IN (SELECT pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i'))
+            "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s) AS j
+                          FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
+                          JOIN pg_sync.row_state s
+                            ON s.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')
+                           AND s.model_id OPERATOR(pg_catalog.=) i.i
                          ORDER BY s.model_id FOR UPDATE OF s)
              SELECT pg_catalog.jsonb_object_agg(l.model_id, l.j) FROM l",
             &types,
