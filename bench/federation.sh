@@ -14,6 +14,10 @@
 #             p50/p99 of applied - written;
 #   cost      unthrottled pgbench inserts on A for FED_COST_SECONDS with 0, 1, 2 receivers
 #             attached: tps and WAL bytes per row.
+# FED_PHASES (default "catchup delay cost") picks the measurements. FED_APPLY_COMPARE=1 adds
+# `fedold` to the catch-up: pg_sync with B's apply change by change (pg_sync.set_apply = off on
+# B's database: main's per-change apply path, in the same build), alternated with `fed` (the
+# set-based apply) within each run, first one then the other.
 # pglogical comes from the Debian package postgresql-15-pglogical: installed when root and the
 # package is missing (as scripts/deps.sh does), and copied into $PG_CONFIG's Postgres when that
 # is another (relocated) copy; without root the .deb is fetched with `apt-get download`.
@@ -27,6 +31,7 @@ rates=${FED_RATES:-"500 2000"}
 probe_s=${FED_PROBE_SECONDS:-15}
 cost_s=${FED_COST_SECONDS:-10}
 systems=${FED_SYSTEMS:-"fed pgl nat"}
+phases=${FED_PHASES:-"catchup delay cost"}
 
 # --- pglogical ------------------------------------------------------------------------------
 ensure_pglogical() {
@@ -233,19 +238,28 @@ results="$work/results"
 rec() { echo "$*" >>"$results"; }
 
 catchup() { # catchup SYSTEM RUN
-  local sys=$1 r=$2 before t0 t1 last
-  settle "$sys"
-  attach "$sys" 1 off
-  [ "$sys" = fed ] && before=$(val "$pa" fed "SELECT pg_sync.last_sync_id()")
+  local sys=$1 r=$2 db=$1 before t0 t1 last
+  [ "$sys" = fedold ] && db=fed
+  settle "$db"
+  attach "$db" 1 off
+  # B's worker starts below with new connections: the apply path they use.
+  [ "$db" = fed ] && val "$pb" postgres "ALTER DATABASE fed $([ "$sys" = fedold ] &&
+    echo "SET pg_sync.set_apply = off" || echo "RESET pg_sync.set_apply")" >/dev/null
+  [ "$db" = fed ] && before=$(val "$pa" fed "SELECT pg_sync.last_sync_id()")
   last="r$r-$sys-k$rows"
   for ((t = 0; t < rows / 1000; t++)); do
     echo "INSERT INTO items SELECT 'r$r-$sys-k' || g, md5(g::text), g, 'g' || (g % 50) FROM generate_series($((t * 1000 + 1)), $((t * 1000 + 1000))) g;"
-  done | qa "$sys" >/dev/null
-  [ "$sys" = fed ] && wait_for 600 "a sequenced the backlog" sequenced $((before + rows))
+  done | qa "$db" >/dev/null
+  [ "$db" = fed ] && wait_for 600 "a sequenced the backlog" sequenced $((before + rows))
   t0=$(now)
-  attach "$sys" 1 on
-  wait_for 1800 "$sys catch-up" has_row "$sys" "$last"
+  attach "$db" 1 on
+  wait_for 1800 "$sys catch-up" has_row "$db" "$last"
   t1=$(now)
+  if [ "$sys" = fedold ]; then # back to the set-based apply for what follows
+    val "$pb" postgres "ALTER DATABASE fed RESET pg_sync.set_apply" >/dev/null
+    attach fed 1 off
+    attach fed 1 on
+  fi
   rec catchup "$sys" "$r" "$(echo "$rows / ($t1 - $t0)" | bc -l)"
   printf 'run %d %-4s catch-up %d rows: %.2f s (%.0f rows/s)\n' "$r" "$sys" "$rows" \
     "$(echo "$t1 - $t0" | bc)" "$(echo "$rows / ($t1 - $t0)" | bc -l)"
@@ -301,14 +315,25 @@ cost() { # cost SYSTEM RUN PEERS
   printf 'run %d %-4s cost with %d peer(s): %.0f tps, %s WAL bytes/row\n' "$r" "$sys" "$k" "$tps" "$walrow"
 }
 
+has_phase() { [[ " $phases " == *" $1 "* ]]; }
 for ((r = 1; r <= runs; r++)); do
-  for sys in $systems; do catchup "$sys" "$r"; done
-  for rate in $rates; do
-    for sys in $systems; do delay "$sys" "$r" "$rate"; done
-  done
-  for k in 0 1 2; do
-    for sys in $systems; do cost "$sys" "$r" "$k"; done
-  done
+  if has_phase catchup; then
+    catch=$systems
+    if [ -n "${FED_APPLY_COMPARE:-}" ]; then # fed and fedold alternate which goes first
+      if ((r % 2)); then catch=${catch/fed/fedold fed}; else catch=${catch/fed/fed fedold}; fi
+    fi
+    for sys in $catch; do catchup "$sys" "$r"; done
+  fi
+  if has_phase delay; then
+    for rate in $rates; do
+      for sys in $systems; do delay "$sys" "$r" "$rate"; done
+    done
+  fi
+  if has_phase cost; then
+    for k in 0 1 2; do
+      for sys in $systems; do cost "$sys" "$r" "$k"; done
+    done
+  fi
   for sys in $systems; do attach "$sys" 1 on; attach "$sys" 2 off; done
 done
 
@@ -335,11 +360,14 @@ def fmt(k, f="%.0f"):
 def ratio(a, b):
     x, y = mmm(a), mmm(b)
     return "n/a" if not x or not y or y[1] == 0 else "%.2fx" % (x[1] / y[1])
-systems = [s for s in ("fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d]
-name = {"fed": "pg_sync", "pgl": "pglogical", "nat": "native"}
-print("| catch-up (rows/s, min / median / max) | " + " | ".join(name[s] for s in systems) + " | pg_sync / pglogical |")
-print("|---" * (len(systems) + 2) + "|")
-print("| rows/s | " + " | ".join(fmt(("catchup", s)) for s in systems) + " | " + ratio(("catchup", "fed"), ("catchup", "pgl")) + " |")
+systems = [s for s in ("fedold", "fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d]
+name = {"fedold": "pg_sync change by change", "fed": "pg_sync", "pgl": "pglogical", "nat": "native"}
+print("| catch-up (rows/s, min / median / max) | " + " | ".join(name[s] for s in systems) + " | pg_sync / pglogical |"
+      + (" pg_sync / change by change |" if "fedold" in systems else ""))
+print("|---" * (len(systems) + 2 + ("fedold" in systems)) + "|")
+print("| rows/s | " + " | ".join(fmt(("catchup", s)) for s in systems) + " | " + ratio(("catchup", "fed"), ("catchup", "pgl")) + " |"
+      + (" " + ratio(("catchup", "fed"), ("catchup", "fedold")) + " |" if "fedold" in systems else ""))
+systems = [s for s in systems if s != "fedold"]
 rates = sorted({k[2] for k in d if k[0] == "p99"}, key=int)
 print()
 print("| write-to-apply delay (ms, min / median / max) | " + " | ".join(name[s] for s in systems) + " | pg_sync / pglogical (median) |")

@@ -667,8 +667,10 @@ $$;
 -- from_id+1 .. to_id of the peer's log whose epoch is `epoch`, as a JSON array of actions (each
 -- with its "sync_id"). One or more whole source transactions: the worker never splits one.
 -- Locks the cursor; a range already applied answers 'duplicate'; a gap or another epoch raises.
--- Applies the batch in one go; if that fails, change by change in subtransactions, parking
--- failures in peer_quarantine. Advances the cursor in this same transaction.
+-- Applies the batch in one go, set-based where it can (apply_remote_set; NULL means it cannot,
+-- and apply_remote applies it change by change); if that fails, change by change in
+-- subtransactions, parking failures in peer_quarantine. Advances the cursor in this same
+-- transaction.
 CREATE FUNCTION pg_sync.apply_peer_batch(peer text, epoch text, from_id bigint, to_id bigint, changes jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -735,7 +737,7 @@ BEGIN
     n := jsonb_array_length(todo);
     IF n > 0 THEN
         BEGIN
-            n_changed := pg_sync.apply_remote(todo);
+            n_changed := coalesce(pg_sync.apply_remote_set(todo), pg_sync.apply_remote(todo));
         EXCEPTION WHEN OTHERS THEN
             -- Transient failures (deadlock, serialization, lock timeout, resources, shutdown)
             -- are not the change's fault: the whole batch fails and the worker retries it.

@@ -520,6 +520,7 @@ $$;
 REVOKE ALL ON FUNCTION pg_sync.register_table(regclass, text, text, text[], text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.unregister_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.apply_remote(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.apply_remote_set(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.mutate(text, uuid, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pg_sync.add_member(text, text, text) FROM PUBLIC;

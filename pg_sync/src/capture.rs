@@ -56,6 +56,15 @@ pub struct RemoteContext {
     pub written: Map<String, Value>,
 }
 
+/// The per-row contexts of one set-based statement of `remote_set` (one INSERT, UPDATE or
+/// DELETE writing many keys of one relation, each key at most once): the trigger takes each
+/// row's own context by its key, so every row is recorded with its peer's versions and origin.
+pub struct RemoteSet {
+    pub relid: pg_sys::Oid,
+    pub depth: i32,
+    pub rows: HashMap<String, RemoteContext>,
+}
+
 /// A client's identity, set by `mutate` for the writes of one client transaction.
 pub struct ClientContext {
     pub client_id: String,
@@ -67,6 +76,7 @@ pub struct ClientContext {
 
 thread_local! {
     static REMOTE: RefCell<Option<RemoteContext>> = const { RefCell::new(None) };
+    static REMOTE_SET: RefCell<Option<RemoteSet>> = const { RefCell::new(None) };
     static CLIENT: RefCell<Option<ClientContext>> = const { RefCell::new(None) };
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<TableConfig>>> = RefCell::new(HashMap::new());
     /// Bumped when every cached registration is stale (a full relcache reset, or an
@@ -101,6 +111,14 @@ pub fn trigger_depth() -> i32 {
 /// fired directly by its statement (one trigger level below where apply_remote entered it).
 /// Anything else fired while it is set (FK cascades, other triggers' writes) is local.
 fn take_remote(relid: pg_sys::Oid, model_id: impl FnOnce() -> String) -> Option<RemoteContext> {
+    let set = REMOTE_SET.with(|r| r.borrow().as_ref().map(|s| (s.relid, s.depth)));
+    if let Some((oid, depth)) = set {
+        if oid != relid || depth != trigger_depth() {
+            return None;
+        }
+        let id = model_id();
+        return REMOTE_SET.with(|r| r.borrow_mut().as_mut().and_then(|s| s.rows.remove(&id)));
+    }
     let (oid, depth) = REMOTE.with(|r| r.borrow().as_ref().map(|c| (c.relid, c.depth)))?;
     if oid != relid || depth != trigger_depth() {
         return None;
@@ -119,6 +137,17 @@ fn take_remote(relid: pg_sys::Oid, model_id: impl FnOnce() -> String) -> Option<
 pub fn enter_remote(ctx: RemoteContext) -> ContextGuard {
     REMOTE.with(|r| *r.borrow_mut() = Some(ctx));
     ContextGuard(|| REMOTE.with(|r| *r.borrow_mut() = None))
+}
+
+/// Sets the per-row contexts of one set-based statement (see `RemoteSet`).
+pub fn enter_remote_set(set: RemoteSet) -> ContextGuard {
+    REMOTE_SET.with(|r| *r.borrow_mut() = Some(set));
+    ContextGuard(|| REMOTE_SET.with(|r| *r.borrow_mut() = None))
+}
+
+/// How many contexts of the current set-based statement no row has taken.
+pub fn remote_set_left() -> usize {
+    REMOTE_SET.with(|r| r.borrow().as_ref().map_or(0, |s| s.rows.len()))
 }
 
 pub fn enter_client(ctx: ClientContext) -> ContextGuard {
@@ -746,11 +775,13 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
     let remote = take_remote(cfg.rel, || unsafe {
         Row::deform(td.tg_trigtuple, tupdesc).model_id(&cfg)
     });
-    // Put the remote context back for the next row of the same statement, even on error.
+    // Put the remote context back for the next row of the same statement, even on error. A
+    // set-based statement's contexts are one per key and written once: never put back.
     struct Putback(Option<RemoteContext>);
     impl Drop for Putback {
         fn drop(&mut self) {
-            if let Some(ctx) = self.0.take() {
+            let from_set = REMOTE_SET.with(|r| r.borrow().is_some());
+            if let Some(ctx) = self.0.take().filter(|_| !from_set) {
                 REMOTE.with(|r| *r.borrow_mut() = Some(ctx));
             }
         }

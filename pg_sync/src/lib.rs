@@ -18,6 +18,7 @@ mod mutate;
 mod owner;
 mod peers;
 mod remote;
+mod remote_set;
 mod retention;
 mod settings;
 mod state;
@@ -125,6 +126,13 @@ mod pg_sync {
             );
         };
         crate::remote::apply_remote(change)
+    }
+
+    /// The set-based apply of a peer batch (an array of changes, as `apply_remote` takes): how
+    /// many changed something, or NULL when the batch must be applied change by change.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn apply_remote_set(changes: Option<JsonB>) -> Option<i64> {
+        crate::remote_set::apply_remote_set(changes?)
     }
 
     /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).

@@ -151,7 +151,7 @@ impl Model {
     /// Runs a statement on the table as its owner, in a security-restricted operation: what
     /// it fires (triggers, defaults, casts, check functions) is the owner's code and must not
     /// run with the caller's rights. The caller needs no privilege on the table.
-    fn run(&self, sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
+    pub(crate) fn run(&self, sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
         crate::owner::as_table_owner(self.owner, || run(sql, types, args))
     }
 
@@ -302,7 +302,7 @@ impl Model {
         )
     }
 
-    fn key_text_expr(&self) -> String {
+    pub(crate) fn key_text_expr(&self) -> String {
         let parts = self
             .key
             .iter()

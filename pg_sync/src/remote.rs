@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 
 /// The largest batch one call accepts.
-const MAX_BATCH: usize = 100_000;
+pub(crate) const MAX_BATCH: usize = 100_000;
 
 /// The body of `pg_sync.apply_remote()`: returns how many changes changed something.
 pub fn apply_remote(change: JsonB) -> i64 {
@@ -52,13 +52,13 @@ pub fn apply_remote(change: JsonB) -> i64 {
 }
 
 /// A registered model and its relation.
-struct Target {
-    model: Model,
-    relid: pg_sys::Oid,
+pub(crate) struct Target {
+    pub(crate) model: Model,
+    pub(crate) relid: pg_sys::Oid,
 }
 
 impl Target {
-    fn lookup(name: &str) -> Target {
+    pub(crate) fn lookup(name: &str) -> Target {
         let model = Model::lookup(name);
         let relid = model::run(
             "SELECT pg_catalog.to_jsonb(r.rel::pg_catalog.oid::pg_catalog.int8) FROM pg_sync.registry r
@@ -75,8 +75,36 @@ impl Target {
     }
 }
 
+/// One validated change, ready to merge.
+pub(crate) struct Prepared {
+    pub(crate) model_name: String,
+    /// Canonical.
+    pub(crate) model_id: String,
+    pub(crate) key: Map<String, Value>,
+    pub(crate) change: Change,
+    /// The newest version the change carries (checked against the clock skew bound).
+    pub(crate) newest: Version,
+    pub(crate) origin: String,
+    /// Error message prefix naming the change and its row.
+    pub(crate) row_ctx: String,
+}
+
 /// Applies one change; returns whether it changed anything.
 fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bool {
+    let p = prepare(raw, ctx, models);
+    apply_change(
+        &models[&p.model_name],
+        &p.model_id,
+        &p.key,
+        &p.change,
+        &p.newest,
+        &p.origin,
+        &p.row_ctx,
+    )
+}
+
+/// Validates one change (raising what the per-change path raises) and looks its model up.
+pub(crate) fn prepare(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> Prepared {
     let Some(obj) = raw.as_object() else {
         errors::invalid(
             format!("{ctx}a change must be a JSON object"),
@@ -174,15 +202,15 @@ fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bo
         .map(|(_, v)| v)
         .fold(&parsed.version, |m, v| if v > m { v } else { m })
         .clone();
-    apply_change(
-        target,
-        &model_id,
-        &key,
-        &parsed.change(),
-        &newest,
-        &origin,
-        &row_ctx,
-    )
+    Prepared {
+        model_name,
+        model_id,
+        key,
+        change: parsed.change(),
+        newest,
+        origin,
+        row_ctx,
+    }
 }
 
 fn apply_change(
@@ -222,22 +250,7 @@ fn apply_change(
         // it would show an open quarantine for a change this node holds.
         return false;
     }
-    // Reject versions from too far in the future before they can drag the clock along (or be
-    // stored).
-    let now = clock::wall_ms();
-    let limit = now.saturating_add(settings::max_clock_skew_ms());
-    if newest.physical_ms() > limit {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
-            format!(
-                "{row_ctx}version from node \"{}\" is {} ms ahead of this node's clock, beyond pg_sync.max_clock_skew ({} ms)",
-                newest.node,
-                newest.physical_ms() - now,
-                settings::max_clock_skew_ms()
-            ),
-            "Fix the clock of the sending node, or raise pg_sync.max_clock_skew.",
-        );
-    }
+    check_skew(newest, row_ctx);
     clock::observe(newest.hlc);
     // Stored before the write: triggers it fires may write this row locally (recording their
     // own, newer versions on top), which storing afterwards would overwrite.
@@ -305,12 +318,31 @@ fn apply_change(
     true
 }
 
+/// Rejects versions from too far in the future before they can drag the clock along (or be
+/// stored): 22008.
+pub(crate) fn check_skew(newest: &Version, row_ctx: &str) {
+    let now = clock::wall_ms();
+    let limit = now.saturating_add(settings::max_clock_skew_ms());
+    if newest.physical_ms() > limit {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+            format!(
+                "{row_ctx}version from node \"{}\" is {} ms ahead of this node's clock, beyond pg_sync.max_clock_skew ({} ms)",
+                newest.node,
+                newest.physical_ms() - now,
+                settings::max_clock_skew_ms()
+            ),
+            "Fix the clock of the sending node, or raise pg_sync.max_clock_skew.",
+        );
+    }
+}
+
 /// The optional conflict log (`pg_sync.log_conflicts`): each incoming column value that lost to
 /// a newer register minted by another node (a column version, or the tombstone of a dead row),
 /// one row in `pg_sync.conflicts` with both versions and no values. Losing to a newer write of
 /// the same node is not a conflict (a late relay of an older write), nor is an equal version
 /// (an echo), nor a loss to an equal value.
-fn log_conflicts(
+pub(crate) fn log_conflicts(
     model: &str,
     model_id: &str,
     state: &merge::State,

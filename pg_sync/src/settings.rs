@@ -9,6 +9,9 @@
 //!   HLC reads. For tests of clock steps only.
 //! - `pg_sync.log_conflicts` (superuser, boolean, default off): `apply_remote` records in
 //!   `pg_sync.conflicts` each incoming column value that lost to a newer one from another node.
+//! - `pg_sync.set_apply` (superuser, boolean, default on): `apply_peer_batch` applies a batch
+//!   set-based (`remote_set`) where it can; off applies it change by change (the reference path,
+//!   for comparisons and as an escape hatch).
 //! - `pg_sync.restoring` (superuser, boolean, default off): a restore session (`pg_restore`,
 //!   a `pg_dump` script) sets it so the memberships it restores are not logged again (the log is
 //!   restored with them). Superuser only: a writer of memberships must not be able to change
@@ -25,6 +28,7 @@ static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static TEST_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static LOG_CONFLICTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static RESTORING: GucSetting<bool> = GucSetting::<bool>::new(false);
+static SET_APPLY: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn define() {
     GucRegistry::define_bool_guc(
@@ -32,6 +36,14 @@ pub fn define() {
         c"Record remote column values that lost to a newer value from another node.",
         c"apply_remote inserts one row per lost column into pg_sync.conflicts (no values).",
         &LOG_CONFLICTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_sync.set_apply",
+        c"Apply peer batches set-based where possible.",
+        c"Off applies every peer batch change by change (slower; the same result).",
+        &SET_APPLY,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -75,6 +87,10 @@ pub fn define() {
 
 pub fn log_conflicts() -> bool {
     LOG_CONFLICTS.get()
+}
+
+pub fn set_apply() -> bool {
+    SET_APPLY.get()
 }
 
 pub fn max_clock_skew_ms() -> u64 {

@@ -197,7 +197,7 @@ fn text2() -> [PgOid; 2] {
 
 /// A stored `row_state` row as a `State`; `None` for no recorded state (the placeholder `lock`
 /// inserts is the empty state).
-fn from_json(s: &Value) -> Option<State> {
+pub(crate) fn from_json(s: &Value) -> Option<State> {
     if s.is_null() {
         return None;
     }

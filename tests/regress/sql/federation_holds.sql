@@ -190,6 +190,7 @@ GRANT pgsync_owner TO fed_wrk;
 GRANT EXECUTE ON FUNCTION pg_sync.apply_remote(jsonb), pg_sync.last_sync_id(), pg_sync.retention_horizon()
       TO fed_wrk;
 GRANT EXECUTE ON FUNCTION pg_sync.apply_peer_batch(text, text, bigint, bigint, jsonb),
+      pg_sync.apply_remote_set(jsonb),
       pg_sync.peer_changes(text, bigint, integer), pg_sync.batch_end(bigint, integer),
       pg_sync.pin_peer(text, text), pg_sync.epoch(), pg_sync.transient_sqlstate(text),
       pg_sync.retry_quarantined(text), pg_sync.peer_or_raise(text),

@@ -1,0 +1,525 @@
+//! `pg_sync.apply_remote_set(changes jsonb)`: the set-based apply of a peer batch, the fast path
+//! of `apply_peer_batch`. Same result as `apply_remote` change by change (same table rows, same
+//! `row_state`, same log rows with the peer's versions and origin, state-only merges logged),
+//! in a handful of statements per batch instead of about six per change:
+//!
+//! 1. lock every key's table row with one statement per model, in key order (models in name
+//!    order), then every key's `row_state` row (placeholders for keys without one, then one
+//!    locking read in id order): table rows before states, the order local writers take them
+//!    in, and sorted, so two concurrent applies cannot deadlock on each other;
+//! 2. merge in Rust, change by change in batch order, from the loaded states and rows;
+//! 3. write the table with one INSERT / UPDATE / DELETE per model, kind and column set, each
+//!    row with its own remote context (`capture::RemoteSet`) so the capture trigger records it
+//!    as the per-change path does; a key changed several times in the batch is written in
+//!    rounds (its n-th change in round n, its row re-read before each round);
+//! 4. store the merged states with one upsert.
+//!
+//! What the set path cannot reproduce exactly it leaves to the per-change path: it returns NULL
+//! before writing anything for a model with user triggers or rules (they may write other rows,
+//! or change the written values), forced row security, a referencing foreign key with an action
+//! (its cascades write rows of the batch behind the merge's back), or a partitioned table, and
+//! when `pg_sync.set_apply` is off. An error (a bad change, or a write the table did not take as
+//! planned, 55000) fails the whole call: `apply_peer_batch` then applies the batch change by
+//! change in subtransactions and parks exactly the failing changes, as it always did.
+
+use crate::capture::{self, RemoteContext, RemoteSet};
+use crate::clock;
+use crate::errors;
+use crate::model::{self, Model};
+use crate::owner;
+use crate::peers;
+use crate::remote::{self, Prepared, Target, MAX_BATCH};
+use crate::settings;
+use crate::state;
+use pg_sync_lww::merge::{self, Dml, Outcome, State};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB, PgOid};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+
+/// One key of the batch.
+struct Key {
+    model: String,
+    id: String,
+    key: Map<String, Value>,
+    /// Its changes, as indexes into the batch, in batch order.
+    changes: Vec<usize>,
+    state: State,
+    current: Option<Map<String, Value>>,
+    /// A merge changed its state: stored at the end.
+    changed: bool,
+}
+
+/// One row write of a round.
+struct Write {
+    id: String,
+    /// The row for `jsonb_populate_recordset`: key columns and, for inserts and updates, the
+    /// written columns.
+    row: Map<String, Value>,
+    ctx: RemoteContext,
+}
+
+/// A state-only merge: key index, change index, outcome, the row at the merge.
+type StateOnly = (usize, usize, Outcome, Option<Map<String, Value>>);
+
+/// A round's writes to one model.
+#[derive(Default)]
+struct Writes {
+    state_only: Vec<StateOnly>,
+    deletes: Vec<Write>,
+    /// By written column set.
+    updates: BTreeMap<Vec<String>, Vec<Write>>,
+    inserts: BTreeMap<Vec<String>, Vec<Write>>,
+}
+
+/// The body of `pg_sync.apply_remote_set()`: how many changes changed something, or `None`
+/// (SQL NULL) when the batch must go change by change (see the module comment).
+pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
+    if !settings::set_apply() {
+        return None;
+    }
+    let Value::Array(items) = changes.0 else {
+        return None;
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return None;
+    }
+    let mut names: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i.get("model").and_then(Value::as_str))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if !names.iter().all(|name| set_capable(name)) {
+        return None;
+    }
+    let mut targets: HashMap<String, Target> = HashMap::new();
+    let batch: Vec<Prepared> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| remote::prepare(item, &format!("change {i}: "), &mut targets))
+        .collect();
+
+    // The keys, in first-appearance order, and each change's key and round.
+    let mut keys: Vec<Key> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut key_of = Vec::with_capacity(batch.len());
+    let mut round_of = Vec::with_capacity(batch.len());
+    for (i, p) in batch.iter().enumerate() {
+        let k = *index
+            .entry((p.model_name.as_str(), p.model_id.as_str()))
+            .or_insert_with(|| {
+                keys.push(Key {
+                    model: p.model_name.clone(),
+                    id: p.model_id.clone(),
+                    key: p.key.clone(),
+                    changes: Vec::new(),
+                    state: State::default(),
+                    current: None,
+                    changed: false,
+                });
+                keys.len() - 1
+            });
+        round_of.push(keys[k].changes.len());
+        keys[k].changes.push(i);
+        key_of.push(k);
+    }
+    // Each model's keys, models in name order (the lock order).
+    let mut by_model: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (k, key) in keys.iter().enumerate() {
+        by_model.entry(key.model.clone()).or_default().push(k);
+    }
+
+    // 1. Locks: table rows, then states; a key the table did not hold may have been inserted
+    // (and committed) by a local writer until its state was locked, so look again after.
+    for (name, ks) in &by_model {
+        let mut rows = lock_rows(&targets[name].model, &keys, ks);
+        for &k in ks {
+            keys[k].current = rows.remove(&keys[k].id);
+        }
+    }
+    for (name, ks) in &by_model {
+        let mut stored = lock_states(name, &keys, ks);
+        for &k in ks {
+            keys[k].state = stored.remove(&keys[k].id).unwrap_or_default();
+        }
+    }
+    for (name, ks) in &by_model {
+        let missing: Vec<usize> = ks
+            .iter()
+            .copied()
+            .filter(|&k| keys[k].current.is_none())
+            .collect();
+        if !missing.is_empty() {
+            let mut rows = lock_rows(&targets[name].model, &keys, &missing);
+            for k in missing {
+                keys[k].current = rows.remove(&keys[k].id);
+            }
+        }
+    }
+    // A row without recorded state is live at the zero version if the table holds it.
+    for key in keys.iter_mut() {
+        if key.state == State::default() {
+            key.state = state::unrecorded(key.current.is_some());
+        }
+    }
+
+    // Writes go model by model in the batch's order of first appearance (parents before
+    // children when the batch has them in that order).
+    let mut model_order: Vec<&str> = Vec::new();
+    for p in &batch {
+        if !model_order.contains(&p.model_name.as_str()) {
+            model_order.push(&p.model_name);
+        }
+    }
+    let rounds = keys.iter().map(|k| k.changes.len()).max().unwrap_or(0);
+    let mut changed = 0i64;
+    for round in 0..rounds {
+        if round > 0 {
+            // Re-read what earlier rounds wrote (defaults and all), as the next change's merge
+            // would see it.
+            for (name, ks) in &by_model {
+                let again: Vec<usize> = ks
+                    .iter()
+                    .copied()
+                    .filter(|&k| keys[k].changes.len() > round)
+                    .collect();
+                if again.is_empty() {
+                    continue;
+                }
+                let mut rows = lock_rows(&targets[name].model, &keys, &again);
+                for k in again {
+                    keys[k].current = rows.remove(&keys[k].id);
+                }
+            }
+        }
+        // 2. Merge this round's changes in batch order.
+        let mut plan: HashMap<String, Writes> = HashMap::new();
+        for (i, p) in batch.iter().enumerate() {
+            if round_of[i] != round {
+                continue;
+            }
+            let k = key_of[i];
+            let target = &targets[&p.model_name];
+            let model = &target.model;
+            let key = &mut keys[k];
+            let outcome = merge::merge(&key.state, key.current.as_ref(), &p.change);
+            if settings::log_conflicts() {
+                remote::log_conflicts(
+                    &model.name,
+                    &p.model_id,
+                    &key.state,
+                    key.current.as_ref(),
+                    &p.change,
+                    &outcome,
+                    &p.origin,
+                );
+            }
+            if !outcome.changed() {
+                continue;
+            }
+            remote::check_skew(&p.newest, &p.row_ctx);
+            clock::observe(p.newest.hlc);
+            changed += 1;
+            key.state = outcome.state.clone();
+            key.changed = true;
+            let w = plan.entry(p.model_name.clone()).or_default();
+            let ctx = |written: Map<String, Value>, outcome: &Outcome| RemoteContext {
+                relid: target.relid,
+                model_id: p.model_id.clone(),
+                depth: capture::trigger_depth() + 1,
+                origin: p.origin.clone(),
+                state: outcome.state.clone(),
+                won: outcome.won.clone(),
+                created_won: outcome.created_won,
+                written,
+            };
+            match &outcome.dml {
+                Dml::None => w
+                    .state_only
+                    .push((k, i, outcome.clone(), key.current.clone())),
+                Dml::Insert(row) => {
+                    // Values waiting for a resurrecting insert may name columns dropped since.
+                    let mut row: Map<String, Value> = row
+                        .iter()
+                        .filter(|(c, _)| model.columns.contains(c))
+                        .map(|(c, v)| (c.clone(), v.clone()))
+                        .collect();
+                    row.extend(p.key.clone());
+                    let cols = row.keys().cloned().collect();
+                    let ctx = ctx(row.clone(), &outcome);
+                    w.inserts.entry(cols).or_default().push(Write {
+                        id: p.model_id.clone(),
+                        row,
+                        ctx,
+                    });
+                }
+                Dml::Update(cols) => {
+                    let names = cols.keys().cloned().collect();
+                    let mut row = cols.clone();
+                    row.extend(p.key.clone());
+                    let ctx = ctx(cols.clone(), &outcome);
+                    w.updates.entry(names).or_default().push(Write {
+                        id: p.model_id.clone(),
+                        row,
+                        ctx,
+                    });
+                }
+                Dml::Delete => {
+                    let ctx = ctx(Map::new(), &outcome);
+                    w.deletes.push(Write {
+                        id: p.model_id.clone(),
+                        row: p.key.clone(),
+                        ctx,
+                    });
+                }
+            }
+        }
+        // 3. Write this round.
+        for name in &model_order {
+            if let Some(w) = plan.remove(*name) {
+                write(&targets[*name], w, &keys, &batch);
+            }
+        }
+    }
+    // 4. The merged states.
+    store_states(&keys);
+    Some(changed)
+}
+
+/// Whether the set path writes `model`'s table exactly as the per-change path would.
+fn set_capable(model: &str) -> bool {
+    model::run(
+        "SELECT pg_catalog.to_jsonb(c.relkind OPERATOR(pg_catalog.=) 'r' AND NOT c.relhasrules
+                AND NOT c.relforcerowsecurity
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                                 WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid AND NOT t.tgisinternal
+                                   AND t.tgname::pg_catalog.text NOT LIKE 'pg\\_sync\\_%')
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint f
+                                 WHERE f.confrelid OPERATOR(pg_catalog.=) c.oid
+                                   AND f.contype OPERATOR(pg_catalog.=) 'f'
+                                   AND (f.confdeltype OPERATOR(pg_catalog.<>) ALL ('{a,r}'::pg_catalog.\"char\"[])
+                                        OR f.confupdtype OPERATOR(pg_catalog.<>) ALL ('{a,r}'::pg_catalog.\"char\"[]))))
+           FROM pg_sync.registry r JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.rel
+          WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')",
+        &[PgOid::from(pg_sys::JSONBOID)],
+        vec![JsonB(json!({"m": model}))],
+    )
+    .and_then(|v| v.as_bool())
+    .unwrap_or(false)
+}
+
+fn quoted<'a>(cols: impl IntoIterator<Item = &'a String>, prefix: &str) -> String {
+    cols.into_iter()
+        .map(|c| format!("{prefix}{}", spi::quote_identifier(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Locks the table rows of keys `ks` (of one model) in key order; returns the live ones' synced
+/// columns by model id.
+fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<String, Value>> {
+    let sql = format!(
+        "WITH l AS (SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
+                       JOIN {t} AS t ON ({tk}) = ({xk})
+                     ORDER BY {tk} FOR UPDATE OF t)
+         SELECT pg_catalog.jsonb_object_agg({id}, pg_catalog.to_jsonb(l)) FROM l",
+        cols = quoted(&model.columns, "t."),
+        t = model.table,
+        tk = quoted(&model.key, "t."),
+        xk = quoted(&model.key, "x."),
+        id = model.key_text_expr(),
+    );
+    let arg = Value::Array(
+        ks.iter()
+            .map(|&k| Value::Object(keys[k].key.clone()))
+            .collect(),
+    );
+    match model.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![JsonB(arg)]) {
+        Some(Value::Object(rows)) => rows
+            .into_iter()
+            .filter_map(|(id, row)| match row {
+                Value::Object(row) => Some((id, row)),
+                _ => None,
+            })
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// Locks the `row_state` rows of keys `ks` (of model `name`), inserting empty placeholders for
+/// keys without one (as `state::lock`), in id order; returns the recorded states by model id.
+fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, State> {
+    let mut ids: Vec<&str> = ks.iter().map(|&k| keys[k].id.as_str()).collect();
+    ids.sort_unstable();
+    let arg = || JsonB(json!({"m": name, "i": ids}));
+    let types = [PgOid::from(pg_sys::JSONBOID)];
+    // row_state is the owner's; these statements are fixed and fully qualified.
+    owner::as_owner(|| {
+        model::run(
+            "INSERT INTO pg_sync.row_state (model, model_id, max_version)
+             SELECT $1 OPERATOR(pg_catalog.->>) 'm', i.i, ''
+               FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
+             ON CONFLICT (model, model_id) DO NOTHING",
+            &types,
+            vec![arg()],
+        );
+        let found = model::run(
+            "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s) AS j
+                          FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
+                          JOIN pg_sync.row_state s
+                            ON s.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')
+                           AND s.model_id OPERATOR(pg_catalog.=) i.i
+                         ORDER BY s.model_id FOR UPDATE OF s)
+             SELECT pg_catalog.jsonb_object_agg(l.model_id, l.j) FROM l",
+            &types,
+            vec![arg()],
+        );
+        match found {
+            Some(Value::Object(rows)) => rows
+                .into_iter()
+                .filter_map(|(id, s)| Some((id, state::from_json(&s)?)))
+                .collect(),
+            _ => HashMap::new(),
+        }
+    })
+}
+
+/// Stores the merged state of every key a merge changed, in one upsert.
+fn store_states(keys: &[Key]) {
+    let mut rows: Vec<&Key> = keys.iter().filter(|k| k.changed).collect();
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_by(|a, b| (&a.model, &a.id).cmp(&(&b.model, &b.id)));
+    let docs: Vec<Value> = rows
+        .iter()
+        .map(|k| {
+            let s = &k.state;
+            json!({
+                "m": k.model, "i": k.id, "c": s.created, "d": s.deleted,
+                "v": s.versions,
+                "p": if s.pending.is_empty() { Value::Null } else { Value::Object(s.pending.clone()) },
+                "x": s.max_version(),
+            })
+        })
+        .collect();
+    owner::as_owner(|| {
+        model::run(
+            "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+             SELECT x.m, x.i, x.c, x.d, x.v,
+                    CASE WHEN pg_catalog.jsonb_typeof(x.p) OPERATOR(pg_catalog.=) 'object' THEN x.p END, x.x
+               FROM pg_catalog.jsonb_to_recordset($1) AS x(m text, i text, c text, d text, v jsonb, p jsonb, x text)
+             ON CONFLICT (model, model_id) DO UPDATE SET
+               created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
+               pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(Value::Array(docs))],
+        )
+    });
+}
+
+/// Writes one round's changes to one model: state-only logs, then one DELETE, one UPDATE per
+/// column set, one INSERT per column set.
+fn write(target: &Target, w: Writes, keys: &[Key], batch: &[Prepared]) {
+    let model = &target.model;
+    for (k, i, outcome, current) in &w.state_only {
+        // No write, so no capture: log what the merge raised, or relays never forward it.
+        let key = &keys[*k];
+        let group = match current {
+            Some(_) => model.group_of(&key.key).flatten(),
+            None => None,
+        };
+        peers::log_state_only(
+            model,
+            &key.id,
+            &key.key,
+            outcome,
+            &batch[*i].origin,
+            current.as_ref(),
+            group,
+        );
+    }
+    let t = &model.table;
+    let on_key = format!(
+        "({}) = ({})",
+        quoted(&model.key, "t."),
+        quoted(&model.key, "x.")
+    );
+    if !w.deletes.is_empty() {
+        let sql = format!(
+            "WITH w AS (DELETE FROM {t} AS t USING pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
+                         WHERE {on_key} RETURNING 1)
+             SELECT pg_catalog.to_jsonb(pg_catalog.count(*)) FROM w"
+        );
+        run_writes(target, &sql, w.deletes);
+    }
+    for (cols, writes) in w.updates {
+        let set = cols
+            .iter()
+            .map(|c| {
+                let c = spi::quote_identifier(c);
+                format!("{c} = x.{c}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "WITH w AS (UPDATE {t} AS t SET {set}
+                          FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
+                         WHERE {on_key} RETURNING 1)
+             SELECT pg_catalog.to_jsonb(pg_catalog.count(*)) FROM w"
+        );
+        run_writes(target, &sql, writes);
+    }
+    for (cols, writes) in w.inserts {
+        let cols = quoted(&cols, "");
+        let sql = format!(
+            "WITH w AS (INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE
+                        SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1)
+                        RETURNING 1)
+             SELECT pg_catalog.to_jsonb(pg_catalog.count(*)) FROM w"
+        );
+        run_writes(target, &sql, writes);
+    }
+}
+
+/// Runs one set-based write with each row's remote context. A row the statement did not write,
+/// or whose capture did not take its context, would leave the table or the log other than the
+/// merge decided: raise (55000), and `apply_peer_batch` applies the batch change by change.
+fn run_writes(target: &Target, sql: &str, mut writes: Vec<Write>) {
+    // Key order: the order the statement meets (and locks index entries of) the rows.
+    writes.sort_by(|a, b| a.id.cmp(&b.id));
+    let expected = writes.len();
+    let mut rows = Vec::with_capacity(expected);
+    let mut contexts = HashMap::with_capacity(expected);
+    for w in writes {
+        rows.push(Value::Object(w.row));
+        contexts.insert(w.id, w.ctx);
+    }
+    let guard = capture::enter_remote_set(RemoteSet {
+        relid: target.relid,
+        depth: capture::trigger_depth() + 1,
+        rows: contexts,
+    });
+    let written = target
+        .model
+        .run(
+            sql,
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![JsonB(Value::Array(rows))],
+        )
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    let untaken = capture::remote_set_left();
+    drop(guard);
+    if written != expected || untaken != 0 {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the set-based apply of model \"{}\" wrote {written} of {expected} rows ({untaken} not captured as planned)",
+                target.model.name
+            ),
+            "apply_peer_batch applies such a batch change by change.",
+        );
+    }
+}
