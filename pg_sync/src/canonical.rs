@@ -91,6 +91,18 @@ pub fn with_output_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {
     with_settings(needed, false, f)
 }
 
+/// Settings that decide how captured values parse back (`jsonb_populate_record` in merges):
+/// money's text follows lc_monetary on input too. The other settings' canonical output parses
+/// the same under any value (ISO dates, postgres-style intervals, hex bytea, exact floats).
+pub const VALUE_INPUT: u8 = MONETARY;
+
+/// Runs `f` (which parses captured values) with the input settings in `needed` at their
+/// canonical values, set only when the session differs from them. Triggers that `f`'s writes
+/// fire see those settings too, as they would under a function's SET clause.
+pub fn with_input_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {
+    with_settings(needed, true, f)
+}
+
 /// Zones that are UTC at every instant: ISO output prints only the numeric offset, so they print
 /// timestamps exactly as UTC does.
 const UTC_NAMES: [&CStr; 10] = [

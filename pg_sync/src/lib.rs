@@ -125,14 +125,20 @@ mod pg_sync {
                 "Pass to_jsonb() of a sync_actions row, or an array of them.",
             );
         };
-        crate::remote::apply_remote(change)
+        // Values are parsed as they were captured: in canonical form (canonical::VALUE_INPUT).
+        crate::canonical::with_input_settings(crate::canonical::VALUE_INPUT, || {
+            crate::remote::apply_remote(change)
+        })
     }
 
     /// The set-based apply of a peer batch (an array of changes, as `apply_remote` takes): how
     /// many changed something, or NULL when the batch must be applied change by change.
     #[pg_extern(volatile, parallel_unsafe)]
     fn apply_remote_set(changes: Option<JsonB>) -> Option<i64> {
-        crate::remote_set::apply_remote_set(changes?)
+        let changes = changes?;
+        crate::canonical::with_input_settings(crate::canonical::VALUE_INPUT, || {
+            crate::remote_set::apply_remote_set(changes)
+        })
     }
 
     /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).

@@ -31,5 +31,21 @@ SELECT r.f = v.f AS f, r.r = v.r AS r, r.m = v.m AS m, r.i = v.i AS i, r.b = v.b
   FROM vs v, pg_sync.sync_actions a, jsonb_populate_record(NULL::vs, a.data) r
  WHERE a.model = 'vs' AND v.id = 1;
 COMMIT;
+-- A receiver whose session prints money another way still reads the logged form: the merge
+-- parses values under the canonical settings (lc_monetary C), on both apply paths.
+BEGIN;
+SET LOCAL lc_monetary = 'de_DE.UTF-8';
+SELECT pg_sync.apply_remote(jsonb_build_object('model', 'vs', 'model_id', '2', 'action', 'I',
+    'origin', 'peer-a', 'version', lpad(to_hex(pg_sync.hlc_now() + 1), 16, '0') || '@peer-a',
+    'data', data || '{"id": 2}'))
+  FROM pg_sync.sync_actions WHERE model = 'vs' AND model_id = '1';
+SELECT pg_sync.apply_remote_set(jsonb_build_array(jsonb_build_object('model', 'vs', 'model_id', '3',
+    'action', 'I', 'origin', 'peer-a', 'version', lpad(to_hex(pg_sync.hlc_now() + 1), 16, '0') || '@peer-a',
+    'data', data || '{"id": 3}')))
+  FROM pg_sync.sync_actions WHERE model = 'vs' AND model_id = '1';
+SHOW lc_monetary;
+COMMIT;
+SELECT id, m = (SELECT m FROM vs WHERE id = 1) AS same_money, f = (SELECT f FROM vs WHERE id = 1) AS same_float
+  FROM vs WHERE id > 1 ORDER BY id;
 SELECT pg_sync.unregister_table('vs');
 DROP TABLE vs;
