@@ -17,8 +17,8 @@
 
 use super::row_json::{self, Column};
 use super::{error, App, Identity, Refusal};
-use crate::db::quote_ident as quote;
-use crate::replication::sequencer;
+use crate::store;
+use crate::store::quote_ident as quote;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -220,7 +220,7 @@ pub async fn bootstrap(
     // Not held through the attempts: consistent_point takes its own for each query.
     drop(control);
     for _ in 0..ATTEMPTS {
-        let Ok(snap) = sequencer::connect(&app.cfg.database_url).await else {
+        let Ok(snap) = store::connect(&app.cfg.database_url).await else {
             return unavailable();
         };
         match consistent_point(&app, &snap).await {
@@ -269,7 +269,7 @@ async fn resume_point(
         let why = super::stream::compacted(horizon);
         return Err(Refusal::new(StatusCode::GONE, "resync_required", &why));
     }
-    let snap = sequencer::connect(&app.cfg.database_url)
+    let snap = store::connect(&app.cfg.database_url)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     snap.batch_execute(SNAPSHOT)

@@ -4,7 +4,7 @@
 use super::stream::{self, ReplayError};
 use super::{error, App, Identity, Refusal};
 use crate::hub::Outbound;
-use crate::replication::sequencer;
+use crate::store;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -118,9 +118,9 @@ pub async fn deltas(
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
-        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let span = store::page_span(cursor, through, PAGE_SPAN);
         let page = match db
-            .track(sequencer::changes(
+            .track(store::changes(
                 &db,
                 cursor,
                 Some(&groups),

@@ -10,9 +10,9 @@ pub mod ws;
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::db::Db;
 use crate::hub::Hub;
 use crate::replication::sequencer::Status;
+use crate::store::Db;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

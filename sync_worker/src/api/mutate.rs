@@ -92,7 +92,7 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
-    let statement = crate::db::mutate_statement(&db)
+    let statement = crate::store::mutate_statement(&db)
         .await
         .map_err(|_| BatchError::Unavailable)?;
     let statement = &statement;

@@ -4,7 +4,7 @@
 use super::App;
 use crate::delta::Delta;
 use crate::hub::{GoLive, Load, Subscription};
-use crate::replication::sequencer;
+use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -229,9 +229,9 @@ impl<'a> Replay<'a> {
                     }
                     self.joins_upto = upto;
                 }
-                let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
+                let span = store::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let mut page = db
-                    .track(sequencer::changes(
+                    .track(store::changes(
                         &db,
                         self.cursor,
                         Some(&groups),
@@ -272,7 +272,7 @@ impl<'a> Replay<'a> {
     }
 }
 
-async fn pooled(app: &App) -> Result<crate::db::Conn, ReplayError> {
+async fn pooled(app: &App) -> Result<store::Conn, ReplayError> {
     app.db
         .get()
         .await
@@ -299,8 +299,7 @@ pub fn compacted(horizon: i64) -> String {
 
 /// The retention horizon: sync ids at or below it are gone.
 pub async fn horizon(db: &tokio_postgres::Client) -> Result<i64, ReplayError> {
-    db.query_one("SELECT pg_sync.retention_horizon()", &[])
+    store::horizon(db)
         .await
-        .map(|r| r.get(0))
         .map_err(|e| ReplayError::Db(e.to_string()))
 }
