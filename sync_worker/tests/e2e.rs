@@ -1074,16 +1074,16 @@ async fn tls_verify_ca_and_verify_full() {
         )
     };
     // The control connection: the certificate names db.invalid, not 127.0.0.1.
-    let err = sync_worker::db::connect(&url("verify-full", "ca.pem"))
+    let err = sync_worker::store::connect(&url("verify-full", "ca.pem"))
         .await
         .expect_err("verify-full must refuse a certificate for another host");
     let why = format!("{err:?}");
     assert!(why.contains("NotValidForName"), "{why}");
-    let err = sync_worker::db::connect(&url("verify-ca", "other.pem"))
+    let err = sync_worker::store::connect(&url("verify-ca", "other.pem"))
         .await
         .expect_err("verify-ca must refuse a certificate of another CA");
     assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
-    let client = sync_worker::db::connect(&url("verify-ca", "ca.pem"))
+    let client = sync_worker::store::connect(&url("verify-ca", "ca.pem"))
         .await
         .expect("verify-ca accepts the CA's certificate for any host");
     let ssl: bool = client
@@ -4696,7 +4696,7 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
         .unwrap();
     tokio::spawn(conn);
     let groups = vec!["p1".to_string(), "p3".to_string()];
-    let changes = sync_worker::replication::sequencer::changes;
+    let changes = sync_worker::store::changes;
     let everyone = changes(&client, 0, Some(&groups), 1000, None)
         .await
         .unwrap();
@@ -4871,7 +4871,7 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
         cluster.port,
         data.join("ca.pem").display()
     );
-    let client = sync_worker::db::connect(&url)
+    let client = sync_worker::store::connect(&url)
         .await
         .expect("the control connection accepts the CA's wildcard certificate under verify-ca");
     drop(client);
