@@ -24,9 +24,10 @@ mod snapshot;
 mod writer;
 
 use super::{error, App, Identity, Refusal};
+use crate::protocol::ErrorCode;
 use crate::store;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use cursor::Cursor;
 use snapshot::resume_point;
@@ -63,9 +64,8 @@ fn parse(q: &HashMap<String, String>) -> Result<Request, Refusal> {
         None => None,
         Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => Some(n),
         Some(_) => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad_limit",
+            return Err(Refusal::of(
+                ErrorCode::BadLimit,
                 "limit must be 1 to 1000000",
             ))
         }
@@ -73,9 +73,8 @@ fn parse(q: &HashMap<String, String>) -> Result<Request, Refusal> {
     let resume = match q.get("cursor") {
         None => None,
         Some(raw) => Some(Cursor::decode(raw).ok_or_else(|| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad_cursor",
+            Refusal::of(
+                ErrorCode::BadCursor,
                 "cursor must be one given by a bootstrap response, unchanged",
             )
         })?),
@@ -106,17 +105,15 @@ pub async fn bootstrap(
         Err(refused) => return refused.into_response(),
     };
     if req.resume.as_ref().is_some_and(|c| c.user != user) {
-        return Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "bad_cursor",
+        return Refusal::of(
+            ErrorCode::BadCursor,
             "this cursor belongs to another user's bootstrap",
         )
         .into_response();
     }
     let unavailable = || {
         error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable,
             "cannot take a consistent snapshot now; retry",
         )
     };
@@ -126,8 +123,7 @@ pub async fn bootstrap(
         tokio::time::timeout(wait, app.bootstrap_slots.clone().acquire_owned()).await
     else {
         let mut busy = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
+            ErrorCode::Busy,
             "too many bootstraps at once; retry shortly",
         );
         busy.headers_mut()
@@ -151,7 +147,7 @@ pub async fn bootstrap(
         };
         if let Some(unknown) = unknown {
             let why = format!("not registered: {}", unknown.join(", "));
-            return Refusal::new(StatusCode::BAD_REQUEST, "unknown_model", &why)
+            return Refusal::of(ErrorCode::UnknownModel, &why)
                 .at(Some("models".into()))
                 .into_response();
         }

@@ -3,8 +3,8 @@
 
 use super::cursor::Cursor;
 use crate::api::{App, Refusal};
+use crate::protocol::ErrorCode;
 use crate::store;
-use axum::http::StatusCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -20,19 +20,14 @@ pub(super) async fn resume_point(
 ) -> Result<tokio_postgres::Client, Refusal> {
     let unavailable = |e: String| {
         tracing::warn!(error = %e, "bootstrap resume failed");
-        Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "cannot take a snapshot now; retry",
-        )
+        Refusal::of(ErrorCode::Unavailable, "cannot take a snapshot now; retry")
     };
     let Some(watermark) = app.hub.watermark() else {
         return Err(unavailable("the worker is starting".into()));
     };
     if c.sync_id > watermark {
-        return Err(Refusal::new(
-            StatusCode::CONFLICT,
-            "cursor_ahead",
+        return Err(Refusal::of(
+            ErrorCode::CursorAhead,
             "the cursor's sync id is beyond the last sync id; bootstrap again",
         ));
     }
@@ -44,7 +39,7 @@ pub(super) async fn resume_point(
         })?;
     if c.sync_id < horizon {
         let why = crate::api::stream::compacted(horizon);
-        return Err(Refusal::new(StatusCode::GONE, "resync_required", &why));
+        return Err(Refusal::of(ErrorCode::ResyncRequired, &why));
     }
     let snap = store::connect(&app.cfg.database_url)
         .await

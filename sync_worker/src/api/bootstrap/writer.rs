@@ -7,6 +7,7 @@ use super::query::Model;
 use super::Request;
 use crate::api::row_json::{self, Column};
 use crate::api::App;
+use crate::protocol::ErrorCode;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -183,16 +184,16 @@ pub(super) async fn stream(
             }
             Err(Failure::ClientGone) => return,
             Err(Failure::ShuttingDown(c)) => json!({
-                "type": "error", "code": "shutting_down", "cursor": c.encode(),
+                "type": "error", "code": ErrorCode::ShuttingDown.as_str(), "cursor": c.encode(),
                 "message": "the server is shutting down; resume with this cursor"
             }),
             Err(Failure::Deadline(c)) => json!({
-                "type": "error", "code": "deadline", "cursor": c.encode(),
+                "type": "error", "code": ErrorCode::Deadline.as_str(), "cursor": c.encode(),
                 "message": "the bootstrap ran for its time limit; resume with this cursor"
             }),
             Err(Failure::Db(e)) => {
                 tracing::warn!(error = %e, "bootstrap failed");
-                json!({"type": "error", "code": "unavailable", "message": "bootstrap failed; resume from the last cursor or retry"})
+                json!({"type": "error", "code": ErrorCode::Unavailable.as_str(), "message": "bootstrap failed; resume from the last cursor or retry"})
             }
         };
         out.push_json(last);
