@@ -263,16 +263,24 @@ async fn sse_replay(
     tx: &tokio::sync::mpsc::Sender<Event>,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
-    while let Some(page) = replay.next_page().await? {
-        for d in page {
-            tx.send(
-                Event::default()
-                    .id(d.sync_id.to_string())
-                    .data(d.frame.as_str()),
-            )
-            .await
-            .map_err(|_| ReplayError::Sink)?;
-        }
+    let mut next = replay.next_page().await?;
+    while let Some(page) = next {
+        let write = async {
+            for d in page {
+                tx.send(
+                    Event::default()
+                        .id(d.sync_id.to_string())
+                        .data(d.frame.as_str()),
+                )
+                .await
+                .map_err(|_| ReplayError::Sink)?;
+            }
+            Ok::<(), ReplayError>(())
+        };
+        // As over WebSocket: the next page is read while this one is sent.
+        let (written, fetched) = tokio::join!(write, replay.next_page());
+        written?;
+        next = fetched?;
     }
     Ok(replay.through)
 }
