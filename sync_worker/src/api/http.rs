@@ -278,9 +278,9 @@ async fn sse_replay(
             Ok::<(), ReplayError>(())
         };
         // As over WebSocket: the next page is read while this one is sent.
-        let (written, fetched) = tokio::join!(write, replay.next_page());
+        let (written, fetched) = stream::overlap(write, replay.next_page()).await;
         written?;
-        next = fetched?;
+        next = fetched.await_page().await?;
     }
     Ok(replay.through)
 }

@@ -279,6 +279,41 @@ async fn pooled(app: &App) -> Result<store::Conn, ReplayError> {
         .map_err(|e| ReplayError::Db(e.to_string()))
 }
 
+/// Runs `write` (a replay page going out) and `fetch` (reading the next page) at once, and
+/// returns when `write` is done: with its result, and `fetch`'s (finished, or still running
+/// to be awaited). A failed write is returned at once; the caller then drops `fetch`, and a
+/// statement it has in flight is cancelled with its connection (`store::Conn`).
+pub async fn overlap<W: std::future::Future, F: std::future::Future>(
+    write: W,
+    fetch: F,
+) -> (W::Output, Fetched<F>) {
+    let mut fetch = Box::pin(fetch);
+    let mut done = None;
+    tokio::pin!(write);
+    let written = loop {
+        tokio::select! {
+            w = &mut write => break w,
+            f = &mut fetch, if done.is_none() => done = Some(f),
+        }
+    };
+    (written, Fetched { fetch, done })
+}
+
+/// The next page of `overlap`: read already, or still being read.
+pub struct Fetched<F: std::future::Future> {
+    fetch: std::pin::Pin<Box<F>>,
+    done: Option<F::Output>,
+}
+
+impl<F: std::future::Future> Fetched<F> {
+    pub async fn await_page(self) -> F::Output {
+        match self.done {
+            Some(out) => out,
+            None => self.fetch.await,
+        }
+    }
+}
+
 /// Resolves when a session's token expires (never for `None`): WS and SSE sessions end then.
 pub async fn token_expiry(expires: Option<std::time::SystemTime>) {
     match expires {

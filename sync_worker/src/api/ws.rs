@@ -137,16 +137,17 @@ async fn replay(
         };
         // The next page is read while this one is written: the database and the socket each
         // took about half of a replay's time, one after the other (bench/replay.sh).
-        let (written, fetched) = tokio::join!(
+        let (written, fetched) = stream::overlap(
             tokio::time::timeout(WRITE_TIMEOUT, write),
-            replay.next_page()
-        );
+            replay.next_page(),
+        )
+        .await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(ReplayError::Sink),
             Err(_) => return Err(ReplayError::Stalled),
         }
-        next = fetched?;
+        next = fetched.await_page().await?;
     }
     Ok(replay.through)
 }
