@@ -29,8 +29,7 @@ pub async fn changes(
             "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
                     moved::text, client_id, client_tx_id::text
                FROM pg_sync.changes($1, $2, $3)
-              WHERE $4::text IS NULL OR model <> '$membership' OR model_id = $4
-              ORDER BY sync_id",
+              WHERE $4::text IS NULL OR model <> '$membership' OR model_id = $4",
             &[&after, &groups, &span, &member],
         )
         .await?;
@@ -48,7 +47,8 @@ pub async fn changes(
         "client_tx_id",
     ];
     let build = move || -> Vec<Arc<Delta>> {
-        rows.iter()
+        let mut page: Vec<Arc<Delta>> = rows
+            .iter()
             .map(|r| {
                 let sync_id: i64 = r.get(0);
                 let global: bool = r.get(1);
@@ -67,7 +67,12 @@ pub async fn changes(
                     })
                 }))
             })
-            .collect()
+            .collect();
+        // pg_sync.changes() returns its rows by sync id, but the planner cannot know that, and
+        // an ORDER BY here sorted every page again in the database (a quarter of a replay
+        // page's time there). Sorting here costs one pass over rows already in order.
+        page.sort_by_key(|d| d.sync_id);
+        page
     };
     // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
     // one in release: built on a runtime thread it stalls every task scheduled there (two
