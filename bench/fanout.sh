@@ -7,7 +7,7 @@
 # subscriber. Knob: FANOUT_SECONDS (60).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 subs=${FANOUT_SUBS:-10000}
 groups=${FANOUT_GROUPS:-100}
 rate=${FANOUT_RATE:-1000}
@@ -18,33 +18,12 @@ worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/fanout_load"
 ulimit -n "$(ulimit -Hn)"
 
-work=$(mktemp -d /tmp/pg_sync_fanout.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-wport=$(free_port)
-cleanup() {
-  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
-  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
-  cluster_stop "$work/pg" immediate; rm -rf "$work"
-}
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "shared_buffers = '512MB'"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-psql_b -d postgres -c "CREATE DATABASE bench"
-psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
-SELECT pg_sync.register_table('events', group_column => 'grp');
-INSERT INTO pg_sync.group_memberships (user_id, group_id)
-SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i;
-SQL
-
-DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=bench" SYNC_LISTEN="127.0.0.1:$wport" \
-  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
-wpid=$!
-echo $wpid >"$work/worker.pid"
-until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done
+bench_cluster fanout "shared_buffers = '512MB'"
+bench_events
+psql_b -d bench -c "INSERT INTO pg_sync.group_memberships (user_id, group_id)
+  SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i"
+start_worker
+wait_healthy
 rss() { awk '/VmRSS/ {print $2}' "/proc/$wpid/status"; }
 rss0=$(rss)
 

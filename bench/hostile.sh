@@ -8,7 +8,7 @@
 # over the rounds and the hostile/quiet p99 ratio (target: within 1.2x).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 subs=${HOSTILE_SUBS:-1000}
 groups=${HOSTILE_GROUPS:-100}
 rate=${HOSTILE_RATE:-500}
@@ -19,36 +19,14 @@ worker="$here/target/release/sync_worker"
 load="$here/target/release/hostile_load"
 ulimit -n "$(ulimit -Hn)"
 
-work=$(mktemp -d /tmp/pg_sync_hostile.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-wport=$(free_port)
-cleanup() {
-  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
-  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
-  [ -n "${pg_pid:-}" ] && kill "$pg_pid" 2>/dev/null
-  cluster_stop "$work/pg" immediate; rm -rf "$work"
-}
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "shared_buffers = '512MB'"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-psql_b -d postgres -c "CREATE DATABASE bench"
-psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
-SELECT pg_sync.register_table('events', group_column => 'grp');
-INSERT INTO pg_sync.group_memberships (user_id, group_id)
-SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i
-UNION ALL SELECT 'h' || i, 'g' || (i % $groups) FROM generate_series(0, 99) i;
-SQL
-
-url="host=127.0.0.1 port=$port user=postgres dbname=bench"
-DATABASE_URL="$url" SYNC_LISTEN="127.0.0.1:$wport" \
-  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
-wpid=$!
-echo $wpid >"$work/worker.pid"
-until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done
+bench_cluster hostile "shared_buffers = '512MB'"
+bench_events
+psql_b -d bench -c "INSERT INTO pg_sync.group_memberships (user_id, group_id)
+  SELECT 'u' || i, 'g' || (i % $groups) FROM generate_series(0, $subs - 1) i
+  UNION ALL SELECT 'h' || i, 'g' || (i % $groups) FROM generate_series(0, 99) i"
+url=$(bench_url)
+start_worker
+wait_healthy
 
 mkfifo "$work/go"
 "$load" "$wport" bench "$subs" "$secs" "$rounds" "$wpid" "$url" <"$work/go" >"$work/load.out" &

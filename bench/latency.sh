@@ -8,7 +8,7 @@
 # p50 within 2 ms, p99 within 5 ms of pg_recvlogical).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 rate=${LATENCY_RATE:-20}
 secs=${LATENCY_SECONDS:-20}
 runs=${LATENCY_RUNS:-3}
@@ -16,34 +16,16 @@ runs=${LATENCY_RUNS:-3}
 worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/fanout_load"
 
-work=$(mktemp -d /tmp/pg_sync_latency.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-wport=$(free_port)
-cleanup() {
-  [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
-  [ -n "${recv_pid:-}" ] && kill "$recv_pid" 2>/dev/null
-  cluster_stop "$work/pg" immediate; rm -rf "$work"
-}
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "shared_buffers = '256MB'"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-psql_b -d postgres -c "CREATE DATABASE bench"
+bench_cluster latency "shared_buffers = '256MB'"
+bench_events
 psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
-SELECT pg_sync.register_table('events', group_column => 'grp');
 INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('u0', 'g0');
 CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships,
   pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, delete, truncate');
 SELECT pg_create_logical_replication_slot('baseline', 'pgoutput');
 SQL
-
-DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=bench" SYNC_LISTEN="127.0.0.1:$wport" \
-  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
-echo $! >"$work/worker.pid"
-until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done
+start_worker
+wait_healthy
 
 # The baseline reader: pg_recvlogical's raw pgoutput, the ts found in the row's text.
 cat >"$work/recv.py" <<'PY'

@@ -8,7 +8,11 @@ bench_url() { echo "host=127.0.0.1 port=$port user=postgres dbname=bench"; }
 
 bench_cleanup() {
   [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
-  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null
+  # Helpers a script started (load generators, pgbench, pg_recvlogical), by their pid.
+  local pid
+  for pid in "${load_pid:-}" "${pg_pid:-}" "${recv_pid:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  done
   cluster_stop "$work/pg" immediate
   rm -rf "$work"
 }
@@ -34,3 +38,13 @@ start_worker() {
 }
 
 wait_healthy() { until curl -fsS "http://127.0.0.1:$wport/healthz" >/dev/null 2>&1; do sleep 0.1; done; }
+
+# bench_events: the extension and the `events` table the delivery benches write (a group and the
+# writer's clock, unix ms, per row), registered with `grp` as its group column.
+bench_events() {
+  psql_b -d bench <<SQL
+CREATE EXTENSION pg_sync;
+CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
+SELECT pg_sync.register_table('events', group_column => 'grp');
+SQL
+}

@@ -6,7 +6,7 @@
 # all of them (every action is hers: the worst case for delivery). Goal: at least 0.5x.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 actions=${REPLAY_ACTIONS:-1000000}
 per_txn=1000
 rounds=${REPLAY_ROUNDS:-3}
@@ -14,16 +14,7 @@ worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 [ -n "${BENCH_WORKER:-}" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
 load=$here/target/release/replay_load
 
-work=$(mktemp -d /tmp/pg_sync_replay.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-wport=$(free_port)
-cleanup() { [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null; cluster_stop "$work/pg" immediate; rm -rf "$work"; }
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "shared_buffers = '512MB'" "max_wal_size = '8GB'" "synchronous_commit = off"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-psql_b -d postgres -c "CREATE DATABASE bench"
+bench_cluster replay "shared_buffers = '512MB'" "max_wal_size = '8GB'" "synchronous_commit = off"
 psql_b -d bench <<SQL
 CREATE EXTENSION pg_sync;
 CREATE TABLE t (id bigint PRIMARY KEY, body text, grp text);
@@ -37,15 +28,23 @@ psql_b -d bench -c "DO \$\$ BEGIN FOR i IN 0..($actions / $per_txn - 1) LOOP
   COMMIT; END LOOP; END \$\$"
 psql_b -d bench -c "VACUUM ANALYZE"
 
-DATABASE_URL="host=127.0.0.1 port=$port user=postgres dbname=bench" SYNC_LISTEN="127.0.0.1:$wport" \
-  SYNC_JWT_SECRET=bench RUST_LOG=warn "$worker" >"$work/worker.log" 2>&1 &
-echo $! >"$work/worker.pid"
+# REPLAY_WORKERS: several worker binaries (an A/B run, e.g. "old new"): each round replays once
+# with each, alternating, each worker started fresh on the same sequenced log.
+workers=${REPLAY_WORKERS:-$worker}
+run_worker() {
+  worker=$1
+  start_worker
+  while :; do
+    last=$(curl -fsS "http://127.0.0.1:$wport/metrics" 2>/dev/null | sed -n 's/^pg_sync_last_sync_id //p' || true)
+    [ "${last:-0}" -ge "$actions" ] && break
+    sleep 0.2
+  done
+}
+stop_worker() { kill "$wpid"; wait "$wpid" 2>/dev/null || true; rm -f "$work/worker.pid"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "waiting for the worker to sequence the backlog" >&2
-while :; do
-  last=$(curl -fsS "http://127.0.0.1:$wport/metrics" 2>/dev/null | sed -n 's/^pg_sync_last_sync_id //p' || true)
-  [ "${last:-0}" -ge "$actions" ] && break
-  sleep 0.2
-done
+run_worker "${workers%% *}"
+stop_worker
 
 copy_s() {
   local t0 t1
@@ -58,34 +57,50 @@ copy_s() {
 rows=""
 for r in $(seq 1 "$rounds"); do
   c=$(copy_s)
-  out=$("$load" "$wport" bench reader)
-  got=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['deltas'])" "$out")
-  s=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['seconds'])" "$out")
-  [ "$got" -eq "$actions" ] || { echo "replay got $got deltas of $actions" >&2; exit 1; }
-  echo "round $r: COPY ${c}s, replay ${s}s" >&2
-  rows="$rows$c $s
+  i=0
+  for w in $workers; do
+    run_worker "$w"
+    t0=$(cpu_ticks "$wpid")
+    out=$("$load" "$wport" bench reader)
+    cpu=$(( $(cpu_ticks "$wpid") - t0 ))
+    stop_worker
+    got=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['deltas'])" "$out")
+    s=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['seconds'])" "$out")
+    [ "$got" -eq "$actions" ] || { echo "replay got $got deltas of $actions" >&2; exit 1; }
+    echo "round $r: COPY ${c}s, worker $i ($w) replay ${s}s, worker CPU $cpu ticks" >&2
+    rows="$rows$i $c $s $cpu
 "
+    i=$((i + 1))
+  done
 done
 
-report=$(python3 - "$rows" <<PY
-import statistics, sys
-pairs = [tuple(map(float, l.split())) for l in sys.argv[1].strip().splitlines()]
+report=$(python3 - "$rows" "$workers" <<PY
+import os, statistics, sys
+rows = [l.split() for l in sys.argv[1].strip().splitlines()]
+workers = sys.argv[2].split()
 n = $actions
-copy = [n / c for c, _ in pairs]; ours = [n / s for _, s in pairs]
-ratios = [o / c for o, c in zip(ours, copy)]
+hz = os.sysconf("SC_CLK_TCK")
 f = lambda xs: f"{min(xs):,.0f} / {statistics.median(xs):,.0f} / {max(xs):,.0f}"
+g = lambda xs: f"{min(xs):.2f} / {statistics.median(xs):.2f} / {max(xs):.2f}"
+copy = [n / float(r[1]) for r in rows if r[0] == "0"]
 print(f"## $(date -u +%Y-%m-%dT%H:%MZ): \`bash bench/replay.sh\` (REPLAY_ACTIONS=$actions REPLAY_ROUNDS=$rounds)")
 print()
-print("Commit $(git -C "$here" log -1 --format=%h); worker $worker; load average $(uptime | sed 's/.*load average: //').")
+print("Commit $(git -C "$here" log -1 --format=%h); load average $(uptime | sed 's/.*load average: //').")
 print("Machine: $(nproc) cores; release build. One WebSocket client (member of all 100 groups) replays the")
-print("log from 0 to caught_up; COPY of the same rows of pg_sync.sync_actions to psql's /dev/null; alternating.")
+print("log from 0 to caught_up; COPY of the same rows of pg_sync.sync_actions to psql's /dev/null; alternating")
+print("(each round: COPY, then one replay per worker, each worker started fresh).")
 print()
-print("| reader | actions/s min / median / max |")
-print("|---|---|")
-print(f"| COPY (SELECT ... FROM pg_sync.sync_actions) TO STDOUT (baseline) | {f(copy)} |")
-print(f"| WebSocket replay from 0 (subscribe to caught_up) | {f(ours)} |")
+print("| reader | actions/s min / median / max | replay / COPY min / median / max | worker CPU s per replay |")
+print("|---|---|---|---|")
+print(f"| COPY (SELECT ... FROM pg_sync.sync_actions) TO STDOUT (baseline) | {f(copy)} | 1 | |")
+for i, w in enumerate(workers):
+    mine = [r for r in rows if r[0] == str(i)]
+    ours = [n / float(r[2]) for r in mine]
+    ratios = [(n / float(r[2])) / (n / float(r[1])) for r in mine]
+    cpu = [int(r[3]) / hz for r in mine]
+    print(f"| WebSocket replay from 0, worker {i}: \`{w}\` | {f(ours)} | {g(ratios)} | {g(cpu)} |")
 print()
-print(f"replay / COPY: min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, max {max(ratios):.2f} (goal 0.5)")
+print("Goal: replay / COPY at least 0.5.")
 PY
 )
 echo "$report"

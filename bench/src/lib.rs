@@ -16,3 +16,72 @@ pub fn token(secret: &str, user: &str) -> String {
     )
     .unwrap()
 }
+
+/// Now, in unix milliseconds (what the writers put in each row's `ts`).
+pub fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// The `ts` number inside a delta frame, without a full parse.
+pub fn ts_of(frame: &str) -> Option<f64> {
+    let at = frame.find("\"ts\":")? + 5;
+    let rest = &frame[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// A delivery latency histogram that many subscriber tasks record into at once: 0.1 ms buckets
+/// up to 10 s (the last bucket takes everything slower).
+pub struct Histogram {
+    buckets: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
+impl Histogram {
+    const BUCKETS: usize = 100_000;
+
+    pub fn new() -> Histogram {
+        Histogram {
+            buckets: (0..Self::BUCKETS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Records one latency in milliseconds (negative clock skew counts as 0).
+    pub fn record_ms(&self, ms: f64) {
+        let tenths = (ms * 10.0).max(0.0) as usize;
+        self.buckets[tenths.min(Self::BUCKETS - 1)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many latencies were recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets
+            .iter()
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The `p` quantile (0..=1) in milliseconds, to the bucket; NaN when nothing was recorded.
+    pub fn percentile(&self, p: f64) -> f64 {
+        let want = (self.count() as f64 * p).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(std::sync::atomic::Ordering::Relaxed);
+            if seen >= want && want > 0 {
+                return i as f64 / 10.0;
+            }
+        }
+        f64::NAN
+    }
+}

@@ -19,11 +19,12 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
         match self {
-            AuthError::Missing => "missing_token",
-            AuthError::Expired => "token_expired",
-            AuthError::Invalid | AuthError::NotYetValid => "invalid_token",
+            AuthError::Missing => ErrorCode::MissingToken,
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::Invalid | AuthError::NotYetValid => ErrorCode::InvalidToken,
         }
     }
 }

@@ -158,6 +158,14 @@ fn exec(db: &mut pg_sync_tests::postgres::Client, sql: &str) {
     tokio::task::block_in_place(|| db.batch_execute(sql).expect("sql runs"));
 }
 
+/// The one value of a one-row query (`SELECT count(*) ...`), run off the async runtime.
+fn scalar<T>(db: &mut pg_sync_tests::postgres::Client, sql: &str) -> T
+where
+    T: for<'a> pg_sync_tests::postgres::types::FromSql<'a>,
+{
+    tokio::task::block_in_place(|| db.query_one(sql, &[]).expect("query runs").get(0))
+}
+
 mod postgres_client {
     use std::ops::{Deref, DerefMut};
 
@@ -468,11 +476,7 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
     worker.wait_healthy().await;
     let total = tokio::task::block_in_place(|| writer.join().unwrap_or(0));
     db = tokio::task::block_in_place(|| cluster.connect("app")).into();
-    let expected: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
-            .unwrap()
-            .get(0)
-    });
+    let expected: i64 = scalar(&mut db, "SELECT count(*) FROM pg_sync.sync_actions");
     // Resume (the connection may have been cut by the restarts) until everything arrived.
     let deadline = Instant::now() + Duration::from_secs(60);
     while (seen.len() as i64) < expected && Instant::now() < deadline {
@@ -490,11 +494,7 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
         "consecutive sync ids, in order, no gap, no duplicate"
     );
     // The database agrees: every action sequenced exactly once.
-    let sequenced: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT pg_sync.last_sync_id()", &[])
-            .unwrap()
-            .get(0)
-    });
+    let sequenced: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
     assert_eq!(sequenced, expected);
     worker.kill9();
     tokio::task::block_in_place(|| drop(db));
@@ -633,14 +633,10 @@ async fn actions_from_before_the_slot_are_sequenced_once() {
             .collect::<Vec<_>>(),
         [8]
     );
-    let rows: i64 = tokio::task::block_in_place(|| {
-        db.query_one(
-            "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    });
+    let rows: i64 = scalar(
+        &mut db,
+        "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
+    );
     assert_eq!(rows, 8);
     tokio::task::block_in_place(|| drop(db));
 }
@@ -687,14 +683,10 @@ async fn a_backlog_and_streamed_downtime_commits_are_told_apart() {
         .map(|(i, m)| (*i, m.to_string()))
         .collect();
     assert_eq!(got, want);
-    let rows: i64 = tokio::task::block_in_place(|| {
-        db.query_one(
-            "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    });
+    let rows: i64 = scalar(
+        &mut db,
+        "SELECT sum(action_count)::bigint FROM pg_sync.commit_order",
+    );
     assert_eq!(rows, 5);
     tokio::task::block_in_place(|| drop((db, b)));
 }
@@ -1166,16 +1158,16 @@ async fn tls_verify_ca_and_verify_full() {
         )
     };
     // The control connection: the certificate names db.invalid, not 127.0.0.1.
-    let err = sync_worker::db::connect(&url("verify-full", "ca.pem"))
+    let err = sync_worker::store::connect(&url("verify-full", "ca.pem"))
         .await
         .expect_err("verify-full must refuse a certificate for another host");
     let why = format!("{err:?}");
     assert!(why.contains("NotValidForName"), "{why}");
-    let err = sync_worker::db::connect(&url("verify-ca", "other.pem"))
+    let err = sync_worker::store::connect(&url("verify-ca", "other.pem"))
         .await
         .expect_err("verify-ca must refuse a certificate of another CA");
     assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
-    let client = sync_worker::db::connect(&url("verify-ca", "ca.pem"))
+    let client = sync_worker::store::connect(&url("verify-ca", "ca.pem"))
         .await
         .expect("verify-ca accepts the CA's certificate for any host");
     let ssl: bool = client
@@ -1801,11 +1793,7 @@ async fn cursors_older_than_retention_are_told_to_resync() {
 async fn wait_for_horizon(db: &mut pg_sync_tests::postgres::Client, at_least: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let h: i64 = tokio::task::block_in_place(|| {
-            db.query_one("SELECT pg_sync.retention_horizon()", &[])
-                .unwrap()
-                .get(0)
-        });
+        let h: i64 = scalar(db, "SELECT pg_sync.retention_horizon()");
         if h >= at_least {
             return;
         }
@@ -2381,11 +2369,7 @@ async fn retention_by_size_keeps_the_newest_actions() {
         );
     }
     wait_for_horizon(&mut db, 7).await;
-    let left: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT count(*) FROM pg_sync.sync_actions", &[])
-            .unwrap()
-            .get(0)
-    });
+    let left: i64 = scalar(&mut db, "SELECT count(*) FROM pg_sync.sync_actions");
     assert_eq!(left, 3);
     let mut ws = connect(port, "anyone").await;
     let (frames, _) = subscribe(&mut ws, 7).await;
@@ -2439,8 +2423,7 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
                                      ('2025-06-30 23:59:59.5+02', 'z', 'Infinity');"#,
     );
     // The cluster runs in UTC, so timestamptz takes the worker's own formatting too.
-    let zone: String =
-        tokio::task::block_in_place(|| db.query_one("SHOW TimeZone", &[]).unwrap().get(0));
+    let zone: String = scalar(&mut db, "SHOW TimeZone");
     assert!(zone.ends_with("UTC"), "{zone}");
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
@@ -2734,14 +2717,10 @@ fn hold_slot(cluster: &Cluster) -> SlotHolder {
 }
 
 fn slot_holder(db: &mut pg_sync_tests::postgres::Client) -> Option<i32> {
-    tokio::task::block_in_place(|| {
-        db.query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_sync'",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    })
+    scalar(
+        db,
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_sync'",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2982,11 +2961,7 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
         replies.iter().all(|r| !r.contains("mutate_result")),
         "{replies:?}"
     );
-    let written: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT count(*) FROM todos WHERE id = 50", &[])
-            .unwrap()
-            .get(0)
-    });
+    let written: i64 = scalar(&mut db, "SELECT count(*) FROM todos WHERE id = 50");
     assert_eq!(written, 0, "a revoked key wrote: {replies:?}");
     assert!(healthz_latency(port).await < Duration::from_millis(500));
     tokio::task::block_in_place(|| drop(db));
@@ -3167,11 +3142,10 @@ async fn a_streamed_commit_gets_its_sync_id_only_once_visible() {
     );
     let got = collect(&mut alice, |g| !g.is_empty()).await;
     assert_eq!(summary(&got), ["announcements:I:1"]);
-    let persisted: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT count(*) FROM pg_sync.changes(0, NULL, 1000)", &[])
-            .unwrap()
-            .get(0)
-    });
+    let persisted: i64 = scalar(
+        &mut db,
+        "SELECT count(*) FROM pg_sync.changes(0, NULL, 1000)",
+    );
     assert_eq!(persisted, 1);
     tokio::task::block_in_place(|| drop(db));
 }
@@ -3258,14 +3232,10 @@ async fn backlog_rows_reach_peers_by_the_mode_they_were_written_under() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(sent, "1,3");
-    let lsns: i64 = tokio::task::block_in_place(|| {
-        db.query_one(
-            "SELECT count(*) FROM pg_sync.commit_order WHERE commit_lsn = '0/0'",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    });
+    let lsns: i64 = scalar(
+        &mut db,
+        "SELECT count(*) FROM pg_sync.commit_order WHERE commit_lsn = '0/0'",
+    );
     assert!(lsns >= 3, "the rows were not sequenced by a backlog pass");
     tokio::task::block_in_place(|| drop(db));
 }
@@ -4772,11 +4742,7 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let last: i64 = tokio::task::block_in_place(|| {
-            db.query_one("SELECT pg_sync.last_sync_id()", &[])
-                .unwrap()
-                .get(0)
-        });
+        let last: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
         if last >= 42 {
             break;
         }
@@ -4788,7 +4754,7 @@ async fn replay_pages_read_only_the_users_own_membership_changes() {
         .unwrap();
     tokio::spawn(conn);
     let groups = vec!["p1".to_string(), "p3".to_string()];
-    let changes = sync_worker::replication::sequencer::changes;
+    let changes = sync_worker::store::changes;
     let everyone = changes(&client, 0, Some(&groups), 1000, None)
         .await
         .unwrap();
@@ -4963,7 +4929,7 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
         cluster.port,
         data.join("ca.pem").display()
     );
-    let client = sync_worker::db::connect(&url)
+    let client = sync_worker::store::connect(&url)
         .await
         .expect("the control connection accepts the CA's wildcard certificate under verify-ca");
     drop(client);
@@ -5023,15 +4989,11 @@ async fn an_abandoned_mutate_does_not_hold_up_the_next_user() {
     eprintln!("rev6: after the client left: {pool:?}");
     // The abandoned statement was cancelled, not just left running on a discarded
     // connection (it would keep its backend waiting on the lock).
-    let running: i64 = tokio::task::block_in_place(|| {
-        db.query_one(
-            "SELECT count(*) FROM pg_stat_activity
+    let running: i64 = scalar(
+        &mut db,
+        "SELECT count(*) FROM pg_stat_activity
               WHERE state = 'active' AND query LIKE '%mutate_as%' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    });
+    );
     let t = Instant::now();
     let answered = tokio::time::timeout(
         Duration::from_secs(5),

@@ -334,6 +334,28 @@ fn only(kind: &str) -> bool {
     std::env::var("HOSTILE_ONLY").map_or(true, |v| v.split(',').any(|k| k == kind))
 }
 
+/// One flooding attacker: until `until`, connects again and again and sends 100 frames made by
+/// `frame(n)` on each connection; every connection must be closed with 4400.
+async fn flood(
+    port: u16,
+    jwt: String,
+    until: Instant,
+    what: &'static str,
+    frame: impl Fn(usize) -> Message,
+) -> (&'static str, bool) {
+    let mut ok = true;
+    while pace(until).await {
+        let mut ws = connect_jwt(port, &jwt).await;
+        for n in 0..100 {
+            if ws.send(frame(n)).await.is_err() {
+                break;
+            }
+        }
+        ok &= close_code(&mut ws).await == Some(4400);
+    }
+    (what, ok)
+}
+
 /// Whether an attacker goes on: until the flood ends, after a 20 ms pause per round. Unpaced,
 /// the attackers' own CPU (this process) and the worker's (a debug build) saturate this
 /// 2-core machine, and the probe measures the machine, not the worker; bench/hostile.sh runs the
@@ -385,59 +407,23 @@ async fn floods_of_bad_frames_and_credentials_hurt_only_the_attacker() {
     if only("text") {
         for i in 0..10 {
             let jwt = mallory.clone();
-            attacks.spawn_on(
-                async move {
-                    let mut ok = true;
-                    while pace(until).await {
-                        let mut ws = connect_jwt(port, &jwt).await;
-                        let junk = [
-                            "not json",
-                            "{\"type\":\"nope\"}",
-                            "[1,2,3]",
-                            "{\"after\":1}",
-                            "{",
-                        ];
-                        for n in 0..100 {
-                            if ws
-                                .send(Message::Text(junk[(i + n) % junk.len()].into()))
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                        ok &= close_code(&mut ws).await == Some(4400);
-                    }
-                    ("text flood", ok)
-                },
-                &on,
-            );
+            let junk = [
+                "not json",
+                "{\"type\":\"nope\"}",
+                "[1,2,3]",
+                "{\"after\":1}",
+                "{",
+            ];
+            let frame = move |n: usize| Message::Text(junk[(i + n) % junk.len()].into());
+            attacks.spawn_on(flood(port, jwt, until, "text flood", frame), &on);
         }
     }
     // Binary floods: 4400 too.
     if only("binary") {
         for _ in 0..10 {
             let jwt = mallory.clone();
-            attacks.spawn_on(
-                async move {
-                    let mut ok = true;
-                    while pace(until).await {
-                        let mut ws = connect_jwt(port, &jwt).await;
-                        for _ in 0..100 {
-                            if ws
-                                .send(Message::Binary(vec![0xff; 512].into()))
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                        ok &= close_code(&mut ws).await == Some(4400);
-                    }
-                    ("binary flood", ok)
-                },
-                &on,
-            );
+            let frame = |_| Message::Binary(vec![0xff; 512].into());
+            attacks.spawn_on(flood(port, jwt, until, "binary flood", frame), &on);
         }
     }
     // Oversized frames (past the 64 KiB default): 1009.

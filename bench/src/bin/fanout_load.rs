@@ -7,38 +7,19 @@
 //! measuring for SECONDS, then prints one JSON line with the results.
 
 use futures::{SinkExt, StreamExt};
-use pg_sync_bench::token;
+use pg_sync_bench::{now_ms, token, ts_of, Histogram};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Latency histogram: 0.1 ms buckets up to 10 s.
-const BUCKETS: usize = 100_000;
-
 struct Stats {
-    buckets: Vec<AtomicU64>,
+    latency: Histogram,
     deliveries: AtomicU64,
     measuring: std::sync::atomic::AtomicBool,
     closed: AtomicU64,
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1000.0
-}
-
-/// The `ts` number inside a delta frame, without a full parse.
-fn ts_of(frame: &str) -> Option<f64> {
-    let at = frame.find("\"ts\":")? + 5;
-    let rest = &frame[at..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
 }
 
 async fn subscriber(
@@ -79,8 +60,7 @@ async fn subscriber(
                     continue;
                 }
                 if let Some(ts) = ts_of(t.as_str()) {
-                    let us = ((now_ms() - ts) * 10.0).max(0.0) as usize;
-                    stats.buckets[us.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+                    stats.latency.record_ms(now_ms() - ts);
                     stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -89,23 +69,6 @@ async fn subscriber(
         }
     }
     stats.closed.fetch_add(1, Ordering::Relaxed);
-}
-
-fn percentile(stats: &Stats, p: f64) -> f64 {
-    let total: u64 = stats
-        .buckets
-        .iter()
-        .map(|b| b.load(Ordering::Relaxed))
-        .sum();
-    let want = (total as f64 * p).ceil() as u64;
-    let mut seen = 0;
-    for (i, b) in stats.buckets.iter().enumerate() {
-        seen += b.load(Ordering::Relaxed);
-        if seen >= want && want > 0 {
-            return i as f64 / 10.0;
-        }
-    }
-    f64::NAN
 }
 
 #[tokio::main]
@@ -117,7 +80,7 @@ async fn main() {
     let seconds: u64 = args[4].parse().unwrap();
     let after: i64 = args.get(5).map_or(0, |a| a.parse().unwrap());
     let stats = Arc::new(Stats {
-        buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        latency: Histogram::new(),
         deliveries: AtomicU64::new(0),
         measuring: false.into(),
         closed: AtomicU64::new(0),
@@ -163,9 +126,9 @@ async fn main() {
         serde_json::json!({
             "deliveries": deliveries,
             "deliveries_per_s": deliveries as f64 / elapsed,
-            "p50_ms": percentile(&stats, 0.50),
-            "p99_ms": percentile(&stats, 0.99),
-            "p999_ms": percentile(&stats, 0.999),
+            "p50_ms": stats.latency.percentile(0.50),
+            "p99_ms": stats.latency.percentile(0.99),
+            "p999_ms": stats.latency.percentile(0.999),
             "closed": stats.closed.load(Ordering::Relaxed),
         })
     );

@@ -11,22 +11,20 @@
 //! JSON line per phase.
 
 use futures::{SinkExt, StreamExt};
-use pg_sync_bench::token;
+use pg_sync_bench::{now_ms, token, ts_of, Histogram};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Latency histogram: 0.1 ms buckets up to 10 s.
-const BUCKETS: usize = 100_000;
 const HOSTILE: usize = 100;
 const IDLE: usize = usize::MAX;
 
 struct Stats {
     /// One histogram per phase.
-    phases: Vec<Vec<AtomicU64>>,
+    phases: Vec<Histogram>,
     /// The phase being measured (`IDLE`: none).
     phase: AtomicUsize,
     hostile: AtomicBool,
@@ -36,22 +34,6 @@ struct Stats {
     revoked_closes: AtomicU64,
     stalled_cutoffs: AtomicU64,
     other_ends: AtomicU64,
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1000.0
-}
-
-/// The `ts` number inside a delta frame, without a full parse.
-fn ts_of(frame: &str) -> Option<f64> {
-    let at = frame.find("\"ts\":")? + 5;
-    let rest = &frame[at..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -103,8 +85,7 @@ async fn subscriber(
                     continue;
                 }
                 if let Some(ts) = ts_of(t.as_str()) {
-                    let us = ((now_ms() - ts) * 10.0).max(0.0) as usize;
-                    stats.phases[phase][us.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+                    stats.phases[phase].record_ms(now_ms() - ts);
                 }
             }
             Ok(Message::Close(_)) | Err(_) => break,
@@ -218,19 +199,6 @@ async fn stalled(port: u16, jwt: String, stats: Arc<Stats>) {
     }
 }
 
-fn percentile(h: &[AtomicU64], p: f64) -> (u64, f64) {
-    let total: u64 = h.iter().map(|b| b.load(Ordering::Relaxed)).sum();
-    let want = (total as f64 * p).ceil() as u64;
-    let mut seen = 0;
-    for (i, b) in h.iter().enumerate() {
-        seen += b.load(Ordering::Relaxed);
-        if seen >= want && want > 0 {
-            return (total, i as f64 / 10.0);
-        }
-    }
-    (total, f64::NAN)
-}
-
 /// The worker's CPU time so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -256,9 +224,7 @@ async fn main() {
     tokio::spawn(conn);
     let db = Arc::new(db);
     let stats = Arc::new(Stats {
-        phases: (0..rounds * 2)
-            .map(|_| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
+        phases: (0..rounds * 2).map(|_| Histogram::new()).collect(),
         phase: AtomicUsize::new(IDLE),
         hostile: false.into(),
         closed: AtomicU64::new(0),
@@ -326,9 +292,9 @@ async fn main() {
             let elapsed = start.elapsed().as_secs_f64();
             let cpu = (cpu_seconds(worker) - cpu0) / elapsed;
             let h = &stats.phases[phase];
-            let (deliveries, p50) = percentile(h, 0.50);
-            let (_, p99) = percentile(h, 0.99);
-            let (_, p999) = percentile(h, 0.999);
+            let (deliveries, p50) = (h.count(), h.percentile(0.50));
+            let p99 = h.percentile(0.99);
+            let p999 = h.percentile(0.999);
             println!(
                 "{}",
                 serde_json::json!({

@@ -4,9 +4,10 @@
 use super::stream::{self, ReplayError};
 use super::{error, App, Identity, Refusal};
 use crate::hub::Outbound;
-use crate::replication::sequencer;
+use crate::protocol::ErrorCode;
+use crate::store;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -24,9 +25,8 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n >= 0 => n,
             _ => {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_cursor",
+                return Err(Refusal::of(
+                    ErrorCode::BadCursor,
                     "after must be 0 or a sync id",
                 ))
             }
@@ -35,16 +35,14 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
     let Some(watermark) = app.hub.watermark() else {
         // Right after a start the watermark is not known: a valid cursor must not be told
         // to re-bootstrap.
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+        return Err(Refusal::of(
+            ErrorCode::Unavailable,
             "the worker is starting; retry",
         ));
     };
     if after > watermark {
-        return Err(Refusal::new(
-            StatusCode::CONFLICT,
-            "cursor_ahead",
+        return Err(Refusal::of(
+            ErrorCode::CursorAhead,
             "after is beyond the last sync id; re-bootstrap",
         ));
     }
@@ -65,41 +63,21 @@ pub async fn deltas(
     let limit = match q.get("limit").map(|s| s.parse::<usize>()) {
         None => 1_000,
         Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_limit",
-                "limit must be 1 to 10000",
-            )
-        }
+        Some(_) => return error(ErrorCode::BadLimit, "limit must be 1 to 10000"),
     };
     let through = app.hub.published();
     let (Some(groups), Ok(db)) = (
         stream::load_groups(&app, &user, through).await,
         app.db.get().await,
     ) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "database unavailable; retry",
-        );
+        return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
     let horizon = match db.track(stream::horizon(&db)).await {
         Ok(h) => h,
-        Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "database unavailable; retry",
-            )
-        }
+        Err(_) => return error(ErrorCode::Unavailable, "database unavailable; retry"),
     };
     if after > 0 && after < horizon {
-        return error(
-            StatusCode::GONE,
-            "resync_required",
-            &stream::compacted(horizon),
-        );
+        return error(ErrorCode::ResyncRequired, &stream::compacted(horizon));
     }
     let joins = match db
         .track(stream::joins(&db, &user, after.max(horizon), through))
@@ -108,19 +86,15 @@ pub async fn deltas(
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(error = %e, "membership read failed");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "database unavailable; retry",
-            );
+            return error(ErrorCode::Unavailable, "database unavailable; retry");
         }
     };
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
-        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let span = store::page_span(cursor, through, PAGE_SPAN);
         let page = match db
-            .track(sequencer::changes(
+            .track(store::changes(
                 &db,
                 cursor,
                 Some(&groups),
@@ -132,11 +106,7 @@ pub async fn deltas(
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "deltas read failed");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "database unavailable; retry",
-                );
+                return error(ErrorCode::Unavailable, "database unavailable; retry");
             }
         };
         for d in page
@@ -154,16 +124,10 @@ pub async fn deltas(
     // Read after the pages: a compaction that took rows from them is seen (never a gap).
     match db.track(stream::horizon(&db)).await {
         Ok(now) if now > after.max(horizon) => {
-            return error(StatusCode::GONE, "resync_required", &stream::compacted(now))
+            return error(ErrorCode::ResyncRequired, &stream::compacted(now))
         }
         Ok(_) => {}
-        Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "database unavailable; retry",
-            )
-        }
+        Err(_) => return error(ErrorCode::Unavailable, "database unavailable; retry"),
     }
     let body = format!(
         "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
@@ -191,11 +155,7 @@ pub async fn sse(
         Err(refused) => return refused.into_response(),
     };
     let Some((mut sub, registration)) = stream::register(&app, &user, key.as_deref()).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "database unavailable; retry",
-        );
+        return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     let mut shutdown = app.shutdown.clone();
@@ -221,7 +181,7 @@ pub async fn sse(
         loop {
             let event = tokio::select! {
                 _ = &mut expiry => {
-                    let frame = json!({"type": "error", "code": "token_expired", "message": format!("token expired; reconnect with a fresh token and resume after {position}")});
+                    let frame = json!({"type": "error", "code": ErrorCode::TokenExpired.as_str(), "message": format!("token expired; reconnect with a fresh token and resume after {position}")});
                     let _ = tx.send(Event::default().data(frame.to_string())).await;
                     return;
                 }
@@ -236,7 +196,7 @@ pub async fn sse(
                         let reason = cut.map(|c| c.reason).unwrap_or_else(|| "dropped".into());
                         let _ = tx
                             .send(Event::default().data(
-                                serde_json::json!({"type": "error", "code": "closed", "message": format!("{reason}; resume after {position}")}).to_string(),
+                                serde_json::json!({"type": "error", "code": ErrorCode::Closed.as_str(), "message": format!("{reason}; resume after {position}")}).to_string(),
                             ))
                             .await;
                         return;
@@ -303,16 +263,24 @@ async fn sse_replay(
     tx: &tokio::sync::mpsc::Sender<Event>,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
-    while let Some(page) = replay.next_page().await? {
-        for d in page {
-            tx.send(
-                Event::default()
-                    .id(d.sync_id.to_string())
-                    .data(d.frame.as_str()),
-            )
-            .await
-            .map_err(|_| ReplayError::Sink)?;
-        }
+    let mut next = replay.next_page().await?;
+    while let Some(page) = next {
+        let write = async {
+            for d in page {
+                tx.send(
+                    Event::default()
+                        .id(d.sync_id.to_string())
+                        .data(d.frame.as_str()),
+                )
+                .await
+                .map_err(|_| ReplayError::Sink)?;
+            }
+            Ok::<(), ReplayError>(())
+        };
+        // As over WebSocket: the next page is read while this one is sent.
+        let (written, fetched) = stream::overlap(write, replay.next_page()).await;
+        written?;
+        next = fetched.await_page().await?;
     }
     Ok(replay.through)
 }
@@ -327,21 +295,21 @@ async fn sse_replay_failed(
     let frame = match error {
         ReplayError::Sink | ReplayError::Stalled => return,
         ReplayError::Expired(horizon) => {
-            json!({"type": "error", "code": "resync_required", "message": stream::compacted(horizon)})
+            json!({"type": "error", "code": ErrorCode::ResyncRequired.as_str(), "message": stream::compacted(horizon)})
         }
         ReplayError::Dropped => {
             let reason = sub
                 .cut()
                 .map(|c| c.reason)
                 .unwrap_or_else(|| "dropped".into());
-            json!({"type": "error", "code": "closed", "message": reason})
+            json!({"type": "error", "code": ErrorCode::Closed.as_str(), "message": reason})
         }
         ReplayError::NotReady => {
-            json!({"type": "error", "code": "unavailable", "message": "the worker is starting; retry"})
+            json!({"type": "error", "code": ErrorCode::Unavailable.as_str(), "message": "the worker is starting; retry"})
         }
         ReplayError::Db(e) => {
             tracing::warn!(error = %e, "sse replay failed");
-            json!({"type": "error", "code": "unavailable", "message": format!("replay failed; retry after {position}")})
+            json!({"type": "error", "code": ErrorCode::Unavailable.as_str(), "message": format!("replay failed; retry after {position}")})
         }
     };
     let _ = tx.send(Event::default().data(frame.to_string())).await;

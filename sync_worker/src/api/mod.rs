@@ -10,9 +10,10 @@ pub mod ws;
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::db::Db;
 use crate::hub::Hub;
+use crate::protocol::ErrorCode;
 use crate::replication::sequencer::Status;
+use crate::store::Db;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -86,15 +87,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(
-                StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such endpoint (see docs/protocol.md)",
             )
         })
         .method_not_allowed_fallback(|| async {
             error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "this endpoint does not take that method",
             )
         })
@@ -140,9 +139,8 @@ pub async fn authenticate(
         .map(str::to_owned)
         .or_else(|| query.get("token").cloned());
     let Some(token) = token else {
-        return Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_token",
+        return Err(Refusal::of(
+            ErrorCode::MissingToken,
             "send Authorization: Bearer <jwt or api key> or ?token=",
         ));
     };
@@ -153,20 +151,10 @@ pub async fn authenticate(
                 key: None,
                 expires: Some(v.expires),
             }),
-            Err(e) => Err(Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                e.code(),
-                &e.to_string(),
-            )),
+            Err(e) => Err(Refusal::of(e.code(), &e.to_string())),
         };
     }
-    let unknown = || {
-        Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "unknown or revoked API key",
-        )
-    };
+    let unknown = || Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key");
     // Strings that cannot be keys, and keys the database just said it does not know, are
     // refused without a query: an unauthenticated flood must not cost the database.
     if !crate::auth::is_api_key_shaped(&token) || app.unknown_keys.contains(&token) {
@@ -175,11 +163,11 @@ pub async fn authenticate(
     // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
     // back: past it, no query, and the client is asked to retry.
     if !app.unknown_keys.begin_lookup() {
-        return Err(Refusal::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "busy",
+        return Err(Refusal::of(
+            ErrorCode::Busy,
             "too many API key lookups; retry after a second",
-        ));
+        )
+        .with_status(StatusCode::TOO_MANY_REQUESTS));
     }
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
@@ -207,9 +195,8 @@ pub async fn authenticate(
         Err(e) => {
             app.unknown_keys.refund_lookup();
             tracing::warn!(error = %e, "api key lookup failed");
-            Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+            Err(Refusal::of(
+                ErrorCode::Unavailable,
                 "cannot check the API key now; retry",
             ))
         }
@@ -228,35 +215,43 @@ pub fn receiver_stream<T>(
     .fuse()
 }
 
-/// A JSON error body: `{"code": ..., "message": ...}`.
-pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    Refusal::new(status, code, message).into_response()
+/// A JSON error body: `{"code": ..., "message": ...}`, with the code's HTTP status.
+pub fn error(code: ErrorCode, message: &str) -> Response {
+    Refusal::of(code, message).into_response()
 }
 
 /// A refused request: what the client sees (status, code, message), nothing internal.
 #[derive(Debug)]
 pub struct Refusal {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// The request field the refusal is about (`transactions[2].clientTxId`), when known.
     pub field: Option<String>,
 }
 
 impl Refusal {
-    pub fn new(status: StatusCode, code: &str, message: &str) -> Refusal {
-        // Codes are fixed protocol words; an unknown one is reported as "internal".
-        let code = PROTOCOL_CODES
-            .iter()
-            .copied()
-            .find(|c| *c == code)
-            .unwrap_or("internal");
+    /// A refusal with `code`'s HTTP status.
+    pub fn of(code: ErrorCode, message: &str) -> Refusal {
         Refusal {
-            status,
+            status: code.status(),
             code,
             message: message.to_owned(),
             field: None,
         }
+    }
+
+    /// A refusal by protocol word (an unknown word is reported as "internal") with its own
+    /// status; `of` is the usual form.
+    pub fn new(status: StatusCode, code: &str, message: &str) -> Refusal {
+        Refusal::of(ErrorCode::parse(code), message).with_status(status)
+    }
+
+    /// The same refusal with another status than its code's (`busy` as 429 where the client
+    /// itself asks too often).
+    pub fn with_status(mut self, status: StatusCode) -> Refusal {
+        self.status = status;
+        self
     }
 
     pub fn at(mut self, field: Option<String>) -> Refusal {
@@ -265,29 +260,9 @@ impl Refusal {
     }
 }
 
-const PROTOCOL_CODES: &[&str] = &[
-    "missing_token",
-    "invalid_token",
-    "token_expired",
-    "invalid_api_key",
-    "unavailable",
-    "bad_cursor",
-    "bad_limit",
-    "cursor_ahead",
-    "slot_invalid",
-    "not_streaming",
-    "bad_request",
-    "too_large",
-    "resync_required",
-    "unknown_model",
-    "busy",
-    "not_found",
-    "method_not_allowed",
-];
-
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({"code": self.code, "message": self.message});
+        let mut body = serde_json::json!({"code": self.code.as_str(), "message": self.message});
         if let Some(field) = self.field {
             body["field"] = field.into();
         }
@@ -328,17 +303,12 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         .clone();
     if let Some(problem) = slot {
         return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "slot_invalid",
+            ErrorCode::SlotInvalid,
             &format!("replication slot is {problem}"),
         );
     }
     if !app.status.streaming.load(Ordering::Acquire) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_streaming",
-            "replication is not streaming",
-        );
+        return error(ErrorCode::NotStreaming, "replication is not streaming");
     }
     Json(serde_json::json!({"status": "ok", "lastSyncId": app.hub.published()})).into_response()
 }

@@ -2,6 +2,7 @@
 //! once through `pg_sync.mutate_as`, which also enforces the user's groups in-database.
 
 use super::{App, Identity, Refusal};
+use crate::protocol::ErrorCode;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -54,7 +55,7 @@ fn is_uuid(s: &str) -> bool {
 }
 
 fn bad(message: &str, field: Option<String>) -> Response {
-    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    Refusal::of(ErrorCode::BadRequest, message)
         .at(field)
         .into_response()
 }
@@ -92,7 +93,7 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
-    let statement = crate::db::mutate_statement(&db)
+    let statement = crate::store::mutate_statement(&db)
         .await
         .map_err(|_| BatchError::Unavailable)?;
     let statement = &statement;
@@ -230,9 +231,8 @@ pub async fn mutate(
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
+            return Refusal::of(
+                ErrorCode::TooLarge,
                 &format!("the body exceeds {MAX_BODY} bytes"),
             )
             .into_response()
@@ -257,12 +257,9 @@ pub async fn mutate(
     match apply(&app, &user, &request).await {
         Ok(results) => Json(json!({"results": results})).into_response(),
         Err(BatchError::Bad(why, field)) => bad(&why, Some(field)),
-        Err(BatchError::Unavailable) => Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "database unavailable; retry",
-        )
-        .into_response(),
+        Err(BatchError::Unavailable) => {
+            Refusal::of(ErrorCode::Unavailable, "database unavailable; retry").into_response()
+        }
     }
 }
 

@@ -14,8 +14,8 @@
 //! lies before the retention horizon or beyond the watermark, gets a 409 with a new handle.
 
 use super::{bootstrap, App, Refusal};
-use crate::db::quote_ident as quote;
-use crate::replication::sequencer;
+use crate::store;
+use crate::store::quote_ident as quote;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
@@ -101,7 +101,7 @@ async fn conn(app: &App) -> Result<Arc<Client>, String> {
     if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
         return Ok(c.clone());
     }
-    let c = sequencer::connect(&app.cfg.database_url)
+    let c = store::connect(&app.cfg.database_url)
         .await
         .map_err(|e| e.to_string())?;
     c.batch_execute(SETTINGS).await.map_err(|e| e.to_string())?;
@@ -970,7 +970,7 @@ async fn read_log(
         && (pages == 0 || started.elapsed() < READ_BUDGET)
     {
         pages += 1;
-        let span = sequencer::page_span(cursor, through, PAGE_SPAN);
+        let span = store::page_span(cursor, through, PAGE_SPAN);
         let rows = db
             .query(&stmt, &[&cursor, &shape.groups, &span, &m.name])
             .await
@@ -1246,7 +1246,7 @@ async fn snapshot(app: Arc<App>, shape: Shape) -> Response {
     // No pooled connection is held here: consistent_point takes one per query, never across
     // its fence wait.
     for _ in 0..ATTEMPTS {
-        let snap = match sequencer::connect(&app.cfg.database_url).await {
+        let snap = match store::connect(&app.cfg.database_url).await {
             Ok(s) => s,
             Err(e) => return failed(e.to_string()),
         };

@@ -4,7 +4,7 @@
 use super::App;
 use crate::delta::Delta;
 use crate::hub::{GoLive, Load, Subscription};
-use crate::replication::sequencer;
+use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -229,9 +229,9 @@ impl<'a> Replay<'a> {
                     }
                     self.joins_upto = upto;
                 }
-                let span = sequencer::page_span(self.cursor, self.through, REPLAY_SPAN);
+                let span = store::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let mut page = db
-                    .track(sequencer::changes(
+                    .track(store::changes(
                         &db,
                         self.cursor,
                         Some(&groups),
@@ -272,11 +272,46 @@ impl<'a> Replay<'a> {
     }
 }
 
-async fn pooled(app: &App) -> Result<crate::db::Conn, ReplayError> {
+async fn pooled(app: &App) -> Result<store::Conn, ReplayError> {
     app.db
         .get()
         .await
         .map_err(|e| ReplayError::Db(e.to_string()))
+}
+
+/// Runs `write` (a replay page going out) and `fetch` (reading the next page) at once, and
+/// returns when `write` is done: with its result, and `fetch`'s (finished, or still running
+/// to be awaited). A failed write is returned at once; the caller then drops `fetch`, and a
+/// statement it has in flight is cancelled with its connection (`store::Conn`).
+pub async fn overlap<W: std::future::Future, F: std::future::Future>(
+    write: W,
+    fetch: F,
+) -> (W::Output, Fetched<F>) {
+    let mut fetch = Box::pin(fetch);
+    let mut done = None;
+    tokio::pin!(write);
+    let written = loop {
+        tokio::select! {
+            w = &mut write => break w,
+            f = &mut fetch, if done.is_none() => done = Some(f),
+        }
+    };
+    (written, Fetched { fetch, done })
+}
+
+/// The next page of `overlap`: read already, or still being read.
+pub struct Fetched<F: std::future::Future> {
+    fetch: std::pin::Pin<Box<F>>,
+    done: Option<F::Output>,
+}
+
+impl<F: std::future::Future> Fetched<F> {
+    pub async fn await_page(self) -> F::Output {
+        match self.done {
+            Some(out) => out,
+            None => self.fetch.await,
+        }
+    }
 }
 
 /// Resolves when a session's token expires (never for `None`): WS and SSE sessions end then.
@@ -299,8 +334,7 @@ pub fn compacted(horizon: i64) -> String {
 
 /// The retention horizon: sync ids at or below it are gone.
 pub async fn horizon(db: &tokio_postgres::Client) -> Result<i64, ReplayError> {
-    db.query_one("SELECT pg_sync.retention_horizon()", &[])
+    store::horizon(db)
         .await
-        .map(|r| r.get(0))
         .map_err(|e| ReplayError::Db(e.to_string()))
 }

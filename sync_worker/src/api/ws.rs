@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::close;
+use crate::protocol::{close, ErrorCode};
 
 const SOCKET_BUFFER: usize = 4 * 1024;
 /// Queued frames written per flush.
@@ -67,8 +67,8 @@ fn frame(value: serde_json::Value) -> Message {
     Message::Text(value.to_string().into())
 }
 
-fn error_frame(code: &str, message: &str) -> Message {
-    frame(json!({"type": "error", "code": code, "message": message}))
+fn error_frame(code: ErrorCode, message: &str) -> Message {
+    frame(json!({"type": "error", "code": code.as_str(), "message": message}))
 }
 
 /// Sends `code` and completes the closing handshake (RFC 6455 §7.1.1): frames the client sent
@@ -127,18 +127,27 @@ async fn replay(
     socket: &mut WebSocket,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
-    while let Some(page) = replay.next_page().await? {
+    let mut next = replay.next_page().await?;
+    while let Some(page) = next {
         let write = async {
             for d in page {
                 socket.feed(Message::Text(d.frame.clone())).await?;
             }
             socket.flush().await
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        // The next page is read while this one is written: the database and the socket each
+        // took about half of a replay's time, one after the other (bench/replay.sh).
+        let (written, fetched) = stream::overlap(
+            tokio::time::timeout(WRITE_TIMEOUT, write),
+            replay.next_page(),
+        )
+        .await;
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(ReplayError::Sink),
             Err(_) => return Err(ReplayError::Stalled),
         }
+        next = fetched.await_page().await?;
     }
     Ok(replay.through)
 }
@@ -164,13 +173,18 @@ async fn replay_failed(
         }
         ReplayError::Expired(horizon) => {
             let why = super::stream::compacted(horizon);
-            let _ = socket.send(error_frame("resync_required", &why)).await;
+            let _ = socket
+                .send(error_frame(ErrorCode::ResyncRequired, &why))
+                .await;
             close_with(socket, close::RESYNC, "resync required".into()).await;
         }
         ReplayError::Dropped => close_dropped(socket, sub, position).await,
         ReplayError::NotReady => {
             let _ = socket
-                .send(error_frame("unavailable", "the worker is starting; retry"))
+                .send(error_frame(
+                    ErrorCode::Unavailable,
+                    "the worker is starting; retry",
+                ))
                 .await;
             close_with(socket, close::INTERNAL, "not ready; retry".into()).await;
         }
@@ -263,19 +277,19 @@ async fn session(
                         let reply = match parsed {
                             Ok(ClientMessage::Subscribe { after }) if subscribed => {
                                 let _ = after;
-                                Some(error_frame("already_subscribed", "this connection is already subscribed"))
+                                Some(error_frame(ErrorCode::AlreadySubscribed, "this connection is already subscribed"))
                             }
                             Ok(ClientMessage::Subscribe { after }) if after < 0 => {
-                                Some(error_frame("bad_cursor", "after must be 0 or a sync id"))
+                                Some(error_frame(ErrorCode::BadCursor, "after must be 0 or a sync id"))
                             }
                             Ok(ClientMessage::Subscribe { after }) => {
                                 let Some(watermark) = app.hub.watermark() else {
-                                    let _ = socket.send(error_frame("unavailable", "the worker is starting; retry")).await;
+                                    let _ = socket.send(error_frame(ErrorCode::Unavailable, "the worker is starting; retry")).await;
                                     close_with(&mut socket, close::INTERNAL, "not ready; retry".into()).await;
                                     break;
                                 };
                                 if after > watermark {
-                                    let _ = socket.send(error_frame("cursor_ahead", "after is beyond the last sync id; re-bootstrap")).await;
+                                    let _ = socket.send(error_frame(ErrorCode::CursorAhead, "after is beyond the last sync id; re-bootstrap")).await;
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
                                 }
@@ -308,16 +322,16 @@ async fn session(
                                 Some(match super::mutate::apply(&app, &user, &request).await {
                                     Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
                                     Err(super::mutate::BatchError::Bad(why, field)) => frame(
-                                        json!({"type": "error", "code": "bad_request", "message": why, "field": field}),
+                                        json!({"type": "error", "code": ErrorCode::BadRequest.as_str(), "message": why, "field": field}),
                                     ),
                                     Err(super::mutate::BatchError::Unavailable) => {
-                                        error_frame("unavailable", "database unavailable; retry")
+                                        error_frame(ErrorCode::Unavailable, "database unavailable; retry")
                                     }
                                 })
                             }
                             Err(_) => {
                                 bad += 1;
-                                Some(error_frame("bad_message", "expected {\"type\":\"subscribe\",\"after\":N} or {\"type\":\"ping\"}"))
+                                Some(error_frame(ErrorCode::BadMessage, "expected {\"type\":\"subscribe\",\"after\":N} or {\"type\":\"ping\"}"))
                             }
                         };
                         if let Some(reply) = reply {
@@ -342,7 +356,7 @@ async fn session(
                             close_with(&mut socket, close::BAD_INPUT, "too many malformed messages".into()).await;
                             break;
                         }
-                        if socket.send(error_frame("bad_message", "binary frames are not part of protocol v1")).await.is_err() {
+                        if socket.send(error_frame(ErrorCode::BadMessage, "binary frames are not part of protocol v1")).await.is_err() {
                             break;
                         }
                     }

@@ -11,7 +11,7 @@ use super::{
     Report, PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
-use crate::replication::sequencer;
+use crate::store;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -64,7 +64,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         }
         if db.as_ref().is_none_or(|c| c.is_closed()) {
-            db = sequencer::connect(&url).await.ok();
+            db = store::connect(&url).await.ok();
         }
         let Some(c) = db.as_ref() else { continue };
         if lock.as_ref().is_none_or(|l| l.is_closed()) {
@@ -74,7 +74,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             stop_all(&mut running).await;
             lock = None;
             if asking.as_ref().is_none_or(|a| a.is_closed()) {
-                asking = sequencer::connect(&url).await.ok();
+                asking = store::connect(&url).await.ok();
             }
             if let Some(l) = asking.take() {
                 match l
@@ -250,7 +250,7 @@ async fn probe_peer(app: Arc<App>, name: String, url: String) {
     let (_keep, mut stop) = watch::channel(false);
     let mut use_previous = false;
     let _ = session(&app, &name, &url, &mut stop, &mut use_previous, true).await;
-    if let Ok(db) = sequencer::connect(&app.cfg.database_url).await {
+    if let Ok(db) = store::connect(&app.cfg.database_url).await {
         let _ = db
             .execute(
                 "UPDATE pg_sync.peer_probes SET checked_at = now(), error = coalesce(error, 'the test did not complete')
@@ -338,7 +338,7 @@ async fn session(
 ) -> Outcome {
     let retry = Outcome::Retry { progressed: false };
     let lane = if probe_only { PROBE } else { "in" };
-    let db = match sequencer::connect(&app.cfg.database_url).await {
+    let db = match store::connect(&app.cfg.database_url).await {
         Ok(db) => db,
         Err(e) => {
             tracing::warn!(peer = name, error = %e, "federation: database unavailable");

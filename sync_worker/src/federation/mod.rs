@@ -150,7 +150,7 @@ pub async fn identity(db: &Client) -> Result<(String, String), tokio_postgres::E
     Ok((row.get(0), row.get(1)))
 }
 
-pub use crate::db::db_text;
+pub use crate::store::db_text;
 
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {

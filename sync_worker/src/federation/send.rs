@@ -8,7 +8,7 @@ use super::{
     auth, auth_failed_event, event, identity, metrics, report, sqlstate, Report, REGISTRY_POLL,
 };
 use crate::api::App;
-use crate::replication::sequencer;
+use crate::store;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -78,7 +78,7 @@ async fn serve(app: Arc<App>, mut ws: WebSocket) {
         )
         .await;
     }
-    let db = match sequencer::connect(&app.cfg.database_url).await {
+    let db = match store::connect(&app.cfg.database_url).await {
         Ok(db) => db,
         Err(e) => {
             tracing::warn!(error = %e, "federation: database unavailable");

@@ -1,5 +1,6 @@
-//! The store's connections: `connect` opens one control connection as the database URL says
-//! (TLS per `sslmode`, verified under `verify-ca`/`verify-full`; a connect timeout), and `Db`
+//! The store's connections, every one the worker opens: `connect` opens one control connection
+//! as the database URL says (TLS per `sslmode`, verified under `verify-ca`/`verify-full`; a
+//! connect timeout), and `Db`
 //! is the API's pool (deadpool-postgres) for short reads and mutations: auth, group loads,
 //! replay pages, `/sync/mutate`. Each checkout is exclusive, so a long mutate batch or a slow
 //! query holds one connection and never delays the queries of other users queued behind it
@@ -90,11 +91,6 @@ pub fn db_text(e: &tokio_postgres::Error) -> String {
         },
         None => e.to_string(),
     }
-}
-
-/// `ident` as a quoted SQL identifier.
-pub fn quote_ident(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// A pooled connection, returned to the pool when dropped, unless it is dropped with a

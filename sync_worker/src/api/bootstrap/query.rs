@@ -1,0 +1,172 @@
+//! The bootstrap's queries: one registered model as the snapshot sees it, the keyset SELECT of
+//! the rows a user may see (in key order, resumable after a key), and reading ids and keys
+//! back from what was written.
+
+use crate::api::row_json::{self, Column};
+use crate::store::quote_ident as quote;
+
+/// One registered model as the snapshot sees it.
+pub(super) struct Model {
+    pub(super) name: String,
+    table: String,
+    group: Option<String>,
+    key: Vec<String>,
+    /// The columns clients see (all but the excluded ones), in table order.
+    pub(super) columns: Vec<Column>,
+    /// The column whose value is the model id, for a one-column key of a simple kind;
+    /// otherwise the id is the first select-list item, made by `pg_sync.key_text`.
+    id_column: Option<usize>,
+}
+
+impl Model {
+    pub(super) fn new(
+        name: String,
+        table: String,
+        group: Option<String>,
+        key: Vec<String>,
+        columns: Vec<Column>,
+    ) -> Model {
+        let id_column = match key.as_slice() {
+            [k] => columns
+                .iter()
+                .position(|c| &c.name == k && c.kind.is_own_text()),
+            _ => None,
+        };
+        Model {
+            name,
+            table,
+            group,
+            key,
+            columns,
+            id_column,
+        }
+    }
+
+    /// Where the columns start in a selected row.
+    pub(super) fn first_column(&self) -> usize {
+        usize::from(self.id_column.is_none())
+    }
+
+    /// The rows of this model the user may see (`$1`: the user's groups), in key order, after
+    /// `$2` (a key as jsonb, or NULL), at most `$3`.
+    pub(super) fn select(&self, after: bool) -> String {
+        let key_cols = |prefix: &str| {
+            self.key
+                .iter()
+                .map(|k| format!("{prefix}.{}", quote(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut items: Vec<String> = vec![];
+        if self.id_column.is_none() {
+            let parts = self
+                .key
+                .iter()
+                // The log's ids: each key column's canonical text (independent of this session's
+                // DateStyle, TimeZone, ...), as the capture trigger writes them.
+                .map(|k| format!("pg_sync.canonical_text(t.{})", quote(k)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            items.push(format!("pg_sync.key_text(ARRAY[{parts}])::text"));
+        }
+        items.extend(self.columns.iter().map(|c| c.kind.expr(&quote(&c.name))));
+        // A group id is the column's text form; a cast gives it without format() where the
+        // two agree.
+        let group = match &self.group {
+            Some(g)
+                if self
+                    .columns
+                    .iter()
+                    .any(|c| &c.name == g && c.kind.is_own_text()) =>
+            {
+                format!("t.{}::text = ANY ($1)", quote(g))
+            }
+            Some(g) => format!("pg_sync.canonical_text(t.{}) = ANY ($1)", quote(g)),
+            None => "$1::text[] IS NOT NULL".into(),
+        };
+        let (from, keyset) = if after {
+            (
+                format!(
+                    ", jsonb_populate_record(NULL::{}, $2::text::jsonb) c",
+                    self.table
+                ),
+                format!(" AND ({}) > ({})", key_cols("t"), key_cols("c")),
+            )
+        } else {
+            (String::new(), " AND $2::text IS NULL".into())
+        };
+        format!(
+            "SELECT {items}
+               FROM {table} t{from}
+              WHERE {group}{keyset}
+              ORDER BY {order}
+              LIMIT $3",
+            items = items.join(", "),
+            table = self.table,
+            order = key_cols("t"),
+        )
+    }
+
+    /// Writes the model id of a selected row as a JSON string.
+    pub(super) fn write_id(&self, out: &mut Vec<u8>, row: &tokio_postgres::Row) {
+        match self.id_column {
+            Some(i) => row_json::write_own_text(out, self.columns[i].kind, row, i),
+            None => serde_json::to_writer(out, row.get::<_, &str>(0)).expect("a string serializes"),
+        }
+    }
+
+    /// The key of a row, from its `data`.
+    pub(super) fn key_of(&self, data: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+        let mut row: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(data).unwrap_or_default();
+        self.key
+            .iter()
+            .map(|k| (k.clone(), row.remove(k).unwrap_or_default()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyset_query_orders_and_resumes_by_the_whole_key() {
+        let m = Model::new(
+            "t".into(),
+            "public.t".into(),
+            Some("org".into()),
+            vec!["a".into(), "b\"x".into()],
+            vec![
+                Column::new("a".into(), 23, false),
+                Column::new("b\"x".into(), 25, false),
+                Column::new("at".into(), 1184, false),
+            ],
+        );
+        let q = m.select(true);
+        assert!(q.starts_with(r#"SELECT pg_sync.key_text(ARRAY[pg_sync.canonical_text(t."a"), pg_sync.canonical_text(t."b""x")])::text, t."a", t."b""x"::text, to_jsonb(t."at")::text"#), "{q}");
+        assert_eq!(m.first_column(), 1);
+        let single = Model::new(
+            "s".into(),
+            "s".into(),
+            None,
+            vec!["id".into()],
+            vec![Column::new("id".into(), 20, false)],
+        );
+        assert_eq!(single.id_column, Some(0), "an int8 key is its own id");
+        assert!(
+            single.select(false).starts_with("SELECT t.\"id\"\n"),
+            "{}",
+            single.select(false)
+        );
+        assert!(
+            q.contains(r#"(t."a", t."b""x") > (c."a", c."b""x")"#),
+            "{q}"
+        );
+        assert!(q.contains(r#"ORDER BY t."a", t."b""x""#), "{q}");
+        assert_eq!(
+            m.key_of(br#"{"a": 1, "b\"x": "z", "v": 3}"#),
+            serde_json::from_str::<serde_json::Map<_, _>>(r#"{"a": 1, "b\"x": "z"}"#).unwrap()
+        );
+    }
+}

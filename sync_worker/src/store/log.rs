@@ -1,0 +1,130 @@
+//! Reading the sequenced log: the pages of `pg_sync.changes()` turned into deltas, how far a
+//! page reaches, the retention horizon and the last sequenced sync id.
+
+use crate::delta::Delta;
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// How many sync ids the next page after `after` covers on the way to `last`: at most `max`,
+/// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
+pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
+    (last - after).clamp(0, i64::from(max)) as i32
+}
+
+/// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
+/// global models, and the membership changes of `member` (None: everyone's).
+pub async fn changes(
+    db: &Client,
+    after: i64,
+    groups: Option<&[String]>,
+    span: i32,
+    member: Option<&str>,
+) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
+    // `pg_sync.changes()` returns every user's membership changes; a reader for one user drops
+    // the others here, in the database, not after shipping and decoding them: with 10,000
+    // users each subscribing from 0, that was 10,000 x 10,000 rows turned into deltas and thrown
+    // away (the fan-out bench's set-up took over ten minutes).
+    let rows = db
+        .query(
+            "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
+                    moved::text, client_id, client_tx_id::text
+               FROM pg_sync.changes($1, $2, $3)
+              WHERE $4::text IS NULL OR model <> '$membership' OR model_id = $4",
+            &[&after, &groups, &span, &member],
+        )
+        .await?;
+    let rows_len = rows.len();
+    const NAMES: [&str; 10] = [
+        "model",
+        "model_id",
+        "action",
+        "data",
+        "version",
+        "group_id",
+        "prev_group_id",
+        "moved",
+        "client_id",
+        "client_tx_id",
+    ];
+    let build = move || -> Vec<Arc<Delta>> {
+        let mut page: Vec<Arc<Delta>> = rows
+            .iter()
+            .map(|r| {
+                let sync_id: i64 = r.get(0);
+                let global: bool = r.get(1);
+                Arc::new(Delta::from_columns(sync_id, global, |c| {
+                    let i = NAMES.iter().position(|n| *n == c)?;
+                    r.get::<_, Option<String>>(i + 2).map(|v| {
+                        if c == "moved" {
+                            if v == "true" {
+                                "t".into()
+                            } else {
+                                "f".into()
+                            }
+                        } else {
+                            v
+                        }
+                    })
+                }))
+            })
+            .collect();
+        // pg_sync.changes() returns its rows by sync id, but the planner cannot know that, and
+        // an ORDER BY here sorted every page again in the database (a quarter of a replay
+        // page's time there). Sorting here costs one pass over rows already in order.
+        page.sort_by_key(|d| d.sync_id);
+        page
+    };
+    // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
+    // one in release: built on a runtime thread it stalls every task scheduled there (two
+    // replaying clients held /healthz up for 2 s). Large pages are built on the blocking pool.
+    if rows_len > BLOCKING_PAGE_ROWS {
+        // At most (cores - 1) pages are built at once (at least one), so many clients replaying
+        // together leave a core to everything else (/healthz, live delivery): six replays at
+        // once still held /healthz up for 230 ms without this bound.
+        static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        let builders = BUILDERS.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+        });
+        let _turn = builders.acquire().await.expect("never closed");
+        Ok(tokio::task::spawn_blocking(build)
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+    } else {
+        Ok(build())
+    }
+}
+
+/// Pages with more rows than this are turned into deltas off the async runtime.
+const BLOCKING_PAGE_ROWS: usize = 64;
+
+/// The retention horizon: sync ids at or below it are gone.
+pub async fn horizon(db: &Client) -> Result<i64, tokio_postgres::Error> {
+    Ok(db
+        .query_one("SELECT pg_sync.retention_horizon()", &[])
+        .await?
+        .get(0))
+}
+
+/// The highest sync id the sequencer has persisted (0 before the first).
+pub async fn last_sync_id(db: &Client) -> Result<i64, tokio_postgres::Error> {
+    Ok(db
+        .query_one("SELECT pg_sync.last_sync_id()", &[])
+        .await?
+        .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_span;
+
+    #[test]
+    fn page_span_is_bounded_and_never_wraps() {
+        assert_eq!(page_span(0, 10, 5_000), 10);
+        assert_eq!(page_span(10, 10, 5_000), 0);
+        assert_eq!(page_span(0, 1 << 40, 5_000), 5_000);
+        assert_eq!(page_span(0, 3_000_000_000, 5_000), 5_000);
+        assert_eq!(page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
+        assert_eq!(page_span(20, 10, 5_000), 0);
+    }
+}
