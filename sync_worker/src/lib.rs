@@ -16,9 +16,8 @@ pub mod store;
 pub mod tls;
 pub mod tls_listener;
 
-/// The store's old name: `replication/` still says `crate::db::` (its split is under way in
+/// The store's old name: `replication/` still says `crate::store::` (its split is under way in
 /// another branch); everything else says `store`.
-pub use store as db;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -19,7 +19,7 @@ mod sequencing;
 mod session;
 mod setup;
 
-pub use sequencing::{changes, page_span};
+pub use crate::store::{changes, page_span};
 pub use session::run;
 pub use setup::connect;
 

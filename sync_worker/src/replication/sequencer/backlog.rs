@@ -215,7 +215,7 @@ impl Session<'_> {
                     "SELECT coalesce(array_agg(DISTINCT p.xid::text::bigint), '{}')
                        FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL,
                             'proto_version', '1', 'publication_names', $2::text) p",
-                    &[&self.cfg.slot, &crate::db::quote_ident(&self.cfg.publication)],
+                    &[&self.cfg.slot, &crate::store::quote_ident(&self.cfg.publication)],
                 )
                 .await?
                 .get(0);

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
 
 /// Persists a batch of streamed transactions once all of them are visible (see `persist`):
 /// $1 xids (xid8 text), $2 action counts, $3 commit LSNs, $4 commit times (Postgres epoch,
@@ -350,8 +349,8 @@ impl Session<'_> {
     ) -> Result<(), SequencerError> {
         let mut after = first - 1;
         while after < last {
-            let span = page_span(after, last, LARGE_PAGE);
-            let deltas = changes(&self.db, after, None, span, None).await?;
+            let span = crate::store::page_span(after, last, LARGE_PAGE);
+            let deltas = crate::store::changes(&self.db, after, None, span, None).await?;
             after += span as i64;
             self.hub.publish(&at_positions(
                 deltas,
@@ -362,12 +361,6 @@ impl Session<'_> {
         }
         Ok(())
     }
-}
-
-/// How many sync ids the next page after `after` covers on the way to `last`: at most `max`,
-/// and computed in 64 bits (a gap past 2^31 must not wrap into a negative span).
-pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
-    (last - after).clamp(0, i64::from(max)) as i32
 }
 
 /// A sequenced transaction (or page of one) as the hub takes it: each membership change in it
@@ -407,88 +400,6 @@ fn at_positions(
     parts.last_mut().expect("one part").last_sync_id = last_sync_id;
     parts
 }
-
-/// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
-/// global models, and the membership changes of `member` (None: everyone's).
-pub async fn changes(
-    db: &Client,
-    after: i64,
-    groups: Option<&[String]>,
-    span: i32,
-    member: Option<&str>,
-) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
-    // `pg_sync.changes()` returns every user's membership changes; a reader for one user drops
-    // the others here, in the database, not after shipping and decoding them: with 10,000
-    // users each subscribing from 0, that was 10,000 x 10,000 rows turned into deltas and thrown
-    // away (the fan-out bench's set-up took over ten minutes).
-    let rows = db
-        .query(
-            "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
-                    moved::text, client_id, client_tx_id::text
-               FROM pg_sync.changes($1, $2, $3)
-              WHERE $4::text IS NULL OR model <> '$membership' OR model_id = $4
-              ORDER BY sync_id",
-            &[&after, &groups, &span, &member],
-        )
-        .await?;
-    let rows_len = rows.len();
-    const NAMES: [&str; 10] = [
-        "model",
-        "model_id",
-        "action",
-        "data",
-        "version",
-        "group_id",
-        "prev_group_id",
-        "moved",
-        "client_id",
-        "client_tx_id",
-    ];
-    let build = move || -> Vec<Arc<Delta>> {
-        rows.iter()
-            .map(|r| {
-                let sync_id: i64 = r.get(0);
-                let global: bool = r.get(1);
-                Arc::new(Delta::from_columns(sync_id, global, |c| {
-                    let i = NAMES.iter().position(|n| *n == c)?;
-                    r.get::<_, Option<String>>(i + 2).map(|v| {
-                        if c == "moved" {
-                            if v == "true" {
-                                "t".into()
-                            } else {
-                                "f".into()
-                            }
-                        } else {
-                            v
-                        }
-                    })
-                }))
-            })
-            .collect()
-    };
-    // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
-    // one in release: built on a runtime thread it stalls every task scheduled there (two
-    // replaying clients held /healthz up for 2 s). Large pages are built on the blocking pool.
-    if rows_len > BLOCKING_PAGE_ROWS {
-        // At most (cores - 1) pages are built at once (at least one), so many clients replaying
-        // together leave a core to everything else (/healthz, live delivery): six replays at
-        // once still held /healthz up for 230 ms without this bound.
-        static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-        let builders = BUILDERS.get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
-        });
-        let _turn = builders.acquire().await.expect("never closed");
-        Ok(tokio::task::spawn_blocking(build)
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
-    } else {
-        Ok(build())
-    }
-}
-
-/// Pages with more rows than this are turned into deltas off the async runtime.
-const BLOCKING_PAGE_ROWS: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -559,12 +470,12 @@ mod tests {
 
     #[test]
     fn page_spans_never_wrap() {
-        assert_eq!(page_span(0, 10, 5_000), 10);
-        assert_eq!(page_span(10, 10, 5_000), 0);
-        assert_eq!(page_span(0, 1 << 40, 5_000), 5_000);
+        assert_eq!(crate::store::page_span(0, 10, 5_000), 10);
+        assert_eq!(crate::store::page_span(10, 10, 5_000), 0);
+        assert_eq!(crate::store::page_span(0, 1 << 40, 5_000), 5_000);
         // (last - after) as i32 was negative here, and the paging loop never ended.
-        assert_eq!(page_span(0, 3_000_000_000, 5_000), 5_000);
-        assert_eq!(page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
-        assert_eq!(page_span(20, 10, 5_000), 0);
+        assert_eq!(crate::store::page_span(0, 3_000_000_000, 5_000), 5_000);
+        assert_eq!(crate::store::page_span(1, 1 + (1 << 32) + 7, 5_000), 5_000);
+        assert_eq!(crate::store::page_span(20, 10, 5_000), 0);
     }
 }

@@ -10,15 +10,15 @@ use tokio_postgres::Client;
 
 /// A control connection (`db::connect`: TLS as the URL's `sslmode` says).
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    crate::db::connect(url).await.map_err(SequencerError::from)
+    crate::store::connect(url).await.map_err(SequencerError::from)
 }
 
-impl From<crate::db::ConnectError> for SequencerError {
-    fn from(e: crate::db::ConnectError) -> SequencerError {
+impl From<crate::store::ConnectError> for SequencerError {
+    fn from(e: crate::store::ConnectError) -> SequencerError {
         match e {
-            crate::db::ConnectError::Db(e) => SequencerError::Db(e),
-            crate::db::ConnectError::Url(_) => SequencerError::Url,
-            crate::db::ConnectError::Tls(why) => SequencerError::Tls(why),
+            crate::store::ConnectError::Db(e) => SequencerError::Db(e),
+            crate::store::ConnectError::Url(_) => SequencerError::Url,
+            crate::store::ConnectError::Tls(why) => SequencerError::Tls(why),
         }
     }
 }
@@ -43,7 +43,7 @@ pub(super) async fn ensure_setup(
     // hub. Memberships and the registry no longer need to be (kept for publications made
     // before): membership changes are actions in the log (pg_sync.log_membership()), and each
     // action says whether it is global (a NULL group id), so re-registrations need no stream.
-    let publication = crate::db::quote_ident(&cfg.publication);
+    let publication = crate::store::quote_ident(&cfg.publication);
     match db
         .query_opt(
             "SELECT pubupdate AND pubtruncate FROM pg_publication WHERE pubname = $1",
@@ -196,7 +196,7 @@ pub(super) fn replication_config(
     cfg: &Config,
     encrypted: bool,
 ) -> Result<ReplicationConfig, SequencerError> {
-    let target = crate::db::Target::parse(&cfg.database_url)?;
+    let target = crate::store::Target::parse(&cfg.database_url)?;
     let pg = &target.config;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
