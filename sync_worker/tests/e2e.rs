@@ -5071,10 +5071,13 @@ struct Survivor {
 }
 
 impl Survivor {
-    /// Resumes from the cursor if disconnected, then takes what arrives within `wait`. A
-    /// refused connection, an error frame or a close just leaves it disconnected (the worker
-    /// is down or starting); the caller retries.
+    /// Resumes from the cursor if disconnected, then takes what arrives until nothing does
+    /// within `wait` (or for at most `wait` + 200 ms: under steady writes a stream is never
+    /// quiet, and the other subscribers need their turn). A refused connection, an error frame
+    /// or a close just leaves it disconnected (the worker is down or starting); the caller
+    /// retries.
     async fn pump(&mut self, port: u16, wait: Duration) {
+        let budget = Instant::now() + wait + Duration::from_millis(200);
         if self.ws.is_none() {
             let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
                 .into_client_request()
@@ -5097,7 +5100,7 @@ impl Survivor {
             self.ws = Some(ws);
         }
         let ws = self.ws.as_mut().unwrap();
-        loop {
+        while Instant::now() < budget {
             match tokio::time::timeout(wait, ws.next()).await {
                 Err(_) => return,
                 Ok(Some(Ok(Message::Text(t)))) => {
@@ -5279,7 +5282,10 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
     worker.kill9();
     // What the worker published before it died is still in the sockets.
     for s in subs.iter_mut() {
-        s.pump(port, Duration::from_millis(200)).await;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while s.ws.is_some() && Instant::now() < deadline {
+            s.pump(port, Duration::from_millis(200)).await;
+        }
         s.ws = None;
     }
     let seen_before: Vec<usize> = subs.iter().map(|s| s.got.len()).collect();
