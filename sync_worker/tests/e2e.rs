@@ -5159,7 +5159,8 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
         &mut db,
         "SET pg_sync.restoring = on;
          SELECT pg_sync.add_member('dora', 'p1'), pg_sync.add_member('dora', 'p2');
-         RESET pg_sync.restoring;",
+         RESET pg_sync.restoring;
+         INSERT INTO todos SELECT g, 'shared', 'p1' FROM generate_series(1, 4) g;",
     );
     let standby =
         tokio::task::block_in_place(|| Cluster::standby_of(&primary, "failover_standby", &[]));
@@ -5186,7 +5187,9 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
     let port = worker.port;
 
     // Writers: inserts, updates, group moves and deletes of their own rows, multi-row
-    // transactions, global rows; on any error they reconnect to wherever `target` points.
+    // transactions, global rows, and writes of 4 shared rows (also late in a transaction that
+    // started with a write of its own: the one that starts first may commit last); on any
+    // error they reconnect to wherever `target` points.
     let target = Arc::new(std::sync::Mutex::new(primary.url("app")));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..2u64)
@@ -5218,7 +5221,8 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let group = ["p1", "p2"][rnd(2) as usize];
                     let some = base + rnd((next - base + 1) as u64) as i64;
-                    let sql = match rnd(7) {
+                    let shared = 1 + rnd(4);
+                    let sql = match rnd(9) {
                         0 | 1 => {
                             next += 1;
                             format!("INSERT INTO todos VALUES ({next}, 'new', '{group}')")
@@ -5236,9 +5240,23 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
                                 next - 2
                             )
                         }
-                        _ => {
+                        6 => {
                             next += 1;
                             format!("INSERT INTO announcements VALUES ({next}, 'all')")
+                        }
+                        7 => format!(
+                            "UPDATE todos SET title = 'w{w} {}' WHERE id = {shared}",
+                            rnd(1000)
+                        ),
+                        _ => {
+                            next += 1;
+                            format!(
+                                "BEGIN;
+                                 INSERT INTO todos VALUES ({next}, 'first', '{group}');
+                                 UPDATE todos SET title = 'w{w} late {}', project = '{group}' WHERE id = {shared};
+                                 COMMIT",
+                                rnd(1000)
+                            )
                         }
                     };
                     match c.batch_execute(&sql) {
