@@ -5112,3 +5112,426 @@ async fn an_out_of_range_statement_timeout_is_refused_at_startup() {
         "healthy, yet the API cannot get a database connection"
     );
 }
+
+/// A subscriber across a failover: its connection (if any), its cursor, every delta it got
+/// (sync id, `model:action:modelId`) and the rows it folded them into.
+struct Survivor {
+    user: &'static str,
+    groups: Vec<String>,
+    ws: Option<Ws>,
+    cursor: i64,
+    got: Vec<(i64, String)>,
+    replica: Replica,
+}
+
+impl Survivor {
+    /// Resumes from the cursor if disconnected, then takes what arrives until nothing does
+    /// within `wait` (or for at most `wait` + 200 ms: under steady writes a stream is never
+    /// quiet, and the other subscribers need their turn). A refused connection, an error frame
+    /// or a close just leaves it disconnected (the worker is down or starting); the caller
+    /// retries.
+    async fn pump(&mut self, port: u16, wait: Duration) {
+        let budget = Instant::now() + wait + Duration::from_millis(200);
+        if self.ws.is_none() {
+            let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+                .into_client_request()
+                .unwrap();
+            req.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {}", token(self.user, 3600, SECRET))
+                    .parse()
+                    .unwrap(),
+            );
+            let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio_tungstenite::connect_async(req),
+            )
+            .await
+            else {
+                return;
+            };
+            send(&mut ws, json!({"type": "subscribe", "after": self.cursor})).await;
+            self.ws = Some(ws);
+        }
+        let ws = self.ws.as_mut().unwrap();
+        while Instant::now() < budget {
+            match tokio::time::timeout(wait, ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                    match f["type"].as_str() {
+                        Some("delta") => {
+                            let id = f["syncId"].as_i64().unwrap();
+                            self.got
+                                .push((id, summary(std::slice::from_ref(&f)).remove(0)));
+                            apply_delta(&mut self.replica, &f);
+                            self.cursor = id;
+                        }
+                        Some("caught_up") => {
+                            self.cursor = self.cursor.max(f["syncId"].as_i64().unwrap())
+                        }
+                        Some("error") => {
+                            assert_ne!(
+                                f["code"], "resync_required",
+                                "{}: nothing was compacted",
+                                self.user
+                            );
+                            eprintln!("{} at {}: {f}", self.user, self.cursor);
+                            self.ws = None;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => {
+                    self.ws = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Failover: the primary's postmaster is killed (kill -9) while writers commit and the worker
+/// sequences, a synchronous streaming standby is promoted, and a worker with the same config
+/// is started against it. Synchronous (`synchronous_standby_names = '*'`, `synchronous_commit
+/// = on`) because that is what makes the guarantee hold: the worker publishes a batch only
+/// after the commit of its `commit_order` rows returns, which waits for the standby's flush,
+/// so every sync id a client saw is on the standby; an asynchronous standby may lack
+/// sequenced transactions clients saw, and the new worker would hand their sync ids to other
+/// transactions (see "Failover" in docs/extension.md). The standby has no logical slot (PG15
+/// does not copy them): the new worker creates one, and its backlog pass sequences the
+/// transactions the old worker never did. Every subscriber then resumes from its cursor and
+/// must end with: strictly increasing sync ids, exactly the new primary's log for its groups
+/// (none missing, none twice, each id naming the same action it named before the failover),
+/// and its folded rows equal to the new primary's rows of its groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates() {
+    let (primary, mut db) = app_cluster("failover_primary");
+    exec(
+        &mut db,
+        "SET pg_sync.restoring = on;
+         SELECT pg_sync.add_member('dora', 'p1'), pg_sync.add_member('dora', 'p2');
+         RESET pg_sync.restoring;
+         INSERT INTO todos SELECT g, 'shared', 'p1' FROM generate_series(1, 4) g;",
+    );
+    let standby =
+        tokio::task::block_in_place(|| Cluster::standby_of(&primary, "failover_standby", &[]));
+    tokio::task::block_in_place(|| {
+        primary.configure(&["synchronous_standby_names = '*'"]);
+        primary.pg_ctl(&["reload"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while db
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .unwrap()
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the standby never became synchronous"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut worker = Worker::started(&primary, "app").await;
+    let port = worker.port;
+
+    // Writers: inserts, updates, group moves and deletes of their own rows, multi-row
+    // transactions, global rows, and writes of 4 shared rows (also late in a transaction that
+    // started with a write of its own: the one that starts first may commit last); on any
+    // error they reconnect to wherever `target` points.
+    let target = Arc::new(std::sync::Mutex::new(primary.url("app")));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let target = target.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let connect = || loop {
+                    let url = target.lock().unwrap().clone();
+                    match pg_sync_tests::postgres::Client::connect(
+                        &format!("{url} connect_timeout=2"),
+                        pg_sync_tests::postgres::NoTls,
+                    ) {
+                        Ok(c) => return c,
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                };
+                let mut c = connect();
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1);
+                let mut rnd = move |n: u64| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state % n
+                };
+                let base = (w as i64 + 1) * 1_000_000;
+                let mut next = base;
+                let mut committed = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let group = ["p1", "p2"][rnd(2) as usize];
+                    let some = base + rnd((next - base + 1) as u64) as i64;
+                    let shared = 1 + rnd(4);
+                    let sql = match rnd(9) {
+                        0 | 1 => {
+                            next += 1;
+                            format!("INSERT INTO todos VALUES ({next}, 'new', '{group}')")
+                        }
+                        2 => format!("UPDATE todos SET title = 't{}' WHERE id = {some}", rnd(1000)),
+                        3 => format!("UPDATE todos SET project = '{group}' WHERE id = {some}"),
+                        4 => format!("DELETE FROM todos WHERE id = {some}"),
+                        5 => {
+                            next += 3;
+                            format!(
+                                "BEGIN;
+                                 INSERT INTO todos SELECT g, 'batch', '{group}' FROM generate_series({}, {next}) g;
+                                 UPDATE todos SET title = 'in batch' WHERE id = {some};
+                                 COMMIT",
+                                next - 2
+                            )
+                        }
+                        6 => {
+                            next += 1;
+                            format!("INSERT INTO announcements VALUES ({next}, 'all')")
+                        }
+                        7 => format!(
+                            "UPDATE todos SET title = 'w{w} {}' WHERE id = {shared}",
+                            rnd(1000)
+                        ),
+                        _ => {
+                            next += 1;
+                            format!(
+                                "BEGIN;
+                                 INSERT INTO todos VALUES ({next}, 'first', '{group}');
+                                 UPDATE todos SET title = 'w{w} late {}', project = '{group}' WHERE id = {shared};
+                                 COMMIT",
+                                rnd(1000)
+                            )
+                        }
+                    };
+                    match c.batch_execute(&sql) {
+                        Ok(()) => committed += 1,
+                        Err(_) => c = connect(),
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                committed
+            })
+        })
+        .collect();
+
+    let mut subs: Vec<Survivor> = [
+        ("alice", vec!["p1"]),
+        ("bob", vec!["p2"]),
+        ("dora", vec!["p1", "p2"]),
+    ]
+    .into_iter()
+    .map(|(user, groups)| Survivor {
+        user,
+        groups: groups.into_iter().map(String::from).collect(),
+        ws: None,
+        cursor: 0,
+        got: vec![],
+        replica: Default::default(),
+    })
+    .collect();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for s in subs.iter_mut() {
+            s.pump(port, Duration::from_millis(30)).await;
+        }
+    }
+
+    // The host dies: the postmaster first (mid-write, mid-sequencing), the worker with it.
+    let pid = std::fs::read_to_string(primary.data().join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap().trim().to_owned();
+    let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(killed.success());
+    worker.kill9();
+    // What the worker published before it died is still in the sockets.
+    for s in subs.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while s.ws.is_some() && Instant::now() < deadline {
+            s.pump(port, Duration::from_millis(200)).await;
+        }
+        s.ws = None;
+    }
+    let seen_before: Vec<usize> = subs.iter().map(|s| s.got.len()).collect();
+    assert!(
+        seen_before.iter().all(|&n| n > 0),
+        "every subscriber saw deltas before the failover: {seen_before:?}"
+    );
+
+    tokio::task::block_in_place(|| {
+        drop(db);
+        standby.pg_ctl(&["promote", "-w", "-t", "60"]);
+    });
+    *target.lock().unwrap() = standby.url("app");
+    let mut db: postgres_client::Client =
+        tokio::task::block_in_place(|| standby.connect("app")).into();
+    let unsequenced: i64 = tokio::task::block_in_place(|| {
+        db.query_one(
+            "SELECT count(*) FROM pg_sync.sync_actions a
+              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    eprintln!("failover: {unsequenced} actions on the promoted standby were not sequenced yet");
+    let mut worker = Worker::start(&standby, "app", port);
+    worker.wait_healthy().await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for s in subs.iter_mut() {
+            s.pump(port, Duration::from_millis(30)).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed: Vec<usize> =
+        tokio::task::block_in_place(|| writers.into_iter().map(|w| w.join().unwrap()).collect());
+    eprintln!("failover: writers committed {committed:?}");
+
+    // A fence everyone sees, then each subscriber catches up to it.
+    exec(
+        &mut db,
+        "INSERT INTO announcements VALUES (999999999, 'fence')",
+    );
+    let fence: i64 = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_sync.sync_actions a
+                              WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)),
+                            pg_sync.last_sync_id()",
+                    &[],
+                )
+                .unwrap();
+            if row.get::<_, i64>(0) == 0 {
+                return row.get(1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new worker sequences everything"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    for (s, before) in subs.iter_mut().zip(&seen_before) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.cursor < fence && Instant::now() < deadline {
+            s.pump(port, Duration::from_millis(300)).await;
+        }
+        assert!(
+            s.cursor >= fence,
+            "{} stopped at {} before {fence}",
+            s.user,
+            s.cursor
+        );
+        let ids: Vec<i64> = s.got.iter().map(|(id, _)| *id).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{}: sync ids strictly increasing (so none twice)",
+            s.user
+        );
+        assert!(
+            s.got.len() > *before,
+            "{} got deltas after the failover",
+            s.user
+        );
+        // The new primary's log for the user's groups, id by id: what the client got before
+        // the failover names the same actions there, and nothing is missing.
+        let groups = s.groups.clone();
+        let log: Vec<(i64, String)> = tokio::task::block_in_place(|| {
+            db.query(
+                "SELECT sync_id, model || ':' || action || ':' || model_id
+                   FROM pg_sync.changes(0, $1, 100000000)
+                  WHERE model <> '$membership' AND sync_id <= $2
+                  ORDER BY sync_id",
+                &[&groups, &fence],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+        });
+        let got: Vec<(i64, String)> = s
+            .got
+            .iter()
+            .filter(|(id, _)| *id <= fence)
+            .cloned()
+            .collect();
+        if got != log {
+            let first = got.iter().zip(&log).position(|(a, b)| a != b);
+            panic!(
+                "{}: {} deltas received, {} in the new primary's log; first difference at {first:?}: {:?} vs {:?} (failover after {before})",
+                s.user,
+                got.len(),
+                log.len(),
+                first.map(|i| &got[i]),
+                first.map(|i| &log[i]),
+            );
+        }
+        let rows = replica_of(
+            &mut db,
+            &format!(
+                "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project IN ({})
+                 UNION ALL SELECT 'announcements', id::text, to_jsonb(a)::text FROM announcements a",
+                groups
+                    .iter()
+                    .map(|g| format!("'{g}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        assert!(
+            s.replica == rows,
+            "{}: folded rows equal the new primary's",
+            s.user
+        );
+    }
+    worker.kill9();
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// The backlog a new slot cannot stream (after a failover: everything the old worker had not
+/// sequenced) holds concurrent transactions. Two that wrote the same row must reach clients in
+/// the order they committed, or the clients' folded row is not the database's: here T2 starts
+/// first (its first action is older) but writes row 1 after T1 committed its own write of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_transactions_writing_one_row_are_sequenced_in_commit_order() {
+    let (cluster, mut db) = app_cluster("backlog_order");
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'start', 'p1')");
+    let mut t2: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    exec(
+        &mut t2,
+        "BEGIN; INSERT INTO todos VALUES (2, 'from t2', 'p1')",
+    );
+    exec(&mut db, "UPDATE todos SET title = 'from t1' WHERE id = 1");
+    exec(
+        &mut t2,
+        "UPDATE todos SET title = 'from t2' WHERE id = 1; COMMIT",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    let mut replica = Replica::new();
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let rows = replica_of(
+        &mut db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
+    );
+    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+    tokio::task::block_in_place(|| {
+        drop(t2);
+        drop(db)
+    });
+}
