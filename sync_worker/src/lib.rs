@@ -18,7 +18,6 @@ pub mod tls_listener;
 
 /// The store's old name: `replication/` still says `crate::store::` (its split is under way in
 /// another branch); everything else says `store`.
-
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;

@@ -10,7 +10,9 @@ use tokio_postgres::Client;
 
 /// A control connection (`db::connect`: TLS as the URL's `sslmode` says).
 pub async fn connect(url: &str) -> Result<Client, SequencerError> {
-    crate::store::connect(url).await.map_err(SequencerError::from)
+    crate::store::connect(url)
+        .await
+        .map_err(SequencerError::from)
 }
 
 impl From<crate::store::ConnectError> for SequencerError {
