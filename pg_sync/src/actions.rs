@@ -428,9 +428,12 @@ unsafe fn insert_index_entries(
 /// subtransaction's commit hands its rows to its parent; its rollback drops them, so a rolled-back
 /// savepoint leaks nothing; a transaction's end drops whatever is left. The log's readers are
 /// unaffected: they read committed transactions, and the sequencer orders a transaction's
-/// actions by id, which the rows got when captured. A query started by a trigger in the middle
-/// of the capturing statement does not see the statement's queued rows (it did when each row was
-/// inserted at once); every later statement does.
+/// actions by id, which the rows got when captured. Every later statement sees all of a
+/// statement's rows. A query started by a trigger in the middle of the capturing statement sees
+/// the rows flushed so far: any query ends in `ExecutorFinish`, which writes the current
+/// subtransaction's queue, so the trigger of row N of a statement sees rows 1..N-1 (flushed by
+/// the previous trigger's query) but not its own row (captured by an AFTER trigger that may fire
+/// after it, and queued until the next flush point). Row at a time, it saw rows 1..N.
 #[cfg(not(feature = "pg13"))]
 pub(crate) mod batch {
     use super::*;
