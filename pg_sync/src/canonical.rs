@@ -85,6 +85,26 @@ pub fn json_depends_on(output_fn: pg_sys::Oid) -> u8 {
     }
 }
 
+/// The settings `to_jsonb` of a column of type `typid` depends on. A user type (oid at or above
+/// `FirstNormalObjectId`, itself, as a domain's base type or an array's element type) may have a
+/// user cast to json that `to_jsonb` calls instead of its output function, and that cast may read
+/// any setting: all of them.
+pub fn json_depends_on_type(typid: pg_sys::Oid) -> u8 {
+    let user = |t: pg_sys::Oid| t.to_u32() >= pg_sys::FirstNormalObjectId;
+    // SAFETY: catalog lookups of an existing column's type, in a transaction.
+    unsafe {
+        let base = pg_sys::getBaseType(typid);
+        let elem = pg_sys::get_element_type(base);
+        if user(base) || (elem != pg_sys::InvalidOid && user(pg_sys::getBaseType(elem))) {
+            return ALL;
+        }
+        let mut func = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
+        json_depends_on(func)
+    }
+}
+
 /// Runs `f` (which prints values, e.g. `to_jsonb` of a row) with the output settings in
 /// `needed` at their canonical values, set only when the session differs from them.
 pub fn with_output_settings<R>(needed: u8, f: impl FnOnce() -> R) -> R {

@@ -349,13 +349,10 @@ impl TableConfig {
             .filter(|i| !key.contains(i))
             .filter_map(|i| names[i].clone())
             .collect();
-        // The settings the captured columns' JSON depends on (canonical::json_depends_on).
+        // The settings the captured columns' JSON depends on (canonical::json_depends_on_type).
         let mut json_settings = 0;
         for &i in &captured {
-            let mut func = pg_sys::InvalidOid;
-            let mut varlena = false;
-            unsafe { pg_sys::getTypeOutputInfo(types[i], &mut func, &mut varlena) };
-            json_settings |= crate::canonical::json_depends_on(func);
+            json_settings |= crate::canonical::json_depends_on_type(types[i]);
         }
         let mut output_fn = vec![pg_sys::InvalidOid; natts];
         for &i in key.iter().chain(group.iter()) {
@@ -1137,7 +1134,7 @@ unsafe fn record_trigger_changes(
         };
         let intended = crate::model::run(
             &format!(
-                "SELECT pg_catalog.to_jsonb(r) FROM pg_catalog.jsonb_populate_record(NULL::{typname}, $1) r"
+                "SELECT pg_catalog.to_jsonb(r.*) FROM pg_catalog.jsonb_populate_record(NULL::{typname}, $1) r"
             ),
             &[PgOid::from(pg_sys::JSONBOID)],
             vec![JsonB(Value::Object(ctx.written.clone()))],

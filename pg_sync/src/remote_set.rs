@@ -16,9 +16,11 @@
 //!
 //! What the set path cannot reproduce exactly it leaves to the per-change path: it returns NULL
 //! before writing anything for a model with user triggers or rules (they may write other rows,
-//! or change the written values), forced row security, a referencing foreign key with an action
-//! (its cascades write rows of the batch behind the merge's back), or a partitioned table, and
-//! when `pg_sync.set_apply` is off. An error (a bad change, or a write the table did not take as
+//! or change the written values), forced row security, a partitioned table, any foreign key (in
+//! it or referencing it), a unique index other than the key's or an exclusion constraint (step
+//! 3 writes in key order per model and kind, not in batch order, so such a constraint could pass
+//! or fail other changes than the per-change path), or a key column of a type whose `=` is not
+//! its canonical text's (`set_capable`), and when `pg_sync.set_apply` is off. An error (a bad change, or a write the table did not take as
 //! planned, 55000) fails the whole call: `apply_peer_batch` then applies the batch change by
 //! change in subtransactions and parks exactly the failing changes, as it always did.
 
@@ -287,21 +289,58 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
     Some(changed)
 }
 
-/// Whether the set path writes `model`'s table exactly as the per-change path would.
+/// Key column types whose SQL equality is the equality of their canonical text (the set path
+/// finds a locked row by that text, the per-change path by `=`): integers, numeric (its
+/// canonical text drops the scale), uuid, bool, bytea, dates and timestamps, and text types under
+/// a deterministic collation. Anything else (citext, interval, floats, domains, arrays, ...)
+/// goes change by change.
+const TEXT_EQUAL_KEY_TYPES: &str =
+    "'{int2,int4,int8,numeric,uuid,bool,bytea,date,timestamp,timestamptz,text,varchar,bpchar}'";
+
+/// Whether the set path writes `model`'s table exactly as the per-change path would. Besides
+/// the writes of triggers, rules and FK actions, it declines where the order of the writes
+/// matters: the set path writes per model and kind in key order, not in batch order, so a
+/// unique index other than the key's, an exclusion constraint, or a foreign key on either side
+/// could fail a change the set path lets through (or the other way round).
 fn set_capable(model: &str) -> bool {
-    model::run(
+    let sql = format!(
         "SELECT pg_catalog.to_jsonb(c.relkind OPERATOR(pg_catalog.=) 'r' AND NOT c.relhasrules
                 AND NOT c.relforcerowsecurity
                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                                  WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid AND NOT t.tgisinternal
                                    AND t.tgname::pg_catalog.text NOT LIKE 'pg\\_sync\\_%')
                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint f
-                                 WHERE f.confrelid OPERATOR(pg_catalog.=) c.oid
-                                   AND f.contype OPERATOR(pg_catalog.=) 'f'
-                                   AND (f.confdeltype OPERATOR(pg_catalog.<>) ALL ('{a,r}'::pg_catalog.\"char\"[])
-                                        OR f.confupdtype OPERATOR(pg_catalog.<>) ALL ('{a,r}'::pg_catalog.\"char\"[]))))
+                                 WHERE f.contype OPERATOR(pg_catalog.=) 'f'
+                                   AND (f.confrelid OPERATOR(pg_catalog.=) c.oid
+                                        OR f.conrelid OPERATOR(pg_catalog.=) c.oid))
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint x
+                                 WHERE x.contype OPERATOR(pg_catalog.=) 'x'
+                                   AND x.conrelid OPERATOR(pg_catalog.=) c.oid)
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                                 WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid
+                                   AND (i.indisunique OR i.indisexclusion)
+                                   AND (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL
+                                        OR i.indisexclusion
+                                        OR ARRAY(SELECT a.attname::pg_catalog.text
+                                                   FROM pg_catalog.pg_attribute a
+                                                  WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                                    AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[])
+                                                  ORDER BY 1)
+                                           OPERATOR(pg_catalog.<>)
+                                           ARRAY(SELECT k FROM pg_catalog.unnest(r.pk_columns) AS k ORDER BY 1)))
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                  JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) a.atttypid
+                                  LEFT JOIN pg_catalog.pg_collation o ON o.oid OPERATOR(pg_catalog.=) a.attcollation
+                                 WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                   AND a.attname::pg_catalog.text OPERATOR(pg_catalog.=) ANY (r.pk_columns)
+                                   AND (y.typnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+                                        OR y.typname::pg_catalog.text OPERATOR(pg_catalog.<>) ALL ({TEXT_EQUAL_KEY_TYPES}::pg_catalog.text[])
+                                        OR NOT coalesce(o.collisdeterministic, true))))
            FROM pg_sync.registry r JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.rel
-          WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')",
+          WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')"
+    );
+    model::run(
+        &sql,
         &[PgOid::from(pg_sys::JSONBOID)],
         vec![JsonB(json!({"m": model}))],
     )
@@ -323,7 +362,7 @@ fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<S
         "WITH l AS (SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
                        JOIN {t} AS t ON ({tk}) = ({xk})
                      ORDER BY {tk} FOR UPDATE OF t)
-         SELECT pg_catalog.jsonb_object_agg({id}, pg_catalog.to_jsonb(l)) FROM l",
+         SELECT pg_catalog.jsonb_object_agg({id}, pg_catalog.to_jsonb(l.*)) FROM l",
         cols = quoted(&model.columns, "t."),
         t = model.table,
         tk = quoted(&model.key, "t."),
@@ -365,7 +404,7 @@ fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, State>
             vec![arg()],
         );
         let found = model::run(
-            "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s) AS j
+            "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s.*) AS j
                           FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
                           JOIN pg_sync.row_state s
                             ON s.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')

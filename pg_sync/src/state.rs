@@ -238,7 +238,7 @@ pub fn unrecorded(exists: bool) -> State {
 /// The row's current state (one index lookup; safe inside the capture trigger).
 pub fn load(model_name: &str, model_id: &str, exists: bool) -> State {
     let found = run(
-        "SELECT pg_catalog.to_jsonb(s) FROM pg_sync.row_state s
+        "SELECT pg_catalog.to_jsonb(s.*) FROM pg_sync.row_state s
           WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2",
         &text2(),
         &[model_name.into(), model_id.into()],
@@ -256,7 +256,7 @@ pub fn load(model_name: &str, model_id: &str, exists: bool) -> State {
 pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
     let select = || {
         run(
-            "SELECT pg_catalog.to_jsonb(s) FROM pg_sync.row_state s
+            "SELECT pg_catalog.to_jsonb(s.*) FROM pg_sync.row_state s
               WHERE s.model OPERATOR(pg_catalog.=) $1 AND s.model_id OPERATOR(pg_catalog.=) $2
                 FOR UPDATE",
             &text2(),
