@@ -5535,3 +5535,50 @@ async fn backlog_transactions_writing_one_row_are_sequenced_in_commit_order() {
         drop(db)
     });
 }
+
+/// REVIEW rev7c (defect 1): the backlog is ordered by each transaction's highest version, but a
+/// remote-applied (federated) change carries the PEER's version, which was not minted by this
+/// cluster's clock after the other transaction committed. T1 writes row 1 locally (v1) and then
+/// another row later (v1' > v1 + 1); after T1 commits, T2 merges a peer change of row 1 at
+/// v1 + 1 (it wins: v1 + 1 > v1). Commit order is T1, T2; the table holds T2's value. Ordered by
+/// max(version), T2 (v1 + 1) goes before T1 (v1'), and clients fold row 1 to T1's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev7c_backlog_order_with_a_remote_applied_change() {
+    let (cluster, mut db) = app_cluster("rev7c_backlog_remote");
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'start', 'p1')");
+    exec(
+        &mut db,
+        "BEGIN; UPDATE todos SET title = 'from t1' WHERE id = 1;
+         SELECT pg_sleep(0.05);
+         INSERT INTO todos VALUES (2, 'later in t1', 'p1'); COMMIT",
+    );
+    let v1: i64 = scalar(
+        &mut db,
+        "SELECT pg_sync.version_hlc(version) FROM pg_sync.sync_actions
+          WHERE model = 'todos' AND model_id = '1' ORDER BY id DESC LIMIT 1",
+    );
+    let peer = format!("{:016x}@peer-x", v1 + 1);
+    exec(
+        &mut db,
+        &format!(
+            "SELECT pg_sync.apply_remote(jsonb_build_object('model', 'todos', 'model_id', '1',
+                 'action', 'U', 'version', '{peer}', 'origin', 'peer-x',
+                 'data', jsonb_build_object('title', 'from peer')))"
+        ),
+    );
+    let title: String = scalar(&mut db, "SELECT title FROM todos WHERE id = 1");
+    assert_eq!(title, "from peer", "the peer's change won the merge");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    let mut replica = Replica::new();
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let rows = replica_of(
+        &mut db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
+    );
+    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+    tokio::task::block_in_place(|| drop(db));
+}
