@@ -1476,3 +1476,63 @@ async fn bootstrap_lagged_revocations_check_the_key() {
     assert!(body.contains(r#""type":"end""#), "{body}");
     assert!(body.contains(r#""title":"one""#), "{body}");
 }
+
+/// REVIEW rev7c (defect 2): captured values are in canonical form (money under lc_monetary C,
+/// '$12.50'), but the shape's log read parses them back through the type
+/// (`jsonb_populate_record`, and `(data -> '' ->> col)::type` for the `""` entry) under the
+/// session's lc_monetary, which `SETTINGS` leaves at the database's. In a de_DE database every
+/// log read of a table with a money value fails (22P02), so /v1/shape deltas answer 503 for
+/// good. Both the plain column and one inside a composite (which always has its `""` text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev7c_shape_log_read_of_money_under_another_lc_monetary() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("rev7c_shape_money", &[]));
+    tokio::task::block_in_place(|| {
+        cluster.create_db("app");
+    });
+    let c = db(&cluster, "app").await;
+    c.batch_execute(
+        "ALTER DATABASE app SET lc_monetary = 'de_DE.utf8';
+         CREATE TYPE wallet AS (m money);
+         CREATE TABLE w (id int PRIMARY KEY, g text, m money, wl wallet);
+         SELECT pg_sync.register_table('w', group_column => 'g');
+         SELECT pg_sync.add_member('alice', 'g1');",
+    )
+    .await
+    .expect("setup");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let r = get(port, "/v1/shape?table=w&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let c2 = db(&cluster, "app").await;
+    c2.batch_execute(
+        "INSERT INTO w VALUES (1, 'g1', 12.5::numeric::money, ROW(12.5::numeric::money))",
+    )
+    .await
+    .unwrap();
+    // The cause, in a session like the worker's: the captured text does not parse here.
+    let e = c2
+        .query(
+            "SELECT (jsonb_populate_record(NULL::w, data)).m::text FROM pg_sync.sync_actions WHERE model = 'w'",
+            &[],
+        )
+        .await
+        .expect_err("canonical money text parsed under de_DE");
+    eprintln!("rev7c diagnosis: {:?} {}", e.code(), e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(
+            port,
+            &format!("/v1/shape?table=w&offset={w}_0&handle={handle}"),
+            "alice",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        if !changes(&body(&r)).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no change arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
