@@ -1536,3 +1536,57 @@ async fn rev7c_shape_log_read_of_money_under_another_lc_monetary() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// REVIEW rev7c (defect 3): a key moved to another user (or given another hash) "closes its
+/// sessions like a revocation" (docs/protocol.md). The hub sends it as `Revoked::Key`; a paused
+/// bootstrap that lags behind the revocations (1,100 other keys deleted after the move) settles
+/// them in the database, but `bootstrap::writer::key_revoked` only asks whether the key's id
+/// still exists (shape.rs's own check also compares the hash): the bootstrap of a key that now
+/// belongs to bob goes on streaming alice's rows to its end line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev7c_bootstrap_lagged_check_misses_a_key_moved_to_another_user() {
+    let (cluster, c) = app_cluster("rev7c_boot_moved").await;
+    let key: String = c
+        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
+        .await
+        .unwrap();
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_FAILPOINTS", "bootstrap_flush_pause"),
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let boot = tokio::spawn(async move {
+        raw_request(
+            port,
+            "GET",
+            "/sync/bootstrap",
+            &[("Authorization", format!("Bearer {key}"))],
+            "",
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute("UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE user_id = 'alice'")
+        .await
+        .unwrap();
+    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
+        .await
+        .unwrap();
+    let r = boot.await.unwrap();
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        !body.contains(r#""type":"end""#),
+        "the bootstrap of a key moved to bob ran to its end: {body}"
+    );
+}
