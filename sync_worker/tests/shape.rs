@@ -1590,3 +1590,65 @@ async fn rev7c_bootstrap_lagged_check_misses_a_key_moved_to_another_user() {
         "the bootstrap of a key moved to bob ran to its end: {body}"
     );
 }
+
+/// REVIEW rev7c (defect 3, shape side): the same lag on a held /v1/shape long-poll. shape.rs's
+/// lagged check compares the key's id and hash, not its user: a key moved from alice to bob
+/// (same hash) during the lag keeps alice's held request going, and it answers alice's data
+/// (here a change of `todos` in p1, alice's group) instead of the 401 a revoked key gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rev7c_shape_lagged_check_misses_a_key_moved_to_another_user() {
+    let (cluster, c) = app_cluster("rev7c_shape_moved").await;
+    let key: String = c
+        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
+        .await
+        .unwrap();
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "30")]).await;
+    let port = worker.port;
+    let auth = format!("Bearer {key}");
+    let r = raw_request(
+        port,
+        "GET",
+        "/v1/shape?table=todos&offset=-1",
+        &[("Authorization", auth.clone())],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let poll = tokio::spawn(async move {
+        raw_request(
+            port,
+            "GET",
+            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
+            &[("Authorization", auth)],
+            "",
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute("UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE user_id = 'alice'")
+        .await
+        .unwrap();
+    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.batch_execute("INSERT INTO todos VALUES (10, 'alice only', 'p1')")
+        .await
+        .unwrap();
+    let r = poll.await.unwrap();
+    assert_eq!(
+        r.status,
+        401,
+        "a key moved to bob still got alice's shape: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
