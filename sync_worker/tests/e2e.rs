@@ -5536,15 +5536,16 @@ async fn backlog_transactions_writing_one_row_are_sequenced_in_commit_order() {
     });
 }
 
-/// REVIEW rev7c (defect 1): the backlog is ordered by each transaction's highest version, but a
-/// remote-applied (federated) change carries the PEER's version, which was not minted by this
-/// cluster's clock after the other transaction committed. T1 writes row 1 locally (v1) and then
+/// The backlog (no commit order to read) keeps the commit order of two transactions that wrote
+/// one row also when one of them is a merged peer change, which is logged with the PEER's
+/// version, not one minted here after the other committed. T1 writes row 1 locally (v1) and then
 /// another row later (v1' > v1 + 1); after T1 commits, T2 merges a peer change of row 1 at
 /// v1 + 1 (it wins: v1 + 1 > v1). Commit order is T1, T2; the table holds T2's value. Ordered by
-/// max(version), T2 (v1 + 1) goes before T1 (v1'), and clients fold row 1 to T1's value.
+/// max(version) (REVIEW rev7c defect 1), T2 went before T1 and clients folded row 1 to T1's
+/// value; by the highest action id, T1 goes first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev7c_backlog_order_with_a_remote_applied_change() {
-    let (cluster, mut db) = app_cluster("rev7c_backlog_remote");
+async fn backlog_keeps_commit_order_with_a_merged_peer_change() {
+    let (cluster, mut db) = app_cluster("backlog_merged_peer");
     exec(&mut db, "INSERT INTO todos VALUES (1, 'start', 'p1')");
     exec(
         &mut db,
