@@ -1477,15 +1477,15 @@ async fn bootstrap_lagged_revocations_check_the_key() {
     assert!(body.contains(r#""title":"one""#), "{body}");
 }
 
-/// REVIEW rev7c (defect 2): captured values are in canonical form (money under lc_monetary C,
-/// '$12.50'), but the shape's log read parses them back through the type
-/// (`jsonb_populate_record`, and `(data -> '' ->> col)::type` for the `""` entry) under the
-/// session's lc_monetary, which `SETTINGS` leaves at the database's. In a de_DE database every
-/// log read of a table with a money value fails (22P02), so /v1/shape deltas answer 503 for
-/// good. Both the plain column and one inside a composite (which always has its `""` text).
+/// Captured values are in canonical form (money under lc_monetary C, '$12.50'), and the shape's
+/// log read parses them back through the type (`jsonb_populate_record`, and
+/// `(data -> '' ->> col)::type` for the `""` entry): under the database's lc_monetary (de_DE
+/// here) that fails (22P02, shown first in a plain session), so the read sets lc_monetary C
+/// (`SETTINGS`; without it every poll answered 503, REVIEW rev7c defect 2). Both the plain
+/// column and one inside a composite (which always has its `""` text).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev7c_shape_log_read_of_money_under_another_lc_monetary() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start("rev7c_shape_money", &[]));
+async fn shape_log_reads_money_under_another_lc_monetary() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start("shape_money_locale", &[]));
     tokio::task::block_in_place(|| {
         cluster.create_db("app");
     });
@@ -1519,7 +1519,7 @@ async fn rev7c_shape_log_read_of_money_under_another_lc_monetary() {
         )
         .await
         .expect_err("canonical money text parsed under de_DE");
-    eprintln!("rev7c diagnosis: {:?} {}", e.code(), e);
+    eprintln!("canonical money under de_DE: {:?} {}", e.code(), e);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = get(
@@ -1537,15 +1537,15 @@ async fn rev7c_shape_log_read_of_money_under_another_lc_monetary() {
     }
 }
 
-/// REVIEW rev7c (defect 3): a key moved to another user (or given another hash) "closes its
-/// sessions like a revocation" (docs/protocol.md). The hub sends it as `Revoked::Key`; a paused
-/// bootstrap that lags behind the revocations (1,100 other keys deleted after the move) settles
-/// them in the database, but `bootstrap::writer::key_revoked` only asks whether the key's id
-/// still exists (shape.rs's own check also compares the hash): the bootstrap of a key that now
-/// belongs to bob goes on streaming alice's rows to its end line.
+/// A key moved to another user (or given another hash) "closes its sessions like a revocation"
+/// (docs/protocol.md), also for a bootstrap that lagged behind the revocations (1,100 other keys
+/// deleted after the move) and settles them in the database: the check compares the key's id,
+/// hash and user with what the bootstrap authenticated as (`HeldKey::valid`), so the bootstrap
+/// of a key that now belongs to bob ends without its end line (with the id alone, REVIEW rev7c
+/// defect 3, it streamed alice's rows to the end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev7c_bootstrap_lagged_check_misses_a_key_moved_to_another_user() {
-    let (cluster, c) = app_cluster("rev7c_boot_moved").await;
+async fn a_lagged_bootstrap_ends_when_its_key_moves_to_another_user() {
+    let (cluster, c) = app_cluster("boot_key_moved").await;
     let key: String = c
         .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
         .await
@@ -1591,13 +1591,13 @@ async fn rev7c_bootstrap_lagged_check_misses_a_key_moved_to_another_user() {
     );
 }
 
-/// REVIEW rev7c (defect 3, shape side): the same lag on a held /v1/shape long-poll. shape.rs's
-/// lagged check compares the key's id and hash, not its user: a key moved from alice to bob
-/// (same hash) during the lag keeps alice's held request going, and it answers alice's data
-/// (here a change of `todos` in p1, alice's group) instead of the 401 a revoked key gets.
+/// The same lag on a held /v1/shape long-poll: a key moved from alice to bob (same id and hash)
+/// during the lag answers the 401 a revoked key gets, not alice's data (here a change of
+/// `todos` in p1, alice's group), because the lagged check compares the user too (with id and
+/// hash only, REVIEW rev7c defect 3, it answered 200 with alice's row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rev7c_shape_lagged_check_misses_a_key_moved_to_another_user() {
-    let (cluster, c) = app_cluster("rev7c_shape_moved").await;
+async fn a_lagged_shape_long_poll_answers_401_when_its_key_moves_to_another_user() {
+    let (cluster, c) = app_cluster("shape_key_moved").await;
     let key: String = c
         .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
         .await
