@@ -2967,6 +2967,71 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A WebSocket mutate under a key that was just moved to another user, before the replication
+/// stream says so, is refused: the pre-check compares the key's user (and hash) with what the
+/// session authenticated as, not only that the id exists (REVIEW rev7c noted the id-only check:
+/// the mutate ran as the key's old user). The move's publish is held for 3 s
+/// (`stall_after_persist`), so the hub has not dropped the session when the mutate arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ws_mutate_under_a_key_just_moved_to_another_user_is_refused() {
+    let (cluster, mut db) = app_cluster("ws_mutate_moved");
+    // Sequenced as the backlog at start, so the move's batch starts past sync id 1 and stalls.
+    exec(&mut db, "INSERT INTO todos VALUES (60, 'before', 'p1')");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_after_persist")],
+    )
+    .await;
+    let port = worker.port;
+    let (id, k): (String, String) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    let mut ws = connect_key(port, &k).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(
+        &mut db,
+        &format!(
+            "BEGIN; INSERT INTO todos VALUES (61, 'with the move', 'p1');
+             UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE id = '{id}'; COMMIT"
+        ),
+    );
+    let mutate = json!({"type": "mutate", "clientId": "c1", "transactions": [{
+        "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000061",
+        "ops": [{"model": "todos", "id": 62, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
+    let _ = ws.send(Message::Text(mutate.to_string().into())).await;
+    let mut replies = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert!(
+        replies.iter().all(|r| !r.contains("mutate_result")),
+        "a key moved to bob wrote as alice: {replies:?}"
+    );
+    let written: i64 = scalar(&mut db, "SELECT count(*) FROM todos WHERE id = 62");
+    assert_eq!(written, 0, "a key moved to bob wrote as alice: {replies:?}");
+    assert!(
+        matches!(closed, Some(4401) | None),
+        "{closed:?}, replies: {replies:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_model_re_registered_with_a_group_column_stops_reaching_everyone() {
     let (cluster, mut db) = app_cluster("ws_reregister");
