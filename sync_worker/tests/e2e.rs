@@ -2967,6 +2967,71 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A WebSocket mutate under a key that was just moved to another user, before the replication
+/// stream says so, is refused: the pre-check compares the key's user (and hash) with what the
+/// session authenticated as, not only that the id exists (REVIEW rev7c noted the id-only check:
+/// the mutate ran as the key's old user). The move's publish is held for 3 s
+/// (`stall_after_persist`), so the hub has not dropped the session when the mutate arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ws_mutate_under_a_key_just_moved_to_another_user_is_refused() {
+    let (cluster, mut db) = app_cluster("ws_mutate_moved");
+    // Sequenced as the backlog at start, so the move's batch starts past sync id 1 and stalls.
+    exec(&mut db, "INSERT INTO todos VALUES (60, 'before', 'p1')");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_after_persist")],
+    )
+    .await;
+    let port = worker.port;
+    let (id, k): (String, String) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    let mut ws = connect_key(port, &k).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(
+        &mut db,
+        &format!(
+            "BEGIN; INSERT INTO todos VALUES (61, 'with the move', 'p1');
+             UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE id = '{id}'; COMMIT"
+        ),
+    );
+    let mutate = json!({"type": "mutate", "clientId": "c1", "transactions": [{
+        "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000061",
+        "ops": [{"model": "todos", "id": 62, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
+    let _ = ws.send(Message::Text(mutate.to_string().into())).await;
+    let mut replies = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert!(
+        replies.iter().all(|r| !r.contains("mutate_result")),
+        "a key moved to bob wrote as alice: {replies:?}"
+    );
+    let written: i64 = scalar(&mut db, "SELECT count(*) FROM todos WHERE id = 62");
+    assert_eq!(written, 0, "a key moved to bob wrote as alice: {replies:?}");
+    assert!(
+        matches!(closed, Some(4401) | None),
+        "{closed:?}, replies: {replies:?}"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_model_re_registered_with_a_group_column_stops_reaching_everyone() {
     let (cluster, mut db) = app_cluster("ws_reregister");
@@ -5534,4 +5599,52 @@ async fn backlog_transactions_writing_one_row_are_sequenced_in_commit_order() {
         drop(t2);
         drop(db)
     });
+}
+
+/// The backlog (no commit order to read) keeps the commit order of two transactions that wrote
+/// one row also when one of them is a merged peer change, which is logged with the PEER's
+/// version, not one minted here after the other committed. T1 writes row 1 locally (v1) and then
+/// another row later (v1' > v1 + 1); after T1 commits, T2 merges a peer change of row 1 at
+/// v1 + 1 (it wins: v1 + 1 > v1). Commit order is T1, T2; the table holds T2's value. Ordered by
+/// max(version) (REVIEW rev7c defect 1), T2 went before T1 and clients folded row 1 to T1's
+/// value; by the highest action id, T1 goes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_keeps_commit_order_with_a_merged_peer_change() {
+    let (cluster, mut db) = app_cluster("backlog_merged_peer");
+    exec(&mut db, "INSERT INTO todos VALUES (1, 'start', 'p1')");
+    exec(
+        &mut db,
+        "BEGIN; UPDATE todos SET title = 'from t1' WHERE id = 1;
+         SELECT pg_sleep(0.05);
+         INSERT INTO todos VALUES (2, 'later in t1', 'p1'); COMMIT",
+    );
+    let v1: i64 = scalar(
+        &mut db,
+        "SELECT pg_sync.version_hlc(version) FROM pg_sync.sync_actions
+          WHERE model = 'todos' AND model_id = '1' ORDER BY id DESC LIMIT 1",
+    );
+    let peer = format!("{:016x}@peer-x", v1 + 1);
+    exec(
+        &mut db,
+        &format!(
+            "SELECT pg_sync.apply_remote(jsonb_build_object('model', 'todos', 'model_id', '1',
+                 'action', 'U', 'version', '{peer}', 'origin', 'peer-x',
+                 'data', jsonb_build_object('title', 'from peer')))"
+        ),
+    );
+    let title: String = scalar(&mut db, "SELECT title FROM todos WHERE id = 1");
+    assert_eq!(title, "from peer", "the peer's change won the merge");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    let mut replica = Replica::new();
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let rows = replica_of(
+        &mut db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
+    );
+    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+    tokio::task::block_in_place(|| drop(db));
 }

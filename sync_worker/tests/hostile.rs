@@ -887,3 +887,64 @@ async fn slow_readers_and_half_open_connections_hurt_only_themselves() {
     bystander.finish("slow readers").await;
     probe.finish("slow readers");
 }
+
+/// "A revoked session stops at the next page" (api/stream.rs), read-ahead or not. With the
+/// read-ahead (`stream::overlap`), page N+1 is read (and its `is_registered` check passed)
+/// while page N is still being written; without a second check before it goes out
+/// (`Replay::admit`, REVIEW rev7c defect 4), a revocation during page N's write let page N+1 out
+/// in full. Here an SSE reader that does not read holds page 1 (sync ids 1..=5000) in its
+/// write; its key is revoked; then it reads: nothing past 5000 may arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_sse_replay_sends_nothing_past_the_page_being_written() {
+    let cluster = app_cluster("revoked_readahead");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT i, repeat('m', 1000), 'p9' FROM generate_series(1, 15000) i",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "mallory");
+    let mut sse = raw_get(port, "/sync/sse?after=0", &key, Some(4096)).await;
+    // Page 1's write is blocked on the unread socket; page 2 is read meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sql(
+        &cluster,
+        &format!("DELETE FROM pg_sync.api_keys WHERE id = '{id}'"),
+    );
+    // The sequencer streams the revocation and the hub drops the session.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut seen = vec![];
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sse.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let ids: Vec<i64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ").or_else(|| l.strip_prefix("id:")))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let max = ids.iter().max().copied().unwrap_or(0);
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(300)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    eprintln!(
+        "revoked replay: {} events, highest id {max}, tail {tail:?}",
+        ids.len()
+    );
+    assert!(
+        max <= 5000,
+        "after the revocation the replay went on past the page being written: highest id {max} ({} events)",
+        ids.len()
+    );
+}

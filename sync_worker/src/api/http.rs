@@ -141,7 +141,9 @@ pub async fn deltas(
 /// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
 pub async fn sse(
     State(app): State<Arc<App>>,
-    Identity { user, key, expires }: Identity,
+    Identity {
+        user, key, expires, ..
+    }: Identity,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -281,6 +283,8 @@ async fn sse_replay(
         let (written, fetched) = stream::overlap(write, replay.next_page()).await;
         written?;
         next = fetched.await_page().await?;
+        // Read ahead: a key revoked while the last page was sent stops it here.
+        next = replay.admit(next)?;
     }
     Ok(replay.through)
 }

@@ -105,7 +105,46 @@ pub fn router(app: Arc<App>) -> Router {
 pub struct Identity {
     pub user: String,
     pub key: Option<String>,
+    /// The API key's stored hash (with `key`).
+    pub key_hash: Option<Vec<u8>>,
     pub expires: Option<std::time::SystemTime>,
+}
+
+impl Identity {
+    /// The API key this request authenticated with, to check later that it still does.
+    pub fn held_key(&self) -> Option<HeldKey> {
+        Some(HeldKey {
+            id: self.key.clone()?,
+            user: self.user.clone(),
+            hash: self.key_hash.clone()?,
+        })
+    }
+}
+
+/// An API key as a session authenticated with it. A session that missed the replication
+/// stream's word on its key (a lagged receiver) asks the database whether the key still
+/// authenticates it: the same id, hash and user. The id alone would keep a key that was moved
+/// to another user (or re-hashed) streaming the first user's data. Keys have no expiry.
+#[derive(Clone, Debug)]
+pub struct HeldKey {
+    /// `pg_sync.api_keys.id`.
+    pub id: String,
+    pub user: String,
+    pub hash: Vec<u8>,
+}
+
+impl HeldKey {
+    pub async fn valid(&self, app: &App) -> Result<bool, String> {
+        let db = app.db.get().await.map_err(|e| e.to_string())?;
+        db.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys
+                             WHERE id::text = $1 AND user_id = $2 AND key_hash = $3)",
+            &[&self.id, &self.user, &self.hash],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| e.to_string())
+    }
 }
 
 impl axum::extract::FromRequestParts<Arc<App>> for Identity {
@@ -149,6 +188,7 @@ pub async fn authenticate(
             Ok(v) => Ok(Identity {
                 user: v.user,
                 key: None,
+                key_hash: None,
                 expires: Some(v.expires),
             }),
             Err(e) => Err(Refusal::of(e.code(), &e.to_string())),
@@ -172,7 +212,7 @@ pub async fn authenticate(
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
         db.query_opt(
-            "SELECT user_id, id::text FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
+            "SELECT user_id, id::text, key_hash FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
             &[&token],
         )
         .await
@@ -185,6 +225,7 @@ pub async fn authenticate(
             Ok(Identity {
                 user: row.get(0),
                 key: Some(row.get(1)),
+                key_hash: Some(row.get(2)),
                 expires: None,
             })
         }

@@ -29,9 +29,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
-/// Values are what `col::text` gives under these settings (Electric's wire form).
+/// Values are what `col::text` gives under these settings (Electric's wire form). Snapshot
+/// and log reads both use them, so one value has one text in both. lc_monetary is C because
+/// the log holds money as captured, canonically (`$12.50`): the log read parses it back, which
+/// under another lc_monetary fails (22P02).
 const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; \
-     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 1";
+     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 1; \
+     SET lc_monetary = 'C'";
 const PAGE_SPAN: i32 = 5_000;
 /// A delta response stops at the first page end past this many messages (not up to date then).
 const MAX_MESSAGES: usize = 10_000;
@@ -823,9 +827,8 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    let watch = identity.key.clone().map(|id| KeyWatch {
-        id,
-        token: bearer(headers, &q).unwrap_or_default(),
+    let watch = identity.held_key().map(|key| KeyWatch {
+        key,
         rx: revocations,
     });
     let Some(watermark) = app.hub.watermark() else {
@@ -1125,20 +1128,8 @@ async fn next_wake(
 
 /// The API key a request was authenticated with, and the hub's revocations.
 struct KeyWatch {
-    /// `pg_sync.api_keys.id`.
-    id: String,
-    token: String,
+    key: super::HeldKey,
     rx: tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
-}
-
-/// The token a request was authenticated with (as `super::authenticate` reads it).
-fn bearer(headers: &HeaderMap, q: &HashMap<String, String>) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
-        .or_else(|| q.get("token").cloned())
 }
 
 /// Whether the watched key was revoked since the request was authenticated (`None`, a JWT,
@@ -1153,7 +1144,7 @@ async fn key_revoked(app: &App, watch: &mut Option<KeyWatch>) -> Result<bool, St
     loop {
         match w.rx.try_recv() {
             Ok(Revoked::All) => return Ok(true),
-            Ok(Revoked::Key(k)) if k == w.id => return Ok(true),
+            Ok(Revoked::Key(k)) if k == w.key.id => return Ok(true),
             Ok(Revoked::Key(_)) => continue,
             Err(TryRecvError::Lagged(_)) => missed = true,
             Err(TryRecvError::Empty | TryRecvError::Closed) => break,
@@ -1162,17 +1153,9 @@ async fn key_revoked(app: &App, watch: &mut Option<KeyWatch>) -> Result<bool, St
     if !missed {
         return Ok(false);
     }
-    let db = app.db.get().await.map_err(|e| e.to_string())?;
-    let valid: bool = db
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys
-                             WHERE id::text = $1 AND key_hash = sha256(convert_to($2, 'UTF8')))",
-            &[&w.id, &w.token],
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .get(0);
-    Ok(!valid)
+    // The same id, hash and user as authenticated: a key moved to another user keeps its id
+    // and hash.
+    Ok(!w.key.valid(app).await?)
 }
 
 /// The answer to a request whose API key was revoked while it was held (what a new request

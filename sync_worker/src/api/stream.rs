@@ -272,6 +272,23 @@ impl<'a> Replay<'a> {
     }
 }
 
+impl Replay<'_> {
+    /// A page `overlap` read ahead, once the page before it is written: it goes out only if
+    /// the session is still registered. Its read checked that before the write ended, so a key
+    /// revoked meanwhile would otherwise get one more full page after the revocation; this is
+    /// the same check `next_page` makes before a read (the expiry check needs none: what was
+    /// read was not compacted yet).
+    pub fn admit(
+        &self,
+        page: Option<Vec<Arc<Delta>>>,
+    ) -> Result<Option<Vec<Arc<Delta>>>, ReplayError> {
+        if page.is_some() && !self.app.hub.is_registered(self.id) {
+            return Err(ReplayError::Dropped);
+        }
+        Ok(page)
+    }
+}
+
 async fn pooled(app: &App) -> Result<store::Conn, ReplayError> {
     app.db
         .get()

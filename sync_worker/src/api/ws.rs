@@ -33,9 +33,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn upgrade(
     State(app): State<Arc<App>>,
-    Identity { user, key, expires }: Identity,
+    identity: Identity,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let held = identity.held_key();
+    let Identity {
+        user, key, expires, ..
+    } = identity;
     let max = app.cfg.max_message_bytes;
     // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
     ws.max_message_size(max)
@@ -46,7 +50,7 @@ pub async fn upgrade(
             // Counted until the session ends: a shutdown waits for its close frame.
             let open = app.sessions.token();
             async move {
-                session(app, user, key, expires, socket).await;
+                session(app, user, key, held, expires, socket).await;
                 drop(open);
             }
         })
@@ -148,6 +152,8 @@ async fn replay(
             Err(_) => return Err(ReplayError::Stalled),
         }
         next = fetched.await_page().await?;
+        // Read ahead: a key revoked while the last page was written stops it here.
+        next = replay.admit(next)?;
     }
     Ok(replay.through)
 }
@@ -209,22 +215,11 @@ async fn close_dropped(socket: &mut WebSocket, sub: &crate::hub::Subscription, p
     close_with(socket, code, format!("{why}; resume after {position}")).await;
 }
 
-/// Whether the API key this session authenticated with still exists (`None`: cannot tell).
-async fn key_valid(app: &App, key: &str) -> Option<bool> {
-    let db = app.db.get().await.ok()?;
-    db.query_one(
-        "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys WHERE id = $1::text::uuid)",
-        &[&key],
-    )
-    .await
-    .ok()
-    .map(|r| r.get(0))
-}
-
 async fn session(
     app: Arc<App>,
     user: String,
     key: Option<String>,
+    held: Option<super::HeldKey>,
     expires: Option<std::time::SystemTime>,
     mut socket: WebSocket,
 ) {
@@ -312,9 +307,10 @@ async fn session(
                                     close_dropped(&mut socket, &sub, position).await;
                                     break;
                                 }
-                                if let Some(k) = key.as_deref() {
-                                    // Revoked, and the replication stream has not said so yet.
-                                    if key_valid(&app, k).await == Some(false) {
+                                if let Some(k) = held.as_ref() {
+                                    // Revoked (or moved to another user, or re-hashed), and
+                                    // the replication stream has not said so yet.
+                                    if k.valid(&app).await == Ok(false) {
                                         close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
                                         break;
                                     }

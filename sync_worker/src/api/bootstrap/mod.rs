@@ -95,11 +95,12 @@ fn parse(q: &HashMap<String, String>) -> Result<Request, Refusal> {
 
 pub async fn bootstrap(
     State(app): State<Arc<App>>,
-    Identity { user, key, .. }: Identity,
+    identity: Identity,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     // Subscribed before anything is read: a key revoked from here on ends the stream.
-    let watch = key.map(|k| (k, app.hub.revocations()));
+    let watch = identity.held_key().map(|k| (k, app.hub.revocations()));
+    let user = identity.user;
     let req = match parse(&q) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),

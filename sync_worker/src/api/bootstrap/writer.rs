@@ -30,7 +30,7 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(300);
 
 /// An API key and the hub's revocations, subscribed before the key was checked.
 pub(crate) type KeyWatch = Option<(
-    String,
+    crate::api::HeldKey,
     tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
 )>;
 
@@ -49,7 +49,7 @@ pub(crate) async fn key_revoked(app: &App, watch: &mut KeyWatch) -> bool {
     loop {
         match rx.try_recv() {
             Ok(Revoked::All) => return true,
-            Ok(Revoked::Key(k)) if k == *key => return true,
+            Ok(Revoked::Key(k)) if k == key.id => return true,
             Ok(Revoked::Key(_)) => continue,
             Err(TryRecvError::Lagged(_)) => missed = true,
             Err(TryRecvError::Empty | TryRecvError::Closed) => break,
@@ -58,19 +58,8 @@ pub(crate) async fn key_revoked(app: &App, watch: &mut KeyWatch) -> bool {
     if !missed {
         return false;
     }
-    let Ok(db) = app.db.get().await else {
-        return true;
-    };
-    match db
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_sync.api_keys WHERE id::text = $1)",
-            &[&*key],
-        )
-        .await
-    {
-        Ok(row) => !row.get::<_, bool>(0),
-        Err(_) => true,
-    }
+    // The same id, hash and user as authenticated: a key moved to another user keeps its id.
+    !matches!(key.valid(app).await, Ok(true))
 }
 
 /// Buffers NDJSON lines into chunks for the response body.
@@ -83,10 +72,7 @@ struct Out {
     /// Settles missed revocations (`key_revoked`).
     app: Arc<App>,
     /// The API key the bootstrap was authenticated with, and the hub's revocations.
-    watch: Option<(
-        String,
-        tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
-    )>,
+    watch: KeyWatch,
 }
 
 impl Out {
@@ -171,10 +157,7 @@ pub(super) async fn stream(
     app: Arc<App>,
     permit: tokio::sync::OwnedSemaphorePermit,
     user: String,
-    watch: Option<(
-        String,
-        tokio::sync::broadcast::Receiver<crate::hub::Revoked>,
-    )>,
+    watch: KeyWatch,
     req: Request,
     snap: tokio_postgres::Client,
     through: i64,

@@ -91,12 +91,16 @@ impl Session<'_> {
     }
 
     /// Sequences the backlog once the stream told it apart: the candidates the stream did not
-    /// show. Before the slot existed there is no commit order to read, but a transaction that
-    /// wrote a row after another committed its own write of it minted every version after all
-    /// of the other's (one clock per cluster): ordered by their highest version, two
-    /// transactions that wrote one row are in commit order, so clients fold it to what the
-    /// table holds (by their first action, the one that started first would go first; after a
-    /// failover the backlog is the old worker's unsequenced tail, concurrent transactions).
+    /// show. Before the slot existed there is no commit order to read, but action ids are drawn
+    /// from the log's identity sequence (cache 1, so one order for every backend) when a change
+    /// is captured, inside its transaction: a transaction that wrote a row after another
+    /// committed its own write of it drew its last id after all of the other's. Ordered by
+    /// their highest action id, two transactions that wrote one row are in commit order, so
+    /// clients fold it to what the table holds. Not by version: a merged change
+    /// (`apply_remote`) is logged with the peer's version, which can be below versions an
+    /// earlier-committed local transaction minted; and not by the first action (the one that
+    /// started first would go first; after a failover the backlog is the old worker's
+    /// unsequenced tail, concurrent transactions).
     pub(super) async fn resolve_backlog(&mut self) -> Result<(), SequencerError> {
         let Some(u) = self.unresolved.take() else {
             return Ok(());
@@ -122,8 +126,8 @@ impl Session<'_> {
             self.db
                 .execute(
                     "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_version, first_id) - n, n, '0/0', now()
-                       FROM (SELECT a.xid, min(a.id) AS first_id, max(a.version) AS last_version, count(*)::int AS n
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now()
+                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n
                                FROM pg_sync.sync_actions a
                               WHERE (a.xid::text::bigint % 4294967296) = ANY ($2::bigint[])
                                 AND NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
@@ -186,8 +190,7 @@ impl Session<'_> {
     /// knows that order, so they are left to it. Which unsequenced transactions the slot will
     /// stream is read by peeking at the slot (not consuming it) in the snapshot the backlog is
     /// taken from; the rest go first, ordered as in `resolve_backlog` (by their highest
-    /// version). One that is streamed anyway is recognised by its xid
-    /// and skipped.
+    /// action id). One that is streamed anyway is recognised by its xid and skipped.
     pub(super) async fn sequence_backlog_peeked(&mut self) -> Result<(), SequencerError> {
         let any: bool = self
             .db
@@ -228,8 +231,8 @@ impl Session<'_> {
             self.db
                 .execute(
                     "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_version, first_id) - n, n, '0/0', now()
-                       FROM (SELECT a.xid, min(a.id) AS first_id, max(a.version) AS last_version, count(*)::int AS n
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now()
+                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n
                                FROM pg_sync.sync_actions a
                               WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
                               GROUP BY a.xid) s
