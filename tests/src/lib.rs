@@ -49,9 +49,9 @@ impl Cluster {
         Self::start_with(name, extra, |_| {})
     }
 
-    /// Like `start`, running `prepare` on the data directory (as the test user; files are
-    /// handed to the server's user afterwards) before the server starts.
-    pub fn start_with(name: &str, extra: &[&str], prepare: impl FnOnce(&Path)) -> Cluster {
+    /// A fresh private directory (owned by the server's user when run as root) and a free
+    /// port, with nothing in them yet: `start_with` runs initdb there, `standby_of` a base backup.
+    fn empty(name: &str) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "pg_sync_test_{name}_{}_{}",
             std::process::id(),
@@ -74,6 +74,13 @@ impl Cluster {
                 "chown of the cluster dir"
             );
         }
+        cluster
+    }
+
+    /// Like `start`, running `prepare` on the data directory (as the test user; files are
+    /// handed to the server's user afterwards) before the server starts.
+    pub fn start_with(name: &str, extra: &[&str], prepare: impl FnOnce(&Path)) -> Cluster {
+        let cluster = Cluster::empty(name);
         let data = cluster.data();
         cluster.run(
             cluster.bindir.join("initdb"),
@@ -125,28 +132,7 @@ impl Cluster {
     /// files such as pg_sync's clock mark), started with `extra` settings; promote it with
     /// `pg_ctl(&["promote", "-w"])`.
     pub fn standby_of(primary: &Cluster, name: &str, extra: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "pg_sync_test_{name}_{}_{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create cluster dir");
-        let cluster = Cluster {
-            dir,
-            port: free_port(),
-            bindir: pg_bindir(),
-        };
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&cluster.dir)
-                .status();
-            assert!(
-                ok.map(|s| s.success()).unwrap_or(false),
-                "chown of the cluster dir"
-            );
-        }
+        let cluster = Cluster::empty(name);
         let data = cluster.data();
         let port = primary.port.to_string();
         cluster.run(
