@@ -19,10 +19,14 @@
 //! goes straight into the heap (`actions`), a key's first state row too (`state_direct`); only
 //! fixed statements (the row-state upsert/update, the log INSERT when the log table was altered,
 //! the membership check) run as `pgsync_owner`.
+//!
+//! Layering: capture sits above `state`, `state_direct`, `actions` and `model` (key ids are
+//! `model::key_text`); none of them imports capture.
 
 use crate::actions;
 use crate::clock;
 use crate::errors;
+use crate::model;
 use crate::owner;
 use crate::settings;
 use crate::state::{self, Local};
@@ -439,7 +443,7 @@ impl Row {
     }
 
     /// The row's key as text: the key column's text form, or for a composite key a JSON array of
-    /// the key columns' text forms (see `key_text`).
+    /// the key columns' text forms (see `model::key_text`).
     fn model_id(&self, cfg: &TableConfig) -> String {
         let parts: Vec<String> = cfg
             .key
@@ -458,20 +462,11 @@ impl Row {
                 })
             })
             .collect();
-        key_text(parts)
+        model::key_text(parts)
     }
 
     fn group(&self, cfg: &TableConfig) -> Option<String> {
         cfg.group.and_then(|i| self.text(cfg, i))
-    }
-}
-
-/// Canonical text of a key: the single column's text, or a compact JSON array of texts.
-pub fn key_text(mut parts: Vec<String>) -> String {
-    if parts.len() == 1 {
-        parts.pop().unwrap_or_default()
-    } else {
-        Value::Array(parts.into_iter().map(Value::String).collect()).to_string()
     }
 }
 

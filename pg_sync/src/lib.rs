@@ -85,7 +85,7 @@ mod pg_sync {
     /// array of the texts for several.
     #[pg_extern(immutable, parallel_safe, strict)]
     fn key_text(parts: Vec<String>) -> String {
-        crate::capture::key_text(parts)
+        crate::model::key_text(parts)
     }
 
     /// The text form pg_sync identifies a key or group value by: the type's output under fixed

@@ -1,8 +1,12 @@
 //! Registered models as `apply_remote` and `mutate` see them, and the row-level statements both
 //! run against the user's tables. Values travel as JSON and are converted with
-//! `jsonb_populate_record`, the inverse of the `to_jsonb` mapping that capture uses.
+//! `jsonb_populate_record`, the inverse of the `to_jsonb` mapping that capture uses. It also owns
+//! the model id: `key_text`, the canonical text of a key.
+//!
+//! Layering (no import circle): `capture` uses `state`, `state_direct`, `actions` and this
+//! module; `state` uses `state_direct` and this module; `state_direct` uses `actions`; this
+//! module uses only `canonical`, `owner` and `errors`, never the capture side.
 
-use crate::capture::key_text;
 use crate::errors;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -173,7 +177,7 @@ impl Model {
         }
     }
 
-    /// Splits a model id (see `capture::key_text`) into `{key column: text}`.
+    /// Splits a model id (see `key_text`) into `{key column: text}`.
     pub fn key_object(&self, model_id: &str, context: &str) -> Map<String, Value> {
         let parts = self.key_parts(model_id, context);
         self.key
@@ -401,6 +405,16 @@ impl Model {
 }
 
 /// `[type oid, typmod]` as the registry query returns it.
+/// Canonical text of a key (a model id): the single column's text, or a compact JSON array of
+/// texts. Capture mints ids with it and `Model::canonical_id` re-forms peers' ids with it.
+pub fn key_text(mut parts: Vec<String>) -> String {
+    if parts.len() == 1 {
+        parts.pop().unwrap_or_default()
+    } else {
+        Value::Array(parts.into_iter().map(Value::String).collect()).to_string()
+    }
+}
+
 fn type_of(t: &Value) -> (pg_sys::Oid, i32) {
     let oid = t[0].as_u64().unwrap_or_default() as u32;
     let typmod = t[1].as_i64().unwrap_or(-1) as i32;
