@@ -8,24 +8,15 @@
 # AB_TX (2000).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 rounds=${AB_ROUNDS:-5}
 rows=${AB_ROWS:-50000}
 txs=${AB_TX:-2000}
-work=$(mktemp -d /tmp/pg_sync_ab.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-cleanup() { cluster_stop "$work/pg" immediate; rm -rf "$work"; }
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "pg_sync.node_id = 'bench'" "shared_buffers = '512MB'" "max_wal_size = '4GB'" \
+bench_write_tables ab "shared_buffers = '512MB'" "max_wal_size = '4GB'" \
   "checkpoint_timeout = '30min'" "synchronous_commit = off"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
-# The same tables and hand-written trigger as bench/write_overhead.sh.
-sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_b
 timed() { # statement -> "wall_seconds cpu_seconds" of one session running it
   local out
-  out=$(psql_b -At <<SQL
+  out=$(psql_w -At <<SQL
 SELECT pg_backend_pid() AS pid \gset
 \setenv PID :pid
 \! awk '{print "cpu0", \$14 + \$15}' /proc/\$PID/stat; echo "wall0 \$(date +%s.%N)"
@@ -70,13 +61,13 @@ wal() { # table statement-template -> bytes per transaction
   python3 -c "
 import sys
 for i in range($txs): print(sys.argv[1].replace('@', str(i % 10000 + 1)) + ';')" "$2" >"$work/w.sql"
-  psql_b -c CHECKPOINT
-  psql_b -f "$work/w.sql" >/dev/null
+  psql_w -c CHECKPOINT
+  psql_w -f "$work/w.sql" >/dev/null
   for _ in 1 2; do
-    lsn0=$(psql_b -tAc "SELECT pg_current_wal_insert_lsn()")
-    psql_b -f "$work/w.sql" >/dev/null
-    lsn1=$(psql_b -tAc "SELECT pg_current_wal_insert_lsn()")
-    b=$(psql_b -tAc "SELECT round(('$lsn1'::pg_lsn - '$lsn0'::pg_lsn) / $txs)")
+    lsn0=$(psql_w -tAc "SELECT pg_current_wal_insert_lsn()")
+    psql_w -f "$work/w.sql" >/dev/null
+    lsn1=$(psql_w -tAc "SELECT pg_current_wal_insert_lsn()")
+    b=$(psql_w -tAc "SELECT round(('$lsn1'::pg_lsn - '$lsn0'::pg_lsn) / $txs)")
     if [ -z "$best" ] || [ "$b" -lt "$best" ]; then best=$b; fi
   done
   echo "$best"

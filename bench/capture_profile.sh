@@ -8,20 +8,12 @@
 # (t_synced; t_plpgsql or t_plain for the baselines).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 rows=${PROFILE_ROWS:-200000}
 what=${PROFILE_WHAT:-insert}
 commit=$(git -C "$here" rev-parse --short HEAD)
-work=$(mktemp -d /tmp/pg_sync_prof.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-cleanup() { cluster_stop "$work/pg" immediate; rm -rf "$work"; }
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "pg_sync.node_id = 'bench'" "shared_buffers = '512MB'" "max_wal_size = '4GB'" \
+bench_write_tables prof "shared_buffers = '512MB'" "max_wal_size = '4GB'" \
   "checkpoint_timeout = '30min'" "synchronous_commit = off"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
-sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_b >/dev/null 2>&1
 table=${PROFILE_TABLE:-t_synced}
 out="$here/bench/flamegraphs/capture_${what}_${table}_${commit}"
 if [ "$what" = single ]; then
@@ -30,7 +22,7 @@ if [ "$what" = single ]; then
     >"$work/pgbench.out" 2>&1 &
   client=$!
   sleep 1
-  pid=$(psql_b -tAc "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'")
+  pid=$(psql_w -tAc "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'")
   perf record -q -F 999 --call-graph dwarf,32768 -o "$work/perf.data" -p "$pid" 2>/dev/null &
   perf_pid=$!
   wait "$client"
@@ -38,15 +30,15 @@ if [ "$what" = single ]; then
 elif [ "$what" = insert ]; then
   stmt="INSERT INTO $table (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $rows) i"
 else
-  psql_b -c "INSERT INTO $table (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $rows) i"
+  psql_w -c "INSERT INTO $table (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $rows) i"
   stmt="UPDATE $table SET b = b + 1"
 fi
 if [ "$what" != single ]; then
   # The statement waits for perf to attach: its session sleeps first, found by its query text.
-  psql_b -c "SELECT pg_sleep(2)" -c "$stmt" &
+  psql_w -c "SELECT pg_sleep(2)" -c "$stmt" &
   client=$!
   sleep 1
-  pid=$(psql_b -tAc "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(2)'")
+  pid=$(psql_w -tAc "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(2)'")
   perf record -q -F 999 --call-graph dwarf,32768 -o "$work/perf.data" -p "$pid" 2>/dev/null &
   perf_pid=$!
   wait "$client"

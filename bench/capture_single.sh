@@ -9,22 +9,14 @@
 # Knobs: SINGLE_TX (5000), SINGLE_ROUNDS (3).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 txs=${SINGLE_TX:-5000}
 rounds=${SINGLE_ROUNDS:-3}
-work=$(mktemp -d /tmp/pg_sync_single.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-cleanup() { cluster_stop "$work/pg" immediate; rm -rf "$work"; }
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "pg_sync.node_id = 'bench'" "shared_buffers = '512MB'" \
-  "max_wal_size = '4GB'" "checkpoint_timeout = '30min'" "synchronous_commit = off"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
-sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_b >/dev/null 2>&1
+bench_write_tables single "shared_buffers = '512MB'" "max_wal_size = '4GB'" \
+  "checkpoint_timeout = '30min'" "synchronous_commit = off"
 cpu() { # sql-file -> backend CPU seconds of one session running it
   local out
-  out=$(psql_b -At <<SQL
+  out=$(psql_w -At <<SQL
 SELECT pg_backend_pid() AS pid \gset
 \setenv PID :pid
 \! awk '{print "cpu0", \$14 + \$15}' /proc/\$PID/stat

@@ -8,30 +8,22 @@
 # Knobs: WAL_TX (1000), WAL_BULK_ROWS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-source "$here/scripts/cluster.sh"
+source "$here/bench/lib.sh"
 txs=${WAL_TX:-1000}
 bulk=${WAL_BULK_ROWS:-20000}
-work=$(mktemp -d /tmp/pg_sync_wal.XXXXXX)
-chmod 755 "$work"
-port=$(free_port)
-cleanup() { cluster_stop "$work/pg" immediate; rm -rf "$work"; }
-trap cleanup EXIT
-cluster_init "$work/pg" "$port" "pg_sync.node_id = 'bench'" "full_page_writes = off" \
-  "max_wal_size = '4GB'" "checkpoint_timeout = '30min'" "synchronous_commit = off"
-cluster_start "$work/pg"
-psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
-sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_b >/dev/null 2>&1
-lsn() { psql_b -tAc "SELECT pg_current_wal_insert_lsn()"; }
+bench_write_tables wal "full_page_writes = off" "max_wal_size = '4GB'" \
+  "checkpoint_timeout = '30min'" "synchronous_commit = off"
+lsn() { psql_w -tAc "SELECT pg_current_wal_insert_lsn()"; }
 run() { # table template -> "bytes_per_tx start_lsn end_lsn"
   python3 -c "
 import sys
 for i in range($txs): print(sys.argv[1].replace('@', str(i % 10000 + 1)) + ';')" "$2" >"$work/w.sql"
-  psql_b -f "$work/w.sql" >/dev/null # warm-up: first touches of pages, relcache
+  psql_w -f "$work/w.sql" >/dev/null # warm-up: first touches of pages, relcache
   local a b
   a=$(lsn)
-  psql_b -f "$work/w.sql" >/dev/null
+  psql_w -f "$work/w.sql" >/dev/null
   b=$(lsn)
-  echo "$(psql_b -tAc "SELECT round(('$b'::pg_lsn - '$a'::pg_lsn) / $txs)") $a $b"
+  echo "$(psql_w -tAc "SELECT round(('$b'::pg_lsn - '$a'::pg_lsn) / $txs)") $a $b"
 }
 echo "| WAL B per single-row tx ($txs tx, full_page_writes off) | INSERT | UPDATE |"
 echo "|---|---|---|"
@@ -43,7 +35,7 @@ for t in t_plain t_plpgsql t_synced; do
 done
 echo
 echo "pg_sync's INSERT transactions, per record type (pg_waldump --stats=record):"
-psql_b -c CHECKPOINT >/dev/null
+psql_w -c CHECKPOINT >/dev/null
 as_pg "$PG_BIN/pg_waldump" -p "$work/pg/data/pg_wal" -s "$ia" -e "$ib" --stats=record 2>/dev/null |
   awk -v n="$txs" 'NR <= 2 || ($2 > 0 && $0 !~ /^Total/) { print } /^Total/ { print; print "per tx:", int($3 / n + 0.5), "B" }'
 echo
@@ -52,8 +44,8 @@ echo "|---|---|---|---|"
 row="|"
 for t in t_plain t_plpgsql t_synced; do
   a=$(lsn)
-  psql_b -c "INSERT INTO $t (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $bulk) i" >/dev/null
+  psql_w -c "INSERT INTO $t (a, b, g) SELECT 'bulk ' || i, i, 'g' || (i % 10) FROM generate_series(1, $bulk) i" >/dev/null
   b=$(lsn)
-  row="$row $(psql_b -tAc "SELECT round(('$b'::pg_lsn - '$a'::pg_lsn) / $bulk)") |"
+  row="$row $(psql_w -tAc "SELECT round(('$b'::pg_lsn - '$a'::pg_lsn) / $bulk)") |"
 done
 echo "| bytes $row"

@@ -48,3 +48,13 @@ CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT 
 SELECT pg_sync.register_table('events', group_column => 'grp');
 SQL
 }
+
+# bench_write_tables NAME [postgresql.conf lines...]: bench_cluster NAME with pg_sync.node_id
+# 'bench' and the given settings, then bench/write_overhead.sh's tables (t_plain, t_plpgsql with
+# the hand-written audit trigger, t_synced) in the `postgres` database, which psql_w reaches.
+psql_w() { psql_b -d postgres "$@"; }
+bench_write_tables() {
+  local name=$1; shift
+  bench_cluster "$name" "pg_sync.node_id = 'bench'" "$@"
+  sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_w >/dev/null
+}
