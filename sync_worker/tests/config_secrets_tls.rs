@@ -3,27 +3,19 @@
 
 use std::process::Command;
 
+mod common;
+use common::{test_pki_for, Scratch};
+
 const PASSWORD: &str = "S3cretPW_rev6";
 const JWT: &str = "TOPSECRETJWT_rev6";
-
-/// A test's scratch directory, removed when the test ends (also when it fails): it holds
-/// config files with secrets and throwaway keys.
-struct Scratch(std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes `text` to `name` in a scratch directory of its own (one per test: they run in
 /// parallel); the file lives as long as the returned guard.
 fn config_file(name: &str, text: &str) -> (Scratch, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("config_secrets_{}_{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&format!("config_secrets_{name}"));
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    (Scratch(dir), path)
+    (dir, path)
 }
 
 fn run(args: &[&str], config: &std::path::Path) -> String {
@@ -147,53 +139,10 @@ fn listener_tls_config_errors_are_clear() {
     );
     assert!(missing.contains("/nonexistent/cert.pem"), "{missing}");
 
-    // A real certificate, and a key file whose base64 is broken around a secret-looking body.
-    let run = |args: &[&str]| {
-        let ok = Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            ok.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "good.key",
-        "-out",
-        "good.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
+    // A real certificate, a key that is not its own, and a key file whose base64 is broken
+    // around a secret-looking body.
+    test_pki_for(&dir, "good", "IP:127.0.0.1");
+    test_pki_for(&dir, "other", "IP:127.0.0.1");
     const KEY_BODY: &str = "S3CRETKEYMATERIAL!!not*base64";
     let bad_key = dir.join("bad.key");
     std::fs::write(

@@ -1059,60 +1059,15 @@ async fn tls_and_scram_for_both_connections() {
 /// A CA, and a server certificate it signed for `db.invalid` (not the host the worker dials),
 /// made with the openssl command line in the data directory; a second, unrelated CA.
 fn server_pki(data: &std::path::Path) {
-    let run = |args: &[&str]| openssl(data, args);
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    for (key, pem, subject) in [
-        ("ca.key", "ca.pem", "/CN=pg_sync test CA"),
-        ("other.key", "other.pem", "/CN=another CA"),
-    ] {
-        run(&[
-            &["req", "-x509"],
-            &ec[..],
-            &["-keyout", key, "-out", pem, "-days", "2", "-subj", subject],
-        ]
-        .concat());
-    }
-    run(&[
-        &["req"],
-        &ec[..],
-        &[
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=db.invalid",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        data.join("ext.cnf"),
-        "subjectAltName=DNS:db.invalid\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
+    test_ca(data, "ca", "/CN=pg_sync test CA");
+    test_ca(data, "other", "/CN=another CA");
+    test_leaf(
+        data,
+        "server",
+        "/CN=db.invalid",
         "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+        "DNS:db.invalid",
+    );
     let mut perms = std::fs::metadata(data.join("server.key"))
         .unwrap()
         .permissions();
@@ -1233,16 +1188,24 @@ async fn tls_verify_ca_and_verify_full() {
     tokio::task::block_in_place(|| drop(db));
 }
 
-/// A mutate stuck on a row lock holds one pooled connection, not the others: another user's
-/// requests (auth, group load, replay page) are answered meanwhile. With connections shared by
-/// pipelining, every query that landed behind the stuck one waited for the lock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blocked_mutate_does_not_hold_up_other_users() {
-    let (cluster, mut db) = app_cluster("ws_pool");
-    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
-    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "2")]).await;
+/// A worker with `connections` pooled database connections, and alice's `/sync/mutate` of todo
+/// 101 (in its own task) waiting on the row lock that the returned session's open transaction
+/// holds.
+async fn a_mutate_stuck_on_a_row_lock(
+    cluster: &Cluster,
+    db: &mut postgres_client::Client,
+    connections: u32,
+) -> (
+    Worker,
+    pg_sync_tests::postgres::Client,
+    tokio::task::JoinHandle<(u16, String)>,
+) {
+    exec(db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
+    let connections = connections.to_string();
+    let worker =
+        Worker::started_with(cluster, "app", &[("SYNC_DB_CONNECTIONS", &connections)]).await;
     let port = worker.port;
-    let mut locker = tokio::task::block_in_place(|| {
+    let locker = tokio::task::block_in_place(|| {
         let mut c = cluster.connect("app");
         c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
             .unwrap();
@@ -1255,8 +1218,19 @@ async fn a_blocked_mutate_does_not_hold_up_other_users() {
     let stuck = tokio::spawn(async move {
         http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!stuck.is_finished(), "the mutate waits for the row lock");
+    (worker, locker, stuck)
+}
+
+/// A mutate stuck on a row lock holds one pooled connection, not the others: another user's
+/// requests (auth, group load, replay page) are answered meanwhile. With connections shared by
+/// pipelining, every query that landed behind the stuck one waited for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_mutate_does_not_hold_up_other_users() {
+    let (cluster, mut db) = app_cluster("ws_pool");
+    let (worker, mut locker, stuck) = a_mutate_stuck_on_a_row_lock(&cluster, &mut db, 2).await;
+    let port = worker.port;
     for _ in 0..4 {
         let t = Instant::now();
         let (status, text) = tokio::time::timeout(
@@ -2515,17 +2489,18 @@ fn body_lines(raw: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
-    let (cluster, mut db) = app_cluster("api_kill9");
+/// 60,000 rows of 300 bytes in p1: a bootstrap of about 18 MB, more than the socket buffers
+/// hold, so a client that stops reading keeps its bootstrap (and its slot) open.
+fn insert_bootstrap_filler(db: &mut postgres_client::Client) {
     exec(
-        &mut db,
+        db,
         "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
     );
-    let mut worker = Worker::started(&cluster, "app").await;
-    let auth = bearer("alice");
-    // A bootstrap stream dies with its worker, after some cursor lines.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", worker.port))
+}
+
+/// `GET /sync/bootstrap` with `auth` on a raw HTTP/1.0 connection, nothing read yet.
+async fn start_bootstrap(port: u16, auth: &[(&str, String)]) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     s.write_all(
@@ -2537,6 +2512,27 @@ async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
     )
     .await
     .unwrap();
+    s
+}
+
+/// `start_bootstrap`, read until its first bytes (a 200 status line) and then no more: a client
+/// that stopped reading but stays connected.
+async fn stalled_bootstrap(port: u16, auth: &[(&str, String)]) -> tokio::net::TcpStream {
+    let mut slow = start_bootstrap(port, auth).await;
+    let mut first = [0u8; 1024];
+    let n = slow.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.0 200"));
+    slow
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_resumes_and_mutations_apply_once_across_worker_kill9() {
+    let (cluster, mut db) = app_cluster("api_kill9");
+    insert_bootstrap_filler(&mut db);
+    let mut worker = Worker::started(&cluster, "app").await;
+    let auth = bearer("alice");
+    // A bootstrap stream dies with its worker, after some cursor lines.
+    let mut s = start_bootstrap(worker.port, &auth).await;
     let mut raw = vec![];
     let mut buf = [0u8; 4096];
     while String::from_utf8_lossy(&raw)
@@ -2796,10 +2792,7 @@ async fn a_slot_held_by_a_silent_walsender_is_taken_over_a_live_one_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     let (cluster, mut db) = app_cluster("bootstrap_busy");
-    exec(
-        &mut db,
-        "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
-    );
+    insert_bootstrap_filler(&mut db);
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -2812,21 +2805,7 @@ async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     let port = worker.port;
     let auth = bearer("alice");
     // A client that starts a bootstrap and stops reading holds the only slot.
-    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    slow.write_all(
-        format!(
-            "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
-            auth[0].0, auth[0].1
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut first = [0u8; 1024];
-    let n = slow.read(&mut first).await.unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.0 200"));
+    let slow = stalled_bootstrap(port, &auth).await;
     let t = Instant::now();
     let reply = raw_request(port, "GET", "/sync/bootstrap", &auth, "")
         .await
@@ -2850,6 +2829,38 @@ async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
         assert!(Instant::now() < deadline, "the slot was never released");
     }
     tokio::task::block_in_place(|| drop(db));
+}
+
+/// A new API key of alice's: its id and the key.
+fn new_alice_key(db: &mut postgres_client::Client) -> (String, String) {
+    tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    })
+}
+
+/// The text frames a session gets until it is closed, and the close code (`None` on a reset
+/// or after `secs` seconds).
+async fn texts_until_close(ws: &mut Ws, secs: u64) -> (Option<u16>, Vec<String>) {
+    let mut texts = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => texts.push(t.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    (closed, texts)
 }
 
 /// Opens `/sync/ws` with an API key.
@@ -2879,19 +2890,8 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
     let (cluster, mut db) = app_cluster("ws_revoked_spin");
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let key = |db: &mut pg_sync_tests::postgres::Client| -> (String, String) {
-        tokio::task::block_in_place(|| {
-            let r = db
-                .query_one(
-                    "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
-                    &[],
-                )
-                .unwrap();
-            (r.get(0), r.get(1))
-        })
-    };
     // One connection subscribes only after its key was revoked.
-    let (id, k) = key(&mut db);
+    let (id, k) = new_alice_key(&mut db);
     let mut ws = connect_key(port, &k).await;
     exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
     // The session may be closed right away; if it is not, it gets a subscribe.
@@ -2931,26 +2931,14 @@ async fn a_revoked_api_key_neither_spins_the_worker_nor_writes() {
     assert_eq!(closed.map(|(c, _)| c), Some(4401));
 
     // Another writes right after its key was revoked: refused, and nothing is written.
-    let (id, k) = key(&mut db);
+    let (id, k) = new_alice_key(&mut db);
     let mut ws = connect_key(port, &k).await;
     exec(&mut db, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
     let mutate = json!({"type": "mutate", "clientId": "c1", "transactions": [{
         "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000001",
         "ops": [{"model": "todos", "id": 50, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
     let _ = ws.send(Message::Text(mutate.to_string().into())).await;
-    let mut replies = vec![];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
-                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let (closed, replies) = texts_until_close(&mut ws, 5).await;
     // 4401, or (when the close crossed the mutate on the wire) a reset connection; either
     // way nothing may have been written.
     assert!(
@@ -2984,15 +2972,7 @@ async fn a_ws_mutate_under_a_key_just_moved_to_another_user_is_refused() {
     )
     .await;
     let port = worker.port;
-    let (id, k): (String, String) = tokio::task::block_in_place(|| {
-        let r = db
-            .query_one(
-                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    });
+    let (id, k) = new_alice_key(&mut db);
     let mut ws = connect_key(port, &k).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     exec(
@@ -3006,19 +2986,7 @@ async fn a_ws_mutate_under_a_key_just_moved_to_another_user_is_refused() {
         "clientTxId": "8f9e7c1e-1111-4a2b-9c3d-000000000061",
         "ops": [{"model": "todos", "id": 62, "action": "I", "data": {"title": "x", "project": "p1"}}]}]});
     let _ = ws.send(Message::Text(mutate.to_string().into())).await;
-    let mut replies = vec![];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
-                Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let (closed, replies) = texts_until_close(&mut ws, 5).await;
     assert!(
         replies.iter().all(|r| !r.contains("mutate_result")),
         "a key moved to bob wrote as alice: {replies:?}"
@@ -3593,15 +3561,7 @@ async fn memberships_changed_by_update_or_truncate_reach_live_sessions() {
 async fn a_key_revoked_in_a_republished_gap_gets_none_of_it() {
     let (cluster, mut db) = app_cluster("ws_gap_keys");
     // Made before the worker starts: the first transaction it streams is the one below.
-    let (id, key): (String, String) = tokio::task::block_in_place(|| {
-        let r = db
-            .query_one(
-                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    });
+    let (id, key) = new_alice_key(&mut db);
     let worker =
         Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "after_persist")]).await;
     let mut ws = connect_key(worker.port, &key).await;
@@ -3615,19 +3575,7 @@ async fn a_key_revoked_in_a_republished_gap_gets_none_of_it() {
              INSERT INTO todos VALUES (1, 'after the revocation', 'p1'); COMMIT;"
         ),
     );
-    let mut frames = vec![];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
-                Some(Ok(Message::Text(t))) => frames.push(t.to_string()),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let (closed, frames) = texts_until_close(&mut ws, 10).await;
     assert_eq!(closed, Some(4401));
     assert!(
         frames.iter().all(|f| !f.contains("\"delta\"")),
@@ -3690,6 +3638,24 @@ async fn compaction_never_passes_what_is_published() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// How many API key lookups the cluster has run (it logs every statement: `log_statement`).
+fn key_lookups(cluster: &Cluster) -> usize {
+    std::fs::read_to_string(cluster.dir.join("postgres.log"))
+        .unwrap_or_default()
+        .matches("FROM pg_sync.api_keys WHERE key_hash")
+        .count()
+}
+
+/// `GET /sync/deltas?after=0` with the API key `key`.
+async fn deltas_with_key(port: u16, key: &str) -> (u16, String) {
+    http_get_with(
+        port,
+        "/sync/deltas?after=0",
+        &[("Authorization", format!("Bearer {key}"))],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_api_keys_cost_the_database_nothing() {
     // Every statement is logged: the key lookups can be counted.
@@ -3697,13 +3663,7 @@ async fn bad_api_keys_cost_the_database_nothing() {
         tokio::task::block_in_place(|| Cluster::start("ws_bad_keys", &["log_statement = 'all'"]));
     let db = setup(&cluster, "app");
     let worker = Worker::started(&cluster, "app").await;
-    let lookups = || {
-        std::fs::read_to_string(cluster.dir.join("postgres.log"))
-            .unwrap_or_default()
-            .matches("FROM pg_sync.api_keys WHERE key_hash")
-            .count()
-    };
-    let before = lookups();
+    let before = key_lookups(&cluster);
     let unknown = format!("pgs_{}", "0123456789abcdef".repeat(4));
     for i in 0..100 {
         let key = if i % 2 == 0 {
@@ -3711,17 +3671,12 @@ async fn bad_api_keys_cost_the_database_nothing() {
         } else {
             unknown.clone()
         };
-        let (status, body) = http_get_with(
-            worker.port,
-            "/sync/deltas?after=0",
-            &[("Authorization", format!("Bearer {key}"))],
-        )
-        .await;
+        let (status, body) = deltas_with_key(worker.port, &key).await;
         assert_eq!(status, 401, "{body}");
         assert!(body.contains("invalid_api_key"), "{body}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let spent = lookups() - before;
+    let spent = key_lookups(&cluster) - before;
     assert_eq!(
         spent, 1,
         "100 bad keys cost {spent} lookups (one: the first unknown key)"
@@ -3901,22 +3856,11 @@ async fn review2_distinct_well_formed_bad_keys_each_cost_a_query() {
         tokio::task::block_in_place(|| Cluster::start("ws_bad_keys2", &["log_statement = 'all'"]));
     let db = setup(&cluster, "app");
     let worker = Worker::started(&cluster, "app").await;
-    let lookups = || {
-        std::fs::read_to_string(cluster.dir.join("postgres.log"))
-            .unwrap_or_default()
-            .matches("FROM pg_sync.api_keys WHERE key_hash")
-            .count()
-    };
-    let before = lookups();
+    let before = key_lookups(&cluster);
     let started = Instant::now();
     for i in 0..200u32 {
         let key = format!("pgs_{:064x}", i);
-        let (status, body) = http_get_with(
-            worker.port,
-            "/sync/deltas?after=0",
-            &[("Authorization", format!("Bearer {key}"))],
-        )
-        .await;
+        let (status, body) = deltas_with_key(worker.port, &key).await;
         // Past the lookup budget: 429 (retry later), no query.
         assert!(
             status == 401 || (status == 429 && body.contains("busy")),
@@ -3925,7 +3869,7 @@ async fn review2_distinct_well_formed_bad_keys_each_cost_a_query() {
     }
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let spent = lookups() - before;
+    let spent = key_lookups(&cluster) - before;
     eprintln!("review2: 200 distinct unknown keys cost {spent} lookups in {took:?}");
     tokio::task::block_in_place(|| drop(db));
     assert!(spent <= 10, "200 distinct bad keys cost {spent} lookups");
@@ -3970,15 +3914,7 @@ async fn review2_every_join_of_a_bulk_membership_change_is_announced() {
 async fn review2_relabelling_a_key_does_not_close_its_sessions() {
     let (cluster, mut db) = app_cluster("ws_key_label");
     let worker = Worker::started(&cluster, "app").await;
-    let (id, k): (String, String) = tokio::task::block_in_place(|| {
-        let r = db
-            .query_one(
-                "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    });
+    let (id, k) = new_alice_key(&mut db);
     let mut ws = connect_key(worker.port, &k).await;
     subscribe(&mut ws, 0).await;
     exec(
@@ -4073,10 +4009,7 @@ async fn review2_a_grouped_model_made_global_does_not_replay_other_groups_histor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     let (cluster, mut db) = app_cluster("bootstrap_deadline");
-    exec(
-        &mut db,
-        "INSERT INTO todos SELECT g, repeat('x', 300), 'p1' FROM generate_series(1, 60000) g",
-    );
+    insert_bootstrap_filler(&mut db);
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -4090,21 +4023,7 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     let port = worker.port;
     let auth = bearer("alice");
     // A client that starts a bootstrap and stops reading (but stays connected).
-    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    slow.write_all(
-        format!(
-            "GET /sync/bootstrap HTTP/1.0\r\n{}: {}\r\n\r\n",
-            auth[0].0, auth[0].1
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut first = [0u8; 1024];
-    let n = slow.read(&mut first).await.unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.0 200"));
+    let mut slow = stalled_bootstrap(port, &auth).await;
     // Its slot frees at the deadline, not when it goes away.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -4960,31 +4879,7 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
     let cluster = tokio::task::block_in_place(|| {
         Cluster::start_with(name, &["ssl = on"], |data| {
             server_pki(data);
-            std::fs::write(
-                data.join("ext.cnf"),
-                format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
-            )
-            .unwrap();
-            openssl(
-                data,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    "server.csr",
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    "server.crt",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    "ext.cnf",
-                ],
-            );
+            sign_leaf(data, "server", "server.crt", san);
         })
     });
     let db = setup(&cluster, "app");
@@ -5024,24 +4919,8 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_mutate_does_not_hold_up_the_next_user() {
     let (cluster, mut db) = app_cluster("rev6_abandon");
-    exec(&mut db, "INSERT INTO todos VALUES (101, 'alices', 'p1')");
-    let worker = Worker::started_with(&cluster, "app", &[("SYNC_DB_CONNECTIONS", "1")]).await;
+    let (worker, mut locker, stuck) = a_mutate_stuck_on_a_row_lock(&cluster, &mut db, 1).await;
     let port = worker.port;
-    let mut locker = tokio::task::block_in_place(|| {
-        let mut c = cluster.connect("app");
-        c.batch_execute("BEGIN; SELECT * FROM todos WHERE id = 101 FOR UPDATE")
-            .unwrap();
-        c
-    });
-    let body = json!({"clientId": "laptop", "transactions": [
-        {"clientTxId": "00000000-0000-4000-8000-000000000001",
-         "ops": [{"model": "todos", "action": "U", "id": 101, "data": {"title": "edited"}}]}
-    ]});
-    let stuck = tokio::spawn(async move {
-        http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await
-    });
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!stuck.is_finished(), "the mutate waits for the row lock");
     // The client gives up: its socket is closed.
     stuck.abort();
     let _ = stuck.await;
@@ -5111,32 +4990,8 @@ async fn verify_ca_rotation_case(name: &str, san: &str) {
         summary(&collect(&mut ws, |g| !g.is_empty()).await),
         ["todos:I:1"]
     );
-    // Rotation: the new certificate (same CA) names the address dialed.
-    std::fs::write(
-        data.join("ext.cnf"),
-        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    openssl(
-        &data,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    // Rotation: the new certificate (same CA, same key) names the address dialed.
+    sign_leaf(&data, "server", "server.crt", san);
     exec(&mut db, "SELECT pg_reload_conf()");
     tokio::time::sleep(Duration::from_millis(500)).await;
     exec(

@@ -680,71 +680,6 @@ fn test_pki(dir: &std::path::Path) {
     test_pki_for(dir, "peer", "IP:127.0.0.1");
 }
 
-/// `test_pki`, the leaf (`{leaf}.pem`, `{leaf}.key`) with subjectAltName `san`; the CA is made
-/// once per directory.
-fn test_pki_for(dir: &std::path::Path, leaf: &str, san: &str) {
-    let run = |args: &[&str]| openssl(dir, args);
-    if !dir.join("ca.pem").exists() {
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=pg_sync test CA",
-        ]);
-    }
-    let (key, csr, pem) = (
-        format!("{leaf}.key"),
-        format!("{leaf}.csr"),
-        format!("{leaf}.pem"),
-    );
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-        "-subj",
-        &format!("/CN={leaf}"),
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        &pem,
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
 /// A TLS-terminating proxy on `port` in front of the worker on `to` (as a load balancer in
 /// front of a region's worker would be), on its own thread and runtime.
 fn tls_proxy(dir: &std::path::Path, port: u16, to: u16) {
@@ -795,8 +730,7 @@ fn tls_proxy(dir: &std::path::Path, port: u16, to: u16) {
 /// authenticates and B's writes reach A.
 #[test]
 fn wss_peers_are_verified_against_the_configured_ca() {
-    let dir = std::env::temp_dir().join(format!("pg_sync_wss_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("wss");
     test_pki(&dir);
     let (ca, cb) = (Cluster::start("wss_a", &[]), Cluster::start("wss_b", &[]));
     let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
@@ -842,7 +776,6 @@ fn wss_peers_are_verified_against_the_configured_ca() {
     });
     drop(wa);
     drop(wb);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The worker's own TLS listener (SYNC_TLS_CERT_FILE/SYNC_TLS_KEY_FILE), no proxy: https
@@ -852,9 +785,7 @@ fn wss_peers_are_verified_against_the_configured_ca() {
 /// SIGHUP, the two regions federate both ways over wss://.
 #[test]
 fn regions_federate_over_the_workers_own_tls() {
-    let dir = std::env::temp_dir().join(format!("pg_sync_tls_listener_{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("tls_listener");
     test_pki_for(&dir, "a", "IP:127.0.0.1");
     test_pki_for(&dir, "right", "IP:127.0.0.1");
     test_pki_for(&dir, "wrong", "DNS:wrong.example");
@@ -960,7 +891,6 @@ fn regions_federate_over_the_workers_own_tls() {
     }
     drop(wa);
     drop(wb);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn events(c: &mut Client, peer: &str) -> String {

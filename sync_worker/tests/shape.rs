@@ -109,6 +109,68 @@ async fn next_changes(port: u16, table: &str, user: &str, handle: &str, offset: 
     }
 }
 
+/// Alice's API key, among 1,100 keys of other users (`revoke_the_many` revokes those at once:
+/// more revocations than the hub's revocation channel holds, so a held request's receiver lags
+/// and the missed revocations are settled by the database).
+async fn alice_key_among_many(c: &tokio_postgres::Client) -> String {
+    let key: String = c
+        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
+        .await
+        .unwrap();
+    key
+}
+
+/// Revokes the 1,100 other keys of `alice_key_among_many` in one statement.
+async fn revoke_the_many(c: &tokio_postgres::Client) {
+    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
+        .await
+        .unwrap();
+}
+
+/// Moves alice's key to bob (same id and hash), then revokes the many: the move lags too.
+async fn move_alice_key_to_bob_and_revoke_the_many(c: &tokio_postgres::Client) {
+    c.batch_execute("UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE user_id = 'alice'")
+        .await
+        .unwrap();
+    revoke_the_many(c).await;
+}
+
+/// `GET path` with API key `key`, started in its own task and given 500 ms to be held (by a
+/// failpoint, or as a live long-poll) before the caller changes keys under it.
+async fn held_request(port: u16, path: String, key: &str) -> tokio::task::JoinHandle<Reply> {
+    let auth = format!("Bearer {key}");
+    let request = tokio::spawn(async move {
+        raw_request(port, "GET", &path, &[("Authorization", auth)], "")
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    request
+}
+
+/// A live long-poll of `table`'s shape with API key `key`, held (`held_request`) at the offset
+/// its initial snapshot ended at.
+async fn held_shape_poll(port: u16, table: &str, key: &str) -> tokio::task::JoinHandle<Reply> {
+    let r = raw_request(
+        port,
+        "GET",
+        &format!("/v1/shape?table={table}&offset=-1"),
+        &[("Authorization", format!("Bearer {key}"))],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let path = format!("/v1/shape?table={table}&offset={w}_0&handle={handle}&live=true");
+    held_request(port, path, key).await
+}
+
 fn assert_common_headers(r: &Reply) {
     assert_eq!(r.header("cache-control"), Some("no-store"));
     assert!(r.header("vary").unwrap_or("").contains("authorization"));
@@ -1211,17 +1273,7 @@ async fn shape_stalled_snapshot_frees_its_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_the_key() {
     let (cluster, c) = app_cluster("shape_rereg").await;
-    let row = c
-        .query_one(
-            "SELECT id::text, key FROM pg_sync.create_api_key('alice')",
-            &[],
-        )
-        .await
-        .unwrap();
-    let key: String = row.get(1);
-    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
-        .await
-        .unwrap();
+    let key = alice_key_among_many(&c).await;
     let worker =
         Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "30")]).await;
     let port = worker.port;
@@ -1268,33 +1320,8 @@ async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_t
 
     // Lagged revocations: alice's key is still valid, so her held long-poll goes on and
     // answers the next change, not 401.
-    let auth = format!("Bearer {key}");
-    let r = raw_request(
-        port,
-        "GET",
-        "/v1/shape?table=notes&offset=-1",
-        &[("Authorization", auth.clone())],
-        "",
-    )
-    .await
-    .unwrap();
-    let handle = r.header("electric-handle").unwrap().to_owned();
-    let w = offset_id(&r);
-    let poll = tokio::spawn(async move {
-        raw_request(
-            port,
-            "GET",
-            &format!("/v1/shape?table=notes&offset={w}_0&handle={handle}&live=true"),
-            &[("Authorization", auth)],
-            "",
-        )
-        .await
-        .unwrap()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
-        .await
-        .unwrap();
+    let poll = held_shape_poll(port, "notes", &key).await;
+    revoke_the_many(&c).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.batch_execute("INSERT INTO notes VALUES (2, 'after the revocations')")
         .await
@@ -1429,14 +1456,7 @@ async fn shape_log_read_is_bounded_per_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_lagged_revocations_check_the_key() {
     let (cluster, c) = app_cluster("bootstrap_lagged").await;
-    let key: String = c
-        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
-        .await
-        .unwrap();
+    let key = alice_key_among_many(&c).await;
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -1448,21 +1468,8 @@ async fn bootstrap_lagged_revocations_check_the_key() {
     )
     .await;
     let port = worker.port;
-    let boot = tokio::spawn(async move {
-        raw_request(
-            port,
-            "GET",
-            "/sync/bootstrap",
-            &[("Authorization", format!("Bearer {key}"))],
-            "",
-        )
-        .await
-        .unwrap()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
-        .await
-        .unwrap();
+    let boot = held_request(port, "/sync/bootstrap".into(), &key).await;
+    revoke_the_many(&c).await;
     // The paused bootstrap holds the only snapshot slot: a shape snapshot waits for it
     // SYNC_BOOTSTRAP_WAIT_SECS, then gets 503 with Retry-After (and CORS, so a browser reads it).
     let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
@@ -1546,14 +1553,7 @@ async fn shape_log_reads_money_under_another_lc_monetary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagged_bootstrap_ends_when_its_key_moves_to_another_user() {
     let (cluster, c) = app_cluster("boot_key_moved").await;
-    let key: String = c
-        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
-        .await
-        .unwrap();
+    let key = alice_key_among_many(&c).await;
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -1564,24 +1564,8 @@ async fn a_lagged_bootstrap_ends_when_its_key_moves_to_another_user() {
     )
     .await;
     let port = worker.port;
-    let boot = tokio::spawn(async move {
-        raw_request(
-            port,
-            "GET",
-            "/sync/bootstrap",
-            &[("Authorization", format!("Bearer {key}"))],
-            "",
-        )
-        .await
-        .unwrap()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.batch_execute("UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE user_id = 'alice'")
-        .await
-        .unwrap();
-    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
-        .await
-        .unwrap();
+    let boot = held_request(port, "/sync/bootstrap".into(), &key).await;
+    move_alice_key_to_bob_and_revoke_the_many(&c).await;
     let r = boot.await.unwrap();
     assert_eq!(r.status, 200);
     let body = String::from_utf8_lossy(&r.body);
@@ -1598,48 +1582,11 @@ async fn a_lagged_bootstrap_ends_when_its_key_moves_to_another_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagged_shape_long_poll_answers_401_when_its_key_moves_to_another_user() {
     let (cluster, c) = app_cluster("shape_key_moved").await;
-    let key: String = c
-        .query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    c.batch_execute("SELECT pg_sync.create_api_key('other' || i) FROM generate_series(1, 1100) i")
-        .await
-        .unwrap();
+    let key = alice_key_among_many(&c).await;
     let worker =
         Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "30")]).await;
-    let port = worker.port;
-    let auth = format!("Bearer {key}");
-    let r = raw_request(
-        port,
-        "GET",
-        "/v1/shape?table=todos&offset=-1",
-        &[("Authorization", auth.clone())],
-        "",
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let handle = r.header("electric-handle").unwrap().to_owned();
-    let w = offset_id(&r);
-    let poll = tokio::spawn(async move {
-        raw_request(
-            port,
-            "GET",
-            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
-            &[("Authorization", auth)],
-            "",
-        )
-        .await
-        .unwrap()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.batch_execute("UPDATE pg_sync.api_keys SET user_id = 'bob' WHERE user_id = 'alice'")
-        .await
-        .unwrap();
-    c.batch_execute("DELETE FROM pg_sync.api_keys WHERE user_id LIKE 'other%'")
-        .await
-        .unwrap();
+    let poll = held_shape_poll(worker.port, "todos", &key).await;
+    move_alice_key_to_bob_and_revoke_the_many(&c).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.batch_execute("INSERT INTO todos VALUES (10, 'alice only', 'p1')")
         .await

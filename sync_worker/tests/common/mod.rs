@@ -1,5 +1,5 @@
 //! What the worker's integration tests share: the worker binary as a child process, a free
-//! port, plain HTTP requests and tokens.
+//! port, plain HTTP requests and tokens, scratch directories and a private test PKI.
 #![allow(dead_code)]
 
 use pg_sync_tests::Cluster;
@@ -245,6 +245,129 @@ pub fn openssl(dir: &std::path::Path, args: &[&str]) {
         out.status.success(),
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test's scratch directory (`pg_sync_{name}_{pid}` under the system temp directory), empty
+/// when made and removed when the guard drops, also when the test fails: tests keep throwaway
+/// CA keys and config files with secrets there. Derefs to its path.
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pg_sync_{name}_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The tests' private PKI, made with the openssl command line in `dir`: a P-256 CA (`ca.pem`,
+/// `ca.key`, made once per directory) and a leaf it signed (`{leaf}.pem`, `{leaf}.key`) for
+/// server authentication with subjectAltName `san` (e.g. `IP:127.0.0.1`).
+pub fn test_pki_for(dir: &std::path::Path, leaf: &str, san: &str) {
+    if !dir.join("ca.pem").exists() {
+        test_ca(dir, "ca", "/CN=pg_sync test CA");
+    }
+    test_leaf(
+        dir,
+        leaf,
+        &format!("/CN={leaf}"),
+        &format!("{leaf}.pem"),
+        san,
+    );
+}
+
+/// A self-signed P-256 CA, `{name}.pem` and `{name}.key` in `dir`.
+pub fn test_ca(dir: &std::path::Path, name: &str, subject: &str) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            subject,
+        ],
+    );
+}
+
+/// A P-256 key `{leaf}.key` and its request `{leaf}.csr` (`subject`), signed by the CA in `dir`
+/// into `cert` (`sign_leaf`).
+pub fn test_leaf(dir: &std::path::Path, leaf: &str, subject: &str, cert: &str, san: &str) {
+    let (key, csr) = (format!("{leaf}.key"), format!("{leaf}.csr"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subject,
+        ],
+    );
+    sign_leaf(dir, leaf, cert, san);
+}
+
+/// Signs `{leaf}.csr` with the CA in `dir` (`ca.pem`, `ca.key`) into `cert`: a server
+/// certificate with subjectAltName `san`. Called again with another `san`, it rotates the
+/// certificate and keeps the key.
+pub fn sign_leaf(dir: &std::path::Path, leaf: &str, cert: &str, san: &str) {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{leaf}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
     );
 }
 
