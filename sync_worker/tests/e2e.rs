@@ -961,6 +961,36 @@ async fn api_keys_work_and_revocation_closes_live_sessions() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A write reaches alice live through the worker on `port`, and every connection of the
+/// worker's role (`syncer`: replication and control) uses TLS.
+async fn streams_over_tls(port: u16, db: &mut postgres_client::Client, title: &str) {
+    let mut ws = connect(port, "alice").await;
+    subscribe(&mut ws, 0).await;
+    exec(
+        db,
+        &format!("INSERT INTO todos VALUES (1, '{title}', 'p1')"),
+    );
+    assert_eq!(
+        summary(&collect(&mut ws, |g| !g.is_empty()).await),
+        ["todos:I:1"]
+    );
+    let (encrypted, plain): (i64, i64) = tokio::task::block_in_place(|| {
+        let r = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'syncer'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert!(
+        encrypted >= 2,
+        "replication and control connections use TLS ({encrypted})"
+    );
+    assert_eq!(plain, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_scram_for_both_connections() {
     let cluster = tokio::task::block_in_place(|| {
@@ -1031,28 +1061,7 @@ async fn tls_and_scram_for_both_connections() {
         .unwrap();
     let worker = Worker { child, port };
     worker.wait_healthy().await;
-    let mut ws = connect(port, "alice").await;
-    subscribe(&mut ws, 0).await;
-    exec(&mut db, "INSERT INTO todos VALUES (1, 'secure', 'p1')");
-    assert_eq!(
-        summary(&collect(&mut ws, |g| !g.is_empty()).await),
-        ["todos:I:1"]
-    );
-    let (encrypted, plain): (i64, i64) = tokio::task::block_in_place(|| {
-        let r = db
-            .query_one(
-                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
-                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'syncer'",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    });
-    assert!(
-        encrypted >= 2,
-        "replication and control connections use TLS ({encrypted})"
-    );
-    assert_eq!(plain, 0);
+    streams_over_tls(port, &mut db, "secure").await;
     tokio::task::block_in_place(|| drop(db));
 }
 
@@ -1163,28 +1172,7 @@ async fn tls_verify_ca_and_verify_full() {
         &[("DATABASE_URL", &url("verify-ca", "ca.pem"))],
     );
     worker.wait_healthy().await;
-    let mut ws = connect(worker.port, "alice").await;
-    subscribe(&mut ws, 0).await;
-    exec(&mut db, "INSERT INTO todos VALUES (1, 'verified', 'p1')");
-    assert_eq!(
-        summary(&collect(&mut ws, |g| !g.is_empty()).await),
-        ["todos:I:1"]
-    );
-    let (encrypted, plain): (i64, i64) = tokio::task::block_in_place(|| {
-        let r = db
-            .query_one(
-                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
-                   FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'syncer'",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    });
-    assert!(
-        encrypted >= 2,
-        "replication and control connections use TLS ({encrypted})"
-    );
-    assert_eq!(plain, 0);
+    streams_over_tls(worker.port, &mut db, "verified").await;
     tokio::task::block_in_place(|| drop(db));
 }
 

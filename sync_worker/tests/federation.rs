@@ -14,31 +14,33 @@ use common::*;
 
 const PEER_SECRET: &str = "a-shared-secret-of-some-length";
 
+/// Makes regions A and B peers of each other over ws:// (A's worker to listen on `pa`, B's on
+/// `pb`), both directions.
+fn peer_both_ways(a: &mut Client, b: &mut Client, pa: u16, pb: u16) {
+    exec(
+        a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
+    );
+    exec(
+        b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+}
+
 fn region(cluster: &Cluster, node: &str) -> Client {
     region_db(cluster, "app", node)
 }
 
 fn region_db(cluster: &Cluster, db: &str, node: &str) -> Client {
-    let mut admin = cluster.connect("postgres");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .unwrap();
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
-        ))
-        .unwrap();
-    let mut c = cluster.connect(db);
-    c.batch_execute(
-        "CREATE EXTENSION pg_sync;
-         -- j: a json value on every inserted row, so every insert carries its exact text (the
-         -- log's \"\" entry, docs/extension.md), which receivers must take, not park.
-         CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text,
+    // j: a json value on every inserted row, so every insert carries its exact text (the log's
+    // "" entry, docs/extension.md), which receivers must take, not park.
+    cluster.create_node_db(
+        db,
+        node,
+        "CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text,
                              j json DEFAULT '{\"k\":  1}');
          SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');",
     )
-    .unwrap();
-    c
 }
 
 fn exec(c: &mut Client, sql: &str) {
@@ -120,14 +122,7 @@ fn two_regions_converge_through_their_workers() {
     let (ca, cb) = (Cluster::start("fed_a", &[]), Cluster::start("fed_b", &[]));
     let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
     let (pa, pb) = (free_port(), free_port());
-    exec(
-        &mut a,
-        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
-    );
-    exec(
-        &mut b,
-        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
-    );
+    peer_both_ways(&mut a, &mut b, pa, pb);
     let wa = Worker::start_with(&ca, "app", pa, &[]);
     let mut wb = Worker::start_with(&cb, "app", pb, &[]);
     healthy(&wa);
@@ -354,14 +349,7 @@ fn retention_holds_then_resync_past_the_cap() {
     let (ca, cb) = (Cluster::start("hold_a", &[]), Cluster::start("hold_b", &[]));
     let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
     let (pa, pb) = (free_port(), free_port());
-    exec(
-        &mut a,
-        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
-    );
-    exec(
-        &mut b,
-        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
-    );
+    peer_both_ways(&mut a, &mut b, pa, pb);
     let compacting = [
         ("SYNC_RETENTION_MAX_ACTIONS", "1"),
         ("SYNC_COMPACT_INTERVAL_SECS", "1"),
@@ -502,14 +490,7 @@ fn a_node_joins_under_load_and_its_killed_join_resumes() {
          DELETE FROM items WHERE id LIKE 'j%0';
          UPDATE items SET a = 'edited' WHERE id LIKE 'j%3';",
     );
-    exec(
-        &mut a,
-        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}')"),
-    );
-    exec(
-        &mut b,
-        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
-    );
+    peer_both_ways(&mut a, &mut b, pa, pb);
     let wa = Worker::start_with(&ca, "app", pa, &[]);
     healthy(&wa);
     let load = std::thread::spawn({

@@ -139,6 +139,21 @@ async fn move_alice_key_to_bob_and_revoke_the_many(c: &tokio_postgres::Client) {
     revoke_the_many(c).await;
 }
 
+/// A worker whose bootstraps pause before their first flush (a failpoint), with one bootstrap
+/// slot that other snapshots wait for at most a second.
+async fn worker_pausing_bootstraps(cluster: &Cluster) -> Worker {
+    Worker::started_with(
+        cluster,
+        "app",
+        &[
+            ("SYNC_FAILPOINTS", "bootstrap_flush_pause"),
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
+        ],
+    )
+    .await
+}
+
 /// `GET path` with API key `key`, started in its own task and given 500 ms to be held (by a
 /// failpoint, or as a live long-poll) before the caller changes keys under it.
 async fn held_request(port: u16, path: String, key: &str) -> tokio::task::JoinHandle<Reply> {
@@ -1457,16 +1472,7 @@ async fn shape_log_read_is_bounded_per_request() {
 async fn bootstrap_lagged_revocations_check_the_key() {
     let (cluster, c) = app_cluster("bootstrap_lagged").await;
     let key = alice_key_among_many(&c).await;
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_FAILPOINTS", "bootstrap_flush_pause"),
-            ("SYNC_MAX_BOOTSTRAPS", "1"),
-            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
-        ],
-    )
-    .await;
+    let worker = worker_pausing_bootstraps(&cluster).await;
     let port = worker.port;
     let boot = held_request(port, "/sync/bootstrap".into(), &key).await;
     revoke_the_many(&c).await;
@@ -1554,15 +1560,7 @@ async fn shape_log_reads_money_under_another_lc_monetary() {
 async fn a_lagged_bootstrap_ends_when_its_key_moves_to_another_user() {
     let (cluster, c) = app_cluster("boot_key_moved").await;
     let key = alice_key_among_many(&c).await;
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_FAILPOINTS", "bootstrap_flush_pause"),
-            ("SYNC_MAX_BOOTSTRAPS", "1"),
-        ],
-    )
-    .await;
+    let worker = worker_pausing_bootstraps(&cluster).await;
     let port = worker.port;
     let boot = held_request(port, "/sync/bootstrap".into(), &key).await;
     move_alice_key_to_bob_and_revoke_the_many(&c).await;

@@ -2,41 +2,19 @@
 //! concurrent writers, and clock safety across crashes with the wall clock stepped back.
 
 use pg_sync_tests::postgres::Client;
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{Cluster, Rng};
 use std::process::Command;
 
 /// xorshift: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
 fn setup_node(cluster: &Cluster, db: &str, node: &str) -> Client {
-    let mut admin = cluster.connect("postgres");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .unwrap();
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
-        ))
-        .unwrap();
-    let mut c = cluster.connect(db);
-    c.batch_execute(
-        "CREATE EXTENSION pg_sync;
-         CREATE TABLE items (id int PRIMARY KEY, a text, b int, c numeric, grp text);
+    cluster.create_node_db(
+        db,
+        node,
+        "CREATE TABLE items (id int PRIMARY KEY, a text, b int, c numeric, grp text);
          SELECT pg_sync.register_table('items', group_column => 'grp');",
     )
-    .unwrap();
-    c
 }
 
 fn random_writes(c: &mut Client, rng: &mut Rng, n: usize) {

@@ -4,26 +4,15 @@
 //! uses (peer_changes, apply_peer_batch) converges.
 
 use pg_sync_tests::postgres::Client;
-use pg_sync_tests::Cluster;
+use pg_sync_tests::{Cluster, Rng};
 
 fn node(cluster: &Cluster, db: &str, node: &str) -> Client {
-    let mut admin = cluster.connect("postgres");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .unwrap();
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
-        ))
-        .unwrap();
-    let mut c = cluster.connect(db);
-    c.batch_execute(
-        "CREATE EXTENSION pg_sync;
-         CREATE TABLE items (id int PRIMARY KEY, a text, b int, grp text);
+    cluster.create_node_db(
+        db,
+        node,
+        "CREATE TABLE items (id int PRIMARY KEY, a text, b int, grp text);
          SELECT pg_sync.register_table('items', group_column => 'grp');",
     )
-    .unwrap();
-    c
 }
 
 fn last_id(c: &mut Client) -> i64 {
@@ -194,17 +183,6 @@ fn an_echo_of_an_accepted_future_change_is_not_refused() {
 }
 
 /// xorshift: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 const MESH: [&str; 3] = ["mesh-a", "mesh-b", "mesh-c"];
 
 /// Sequences the committed, unsequenced transactions of a node's log, as the worker's

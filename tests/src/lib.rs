@@ -240,6 +240,25 @@ impl Cluster {
         c
     }
 
+    /// `create_db` for a federation node: the database's `pg_sync.node_id` is `node` before the
+    /// extension is created (every later session, a worker's too, has it); then `schema` runs.
+    pub fn create_node_db(&self, db: &str, node: &str, schema: &str) -> postgres::Client {
+        let mut admin = self.connect("postgres");
+        // Two statements: CREATE DATABASE refuses to run in a multi-statement batch.
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .expect("create database");
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {db} SET pg_sync.node_id = '{node}'"
+            ))
+            .expect("set the node id");
+        let mut c = self.connect(db);
+        c.batch_execute(&format!("CREATE EXTENSION pg_sync; {schema}"))
+            .expect("create extension and schema");
+        c
+    }
+
     pub fn bindir(&self) -> &Path {
         &self.bindir
     }
@@ -266,5 +285,19 @@ impl Drop for Cluster {
         if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// The randomized tests' generator (xorshift64): small, seeded, and the same on every machine,
+/// so a failing seed printed by a test replays its run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
     }
 }

@@ -356,16 +356,7 @@ impl Mesh {
             .iter()
             .map(|&name| {
                 let cluster = Cluster::start(&format!("{test}_{name}"), &[]);
-                let mut admin = cluster.connect("postgres");
-                admin.batch_execute("CREATE DATABASE app").unwrap();
-                admin
-                    .batch_execute(&format!(
-                        "ALTER DATABASE app SET pg_sync.node_id = '{name}'"
-                    ))
-                    .unwrap();
-                let mut db = cluster.connect("app");
-                db.batch_execute(&format!("CREATE EXTENSION pg_sync; {schema}"))
-                    .unwrap();
+                let db = cluster.create_node_db("app", name, schema);
                 Node {
                     name: name.to_owned(),
                     cluster,

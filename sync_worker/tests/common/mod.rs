@@ -294,34 +294,21 @@ pub fn test_pki_for(dir: &std::path::Path, leaf: &str, san: &str) {
 /// A self-signed P-256 CA, `{name}.pem` and `{name}.key` in `dir`.
 pub fn test_ca(dir: &std::path::Path, name: &str, subject: &str) {
     let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            subject,
-        ],
-    );
+    new_p256_key(dir, &["-x509", "-days", "2"], &key, &pem, subject);
 }
 
 /// A P-256 key `{leaf}.key` and its request `{leaf}.csr` (`subject`), signed by the CA in `dir`
 /// into `cert` (`sign_leaf`).
 pub fn test_leaf(dir: &std::path::Path, leaf: &str, subject: &str, cert: &str, san: &str) {
     let (key, csr) = (format!("{leaf}.key"), format!("{leaf}.csr"));
-    openssl(
-        dir,
+    new_p256_key(dir, &[], &key, &csr, subject);
+    sign_leaf(dir, leaf, cert, san);
+}
+
+/// `openssl req` with a new unencrypted P-256 key into `key`, and into `out` a request for
+/// `subject` (or with `-x509` in `extra`, a self-signed certificate).
+fn new_p256_key(dir: &std::path::Path, extra: &[&str], key: &str, out: &str, subject: &str) {
+    let args = [
         &[
             "req",
             "-newkey",
@@ -329,15 +316,12 @@ pub fn test_leaf(dir: &std::path::Path, leaf: &str, subject: &str, cert: &str, s
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
-    sign_leaf(dir, leaf, cert, san);
+        ][..],
+        extra,
+        &["-keyout", key, "-out", out, "-subj", subject],
+    ]
+    .concat();
+    openssl(dir, &args);
 }
 
 /// Signs `{leaf}.csr` with the CA in `dir` (`ca.pem`, `ca.key`) into `cert`: a server
