@@ -9,15 +9,7 @@ source "$here/bench/lib.sh"
 rows=${BOOTSTRAP_ROWS:-1000000}
 cargo build --release -q -p sync_worker -p pg_sync_bench
 bench_cluster bootstrap "shared_buffers = '1GB'"
-psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE items (id bigint PRIMARY KEY, grp text NOT NULL, title text NOT NULL,
-                    done boolean NOT NULL, n integer, updated_at timestamptz NOT NULL);
-INSERT INTO items SELECT g, 'g1', 'item number ' || g, g % 3 = 0, g % 1000, now() FROM generate_series(1, $rows) g;
-SELECT pg_sync.register_table('items', group_column => 'grp');
-SELECT pg_sync.add_member('u1', 'g1');
-VACUUM ANALYZE items;
-SQL
+bench_items "$rows"
 zone=$(psql_b -d bench -tAc "SHOW TimeZone")
 start_worker
 wait_healthy

@@ -58,3 +58,29 @@ bench_write_tables() {
   bench_cluster "$name" "pg_sync.node_id = 'bench'" "$@"
   sed -n '/^CREATE EXTENSION pg_sync;/,/^VACUUM ANALYZE;/p' "$here/bench/write_overhead.sh" | psql_w >/dev/null
 }
+
+# bench_items ROWS: the extension and the `items` table the initial-sync benches read, ROWS rows
+# in group g1, with u1 its member.
+bench_items() {
+  psql_b -d bench <<SQL
+CREATE EXTENSION pg_sync;
+CREATE TABLE items (id bigint PRIMARY KEY, grp text NOT NULL, title text NOT NULL,
+                    done boolean NOT NULL, n integer, updated_at timestamptz NOT NULL);
+INSERT INTO items SELECT g, 'g1', 'item number ' || g, g % 3 = 0, g % 1000, now() FROM generate_series(1, $1) g;
+SELECT pg_sync.register_table('items', group_column => 'grp');
+SELECT pg_sync.add_member('u1', 'g1');
+VACUUM ANALYZE items;
+SQL
+}
+
+# bench_token USER: a JWT for USER, valid an hour, signed with the workers' secret `bench`.
+bench_token() {
+  python3 - "$1" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b(json.dumps({"sub": sys.argv[1], "exp": int(time.time()) + 3600}).encode())
+sig = b(hmac.new(b"bench", f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+PY
+}

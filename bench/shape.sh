@@ -13,26 +13,10 @@ runs=${SHAPE_RUNS:-3}
 [ -n "${BENCH_WORKER:-}" ] && [ -x "$here/target/release/api_load" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
 worker=${BENCH_WORKER:-$worker}
 bench_cluster shape "shared_buffers = '1GB'"
-psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE items (id bigint PRIMARY KEY, grp text NOT NULL, title text NOT NULL,
-                    done boolean NOT NULL, n integer, updated_at timestamptz NOT NULL);
-INSERT INTO items SELECT g, 'g1', 'item number ' || g, g % 3 = 0, g % 1000, now() FROM generate_series(1, $rows) g;
-SELECT pg_sync.register_table('items', group_column => 'grp');
-SELECT pg_sync.add_member('u1', 'g1');
-VACUUM ANALYZE items;
-SQL
+bench_items "$rows"
 start_worker
 wait_healthy
-token=$(python3 - <<'PY'
-import base64, hashlib, hmac, json, time
-b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
-head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-body = b(json.dumps({"sub": "u1", "exp": int(time.time()) + 3600}).encode())
-sig = b(hmac.new(b"bench", f"{head}.{body}".encode(), hashlib.sha256).digest())
-print(f"{head}.{body}.{sig}")
-PY
-)
+token=$(bench_token u1)
 shapes=()
 for run in $(seq 1 "$runs"); do
   shapes+=("$(node "$here/bench/shape_client.mjs" "http://127.0.0.1:$wport/v1/shape" "$token" items client)")

@@ -16,23 +16,11 @@ runs=${SHAPE_LIVE_RUNS:-2}
 worker=${BENCH_WORKER:-$worker}
 load="$here/target/release/fanout_load"
 bench_cluster shape_live "shared_buffers = '256MB'"
-psql_b -d bench <<SQL
-CREATE EXTENSION pg_sync;
-CREATE TABLE events (id bigserial PRIMARY KEY, grp text NOT NULL, ts float8 NOT NULL);
-SELECT pg_sync.register_table('events', group_column => 'grp');
-SELECT pg_sync.add_member('u0', 'g0');
-SQL
+bench_events
+psql_b -d bench -c "SELECT pg_sync.add_member('u0', 'g0')"
 start_worker
 wait_healthy
-token=$(python3 - <<'PY'
-import base64, hashlib, hmac, json, time
-b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
-head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-body = b(json.dumps({"sub": "u0", "exp": int(time.time()) + 3600}).encode())
-sig = b(hmac.new(b"bench", f"{head}.{body}".encode(), hashlib.sha256).digest())
-print(f"{head}.{body}.{sig}")
-PY
-)
+token=$(bench_token u0)
 printf "INSERT INTO events (grp, ts) VALUES ('g0', extract(epoch FROM clock_timestamp()) * 1000);\n" >"$work/write.sql"
 
 rows=()
