@@ -49,6 +49,18 @@ async fn next(ws: &mut Ws, wait: Duration) -> Option<Value> {
     }
 }
 
+/// The frames a session gets until one for model id `id` (or for 20 s).
+async fn frames_until_model_id(ws: &mut Ws, id: &str) -> Vec<Value> {
+    let mut frames = vec![];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frames.iter().any(|f: &Value| f["modelId"] == id) && Instant::now() < deadline {
+        if let Some(f) = next(ws, Duration::from_millis(500)).await {
+            frames.push(f);
+        }
+    }
+    frames
+}
+
 /// The close frame the server sends next (code, reason), skipping other frames.
 async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -1936,6 +1948,26 @@ fn replica_of(db: &mut pg_sync_tests::postgres::Client, sql: &str) -> Replica {
     })
 }
 
+/// A worker started now (the log's tail is its backlog) replays to alice, from 0, deltas that
+/// fold to exactly p1's rows of `todos`.
+async fn assert_a_worker_started_now_replays_p1(
+    cluster: &Cluster,
+    db: &mut pg_sync_tests::postgres::Client,
+) {
+    let worker = Worker::started(cluster, "app").await;
+    let mut ws = connect(worker.port, "alice").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    let mut replica = Replica::new();
+    for f in &frames {
+        apply_delta(&mut replica, f);
+    }
+    let rows = replica_of(
+        db,
+        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
+    );
+    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+}
+
 /// Adds a bootstrap response's rows; every row must be new to the replica.
 fn add_rows(replica: &mut Replica, lines: &[Value]) -> usize {
     let mut n = 0;
@@ -3401,13 +3433,7 @@ async fn a_member_removed_in_a_republished_gap_gets_none_of_its_rows() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     exec(&mut db, "SELECT pg_sync.add_member('alice', 'p3')");
     exec(&mut db, "INSERT INTO todos VALUES (2, 'for alice', 'p3')");
-    let mut frames = vec![];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
-        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
-            frames.push(f);
-        }
-    }
+    let frames = frames_until_model_id(&mut alice, "2").await;
     let deltas: Vec<Value> = frames
         .iter()
         .filter(|f| f["type"] == "delta")
@@ -3504,13 +3530,7 @@ async fn memberships_changed_by_update_or_truncate_reach_live_sessions() {
         "INSERT INTO todos VALUES (1, 'p1 now foreign', 'p1')",
     );
     exec(&mut db, "INSERT INTO todos VALUES (2, 'p2 now hers', 'p2')");
-    let mut frames = vec![];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
-        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
-            frames.push(f);
-        }
-    }
+    let frames = frames_until_model_id(&mut alice, "2").await;
     let seen: Vec<String> = frames
         .iter()
         .map(|f| match f["type"].as_str() {
@@ -4637,13 +4657,7 @@ async fn a_join_in_a_republished_gap_gets_none_of_the_groups_earlier_deltas() {
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     exec(&mut db, "INSERT INTO todos VALUES (2, 'for alice', 'p2')");
-    let mut frames = vec![];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !frames.iter().any(|f: &Value| f["modelId"] == "2") && Instant::now() < deadline {
-        if let Some(f) = next(&mut alice, Duration::from_millis(500)).await {
-            frames.push(f);
-        }
-    }
+    let frames = frames_until_model_id(&mut alice, "2").await;
     eprintln!("gap frames: {frames:?}");
     let (_, body) = http_get_with(
         worker.port,
@@ -5426,18 +5440,7 @@ async fn backlog_transactions_writing_one_row_are_sequenced_in_commit_order() {
         &mut t2,
         "UPDATE todos SET title = 'from t2' WHERE id = 1; COMMIT",
     );
-    let worker = Worker::started(&cluster, "app").await;
-    let mut ws = connect(worker.port, "alice").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    let mut replica = Replica::new();
-    for f in &frames {
-        apply_delta(&mut replica, f);
-    }
-    let rows = replica_of(
-        &mut db,
-        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
-    );
-    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+    assert_a_worker_started_now_replays_p1(&cluster, &mut db).await;
     tokio::task::block_in_place(|| {
         drop(t2);
         drop(db)
@@ -5477,17 +5480,6 @@ async fn backlog_keeps_commit_order_with_a_merged_peer_change() {
     );
     let title: String = scalar(&mut db, "SELECT title FROM todos WHERE id = 1");
     assert_eq!(title, "from peer", "the peer's change won the merge");
-    let worker = Worker::started(&cluster, "app").await;
-    let mut ws = connect(worker.port, "alice").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    let mut replica = Replica::new();
-    for f in &frames {
-        apply_delta(&mut replica, f);
-    }
-    let rows = replica_of(
-        &mut db,
-        "SELECT 'todos', id::text, to_jsonb(t)::text FROM todos t WHERE project = 'p1'",
-    );
-    assert_eq!(replica, rows, "frames: {:?}", summary(&frames));
+    assert_a_worker_started_now_replays_p1(&cluster, &mut db).await;
     tokio::task::block_in_place(|| drop(db));
 }

@@ -234,6 +234,29 @@ fn pump(nodes: &mut [Client], s: usize, r: usize) -> bool {
     true
 }
 
+/// The three MESH nodes (databases `{prefix}_a`, `_b`, `_c` in one cluster), each a pinned
+/// peer of the other two; the links are driven by hand (`peer_changes`, `apply_peer_batch`),
+/// so the URLs lead nowhere.
+fn mesh_nodes(cluster: &Cluster, prefix: &str) -> Vec<Client> {
+    let mut nodes: Vec<Client> = MESH
+        .iter()
+        .map(|n| node(cluster, &format!("{prefix}_{}", &n[5..]), n))
+        .collect();
+    for (i, c) in nodes.iter_mut().enumerate() {
+        for (j, other) in MESH.iter().enumerate() {
+            if i != j {
+                c.execute(
+                    "SELECT pg_sync.add_peer($1, 'ws://127.0.0.1:1', 'a-secret-of-16-chars'),
+                            pg_sync.pin_peer($1, $1)",
+                    &[other],
+                )
+                .unwrap();
+            }
+        }
+    }
+    nodes
+}
+
 fn mesh_writes(c: &mut Client, rng: &mut Rng, n: usize) {
     for _ in 0..n {
         let id = rng.below(10) as i32;
@@ -271,22 +294,7 @@ fn mesh_snapshot(c: &mut Client) -> (String, String) {
 fn mesh_through_peer_functions_converges() {
     let cluster = Cluster::start("mesh", &[]);
     for seed in [11u64, 4242, 5] {
-        let mut nodes: Vec<Client> = MESH
-            .iter()
-            .map(|n| node(&cluster, &format!("mesh_{seed}_{}", &n[5..]), n))
-            .collect();
-        for (i, c) in nodes.iter_mut().enumerate() {
-            for (j, other) in MESH.iter().enumerate() {
-                if i != j {
-                    c.execute(
-                        "SELECT pg_sync.add_peer($1, 'ws://127.0.0.1:1', 'a-secret-of-16-chars'),
-                                pg_sync.pin_peer($1, $1)",
-                        &[other],
-                    )
-                    .unwrap();
-                }
-            }
-        }
+        let mut nodes = mesh_nodes(&cluster, &format!("mesh_{seed}"));
         let mut rng = Rng(seed);
         for round in 0..6 {
             for c in nodes.iter_mut() {
@@ -458,22 +466,7 @@ fn converged(nodes: &mut [Client], what: &str) {
 #[test]
 fn join_by_snapshot_resumes_and_resyncs_past_the_cap() {
     let cluster = Cluster::start("join", &[]);
-    let mut nodes: Vec<Client> = MESH
-        .iter()
-        .map(|n| node(&cluster, &format!("join_{}", &n[5..]), n))
-        .collect();
-    for (i, c) in nodes.iter_mut().enumerate() {
-        for (j, other) in MESH.iter().enumerate() {
-            if i != j {
-                c.execute(
-                    "SELECT pg_sync.add_peer($1, 'ws://127.0.0.1:1', 'a-secret-of-16-chars'),
-                            pg_sync.pin_peer($1, $1)",
-                    &[other],
-                )
-                .unwrap();
-            }
-        }
-    }
+    let mut nodes = mesh_nodes(&cluster, "join");
     // A and B only, with deletes, column edits and group moves.
     let mut rng = Rng(77);
     for _ in 0..4 {
