@@ -63,7 +63,12 @@ async fn frames_until_model_id(ws: &mut Ws, id: &str) -> Vec<Value> {
 
 /// The close frame the server sends next (code, reason), skipping other frames.
 async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
-    tokio::time::timeout(Duration::from_secs(5), async {
+    close_frame_within(ws, Duration::from_secs(5)).await
+}
+
+/// `close_frame`, waiting at most `wait` (`None` after it, or on a reset).
+async fn close_frame_within(ws: &mut Ws, wait: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(wait, async {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Close(Some(f)))) => {
@@ -2518,6 +2523,20 @@ fn insert_bootstrap_filler(db: &mut postgres_client::Client) {
     );
 }
 
+/// A worker with one bootstrap slot, which another bootstrap waits for at most a second
+/// (`extra`: more environment).
+async fn worker_with_one_bootstrap_slot(cluster: &Cluster, extra: &[(&str, &str)]) -> Worker {
+    let env = [
+        &[
+            ("SYNC_MAX_BOOTSTRAPS", "1"),
+            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
+        ][..],
+        extra,
+    ]
+    .concat();
+    Worker::started_with(cluster, "app", &env).await
+}
+
 /// `GET /sync/bootstrap` with `auth` on a raw HTTP/1.0 connection, nothing read yet.
 async fn start_bootstrap(port: u16, auth: &[(&str, String)]) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -2813,15 +2832,7 @@ async fn a_slot_held_by_a_silent_walsender_is_taken_over_a_live_one_is_not() {
 async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     let (cluster, mut db) = app_cluster("bootstrap_busy");
     insert_bootstrap_filler(&mut db);
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_MAX_BOOTSTRAPS", "1"),
-            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
-        ],
-    )
-    .await;
+    let worker = worker_with_one_bootstrap_slot(&cluster, &[]).await;
     let port = worker.port;
     let auth = bearer("alice");
     // A client that starts a bootstrap and stops reading holds the only slot.
@@ -3335,19 +3346,7 @@ async fn a_session_ends_when_its_token_expires() {
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let (_, through) = subscribe(&mut ws, 0).await;
     let started = Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => {
-                    return Some((u16::from(f.code), f.reason.to_string()))
-                }
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .unwrap_or(None);
+    let closed = close_frame_within(&mut ws, Duration::from_secs(20)).await;
     let (code, reason) = closed.expect("closed when the token expired");
     assert_eq!(code, 4402, "{reason}");
     assert!(
@@ -4018,16 +4017,9 @@ async fn review2_a_grouped_model_made_global_does_not_replay_other_groups_histor
 async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     let (cluster, mut db) = app_cluster("bootstrap_deadline");
     insert_bootstrap_filler(&mut db);
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_MAX_BOOTSTRAPS", "1"),
-            ("SYNC_BOOTSTRAP_WAIT_SECS", "1"),
-            ("SYNC_FAILPOINTS", "bootstrap_deadline"),
-        ],
-    )
-    .await;
+    let worker =
+        worker_with_one_bootstrap_slot(&cluster, &[("SYNC_FAILPOINTS", "bootstrap_deadline")])
+            .await;
     let port = worker.port;
     let auth = bearer("alice");
     // A client that starts a bootstrap and stops reading (but stays connected).

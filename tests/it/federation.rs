@@ -287,6 +287,19 @@ fn mesh_snapshot(c: &mut Client) -> (String, String) {
     (row.get(0), row.get(1))
 }
 
+/// How many actions the node logged more than once. One write's registers may arrive apart (a
+/// group move's I brings its columns, the original insert later raises `created`), so one
+/// version can head two different actions; the same action twice is a duplicate.
+fn actions_logged_twice(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
+           GROUP BY model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// Three nodes linked through add_peer / peer_changes / apply_peer_batch: with the A–C links
 /// down for a while (everything relayed by B) and then a full mesh, all converge, no action is
 /// logged twice on a node, and after quiescence no log grows.
@@ -330,17 +343,7 @@ fn mesh_through_peer_functions_converges() {
             assert_eq!(s.1, snaps[0].1, "seed {seed}: states of {} differ", MESH[i]);
         }
         for (i, c) in nodes.iter_mut().enumerate() {
-            let twice: i64 = c
-                .query_one(
-                    // One write's registers may arrive apart (a group move's I brings its
-                    // columns, the original insert later raises `created`), so one version
-                    // can head two different actions; the same action twice is a duplicate.
-                    "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
-                       GROUP BY model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
+            let twice = actions_logged_twice(c);
             if twice > 0 {
                 let dump: String = c
                     .query_one(
@@ -626,14 +629,7 @@ fn join_by_snapshot_resumes_and_resyncs_past_the_cap() {
     quiesce(&mut nodes, |_, _| true);
     converged(&mut nodes, "after the resync");
     for c in nodes.iter_mut() {
-        let twice: i64 = c
-            .query_one(
-                "SELECT count(*) FROM (SELECT 1 FROM pg_sync.sync_actions
-                   GROUP BY model_id, action, moved, version, data, versions HAVING count(*) > 1) d",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let twice = actions_logged_twice(c);
         assert_eq!(twice, 0, "an action was logged twice");
     }
 }
