@@ -1303,8 +1303,10 @@ $$;
 -- returns the latest result, and unless a request is already pending, asks the worker for a
 -- fresh probe (it dials the peer, authenticates as the receiver and hangs up, within about a
 -- second of this transaction's commit). A result with checked_at >= requested_at answers the
--- latest request; otherwise it is older: call again a moment later. The receiver's own link
--- refreshes the result at every connect too.
+-- latest request: it tested the peer's configuration as committed before the request (on this
+-- node, and on the peer when the request came after the peer's change); otherwise it is older:
+-- call again a moment later. The receiver's own link refreshes the result at every connect too
+-- (checked_at is when a handshake read its configuration, not when it recorded).
 CREATE FUNCTION pg_sync.test_peer(peer text)
 RETURNS TABLE (peer_name text, checked_at timestamptz, requested_at timestamptz, reachable boolean,
                auth_ok boolean, node_id text, proto integer, extension_version text,
@@ -1338,7 +1340,10 @@ $$;
 
 -- For the worker: records a probe of peer `peer` (a jsonb of peer_probes' columns; absent ones
 -- become NULL). models_taken (what this node takes from the peer) and models_compatible (every
--- model taken is one the peer sends) are computed here.
+-- model taken is one the peer sends) are computed here. checked_at is when the handshake read
+-- the configuration it tested (now() if absent): a result read before a test_peer request must
+-- not answer it, however late it is recorded, and never replaces a newer result (a link's
+-- handshake and a probe may finish in either order); the link's rtt is updated either way.
 CREATE FUNCTION pg_sync.record_peer_probe(peer text, result jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1356,7 +1361,7 @@ BEGIN
     INSERT INTO pg_sync.peer_probes AS q (peer, checked_at, reachable, auth_ok, node_id, proto, extension_version,
                                           worker_version, rtt_ms, clock_offset_ms, models_sent, models_taken,
                                           models_compatible, error)
-    VALUES (p.name, now(), (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
+    VALUES (p.name, coalesce((result ->> 'checked_at')::timestamptz, now()), (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
             (result ->> 'proto')::integer, result ->> 'extension_version', result ->> 'worker_version',
             (result ->> 'rtt_ms')::double precision, (result ->> 'clock_offset_ms')::double precision,
             sent, taken, CASE WHEN sent IS NOT NULL THEN taken <@ sent END, result ->> 'error')
@@ -1366,7 +1371,8 @@ BEGIN
         worker_version = EXCLUDED.worker_version, rtt_ms = EXCLUDED.rtt_ms,
         clock_offset_ms = EXCLUDED.clock_offset_ms, models_sent = EXCLUDED.models_sent,
         models_taken = EXCLUDED.models_taken, models_compatible = EXCLUDED.models_compatible,
-        error = EXCLUDED.error;
+        error = EXCLUDED.error
+    WHERE q.checked_at IS NULL OR q.checked_at <= EXCLUDED.checked_at;
     IF (result ->> 'rtt_ms') IS NOT NULL THEN
         UPDATE pg_sync.peer_links l SET rtt_ms = (result ->> 'rtt_ms')::double precision,
                clock_offset_ms = (result ->> 'clock_offset_ms')::double precision

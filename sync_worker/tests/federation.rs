@@ -656,6 +656,100 @@ fn test_peer_reports_reachability_auth_versions_and_models() {
     drop(wb);
 }
 
+/// test_peer answers with the configuration committed before the call, never an older one,
+/// even when a handshake that read the older configuration records its result after the call
+/// (failpoints make both races certain):
+/// 1. A's link authenticates with B under the old secret and is held before recording; B
+///    rotates its secret; A's test must say `auth_ok: false`, before and after the held
+///    handshake records its (older) result.
+/// 2. A probe is held after it recorded its result; B stops sending items; the next test must
+///    report `models_sent: []`, not the held probe's older result.
+#[test]
+fn test_peer_never_answers_with_an_older_configuration() {
+    const NEW_SECRET: &str = "a-rotated-secret-of-some-length";
+    let (ca, cb) = (
+        Cluster::start("stale_a", &[]),
+        Cluster::start("stale_b", &[]),
+    );
+    let (mut a, mut b) = (region(&ca, "a"), region(&cb, "b"));
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}', direction => 'pull')"),
+    );
+    // B only sends: the node id B pins for A comes from A's handshakes alone.
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}', direction => 'push')"),
+    );
+    let wb = Worker::start_with(&cb, "app", pb, &[]);
+    healthy(&wb);
+    let wa = Worker::start_with(
+        &ca,
+        "app",
+        pa,
+        &[(
+            "SYNC_FAILPOINTS",
+            // The first link handshake, and the second probe (the first is phase 1's).
+            "fed_link_pause_before_probe_record,fed_probe_pause_before_finish@2",
+        )],
+    );
+    healthy(&wa);
+    // B pinned A: B verified A's link under the old secret and sends its welcome; A holds
+    // that handshake before recording it.
+    wait_for("B to authenticate A's link", || {
+        text(&mut b, "SELECT node_id FROM pg_sync.peers WHERE name = 'a'") == "a"
+    });
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.set_peer('a', secret => '{NEW_SECRET}', retire_previous => true)"),
+    );
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["reachable"], &t["auth_ok"]),
+        (&json!(true), &json!(false)),
+        "{t}"
+    );
+    wait_for("the held link handshake to record", || {
+        text(
+            &mut a,
+            "SELECT rtt_ms IS NOT NULL FROM pg_sync.peer_links WHERE peer = 'b' AND direction = 'in'",
+        ) == "true"
+    });
+    let t: serde_json::Value = serde_json::from_str(&text(
+        &mut a,
+        "SELECT to_jsonb(q) || jsonb_build_object('answered', q.checked_at >= q.requested_at)
+           FROM pg_sync.peer_probes q WHERE peer = 'b'",
+    ))
+    .unwrap();
+    assert_eq!(
+        (&t["auth_ok"], &t["answered"]),
+        (&json!(false), &json!(true)),
+        "a handshake under the old secret answered a later test: {t}"
+    );
+
+    exec(
+        &mut a,
+        &format!("SELECT pg_sync.set_peer('b', secret => '{NEW_SECRET}', retire_previous => true)"),
+    );
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["auth_ok"], &t["models_sent"]),
+        (&json!(true), &json!(["items"])),
+        "{t}"
+    );
+    // That probe is held now, after recording; B stops sending items.
+    exec(&mut b, "SELECT pg_sync.set_peer('a', models => '{}')");
+    let t = tested(&mut a, "b");
+    assert_eq!(
+        (&t["auth_ok"], &t["models_sent"], &t["models_compatible"]),
+        (&json!(true), &json!([]), &json!(false)),
+        "{t}"
+    );
+    drop(wa);
+    drop(wb);
+}
+
 /// A CA and a certificate it signed for 127.0.0.1, made with the openssl command line.
 fn test_pki(dir: &std::path::Path) {
     test_pki_for(dir, "peer", "IP:127.0.0.1");

@@ -7,8 +7,8 @@
 
 use super::frames::{close, Frame, PROTO};
 use super::{
-    auth, auth_failed_event, db_text, event, identity, metrics, probe, report, sqlstate, wall_ms,
-    Report, PATH, PROBE, REGISTRY_POLL,
+    auth, auth_failed_event, db_text, event, metrics, probe, report, sqlstate, wall_ms, Report,
+    PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
 use crate::store;
@@ -38,6 +38,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 const RETRY_QUARANTINE_EVERY: Duration = Duration::from_secs(60);
 const LIVENESS: Duration = Duration::from_secs(60);
 const MAX_FRAME_BYTES: usize = 1 << 30;
+/// How long the `fed_*_pause_*` failpoints hold a handshake or probe (tests only).
+const FAILPOINT_PAUSE: Duration = Duration::from_secs(5);
 
 struct Running {
     fingerprint: (String, String),
@@ -133,17 +135,19 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         probing.retain(|_, task: &mut JoinHandle<()>| !task.is_finished());
         if let Ok(asked) = c
             .query(
-                "SELECT p.name, p.url FROM pg_sync.peer_probes q JOIN pg_sync.peers p ON p.name = q.peer
+                "SELECT q.peer, q.requested_at::text FROM pg_sync.peer_probes q JOIN pg_sync.peers p ON p.name = q.peer
                   WHERE q.requested_at IS NOT NULL AND (q.checked_at IS NULL OR q.checked_at < q.requested_at)",
                 &[],
             )
             .await
         {
             for row in asked {
-                let (name, url): (String, String) = (row.get(0), row.get(1));
+                let (name, requested_at): (String, String) = (row.get(0), row.get(1));
+                // A probe still running for an earlier request does not answer this one (its
+                // result is older): the next tick starts one when it has finished.
                 probing
                     .entry(name.clone())
-                    .or_insert_with(|| tokio::spawn(probe_peer(app.clone(), name, url)));
+                    .or_insert_with(|| tokio::spawn(probe_peer(app.clone(), name, requested_at)));
             }
         }
         if retried.elapsed() >= RETRY_QUARANTINE_EVERY {
@@ -167,12 +171,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue; // a finished task (invalidated) stays finished until the peer changes
             }
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(link(
-                app.clone(),
-                name.clone(),
-                fingerprint.0.clone(),
-                stopped,
-            ));
+            let task = tokio::spawn(link(app.clone(), name.clone(), stopped));
             running.insert(
                 name,
                 Running {
@@ -202,14 +201,14 @@ enum Outcome {
     Stop,
 }
 
-async fn link(app: Arc<App>, name: String, url: String, mut stop: watch::Receiver<bool>) {
+async fn link(app: Arc<App>, name: String, mut stop: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_MIN;
     // During a rotation the peer may not know our new secret yet: after a refusal, the next
     // attempt proves the previous secret (and the one after, the new one again).
     let mut use_previous = false;
     let mut shutdown = app.shutdown.clone();
     loop {
-        let outcome = session(&app, &name, &url, &mut stop, &mut use_previous, false).await;
+        let outcome = session(&app, &name, &mut stop, &mut use_previous, false).await;
         metrics::link(&name, "in").closed();
         match outcome {
             Outcome::Stop => return,
@@ -243,19 +242,28 @@ fn peer_tls(app: &App) -> Arc<rustls::ClientConfig> {
     .clone()
 }
 
-/// A connection test (`pg_sync.test_peer`): one handshake as the receiver, then hang up. A
-/// probe that could not record anything (the database failed mid-way) still answers the
-/// request, so it is not retried forever.
-async fn probe_peer(app: Arc<App>, name: String, url: String) {
+/// A connection test (`pg_sync.test_peer`) for the request made at `requested_at`: one
+/// handshake as the receiver, then hang up. A probe that could not record anything (the
+/// database failed mid-way, or the handshake ended before a result) still answers its request,
+/// with no result but the error, so it is not retried forever. It answers that request only: a
+/// later one (the caller may have changed the peer meanwhile) waits for the next probe.
+async fn probe_peer(app: Arc<App>, name: String, requested_at: String) {
     let (_keep, mut stop) = watch::channel(false);
     let mut use_previous = false;
-    let _ = session(&app, &name, &url, &mut stop, &mut use_previous, true).await;
+    let _ = session(&app, &name, &mut stop, &mut use_previous, true).await;
+    if crate::failpoint::fire("fed_probe_pause_before_finish") {
+        tokio::time::sleep(FAILPOINT_PAUSE).await;
+    }
     if let Ok(db) = store::connect(&app.cfg.database_url).await {
         let _ = db
             .execute(
-                "UPDATE pg_sync.peer_probes SET checked_at = now(), error = coalesce(error, 'the test did not complete')
-                  WHERE peer = $1 AND (checked_at IS NULL OR checked_at < requested_at)",
-                &[&name],
+                "UPDATE pg_sync.peer_probes
+                    SET checked_at = $2::timestamptz, reachable = NULL, auth_ok = NULL, node_id = NULL,
+                        proto = NULL, extension_version = NULL, worker_version = NULL, rtt_ms = NULL,
+                        clock_offset_ms = NULL, models_sent = NULL, models_compatible = NULL,
+                        error = 'the test did not complete'
+                  WHERE peer = $1 AND (checked_at IS NULL OR checked_at < $2::timestamptz)",
+                &[&name, &requested_at],
             )
             .await;
     }
@@ -331,7 +339,6 @@ fn state_report<'a>(state: &'a str, connected: Option<bool>, error: Option<&'a s
 async fn session(
     app: &App,
     name: &str,
-    url: &str,
     stop: &mut watch::Receiver<bool>,
     use_previous: &mut bool,
     probe_only: bool,
@@ -345,9 +352,39 @@ async fn session(
             return retry;
         }
     };
-    let Ok((me, _)) = identity(&db).await else {
-        return retry;
+    // Everything this handshake tests, read in one statement as of `as_of` (its start, on the
+    // database's clock). Results carry it as their `checked_at`: a handshake that read the
+    // peer's configuration before a test_peer request never answers that request, however
+    // late it records (the caller may have changed the peer in between).
+    let config = db
+        .query_opt(
+            "SELECT pg_sync.node_id(), p.url, p.node_id, s.secret, s.previous_secret, now()::text
+               FROM pg_sync.peers p JOIN pg_sync.peer_secrets s ON s.peer = p.name
+              WHERE p.name = $1",
+            &[&name],
+        )
+        .await;
+    #[allow(clippy::type_complexity)]
+    let (me, url, pinned, secret, previous, as_of): (
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        String,
+    ) = match config {
+        Ok(Some(row)) => (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        ),
+        Ok(None) => return Outcome::Stop,
+        Err(_) => return retry,
     };
+    let record_probe = |result| probe(&db, name, &as_of, result);
     report(
         &db,
         name,
@@ -378,7 +415,7 @@ async fn session(
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             let msg = format!("connect: {e}");
-            probe(&db, name, json!({"reachable": false, "error": msg})).await;
+            record_probe(json!({"reachable": false, "error": msg})).await;
             report(
                 &db,
                 name,
@@ -389,12 +426,7 @@ async fn session(
             return retry;
         }
         Err(_) => {
-            probe(
-                &db,
-                name,
-                json!({"reachable": false, "error": "connect: timed out"}),
-            )
-            .await;
+            record_probe(json!({"reachable": false, "error": "connect: timed out"})).await;
             report(
                 &db,
                 name,
@@ -413,7 +445,7 @@ async fn session(
         }) if auth::valid_nonce(&nonce) => (node_id, nonce),
         other => {
             let msg = format!("expected a challenge: {other:?}");
-            probe(&db, name, json!({"reachable": true, "error": msg})).await;
+            record_probe(json!({"reachable": true, "error": msg})).await;
             report(
                 &db,
                 name,
@@ -426,6 +458,9 @@ async fn session(
         }
     };
     if s == me {
+        record_probe(json!({"reachable": true, "node_id": s, "proto": PROTO,
+                            "error": "self-link: the peer has this node's node id"}))
+        .await;
         refuse(
             &db,
             name,
@@ -439,20 +474,10 @@ async fn session(
         .await;
         return retry;
     }
-    let peer = db
-        .query_opt(
-            "SELECT p.node_id, s.secret, s.previous_secret
-               FROM pg_sync.peers p JOIN pg_sync.peer_secrets s ON s.peer = p.name
-              WHERE p.name = $1",
-            &[&name],
-        )
-        .await;
-    let (pinned, secret, previous): (Option<String>, String, Option<String>) = match peer {
-        Ok(Some(row)) => (row.get(0), row.get(1), row.get(2)),
-        Ok(None) => return Outcome::Stop,
-        Err(_) => return retry,
-    };
     if let Some(p) = pinned.as_deref().filter(|p| *p != s) {
+        record_probe(json!({"reachable": true, "node_id": s, "proto": PROTO,
+                            "error": "the peer's node id differs from the pinned one"}))
+        .await;
         refuse(
             &db,
             name,
@@ -493,9 +518,7 @@ async fn session(
                 .flatten()
                 .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
             if !proved {
-                probe(
-                    &db,
-                    name,
+                record_probe(
                     json!({"reachable": true, "auth_ok": false, "node_id": s, "proto": PROTO,
                            "error": "the peer failed to prove the shared secret"}),
                 )
@@ -518,9 +541,10 @@ async fn session(
             let offset = info["time_ms"]
                 .as_f64()
                 .map(|t| t - (sent_wall + rtt_ms / 2.0));
-            probe(
-                &db,
-                name,
+            if !probe_only && crate::failpoint::fire("fed_link_pause_before_probe_record") {
+                tokio::time::sleep(FAILPOINT_PAUSE).await;
+            }
+            record_probe(
                 json!({"reachable": true, "auth_ok": true, "node_id": s, "proto": PROTO,
                        "extension_version": info["extension_version"],
                        "worker_version": info["worker_version"], "rtt_ms": rtt_ms,
@@ -552,9 +576,7 @@ async fn session(
             )
             .await;
             // 4502: the peer verified our secret, then refused (direction, node id).
-            probe(
-                &db,
-                name,
+            record_probe(
                 json!({"reachable": true, "auth_ok": code == close::FORBIDDEN, "node_id": s,
                        "proto": PROTO, "error": msg}),
             )

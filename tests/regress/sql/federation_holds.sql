@@ -83,6 +83,19 @@ SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": true, "mo
 SELECT models_taken, models_compatible FROM pg_sync.test_peer('h1');
 SELECT pg_sync.record_peer_probe('h1', '{"reachable": false, "error": "connect: refused"}');
 SELECT reachable, auth_ok, models_compatible, error FROM pg_sync.test_peer('h1');
+-- checked_at is when the worker's handshake read the configuration it tested: one read before
+-- the pending request replaces an older result but does not answer the request; one older than
+-- the recorded result changes nothing (a link's handshake may finish after a newer probe).
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', true, 'auth_ok', true,
+         'checked_at', checked_at + (requested_at - checked_at) / 2))
+  FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT reachable, auth_ok, error, checked_at < requested_at AS pending FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', false, 'error', 'late',
+         'checked_at', checked_at - interval '1 second'))
+  FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT reachable, auth_ok, error, checked_at < requested_at AS pending FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": false, "error": "refused by the peer (4501)"}');
+SELECT reachable, auth_ok, error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
 SELECT err($$SELECT * FROM pg_sync.test_peer('nope')$$);
 -- resync_peer: the cursor is marked for a snapshot join (any join in progress is dropped); a
 -- push-only peer is refused. The join functions check their peer and position.
