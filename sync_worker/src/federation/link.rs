@@ -364,7 +364,6 @@ async fn session(
             &[&name],
         )
         .await;
-    #[allow(clippy::type_complexity)]
     let (me, url, pinned, secret, previous, as_of): (
         String,
         String,
