@@ -57,6 +57,7 @@ bench: install
 	bash bench/hostile.sh
 	bash bench/replay.sh
 	bash bench/federation.sh
+	bash bench/apply_batch.sh
 	bash bench/long_history.sh
 
 # pg_sync side by side with Zero (bench/peers/README.md): installs @rocicorp/zero from

@@ -726,14 +726,22 @@ BEGIN
     END IF;
     -- A partial overlap: only what is new (the rest was applied with the earlier batch). The
     -- peer's models filter again here: the sender may not know of a change made since.
-    SELECT coalesce(jsonb_agg(e ORDER BY o), '[]') INTO todo
-      FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(e, o)
-     WHERE (e ->> 'sync_id')::bigint > c.last_sync_id
-       AND (p.models IS NULL OR (e ->> 'model') = ANY (p.models))
-       -- Models this node does not take (federation 'push' or 'off') are skipped, not parked:
-       -- a mode is a choice, and a parked change would apply once the mode changes back.
-       AND NOT EXISTS (SELECT 1 FROM pg_sync.registry r
-                        WHERE r.model = (e ->> 'model') AND r.enabled AND r.federation IN ('push', 'off'));
+    IF from_id = c.last_sync_id AND p.models IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_sync.registry r WHERE r.enabled AND r.federation IN ('push', 'off')) THEN
+        -- The usual batch: all of it new, and no model to leave out (what the query below would
+        -- keep, without copying the batch).
+        todo := changes;
+    ELSE
+        SELECT coalesce(jsonb_agg(e ORDER BY o), '[]') INTO todo
+          FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(e, o)
+         WHERE (e ->> 'sync_id')::bigint > c.last_sync_id
+           AND (p.models IS NULL OR (e ->> 'model') = ANY (p.models))
+           -- Models this node does not take (federation 'push' or 'off') are skipped, not
+           -- parked: a mode is a choice, and a parked change would apply once the mode changes
+           -- back.
+           AND NOT EXISTS (SELECT 1 FROM pg_sync.registry r
+                            WHERE r.model = (e ->> 'model') AND r.enabled AND r.federation IN ('push', 'off'));
+    END IF;
     n := jsonb_array_length(todo);
     IF n > 0 THEN
         BEGIN

@@ -4,15 +4,19 @@
 //! in a handful of statements per batch instead of about six per change:
 //!
 //! 1. lock every key's table row with one statement per model, in key order (models in name
-//!    order), then every key's `row_state` row (placeholders for keys without one, then one
-//!    locking read in id order): table rows before states, the order local writers take them
-//!    in, and sorted, so two concurrent applies cannot deadlock on each other;
+//!    order), then the `row_state` rows the keys have (one locking read in id order): table
+//!    rows before states, the order local writers take them in, and sorted, so two concurrent
+//!    applies cannot deadlock on each other. Keys without a state row get no placeholder (the
+//!    per-change path's `state::lock` inserts one): a catch-up of new rows would write each
+//!    state row twice; their state rows are inserted once, at step 4, and a concurrent writer
+//!    of such a key fails that insert (or the table insert) and with it the set path;
 //! 2. merge in Rust, change by change in batch order, from the loaded states and rows;
 //! 3. write the table with one INSERT / UPDATE / DELETE per model, kind and column set, each
 //!    row with its own remote context (`capture::RemoteSet`) so the capture trigger records it
 //!    as the per-change path does; a key changed several times in the batch is written in
 //!    rounds (its n-th change in round n, its row re-read before each round);
-//! 4. store the merged states with one upsert.
+//! 4. store the merged states: one upsert for keys that had a state row, one insert for the
+//!    others, which raises (55000) if a concurrent writer inserted any of them meanwhile.
 //!
 //! What the set path cannot reproduce exactly it leaves to the per-change path: it returns NULL
 //! before writing anything for a model with user triggers or rules (they may write other rows,
@@ -50,6 +54,9 @@ struct Key {
     current: Option<Map<String, Value>>,
     /// A merge changed its state: stored at the end.
     changed: bool,
+    /// `row_state` held a row for it when its states were locked (stored with an update); a key
+    /// without one gets its first state row with the final insert.
+    recorded: bool,
 }
 
 /// One row write of a round.
@@ -119,6 +126,7 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
                     state: State::default(),
                     current: None,
                     changed: false,
+                    recorded: false,
                 });
                 keys.len() - 1
             });
@@ -143,14 +151,20 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
     for (name, ks) in &by_model {
         let mut stored = lock_states(name, &keys, ks);
         for &k in ks {
-            keys[k].state = stored.remove(&keys[k].id).unwrap_or_default();
+            if let Some(found) = stored.remove(&keys[k].id) {
+                keys[k].recorded = true;
+                keys[k].state = found.unwrap_or_default();
+            }
         }
     }
     for (name, ks) in &by_model {
+        // Only a key with a state row can have been inserted since: a local insert records its
+        // state in its own transaction, and one that has not committed by now makes this
+        // batch's insert of the key (table row, or first state row) fail (see `store_states`).
         let missing: Vec<usize> = ks
             .iter()
             .copied()
-            .filter(|&k| keys[k].current.is_none())
+            .filter(|&k| keys[k].current.is_none() && keys[k].recorded)
             .collect();
         if !missing.is_empty() {
             let mut rows = lock_rows(&targets[name].model, &keys, &missing);
@@ -358,10 +372,14 @@ fn quoted<'a>(cols: impl IntoIterator<Item = &'a String>, prefix: &str) -> Strin
 /// Locks the table rows of keys `ks` (of one model) in key order; returns the live ones' synced
 /// columns by model id.
 fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<String, Value>> {
+    // One index lookup per key, in key order: the keys sorted first (a subquery with ORDER BY
+    // stays a separate, sorted input), each row locked by a LATERAL subquery on its key. A join
+    // leaves the plan to the planner, which (the generic plan estimates 100 keys) may hash the
+    // whole table for every batch.
     let sql = format!(
-        "WITH l AS (SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
-                       JOIN {t} AS t ON ({tk}) = ({xk})
-                     ORDER BY {tk} FOR UPDATE OF t)
+        "WITH l AS (SELECT r.* FROM (SELECT {xk} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, $1) AS x
+                                       ORDER BY {xk}) AS x,
+                      LATERAL (SELECT {cols} FROM {t} AS t WHERE ({tk}) = ({xk}) FOR UPDATE OF t) AS r)
          SELECT pg_catalog.jsonb_object_agg({id}, pg_catalog.to_jsonb(l.*)) FROM l",
         cols = quoted(&model.columns, "t."),
         t = model.table,
@@ -386,75 +404,107 @@ fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<S
     }
 }
 
-/// Locks the `row_state` rows of keys `ks` (of model `name`), inserting empty placeholders for
-/// keys without one (as `state::lock`), in id order; returns the recorded states by model id.
-fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, State> {
+/// Locks the `row_state` rows of keys `ks` (of model `name`) that have one, in id order; returns
+/// them by model id (`None` for an empty placeholder row, the same as no state). Keys without a
+/// row get no placeholder (unlike `state::lock`): their first state row is inserted with the
+/// merged state at the end, and a concurrent writer of such a key makes that insert, or the
+/// table insert before it, fail the batch into the per-change path (`store_states`).
+fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, Option<State>> {
     let mut ids: Vec<&str> = ks.iter().map(|&k| keys[k].id.as_str()).collect();
     ids.sort_unstable();
-    let arg = || JsonB(json!({"m": name, "i": ids}));
-    let types = [PgOid::from(pg_sys::JSONBOID)];
-    // row_state is the owner's; these statements are fixed and fully qualified.
-    owner::as_owner(|| {
+    let arg = JsonB(json!({"m": name, "i": ids}));
+    // row_state is the owner's; the statement is fixed and fully qualified.
+    let found = owner::as_owner(|| {
         model::run(
-            "INSERT INTO pg_sync.row_state (model, model_id, max_version)
-             SELECT $1 OPERATOR(pg_catalog.->>) 'm', i.i, ''
-               FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
-             ON CONFLICT (model, model_id) DO NOTHING",
-            &types,
-            vec![arg()],
-        );
-        let found = model::run(
+            // One index lookup per id, in id order (the ids come sorted); see `lock_rows`.
             "WITH l AS (SELECT s.model_id, pg_catalog.to_jsonb(s.*) AS j
-                          FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i)
-                          JOIN pg_sync.row_state s
-                            ON s.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')
-                           AND s.model_id OPERATOR(pg_catalog.=) i.i
-                         ORDER BY s.model_id FOR UPDATE OF s)
+                          FROM pg_catalog.jsonb_array_elements_text($1 OPERATOR(pg_catalog.->) 'i') AS i(i),
+                          LATERAL (SELECT * FROM pg_sync.row_state r
+                                    WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')
+                                      AND r.model_id OPERATOR(pg_catalog.=) i.i
+                                      FOR UPDATE OF r) AS s)
              SELECT pg_catalog.jsonb_object_agg(l.model_id, l.j) FROM l",
-            &types,
-            vec![arg()],
-        );
-        match found {
-            Some(Value::Object(rows)) => rows
-                .into_iter()
-                .filter_map(|(id, s)| Some((id, state::from_json(&s)?)))
-                .collect(),
-            _ => HashMap::new(),
-        }
-    })
+            &[PgOid::from(pg_sys::JSONBOID)],
+            vec![arg],
+        )
+    });
+    match found {
+        Some(Value::Object(rows)) => rows
+            .into_iter()
+            .map(|(id, s)| {
+                let state = state::from_json(&s);
+                (id, state)
+            })
+            .collect(),
+        _ => HashMap::new(),
+    }
 }
 
-/// Stores the merged state of every key a merge changed, in one upsert.
+/// Stores the merged state of every key a merge changed: one upsert for keys that had a state
+/// row, one insert for keys that had none. A key without one got it from a concurrent writer
+/// since its states were locked only if that writer had not committed then (it would have been
+/// locked), so the insert waits for it and finds the row: fewer rows inserted than planned
+/// raise (55000) and `apply_peer_batch` applies the batch change by change, which merges with
+/// what that writer committed.
 fn store_states(keys: &[Key]) {
-    let mut rows: Vec<&Key> = keys.iter().filter(|k| k.changed).collect();
+    // A key without a state row that no merge changed gets the empty row the per-change path's
+    // lock placeholder leaves (the same as no row; stored so both paths leave the same rows).
+    let mut rows: Vec<&Key> = keys.iter().filter(|k| k.changed || !k.recorded).collect();
     if rows.is_empty() {
         return;
     }
     rows.sort_by(|a, b| (&a.model, &a.id).cmp(&(&b.model, &b.id)));
-    let docs: Vec<Value> = rows
-        .iter()
-        .map(|k| {
-            let s = &k.state;
-            json!({
-                "m": k.model, "i": k.id, "c": s.created, "d": s.deleted,
-                "v": s.versions,
-                "p": if s.pending.is_empty() { Value::Null } else { Value::Object(s.pending.clone()) },
-                "x": s.max_version(),
-            })
+    let empty = State::default();
+    let doc = |k: &Key| {
+        let s = if k.changed { &k.state } else { &empty };
+        json!({
+            "m": k.model, "i": k.id, "c": s.created, "d": s.deleted,
+            "v": s.versions,
+            "p": if s.pending.is_empty() { Value::Null } else { Value::Object(s.pending.clone()) },
+            "x": s.max_version(),
         })
-        .collect();
+    };
+    let (old, new): (Vec<&Key>, Vec<&Key>) = rows.into_iter().partition(|k| k.recorded);
+    let types = [PgOid::from(pg_sys::JSONBOID)];
     owner::as_owner(|| {
-        model::run(
-            "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
-             SELECT x.m, x.i, x.c, x.d, x.v,
-                    CASE WHEN pg_catalog.jsonb_typeof(x.p) OPERATOR(pg_catalog.=) 'object' THEN x.p END, x.x
-               FROM pg_catalog.jsonb_to_recordset($1) AS x(m text, i text, c text, d text, v jsonb, p jsonb, x text)
-             ON CONFLICT (model, model_id) DO UPDATE SET
-               created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
-               pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
-            &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(Value::Array(docs))],
-        )
+        if !old.is_empty() {
+            model::run(
+                "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+                 SELECT x.m, x.i, x.c, x.d, x.v,
+                        CASE WHEN pg_catalog.jsonb_typeof(x.p) OPERATOR(pg_catalog.=) 'object' THEN x.p END, x.x
+                   FROM pg_catalog.jsonb_to_recordset($1) AS x(m text, i text, c text, d text, v jsonb, p jsonb, x text)
+                 ON CONFLICT (model, model_id) DO UPDATE SET
+                   created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
+                   pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
+                &types,
+                vec![JsonB(Value::Array(old.iter().map(|k| doc(k)).collect()))],
+            );
+        }
+        if !new.is_empty() {
+            let inserted = model::run(
+                "WITH w AS (INSERT INTO pg_sync.row_state (model, model_id, created, deleted, versions, pending, max_version)
+                            SELECT x.m, x.i, x.c, x.d, x.v,
+                                   CASE WHEN pg_catalog.jsonb_typeof(x.p) OPERATOR(pg_catalog.=) 'object' THEN x.p END, x.x
+                              FROM pg_catalog.jsonb_to_recordset($1) AS x(m text, i text, c text, d text, v jsonb, p jsonb, x text)
+                            ON CONFLICT (model, model_id) DO NOTHING RETURNING 1)
+                 SELECT pg_catalog.to_jsonb(pg_catalog.count(*)) FROM w",
+                &types,
+                vec![JsonB(Value::Array(new.iter().map(|k| doc(k)).collect()))],
+            )
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize;
+            if inserted != new.len() {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "the set-based apply found {} of {} new keys' states written concurrently",
+                        new.len() - inserted,
+                        new.len()
+                    ),
+                    "apply_peer_batch applies such a batch change by change.",
+                );
+            }
+        }
     });
 }
 

@@ -25,7 +25,7 @@ CREATE FUNCTION seed(p text) RETURNS bigint LANGUAGE sql AS $$
     sch(0, 'sa', 'I', p, '2', 10, 'p1', '{"id": "", "a": "y", "b": 2, "grp": "g"}'),
     sch(0, 'sa', 'I', p, '3', 10, 'p1', '{"id": "", "a": "z", "b": 3, "grp": "g"}'),
     sch(0, 'sa', 'D', p, '3', 30, 'p1', '{"id": ""}'))) $$;
--- The batch, sync ids base+1 .. base+17.
+-- The batch, sync ids base+1 .. base+20.
 CREATE FUNCTION batch(p text, base int) RETURNS jsonb LANGUAGE sql AS $$
   SELECT jsonb_build_array(
     -- 4: insert (b from its default), update, delete, re-insert: four rounds of one key.
@@ -54,13 +54,19 @@ CREATE FUNCTION batch(p text, base int) RETURNS jsonb LANGUAGE sql AS $$
     sch(base + 15, 'sa', 'D', p, '6', 55, 'p3', '{"id": ""}'),
     -- Another model in the same batch.
     sch(base + 16, 'sb', 'I', p, '1', 20, 'p2', '{"id": "", "v": "one"}'),
-    sch(base + 17, 'sb', 'U', p, '1', 21, 'p3', '{"v": "uno"}')) $$;
+    sch(base + 17, 'sb', 'U', p, '1', 21, 'p3', '{"v": "uno"}'),
+    -- Keys without a state row, merged state-only: 7 a delete (a tombstone), 8 an update (a
+    -- pending value), 9 a moved row's delete half (changes nothing: an empty state row, as the
+    -- per-change path's lock placeholder leaves).
+    sch(base + 18, 'sa', 'D', p, '7', 20, 'p2', '{"id": ""}'),
+    sch(base + 19, 'sa', 'U', p, '8', 21, 'p3', '{"b": 8}'),
+    sch(base + 20, 'sa', 'D', p, '9', 22, 'p2', '{"id": ""}', '{"moved": true}')) $$;
 
 SELECT seed('S-'), seed('C-');
 CREATE TABLE mark AS SELECT max(id) AS id FROM pg_sync.sync_actions;
-SELECT pg_sync.apply_peer_batch('sp', 'E1', 0, 17, batch('S-', 0));
+SELECT pg_sync.apply_peer_batch('sp', 'E1', 0, 20, batch('S-', 0));
 SET pg_sync.set_apply = off;
-SELECT pg_sync.apply_peer_batch('sp', 'E1', 17, 34, batch('C-', 17));
+SELECT pg_sync.apply_peer_batch('sp', 'E1', 20, 40, batch('C-', 20));
 RESET pg_sync.set_apply;
 
 -- Each key's log since the seed, in its own order, versions shown by name.
@@ -111,9 +117,9 @@ SELECT v FROM sb WHERE id = 'S-1';
 
 -- A bad change in a set-applied batch: the batch falls back to change by change and parks
 -- exactly that change; the others apply, the cursor moves.
-SELECT pg_sync.apply_peer_batch('sp', 'E1', 34, 37, jsonb_build_array(
-  sch(35, 'sb', 'I', 'S-', '7', 40, 'p2', '{"id": "", "v": "seven"}'),
-  sch(36, 'sb', 'I', 'S-', '8', 40, 'p2', '{"id": "", "v": "eight", "nope": 1}'),
-  sch(37, 'sb', 'U', 'S-', '1', 41, 'p2', '{"v": "after"}')));
+SELECT pg_sync.apply_peer_batch('sp', 'E1', 40, 43, jsonb_build_array(
+  sch(41, 'sb', 'I', 'S-', '7', 40, 'p2', '{"id": "", "v": "seven"}'),
+  sch(42, 'sb', 'I', 'S-', '8', 40, 'p2', '{"id": "", "v": "eight", "nope": 1}'),
+  sch(43, 'sb', 'U', 'S-', '1', 41, 'p2', '{"v": "after"}')));
 SELECT sync_id, sqlstate FROM pg_sync.peer_quarantine WHERE peer_node_id = 'sp';
 SELECT id, v FROM sb WHERE id IN ('S-1', 'S-7', 'S-8') ORDER BY id;
