@@ -958,7 +958,7 @@ $$;
 --     (the mark) at least `settle` ago: a write a peer logged before it applied the delete was
 --     sequenced before its acknowledgement, so a link that has been streaming since has
 --     delivered it (frames are ordered; a link silent for a minute is reported down);
---   * the state is older than min_age (its highest version's clock).
+--   * the state is older than min_age (its highest version's clock against this node's).
 -- Live rows' states are never touched. Each pass first needs a mark from an earlier pass, so the
 -- first call (and one after a link went down or a join ran) only marks.
 CREATE TABLE pg_sync.tombstone_gc (
@@ -1019,8 +1019,11 @@ BEGIN
         ORDER BY 1) END;
     IF g.mark IS NOT NULL AND cardinality(blocked) = 0 THEN
         upto := LEAST(g.mark, hold);
-        -- Versions sort as text in clock order: the HLC of min_age ago, as a version prefix.
-        cutoff := lpad(to_hex(GREATEST(floor(extract(epoch FROM now() - min_age) * 1000)::bigint, 0) << 16), 16, '0');
+        -- Versions sort as text in clock order: this node's HLC of min_age ago, as a version
+        -- prefix (the HLC, not the wall clock: a clock moved ahead by a peer's version ages
+        -- the states it minted meanwhile at the same pace).
+        cutoff := lpad(to_hex(GREATEST(pg_sync.hlc_now() - (floor(extract(epoch FROM min_age) * 1000)::bigint << 16), 0)),
+                       16, '0');
         WITH unacked AS (
             -- Rows with a change some holding peer has not acknowledged (or not yet sequenced).
             SELECT DISTINCT a.model COLLATE "C" AS model, a.model_id COLLATE "C" AS model_id
