@@ -14,11 +14,11 @@
 #             p50/p99 of applied - written;
 #   cost      unthrottled pgbench inserts on A for FED_COST_SECONDS with 0, 1, 2 receivers
 #             attached: tps and WAL bytes per row.
-#   client    (FED_PHASES=client; pg_sync only) write-to-client delay across regions: pgbench
+#   client    (pg_sync only) write-to-client delay across regions: pgbench
 #             writes rows carrying the writer's clock (ts, unix ms) on A at each of FED_RATES for
 #             FED_PROBE_SECONDS; one WebSocket client (bench's fanout_load) subscribed to B's
 #             worker measures receive time - ts (one machine, one clock): p50/p99.
-# FED_PHASES (default "catchup delay cost") picks the measurements. FED_WORKER runs another
+# FED_PHASES (default "catchup delay client cost") picks the measurements. FED_WORKER runs another
 # sync_worker binary (default target/release/sync_worker). FED_APPLY_COMPARE=1 adds
 # `fedold` to the catch-up: pg_sync with B's apply change by change (pg_sync.set_apply = off on
 # B's database: main's per-change apply path, in the same build), alternated with `fed` (the
@@ -36,7 +36,7 @@ rates=${FED_RATES:-"500 2000"}
 probe_s=${FED_PROBE_SECONDS:-15}
 cost_s=${FED_COST_SECONDS:-10}
 systems=${FED_SYSTEMS:-"fed pgl nat"}
-phases=${FED_PHASES:-"catchup delay cost"}
+phases=${FED_PHASES:-"catchup delay client cost"}
 
 # --- pglogical ------------------------------------------------------------------------------
 ensure_pglogical() {
