@@ -404,7 +404,8 @@ def fmt(k, f="%.0f"):
 def ratio(a, b):
     x, y = mmm(a), mmm(b)
     return "n/a" if not x or not y or y[1] == 0 else "%.2fx" % (x[1] / y[1])
-systems = [s for s in ("fedold", "fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d]
+systems = [s for s in ("fedold", "fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d
+           or any(k[0] == "p99" and k[1] == s for k in d)]
 name = {"fedold": "pg_sync change by change", "fed": "pg_sync", "pgl": "pglogical", "nat": "native"}
 print("| catch-up (rows/s, min / median / max) | " + " | ".join(name[s] for s in systems) + " | pg_sync / pglogical |"
       + (" pg_sync / change by change |" if "fedold" in systems else ""))
