@@ -17,7 +17,8 @@
 #   client    (pg_sync only) write-to-client delay across regions: pgbench
 #             writes rows carrying the writer's clock (ts, unix ms) on A at each of FED_RATES for
 #             FED_PROBE_SECONDS; one WebSocket client (bench's fanout_load) subscribed to B's
-#             worker measures receive time - ts (one machine, one clock): p50/p99.
+#             worker measures receive time - ts (one machine, one clock), until 30 s after the
+#             writes end: p50/p99.
 # FED_PHASES (default "catchup delay client cost") picks the measurements. FED_WORKER runs another
 # sync_worker binary (default target/release/sync_worker). FED_APPLY_COMPARE=1 adds
 # `fedold` to the catch-up: pg_sync with B's apply change by change (pg_sync.set_apply = off on
@@ -335,7 +336,8 @@ client() { # client RUN RATE: write on A, one WebSocket client on B's worker (pg
   settle fed
   after=$(val "$pb" fed "SELECT pg_sync.last_sync_id()")
   rm -f "$work/go"; mkfifo "$work/go"
-  "$fanout" "${wport[b]}" bench 1 "$probe_s" "$after" <"$work/go" >"$work/client.out" &
+  # The client keeps measuring 30 s past the writes: a lagging receiver's tail is counted.
+  "$fanout" "${wport[b]}" bench 1 "$((probe_s + 30))" "$after" <"$work/go" >"$work/client.out" &
   load_pid=$!
   exec 3>"$work/go"
   until grep -q READY "$work/client.out"; do sleep 0.1; done
@@ -349,8 +351,8 @@ client() { # client RUN RATE: write on A, one WebSocket client on B's worker (pg
   read -r p50 p99 got < <(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print("%.1f %.1f %d" % (j["p50_ms"], j["p99_ms"], j["deliveries"]))' \
     "$(grep '^{' "$work/client.out")")
   rec client fed "$r" "$rate" "$p50" "$p99" "$(echo "${n:-0} / $probe_s" | bc -l)"
-  printf 'run %d fed  write-to-client A->B at %d/s (achieved %.0f/s, %d delivered in the window): p50 %s ms, p99 %s ms\n' \
-    "$r" "$rate" "$(echo "${n:-0} / $probe_s" | bc -l)" "$got" "$p50" "$p99"
+  printf 'run %d fed  write-to-client A->B at %d/s (achieved %.0f/s, %d of %d delivered): p50 %s ms, p99 %s ms\n' \
+    "$r" "$rate" "$(echo "${n:-0} / $probe_s" | bc -l)" "$got" "${n:-0}" "$p50" "$p99"
 }
 
 has_phase() { [[ " $phases " == *" $1 "* ]]; }
