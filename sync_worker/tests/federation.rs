@@ -1081,7 +1081,15 @@ fn self_links_pinned_ids_and_changed_epochs_are_refused() {
 fn tombstones_go_once_every_peer_acknowledged_and_stay_while_a_link_is_cut() {
     const ITEMS: &str = "CREATE TABLE items (id text PRIMARY KEY, v text);
         SELECT pg_sync.register_table('items', federation => 'both');";
-    let mut m = fed::Mesh::start("fed_gc", &["a", "b"], ITEMS, &fed::Mesh::full(2));
+    // Compaction every second: the workers run their own GC passes (SYNC_TOMBSTONE_MIN_AGE,
+    // default 7 days: they only mark here) beside the test's.
+    let mut m = fed::Mesh::start_with(
+        "fed_gc",
+        &["a", "b"],
+        ITEMS,
+        &fed::Mesh::full(2),
+        &[("SYNC_COMPACT_INTERVAL_SECS", "1")],
+    );
     // The states of `id` on a node: 1 while its tombstone is kept.
     let states = |n: &mut fed::Node, id: &str| {
         n.int(&format!(
@@ -1094,6 +1102,13 @@ fn tombstones_go_once_every_peer_acknowledged_and_stay_while_a_link_is_cut() {
     m.node("a")
         .exec("INSERT INTO items VALUES ('k1', 'a'), ('k2', 'a'), ('k3', 'a')");
     m.quiesce();
+    for n in ["a", "b"] {
+        fed::wait_for(&format!("{n}'s worker to run a GC pass"), within, || {
+            m.node(n)
+                .int("SELECT count(*) FROM pg_sync.tombstone_gc WHERE last_run_at IS NOT NULL")
+                == 1
+        });
+    }
 
     // 1. Deleted on A, applied and acknowledged by B: collected on both.
     m.node("a").exec("DELETE FROM items WHERE id = 'k1'");
