@@ -14,7 +14,13 @@
 #             p50/p99 of applied - written;
 #   cost      unthrottled pgbench inserts on A for FED_COST_SECONDS with 0, 1, 2 receivers
 #             attached: tps and WAL bytes per row.
-# FED_PHASES (default "catchup delay cost") picks the measurements. FED_APPLY_COMPARE=1 adds
+#   client    (pg_sync only) write-to-client delay across regions: pgbench
+#             writes rows carrying the writer's clock (ts, unix ms) on A at each of FED_RATES for
+#             FED_PROBE_SECONDS; one WebSocket client (bench's fanout_load) subscribed to B's
+#             worker measures receive time - ts (one machine, one clock), until 30 s after the
+#             writes end: p50/p99.
+# FED_PHASES (default "catchup delay client cost") picks the measurements. FED_WORKER runs another
+# sync_worker binary (default target/release/sync_worker). FED_APPLY_COMPARE=1 adds
 # `fedold` to the catch-up: pg_sync with B's apply change by change (pg_sync.set_apply = off on
 # B's database: main's per-change apply path, in the same build), alternated with `fed` (the
 # set-based apply) within each run, first one then the other.
@@ -24,14 +30,14 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
-worker="$here/target/release/sync_worker"
+worker=${FED_WORKER:-$here/target/release/sync_worker}
 rows=${FED_ROWS:-200000}
 runs=${FED_RUNS:-3}
 rates=${FED_RATES:-"500 2000"}
 probe_s=${FED_PROBE_SECONDS:-15}
 cost_s=${FED_COST_SECONDS:-10}
 systems=${FED_SYSTEMS:-"fed pgl nat"}
-phases=${FED_PHASES:-"catchup delay cost"}
+phases=${FED_PHASES:-"catchup delay client cost"}
 
 # --- pglogical ------------------------------------------------------------------------------
 ensure_pglogical() {
@@ -88,6 +94,10 @@ trap cleanup EXIT
 trap "exit 143" INT TERM
 
 ensure_pglogical
+fanout=${FED_FANOUT:-$here/target/release/fanout_load}
+if [[ " $phases " == *" client "* ]]; then
+  [ -x "$fanout" ] || cargo build --release -q -p pg_sync_bench
+fi
 conf=("fsync = off" "shared_preload_libraries = 'pg_sync,pglogical'" "max_replication_slots = 20"
   "max_wal_senders = 20" "max_worker_processes = 40" "track_commit_timestamp = on"
   "output_plugin_libraries = 'pgoutput, test_decoding, pglogical_output'")
@@ -137,7 +147,10 @@ qa postgres -c "ALTER DATABASE fed SET pg_sync.node_id = 'a'"
 qb postgres -c "ALTER DATABASE fed SET pg_sync.node_id = 'b'" -c "ALTER DATABASE fed2 SET pg_sync.node_id = 'c'"
 secret=federation-bench-secret
 reg="SELECT pg_sync.register_table('items', group_column => 'grp');
-     SELECT pg_sync.register_table('probe', group_column => 'grp');"
+     SELECT pg_sync.register_table('probe', group_column => 'grp');
+     CREATE TABLE events (id text PRIMARY KEY DEFAULT gen_random_uuid()::text, grp text, ts double precision);
+     SELECT pg_sync.register_table('events', group_column => 'grp');
+     INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('u0', 'g0');"
 qa fed -c "CREATE EXTENSION pg_sync" -c "$schema" -c "$reg" >/dev/null
 for db in fed fed2; do qb "$db" -c "CREATE EXTENSION pg_sync" -c "$schema" -c "$reg" -c "$stamp" >/dev/null; done
 qa fed -c "SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:${wport[b]}', '$secret')" \
@@ -315,6 +328,33 @@ cost() { # cost SYSTEM RUN PEERS
   printf 'run %d %-4s cost with %d peer(s): %.0f tps, %s WAL bytes/row\n' "$r" "$sys" "$k" "$tps" "$walrow"
 }
 
+events_script="$work/events.sql"
+echo "INSERT INTO events (grp, ts) VALUES ('g0', extract(epoch FROM clock_timestamp()) * 1000);" >"$events_script"
+chmod 644 "$events_script"
+client() { # client RUN RATE: write on A, one WebSocket client on B's worker (pg_sync only)
+  local r=$1 rate=$2 after out n
+  settle fed
+  after=$(val "$pb" fed "SELECT pg_sync.last_sync_id()")
+  rm -f "$work/go"; mkfifo "$work/go"
+  # The client keeps measuring 30 s past the writes: a lagging receiver's tail is counted.
+  "$fanout" "${wport[b]}" bench 1 "$((probe_s + 30))" "$after" <"$work/go" >"$work/client.out" &
+  load_pid=$!
+  exec 3>"$work/go"
+  until grep -q READY "$work/client.out"; do sleep 0.1; done
+  echo go >&3
+  out=$("$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$pa" -U postgres -c 4 -j 2 -R "$rate" -T "$probe_s" \
+    -f "$events_script" fed 2>&1)
+  n=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
+  wait "$load_pid" || true
+  load_pid=
+  exec 3>&-
+  read -r p50 p99 got < <(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print("%.1f %.1f %d" % (j["p50_ms"], j["p99_ms"], j["deliveries"]))' \
+    "$(grep '^{' "$work/client.out")")
+  rec client fed "$r" "$rate" "$p50" "$p99" "$(echo "${n:-0} / $probe_s" | bc -l)"
+  printf 'run %d fed  write-to-client A->B at %d/s (achieved %.0f/s, %d of %d delivered): p50 %s ms, p99 %s ms\n' \
+    "$r" "$rate" "$(echo "${n:-0} / $probe_s" | bc -l)" "$got" "${n:-0}" "$p50" "$p99"
+}
+
 has_phase() { [[ " $phases " == *" $1 "* ]]; }
 for ((r = 1; r <= runs; r++)); do
   if has_phase catchup; then
@@ -328,6 +368,9 @@ for ((r = 1; r <= runs; r++)); do
     for rate in $rates; do
       for sys in $systems; do delay "$sys" "$r" "$rate"; done
     done
+  fi
+  if has_phase client; then
+    for rate in $rates; do client "$r" "$rate"; done
   fi
   if has_phase cost; then
     for k in 0 1 2; do
@@ -351,6 +394,9 @@ for r in rows:
         d[("achieved", r[1], r[3])].append(float(r[6]))
     if r[0] == "cost":
         d[("tps", r[1], r[3])].append(float(r[4])); d[("wal", r[1], r[3])].append(float(r[5]))
+    if r[0] == "client":
+        d[("c50", r[3])].append(float(r[4])); d[("c99", r[3])].append(float(r[5]))
+        d[("cach", r[3])].append(float(r[6]))
 def mmm(k):
     v = sorted(d.get(k, []))
     return (v[0], statistics.median(v), v[-1]) if v else None
@@ -360,7 +406,8 @@ def fmt(k, f="%.0f"):
 def ratio(a, b):
     x, y = mmm(a), mmm(b)
     return "n/a" if not x or not y or y[1] == 0 else "%.2fx" % (x[1] / y[1])
-systems = [s for s in ("fedold", "fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d]
+systems = [s for s in ("fedold", "fed", "pgl", "nat") if ("catchup", s) in d or ("tps", s, "0") in d
+           or any(k[0] == "p99" and k[1] == s for k in d)]
 name = {"fedold": "pg_sync change by change", "fed": "pg_sync", "pgl": "pglogical", "nat": "native"}
 print("| catch-up (rows/s, min / median / max) | " + " | ".join(name[s] for s in systems) + " | pg_sync / pglogical |"
       + (" pg_sync / change by change |" if "fedold" in systems else ""))
@@ -385,4 +432,11 @@ for k in ("1", "2"):
     print(f"| tps ratio {k} / 0 peers (medians) | " + " | ".join(ratio(("tps", s, k), ("tps", s, "0")) for s in systems) + " |")
 for k in ("0", "1", "2"):
     print(f"| WAL bytes/row, {k} peer(s) | " + " | ".join(fmt(("wal", s, k)) for s in systems) + " |")
+crates = sorted({k[1] for k in d if k[0] == "c99"}, key=int)
+if crates:
+    print()
+    print("| write-to-client, write on A, WebSocket client on B (min / median / max) | p50 ms | p99 ms | achieved writes/s |")
+    print("|---|---|---|---|")
+    for rate in crates:
+        print(f"| {rate} writes/s | " + fmt(("c50", rate), "%.1f") + " | " + fmt(("c99", rate), "%.1f") + " | " + fmt(("cach", rate)) + " |")
 PY

@@ -955,6 +955,113 @@ BEGIN
 END
 $$;
 
+-- Tombstone GC. A dead row's state (its tombstone, and any values pending for a resurrecting
+-- insert) is what keeps a late, older change from resurrecting it: a peer that wrote the row
+-- before it saw the delete may send that write at any time until it has seen the delete and
+-- everything it logged before is here. gc_tombstones drops such states once
+--   * every peer this node sends to (the holds of peer_retention_hold: released ones do not
+--     hold) has acknowledged every logged change of the row, and no snapshot join of a peer is
+--     in progress (on either side: the pages it has not read yet may need them);
+--   * every link this node receives on has stayed connected and caught up since an earlier pass
+--     (the mark) at least `settle` ago: a write a peer logged before it applied the delete was
+--     sequenced before its acknowledgement, so a link that has been streaming since has
+--     delivered it (frames are ordered; a link silent for a minute is reported down);
+--   * the state is older than min_age (its highest version's clock against this node's).
+-- Live rows' states are never touched. Each pass first needs a mark from an earlier pass, so the
+-- first call (and one after a link went down or a join ran) only marks.
+CREATE TABLE pg_sync.tombstone_gc (
+    only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    -- The lowest acknowledgement of the holding peers (or the log's end) at mark_at.
+    mark           bigint,
+    mark_at        timestamptz,
+    -- The highest version of a state dropped so far: a change at or below it for a row with no
+    -- state may be one whose tombstone is gone.
+    horizon        text COLLATE "C" NOT NULL DEFAULT '',
+    collected      bigint NOT NULL DEFAULT 0,
+    last_run_at    timestamptz,
+    last_collected bigint,
+    -- What kept the last pass from collecting (peers, joins), NULL when nothing did.
+    held_by        text[]
+);
+REVOKE ALL ON pg_sync.tombstone_gc FROM PUBLIC;
+ALTER TABLE pg_sync.tombstone_gc OWNER TO pgsync_owner;
+
+CREATE FUNCTION pg_sync.gc_tombstones(min_age interval DEFAULT '7 days', settle interval DEFAULT '90 seconds')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g       pg_sync.tombstone_gc;
+    hold    bigint := coalesce(pg_sync.peer_retention_hold(), pg_sync.last_sync_id());
+    upto    bigint;
+    cutoff  text;
+    blocked text[];
+    n       bigint := 0;
+    top     text;
+BEGIN
+    IF min_age IS NULL OR min_age < interval '0' OR settle IS NULL OR settle < interval '0' THEN
+        RAISE EXCEPTION 'min_age and settle must be non-negative intervals'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. pg_sync.gc_tombstones(''7 days'').';
+    END IF;
+    -- One pass at a time: the mark is read and moved under this row's lock.
+    INSERT INTO pg_sync.tombstone_gc (only_row) VALUES (true) ON CONFLICT DO NOTHING;
+    SELECT * INTO g FROM pg_sync.tombstone_gc FOR UPDATE;
+    IF g.mark IS NOT NULL AND now() < g.mark_at + settle THEN
+        RETURN 0;
+    END IF;
+    blocked := CASE WHEN g.mark IS NULL THEN '{}' ELSE ARRAY(
+        SELECT 'joining:' || h.peer FROM pg_sync.peer_holds h JOIN pg_sync.peers p ON p.name = h.peer
+         WHERE p.direction <> 'pull' AND h.resync_below IS NULL AND h.joining_since IS NOT NULL
+        UNION ALL
+        SELECT 'joining:' || coalesce(p.name, j.peer_node_id) FROM pg_sync.peer_joins j
+          LEFT JOIN pg_sync.peers p ON p.node_id = j.peer_node_id
+        UNION ALL
+        -- Receiving links of pinned peers (one never linked has sent nothing): up and caught up
+        -- since the mark.
+        SELECT 'link:' || p.name FROM pg_sync.peers p
+          LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
+         WHERE p.direction <> 'push' AND p.node_id IS NOT NULL
+           AND (l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
+                OR l.connected_since > g.mark_at)
+        ORDER BY 1) END;
+    IF g.mark IS NOT NULL AND cardinality(blocked) = 0 THEN
+        upto := LEAST(g.mark, hold);
+        -- Versions sort as text in clock order: this node's HLC of min_age ago, as a version
+        -- prefix (the HLC, not the wall clock: a clock moved ahead by a peer's version ages
+        -- the states it minted meanwhile at the same pace).
+        cutoff := lpad(to_hex(GREATEST(pg_sync.hlc_now() - (floor(extract(epoch FROM min_age) * 1000)::bigint << 16), 0)),
+                       16, '0');
+        WITH unacked AS (
+            -- Rows with a change some holding peer has not acknowledged (or not yet sequenced).
+            SELECT DISTINCT a.model COLLATE "C" AS model, a.model_id COLLATE "C" AS model_id
+              FROM pg_sync.sync_actions a LEFT JOIN pg_sync.commit_order c ON c.xid = a.xid
+             WHERE c.xid IS NULL OR c.first_sync_id + c.action_count - 1 > upto),
+        cand AS (
+            SELECT s.model, s.model_id, s.max_version FROM pg_sync.row_state s
+             WHERE NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+               AND s.max_version < cutoff COLLATE "C"
+               AND NOT EXISTS (SELECT 1 FROM unacked u WHERE u.model = s.model AND u.model_id = s.model_id)),
+        gone AS (
+            -- A row written since this snapshot (a newer tombstone, pending values, a
+            -- re-insert) has another max_version and stays: the quals are re-checked on it.
+            DELETE FROM pg_sync.row_state s USING cand
+             WHERE s.model = cand.model AND s.model_id = cand.model_id AND s.max_version = cand.max_version
+               AND NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+            RETURNING s.max_version)
+        SELECT count(*), max(gone.max_version) INTO n, top FROM gone;
+    END IF;
+    UPDATE pg_sync.tombstone_gc t SET
+        mark = hold, mark_at = now(),
+        horizon = GREATEST(t.horizon, coalesce(top, '')),
+        collected = t.collected + n, last_run_at = now(),
+        last_collected = CASE WHEN g.mark IS NULL THEN NULL ELSE n END,
+        held_by = NULLIF(blocked, '{}');
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION pg_sync.gc_tombstones(interval, interval) FROM PUBLIC;
+
 -- Joining by snapshot, the sender's part. A receiver that is new (bootstrap 'snapshot') or must
 -- resync reads this node's folded LWW state page by page, then continues from the log after W.
 -- peer_join_start fixes W (the log's end, or the W of a join being resumed while the log after

@@ -83,6 +83,11 @@ pub struct Config {
     /// Seconds between compactions.
     #[arg(long, env = "SYNC_COMPACT_INTERVAL_SECS", default_value_t = 3600)]
     pub compact_interval_secs: u64,
+    /// Tombstone GC after each compaction: dead rows' states (tombstones, pending values) older
+    /// than this (a Postgres interval) that every peer has acknowledged go
+    /// (`pg_sync.gc_tombstones`); 'off' keeps them all.
+    #[arg(long, env = "SYNC_TOMBSTONE_MIN_AGE", default_value = "7 days")]
+    pub tombstone_min_age: String,
     /// Retention cap for federated peers, in sync ids: compaction keeps the log a peer this
     /// node sends to has not acknowledged, unless it lags more than this (then the peer is
     /// released and must resync). 0: no cap (hold for as long as the peer lags).

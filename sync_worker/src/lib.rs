@@ -265,5 +265,25 @@ async fn compaction(app: Arc<api::App>, mut shutdown: watch::Receiver<bool>) {
             Ok(n) => tracing::info!(actions = n, "compacted the log"),
             Err(e) => tracing::warn!(error = %e, "compaction failed"),
         }
+        // Then the tombstones every peer has acknowledged (pg_sync.gc_tombstones holds them
+        // for peers, links and joins; each pass collects what the previous one marked).
+        if let (Some(db), true) = (own.as_ref(), app.cfg.tombstone_min_age != "off") {
+            match db
+                .query_one(
+                    "SELECT pg_sync.gc_tombstones($1::text::interval)",
+                    &[&app.cfg.tombstone_min_age],
+                )
+                .await
+            {
+                Ok(row) => match row.get::<_, i64>(0) {
+                    0 => {}
+                    n => tracing::info!(states = n, "collected tombstones"),
+                },
+                Err(e) => tracing::warn!(
+                    error = %federation::db_text(&e),
+                    "tombstone GC failed"
+                ),
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
+#[path = "common/fed.rs"]
+mod fed;
 
 const PEER_SECRET: &str = "a-shared-secret-of-some-length";
 
@@ -1073,4 +1075,120 @@ fn self_links_pinned_ids_and_changed_epochs_are_refused() {
         );
     }
     drop((wa, wb));
+}
+
+/// Tombstone GC through real links (two nodes, a proxy per link): a tombstone goes on both
+/// nodes once each has the other's acknowledgement and its receiving link has stayed up since
+/// a pass; with the receiving link cut it stays, so the peer's older re-insert (logged before it
+/// applied the delete, delivered after the link heals) loses to it instead of resurrecting the
+/// row; after healing both converge (rows and per-row state) and collect.
+#[test]
+fn tombstones_go_once_every_peer_acknowledged_and_stay_while_a_link_is_cut() {
+    const ITEMS: &str = "CREATE TABLE items (id text PRIMARY KEY, v text);
+        SELECT pg_sync.register_table('items', federation => 'both');";
+    // Compaction every second: the workers run their own GC passes (SYNC_TOMBSTONE_MIN_AGE,
+    // default 7 days: they only mark here) beside the test's.
+    let mut m = fed::Mesh::start_with(
+        "fed_gc",
+        &["a", "b"],
+        ITEMS,
+        &fed::Mesh::full(2),
+        &[("SYNC_COMPACT_INTERVAL_SECS", "1")],
+    );
+    // The states of `id` on a node: 1 while its tombstone is kept.
+    let states = |n: &mut fed::Node, id: &str| {
+        n.int(&format!(
+            "SELECT count(*) FROM pg_sync.row_state WHERE model = 'items' AND model_id = '{id}'"
+        ))
+    };
+    // A pass with no minimum age and no settle time (the worker's passes use SYNC_TOMBSTONE_MIN_AGE).
+    let gc = |n: &mut fed::Node| n.int("SELECT pg_sync.gc_tombstones('0', settle => '0')");
+    let within = Duration::from_secs(60);
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('k1', 'a'), ('k2', 'a'), ('k3', 'a')");
+    m.quiesce();
+    for n in ["a", "b"] {
+        fed::wait_for(&format!("{n}'s worker to run a GC pass"), within, || {
+            m.node(n)
+                .int("SELECT count(*) FROM pg_sync.tombstone_gc WHERE last_run_at IS NOT NULL")
+                == 1
+        });
+    }
+
+    // 1. Deleted on A, applied and acknowledged by B: collected on both.
+    m.node("a").exec("DELETE FROM items WHERE id = 'k1'");
+    m.quiesce();
+    assert_eq!(states(m.node("a"), "k1"), 1, "the delete left a tombstone");
+    for n in ["a", "b"] {
+        fed::wait_for(&format!("{n} to collect k1's tombstone"), within, || {
+            let node = m.node(n);
+            gc(node);
+            states(node, "k1") == 0
+        });
+    }
+    m.assert_converged("items");
+
+    // 2. B, cut off, deletes and re-inserts k3 (versions older than what A does next); A
+    // deletes k3. B gets A's delete and acknowledges it, but B's log (its re-insert) cannot
+    // reach A: A keeps its tombstone however many passes run.
+    m.isolate("b");
+    m.node("b")
+        .exec("DELETE FROM items WHERE id = 'k3'; INSERT INTO items VALUES ('k3', 'b-again')");
+    std::thread::sleep(Duration::from_millis(20));
+    m.node("a").exec("DELETE FROM items WHERE id = 'k3'");
+    m.proxy("a", "b").heal();
+    fed::wait_for("A to sequence its delete", within, || {
+        m.node("a").unsequenced() == 0
+    });
+    let a_end = m.node("a").last_sync_id();
+    fed::wait_for("B to apply and acknowledge A's delete", within, || {
+        m.node("b").int("SELECT count(*) FROM items WHERE id = 'k3'") == 0
+            && m.node("a").int(
+                "SELECT coalesce((SELECT acked_sync_id FROM pg_sync.peer_holds WHERE peer = 'b'), 0)",
+            ) >= a_end
+    });
+    for _ in 0..6 {
+        gc(m.node("a"));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        states(m.node("a"), "k3"),
+        1,
+        "A collected k3's tombstone while B's link to it was cut"
+    );
+    assert_eq!(
+        m.node("a")
+            .text("SELECT array_to_string(held_by, ',') FROM pg_sync.tombstone_gc"),
+        "link:b"
+    );
+
+    // 3. Healed: B's older delete and re-insert reach A and lose to its tombstone; both
+    // converge on k3 deleted, then collect it.
+    m.heal_all();
+    m.quiesce();
+    for n in ["a", "b"] {
+        assert_eq!(
+            m.node(n).int("SELECT count(*) FROM items WHERE id = 'k3'"),
+            0,
+            "k3 came back on {n}"
+        );
+    }
+    m.assert_converged("items");
+    for n in ["a", "b"] {
+        fed::wait_for(&format!("{n} to collect k3's tombstone"), within, || {
+            let node = m.node(n);
+            gc(node);
+            states(node, "k3") == 0
+        });
+    }
+    m.assert_converged("items");
+    // A re-insert after GC is an ordinary insert, and reaches the other side.
+    m.node("a").exec("INSERT INTO items VALUES ('k1', 'new')");
+    m.quiesce();
+    m.assert_converged("items");
+    assert_eq!(
+        m.node("b").text("SELECT v FROM items WHERE id = 'k1'"),
+        "new"
+    );
+    m.assert_no_quarantine();
 }
