@@ -22,6 +22,9 @@ SELECT pg_sync.register_table('t', group_column => 'grp');
 SET pg_sync.restoring = on;
 SELECT pg_sync.add_member('reader', 'g' || g) FROM generate_series(0, 99) g;
 SQL
+# REPLAY_SQL: a file of SQL run once after the extension is created, e.g. an older definition
+# of a function an older worker in REPLAY_WORKERS calls (bench/sql/changes_c5ec34a.sql).
+[ -z "${REPLAY_SQL:-}" ] || psql_b -d bench -f "$REPLAY_SQL"
 echo "writing $actions actions in transactions of $per_txn rows" >&2
 psql_b -d bench -c "DO \$\$ BEGIN FOR i IN 0..($actions / $per_txn - 1) LOOP
   INSERT INTO t SELECT g, 'row ' || g, 'g' || (g % 100) FROM generate_series(i * $per_txn + 1, (i + 1) * $per_txn) g;

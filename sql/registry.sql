@@ -382,45 +382,82 @@ AS $$
 $$;
 
 -- The sequenced log by sync id: the actions with sync ids after+1 .. after+span, of the given
--- groups plus global tables (groups NULL: every group), plus every membership change ('$membership'
--- actions, whoever's: the reader picks its user's). Whether an action is global is recorded in
--- the action itself (group_id NULL; a grouped model's row without a group has group_id ''), so
--- a re-registration never changes how older actions are served. Page by calling again with
--- after + span until pg_sync.last_sync_id(); a page may hold fewer rows than span (filtering).
+-- groups plus global tables (groups NULL: every group), plus the membership changes
+-- ('$membership' actions) of `member` (NULL: everyone's). Whether an action is global is
+-- recorded in the action itself (group_id NULL; a grouped model's row without a group has
+-- group_id ''), so a re-registration never changes how older actions are served. Read alone, rows come
+-- in sync id order (joined to other tables, order by sync_id). Page by calling again with after + span until pg_sync.last_sync_id(); a page
+-- may hold fewer rows than span (filtering). Also as changes(after, groups, span) below:
+-- everyone's membership changes.
+CREATE FUNCTION pg_sync.changes(after bigint, groups text[], span integer, member text)
+RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
+               version text, versions jsonb, origin text, group_id text, prev_group_id text,
+               moved boolean, client_id text, client_tx_id uuid, global boolean)
+LANGUAGE sql STABLE
+-- No SET clause: the planner inlines the function into the query that calls it, which saves
+-- storing the page in a tuplestore and reading it back (about half of a 5,000-row page's time
+-- in the database). So the body is planned under the caller's search_path: every function is
+-- schema-qualified and every operator has operands of exact built-in types (pg_catalog is
+-- searched first, and an exact match there wins). PARALLEL UNSAFE (the default) keeps a
+-- calling query serial, which the order of the rows relies on.
+AS $$
+    -- The page walks the transactions overlapping after+1 .. after+span in sync id order
+    -- (commit_order's first_sync_id key), and each one's actions in id order (the log's
+    -- (xid, id) key), taking only the actions inside the page: from the one holding sync id
+    -- after+1 (the first transaction may start before it: `skip` actions are passed over,
+    -- found by their ids alone) to after+span (the last may end after it: `take`). A
+    -- transaction's actions have consecutive sync ids in id order, so an action's sync id is
+    -- where its transaction's part of the page starts plus its rank there. Nothing is sorted:
+    -- both scans return their rows in order, and the nested loop keeps it (an ORDER BY here
+    -- would sort the whole page again, the planner cannot see the sync ids are in order). The
+    -- lower bound (the one index probe for the transaction holding after+1) keeps a page's
+    -- cost independent of how much log lies before it; reading a large transaction's later
+    -- pages costs a pass over the ids before them, not over its rows. A caller that joins the
+    -- rows to something else orders them itself (ORDER BY sync_id).
+    SELECT t.first_sync_id + t.skip + a.rank - 1, a.id, a.model, a.model_id, a.action, a.data,
+           a.version, a.versions, a.origin, a.group_id, a.prev_group_id, a.moved, a.client_id,
+           a.client_tx_id, a.group_id IS NULL
+      FROM (SELECT c.xid, c.first_sync_id, p.skip,
+                   LEAST(c.first_sync_id + c.action_count, after + span + 1)
+                     - c.first_sync_id - p.skip AS take,
+                   CASE WHEN p.skip > 0 THEN
+                       -- (none: the transaction holds fewer actions than it was
+                       -- sequenced with, and none of them is in the page)
+                       coalesce((SELECT s.id FROM pg_sync.sync_actions s WHERE s.xid = c.xid
+                                  ORDER BY s.id OFFSET p.skip LIMIT 1), 9223372036854775807)
+                   END AS from_id
+              FROM pg_sync.commit_order c
+             CROSS JOIN LATERAL (SELECT GREATEST(after + 1 - c.first_sync_id, 0) AS skip) p
+             WHERE c.first_sync_id >= coalesce(
+                       (SELECT s.first_sync_id FROM pg_sync.commit_order s
+                         WHERE s.first_sync_id <= after + 1
+                         ORDER BY s.first_sync_id DESC LIMIT 1), 0)
+               AND c.first_sync_id <= after + span
+               AND c.first_sync_id + c.action_count - 1 > after
+             ORDER BY c.first_sync_id) t
+     CROSS JOIN LATERAL (
+        -- The ORDER BY is the index's order (xid is fixed): no sort.
+        SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.id) AS rank
+          FROM pg_sync.sync_actions b
+         WHERE b.xid = t.xid AND b.id >= coalesce(t.from_id, -9223372036854775807)
+         ORDER BY b.id
+         LIMIT t.take) a
+     -- IN (SELECT unnest(...)), not = ANY (groups): inside this function `groups` is a
+     -- parameter, and = ANY scans the whole array for every row (a third of a page's time for
+     -- a reader of 100 groups); the subquery is hashed once per page.
+     WHERE (groups IS NULL OR a.group_id IS NULL OR a.group_id IN (SELECT pg_catalog.unnest(groups))
+            OR a.model = '$membership'::pg_catalog.text)
+       AND (member IS NULL OR a.model <> '$membership'::pg_catalog.text OR a.model_id = member)
+$$;
+-- The signature of the first versions (kept for callers and grants that name it): every
+-- user's membership changes. Inlined like the function above.
 CREATE FUNCTION pg_sync.changes(after bigint, groups text[] DEFAULT NULL, span integer DEFAULT 1000)
 RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
                version text, versions jsonb, origin text, group_id text, prev_group_id text,
                moved boolean, client_id text, client_tx_id uuid, global boolean)
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    -- The transactions overlapping after+1 .. after+span: from the one holding sync id
-    -- after+1 (the last to start at or before it: one index probe) up to after+span. The
-    -- lower bound keeps a page's cost independent of how much log lies before it.
-    WITH tx AS (
-        SELECT c.xid, c.first_sync_id
-          FROM pg_sync.commit_order c
-         WHERE c.first_sync_id >= coalesce(
-                   (SELECT s.first_sync_id FROM pg_sync.commit_order s
-                     WHERE s.first_sync_id <= after + 1
-                     ORDER BY s.first_sync_id DESC LIMIT 1), 0)
-           AND c.first_sync_id <= after + span
-           AND c.first_sync_id + c.action_count - 1 > after
-    ), numbered AS (
-        SELECT tx.first_sync_id + row_number() OVER (PARTITION BY a.xid ORDER BY a.id) - 1 AS sync_id, a.*
-          FROM tx JOIN pg_sync.sync_actions a ON a.xid = tx.xid
-    )
-    SELECT n.sync_id, n.id, n.model, n.model_id, n.action, n.data, n.version, n.versions, n.origin,
-           n.group_id, n.prev_group_id, n.moved, n.client_id, n.client_tx_id,
-           n.group_id IS NULL
-      FROM numbered n
-     WHERE n.sync_id > after AND n.sync_id <= after + span
-       -- IN (SELECT unnest(...)), not = ANY (groups): inside this function `groups` is a
-       -- parameter, and = ANY scans the whole array for every row (a third of a page's time for
-       -- a reader of 100 groups); the subquery is hashed once per page.
-       AND (groups IS NULL OR n.group_id IS NULL OR n.group_id IN (SELECT unnest(groups))
-            OR n.model = '$membership')
-     ORDER BY n.sync_id
+    SELECT * FROM pg_sync.changes(after, groups, span, NULL::pg_catalog.text)
 $$;
 -- The highest sync id the sequencer has persisted (0 before the first).
 CREATE FUNCTION pg_sync.last_sync_id() RETURNS bigint
@@ -434,6 +471,7 @@ AS $$
         coalesce((SELECT horizon FROM pg_sync.retention), 0))
 $$;
 REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer, text) FROM PUBLIC;
 
 -- Retention by age: compacts every transaction sequenced before now() - age.
 CREATE FUNCTION pg_sync.compact_older_than(age interval) RETURNS bigint

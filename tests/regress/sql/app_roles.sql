@@ -154,7 +154,8 @@ CREATE ROLE app_sync_worker LOGIN REPLICATION;
 GRANT pgsync_owner TO app_sync_worker;
 DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO app_sync_worker', current_database()); END $$;
 GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.apply_remote(jsonb),
-      pg_sync.changes(bigint, text[], integer), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
+      pg_sync.changes(bigint, text[], integer),
+      pg_sync.changes(bigint, text[], integer, text), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
       pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
       pg_sync.user_groups(text), pg_sync.member_joins(text, bigint, bigint), pg_sync.status(),
       pg_sync.hlc_now() TO app_sync_worker;

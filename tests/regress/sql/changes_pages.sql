@@ -1,0 +1,108 @@
+-- pg_sync.changes() paging: every page of a range, read with any span and resumed at any sync
+-- id (inside a transaction too), concatenates to the log numbered by transaction commit order
+-- and action id order, filtered by group and by member. The reference numbering here is the
+-- definition (a window over each whole transaction); the function pages without one, so this
+-- pins its positions and its order (the pages are concatenated in the order the function
+-- returns its rows, with no ORDER BY).
+CREATE FUNCTION cp_seq() RETURNS void LANGUAGE sql AS $$
+  INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
+  SELECT xid, pg_sync.last_sync_id() + sum(n) OVER (ORDER BY first_id) - n + 1, n, '0/0', now()
+    FROM (SELECT a.xid, min(a.id) AS first_id, count(*)::int AS n FROM pg_sync.sync_actions a
+           WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid) GROUP BY a.xid) s
+$$;
+SELECT cp_seq();  -- what earlier tests left unsequenced
+CREATE TEMP TABLE cp_mark AS SELECT pg_sync.last_sync_id() AS at;
+CREATE TABLE cp_t (id int PRIMARY KEY, grp text);
+SELECT pg_sync.register_table('cp_t', group_column => 'grp');
+CREATE TABLE cp_global (id int PRIMARY KEY);
+SELECT pg_sync.register_table('cp_global');
+
+-- A small transaction; then one of 2,600 actions over three groups, with membership changes of
+-- two users in its middle and ids it burned in a rolled-back subtransaction (gaps inside the
+-- transaction); then a global one and one more small one.
+INSERT INTO cp_t SELECT g, 'cp_g' || (g % 3) FROM generate_series(1, 3) g;
+BEGIN;
+INSERT INTO cp_t SELECT g, 'cp_g' || (g % 3) FROM generate_series(100, 1299) g;
+SELECT pg_sync.add_member('cp_u1', 'cp_g1');
+SAVEPOINT s;
+INSERT INTO cp_t SELECT g, 'cp_g0' FROM generate_series(5000, 5099) g;
+ROLLBACK TO s;
+SELECT pg_sync.add_member('cp_u2', 'cp_g2');
+UPDATE cp_t SET grp = 'cp_g2' WHERE id BETWEEN 100 AND 199;
+DELETE FROM cp_t WHERE id BETWEEN 1200 AND 1299;
+SELECT pg_sync.remove_member('cp_u1', 'cp_g1');
+INSERT INTO cp_t SELECT g, 'cp_g' || (g % 3) FROM generate_series(2000, 3195) g;
+COMMIT;
+INSERT INTO cp_global SELECT generate_series(1, 4);
+INSERT INTO cp_t VALUES (9, 'cp_g1'), (10, 'cp_g0');
+SELECT cp_seq();
+
+-- The reference: the range's actions numbered by the definition, as 'sync_id:id' in order.
+CREATE FUNCTION cp_reference(groups text[], member text) RETURNS text[] LANGUAGE sql AS $$
+  SELECT array_agg(n.sync_id || ':' || n.id ORDER BY n.sync_id)
+    FROM (SELECT c.first_sync_id + row_number() OVER (PARTITION BY a.xid ORDER BY a.id) - 1 AS sync_id, a.*
+            FROM pg_sync.commit_order c JOIN pg_sync.sync_actions a ON a.xid = c.xid
+           WHERE c.first_sync_id + c.action_count - 1 > (SELECT at FROM cp_mark)) n
+   WHERE n.sync_id > (SELECT at FROM cp_mark) AND n.sync_id <= pg_sync.last_sync_id()
+     AND (groups IS NULL OR n.group_id IS NULL OR n.group_id = ANY (groups) OR n.model = '$membership')
+     AND (member IS NULL OR n.model <> '$membership' OR n.model_id = member)
+$$;
+-- The pages from `after` on with `span`, concatenated in the order changes() returns them.
+CREATE FUNCTION cp_pages(after bigint, span int, groups text[], member text) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    got text[] := '{}';
+    page text[];
+BEGIN
+    WHILE after < pg_sync.last_sync_id() LOOP
+        IF member IS NULL THEN
+            SELECT array_agg(c.sync_id || ':' || c.id) INTO page FROM pg_sync.changes(after, groups, span) c;
+        ELSE
+            SELECT array_agg(c.sync_id || ':' || c.id) INTO page FROM pg_sync.changes(after, groups, span, member) c;
+        END IF;
+        got := got || coalesce(page, '{}');
+        after := after + span;
+    END LOOP;
+    RETURN got;
+END $$;
+
+SELECT cardinality(cp_reference(NULL, NULL)) AS actions,
+       (SELECT max(action_count) FROM pg_sync.commit_order) AS largest_transaction;
+-- Every span: pages that start and end inside the large transaction, one action per page, a
+-- page holding the whole range.
+SELECT s.span, g.groups, m.member,
+       cp_pages((SELECT at FROM cp_mark), s.span, g.groups, m.member) = cp_reference(g.groups, m.member) AS pages_match
+  FROM (VALUES (7), (1000), (1001), (5000)) s(span),
+       (VALUES (NULL::text[]), ('{cp_g1}'), ('{cp_g0,cp_g2}')) g(groups),
+       (VALUES (NULL::text), ('cp_u1'), ('nobody')) m(member)
+UNION ALL
+SELECT 1, g.groups, g.member,
+       cp_pages((SELECT at FROM cp_mark), 1, g.groups, g.member) = cp_reference(g.groups, g.member)
+  FROM (VALUES (NULL::text[], NULL::text), ('{cp_g1}', 'cp_u1')) g(groups, member)
+ ORDER BY 1, 2, 3;
+-- Resumed mid-transaction: from every 25th sync id inside the large one, the rest of the log
+-- in pages of 997 matches the reference's tail.
+SELECT count(*) AS resumptions,
+       count(*) FILTER (WHERE cp_pages(r, 997, '{cp_g1}', 'cp_u2')
+                              = (SELECT coalesce(array_agg(x), '{}') FROM unnest(cp_reference('{cp_g1}', 'cp_u2')) x
+                                  WHERE split_part(x, ':', 1)::bigint > r)) AS matched
+  FROM generate_series((SELECT at FROM cp_mark) + 2, pg_sync.last_sync_id(), 25) r;
+
+-- The member filter keeps only that user's membership rows, and every other row.
+SELECT c.model_id, c.action, c.group_id
+  FROM pg_sync.changes((SELECT at FROM cp_mark), NULL, 100000, 'cp_u1') c
+ WHERE c.model = '$membership' ORDER BY c.sync_id;
+SELECT (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark), NULL, 100000) WHERE model <> '$membership')
+     = (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark), NULL, 100000, 'nobody')) AS others_kept,
+       (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark), NULL, 100000, 'nobody') WHERE model = '$membership') AS nobodys;
+-- A page's columns are the 3-argument form's, in both forms.
+SELECT (SELECT array_agg(c ORDER BY c.sync_id) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, '{cp_g2}', 40) c)
+     = (SELECT array_agg(c ORDER BY c.sync_id) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, '{cp_g2}', 40, NULL) c) AS same_rows;
+-- Neither form is callable by PUBLIC.
+SELECT p.oid::regprocedure AS function, has_function_privilege('public', p.oid, 'EXECUTE') AS public_execute
+  FROM pg_proc p WHERE p.proname = 'changes' AND p.pronamespace = 'pg_sync'::regnamespace ORDER BY 1::text;
+
+SELECT pg_sync.unregister_table('cp_t');
+SELECT pg_sync.unregister_table('cp_global');
+DROP TABLE cp_t, cp_global;
+DROP FUNCTION cp_seq(), cp_reference(text[], text), cp_pages(bigint, int, text[], text);
