@@ -259,7 +259,10 @@ fn cpu_secs(pid: u32) -> f64 {
     let rest: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 2..]
         .split(' ')
         .collect();
-    let ticks: f64 = rest[11..15].iter().map(|f| f.parse::<f64>().unwrap_or(0.0)).sum();
+    let ticks: f64 = rest[11..15]
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
@@ -268,7 +271,11 @@ fn cpu_secs(pid: u32) -> f64 {
 fn cluster_cpu(postmaster: u32) -> f64 {
     let mut total = cpu_secs(postmaster);
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -329,7 +336,10 @@ async fn main() {
         // One run of one side, for a profile (bench/bootstrap_profile.sh).
         Some("bootstrap_only") if args.len() == 4 => {
             let token = token(&args[2], &args[3]);
-            println!("{:?}", bootstrap(args[1].parse().unwrap(), &token, false).await);
+            println!(
+                "{:?}",
+                bootstrap(args[1].parse().unwrap(), &token, false).await
+            );
         }
         Some("copy_only") if args.len() == 3 => println!("{:?}", copy(&args[1], &args[2]).await),
         Some("mutate") if args.len() == 11 => run_mutate(&args[1..]).await,

@@ -104,7 +104,11 @@ impl Model {
             items = items.join(", "),
             table = self.table,
             order = key_cols("t"),
-            limit = if limited { "\n              LIMIT $3" } else { "" },
+            limit = if limited {
+                "\n              LIMIT $3"
+            } else {
+                ""
+            },
         )
     }
 
