@@ -1,8 +1,12 @@
 //! Load for the client API benchmarks, each side by side with its baseline in one run.
 //!
 //! `api_load bootstrap PORT SECRET USER DATABASE_URL SQL`: streams `GET /sync/bootstrap` (plain,
-//! then gzip) and `COPY (SQL) TO STDOUT` over one connection, three rounds interleaved; prints
-//! one JSON line with rows, bytes and seconds of each run.
+//! then gzip) and `COPY (SQL) TO STDOUT` over one connection, three rounds interleaved
+//! (`BOOTSTRAP_ROUNDS`); prints one JSON line with rows, bytes, seconds (and with
+//! `BOOTSTRAP_CPU_PIDS`, worker and cluster CPU seconds) of each run.
+//!
+//! `api_load bootstrap_only PORT SECRET USER` and `api_load copy_only DATABASE_URL SQL`: one run
+//! of one side (for a profile).
 //!
 //! `api_load mutate PORT SECRET USER DATABASE_URL TABLE GROUP SECONDS CLIENTS BATCH ID_BASE`: single-row
 //! inserts into TABLE for SECONDS each way: plain `INSERT`s, one transaction each, from one
@@ -246,21 +250,80 @@ async fn run_mutate(args: &[String]) {
     );
 }
 
+/// CPU seconds (user + system) `pid` used, with its reaped children's.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may hold spaces): state, ppid, ... utime is the 14th.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 2..]
+        .split(' ')
+        .collect();
+    let ticks: f64 = rest[11..15]
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU seconds the whole cluster used: the postmaster with its reaped children (backends that
+/// ended) and its live children.
+fn cluster_cpu(postmaster: u32) -> f64 {
+    let mut total = cpu_secs(postmaster);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat[stat.rfind(')').unwrap_or(0) + 2..].split(' ').nth(1);
+        if ppid == Some(&postmaster.to_string()) {
+            total += cpu_secs(pid);
+        }
+    }
+    total
+}
+
+/// `BOOTSTRAP_ROUNDS` rounds (default 3) of COPY, bootstrap and gzip bootstrap. With
+/// `BOOTSTRAP_CPU_PIDS="WORKER POSTMASTER"`, each run also reports the CPU seconds the worker
+/// and the cluster used during it.
 async fn run_bootstrap(args: &[String]) {
     let port: u16 = args[0].parse().unwrap();
     let token = token(&args[1], &args[2]);
     let (url, sql) = (&args[3], &args[4]);
+    let rounds: usize = std::env::var("BOOTSTRAP_ROUNDS").map_or(3, |r| r.parse().unwrap());
+    let pids: Vec<u32> = std::env::var("BOOTSTRAP_CPU_PIDS")
+        .map(|p| p.split_whitespace().map(|p| p.parse().unwrap()).collect())
+        .unwrap_or_default();
+    let cpu = || match pids.as_slice() {
+        [worker, postmaster] => (cpu_secs(*worker), cluster_cpu(*postmaster)),
+        _ => (0.0, 0.0),
+    };
     let mut runs = vec![];
-    for _ in 0..3 {
-        let t = Instant::now();
+    let mut record = |what: &str, rows: Option<u64>, bytes: u64, t: Instant, before: (f64, f64)| {
+        let after = cpu();
+        let mut run = serde_json::json!({"what": what, "bytes": bytes, "secs": t.elapsed().as_secs_f64(),
+            "worker_cpu": after.0 - before.0, "pg_cpu": after.1 - before.1});
+        if let Some(rows) = rows {
+            run["rows"] = rows.into();
+        }
+        runs.push(run);
+    };
+    for _ in 0..rounds {
+        let (before, t) = (cpu(), Instant::now());
         let (rows, bytes) = copy(url, sql).await;
-        runs.push(serde_json::json!({"what": "copy", "rows": rows, "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
-        let t = Instant::now();
+        record("copy", Some(rows), bytes, t, before);
+        let (before, t) = (cpu(), Instant::now());
         let (rows, bytes) = bootstrap(port, &token, false).await;
-        runs.push(serde_json::json!({"what": "bootstrap", "rows": rows, "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
-        let t = Instant::now();
+        record("bootstrap", Some(rows), bytes, t, before);
+        let (before, t) = (cpu(), Instant::now());
         let (_, bytes) = bootstrap(port, &token, true).await;
-        runs.push(serde_json::json!({"what": "bootstrap_gzip", "bytes": bytes, "secs": t.elapsed().as_secs_f64()}));
+        record("bootstrap_gzip", None, bytes, t, before);
     }
     println!("{}", serde_json::Value::Array(runs));
 }
@@ -270,6 +333,15 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bootstrap") if args.len() == 6 => run_bootstrap(&args[1..]).await,
+        // One run of one side, for a profile (bench/bootstrap_profile.sh).
+        Some("bootstrap_only") if args.len() == 4 => {
+            let token = token(&args[2], &args[3]);
+            println!(
+                "{:?}",
+                bootstrap(args[1].parse().unwrap(), &token, false).await
+            );
+        }
+        Some("copy_only") if args.len() == 3 => println!("{:?}", copy(&args[1], &args[2]).await),
         Some("mutate") if args.len() == 11 => run_mutate(&args[1..]).await,
         _ => {
             eprintln!("usage: see the comment at the top of bench/src/bin/api_load.rs");

@@ -3,7 +3,6 @@
 //! in binary, strings and numerics as text and are written here; every other type is still
 //! rendered by `to_jsonb(column)`, so its form is exactly Postgres'.
 
-use std::io::Write as _;
 use tokio_postgres::Row;
 
 /// How a column is fetched and written.
@@ -97,9 +96,30 @@ fn integer(kind: Kind, row: &Row, idx: usize) -> Option<i64> {
 
 fn int(out: &mut Vec<u8>, v: Option<i64>) {
     match v {
-        Some(v) => write!(out, "{v}").expect("writing to a Vec"),
+        Some(v) => push_int(out, v),
         None => out.extend_from_slice(b"null"),
     }
+}
+
+/// Appends `v` in decimal (as `{v}` would, without the formatting machinery: a bootstrap
+/// writes a few of these per row).
+fn push_int(out: &mut Vec<u8>, v: i64) {
+    if v < 0 {
+        out.push(b'-');
+    }
+    push_padded(out, v.unsigned_abs(), 1);
+}
+
+/// Appends `v` in decimal, zero-padded to at least `width` digits.
+fn push_padded(out: &mut Vec<u8>, mut v: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    while v > 0 {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.extend_from_slice(&digits[at.min(digits.len() - width)..]);
 }
 
 /// Writes the value of `row[idx]` (a column of kind `kind`) as JSON.
@@ -186,21 +206,29 @@ fn write_datetime(out: &mut Vec<u8>, kind: Kind, raw: &[u8]) {
     };
     let (y, m, d) = civil(days);
     let year = if y > 0 { y } else { 1 - y };
-    write!(out, "\"{year:04}-{m:02}-{d:02}").expect("writing to a Vec");
+    out.push(b'"');
+    push_padded(out, year.unsigned_abs(), 4);
+    out.push(b'-');
+    push_padded(out, m.into(), 2);
+    out.push(b'-');
+    push_padded(out, d.into(), 2);
     if let Some(us) = micros {
-        let (secs, frac) = (us / 1_000_000, us % 1_000_000);
-        write!(
-            out,
-            "T{:02}:{:02}:{:02}",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60
-        )
-        .expect("writing to a Vec");
+        let (secs, frac) = ((us / 1_000_000) as u64, (us % 1_000_000) as u64);
+        out.push(b'T');
+        push_padded(out, secs / 3600, 2);
+        out.push(b':');
+        push_padded(out, secs / 60 % 60, 2);
+        out.push(b':');
+        push_padded(out, secs % 60, 2);
         if frac != 0 {
-            let digits = format!("{frac:06}");
+            // Six digits, less the trailing zeros.
+            let (mut frac, mut width) = (frac, 6);
+            while frac % 10 == 0 {
+                frac /= 10;
+                width -= 1;
+            }
             out.push(b'.');
-            out.extend_from_slice(digits.trim_end_matches('0').as_bytes());
+            push_padded(out, frac, width);
         }
         if kind == Kind::TimestamptzUtc {
             out.extend_from_slice(b"+00:00");
@@ -241,7 +269,9 @@ pub fn write_object(out: &mut Vec<u8>, columns: &[Column], row: &Row, first: usi
 pub fn write_own_text(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
     if let Kind::Int2 | Kind::Int4 | Kind::Int8 = kind {
         let n = integer(kind, row, idx).expect("a key column is never NULL");
-        write!(out, "\"{n}\"").expect("writing to a Vec");
+        out.push(b'"');
+        push_int(out, n);
+        out.push(b'"');
     } else {
         let s: &str = row.get(idx);
         serde_json::to_writer(&mut *out, s).expect("a string serializes");
@@ -304,6 +334,11 @@ mod tests {
             r#""2000-01-01T00:00:01.5+00:00""#
         );
         assert_eq!(ts(Kind::Timestamp, -1), r#""1999-12-31T23:59:59.999999""#);
+        assert_eq!(ts(Kind::Timestamp, 10), r#""2000-01-01T00:00:00.00001""#);
+        assert_eq!(
+            ts(Kind::Timestamp, 86_399_100_000),
+            r#""2000-01-01T23:59:59.1""#
+        );
         assert_eq!(ts(Kind::Timestamp, i64::MAX), r#""infinity""#);
         assert_eq!(date(0), r#""2000-01-01""#);
         assert_eq!(date(-730_119), r#""0001-01-01""#);
@@ -311,6 +346,20 @@ mod tests {
         assert_eq!(date(2_921_940), r#""10000-01-01""#);
         assert_eq!(date(i32::MIN), r#""-infinity""#);
         assert_eq!(date(60), r#""2000-03-01""#, "2000 is a leap year");
+    }
+
+    #[test]
+    fn integers_are_written_as_display_does() {
+        for v in [0, 7, -7, 10, -100, 1_000_000, i64::MAX, i64::MIN] {
+            let mut out = vec![];
+            push_int(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        let mut out = vec![];
+        push_padded(&mut out, 12345, 4);
+        push_padded(&mut out, 7, 2);
+        push_padded(&mut out, 0, 2);
+        assert_eq!(out, b"123450700");
     }
 
     #[test]

@@ -73,6 +73,21 @@ struct Out {
     app: Arc<App>,
     /// The API key the bootstrap was authenticated with, and the hub's revocations.
     watch: KeyWatch,
+    /// Where the `data` of the last row sent of the current model is.
+    last: Last,
+    /// That `data`, once the chunk holding it was sent (`Last::Kept`).
+    kept: Vec<u8>,
+}
+
+/// Where the `data` of the last row sent of the current model is: its key is the resume
+/// point, parsed only when a cursor is written (copying it out of every row cost more).
+enum Last {
+    /// No row of this model sent yet.
+    None,
+    /// In `Out::buf`, at this range.
+    Buffered(std::ops::Range<usize>),
+    /// In `Out::kept`.
+    Kept,
 }
 
 impl Out {
@@ -81,13 +96,8 @@ impl Out {
         self.buf.push(b'\n');
     }
 
-    /// Writes a `row` line; returns where its `data` object lies in the buffer.
-    fn push_row(
-        &mut self,
-        model: &Model,
-        model_json: &str,
-        row: &tokio_postgres::Row,
-    ) -> std::ops::Range<usize> {
+    /// Writes a `row` line; it is now the last row sent.
+    fn push_row(&mut self, model: &Model, model_json: &str, row: &tokio_postgres::Row) {
         self.buf.extend_from_slice(b"{\"type\":\"row\",\"model\":");
         self.buf.extend_from_slice(model_json.as_bytes());
         self.buf.extend_from_slice(b",\"id\":");
@@ -95,9 +105,17 @@ impl Out {
         self.buf.extend_from_slice(b",\"data\":");
         let start = self.buf.len();
         row_json::write_object(&mut self.buf, &model.columns, row, model.first_column());
-        let data = start..self.buf.len();
+        self.last = Last::Buffered(start..self.buf.len());
         self.buf.extend_from_slice(b"}\n");
-        data
+    }
+
+    /// The key of the last row sent of `model`; `None` if none was sent yet.
+    fn last_key(&self, model: &Model) -> Option<serde_json::Map<String, serde_json::Value>> {
+        match &self.last {
+            Last::None => None,
+            Last::Buffered(data) => Some(model.key_of(&self.buf[data.clone()])),
+            Last::Kept => Some(model.key_of(&self.kept)),
+        }
     }
 
     /// Whether the key this bootstrap streams under was revoked (or revocations were missed):
@@ -118,6 +136,11 @@ impl Out {
         }
         if self.revoked().await {
             return Err(());
+        }
+        if let Last::Buffered(data) = &self.last {
+            self.kept.clear();
+            self.kept.extend_from_slice(&self.buf[data.clone()]);
+            self.last = Last::Kept;
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
         self.buf.reserve(CHUNK_BYTES + 1024);
@@ -175,6 +198,8 @@ pub(super) async fn stream(
             },
             app: app.clone(),
             watch,
+            last: Last::None,
+            kept: Vec::new(),
         };
         let _permit = permit;
         app.counters.bootstraps.fetch_add(1, Ordering::Relaxed);
@@ -291,40 +316,45 @@ async fn send_rows(
         let after_text = after.map(|k| serde_json::Value::Object(k.clone()).to_string());
         let model_json = serde_json::to_string(&m.name).expect("a string serializes");
         // One row more than the limit allows tells whether there is more.
-        let room = req.limit.map_or(i64::MAX, |l| (l - rows) as i64 + 1);
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&groups, &after_text, &room];
-        let stream = snap.query_raw(&m.select(after.is_some()), params).await?;
+        let room = req.limit.map(|l| (l - rows) as i64 + 1);
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&groups, &after_text];
+        if let Some(room) = &room {
+            params.push(room);
+        }
+        let select = m.select(after.is_some(), room.is_some());
+        let stream = snap.query_raw(&select, params).await?;
         futures::pin_mut!(stream);
-        // The data of the last row sent of this model: its key is parsed only when needed.
-        let mut last: Option<Vec<u8>> = None;
+        out.last = Last::None;
+        let resume_at = |out: &Out| out.last_key(m).or_else(|| after.cloned());
         while let Some(row) = stream.next().await {
             let row = row?;
             if req.limit == Some(rows) {
-                let key = match &last {
-                    Some(data) => Some(m.key_of(data)),
-                    None => after.cloned(),
-                };
+                let key = resume_at(out);
                 out.flush(true).await.map_err(gone)?;
                 return Ok((rows, Some(cursor_at(m, key))));
             }
-            let data = out.push_row(m, &model_json, &row);
+            out.push_row(m, &model_json, &row);
             rows += 1;
-            let kept = last.get_or_insert_with(Vec::new);
-            kept.clear();
-            kept.extend_from_slice(&out.buf[data]);
             if rows.is_multiple_of(CHECKPOINT_ROWS) {
-                let c = cursor_at(m, Some(m.key_of(kept)));
+                let c = cursor_at(m, out.last_key(m));
                 out.push_json(json!({"type": "cursor", "cursor": c.encode()}));
+            }
+            // Checked once a chunk is full (not for every row): the rows of at most one chunk
+            // go out after a shutdown or the deadline, each still ahead of the cursor.
+            if out.buf.len() < CHUNK_BYTES {
+                continue;
             }
             if *out.shutdown.borrow() {
                 // Everything written so far goes out; the rest is the cursor's.
+                let key = resume_at(out);
                 out.flush(true).await.map_err(gone)?;
-                return Err(Failure::ShuttingDown(cursor_at(m, Some(m.key_of(kept)))));
+                return Err(Failure::ShuttingDown(cursor_at(m, key)));
             }
             if Instant::now() >= out.deadline {
+                let key = resume_at(out);
                 out.flush(true).await.map_err(gone)?;
-                return Err(Failure::Deadline(cursor_at(m, Some(m.key_of(kept)))));
+                return Err(Failure::Deadline(cursor_at(m, key)));
             }
             out.flush(false).await.map_err(gone)?;
         }
