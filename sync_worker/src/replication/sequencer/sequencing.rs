@@ -286,11 +286,9 @@ impl Session<'_> {
                 // Global is what the action says (no group id), as replay judges it: never the
                 // registry now, which a re-registration may have changed since.
                 let global = row.get("group_id").is_none_or(|g| g.is_none());
-                deltas.push(Arc::new(Delta::from_text(
-                    first + i as i64,
-                    global,
-                    |c| row.text(c),
-                )));
+                deltas.push(Arc::new(Delta::from_text(first + i as i64, global, |c| {
+                    row.text(c)
+                })));
             }
             let last = if txn.count > 0 {
                 first + txn.count as i64 - 1
