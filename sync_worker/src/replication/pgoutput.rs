@@ -143,16 +143,16 @@ fn tuple(buf: &mut &[u8], relation: &Relation) -> Result<Row, DecodeError> {
                 need(buf, 4)?;
                 let len = count(buf.get_i32().into())?;
                 need(buf, len)?;
-                let rest: &[u8] = *buf;
-                let v = std::str::from_utf8(&rest[..len]).map_err(|_| DecodeError::Utf8)?;
-                buf.advance(len);
-                if i >= relation.columns.len() {
-                    continue;
-                }
+                let v = std::str::from_utf8(&buf[..len]).map_err(|_| DecodeError::Utf8)?;
                 let start = text.len();
-                text.push_str(v);
+                // A column past the relation's is dropped below.
+                if i < relation.columns.len() {
+                    text.push_str(v);
+                }
+                let end = text.len();
+                buf.advance(len);
                 // A tuple is at most 1 GB: its offsets fit.
-                Cell::Text(start as u32, text.len() as u32)
+                Cell::Text(start as u32, end as u32)
             }
             other => return Err(DecodeError::TupleKind(other)),
         };
