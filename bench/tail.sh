@@ -54,6 +54,9 @@ while :; do
   sleep 0.02
 done
 t3=$(date +%s.%N)
+# The worker's CPU time so far (user + system, clock ticks): its cost per action, which on a
+# shared machine says more than the wall-clock ratio.
+cpu=$(awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$(cat "$work/worker.pid")/stat")
 
 report=$(python3 - <<PY
 base = $actions / ($t1 - $t0); ours = $actions / ($t3 - $t2)
@@ -69,7 +72,7 @@ print("|---|---|---|---|")
 print(f"| pg_recvlogical (pgoutput, baseline) | $actions | {$t1 - $t0:.2f} | {base:,.0f} |")
 print(f"| sync_worker (decode, sequence, persist, publish, ack) | $actions | {$t3 - $t2:.2f} | {ours:,.0f} |")
 print()
-print(f"sync_worker / pg_recvlogical: {ours / base:.2f} (floor $floor)")
+print(f"sync_worker / pg_recvlogical: {ours / base:.2f} (floor $floor); worker CPU {$cpu:.2f} s ({$cpu * 1e6 / $actions:.1f} us/action)")
 PY
 )
 echo "$report"

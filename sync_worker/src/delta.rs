@@ -28,25 +28,46 @@ pub struct Member {
     pub joined: bool,
 }
 
+/// The `sync_actions` columns a delta is built from, in this order (`Delta::from_columns`).
+const COLUMNS: [&str; 10] = [
+    "model",
+    "model_id",
+    "action",
+    "data",
+    "version",
+    "group_id",
+    "prev_group_id",
+    "moved",
+    "client_id",
+    "client_tx_id",
+];
+
 impl Delta {
     /// Builds a delta from a `sync_actions` row given as text columns (as pgoutput and
     /// `pg_sync.changes()` both provide them).
     pub fn from_columns(sync_id: i64, global: bool, col: impl Fn(&str) -> Option<String>) -> Delta {
-        // Written straight into one string (no JSON tree but for `data`, which is normalized
-        // through serde_json as before), keys in the order serde_json's map gives them, so the
-        // frame is byte for byte what `json!(..).to_string()` made: this runs once per action
-        // on the tail's hot path.
-        fn put_str(out: &mut String, v: Option<&str>) {
-            match v {
-                Some(v) => out.push_str(&serde_json::to_string(v).unwrap_or_default()),
-                None => out.push_str("null"),
-            }
-        }
+        let values = COLUMNS.map(&col);
+        Delta::from_text(sync_id, global, |c| {
+            let i = COLUMNS.iter().position(|n| *n == c)?;
+            values[i].as_deref()
+        })
+    }
+
+    /// `from_columns` with the columns borrowed (the tail's hot path: a decoded row lends its
+    /// texts, nothing is copied but into the frame).
+    pub fn from_text<'a>(
+        sync_id: i64,
+        global: bool,
+        col: impl Fn(&str) -> Option<&'a str>,
+    ) -> Delta {
+        // Written straight into one string (no JSON tree), keys in the order serde_json's map
+        // gives them, so the frame is byte for byte what `json!(..).to_string()` made: this
+        // runs once per action on the tail's hot path.
         let model = col("model").unwrap_or_default();
         // '' is a grouped model's row without a group (nobody's): v1 shows it as null.
         let group_id = col("group_id").filter(|g| !g.is_empty());
         if model == MEMBERSHIP_MODEL {
-            let joined = col("action").as_deref() == Some("J");
+            let joined = col("action") == Some("J");
             let frame = serde_json::json!({
                 "type": "membership",
                 "groupId": group_id,
@@ -56,57 +77,363 @@ impl Delta {
             .to_string();
             return Delta {
                 sync_id,
-                model,
-                group_id,
+                model: model.to_owned(),
+                group_id: group_id.map(str::to_owned),
                 global: false,
                 frame: frame.into(),
                 member: Some(Member {
-                    user_id: col("model_id").unwrap_or_default(),
+                    user_id: col("model_id").unwrap_or_default().to_owned(),
                     joined,
                 }),
             };
         }
-        let mut data = col("data")
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .unwrap_or(Value::Null);
-        // The exact texts of a captured row (key '', docs/extension.md) are for `/v1/shape`:
-        // v1 rows stay in `to_jsonb` form, as `/sync/bootstrap` sends them.
-        if let Value::Object(m) = &mut data {
-            m.remove("");
-        }
-        let moved = matches!(col("moved").as_deref(), Some("t") | Some("true"));
-        let mut frame = String::with_capacity(256);
+        let moved = matches!(col("moved"), Some("t") | Some("true"));
+        let data = col("data");
+        let mut frame = String::with_capacity(160 + data.map_or(0, str::len));
         frame.push_str("{\"action\":");
-        put_str(&mut frame, col("action").as_deref());
+        put_str(&mut frame, col("action"));
         frame.push_str(",\"clientId\":");
-        put_str(&mut frame, col("client_id").as_deref());
+        put_str(&mut frame, col("client_id"));
         frame.push_str(",\"clientTxId\":");
-        put_str(&mut frame, col("client_tx_id").as_deref());
+        put_str(&mut frame, col("client_tx_id"));
         frame.push_str(",\"data\":");
-        frame.push_str(&data.to_string());
+        put_data(&mut frame, data);
         frame.push_str(",\"groupId\":");
-        put_str(&mut frame, group_id.as_deref());
+        put_str(&mut frame, group_id);
         frame.push_str(",\"model\":");
-        put_str(&mut frame, Some(&model));
+        put_str(&mut frame, Some(model));
         frame.push_str(",\"modelId\":");
-        put_str(&mut frame, col("model_id").as_deref());
+        put_str(&mut frame, col("model_id"));
         frame.push_str(",\"moved\":");
         frame.push_str(if moved { "true" } else { "false" });
         frame.push_str(",\"prevGroupId\":");
-        put_str(&mut frame, col("prev_group_id").as_deref());
+        put_str(&mut frame, col("prev_group_id"));
         frame.push_str(",\"syncId\":");
-        frame.push_str(&sync_id.to_string());
+        {
+            use std::fmt::Write;
+            let _ = write!(frame, "{sync_id}");
+        }
         frame.push_str(",\"type\":\"delta\",\"version\":");
-        put_str(&mut frame, col("version").as_deref());
+        put_str(&mut frame, col("version"));
         frame.push('}');
         Delta {
             sync_id,
-            model,
-            group_id,
+            model: model.to_owned(),
+            group_id: group_id.map(str::to_owned),
             global,
             frame: frame.into(),
             member: None,
         }
+    }
+}
+
+/// A JSON string (or null), escaped as serde_json escapes it: `"`, `\\` and control characters
+/// (`\b \t \n \f \r` short, the others `\u00xx`), everything else as it is.
+fn put_str(out: &mut String, v: Option<&str>) {
+    let Some(v) = v else {
+        out.push_str("null");
+        return;
+    };
+    out.push('"');
+    escape_into(out, v);
+    out.push('"');
+}
+
+fn escape_into(out: &mut String, v: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = v.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\t' => "\\t",
+            b'\r' => "\\r",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // Escaped bytes are ASCII: the run before them ends on a character boundary.
+        out.push_str(&v[run..i]);
+        run = i + 1;
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        } else {
+            out.push_str(short);
+        }
+    }
+    out.push_str(&v[run..]);
+}
+
+/// The row's `data` (jsonb text) as the frame carries it: normalized as serde_json prints it
+/// once parsed (keys sorted, no spaces), without the exact texts of a captured row (key '',
+/// docs/extension.md: they are for `/v1/shape`; v1 rows stay in `to_jsonb` form, as
+/// `/sync/bootstrap` sends them); null when it is not JSON.
+fn put_data(out: &mut String, data: Option<&str>) {
+    let Some(text) = data else {
+        out.push_str("null");
+        return;
+    };
+    let start = out.len();
+    if (Normalizer {
+        s: text.as_bytes(),
+        text,
+        i: 0,
+        depth: 0,
+    })
+    .document(out)
+    .is_some()
+    {
+        return;
+    }
+    // Outside what the fast path knows (a \u escape, an exponent, a duplicate key, deep
+    // nesting, not JSON at all): parsed as it always was.
+    out.truncate(start);
+    let mut value = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut value {
+        m.remove("");
+    }
+    out.push_str(&value.to_string());
+}
+
+/// Rewrites JSON text the way `serde_json::from_str::<Value>` then `to_string` does (with
+/// `arbitrary_precision`: numbers keep their text), in one pass and without a tree, for the
+/// forms Postgres' jsonb output takes. `None` for anything else (the caller falls back to
+/// serde_json, so what it writes then does not matter).
+struct Normalizer<'a> {
+    s: &'a [u8],
+    text: &'a str,
+    i: usize,
+    depth: u32,
+}
+
+impl Normalizer<'_> {
+    /// Far below serde_json's recursion limit, so a document it would refuse is never taken.
+    const MAX_DEPTH: u32 = 64;
+
+    fn document(mut self, out: &mut String) -> Option<()> {
+        self.ws();
+        self.value(out, true)?;
+        self.ws();
+        (self.i == self.s.len()).then_some(())
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.s.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, b: u8) -> Option<()> {
+        self.ws();
+        (self.s.get(self.i) == Some(&b)).then(|| self.i += 1)
+    }
+
+    fn value(&mut self, out: &mut String, top: bool) -> Option<()> {
+        match *self.s.get(self.i)? {
+            b'{' => self.object(out, top),
+            b'[' => self.array(out),
+            b'"' => self.string(out),
+            b't' => self.literal(out, "true"),
+            b'f' => self.literal(out, "false"),
+            b'n' => self.literal(out, "null"),
+            b'-' | b'0'..=b'9' => self.number(out),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, out: &mut String, word: &str) -> Option<()> {
+        let end = self.i + word.len();
+        (self.s.get(self.i..end)? == word.as_bytes()).then_some(())?;
+        self.i = end;
+        out.push_str(word);
+        Some(())
+    }
+
+    /// `-?(0|[1-9][0-9]*)(.[0-9]+)?`, copied as it is; an exponent (which serde_json rewrites)
+    /// is left to it.
+    fn number(&mut self, out: &mut String) -> Option<()> {
+        let start = self.i;
+        if self.s[self.i] == b'-' {
+            self.i += 1;
+        }
+        match *self.s.get(self.i)? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.s.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            let before = self.i;
+            self.digits();
+            if self.i == before {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E' | b'0'..=b'9') = self.s.get(self.i) {
+            return None;
+        }
+        out.push_str(&self.text[start..self.i]);
+        Some(())
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.s.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    /// A string value: the short escapes are rewritten as serde_json writes them (`\/` as
+    /// `/`), `\u` escapes and raw control characters are left to serde_json.
+    fn string(&mut self, out: &mut String) -> Option<()> {
+        self.i += 1;
+        out.push('"');
+        let mut run = self.i;
+        loop {
+            let b = *self.s.get(self.i)?;
+            match b {
+                b'"' => break,
+                0..=0x1f => return None,
+                b'\\' => {
+                    out.push_str(&self.text[run..self.i]);
+                    out.push_str(match *self.s.get(self.i + 1)? {
+                        b'"' => "\\\"",
+                        b'\\' => "\\\\",
+                        b'/' => "/",
+                        b'b' => "\\b",
+                        b'f' => "\\f",
+                        b'n' => "\\n",
+                        b'r' => "\\r",
+                        b't' => "\\t",
+                        _ => return None,
+                    });
+                    self.i += 2;
+                    run = self.i;
+                }
+                _ => self.i += 1,
+            }
+        }
+        out.push_str(&self.text[run..self.i]);
+        self.i += 1;
+        out.push('"');
+        Some(())
+    }
+
+    /// A key without escapes (one with them is left to serde_json): its text is what it sorts by.
+    fn key(&mut self) -> Option<(usize, usize)> {
+        self.ws();
+        (self.s.get(self.i) == Some(&b'"')).then_some(())?;
+        self.i += 1;
+        let start = self.i;
+        loop {
+            match *self.s.get(self.i)? {
+                b'"' => break,
+                // '$': serde_json reads `{"$serde_json::private::Number": ..}` as a number.
+                0..=0x1f | b'\\' => return None,
+                b'$' if self.i == start => return None,
+                _ => self.i += 1,
+            }
+        }
+        self.i += 1;
+        Some((start, self.i - 1))
+    }
+
+    fn array(&mut self, out: &mut String) -> Option<()> {
+        self.enter()?;
+        self.i += 1;
+        out.push('[');
+        self.ws();
+        if self.s.get(self.i) == Some(&b']') {
+            self.i += 1;
+        } else {
+            loop {
+                self.ws();
+                self.value(out, false)?;
+                self.ws();
+                match *self.s.get(self.i)? {
+                    b',' => out.push(','),
+                    b']' => break,
+                    _ => return None,
+                }
+                self.i += 1;
+            }
+            self.i += 1;
+        }
+        out.push(']');
+        self.depth -= 1;
+        Some(())
+    }
+
+    /// An object, its members sorted by key (serde_json's map is ordered by key; jsonb's output
+    /// puts shorter keys first). At the top, the key '' is dropped.
+    fn object(&mut self, out: &mut String, top: bool) -> Option<()> {
+        self.enter()?;
+        self.i += 1;
+        out.push('{');
+        let body = out.len();
+        // (key start, key end) in the input, (member start, member end) in `out`.
+        let mut members: Vec<(usize, usize, usize, usize)> = vec![];
+        self.ws();
+        if self.s.get(self.i) == Some(&b'}') {
+            self.i += 1;
+        } else {
+            loop {
+                let (k0, k1) = self.key()?;
+                self.eat(b':')?;
+                self.ws();
+                if top && k0 == k1 {
+                    let mark = out.len();
+                    self.value(out, false)?;
+                    out.truncate(mark);
+                } else {
+                    if !members.is_empty() {
+                        out.push(',');
+                    }
+                    let m0 = out.len();
+                    out.push('"');
+                    out.push_str(&self.text[k0..k1]);
+                    out.push_str("\":");
+                    self.value(out, false)?;
+                    members.push((k0, k1, m0, out.len()));
+                }
+                self.ws();
+                match *self.s.get(self.i)? {
+                    b',' => {}
+                    b'}' => break,
+                    _ => return None,
+                }
+                self.i += 1;
+            }
+            self.i += 1;
+        }
+        let key = |m: &(usize, usize, usize, usize)| &self.s[m.0..m.1];
+        if !members.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
+            // Rewritten in key order (the members' ranges leave out the commas).
+            let written = out[body..].to_owned();
+            out.truncate(body);
+            members.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+            if members.windows(2).any(|w| key(&w[0]) == key(&w[1])) {
+                return None; // duplicate keys: serde_json keeps the last
+            }
+            for (n, m) in members.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                out.push_str(&written[m.2 - body..m.3 - body]);
+            }
+        }
+        out.push('}');
+        self.depth -= 1;
+        Some(())
+    }
+
+    fn enter(&mut self) -> Option<()> {
+        self.depth += 1;
+        (self.depth <= Self::MAX_DEPTH).then_some(())
     }
 }
 
@@ -165,6 +492,207 @@ mod tests {
             d.frame.as_str().contains(r#""data":{"a":[1,2],"j":null},"#),
             "{}",
             d.frame
+        );
+    }
+
+    fn serde_way(text: &str) -> String {
+        let mut v = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.remove("");
+        }
+        v.to_string()
+    }
+
+    fn fast_way(text: &str) -> (String, bool) {
+        let mut out = String::new();
+        let fast = Normalizer {
+            s: text.as_bytes(),
+            text,
+            i: 0,
+            depth: 0,
+        }
+        .document(&mut out)
+        .is_some();
+        let mut all = String::new();
+        put_data(&mut all, Some(text));
+        if fast {
+            assert_eq!(out, all, "{text:?}");
+        }
+        (all, fast)
+    }
+
+    /// `data` is written as serde_json wrote it after parsing, byte for byte; the forms
+    /// jsonb prints take the fast path.
+    #[test]
+    fn data_is_normalized_as_serde_json_did() {
+        let fast = [
+            r#"{"a": 1, "id": 7, "body": "row 1", "grp": "g1"}"#,
+            r#"{"": {"a": "x"}, "a": [1, 2.50, -0, -3.25, 0.0], "j": null, "t": true, "f": false}"#,
+            r#"{"b": {"": 1, "z": [], "y": {}}, "a": "q\"uo\\te\n\t\r\b\f\/ é ☃ "}"#,
+            r#"[{"b": 1, "a": 2}, "s", 1, null]"#,
+            r#""just a string""#,
+            "123",
+            " \t{ \"a\" : 1 }\n",
+            "{}",
+            "[]",
+            r#"{"bb": 1, "a": 2, "ab": 3, "B": 4, "é": 5, "e": 6}"#,
+        ];
+        for t in fast {
+            let (out, took) = fast_way(t);
+            assert!(took, "{t:?} took the slow path");
+            assert_eq!(out, serde_way(t), "{t:?}");
+        }
+        let slow = [
+            r#"{"a": "\u00e9"}"#,
+            r#"{"a\"b": 1}"#,
+            r#"{"a": 1e5}"#,
+            r#"{"a": 1.5E-3}"#,
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"$serde_json::private::Number": "12"}"#,
+            "{\"a\": \"raw\ttab\"}",
+            r#"{"a": 01}"#,
+            r#"{"a": 1.}"#,
+            r#"{"a": -}"#,
+            r#"{"a": 1,}"#,
+            r#"[1, 2,]"#,
+            r#"{"a" 1}"#,
+            "{",
+            "",
+            "nul",
+            "truex",
+            "[1] 2",
+            r#"{"a": "\ud800"}"#,
+            r#"{"a": "\x"}"#,
+        ];
+        for t in slow {
+            assert_eq!(fast_way(t).0, serde_way(t), "{t:?}");
+        }
+        // Nesting past the fast path's depth, and past serde_json's limit.
+        for depth in [63, 64, 65, 127, 128, 129, 300] {
+            let t = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            assert_eq!(fast_way(&t).0, serde_way(&t), "depth {depth}");
+            let t = format!("{}1{}", "{\"a\": ".repeat(depth), "}".repeat(depth));
+            assert_eq!(fast_way(&t).0, serde_way(&t), "depth {depth}");
+        }
+    }
+
+    /// Random documents in jsonb's print style, and every one-byte corruption of some of
+    /// them: the fast path and serde_json agree on each.
+    #[test]
+    fn data_normalization_agrees_with_serde_json_on_random_documents() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        const KEYS: [&str; 8] = ["", "a", "b", "ab", "B", "é", "id", "$x"];
+        const STRS: [&str; 8] = ["", "x", "q\\\"", "\\n\\t", "☃", "\\/", "\\u0041", "a b"];
+        const NUMS: [&str; 8] = [
+            "0",
+            "-0",
+            "12",
+            "1.50",
+            "-3.25",
+            "1e5",
+            "99999999999999999999999",
+            "0.1",
+        ];
+        fn gen(next: &mut impl FnMut(u64) -> u64, depth: u32, out: &mut String) {
+            let pick = if depth > 3 { next(4) } else { next(6) };
+            match pick {
+                0 => out.push_str(["null", "true", "false"][next(3) as usize]),
+                1 => out.push_str(NUMS[next(8) as usize]),
+                2 | 3 => {
+                    out.push('"');
+                    out.push_str(STRS[next(8) as usize]);
+                    out.push('"');
+                }
+                4 => {
+                    out.push('[');
+                    for i in 0..next(4) {
+                        if i > 0 {
+                            out.push_str(", ");
+                        }
+                        gen(next, depth + 1, out);
+                    }
+                    out.push(']');
+                }
+                _ => {
+                    out.push('{');
+                    for i in 0..next(5) {
+                        if i > 0 {
+                            out.push_str(", ");
+                        }
+                        out.push('"');
+                        out.push_str(KEYS[next(8) as usize]);
+                        out.push_str("\": ");
+                        gen(next, depth + 1, out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+        let mut fast = 0;
+        for n in 0..3000 {
+            let mut t = String::new();
+            gen(&mut next, 0, &mut t);
+            let (out, took) = fast_way(&t);
+            fast += usize::from(took);
+            assert_eq!(out, serde_way(&t), "{t:?}");
+            if n % 30 == 0 && !t.is_empty() {
+                let bytes = t.as_bytes();
+                for at in 0..bytes.len() {
+                    for b in [
+                        b'"', b'\\', b',', b':', b'}', b']', b' ', b'1', b'e', b'-', b'.',
+                    ] {
+                        let mut m = bytes.to_vec();
+                        m[at] = b;
+                        let Ok(m) = String::from_utf8(m) else {
+                            continue;
+                        };
+                        assert_eq!(fast_way(&m).0, serde_way(&m), "{m:?}");
+                    }
+                }
+            }
+        }
+        assert!(fast > 1000, "only {fast} documents took the fast path");
+    }
+
+    /// Strings are escaped as serde_json escapes them.
+    #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        let mut all: String = (0u8..0x80).map(char::from).collect();
+        all.push_str("é☃\u{10348}\u{2028}");
+        for v in [all.as_str(), "", "plain", "\"", "\\", "a\u{1}b"] {
+            let mut out = String::new();
+            put_str(&mut out, Some(v));
+            assert_eq!(out, serde_json::to_string(v).unwrap(), "{v:?}");
+        }
+    }
+
+    /// Borrowed and owned columns build the same delta.
+    #[test]
+    fn borrowed_columns_build_the_same_frame() {
+        let cols = |c: &str| -> Option<&'static str> {
+            match c {
+                "model" => Some("todos"),
+                "model_id" => Some("42"),
+                "action" => Some("I"),
+                "data" => Some(r#"{"id": 42, "body": "x", "": {"id": "42"}}"#),
+                "version" => Some("v1"),
+                "group_id" => Some("g"),
+                "client_tx_id" => Some("00000000-0000-0000-0000-000000000001"),
+                _ => None,
+            }
+        };
+        let a = Delta::from_text(9, false, cols);
+        let b = Delta::from_columns(9, false, |c| cols(c).map(str::to_owned));
+        assert_eq!(a.frame, b.frame);
+        assert_eq!(
+            a.frame.as_str(),
+            r#"{"action":"I","clientId":null,"clientTxId":"00000000-0000-0000-0000-000000000001","data":{"body":"x","id":42},"groupId":"g","model":"todos","modelId":"42","moved":false,"prevGroupId":null,"syncId":9,"type":"delta","version":"v1"}"#
         );
     }
 }

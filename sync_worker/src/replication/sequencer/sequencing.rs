@@ -277,8 +277,7 @@ impl Session<'_> {
             let mut rows: Vec<&Row> = txn.actions.iter().collect();
             // Each key read once (not a cloned string per comparison).
             rows.sort_by_cached_key(|r| {
-                r.get("id")
-                    .and_then(|v| v.as_deref())
+                r.text("id")
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0)
             });
@@ -287,11 +286,9 @@ impl Session<'_> {
                 // Global is what the action says (no group id), as replay judges it: never the
                 // registry now, which a re-registration may have changed since.
                 let global = row.get("group_id").is_none_or(|g| g.is_none());
-                deltas.push(Arc::new(Delta::from_columns(
-                    first + i as i64,
-                    global,
-                    |c| row.get(c).cloned().flatten(),
-                )));
+                deltas.push(Arc::new(Delta::from_text(first + i as i64, global, |c| {
+                    row.text(c)
+                })));
             }
             let last = if txn.count > 0 {
                 first + txn.count as i64 - 1

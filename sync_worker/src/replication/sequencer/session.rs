@@ -349,7 +349,7 @@ impl Session<'_> {
         match msg {
             Message::Insert { relation, row } if ours(&relation, "sync_actions") => {
                 if txn.xid.is_none() {
-                    txn.xid = row.get("xid").cloned().flatten();
+                    txn.xid = row.text("xid").map(str::to_owned);
                 }
                 txn.count += 1;
                 if txn.actions.len() < self.cfg.txn_buffer {
@@ -373,15 +373,15 @@ impl Session<'_> {
                 };
                 if !(same("id") && same("user_id") && same("key_hash")) {
                     txn.revoked_keys
-                        .extend(old.and_then(|o| o.get("id").cloned().flatten()));
-                    txn.revoked_keys.extend(row.get("id").cloned().flatten());
+                        .extend(old.as_ref().and_then(|o| o.text("id")).map(str::to_owned));
+                    txn.revoked_keys.extend(row.text("id").map(str::to_owned));
                 }
             }
             Message::Truncate { relations } if relations.iter().any(|r| ours(r, "api_keys")) => {
                 txn.all_keys_revoked = true;
             }
             Message::Delete { relation, key } if ours(&relation, "api_keys") => {
-                txn.revoked_keys.extend(key.get("id").cloned().flatten());
+                txn.revoked_keys.extend(key.text("id").map(str::to_owned));
             }
             Message::Insert { relation, .. }
             | Message::Update { relation, .. }
