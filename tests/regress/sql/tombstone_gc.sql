@@ -139,6 +139,27 @@ SELECT * FROM gc();
 SELECT * FROM gc();
 SELECT * FROM gc_states();
 
+-- 6b. A disabled peer holds every tombstone (disabling is a pause), also once it has
+-- acknowledged everything: a write it logged before it applied the delete may still be on its
+-- way. The worker stops a disabled peer's link without reporting it, so the link's row still
+-- says streaming, connected since before the mark.
+INSERT INTO gc_t VALUES ('k6', 'f');
+DELETE FROM gc_t WHERE id = 'k6';
+SELECT gc_seq();
+SELECT pg_sync.peer_ack('g1', pg_sync.last_sync_id()) = pg_sync.last_sync_id() AS acked;
+SELECT pg_sync.set_peer('g1', enabled => false);
+SELECT pg_sleep(0.01);
+SELECT * FROM gc();
+SELECT * FROM gc();
+SELECT * FROM gc_states();
+-- Enabled again, its link reconnects: the pass after only marks, the next one collects.
+SELECT pg_sync.set_peer('g1', enabled => true);
+UPDATE pg_sync.peer_links SET state = 'streaming', connected_since = now() WHERE peer = 'g1';
+SELECT pg_sleep(0.01);
+SELECT * FROM gc();
+SELECT * FROM gc();
+SELECT * FROM gc_states();
+
 -- 7. Arguments, and who may call it.
 SELECT err($$SELECT pg_sync.gc_tombstones('-1 day')$$);
 SELECT has_function_privilege('public', 'pg_sync.gc_tombstones(interval, interval)', 'execute') AS public_may;
