@@ -1018,11 +1018,12 @@ BEGIN
           LEFT JOIN pg_sync.peers p ON p.node_id = j.peer_node_id
         UNION ALL
         -- Receiving links of pinned peers (one never linked has sent nothing): up and caught up
-        -- since the mark.
+        -- since the mark. A disabled peer's link is down whatever its row says: the worker
+        -- stops it without reporting (the row keeps 'streaming').
         SELECT 'link:' || p.name FROM pg_sync.peers p
           LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
          WHERE p.direction <> 'push' AND p.node_id IS NOT NULL
-           AND (l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
+           AND (NOT p.enabled OR l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
                 OR l.connected_since > g.mark_at)
         ORDER BY 1) END;
     IF g.mark IS NOT NULL AND cardinality(blocked) = 0 THEN
