@@ -39,6 +39,13 @@ SELECT pg_sync.pin_peer('g1', 'g1');
 INSERT INTO pg_sync.peer_links (peer, direction, state, connected_since)
 VALUES ('g1', 'in', 'streaming', now() - interval '1 hour');
 SELECT pg_sync.peer_ack('g1', pg_sync.last_sync_id(), at_subscribe => true) = pg_sync.last_sync_id() AS subscribed;
+-- But no worker runs the links (none holds the federation lock): the row is what a worker
+-- that is gone (killed, say) left, so the link counts as down.
+SELECT pg_sleep(0.01);
+SELECT * FROM gc();
+SELECT * FROM gc();
+-- From here on this session plays the worker that runs the links.
+SELECT pg_sync.try_federation_lock() AS leading;
 
 -- 1. Two rows deleted, one with values pending above its tombstone (a peer's update that came
 -- after the delete), one live row updated, one live row untouched.
