@@ -1024,6 +1024,12 @@ BEGIN
           LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
          WHERE p.direction <> 'push' AND p.node_id IS NOT NULL
            AND (NOT p.enabled OR l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
+                -- No worker runs the links (none holds the federation lock, pg_sync/src/leader.rs):
+                -- the rows are what a worker that is gone (killed, say) left.
+                OR NOT EXISTS (SELECT 1 FROM pg_locks k
+                                WHERE k.locktype = 'userlock' AND k.granted
+                                  AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                                  AND k.classid = 1885822835::oid AND k.objid = 2037277542::oid)
                 OR l.connected_since > g.mark_at)
         ORDER BY 1) END;
     IF g.mark IS NOT NULL AND cardinality(blocked) = 0 THEN
