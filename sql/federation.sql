@@ -1049,12 +1049,20 @@ BEGIN
              WHERE NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
                AND s.max_version < cutoff COLLATE "C"
                AND NOT EXISTS (SELECT 1 FROM unacked u WHERE u.model = s.model AND u.model_id = s.model_id)),
-        gone AS (
+        mine AS (
             -- A row written since this snapshot (a newer tombstone, pending values, a
             -- re-insert) has another max_version and stays: the quals are re-checked on it.
-            DELETE FROM pg_sync.row_state s USING cand
-             WHERE s.model = cand.model AND s.model_id = cand.model_id AND s.max_version = cand.max_version
-               AND NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+            -- One a writer holds now is skipped, not waited for (it is being written): a pass
+            -- that waited, holding the rows it had locked, could deadlock with a transaction
+            -- that re-inserts or merges two collected rows, one on each side of the pass.
+            SELECT s.ctid FROM pg_sync.row_state s JOIN cand
+                ON s.model = cand.model AND s.model_id = cand.model_id AND s.max_version = cand.max_version
+             WHERE NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+               FOR UPDATE OF s SKIP LOCKED),
+        gone AS (
+            -- (a row updated since the snapshot is skipped too: its locked version is not
+            -- visible to the delete)
+            DELETE FROM pg_sync.row_state s USING mine WHERE s.ctid = mine.ctid
             RETURNING s.max_version)
         SELECT count(*), max(gone.max_version) INTO n, top FROM gone;
     END IF;
