@@ -1018,11 +1018,18 @@ BEGIN
           LEFT JOIN pg_sync.peers p ON p.node_id = j.peer_node_id
         UNION ALL
         -- Receiving links of pinned peers (one never linked has sent nothing): up and caught up
-        -- since the mark.
+        -- since the mark. A disabled peer's link is down whatever its row says: the worker
+        -- stops it without reporting (the row keeps 'streaming').
         SELECT 'link:' || p.name FROM pg_sync.peers p
           LEFT JOIN pg_sync.peer_links l ON l.peer = p.name AND l.direction = 'in'
          WHERE p.direction <> 'push' AND p.node_id IS NOT NULL
-           AND (l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
+           AND (NOT p.enabled OR l.peer IS NULL OR l.state <> 'streaming' OR l.connected_since IS NULL
+                -- No worker runs the links (none holds the federation lock, pg_sync/src/leader.rs):
+                -- the rows are what a worker that is gone (killed, say) left.
+                OR NOT EXISTS (SELECT 1 FROM pg_locks k
+                                WHERE k.locktype = 'userlock' AND k.granted
+                                  AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                                  AND k.classid = 1885822835::oid AND k.objid = 2037277542::oid)
                 OR l.connected_since > g.mark_at)
         ORDER BY 1) END;
     IF g.mark IS NOT NULL AND cardinality(blocked) = 0 THEN
@@ -1042,12 +1049,20 @@ BEGIN
              WHERE NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
                AND s.max_version < cutoff COLLATE "C"
                AND NOT EXISTS (SELECT 1 FROM unacked u WHERE u.model = s.model AND u.model_id = s.model_id)),
-        gone AS (
+        mine AS (
             -- A row written since this snapshot (a newer tombstone, pending values, a
             -- re-insert) has another max_version and stays: the quals are re-checked on it.
-            DELETE FROM pg_sync.row_state s USING cand
-             WHERE s.model = cand.model AND s.model_id = cand.model_id AND s.max_version = cand.max_version
-               AND NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+            -- One a writer holds now is skipped, not waited for (it is being written): a pass
+            -- that waited, holding the rows it had locked, could deadlock with a transaction
+            -- that re-inserts or merges two collected rows, one on each side of the pass.
+            SELECT s.ctid FROM pg_sync.row_state s JOIN cand
+                ON s.model = cand.model AND s.model_id = cand.model_id AND s.max_version = cand.max_version
+             WHERE NOT (s.created IS NOT NULL AND (s.deleted IS NULL OR s.created > s.deleted))
+               FOR UPDATE OF s SKIP LOCKED),
+        gone AS (
+            -- (a row updated since the snapshot is skipped too: its locked version is not
+            -- visible to the delete)
+            DELETE FROM pg_sync.row_state s USING mine WHERE s.ctid = mine.ctid
             RETURNING s.max_version)
         SELECT count(*), max(gone.max_version) INTO n, top FROM gone;
     END IF;

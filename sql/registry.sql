@@ -418,8 +418,9 @@ AS $$
            a.version, a.versions, a.origin, a.group_id, a.prev_group_id, a.moved, a.client_id,
            a.client_tx_id, a.group_id IS NULL
       FROM (SELECT c.xid, c.first_sync_id, p.skip,
-                   LEAST(c.first_sync_id + c.action_count, after + span + 1)
-                     - c.first_sync_id - p.skip AS take,
+                   -- (0, not negative, for a span below 1: LIMIT refuses a negative count)
+                   GREATEST(LEAST(c.first_sync_id + c.action_count, after + span + 1)
+                              - c.first_sync_id - p.skip, 0) AS take,
                    CASE WHEN p.skip > 0 THEN
                        -- (none: the transaction holds fewer actions than it was
                        -- sequenced with, and none of them is in the page)

@@ -98,6 +98,9 @@ SELECT (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark), NULL, 100
 -- A page's columns are the 3-argument form's, in both forms.
 SELECT (SELECT array_agg(c ORDER BY c.sync_id) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, '{cp_g2}', 40) c)
      = (SELECT array_agg(c ORDER BY c.sync_id) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, '{cp_g2}', 40, NULL) c) AS same_rows;
+-- A span of 0 or less is an empty page, also inside a transaction (not an error).
+SELECT (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, NULL, -1)) AS negative_span,
+       (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, NULL, 0)) AS zero_span;
 -- Neither form is callable by PUBLIC.
 SELECT p.oid::regprocedure AS function, has_function_privilege('public', p.oid, 'EXECUTE') AS public_execute
   FROM pg_proc p WHERE p.proname = 'changes' AND p.pronamespace = 'pg_sync'::regnamespace ORDER BY 1::text;

@@ -39,6 +39,13 @@ SELECT pg_sync.pin_peer('g1', 'g1');
 INSERT INTO pg_sync.peer_links (peer, direction, state, connected_since)
 VALUES ('g1', 'in', 'streaming', now() - interval '1 hour');
 SELECT pg_sync.peer_ack('g1', pg_sync.last_sync_id(), at_subscribe => true) = pg_sync.last_sync_id() AS subscribed;
+-- But no worker runs the links (none holds the federation lock): the row is what a worker
+-- that is gone (killed, say) left, so the link counts as down.
+SELECT pg_sleep(0.01);
+SELECT * FROM gc();
+SELECT * FROM gc();
+-- From here on this session plays the worker that runs the links.
+SELECT pg_sync.try_federation_lock() AS leading;
 
 -- 1. Two rows deleted, one with values pending above its tombstone (a peer's update that came
 -- after the delete), one live row updated, one live row untouched.
@@ -135,6 +142,27 @@ SELECT * FROM gc();
 SELECT * FROM gc();
 SELECT * FROM gc_states();
 SELECT pg_sync.remove_peer('g2');
+SELECT * FROM gc();
+SELECT * FROM gc();
+SELECT * FROM gc_states();
+
+-- 6b. A disabled peer holds every tombstone (disabling is a pause), also once it has
+-- acknowledged everything: a write it logged before it applied the delete may still be on its
+-- way. The worker stops a disabled peer's link without reporting it, so the link's row still
+-- says streaming, connected since before the mark.
+INSERT INTO gc_t VALUES ('k6', 'f');
+DELETE FROM gc_t WHERE id = 'k6';
+SELECT gc_seq();
+SELECT pg_sync.peer_ack('g1', pg_sync.last_sync_id()) = pg_sync.last_sync_id() AS acked;
+SELECT pg_sync.set_peer('g1', enabled => false);
+SELECT pg_sleep(0.01);
+SELECT * FROM gc();
+SELECT * FROM gc();
+SELECT * FROM gc_states();
+-- Enabled again, its link reconnects: the pass after only marks, the next one collects.
+SELECT pg_sync.set_peer('g1', enabled => true);
+UPDATE pg_sync.peer_links SET state = 'streaming', connected_since = now() WHERE peer = 'g1';
+SELECT pg_sleep(0.01);
 SELECT * FROM gc();
 SELECT * FROM gc();
 SELECT * FROM gc_states();
