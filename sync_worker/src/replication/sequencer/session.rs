@@ -5,13 +5,14 @@
 
 use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
-use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, PG_EPOCH_US};
+use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::replication::pgoutput::{Decoder, Message, Row};
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -66,6 +67,44 @@ pub(super) struct Session<'a> {
     pub(super) unresolved: Option<Unresolved>,
     /// `PERSIST_SQL`, prepared on this session's connection.
     pub(super) persist_stmt: Option<tokio_postgres::Statement>,
+    /// Acknowledgements waiting for their persists to be durable, oldest first.
+    pub(super) unconfirmed: VecDeque<Unconfirmed>,
+    /// The server's WAL flush position, as last read.
+    pub(super) wal_flushed: Lsn,
+    /// When the flush position was last read.
+    pub(super) flush_seen: Instant,
+    /// Set while what clients may have seen is not all in the database (see `Hold`).
+    pub(super) hold: Option<Hold>,
+    /// Sync ids up to this one were delivered to live subscribers before a crash of Postgres
+    /// lost some of their persists: assigned again, they are not delivered a second time.
+    pub(super) skip_through: i64,
+    /// Every transaction committed below this LSN has been sequenced in this session.
+    pub(super) processed: Lsn,
+}
+
+/// A slot acknowledgement (`ack`) that waits until the WAL is flushed past `bound` (the commit
+/// of the persist it depends on is below `bound`; `None` until a later statement read the
+/// insert position). Persists commit asynchronously: the slot must never be confirmed past a
+/// transaction whose persist a crash could still lose, or that transaction would not stream
+/// again and the start-up backlog pass would sequence it by another rule (its highest action
+/// id), which can differ from commit order, so the ids clients saw could name other actions.
+pub(super) struct Unconfirmed {
+    pub(super) bound: Option<Lsn>,
+    pub(super) ack: Lsn,
+    /// The last sync id assigned when it was queued.
+    pub(super) last_id: i64,
+}
+
+/// Clients may hold ids the database does not have (yet): a crash of Postgres lost persists
+/// this worker had published (the hub still held them, `through`), or this worker started
+/// fresh after a crash of both and clients come back with cursors from before. The slot
+/// streams the lost transactions again (never acknowledged) and they get the same ids; until
+/// every transaction committed below `end` (the server's flush position at the session's
+/// start, above every transaction streamed before the crash) is sequenced again, the hub's
+/// watermark stays unknown: replays and cursor checks answer "not ready; retry".
+pub(super) struct Hold {
+    pub(super) end: Lsn,
+    pub(super) through: i64,
 }
 
 /// The chain of causes below an error, for logs (never row values: database errors here come
@@ -104,10 +143,12 @@ pub async fn run(
         match result {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
+                hold_if_undurable(&hub, &status);
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
             }
             Err(panic) => {
+                hold_if_undurable(&hub, &status);
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 status.panics.fetch_add(1, Ordering::Relaxed);
                 let what = panic
@@ -129,6 +170,15 @@ pub async fn run(
     }
 }
 
+/// After a session failed: when ids were published whose persists are not known to be durable,
+/// Postgres may have crashed and lost them; no replay may read the database's hole below the
+/// watermark until the next session knows (see `Hold`).
+fn hold_if_undurable(hub: &Hub, status: &Status) {
+    if hub.published() > status.durable_sync_id.load(Ordering::Acquire) {
+        hub.hold();
+    }
+}
+
 async fn session(
     cfg: &Config,
     hub: &Hub,
@@ -140,12 +190,15 @@ async fn session(
     ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
-            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
+            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text,
+                    pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text",
             &[],
         )
         .await?;
     let last_sync_id: i64 = row.get(0);
     let last_lsn: String = row.get(1);
+    let flushed_at_start = Lsn::parse(&row.get::<_, String>(2)).unwrap_or(Lsn::ZERO);
+    let inserted_at_start = Lsn::parse(&row.get::<_, String>(3)).unwrap_or(Lsn::ZERO);
     let mut s = Session {
         cfg,
         db,
@@ -159,19 +212,54 @@ async fn session(
         fence: None,
         unresolved: None,
         persist_stmt: None,
+        // What this session starts from (persisted by an earlier session, perhaps
+        // asynchronously) counts as durable once the WAL is flushed past where it was.
+        unconfirmed: VecDeque::from([Unconfirmed {
+            bound: Some(inserted_at_start),
+            ack: Lsn::ZERO,
+            last_id: last_sync_id,
+        }]),
+        wal_flushed: flushed_at_start,
+        flush_seen: Instant::now(),
+        hold: None,
+        skip_through: 0,
+        processed: Lsn::ZERO,
     };
+    s.confirm(None);
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
     let published = hub.published();
-    if !hub.catch_up(last_sync_id) {
-        // The gap's membership changes are log actions: publishing applies each at its
-        // position. Reconciling with the database's memberships first would apply a join
-        // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
-        // A key revoked in the gap gets none of it: revocations are not positional.
-        s.revoke_gone_keys().await?;
-        s.publish_from_db(published + 1, last_sync_id, vec![])
-            .await?;
-        s.reconcile_groups(last_sync_id).await?;
+    if !hub.is_known() || last_sync_id < published {
+        // A fresh worker cannot know what clients saw before a crash of Postgres and of the
+        // worker before it; a running one knows it published up to `published`. Either way
+        // the hub waits until the stream has been sequenced past where the server's WAL was
+        // flushed (above every transaction streamed before any crash).
+        if hub.is_known() {
+            tracing::warn!(
+                published,
+                last_sync_id,
+                "published sync ids are missing from the database (Postgres crashed before their persist was flushed); holding the watermark until they are assigned again"
+            );
+            hub.hold();
+            s.skip_through = published;
+        }
+        s.hold = Some(Hold {
+            end: flushed_at_start,
+            through: if hub.is_known() { published } else { 0 },
+        });
+    } else {
+        if !hub.catch_up(last_sync_id) {
+            // The gap's membership changes are log actions: publishing applies each at its
+            // position. Reconciling with the database's memberships first would apply a join
+            // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
+            // A key revoked in the gap gets none of it: revocations are not positional.
+            s.revoke_gone_keys().await?;
+            s.publish_from_db(published + 1, last_sync_id, vec![])
+                .await?;
+            s.reconcile_groups(last_sync_id).await?;
+        }
+        // Held after a failed session: nothing it published is missing.
+        hub.release(last_sync_id);
     }
     if std::mem::take(peek) {
         s.sequence_backlog_peeked().await?;
@@ -186,7 +274,7 @@ async fn session(
         .await?
         .get(0);
     let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
-    if s.unresolved.is_none() {
+    if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
     }
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
@@ -204,6 +292,15 @@ async fn session(
                 std::future::pending::<()>().await
             }
         };
+        // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
+        // (which reads it too) did meanwhile.
+        let poll_at = (!s.unconfirmed.is_empty()).then(|| s.flush_seen + FLUSH_POLL);
+        let flush_poll = async {
+            match poll_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let event = tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -214,7 +311,8 @@ async fn session(
                 return Ok(());
             }
             ev = st.repl.recv() => ev?,
-            _ = idle_flush => { s.flush(&st.repl).await?; continue; }
+            _ = idle_flush => { s.flush(&st.repl).await?; s.settle(); continue; }
+            _ = flush_poll => { s.poll_flushed(&st.repl).await?; continue; }
         };
         let Some(event) = event else {
             s.flush(&st.repl).await?;
@@ -239,11 +337,14 @@ async fn session(
         }
         if resolved {
             s.resolve_backlog().await?;
-            status.streaming.store(true, Ordering::Release);
+            if s.hold.is_none() {
+                status.streaming.store(true, Ordering::Release);
+            }
         }
         if s.handle(&mut st, event).await? {
             return Ok(());
         }
+        s.settle();
     }
 }
 
@@ -309,8 +410,9 @@ impl Session<'_> {
                 self.status
                     .server_lsn
                     .store(wal_end.as_u64(), Ordering::Relaxed);
-                if st.open.is_none() && self.pending.is_empty() {
-                    self.ack(&st.repl, wal_end);
+                if st.open.is_none() && self.pending.is_empty() && self.unresolved.is_none() {
+                    self.queue_ack(&st.repl, wal_end, Some(Lsn::ZERO));
+                    self.processed = self.processed.max(wal_end);
                     self.status
                         .processed_lsn
                         .fetch_max(wal_end.as_u64(), Ordering::Release);
@@ -395,6 +497,106 @@ impl Session<'_> {
             }
             _ => {}
         }
+    }
+
+    /// Queues the acknowledgement of `ack` until the WAL is flushed past `bound` (and past
+    /// every earlier one's), or sends it at once when nothing waits.
+    pub(super) fn queue_ack(&mut self, repl: &ReplicationClient, ack: Lsn, bound: Option<Lsn>) {
+        let last_id = self.next_sync_id - 1;
+        if bound == Some(Lsn::ZERO) {
+            if self.unconfirmed.is_empty() {
+                self.ack(repl, ack);
+                return;
+            }
+            // Depends on no persist of its own: rides with the one before it.
+            if let Some(back) = self.unconfirmed.back_mut() {
+                if back.bound == Some(Lsn::ZERO) {
+                    back.ack = back.ack.max(ack);
+                    return;
+                }
+            }
+        }
+        self.unconfirmed.push_back(Unconfirmed {
+            bound,
+            ack,
+            last_id,
+        });
+    }
+
+    /// Everything a statement reading `pg_current_wal_insert_lsn()` = `inserted` found: the
+    /// persists committed before it have their bound; `flushed` is the WAL flush position.
+    pub(super) fn saw_wal(&mut self, inserted: Lsn, flushed: Lsn) {
+        for u in self.unconfirmed.iter_mut() {
+            if u.bound.is_none() {
+                u.bound = Some(inserted);
+            }
+        }
+        self.wal_flushed = self.wal_flushed.max(flushed);
+        self.flush_seen = Instant::now();
+    }
+
+    /// Sends the acknowledgements whose persists are durable now.
+    pub(super) fn confirm(&mut self, repl: Option<&ReplicationClient>) {
+        let mut ack = Lsn::ZERO;
+        let mut durable = None;
+        while let Some(u) = self.unconfirmed.front() {
+            if u.bound.is_none_or(|b| b > self.wal_flushed) {
+                break;
+            }
+            ack = ack.max(u.ack);
+            durable = Some(u.last_id);
+            self.unconfirmed.pop_front();
+        }
+        if let Some(id) = durable {
+            self.status.durable_sync_id.store(id, Ordering::Release);
+        }
+        if let Some(repl) = repl.filter(|_| ack > Lsn::ZERO) {
+            self.ack(repl, ack);
+        }
+    }
+
+    /// Reads the server's WAL positions (one cheap round trip) and acknowledges what is durable.
+    pub(super) async fn poll_flushed(
+        &mut self,
+        repl: &ReplicationClient,
+    ) -> Result<(), SequencerError> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                &[],
+            )
+            .await?;
+        let lsn = |i: usize| Lsn::parse(&row.get::<_, String>(i)).unwrap_or(Lsn::ZERO);
+        self.saw_wal(lsn(0), lsn(1));
+        self.confirm(Some(repl));
+        Ok(())
+    }
+
+    /// Ends a hold once the stream is sequenced past its end (see `Hold`).
+    pub(super) fn settle(&mut self) {
+        let Some(h) = &self.hold else { return };
+        if self.unresolved.is_some() || !self.pending.is_empty() || self.processed < h.end {
+            return;
+        }
+        let last = self.next_sync_id - 1;
+        if last < h.through {
+            // Cannot happen while ids follow from the counter and the commit order alone.
+            tracing::error!(
+                last,
+                published = h.through,
+                "after a crash of Postgres the stream was sequenced again below what was published; clients ahead will be told cursor_ahead"
+            );
+        } else if h.through > 0 {
+            tracing::info!(
+                last,
+                published = h.through,
+                "the ids lost with a crash of Postgres are assigned again; watermark released"
+            );
+        }
+        self.hold = None;
+        self.hub.release(last);
+        self.status.streaming.store(true, Ordering::Release);
     }
 
     pub(super) fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {
