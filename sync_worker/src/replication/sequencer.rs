@@ -44,6 +44,8 @@ pub struct Status {
     /// Every sync id up to this one is durable (its persist's commit is flushed); published
     /// ids above it could be lost with a crash of Postgres (see `session::Unconfirmed`).
     pub durable_sync_id: AtomicI64,
+    /// Published sync ids assigned again after a crash of Postgres lost their persist.
+    pub reassigned_ids: AtomicU64,
     /// Flushes that waited for a streamed transaction to become visible to new snapshots.
     pub visibility_waits: AtomicU64,
     pub reconnects: AtomicU64,

@@ -11,8 +11,8 @@ use crate::hub::Hub;
 use crate::replication::pgoutput::{Decoder, Message, Row};
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use std::sync::atomic::Ordering;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -242,6 +242,9 @@ async fn session(
             );
             hub.hold();
             s.skip_through = published;
+            status
+                .reassigned_ids
+                .fetch_add((published - last_sync_id) as u64, Ordering::Relaxed);
         }
         s.hold = Some(Hold {
             end: flushed_at_start,
