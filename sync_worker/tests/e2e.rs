@@ -668,8 +668,14 @@ async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_pub
         persisted < last_seen,
         "the persist of sync id {last_seen} survived the crash ({persisted}): the lost-persist path did not run"
     );
-    // The client comes back at once, before the worker has sequenced anything.
-    let worker = Worker::start(&cluster, "app", port);
+    // The client comes back at once, before the worker has sequenced anything (held back
+    // 3 s by the failpoint).
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        port,
+        &[("SYNC_FAILPOINTS", "stall_before_streaming")],
+    );
     let more = resume(port, "zoe", last_seen).await;
     assert!(more.is_empty(), "nothing after {last_seen} yet: {more:?}");
     let mut ws = connect(port, "zoe").await;
@@ -704,7 +710,14 @@ async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_pub
 async fn a_crash_of_postgres_alone_right_after_publish_loses_and_repeats_nothing() {
     let cluster = lossy_cluster("crash_pg_only");
     let mut db = setup(&cluster, "app");
-    let worker = Worker::started(&cluster, "app").await;
+    // The session after the crash holds its stream back 3 s: clients come back before
+    // anything is sequenced again.
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_before_streaming@2")],
+    )
+    .await;
     let port = worker.port;
     let mut ws = connect(port, "zoe").await;
     let (frames, _) = subscribe(&mut ws, 0).await;

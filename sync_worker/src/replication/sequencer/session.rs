@@ -276,6 +276,11 @@ async fn session(
         )
         .await?
         .get(0);
+    // Holds the stream back a while (tests: clients come back before anything is sequenced
+    // again after a crash).
+    if crate::failpoint::fire("stall_before_streaming") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
     if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
