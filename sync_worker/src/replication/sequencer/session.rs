@@ -67,10 +67,8 @@ pub(super) struct Session<'a> {
     pub(super) unresolved: Option<Unresolved>,
     /// `PERSIST_SQL`, prepared on this session's connection.
     pub(super) persist_stmt: Option<tokio_postgres::Statement>,
-    /// Acknowledgements waiting for their persists to be durable, oldest first.
-    pub(super) unconfirmed: VecDeque<Unconfirmed>,
-    /// The server's WAL flush position, as last read.
-    pub(super) wal_flushed: Lsn,
+    /// Acknowledgements waiting for their persists to be durable.
+    pub(super) acks: Acks,
     /// When the flush position was last read.
     pub(super) flush_seen: Instant,
     /// Set while what clients may have seen is not all in the database (see `Hold`).
@@ -88,11 +86,89 @@ pub(super) struct Session<'a> {
 /// transaction whose persist a crash could still lose, or that transaction would not stream
 /// again and the start-up backlog pass would sequence it by another rule (its highest action
 /// id), which can differ from commit order, so the ids clients saw could name other actions.
-pub(super) struct Unconfirmed {
-    pub(super) bound: Option<Lsn>,
-    pub(super) ack: Lsn,
+struct Unconfirmed {
+    bound: Option<Lsn>,
+    ack: Lsn,
     /// The last sync id assigned when it was queued.
-    pub(super) last_id: i64,
+    last_id: i64,
+}
+
+/// The acknowledgements waiting for the WAL flush (`Unconfirmed`), oldest first, and the
+/// server's flush position as last read.
+pub(super) struct Acks {
+    waiting: VecDeque<Unconfirmed>,
+    flushed: Lsn,
+}
+
+impl Acks {
+    /// What a session starts from (persisted by an earlier session, perhaps asynchronously:
+    /// sync ids up to `last_id`) counts as durable once the WAL is flushed past `inserted`.
+    pub(super) fn new(inserted: Lsn, last_id: i64, flushed: Lsn) -> Acks {
+        Acks {
+            waiting: VecDeque::from([Unconfirmed {
+                bound: Some(inserted),
+                ack: Lsn::ZERO,
+                last_id,
+            }]),
+            flushed,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Queues `ack` (sync ids up to `last_id` assigned) until the WAL is flushed past `bound`
+    /// and past every earlier one's; `Some(Lsn::ZERO)` when it depends on no persist of its
+    /// own. Returns it when it may be sent at once.
+    pub(super) fn queue(&mut self, ack: Lsn, bound: Option<Lsn>, last_id: i64) -> Option<Lsn> {
+        if bound == Some(Lsn::ZERO) {
+            if self.waiting.is_empty() {
+                return Some(ack);
+            }
+            // Rides with the one before it.
+            if let Some(back) = self.waiting.back_mut() {
+                if back.bound == Some(Lsn::ZERO) {
+                    back.ack = back.ack.max(ack);
+                    back.last_id = back.last_id.max(last_id);
+                    return None;
+                }
+            }
+        }
+        self.waiting.push_back(Unconfirmed {
+            bound,
+            ack,
+            last_id,
+        });
+        None
+    }
+
+    /// A statement read the WAL insert position `inserted` (above the commit of every persist
+    /// that returned before it was sent) and the flush position `flushed`.
+    pub(super) fn saw_wal(&mut self, inserted: Lsn, flushed: Lsn) {
+        for u in self.waiting.iter_mut() {
+            if u.bound.is_none() {
+                u.bound = Some(inserted);
+            }
+        }
+        self.flushed = self.flushed.max(flushed);
+    }
+
+    /// Takes what is durable now: the acknowledgement to send (`Lsn::ZERO`: none) and the
+    /// sync id every id up to which is durable.
+    pub(super) fn confirm(&mut self) -> (Lsn, Option<i64>) {
+        let mut ack = Lsn::ZERO;
+        let mut durable = None;
+        while let Some(u) = self.waiting.front() {
+            if u.bound.is_none_or(|b| b > self.flushed) {
+                break;
+            }
+            ack = ack.max(u.ack);
+            durable = Some(u.last_id);
+            self.waiting.pop_front();
+        }
+        (ack, durable)
+    }
 }
 
 /// Clients may hold ids the database does not have (yet): a crash of Postgres lost persists
@@ -212,14 +288,7 @@ async fn session(
         fence: None,
         unresolved: None,
         persist_stmt: None,
-        // What this session starts from (persisted by an earlier session, perhaps
-        // asynchronously) counts as durable once the WAL is flushed past where it was.
-        unconfirmed: VecDeque::from([Unconfirmed {
-            bound: Some(inserted_at_start),
-            ack: Lsn::ZERO,
-            last_id: last_sync_id,
-        }]),
-        wal_flushed: flushed_at_start,
+        acks: Acks::new(inserted_at_start, last_sync_id, flushed_at_start),
         flush_seen: Instant::now(),
         hold: None,
         skip_through: 0,
@@ -302,7 +371,7 @@ async fn session(
         };
         // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
         // (which reads it too) did meanwhile.
-        let poll_at = (!s.unconfirmed.is_empty()).then(|| s.flush_seen + FLUSH_POLL);
+        let poll_at = (!s.acks.is_empty()).then(|| s.flush_seen + FLUSH_POLL);
         let flush_poll = async {
             match poll_at {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -510,51 +579,21 @@ impl Session<'_> {
     /// Queues the acknowledgement of `ack` until the WAL is flushed past `bound` (and past
     /// every earlier one's), or sends it at once when nothing waits.
     pub(super) fn queue_ack(&mut self, repl: &ReplicationClient, ack: Lsn, bound: Option<Lsn>) {
-        let last_id = self.next_sync_id - 1;
-        if bound == Some(Lsn::ZERO) {
-            if self.unconfirmed.is_empty() {
-                self.ack(repl, ack);
-                return;
-            }
-            // Depends on no persist of its own: rides with the one before it.
-            if let Some(back) = self.unconfirmed.back_mut() {
-                if back.bound == Some(Lsn::ZERO) {
-                    back.ack = back.ack.max(ack);
-                    return;
-                }
-            }
+        if let Some(ack) = self.acks.queue(ack, bound, self.next_sync_id - 1) {
+            self.ack(repl, ack);
         }
-        self.unconfirmed.push_back(Unconfirmed {
-            bound,
-            ack,
-            last_id,
-        });
     }
 
     /// Everything a statement reading `pg_current_wal_insert_lsn()` = `inserted` found: the
     /// persists committed before it have their bound; `flushed` is the WAL flush position.
     pub(super) fn saw_wal(&mut self, inserted: Lsn, flushed: Lsn) {
-        for u in self.unconfirmed.iter_mut() {
-            if u.bound.is_none() {
-                u.bound = Some(inserted);
-            }
-        }
-        self.wal_flushed = self.wal_flushed.max(flushed);
+        self.acks.saw_wal(inserted, flushed);
         self.flush_seen = Instant::now();
     }
 
     /// Sends the acknowledgements whose persists are durable now.
     pub(super) fn confirm(&mut self, repl: Option<&ReplicationClient>) {
-        let mut ack = Lsn::ZERO;
-        let mut durable = None;
-        while let Some(u) = self.unconfirmed.front() {
-            if u.bound.is_none_or(|b| b > self.wal_flushed) {
-                break;
-            }
-            ack = ack.max(u.ack);
-            durable = Some(u.last_id);
-            self.unconfirmed.pop_front();
-        }
+        let (ack, durable) = self.acks.confirm();
         if let Some(id) = durable {
             self.status.durable_sync_id.store(id, Ordering::Release);
         }
@@ -612,5 +651,43 @@ impl Session<'_> {
         self.status
             .acked_lsn
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot is acknowledged past a transaction only once the WAL is flushed past its
+    /// persist's commit, in order, and a persist's bound is only known from a later statement.
+    #[test]
+    fn acknowledgements_wait_for_the_wal_flush_past_their_persist() {
+        let lsn = Lsn::from_u64;
+        // Started from ids up to 3, persisted below WAL position 100; flushed to 90.
+        let mut acks = Acks::new(lsn(100), 3, lsn(90));
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None));
+        // A keepalive with nothing pending waits behind it.
+        assert_eq!(acks.queue(lsn(150), Some(Lsn::ZERO), 3), None);
+        // A flush persisted ids 4-5 for transactions ending at 200; where its commit is, is
+        // not known yet.
+        assert_eq!(acks.queue(lsn(200), None, 5), None);
+        // The next statement reads the insert position 500 (above that commit), flush 110.
+        acks.saw_wal(lsn(500), lsn(110));
+        assert_eq!(
+            acks.confirm(),
+            (lsn(150), Some(3)),
+            "the start and the keepalive, not the persist"
+        );
+        // Flushed to 400: still below the persist's bound.
+        acks.saw_wal(lsn(600), lsn(400));
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None), "persist not flushed yet");
+        // A later keepalive waits behind it.
+        assert_eq!(acks.queue(lsn(250), Some(Lsn::ZERO), 5), None);
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None));
+        acks.saw_wal(lsn(600), lsn(500));
+        assert_eq!(acks.confirm(), (lsn(250), Some(5)));
+        assert!(acks.is_empty());
+        // Nothing waiting: a keepalive is acknowledged at once.
+        assert_eq!(acks.queue(lsn(300), Some(Lsn::ZERO), 5), Some(lsn(300)));
     }
 }
