@@ -537,8 +537,7 @@ async fn five_writes_the_last_two_out_of_action_order(
             );
         }
     }
-    let mut other: pg_sync_tests::postgres::Client =
-        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    let mut other = tokio::task::block_in_place(|| cluster.connect("app"));
     exec(
         &mut other,
         "SET synchronous_commit = off; BEGIN; INSERT INTO announcements VALUES (10, 'x')",
