@@ -181,6 +181,11 @@ struct State {
     /// The watermark came from the database (the sequencer's first session); until then
     /// cursors cannot be judged.
     known: bool,
+    /// Ids up to the watermark were published but may not all be durable, and the database
+    /// may have lost some (Postgres crashed): the sequencer assigns them again, and until it
+    /// has, the database has a hole below the watermark. No cursor is judged and no replay
+    /// starts meanwhile (`watermark` is `None`).
+    held: bool,
 }
 
 #[derive(Default)]
@@ -259,7 +264,33 @@ impl Hub {
     /// database has not answered yet: no cursor can be judged then).
     pub fn watermark(&self) -> Option<i64> {
         let st = self.lock();
-        st.known.then_some(st.last_published)
+        (st.known && !st.held).then_some(st.last_published)
+    }
+
+    /// Whether the watermark came from the database (held or not).
+    pub fn is_known(&self) -> bool {
+        self.lock().known
+    }
+
+    /// Holds the watermark: published ids may have been lost with a crash of Postgres and are
+    /// being assigned again (see `State::held`). Live subscribers stay live.
+    pub fn hold(&self) {
+        self.lock().held = true;
+    }
+
+    /// Ends a hold (or the unknown watermark of a starting worker): every id up to
+    /// `last_sync_id` is in the database again.
+    pub fn release(&self, last_sync_id: i64) {
+        let mut st = self.lock();
+        st.known = true;
+        st.held = false;
+        st.last_published = st.last_published.max(last_sync_id);
+        self.published.store(st.last_published, Ordering::Release);
+        drop(st);
+        let _ = self.touched.send(Arc::new(Touched {
+            everyone: true,
+            ..Touched::default()
+        }));
     }
 
     /// Moves the watermark up to what the sequencer has persisted (at the start of a session).

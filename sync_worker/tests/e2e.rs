@@ -524,29 +524,152 @@ async fn kill9_and_restarts_lose_and_duplicate_nothing() {
 /// client, whose cursor is then refused as ahead of the log. After the restarts the client
 /// resumes from its cursor, every id names the action it named before, with no gap and no
 /// duplicate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_publish() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start("crash_publish", &["wal_writer_delay = '10s'"])
-    });
-    let mut db = setup(&cluster, "app");
-    let mut worker = Worker::started(&cluster, "app").await;
-    let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (mut frames, _) = subscribe(&mut ws, 0).await;
-    for i in 1..=5 {
-        exec(
-            &mut db,
-            &format!("INSERT INTO announcements VALUES ({i}, 'x')"),
-        );
+/// A cluster whose WAL is flushed only when a synchronous commit asks (or every 10 s): the
+/// sequencer's persists commit asynchronously, so a crash of Postgres right after a publish
+/// loses the last of them. No autovacuum (its commits would flush).
+fn lossy_cluster(name: &str) -> Cluster {
+    tokio::task::block_in_place(|| {
+        Cluster::start(name, &["wal_writer_delay = '10s'", "autovacuum = off"])
+    })
+}
+
+/// Three synchronous writes (sync ids 1-3), then two transactions committed asynchronously
+/// whose commit order (id 11, then id 10) differs from the order of their highest action ids
+/// (10 drew its action id first): the backlog rule (by highest action id) would give them the
+/// other two ids. Waits until `ws` (subscribed from 0) got all five; returns them as
+/// (sync id, model id).
+async fn five_writes_the_last_two_out_of_action_order(
+    cluster: &Cluster,
+    db: &mut pg_sync_tests::postgres::Client,
+    ws: &mut Ws,
+) -> Vec<(i64, String)> {
+    let mut frames: Vec<Value> = vec![];
+    for i in 1..=3 {
+        exec(db, &format!("INSERT INTO announcements VALUES ({i}, 'x')"));
         while frames.iter().filter(|f| f["type"] == "delta").count() < i {
             frames.push(
-                next(&mut ws, Duration::from_secs(10))
+                next(ws, Duration::from_secs(10))
                     .await
                     .expect("the write is delivered"),
             );
         }
     }
+    let mut other = tokio::task::block_in_place(|| cluster.connect("app"));
+    exec(
+        &mut other,
+        "SET synchronous_commit = off; BEGIN; INSERT INTO announcements VALUES (10, 'x')",
+    );
+    exec(
+        db,
+        "SET synchronous_commit = off; BEGIN; INSERT INTO announcements VALUES (11, 'x'); COMMIT",
+    );
+    exec(&mut other, "COMMIT");
+    exec(db, "RESET synchronous_commit");
+    // Streamed once the WAL writer flushes them (within 10 s).
+    while frames.iter().filter(|f| f["type"] == "delta").count() < 5 {
+        frames.push(
+            next(ws, Duration::from_secs(30))
+                .await
+                .expect("the asynchronous commits are delivered"),
+        );
+    }
+    tokio::task::block_in_place(|| drop(other));
+    let seen: Vec<(i64, String)> = frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .map(|f| (f["syncId"].as_i64().unwrap(), f["modelId"].to_string()))
+        .collect();
+    assert_eq!(
+        seen.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+        ["\"1\"", "\"2\"", "\"3\"", "\"11\"", "\"10\""],
+        "sequenced in commit order"
+    );
+    seen
+}
+
+/// Subscribes after `after`, retrying while the worker says it is not ready; a `cursor_ahead`
+/// (or any other error) fails the test. Returns the deltas before `caught_up`.
+async fn resume(port: u16, user: &str, after: i64) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut refused = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "never ready ({refused} refusals)"
+        );
+        let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", token(user, 3600, SECRET))
+                .parse()
+                .unwrap(),
+        );
+        // The worker may not listen yet.
+        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        send(&mut ws, json!({"type": "subscribe", "after": after})).await;
+        let mut frames = vec![];
+        loop {
+            match next(&mut ws, Duration::from_secs(20)).await {
+                Some(f) if f["type"] == "caught_up" => return frames,
+                Some(f) if f["type"] == "error" => {
+                    assert_eq!(
+                        f["code"], "unavailable",
+                        "a cursor the client got from this worker is refused: {f}"
+                    );
+                    refused += 1;
+                    break;
+                }
+                Some(f) => {
+                    if f["type"] == "delta" {
+                        frames.push(f);
+                    }
+                }
+                None => {
+                    refused += 1;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every id a client saw still names the same action in the database.
+fn assert_same_actions(db: &mut pg_sync_tests::postgres::Client, seen: &[(i64, String)]) {
+    let now: Vec<(i64, String)> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT sync_id, to_json(model_id)::text FROM pg_sync.changes(0, NULL::text[], 100) ORDER BY sync_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .take(seen.len())
+        .collect()
+    });
+    assert_eq!(now, seen, "sync ids re-assigned to other actions");
+}
+
+/// Hazard B of the asynchronous persist (docs/durability.md): the worker and Postgres both die
+/// right after a publish whose persist was not flushed yet. The restarted worker's database
+/// counter is below what the client saw; the client's cursor must not be refused as ahead
+/// (it is told to retry until the slot's pending WAL is sequenced again), and every id must
+/// come back naming the same action, in the stream's commit order (not the backlog's rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_publish() {
+    let cluster = lossy_cluster("crash_publish");
+    let mut db = setup(&cluster, "app");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
     // Right after the last publish: both die, nothing is flushed on the way down.
     worker.kill9();
     tokio::task::block_in_place(|| {
@@ -554,24 +677,23 @@ async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_pub
         cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
     });
-    let seen: Vec<(i64, String)> = frames
-        .iter()
-        .filter(|f| f["type"] == "delta")
-        .map(|f| (f["syncId"].as_i64().unwrap(), f["modelId"].to_string()))
-        .collect();
     let last_seen = seen.last().unwrap().0;
     db = tokio::task::block_in_place(|| cluster.connect("app")).into();
-    let persisted: i64 = tokio::task::block_in_place(|| {
-        db.query_one("SELECT pg_sync.last_sync_id()", &[])
-            .unwrap()
-            .get(0)
-    });
+    let persisted: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
     assert!(
-        persisted >= last_seen,
-        "a client saw sync id {last_seen}, but after the crash the database has only {persisted}"
+        persisted < last_seen,
+        "the persist of sync id {last_seen} survived the crash ({persisted}): the lost-persist path did not run"
     );
-    let worker = Worker::start(&cluster, "app", port);
-    worker.wait_healthy().await;
+    // The client comes back at once, before the worker has sequenced anything (held back
+    // 3 s by the failpoint).
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        port,
+        &[("SYNC_FAILPOINTS", "stall_before_streaming")],
+    );
+    let more = resume(port, "zoe", last_seen).await;
+    assert!(more.is_empty(), "nothing after {last_seen} yet: {more:?}");
     let mut ws = connect(port, "zoe").await;
     let (mut more, _) = subscribe(&mut ws, last_seen).await;
     exec(&mut db, "INSERT INTO announcements VALUES (6, 'x')");
@@ -592,19 +714,65 @@ async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_pub
         )
         .collect();
     assert_eq!(ids, (1..=6).collect::<Vec<i64>>(), "no gap, no duplicate");
-    // Every id the client saw still names the same action.
-    let now: Vec<(i64, String)> = tokio::task::block_in_place(|| {
-        db.query(
-            "SELECT sync_id, to_json(model_id)::text FROM pg_sync.changes(0, NULL::text[], 100) ORDER BY sync_id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .take(seen.len())
-        .collect()
+    assert_same_actions(&mut db, &seen);
+    drop(worker);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Hazard A of the asynchronous persist: Postgres crashes right after a publish and the worker
+/// stays up. Its hub published ids the database lost; they are assigned again (same ids, same
+/// actions), a live client does not get them twice, and no replay reads the hole meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_of_postgres_alone_right_after_publish_loses_and_repeats_nothing() {
+    let cluster = lossy_cluster("crash_pg_only");
+    let mut db = setup(&cluster, "app");
+    // The session after the crash holds its stream back 3 s: clients come back before
+    // anything is sequenced again.
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "stall_before_streaming@2")],
+    )
+    .await;
+    let port = worker.port;
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
     });
-    assert_eq!(now, seen, "sync ids re-assigned to other actions");
+    db = tokio::task::block_in_place(|| cluster.connect("app")).into();
+    // Clients come back at once: one from where the live one is, one from the start, one
+    // from just below the hole.
+    let ahead = resume(port, "amy", 5).await;
+    assert!(ahead.is_empty(), "{ahead:?}");
+    let ids = |frames: &[Value]| {
+        frames
+            .iter()
+            .map(|f| f["syncId"].as_i64().unwrap())
+            .collect::<Vec<i64>>()
+    };
+    assert_eq!(ids(&resume(port, "ann", 0).await), [1, 2, 3, 4, 5]);
+    assert_eq!(ids(&resume(port, "abe", 2).await), [3, 4, 5]);
+    exec(&mut db, "INSERT INTO announcements VALUES (6, 'x')");
+    // The live client, connected throughout, gets 6 and nothing again.
+    let live = collect(&mut ws, |g| g.iter().any(|f| f["syncId"] == 6)).await;
+    assert_eq!(ids(&live), [6], "no duplicate for the live client");
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    let reassigned: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_sync_sequencer_reassigned_ids_total "))
+        .expect("the metric")
+        .parse()
+        .unwrap();
+    assert!(
+        reassigned >= 1.0,
+        "no persist was lost: the lost-persist path did not run\n{metrics}"
+    );
+    assert_same_actions(&mut db, &seen);
     drop(worker);
     tokio::task::block_in_place(|| drop(db));
 }

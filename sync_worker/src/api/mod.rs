@@ -419,6 +419,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             s.sequenced_actions.load(Ordering::Relaxed),
         ),
         counter(
+            "pg_sync_sequencer_reassigned_ids_total",
+            "Published sync ids assigned again after a crash of Postgres lost their persist (same ids, same actions).",
+            s.reassigned_ids.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "pg_sync_durable_sync_id",
+            "Every sync id up to this one is flushed to the WAL; the slot is acknowledged only up to it.",
+            s.durable_sync_id.load(Ordering::Relaxed) as f64,
+        ),
+        counter(
             "pg_sync_sequencer_visibility_waits_total",
             "Flushes that waited for a streamed transaction to become visible to new snapshots.",
             s.visibility_waits.load(Ordering::Relaxed),

@@ -2,10 +2,14 @@
 //!
 //! Transactions arrive in commit order. Each one's `sync_actions` rows get consecutive sync ids
 //! (in action id order); batches of transactions are persisted to `pg_sync.commit_order` in one
-//! statement, then published to the hub, and only then is their end LSN acknowledged to
-//! Postgres. After a crash the slot replays from the last acknowledged LSN; transactions at or
-//! below the last persisted commit LSN are skipped, and the rest get the same ids again, because
-//! ids follow from the persisted counter and the commit order alone.
+//! statement (an asynchronous commit: no WAL flush awaited), published to the hub as soon as
+//! the persist is visible, and their end LSN is acknowledged to Postgres only once the server's
+//! WAL flush position has passed the persist's commit. After a crash the slot replays from the
+//! last acknowledged LSN; transactions at or below the last persisted commit LSN are skipped,
+//! and the rest get the same ids again, because ids follow from the persisted counter and the
+//! commit order alone. A persist lost with a crash of Postgres is thereby redone with the same
+//! ids; until it is, the hub holds its watermark (no replay reads the hole, no cursor is judged
+//! against the lower database counter). See docs/durability.md.
 //!
 //! The work is split by what it owns:
 //! - `setup`: the publication, the slot and the replication connection's configuration;
@@ -37,6 +41,11 @@ pub struct Status {
     pub server_lsn: AtomicU64,
     pub last_commit_unix_ms: AtomicI64,
     pub sequenced_actions: AtomicU64,
+    /// Every sync id up to this one is durable (its persist's commit is flushed); published
+    /// ids above it could be lost with a crash of Postgres (see `session::Unconfirmed`).
+    pub durable_sync_id: AtomicI64,
+    /// Published sync ids assigned again after a crash of Postgres lost their persist.
+    pub reassigned_ids: AtomicU64,
     /// Flushes that waited for a streamed transaction to become visible to new snapshots.
     pub visibility_waits: AtomicU64,
     pub reconnects: AtomicU64,
@@ -80,6 +89,10 @@ const FLUSH_ACTIONS: usize = 5_000;
 /// the slot streams (see `Unresolved`); past it the session restarts and peeks at the slot.
 const HOLD_ACTIONS: usize = 250_000;
 const LARGE_PAGE: i32 = 5_000;
+
+/// How long after the last look at the server's WAL flush position the sequencer looks again,
+/// while persists wait to be known durable (their slot acknowledgement waits for it).
+const FLUSH_POLL: Duration = Duration::from_millis(100);
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_US: i64 = 946_684_800_000_000;

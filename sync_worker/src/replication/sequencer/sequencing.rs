@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 /// Persists a batch of streamed transactions once all of them are visible (see `persist`):
 /// $1 xids (xid8 text), $2 action counts, $3 commit LSNs, $4 commit times (Postgres epoch,
 /// microseconds), $5 the first sync id, $6 the committing xids as the stream names them.
+///
+/// Its commit is asynchronous (`synchronous_commit = off` for this transaction only): the
+/// ids are published once the persist is visible, without waiting for its WAL flush, and the
+/// slot is acknowledged only once the server's flush position has passed it (`confirm`). It
+/// returns the WAL insert position (above every earlier persist's commit) and the flush
+/// position. With a synchronous standby configured the commit waits as configured: a standby
+/// promoted after a failover must have every id clients saw (the new worker's backlog pass
+/// would order a lost tail by another rule).
 const PERSIST_SQL: &str = "WITH u AS (
        SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
          FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
@@ -34,7 +42,11 @@ const PERSIST_SQL: &str = "WITH u AS (
        INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
        SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
          FROM k WHERE NOT known AND (SELECT visible FROM v))
-     SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known)";
+     SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known),
+            pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text,
+            set_config('synchronous_commit',
+                       CASE WHEN current_setting('synchronous_standby_names') = '' THEN 'off'
+                            ELSE current_setting('synchronous_commit') END, true)";
 
 /// Visibility re-checks made at once (one round trip each) before `persist` sleeps between them.
 const IMMEDIATE_RETRIES: u32 = 3;
@@ -155,6 +167,11 @@ impl Session<'_> {
                     ],
                 )
                 .await?;
+            let lsn = |i: usize| {
+                pgwire_replication::Lsn::parse(&row.get::<_, String>(i))
+                    .unwrap_or(pgwire_replication::Lsn::ZERO)
+            };
+            self.saw_wal(lsn(2), lsn(3));
             if row.get::<_, bool>(0) {
                 if waits > 0 {
                     tracing::debug!(
@@ -283,6 +300,10 @@ impl Session<'_> {
             });
             let mut deltas = Vec::with_capacity(rows.len());
             for (i, row) in rows.into_iter().enumerate() {
+                if first + (i as i64) <= self.skip_through {
+                    // Delivered before a crash of Postgres lost its persist (see `Hold`).
+                    continue;
+                }
                 // Global is what the action says (no group id), as replay judges it: never the
                 // registry now, which a re-registration may have changed since.
                 let global = row.get("group_id").is_none_or(|g| g.is_none());
@@ -313,7 +334,16 @@ impl Session<'_> {
             .fetch_add(firsts.iter().map(|f| f.1).sum(), Ordering::Relaxed);
         if let Some(last) = pending.last() {
             self.last_commit_lsn = self.last_commit_lsn.max(last.commit_lsn);
-            self.ack(repl, last.end_lsn);
+            // Acknowledged once this flush's persist is durable (a flush that persisted
+            // nothing waits only for the ones before it).
+            let bound = if xids.is_empty() {
+                Some(pgwire_replication::Lsn::ZERO)
+            } else {
+                None
+            };
+            self.queue_ack(repl, last.end_lsn, bound);
+            self.confirm(Some(repl));
+            self.processed = self.processed.max(last.end_lsn);
             let mut done = last.end_lsn;
             if let Some(fence) = self.fence.take() {
                 done = done.max(fence);
@@ -344,7 +374,8 @@ impl Session<'_> {
         last: i64,
         mut revoked_keys: Vec<String>,
     ) -> Result<(), SequencerError> {
-        let mut after = first - 1;
+        // Ids delivered before a crash of Postgres lost their persists are not sent again.
+        let mut after = (first - 1).max(self.skip_through);
         while after < last {
             let span = crate::store::page_span(after, last, LARGE_PAGE);
             let deltas = crate::store::changes(&self.db, after, None, span, None).await?;

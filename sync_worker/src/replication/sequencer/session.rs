@@ -5,12 +5,13 @@
 
 use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
-use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, PG_EPOCH_US};
+use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::replication::pgoutput::{Decoder, Message, Row};
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +67,120 @@ pub(super) struct Session<'a> {
     pub(super) unresolved: Option<Unresolved>,
     /// `PERSIST_SQL`, prepared on this session's connection.
     pub(super) persist_stmt: Option<tokio_postgres::Statement>,
+    /// Acknowledgements waiting for their persists to be durable.
+    pub(super) acks: Acks,
+    /// When the flush position was last read.
+    pub(super) flush_seen: Instant,
+    /// Set while what clients may have seen is not all in the database (see `Hold`).
+    pub(super) hold: Option<Hold>,
+    /// Sync ids up to this one were delivered to live subscribers before a crash of Postgres
+    /// lost some of their persists: assigned again, they are not delivered a second time.
+    pub(super) skip_through: i64,
+    /// Every transaction committed below this LSN has been sequenced in this session.
+    pub(super) processed: Lsn,
+}
+
+/// A slot acknowledgement (`ack`) that waits until the WAL is flushed past `bound` (the commit
+/// of the persist it depends on is below `bound`; `None` until a later statement read the
+/// insert position). Persists commit asynchronously: the slot must never be confirmed past a
+/// transaction whose persist a crash could still lose, or that transaction would not stream
+/// again and the start-up backlog pass would sequence it by another rule (its highest action
+/// id), which can differ from commit order, so the ids clients saw could name other actions.
+struct Unconfirmed {
+    bound: Option<Lsn>,
+    ack: Lsn,
+    /// The last sync id assigned when it was queued.
+    last_id: i64,
+}
+
+/// The acknowledgements waiting for the WAL flush (`Unconfirmed`), oldest first, and the
+/// server's flush position as last read.
+pub(super) struct Acks {
+    waiting: VecDeque<Unconfirmed>,
+    flushed: Lsn,
+}
+
+impl Acks {
+    /// What a session starts from (persisted by an earlier session, perhaps asynchronously:
+    /// sync ids up to `last_id`) counts as durable once the WAL is flushed past `inserted`.
+    pub(super) fn new(inserted: Lsn, last_id: i64, flushed: Lsn) -> Acks {
+        Acks {
+            waiting: VecDeque::from([Unconfirmed {
+                bound: Some(inserted),
+                ack: Lsn::ZERO,
+                last_id,
+            }]),
+            flushed,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Queues `ack` (sync ids up to `last_id` assigned) until the WAL is flushed past `bound`
+    /// and past every earlier one's; `Some(Lsn::ZERO)` when it depends on no persist of its
+    /// own. Returns it when it may be sent at once.
+    pub(super) fn queue(&mut self, ack: Lsn, bound: Option<Lsn>, last_id: i64) -> Option<Lsn> {
+        if bound == Some(Lsn::ZERO) {
+            if self.waiting.is_empty() {
+                return Some(ack);
+            }
+            // Rides with the one before it.
+            if let Some(back) = self.waiting.back_mut() {
+                if back.bound == Some(Lsn::ZERO) {
+                    back.ack = back.ack.max(ack);
+                    back.last_id = back.last_id.max(last_id);
+                    return None;
+                }
+            }
+        }
+        self.waiting.push_back(Unconfirmed {
+            bound,
+            ack,
+            last_id,
+        });
+        None
+    }
+
+    /// A statement read the WAL insert position `inserted` (above the commit of every persist
+    /// that returned before it was sent) and the flush position `flushed`.
+    pub(super) fn saw_wal(&mut self, inserted: Lsn, flushed: Lsn) {
+        for u in self.waiting.iter_mut() {
+            if u.bound.is_none() {
+                u.bound = Some(inserted);
+            }
+        }
+        self.flushed = self.flushed.max(flushed);
+    }
+
+    /// Takes what is durable now: the acknowledgement to send (`Lsn::ZERO`: none) and the
+    /// sync id every id up to which is durable.
+    pub(super) fn confirm(&mut self) -> (Lsn, Option<i64>) {
+        let mut ack = Lsn::ZERO;
+        let mut durable = None;
+        while let Some(u) = self.waiting.front() {
+            if u.bound.is_none_or(|b| b > self.flushed) {
+                break;
+            }
+            ack = ack.max(u.ack);
+            durable = Some(u.last_id);
+            self.waiting.pop_front();
+        }
+        (ack, durable)
+    }
+}
+
+/// Clients may hold ids the database does not have (yet): a crash of Postgres lost persists
+/// this worker had published (the hub still held them, `through`), or this worker started
+/// fresh after a crash of both and clients come back with cursors from before. The slot
+/// streams the lost transactions again (never acknowledged) and they get the same ids; until
+/// every transaction committed below `end` (the server's flush position at the session's
+/// start, above every transaction streamed before the crash) is sequenced again, the hub's
+/// watermark stays unknown: replays and cursor checks answer "not ready; retry".
+pub(super) struct Hold {
+    pub(super) end: Lsn,
+    pub(super) through: i64,
 }
 
 /// The chain of causes below an error, for logs (never row values: database errors here come
@@ -104,10 +219,12 @@ pub async fn run(
         match result {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
+                hold_if_undurable(&hub, &status);
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, cause = %causes(&e), "replication session ended; reconnecting");
             }
             Err(panic) => {
+                hold_if_undurable(&hub, &status);
                 status.reconnects.fetch_add(1, Ordering::Relaxed);
                 status.panics.fetch_add(1, Ordering::Relaxed);
                 let what = panic
@@ -129,6 +246,15 @@ pub async fn run(
     }
 }
 
+/// After a session failed: when ids were published whose persists are not known to be durable,
+/// Postgres may have crashed and lost them; no replay may read the database's hole below the
+/// watermark until the next session knows (see `Hold`).
+fn hold_if_undurable(hub: &Hub, status: &Status) {
+    if hub.published() > status.durable_sync_id.load(Ordering::Acquire) {
+        hub.hold();
+    }
+}
+
 async fn session(
     cfg: &Config,
     hub: &Hub,
@@ -140,12 +266,15 @@ async fn session(
     ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
-            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text",
+            "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text,
+                    pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text",
             &[],
         )
         .await?;
     let last_sync_id: i64 = row.get(0);
     let last_lsn: String = row.get(1);
+    let flushed_at_start = Lsn::parse(&row.get::<_, String>(2)).unwrap_or(Lsn::ZERO);
+    let inserted_at_start = Lsn::parse(&row.get::<_, String>(3)).unwrap_or(Lsn::ZERO);
     let mut s = Session {
         cfg,
         db,
@@ -159,19 +288,50 @@ async fn session(
         fence: None,
         unresolved: None,
         persist_stmt: None,
+        acks: Acks::new(inserted_at_start, last_sync_id, flushed_at_start),
+        flush_seen: Instant::now(),
+        hold: None,
+        skip_through: 0,
+        processed: Lsn::ZERO,
     };
+    s.confirm(None);
     // What a previous session persisted but could not publish (it failed in between) reaches
     // live subscribers now, before anything newer.
     let published = hub.published();
-    if !hub.catch_up(last_sync_id) {
-        // The gap's membership changes are log actions: publishing applies each at its
-        // position. Reconciling with the database's memberships first would apply a join
-        // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
-        // A key revoked in the gap gets none of it: revocations are not positional.
-        s.revoke_gone_keys().await?;
-        s.publish_from_db(published + 1, last_sync_id, vec![])
-            .await?;
-        s.reconcile_groups(last_sync_id).await?;
+    if !hub.is_known() || last_sync_id < published {
+        // A fresh worker cannot know what clients saw before a crash of Postgres and of the
+        // worker before it; a running one knows it published up to `published`. Either way
+        // the hub waits until the stream has been sequenced past where the server's WAL was
+        // flushed (above every transaction streamed before any crash).
+        if hub.is_known() {
+            tracing::warn!(
+                published,
+                last_sync_id,
+                "published sync ids are missing from the database (Postgres crashed before their persist was flushed); holding the watermark until they are assigned again"
+            );
+            hub.hold();
+            s.skip_through = published;
+            status
+                .reassigned_ids
+                .fetch_add((published - last_sync_id) as u64, Ordering::Relaxed);
+        }
+        s.hold = Some(Hold {
+            end: flushed_at_start,
+            through: if hub.is_known() { published } else { 0 },
+        });
+    } else {
+        if !hub.catch_up(last_sync_id) {
+            // The gap's membership changes are log actions: publishing applies each at its
+            // position. Reconciling with the database's memberships first would apply a join
+            // inside the gap before the gap's earlier deltas of that group (REVIEW rev2 F3).
+            // A key revoked in the gap gets none of it: revocations are not positional.
+            s.revoke_gone_keys().await?;
+            s.publish_from_db(published + 1, last_sync_id, vec![])
+                .await?;
+            s.reconcile_groups(last_sync_id).await?;
+        }
+        // Held after a failed session: nothing it published is missing.
+        hub.release(last_sync_id);
     }
     if std::mem::take(peek) {
         s.sequence_backlog_peeked().await?;
@@ -185,8 +345,13 @@ async fn session(
         )
         .await?
         .get(0);
+    // Holds the stream back a while (tests: clients come back before anything is sequenced
+    // again after a crash).
+    if crate::failpoint::fire("stall_before_streaming") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
-    if s.unresolved.is_none() {
+    if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
     }
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
@@ -204,6 +369,15 @@ async fn session(
                 std::future::pending::<()>().await
             }
         };
+        // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
+        // (which reads it too) did meanwhile.
+        let poll_at = (!s.acks.is_empty()).then(|| s.flush_seen + FLUSH_POLL);
+        let flush_poll = async {
+            match poll_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let event = tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -214,7 +388,8 @@ async fn session(
                 return Ok(());
             }
             ev = st.repl.recv() => ev?,
-            _ = idle_flush => { s.flush(&st.repl).await?; continue; }
+            _ = idle_flush => { s.flush(&st.repl).await?; s.settle(); continue; }
+            _ = flush_poll => { s.poll_flushed(&st.repl).await?; continue; }
         };
         let Some(event) = event else {
             s.flush(&st.repl).await?;
@@ -239,11 +414,14 @@ async fn session(
         }
         if resolved {
             s.resolve_backlog().await?;
-            status.streaming.store(true, Ordering::Release);
+            if s.hold.is_none() {
+                status.streaming.store(true, Ordering::Release);
+            }
         }
         if s.handle(&mut st, event).await? {
             return Ok(());
         }
+        s.settle();
     }
 }
 
@@ -309,8 +487,9 @@ impl Session<'_> {
                 self.status
                     .server_lsn
                     .store(wal_end.as_u64(), Ordering::Relaxed);
-                if st.open.is_none() && self.pending.is_empty() {
-                    self.ack(&st.repl, wal_end);
+                if st.open.is_none() && self.pending.is_empty() && self.unresolved.is_none() {
+                    self.queue_ack(&st.repl, wal_end, Some(Lsn::ZERO));
+                    self.processed = self.processed.max(wal_end);
                     self.status
                         .processed_lsn
                         .fetch_max(wal_end.as_u64(), Ordering::Release);
@@ -397,10 +576,118 @@ impl Session<'_> {
         }
     }
 
+    /// Queues the acknowledgement of `ack` until the WAL is flushed past `bound` (and past
+    /// every earlier one's), or sends it at once when nothing waits.
+    pub(super) fn queue_ack(&mut self, repl: &ReplicationClient, ack: Lsn, bound: Option<Lsn>) {
+        if let Some(ack) = self.acks.queue(ack, bound, self.next_sync_id - 1) {
+            self.ack(repl, ack);
+        }
+    }
+
+    /// Everything a statement reading `pg_current_wal_insert_lsn()` = `inserted` found: the
+    /// persists committed before it have their bound; `flushed` is the WAL flush position.
+    pub(super) fn saw_wal(&mut self, inserted: Lsn, flushed: Lsn) {
+        self.acks.saw_wal(inserted, flushed);
+        self.flush_seen = Instant::now();
+    }
+
+    /// Sends the acknowledgements whose persists are durable now.
+    pub(super) fn confirm(&mut self, repl: Option<&ReplicationClient>) {
+        let (ack, durable) = self.acks.confirm();
+        if let Some(id) = durable {
+            self.status.durable_sync_id.store(id, Ordering::Release);
+        }
+        if let Some(repl) = repl.filter(|_| ack > Lsn::ZERO) {
+            self.ack(repl, ack);
+        }
+    }
+
+    /// Reads the server's WAL positions (one cheap round trip) and acknowledges what is durable.
+    pub(super) async fn poll_flushed(
+        &mut self,
+        repl: &ReplicationClient,
+    ) -> Result<(), SequencerError> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                &[],
+            )
+            .await?;
+        let lsn = |i: usize| Lsn::parse(&row.get::<_, String>(i)).unwrap_or(Lsn::ZERO);
+        self.saw_wal(lsn(0), lsn(1));
+        self.confirm(Some(repl));
+        Ok(())
+    }
+
+    /// Ends a hold once the stream is sequenced past its end (see `Hold`).
+    pub(super) fn settle(&mut self) {
+        let Some(h) = &self.hold else { return };
+        if self.unresolved.is_some() || !self.pending.is_empty() || self.processed < h.end {
+            return;
+        }
+        let last = self.next_sync_id - 1;
+        if last < h.through {
+            // Cannot happen while ids follow from the counter and the commit order alone.
+            tracing::error!(
+                last,
+                published = h.through,
+                "after a crash of Postgres the stream was sequenced again below what was published; clients ahead will be told cursor_ahead"
+            );
+        } else if h.through > 0 {
+            tracing::info!(
+                last,
+                published = h.through,
+                "the ids lost with a crash of Postgres are assigned again; watermark released"
+            );
+        }
+        self.hold = None;
+        self.hub.release(last);
+        self.status.streaming.store(true, Ordering::Release);
+    }
+
     pub(super) fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {
         repl.update_applied_lsn(lsn);
         self.status
             .acked_lsn
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot is acknowledged past a transaction only once the WAL is flushed past its
+    /// persist's commit, in order, and a persist's bound is only known from a later statement.
+    #[test]
+    fn acknowledgements_wait_for_the_wal_flush_past_their_persist() {
+        let lsn = Lsn::from_u64;
+        // Started from ids up to 3, persisted below WAL position 100; flushed to 90.
+        let mut acks = Acks::new(lsn(100), 3, lsn(90));
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None));
+        // A keepalive with nothing pending waits behind it.
+        assert_eq!(acks.queue(lsn(150), Some(Lsn::ZERO), 3), None);
+        // A flush persisted ids 4-5 for transactions ending at 200; where its commit is, is
+        // not known yet.
+        assert_eq!(acks.queue(lsn(200), None, 5), None);
+        // The next statement reads the insert position 500 (above that commit), flush 110.
+        acks.saw_wal(lsn(500), lsn(110));
+        assert_eq!(
+            acks.confirm(),
+            (lsn(150), Some(3)),
+            "the start and the keepalive, not the persist"
+        );
+        // Flushed to 400: still below the persist's bound.
+        acks.saw_wal(lsn(600), lsn(400));
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None), "persist not flushed yet");
+        // A later keepalive waits behind it.
+        assert_eq!(acks.queue(lsn(250), Some(Lsn::ZERO), 5), None);
+        assert_eq!(acks.confirm(), (Lsn::ZERO, None));
+        acks.saw_wal(lsn(600), lsn(500));
+        assert_eq!(acks.confirm(), (lsn(250), Some(5)));
+        assert!(acks.is_empty());
+        // Nothing waiting: a keepalive is acknowledged at once.
+        assert_eq!(acks.queue(lsn(300), Some(Lsn::ZERO), 5), Some(lsn(300)));
     }
 }
