@@ -4135,6 +4135,166 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// What a bootstrap page says: the ids of its rows (in order), its raw row lines, and its
+/// last line (`end`, or the `deadline` error).
+async fn bootstrap_page(
+    port: u16,
+    path: &str,
+    auth: &[(&str, String)],
+) -> (Vec<i64>, Vec<String>, Value) {
+    let (status, body) = http_get_with(port, path, auth).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    let lines: Vec<&str> = body.lines().collect();
+    let mut ids = Vec::new();
+    let mut raw = Vec::new();
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        if v["type"] == "row" {
+            ids.push(v["data"]["id"].as_i64().unwrap());
+            raw.push(format!("{l}\n"));
+        }
+    }
+    let last = serde_json::from_str(lines.last().expect("a line")).unwrap();
+    (ids, raw, last)
+}
+
+/// The model and key a bootstrap cursor resumes after.
+fn cursor_position(cursor: &str) -> (String, Value) {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .expect("a cursor is base64");
+    let c: Value = serde_json::from_slice(&json).expect("a cursor is JSON");
+    (c["m"].as_str().unwrap().to_owned(), c["k"].clone())
+}
+
+/// Pages a bootstrap through every chunk boundary: rows are built so that a whole number of
+/// them fills a 32 KiB chunk, and for each limit (1, a chunk's rows +-1, two and three chunks'
+/// rows, all rows +-1) the pages, each resumed from the previous one's cursor, give every row
+/// exactly once in key order, and each cursor names the last row sent. A limit reached just
+/// after a chunk went out takes its key from the copy the writer kept of that chunk's last
+/// row; the deadline (here: at once, by a failpoint, on the first bootstrap) ends a page
+/// after its first full chunk with a cursor naming that chunk's last row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate() {
+    const CHUNK: usize = 32 * 1024;
+    const LINE: usize = 512;
+    let (cluster, mut db) = app_cluster("bootstrap_chunks");
+    // Every row line is LINE bytes: four-digit ids and a body padded to fit.
+    let pad = LINE
+        - r#"{"type":"row","model":"announcements","id":"1000","data":{"id":1000,"body":""}}"#
+            .len()
+        - 1;
+    let per_chunk = CHUNK / LINE;
+    let total = 3 * per_chunk + 7;
+    exec(
+        &mut db,
+        &format!(
+            "INSERT INTO announcements SELECT g, repeat('x', {pad}) FROM generate_series(1000, {}) g",
+            999 + total
+        ),
+    );
+    let all: Vec<i64> = (1000..1000 + total as i64).collect();
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "bootstrap_deadline")],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    let base = "/sync/bootstrap?models=announcements";
+
+    // Pages from `first` on, each resumed from the previous cursor; checks each page and
+    // returns the ids of all of them.
+    let page_through = |first: String, limit: Option<usize>| {
+        let auth = auth.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut path = first;
+            loop {
+                let (ids, raw, end) = bootstrap_page(port, &path, &auth).await;
+                assert!(
+                    raw.iter().all(|l| l.len() == LINE),
+                    "a row line is not {LINE} bytes"
+                );
+                got.extend_from_slice(&ids);
+                assert_eq!(end["type"], "end", "{end}");
+                assert_eq!(end["rows"], ids.len());
+                if end["hasMore"] == false {
+                    assert!(end.get("cursor").is_none(), "{end}");
+                    if let Some(l) = limit {
+                        assert!(ids.len() <= l, "limit {l}: {} rows", ids.len());
+                    }
+                    return got;
+                }
+                let l = limit.expect("only a limit leaves more");
+                assert_eq!(
+                    ids.len(),
+                    l,
+                    "limit {l}: a page short of its limit has more"
+                );
+                let cursor = end["cursor"].as_str().unwrap();
+                assert_eq!(
+                    cursor_position(cursor),
+                    (
+                        "announcements".to_owned(),
+                        json!({"id": ids.last().unwrap()})
+                    ),
+                    "limit {l}: the cursor names the last row sent"
+                );
+                path = format!("/sync/bootstrap?cursor={cursor}");
+            }
+        }
+    };
+
+    // The first bootstrap passes its deadline at once: it ends after its first full chunk,
+    // whose last row its cursor names; the cursor (and the limit it carries) resumes it.
+    let limit = per_chunk + 1;
+    let (ids, raw, last) = bootstrap_page(port, &format!("{base}&limit={limit}"), &auth).await;
+    assert_eq!(last["code"], "deadline", "{last}");
+    assert_eq!(
+        ids,
+        all[..per_chunk],
+        "one chunk of rows, then the deadline"
+    );
+    assert!(raw.iter().all(|l| l.len() == LINE));
+    let cursor = last["cursor"].as_str().unwrap();
+    assert_eq!(
+        cursor_position(cursor),
+        (
+            "announcements".to_owned(),
+            json!({"id": all[per_chunk - 1]})
+        )
+    );
+    let rest = page_through(format!("/sync/bootstrap?cursor={cursor}"), Some(limit)).await;
+    assert_eq!(
+        [ids, rest].concat(),
+        all,
+        "the deadline's cursor resumes after its last row"
+    );
+
+    let limits = [
+        1,
+        per_chunk - 1,
+        per_chunk,
+        per_chunk + 1,
+        2 * per_chunk - 1,
+        2 * per_chunk,
+        2 * per_chunk + 1,
+        3 * per_chunk,
+        total - 1,
+        total,
+        total + 1,
+    ];
+    for limit in limits {
+        let got = page_through(format!("{base}&limit={limit}"), Some(limit)).await;
+        assert_eq!(got, all, "limit {limit}: every row once, in key order");
+    }
+    assert_eq!(page_through(base.to_owned(), None).await, all);
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// Membership changes have positions in the log: a client that resumes from a cursor learns
 /// every join and leave since, each at its own sync id, in order with the deltas, however the
 /// change was made (add_member, plain DELETE, UPDATE of the key, TRUNCATE); live membership
