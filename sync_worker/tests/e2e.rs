@@ -4135,13 +4135,13 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     tokio::task::block_in_place(|| drop(db));
 }
 
-/// What a bootstrap page says: the ids of its rows (in order), its raw row lines, and its
-/// last line (`end`, or the `deadline` error).
+/// What a bootstrap page says: the model and id of its rows (in order), its raw row lines,
+/// and its last line (`end`, or the `deadline` error).
 async fn bootstrap_page(
     port: u16,
     path: &str,
     auth: &[(&str, String)],
-) -> (Vec<i64>, Vec<String>, Value) {
+) -> (Vec<(String, i64)>, Vec<String>, Value) {
     let (status, body) = http_get_with(port, path, auth).await;
     assert_eq!(status, 200, "{path}: {body}");
     let lines: Vec<&str> = body.lines().collect();
@@ -4150,7 +4150,10 @@ async fn bootstrap_page(
     for l in &lines {
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
         if v["type"] == "row" {
-            ids.push(v["data"]["id"].as_i64().unwrap());
+            ids.push((
+                v["model"].as_str().unwrap().to_owned(),
+                v["data"]["id"].as_i64().unwrap(),
+            ));
             raw.push(format!("{l}\n"));
         }
     }
@@ -4194,7 +4197,9 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
             999 + total
         ),
     );
-    let all: Vec<i64> = (1000..1000 + total as i64).collect();
+    let all: Vec<(String, i64)> = (1000..1000 + total as i64)
+        .map(|id| ("announcements".to_owned(), id))
+        .collect();
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -4215,8 +4220,10 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
             loop {
                 let (ids, raw, end) = bootstrap_page(port, &path, &auth).await;
                 assert!(
-                    raw.iter().all(|l| l.len() == LINE),
-                    "a row line is not {LINE} bytes"
+                    raw.iter()
+                        .filter(|l| l.contains(r#""model":"announcements""#))
+                        .all(|l| l.len() == LINE),
+                    "an announcements row line is not {LINE} bytes"
                 );
                 got.extend_from_slice(&ids);
                 assert_eq!(end["type"], "end", "{end}");
@@ -4235,13 +4242,13 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
                     "limit {l}: a page short of its limit has more"
                 );
                 let cursor = end["cursor"].as_str().unwrap();
-                assert_eq!(
-                    cursor_position(cursor),
-                    (
-                        "announcements".to_owned(),
-                        json!({"id": ids.last().unwrap()})
-                    ),
-                    "limit {l}: the cursor names the last row sent"
+                // The last row sent, or (when that row ended its model) the start of a
+                // later model.
+                let (model, id) = ids.last().unwrap();
+                let at = cursor_position(cursor);
+                assert!(
+                    at == (model.clone(), json!({ "id": id })) || (at.1.is_null() && at.0 > *model),
+                    "limit {l}: the cursor {at:?} is not after the last row sent, {model} {id}"
                 );
                 path = format!("/sync/bootstrap?cursor={cursor}");
             }
@@ -4264,7 +4271,7 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
         cursor_position(cursor),
         (
             "announcements".to_owned(),
-            json!({"id": all[per_chunk - 1]})
+            json!({ "id": all[per_chunk - 1].1 })
         )
     );
     let rest = page_through(format!("/sync/bootstrap?cursor={cursor}"), Some(limit)).await;
@@ -4292,6 +4299,26 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
         assert_eq!(got, all, "limit {limit}: every row once, in key order");
     }
     assert_eq!(page_through(base.to_owned(), None).await, all);
+
+    // Across a model boundary: a limit reached at the last row of one model resumes at the
+    // start of the next (a cursor with no key), not after the previous model's last key.
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'b', 'p2'), (3, 'c', 'p1'), (5000, 'd', 'p1')",
+    );
+    let both: Vec<(String, i64)> = all
+        .iter()
+        .cloned()
+        .chain([1, 3, 5000].map(|id| ("todos".to_owned(), id)))
+        .collect();
+    for limit in [1, per_chunk, total - 1, total, total + 1, total + 3] {
+        let first = format!("/sync/bootstrap?models=announcements,todos&limit={limit}");
+        let got = page_through(first, Some(limit)).await;
+        assert_eq!(
+            got, both,
+            "limit {limit}: every row once, in model and key order"
+        );
+    }
     tokio::task::block_in_place(|| drop(db));
 }
 
