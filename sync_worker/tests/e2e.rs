@@ -4161,6 +4161,30 @@ async fn bootstrap_page(
     (ids, raw, last)
 }
 
+/// The bootstrap writer's chunk, and the size of each row line `fill_announcements` makes: a
+/// whole number of them fills a chunk.
+const BOOT_CHUNK: usize = 32 * 1024;
+const BOOT_LINE: usize = 512;
+
+/// Inserts `n` announcements (ids from 1000, four digits) whose bootstrap row lines are each
+/// `BOOT_LINE` bytes; returns their (model, id) in key order.
+fn fill_announcements(db: &mut pg_sync_tests::postgres::Client, n: usize) -> Vec<(String, i64)> {
+    let pad = BOOT_LINE
+        - r#"{"type":"row","model":"announcements","id":"1000","data":{"id":1000,"body":""}}"#
+            .len()
+        - 1;
+    exec(
+        db,
+        &format!(
+            "INSERT INTO announcements SELECT g, repeat('x', {pad}) FROM generate_series(1000, {}) g",
+            999 + n
+        ),
+    );
+    (1000..1000 + n as i64)
+        .map(|id| ("announcements".to_owned(), id))
+        .collect()
+}
+
 /// The model and key a bootstrap cursor resumes after.
 fn cursor_position(cursor: &str) -> (String, Value) {
     use base64::Engine as _;
@@ -4180,26 +4204,11 @@ fn cursor_position(cursor: &str) -> (String, Value) {
 /// after its first full chunk with a cursor naming that chunk's last row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate() {
-    const CHUNK: usize = 32 * 1024;
-    const LINE: usize = 512;
+    const LINE: usize = BOOT_LINE;
     let (cluster, mut db) = app_cluster("bootstrap_chunks");
-    // Every row line is LINE bytes: four-digit ids and a body padded to fit.
-    let pad = LINE
-        - r#"{"type":"row","model":"announcements","id":"1000","data":{"id":1000,"body":""}}"#
-            .len()
-        - 1;
-    let per_chunk = CHUNK / LINE;
+    let per_chunk = BOOT_CHUNK / LINE;
     let total = 3 * per_chunk + 7;
-    exec(
-        &mut db,
-        &format!(
-            "INSERT INTO announcements SELECT g, repeat('x', {pad}) FROM generate_series(1000, {}) g",
-            999 + total
-        ),
-    );
-    let all: Vec<(String, i64)> = (1000..1000 + total as i64)
-        .map(|id| ("announcements".to_owned(), id))
-        .collect();
+    let all = fill_announcements(&mut db, total);
     let worker = Worker::started_with(
         &cluster,
         "app",
@@ -4319,6 +4328,63 @@ async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate()
             "limit {limit}: every row once, in model and key order"
         );
     }
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A shutdown noticed mid-chunk lets that chunk go out, then ends the bootstrap with a
+/// `shutting_down` error whose cursor names the chunk's last row; a restarted worker resumes
+/// from it with exactly the rest. The failpoint holds the first chunk of rows (the second
+/// flush, after the `bootstrap` line's) while the worker gets SIGTERM: the shutdown is then
+/// seen when the second chunk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_shut_down_mid_chunk_sends_that_chunk_and_resumes_after_it() {
+    let (cluster, mut db) = app_cluster("bootstrap_shutdown_chunk");
+    let per_chunk = BOOT_CHUNK / BOOT_LINE;
+    let all = fill_announcements(&mut db, 4 * per_chunk + 3);
+    let mut worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "bootstrap_flush_pause@2")],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    let first = tokio::spawn({
+        let auth = auth.clone();
+        async move { bootstrap_page(port, "/sync/bootstrap?models=announcements", &auth).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stopped = tokio::task::spawn_blocking(move || worker.terminate());
+    let (ids, raw, last) = first.await.unwrap();
+    assert_eq!(
+        stopped.await.unwrap(),
+        Some(0),
+        "a clean exit after SIGTERM"
+    );
+    assert_eq!(last["code"], "shutting_down", "{last}");
+    assert!(raw.iter().all(|l| l.len() == BOOT_LINE));
+    assert_eq!(
+        ids,
+        all[..2 * per_chunk],
+        "the held chunk and the one being filled, no more"
+    );
+    let cursor = last["cursor"].as_str().unwrap();
+    assert_eq!(
+        cursor_position(cursor),
+        (
+            "announcements".to_owned(),
+            json!({ "id": all[2 * per_chunk - 1].1 })
+        )
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let (rest, _, end) = bootstrap_page(
+        worker.port,
+        &format!("/sync/bootstrap?cursor={cursor}"),
+        &auth,
+    )
+    .await;
+    assert_eq!(end["type"], "end", "{end}");
+    assert_eq!([ids, rest].concat(), all, "every row once, in key order");
     tokio::task::block_in_place(|| drop(db));
 }
 
