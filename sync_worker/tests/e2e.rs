@@ -4222,6 +4222,259 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// What a bootstrap page says: the model and id of its rows (in order), its raw row lines,
+/// and its last line (`end`, or the `deadline` error).
+async fn bootstrap_page(
+    port: u16,
+    path: &str,
+    auth: &[(&str, String)],
+) -> (Vec<(String, i64)>, Vec<String>, Value) {
+    let (status, body) = http_get_with(port, path, auth).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    let lines: Vec<&str> = body.lines().collect();
+    let mut ids = Vec::new();
+    let mut raw = Vec::new();
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        if v["type"] == "row" {
+            ids.push((
+                v["model"].as_str().unwrap().to_owned(),
+                v["data"]["id"].as_i64().unwrap(),
+            ));
+            raw.push(format!("{l}\n"));
+        }
+    }
+    let last = serde_json::from_str(lines.last().expect("a line")).unwrap();
+    (ids, raw, last)
+}
+
+/// The bootstrap writer's chunk, and the size of each row line `fill_announcements` makes: a
+/// whole number of them fills a chunk.
+const BOOT_CHUNK: usize = 32 * 1024;
+const BOOT_LINE: usize = 512;
+
+/// Inserts `n` announcements (ids from 1000, four digits) whose bootstrap row lines are each
+/// `BOOT_LINE` bytes; returns their (model, id) in key order.
+fn fill_announcements(db: &mut pg_sync_tests::postgres::Client, n: usize) -> Vec<(String, i64)> {
+    let pad = BOOT_LINE
+        - r#"{"type":"row","model":"announcements","id":"1000","data":{"id":1000,"body":""}}"#
+            .len()
+        - 1;
+    exec(
+        db,
+        &format!(
+            "INSERT INTO announcements SELECT g, repeat('x', {pad}) FROM generate_series(1000, {}) g",
+            999 + n
+        ),
+    );
+    (1000..1000 + n as i64)
+        .map(|id| ("announcements".to_owned(), id))
+        .collect()
+}
+
+/// The model and key a bootstrap cursor resumes after.
+fn cursor_position(cursor: &str) -> (String, Value) {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .expect("a cursor is base64");
+    let c: Value = serde_json::from_slice(&json).expect("a cursor is JSON");
+    (c["m"].as_str().unwrap().to_owned(), c["k"].clone())
+}
+
+/// Pages a bootstrap through every chunk boundary: rows are built so that a whole number of
+/// them fills a 32 KiB chunk, and for each limit (1, a chunk's rows +-1, two and three chunks'
+/// rows, all rows +-1) the pages, each resumed from the previous one's cursor, give every row
+/// exactly once in key order, and each cursor names the last row sent. A limit reached just
+/// after a chunk went out takes its key from the copy the writer kept of that chunk's last
+/// row; the deadline (here: at once, by a failpoint, on the first bootstrap) ends a page
+/// after its first full chunk with a cursor naming that chunk's last row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_pages_through_every_chunk_boundary_without_gap_or_duplicate() {
+    const LINE: usize = BOOT_LINE;
+    let (cluster, mut db) = app_cluster("bootstrap_chunks");
+    let per_chunk = BOOT_CHUNK / LINE;
+    let total = 3 * per_chunk + 7;
+    let all = fill_announcements(&mut db, total);
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "bootstrap_deadline")],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    let base = "/sync/bootstrap?models=announcements";
+
+    // Pages from `first` on, each resumed from the previous cursor; checks each page and
+    // returns the ids of all of them.
+    let page_through = |first: String, limit: Option<usize>| {
+        let auth = auth.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut path = first;
+            loop {
+                let (ids, raw, end) = bootstrap_page(port, &path, &auth).await;
+                assert!(
+                    raw.iter()
+                        .filter(|l| l.contains(r#""model":"announcements""#))
+                        .all(|l| l.len() == LINE),
+                    "an announcements row line is not {LINE} bytes"
+                );
+                got.extend_from_slice(&ids);
+                assert_eq!(end["type"], "end", "{end}");
+                assert_eq!(end["rows"], ids.len());
+                if end["hasMore"] == false {
+                    assert!(end.get("cursor").is_none(), "{end}");
+                    if let Some(l) = limit {
+                        assert!(ids.len() <= l, "limit {l}: {} rows", ids.len());
+                    }
+                    return got;
+                }
+                let l = limit.expect("only a limit leaves more");
+                assert_eq!(
+                    ids.len(),
+                    l,
+                    "limit {l}: a page short of its limit has more"
+                );
+                let cursor = end["cursor"].as_str().unwrap();
+                // The last row sent, or (when that row ended its model) the start of a
+                // later model.
+                let (model, id) = ids.last().unwrap();
+                let at = cursor_position(cursor);
+                assert!(
+                    at == (model.clone(), json!({ "id": id })) || (at.1.is_null() && at.0 > *model),
+                    "limit {l}: the cursor {at:?} is not after the last row sent, {model} {id}"
+                );
+                path = format!("/sync/bootstrap?cursor={cursor}");
+            }
+        }
+    };
+
+    // The first bootstrap passes its deadline at once: it ends after its first full chunk,
+    // whose last row its cursor names; the cursor (and the limit it carries) resumes it.
+    let limit = per_chunk + 1;
+    let (ids, raw, last) = bootstrap_page(port, &format!("{base}&limit={limit}"), &auth).await;
+    assert_eq!(last["code"], "deadline", "{last}");
+    assert_eq!(
+        ids,
+        all[..per_chunk],
+        "one chunk of rows, then the deadline"
+    );
+    assert!(raw.iter().all(|l| l.len() == LINE));
+    let cursor = last["cursor"].as_str().unwrap();
+    assert_eq!(
+        cursor_position(cursor),
+        (
+            "announcements".to_owned(),
+            json!({ "id": all[per_chunk - 1].1 })
+        )
+    );
+    let rest = page_through(format!("/sync/bootstrap?cursor={cursor}"), Some(limit)).await;
+    assert_eq!(
+        [ids, rest].concat(),
+        all,
+        "the deadline's cursor resumes after its last row"
+    );
+
+    let limits = [
+        1,
+        per_chunk - 1,
+        per_chunk,
+        per_chunk + 1,
+        2 * per_chunk - 1,
+        2 * per_chunk,
+        2 * per_chunk + 1,
+        3 * per_chunk,
+        total - 1,
+        total,
+        total + 1,
+    ];
+    for limit in limits {
+        let got = page_through(format!("{base}&limit={limit}"), Some(limit)).await;
+        assert_eq!(got, all, "limit {limit}: every row once, in key order");
+    }
+    assert_eq!(page_through(base.to_owned(), None).await, all);
+
+    // Across a model boundary: a limit reached at the last row of one model resumes at the
+    // start of the next (a cursor with no key), not after the previous model's last key.
+    exec(
+        &mut db,
+        "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'b', 'p2'), (3, 'c', 'p1'), (5000, 'd', 'p1')",
+    );
+    let both: Vec<(String, i64)> = all
+        .iter()
+        .cloned()
+        .chain([1, 3, 5000].map(|id| ("todos".to_owned(), id)))
+        .collect();
+    for limit in [1, per_chunk, total - 1, total, total + 1, total + 3] {
+        let first = format!("/sync/bootstrap?models=announcements,todos&limit={limit}");
+        let got = page_through(first, Some(limit)).await;
+        assert_eq!(
+            got, both,
+            "limit {limit}: every row once, in model and key order"
+        );
+    }
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A shutdown noticed mid-chunk lets that chunk go out, then ends the bootstrap with a
+/// `shutting_down` error whose cursor names the chunk's last row; a restarted worker resumes
+/// from it with exactly the rest. The failpoint holds the first chunk of rows (the second
+/// flush, after the `bootstrap` line's) while the worker gets SIGTERM: the shutdown is then
+/// seen when the second chunk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_shut_down_mid_chunk_sends_that_chunk_and_resumes_after_it() {
+    let (cluster, mut db) = app_cluster("bootstrap_shutdown_chunk");
+    let per_chunk = BOOT_CHUNK / BOOT_LINE;
+    let all = fill_announcements(&mut db, 4 * per_chunk + 3);
+    let mut worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "bootstrap_flush_pause@2")],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+    let first = tokio::spawn({
+        let auth = auth.clone();
+        async move { bootstrap_page(port, "/sync/bootstrap?models=announcements", &auth).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stopped = tokio::task::spawn_blocking(move || worker.terminate());
+    let (ids, raw, last) = first.await.unwrap();
+    assert_eq!(
+        stopped.await.unwrap(),
+        Some(0),
+        "a clean exit after SIGTERM"
+    );
+    assert_eq!(last["code"], "shutting_down", "{last}");
+    assert!(raw.iter().all(|l| l.len() == BOOT_LINE));
+    assert_eq!(
+        ids,
+        all[..2 * per_chunk],
+        "the held chunk and the one being filled, no more"
+    );
+    let cursor = last["cursor"].as_str().unwrap();
+    assert_eq!(
+        cursor_position(cursor),
+        (
+            "announcements".to_owned(),
+            json!({ "id": all[2 * per_chunk - 1].1 })
+        )
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let (rest, _, end) = bootstrap_page(
+        worker.port,
+        &format!("/sync/bootstrap?cursor={cursor}"),
+        &auth,
+    )
+    .await;
+    assert_eq!(end["type"], "end", "{end}");
+    assert_eq!([ids, rest].concat(), all, "every row once, in key order");
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// Membership changes have positions in the log: a client that resumes from a cursor learns
 /// every join and leave since, each at its own sync id, in order with the deltas, however the
 /// change was made (add_member, plain DELETE, UPDATE of the key, TRUNCATE); live membership
