@@ -157,6 +157,10 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
             }
         }
     }
+    // Keys without a state row have no row lock to order two applies inserting them (each
+    // inserts them in its own model and round order): lock them here, after every row and
+    // state lock and in one order, so a second apply of any of them waits for this one.
+    lock_new_keys(&keys);
     for (name, ks) in &by_model {
         // Only a key with a state row can have been inserted since: a local insert records its
         // state in its own transaction, and one that has not committed by now makes this
@@ -437,6 +441,42 @@ fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, Option
             })
             .collect(),
         _ => HashMap::new(),
+    }
+}
+
+/// Locks, until the transaction ends, the keys without a state row (no placeholder marks them)
+/// in a lock space of pg_sync's own (the `userlock` tag type, as `leader`, field4 0x706b "pk":
+/// no application's advisory lock collides with it), taken in tag order so two applies
+/// sharing such keys cannot deadlock on them. Tags are hashes: a collision only makes an apply
+/// wait for another that does not need to.
+fn lock_new_keys(keys: &[Key]) {
+    let mut tags: Vec<(u32, u32)> = keys
+        .iter()
+        .filter(|k| !k.recorded)
+        .map(|k| {
+            // FNV-1a: the same tag in every backend.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in k.model.bytes().chain([0]).chain(k.id.bytes()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            ((h >> 32) as u32, h as u32)
+        })
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    for (hi, lo) in tags {
+        let tag = pg_sys::LOCKTAG {
+            // SAFETY: a plain read of a backend global.
+            locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+            locktag_field2: hi,
+            locktag_field3: lo,
+            locktag_field4: 0x706b,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        // SAFETY: a transaction lock on a tag of our own (released at commit or abort, as
+        // pg_advisory_xact_lock's); it waits, and the deadlock detector sees the wait.
+        unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false) };
     }
 }
 
