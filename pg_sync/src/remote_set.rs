@@ -9,7 +9,9 @@
 //!    applies cannot deadlock on each other. Keys without a state row get no placeholder (the
 //!    per-change path's `state::lock` inserts one): a catch-up of new rows would write each
 //!    state row twice; their state rows are inserted once, at step 4, and a concurrent writer
-//!    of such a key fails that insert (or the table insert) and with it the set path;
+//!    of such a key fails that insert (or the table insert) and with it the set path. Those keys
+//!    are locked last, in pg_sync's own lock space (`lock_new_keys`), so two applies inserting
+//!    them cannot deadlock;
 //! 2. merge in Rust, change by change in batch order, from the loaded states and rows;
 //! 3. write the table with one INSERT / UPDATE / DELETE per model, kind and column set, each
 //!    row with its own remote context (`capture::RemoteSet`) so the capture trigger records it
