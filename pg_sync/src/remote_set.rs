@@ -159,10 +159,6 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
             }
         }
     }
-    // Keys without a state row have no row lock to order two applies inserting them (each
-    // inserts them in its own model and round order): lock them here, after every row and
-    // state lock and in one order, so a second apply of any of them waits for this one.
-    lock_new_keys(&keys);
     for (name, ks) in &by_model {
         // Only a key with a state row can have been inserted since: a local insert records its
         // state in its own transaction, and one that has not committed by now makes this
@@ -179,6 +175,10 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
             }
         }
     }
+    // Keys without a state row have no row lock to order two applies inserting them (each
+    // inserts them in its own model and round order): lock them here, last and in one order,
+    // so a second apply of any of them waits for this one before it writes anything.
+    lock_new_keys(&keys);
     // A row without recorded state is live at the zero version if the table holds it.
     for key in keys.iter_mut() {
         if key.state == State::default() {
