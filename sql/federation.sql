@@ -1460,7 +1460,10 @@ BEGIN
         END IF;
     END IF;
     IF q.requested_at IS NULL OR q.checked_at >= q.requested_at THEN
-        UPDATE pg_sync.peer_probes k SET requested_at = now() WHERE k.peer = p.name;
+        -- Past the recorded result: a handshake may have read (and recorded) after this
+        -- transaction's start, before this request and whatever this transaction changed.
+        UPDATE pg_sync.peer_probes k SET requested_at = GREATEST(now(), q.checked_at + interval '1 microsecond')
+         WHERE k.peer = p.name;
     END IF;
     RETURN QUERY SELECT q.peer, q.checked_at, q.requested_at, q.reachable, q.auth_ok, q.node_id, q.proto,
            q.extension_version, q.worker_version, q.rtt_ms, q.clock_offset_ms, q.models_sent,
@@ -1474,15 +1477,27 @@ $$;
 -- the configuration it tested (now() if absent): a result read before a test_peer request must
 -- not answer it, however late it is recorded, and never replaces a newer result (a link's
 -- handshake and a probe may finish in either order); the link's rtt is updated either way.
+-- requested_at, when present, is the request the handshake saw with that configuration: a
+-- request committed after it (its requested_at is its transaction's start, and may be older
+-- than checked_at) is not answered by this result.
 CREATE FUNCTION pg_sync.record_peer_probe(peer text, result jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    p     pg_sync.peers := pg_sync.peer_or_raise(peer);
-    taken text[];
-    sent  text[];
+    p       pg_sync.peers := pg_sync.peer_or_raise(peer);
+    taken   text[];
+    sent    text[];
+    checked timestamptz := coalesce((result ->> 'checked_at')::timestamptz, now());
+    asked   timestamptz;
 BEGIN
+    IF result ? 'requested_at' THEN
+        -- Waits for a test_peer call in progress: then its request is the one compared.
+        SELECT q.requested_at INTO asked FROM pg_sync.peer_probes q WHERE q.peer = p.name FOR UPDATE;
+        IF asked IS DISTINCT FROM (result ->> 'requested_at')::timestamptz AND asked <= checked THEN
+            checked := asked - interval '1 microsecond';
+        END IF;
+    END IF;
     SELECT coalesce(array_agg(r.model ORDER BY r.model), '{}') INTO taken FROM pg_sync.registry r
      WHERE r.enabled AND r.federation IN ('pull', 'both') AND (p.models IS NULL OR r.model = ANY (p.models));
     IF jsonb_typeof(result -> 'models_sent') = 'array' THEN
@@ -1491,7 +1506,7 @@ BEGIN
     INSERT INTO pg_sync.peer_probes AS q (peer, checked_at, reachable, auth_ok, node_id, proto, extension_version,
                                           worker_version, rtt_ms, clock_offset_ms, models_sent, models_taken,
                                           models_compatible, error)
-    VALUES (p.name, coalesce((result ->> 'checked_at')::timestamptz, now()), (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
+    VALUES (p.name, checked, (result ->> 'reachable')::boolean, (result ->> 'auth_ok')::boolean, result ->> 'node_id',
             (result ->> 'proto')::integer, result ->> 'extension_version', result ->> 'worker_version',
             (result ->> 'rtt_ms')::double precision, (result ->> 'clock_offset_ms')::double precision,
             sent, taken, CASE WHEN sent IS NOT NULL THEN taken <@ sent END, result ->> 'error')

@@ -404,7 +404,6 @@ impl Model {
     }
 }
 
-/// `[type oid, typmod]` as the registry query returns it.
 /// Canonical text of a key (a model id): the single column's text, or a compact JSON array of
 /// texts. Capture mints ids with it and `Model::canonical_id` re-forms peers' ids with it.
 pub fn key_text(mut parts: Vec<String>) -> String {
@@ -415,6 +414,7 @@ pub fn key_text(mut parts: Vec<String>) -> String {
     }
 }
 
+/// `[type oid, typmod]` as the registry query returns it.
 fn type_of(t: &Value) -> (pg_sys::Oid, i32) {
     let oid = t[0].as_u64().unwrap_or_default() as u32;
     let typmod = t[1].as_i64().unwrap_or(-1) as i32;

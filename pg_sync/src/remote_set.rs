@@ -9,7 +9,9 @@
 //!    applies cannot deadlock on each other. Keys without a state row get no placeholder (the
 //!    per-change path's `state::lock` inserts one): a catch-up of new rows would write each
 //!    state row twice; their state rows are inserted once, at step 4, and a concurrent writer
-//!    of such a key fails that insert (or the table insert) and with it the set path;
+//!    of such a key fails that insert (or the table insert) and with it the set path. Those keys
+//!    are locked last, in pg_sync's own lock space (`lock_new_keys`), so two applies inserting
+//!    them cannot deadlock;
 //! 2. merge in Rust, change by change in batch order, from the loaded states and rows;
 //! 3. write the table with one INSERT / UPDATE / DELETE per model, kind and column set, each
 //!    row with its own remote context (`capture::RemoteSet`) so the capture trigger records it
@@ -173,6 +175,10 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
             }
         }
     }
+    // Keys without a state row have no row lock to order two applies inserting them (each
+    // inserts them in its own model and round order): lock them here, last and in one order,
+    // so a second apply of any of them waits for this one before it writes anything.
+    lock_new_keys(&keys);
     // A row without recorded state is live at the zero version if the table holds it.
     for key in keys.iter_mut() {
         if key.state == State::default() {
@@ -437,6 +443,58 @@ fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, Option
             })
             .collect(),
         _ => HashMap::new(),
+    }
+}
+
+/// Locks, until the transaction ends, the keys without a state row (no placeholder marks them)
+/// in a lock space of pg_sync's own (the `userlock` tag type, as `leader`, field4 "pg" / "pk":
+/// no application's advisory lock collides with it), so two applies sharing such keys cannot
+/// deadlock on them. Every lock entry is in the shared lock table (sized by
+/// max_locks_per_transaction), so a key is locked by itself only in a batch with at most
+/// `NEW_KEYS_ONE_BY_ONE` of them: first a gate lock, shared, then the keys' locks in tag order.
+/// A larger batch (a catch-up of many new rows) takes the gate alone, exclusive: it runs one
+/// after the other with any apply that inserts new keys, and never holds more than one entry.
+/// Tags are hashes: a collision only makes an apply wait for another that does not need to.
+fn lock_new_keys(keys: &[Key]) {
+    const NEW_KEYS_ONE_BY_ONE: usize = 64;
+    let mut tags: Vec<(u32, u32)> = keys
+        .iter()
+        .filter(|k| !k.recorded)
+        .map(|k| {
+            // FNV-1a: the same tag in every backend.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in k.model.bytes().chain([0]).chain(k.id.bytes()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            ((h >> 32) as u32, h as u32)
+        })
+        .collect();
+    if tags.is_empty() {
+        return;
+    }
+    tags.sort_unstable();
+    tags.dedup();
+    let lock = |(hi, lo): (u32, u32), kind: u16, mode: u32| {
+        let tag = pg_sys::LOCKTAG {
+            // SAFETY: a plain read of a backend global.
+            locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+            locktag_field2: hi,
+            locktag_field3: lo,
+            locktag_field4: kind,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        // SAFETY: a transaction lock on a tag of our own (released at commit or abort, as
+        // pg_advisory_xact_lock's); it waits, and the deadlock detector sees the wait.
+        unsafe { pg_sys::LockAcquire(&tag, mode as i32, false, false) };
+    };
+    if tags.len() > NEW_KEYS_ONE_BY_ONE {
+        lock((0, 0), 0x7067, pg_sys::ExclusiveLock);
+        return;
+    }
+    lock((0, 0), 0x7067, pg_sys::ShareLock);
+    for t in tags {
+        lock(t, 0x706b, pg_sys::ExclusiveLock);
     }
 }
 

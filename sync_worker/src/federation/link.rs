@@ -355,22 +355,26 @@ async fn session(
     // Everything this handshake tests, read in one statement as of `as_of` (its start, on the
     // database's clock). Results carry it as their `checked_at`: a handshake that read the
     // peer's configuration before a test_peer request never answers that request, however
-    // late it records (the caller may have changed the peer in between).
+    // late it records (the caller may have changed the peer in between). A request's
+    // requested_at is its transaction's start, before it commits: the request this read saw
+    // goes with the results too, and only that one is answered by them.
     let config = db
         .query_opt(
-            "SELECT pg_sync.node_id(), p.url, p.node_id, s.secret, s.previous_secret, now()::text
+            "SELECT pg_sync.node_id(), p.url, p.node_id, s.secret, s.previous_secret, now()::text,
+                    (SELECT q.requested_at::text FROM pg_sync.peer_probes q WHERE q.peer = p.name)
                FROM pg_sync.peers p JOIN pg_sync.peer_secrets s ON s.peer = p.name
               WHERE p.name = $1",
             &[&name],
         )
         .await;
-    let (me, url, pinned, secret, previous, as_of): (
+    let (me, url, pinned, secret, previous, as_of, seen): (
         String,
         String,
         Option<String>,
         String,
         Option<String>,
         String,
+        Option<String>,
     ) = match config {
         Ok(Some(row)) => (
             row.get(0),
@@ -379,11 +383,12 @@ async fn session(
             row.get(3),
             row.get(4),
             row.get(5),
+            row.get(6),
         ),
         Ok(None) => return Outcome::Stop,
         Err(_) => return retry,
     };
-    let record_probe = |result| probe(&db, name, &as_of, result);
+    let record_probe = |result| probe(&db, name, &as_of, seen.as_deref(), result);
     report(
         &db,
         name,

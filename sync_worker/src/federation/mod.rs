@@ -166,9 +166,17 @@ pub fn wall_ms() -> f64 {
 
 /// Records a handshake's outcome for `pg_sync.test_peer` (`pg_sync.record_peer_probe`).
 /// `checked_at`: when the handshake read the configuration it tested (the database's clock),
-/// which decides the requests it answers and whether it replaces the recorded result.
-pub async fn probe(db: &Client, peer: &str, checked_at: &str, mut result: serde_json::Value) {
+/// which decides the requests it answers and whether it replaces the recorded result;
+/// `requested_at`: the test_peer request that read saw (only that one is answered).
+pub async fn probe(
+    db: &Client,
+    peer: &str,
+    checked_at: &str,
+    requested_at: Option<&str>,
+    mut result: serde_json::Value,
+) {
     result["checked_at"] = serde_json::Value::from(checked_at);
+    result["requested_at"] = serde_json::Value::from(requested_at);
     if let Err(e) = db
         .execute(
             "SELECT pg_sync.record_peer_probe($1, $2::text::jsonb)",

@@ -96,6 +96,37 @@ SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', false, 'e
 SELECT reachable, auth_ok, error, checked_at < requested_at AS pending FROM pg_sync.peer_probes WHERE peer = 'h1';
 SELECT pg_sync.record_peer_probe('h1', '{"reachable": true, "auth_ok": false, "error": "refused by the peer (4501)"}');
 SELECT reachable, auth_ok, error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
+-- A request is answered only by a handshake that saw it: requested_at is the caller's
+-- transaction start, but a handshake sees the request (and a configuration change made with
+-- it, e.g. set_peer) only once it commits. A result recorded after that start, before the
+-- request, does not answer it:
+BEGIN;
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', false, 'error', 'read after the start',
+         'checked_at', clock_timestamp(), 'requested_at', requested_at))
+  FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.test_peer('h1');
+COMMIT;
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
+-- One that saw the request (it passes the requested_at it read with the configuration)
+-- answers it.
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', true, 'auth_ok', true, 'error', 'saw it',
+         'checked_at', clock_timestamp(), 'requested_at', requested_at))
+  FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
+-- One that read before the request committed (it saw the previous request) does not answer it,
+-- however late its checked_at.
+CREATE TEMP TABLE seen AS SELECT requested_at FROM pg_sync.peer_probes WHERE peer = 'h1';
+BEGIN;
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.test_peer('h1');
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', false, 'error', 'read before the commit',
+         'checked_at', clock_timestamp(), 'requested_at', (SELECT requested_at FROM seen)));
+COMMIT;
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT pg_sync.record_peer_probe('h1', jsonb_build_object('reachable', true, 'auth_ok', true, 'error', 'saw it',
+         'checked_at', clock_timestamp(), 'requested_at', requested_at))
+  FROM pg_sync.peer_probes WHERE peer = 'h1';
+SELECT error, checked_at >= requested_at AS answered FROM pg_sync.peer_probes WHERE peer = 'h1';
+DROP TABLE seen;
 SELECT err($$SELECT * FROM pg_sync.test_peer('nope')$$);
 -- resync_peer: the cursor is marked for a snapshot join (any join in progress is dropped); a
 -- push-only peer is refused. The join functions check their peer and position.

@@ -123,3 +123,17 @@ SELECT pg_sync.apply_peer_batch('sp', 'E1', 40, 43, jsonb_build_array(
   sch(43, 'sb', 'U', 'S-', '1', 41, 'p2', '{"v": "after"}')));
 SELECT sync_id, sqlstate FROM pg_sync.peer_quarantine WHERE peer_node_id = 'sp';
 SELECT id, v FROM sb WHERE id IN ('S-1', 'S-7', 'S-8') ORDER BY id;
+
+-- A catch-up of many new rows: keys without a state row are locked one by one only up to 64 of
+-- them, past that by one lock for the batch, so a large batch does not fill the shared lock
+-- table (max_locks_per_transaction); all applied
+-- set-based (no fallback event besides the bad change's above). 2,000 rows: changes_pages
+-- counts on no transaction in the log being larger than its own.
+BEGIN;
+SELECT pg_sync.apply_peer_batch('sp', 'E1', 43, 2043, (
+  SELECT jsonb_agg(sch(43 + g, 'sb', 'I', 'N-', g::text, 50, 'p2', '{"id": "", "v": "new"}') ORDER BY g)
+    FROM generate_series(1, 2000) g)) - 'cursor';
+SELECT count(*) AS new_key_locks FROM pg_locks WHERE locktype = 'userlock' AND pid = pg_backend_pid();
+COMMIT;
+SELECT count(*) AS new_rows FROM sb WHERE id LIKE 'N-%';
+SELECT count(*) AS fallbacks FROM pg_sync.peer_events WHERE peer = 'sp' AND event = 'quarantined';
