@@ -2627,6 +2627,76 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Integers, dates and timestamps the worker formats itself, over their whole ranges (the
+/// extremes, BC years, years past 9999, the infinities, every count of fraction digits), equal
+/// `to_jsonb`'s in a bootstrap of many chunks, paged (resuming after int8 keys down to
+/// i64::MIN) and whole, and in the deltas; `data` jsonb as the deltas carry it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_datetimes_and_integers_equal_to_jsonb_over_their_ranges() {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("bootstrap_ranges", &["timezone = 'UTC'"]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        r#"CREATE TABLE ranges (id int8 PRIMARY KEY, i2 int2, i4 int4, d date, ts timestamp,
+             tz timestamptz, j jsonb, pad text);
+           SELECT pg_sync.register_table('ranges');
+           INSERT INTO ranges
+           SELECT CASE i WHEN 0 THEN -9223372036854775808 WHEN 1 THEN 9223372036854775807
+                         ELSE (i - 1500) * 6148914691236517 END,
+                  ((i * 37) % 65536 - 32768)::int2, ((i::int8 * 1431655765) % 4294967296 - 2147483648)::int4,
+                  CASE i % 97 WHEN 0 THEN 'infinity'::date WHEN 1 THEN '-infinity' WHEN 2 THEN '5874897-12-31'
+                              WHEN 3 THEN '4714-11-24 BC' ELSE '2000-01-01'::date + ((i - 1500) * 977) END,
+                  CASE i % 89 WHEN 0 THEN 'infinity'::timestamp WHEN 1 THEN '-infinity'
+                              WHEN 2 THEN '294276-12-31 23:59:59.999999' WHEN 3 THEN '4714-11-24 00:00:00 BC'
+                              ELSE '2000-01-01'::timestamp + ((i - 1500) * 3601.000001 * 29000 || ' s')::interval
+                                   + (i % 7 * 10 ^ (i % 6) || ' us')::interval END,
+                  CASE i % 83 WHEN 0 THEN 'infinity'::timestamptz WHEN 1 THEN '-infinity'
+                              ELSE '0001-01-01 00:00:00+00 BC'::timestamptz + (i * 1234567.654321 * 977 || ' s')::interval END,
+                  jsonb_build_object('', i, 'é', i, 'ﬀ', 'x', '𐍈', 'y', 'n', i * 1e30, 'a', jsonb_build_array(i, -0.0, 'q"\/' || chr(i % 31 + 1))),
+                  repeat('p', 20)
+             FROM generate_series(0, 2999) i;"#,
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let auth = bearer("anyone");
+    let expected = replica_of(
+        &mut db,
+        "SELECT 'ranges', id::text, to_jsonb(r)::text FROM ranges r",
+    );
+    assert_eq!(expected.len(), 3000);
+    let (_, whole) = ndjson(port, "/sync/bootstrap?models=ranges", &auth).await;
+    let mut got = Replica::new();
+    add_rows(&mut got, &whole);
+    for (k, v) in &expected {
+        assert_eq!(got.get(k), Some(v), "{k:?}");
+    }
+    assert!(got == expected);
+    let mut paged = Replica::new();
+    let mut path = "/sync/bootstrap?models=ranges&limit=700".to_owned();
+    loop {
+        let (status, page) = ndjson(port, &path, &auth).await;
+        assert_eq!(status, 200);
+        add_rows(&mut paged, &page);
+        let end = page.last().unwrap();
+        if end["hasMore"] == false {
+            break;
+        }
+        path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+    }
+    assert!(paged == expected);
+    let mut ws = connect(port, "anyone").await;
+    let frames = subscribe_settled(&mut ws, 0).await;
+    let mut from_deltas = Replica::new();
+    for f in &frames {
+        apply_delta(&mut from_deltas, f);
+    }
+    for (k, v) in &expected {
+        assert_eq!(from_deltas.get(k), Some(v), "{k:?}");
+    }
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// Bootstrap ids are the log's canonical ids whatever the server's time zone and date style: a
 /// timestamptz key and group read in New York still match the deltas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

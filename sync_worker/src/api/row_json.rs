@@ -348,6 +348,32 @@ mod tests {
         assert_eq!(date(60), r#""2000-03-01""#, "2000 is a leap year");
     }
 
+    /// Dates and timestamps in binary next to what Postgres 15's `to_jsonb` prints for them
+    /// (`tests/fixtures/pg_datetime_jsonb.sql`, TimeZone UTC): BC years, years past 9999, the
+    /// infinities, leap days, every count of fraction digits.
+    #[test]
+    fn datetimes_equal_postgres_to_jsonb() {
+        let mut n = 0;
+        for line in include_str!("../../tests/fixtures/pg_datetime_jsonb.txt").lines() {
+            let mut f = line.splitn(3, ' ');
+            let (kind, hex, want) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let raw: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let kind = match kind {
+                "ts" => Kind::Timestamp,
+                "tz" => Kind::TimestamptzUtc,
+                _ => Kind::Date,
+            };
+            let mut out = vec![];
+            write_datetime(&mut out, kind, &raw);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{kind:?} {hex}");
+            n += 1;
+        }
+        assert!(n > 1000);
+    }
+
     #[test]
     fn integers_are_written_as_display_does() {
         for v in [0, 7, -7, 10, -100, 1_000_000, i64::MAX, i64::MIN] {

@@ -376,6 +376,96 @@ mod tests {
         }
     }
 
+    /// `Row::get` answers as c5ec34a's map did (column -> `Option<String>`, unchanged TOAST
+    /// absent, columns past the relation's dropped), for tuples with fewer, as many and more
+    /// cells than the relation has columns, of every kind, and across a relation message that
+    /// changes the columns mid-stream (a row decoded before keeps the names it had).
+    #[test]
+    fn rows_answer_as_the_old_map_did() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let relation = |cols: &[String]| {
+            let mut b = vec![b'R'];
+            b.put_u32(7);
+            b.extend_from_slice(b"pg_sync\0sync_actions\0");
+            b.put_u8(b'd');
+            b.put_i16(cols.len() as i16);
+            for name in cols {
+                b.put_u8(0);
+                b.extend_from_slice(name.as_bytes());
+                b.put_u8(0);
+                b.put_u32(25);
+                b.put_i32(-1);
+            }
+            b
+        };
+        const VALUES: [&str; 5] = ["", "x", "é😀", "{\"a\": 1}", "\u{1}\"\\"];
+        let mut d = Decoder::default();
+        // The row as decoded, the old map of it, the relation's columns then.
+        type Decoded = (Row, HashMap<String, Option<String>>, Vec<String>);
+        let mut before: Option<Decoded> = None;
+        for _ in 0..2000 {
+            let cols: Vec<String> = (0..next(5))
+                .map(|i| ["id", "data", "", "a", "é"][(i + next(2)) as usize % 5].to_owned())
+                .collect();
+            // Postgres never sends a relation with two columns of one name.
+            let mut cols = cols;
+            cols.dedup();
+            let mut seen = std::collections::HashSet::new();
+            cols.retain(|c| seen.insert(c.clone()));
+            d.decode(&relation(&cols)).unwrap();
+            let mut ins = vec![b'I'];
+            ins.put_u32(7);
+            ins.put_u8(b'N');
+            let n = next(7) as usize;
+            ins.put_i16(n as i16);
+            let mut old_map = HashMap::new();
+            for i in 0..n {
+                let value = match next(4) {
+                    0 => {
+                        ins.put_u8(b'n');
+                        Some(None)
+                    }
+                    1 => {
+                        ins.put_u8(b'u');
+                        None
+                    }
+                    k => {
+                        let v = VALUES[next(5) as usize];
+                        ins.put_u8(if k == 2 { b't' } else { b'b' });
+                        ins.put_i32(v.len() as i32);
+                        ins.extend_from_slice(v.as_bytes());
+                        Some(Some(v.to_owned()))
+                    }
+                };
+                if let (Some(name), Some(value)) = (cols.get(i), value) {
+                    old_map.insert(name.clone(), value);
+                }
+            }
+            let Message::Insert { row, .. } = d.decode(&ins).unwrap() else {
+                panic!("an insert");
+            };
+            let check = |row: &Row, map: &HashMap<String, Option<String>>, cols: &[String]| {
+                for name in cols.iter().map(String::as_str).chain(["nope", "ID"]) {
+                    let old = map.get(name).map(|v| v.as_deref());
+                    assert_eq!(row.get(name), old, "{name:?} of {cols:?}");
+                    assert_eq!(row.text(name), old.flatten());
+                    assert_eq!(row.contains(name), old.is_some());
+                }
+            };
+            check(&row, &old_map, &cols);
+            if let Some((row, map, cols)) = &before {
+                check(row, map, cols);
+            }
+            before = Some((row, old_map, cols));
+        }
+    }
+
     #[test]
     fn truncate_names_its_relations() {
         let mut d = Decoder::default();
