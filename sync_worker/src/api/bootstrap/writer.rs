@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 const CHECKPOINT_ROWS: u64 = 1_000;
 /// Rows are sent in chunks of about this many bytes.
 const CHUNK_BYTES: usize = 32 * 1024;
+/// Rows between two shutdown/deadline checks when chunks fill slowly (small rows).
+const CHECK_ROWS: u64 = 256;
 /// A client that takes no data for this long is dropped: a bootstrap holds a snapshot (and so
 /// holds back vacuum) while it streams.
 pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -340,9 +342,11 @@ async fn send_rows(
                 let c = cursor_at(m, out.last_key(m));
                 out.push_json(json!({"type": "cursor", "cursor": c.encode()}));
             }
-            // Checked once a chunk is full (not for every row): the rows of at most one chunk
-            // go out after a shutdown or the deadline, each still ahead of the cursor.
-            if out.buf.len() < CHUNK_BYTES {
+            // Checked once a chunk is full or every `CHECK_ROWS` rows (not for every row): the
+            // rows of at most one chunk go out after a shutdown or the deadline, each still ahead
+            // of the cursor, and a bootstrap whose visible rows are small or sparse still stops
+            // at its deadline.
+            if out.buf.len() < CHUNK_BYTES && !rows.is_multiple_of(CHECK_ROWS) {
                 continue;
             }
             if *out.shutdown.borrow() {
