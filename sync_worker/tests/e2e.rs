@@ -4292,6 +4292,77 @@ async fn a_bootstrap_past_its_deadline_frees_its_slot_and_resumes_by_cursor() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A bootstrap whose rows are so small that all of them fit in less than one 32 KiB chunk still
+/// stops at its deadline (here: at once, by a failpoint): besides at each full chunk, the writer
+/// checks every 256 rows, so the bootstrap ends with a `deadline` cursor after at most 256 rows
+/// (not an `end` after all of them), and that cursor resumes with exactly the remaining rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_of_small_rows_stops_at_its_deadline_and_resumes_by_cursor() {
+    // The writer's `CHECK_ROWS`: the most rows a bootstrap sends past its deadline.
+    const CHECK_ROWS: usize = 256;
+    let total: usize = 320;
+    let (cluster, mut db) = app_cluster("bootstrap_small_rows");
+    exec(
+        &mut db,
+        &format!(
+            "INSERT INTO announcements SELECT g, '' FROM generate_series(1000, {}) g",
+            999 + total
+        ),
+    );
+    let all: Vec<(String, i64)> = (1000..1000 + total as i64)
+        .map(|id| ("announcements".to_owned(), id))
+        .collect();
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "bootstrap_deadline")],
+    )
+    .await;
+    let port = worker.port;
+    let auth = bearer("alice");
+
+    let (ids, raw, last) =
+        bootstrap_page(port, "/sync/bootstrap?models=announcements", &auth).await;
+    assert_eq!(
+        last["code"],
+        "deadline",
+        "{} rows, then {last}: the deadline was not checked before the rows ran out",
+        ids.len()
+    );
+    assert!(
+        !ids.is_empty() && ids.len() <= CHECK_ROWS,
+        "{} rows went out past the deadline",
+        ids.len()
+    );
+    assert_eq!(ids, all[..ids.len()], "rows in key order from the first");
+    let cursor = last["cursor"]
+        .as_str()
+        .expect("the deadline names a cursor");
+    assert_eq!(
+        cursor_position(cursor),
+        (
+            "announcements".to_owned(),
+            json!({ "id": ids.last().unwrap().1 })
+        ),
+        "the cursor names the last row sent"
+    );
+
+    let (rest, rest_raw, end) =
+        bootstrap_page(port, &format!("/sync/bootstrap?cursor={cursor}"), &auth).await;
+    assert_eq!(end["type"], "end", "{end}");
+    assert_eq!(end["hasMore"], false, "{end}");
+    assert_eq!(end["rows"], rest.len());
+    // Every row together is less than one chunk: no full chunk ever triggered the check.
+    let bytes: usize = raw.iter().chain(&rest_raw).map(String::len).sum();
+    assert!(bytes < BOOT_CHUNK, "{total} rows take {bytes} bytes");
+    assert_eq!(
+        [ids, rest].concat(),
+        all,
+        "the deadline's cursor resumes with exactly the remaining rows"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// What a bootstrap page says: the model and id of its rows (in order), its raw row lines,
 /// and its last line (`end`, or the `deadline` error).
 async fn bootstrap_page(
