@@ -1348,6 +1348,208 @@ async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_t
         .any(|m| m["value"]["body"] == "after the revocations"));
 }
 
+/// Reads `s` until what it sent contains `what` (false: closed or `secs` passed first).
+async fn read_until(s: &mut tokio::net::TcpStream, what: &str, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = String::new();
+    while !seen.contains(what) {
+        let mut buf = [0u8; 8192];
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Opens a held SSE request for alice's `todos` shape; returns once it is held (it sent its
+/// first up-to-date, so it is subscribed to the hub's wakes).
+async fn held_todos_sse(port: u16) -> tokio::net::TcpStream {
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
+             Host: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            token("alice", 3600, SECRET)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_until(&mut sse, "up-to-date", 20).await,
+        "the SSE stream never went live"
+    );
+    sse
+}
+
+/// Found under load (fix8b): decoding hands the sequencer a commit before the committer has
+/// left the proc array. A re-registration woke held requests then, they read the registry
+/// before it was visible, found their shape unchanged and held on with no wake to come.
+/// Held in that window on purpose (synchronous replication to a standby that never comes),
+/// the re-registration must still end the held SSE stream once it is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_reregistration_streamed_before_it_is_visible_still_ends_held_requests() {
+    let (cluster, c) = app_cluster("shape_rereg_invisible").await;
+    // The worker's own commits do not wait for the missing standby; the application's do.
+    let url = format!(
+        "{} options='-c synchronous_commit=local'",
+        cluster.url("app")
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("SYNC_SHAPE_LONG_POLL_SECS", "30"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut sse = held_todos_sse(port).await;
+    let slot_lsn = || async {
+        c.query_one(
+            "SELECT coalesce(max(confirmed_flush_lsn), '0/0')::text FROM pg_replication_slots",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+    };
+    // (ALTER SYSTEM cannot share an implicit transaction with another statement.)
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'ghost'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let writer = db(&cluster, "app").await;
+    // A backend reloads its configuration between statements: the writer waits for it.
+    while writer
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        != "ghost"
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let writer = tokio::spawn(async move {
+        // Returns once synchronous replication is switched off again.
+        writer
+            .batch_execute("SELECT pg_sync.register_table('todos', group_column => 'title')")
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The worker has streamed the commit: it waits for it to become visible, or (before the
+    // fix) it woke the held requests and acknowledged it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+        if !metrics.contains("pg_sync_sequencer_visibility_waits_total 0") {
+            break;
+        }
+        let advanced: bool = c
+            .query_one(
+                "SELECT $1::text::pg_lsn < $2::text::pg_lsn",
+                &[&before, &slot_lsn().await],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            // The woken requests' registry reads take a moment (only the unfixed worker
+            // gets here: the fixed one holds the commit unacknowledged until it is visible).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never streamed the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for sql in [
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    assert_eq!(writer.await.unwrap(), Ok(()));
+    let (_, closed) = drain(&mut sse, 10).await;
+    assert!(
+        closed,
+        "the SSE stream stayed open after the re-registration became visible"
+    );
+}
+
+/// Found under load (fix8b): a held request subscribed to the hub's wakes only after it had
+/// read the registration, so a re-registration published in between (here: while the
+/// request is paused after that read by a failpoint) never woke it; it held to its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_reregistration_while_a_request_resolves_wakes_it() {
+    let (cluster, c) = app_cluster("shape_rereg_resolve").await;
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_SHAPE_LONG_POLL_SECS", "30"),
+            ("SYNC_FAILPOINTS", "shape_pause_after_resolve"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w = offset_id(&r);
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = get(
+            port,
+            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
+            "alice",
+        )
+        .await;
+        (r, started.elapsed())
+    });
+    // Within the request's 3 s pause after it resolved its shape. (Should the machine be so
+    // slow that the request resolves after the re-registration instead, it gets its 409 at
+    // once all the same: the test cannot fail for that.)
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    c.batch_execute("SELECT pg_sync.register_table('todos', group_column => 'title')")
+        .await
+        .unwrap();
+    let (r, held) = poll.await.unwrap();
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(held < Duration::from_secs(10), "held {held:?}");
+}
+
 /// Review rev3 #4: held long-polls wake only for publishes that touch their model or their
 /// user's memberships. Writes to another table cost no shape queries; a write to the held
 /// table still answers at once.

@@ -819,6 +819,10 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
     };
     // Subscribed before the key is checked: a key revoked from here on ends a held request.
     let revocations = app.hub.revocations();
+    // Subscribed before the registration is read (`resolve`): a re-registration published
+    // from here on wakes the held request, which then finds its fingerprint changed. (Taken
+    // after the read, a wake sent in between was lost and the request held to its deadline.)
+    let wakes = p.live.then(|| app.hub.touched());
     let identity = match super::authenticate(app, headers, &q).await {
         Ok(i) => i,
         Err(r) => return r.into_response(),
@@ -827,6 +831,9 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    if p.live && crate::failpoint::fire("shape_pause_after_resolve") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let watch = identity.held_key().map(|key| KeyWatch {
         key,
         rx: revocations,
@@ -872,9 +879,10 @@ async fn answer(app: &Arc<App>, headers: &HeaderMap, uri: &Uri) -> Response {
                     p.clone(),
                     identity.expires,
                     watch,
+                    wakes,
                 );
             }
-            changes(app, &shape, &handle, after, &p, watch).await
+            changes(app, &shape, &handle, after, &p, watch, wakes).await
         }
     }
 }
@@ -1048,10 +1056,11 @@ async fn changes(
     mut after: i64,
     p: &Params,
     mut watch: Option<KeyWatch>,
+    wakes: Option<tokio::sync::broadcast::Receiver<Arc<crate::hub::Touched>>>,
 ) -> Response {
     let hold = Duration::from_secs(app.cfg.shape_long_poll_secs);
     let deadline = tokio::time::Instant::now() + hold;
-    let mut wakes = app.hub.touched();
+    let mut wakes = wakes.unwrap_or_else(|| app.hub.touched());
     let mut shutdown = app.shutdown.clone();
     loop {
         let through = app.hub.published();
@@ -1504,6 +1513,7 @@ async fn send_chunk(
 /// event, an `up-to-date` (carrying the sync id it is up to) after each batch, and keep-alive
 /// comments. Ends after `SSE_MAX` or when the token expires (the client reconnects from its
 /// last offset), or when the shape's groups change (the reconnect then gets the 409).
+#[allow(clippy::too_many_arguments)] // what the request resolved, handed over as it is
 fn sse(
     app: Arc<App>,
     shape: Shape,
@@ -1512,6 +1522,7 @@ fn sse(
     p: Params,
     expires: Option<std::time::SystemTime>,
     mut watch: Option<KeyWatch>,
+    wakes: Option<tokio::sync::broadcast::Receiver<Arc<crate::hub::Touched>>>,
 ) -> Response {
     let answer = Answer {
         handle: &handle,
@@ -1534,7 +1545,7 @@ fn sse(
     };
     tokio::spawn(async move {
         let deadline = Instant::now() + SSE_MAX;
-        let mut wakes = app.hub.touched();
+        let mut wakes = wakes.unwrap_or_else(|| app.hub.touched());
         let mut shutdown = app.shutdown.clone();
         let mut after = after;
         let mut first = true;

@@ -228,6 +228,13 @@ impl Session<'_> {
         let mut times = vec![];
         for txn in &pending {
             if txn.commit_lsn <= self.last_commit_lsn || txn.count == 0 {
+                // A registration change wakes every held `/v1/shape` request, which reads the
+                // registry again at once: streamed before it is visible (see `persist`), it
+                // would find the old registration and hold on, with no other wake to come.
+                // So it is waited for as the persisted ones are (the statement's $6 only).
+                if txn.registry_changed && txn.commit_lsn > self.last_commit_lsn {
+                    stream_xids.push(i64::from(txn.stream_xid));
+                }
                 continue;
             }
             xids.push(txn.xid.clone().unwrap_or_default());
@@ -236,7 +243,7 @@ impl Session<'_> {
             lsns.push(txn.commit_lsn.to_pg_string());
             times.push(txn.committed_at_us);
         }
-        let known: std::collections::HashSet<String> = if xids.is_empty() {
+        let known: std::collections::HashSet<String> = if stream_xids.is_empty() {
             Default::default()
         } else {
             self.persist(&xids, &stream_xids, &counts, &lsns, &times)
