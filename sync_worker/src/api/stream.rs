@@ -205,6 +205,11 @@ impl<'a> Replay<'a> {
     pub async fn next_page(&mut self) -> Result<Option<Vec<Arc<Delta>>>, ReplayError> {
         loop {
             if self.cursor < self.through {
+                // Holds a page back a while (tests: a replay that started before a crash of
+                // Postgres reads its next page after it).
+                if crate::failpoint::fire("replay_page_pause") {
+                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                }
                 // A revoked session stops at the next page, not at the end of the replay.
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
