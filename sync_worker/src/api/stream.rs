@@ -234,6 +234,13 @@ impl<'a> Replay<'a> {
                     }
                     self.joins_upto = upto;
                 }
+                // While the hub holds its watermark (a crash of Postgres lost published ids
+                // and they are not assigned again yet) the database has a hole below what was
+                // published: a page read from it would move the cursor past ids that are never
+                // delivered live again. Checked before and after the read.
+                if self.app.hub.watermark().is_none() {
+                    return Err(ReplayError::NotReady);
+                }
                 let span = store::page_span(self.cursor, self.through, REPLAY_SPAN);
                 let mut page = db
                     .track(store::changes(
@@ -253,6 +260,9 @@ impl<'a> Replay<'a> {
                 let horizon = db.track(horizon(&db)).await?;
                 if horizon > self.cursor {
                     return Err(ReplayError::Expired(horizon));
+                }
+                if self.app.hub.watermark().is_none() {
+                    return Err(ReplayError::NotReady);
                 }
                 self.cursor += span as i64;
                 return Ok(Some(page));
