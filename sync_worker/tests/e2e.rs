@@ -846,6 +846,76 @@ async fn a_replay_paging_across_a_crash_of_postgres_never_skips_the_lost_ids() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// A `/v1/shape` request from an offset below the ids a crash of Postgres lost, whose log read
+/// happens during the held watermark: it must not answer an offset past changes it did not
+/// send (the lost ids are read from the hole and never come again); all of them, or retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shape_read_across_a_crash_of_postgres_never_skips_the_lost_ids() {
+    let cluster = lossy_cluster("crash_shape");
+    let mut db = setup(&cluster, "app");
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[(
+            "SYNC_FAILPOINTS",
+            "stall_before_streaming@2,shape_read_pause",
+        )],
+    )
+    .await;
+    let port = worker.port;
+    let auth = || {
+        vec![(
+            "Authorization",
+            format!("Bearer {}", token("bob", 3600, SECRET)),
+        )]
+    };
+    let r = raw_request(
+        port,
+        "GET",
+        "/v1/shape?table=announcements&offset=-1",
+        &auth(),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let w0 = r.header("electric-offset").unwrap().to_owned();
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let path = format!("/v1/shape?table=announcements&offset={w0}&handle={handle}");
+    let req = tokio::spawn(async move { raw_request(port, "GET", &path, &auth(), "").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+    });
+    db = tokio::task::block_in_place(|| cluster.connect("app")).into();
+    let persisted: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
+    assert!(persisted < 5, "no persist was lost ({persisted})");
+    let r = req.await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    if r.status == 200 {
+        let msgs: Vec<Value> = serde_json::from_slice(&r.body).unwrap();
+        let ids: Vec<String> = msgs
+            .iter()
+            .filter(|m| m["headers"]["operation"].is_string())
+            .map(|m| m["value"]["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let offset = r.header("electric-offset").unwrap_or_default().to_owned();
+        if offset == "5_0" {
+            assert_eq!(ids, ["1", "2", "3", "11", "10"], "read the hole: {text}");
+        }
+    } else {
+        assert!(r.status == 503 || r.status == 409, "{} {text}", r.status);
+    }
+    drop(worker);
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_from_before_the_slot_are_sequenced_once() {
     let (cluster, mut db) = app_cluster("ws_backlog");

@@ -1054,6 +1054,10 @@ async fn changes(
     let mut wakes = app.hub.touched();
     let mut shutdown = app.shutdown.clone();
     loop {
+        // Holds the read back a while (tests: a crash of Postgres happens meanwhile).
+        if crate::failpoint::fire("shape_read_pause") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         let through = app.hub.published();
         let page = match read_log(app, shape, after, through).await {
             Ok(Some(page)) => page,
