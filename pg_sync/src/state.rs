@@ -280,6 +280,58 @@ pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
     select().as_ref().and_then(from_json)
 }
 
+/// The tombstone GC horizon (`pg_sync.tombstone_gc.horizon`): the highest version of a state
+/// `gc_tombstones` dropped, `""` before any. Read at most once per apply call (`get`), and only
+/// when a change meets a row with no state.
+#[derive(Default)]
+pub struct Horizon(Option<String>);
+
+impl Horizon {
+    pub fn get(&mut self) -> &str {
+        self.0.get_or_insert_with(|| {
+            run(
+                "SELECT pg_catalog.to_jsonb(g.horizon) FROM pg_sync.tombstone_gc g",
+                &[],
+                &[],
+            )
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+        })
+    }
+}
+
+/// Whether `change`, met by a row with no state and no table row, may be one whose tombstone
+/// GC dropped (`pg_sync.gc_horizon_check`): an insert or column change carrying a version at or
+/// below the horizon. Such a change lost to the dropped state (wholly, or the columns below the
+/// tombstone) and would now bring the row or its values back. A delete cannot bring anything
+/// back (it records a tombstone again) and is not refused. Versions compare as text (C order),
+/// as `row_state.max_version` and the horizon do.
+pub fn below_gc_horizon(change: &Change, horizon: &mut Horizon) -> bool {
+    if !matches!(change.kind, Kind::Insert | Kind::Columns) || !crate::settings::gc_horizon_check()
+    {
+        return false;
+    }
+    let oldest = change
+        .columns
+        .values()
+        .map(|(_, v)| v.as_str())
+        .fold(change.version.as_str(), |m, v| if v < m { v } else { m });
+    let h = horizon.get();
+    !h.is_empty() && oldest.as_bytes() <= h.as_bytes()
+}
+
+/// Raises 72000 (snapshot_too_old: the change is older than what this node still knows about
+/// the row) for a change `below_gc_horizon`; a peer batch parks it in `peer_quarantine`.
+pub fn refuse_below_gc_horizon(row_ctx: &str) -> ! {
+    errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
+        format!(
+            "{row_ctx}change of a row this node has no state for, at or below the tombstone GC horizon: the row may have been deleted here and its tombstone collected"
+        ),
+        "If the row should come back, apply it on purpose: SET pg_sync.gc_horizon_check = off, then pg_sync.retry_quarantined(peer); otherwise delete it from pg_sync.peer_quarantine.",
+    )
+}
+
 /// Stores `state` as the row's current state (the caller holds the row's `lock`).
 pub fn store(model_name: &str, model_id: &str, state: &State) {
     let versions: Map<String, Value> = state
