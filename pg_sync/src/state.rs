@@ -253,6 +253,12 @@ pub fn load(model_name: &str, model_id: &str, exists: bool) -> State {
 /// is none, so merges of one row serialize with each other and with local writes (whose
 /// `record_local` waits for this lock), also for keys the table does not hold. Returns the
 /// stored state, `None` when there is none.
+///
+/// A row that another transaction inserted meanwhile (the insert below waits for it and
+/// conflicts) can be gone again before the select after it (a GC pass deleted it, committed in
+/// between): then neither statement holds a lock, so it starts over. Each round needs another
+/// transaction to commit an insert and a delete of the row in that window, so it settles at
+/// once in practice; one that does not raises 40001 (transient: a peer batch is retried).
 pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
     let select = || {
         run(
@@ -263,22 +269,33 @@ pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
             &[model_name.into(), model_id.into()],
         )
     };
-    if let Some(found) = select() {
-        return from_json(&found);
+    for _ in 0..LOCK_ROUNDS {
+        // (After a conflict: another transaction inserted it meanwhile and has committed, so
+        // this statement's snapshot sees it, unless it went again since.)
+        if let Some(found) = select() {
+            return from_json(&found);
+        }
+        let inserted = run(
+            "INSERT INTO pg_sync.row_state (model, model_id, max_version) VALUES ($1, $2, '')
+             ON CONFLICT (model, model_id) DO NOTHING RETURNING 'null'::pg_catalog.jsonb",
+            &text2(),
+            &[model_name.into(), model_id.into()],
+        );
+        if inserted.is_some() {
+            return None;
+        }
     }
-    let inserted = run(
-        "INSERT INTO pg_sync.row_state (model, model_id, max_version) VALUES ($1, $2, '')
-         ON CONFLICT (model, model_id) DO NOTHING RETURNING 'null'::pg_catalog.jsonb",
-        &text2(),
-        &[model_name.into(), model_id.into()],
-    );
-    if inserted.is_some() {
-        return None;
-    }
-    // Another transaction inserted it meanwhile and has committed: this statement's snapshot
-    // sees it.
-    select().as_ref().and_then(from_json)
+    errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!(
+            "could not lock the state of a row of model \"{model_name}\": it was inserted and deleted concurrently {LOCK_ROUNDS} times"
+        ),
+        "Retry the transaction (the worker retries a peer batch).",
+    )
 }
+
+/// How many times `lock` starts over before it gives up.
+const LOCK_ROUNDS: usize = 16;
 
 /// The tombstone GC horizon (`pg_sync.tombstone_gc.horizon`): the highest version of a state
 /// `gc_tombstones` dropped, `""` before any. Read at most once per apply call (`get`), and only
