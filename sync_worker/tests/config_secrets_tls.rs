@@ -194,3 +194,16 @@ fn listener_tls_config_errors_are_clear() {
         "{out}"
     );
 }
+
+/// A bad `SYNC_TOMBSTONE_MIN_AGE` stops the worker at startup with the key's name (it used to
+/// start and fail every GC pass with a warning); `OFF` in any case is accepted.
+#[test]
+fn bad_tombstone_min_age_is_a_startup_error() {
+    let (_scratch, base) = config_file(
+        "gc.toml",
+        "database_url = \"postgres://app@127.0.0.1:1/db\"\njwt_secret = \"x\"\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let out = run_env(&[("SYNC_TOMBSTONE_MIN_AGE", "7 dayz")], &base);
+    assert!(out.contains("SYNC_TOMBSTONE_MIN_AGE"), "{out}");
+    assert!(out.contains("7 dayz"), "{out}");
+}
