@@ -102,7 +102,7 @@ fn run_env(env: &[(&str, &str)], config: &std::path::Path) -> String {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the worker did not stop on a bad TLS configuration");
+            panic!("the worker did not stop on a bad configuration");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
