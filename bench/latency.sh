@@ -17,6 +17,14 @@ worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/fanout_load"
 
 bench_cluster latency "shared_buffers = '256MB'"
+# On every exit (a failed window, pg_recvlogical erroring, Ctrl-C): this script's readers, then
+# lib.sh's cleanup (worker, helpers by pid, the cluster), which runs each step whatever failed.
+latency_cleanup() {
+  set +e
+  [ -n "${pipe_pid:-}" ] && kill "$pipe_pid" 2>/dev/null
+  bench_cleanup
+}
+trap latency_cleanup EXIT
 bench_events
 psql_b -d bench <<SQL
 INSERT INTO pg_sync.group_memberships (user_id, group_id) VALUES ('u0', 'g0');
@@ -69,11 +77,12 @@ for run in $(seq 1 "$runs"); do
   "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c 1 -R "$rate" -T "$secs" \
     -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1
   wait "$load_pid" || true
+  load_pid=
   exec 3>&-
   sleep 0.5
   kill -INT "$recv_pid" 2>/dev/null || true
   wait "$pipe_pid" 2>/dev/null || true
-  recv_pid=
+  recv_pid= pipe_pid=
   rm -f "$work/recv.pid"
   ws=$(grep '^{' "$work/load.out")
   # Where the worker's time went (cumulative over the runs so far): visibility waits, and the

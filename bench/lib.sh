@@ -7,6 +7,11 @@ psql_b() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U po
 bench_url() { echo "host=127.0.0.1 port=$port user=postgres dbname=bench"; }
 
 bench_cleanup() {
+  # Every step runs, whatever failed before: the scripts run under `set -e`, which holds in
+  # this trap too, and a kill of a process that already exited (a helper waited for, a worker
+  # or pg_recvlogical that died) fails; under errexit that ended the trap before the cluster
+  # was stopped, leaving Postgres running.
+  set +e
   [ -f "$work/worker.pid" ] && kill "$(cat "$work/worker.pid")" 2>/dev/null
   # Helpers a script started (load generators, pgbench, pg_recvlogical), by their pid.
   local pid

@@ -783,7 +783,10 @@ END
 $$;
 
 -- Re-applies a peer's parked changes in sync id order; those that now apply leave the
--- quarantine, the others count an attempt. Returns how many remain.
+-- quarantine, the others count an attempt. Returns how many remain. A change refused as below
+-- the tombstone GC horizon (72000) is refused again unless the caller decided otherwise (SET
+-- pg_sync.gc_horizon_check = off); a snapshot join's parked rows (negative keys) are states
+-- and applied without that check, as apply_peer_snapshot applies them.
 CREATE FUNCTION pg_sync.retry_quarantined(peer text) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -794,10 +797,15 @@ DECLARE
     st  text;
     msg text;
     ok  bigint := 0;
+    chk text := current_setting('pg_sync.gc_horizon_check');
 BEGIN
     FOR q IN SELECT * FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = p.node_id ORDER BY k.sync_id FOR UPDATE LOOP
         BEGIN
+            IF q.sync_id < 0 THEN
+                PERFORM set_config('pg_sync.gc_horizon_check', 'off', true);
+            END IF;
             PERFORM pg_sync.apply_remote(q.change);
+            PERFORM set_config('pg_sync.gc_horizon_check', chk, true);
             DELETE FROM pg_sync.peer_quarantine k WHERE k.peer_node_id = q.peer_node_id AND k.sync_id = q.sync_id;
             ok := ok + 1;
         EXCEPTION WHEN OTHERS THEN
@@ -1284,10 +1292,13 @@ $$;
 -- after_model_id)) and moves the join past its last row, in one transaction: a kill -9 leaves
 -- the page either merged and recorded or neither. A page for another position (a retry after
 -- a lost answer) changes nothing. Models this node does not take from the peer are skipped.
+-- The tombstone GC horizon is not checked (pg_sync.gc_horizon_check off): a page carries the
+-- peer's folded states, not late changes, and the join is what brings this node to them.
 CREATE FUNCTION pg_sync.apply_peer_snapshot(peer text, w bigint, after_model text, after_model_id text, page jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET pg_sync.gc_horizon_check = off
 AS $$
 DECLARE
     p pg_sync.peers := pg_sync.peer_or_raise(peer);

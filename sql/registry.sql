@@ -450,8 +450,11 @@ AS $$
             OR a.model = '$membership'::pg_catalog.text)
        AND (member IS NULL OR a.model <> '$membership'::pg_catalog.text OR a.model_id = member)
 $$;
--- The signature of the first versions (kept for callers and grants that name it): every
--- user's membership changes. Inlined like the function above.
+-- The signature of the first versions (kept for callers that name it): every user's
+-- membership changes. Inlined like the function above, into a call of the 4-argument form, so
+-- Postgres checks EXECUTE on that form too: a role needs EXECUTE on both (a grant of this form
+-- alone gets "permission denied for function changes"; docs/extension.md). One body, not two
+-- copies that could drift apart.
 CREATE FUNCTION pg_sync.changes(after bigint, groups text[] DEFAULT NULL, span integer DEFAULT 1000)
 RETURNS TABLE (sync_id bigint, id bigint, model text, model_id text, action text, data jsonb,
                version text, versions jsonb, origin text, group_id text, prev_group_id text,

@@ -30,6 +30,7 @@ pub(crate) const MAX_BATCH: usize = 100_000;
 /// The body of `pg_sync.apply_remote()`: returns how many changes changed something.
 pub fn apply_remote(change: JsonB) -> i64 {
     let mut models: HashMap<String, Target> = HashMap::new();
+    let mut horizon = state::Horizon::default();
     match change.0 {
         Value::Array(items) => {
             if items.len() > MAX_BATCH {
@@ -43,11 +44,12 @@ pub fn apply_remote(change: JsonB) -> i64 {
             }
             let mut applied = 0;
             for (i, item) in items.iter().enumerate() {
-                applied += apply_one(item, &format!("change {i}: "), &mut models) as i64;
+                applied +=
+                    apply_one(item, &format!("change {i}: "), &mut models, &mut horizon) as i64;
             }
             applied
         }
-        other => apply_one(&other, "", &mut models) as i64,
+        other => apply_one(&other, "", &mut models, &mut horizon) as i64,
     }
 }
 
@@ -90,17 +92,14 @@ pub(crate) struct Prepared {
 }
 
 /// Applies one change; returns whether it changed anything.
-fn apply_one(raw: &Value, ctx: &str, models: &mut HashMap<String, Target>) -> bool {
+fn apply_one(
+    raw: &Value,
+    ctx: &str,
+    models: &mut HashMap<String, Target>,
+    horizon: &mut state::Horizon,
+) -> bool {
     let p = prepare(raw, ctx, models);
-    apply_change(
-        &models[&p.model_name],
-        &p.model_id,
-        &p.key,
-        &p.change,
-        &p.newest,
-        &p.origin,
-        &p.row_ctx,
-    )
+    apply_change(&models[&p.model_name], &p, horizon)
 }
 
 /// Validates one change (raising what the per-change path raises) and looks its model up.
@@ -213,15 +212,15 @@ pub(crate) fn prepare(raw: &Value, ctx: &str, models: &mut HashMap<String, Targe
     }
 }
 
-fn apply_change(
-    target: &Target,
-    model_id: &str,
-    key: &Map<String, Value>,
-    change: &Change,
-    newest: &Version,
-    origin: &str,
-    row_ctx: &str,
-) -> bool {
+fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> bool {
+    let (model_id, key, change, newest, origin, row_ctx) = (
+        p.model_id.as_str(),
+        &p.key,
+        &p.change,
+        &p.newest,
+        p.origin.as_str(),
+        p.row_ctx.as_str(),
+    );
     let model = &target.model;
     // Table row first, then its state: the order local writers lock them in (the trigger runs
     // with the table row locked). A key the table does not hold may be inserted locally until
@@ -230,6 +229,11 @@ fn apply_change(
     let stored = state::lock(&model.name, model_id);
     if current.is_none() {
         current = model.select_for_update(key);
+    }
+    // No state and no row: a new row, or one whose tombstone GC dropped. A change at or below
+    // the GC horizon may be the latter's late write, which the tombstone would have beaten.
+    if stored.is_none() && current.is_none() && state::below_gc_horizon(change, horizon) {
+        state::refuse_below_gc_horizon(row_ctx);
     }
     let state = stored.unwrap_or_else(|| state::unrecorded(current.is_some()));
     let outcome = merge::merge(&state, current.as_ref(), change);

@@ -26,8 +26,10 @@
 //! it or referencing it), a unique index other than the key's or an exclusion constraint (step
 //! 3 writes in key order per model and kind, not in batch order, so such a constraint could pass
 //! or fail other changes than the per-change path), or a key column of a type whose `=` is not
-//! its canonical text's (`set_capable`), and when `pg_sync.set_apply` is off. An error (a bad change, or a write the table did not take as
-//! planned, 55000) fails the whole call: `apply_peer_batch` then applies the batch change by
+//! its canonical text's (`set_capable`), and when `pg_sync.set_apply` is off; after locking
+//! (nothing written yet), also when a key with no state and no row has a change the per-change
+//! path refuses as below the tombstone GC horizon (`state::below_gc_horizon`, 72000). An error
+//! (a bad change, or a write the table did not take as planned, 55000) fails the whole call: `apply_peer_batch` then applies the batch change by
 //! change in subtransactions and parks exactly the failing changes, as it always did.
 
 use crate::capture::{self, RemoteContext, RemoteSet};
@@ -174,6 +176,21 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
                 keys[k].current = rows.remove(&keys[k].id);
             }
         }
+    }
+    // A key with no state and no row met by a change at or below the tombstone GC horizon:
+    // the per-change path refuses that change (72000) and `apply_peer_batch` parks it. Nothing
+    // is written yet: declining leaves the whole batch to that path, which refuses exactly the
+    // changes it would (declining when a later change of the key is the stale one, after an
+    // earlier change gave it a state, is merely slower).
+    let mut horizon = state::Horizon::default();
+    if keys.iter().any(|k| {
+        k.state == State::default()
+            && k.current.is_none()
+            && k.changes
+                .iter()
+                .any(|&i| state::below_gc_horizon(&batch[i].change, &mut horizon))
+    }) {
+        return None;
     }
     // Keys without a state row have no row lock to order two applies inserting them (each
     // inserts them in its own model and round order): lock them here, last and in one order,

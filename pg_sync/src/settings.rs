@@ -16,6 +16,13 @@
 //!   a `pg_dump` script) sets it so the memberships it restores are not logged again (the log is
 //!   restored with them). Superuser only: a writer of memberships must not be able to change
 //!   them unlogged (REVIEW rev2 F1). Read by `pg_sync.log_membership()` in SQL.
+//! - `pg_sync.gc_horizon_check` (any role, boolean, default on): `apply_remote` refuses (72000)
+//!   an insert or column change for a row with no state and no table row when a version it
+//!   carries is at or below the tombstone GC horizon (`state::below_gc_horizon`). Off
+//!   lets an operator apply such a change on purpose (`retry_quarantined`); a snapshot join
+//!   (`apply_peer_page`) turns it off for its pages, which are states, not changes. Any role:
+//!   a caller of `apply_remote` can already write any version, so the check protects against
+//!   late changes, not against the caller.
 
 use crate::errors;
 use pg_sync_lww::version::validate_node_id;
@@ -29,8 +36,17 @@ static TEST_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static LOG_CONFLICTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static RESTORING: GucSetting<bool> = GucSetting::<bool>::new(false);
 static SET_APPLY: GucSetting<bool> = GucSetting::<bool>::new(true);
+static GC_HORIZON_CHECK: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"pg_sync.gc_horizon_check",
+        c"Refuse remote changes of unknown rows at or below the tombstone GC horizon.",
+        c"Off applies them (an operator's decision, then pg_sync.retry_quarantined); snapshot joins turn it off for their pages.",
+        &GC_HORIZON_CHECK,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pg_sync.log_conflicts",
         c"Record remote column values that lost to a newer value from another node.",
@@ -87,6 +103,10 @@ pub fn define() {
 
 pub fn log_conflicts() -> bool {
     LOG_CONFLICTS.get()
+}
+
+pub fn gc_horizon_check() -> bool {
+    GC_HORIZON_CHECK.get()
 }
 
 pub fn set_apply() -> bool {

@@ -253,6 +253,12 @@ pub fn load(model_name: &str, model_id: &str, exists: bool) -> State {
 /// is none, so merges of one row serialize with each other and with local writes (whose
 /// `record_local` waits for this lock), also for keys the table does not hold. Returns the
 /// stored state, `None` when there is none.
+///
+/// A row that another transaction inserted meanwhile (the insert below waits for it and
+/// conflicts) can be gone again before the select after it (a GC pass deleted it, committed in
+/// between): then neither statement holds a lock, so it starts over. Each round needs another
+/// transaction to commit an insert and a delete of the row in that window, so it settles at
+/// once in practice; one that does not raises 40001 (transient: a peer batch is retried).
 pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
     let select = || {
         run(
@@ -263,21 +269,84 @@ pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
             &[model_name.into(), model_id.into()],
         )
     };
-    if let Some(found) = select() {
-        return from_json(&found);
+    for _ in 0..LOCK_ROUNDS {
+        // (After a conflict: another transaction inserted it meanwhile and has committed, so
+        // this statement's snapshot sees it, unless it went again since.)
+        if let Some(found) = select() {
+            return from_json(&found);
+        }
+        let inserted = run(
+            "INSERT INTO pg_sync.row_state (model, model_id, max_version) VALUES ($1, $2, '')
+             ON CONFLICT (model, model_id) DO NOTHING RETURNING 'null'::pg_catalog.jsonb",
+            &text2(),
+            &[model_name.into(), model_id.into()],
+        );
+        if inserted.is_some() {
+            return None;
+        }
     }
-    let inserted = run(
-        "INSERT INTO pg_sync.row_state (model, model_id, max_version) VALUES ($1, $2, '')
-         ON CONFLICT (model, model_id) DO NOTHING RETURNING 'null'::pg_catalog.jsonb",
-        &text2(),
-        &[model_name.into(), model_id.into()],
-    );
-    if inserted.is_some() {
-        return None;
+    errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!(
+            "could not lock the state of a row of model \"{model_name}\": it was inserted and deleted concurrently {LOCK_ROUNDS} times"
+        ),
+        "Retry the transaction (the worker retries a peer batch).",
+    )
+}
+
+/// How many times `lock` starts over before it gives up.
+const LOCK_ROUNDS: usize = 16;
+
+/// The tombstone GC horizon (`pg_sync.tombstone_gc.horizon`): the highest version of a state
+/// `gc_tombstones` dropped, `""` before any. Read at most once per apply call (`get`), and only
+/// when a change meets a row with no state.
+#[derive(Default)]
+pub struct Horizon(Option<String>);
+
+impl Horizon {
+    pub fn get(&mut self) -> &str {
+        self.0.get_or_insert_with(|| {
+            run(
+                "SELECT pg_catalog.to_jsonb(g.horizon) FROM pg_sync.tombstone_gc g",
+                &[],
+                &[],
+            )
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+        })
     }
-    // Another transaction inserted it meanwhile and has committed: this statement's snapshot
-    // sees it.
-    select().as_ref().and_then(from_json)
+}
+
+/// Whether `change`, met by a row with no state and no table row, may be one whose tombstone
+/// GC dropped (`pg_sync.gc_horizon_check`): an insert or column change carrying a version at or
+/// below the horizon. Such a change lost to the dropped state (wholly, or the columns below the
+/// tombstone) and would now bring the row or its values back. A delete cannot bring anything
+/// back (it records a tombstone again) and is not refused. Versions compare as text (C order),
+/// as `row_state.max_version` and the horizon do.
+pub fn below_gc_horizon(change: &Change, horizon: &mut Horizon) -> bool {
+    if !matches!(change.kind, Kind::Insert | Kind::Columns) || !crate::settings::gc_horizon_check()
+    {
+        return false;
+    }
+    let oldest = change
+        .columns
+        .values()
+        .map(|(_, v)| v.as_str())
+        .fold(change.version.as_str(), |m, v| if v < m { v } else { m });
+    let h = horizon.get();
+    !h.is_empty() && oldest.as_bytes() <= h.as_bytes()
+}
+
+/// Raises 72000 (snapshot_too_old: the change is older than what this node still knows about
+/// the row) for a change `below_gc_horizon`; a peer batch parks it in `peer_quarantine`.
+pub fn refuse_below_gc_horizon(row_ctx: &str) -> ! {
+    errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
+        format!(
+            "{row_ctx}change of a row this node has no state for, at or below the tombstone GC horizon: the row may have been deleted here and its tombstone collected"
+        ),
+        "If the row should come back, apply it on purpose: SET pg_sync.gc_horizon_check = off, then pg_sync.retry_quarantined(peer); otherwise delete it from pg_sync.peer_quarantine.",
+    )
 }
 
 /// Stores `state` as the row's current state (the caller holds the row's `lock`).

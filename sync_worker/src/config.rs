@@ -85,8 +85,9 @@ pub struct Config {
     pub compact_interval_secs: u64,
     /// Tombstone GC after each compaction: dead rows' states (tombstones, pending values) older
     /// than this (a Postgres interval) that every peer has acknowledged go
-    /// (`pg_sync.gc_tombstones`); 'off' keeps them all.
-    #[arg(long, env = "SYNC_TOMBSTONE_MIN_AGE", default_value = "7 days")]
+    /// (`pg_sync.gc_tombstones`); 'off' (any case) keeps them all. Checked at startup
+    /// (`tombstone_min_age`): read as "off" or a valid interval.
+    #[arg(long, env = "SYNC_TOMBSTONE_MIN_AGE", default_value = "7 days", value_parser = tombstone_min_age)]
     pub tombstone_min_age: String,
     /// Retention cap for federated peers, in sync ids: compaction keeps the log a peer this
     /// node sends to has not acknowledged, unless it lags more than this (then the peer is
@@ -224,6 +225,91 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Units of a Postgres interval the worker accepts in `SYNC_TOMBSTONE_MIN_AGE` (each one
+/// Postgres reads, any case).
+const INTERVAL_UNITS: &[&str] = &[
+    "us",
+    "usec",
+    "usecs",
+    "microsecond",
+    "microseconds",
+    "ms",
+    "msec",
+    "msecs",
+    "millisecond",
+    "milliseconds",
+    "s",
+    "sec",
+    "secs",
+    "second",
+    "seconds",
+    "m",
+    "min",
+    "mins",
+    "minute",
+    "minutes",
+    "h",
+    "hr",
+    "hrs",
+    "hour",
+    "hours",
+    "d",
+    "day",
+    "days",
+    "w",
+    "week",
+    "weeks",
+    "mon",
+    "mons",
+    "month",
+    "months",
+    "y",
+    "yr",
+    "yrs",
+    "year",
+    "years",
+];
+
+/// `SYNC_TOMBSTONE_MIN_AGE`: "off" (any case) as "off", or a non-negative interval of
+/// `<number> <unit>` terms ("7 days", "1 day 12 hours", "90s"), a subset of Postgres' syntax
+/// that Postgres always accepts. Checked at startup, so a typo stops the worker with the key's
+/// name instead of failing every GC pass with a warning.
+fn tombstone_min_age(value: &str) -> Result<String, String> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Ok("off".to_owned());
+    }
+    let bad = || {
+        format!(
+            "SYNC_TOMBSTONE_MIN_AGE (tombstone_min_age) must be 'off' or an interval of \
+             <number> <unit> terms such as '7 days' or '1 day 12 hours', got {value:?}"
+        )
+    };
+    let mut rest = v;
+    let mut terms = 0;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if n == 0 || rest[..n].parse::<f64>().is_err() {
+            return Err(bad());
+        }
+        rest = rest[n..].trim_start();
+        let u = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        if !INTERVAL_UNITS.contains(&rest[..u].to_ascii_lowercase().as_str()) {
+            return Err(bad());
+        }
+        rest = rest[u..].trim_start();
+        terms += 1;
+    }
+    if terms == 0 {
+        return Err(bad());
+    }
+    Ok(v.to_owned())
+}
+
 impl Config {
     /// Flags, then environment, then the config file (if named), then defaults: the file's
     /// values become the flags' defaults, so clap layers them under the environment and the
@@ -318,6 +404,56 @@ mod tests {
         assert!(err.contains("subscriber_queu"), "{err}");
         assert!(file_settings("config = \"other.toml\"\n").is_err());
         assert!(file_settings("listen = [1]\n").is_err());
+    }
+
+    #[test]
+    fn tombstone_min_age_is_off_or_an_interval() {
+        for off in ["off", "OFF", " Off "] {
+            assert_eq!(tombstone_min_age(off).unwrap(), "off");
+        }
+        for ok in [
+            "7 days",
+            "1 day 12 hours",
+            "90s",
+            "1.5 DAYS",
+            "7days",
+            "30 min",
+        ] {
+            assert_eq!(tombstone_min_age(ok).unwrap(), ok.trim());
+        }
+        for bad in [
+            "",
+            "7",
+            "days",
+            "7 dayz",
+            "-1 day",
+            "7 days ago",
+            "of",
+            "1 day;",
+            "P7D",
+        ] {
+            let err = tombstone_min_age(bad).unwrap_err();
+            assert!(err.contains("SYNC_TOMBSTONE_MIN_AGE"), "{bad:?}: {err}");
+        }
+        // Through clap, as at startup.
+        let err = Config::try_parse_from(args(&[
+            "--database-url",
+            "host=x",
+            "--tombstone-min-age",
+            "7 dayz",
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("SYNC_TOMBSTONE_MIN_AGE"), "{err}");
+        let c = Config::try_parse_from(args(&[
+            "--database-url",
+            "host=x",
+            "--tombstone-min-age",
+            "OFF",
+        ]))
+        .unwrap();
+        assert_eq!(c.tombstone_min_age, "off");
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn run_env(env: &[(&str, &str)], config: &std::path::Path) -> String {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the worker did not stop on a bad TLS configuration");
+            panic!("the worker did not stop on a bad configuration");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -193,4 +193,17 @@ fn listener_tls_config_errors_are_clear() {
         out.contains("peer_ca_file") && out.contains("/nonexistent/ca.pem"),
         "{out}"
     );
+}
+
+/// A bad `SYNC_TOMBSTONE_MIN_AGE` stops the worker at startup with the key's name (it used to
+/// start and fail every GC pass with a warning); `OFF` in any case is accepted.
+#[test]
+fn bad_tombstone_min_age_is_a_startup_error() {
+    let (_scratch, base) = config_file(
+        "gc.toml",
+        "database_url = \"postgres://app@127.0.0.1:1/db\"\njwt_secret = \"x\"\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let out = run_env(&[("SYNC_TOMBSTONE_MIN_AGE", "7 dayz")], &base);
+    assert!(out.contains("SYNC_TOMBSTONE_MIN_AGE"), "{out}");
+    assert!(out.contains("7 dayz"), "{out}");
 }

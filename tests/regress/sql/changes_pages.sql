@@ -104,6 +104,23 @@ SELECT (SELECT count(*) FROM pg_sync.changes((SELECT at FROM cp_mark) + 1500, NU
 -- Neither form is callable by PUBLIC.
 SELECT p.oid::regprocedure AS function, has_function_privilege('public', p.oid, 'EXECUTE') AS public_execute
   FROM pg_proc p WHERE p.proname = 'changes' AND p.pronamespace = 'pg_sync'::regnamespace ORDER BY 1::text;
+-- The 3-argument form calls the 4-argument one, and Postgres checks EXECUTE on both: a role
+-- needs both (as registry.sql and docs/extension.md say).
+CREATE ROLE cp_reader;
+GRANT USAGE ON SCHEMA pg_sync TO cp_reader;
+GRANT pgsync_owner TO cp_reader;
+GRANT EXECUTE ON FUNCTION pg_sync.changes(bigint, text[], integer) TO cp_reader;
+SET ROLE cp_reader;
+SELECT err($$SELECT count(*) FROM pg_sync.changes(0, NULL, 10)$$);
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION pg_sync.changes(bigint, text[], integer, text) TO cp_reader;
+SET ROLE cp_reader;
+SELECT count(*) >= 0 AS both_granted FROM pg_sync.changes(0, NULL, 10);
+RESET ROLE;
+REVOKE ALL ON FUNCTION pg_sync.changes(bigint, text[], integer), pg_sync.changes(bigint, text[], integer, text) FROM cp_reader;
+REVOKE USAGE ON SCHEMA pg_sync FROM cp_reader;
+REVOKE pgsync_owner FROM cp_reader;
+DROP ROLE cp_reader;
 
 SELECT pg_sync.unregister_table('cp_t');
 SELECT pg_sync.unregister_table('cp_global');

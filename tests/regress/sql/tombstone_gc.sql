@@ -170,4 +170,60 @@ SELECT * FROM gc_states();
 -- 7. Arguments, and who may call it.
 SELECT err($$SELECT pg_sync.gc_tombstones('-1 day')$$);
 SELECT has_function_privilege('public', 'pg_sync.gc_tombstones(interval, interval)', 'execute') AS public_may;
+
+-- 8. The horizon: a change of a row with no state and no table row, carrying a version at or
+-- below the highest version GC dropped, may be a late write whose tombstone is gone (k1 and
+-- k2 were collected above). Both paths refuse it (72000) and apply_peer_batch parks it; a new
+-- key above the horizon applies, and so does a delete (it only records a tombstone again).
+-- retry_quarantined refuses it again until the operator decides (gc_horizon_check off).
+CREATE FUNCTION gc_ch(id text, action text, ver text, sid bigint) RETURNS jsonb LANGUAGE sql AS $$
+  SELECT jsonb_build_object('model', 'gc_t', 'model_id', id, 'action', action, 'version', ver,
+                            'origin', 'g1', 'sync_id', sid)
+         || CASE WHEN action = 'D' THEN '{}'::jsonb ELSE jsonb_build_object('data', jsonb_build_object('v', 'stale-' || id)) END $$;
+CREATE FUNCTION gc_cur() RETURNS bigint LANGUAGE sql AS $$
+  SELECT coalesce((SELECT last_sync_id FROM pg_sync.peer_cursors WHERE peer_node_id = 'g1'), 0) $$;
+SELECT horizon > '0000000000010000@g1' AS horizon_above_stale FROM pg_sync.tombstone_gc;
+SELECT * FROM gc_states() WHERE model_id IN ('k1', 'k2');
+SELECT err($$SELECT pg_sync.apply_remote(gc_ch('k1', 'I', '0000000000010000@g1', 1))$$);
+SELECT err($$SELECT pg_sync.apply_remote(gc_ch('k1', 'U', '0000000000010000@g1', 1))$$) LIKE '72000:%' AS update_refused;
+-- The set path declines such a batch (nothing written) ...
+SELECT pg_sync.apply_remote_set(jsonb_build_array(gc_ch('k1', 'I', '0000000000010000@g1', 1))) IS NULL AS set_declined;
+-- ... also when a column's version is the stale one.
+SELECT pg_sync.apply_remote_set(jsonb_build_array(gc_ch('k1', 'I', split_part(pg_sync.next_version(), '@', 1) || '@g1', 1)
+         || '{"versions": {"v": "0000000000010000@g1"}}')) IS NULL AS set_declined_column;
+-- Change by change (set_apply off): k1's stale insert parked, k7 (new, above the horizon) and a
+-- stale delete of k9 (unknown) applied.
+SET pg_sync.set_apply = off;
+SELECT pg_sync.apply_peer_batch('g1', 'e1', gc_cur(), gc_cur() + 3, jsonb_build_array(
+         gc_ch('k1', 'I', '0000000000010000@g1', gc_cur() + 1),
+         gc_ch('k7', 'I', split_part(pg_sync.next_version(), '@', 1) || '@g1', gc_cur() + 2),
+         gc_ch('k9', 'D', '0000000000010000@g1', gc_cur() + 3))) - 'cursor' AS per_change;
+RESET pg_sync.set_apply;
+-- Set-based (the default): k2's stale insert parked, k8 applied.
+SELECT pg_sync.apply_peer_batch('g1', 'e1', gc_cur(), gc_cur() + 2, jsonb_build_array(
+         gc_ch('k2', 'I', '0000000000010000@g1', gc_cur() + 1),
+         gc_ch('k8', 'I', split_part(pg_sync.next_version(), '@', 1) || '@g1', gc_cur() + 2))) - 'cursor' AS set_based;
+SELECT * FROM gc_t WHERE id IN ('k1', 'k2', 'k7', 'k8', 'k9') ORDER BY id;
+SELECT * FROM gc_states() WHERE model_id IN ('k1', 'k2', 'k7', 'k8', 'k9');
+SELECT change ->> 'model_id' AS model_id, sqlstate, message FROM pg_sync.peer_quarantine
+ WHERE peer_node_id = 'g1' ORDER BY sync_id;
+-- Retried without a decision: refused again.
+SELECT pg_sync.retry_quarantined('g1') AS still_parked;
+SELECT change ->> 'model_id' AS model_id, attempts FROM pg_sync.peer_quarantine WHERE peer_node_id = 'g1' ORDER BY sync_id;
+-- The operator decides the rows should come back.
+SET pg_sync.gc_horizon_check = off;
+SELECT pg_sync.retry_quarantined('g1') AS left_parked;
+RESET pg_sync.gc_horizon_check;
+SELECT * FROM gc_t WHERE id IN ('k1', 'k2') ORDER BY id;
+SELECT event, detail FROM pg_sync.peer_events WHERE peer = 'g1' AND event IN ('quarantined', 'unquarantined') ORDER BY id;
+-- A snapshot join applies the peer's states, not late changes: not checked (k10 is unknown
+-- here, its version below the horizon). The check is on again after the page.
+SELECT pg_sync.begin_peer_join('g1', 'e2', 9) ->> 'resumed' AS resumed;
+SELECT pg_sync.apply_peer_snapshot('g1', 9, '', '', jsonb_build_array(jsonb_build_object(
+         'model', 'gc_t', 'model_id', 'k10', 'changes', jsonb_build_array(gc_ch('k10', 'I', '0000000000010000@g1', 0) - 'sync_id'))))
+       - 'after_model' - 'after_model_id' AS page;
+SHOW pg_sync.gc_horizon_check;
+SELECT pg_sync.finish_peer_join('g1', 9) >= 0 AS finished;
+SELECT * FROM gc_t WHERE id = 'k10';
+SELECT count(*) AS parked FROM pg_sync.peer_quarantine WHERE peer_node_id = 'g1';
 SELECT pg_sync.remove_peer('g1');
