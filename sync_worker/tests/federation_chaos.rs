@@ -1113,7 +1113,7 @@ struct SoakWrites {
 }
 
 /// Paced writes on one node until `until`: `rate` statements a second (caught up as fast as
-/// the node allows when behind), grouped per 20 ms tick into one transaction of at most 10,
+/// the node allows when behind), grouped per 20 ms tick into one transaction of at most 25,
 /// over `keys` keys shared by every node plus 16 hot ones (same-row conflicts across nodes).
 fn soak_writer(
     url: &str,
@@ -1134,7 +1134,7 @@ fn soak_writer(
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        let n = (due - out.writes).min(10);
+        let n = (due - out.writes).min(25);
         let sql: Vec<String> = (0..n)
             .map(|k| {
                 let key = if rng.below(5) == 0 {
