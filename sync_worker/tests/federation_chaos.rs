@@ -1151,27 +1151,48 @@ fn soak_writer(
                 )
             })
             .collect();
-        // Several statements in one simple query run as one transaction.
-        let sql = sql.join(";\n");
+        // Several statements in one simple query run as one transaction. A local transaction
+        // and an applying batch touching the same rows in another order can deadlock; like any
+        // application, retry the loser, after a random pause; a transaction that keeps losing
+        // is split into one-statement transactions (a 25-row one lost 10 times in a row once).
+        let joined = sql.join(";\n");
         let mut tries = 0;
-        while let Err(e) = c.batch_execute(&sql) {
-            let code = e.code().map(|c| c.code().to_owned());
+        let mut txns = 1;
+        while let Err(e) = c.batch_execute(&joined) {
+            soak_retryable(who, &e);
             tries += 1;
             out.retries += 1;
-            // A local transaction and an applying batch touching the same rows in another
-            // order can deadlock; like any application, retry the loser.
-            if tries < 10 && matches!(code.as_deref(), Some("40P01" | "40001")) {
-                continue;
+            std::thread::sleep(Duration::from_millis(5 + rng.below(50)));
+            if tries >= 3 {
+                txns = sql.len() as u64;
+                for one in &sql {
+                    let mut again = 0;
+                    while let Err(e) = c.batch_execute(one) {
+                        soak_retryable(who, &e);
+                        again += 1;
+                        out.retries += 1;
+                        assert!(again < 50, "{who}: one statement deadlocked 50 times: {e}");
+                        std::thread::sleep(Duration::from_millis(5 + rng.below(50)));
+                    }
+                }
+                break;
             }
-            panic!(
-                "{who}: {e}: {:?}",
-                e.as_db_error().map(|d| (d.code(), d.message(), d.where_()))
-            );
         }
         out.writes += n;
-        out.transactions += 1;
+        out.transactions += txns;
     }
     out
+}
+
+/// Panics unless `e` is a deadlock or serialization failure (the retryable losers).
+fn soak_retryable(who: &str, e: &pg_sync_tests::postgres::Error) {
+    let code = e.code().map(|c| c.code().to_owned());
+    if !matches!(code.as_deref(), Some("40P01" | "40001")) {
+        panic!(
+            "{who}: {e}: {:?}",
+            e.as_db_error().map(|d| (d.code(), d.message(), d.where_()))
+        );
+    }
 }
 
 /// The worker's resident set in KiB (None once the process is gone).
