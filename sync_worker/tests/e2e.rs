@@ -777,6 +777,82 @@ async fn a_crash_of_postgres_alone_right_after_publish_loses_and_repeats_nothing
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Waits (up to `within`) for `/healthz` to answer 200; false when it never did.
+async fn ready_within(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = http_get(port, "/healthz").await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The hold after a crash of Postgres (REVIEW8_d S1) must end on an idle server: with no
+/// write after the restart, the worker is ready within seconds and a replay from 0 gets
+/// every id the client saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_of_postgres_alone_an_idle_server_gets_ready_without_another_write() {
+    let cluster = lossy_cluster("crash_idle_pg");
+    let mut db = setup(&cluster, "app");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+    });
+    // The session reconnects with backoff (at most a few seconds here); nothing is written.
+    assert!(
+        ready_within(port, Duration::from_secs(15)).await,
+        "not ready on an idle server after a crash of Postgres"
+    );
+    let ids: Vec<i64> = resume(port, "ann", 0)
+        .await
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, seen.iter().map(|s| s.0).collect::<Vec<_>>());
+    drop(worker);
+}
+
+/// As above when the worker crashed too: the fresh worker's unknown watermark ends on an
+/// idle server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_of_worker_and_postgres_an_idle_server_gets_ready_without_another_write() {
+    let cluster = lossy_cluster("crash_idle_both");
+    let mut db = setup(&cluster, "app");
+    let mut worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    worker.kill9();
+    tokio::task::block_in_place(|| {
+        drop(db);
+        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+    });
+    let worker = Worker::start_with(&cluster, "app", port, &[]);
+    assert!(
+        ready_within(port, Duration::from_secs(10)).await,
+        "not ready on an idle server after a crash of the worker and Postgres"
+    );
+    let ids: Vec<i64> = resume(port, "ann", 0)
+        .await
+        .iter()
+        .map(|f| f["syncId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, seen.iter().map(|s| s.0).collect::<Vec<_>>());
+    drop(worker);
+}
+
 /// A replay that started before a crash of Postgres (through the ids the hub published) and
 /// reads its next page after the restart, while the hub holds its watermark: the page must not
 /// be read from the database's hole (the lost ids are assigned again but, being published

@@ -181,6 +181,31 @@ impl Acks {
 pub(super) struct Hold {
     pub(super) end: Lsn,
     pub(super) through: i64,
+    /// The error for a re-stream short of `through` was logged.
+    pub(super) short_logged: bool,
+}
+
+/// What a hold does once the stream has been sequenced through `processed` with ids up to
+/// `last` assigned.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Settle {
+    /// The stream is not past the hold's end yet.
+    Wait,
+    /// Past it, but fewer ids than were published came back: the hole stays held.
+    Short,
+    Release,
+}
+
+impl Hold {
+    pub(super) fn settles(&self, processed: Lsn, last: i64) -> Settle {
+        if processed < self.end {
+            Settle::Wait
+        } else if last < self.through {
+            Settle::Short
+        } else {
+            Settle::Release
+        }
+    }
 }
 
 /// The chain of causes below an error, for logs (never row values: database errors here come
@@ -318,6 +343,7 @@ async fn session(
         s.hold = Some(Hold {
             end: flushed_at_start,
             through: if hub.is_known() { published } else { 0 },
+            short_logged: false,
         });
     } else {
         if !hub.catch_up(last_sync_id) {
@@ -623,18 +649,31 @@ impl Session<'_> {
     /// Ends a hold once the stream is sequenced past its end (see `Hold`).
     pub(super) fn settle(&mut self) {
         let Some(h) = &self.hold else { return };
-        if self.unresolved.is_some() || !self.pending.is_empty() || self.processed < h.end {
+        if self.unresolved.is_some() || !self.pending.is_empty() {
             return;
         }
         let last = self.next_sync_id - 1;
-        if last < h.through {
-            // Cannot happen while ids follow from the counter and the commit order alone.
-            tracing::error!(
-                last,
-                published = h.through,
-                "after a crash of Postgres the stream was sequenced again below what was published; clients ahead will be told cursor_ahead"
-            );
-        } else if h.through > 0 {
+        match h.settles(self.processed, last) {
+            Settle::Wait => return,
+            Settle::Short => {
+                // Ids follow from the counter and the commit order alone, so the re-stream
+                // assigns every lost id again; short of them, releasing would let replays
+                // read the hole and skip ids clients never get again. Kept held (said once).
+                if !h.short_logged {
+                    tracing::error!(
+                        last,
+                        published = h.through,
+                        "after a crash of Postgres the stream was sequenced past where it started below what was published; keeping the watermark held"
+                    );
+                }
+                if let Some(h) = &mut self.hold {
+                    h.short_logged = true;
+                }
+                return;
+            }
+            Settle::Release => {}
+        }
+        if h.through > 0 {
             tracing::info!(
                 last,
                 published = h.through,
@@ -689,5 +728,28 @@ mod tests {
         assert!(acks.is_empty());
         // Nothing waiting: a keepalive is acknowledged at once.
         assert_eq!(acks.queue(lsn(300), Some(Lsn::ZERO), 5), Some(lsn(300)));
+    }
+
+    /// A hold ends only past its end and with every published id assigned again: a re-stream
+    /// that came back short keeps the hole from replays (REVIEW8_d S2).
+    #[test]
+    fn a_hold_is_released_only_with_every_published_id_back() {
+        let lsn = Lsn::from_u64;
+        let hold = Hold {
+            end: lsn(100),
+            through: 5,
+            short_logged: false,
+        };
+        assert_eq!(hold.settles(lsn(99), 5), Settle::Wait);
+        assert_eq!(hold.settles(lsn(100), 3), Settle::Short);
+        assert_eq!(hold.settles(lsn(100), 5), Settle::Release);
+        assert_eq!(hold.settles(lsn(200), 6), Settle::Release);
+        // A fresh worker (nothing published it knows of) releases past the end.
+        let fresh = Hold {
+            end: lsn(100),
+            through: 0,
+            short_logged: false,
+        };
+        assert_eq!(fresh.settles(lsn(100), 0), Settle::Release);
     }
 }
