@@ -513,6 +513,15 @@ impl Session<'_> {
                 self.status
                     .server_lsn
                     .store(wal_end.as_u64(), Ordering::Relaxed);
+                // The walsender sends one when it has sent everything (it waits for more WAL):
+                // what is pending is flushed now, so the keepalive's position counts as
+                // processed. Left for the idle flush, it would not, and on an idle server the
+                // next keepalive may come only once more WAL is flushed (up to
+                // `wal_writer_delay` later, 10 s in the crash tests): a hold waiting for the
+                // stream to pass its end waited that long (CI failure on dedd422).
+                if st.open.is_none() && self.unresolved.is_none() && !self.pending.is_empty() {
+                    self.flush(&st.repl).await?;
+                }
                 if st.open.is_none() && self.pending.is_empty() && self.unresolved.is_none() {
                     self.queue_ack(&st.repl, wal_end, Some(Lsn::ZERO));
                     self.processed = self.processed.max(wal_end);
