@@ -20,8 +20,12 @@ use common::*;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-/// What the probe must see: every `/healthz` answered within this.
+/// A probe slower than this is printed (the latency target itself is bench/hostile.sh's).
 const HEALTHZ_BUDGET: Duration = Duration::from_millis(100);
+/// What 99 % of the probes must see. Three times the printed budget: at load average 15 from
+/// other builds on this 2-core machine, two probes of about 200 took 104 and 120 ms with
+/// nothing wrong in the worker; a worker starved by an attacker misses this by seconds.
+const HEALTHZ_P99: Duration = Duration::from_millis(300);
 /// A probe slower than this means the worker hung or spun (not merely a slow moment).
 const HEALTHZ_STALL: Duration = Duration::from_millis(1500);
 
@@ -135,7 +139,7 @@ impl Probe {
     }
 
     /// Stops the probe and asserts the answers came within the budget: 99 % of them within
-    /// 100 ms, and none slower than HEALTHZ_STALL. On this shared 2-core machine (load average 9 to 12
+    /// HEALTHZ_P99, and none slower than HEALTHZ_STALL. On this shared 2-core machine (load average 9 to 12
     /// from other sessions while this suite was written) single probes missed 100 ms by a few
     /// tens of ms even after the worker's causes were fixed (see bench/RESULTS.md).
     fn finish(self, what: &str) {
@@ -143,7 +147,7 @@ impl Probe {
         took.sort();
         let p99 = took[((took.len() as f64 * 0.99) as usize).min(took.len() - 1)];
         let max = *took.last().unwrap();
-        assert!(p99 < HEALTHZ_BUDGET, "{what}: /healthz p99 {p99:?}");
+        assert!(p99 < HEALTHZ_P99, "{what}: /healthz p99 {p99:?}");
         // The single slowest probe only has to show the worker never hung or spun (the defects
         // this suite found held /healthz for 2 s and more); latency targets belong to
         // bench/hostile.sh. One CI run saw a lone 1.02 s probe 50 ms after the worker started
