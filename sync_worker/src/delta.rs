@@ -115,11 +115,15 @@ impl Delta {
                 }),
             };
         }
-        // Room for the id's digits, so inserting them does not reallocate.
-        let mut frame = String::with_capacity(180 + v[DATA].map_or(0, str::len));
+        // The keys and punctuation take about 170 bytes: sized for them and the values as they
+        // are (escapes aside), with room for the id's digits, so inserting them later does not
+        // reallocate.
+        let mut frame =
+            String::with_capacity(200 + v.iter().map(|c| c.map_or(0, str::len)).sum::<usize>());
         frame_head(&mut frame, model, group_id, v);
         let id_at = frame.len();
         frame_tail(&mut frame, v);
+        frame.reserve(20);
         Unsequenced {
             model: model.to_owned(),
             group_id: group_id.map(str::to_owned),
@@ -896,9 +900,93 @@ mod tests {
                 frame_before(n as i64 - 500, cols),
                 "{text:?}"
             );
+            // Built before its id is known, as the tail builds it.
+            let later = Delta::unsequenced(false, &owned.each_ref().map(|v| v.as_deref()));
+            assert_eq!(
+                later.sequence(n as i64 - 500).frame.as_str(),
+                frame_before(n as i64 - 500, cols),
+                "{text:?}"
+            );
             fast += usize::from(fast_way(text).1);
         }
         assert!(fast > texts.len() / 2, "only {fast} took the fast path");
+    }
+
+    /// A delta built before its sync id is known (`unsequenced`, the tail's way since the
+    /// stream is decoded ahead of the persist) is, once given the id, exactly the one
+    /// `from_text` builds with it: frame, model, group, global, membership, for ids of every
+    /// width and sign, over Postgres's jsonb texts and membership actions.
+    #[test]
+    fn unsequenced_deltas_equal_the_ones_built_with_their_id() {
+        let texts: Vec<String> = include_str!("../tests/fixtures/pg_jsonb_texts.ndjson")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids = [
+            i64::MIN,
+            -1,
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            4_294_967_296,
+            i64::MAX - 1,
+            i64::MAX,
+        ];
+        let nasty = "q\"\\/\u{1}\u{1f}\u{7f}\u{2028}\u{10348}é";
+        let mut compared = 0;
+        for (n, text) in texts.iter().enumerate() {
+            let model = match n % 7 {
+                0 => MEMBERSHIP_MODEL,
+                1 => nasty,
+                2 => "",
+                _ => "todos",
+            };
+            let values: [Option<&str>; 10] = [
+                Some(model).filter(|_| n % 11 != 3),
+                [Some("u1"), Some(nasty), None][n % 3],
+                [Some("I"), Some("U"), Some("D"), Some("J"), Some("L"), None][n % 6],
+                Some(text.as_str()).filter(|_| n % 13 != 5),
+                [Some("7"), Some(nasty), None][n % 3],
+                [None, Some(""), Some(nasty), Some("g1")][n % 4],
+                [None, Some(""), Some("g0")][n % 3],
+                [Some("t"), Some("f"), Some("true"), None][n % 4],
+                (n % 5 == 0).then_some(nasty),
+                (n % 5 == 1).then_some("00000000-0000-0000-0000-000000000001"),
+            ];
+            let global = n % 2 == 0;
+            let id = ids[n % ids.len()];
+            let want = Delta::from_text(id, global, |c| {
+                values[COLUMNS.iter().position(|n| *n == c)?]
+            });
+            let got = Delta::unsequenced(global, &values).sequence(id);
+            assert_eq!(got.frame, want.frame, "{text:?} {values:?}");
+            assert_eq!(got.sync_id, want.sync_id);
+            assert_eq!(got.model, want.model);
+            assert_eq!(got.group_id, want.group_id);
+            assert_eq!(got.global, want.global);
+            assert_eq!(got.member, want.member);
+            compared += 1;
+        }
+        assert!(compared > 1000);
+        // The id's digits are inserted without growing the frame.
+        let values = [
+            Some("todos"),
+            Some("1"),
+            Some("I"),
+            Some("{}"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ];
+        let u = Delta::unsequenced(true, &values);
+        let cap = u.frame.capacity();
+        assert!(cap >= u.frame.len() + 20, "room for any id");
     }
 
     /// Borrowed and owned columns build the same delta.

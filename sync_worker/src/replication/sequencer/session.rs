@@ -739,6 +739,14 @@ impl Session<'_> {
 mod tests {
     use super::*;
 
+    /// `absorb` reads the group by its position (5) and the id and xid after the delta's.
+    #[test]
+    fn action_columns_are_the_deltas_then_id_and_xid() {
+        assert_eq!(ACTION_COLUMNS[..10], COLUMNS);
+        assert_eq!(ACTION_COLUMNS[5], "group_id");
+        assert_eq!(ACTION_COLUMNS[10..], ["id", "xid"]);
+    }
+
     /// The slot is acknowledged past a transaction only once the WAL is flushed past its
     /// persist's commit, in order, and a persist's bound is only known from a later statement.
     #[test]
