@@ -28,8 +28,9 @@ pub struct Member {
     pub joined: bool,
 }
 
-/// The `sync_actions` columns a delta is built from, in this order (`Delta::from_columns`).
-const COLUMNS: [&str; 10] = [
+/// The `sync_actions` columns a delta is built from, in this order (`Delta::from_columns`,
+/// `Delta::unsequenced`).
+pub const COLUMNS: [&str; 10] = [
     "model",
     "model_id",
     "action",
@@ -41,6 +42,16 @@ const COLUMNS: [&str; 10] = [
     "client_id",
     "client_tx_id",
 ];
+const MODEL: usize = 0;
+const MODEL_ID: usize = 1;
+const ACTION: usize = 2;
+const DATA: usize = 3;
+const VERSION: usize = 4;
+const GROUP_ID: usize = 5;
+const PREV_GROUP_ID: usize = 6;
+const MOVED: usize = 7;
+const CLIENT_ID: usize = 8;
+const CLIENT_TX_ID: usize = 9;
 
 impl Delta {
     /// Builds a delta from a `sync_actions` row given as text columns (as pgoutput and
@@ -60,62 +71,20 @@ impl Delta {
         global: bool,
         col: impl Fn(&str) -> Option<&'a str>,
     ) -> Delta {
-        // Written straight into one string (no JSON tree), keys in the order serde_json's map
-        // gives them, so the frame is byte for byte what `json!(..).to_string()` made: this
-        // runs once per action on the tail's hot path.
-        let model = col("model").unwrap_or_default();
+        let v = COLUMNS.map(col);
+        let model = v[MODEL].unwrap_or_default();
         // '' is a grouped model's row without a group (nobody's): v1 shows it as null.
-        let group_id = col("group_id").filter(|g| !g.is_empty());
+        let group_id = v[GROUP_ID].filter(|g| !g.is_empty());
         if model == MEMBERSHIP_MODEL {
-            let joined = col("action") == Some("J");
-            let frame = serde_json::json!({
-                "type": "membership",
-                "groupId": group_id,
-                "joined": joined,
-                "syncId": sync_id,
-            })
-            .to_string();
-            return Delta {
-                sync_id,
-                model: model.to_owned(),
-                group_id: group_id.map(str::to_owned),
-                global: false,
-                frame: frame.into(),
-                member: Some(Member {
-                    user_id: col("model_id").unwrap_or_default().to_owned(),
-                    joined,
-                }),
-            };
+            return membership(sync_id, group_id, &v);
         }
-        let moved = matches!(col("moved"), Some("t") | Some("true"));
-        let data = col("data");
-        let mut frame = String::with_capacity(160 + data.map_or(0, str::len));
-        frame.push_str("{\"action\":");
-        put_str(&mut frame, col("action"));
-        frame.push_str(",\"clientId\":");
-        put_str(&mut frame, col("client_id"));
-        frame.push_str(",\"clientTxId\":");
-        put_str(&mut frame, col("client_tx_id"));
-        frame.push_str(",\"data\":");
-        put_data(&mut frame, data);
-        frame.push_str(",\"groupId\":");
-        put_str(&mut frame, group_id);
-        frame.push_str(",\"model\":");
-        put_str(&mut frame, Some(model));
-        frame.push_str(",\"modelId\":");
-        put_str(&mut frame, col("model_id"));
-        frame.push_str(",\"moved\":");
-        frame.push_str(if moved { "true" } else { "false" });
-        frame.push_str(",\"prevGroupId\":");
-        put_str(&mut frame, col("prev_group_id"));
-        frame.push_str(",\"syncId\":");
+        let mut frame = String::with_capacity(160 + v[DATA].map_or(0, str::len));
+        frame_head(&mut frame, model, group_id, &v);
         {
             use std::fmt::Write;
             let _ = write!(frame, "{sync_id}");
         }
-        frame.push_str(",\"type\":\"delta\",\"version\":");
-        put_str(&mut frame, col("version"));
-        frame.push('}');
+        frame_tail(&mut frame, &v);
         Delta {
             sync_id,
             model: model.to_owned(),
@@ -125,6 +94,185 @@ impl Delta {
             member: None,
         }
     }
+
+    /// `from_text` before the sync id is known: everything but the id is built now (the tail
+    /// builds it while the stream is decoded, so assigning ids after the persist is a copy, not
+    /// a JSON pass over every action). `Unsequenced::sequence` gives exactly the delta
+    /// `from_text` would.
+    pub fn unsequenced(global: bool, v: &[Option<&str>; 10]) -> Unsequenced {
+        let model = v[MODEL].unwrap_or_default();
+        let group_id = v[GROUP_ID].filter(|g| !g.is_empty());
+        if model == MEMBERSHIP_MODEL {
+            return Unsequenced {
+                model: model.to_owned(),
+                group_id: group_id.map(str::to_owned),
+                global: false,
+                frame: String::new(),
+                id_at: 0,
+                member: Some(Member {
+                    user_id: v[MODEL_ID].unwrap_or_default().to_owned(),
+                    joined: v[ACTION] == Some("J"),
+                }),
+            };
+        }
+        // The keys and punctuation take about 170 bytes: sized for them and the values as they
+        // are (escapes aside), with room for the id's digits, so inserting them later does not
+        // reallocate.
+        let mut frame =
+            String::with_capacity(200 + v.iter().map(|c| c.map_or(0, str::len)).sum::<usize>());
+        frame_head(&mut frame, model, group_id, v);
+        let id_at = frame.len();
+        frame_tail(&mut frame, v);
+        frame.reserve(20);
+        Unsequenced {
+            model: model.to_owned(),
+            group_id: group_id.map(str::to_owned),
+            global,
+            frame,
+            id_at,
+            member: None,
+        }
+    }
+}
+
+/// A delta without its sync id (`Delta::unsequenced`).
+#[derive(Debug, Clone)]
+pub struct Unsequenced {
+    model: String,
+    group_id: Option<String>,
+    global: bool,
+    /// The delta frame without the id's digits, which go at `id_at`; empty for a membership
+    /// change (its frame is built by `membership`).
+    frame: String,
+    id_at: usize,
+    member: Option<Member>,
+}
+
+impl Unsequenced {
+    /// The delta with sync id `sync_id`: byte for byte what `Delta::from_text` builds.
+    pub fn sequence(self, sync_id: i64) -> Delta {
+        let Unsequenced {
+            model,
+            group_id,
+            global,
+            mut frame,
+            id_at,
+            member,
+        } = self;
+        if let Some(m) = member {
+            let frame = membership_frame(sync_id, group_id.as_deref(), m.joined);
+            return Delta {
+                sync_id,
+                model,
+                group_id,
+                global: false,
+                frame: frame.into(),
+                member: Some(m),
+            };
+        }
+        frame.insert_str(id_at, itoa_i64(sync_id).as_str());
+        Delta {
+            sync_id,
+            model,
+            group_id,
+            global,
+            frame: frame.into(),
+            member: None,
+        }
+    }
+}
+
+/// `sync_id` in decimal, without an allocation.
+fn itoa_i64(sync_id: i64) -> ArrayStr {
+    use std::fmt::Write;
+    let mut s = ArrayStr::default();
+    let _ = write!(s, "{sync_id}");
+    s
+}
+
+/// Room for any i64 in decimal (20 bytes with the sign).
+#[derive(Default)]
+struct ArrayStr {
+    buf: [u8; 20],
+    len: usize,
+}
+
+impl ArrayStr {
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and '-' are written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for ArrayStr {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// A membership change's delta (its `membership` frame).
+fn membership(sync_id: i64, group_id: Option<&str>, v: &[Option<&str>; 10]) -> Delta {
+    let joined = v[ACTION] == Some("J");
+    Delta {
+        sync_id,
+        model: MEMBERSHIP_MODEL.to_owned(),
+        group_id: group_id.map(str::to_owned),
+        global: false,
+        frame: membership_frame(sync_id, group_id, joined).into(),
+        member: Some(Member {
+            user_id: v[MODEL_ID].unwrap_or_default().to_owned(),
+            joined,
+        }),
+    }
+}
+
+fn membership_frame(sync_id: i64, group_id: Option<&str>, joined: bool) -> String {
+    serde_json::json!({
+        "type": "membership",
+        "groupId": group_id,
+        "joined": joined,
+        "syncId": sync_id,
+    })
+    .to_string()
+}
+
+// The delta frame is written straight into one string (no JSON tree), keys in the order
+// serde_json's map gives them, so it is byte for byte what `json!(..).to_string()` made: this
+// runs once per action on the tail's hot path. `frame_head` writes up to the sync id,
+// `frame_tail` what follows it.
+fn frame_head(frame: &mut String, model: &str, group_id: Option<&str>, v: &[Option<&str>; 10]) {
+    let moved = matches!(v[MOVED], Some("t") | Some("true"));
+    frame.push_str("{\"action\":");
+    put_str(frame, v[ACTION]);
+    frame.push_str(",\"clientId\":");
+    put_str(frame, v[CLIENT_ID]);
+    frame.push_str(",\"clientTxId\":");
+    put_str(frame, v[CLIENT_TX_ID]);
+    frame.push_str(",\"data\":");
+    put_data(frame, v[DATA]);
+    frame.push_str(",\"groupId\":");
+    put_str(frame, group_id);
+    frame.push_str(",\"model\":");
+    put_str(frame, Some(model));
+    frame.push_str(",\"modelId\":");
+    put_str(frame, v[MODEL_ID]);
+    frame.push_str(",\"moved\":");
+    frame.push_str(if moved { "true" } else { "false" });
+    frame.push_str(",\"prevGroupId\":");
+    put_str(frame, v[PREV_GROUP_ID]);
+    frame.push_str(",\"syncId\":");
+}
+
+fn frame_tail(frame: &mut String, v: &[Option<&str>; 10]) {
+    frame.push_str(",\"type\":\"delta\",\"version\":");
+    put_str(frame, v[VERSION]);
+    frame.push('}');
 }
 
 /// A JSON string (or null), escaped as serde_json escapes it: `"`, `\\` and control characters
@@ -752,9 +900,93 @@ mod tests {
                 frame_before(n as i64 - 500, cols),
                 "{text:?}"
             );
+            // Built before its id is known, as the tail builds it.
+            let later = Delta::unsequenced(false, &owned.each_ref().map(|v| v.as_deref()));
+            assert_eq!(
+                later.sequence(n as i64 - 500).frame.as_str(),
+                frame_before(n as i64 - 500, cols),
+                "{text:?}"
+            );
             fast += usize::from(fast_way(text).1);
         }
         assert!(fast > texts.len() / 2, "only {fast} took the fast path");
+    }
+
+    /// A delta built before its sync id is known (`unsequenced`, the tail's way since the
+    /// stream is decoded ahead of the persist) is, once given the id, exactly the one
+    /// `from_text` builds with it: frame, model, group, global, membership, for ids of every
+    /// width and sign, over Postgres's jsonb texts and membership actions.
+    #[test]
+    fn unsequenced_deltas_equal_the_ones_built_with_their_id() {
+        let texts: Vec<String> = include_str!("../tests/fixtures/pg_jsonb_texts.ndjson")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids = [
+            i64::MIN,
+            -1,
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            4_294_967_296,
+            i64::MAX - 1,
+            i64::MAX,
+        ];
+        let nasty = "q\"\\/\u{1}\u{1f}\u{7f}\u{2028}\u{10348}é";
+        let mut compared = 0;
+        for (n, text) in texts.iter().enumerate() {
+            let model = match n % 7 {
+                0 => MEMBERSHIP_MODEL,
+                1 => nasty,
+                2 => "",
+                _ => "todos",
+            };
+            let values: [Option<&str>; 10] = [
+                Some(model).filter(|_| n % 11 != 3),
+                [Some("u1"), Some(nasty), None][n % 3],
+                [Some("I"), Some("U"), Some("D"), Some("J"), Some("L"), None][n % 6],
+                Some(text.as_str()).filter(|_| n % 13 != 5),
+                [Some("7"), Some(nasty), None][n % 3],
+                [None, Some(""), Some(nasty), Some("g1")][n % 4],
+                [None, Some(""), Some("g0")][n % 3],
+                [Some("t"), Some("f"), Some("true"), None][n % 4],
+                (n % 5 == 0).then_some(nasty),
+                (n % 5 == 1).then_some("00000000-0000-0000-0000-000000000001"),
+            ];
+            let global = n % 2 == 0;
+            let id = ids[n % ids.len()];
+            let want = Delta::from_text(id, global, |c| {
+                values[COLUMNS.iter().position(|n| *n == c)?]
+            });
+            let got = Delta::unsequenced(global, &values).sequence(id);
+            assert_eq!(got.frame, want.frame, "{text:?} {values:?}");
+            assert_eq!(got.sync_id, want.sync_id);
+            assert_eq!(got.model, want.model);
+            assert_eq!(got.group_id, want.group_id);
+            assert_eq!(got.global, want.global);
+            assert_eq!(got.member, want.member);
+            compared += 1;
+        }
+        assert!(compared > 1000);
+        // The id's digits are inserted without growing the frame.
+        let values = [
+            Some("todos"),
+            Some("1"),
+            Some("I"),
+            Some("{}"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ];
+        let u = Delta::unsequenced(true, &values);
+        let cap = u.frame.capacity();
+        assert!(cap >= u.frame.len() + 20, "room for any id");
     }
 
     /// Borrowed and owned columns build the same delta.

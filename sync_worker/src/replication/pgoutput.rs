@@ -70,6 +70,49 @@ impl Row {
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
+
+    /// `get` by the column's position (`Positions`).
+    pub fn at(&self, i: Option<usize>) -> Option<Option<&str>> {
+        match *self.cells.get(i?)? {
+            Cell::Null => Some(None),
+            Cell::Unchanged => None,
+            Cell::Text(start, end) => Some(Some(&self.text[start as usize..end as usize])),
+        }
+    }
+}
+
+/// The positions of `N` named columns in a relation's rows, found once per relation (a `Row::get`
+/// by name is a search through the column names; the tail reads ten columns of every action).
+pub struct Positions<const N: usize> {
+    names: [&'static str; N],
+    /// The column list the positions were found in (a new Relation message makes a new one).
+    columns: Option<Arc<[Arc<str>]>>,
+    at: [Option<usize>; N],
+}
+
+impl<const N: usize> Positions<N> {
+    pub fn new(names: [&'static str; N]) -> Self {
+        Positions {
+            names,
+            columns: None,
+            at: [None; N],
+        }
+    }
+
+    /// The named columns of `row`, in the order given to `new`: what `row.get(name)` answers.
+    pub fn get<'r>(&mut self, row: &'r Row) -> [Option<Option<&'r str>>; N] {
+        if !self
+            .columns
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &row.columns))
+        {
+            self.at = self
+                .names
+                .map(|n| row.columns.iter().position(|c| &**c == n));
+            self.columns = Some(row.columns.clone());
+        }
+        self.at.map(|i| row.at(i))
+    }
 }
 
 #[derive(Debug)]
@@ -409,6 +452,10 @@ mod tests {
         // The row as decoded, the old map of it, the relation's columns then.
         type Decoded = (Row, HashMap<String, Option<String>>, Vec<String>);
         let mut before: Option<Decoded> = None;
+        // One resolver across every relation (as the tail keeps one for the session): it must
+        // find the positions again whenever the relation changed, and answer as `get` does.
+        const NAMES: [&str; 7] = ["id", "data", "", "a", "é", "nope", "ID"];
+        let mut positions = Positions::new(NAMES);
         for _ in 0..2000 {
             let cols: Vec<String> = (0..next(5))
                 .map(|i| ["id", "data", "", "a", "é"][(i + next(2)) as usize % 5].to_owned())
@@ -461,6 +508,12 @@ mod tests {
             check(&row, &old_map, &cols);
             if let Some((row, map, cols)) = &before {
                 check(row, map, cols);
+                let old = positions.get(row);
+                assert_eq!(old, NAMES.map(|n| row.get(n)), "{cols:?} (a row before)");
+            }
+            for _ in 0..2 {
+                let now = positions.get(&row);
+                assert_eq!(now, NAMES.map(|n| row.get(n)), "{cols:?}");
             }
             before = Some((row, old_map, cols));
         }

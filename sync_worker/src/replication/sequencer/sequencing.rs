@@ -7,7 +7,6 @@ use super::session::{ReadyTxn, Session};
 use super::{SequencerError, LARGE_PAGE, VISIBILITY_WAIT_MAX};
 use crate::delta::Delta;
 use crate::hub::{MembershipChange, Published};
-use crate::replication::pgoutput::Row;
 use pgwire_replication::ReplicationClient;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -215,8 +214,13 @@ impl Session<'_> {
         if crate::failpoint::fire("panic_in_flush") {
             panic!("failpoint panic_in_flush");
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         self.pending_actions = 0;
+        // Each transaction's deltas, built while it streamed, get their ids below.
+        let mut actions: Vec<Vec<super::session::Action>> = pending
+            .iter_mut()
+            .map(|t| std::mem::take(&mut t.txn.actions))
+            .collect();
         let started = std::time::Instant::now();
         // Persisted in one round trip: transactions a backlog pass already sequenced (known by
         // their xid) are skipped by the statement, which names them; the others get
@@ -250,22 +254,22 @@ impl Session<'_> {
                 .await?
         };
         let mut firsts = vec![];
-        let mut assigned: Vec<(i64, &ReadyTxn)> = vec![];
-        for txn in &pending {
+        let mut assigned: Vec<(i64, &ReadyTxn, Vec<super::session::Action>)> = vec![];
+        for (txn, actions) in pending.iter().zip(actions.iter_mut()) {
             if txn.commit_lsn <= self.last_commit_lsn
                 || txn.xid.as_ref().is_some_and(|x| known.contains(x))
             {
-                assigned.push((0, txn)); // sequenced already: only its memberships matter now
+                assigned.push((0, txn, vec![])); // sequenced already: only its memberships matter now
                 continue;
             }
             if txn.count == 0 {
-                assigned.push((0, txn));
+                assigned.push((0, txn, vec![]));
                 continue;
             }
             let first = self.next_sync_id;
             self.next_sync_id += txn.count as i64;
             firsts.push((first, txn.count as u64));
-            assigned.push((first, txn));
+            assigned.push((first, txn, std::mem::take(actions)));
         }
         if crate::failpoint::fire("after_persist") {
             return Err(SequencerError::Failpoint("after_persist"));
@@ -278,8 +282,8 @@ impl Session<'_> {
         }
         // Persisted: now clients may see these ids.
         let mut batch = vec![];
-        for (first, txn) in &assigned {
-            if *first == 0 {
+        for (first, txn, mut actions) in assigned {
+            if first == 0 {
                 // Sequenced (and published) already: its membership changes came with it.
                 batch.push(Published {
                     revoked_keys: txn.revoked_keys.clone(),
@@ -295,28 +299,18 @@ impl Session<'_> {
                     ..Published::default()
                 });
                 self.hub.publish(&std::mem::take(&mut batch));
-                self.publish_large(*first, txn).await?;
+                self.publish_large(first, txn).await?;
                 continue;
             }
-            let mut rows: Vec<&Row> = txn.actions.iter().collect();
-            // Each key read once (not a cloned string per comparison).
-            rows.sort_by_cached_key(|r| {
-                r.text("id")
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0)
-            });
-            let mut deltas = Vec::with_capacity(rows.len());
-            for (i, row) in rows.into_iter().enumerate() {
+            // In log order (a stable sort, as before: the action ids are unique anyway).
+            actions.sort_by_key(|a| a.id);
+            let mut deltas = Vec::with_capacity(actions.len());
+            for (i, action) in actions.into_iter().enumerate() {
                 if first + (i as i64) <= self.skip_through {
                     // Delivered before a crash of Postgres lost its persist (see `Hold`).
                     continue;
                 }
-                // Global is what the action says (no group id), as replay judges it: never the
-                // registry now, which a re-registration may have changed since.
-                let global = row.get("group_id").is_none_or(|g| g.is_none());
-                deltas.push(Arc::new(Delta::from_text(first + i as i64, global, |c| {
-                    row.text(c)
-                })));
+                deltas.push(Arc::new(action.delta.sequence(first + i as i64)));
             }
             let last = if txn.count > 0 {
                 first + txn.count as i64 - 1

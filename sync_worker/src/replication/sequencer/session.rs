@@ -7,8 +7,9 @@ use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
 use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US};
 use crate::config::Config;
+use crate::delta::{Delta, Unsequenced, COLUMNS};
 use crate::hub::Hub;
-use crate::replication::pgoutput::{Decoder, Message, Row};
+use crate::replication::pgoutput::{Decoder, Message, Positions};
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::collections::VecDeque;
@@ -18,9 +19,29 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+/// The columns of a `sync_actions` row the tail reads: the delta's (`COLUMNS`), `id`, `xid`.
+const ACTION_COLUMNS: [&str; 12] = {
+    let mut names = [""; 12];
+    let mut i = 0;
+    while i < COLUMNS.len() {
+        names[i] = COLUMNS[i];
+        i += 1;
+    }
+    names[10] = "id";
+    names[11] = "xid";
+    names
+};
+
+/// A streamed action: its delta, built while the stream is decoded (only the sync id is
+/// missing), and its id in the log (the order of a transaction's actions).
+pub(super) struct Action {
+    pub(super) id: i64,
+    pub(super) delta: Unsequenced,
+}
+
 pub(super) struct OpenTxn {
     pub(super) commit_lsn: Lsn,
-    pub(super) actions: Vec<Row>,
+    pub(super) actions: Vec<Action>,
     pub(super) count: usize,
     pub(super) large: bool,
     pub(super) xid: Option<String>,
@@ -78,6 +99,8 @@ pub(super) struct Session<'a> {
     pub(super) skip_through: i64,
     /// Every transaction committed below this LSN has been sequenced in this session.
     pub(super) processed: Lsn,
+    /// Where `ACTION_COLUMNS` are in the log's rows.
+    pub(super) columns: Positions<12>,
 }
 
 /// A slot acknowledgement (`ack`) that waits until the WAL is flushed past `bound` (the commit
@@ -318,6 +341,7 @@ async fn session(
         hold: None,
         skip_through: 0,
         processed: Lsn::ZERO,
+        columns: Positions::new(ACTION_COLUMNS),
     };
     s.confirm(None);
     // What a previous session persisted but could not publish (it failed in between) reaches
@@ -562,12 +586,21 @@ impl Session<'_> {
         };
         match msg {
             Message::Insert { relation, row } if ours(&relation, "sync_actions") => {
+                let v = self.columns.get(&row).map(Option::flatten);
                 if txn.xid.is_none() {
-                    txn.xid = row.text("xid").map(str::to_owned);
+                    txn.xid = v[11].map(str::to_owned);
                 }
                 txn.count += 1;
                 if txn.actions.len() < self.cfg.txn_buffer {
-                    txn.actions.push(row);
+                    // Global is what the action says (no group id), as replay judges it: never
+                    // the registry now, which a re-registration may have changed since.
+                    let global = v[5].is_none();
+                    let delta_columns =
+                        [v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]];
+                    txn.actions.push(Action {
+                        id: v[10].and_then(|id| id.parse::<i64>().ok()).unwrap_or(0),
+                        delta: Delta::unsequenced(global, &delta_columns),
+                    });
                 } else {
                     // Bounded memory: a huge transaction is re-read from the database.
                     txn.large = true;
@@ -705,6 +738,14 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `absorb` reads the group by its position (5) and the id and xid after the delta's.
+    #[test]
+    fn action_columns_are_the_deltas_then_id_and_xid() {
+        assert_eq!(ACTION_COLUMNS[..10], COLUMNS);
+        assert_eq!(ACTION_COLUMNS[5], "group_id");
+        assert_eq!(ACTION_COLUMNS[10..], ["id", "xid"]);
+    }
 
     /// The slot is acknowledged past a transaction only once the WAL is flushed past its
     /// persist's commit, in order, and a persist's bound is only known from a later statement.
