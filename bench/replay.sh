@@ -45,6 +45,10 @@ run_worker() {
 }
 stop_worker() { kill "$wpid"; wait "$wpid" 2>/dev/null || true; rm -f "$work/worker.pid"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Postgres CPU: the postmaster's reaped children (every backend the worker used, once they
+# exited after the worker stopped), in ticks.
+pg_ticks() { awk '{print $16 + $17}' "/proc/$(head -1 "$work/pg/data/postmaster.pid")/stat"; }
+pg_settled() { sleep 1; pg_ticks; }
 echo "waiting for the worker to sequence the backlog" >&2
 run_worker "${workers%% *}"
 stop_worker
@@ -62,16 +66,27 @@ for r in $(seq 1 "$rounds"); do
   c=$(copy_s)
   i=0
   for w in $workers; do
+    p0=$(pg_settled)
     run_worker "$w"
     t0=$(cpu_ticks "$wpid")
-    out=$("$load" "$wport" bench reader)
+    # REPLAY_PERF=DIR: a call-graph profile of each replay's worker into DIR (perf record).
+    perf_pid=""
+    if [ -n "${REPLAY_PERF:-}" ]; then
+      mkdir -p "$REPLAY_PERF"
+      perf record -F 499 -g -p "$wpid" -o "$REPLAY_PERF/worker_r${r}_w${i}.data" >/dev/null 2>&1 &
+      perf_pid=$!
+    fi
+    out=$(/usr/bin/time -f '%U %S' -o "$work/client.time" "$load" "$wport" bench reader)
     cpu=$(( $(cpu_ticks "$wpid") - t0 ))
+    [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     stop_worker
+    pgcpu=$(( $(pg_settled) - p0 ))
+    client=$(awk '{print $1 + $2}' "$work/client.time")
     got=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['deltas'])" "$out")
     s=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['seconds'])" "$out")
     [ "$got" -eq "$actions" ] || { echo "replay got $got deltas of $actions" >&2; exit 1; }
-    echo "round $r: COPY ${c}s, worker $i ($w) replay ${s}s, worker CPU $cpu ticks" >&2
-    rows="$rows$i $c $s $cpu
+    echo "round $r: COPY ${c}s, worker $i ($w) replay ${s}s, worker CPU $cpu ticks, Postgres $pgcpu ticks, client ${client}s" >&2
+    rows="$rows$i $c $s $cpu $pgcpu $client
 "
     i=$((i + 1))
   done
@@ -93,15 +108,17 @@ print("Machine: $(nproc) cores; release build. One WebSocket client (member of a
 print("log from 0 to caught_up; COPY of the same rows of pg_sync.sync_actions to psql's /dev/null; alternating")
 print("(each round: COPY, then one replay per worker, each worker started fresh).")
 print()
-print("| reader | actions/s min / median / max | replay / COPY min / median / max | worker CPU s per replay |")
-print("|---|---|---|---|")
-print(f"| COPY (SELECT ... FROM pg_sync.sync_actions) TO STDOUT (baseline) | {f(copy)} | 1 | |")
+print("| reader | actions/s min / median / max | replay / COPY min / median / max | worker CPU s per replay | Postgres CPU s per replay | client CPU s per replay |")
+print("|---|---|---|---|---|---|")
+print(f"| COPY (SELECT ... FROM pg_sync.sync_actions) TO STDOUT (baseline) | {f(copy)} | 1 | | | |")
 for i, w in enumerate(workers):
     mine = [r for r in rows if r[0] == str(i)]
     ours = [n / float(r[2]) for r in mine]
     ratios = [(n / float(r[2])) / (n / float(r[1])) for r in mine]
     cpu = [int(r[3]) / hz for r in mine]
-    print(f"| WebSocket replay from 0, worker {i}: \`{w}\` | {f(ours)} | {g(ratios)} | {g(cpu)} |")
+    pg = [int(r[4]) / hz for r in mine]
+    client = [float(r[5]) for r in mine]
+    print(f"| WebSocket replay from 0, worker {i}: \`{w}\` | {f(ours)} | {g(ratios)} | {g(cpu)} | {g(pg)} | {g(client)} |")
 print()
 print("Goal: replay / COPY at least 0.5.")
 PY
