@@ -13,8 +13,10 @@
 //! needed either, and nothing user-defined is evaluated: the values arrive as finished datums
 //! computed as the writer by the caller. The direct path is used only while the table looks
 //! exactly as pg_sync created it (known columns, no triggers, no CHECK constraints, only plain
-//! indexes without expressions, predicates, exclusion or deferred uniqueness); otherwise the
-//! caller falls back to its SPI INSERT, which honours whatever was added.
+//! indexes without expressions, predicates, exclusion or deferred uniqueness; one that a
+//! concurrent CREATE INDEX or REINDEX has not made ready for inserts gets no entries, as from the
+//! executor); otherwise the caller falls back to its SPI INSERT, which honours whatever was
+//! added.
 
 use pgrx::pg_sys;
 use std::cell::Cell;
@@ -71,7 +73,10 @@ struct Target {
     /// The table is as pg_sync created it: the direct path applies.
     direct: bool,
     /// The log's indexes (all plain, see `plain_layout`) with their `IndexInfo`, built in
-    /// `INFO_CONTEXT`; `nindexes` of them are set.
+    /// `INFO_CONTEXT`; `nindexes` of them are set. An index not ready for inserts has a null
+    /// `IndexInfo` and gets no entries; it is listed so that its own invalidation (when it
+    /// becomes ready, which invalidates the index, not the table) makes the layout be checked
+    /// again.
     indexes: [(pg_sys::Oid, *mut pg_sys::IndexInfo); MAX_INDEXES],
     nindexes: usize,
 }
@@ -83,11 +88,14 @@ thread_local! {
     static INFO_CONTEXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Relcache invalidation: forget the checked layout when the log table (or everything) changes.
-/// Never borrows, so it is safe whenever Postgres delivers invalidations.
+/// Relcache invalidation: forget the checked layout when the log table, one of its indexes (or
+/// everything) changes. Never borrows, so it is safe whenever Postgres delivers invalidations.
 pub fn invalidate(relid: pg_sys::Oid) {
     TARGET.with(|t| {
-        if relid == pg_sys::InvalidOid || t.get().is_some_and(|t| t.relid == relid) {
+        let ours = |t: Target| {
+            t.relid == relid || t.indexes[..t.nindexes].iter().any(|&(oid, _)| oid == relid)
+        };
+        if relid == pg_sys::InvalidOid || t.get().is_some_and(ours) {
             t.set(None);
         }
     });
@@ -141,6 +149,20 @@ pub(crate) unsafe fn plain_layout(
     columns: &[Col],
     att: &mut [usize],
 ) -> bool {
+    // SAFETY: as the caller's.
+    unsafe { layout(rel, columns, att, false) }
+}
+
+/// `plain_layout`, where `unready_ok` lets an index that is not ready for inserts pass (the
+/// first phase of a CREATE INDEX or REINDEX CONCURRENTLY has committed it, or a DROP INDEX
+/// CONCURRENTLY is removing it): the executor gives such an index no entries, and the command
+/// building it takes the rows of transactions that did not know it from the heap.
+unsafe fn layout(
+    rel: pg_sys::Relation,
+    columns: &[Col],
+    att: &mut [usize],
+    unready_ok: bool,
+) -> bool {
     unsafe {
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
@@ -182,12 +204,13 @@ pub(crate) unsafe fn plain_layout(
                     let oid = (*(*list).elements.add(k)).oid_value;
                     let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
                     let form = &*(*idx).rd_index;
-                    let plain = form.indimmediate
-                        && !form.indisexclusion
-                        && form.indisready
-                        && form.indislive
-                        && pg_sys::RelationGetIndexExpressions(idx).is_null()
-                        && pg_sys::RelationGetIndexPredicate(idx).is_null();
+                    let plain = (unready_ok && !form.indisready)
+                        || (form.indimmediate
+                            && !form.indisexclusion
+                            && form.indisready
+                            && form.indislive
+                            && pg_sys::RelationGetIndexExpressions(idx).is_null()
+                            && pg_sys::RelationGetIndexPredicate(idx).is_null());
                     pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
                     if !plain {
                         direct = false;
@@ -205,7 +228,7 @@ unsafe fn check(rel: pg_sys::Relation) -> Target {
     unsafe {
         let relid = (*rel).rd_id;
         let mut att = [usize::MAX; 15];
-        let mut direct = plain_layout(rel, &COLUMNS, &mut att);
+        let mut direct = layout(rel, &COLUMNS, &mut att, true);
         let mut seq = pg_sys::InvalidOid;
         if direct {
             seq = pg_sys::getIdentitySequence(relid, (att[ID] + 1) as pg_sys::AttrNumber, true);
@@ -230,7 +253,12 @@ unsafe fn check(rel: pg_sys::Relation) -> Target {
                 for (k, slot) in indexes.iter_mut().enumerate().take(n) {
                     let oid = (*(*list).elements.add(k)).oid_value;
                     let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
-                    *slot = (oid, pg_sys::BuildIndexInfo(idx));
+                    let info = if (*(*idx).rd_index).indisready {
+                        pg_sys::BuildIndexInfo(idx)
+                    } else {
+                        std::ptr::null_mut()
+                    };
+                    *slot = (oid, info);
                     pg_sys::index_close(idx, pg_sys::NoLock as i32);
                 }
                 nindexes = n;
@@ -413,11 +441,17 @@ unsafe fn insert_index_entries_of<'a>(
         let mut keys = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
         let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
         let mut idxs = [std::ptr::null_mut(); MAX_INDEXES];
-        for (i, &(oid, _)) in target.indexes[..target.nindexes].iter().enumerate() {
-            idxs[i] = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
+        for (i, &(oid, info)) in target.indexes[..target.nindexes].iter().enumerate() {
+            // Not ready for inserts: no entries (see `Target::indexes`).
+            if !info.is_null() {
+                idxs[i] = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
+            }
         }
         for (datums, nulls, tid) in rows {
             for (i, &(_, info)) in target.indexes[..target.nindexes].iter().enumerate() {
+                if info.is_null() {
+                    continue;
+                }
                 let idx: pg_sys::Relation = idxs[i];
                 let n = (*info).ii_NumIndexAttrs as usize;
                 for k in 0..n {
@@ -433,7 +467,7 @@ unsafe fn insert_index_entries_of<'a>(
                 index_insert(idx, &mut keys, &mut key_nulls, tid, rel, unique, info);
             }
         }
-        for &idx in &idxs[..target.nindexes] {
+        for &idx in idxs[..target.nindexes].iter().filter(|i| !i.is_null()) {
             pg_sys::index_close(idx, pg_sys::NoLock as i32);
         }
     }
