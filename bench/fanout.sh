@@ -46,15 +46,22 @@ printf '\\set g random(0, %d)\nINSERT INTO events (grp, ts) VALUES (%s, extract(
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 hz=$(getconf CLK_TCK)
 wcpu0=$(cpu "$wpid"); lcpu0=$(cpu "$load_pid")
-metrics0=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_delivery_seconds_bucket' || true)
+metrics0=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_\(delivery_seconds_bucket\|flush_seconds_count\)' || true)
 echo go >&3
 "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c 4 -j 2 -R "$rate" -T "$((secs + 2))" \
   -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1 &
 pg_pid=$!
 peak=$rss1
-for _ in $(seq 1 "$secs"); do sleep 1; r=$(rss); [ "$r" -gt "$peak" ] && peak=$r; done
-wcpu1=$(cpu "$wpid"); lcpu1=$(cpu "$load_pid")
-metrics1=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_delivery_seconds_bucket' || true)
+# The load generator exits as soon as its time is up: its CPU is read every second while it runs.
+lcpu1=$lcpu0
+for _ in $(seq 1 "$secs"); do
+  sleep 1; r=$(rss); [ "$r" -gt "$peak" ] && peak=$r
+  l=$(cpu "$load_pid"); [ "$l" -gt 0 ] && lcpu1=$l
+done
+wcpu1=$(cpu "$wpid")
+metrics1=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_\(delivery_seconds_bucket\|flush_seconds_count\)' || true)
+# Sequencer flushes (each one awaited persist) per second over the run.
+flushes=$(( ($(echo "$metrics1" | awk '/^pg_sync_flush_seconds_count/ {print int($2)}') + 0 - ($(echo "$metrics0" | awk '/^pg_sync_flush_seconds_count/ {print int($2)}') + 0)) / secs ))
 # The worker's own share of the latency: commit in Postgres to queued for every subscriber
 # (pg_sync_delivery_seconds over the run), as the upper bound of the bucket holding p50 / p99.
 worker_pcts=$(python3 - "$metrics0" "$metrics1" <<'PY'
@@ -98,6 +105,7 @@ print(f"| commit-to-receive p50 / p99 / p99.9 | {r['p50_ms']:.1f} / {r['p99_ms']
 print(f"| subscribers closed during the run | {r['closed']} |")
 print(f"| worker RSS: empty / {$subs} idle subscribers / peak under load | {$rss0/1024:.0f} / {$rss1/1024:.0f} / {$peak/1024:.0f} MiB |")
 print(f"| commit to queued in the worker (pg_sync_delivery_seconds) p50 / p99 | $worker_pcts |")
+print(f"| sequencer flushes per second (pg_sync_flush_seconds_count) | $flushes |")
 print(f"| CPU over the run: worker / load generator (of 2 cores x {$secs} s) | {($wcpu1 - $wcpu0) / $hz / $secs:.2f} / {($lcpu1 - $lcpu0) / $hz / $secs:.2f} cores |")
 print(f"| worker memory per idle subscriber | {($rss1 - $rss0) * 1024 / $subs / 1024:.1f} KiB |")
 PY
