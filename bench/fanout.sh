@@ -41,12 +41,45 @@ sleep 2
 rss1=$(rss)
 printf '\\set g random(0, %d)\nINSERT INTO events (grp, ts) VALUES (%s, extract(epoch FROM clock_timestamp()) * 1000);\n' \
   "$((groups - 1))" "'g' || :g" >"$work/write.sql"
+# CPU time (utime + stime, clock ticks) of the worker and of the load generator over the run:
+# on 2 shared cores, which of them ran out of CPU is the first question about a missed p99.
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+hz=$(getconf CLK_TCK)
+wcpu0=$(cpu "$wpid"); lcpu0=$(cpu "$load_pid")
+metrics0=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_\(delivery_seconds_bucket\|flush_seconds_count\)' || true)
 echo go >&3
 "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c 4 -j 2 -R "$rate" -T "$((secs + 2))" \
   -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1 &
 pg_pid=$!
 peak=$rss1
-for _ in $(seq 1 "$secs"); do sleep 1; r=$(rss); [ "$r" -gt "$peak" ] && peak=$r; done
+# The load generator exits as soon as its time is up: its CPU is read every second while it runs.
+lcpu1=$lcpu0
+for _ in $(seq 1 "$secs"); do
+  sleep 1; r=$(rss); [ "$r" -gt "$peak" ] && peak=$r
+  l=$(cpu "$load_pid"); [ "$l" -gt 0 ] && lcpu1=$l
+done
+wcpu1=$(cpu "$wpid")
+metrics1=$(curl -fsS "http://127.0.0.1:$wport/metrics" | grep '^pg_sync_\(delivery_seconds_bucket\|flush_seconds_count\)' || true)
+# Sequencer flushes (each one awaited persist) per second over the run.
+flushes=$(( ($(echo "$metrics1" | awk '/^pg_sync_flush_seconds_count/ {print int($2)}') + 0 - ($(echo "$metrics0" | awk '/^pg_sync_flush_seconds_count/ {print int($2)}') + 0)) / secs ))
+# The worker's own share of the latency: commit in Postgres to queued for every subscriber
+# (pg_sync_delivery_seconds over the run), as the upper bound of the bucket holding p50 / p99.
+worker_pcts=$(python3 - "$metrics0" "$metrics1" <<'PY'
+import re, sys
+def parse(text):
+    return {float(m.group(1)) if m.group(1) != '+Inf' else float('inf'): float(m.group(2))
+            for m in re.finditer(r'le="([^"]+)"\} (\S+)', text)}
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+d = sorted((le, b[le] - a.get(le, 0)) for le in b)
+total = d[-1][1] if d else 0
+def pct(q):
+    for le, n in d:
+        if total and n >= q * total:
+            return '<= %g ms' % (le * 1000)
+    return 'n/a'
+print(pct(0.5) + ' / ' + pct(0.99))
+PY
+)
 wait "$load_pid" || true
 load_pid=
 wait "$pg_pid" || true
@@ -71,6 +104,9 @@ print(f"| received / offered | {r['deliveries_per_s'] / offered:.2f} |")
 print(f"| commit-to-receive p50 / p99 / p99.9 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['p999_ms']:.1f} ms |")
 print(f"| subscribers closed during the run | {r['closed']} |")
 print(f"| worker RSS: empty / {$subs} idle subscribers / peak under load | {$rss0/1024:.0f} / {$rss1/1024:.0f} / {$peak/1024:.0f} MiB |")
+print(f"| commit to queued in the worker (pg_sync_delivery_seconds) p50 / p99 | $worker_pcts |")
+print(f"| sequencer flushes per second (pg_sync_flush_seconds_count) | $flushes |")
+print(f"| CPU over the run: worker / load generator (of 2 cores x {$secs} s) | {($wcpu1 - $wcpu0) / $hz / $secs:.2f} / {($lcpu1 - $lcpu0) / $hz / $secs:.2f} cores |")
 print(f"| worker memory per idle subscriber | {($rss1 - $rss0) * 1024 / $subs / 1024:.1f} KiB |")
 PY
 )
