@@ -99,6 +99,8 @@ pub(super) struct Session<'a> {
     pub(super) skip_through: i64,
     /// Every transaction committed below this LSN has been sequenced in this session.
     pub(super) processed: Lsn,
+    /// A keepalive's position that arrived with transactions pending: processed once they are.
+    pub(super) caught_up: Lsn,
     /// Where `ACTION_COLUMNS` are in the log's rows.
     pub(super) columns: Positions<12>,
 }
@@ -341,6 +343,7 @@ async fn session(
         hold: None,
         skip_through: 0,
         processed: Lsn::ZERO,
+        caught_up: Lsn::ZERO,
         columns: Positions::new(ACTION_COLUMNS),
     };
     s.confirm(None);
@@ -538,13 +541,16 @@ impl Session<'_> {
                     .server_lsn
                     .store(wal_end.as_u64(), Ordering::Relaxed);
                 // The walsender sends one when it has sent everything (it waits for more WAL):
-                // what is pending is flushed now, so the keepalive's position counts as
-                // processed. Left for the idle flush, it would not, and on an idle server the
-                // next keepalive may come only once more WAL is flushed (up to
-                // `wal_writer_delay` later, 10 s in the crash tests): a hold waiting for the
-                // stream to pass its end waited that long (CI failure on dedd422).
+                // every transaction committed below `wal_end` has arrived. With some of them
+                // pending, the position counts as processed once they are flushed (the idle
+                // flush follows at once). Dropped, it would not: on an idle server the next
+                // keepalive may come only once more WAL is flushed (up to `wal_writer_delay`
+                // later, 10 s in the crash tests), and a hold waiting for the stream to pass its
+                // end waited that long (CI failure on dedd422). Not flushed here: under load
+                // the walsender sends one each time it catches up, and a flush per keepalive
+                // cut batches 5x (fan-out bench).
                 if st.open.is_none() && self.unresolved.is_none() && !self.pending.is_empty() {
-                    self.flush(&st.repl).await?;
+                    self.caught_up = self.caught_up.max(wal_end);
                 }
                 if st.open.is_none() && self.pending.is_empty() && self.unresolved.is_none() {
                     self.queue_ack(&st.repl, wal_end, Some(Lsn::ZERO));
