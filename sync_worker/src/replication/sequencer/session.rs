@@ -57,6 +57,37 @@ pub(super) struct OpenTxn {
     pub(super) registry_changed: bool,
 }
 
+impl OpenTxn {
+    /// Takes in one streamed action (its `ACTION_COLUMNS`), holding at most `txn_buffer` of
+    /// them: a bigger transaction is re-read from the database when it is published.
+    pub(super) fn take_action(&mut self, v: &[Option<&str>; 12], txn_buffer: usize) {
+        if self.xid.is_none() {
+            self.xid = v[11].map(str::to_owned);
+        }
+        self.count += 1;
+        if self.large {
+            // Re-read from the database (`publish_large`): building its deltas now would be
+            // a JSON pass over every action thrown away, and holding them memory it must not
+            // take.
+            return;
+        }
+        if self.actions.len() < txn_buffer {
+            // Global is what the action says (no group id), as replay judges it: never the
+            // registry now, which a re-registration may have changed since.
+            let global = v[5].is_none();
+            let delta_columns = [v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]];
+            self.actions.push(Action {
+                id: v[10].and_then(|id| id.parse::<i64>().ok()).unwrap_or(0),
+                delta: Delta::unsequenced(global, &delta_columns),
+            });
+        } else {
+            // Bounded memory: a huge transaction is re-read from the database.
+            self.large = true;
+            self.actions = vec![];
+        }
+    }
+}
+
 /// A committed transaction waiting to be sequenced.
 pub(super) struct ReadyTxn {
     pub(super) end_lsn: Lsn,
@@ -593,25 +624,7 @@ impl Session<'_> {
         match msg {
             Message::Insert { relation, row } if ours(&relation, "sync_actions") => {
                 let v = self.columns.get(&row).map(Option::flatten);
-                if txn.xid.is_none() {
-                    txn.xid = v[11].map(str::to_owned);
-                }
-                txn.count += 1;
-                if txn.actions.len() < self.cfg.txn_buffer {
-                    // Global is what the action says (no group id), as replay judges it: never
-                    // the registry now, which a re-registration may have changed since.
-                    let global = v[5].is_none();
-                    let delta_columns =
-                        [v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]];
-                    txn.actions.push(Action {
-                        id: v[10].and_then(|id| id.parse::<i64>().ok()).unwrap_or(0),
-                        delta: Delta::unsequenced(global, &delta_columns),
-                    });
-                } else {
-                    // Bounded memory: a huge transaction is re-read from the database.
-                    txn.large = true;
-                    txn.actions = vec![];
-                }
+                txn.take_action(&v, self.cfg.txn_buffer);
             }
             // A key whose hash, user or id changed no longer stands for its sessions; any
             // other edit (a label) leaves them be. The old row comes whole (REPLICA IDENTITY
@@ -751,6 +764,48 @@ mod tests {
         assert_eq!(ACTION_COLUMNS[..10], COLUMNS);
         assert_eq!(ACTION_COLUMNS[5], "group_id");
         assert_eq!(ACTION_COLUMNS[10..], ["id", "xid"]);
+    }
+
+    /// Once a transaction is past the buffer (re-read from the database when published), none
+    /// of its later actions is built or held: before, the buffer filled again after each
+    /// overflow, building a delta for every action of a huge transaction only to drop it.
+    #[test]
+    fn a_transaction_past_the_buffer_holds_and_builds_nothing_more() {
+        let mut txn = OpenTxn {
+            commit_lsn: Lsn::ZERO,
+            actions: vec![],
+            count: 0,
+            large: false,
+            xid: None,
+            stream_xid: 7,
+            revoked_keys: vec![],
+            all_keys_revoked: false,
+            registry_changed: false,
+        };
+        let ids: Vec<String> = (1..=7).map(|i| i.to_string()).collect();
+        for id in &ids {
+            let mut v: [Option<&str>; 12] = [None; 12];
+            v[0] = Some("todos");
+            v[1] = Some(id);
+            v[2] = Some("I");
+            v[3] = Some(r#"{"a": 1}"#);
+            v[10] = Some(id);
+            v[11] = Some("1234");
+            txn.take_action(&v, 2);
+            if txn.count <= 2 {
+                assert!(!txn.large);
+                assert_eq!(txn.actions.len(), txn.count);
+            } else {
+                assert!(txn.large, "past the buffer at action {id}");
+                assert!(
+                    txn.actions.is_empty(),
+                    "holds {} actions at action {id}",
+                    txn.actions.len()
+                );
+            }
+        }
+        assert_eq!(txn.count, 7);
+        assert_eq!(txn.xid.as_deref(), Some("1234"));
     }
 
     /// The slot is acknowledged past a transaction only once the WAL is flushed past its
