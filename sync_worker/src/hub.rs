@@ -1343,6 +1343,43 @@ mod tests {
         );
     }
 
+    /// The cached targets hold only groups some tracked user is in: a group nobody here is in
+    /// (every row its own group, or a worker with no subscribers at all, where nothing ever
+    /// invalidates the cache) must not leave an entry per group published, for good.
+    #[test]
+    fn cached_targets_stay_bounded_by_the_tracked_groups() {
+        let hub = Hub::with_watermark(1024, 0);
+        for i in 0..10_000 {
+            hub.publish(&[txn(
+                i,
+                vec![delta(i, Some(&format!("row{i}")), false)],
+                vec![],
+            )]);
+        }
+        assert_eq!(
+            hub.lock().targets.len(),
+            0,
+            "no subscriber, no group to cache"
+        );
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into()]);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(9_999));
+        for i in 10_000..20_000 {
+            let g = if i % 100 == 0 {
+                "a".to_owned()
+            } else {
+                format!("row{i}")
+            };
+            hub.publish(&[txn(i, vec![delta(i, Some(&g), false)], vec![])]);
+        }
+        assert_eq!(hub.lock().targets.len(), 1, "only alice's group");
+        let mut got = 0;
+        while alice.rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 100);
+    }
+
     /// xorshift64*: the randomized test below needs no crate, and a seed reproduces a failure.
     struct Rng(u64);
     impl Rng {
