@@ -222,22 +222,22 @@ impl State {
         self.targets.clear();
     }
 
-    /// The subscribers of group `g`'s users (cached, see `targets`).
+    /// The subscribers of group `g`'s users (cached, see `targets`). Only a group a tracked
+    /// user is in is cached: the rest (every row its own group; any group on a worker nobody
+    /// is subscribed to, where nothing ever invalidates) would grow the cache by one entry per
+    /// group published, for good. So it never holds more groups than `groups`.
     fn targets_of(&mut self, g: &str) -> Arc<[u64]> {
         if let Some(t) = self.targets.get(g) {
             return t.clone();
         }
-        let t: Arc<[u64]> = self
-            .groups
-            .get(g)
-            .map(|users| {
-                users
-                    .iter()
-                    .filter_map(|u| self.users.get(u))
-                    .flat_map(|e| e.subs.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let Some(users) = self.groups.get(g) else {
+            return Arc::default();
+        };
+        let t: Arc<[u64]> = users
+            .iter()
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|e| e.subs.iter().copied())
+            .collect();
         self.targets.insert(g.to_owned(), t.clone());
         t
     }
