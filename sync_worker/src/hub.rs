@@ -1380,6 +1380,39 @@ mod tests {
         assert_eq!(got, 100);
     }
 
+    /// A connection loads its user's groups from the database while deltas go on being
+    /// published (the group's targets get cached without the user); once loaded, the user's
+    /// subscribers, the loader's and one that waited for it, get the group's deltas.
+    #[test]
+    fn groups_loaded_after_their_targets_were_cached_reach_the_loaded_user() {
+        let hub = Hub::with_watermark(64, 0);
+        let (mut bob, _) = hub.register("bob", None);
+        hub.set_groups("bob", vec!["g".into()]);
+        assert_eq!(hub.go_live(bob.id), GoLive::Live(0));
+        let (mut first, load) = hub.register("u", None);
+        assert_eq!(load, Load::Must);
+        let (mut second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        // Published while u's groups load: cached for g with bob alone.
+        hub.publish(&[txn(1, vec![delta(1, Some("g"), false)], vec![])]);
+        hub.set_groups("u", vec!["g".into()]);
+        assert_eq!(hub.go_live(first.id), GoLive::Live(1));
+        assert_eq!(hub.go_live(second.id), GoLive::Live(1));
+        hub.publish(&[txn(2, vec![delta(2, Some("g"), false)], vec![])]);
+        let ids = |s: &mut Subscription| {
+            let mut got = vec![];
+            while let Ok(out) = s.rx.try_recv() {
+                if let Outbound::Delta { sync_id, .. } = out {
+                    got.push(sync_id);
+                }
+            }
+            got
+        };
+        assert_eq!(ids(&mut bob), [1, 2]);
+        assert_eq!(ids(&mut first), [2], "the loader");
+        assert_eq!(ids(&mut second), [2], "the one that waited");
+    }
+
     /// xorshift64*: the randomized test below needs no crate, and a seed reproduces a failure.
     struct Rng(u64);
     impl Rng {
