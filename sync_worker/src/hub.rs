@@ -222,22 +222,22 @@ impl State {
         self.targets.clear();
     }
 
-    /// The subscribers of group `g`'s users (cached, see `targets`).
+    /// The subscribers of group `g`'s users (cached, see `targets`). Only a group a tracked
+    /// user is in is cached: the rest (every row its own group; any group on a worker nobody
+    /// is subscribed to, where nothing ever invalidates) would grow the cache by one entry per
+    /// group published, for good. So it never holds more groups than `groups`.
     fn targets_of(&mut self, g: &str) -> Arc<[u64]> {
         if let Some(t) = self.targets.get(g) {
             return t.clone();
         }
-        let t: Arc<[u64]> = self
-            .groups
-            .get(g)
-            .map(|users| {
-                users
-                    .iter()
-                    .filter_map(|u| self.users.get(u))
-                    .flat_map(|e| e.subs.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let Some(users) = self.groups.get(g) else {
+            return Arc::default();
+        };
+        let t: Arc<[u64]> = users
+            .iter()
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|e| e.subs.iter().copied())
+            .collect();
         self.targets.insert(g.to_owned(), t.clone());
         t
     }
@@ -1341,6 +1341,76 @@ mod tests {
             "the leave of g is lost: drained {got:?}, and the replay pages with groups {:?}",
             hub.groups_of("u")
         );
+    }
+
+    /// The cached targets hold only groups some tracked user is in: a group nobody here is in
+    /// (every row its own group, or a worker with no subscribers at all, where nothing ever
+    /// invalidates the cache) must not leave an entry per group published, for good.
+    #[test]
+    fn cached_targets_stay_bounded_by_the_tracked_groups() {
+        let hub = Hub::with_watermark(1024, 0);
+        for i in 0..10_000 {
+            hub.publish(&[txn(
+                i,
+                vec![delta(i, Some(&format!("row{i}")), false)],
+                vec![],
+            )]);
+        }
+        assert_eq!(
+            hub.lock().targets.len(),
+            0,
+            "no subscriber, no group to cache"
+        );
+        let (mut alice, _) = hub.register("alice", None);
+        hub.set_groups("alice", vec!["a".into()]);
+        assert_eq!(hub.go_live(alice.id), GoLive::Live(9_999));
+        for i in 10_000..20_000 {
+            let g = if i % 100 == 0 {
+                "a".to_owned()
+            } else {
+                format!("row{i}")
+            };
+            hub.publish(&[txn(i, vec![delta(i, Some(&g), false)], vec![])]);
+        }
+        assert_eq!(hub.lock().targets.len(), 1, "only alice's group");
+        let mut got = 0;
+        while alice.rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 100);
+    }
+
+    /// A connection loads its user's groups from the database while deltas go on being
+    /// published (the group's targets get cached without the user); once loaded, the user's
+    /// subscribers, the loader's and one that waited for it, get the group's deltas.
+    #[test]
+    fn groups_loaded_after_their_targets_were_cached_reach_the_loaded_user() {
+        let hub = Hub::with_watermark(64, 0);
+        let (mut bob, _) = hub.register("bob", None);
+        hub.set_groups("bob", vec!["g".into()]);
+        assert_eq!(hub.go_live(bob.id), GoLive::Live(0));
+        let (mut first, load) = hub.register("u", None);
+        assert_eq!(load, Load::Must);
+        let (mut second, load) = hub.register("u", None);
+        assert_eq!(load, Load::Wait);
+        // Published while u's groups load: cached for g with bob alone.
+        hub.publish(&[txn(1, vec![delta(1, Some("g"), false)], vec![])]);
+        hub.set_groups("u", vec!["g".into()]);
+        assert_eq!(hub.go_live(first.id), GoLive::Live(1));
+        assert_eq!(hub.go_live(second.id), GoLive::Live(1));
+        hub.publish(&[txn(2, vec![delta(2, Some("g"), false)], vec![])]);
+        let ids = |s: &mut Subscription| {
+            let mut got = vec![];
+            while let Ok(out) = s.rx.try_recv() {
+                if let Outbound::Delta { sync_id, .. } = out {
+                    got.push(sync_id);
+                }
+            }
+            got
+        };
+        assert_eq!(ids(&mut bob), [1, 2]);
+        assert_eq!(ids(&mut first), [2], "the loader");
+        assert_eq!(ids(&mut second), [2], "the one that waited");
     }
 
     /// xorshift64*: the randomized test below needs no crate, and a seed reproduces a failure.
