@@ -815,7 +815,7 @@ async fn after_a_crash_of_postgres_alone_an_idle_server_gets_ready_without_anoth
     // Under the WAL writer's 10 s delay: a hold that waits for the next WAL flush (a keepalive
     // with transactions pending not counted as processed) is ready only after it.
     assert!(
-        ready_within(port, Duration::from_secs(6)).await,
+        ready_within(port, Duration::from_secs(8)).await,
         "not ready on an idle server after a crash of Postgres"
     );
     let ids: Vec<i64> = resume(port, "ann", 0)
@@ -848,7 +848,7 @@ async fn after_a_crash_of_worker_and_postgres_an_idle_server_gets_ready_without_
     let worker = Worker::start_with(&cluster, "app", port, &[]);
     // Under the WAL writer's 10 s delay (see above).
     assert!(
-        ready_within(port, Duration::from_secs(6)).await,
+        ready_within(port, Duration::from_secs(8)).await,
         "not ready on an idle server after a crash of the worker and Postgres"
     );
     let ids: Vec<i64> = resume(port, "ann", 0)
