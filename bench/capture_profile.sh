@@ -45,35 +45,5 @@ if [ "$what" != single ]; then
 fi
 kill -INT "$perf_pid"
 wait "$perf_pid" || true
-perf script -i "$work/perf.data" 2>/dev/null | python3 -c '
-import sys, collections
-stacks = collections.Counter(); frames = []
-for line in sys.stdin:
-    line = line.rstrip("\n")
-    if not line:
-        if frames: stacks[";".join(reversed(frames))] += 1
-        frames = []
-    elif line.startswith(("\t", " ")):
-        parts = line.split()
-        sym = parts[1] if len(parts) > 1 else "?"
-        frames.append(sym.split("+0x")[0])
-    # else: the sample header line
-if frames: stacks[";".join(reversed(frames))] += 1
-for s, n in stacks.most_common(): print(s, n)
-' >"$out.folded"
-python3 - "$out.folded" >"$out.txt" <<'PY'
-import sys, collections
-self_, total, n = collections.Counter(), collections.Counter(), 0
-for line in open(sys.argv[1]):
-    stack, count = line.rsplit(" ", 1)
-    count = int(count); n += count
-    frames = stack.split(";")
-    self_[frames[-1]] += count
-    for f in set(frames): total[f] += count
-print(f"samples: {n}")
-print("\n# inclusive (top 45)")
-for f, c in total.most_common(45): print(f"{100 * c / n:6.1f}%  {f}")
-print("\n# self (top 30)")
-for f, c in self_.most_common(30): print(f"{100 * c / n:6.1f}%  {f}")
-PY
+perf script -i "$work/perf.data" 2>/dev/null | python3 "$here/bench/perf_fold.py" "$out" 45 30
 echo "wrote $out.folded and $out.txt" >&2

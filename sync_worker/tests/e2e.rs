@@ -798,40 +798,22 @@ async fn ready_within(port: u16, within: Duration) -> bool {
 /// every id the client saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_of_postgres_alone_an_idle_server_gets_ready_without_another_write() {
-    let cluster = lossy_cluster("crash_idle_pg");
-    let mut db = setup(&cluster, "app");
-    let worker = Worker::started(&cluster, "app").await;
-    let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
-    tokio::task::block_in_place(|| {
-        drop(db);
-        cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
-        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
-    });
-    // The session reconnects with backoff (at most a few seconds here); nothing is written.
-    // Under the WAL writer's 10 s delay: a hold that waits for the next WAL flush (a keepalive
-    // with transactions pending not counted as processed) is ready only after it.
-    assert!(
-        ready_within(port, Duration::from_secs(8)).await,
-        "not ready on an idle server after a crash of Postgres"
-    );
-    let ids: Vec<i64> = resume(port, "ann", 0)
-        .await
-        .iter()
-        .map(|f| f["syncId"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids, seen.iter().map(|s| s.0).collect::<Vec<_>>());
-    drop(worker);
+    ready_on_an_idle_server_after_a_crash("crash_idle_pg", false).await;
 }
 
 /// As above when the worker crashed too: the fresh worker's unknown watermark ends on an
 /// idle server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_of_worker_and_postgres_an_idle_server_gets_ready_without_another_write() {
-    let cluster = lossy_cluster("crash_idle_both");
+    ready_on_an_idle_server_after_a_crash("crash_idle_both", true).await;
+}
+
+/// Five writes a client saw, a crash of Postgres (and of the worker when `worker_too`), and
+/// no write after: ready within 8 s, below the WAL writer's 10 s delay. A hold that waited
+/// for the next WAL flush (a keepalive that came with transactions pending not counted as
+/// processed; the CI failure of dedd422) is ready only after it.
+async fn ready_on_an_idle_server_after_a_crash(name: &str, worker_too: bool) {
+    let cluster = lossy_cluster(name);
     let mut db = setup(&cluster, "app");
     let mut worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
@@ -839,17 +821,21 @@ async fn after_a_crash_of_worker_and_postgres_an_idle_server_gets_ready_without_
     let (frames, _) = subscribe(&mut ws, 0).await;
     assert!(frames.is_empty());
     let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
-    worker.kill9();
+    if worker_too {
+        worker.kill9();
+    }
     tokio::task::block_in_place(|| {
         drop(db);
         cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
     });
-    let worker = Worker::start_with(&cluster, "app", port, &[]);
-    // Under the WAL writer's 10 s delay (see above).
+    if worker_too {
+        worker = Worker::start_with(&cluster, "app", port, &[]);
+    }
+    // A surviving worker's session reconnects with backoff (at most a few seconds here).
     assert!(
         ready_within(port, Duration::from_secs(8)).await,
-        "not ready on an idle server after a crash of the worker and Postgres"
+        "not ready on an idle server after a crash (worker too: {worker_too})"
     );
     let ids: Vec<i64> = resume(port, "ann", 0)
         .await
