@@ -345,9 +345,8 @@ impl Session<'_> {
             self.queue_ack(repl, last.end_lsn, bound);
             self.confirm(Some(repl));
             // Everything below a keepalive that came with these pending is flushed now.
-            let done = last.end_lsn.max(self.caught_up);
+            let mut done = last.end_lsn.max(self.caught_up);
             self.processed = self.processed.max(done);
-            let mut done = done;
             if let Some(fence) = self.fence.take() {
                 done = done.max(fence);
             }
