@@ -45,6 +45,7 @@ bench: install
 	cargo build --release -p sync_worker
 	bash bench/write_overhead.sh
 	bash bench/capture_wal.sh
+	bash bench/capture_wal_records.sh
 	bash bench/capture_single.sh
 	bash bench/tail.sh
 	bash bench/latency.sh
