@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # In-database cost of applying one peer batch (issue 10, catch-up apply rate), without the
-# worker: on one private cluster, APPLY_BATCHES batches of 1000 new rows each, three ways,
+# worker: on one private cluster, APPLY_BATCHES batches of APPLY_ROWS (1000) new rows each, three ways,
 # alternated batch by batch (the one that goes first rotates):
-#   set    pg_sync.apply_peer_batch() of 1000 insert changes from a pinned peer (the set-based
+#   set    pg_sync.apply_peer_batch() of APPLY_ROWS insert changes from a pinned peer (the set-based
 #          apply, pg_sync.apply_remote_set; the batch JSON is read from a table, so the
 #          argument's jsonb_in is not in the time);
 #   local  INSERT ... SELECT of the same kind of rows into a registered table (capture trigger);
@@ -19,6 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
 batches=${APPLY_BATCHES:-20}
+rows=${APPLY_ROWS:-1000}
 kinds="set local plain"
 [ -n "${APPLY_OLD:-}" ] && kinds="$kinds old"
 [ -n "${APPLY_TRIG:-}" ] && kinds="$kinds trig"
@@ -37,7 +38,7 @@ cluster_init "$work/pg" "$port" "pg_sync.node_id = 'b'" "fsync = off"
 cluster_start "$work/pg"
 q() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
 
-q -v nb="$batches" >/dev/null <<'SQL'
+q -v nb="$batches" -v nr="$rows" >/dev/null <<'SQL'
 CREATE EXTENSION pg_sync;
 CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
 CREATE TABLE items_old (LIKE items INCLUDING ALL);
@@ -61,13 +62,13 @@ SELECT pg_sync.pin_peer('pt', 'pt');
 -- The batches as the sender's log would carry them: to_jsonb of sync_actions rows.
 CREATE TABLE batches AS
   SELECT n, m, jsonb_agg(jsonb_build_object(
-           'sync_id', (n - 1) * 1000 + g, 'model', m, 'model_id', 'k' || ((n - 1) * 1000 + g),
+           'sync_id', (n - 1) * :nr + g, 'model', m, 'model_id', 'k' || ((n - 1) * :nr + g),
            'action', 'I', 'origin', o,
            'version', lpad(to_hex(pg_sync.hlc_now() + g), 16, '0') || '@' || o, 'versions', NULL,
            'group_id', 'g' || (g % 50),
-           'data', jsonb_build_object('id', 'k' || ((n - 1) * 1000 + g), 'a', md5(g::text), 'b', g,
+           'data', jsonb_build_object('id', 'k' || ((n - 1) * :nr + g), 'a', md5(g::text), 'b', g,
                                       'grp', 'g' || (g % 50))) ORDER BY g) AS b
-    FROM generate_series(1, :nb) n, generate_series(1, 1000) g,
+    FROM generate_series(1, :nb) n, generate_series(1, :nr) g,
          (VALUES ('items', 'pa'), ('items_old', 'po'), ('items_trig', 'pt')) AS x(m, o)
    GROUP BY n, m;
 SQL
@@ -79,7 +80,7 @@ script=$work/run.sql
   for n in $(seq 1 "$batches"); do
     r=$(((n - 1) % ${#ks[@]}))
     order="${ks[*]:r} ${ks[*]:0:r}"
-    lo=$(((n - 1) * 1000 + 1)) hi=$((n * 1000))
+    lo=$(((n - 1) * rows + 1)) hi=$((n * rows))
     for k in $order; do
       echo "\\echo kind $k"
       case $k in
