@@ -359,9 +359,17 @@ impl Model {
     }
 
     /// Inserts a row with the values given even for GENERATED ALWAYS identity columns (a peer's
-    /// row keeps the values its origin assigned); returns its model id, "" if no row went in.
-    pub fn insert_overriding(&self, row: &Map<String, Value>) -> String {
-        self.insert_with(row, "OVERRIDING SYSTEM VALUE ")
+    /// row keeps the values its origin assigned); returns whether a row went in (a BEFORE
+    /// trigger may skip it).
+    pub fn insert_overriding(&self, row: &Map<String, Value>) -> bool {
+        let cols = Self::quoted(row);
+        let sql = format!(
+            "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pg_catalog.jsonb_populate_record(NULL::{t}, $1) \
+             RETURNING 'true'::pg_catalog.jsonb",
+            t = self.table,
+        );
+        self.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![jsonb(row)])
+            .is_some()
     }
 
     fn insert_with(&self, row: &Map<String, Value>, overriding: &str) -> String {

@@ -5,7 +5,8 @@
 //! against `pg_sync.max_clock_skew`, observed by the local HLC (receive rule) and applied to the table in "remote mode", so the
 //! capture trigger records it with the remote versions and origin instead of minting new ones.
 //!
-//! Merges of one row serialize on its `row_state` row (`state::lock`), taken after the table
+//! Merges of one row serialize on its `row_state` row (`state::lock`; for a key the table does
+//! not hold, first tried as `state::insert_first` of the merged state), taken after the table
 //! row's lock, the order local writers take them in; the merge reads only that state, never the
 //! log. Columns this node does not sync (excluded or generated) are skipped with a WARNING
 //! naming them; a column the table lacks (never added, or dropped) fails the change with 42703,
@@ -213,19 +214,28 @@ pub(crate) fn prepare(raw: &Value, ctx: &str, models: &mut HashMap<String, Targe
 }
 
 fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> bool {
-    let (model_id, key, change, newest, origin, row_ctx) = (
-        p.model_id.as_str(),
-        &p.key,
-        &p.change,
-        &p.newest,
-        p.origin.as_str(),
-        p.row_ctx.as_str(),
-    );
+    let (model_id, key, change, row_ctx) =
+        (p.model_id.as_str(), &p.key, &p.change, p.row_ctx.as_str());
     let model = &target.model;
     // Table row first, then its state: the order local writers lock them in (the trigger runs
-    // with the table row locked). A key the table does not hold may be inserted locally until
-    // the state is locked, so look again after.
+    // with the table row locked).
     let mut current = model.select_for_update(key);
+    if current.is_none() && !state::below_gc_horizon(change, horizon) {
+        // A key the table does not hold, most likely new (a catch-up's inserts): merge as if it
+        // had no state and insert that first state, one write instead of a placeholder, a second
+        // look at the table and an update. The insert is the lock: it conflicts (after waiting
+        // for the writer) when the key has a state row, committed or not, so a local writer
+        // that inserted the row since the look above (its trigger records the state) sends
+        // this change the placeholder way below, and one that inserts the row later waits for
+        // this transaction in its trigger.
+        let unrecorded = state::unrecorded(false);
+        let outcome = merge::merge(&unrecorded, None, change);
+        if outcome.changed() && state::insert_first(&model.name, model_id, &outcome.state) {
+            return write_merged(target, p, unrecorded, None, outcome, true);
+        }
+    }
+    // A key the table does not hold may be inserted locally until the state is locked, so look
+    // again after.
     let stored = state::lock(&model.name, model_id);
     if current.is_none() {
         current = model.select_for_update(key);
@@ -237,6 +247,29 @@ fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> 
     }
     let state = stored.unwrap_or_else(|| state::unrecorded(current.is_some()));
     let outcome = merge::merge(&state, current.as_ref(), change);
+    write_merged(target, p, state, current, outcome, false)
+}
+
+/// The rest of `apply_change` once the row and its state are locked and merged: the conflict
+/// log, the skew check and the clock, the state (unless `stored`: `insert_first` wrote it, and
+/// an error below rolls it back) and the table write.
+fn write_merged(
+    target: &Target,
+    p: &Prepared,
+    state: merge::State,
+    current: Option<Map<String, Value>>,
+    outcome: merge::Outcome,
+    stored: bool,
+) -> bool {
+    let (model_id, key, change, newest, origin, row_ctx) = (
+        p.model_id.as_str(),
+        &p.key,
+        &p.change,
+        &p.newest,
+        p.origin.as_str(),
+        p.row_ctx.as_str(),
+    );
+    let model = &target.model;
     if settings::log_conflicts() {
         log_conflicts(
             &model.name,
@@ -258,7 +291,9 @@ fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> 
     clock::observe(newest.hlc);
     // Stored before the write: triggers it fires may write this row locally (recording their
     // own, newer versions on top), which storing afterwards would overwrite.
-    state::store(&model.name, model_id, &outcome.state);
+    if !stored {
+        state::store(&model.name, model_id, &outcome.state);
+    }
     if outcome.dml == Dml::None {
         // No write, so no capture: log what the merge raised, or relays never forward it.
         let group = match current {
@@ -305,7 +340,7 @@ fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> 
         });
         match &outcome.dml {
             Dml::None => true,
-            Dml::Insert(_) => !model.insert_overriding(&insert_row).is_empty(),
+            Dml::Insert(_) => model.insert_overriding(&insert_row),
             Dml::Update(cols) => model.update(key, cols),
             Dml::Delete => model.delete(key),
         }

@@ -294,6 +294,25 @@ pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
     )
 }
 
+/// Stores a key's first state, which `lock` plus `store` would do in two writes, and so locks
+/// it; false (nothing written) when the key has a `row_state` row (the insert waits for a
+/// concurrent inserter to finish first).
+pub fn insert_first(model_name: &str, model_id: &str, state: &State) -> bool {
+    run(
+        "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+         SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
+                $1 OPERATOR(pg_catalog.->>) 'c', $1 OPERATOR(pg_catalog.->>) 'd',
+                $1 OPERATOR(pg_catalog.->) 'v',
+                CASE WHEN pg_catalog.jsonb_typeof($1 OPERATOR(pg_catalog.->) 'p') OPERATOR(pg_catalog.=) 'object'
+                     THEN $1 OPERATOR(pg_catalog.->) 'p' END,
+                $1 OPERATOR(pg_catalog.->>) 'x'
+         ON CONFLICT (model, model_id) DO NOTHING RETURNING 'true'::pg_catalog.jsonb",
+        &[PgOid::from(pg_sys::JSONBOID)],
+        &[JsonB(state_doc(model_name, model_id, state)).into()],
+    )
+    .is_some()
+}
+
 /// How many times `lock` starts over before it gives up.
 const LOCK_ROUNDS: usize = 16;
 
@@ -349,18 +368,23 @@ pub fn refuse_below_gc_horizon(row_ctx: &str) -> ! {
     )
 }
 
-/// Stores `state` as the row's current state (the caller holds the row's `lock`).
-pub fn store(model_name: &str, model_id: &str, state: &State) {
+/// A state as the JSON document `store` and `insert_first` take apart.
+fn state_doc(model_name: &str, model_id: &str, state: &State) -> Value {
     let versions: Map<String, Value> = state
         .versions
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let doc = json!({
+    json!({
         "m": model_name, "i": model_id, "c": state.created, "d": state.deleted, "v": versions,
         "p": if state.pending.is_empty() { Value::Null } else { Value::Object(state.pending.clone()) },
         "x": state.max_version(),
-    });
+    })
+}
+
+/// Stores `state` as the row's current state (the caller holds the row's `lock`).
+pub fn store(model_name: &str, model_id: &str, state: &State) {
+    let doc = state_doc(model_name, model_id, state);
     run(
         "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
          SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
