@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the named isolation specs (not the schedule) against a private cluster started here and
 # removed after: bash tests/isolation/run_specs.sh fedapply-gc-horizon fedapply-stateless-row
-# (REVIEW12 reproductions; they are not in tests/isolation/schedule because they fail until the
-# defects they pin are fixed). Results of a failing run are kept in tests/isolation/results.
+# (REVIEW12 reproductions, now also in tests/isolation/schedule).
+# Results of a failing run are kept in tests/isolation/results.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 source "$here/scripts/cluster.sh"
