@@ -220,18 +220,35 @@ fn apply_change(target: &Target, p: &Prepared, horizon: &mut state::Horizon) -> 
     // Table row first, then its state: the order local writers lock them in (the trigger runs
     // with the table row locked).
     let mut current = model.select_for_update(key);
-    if current.is_none() && !state::below_gc_horizon(change, horizon) {
+    if current.is_none() {
         // A key the table does not hold, most likely new (a catch-up's inserts): merge as if it
-        // had no state and insert that first state, one write instead of a placeholder, a second
-        // look at the table and an update. The insert is the lock: it conflicts (after waiting
-        // for the writer) when the key has a state row, committed or not, so a local writer
-        // that inserted the row since the look above (its trigger records the state) sends
-        // this change the placeholder way below, and one that inserts the row later waits for
-        // this transaction in its trigger.
+        // had no state and insert that first state, one write instead of a placeholder and an
+        // update. The insert is the lock: it conflicts (after waiting for the writer) when the
+        // key has a state row, committed or not, so a local writer that inserted the row since
+        // the look above (its trigger records the state) sends this change the placeholder way
+        // below, and one that inserts the row later waits for this transaction in its trigger
+        // (holding its unique index entry: if this apply then inserts the same key, it waits for
+        // that entry and one of the two fails with 40P01, as on the placeholder way).
         let unrecorded = state::unrecorded(false);
         let outcome = merge::merge(&unrecorded, None, change);
         if outcome.changed() && state::insert_first(&model.name, model_id, &outcome.state) {
-            return write_merged(target, p, unrecorded, None, outcome, true);
+            // Look again, as the placeholder way does after its lock: a row written without a
+            // state (capture disabled) may have been committed since the first look.
+            current = model.select_for_update(key);
+            if current.is_none() {
+                // The horizon only now: the insert waited for a GC pass that dropped this key's
+                // tombstone, so the read sees that pass's horizon. The error rolls back the
+                // state inserted with the statement (or the batch's subtransaction).
+                if state::below_gc_horizon(change, horizon) {
+                    state::refuse_below_gc_horizon(row_ctx);
+                }
+                return write_merged(target, p, unrecorded, None, outcome, true);
+            }
+            // A row with no state: merge it as live at the zero version (the placeholder way's
+            // `unrecorded(true)`) and store that state over the one just inserted.
+            let state = state::unrecorded(true);
+            let outcome = merge::merge(&state, current.as_ref(), change);
+            return write_merged(target, p, state, current, outcome, false);
         }
     }
     // A key the table does not hold may be inserted locally until the state is locked, so look

@@ -318,7 +318,9 @@ const LOCK_ROUNDS: usize = 16;
 
 /// The tombstone GC horizon (`pg_sync.tombstone_gc.horizon`): the highest version of a state
 /// `gc_tombstones` dropped, `""` before any. Read at most once per apply call (`get`), and only
-/// when a change meets a row with no state.
+/// when a change meets a key with no state and no table row once its state is locked (`lock`'s
+/// placeholder or `insert_first`): both wait for a GC pass that deleted the key's tombstone, so
+/// the first read sees that pass's horizon.
 #[derive(Default)]
 pub struct Horizon(Option<String>);
 
