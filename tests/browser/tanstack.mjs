@@ -16,6 +16,7 @@ import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import assert from "node:assert/strict";
+import { createTrace } from "./trace.mjs";
 
 const { APP_URL, TOKEN, BUNDLE, DATABASE_URL, PSQL = "psql" } = process.env;
 assert.ok(APP_URL && TOKEN && BUNDLE && DATABASE_URL, "set APP_URL, TOKEN, BUNDLE and DATABASE_URL");
@@ -23,53 +24,14 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const WAIT = 20_000;
 
 const step = (s) => console.log(`tanstack: ${s}`);
-// What the pages did (console, requests and answers), printed when the test fails: a failure
-// then says which request was slow or what the page was waiting for.
-const started = Date.now();
-const trace = [];
-const note = (s) => trace.push(`${String(Date.now() - started).padStart(6)} ms ${s}`);
-function watch(page, name) {
-  page.on("console", (m) => note(`${name} console.${m.type()}: ${m.text()}`));
-  page.on("requestfailed", (r) => note(`${name} request failed: ${r.method()} ${short(r.url())} ${r.failure()?.errorText}`));
-  page.on("request", (r) => {
-    if (/\/v1\/shape|\/sync\/mutate/.test(r.url())) note(`${name} -> ${r.method()} ${short(r.url())} ${r.postData() ?? ""}`);
-  });
-  page.on("response", async (r) => {
-    if (!/\/v1\/shape|\/sync\/mutate/.test(r.url())) return;
-    let body = "";
-    try {
-      if (!r.url().includes("live_sse")) body = (await r.text()).slice(0, 600);
-    } catch (e) {
-      body = `(body: ${e.message})`;
-    }
-    note(`${name} <- ${r.status()} ${short(r.url())} ${body}`);
-  });
-}
-const short = (u) => u.replace(/token=[^&]*/, "token=...").replace(APP_URL, "");
+const trace = createTrace(APP_URL);
+const { note } = trace;
 const psql = (sql) =>
   execFileSync(PSQL, ["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", DATABASE_URL, "-c", sql], {
     encoding: "utf8",
   }).trim();
 
-async function until(what, check) {
-  const start = Date.now();
-  const deadline = start + WAIT;
-  let last;
-  note(`waiting for ${what}`);
-  while (Date.now() < deadline) {
-    try {
-      last = await check();
-      if (last === true) {
-        note(`waited ${Date.now() - start} ms for ${what}`);
-        return;
-      }
-    } catch (e) {
-      last = e;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what} (last: ${last})`);
-}
+const until = (what, check) => trace.until(what, check, WAIT);
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -81,7 +43,7 @@ try {
   const context = await browser.newContext();
   // Every write request of the context, whichever page (or a page being closed) sends it.
   context.on("request", (r) => {
-    if (r.url().includes("/sync/mutate")) note(`context -> ${r.method()} ${short(r.url())} ${r.postData() ?? ""}`);
+    if (r.url().includes("/sync/mutate")) note(`context -> ${r.method()} ${r.postData() ?? ""}`);
   });
   // The page lives under the worker's origin (so IndexedDB, /v1/shape and /sync/mutate share
   // it); playwright serves its two files, everything else goes to the worker.
@@ -101,7 +63,7 @@ try {
     const page = await context.newPage();
     page.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
     page.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
-    watch(page, `page${++opened}`);
+    trace.watch(page, `page${++opened}`);
     await page.goto(`${APP_URL}/tanstack-test/index.html?token=${TOKEN}`);
     await page.waitForFunction(() => window.app);
     const storage = await page.evaluate(() => window.app.ready);
@@ -186,7 +148,7 @@ try {
   assert.notEqual(ORIGIN, APP_URL);
   const other = await browser.newContext();
   const third = await other.newPage();
-  watch(third, "page3");
+  trace.watch(third, "page3");
   third.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
   third.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
   const sse = [];
@@ -219,10 +181,10 @@ try {
   server.close();
 } catch (e) {
   console.error(`tanstack: FAILED: ${e.stack || e}`);
-  console.error(`tanstack: what the pages did:\n${trace.join("\n")}`);
+  console.error(`tanstack: what the pages did:\n${trace.dump()}`);
   failed = true;
 } finally {
-  if (process.env.TANSTACK_TRACE && !failed) console.error(`tanstack: trace:\n${trace.join("\n")}`);
+  if (process.env.TANSTACK_TRACE && !failed) console.error(`tanstack: what the pages did:\n${trace.dump()}`);
   await browser.close();
 }
 process.exit(failed ? 1 : 0);
