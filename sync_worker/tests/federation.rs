@@ -1022,13 +1022,14 @@ fn self_links_pinned_ids_and_changed_epochs_are_refused() {
     wait_for("B told it was refused", || {
         events(&mut b, "a").contains("auth_failed:in:refused_by_peer")
     });
-    assert_eq!(
+    // Waited for, not read once: the link records the event before it reports its state, and
+    // reports `connecting` again at each retry.
+    wait_for("B's link to show auth_failed", || {
         text(
             &mut b,
-            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'"
-        ),
-        "auth_failed"
-    );
+            "SELECT state FROM pg_sync.peer_status WHERE peer = 'a'",
+        ) == "auth_failed"
+    });
     assert_eq!(
         text(&mut b, "SELECT count(*) FROM pg_sync.peer_cursors"),
         "0"
@@ -1044,6 +1045,16 @@ fn self_links_pinned_ids_and_changed_epochs_are_refused() {
     );
     wait_for("B to receive A's row", || {
         text(&mut b, "SELECT count(*) FROM items WHERE id = 'x'") == "1"
+    });
+    // The row may come with B's snapshot join of A, whose cursor is written only when the join
+    // finishes: an epoch written before that is overwritten by the join's, and the link then
+    // streams on (seen under load: "timed out waiting for the link invalidated").
+    wait_for("B's cursor of A's log", || {
+        text(
+            &mut b,
+            "SELECT count(*) FROM pg_sync.peer_cursors WHERE peer_node_id = 'a' AND peer_epoch IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_sync.peer_joins WHERE peer_node_id = 'a')",
+        ) == "1"
     });
     exec(
         &mut b,

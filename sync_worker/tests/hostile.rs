@@ -181,10 +181,17 @@ impl Bystander {
         .await;
         let received = Arc::new(Mutex::new(vec![]));
         let got = received.clone();
+        let (live_tx, live_rx) = tokio::sync::oneshot::channel();
         let reader = tokio::spawn(async move {
+            let mut live = Some(live_tx);
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Text(t) = m {
                     let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if f["type"] == "caught_up" {
+                        if let Some(live) = live.take() {
+                            let _ = live.send(());
+                        }
+                    }
                     if f["type"] == "delta" && f["model"] == "todos" {
                         let id = f["modelId"].as_str().unwrap().parse().unwrap();
                         got.lock().unwrap().push(id);
@@ -192,6 +199,13 @@ impl Bystander {
                 }
             }
         });
+        // Registered and live before the attack starts: a subscriber count taken right after
+        // the subscribe was sent missed it on a loaded machine ("stalled subscribers still
+        // registered after 50 s: 3 (baseline 0)").
+        tokio::time::timeout(Duration::from_secs(30), live_rx)
+            .await
+            .expect("the bystander is caught up within 30 s")
+            .expect("the bystander's socket closed before caught_up");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let url = cluster.url("app");
@@ -770,6 +784,7 @@ async fn slow_readers_and_half_open_connections_hurt_only_themselves() {
     let probe = Probe::start(port);
     let bystander = Bystander::start(&cluster, port, 1).await;
     let baseline = subscribers(port).await;
+    assert!(baseline >= 1, "the bystander is not counted: {baseline}");
     let mallory = token("mallory", 3600, SECRET);
     let started = Instant::now();
     let rt = attackers();

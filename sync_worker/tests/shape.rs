@@ -1799,3 +1799,72 @@ async fn a_lagged_shape_long_poll_answers_401_when_its_key_moves_to_another_user
         String::from_utf8_lossy(&r.body)
     );
 }
+
+/// A snapshot ends with Electric's `snapshot-end` before its up-to-date: the visibility of the
+/// snapshot its rows were read under, in the 32-bit txid space of the log's `txids`. A write
+/// committed before the snapshot is visible (its rows are in the snapshot, its change never
+/// comes after W); one in progress is not (its change comes later, in the log), nor is a later
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_snapshot_ends_with_its_visibility() {
+    let (cluster, c) = app_cluster("shape_snapshot_end").await;
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let xid = |row: tokio_postgres::Row| -> i64 { row.get::<_, i64>(0) & 0xffff_ffff };
+    let committed = xid(c
+        .query_one(
+            "WITH w AS (INSERT INTO todos VALUES (10, 'before', 'p1'))
+             SELECT pg_current_xact_id()::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap());
+    // Holds an xid through the snapshot (its write is not in the snapshot).
+    let open = db(&cluster, "app").await;
+    open.batch_execute("BEGIN; INSERT INTO todos VALUES (11, 'during', 'p1')")
+        .await
+        .unwrap();
+    let running = xid(open
+        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .await
+        .unwrap());
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    assert!(is_up_to_date(&msgs));
+    let end = &msgs[msgs.len() - 2]["headers"];
+    assert_eq!(end["control"], "snapshot-end", "{msgs:?}");
+    let num = |v: &Value| -> i64 { v.as_str().expect("a decimal string").parse().unwrap() };
+    let (xmin, xmax) = (num(&end["xmin"]), num(&end["xmax"]));
+    let xip: Vec<i64> = end["xip_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(num)
+        .collect();
+    // Electric's isVisibleInSnapshot.
+    let visible = |t: i64| t < xmin || (t < xmax && !xip.contains(&t));
+    assert!(visible(committed), "{committed} in {end}");
+    // (Listed in xip_list, or at or past xmax when no later transaction had ended yet.)
+    assert!(!visible(running), "{running} in {end}");
+    let rows: Vec<&str> = changes(&msgs)
+        .iter()
+        .map(|m| m["value"]["id"].as_str().unwrap())
+        .collect();
+    assert!(rows.contains(&"10") && !rows.contains(&"11"), "{rows:?}");
+    open.batch_execute("COMMIT").await.unwrap();
+    let later = xid(c
+        .query_one(
+            "WITH w AS (INSERT INTO todos VALUES (12, 'after', 'p1'))
+             SELECT pg_current_xact_id()::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap());
+    assert!(!visible(later), "{later} in {end}");
+    // `offset=now` answers no snapshot, so no snapshot-end.
+    let now = body(&get(port, "/v1/shape?table=todos&offset=now", "alice").await);
+    assert!(now
+        .iter()
+        .all(|m| m["headers"]["control"] != "snapshot-end"));
+}

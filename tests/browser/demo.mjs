@@ -8,6 +8,7 @@
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import assert from "node:assert/strict";
+import { createTrace } from "./trace.mjs";
 
 const { DEMO_URL, DATABASE_URL, PSQL = "psql", SCREENSHOT } = process.env;
 assert.ok(DEMO_URL && DATABASE_URL, "set DEMO_URL and DATABASE_URL");
@@ -26,20 +27,9 @@ const shown = (page) =>
     lis.map((li) => [li.querySelector("span").textContent, li.classList.contains("done"),
                      li.classList.contains("pending")]));
 
-async function until(what, check) {
-  const deadline = Date.now() + WAIT;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      last = await check();
-      if (last === true) return;
-    } catch (e) {
-      last = e;
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
-}
+// Printed when the test fails: what the pages did (requests, answers, console), timestamped.
+const trace = createTrace(new URL(DEMO_URL).origin);
+const until = (what, check) => trace.until(what, check, WAIT);
 
 const titles = async (page) => (await shown(page)).map(([t]) => t);
 const hasTitle = (page, title) => async () => (await titles(page)).includes(title);
@@ -59,6 +49,7 @@ try {
     const page = await context.newPage();
     page.on("pageerror", (e) => { console.error(`page ${who} error: ${e.message}`); failed = true; });
     page.on("console", (m) => { if (m.type() === "error") console.error(`page ${who} console: ${m.text()}`); });
+    trace.watch(page, `page ${who}`);
     await page.goto(DEMO_URL);
     await until(`page ${who} to go live`, async () =>
       (await page.textContent("#status")).startsWith("live"));
@@ -162,6 +153,7 @@ try {
   if (SCREENSHOT) await a.screenshot({ path: SCREENSHOT, fullPage: true });
 } catch (e) {
   console.error(`browser: FAILED: ${e.stack || e}`);
+  console.error(`browser: what the pages did:\n${trace.dump()}`);
   failed = true;
 } finally {
   await browser.close();

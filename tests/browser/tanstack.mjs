@@ -9,11 +9,14 @@
 //   BUNDLE        the page's bundled script (clients/js/dist-test/page.js)
 //   DATABASE_URL  libpq connection string of the app database
 //   PSQL          the psql binary
+// On failure it prints what the pages did (requests, answers, console); TANSTACK_TRACE=1 prints
+// that on success too.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import assert from "node:assert/strict";
+import { createTrace } from "./trace.mjs";
 
 const { APP_URL, TOKEN, BUNDLE, DATABASE_URL, PSQL = "psql" } = process.env;
 assert.ok(APP_URL && TOKEN && BUNDLE && DATABASE_URL, "set APP_URL, TOKEN, BUNDLE and DATABASE_URL");
@@ -21,25 +24,14 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const WAIT = 20_000;
 
 const step = (s) => console.log(`tanstack: ${s}`);
+const trace = createTrace(APP_URL);
+const { note } = trace;
 const psql = (sql) =>
   execFileSync(PSQL, ["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", DATABASE_URL, "-c", sql], {
     encoding: "utf8",
   }).trim();
 
-async function until(what, check) {
-  const deadline = Date.now() + WAIT;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      last = await check();
-      if (last === true) return;
-    } catch (e) {
-      last = e;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what} (last: ${last})`);
-}
+const until = (what, check) => trace.until(what, check, WAIT);
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -49,6 +41,10 @@ const browser = await chromium.launch({
 let failed = false;
 try {
   const context = await browser.newContext();
+  // Every write request of the context, whichever page (or a page being closed) sends it.
+  context.on("request", (r) => {
+    if (r.url().includes("/sync/mutate")) note(`context -> ${r.method()} ${r.postData() ?? ""}`);
+  });
   // The page lives under the worker's origin (so IndexedDB, /v1/shape and /sync/mutate share
   // it); playwright serves its two files, everything else goes to the worker.
   const bundle = readFileSync(BUNDLE, "utf8");
@@ -62,10 +58,12 @@ try {
       body: `<!doctype html><title>pg_sync TanStack test</title><script type="module" src="/tanstack-test/page.js"></script>`,
     });
   });
+  let opened = 0;
   const open = async () => {
     const page = await context.newPage();
     page.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
     page.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
+    trace.watch(page, `page${++opened}`);
     await page.goto(`${APP_URL}/tanstack-test/index.html?token=${TOKEN}`);
     await page.waitForFunction(() => window.app);
     const storage = await page.evaluate(() => window.app.ready);
@@ -109,8 +107,10 @@ try {
     }
   });
   const second = await open();
-  await until("the outbox to drain", async () =>
-    (await second.evaluate(() => window.app.outbox())) === 0 || "not yet");
+  await until("the outbox to drain", async () => {
+    const queued = await second.evaluate(() => window.app.outboxState());
+    return queued.length === 0 || JSON.stringify(queued);
+  });
   await until("the page to show the confirmed writes", async () => {
     const rows = await second.evaluate(() => window.app.rows());
     return JSON.stringify(rows) === JSON.stringify(["101|renamed offline", "300|offline one", "301|offline two"]) || rows;
@@ -148,6 +148,7 @@ try {
   assert.notEqual(ORIGIN, APP_URL);
   const other = await browser.newContext();
   const third = await other.newPage();
+  trace.watch(third, "page3");
   third.on("pageerror", (e) => { console.error(`page error: ${e.message}`); failed = true; });
   third.on("console", (m) => { if (m.type() === "error") console.error(`page console: ${m.text()}`); });
   const sse = [];
@@ -180,8 +181,10 @@ try {
   server.close();
 } catch (e) {
   console.error(`tanstack: FAILED: ${e.stack || e}`);
+  console.error(`tanstack: what the pages did:\n${trace.dump()}`);
   failed = true;
 } finally {
+  if (process.env.TANSTACK_TRACE && !failed) console.error(`tanstack: what the pages did:\n${trace.dump()}`);
   await browser.close();
 }
 process.exit(failed ? 1 : 0);

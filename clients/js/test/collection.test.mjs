@@ -3,7 +3,7 @@
 import { test, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { createCollection } from '@tanstack/db'
-import { pgSyncCollectionOptions, PgSyncRejectedError } from '../dist/index.js'
+import { pgSyncCollectionOptions, postTransaction, PgSyncRejectedError } from '../dist/index.js'
 import { url, headers, sql, until } from './helpers.mjs'
 
 const collections = []
@@ -103,4 +103,21 @@ test(`writes are confirmed over SSE too (liveSse)`, async () => {
   await del.isPersisted.promise
   assert.equal(c._state.syncedData.has(3), false)
   assert.deepEqual(sql(`SELECT count(*) FROM todos WHERE id = 3`), [`0`])
+})
+
+test(`a write committed before the snapshot is confirmed by the snapshot (snapshot-end)`, async () => {
+  // Its change comes with the snapshot rows and never again in the log after it: only the
+  // snapshot's visibility (Electric's snapshot-end) tells awaitTxId that the collection has it.
+  // (What a page reloaded with a queued offline write waits for.)
+  const result = await postTransaction({ url, headers }, crypto.randomUUID(), [
+    { model: `todos`, action: `I`, data: { id: 4, title: `before the snapshot`, project: `p1` } },
+  ])
+  assert.equal(result.status, `applied`)
+  const c = todos(`todos-after-write`)
+  await c.preload()
+  assert.equal(c.get(4)?.title, `before the snapshot`)
+  assert.equal(await c.utils.awaitTxId(result.txid, 2_000), true)
+  // A txid the snapshot does not cover is still waited for: one far ahead times out.
+  await assert.rejects(c.utils.awaitTxId(result.txid + 1_000_000, 300))
+  sql(`DELETE FROM todos WHERE id = 4`)
 })

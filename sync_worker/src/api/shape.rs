@@ -1351,6 +1351,7 @@ fn stream_snapshot(
             .collect();
         let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
         buf.push(b'[');
+        let visibility = snapshot_end(&snap).await;
         let rows = match snap.query_raw(&sql, [&shape.groups]).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -1413,6 +1414,10 @@ fn stream_snapshot(
         if in_chunk > 0 {
             buf.push(b',');
         }
+        if let Some(end) = visibility {
+            buf.extend_from_slice(end.as_bytes());
+            buf.push(b',');
+        }
         buf.extend_from_slice(up_to_date(w).as_bytes());
         buf.push(b']');
         let chunk = Chunk {
@@ -1422,6 +1427,36 @@ fn stream_snapshot(
         send_chunk(&tx, chunk, deadline, &mut shutdown).await;
     });
     (handle, session)
+}
+
+/// Electric's `snapshot-end` control message for the snapshot `snap` reads (its xmin, xmax and
+/// in-progress xids), in the 32-bit txid space of `/sync/mutate`'s `txid` and the log's `txids`.
+/// A write committed before the snapshot comes with its rows and never again in the log after
+/// W, so a client waiting for its txid (TanStack DB's `awaitTxId`, the offline outbox after a
+/// reload) learns here that it has it; without this it waited out its whole timeout.
+/// `None` when the snapshot spans a 32-bit wraparound (bare txids do not compare across it) or
+/// the query fails: the client then waits for the txid as before.
+async fn snapshot_end(snap: &Client) -> Option<String> {
+    let row = snap
+        .query_one(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+                    ARRAY(SELECT pg_snapshot_xip(s)::text::bigint)
+               FROM pg_current_snapshot() s",
+            &[],
+        )
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "shape snapshot visibility query failed"))
+        .ok()?;
+    let (xmin, xmax, xip): (i64, i64, Vec<i64>) = (row.get(0), row.get(1), row.get(2));
+    if xmin >> 32 != xmax >> 32 {
+        return None;
+    }
+    let low = |x: i64| (x & 0xffff_ffff).to_string();
+    Some(
+        json!({"headers": {"control": "snapshot-end", "xmin": low(xmin), "xmax": low(xmax),
+                            "xip_list": xip.into_iter().map(low).collect::<Vec<_>>()}})
+        .to_string(),
+    )
 }
 
 /// Ends a chunked snapshot session no request has taken a chunk from for `STALL_TIMEOUT`.

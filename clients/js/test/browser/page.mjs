@@ -53,4 +53,12 @@ window.app = {
   rows: () =>
     [...todos.values()].map((r) => `${r.id}|${r.title}`).sort(),
   outbox: async () => (await executor.peekOutbox()).length,
+  // What a test that times out prints: each queued write's attempts and last error.
+  outboxState: async () =>
+    (await executor.peekOutbox()).map((t) => ({
+      keys: t.keys,
+      retryCount: t.retryCount,
+      lastError: t.lastError?.message,
+      nextAttemptInMs: t.nextAttemptAt - Date.now(),
+    })),
 }
