@@ -5067,16 +5067,7 @@ impl Folder {
 /// ids only grew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_interleavings_fold_every_subscriber_to_its_groups_rows() {
-    let seed: u64 = std::env::var("PG_SYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = seed_from_env("PG_SYNC_SEED");
     eprintln!("random interleavings: seed {seed} (rerun with PG_SYNC_SEED={seed})");
     let mut state = seed;
     let mut rnd = move |n: usize| {

@@ -481,16 +481,7 @@ fn large_transaction_applied_atomically_through_a_crash() {
 /// replays it; `FEDCHAOS_ROUNDS` runs longer).
 #[test]
 fn seeded_random_chaos() {
-    let seed: u64 = std::env::var("FEDCHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = common::seed_from_env("FEDCHAOS_SEED");
     let rounds: u64 = std::env::var("FEDCHAOS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

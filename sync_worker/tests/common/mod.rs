@@ -94,6 +94,21 @@ impl Drop for Worker {
     }
 }
 
+/// The seed of a randomized test: `var` from the environment (to replay a printed run), else
+/// the clock (odd, so an xorshift state is never zero). The caller prints it.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
