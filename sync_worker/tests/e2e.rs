@@ -6243,3 +6243,56 @@ async fn backlog_keeps_commit_order_with_a_merged_peer_change() {
     assert_a_worker_started_now_replays_p1(&cluster, &mut db).await;
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// REVIEW12 (rev12b): the session's drain loop takes at most 256 ready events; on its last
+/// round it still pulls the next event out of the channel (`now_or_never`) and then leaves
+/// the loop, dropping it. Every run of 257 ready events loses one: a Begin, an action or a
+/// Commit, so whole transactions are never sequenced (and their LSN is acknowledged later).
+/// A backlog piles up in the channel while the session's persist waits on a lock; then it is
+/// drained. Every row must get its sync id, in order, with none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_drain_of_ready_events_loses_none() {
+    let (cluster, mut db) = app_cluster("ws_drain257");
+    let worker = Worker::started(&cluster, "app").await;
+    let mut ws = connect(worker.port, "anyone").await;
+    subscribe(&mut ws, 0).await;
+    exec(&mut db, "INSERT INTO announcements VALUES (0, 'first')");
+    let got = collect(&mut ws, |g| !g.is_empty()).await;
+    assert_eq!(got.len(), 1);
+    exec(
+        &mut db,
+        "CREATE PROCEDURE burst(n int) LANGUAGE plpgsql AS $$
+         BEGIN
+           FOR i IN 1..n LOOP
+             INSERT INTO announcements VALUES (i, repeat(md5(i::text), 200));
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    // The session's next persist waits on this lock while the stream piles up in the
+    // replication channel (8192 events).
+    let mut lock: postgres_client::Client =
+        tokio::task::block_in_place(|| cluster.connect("app")).into();
+    exec(
+        &mut lock,
+        "BEGIN; LOCK TABLE pg_sync.commit_order IN ACCESS EXCLUSIVE MODE;",
+    );
+    const N: i64 = 2000;
+    exec(&mut db, &format!("CALL burst({N})"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    exec(&mut lock, "COMMIT");
+    let got = collect(&mut ws, |g| g.len() as i64 >= N).await;
+    let ids: Vec<i64> = got.iter().map(|f| f["syncId"].as_i64().unwrap()).collect();
+    let last: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
+    assert_eq!(
+        (ids.len() as i64, last),
+        (N, N + 1),
+        "rows lost in the drain; first ids {:?}",
+        &ids[..ids.len().min(5)]
+    );
+    assert_eq!(ids, (2..=N + 1).collect::<Vec<_>>());
+    tokio::task::block_in_place(|| {
+        drop(lock);
+        drop(db)
+    });
+}
