@@ -397,6 +397,8 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     peek: &mut bool,
 ) -> Result<(), SequencerError> {
+    let single_threaded = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread;
     let db = connect(&cfg.database_url).await?;
     ensure_setup(&db, cfg, status).await?;
     let row = db
@@ -533,7 +535,12 @@ async fn session(
         // the `select!` (which registers a waiter on `shutdown` and builds the timers per
         // event); bounded, so a shutdown is still seen under continuous load. An idle flush
         // never goes before an event that is ready, as with the biased `select!`.
-        for _ in 0..DRAIN_EVENTS {
+        // Only on the session's own current-thread runtime: there the reader task cannot end
+        // between `is_running` and `recv` below, so a `recv` that found the channel closed (and
+        // joins the reader inside) is never dropped half-way, losing the reader's result. On the
+        // shared fallback runtime, every event goes through the `select!`.
+        let drain = if single_threaded { DRAIN_EVENTS } else { 1 };
+        for i in 0..drain {
             let Some(ev) = event else {
                 s.flush(&st.repl).await?;
                 return Ok(());
@@ -541,9 +548,9 @@ async fn session(
             if s.take_event(&mut st, ev, peek).await? {
                 return Ok(());
             }
-            // Only while the reader runs: a `recv` dropped after the channel closed would lose
-            // the reader's result (it is joined inside `recv`).
-            if !st.repl.is_running() {
+            // The last pass takes no further event: one taken here would be dropped with the
+            // loop (review rev12b: a whole transaction, or one action of it, was lost).
+            if i + 1 == drain || !st.repl.is_running() {
                 break;
             }
             match st.repl.recv().now_or_never() {
