@@ -12,7 +12,7 @@
 # and the cores the rest of the machine used meanwhile, with the cluster's checkpoints, buffer
 # writes, block reads and autovacuum runs (both logged in the server log too). Why: single rounds
 # "dipped" to 0.5-0.6x of COPY while others reached 0.9-1.2x (issue 11). Measured (RESULTS.md,
-# 2026-11-30T18:5xZ, boot12): no checkpoint, autovacuum or block read lands in any round (the
+# 2026-11-30T18:49Z-18:55Z, boot12): no checkpoint, autovacuum or block read lands in any round (the
 # table is VACUUMed after its load, so neither side sets hint bits), the slow rounds fall at
 # any position, and in every round the bench's processes had about one core, the rest of the
 # machine (other sessions' builds, each session a scheduler autogroup, so `nice` does not shield
