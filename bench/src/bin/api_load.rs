@@ -3,7 +3,8 @@
 //! `api_load bootstrap PORT SECRET USER DATABASE_URL SQL`: streams `GET /sync/bootstrap` (plain,
 //! then gzip) and `COPY (SQL) TO STDOUT` over one connection, three rounds interleaved
 //! (`BOOTSTRAP_ROUNDS`); prints one JSON line with rows, bytes, seconds (and with
-//! `BOOTSTRAP_CPU_PIDS`, worker and cluster CPU seconds) of each run.
+//! `BOOTSTRAP_CPU_PIDS`, worker and cluster CPU seconds) of each run, and the CPU seconds the
+//! whole machine was busy, its steal time and this client's own CPU during it.
 //!
 //! `api_load bootstrap_only PORT SECRET USER` and `api_load copy_only DATABASE_URL SQL`: one run
 //! of one side (for a profile).
@@ -266,6 +267,25 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// CPU seconds the whole machine spent busy (all cores: user, nice, system, irq, softirq,
+/// steal) and, of those, steal (the hypervisor ran someone else): with the worker's, the
+/// cluster's and this client's own, what is left is other processes' load during a run.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy / tick, at(7) / tick)
+}
+
 /// CPU seconds the whole cluster used: the postmaster with its reaped children (backends that
 /// ended) and its live children.
 fn cluster_cpu(postmaster: u32) -> f64 {
@@ -300,15 +320,27 @@ async fn run_bootstrap(args: &[String]) {
     let pids: Vec<u32> = std::env::var("BOOTSTRAP_CPU_PIDS")
         .map(|p| p.split_whitespace().map(|p| p.parse().unwrap()).collect())
         .unwrap_or_default();
-    let cpu = || match pids.as_slice() {
-        [worker, postmaster] => (cpu_secs(*worker), cluster_cpu(*postmaster)),
-        _ => (0.0, 0.0),
+    let cpu = || {
+        let (machine, steal) = machine_cpu();
+        let me = cpu_secs(std::process::id());
+        match pids.as_slice() {
+            [worker, postmaster] => (
+                cpu_secs(*worker),
+                cluster_cpu(*postmaster),
+                machine,
+                steal,
+                me,
+            ),
+            _ => (0.0, 0.0, machine, steal, me),
+        }
     };
     let mut runs = vec![];
-    let mut record = |what: &str, rows: Option<u64>, bytes: u64, t: Instant, before: (f64, f64)| {
+    type Cpu = (f64, f64, f64, f64, f64);
+    let mut record = |what: &str, rows: Option<u64>, bytes: u64, t: Instant, before: Cpu| {
         let after = cpu();
         let mut run = serde_json::json!({"what": what, "bytes": bytes, "secs": t.elapsed().as_secs_f64(),
-            "worker_cpu": after.0 - before.0, "pg_cpu": after.1 - before.1});
+            "worker_cpu": after.0 - before.0, "pg_cpu": after.1 - before.1,
+            "machine_cpu": after.2 - before.2, "steal": after.3 - before.3, "client_cpu": after.4 - before.4});
         if let Some(rows) = rows {
             run["rows"] = rows.into();
         }
