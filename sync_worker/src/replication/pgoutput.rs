@@ -2,7 +2,7 @@
 //! format).
 //! Begin and Commit arrive as events of the transport client; everything else is skipped.
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -34,19 +34,18 @@ enum Cell {
     Null,
     /// An unchanged TOAST value of an update: absent from the row.
     Unchanged,
-    /// The value's text: `Row::message[start..end]` (checked to be UTF-8 when decoded).
+    /// The value's text: `Row::text[start..end]`.
     Text(u32, u32),
 }
 
 /// A row in text format, by column (NULL as `None`); an unchanged TOAST value of an update is
-/// absent. The values are read in place from the message they came in (shared, not copied)
-/// and the row shares the relation's column names: decoding a row costs one allocation (its
-/// cells), not a map with a key and a string per column (that was about a third of the
-/// worker's CPU draining a backlog).
+/// absent. The values of one row share one string and the relation's column names: decoding a
+/// row costs two allocations, not a map with a key and a string per column (that was about a
+/// third of the worker's CPU draining a backlog).
 #[derive(Debug, Clone)]
 pub struct Row {
     columns: Arc<[Arc<str>]>,
-    message: Bytes,
+    text: String,
     cells: Vec<Cell>,
 }
 
@@ -55,18 +54,10 @@ impl Row {
     /// TOAST value), `Some(None)` for NULL.
     pub fn get(&self, name: &str) -> Option<Option<&str>> {
         let i = self.columns.iter().position(|c| &**c == name)?;
-        self.cell(*self.cells.get(i)?)
-    }
-
-    fn cell(&self, cell: Cell) -> Option<Option<&str>> {
-        match cell {
+        match *self.cells.get(i)? {
             Cell::Null => Some(None),
             Cell::Unchanged => None,
-            // Checked when decoded: the second look is a fast pass over short text, and it
-            // keeps this module free of `unsafe`. Never fails.
-            Cell::Text(start, end) => Some(Some(
-                std::str::from_utf8(&self.message[start as usize..end as usize]).unwrap_or(""),
-            )),
+            Cell::Text(start, end) => Some(Some(&self.text[start as usize..end as usize])),
         }
     }
 
@@ -82,7 +73,11 @@ impl Row {
 
     /// `get` by the column's position (`Positions`).
     pub fn at(&self, i: Option<usize>) -> Option<Option<&str>> {
-        self.cell(*self.cells.get(i?)?)
+        match *self.cells.get(i?)? {
+            Cell::Null => Some(None),
+            Cell::Unchanged => None,
+            Cell::Text(start, end) => Some(Some(&self.text[start as usize..end as usize])),
+        }
     }
 }
 
@@ -175,11 +170,12 @@ fn count(n: i64) -> Result<usize, DecodeError> {
     usize::try_from(n).map_err(|_| DecodeError::Negative(n))
 }
 
-/// The tuple at the front of `buf`, which is the rest of `message`.
-fn tuple(buf: &mut &[u8], relation: &Relation, message: &Bytes) -> Result<Row, DecodeError> {
+fn tuple(buf: &mut &[u8], relation: &Relation) -> Result<Row, DecodeError> {
     need(buf, 2)?;
     let n = count(buf.get_i16().into())?;
     let mut cells = Vec::with_capacity(n.min(relation.columns.len()));
+    // Sized for this row's values: they follow in the message (lengths and kinds aside).
+    let mut text = String::with_capacity(buf.len());
     for i in 0..n {
         need(buf, 1)?;
         let kind = buf.get_u8();
@@ -190,22 +186,26 @@ fn tuple(buf: &mut &[u8], relation: &Relation, message: &Bytes) -> Result<Row, D
                 need(buf, 4)?;
                 let len = count(buf.get_i32().into())?;
                 need(buf, len)?;
-                std::str::from_utf8(&buf[..len]).map_err(|_| DecodeError::Utf8)?;
-                let start = message.len() - buf.len();
+                let v = std::str::from_utf8(&buf[..len]).map_err(|_| DecodeError::Utf8)?;
+                let start = text.len();
+                // A column past the relation's is dropped below.
+                if i < relation.columns.len() {
+                    text.push_str(v);
+                }
+                let end = text.len();
                 buf.advance(len);
-                // A message is at most 1 GB (the replication client's limit): its offsets fit.
-                Cell::Text(start as u32, (start + len) as u32)
+                // A tuple is at most 1 GB: its offsets fit.
+                Cell::Text(start as u32, end as u32)
             }
             other => return Err(DecodeError::TupleKind(other)),
         };
-        // A column past the relation's is dropped.
         if i < relation.columns.len() {
             cells.push(cell);
         }
     }
     Ok(Row {
         columns: relation.columns.clone(),
-        message: message.clone(),
+        text,
         cells,
     })
 }
@@ -218,9 +218,8 @@ impl Decoder {
             .ok_or(DecodeError::UnknownRelation(oid))
     }
 
-    /// Decodes one message; its rows share `data` (no copy of their values).
-    pub fn decode(&mut self, data: &Bytes) -> Result<Message, DecodeError> {
-        let mut buf = &data[..];
+    pub fn decode(&mut self, data: &[u8]) -> Result<Message, DecodeError> {
+        let mut buf = data;
         need(buf, 1)?;
         let tag = buf.get_u8();
         match tag {
@@ -256,7 +255,7 @@ impl Decoder {
                 let oid = buf.get_u32();
                 let relation = self.relation(oid)?;
                 let _new = buf.get_u8();
-                let row = tuple(&mut buf, &relation, data)?;
+                let row = tuple(&mut buf, &relation)?;
                 Ok(Message::Insert { relation, row })
             }
             b'U' => {
@@ -266,14 +265,14 @@ impl Decoder {
                 let mut kind = buf.get_u8();
                 let mut old = None;
                 if kind == b'K' || kind == b'O' {
-                    old = Some(tuple(&mut buf, &relation, data)?);
+                    old = Some(tuple(&mut buf, &relation)?);
                     need(buf, 1)?;
                     kind = buf.get_u8();
                 }
                 if kind != b'N' {
                     return Err(DecodeError::TupleKind(kind));
                 }
-                let row = tuple(&mut buf, &relation, data)?;
+                let row = tuple(&mut buf, &relation)?;
                 Ok(Message::Update { relation, old, row })
             }
             b'T' => {
@@ -291,7 +290,7 @@ impl Decoder {
                 let oid = buf.get_u32();
                 let relation = self.relation(oid)?;
                 let _kind = buf.get_u8();
-                let key = tuple(&mut buf, &relation, data)?;
+                let key = tuple(&mut buf, &relation)?;
                 Ok(Message::Delete { relation, key })
             }
             _ => Ok(Message::Other),
@@ -303,10 +302,6 @@ impl Decoder {
 mod tests {
     use super::*;
     use bytes::BufMut;
-
-    fn dec(d: &mut Decoder, message: &[u8]) -> Result<Message, DecodeError> {
-        d.decode(&Bytes::copy_from_slice(message))
-    }
 
     fn relation_msg() -> Vec<u8> {
         let mut b = vec![b'R'];
@@ -327,10 +322,7 @@ mod tests {
     #[test]
     fn decodes_relation_then_insert_and_delete() {
         let mut d = Decoder::default();
-        assert!(matches!(
-            dec(&mut d, &relation_msg()).unwrap(),
-            Message::Other
-        ));
+        assert!(matches!(d.decode(&relation_msg()).unwrap(), Message::Other));
         let mut ins = vec![b'I'];
         ins.put_u32(42);
         ins.put_u8(b'N');
@@ -339,7 +331,7 @@ mod tests {
         ins.put_i32(5);
         ins.extend_from_slice(b"alice");
         ins.put_u8(b'n');
-        match dec(&mut d, &ins).unwrap() {
+        match d.decode(&ins).unwrap() {
             Message::Insert { relation, row } => {
                 assert_eq!(relation.name, "group_memberships");
                 assert_eq!(row.get("user_id"), Some(Some("alice")));
@@ -355,7 +347,7 @@ mod tests {
         del.put_u8(b't');
         del.put_i32(1);
         del.extend_from_slice(b"x");
-        assert!(matches!(dec(&mut d, &del).unwrap(), Message::Delete { .. }));
+        assert!(matches!(d.decode(&del).unwrap(), Message::Delete { .. }));
     }
 
     #[test]
@@ -363,14 +355,14 @@ mod tests {
         let mut d = Decoder::default();
         let msg = relation_msg();
         for cut in 1..msg.len() {
-            assert!(dec(&mut d, &msg[..cut]).is_err(), "cut at {cut}");
+            assert!(d.decode(&msg[..cut]).is_err(), "cut at {cut}");
         }
         let mut ins = vec![b'I'];
         ins.put_u32(7);
         ins.put_u8(b'N');
         ins.put_i16(0);
         assert!(matches!(
-            dec(&mut d, &ins),
+            d.decode(&ins),
             Err(DecodeError::UnknownRelation(7))
         ));
     }
@@ -384,14 +376,14 @@ mod tests {
         rel.extend_from_slice(b"pg_sync\0x\0");
         rel.put_u8(b'd');
         rel.put_i16(-1);
-        assert!(matches!(dec(&mut d, &rel), Err(DecodeError::Negative(-1))));
-        dec(&mut d, &relation_msg()).unwrap();
+        assert!(matches!(d.decode(&rel), Err(DecodeError::Negative(-1))));
+        d.decode(&relation_msg()).unwrap();
         // A tuple with -2 columns.
         let mut ins = vec![b'I'];
         ins.put_u32(42);
         ins.put_u8(b'N');
         ins.put_i16(-2);
-        assert!(matches!(dec(&mut d, &ins), Err(DecodeError::Negative(-2))));
+        assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-2))));
         // A value with a negative length.
         let mut ins = vec![b'I'];
         ins.put_u32(42);
@@ -399,13 +391,13 @@ mod tests {
         ins.put_i16(1);
         ins.put_u8(b't');
         ins.put_i32(-5);
-        assert!(matches!(dec(&mut d, &ins), Err(DecodeError::Negative(-5))));
+        assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-5))));
     }
 
     #[test]
     fn updates_give_the_new_row_and_leave_unchanged_toast_out() {
         let mut d = Decoder::default();
-        dec(&mut d, &relation_msg()).unwrap();
+        d.decode(&relation_msg()).unwrap();
         let mut upd = vec![b'U'];
         upd.put_u32(42);
         upd.put_u8(b'K');
@@ -417,7 +409,7 @@ mod tests {
         upd.put_i16(2);
         upd.put_u8(b'u');
         upd.put_u8(b'n');
-        match dec(&mut d, &upd).unwrap() {
+        match d.decode(&upd).unwrap() {
             Message::Update { row, old, .. } => {
                 assert!(!row.contains("user_id"), "unchanged toast is absent");
                 assert_eq!(row.get("group_id"), Some(None));
@@ -473,7 +465,7 @@ mod tests {
             cols.dedup();
             let mut seen = std::collections::HashSet::new();
             cols.retain(|c| seen.insert(c.clone()));
-            dec(&mut d, &relation(&cols)).unwrap();
+            d.decode(&relation(&cols)).unwrap();
             let mut ins = vec![b'I'];
             ins.put_u32(7);
             ins.put_u8(b'N');
@@ -502,7 +494,7 @@ mod tests {
                     old_map.insert(name.clone(), value);
                 }
             }
-            let Message::Insert { row, .. } = dec(&mut d, &ins).unwrap() else {
+            let Message::Insert { row, .. } = d.decode(&ins).unwrap() else {
                 panic!("an insert");
             };
             let check = |row: &Row, map: &HashMap<String, Option<String>>, cols: &[String]| {
@@ -530,19 +522,19 @@ mod tests {
     #[test]
     fn truncate_names_its_relations() {
         let mut d = Decoder::default();
-        dec(&mut d, &relation_msg()).unwrap();
+        d.decode(&relation_msg()).unwrap();
         let mut t = vec![b'T'];
         t.put_u32(2);
         t.put_u8(0);
         t.put_u32(42);
         t.put_u32(77);
-        match dec(&mut d, &t).unwrap() {
+        match d.decode(&t).unwrap() {
             Message::Truncate { relations } => {
                 assert_eq!(relations.len(), 1);
                 assert_eq!(relations[0].name, "group_memberships");
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(dec(&mut d, &t[..8]).is_err());
+        assert!(d.decode(&t[..8]).is_err());
     }
 }

@@ -276,62 +276,8 @@ fn causes(e: &dyn std::error::Error) -> String {
     out.join(": ")
 }
 
-/// Runs replication until `shutdown` flips, reconnecting with backoff after failures, on a
-/// thread of its own with a single-threaded runtime: the replication reader task, the session
-/// and its database connection then hand events to each other on one thread. On the shared
-/// runtime each event the reader forwarded woke the session on another worker thread (a
-/// context switch per event, ~10% of the worker's CPU draining a backlog); here the reader
-/// fills the channel until it yields and the session takes the batch in one go.
+/// Runs replication until `shutdown` flips, reconnecting with backoff after failures.
 pub async fn run(
-    cfg: Arc<Config>,
-    hub: Arc<Hub>,
-    status: Arc<Status>,
-    shutdown: watch::Receiver<bool>,
-) {
-    // Dropped with this future (the caller gave up on it): the thread's session ends too.
-    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
-    // Whether the thread ran replication (false: its runtime could not be built).
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
-    let (c, h, st, sd) = (cfg.clone(), hub.clone(), status.clone(), shutdown.clone());
-    let spawned = std::thread::Builder::new()
-        .name("pg_sync-replication".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => {
-                    rt.block_on(async move {
-                        tokio::select! {
-                            () = run_here(c, h, st, sd) => {}
-                            _ = cancel_rx => {}
-                        }
-                    });
-                    let _ = done_tx.send(true);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the replication runtime; replicating on the shared one");
-                    let _ = done_tx.send(false);
-                }
-            }
-        });
-    let ran = match spawned {
-        Ok(_) => {
-            let _cancel = cancel_tx;
-            done_rx.await.unwrap_or(true)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the replication thread; replicating on the shared runtime");
-            false
-        }
-    };
-    if !ran {
-        run_here(cfg, hub, status, shutdown).await;
-    }
-}
-
-/// `run` on the runtime it is polled on.
-async fn run_here(
     cfg: Arc<Config>,
     hub: Arc<Hub>,
     status: Arc<Status>,
@@ -397,8 +343,6 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     peek: &mut bool,
 ) -> Result<(), SequencerError> {
-    let single_threaded = tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::CurrentThread;
     let db = connect(&cfg.database_url).await?;
     ensure_setup(&db, cfg, status).await?;
     let row = db
@@ -518,7 +462,7 @@ async fn session(
                 None => std::future::pending::<()>().await,
             }
         };
-        let mut event = tokio::select! {
+        let event = tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 // Drain: what is complete is persisted, published and acknowledged (unless the
@@ -531,38 +475,39 @@ async fn session(
             _ = idle_flush => { s.flush(&st.repl).await?; s.settle(); continue; }
             _ = flush_poll => { s.poll_flushed(&st.repl).await?; continue; }
         };
-        // The events the reader has ready are taken one after another without going back to
-        // the `select!` (which registers a waiter on `shutdown` and builds the timers per
-        // event); bounded, so a shutdown is still seen under continuous load. An idle flush
-        // never goes before an event that is ready, as with the biased `select!`.
-        // Only on the session's own current-thread runtime: there the reader task cannot end
-        // between `is_running` and `recv` below, so a `recv` that found the channel closed (and
-        // joins the reader inside) is never dropped half-way, losing the reader's result. On the
-        // shared fallback runtime, every event goes through the `select!`.
-        let drain = if single_threaded { DRAIN_EVENTS } else { 1 };
-        for i in 0..drain {
-            let Some(ev) = event else {
-                s.flush(&st.repl).await?;
-                return Ok(());
-            };
-            if s.take_event(&mut st, ev, peek).await? {
-                return Ok(());
+        let Some(event) = event else {
+            s.flush(&st.repl).await?;
+            return Ok(());
+        };
+        // While the backlog is unresolved, transactions are decoded as they stream (so decoding
+        // overlaps the walsender's) but not sequenced: `flush` waits for the resolution.
+        let resolved = match s.watch_backlog(&event) {
+            Backlog::Unresolved => false,
+            Backlog::Resolved => true,
+            Backlog::Overflow => {
+                *peek = true;
+                return Err(SequencerError::HoldOverflow);
             }
-            // The last pass takes no further event: one taken here would be dropped with the
-            // loop (review rev12b: a whole transaction, or one action of it, was lost).
-            if i + 1 == drain || !st.repl.is_running() {
-                break;
-            }
-            match st.repl.recv().now_or_never() {
-                Some(next) => event = next?,
-                None => break,
+        };
+        if matches!(event, ReplicationEvent::KeepAlive { .. })
+            && s.unresolved.is_some()
+            && !resolved
+        {
+            // Nothing may be acknowledged before the backlog is sequenced.
+            continue;
+        }
+        if resolved {
+            s.resolve_backlog().await?;
+            if s.hold.is_none() {
+                status.streaming.store(true, Ordering::Release);
             }
         }
+        if s.handle(&mut st, event).await? {
+            return Ok(());
+        }
+        s.settle();
     }
 }
-
-/// How many ready events the session loop takes before it looks at shutdown and its timers.
-const DRAIN_EVENTS: usize = 256;
 
 /// The replication stream and the transaction being received from it.
 pub(super) struct Stream {
@@ -572,44 +517,6 @@ pub(super) struct Stream {
 }
 
 impl Session<'_> {
-    /// Takes one stream event: watches the start-up backlog with it, resolves the backlog once
-    /// the stream told it apart, then handles it; true when the stream ended.
-    pub(super) async fn take_event(
-        &mut self,
-        st: &mut Stream,
-        event: ReplicationEvent,
-        peek: &mut bool,
-    ) -> Result<bool, SequencerError> {
-        // While the backlog is unresolved, transactions are decoded as they stream (so decoding
-        // overlaps the walsender's) but not sequenced: `flush` waits for the resolution.
-        let resolved = match self.watch_backlog(&event) {
-            Backlog::Unresolved => false,
-            Backlog::Resolved => true,
-            Backlog::Overflow => {
-                *peek = true;
-                return Err(SequencerError::HoldOverflow);
-            }
-        };
-        if matches!(event, ReplicationEvent::KeepAlive { .. })
-            && self.unresolved.is_some()
-            && !resolved
-        {
-            // Nothing may be acknowledged before the backlog is sequenced.
-            return Ok(false);
-        }
-        if resolved {
-            self.resolve_backlog().await?;
-            if self.hold.is_none() {
-                self.status.streaming.store(true, Ordering::Release);
-            }
-        }
-        if self.handle(st, event).await? {
-            return Ok(true);
-        }
-        self.settle();
-        Ok(false)
-    }
-
     /// Handles one stream event; true when the stream ended.
     pub(super) async fn handle(
         &mut self,
