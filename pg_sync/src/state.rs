@@ -160,6 +160,24 @@ fn plan(sql: &'static str, types: &[PgOid]) -> Rc<OwnedPreparedStatement> {
     })
 }
 
+/// `INSERT INTO row_state ... SELECT` of a state document (`state_doc`, parameter `$1`) followed
+/// by `$conflict`: the one column mapping both writers of a whole state (`insert_first`,
+/// `store`) share, so it cannot drift between them.
+macro_rules! insert_state_doc {
+    ($conflict:literal) => {
+        concat!(
+            "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
+             SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
+                    $1 OPERATOR(pg_catalog.->>) 'c', $1 OPERATOR(pg_catalog.->>) 'd',
+                    $1 OPERATOR(pg_catalog.->) 'v',
+                    CASE WHEN pg_catalog.jsonb_typeof($1 OPERATOR(pg_catalog.->) 'p') OPERATOR(pg_catalog.=) 'object'
+                         THEN $1 OPERATOR(pg_catalog.->) 'p' END,
+                    $1 OPERATOR(pg_catalog.->>) 'x'",
+            $conflict
+        )
+    };
+}
+
 /// Runs one of this module's statements; returns the first column of its first row, if any.
 fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> Option<Value> {
     let plan = plan(sql, types);
@@ -299,14 +317,9 @@ pub fn lock(model_name: &str, model_id: &str) -> Option<State> {
 /// concurrent inserter to finish first).
 pub fn insert_first(model_name: &str, model_id: &str, state: &State) -> bool {
     run(
-        "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
-         SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
-                $1 OPERATOR(pg_catalog.->>) 'c', $1 OPERATOR(pg_catalog.->>) 'd',
-                $1 OPERATOR(pg_catalog.->) 'v',
-                CASE WHEN pg_catalog.jsonb_typeof($1 OPERATOR(pg_catalog.->) 'p') OPERATOR(pg_catalog.=) 'object'
-                     THEN $1 OPERATOR(pg_catalog.->) 'p' END,
-                $1 OPERATOR(pg_catalog.->>) 'x'
-         ON CONFLICT (model, model_id) DO NOTHING RETURNING 'true'::pg_catalog.jsonb",
+        insert_state_doc!(
+            " ON CONFLICT (model, model_id) DO NOTHING RETURNING 'true'::pg_catalog.jsonb"
+        ),
         &[PgOid::from(pg_sys::JSONBOID)],
         &[JsonB(state_doc(model_name, model_id, state)).into()],
     )
@@ -388,16 +401,11 @@ fn state_doc(model_name: &str, model_id: &str, state: &State) -> Value {
 pub fn store(model_name: &str, model_id: &str, state: &State) {
     let doc = state_doc(model_name, model_id, state);
     run(
-        "INSERT INTO pg_sync.row_state AS s (model, model_id, created, deleted, versions, pending, max_version)
-         SELECT $1 OPERATOR(pg_catalog.->>) 'm', $1 OPERATOR(pg_catalog.->>) 'i',
-                $1 OPERATOR(pg_catalog.->>) 'c', $1 OPERATOR(pg_catalog.->>) 'd',
-                $1 OPERATOR(pg_catalog.->) 'v',
-                CASE WHEN pg_catalog.jsonb_typeof($1 OPERATOR(pg_catalog.->) 'p') OPERATOR(pg_catalog.=) 'object'
-                     THEN $1 OPERATOR(pg_catalog.->) 'p' END,
-                $1 OPERATOR(pg_catalog.->>) 'x'
-         ON CONFLICT (model, model_id) DO UPDATE SET
-           created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
-           pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
+        insert_state_doc!(
+            " ON CONFLICT (model, model_id) DO UPDATE SET
+               created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
+               pending = EXCLUDED.pending, max_version = EXCLUDED.max_version"
+        ),
         &[PgOid::from(pg_sys::JSONBOID)],
         &[JsonB(doc).into()],
     );

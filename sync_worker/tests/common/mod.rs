@@ -2,7 +2,11 @@
 //! port, plain HTTP requests and tokens, scratch directories and a private test PKI.
 #![allow(dead_code)]
 
+mod seed;
+
 use pg_sync_tests::Cluster;
+#[allow(unused_imports)] // not every test binary runs a seeded test
+pub use seed::seed_from_env;
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,21 +96,6 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The seed of a randomized test: `var` from the environment (to replay a printed run), else
-/// the clock (odd, so an xorshift state is never zero). The caller prints it.
-pub fn seed_from_env(var: &str) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
 }
 
 pub fn free_port() -> u16 {
