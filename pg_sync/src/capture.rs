@@ -906,38 +906,30 @@ pub fn capture(trigger: &pgrx::PgTrigger<'_>) {
                     "Keys are immutable across nodes; delete and insert instead.",
                 );
             }
-            let version = state::record_local(
-                &cfg.model,
-                &old_id,
-                Local::Delete,
-                clock::next_version().to_string(),
-            );
-            let d = Action::new(
-                "D",
-                &old_id,
-                &old,
-                cfg.drop_non_key.clone(),
-                version,
-                origin,
-                old_group,
-            );
-            write_plain(&cfg, &d, tupdesc);
-            let version = state::record_local(
-                &cfg.model,
-                &new_id,
-                Local::Insert,
-                clock::next_version().to_string(),
-            );
-            let i = Action::new(
-                "I",
-                &new_id,
-                &new,
-                cfg.drop_excluded.clone(),
-                version,
-                origin,
-                new_group,
-            );
-            write_plain(&cfg, &i, tupdesc);
+            let halves = [
+                (
+                    "D",
+                    Local::Delete,
+                    &old_id,
+                    &old,
+                    &cfg.drop_non_key,
+                    old_group,
+                ),
+                (
+                    "I",
+                    Local::Insert,
+                    &new_id,
+                    &new,
+                    &cfg.drop_excluded,
+                    new_group,
+                ),
+            ];
+            for (kind, what, id, image, drop, group) in halves {
+                let version =
+                    state::record_local(&cfg.model, id, what, clock::next_version().to_string());
+                let a = Action::new(kind, id, image, drop.clone(), version, origin, group);
+                write_plain(&cfg, &a, tupdesc);
+            }
             return;
         }
 
