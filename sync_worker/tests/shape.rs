@@ -2019,3 +2019,25 @@ async fn shape_snapshot_end_is_withheld_after_a_failover_for_the_grace() {
         String::from_utf8_lossy(&r.body)
     );
 }
+
+/// A failing visibility read does not fail the snapshot (it runs under a savepoint in the
+/// snapshot's transaction): the rows come, without `snapshot-end`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_snapshot_survives_a_failing_visibility_read() {
+    let (cluster, _c) = app_cluster("shape_visibility_fails").await;
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "shape_visibility_fails")],
+    )
+    .await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    assert!(is_up_to_date(&msgs), "{msgs:?}");
+    assert_eq!(changes(&msgs).len(), 2, "{msgs:?}");
+    assert!(snapshot_end_of(&msgs).is_none(), "{msgs:?}");
+    // The failpoint fires once: the next snapshot has it.
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(snapshot_end_of(&body(&r)).is_some());
+}

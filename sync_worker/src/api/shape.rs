@@ -1453,10 +1453,16 @@ fn stream_snapshot(
 ///   or a restore, xids may be handed out again;
 /// - the read fails: it runs under a savepoint, so the snapshot goes on without it.
 async fn snapshot_end(app: &App, snap: &Client) -> Option<String> {
+    // (Tests: the read fails, as it would for a role refused one of its functions.)
+    let fail = if crate::failpoint::fire("shape_visibility_fails") {
+        "1 / 0"
+    } else {
+        "1"
+    };
     let sql = format!(
         "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
                 ARRAY(SELECT pg_snapshot_xip(s)::text::bigint), {}
-           FROM pg_current_snapshot() s",
+           FROM pg_current_snapshot() s WHERE {fail} = 1",
         lineage::LIVE_SQL
     );
     let read = async {
