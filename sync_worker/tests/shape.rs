@@ -1914,7 +1914,27 @@ async fn mutate_todo(port: u16, id: i64, tx: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shape_txids_and_snapshot_end_are_full_xid8_values() {
     let (cluster, c) = app_cluster_at_epoch("shape_epoch", 2).await;
-    let worker = Worker::started(&cluster, "app").await;
+    // The worker runs as a role with only the grants docs/extension.md lists (no superuser):
+    // what snapshot-end reads (pg_control_system, pg_walfile_name, pg_sync.lineage) is open to it.
+    c.batch_execute(
+        "CREATE ROLE shaper LOGIN REPLICATION;
+         GRANT pgsync_owner TO shaper;
+         GRANT CREATE ON DATABASE app TO shaper;
+         GRANT SELECT ON todos TO shaper; -- the snapshot reads the table as the worker
+         GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.apply_remote(jsonb),
+               pg_sync.changes(bigint, text[], integer),
+               pg_sync.changes(bigint, text[], integer, text), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
+               pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
+               pg_sync.user_groups(text), pg_sync.member_joins(text, bigint, bigint), pg_sync.status(),
+               pg_sync.hlc_now() TO shaper;",
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=shaper dbname=app",
+        cluster.port
+    );
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
     let port = worker.port;
     let epoch2 = 2i64 << 32;
     let before = mutate_todo(port, 30, "00000000-0000-4000-8000-000000000030").await;
