@@ -1819,7 +1819,7 @@ async fn shape_snapshot_ends_with_its_visibility() {
     let (cluster, c) = app_cluster("shape_snapshot_end").await;
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let xid = |row: tokio_postgres::Row| -> i64 { row.get::<_, i64>(0) & 0xffff_ffff };
+    let xid = |row: tokio_postgres::Row| -> i64 { row.get::<_, i64>(0) };
     let committed = xid(c
         .query_one(
             "WITH w AS (INSERT INTO todos VALUES (10, 'before', 'p1'))
