@@ -152,6 +152,18 @@ CREATE TABLE pg_sync.client_transactions (
     PRIMARY KEY (user_id, client_id, client_tx_id)
 );
 
+-- The database's lineage (system identifier, timeline) as the worker last saw it, and when it
+-- last saw it change. Written by the worker only. A promoted standby carries the old primary's
+-- row (replicated) and a restore carries the dumped one, so either shows up as a change; the
+-- worker then leaves Electric's `snapshot-end` out of /v1/shape snapshots for a grace period
+-- (xids handed out before the change may be handed out again: docs/clients.md).
+CREATE TABLE pg_sync.lineage (
+    one               boolean PRIMARY KEY DEFAULT true CHECK (one),
+    system_identifier bigint NOT NULL,
+    timeline          bigint NOT NULL,
+    changed_at        timestamptz
+);
+
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.registry', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.sync_actions', '');
 -- The identity sequence too: otherwise a restored log gets ids from 1 again and every captured
@@ -163,6 +175,7 @@ SELECT pg_catalog.pg_extension_config_dump('pg_sync.client_transactions', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.commit_order', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('pg_sync.retention', '');
+SELECT pg_catalog.pg_extension_config_dump('pg_sync.lineage', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pg_sync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pg_sync FROM PUBLIC;
@@ -174,6 +187,7 @@ ALTER TABLE pg_sync.row_state OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.group_memberships OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.api_keys OWNER TO pgsync_owner;
 ALTER TABLE pg_sync.client_transactions OWNER TO pgsync_owner;
+ALTER TABLE pg_sync.lineage OWNER TO pgsync_owner;
 -- Anyone may see the schema (and call what is granted); its tables stay private, except the
 -- registry, which only names tables and columns the catalogs show anyway (pg_sync.tables(),
 -- register_table's checks and the partition event trigger read it as the caller).

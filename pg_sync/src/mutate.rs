@@ -4,9 +4,10 @@
 //! The first call records its result in `pg_sync.client_transactions` in the same transaction as
 //! the writes; a replay finds that row and returns the first result with `"duplicate": true`,
 //! changing nothing. A concurrent replay waits on the first one's unique-key insert.
-//! Both carry `txid`, the applying transaction's 32-bit xid: what Electric's change messages list
-//! in `headers.txids` and what TanStack DB's `awaitTxId` waits for. It is stored with the result,
-//! so a replay answers with the xid of the transaction that really applied the writes.
+//! Both carry `txid`, the applying transaction's full 64-bit xid (`pg_current_xact_id()`): what
+//! `/v1/shape`'s change messages list in `headers.txids` and what TanStack DB's `awaitTxId` waits
+//! for. It is stored with the result, so a replay answers with the xid of the transaction that
+//! really applied the writes.
 //! Transactions are keyed by (user, client_id, client_tx_id): `mutate_as` for user U sees only
 //! U's transactions (a tx id seen in a shared group replays nothing of another user's), and
 //! plain `mutate` has a namespace of its own (user_id '').
@@ -108,12 +109,16 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
         // Deltas this transaction made (each carries clientTxId); 0: none will come back.
         "changes": capture::written() - before,
     });
-    // txid: the 32-bit xid, as Electric reports it (pgoutput's Begin carries the 32-bit xid, and
-    // Electric tells application backends to return `pg_current_xact_id()::xid`), a JSON number.
+    // txid: the full 64-bit xid (epoch included), a JSON number, in the one txid space of the
+    // Electric-compatible surface (/v1/shape's `txids` and `snapshot-end`): xid8 values never
+    // wrap, so a snapshot seen before a 32-bit wraparound never calls a later write visible.
+    // Left out at or above 2^53, which a JS number cannot hold (no live counter gets there).
     let stored = model::run(
         "UPDATE pg_sync.client_transactions
-            SET result = ($1->'r') OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('txid',
-                pg_catalog.pg_current_xact_id()::pg_catalog.xid::pg_catalog.text::pg_catalog.int8)
+            SET result = ($1->'r') OPERATOR(pg_catalog.||) (SELECT CASE
+                WHEN x OPERATOR(pg_catalog.<) 9007199254740992
+                THEN pg_catalog.jsonb_build_object('txid', x) ELSE '{}' END
+                FROM (SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8) t(x))
           WHERE user_id = $1->>'u' AND client_id = $1->>'c'
             AND client_tx_id = ($1->>'t')::pg_catalog.uuid
          RETURNING result",

@@ -1879,12 +1879,12 @@ async fn mutate_applies_once_within_the_users_groups() {
         .as_str()
         .unwrap()
         .starts_with("op 0: "));
-    // txid: the applying transaction's 32-bit xid, what Electric's change messages carry in
-    // `headers.txids` (TanStack DB's awaitTxId waits for it); the log row's xid8 mod 2^32.
+    // txid: the applying transaction's full xid8, what /v1/shape's change messages carry in
+    // `headers.txids` (TanStack DB's awaitTxId waits for it); the log row's xid.
     let txid_of = |db: &mut pg_sync_tests::postgres::Client, client_tx: &str| -> Vec<i64> {
         tokio::task::block_in_place(|| {
             db.query(
-                "SELECT DISTINCT xid::xid::text::bigint FROM pg_sync.sync_actions
+                "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions
                   WHERE client_id = 'laptop' AND client_tx_id = $1::text::uuid",
                 &[&client_tx],
             )

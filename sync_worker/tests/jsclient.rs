@@ -27,6 +27,8 @@ async fn tanstack_collections_and_offline_transactions_in_node() {
 
     let cluster = tokio::task::block_in_place(|| Cluster::start("jsclient", &[]));
     tokio::task::block_in_place(|| {
+        // xid epoch 2: every txid the suite waits for is a full xid8 above 2^32.
+        cluster.set_xid_epoch(2);
         cluster
             .create_db("app")
             .batch_execute(
@@ -48,6 +50,7 @@ async fn tanstack_collections_and_offline_transactions_in_node() {
                 // keep the event loop alive for a minute.
                 "--test-force-exit",
                 "test/unit.test.mjs",
+                "test/snapshot_end.test.mjs",
                 "test/collection.test.mjs",
                 "test/offline.test.mjs",
             ])

@@ -24,8 +24,16 @@ async fn db(cluster: &Cluster, name: &str) -> tokio_postgres::Client {
 /// A cluster with `todos` (grouped by `project`) and `notes` (global); alice in p1 and p2,
 /// bob in p2.
 async fn app_cluster(name: &str) -> (Cluster, tokio_postgres::Client) {
+    app_cluster_at_epoch(name, 0).await
+}
+
+/// `app_cluster` on a cluster whose xid epoch is `epoch` (`pg_resetwal -e` before any database).
+async fn app_cluster_at_epoch(name: &str, epoch: u32) -> (Cluster, tokio_postgres::Client) {
     let cluster = tokio::task::block_in_place(|| Cluster::start(name, &[]));
     tokio::task::block_in_place(|| {
+        if epoch > 0 {
+            cluster.set_xid_epoch(epoch);
+        }
         cluster.create_db("app");
     });
     let c = db(&cluster, "app").await;
@@ -1801,7 +1809,8 @@ async fn a_lagged_shape_long_poll_answers_401_when_its_key_moves_to_another_user
 }
 
 /// A snapshot ends with Electric's `snapshot-end` before its up-to-date: the visibility of the
-/// snapshot its rows were read under, in the 32-bit txid space of the log's `txids`. A write
+/// snapshot its rows were read under, in the txid space of the log's `txids` (full xid8 values;
+/// the same as 32-bit ones in epoch 0, which this cluster is in). A write
 /// committed before the snapshot is visible (its rows are in the snapshot, its change never
 /// comes after W); one in progress is not (its change comes later, in the log), nor is a later
 /// one.
@@ -1810,7 +1819,7 @@ async fn shape_snapshot_ends_with_its_visibility() {
     let (cluster, c) = app_cluster("shape_snapshot_end").await;
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let xid = |row: tokio_postgres::Row| -> i64 { row.get::<_, i64>(0) & 0xffff_ffff };
+    let xid = |row: tokio_postgres::Row| -> i64 { row.get::<_, i64>(0) };
     let committed = xid(c
         .query_one(
             "WITH w AS (INSERT INTO todos VALUES (10, 'before', 'p1'))
@@ -1867,4 +1876,188 @@ async fn shape_snapshot_ends_with_its_visibility() {
     assert!(now
         .iter()
         .all(|m| m["headers"]["control"] != "snapshot-end"));
+}
+
+/// The snapshot's `snapshot-end` (xmin, xmax, xip_list) of a `/v1/shape` answer, or None.
+fn snapshot_end_of(msgs: &[Value]) -> Option<(i64, i64, Vec<i64>)> {
+    let end = msgs
+        .iter()
+        .find(|m| m["headers"]["control"] == "snapshot-end")?;
+    let num = |v: &Value| -> i64 { v.as_str().expect("a decimal string").parse().unwrap() };
+    let h = &end["headers"];
+    let xip = h["xip_list"].as_array().unwrap().iter().map(num).collect();
+    Some((num(&h["xmin"]), num(&h["xmax"]), xip))
+}
+
+/// Electric's isVisibleInSnapshot (@electric-sql/client): plain number comparisons.
+fn visible(t: i64, (xmin, xmax, xip): &(i64, i64, Vec<i64>)) -> bool {
+    t < *xmin || (t < *xmax && !xip.contains(&t))
+}
+
+/// alice's `/sync/mutate` of one todo insert; returns its answer's `txid`.
+async fn mutate_todo(port: u16, id: i64, tx: &str) -> i64 {
+    let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": tx,
+        "ops": [{"model": "todos", "action": "I", "id": id, "data": {"title": "m", "project": "p1"}}]}]});
+    let (status, text) = http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let res: Value = serde_json::from_str(&text).unwrap();
+    res["results"][0]["txid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("a numeric txid: {text}"))
+}
+
+/// On a cluster in xid epoch 2, `/sync/mutate`'s `txid`, a change's `txids` and `snapshot-end`
+/// are all full xid8 values (above 2^32) and agree: a write committed before the snapshot is
+/// visible in it by Electric's rule, one after it is not, and the later write's change names
+/// the txid its mutate answered. (With 32-bit values a snapshot taken late in one epoch calls
+/// every write of the next visible: rev12d's wraparound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_txids_and_snapshot_end_are_full_xid8_values() {
+    let (cluster, c) = app_cluster_at_epoch("shape_epoch", 2).await;
+    // The worker runs as a role with only the grants docs/extension.md lists (no superuser):
+    // what snapshot-end reads (pg_control_system, pg_walfile_name, pg_sync.lineage) is open to it.
+    c.batch_execute(
+        "CREATE ROLE shaper LOGIN REPLICATION;
+         GRANT pgsync_owner TO shaper;
+         GRANT CREATE ON DATABASE app TO shaper;
+         GRANT SELECT ON todos TO shaper; -- the snapshot reads the table as the worker
+         GRANT EXECUTE ON FUNCTION pg_sync.mutate_as(text, text, uuid, jsonb), pg_sync.apply_remote(jsonb),
+               pg_sync.changes(bigint, text[], integer),
+               pg_sync.changes(bigint, text[], integer, text), pg_sync.last_sync_id(), pg_sync.retention_horizon(),
+               pg_sync.compact(bigint), pg_sync.compact_older_than(interval), pg_sync.compact_to_size(bigint),
+               pg_sync.user_groups(text), pg_sync.member_joins(text, bigint, bigint), pg_sync.status(),
+               pg_sync.hlc_now() TO shaper;",
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=shaper dbname=app",
+        cluster.port
+    );
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let epoch2 = 2i64 << 32;
+    let before = mutate_todo(port, 30, "00000000-0000-4000-8000-000000000030").await;
+    let stored: i64 = c
+        .query_one(
+            "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions
+              WHERE client_tx_id = '00000000-0000-4000-8000-000000000030'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, stored, "mutate's txid is the log's xid8");
+    assert!(before > epoch2, "{before} carries the epoch");
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    let end = snapshot_end_of(&msgs).unwrap_or_else(|| panic!("no snapshot-end: {msgs:?}"));
+    assert!(end.0 > epoch2 && end.1 > epoch2, "{end:?}");
+    assert!(visible(before, &end), "{before} in {end:?}");
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let offset = r.header("electric-offset").unwrap().to_owned();
+    let after = mutate_todo(port, 31, "00000000-0000-4000-8000-000000000031").await;
+    assert!(after > before, "{after} > {before}");
+    assert!(!visible(after, &end), "{after} in {end:?}");
+    let r = next_changes(port, "todos", "alice", &handle, &offset).await;
+    let msgs = body(&r);
+    let ch = changes(&msgs);
+    assert_eq!(ch.len(), 1, "{msgs:?}");
+    assert_eq!(ch[0]["value"]["id"], "31");
+    assert_eq!(ch[0]["headers"]["txids"], serde_json::json!([after]));
+    // A replay answers the stored txid, the same full value.
+    let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000031",
+        "ops": [{"model": "todos", "action": "I", "id": 31, "data": {"title": "m", "project": "p1"}}]}]});
+    let (_, text) = http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
+    let res: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(res["results"][0]["status"], "duplicate", "{text}");
+    assert_eq!(res["results"][0]["txid"], after, "{text}");
+}
+
+/// The lineage rule, through a real failover: a worker on the primary records the lineage (its
+/// snapshot carries `snapshot-end`); a standby is promoted (new timeline); a worker on it sees the
+/// recorded lineage differ and sends snapshots without `snapshot-end` for
+/// `SYNC_SHAPE_LINEAGE_GRACE_SECS`, with it after. (A write the old primary acknowledged may
+/// be missing on an asynchronous standby, whose counter then hands its xid out again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_snapshot_end_is_withheld_after_a_failover_for_the_grace() {
+    let (primary, c) = app_cluster("shape_lineage_primary").await;
+    let worker = Worker::started(&primary, "app").await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(snapshot_end_of(&body(&r)).is_some(), "first lineage: sent");
+    let recorded: i64 = c
+        .query_one("SELECT timeline FROM pg_sync.lineage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(worker);
+    drop(c);
+    let standby = tokio::task::block_in_place(|| {
+        let s = Cluster::standby_of(&primary, "shape_lineage_standby", &[]);
+        s.pg_ctl(&["promote", "-w", "-t", "60"]);
+        s
+    });
+    drop(primary);
+    let grace = 4;
+    let worker = Worker::started_with(
+        &standby,
+        "app",
+        &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", &grace.to_string())],
+    )
+    .await;
+    // The first snapshot is the one that sees the change: always within the grace.
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    assert!(is_up_to_date(&msgs));
+    assert!(
+        snapshot_end_of(&msgs).is_none(),
+        "sent within the grace after a failover: {msgs:?}"
+    );
+    let c = db(&standby, "app").await;
+    let (timeline, changed): (i64, bool) = {
+        let row = c
+            .query_one(
+                "SELECT timeline, changed_at IS NOT NULL FROM pg_sync.lineage",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        timeline > recorded && changed,
+        "{timeline} {recorded} {changed}"
+    );
+    tokio::time::sleep(Duration::from_secs(grace) + Duration::from_millis(500)).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(
+        snapshot_end_of(&body(&r)).is_some(),
+        "sent after the grace: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+/// A failing visibility read does not fail the snapshot (it runs under a savepoint in the
+/// snapshot's transaction): the rows come, without `snapshot-end`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_snapshot_survives_a_failing_visibility_read() {
+    let (cluster, _c) = app_cluster("shape_visibility_fails").await;
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("SYNC_FAILPOINTS", "shape_visibility_fails")],
+    )
+    .await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    assert!(is_up_to_date(&msgs), "{msgs:?}");
+    assert_eq!(changes(&msgs).len(), 2, "{msgs:?}");
+    assert!(snapshot_end_of(&msgs).is_none(), "{msgs:?}");
+    // The failpoint fires once: the next snapshot has it.
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(snapshot_end_of(&body(&r)).is_some());
 }

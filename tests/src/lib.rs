@@ -201,6 +201,19 @@ impl Cluster {
         self.run(self.bindir.join("pg_ctl"), &all);
     }
 
+    /// Stops the cluster, sets its next xid's epoch (`pg_resetwal -e`), and starts it again:
+    /// xid8 values (`pg_current_xact_id()`) are then above `epoch` * 2^32.
+    pub fn set_xid_epoch(&self, epoch: u32) {
+        self.pg_ctl(&["stop", "-w", "-m", "fast", "-t", "60"]);
+        let data = self.data();
+        let epoch = epoch.to_string();
+        self.run(
+            self.bindir.join("pg_resetwal"),
+            &["-e", &epoch, "-D", path(&data)],
+        );
+        self.pg_ctl(&["start", "-w", "-t", "60"]);
+    }
+
     pub fn restart(&self) {
         self.pg_ctl(&["restart", "-w", "-m", "fast", "-t", "60"]);
     }

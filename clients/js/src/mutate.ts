@@ -35,8 +35,9 @@ export interface PgSyncTxResult {
   /** How many change messages the transaction made (0: none will come back). */
   changes?: number
   /**
-   * The applying transaction's 32-bit xid, also on a duplicate: what `/v1/shape` change
-   * messages carry in `headers.txids` (TanStack DB's `awaitTxId`).
+   * The applying transaction's full 64-bit xid (epoch included; absent at or above 2^53), also
+   * on a duplicate: what `/v1/shape` change messages carry in `headers.txids` and its
+   * `snapshot-end` compares (TanStack DB's `awaitTxId`).
    */
   txid?: number
   ops?: Array<{ model: string; id: string; action: string; status: string }>

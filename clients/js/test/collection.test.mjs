@@ -113,6 +113,8 @@ test(`a write committed before the snapshot is confirmed by the snapshot (snapsh
     { model: `todos`, action: `I`, data: { id: 4, title: `before the snapshot`, project: `p1` } },
   ])
   assert.equal(result.status, `applied`)
+  // The suite's cluster is in xid epoch 2: a full xid8 (a 32-bit txid would be below 2^32).
+  assert.ok(result.txid > 2 ** 33, `txid ${result.txid}`)
   const c = todos(`todos-after-write`)
   await c.preload()
   assert.equal(c.get(4)?.title, `before the snapshot`)

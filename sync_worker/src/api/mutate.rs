@@ -121,15 +121,19 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
             Ok(row) => {
                 let text: String = row.get(0);
                 let first: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                json!({
+                let mut answer = json!({
                     "clientTxId": tx.client_tx_id,
                     "status": if first["duplicate"] == true { "duplicate" } else { "applied" },
                     "ops": first["ops"],
                     "changes": first["changes"],
-                    // The applying transaction's 32-bit xid (also on a duplicate): the
-                    // `txids` entry of its change messages on /v1/shape (awaitTxId).
-                    "txid": first["txid"],
-                })
+                });
+                // The applying transaction's full xid8 (also on a duplicate): the `txids`
+                // entry of its change messages on /v1/shape (awaitTxId). Absent when the
+                // stored result has none (at or above 2^53).
+                if first["txid"].is_number() {
+                    answer["txid"] = first["txid"].clone();
+                }
+                answer
             }
             Err(e) => match e.as_db_error() {
                 Some(db_err) => {

@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
+mod lineage;
+
 /// Values are what `col::text` gives under these settings (Electric's wire form). Snapshot
 /// and log reads both use them, so one value has one text in both. lc_monetary is C because
 /// the log holds money as captured, canonically (`$12.50`): the log read parses it back, which
@@ -66,6 +68,8 @@ pub struct Shared {
     next: AtomicUsize,
     /// Snapshots being read chunk by chunk, by the handle they were issued with.
     snapshots: std::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// The database's lineage, checked before a snapshot carries `snapshot-end`.
+    lineage: lineage::Lineage,
 }
 
 /// One chunked snapshot: its chunks, produced ahead by the task that reads the snapshot.
@@ -94,6 +98,7 @@ impl Default for Shared {
             slots: (0..2).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             snapshots: Default::default(),
+            lineage: Default::default(),
         }
     }
 }
@@ -953,7 +958,7 @@ async fn read_log(
         }
     }
     let sql = format!(
-        "SELECT c.sync_id, c.action, (a.xid::text::bigint & 4294967295), {items}
+        "SELECT c.sync_id, c.action, {txid}, {items}
            FROM pg_sync.changes($1, $2, $3) c
            -- The action's transaction: the one holding its sync id (the log has no index on id).
            CROSS JOIN LATERAL (SELECT o.xid FROM pg_sync.commit_order o
@@ -964,6 +969,7 @@ async fn read_log(
           ORDER BY c.sync_id",
         items = items.join(", "),
         rel = m.rel,
+        txid = TXID_SQL,
     );
     let stmt = db.prepare(&sql).await.map_err(|e| e.to_string())?;
     let relation = m.relation();
@@ -990,7 +996,7 @@ async fn read_log(
         for row in &rows {
             let sync_id: i64 = row.get(0);
             let action: &str = row.get(1);
-            let xid: i64 = row.get(2);
+            let txids: Vec<i64> = row.get::<_, Option<i64>>(2).into_iter().collect();
             let mut value = serde_json::Map::new();
             let mut pk: Vec<&str> = vec![""; m.pk.len()];
             let mut non_key = 0;
@@ -1021,7 +1027,7 @@ async fn read_log(
             messages.push(
                 json!({
                     "headers": {"operation": operation, "relation": relation,
-                                "lsn": sync_id.to_string(), "op_position": 0, "txids": [xid]},
+                                "lsn": sync_id.to_string(), "op_position": 0, "txids": txids},
                     "key": m.key(&pk),
                     "value": value,
                 })
@@ -1055,6 +1061,13 @@ fn held(app: &App) -> Result<(), String> {
         None => Err("the watermark is held (published ids are being assigned again); retry".into()),
     }
 }
+
+/// A change's txid: its transaction's full xid8 (epoch included), as `/sync/mutate`'s `txid` and
+/// `snapshot-end`, so one never wraps against another. NULL (left out of `txids`) at or above
+/// 2^53, which a JS number cannot hold: xids that pg_sync remapped after a restore (2^62 and up,
+/// docs/extension.md); no client waits for those.
+const TXID_SQL: &str = "CASE WHEN a.xid::text::bigint < 9007199254740992 \
+     THEN a.xid::text::bigint END";
 
 fn sql_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -1351,7 +1364,7 @@ fn stream_snapshot(
             .collect();
         let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
         buf.push(b'[');
-        let visibility = snapshot_end(&snap).await;
+        let visibility = snapshot_end(&app, &snap).await;
         let rows = match snap.query_raw(&sql, [&shape.groups]).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -1430,31 +1443,66 @@ fn stream_snapshot(
 }
 
 /// Electric's `snapshot-end` control message for the snapshot `snap` reads (its xmin, xmax and
-/// in-progress xids), in the 32-bit txid space of `/sync/mutate`'s `txid` and the log's `txids`.
-/// A write committed before the snapshot comes with its rows and never again in the log after
-/// W, so a client waiting for its txid (TanStack DB's `awaitTxId`, the offline outbox after a
-/// reload) learns here that it has it; without this it waited out its whole timeout.
-/// `None` when the snapshot spans a 32-bit wraparound (bare txids do not compare across it) or
-/// the query fails: the client then waits for the txid as before.
-async fn snapshot_end(snap: &Client) -> Option<String> {
-    let row = snap
-        .query_one(
-            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
-                    ARRAY(SELECT pg_snapshot_xip(s)::text::bigint)
-               FROM pg_current_snapshot() s",
-            &[],
-        )
+/// in-progress xids): full xid8 values, the txid space of `/sync/mutate`'s `txid` and the log's
+/// `txids`. A write committed before the snapshot comes with its rows and never again in the log
+/// after W, so a client waiting for its txid (TanStack DB's `awaitTxId`, the offline outbox after
+/// a reload) learns here that it has it; without this it waited out its whole timeout.
+/// `None` (the client then waits for the txid as before) when:
+/// - the snapshot's xmax is at or above 2^53 (a JS number cannot hold it);
+/// - the database's lineage is unknown or changed within the grace (`lineage`): after a failover
+///   or a restore, xids may be handed out again;
+/// - the read fails: it runs under a savepoint, so the snapshot goes on without it.
+async fn snapshot_end(app: &App, snap: &Client) -> Option<String> {
+    // (Tests: the read fails, as it would for a role refused one of its functions.)
+    let fail = if crate::failpoint::fire("shape_visibility_fails") {
+        "1 / 0"
+    } else {
+        "1"
+    };
+    let sql = format!(
+        "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+                ARRAY(SELECT pg_snapshot_xip(s)::text::bigint), {}
+           FROM pg_current_snapshot() s WHERE {fail} = 1",
+        lineage::LIVE_SQL
+    );
+    let read = async {
+        snap.batch_execute("SAVEPOINT visibility").await?;
+        let row = snap.query_one(&sql, &[]).await;
+        let end = if row.is_ok() {
+            "RELEASE SAVEPOINT visibility"
+        } else {
+            "ROLLBACK TO SAVEPOINT visibility"
+        };
+        snap.batch_execute(end).await?;
+        row
+    };
+    let row = read
         .await
         .map_err(|e| tracing::warn!(error = %e, "shape snapshot visibility query failed"))
         .ok()?;
     let (xmin, xmax, xip): (i64, i64, Vec<i64>) = (row.get(0), row.get(1), row.get(2));
-    if xmin >> 32 != xmax >> 32 {
+    if xmax >= 1 << 53 {
         return None;
     }
-    let low = |x: i64| (x & 0xffff_ffff).to_string();
+    let live: lineage::Id = (row.get(3), row.get(4));
+    let settled = match app.shape.lineage.cached(live) {
+        Some(answer) => answer,
+        None => {
+            let db = conn(app)
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "cannot check the database lineage"))
+                .ok()?;
+            let grace = Duration::from_secs(app.cfg.shape_lineage_grace_secs);
+            app.shape.lineage.settled(&db, live, grace).await
+        }
+    };
+    if !settled {
+        return None;
+    }
+    let text = |x: i64| x.to_string();
     Some(
-        json!({"headers": {"control": "snapshot-end", "xmin": low(xmin), "xmax": low(xmax),
-                            "xip_list": xip.into_iter().map(low).collect::<Vec<_>>()}})
+        json!({"headers": {"control": "snapshot-end", "xmin": text(xmin), "xmax": text(xmax),
+                            "xip_list": xip.into_iter().map(text).collect::<Vec<_>>()}})
         .to_string(),
     )
 }

@@ -20,11 +20,11 @@ SELECT model, action, client_id, client_tx_id FROM pg_sync.sync_actions
 SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000001', '[
   {"model": "tasks", "action": "U", "id": "11111111-1111-1111-1111-111111111111", "data": {"title": "changed by replay"}}
 ]') ->> 'status' AS replay;
--- txid: the applying transaction's 32-bit xid (what Electric's change messages list in
+-- txid: the applying transaction's full xid8 (what /v1/shape's change messages list in
 -- headers.txids), stored with the result, so a replay names the transaction that applied it.
 SELECT pg_sync.mutate('client-1', '00000000-0000-0000-0000-000000000001', '[
   {"model": "tasks", "action": "D", "id": "11111111-1111-1111-1111-111111111111"}]') -> 'txid'
-  = ALL (SELECT pg_catalog.to_jsonb(xid::xid::text::bigint) FROM pg_sync.sync_actions
+  = ALL (SELECT pg_catalog.to_jsonb(xid::text::bigint) FROM pg_sync.sync_actions
           WHERE client_id = 'client-1' AND client_tx_id = '00000000-0000-0000-0000-000000000001')
   AS replay_names_the_applying_xid;
 SELECT jsonb_typeof(pg_sync.mutate('client-4', gen_random_uuid(), '[
