@@ -328,10 +328,7 @@ async fn cpu_snap(db: &tokio_postgres::Client, worker: u32, own_pg: &[i32]) -> C
         "pgbench",
         pgbench_pids().into_iter().map(cpu_seconds).sum::<f64>(),
     );
-    fixed.insert(
-        "loadgen",
-        stat_cpu("/proc/self/stat").map_or(0.0, |c| c.0),
-    );
+    fixed.insert("loadgen", stat_cpu("/proc/self/stat").map_or(0.0, |c| c.0));
     let tid = ATTACKER_TID.load(Ordering::Relaxed);
     fixed.insert(
         "loadgen_attackers",
@@ -355,15 +352,17 @@ fn cpu_between(a: &CpuSnap, b: &CpuSnap) -> serde_json::Value {
         let before = a.pg.get(pid).map_or(0.0, |p| p.1);
         *cores.entry(category).or_default() += cpu - before;
     }
-    let gone: f64 = a
-        .pg
-        .iter()
-        .filter(|(pid, _)| !b.pg.contains_key(pid))
-        .map(|(_, p)| p.1)
-        .sum();
+    let gone: f64 =
+        a.pg.iter()
+            .filter(|(pid, _)| !b.pg.contains_key(pid))
+            .map(|(_, p)| p.1)
+            .sum();
     cores.insert("pg_exited", (b.exited - a.exited - gone).max(0.0));
     for (category, cpu) in &b.fixed {
-        cores.insert(category, cpu - a.fixed.get(category).copied().unwrap_or(0.0));
+        cores.insert(
+            category,
+            cpu - a.fixed.get(category).copied().unwrap_or(0.0),
+        );
     }
     let mut out = serde_json::Map::new();
     for (category, cpu) in cores {
@@ -373,7 +372,11 @@ fn cpu_between(a: &CpuSnap, b: &CpuSnap) -> serde_json::Value {
     let cores_n = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     out.insert(
         "machine_busy".into(),
-        serde_json::json!(if total > 0.0 { busy / total * cores_n } else { 0.0 }),
+        serde_json::json!(if total > 0.0 {
+            busy / total * cores_n
+        } else {
+            0.0
+        }),
     );
     serde_json::Value::Object(out)
 }
