@@ -44,25 +44,36 @@ struct Stats {
     revoked_closes: AtomicU64,
     stalled_cutoffs: AtomicU64,
     other_ends: AtomicU64,
+    /// Handshakes of the `revoked` kind refused before the upgrade: HTTP status -> count.
+    revoked_refused: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn connect(port: u16, bearer: &str, rcvbuf: Option<u32>) -> Option<Ws> {
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    connect_status(port, bearer, rcvbuf).await.ok()
+}
+
+/// A WebSocket, or the HTTP status the handshake was refused with (None: no answer).
+async fn connect_status(port: u16, bearer: &str, rcvbuf: Option<u32>) -> Result<Ws, Option<u16>> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|_| None)?;
     if let Some(n) = rcvbuf {
-        socket.set_recv_buffer_size(n).ok()?;
+        socket.set_recv_buffer_size(n).map_err(|_| None)?;
     }
-    let stream = socket.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .map_err(|_| None)?;
     let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
         .into_client_request()
         .unwrap();
     req.headers_mut()
         .insert("Authorization", format!("Bearer {bearer}").parse().unwrap());
-    tokio_tungstenite::client_async(req, stream)
-        .await
-        .ok()
-        .map(|(ws, _)| ws)
+    match tokio_tungstenite::client_async(req, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(Some(r.status().as_u16())),
+        Err(_) => Err(None),
+    }
 }
 
 async fn subscriber(
@@ -170,9 +181,19 @@ async fn revoked(port: u16, user: String, db: Arc<tokio_postgres::Client>, stats
             continue;
         };
         let (id, key): (String, String) = (row.get(0), row.get(1));
-        let Some(mut ws) = connect(port, &key, None).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let mut ws = match connect_status(port, &key, None).await {
+            Ok(ws) => ws,
+            Err(status) => {
+                // (The key is left unrevoked: it was never used.)
+                *stats
+                    .revoked_refused
+                    .lock()
+                    .unwrap()
+                    .entry(status.unwrap_or(0))
+                    .or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         // From 0 (the attack as designed), or, for attributing its cost only, from the log's
         // end (HOSTILE_REVOKED_FROM=last: the revocation without the replay).
@@ -425,6 +446,7 @@ async fn main() {
         revoked_closes: AtomicU64::new(0),
         stalled_cutoffs: AtomicU64::new(0),
         other_ends: AtomicU64::new(0),
+        revoked_refused: Default::default(),
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel(subscribers);
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
@@ -515,6 +537,7 @@ async fn main() {
                     "revoked_closes": stats.revoked_closes.load(Ordering::Relaxed),
                     "stalled_cutoffs": stats.stalled_cutoffs.load(Ordering::Relaxed),
                     "other_ends": stats.other_ends.load(Ordering::Relaxed),
+                    "revoked_refused": format!("{:?}", stats.revoked_refused.lock().unwrap()),
                 })
             );
         }
