@@ -34,6 +34,9 @@ rate=${HOSTILE_RATE:-500}
 secs=${HOSTILE_SECONDS:-20}
 rounds=${HOSTILE_ROUNDS:-3}
 kinds=${HOSTILE_KINDS:-frames,revoked,stalled}
+for k in ${kinds//,/ }; do
+  case $k in frames | revoked | stalled) ;; *) echo "HOSTILE_KINDS: unknown kind $k" >&2; exit 2 ;; esac
+done
 [ -n "${BENCH_WORKER:-}" ] && [ -x "$here/target/release/hostile_load" ] || cargo build --release -q -p sync_worker -p pg_sync_bench
 worker=${BENCH_WORKER:-$here/target/release/sync_worker}
 load="$here/target/release/hostile_load"
