@@ -2,17 +2,24 @@
 //! commit-to-receive latency while, in alternate phases, 100 hostile connections run beside them:
 //! a third flood bad frames (text and binary, closed 4400, reconnect), a third use API keys that
 //! are revoked under them (closed 4401, a new key, again), a third subscribe from 0 and stop
-//! reading (cut off 4008 after 30 s, reconnect). Worker CPU is read from /proc per phase.
+//! reading (cut off 4008 after 30 s, reconnect). Per phase, CPU is read from /proc for every
+//! process that could be the cost: the worker, each kind of Postgres process (the worker's
+//! walsender and pooled backends, pgbench's, this generator's, background and exited ones),
+//! pgbench, this generator and its attacker thread, and the machine as a whole.
 //!
-//! Usage: hostile_load PORT SECRET SUBSCRIBERS SECONDS ROUNDS WORKER_PID DATABASE_URL
+//! Usage: hostile_load PORT SECRET SUBSCRIBERS SECONDS ROUNDS WORKER_PID DATABASE_URL [KINDS]
 //! (user uI is normal subscriber I, users hI the hostile ones; memberships are set up by the
-//! caller). Prints `READY` once every normal subscriber is caught up, waits for a line on stdin,
-//! then runs ROUNDS rounds of a quiet phase and a hostile phase of SECONDS each, and prints one
-//! JSON line per phase.
+//! caller). KINDS is a comma list of `frames`, `revoked`, `stalled` (default all three): hostile
+//! connection I runs kind I % 3 and is left out if that kind is not listed, so one kind alone is
+//! its third of the 100. The worker's pooled connections are recognised by application_name
+//! `sync_worker`, pgbench's by `pgbench`. Prints `READY` once every normal subscriber is caught
+//! up, waits for a line on stdin, then runs ROUNDS rounds of a quiet phase and a hostile phase
+//! of SECONDS each, and prints one JSON line per phase.
 
 use futures::{SinkExt, StreamExt};
 use pg_sync_bench::{now_ms, token, ts_of, Histogram};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
@@ -21,6 +28,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 const HOSTILE: usize = 100;
 const IDLE: usize = usize::MAX;
+const KINDS: [&str; 3] = ["frames", "revoked", "stalled"];
+/// The attackers' runtime thread (its CPU is reported apart from the measuring subscribers').
+static ATTACKER_TID: AtomicI32 = AtomicI32::new(0);
 
 struct Stats {
     /// One histogram per phase.
@@ -34,25 +44,36 @@ struct Stats {
     revoked_closes: AtomicU64,
     stalled_cutoffs: AtomicU64,
     other_ends: AtomicU64,
+    /// Handshakes of the `revoked` kind refused before the upgrade: HTTP status -> count.
+    revoked_refused: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn connect(port: u16, bearer: &str, rcvbuf: Option<u32>) -> Option<Ws> {
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    connect_status(port, bearer, rcvbuf).await.ok()
+}
+
+/// A WebSocket, or the HTTP status the handshake was refused with (None: no answer).
+async fn connect_status(port: u16, bearer: &str, rcvbuf: Option<u32>) -> Result<Ws, Option<u16>> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|_| None)?;
     if let Some(n) = rcvbuf {
-        socket.set_recv_buffer_size(n).ok()?;
+        socket.set_recv_buffer_size(n).map_err(|_| None)?;
     }
-    let stream = socket.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .map_err(|_| None)?;
     let mut req = format!("ws://127.0.0.1:{port}/sync/ws")
         .into_client_request()
         .unwrap();
     req.headers_mut()
         .insert("Authorization", format!("Bearer {bearer}").parse().unwrap());
-    tokio_tungstenite::client_async(req, stream)
-        .await
-        .ok()
-        .map(|(ws, _)| ws)
+    match tokio_tungstenite::client_async(req, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(Some(r.status().as_u16())),
+        Err(_) => Err(None),
+    }
 }
 
 async fn subscriber(
@@ -160,12 +181,30 @@ async fn revoked(port: u16, user: String, db: Arc<tokio_postgres::Client>, stats
             continue;
         };
         let (id, key): (String, String) = (row.get(0), row.get(1));
-        let Some(mut ws) = connect(port, &key, None).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let mut ws = match connect_status(port, &key, None).await {
+            Ok(ws) => ws,
+            Err(status) => {
+                // (The key is left unrevoked: it was never used.)
+                *stats
+                    .revoked_refused
+                    .lock()
+                    .unwrap()
+                    .entry(status.unwrap_or(0))
+                    .or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let last = r#"{"type":"subscribe","after":0}"#;
-        let _ = ws.send(Message::Text(last.into())).await;
+        // From 0 (the attack as designed), or, for attributing its cost only, from the log's
+        // end (HOSTILE_REVOKED_FROM=last: the revocation without the replay).
+        let mut after = 0i64;
+        if std::env::var("HOSTILE_REVOKED_FROM").as_deref() == Ok("last") {
+            if let Ok(row) = db.query_one("SELECT pg_sync.last_sync_id()", &[]).await {
+                after = row.get(0);
+            }
+        }
+        let subscribe = format!(r#"{{"type":"subscribe","after":{after}}}"#);
+        let _ = ws.send(Message::Text(subscribe.into())).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let _ = db
             .execute("SELECT pg_sync.revoke_api_key($1::text::uuid)", &[&id])
@@ -199,14 +238,168 @@ async fn stalled(port: u16, jwt: String, stats: Arc<Stats>) {
     }
 }
 
-/// The worker's CPU time so far, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+/// utime + stime of a /proc stat file, and cutime + cstime (reaped children), in seconds.
+fn stat_cpu(path: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Some(((n(11) + n(12)) / 100.0, (n(13) + n(14)) / 100.0))
+}
+
+/// A process's CPU time so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |c| c.0)
+}
+
+/// Busy and total jiffies of the whole machine (/proc/stat; idle and iowait are not busy).
+fn machine_jiffies() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// The pgbench processes the caller (the bench script) started beside this one.
+fn pgbench_pids() -> Vec<u32> {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() }.to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let comm = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')'));
+        if let Some((comm, rest)) = comm {
+            if comm == "pgbench" && rest.split_whitespace().nth(1) == Some(parent.as_str()) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// CPU seconds so far, per process, with the category each one is reported under.
+struct CpuSnap {
+    /// pid -> (category, seconds) of every Postgres process of the cluster.
+    pg: HashMap<i32, (&'static str, f64)>,
+    /// The postmaster's reaped children (backends that exited).
+    exited: f64,
+    /// Fixed processes and threads: category -> seconds.
+    fixed: HashMap<&'static str, f64>,
+    machine: (f64, f64),
+    at: std::time::Instant,
+}
+
+async fn cpu_snap(db: &tokio_postgres::Client, worker: u32, own_pg: &[i32]) -> CpuSnap {
+    let rows = db
+        .query(
+            "SELECT pid, coalesce(backend_type, ''), coalesce(application_name, '')
+               FROM pg_stat_activity",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    let mut pg = HashMap::new();
+    let mut postmaster = 0;
+    for r in rows {
+        let (pid, kind, app): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
+        let category = if kind == "walsender" {
+            "pg_walsender"
+        } else if app == "sync_worker" {
+            "pg_worker_backends"
+        } else if app.starts_with("pgbench") {
+            "pg_pgbench_backends"
+        } else if own_pg.contains(&pid) || app == "hostile_load" {
+            "pg_loadgen_backends"
+        } else {
+            "pg_other"
+        };
+        let path = format!("/proc/{pid}/stat");
+        if let Some((cpu, _)) = stat_cpu(&path) {
+            pg.insert(pid, (category, cpu));
+        }
+        if postmaster == 0 {
+            let stat = std::fs::read_to_string(&path).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            postmaster = after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    let postmaster_cpu = stat_cpu(&format!("/proc/{postmaster}/stat")).unwrap_or_default();
+    pg.insert(postmaster, ("pg_other", postmaster_cpu.0));
+    let mut fixed = HashMap::new();
+    fixed.insert("worker", cpu_seconds(worker));
+    fixed.insert(
+        "pgbench",
+        pgbench_pids().into_iter().map(cpu_seconds).sum::<f64>(),
+    );
+    fixed.insert("loadgen", stat_cpu("/proc/self/stat").map_or(0.0, |c| c.0));
+    let tid = ATTACKER_TID.load(Ordering::Relaxed);
+    fixed.insert(
+        "loadgen_attackers",
+        stat_cpu(&format!("/proc/self/task/{tid}/stat")).map_or(0.0, |c| c.0),
+    );
+    CpuSnap {
+        pg,
+        exited: postmaster_cpu.1,
+        fixed,
+        machine: machine_jiffies(),
+        at: std::time::Instant::now(),
+    }
+}
+
+/// Cores used per category between two snapshots. A Postgres process that exited in between
+/// counts under `pg_exited` (its whole life less what the first snapshot saw of it).
+fn cpu_between(a: &CpuSnap, b: &CpuSnap) -> serde_json::Value {
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    let mut cores: HashMap<&'static str, f64> = HashMap::new();
+    for (pid, (category, cpu)) in &b.pg {
+        let before = a.pg.get(pid).map_or(0.0, |p| p.1);
+        *cores.entry(category).or_default() += cpu - before;
+    }
+    let gone: f64 =
+        a.pg.iter()
+            .filter(|(pid, _)| !b.pg.contains_key(pid))
+            .map(|(_, p)| p.1)
+            .sum();
+    cores.insert("pg_exited", (b.exited - a.exited - gone).max(0.0));
+    for (category, cpu) in &b.fixed {
+        cores.insert(
+            category,
+            cpu - a.fixed.get(category).copied().unwrap_or(0.0),
+        );
+    }
+    let mut out = serde_json::Map::new();
+    for (category, cpu) in cores {
+        out.insert(category.into(), serde_json::json!(cpu / secs));
+    }
+    let (busy, total) = (b.machine.0 - a.machine.0, b.machine.1 - a.machine.1);
+    let cores_n = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    out.insert(
+        "machine_busy".into(),
+        serde_json::json!(if total > 0.0 {
+            busy / total * cores_n
+        } else {
+            0.0
+        }),
+    );
+    serde_json::Value::Object(out)
 }
 
 #[tokio::main]
@@ -218,11 +411,32 @@ async fn main() {
     let seconds: u64 = args[4].parse().unwrap();
     let rounds: usize = args[5].parse().unwrap();
     let worker: u32 = args[6].parse().unwrap();
-    let (db, conn) = tokio_postgres::connect(&args[7], tokio_postgres::NoTls)
+    let url = format!("{} application_name=hostile_load", args[7]);
+    let kinds: Vec<String> = args
+        .get(8)
+        .map_or("frames,revoked,stalled", |k| k.as_str())
+        .split(',')
+        .map(|k| k.trim().to_string())
+        .collect();
+    if let Some(k) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+        panic!("unknown hostile kind {k:?} (known: {KINDS:?})");
+    }
+    // The attackers' connection (API keys made and revoked) and the one reading
+    // pg_stat_activity for the CPU figures.
+    let (db, attack_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("database");
+    let db = Arc::new(db);
+    let (meter, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("database");
     tokio::spawn(conn);
-    let db = Arc::new(db);
+    let mut own_pg = Vec::new();
+    tokio::spawn(attack_conn);
+    for c in [&*db, &meter] {
+        let row = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+        own_pg.push(row.get::<_, i32>(0));
+    }
     let stats = Arc::new(Stats {
         phases: (0..rounds * 2).map(|_| Histogram::new()).collect(),
         phase: AtomicUsize::new(IDLE),
@@ -232,6 +446,7 @@ async fn main() {
         revoked_closes: AtomicU64::new(0),
         stalled_cutoffs: AtomicU64::new(0),
         other_ends: AtomicU64::new(0),
+        revoked_refused: Default::default(),
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel(subscribers);
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
@@ -257,14 +472,19 @@ async fn main() {
         .worker_threads(1)
         .enable_all()
         .on_thread_start(|| {
-            // SAFETY: setpriority on the calling thread (0 = this thread on Linux).
+            // SAFETY: setpriority on the calling thread (0 = this thread on Linux); gettid has
+            // no preconditions.
             unsafe {
                 libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                ATTACKER_TID.store(libc::gettid(), Ordering::Relaxed);
             }
         })
         .build()
         .unwrap();
     for i in 0..HOSTILE {
+        if !kinds.iter().any(|k| k == KINDS[i % 3]) {
+            continue;
+        }
         let (stats, user) = (stats.clone(), format!("h{i}"));
         match i % 3 {
             0 => attackers.spawn(bad_frames(port, token(&secret, &user), stats)),
@@ -285,12 +505,16 @@ async fn main() {
             // Let the phase settle (connections come up or go) before measuring it.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let cpu0 = cpu_seconds(worker);
+            let snap0 = cpu_snap(&meter, worker, &own_pg).await;
             let start = std::time::Instant::now();
             stats.phase.store(phase, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs(seconds)).await;
             stats.phase.store(IDLE, Ordering::Relaxed);
             let elapsed = start.elapsed().as_secs_f64();
             let cpu = (cpu_seconds(worker) - cpu0) / elapsed;
+            let cores = cpu_between(&snap0, &cpu_snap(&meter, worker, &own_pg).await);
+            let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+            let loadavg: Vec<&str> = loadavg.split_whitespace().take(3).collect();
             let h = &stats.phases[phase];
             let (deliveries, p50) = (h.count(), h.percentile(0.50));
             let p99 = h.percentile(0.99);
@@ -305,11 +529,15 @@ async fn main() {
                     "p99_ms": p99,
                     "p999_ms": p999,
                     "worker_cpu": cpu,
+                    "cores": cores,
+                    "loadavg": loadavg.join(" "),
+                    "kinds": kinds.join(","),
                     "normal_closed": stats.closed.load(Ordering::Relaxed),
                     "bad_frame_closes": stats.bad_frame_closes.load(Ordering::Relaxed),
                     "revoked_closes": stats.revoked_closes.load(Ordering::Relaxed),
                     "stalled_cutoffs": stats.stalled_cutoffs.load(Ordering::Relaxed),
                     "other_ends": stats.other_ends.load(Ordering::Relaxed),
+                    "revoked_refused": format!("{:?}", stats.revoked_refused.lock().unwrap()),
                 })
             );
         }
