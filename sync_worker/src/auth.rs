@@ -121,45 +121,65 @@ pub fn is_api_key_shaped(token: &str) -> bool {
 
 /// API keys the database said it does not know, remembered for a while so that repeating a
 /// bad key costs no query. Bounded: when full, expired entries go, then everything. Distinct
-/// bad keys are bounded too: every lookup takes a token from a bucket that only a key found
-/// gives back, so unknown keys cost at most UNKNOWN_LOOKUP_BURST queries at once and
-/// UNKNOWN_LOOKUP_RATE a second, however many a flood brings.
-#[derive(Default)]
+/// bad keys are bounded too: a lookup may start only while the budget has a token, and only a
+/// lookup that finds nothing spends one, so unknown keys cost at most UNKNOWN_LOOKUP_BURST
+/// (plus the lookups in flight) queries at once and UNKNOWN_LOOKUP_RATE a second however many
+/// a flood brings, while valid keys never use the budget up: many clients connecting at once
+/// (after a worker restart) all get in. Lookups in flight are capped by LOOKUPS_IN_FLIGHT.
 pub struct UnknownKeys {
     seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Lookup tokens left and when they were counted (`None`: a full bucket).
     budget: std::sync::Mutex<Option<(f64, std::time::Instant)>>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+impl Default for UnknownKeys {
+    fn default() -> Self {
+        UnknownKeys {
+            seen: Default::default(),
+            budget: Default::default(),
+            in_flight: tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT),
+        }
+    }
 }
 
 const UNKNOWN_KEYS_MAX: usize = 10_000;
 const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(60);
 const UNKNOWN_LOOKUP_BURST: f64 = 5.0;
 const UNKNOWN_LOOKUP_RATE: f64 = 1.0;
+const LOOKUPS_IN_FLIGHT: usize = 16;
 
 impl UnknownKeys {
-    /// Takes a lookup token; false when there is none left (the caller refuses without a
-    /// query, asking to retry later).
-    pub fn begin_lookup(&self) -> bool {
-        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
+    /// The budget's tokens now (refilled at UNKNOWN_LOOKUP_RATE up to the burst), under its lock.
+    fn tokens(budget: &mut Option<(f64, std::time::Instant)>, now: std::time::Instant) -> f64 {
         let (left, at) = budget.unwrap_or((UNKNOWN_LOOKUP_BURST, now));
-        let left = (left + now.duration_since(at).as_secs_f64() * UNKNOWN_LOOKUP_RATE)
-            .min(UNKNOWN_LOOKUP_BURST);
-        if left < 1.0 {
-            *budget = Some((left, now));
-            return false;
-        }
-        *budget = Some((left - 1.0, now));
-        true
+        (left + now.duration_since(at).as_secs_f64() * UNKNOWN_LOOKUP_RATE)
+            .min(UNKNOWN_LOOKUP_BURST)
     }
 
-    /// Gives back the token of a lookup that found its key (or could not run): only unknown
-    /// keys spend the budget.
-    pub fn refund_lookup(&self) {
-        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((left, _)) = budget.as_mut() {
-            *left = (*left + 1.0).min(UNKNOWN_LOOKUP_BURST);
+    /// A lookup may start: the budget has a token and one of the LOOKUPS_IN_FLIGHT slots is
+    /// free (waited for). `None`: the budget is spent (the caller refuses without a query,
+    /// asking to retry later). The slot is held until the returned permit drops.
+    pub async fn begin_lookup(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let has_token = || {
+            let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+            Self::tokens(&mut budget, std::time::Instant::now()) >= 1.0
+        };
+        if !has_token() {
+            return None;
         }
+        let permit = self.in_flight.acquire().await.ok()?;
+        // Checked again: unknown keys may have spent the budget while this one waited.
+        has_token().then_some(permit)
+    }
+
+    /// A lookup found nothing: it spends a token (never below zero, so a flood that ends
+    /// leaves a budget that refills within a second or so).
+    pub fn spend_lookup(&self) {
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let left = Self::tokens(&mut budget, now);
+        *budget = Some(((left - 1.0).max(0.0), now));
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -186,16 +206,29 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde::Serialize;
 
-    #[test]
-    fn unknown_key_lookups_are_bounded_and_found_keys_give_theirs_back() {
+    #[tokio::test]
+    async fn unknown_key_lookups_are_bounded_and_found_keys_spend_nothing() {
         let keys = UnknownKeys::default();
-        for _ in 0..UNKNOWN_LOOKUP_BURST as usize {
-            assert!(keys.begin_lookup());
+        // Found keys (no spend): any number, one after another or LOOKUPS_IN_FLIGHT at once.
+        let held: Vec<_> =
+            futures::future::join_all((0..LOOKUPS_IN_FLIGHT).map(|_| keys.begin_lookup())).await;
+        assert!(
+            held.iter().all(Option::is_some),
+            "valid keys connecting at once all look up"
+        );
+        drop(held);
+        for _ in 0..3 * UNKNOWN_LOOKUP_BURST as usize {
+            assert!(
+                keys.begin_lookup().await.is_some(),
+                "a found key spends nothing"
+            );
         }
-        assert!(!keys.begin_lookup(), "the burst is spent");
-        keys.refund_lookup();
-        assert!(keys.begin_lookup(), "a found key gave its token back");
-        assert!(!keys.begin_lookup());
+        // Unknown keys spend the burst, then lookups are refused until it refills.
+        for _ in 0..UNKNOWN_LOOKUP_BURST as usize {
+            assert!(keys.begin_lookup().await.is_some());
+            keys.spend_lookup();
+        }
+        assert!(keys.begin_lookup().await.is_none(), "the burst is spent");
     }
 
     #[derive(Serialize)]

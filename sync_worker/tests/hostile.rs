@@ -967,3 +967,42 @@ async fn a_revoked_sse_replay_sends_nothing_past_the_page_being_written() {
         ids.len()
     );
 }
+
+/// Valid API keys never use up the budget for unknown ones: many clients with fresh keys
+/// connecting at once (a worker restart, a deploy) all get in, none is told `429 busy`. The
+/// budget once took a token per lookup and gave it back only when the lookup returned, so a
+/// sixth concurrent valid key was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_valid_api_keys_connecting_at_once_all_get_in() {
+    let cluster = app_cluster("hostile_keys_at_once");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let keys: Vec<String> = (0..24)
+        .map(|i| api_key(&cluster, &format!("user{i}")).1)
+        .collect();
+    let outcomes = futures::future::join_all(keys.iter().map(|k| try_connect(port, k, None))).await;
+    let refused: Vec<u16> = outcomes
+        .iter()
+        .filter_map(|r| r.as_ref().err().copied())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {} valid API keys refused at once (HTTP statuses {refused:?})",
+        refused.len(),
+        keys.len()
+    );
+    // Unknown keys still spend the budget: past the burst, no query, 429.
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let bad = format!("pgs_{:064x}", 0xdead_0000u64 + i);
+        statuses.push(try_connect(port, &bad, None).await.err().unwrap_or(101));
+    }
+    assert!(
+        statuses.contains(&429),
+        "unknown keys past the burst get 429: {statuses:?}"
+    );
+    assert!(
+        !statuses.contains(&101),
+        "an unknown key got in: {statuses:?}"
+    );
+}
