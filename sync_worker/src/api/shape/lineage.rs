@@ -1,13 +1,14 @@
 //! Whether a `/v1/shape` snapshot may carry Electric's `snapshot-end` on this database's lineage
 //! (system identifier, timeline).
 //!
-//! A client compares a txid it waits for against every snapshot it has seen. After a failover to
-//! an asynchronous standby, or a restore into another cluster, the new server's xid counter is
-//! behind: it can hand out again an xid the old one acknowledged for a write it never got, and a
-//! snapshot of it would call that write visible (the offline outbox would drop it). So
+//! A client compares a txid it waits for against every snapshot and change it has seen. After a
+//! failover to an asynchronous standby, or a restore into another cluster, the new server's xid
+//! counter is behind: it can hand out again an xid the old one acknowledged for a write it never
+//! got, and a snapshot of it (or a change with that xid) would confirm that write. So
 //! `snapshot-end` goes out only once the lineage is known, and not within
 //! `SYNC_SHAPE_LINEAGE_GRACE_SECS` of a change of it: a client's wait for a txid then times out
-//! (TanStack DB's default `txidTimeout` is 10 s) and it retries the write, which is deduplicated.
+//! (TanStack DB's default `txidTimeout` is 10 s); the offline executor retries the write, which
+//! is deduplicated.
 //!
 //! The lineage last seen is recorded in `pg_sync.lineage` with the time it last changed. A
 //! promoted standby holds the old primary's row (replicated) and a restore the dumped one, so
