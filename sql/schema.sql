@@ -153,7 +153,8 @@ CREATE TABLE pg_sync.client_transactions (
 );
 
 -- The database's lineage (system identifier, timeline) as the worker last saw it, and when it
--- last saw it change. Written by the worker only. A promoted standby carries the old primary's
+-- last saw it change. Written by the worker (and by an operator who starts a grace by setting
+-- changed_at, docs/clients.md). A promoted standby carries the old primary's
 -- row (replicated) and a restore carries the dumped one, so either shows up as a change; the
 -- worker then leaves Electric's `snapshot-end` out of /v1/shape snapshots for a grace period
 -- (xids handed out before the change may be handed out again: docs/clients.md).

@@ -109,8 +109,9 @@ pub struct Config {
     #[arg(long, env = "SYNC_SHAPE_LONG_POLL_SECS", default_value_t = 20)]
     pub shape_long_poll_secs: u64,
     /// How long after the database's lineage (system identifier, timeline) changed, by a
-    /// failover or a restore, `/v1/shape` snapshots go without Electric's `snapshot-end`: xids
-    /// may be handed out again then. Keep it well above clients' txid timeouts (10 s).
+    /// failover or a restore, `/v1/shape` snapshots go without Electric's `snapshot-end` and
+    /// changes without `txids`: xids may be handed out again then. Keep it well above clients'
+    /// txid timeouts (10 s).
     #[arg(long, env = "SYNC_SHAPE_LINEAGE_GRACE_SECS", default_value_t = 120)]
     pub shape_lineage_grace_secs: u64,
     /// Origins allowed to call `/v1/shape` from a browser (comma-separated; `*`: any).

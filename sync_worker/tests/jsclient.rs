@@ -50,7 +50,6 @@ async fn tanstack_collections_and_offline_transactions_in_node() {
                 // keep the event loop alive for a minute.
                 "--test-force-exit",
                 "test/unit.test.mjs",
-                "test/snapshot_end.test.mjs",
                 "test/collection.test.mjs",
                 "test/offline.test.mjs",
             ])

@@ -2061,3 +2061,230 @@ async fn shape_snapshot_survives_a_failing_visibility_read() {
     let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
     assert!(snapshot_end_of(&body(&r)).is_some());
 }
+
+// ---- The lineage grace under races, lost writes and restores (review rev13a) ----
+
+/// Two concurrent first lineage checks after a lineage change (two snapshots starting together
+/// in one worker after a failover, e.g. a page loading several collections, or two workers).
+/// Before the fix, the one whose INSERT .. ON CONFLICT waited on the other's update found
+/// nothing to update and took the grace from its statement snapshot's row (the old lineage's
+/// changed_at, here NULL): no grace, `snapshot-end`, and if it finished last "settled" cached
+/// for the whole worker. The other session's lock only widens the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_lineage_checks_keep_the_grace() {
+    let (cluster, c) = app_cluster("lineage_race").await;
+    // The lineage a previous primary recorded (another timeline): what a promoted standby holds.
+    c.batch_execute(
+        "INSERT INTO pg_sync.lineage VALUES
+           (true, (SELECT system_identifier FROM pg_control_system()), 999, NULL)",
+    )
+    .await
+    .unwrap();
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", "600")]).await;
+    let port = worker.port;
+    let x = db(&cluster, "app").await;
+    x.batch_execute("BEGIN; SELECT * FROM pg_sync.lineage FOR UPDATE")
+        .await
+        .unwrap();
+    let a =
+        tokio::spawn(async move { get(port, "/v1/shape?table=todos&offset=-1", "alice").await });
+    let b = tokio::spawn(async move { get(port, "/v1/shape?table=notes&offset=-1", "bob").await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    x.batch_execute("COMMIT").await.unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let changed: bool = c
+        .query_one("SELECT changed_at IS NOT NULL FROM pg_sync.lineage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(changed, "the change was recorded");
+    for r in [&a, &b] {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            snapshot_end_of(&body(r)).is_none(),
+            "snapshot-end within the grace after a lineage change: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(
+        snapshot_end_of(&body(&r)).is_none(),
+        "a later snapshot within the grace: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+/// Runs transactions on `c` until one gets xid8 `target` (burning lower ones), and runs `then` in
+/// it. Panics when the counter is already past `target`.
+async fn in_transaction_with_xid(c: &tokio_postgres::Client, target: i64, then: &str) {
+    loop {
+        let tx = c.simple_query("BEGIN").await.unwrap();
+        drop(tx);
+        let xid: i64 = c
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if xid == target {
+            c.batch_execute(then).await.unwrap();
+            c.batch_execute("COMMIT").await.unwrap();
+            return;
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        assert!(xid < target, "the counter passed {target}: {xid}");
+    }
+}
+
+/// An acknowledged `/sync/mutate` on a primary whose standby (stopped: lagging) never gets it;
+/// returns (primary gone, the standby stopped, the lost write's txid).
+async fn lost_write_setup(name: &str) -> (Cluster, i64) {
+    let (primary, c) = app_cluster(name).await;
+    let worker = Worker::started(&primary, "app").await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(snapshot_end_of(&body(&r)).is_some(), "lineage recorded");
+    let standby = tokio::task::block_in_place(|| {
+        let s = Cluster::standby_of(&primary, &format!("{name}_standby"), &[]);
+        std::thread::sleep(Duration::from_secs(1));
+        s.pg_ctl(&["stop", "-w", "-m", "fast", "-t", "60"]);
+        s
+    });
+    // The primary runs ahead of the (stopped) standby, then acknowledges a write.
+    for _ in 0..200 {
+        c.batch_execute("SELECT pg_current_xact_id()")
+            .await
+            .unwrap();
+    }
+    let lost = mutate_todo(worker.port, 40, "00000000-0000-4000-8000-000000000040").await;
+    drop(worker);
+    drop(c);
+    drop(primary);
+    (standby, lost)
+}
+
+/// Within the grace, change messages name no xid (`txids: []`), as `snapshot-end` is withheld.
+/// A promoted asynchronous standby hands out again the xid of a write the old primary
+/// acknowledged and it never got; a change with that xid in `txids` would confirm the lost
+/// write (TanStack DB's awaitTxId checks `seenTxids` first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_txids_within_the_grace_do_not_confirm_a_lost_write() {
+    let (standby, lost) = lost_write_setup("lost_change").await;
+    tokio::task::block_in_place(|| {
+        standby.pg_ctl(&["start", "-w", "-t", "60"]);
+        standby.pg_ctl(&["promote", "-w", "-t", "60"]);
+    });
+    let worker = Worker::started(&standby, "app").await;
+    let c = db(&standby, "app").await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(snapshot_end_of(&body(&r)).is_none(), "within the grace");
+    let handle = r.header("electric-handle").unwrap().to_owned();
+    let offset = r.header("electric-offset").unwrap().to_owned();
+    let missing: i64 = c
+        .query_one("SELECT count(*) FROM todos WHERE id = 40", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        missing, 0,
+        "the acknowledged write is lost on the new primary"
+    );
+    // Another write on the new primary gets the lost write's xid.
+    in_transaction_with_xid(&c, lost, "INSERT INTO todos VALUES (41, 'other', 'p1')").await;
+    let r = next_changes(worker.port, "todos", "alice", &handle, &offset).await;
+    let msgs = body(&r);
+    let chs = changes(&msgs);
+    assert!(!chs.is_empty(), "the new write comes as a change: {msgs:?}");
+    for ch in chs {
+        assert_eq!(
+            ch["headers"]["txids"],
+            serde_json::json!([]),
+            "a change within the grace names a txid (the lost write's is {lost}): {msgs:?}"
+        );
+    }
+}
+
+/// A restore of a physical copy (a file-system or volume snapshot, a base backup started
+/// without recovery.signal) comes up on the same system identifier and timeline, so the lineage
+/// rule sees no change, and its counter is behind the old server's: its snapshot-end would call
+/// visible the txid of a write the old server acknowledged and the copy lacks. The documented
+/// remedy (docs/clients.md) is a grace started by hand; a running worker that cached "settled"
+/// sees it within `RECHECK` (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_lineage_grace_after_a_physical_restore_withholds_snapshot_end() {
+    let (copy, lost) = lost_write_setup("lost_restore").await;
+    tokio::task::block_in_place(|| {
+        // Started as a server, not a standby: crash recovery, the same timeline.
+        std::fs::remove_file(copy.data().join("standby.signal")).unwrap();
+        copy.pg_ctl(&["start", "-w", "-t", "60"]);
+    });
+    let c = db(&copy, "app").await;
+    let missing: i64 = c
+        .query_one("SELECT count(*) FROM todos WHERE id = 40", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(missing, 0, "the acknowledged write is not in the copy");
+    let worker = Worker::started(&copy, "app").await;
+    // The lineage shows no change: the worker caches "settled".
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let end = snapshot_end_of(&body(&r)).expect("no lineage change seen");
+    assert!(
+        !visible(lost, &end),
+        "the copy's counter is behind: {end:?}"
+    );
+    // The operator starts a grace (docs/clients.md), as pgsync_owner.
+    c.batch_execute(
+        "SET ROLE pgsync_owner; UPDATE pg_sync.lineage SET changed_at = now(); RESET ROLE",
+    )
+    .await
+    .unwrap();
+    // The copy's counter passes the lost write's xid (new transactions: other users' writes).
+    in_transaction_with_xid(&c, lost + 1, "SELECT 1").await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let msgs = body(&r);
+    assert!(
+        snapshot_end_of(&msgs).is_none(),
+        "snapshot-end within a grace started by hand: {msgs:?}"
+    );
+}
+
+/// A recorded change time in the future (the database's clock stepped back) is set to now: the
+/// grace ends at most SYNC_SHAPE_LINEAGE_GRACE_SECS after the worker saw it, also once the row is
+/// read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lineage_grace_is_capped_when_the_clock_steps_back() {
+    let (cluster, c) = app_cluster("lineage_clock").await;
+    c.batch_execute(&format!(
+        "INSERT INTO pg_sync.lineage
+           SELECT true, s, t, now() + interval '1 day'
+             FROM (SELECT {}) l(s, t)",
+        LIVE_LINEAGE_SQL
+    ))
+    .await
+    .unwrap();
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", "2")]).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(snapshot_end_of(&body(&r)).is_none(), "within the grace");
+    // Past the grace and the worker's re-read of the row.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let msgs = body(&r);
+    assert!(
+        snapshot_end_of(&msgs).is_some(),
+        "the grace outlived SYNC_SHAPE_LINEAGE_GRACE_SECS: {msgs:?}"
+    );
+    let future: bool = c
+        .query_one("SELECT changed_at > now() FROM pg_sync.lineage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!future, "the change time was set to now");
+}
+
+/// The worker's live lineage query (api/shape/lineage.rs).
+const LIVE_LINEAGE_SQL: &str = "(SELECT system_identifier FROM pg_control_system()),
+     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint";

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 mod lineage;
 
@@ -910,14 +910,28 @@ async fn read_log(
 ) -> Result<Option<Page>, String> {
     held(app)?;
     let db = conn(app).await?;
-    let horizon: i64 = db
-        .query_one("SELECT pg_sync.retention_horizon()", &[])
+    let row = db
+        .query_one(
+            &format!("SELECT pg_sync.retention_horizon(), {}", lineage::LIVE_SQL),
+            &[],
+        )
         .await
-        .map_err(|e| e.to_string())?
-        .get(0);
+        .map_err(|e| e.to_string())?;
+    let horizon: i64 = row.get(0);
     if after < horizon {
         return Ok(None);
     }
+    // Within the grace after a lineage change the changes name no xid: the new primary may have
+    // handed out again the xid of a write the old one acknowledged and lost, and a client waiting
+    // for that txid would take this change for it (TanStack DB checks the txids it has seen).
+    let live: lineage::Id = (row.get(1), row.get(2));
+    let named = match app.shape.lineage.cached(live) {
+        Some(answer) => answer,
+        None => {
+            let grace = Duration::from_secs(app.cfg.shape_lineage_grace_secs);
+            app.shape.lineage.settled(&db, live, grace).await
+        }
+    };
     let m = &shape.model;
     let mut items = vec![];
     for (pos, &i) in shape.selected.iter().enumerate() {
@@ -996,7 +1010,11 @@ async fn read_log(
         for row in &rows {
             let sync_id: i64 = row.get(0);
             let action: &str = row.get(1);
-            let txids: Vec<i64> = row.get::<_, Option<i64>>(2).into_iter().collect();
+            let txids: Vec<i64> = row
+                .get::<_, Option<i64>>(2)
+                .filter(|_| named)
+                .into_iter()
+                .collect();
             let mut value = serde_json::Map::new();
             let mut pk: Vec<&str> = vec![""; m.pk.len()];
             let mut non_key = 0;
@@ -1459,32 +1477,55 @@ async fn snapshot_end(app: &App, snap: &Client) -> Option<String> {
     } else {
         "1"
     };
+    // One round trip: the savepoint, the read and its release go as one simple-query batch (an
+    // error skips the rest of it; the savepoint is then rolled back to).
     let sql = format!(
-        "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
-                ARRAY(SELECT pg_snapshot_xip(s)::text::bigint), {}
-           FROM pg_current_snapshot() s WHERE {fail} = 1",
+        "SAVEPOINT visibility;
+         SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                array_to_string(ARRAY(SELECT pg_snapshot_xip(s)::text), ','), {}
+           FROM pg_current_snapshot() s WHERE {fail} = 1;
+         RELEASE SAVEPOINT visibility",
         lineage::LIVE_SQL
     );
     let read = async {
-        snap.batch_execute("SAVEPOINT visibility").await?;
-        let row = snap.query_one(&sql, &[]).await;
-        let end = if row.is_ok() {
-            "RELEASE SAVEPOINT visibility"
-        } else {
-            "ROLLBACK TO SAVEPOINT visibility"
+        let rows = match snap.simple_query(&sql).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                snap.batch_execute("ROLLBACK TO SAVEPOINT visibility")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Err(e.to_string());
+            }
         };
-        snap.batch_execute(end).await?;
-        row
+        let row = rows
+            .into_iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .ok_or("no row")?;
+        let int = |i: usize| -> Result<i64, String> {
+            row.get(i)
+                .unwrap_or_default()
+                .parse::<i64>()
+                .map_err(|e| e.to_string())
+        };
+        let xip = match row.get(2).unwrap_or_default() {
+            "" => vec![],
+            list => list
+                .split(',')
+                .map(|x| x.parse::<i64>().map_err(|e| e.to_string()))
+                .collect::<Result<Vec<i64>, String>>()?,
+        };
+        Ok::<_, String>((int(0)?, int(1)?, xip, (int(3)?, int(4)?)))
     };
-    let row = read
+    let (xmin, xmax, xip, live): (i64, i64, Vec<i64>, lineage::Id) = read
         .await
         .map_err(|e| tracing::warn!(error = %e, "shape snapshot visibility query failed"))
         .ok()?;
-    let (xmin, xmax, xip): (i64, i64, Vec<i64>) = (row.get(0), row.get(1), row.get(2));
     if xmax >= 1 << 53 {
         return None;
     }
-    let live: lineage::Id = (row.get(3), row.get(4));
     let settled = match app.shape.lineage.cached(live) {
         Some(answer) => answer,
         None => {
