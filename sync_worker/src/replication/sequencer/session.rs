@@ -417,10 +417,10 @@ async fn session(
         // Held after a failed session: nothing it published is missing.
         hub.release(last_sync_id);
     }
-    if std::mem::take(peek) {
+    let peeked = std::mem::take(peek);
+    if peeked {
+        // Peeking reads the slot, which an open replication connection would hold.
         s.sequence_backlog_peeked().await?;
-    } else {
-        s.find_backlog().await?;
     }
     let encrypted: bool =
         s.db.query_one(
@@ -434,7 +434,16 @@ async fn session(
     if crate::failpoint::fire("stall_before_streaming") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    // The stream starts (its reader task connects and the walsender decodes) while the
+    // backlog's candidates are read: on a long catch-up the walsender's decoding is the
+    // critical path, and the candidates query reads the whole unsequenced log. What streams
+    // meanwhile waits in the reader's channel; the loop below watches every event for the
+    // backlog, as it would have had it started later (the slot streams the same WAL from its
+    // confirmed position whenever it starts, and nothing is acknowledged before the loop).
     let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    if !peeked {
+        s.find_backlog().await?;
+    }
     if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
     }
@@ -451,6 +460,14 @@ async fn session(
         let idle_flush = async {
             if s.pending.is_empty() || s.unresolved.is_some() {
                 std::future::pending::<()>().await
+            }
+            // "Nothing ready" is judged only after the reader task had its turn: a channel
+            // found empty while the reader is queued to run (its socket holds the next
+            // commits) is not idle. Each yield lets the runtime poll its I/O driver and run
+            // what is queued before this task; the select polls the stream again (biased,
+            // first) when it wakes. Costs an idle commit microseconds, not a timer tick.
+            for _ in 0..idle_yields() {
+                tokio::task::yield_now().await;
             }
         };
         // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
@@ -508,6 +525,20 @@ async fn session(
         s.settle();
     }
 }
+
+/// How often the session yields before flushing as idle (see the stream loop).
+/// EXPERIMENT (tail13): `PG_SYNC_IDLE_YIELDS` overrides it for the A/B runs.
+fn idle_yields() -> u32 {
+    static N: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("PG_SYNC_IDLE_YIELDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(IDLE_YIELDS)
+    })
+}
+
+const IDLE_YIELDS: u32 = 1;
 
 /// The replication stream and the transaction being received from it.
 pub(super) struct Stream {
