@@ -463,12 +463,10 @@ async fn session(
             }
             // "Nothing ready" is judged only after the reader task had its turn: a channel
             // found empty while the reader is queued to run (its socket holds the next
-            // commits) is not idle. Each yield lets the runtime poll its I/O driver and run
+            // commits) is not idle. The yield lets the runtime poll its I/O driver and run
             // what is queued before this task; the select polls the stream again (biased,
             // first) when it wakes. Costs an idle commit microseconds, not a timer tick.
-            for _ in 0..idle_yields() {
-                tokio::task::yield_now().await;
-            }
+            tokio::task::yield_now().await;
         };
         // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
         // (which reads it too) did meanwhile.
@@ -525,20 +523,6 @@ async fn session(
         s.settle();
     }
 }
-
-/// How often the session yields before flushing as idle (see the stream loop).
-/// EXPERIMENT (tail13): `PG_SYNC_IDLE_YIELDS` overrides it for the A/B runs.
-fn idle_yields() -> u32 {
-    static N: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("PG_SYNC_IDLE_YIELDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(IDLE_YIELDS)
-    })
-}
-
-const IDLE_YIELDS: u32 = 1;
 
 /// The replication stream and the transaction being received from it.
 pub(super) struct Stream {
