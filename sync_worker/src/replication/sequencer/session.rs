@@ -461,12 +461,6 @@ async fn session(
             if s.pending.is_empty() || s.unresolved.is_some() {
                 std::future::pending::<()>().await
             }
-            // "Nothing ready" is judged only after the reader task had its turn: a channel
-            // found empty while the reader is queued to run (its socket holds the next
-            // commits) is not idle. The yield lets the runtime poll its I/O driver and run
-            // what is queued before this task; the select polls the stream again (biased,
-            // first) when it wakes. Costs an idle commit microseconds, not a timer tick.
-            tokio::task::yield_now().await;
         };
         // Acknowledgements wait for the WAL flush: looked at again shortly when no persist
         // (which reads it too) did meanwhile.
