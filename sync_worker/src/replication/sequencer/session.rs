@@ -417,10 +417,10 @@ async fn session(
         // Held after a failed session: nothing it published is missing.
         hub.release(last_sync_id);
     }
-    let peeked = std::mem::take(peek);
-    if peeked {
-        // Peeking reads the slot, which an open replication connection would hold.
+    if std::mem::take(peek) {
         s.sequence_backlog_peeked().await?;
+    } else {
+        s.find_backlog().await?;
     }
     let encrypted: bool =
         s.db.query_one(
@@ -434,16 +434,7 @@ async fn session(
     if crate::failpoint::fire("stall_before_streaming") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    // The stream starts (its reader task connects and the walsender decodes) while the
-    // backlog's candidates are read: on a long catch-up the walsender's decoding is the
-    // critical path, and the candidates query reads the whole unsequenced log. What streams
-    // meanwhile waits in the reader's channel; the loop below watches every event for the
-    // backlog, as it would have had it started later (the slot streams the same WAL from its
-    // confirmed position whenever it starts, and nothing is acknowledged before the loop).
     let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
-    if !peeked {
-        s.find_backlog().await?;
-    }
     if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
     }
