@@ -36,6 +36,21 @@ fn poll_every() -> Duration {
         .filter(|&ms| ms > 0)
         .map_or(POLL, Duration::from_millis)
 }
+/// Frames read at the head of the log (a caught-up link: everything ready fitted) that may be
+/// in flight at once. While one is unacknowledged, what commits meanwhile waits for its ack and
+/// goes in one frame, so a receiver busy applying gets fewer, larger frames instead of a queue
+/// of small ones (each apply costs a round trip and a commit whatever its size). A backlog
+/// (full-span frames) still fills the receiver's window.
+const HEAD_FRAMES: usize = 1;
+
+/// `HEAD_FRAMES`, or `SYNC_FEDERATION_HEAD_FRAMES` (benchmarks and tests only).
+fn head_frames() -> usize {
+    std::env::var("SYNC_FEDERATION_HEAD_FRAMES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(HEAD_FRAMES)
+}
 /// `peer_links` is written at most this often while streaming.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Pings keep a quiet link's liveness visible both ways; a receiver silent for `LIVENESS`
@@ -495,14 +510,21 @@ async fn stream(
     // Whether the log may hold more to send: set at the start, by a publish, an ack (the
     // window reopened) or the fallback poll; pings, pongs and registry checks leave it.
     let mut check = true;
+    // Whether the last frame sent reached the head of the log (see `HEAD_FRAMES`).
+    let mut at_head = false;
+    let head_limit = head_frames().min(window as usize);
     loop {
-        while check && inflight.len() < window as usize {
+        while check
+            && inflight.len() < window as usize
+            && !(at_head && inflight.len() >= head_limit)
+        {
             match next_batch(db, r, sent).await {
                 Ok(None) => {
                     check = false;
                     break;
                 }
                 Ok(Some((to, last, changes))) => {
+                    at_head = to >= last;
                     let text = batch_text(sent, to, epoch, last, &changes);
                     let l = metrics::link(&peer.name, "out");
                     l.batches.inc();
