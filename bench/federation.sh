@@ -283,9 +283,19 @@ echo "INSERT INTO probe VALUES (gen_random_uuid()::text, clock_timestamp(), 'p')
 chmod 644 "$probe_script"
 drained() { val "$pb" "$1" "SELECT count(*) >= $2 FROM probe_applied"; }
 
+# B's apply of A's link so far, from B's /metrics: "seconds applying, batches applied".
+apply_stats() {
+  curl -fsS "http://127.0.0.1:${wport[b]}/metrics" |
+    awk '/^pg_sync_peer_apply_seconds_sum\{direction="in",peer="a"\}/ {s = $2}
+         /^pg_sync_peer_apply_seconds_count\{direction="in",peer="a"\}/ {c = $2}
+         END {print s + 0, c + 0}'
+}
+
 delay() { # delay SYSTEM RUN RATE
-  local sys=$1 r=$2 rate=$3 before after n out
+  local sys=$1 r=$2 rate=$3 before after n out s0 c0 s1 c1 t_start t_end
   settle "$sys"
+  [ "$sys" = fed ] && read -r s0 c0 < <(apply_stats)
+  t_start=$(now)
   val "$pb" "$sys" "TRUNCATE probe_applied" >/dev/null
   before=$(val "$pa" "$sys" "SELECT count(*) FROM probe")
   out=$("$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$pa" -U postgres -c 4 -j 2 -R "$rate" -T "$probe_s" \
@@ -296,6 +306,7 @@ delay() { # delay SYSTEM RUN RATE
   local t0 missing
   t0=$(now)
   until [ "$(drained "$sys" "$n")" = t ] || (($(echo "$(now) - $t0 > 120" | bc))); do sleep 0.1; done
+  t_end=$(now)
   missing=$((n - $(val "$pb" "$sys" "SELECT count(*) FROM probe_applied")))
   [ "$missing" -gt 0 ] && echo "run $r $sys: $missing of $n probes not applied 120 s after the writes ended" >&2
   read -r p50 p99 < <(val "$pb" "$sys" "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY d)::numeric, 2),
@@ -304,6 +315,15 @@ delay() { # delay SYSTEM RUN RATE
   rec delay "$sys" "$r" "$rate" "$p50" "$p99" "$(echo "$n / $probe_s" | bc -l)"
   printf 'run %d %-4s delay at %d/s (achieved %.0f/s): p50 %s ms, p99 %s ms\n' "$r" "$sys" "$rate" \
     "$(echo "$n / $probe_s" | bc -l)" "$p50" "$p99"
+  if [ "$sys" = fed ]; then
+    # Where the delay goes on B: batches applied over the writes and the drain, their mean
+    # apply time, and the share of that time B's receiver spent applying (near 100%: the
+    # receiver is the bottleneck and the delay is queueing in front of it).
+    read -r s1 c1 < <(apply_stats)
+    awk -v s="$(echo "$s1 - $s0" | bc -l)" -v c="$(echo "$c1 - $c0" | bc -l)" -v n="$n" \
+      -v w="$(echo "$t_end - $t_start" | bc -l)" -v r="$r" -v rate="$rate" \
+      'BEGIN {if (c > 0) printf "run %d fed  apply at %d/s: %d batches, %.1f probes and %.2f ms each, receiver busy applying %.0f%% of %.1f s\n", r, rate, c, n / c, s * 1000 / c, s * 100 / w, w}'
+  fi
 }
 
 cost_script="$work/cost.sql"

@@ -552,18 +552,29 @@ fn replayed_auth_wrong_secret_and_self_link_are_refused() {
     // returns the nonce and what came back (a frame, or the close code).
     let attempt = |answer: &dyn Fn(&str) -> Frame| -> (String, Result<Frame, u16>) {
         block_on(async {
-            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-                .await
-                .unwrap();
-            let sn = match ws.next().await {
-                Some(Ok(Message::Text(t))) => match Frame::parse(&t).unwrap() {
-                    Frame::Challenge { nonce, node_id, .. } => {
-                        assert_eq!(node_id, "a");
-                        nonce
+            // A healthy worker takes the federation lock on its link task's first round (up
+            // to REGISTRY_POLL later, more on a loaded machine); until then it answers every
+            // link with a standby close. Mesh::start waits for links, and this mesh has none.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut ws, sn) = loop {
+                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                    .await
+                    .unwrap();
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => match Frame::parse(&t).unwrap() {
+                        Frame::Challenge { nonce, node_id, .. } => {
+                            assert_eq!(node_id, "a");
+                            break (ws, nonce);
+                        }
+                        other => panic!("expected a challenge: {other:?}"),
+                    },
+                    Some(Ok(Message::Close(Some(f))))
+                        if u16::from(f.code) == close::STANDBY && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     other => panic!("expected a challenge: {other:?}"),
-                },
-                other => panic!("expected a challenge: {other:?}"),
+                }
             };
             ws.send(Message::text(answer(&sn).to_text())).await.unwrap();
             let back = loop {
