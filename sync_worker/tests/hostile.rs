@@ -1006,3 +1006,136 @@ async fn many_valid_api_keys_connecting_at_once_all_get_in() {
         "an unknown key got in: {statuses:?}"
     );
 }
+
+// ---- Review rev13b: reproductions ----
+
+/// A burst of distinct unknown keys arriving at once costs at most the budget's burst (5) in
+/// lookups, and then about one a second, as docs/protocol.md says. With the budget checked at a
+/// lookup's start and spent at its end (clamped at zero), every lookup that starts before the
+/// first one returns passes: up to LOOKUPS_IN_FLIGHT (16) per refill, and the debt is forgiven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_distinct_unknown_keys_costs_at_most_the_burst_in_lookups() {
+    let cluster = app_cluster("hostile_keys_burst");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let began = Instant::now();
+    let mut looked_up = 0;
+    for round in 0..3u64 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let keys: Vec<String> = (0..48u64)
+            .map(|i| format!("pgs_{:064x}", 0xbad0_0000u64 + round * 1000 + i))
+            .collect();
+        let outcomes =
+            futures::future::join_all(keys.iter().map(|k| try_connect(port, k, None))).await;
+        let statuses: Vec<u16> = outcomes
+            .iter()
+            .map(|r| r.as_ref().err().copied().unwrap_or(101))
+            .collect();
+        assert!(!statuses.contains(&101), "an unknown key got in");
+        // A 401 is a lookup that ran (a 429 costs no query).
+        let n = statuses.iter().filter(|&&s| s == 401).count();
+        eprintln!("round {round}: {n} lookups of 48 ({statuses:?})");
+        looked_up += n;
+    }
+    let allowed = 5 + began.elapsed().as_secs_f64().ceil() as usize + 1;
+    assert!(
+        looked_up <= allowed,
+        "{looked_up} lookups for unknown keys in {:?} (budget: burst 5, then 1 a second: {allowed})",
+        began.elapsed()
+    );
+}
+
+/// A trickle of distinct unknown keys (20 a second, each answered 429 without a query once the
+/// budget is spent, costing about one query a second) keeps the budget empty, and every
+/// request with a valid API key (looked up each time: no cache of found keys) is answered
+/// `429 busy` too. docs/protocol.md: "any number of valid keys can connect at once".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_unknown_keys_does_not_lock_out_valid_api_keys() {
+    let cluster = app_cluster("hostile_keys_trickle");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (_, good) = api_key(&cluster, "alice");
+    let until = Instant::now() + Duration::from_secs(5);
+    let attacker = tokio::spawn(async move {
+        let mut i = 0u64;
+        while Instant::now() < until {
+            i += 1;
+            let _ = try_connect(port, &format!("pgs_{:064x}", 0xfeed_0000u64 + i), None).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut refused = vec![];
+    for _ in 0..10 {
+        if let Err(s) = try_connect(port, &good, None).await {
+            refused.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    attacker.await.unwrap();
+    assert!(
+        refused.is_empty(),
+        "{} of 10 connections with a valid API key refused during a trickle of bad keys: {refused:?}",
+        refused.len()
+    );
+}
+
+/// Key lookups stuck in the database (here a lock on pg_sync.api_keys; in production a slow or
+/// overloaded database) may hold up to LOOKUPS_IN_FLIGHT (16) pool connections, more than the
+/// pool has (SYNC_DB_CONNECTIONS, default 8): a JWT user's /sync/mutate, which needs no key
+/// lookup, then waits for the pool. (With lookups bounded by the budget's 5 tokens, 3 stayed
+/// free.) The waiting requests queue for a lookup slot without any bound on their wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_key_lookups_leave_pool_connections_for_other_requests() {
+    let cluster = app_cluster("hostile_keys_stuck");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_DB_STATEMENT_TIMEOUT_SECS", "4")]).await;
+    let port = worker.port;
+    let keys: Vec<String> = (0..24)
+        .map(|i| api_key(&cluster, &format!("user{i}")).1)
+        .collect();
+    let url = cluster.url("app");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let locker = std::thread::spawn(move || {
+        let mut c =
+            pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls).unwrap();
+        c.batch_execute("BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(9));
+        c.batch_execute("COMMIT").unwrap();
+    });
+    tokio::task::block_in_place(|| locked_rx.recv().unwrap());
+    let began = Instant::now();
+    let connects = tokio::spawn(async move {
+        let outcomes = futures::future::join_all(keys.iter().map(|k| async move {
+            let t = Instant::now();
+            let r = try_connect(port, k, None).await.err().unwrap_or(101);
+            (r, t.elapsed())
+        }))
+        .await;
+        outcomes
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let body = json!({"clientId": "j", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000001",
+        "ops": [{"model": "todos", "action": "I", "id": 1, "data": {"title": "t", "project": "p1"}}]}]})
+    .to_string();
+    let t = Instant::now();
+    let (status, answer) = http_post(port, "/sync/mutate", &bearer("alice"), &body).await;
+    let mutate_took = t.elapsed();
+    let outcomes = connects.await.unwrap();
+    let slowest = outcomes.iter().map(|o| o.1).max().unwrap();
+    eprintln!(
+        "mutate: {status} in {mutate_took:?}; key connects: {:?}; slowest {slowest:?}; total {:?}",
+        outcomes.iter().map(|o| o.0).collect::<Vec<_>>(),
+        began.elapsed()
+    );
+    locker.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        mutate_took < Duration::from_secs(2),
+        "a JWT mutate waited {mutate_took:?} behind stuck API-key lookups"
+    );
+}

@@ -2288,3 +2288,37 @@ async fn lineage_grace_is_capped_when_the_clock_steps_back() {
 /// The worker's live lineage query (api/shape/lineage.rs).
 const LIVE_LINEAGE_SQL: &str = "(SELECT system_identifier FROM pg_control_system()),
      ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint";
+
+// ---- Review rev13b: reproductions ----
+
+/// The database's clock steps forward within the grace (NTP correcting a promoted standby whose
+/// wall clock was behind, the case docs/extension.md names): the recorded change time is then
+/// far in the past, and the worker, re-reading the row after `RECHECK`, drops the grace it is
+/// in (its own monotonic deadline is replaced by the row's). Here the grace (600 s) ends about
+/// 6 s after the lineage change, while clients may still wait for a lost write's txid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_forward_does_not_end_the_lineage_grace_early() {
+    let (cluster, c) = app_cluster("lineage_clock_fwd").await;
+    // The lineage a previous primary recorded (another timeline): what a promoted standby holds.
+    c.batch_execute(
+        "INSERT INTO pg_sync.lineage VALUES
+           (true, (SELECT system_identifier FROM pg_control_system()), 999, NULL)",
+    )
+    .await
+    .unwrap();
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", "600")]).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    assert!(snapshot_end_of(&body(&r)).is_none(), "within the grace");
+    // The clock steps forward an hour: the change time recorded a moment ago reads an hour old.
+    c.batch_execute("UPDATE pg_sync.lineage SET changed_at = changed_at - interval '1 hour'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    let msgs = body(&r);
+    assert!(
+        snapshot_end_of(&msgs).is_none(),
+        "the 600 s grace ended seconds after the lineage change: {msgs:?}"
+    );
+}
