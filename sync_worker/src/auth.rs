@@ -206,6 +206,35 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde::Serialize;
 
+    /// Review rev13b: unknown keys arriving together (each lookup starts before any returns)
+    /// may start at most the burst, and after one second's refill about one more. The budget is
+    /// checked at the start and spent at the end (clamped at zero), so every lookup that starts
+    /// before the first returns passes: LOOKUPS_IN_FLIGHT per refill.
+    #[tokio::test]
+    async fn unknown_keys_arriving_together_start_at_most_the_burst() {
+        let keys = UnknownKeys::default();
+        let mut started = 0;
+        for round in 0..2 {
+            if round > 0 {
+                // One token back.
+                tokio::time::sleep(Duration::from_millis(1050)).await;
+            }
+            let held: Vec<_> =
+                futures::future::join_all((0..LOOKUPS_IN_FLIGHT).map(|_| keys.begin_lookup()))
+                    .await;
+            let n = held.iter().filter(|p| p.is_some()).count();
+            // Each found nothing.
+            for _ in 0..n {
+                keys.spend_lookup();
+            }
+            started += n;
+        }
+        assert!(
+            started <= UNKNOWN_LOOKUP_BURST as usize + 1,
+            "{started} lookups of unknown keys started (burst {UNKNOWN_LOOKUP_BURST}, then 1 a second)"
+        );
+    }
+
     #[tokio::test]
     async fn unknown_key_lookups_are_bounded_and_found_keys_spend_nothing() {
         let keys = UnknownKeys::default();
