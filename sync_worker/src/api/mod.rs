@@ -200,15 +200,15 @@ pub async fn authenticate(
     if !crate::auth::is_api_key_shaped(&token) || app.unknown_keys.contains(&token) {
         return Err(unknown());
     }
-    // Distinct well-formed bad keys are bounded by a lookup budget that only unknown keys
-    // spend: past it, no query, and the client is asked to retry.
-    let Some(_slot) = app.unknown_keys.begin_lookup().await else {
+    // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
+    // back: past it, no query, and the client is asked to retry.
+    if !app.unknown_keys.begin_lookup().await {
         return Err(Refusal::of(
             ErrorCode::Busy,
             "too many API key lookups; retry after a second",
         )
         .with_status(StatusCode::TOO_MANY_REQUESTS));
-    };
+    }
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
         db.query_opt(
@@ -220,18 +220,21 @@ pub async fn authenticate(
     }
     .await;
     match found {
-        Ok(Some(row)) => Ok(Identity {
-            user: row.get(0),
-            key: Some(row.get(1)),
-            key_hash: Some(row.get(2)),
-            expires: None,
-        }),
+        Ok(Some(row)) => {
+            app.unknown_keys.refund_lookup();
+            Ok(Identity {
+                user: row.get(0),
+                key: Some(row.get(1)),
+                key_hash: Some(row.get(2)),
+                expires: None,
+            })
+        }
         Ok(None) => {
-            app.unknown_keys.spend_lookup();
             app.unknown_keys.insert(&token);
             Err(unknown())
         }
         Err(e) => {
+            app.unknown_keys.refund_lookup();
             tracing::warn!(error = %e, "api key lookup failed");
             Err(Refusal::of(
                 ErrorCode::Unavailable,

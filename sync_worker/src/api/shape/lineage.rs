@@ -90,11 +90,14 @@ impl Lineage {
             }
         };
         // A change seen while running counts too (the recorded row may already be the new one).
+        // A re-read may lengthen a grace (a forced one) but never shorten it: the stored time
+        // is the database's clock, which may step forward (review rev13b).
+        let now = Instant::now();
         let remaining = match known {
             Some(k) if k.id != live => grace,
-            _ => remaining,
+            Some(k) => remaining.max(k.from.saturating_duration_since(now)),
+            None => remaining,
         };
-        let now = Instant::now();
         let was_in_grace = known.is_some_and(|k| k.id == live && now < k.from);
         if !remaining.is_zero() && !was_in_grace {
             tracing::warn!(system_identifier = live.0, timeline = live.1, grace_secs = remaining.as_secs(),
