@@ -1203,3 +1203,34 @@ fn tombstones_go_once_every_peer_acknowledged_and_stay_while_a_link_is_cut() {
     );
     m.assert_no_quarantine();
 }
+
+/// A sender is woken by its sequencer's publishes, not by its poll: with the fallback poll set
+/// to an hour, writes on either side still reach the other side, round after round, each made
+/// after the links went quiet (no ack left in flight that could make the sender look again).
+#[test]
+fn changes_reach_the_peer_without_waiting_for_the_senders_poll() {
+    const ITEMS: &str = "CREATE TABLE items (id text PRIMARY KEY, v text);
+        SELECT pg_sync.register_table('items', federation => 'both');";
+    let mut m = fed::Mesh::start_with(
+        "fed_wake",
+        &["a", "b"],
+        ITEMS,
+        &fed::Mesh::full(2),
+        &[("SYNC_FEDERATION_POLL_MS", "3600000")],
+    );
+    for round in 0..3 {
+        // Let the last round's acks land first: only a publish may wake the senders now.
+        std::thread::sleep(Duration::from_millis(500));
+        m.node("a")
+            .exec(&format!("INSERT INTO items VALUES ('a{round}', 'from a')"));
+        m.node("b")
+            .exec(&format!("INSERT INTO items VALUES ('b{round}', 'from b')"));
+        m.quiesce();
+        m.assert_converged("items");
+    }
+    for n in ["a", "b"] {
+        assert_eq!(m.node(n).int("SELECT count(*) FROM items"), 6);
+    }
+    m.assert_exactly_once();
+    m.assert_no_quarantine();
+}

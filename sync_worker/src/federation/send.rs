@@ -23,8 +23,34 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SPAN: i32 = 1000;
 /// The most frames a receiver may ask to have in flight.
 pub const MAX_WINDOW: u32 = 64;
-/// How often a caught-up link looks for new commits.
+/// How often a caught-up link looks for new commits on its own. The sequencer's publishes wake
+/// it at once (`Hub::touched`), so this is only the fallback for a wake-up that never comes;
+/// tests lengthen it (`SYNC_FEDERATION_POLL_MS`) to prove delivery does not wait for it.
 const POLL: Duration = Duration::from_millis(50);
+
+/// The fallback poll interval: `POLL`, or `SYNC_FEDERATION_POLL_MS` (tests only).
+fn poll_every() -> Duration {
+    std::env::var("SYNC_FEDERATION_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map_or(POLL, Duration::from_millis)
+}
+/// Frames read at the head of the log (a caught-up link: everything ready fitted) that may be
+/// in flight at once. While one is unacknowledged, what commits meanwhile waits for its ack and
+/// goes in one frame, so a receiver busy applying gets fewer, larger frames instead of a queue
+/// of small ones (each apply costs a round trip and a commit whatever its size). A backlog
+/// (full-span frames) still fills the receiver's window.
+const HEAD_FRAMES: usize = 1;
+
+/// `HEAD_FRAMES`, or `SYNC_FEDERATION_HEAD_FRAMES` (benchmarks and tests only).
+fn head_frames() -> usize {
+    std::env::var("SYNC_FEDERATION_HEAD_FRAMES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(HEAD_FRAMES)
+}
 /// `peer_links` is written at most this often while streaming.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Pings keep a quiet link's liveness visible both ways; a receiver silent for `LIVENESS`
@@ -473,16 +499,32 @@ async fn stream(
     // What the retention hold records (`peer_ack`), at most once per REPORT_EVERY.
     let mut held = after;
     let mut reported = Instant::now();
-    let mut poll = tokio::time::interval(POLL);
+    // Subscribed before the first read, so a publish after that read still wakes us.
+    let mut published = app.hub.touched();
+    let mut wakes_open = true;
+    let mut poll = tokio::time::interval(poll_every());
     let mut registry = tokio::time::interval(REGISTRY_POLL);
     let mut shutdown = app.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut heard = Instant::now();
+    // Whether the log may hold more to send: set at the start, by a publish, an ack (the
+    // window reopened) or the fallback poll; pings, pongs and registry checks leave it.
+    let mut check = true;
+    // Whether the last frame sent reached the head of the log (see `HEAD_FRAMES`).
+    let mut at_head = false;
+    let head_limit = head_frames().min(window as usize);
     loop {
-        while inflight.len() < window as usize {
+        while check
+            && inflight.len() < window as usize
+            && !(at_head && inflight.len() >= head_limit)
+        {
             match next_batch(db, r, sent).await {
-                Ok(None) => break,
+                Ok(None) => {
+                    check = false;
+                    break;
+                }
                 Ok(Some((to, last, changes))) => {
+                    at_head = to >= last;
                     let text = batch_text(sent, to, epoch, last, &changes);
                     let l = metrics::link(&peer.name, "out");
                     l.batches.inc();
@@ -540,6 +582,7 @@ async fn stream(
                             inflight.pop_front();
                         }
                         acked = acked.max(to);
+                        check = true;
                         if reported.elapsed() >= REPORT_EVERY {
                             reported = Instant::now();
                             let _ = hold(db, &peer.name, acked, false).await;
@@ -567,7 +610,22 @@ async fn stream(
                 }
                 _ => return "receiver closed",
             },
+            // New sync ids published: read and send them now. Only while the window has room
+            // (an ack reopens it, and the loop reads then); wake-ups queued meanwhile are
+            // drained, as one read covers them all.
+            woke = published.recv(), if wakes_open && inflight.len() < window as usize => {
+                use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+                match woke {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        check = true;
+                        while !matches!(published.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
+                    }
+                    // No hub any more: the poll alone drives the link.
+                    Err(RecvError::Closed) => wakes_open = false,
+                }
+            }
             _ = poll.tick(), if inflight.len() < window as usize => {
+                check = true;
                 // A quiet link still records its last ack, so the hold does not lag behind.
                 if acked > held && reported.elapsed() >= REPORT_EVERY {
                     reported = Instant::now();
