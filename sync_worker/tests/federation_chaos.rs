@@ -783,7 +783,7 @@ fn two_workers_on_one_database() {
         .map(|(_, b)| b)
         .unwrap_or_default();
     assert!(
-        !metrics.contains("pg_sync_peer_up{peer=\"a\",direction=\"in\"} 1"),
+        !metrics.contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1"),
         "the twin pulls from A:\n{metrics}"
     );
     assert_eq!(
