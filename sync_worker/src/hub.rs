@@ -273,6 +273,9 @@ pub struct Hub {
     pub metrics: Metrics,
     /// What each publish touched, sent after it (`/v1/shape` held requests filter on it).
     touched: tokio::sync::broadcast::Sender<Arc<Touched>>,
+    /// The published watermark, for waiters that need only "something new was published"
+    /// (federation senders): O(1) per publish, no payload kept, never lags.
+    advanced: tokio::sync::watch::Sender<i64>,
 }
 
 impl Hub {
@@ -298,7 +301,24 @@ impl Hub {
             queue,
             metrics: Metrics::default(),
             touched: tokio::sync::broadcast::channel(1024).0,
+            advanced: tokio::sync::watch::channel(last_sync_id).0,
         }
+    }
+
+    /// Stores the published watermark (`published`) and wakes the watchers of `advanced`.
+    fn set_published(&self, last_sync_id: i64) {
+        self.published.store(last_sync_id, Ordering::Release);
+        self.advanced.send_if_modified(|v| {
+            let moved = *v != last_sync_id;
+            *v = last_sync_id;
+            moved
+        });
+    }
+
+    /// Changes each time the published watermark moves (a federation sender reads the log
+    /// then; what was published before this call counts as seen).
+    pub fn advanced(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.advanced.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -340,7 +360,7 @@ impl Hub {
         st.known = true;
         st.held = false;
         st.last_published = st.last_published.max(last_sync_id);
-        self.published.store(st.last_published, Ordering::Release);
+        self.set_published(st.last_published);
         drop(st);
         let _ = self.touched.send(Arc::new(Touched {
             everyone: true,
@@ -363,7 +383,7 @@ impl Hub {
         }
         st.known = true;
         st.last_published = last_sync_id;
-        self.published.store(last_sync_id, Ordering::Release);
+        self.set_published(last_sync_id);
         drop(st);
         let _ = self.touched.send(Arc::new(Touched {
             everyone: true,
@@ -712,7 +732,7 @@ impl Hub {
                 remove_sub(&mut st, id);
             }
         }
-        self.published.store(st.last_published, Ordering::Release);
+        self.set_published(st.last_published);
         drop(st);
         self.metrics
             .deliveries

@@ -24,7 +24,8 @@ const SPAN: i32 = 1000;
 /// The most frames a receiver may ask to have in flight.
 pub const MAX_WINDOW: u32 = 64;
 /// How often a caught-up link looks for new commits on its own. The sequencer's publishes wake
-/// it at once (`Hub::touched`), so this is only the fallback for a wake-up that never comes;
+/// it at once (`Hub::advanced`) when this worker also sequences; this poll is the fallback for
+/// a wake-up that never comes (a federation leader whose twin worker holds the slot);
 /// tests lengthen it (`SYNC_FEDERATION_POLL_MS`) to prove delivery does not wait for it.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -500,9 +501,11 @@ async fn stream(
     let mut held = after;
     let mut reported = Instant::now();
     // Subscribed before the first read, so a publish after that read still wakes us.
-    let mut published = app.hub.touched();
+    let mut published = app.hub.advanced();
     let mut wakes_open = true;
     let mut poll = tokio::time::interval(poll_every());
+    // A poll missed while the window was full fires once, not as a burst of reads.
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registry = tokio::time::interval(REGISTRY_POLL);
     let mut shutdown = app.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -610,18 +613,16 @@ async fn stream(
                 }
                 _ => return "receiver closed",
             },
-            // New sync ids published: read and send them now. Only while the window has room
-            // (an ack reopens it, and the loop reads then); wake-ups queued meanwhile are
-            // drained, as one read covers them all.
-            woke = published.recv(), if wakes_open && inflight.len() < window as usize => {
-                use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            // New sync ids published: read and send them now, when the loop above would read
+            // (an ack reopens the window or releases the head frame, and sets `check` itself).
+            woke = published.changed(), if wakes_open
+                && inflight.len() < window as usize
+                && !(at_head && inflight.len() >= head_limit) =>
+            {
                 match woke {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {
-                        check = true;
-                        while !matches!(published.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
-                    }
+                    Ok(()) => check = true,
                     // No hub any more: the poll alone drives the link.
-                    Err(RecvError::Closed) => wakes_open = false,
+                    Err(_) => wakes_open = false,
                 }
             }
             _ = poll.tick(), if inflight.len() < window as usize => {
