@@ -125,14 +125,16 @@ pub fn is_api_key_shaped(token: &str) -> bool {
 /// UNKNOWN_LOOKUP_BURST, refilled at UNKNOWN_LOOKUP_RATE a second) before it runs, and only a
 /// key found gives its token back, so unknown keys cost at most that many queries however many
 /// a flood brings, and at most UNKNOWN_LOOKUP_BURST lookups hold a pool connection at once.
-/// A lookup with no token waits up to LOOKUP_WAIT for one: found keys give theirs back within
-/// a query's time, so many valid keys connecting at once (a worker restart) all get in.
+/// A lookup that finds no token while others run waits (up to LOOKUP_WAIT) for them to end:
+/// found keys give theirs back within a query's time, so many valid keys connecting at once
+/// (a worker restart) all get in. With none running, it is refused at once.
 pub struct UnknownKeys {
     seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// Lookup tokens left and when they were counted (`None`: a full bucket).
-    budget: std::sync::Mutex<Option<(f64, std::time::Instant)>>,
-    /// Woken when a found key gives its token back.
-    returned: tokio::sync::Notify,
+    /// Lookup tokens left and when they were counted (`None`: a full bucket), and the lookups
+    /// running.
+    budget: std::sync::Mutex<(Option<(f64, std::time::Instant)>, usize)>,
+    /// Woken when a lookup ends.
+    ended: tokio::sync::Notify,
 }
 
 impl Default for UnknownKeys {
@@ -140,7 +142,7 @@ impl Default for UnknownKeys {
         UnknownKeys {
             seen: Default::default(),
             budget: Default::default(),
-            returned: tokio::sync::Notify::new(),
+            ended: tokio::sync::Notify::new(),
         }
     }
 }
@@ -151,57 +153,83 @@ const UNKNOWN_LOOKUP_BURST: f64 = 5.0;
 const UNKNOWN_LOOKUP_RATE: f64 = 1.0;
 const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
+/// A running lookup (its token taken). Dropped without `found`, its token stays spent (an
+/// unknown key, or a request that went away); it always wakes the lookups waiting for a token.
+pub struct Lookup<'a> {
+    keys: &'a UnknownKeys,
+    found: bool,
+}
+
+impl Lookup<'_> {
+    /// The key was found (or the lookup could not run): its token goes back.
+    pub fn found(mut self) {
+        self.found = true;
+    }
+}
+
+impl Drop for Lookup<'_> {
+    fn drop(&mut self) {
+        {
+            let mut budget = self.keys.budget.lock().unwrap_or_else(|p| p.into_inner());
+            budget.1 -= 1;
+            if self.found {
+                if let Some((left, _)) = budget.0.as_mut() {
+                    *left = (*left + 1.0).min(UNKNOWN_LOOKUP_BURST);
+                }
+            }
+        }
+        self.keys.ended.notify_waiters();
+    }
+}
+
+/// What `try_take` saw.
+enum Take {
+    Taken,
+    /// No token, and this many lookups running.
+    Empty(usize),
+}
+
 impl UnknownKeys {
     /// Takes a lookup token if there is one.
-    fn take(&self) -> bool {
+    fn try_take(&self) -> Take {
         let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        let (left, at) = budget.unwrap_or((UNKNOWN_LOOKUP_BURST, now));
+        let (left, at) = budget.0.unwrap_or((UNKNOWN_LOOKUP_BURST, now));
         let left = (left + now.duration_since(at).as_secs_f64() * UNKNOWN_LOOKUP_RATE)
             .min(UNKNOWN_LOOKUP_BURST);
         if left < 1.0 {
-            *budget = Some((left, now));
-            return false;
+            budget.0 = Some((left, now));
+            return Take::Empty(budget.1);
         }
-        *budget = Some((left - 1.0, now));
-        true
+        budget.0 = Some((left - 1.0, now));
+        budget.1 += 1;
+        Take::Taken
     }
 
-    /// Takes a lookup token, waiting up to LOOKUP_WAIT for one to be given back or refilled;
-    /// false when none came (the caller refuses without a query, asking to retry later).
-    pub async fn begin_lookup(&self) -> bool {
+    /// Starts a lookup: takes a token, waiting while other lookups run (one may give its token
+    /// back), up to LOOKUP_WAIT. `None`: no token (the caller refuses without a query, asking
+    /// to retry later).
+    pub async fn begin_lookup(&self) -> Option<Lookup<'_>> {
         let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
         loop {
-            // Registered before the check, so a token given back in between is not missed.
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            returned.as_mut().enable();
-            if self.take() {
-                return true;
+            // Registered before the check, so a lookup ending in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            match self.try_take() {
+                Take::Taken => {
+                    return Some(Lookup {
+                        keys: self,
+                        found: false,
+                    })
+                }
+                Take::Empty(0) => return None,
+                Take::Empty(_) => {}
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            // The bucket also refills with time: look again at least every 100 ms.
-            let wake = deadline.min(now + Duration::from_millis(100));
-            tokio::select! {
-                _ = returned => {}
-                _ = tokio::time::sleep_until(wake) => {}
-            }
-        }
-    }
-
-    /// Gives back the token of a lookup that found its key (or could not run): only unknown
-    /// keys spend the budget.
-    pub fn refund_lookup(&self) {
-        {
-            let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((left, _)) = budget.as_mut() {
-                *left = (*left + 1.0).min(UNKNOWN_LOOKUP_BURST);
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return None;
             }
         }
-        self.returned.notify_waiters();
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -235,11 +263,15 @@ mod tests {
     async fn unknown_keys_arriving_together_start_at_most_the_burst() {
         let keys = UnknownKeys::default();
         let began = std::time::Instant::now();
-        let started = futures::future::join_all((0..32).map(|_| keys.begin_lookup()))
-            .await
-            .into_iter()
-            .filter(|&ok| ok)
-            .count();
+        let started = futures::future::join_all((0..32).map(|_| async {
+            let lookup = keys.begin_lookup().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            lookup.is_some() // dropped unfound: an unknown key
+        }))
+        .await
+        .into_iter()
+        .filter(|&ok| ok)
+        .count();
         let allowed = UNKNOWN_LOOKUP_BURST as usize + began.elapsed().as_secs_f64().ceil() as usize;
         assert!(
             started <= allowed,
@@ -254,23 +286,25 @@ mod tests {
         // Valid keys arriving together (each found after a short query) all get a token,
         // though there are more of them than the burst.
         let found = futures::future::join_all((0..24).map(|_| async {
-            let ok = keys.begin_lookup().await;
+            let lookup = keys.begin_lookup().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
-            keys.refund_lookup();
-            ok
+            lookup.map(Lookup::found).is_some()
         }))
         .await;
         assert!(
             found.iter().all(|&ok| ok),
             "valid keys connecting at once all look up"
         );
+        // Unknown keys one after another: the burst, then refused at once (none running).
         for _ in 0..UNKNOWN_LOOKUP_BURST as usize {
-            assert!(keys.take());
+            assert!(keys.begin_lookup().await.is_some());
         }
-        assert!(!keys.take(), "the burst is spent");
-        keys.refund_lookup();
-        assert!(keys.take(), "a found key gave its token back");
-        assert!(!keys.take());
+        let t = std::time::Instant::now();
+        assert!(keys.begin_lookup().await.is_none(), "the burst is spent");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "refused without waiting"
+        );
     }
 
     #[derive(Serialize)]

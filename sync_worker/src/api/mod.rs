@@ -202,13 +202,13 @@ pub async fn authenticate(
     }
     // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
     // back: past it, no query, and the client is asked to retry.
-    if !app.unknown_keys.begin_lookup().await {
+    let Some(lookup) = app.unknown_keys.begin_lookup().await else {
         return Err(Refusal::of(
             ErrorCode::Busy,
             "too many API key lookups; retry after a second",
         )
         .with_status(StatusCode::TOO_MANY_REQUESTS));
-    }
+    };
     let found = async {
         let db = app.db.get().await.map_err(|e| e.to_string())?;
         db.query_opt(
@@ -221,7 +221,7 @@ pub async fn authenticate(
     .await;
     match found {
         Ok(Some(row)) => {
-            app.unknown_keys.refund_lookup();
+            lookup.found();
             Ok(Identity {
                 user: row.get(0),
                 key: Some(row.get(1)),
@@ -230,11 +230,12 @@ pub async fn authenticate(
             })
         }
         Ok(None) => {
+            drop(lookup);
             app.unknown_keys.insert(&token);
             Err(unknown())
         }
         Err(e) => {
-            app.unknown_keys.refund_lookup();
+            lookup.found();
             tracing::warn!(error = %e, "api key lookup failed");
             Err(Refusal::of(
                 ErrorCode::Unavailable,
