@@ -161,7 +161,7 @@ pub struct Lookup<'a> {
 }
 
 impl Lookup<'_> {
-    /// The key was found (or the lookup could not run): its token goes back.
+    /// The key was found (or no query was sent: no pool connection): its token goes back.
     pub fn found(mut self) {
         self.found = true;
     }
@@ -197,7 +197,9 @@ impl UnknownKeys {
         let (left, at) = budget.0.unwrap_or((UNKNOWN_LOOKUP_BURST, now));
         let left = (left + now.duration_since(at).as_secs_f64() * UNKNOWN_LOOKUP_RATE)
             .min(UNKNOWN_LOOKUP_BURST);
-        if left < 1.0 {
+        // Tokens held by running lookups do not count against the burst's cap, so the running
+        // lookups are capped too: slow queries must not let refills add up to a pool's worth.
+        if left < 1.0 || budget.1 >= UNKNOWN_LOOKUP_BURST as usize {
             budget.0 = Some((left, now));
             return Take::Empty(budget.1);
         }
@@ -226,7 +228,11 @@ impl UnknownKeys {
                 Take::Empty(0) => return None,
                 Take::Empty(_) => {}
             }
-            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+            // Woken by a lookup's end, or to look again as the bucket refills.
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(250));
+            if tokio::time::timeout_at(wake, ended).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
                 return None;
             }
         }
@@ -304,6 +310,38 @@ mod tests {
         assert!(
             t.elapsed() < Duration::from_millis(100),
             "refused without waiting"
+        );
+    }
+
+    /// Review rev13d: slow lookups (a locked table, a busy pool) must not add up, refill after
+    /// refill, to more than the burst running at once.
+    #[tokio::test]
+    async fn slow_lookups_never_run_more_than_the_burst_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let keys = std::sync::Arc::new(UnknownKeys::default());
+        let running = std::sync::Arc::new(AtomicUsize::new(0));
+        let most = std::sync::Arc::new(AtomicUsize::new(0));
+        // Requests arriving every 100 ms for 3.5 s, each lookup taking 3 s.
+        let mut tasks = Vec::new();
+        for _ in 0..35 {
+            let (keys, running, most) = (keys.clone(), running.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Some(lookup) = keys.begin_lookup().await {
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    running.fetch_sub(1, SeqCst);
+                    drop(lookup);
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let most = most.load(SeqCst);
+        assert!(
+            most <= UNKNOWN_LOOKUP_BURST as usize,
+            "{most} lookups ran at once"
         );
     }
 

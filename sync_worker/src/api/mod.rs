@@ -209,16 +209,29 @@ pub async fn authenticate(
         )
         .with_status(StatusCode::TOO_MANY_REQUESTS));
     };
-    let found = async {
-        let db = app.db.get().await.map_err(|e| e.to_string())?;
-        db.query_opt(
+    // Only a lookup that sent no query (no pool connection) gives its token back on failure:
+    // a query that failed (a statement timeout, a lost connection) still cost the database.
+    let unavailable = |e: String| {
+        tracing::warn!(error = %e, "api key lookup failed");
+        Err(Refusal::of(
+            ErrorCode::Unavailable,
+            "cannot check the API key now; retry",
+        ))
+    };
+    let db = match app.db.get().await {
+        Ok(db) => db,
+        Err(e) => {
+            lookup.found();
+            return unavailable(e.to_string());
+        }
+    };
+    let found = db
+        .query_opt(
             "SELECT user_id, id::text, key_hash FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
             &[&token],
         )
-        .await
-        .map_err(|e| e.to_string())
-    }
-    .await;
+        .await;
+    drop(db);
     match found {
         Ok(Some(row)) => {
             lookup.found();
@@ -234,14 +247,7 @@ pub async fn authenticate(
             app.unknown_keys.insert(&token);
             Err(unknown())
         }
-        Err(e) => {
-            lookup.found();
-            tracing::warn!(error = %e, "api key lookup failed");
-            Err(Refusal::of(
-                ErrorCode::Unavailable,
-                "cannot check the API key now; retry",
-            ))
-        }
+        Err(e) => unavailable(e.to_string()),
     }
 }
 
