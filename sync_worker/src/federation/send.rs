@@ -29,13 +29,17 @@ pub const MAX_WINDOW: u32 = 64;
 /// tests lengthen it (`SYNC_FEDERATION_POLL_MS`) to prove delivery does not wait for it.
 const POLL: Duration = Duration::from_millis(50);
 
-/// The fallback poll interval: `POLL`, or `SYNC_FEDERATION_POLL_MS` (tests only).
-fn poll_every() -> Duration {
-    std::env::var("SYNC_FEDERATION_POLL_MS")
+/// A positive number from the environment variable `name` (test and benchmark knobs only).
+fn knob(name: &str) -> Option<u64> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&ms| ms > 0)
-        .map_or(POLL, Duration::from_millis)
+        .filter(|&n| n > 0)
+}
+
+/// The fallback poll interval: `POLL`, or `SYNC_FEDERATION_POLL_MS` (tests only).
+fn poll_every() -> Duration {
+    knob("SYNC_FEDERATION_POLL_MS").map_or(POLL, Duration::from_millis)
 }
 /// Frames read at the head of the log (a caught-up link: everything ready fitted) that may be
 /// in flight at once. While one is unacknowledged, what commits meanwhile waits for its ack and
@@ -46,11 +50,7 @@ const HEAD_FRAMES: usize = 1;
 
 /// `HEAD_FRAMES`, or `SYNC_FEDERATION_HEAD_FRAMES` (benchmarks and tests only).
 fn head_frames() -> usize {
-    std::env::var("SYNC_FEDERATION_HEAD_FRAMES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(HEAD_FRAMES)
+    knob("SYNC_FEDERATION_HEAD_FRAMES").map_or(HEAD_FRAMES, |n| n as usize)
 }
 /// `peer_links` is written at most this often while streaming.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
