@@ -2064,16 +2064,10 @@ async fn shape_snapshot_survives_a_failing_visibility_read() {
 
 // ---- The lineage grace under races, lost writes and restores (review rev13a) ----
 
-/// Two concurrent first lineage checks after a lineage change (two snapshots starting together
-/// in one worker after a failover, e.g. a page loading several collections, or two workers).
-/// Before the fix, the one whose INSERT .. ON CONFLICT waited on the other's update found
-/// nothing to update and took the grace from its statement snapshot's row (the old lineage's
-/// changed_at, here NULL): no grace, `snapshot-end`, and if it finished last "settled" cached
-/// for the whole worker. The other session's lock only widens the window.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_lineage_checks_keep_the_grace() {
-    let (cluster, c) = app_cluster("lineage_race").await;
-    // The lineage a previous primary recorded (another timeline): what a promoted standby holds.
+/// A cluster whose recorded lineage is a previous primary's (another timeline: what a promoted
+/// standby holds), and a worker on it with a 600 s lineage grace.
+async fn worker_after_a_lineage_change(name: &str) -> (Cluster, tokio_postgres::Client, Worker) {
+    let (cluster, c) = app_cluster(name).await;
     c.batch_execute(
         "INSERT INTO pg_sync.lineage VALUES
            (true, (SELECT system_identifier FROM pg_control_system()), 999, NULL)",
@@ -2082,6 +2076,18 @@ async fn concurrent_first_lineage_checks_keep_the_grace() {
     .unwrap();
     let worker =
         Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", "600")]).await;
+    (cluster, c, worker)
+}
+
+/// Two concurrent first lineage checks after a lineage change (two snapshots starting together
+/// in one worker after a failover, e.g. a page loading several collections, or two workers).
+/// Before the fix, the one whose INSERT .. ON CONFLICT waited on the other's update found
+/// nothing to update and took the grace from its statement snapshot's row (the old lineage's
+/// changed_at, here NULL): no grace, `snapshot-end`, and if it finished last "settled" cached
+/// for the whole worker. The other session's lock only widens the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_lineage_checks_keep_the_grace() {
+    let (cluster, c, worker) = worker_after_a_lineage_change("lineage_race").await;
     let port = worker.port;
     let x = db(&cluster, "app").await;
     x.batch_execute("BEGIN; SELECT * FROM pg_sync.lineage FOR UPDATE")
@@ -2298,16 +2304,7 @@ const LIVE_LINEAGE_SQL: &str = "(SELECT system_identifier FROM pg_control_system
 /// 6 s after the lineage change, while clients may still wait for a lost write's txid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_step_forward_does_not_end_the_lineage_grace_early() {
-    let (cluster, c) = app_cluster("lineage_clock_fwd").await;
-    // The lineage a previous primary recorded (another timeline): what a promoted standby holds.
-    c.batch_execute(
-        "INSERT INTO pg_sync.lineage VALUES
-           (true, (SELECT system_identifier FROM pg_control_system()), 999, NULL)",
-    )
-    .await
-    .unwrap();
-    let worker =
-        Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LINEAGE_GRACE_SECS", "600")]).await;
+    let (_cluster, c, worker) = worker_after_a_lineage_change("lineage_clock_fwd").await;
     let r = get(worker.port, "/v1/shape?table=todos&offset=-1", "alice").await;
     assert!(snapshot_end_of(&body(&r)).is_none(), "within the grace");
     // The clock steps forward an hour: the change time recorded a moment ago reads an hour old.
