@@ -925,13 +925,9 @@ async fn read_log(
     // handed out again the xid of a write the old one acknowledged and lost, and a client waiting
     // for that txid would take this change for it (TanStack DB checks the txids it has seen).
     let live: lineage::Id = (row.get(1), row.get(2));
-    let named = match app.shape.lineage.cached(live) {
-        Some(answer) => answer,
-        None => {
-            let grace = Duration::from_secs(app.cfg.shape_lineage_grace_secs);
-            app.shape.lineage.settled(&db, live, grace).await
-        }
-    };
+    let grace = Duration::from_secs(app.cfg.shape_lineage_grace_secs);
+    // `settled` answers from memory when it can (a connection is at hand here anyway).
+    let named = app.shape.lineage.settled(&db, live, grace).await;
     let m = &shape.model;
     let mut items = vec![];
     for (pos, &i) in shape.selected.iter().enumerate() {
