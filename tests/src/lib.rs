@@ -34,7 +34,31 @@ fn pg_bindir() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-fn free_port() -> u16 {
+/// A loopback port for a server to be started later (a cluster, a worker). A port picked with
+/// `bind(127.0.0.1:0)` and released is back in the kernel's ephemeral range, where the next
+/// `bind(0)` (a test's proxy) or outgoing connection can take it before the server binds it: the
+/// server then fails to start, or its health check reaches the proxy instead. So ports come from
+/// below the ephemeral range, which neither draws from, each handed out once per process (a
+/// counter from a per-process offset, so test processes running side by side rarely meet), and
+/// only after a bind shows it free now.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FIRST + 1_000 {
+        let span = ephemeral_low - FIRST;
+        let offset = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (FIRST + (offset + n) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

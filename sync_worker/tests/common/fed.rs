@@ -404,11 +404,10 @@ impl Mesh {
                 "SELECT count(*) FROM pg_sync.peer_cursors WHERE peer_node_id = '{sender}'"
             )) == 0
             {
-                assert!(
-                    Instant::now() < deadline,
-                    "link {sender}→{} never came up",
-                    nodes[r].name
-                );
+                if Instant::now() >= deadline {
+                    explain_links(&mut nodes);
+                    panic!("link {sender}→{} never came up", nodes[r].name);
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -647,6 +646,27 @@ impl Mesh {
             "SELECT coalesce(string_agg(format('%s %s', peer_node_id, last_sync_id), ', '), '') FROM pg_sync.peer_cursors",
         );
         eprintln!("{at} parked:\n{parked}\n{at} events:\n{events}\n{at} cursors: {cursors}");
+    }
+}
+
+/// For a mesh whose links did not come up: each node's worker (alive or not), link states and
+/// last errors, and peer events.
+fn explain_links(nodes: &mut [Node]) {
+    for n in nodes {
+        let alive = n.worker.as_ref().is_some_and(|w| w.alive());
+        let links = n.text(
+            "SELECT coalesce(string_agg(format('%s %s %s since %s: %s', l.peer, l.direction, l.state,
+                                               l.connected_since, l.last_error), E'\n' ORDER BY l.peer, l.direction), '')
+               FROM pg_sync.peer_links l",
+        );
+        let events = n.text(
+            "SELECT coalesce(string_agg(format('%s %s %s %s', e.at, e.peer, e.event, e.detail), E'\n' ORDER BY e.at), '')
+               FROM pg_sync.peer_events e",
+        );
+        eprintln!(
+            "{} (worker on port {}, alive: {alive}) links:\n{links}\n{} events:\n{events}",
+            n.name, n.port, n.name
+        );
     }
 }
 

@@ -75,13 +75,32 @@ impl Worker {
         let _ = self.child.wait();
     }
 
+    /// True while the worker process runs (not exited, not a zombie awaiting `wait`).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(") ")?.1.chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    }
+
     pub async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // A worker that exited (e.g. its port was taken) is not healthy, whatever else
+            // answers on its port.
+            assert!(
+                self.alive(),
+                "the worker on port {} exited before becoming healthy (its log is above)",
+                self.port
+            );
             if http_get(self.port, "/healthz")
                 .await
                 .map(|(s, _)| s == 200)
                 .unwrap_or(false)
+                && self.alive()
             {
                 return;
             }
@@ -98,13 +117,8 @@ impl Drop for Worker {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port no other server of this process is given (see `pg_sync_tests::free_port`).
+pub use pg_sync_tests::free_port;
 
 /// One HTTP/1.1 request over a fresh connection; returns the status and the raw body.
 /// An HTTP response: status, header block, and the body (de-chunked).
