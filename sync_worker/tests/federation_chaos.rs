@@ -828,6 +828,78 @@ fn two_workers_on_one_database() {
     );
 }
 
+/// Federation runs in the worker that streams the replication slot (review rev13c): its
+/// senders are woken by that worker's publishes. Here B's federation-lock session is ended
+/// again and again while a twin worker (which cannot get the slot) stands by: the twin never
+/// takes the links, B's first worker takes its lock back, and with the fallback poll set to an
+/// hour B's writes still reach A (only a publish can wake the sender). Before, the twin took
+/// the lock at the first chance, and its sender, never woken, delivered nothing.
+#[test]
+fn federation_stays_with_the_worker_that_streams_the_slot() {
+    const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
+    let mut m = Mesh::start_with("fc_colead", &["a", "b"], ITEMS, &Mesh::full(2), LONG_POLL);
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    let twin_port = common::free_port();
+    // (Not healthy: it cannot stream the slot the first worker holds.)
+    let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, LONG_POLL);
+    std::thread::sleep(Duration::from_secs(2));
+    let first_port = m.nodes[1].port;
+    let leads = |port: u16| {
+        block_on(common::http_get(port, "/metrics"))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+    };
+    // Each end of the lock's session is a race for the lock between the two workers' next
+    // ticks (the twin used to win about every other time): 20 of them.
+    for round in 0..20 {
+        m.node("b").exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+              WHERE locktype = 'userlock' AND classid = 1885822835::oid AND granted
+                AND pid <> pg_backend_pid()",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                !leads(twin_port),
+                "round {round}: the twin (no slot) took the links"
+            );
+            if leads(first_port) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: B's first worker never led again"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Let the links settle (the receivers' first reads found nothing new), then write: only
+    // the first worker's publishes can wake its sender.
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_secs(2));
+        m.node("b").exec(&format!(
+            "INSERT INTO items VALUES ('after{round}', 'b', 2, 'g0')"
+        ));
+        wait_for("B's write to reach A", Duration::from_secs(20), || {
+            m.node("a").int(&format!(
+                "SELECT count(*) FROM items WHERE id = 'after{round}'"
+            )) == 1
+        });
+    }
+    assert_eq!(
+        m.node("b")
+            .int("SELECT count(*) FROM pg_sync.peer_events WHERE event = 'leading'"),
+        0,
+        "the twin took over while the first worker lived"
+    );
+    drop(twin);
+    m.assert_no_quarantine();
+}
+
 /// A partition past the retention cap: C is cut off while A and B write more than
 /// SYNC_PEER_MAX_LAG (300) sync ids and compact down to one action; both release C
 /// (`resync_required`). Healed, C's links are told `resync_required`, C resyncs (resync_peer)

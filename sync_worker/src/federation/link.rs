@@ -30,6 +30,9 @@ type Ws =
 /// Frames the receiver lets the sender have in flight.
 const WINDOW: u32 = 8;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a leader may go without the replication slot (a replication reconnect takes less)
+/// before it hands the federation lock to the worker that holds it.
+const LEAD_WITHOUT_SLOT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -57,6 +60,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     // A standby keeps its session and asks again on it each tick (not a new session per tick).
     let mut asking: Option<Client> = None;
     let mut standing_by = false;
+    // Since when this worker, leading, has not held the replication slot.
+    let mut slot_gone_since: Option<Instant> = None;
     let url = app.cfg.database_url.clone();
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
@@ -69,12 +74,56 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             db = store::connect(&url).await.ok();
         }
         let Some(c) = db.as_ref() else { continue };
+        // Federation runs in the worker whose sequencer streams the slot: its senders are woken
+        // by that worker's publishes (a leader elsewhere would only poll). A leader whose
+        // replication session lost the slot for longer than a reconnect takes gives the lock
+        // up, so the worker that holds the slot now can lead.
+        let holds_slot = app
+            .status
+            .slot_held
+            .load(std::sync::atomic::Ordering::Acquire);
+        if lock.is_some() && !holds_slot {
+            let since = *slot_gone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= LEAD_WITHOUT_SLOT {
+                tracing::warn!("federation: this worker no longer holds the replication slot; handing the links over");
+                event(
+                    c,
+                    "(self)",
+                    "standby",
+                    json!({"pid": std::process::id(), "reason": "slot"}),
+                )
+                .await;
+                standing_by = true;
+                // Links stopped before the lock goes: the next leader may start them at once.
+                super::set_leading(&url, false);
+                stop_all(&mut running).await;
+                lock = None;
+            }
+        } else {
+            slot_gone_since = None;
+        }
         if lock.as_ref().is_none_or(|l| l.is_closed()) {
             // Lost (or never had) the lock's session: stop the links before anyone else may
             // start them, then try to take it.
             super::set_leading(&url, false);
             stop_all(&mut running).await;
             lock = None;
+            if !holds_slot {
+                // Another worker streams the slot (it leads), or this one has not started
+                // streaming yet: ask again next tick. A live holder elsewhere means standing by.
+                if !standing_by && slot_held_elsewhere(c, &app.cfg.slot).await {
+                    tracing::warn!("federation: another worker holds the replication slot of this database; standing by");
+                    event(
+                        c,
+                        "(self)",
+                        "standby",
+                        json!({"pid": std::process::id(), "reason": "slot"}),
+                    )
+                    .await;
+                    standing_by = true;
+                }
+                continue;
+            }
             if asking.as_ref().is_none_or(|a| a.is_closed()) {
                 asking = store::connect(&url).await.ok();
             }
@@ -184,6 +233,16 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     }
     stop_all(&mut running).await;
     super::set_leading(&url, false);
+}
+
+/// Whether a walsender (another worker's) holds the slot now.
+async fn slot_held_elsewhere(c: &Client, slot: &str) -> bool {
+    c.query_one(
+        "SELECT coalesce((SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), false)",
+        &[&slot],
+    )
+    .await
+    .is_ok_and(|r| r.get::<_, bool>(0))
 }
 
 /// Stops every link task and waits for them (their sessions close).

@@ -297,6 +297,7 @@ pub async fn run(
                 .catch_unwind()
                 .await;
         status.streaming.store(false, Ordering::Release);
+        status.slot_held.store(false, Ordering::Release);
         match result {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
@@ -434,7 +435,17 @@ async fn session(
     if crate::failpoint::fire("stall_before_streaming") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    // The server accepted START_REPLICATION: the slot is ours (one walsender at a time), and
+    // federation may run here (its senders are woken by this worker's publishes).
+    tokio::select! {
+        started = repl.wait_started() => started?,
+        _ = shutdown.changed() => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), repl.shutdown()).await;
+            return Ok(());
+        }
+    }
+    status.slot_held.store(true, Ordering::Release);
     if s.unresolved.is_none() && s.hold.is_none() {
         status.streaming.store(true, Ordering::Release);
     }
