@@ -1444,3 +1444,242 @@ fn three_region_soak() {
     assert!(grew.is_empty(), "worker memory grew: {}", grew.join("; "));
     eprintln!("soak: converged, exactly once, memory flat (SOAK_SEED={seed})");
 }
+
+/// Review rev14a F1: a lone worker whose replication session flaps (its walsender is ended
+/// again and again, e.g. a flaky replication path; the sequencer's backoff reaches 10 s) keeps
+/// leading: with no other worker streaming the slot there is nobody to hand the links to (it
+/// once recorded `standby` and `leading` for a second worker that never existed, and inbound
+/// federation, which needs no slot, stopped meanwhile).
+#[test]
+fn a_lone_worker_whose_replication_flaps_keeps_federation() {
+    let mut m = Mesh::start("fc_flap", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    let url = m.nodes[1].cluster.url("app");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flapper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c =
+                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                    .unwrap();
+            let mut ended = 0;
+            while !stop.load(Ordering::Relaxed) {
+                ended += c
+                    .query_one(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(active_pid))
+                           FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active",
+                        &[],
+                    )
+                    .map(|r| r.get::<_, i64>(0))
+                    .unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ended
+        })
+    };
+    // Inbound federation at B (A→B) does not need B's slot: watch whether it keeps running.
+    let started = Instant::now();
+    let mut in_down_at = None;
+    while started.elapsed() < Duration::from_secs(35) {
+        let metrics = m.node("b").metrics();
+        if in_down_at.is_none()
+            && !metrics.contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+        {
+            in_down_at = Some(started.elapsed());
+        }
+        if m.node("b")
+            .int("SELECT count(*) FROM pg_sync.peer_events WHERE event = 'standby'")
+            > 0
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ended = flapper.join().unwrap();
+    // Streaming again: the worker takes the lock back.
+    wait_for("B leads again", Duration::from_secs(40), || {
+        m.node("b")
+            .metrics()
+            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+    });
+    let events = m.node("b").text(
+        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
+           FROM pg_sync.peer_events WHERE peer = '(self)'",
+    );
+    eprintln!(
+        "walsenders ended: {ended}; A→B link first seen down after {in_down_at:?}; B's (self) events:\n{events}"
+    );
+    assert_eq!(
+        events, "",
+        "a lone worker recorded standby/leading (there is no other worker)"
+    );
+}
+
+/// Review rev14a F2: when the leading worker dies, the standby takes the lock within about half a
+/// second (docs/federation.md), not once its own sequencer's backoff (up to 10 s) lets it take
+/// the slot: it asks as soon as no other worker's walsender streams the slot. Three failovers.
+#[test]
+fn the_standby_leads_soon_after_the_first_worker_dies() {
+    let mut m = Mesh::start("fc_failover", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    let leads = |port: u16| {
+        block_on(common::http_get(port, "/metrics"))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+    };
+    let mut leader = m.node("b").worker.take().unwrap();
+    let mut took = vec![];
+    for round in 0..3 {
+        let twin_port = common::free_port();
+        let mut twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, &[]);
+        // Long enough for the twin's replication backoff to reach its cap (0.2 s doubling to 10 s).
+        // The two may have raced for the slot after the last kill: federation follows the one
+        // that streams it, so either may lead now, but exactly one.
+        std::thread::sleep(Duration::from_secs(20));
+        let (l, t) = (leads(leader.port), leads(twin_port));
+        assert!(l != t, "round {round}: leading: first {l}, twin {t}");
+        if t {
+            std::mem::swap(&mut leader, &mut twin);
+        }
+        let standby_port = twin.port;
+        leader.kill9();
+        let killed = Instant::now();
+        while !leads(standby_port) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(40),
+                "the twin never led"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        took.push(killed.elapsed());
+        leader = twin;
+    }
+    eprintln!("the twin pulled from A this long after the leader was killed: {took:?}");
+    drop(leader);
+    assert!(
+        took.iter().all(|t| *t < Duration::from_secs(2)),
+        "federation failed over in {took:?} (docs: the standby takes the lock within about half a second)"
+    );
+}
+
+/// Review rev14a F4: only another worker's walsender counts as "another worker streams the
+/// slot": a lone worker whose sequencer is creating the slot (which waits for running
+/// transactions) or peeking at it (the backlog peek path) from a client backend records no
+/// `standby` / `leading` events.
+#[test]
+fn a_lone_worker_creating_its_slot_does_not_report_another_worker() {
+    let mut m = Mesh::start("fc_selfslot", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    m.node("b").kill9();
+    // The slot is gone (dropped by the operator, or this is the first start): the worker
+    // creates it, and the creation waits for this open transaction.
+    wait_for("the old walsender to go", Duration::from_secs(10), || {
+        m.node("b")
+            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
+            == 0
+    });
+    m.node("b")
+        .exec("SELECT pg_drop_replication_slot('pg_sync')");
+    let mut open = pg_sync_tests::postgres::Client::connect(
+        &m.nodes[1].cluster.url("app"),
+        pg_sync_tests::postgres::NoTls,
+    )
+    .unwrap();
+    open.batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .unwrap();
+    m.node("b").spawn_worker(&[]);
+    std::thread::sleep(Duration::from_secs(4));
+    let holder = m.node("b").text(
+        "SELECT coalesce((SELECT format('active %s, pid %s: %s', s.active, s.active_pid, a.query)
+                            FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid
+                           WHERE s.slot_name = 'pg_sync'), 'no slot')",
+    );
+    open.batch_execute("COMMIT").unwrap();
+    wait_for("B leads", Duration::from_secs(30), || {
+        m.node("b")
+            .metrics()
+            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+    });
+    let events = m.node("b").text(
+        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
+           FROM pg_sync.peer_events WHERE peer = '(self)'",
+    );
+    eprintln!("the slot while the worker started: {holder}\nB's (self) events:\n{events}");
+    assert_eq!(
+        events, "",
+        "a lone worker said another worker holds its slot"
+    );
+}
+
+/// Review rev14a F5: a slot that cannot be streamed (here invalidated, `wal_status` 'lost', by
+/// `max_slot_wal_keep_size` while the worker was down) does not stop federation on that node:
+/// with no other worker streaming the slot, the worker leads, and A's changes are applied.
+#[test]
+fn a_lost_slot_does_not_stop_inbound_federation() {
+    let mut m = Mesh::start("fc_lostslot", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    m.node("b").kill9();
+    wait_for("the old walsender to go", Duration::from_secs(10), || {
+        m.node("b")
+            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
+            == 0
+    });
+    m.node("b")
+        .exec("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    m.node("b").exec("SELECT pg_reload_conf()");
+    for i in 0..4 {
+        m.node("b").exec(&format!(
+            "CREATE TABLE IF NOT EXISTS wal_filler (x int); INSERT INTO wal_filler SELECT generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT; -- {i}"
+        ));
+    }
+    let wal_status = m.node("b").text(
+        "SELECT coalesce(wal_status, 'none') FROM pg_replication_slots WHERE slot_name = 'pg_sync'",
+    );
+    assert_eq!(wal_status, "lost", "the slot was not invalidated");
+    m.node("b").spawn_worker(&[]);
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('from_a', 'a', 1, 'g0')");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut arrived = false;
+    while Instant::now() < deadline {
+        if m.node("b")
+            .int("SELECT count(*) FROM items WHERE id = 'from_a'")
+            == 1
+        {
+            arrived = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = m.node("b").text(
+        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
+           FROM pg_sync.peer_events WHERE peer = '(self)'",
+    );
+    let up = m
+        .node("b")
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("pg_sync_peer_up"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let alive = m.node("b").worker.as_ref().is_some_and(|w| w.alive());
+    let health = block_on(common::http_get(m.nodes[1].port, "/healthz"))
+        .map(|(s, b)| format!("{s} {b}"))
+        .unwrap_or_default();
+    eprintln!("A's write reached B: {arrived}; B's worker alive: {alive}, /healthz: {health}; B's (self) events: {events:?}; B's peer_up:\n{up}");
+    m.node("b").kill9();
+    assert!(
+        arrived,
+        "A's write never reached B (B's slot is lost; federation never led)"
+    );
+}

@@ -30,9 +30,9 @@ type Ws =
 /// Frames the receiver lets the sender have in flight.
 const WINDOW: u32 = 8;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a leader may go without the replication slot (a replication reconnect takes less)
-/// before it hands the federation lock to the worker that holds it.
-const LEAD_WITHOUT_SLOT: Duration = Duration::from_secs(10);
+/// How long a leader without the replication slot lets another worker stream it before it hands
+/// the federation lock over to that worker.
+const LEAD_WITHOUT_SLOT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -60,8 +60,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     // A standby keeps its session and asks again on it each tick (not a new session per tick).
     let mut asking: Option<Client> = None;
     let mut standing_by = false;
-    // Since when this worker, leading, has not held the replication slot.
+    // Since when this worker, leading, has seen another worker stream the replication slot.
     let mut slot_gone_since: Option<Instant> = None;
+    // Ticks in a row that another worker's walsender was seen streaming the slot.
+    let mut sightings = 0u32;
     let url = app.cfg.database_url.clone();
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
@@ -75,17 +77,24 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         }
         let Some(c) = db.as_ref() else { continue };
         // Federation runs in the worker whose sequencer streams the slot: its senders are woken
-        // by that worker's publishes (a leader elsewhere would only poll). A leader whose
-        // replication session lost the slot for longer than a reconnect takes gives the lock
-        // up, so the worker that holds the slot now can lead.
+        // by that worker's publishes (a leader elsewhere would only poll). So a worker without
+        // the slot does not ask for the lock while another worker's walsender streams it, and
+        // a leader without the slot hands the lock over once another worker has streamed it for
+        // LEAD_WITHOUT_SLOT. With no other worker streaming (one worker whose replication
+        // reconnects, or whose slot cannot be streamed) this one leads as before: receiving
+        // needs no slot, and its senders fall back to polling.
         let holds_slot = app
             .status
             .slot_held
             .load(std::sync::atomic::Ordering::Acquire);
-        if lock.is_some() && !holds_slot {
+        let streamed_elsewhere = !holds_slot && slot_streamed_elsewhere(c, &app.cfg.slot).await;
+        if !streamed_elsewhere {
+            sightings = 0;
+        }
+        if lock.is_some() && streamed_elsewhere {
             let since = *slot_gone_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= LEAD_WITHOUT_SLOT {
-                tracing::warn!("federation: this worker no longer holds the replication slot; handing the links over");
+                tracing::warn!("federation: another worker streams the replication slot; handing the links over to it");
                 event(
                     c,
                     "(self)",
@@ -108,11 +117,13 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             super::set_leading(&url, false);
             stop_all(&mut running).await;
             lock = None;
-            if !holds_slot {
-                // Another worker streams the slot (it leads), or this one has not started
-                // streaming yet: ask again next tick. A live holder elsewhere means standing by.
-                if !standing_by && slot_held_elsewhere(c, &app.cfg.slot).await {
-                    tracing::warn!("federation: another worker holds the replication slot of this database; standing by");
+            if streamed_elsewhere {
+                // That worker leads (or will): ask again next tick. Standing by is recorded
+                // once seen twice running (this worker's own walsender may show for a moment
+                // before its session knows it started).
+                sightings += 1;
+                if !standing_by && sightings >= 2 {
+                    tracing::warn!("federation: another worker streams the replication slot of this database; standing by");
                     event(
                         c,
                         "(self)",
@@ -235,10 +246,14 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     super::set_leading(&url, false);
 }
 
-/// Whether a walsender (another worker's) holds the slot now.
-async fn slot_held_elsewhere(c: &Client, slot: &str) -> bool {
+/// Whether a walsender streams the slot now: another worker's, as this one (the caller) does
+/// not hold it. (The worker's own slot creation or SQL peek makes the slot active from a client
+/// backend, not a walsender.)
+async fn slot_streamed_elsewhere(c: &Client, slot: &str) -> bool {
     c.query_one(
-        "SELECT coalesce((SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), false)",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                          JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid
+                         WHERE s.slot_name = $1 AND a.backend_type = 'walsender')",
         &[&slot],
     )
     .await

@@ -35,8 +35,9 @@ use std::time::Duration;
 #[derive(Default)]
 pub struct Status {
     pub streaming: AtomicBool,
-    /// This worker's replication session has the slot (its stream delivered an event; cleared
-    /// when the session ends). Federation runs only in the worker that holds it.
+    /// This worker's replication session has the slot (the server accepted its
+    /// START_REPLICATION; cleared when the session ends). Federation prefers the worker that
+    /// holds it (federation/link.rs).
     pub slot_held: AtomicBool,
     pub acked_lsn: AtomicU64,
     /// Every transaction whose commit is below this LSN has been sequenced and published.

@@ -654,6 +654,11 @@ impl Mesh {
 fn explain_links(nodes: &mut [Node]) {
     for n in nodes {
         let alive = n.worker.as_ref().is_some_and(|w| w.alive());
+        // (A broken test session must not hide the failure this explains.)
+        if n.db.is_closed() {
+            eprintln!("{}: the test's session is closed", n.name);
+            continue;
+        }
         let links = n.text(
             "SELECT coalesce(string_agg(format('%s %s %s since %s: %s', l.peer, l.direction, l.state,
                                                l.connected_since, l.last_error), E'\n' ORDER BY l.peer, l.direction), '')
