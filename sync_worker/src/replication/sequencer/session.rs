@@ -759,8 +759,9 @@ impl Session<'_> {
     /// cache of valid API keys may answer (every revocation committed from now on is
     /// published to it, when the publication carries every change of `pg_sync.api_keys`).
     fn streaming(&self) {
-        if !self.status.streaming.swap(true, Ordering::AcqRel) {
+        if !self.status.streaming.load(Ordering::Acquire) {
             self.hub.known_keys.trust(self.follows_keys);
+            self.status.streaming.store(true, Ordering::Release);
         }
     }
 
