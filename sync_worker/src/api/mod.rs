@@ -492,6 +492,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "Live subscribers.",
             app.hub.subscriber_count() as f64,
         ),
+        gauge(
+            "pg_sync_api_keys_cached",
+            "Valid API keys held in memory (answered without a database lookup).",
+            app.hub.known_keys.len() as f64,
+        ),
         counter(
             "pg_sync_slow_consumer_closes_total",
             "Connections cut off for not reading.",
