@@ -112,6 +112,8 @@ pub struct Identity {
     /// confirms it there first (`HeldKey::valid`), since a revocation reaches the cache only
     /// through the replication stream, moments after it commits.
     pub cached: bool,
+    /// When the API key was checked (the cache's generation then).
+    pub checked: Option<crate::auth::Ticket>,
 }
 
 impl Identity {
@@ -121,6 +123,7 @@ impl Identity {
             id: self.key.clone()?,
             user: self.user.clone(),
             hash: self.key_hash.clone()?,
+            checked: self.checked,
         })
     }
 }
@@ -135,6 +138,8 @@ pub struct HeldKey {
     pub id: String,
     pub user: String,
     pub hash: Vec<u8>,
+    /// When the request checked it (`Identity::checked`).
+    pub checked: Option<crate::auth::Ticket>,
 }
 
 impl HeldKey {
@@ -195,6 +200,7 @@ pub async fn authenticate(
                 key_hash: None,
                 expires: Some(v.expires),
                 cached: false,
+                checked: None,
             }),
             Err(e) => Err(Refusal::of(e.code(), &e.to_string())),
         };
@@ -208,13 +214,14 @@ pub async fn authenticate(
     // A key found before and not revoked since needs no lookup: valid keys never wait behind
     // the budget that floods of unknown keys use up.
     let hash = crate::auth::key_hash(&token);
-    if let (Some(known), _) = app.hub.known_keys.get(&hash) {
+    if let (Some(known), ticket) = app.hub.known_keys.get(&hash) {
         return Ok(Identity {
             user: known.user,
             key: Some(known.id),
             key_hash: Some(hash.to_vec()),
             expires: None,
             cached: true,
+            checked: Some(ticket),
         });
     }
     if app.unknown_keys.contains(&token) {
@@ -263,6 +270,7 @@ pub async fn authenticate(
                 key_hash: Some(row.get(2)),
                 expires: None,
                 cached: false,
+                checked: Some(ticket),
             };
             if crate::failpoint::fire("key_lookup_pause") {
                 // Tests: the key is revoked (and that published) while this lookup is in
