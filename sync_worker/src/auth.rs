@@ -1,6 +1,8 @@
 //! Client authentication: a bearer JWT (HS256 secret or RS256 public key) whose `sub` is the
-//! user id, checked for `exp`, `nbf` and (when configured) `aud` and `iss`. Tokens are never
-//! logged; failures say only why in general terms.
+//! user id, checked for `exp`, `nbf` and (when configured) `aud` and `iss`; and the API-key
+//! caches: valid keys by hash (`KnownKeys`, kept current by the hub) and unknown keys with the
+//! lookup budget (`UnknownKeys`). Tokens and key hashes are never logged; failures say only
+//! why in general terms.
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
