@@ -1,6 +1,8 @@
 //! Client authentication: a bearer JWT (HS256 secret or RS256 public key) whose `sub` is the
-//! user id, checked for `exp`, `nbf` and (when configured) `aud` and `iss`. Tokens are never
-//! logged; failures say only why in general terms.
+//! user id, checked for `exp`, `nbf` and (when configured) `aud` and `iss`; and the API-key
+//! caches: valid keys by hash (`KnownKeys`, kept current by the hub) and unknown keys with the
+//! lookup budget (`UnknownKeys`). Tokens and key hashes are never logged; failures say only
+//! why in general terms.
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -117,6 +119,155 @@ pub fn is_api_key_shaped(token: &str) -> bool {
         && token[4..]
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The hash `pg_sync.api_keys.key_hash` stores for `token` (SHA-256 of its UTF-8 bytes).
+pub fn key_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// An API key the database found: whose it is, and its row's id (its hash is the cache's key).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnownKey {
+    pub user: String,
+    /// `pg_sync.api_keys.id`.
+    pub id: String,
+}
+
+/// When a key was checked (`KnownKeys::ticket`): a lookup may put what it read into the cache
+/// only if nothing was revoked since it began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+/// Valid API keys, by hash, so a valid key needs no lookup (and so never waits behind the
+/// budget for unknown keys). Kept current by the replication stream: the hub removes a key
+/// when a transaction that deletes, truncates or re-points it is published, which is when the
+/// key's live sessions are closed. So the cache answers only while this worker's replication
+/// session is streaming with a publication that carries `pg_sync.api_keys` (`trust`): a worker
+/// that does not hold the slot (a second worker on the database) or whose stream is down sees
+/// no revocation, and looks every key up. Every revocation and every change of trust moves a
+/// generation; a lookup takes a `Ticket` before its query and may insert only if the
+/// generation has not moved since, so a revocation that commits and is published while a
+/// lookup for the key is in flight cannot be overwritten by that lookup's stale "valid".
+/// Bounded: past KNOWN_KEYS_MAX an arbitrary entry goes (it is looked up again when used).
+pub struct KnownKeys {
+    inner: std::sync::Mutex<Known>,
+}
+
+#[derive(Default)]
+struct Known {
+    generation: u64,
+    trusted: bool,
+    by_hash: std::collections::HashMap<[u8; 32], KnownKey>,
+    /// Key id to hash: revocations name ids.
+    by_id: std::collections::HashMap<String, [u8; 32]>,
+}
+
+impl Known {
+    fn forget_all(&mut self) {
+        self.generation += 1;
+        self.by_hash = Default::default();
+        self.by_id = Default::default();
+    }
+}
+
+const KNOWN_KEYS_MAX: usize = 50_000;
+
+impl Default for KnownKeys {
+    fn default() -> Self {
+        KnownKeys {
+            inner: std::sync::Mutex::new(Known::default()),
+        }
+    }
+}
+
+impl KnownKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key with this hash, if it is known valid (never while untrusted), and the ticket of
+    /// the answer.
+    pub fn get(&self, hash: &[u8; 32]) -> (Option<KnownKey>, Ticket) {
+        let known = self.lock();
+        let key = known
+            .trusted
+            .then(|| known.by_hash.get(hash).cloned())
+            .flatten();
+        (key, Ticket(known.generation))
+    }
+
+    /// Taken before a lookup's query is sent.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.lock().generation)
+    }
+
+    /// Whether nothing was revoked (and trust did not change) since `ticket`.
+    pub fn unchanged_since(&self, ticket: Ticket) -> bool {
+        self.lock().generation == ticket.0
+    }
+
+    /// Remembers a key the database found with a query sent after `ticket` was taken: only
+    /// when trusted and nothing was revoked since (then what the query read is still true).
+    pub fn insert(&self, ticket: Ticket, hash: [u8; 32], key: KnownKey) -> bool {
+        let mut known = self.lock();
+        if !known.trusted || known.generation != ticket.0 {
+            return false;
+        }
+        if known.by_hash.len() >= KNOWN_KEYS_MAX && !known.by_hash.contains_key(&hash) {
+            if let Some(old) = known.by_hash.keys().next().copied() {
+                if let Some(gone) = known.by_hash.remove(&old) {
+                    known.by_id.remove(&gone.id);
+                }
+            }
+        }
+        // A key id has one hash: an id seen with another one (re-hashed) drops the old entry.
+        if let Some(prev) = known.by_id.insert(key.id.clone(), hash) {
+            if prev != hash {
+                known.by_hash.remove(&prev);
+            }
+        }
+        known.by_hash.insert(hash, key);
+        true
+    }
+
+    /// Keys revoked (deleted, re-pointed to another user or hash) by a published transaction.
+    pub fn revoke<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut known = self.lock();
+        known.generation += 1;
+        for id in ids {
+            if let Some(hash) = known.by_id.remove(id) {
+                known.by_hash.remove(&hash);
+            }
+        }
+    }
+
+    /// Every key revoked (the table was truncated).
+    pub fn revoke_all(&self) {
+        self.lock().forget_all();
+    }
+
+    /// Whether revocations reach this cache from now on (the replication session is
+    /// streaming and follows `pg_sync.api_keys`). Either way it starts empty: what it held
+    /// was kept current by a stream that is gone, or by none.
+    pub fn trust(&self, trusted: bool) {
+        let mut known = self.lock();
+        if known.trusted == trusted && !trusted {
+            return;
+        }
+        known.forget_all();
+        known.trusted = trusted;
+    }
+
+    /// Keys held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.lock().by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// API keys the database said it does not know, remembered for a while so that repeating a
@@ -342,6 +493,74 @@ mod tests {
         assert!(
             most <= UNKNOWN_LOOKUP_BURST as usize,
             "{most} lookups ran at once"
+        );
+    }
+
+    fn known(user: &str, id: &str) -> KnownKey {
+        KnownKey {
+            user: user.into(),
+            id: id.into(),
+        }
+    }
+
+    /// A valid key is remembered only while revocations reach the cache, and a revocation
+    /// published while a lookup was in flight keeps that lookup's stale "valid" out.
+    #[test]
+    fn known_keys_are_trusted_only_while_followed_and_revocations_win_over_lookups() {
+        let keys = KnownKeys::default();
+        let (h1, h2) = (key_hash("pgs_1"), key_hash("pgs_2"));
+        // Untrusted (no stream): nothing is remembered.
+        assert!(!keys.insert(keys.ticket(), h1, known("alice", "k1")));
+        keys.trust(true);
+        assert!(keys.insert(keys.ticket(), h1, known("alice", "k1")));
+        assert_eq!(keys.get(&h1).0, Some(known("alice", "k1")));
+        // A lookup of k2 in flight while k1 (any key) is revoked: its answer is not kept.
+        let before = keys.ticket();
+        keys.revoke(["k1"]);
+        assert_eq!(keys.get(&h1).0, None, "a revoked key is gone at once");
+        assert!(
+            !keys.insert(before, h1, known("alice", "k1")),
+            "stale lookup"
+        );
+        assert!(!keys.unchanged_since(before));
+        assert!(keys.insert(keys.ticket(), h2, known("bob", "k2")));
+        // A re-hashed id drops its old hash.
+        let h3 = key_hash("pgs_3");
+        assert!(keys.insert(keys.ticket(), h3, known("bob", "k2")));
+        assert_eq!(keys.get(&h2).0, None);
+        // Truncation, and a stream that ends, forget everything; an untrusted cache answers
+        // nothing.
+        let t = keys.ticket();
+        keys.revoke_all();
+        assert!(keys.is_empty());
+        assert!(!keys.insert(t, h1, known("alice", "k1")));
+        assert!(keys.insert(keys.ticket(), h1, known("alice", "k1")));
+        keys.trust(false);
+        assert_eq!(keys.get(&h1).0, None);
+        assert!(!keys.insert(keys.ticket(), h1, known("alice", "k1")));
+        // Bounded.
+        keys.trust(true);
+        for i in 0..KNOWN_KEYS_MAX + 10 {
+            keys.insert(
+                keys.ticket(),
+                key_hash(&format!("pgs_{i}")),
+                known("u", &format!("id{i}")),
+            );
+        }
+        assert_eq!(keys.len(), KNOWN_KEYS_MAX);
+        assert_eq!(keys.lock().by_id.len(), KNOWN_KEYS_MAX);
+    }
+
+    #[test]
+    fn key_hash_is_what_the_database_stores() {
+        // = encode(sha256(convert_to('pgs_abc', 'UTF8')), 'hex') (sha256sum agrees)
+        let hex: String = key_hash("pgs_abc")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            "e762db1435da2d1bf0ae00935b20e1db3e216118900d9c8730a170bb70b42f50"
         );
     }
 

@@ -276,6 +276,9 @@ pub struct Hub {
     /// The published watermark, for waiters that need only "something new was published"
     /// (federation senders): O(1) per publish, no payload kept, never lags.
     advanced: tokio::sync::watch::Sender<i64>,
+    /// Valid API keys, removed here as their revocations are published (so at the same moment
+    /// their live sessions are closed).
+    pub known_keys: crate::auth::KnownKeys,
 }
 
 impl Hub {
@@ -302,6 +305,7 @@ impl Hub {
             metrics: Metrics::default(),
             touched: tokio::sync::broadcast::channel(1024).0,
             advanced: tokio::sync::watch::channel(last_sync_id).0,
+            known_keys: Default::default(),
         }
     }
 
@@ -655,6 +659,13 @@ impl Hub {
                 apply_membership(&mut st, m);
             }
             let revoked: Vec<&str> = txn.revoked_keys.iter().map(String::as_str).collect();
+            // Before anything is told of it, under the hub's lock: a request that authenticates
+            // from the cache after a session registered here was cut finds the key gone.
+            if txn.all_keys_revoked {
+                self.known_keys.revoke_all();
+            } else if !revoked.is_empty() {
+                self.known_keys.revoke(revoked.iter().copied());
+            }
             if txn.all_keys_revoked {
                 let _ = self.revocations.send(Revoked::All);
             }

@@ -141,9 +141,7 @@ pub async fn deltas(
 /// lines; deltas carry `id: <syncId>` so a reconnecting EventSource resumes by itself.
 pub async fn sse(
     State(app): State<Arc<App>>,
-    Identity {
-        user, key, expires, ..
-    }: Identity,
+    identity: Identity,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -156,9 +154,14 @@ pub async fn sse(
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };
+    let held = identity.held_key();
+    let Identity {
+        user, key, expires, ..
+    } = identity;
     let Some((mut sub, registration)) = stream::register(&app, &user, key.as_deref()).await else {
         return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
+    stream::recheck_key(&app, held.as_ref()).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     let mut shutdown = app.shutdown.clone();
     tokio::spawn(async move {

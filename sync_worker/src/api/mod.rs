@@ -108,6 +108,12 @@ pub struct Identity {
     /// The API key's stored hash (with `key`).
     pub key_hash: Option<Vec<u8>>,
     pub expires: Option<std::time::SystemTime>,
+    /// The API key was found in the hub's cache of valid keys, not in the database: a write
+    /// confirms it there first (`HeldKey::valid`), since a revocation reaches the cache only
+    /// through the replication stream, moments after it commits.
+    pub cached: bool,
+    /// When the API key was checked (the cache's generation then).
+    pub checked: Option<crate::auth::Ticket>,
 }
 
 impl Identity {
@@ -117,6 +123,7 @@ impl Identity {
             id: self.key.clone()?,
             user: self.user.clone(),
             hash: self.key_hash.clone()?,
+            checked: self.checked,
         })
     }
 }
@@ -131,6 +138,8 @@ pub struct HeldKey {
     pub id: String,
     pub user: String,
     pub hash: Vec<u8>,
+    /// When the request checked it (`Identity::checked`).
+    pub checked: Option<crate::auth::Ticket>,
 }
 
 impl HeldKey {
@@ -190,6 +199,8 @@ pub async fn authenticate(
                 key: None,
                 key_hash: None,
                 expires: Some(v.expires),
+                cached: false,
+                checked: None,
             }),
             Err(e) => Err(Refusal::of(e.code(), &e.to_string())),
         };
@@ -197,7 +208,23 @@ pub async fn authenticate(
     let unknown = || Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key");
     // Strings that cannot be keys, and keys the database just said it does not know, are
     // refused without a query: an unauthenticated flood must not cost the database.
-    if !crate::auth::is_api_key_shaped(&token) || app.unknown_keys.contains(&token) {
+    if !crate::auth::is_api_key_shaped(&token) {
+        return Err(unknown());
+    }
+    // A key found before and not revoked since needs no lookup: valid keys never wait behind
+    // the budget that floods of unknown keys use up.
+    let hash = crate::auth::key_hash(&token);
+    if let (Some(known), ticket) = app.hub.known_keys.get(&hash) {
+        return Ok(Identity {
+            user: known.user,
+            key: Some(known.id),
+            key_hash: Some(hash.to_vec()),
+            expires: None,
+            cached: true,
+            checked: Some(ticket),
+        });
+    }
+    if app.unknown_keys.contains(&token) {
         return Err(unknown());
     }
     // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
@@ -225,6 +252,8 @@ pub async fn authenticate(
             return unavailable(e.to_string());
         }
     };
+    // Before the query: a revocation published while it runs keeps its answer out of the cache.
+    let ticket = app.hub.known_keys.ticket();
     let found = db
         .query_opt(
             "SELECT user_id, id::text, key_hash FROM pg_sync.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
@@ -235,12 +264,28 @@ pub async fn authenticate(
     match found {
         Ok(Some(row)) => {
             lookup.found();
-            Ok(Identity {
+            let identity = Identity {
                 user: row.get(0),
                 key: Some(row.get(1)),
                 key_hash: Some(row.get(2)),
                 expires: None,
-            })
+                cached: false,
+                checked: Some(ticket),
+            };
+            if crate::failpoint::fire("key_lookup_pause") {
+                // Tests: the key is revoked (and that published) while this lookup is in
+                // flight, between its "valid" and its insert.
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            }
+            app.hub.known_keys.insert(
+                ticket,
+                hash,
+                crate::auth::KnownKey {
+                    user: identity.user.clone(),
+                    id: identity.key.clone().unwrap_or_default(),
+                },
+            );
+            Ok(identity)
         }
         Ok(None) => {
             drop(lookup);
@@ -454,6 +499,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "pg_sync_subscribers",
             "Live subscribers.",
             app.hub.subscriber_count() as f64,
+        ),
+        gauge(
+            "pg_sync_api_keys_cached",
+            "Valid API keys held in memory (answered without a database lookup).",
+            app.hub.known_keys.len() as f64,
         ),
         counter(
             "pg_sync_slow_consumer_closes_total",

@@ -229,9 +229,28 @@ pub async fn preflight(headers: HeaderMap) -> Response {
 
 pub async fn mutate(
     State(app): State<Arc<App>>,
-    Identity { user, .. }: Identity,
+    identity: Identity,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A key answered from the cache of valid keys is confirmed in the database before it
+    // writes: a revocation reaches the cache only once the replication stream has it.
+    if let Some(held) = identity.held_key().filter(|_| identity.cached) {
+        match held.valid(&app).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key")
+                    .into_response()
+            }
+            Err(_) => {
+                return Refusal::of(
+                    ErrorCode::Unavailable,
+                    "cannot check the API key now; retry",
+                )
+                .into_response()
+            }
+        }
+    }
+    let user = identity.user;
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {

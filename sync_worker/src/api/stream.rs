@@ -91,6 +91,28 @@ pub async fn register(
     Some((sub, registration))
 }
 
+/// Closes a session registered under an API key that was revoked after the request checked it
+/// but before the session registered with the hub (which then had no session of the key to
+/// close): when any revocation was published since the check, the key is looked at again in
+/// the database, and if it is gone its revocation is published once more, which closes this
+/// session (4401) and any other of the key's.
+pub async fn recheck_key(app: &App, held: Option<&super::HeldKey>) {
+    let Some(held) = held else { return };
+    let Some(checked) = held.checked else { return };
+    if app.hub.known_keys.unchanged_since(checked) {
+        return;
+    }
+    match held.valid(app).await {
+        Ok(true) => {}
+        Ok(false) => app.hub.publish(&[crate::hub::Published {
+            revoked_keys: vec![held.id.clone()],
+            ..Default::default()
+        }]),
+        // As a session that missed nothing would be: the stream closes it if it is revoked.
+        Err(e) => tracing::warn!(error = %e, "cannot check a session's API key again"),
+    }
+}
+
 /// A claimed group load: dropped before `set_groups`, it lets a waiting connection of the
 /// user load them instead.
 struct LoadClaim<'a> {

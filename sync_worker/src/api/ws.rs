@@ -227,6 +227,7 @@ async fn session(
         close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
         return;
     };
+    stream::recheck_key(&app, held.as_ref()).await;
     // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
     let expiry = stream::token_expiry(expires);
     tokio::pin!(expiry);

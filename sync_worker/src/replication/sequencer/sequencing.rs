@@ -236,7 +236,10 @@ impl Session<'_> {
                 // registry again at once: streamed before it is visible (see `persist`), it
                 // would find the old registration and hold on, with no other wake to come.
                 // So it is waited for as the persisted ones are (the statement's $6 only).
-                if txn.registry_changed && txn.commit_lsn > self.last_commit_lsn {
+                // Likewise a key revocation: published, it empties the hub's cache of valid
+                // keys, and a lookup that then still saw the key would put it back.
+                let revokes = txn.all_keys_revoked || !txn.revoked_keys.is_empty();
+                if (txn.registry_changed || revokes) && txn.commit_lsn > self.last_commit_lsn {
                     stream_xids.push(i64::from(txn.stream_xid));
                 }
                 continue;

@@ -134,6 +134,8 @@ pub(super) struct Session<'a> {
     pub(super) caught_up: Lsn,
     /// Where `ACTION_COLUMNS` are in the log's rows.
     pub(super) columns: Positions<12>,
+    /// The publication carries every change of `pg_sync.api_keys` (`ensure_setup`).
+    pub(super) follows_keys: bool,
 }
 
 /// A slot acknowledgement (`ack`) that waits until the WAL is flushed past `bound` (the commit
@@ -298,6 +300,8 @@ pub async fn run(
                 .await;
         status.streaming.store(false, Ordering::Release);
         status.slot_held.store(false, Ordering::Release);
+        // No revocation reaches the hub until the next session streams.
+        hub.known_keys.trust(false);
         match result {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
@@ -345,7 +349,7 @@ async fn session(
     peek: &mut bool,
 ) -> Result<(), SequencerError> {
     let db = connect(&cfg.database_url).await?;
-    ensure_setup(&db, cfg, status).await?;
+    let follows_keys = ensure_setup(&db, cfg, status).await?;
     let row = db
         .query_one(
             "SELECT pg_sync.last_sync_id(), coalesce((SELECT max(commit_lsn) FROM pg_sync.commit_order), '0/0')::text,
@@ -377,6 +381,7 @@ async fn session(
         processed: Lsn::ZERO,
         caught_up: Lsn::ZERO,
         columns: Positions::new(ACTION_COLUMNS),
+        follows_keys,
     };
     s.confirm(None);
     // What a previous session persisted but could not publish (it failed in between) reaches
@@ -436,8 +441,11 @@ async fn session(
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
-    // The server accepted START_REPLICATION: the slot is ours (one walsender at a time), and
-    // federation may run here (its senders are woken by this worker's publishes).
+    // Held from here on (connect returns before the server accepted START_REPLICATION): every
+    // transaction committed later streams in this session, the slot is ours (one walsender at a
+    // time), and federation may run here (its senders are woken by this worker's publishes). A
+    // worker whose slot is held by another ends the session here, never looking as if it
+    // streamed.
     tokio::select! {
         started = repl.wait_started() => started?,
         _ = shutdown.changed() => {
@@ -447,7 +455,7 @@ async fn session(
     }
     status.slot_held.store(true, Ordering::Release);
     if s.unresolved.is_none() && s.hold.is_none() {
-        status.streaming.store(true, Ordering::Release);
+        s.streaming();
     }
     tracing::info!(slot = %cfg.slot, last_sync_id, "replication streaming");
     let mut st = Stream {
@@ -510,7 +518,7 @@ async fn session(
         if resolved {
             s.resolve_backlog().await?;
             if s.hold.is_none() {
-                status.streaming.store(true, Ordering::Release);
+                s.streaming();
             }
         }
         if s.handle(&mut st, event).await? {
@@ -754,7 +762,17 @@ impl Session<'_> {
         }
         self.hold = None;
         self.hub.release(last);
-        self.status.streaming.store(true, Ordering::Release);
+        self.streaming();
+    }
+
+    /// Everything is sequenced as it streams from here on: health says so, and the hub's
+    /// cache of valid API keys may answer (every revocation committed from now on is
+    /// published to it, when the publication carries every change of `pg_sync.api_keys`).
+    fn streaming(&self) {
+        if !self.status.streaming.load(Ordering::Acquire) {
+            self.hub.known_keys.trust(self.follows_keys);
+            self.status.streaming.store(true, Ordering::Release);
+        }
     }
 
     pub(super) fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {
