@@ -55,6 +55,51 @@ pub(super) struct OpenTxn {
     /// A registration changed (`register_table` again, `unregister_table`): held `/v1/shape`
     /// requests wake to answer their 409.
     pub(super) registry_changed: bool,
+    /// Its actions' groups, persisted as `commit_order.group_ids` (see `TxnGroups`).
+    pub(super) groups: TxnGroups,
+}
+
+/// The groups of a transaction's actions as `pg_sync.changes()` filters them, persisted in
+/// `commit_order.group_ids` so that a page for a reader of other groups does not read the
+/// transaction's actions at all. `None` (NULL: always read) once the transaction has a global
+/// action (no group id), a membership change (passed to its member whatever the reader's
+/// groups), or more than `MAX_TXN_GROUPS` groups. A missing group would hide that group's
+/// actions from its readers: every action counted is taken in, past the buffer too.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct TxnGroups(Option<Vec<String>>);
+
+/// More groups than this in one transaction: `commit_order.group_ids` is NULL (always read).
+pub(super) const MAX_TXN_GROUPS: usize = 32;
+
+impl TxnGroups {
+    pub(super) fn new() -> TxnGroups {
+        TxnGroups(Some(vec![]))
+    }
+
+    /// Takes in one action's model and group id.
+    pub(super) fn add(&mut self, model: Option<&str>, group: Option<&str>) {
+        let Some(groups) = self.0.as_mut() else {
+            return;
+        };
+        match group {
+            Some(g) if model != Some(crate::delta::MEMBERSHIP_MODEL) => {
+                if groups.iter().any(|have| have == g) {
+                    return;
+                }
+                if groups.len() < MAX_TXN_GROUPS {
+                    groups.push(g.to_owned());
+                    return;
+                }
+                self.0 = None;
+            }
+            _ => self.0 = None,
+        }
+    }
+
+    /// The list to persist; `None` for NULL.
+    pub(super) fn get(&self) -> Option<&[String]> {
+        self.0.as_deref()
+    }
 }
 
 impl OpenTxn {
@@ -65,6 +110,7 @@ impl OpenTxn {
             self.xid = v[11].map(str::to_owned);
         }
         self.count += 1;
+        self.groups.add(v[0], v[5]);
         if self.large {
             // Re-read from the database (`publish_large`): building its deltas now would be
             // a JSON pass over every action thrown away, and holding them memory it must not
@@ -535,6 +581,7 @@ impl Session<'_> {
                     revoked_keys: vec![],
                     all_keys_revoked: false,
                     registry_changed: false,
+                    groups: TxnGroups::new(),
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -781,6 +828,7 @@ mod tests {
             revoked_keys: vec![],
             all_keys_revoked: false,
             registry_changed: false,
+            groups: TxnGroups::new(),
         };
         let ids: Vec<String> = (1..=7).map(|i| i.to_string()).collect();
         for id in &ids {
