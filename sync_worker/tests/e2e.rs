@@ -6315,18 +6315,21 @@ async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() 
     let (cluster, mut db) = app_cluster("ws_group_ids");
     let worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "50")]);
     worker.wait_healthy().await;
-    exec(
-        &mut db,
-        "INSERT INTO todos VALUES (1, 'a', 'p1');
-         INSERT INTO todos VALUES (2, 'b', 'p1'), (3, 'c', 'p2'), (4, 'd', 'p1');
-         INSERT INTO announcements VALUES (1, 'all');
-         SELECT pg_sync.add_member('carol', 'p3');
-         INSERT INTO todos SELECT 100 + g, 'm', 'q' || g FROM generate_series(0, 39) g;
-         INSERT INTO todos SELECT 200 + g, 'big', CASE WHEN g < 119 THEN 'p2' ELSE 'p3' END
-           FROM generate_series(0, 119) g;
-         INSERT INTO todos VALUES (5, 'no group', NULL);
-         UPDATE todos SET project = 'p2' WHERE id = 1;",
-    );
+    // One transaction each (a multi-statement string would be one).
+    for sql in [
+        "INSERT INTO todos VALUES (1, 'a', 'p1')",
+        "INSERT INTO todos VALUES (2, 'b', 'p1'), (3, 'c', 'p2'), (4, 'd', 'p1')",
+        "INSERT INTO announcements VALUES (1, 'all')",
+        "SELECT pg_sync.add_member('carol', 'p3')",
+        "INSERT INTO todos SELECT 100 + g, 'm', 'q' || g FROM generate_series(0, 39) g",
+        // Past the transaction buffer (50): its last action's group is listed too.
+        "INSERT INTO todos SELECT 200 + g, 'big', CASE WHEN g < 119 THEN 'p2' ELSE 'p3' END
+           FROM generate_series(0, 119) g",
+        "INSERT INTO todos VALUES (5, 'no group', NULL)",
+        "UPDATE todos SET project = 'p2' WHERE id = 1",
+    ] {
+        exec(&mut db, sql);
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while scalar::<i64>(
         &mut db,
