@@ -368,7 +368,11 @@ AS $$
               FROM pg_sync.membership_log m
               JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
               JOIN pg_sync.commit_order c ON c.xid = a.xid
-             WHERE m.user_id = member_joins.user_id AND m.joined) j
+             WHERE m.user_id = member_joins.user_id AND m.joined
+               -- Only transactions overlapping the range can hold a join in it: the count (a
+               -- pass over the transaction's earlier actions) is not made for the others. A
+               -- replay asks again for each page's few new ids, and the user's joins lie before.
+               AND c.first_sync_id <= upto AND c.first_sync_id + c.action_count - 1 > after) j
      WHERE j.sync_id > after AND j.sync_id <= upto
      GROUP BY j.group_id
 $$;
