@@ -813,6 +813,34 @@ mod tests {
         assert_eq!(ACTION_COLUMNS[10..], ["id", "xid"]);
     }
 
+    /// A transaction's groups for `commit_order.group_ids`: distinct, in first-seen order; NULL
+    /// (always read) for a global action, a membership change, or past MAX_TXN_GROUPS.
+    #[test]
+    fn a_transactions_groups_are_listed_or_null() {
+        let mut g = TxnGroups::new();
+        for group in ["b", "a", "b", ""] {
+            g.add(Some("todos"), Some(group));
+        }
+        assert_eq!(g.get(), Some(&["b".to_string(), "a".into(), "".into()][..]));
+        let mut global = g.clone();
+        global.add(Some("announcements"), None);
+        assert_eq!(global.get(), None);
+        global.add(Some("todos"), Some("c"));
+        assert_eq!(global.get(), None, "NULL stays NULL");
+        let mut member = TxnGroups::new();
+        member.add(Some(crate::delta::MEMBERSHIP_MODEL), Some("a"));
+        assert_eq!(member.get(), None);
+        let mut many = TxnGroups::new();
+        for i in 0..MAX_TXN_GROUPS {
+            many.add(Some("todos"), Some(&format!("g{i}")));
+        }
+        assert_eq!(many.get().map(<[String]>::len), Some(MAX_TXN_GROUPS));
+        many.add(Some("todos"), Some("g0"));
+        assert_eq!(many.get().map(<[String]>::len), Some(MAX_TXN_GROUPS));
+        many.add(Some("todos"), Some("one more"));
+        assert_eq!(many.get(), None);
+    }
+
     /// Once a transaction is past the buffer (re-read from the database when published), none
     /// of its later actions is built or held: before, the buffer filled again after each
     /// overflow, building a delta for every action of a huge transaction only to drop it.
