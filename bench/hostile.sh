@@ -23,8 +23,14 @@
 # (-L), so a hostile phase that starves the writer does not leave a backlog that pgbench
 # writes in a burst into the next quiet phase (it did: 5,900-6,900 deliveries/s against 5,000
 # offered, p99 126-213 ms in "quiet" phases after hostile ones, 2026-11-30T20:58Z). 0: never.
-# HOSTILE_STATEMENTS=1: load pg_stat_statements and print the 12 statements that took the most
-# database time over the whole run (both phases) after the report (not added to RESULTS.md).
+# HOSTILE_STATEMENTS=1: load pg_stat_statements, reset it when the phases start (the set-up and
+# the normal subscribers' first replay are not counted), and print after the report the 12
+# statements that took the most database time over the phases (both kinds), each with its
+# calls, time, shared blocks hit/read and rows, in total and per revoked-key cycle (divided by
+# the cycles that ended, 4401 or otherwise), then the totals of the worker's statements (all but pgbench's insert, the load generator's
+# key making, revoking and metering): with
+# HOSTILE_KINDS=revoked, HOSTILE_ROUNDS=1, the database's cost of one revoked-key cycle
+# (buffers are load-independent; times are not). Not added to RESULTS.md.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/bench/lib.sh"
@@ -70,6 +76,7 @@ limit=()
   -f "$work/write.sql" bench >"$work/pgbench.out" 2>&1 &
 pg_pid=$!
 sleep 3
+[ "${HOSTILE_STATEMENTS:-0}" = 1 ] && psql_b -d bench -c "SELECT pg_stat_statements_reset()" >/dev/null
 echo go >&3
 wait "$load_pid" || true
 load_pid=
@@ -117,7 +124,17 @@ PY
 echo "$report"
 printf '\n%s\n' "$report" >>"$here/bench/RESULTS.md"
 if [ "${HOSTILE_STATEMENTS:-0}" = 1 ]; then
+  cycles=$(python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]; print(max(r["revoked_closes"] + r["other_ends"], 1))' "$work/phases.json")
+  echo "pg_stat_statements over the phases; per cycle = divided by $cycles revoked-key cycles (closes 4401 + other ends)"
   psql_b -d bench -c "SELECT calls, round(total_exec_time) AS ms, round(mean_exec_time::numeric, 2) AS mean_ms,
-      rows, left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS query
+      shared_blks_hit AS hit, shared_blks_read AS read, rows,
+      round(calls::numeric / $cycles, 2) AS calls_per_cycle, round((total_exec_time / $cycles)::numeric, 2) AS ms_per_cycle,
+      round((shared_blks_hit + shared_blks_read)::numeric / $cycles) AS blks_per_cycle,
+      left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query
     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12"
+  psql_b -d bench -c "SELECT sum(calls) AS calls, round(sum(total_exec_time)) AS ms, sum(shared_blks_hit) AS hit,
+      sum(shared_blks_read) AS read, round((sum(total_exec_time) / $cycles)::numeric, 2) AS ms_per_cycle,
+      round(sum(shared_blks_hit + shared_blks_read) / $cycles) AS blks_per_cycle
+    FROM pg_stat_statements
+    WHERE query !~ 'INSERT INTO events|create_api_key|revoke_api_key|pg_stat_activity|pg_stat_statements|last_sync_id'"
 fi

@@ -368,7 +368,11 @@ AS $$
               FROM pg_sync.membership_log m
               JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
               JOIN pg_sync.commit_order c ON c.xid = a.xid
-             WHERE m.user_id = member_joins.user_id AND m.joined) j
+             WHERE m.user_id = member_joins.user_id AND m.joined
+               -- Only transactions overlapping the range can hold a join in it: the count (a
+               -- pass over the transaction's earlier actions) is not made for the others. A
+               -- replay asks again for each page's few new ids, and the user's joins lie before.
+               AND c.first_sync_id <= upto AND c.first_sync_id + c.action_count - 1 > after) j
      WHERE j.sync_id > after AND j.sync_id <= upto
      GROUP BY j.group_id
 $$;
@@ -435,6 +439,16 @@ AS $$
                          ORDER BY s.first_sync_id DESC LIMIT 1), 0)
                AND c.first_sync_id <= after + span
                AND c.first_sync_id + c.action_count - 1 > after
+               -- A transaction none of whose actions can pass the filter below is not read:
+               -- its groups (commit_order.group_ids, NULL when it has a global or membership
+               -- action or is not summarised) name none of the reader's. The first group is
+               -- looked up in the hashed list (most transactions write one group); && (a scan
+               -- of both arrays) only for the rest. Operators named in pg_catalog: && on text[]
+               -- has no exact built-in match a caller's own operator could not take.
+               AND (changes.groups IS NULL OR c.group_ids IS NULL
+                    OR c.group_ids[1] IN (SELECT pg_catalog.unnest(changes.groups))
+                    OR (pg_catalog.cardinality(c.group_ids) OPERATOR(pg_catalog.>) 1
+                        AND c.group_ids OPERATOR(pg_catalog.&&) changes.groups))
              ORDER BY c.first_sync_id) t
      CROSS JOIN LATERAL (
         -- The ORDER BY is the index's order (xid is fixed): no sort.

@@ -87,7 +87,15 @@ CREATE TABLE pg_sync.commit_order (
     action_count  integer NOT NULL CHECK (action_count > 0),
     commit_lsn    pg_lsn NOT NULL,
     committed_at  timestamptz NOT NULL,
-    sequenced_at  timestamptz NOT NULL DEFAULT now()
+    sequenced_at  timestamptz NOT NULL DEFAULT now(),
+    -- Every group_id of the transaction's actions (at most 32, distinct, any order), or NULL:
+    -- it has a global action (group_id NULL), a membership change, more groups, or its writer
+    -- did not say. changes() reads the actions of a transaction for a reader of some groups
+    -- only when it is NULL or names one of them: a page for a client of one group in a hundred
+    -- probes the hundredth of the span's transactions that can hold its rows, not all of them.
+    -- Filled by the sequencer from the actions it streams; a wrong list (one missing a group
+    -- its actions have) would hide those actions from that group's readers.
+    group_ids     text[]
 );
 
 -- Retention: actions with sync ids at or below the horizon have been compacted away; a client

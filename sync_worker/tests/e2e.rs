@@ -6305,3 +6305,79 @@ async fn a_long_drain_of_ready_events_loses_none() {
         drop(db)
     });
 }
+
+/// The sequencer lists each transaction's groups in `commit_order.group_ids` (NULL for one with
+/// a global action, a membership change or more than 32 groups), with the groups of actions
+/// past its transaction buffer too, and a replay that skips transactions by those lists sends
+/// exactly what it sends reading every transaction (the lists set to NULL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() {
+    let (cluster, mut db) = app_cluster("ws_group_ids");
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "50")]);
+    worker.wait_healthy().await;
+    // One transaction each (a multi-statement string would be one).
+    for sql in [
+        "INSERT INTO todos VALUES (1, 'a', 'p1')",
+        "INSERT INTO todos VALUES (2, 'b', 'p1'), (3, 'c', 'p2'), (4, 'd', 'p1')",
+        "INSERT INTO announcements VALUES (1, 'all')",
+        "SELECT pg_sync.add_member('carol', 'p3')",
+        "INSERT INTO todos SELECT 100 + g, 'm', 'q' || g FROM generate_series(0, 39) g",
+        // Past the transaction buffer (50): its last action's group is listed too.
+        "INSERT INTO todos SELECT 200 + g, 'big', CASE WHEN g < 119 THEN 'p2' ELSE 'p3' END
+           FROM generate_series(0, 119) g",
+        "INSERT INTO todos VALUES (5, 'no group', NULL)",
+        "UPDATE todos SET project = 'p2' WHERE id = 1",
+    ] {
+        exec(&mut db, sql);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar::<i64>(
+        &mut db,
+        "SELECT count(*) FROM pg_sync.sync_actions a
+          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)",
+    ) > 0
+    {
+        assert!(Instant::now() < deadline, "not sequenced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lists: Vec<String> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT coalesce((SELECT string_agg(g, ',' ORDER BY g) FROM unnest(group_ids) g), 'NULL')
+               FROM pg_sync.commit_order ORDER BY first_sync_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    });
+    assert_eq!(
+        lists,
+        ["p1", "p1,p2", "NULL", "NULL", "NULL", "p2,p3", "", "p1,p2"],
+        "one list per transaction, in commit order"
+    );
+    // Alice (p1) and carol (p3, and her join) replay from 0, then again with every list NULL.
+    let mut replays = vec![];
+    for _ in 0..2 {
+        let mut got = vec![];
+        for user in ["alice", "carol"] {
+            let mut ws = connect(worker.port, user).await;
+            got.push(subscribe_all(&mut ws, 0).await);
+        }
+        replays.push(got);
+        exec(&mut db, "UPDATE pg_sync.commit_order SET group_ids = NULL");
+    }
+    assert_eq!(
+        summary(&replays[0][0].0),
+        [
+            "todos:I:1",
+            "todos:I:2",
+            "todos:I:4",
+            "announcements:I:1",
+            "todos:D:1"
+        ]
+    );
+    assert_eq!(replays[0][1].0.len(), 3, "{:?}", replays[0][1].0);
+    assert_eq!(replays[0], replays[1], "the lists change no replayed frame");
+    tokio::task::block_in_place(|| drop(db));
+}

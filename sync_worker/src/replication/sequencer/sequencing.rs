@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 /// Persists a batch of streamed transactions once all of them are visible (see `persist`):
 /// $1 xids (xid8 text), $2 action counts, $3 commit LSNs, $4 commit times (Postgres epoch,
-/// microseconds), $5 the first sync id, $6 the committing xids as the stream names them.
+/// microseconds), $5 the first sync id, $6 the committing xids as the stream names them, $7
+/// how many of $8 are each transaction's `commit_order.group_ids` (-1: NULL), $8 those groups,
+/// one transaction's after another's.
 ///
 /// Its commit is asynchronous (`synchronous_commit = off` for this transaction only): the
 /// ids are published once the persist is visible, without waiting for its WAL flush, and the
@@ -25,8 +27,10 @@ use std::time::{Duration, Instant};
 /// promoted after a failover must have every id clients saw (the new worker's backlog pass
 /// would order a lost tail by another rule).
 const PERSIST_SQL: &str = "WITH u AS (
-       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o
-         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(x, c, l, t, o)),
+       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o, gn,
+              (sum(GREATEST(gn, 0)) OVER (ORDER BY o) - GREATEST(gn, 0))::int AS gs
+         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $7::int[])
+              WITH ORDINALITY AS u(x, c, l, t, gn, o)),
      -- The committing transactions' own xids: the stream's 32 bits widened
      -- by the epoch of the newest xid8 below this snapshot's xmax that has them.
      v AS (
@@ -38,8 +42,9 @@ const PERSIST_SQL: &str = "WITH u AS (
      k AS (
        SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
      ins AS (
-       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6)
+       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids)
+       SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6),
+              CASE WHEN gn >= 0 THEN ($8::text[])[gs + 1 : gs + gn] END
          FROM k WHERE NOT known AND (SELECT visible FROM v))
      SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known),
             pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text,
@@ -137,6 +142,7 @@ impl Session<'_> {
         counts: &[i32],
         lsns: &[String],
         times: &[i64],
+        groups: (&[i32], &[&str]),
     ) -> Result<std::collections::HashSet<String>, SequencerError> {
         let started = Instant::now();
         let mut waits = 0u32;
@@ -163,6 +169,8 @@ impl Session<'_> {
                         &times,
                         &self.next_sync_id,
                         &stream_xids,
+                        &groups.0,
+                        &groups.1,
                     ],
                 )
                 .await?;
@@ -230,6 +238,8 @@ impl Session<'_> {
         let mut counts = vec![];
         let mut lsns = vec![];
         let mut times = vec![];
+        let mut group_counts = vec![];
+        let mut groups: Vec<&str> = vec![];
         for txn in &pending {
             if txn.commit_lsn <= self.last_commit_lsn || txn.count == 0 {
                 // A registration change wakes every held `/v1/shape` request, which reads the
@@ -249,12 +259,26 @@ impl Session<'_> {
             counts.push(txn.count as i32);
             lsns.push(txn.commit_lsn.to_pg_string());
             times.push(txn.committed_at_us);
+            match txn.groups.get() {
+                Some(gs) => {
+                    group_counts.push(gs.len() as i32);
+                    groups.extend(gs.iter().map(String::as_str));
+                }
+                None => group_counts.push(-1),
+            }
         }
         let known: std::collections::HashSet<String> = if stream_xids.is_empty() {
             Default::default()
         } else {
-            self.persist(&xids, &stream_xids, &counts, &lsns, &times)
-                .await?
+            self.persist(
+                &xids,
+                &stream_xids,
+                &counts,
+                &lsns,
+                &times,
+                (&group_counts, &groups),
+            )
+            .await?
         };
         let mut firsts = vec![];
         let mut assigned: Vec<(i64, &ReadyTxn, Vec<super::session::Action>)> = vec![];

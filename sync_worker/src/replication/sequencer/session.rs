@@ -55,6 +55,51 @@ pub(super) struct OpenTxn {
     /// A registration changed (`register_table` again, `unregister_table`): held `/v1/shape`
     /// requests wake to answer their 409.
     pub(super) registry_changed: bool,
+    /// Its actions' groups, persisted as `commit_order.group_ids` (see `TxnGroups`).
+    pub(super) groups: TxnGroups,
+}
+
+/// The groups of a transaction's actions as `pg_sync.changes()` filters them, persisted in
+/// `commit_order.group_ids` so that a page for a reader of other groups does not read the
+/// transaction's actions at all. `None` (NULL: always read) once the transaction has a global
+/// action (no group id), a membership change (passed to its member whatever the reader's
+/// groups), or more than `MAX_TXN_GROUPS` groups. A missing group would hide that group's
+/// actions from its readers: every action counted is taken in, past the buffer too.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct TxnGroups(Option<Vec<String>>);
+
+/// More groups than this in one transaction: `commit_order.group_ids` is NULL (always read).
+pub(super) const MAX_TXN_GROUPS: usize = 32;
+
+impl TxnGroups {
+    pub(super) fn new() -> TxnGroups {
+        TxnGroups(Some(vec![]))
+    }
+
+    /// Takes in one action's model and group id.
+    pub(super) fn add(&mut self, model: Option<&str>, group: Option<&str>) {
+        let Some(groups) = self.0.as_mut() else {
+            return;
+        };
+        match group {
+            Some(g) if model != Some(crate::delta::MEMBERSHIP_MODEL) => {
+                if groups.iter().any(|have| have == g) {
+                    return;
+                }
+                if groups.len() < MAX_TXN_GROUPS {
+                    groups.push(g.to_owned());
+                    return;
+                }
+                self.0 = None;
+            }
+            _ => self.0 = None,
+        }
+    }
+
+    /// The list to persist; `None` for NULL.
+    pub(super) fn get(&self) -> Option<&[String]> {
+        self.0.as_deref()
+    }
 }
 
 impl OpenTxn {
@@ -65,6 +110,7 @@ impl OpenTxn {
             self.xid = v[11].map(str::to_owned);
         }
         self.count += 1;
+        self.groups.add(v[0], v[5]);
         if self.large {
             // Re-read from the database (`publish_large`): building its deltas now would be
             // a JSON pass over every action thrown away, and holding them memory it must not
@@ -554,6 +600,7 @@ impl Session<'_> {
                     revoked_keys: vec![],
                     all_keys_revoked: false,
                     registry_changed: false,
+                    groups: TxnGroups::new(),
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -795,6 +842,34 @@ mod tests {
         assert_eq!(ACTION_COLUMNS[10..], ["id", "xid"]);
     }
 
+    /// A transaction's groups for `commit_order.group_ids`: distinct, in first-seen order; NULL
+    /// (always read) for a global action, a membership change, or past MAX_TXN_GROUPS.
+    #[test]
+    fn a_transactions_groups_are_listed_or_null() {
+        let mut g = TxnGroups::new();
+        for group in ["b", "a", "b", ""] {
+            g.add(Some("todos"), Some(group));
+        }
+        assert_eq!(g.get(), Some(&["b".to_string(), "a".into(), "".into()][..]));
+        let mut global = g.clone();
+        global.add(Some("announcements"), None);
+        assert_eq!(global.get(), None);
+        global.add(Some("todos"), Some("c"));
+        assert_eq!(global.get(), None, "NULL stays NULL");
+        let mut member = TxnGroups::new();
+        member.add(Some(crate::delta::MEMBERSHIP_MODEL), Some("a"));
+        assert_eq!(member.get(), None);
+        let mut many = TxnGroups::new();
+        for i in 0..MAX_TXN_GROUPS {
+            many.add(Some("todos"), Some(&format!("g{i}")));
+        }
+        assert_eq!(many.get().map(<[String]>::len), Some(MAX_TXN_GROUPS));
+        many.add(Some("todos"), Some("g0"));
+        assert_eq!(many.get().map(<[String]>::len), Some(MAX_TXN_GROUPS));
+        many.add(Some("todos"), Some("one more"));
+        assert_eq!(many.get(), None);
+    }
+
     /// Once a transaction is past the buffer (re-read from the database when published), none
     /// of its later actions is built or held: before, the buffer filled again after each
     /// overflow, building a delta for every action of a huge transaction only to drop it.
@@ -810,6 +885,7 @@ mod tests {
             revoked_keys: vec![],
             all_keys_revoked: false,
             registry_changed: false,
+            groups: TxnGroups::new(),
         };
         let ids: Vec<String> = (1..=7).map(|i| i.to_string()).collect();
         for id in &ids {
