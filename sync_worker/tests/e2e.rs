@@ -6376,7 +6376,10 @@ async fn bootstrap_row_lines_are_pinned_byte_for_byte() {
         .split_inclusive('\n')
         .filter(|l| l.starts_with(r#"{"type":"row","#))
         .collect();
-    let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bootstrap_rows.ndjson");
+    let golden = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bootstrap_rows.ndjson"
+    );
     if std::env::var_os("PG_SYNC_WRITE_GOLDEN").is_some() {
         std::fs::write(golden, &rows).unwrap();
     }
@@ -6386,6 +6389,10 @@ async fn bootstrap_row_lines_are_pinned_byte_for_byte() {
     }
     assert_eq!(rows.lines().count(), want.lines().count());
     assert_eq!(rows, want);
-    assert_eq!(want.lines().count(), 2 + 4 + 200 + 2, "kinds, events, ranges, todos");
+    assert_eq!(
+        want.lines().count(),
+        2 + 4 + 200 + 2,
+        "kinds, events, ranges, todos"
+    );
     tokio::task::block_in_place(|| drop(db));
 }
