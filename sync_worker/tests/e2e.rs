@@ -6379,5 +6379,93 @@ async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() 
     );
     assert_eq!(replays[0][1].0.len(), 3, "{:?}", replays[0][1].0);
     assert_eq!(replays[0], replays[1], "the lists change no replayed frame");
+/// The bootstrap's `row` lines, byte for byte (key order, number forms, NULLs, bytea, json and
+/// jsonb, numeric precision, dates and timestamps over their ranges, arrays, text escaping,
+/// composite and uuid ids), against a golden file written by the worker before its row encoding
+/// was reworked (issue 11): the protocol's consumers may compare rows as text, so any change of
+/// form is a change of the protocol. alice sees group p1's todos, not p2's.
+/// `PG_SYNC_WRITE_GOLDEN=1` rewrites the golden file (check the diff by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_row_lines_are_pinned_byte_for_byte() {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("bootstrap_golden", &["timezone = 'UTC'"]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        r#"CREATE TABLE kinds (id uuid PRIMARY KEY, i2 int2, i4 int4, i8 int8, b bool, t text,
+             v varchar(20), n numeric, nn numeric, big numeric(60, 25), f4 float4, f8 float8,
+             ts timestamptz, tsx timestamp, d date, j json, jb jsonb, arr int[], tags text[],
+             tsa timestamptz[], by bytea, c char(5), nm name, iv interval, tm time, ip inet,
+             "we""ird col" text, "é" text, secret text);
+           SELECT pg_sync.register_table('kinds', exclude => '{secret}', group_column => 't');
+           SET pg_sync.restoring = on;
+           SELECT pg_sync.add_member('alice', E'quote" back\\ nl\n tab\t ctl\u0001 é 😀'),
+                  pg_sync.add_member('alice', 'plain');
+           RESET pg_sync.restoring;
+           INSERT INTO kinds VALUES
+             ('00000000-0000-0000-0000-000000000001', -32768, 2147483647, -9223372036854775808, true,
+              E'quote" back\\ nl\n tab\t ctl\u0001 é 😀', 'vc', 1.50, 'NaN',
+              '-123456789012345678901234567890.1234567890123456789012345', 1.5e-7, 'Infinity',
+              '2026-11-22 04:31:00.123456+00', '2026-11-22 04:31:00', '2026-11-22',
+              '{"b": 1, "a": 2, "a": 3}', '{"b": 1, "a": [1, 2.0, "x"], "u": "\u00e9\n"}',
+              '{1,NULL,3}', '{"x,y",NULL,"q\"\\"}', '{"2026-01-01 00:00+00",infinity}', '\x00ff0a',
+              'ab', 'nm', '1 day 02:03:04', '12:34:56.789', '10.0.0.1/8', 'w', 'ü', 'hidden'),
+             ('00000000-0000-0000-0000-000000000002', NULL, NULL, NULL, NULL, 'plain', NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, 'x'),
+             ('00000000-0000-0000-0000-000000000003', 0, -1, 1, false, 'other group', '', -0.000,
+              'Infinity', 0, -0, '-1e300', '-infinity', 'infinity', '-infinity', '[]', '{}', '{}',
+              '{}', '{}', '', '', '', '-1 mons', '00:00', '::1', '', '', NULL);
+           CREATE TABLE events (at timestamptz, name text, n numeric, PRIMARY KEY (at, name));
+           SELECT pg_sync.register_table('events');
+           INSERT INTO events VALUES ('2026-01-01 00:00+00', 'b', -0.000), ('2026-01-01 00:00+00', 'a', 1e30),
+                                     ('2025-06-30 23:59:59.5+02', 'z', 'Infinity'),
+                                     ('0044-03-15 12:00:00.25+00 BC', 'c,"d"', 0.1);
+           CREATE TABLE ranges (id int8 PRIMARY KEY, i2 int2, i4 int4, d date, ts timestamp,
+             tz timestamptz, j jsonb, pad text);
+           SELECT pg_sync.register_table('ranges');
+           INSERT INTO ranges
+           SELECT CASE i WHEN 0 THEN -9223372036854775808 WHEN 1 THEN 9223372036854775807
+                         ELSE (i - 100) * 92233720368547758 END,
+                  ((i * 337) % 65536 - 32768)::int2, ((i::int8 * 1431655765) % 4294967296 - 2147483648)::int4,
+                  CASE i % 97 WHEN 0 THEN 'infinity'::date WHEN 1 THEN '-infinity' WHEN 2 THEN '5874897-12-31'
+                              WHEN 3 THEN '4714-11-24 BC' ELSE '2000-01-01'::date + ((i - 100) * 14657) END,
+                  CASE i % 89 WHEN 0 THEN 'infinity'::timestamp WHEN 1 THEN '-infinity'
+                              WHEN 2 THEN '294276-12-31 23:59:59.999999' WHEN 3 THEN '4714-11-24 00:00:00 BC'
+                              ELSE '2000-01-01'::timestamp + ((i - 100) * 3601.000001 * 435000 || ' s')::interval
+                                   + (i % 7 * 10 ^ (i % 6) || ' us')::interval END,
+                  CASE i % 83 WHEN 0 THEN 'infinity'::timestamptz WHEN 1 THEN '-infinity'
+                              ELSE '0001-01-01 00:00:00+00 BC'::timestamptz + (i * 18518514.81481 * 977 || ' s')::interval END,
+                  jsonb_build_object('', i, 'n', i * 1e30, 'a', jsonb_build_array(i, -0.0, 'q"\/' || chr(i % 31 + 1))),
+                  repeat('p', i % 5)
+             FROM generate_series(0, 199) i;
+           INSERT INTO todos VALUES (1, 'mine', 'p1'), (2, 'not mine', 'p2'), (3, NULL, 'p1');"#,
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let auth = bearer("alice");
+    let (status, body) = http_get_with(worker.port, "/sync/bootstrap", &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let rows: String = body
+        .split_inclusive('\n')
+        .filter(|l| l.starts_with(r#"{"type":"row","#))
+        .collect();
+    let golden = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bootstrap_rows.ndjson"
+    );
+    if std::env::var_os("PG_SYNC_WRITE_GOLDEN").is_some() {
+        std::fs::write(golden, &rows).unwrap();
+    }
+    let want = std::fs::read_to_string(golden).unwrap();
+    for (i, (g, w)) in rows.lines().zip(want.lines()).enumerate() {
+        assert_eq!(g, w, "row line {i} differs");
+    }
+    assert_eq!(rows.lines().count(), want.lines().count());
+    assert_eq!(rows, want);
+    assert_eq!(
+        want.lines().count(),
+        2 + 4 + 200 + 2,
+        "kinds, events, ranges, todos"
+    );
     tokio::task::block_in_place(|| drop(db));
 }

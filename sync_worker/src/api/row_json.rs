@@ -69,13 +69,16 @@ impl Kind {
 pub struct Column {
     pub name: String,
     pub kind: Kind,
-    /// `"name":`, escaped once.
+    /// `,"name":`, escaped once (the comma before it included: one copy per column).
     key_json: String,
 }
 
 impl Column {
     pub fn new(name: String, type_oid: u32, utc: bool) -> Column {
-        let mut key_json = serde_json::to_string(&name).expect("a string serializes");
+        let mut key_json = format!(
+            ",{}",
+            serde_json::to_string(&name).expect("a string serializes")
+        );
         key_json.push(':');
         Column {
             kind: Kind::of(type_oid, utc),
@@ -101,25 +104,135 @@ fn int(out: &mut Vec<u8>, v: Option<i64>) {
     }
 }
 
+/// "00".."99": two digits per table read (a bootstrap formats a few numbers per row, and digit
+/// by digit with a copy each, they were a fifth of its CPU; issue 11).
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// A small stack buffer a value is formatted in before one copy into the output.
+struct Scratch {
+    b: [u8; 48],
+    n: usize,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch { b: [0; 48], n: 0 }
+    }
+
+    fn byte(&mut self, c: u8) {
+        self.b[self.n] = c;
+        self.n += 1;
+    }
+
+    /// Byte by byte: these are a few bytes, for which a `memcpy` call costs more.
+    fn bytes(&mut self, s: &[u8]) {
+        for &c in s {
+            self.byte(c);
+        }
+    }
+
+    /// Two digits of `v` (< 100).
+    fn two(&mut self, v: u64) {
+        let i = v as usize * 2;
+        self.b[self.n] = PAIRS[i];
+        self.b[self.n + 1] = PAIRS[i + 1];
+        self.n += 2;
+    }
+
+    /// `v` in decimal, zero-padded to at least `width` digits (at most 20).
+    fn padded(&mut self, mut v: u64, width: usize) {
+        let mut digits = [b'0'; 20];
+        let mut at = digits.len();
+        while v >= 100 {
+            let i = (v % 100) as usize * 2;
+            v /= 100;
+            at -= 2;
+            digits[at] = PAIRS[i];
+            digits[at + 1] = PAIRS[i + 1];
+        }
+        if v >= 10 {
+            let i = v as usize * 2;
+            at -= 2;
+            digits[at] = PAIRS[i];
+            digits[at + 1] = PAIRS[i + 1];
+        } else if v > 0 {
+            at -= 1;
+            digits[at] = b'0' + v as u8;
+        }
+        self.bytes(&digits[at.min(digits.len() - width)..]);
+    }
+
+    /// Copies the formatted bytes to `out`: the whole buffer, then cut back to them. A copy of
+    /// a fixed size is a few vector moves, while one of a length known only at run time is a
+    /// `memcpy` call, which cost more than the formatting here (issue 11 profile).
+    fn done(&self, out: &mut Vec<u8>) {
+        let len = out.len() + self.n;
+        out.extend_from_slice(&self.b);
+        out.truncate(len);
+    }
+}
+
 /// Appends `v` in decimal (as `{v}` would, without the formatting machinery: a bootstrap
 /// writes a few of these per row).
 fn push_int(out: &mut Vec<u8>, v: i64) {
+    let mut s = Scratch::new();
     if v < 0 {
-        out.push(b'-');
+        s.byte(b'-');
     }
-    push_padded(out, v.unsigned_abs(), 1);
+    s.padded(v.unsigned_abs(), 1);
+    s.done(out);
 }
 
 /// Appends `v` in decimal, zero-padded to at least `width` digits.
-fn push_padded(out: &mut Vec<u8>, mut v: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut at = digits.len();
-    while v > 0 {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
+#[cfg(test)]
+fn push_padded(out: &mut Vec<u8>, v: u64, width: usize) {
+    let mut s = Scratch::new();
+    s.padded(v, width);
+    s.done(out);
+}
+
+/// Writes `s` (text in the database's encoding, UTF-8) as a JSON string, escaped exactly as
+/// `serde_json` escapes (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other control characters as
+/// `\u00xx`, nothing else), from the bytes as they came: no UTF-8 check (the server sends its
+/// text in the client encoding, UTF-8), and only these ASCII bytes are ever replaced.
+pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &c) in s.iter().enumerate() {
+        let escaped: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&s[start..i]);
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(c >> 4)],
+                    HEX[usize::from(c & 0xf)],
+                ]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&s[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
     }
-    out.extend_from_slice(&digits[at.min(digits.len() - width)..]);
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
 }
 
 /// Writes the value of `row[idx]` (a column of kind `kind`) as JSON.
@@ -131,12 +244,12 @@ pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
             Some(false) => b"false",
             None => b"null",
         }),
-        Kind::Text => match row.get::<_, Option<&str>>(idx) {
-            Some(s) => serde_json::to_writer(&mut *out, s).expect("a string serializes"),
+        Kind::Text => match row.get::<_, Option<Binary<'_>>>(idx) {
+            Some(Binary(s)) => write_json_str(out, s),
             None => out.extend_from_slice(b"null"),
         },
-        Kind::Numeric => match row.get::<_, Option<&str>>(idx) {
-            Some(s) => write_numeric(out, s),
+        Kind::Numeric => match row.get::<_, Option<Binary<'_>>>(idx) {
+            Some(Binary(s)) => write_numeric(out, s),
             None => out.extend_from_slice(b"null"),
         },
         Kind::Date | Kind::Timestamp | Kind::TimestamptzUtc => {
@@ -145,8 +258,9 @@ pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
                 None => out.extend_from_slice(b"null"),
             }
         }
-        Kind::Jsonb | Kind::Other => match row.get::<_, Option<&str>>(idx) {
-            Some(s) => out.extend_from_slice(s.as_bytes()),
+        // Text forms that are JSON already (`::text` of jsonb, `to_jsonb(..)::text`).
+        Kind::Jsonb | Kind::Other => match row.get::<_, Option<Binary<'_>>>(idx) {
+            Some(Binary(s)) => out.extend_from_slice(s),
             None => out.extend_from_slice(b"null"),
         },
     }
@@ -206,20 +320,27 @@ fn write_datetime(out: &mut Vec<u8>, kind: Kind, raw: &[u8]) {
     };
     let (y, m, d) = civil(days);
     let year = if y > 0 { y } else { 1 - y };
-    out.push(b'"');
-    push_padded(out, year.unsigned_abs(), 4);
-    out.push(b'-');
-    push_padded(out, m.into(), 2);
-    out.push(b'-');
-    push_padded(out, d.into(), 2);
+    // Formatted whole in a stack buffer, then copied once (at most 38 bytes: a 7-digit year).
+    let mut s = Scratch::new();
+    s.byte(b'"');
+    if year < 10_000 {
+        s.two(year as u64 / 100);
+        s.two(year as u64 % 100);
+    } else {
+        s.padded(year.unsigned_abs(), 4);
+    }
+    s.byte(b'-');
+    s.two(m.into());
+    s.byte(b'-');
+    s.two(d.into());
     if let Some(us) = micros {
         let (secs, frac) = ((us / 1_000_000) as u64, (us % 1_000_000) as u64);
-        out.push(b'T');
-        push_padded(out, secs / 3600, 2);
-        out.push(b':');
-        push_padded(out, secs / 60 % 60, 2);
-        out.push(b':');
-        push_padded(out, secs % 60, 2);
+        s.byte(b'T');
+        s.two(secs / 3600);
+        s.byte(b':');
+        s.two(secs / 60 % 60);
+        s.byte(b':');
+        s.two(secs % 60);
         if frac != 0 {
             // Six digits, less the trailing zeros.
             let (mut frac, mut width) = (frac, 6);
@@ -227,39 +348,42 @@ fn write_datetime(out: &mut Vec<u8>, kind: Kind, raw: &[u8]) {
                 frac /= 10;
                 width -= 1;
             }
-            out.push(b'.');
-            push_padded(out, frac, width);
+            s.byte(b'.');
+            s.padded(frac, width);
         }
         if kind == Kind::TimestamptzUtc {
-            out.extend_from_slice(b"+00:00");
+            s.bytes(b"+00:00");
         }
     }
     if y <= 0 {
-        out.extend_from_slice(b" BC");
+        s.bytes(b" BC");
     }
-    out.push(b'"');
+    s.byte(b'"');
+    s.done(out);
 }
 
 /// numeric's text form is a JSON number except for NaN and the infinities.
-fn write_numeric(out: &mut Vec<u8>, s: &str) {
-    if matches!(s, "NaN" | "Infinity" | "-Infinity") {
+fn write_numeric(out: &mut Vec<u8>, s: &[u8]) {
+    if matches!(s, b"NaN" | b"Infinity" | b"-Infinity") {
         out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(s);
         out.push(b'"');
     } else {
-        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(s);
     }
 }
 
 /// Writes the columns `row[first..]` as one JSON object.
 pub fn write_object(out: &mut Vec<u8>, columns: &[Column], row: &Row, first: usize) {
-    out.push(b'{');
+    let start = out.len();
     for (i, c) in columns.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
         out.extend_from_slice(c.key_json.as_bytes());
         write_value(out, c.kind, row, first + i);
+    }
+    // The first column's comma becomes the opening brace.
+    match out.len() - start {
+        0 => out.push(b'{'),
+        _ => out[start] = b'{',
     }
     out.push(b'}');
 }
@@ -273,8 +397,8 @@ pub fn write_own_text(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
         push_int(out, n);
         out.push(b'"');
     } else {
-        let s: &str = row.get(idx);
-        serde_json::to_writer(&mut *out, s).expect("a string serializes");
+        let Binary(s) = row.get(idx);
+        write_json_str(out, s);
     }
 }
 
@@ -311,7 +435,7 @@ mod tests {
             ("-Infinity", "\"-Infinity\""),
         ] {
             let mut out = vec![];
-            write_numeric(&mut out, text);
+            write_numeric(&mut out, text.as_bytes());
             assert_eq!(String::from_utf8(out).unwrap(), json);
         }
     }
@@ -389,8 +513,22 @@ mod tests {
     }
 
     #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        let mut all: String = (0u8..128).map(char::from).collect();
+        all.push_str("é 😀 \u{2028} \u{7f} end\\\"");
+        for s in [all.as_str(), "", "plain", "\"", "a\u{1f}b\u{0}"] {
+            let mut out = vec![];
+            write_json_str(&mut out, s.as_bytes());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn column_names_are_escaped_once() {
         let c = Column::new("we\"ird".into(), 25, true);
-        assert_eq!(c.key_json, r#""we\"ird":"#);
+        assert_eq!(c.key_json, r#","we\"ird":"#);
     }
 }

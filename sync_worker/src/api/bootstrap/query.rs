@@ -116,7 +116,8 @@ impl Model {
     pub(super) fn write_id(&self, out: &mut Vec<u8>, row: &tokio_postgres::Row) {
         match self.id_column {
             Some(i) => row_json::write_own_text(out, self.columns[i].kind, row, i),
-            None => serde_json::to_writer(out, row.get::<_, &str>(0)).expect("a string serializes"),
+            // A key's text is never NULL.
+            None => row_json::write_value(out, row_json::Kind::Text, row, 0),
         }
     }
 

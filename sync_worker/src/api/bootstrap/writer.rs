@@ -99,10 +99,10 @@ impl Out {
     }
 
     /// Writes a `row` line; it is now the last row sent.
-    fn push_row(&mut self, model: &Model, model_json: &str, row: &tokio_postgres::Row) {
-        self.buf.extend_from_slice(b"{\"type\":\"row\",\"model\":");
-        self.buf.extend_from_slice(model_json.as_bytes());
-        self.buf.extend_from_slice(b",\"id\":");
+    /// `prefix`: the line's start up to its id, `{"type":"row","model":<model>,"id":` (made once
+    /// per model, copied in one go).
+    fn push_row(&mut self, model: &Model, prefix: &str, row: &tokio_postgres::Row) {
+        self.buf.extend_from_slice(prefix.as_bytes());
         model.write_id(&mut self.buf, row);
         self.buf.extend_from_slice(b",\"data\":");
         let start = self.buf.len();
@@ -316,7 +316,10 @@ async fn send_rows(
             .filter(|c| c.model == m.name)
             .and_then(|c| c.key.as_ref());
         let after_text = after.map(|k| serde_json::Value::Object(k.clone()).to_string());
-        let model_json = serde_json::to_string(&m.name).expect("a string serializes");
+        let prefix = format!(
+            "{{\"type\":\"row\",\"model\":{},\"id\":",
+            serde_json::to_string(&m.name).expect("a string serializes")
+        );
         // One row more than the limit allows tells whether there is more.
         let room = req.limit.map(|l| (l - rows) as i64 + 1);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
@@ -336,7 +339,7 @@ async fn send_rows(
                 out.flush(true).await.map_err(gone)?;
                 return Ok((rows, Some(cursor_at(m, key))));
             }
-            out.push_row(m, &model_json, &row);
+            out.push_row(m, &prefix, &row);
             rows += 1;
             if rows.is_multiple_of(CHECKPOINT_ROWS) {
                 let c = cursor_at(m, out.last_key(m));
