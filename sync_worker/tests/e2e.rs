@@ -6379,6 +6379,9 @@ async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() 
     );
     assert_eq!(replays[0][1].0.len(), 3, "{:?}", replays[0][1].0);
     assert_eq!(replays[0], replays[1], "the lists change no replayed frame");
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// The bootstrap's `row` lines, byte for byte (key order, number forms, NULLs, bytea, json and
 /// jsonb, numeric precision, dates and timestamps over their ranges, arrays, text escaping,
 /// composite and uuid ids), against a golden file written by the worker before its row encoding
