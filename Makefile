@@ -17,6 +17,7 @@ test: install unit regress integration
 
 unit:
 	cargo test -p pg_sync_lww --lib
+	cargo test -p pg_sync_bench --lib
 	bash bench/lib_test.sh
 
 regress:

@@ -85,3 +85,46 @@ impl Histogram {
         f64::NAN
     }
 }
+
+/// Clock ticks per second of the times in /proc.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// From a /proc `stat` file (a process's or a thread's): its own CPU seconds (utime + stime) and
+/// its reaped children's (cutime + cstime).
+pub fn stat_cpu(path: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The fields after the command, which may hold spaces and parentheses.
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let tick = clock_ticks();
+    Some(((n(11) + n(12)) / tick, (n(13) + n(14)) / tick))
+}
+
+/// The whole machine's CPU seconds from /proc/stat's first line, by state: user, nice, system,
+/// idle, iowait, irq, softirq, steal.
+pub fn machine_cpu_states() -> [f64; 8] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut states = [0.0; 8];
+    let fields = stat.lines().next().unwrap_or("").split_whitespace().skip(1);
+    for (state, v) in states.iter_mut().zip(fields) {
+        *state = v.parse::<f64>().unwrap_or(0.0) / clock_ticks();
+    }
+    states
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_times_are_read_from_proc() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {}
+        let (own, reaped) = super::stat_cpu("/proc/self/stat").expect("our own stat");
+        assert!(own > 0.0 && reaped >= 0.0, "{own} {reaped}");
+        let states = super::machine_cpu_states();
+        assert!(states.iter().sum::<f64>() > 0.0 && states.iter().all(|s| *s >= 0.0));
+    }
+}

@@ -253,37 +253,16 @@ async fn run_mutate(args: &[String]) {
 
 /// CPU seconds (user + system) `pid` used, with its reaped children's.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command (which may hold spaces): state, ppid, ... utime is the 14th.
-    let rest: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 2..]
-        .split(' ')
-        .collect();
-    let ticks: f64 = rest[11..15]
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap_or(0.0))
-        .sum();
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    pg_sync_bench::stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(own, reaped)| own + reaped)
 }
 
 /// CPU seconds the whole machine spent busy (all cores: user, nice, system, irq, softirq,
 /// steal) and, of those, steal (the hypervisor ran someone else): with the worker's, the
 /// cluster's and this client's own, what is left is other processes' load during a run.
 fn machine_cpu() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-    (busy / tick, at(7) / tick)
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] =
+        pg_sync_bench::machine_cpu_states();
+    (user + nice + system + irq + softirq + steal, steal)
 }
 
 /// CPU seconds the whole cluster used: the postmaster with its reaped children (backends that

@@ -17,7 +17,7 @@
 //! of SECONDS each, and prints one JSON line per phase.
 
 use futures::{SinkExt, StreamExt};
-use pg_sync_bench::{now_ms, token, ts_of, Histogram};
+use pg_sync_bench::{now_ms, stat_cpu, token, ts_of, Histogram};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -238,34 +238,16 @@ async fn stalled(port: u16, jwt: String, stats: Arc<Stats>) {
     }
 }
 
-/// utime + stime of a /proc stat file, and cutime + cstime (reaped children), in seconds.
-fn stat_cpu(path: &str) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Some(((n(11) + n(12)) / 100.0, (n(13) + n(14)) / 100.0))
-}
-
 /// A process's CPU time so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |c| c.0)
 }
 
-/// Busy and total jiffies of the whole machine (/proc/stat; idle and iowait are not busy).
-fn machine_jiffies() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: f64 = f.iter().take(8).sum();
-    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
-    (total - idle, total)
+/// Busy and total CPU seconds of the whole machine (/proc/stat; idle and iowait are not busy).
+fn machine_busy_total() -> (f64, f64) {
+    let states = pg_sync_bench::machine_cpu_states();
+    let total: f64 = states.iter().sum();
+    (total - states[3] - states[4], total)
 }
 
 /// The pgbench processes the caller (the bench script) started beside this one.
@@ -359,7 +341,7 @@ async fn cpu_snap(db: &tokio_postgres::Client, worker: u32, own_pg: &[i32]) -> C
         pg,
         exited: postmaster_cpu.1,
         fixed,
-        machine: machine_jiffies(),
+        machine: machine_busy_total(),
         at: std::time::Instant::now(),
     }
 }
