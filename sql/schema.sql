@@ -95,7 +95,14 @@ CREATE TABLE pg_sync.commit_order (
     -- probes the hundredth of the span's transactions that can hold its rows, not all of them.
     -- Filled by the sequencer from the actions it streams; a wrong list (one missing a group
     -- its actions have) would hide those actions from that group's readers.
-    group_ids     text[]
+    -- changes() reads the first element as group_ids[1] (one probe of the reader's groups) and
+    -- the rest with &&: so a list is one-dimensional, based at 1, without NULL elements.
+    group_ids     text[] CHECK (group_ids IS NULL
+                                OR (pg_catalog.cardinality(group_ids) = 0)
+                                OR (pg_catalog.array_ndims(group_ids) = 1
+                                    AND pg_catalog.array_lower(group_ids, 1) = 1
+                                    AND pg_catalog.cardinality(group_ids) <= 32
+                                    AND pg_catalog.array_position(group_ids, NULL) IS NULL))
 );
 
 -- Retention: actions with sync ids at or below the horizon have been compacted away; a client
