@@ -532,3 +532,12 @@ mod tests {
         assert_eq!(c.key_json, r#","we\"ird":"#);
     }
 }
+
+/// The encoder of 29f6423 (before issue 11), for the differential tests (review rev14d).
+#[cfg(test)]
+#[path = "row_json_old_29f6423.rs"]
+mod old;
+
+#[cfg(test)]
+#[path = "row_json_differential_tests.rs"]
+mod differential;
