@@ -369,3 +369,39 @@ fn rev14c_a_one_group_list_not_based_at_1_hides_its_rows() {
     assert_eq!(all, ["1", "2"]);
     assert_eq!(g, all, "the reader of g gets both rows (both lists name g)");
 }
+
+/// Medium/low (deployment): a database whose pg_sync schema predates the column (created
+/// before this change; the extension has no update script and its version stays 0.1.0, so
+/// `ALTER EXTENSION pg_sync UPDATE` cannot add it) gets a worker of this change that never
+/// sequences: every persist fails on the missing column, and clients stall. Simulated by
+/// dropping the column from a fresh database. docs/extension.md speaks of "rows written before
+/// this column" as if such databases carried on with NULL lists.
+#[test]
+#[ignore = "defect rev14c F2: a worker of this change never sequences on a database created before commit_order.group_ids"]
+fn rev14c_a_database_from_before_the_column_is_never_sequenced() {
+    let cluster = Cluster::start("rev14c_oldschema", &[]);
+    let mut db = cluster.create_db("app");
+    db.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
+         SELECT pg_sync.register_table('todos', group_column => 'project');
+         ALTER TABLE pg_sync.commit_order DROP COLUMN group_ids;",
+    )
+    .unwrap();
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("RUST_LOG", "sync_worker=warn")]);
+    std::thread::sleep(Duration::from_secs(3));
+    db.batch_execute("INSERT INTO todos VALUES (1, 'a', 'p1')").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = 0i64;
+    while Instant::now() < deadline {
+        last = db.query_one("SELECT pg_sync.last_sync_id()", &[]).unwrap().get(0);
+        if last > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(worker);
+    let log = std::fs::read_to_string(cluster.data().parent().unwrap().join("postgres.log")).unwrap_or_default();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    eprintln!("server errors: {} like {:?}", errors.len(), errors.first());
+    assert_eq!(last, 1, "the insert was never sequenced");
+}
