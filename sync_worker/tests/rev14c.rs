@@ -405,3 +405,59 @@ fn rev14c_a_database_from_before_the_column_is_never_sequenced() {
     eprintln!("server errors: {} like {:?}", errors.len(), errors.first());
     assert_eq!(last, 1, "the insert was never sequenced");
 }
+
+/// Many subtransactions (past the 64 a backend caches, so the WAL assigns them to their top
+/// transaction), every other one rolled back, each writing in its own group: the list is
+/// exactly the committed ones' groups (when at most 32), the pages unchanged.
+#[test]
+fn rev14c_many_subtransactions_some_rolled_back_list_only_what_committed() {
+    let cluster = Cluster::start("rev14c_subxacts", &[]);
+    let mut db = cluster.create_db("app");
+    db.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
+         SELECT pg_sync.register_table('todos', group_column => 'project');",
+    )
+    .unwrap();
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "8")]);
+    healthy(&worker);
+    for (n, modulo) in [(100, 4), (100, 8), (40, 2)] {
+        db.batch_execute(&format!(
+            "DO $$ BEGIN
+               FOR i IN 1..{n} LOOP
+                 BEGIN
+                   INSERT INTO todos VALUES ({n} * 1000 + {modulo} * 100000 + i, 'x', 's{modulo}_' || (i % {modulo}));
+                   IF i % 2 = 1 THEN RAISE EXCEPTION 'roll back'; END IF;
+                 EXCEPTION WHEN raise_exception THEN NULL;
+                 END;
+               END LOOP;
+             END $$"
+        ))
+        .unwrap();
+    }
+    wait_sequenced(&mut db);
+    let rows: Vec<String> = db
+        .query(
+            "SELECT c.action_count || ' ' || coalesce(c.group_ids::text, 'NULL') || ' log ' ||
+                    (SELECT count(*) || ' ' || array_agg(DISTINCT a.group_id)::text FROM pg_sync.sync_actions a WHERE a.xid = c.xid)
+               FROM pg_sync.commit_order c ORDER BY c.first_sync_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    eprintln!("{rows:#?}");
+    let bad: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_sync.commit_order c
+              WHERE c.action_count <> (SELECT count(*) FROM pg_sync.sync_actions a WHERE a.xid = c.xid)
+                 OR c.group_ids IS NULL
+                 OR NOT c.group_ids @> (SELECT array_agg(a.group_id) FROM pg_sync.sync_actions a WHERE a.xid = c.xid)
+                 OR NOT (SELECT array_agg(a.group_id) FROM pg_sync.sync_actions a WHERE a.xid = c.xid) @> c.group_ids",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    drop(worker);
+    assert_eq!(bad, 0, "lists or counts that are not the log's");
+}
