@@ -26,7 +26,7 @@ regress:
 
 integration:
 	cargo test -p pg_sync_tests -- --test-threads=2
-	cargo test -p sync_worker --lib --test e2e --test config_secrets_tls --test federation --test federation_chaos --test hostile -- --test-threads=1
+	cargo test -p sync_worker --lib --test e2e --test config_secrets_tls --test federation --test federation_chaos --test hostile --test group_lists -- --test-threads=1
 	cargo test -p sync_worker --test browser --test jsclient
 	cargo test -p sync_worker --test shape
 

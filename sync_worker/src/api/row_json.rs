@@ -195,10 +195,9 @@ fn push_padded(out: &mut Vec<u8>, v: u64, width: usize) {
     s.done(out);
 }
 
-/// Writes `s` (text in the database's encoding, UTF-8) as a JSON string, escaped exactly as
-/// `serde_json` escapes (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other control characters as
-/// `\u00xx`, nothing else), from the bytes as they came: no UTF-8 check (the server sends its
-/// text in the client encoding, UTF-8), and only these ASCII bytes are ever replaced.
+/// Writes `s` (text already checked to be UTF-8, see `Utf8`) as a JSON string, escaped exactly
+/// as `serde_json` escapes (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other control characters as
+/// `\u00xx`, nothing else): only these ASCII bytes are ever replaced.
 pub fn write_json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
     let mut start = 0;
@@ -244,8 +243,8 @@ pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
             Some(false) => b"false",
             None => b"null",
         }),
-        Kind::Text => match row.get::<_, Option<Binary<'_>>>(idx) {
-            Some(Binary(s)) => write_json_str(out, s),
+        Kind::Text => match row.get::<_, Option<Utf8<'_>>>(idx) {
+            Some(Utf8(s)) => write_json_str(out, s),
             None => out.extend_from_slice(b"null"),
         },
         Kind::Numeric => match row.get::<_, Option<Binary<'_>>>(idx) {
@@ -259,8 +258,8 @@ pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
             }
         }
         // Text forms that are JSON already (`::text` of jsonb, `to_jsonb(..)::text`).
-        Kind::Jsonb | Kind::Other => match row.get::<_, Option<Binary<'_>>>(idx) {
-            Some(Binary(s)) => out.extend_from_slice(s),
+        Kind::Jsonb | Kind::Other => match row.get::<_, Option<Utf8<'_>>>(idx) {
+            Some(Utf8(s)) => out.extend_from_slice(s),
             None => out.extend_from_slice(b"null"),
         },
     }
@@ -268,6 +267,26 @@ pub fn write_value(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
 
 /// A value's binary wire form, whatever its type.
 struct Binary<'a>(&'a [u8]);
+
+/// A text value's bytes, checked to be UTF-8. A UTF-8 database can hold text that is not (the
+/// server sends it as stored): written as is, the row line would not be JSON and its cursor
+/// key unreadable, so the rows after it would be lost on resume. Refused instead, as
+/// `Row::get::<&str>` did: the bootstrap fails (no `end`), and the client retries.
+struct Utf8<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Utf8<'a> {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        std::str::from_utf8(raw)?;
+        Ok(Utf8(raw))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
 
 impl<'a> tokio_postgres::types::FromSql<'a> for Binary<'a> {
     fn from_sql(
@@ -397,7 +416,7 @@ pub fn write_own_text(out: &mut Vec<u8>, kind: Kind, row: &Row, idx: usize) {
         push_int(out, n);
         out.push(b'"');
     } else {
-        let Binary(s) = row.get(idx);
+        let Utf8(s) = row.get(idx);
         write_json_str(out, s);
     }
 }

@@ -1,7 +1,8 @@
-//! Review rev14c (REVIEW14_replay.diff: commit_order.group_ids, changes() skipping
-//! transactions by them, member_joins() by overlapping transactions): the sequencer's lists
-//! checked against what the log holds, and changes()/member_joins() against the same reads
-//! without the new shortcuts, over a workload of the cases the lists could get wrong.
+//! `commit_order.group_ids` (the groups of a transaction's actions, which `changes()` uses to
+//! skip transactions a reader has no rows in) and `member_joins()` (joins counted only for
+//! transactions overlapping the range): the sequencer's lists checked against what the log
+//! holds, and `changes()` / `member_joins()` against the same reads without the shortcuts, over a
+//! workload of the cases the lists could get wrong (written by review rev14c).
 
 use pg_sync_tests::postgres::Client;
 use pg_sync_tests::Cluster;
@@ -45,8 +46,8 @@ fn wait_sequenced(db: &mut Client) {
 /// spans and group sets, equal the pages read with every list NULL; member_joins() equals the
 /// formula before the diff over every (after, upto) range of the log.
 #[test]
-fn rev14c_group_lists_cover_the_log_and_change_no_page() {
-    let cluster = Cluster::start("rev14c_lists", &[]);
+fn group_lists_cover_the_log_and_change_no_page() {
+    let cluster = Cluster::start("group_lists_lists", &[]);
     let mut db = cluster.create_db("app");
     db.batch_execute(
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
@@ -104,7 +105,8 @@ fn rev14c_group_lists_cover_the_log_and_change_no_page() {
         "BEGIN; SELECT pg_sync.remove_member('bob', 'p2'); SELECT pg_sync.add_member('bob', 'p2'); COMMIT".into(),
     ];
     for (i, sql) in txns.iter().enumerate() {
-        db.batch_execute(sql).unwrap_or_else(|e| panic!("txn {i}: {e}"));
+        db.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("txn {i}: {e}"));
         if i == 12 {
             // a kill -9 mid-way: the rest streams to the next worker (and a backlog of what
             // committed while it was down)
@@ -137,7 +139,10 @@ fn rev14c_group_lists_cover_the_log_and_change_no_page() {
         .collect();
     assert!(bad.is_empty(), "lists missing a logged group: {bad:#?}");
     let listed: i64 = db
-        .query_one("SELECT count(*) FROM pg_sync.commit_order WHERE group_ids IS NOT NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_sync.commit_order WHERE group_ids IS NOT NULL",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(listed > 10, "the workload wrote lists ({listed})");
@@ -212,7 +217,10 @@ fn rev14c_group_lists_cover_the_log_and_change_no_page() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(diff.is_empty(), "member_joins differs from before: {diff:#?}");
+    assert!(
+        diff.is_empty(),
+        "member_joins differs from before: {diff:#?}"
+    );
     drop(worker);
 }
 
@@ -222,8 +230,8 @@ fn rev14c_group_lists_cover_the_log_and_change_no_page() {
 /// in the log (or NULL where the log has a global or membership action or over 32 groups, or
 /// a backlog pass wrote it).
 #[test]
-fn rev14c_concurrent_batches_list_exactly_their_transactions_groups() {
-    let cluster = Cluster::start("rev14c_batches", &[]);
+fn concurrent_batches_list_exactly_their_transactions_groups() {
+    let cluster = Cluster::start("group_lists_batches", &[]);
     let mut db = cluster.create_db("app");
     db.batch_execute(
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
@@ -302,7 +310,10 @@ fn rev14c_concurrent_batches_list_exactly_their_transactions_groups() {
         .map(|r| r.get(0))
         .collect();
     eprintln!("commit_order rows: {listed} with a list, {null} NULL");
-    assert!(bad.is_empty(), "lists that are not their transactions' groups: {bad:#?}");
+    assert!(
+        bad.is_empty(),
+        "lists that are not their transactions' groups: {bad:#?}"
+    );
     // The stream's lists where the log calls for one (NULL only from backlog passes: commit_lsn 0/0).
     let missing: i64 = db
         .query_one(
@@ -319,99 +330,39 @@ fn rev14c_concurrent_batches_list_exactly_their_transactions_groups() {
     drop(worker);
 }
 
-/// Low severity (hardening; only lists not written by the sequencer): changes() looks a list's
-/// first group up as `group_ids[1]` and uses && only for lists of more than one group, so a
-/// one-group list that does not start at subscript 1 ('[0:0]={g}', or a 2-D '{{g}}') names g but
-/// hides the transaction from g's readers. Nothing (no CHECK) keeps such a list out of
-/// commit_order, and docs/extension.md says a transaction is skipped only when its list "names
-/// none of" the reader's groups.
+/// A list `changes()` would misread (it probes `group_ids[1]`): one not based at 1, 2-D, or with
+/// a NULL element names a group but would hide its transaction from that group's readers, so
+/// the table refuses it (review rev14c F1).
 #[test]
-#[ignore = "defect rev14c F1: a one-group commit_order.group_ids not based at 1 hides its transaction"]
-fn rev14c_a_one_group_list_not_based_at_1_hides_its_rows() {
-    let cluster = Cluster::start("rev14c_bounds", &[]);
+fn lists_changes_would_misread_are_refused() {
+    let cluster = Cluster::start("group_lists_check", &[]);
     let mut db = cluster.create_db("app");
-    db.batch_execute(
-        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
-         SELECT pg_sync.register_table('todos', group_column => 'project');
-         INSERT INTO todos VALUES (1, 'a', 'g');",
-    )
-    .unwrap();
-    // One transaction each (a multi-statement string is one).
-    db.batch_execute("INSERT INTO todos VALUES (2, 'b', 'g')").unwrap();
-    db.batch_execute(
-        "-- Sequenced by hand (no worker), one list each: the way the sequencer writes it, then
-         -- the same group with another lower bound, then 2-D.
-         INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids)
-         SELECT xid, row_number() OVER (ORDER BY min(id)), count(*)::int, '0/0', now(),
-                (ARRAY['{g}', '[0:0]={g}'])[row_number() OVER (ORDER BY min(id))]::text[]
-           FROM pg_sync.sync_actions GROUP BY xid;",
-    )
-    .unwrap();
-    let lists: Vec<String> = db
-        .query("SELECT group_ids::text FROM pg_sync.commit_order ORDER BY first_sync_id", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let read = |db: &mut Client, groups: Option<&[&str]>| -> Vec<String> {
-        db.query(
-            "SELECT model_id FROM pg_sync.changes(0, $1, 100) ORDER BY sync_id",
-            &[&groups],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
-    let all = read(&mut db, None);
-    let g = read(&mut db, Some(&["g"]));
-    eprintln!("lists {lists:?}; every group: {all:?}; reader of g: {g:?}");
-    assert_eq!(all, ["1", "2"]);
-    assert_eq!(g, all, "the reader of g gets both rows (both lists name g)");
-}
-
-/// Medium/low (deployment): a database whose pg_sync schema predates the column (created
-/// before this change; the extension has no update script and its version stays 0.1.0, so
-/// `ALTER EXTENSION pg_sync UPDATE` cannot add it) gets a worker of this change that never
-/// sequences: every persist fails on the missing column, and clients stall. Simulated by
-/// dropping the column from a fresh database. docs/extension.md speaks of "rows written before
-/// this column" as if such databases carried on with NULL lists.
-#[test]
-#[ignore = "defect rev14c F2: a worker of this change never sequences on a database created before commit_order.group_ids"]
-fn rev14c_a_database_from_before_the_column_is_never_sequenced() {
-    let cluster = Cluster::start("rev14c_oldschema", &[]);
-    let mut db = cluster.create_db("app");
-    db.batch_execute(
-        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
-         SELECT pg_sync.register_table('todos', group_column => 'project');
-         ALTER TABLE pg_sync.commit_order DROP COLUMN group_ids;",
-    )
-    .unwrap();
-    let worker = Worker::start_with(&cluster, "app", free_port(), &[("RUST_LOG", "sync_worker=warn")]);
-    std::thread::sleep(Duration::from_secs(3));
-    db.batch_execute("INSERT INTO todos VALUES (1, 'a', 'p1')").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut last = 0i64;
-    while Instant::now() < deadline {
-        last = db.query_one("SELECT pg_sync.last_sync_id()", &[]).unwrap().get(0);
-        if last > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    for list in ["[0:0]={g}", "{{g}}", "{g,NULL}"] {
+        let err = db
+            .batch_execute(&format!(
+                "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids)
+                 VALUES ('1', 1, 1, '0/0', now(), '{list}')"
+            ))
+            .expect_err(list);
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("23514"),
+            "{list}: {err}"
+        );
     }
-    drop(worker);
-    let log = std::fs::read_to_string(cluster.data().parent().unwrap().join("postgres.log")).unwrap_or_default();
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
-    eprintln!("server errors: {} like {:?}", errors.len(), errors.first());
-    assert_eq!(last, 1, "the insert was never sequenced");
+    db.batch_execute(
+        "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids)
+         VALUES ('1', 1, 1, '0/0', now(), '{g,h}'), ('2', 2, 1, '0/0', now(), '{}'), ('3', 3, 1, '0/0', now(), NULL)",
+    )
+    .unwrap();
 }
 
 /// Many subtransactions (past the 64 a backend caches, so the WAL assigns them to their top
 /// transaction), every other one rolled back, each writing in its own group: the list is
 /// exactly the committed ones' groups (when at most 32), the pages unchanged.
 #[test]
-fn rev14c_many_subtransactions_some_rolled_back_list_only_what_committed() {
-    let cluster = Cluster::start("rev14c_subxacts", &[]);
+fn many_subtransactions_some_rolled_back_list_only_what_committed() {
+    let cluster = Cluster::start("group_lists_subxacts", &[]);
     let mut db = cluster.create_db("app");
     db.batch_execute(
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
