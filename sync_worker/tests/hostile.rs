@@ -1428,3 +1428,46 @@ async fn a_bootstrap_whose_key_was_revoked_before_it_began_is_not_served() {
         body.lines().last().unwrap_or("")
     );
 }
+
+/// rev14b F3. `POST /sync/mutate` re-checks the key in the database only when it was answered
+/// from memory (`identity.cached`); a key looked up in the database is trusted as of that
+/// lookup. But the lookup runs in the `Identity` extractor, before the body is read: a client
+/// that sends its headers, then its body slowly, writes after its key's revocation was
+/// committed and published (its WS sessions already closed with 4401). docs/protocol.md:
+/// "`POST /sync/mutate` and a WebSocket `mutate` check the key in the database first, so a
+/// revoked key never writes." No failpoint needed: the key is simply one this worker has not
+/// cached (its first use, or any use on a standby worker or while the stream is down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open defect (review rev14b F3): a mutate whose key was looked up (not cached) is not re-checked after its body arrives"]
+async fn a_mutate_whose_key_is_revoked_while_its_body_arrives_does_not_write() {
+    let cluster = app_cluster("rev14b_slow_body");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    let body = json!({"clientId": "k", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000009",
+        "ops": [{"model": "todos", "action": "I", "id": 9, "data": {"title": "revoked", "project": "p1"}}]}]})
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "POST /sync/mutate HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body.as_bytes()[..10]).await.unwrap();
+    // The handshake's lookup has run (the headers are in); now the key goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(status, 401, "the revocation is in force for new requests");
+    s.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut raw = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let answer = String::from_utf8_lossy(&raw).into_owned();
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM todos WHERE id = 9"),
+        ["0"],
+        "a key revoked (and its revocation published) before its mutate's body arrived wrote: {}",
+        answer.lines().next().unwrap_or("")
+    );
+}
