@@ -1471,3 +1471,60 @@ async fn a_mutate_whose_key_is_revoked_while_its_body_arrives_does_not_write() {
         answer.lines().next().unwrap_or("")
     );
 }
+
+/// rev14b: checked sound. A standby worker (same slot, not streaming) never keeps keys in
+/// memory and sees a revocation at once; on the streaming worker an `UPDATE` of a key's user
+/// re-points it (the old user's data is not served under it), a `TRUNCATE` revokes every
+/// key, and a restarted replication session starts with an empty memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_memory_follow_updates_truncates_restarts_and_a_standby_keeps_none() {
+    let cluster = app_cluster("rev14b_sound");
+    sql(&cluster, "INSERT INTO todos VALUES (50, 'alice-only', 'p1')");
+    let a = Worker::started(&cluster, "app").await;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(a.port, &key).await;
+    // Not healthy (/healthz says it does not stream): it answers clients all the same.
+    let b = Worker::start(&cluster, "app", free_port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(b.port, "/metrics").await.is_err() {
+        assert!(Instant::now() < deadline, "the standby never listened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (id2, key2) = api_key(&cluster, "alice");
+    for _ in 0..3 {
+        // It authenticates, then has nothing to serve (503) while it does not stream.
+        let (status, _) = http_get_with(b.port, "/sync/deltas?after=0", &auth(&key2)).await;
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    assert_eq!(keys_cached(b.port).await, 0, "a standby worker kept keys in memory");
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id2}')"));
+    let (status, _) = http_get_with(b.port, "/sync/deltas?after=0", &auth(&key2)).await;
+    assert_eq!(status, 401, "the standby accepted a revoked key");
+    drop(b);
+    // Re-pointed to mallory: alice's rows are no longer served under it.
+    let (status, body) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert!(status == 200 && body.contains("alice-only"), "{status} {body}");
+    sql(&cluster, &format!("UPDATE pg_sync.api_keys SET user_id = 'mallory' WHERE id = '{id}'"));
+    stream_passed(a.port, &cluster, 1).await;
+    let (status, body) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert!(status == 200 && !body.contains("alice-only"), "re-pointed key still alice's: {body}");
+    // Truncate: refused.
+    until_cached(a.port, &key).await;
+    sql(&cluster, "TRUNCATE pg_sync.api_keys");
+    stream_passed(a.port, &cluster, 2).await;
+    let (status, _) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(status, 401, "a truncated key still accepted");
+    // A restarted replication session forgets everything.
+    let (_, key3) = api_key(&cluster, "alice");
+    until_cached(a.port, &key3).await;
+    sql(
+        &cluster,
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys_cached(a.port).await != 0 {
+        assert!(Instant::now() < deadline, "the memory outlived its replication session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
