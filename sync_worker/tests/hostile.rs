@@ -1528,3 +1528,41 @@ async fn keys_in_memory_follow_updates_truncates_restarts_and_a_standby_keeps_no
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// rev14b: the bound on keys in memory under a flood of distinct valid keys: every insert
+/// past 50,000 evicts `by_hash.keys().next()` (the first occupied bucket). Prints the cost
+/// per insert below and past the bound (evicting from the front of a hash table can make the
+/// scan for the first occupied bucket grow).
+#[test]
+fn keys_in_memory_past_the_bound_cost_what_keys_below_it_do() {
+    use sync_worker::auth::{key_hash, KnownKey, KnownKeys};
+    let keys = KnownKeys::default();
+    keys.trust(true);
+    let hashes: Vec<[u8; 32]> = (0..250_000).map(|i| key_hash(&format!("pgs_{i}"))).collect();
+    let insert = |i: usize| {
+        keys.insert(
+            keys.ticket(),
+            hashes[i],
+            KnownKey {
+                user: "u".into(),
+                id: format!("id{i}"),
+            },
+        )
+    };
+    let t = Instant::now();
+    for i in 0..50_000 {
+        assert!(insert(i));
+    }
+    let below = t.elapsed() / 50_000;
+    let t = Instant::now();
+    for i in 50_000..250_000 {
+        assert!(insert(i));
+    }
+    let past = t.elapsed() / 200_000;
+    eprintln!("per insert: {below:?} below the bound, {past:?} past it");
+    assert_eq!(keys.len(), 50_000);
+    assert!(
+        past < below * 20 + Duration::from_micros(5),
+        "eviction made inserts {past:?} each (below the bound {below:?})"
+    );
+}
