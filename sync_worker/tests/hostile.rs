@@ -1566,3 +1566,64 @@ fn keys_in_memory_past_the_bound_cost_what_keys_below_it_do() {
         "eviction made inserts {past:?} each (below the bound {below:?})"
     );
 }
+
+/// rev14b: checked sound (and a test the diff lacked for its sequencing.rs change). A
+/// revocation-only transaction streamed before it is visible (its committer held in
+/// synchronous replication to a standby that never comes) must not be published yet: the
+/// memory would drop the key, a lookup would still find it (the DELETE invisible) and put it
+/// back, and once the DELETE became visible no publish would remove it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_streamed_before_it_is_visible_does_not_let_a_lookup_recache_the_key() {
+    let cluster = app_cluster("rev14b_invisible_revoke");
+    let url = format!(
+        "{} options='-c synchronous_commit=local'",
+        cluster.url("app")
+    );
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    sql(&cluster, "ALTER SYSTEM SET synchronous_standby_names = 'ghost'");
+    sql(&cluster, "SELECT pg_reload_conf()");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer_url = cluster.url("app");
+    let revoke = format!("SELECT pg_sync.revoke_api_key('{id}')");
+    let writer = std::thread::spawn(move || {
+        let mut c =
+            pg_sync_tests::postgres::Client::connect(&writer_url, pg_sync_tests::postgres::NoTls)
+                .unwrap();
+        c.batch_execute(&revoke).map_err(|e| e.to_string())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sql(
+        &cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+    ) == ["0"]
+    {
+        assert!(Instant::now() < deadline, "the revocation never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Streamed but invisible: requests meanwhile (lookups, were the key dropped) find it valid.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        assert_eq!(status, 200, "refused while the revocation is invisible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sql(&cluster, "ALTER SYSTEM RESET synchronous_standby_names");
+    sql(&cluster, "SELECT pg_reload_conf()");
+    assert_eq!(writer.join().unwrap(), Ok(()));
+    stream_passed(port, &cluster, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked key stays in memory ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
