@@ -1627,3 +1627,125 @@ async fn a_revocation_streamed_before_it_is_visible_does_not_let_a_lookup_recach
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A TCP proxy to the cluster that can freeze (stop forwarding, both ways, without closing)
+/// every connection whose startup packet asks for replication: a silently dead replication
+/// link (a NAT or firewall dropping the flow, a half-open TCP connection) while the worker's
+/// pool connections, through the same proxy, stay healthy.
+async fn freezing_proxy(pg_port: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", pg_port)).await
+                else {
+                    return;
+                };
+                let replication = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (f1, r1) = (flag.clone(), replication.clone());
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = 0usize;
+                    loop {
+                        let Ok(n) = cr.read(&mut buf).await else { break };
+                        if n == 0 {
+                            break;
+                        }
+                        if seen < 4096 && buf[..n].windows(12).any(|w| w == b"replication\0") {
+                            r1.store(true, Ordering::SeqCst);
+                        }
+                        seen += n;
+                        while r1.load(Ordering::SeqCst) && f1.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Hold the socket open while frozen.
+                    while r1.load(Ordering::SeqCst) && f1.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                });
+                let (f2, r2) = (flag, replication);
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(n) = sr.read(&mut buf).await else { break };
+                    if n == 0 {
+                        break;
+                    }
+                    while r2.load(Ordering::SeqCst) && f2.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                while r2.load(Ordering::SeqCst) && f2.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                drop(cw);
+                let _ = up.await;
+            });
+        }
+    });
+    (port, frozen)
+}
+
+/// rev14b F4. The memory of valid keys is trusted while `status.streaming` is set, i.e. until
+/// the replication session *ends*; but the session waits on `repl.recv()` with no deadline, so
+/// a replication link that dies silently (no FIN/RST reaches the worker) never ends it. The
+/// walsender gives up on its side (`wal_sender_timeout`, 2 s here; the slot goes inactive),
+/// yet the worker keeps answering from memory: a key revoked after the link died is accepted
+/// for reads (and WS sessions) indefinitely, though the pool reaches the database and every
+/// lookup would refuse it. Before issue 9 the key was refused at once. docs/protocol.md: "a
+/// worker whose stream is down ... look[s] every key up".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open defect (review rev14b F4): no receive deadline on the replication stream; a silently dead link keeps the key memory trusted"]
+async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
+    let cluster = app_cluster("rev14b_dead_link");
+    sql(&cluster, "ALTER SYSTEM SET wal_sender_timeout = '2s'");
+    sql(&cluster, "SELECT pg_reload_conf()");
+    let (proxy, frozen) = freezing_proxy(cluster.port).await;
+    let url = format!("host=127.0.0.1 port={proxy} user=postgres dbname=app");
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    frozen.store(true, Ordering::SeqCst);
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    // The database ends the walsender (no reply within wal_sender_timeout): the slot is free.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql(
+        &cluster,
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+    ) != ["0"]
+    {
+        assert!(Instant::now() < deadline, "the walsender never timed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give the worker ample time (10x the server's timeout) to notice its stream is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut status, mut body) = (0, String::new());
+    while Instant::now() < deadline {
+        (status, body) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, health) = http_get(port, "/healthz").await.unwrap();
+    assert_eq!(
+        status, 401,
+        "a key revoked after the replication link died silently is still accepted from memory 20 s after the walsender ended ({} bytes served; healthz: {health}; {} keys cached)",
+        body.len(),
+        keys_cached(port).await
+    );
+}
