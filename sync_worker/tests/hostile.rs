@@ -1749,3 +1749,81 @@ async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
         keys_cached(port).await
     );
 }
+
+/// rev14b F5. A WebSocket `mutate` checks its key in the database first, but only a definite
+/// "gone" refuses (`k.valid(&app).await == Ok(false)`): when the check itself fails, the write
+/// goes ahead (HTTP /sync/mutate answers 503 in that case). Here the check fails because
+/// `pg_sync.api_keys` is locked (a VACUUM FULL, an ALTER TABLE ...) and the worker runs with a
+/// `lock_timeout`, while the key's revocation is committed but its publish is held
+/// (`stall_after_persist`, as in `a_cached_key_revoked_but_not_yet_published_cannot_write`):
+/// the revoked key writes. docs/protocol.md: "a WebSocket `mutate` check[s] the key in the
+/// database first, so a revoked key never writes."
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open defect (review rev14b F5): WS mutate writes when the key check fails"]
+async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
+    let cluster = app_cluster("rev14b_ws_check_err");
+    let url = format!(
+        "{} options='-c lock_timeout=300ms'",
+        cluster.url("app")
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[("DATABASE_URL", &url), ("SYNC_FAILPOINTS", "stall_after_persist")],
+    )
+    .await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    let mut ws = try_connect(port, &key, None).await.expect("ws connects");
+    sql(
+        &cluster,
+        &format!(
+            "BEGIN; SELECT pg_sync.revoke_api_key('{id}'); INSERT INTO todos VALUES (2, 'two', 'p1'); COMMIT"
+        ),
+    );
+    let locker = {
+        let cluster_url = cluster.url("app");
+        std::thread::spawn(move || {
+            let mut c = pg_sync_tests::postgres::Client::connect(
+                &cluster_url,
+                pg_sync_tests::postgres::NoTls,
+            )
+            .unwrap();
+            c.batch_execute(
+                "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2); COMMIT",
+            )
+            .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(
+        &mut ws,
+        json!({"type": "mutate", "clientId": "k", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000003",
+            "ops": [{"model": "todos", "action": "I", "id": 3, "data": {"title": "revoked", "project": "p1"}}]}]})
+        .to_string(),
+    )
+    .await;
+    let mut got = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) if t.as_str().contains("mutate_result") || t.as_str().contains("\"error\"") => {
+                    got = t.as_str().to_owned();
+                    return;
+                }
+                Message::Close(f) => {
+                    got = format!("close {f:?}");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    locker.join().unwrap();
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM todos WHERE id = 3"),
+        ["0"],
+        "a revoked key wrote over WebSocket when its check failed: {got}"
+    );
+}
