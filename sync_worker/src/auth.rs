@@ -153,6 +153,12 @@ pub struct Ticket(u64);
 /// Bounded: past KNOWN_KEYS_MAX an arbitrary entry goes (it is looked up again when used).
 pub struct KnownKeys {
     inner: std::sync::Mutex<Known>,
+    /// When the replication stream was last heard from (milliseconds since `born`): a message
+    /// on it, or a probe that found its walsender replied to lately. The memory answers only
+    /// within KNOWN_KEYS_FRESH of it: a link that died silently sends no revocation, and its
+    /// session may not end at once.
+    born: std::time::Instant,
+    heard_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -173,11 +179,16 @@ impl Known {
 }
 
 const KNOWN_KEYS_MAX: usize = 50_000;
+/// How long after the stream was last heard from the memory still answers (the sequencer
+/// probes it every second).
+const KNOWN_KEYS_FRESH: Duration = Duration::from_secs(5);
 
 impl Default for KnownKeys {
     fn default() -> Self {
         KnownKeys {
             inner: std::sync::Mutex::new(Known::default()),
+            born: std::time::Instant::now(),
+            heard_ms: Default::default(),
         }
     }
 }
@@ -190,12 +201,25 @@ impl KnownKeys {
     /// The key with this hash, if it is known valid (never while untrusted), and the ticket of
     /// the answer.
     pub fn get(&self, hash: &[u8; 32]) -> (Option<KnownKey>, Ticket) {
+        let fresh = self
+            .now_ms()
+            .saturating_sub(self.heard_ms.load(std::sync::atomic::Ordering::Acquire))
+            <= KNOWN_KEYS_FRESH.as_millis() as u64;
         let known = self.lock();
-        let key = known
-            .trusted
+        let key = (known.trusted && fresh)
             .then(|| known.by_hash.get(hash).cloned())
             .flatten();
         (key, Ticket(known.generation))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// The replication stream was heard from just now (see `heard_ms`).
+    pub fn heard(&self) {
+        self.heard_ms
+            .fetch_max(self.now_ms(), std::sync::atomic::Ordering::Release);
     }
 
     /// Taken before a lookup's query is sent.
@@ -258,6 +282,10 @@ impl KnownKeys {
         }
         known.forget_all();
         known.trusted = trusted;
+        drop(known);
+        if trusted {
+            self.heard();
+        }
     }
 
     /// Keys held (for tests and metrics).

@@ -1756,9 +1756,10 @@ async fn freezing_proxy(pg_port: u16) -> (u16, Arc<AtomicBool>) {
 /// yet the worker keeps answering from memory: a key revoked after the link died is accepted
 /// for reads (and WS sessions) indefinitely, though the pool reaches the database and every
 /// lookup would refuse it. Before issue 9 the key was refused at once. docs/protocol.md: "a
-/// worker whose stream is down ... look[s] every key up".
+/// worker whose stream is down ... look[s] every key up". Fixed: the memory answers only while
+/// the stream was heard from lately (a message, or a probe finding the walsender had this
+/// worker's status update), and the probe ends the session when its walsender is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open defect (review rev14b F4): no receive deadline on the replication stream; a silently dead link keeps the key memory trusted"]
 async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
     let cluster = app_cluster("rev14b_dead_link");
     sql(&cluster, "ALTER SYSTEM SET wal_sender_timeout = '2s'");

@@ -251,6 +251,9 @@ pub(super) fn replication_config(
     )
     .with_port(port)
     .with_status_interval(Duration::from_millis(200))
+    // Idle, a status update every second (not the default 10 s): the session's probe reads
+    // the walsender's last reply to know the link is alive (`Session::probe_stream`).
+    .with_wakeup_interval(Duration::from_secs(1))
     .with_application_name("pg_sync_worker");
     if let Some(tls) = target.tls.replication_config(&host, encrypted) {
         rc = rc.with_tls(tls);
