@@ -1453,7 +1453,6 @@ async fn a_bootstrap_whose_key_was_revoked_before_it_began_is_not_served() {
 /// revoked key never writes." No failpoint needed: the key is simply one this worker has not
 /// cached (its first use, or any use on a standby worker or while the stream is down).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open defect (review rev14b F3): a mutate whose key was looked up (not cached) is not re-checked after its body arrives"]
 async fn a_mutate_whose_key_is_revoked_while_its_body_arrives_does_not_write() {
     let cluster = app_cluster("rev14b_slow_body");
     let worker = Worker::started(&cluster, "app").await;

@@ -330,8 +330,12 @@ async fn session(
                                 Some(if checked.is_err() {
                                     error_frame(ErrorCode::Unavailable, "cannot check the API key now; retry")
                                 } else {
-                                    match super::mutate::apply(&app, &user, &request).await {
+                                    match super::mutate::apply(&app, &user, held.as_ref(), &request).await {
                                         Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
+                                        Err(super::mutate::BatchError::KeyRevoked) => {
+                                            close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                            break;
+                                        }
                                         Err(super::mutate::BatchError::Bad(why, field)) => frame(
                                             json!({"type": "error", "code": ErrorCode::BadRequest.as_str(), "message": why, "field": field}),
                                         ),
