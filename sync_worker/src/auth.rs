@@ -144,9 +144,11 @@ pub struct Ticket(u64);
 /// budget for unknown keys). Kept current by the replication stream: the hub removes a key
 /// when a transaction that deletes, truncates or re-points it is published, which is when the
 /// key's live sessions are closed. So the cache answers only while this worker's replication
-/// session is streaming with a publication that carries `pg_sync.api_keys` (`trust`): a worker
-/// that does not hold the slot (a second worker on the database) or whose stream is down sees
-/// no revocation, and looks every key up. Every revocation and every change of trust moves a
+/// session is streaming with a publication that carries every revocation of a key (`trust`:
+/// deletes, updates and truncations of `pg_sync.api_keys`, unfiltered, every column) and was
+/// heard from lately (`heard`: a link that dies silently ends no session at once): a worker
+/// that does not hold the slot (a second worker on the database) or whose stream is down or
+/// silent sees no revocation, and looks every key up. Every revocation and every change of trust moves a
 /// generation; a lookup takes a `Ticket` before its query and may insert only if the
 /// generation has not moved since, so a revocation that commits and is published while a
 /// lookup for the key is in flight cannot be overwritten by that lookup's stale "valid".
