@@ -1404,6 +1404,33 @@ async fn a_row_filtered_publication_keeps_a_revoked_key_valid_in_memory() {
     );
 }
 
+/// rev14b F1 (mid-session). The publication is checked at each session start, and altered
+/// while a session streams so that it no longer carries deletes: the session's probe sees it
+/// within a second and ends the session (the next one looks again, and here alters it back),
+/// so the memory is never trusted with a stream that would not carry a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_altered_mid_session_to_drop_deletes_does_not_keep_a_revoked_key() {
+    let cluster = app_cluster("keyfix14_pub_altered");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    sql(
+        &cluster,
+        "ALTER PUBLICATION pg_sync SET (publish = 'insert, update, truncate')",
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_cached(port, &key).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(
+        status, 401,
+        "a key revoked after the publication stopped carrying deletes is still accepted from memory"
+    );
+}
+
 /// rev14b F2. A handshake re-check was added for WS and SSE sessions that register after
 /// their key's revocation was published (`stream::recheck_key`), but `/sync/bootstrap`
 /// subscribes to the hub's revocations only in its handler, after `Identity` was extracted:

@@ -82,6 +82,10 @@ pub enum SequencerError {
     HoldOverflow,
     #[error("this session's walsender no longer holds the replication slot (the link died silently?); reconnecting")]
     WalsenderGone,
+    #[error(
+        "the publication no longer carries every revocation of an API key; restarting the session"
+    )]
+    PublicationChanged,
     #[error("the control connection did not answer a stream probe within {0:?}")]
     ProbeTimeout(Duration),
 }

@@ -845,23 +845,36 @@ impl Session<'_> {
     /// slot (else the session ends: a link that died silently leaves the worker waiting for
     /// messages forever while the server ended its side at `wal_sender_timeout`), and it had a
     /// status update from this worker lately (then the key memory counts as fresh; otherwise
-    /// it stops answering until the stream is heard from again, `KnownKeys::heard`).
+    /// it stops answering until the stream is heard from again, `KnownKeys::heard`). A
+    /// publication altered since the session started so that it no longer carries every
+    /// revocation of a key ends the session too (the next one looks at it again).
     async fn probe_stream(&self, walsender: Option<i32>) -> Result<(), SequencerError> {
+        let sql = format!(
+            "SELECT s.active_pid, extract(epoch FROM now() - r.reply_time)::float8, {}
+               FROM pg_replication_slots s
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1",
+            super::setup::follows_keys_sql("$2")
+        );
         let row = tokio::time::timeout(
             PROBE_TIMEOUT,
-            self.db.query_opt(
-                "SELECT s.active_pid, extract(epoch FROM now() - r.reply_time)::float8
-                   FROM pg_replication_slots s
-                   LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-                  WHERE s.slot_name = $1",
-                &[&self.cfg.slot],
-            ),
+            self.db
+                .query_opt(&sql, &[&self.cfg.slot, &self.cfg.publication]),
         )
         .await
         .map_err(|_| SequencerError::ProbeTimeout(PROBE_TIMEOUT))??;
-        let (holder, reply_age) = row
-            .map(|r| (r.get::<_, Option<i32>>(0), r.get::<_, Option<f64>>(1)))
-            .unwrap_or((None, None));
+        let (holder, reply_age, follows) = row
+            .map(|r| {
+                (
+                    r.get::<_, Option<i32>>(0),
+                    r.get::<_, Option<f64>>(1),
+                    r.get::<_, Option<bool>>(2),
+                )
+            })
+            .unwrap_or((None, None, None));
+        if self.follows_keys && follows != Some(true) {
+            return Err(SequencerError::PublicationChanged);
+        }
         let Some(ours) = walsender else {
             return Ok(());
         };

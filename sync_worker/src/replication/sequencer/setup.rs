@@ -146,19 +146,14 @@ pub(super) async fn ensure_setup(
 /// revocation). Read at every session start: a publication altered by hand (or made by
 /// someone else, which this role may not alter) is seen as it is.
 async fn follows_every_key_change(db: &Client, cfg: &Config) -> Result<bool, SequencerError> {
-    let row = db
-        .query_opt(
-            "SELECT p.pubdelete AND p.pubupdate AND p.pubtruncate AND t.rowfilter IS NULL
-                    AND t.attnames @> ARRAY(SELECT attname FROM pg_attribute
-                                             WHERE attrelid = 'pg_sync.api_keys'::regclass
-                                               AND attnum > 0 AND NOT attisdropped)
-               FROM pg_publication p
-               JOIN pg_publication_tables t ON t.pubname = p.pubname
-              WHERE p.pubname = $1 AND t.schemaname = 'pg_sync' AND t.tablename = 'api_keys'",
+    let follows: Option<bool> = db
+        .query_one(
+            &format!("SELECT {}", follows_keys_sql("$1")),
             &[&cfg.publication],
         )
-        .await?;
-    let follows = row.is_some_and(|r| r.get::<_, Option<bool>>(0) == Some(true));
+        .await?
+        .get(0);
+    let follows = follows == Some(true);
     if !follows {
         tracing::warn!(
             publication = %cfg.publication,
@@ -222,6 +217,21 @@ async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), Sequencer
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// A scalar subquery: whether the publication named by the text parameter `param` carries
+/// every revocation of an API key (`follows_every_key_change`); NULL when it does not list
+/// `pg_sync.api_keys`.
+pub(super) fn follows_keys_sql(param: &str) -> String {
+    format!(
+        "(SELECT p.pubdelete AND p.pubupdate AND p.pubtruncate AND t.rowfilter IS NULL
+                 AND t.attnames @> ARRAY(SELECT attname FROM pg_attribute
+                                          WHERE attrelid = 'pg_sync.api_keys'::regclass
+                                            AND attnum > 0 AND NOT attisdropped)
+            FROM pg_publication p
+            JOIN pg_publication_tables t ON t.pubname = p.pubname
+           WHERE p.pubname = {param} AND t.schemaname = 'pg_sync' AND t.tablename = 'api_keys')"
+    )
 }
 
 /// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
