@@ -144,15 +144,23 @@ pub struct Ticket(u64);
 /// budget for unknown keys). Kept current by the replication stream: the hub removes a key
 /// when a transaction that deletes, truncates or re-points it is published, which is when the
 /// key's live sessions are closed. So the cache answers only while this worker's replication
-/// session is streaming with a publication that carries `pg_sync.api_keys` (`trust`): a worker
-/// that does not hold the slot (a second worker on the database) or whose stream is down sees
-/// no revocation, and looks every key up. Every revocation and every change of trust moves a
+/// session is streaming with a publication that carries every revocation of a key (`trust`:
+/// deletes, updates and truncations of `pg_sync.api_keys`, unfiltered, every column) and was
+/// heard from lately (`heard`: a link that dies silently ends no session at once): a worker
+/// that does not hold the slot (a second worker on the database) or whose stream is down or
+/// silent sees no revocation, and looks every key up. Every revocation and every change of trust moves a
 /// generation; a lookup takes a `Ticket` before its query and may insert only if the
 /// generation has not moved since, so a revocation that commits and is published while a
 /// lookup for the key is in flight cannot be overwritten by that lookup's stale "valid".
 /// Bounded: past KNOWN_KEYS_MAX an arbitrary entry goes (it is looked up again when used).
 pub struct KnownKeys {
     inner: std::sync::Mutex<Known>,
+    /// When the replication stream was last heard from (milliseconds since `born`): a message
+    /// on it, or a probe that found its walsender replied to lately. The memory answers only
+    /// within KNOWN_KEYS_FRESH of it: a link that died silently sends no revocation, and its
+    /// session may not end at once.
+    born: std::time::Instant,
+    heard_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -173,11 +181,16 @@ impl Known {
 }
 
 const KNOWN_KEYS_MAX: usize = 50_000;
+/// How long after the stream was last heard from the memory still answers (the sequencer
+/// probes it every second).
+const KNOWN_KEYS_FRESH: Duration = Duration::from_secs(5);
 
 impl Default for KnownKeys {
     fn default() -> Self {
         KnownKeys {
             inner: std::sync::Mutex::new(Known::default()),
+            born: std::time::Instant::now(),
+            heard_ms: Default::default(),
         }
     }
 }
@@ -190,12 +203,25 @@ impl KnownKeys {
     /// The key with this hash, if it is known valid (never while untrusted), and the ticket of
     /// the answer.
     pub fn get(&self, hash: &[u8; 32]) -> (Option<KnownKey>, Ticket) {
+        let fresh = self
+            .now_ms()
+            .saturating_sub(self.heard_ms.load(std::sync::atomic::Ordering::Acquire))
+            <= KNOWN_KEYS_FRESH.as_millis() as u64;
         let known = self.lock();
-        let key = known
-            .trusted
+        let key = (known.trusted && fresh)
             .then(|| known.by_hash.get(hash).cloned())
             .flatten();
         (key, Ticket(known.generation))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// The replication stream was heard from just now (see `heard_ms`).
+    pub fn heard(&self) {
+        self.heard_ms
+            .fetch_max(self.now_ms(), std::sync::atomic::Ordering::Release);
     }
 
     /// Taken before a lookup's query is sent.
@@ -258,6 +284,10 @@ impl KnownKeys {
         }
         known.forget_all();
         known.trusted = trusted;
+        drop(known);
+        if trusted {
+            self.heard();
+        }
     }
 
     /// Keys held (for tests and metrics).

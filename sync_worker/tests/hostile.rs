@@ -1155,7 +1155,7 @@ async fn stuck_key_lookups_leave_pool_connections_for_other_requests() {
 /// A lookup that read "valid" while the key was being revoked must not put the key into the
 /// cache of valid keys after the revocation was published (it would then be accepted until
 /// the worker restarts), and the session it opens, registered after the revocation was
-/// published, must be closed too. `key_lookup_pause` holds the first found lookup for 5 s between its
+/// published, must be closed too. `key_lookup_pause` holds the first found lookup for 3 s between its
 /// query and its insert; the key is revoked, and the revocation seen published (a later write
 /// reaches a subscriber), within that pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1273,4 +1273,628 @@ async fn a_cached_key_revoked_but_not_yet_published_cannot_write() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+// ---- review rev14b (issue 9: valid API keys in memory) ----
+
+/// `pg_sync_api_keys_cached` from `/metrics`.
+async fn keys_cached(port: u16) -> i64 {
+    let (_, body) = http_get(port, "/metrics").await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("pg_sync_api_keys_cached "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+/// Uses `key` until the worker holds it in memory (its stream runs and trusts the cache).
+async fn until_cached(port: u16, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get_with(port, "/sync/deltas?after=0", &auth(key)).await;
+        assert_eq!(status, 200, "{body}");
+        if keys_cached(port).await >= 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the key was never cached");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until a write made after a revocation is published (seen by a JWT reader over
+/// /sync/deltas): the stream has passed the revocation's commit.
+async fn stream_passed(port: u16, cluster: &Cluster, id: i32) {
+    sql(
+        cluster,
+        &format!("INSERT INTO todos VALUES ({id}, 'marker{id}', 'p1')"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get_with(port, "/sync/deltas?after=0", &bearer("alice")).await;
+        assert_eq!(status, 200, "{body}");
+        if body.contains(&format!("marker{id}")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the marker write never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// rev14b F1. The worker trusts its memory of valid keys whenever the publication lists
+/// pg_sync.api_keys and publishes updates and truncations (`ensure_setup` reads
+/// `pubupdate AND pubtruncate`), but never checks `pubdelete`. With a publication made as
+/// `publish = 'insert, update, truncate'` (no alter is attempted: the check passes), a
+/// `pg_sync.revoke_api_key` (a DELETE) never reaches the stream, so a key the worker had
+/// cached stays valid for reads and WS sessions until the worker restarts. Before issue 9
+/// every request looked the key up and got 401. Fixed: deletes are checked (and published:
+/// the worker alters the publication when it may, else keeps no key in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_without_deletes_keeps_a_revoked_key_valid_in_memory() {
+    let cluster = app_cluster("rev14b_pub_nodelete");
+    sql(
+        &cluster,
+        "CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+         pg_sync.api_keys, pg_sync.registry WITH (publish = 'insert, update, truncate')",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    assert_eq!(
+        sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')")),
+        ["t"]
+    );
+    stream_passed(port, &cluster, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM pg_sync.api_keys"),
+        ["0"]
+    );
+    let (status, body) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+    let ws = try_connect(port, &key, None).await.err();
+    assert_eq!(
+        (status, ws),
+        (401, Some(401)),
+        "a revoked key is still accepted from memory (deltas answered {status}, {} bytes; ws handshake {ws:?}), and /metrics says {} keys cached",
+        body.len(),
+        keys_cached(port).await
+    );
+}
+
+/// rev14b F1 (second form). A PG15 publication row filter on pg_sync.api_keys (allowed on any
+/// column: the table is REPLICA IDENTITY FULL) hides some keys' revocations from the stream;
+/// `ensure_setup` only asked whether the table is listed, so the memory was trusted and a
+/// revoked key of the filtered kind stayed valid. Fixed: such a publication (which the worker
+/// does not alter) means no key is kept in memory at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_filtered_publication_keeps_a_revoked_key_valid_in_memory() {
+    let cluster = app_cluster("rev14b_pub_rowfilter");
+    sql(
+        &cluster,
+        "CREATE PUBLICATION pg_sync FOR TABLE pg_sync.sync_actions, pg_sync.group_memberships, \
+         pg_sync.api_keys WHERE (label IS DISTINCT FROM 'device'), pg_sync.registry \
+         WITH (publish = 'insert, update, delete, truncate')",
+    );
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let row = sql(
+        &cluster,
+        "SELECT id::text || '|' || key FROM pg_sync.create_api_key('alice', 'device')",
+    );
+    let (id, key) = row[0].split_once('|').unwrap();
+    // Used (looked up) while the stream runs, which is when it would be kept in memory.
+    stream_passed(port, &cluster, 50).await;
+    for _ in 0..3 {
+        let (status, body) = http_get_with(port, "/sync/deltas?after=0", &auth(key)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        keys_cached(port).await,
+        0,
+        "a key is kept in memory though the publication filters pg_sync.api_keys' rows"
+    );
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(key)).await;
+    let ws = try_connect(port, key, None).await.err();
+    assert_eq!(
+        (status, ws),
+        (401, Some(401)),
+        "a revoked key is still accepted from memory"
+    );
+}
+
+/// rev14b F1 (mid-session). The publication is checked at each session start, and altered
+/// while a session streams so that it no longer carries deletes: the session's probe sees it
+/// within a second and ends the session (the next one looks again, and here alters it back),
+/// so the memory is never trusted with a stream that would not carry a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_altered_mid_session_to_drop_deletes_does_not_keep_a_revoked_key() {
+    let cluster = app_cluster("keyfix14_pub_altered");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    sql(
+        &cluster,
+        "ALTER PUBLICATION pg_sync SET (publish = 'insert, update, truncate')",
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_cached(port, &key).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(
+        status, 401,
+        "a key revoked after the publication stopped carrying deletes is still accepted from memory"
+    );
+}
+
+/// rev14b F2. A handshake re-check was added for WS and SSE sessions that register after
+/// their key's revocation was published (`stream::recheck_key`), but `/sync/bootstrap`
+/// subscribes to the hub's revocations only in its handler, after `Identity` was extracted:
+/// a revocation published between the check and that subscription is never seen, so the
+/// whole bootstrap is served, `end` line included, under a key revoked (and sequenced)
+/// before the response began. docs/protocol.md: "A bootstrap streaming under a revoked key
+/// ends after what was already sent, without its `end` line". `key_lookup_pause` (the
+/// diff's own failpoint) holds the lookup 3 s between its "valid" and its return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_whose_key_was_revoked_before_it_began_is_not_served() {
+    let cluster = app_cluster("rev14b_boot_race");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT g, 'row' || g, 'p1' FROM generate_series(100, 120) g",
+    );
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_FAILPOINTS", "key_lookup_pause")]).await;
+    let port = worker.port;
+    // The failpoint fires on the first found lookup: this bootstrap's.
+    let (id, key) = api_key(&cluster, "alice");
+    let in_flight = tokio::spawn({
+        let key = key.clone();
+        async move { http_get_with(port, "/sync/bootstrap", &auth(&key)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    assert!(
+        !in_flight.is_finished(),
+        "the lookup ended before the revocation was published: the test proves nothing"
+    );
+    let (status, body) = in_flight.await.unwrap();
+    assert!(
+        status == 401 || !body.contains("\"type\":\"end\""),
+        "a bootstrap began after its key's revocation was published and was served whole: {status}, {} lines, last: {}",
+        body.lines().count(),
+        body.lines().last().unwrap_or("")
+    );
+}
+
+/// rev14b F3. `POST /sync/mutate` re-checks the key in the database only when it was answered
+/// from memory (`identity.cached`); a key looked up in the database is trusted as of that
+/// lookup. But the lookup runs in the `Identity` extractor, before the body is read: a client
+/// that sends its headers, then its body slowly, writes after its key's revocation was
+/// committed and published (its WS sessions already closed with 4401). docs/protocol.md:
+/// "`POST /sync/mutate` and a WebSocket `mutate` check the key in the database first, so a
+/// revoked key never writes." No failpoint needed: the key is simply one this worker has not
+/// cached (its first use, or any use on a standby worker or while the stream is down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutate_whose_key_is_revoked_while_its_body_arrives_does_not_write() {
+    let cluster = app_cluster("rev14b_slow_body");
+    let worker = Worker::started(&cluster, "app").await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    let body = json!({"clientId": "k", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000009",
+        "ops": [{"model": "todos", "action": "I", "id": 9, "data": {"title": "revoked", "project": "p1"}}]}]})
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /sync/mutate HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body.as_bytes()[..10]).await.unwrap();
+    // The handshake's lookup has run (the headers are in); now the key goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    stream_passed(port, &cluster, 1).await;
+    let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(status, 401, "the revocation is in force for new requests");
+    s.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut raw = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let answer = String::from_utf8_lossy(&raw).into_owned();
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM todos WHERE id = 9"),
+        ["0"],
+        "a key revoked (and its revocation published) before its mutate's body arrived wrote: {}",
+        answer.lines().next().unwrap_or("")
+    );
+}
+
+/// rev14b: checked sound. A standby worker (same slot, not streaming) never keeps keys in
+/// memory and sees a revocation at once; on the streaming worker an `UPDATE` of a key's user
+/// re-points it (the old user's data is not served under it), a `TRUNCATE` revokes every
+/// key, and a restarted replication session starts with an empty memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_memory_follow_updates_truncates_restarts_and_a_standby_keeps_none() {
+    let cluster = app_cluster("rev14b_sound");
+    sql(
+        &cluster,
+        "INSERT INTO todos VALUES (50, 'alice-only', 'p1')",
+    );
+    let a = Worker::started(&cluster, "app").await;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(a.port, &key).await;
+    // Not healthy (/healthz says it does not stream): it answers clients all the same.
+    let b = Worker::start(&cluster, "app", free_port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(b.port, "/metrics").await.is_err() {
+        assert!(Instant::now() < deadline, "the standby never listened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (id2, key2) = api_key(&cluster, "alice");
+    for _ in 0..3 {
+        // It authenticates, then has nothing to serve (503) while it does not stream.
+        let (status, _) = http_get_with(b.port, "/sync/deltas?after=0", &auth(&key2)).await;
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    assert_eq!(
+        keys_cached(b.port).await,
+        0,
+        "a standby worker kept keys in memory"
+    );
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id2}')"));
+    let (status, _) = http_get_with(b.port, "/sync/deltas?after=0", &auth(&key2)).await;
+    assert_eq!(status, 401, "the standby accepted a revoked key");
+    drop(b);
+    // Re-pointed to mallory: alice's rows are no longer served under it.
+    let (status, body) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert!(
+        status == 200 && body.contains("alice-only"),
+        "{status} {body}"
+    );
+    sql(
+        &cluster,
+        &format!("UPDATE pg_sync.api_keys SET user_id = 'mallory' WHERE id = '{id}'"),
+    );
+    stream_passed(a.port, &cluster, 1).await;
+    let (status, body) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert!(
+        status == 200 && !body.contains("alice-only"),
+        "re-pointed key still alice's: {body}"
+    );
+    // Truncate: refused.
+    until_cached(a.port, &key).await;
+    sql(&cluster, "TRUNCATE pg_sync.api_keys");
+    stream_passed(a.port, &cluster, 2).await;
+    let (status, _) = http_get_with(a.port, "/sync/deltas?after=0", &auth(&key)).await;
+    assert_eq!(status, 401, "a truncated key still accepted");
+    // A restarted replication session forgets everything.
+    let (_, key3) = api_key(&cluster, "alice");
+    until_cached(a.port, &key3).await;
+    sql(
+        &cluster,
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys_cached(a.port).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the memory outlived its replication session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// rev14b: the bound on keys in memory under a flood of distinct valid keys: every insert
+/// past 50,000 evicts `by_hash.keys().next()` (the first occupied bucket). Prints the cost
+/// per insert below and past the bound (evicting from the front of a hash table can make the
+/// scan for the first occupied bucket grow).
+#[test]
+fn keys_in_memory_past_the_bound_cost_what_keys_below_it_do() {
+    use sync_worker::auth::{key_hash, KnownKey, KnownKeys};
+    let keys = KnownKeys::default();
+    keys.trust(true);
+    let hashes: Vec<[u8; 32]> = (0..250_000)
+        .map(|i| key_hash(&format!("pgs_{i}")))
+        .collect();
+    let insert = |i: usize| {
+        keys.insert(
+            keys.ticket(),
+            hashes[i],
+            KnownKey {
+                user: "u".into(),
+                id: format!("id{i}"),
+            },
+        )
+    };
+    let t = Instant::now();
+    for i in 0..50_000 {
+        assert!(insert(i));
+    }
+    let below = t.elapsed() / 50_000;
+    let t = Instant::now();
+    for i in 50_000..250_000 {
+        assert!(insert(i));
+    }
+    let past = t.elapsed() / 200_000;
+    eprintln!("per insert: {below:?} below the bound, {past:?} past it");
+    assert_eq!(keys.len(), 50_000);
+    assert!(
+        past < below * 20 + Duration::from_micros(5),
+        "eviction made inserts {past:?} each (below the bound {below:?})"
+    );
+}
+
+/// rev14b: checked sound (and a test the diff lacked for its sequencing.rs change). A
+/// revocation-only transaction streamed before it is visible (its committer held in
+/// synchronous replication to a standby that never comes) must not be published yet: the
+/// memory would drop the key, a lookup would still find it (the DELETE invisible) and put it
+/// back, and once the DELETE became visible no publish would remove it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_streamed_before_it_is_visible_does_not_let_a_lookup_recache_the_key() {
+    let cluster = app_cluster("rev14b_invisible_revoke");
+    let url = format!(
+        "{} options='-c synchronous_commit=local'",
+        cluster.url("app")
+    );
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    sql(
+        &cluster,
+        "ALTER SYSTEM SET synchronous_standby_names = 'ghost'",
+    );
+    sql(&cluster, "SELECT pg_reload_conf()");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer_url = cluster.url("app");
+    let revoke = format!("SELECT pg_sync.revoke_api_key('{id}')");
+    let writer = std::thread::spawn(move || {
+        let mut c =
+            pg_sync_tests::postgres::Client::connect(&writer_url, pg_sync_tests::postgres::NoTls)
+                .unwrap();
+        c.batch_execute(&revoke).map_err(|e| e.to_string())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sql(
+        &cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+    ) == ["0"]
+    {
+        assert!(Instant::now() < deadline, "the revocation never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Streamed but invisible: requests meanwhile (lookups, were the key dropped) find it valid.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        assert_eq!(status, 200, "refused while the revocation is invisible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sql(&cluster, "ALTER SYSTEM RESET synchronous_standby_names");
+    sql(&cluster, "SELECT pg_reload_conf()");
+    assert_eq!(writer.join().unwrap(), Ok(()));
+    stream_passed(port, &cluster, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked key stays in memory ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A TCP proxy to the cluster that can freeze (stop forwarding, both ways, without closing)
+/// every connection whose startup packet asks for replication: a silently dead replication
+/// link (a NAT or firewall dropping the flow, a half-open TCP connection) while the worker's
+/// pool connections, through the same proxy, stay healthy.
+async fn freezing_proxy(pg_port: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", pg_port)).await
+                else {
+                    return;
+                };
+                let replication = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (f1, r1) = (flag.clone(), replication.clone());
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = 0usize;
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if seen < 4096 && buf[..n].windows(12).any(|w| w == b"replication\0") {
+                            r1.store(true, Ordering::SeqCst);
+                        }
+                        seen += n;
+                        while r1.load(Ordering::SeqCst) && f1.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Hold the socket open while frozen.
+                    while r1.load(Ordering::SeqCst) && f1.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                });
+                let (f2, r2) = (flag, replication);
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    while r2.load(Ordering::SeqCst) && f2.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                while r2.load(Ordering::SeqCst) && f2.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                drop(cw);
+                let _ = up.await;
+            });
+        }
+    });
+    (port, frozen)
+}
+
+/// rev14b F4. The memory of valid keys is trusted while `status.streaming` is set, i.e. until
+/// the replication session *ends*; but the session waits on `repl.recv()` with no deadline, so
+/// a replication link that dies silently (no FIN/RST reaches the worker) never ends it. The
+/// walsender gives up on its side (`wal_sender_timeout`, 2 s here; the slot goes inactive),
+/// yet the worker keeps answering from memory: a key revoked after the link died is accepted
+/// for reads (and WS sessions) indefinitely, though the pool reaches the database and every
+/// lookup would refuse it. Before issue 9 the key was refused at once. docs/protocol.md: "a
+/// worker whose stream is down ... look[s] every key up". Fixed: the memory answers only while
+/// the stream was heard from lately (a message, or a probe finding the walsender had this
+/// worker's status update), and the probe ends the session when its walsender is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
+    let cluster = app_cluster("rev14b_dead_link");
+    sql(&cluster, "ALTER SYSTEM SET wal_sender_timeout = '2s'");
+    sql(&cluster, "SELECT pg_reload_conf()");
+    let (proxy, frozen) = freezing_proxy(cluster.port).await;
+    let url = format!("host=127.0.0.1 port={proxy} user=postgres dbname=app");
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    frozen.store(true, Ordering::SeqCst);
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    // The database ends the walsender (no reply within wal_sender_timeout): the slot is free.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql(
+        &cluster,
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+    ) != ["0"]
+    {
+        assert!(Instant::now() < deadline, "the walsender never timed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give the worker ample time (10x the server's timeout) to notice its stream is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut status, mut body) = (0, String::new());
+    while Instant::now() < deadline {
+        (status, body) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, health) = http_get(port, "/healthz").await.unwrap();
+    assert_eq!(
+        status, 401,
+        "a key revoked after the replication link died silently is still accepted from memory 20 s after the walsender ended ({} bytes served; healthz: {health}; {} keys cached)",
+        body.len(),
+        keys_cached(port).await
+    );
+}
+
+/// rev14b F5. A WebSocket `mutate` checks its key in the database first, but only a definite
+/// "gone" refuses (`k.valid(&app).await == Ok(false)`): when the check itself fails, the write
+/// goes ahead (HTTP /sync/mutate answers 503 in that case). Here the check fails because
+/// `pg_sync.api_keys` is locked (a VACUUM FULL, an ALTER TABLE ...) and the worker runs with a
+/// `lock_timeout`, while the key's revocation is committed but its publish is held
+/// (`stall_after_persist`, as in `a_cached_key_revoked_but_not_yet_published_cannot_write`):
+/// the revoked key writes. docs/protocol.md: "a WebSocket `mutate` check[s] the key in the
+/// database first, so a revoked key never writes."
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
+    let cluster = app_cluster("rev14b_ws_check_err");
+    let url = format!("{} options='-c lock_timeout=300ms'", cluster.url("app"));
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("DATABASE_URL", &url),
+            ("SYNC_FAILPOINTS", "stall_after_persist"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let (id, key) = api_key(&cluster, "alice");
+    let mut ws = try_connect(port, &key, None).await.expect("ws connects");
+    sql(
+        &cluster,
+        &format!(
+            "BEGIN; SELECT pg_sync.revoke_api_key('{id}'); INSERT INTO todos VALUES (2, 'two', 'p1'); COMMIT"
+        ),
+    );
+    let locker = {
+        let cluster_url = cluster.url("app");
+        std::thread::spawn(move || {
+            let mut c = pg_sync_tests::postgres::Client::connect(
+                &cluster_url,
+                pg_sync_tests::postgres::NoTls,
+            )
+            .unwrap();
+            c.batch_execute(
+                "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2); COMMIT",
+            )
+            .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(
+        &mut ws,
+        json!({"type": "mutate", "clientId": "k", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000003",
+            "ops": [{"model": "todos", "action": "I", "id": 3, "data": {"title": "revoked", "project": "p1"}}]}]})
+        .to_string(),
+    )
+    .await;
+    let mut got = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t)
+                    if t.as_str().contains("mutate_result") || t.as_str().contains("\"error\"") =>
+                {
+                    got = t.as_str().to_owned();
+                    return;
+                }
+                Message::Close(f) => {
+                    got = format!("close {f:?}");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    locker.join().unwrap();
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM todos WHERE id = 3"),
+        ["0"],
+        "a revoked key wrote over WebSocket when its check failed: {got}"
+    );
 }

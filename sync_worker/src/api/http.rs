@@ -53,9 +53,11 @@ fn cursor(app: &App, raw: Option<&str>) -> Result<i64, Refusal> {
 /// continue with `after=L`.
 pub async fn deltas(
     State(app): State<Arc<App>>,
-    Identity { user, .. }: Identity,
+    identity: Identity,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let held = identity.held_key();
+    let user = identity.user;
     let after = match cursor(&app, q.get("after").map(String::as_str)) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
@@ -129,6 +131,10 @@ pub async fn deltas(
         Ok(_) => {}
         Err(_) => return error(ErrorCode::Unavailable, "database unavailable; retry"),
     }
+    // A key revoked (and the revocation published) since it was checked gets none of it.
+    if let Some(refused) = stream::recheck_refusal(&app, held.as_ref()).await {
+        return refused;
+    }
     let body = format!(
         "{{\"deltas\":[{}],\"lastSyncId\":{cursor},\"hasMore\":{}}}",
         frames.join(","),
@@ -161,7 +167,12 @@ pub async fn sse(
     let Some((mut sub, registration)) = stream::register(&app, &user, key.as_deref()).await else {
         return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
-    stream::recheck_key(&app, held.as_ref()).await;
+    if !stream::recheck_key(&app, held.as_ref()).await {
+        return error(
+            ErrorCode::Unavailable,
+            "cannot check the API key now; retry",
+        );
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     let mut shutdown = app.shutdown.clone();
     tokio::spawn(async move {

@@ -66,10 +66,20 @@ pub enum BatchError {
     Bad(String, String),
     /// The database cannot be reached (503).
     Unavailable,
+    /// The API key the request authenticated with is gone (revoked, moved to another user or
+    /// re-hashed) as of a write's transaction (401): that write did nothing.
+    KeyRevoked,
 }
 
 /// Applies each transaction of the batch for `user`; returns one result per transaction.
-pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value>, BatchError> {
+/// With an API key (`key`), each transaction checks in the database that the key still
+/// authenticates `user`, in the write's own transaction (`mutate_with_key_statement`).
+pub async fn apply(
+    app: &App,
+    user: &str,
+    key: Option<&super::HeldKey>,
+    request: &Request,
+) -> Result<Vec<Value>, BatchError> {
     if request.client_id.is_empty() || request.client_id.len() > 200 {
         return Err(BatchError::Bad(
             "clientId must be 1 to 200 bytes".into(),
@@ -93,9 +103,11 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
         ));
     }
     let db = app.db.get().await.map_err(|_| BatchError::Unavailable)?;
-    let statement = crate::store::mutate_statement(&db)
-        .await
-        .map_err(|_| BatchError::Unavailable)?;
+    let statement = match key {
+        None => crate::store::mutate_statement(&db).await,
+        Some(_) => crate::store::mutate_with_key_statement(&db).await,
+    }
+    .map_err(|_| BatchError::Unavailable)?;
     let statement = &statement;
     // Pipelined on one connection: each transaction commits on its own, in order, and the
     // batch pays one round trip instead of one per transaction.
@@ -107,18 +119,40 @@ pub async fn apply(app: &App, user: &str, request: &Request) -> Result<Vec<Value
     let db = &db;
     let outcomes = futures::future::join_all(request.transactions.iter().zip(&ops).map(
         |(tx, ops)| async move {
-            db.query_one(
-                statement,
-                &[&user, &request.client_id, &tx.client_tx_id, ops],
-            )
-            .await
+            match key {
+                None => db
+                    .query_one(
+                        statement,
+                        &[&user, &request.client_id, &tx.client_tx_id, ops],
+                    )
+                    .await
+                    .map(Some),
+                Some(k) => {
+                    db.query_opt(
+                        statement,
+                        &[
+                            &user,
+                            &request.client_id,
+                            &tx.client_tx_id,
+                            ops,
+                            &k.id,
+                            &k.hash,
+                        ],
+                    )
+                    .await
+                }
+            }
         },
     ))
     .await;
     let mut results = Vec::with_capacity(request.transactions.len());
     for (tx, outcome) in request.transactions.iter().zip(outcomes) {
         results.push(match outcome {
-            Ok(row) => {
+            // The key was gone in this write's transaction: it wrote nothing (the batch's
+            // earlier transactions, applied before the revocation, are answered `duplicate`
+            // when sent again with a valid key).
+            Ok(None) => return Err(BatchError::KeyRevoked),
+            Ok(Some(row)) => {
                 let text: String = row.get(0);
                 let first: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let mut answer = json!({
@@ -234,7 +268,8 @@ pub async fn mutate(
 ) -> Response {
     // A key answered from the cache of valid keys is confirmed in the database before it
     // writes: a revocation reaches the cache only once the replication stream has it.
-    if let Some(held) = identity.held_key().filter(|_| identity.cached) {
+    let held = identity.held_key();
+    if let Some(held) = held.as_ref().filter(|_| identity.cached) {
         match held.valid(&app).await {
             Ok(true) => {}
             Ok(false) => {
@@ -277,11 +312,14 @@ pub async fn mutate(
                 );
         }
     };
-    match apply(&app, &user, &request).await {
+    match apply(&app, &user, held.as_ref(), &request).await {
         Ok(results) => Json(json!({"results": results})).into_response(),
         Err(BatchError::Bad(why, field)) => bad(&why, Some(field)),
         Err(BatchError::Unavailable) => {
             Refusal::of(ErrorCode::Unavailable, "database unavailable; retry").into_response()
+        }
+        Err(BatchError::KeyRevoked) => {
+            Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key").into_response()
         }
     }
 }

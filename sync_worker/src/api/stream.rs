@@ -4,6 +4,7 @@
 use super::App;
 use crate::delta::Delta;
 use crate::hub::{GoLive, Load, Subscription};
+use crate::protocol::ErrorCode;
 use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,21 +96,77 @@ pub async fn register(
 /// but before the session registered with the hub (which then had no session of the key to
 /// close): when any revocation was published since the check, the key is looked at again in
 /// the database, and if it is gone its revocation is published once more, which closes this
-/// session (4401) and any other of the key's.
-pub async fn recheck_key(app: &App, held: Option<&super::HeldKey>) {
-    let Some(held) = held else { return };
-    let Some(checked) = held.checked else { return };
+/// session (4401) and any other of the key's. False when the key could not be checked (the
+/// database is unavailable): the caller ends the session with a retryable refusal (close 1011,
+/// or 503) rather than serve a key that may be revoked.
+#[must_use]
+pub async fn recheck_key(app: &App, held: Option<&super::HeldKey>) -> bool {
+    match recheck(app, held).await {
+        Recheck::Valid => true,
+        Recheck::Revoked(held) => {
+            app.hub.publish(&[crate::hub::Published {
+                revoked_keys: vec![held.id.clone()],
+                ..Default::default()
+            }]);
+            true
+        }
+        Recheck::Unknown => false,
+    }
+}
+
+/// What `recheck` found.
+pub enum Recheck<'a> {
+    /// A JWT, a key checked with nothing revoked since, or a key the database still has.
+    Valid,
+    /// Gone from the database (or moved to another user, or re-hashed).
+    Revoked(&'a super::HeldKey),
+    /// The database could not say.
+    Unknown,
+}
+
+/// Whether the API key a request was checked with still authenticates it: looked at again in
+/// the database only when a revocation was published since the check (`HeldKey::checked`),
+/// which the caller's subscription to revocations, made before, may have missed.
+pub async fn recheck<'a>(app: &App, held: Option<&'a super::HeldKey>) -> Recheck<'a> {
+    let Some(held) = held else {
+        return Recheck::Valid;
+    };
+    let Some(checked) = held.checked else {
+        return Recheck::Valid;
+    };
     if app.hub.known_keys.unchanged_since(checked) {
-        return;
+        return Recheck::Valid;
     }
     match held.valid(app).await {
-        Ok(true) => {}
-        Ok(false) => app.hub.publish(&[crate::hub::Published {
-            revoked_keys: vec![held.id.clone()],
-            ..Default::default()
-        }]),
-        // As a session that missed nothing would be: the stream closes it if it is revoked.
-        Err(e) => tracing::warn!(error = %e, "cannot check a session's API key again"),
+        Ok(true) => Recheck::Valid,
+        Ok(false) => Recheck::Revoked(held),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a request's API key again");
+            Recheck::Unknown
+        }
+    }
+}
+
+/// `recheck` as an HTTP answer: `None` to go on, else the refusal (401 `invalid_api_key`, or
+/// 503 `unavailable`).
+pub async fn recheck_refusal(
+    app: &App,
+    held: Option<&super::HeldKey>,
+) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+    match recheck(app, held).await {
+        Recheck::Valid => None,
+        Recheck::Revoked(_) => Some(
+            super::Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key")
+                .into_response(),
+        ),
+        Recheck::Unknown => Some(
+            super::Refusal::of(
+                ErrorCode::Unavailable,
+                "cannot check the API key now; retry",
+            )
+            .into_response(),
+        ),
     }
 }
 

@@ -227,7 +227,15 @@ async fn session(
         close_with(&mut socket, close::INTERNAL, "database unavailable".into()).await;
         return;
     };
-    stream::recheck_key(&app, held.as_ref()).await;
+    if !stream::recheck_key(&app, held.as_ref()).await {
+        close_with(
+            &mut socket,
+            close::INTERNAL,
+            "cannot check the api key now; retry".into(),
+        )
+        .await;
+        return;
+    }
     // A JWT session ends when its token does (4402); the client reconnects with a fresh one.
     let expiry = stream::token_expiry(expires);
     tokio::pin!(expiry);
@@ -308,21 +316,32 @@ async fn session(
                                     close_dropped(&mut socket, &sub, position).await;
                                     break;
                                 }
-                                if let Some(k) = held.as_ref() {
-                                    // Revoked (or moved to another user, or re-hashed), and
-                                    // the replication stream has not said so yet.
-                                    if k.valid(&app).await == Ok(false) {
-                                        close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
-                                        break;
-                                    }
+                                // Revoked (or moved to another user, or re-hashed), and the
+                                // replication stream has not said so yet; or not known valid
+                                // (the check failed): nothing is written (as HTTP's 503).
+                                let checked = match held.as_ref() {
+                                    Some(k) => k.valid(&app).await,
+                                    None => Ok(true),
+                                };
+                                if checked == Ok(false) {
+                                    close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                    break;
                                 }
-                                Some(match super::mutate::apply(&app, &user, &request).await {
-                                    Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
-                                    Err(super::mutate::BatchError::Bad(why, field)) => frame(
-                                        json!({"type": "error", "code": ErrorCode::BadRequest.as_str(), "message": why, "field": field}),
-                                    ),
-                                    Err(super::mutate::BatchError::Unavailable) => {
-                                        error_frame(ErrorCode::Unavailable, "database unavailable; retry")
+                                Some(if checked.is_err() {
+                                    error_frame(ErrorCode::Unavailable, "cannot check the API key now; retry")
+                                } else {
+                                    match super::mutate::apply(&app, &user, held.as_ref(), &request).await {
+                                        Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
+                                        Err(super::mutate::BatchError::KeyRevoked) => {
+                                            close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                            break;
+                                        }
+                                        Err(super::mutate::BatchError::Bad(why, field)) => frame(
+                                            json!({"type": "error", "code": ErrorCode::BadRequest.as_str(), "message": why, "field": field}),
+                                        ),
+                                        Err(super::mutate::BatchError::Unavailable) => {
+                                            error_frame(ErrorCode::Unavailable, "database unavailable; retry")
+                                        }
                                     }
                                 })
                             }

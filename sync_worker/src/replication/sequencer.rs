@@ -80,6 +80,14 @@ pub enum SequencerError {
     Failpoint(&'static str),
     #[error("more than {HOLD_ACTIONS} actions streamed before the backlog was resolved; peeking at the slot instead")]
     HoldOverflow,
+    #[error("this session's walsender no longer holds the replication slot (the link died silently?); reconnecting")]
+    WalsenderGone,
+    #[error(
+        "the publication no longer carries every revocation of an API key; restarting the session"
+    )]
+    PublicationChanged,
+    #[error("the control connection did not answer a stream probe within {0:?}")]
+    ProbeTimeout(Duration),
 }
 
 /// Under continuous load, how long committed transactions may wait to be batched at most;
@@ -97,6 +105,17 @@ const LARGE_PAGE: i32 = 5_000;
 /// How long after the last look at the server's WAL flush position the sequencer looks again,
 /// while persists wait to be known durable (their slot acknowledgement waits for it).
 const FLUSH_POLL: Duration = Duration::from_millis(100);
+
+/// How often a streaming session asks the server whether its walsender still holds the slot
+/// and has heard from this worker lately (`Session::probe_stream`): a replication link can die
+/// without the worker's socket noticing, and the memory of valid API keys is trusted only while
+/// the stream is known alive (`KnownKeys::heard`).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A probe the control connection does not answer within this ends the session.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The walsender must have had a status update from this worker (sent at least every second,
+/// `replication_config`) within this for a probe to count as hearing from the stream.
+const REPLY_FRESH_SECS: f64 = 3.0;
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_US: i64 = 946_684_800_000_000;

@@ -229,6 +229,19 @@ pub async fn mutate_statement(conn: &Conn) -> Result<Statement, tokio_postgres::
         .await
 }
 
+/// `mutate_as` for a request authenticated with an API key: the key (id, user and hash, as
+/// `HeldKey::valid`) is locked `FOR KEY SHARE` in the write's own transaction, so a revocation
+/// committed before it leaves no row and nothing is written (no row comes back), and one
+/// committing meanwhile waits for the write. Prepared once per connection.
+pub async fn mutate_with_key_statement(conn: &Conn) -> Result<Statement, tokio_postgres::Error> {
+    conn.prepare_cached(
+        "SELECT pg_sync.mutate_as(k.user_id, $2, $3::text::uuid, $4::text::jsonb)::text
+           FROM (SELECT user_id FROM pg_sync.api_keys
+                  WHERE id::text = $5 AND user_id = $1 AND key_hash = $6 FOR KEY SHARE) k",
+    )
+    .await
+}
+
 /// Why no pooled connection was handed out.
 #[derive(Debug, thiserror::Error)]
 #[error("no database connection: {0}")]

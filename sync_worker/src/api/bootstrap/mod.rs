@@ -100,6 +100,11 @@ pub async fn bootstrap(
 ) -> Response {
     // Subscribed before anything is read: a key revoked from here on ends the stream.
     let watch = identity.held_key().map(|k| (k, app.hub.revocations()));
+    // A revocation published between the key's check and that subscription is not in it.
+    if let Some(refused) = super::stream::recheck_refusal(&app, watch.as_ref().map(|w| &w.0)).await
+    {
+        return refused;
+    }
     let user = identity.user;
     let req = match parse(&q) {
         Ok(r) => r,

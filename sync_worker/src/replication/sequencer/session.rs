@@ -5,7 +5,10 @@
 
 use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
-use super::{SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US};
+use super::{
+    SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US, PROBE_EVERY,
+    PROBE_TIMEOUT, REPLY_FRESH_SECS,
+};
 use crate::config::Config;
 use crate::delta::{Delta, Unsequenced, COLUMNS};
 use crate::hub::Hub;
@@ -500,6 +503,15 @@ async fn session(
         }
     }
     status.slot_held.store(true, Ordering::Release);
+    // This session's walsender (the slot is held by it now), which `probe_stream` looks for.
+    let walsender: Option<i32> =
+        s.db.query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let mut next_probe = tokio::time::Instant::now() + PROBE_EVERY;
     if s.unresolved.is_none() && s.hold.is_none() {
         s.streaming();
     }
@@ -539,7 +551,14 @@ async fn session(
             ev = st.repl.recv() => ev?,
             _ = idle_flush => { s.flush(&st.repl).await?; s.settle(); continue; }
             _ = flush_poll => { s.poll_flushed(&st.repl).await?; continue; }
+            _ = tokio::time::sleep_until(next_probe) => {
+                s.probe_stream(walsender).await?;
+                next_probe = tokio::time::Instant::now() + PROBE_EVERY;
+                continue;
+            }
         };
+        // Anything from the stream (a keepalive too) shows the link is alive.
+        hub.known_keys.heard();
         let Some(event) = event else {
             s.flush(&st.repl).await?;
             return Ok(());
@@ -820,6 +839,52 @@ impl Session<'_> {
             self.hub.known_keys.trust(self.follows_keys);
             self.status.streaming.store(true, Ordering::Release);
         }
+    }
+
+    /// Asks the server whether the stream is alive: this session's walsender still holds the
+    /// slot (else the session ends: a link that died silently leaves the worker waiting for
+    /// messages forever while the server ended its side at `wal_sender_timeout`), and it had a
+    /// status update from this worker lately (then the key memory counts as fresh; otherwise
+    /// it stops answering until the stream is heard from again, `KnownKeys::heard`). A
+    /// publication altered since the session started so that it no longer carries every
+    /// revocation of a key ends the session too (the next one looks at it again).
+    async fn probe_stream(&self, walsender: Option<i32>) -> Result<(), SequencerError> {
+        let sql = format!(
+            "SELECT s.active_pid, extract(epoch FROM now() - r.reply_time)::float8, {}
+               FROM pg_replication_slots s
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1",
+            super::setup::follows_keys_sql("$2")
+        );
+        let row = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            self.db
+                .query_opt(&sql, &[&self.cfg.slot, &self.cfg.publication]),
+        )
+        .await
+        .map_err(|_| SequencerError::ProbeTimeout(PROBE_TIMEOUT))??;
+        let (holder, reply_age, follows) = row
+            .map(|r| {
+                (
+                    r.get::<_, Option<i32>>(0),
+                    r.get::<_, Option<f64>>(1),
+                    r.get::<_, Option<bool>>(2),
+                )
+            })
+            .unwrap_or((None, None, None));
+        if self.follows_keys && follows != Some(true) {
+            return Err(SequencerError::PublicationChanged);
+        }
+        let Some(ours) = walsender else {
+            return Ok(());
+        };
+        if holder != Some(ours) {
+            return Err(SequencerError::WalsenderGone);
+        }
+        if reply_age.is_some_and(|age| age < REPLY_FRESH_SECS) {
+            self.hub.known_keys.heard();
+        }
+        Ok(())
     }
 
     pub(super) fn ack(&self, repl: &ReplicationClient, lsn: Lsn) {

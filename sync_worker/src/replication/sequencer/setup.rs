@@ -27,7 +27,8 @@ impl From<crate::store::ConnectError> for SequencerError {
 
 /// Creates the publication and the slot when missing; reports an invalidated slot.
 /// Returns whether the publication carries everything the sequencer follows (the registry,
-/// updates and truncations); a publication this role may not alter is used as it is.
+/// and every revocation of an API key: `follows_every_key_change`); a publication this role
+/// may not alter is used as it is.
 pub(super) async fn ensure_setup(
     db: &Client,
     cfg: &Config,
@@ -41,14 +42,14 @@ pub(super) async fn ensure_setup(
     {
         return Err(SequencerError::NoExtension);
     }
-    // Updates and truncations are published so that API key changes made that way reach the
-    // hub. Memberships and the registry no longer need to be (kept for publications made
+    // Deletes, updates and truncations are published so that API key revocations made that
+    // way reach the hub. Memberships and the registry no longer need to be (kept for publications made
     // before): membership changes are actions in the log (pg_sync.log_membership()), and each
     // action says whether it is global (a NULL group id), so re-registrations need no stream.
     let publication = crate::store::quote_ident(&cfg.publication);
     match db
         .query_opt(
-            "SELECT pubupdate AND pubtruncate FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = $1",
             &[&cfg.publication],
         )
         .await?
@@ -135,7 +136,32 @@ pub(super) async fn ensure_setup(
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
     take_over_stale_slot(db, cfg).await?;
-    Ok(complete)
+    Ok(complete && follows_every_key_change(db, cfg).await?)
+}
+
+/// Whether the publication, as it is now, streams every revocation of an API key: deletes
+/// (`pg_sync.revoke_api_key`), updates (a re-pointed user or hash) and truncations of
+/// `pg_sync.api_keys`, every row (no row filter) with every column (no column list), so that
+/// the hub's memory of valid keys may be trusted. Inserts are not needed (a new key is not a
+/// revocation). Read at every session start: a publication altered by hand (or made by
+/// someone else, which this role may not alter) is seen as it is.
+async fn follows_every_key_change(db: &Client, cfg: &Config) -> Result<bool, SequencerError> {
+    let follows: Option<bool> = db
+        .query_one(
+            &format!("SELECT {}", follows_keys_sql("$1")),
+            &[&cfg.publication],
+        )
+        .await?
+        .get(0);
+    let follows = follows == Some(true);
+    if !follows {
+        tracing::warn!(
+            publication = %cfg.publication,
+            "the publication does not carry every delete, update and truncation of every row and column of pg_sync.api_keys: \
+             valid API keys are not kept in memory (every request looks its key up)"
+        );
+    }
+    Ok(follows)
 }
 
 /// A walsender whose peer died without closing the connection (a crashed host, a network
@@ -193,6 +219,21 @@ async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), Sequencer
     Ok(())
 }
 
+/// A scalar subquery: whether the publication named by the text parameter `param` carries
+/// every revocation of an API key (`follows_every_key_change`); NULL when it does not list
+/// `pg_sync.api_keys`.
+pub(super) fn follows_keys_sql(param: &str) -> String {
+    format!(
+        "(SELECT p.pubdelete AND p.pubupdate AND p.pubtruncate AND t.rowfilter IS NULL
+                 AND t.attnames @> ARRAY(SELECT attname FROM pg_attribute
+                                          WHERE attrelid = 'pg_sync.api_keys'::regclass
+                                            AND attnum > 0 AND NOT attisdropped)
+            FROM pg_publication p
+            JOIN pg_publication_tables t ON t.pubname = p.pubname
+           WHERE p.pubname = {param} AND t.schemaname = 'pg_sync' AND t.tablename = 'api_keys')"
+    )
+}
+
 /// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
 pub(super) fn replication_config(
     cfg: &Config,
@@ -220,6 +261,9 @@ pub(super) fn replication_config(
     )
     .with_port(port)
     .with_status_interval(Duration::from_millis(200))
+    // Idle, a status update every second (not the default 10 s): the session's probe reads
+    // the walsender's last reply to know the link is alive (`Session::probe_stream`).
+    .with_wakeup_interval(Duration::from_secs(1))
     .with_application_name("pg_sync_worker");
     if let Some(tls) = target.tls.replication_config(&host, encrypted) {
         rc = rc.with_tls(tls);
