@@ -888,9 +888,12 @@ async fn slow_readers_and_half_open_connections_hurt_only_themselves() {
 
     // The stalled WS and SSE readers are dropped (a write not taken for 30 s): the subscriber
     // count falls back to the bystander's.
-    let deadline = started + Duration::from_secs(50);
+    // (Two of the four stalled or trickling readers may have taken every byte there was into
+    // their kernel buffers by then: nothing of theirs is blocked, so nothing cuts them. Under
+    // load the others' 30 s can end late: the deadline leaves room, the loop ends when done.)
+    let deadline = started + Duration::from_secs(80);
     let mut now = subscribers(port).await;
-    while now > baseline + 1 && Instant::now() < deadline {
+    while now > baseline + 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         now = subscribers(port).await;
     }
