@@ -320,7 +320,9 @@ fn escape_into(out: &mut String, v: &str) {
 /// The row's `data` (jsonb text) as the frame carries it: normalized as serde_json prints it
 /// once parsed (keys sorted, no spaces), without the exact texts of a captured row (key '',
 /// docs/extension.md: they are for `/v1/shape`; v1 rows stay in `to_jsonb` form, as
-/// `/sync/bootstrap` sends them); null when it is not JSON.
+/// `/sync/bootstrap` sends them); null when it is not JSON. A document serde_json refuses though
+/// it is JSON (nested deeper than its recursion limit, as jsonb may be) is written as it is,
+/// compacted (`put_unparsed`): never lost to a null.
 fn put_data(out: &mut String, data: Option<&str>) {
     let Some(text) = data else {
         out.push_str("null");
@@ -341,11 +343,117 @@ fn put_data(out: &mut String, data: Option<&str>) {
     // Outside what the fast path knows (a \u escape, an exponent, a duplicate key, deep
     // nesting, not JSON at all): parsed as it always was.
     out.truncate(start);
-    let mut value = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut value {
-        m.remove("");
+    match serde_json::from_str::<Value>(text) {
+        Ok(mut value) => {
+            if let Value::Object(m) = &mut value {
+                m.remove("");
+            }
+            out.push_str(&value.to_string());
+        }
+        Err(_) => {
+            if put_unparsed(out, text).is_none() {
+                out.truncate(start);
+                tracing::warn!("an action's data is not JSON; its delta carries null");
+                out.push_str("null");
+            }
+        }
     }
-    out.push_str(&value.to_string());
+}
+
+/// Writes a JSON document that serde_json cannot make a tree of (nested deeper than its
+/// recursion limit, or an object whose first key is its `$serde_json::private::Number` marker):
+/// validated by serde_json without recursion (`IgnoredAny` skips a value iteratively), then the
+/// top-level members in serde_json's key order without the exact texts (key ''), every value as
+/// Postgres printed it less the whitespace (so nested objects keep jsonb's key order). `None`
+/// (nothing written) when it is not JSON.
+fn put_unparsed(out: &mut String, text: &str) -> Option<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    let body = text.trim();
+    let Some(inner) = body.strip_prefix('{').and_then(|b| b.strip_suffix('}')) else {
+        put_compact(out, body);
+        return Some(());
+    };
+    let mut members = std::collections::BTreeMap::new();
+    let mut rest = inner.trim_start();
+    while !rest.is_empty() {
+        // Valid JSON: a key string, a colon, a value up to the next comma at this level.
+        let key_end = string_end(rest);
+        let name: String = serde_json::from_str(&rest[..key_end]).ok()?;
+        let value = rest[key_end..].trim_start().strip_prefix(':')?;
+        let value_end = value_end(value);
+        members.insert(name, value[..value_end].trim());
+        rest = value[value_end..].trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    out.push('{');
+    for (i, (name, value)) in members.iter().filter(|(n, _)| !n.is_empty()).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        put_str(out, Some(name));
+        out.push(':');
+        put_compact(out, value);
+    }
+    out.push('}');
+    Some(())
+}
+
+/// Where the JSON string at the start of `s` ends (just past its closing quote).
+fn string_end(s: &str) -> usize {
+    let mut escaped = false;
+    for (i, b) in s.bytes().enumerate().skip(1) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return i + 1,
+            _ => {}
+        }
+    }
+    s.len()
+}
+
+/// Where the (valid) JSON value at the start of `s` ends: at the first comma or closing bracket
+/// outside strings and nested brackets, or the end.
+fn value_end(s: &str) -> usize {
+    let (mut depth, mut i) = (0usize, 0);
+    let b = s.as_bytes();
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += string_end(&s[i..]);
+                continue;
+            }
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' if depth == 0 => return i,
+            b']' | b'}' => depth -= 1,
+            b',' if depth == 0 => return i,
+            _ => {}
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+/// Copies valid JSON text without the whitespace between its tokens.
+fn put_compact(out: &mut String, json: &str) {
+    let (mut in_string, mut escaped, mut run) = (false, false, 0);
+    for (i, b) in json.bytes().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+            // Whitespace is ASCII: both ends of the run are character boundaries.
+            out.push_str(&json[run..i]);
+            run = i + 1;
+        }
+    }
+    out.push_str(&json[run..]);
 }
 
 /// Rewrites JSON text the way `serde_json::from_str::<Value>` then `to_string` does (with
@@ -709,19 +817,55 @@ mod tests {
             "nul",
             "truex",
             "[1] 2",
-            r#"{"a": "\ud800"}"#,
             r#"{"a": "\x"}"#,
         ];
         for t in slow {
             assert_eq!(fast_way(t).0, serde_way(t), "{t:?}");
         }
-        // Nesting past the fast path's depth, and past serde_json's limit.
-        for depth in [63, 64, 65, 127, 128, 129, 300] {
+        // JSON that serde_json refuses to make a tree of (jsonb never holds one) is kept as
+        // it is, not lost to a null.
+        assert_eq!(fast_way(r#"{"a": "\ud800"}"#).0, r#"{"a":"\ud800"}"#);
+        // Nesting past the fast path's depth, and past serde_json's limit (127 levels), where
+        // the document is kept as it is, compacted, not lost to a null as serde_json's way did.
+        for depth in [63, 64, 65, 127, 128, 129, 300, 20_000] {
             let t = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
-            assert_eq!(fast_way(&t).0, serde_way(&t), "depth {depth}");
+            let want = |t: &str| match depth {
+                ..128 => serde_way(t),
+                _ => t.replace(' ', ""),
+            };
+            assert_eq!(fast_way(&t).0, want(&t), "depth {depth}");
             let t = format!("{}1{}", "{\"a\": ".repeat(depth), "}".repeat(depth));
-            assert_eq!(fast_way(&t).0, serde_way(&t), "depth {depth}");
+            assert_eq!(fast_way(&t).0, want(&t), "depth {depth}");
         }
+    }
+
+    /// A row nested deeper than serde_json parses (jsonb nests thousands of levels deep) keeps
+    /// its data in its delta: the top-level members in serde_json's order, without the exact
+    /// texts, every value as it is less the whitespace (nested keys keep jsonb's order).
+    #[test]
+    fn data_nested_past_serde_jsons_limit_is_kept() {
+        let deep = format!(
+            "{}\"] }}\\\" \"{}",
+            "[{\"b\": 1, \"a\": ".repeat(500),
+            "}]".repeat(500)
+        );
+        let text = format!(r#"{{"z": 1.50, "d": {deep}, "": {{"d": "x"}}, "a b": "c d"}}"#);
+        let d = Delta::from_columns(3, true, |c| match c {
+            "data" => Some(text.clone()),
+            "model" => Some("docs".into()),
+            _ => None,
+        });
+        let compact = deep.replace(": ", ":").replace(", ", ",");
+        assert!(
+            d.frame.as_str().contains(&format!(
+                r#""data":{{"a b":"c d","d":{compact},"z":1.50}},"#
+            )),
+            "{}",
+            &d.frame.as_str()[..200]
+        );
+        let mut out = String::new();
+        put_data(&mut out, Some(&format!("[{deep}, 2]")));
+        assert_eq!(out, format!("[{compact},2]"));
     }
 
     /// Random documents in jsonb's print style, and every one-byte corruption of some of
@@ -873,7 +1017,7 @@ mod tests {
             .collect();
         assert!(texts.len() > 1000);
         let nasty = "q\"\\/\u{1}\u{1f}\u{7f}\u{2028}\u{10348}é";
-        let mut fast = 0;
+        let (mut fast, mut unparsed) = (0, 0);
         for (n, text) in texts.iter().enumerate() {
             let cols = |c: &str| -> Option<String> {
                 match c {
@@ -895,21 +1039,47 @@ mod tests {
             let now = Delta::from_text(n as i64 - 500, false, |c| {
                 owned[COLUMNS.iter().position(|n| *n == c)?].as_deref()
             });
-            assert_eq!(
-                now.frame.as_str(),
-                frame_before(n as i64 - 500, cols),
-                "{text:?}"
-            );
+            let mut before = frame_before(n as i64 - 500, cols);
+            if serde_json::from_str::<Value>(text).is_err() {
+                // JSON serde_json refuses to make a tree of: nested deeper than its limit, or
+                // holding an object whose first key is one of its markers
+                // (`$serde_json::private::Number`, `...::RawValue`) with a value that does not
+                // fit it. c5ec34a sent a null; the data is kept now.
+                unparsed += 1;
+                let rename = |t: &str| t.replace("$serde_json::private::", "$marker::");
+                if let Ok(mut data) = serde_json::from_str::<Value>(&rename(text)) {
+                    // The same document as serde_json reads it under other keys (nested
+                    // objects keep jsonb's key order: compared as trees).
+                    if let Value::Object(m) = &mut data {
+                        m.remove("");
+                    }
+                    let mut want: Value = serde_json::from_str(&before).unwrap();
+                    want["data"] = data;
+                    let got: Value = serde_json::from_str(&rename(now.frame.as_str())).unwrap();
+                    assert_eq!(got, want, "{text:?}");
+                    before = now.frame.to_string();
+                } else {
+                    // Too deep for a tree: the fixture's deep arrays hold no spaces, its deep
+                    // objects nothing but exact texts.
+                    let data = match text.starts_with('[') {
+                        true => text.replace(' ', ""),
+                        false => "{}".to_owned(),
+                    };
+                    before = before.replace(r#""data":null,"#, &format!(r#""data":{data},"#));
+                }
+            }
+            assert_eq!(now.frame.as_str(), before, "{text:?}");
             // Built before its id is known, as the tail builds it.
             let later = Delta::unsequenced(false, &owned.each_ref().map(|v| v.as_deref()));
             assert_eq!(
                 later.sequence(n as i64 - 500).frame.as_str(),
-                frame_before(n as i64 - 500, cols),
+                before,
                 "{text:?}"
             );
             fast += usize::from(fast_way(text).1);
         }
         assert!(fast > texts.len() / 2, "only {fast} took the fast path");
+        assert!(unparsed > 8, "only {unparsed} documents serde_json refuses");
     }
 
     /// A delta built before its sync id is known (`unsequenced`, the tail's way since the

@@ -6572,15 +6572,14 @@ async fn corrupt_text_breaks_the_bootstrap_off_and_writes_no_line_that_is_not_js
     );
 }
 
-/// Review rev14d, finding F2 (older than issue 11; found tracing F1): `Model::key_of` parses a
-/// row's whole `data` to find its key, and an unparsable one gives an empty map
-/// (`serde_json::from_slice(..).unwrap_or_default()`), so the key `{"id": null}`. Valid data
-/// that serde_json refuses: a jsonb value nested deeper than its recursion limit (128), which
-/// Postgres accepts. The cursor after such a row (here `limit=1`; equally a checkpoint `cursor`
-/// line every 1000 rows, or a shutdown/deadline cursor) resumes with nothing more of the model
-/// and `"hasMore":false`: rows 2 and 3 are silently never sent.
+/// A row whose other columns nest deeper than serde_json parses (jsonb nests thousands of levels
+/// deep) loses nothing. Review rev14d, finding F2: `Model::key_of` parsed a row's whole `data`
+/// to find its key, and an unparsable one gave an empty map, so the key `{"id": null}`: the
+/// cursor after such a row (here `limit=1`; equally a checkpoint `cursor` line every 1000
+/// rows, or a shutdown/deadline cursor) resumed with nothing more of the model and
+/// `"hasMore":false`, rows 2 and 3 silently never sent. Its delta carried `"data":null` the same
+/// way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect rev14d-F2: a row whose data serde_json cannot parse (jsonb nested > 128) gets a null-key cursor: the model's remaining rows are lost"]
 async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
     let cluster = tokio::task::block_in_place(|| {
         Cluster::start("bootstrap_deep_jsonb", &["timezone = 'UTC'"])
@@ -6591,7 +6590,11 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
         r"CREATE TABLE docs (id int PRIMARY KEY, doc jsonb);
           SELECT pg_sync.register_table('docs');
           INSERT INTO docs VALUES (1, (repeat('[', 200) || repeat(']', 200))::jsonb),
-                                  (2, '[]'), (3, '{}');",
+                                  (2, '[]'), (3, '{}');
+          CREATE TABLE deep_keys (k jsonb PRIMARY KEY);
+          SELECT pg_sync.register_table('deep_keys');
+          -- (jsonb orders arrays before objects: the deep key comes first.)
+          INSERT INTO deep_keys VALUES ((repeat('[', 200) || repeat(']', 200))::jsonb), ('{}');",
     );
     tokio::task::block_in_place(|| drop(db));
     let worker = Worker::started(&cluster, "app").await;
@@ -6602,7 +6605,11 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
     // (Only the `end` line is parsed here: the row line is too deep for serde_json, too.)
     let end: Value = serde_json::from_str(first.lines().last().unwrap()).unwrap();
     assert_eq!(end["hasMore"], true, "{end}");
-    let path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+    // (The cursor carries `limit=1`; this page takes the rest.)
+    let path = format!(
+        "/sync/bootstrap?cursor={}&limit=10",
+        end["cursor"].as_str().unwrap()
+    );
     let (status, second) = http_get_with(worker.port, &path, &auth).await;
     eprintln!("page 2: {second}");
     assert_eq!(status, 200);
@@ -6613,4 +6620,29 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
         .map(|v| v["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids, ["2", "3"], "the rows page 2 resumes with");
+    // (Too deep for serde_json as well: read as text.)
+    let (status, deltas) = http_get_with(worker.port, "/sync/deltas?after=0", &auth).await;
+    assert_eq!(status, 200, "{deltas}");
+    let doc = format!(
+        r#""data":{{"doc":{}{},"id":1}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    assert!(
+        deltas.contains(&doc),
+        "the deep row's delta keeps its data: {deltas}"
+    );
+    assert!(!deltas.contains(r#""data":null"#), "{deltas}");
+    // A key too deep to put in a cursor is a clear error, not a cursor that resumes elsewhere.
+    let (status, keys) = http_get_with(
+        worker.port,
+        "/sync/bootstrap?models=deep_keys&limit=1",
+        &auth,
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    let last: Value = serde_json::from_str(keys.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "error", "{last}");
+    assert_eq!(last["code"], "internal", "{last}");
+    assert!(last.get("cursor").is_none(), "{last}");
 }

@@ -38,31 +38,116 @@ fn pg_bindir() -> PathBuf {
 /// `bind(127.0.0.1:0)` and released is back in the kernel's ephemeral range, where the next
 /// `bind(0)` (a test's proxy) or outgoing connection can take it before the server binds it: the
 /// server then fails to start, or its health check reaches the proxy instead. So ports come from
-/// below the ephemeral range, which neither draws from, each handed out once per process (a
-/// counter from a per-process offset, so test processes running side by side rarely meet), and
+/// below the ephemeral range, which neither draws from: each claimed by this process for its
+/// whole life (see `PortClaims`), so no other test process on the machine hands it out too, and
 /// only after a bind shows it free now.
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static CLAIMS: std::sync::OnceLock<PortClaims> = std::sync::OnceLock::new();
+    CLAIMS
+        .get_or_init(|| {
+            PortClaims::new(
+                std::env::temp_dir().join("pg_sync_test_ports"),
+                std::process::id(),
+            )
+        })
+        .claim()
+        // No room below the ephemeral range (a machine configured so): the racy way is all
+        // there is.
+        .unwrap_or_else(|| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port")
+        })
+}
+
+/// Hands out ports from 10000 up to the ephemeral range, each at most once across all the
+/// processes on this machine that share `dir`: a port is this process's once it holds an
+/// exclusive `flock` on `dir/<port>`, which it keeps (the file stays open) until it exits. The
+/// kernel drops the lock with the process, however it ends, so nothing is ever stale; the files
+/// are never removed (removing one while another process opens it would let two processes
+/// lock two different files of the same name). A port some other program listens on, or a
+/// server a dead test process left running, fails the bind check and is skipped. The scan
+/// starts at an offset from `seed` (the pid), so processes side by side rarely try the same
+/// ports first; that only saves lock attempts, the claim is what makes them distinct.
+pub struct PortClaims {
+    dir: PathBuf,
+    offset: u32,
+    /// The next port to try, counted from `offset`, and the claims held (their files open).
+    state: std::sync::Mutex<(u32, Vec<std::fs::File>)>,
+}
+
+impl PortClaims {
     const FIRST: u32 = 10_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    if ephemeral_low > FIRST + 1_000 {
-        let span = ephemeral_low - FIRST;
-        let offset = std::process::id().wrapping_mul(7_919) % span;
+
+    pub fn new(dir: PathBuf, seed: u32) -> PortClaims {
+        PortClaims {
+            dir,
+            offset: seed.wrapping_mul(7_919),
+            state: std::sync::Mutex::new((0, Vec::new())),
+        }
+    }
+
+    /// A port no other holder of a claim in `dir` has (nor this one before), free now; `None`
+    /// when the ephemeral range leaves no room below it.
+    pub fn claim(&self) -> Option<u16> {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32_768)
+            .min(u32::from(u16::MAX));
+        if ephemeral_low <= Self::FIRST + 1_000 {
+            return None;
+        }
+        let span = ephemeral_low - Self::FIRST;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, held) = &mut *state;
         for _ in 0..span {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let port = (FIRST + (offset + n) % span) as u16;
+            let port = (Self::FIRST + self.offset.wrapping_add(*next) % span) as u16;
+            *next += 1;
+            let Some(lock) = self.lock(port) else {
+                continue;
+            };
+            // Kept even when the bind fails (something else listens there): this process
+            // never tries the port again.
+            held.push(lock);
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
+                return Some(port);
+            }
+        }
+        panic!(
+            "no port left to claim between {} and {ephemeral_low}",
+            Self::FIRST
+        )
+    }
+
+    /// `dir/<port>` open and exclusively locked by this claim; `None` if another holds it.
+    fn lock(&self, port: u16) -> Option<std::fs::File> {
+        if !self.dir.is_dir() {
+            std::fs::create_dir_all(&self.dir).expect("create the port claims directory");
+            // Shared by every user's test processes, as /tmp is (a lock file is created by the
+            // first to claim its port and kept).
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o1777));
+        }
+        let path = self.dir.join(port.to_string());
+        // A file another user created can still be locked read-only (flock needs no write).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))
+            .unwrap_or_else(|e| panic!("open the port claim {}: {e}", path.display()));
+        match file.try_lock() {
+            Ok(()) => Some(file),
+            Err(std::fs::TryLockError::WouldBlock) => None,
+            Err(std::fs::TryLockError::Error(e)) => {
+                panic!("lock the port claim {}: {e}", path.display())
             }
         }
     }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -336,5 +421,49 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes' claims never hand out the same port, though they scan from the same
+    /// start and neither binds what it got. (Two `PortClaims` on one directory stand for two
+    /// processes: `flock` locks taken through two opens of a file conflict within a process as
+    /// they do across processes.) A claim ends with its holder: nothing is left stale.
+    #[test]
+    fn two_processes_never_claim_the_same_port() {
+        let dir =
+            std::env::temp_dir().join(format!("pg_sync_test_port_claims_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (
+            PortClaims::new(dir.clone(), 1),
+            PortClaims::new(dir.clone(), 1),
+        );
+        let mut seen = std::collections::HashSet::new();
+        let mut of_a = vec![];
+        for _ in 0..50 {
+            for (claims, name) in [(&a, "a"), (&b, "b")] {
+                let port = claims.claim().expect("room below the ephemeral range");
+                assert!(
+                    seen.insert(port),
+                    "port {port} handed out twice (to {name})"
+                );
+                if name == "a" {
+                    of_a.push(port);
+                }
+            }
+        }
+        assert!(
+            b.lock(of_a[0]).is_none(),
+            "a's port is locked while a lives"
+        );
+        drop(a);
+        assert!(
+            b.lock(of_a[0]).is_some(),
+            "a's port is free to claim once a is gone"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

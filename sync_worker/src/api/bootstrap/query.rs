@@ -121,14 +121,53 @@ impl Model {
         }
     }
 
-    /// The key of a row, from its `data`.
-    pub(super) fn key_of(&self, data: &[u8]) -> serde_json::Map<String, serde_json::Value> {
-        let mut row: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(data).unwrap_or_default();
-        self.key
-            .iter()
-            .map(|k| (k.clone(), row.remove(k).unwrap_or_default()))
-            .collect()
+    /// The key of a row (`{column: value}`), from its `data`. Only the key columns' values are
+    /// parsed: the others are skipped without recursion, so no value, however deeply nested
+    /// (jsonb nests far deeper than serde_json's recursion limit), can make the key unreadable.
+    /// `Err` (a key column missing, or itself a jsonb value too deep to parse) is never turned
+    /// into some other key: a wrong cursor would skip rows.
+    pub(super) fn key_of(
+        &self,
+        data: &[u8],
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let mut de = serde_json::Deserializer::from_slice(data);
+        let key = serde::Deserializer::deserialize_map(&mut de, KeyColumns(&self.key))
+            .and_then(|key| de.end().map(|()| key))
+            .map_err(|e| format!("the key of a row of {} is unreadable: {e}", self.name))?;
+        match self.key.iter().find(|k| !key.contains_key(*k)) {
+            Some(k) => Err(format!(
+                "a row of {} has no key column {k:?} in its data",
+                self.name
+            )),
+            None => Ok(key),
+        }
+    }
+}
+
+/// Takes the key columns' members of a row's `data` object and skips the rest
+/// (`IgnoredAny`: serde_json skips a value iteratively, at any depth).
+struct KeyColumns<'k>(&'k [String]);
+
+impl<'de> serde::de::Visitor<'de> for KeyColumns<'_> {
+    type Value = serde_json::Map<String, serde_json::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a row's data object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut members: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut key = serde_json::Map::new();
+        while let Some(name) = members.next_key::<String>()? {
+            if self.0.contains(&name) {
+                key.insert(name, members.next_value()?);
+            } else {
+                members.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(key)
     }
 }
 
@@ -174,7 +213,43 @@ mod tests {
         assert!(q.contains(r#"ORDER BY t."a", t."b""x""#), "{q}");
         assert_eq!(
             m.key_of(br#"{"a": 1, "b\"x": "z", "v": 3}"#),
-            serde_json::from_str::<serde_json::Map<_, _>>(r#"{"a": 1, "b\"x": "z"}"#).unwrap()
+            Ok(serde_json::from_str::<serde_json::Map<_, _>>(r#"{"a": 1, "b\"x": "z"}"#).unwrap())
         );
+    }
+
+    /// A row's other columns may nest deeper than serde_json parses (jsonb nests to thousands of
+    /// levels); its key is read all the same. What cannot be read is an error, never a
+    /// default key.
+    #[test]
+    fn the_key_is_read_past_values_of_any_depth() {
+        let m = Model::new(
+            "docs".into(),
+            "docs".into(),
+            None,
+            vec!["id".into(), "at".into()],
+            vec![
+                Column::new("id".into(), 23, false),
+                Column::new("doc".into(), 3802, false),
+                Column::new("at".into(), 25, false),
+            ],
+        );
+        let deep = |n| {
+            format!(
+                "{}1{}",
+                "[{\"x\": \"]}\\\"\", \"y\": ".repeat(n),
+                "}]".repeat(n)
+            )
+        };
+        let data = format!(r#"{{"id": 7, "doc": {}, "at": "b\u0022"}}"#, deep(5_000));
+        assert_eq!(
+            m.key_of(data.as_bytes()),
+            Ok(serde_json::from_str(r#"{"id": 7, "at": "b\""}"#).unwrap())
+        );
+        let deep_key = format!(r#"{{"id": 7, "at": {}}}"#, deep(200));
+        let e = m.key_of(deep_key.as_bytes()).unwrap_err();
+        assert!(e.contains("recursion limit"), "{e}");
+        let e = m.key_of(br#"{"id": 7, "doc": null}"#).unwrap_err();
+        assert_eq!(e, r#"a row of docs has no key column "at" in its data"#);
+        assert!(m.key_of(br#"{"id": 7, "at": 1"#).is_err());
     }
 }

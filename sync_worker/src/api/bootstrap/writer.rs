@@ -111,13 +111,15 @@ impl Out {
         self.buf.extend_from_slice(b"}\n");
     }
 
-    /// The key of the last row sent of `model`; `None` if none was sent yet.
-    fn last_key(&self, model: &Model) -> Option<serde_json::Map<String, serde_json::Value>> {
-        match &self.last {
-            Last::None => None,
-            Last::Buffered(data) => Some(model.key_of(&self.buf[data.clone()])),
-            Last::Kept => Some(model.key_of(&self.kept)),
-        }
+    /// The key of the last row sent of `model`; `None` if none was sent yet; `Err` when it
+    /// cannot be read (`Failure::Unkeyable`).
+    fn last_key(&self, model: &Model) -> Result<Option<Key>, String> {
+        let key = match &self.last {
+            Last::None => return Ok(None),
+            Last::Buffered(data) => model.key_of(&self.buf[data.clone()]),
+            Last::Kept => model.key_of(&self.kept),
+        };
+        key.map(Some)
     }
 
     /// Whether the key this bootstrap streams under was revoked (or revocations were missed):
@@ -161,8 +163,13 @@ impl Out {
     }
 }
 
+type Key = serde_json::Map<String, serde_json::Value>;
+
 enum Failure {
     ClientGone,
+    /// The last row's key cannot be read back for a cursor (`Model::key_of`): the stream ends
+    /// with an error rather than a cursor that would resume elsewhere.
+    Unkeyable(String),
     Db(tokio_postgres::Error),
     /// The worker is shutting down: the client resumes from this cursor.
     ShuttingDown(Cursor),
@@ -228,6 +235,10 @@ pub(super) async fn stream(
                 "type": "error", "code": ErrorCode::Deadline.as_str(), "cursor": c.encode(),
                 "message": "the bootstrap ran for its time limit; resume with this cursor"
             }),
+            Err(Failure::Unkeyable(e)) => {
+                tracing::error!(error = %e, "bootstrap cannot write a cursor");
+                json!({"type": "error", "code": ErrorCode::Internal.as_str(), "message": "a row's key cannot be written into a cursor"})
+            }
             Err(Failure::Db(e)) => {
                 tracing::warn!(error = %e, "bootstrap failed");
                 json!({"type": "error", "code": ErrorCode::Unavailable.as_str(), "message": "bootstrap failed; resume from the last cursor or retry"})
@@ -331,18 +342,20 @@ async fn send_rows(
         let stream = snap.query_raw(&select, params).await?;
         futures::pin_mut!(stream);
         out.last = Last::None;
-        let resume_at = |out: &Out| out.last_key(m).or_else(|| after.cloned());
+        let resume_at = |out: &Out| -> Result<Option<Key>, String> {
+            Ok(out.last_key(m)?.or_else(|| after.cloned()))
+        };
         while let Some(row) = stream.next().await {
             let row = row?;
             if req.limit == Some(rows) {
-                let key = resume_at(out);
+                let key = resume_at(out).map_err(Failure::Unkeyable)?;
                 out.flush(true).await.map_err(gone)?;
                 return Ok((rows, Some(cursor_at(m, key))));
             }
             out.push_row(m, &prefix, &row);
             rows += 1;
             if rows.is_multiple_of(CHECKPOINT_ROWS) {
-                let c = cursor_at(m, out.last_key(m));
+                let c = cursor_at(m, out.last_key(m).map_err(Failure::Unkeyable)?);
                 out.push_json(json!({"type": "cursor", "cursor": c.encode()}));
             }
             // Checked once a chunk is full or every `CHECK_ROWS` rows (not for every row): the
@@ -354,12 +367,12 @@ async fn send_rows(
             }
             if *out.shutdown.borrow() {
                 // Everything written so far goes out; the rest is the cursor's.
-                let key = resume_at(out);
+                let key = resume_at(out).map_err(Failure::Unkeyable)?;
                 out.flush(true).await.map_err(gone)?;
                 return Err(Failure::ShuttingDown(cursor_at(m, key)));
             }
             if Instant::now() >= out.deadline {
-                let key = resume_at(out);
+                let key = resume_at(out).map_err(Failure::Unkeyable)?;
                 out.flush(true).await.map_err(gone)?;
                 return Err(Failure::Deadline(cursor_at(m, key)));
             }
