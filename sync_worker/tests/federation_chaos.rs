@@ -1683,3 +1683,128 @@ fn a_lost_slot_does_not_stop_inbound_federation() {
         "A's write never reached B (B's slot is lost; federation never led)"
     );
 }
+
+/// A lone worker whose replication connection drops without the server noticing (the walsender
+/// lingers, holding the slot, until `wal_sender_timeout`) knows that walsender for its own
+/// (`application_name` with the worker's id). Before, federation took it for another worker
+/// streaming the slot: the worker handed its links over to nobody and stood by until the
+/// walsender went (up to a minute), and its sequencer could not stream meanwhile either (up to
+/// `SYNC_SLOT_TAKEOVER_SECS`, 30 s). Now the next replication session terminates it at once,
+/// and federation keeps running while it lingers. The connection drops seven times in a row, so
+/// the sequencer's backoff (0.2 s doubling, at most 10 s) leaves the last walsenders lingering
+/// past `LEAD_WITHOUT_SLOT` (5 s) before the next session starts.
+#[test]
+fn a_lone_workers_own_lingering_walsender_is_not_another_worker() {
+    let mut m = Mesh::start("fc_ownwal", &["a", "b"], ITEMS, &Mesh::full(2));
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    // B's worker reaches its Postgres through a proxy that can drop its replication connection.
+    let pg = m.pg_proxy(m.idx("b"));
+    m.node("b").kill9();
+    wait_for("the old walsender to go", Duration::from_secs(10), || {
+        m.node("b")
+            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
+            == 0
+    });
+    let url = format!("host=127.0.0.1 port={} user=postgres dbname=app", pg.port);
+    m.node("b").start_worker(&[("DATABASE_URL", &url)]);
+    let b_leads = |m: &mut Mesh| {
+        m.node("b")
+            .metrics()
+            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+    };
+    wait_for("B leads", Duration::from_secs(30), || b_leads(&mut m));
+    // The walsender streaming B's slot for B's worker, if any ('' if none).
+    let holder = |m: &mut Mesh| {
+        m.node("b").text(
+            "SELECT r.pid FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = 'pg_sync' AND r.application_name LIKE 'pg_sync_worker %'",
+        )
+    };
+    let mut dropped: Vec<String> = vec![];
+    let mut streamed_again = vec![];
+    let mut last_drop = Instant::now();
+    for round in 0..7 {
+        // A new session streams (the one before terminated the last one's walsender, still
+        // lingering: the wait for a new holder is well below the 30 s stale-slot takeover).
+        loop {
+            let pid = holder(&mut m);
+            if !pid.is_empty() && !dropped.contains(&pid) {
+                dropped.push(pid);
+                break;
+            }
+            assert!(
+                last_drop.elapsed() < Duration::from_secs(20),
+                "round {round}: B's worker did not stream again within 20 s after its replication connection dropped \
+                 (its own walsender {pid:?} still holds the slot; it streamed again after {streamed_again:?})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if round > 0 {
+            streamed_again.push(last_drop.elapsed());
+        }
+        pg.drop_replication();
+        last_drop = Instant::now();
+    }
+    // The last walsender lingers, holding the slot, while the sequencer waits out its backoff.
+    std::thread::sleep(Duration::from_secs(1));
+    let lingering = dropped.last().unwrap().clone();
+    assert_eq!(
+        holder(&mut m),
+        lingering,
+        "the dropped connection's walsender does not linger (the scenario is not reproduced)"
+    );
+    // Past LEAD_WITHOUT_SLOT with the worker's own walsender holding the slot: inbound
+    // federation (which needs no slot) still runs.
+    std::thread::sleep(Duration::from_secs(5));
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('from_a', 'a', 1, 'g0')");
+    let sent = Instant::now();
+    let mut arrived = None;
+    while sent.elapsed() < Duration::from_secs(3) {
+        if m.node("b")
+            .int("SELECT count(*) FROM items WHERE id = 'from_a'")
+            == 1
+        {
+            arrived = Some(sent.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let still = holder(&mut m);
+    // Then the next session terminates it and streams: B's writes reach A again.
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('from_b', 'b', 1, 'g0')");
+    wait_for("B's write at A", Duration::from_secs(25), || {
+        m.node("a")
+            .int("SELECT count(*) FROM items WHERE id = 'from_b'")
+            == 1
+    });
+    let left = m.node("b").int(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid IN ({})",
+        dropped.join(", ")
+    ));
+    let events = m.node("b").text(
+        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
+           FROM pg_sync.peer_events WHERE peer = '(self)'",
+    );
+    eprintln!(
+        "B's walsenders dropped: {dropped:?}; streamed again after {streamed_again:?}; A's write reached B after \
+         {arrived:?} (slot held by {still:?} then); B's write reached A {:?} after the last drop; {left} of them left; \
+         B's (self) events:\n{events}",
+        last_drop.elapsed()
+    );
+    assert!(
+        arrived.is_some(),
+        "A's write did not reach B within 3 s while B's own lingering walsender held the slot"
+    );
+    assert_eq!(
+        events, "",
+        "a lone worker took its own lingering walsender for another worker"
+    );
+    assert_eq!(
+        left, 0,
+        "B's worker left walsenders of its dropped connections (pids {dropped:?}) running"
+    );
+}

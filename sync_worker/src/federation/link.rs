@@ -62,8 +62,6 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut standing_by = false;
     // Since when this worker, leading, has seen another worker stream the replication slot.
     let mut slot_gone_since: Option<Instant> = None;
-    // Ticks in a row that another worker's walsender was seen streaming the slot.
-    let mut sightings = 0u32;
     let url = app.cfg.database_url.clone();
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
@@ -81,28 +79,17 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         // the slot does not ask for the lock while another worker's walsender streams it, and
         // a leader without the slot hands the lock over once another worker has streamed it for
         // LEAD_WITHOUT_SLOT. With no other worker streaming (one worker whose replication
-        // reconnects, or whose slot cannot be streamed) this one leads as before: receiving
-        // needs no slot, and its senders fall back to polling.
-        let holds_slot = app
-            .status
-            .slot_held
-            .load(std::sync::atomic::Ordering::Acquire);
-        let streamed_elsewhere = !holds_slot && slot_streamed_elsewhere(c, &app.cfg.slot).await;
-        if !streamed_elsewhere {
-            sightings = 0;
-        }
+        // reconnects, perhaps while its own walsender of the dropped connection lingers, or
+        // whose slot cannot be streamed) this one leads as before: receiving needs no slot, and
+        // its senders fall back to polling.
+        let status = &app.status;
+        let holds_slot = status.slot_held.load(std::sync::atomic::Ordering::Acquire);
+        let streamed_elsewhere = !holds_slot
+            && slot_streamed_elsewhere(c, &app.cfg.slot, status.replication_name.as_str()).await;
         if lock.is_some() && streamed_elsewhere {
             let since = *slot_gone_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= LEAD_WITHOUT_SLOT {
-                tracing::warn!("federation: another worker streams the replication slot; handing the links over to it");
-                event(
-                    c,
-                    "(self)",
-                    "standby",
-                    json!({"pid": std::process::id(), "reason": "slot"}),
-                )
-                .await;
-                standing_by = true;
+                stand_by(c, &mut standing_by, Standby::HandOver).await;
                 // Links stopped before the lock goes: the next leader may start them at once.
                 super::set_leading(&url, false);
                 stop_all(&mut running).await;
@@ -118,21 +105,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             stop_all(&mut running).await;
             lock = None;
             if streamed_elsewhere {
-                // That worker leads (or will): ask again next tick. Standing by is recorded
-                // once seen twice running (this worker's own walsender may show for a moment
-                // before its session knows it started).
-                sightings += 1;
-                if !standing_by && sightings >= 2 {
-                    tracing::warn!("federation: another worker streams the replication slot of this database; standing by");
-                    event(
-                        c,
-                        "(self)",
-                        "standby",
-                        json!({"pid": std::process::id(), "reason": "slot"}),
-                    )
-                    .await;
-                    standing_by = true;
-                }
+                // That worker leads (or will): ask again next tick.
+                stand_by(c, &mut standing_by, Standby::SlotStreamed).await;
                 continue;
             }
             if asking.as_ref().is_none_or(|a| a.is_closed()) {
@@ -156,11 +130,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                         super::set_leading(&url, true);
                     }
                     Ok(false) => {
-                        if !standing_by {
-                            tracing::warn!("federation: another worker runs the links of this database; standing by");
-                            event(c, "(self)", "standby", json!({"pid": std::process::id()})).await;
-                        }
-                        standing_by = true;
+                        stand_by(c, &mut standing_by, Standby::LockTaken).await;
                         asking = Some(l);
                     }
                     Err(e) => {
@@ -246,18 +216,57 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     super::set_leading(&url, false);
 }
 
-/// Whether a walsender streams the slot now: another worker's, as this one (the caller) does
-/// not hold it. (The worker's own slot creation or SQL peek makes the slot active from a client
-/// backend, not a walsender.)
-async fn slot_streamed_elsewhere(c: &Client, slot: &str) -> bool {
+/// Whether another worker's walsender streams the slot now: a walsender whose
+/// `application_name` is not this worker's (`ours`, `sequencer::ReplicationName`). This
+/// worker's own, of a session whose connection dropped, may hold the slot until the next
+/// session ends it; its slot creation or SQL peek makes the slot active from a client backend,
+/// not a walsender.
+async fn slot_streamed_elsewhere(c: &Client, slot: &str, ours: &str) -> bool {
     c.query_one(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
                           JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid
-                         WHERE s.slot_name = $1 AND a.backend_type = 'walsender')",
-        &[&slot],
+                         WHERE s.slot_name = $1 AND a.backend_type = 'walsender'
+                           AND a.application_name IS DISTINCT FROM $2)",
+        &[&slot, &ours],
     )
     .await
     .is_ok_and(|r| r.get::<_, bool>(0))
+}
+
+/// Why this worker stands by.
+enum Standby {
+    /// It led, and another worker has streamed the slot for `LEAD_WITHOUT_SLOT`.
+    HandOver,
+    /// Another worker streams the slot: this one does not ask for the lock.
+    SlotStreamed,
+    /// Another worker holds the federation lock.
+    LockTaken,
+}
+
+/// Stands this worker by: the `standby` event (peer `(self)`, `pid`, and `reason` `slot` when
+/// another worker streams the slot), recorded and logged once per stretch of standing by.
+async fn stand_by(c: &Client, standing_by: &mut bool, why: Standby) {
+    if std::mem::replace(standing_by, true) {
+        return;
+    }
+    let pid = std::process::id();
+    let detail = match why {
+        Standby::HandOver => {
+            tracing::warn!("federation: another worker streams the replication slot; handing the links over to it");
+            json!({"pid": pid, "reason": "slot"})
+        }
+        Standby::SlotStreamed => {
+            tracing::warn!("federation: another worker streams the replication slot of this database; standing by");
+            json!({"pid": pid, "reason": "slot"})
+        }
+        Standby::LockTaken => {
+            tracing::warn!(
+                "federation: another worker runs the links of this database; standing by"
+            );
+            json!({"pid": pid})
+        }
+    };
+    event(c, "(self)", "standby", detail).await;
 }
 
 /// Stops every link task and waits for them (their sessions close).

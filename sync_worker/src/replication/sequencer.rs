@@ -39,6 +39,8 @@ pub struct Status {
     /// START_REPLICATION; cleared when the session ends). Federation prefers the worker that
     /// holds it (federation/link.rs).
     pub slot_held: AtomicBool,
+    /// The `application_name` of this worker's replication connections (see `ReplicationName`).
+    pub replication_name: ReplicationName,
     pub acked_lsn: AtomicU64,
     /// Every transaction whose commit is below this LSN has been sequenced and published.
     pub processed_lsn: AtomicU64,
@@ -56,6 +58,29 @@ pub struct Status {
     /// Replication sessions that panicked (each was restarted).
     pub panics: AtomicU64,
     pub slot_problem: Mutex<Option<String>>,
+}
+
+/// The `application_name` of this worker's replication connections: `pg_sync_worker` and an id
+/// drawn when the worker starts, so a walsender tells which worker it serves. One whose session
+/// ended without the server noticing (the connection dropped on the way: it lingers until
+/// `wal_sender_timeout`) still holds the slot, but it is this worker's own: federation does not
+/// take it for another worker streaming the slot (federation/link.rs), and the next session
+/// terminates it at once instead of waiting for it (`setup::take_over_stale_slot`). Another
+/// worker's walsenders carry another id.
+pub struct ReplicationName(String);
+
+impl Default for ReplicationName {
+    fn default() -> ReplicationName {
+        let mut b = [0u8; 8];
+        getrandom::getrandom(&mut b).expect("the OS random source works");
+        ReplicationName(format!("pg_sync_worker {:016x}", u64::from_le_bytes(b)))
+    }
+}
+
+impl ReplicationName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

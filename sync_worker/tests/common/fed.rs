@@ -168,6 +168,96 @@ async fn pump(
     }
 }
 
+/// A TCP proxy between a worker and its Postgres that tells replication connections (their
+/// startup packet has a `replication` parameter) from the others, and can drop the worker's end
+/// of those while it keeps Postgres's end open and unread: their walsenders linger, holding the
+/// slot, as after a network failure the server did not see (until `wal_sender_timeout`).
+pub struct PgProxy {
+    pub port: u16,
+    /// Bumped by `drop_replication`: replication connections made before are dropped.
+    generation: watch::Sender<u64>,
+}
+
+impl PgProxy {
+    fn start(rt: &tokio::runtime::Runtime, upstream: u16) -> PgProxy {
+        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        let port = std.local_addr().unwrap().port();
+        let (generation, rx) = watch::channel(0u64);
+        // Postgres's ends of the dropped connections, kept open until the runtime ends.
+        let lingering = Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        rt.spawn(async move {
+            let listener = TcpListener::from_std(std).unwrap();
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(pg_connection(down, upstream, rx.clone(), lingering.clone()));
+            }
+        });
+        PgProxy { port, generation }
+    }
+
+    /// Drops the worker's end of every replication connection open now.
+    pub fn drop_replication(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Forwards one connection of a `PgProxy`.
+async fn pg_connection(
+    mut down: TcpStream,
+    upstream: u16,
+    mut generation: watch::Receiver<u64>,
+    lingering: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+) {
+    let born = *generation.borrow_and_update();
+    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    // The startup packet, after any SSL or GSS encryption request (which the test clusters
+    // refuse with one byte: the startup packet follows in the clear).
+    let replication = loop {
+        let mut head = [0u8; 8];
+        if down.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+        let code = u32::from_be_bytes(head[4..].try_into().unwrap());
+        let mut body = vec![0u8; len.saturating_sub(8)];
+        if down.read_exact(&mut body).await.is_err()
+            || up.write_all(&head).await.is_err()
+            || up.write_all(&body).await.is_err()
+        {
+            return;
+        }
+        if code == 80_877_103 || code == 80_877_104 {
+            let mut answer = [0u8; 1];
+            if up.read_exact(&mut answer).await.is_err() || down.write_all(&answer).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // Parameters: name, value, name, value, ..., then an empty name.
+        let fields: Vec<&[u8]> = body.split(|b| *b == 0).collect();
+        break fields.chunks(2).any(|kv| kv[0] == b"replication");
+    };
+    if !replication {
+        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        return;
+    }
+    let dropped = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
+        r = generation.wait_for(|g| *g != born) => r.is_ok(),
+    };
+    if dropped {
+        drop(down);
+        lingering.lock().unwrap().push(up);
+    }
+}
+
 pub const ITEMS: &str = "CREATE TABLE items (id text PRIMARY KEY, a text, b int, grp text);
      SELECT pg_sync.register_table('items', group_column => 'grp', federation => 'both');";
 
@@ -418,6 +508,11 @@ impl Mesh {
             rt,
             started,
         }
+    }
+
+    /// A `PgProxy` in front of node `i`'s Postgres (a worker given its port reaches it there).
+    pub fn pg_proxy(&self, i: usize) -> PgProxy {
+        PgProxy::start(&self.rt, self.nodes[i].cluster.port)
     }
 
     pub fn idx(&self, name: &str) -> usize {

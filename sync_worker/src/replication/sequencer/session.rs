@@ -489,7 +489,12 @@ async fn session(
     if crate::failpoint::fire("stall_before_streaming") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let mut repl = ReplicationClient::connect(replication_config(cfg, encrypted)?).await?;
+    let mut repl = ReplicationClient::connect(replication_config(
+        cfg,
+        encrypted,
+        status.replication_name.as_str(),
+    )?)
+    .await?;
     // Held from here on (connect returns before the server accepted START_REPLICATION): every
     // transaction committed later streams in this session, the slot is ours (one walsender at a
     // time), and federation may run here (its senders are woken by this worker's publishes). A

@@ -135,7 +135,7 @@ pub(super) async fn ensure_setup(
         .slot_problem
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
-    take_over_stale_slot(db, cfg).await?;
+    take_over_stale_slot(db, cfg, status.replication_name.as_str()).await?;
     Ok(complete && follows_every_key_change(db, cfg).await?)
 }
 
@@ -165,39 +165,56 @@ async fn follows_every_key_change(db: &Client, cfg: &Config) -> Result<bool, Seq
 }
 
 /// A walsender whose peer died without closing the connection (a crashed host, a network
-/// partition) holds the slot until `wal_sender_timeout`. When the slot's holder has not
-/// replied for `SYNC_SLOT_TAKEOVER_SECS`, it is terminated so this worker can stream now; a
-/// live holder (another worker replies every 200 ms) is left alone, and this worker keeps
-/// retrying.
-async fn take_over_stale_slot(db: &Client, cfg: &Config) -> Result<(), SequencerError> {
-    if cfg.slot_takeover_secs == 0 {
-        return Ok(());
-    }
+/// partition) holds the slot until `wal_sender_timeout`. When it is this worker's own (`ours`,
+/// the `application_name` of this worker's replication connections: an earlier session's, whose
+/// connection dropped; sessions run one at a time, so it serves none now), it is terminated at
+/// once, whatever `SYNC_SLOT_TAKEOVER_SECS` says. Another worker's is terminated only once it has
+/// not replied for `SYNC_SLOT_TAKEOVER_SECS`, so this worker can stream now; a live holder
+/// (another worker replies every 200 ms) is left alone, and this worker keeps retrying.
+async fn take_over_stale_slot(db: &Client, cfg: &Config, ours: &str) -> Result<(), SequencerError> {
     let stale = db
         .query_opt(
             "SELECT s.active_pid,
-                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start, now()))::float8
+                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start, now()))::float8,
+                    coalesce(r.application_name = $2, false)
                FROM pg_replication_slots s
                LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
               WHERE s.slot_name = $1 AND s.active",
-            &[&cfg.slot],
+            &[&cfg.slot, &ours],
         )
         .await?;
     let Some(row) = stale else { return Ok(()) };
-    let (pid, silent_secs): (i32, f64) = (row.get(0), row.get(1));
-    if silent_secs < cfg.slot_takeover_secs as f64 {
-        return Ok(());
-    }
-    tracing::warn!(
-        slot = %cfg.slot,
-        pid,
-        silent_secs,
-        "the replication slot is held by a walsender whose peer has not replied; terminating it"
-    );
-    let signalled: bool = db
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+    let (pid, silent_secs, own): (i32, f64, bool) = (row.get(0), row.get(1), row.get(2));
+    let signalled: bool = if own {
+        tracing::warn!(
+            slot = %cfg.slot,
+            pid,
+            silent_secs,
+            "the replication slot is held by this worker's own walsender of an earlier session (its connection dropped); terminating it"
+        );
+        // Asked again as it is signalled: only a walsender of this worker's, never a backend
+        // that took the pid over meanwhile.
+        db.query_one(
+            "SELECT coalesce((SELECT pg_terminate_backend(pid) FROM pg_stat_replication
+                               WHERE pid = $1 AND application_name = $2), false)",
+            &[&pid, &ours],
+        )
         .await?
-        .get(0);
+        .get(0)
+    } else {
+        if cfg.slot_takeover_secs == 0 || silent_secs < cfg.slot_takeover_secs as f64 {
+            return Ok(());
+        }
+        tracing::warn!(
+            slot = %cfg.slot,
+            pid,
+            silent_secs,
+            "the replication slot is held by a walsender whose peer has not replied; terminating it"
+        );
+        db.query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await?
+            .get(0)
+    };
     if !signalled {
         tracing::warn!(pid, "could not terminate the stale walsender");
         return Ok(());
@@ -234,10 +251,12 @@ pub(super) fn follows_keys_sql(param: &str) -> String {
     )
 }
 
-/// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found).
+/// `encrypted`: whether the control connection negotiated TLS (what `sslmode=prefer` found);
+/// `name`: the connection's `application_name` (`Status::replication_name`).
 pub(super) fn replication_config(
     cfg: &Config,
     encrypted: bool,
+    name: &str,
 ) -> Result<ReplicationConfig, SequencerError> {
     let target = crate::store::Target::parse(&cfg.database_url)?;
     let pg = &target.config;
@@ -264,7 +283,7 @@ pub(super) fn replication_config(
     // Idle, a status update every second (not the default 10 s): the session's probe reads
     // the walsender's last reply to know the link is alive (`Session::probe_stream`).
     .with_wakeup_interval(Duration::from_secs(1))
-    .with_application_name("pg_sync_worker");
+    .with_application_name(name);
     if let Some(tls) = target.tls.replication_config(&host, encrypted) {
         rc = rc.with_tls(tls);
     }
