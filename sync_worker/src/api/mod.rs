@@ -158,10 +158,11 @@ impl HeldKey {
     /// `valid` before a write under the key (`/sync/mutate` with a cached key, a WebSocket
     /// `mutate`): the refusal when the key is gone or cannot be checked now. The write's own
     /// transaction checks the key again (`store::mutate_with_key_statement`, its row locked
-    /// `FOR KEY SHARE`): that one closes the race with a revocation; this one answers a key that
-    /// cannot be checked (a lock on `pg_sync.api_keys` past the `lock_timeout`, the database
-    /// gone) with a retryable 503 before any transaction of the batch runs, where the
-    /// in-transaction check would answer each transaction `rejected`.
+    /// `FOR KEY SHARE`): that one closes the race with a revocation (a revoked key gets the same
+    /// 401 / close 4401 from it alone); this one says why when the key cannot be checked (a lock
+    /// on `pg_sync.api_keys` past the `lock_timeout`) before any transaction of the batch runs:
+    /// the write's own check would fail as "database unavailable" while preparing its
+    /// statement, or answer each transaction `rejected` once the statement is prepared.
     pub async fn confirm(&self, app: &App) -> Result<(), Refusal> {
         match self.valid(app).await {
             Ok(true) => Ok(()),
