@@ -277,14 +277,24 @@ unsafe fn check(rel: pg_sys::Relation) -> Target {
 }
 
 /// The long-lived context `Target`'s `IndexInfo`s live in, created on first use.
-unsafe fn info_context() -> pg_sys::MemoryContext {
-    INFO_CONTEXT.with(|c| {
+fn info_context() -> pg_sys::MemoryContext {
+    long_lived_context(&INFO_CONTEXT, c"pg_sync log indexes")
+}
+
+/// The memory context held in `slot`, created on first use (named `name`, a child of
+/// TopMemoryContext, for the backend's lifetime): where a checked `Target` keeps its
+/// `IndexInfo`s (here and in `state_direct`).
+pub(crate) fn long_lived_context(
+    slot: &'static std::thread::LocalKey<Cell<pg_sys::MemoryContext>>,
+    name: &'static std::ffi::CStr,
+) -> pg_sys::MemoryContext {
+    slot.with(|c| {
         if c.get().is_null() {
             // SAFETY: a child of TopMemoryContext, for the backend's lifetime.
             let context = unsafe {
                 pg_sys::AllocSetContextCreateInternal(
                     pg_sys::TopMemoryContext,
-                    c"pg_sync log indexes".as_ptr(),
+                    name.as_ptr(),
                     0,
                     1024,
                     8192,
@@ -843,7 +853,6 @@ pub(crate) mod batch {
 ///
 /// # Safety
 /// Open, locked index and heap relations; `tid` the heap tuple's; `info` the index's.
-#[cfg(not(feature = "pg13"))]
 pub(crate) unsafe fn index_insert(
     idx: pg_sys::Relation,
     keys: &mut [pg_sys::Datum],
@@ -861,31 +870,8 @@ pub(crate) unsafe fn index_insert(
             tid,
             heap,
             unique,
+            #[cfg(not(feature = "pg13"))]
             false,
-            info,
-        )
-    }
-}
-
-/// See above.
-#[cfg(feature = "pg13")]
-pub(crate) unsafe fn index_insert(
-    idx: pg_sys::Relation,
-    keys: &mut [pg_sys::Datum],
-    nulls: &mut [bool],
-    tid: pg_sys::ItemPointer,
-    heap: pg_sys::Relation,
-    unique: pg_sys::IndexUniqueCheck::Type,
-    info: *mut pg_sys::IndexInfo,
-) -> bool {
-    unsafe {
-        pg_sys::index_insert(
-            idx,
-            keys.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-            tid,
-            heap,
-            unique,
             info,
         )
     }

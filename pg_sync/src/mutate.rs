@@ -15,6 +15,7 @@
 use crate::capture::{self, ClientContext};
 use crate::errors;
 use crate::model::{self, Model};
+use pg_sync_lww::JS_SAFE_LIMIT;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgOid, Uuid};
 use serde_json::{json, Map, Value};
@@ -112,16 +113,22 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     // txid: the full 64-bit xid (epoch included), a JSON number, in the one txid space of the
     // Electric-compatible surface (/v1/shape's `txids` and `snapshot-end`): xid8 values never
     // wrap, so a snapshot seen before a 32-bit wraparound never calls a later write visible.
-    // Left out at or above 2^53, which a JS number cannot hold (no live counter gets there).
+    // Left out at or above 2^53 (`JS_SAFE_LIMIT`), which a JS number cannot hold (no live counter
+    // gets there).
+    static STORE_RESULT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "UPDATE pg_sync.client_transactions
+                SET result = ($1->'r') OPERATOR(pg_catalog.||) (SELECT CASE
+                    WHEN x OPERATOR(pg_catalog.<) {JS_SAFE_LIMIT}
+                    THEN pg_catalog.jsonb_build_object('txid', x) ELSE '{{}}' END
+                    FROM (SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8) t(x))
+              WHERE user_id = $1->>'u' AND client_id = $1->>'c'
+                AND client_tx_id = ($1->>'t')::pg_catalog.uuid
+             RETURNING result"
+        )
+    });
     let stored = model::run(
-        "UPDATE pg_sync.client_transactions
-            SET result = ($1->'r') OPERATOR(pg_catalog.||) (SELECT CASE
-                WHEN x OPERATOR(pg_catalog.<) 9007199254740992
-                THEN pg_catalog.jsonb_build_object('txid', x) ELSE '{}' END
-                FROM (SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8) t(x))
-          WHERE user_id = $1->>'u' AND client_id = $1->>'c'
-            AND client_tx_id = ($1->>'t')::pg_catalog.uuid
-         RETURNING result",
+        &STORE_RESULT,
         &jsonb_arg,
         vec![JsonB(
             json!({"u": ns, "c": client_id, "t": tx, "r": result}),

@@ -328,17 +328,8 @@ fn write_merged(
         );
         return true;
     }
-    // Values waiting for a resurrecting insert may name columns dropped since.
     let insert_row = match &outcome.dml {
-        Dml::Insert(row) => {
-            let mut row: Map<String, Value> = row
-                .iter()
-                .filter(|(c, _)| model.columns.contains(c))
-                .map(|(c, v)| (c.clone(), v.clone()))
-                .collect();
-            row.extend(key.clone());
-            row
-        }
+        Dml::Insert(row) => insert_values(model, row, key),
         _ => Map::new(),
     };
     let touched = {
@@ -439,4 +430,20 @@ pub(crate) fn log_conflicts(
         &[PgOid::from(pg_sys::JSONBOID)],
         vec![JsonB(Value::Array(lost))],
     );
+}
+
+/// The values of an insert `merge` decided on (`Dml::Insert`) for the row with `key`: values
+/// waiting for a resurrecting insert may name columns dropped since, which are left out.
+pub(crate) fn insert_values(
+    model: &Model,
+    row: &Map<String, Value>,
+    key: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut values: Map<String, Value> = row
+        .iter()
+        .filter(|(c, _)| model.columns.contains(c))
+        .map(|(c, v)| (c.clone(), v.clone()))
+        .collect();
+    values.extend(key.clone());
+    values
 }

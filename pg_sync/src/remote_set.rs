@@ -278,13 +278,7 @@ pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
                     .state_only
                     .push((k, i, outcome.clone(), key.current.clone())),
                 Dml::Insert(row) => {
-                    // Values waiting for a resurrecting insert may name columns dropped since.
-                    let mut row: Map<String, Value> = row
-                        .iter()
-                        .filter(|(c, _)| model.columns.contains(c))
-                        .map(|(c, v)| (c.clone(), v.clone()))
-                        .collect();
-                    row.extend(p.key.clone());
+                    let row = remote::insert_values(model, row, &p.key);
                     let cols = row.keys().cloned().collect();
                     let ctx = ctx(row.clone(), &outcome);
                     w.inserts.entry(cols).or_default().push(Write {

@@ -112,23 +112,8 @@ fn empty_object() -> pg_sys::Datum {
 }
 
 /// The long-lived context `Target`'s `IndexInfo` lives in, created on first use.
-unsafe fn info_context() -> pg_sys::MemoryContext {
-    INFO_CONTEXT.with(|c| {
-        if c.get().is_null() {
-            // SAFETY: a child of TopMemoryContext, for the backend's lifetime.
-            let context = unsafe {
-                pg_sys::AllocSetContextCreateInternal(
-                    pg_sys::TopMemoryContext,
-                    c"pg_sync state index".as_ptr(),
-                    0,
-                    1024,
-                    8192,
-                )
-            };
-            c.set(context);
-        }
-        c.get()
-    })
+fn info_context() -> pg_sys::MemoryContext {
+    actions::long_lived_context(&INFO_CONTEXT, c"pg_sync state index")
 }
 
 /// The checked layout of the open `row_state` relation.

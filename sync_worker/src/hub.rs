@@ -1001,6 +1001,47 @@ mod tests {
         }
     }
 
+    /// What `sub` was sent, in order: `d<sync id>` a delta, `+g` / `-g` a join / leave of g.
+    fn sent(sub: &mut Subscription) -> Vec<String> {
+        let mut got = vec![];
+        while let Ok(o) = sub.rx.try_recv() {
+            got.push(match o {
+                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
+                Outbound::Membership {
+                    group_id, joined, ..
+                } => {
+                    format!("{}{group_id}", if joined { "+" } else { "-" })
+                }
+            });
+        }
+        got
+    }
+
+    /// A runtime for the waits of these tests (a second at most each).
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    /// What connection `waiter` of user "u", waiting for the group load, is told once
+    /// `meanwhile` has run.
+    fn load_told_to(hub: &Arc<Hub>, waiter: u64, meanwhile: impl FnOnce()) -> Load {
+        runtime().block_on(async {
+            let waiting = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.wait_loaded("u", waiter).await })
+            };
+            tokio::task::yield_now().await;
+            meanwhile();
+            tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+                .await
+                .expect("woken")
+                .unwrap()
+        })
+    }
+
     #[test]
     fn delivers_by_group_and_membership_in_commit_order() {
         let hub = Hub::with_watermark(16, 0);
@@ -1034,18 +1075,7 @@ mod tests {
                 vec![leave],
             ),
         ]);
-        let mut got = vec![];
-        while let Ok(o) = alice.rx.try_recv() {
-            got.push(match o {
-                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership {
-                    group_id, joined, ..
-                } => {
-                    format!("{}{group_id}", if joined { "+" } else { "-" })
-                }
-            });
-        }
-        assert_eq!(got, ["d1", "+b", "d3", "-a", "d5"]);
+        assert_eq!(sent(&mut alice), ["d1", "+b", "d3", "-a", "d5"]);
     }
 
     #[test]
@@ -1075,11 +1105,7 @@ mod tests {
         }
         assert_eq!(queued, [13], "14 and 15 come from the log");
         // It is told, and goes live again after paging up to the watermark.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             tokio::time::timeout(std::time::Duration::from_secs(1), sub.lagged.notified())
                 .await
                 .expect("lagged is signalled");
@@ -1125,11 +1151,7 @@ mod tests {
         assert!(!hub.is_registered(sub.id));
         assert_eq!(sub.cut().map(|c| c.code), Some(close::REVOKED));
         // The notification waits for the connection even if it was not listening yet.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             tokio::time::timeout(std::time::Duration::from_secs(1), sub.dropped.notified())
                 .await
                 .expect("dropped is signalled");
@@ -1143,24 +1165,10 @@ mod tests {
         assert_eq!(load, Load::Must);
         let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait, "the groups are not known yet");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let waiter = {
-                let hub = hub.clone();
-                let id = second.id;
-                tokio::spawn(async move { hub.wait_loaded("u", id).await })
-            };
-            tokio::task::yield_now().await;
+        let got = load_told_to(&hub, second.id, || {
             hub.set_groups("u", vec!["g".into()]);
-            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-                .await
-                .expect("woken")
-                .unwrap();
-            assert_eq!(got, Load::Ready);
         });
+        assert_eq!(got, Load::Ready);
         assert_eq!(hub.groups_of("u"), ["g"]);
         let (_third, load) = hub.register("u", None);
         assert_eq!(load, Load::Ready);
@@ -1172,25 +1180,11 @@ mod tests {
         let (first, _) = hub.register("u", None);
         let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let waiter = {
-                let hub = hub.clone();
-                let id = second.id;
-                tokio::spawn(async move { hub.wait_loaded("u", id).await })
-            };
-            tokio::task::yield_now().await;
+        let got = load_told_to(&hub, second.id, || {
             hub.load_failed("u", first.id);
             hub.unregister(first.id);
-            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-                .await
-                .expect("woken")
-                .unwrap();
-            assert_eq!(got, Load::Must, "the waiter loads them now");
         });
+        assert_eq!(got, Load::Must, "the waiter loads them now");
         // A newcomer waits for that load instead of starting blind.
         let (_third, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait);
@@ -1233,18 +1227,7 @@ mod tests {
             ],
             vec![],
         )]);
-        let mut got = vec![];
-        while let Ok(o) = alice.rx.try_recv() {
-            got.push(match o {
-                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership {
-                    group_id, joined, ..
-                } => {
-                    format!("{}{group_id}", if joined { "+" } else { "-" })
-                }
-            });
-        }
-        assert_eq!(got, ["-a", "+c", "d2", "d3"]);
+        assert_eq!(sent(&mut alice), ["-a", "+c", "d2", "d3"]);
         // Nobody in the database: no groups at all.
         hub.refresh_groups(&HashMap::new());
         assert!(hub.groups_of("alice").is_empty());
@@ -1279,18 +1262,7 @@ mod tests {
             txn(3, vec![delta(3, Some("a"), false)], vec![]),
         ]);
         hub.set_groups("carol", vec!["a".into()]);
-        let mut got = vec![];
-        while let Ok(o) = alice.rx.try_recv() {
-            got.push(match o {
-                Outbound::Delta { sync_id, .. } => format!("d{sync_id}"),
-                Outbound::Membership {
-                    group_id, joined, ..
-                } => {
-                    format!("{}{group_id}", if joined { "+" } else { "-" })
-                }
-            });
-        }
-        assert_eq!(got, ["-a", "+b", "d2"]);
+        assert_eq!(sent(&mut alice), ["-a", "+b", "d2"]);
         assert!(hub.groups_of("carol").is_empty());
         assert!(!hub.is_registered(keyed.id));
         assert_eq!(keyed.cut().map(|c| c.code), Some(close::REVOKED));
@@ -1302,25 +1274,11 @@ mod tests {
         let (first, _) = hub.register("u", None);
         let (second, load) = hub.register("u", None);
         assert_eq!(load, Load::Wait);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let waiter = {
-                let hub = hub.clone();
-                let id = second.id;
-                tokio::spawn(async move { hub.wait_loaded("u", id).await })
-            };
-            tokio::task::yield_now().await;
+        let got = load_told_to(&hub, second.id, || {
             // Its connection went away without a word about the load.
             hub.unregister(first.id);
-            let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-                .await
-                .expect("woken")
-                .unwrap();
-            assert_eq!(got, Load::Must, "the waiter loads them now");
         });
+        assert_eq!(got, Load::Must, "the waiter loads them now");
         // A stale failure report of the first loader does not release the second's claim.
         hub.load_failed("u", first.id);
         let (_third, load) = hub.register("u", None);

@@ -537,6 +537,57 @@ fn lossy_cluster(name: &str) -> Cluster {
     })
 }
 
+/// A thread writing to `app` (batch `sql(i)` for i = `first`, `first` + 1, ...) until stopped.
+struct Writer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn keep_writing(
+    cluster: &Cluster,
+    first: i32,
+    sql: impl Fn(i32) -> String + Send + 'static,
+) -> Writer {
+    let url = cluster.url("app");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c =
+                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                    .unwrap();
+            let mut i = first;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.batch_execute(&sql(i)).unwrap();
+                i += 1;
+            }
+        })
+    };
+    Writer { stop, thread }
+}
+
+impl Writer {
+    /// Stops the writes; fails if one failed.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::block_in_place(|| self.thread.join().unwrap());
+    }
+}
+
+/// zoe connected and subscribed from 0 (nothing to replay), then
+/// `five_writes_the_last_two_out_of_action_order` seen by her: her socket, and what she got.
+async fn zoe_sees_five_writes(
+    cluster: &Cluster,
+    db: &mut pg_sync_tests::postgres::Client,
+    port: u16,
+) -> (Ws, Vec<(i64, String)>) {
+    let mut ws = connect(port, "zoe").await;
+    let (frames, _) = subscribe(&mut ws, 0).await;
+    assert!(frames.is_empty());
+    let seen = five_writes_the_last_two_out_of_action_order(cluster, db, &mut ws).await;
+    (ws, seen)
+}
+
 /// Three synchronous writes (sync ids 1-3), then two transactions committed asynchronously
 /// whose commit order (id 11, then id 10) differs from the order of their highest action ids
 /// (10 drew its action id first): the backlog rule (by highest action id) would give them the
@@ -670,10 +721,7 @@ async fn ids_a_client_saw_survive_a_crash_of_worker_and_postgres_right_after_pub
     let mut db = setup(&cluster, "app");
     let mut worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let (_ws, seen) = zoe_sees_five_writes(&cluster, &mut db, port).await;
     // Right after the last publish: both die, nothing is flushed on the way down.
     worker.kill9();
     tokio::task::block_in_place(|| {
@@ -739,10 +787,7 @@ async fn a_crash_of_postgres_alone_right_after_publish_loses_and_repeats_nothing
     )
     .await;
     let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let (mut ws, seen) = zoe_sees_five_writes(&cluster, &mut db, port).await;
     tokio::task::block_in_place(|| {
         drop(db);
         cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
@@ -817,10 +862,7 @@ async fn ready_on_an_idle_server_after_a_crash(name: &str, worker_too: bool) {
     let mut db = setup(&cluster, "app");
     let mut worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let (_ws, seen) = zoe_sees_five_writes(&cluster, &mut db, port).await;
     if worker_too {
         worker.kill9();
     }
@@ -864,10 +906,7 @@ async fn a_replay_paging_across_a_crash_of_postgres_never_skips_the_lost_ids() {
     )
     .await;
     let port = worker.port;
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    let seen = five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let (_ws, seen) = zoe_sees_five_writes(&cluster, &mut db, port).await;
     // Bob's replay (through 5) holds its page back 3 s; Postgres crashes meanwhile.
     let mut bob = connect(port, "bob").await;
     send(&mut bob, json!({"type": "subscribe", "after": 0})).await;
@@ -950,10 +989,7 @@ async fn a_shape_read_across_a_crash_of_postgres_never_skips_the_lost_ids() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let handle = r.header("electric-handle").unwrap().to_owned();
     let w0 = r.header("electric-offset").unwrap().to_owned();
-    let mut ws = connect(port, "zoe").await;
-    let (frames, _) = subscribe(&mut ws, 0).await;
-    assert!(frames.is_empty());
-    five_writes_the_last_two_out_of_action_order(&cluster, &mut db, &mut ws).await;
+    let (_ws, _) = zoe_sees_five_writes(&cluster, &mut db, port).await;
     let path = format!("/v1/shape?table=announcements&offset={w0}&handle={handle}");
     let req = tokio::spawn(async move { raw_request(port, "GET", &path, &auth(), "").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -2184,27 +2220,14 @@ async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_write
     let worker = Worker::started(&cluster, "app").await;
     let port = worker.port;
     // Writers keep inserting and updating while clients bootstrap.
-    let url = cluster.url("app");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut c =
-                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
-                    .unwrap();
-            let mut i = 1000;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                c.batch_execute(&format!(
-                    "INSERT INTO todos VALUES ({i}, 'new', 'p1'); UPDATE todos SET title = 't{i}' WHERE id = {};
-                     DELETE FROM todos WHERE id = {}",
-                    i % 200 + 1,
-                    i - 3
-                ))
-                .unwrap();
-                i += 1;
-            }
-        })
-    };
+    let writer = keep_writing(&cluster, 1000, |i| {
+        format!(
+            "INSERT INTO todos VALUES ({i}, 'new', 'p1'); UPDATE todos SET title = 't{i}' WHERE id = {};
+             DELETE FROM todos WHERE id = {}",
+            i % 200 + 1,
+            i - 3
+        )
+    });
     let auth = bearer("alice");
     for _ in 0..3 {
         let (status, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
@@ -2253,8 +2276,7 @@ async fn bootstrap_then_subscribe_misses_nothing_and_doubles_nothing_under_write
         live.iter().for_each(&mut apply);
         drop(ws);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    tokio::task::block_in_place(|| writer.join().unwrap());
+    writer.stop();
     // With writes stopped: a final bootstrap equals the database, and so does bootstrap + stream.
     let (_, lines) = ndjson(port, "/sync/bootstrap", &auth).await;
     let through = lines[0]["syncId"].as_i64().unwrap();
@@ -2389,30 +2411,17 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
     let port = worker.port;
     let auth = bearer("alice");
     // Writes everywhere in the key space while alice pages through her bootstrap.
-    let url = cluster.url("app");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut c =
-                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
-                    .unwrap();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (a, b) = (i * 7919 % 3000 + 1, i * 104_729 % 1200 + 1);
-                c.batch_execute(&format!(
-                    "INSERT INTO todos VALUES ({a}, 'w{i}', 'p{p}') ON CONFLICT (id) DO UPDATE SET title = 'u{i}', project = 'p{p}';
-                     DELETE FROM todos WHERE id = {d};
-                     INSERT INTO notes VALUES ('p1', {b}, 'w{i}') ON CONFLICT (project, n) DO UPDATE SET body = 'u{i}';
-                     DELETE FROM notes WHERE project = 'p3' AND n = {b}",
-                    p = i % 3 + 1,
-                    d = (i * 31) % 3000 + 1,
-                ))
-                .unwrap();
-                i += 1;
-            }
-        })
-    };
+    let writer = keep_writing(&cluster, 0, |i| {
+        let (a, b) = (i * 7919 % 3000 + 1, i * 104_729 % 1200 + 1);
+        format!(
+            "INSERT INTO todos VALUES ({a}, 'w{i}', 'p{p}') ON CONFLICT (id) DO UPDATE SET title = 'u{i}', project = 'p{p}';
+             DELETE FROM todos WHERE id = {d};
+             INSERT INTO notes VALUES ('p1', {b}, 'w{i}') ON CONFLICT (project, n) DO UPDATE SET body = 'u{i}';
+             DELETE FROM notes WHERE project = 'p3' AND n = {b}",
+            p = i % 3 + 1,
+            d = (i * 31) % 3000 + 1,
+        )
+    });
     let mut replica = Replica::new();
     let (status, first) = ndjson(port, "/sync/bootstrap?limit=700", &auth).await;
     assert_eq!(status, 200);
@@ -2454,8 +2463,7 @@ async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
         pages += 1;
     }
     assert!(pages >= 3, "{pages} pages");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    tokio::task::block_in_place(|| writer.join().unwrap());
+    writer.stop();
     // Everything after the first page's sync id brings the replica to the database.
     let mut ws = connect(port, "alice").await;
     let frames = subscribe_settled(&mut ws, w).await;
@@ -5637,6 +5645,15 @@ async fn verify_ca_with_a_plain_and_a_wildcard_name_streams() {
     verify_ca_wildcard_case("rev6_wild_ctl", "DNS:*.db.invalid,DNS:db.invalid").await;
 }
 
+/// `app` over TLS under `verify-ca`, dialed by address, against the cluster's CA (`server_pki`).
+fn verify_ca_url(cluster: &Cluster) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
+        cluster.port,
+        cluster.data().join("ca.pem").display()
+    )
+}
+
 async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
     let cluster = tokio::task::block_in_place(|| {
         Cluster::start_with(name, &["ssl = on"], |data| {
@@ -5645,12 +5662,7 @@ async fn verify_ca_wildcard_case(name: &str, san: &'static str) {
         })
     });
     let db = setup(&cluster, "app");
-    let data = cluster.data();
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
-        cluster.port,
-        data.join("ca.pem").display()
-    );
+    let url = verify_ca_url(&cluster);
     let client = sync_worker::store::connect(&url)
         .await
         .expect("the control connection accepts the CA's wildcard certificate under verify-ca");
@@ -5738,11 +5750,7 @@ async fn verify_ca_rotation_case(name: &str, san: &str) {
         tokio::task::block_in_place(|| Cluster::start_with(name, &["ssl = on"], server_pki));
     let mut db = setup(&cluster, "app");
     let data = cluster.data();
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=verify-ca sslrootcert={}",
-        cluster.port,
-        data.join("ca.pem").display()
-    );
+    let url = verify_ca_url(&cluster);
     let worker = Worker::start_with(&cluster, "app", free_port(), &[("DATABASE_URL", &url)]);
     worker.wait_healthy().await;
     let mut ws = connect(worker.port, "alice").await;

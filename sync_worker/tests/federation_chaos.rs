@@ -837,21 +837,12 @@ fn two_workers_on_one_database() {
 #[test]
 fn federation_stays_with_the_worker_that_streams_the_slot() {
     const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
-    let mut m = Mesh::start_with("fc_colead", &["a", "b"], ITEMS, &Mesh::full(2), LONG_POLL);
-    m.node("b")
-        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
-    m.quiesce();
+    let mut m = mesh_where_b_wrote("fc_colead", LONG_POLL);
     let twin_port = common::free_port();
     // (Not healthy: it cannot stream the slot the first worker holds.)
     let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, LONG_POLL);
     std::thread::sleep(Duration::from_secs(2));
     let first_port = m.nodes[1].port;
-    let leads = |port: u16| {
-        block_on(common::http_get(port, "/metrics"))
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
-    };
     // Each end of the lock's session is a race for the lock between the two workers' next
     // ticks (the twin used to win about every other time): 20 of them.
     for round in 0..20 {
@@ -1452,10 +1443,7 @@ fn three_region_soak() {
 /// federation, which needs no slot, stopped meanwhile).
 #[test]
 fn a_lone_worker_whose_replication_flaps_keeps_federation() {
-    let mut m = Mesh::start("fc_flap", &["a", "b"], ITEMS, &Mesh::full(2));
-    m.node("b")
-        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
-    m.quiesce();
+    let mut m = mesh_where_b_wrote("fc_flap", &[]);
     let url = m.nodes[1].cluster.url("app");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flapper = {
@@ -1505,10 +1493,7 @@ fn a_lone_worker_whose_replication_flaps_keeps_federation() {
             .metrics()
             .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
     });
-    let events = m.node("b").text(
-        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
-           FROM pg_sync.peer_events WHERE peer = '(self)'",
-    );
+    let events = self_events(&mut m);
     eprintln!(
         "walsenders ended: {ended}; A→B link first seen down after {in_down_at:?}; B's (self) events:\n{events}"
     );
@@ -1523,16 +1508,7 @@ fn a_lone_worker_whose_replication_flaps_keeps_federation() {
 /// the slot: it asks as soon as no other worker's walsender streams the slot. Three failovers.
 #[test]
 fn the_standby_leads_soon_after_the_first_worker_dies() {
-    let mut m = Mesh::start("fc_failover", &["a", "b"], ITEMS, &Mesh::full(2));
-    m.node("b")
-        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
-    m.quiesce();
-    let leads = |port: u16| {
-        block_on(common::http_get(port, "/metrics"))
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-            .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
-    };
+    let mut m = mesh_where_b_wrote("fc_failover", &[]);
     let mut leader = m.node("b").worker.take().unwrap();
     let mut took = vec![];
     for round in 0..3 {
@@ -1568,24 +1544,51 @@ fn the_standby_leads_soon_after_the_first_worker_dies() {
     );
 }
 
+/// A two-node full mesh (`a`, `b`, workers run with `env`) in which B wrote a row that A has.
+fn mesh_where_b_wrote(test: &str, env: &[(&str, &str)]) -> Mesh {
+    let mut m = Mesh::start_with(test, &["a", "b"], ITEMS, &Mesh::full(2), env);
+    m.node("b")
+        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
+    m.quiesce();
+    m
+}
+
+/// B's worker killed, and its walsender gone: nothing streams B's slot.
+fn stop_b(m: &mut Mesh) {
+    m.node("b").kill9();
+    wait_for("the old walsender to go", Duration::from_secs(10), || {
+        m.node("b")
+            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
+            == 0
+    });
+}
+
+/// B's `(self)` events (a worker's `standby` / `leading` notes), one a line, oldest first.
+fn self_events(m: &mut Mesh) -> String {
+    m.node("b").text(
+        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
+           FROM pg_sync.peer_events WHERE peer = '(self)'",
+    )
+}
+
+/// Whether B's worker at `port` leads federation (its link from A is up).
+fn leads(port: u16) -> bool {
+    block_on(common::http_get(port, "/metrics"))
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+        .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
+}
+
 /// Review rev14a F4: only another worker's walsender counts as "another worker streams the
 /// slot": a lone worker whose sequencer is creating the slot (which waits for running
 /// transactions) or peeking at it (the backlog peek path) from a client backend records no
 /// `standby` / `leading` events.
 #[test]
 fn a_lone_worker_creating_its_slot_does_not_report_another_worker() {
-    let mut m = Mesh::start("fc_selfslot", &["a", "b"], ITEMS, &Mesh::full(2));
-    m.node("b")
-        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
-    m.quiesce();
-    m.node("b").kill9();
+    let mut m = mesh_where_b_wrote("fc_selfslot", &[]);
+    stop_b(&mut m);
     // The slot is gone (dropped by the operator, or this is the first start): the worker
     // creates it, and the creation waits for this open transaction.
-    wait_for("the old walsender to go", Duration::from_secs(10), || {
-        m.node("b")
-            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
-            == 0
-    });
     m.node("b")
         .exec("SELECT pg_drop_replication_slot('pg_sync')");
     let mut open = pg_sync_tests::postgres::Client::connect(
@@ -1608,10 +1611,7 @@ fn a_lone_worker_creating_its_slot_does_not_report_another_worker() {
             .metrics()
             .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
     });
-    let events = m.node("b").text(
-        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
-           FROM pg_sync.peer_events WHERE peer = '(self)'",
-    );
+    let events = self_events(&mut m);
     eprintln!("the slot while the worker started: {holder}\nB's (self) events:\n{events}");
     assert_eq!(
         events, "",
@@ -1624,16 +1624,8 @@ fn a_lone_worker_creating_its_slot_does_not_report_another_worker() {
 /// with no other worker streaming the slot, the worker leads, and A's changes are applied.
 #[test]
 fn a_lost_slot_does_not_stop_inbound_federation() {
-    let mut m = Mesh::start("fc_lostslot", &["a", "b"], ITEMS, &Mesh::full(2));
-    m.node("b")
-        .exec("INSERT INTO items VALUES ('before', 'b', 1, 'g0')");
-    m.quiesce();
-    m.node("b").kill9();
-    wait_for("the old walsender to go", Duration::from_secs(10), || {
-        m.node("b")
-            .int("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_sync' AND active")
-            == 0
-    });
+    let mut m = mesh_where_b_wrote("fc_lostslot", &[]);
+    stop_b(&mut m);
     m.node("b")
         .exec("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
     m.node("b").exec("SELECT pg_reload_conf()");
@@ -1661,10 +1653,7 @@ fn a_lost_slot_does_not_stop_inbound_federation() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let events = m.node("b").text(
-        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
-           FROM pg_sync.peer_events WHERE peer = '(self)'",
-    );
+    let events = self_events(&mut m);
     let up = m
         .node("b")
         .metrics()

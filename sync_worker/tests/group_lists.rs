@@ -22,6 +22,26 @@ fn healthy(w: &Worker) {
     rt().block_on(w.wait_healthy());
 }
 
+/// A cluster with database `app` (pg_sync created) and `schema` run in it.
+fn app_db(test: &str, schema: &str) -> (Cluster, Client) {
+    let cluster = Cluster::start(test, &[]);
+    let mut db = cluster.create_db("app");
+    db.batch_execute(schema).unwrap();
+    (cluster, db)
+}
+
+/// A worker on `app` whose sequencer buffers `txn_buffer` transactions, once healthy.
+fn healthy_worker(cluster: &Cluster, txn_buffer: u32) -> Worker {
+    let worker = Worker::start_with(
+        cluster,
+        "app",
+        free_port(),
+        &[("SYNC_TXN_BUFFER", &txn_buffer.to_string())],
+    );
+    healthy(&worker);
+    worker
+}
+
 fn wait_sequenced(db: &mut Client) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -47,9 +67,8 @@ fn wait_sequenced(db: &mut Client) {
 /// formula before the diff over every (after, upto) range of the log.
 #[test]
 fn group_lists_cover_the_log_and_change_no_page() {
-    let cluster = Cluster::start("group_lists_lists", &[]);
-    let mut db = cluster.create_db("app");
-    db.batch_execute(
+    let (cluster, mut db) = app_db(
+        "group_lists_lists",
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
          SELECT pg_sync.register_table('todos', group_column => 'project');
          CREATE TABLE notes (id int PRIMARY KEY, body text, grp text);
@@ -60,11 +79,9 @@ fn group_lists_cover_the_log_and_change_no_page() {
          -- Before the worker's slot exists: sequenced by the backlog pass.
          INSERT INTO todos VALUES (1000, 'backlog', 'p1');
          SELECT pg_sync.add_member('alice', 'p1');",
-    )
-    .unwrap();
+    );
     let long = "L".repeat(3000);
-    let mut worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "5")]);
-    healthy(&worker);
+    let mut worker = healthy_worker(&cluster, 5);
     let txns: Vec<String> = vec![
         "INSERT INTO todos VALUES (1, 'a', 'p1')".into(),
         "INSERT INTO todos VALUES (2, 'b', 'p2'), (3, 'c', NULL)".into(),
@@ -113,8 +130,7 @@ fn group_lists_cover_the_log_and_change_no_page() {
             worker.kill9();
             db.batch_execute("INSERT INTO todos VALUES (20, 'down', 'p9'); INSERT INTO todos VALUES (21, 'down', 'p1')")
                 .unwrap();
-            worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "5")]);
-            healthy(&worker);
+            worker = healthy_worker(&cluster, 5);
         }
     }
     wait_sequenced(&mut db);
@@ -231,17 +247,14 @@ fn group_lists_cover_the_log_and_change_no_page() {
 /// a backlog pass wrote it).
 #[test]
 fn concurrent_batches_list_exactly_their_transactions_groups() {
-    let cluster = Cluster::start("group_lists_batches", &[]);
-    let mut db = cluster.create_db("app");
-    db.batch_execute(
+    let (cluster, mut db) = app_db(
+        "group_lists_batches",
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
          SELECT pg_sync.register_table('todos', group_column => 'project');
          CREATE TABLE notes (id int PRIMARY KEY, body text);
          SELECT pg_sync.register_table('notes');",
-    )
-    .unwrap();
-    let mut worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "4")]);
-    healthy(&worker);
+    );
+    let mut worker = healthy_worker(&cluster, 4);
     let url = cluster.url("app");
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -362,15 +375,12 @@ fn lists_changes_would_misread_are_refused() {
 /// exactly the committed ones' groups (when at most 32), the pages unchanged.
 #[test]
 fn many_subtransactions_some_rolled_back_list_only_what_committed() {
-    let cluster = Cluster::start("group_lists_subxacts", &[]);
-    let mut db = cluster.create_db("app");
-    db.batch_execute(
+    let (cluster, mut db) = app_db(
+        "group_lists_subxacts",
         "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
          SELECT pg_sync.register_table('todos', group_column => 'project');",
-    )
-    .unwrap();
-    let worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "8")]);
-    healthy(&worker);
+    );
+    let worker = healthy_worker(&cluster, 8);
     for (n, modulo) in [(100, 4), (100, 8), (40, 2)] {
         db.batch_execute(&format!(
             "DO $$ BEGIN

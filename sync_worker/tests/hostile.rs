@@ -1264,18 +1264,13 @@ async fn a_cached_key_revoked_but_not_yet_published_cannot_write() {
         "a revoked key wrote"
     );
     // Once the revocation is published, the key is refused outright.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
-        if status == 401 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the revoked key still reads ({status})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_refused(
+        port,
+        &key,
+        Duration::from_secs(20),
+        "the revoked key still reads",
+    )
+    .await;
 }
 
 // ---- review rev14b (issue 9: valid API keys in memory) ----
@@ -1299,6 +1294,20 @@ async fn until_cached(port: u16, key: &str) {
             return;
         }
         assert!(Instant::now() < deadline, "the key was never cached");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `key` is refused (401) by /sync/deltas; fails with `what` (and the last status)
+/// if it is still answered after `within`.
+async fn until_refused(port: u16, key: &str, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(key)).await;
+        if status == 401 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} ({status})");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -1684,18 +1693,13 @@ async fn a_revocation_streamed_before_it_is_visible_does_not_let_a_lookup_recach
     sql(&cluster, "SELECT pg_reload_conf()");
     assert_eq!(writer.join().unwrap(), Ok(()));
     stream_passed(port, &cluster, 1).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _) = http_get_with(port, "/sync/deltas?after=0", &auth(&key)).await;
-        if status == 401 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the revoked key stays in memory ({status})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_refused(
+        port,
+        &key,
+        Duration::from_secs(10),
+        "the revoked key stays in memory",
+    )
+    .await;
 }
 
 /// A TCP proxy to the cluster that can freeze (stop forwarding, both ways, without closing)

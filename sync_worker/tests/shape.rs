@@ -1095,18 +1095,7 @@ async fn shape_revoked_key_ends_held_requests_and_json_null_stays_text() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let handle = r.header("electric-handle").unwrap().to_owned();
     let w = offset_id(&r);
-    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sse.write_all(
-        format!(
-            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
-             Host: x\r\nConnection: close\r\nAuthorization: {auth}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut sse = todos_sse(port, w, &handle, &auth).await;
     let (head, closed) = drain(&mut sse, 1).await;
     assert!(head.contains("200 OK") && !closed, "{head}");
     let poll = {
@@ -1300,34 +1289,11 @@ async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_t
     let worker =
         Worker::started_with(&cluster, "app", &[("SYNC_SHAPE_LONG_POLL_SECS", "30")]).await;
     let port = worker.port;
-    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
-    let handle = r.header("electric-handle").unwrap().to_owned();
-    let w = offset_id(&r);
-    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sse.write_all(
-        format!(
-            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
-             Host: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
-            token("alice", 3600, SECRET)
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let (handle, w) = todos_head(port).await;
+    let mut sse = todos_sse(port, w, &handle, &alice_bearer()).await;
     let (head, closed) = drain(&mut sse, 1).await;
     assert!(head.contains("200 OK") && !closed, "{head}");
-    let poll = tokio::spawn(async move {
-        let started = Instant::now();
-        let r = get(
-            port,
-            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
-            "alice",
-        )
-        .await;
-        (r, started.elapsed())
-    });
+    let poll = timed_todos_poll(port, w, handle);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.batch_execute("SELECT pg_sync.register_table('todos', group_column => 'title')")
         .await
@@ -1356,6 +1322,57 @@ async fn shape_reregistration_wakes_held_requests_and_lagged_revocations_check_t
         .any(|m| m["value"]["body"] == "after the revocations"));
 }
 
+/// Alice's `todos` shape from the start: its handle and the offset its snapshot ends at.
+async fn todos_head(port: u16) -> (String, i64) {
+    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+    (
+        r.header("electric-handle").unwrap().to_owned(),
+        offset_id(&r),
+    )
+}
+
+/// `Authorization` of alice's requests (an hour's token).
+fn alice_bearer() -> String {
+    format!("Bearer {}", token("alice", 3600, SECRET))
+}
+
+/// A live SSE request for the `todos` shape `handle` after offset `w`, sent with
+/// `authorization`; its answer is left to read.
+async fn todos_sse(port: u16, w: i64, handle: &str, authorization: &str) -> tokio::net::TcpStream {
+    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sse.write_all(
+        format!(
+            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
+             Host: x\r\nConnection: close\r\nAuthorization: {authorization}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    sse
+}
+
+/// Alice's live long-poll of the `todos` shape `handle` after offset `w`, spawned: its reply
+/// and how long it was held.
+fn timed_todos_poll(
+    port: u16,
+    w: i64,
+    handle: String,
+) -> tokio::task::JoinHandle<(Reply, Duration)> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let r = get(
+            port,
+            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
+            "alice",
+        )
+        .await;
+        (r, started.elapsed())
+    })
+}
+
 /// Reads `s` until what it sent contains `what` (false: closed or `secs` passed first).
 async fn read_until(s: &mut tokio::net::TcpStream, what: &str, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -1373,22 +1390,8 @@ async fn read_until(s: &mut tokio::net::TcpStream, what: &str, secs: u64) -> boo
 /// Opens a held SSE request for alice's `todos` shape; returns once it is held (it sent its
 /// first up-to-date, so it is subscribed to the hub's wakes).
 async fn held_todos_sse(port: u16) -> tokio::net::TcpStream {
-    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
-    let handle = r.header("electric-handle").unwrap().to_owned();
-    let w = offset_id(&r);
-    let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sse.write_all(
-        format!(
-            "GET /v1/shape?table=todos&offset={w}_0&handle={handle}&live=true&live_sse=true HTTP/1.1\r\n\
-             Host: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
-            token("alice", 3600, SECRET)
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let (handle, w) = todos_head(port).await;
+    let mut sse = todos_sse(port, w, &handle, &alice_bearer()).await;
     assert!(
         read_until(&mut sse, "up-to-date", 20).await,
         "the SSE stream never went live"
@@ -1533,19 +1536,8 @@ async fn shape_reregistration_while_a_request_resolves_wakes_it() {
     )
     .await;
     let port = worker.port;
-    let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
-    let handle = r.header("electric-handle").unwrap().to_owned();
-    let w = offset_id(&r);
-    let poll = tokio::spawn(async move {
-        let started = Instant::now();
-        let r = get(
-            port,
-            &format!("/v1/shape?table=todos&offset={w}_0&handle={handle}&live=true"),
-            "alice",
-        )
-        .await;
-        (r, started.elapsed())
-    });
+    let (handle, w) = todos_head(port).await;
+    let poll = timed_todos_poll(port, w, handle);
     // Within the request's 3 s pause after it resolved its shape. (Should the machine be so
     // slow that the request resolves after the re-registration instead, it gets its 409 at
     // once all the same: the test cannot fail for that.)

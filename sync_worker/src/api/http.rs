@@ -168,10 +168,7 @@ pub async fn sse(
         return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
     if !stream::recheck_key(&app, held.as_ref()).await {
-        return error(
-            ErrorCode::Unavailable,
-            "cannot check the API key now; retry",
-        );
+        return Refusal::key_unchecked().into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     let mut shutdown = app.shutdown.clone();

@@ -154,6 +154,22 @@ impl HeldKey {
         .map(|r| r.get(0))
         .map_err(|e| e.to_string())
     }
+
+    /// `valid` before a write under the key (`/sync/mutate` with a cached key, a WebSocket
+    /// `mutate`): the refusal when the key is gone or cannot be checked now. The write's own
+    /// transaction checks the key again (`store::mutate_with_key_statement`, its row locked
+    /// `FOR KEY SHARE`): that one closes the race with a revocation (a revoked key gets the same
+    /// 401 / close 4401 from it alone); this one says why when the key cannot be checked (a lock
+    /// on `pg_sync.api_keys` past the `lock_timeout`) before any transaction of the batch runs:
+    /// the write's own check would fail as "database unavailable" while preparing its
+    /// statement, or answer each transaction `rejected` once the statement is prepared.
+    pub async fn confirm(&self, app: &App) -> Result<(), Refusal> {
+        match self.valid(app).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::key_revoked()),
+            Err(_) => Err(Refusal::key_unchecked()),
+        }
+    }
 }
 
 impl axum::extract::FromRequestParts<Arc<App>> for Identity {
@@ -205,11 +221,10 @@ pub async fn authenticate(
             Err(e) => Err(Refusal::of(e.code(), &e.to_string())),
         };
     }
-    let unknown = || Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key");
     // Strings that cannot be keys, and keys the database just said it does not know, are
     // refused without a query: an unauthenticated flood must not cost the database.
     if !crate::auth::is_api_key_shaped(&token) {
-        return Err(unknown());
+        return Err(Refusal::key_revoked());
     }
     // A key found before and not revoked since needs no lookup: valid keys never wait behind
     // the budget that floods of unknown keys use up.
@@ -225,7 +240,7 @@ pub async fn authenticate(
         });
     }
     if app.unknown_keys.contains(&token) {
-        return Err(unknown());
+        return Err(Refusal::key_revoked());
     }
     // Distinct well-formed bad keys are bounded by a lookup budget that only found keys give
     // back: past it, no query, and the client is asked to retry.
@@ -240,10 +255,7 @@ pub async fn authenticate(
     // a query that failed (a statement timeout, a lost connection) still cost the database.
     let unavailable = |e: String| {
         tracing::warn!(error = %e, "api key lookup failed");
-        Err(Refusal::of(
-            ErrorCode::Unavailable,
-            "cannot check the API key now; retry",
-        ))
+        Err(Refusal::key_unchecked())
     };
     let db = match app.db.get().await {
         Ok(db) => db,
@@ -290,7 +302,7 @@ pub async fn authenticate(
         Ok(None) => {
             drop(lookup);
             app.unknown_keys.insert(&token);
-            Err(unknown())
+            Err(Refusal::key_revoked())
         }
         Err(e) => unavailable(e.to_string()),
     }
@@ -306,6 +318,29 @@ pub fn receiver_stream<T>(
         rx.recv().await.map(|item| (Ok(item), rx))
     })
     .fuse()
+}
+
+/// The answer to a CORS preflight (204) allowing `methods` and the headers asked for
+/// (`authorization, content-type` when none are named), cached a day; the caller adds the
+/// allowed origin.
+pub fn cors_preflight(headers: &axum::http::HeaderMap, methods: &'static str) -> Response {
+    use axum::http::{header, HeaderValue};
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let requested = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
 }
 
 /// A JSON error body: `{"code": ..., "message": ...}`, with the code's HTTP status.
@@ -332,6 +367,20 @@ impl Refusal {
             message: message.to_owned(),
             field: None,
         }
+    }
+
+    /// 401 `invalid_api_key`: the API key is unknown, or was revoked (or moved to another user,
+    /// or re-hashed).
+    pub fn key_revoked() -> Refusal {
+        Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key")
+    }
+
+    /// 503 `unavailable`: the API key cannot be checked now.
+    pub fn key_unchecked() -> Refusal {
+        Refusal::of(
+            ErrorCode::Unavailable,
+            "cannot check the API key now; retry",
+        )
     }
 
     /// A refusal by protocol word (an unknown word is reported as "internal") with its own

@@ -163,7 +163,7 @@ pub async fn apply(
                 });
                 // The applying transaction's full xid8 (also on a duplicate): the `txids`
                 // entry of its change messages on /v1/shape (awaitTxId). Absent when the
-                // stored result has none (at or above 2^53).
+                // stored result has none (at or above 2^53, `pg_sync_lww::JS_SAFE_LIMIT`).
                 if first["txid"].is_number() {
                     answer["txid"] = first["txid"].clone();
                 }
@@ -243,22 +243,7 @@ pub async fn with_cors(
 
 /// `OPTIONS /sync/mutate`: the CORS preflight of a cross-origin POST (JSON body, Authorization).
 pub async fn preflight(headers: HeaderMap) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    let requested = headers
-        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
-    let h = response.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
-    );
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("86400"),
-    );
-    response
+    super::cors_preflight(&headers, "POST, OPTIONS")
 }
 
 pub async fn mutate(
@@ -268,21 +253,11 @@ pub async fn mutate(
 ) -> Response {
     // A key answered from the cache of valid keys is confirmed in the database before it
     // writes: a revocation reaches the cache only once the replication stream has it.
+    // (A looked-up key was checked in the database by this request already.)
     let held = identity.held_key();
     if let Some(held) = held.as_ref().filter(|_| identity.cached) {
-        match held.valid(&app).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key")
-                    .into_response()
-            }
-            Err(_) => {
-                return Refusal::of(
-                    ErrorCode::Unavailable,
-                    "cannot check the API key now; retry",
-                )
-                .into_response()
-            }
+        if let Err(refused) = held.confirm(&app).await {
+            return refused.into_response();
         }
     }
     let user = identity.user;
@@ -318,9 +293,7 @@ pub async fn mutate(
         Err(BatchError::Unavailable) => {
             Refusal::of(ErrorCode::Unavailable, "database unavailable; retry").into_response()
         }
-        Err(BatchError::KeyRevoked) => {
-            Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key").into_response()
-        }
+        Err(BatchError::KeyRevoked) => Refusal::key_revoked().into_response(),
     }
 }
 

@@ -552,9 +552,10 @@ mod tests {
     }
 }
 
-/// The encoder of 29f6423 (before issue 11), for the differential tests (review rev14d).
+/// The encoder of 29f6423 (before issue 11), for the differential tests (review rev14d): a
+/// frozen oracle kept with the tests, outside the product's sources.
 #[cfg(test)]
-#[path = "row_json_old_29f6423.rs"]
+#[path = "../../tests/oracle/row_json_old_29f6423.rs"]
 mod old;
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Differential tests (review rev14d): the issue 11 row encoder against the one it replaced
-//! (`row_json_old_29f6423.rs`, a copy of 29f6423's `row_json.rs`), over edge cases and seeded
-//! random values. The claim under test: the output is byte-for-byte the old encoder's for every
-//! value that can reach it.
+//! (`sync_worker/tests/oracle/row_json_old_29f6423.rs`, a copy of 29f6423's `row_json.rs`), over
+//! edge cases and seeded random values. The claim under test: the output is byte-for-byte the old
+//! encoder's for every value that can reach it.
 
 use super::old;
 use super::*;

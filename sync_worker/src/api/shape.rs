@@ -21,6 +21,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use pg_sync_lww::JS_SAFE_LIMIT;
 use serde_json::{json, Value};
 use sha2::Digest;
 use std::collections::HashMap;
@@ -719,21 +720,7 @@ fn finish(app: &App, req: &HeaderMap, mut resp: Response) -> Response {
 
 /// `OPTIONS /v1/shape`: the CORS preflight.
 pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    let requested = headers
-        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, HEAD, OPTIONS"),
-    );
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("86400"),
-    );
+    let resp = super::cors_preflight(&headers, "GET, HEAD, OPTIONS");
     finish(&app, &headers, resp)
 }
 
@@ -979,7 +966,7 @@ async fn read_log(
           ORDER BY c.sync_id",
         items = items.join(", "),
         rel = m.rel,
-        txid = TXID_SQL,
+        txid = txid_sql(),
     );
     let stmt = db.prepare(&sql).await.map_err(|e| e.to_string())?;
     let relation = m.relation();
@@ -1078,10 +1065,11 @@ fn held(app: &App) -> Result<(), String> {
 
 /// A change's txid: its transaction's full xid8 (epoch included), as `/sync/mutate`'s `txid` and
 /// `snapshot-end`, so one never wraps against another. NULL (left out of `txids`) at or above
-/// 2^53, which a JS number cannot hold: xids that pg_sync remapped after a restore (2^62 and up,
-/// docs/extension.md); no client waits for those.
-const TXID_SQL: &str = "CASE WHEN a.xid::text::bigint < 9007199254740992 \
-     THEN a.xid::text::bigint END";
+/// 2^53 (`JS_SAFE_LIMIT`), which a JS number cannot hold: xids that pg_sync remapped after a
+/// restore (2^62 and up, docs/extension.md); no client waits for those.
+fn txid_sql() -> String {
+    format!("CASE WHEN a.xid::text::bigint < {JS_SAFE_LIMIT} THEN a.xid::text::bigint END")
+}
 
 fn sql_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -1121,7 +1109,7 @@ async fn changes(
             Ok(true) => return revoked_key(),
             Err(e) => {
                 tracing::warn!(error = %e, "api key check failed");
-                return unavailable("cannot check the API key now; retry").into_response();
+                return Refusal::key_unchecked().into_response();
             }
         }
         let caught_up = page.end >= through;
@@ -1213,12 +1201,7 @@ async fn key_revoked(app: &App, watch: &mut Option<KeyWatch>) -> Result<bool, St
 /// The answer to a request whose API key was revoked while it was held (what a new request
 /// with the key gets).
 fn revoked_key() -> Response {
-    Refusal::new(
-        StatusCode::UNAUTHORIZED,
-        "invalid_api_key",
-        "unknown or revoked API key",
-    )
-    .into_response()
+    Refusal::key_revoked().into_response()
 }
 
 /// The fingerprint the shape would have now (the user's groups may have changed).
@@ -1462,7 +1445,7 @@ fn stream_snapshot(
 /// after W, so a client waiting for its txid (TanStack DB's `awaitTxId`, the offline outbox after
 /// a reload) learns here that it has it; without this it waited out its whole timeout.
 /// `None` (the client then waits for the txid as before) when:
-/// - the snapshot's xmax is at or above 2^53 (a JS number cannot hold it);
+/// - the snapshot's xmax is at or above 2^53 (`JS_SAFE_LIMIT`: a JS number cannot hold it);
 /// - the database's lineage is unknown or changed within the grace (`lineage`): after a failover
 ///   or a restore, xids may be handed out again;
 /// - the read fails: it runs under a savepoint, so the snapshot goes on without it.
@@ -1519,7 +1502,7 @@ async fn snapshot_end(app: &App, snap: &Client) -> Option<String> {
         .await
         .map_err(|e| tracing::warn!(error = %e, "shape snapshot visibility query failed"))
         .ok()?;
-    if xmax >= 1 << 53 {
+    if xmax >= JS_SAFE_LIMIT {
         return None;
     }
     let settled = match app.shape.lineage.cached(live) {

@@ -4,7 +4,6 @@
 use super::App;
 use crate::delta::Delta;
 use crate::hub::{GoLive, Load, Subscription};
-use crate::protocol::ErrorCode;
 use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -156,17 +155,8 @@ pub async fn recheck_refusal(
     use axum::response::IntoResponse;
     match recheck(app, held).await {
         Recheck::Valid => None,
-        Recheck::Revoked(_) => Some(
-            super::Refusal::of(ErrorCode::InvalidApiKey, "unknown or revoked API key")
-                .into_response(),
-        ),
-        Recheck::Unknown => Some(
-            super::Refusal::of(
-                ErrorCode::Unavailable,
-                "cannot check the API key now; retry",
-            )
-            .into_response(),
-        ),
+        Recheck::Revoked(_) => Some(super::Refusal::key_revoked().into_response()),
+        Recheck::Unknown => Some(super::Refusal::key_unchecked().into_response()),
     }
 }
 

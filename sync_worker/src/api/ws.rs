@@ -158,6 +158,26 @@ async fn replay(
     Ok(replay.through)
 }
 
+/// Whether a write timed at WRITE_TIMEOUT (`written`) went out. If not, the session ends: a
+/// failed socket just closes; a client that took nothing for WRITE_TIMEOUT is cut off as a slow
+/// consumer (what a stalled replay gets).
+async fn sent<E>(
+    app: &App,
+    socket: &mut WebSocket,
+    sub: &crate::hub::Subscription,
+    written: Result<Result<(), E>, tokio::time::error::Elapsed>,
+    position: i64,
+) -> bool {
+    match written {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            replay_failed(app, socket, sub, ReplayError::Stalled, position).await;
+            false
+        }
+    }
+}
+
 /// Tells the client why its replay ended (the caller then ends the session).
 async fn replay_failed(
     app: &App,
@@ -319,18 +339,17 @@ async fn session(
                                 // Revoked (or moved to another user, or re-hashed), and the
                                 // replication stream has not said so yet; or not known valid
                                 // (the check failed): nothing is written (as HTTP's 503).
-                                let checked = match held.as_ref() {
-                                    Some(k) => k.valid(&app).await,
-                                    None => Ok(true),
+                                let confirmed = match held.as_ref() {
+                                    Some(k) => k.confirm(&app).await,
+                                    None => Ok(()),
                                 };
-                                if checked == Ok(false) {
-                                    close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
-                                    break;
-                                }
-                                Some(if checked.is_err() {
-                                    error_frame(ErrorCode::Unavailable, "cannot check the API key now; retry")
-                                } else {
-                                    match super::mutate::apply(&app, &user, held.as_ref(), &request).await {
+                                Some(match confirmed {
+                                    Err(refused) if refused.code == ErrorCode::InvalidApiKey => {
+                                        close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
+                                        break;
+                                    }
+                                    Err(refused) => error_frame(refused.code, &refused.message),
+                                    Ok(()) => match super::mutate::apply(&app, &user, held.as_ref(), &request).await {
                                         Ok(results) => frame(json!({"type": "mutate_result", "results": results})),
                                         Err(super::mutate::BatchError::KeyRevoked) => {
                                             close_with(&mut socket, close::REVOKED, format!("api key revoked; resume after {position}")).await;
@@ -351,13 +370,9 @@ async fn session(
                             }
                         };
                         if let Some(reply) = reply {
-                            match tokio::time::timeout(WRITE_TIMEOUT, socket.send(reply)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(_)) => break,
-                                Err(_) => {
-                                    replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
-                                    break;
-                                }
+                            let written = tokio::time::timeout(WRITE_TIMEOUT, socket.send(reply)).await;
+                            if !sent(&app, &mut socket, &sub, written, position).await {
+                                break;
                             }
                         }
                         if bad > MAX_BAD_MESSAGES {
@@ -400,13 +415,9 @@ async fn session(
                     }
                     socket.flush().await
                 };
-                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
-                        break;
-                    }
+                let written = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+                if !sent(&app, &mut socket, &sub, written, position).await {
+                    break;
                 }
             }
             _ = &mut lagged_fired, if subscribed => {
@@ -423,13 +434,9 @@ async fn session(
                     }
                     socket.flush().await
                 };
-                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
-                        break;
-                    }
+                let written = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+                if !sent(&app, &mut socket, &sub, written, position).await {
+                    break;
                 }
                 match replay(&app, &user, sub.id, position, &mut socket).await {
                     Ok(through) => position = position.max(through),
@@ -453,13 +460,9 @@ async fn session(
                     close_with(&mut socket, close::HEARTBEAT, "heartbeat timeout".into()).await;
                     break;
                 }
-                match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        replay_failed(&app, &mut socket, &sub, ReplayError::Stalled, position).await;
-                        break;
-                    }
+                let written = tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))).await;
+                if !sent(&app, &mut socket, &sub, written, position).await {
+                    break;
                 }
             }
             _ = &mut shutdown => {

@@ -83,62 +83,25 @@ mod tests {
     fn macs_verify_only_with_the_same_secret_tag_ids_and_nonces() {
         let (sn, rn) = (nonce(), nonce());
         assert!(valid_nonce(&sn) && sn != rn);
-        let m = mac("s3cret-s3cret-16", RECEIVER_TAG, "b", "a", &sn, &rn);
-        assert!(verify(
-            "s3cret-s3cret-16",
-            RECEIVER_TAG,
-            "b",
-            "a",
-            &sn,
-            &rn,
-            &m
-        ));
-        assert!(!verify(
+        const SECRET: &str = "s3cret-s3cret-16";
+        let m = mac(SECRET, RECEIVER_TAG, "b", "a", &sn, &rn);
+        // `m` checked with the receiver id, sender id and challenge nonce of the call.
+        let verifies = |secret, tag, (receiver, sender), sn: &str, given: &str| {
+            verify(secret, tag, receiver, sender, sn, &rn, given)
+        };
+        assert!(verifies(SECRET, RECEIVER_TAG, ("b", "a"), &sn, &m));
+        assert!(!verifies(
             "other-secret-16!",
             RECEIVER_TAG,
-            "b",
-            "a",
+            ("b", "a"),
             &sn,
-            &rn,
             &m
         ));
         // Reflected as the sender's MAC, swapped ids, another challenge: all refused.
-        assert!(!verify(
-            "s3cret-s3cret-16",
-            SENDER_TAG,
-            "b",
-            "a",
-            &sn,
-            &rn,
-            &m
-        ));
-        assert!(!verify(
-            "s3cret-s3cret-16",
-            RECEIVER_TAG,
-            "a",
-            "b",
-            &sn,
-            &rn,
-            &m
-        ));
-        assert!(!verify(
-            "s3cret-s3cret-16",
-            RECEIVER_TAG,
-            "b",
-            "a",
-            &nonce(),
-            &rn,
-            &m
-        ));
-        assert!(!verify(
-            "s3cret-s3cret-16",
-            RECEIVER_TAG,
-            "b",
-            "a",
-            &sn,
-            &rn,
-            "zz"
-        ));
+        assert!(!verifies(SECRET, SENDER_TAG, ("b", "a"), &sn, &m));
+        assert!(!verifies(SECRET, RECEIVER_TAG, ("a", "b"), &sn, &m));
+        assert!(!verifies(SECRET, RECEIVER_TAG, ("b", "a"), &nonce(), &m));
+        assert!(!verifies(SECRET, RECEIVER_TAG, ("b", "a"), &sn, "zz"));
         // Field boundaries matter: ("ab","c") is not ("a","bc").
         assert_ne!(
             mac("k", RECEIVER_TAG, "ab", "c", &sn, &rn),

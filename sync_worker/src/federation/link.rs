@@ -544,15 +544,25 @@ async fn session(
             return retry;
         }
     };
+    // Refuses the peer that answered the challenge: the probe's result (with `auth_ok` when
+    // known) has the same error as the link's `auth_failed` state.
+    let refuse_answered = async |ws: &mut Ws,
+                                 auth_ok: Option<bool>,
+                                 detail: serde_json::Value,
+                                 error: &str,
+                                 code: u16,
+                                 reason: &str| {
+        let mut result = json!({"reachable": true, "node_id": s, "proto": PROTO, "error": error});
+        if let Some(ok) = auth_ok {
+            result["auth_ok"] = ok.into();
+        }
+        record_probe(result).await;
+        refuse(&db, name, lane, ws, detail, error, code, reason).await;
+    };
     if s == me {
-        record_probe(json!({"reachable": true, "node_id": s, "proto": PROTO,
-                            "error": "self-link: the peer has this node's node id"}))
-        .await;
-        refuse(
-            &db,
-            name,
-            lane,
+        refuse_answered(
             &mut ws,
+            None,
             json!({"direction": "in", "node_id": s, "reason": "self_link"}),
             "self-link: the peer has this node's node id",
             close::FORBIDDEN,
@@ -562,14 +572,9 @@ async fn session(
         return retry;
     }
     if let Some(p) = pinned.as_deref().filter(|p| *p != s) {
-        record_probe(json!({"reachable": true, "node_id": s, "proto": PROTO,
-                            "error": "the peer's node id differs from the pinned one"}))
-        .await;
-        refuse(
-            &db,
-            name,
-            lane,
+        refuse_answered(
             &mut ws,
+            None,
             json!({"direction": "in", "node_id": s, "pinned": p, "reason": "node_id_mismatch"}),
             "the peer's node id differs from the pinned one",
             close::FORBIDDEN,
@@ -605,16 +610,9 @@ async fn session(
                 .flatten()
                 .any(|k| auth::verify(&k, auth::SENDER_TAG, &me, &s, &sn, &rn, &mac));
             if !proved {
-                record_probe(
-                    json!({"reachable": true, "auth_ok": false, "node_id": s, "proto": PROTO,
-                           "error": "the peer failed to prove the shared secret"}),
-                )
-                .await;
-                refuse(
-                    &db,
-                    name,
-                    lane,
+                refuse_answered(
                     &mut ws,
+                    Some(false),
                     json!({"direction": "in", "node_id": s, "reason": "peer_bad_mac"}),
                     "the peer failed to prove the shared secret",
                     close::AUTH_FAILED,

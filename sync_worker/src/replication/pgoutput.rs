@@ -303,15 +303,16 @@ mod tests {
     use super::*;
     use bytes::BufMut;
 
-    fn relation_msg() -> Vec<u8> {
+    /// A relation message for `pg_sync.<table>` with text columns (`flags`: 1 a key column).
+    fn relation(id: u32, table: &str, columns: &[impl AsRef<str>], flags: u8) -> Vec<u8> {
         let mut b = vec![b'R'];
-        b.put_u32(42);
-        b.extend_from_slice(b"pg_sync\0group_memberships\0");
+        b.put_u32(id);
+        b.extend_from_slice(format!("pg_sync\0{table}\0").as_bytes());
         b.put_u8(b'd');
-        b.put_i16(2);
-        for name in ["user_id", "group_id"] {
-            b.put_u8(1);
-            b.extend_from_slice(name.as_bytes());
+        b.put_i16(columns.len() as i16);
+        for name in columns {
+            b.put_u8(flags);
+            b.extend_from_slice(name.as_ref().as_bytes());
             b.put_u8(0);
             b.put_u32(25);
             b.put_i32(-1);
@@ -319,17 +320,33 @@ mod tests {
         b
     }
 
+    fn relation_msg() -> Vec<u8> {
+        relation(42, "group_memberships", &["user_id", "group_id"], 1)
+    }
+
+    /// A tuple message up to its columns: `kind` (`I`, `U`, `D`), the relation id, the tuple's
+    /// tag (`N` new, `K` key) and its column count.
+    fn tuple_msg(kind: u8, relation: u32, tag: u8, columns: i16) -> Vec<u8> {
+        let mut b = vec![kind];
+        b.put_u32(relation);
+        b.put_u8(tag);
+        b.put_i16(columns);
+        b
+    }
+
+    /// A text column value.
+    fn put_text(b: &mut Vec<u8>, value: &[u8]) {
+        b.put_u8(b't');
+        b.put_i32(value.len() as i32);
+        b.extend_from_slice(value);
+    }
+
     #[test]
     fn decodes_relation_then_insert_and_delete() {
         let mut d = Decoder::default();
         assert!(matches!(d.decode(&relation_msg()).unwrap(), Message::Other));
-        let mut ins = vec![b'I'];
-        ins.put_u32(42);
-        ins.put_u8(b'N');
-        ins.put_i16(2);
-        ins.put_u8(b't');
-        ins.put_i32(5);
-        ins.extend_from_slice(b"alice");
+        let mut ins = tuple_msg(b'I', 42, b'N', 2);
+        put_text(&mut ins, b"alice");
         ins.put_u8(b'n');
         match d.decode(&ins).unwrap() {
             Message::Insert { relation, row } => {
@@ -340,13 +357,8 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let mut del = vec![b'D'];
-        del.put_u32(42);
-        del.put_u8(b'K');
-        del.put_i16(1);
-        del.put_u8(b't');
-        del.put_i32(1);
-        del.extend_from_slice(b"x");
+        let mut del = tuple_msg(b'D', 42, b'K', 1);
+        put_text(&mut del, b"x");
         assert!(matches!(d.decode(&del).unwrap(), Message::Delete { .. }));
     }
 
@@ -357,10 +369,7 @@ mod tests {
         for cut in 1..msg.len() {
             assert!(d.decode(&msg[..cut]).is_err(), "cut at {cut}");
         }
-        let mut ins = vec![b'I'];
-        ins.put_u32(7);
-        ins.put_u8(b'N');
-        ins.put_i16(0);
+        let ins = tuple_msg(b'I', 7, b'N', 0);
         assert!(matches!(
             d.decode(&ins),
             Err(DecodeError::UnknownRelation(7))
@@ -379,16 +388,10 @@ mod tests {
         assert!(matches!(d.decode(&rel), Err(DecodeError::Negative(-1))));
         d.decode(&relation_msg()).unwrap();
         // A tuple with -2 columns.
-        let mut ins = vec![b'I'];
-        ins.put_u32(42);
-        ins.put_u8(b'N');
-        ins.put_i16(-2);
+        let ins = tuple_msg(b'I', 42, b'N', -2);
         assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-2))));
         // A value with a negative length.
-        let mut ins = vec![b'I'];
-        ins.put_u32(42);
-        ins.put_u8(b'N');
-        ins.put_i16(1);
+        let mut ins = tuple_msg(b'I', 42, b'N', 1);
         ins.put_u8(b't');
         ins.put_i32(-5);
         assert!(matches!(d.decode(&ins), Err(DecodeError::Negative(-5))));
@@ -398,13 +401,8 @@ mod tests {
     fn updates_give_the_new_row_and_leave_unchanged_toast_out() {
         let mut d = Decoder::default();
         d.decode(&relation_msg()).unwrap();
-        let mut upd = vec![b'U'];
-        upd.put_u32(42);
-        upd.put_u8(b'K');
-        upd.put_i16(1);
-        upd.put_u8(b't');
-        upd.put_i32(3);
-        upd.extend_from_slice(b"old");
+        let mut upd = tuple_msg(b'U', 42, b'K', 1);
+        put_text(&mut upd, b"old");
         upd.put_u8(b'N');
         upd.put_i16(2);
         upd.put_u8(b'u');
@@ -432,21 +430,6 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let relation = |cols: &[String]| {
-            let mut b = vec![b'R'];
-            b.put_u32(7);
-            b.extend_from_slice(b"pg_sync\0sync_actions\0");
-            b.put_u8(b'd');
-            b.put_i16(cols.len() as i16);
-            for name in cols {
-                b.put_u8(0);
-                b.extend_from_slice(name.as_bytes());
-                b.put_u8(0);
-                b.put_u32(25);
-                b.put_i32(-1);
-            }
-            b
-        };
         const VALUES: [&str; 5] = ["", "x", "é😀", "{\"a\": 1}", "\u{1}\"\\"];
         let mut d = Decoder::default();
         // The row as decoded, the old map of it, the relation's columns then.
@@ -465,12 +448,9 @@ mod tests {
             cols.dedup();
             let mut seen = std::collections::HashSet::new();
             cols.retain(|c| seen.insert(c.clone()));
-            d.decode(&relation(&cols)).unwrap();
-            let mut ins = vec![b'I'];
-            ins.put_u32(7);
-            ins.put_u8(b'N');
+            d.decode(&relation(7, "sync_actions", &cols, 0)).unwrap();
             let n = next(7) as usize;
-            ins.put_i16(n as i16);
+            let mut ins = tuple_msg(b'I', 7, b'N', n as i16);
             let mut old_map = HashMap::new();
             for i in 0..n {
                 let value = match next(4) {

@@ -1,5 +1,7 @@
 //! Test-only copy of `sync_worker/src/api/row_json.rs` as of 29f6423 (before issue 11's
-//! encoder rework), for the differential tests in `row_json_differential_tests.rs` (review rev14d).
+//! encoder rework), for the differential tests in `src/api/row_json_differential_tests.rs`
+//! (review rev14d), which include it as `row_json::old` in unit-test builds only: not a test
+//! target of its own (cargo builds only `tests/*.rs` and `tests/*/main.rs` as those).
 #![allow(dead_code)]
 
 // Rows as JSON objects equal to Postgres' `to_jsonb(row)` (the form deltas carry), with the
