@@ -359,21 +359,30 @@ ALTER TABLE pg_sync.group_memberships ENABLE ALWAYS TRIGGER pg_sync_log_membersh
 CREATE FUNCTION pg_sync.member_joins(user_id text, after bigint, upto bigint)
 RETURNS TABLE (group_id text, sync_id bigint)
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+-- No SET clause: the planner inlines the function into the query that calls it (as
+-- pg_sync.changes(), below). With one, every call planned the body again on top of the calling
+-- statement: about 1 ms and 50 buffers for a call whose own work is 0.05 ms and 9 buffers, on
+-- every page of every replay. So every function and operator is named in pg_catalog.
 AS $$
-    SELECT j.group_id, max(j.sync_id)
+    SELECT j.group_id, pg_catalog.max(j.sync_id)
       FROM (SELECT m.group_id,
-                   c.first_sync_id + (SELECT count(*) FROM pg_sync.sync_actions b
-                                       WHERE b.xid = a.xid AND b.id < a.id) AS sync_id
+                   c.first_sync_id OPERATOR(pg_catalog.+)
+                       (SELECT pg_catalog.count(*) FROM pg_sync.sync_actions b
+                         WHERE b.xid OPERATOR(pg_catalog.=) a.xid
+                           AND b.id OPERATOR(pg_catalog.<) a.id) AS sync_id
               FROM pg_sync.membership_log m
-              JOIN pg_sync.sync_actions a ON a.xid = m.xid AND a.id = m.action_id
-              JOIN pg_sync.commit_order c ON c.xid = a.xid
-             WHERE m.user_id = member_joins.user_id AND m.joined
+              JOIN pg_sync.sync_actions a
+                ON a.xid OPERATOR(pg_catalog.=) m.xid AND a.id OPERATOR(pg_catalog.=) m.action_id
+              JOIN pg_sync.commit_order c ON c.xid OPERATOR(pg_catalog.=) a.xid
+             WHERE m.user_id OPERATOR(pg_catalog.=) member_joins.user_id AND m.joined
                -- Only transactions overlapping the range can hold a join in it: the count (a
                -- pass over the transaction's earlier actions) is not made for the others. A
                -- replay asks again for each page's few new ids, and the user's joins lie before.
-               AND c.first_sync_id <= upto AND c.first_sync_id + c.action_count - 1 > after) j
-     WHERE j.sync_id > after AND j.sync_id <= upto
+               AND c.first_sync_id OPERATOR(pg_catalog.<=) member_joins.upto
+               AND c.first_sync_id OPERATOR(pg_catalog.+) c.action_count OPERATOR(pg_catalog.-) 1
+                   OPERATOR(pg_catalog.>) member_joins.after) j
+     WHERE j.sync_id OPERATOR(pg_catalog.>) member_joins.after
+       AND j.sync_id OPERATOR(pg_catalog.<=) member_joins.upto
      GROUP BY j.group_id
 $$;
 REVOKE ALL ON FUNCTION pg_sync.member_joins(text, bigint, bigint) FROM PUBLIC;
@@ -411,9 +420,11 @@ AS $$
     -- after+1 (the first transaction may start before it: `skip` actions are passed over,
     -- found by their ids alone) to after+span (the last may end after it: `take`). A
     -- transaction's actions have consecutive sync ids in id order, so an action's sync id is
-    -- where its transaction's part of the page starts plus its rank there. Nothing is sorted:
-    -- both scans return their rows in order, and the nested loop keeps it (an ORDER BY here
-    -- would sort the whole page again, the planner cannot see the sync ids are in order). The
+    -- where its transaction's part of the page starts plus its rank there. No action is
+    -- sorted: the transactions come in order (sorted, only those a reader of few groups can
+    -- see, when read group by group), the log's key returns each one's actions in order, and
+    -- the nested loop keeps it (an ORDER BY here would sort the whole page again, the planner
+    -- cannot see the sync ids are in order). The
     -- lower bound (the one index probe for the transaction holding after+1) keeps a page's
     -- cost independent of how much log lies before it; reading a large transaction's later
     -- pages costs a pass over the ids before them, not over its rows. A caller that joins the
@@ -431,24 +442,62 @@ AS $$
                        coalesce((SELECT s.id FROM pg_sync.sync_actions s WHERE s.xid = c.xid
                                   ORDER BY s.id OFFSET p.skip LIMIT 1), 9223372036854775807)
                    END AS from_id
-              FROM pg_sync.commit_order c
+              FROM (SELECT coalesce(
+                               (SELECT s.first_sync_id FROM pg_sync.commit_order s
+                                 WHERE s.first_sync_id <= after + 1
+                                 ORDER BY s.first_sync_id DESC LIMIT 1), 0) AS lo) r
+             CROSS JOIN LATERAL (
+                    -- The transactions of the page a reader of `groups` can find rows in, by
+                    -- one of two ways, chosen from the arguments alone (constants in the
+                    -- caller's plan: the way not taken is no scan at all). A transaction none of
+                    -- whose actions can pass the filter at the end is not read: its groups
+                    -- (commit_order.group_ids, NULL when it has a global or membership action
+                    -- or is not summarised) name none of the reader's.
+                    -- Either the whole span in sync id order, each transaction's list checked:
+                    -- for every action (groups NULL), and for a reader of many groups or of a
+                    -- short span, where a descent per group costs more than the span's rows
+                    -- (bench/RESULTS.md, "changes() by group"). The first group is looked up
+                    -- in the hashed list (most transactions write one group); && (a scan of
+                    -- both arrays) only for the rest. Operators named in pg_catalog: && on
+                    -- text[] has no exact built-in match a caller's own operator could not take.
+                    SELECT o.xid, o.first_sync_id, o.action_count
+                      FROM pg_sync.commit_order o
+                     WHERE (changes.groups IS NULL
+                            OR pg_catalog.cardinality(changes.groups)
+                               OPERATOR(pg_catalog.>=) (changes.span OPERATOR(pg_catalog./) 64))
+                       AND o.first_sync_id >= r.lo AND o.first_sync_id <= after + span
+                       AND (changes.groups IS NULL OR o.group_ids IS NULL
+                            OR o.group_ids[1] IN (SELECT pg_catalog.unnest(changes.groups))
+                            OR (pg_catalog.cardinality(o.group_ids) OPERATOR(pg_catalog.>) 1
+                                AND o.group_ids OPERATOR(pg_catalog.&&) changes.groups))
+                    UNION ALL
+                    -- Or, for a reader of few groups, the one-group transactions of each of
+                    -- them (commit_order_group_idx: one descent per group, then its rows; the
+                    -- OFFSET 0 keeps the scan per group, which the planner would otherwise
+                    -- weigh against the span's scan with a guessed lower bound, and take) ...
+                    SELECT o.xid, o.first_sync_id, o.action_count
+                      FROM (SELECT DISTINCT u.g FROM pg_catalog.unnest(changes.groups) u(g)) g
+                     CROSS JOIN LATERAL (
+                           SELECT o.xid, o.first_sync_id, o.action_count
+                             FROM pg_sync.commit_order o
+                            WHERE pg_catalog.cardinality(o.group_ids) OPERATOR(pg_catalog.=) 1
+                              AND o.group_ids[1] OPERATOR(pg_catalog.=) g.g
+                              AND o.first_sync_id >= r.lo AND o.first_sync_id <= after + span
+                           OFFSET 0) o
+                     WHERE pg_catalog.cardinality(changes.groups)
+                           OPERATOR(pg_catalog.<) (changes.span OPERATOR(pg_catalog./) 64)
+                    UNION ALL
+                    -- ... and the others whose list names one of them or is NULL
+                    -- (commit_order_shared_idx).
+                    SELECT o.xid, o.first_sync_id, o.action_count
+                      FROM pg_sync.commit_order o
+                     WHERE pg_catalog.cardinality(changes.groups)
+                           OPERATOR(pg_catalog.<) (changes.span OPERATOR(pg_catalog./) 64)
+                       AND (o.group_ids IS NULL OR pg_catalog.cardinality(o.group_ids) OPERATOR(pg_catalog.>) 1)
+                       AND o.first_sync_id >= r.lo AND o.first_sync_id <= after + span
+                       AND (o.group_ids IS NULL OR o.group_ids OPERATOR(pg_catalog.&&) changes.groups)) c
              CROSS JOIN LATERAL (SELECT GREATEST(after + 1 - c.first_sync_id, 0) AS skip) p
-             WHERE c.first_sync_id >= coalesce(
-                       (SELECT s.first_sync_id FROM pg_sync.commit_order s
-                         WHERE s.first_sync_id <= after + 1
-                         ORDER BY s.first_sync_id DESC LIMIT 1), 0)
-               AND c.first_sync_id <= after + span
-               AND c.first_sync_id + c.action_count - 1 > after
-               -- A transaction none of whose actions can pass the filter below is not read:
-               -- its groups (commit_order.group_ids, NULL when it has a global or membership
-               -- action or is not summarised) name none of the reader's. The first group is
-               -- looked up in the hashed list (most transactions write one group); && (a scan
-               -- of both arrays) only for the rest. Operators named in pg_catalog: && on text[]
-               -- has no exact built-in match a caller's own operator could not take.
-               AND (changes.groups IS NULL OR c.group_ids IS NULL
-                    OR c.group_ids[1] IN (SELECT pg_catalog.unnest(changes.groups))
-                    OR (pg_catalog.cardinality(c.group_ids) OPERATOR(pg_catalog.>) 1
-                        AND c.group_ids OPERATOR(pg_catalog.&&) changes.groups))
+             WHERE c.first_sync_id + c.action_count - 1 > after
              ORDER BY c.first_sync_id) t
      CROSS JOIN LATERAL (
         -- The ORDER BY is the index's order (xid is fixed): no sort.

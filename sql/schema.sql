@@ -104,6 +104,16 @@ CREATE TABLE pg_sync.commit_order (
                                     AND pg_catalog.cardinality(group_ids) <= 32
                                     AND pg_catalog.array_position(group_ids, NULL) IS NULL))
 );
+-- What a page for a reader of a few groups scans instead of the whole span (pg_sync.changes()):
+-- the one-group transactions by group, then sync id; the others that can hold any group's rows
+-- (NULL list, or several groups) by sync id. A reader of 1 group in 100 reads its hundredth of
+-- the span, not all of it. Partial and disjoint: each transaction the sequencer writes enters
+-- one of the two (an empty list neither), one btree insertion beside the two keys'.
+-- changes() names the expressions and predicates exactly as here (so the planner matches them).
+CREATE INDEX commit_order_group_idx ON pg_sync.commit_order ((group_ids[1]), first_sync_id)
+    WHERE pg_catalog.cardinality(group_ids) = 1;
+CREATE INDEX commit_order_shared_idx ON pg_sync.commit_order (first_sync_id)
+    WHERE group_ids IS NULL OR pg_catalog.cardinality(group_ids) > 1;
 
 -- Retention: actions with sync ids at or below the horizon have been compacted away; a client
 -- whose cursor is older must bootstrap again.

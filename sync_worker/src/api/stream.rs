@@ -210,18 +210,21 @@ pub struct Replay<'a> {
 /// Group -> the sync id of the user's last join of it in a replayed range.
 pub type Joins = HashMap<String, i64>;
 
-/// The user's joins after `after` up to `upto` (`pg_sync.member_joins`).
+/// The user's joins after `after` up to `upto` (`pg_sync.member_joins`). Prepared once per
+/// pooled connection: the function is inlined into this statement, so after a few calls the
+/// connection runs one plan for it, not a planning per replay page (which was most of a
+/// call's time: the read itself is an index probe or two).
 pub async fn joins(
-    db: &tokio_postgres::Client,
+    db: &deadpool_postgres::Object,
     user: &str,
     after: i64,
     upto: i64,
 ) -> Result<Joins, tokio_postgres::Error> {
+    let statement = db
+        .prepare_cached("SELECT group_id, sync_id FROM pg_sync.member_joins($1, $2, $3)")
+        .await?;
     Ok(db
-        .query(
-            "SELECT group_id, sync_id FROM pg_sync.member_joins($1, $2, $3)",
-            &[&user, &after, &upto],
-        )
+        .query(&statement, &[&user, &after, &upto])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))

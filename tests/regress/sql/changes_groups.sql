@@ -62,7 +62,7 @@ CREATE TEMP TABLE cg_readers AS
 SELECT s.span, g.groups, m.member, cg_pages(s.span, g.groups, m.member) AS pages
   FROM (VALUES (1), (3), (1000)) s(span),
        (VALUES (NULL::text[]), ('{}'), ('{cg_g1}'), ('{cg_g4}'), ('{cg_g2,cg_g3}'), ('{cg_m120}'), ('{""}'),
-               ('{cg_nowhere}'), ('{NULL,cg_g3}')) g(groups),
+               ('{cg_nowhere}'), ('{NULL,cg_g3}'), ('{cg_g1,cg_g1}')) g(groups),
        (VALUES (NULL::text), ('cg_u2')) m(member);
 CREATE TEMP TABLE cg_saved AS SELECT xid, group_ids FROM pg_sync.commit_order WHERE group_ids IS NOT NULL;
 UPDATE pg_sync.commit_order SET group_ids = NULL WHERE group_ids IS NOT NULL;
@@ -98,9 +98,59 @@ BEGIN
   RAISE NOTICE 'transactions whose actions were read: %', cg_probes(plan);
 END $$;
 
+-- A page's cost follows what its reader can see, not its span: over 2,000 one-row
+-- transactions in 100 groups, a reader of one or two groups reads the commit_order rows of its
+-- groups' transactions and of those listing none or several (commit_order_group_idx and
+-- commit_order_shared_idx, one descent per group), not the span's 2,000; a reader of every
+-- group (groups NULL) or of a short span walks the span. `read` counts the commit_order rows
+-- the page's scans returned or filtered out (the lower-bound probe aside).
+CREATE PROCEDURE cg_many() LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..2000 LOOP
+        INSERT INTO cg_t VALUES (1000 + i, 'cg_h' || (i % 100));
+        COMMIT;
+    END LOOP;
+END $$;
+UPDATE cg_mark SET at = pg_sync.last_sync_id();
+CALL cg_many();
+INSERT INTO cg_global VALUES (2);
+SELECT cg_seq();
+ANALYZE pg_sync.commit_order;
+CREATE FUNCTION cg_read(groups text[], span int) RETURNS TABLE (read bigint, visible bigint, in_span bigint)
+LANGUAGE plpgsql AS $$
+DECLARE plan json;
+BEGIN
+    EXECUTE format('EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, FORMAT JSON) SELECT * FROM pg_sync.changes(%s, %L, %s)',
+                   (SELECT at FROM cg_mark), groups, span) INTO plan;
+    RETURN QUERY
+    WITH RECURSIVE n(node) AS (SELECT plan -> 0 -> 'Plan'
+                               UNION ALL SELECT p FROM n, json_array_elements(n.node -> 'Plans') p)
+    SELECT (SELECT sum(((node ->> 'Actual Rows')::bigint + coalesce((node ->> 'Rows Removed by Filter')::bigint, 0))
+                       * (node ->> 'Actual Loops')::bigint)::bigint FROM n
+             WHERE node ->> 'Relation Name' = 'commit_order' AND node ->> 'Parent Relationship' <> 'InitPlan'),
+           count(*) FILTER (WHERE groups IS NULL OR c.group_ids IS NULL OR c.group_ids && groups),
+           count(*)
+      FROM pg_sync.commit_order c
+     WHERE c.first_sync_id > (SELECT at FROM cg_mark) AND c.first_sync_id <= (SELECT at FROM cg_mark) + span;
+END $$;
+SELECT g.groups, s.span, r.*
+  FROM (VALUES ('{cg_h5}'::text[]), ('{cg_h5,cg_h7}'), (NULL)) g(groups), (VALUES (2001), (20)) s(span),
+       cg_read(g.groups, s.span) r
+ ORDER BY s.span DESC, g.groups NULLS LAST;
+
+-- member_joins() is inlined into the statement that calls it (no SET clause): planned with it,
+-- which the worker prepares once per connection, not planned again inside every call.
+DO $$
+DECLARE plan json;
+BEGIN
+  EXECUTE 'EXPLAIN (COSTS OFF, FORMAT JSON) SELECT * FROM pg_sync.member_joins(''cg_u2'', 0, 10)' INTO plan;
+  RAISE NOTICE 'member_joins inlined: %', plan::text NOT LIKE '%Function Scan%';
+END $$;
+
 SELECT pg_sync.remove_member('cg_u1', 'cg_g1');
 SELECT pg_sync.remove_member('cg_u2', 'cg_g4');
 SELECT pg_sync.unregister_table('cg_t');
 SELECT pg_sync.unregister_table('cg_global');
 DROP TABLE cg_t, cg_global;
-DROP FUNCTION cg_seq(), cg_group_ids(xid8), cg_pages(int, text[], text), cg_probes(json);
+DROP FUNCTION cg_seq(), cg_group_ids(xid8), cg_pages(int, text[], text), cg_probes(json), cg_read(text[], int);
+DROP PROCEDURE cg_many();
