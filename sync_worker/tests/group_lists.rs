@@ -422,3 +422,33 @@ fn many_subtransactions_some_rolled_back_list_only_what_committed() {
     drop(worker);
     assert_eq!(bad, 0, "lists or counts that are not the log's");
 }
+
+/// A transaction whose rows are all in one group with a long group id (about 3 kB that does
+/// not compress: ids are the application's column values, nothing bounds their length) is
+/// sequenced, and so is everything committed after it. commit_order_group_idx indexes
+/// `group_ids[1]`, and a btree entry holds at most 2704 bytes: the sequencer's INSERT into
+/// commit_order fails on it, and every later transaction waits behind it (written by review
+/// rev15d).
+#[test]
+#[ignore = "defect rev15d-F1: a one-group transaction with a long incompressible group id cannot enter commit_order_group_idx; the sequencer stops"]
+fn long_group_id_does_not_stop_the_sequencer() {
+    let cluster = Cluster::start("group_lists_long_id", &[]);
+    let mut db = cluster.create_db("app");
+    db.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, title text, project text);
+         SELECT pg_sync.register_table('todos', group_column => 'project');",
+    )
+    .unwrap();
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[]);
+    healthy(&worker);
+    // Three transactions (one statement each).
+    for sql in [
+        "INSERT INTO todos VALUES (1, 'a', 'p1')",
+        "INSERT INTO todos VALUES (2, 'long', (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 100) i))",
+        "INSERT INTO todos VALUES (3, 'after', 'p1')",
+    ] {
+        db.execute(sql, &[]).unwrap();
+    }
+    wait_sequenced(&mut db);
+    drop(worker);
+}
