@@ -421,8 +421,9 @@ AS $$
     -- found by their ids alone) to after+span (the last may end after it: `take`). A
     -- transaction's actions have consecutive sync ids in id order, so an action's sync id is
     -- where its transaction's part of the page starts plus its rank there. No action is
-    -- sorted: the transactions come in order (sorted, only those a reader of few groups can
-    -- see, when read group by group), the log's key returns each one's actions in order, and
+    -- sorted: the page's transactions are (their commit_order rows only: those the span holds
+    -- when it is walked, those a reader of few groups can see when read group by group), the
+    -- log's key returns each one's actions in order, and
     -- the nested loop keeps it (an ORDER BY here would sort the whole page again, the planner
     -- cannot see the sync ids are in order). The
     -- lower bound (the one index probe for the transaction holding after+1) keeps a page's

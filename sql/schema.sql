@@ -103,6 +103,11 @@ CREATE TABLE pg_sync.commit_order (
                                     AND pg_catalog.array_lower(group_ids, 1) = 1
                                     AND pg_catalog.cardinality(group_ids) <= 32
                                     AND pg_catalog.array_position(group_ids, NULL) IS NULL))
+                  -- A one-group list is a key of commit_order_group_idx below, whose btree
+                  -- entries cannot pass 2,704 bytes: the sequencer lists no group id longer
+                  -- than 512 bytes (NULL, always read, instead).
+                  CHECK (pg_catalog.cardinality(group_ids) <> 1
+                         OR pg_catalog.octet_length(group_ids[1]) <= 512)
 );
 -- What a page for a reader of a few groups scans instead of the whole span (pg_sync.changes()):
 -- the one-group transactions by group, then sync id; the others that can hold any group's rows

@@ -430,7 +430,6 @@ fn many_subtransactions_some_rolled_back_list_only_what_committed() {
 /// commit_order fails on it, and every later transaction waits behind it (written by review
 /// rev15d).
 #[test]
-#[ignore = "defect rev15d-F1: a one-group transaction with a long incompressible group id cannot enter commit_order_group_idx; the sequencer stops"]
 fn long_group_id_does_not_stop_the_sequencer() {
     let cluster = Cluster::start("group_lists_long_id", &[]);
     let mut db = cluster.create_db("app");

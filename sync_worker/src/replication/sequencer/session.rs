@@ -66,13 +66,20 @@ pub(super) struct OpenTxn {
 /// `commit_order.group_ids` so that a page for a reader of other groups does not read the
 /// transaction's actions at all. `None` (NULL: always read) once the transaction has a global
 /// action (no group id), a membership change (passed to its member whatever the reader's
-/// groups), or more than `MAX_TXN_GROUPS` groups. A missing group would hide that group's
+/// groups), more than `MAX_TXN_GROUPS` groups, or a group id longer than
+/// `MAX_LISTED_GROUP_BYTES`. A missing group would hide that group's
 /// actions from its readers: every action counted is taken in, past the buffer too.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(super) struct TxnGroups(Option<Vec<String>>);
 
 /// More groups than this in one transaction: `commit_order.group_ids` is NULL (always read).
 pub(super) const MAX_TXN_GROUPS: usize = 32;
+
+/// A group id longer than this (in bytes) is not listed: the list is NULL (always read). A
+/// one-group list is a key of `commit_order_group_idx`, and btree refuses an entry over 2,704
+/// bytes: a longer, incompressible id failed the sequencer's insert and stopped sequencing for
+/// good (review rev15d F1). `commit_order`'s CHECK states the same bound.
+pub(super) const MAX_LISTED_GROUP_BYTES: usize = 512;
 
 impl TxnGroups {
     pub(super) fn new() -> TxnGroups {
@@ -85,7 +92,10 @@ impl TxnGroups {
             return;
         };
         match group {
-            Some(g) if model != Some(crate::delta::MEMBERSHIP_MODEL) => {
+            Some(g)
+                if model != Some(crate::delta::MEMBERSHIP_MODEL)
+                    && g.len() <= MAX_LISTED_GROUP_BYTES =>
+            {
                 if groups.iter().any(|have| have == g) {
                     return;
                 }
@@ -938,6 +948,11 @@ mod tests {
         assert_eq!(many.get().map(<[String]>::len), Some(MAX_TXN_GROUPS));
         many.add(Some("todos"), Some("one more"));
         assert_eq!(many.get(), None);
+        let mut long = TxnGroups::new();
+        long.add(Some("todos"), Some(&"x".repeat(MAX_LISTED_GROUP_BYTES)));
+        assert_eq!(long.get().map(<[String]>::len), Some(1), "at the bound: listed");
+        long.add(Some("todos"), Some(&"y".repeat(MAX_LISTED_GROUP_BYTES + 1)));
+        assert_eq!(long.get(), None, "past the bound: NULL");
     }
 
     /// Once a transaction is past the buffer (re-read from the database when published), none
