@@ -1234,3 +1234,58 @@ fn changes_reach_the_peer_without_waiting_for_the_senders_poll() {
     m.assert_exactly_once();
     m.assert_no_quarantine();
 }
+
+/// review rev15c (fold15's `refuse_answered` in link.rs): test_peer of a peer refused after it
+/// answered the challenge reports what the three copies before reported: reachable, the
+/// peer's node id and protocol, the refusal's error (the one the link's `auth_failed` state
+/// gets), and no `auth_ok` (the secret was never tried). No test read these results before.
+#[test]
+fn test_peer_of_a_self_link_or_a_pinned_mismatch_reports_the_refusal() {
+    let cluster = Cluster::start("fed_probe_refused", &[]);
+    let (mut a, mut b) = (
+        region_db(&cluster, "na", "a"),
+        region_db(&cluster, "nb", "b"),
+    );
+    let (pa, pb) = (free_port(), free_port());
+    exec(
+        &mut a,
+        &format!(
+            "SELECT pg_sync.add_peer('loop', 'ws://127.0.0.1:{pa}', 'the-loop-secret-0123');
+             SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
+             SELECT pg_sync.pin_peer('b', 'not-b');"
+        ),
+    );
+    exec(
+        &mut b,
+        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
+    );
+    let wa = Worker::start_with(&cluster, "na", pa, &[("SYNC_SLOT", "pg_sync_a")]);
+    let wb = Worker::start_with(&cluster, "nb", pb, &[("SYNC_SLOT", "pg_sync_b")]);
+    healthy(&wa);
+    healthy(&wb);
+    for (peer, node_id, error) in [
+        ("loop", "a", "self-link: the peer has this node's node id"),
+        ("b", "b", "the peer's node id differs from the pinned one"),
+    ] {
+        let t = tested(&mut a, peer);
+        assert_eq!(
+            (
+                &t["reachable"],
+                &t["auth_ok"],
+                &t["node_id"],
+                &t["proto"],
+                &t["error"]
+            ),
+            (
+                &json!(true),
+                &json!(null),
+                &json!(node_id),
+                &json!(1),
+                &json!(error)
+            ),
+            "{peer}: {t}"
+        );
+    }
+    drop(wa);
+    drop(wb);
+}

@@ -1905,3 +1905,97 @@ async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
         "a revoked key wrote over WebSocket when its check failed: {got}"
     );
 }
+
+// ---- review rev15c (fold15: the key pre-check through HeldKey::confirm) ----
+
+/// review rev15c: the answer a write gets when its (cached) API key cannot be checked now
+/// (`pg_sync.api_keys` locked past the worker's `lock_timeout`), as before fold15's
+/// `Refusal::key_unchecked`: HTTP /sync/mutate 503 `unavailable` "cannot check the API key now;
+/// retry", a WebSocket `mutate` an error frame with that code and message (the session stays),
+/// and nothing written. No test asserted these answers before (the WebSocket test above only
+/// asserts that nothing was written, and passes without the pre-check too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_key_cannot_be_checked_is_told_to_retry() {
+    let cluster = app_cluster("rev15c_key_unchecked");
+    let url = format!("{} options='-c lock_timeout=300ms'", cluster.url("app"));
+    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let port = worker.port;
+    let (_, key) = api_key(&cluster, "alice");
+    until_cached(port, &key).await;
+    let mut ws = try_connect(port, &key, None).await.expect("ws connects");
+    let locker = {
+        let cluster_url = cluster.url("app");
+        std::thread::spawn(move || {
+            let mut c = pg_sync_tests::postgres::Client::connect(
+                &cluster_url,
+                pg_sync_tests::postgres::NoTls,
+            )
+            .unwrap();
+            c.batch_execute(
+                "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT",
+            )
+            .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let write = |n: u32| {
+        json!({"clientId": "k", "transactions": [{"clientTxId": format!("00000000-0000-4000-8000-00000000000{n}"),
+            "ops": [{"model": "todos", "action": "I", "id": n, "data": {"title": "unchecked", "project": "p1"}}]}]})
+    };
+    let r = raw_request(
+        port,
+        "POST",
+        "/sync/mutate",
+        &auth(&key),
+        &write(4).to_string(),
+    )
+    .await
+    .unwrap();
+    let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    assert_eq!(
+        (r.status, &body["code"], &body["message"]),
+        (
+            503,
+            &json!("unavailable"),
+            &json!("cannot check the API key now; retry")
+        ),
+        "HTTP /sync/mutate with a key that cannot be checked: {body}"
+    );
+    let mut request = write(5);
+    request["type"] = "mutate".into();
+    send(&mut ws, request.to_string()).await;
+    let mut got = Value::Null;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if v["type"] == "error" || v["type"] == "mutate_result" {
+                        got = v;
+                        return;
+                    }
+                }
+                Message::Close(f) => {
+                    got = json!(format!("close {f:?}"));
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (&got["type"], &got["code"], &got["message"]),
+        (
+            &json!("error"),
+            &json!("unavailable"),
+            &json!("cannot check the API key now; retry")
+        ),
+        "WebSocket mutate with a key that cannot be checked: {got}"
+    );
+    locker.join().unwrap();
+    assert_eq!(
+        sql(&cluster, "SELECT count(*) FROM todos WHERE id IN (4, 5)"),
+        ["0"]
+    );
+}

@@ -2311,3 +2311,65 @@ async fn a_clock_step_forward_does_not_end_the_lineage_grace_early() {
         "the 600 s grace ended seconds after the lineage change: {msgs:?}"
     );
 }
+
+/// review rev15c (fold15's `pg_sync_lww::JS_SAFE_LIMIT`, one constant for three checks): on
+/// both sides of 2^53, the extension's stored mutate `txid`, a change's `txids` and
+/// `snapshot-end` agree. In epoch 2^21 - 1 (xid8 values just under 2^53, within one epoch of
+/// it) all three carry the full value; in epoch 2^21 (every xid8 at or above 2^53; 2^53 itself,
+/// xid 0 of that epoch, is never assigned, so `<` and `<=` cannot differ) all three leave it
+/// out. (shape_txids_and_snapshot_end_are_full_xid8_values covers epoch 2 only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txids_on_both_sides_of_the_js_safe_limit() {
+    for (epoch, kept) in [((1u32 << 21) - 1, true), (1u32 << 21, false)] {
+        let (cluster, c) = app_cluster_at_epoch(&format!("shape_js_limit_{kept}"), epoch).await;
+        let worker = Worker::started(&cluster, "app").await;
+        let port = worker.port;
+        let mutate = |id: i64, tx: &'static str| async move {
+            let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": tx,
+                "ops": [{"model": "todos", "action": "I", "id": id, "data": {"title": "m", "project": "p1"}}]}]});
+            let (status, text) =
+                http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
+            assert_eq!(status, 200, "{text}");
+            let res: Value = serde_json::from_str(&text).unwrap();
+            res["results"][0].clone()
+        };
+        let first = mutate(40, "00000000-0000-4000-8000-000000000040").await;
+        let stored: i64 = c
+            .query_one(
+                "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions
+                  WHERE client_tx_id = '00000000-0000-4000-8000-000000000040'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored >= 1i64 << 53, !kept, "epoch {epoch}: xid8 {stored}");
+        assert_eq!(
+            first["txid"].as_i64(),
+            kept.then_some(stored),
+            "epoch {epoch}: {first}"
+        );
+        let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let msgs = body(&r);
+        assert_eq!(
+            snapshot_end_of(&msgs).is_some(),
+            kept,
+            "epoch {epoch}: {msgs:?}"
+        );
+        let handle = r.header("electric-handle").unwrap().to_owned();
+        let offset = r.header("electric-offset").unwrap().to_owned();
+        let second = mutate(41, "00000000-0000-4000-8000-000000000041").await;
+        let r = next_changes(port, "todos", "alice", &handle, &offset).await;
+        let msgs = body(&r);
+        let ch = changes(&msgs);
+        assert_eq!(ch.len(), 1, "{msgs:?}");
+        let want = match second["txid"].as_i64() {
+            Some(t) => serde_json::json!([t]),
+            None => serde_json::json!([]),
+        };
+        assert_eq!(second["txid"].is_number(), kept, "epoch {epoch}: {second}");
+        assert_eq!(ch[0]["headers"]["txids"], want, "epoch {epoch}: {msgs:?}");
+        drop(worker);
+    }
+}
