@@ -174,8 +174,9 @@ async fn pump(
 /// slot, as after a network failure the server did not see (until `wal_sender_timeout`).
 pub struct PgProxy {
     pub port: u16,
-    /// Bumped by `drop_replication`: replication connections made before are dropped.
-    generation: watch::Sender<u64>,
+    /// Bumped by `drop_replication` (`.0`: replication connections made before are dropped)
+    /// and `drop_all` (both: every connection made before is dropped).
+    generation: watch::Sender<(u64, u64)>,
 }
 
 impl PgProxy {
@@ -183,7 +184,7 @@ impl PgProxy {
         let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std.set_nonblocking(true).unwrap();
         let port = std.local_addr().unwrap().port();
-        let (generation, rx) = watch::channel(0u64);
+        let (generation, rx) = watch::channel((0u64, 0u64));
         // Postgres's ends of the dropped connections, kept open until the runtime ends.
         let lingering = Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
         rt.spawn(async move {
@@ -200,7 +201,16 @@ impl PgProxy {
 
     /// Drops the worker's end of every replication connection open now.
     pub fn drop_replication(&self) {
-        self.generation.send_modify(|g| *g += 1);
+        self.generation.send_modify(|g| g.0 += 1);
+    }
+
+    /// Drops the worker's end of every connection open now (replication, pool, federation
+    /// lock), keeping Postgres's ends open: a network failure the server did not see.
+    pub fn drop_all(&self) {
+        self.generation.send_modify(|g| {
+            g.0 += 1;
+            g.1 += 1;
+        });
     }
 }
 
@@ -208,7 +218,7 @@ impl PgProxy {
 async fn pg_connection(
     mut down: TcpStream,
     upstream: u16,
-    mut generation: watch::Receiver<u64>,
+    mut generation: watch::Receiver<(u64, u64)>,
     lingering: Arc<std::sync::Mutex<Vec<TcpStream>>>,
 ) {
     let born = *generation.borrow_and_update();
@@ -244,13 +254,9 @@ async fn pg_connection(
         let fields: Vec<&[u8]> = body.split(|b| *b == 0).collect();
         break fields.chunks(2).any(|kv| kv[0] == b"replication");
     };
-    if !replication {
-        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-        return;
-    }
     let dropped = tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
-        r = generation.wait_for(|g| *g != born) => r.is_ok(),
+        r = generation.wait_for(|g| if replication { g.0 != born.0 } else { g.1 != born.1 }) => r.is_ok(),
     };
     if dropped {
         drop(down);
