@@ -6,7 +6,8 @@
 pub mod merge;
 pub mod version;
 
-/// 2^53: the first integer a JavaScript number cannot hold exactly. A transaction id at or
+/// 2^53 = Number.MAX_SAFE_INTEGER + 1: the first integer that is not a safe JavaScript integer
+/// (a client cannot tell it from 2^53 + 1, which reads as the same number). A transaction id at or
 /// above it is left out of what clients read as a number: `/sync/mutate`'s `txid` (stored by
 /// the extension's `mutate`), `/v1/shape`'s `txids` and its `snapshot-end` (the worker).
 pub const JS_SAFE_LIMIT: i64 = 1 << 53;
