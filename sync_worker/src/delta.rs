@@ -321,8 +321,9 @@ fn escape_into(out: &mut String, v: &str) {
 /// once parsed (keys sorted, no spaces), without the exact texts of a captured row (key '',
 /// docs/extension.md: they are for `/v1/shape`; v1 rows stay in `to_jsonb` form, as
 /// `/sync/bootstrap` sends them); null when it is not JSON. A document serde_json refuses though
-/// it is JSON (nested deeper than its recursion limit, as jsonb may be) is written as it is,
-/// compacted (`put_unparsed`): never lost to a null.
+/// it is JSON (nested deeper than its recursion limit, as jsonb may be), or would misread (its
+/// private marker objects), is written in the same form without a tree (`write_canonical`):
+/// never lost to a null, never rewritten into another value.
 fn put_data(out: &mut String, data: Option<&str>) {
     let Some(text) = data else {
         out.push_str("null");
@@ -343,16 +344,21 @@ fn put_data(out: &mut String, data: Option<&str>) {
     // Outside what the fast path knows (a \u escape, an exponent, a duplicate key, deep
     // nesting, not JSON at all): parsed as it always was.
     out.truncate(start);
-    match serde_json::from_str::<Value>(text) {
-        Ok(mut value) => {
+    // serde_json reads an object whose first key is one of its private markers as something
+    // else: such documents (the fast path refuses keys starting with '$') skip the tree.
+    let value = match text.contains("$serde_json::private::") {
+        true => None,
+        false => serde_json::from_str::<Value>(text).ok(),
+    };
+    match value {
+        Some(mut value) => {
             if let Value::Object(m) = &mut value {
                 m.remove("");
             }
             out.push_str(&value.to_string());
         }
-        Err(_) => {
-            if put_unparsed(out, text).is_none() {
-                out.truncate(start);
+        None => {
+            if write_canonical(out, text, true).is_none() {
                 tracing::warn!("an action's data is not JSON; its delta carries null");
                 out.push_str("null");
             }
@@ -360,42 +366,209 @@ fn put_data(out: &mut String, data: Option<&str>) {
     }
 }
 
-/// Writes a JSON document that serde_json cannot make a tree of (nested deeper than its
-/// recursion limit, or an object whose first key is its `$serde_json::private::Number` marker):
-/// validated by serde_json without recursion (`IgnoredAny` skips a value iteratively), then the
-/// top-level members in serde_json's key order without the exact texts (key ''), every value as
-/// Postgres printed it less the whitespace (so nested objects keep jsonb's key order). `None`
-/// (nothing written) when it is not JSON.
-fn put_unparsed(out: &mut String, text: &str) -> Option<()> {
+/// Writes a JSON document the way serde_json writes it once parsed into a `Value` (members
+/// sorted by key at every level, the last of duplicate keys kept, no whitespace, strings
+/// escaped as `put_str` does, numbers as `Number` prints them), without a tree and without
+/// recursion: for the documents serde_json cannot make a tree of (nested deeper than its
+/// recursion limit, as jsonb may be) or would make the wrong one of (an object whose first key
+/// is one of its `$serde_json::private::` markers, read as a number or raw JSON, stays an
+/// object). A string serde_json cannot unescape (a lone surrogate) is kept as written. With
+/// `drop_empty_key`, the top-level object's member '' (the exact texts) is left out. `None`,
+/// with `out` as it was, when it is not JSON.
+pub(crate) fn write_canonical(out: &mut String, text: &str, drop_empty_key: bool) -> Option<()> {
+    // Validated without recursion (`IgnoredAny` skips a value iteratively): the walk below
+    // then only meets valid JSON.
     serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
-    let body = text.trim();
-    let Some(inner) = body.strip_prefix('{').and_then(|b| b.strip_suffix('}')) else {
-        put_compact(out, body);
-        return Some(());
-    };
-    let mut members = std::collections::BTreeMap::new();
-    let mut rest = inner.trim_start();
-    while !rest.is_empty() {
-        // Valid JSON: a key string, a colon, a value up to the next comma at this level.
-        let key_end = string_end(rest);
-        let name: String = serde_json::from_str(&rest[..key_end]).ok()?;
-        let value = rest[key_end..].trim_start().strip_prefix(':')?;
-        let value_end = value_end(value);
-        members.insert(name, value[..value_end].trim());
-        rest = value[value_end..].trim_start();
-        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    let start = out.len();
+    let written = Canonical {
+        text,
+        i: 0,
+        open: vec![],
     }
-    out.push('{');
-    for (i, (name, value)) in members.iter().filter(|(n, _)| !n.is_empty()).enumerate() {
-        if i > 0 {
-            out.push(',');
+    .write(out, drop_empty_key);
+    if written.is_none() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// The walk of `write_canonical`: where it is in the text, and the arrays and objects it is in.
+struct Canonical<'a> {
+    text: &'a str,
+    i: usize,
+    open: Vec<Open>,
+}
+
+/// An array or object being written.
+enum Open {
+    Array {
+        first: bool,
+    },
+    Object {
+        /// Where its members start in the output.
+        body: usize,
+        /// Its members written so far: key, and where `"key":value` is in the output.
+        members: Vec<(String, usize, usize)>,
+        /// The member whose value is being written: key, and where it starts.
+        pending: Option<(String, usize)>,
+    },
+}
+
+impl Canonical<'_> {
+    fn write(mut self, out: &mut String, drop_empty_key: bool) -> Option<()> {
+        let s = self.text.as_bytes();
+        loop {
+            while let Some(b' ' | b'\n' | b'\t' | b'\r' | b',') = s.get(self.i) {
+                self.i += 1;
+            }
+            match *s.get(self.i)? {
+                b'{' => {
+                    self.begin_value(out);
+                    out.push('{');
+                    self.open.push(Open::Object {
+                        body: out.len(),
+                        members: vec![],
+                        pending: None,
+                    });
+                    self.i += 1;
+                    continue;
+                }
+                b'[' => {
+                    self.begin_value(out);
+                    out.push('[');
+                    self.open.push(Open::Array { first: true });
+                    self.i += 1;
+                    continue;
+                }
+                b']' => {
+                    self.open.pop();
+                    out.push(']');
+                    self.i += 1;
+                }
+                b'}' => {
+                    let Some(Open::Object { body, members, .. }) = self.open.pop() else {
+                        return None;
+                    };
+                    let drop = drop_empty_key && self.open.is_empty();
+                    close_object(out, body, members, drop);
+                    self.i += 1;
+                }
+                b'"' => {
+                    let end = self.i + string_end(&self.text[self.i..]);
+                    let token = &self.text[self.i..end];
+                    self.i = end;
+                    if let Some(Open::Object {
+                        members,
+                        pending: pending @ None,
+                        ..
+                    }) = self.open.last_mut()
+                    {
+                        // A member's key; its value follows the colon. (One serde_json cannot
+                        // unescape is kept as written, sorted by its text.)
+                        let key = serde_json::from_str::<String>(token);
+                        if !members.is_empty() {
+                            out.push(',');
+                        }
+                        let at = out.len();
+                        let key = match key {
+                            Ok(key) => {
+                                put_str(out, Some(&key));
+                                key
+                            }
+                            Err(_) => {
+                                out.push_str(token);
+                                token[1..token.len() - 1].to_owned()
+                            }
+                        };
+                        out.push(':');
+                        *pending = Some((key, at));
+                        while let Some(b' ' | b'\n' | b'\t' | b'\r' | b':') = s.get(self.i) {
+                            self.i += 1;
+                        }
+                        continue;
+                    }
+                    self.begin_value(out);
+                    match serde_json::from_str::<String>(token) {
+                        Ok(v) => put_str(out, Some(&v)),
+                        Err(_) => out.push_str(token),
+                    }
+                }
+                b't' | b'f' | b'n' => {
+                    let word = match s[self.i] {
+                        b't' => "true",
+                        b'f' => "false",
+                        _ => "null",
+                    };
+                    self.begin_value(out);
+                    out.push_str(word);
+                    self.i += word.len();
+                }
+                _ => {
+                    let end = self.i
+                        + s[self.i..]
+                            .iter()
+                            .position(|b| {
+                                !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                            })
+                            .unwrap_or(s.len() - self.i);
+                    let n: serde_json::Number =
+                        serde_json::from_str(&self.text[self.i..end]).ok()?;
+                    self.begin_value(out);
+                    out.push_str(&n.to_string());
+                    self.i = end;
+                }
+            }
+            // A value ended: it is its object's member, or the document.
+            match self.open.last_mut() {
+                None => return Some(()),
+                Some(Open::Object {
+                    members, pending, ..
+                }) => {
+                    let (key, at) = pending.take()?;
+                    members.push((key, at, out.len()));
+                }
+                Some(Open::Array { .. }) => {}
+            }
         }
-        put_str(out, Some(name));
-        out.push(':');
-        put_compact(out, value);
+    }
+
+    /// Before a value: the comma that separates it from the one before in its array.
+    fn begin_value(&mut self, out: &mut String) {
+        if let Some(Open::Array { first }) = self.open.last_mut() {
+            if !std::mem::take(first) {
+                out.push(',');
+            }
+        }
+    }
+}
+
+/// Ends an object whose members are written from `body` on: rewritten in key order, the last
+/// of duplicate keys kept (as serde_json's map does), and with `drop_empty_key` without its
+/// member ''.
+fn close_object(
+    out: &mut String,
+    body: usize,
+    mut members: Vec<(String, usize, usize)>,
+    drop_empty_key: bool,
+) {
+    let in_order = members.windows(2).all(|w| w[0].0 < w[1].0);
+    if !in_order || (drop_empty_key && members.iter().any(|m| m.0.is_empty())) {
+        let written = out[body..].to_owned();
+        out.truncate(body);
+        members.sort_by(|a, b| a.0.cmp(&b.0)); // stable: equal keys stay in text order
+        let mut first = true;
+        for (n, m) in members.iter().enumerate() {
+            let shadowed = members.get(n + 1).is_some_and(|next| next.0 == m.0);
+            if shadowed || (drop_empty_key && m.0.is_empty()) {
+                continue;
+            }
+            if !std::mem::take(&mut first) {
+                out.push(',');
+            }
+            out.push_str(&written[m.1 - body..m.2 - body]);
+        }
     }
     out.push('}');
-    Some(())
 }
 
 /// Where the JSON string at the start of `s` ends (just past its closing quote).
@@ -410,50 +583,6 @@ fn string_end(s: &str) -> usize {
         }
     }
     s.len()
-}
-
-/// Where the (valid) JSON value at the start of `s` ends: at the first comma or closing bracket
-/// outside strings and nested brackets, or the end.
-fn value_end(s: &str) -> usize {
-    let (mut depth, mut i) = (0usize, 0);
-    let b = s.as_bytes();
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                i += string_end(&s[i..]);
-                continue;
-            }
-            b'[' | b'{' => depth += 1,
-            b']' | b'}' if depth == 0 => return i,
-            b']' | b'}' => depth -= 1,
-            b',' if depth == 0 => return i,
-            _ => {}
-        }
-        i += 1;
-    }
-    b.len()
-}
-
-/// Copies valid JSON text without the whitespace between its tokens.
-fn put_compact(out: &mut String, json: &str) {
-    let (mut in_string, mut escaped, mut run) = (false, false, 0);
-    for (i, b) in json.bytes().enumerate() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
-            // Whitespace is ASCII: both ends of the run are character boundaries.
-            out.push_str(&json[run..i]);
-            run = i + 1;
-        }
-    }
-    out.push_str(&json[run..]);
 }
 
 /// Rewrites JSON text the way `serde_json::from_str::<Value>` then `to_string` does (with
@@ -804,7 +933,6 @@ mod tests {
             r#"{"a": 1e5}"#,
             r#"{"a": 1.5E-3}"#,
             r#"{"a": 1, "a": 2}"#,
-            r#"{"$serde_json::private::Number": "12"}"#,
             "{\"a\": \"raw\ttab\"}",
             r#"{"a": 01}"#,
             r#"{"a": 1.}"#,
@@ -839,9 +967,54 @@ mod tests {
         }
     }
 
+    /// Review rev15a, finding F4: the same column value is written with other bytes depending
+    /// on whether some other column of the row is too deep for serde_json. The normal path
+    /// sorts nested objects' keys (serde_json's map); `put_unparsed` keeps jsonb's order
+    /// (shorter keys first) below the top level.
+    #[test]
+    fn rev15a_f4_a_value_is_written_alike_whatever_else_the_row_holds() {
+        // As jsonb prints it: keys by length, then bytes.
+        let meta = r#"{"b": 1, "aa": {"d": 2, "cc": 3}}"#;
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let written = |doc: &str| {
+            let mut out = String::new();
+            put_data(
+                &mut out,
+                Some(&format!(r#"{{"doc": {doc}, "meta": {meta}}}"#)),
+            );
+            out[out.find(r#""meta":"#).unwrap()..].to_owned()
+        };
+        assert_eq!(written("[]"), r#""meta":{"aa":{"cc":3,"d":2},"b":1}}"#);
+        assert_eq!(written(&deep), written("[]"), "meta beside a deep doc");
+    }
+
+    /// Review rev15a, finding F3: a jsonb object holding serde_json's private marker keys is
+    /// rewritten by the normal path (`{"$serde_json::private::Number": "5"}` becomes `5`,
+    /// `{"$serde_json::private::RawValue": "[1]"}` becomes `[1]`), while the fallback (taken
+    /// when another marker in the row does not fit) keeps the object, as `/sync/bootstrap`
+    /// sends it. One row's value thus differs between deltas, and from the bootstrap.
+    #[test]
+    fn rev15a_f3_marker_objects_are_data_like_any_other() {
+        let n = r#"{"$serde_json::private::Number": "5"}"#;
+        let r = r#"{"$serde_json::private::RawValue": "[1]"}"#;
+        let want = r#"{"n":{"$serde_json::private::Number":"5"},"r":{"$serde_json::private::RawValue":"[1]"}"#;
+        // Another column whose marker does not fit: the fallback keeps the objects.
+        let mut out = String::new();
+        let bad = r#"{"$serde_json::private::Number": "x"}"#;
+        put_data(
+            &mut out,
+            Some(&format!(r#"{{"n": {n}, "r": {r}, "z": {bad}}}"#)),
+        );
+        assert!(out.starts_with(want), "{out}");
+        // Without it: the normal path.
+        let mut out = String::new();
+        put_data(&mut out, Some(&format!(r#"{{"n": {n}, "r": {r}}}"#)));
+        assert_eq!(out, format!("{want}}}"));
+    }
+
     /// A row nested deeper than serde_json parses (jsonb nests thousands of levels deep) keeps
-    /// its data in its delta: the top-level members in serde_json's order, without the exact
-    /// texts, every value as it is less the whitespace (nested keys keep jsonb's order).
+    /// its data in its delta, in the form serde_json writes: keys sorted at every level,
+    /// without the exact texts, no whitespace.
     #[test]
     fn data_nested_past_serde_jsons_limit_is_kept() {
         let deep = format!(
@@ -855,7 +1028,11 @@ mod tests {
             "model" => Some("docs".into()),
             _ => None,
         });
-        let compact = deep.replace(": ", ":").replace(", ", ",");
+        let compact = format!(
+            "{}\"] }}\\\" \"{}",
+            "[{\"a\":".repeat(500),
+            ",\"b\":1}]".repeat(500)
+        );
         assert!(
             d.frame.as_str().contains(&format!(
                 r#""data":{{"a b":"c d","d":{compact},"z":1.50}},"#
@@ -950,6 +1127,101 @@ mod tests {
             }
         }
         assert!(fast > 1000, "only {fast} documents took the fast path");
+    }
+
+    /// `write_canonical` (the form without a tree) writes what serde_json writes once it parsed
+    /// the document, byte for byte, for random documents it can parse: nested objects with
+    /// keys out of order and repeated, escapes, exponents, whitespace. The seed (random unless
+    /// `DELTA_SEED` is set) is printed, to replay a failure.
+    #[test]
+    fn the_form_without_a_tree_is_serde_jsons_byte_for_byte() {
+        let mut seed = std::env::var("DELTA_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("DELTA_SEED={seed}");
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        const KEYS: [&str; 10] = ["", "a", "b", "ab", "B", "é", "\\u0041", "a\\\"", "$x", "aa"];
+        const STRS: [&str; 9] = [
+            "",
+            "x",
+            "q\\\"",
+            "\\n\\t",
+            "☃",
+            "\\/",
+            "\\u00e9\\u001f",
+            "a b",
+            "\\ud83d\\ude00",
+        ];
+        const NUMS: [&str; 10] = [
+            "0",
+            "-0",
+            "12",
+            "1.50",
+            "-3.25",
+            "1e5",
+            "1.5E-3",
+            "-2e+10",
+            "99999999999999999999999",
+            "0.1",
+        ];
+        const WS: [&str; 4] = ["", " ", "\n\t", "  "];
+        fn gen(next: &mut impl FnMut(u64) -> u64, depth: u32, out: &mut String) {
+            out.push_str(WS[next(4) as usize]);
+            let pick = if depth > 8 { next(4) } else { next(7) };
+            match pick {
+                0 => out.push_str(["null", "true", "false"][next(3) as usize]),
+                1 => out.push_str(NUMS[next(10) as usize]),
+                2 | 3 => {
+                    out.push('"');
+                    out.push_str(STRS[next(9) as usize]);
+                    out.push('"');
+                }
+                4 => {
+                    out.push('[');
+                    for i in 0..next(4) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        gen(next, depth + 1, out);
+                    }
+                    out.push(']');
+                }
+                _ => {
+                    out.push('{');
+                    for i in 0..next(5) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(WS[next(4) as usize]);
+                        out.push('"');
+                        out.push_str(KEYS[next(10) as usize]);
+                        out.push_str("\":");
+                        gen(next, depth + 1, out);
+                    }
+                    out.push('}');
+                }
+            }
+            out.push_str(WS[next(4) as usize]);
+        }
+        for _ in 0..5000 {
+            let mut t = String::new();
+            gen(&mut next, 0, &mut t);
+            let mut out = String::new();
+            write_canonical(&mut out, &t, true).unwrap();
+            assert_eq!(out, serde_way(&t), "{t:?}");
+        }
     }
 
     /// Strings are escaped as serde_json escapes them.

@@ -2,8 +2,10 @@
 //! the rows a user may see (in key order, resumable after a key), and reading ids and keys
 //! back from what was written.
 
+use super::cursor::Key;
 use crate::api::row_json::{self, Column};
 use crate::store::quote_ident as quote;
+use serde_json::value::RawValue;
 
 /// One registered model as the snapshot sees it.
 pub(super) struct Model {
@@ -122,14 +124,12 @@ impl Model {
     }
 
     /// The key of a row (`{column: value}`), from its `data`. Only the key columns' values are
-    /// parsed: the others are skipped without recursion, so no value, however deeply nested
-    /// (jsonb nests far deeper than serde_json's recursion limit), can make the key unreadable.
-    /// `Err` (a key column missing, or itself a jsonb value too deep to parse) is never turned
-    /// into some other key: a wrong cursor would skip rows.
-    pub(super) fn key_of(
-        &self,
-        data: &[u8],
-    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    /// read, as text (`Key`): the others are skipped without recursion, and so are the key's
+    /// own values, so no value, however deeply nested (jsonb nests far deeper than
+    /// serde_json's recursion limit), can make the key unreadable, and none (serde_json's
+    /// private marker objects) is read as another. `Err` (a key column missing, or `data`
+    /// not JSON) is never turned into some other key: a wrong cursor would skip rows.
+    pub(super) fn key_of(&self, data: &[u8]) -> Result<Key, String> {
         let mut de = serde_json::Deserializer::from_slice(data);
         let key = serde::Deserializer::deserialize_map(&mut de, KeyColumns(&self.key))
             .and_then(|key| de.end().map(|()| key))
@@ -144,12 +144,13 @@ impl Model {
     }
 }
 
-/// Takes the key columns' members of a row's `data` object and skips the rest
-/// (`IgnoredAny`: serde_json skips a value iteratively, at any depth).
+/// Takes the key columns' members of a row's `data` object, each as its JSON text in the form
+/// serde_json writes (`write_canonical`, without recursion), and skips the rest (`IgnoredAny`:
+/// serde_json skips a value iteratively, at any depth).
 struct KeyColumns<'k>(&'k [String]);
 
 impl<'de> serde::de::Visitor<'de> for KeyColumns<'_> {
-    type Value = serde_json::Map<String, serde_json::Value>;
+    type Value = Key;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a row's data object")
@@ -159,10 +160,15 @@ impl<'de> serde::de::Visitor<'de> for KeyColumns<'_> {
         self,
         mut members: A,
     ) -> Result<Self::Value, A::Error> {
-        let mut key = serde_json::Map::new();
+        use serde::de::Error as _;
+        let mut key = Key::new();
         while let Some(name) = members.next_key::<String>()? {
             if self.0.contains(&name) {
-                key.insert(name, members.next_value()?);
+                let raw: Box<RawValue> = members.next_value()?;
+                let mut text = String::new();
+                crate::delta::write_canonical(&mut text, raw.get(), false)
+                    .ok_or_else(|| A::Error::custom("a key value is not JSON"))?;
+                key.insert(name, RawValue::from_string(text).map_err(A::Error::custom)?);
             } else {
                 members.next_value::<serde::de::IgnoredAny>()?;
             }
@@ -174,6 +180,44 @@ impl<'de> serde::de::Visitor<'de> for KeyColumns<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text(key: Key) -> String {
+        serde_json::to_string(&key).unwrap()
+    }
+
+    /// A key as a cursor carries it is the very bytes it was when keys were read as
+    /// `serde_json::Value`s (cursors handed out then resume alike, and read back alike).
+    #[test]
+    fn keys_are_written_as_their_values_were() {
+        let m = Model::new(
+            "t".into(),
+            "t".into(),
+            None,
+            vec!["k".into(), "a".into()],
+            vec![
+                Column::new("k".into(), 3802, false),
+                Column::new("a".into(), 25, false),
+            ],
+        );
+        for v in [
+            "1.50",
+            "-0",
+            "1e5",
+            "1.5E-3",
+            "99999999999999999999999",
+            r#""q\"\\ \/ \u00e9 \u001f \n é""#,
+            "null",
+            "true",
+            r#"{"bb": {"z": 1, "a": [2, {"d": 3, "c": 4}]}, "a": "x", "a": "y"}"#,
+            r#"[1, "2", {"": 3}]"#,
+        ] {
+            let data = format!(r#"{{"k": {v}, "x": 1, "a": "s"}}"#);
+            let want: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&format!(r#"{{"k": {v}, "a": "s"}}"#)).unwrap();
+            let want = serde_json::to_string(&want).unwrap();
+            assert_eq!(m.key_of(data.as_bytes()).map(text), Ok(want), "{v}");
+        }
+    }
 
     #[test]
     fn keyset_query_orders_and_resumes_by_the_whole_key() {
@@ -212,8 +256,8 @@ mod tests {
         );
         assert!(q.contains(r#"ORDER BY t."a", t."b""x""#), "{q}");
         assert_eq!(
-            m.key_of(br#"{"a": 1, "b\"x": "z", "v": 3}"#),
-            Ok(serde_json::from_str::<serde_json::Map<_, _>>(r#"{"a": 1, "b\"x": "z"}"#).unwrap())
+            m.key_of(br#"{"a": 1, "b\"x": "z", "v": 3}"#).map(text),
+            Ok(r#"{"a":1,"b\"x":"z"}"#.into())
         );
     }
 
@@ -242,12 +286,21 @@ mod tests {
         };
         let data = format!(r#"{{"id": 7, "doc": {}, "at": "b\u0022"}}"#, deep(5_000));
         assert_eq!(
-            m.key_of(data.as_bytes()),
-            Ok(serde_json::from_str(r#"{"id": 7, "at": "b\""}"#).unwrap())
+            m.key_of(data.as_bytes()).map(text),
+            Ok(r#"{"at":"b\"","id":7}"#.into())
         );
+        // A key past serde_json's recursion limit, and one it would read as a number.
         let deep_key = format!(r#"{{"id": 7, "at": {}}}"#, deep(200));
-        let e = m.key_of(deep_key.as_bytes()).unwrap_err();
-        assert!(e.contains("recursion limit"), "{e}");
+        let compact = deep(200).replace(": ", ":").replace(", ", ",");
+        assert_eq!(
+            m.key_of(deep_key.as_bytes()).map(text),
+            Ok(format!(r#"{{"at":{compact},"id":7}}"#))
+        );
+        let marker = br#"{"id": 7, "at": {"$serde_json::private::Number": "5"}}"#;
+        assert_eq!(
+            m.key_of(marker).map(text),
+            Ok(r#"{"at":{"$serde_json::private::Number":"5"},"id":7}"#.into())
+        );
         let e = m.key_of(br#"{"id": 7, "doc": null}"#).unwrap_err();
         assert_eq!(e, r#"a row of docs has no key column "at" in its data"#);
         assert!(m.key_of(br#"{"id": 7, "at": 1"#).is_err());

@@ -2,7 +2,7 @@
 //! `cursor`, `end` lines) and ends it for a client that stalls, a deadline, a revoked key or
 //! a shutdown, with a cursor to resume from where one applies.
 
-use super::cursor::Cursor;
+use super::cursor::{Cursor, Key};
 use super::query::Model;
 use super::Request;
 use crate::api::row_json::{self, Column};
@@ -162,8 +162,6 @@ impl Out {
         }
     }
 }
-
-type Key = serde_json::Map<String, serde_json::Value>;
 
 enum Failure {
     ClientGone,
@@ -326,7 +324,7 @@ async fn send_rows(
         let after = start
             .filter(|c| c.model == m.name)
             .and_then(|c| c.key.as_ref());
-        let after_text = after.map(|k| serde_json::Value::Object(k.clone()).to_string());
+        let after_text = after.map(|k| serde_json::to_string(k).expect("a key serializes"));
         let prefix = format!(
             "{{\"type\":\"row\",\"model\":{},\"id\":",
             serde_json::to_string(&m.name).expect("a string serializes")
