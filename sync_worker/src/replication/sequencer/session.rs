@@ -950,7 +950,11 @@ mod tests {
         assert_eq!(many.get(), None);
         let mut long = TxnGroups::new();
         long.add(Some("todos"), Some(&"x".repeat(MAX_LISTED_GROUP_BYTES)));
-        assert_eq!(long.get().map(<[String]>::len), Some(1), "at the bound: listed");
+        assert_eq!(
+            long.get().map(<[String]>::len),
+            Some(1),
+            "at the bound: listed"
+        );
         long.add(Some("todos"), Some(&"y".repeat(MAX_LISTED_GROUP_BYTES + 1)));
         assert_eq!(long.get(), None, "past the bound: NULL");
     }
