@@ -1823,13 +1823,6 @@ fn b_leads(m: &mut Mesh) -> bool {
         .contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
 }
 
-fn self_events(m: &mut Mesh) -> String {
-    m.node("b").text(
-        "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
-           FROM pg_sync.peer_events WHERE peer = '(self)'",
-    )
-}
-
 /// Review rev15b F1: the same network failure that leaves the worker's walsender lingering
 /// (its end of the connections dropped, the server's ends open) leaves its federation lock
 /// session lingering too: the worker's own old session still holds the lock, so the lone worker
