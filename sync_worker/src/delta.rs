@@ -1045,68 +1045,111 @@ mod tests {
         assert_eq!(out, format!("[{compact},2]"));
     }
 
+    /// Numbers as jsonb prints them.
+    const JSONB_NUMS: [&str; 8] = [
+        "0",
+        "-0",
+        "12",
+        "1.50",
+        "-3.25",
+        "1e5",
+        "99999999999999999999999",
+        "0.1",
+    ];
+
+    /// What `gen_json` writes: its scalars, how deep it nests, and its separators.
+    struct JsonStyle<'a> {
+        keys: &'static [&'static str],
+        strs: &'static [&'static str],
+        nums: &'a [&'static str],
+        /// Past this depth, scalars only.
+        max_depth: u32,
+        /// The kinds to pick from: 0 a literal, 1 a number, 2 and 3 a string, 4 an array, the
+        /// rest an object (6: as many objects as arrays; 7: twice as many).
+        kinds: u64,
+        comma: &'static str,
+        colon: &'static str,
+        /// Written (one picked at random) around every value and before every key; none if empty.
+        ws: &'static [&'static str],
+    }
+
+    /// A random JSON document in `style`, drawing from `next` (`next(n)` is below `n`).
+    fn gen_json(
+        next: &mut impl FnMut(u64) -> u64,
+        style: &JsonStyle<'_>,
+        depth: u32,
+        out: &mut String,
+    ) {
+        let pick = |next: &mut dyn FnMut(u64) -> u64, from: &[&'static str]| {
+            from[next(from.len() as u64) as usize]
+        };
+        let ws = |next: &mut dyn FnMut(u64) -> u64, out: &mut String| {
+            if !style.ws.is_empty() {
+                out.push_str(pick(next, style.ws));
+            }
+        };
+        ws(next, out);
+        let kind = if depth > style.max_depth {
+            next(4)
+        } else {
+            next(style.kinds)
+        };
+        match kind {
+            0 => out.push_str(pick(next, &["null", "true", "false"])),
+            1 => out.push_str(pick(next, style.nums)),
+            2 | 3 => {
+                out.push('"');
+                out.push_str(pick(next, style.strs));
+                out.push('"');
+            }
+            4 => {
+                out.push('[');
+                for i in 0..next(4) {
+                    if i > 0 {
+                        out.push_str(style.comma);
+                    }
+                    gen_json(next, style, depth + 1, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for i in 0..next(5) {
+                    if i > 0 {
+                        out.push_str(style.comma);
+                    }
+                    ws(next, out);
+                    out.push('"');
+                    out.push_str(pick(next, style.keys));
+                    out.push('"');
+                    out.push_str(style.colon);
+                    gen_json(next, style, depth + 1, out);
+                }
+                out.push('}');
+            }
+        }
+        ws(next, out);
+    }
+
     /// Random documents in jsonb's print style, and every one-byte corruption of some of
     /// them: the fast path and serde_json agree on each.
     #[test]
     fn data_normalization_agrees_with_serde_json_on_random_documents() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
+        let mut next = crate::test_seed::xorshift(0x2545_f491_4f6c_dd1d);
+        let style = JsonStyle {
+            keys: &["", "a", "b", "ab", "B", "é", "id", "$x"],
+            strs: &["", "x", "q\\\"", "\\n\\t", "☃", "\\/", "\\u0041", "a b"],
+            nums: &JSONB_NUMS,
+            max_depth: 3,
+            kinds: 6,
+            comma: ", ",
+            colon: ": ",
+            ws: &[],
         };
-        const KEYS: [&str; 8] = ["", "a", "b", "ab", "B", "é", "id", "$x"];
-        const STRS: [&str; 8] = ["", "x", "q\\\"", "\\n\\t", "☃", "\\/", "\\u0041", "a b"];
-        const NUMS: [&str; 8] = [
-            "0",
-            "-0",
-            "12",
-            "1.50",
-            "-3.25",
-            "1e5",
-            "99999999999999999999999",
-            "0.1",
-        ];
-        fn gen(next: &mut impl FnMut(u64) -> u64, depth: u32, out: &mut String) {
-            let pick = if depth > 3 { next(4) } else { next(6) };
-            match pick {
-                0 => out.push_str(["null", "true", "false"][next(3) as usize]),
-                1 => out.push_str(NUMS[next(8) as usize]),
-                2 | 3 => {
-                    out.push('"');
-                    out.push_str(STRS[next(8) as usize]);
-                    out.push('"');
-                }
-                4 => {
-                    out.push('[');
-                    for i in 0..next(4) {
-                        if i > 0 {
-                            out.push_str(", ");
-                        }
-                        gen(next, depth + 1, out);
-                    }
-                    out.push(']');
-                }
-                _ => {
-                    out.push('{');
-                    for i in 0..next(5) {
-                        if i > 0 {
-                            out.push_str(", ");
-                        }
-                        out.push('"');
-                        out.push_str(KEYS[next(8) as usize]);
-                        out.push_str("\": ");
-                        gen(next, depth + 1, out);
-                    }
-                    out.push('}');
-                }
-            }
-        }
         let mut fast = 0;
         for n in 0..3000 {
             let mut t = String::new();
-            gen(&mut next, 0, &mut t);
+            gen_json(&mut next, &style, 0, &mut t);
             let (out, took) = fast_way(&t);
             fast += usize::from(took);
             assert_eq!(out, serde_way(&t), "{t:?}");
@@ -1135,89 +1178,33 @@ mod tests {
     /// `DELTA_SEED` is set) is printed, to replay a failure.
     #[test]
     fn the_form_without_a_tree_is_serde_jsons_byte_for_byte() {
-        let mut seed = std::env::var("DELTA_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
+        let seed = crate::test_seed::seed_from_env("DELTA_SEED");
         eprintln!("DELTA_SEED={seed}");
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
+        let mut next = crate::test_seed::xorshift(seed);
+        let style = JsonStyle {
+            keys: &["", "a", "b", "ab", "B", "é", "\\u0041", "a\\\"", "$x", "aa"],
+            strs: &[
+                "",
+                "x",
+                "q\\\"",
+                "\\n\\t",
+                "☃",
+                "\\/",
+                "\\u00e9\\u001f",
+                "a b",
+                "\\ud83d\\ude00",
+            ],
+            // jsonb's numbers and exponents.
+            nums: &[&JSONB_NUMS[..6], &["1.5E-3", "-2e+10"], &JSONB_NUMS[6..]].concat(),
+            max_depth: 8,
+            kinds: 7,
+            comma: ",",
+            colon: ":",
+            ws: &["", " ", "\n\t", "  "],
         };
-        const KEYS: [&str; 10] = ["", "a", "b", "ab", "B", "é", "\\u0041", "a\\\"", "$x", "aa"];
-        const STRS: [&str; 9] = [
-            "",
-            "x",
-            "q\\\"",
-            "\\n\\t",
-            "☃",
-            "\\/",
-            "\\u00e9\\u001f",
-            "a b",
-            "\\ud83d\\ude00",
-        ];
-        const NUMS: [&str; 10] = [
-            "0",
-            "-0",
-            "12",
-            "1.50",
-            "-3.25",
-            "1e5",
-            "1.5E-3",
-            "-2e+10",
-            "99999999999999999999999",
-            "0.1",
-        ];
-        const WS: [&str; 4] = ["", " ", "\n\t", "  "];
-        fn gen(next: &mut impl FnMut(u64) -> u64, depth: u32, out: &mut String) {
-            out.push_str(WS[next(4) as usize]);
-            let pick = if depth > 8 { next(4) } else { next(7) };
-            match pick {
-                0 => out.push_str(["null", "true", "false"][next(3) as usize]),
-                1 => out.push_str(NUMS[next(10) as usize]),
-                2 | 3 => {
-                    out.push('"');
-                    out.push_str(STRS[next(9) as usize]);
-                    out.push('"');
-                }
-                4 => {
-                    out.push('[');
-                    for i in 0..next(4) {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        gen(next, depth + 1, out);
-                    }
-                    out.push(']');
-                }
-                _ => {
-                    out.push('{');
-                    for i in 0..next(5) {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        out.push_str(WS[next(4) as usize]);
-                        out.push('"');
-                        out.push_str(KEYS[next(10) as usize]);
-                        out.push_str("\":");
-                        gen(next, depth + 1, out);
-                    }
-                    out.push('}');
-                }
-            }
-            out.push_str(WS[next(4) as usize]);
-        }
         for _ in 0..5000 {
             let mut t = String::new();
-            gen(&mut next, 0, &mut t);
+            gen_json(&mut next, &style, 0, &mut t);
             let mut out = String::new();
             write_canonical(&mut out, &t, true).unwrap();
             assert_eq!(out, serde_way(&t), "{t:?}");

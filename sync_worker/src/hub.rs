@@ -935,10 +935,6 @@ fn remove_sub(st: &mut State, id: u64) {
 }
 
 #[cfg(test)]
-#[path = "../tests/common/seed.rs"]
-mod test_seed;
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1427,7 +1423,7 @@ mod tests {
     /// missing or extra sync id. Seed: PG_SYNC_HUB_SEED, else the clock; printed.
     #[test]
     fn cached_targets_deliver_exactly_what_membership_says_in_order() {
-        let seed = super::test_seed::seed_from_env("PG_SYNC_HUB_SEED");
+        let seed = crate::test_seed::seed_from_env("PG_SYNC_HUB_SEED");
         println!("hub fan-out model seed {seed} (PG_SYNC_HUB_SEED={seed} reruns it)");
         let mut rng = Rng(seed | 1);
         let users = ["u0", "u1", "u2", "u3", "u4"];

@@ -16,6 +16,12 @@ pub mod store;
 pub mod tls;
 pub mod tls_listener;
 
+/// The seed and generator of the seeded randomized unit tests (shared with the integration
+/// tests, whose `common` has the same file).
+#[cfg(test)]
+#[path = "../tests/common/seed.rs"]
+mod test_seed;
+
 /// The store's old name: `replication/` still says `crate::store::` (its split is under way in
 /// another branch); everything else says `store`.
 use std::sync::Arc;

@@ -149,6 +149,37 @@ fn app_cluster(name: &str) -> (Cluster, postgres_client::Client) {
     (cluster, db)
 }
 
+/// A fresh cluster in UTC with the `app` database set up and `sql` run in it.
+fn utc_app_cluster(name: &str, sql: &str) -> (Cluster, postgres_client::Client) {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(name, &["timezone = 'UTC'"]));
+    let mut db = setup(&cluster, "app");
+    exec(&mut db, sql);
+    (cluster, db)
+}
+
+/// `utc_app_cluster` with its worker started (the set-up connection closed first).
+async fn utc_app_worker(name: &str, sql: &str) -> (Cluster, Worker) {
+    let (cluster, db) = utc_app_cluster(name, sql);
+    tokio::task::block_in_place(|| drop(db));
+    let worker = Worker::started(&cluster, "app").await;
+    (cluster, worker)
+}
+
+/// The `end` line that closes a bootstrap body (its last line).
+fn bootstrap_end(body: &str) -> Value {
+    serde_json::from_str(body.lines().last().unwrap()).unwrap()
+}
+
+/// The bootstrap page that resumes from `end`'s cursor, up to 10 rows (the cursor carries the
+/// `limit` of the page it ended; this asks for the rest).
+async fn bootstrap_resumed(port: u16, end: &Value, auth: &[(&str, String)]) -> (u16, String) {
+    let path = format!(
+        "/sync/bootstrap?cursor={}&limit=10",
+        end["cursor"].as_str().unwrap()
+    );
+    http_get_with(port, &path, auth).await
+}
+
 fn setup(cluster: &Cluster, db: &str) -> postgres_client::Client {
     tokio::task::block_in_place(|| setup_blocking(cluster, db))
 }
@@ -1205,13 +1236,8 @@ async fn group_isolation_holds_under_random_memberships_and_writes() {
     let port = worker.port;
     let users = ["u0", "u1", "u2", "u3", "u4", "u5"];
     let groups = ["g0", "g1", "g2", "g3"];
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
-    };
+    let mut below = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut rnd = move |n: usize| below(n as u64) as usize;
     let mut member: std::collections::HashSet<(usize, usize)> = Default::default();
     for (u, user) in users.iter().enumerate() {
         for (g, group) in groups.iter().enumerate() {
@@ -2395,6 +2421,24 @@ fn add_rows(replica: &mut Replica, lines: &[Value]) -> usize {
     n
 }
 
+/// The rows of a bootstrap read page by page from `first`, each page resuming from the cursor
+/// of the one before until one says `hasMore: false`.
+async fn paged_replica(port: u16, first: &str, auth: &[(&str, String)]) -> Replica {
+    let mut paged = Replica::new();
+    let mut path = first.to_owned();
+    loop {
+        let (status, page) = ndjson(port, &path, auth).await;
+        assert_eq!(status, 200);
+        add_rows(&mut paged, &page);
+        let end = page.last().unwrap();
+        if end["hasMore"] == false {
+            break;
+        }
+        path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
+    }
+    paged
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_pages_and_resumes_by_cursor_under_writes() {
     let (cluster, mut db) = app_cluster("bootstrap_pages");
@@ -2780,11 +2824,8 @@ async fn retention_by_size_keeps_the_newest_actions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
-    let cluster =
-        tokio::task::block_in_place(|| Cluster::start("bootstrap_types", &["timezone = 'UTC'"]));
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (cluster, mut db) = utc_app_cluster(
+        "bootstrap_types",
         r#"CREATE TABLE kinds (id uuid PRIMARY KEY, i2 int2, i4 int4, i8 int8, b bool, t text,
              v varchar(20), n numeric, nn numeric, f4 float4, f8 float8, ts timestamptz, d date,
              j json, jb jsonb, arr int[], tags text[], by bytea, c char(5), nm name, iv interval,
@@ -2834,18 +2875,12 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
     let mut got = Replica::new();
     add_rows(&mut got, &whole);
     assert!(got == expected, "{got:#?}\n{expected:#?}");
-    let mut paged = Replica::new();
-    let mut path = "/sync/bootstrap?models=kinds,events,times&limit=1".to_owned();
-    loop {
-        let (status, page) = ndjson(port, &path, &auth).await;
-        assert_eq!(status, 200);
-        add_rows(&mut paged, &page);
-        let end = page.last().unwrap();
-        if end["hasMore"] == false {
-            break;
-        }
-        path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
-    }
+    let paged = paged_replica(
+        port,
+        "/sync/bootstrap?models=kinds,events,times&limit=1",
+        &auth,
+    )
+    .await;
     assert!(paged == expected, "{paged:#?}");
     tokio::task::block_in_place(|| drop(db));
 }
@@ -2856,11 +2891,8 @@ async fn bootstrap_rows_are_exactly_the_deltas_form_for_every_type() {
 /// i64::MIN) and whole, and in the deltas; `data` jsonb as the deltas carry it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_datetimes_and_integers_equal_to_jsonb_over_their_ranges() {
-    let cluster =
-        tokio::task::block_in_place(|| Cluster::start("bootstrap_ranges", &["timezone = 'UTC'"]));
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (cluster, mut db) = utc_app_cluster(
+        "bootstrap_ranges",
         r#"CREATE TABLE ranges (id int8 PRIMARY KEY, i2 int2, i4 int4, d date, ts timestamp,
              tz timestamptz, j jsonb, pad text);
            SELECT pg_sync.register_table('ranges');
@@ -2895,18 +2927,7 @@ async fn bootstrap_datetimes_and_integers_equal_to_jsonb_over_their_ranges() {
         assert_eq!(got.get(k), Some(v), "{k:?}");
     }
     assert!(got == expected);
-    let mut paged = Replica::new();
-    let mut path = "/sync/bootstrap?models=ranges&limit=700".to_owned();
-    loop {
-        let (status, page) = ndjson(port, &path, &auth).await;
-        assert_eq!(status, 200);
-        add_rows(&mut paged, &page);
-        let end = page.last().unwrap();
-        if end["hasMore"] == false {
-            break;
-        }
-        path = format!("/sync/bootstrap?cursor={}", end["cursor"].as_str().unwrap());
-    }
+    let paged = paged_replica(port, "/sync/bootstrap?models=ranges&limit=700", &auth).await;
     assert!(paged == expected);
     let mut ws = connect(port, "anyone").await;
     let frames = subscribe_settled(&mut ws, 0).await;
@@ -5077,13 +5098,8 @@ impl Folder {
 async fn random_interleavings_fold_every_subscriber_to_its_groups_rows() {
     let seed = seed_from_env("PG_SYNC_SEED");
     eprintln!("random interleavings: seed {seed} (rerun with PG_SYNC_SEED={seed})");
-    let mut state = seed;
-    let mut rnd = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut below = xorshift(seed);
+    let mut rnd = move |n: usize| below(n as u64) as usize;
     let (cluster, mut db) = app_cluster("random_interleavings");
     // The fixture's memberships predate the log: start from none.
     exec(&mut db, "DELETE FROM pg_sync.group_memberships");
@@ -5952,13 +5968,7 @@ async fn a_promoted_standby_resumes_every_subscriber_without_gaps_or_duplicates(
                     }
                 };
                 let mut c = connect();
-                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1);
-                let mut rnd = move |n: u64| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state % n
-                };
+                let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15u64 ^ (w + 1));
                 let base = (w as i64 + 1) * 1_000_000;
                 let mut next = base;
                 let mut committed = 0;
@@ -6398,11 +6408,8 @@ async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() 
 /// `PG_SYNC_WRITE_GOLDEN=1` rewrites the golden file (check the diff by hand).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_row_lines_are_pinned_byte_for_byte() {
-    let cluster =
-        tokio::task::block_in_place(|| Cluster::start("bootstrap_golden", &["timezone = 'UTC'"]));
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (cluster, db) = utc_app_cluster(
+        "bootstrap_golden",
         r#"CREATE TABLE kinds (id uuid PRIMARY KEY, i2 int2, i4 int4, i8 int8, b bool, t text,
              v varchar(20), n numeric, nn numeric, big numeric(60, 25), f4 float4, f8 float8,
              ts timestamptz, tsx timestamp, d date, j json, jb jsonb, arr int[], tags text[],
@@ -6533,20 +6540,15 @@ async fn non_utf8_text_of_a_sql_ascii_database_never_reaches_the_row_encoder() {
 /// JSON and the cursor after it had a null key: resuming lost the model's remaining rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_text_breaks_the_bootstrap_off_and_writes_no_line_that_is_not_json() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start("bootstrap_corrupt_text", &["timezone = 'UTC'"])
-    });
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (_cluster, worker) = utc_app_worker(
+        "bootstrap_corrupt_text",
         r"CREATE TABLE notes (id int PRIMARY KEY, body bytea);
           SELECT pg_sync.register_table('notes');
           INSERT INTO notes VALUES (1, '\x636166e9'), (2, 'two'), (3, 'three');
           UPDATE pg_attribute SET atttypid = 'text'::regtype
            WHERE attrelid = 'notes'::regclass AND attname = 'body';",
-    );
-    tokio::task::block_in_place(|| drop(db));
-    let worker = Worker::started(&cluster, "app").await;
+    )
+    .await;
     let auth = bearer("alice");
     let reply = raw_request(
         worker.port,
@@ -6589,12 +6591,8 @@ async fn corrupt_text_breaks_the_bootstrap_off_and_writes_no_line_that_is_not_js
 /// way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start("bootstrap_deep_jsonb", &["timezone = 'UTC'"])
-    });
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (_cluster, worker) = utc_app_worker(
+        "bootstrap_deep_jsonb",
         r"CREATE TABLE docs (id int PRIMARY KEY, doc jsonb);
           SELECT pg_sync.register_table('docs');
           INSERT INTO docs VALUES (1, (repeat('[', 200) || repeat(']', 200))::jsonb),
@@ -6603,22 +6601,16 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
           SELECT pg_sync.register_table('deep_keys');
           -- (jsonb orders arrays before objects: the deep key comes first.)
           INSERT INTO deep_keys VALUES ((repeat('[', 200) || repeat(']', 200))::jsonb), ('{}');",
-    );
-    tokio::task::block_in_place(|| drop(db));
-    let worker = Worker::started(&cluster, "app").await;
+    )
+    .await;
     let auth = bearer("alice");
     let (status, first) =
         http_get_with(worker.port, "/sync/bootstrap?models=docs&limit=1", &auth).await;
     assert_eq!(status, 200, "{first}");
     // (Only the `end` line is parsed here: the row line is too deep for serde_json, too.)
-    let end: Value = serde_json::from_str(first.lines().last().unwrap()).unwrap();
+    let end = bootstrap_end(&first);
     assert_eq!(end["hasMore"], true, "{end}");
-    // (The cursor carries `limit=1`; this page takes the rest.)
-    let path = format!(
-        "/sync/bootstrap?cursor={}&limit=10",
-        end["cursor"].as_str().unwrap()
-    );
-    let (status, second) = http_get_with(worker.port, &path, &auth).await;
+    let (status, second) = bootstrap_resumed(worker.port, &end, &auth).await;
     eprintln!("page 2: {second}");
     assert_eq!(status, 200);
     let ids: Vec<String> = second
@@ -6649,14 +6641,10 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
     )
     .await;
     assert_eq!(status, 200, "{keys}");
-    let last: Value = serde_json::from_str(keys.lines().last().unwrap()).unwrap();
+    let last = bootstrap_end(&keys);
     assert_eq!(last["type"], "end", "{last}");
     assert_eq!(last["hasMore"], true, "{last}");
-    let path = format!(
-        "/sync/bootstrap?cursor={}&limit=10",
-        last["cursor"].as_str().unwrap()
-    );
-    let (status, rest) = http_get_with(worker.port, &path, &auth).await;
+    let (status, rest) = bootstrap_resumed(worker.port, &last, &auth).await;
     assert_eq!(status, 200, "{rest}");
     let rows: Vec<Value> = rest
         .lines()
@@ -6674,24 +6662,19 @@ async fn a_deeply_nested_jsonb_row_does_not_lose_the_rows_after_its_cursor() {
 /// user who sees it (and every model after it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rev15a_f1_a_deep_key_on_a_checkpoint_row_does_not_end_the_bootstrap() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start("rev15a_f1_deep_checkpoint", &["timezone = 'UTC'"])
-    });
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (_cluster, worker) = utc_app_worker(
+        "rev15a_f1_deep_checkpoint",
         r"CREATE TABLE ck (k jsonb PRIMARY KEY);
           SELECT pg_sync.register_table('ck');
           -- (jsonb orders numbers before arrays: the deep key is the 1000th row.)
           INSERT INTO ck SELECT to_jsonb(i) FROM generate_series(1, 999) i;
           INSERT INTO ck VALUES ((repeat('[', 200) || repeat(']', 200))::jsonb);",
-    );
-    tokio::task::block_in_place(|| drop(db));
-    let worker = Worker::started(&cluster, "app").await;
+    )
+    .await;
     let (status, body) =
         http_get_with(worker.port, "/sync/bootstrap?models=ck", &bearer("alice")).await;
     assert_eq!(status, 200);
-    let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    let last = bootstrap_end(&body);
     assert_eq!(last["type"], "end", "{last}");
     assert_eq!(last["rows"], 1000, "{last}");
 }
@@ -6704,32 +6687,23 @@ async fn rev15a_f1_a_deep_key_on_a_checkpoint_row_does_not_end_the_bootstrap() {
 /// Number marker the cursor falls back before the row, and `limit=1` repeats it forever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rev15a_f2_a_marker_object_key_resumes_after_itself() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start("rev15a_f2_marker_key", &["timezone = 'UTC'"])
-    });
-    let mut db = setup(&cluster, "app");
-    exec(
-        &mut db,
+    let (_cluster, worker) = utc_app_worker(
+        "rev15a_f2_marker_key",
         r#"CREATE TABLE mk (k jsonb PRIMARY KEY);
           SELECT pg_sync.register_table('mk');
           -- (jsonb orders objects by their number of pairs first.)
           INSERT INTO mk VALUES
             ('{"$serde_json::private::RawValue": "{\"a\": 1, \"b\": 2, \"c\": 3}"}'),
             ('{"a": 1, "b": 2}');"#,
-    );
-    tokio::task::block_in_place(|| drop(db));
-    let worker = Worker::started(&cluster, "app").await;
+    )
+    .await;
     let auth = bearer("alice");
     let (status, first) =
         http_get_with(worker.port, "/sync/bootstrap?models=mk&limit=1", &auth).await;
     assert_eq!(status, 200, "{first}");
-    let end: Value = serde_json::from_str(first.lines().last().unwrap()).unwrap();
+    let end = bootstrap_end(&first);
     assert_eq!(end["hasMore"], true, "{end}");
-    let path = format!(
-        "/sync/bootstrap?cursor={}&limit=10",
-        end["cursor"].as_str().unwrap()
-    );
-    let (status, second) = http_get_with(worker.port, &path, &auth).await;
+    let (status, second) = bootstrap_resumed(worker.port, &end, &auth).await;
     assert_eq!(status, 200, "{second}");
     let rows = second
         .lines()

@@ -981,13 +981,12 @@ fn events(c: &mut Client, peer: &str) -> String {
     )
 }
 
-/// A link to this node itself (under another name), a peer answering with another node id
-/// than the pinned one, and a sender whose log epoch changed: each refused on both sides with
-/// the reason in peer_events, and the changed epoch stops the link as `invalidated`.
-#[test]
-fn self_links_pinned_ids_and_changed_epochs_are_refused() {
+/// Two nodes in one cluster, A (database `na`) and B (`nb`), each with a healthy worker (its
+/// own slot): A has a link `loop` to itself and one to B pinned to another node id than B's;
+/// B has a plain link to A. Both of A's links are refused once they hear the peer's node id.
+fn refusing_pair(name: &str) -> (Cluster, Client, Client, Worker, Worker) {
     // One cluster, two databases: each worker has its own slot.
-    let cluster = Cluster::start("fed_refuse", &[]);
+    let cluster = Cluster::start(name, &[]);
     let (mut a, mut b) = (
         region_db(&cluster, "na", "a"),
         region_db(&cluster, "nb", "b"),
@@ -1009,6 +1008,15 @@ fn self_links_pinned_ids_and_changed_epochs_are_refused() {
     let wb = Worker::start_with(&cluster, "nb", pb, &[("SYNC_SLOT", "pg_sync_b")]);
     healthy(&wa);
     healthy(&wb);
+    (cluster, a, b, wa, wb)
+}
+
+/// A link to this node itself (under another name), a peer answering with another node id
+/// than the pinned one, and a sender whose log epoch changed: each refused on both sides with
+/// the reason in peer_events, and the changed epoch stops the link as `invalidated`.
+#[test]
+fn self_links_pinned_ids_and_changed_epochs_are_refused() {
+    let (_cluster, mut a, mut b, wa, wb) = refusing_pair("fed_refuse");
     // The self-link: the dialer sees its own node id in the challenge and stops there.
     wait_for("the self-link refused", || {
         events(&mut a, "loop").contains("auth_failed:in:self_link")
@@ -1241,28 +1249,7 @@ fn changes_reach_the_peer_without_waiting_for_the_senders_poll() {
 /// gets), and no `auth_ok` (the secret was never tried). No test read these results before.
 #[test]
 fn test_peer_of_a_self_link_or_a_pinned_mismatch_reports_the_refusal() {
-    let cluster = Cluster::start("fed_probe_refused", &[]);
-    let (mut a, mut b) = (
-        region_db(&cluster, "na", "a"),
-        region_db(&cluster, "nb", "b"),
-    );
-    let (pa, pb) = (free_port(), free_port());
-    exec(
-        &mut a,
-        &format!(
-            "SELECT pg_sync.add_peer('loop', 'ws://127.0.0.1:{pa}', 'the-loop-secret-0123');
-             SELECT pg_sync.add_peer('b', 'ws://127.0.0.1:{pb}', '{PEER_SECRET}');
-             SELECT pg_sync.pin_peer('b', 'not-b');"
-        ),
-    );
-    exec(
-        &mut b,
-        &format!("SELECT pg_sync.add_peer('a', 'ws://127.0.0.1:{pa}', '{PEER_SECRET}')"),
-    );
-    let wa = Worker::start_with(&cluster, "na", pa, &[("SYNC_SLOT", "pg_sync_a")]);
-    let wb = Worker::start_with(&cluster, "nb", pb, &[("SYNC_SLOT", "pg_sync_b")]);
-    healthy(&wa);
-    healthy(&wb);
+    let (_cluster, mut a, _b, wa, wb) = refusing_pair("fed_probe_refused");
     for (peer, node_id, error) in [
         ("loop", "a", "self-link: the peer has this node's node id"),
         ("b", "b", "the peer's node id differs from the pinned one"),

@@ -1827,6 +1827,53 @@ async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
     );
 }
 
+/// The worker on `cluster`'s `app` with `env`, its connections set to a 300 ms `lock_timeout`.
+async fn worker_with_lock_timeout(cluster: &Cluster, env: &[(&str, &str)]) -> Worker {
+    let url = format!("{} options='-c lock_timeout=300ms'", cluster.url("app"));
+    let env = [&[("DATABASE_URL", url.as_str())][..], env].concat();
+    Worker::started_with(cluster, "app", &env).await
+}
+
+/// Holds `pg_sync.api_keys` locked as a VACUUM FULL or an ALTER TABLE does (ACCESS EXCLUSIVE)
+/// for `secs` seconds, on a thread of its own; joining it waits for the lock's end.
+fn lock_api_keys(cluster: &Cluster, secs: u32) -> std::thread::JoinHandle<()> {
+    let url = cluster.url("app");
+    std::thread::spawn(move || {
+        let mut c =
+            pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({secs}); COMMIT"
+        ))
+        .unwrap();
+    })
+}
+
+/// The first `mutate_result` or `error` frame `ws` gets within `wait`; a close frame as the
+/// string `close ...`, and `null` if neither came.
+async fn mutate_answer(ws: &mut Ws, wait: Duration) -> Value {
+    let mut got = Value::Null;
+    let _ = tokio::time::timeout(wait, async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if v["type"] == "error" || v["type"] == "mutate_result" {
+                        got = v;
+                        return;
+                    }
+                }
+                Message::Close(f) => {
+                    got = json!(format!("close {f:?}"));
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    got
+}
+
 /// rev14b F5. A WebSocket `mutate` checks its key in the database first, but only a definite
 /// "gone" refuses (`k.valid(&app).await == Ok(false)`): when the check itself fails, the write
 /// goes ahead (HTTP /sync/mutate answers 503 in that case). Here the check fails because
@@ -1838,16 +1885,8 @@ async fn a_silently_dead_replication_link_stops_answering_keys_from_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
     let cluster = app_cluster("rev14b_ws_check_err");
-    let url = format!("{} options='-c lock_timeout=300ms'", cluster.url("app"));
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("DATABASE_URL", &url),
-            ("SYNC_FAILPOINTS", "stall_after_persist"),
-        ],
-    )
-    .await;
+    let worker =
+        worker_with_lock_timeout(&cluster, &[("SYNC_FAILPOINTS", "stall_after_persist")]).await;
     let port = worker.port;
     let (id, key) = api_key(&cluster, "alice");
     let mut ws = try_connect(port, &key, None).await.expect("ws connects");
@@ -1857,20 +1896,7 @@ async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
             "BEGIN; SELECT pg_sync.revoke_api_key('{id}'); INSERT INTO todos VALUES (2, 'two', 'p1'); COMMIT"
         ),
     );
-    let locker = {
-        let cluster_url = cluster.url("app");
-        std::thread::spawn(move || {
-            let mut c = pg_sync_tests::postgres::Client::connect(
-                &cluster_url,
-                pg_sync_tests::postgres::NoTls,
-            )
-            .unwrap();
-            c.batch_execute(
-                "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2); COMMIT",
-            )
-            .unwrap();
-        })
-    };
+    let locker = lock_api_keys(&cluster, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     send(
         &mut ws,
@@ -1879,25 +1905,7 @@ async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
         .to_string(),
     )
     .await;
-    let mut got = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(m)) = ws.next().await {
-            match m {
-                Message::Text(t)
-                    if t.as_str().contains("mutate_result") || t.as_str().contains("\"error\"") =>
-                {
-                    got = t.as_str().to_owned();
-                    return;
-                }
-                Message::Close(f) => {
-                    got = format!("close {f:?}");
-                    return;
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let got = mutate_answer(&mut ws, Duration::from_secs(5)).await;
     locker.join().unwrap();
     assert_eq!(
         sql(&cluster, "SELECT count(*) FROM todos WHERE id = 3"),
@@ -1917,26 +1925,12 @@ async fn a_ws_mutate_whose_key_check_fails_does_not_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_key_cannot_be_checked_is_told_to_retry() {
     let cluster = app_cluster("rev15c_key_unchecked");
-    let url = format!("{} options='-c lock_timeout=300ms'", cluster.url("app"));
-    let worker = Worker::started_with(&cluster, "app", &[("DATABASE_URL", &url)]).await;
+    let worker = worker_with_lock_timeout(&cluster, &[]).await;
     let port = worker.port;
     let (_, key) = api_key(&cluster, "alice");
     until_cached(port, &key).await;
     let mut ws = try_connect(port, &key, None).await.expect("ws connects");
-    let locker = {
-        let cluster_url = cluster.url("app");
-        std::thread::spawn(move || {
-            let mut c = pg_sync_tests::postgres::Client::connect(
-                &cluster_url,
-                pg_sync_tests::postgres::NoTls,
-            )
-            .unwrap();
-            c.batch_execute(
-                "BEGIN; LOCK TABLE pg_sync.api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT",
-            )
-            .unwrap();
-        })
-    };
+    let locker = lock_api_keys(&cluster, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let write = |n: u32| {
         json!({"clientId": "k", "transactions": [{"clientTxId": format!("00000000-0000-4000-8000-00000000000{n}"),
@@ -1964,26 +1958,7 @@ async fn a_write_whose_key_cannot_be_checked_is_told_to_retry() {
     let mut request = write(5);
     request["type"] = "mutate".into();
     send(&mut ws, request.to_string()).await;
-    let mut got = Value::Null;
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        while let Some(Ok(m)) = ws.next().await {
-            match m {
-                Message::Text(t) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                    if v["type"] == "error" || v["type"] == "mutate_result" {
-                        got = v;
-                        return;
-                    }
-                }
-                Message::Close(f) => {
-                    got = json!(format!("close {f:?}"));
-                    return;
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let got = mutate_answer(&mut ws, Duration::from_secs(3)).await;
     assert_eq!(
         (&got["type"], &got["code"], &got["message"]),
         (

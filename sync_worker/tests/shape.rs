@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use pg_sync_lww::JS_SAFE_LIMIT;
 use pg_sync_tests::Cluster;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -1886,16 +1887,33 @@ fn visible(t: i64, (xmin, xmax, xip): &(i64, i64, Vec<i64>)) -> bool {
     t < *xmin || (t < *xmax && !xip.contains(&t))
 }
 
-/// alice's `/sync/mutate` of one todo insert; returns its answer's `txid`.
-async fn mutate_todo(port: u16, id: i64, tx: &str) -> i64 {
+/// alice's `/sync/mutate` of one todo insert (200); returns its transaction's result.
+async fn mutate_todo_result(port: u16, id: i64, tx: &str) -> Value {
     let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": tx,
         "ops": [{"model": "todos", "action": "I", "id": id, "data": {"title": "m", "project": "p1"}}]}]});
     let (status, text) = http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
     assert_eq!(status, 200, "{text}");
     let res: Value = serde_json::from_str(&text).unwrap();
-    res["results"][0]["txid"]
+    res["results"][0].clone()
+}
+
+/// `mutate_todo_result`'s `txid`, which must be a number.
+async fn mutate_todo(port: u16, id: i64, tx: &str) -> i64 {
+    let result = mutate_todo_result(port, id, tx).await;
+    result["txid"]
         .as_i64()
-        .unwrap_or_else(|| panic!("a numeric txid: {text}"))
+        .unwrap_or_else(|| panic!("a numeric txid: {result}"))
+}
+
+/// The xid8 the log stored for client transaction `tx`.
+async fn logged_xid(c: &tokio_postgres::Client, tx: &str) -> i64 {
+    c.query_one(
+        "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions WHERE client_tx_id = $1::text::uuid",
+        &[&tx],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// On a cluster in xid epoch 2, `/sync/mutate`'s `txid`, a change's `txids` and `snapshot-end`
@@ -1930,15 +1948,7 @@ async fn shape_txids_and_snapshot_end_are_full_xid8_values() {
     let port = worker.port;
     let epoch2 = 2i64 << 32;
     let before = mutate_todo(port, 30, "00000000-0000-4000-8000-000000000030").await;
-    let stored: i64 = c
-        .query_one(
-            "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions
-              WHERE client_tx_id = '00000000-0000-4000-8000-000000000030'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stored = logged_xid(&c, "00000000-0000-4000-8000-000000000030").await;
     assert_eq!(before, stored, "mutate's txid is the log's xid8");
     assert!(before > epoch2, "{before} carries the epoch");
     let r = get(port, "/v1/shape?table=todos&offset=-1", "alice").await;
@@ -1959,12 +1969,9 @@ async fn shape_txids_and_snapshot_end_are_full_xid8_values() {
     assert_eq!(ch[0]["value"]["id"], "31");
     assert_eq!(ch[0]["headers"]["txids"], serde_json::json!([after]));
     // A replay answers the stored txid, the same full value.
-    let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": "00000000-0000-4000-8000-000000000031",
-        "ops": [{"model": "todos", "action": "I", "id": 31, "data": {"title": "m", "project": "p1"}}]}]});
-    let (_, text) = http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
-    let res: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(res["results"][0]["status"], "duplicate", "{text}");
-    assert_eq!(res["results"][0]["txid"], after, "{text}");
+    let replay = mutate_todo_result(port, 31, "00000000-0000-4000-8000-000000000031").await;
+    assert_eq!(replay["status"], "duplicate", "{replay}");
+    assert_eq!(replay["txid"], after, "{replay}");
 }
 
 /// The lineage rule, through a real failover: a worker on the primary records the lineage (its
@@ -2320,30 +2327,19 @@ async fn a_clock_step_forward_does_not_end_the_lineage_grace_early() {
 /// out. (shape_txids_and_snapshot_end_are_full_xid8_values covers epoch 2 only.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txids_on_both_sides_of_the_js_safe_limit() {
-    for (epoch, kept) in [((1u32 << 21) - 1, true), (1u32 << 21, false)] {
+    // The epoch whose first xid8 is the limit (an xid8 is the epoch, then the 32-bit xid).
+    let limit_epoch = (JS_SAFE_LIMIT >> 32) as u32;
+    for (epoch, kept) in [(limit_epoch - 1, true), (limit_epoch, false)] {
         let (cluster, c) = app_cluster_at_epoch(&format!("shape_js_limit_{kept}"), epoch).await;
         let worker = Worker::started(&cluster, "app").await;
         let port = worker.port;
-        let mutate = |id: i64, tx: &'static str| async move {
-            let body = serde_json::json!({"clientId": "tab", "transactions": [{"clientTxId": tx,
-                "ops": [{"model": "todos", "action": "I", "id": id, "data": {"title": "m", "project": "p1"}}]}]});
-            let (status, text) =
-                http_post(port, "/sync/mutate", &bearer("alice"), &body.to_string()).await;
-            assert_eq!(status, 200, "{text}");
-            let res: Value = serde_json::from_str(&text).unwrap();
-            res["results"][0].clone()
-        };
-        let first = mutate(40, "00000000-0000-4000-8000-000000000040").await;
-        let stored: i64 = c
-            .query_one(
-                "SELECT DISTINCT xid::text::bigint FROM pg_sync.sync_actions
-                  WHERE client_tx_id = '00000000-0000-4000-8000-000000000040'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(stored >= 1i64 << 53, !kept, "epoch {epoch}: xid8 {stored}");
+        let first = mutate_todo_result(port, 40, "00000000-0000-4000-8000-000000000040").await;
+        let stored = logged_xid(&c, "00000000-0000-4000-8000-000000000040").await;
+        assert_eq!(
+            stored >= JS_SAFE_LIMIT,
+            !kept,
+            "epoch {epoch}: xid8 {stored}"
+        );
         assert_eq!(
             first["txid"].as_i64(),
             kept.then_some(stored),
@@ -2359,7 +2355,7 @@ async fn txids_on_both_sides_of_the_js_safe_limit() {
         );
         let handle = r.header("electric-handle").unwrap().to_owned();
         let offset = r.header("electric-offset").unwrap().to_owned();
-        let second = mutate(41, "00000000-0000-4000-8000-000000000041").await;
+        let second = mutate_todo_result(port, 41, "00000000-0000-4000-8000-000000000041").await;
         let r = next_changes(port, "todos", "alice", &handle, &offset).await;
         let msgs = body(&r);
         let ch = changes(&msgs);

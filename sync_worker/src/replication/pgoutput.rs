@@ -423,13 +423,7 @@ mod tests {
     /// changes the columns mid-stream (a row decoded before keeps the names it had).
     #[test]
     fn rows_answer_as_the_old_map_did() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_seed::xorshift(0x9e37_79b9_7f4a_7c15);
         const VALUES: [&str; 5] = ["", "x", "é😀", "{\"a\": 1}", "\u{1}\"\\"];
         let mut d = Decoder::default();
         // The row as decoded, the old map of it, the relation's columns then.

@@ -6,7 +6,7 @@ mod seed;
 
 use pg_sync_tests::Cluster;
 #[allow(unused_imports)] // not every test binary runs a seeded test
-pub use seed::seed_from_env;
+pub use seed::{seed_from_env, xorshift};
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
