@@ -87,8 +87,9 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         // a leader without the slot hands the lock over once another worker has streamed it for
         // LEAD_WITHOUT_SLOT. With no other worker streaming (one worker whose replication
         // reconnects, perhaps while its own walsender of the dropped connection lingers, or
-        // whose slot cannot be streamed) this one leads as before: receiving needs no slot, and
-        // its senders fall back to polling.
+        // whose slot cannot be streamed, or whose predecessor's walsender lingers: a walsender
+        // counts only while its worker replies) this one leads as before: receiving needs no
+        // slot, and its senders fall back to polling.
         let status = &app.status;
         let holds_slot = status.slot_held.load(std::sync::atomic::Ordering::Acquire);
         if started.is_none() {
