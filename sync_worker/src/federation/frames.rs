@@ -1,9 +1,13 @@
 //! The federation link's frames: JSON text frames tagged by `type`, in the order a link uses
 //! them (challenge, auth, welcome, then either join/snapshot pages or straight to subscribe,
 //! then batch/ack), plus `error`. See
-//! docs/federation.md, "The link protocol".
+//! docs/federation.md, "The link protocol". Row data (a batch's `changes`, a snapshot page's
+//! `rows`) is carried as the JSON text it came in (`Raw`), never made a tree of: jsonb nests far
+//! deeper than serde_json's recursion limit (128), and a link must carry any row Postgres holds.
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// The link protocol version carried in `challenge`.
 pub const PROTO: u32 = 1;
@@ -36,13 +40,15 @@ pub enum Frame {
     /// R → S: stream the log after `after`, at most `window` batches unacknowledged.
     Subscribe { after: i64, window: u32 },
     /// S → R: the sync ids `from+1 ..= to` of S's log (whole source transactions), filtered
-    /// for R (`changes` may be empty: the range still moves R's cursor).
+    /// for R (`changes`, a JSON array, may be empty: the range still moves R's cursor).
+    /// Parsed by `Frame::parse` (`BatchFrame`), not by the derived deserializer.
+    #[serde(skip_deserializing)]
     Batch {
         from: i64,
         to: i64,
         epoch: String,
         last_sync_id: i64,
-        changes: serde_json::Value,
+        changes: Raw,
     },
     /// R → S: everything up to `to` is applied and committed.
     Ack { to: i64 },
@@ -64,9 +70,65 @@ pub enum Frame {
         after_model_id: String,
         limit: u32,
     },
-    /// S → R: rows of `pg_sync.peer_snapshot` (each `model`, `model_id`, `changes`); `done` when
-    /// fewer than the limit came (the state is complete). Then R subscribes after W.
-    SnapshotPage { rows: serde_json::Value, done: bool },
+    /// S → R: rows of `pg_sync.peer_snapshot` (each `model`, `model_id`, `changes`), a JSON
+    /// array; `done` when fewer than the limit came (the state is complete). Then R subscribes
+    /// after W. Parsed by `Frame::parse` (`SnapshotPageFrame`).
+    #[serde(skip_deserializing)]
+    SnapshotPage { rows: Raw, done: bool },
+}
+
+/// JSON text carried as it is: checked to be one JSON value (without recursion, so at any
+/// depth), never parsed into a tree.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(transparent)]
+pub struct Raw(Box<RawValue>);
+
+impl Raw {
+    /// `text` if it is one JSON value.
+    pub fn new(text: String) -> Result<Raw, serde_json::Error> {
+        RawValue::from_string(text).map(Raw)
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Raw {
+    fn eq(&self, other: &Raw) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// A frame's tag, read first (its other fields skipped without recursion).
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
+/// A `batch` frame as sent: row data raw. (The derived deserializer of an internally tagged
+/// enum buffers every field as a tree first, which both caps the depth and refuses `RawValue`.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchFrame {
+    #[serde(rename = "type")]
+    _type: IgnoredAny,
+    from: i64,
+    to: i64,
+    epoch: String,
+    last_sync_id: i64,
+    changes: Raw,
+}
+
+/// A `snapshot_page` frame as sent (see `BatchFrame`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotPageFrame {
+    #[serde(rename = "type")]
+    _type: IgnoredAny,
+    rows: Raw,
+    done: bool,
 }
 
 impl Frame {
@@ -74,8 +136,30 @@ impl Frame {
         serde_json::to_string(self).expect("frames serialize")
     }
 
+    /// A frame from its text. The frames that carry row data are read with their rows raw, at
+    /// any depth; the others (small, shallow) as the derived deserializer reads them.
     pub fn parse(text: &str) -> Result<Frame, serde_json::Error> {
-        serde_json::from_str(text)
+        let tag: Tag = serde_json::from_str(text)?;
+        Ok(match &*tag.kind {
+            "batch" => {
+                let f: BatchFrame = serde_json::from_str(text)?;
+                Frame::Batch {
+                    from: f.from,
+                    to: f.to,
+                    epoch: f.epoch,
+                    last_sync_id: f.last_sync_id,
+                    changes: f.changes,
+                }
+            }
+            "snapshot_page" => {
+                let f: SnapshotPageFrame = serde_json::from_str(text)?;
+                Frame::SnapshotPage {
+                    rows: f.rows,
+                    done: f.done,
+                }
+            }
+            _ => serde_json::from_str(text)?,
+        })
     }
 }
 
@@ -146,7 +230,7 @@ mod tests {
                 to: 5,
                 epoch: "1.1.x".into(),
                 last_sync_id: 9,
-                changes: json!([{"sync_id": 4}]),
+                changes: Raw::new(r#"[{"sync_id":4}]"#.into()).unwrap(),
             },
             Frame::Ack { to: 5 },
             Frame::Error {
@@ -166,7 +250,7 @@ mod tests {
                 limit: 10,
             },
             Frame::SnapshotPage {
-                rows: json!([]),
+                rows: Raw::new("[]".into()).unwrap(),
                 done: true,
             },
         ];
@@ -192,11 +276,35 @@ mod tests {
                 changes,
             } => {
                 assert_eq!((from, to, epoch.as_str(), last_sync_id), (1, 4, "e\"1", 9));
-                // Numbers keep their text (arbitrary_precision): the receiver applies them as sent.
-                assert_eq!(changes.to_string(), r#"[{"data":{"a":1.50},"sync_id":2}]"#);
+                // The text as sent (numbers too): the receiver applies it as it came.
+                assert_eq!(changes.get(), r#"[{"sync_id":2,"data":{"a":1.50}}]"#);
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// jsonb nests far deeper than serde_json makes trees of (128 levels): a batch or snapshot
+    /// page carrying such a row parses all the same, its rows as sent.
+    #[test]
+    fn row_data_parses_at_any_depth() {
+        for depth in [127, 128, 129, 300, 20_000] {
+            let doc = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let changes = format!(r#"[{{"sync_id":2,"data":{{"doc":{doc}}}}}]"#);
+            match Frame::parse(&batch_text(1, 2, "e", 2, &changes)) {
+                Ok(Frame::Batch { changes: c, .. }) => assert_eq!(c.get(), changes, "{depth}"),
+                other => panic!("depth {depth}: {other:?}"),
+            }
+            let page = format!(r#"{{"type":"snapshot_page","rows":{changes},"done":false}}"#);
+            match Frame::parse(&page) {
+                Ok(Frame::SnapshotPage { rows, done }) => {
+                    assert_eq!((rows.get(), done), (changes.as_str(), false), "{depth}")
+                }
+                other => panic!("depth {depth}: {other:?}"),
+            }
+        }
+        // Still one JSON value, and nothing else.
+        assert!(Frame::parse(&batch_text(1, 2, "e", 2, "[[]")).is_err());
+        assert!(Raw::new("[] []".into()).is_err());
     }
 
     #[test]
@@ -204,6 +312,11 @@ mod tests {
         assert!(Frame::parse(r#"{"type":"nope"}"#).is_err());
         assert!(Frame::parse(r#"{"type":"ack","to":1,"extra":2}"#).is_err());
         assert!(Frame::parse(r#"{"type":"ack"}"#).is_err());
+        let batch = r#"{"type":"batch","from":1,"to":2,"epoch":"e","last_sync_id":2,"changes":[]"#;
+        assert!(Frame::parse(&format!("{batch}}}")).is_ok());
+        assert!(Frame::parse(&format!(r#"{batch},"extra":1}}"#)).is_err());
+        assert!(Frame::parse(r#"{"type":"batch","from":1,"changes":[]}"#).is_err());
+        assert!(Frame::parse(r#"{"type":"snapshot_page","rows":[],"done":true,"x":0}"#).is_err());
         assert!(Frame::parse("not json").is_err());
     }
 }

@@ -33,6 +33,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a leader without the replication slot lets another worker stream it before it hands
 /// the federation lock over to that worker.
 const LEAD_WITHOUT_SLOT: Duration = Duration::from_secs(5);
+/// A walsender of another worker counts as streaming the slot while that worker replied this
+/// recently (a live worker replies every 200 ms streaming, every second idle): one left by a
+/// worker that is gone (its connection dropped unseen) stops counting this long after.
+const STREAMING_REPLIED_WITHIN: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -62,7 +66,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut standing_by = false;
     // Since when this worker, leading, has seen another worker stream the replication slot.
     let mut slot_gone_since: Option<Instant> = None;
+    // When this worker started federation, by the server's clock (`slot_streamed_elsewhere`).
+    let mut started: Option<String> = None;
     let url = app.cfg.database_url.clone();
+    let lock_name = lock_session_name(app.status.replication_name.as_str());
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut retried = Instant::now();
     loop {
@@ -80,12 +87,27 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         // a leader without the slot hands the lock over once another worker has streamed it for
         // LEAD_WITHOUT_SLOT. With no other worker streaming (one worker whose replication
         // reconnects, perhaps while its own walsender of the dropped connection lingers, or
-        // whose slot cannot be streamed) this one leads as before: receiving needs no slot, and
-        // its senders fall back to polling.
+        // whose slot cannot be streamed, or whose predecessor's walsender lingers: a walsender
+        // counts only while its worker replies) this one leads as before: receiving needs no
+        // slot, and its senders fall back to polling.
         let status = &app.status;
         let holds_slot = status.slot_held.load(std::sync::atomic::Ordering::Acquire);
-        let streamed_elsewhere = !holds_slot
-            && slot_streamed_elsewhere(c, &app.cfg.slot, status.replication_name.as_str()).await;
+        if started.is_none() {
+            started = c
+                .query_one("SELECT now()::text", &[])
+                .await
+                .ok()
+                .map(|r| r.get(0));
+        }
+        let Some(since) = started.as_deref() else {
+            continue;
+        };
+        let elsewhere = if holds_slot {
+            Elsewhere::No
+        } else {
+            slot_streamed_elsewhere(c, &app.cfg.slot, status.replication_name.as_str(), since).await
+        };
+        let streamed_elsewhere = elsewhere == Elsewhere::Streams;
         if lock.is_some() && streamed_elsewhere {
             let since = *slot_gone_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= LEAD_WITHOUT_SLOT {
@@ -109,8 +131,13 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 stand_by(c, &mut standing_by, Standby::SlotStreamed).await;
                 continue;
             }
+            if elsewhere == Elsewhere::Unheard {
+                // Either another worker's (it replies within a second) or a gone one's (it
+                // goes stale): known within STREAMING_REPLIED_WITHIN of this worker's start.
+                continue;
+            }
             if asking.as_ref().is_none_or(|a| a.is_closed()) {
-                asking = store::connect(&url).await.ok();
+                asking = store::connect_holding(&url, &lock_name).await.ok();
             }
             if let Some(l) = asking.take() {
                 match l
@@ -130,7 +157,11 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                         super::set_leading(&url, true);
                     }
                     Ok(false) => {
-                        stand_by(c, &mut standing_by, Standby::LockTaken).await;
+                        // Our own earlier lock session (its connection dropped, the server
+                        // unaware) is no other worker: ended, and asked again next tick.
+                        if !end_own_lock_session(&l, &lock_name).await {
+                            stand_by(c, &mut standing_by, Standby::LockTaken).await;
+                        }
                         asking = Some(l);
                     }
                     Err(e) => {
@@ -216,21 +247,85 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     super::set_leading(&url, false);
 }
 
+/// Whether another worker's walsender streams the slot (see `slot_streamed_elsewhere`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Elsewhere {
+    No,
+    /// A walsender whose worker replied lately, but not since this worker started: another
+    /// worker's (it replies again within a second) or a gone one's (it never does). Neither
+    /// counted nor ignored until that is known.
+    Unheard,
+    Streams,
+}
+
 /// Whether another worker's walsender streams the slot now: a walsender whose
-/// `application_name` is not this worker's (`ours`, `sequencer::ReplicationName`). This
-/// worker's own, of a session whose connection dropped, may hold the slot until the next
-/// session ends it; its slot creation or SQL peek makes the slot active from a client backend,
-/// not a walsender.
-async fn slot_streamed_elsewhere(c: &Client, slot: &str, ours: &str) -> bool {
-    c.query_one(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
-                          JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid
-                         WHERE s.slot_name = $1 AND a.backend_type = 'walsender'
-                           AND a.application_name IS DISTINCT FROM $2)",
-        &[&slot, &ours],
-    )
-    .await
-    .is_ok_and(|r| r.get::<_, bool>(0))
+/// `application_name` is not this worker's (`ours`, `sequencer::ReplicationName`) and whose
+/// worker has replied since this worker started (`since`, the server's clock then) and within
+/// `STREAMING_REPLIED_WITHIN` (`backend_start` before its first reply). This worker's own, of a
+/// session whose connection dropped, may hold the slot until the next session ends it; so may
+/// one of a worker gone the same way (this worker's predecessor, restarted with a new id),
+/// which replies no more; its slot creation or SQL peek makes the slot active from a client
+/// backend, not a walsender. A role that may not see walsenders' details (neither
+/// `pg_read_all_stats` nor superuser: `state` reads NULL) counts every other walsender.
+async fn slot_streamed_elsewhere(c: &Client, slot: &str, ours: &str, since: &str) -> Elsewhere {
+    let seen = c
+        .query_one(
+            "SELECT coalesce(max(CASE WHEN r.state IS NULL
+                                        OR coalesce(r.reply_time, r.backend_start) >= $4::text::timestamptz
+                                      THEN 2 ELSE 1 END), 0)
+               FROM pg_catalog.pg_replication_slots s
+               JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND r.application_name IS DISTINCT FROM $2
+                AND (r.state IS NULL
+                     OR pg_catalog.clock_timestamp() - coalesce(r.reply_time, r.backend_start)
+                        < $3::float8 * interval '1 second')",
+            &[&slot, &ours, &STREAMING_REPLIED_WITHIN.as_secs_f64(), &since],
+        )
+        .await
+        .map(|r| r.get::<_, i32>(0));
+    match seen {
+        Ok(2) => Elsewhere::Streams,
+        Ok(1) => Elsewhere::Unheard,
+        _ => Elsewhere::No,
+    }
+}
+
+/// The `application_name` of this worker's federation lock session: its replication
+/// connections' (`pg_sync_worker` and the worker's id) and ` federation`.
+fn lock_session_name(replication_name: &str) -> String {
+    format!("{replication_name} federation")
+}
+
+/// When the federation lock is held by a session of this worker's own (`name`) other than
+/// `asking`: one whose connection dropped without the server noticing (it would hold the lock
+/// until TCP keepalive ends it), ends it. True when one was signalled. The worker's own
+/// sessions run as its role, so no privilege beyond that is needed.
+async fn end_own_lock_session(asking: &Client, name: &str) -> bool {
+    let ended = asking
+        .query_one(
+            // pg_sync's lock (pg_sync/src/leader.rs): classid 0x70675f73, objid 0x796e6366.
+            "SELECT coalesce(bool_or(pg_catalog.pg_terminate_backend(a.pid)), false)
+               FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'userlock' AND l.granted
+                AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                   WHERE datname = pg_catalog.current_database())
+                AND l.classid = '1885822835'::oid AND l.objid = '2037277542'::oid
+                AND a.application_name = $1 AND a.pid <> pg_catalog.pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .map(|r| r.get::<_, bool>(0));
+    match ended {
+        Ok(true) => {
+            tracing::warn!("federation: the federation lock is held by this worker's own earlier session (its connection dropped); ending it");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "federation: cannot end this worker's own earlier lock session");
+            false
+        }
+    }
 }
 
 /// Why this worker stands by.
@@ -805,13 +900,12 @@ async fn session(
                 changes,
             }) => {
                 // First-hop changes (minted by the peer itself) measure write-to-apply delay.
-                let minted: Vec<f64> = changes
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| metrics::minted_ms(c["version"].as_str()?, &s))
+                let minted: Vec<f64> = versions(changes.get())
+                    .iter()
+                    .filter_map(|v| metrics::minted_ms(v.as_deref()?, &s))
                     .collect();
-                let changes = changes.to_string();
+                // Applied as the text that came: rows may nest deeper than serde_json parses.
+                let changes = changes.get();
                 crate::failpoint::crash("fed_crash_before_apply");
                 let started = Instant::now();
                 let res = db
@@ -962,8 +1056,18 @@ async fn session(
     }
 }
 
-/// The sender's log identity changed (restored, replaced): its sync ids may repeat, so the
-/// link stops (`invalidated`) until the peer is re-added or re-bootstrapped.
+/// The `version` of each change in a batch's `changes` (None where it has none), read
+/// without making a tree of the rows (their other fields are skipped at any depth).
+fn versions(changes: &str) -> Vec<Option<String>> {
+    #[derive(serde::Deserialize)]
+    struct Change {
+        version: Option<String>,
+    }
+    serde_json::from_str::<Vec<Change>>(changes)
+        .map(|cs| cs.into_iter().map(|c| c.version).collect())
+        .unwrap_or_default()
+}
+
 /// Rows per snapshot page a receiver asks for.
 const SNAPSHOT_PAGE: u32 = 1000;
 
@@ -1031,7 +1135,7 @@ async fn join(
             Ok(Frame::SnapshotPage { rows, done }) => (rows, done),
             other => return Err(format!("expected snapshot_page: {other:?}")),
         };
-        let rows = rows.to_string();
+        let rows = rows.get();
         let started = Instant::now();
         let res = db
             .query_one(
@@ -1063,6 +1167,8 @@ async fn join(
     Ok(w)
 }
 
+/// The sender's log identity changed (restored, replaced): its sync ids may repeat, so the
+/// link stops (`invalidated`) until the peer is re-added or re-bootstrapped.
 async fn invalidated(
     db: &Client,
     ws: &mut Ws,

@@ -8,8 +8,8 @@ pub mod pool;
 
 pub use log::{changes, horizon, last_sync_id, page_span};
 pub use pool::{
-    connect, db_text, mutate_statement, mutate_with_key_statement, Conn, ConnectError, Db,
-    PoolError, PoolLimits, Target, CONNECT_TIMEOUT,
+    connect, connect_holding, db_text, mutate_statement, mutate_with_key_statement, Conn,
+    ConnectError, Db, PoolError, PoolLimits, Target, CONNECT_TIMEOUT,
 };
 
 /// `ident` as a quoted SQL identifier.

@@ -1,6 +1,7 @@
 //! The store's connections, every one the worker opens: `connect` opens one control connection
 //! as the database URL says (TLS per `sslmode`, verified under `verify-ca`/`verify-full`; a
-//! connect timeout), and `Db`
+//! connect timeout), `connect_holding` one for a session whose life holds a lock (named, with
+//! TCP keepalives), and `Db`
 //! is the API's pool (deadpool-postgres) for short reads and mutations: auth, group loads,
 //! replay pages, `/sync/mutate`. Each checkout is exclusive, so a long mutate batch or a slow
 //! query holds one connection and never delays the queries of other users queued behind it
@@ -78,6 +79,37 @@ async fn log_end(conn: impl std::future::Future<Output = Result<(), tokio_postgr
 /// A control connection (see `Target`).
 pub async fn connect(url: &str) -> Result<Client, ConnectError> {
     Target::parse(url)?.connect().await
+}
+
+/// TCP keepalives of a `connect_holding` session: idle this long, then a probe this often,
+/// dead after this many unanswered.
+const HOLDING_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(30), Duration::from_secs(10), 3);
+
+/// A control connection for a session whose life holds something (the federation lock): it
+/// carries `application_name` (so the worker can tell its own sessions), and TCP keepalives on
+/// both ends (`HOLDING_KEEPALIVE`), so when the network between them fails unseen, each end
+/// finds the session dead within about a minute rather than the system's two hours. (Not on
+/// a Unix socket, where the server ignores the settings: that connection cannot fail unseen.)
+pub async fn connect_holding(url: &str, application_name: &str) -> Result<Client, ConnectError> {
+    let (idle, interval, count) = HOLDING_KEEPALIVE;
+    let mut target = Target::parse(url)?;
+    target
+        .config
+        .application_name(application_name)
+        .keepalives(true)
+        .keepalives_idle(idle)
+        .keepalives_interval(interval)
+        .keepalives_retries(count);
+    let client = target.connect().await?;
+    client
+        .batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {count}",
+            idle.as_secs(),
+            interval.as_secs()
+        ))
+        .await?;
+    Ok(client)
 }
 
 /// A database error as operators need it: `SQLSTATE: message (hint: ...)`. tokio_postgres's
