@@ -69,16 +69,26 @@ for r in $(seq 1 "$rounds"); do
     p0=$(pg_settled)
     run_worker "$w"
     t0=$(cpu_ticks "$wpid")
-    # REPLAY_PERF=DIR: a call-graph profile of each replay's worker into DIR (perf record).
-    perf_pid=""
+    # REPLAY_PERF=DIR: a call-graph profile of each replay's worker (worker_rR_wI.data) and of
+    # the cluster (pg_rR_wI.data: the postmaster and its backends, those the worker holds open
+    # and any forked later) into DIR (perf record, cpu-clock: no hardware counters needed;
+    # DWARF unwinding, Postgres has no frame pointers).
+    perf_pid="" perf_pg=""
     if [ -n "${REPLAY_PERF:-}" ]; then
       mkdir -p "$REPLAY_PERF"
-      perf record -F 499 -g -p "$wpid" -o "$REPLAY_PERF/worker_r${r}_w${i}.data" >/dev/null 2>&1 &
+      perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$wpid" \
+        -o "$REPLAY_PERF/worker_r${r}_w${i}.data" >/dev/null 2>&1 &
       perf_pid=$!
+      postmaster=$(head -1 "$work/pg/data/postmaster.pid")
+      perf record -e cpu-clock -F 499 --call-graph dwarf,16384 \
+        -p "$(pgrep -d, -P "$postmaster"),$postmaster" \
+        -o "$REPLAY_PERF/pg_r${r}_w${i}.data" >/dev/null 2>&1 &
+      perf_pg=$!
+      sleep 1
     fi
     out=$(/usr/bin/time -f '%U %S' -o "$work/client.time" "$load" "$wport" bench reader)
     cpu=$(( $(cpu_ticks "$wpid") - t0 ))
-    [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
+    [ -z "$perf_pid" ] || { kill -INT "$perf_pid" "$perf_pg"; wait "$perf_pid" "$perf_pg" || true; }
     stop_worker
     pgcpu=$(( $(pg_settled) - p0 ))
     client=$(awk '{print $1 + $2}' "$work/client.time")

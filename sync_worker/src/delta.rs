@@ -78,7 +78,10 @@ impl Delta {
         if model == MEMBERSHIP_MODEL {
             return membership(sync_id, group_id, &v);
         }
-        let mut frame = String::with_capacity(160 + v[DATA].map_or(0, str::len));
+        // Sized as `unsequenced` sizes it (keys, punctuation and every value, escapes aside):
+        // sized for the data alone, a frame with a long version or node id outgrew it, and
+        // growing it (a copy of the frame) was a tenth of a replay's delta building.
+        let mut frame = String::with_capacity(frame_capacity(&v));
         frame_head(&mut frame, model, group_id, &v);
         {
             use std::fmt::Write;
@@ -118,8 +121,7 @@ impl Delta {
         // The keys and punctuation take about 170 bytes: sized for them and the values as they
         // are (escapes aside), with room for the id's digits, so inserting them later does not
         // reallocate.
-        let mut frame =
-            String::with_capacity(200 + v.iter().map(|c| c.map_or(0, str::len)).sum::<usize>());
+        let mut frame = String::with_capacity(frame_capacity(v));
         frame_head(&mut frame, model, group_id, v);
         let id_at = frame.len();
         frame_tail(&mut frame, v);
@@ -133,6 +135,12 @@ impl Delta {
             member: None,
         }
     }
+}
+
+/// Room for a delta frame of these columns: the keys and punctuation (about 170 bytes), the
+/// values as they are (escapes aside) and the id's digits.
+fn frame_capacity(v: &[Option<&str>; 10]) -> usize {
+    200 + v.iter().map(|c| c.map_or(0, str::len)).sum::<usize>()
 }
 
 /// A delta without its sync id (`Delta::unsequenced`).
