@@ -572,6 +572,12 @@ impl Hub {
         self.lock().subs.contains_key(&id)
     }
 
+    /// What the hub signals when it drops subscriber `id` (`Subscription::dropped`); `None`
+    /// when it is dropped already.
+    pub fn dropped_signal(&self, id: u64) -> Option<Arc<Notify>> {
+        self.lock().subs.get(&id).map(|s| s.dropped.clone())
+    }
+
     /// The user's groups now.
     #[cfg(test)]
     pub fn groups_of(&self, user: &str) -> Vec<String> {
