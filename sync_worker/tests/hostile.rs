@@ -2005,26 +2005,7 @@ async fn a_write_whose_key_cannot_be_checked_is_told_to_retry() {
 /// or after `within`.
 async fn deltas_of(ws: &mut Ws, after: i64, want: usize, within: Duration) -> Vec<i64> {
     send(ws, json!({"type": "subscribe", "after": after}).to_string()).await;
-    let mut ids: Vec<i64> = vec![];
-    tokio::time::timeout(within, async {
-        while ids.len() < want {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                    if v["type"] == "delta" {
-                        let id = v["syncId"].as_i64().unwrap();
-                        assert!(ids.last().is_none_or(|l| *l < id), "{id} after {ids:?}");
-                        ids.push(id);
-                    }
-                }
-                Some(Ok(_)) => {}
-                other => panic!("stream ended after {} deltas: {other:?}", ids.len()),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{} of {want} deltas within {within:?}", ids.len()));
-    ids
+    next_deltas(ws, want, within).await
 }
 
 /// Replay's admission at one permit: four users (one with two connections) replaying a log
@@ -2119,7 +2100,7 @@ async fn a_live_subscriber_is_served_while_replays_hold_every_permit() {
         &cluster,
         "INSERT INTO todos SELECT 10 + i, 'a', 'p1' FROM generate_series(0, 19) i",
     );
-    let ids = deltas_of_live(&mut alice, 30, Duration::from_secs(8)).await;
+    let ids = next_deltas(&mut alice, 30, Duration::from_secs(8)).await;
     let live_after = held_from.elapsed();
     let replayed = mallory.await.unwrap();
     assert!(
@@ -2133,8 +2114,8 @@ async fn a_live_subscriber_is_served_while_replays_hold_every_permit() {
     );
 }
 
-/// `deltas_of` for a subscribed socket: the next `want` deltas.
-async fn deltas_of_live(ws: &mut Ws, want: usize, within: Duration) -> Vec<i64> {
+/// The next `want` deltas of a subscribed socket (see `deltas_of`).
+async fn next_deltas(ws: &mut Ws, want: usize, within: Duration) -> Vec<i64> {
     let mut ids: Vec<i64> = vec![];
     tokio::time::timeout(within, async {
         while ids.len() < want {
@@ -2153,7 +2134,7 @@ async fn deltas_of_live(ws: &mut Ws, want: usize, within: Duration) -> Vec<i64> 
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("{} of {want} live deltas within {within:?}", ids.len()));
+    .unwrap_or_else(|_| panic!("{} of {want} deltas within {within:?}", ids.len()));
     ids
 }
 
