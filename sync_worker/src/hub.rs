@@ -695,6 +695,9 @@ impl Hub {
                             code: close::REVOKED,
                             reason: "api key revoked".into(),
                         });
+                        // Every waiter (the session's loop, and a replay page waiting for
+                        // its turn), and a permit for one not waiting yet.
+                        sub.dropped.notify_waiters();
                         sub.dropped.notify_one();
                     }
                     remove_sub(&mut st, id);
