@@ -53,6 +53,12 @@ pub struct Config {
     /// mutations); each request uses one alone, so a long one never delays another's.
     #[arg(long, env = "SYNC_DB_CONNECTIONS", default_value_t = 8)]
     pub db_connections: usize,
+    /// Pages of the log read for clients at once (replays, `/sync/deltas`, `/v1/shape`); more
+    /// wait their turn, users taking turns. 0: half the cores, at least 1 and fewer than
+    /// SYNC_DB_CONNECTIONS. Replay then holds a bounded share of the database and the worker,
+    /// and live delivery never waits for it.
+    #[arg(long, env = "SYNC_REPLAY_PERMITS", default_value_t = 0)]
+    pub replay_permits: usize,
     /// How long a request waits for a pooled connection when all are busy (then 503).
     #[arg(long, env = "SYNC_DB_WAIT_SECS", default_value_t = 10)]
     pub db_wait_secs: u64,
@@ -137,6 +143,7 @@ impl fmt::Debug for Config {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("db_connections", &self.db_connections)
+            .field("replay_permits", &self.replay_permits)
             .field("subscriber_queue", &self.subscriber_queue)
             .field("peer_ca_file", &self.peer_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)

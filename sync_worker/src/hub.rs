@@ -572,6 +572,12 @@ impl Hub {
         self.lock().subs.contains_key(&id)
     }
 
+    /// What the hub signals when it drops subscriber `id` (`Subscription::dropped`); `None`
+    /// when it is dropped already.
+    pub fn dropped_signal(&self, id: u64) -> Option<Arc<Notify>> {
+        self.lock().subs.get(&id).map(|s| s.dropped.clone())
+    }
+
     /// The user's groups now.
     #[cfg(test)]
     pub fn groups_of(&self, user: &str) -> Vec<String> {
@@ -689,6 +695,9 @@ impl Hub {
                             code: close::REVOKED,
                             reason: "api key revoked".into(),
                         });
+                        // Every waiter (the session's loop, and a replay page waiting for
+                        // its turn), and a permit for one not waiting yet.
+                        sub.dropped.notify_waiters();
                         sub.dropped.notify_one();
                     }
                     remove_sub(&mut st, id);

@@ -92,6 +92,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         counters: Default::default(),
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
+        replay: api::admission::Admission::new(cfg.replay_permits, cfg.db_connections),
         unknown_keys: Default::default(),
         shape: Default::default(),
         sessions: Default::default(),

@@ -1974,3 +1974,202 @@ async fn a_write_whose_key_cannot_be_checked_is_told_to_retry() {
         ["0"]
     );
 }
+
+/// Subscribes `ws` from `after` and reads until it has `want` deltas (the replay, then live):
+/// their sync ids, checked strictly increasing (no duplicate, no reordering). Panics on a close
+/// or after `within`.
+async fn deltas_of(ws: &mut Ws, after: i64, want: usize, within: Duration) -> Vec<i64> {
+    send(ws, json!({"type": "subscribe", "after": after}).to_string()).await;
+    next_deltas(ws, want, within).await
+}
+
+/// Replay's admission at one permit: four users (one with two connections) replaying a log
+/// of several pages each at once all get their turns and exact streams, every delta of their
+/// group once, in order; none is starved while the others take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_sharing_one_permit_all_end_with_exact_streams() {
+    let cluster = app_cluster("replay_admission_fair");
+    sql(
+        &cluster,
+        "SELECT pg_sync.add_member('u' || g, 'q' || g) FROM generate_series(0, 3) g",
+    );
+    // Four transactions of 6,000 rows over four groups: about 5 pages of 5,000 sync ids.
+    for t in 0..4 {
+        sql(
+            &cluster,
+            &format!(
+                "INSERT INTO todos SELECT i, 't', 'q' || (i % 4)
+                   FROM generate_series({} + 1, {} + 6000) i",
+                t * 6000,
+                t * 6000
+            ),
+        );
+    }
+    let worker = Worker::started_with(&cluster, "app", &[("SYNC_REPLAY_PERMITS", "1")]).await;
+    let port = worker.port;
+    let mut clients = vec![];
+    for user in ["u0", "u0", "u1", "u2", "u3"] {
+        let ws = connect_jwt(port, &token(user, 3600, SECRET)).await;
+        clients.push(tokio::spawn(async move {
+            let mut ws = ws;
+            deltas_of(&mut ws, 0, 6000, Duration::from_secs(120)).await
+        }));
+    }
+    for (n, c) in clients.into_iter().enumerate() {
+        let ids = c.await.unwrap();
+        assert_eq!(ids.len(), 6000, "client {n}");
+    }
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    let turns: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_sync_replay_turns_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(turns >= 5 * 5, "every page took a turn: {turns}");
+}
+
+/// With the one permit held by a replay (a failpoint holds its page 10 s), a live subscriber
+/// still gets every delta committed meanwhile, single-row commits and a transaction larger
+/// than the sequencer's buffer (which it reads back from the log) alike: live delivery never
+/// waits for replay's turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscriber_is_served_while_replays_hold_every_permit() {
+    let cluster = app_cluster("replay_admission_live");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_TXN_BUFFER", "5"),
+            // The second page read (mallory's; alice's replay is the first) holds its turn.
+            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
+    let held_from = Instant::now();
+    let mallory = tokio::spawn(async move {
+        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
+        held_from.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..10 {
+        sql(
+            &cluster,
+            &format!("INSERT INTO todos VALUES ({i}, 'a', 'p1')"),
+        );
+    }
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 10 + i, 'a', 'p1' FROM generate_series(0, 19) i",
+    );
+    let ids = next_deltas(&mut alice, 30, Duration::from_secs(8)).await;
+    let live_after = held_from.elapsed();
+    let replayed = mallory.await.unwrap();
+    assert!(
+        replayed >= Duration::from_secs(9),
+        "the failpoint held mallory's turn ({replayed:?}): the test saw no saturation"
+    );
+    assert!(
+        live_after < replayed,
+        "alice's {} live deltas came after mallory's replay ended ({live_after:?} >= {replayed:?})",
+        ids.len()
+    );
+}
+
+/// The next `want` deltas of a subscribed socket (see `deltas_of`).
+async fn next_deltas(ws: &mut Ws, want: usize, within: Duration) -> Vec<i64> {
+    let mut ids: Vec<i64> = vec![];
+    tokio::time::timeout(within, async {
+        while ids.len() < want {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "delta" {
+                        let id = v["syncId"].as_i64().unwrap();
+                        assert!(ids.last().is_none_or(|l| *l < id), "{id} after {ids:?}");
+                        ids.push(id);
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("stream ended after {} deltas: {other:?}", ids.len()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {want} deltas within {within:?}", ids.len()));
+    ids
+}
+
+/// A session whose page waits for a turn (the one permit held 10 s by another replay) and
+/// whose API key is revoked meanwhile is closed 4401 at once, not when its turn comes, and
+/// gets no delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_waiting_for_a_replay_turn_is_closed_at_once() {
+    let cluster = app_cluster("replay_admission_revoked");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i;
+         INSERT INTO todos SELECT 2000 + i, 'a', 'p1' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_FAILPOINTS", "replay_turn_hold"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
+    send(
+        &mut mallory,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    let held_from = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (id, key) = api_key(&cluster, "alice");
+    let mut alice = connect_jwt(port, &key).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sql(&cluster, &format!("SELECT pg_sync.revoke_api_key('{id}')"));
+    let mut deltas = 0;
+    let code = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match alice.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Text(t))) if t.as_str().contains("\"delta\"") => deltas += 1,
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    let closed_after = held_from.elapsed();
+    assert_eq!(code, Some(4401));
+    assert_eq!(deltas, 0, "deltas went out after the revocation");
+    assert!(
+        closed_after < Duration::from_secs(9),
+        "closed only when its turn came ({closed_after:?}; the turn is held 10 s)"
+    );
+    caught_up(&mut mallory).await;
+}

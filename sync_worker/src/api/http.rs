@@ -68,10 +68,13 @@ pub async fn deltas(
         Some(_) => return error(ErrorCode::BadLimit, "limit must be 1 to 10000"),
     };
     let through = app.hub.published();
-    let (Some(groups), Ok(db)) = (
-        stream::load_groups(&app, &user, through).await,
-        app.db.get().await,
-    ) else {
+    let Some(groups) = stream::load_groups(&app, &user, through).await else {
+        return error(ErrorCode::Unavailable, "database unavailable; retry");
+    };
+    // Each page is read under a turn of replay's admission (as a WebSocket replay's), with a
+    // pooled connection taken once the turn is had: a request waiting for its turn holds none.
+    let turn = app.replay.enter(&user).await;
+    let Ok(db) = app.db.get().await else {
         return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
     let horizon = match db.track(stream::horizon(&db)).await {
@@ -91,10 +94,15 @@ pub async fn deltas(
             return error(ErrorCode::Unavailable, "database unavailable; retry");
         }
     };
+    drop((db, turn));
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
     'pages: while cursor < through {
         let span = store::page_span(cursor, through, PAGE_SPAN);
+        let _turn = app.replay.enter(&user).await;
+        let Ok(db) = app.db.get().await else {
+            return error(ErrorCode::Unavailable, "database unavailable; retry");
+        };
         let page = match db
             .track(store::changes(
                 &db,
@@ -124,6 +132,9 @@ pub async fn deltas(
         cursor += i64::from(span);
     }
     // Read after the pages: a compaction that took rows from them is seen (never a gap).
+    let Ok(db) = app.db.get().await else {
+        return error(ErrorCode::Unavailable, "database unavailable; retry");
+    };
     match db.track(stream::horizon(&db)).await {
         Ok(now) if now > after.max(horizon) => {
             return error(ErrorCode::ResyncRequired, &stream::compacted(now))

@@ -1,5 +1,6 @@
 //! The HTTP side: one port for `WS /sync/ws`, `GET /healthz` and `GET /metrics`.
 
+pub mod admission;
 pub mod bootstrap;
 pub mod http;
 pub mod mutate;
@@ -33,6 +34,8 @@ pub struct App {
     pub counters: Counters,
     /// Bootstraps streaming at once (each holds a database connection and a snapshot).
     pub bootstrap_slots: Arc<tokio::sync::Semaphore>,
+    /// Turns to read a page of the log for a client (`admission`): replay's bounded share.
+    pub replay: admission::Admission,
     /// API keys the database did not know (a repeated bad key costs no query).
     pub unknown_keys: crate::auth::UnknownKeys,
     /// `/v1/shape`'s own connections.
@@ -543,6 +546,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "pg_sync_deliveries_total",
             "Deltas queued for subscribers.",
             m.deliveries.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "pg_sync_replay_pages_waiting",
+            "Replay pages waiting for a turn to be read (SYNC_REPLAY_PERMITS at once).",
+            app.replay.waiting() as f64,
+        ),
+        counter(
+            "pg_sync_replay_turns_total",
+            "Pages of the log read for clients (replays, /sync/deltas, /v1/shape).",
+            app.replay.turns.load(Ordering::Relaxed),
         ),
         gauge(
             "pg_sync_subscribers",

@@ -286,6 +286,26 @@ impl<'a> Replay<'a> {
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
                 }
+                // The page is read and built under a turn (`admission`): many replays at once
+                // share a bounded slice of the database and the worker. A session dropped
+                // while it waits (its key revoked) leaves the line at once, so it is closed
+                // promptly, not when its turn comes.
+                let dropped = self
+                    .app
+                    .hub
+                    .dropped_signal(self.id)
+                    .ok_or(ReplayError::Dropped)?;
+                let _turn = tokio::select! {
+                    turn = self.app.replay.enter(self.user) => turn,
+                    () = dropped.notified() => return Err(ReplayError::Dropped),
+                };
+                if !self.app.hub.is_registered(self.id) {
+                    return Err(ReplayError::Dropped);
+                }
+                // Holds a turn a long while (tests: replays and revocations queued behind it).
+                if crate::failpoint::fire("replay_turn_hold") {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                }
                 // The page's groups are the hub's now, which hold every join published so far,
                 // beyond `through` too: the joins are read up to the same position, so a group
                 // joined while the replay pages has its join here and none of its deltas from
