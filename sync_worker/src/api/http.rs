@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-const PAGE_SPAN: i32 = 5_000;
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
@@ -97,20 +96,14 @@ pub async fn deltas(
     drop((db, turn));
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
+    let mut pager = store::Pager::default();
     'pages: while cursor < through {
-        let span = store::page_span(cursor, through, PAGE_SPAN);
         let _turn = app.replay.enter(&user).await;
         let Ok(db) = app.db.get().await else {
             return error(ErrorCode::Unavailable, "database unavailable; retry");
         };
-        let page = match db
-            .track(store::changes(
-                &db,
-                cursor,
-                Some(&groups),
-                span,
-                Some(&user),
-            ))
+        let (page, reached) = match db
+            .track(pager.next(&db, cursor, through, Some(&groups), Some(&user)))
             .await
         {
             Ok(p) => p,
@@ -129,7 +122,7 @@ pub async fn deltas(
                 break 'pages;
             }
         }
-        cursor += i64::from(span);
+        cursor = reached;
     }
     // Read after the pages: a compaction that took rows from them is seen (never a gap).
     let Ok(db) = app.db.get().await else {
