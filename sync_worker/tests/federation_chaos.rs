@@ -1948,3 +1948,202 @@ fn a_restarted_worker_is_not_held_off_by_its_predecessors_walsender() {
         "a restarted lone worker took its predecessor's walsender for another worker"
     );
 }
+
+/// An `LD_PRELOAD` library that moves the wall clock (`CLOCK_REALTIME`, `gettimeofday`,
+/// `time`) of the process it is loaded into by `PG_SYNC_TEST_CLOCK_SKEW_SECS` seconds; the
+/// monotonic clock is left alone. Built with `cc` once per test process.
+fn clock_skew_library() -> String {
+    let dir = std::env::temp_dir().join(format!("pg_sync_clock_skew_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, lib) = (dir.join("skew.c"), dir.join("skew.so"));
+    if !lib.exists() {
+        std::fs::write(
+            &src,
+            r#"#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+static long skew(void) { const char *s = getenv("PG_SYNC_TEST_CLOCK_SKEW_SECS"); return s ? atol(s) : 0; }
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    int r = (int)syscall(SYS_clock_gettime, id, ts);
+    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += skew();
+    return r;
+}
+int gettimeofday(struct timeval *tv, void *tz) {
+    struct timespec ts; int r = clock_gettime(CLOCK_REALTIME, &ts); (void)tz;
+    if (tv) { tv->tv_sec = ts.tv_sec; tv->tv_usec = ts.tv_nsec / 1000; }
+    return r;
+}
+time_t time(time_t *t) {
+    struct timespec ts; clock_gettime(CLOCK_REALTIME, &ts); if (t) *t = ts.tv_sec; return ts.tv_sec;
+}
+"#,
+        )
+        .unwrap();
+        let ok = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .expect("cc");
+        assert!(ok.success(), "cc failed");
+    }
+    lib.display().to_string()
+}
+
+/// The `application_name` of the session holding B's federation lock ('' if none).
+fn b_lock_holder(m: &mut Mesh) -> String {
+    m.node("b").text(
+        "SELECT coalesce((SELECT a.application_name FROM pg_locks l
+                            JOIN pg_stat_activity a ON a.pid = l.pid
+                           WHERE l.locktype = 'userlock' AND l.classid = 1885822835::oid
+                             AND l.objid = 2037277542::oid AND l.granted), '')",
+    )
+}
+
+/// The `application_name` of the walsender streaming B's slot ('' if none).
+fn b_slot_streamer(m: &mut Mesh) -> String {
+    m.node("b").text(
+        "SELECT coalesce((SELECT r.application_name FROM pg_replication_slots s
+                            JOIN pg_stat_replication r ON r.pid = s.active_pid
+                           WHERE s.slot_name = 'pg_sync'), '')",
+    )
+}
+
+/// Review rev16a F1: `pg_stat_replication.reply_time` is the time the *replying worker*
+/// stamped on its status update (its own clock, `pgwire_replication::current_pg_timestamp`),
+/// not the server's. B's first worker, whose host clock is 15 s slow (below
+/// `SYNC_SLOT_TAKEOVER_SECS`, so its slot is not taken from it), streams the slot and leads; a
+/// twin with a true clock stands by. Each end of the lock's session is a race between them:
+/// the twin, reading the streaming worker's replies as 15 s old, counts no other worker
+/// streaming, asks for the lock, wins about every other race, and then never hands the links
+/// back (it never sees the streamer as streaming). The same setup with both clocks true is
+/// `federation_stays_with_the_worker_that_streams_the_slot`, which passes.
+#[test]
+#[ignore = "defect rev16a-F1: reply_time is the replying worker's clock, not the server's: a slot-streaming worker whose clock is >5 s slow is not counted, and a twin takes and keeps the links"]
+fn a_slot_streaming_worker_with_a_slow_clock_keeps_federation() {
+    let lib = clock_skew_library();
+    const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
+    let mut m = mesh_where_b_wrote("fc_slowclock", LONG_POLL);
+    // B's first worker again, its clock 15 s slow.
+    let mut slow: Vec<(&str, &str)> = LONG_POLL.to_vec();
+    slow.push(("LD_PRELOAD", &lib));
+    slow.push(("PG_SYNC_TEST_CLOCK_SKEW_SECS", "-15"));
+    stop_b(&mut m);
+    m.node("b").start_worker(&slow);
+    let first_port = m.nodes[1].port;
+    wait_for("B's slow worker leads", Duration::from_secs(30), || {
+        leads(first_port)
+    });
+    let age = m.node("b").text(
+        "SELECT round(extract(epoch FROM clock_timestamp() - reply_time))::text
+           FROM pg_stat_replication LIMIT 1",
+    );
+    eprintln!("the streaming worker's reply_time is {age} s behind the server's clock");
+    let twin_port = common::free_port();
+    let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, LONG_POLL);
+    std::thread::sleep(Duration::from_secs(2));
+    for round in 0..20 {
+        m.node("b").exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+              WHERE locktype = 'userlock' AND classid = 1885822835::oid AND granted
+                AND pid <> pg_backend_pid()",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if leads(twin_port) {
+                // Given LEAD_WITHOUT_SLOT (5 s) and more, it should hand the links back.
+                std::thread::sleep(Duration::from_secs(15));
+                let (holder, streamer) = (b_lock_holder(&mut m), b_slot_streamer(&mut m));
+                panic!(
+                    "round {round}: the twin (no slot) took the links, and 15 s later still \
+                     holds them: lock held by {holder:?}, slot streamed by {streamer:?} \
+                     (reply_time {age} s behind)"
+                );
+            }
+            if leads(first_port) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: B's first worker never led again"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    drop(twin);
+}
+
+/// Review rev16a F2: the worker keeps when it started as `now()::text` and reads it back with
+/// `$4::text::timestamptz`. Outside DateStyle ISO the text carries the zone's abbreviation,
+/// which Postgres reads by its own table: with `TimeZone = 'Asia/Shanghai'` and DateStyle
+/// `SQL` the text says `CST`, read back as US Central time: "started" lies 14 hours ahead. No
+/// walsender's reply is then "after this worker started", so no other worker ever counts as
+/// streaming: a worker leading without the slot never hands the links to the worker that
+/// streams it. Here the slot is moved from the leader to the other worker (its walsender
+/// ended until the other worker gets the slot); the leader must hand over within
+/// `LEAD_WITHOUT_SLOT` (5 s) and a little. (With DateStyle ISO, as the mesh starts, it does.)
+#[test]
+#[ignore = "defect rev16a-F2: `now()::text` read back as timestamptz shifts by hours outside DateStyle ISO (zone abbreviations): no other worker ever counts as streaming, a leader without the slot never hands over"]
+fn a_leader_without_the_slot_hands_over_under_a_non_iso_datestyle() {
+    leader_follows_the_slot(
+        "fc_datestyle",
+        "ALTER DATABASE app SET timezone = 'Asia/Shanghai';
+         ALTER DATABASE app SET datestyle = 'SQL, MDY'",
+    );
+}
+
+/// B's two workers (its first, restarted after `settings`, and a twin); the slot moved to the
+/// worker not leading; the leader must hand the links over to it.
+fn leader_follows_the_slot(name: &str, settings: &str) {
+    const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
+    let mut m = mesh_where_b_wrote(name, LONG_POLL);
+    m.node("b").exec(settings);
+    stop_b(&mut m);
+    m.node("b").start_worker(LONG_POLL);
+    let first_port = m.nodes[1].port;
+    wait_for("B's first worker leads", Duration::from_secs(30), || {
+        leads(first_port)
+    });
+    let twin_port = common::free_port();
+    let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, LONG_POLL);
+    std::thread::sleep(Duration::from_secs(2));
+    let holder = b_lock_holder(&mut m);
+    assert!(!holder.is_empty(), "someone leads");
+    // End the leader's walsender until the other worker streams the slot.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let streamer = b_slot_streamer(&mut m);
+        if !streamer.is_empty() && format!("{streamer} federation") != holder {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other worker never got the slot"
+        );
+        m.node("b").exec(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+              WHERE slot_name = 'pg_sync' AND active",
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let moved = Instant::now();
+    loop {
+        let (holder, streamer) = (b_lock_holder(&mut m), b_slot_streamer(&mut m));
+        if !streamer.is_empty() && holder == format!("{streamer} federation") {
+            eprintln!("handed over after {:?}", moved.elapsed());
+            break;
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(20),
+            "20 s after the slot moved, the leader still runs the links without it: lock held \
+             by {holder:?}, slot streamed by {streamer:?}; self events:\n{}",
+            self_events(&mut m)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(twin);
+}
