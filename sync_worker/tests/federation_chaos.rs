@@ -2022,7 +2022,6 @@ fn b_slot_streamer(m: &mut Mesh) -> String {
 /// back (it never sees the streamer as streaming). The same setup with both clocks true is
 /// `federation_stays_with_the_worker_that_streams_the_slot`, which passes.
 #[test]
-#[ignore = "defect rev16a-F1: reply_time is the replying worker's clock, not the server's: a slot-streaming worker whose clock is >5 s slow is not counted, and a twin takes and keeps the links"]
 fn a_slot_streaming_worker_with_a_slow_clock_keeps_federation() {
     let lib = clock_skew_library();
     const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
@@ -2087,7 +2086,6 @@ fn a_slot_streaming_worker_with_a_slow_clock_keeps_federation() {
 /// ended until the other worker gets the slot); the leader must hand over within
 /// `LEAD_WITHOUT_SLOT` (5 s) and a little. (With DateStyle ISO, as the mesh starts, it does.)
 #[test]
-#[ignore = "defect rev16a-F2: `now()::text` read back as timestamptz shifts by hours outside DateStyle ISO (zone abbreviations): no other worker ever counts as streaming, a leader without the slot never hands over"]
 fn a_leader_without_the_slot_hands_over_under_a_non_iso_datestyle() {
     leader_follows_the_slot(
         "fc_datestyle",

@@ -11,6 +11,7 @@ use super::{
     PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
+use crate::replication::sequencer::HolderReplies;
 use crate::store;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -33,9 +34,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a leader without the replication slot lets another worker stream it before it hands
 /// the federation lock over to that worker.
 const LEAD_WITHOUT_SLOT: Duration = Duration::from_secs(5);
-/// A walsender of another worker counts as streaming the slot while that worker replied this
-/// recently (a live worker replies every 200 ms streaming, every second idle): one left by a
-/// worker that is gone (its connection dropped unseen) stops counting this long after.
+/// A walsender of another worker counts as streaming the slot while its `reply_time` changed
+/// this recently by this worker's clock (a live worker replies every 200 ms streaming, every
+/// second idle): one left by a worker that is gone (its connection dropped unseen) stops
+/// counting this long after its last reply was seen, or after it was first seen.
 const STREAMING_REPLIED_WITHIN: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -66,8 +68,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut standing_by = false;
     // Since when this worker, leading, has seen another worker stream the replication slot.
     let mut slot_gone_since: Option<Instant> = None;
-    // When this worker started federation, by the server's clock (`slot_streamed_elsewhere`).
-    let mut started: Option<String> = None;
+    // What this worker has seen of the replies of another worker's walsender holding the slot.
+    let mut holder: Option<HolderReplies> = None;
     let url = app.cfg.database_url.clone();
     let lock_name = lock_session_name(app.status.replication_name.as_str());
     let mut tick = tokio::time::interval(REGISTRY_POLL);
@@ -92,20 +94,17 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         // slot, and its senders fall back to polling.
         let status = &app.status;
         let holds_slot = status.slot_held.load(std::sync::atomic::Ordering::Acquire);
-        if started.is_none() {
-            started = c
-                .query_one("SELECT now()::text", &[])
-                .await
-                .ok()
-                .map(|r| r.get(0));
-        }
-        let Some(since) = started.as_deref() else {
-            continue;
-        };
         let elsewhere = if holds_slot {
+            holder = None;
             Elsewhere::No
         } else {
-            slot_streamed_elsewhere(c, &app.cfg.slot, status.replication_name.as_str(), since).await
+            slot_streamed_elsewhere(
+                c,
+                &app.cfg.slot,
+                status.replication_name.as_str(),
+                &mut holder,
+            )
+            .await
         };
         let streamed_elsewhere = elsewhere == Elsewhere::Streams;
         if lock.is_some() && streamed_elsewhere {
@@ -132,8 +131,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
             if elsewhere == Elsewhere::Unheard {
-                // Either another worker's (it replies within a second) or a gone one's (it
-                // goes stale): known within STREAMING_REPLIED_WITHIN of this worker's start.
+                // Either another worker's (its next reply is seen within a second) or a gone
+                // one's (none is): known within STREAMING_REPLIED_WITHIN of first seeing it.
                 continue;
             }
             if asking.as_ref().is_none_or(|a| a.is_closed()) {
@@ -251,42 +250,55 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Elsewhere {
     No,
-    /// A walsender whose worker replied lately, but not since this worker started: another
-    /// worker's (it replies again within a second) or a gone one's (it never does). Neither
-    /// counted nor ignored until that is known.
+    /// A walsender first seen lately whose `reply_time` has not been seen to change yet:
+    /// another worker's (it changes within a second) or a gone one's (it never does). Neither
+    /// counted nor ignored until that is known, at most `STREAMING_REPLIED_WITHIN`.
     Unheard,
     Streams,
 }
 
-/// Whether another worker's walsender streams the slot now: a walsender whose
-/// `application_name` is not this worker's (`ours`, `sequencer::ReplicationName`) and whose
-/// worker has replied since this worker started (`since`, the server's clock then) and within
-/// `STREAMING_REPLIED_WITHIN` (`backend_start` before its first reply). This worker's own, of a
-/// session whose connection dropped, may hold the slot until the next session ends it; so may
-/// one of a worker gone the same way (this worker's predecessor, restarted with a new id),
-/// which replies no more; its slot creation or SQL peek makes the slot active from a client
-/// backend, not a walsender. A role that may not see walsenders' details (neither
-/// `pg_read_all_stats` nor superuser: `state` reads NULL) counts every other walsender.
-async fn slot_streamed_elsewhere(c: &Client, slot: &str, ours: &str, since: &str) -> Elsewhere {
+/// Whether another worker's walsender streams the slot now: the slot's walsender, whose
+/// `application_name` is not this worker's (`ours`, `sequencer::ReplicationName`), and whose
+/// `reply_time` was seen to change within `STREAMING_REPLIED_WITHIN` by this worker's clock
+/// (`holder`, sampled each tick: the value is the replying worker's clock, so it is never
+/// compared with another clock). This worker's own, of a session whose connection dropped, may
+/// hold the slot until the next session ends it; so may one of a worker gone the same way
+/// (this worker's predecessor, restarted with a new id), whose `reply_time` changes no more;
+/// its slot creation or SQL peek makes the slot active from a client backend, not a walsender.
+/// A role that may not see walsenders' details (neither `pg_read_all_stats` nor superuser:
+/// `state` reads NULL) counts every other walsender.
+async fn slot_streamed_elsewhere(
+    c: &Client,
+    slot: &str,
+    ours: &str,
+    holder: &mut Option<HolderReplies>,
+) -> Elsewhere {
     let seen = c
-        .query_one(
-            "SELECT coalesce(max(CASE WHEN r.state IS NULL
-                                        OR coalesce(r.reply_time, r.backend_start) >= $4::text::timestamptz
-                                      THEN 2 ELSE 1 END), 0)
+        .query_opt(
+            "SELECT r.pid, r.state IS NULL, (extract(epoch FROM r.reply_time) * 1000000)::int8
                FROM pg_catalog.pg_replication_slots s
                JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid
-              WHERE s.slot_name = $1 AND r.application_name IS DISTINCT FROM $2
-                AND (r.state IS NULL
-                     OR pg_catalog.clock_timestamp() - coalesce(r.reply_time, r.backend_start)
-                        < $3::float8 * interval '1 second')",
-            &[&slot, &ours, &STREAMING_REPLIED_WITHIN.as_secs_f64(), &since],
+              WHERE s.slot_name = $1 AND r.application_name IS DISTINCT FROM $2",
+            &[&slot, &ours],
         )
-        .await
-        .map(|r| r.get::<_, i32>(0));
-    match seen {
-        Ok(2) => Elsewhere::Streams,
-        Ok(1) => Elsewhere::Unheard,
-        _ => Elsewhere::No,
+        .await;
+    let Ok(Some(row)) = seen else {
+        *holder = None;
+        return Elsewhere::No;
+    };
+    let (pid, hidden, reply): (i32, bool, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    if hidden {
+        *holder = None;
+        return Elsewhere::Streams;
+    }
+    let replies = HolderReplies::observe(holder, pid, reply);
+    match (
+        replies.heard(),
+        replies.silent_for() < STREAMING_REPLIED_WITHIN,
+    ) {
+        (true, true) => Elsewhere::Streams,
+        (false, true) => Elsewhere::Unheard,
+        (_, false) => Elsewhere::No,
     }
 }
 

@@ -29,7 +29,7 @@ pub use setup::connect;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What health and metrics read about replication.
 #[derive(Default)]
@@ -58,6 +58,59 @@ pub struct Status {
     /// Replication sessions that panicked (each was restarted).
     pub panics: AtomicU64,
     pub slot_problem: Mutex<Option<String>>,
+    /// What the last session setup saw of the walsender holding the slot
+    /// (`setup::take_over_stale_slot`).
+    pub slot_holder: Mutex<Option<HolderReplies>>,
+}
+
+/// What this worker has seen of the `pg_stat_replication.reply_time` of the walsender holding
+/// a slot. That column is the time the *replying client* stamped on its last status update (by
+/// its host's wall clock, which may be off by any amount), so it is never compared with any
+/// clock: only whether it changed, and when (by this worker's monotonic clock). A walsender
+/// whose client replies (every 200 ms to a second) shows a new value at each sample; one whose
+/// client is gone keeps its last.
+pub struct HolderReplies {
+    pid: i32,
+    reply: Option<i64>,
+    first_seen: Instant,
+    changed: Option<Instant>,
+}
+
+impl HolderReplies {
+    /// Records a sample of the holder `pid` (its `reply_time` in microseconds since the epoch,
+    /// NULL before its first reply or to a role that may not see it) into `seen`, which is
+    /// started over when the holder is another walsender.
+    pub fn observe(seen: &mut Option<HolderReplies>, pid: i32, reply: Option<i64>) -> &Self {
+        let now = Instant::now();
+        match seen {
+            Some(s) if s.pid == pid => {
+                if s.reply != reply {
+                    s.reply = reply;
+                    s.changed = Some(now);
+                }
+            }
+            _ => {
+                *seen = Some(HolderReplies {
+                    pid,
+                    reply,
+                    first_seen: now,
+                    changed: None,
+                })
+            }
+        }
+        seen.as_ref().expect("just set")
+    }
+
+    /// Whether its `reply_time` has been seen to change (else only one value is known).
+    pub fn heard(&self) -> bool {
+        self.changed.is_some()
+    }
+
+    /// How long, by this worker's clock, its `reply_time` has not changed (since it was first
+    /// seen, when it has not changed yet).
+    pub fn silent_for(&self) -> Duration {
+        self.changed.unwrap_or(self.first_seen).elapsed()
+    }
 }
 
 /// The `application_name` of this worker's replication connections: `pg_sync_worker` and an id

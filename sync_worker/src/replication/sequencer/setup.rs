@@ -2,7 +2,7 @@
 //! (created when missing, an invalidated one reported, a stale holder taken over), and the
 //! replication connection's configuration.
 
-use super::{SequencerError, Status};
+use super::{HolderReplies, SequencerError, Status};
 use crate::config::Config;
 use pgwire_replication::ReplicationConfig;
 use std::time::Duration;
@@ -135,7 +135,7 @@ pub(super) async fn ensure_setup(
         .slot_problem
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
-    take_over_stale_slot(db, cfg, status.replication_name.as_str()).await?;
+    take_over_stale_slot(db, cfg, status).await?;
     Ok(complete && follows_every_key_change(db, cfg).await?)
 }
 
@@ -168,14 +168,25 @@ async fn follows_every_key_change(db: &Client, cfg: &Config) -> Result<bool, Seq
 /// partition) holds the slot until `wal_sender_timeout`. When it is this worker's own (`ours`,
 /// the `application_name` of this worker's replication connections: an earlier session's, whose
 /// connection dropped; sessions run one at a time, so it serves none now), it is terminated at
-/// once, whatever `SYNC_SLOT_TAKEOVER_SECS` says. Another worker's is terminated only once it has
-/// not replied for `SYNC_SLOT_TAKEOVER_SECS`, so this worker can stream now; a live holder
-/// (another worker replies every 200 ms) is left alone, and this worker keeps retrying.
-async fn take_over_stale_slot(db: &Client, cfg: &Config, ours: &str) -> Result<(), SequencerError> {
+/// once, whatever `SYNC_SLOT_TAKEOVER_SECS` says. Another worker's is terminated only once its
+/// `reply_time` has not changed for `SYNC_SLOT_TAKEOVER_SECS` by this worker's clock
+/// (`HolderReplies`, kept in `status` across session attempts; the value is the replying
+/// client's clock, never compared with the server's), so this worker can stream now; a live
+/// holder (another worker replies every 200 ms, whatever its clock says) is left alone, and
+/// this worker keeps retrying. A holder that is not a walsender (a slot creation or SQL peek)
+/// is left alone. To a role that may not see walsenders' details (neither `pg_read_all_stats`
+/// nor superuser) `reply_time` reads NULL: the holder is then taken over
+/// `SYNC_SLOT_TAKEOVER_SECS` after this worker first found it holding the slot.
+async fn take_over_stale_slot(
+    db: &Client,
+    cfg: &Config,
+    status: &Status,
+) -> Result<(), SequencerError> {
+    let ours = status.replication_name.as_str();
     let stale = db
         .query_opt(
-            "SELECT s.active_pid,
-                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start, now()))::float8,
+            "SELECT s.active_pid, r.pid IS NOT NULL,
+                    (extract(epoch FROM r.reply_time) * 1000000)::int8,
                     coalesce(r.application_name = $2, false)
                FROM pg_replication_slots s
                LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
@@ -183,8 +194,28 @@ async fn take_over_stale_slot(db: &Client, cfg: &Config, ours: &str) -> Result<(
             &[&cfg.slot, &ours],
         )
         .await?;
-    let Some(row) = stale else { return Ok(()) };
-    let (pid, silent_secs, own): (i32, f64, bool) = (row.get(0), row.get(1), row.get(2));
+    let observed = {
+        let mut seen = status.slot_holder.lock().unwrap_or_else(|p| p.into_inner());
+        match stale {
+            // A holder that is not a walsender is left alone.
+            Some(row) if row.get::<_, bool>(1) => {
+                let pid: i32 = row.get(0);
+                let replies = HolderReplies::observe(&mut seen, pid, row.get(2));
+                Some((
+                    pid,
+                    replies.silent_for().as_secs_f64(),
+                    row.get::<_, bool>(3),
+                ))
+            }
+            _ => {
+                *seen = None;
+                None
+            }
+        }
+    };
+    let Some((pid, silent_secs, own)) = observed else {
+        return Ok(());
+    };
     let signalled: bool = if own {
         tracing::warn!(
             slot = %cfg.slot,
