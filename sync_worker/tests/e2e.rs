@@ -3211,8 +3211,14 @@ impl Drop for SlotHolder {
 }
 
 fn hold_slot(cluster: &Cluster) -> SlotHolder {
+    hold_slot_with(cluster, &[])
+}
+
+/// `hold_slot`, pg_recvlogical run with `env` added.
+fn hold_slot_with(cluster: &Cluster, env: &[(&str, &str)]) -> SlotHolder {
     SlotHolder(
         Command::new(cluster.bindir().join("pg_recvlogical"))
+            .envs(env.iter().copied())
             .args([
                 "-d",
                 &cluster.url("app"),
@@ -3306,6 +3312,59 @@ async fn a_slot_held_by_a_silent_walsender_is_taken_over_a_live_one_is_not() {
         summary(&collect(&mut ws, |g| !g.is_empty()).await),
         ["announcements:I:1"]
     );
+    drop(live);
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// Review rev16a F1, for the slot: `reply_time` is stamped by the replying client's clock. A
+/// live holder whose host clock is a minute slow (its `reply_time` a minute behind the
+/// server's) replies all the same, so it is left alone however short `SYNC_SLOT_TAKEOVER_SECS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_slot_holder_with_a_slow_clock_is_not_taken_over() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start("takeover_slow", &["wal_sender_timeout = '300s'"])
+    });
+    let mut db = setup(&cluster, "app");
+    let mut first = Worker::started(&cluster, "app").await;
+    assert_eq!(tokio::task::block_in_place(|| first.terminate()), Some(0));
+    let lib = tokio::task::block_in_place(clock_skew_library);
+    let live = hold_slot_with(
+        &cluster,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("PG_SYNC_TEST_CLOCK_SKEW_SECS", "-60"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        let behind: Option<f64> = scalar(
+            &mut db,
+            "SELECT (SELECT max(extract(epoch FROM clock_timestamp() - reply_time))::float8
+                       FROM pg_stat_replication)",
+        );
+        if let (Some(pid), Some(behind)) = (slot_holder(&mut db), behind) {
+            assert!(behind > 30.0, "the holder's clock is slow: {behind} s");
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg_recvlogical never took the slot and replied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("SYNC_SLOT_TAKEOVER_SECS", "2")],
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        slot_holder(&mut db),
+        Some(holder),
+        "a live holder with a slow clock is left alone"
+    );
+    drop(worker);
     drop(live);
     tokio::task::block_in_place(|| drop(db));
 }

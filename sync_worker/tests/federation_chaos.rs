@@ -919,12 +919,7 @@ fn federation_stays_with_the_worker_that_streams_the_slot() {
     // Each end of the lock's session is a race for the lock between the two workers' next
     // ticks (the twin used to win about every other time): 20 of them.
     for round in 0..20 {
-        m.node("b").exec(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-              WHERE locktype = 'userlock' AND classid = 1885822835::oid AND granted
-                AND pid <> pg_backend_pid()",
-        );
-        std::thread::sleep(Duration::from_millis(200));
+        end_b_lock_session(&mut m);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             assert!(
@@ -1949,48 +1944,14 @@ fn a_restarted_worker_is_not_held_off_by_its_predecessors_walsender() {
     );
 }
 
-/// An `LD_PRELOAD` library that moves the wall clock (`CLOCK_REALTIME`, `gettimeofday`,
-/// `time`) of the process it is loaded into by `PG_SYNC_TEST_CLOCK_SKEW_SECS` seconds; the
-/// monotonic clock is left alone. Built with `cc` once per test process.
-fn clock_skew_library() -> String {
-    let dir = std::env::temp_dir().join(format!("pg_sync_clock_skew_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (src, lib) = (dir.join("skew.c"), dir.join("skew.so"));
-    if !lib.exists() {
-        std::fs::write(
-            &src,
-            r#"#define _GNU_SOURCE
-#include <stdlib.h>
-#include <sys/syscall.h>
-#include <sys/time.h>
-#include <time.h>
-#include <unistd.h>
-static long skew(void) { const char *s = getenv("PG_SYNC_TEST_CLOCK_SKEW_SECS"); return s ? atol(s) : 0; }
-int clock_gettime(clockid_t id, struct timespec *ts) {
-    int r = (int)syscall(SYS_clock_gettime, id, ts);
-    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += skew();
-    return r;
-}
-int gettimeofday(struct timeval *tv, void *tz) {
-    struct timespec ts; int r = clock_gettime(CLOCK_REALTIME, &ts); (void)tz;
-    if (tv) { tv->tv_sec = ts.tv_sec; tv->tv_usec = ts.tv_nsec / 1000; }
-    return r;
-}
-time_t time(time_t *t) {
-    struct timespec ts; clock_gettime(CLOCK_REALTIME, &ts); if (t) *t = ts.tv_sec; return ts.tv_sec;
-}
-"#,
-        )
-        .unwrap();
-        let ok = std::process::Command::new("cc")
-            .args(["-shared", "-fPIC", "-O2", "-o"])
-            .arg(&lib)
-            .arg(&src)
-            .status()
-            .expect("cc");
-        assert!(ok.success(), "cc failed");
-    }
-    lib.display().to_string()
+/// Ends the session holding B's federation lock (a race for it between B's workers follows).
+fn end_b_lock_session(m: &mut Mesh) {
+    m.node("b").exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+          WHERE locktype = 'userlock' AND classid = 1885822835::oid AND granted
+            AND pid <> pg_backend_pid()",
+    );
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 /// The `application_name` of the session holding B's federation lock ('' if none).
@@ -2023,7 +1984,7 @@ fn b_slot_streamer(m: &mut Mesh) -> String {
 /// `federation_stays_with_the_worker_that_streams_the_slot`, which passes.
 #[test]
 fn a_slot_streaming_worker_with_a_slow_clock_keeps_federation() {
-    let lib = clock_skew_library();
+    let lib = common::clock_skew_library();
     const LONG_POLL: &[(&str, &str)] = &[("SYNC_FEDERATION_POLL_MS", "3600000")];
     let mut m = mesh_where_b_wrote("fc_slowclock", LONG_POLL);
     // B's first worker again, its clock 15 s slow.
@@ -2045,12 +2006,7 @@ fn a_slot_streaming_worker_with_a_slow_clock_keeps_federation() {
     let twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, LONG_POLL);
     std::thread::sleep(Duration::from_secs(2));
     for round in 0..20 {
-        m.node("b").exec(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-              WHERE locktype = 'userlock' AND classid = 1885822835::oid AND granted
-                AND pid <> pg_backend_pid()",
-        );
-        std::thread::sleep(Duration::from_millis(200));
+        end_b_lock_session(&mut m);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if leads(twin_port) {

@@ -422,3 +422,47 @@ pub async fn https_get(
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// An `LD_PRELOAD` library that moves the wall clock (`CLOCK_REALTIME`, `gettimeofday`,
+/// `time`) of the process it is loaded into by `PG_SYNC_TEST_CLOCK_SKEW_SECS` seconds; the
+/// monotonic clock is left alone. Built with `cc` once per test process.
+pub fn clock_skew_library() -> String {
+    let dir = std::env::temp_dir().join(format!("pg_sync_clock_skew_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, lib) = (dir.join("skew.c"), dir.join("skew.so"));
+    if !lib.exists() {
+        std::fs::write(
+            &src,
+            r#"#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+static long skew(void) { const char *s = getenv("PG_SYNC_TEST_CLOCK_SKEW_SECS"); return s ? atol(s) : 0; }
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    int r = (int)syscall(SYS_clock_gettime, id, ts);
+    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += skew();
+    return r;
+}
+int gettimeofday(struct timeval *tv, void *tz) {
+    struct timespec ts; int r = clock_gettime(CLOCK_REALTIME, &ts); (void)tz;
+    if (tv) { tv->tv_sec = ts.tv_sec; tv->tv_usec = ts.tv_nsec / 1000; }
+    return r;
+}
+time_t time(time_t *t) {
+    struct timespec ts; clock_gettime(CLOCK_REALTIME, &ts); if (t) *t = ts.tv_sec; return ts.tv_sec;
+}
+"#,
+        )
+        .unwrap();
+        let ok = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .expect("cc");
+        assert!(ok.success(), "cc failed");
+    }
+    lib.display().to_string()
+}
