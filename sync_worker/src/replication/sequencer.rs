@@ -191,9 +191,10 @@ const FLUSH_POLL: Duration = Duration::from_millis(100);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe the control connection does not answer within this ends the session.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The walsender must have had a status update from this worker (sent at least every second,
-/// `replication_config`) within this for a probe to count as hearing from the stream.
-const REPLY_FRESH_SECS: f64 = 3.0;
+/// The walsender's `reply_time` must have been seen to change (a status update from this
+/// worker, sent at least every second, `replication_config`) within this, by this worker's
+/// monotonic clock, for a probe to count as hearing from the stream.
+const REPLY_FRESH: Duration = Duration::from_secs(3);
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_US: i64 = 946_684_800_000_000;

@@ -6,8 +6,8 @@
 use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
 use super::{
-    SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US, PROBE_EVERY,
-    PROBE_TIMEOUT, REPLY_FRESH_SECS,
+    HolderReplies, SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US,
+    PROBE_EVERY, PROBE_TIMEOUT, REPLY_FRESH,
 };
 use crate::config::Config;
 use crate::delta::{Delta, Unsequenced, COLUMNS};
@@ -195,6 +195,8 @@ pub(super) struct Session<'a> {
     pub(super) columns: Positions<12>,
     /// The publication carries every change of `pg_sync.api_keys` (`ensure_setup`).
     pub(super) follows_keys: bool,
+    /// What `probe_stream` has seen of this session's walsender's `reply_time`.
+    pub(super) replies: std::sync::Mutex<Option<HolderReplies>>,
 }
 
 /// A slot acknowledgement (`ack`) that waits until the WAL is flushed past `bound` (the commit
@@ -441,6 +443,7 @@ async fn session(
         caught_up: Lsn::ZERO,
         columns: Positions::new(ACTION_COLUMNS),
         follows_keys,
+        replies: std::sync::Mutex::new(None),
     };
     s.confirm(None);
     // What a previous session persisted but could not publish (it failed in between) reaches
@@ -865,7 +868,7 @@ impl Session<'_> {
     /// revocation of a key ends the session too (the next one looks at it again).
     async fn probe_stream(&self, walsender: Option<i32>) -> Result<(), SequencerError> {
         let sql = format!(
-            "SELECT s.active_pid, extract(epoch FROM now() - r.reply_time)::float8, {}
+            "SELECT s.active_pid, (extract(epoch FROM r.reply_time) * 1000000)::int8, {}
                FROM pg_replication_slots s
                LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
               WHERE s.slot_name = $1",
@@ -878,11 +881,11 @@ impl Session<'_> {
         )
         .await
         .map_err(|_| SequencerError::ProbeTimeout(PROBE_TIMEOUT))??;
-        let (holder, reply_age, follows) = row
+        let (holder, reply, follows) = row
             .map(|r| {
                 (
                     r.get::<_, Option<i32>>(0),
-                    r.get::<_, Option<f64>>(1),
+                    r.get::<_, Option<i64>>(1),
                     r.get::<_, Option<bool>>(2),
                 )
             })
@@ -896,7 +899,14 @@ impl Session<'_> {
         if holder != Some(ours) {
             return Err(SequencerError::WalsenderGone);
         }
-        if reply_age.is_some_and(|age| age < REPLY_FRESH_SECS) {
+        // `reply_time` is stamped by this worker's wall clock, which may differ from the
+        // server's: only whether it changed lately, by this worker's monotonic clock, counts.
+        let fresh = {
+            let mut seen = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            let replies = HolderReplies::observe(&mut seen, ours, reply);
+            reply.is_some() && replies.heard() && replies.silent_for() < REPLY_FRESH
+        };
+        if fresh {
             self.hub.known_keys.heard();
         }
         Ok(())
