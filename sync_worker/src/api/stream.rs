@@ -8,6 +8,8 @@ use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+const REPLAY_SPAN: i32 = 5_000;
+
 /// Unregisters the subscriber however the stream ends.
 pub struct Registration(Arc<App>, u64);
 
@@ -201,8 +203,6 @@ pub struct Replay<'a> {
     /// `joins_upto` is at least the position of the groups each page filters by.
     joins: Joins,
     joins_upto: i64,
-    /// The span of the next page.
-    pager: store::Pager,
     /// When the replay began, until it is live (`pg_sync_replay_seconds`).
     started: Option<std::time::Instant>,
 }
@@ -270,7 +270,6 @@ impl<'a> Replay<'a> {
             live: false,
             joins: Joins::new(),
             joins_upto: after.max(horizon),
-            pager: store::Pager::default(),
             started: Some(std::time::Instant::now()),
         })
     }
@@ -334,12 +333,13 @@ impl<'a> Replay<'a> {
                 if self.app.hub.watermark().is_none() {
                     return Err(ReplayError::NotReady);
                 }
-                let (mut page, reached) = db
-                    .track(self.pager.next(
+                let span = store::page_span(self.cursor, self.through, REPLAY_SPAN);
+                let mut page = db
+                    .track(store::changes(
                         &db,
                         self.cursor,
-                        self.through,
                         Some(&groups),
+                        span,
                         Some(self.user),
                     ))
                     .await
@@ -356,7 +356,7 @@ impl<'a> Replay<'a> {
                 if self.app.hub.watermark().is_none() {
                     return Err(ReplayError::NotReady);
                 }
-                self.cursor = reached;
+                self.cursor += span as i64;
                 return Ok(Some(page));
             }
             if self.live {

@@ -22,12 +22,6 @@ use std::time::{Duration, Instant};
 use crate::protocol::{close, ErrorCode};
 
 const SOCKET_BUFFER: usize = 4 * 1024;
-/// Frames are written to the socket once this much is queued (or at a flush). 4 KiB was a
-/// `send` per ~18 replay frames (a tenth of the worker's CPU in a replay went to the calls, and
-/// the reader woke as often). It fills only under a burst (a replay page, a batch of live
-/// frames): a subscriber that never had one holds none of it, one that had keeps at most this
-/// much and a frame.
-const WRITE_BUFFER: usize = 16 * 1024;
 /// Queued frames written per flush.
 const WRITE_BATCH: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -51,7 +45,7 @@ pub async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| {
             // Counted until the session ends: a shutdown waits for its close frame.
             let open = app.sessions.token();
