@@ -2173,3 +2173,57 @@ async fn a_revoked_session_waiting_for_a_replay_turn_is_closed_at_once() {
     );
     caught_up(&mut mallory).await;
 }
+
+/// rev16c-F1: a live subscriber whose queue overflows (a transaction larger than
+/// SYNC_SUBSCRIBER_QUEUE) pages the rest from the log through `replay`, i.e. under a turn of
+/// replay's admission: with the one permit held by another user's replay (the failpoint holds
+/// mallory's page 10 s), alice's live transaction waits for mallory. Docs: "live deltas never
+/// wait for replays".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect rev16c-F1: a live subscriber's queue-overflow fallback waits for replay turns"]
+async fn a_live_subscriber_whose_queue_overflows_waits_for_another_users_replay() {
+    let cluster = app_cluster("rev16c_live_overflow");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_SUBSCRIBER_QUEUE", "4"),
+            // The second page read (mallory's; alice's replay is the first) holds its turn.
+            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
+    let held_from = Instant::now();
+    let mallory = tokio::spawn(async move {
+        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
+        held_from.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One transaction of 50 rows: more than alice's queue of 4 holds.
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT i, 'a', 'p1' FROM generate_series(0, 49) i",
+    );
+    let ids = next_deltas(&mut alice, 50, Duration::from_secs(5)).await;
+    let live_after = held_from.elapsed();
+    let replayed = mallory.await.unwrap();
+    assert!(
+        live_after < replayed,
+        "alice's {} live deltas came after mallory's replay ended ({live_after:?} >= {replayed:?})",
+        ids.len()
+    );
+}
