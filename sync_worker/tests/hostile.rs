@@ -2174,14 +2174,13 @@ async fn a_revoked_session_waiting_for_a_replay_turn_is_closed_at_once() {
     caught_up(&mut mallory).await;
 }
 
-/// rev16c-F1: a live subscriber whose queue overflows (a transaction larger than
-/// SYNC_SUBSCRIBER_QUEUE) pages the rest from the log through `replay`, i.e. under a turn of
-/// replay's admission: with the one permit held by another user's replay (the failpoint holds
-/// mallory's page 10 s), alice's live transaction waits for mallory. Docs: "live deltas never
-/// wait for replays".
+/// Review rev16c F1: a live subscriber whose queue overflows (a transaction larger than
+/// SYNC_SUBSCRIBER_QUEUE) pages the rest from the log; those pages take no admission turn, so
+/// with the one permit held by another user's replay (the failpoint holds mallory's page 10 s)
+/// alice's live transaction still arrives at once ("live deltas never wait for replays"). It
+/// failed with "4 of 50 deltas within 5s" while the catch-up took a turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect rev16c-F1: a live subscriber's queue-overflow fallback waits for replay turns"]
-async fn a_live_subscriber_whose_queue_overflows_waits_for_another_users_replay() {
+async fn a_live_subscriber_whose_queue_overflows_does_not_wait_for_another_users_replay() {
     let cluster = app_cluster("rev16c_live_overflow");
     sql(
         &cluster,
@@ -2228,14 +2227,13 @@ async fn a_live_subscriber_whose_queue_overflows_waits_for_another_users_replay(
     );
 }
 
-/// rev16c-F4: the session neither pings nor reads pongs while it replays, and checks the last
-/// pong (45 s) as soon as the replay ends; with admission a replay's time includes its waits
-/// for turns, which grow with how many users replay, so a healthy client whose replay took
-/// over 45 s is closed 4000 "heartbeat timeout" right after `caught_up` (and reconnects to
-/// queue again). The failpoint holds a turn only once (10 s), so here the page read is held
-/// 50 s by a lock instead: same effect as 50 s of queueing.
+/// Review rev16c F4: the session neither pings nor reads pongs while it replays; with
+/// admission a replay's time includes its waits for turns, which grow with how many users
+/// replay. A healthy client whose replay took over 45 s was closed 4000 "heartbeat timeout"
+/// right after `caught_up` (and reconnected to queue again); the heartbeat now starts over
+/// when a replay ends. The failpoint holds a turn only once (10 s), so here the page read is
+/// held 50 s by a lock instead: same effect as 50 s of queueing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect rev16c-F4: a session whose replay took > 45 s (queued for turns) is closed 4000 after caught_up"]
 async fn a_session_whose_replay_was_slow_is_not_closed_as_dead() {
     let cluster = app_cluster("rev16c_slow_replay_heartbeat");
     sql(
@@ -2245,7 +2243,10 @@ async fn a_session_whose_replay_was_slow_is_not_closed_as_dead() {
     let worker = Worker::started_with(
         &cluster,
         "app",
-        &[("SYNC_REPLAY_PERMITS", "1"), ("SYNC_DB_STATEMENT_TIMEOUT_SECS", "0")],
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_DB_STATEMENT_TIMEOUT_SECS", "0"),
+        ],
     )
     .await;
     let port = worker.port;
@@ -2265,7 +2266,8 @@ async fn a_session_whose_replay_was_slow_is_not_closed_as_dead() {
         c.batch_execute("BEGIN; LOCK TABLE pg_sync.sync_actions IN ACCESS EXCLUSIVE MODE")
             .expect("lock");
         locked_tx.send(()).unwrap();
-        c.batch_execute("SELECT pg_sleep(50); COMMIT").expect("unlock");
+        c.batch_execute("SELECT pg_sleep(50); COMMIT")
+            .expect("unlock");
     });
     tokio::task::spawn_blocking(move || locked_rx.recv().unwrap())
         .await
@@ -2289,9 +2291,15 @@ async fn a_session_whose_replay_was_slow_is_not_closed_as_dead() {
     .await
     .expect("caught_up within 120 s");
     let replay_took = started.elapsed();
-    assert!(replay_took > Duration::from_secs(46), "the replay was not held: {replay_took:?}");
+    assert!(
+        replay_took > Duration::from_secs(46),
+        "the replay was not held: {replay_took:?}"
+    );
     locker.join().unwrap();
-    sql(&cluster, "INSERT INTO todos VALUES (1, 'after the replay', 'p1')");
+    sql(
+        &cluster,
+        "INSERT INTO todos VALUES (1, 'after the replay', 'p1')",
+    );
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match alice.next().await {

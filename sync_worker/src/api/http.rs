@@ -187,7 +187,7 @@ pub async fn sse(
         let _registration = registration;
         let delta =
             |sync_id: i64, frame: &str| Event::default().id(sync_id.to_string()).data(frame);
-        let through = match sse_replay(&app, &user, sub.id, after, &tx).await {
+        let through = match sse_replay(&app, &user, sub.id, after, &tx, false).await {
             Ok(through) => through,
             Err(e) => {
                 sse_replay_failed(&tx, &sub, e, after).await;
@@ -242,7 +242,7 @@ pub async fn sse(
                             return;
                         }
                     }
-                    match sse_replay(&app, &user, sub.id, position, &tx).await {
+                    match sse_replay(&app, &user, sub.id, position, &tx, true).await {
                         Ok(through) => position = position.max(through),
                         Err(e) => {
                             sse_replay_failed(&tx, &sub, e, position).await;
@@ -285,8 +285,12 @@ async fn sse_replay(
     id: u64,
     after: i64,
     tx: &tokio::sync::mpsc::Sender<Event>,
+    catch_up: bool,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
+    if catch_up {
+        replay = replay.catch_up();
+    }
     let mut next = replay.next_page().await?;
     while let Some(page) = next {
         let write = async {

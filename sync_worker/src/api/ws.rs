@@ -129,8 +129,12 @@ async fn replay(
     id: u64,
     after: i64,
     socket: &mut WebSocket,
+    catch_up: bool,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
+    if catch_up {
+        replay = replay.catch_up();
+    }
     let mut next = replay.next_page().await?;
     while let Some(page) = next {
         let write = async {
@@ -317,9 +321,14 @@ async fn session(
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
                                 }
-                                match replay(&app, &user, sub.id, after, &mut socket).await {
+                                match replay(&app, &user, sub.id, after, &mut socket, false).await {
                                     Ok(through) => {
                                         subscribed = true;
+                                        // No ping went out during the replay (its pages did,
+                                        // each within WRITE_TIMEOUT): a long one is not a
+                                        // silent peer (review rev16c F4).
+                                        last_pong = Instant::now();
+                                        ping.reset();
                                         position = through;
                                         Some(frame(json!({"type": "caught_up", "syncId": through})))
                                     }
@@ -438,8 +447,12 @@ async fn session(
                 if !sent(&app, &mut socket, &sub, written, position).await {
                     break;
                 }
-                match replay(&app, &user, sub.id, position, &mut socket).await {
-                    Ok(through) => position = position.max(through),
+                match replay(&app, &user, sub.id, position, &mut socket, true).await {
+                    Ok(through) => {
+                        position = position.max(through);
+                        last_pong = Instant::now();
+                        ping.reset();
+                    }
                     Err(e) => {
                         replay_failed(&app, &mut socket, &sub, e, position).await;
                         break;
