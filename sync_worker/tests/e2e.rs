@@ -6772,9 +6772,10 @@ async fn rev15a_f2_a_marker_object_key_resumes_after_itself() {
     assert!(rows[0].contains(r#"{"a": 1, "b": 2}"#), "{second}");
 }
 
-/// A reader of few groups replays with wider pages after sparse ones (`store::Pager`), and a
-/// wide page that meets a dense range is cut at its row limit and resumes after its last row:
-/// every one of the reader's deltas arrives once, in order, over WebSocket and `/sync/deltas`.
+/// A reader of few groups pages through a long sparse range of the log and then a dense one
+/// (its own 12,000-row transaction, more than a page holds): every one of its deltas arrives
+/// once, in order, over WebSocket and `/sync/deltas`. (Written for wider pages after sparse
+/// ones, store::Pager, since withdrawn: review rev16b F1; it guards any page-span scheme.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sparse_readers_wide_pages_lose_nothing_where_the_log_turns_dense() {
     let (cluster, mut db) = app_cluster("sparse_pages");

@@ -2173,3 +2173,146 @@ async fn a_revoked_session_waiting_for_a_replay_turn_is_closed_at_once() {
     );
     caught_up(&mut mallory).await;
 }
+
+/// Review rev16c F1: a live subscriber whose queue overflows (a transaction larger than
+/// SYNC_SUBSCRIBER_QUEUE) pages the rest from the log; those pages take no admission turn, so
+/// with the one permit held by another user's replay (the failpoint holds mallory's page 10 s)
+/// alice's live transaction still arrives at once ("live deltas never wait for replays"). It
+/// failed with "4 of 50 deltas within 5s" while the catch-up took a turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscriber_whose_queue_overflows_does_not_wait_for_another_users_replay() {
+    let cluster = app_cluster("rev16c_live_overflow");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_SUBSCRIBER_QUEUE", "4"),
+            // The second page read (mallory's; alice's replay is the first) holds its turn.
+            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
+    let held_from = Instant::now();
+    let mallory = tokio::spawn(async move {
+        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
+        held_from.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One transaction of 50 rows: more than alice's queue of 4 holds.
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT i, 'a', 'p1' FROM generate_series(0, 49) i",
+    );
+    let ids = next_deltas(&mut alice, 50, Duration::from_secs(5)).await;
+    let live_after = held_from.elapsed();
+    let replayed = mallory.await.unwrap();
+    assert!(
+        live_after < replayed,
+        "alice's {} live deltas came after mallory's replay ended ({live_after:?} >= {replayed:?})",
+        ids.len()
+    );
+}
+
+/// Review rev16c F4: the session neither pings nor reads pongs while it replays; with
+/// admission a replay's time includes its waits for turns, which grow with how many users
+/// replay. A healthy client whose replay took over 45 s was closed 4000 "heartbeat timeout"
+/// right after `caught_up` (and reconnected to queue again); the heartbeat now starts over
+/// when a replay ends. The failpoint holds a turn only once (10 s), so here the page read is
+/// held 50 s by a lock instead: same effect as 50 s of queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_replay_was_slow_is_not_closed_as_dead() {
+    let cluster = app_cluster("rev16c_slow_replay_heartbeat");
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'a', 'p1' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_DB_STATEMENT_TIMEOUT_SECS", "0"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    // The server pings at once; the pong (sent with the next write) goes before the subscribe,
+    // as a browser's would.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(alice.next().await, Some(Ok(Message::Ping(_)))) {}
+    })
+    .await
+    .expect("the first ping");
+    let url = cluster.url("app");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let locker = std::thread::spawn(move || {
+        let mut c = pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+            .expect("connect");
+        c.batch_execute("BEGIN; LOCK TABLE pg_sync.sync_actions IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        locked_tx.send(()).unwrap();
+        c.batch_execute("SELECT pg_sleep(50); COMMIT")
+            .expect("unlock");
+    });
+    tokio::task::spawn_blocking(move || locked_rx.recv().unwrap())
+        .await
+        .unwrap();
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(Ok(m)) = alice.next().await {
+            if let Message::Text(t) = m {
+                if t.as_str().contains("\"caught_up\"") {
+                    return;
+                }
+            }
+        }
+        panic!("closed before caught_up");
+    })
+    .await
+    .expect("caught_up within 120 s");
+    let replay_took = started.elapsed();
+    assert!(
+        replay_took > Duration::from_secs(46),
+        "the replay was not held: {replay_took:?}"
+    );
+    locker.join().unwrap();
+    sql(
+        &cluster,
+        "INSERT INTO todos VALUES (1, 'after the replay', 'p1')",
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match alice.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str().contains("\"delta\"") => return Ok(()),
+                Some(Ok(Message::Close(f))) => return Err(format!("{f:?}")),
+                Some(Ok(_)) => {}
+                other => return Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(got, Ok(Ok(()))),
+        "after a replay of {replay_took:?} the session ended: {got:?}"
+    );
+}

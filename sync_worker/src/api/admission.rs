@@ -2,10 +2,11 @@
 //! replays, `/sync/deltas`, `/v1/shape` changes) is read and built under a turn taken here. At
 //! most `permits` pages are in the works at once however many clients replay, so replay holds
 //! a bounded share of the database and the worker, and what is not replay (the sequencer, the
-//! hub's live fan-out, `/healthz`, auth) never waits here. Users take turns: each user has at
-//! most one page waiting for a permit (its other connections queue behind it), and the
-//! permits go out first come, first served, so N users replaying at once each get about 1/N
-//! of the replay share. A client that replays again and again slows itself, and other
+//! hub's live fan-out, `/healthz`, auth, and a live subscriber catching up after its queue
+//! overflowed) never waits here. Users take turns: each user has at most one page waiting for
+//! a permit or being read (its other pages, on any of its connections, queue behind it; a
+//! free permit does not let one user read two pages at once), and the permits go out first
+//! come, first served, so N users replaying at once each get about 1/N of the replay share. A client that replays again and again slows itself, and other
 //! replays by its share, never live delivery.
 
 use std::collections::HashMap;
@@ -16,8 +17,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 pub struct Admission {
     permits: Semaphore,
     size: usize,
-    /// Per user with a page waiting or being read: one permit, so the user's pages queue here
-    /// and only one of them waits in `permits`' queue. Removed when the last one is done.
+    /// Per user with a page waiting or being read: one permit, held through the turn, so the
+    /// user's pages queue here and only one of them waits in `permits`' queue or is read.
+    /// Removed when the last one is done.
     users: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Pages waiting for a turn now, and turns taken (for `/metrics`).
     waiting: AtomicU64,
@@ -65,15 +67,24 @@ impl Drop for Waiting<'_> {
 }
 
 impl Admission {
-    /// `permits` pages at once; 0 sizes it from the machine: half the cores (at least one),
-    /// and fewer than the API pool's `pool` connections, so replays never hold them all (auth
-    /// and group loads need one).
+    /// `permits` pages at once; 0 sizes it from the machine: half the cores. Either way at
+    /// least one and fewer than the API pool's `pool` connections when the pool has two or
+    /// more, so replays never hold them all (auth and group loads need one); a larger
+    /// `permits` is lowered to that, with a warning.
     pub fn new(permits: usize, pool: usize) -> Admission {
+        let below_pool = pool.saturating_sub(1).max(1);
         let size = if permits > 0 {
-            permits
+            if permits > below_pool {
+                tracing::warn!(
+                    replay_permits = permits,
+                    pool,
+                    "replay_permits lowered to {below_pool}: replays must leave a pooled connection to everything else"
+                );
+            }
+            permits.min(below_pool)
         } else {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / 2).min(pool.saturating_sub(1)).max(1)
+            (cores / 2).min(below_pool).max(1)
         };
         Admission {
             permits: Semaphore::new(size),
@@ -180,5 +191,42 @@ mod tests {
         assert_eq!(Admission::new(3, 8).size(), 3);
         assert_eq!(Admission::new(0, 1).size(), 1);
         assert_eq!(Admission::new(0, 2).size(), 1);
+    }
+
+    /// One page per user in the works (review rev16c F2 found the docs saying "waiting"; the
+    /// design is "waiting or being read"): with a permit free, a user's second page still
+    /// waits for its first, and another user's page takes the free permit at once.
+    #[tokio::test]
+    async fn a_user_reads_one_page_at_a_time_and_a_free_permit_goes_to_another_user() {
+        let admission = Admission::new(2, 8);
+        let running = admission.enter("a").await;
+        let wait = std::time::Duration::from_millis(300);
+        let second = tokio::time::timeout(wait, admission.enter("a")).await;
+        assert!(second.is_err(), "a user read two pages at once");
+        let other = tokio::time::timeout(wait, admission.enter("b")).await;
+        assert!(
+            other.is_ok(),
+            "a permit was free, yet another user's page waited"
+        );
+        drop(running);
+        let again = tokio::time::timeout(wait, admission.enter("a")).await;
+        assert!(
+            again.is_ok(),
+            "the user's next page waited after its first was done"
+        );
+    }
+
+    /// rev16c-F3: SYNC_REPLAY_PERMITS is taken as given: a value above tokio's
+    /// `Semaphore::MAX_PERMITS` panics when the worker starts (not a config error), and one
+    /// at or above SYNC_DB_CONNECTIONS lets replays hold every pooled connection, which the
+    /// sizing exists to prevent ("auth and group loads need one").
+    #[test]
+    fn explicit_permits_are_kept_below_the_pool_and_never_panic() {
+        let huge = std::panic::catch_unwind(|| Admission::new(1 << 62, 8).size());
+        assert!(huge.is_ok(), "SYNC_REPLAY_PERMITS=2^62 panics");
+        assert!(
+            Admission::new(16, 8).size() < 8,
+            "16 permits over a pool of 8"
+        );
     }
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+const PAGE_SPAN: i32 = 5_000;
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
@@ -96,14 +97,20 @@ pub async fn deltas(
     drop((db, turn));
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
-    let mut pager = store::Pager::default();
     'pages: while cursor < through {
+        let span = store::page_span(cursor, through, PAGE_SPAN);
         let _turn = app.replay.enter(&user).await;
         let Ok(db) = app.db.get().await else {
             return error(ErrorCode::Unavailable, "database unavailable; retry");
         };
-        let (page, reached) = match db
-            .track(pager.next(&db, cursor, through, Some(&groups), Some(&user)))
+        let page = match db
+            .track(store::changes(
+                &db,
+                cursor,
+                Some(&groups),
+                span,
+                Some(&user),
+            ))
             .await
         {
             Ok(p) => p,
@@ -122,7 +129,7 @@ pub async fn deltas(
                 break 'pages;
             }
         }
-        cursor = reached;
+        cursor += i64::from(span);
     }
     // Read after the pages: a compaction that took rows from them is seen (never a gap).
     let Ok(db) = app.db.get().await else {
@@ -180,7 +187,7 @@ pub async fn sse(
         let _registration = registration;
         let delta =
             |sync_id: i64, frame: &str| Event::default().id(sync_id.to_string()).data(frame);
-        let through = match sse_replay(&app, &user, sub.id, after, &tx).await {
+        let through = match sse_replay(&app, &user, sub.id, after, &tx, false).await {
             Ok(through) => through,
             Err(e) => {
                 sse_replay_failed(&tx, &sub, e, after).await;
@@ -235,7 +242,7 @@ pub async fn sse(
                             return;
                         }
                     }
-                    match sse_replay(&app, &user, sub.id, position, &tx).await {
+                    match sse_replay(&app, &user, sub.id, position, &tx, true).await {
                         Ok(through) => position = position.max(through),
                         Err(e) => {
                             sse_replay_failed(&tx, &sub, e, position).await;
@@ -278,8 +285,12 @@ async fn sse_replay(
     id: u64,
     after: i64,
     tx: &tokio::sync::mpsc::Sender<Event>,
+    catch_up: bool,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
+    if catch_up {
+        replay = replay.catch_up();
+    }
     let mut next = replay.next_page().await?;
     while let Some(page) = next {
         let write = async {

@@ -8,6 +8,8 @@ use crate::store;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+const REPLAY_SPAN: i32 = 5_000;
+
 /// Unregisters the subscriber however the stream ends.
 pub struct Registration(Arc<App>, u64);
 
@@ -201,8 +203,8 @@ pub struct Replay<'a> {
     /// `joins_upto` is at least the position of the groups each page filters by.
     joins: Joins,
     joins_upto: i64,
-    /// The span of the next page.
-    pager: store::Pager,
+    /// A live subscriber's catch-up after its queue overflowed (`catch_up`): no admission.
+    catch_up: bool,
     /// When the replay began, until it is live (`pg_sync_replay_seconds`).
     started: Option<std::time::Instant>,
 }
@@ -270,7 +272,7 @@ impl<'a> Replay<'a> {
             live: false,
             joins: Joins::new(),
             joins_upto: after.max(horizon),
-            pager: store::Pager::default(),
+            catch_up: false,
             started: Some(std::time::Instant::now()),
         })
     }
@@ -291,14 +293,21 @@ impl<'a> Replay<'a> {
                 // share a bounded slice of the database and the worker. A session dropped
                 // while it waits (its key revoked) leaves the line at once, so it is closed
                 // promptly, not when its turn comes.
-                let dropped = self
-                    .app
-                    .hub
-                    .dropped_signal(self.id)
-                    .ok_or(ReplayError::Dropped)?;
-                let _turn = tokio::select! {
-                    turn = self.app.replay.enter(self.user) => turn,
-                    () = dropped.notified() => return Err(ReplayError::Dropped),
+                // A live subscriber catching up after its queue overflowed takes no turn:
+                // live delivery never waits for other users' replays (review rev16c F1), and
+                // its range is what live delivery would have sent.
+                let _turn = if self.catch_up {
+                    None
+                } else {
+                    let dropped = self
+                        .app
+                        .hub
+                        .dropped_signal(self.id)
+                        .ok_or(ReplayError::Dropped)?;
+                    Some(tokio::select! {
+                        turn = self.app.replay.enter(self.user) => turn,
+                        () = dropped.notified() => return Err(ReplayError::Dropped),
+                    })
                 };
                 if !self.app.hub.is_registered(self.id) {
                     return Err(ReplayError::Dropped);
@@ -334,12 +343,13 @@ impl<'a> Replay<'a> {
                 if self.app.hub.watermark().is_none() {
                     return Err(ReplayError::NotReady);
                 }
-                let (mut page, reached) = db
-                    .track(self.pager.next(
+                let span = store::page_span(self.cursor, self.through, REPLAY_SPAN);
+                let mut page = db
+                    .track(store::changes(
                         &db,
                         self.cursor,
-                        self.through,
                         Some(&groups),
+                        span,
                         Some(self.user),
                     ))
                     .await
@@ -356,7 +366,7 @@ impl<'a> Replay<'a> {
                 if self.app.hub.watermark().is_none() {
                     return Err(ReplayError::NotReady);
                 }
-                self.cursor = reached;
+                self.cursor += span as i64;
                 return Ok(Some(page));
             }
             if self.live {
@@ -380,6 +390,13 @@ impl<'a> Replay<'a> {
 }
 
 impl Replay<'_> {
+    /// This replay is a live subscriber's catch-up after its queue overflowed: its pages take
+    /// no admission turn (live delivery never waits for replays).
+    pub fn catch_up(mut self) -> Self {
+        self.catch_up = true;
+        self
+    }
+
     /// A page `overlap` read ahead, once the page before it is written: it goes out only if
     /// the session is still registered. Its read checked that before the write ended, so a key
     /// revoked meanwhile would otherwise get one more full page after the revocation; this is

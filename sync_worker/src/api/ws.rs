@@ -22,12 +22,6 @@ use std::time::{Duration, Instant};
 use crate::protocol::{close, ErrorCode};
 
 const SOCKET_BUFFER: usize = 4 * 1024;
-/// Frames are written to the socket once this much is queued (or at a flush). 4 KiB was a
-/// `send` per ~18 replay frames (a tenth of the worker's CPU in a replay went to the calls, and
-/// the reader woke as often). It fills only under a burst (a replay page, a batch of live
-/// frames): a subscriber that never had one holds none of it, one that had keeps at most this
-/// much and a frame.
-const WRITE_BUFFER: usize = 16 * 1024;
 /// Queued frames written per flush.
 const WRITE_BATCH: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -51,7 +45,7 @@ pub async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| {
             // Counted until the session ends: a shutdown waits for its close frame.
             let open = app.sessions.token();
@@ -135,8 +129,12 @@ async fn replay(
     id: u64,
     after: i64,
     socket: &mut WebSocket,
+    catch_up: bool,
 ) -> Result<i64, ReplayError> {
     let mut replay = stream::Replay::start(app, user, id, after).await?;
+    if catch_up {
+        replay = replay.catch_up();
+    }
     let mut next = replay.next_page().await?;
     while let Some(page) = next {
         let write = async {
@@ -323,9 +321,14 @@ async fn session(
                                     close_with(&mut socket, close::CURSOR_AHEAD, "cursor ahead of the log".into()).await;
                                     break;
                                 }
-                                match replay(&app, &user, sub.id, after, &mut socket).await {
+                                match replay(&app, &user, sub.id, after, &mut socket, false).await {
                                     Ok(through) => {
                                         subscribed = true;
+                                        // No ping went out during the replay (its pages did,
+                                        // each within WRITE_TIMEOUT): a long one is not a
+                                        // silent peer (review rev16c F4).
+                                        last_pong = Instant::now();
+                                        ping.reset();
                                         position = through;
                                         Some(frame(json!({"type": "caught_up", "syncId": through})))
                                     }
@@ -444,8 +447,12 @@ async fn session(
                 if !sent(&app, &mut socket, &sub, written, position).await {
                     break;
                 }
-                match replay(&app, &user, sub.id, position, &mut socket).await {
-                    Ok(through) => position = position.max(through),
+                match replay(&app, &user, sub.id, position, &mut socket, true).await {
+                    Ok(through) => {
+                        position = position.max(through);
+                        last_pong = Instant::now();
+                        ping.reset();
+                    }
                     Err(e) => {
                         replay_failed(&app, &mut socket, &sub, e, position).await;
                         break;

@@ -20,35 +20,18 @@ pub async fn changes(
     span: i32,
     member: Option<&str>,
 ) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
-    read(db, after, groups, span, member, None).await
-}
-
-/// `changes`, or with `limit` only the first `limit` rows of the page in sync id order.
-async fn read(
-    db: &Client,
-    after: i64,
-    groups: Option<&[String]>,
-    span: i32,
-    member: Option<&str>,
-    limit: Option<i64>,
-) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
     // A reader for one user gets that user's membership changes only, filtered inside the
     // page read: with 10,000 users each subscribing from 0, everyone's was 10,000 x 10,000
     // rows turned into deltas and thrown away (the fan-out bench's set-up took over ten
     // minutes).
-    const SELECT: &str = "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
+    let rows = db
+        .query(
+            "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
                     moved::text, client_id, client_tx_id::text
-               FROM pg_sync.changes($1, $2, $3, $4)";
-    let rows = match limit {
-        None => db.query(SELECT, &[&after, &groups, &span, &member]).await?,
-        // Ordered in the database, so the rows kept are the page's first ones whatever plan
-        // the function gets (a top-N sort of what the span holds for the reader).
-        Some(limit) => {
-            let sql = format!("{SELECT} ORDER BY sync_id LIMIT $5");
-            db.query(&sql, &[&after, &groups, &span, &member, &limit])
-                .await?
-        }
-    };
+               FROM pg_sync.changes($1, $2, $3, $4)",
+            &[&after, &groups, &span, &member],
+        )
+        .await?;
     let rows_len = rows.len();
     let build = move || -> Vec<Arc<Delta>> {
         let mut page: Vec<Arc<Delta>> = rows
@@ -92,66 +75,6 @@ async fn read(
     }
 }
 
-/// Pages through the log for one reader, with a span that follows how dense the reader's rows
-/// are. A page of `BASE_SPAN` sync ids holds at most that many rows; for a reader of a few
-/// groups it holds few (1 group of 100: about 50), and a replay from 0 of a 100k-id log was 20
-/// page reads, each with its own statement, planning and horizon check, where a reader of every
-/// group needs the same 20 for 100 times the rows (the hostile bench's revoked-key cycle:
-/// bench/RESULTS.md). So after a sparse page the next one spans more ids, up to `MAX_SPAN`, at
-/// most `GROWTH` times the last; a page wider than `BASE_SPAN` is cut at `BASE_SPAN` rows in
-/// sync id order, and then reaches only to its last row. A page's rows stay bounded, and its
-/// database work too: at most `MAX_SPAN / BASE_SPAN` times its rows, once, when a sparse range
-/// turns dense, after which the span shrinks back.
-#[derive(Debug, Clone)]
-pub struct Pager {
-    span: i32,
-}
-
-impl Default for Pager {
-    fn default() -> Self {
-        Pager { span: BASE_SPAN }
-    }
-}
-
-/// The span of a first page, and the most rows any page holds.
-pub const BASE_SPAN: i32 = 5_000;
-/// The widest span a page grows to.
-const MAX_SPAN: i32 = 16 * BASE_SPAN;
-/// How many times wider than the last page the next one may be.
-const GROWTH: i64 = 4;
-
-impl Pager {
-    /// The next page after `after`, reaching at most to `through`: its deltas (unfiltered by
-    /// `visible`, in sync id order) and the sync id it reached, where the next page starts.
-    pub async fn next(
-        &mut self,
-        db: &Client,
-        after: i64,
-        through: i64,
-        groups: Option<&[String]>,
-        member: Option<&str>,
-    ) -> Result<(Vec<Arc<Delta>>, i64), tokio_postgres::Error> {
-        let span = page_span(after, through, self.span);
-        let limit = (span > BASE_SPAN).then_some(i64::from(BASE_SPAN));
-        let page = read(db, after, groups, span, member, limit).await?;
-        let reached = match (limit, page.last()) {
-            (Some(limit), Some(last)) if page.len() as i64 >= limit => last.sync_id,
-            _ => after + i64::from(span),
-        };
-        self.span = next_span(span, reached - after, page.len());
-        Ok((page, reached))
-    }
-}
-
-/// The span after a page of `span` ids that covered `covered` of them with `rows` rows: the
-/// span that would hold `BASE_SPAN` rows at that density, within `BASE_SPAN ..= MAX_SPAN` and at
-/// most `GROWTH` times `span`.
-fn next_span(span: i32, covered: i64, rows: usize) -> i32 {
-    let ideal = covered.max(1) * i64::from(BASE_SPAN) / (rows as i64).max(1);
-    let cap = (i64::from(span) * GROWTH).min(i64::from(MAX_SPAN));
-    ideal.clamp(i64::from(BASE_SPAN), cap.max(i64::from(BASE_SPAN))) as i32
-}
-
 /// Where `Delta::from_text`'s column `name` is in a row of `changes`' select list.
 fn column(name: &str) -> Option<usize> {
     Some(match name {
@@ -191,22 +114,7 @@ pub async fn last_sync_id(db: &Client) -> Result<i64, tokio_postgres::Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_span, page_span, BASE_SPAN, MAX_SPAN};
-
-    #[test]
-    fn the_span_follows_the_readers_density_within_bounds() {
-        // Dense (every id a row): stays at the base.
-        assert_eq!(next_span(BASE_SPAN, 5_000, 5_000), BASE_SPAN);
-        // One row in 100: grows, at most 4 times a page, up to the widest span.
-        assert_eq!(next_span(BASE_SPAN, 5_000, 50), 4 * BASE_SPAN);
-        assert_eq!(next_span(4 * BASE_SPAN, 20_000, 200), MAX_SPAN);
-        assert_eq!(next_span(MAX_SPAN, 80_000, 0), MAX_SPAN);
-        // A wide page cut at BASE_SPAN rows after 8,000 ids: 8,000 ids hold that many.
-        assert_eq!(next_span(MAX_SPAN, 8_000, 5_000), 8_000);
-        // Denser than one row per id (never: one action per sync id) or a short last page.
-        assert_eq!(next_span(BASE_SPAN, 10, 5_000), BASE_SPAN);
-        assert_eq!(next_span(BASE_SPAN, 3, 0), 15_000);
-    }
+    use super::page_span;
 
     #[test]
     fn page_span_is_bounded_and_never_wraps() {

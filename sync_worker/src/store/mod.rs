@@ -6,7 +6,7 @@
 pub mod log;
 pub mod pool;
 
-pub use log::{changes, horizon, last_sync_id, page_span, Pager};
+pub use log::{changes, horizon, last_sync_id, page_span};
 pub use pool::{
     connect, connect_holding, db_text, mutate_statement, mutate_with_key_statement, Conn,
     ConnectError, Db, PoolError, PoolLimits, Target, CONNECT_TIMEOUT,
