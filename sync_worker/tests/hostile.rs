@@ -2007,6 +2007,22 @@ async fn replays_sharing_one_permit_all_end_with_exact_streams() {
     }
     let worker = Worker::started_with(&cluster, "app", &[("SYNC_REPLAY_PERMITS", "1")]).await;
     let port = worker.port;
+    // The whole log published before anyone subscribes: under load the sequencer can still be
+    // at it, and what it publishes after a subscribe comes live, not in replay pages (the turn
+    // count below then fell short: 10).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) = http_get(port, "/healthz").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["lastSyncId"].as_i64().unwrap_or(0) >= 24_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not published: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut clients = vec![];
     for user in ["u0", "u0", "u1", "u2", "u3"] {
         let ws = connect_jwt(port, &token(user, 3600, SECRET)).await;
