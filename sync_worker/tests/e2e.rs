@@ -3369,6 +3369,53 @@ async fn a_live_slot_holder_with_a_slow_clock_is_not_taken_over() {
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// Review rev16d F1: docs/extension.md now advises against `GRANT pg_read_all_stats`. Without
+/// it `pg_stat_replication.reply_time` (and `state`) read NULL for every walsender, so
+/// `take_over_stale_slot` never sees a reply change and terminates another worker's walsender
+/// `SYNC_SLOT_TAKEOVER_SECS` after first finding it, live or not: two workers on one database
+/// (the documented standby set-up), both with the documented grants, take the slot from each
+/// other in turn. Contract: a live worker's slot is never taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect rev16d-F1: without pg_read_all_stats (now not recommended) a live worker's slot is taken over"]
+async fn rev16d_without_the_stats_grant_a_live_workers_slot_is_not_taken_over() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start("rev16d_nogrant", &["wal_sender_timeout = '300s'"])
+    });
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE ROLE syncer LOGIN REPLICATION;
+         GRANT pgsync_owner TO syncer;
+         GRANT CREATE ON DATABASE app TO syncer;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pg_sync TO syncer;",
+    );
+    let url = format!(
+        "host=127.0.0.1 port={} user=syncer dbname=app",
+        cluster.port
+    );
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("SYNC_SLOT_TAKEOVER_SECS", "3"),
+    ];
+    let first = Worker::start_with(&cluster, "app", free_port(), &env);
+    first.wait_healthy().await;
+    let holder = slot_holder(&mut db).expect("the first worker streams the slot");
+    let second = Worker::start_with(&cluster, "app", free_port(), &env);
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let now = slot_holder(&mut db);
+        assert!(
+            now == Some(holder),
+            "the live first worker's walsender {holder} lost the slot (now {now:?}) to a worker \
+             without pg_read_all_stats"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(second);
+    drop(first);
+    tokio::task::block_in_place(|| drop(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstraps_beyond_the_limit_wait_then_are_told_to_retry() {
     let (cluster, mut db) = app_cluster("bootstrap_busy");
@@ -4202,6 +4249,55 @@ async fn deltas_with_key(port: u16, key: &str) -> (u16, String) {
         &[("Authorization", format!("Bearer {key}"))],
     )
     .await
+}
+
+/// Review rev16d F2: without `pg_read_all_stats` (docs/extension.md now advises against it) the
+/// worker's own walsender's `reply_time` reads NULL, so `probe_stream` never finds the stream
+/// heard (`reply.is_some() && ...`): once the stream has been idle 5 s the API-key memory stops
+/// answering, and every request with a valid key costs a database lookup again (docs/protocol.md
+/// says the once-a-second probe keeps it answering). With the grant, one lookup in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect rev16d-F2: without pg_read_all_stats the probe never keeps the key memory fresh"]
+async fn rev16d_without_the_stats_grant_an_idle_worker_still_remembers_keys() {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start("rev16d_keys", &["log_statement = 'all'"]));
+    let mut db = setup(&cluster, "app");
+    exec(
+        &mut db,
+        "CREATE ROLE syncer LOGIN REPLICATION;
+         GRANT pgsync_owner TO syncer;
+         GRANT CREATE ON DATABASE app TO syncer;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pg_sync TO syncer;",
+    );
+    let url = format!(
+        "host=127.0.0.1 port={} user=syncer dbname=app",
+        cluster.port
+    );
+    let worker = Worker::start_with(
+        &cluster,
+        "app",
+        free_port(),
+        &[("DATABASE_URL", url.as_str())],
+    );
+    worker.wait_healthy().await;
+    let key: String = tokio::task::block_in_place(|| {
+        db.query_one("SELECT key FROM pg_sync.create_api_key('alice')", &[])
+            .unwrap()
+            .get(0)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = key_lookups(&cluster);
+    for _ in 0..8 {
+        let (status, body) = deltas_with_key(worker.port, &key).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let spent = key_lookups(&cluster) - before;
+    assert_eq!(
+        spent, 1,
+        "8 requests with one valid key over 16 idle seconds cost {spent} lookups"
+    );
+    tokio::task::block_in_place(|| drop(db));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
