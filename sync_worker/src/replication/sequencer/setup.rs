@@ -175,8 +175,9 @@ async fn follows_every_key_change(db: &Client, cfg: &Config) -> Result<bool, Seq
 /// holder (another worker replies every 200 ms, whatever its clock says) is left alone, and
 /// this worker keeps retrying. A holder that is not a walsender (a slot creation or SQL peek)
 /// is left alone. To a role that may not see walsenders' details (neither `pg_read_all_stats`
-/// nor superuser) `reply_time` reads NULL: the holder is then taken over
-/// `SYNC_SLOT_TAKEOVER_SECS` after this worker first found it holding the slot.
+/// nor superuser) `reply_time` reads NULL: a live holder cannot be told from a gone one, so
+/// another worker's walsender is never terminated then (review rev16d F1: it was, after
+/// `SYNC_SLOT_TAKEOVER_SECS`, live or not); the server's `wal_sender_timeout` ends a gone one.
 async fn take_over_stale_slot(
     db: &Client,
     cfg: &Config,
@@ -200,11 +201,13 @@ async fn take_over_stale_slot(
             // A holder that is not a walsender is left alone.
             Some(row) if row.get::<_, bool>(1) => {
                 let pid: i32 = row.get(0);
-                let replies = HolderReplies::observe(&mut seen, pid, row.get(2));
+                let reply: Option<i64> = row.get(2);
+                let replies = HolderReplies::observe(&mut seen, pid, reply);
                 Some((
                     pid,
                     replies.silent_for().as_secs_f64(),
                     row.get::<_, bool>(3),
+                    reply.is_some(),
                 ))
             }
             _ => {
@@ -213,7 +216,7 @@ async fn take_over_stale_slot(
             }
         }
     };
-    let Some((pid, silent_secs, own)) = observed else {
+    let Some((pid, silent_secs, own, visible)) = observed else {
         return Ok(());
     };
     let signalled: bool = if own {
@@ -233,7 +236,7 @@ async fn take_over_stale_slot(
         .await?
         .get(0)
     } else {
-        if cfg.slot_takeover_secs == 0 || silent_secs < cfg.slot_takeover_secs as f64 {
+        if !visible || cfg.slot_takeover_secs == 0 || silent_secs < cfg.slot_takeover_secs as f64 {
             return Ok(());
         }
         tracing::warn!(
