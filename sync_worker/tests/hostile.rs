@@ -2050,37 +2050,12 @@ async fn replays_sharing_one_permit_all_end_with_exact_streams() {
 /// waits for replay's turns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_subscriber_is_served_while_replays_hold_every_permit() {
-    let cluster = app_cluster("replay_admission_live");
-    sql(
-        &cluster,
-        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
-    );
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_REPLAY_PERMITS", "1"),
+    let (cluster, _worker, mut alice, held_from, mallory) =
+        alice_live_while_mallory_holds_the_permit(
+            "replay_admission_live",
             ("SYNC_TXN_BUFFER", "5"),
-            // The second page read (mallory's; alice's replay is the first) holds its turn.
-            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
-        ],
-    )
-    .await;
-    let port = worker.port;
-    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
-    send(
-        &mut alice,
-        json!({"type": "subscribe", "after": 0}).to_string(),
-    )
-    .await;
-    caught_up(&mut alice).await;
-    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
-    let held_from = Instant::now();
-    let mallory = tokio::spawn(async move {
-        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
-        held_from.elapsed()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        )
+        .await;
     for i in 0..10 {
         sql(
             &cluster,
@@ -2103,6 +2078,55 @@ async fn a_live_subscriber_is_served_while_replays_hold_every_permit() {
         "alice's {} live deltas came after mallory's replay ended ({live_after:?} >= {replayed:?})",
         ids.len()
     );
+}
+
+/// Set-up of the tests of live delivery beside replay's admission: a worker with one permit
+/// (and `setting`), alice subscribed and caught up, and mallory replaying 100 deltas of p9
+/// whose second page read (mallory's first) holds the only turn 10 s (failpoint). Returns the
+/// cluster, the worker, alice's socket, when mallory started, and mallory's task (how long her
+/// replay took from then).
+async fn alice_live_while_mallory_holds_the_permit(
+    name: &str,
+    setting: (&str, &str),
+) -> (
+    Cluster,
+    Worker,
+    Ws,
+    Instant,
+    tokio::task::JoinHandle<Duration>,
+) {
+    let cluster = app_cluster(name);
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            setting,
+            // The second page read (mallory's; alice's replay is the first) holds its turn.
+            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
+    let held_from = Instant::now();
+    let mallory = tokio::spawn(async move {
+        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
+        held_from.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (cluster, worker, alice, held_from, mallory)
 }
 
 /// The next `want` deltas of a subscribed socket (see `deltas_of`).
@@ -2197,37 +2221,12 @@ async fn a_revoked_session_waiting_for_a_replay_turn_is_closed_at_once() {
 /// failed with "4 of 50 deltas within 5s" while the catch-up took a turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_subscriber_whose_queue_overflows_does_not_wait_for_another_users_replay() {
-    let cluster = app_cluster("rev16c_live_overflow");
-    sql(
-        &cluster,
-        "INSERT INTO todos SELECT 1000 + i, 'm', 'p9' FROM generate_series(1, 100) i",
-    );
-    let worker = Worker::started_with(
-        &cluster,
-        "app",
-        &[
-            ("SYNC_REPLAY_PERMITS", "1"),
+    let (cluster, _worker, mut alice, held_from, mallory) =
+        alice_live_while_mallory_holds_the_permit(
+            "rev16c_live_overflow",
             ("SYNC_SUBSCRIBER_QUEUE", "4"),
-            // The second page read (mallory's; alice's replay is the first) holds its turn.
-            ("SYNC_FAILPOINTS", "replay_turn_hold@2"),
-        ],
-    )
-    .await;
-    let port = worker.port;
-    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
-    send(
-        &mut alice,
-        json!({"type": "subscribe", "after": 0}).to_string(),
-    )
-    .await;
-    caught_up(&mut alice).await;
-    let mut mallory = connect_jwt(port, &token("mallory", 3600, SECRET)).await;
-    let held_from = Instant::now();
-    let mallory = tokio::spawn(async move {
-        deltas_of(&mut mallory, 0, 100, Duration::from_secs(60)).await;
-        held_from.elapsed()
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        )
+        .await;
     // One transaction of 50 rows: more than alice's queue of 4 holds.
     sql(
         &cluster,
