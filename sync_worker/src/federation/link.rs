@@ -11,7 +11,7 @@ use super::{
     PATH, PROBE, REGISTRY_POLL,
 };
 use crate::api::App;
-use crate::replication::sequencer::HolderReplies;
+use crate::replication::sequencer::{HolderReplies, Walsender, WALSENDER_COLUMNS};
 use crate::store;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -275,10 +275,13 @@ async fn slot_streamed_elsewhere(
 ) -> Elsewhere {
     let seen = c
         .query_opt(
-            "SELECT r.pid, r.state IS NULL, (extract(epoch FROM r.reply_time) * 1000000)::int8
-               FROM pg_catalog.pg_replication_slots s
-               JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid
-              WHERE s.slot_name = $1 AND r.application_name IS DISTINCT FROM $2",
+            &format!(
+                "SELECT {WALSENDER_COLUMNS}, r.state IS NULL,
+                        (extract(epoch FROM r.reply_time) * 1000000)::int8
+                   FROM pg_catalog.pg_replication_slots s
+                   JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1 AND r.application_name IS DISTINCT FROM $2"
+            ),
             &[&slot, &ours],
         )
         .await;
@@ -286,12 +289,13 @@ async fn slot_streamed_elsewhere(
         *holder = None;
         return Elsewhere::No;
     };
-    let (pid, hidden, reply): (i32, bool, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    let walsender = Walsender::from_row(&row, 0);
+    let (hidden, reply): (bool, Option<i64>) = (row.get(2), row.get(3));
     if hidden {
         *holder = None;
         return Elsewhere::Streams;
     }
-    let replies = HolderReplies::observe(holder, pid, reply);
+    let replies = HolderReplies::observe(holder, walsender, reply);
     match (
         replies.heard(),
         replies.silent_for() < STREAMING_REPLIED_WITHIN,

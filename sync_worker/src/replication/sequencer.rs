@@ -63,6 +63,28 @@ pub struct Status {
     pub slot_holder: Mutex<Option<HolderReplies>>,
 }
 
+/// A walsender, told apart from a later backend that reuses its pid by when it started
+/// (`pg_stat_replication.backend_start` in microseconds since the epoch; NULL to a role that may
+/// not see it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Walsender {
+    pub pid: i32,
+    pub started: Option<i64>,
+}
+
+/// The columns `Walsender::from_row` reads, of `pg_stat_replication` as `r`.
+pub const WALSENDER_COLUMNS: &str = "r.pid, (extract(epoch FROM r.backend_start) * 1000000)::int8";
+
+impl Walsender {
+    /// Reads `WALSENDER_COLUMNS` at `at` and `at + 1`.
+    pub fn from_row(row: &tokio_postgres::Row, at: usize) -> Walsender {
+        Walsender {
+            pid: row.get(at),
+            started: row.get(at + 1),
+        }
+    }
+}
+
 /// What this worker has seen of the `pg_stat_replication.reply_time` of the walsender holding
 /// a slot. That column is the time the *replying client* stamped on its last status update (by
 /// its host's wall clock, which may be off by any amount), so it is never compared with any
@@ -70,20 +92,27 @@ pub struct Status {
 /// whose client replies (every 200 ms to a second) shows a new value at each sample; one whose
 /// client is gone keeps its last.
 pub struct HolderReplies {
-    pid: i32,
+    walsender: Walsender,
     reply: Option<i64>,
     first_seen: Instant,
     changed: Option<Instant>,
 }
 
 impl HolderReplies {
-    /// Records a sample of the holder `pid` (its `reply_time` in microseconds since the epoch,
-    /// NULL before its first reply or to a role that may not see it) into `seen`, which is
-    /// started over when the holder is another walsender.
-    pub fn observe(seen: &mut Option<HolderReplies>, pid: i32, reply: Option<i64>) -> &Self {
+    /// Records a sample of the holder `walsender` (its `reply_time` in microseconds since the
+    /// epoch, NULL before its first reply or to a role that may not see it) into `seen`, which
+    /// is started over when the holder is another walsender, also one that took over the pid of
+    /// the one seen before (review rev16d F4: a new walsender on a reused pid inherited the
+    /// history of the gone one, so a live holder could count as silent, or a silent one as
+    /// heard).
+    pub fn observe(
+        seen: &mut Option<HolderReplies>,
+        walsender: Walsender,
+        reply: Option<i64>,
+    ) -> &Self {
         let now = Instant::now();
         match seen {
-            Some(s) if s.pid == pid => {
+            Some(s) if s.walsender == walsender => {
                 if s.reply != reply {
                     s.reply = reply;
                     s.changed = Some(now);
@@ -91,7 +120,7 @@ impl HolderReplies {
             }
             _ => {
                 *seen = Some(HolderReplies {
-                    pid,
+                    walsender,
                     reply,
                     first_seen: now,
                     changed: None,
@@ -198,3 +227,33 @@ const REPLY_FRESH: Duration = Duration::from_secs(3);
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A walsender that took over the pid of a gone one starts its own history: neither the
+    /// silence nor the replies of the gone one count for it (review rev16d F4).
+    #[test]
+    fn a_walsender_reusing_a_pid_starts_its_own_history() {
+        let gone = Walsender {
+            pid: 4242,
+            started: Some(1_000),
+        };
+        let mut seen = None;
+        HolderReplies::observe(&mut seen, gone, Some(1));
+        assert!(HolderReplies::observe(&mut seen, gone, Some(2)).heard());
+        let later = Walsender {
+            pid: 4242,
+            started: Some(2_000),
+        };
+        let replies = HolderReplies::observe(&mut seen, later, Some(2));
+        assert!(
+            !replies.heard(),
+            "the later walsender has not been heard yet"
+        );
+        assert!(replies.silent_for() < Duration::from_secs(1));
+        // The same walsender sampled again keeps its history.
+        assert!(HolderReplies::observe(&mut seen, later, Some(3)).heard());
+    }
+}

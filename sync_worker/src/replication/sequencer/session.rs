@@ -6,8 +6,8 @@
 use super::backlog::{Backlog, Unresolved};
 use super::setup::{connect, ensure_setup, replication_config};
 use super::{
-    HolderReplies, SequencerError, Status, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL, PG_EPOCH_US,
-    PROBE_EVERY, PROBE_TIMEOUT, REPLY_FRESH,
+    HolderReplies, SequencerError, Status, Walsender, FLUSH_ACTIONS, FLUSH_AFTER, FLUSH_POLL,
+    PG_EPOCH_US, PROBE_EVERY, PROBE_TIMEOUT, REPLY_FRESH, WALSENDER_COLUMNS,
 };
 use crate::config::Config;
 use crate::delta::{Delta, Unsequenced, COLUMNS};
@@ -522,13 +522,18 @@ async fn session(
     }
     status.slot_held.store(true, Ordering::Release);
     // This session's walsender (the slot is held by it now), which `probe_stream` looks for.
-    let walsender: Option<i32> =
+    let walsender: Option<Walsender> =
         s.db.query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT {WALSENDER_COLUMNS}
+                   FROM pg_replication_slots s
+                   JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1"
+            ),
             &[&cfg.slot],
         )
         .await?
-        .and_then(|r| r.get(0));
+        .map(|r| Walsender::from_row(&r, 0));
     let mut next_probe = tokio::time::Instant::now() + PROBE_EVERY;
     if s.unresolved.is_none() && s.hold.is_none() {
         s.streaming();
@@ -866,9 +871,10 @@ impl Session<'_> {
     /// it stops answering until the stream is heard from again, `KnownKeys::heard`). A
     /// publication altered since the session started so that it no longer carries every
     /// revocation of a key ends the session too (the next one looks at it again).
-    async fn probe_stream(&self, walsender: Option<i32>) -> Result<(), SequencerError> {
+    async fn probe_stream(&self, walsender: Option<Walsender>) -> Result<(), SequencerError> {
         let sql = format!(
-            "SELECT s.active_pid, (extract(epoch FROM r.reply_time) * 1000000)::int8, {}
+            "SELECT s.active_pid, (extract(epoch FROM r.backend_start) * 1000000)::int8,
+                    (extract(epoch FROM r.reply_time) * 1000000)::int8, {}
                FROM pg_replication_slots s
                LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
               WHERE s.slot_name = $1",
@@ -884,9 +890,12 @@ impl Session<'_> {
         let (holder, reply, follows) = row
             .map(|r| {
                 (
-                    r.get::<_, Option<i32>>(0),
-                    r.get::<_, Option<i64>>(1),
-                    r.get::<_, Option<bool>>(2),
+                    r.get::<_, Option<i32>>(0).map(|pid| Walsender {
+                        pid,
+                        started: r.get(1),
+                    }),
+                    r.get::<_, Option<i64>>(2),
+                    r.get::<_, Option<bool>>(3),
                 )
             })
             .unwrap_or((None, None, None));
@@ -896,6 +905,7 @@ impl Session<'_> {
         let Some(ours) = walsender else {
             return Ok(());
         };
+        // Another walsender on the same pid (this one ended, a later one started) is not ours.
         if holder != Some(ours) {
             return Err(SequencerError::WalsenderGone);
         }

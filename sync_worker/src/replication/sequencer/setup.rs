@@ -2,7 +2,7 @@
 //! (created when missing, an invalidated one reported, a stale holder taken over), and the
 //! replication connection's configuration.
 
-use super::{HolderReplies, SequencerError, Status};
+use super::{HolderReplies, SequencerError, Status, Walsender, WALSENDER_COLUMNS};
 use crate::config::Config;
 use pgwire_replication::ReplicationConfig;
 use std::time::Duration;
@@ -186,12 +186,14 @@ async fn take_over_stale_slot(
     let ours = status.replication_name.as_str();
     let stale = db
         .query_opt(
-            "SELECT s.active_pid, r.pid IS NOT NULL,
-                    (extract(epoch FROM r.reply_time) * 1000000)::int8,
-                    coalesce(r.application_name = $2, false)
-               FROM pg_replication_slots s
-               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-              WHERE s.slot_name = $1 AND s.active",
+            &format!(
+                "SELECT {WALSENDER_COLUMNS},
+                        (extract(epoch FROM r.reply_time) * 1000000)::int8,
+                        coalesce(r.application_name = $2, false)
+                   FROM pg_replication_slots s
+                   JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1 AND s.active"
+            ),
             &[&cfg.slot, &ours],
         )
         .await?;
@@ -199,26 +201,30 @@ async fn take_over_stale_slot(
         let mut seen = status.slot_holder.lock().unwrap_or_else(|p| p.into_inner());
         match stale {
             // A holder that is not a walsender is left alone.
-            Some(row) if row.get::<_, bool>(1) => {
-                let pid: i32 = row.get(0);
+            Some(row) => {
+                let walsender = Walsender::from_row(&row, 0);
                 let reply: Option<i64> = row.get(2);
-                let replies = HolderReplies::observe(&mut seen, pid, reply);
+                let replies = HolderReplies::observe(&mut seen, walsender, reply);
                 Some((
-                    pid,
+                    walsender,
+                    reply,
                     replies.silent_for().as_secs_f64(),
                     row.get::<_, bool>(3),
-                    reply.is_some(),
                 ))
             }
-            _ => {
+            None => {
                 *seen = None;
                 None
             }
         }
     };
-    let Some((pid, silent_secs, own, visible)) = observed else {
+    let Some((walsender, reply, silent_secs, own)) = observed else {
         return Ok(());
     };
+    let pid = walsender.pid;
+    // Asked again as it is signalled, in one statement: the walsender seen (the same pid and
+    // start: never a backend that took the pid over meanwhile) still holds the slot, and (for
+    // another worker's) its `reply_time` is still the one judged silent (review rev16d F4).
     let signalled: bool = if own {
         tracing::warn!(
             slot = %cfg.slot,
@@ -226,17 +232,12 @@ async fn take_over_stale_slot(
             silent_secs,
             "the replication slot is held by this worker's own walsender of an earlier session (its connection dropped); terminating it"
         );
-        // Asked again as it is signalled: only a walsender of this worker's, never a backend
-        // that took the pid over meanwhile.
-        db.query_one(
-            "SELECT coalesce((SELECT pg_terminate_backend(pid) FROM pg_stat_replication
-                               WHERE pid = $1 AND application_name = $2), false)",
-            &[&pid, &ours],
-        )
-        .await?
-        .get(0)
+        terminate_holder(db, &cfg.slot, walsender, Some(ours), None).await?
     } else {
-        if !visible || cfg.slot_takeover_secs == 0 || silent_secs < cfg.slot_takeover_secs as f64 {
+        if reply.is_none()
+            || cfg.slot_takeover_secs == 0
+            || silent_secs < cfg.slot_takeover_secs as f64
+        {
             return Ok(());
         }
         tracing::warn!(
@@ -245,9 +246,7 @@ async fn take_over_stale_slot(
             silent_secs,
             "the replication slot is held by a walsender whose peer has not replied; terminating it"
         );
-        db.query_one("SELECT pg_terminate_backend($1)", &[&pid])
-            .await?
-            .get(0)
+        terminate_holder(db, &cfg.slot, walsender, None, reply).await?
     };
     if !signalled {
         tracing::warn!(pid, "could not terminate the stale walsender");
@@ -268,6 +267,40 @@ async fn take_over_stale_slot(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// Terminates `walsender` if it still holds `slot` (the same pid and start), still serves
+/// `application` (when given) and still shows `reply` as its `reply_time` (when given): all
+/// checked in the statement that signals it. True when it was signalled.
+async fn terminate_holder(
+    db: &Client,
+    slot: &str,
+    walsender: Walsender,
+    application: Option<&str>,
+    reply: Option<i64>,
+) -> Result<bool, SequencerError> {
+    Ok(db
+        .query_one(
+            "SELECT coalesce((SELECT pg_terminate_backend(r.pid)
+                                FROM pg_replication_slots s
+                                JOIN pg_stat_replication r ON r.pid = s.active_pid
+                               WHERE s.slot_name = $1 AND r.pid = $2
+                                 AND (extract(epoch FROM r.backend_start) * 1000000)::int8
+                                     IS NOT DISTINCT FROM $3
+                                 AND ($4::text IS NULL OR r.application_name = $4)
+                                 AND ($5::int8 IS NULL
+                                      OR (extract(epoch FROM r.reply_time) * 1000000)::int8 = $5)),
+                             false)",
+            &[
+                &slot,
+                &walsender.pid,
+                &walsender.started,
+                &application,
+                &reply,
+            ],
+        )
+        .await?
+        .get(0))
 }
 
 /// A scalar subquery: whether the publication named by the text parameter `param` carries
