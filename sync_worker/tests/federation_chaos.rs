@@ -1579,11 +1579,25 @@ fn the_standby_leads_soon_after_the_first_worker_dies() {
     let mut took = vec![];
     for round in 0..3 {
         let twin_port = common::free_port();
+        let since = reconnects(leader.port);
         let mut twin = common::Worker::start_with(&m.nodes[1].cluster, "app", twin_port, &[]);
-        // Long enough for the twin's replication backoff to reach its cap (0.2 s doubling to 10 s).
         // The two may have raced for the slot after the last kill: federation follows the one
-        // that streams it, so either may lead now, but exactly one.
-        std::thread::sleep(Duration::from_secs(20));
+        // that streams it, so either may lead now, but exactly one. The other's replication
+        // sessions fail (the slot is held), each sleeping twice as long as the last (0.2 s up
+        // to 10 s): it is killed right after a failure past its sixth in a row, when it sleeps
+        // at least 6.4 s, so a standby that took the lock only at its next attempt would lead
+        // too late. (Failed sessions are counted in a row: none of them streamed.)
+        let backing_off =
+            |total: u64, before: u64| total >= before + 6 || (total > before && total >= 7);
+        wait_for(
+            "one worker leading, the other backing off",
+            Duration::from_secs(90),
+            || {
+                let (l, t) = (leads(leader.port), leads(twin_port));
+                (l && backing_off(reconnects(twin_port), 0))
+                    || (t && backing_off(reconnects(leader.port), since))
+            },
+        );
         let (l, t) = (leads(leader.port), leads(twin_port));
         assert!(l != t, "round {round}: leading: first {l}, twin {t}");
         if t {
@@ -1635,6 +1649,17 @@ fn self_events(m: &mut Mesh) -> String {
         "SELECT coalesce(string_agg(format('%s %s %s', at, event, detail), E'\n' ORDER BY at), '')
            FROM pg_sync.peer_events WHERE peer = '(self)'",
     )
+}
+
+/// The `pg_sync_reconnects_total` of the worker at `port` (0 when it does not answer).
+fn reconnects(port: u16) -> u64 {
+    block_on(common::http_get(port, "/metrics"))
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_sync_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether B's worker at `port` leads federation (its link from A is up).
