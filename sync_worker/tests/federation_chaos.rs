@@ -1535,10 +1535,18 @@ fn a_lone_worker_whose_replication_flaps_keeps_federation() {
             ended
         })
     };
-    // Inbound federation at B (A→B) does not need B's slot: watch whether it keeps running.
+    // Inbound federation at B (A→B) does not need B's slot: watch whether it keeps running,
+    // until the sequencer's backoff has reached 10 s (seven failed sessions: 0.2 s doubling)
+    // and then for longer than `LEAD_WITHOUT_SLOT` (5 s) into that 10 s wait.
     let started = Instant::now();
     let mut in_down_at = None;
-    while started.elapsed() < Duration::from_secs(35) {
+    let mut capped_at: Option<Instant> = None;
+    while started.elapsed() < Duration::from_secs(35)
+        && capped_at.is_none_or(|at| at.elapsed() < Duration::from_secs(7))
+    {
+        if capped_at.is_none() && reconnects(m.node("b").port) >= 7 {
+            capped_at = Some(Instant::now());
+        }
         let metrics = m.node("b").metrics();
         if in_down_at.is_none()
             && !metrics.contains("pg_sync_peer_up{direction=\"in\",peer=\"a\"} 1")
