@@ -643,12 +643,14 @@ BEGIN
 END
 $$;
 
--- Errors that say nothing about the change: transaction rollback (deadlock, serialization),
--- lock timeout, insufficient resources, operator intervention, system and internal errors.
+-- Errors that say nothing about the change: connection exceptions, transaction rollback
+-- (deadlock, serialization), lock timeout, insufficient resources, operator intervention,
+-- system errors. Not internal errors (XX): one that a change raises, it raises again on every
+-- retry, so it is parked with its SQLSTATE and the link flows on.
 CREATE FUNCTION pg_sync.transient_sqlstate(st text) RETURNS boolean
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT left(st, 2) IN ('40', '53', '57', '58', 'XX') OR st = '55P03' $$;
+AS $$ SELECT left(st, 2) IN ('08', '40', '53', '57', '58') OR st = '55P03' $$;
 
 -- Parks (or re-parks) a change that failed to apply.
 CREATE FUNCTION pg_sync.quarantine_change(peer_node_id text, sync_id bigint, change jsonb, sqlstate text, message text)

@@ -25,6 +25,7 @@
 
 use crate::actions;
 use crate::clock;
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model;
 use crate::owner;
@@ -36,7 +37,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{JsonB, PgOid};
+use pgrx::PgOid;
 use serde_json::{Map, Value};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -661,7 +662,7 @@ fn action_datums(
             })
     };
     let versions = match &a.versions {
-        Some(v) if !v.is_empty() => JsonB(Value::Object(v.clone())).into_datum(),
+        Some(v) if !v.is_empty() => Jsonb(Value::Object(v.clone())).into_datum(),
         _ => None,
     };
     // uuid_in is the built-in input function: an invalid id raises 22P02 as the cast did.
@@ -1124,16 +1125,15 @@ unsafe fn record_trigger_changes(
                 "SELECT pg_catalog.to_jsonb(r.*) FROM pg_catalog.jsonb_populate_record(NULL::{typname}, $1) r"
             ),
             &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(Value::Object(ctx.written.clone()))],
+            vec![Jsonb(Value::Object(ctx.written.clone()))],
         );
         // SAFETY: the tuple belongs to this relation.
-        let actual = unsafe { JsonB::from_datum(row_json(new, tupdesc, &[]), false) }.map(|j| j.0);
+        let actual = unsafe { Jsonb::from_datum(row_json(new, tupdesc, &[]), false) }.map(|j| j.0);
         if let (Some(Value::Object(intended)), Some(Value::Object(actual))) = (intended, actual) {
             changed.extend(
-                ctx.written
-                    .keys()
-                    .map(String::as_str)
-                    .filter(|c| captured(c) && intended.get(*c) != actual.get(*c)),
+                ctx.written.keys().map(String::as_str).filter(|c| {
+                    captured(c) && !crate::deep::same(intended.get(*c), actual.get(*c))
+                }),
             );
         }
     }
@@ -1217,7 +1217,7 @@ fn authorize_user_write(cfg: &TableConfig, groups: &[Option<&str>]) {
               WHERE m.user_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'u')
                 AND m.group_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'g')))",
                 &[PgOid::from(pg_sys::JSONBOID)],
-                vec![JsonB(serde_json::json!({"u": user, "g": group}))],
+                vec![Jsonb(serde_json::json!({"u": user, "g": group}))],
             )
         });
         if member != Some(Value::Bool(true)) {

@@ -18,9 +18,9 @@
 //! `to_jsonb` form, as `/sync/bootstrap` sends them); `apply_remote` ignores it. Log rows written
 //! before the entry existed have none and are read as before.
 
+use crate::deep::Jsonb;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use serde_json::{Map, Value};
 
 /// The key of the entry in a captured row's JSON.
@@ -126,7 +126,7 @@ impl Columns {
         }
         let mut entry = Map::new();
         entry.insert(KEY.to_owned(), Value::Object(texts));
-        let entry = JsonB(Value::Object(entry))
+        let entry = Jsonb(Value::Object(entry))
             .into_datum()
             .expect("jsonb is not null");
         // SAFETY: jsonb || jsonb, both non-null jsonb datums.

@@ -10,6 +10,7 @@ mod actions;
 mod canonical;
 mod capture;
 mod clock;
+mod deep;
 mod errors;
 mod exact;
 mod leader;
@@ -53,8 +54,9 @@ pub extern "C-unwind" fn _PG_init() {
 /// Every SQL-callable function, in the extension's schema.
 #[pg_schema]
 mod pg_sync {
+    use crate::deep::Jsonb;
     use pgrx::prelude::*;
-    use pgrx::{pg_sys, JsonB, Uuid};
+    use pgrx::{pg_sys, Uuid};
 
     /// Takes this database's federation leader lock for the session, without waiting: true
     /// when this session holds it. The worker runs federation links only while it holds it.
@@ -111,13 +113,13 @@ mod pg_sync {
 
     /// A row's current LWW state (from row_state): liveness, created/deleted and per-column versions.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn row_version_state(model: &str, model_id: &str) -> JsonB {
-        JsonB(crate::state::describe(model, model_id))
+    fn row_version_state(model: &str, model_id: &str) -> Jsonb {
+        Jsonb(crate::state::describe(model, model_id))
     }
 
     /// Merges changes captured on another node (one `to_jsonb(sync_actions row)`, or an array).
     #[pg_extern(volatile, parallel_unsafe)]
-    fn apply_remote(change: Option<JsonB>) -> i64 {
+    fn apply_remote(change: Option<Jsonb>) -> i64 {
         let Some(change) = change else {
             crate::errors::raise(
                 PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -134,7 +136,7 @@ mod pg_sync {
     /// The set-based apply of a peer batch (an array of changes, as `apply_remote` takes): how
     /// many changed something, or NULL when the batch must be applied change by change.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn apply_remote_set(changes: Option<JsonB>) -> Option<i64> {
+    fn apply_remote_set(changes: Option<Jsonb>) -> Option<i64> {
         let changes = changes?;
         crate::canonical::with_input_settings(crate::canonical::VALUE_INPUT, || {
             crate::remote_set::apply_remote_set(changes)
@@ -143,7 +145,7 @@ mod pg_sync {
 
     /// Applies a client's batch of writes atomically, once per (client_id, client_tx_id).
     #[pg_extern(volatile, parallel_unsafe)]
-    fn mutate(client_id: Option<&str>, client_tx_id: Option<Uuid>, ops: Option<JsonB>) -> JsonB {
+    fn mutate(client_id: Option<&str>, client_tx_id: Option<Uuid>, ops: Option<Jsonb>) -> Jsonb {
         let (Some(client_id), Some(client_tx_id), Some(ops)) = (client_id, client_tx_id, ops)
         else {
             crate::errors::raise(
@@ -162,8 +164,8 @@ mod pg_sync {
         user_id: Option<&str>,
         client_id: Option<&str>,
         client_tx_id: Option<Uuid>,
-        ops: Option<JsonB>,
-    ) -> JsonB {
+        ops: Option<Jsonb>,
+    ) -> Jsonb {
         let (Some(user), Some(client_id), Some(client_tx_id), Some(ops)) =
             (user_id, client_id, client_tx_id, ops)
         else {
@@ -214,7 +216,7 @@ mod pg_sync {
         after_id: Option<&str>,
         lim: Option<i32>,
         lock: default!(bool, false),
-    ) -> JsonB {
+    ) -> Jsonb {
         crate::owner::owner_rows(model, ids, after_id, lim, lock)
     }
 

@@ -7,11 +7,12 @@
 //! module; `state` uses `state_direct` and this module; `state_direct` uses `actions`; this
 //! module uses only `canonical`, `owner` and `errors`, never the capture side.
 
+use crate::deep::Jsonb;
 use crate::errors;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{JsonB, PgOid};
+use pgrx::PgOid;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -70,7 +71,7 @@ impl Model {
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE r.model = $1->>'m'",
             &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(serde_json::json!({"m": name}))],
+            vec![Jsonb(serde_json::json!({"m": name}))],
         );
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
@@ -155,7 +156,7 @@ impl Model {
     /// Runs a statement on the table as its owner, in a security-restricted operation: what
     /// it fires (triggers, defaults, casts, check functions) is the owner's code and must not
     /// run with the caller's rights. The caller needs no privilege on the table.
-    pub(crate) fn run(&self, sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
+    pub(crate) fn run(&self, sql: &str, types: &[PgOid], args: Vec<Jsonb>) -> Option<Value> {
         crate::owner::as_table_owner(self.owner, || run(sql, types, args))
     }
 
@@ -429,8 +430,8 @@ fn type_of(t: &Value) -> (pg_sys::Oid, i32) {
     (pg_sys::Oid::from(oid), typmod)
 }
 
-fn jsonb(m: &Map<String, Value>) -> JsonB {
-    JsonB(Value::Object(m.clone()))
+fn jsonb(m: &Map<String, Value>) -> Jsonb {
+    Jsonb(Value::Object(m.clone()))
 }
 
 const PLAN_CACHE_LIMIT: usize = 512;
@@ -444,7 +445,7 @@ thread_local! {
 /// Re-entrant: the statement's triggers (capture, which folds a moved row's state) run
 /// statements through here too, so no borrow of the cache is held while one executes; the `Rc`
 /// keeps the plan alive even if a nested call clears the cache.
-pub fn run(sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
+pub fn run(sql: &str, types: &[PgOid], args: Vec<Jsonb>) -> Option<Value> {
     let cached = STATEMENTS.with(|cache| cache.borrow().get(sql).cloned());
     let stmt = match cached {
         Some(stmt) => stmt,
@@ -470,7 +471,7 @@ pub fn run(sql: &str, types: &[PgOid], args: Vec<JsonB>) -> Option<Value> {
         if t.is_empty() {
             None
         } else {
-            t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+            t.first().get_one::<Jsonb>().ok().flatten().map(|j| j.0)
         }
     })
 }

@@ -13,11 +13,12 @@
 //! plain `mutate` has a namespace of its own (user_id '').
 
 use crate::capture::{self, ClientContext};
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model::{self, Model};
 use pg_sync_lww::JS_SAFE_LIMIT;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgOid, Uuid};
+use pgrx::{pg_sys, PgOid, Uuid};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
@@ -26,7 +27,7 @@ const MAX_OPS: usize = 10_000;
 const MAX_CLIENT_ID: usize = 200;
 
 /// The body of `pg_sync.mutate()`.
-pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str>) -> JsonB {
+pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: Jsonb, user: Option<&str>) -> Jsonb {
     if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID {
         errors::invalid(
             format!("client_id must be 1 to {MAX_CLIENT_ID} bytes"),
@@ -55,7 +56,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     }
     let tx = client_tx_id.to_string();
     let ns = user.unwrap_or_default();
-    let ident = JsonB(json!({"u": ns, "c": client_id, "t": tx}));
+    let ident = Jsonb(json!({"u": ns, "c": client_id, "t": tx}));
     let jsonb_arg = [PgOid::from(pg_sys::JSONBOID)];
     let claimed = model::run(
         "INSERT INTO pg_sync.client_transactions (user_id, client_id, client_tx_id, result)
@@ -63,7 +64,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
          ON CONFLICT (user_id, client_id, client_tx_id) DO NOTHING
          RETURNING 'true'::pg_catalog.jsonb",
         &jsonb_arg,
-        vec![JsonB(ident.0.clone())],
+        vec![Jsonb(ident.0.clone())],
     );
     if claimed.is_none() {
         let first = model::run(
@@ -71,7 +72,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
               WHERE user_id = $1->>'u' AND client_id = $1->>'c'
                 AND client_tx_id = ($1->>'t')::pg_catalog.uuid",
             &jsonb_arg,
-            vec![JsonB(ident.0.clone())],
+            vec![Jsonb(ident.0.clone())],
         );
         let mut first = match first {
             Some(Value::Object(m)) => m,
@@ -79,7 +80,7 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
         };
         first.insert("status".into(), "duplicate".into());
         first.insert("duplicate".into(), true.into());
-        return JsonB(Value::Object(first));
+        return Jsonb(Value::Object(first));
     }
 
     let mut models: HashMap<String, Model> = HashMap::new();
@@ -130,11 +131,11 @@ pub fn mutate(client_id: &str, client_tx_id: Uuid, ops: JsonB, user: Option<&str
     let stored = model::run(
         &STORE_RESULT,
         &jsonb_arg,
-        vec![JsonB(
+        vec![Jsonb(
             json!({"u": ns, "c": client_id, "t": tx, "r": result}),
         )],
     );
-    JsonB(stored.unwrap_or(result))
+    Jsonb(stored.unwrap_or(result))
 }
 
 thread_local! {
@@ -320,7 +321,7 @@ fn authorize(
                 "SELECT pg_catalog.to_jsonb(EXISTS (SELECT 1 FROM pg_sync.group_memberships
                   WHERE user_id = $1->>'u' AND group_id = $1->>'g'))",
                 &[PgOid::from(pg_sys::JSONBOID)],
-                vec![JsonB(json!({"u": user, "g": group}))],
+                vec![Jsonb(json!({"u": user, "g": group}))],
             ),
             Some(Value::Bool(true))
         )

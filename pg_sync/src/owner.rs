@@ -321,10 +321,10 @@ pub fn owner_rows(
     after_id: Option<&str>,
     lim: Option<i32>,
     lock: bool,
-) -> pgrx::JsonB {
+) -> crate::deep::Jsonb {
     // The catalog reads run as the caller (fixed statements, nothing user-defined evaluated).
     let meta = with_fixed_search_path(|| {
-        Spi::get_one_with_args::<pgrx::JsonB>(
+        Spi::get_one_with_args::<crate::deep::Jsonb>(
             "SELECT pg_catalog.jsonb_build_object(
                   'tbl', r.rel::pg_catalog.regclass::pg_catalog.text,
                   'owner', c.relowner::pg_catalog.int8,
@@ -351,7 +351,7 @@ pub fn owner_rows(
         )
     })
     .unwrap_or_else(|e| panic!("pg_sync: {e}"));
-    let Some(pgrx::JsonB(meta)) = meta else {
+    let Some(crate::deep::Jsonb(meta)) = meta else {
         errors::raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("model \"{model}\" is not registered"),
@@ -411,10 +411,10 @@ pub fn owner_rows(
                 client
                     .update(&sql, None, &args)?
                     .first()
-                    .get_one::<pgrx::JsonB>()
+                    .get_one::<crate::deep::Jsonb>()
             })
         })
     })
     .unwrap_or_else(|e| panic!("pg_sync: {e}"));
-    rows.unwrap_or(pgrx::JsonB(serde_json::json!([])))
+    rows.unwrap_or(crate::deep::Jsonb(serde_json::json!([])))
 }

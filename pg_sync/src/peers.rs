@@ -8,10 +8,11 @@
 //! action such a merge stands for, with the versions that won, and nothing that did not win (a
 //! version is logged once per node).
 
+use crate::deep::Jsonb;
 use crate::model::{self, Model};
 use crate::owner;
 use pg_sync_lww::merge::Outcome;
-use pgrx::{pg_sys, JsonB, PgOid};
+use pgrx::{pg_sys, PgOid};
 use serde_json::{json, Map, Value};
 
 /// An action to log: kind, data, version, per-column versions that differ from it.
@@ -101,7 +102,7 @@ pub fn log_state_only(
                              THEN $1 OPERATOR(pg_catalog.->) 'vs' END,
                         $1 OPERATOR(pg_catalog.->>) 'o', $1 OPERATOR(pg_catalog.->>) 'g'",
                 &[PgOid::from(pg_sys::JSONBOID)],
-                vec![JsonB(doc)],
+                vec![Jsonb(doc)],
             )
         });
     }

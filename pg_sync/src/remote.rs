@@ -14,6 +14,7 @@
 
 use crate::capture::{self, RemoteContext};
 use crate::clock;
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model::{self, Model};
 use crate::settings;
@@ -21,7 +22,7 @@ use crate::state;
 use pg_sync_lww::merge::{self, Change, Dml};
 use pg_sync_lww::version::{validate_node_id, Version};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgOid};
+use pgrx::{pg_sys, PgOid};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -29,7 +30,7 @@ use std::collections::HashMap;
 pub(crate) const MAX_BATCH: usize = 100_000;
 
 /// The body of `pg_sync.apply_remote()`: returns how many changes changed something.
-pub fn apply_remote(change: JsonB) -> i64 {
+pub fn apply_remote(change: Jsonb) -> i64 {
     let mut models: HashMap<String, Target> = HashMap::new();
     let mut horizon = state::Horizon::default();
     match change.0 {
@@ -67,7 +68,7 @@ impl Target {
             "SELECT pg_catalog.to_jsonb(r.rel::pg_catalog.oid::pg_catalog.int8) FROM pg_sync.registry r
               WHERE r.model OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'm')",
             &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(serde_json::json!({"m": name}))],
+            vec![Jsonb(serde_json::json!({"m": name}))],
         )
         .and_then(|v| v.as_u64())
         .unwrap_or(0);
@@ -409,7 +410,7 @@ pub(crate) fn log_conflicts(
         .filter(|(col, _)| !outcome.won.contains_key(*col))
         .filter_map(|(col, (value, version))| {
             let kept = match current {
-                Some(row) if row.get(col) != Some(value) => state.effective(col),
+                Some(row) if !crate::deep::same(row.get(col), Some(value)) => state.effective(col),
                 Some(_) => return None,
                 None => state.deleted.clone()?,
             };
@@ -428,7 +429,7 @@ pub(crate) fn log_conflicts(
            FROM pg_catalog.jsonb_to_recordset($1) AS x(model text, model_id text, column_name text,
                                                         kept_version text, lost_version text, origin text)",
         &[PgOid::from(pg_sys::JSONBOID)],
-        vec![JsonB(Value::Array(lost))],
+        vec![Jsonb(Value::Array(lost))],
     );
 }
 

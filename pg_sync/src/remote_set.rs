@@ -34,6 +34,7 @@
 
 use crate::capture::{self, RemoteContext, RemoteSet};
 use crate::clock;
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model::{self, Model};
 use crate::owner;
@@ -43,7 +44,7 @@ use crate::settings;
 use crate::state;
 use pg_sync_lww::merge::{self, Dml, Outcome, State};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgOid};
+use pgrx::{pg_sys, PgOid};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
 
@@ -87,7 +88,7 @@ struct Writes {
 
 /// The body of `pg_sync.apply_remote_set()`: how many changes changed something, or `None`
 /// (SQL NULL) when the batch must go change by change (see the module comment).
-pub fn apply_remote_set(changes: JsonB) -> Option<i64> {
+pub fn apply_remote_set(changes: Jsonb) -> Option<i64> {
     if !settings::set_apply() {
         return None;
     }
@@ -373,7 +374,7 @@ fn set_capable(model: &str) -> bool {
     model::run(
         &sql,
         &[PgOid::from(pg_sys::JSONBOID)],
-        vec![JsonB(json!({"m": model}))],
+        vec![Jsonb(json!({"m": model}))],
     )
     .and_then(|v| v.as_bool())
     .unwrap_or(false)
@@ -409,7 +410,7 @@ fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<S
             .map(|&k| Value::Object(keys[k].key.clone()))
             .collect(),
     );
-    match model.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![JsonB(arg)]) {
+    match model.run(&sql, &[PgOid::from(pg_sys::JSONBOID)], vec![Jsonb(arg)]) {
         Some(Value::Object(rows)) => rows
             .into_iter()
             .filter_map(|(id, row)| match row {
@@ -429,7 +430,7 @@ fn lock_rows(model: &Model, keys: &[Key], ks: &[usize]) -> HashMap<String, Map<S
 fn lock_states(name: &str, keys: &[Key], ks: &[usize]) -> HashMap<String, Option<State>> {
     let mut ids: Vec<&str> = ks.iter().map(|&k| keys[k].id.as_str()).collect();
     ids.sort_unstable();
-    let arg = JsonB(json!({"m": name, "i": ids}));
+    let arg = Jsonb(json!({"m": name, "i": ids}));
     // row_state is the owner's; the statement is fixed and fully qualified.
     let found = owner::as_owner(|| {
         model::run(
@@ -546,7 +547,7 @@ fn store_states(keys: &[Key]) {
                    created = EXCLUDED.created, deleted = EXCLUDED.deleted, versions = EXCLUDED.versions,
                    pending = EXCLUDED.pending, max_version = EXCLUDED.max_version",
                 &types,
-                vec![JsonB(Value::Array(old.iter().map(|k| doc(k)).collect()))],
+                vec![Jsonb(Value::Array(old.iter().map(|k| doc(k)).collect()))],
             );
         }
         if !new.is_empty() {
@@ -558,7 +559,7 @@ fn store_states(keys: &[Key]) {
                             ON CONFLICT (model, model_id) DO NOTHING RETURNING 1)
                  SELECT pg_catalog.to_jsonb(pg_catalog.count(*)) FROM w",
                 &types,
-                vec![JsonB(Value::Array(new.iter().map(|k| doc(k)).collect()))],
+                vec![Jsonb(Value::Array(new.iter().map(|k| doc(k)).collect()))],
             )
             .and_then(|v| v.as_u64())
             .unwrap_or(0) as usize;
@@ -664,7 +665,7 @@ fn run_writes(target: &Target, sql: &str, mut writes: Vec<Write>) {
         .run(
             sql,
             &[PgOid::from(pg_sys::JSONBOID)],
-            vec![JsonB(Value::Array(rows))],
+            vec![Jsonb(Value::Array(rows))],
         )
         .and_then(|v| v.as_u64())
         .unwrap_or(0) as usize;

@@ -2,14 +2,15 @@
 //! horizon so readers can tell a client to bootstrap again instead of serving a gap. Merges never
 //! read the log (row states live in `row_state`), so the actions can simply go.
 
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model;
-use pgrx::{pg_sys, JsonB, PgOid};
+use pgrx::{pg_sys, PgOid};
 use serde_json::json;
 
 pub fn compact(horizon: i64) -> i64 {
     let jsonb = [PgOid::from(pg_sys::JSONBOID)];
-    let arg = || vec![JsonB(json!({"h": horizon}))];
+    let arg = || vec![Jsonb(json!({"h": horizon}))];
     let last = model::run(
         "SELECT pg_catalog.to_jsonb(pg_sync.last_sync_id())",
         &jsonb,

@@ -10,6 +10,7 @@
 //! table holds it (it predates capture), otherwise unknown.
 
 use crate::clock;
+use crate::deep::Jsonb;
 use crate::errors;
 use crate::model;
 use crate::owner;
@@ -17,7 +18,7 @@ use pg_sync_lww::merge::{Change, Kind, State};
 use pg_sync_lww::version::Version;
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{pg_sys, JsonB, PgOid, Spi};
+use pgrx::{pg_sys, PgOid, Spi};
 use serde_json::{json, Map, Value};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -190,7 +191,7 @@ fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> Option<
             if t.is_empty() {
                 None
             } else {
-                t.first().get_one::<JsonB>().ok().flatten().map(|j| j.0)
+                t.first().get_one::<Jsonb>().ok().flatten().map(|j| j.0)
             }
         })
     })
@@ -321,7 +322,7 @@ pub fn insert_first(model_name: &str, model_id: &str, state: &State) -> bool {
             " ON CONFLICT (model, model_id) DO NOTHING RETURNING 'true'::pg_catalog.jsonb"
         ),
         &[PgOid::from(pg_sys::JSONBOID)],
-        &[JsonB(state_doc(model_name, model_id, state)).into()],
+        &[Jsonb(state_doc(model_name, model_id, state)).into()],
     )
     .is_some()
 }
@@ -407,7 +408,7 @@ pub fn store(model_name: &str, model_id: &str, state: &State) {
                pending = EXCLUDED.pending, max_version = EXCLUDED.max_version"
         ),
         &[PgOid::from(pg_sys::JSONBOID)],
-        &[JsonB(doc).into()],
+        &[Jsonb(doc).into()],
     );
 }
 
@@ -456,7 +457,7 @@ pub fn record_local(model_name: &str, model_id: &str, what: Local<'_>, version: 
                 model_name.into(),
                 model_id.into(),
                 version.as_str().into(),
-                JsonB(Value::Object(versions.clone())).into(),
+                Jsonb(Value::Object(versions.clone())).into(),
             ]
         };
         // Inserts usually find no state: their first state row goes in without the executor

@@ -16,8 +16,9 @@
 //! text operators), and only while the table is as pg_sync created it.
 
 use crate::actions::{self, col, Col, C};
+use crate::deep::Jsonb;
 use pgrx::pg_sys;
-use pgrx::{FromDatum, IntoDatum, JsonB};
+use pgrx::{FromDatum, IntoDatum};
 use std::cell::Cell;
 
 /// The columns of `row_state` as `sql/schema.sql` creates them.
@@ -99,7 +100,7 @@ fn empty_object() -> pg_sys::Datum {
             // copy it into tuples.
             let d = unsafe {
                 let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-                let d = JsonB(serde_json::Value::Object(Default::default()))
+                let d = Jsonb(serde_json::Value::Object(Default::default()))
                     .into_datum()
                     .expect("jsonb");
                 pg_sys::MemoryContextSwitchTo(old);
@@ -343,7 +344,7 @@ pub fn update_existing(model: &str, model_id: &str, change: Change<'_>, version:
                         set(4, Some(empty_object()));
                     }
                     Change::Columns(cols) => {
-                        let add = JsonB(serde_json::Value::Object(cols.clone()))
+                        let add = Jsonb(serde_json::Value::Object(cols.clone()))
                             .into_datum()
                             .expect("jsonb");
                         let merged = pg_sys::OidFunctionCall2Coll(

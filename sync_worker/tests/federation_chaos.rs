@@ -334,13 +334,53 @@ fn a_deeply_nested_row_federates_and_the_link_flows_on() {
     deep_row_federates("fc_deep", 124);
 }
 
-/// Review of fedfix16: the receiving extension parses changes into serde_json trees too
-/// (`pgrx::JsonB`): a row nested deeper than about 125 levels fails its apply with XX000,
-/// which `apply_peer_batch` takes for transient, so the link retries that batch forever.
+/// Review of fedfix16: the receiving extension parsed changes into serde_json trees too
+/// (`pgrx::JsonB`): a row nested deeper than about 125 levels failed its apply with XX000,
+/// which `apply_peer_batch` took for transient, so the link retried that batch forever.
 #[test]
-#[ignore = "defect: the extension's apply_remote/apply_remote_set parse changes with serde_json (pgrx JsonB, 127 levels): a deeper row fails XX000 and its batch retries forever"]
 fn a_row_nested_300_levels_federates() {
     deep_row_federates("fc_deep300", 300);
+}
+
+/// Past what serde_json parses at all: the extension keeps levels below its cut as raw text
+/// (`pg_sync/src/deep.rs`).
+#[test]
+fn a_row_nested_2000_levels_federates() {
+    deep_row_federates("fc_deep2000", 2000);
+}
+
+/// A change whose apply raises an internal error (XX000; here a trigger of B's, as a value the
+/// extension could not read once did) is parked in B's quarantine with its SQLSTATE, and the
+/// link flows on: XX000 once counted as transient, and B retried the same batch forever.
+#[test]
+fn an_internal_error_of_a_change_is_quarantined_and_the_link_flows() {
+    let mut m = Mesh::start("fc_xx000", &["a", "b"], ITEMS, &[(0, 1)]);
+    m.node("b").exec(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN
+                 RAISE EXCEPTION 'an internal error' USING ERRCODE = 'XX000';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('bad', 'a', 1, 'g1')");
+    m.node("a")
+        .exec("INSERT INTO items VALUES ('after', 'a', 2, 'g1')");
+    m.quiesce_within(Duration::from_secs(30));
+    let b = m.node("b");
+    assert_eq!(
+        b.text("SELECT string_agg(sqlstate, ',') FROM pg_sync.peer_quarantine"),
+        "XX000"
+    );
+    assert_eq!(b.int("SELECT count(*) FROM items WHERE id = 'after'"), 1);
+    assert_eq!(b.int("SELECT count(*) FROM items WHERE id = 'bad'"), 0);
+    b.exec("DROP TRIGGER boom ON items; SELECT pg_sync.retry_quarantined('a');");
+    m.assert_no_quarantine();
+    m.assert_converged_among("items", &["a", "b"]);
+    m.assert_exactly_once();
 }
 
 /// A row with a jsonb value nested `depth` levels goes A→B, then back from B (another value
