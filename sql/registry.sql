@@ -511,12 +511,12 @@ AS $$
         -- index's order (xid is fixed): no sort. (For these the rows and sync ids are the
         -- ranked ones below: the transaction's actions are exactly those ids.)
         SELECT * FROM (
-            SELECT b.*, b.id - (t.first_action_id + t.skip) + 1 AS rank
-              FROM pg_sync.sync_actions b
+            SELECT bc.*, bc.id - (t.first_action_id + t.skip) + 1 AS rank
+              FROM pg_sync.sync_actions bc
              WHERE t.first_action_id IS NOT NULL
-               AND b.xid = t.xid AND b.id >= t.first_action_id + t.skip
-               AND b.id < t.first_action_id + t.skip + t.take
-             ORDER BY b.id) f
+               AND bc.xid = t.xid AND bc.id >= t.first_action_id + t.skip
+               AND bc.id < t.first_action_id + t.skip + t.take
+             ORDER BY bc.id) f
         UNION ALL
         -- The others (NULL: a rolled-back savepoint left a hole in the ids, or the sequencer
         -- did not say): ranked. The ORDER BY is the index's order (xid is fixed): no sort.

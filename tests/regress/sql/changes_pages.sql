@@ -147,7 +147,7 @@ SELECT cp_seq();
 -- The pages as ranked (every first_action_id NULL), kept.
 CREATE TEMP TABLE cp_cases AS
 SELECT s.span, g.groups, m.member
-  FROM (VALUES (1), (7), (100), (1001), (5000)) s(span),
+  FROM (VALUES (7), (100), (1001), (5000)) s(span),
        (VALUES (NULL::text[]), ('{cp_g1}'), ('{cp_g0,cp_g2}')) g(groups),
        (VALUES (NULL::text), ('cp_u1'), ('nobody')) m(member);
 CREATE TEMP TABLE cp_ranked AS
