@@ -6640,7 +6640,10 @@ async fn commit_order_first_action_id_is_null_after_a_rolled_back_savepoint_and_
         .collect()
     });
     let backlog_pass: Vec<bool> = firsts.iter().map(|f| f.0).collect();
-    assert_eq!(backlog_pass, [true, true, false, false, false, false, false, false, false]);
+    assert_eq!(
+        backlog_pass,
+        [true, true, false, false, false, false, false, false, false]
+    );
     let contiguous: Vec<bool> = firsts.iter().map(|f| f.1).collect();
     assert_eq!(
         contiguous,
@@ -6664,10 +6667,16 @@ async fn commit_order_first_action_id_is_null_after_a_rolled_back_savepoint_and_
             }
         }
         replays.push(got);
-        exec(&mut db, "UPDATE pg_sync.commit_order SET first_action_id = NULL");
+        exec(
+            &mut db,
+            "UPDATE pg_sync.commit_order SET first_action_id = NULL",
+        );
     }
     assert_eq!(replays[0][0].0.len(), 161, "alice's replay from 0");
-    assert_eq!(replays[0], replays[1], "first_action_id changes no replayed frame");
+    assert_eq!(
+        replays[0], replays[1],
+        "first_action_id changes no replayed frame"
+    );
     tokio::task::block_in_place(|| drop(db));
 }
 

@@ -137,6 +137,7 @@ impl Session<'_> {
     /// move its cursor past actions it never got. So the statement persists nothing until every
     /// one of the transactions is visible in its own snapshot (then in every later one too),
     /// and the sequencer asks again shortly.
+    #[allow(clippy::too_many_arguments)] // the statement's columns, one slice each
     pub(super) async fn persist(
         &mut self,
         xids: &[String],

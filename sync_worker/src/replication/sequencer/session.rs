@@ -168,7 +168,8 @@ impl OpenTxn {
         self.count += 1;
         self.groups.add(v[0], v[5]);
         let id = v[10].and_then(|id| id.parse::<i64>().ok());
-        self.ids.add(id, v[11].is_some() && v[11] == self.xid.as_deref());
+        self.ids
+            .add(id, v[11].is_some() && v[11] == self.xid.as_deref());
         if self.large {
             // Re-read from the database (`publish_large`): building its deltas now would be
             // a JSON pass over every action thrown away, and holding them memory it must not
