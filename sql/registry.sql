@@ -428,16 +428,19 @@ AS $$
     -- cannot see the sync ids are in order). The
     -- lower bound (the one index probe for the transaction holding after+1) keeps a page's
     -- cost independent of how much log lies before it; reading a large transaction's later
-    -- pages costs a pass over the ids before them, not over its rows. A caller that joins the
+    -- pages costs a pass over the ids before them, not over its rows (none when its ids are
+    -- contiguous: commit_order.first_action_id, below). A caller that joins the
     -- rows to something else orders them itself (ORDER BY sync_id).
     SELECT t.first_sync_id + t.skip + a.rank - 1, a.id, a.model, a.model_id, a.action, a.data,
            a.version, a.versions, a.origin, a.group_id, a.prev_group_id, a.moved, a.client_id,
            a.client_tx_id, a.group_id IS NULL
-      FROM (SELECT c.xid, c.first_sync_id, p.skip,
+      FROM (SELECT c.xid, c.first_sync_id, c.first_action_id, p.skip,
                    -- (0, not negative, for a span below 1: LIMIT refuses a negative count)
                    GREATEST(LEAST(c.first_sync_id + c.action_count, after + span + 1)
                               - c.first_sync_id - p.skip, 0) AS take,
-                   CASE WHEN p.skip > 0 THEN
+                   -- (only for a transaction whose ids are not contiguous: for the others
+                   -- the id is first_action_id + skip, below)
+                   CASE WHEN p.skip > 0 AND c.first_action_id IS NULL THEN
                        -- (none: the transaction holds fewer actions than it was
                        -- sequenced with, and none of them is in the page)
                        coalesce((SELECT s.id FROM pg_sync.sync_actions s WHERE s.xid = c.xid
@@ -461,7 +464,7 @@ AS $$
                     -- in the hashed list (most transactions write one group); && (a scan of
                     -- both arrays) only for the rest. Operators named in pg_catalog: && on
                     -- text[] has no exact built-in match a caller's own operator could not take.
-                    SELECT o.xid, o.first_sync_id, o.action_count
+                    SELECT o.xid, o.first_sync_id, o.action_count, o.first_action_id
                       FROM pg_sync.commit_order o
                      WHERE (changes.groups IS NULL
                             OR pg_catalog.cardinality(changes.groups)
@@ -476,10 +479,10 @@ AS $$
                     -- them (commit_order_group_idx: one descent per group, then its rows; the
                     -- OFFSET 0 keeps the scan per group, which the planner would otherwise
                     -- weigh against the span's scan with a guessed lower bound, and take) ...
-                    SELECT o.xid, o.first_sync_id, o.action_count
+                    SELECT o.xid, o.first_sync_id, o.action_count, o.first_action_id
                       FROM (SELECT DISTINCT u.g FROM pg_catalog.unnest(changes.groups) u(g)) g
                      CROSS JOIN LATERAL (
-                           SELECT o.xid, o.first_sync_id, o.action_count
+                           SELECT o.xid, o.first_sync_id, o.action_count, o.first_action_id
                              FROM pg_sync.commit_order o
                             WHERE pg_catalog.cardinality(o.group_ids) OPERATOR(pg_catalog.=) 1
                               AND o.group_ids[1] OPERATOR(pg_catalog.=) g.g
@@ -490,7 +493,7 @@ AS $$
                     UNION ALL
                     -- ... and the others whose list names one of them or is NULL
                     -- (commit_order_shared_idx).
-                    SELECT o.xid, o.first_sync_id, o.action_count
+                    SELECT o.xid, o.first_sync_id, o.action_count, o.first_action_id
                       FROM pg_sync.commit_order o
                      WHERE pg_catalog.cardinality(changes.groups)
                            OPERATOR(pg_catalog.<) (changes.span OPERATOR(pg_catalog./) 64)
@@ -501,12 +504,29 @@ AS $$
              WHERE c.first_sync_id + c.action_count - 1 > after
              ORDER BY c.first_sync_id) t
      CROSS JOIN LATERAL (
-        -- The ORDER BY is the index's order (xid is fixed): no sort.
-        SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.id) AS rank
-          FROM pg_sync.sync_actions b
-         WHERE b.xid = t.xid AND b.id >= coalesce(t.from_id, -9223372036854775807)
-         ORDER BY b.id
-         LIMIT t.take) a
+        -- A transaction whose action ids are contiguous (commit_order.first_action_id): the
+        -- page's part of it is the ids first_action_id + skip .. + take - 1, one range of the
+        -- log's key, and an action's rank there is its id's distance from the range's start.
+        -- No window function, no lookup of the first id by OFFSET. The ORDER BY is the
+        -- index's order (xid is fixed): no sort. (For these the rows and sync ids are the
+        -- ranked ones below: the transaction's actions are exactly those ids.)
+        SELECT * FROM (
+            SELECT bc.*, bc.id - (t.first_action_id + t.skip) + 1 AS rank
+              FROM pg_sync.sync_actions bc
+             WHERE t.first_action_id IS NOT NULL
+               AND bc.xid = t.xid AND bc.id >= t.first_action_id + t.skip
+               AND bc.id < t.first_action_id + t.skip + t.take
+             ORDER BY bc.id) f
+        UNION ALL
+        -- The others (NULL: a rolled-back savepoint left a hole in the ids, or the sequencer
+        -- did not say): ranked. The ORDER BY is the index's order (xid is fixed): no sort.
+        SELECT * FROM (
+            SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.id) AS rank
+              FROM pg_sync.sync_actions b
+             WHERE t.first_action_id IS NULL
+               AND b.xid = t.xid AND b.id >= coalesce(t.from_id, -9223372036854775807)
+             ORDER BY b.id
+             LIMIT t.take) r) a
      -- IN (SELECT unnest(...)), not = ANY (groups): inside this function `groups` is a
      -- parameter, and = ANY scans the whole array for every row (a third of a page's time for
      -- a reader of 100 groups); the subquery is hashed once per page.

@@ -107,7 +107,15 @@ CREATE TABLE pg_sync.commit_order (
                   -- entries cannot pass 2,704 bytes: the sequencer lists no group id longer
                   -- than 512 bytes (NULL, always read, instead).
                   CHECK (pg_catalog.cardinality(group_ids) <> 1
-                         OR pg_catalog.octet_length(group_ids[1]) <= 512)
+                         OR pg_catalog.octet_length(group_ids[1]) <= 512),
+    -- The lowest action id of the transaction when its action ids are contiguous (exactly
+    -- first_action_id .. first_action_id + action_count - 1), else NULL (a rolled-back
+    -- savepoint left a hole, or another transaction's action was drawn in between). Set by the
+    -- sequencer with the row. changes() then has an action's sync id from its id,
+    -- first_sync_id + (id - first_action_id), and reads a page's part of the transaction as one
+    -- id range; for NULL it ranks the transaction's actions. Compaction removes whole
+    -- transactions only, so the ids stay contiguous while the row exists.
+    first_action_id bigint
 );
 -- What a page for a reader of a few groups scans instead of the whole span (pg_sync.changes()):
 -- the one-group transactions by group, then sync id; the others that can hold any group's rows

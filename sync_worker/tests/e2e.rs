@@ -6555,6 +6555,131 @@ async fn commit_order_lists_each_transactions_groups_and_replay_reads_by_them() 
     tokio::task::block_in_place(|| drop(db));
 }
 
+/// The sequencer sets `commit_order.first_action_id` (the transaction's lowest action id) when
+/// its action ids are contiguous, in the backlog pass and from the stream (past the transaction
+/// buffer too), and leaves it NULL when a rolled-back savepoint left a hole in them. A replay
+/// (changes() numbering those transactions by id) sends exactly what it sends with every
+/// first_action_id NULL (each transaction's actions ranked), from 0 and resumed inside
+/// transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_order_first_action_id_is_null_after_a_rolled_back_savepoint_and_replay_is_unchanged(
+) {
+    let (cluster, mut db) = app_cluster("ws_first_action_id");
+    // One transaction each (a multi-statement string without BEGIN would be one too). The
+    // first two are written before the worker's slot exists: its backlog pass sequences them.
+    let savepoint = |before: &str, rolled_back: &str, after: &str| {
+        format!("BEGIN; {before}; SAVEPOINT s; {rolled_back}; ROLLBACK TO s; {after}; COMMIT")
+    };
+    let backlog = [
+        "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'b', 'p1')".to_string(),
+        savepoint(
+            "INSERT INTO todos VALUES (3, 'c', 'p1')",
+            "INSERT INTO todos VALUES (4, 'gone', 'p1')",
+            "INSERT INTO todos VALUES (5, 'e', 'p2')",
+        ),
+    ];
+    let streamed = [
+        "INSERT INTO todos VALUES (6, 'f', 'p1')".to_string(),
+        savepoint(
+            "SELECT pg_sync.add_member('carol', 'p1')",
+            "INSERT INTO todos VALUES (7, 'gone', 'p1')",
+            "INSERT INTO todos VALUES (8, 'h', 'p1')",
+        ),
+        // Past the transaction buffer (50).
+        "INSERT INTO todos SELECT 100 + g, 'big', CASE WHEN g % 3 = 0 THEN 'p2' ELSE 'p1' END
+           FROM generate_series(0, 119) g"
+            .to_string(),
+        savepoint(
+            "INSERT INTO todos SELECT 300 + g, 'big', 'p1' FROM generate_series(0, 69) g",
+            "INSERT INTO todos SELECT 400 + g, 'gone', 'p1' FROM generate_series(0, 9) g",
+            "INSERT INTO todos SELECT 500 + g, 'big', 'p3' FROM generate_series(0, 69) g",
+        ),
+        "BEGIN; INSERT INTO todos VALUES (9, 'i', 'p1'); SAVEPOINT s;
+         INSERT INTO todos VALUES (10, 'kept', 'p1'); RELEASE s; COMMIT"
+            .to_string(),
+        "UPDATE todos SET title = 'z' WHERE id IN (1, 101, 301)".to_string(),
+        "INSERT INTO announcements VALUES (1, 'all')".to_string(),
+    ];
+    // (The set-up's own actions come before.)
+    let mark: i64 = scalar(
+        &mut db,
+        "SELECT coalesce(max(id), 0) FROM pg_sync.sync_actions",
+    );
+    for sql in &backlog {
+        exec(&mut db, sql);
+    }
+    let worker = Worker::start_with(&cluster, "app", free_port(), &[("SYNC_TXN_BUFFER", "50")]);
+    worker.wait_healthy().await;
+    for sql in &streamed {
+        exec(&mut db, sql);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar::<i64>(
+        &mut db,
+        "SELECT count(*) FROM pg_sync.sync_actions a
+          WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)",
+    ) > 0
+    {
+        assert!(Instant::now() < deadline, "not sequenced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each transaction's first_action_id: its lowest id or NULL, in commit order.
+    let firsts: Vec<(bool, bool, bool)> = tokio::task::block_in_place(|| {
+        db.query(
+            "SELECT c.commit_lsn = '0/0', c.first_action_id IS NOT NULL,
+                    c.first_action_id IS NOT DISTINCT FROM
+                        (SELECT min(a.id) FROM pg_sync.sync_actions a WHERE a.xid = c.xid)
+               FROM pg_sync.commit_order c
+              WHERE EXISTS (SELECT 1 FROM pg_sync.sync_actions a WHERE a.xid = c.xid AND a.id > $1)
+              ORDER BY c.first_sync_id",
+            &[&mark],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    });
+    let backlog_pass: Vec<bool> = firsts.iter().map(|f| f.0).collect();
+    assert_eq!(
+        backlog_pass,
+        [true, true, false, false, false, false, false, false, false]
+    );
+    let contiguous: Vec<bool> = firsts.iter().map(|f| f.1).collect();
+    assert_eq!(
+        contiguous,
+        [true, false, true, false, true, false, true, true, true],
+        "NULL exactly for the transactions with a rolled-back savepoint"
+    );
+    assert!(
+        firsts.iter().all(|f| !f.1 || f.2),
+        "first_action_id is the lowest id"
+    );
+    // Alice (p1) and carol (p1, and her join) replay from 0 and from inside transactions, then
+    // again with every first_action_id NULL.
+    let last: i64 = scalar(&mut db, "SELECT pg_sync.last_sync_id()");
+    let mut replays = vec![];
+    for _ in 0..2 {
+        let mut got = vec![];
+        for user in ["alice", "carol"] {
+            for after in (0..last).step_by(13) {
+                let mut ws = connect(worker.port, user).await;
+                got.push(subscribe_all(&mut ws, after).await);
+            }
+        }
+        replays.push(got);
+        exec(
+            &mut db,
+            "UPDATE pg_sync.commit_order SET first_action_id = NULL",
+        );
+    }
+    assert_eq!(replays[0][0].0.len(), 161, "alice's replay from 0");
+    assert_eq!(
+        replays[0], replays[1],
+        "first_action_id changes no replayed frame"
+    );
+    tokio::task::block_in_place(|| drop(db));
+}
+
 /// The bootstrap's `row` lines, byte for byte (key order, number forms, NULLs, bytea, json and
 /// jsonb, numeric precision, dates and timestamps over their ranges, arrays, text escaping,
 /// composite and uuid ids), against a golden file written by the worker before its row encoding

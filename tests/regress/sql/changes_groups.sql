@@ -88,7 +88,7 @@ CREATE FUNCTION cg_probes(plan json) RETURNS bigint LANGUAGE sql AS $$
   WITH RECURSIVE n(node) AS (SELECT plan -> 0 -> 'Plan'
                              UNION ALL SELECT p FROM n, json_array_elements(n.node -> 'Plans') p)
   SELECT sum((node ->> 'Actual Loops')::bigint) FROM n
-   WHERE node ->> 'Relation Name' = 'sync_actions' AND node ->> 'Alias' = 'b'
+   WHERE node ->> 'Relation Name' = 'sync_actions' AND node ->> 'Alias' IN ('b', 'bc')
 $$;
 DO $$
 DECLARE plan json;

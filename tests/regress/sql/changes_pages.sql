@@ -122,6 +122,71 @@ REVOKE USAGE ON SCHEMA pg_sync FROM cp_reader;
 REVOKE pgsync_owner FROM cp_reader;
 DROP ROLE cp_reader;
 
+-- commit_order.first_action_id (the sequencer sets it when a transaction's action ids are
+-- contiguous): changes() then numbers those transactions' actions by id instead of ranking
+-- them. The same log read both ways gives the same pages. More transactions first: a large one
+-- with contiguous ids (memberships in its middle), one whose rolled-back savepoint left a hole
+-- (its first_action_id stays NULL), small ones.
+BEGIN;
+INSERT INTO cp_t SELECT g, 'cp_g' || (g % 3) FROM generate_series(4000, 4899) g;
+SELECT pg_sync.add_member('cp_u1', 'cp_g0');
+UPDATE cp_t SET grp = 'cp_g1' WHERE id BETWEEN 4000 AND 4099;
+SELECT pg_sync.remove_member('cp_u2', 'cp_g2');
+DELETE FROM cp_t WHERE id BETWEEN 4800 AND 4899;
+COMMIT;
+BEGIN;
+INSERT INTO cp_t SELECT g, 'cp_g1' FROM generate_series(6000, 6099) g;
+SAVEPOINT s;
+INSERT INTO cp_t SELECT g, 'cp_g1' FROM generate_series(6100, 6149) g;
+ROLLBACK TO s;
+INSERT INTO cp_t SELECT g, 'cp_g2' FROM generate_series(6200, 6299) g;
+COMMIT;
+INSERT INTO cp_global SELECT generate_series(5, 7);
+INSERT INTO cp_t VALUES (11, 'cp_g2');
+SELECT cp_seq();
+-- The pages as ranked (every first_action_id NULL), kept.
+CREATE TEMP TABLE cp_cases AS
+SELECT s.span, g.groups, m.member
+  FROM (VALUES (7), (100), (1001), (5000)) s(span),
+       (VALUES (NULL::text[]), ('{cp_g1}'), ('{cp_g0,cp_g2}')) g(groups),
+       (VALUES (NULL::text), ('cp_u1'), ('nobody')) m(member);
+CREATE TEMP TABLE cp_ranked AS
+SELECT k.*, cp_pages((SELECT at FROM cp_mark), k.span, k.groups, k.member) AS pages FROM cp_cases k;
+CREATE TEMP TABLE cp_ranked_resumed AS
+SELECT r, cp_pages(r, 997, '{cp_g1}', 'cp_u2') AS pages
+  FROM generate_series((SELECT at FROM cp_mark) + 2, pg_sync.last_sync_id(), 25) r;
+-- The sequencer's rule: the lowest id when the ids fill lowest .. highest.
+UPDATE pg_sync.commit_order c SET first_action_id = s.first_id
+  FROM (SELECT a.xid, CASE WHEN max(a.id) - min(a.id) = count(*) - 1 THEN min(a.id) END AS first_id
+          FROM pg_sync.sync_actions a GROUP BY a.xid) s
+ WHERE s.xid = c.xid AND c.first_sync_id > (SELECT at FROM cp_mark);
+-- The two transactions with a rolled-back savepoint are the ones without.
+SELECT action_count, first_action_id IS NOT NULL AS contiguous
+  FROM pg_sync.commit_order WHERE first_sync_id > (SELECT at FROM cp_mark) ORDER BY first_sync_id;
+SELECT count(*) AS cases,
+       count(*) FILTER (WHERE cp_pages((SELECT at FROM cp_mark), k.span, k.groups, k.member) = k.pages) AS same_as_ranked,
+       count(*) FILTER (WHERE k.pages = cp_reference(k.groups, k.member)) AS ranked_match_reference
+  FROM cp_ranked k;
+SELECT count(*) AS resumptions,
+       count(*) FILTER (WHERE cp_pages(k.r, 997, '{cp_g1}', 'cp_u2') = k.pages) AS same_as_ranked
+  FROM cp_ranked_resumed k;
+-- Resumed at every sync id of the large contiguous transaction and around it (pages of 13,
+-- up to 40 past the resumption): the rows and sync ids are the reference's.
+SELECT count(*) AS resumptions,
+       count(*) FILTER (WHERE (SELECT coalesce(array_agg(c.sync_id || ':' || c.id), '{}')
+                                 FROM pg_sync.changes(r, NULL, 13) c)
+                              = (SELECT coalesce(array_agg(x), '{}') FROM unnest(cp_reference(NULL, NULL)) x
+                                  WHERE split_part(x, ':', 1)::bigint > r
+                                    AND split_part(x, ':', 1)::bigint <= r + 13)) AS matched
+  FROM generate_series((SELECT min(first_sync_id) - 2 FROM pg_sync.commit_order WHERE action_count > 1000
+                                                                          AND first_action_id IS NOT NULL),
+                       (SELECT max(first_sync_id + action_count) FROM pg_sync.commit_order WHERE action_count > 1000
+                                                                          AND first_action_id IS NOT NULL)) r;
+-- A span of 0 or less is still an empty page.
+SELECT (SELECT count(*) FROM pg_sync.changes(pg_sync.last_sync_id() - 300, NULL, -1)) AS negative_span,
+       (SELECT count(*) FROM pg_sync.changes(pg_sync.last_sync_id() - 300, NULL, 0)) AS zero_span;
+DROP TABLE cp_cases, cp_ranked, cp_ranked_resumed;
+
 SELECT pg_sync.unregister_table('cp_t');
 SELECT pg_sync.unregister_table('cp_global');
 DROP TABLE cp_t, cp_global;

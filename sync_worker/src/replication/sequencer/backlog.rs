@@ -125,9 +125,12 @@ impl Session<'_> {
                 .await?;
             self.db
                 .execute(
-                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now()
-                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at,
+                                                       first_action_id)
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now(), first_id
+                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n,
+                                    -- (contiguous ids, as the stream's `TxnIds`; else NULL)
+                                    CASE WHEN max(a.id) - min(a.id) = count(*) - 1 THEN min(a.id) END AS first_id
                                FROM pg_sync.sync_actions a
                               WHERE (a.xid::text::bigint % 4294967296) = ANY ($2::bigint[])
                                 AND NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
@@ -230,9 +233,12 @@ impl Session<'_> {
             // The stream names 32-bit xids; the log keeps xid8 (epoch and xid).
             self.db
                 .execute(
-                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at)
-                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now()
-                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n
+                    "INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at,
+                                                       first_action_id)
+                     SELECT xid, $1 + sum(n) OVER (ORDER BY last_id) - n, n, '0/0', now(), first_id
+                       FROM (SELECT a.xid, max(a.id) AS last_id, count(*)::int AS n,
+                                    -- (contiguous ids, as the stream's `TxnIds`; else NULL)
+                                    CASE WHEN max(a.id) - min(a.id) = count(*) - 1 THEN min(a.id) END AS first_id
                                FROM pg_sync.sync_actions a
                               WHERE NOT EXISTS (SELECT 1 FROM pg_sync.commit_order c WHERE c.xid = a.xid)
                               GROUP BY a.xid) s

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 /// $1 xids (xid8 text), $2 action counts, $3 commit LSNs, $4 commit times (Postgres epoch,
 /// microseconds), $5 the first sync id, $6 the committing xids as the stream names them, $7
 /// how many of $8 are each transaction's `commit_order.group_ids` (-1: NULL), $8 those groups,
-/// one transaction's after another's.
+/// one transaction's after another's, $9 each transaction's `commit_order.first_action_id`
+/// (NULL elements: its action ids are not contiguous, see `TxnIds`).
 ///
 /// Its commit is asynchronous (`synchronous_commit = off` for this transaction only): the
 /// ids are published once the persist is visible, without waiting for its WAL flush, and the
@@ -27,10 +28,10 @@ use std::time::{Duration, Instant};
 /// promoted after a failover must have every id clients saw (the new worker's backlog pass
 /// would order a lost tail by another rule).
 const PERSIST_SQL: &str = "WITH u AS (
-       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o, gn,
+       SELECT x::xid8 AS x, c, l::pg_lsn AS l, t, o, gn, fa,
               (sum(GREATEST(gn, 0)) OVER (ORDER BY o) - GREATEST(gn, 0))::int AS gs
-         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $7::int[])
-              WITH ORDINALITY AS u(x, c, l, t, gn, o)),
+         FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $7::int[], $9::bigint[])
+              WITH ORDINALITY AS u(x, c, l, t, gn, fa, o)),
      -- The committing transactions' own xids: the stream's 32 bits widened
      -- by the epoch of the newest xid8 below this snapshot's xmax that has them.
      v AS (
@@ -42,9 +43,10 @@ const PERSIST_SQL: &str = "WITH u AS (
      k AS (
        SELECT u.*, EXISTS (SELECT 1 FROM pg_sync.commit_order co WHERE co.xid = u.x) AS known FROM u),
      ins AS (
-       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids)
+       INSERT INTO pg_sync.commit_order (xid, first_sync_id, action_count, commit_lsn, committed_at, group_ids,
+                                         first_action_id)
        SELECT x, $5 + sum(c) OVER (ORDER BY o) - c, c, l, to_timestamp((t + 946684800000000)::float8 / 1e6),
-              CASE WHEN gn >= 0 THEN ($8::text[])[gs + 1 : gs + gn] END
+              CASE WHEN gn >= 0 THEN ($8::text[])[gs + 1 : gs + gn] END, fa
          FROM k WHERE NOT known AND (SELECT visible FROM v))
      SELECT (SELECT visible FROM v), ARRAY(SELECT x::text FROM k WHERE known),
             pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text,
@@ -135,6 +137,7 @@ impl Session<'_> {
     /// move its cursor past actions it never got. So the statement persists nothing until every
     /// one of the transactions is visible in its own snapshot (then in every later one too),
     /// and the sequencer asks again shortly.
+    #[allow(clippy::too_many_arguments)] // the statement's columns, one slice each
     pub(super) async fn persist(
         &mut self,
         xids: &[String],
@@ -143,6 +146,7 @@ impl Session<'_> {
         lsns: &[String],
         times: &[i64],
         groups: (&[i32], &[&str]),
+        first_ids: &[Option<i64>],
     ) -> Result<std::collections::HashSet<String>, SequencerError> {
         let started = Instant::now();
         let mut waits = 0u32;
@@ -171,6 +175,7 @@ impl Session<'_> {
                         &stream_xids,
                         &groups.0,
                         &groups.1,
+                        &first_ids,
                     ],
                 )
                 .await?;
@@ -240,6 +245,7 @@ impl Session<'_> {
         let mut times = vec![];
         let mut group_counts = vec![];
         let mut groups: Vec<&str> = vec![];
+        let mut first_ids: Vec<Option<i64>> = vec![];
         for txn in &pending {
             if txn.commit_lsn <= self.last_commit_lsn || txn.count == 0 {
                 // A registration change wakes every held `/v1/shape` request, which reads the
@@ -266,6 +272,7 @@ impl Session<'_> {
                 }
                 None => group_counts.push(-1),
             }
+            first_ids.push(txn.ids.first());
         }
         let known: std::collections::HashSet<String> = if stream_xids.is_empty() {
             Default::default()
@@ -277,6 +284,7 @@ impl Session<'_> {
                 &lsns,
                 &times,
                 (&group_counts, &groups),
+                &first_ids,
             )
             .await?
         };

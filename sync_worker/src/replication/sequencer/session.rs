@@ -60,6 +60,49 @@ pub(super) struct OpenTxn {
     pub(super) registry_changed: bool,
     /// Its actions' groups, persisted as `commit_order.group_ids` (see `TxnGroups`).
     pub(super) groups: TxnGroups,
+    /// Its actions' ids, persisted as `commit_order.first_action_id` (see `TxnIds`).
+    pub(super) ids: TxnIds,
+}
+
+/// The ids of a transaction's actions as far as `pg_sync.changes()` needs them: the lowest,
+/// persisted as `commit_order.first_action_id` when they are contiguous (first .. first + n - 1
+/// for its n actions, nothing between), so that a page computes an action's sync id from its
+/// id (first_sync_id + id - first_action_id) instead of ranking the transaction's actions.
+/// Not contiguous (NULL: ranked as before) when an id between them is not one of its actions:
+/// a rolled-back savepoint's, or another transaction's drawn in between. Also when an action
+/// came without a readable id, or with another xid than the first one's (a restored log's rows).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct TxnIds {
+    min: i64,
+    max: i64,
+    n: i64,
+    /// An action without a readable id, or of another xid: never contiguous.
+    broken: bool,
+}
+
+impl TxnIds {
+    /// Takes in one action's id (`None`: unreadable) and whether its xid is the transaction's.
+    pub(super) fn add(&mut self, id: Option<i64>, same_xid: bool) {
+        match id {
+            Some(id) if same_xid && !self.broken => {
+                if self.n == 0 {
+                    (self.min, self.max) = (id, id);
+                } else {
+                    self.min = self.min.min(id);
+                    self.max = self.max.max(id);
+                }
+                self.n += 1;
+            }
+            _ => self.broken = true,
+        }
+    }
+
+    /// `commit_order.first_action_id`: the lowest id when the `n` ids (distinct: the log's key
+    /// refuses an id twice within a transaction) fill min .. max exactly; else `None` (NULL).
+    pub(super) fn first(&self) -> Option<i64> {
+        (!self.broken && self.n > 0 && self.max.checked_sub(self.min) == Some(self.n - 1))
+            .then_some(self.min)
+    }
 }
 
 /// The groups of a transaction's actions as `pg_sync.changes()` filters them, persisted in
@@ -124,6 +167,9 @@ impl OpenTxn {
         }
         self.count += 1;
         self.groups.add(v[0], v[5]);
+        let id = v[10].and_then(|id| id.parse::<i64>().ok());
+        self.ids
+            .add(id, v[11].is_some() && v[11] == self.xid.as_deref());
         if self.large {
             // Re-read from the database (`publish_large`): building its deltas now would be
             // a JSON pass over every action thrown away, and holding them memory it must not
@@ -136,7 +182,7 @@ impl OpenTxn {
             let global = v[5].is_none();
             let delta_columns = [v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]];
             self.actions.push(Action {
-                id: v[10].and_then(|id| id.parse::<i64>().ok()).unwrap_or(0),
+                id: id.unwrap_or(0),
                 delta: Delta::unsequenced(global, &delta_columns),
             });
         } else {
@@ -643,6 +689,7 @@ impl Session<'_> {
                     all_keys_revoked: false,
                     registry_changed: false,
                     groups: TxnGroups::new(),
+                    ids: TxnIds::default(),
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -979,6 +1026,65 @@ mod tests {
         assert_eq!(long.get(), None, "past the bound: NULL");
     }
 
+    /// `commit_order.first_action_id`: set only when the transaction's ids are exactly
+    /// first .. first + n - 1, in any order; a hole (a rolled-back savepoint, another
+    /// transaction's id between), an unreadable id or another xid gives NULL.
+    #[test]
+    fn a_transactions_first_action_id_only_when_its_ids_are_contiguous() {
+        let ids = |list: &[i64]| {
+            let mut t = TxnIds::default();
+            for id in list {
+                t.add(Some(*id), true);
+            }
+            t
+        };
+        assert_eq!(TxnIds::default().first(), None, "no actions");
+        assert_eq!(ids(&[7]).first(), Some(7));
+        assert_eq!(ids(&[7, 8, 9]).first(), Some(7));
+        assert_eq!(ids(&[9, 7, 8]).first(), Some(7), "any order");
+        assert_eq!(ids(&[7, 9]).first(), None, "8 rolled back with a savepoint");
+        assert_eq!(ids(&[7, 8, 10, 11]).first(), None);
+        assert_eq!(ids(&[7, 8, 9, 11]).first(), None, "a hole before the last");
+        let mut unreadable = ids(&[7, 8]);
+        unreadable.add(None, true);
+        assert_eq!(unreadable.first(), None);
+        unreadable.add(Some(9), true);
+        assert_eq!(unreadable.first(), None, "stays NULL");
+        let mut other_xid = ids(&[7]);
+        other_xid.add(Some(8), false);
+        assert_eq!(other_xid.first(), None);
+        assert_eq!(ids(&[i64::MIN, i64::MAX]).first(), None, "no overflow");
+        // Through take_action, past the buffer too (a large transaction is re-read, but its
+        // ids are all counted).
+        let mut txn = OpenTxn {
+            commit_lsn: Lsn::ZERO,
+            actions: vec![],
+            count: 0,
+            large: false,
+            xid: None,
+            stream_xid: 7,
+            revoked_keys: vec![],
+            all_keys_revoked: false,
+            registry_changed: false,
+            groups: TxnGroups::new(),
+            ids: TxnIds::default(),
+        };
+        for id in ["41", "42", "43", "44"] {
+            let mut v: [Option<&str>; 12] = [None; 12];
+            v[0] = Some("todos");
+            v[10] = Some(id);
+            v[11] = Some("1234");
+            txn.take_action(&v, 2);
+        }
+        assert!(txn.large);
+        assert_eq!(txn.ids.first(), Some(41));
+        let mut v: [Option<&str>; 12] = [None; 12];
+        v[10] = Some("46");
+        v[11] = Some("1234");
+        txn.take_action(&v, 2);
+        assert_eq!(txn.ids.first(), None, "45 is missing");
+    }
+
     /// Once a transaction is past the buffer (re-read from the database when published), none
     /// of its later actions is built or held: before, the buffer filled again after each
     /// overflow, building a delta for every action of a huge transaction only to drop it.
@@ -995,6 +1101,7 @@ mod tests {
             all_keys_revoked: false,
             registry_changed: false,
             groups: TxnGroups::new(),
+            ids: TxnIds::default(),
         };
         let ids: Vec<String> = (1..=7).map(|i| i.to_string()).collect();
         for id in &ids {
