@@ -200,7 +200,6 @@ async fn take_over_stale_slot(
     let observed = {
         let mut seen = status.slot_holder.lock().unwrap_or_else(|p| p.into_inner());
         match stale {
-            // A holder that is not a walsender is left alone.
             Some(row) => {
                 let walsender = Walsender::from_row(&row, 0);
                 let reply: Option<i64> = row.get(2);
@@ -212,6 +211,7 @@ async fn take_over_stale_slot(
                     row.get::<_, bool>(3),
                 ))
             }
+            // No holder, or one that is not a walsender (left alone).
             None => {
                 *seen = None;
                 None
