@@ -2,8 +2,8 @@
 //! type every row value of pg_sync goes through: SQL arguments and results, SPI reads, the
 //! capture trigger's row read), and `deep::same`, the equality of such trees.
 //!
-//! serde_json parses at most 128 levels (`crate::deep::Jsonb` fails deeper values with XX000), while
-//! jsonb nests thousands. A value is read as its `jsonb_out` text (as `crate::deep::Jsonb` does); text
+//! serde_json parses at most 128 levels (`pgrx::JsonB` fails deeper values with XX000), while
+//! jsonb nests thousands. A value is read as its `jsonb_out` text (as `pgrx::JsonB` does); text
 //! serde_json parses is taken as it is (no second pass). Deeper text is cut first: every array
 //! or object opened below depth `CUT` of the document is kept as its raw text inside a string
 //! marked with this backend's random token (`marker`), and written back by `jsonb_in` as that
@@ -232,7 +232,7 @@ impl FromDatum for Jsonb {
         if is_null {
             return None;
         }
-        // As crate::deep::Jsonb reads it: jsonb_out's text, then serde_json (here, `parse`).
+        // As pgrx::JsonB reads it: jsonb_out's text, then serde_json (here, `parse`).
         unsafe {
             let varlena = datum.cast_mut_ptr();
             let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
@@ -264,7 +264,7 @@ impl IntoDatum for Jsonb {
     }
 }
 
-// SAFETY: read from a jsonb datum with FromDatum, as crate::deep::Jsonb is.
+// SAFETY: read from a jsonb datum with FromDatum, as pgrx::JsonB is.
 unsafe impl<'fcx> ArgAbi<'fcx> for Jsonb {
     unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
         let index = arg.index();
@@ -277,7 +277,7 @@ unsafe impl<'fcx> ArgAbi<'fcx> for Jsonb {
     }
 }
 
-// SAFETY: returns the datum IntoDatum made, as crate::deep::Jsonb does.
+// SAFETY: returns the datum IntoDatum made, as pgrx::JsonB does.
 unsafe impl BoxRet for Jsonb {
     unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
         match self.into_datum() {
