@@ -13,6 +13,11 @@ pub fn page_span(after: i64, last: i64, max: i32) -> i32 {
 
 /// Reads sequenced deltas with sync ids after+1 ..= after+span, of `groups` (None: all) plus
 /// global models, and the membership changes of `member` (None: everyone's).
+///
+/// The rows are turned into deltas while the page streams in, a chunk at a time: a page read
+/// whole and then built left the database idle while the worker built it, which was a third of
+/// a replay's wall time (bench/replay.sh). One round trip: the statement goes out with its
+/// parameter types (no prepare), and is planned for these arguments as before.
 pub async fn changes(
     db: &Client,
     after: i64,
@@ -20,59 +25,97 @@ pub async fn changes(
     span: i32,
     member: Option<&str>,
 ) -> Result<Vec<Arc<Delta>>, tokio_postgres::Error> {
+    use futures::TryStreamExt;
+    use tokio_postgres::types::{ToSql, Type};
     // A reader for one user gets that user's membership changes only, filtered inside the
     // page read: with 10,000 users each subscribing from 0, everyone's was 10,000 x 10,000
     // rows turned into deltas and thrown away (the fan-out bench's set-up took over ten
     // minutes).
+    let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&after, Type::INT8),
+        (&groups, Type::TEXT_ARRAY),
+        (&span, Type::INT4),
+        (&member, Type::TEXT),
+    ];
     let rows = db
-        .query(
+        .query_typed_raw(
             "SELECT sync_id, global, model, model_id, action, data::text, version, group_id, prev_group_id,
                     moved::text, client_id, client_tx_id::text
                FROM pg_sync.changes($1, $2, $3, $4)",
-            &[&after, &groups, &span, &member],
+            params,
         )
         .await?;
-    let rows_len = rows.len();
-    let build = move || -> Vec<Arc<Delta>> {
-        let mut page: Vec<Arc<Delta>> = rows
-            .iter()
-            .map(|r| {
-                let sync_id: i64 = r.get(0);
-                let global: bool = r.get(1);
-                // The columns are lent from the row, not copied: owned, they were ten
-                // allocations per action before the frame was written (the worker's main cost
-                // in a replay after the page read).
-                Arc::new(Delta::from_text(sync_id, global, |c| {
-                    r.get::<_, Option<&str>>(column(c)?)
-                }))
-            })
-            .collect();
-        // pg_sync.changes() read alone returns its rows by sync id, but the planner cannot know
-        // that, and an ORDER BY here sorted every page again in the database (a quarter of a
-        // replay page's time there). Sorting here costs one pass over rows already in order,
-        // and keeps the order whatever plan the function gets.
-        page.sort_by_key(|d| d.sync_id);
+    futures::pin_mut!(rows);
+    let mut chunk = Vec::new();
+    let mut built = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        chunk.push(row);
+        if chunk.len() == CHUNK_ROWS {
+            built.push(build_apart(std::mem::take(&mut chunk)));
+        }
+    }
+    let mut page = if built.is_empty() && chunk.len() <= BLOCKING_PAGE_ROWS {
+        build(&chunk)
+    } else {
+        if !chunk.is_empty() {
+            built.push(build_apart(chunk));
+        }
+        let mut page = Vec::new();
+        for part in built {
+            page.extend(
+                part.await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+            );
+        }
         page
     };
-    // A page of thousands of wide rows is seconds of CPU in a debug build and a good part of
-    // one in release: built on a runtime thread it stalls every task scheduled there (two
-    // replaying clients held /healthz up for 2 s). Large pages are built on the blocking pool.
-    if rows_len > BLOCKING_PAGE_ROWS {
-        // At most (cores - 1) pages are built at once (at least one), so many clients replaying
-        // together leave a core to everything else (/healthz, live delivery): six replays at
-        // once still held /healthz up for 230 ms without this bound.
-        static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-        let builders = BUILDERS.get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
-        });
+    // pg_sync.changes() read alone returns its rows by sync id, but the planner cannot know
+    // that, and an ORDER BY here sorted every page again in the database (a quarter of a
+    // replay page's time there). Sorting here costs one pass over rows already in order,
+    // and keeps the order whatever plan the function gets.
+    page.sort_by_key(|d| d.sync_id);
+    Ok(page)
+}
+
+/// Rows of a page built per chunk (`build_apart`), so the first are built while the rest
+/// stream in.
+const CHUNK_ROWS: usize = 512;
+
+/// Deltas of `changes`' rows.
+fn build(rows: &[tokio_postgres::Row]) -> Vec<Arc<Delta>> {
+    rows.iter()
+        .map(|r| {
+            let sync_id: i64 = r.get(0);
+            let global: bool = r.get(1);
+            // The columns are lent from the row, not copied: owned, they were ten
+            // allocations per action before the frame was written (the worker's main cost
+            // in a replay after the page read).
+            Arc::new(Delta::from_text(sync_id, global, |c| {
+                r.get::<_, Option<&str>>(column(c)?)
+            }))
+        })
+        .collect()
+}
+
+/// `build` off the async runtime, started now: a page of thousands of wide rows is seconds of
+/// CPU in a debug build and a good part of one in release, and built on a runtime thread it
+/// stalls every task scheduled there (two replaying clients held /healthz up for 2 s). At most
+/// (cores - 1) chunks are built at once (at least one), so many clients replaying together
+/// leave a core to everything else (/healthz, live delivery): six replays at once still held
+/// /healthz up for 230 ms without this bound. The task runs to its end even if the page's
+/// reader is gone (a chunk's work, bounded).
+fn build_apart(rows: Vec<tokio_postgres::Row>) -> tokio::task::JoinHandle<Vec<Arc<Delta>>> {
+    static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let builders = BUILDERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    });
+    tokio::spawn(async move {
         let _turn = builders.acquire().await.expect("never closed");
-        Ok(tokio::task::spawn_blocking(build)
+        tokio::task::spawn_blocking(move || build(&rows))
             .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
-    } else {
-        Ok(build())
-    }
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    })
 }
 
 /// Where `Delta::from_text`'s column `name` is in a row of `changes`' select list.
