@@ -253,12 +253,14 @@ BEGIN
 END
 $$;
 
--- The SQL expression of a registered table's model id (canonical key text) over alias "t".
+-- The SQL expression of a registered table's model id (canonical key text) over alias "t", in
+-- collation "C" (as row_state.model_id): a key column of another collation (a nondeterministic
+-- one) would otherwise leave its comparisons with model ids without a collation (42P22).
 CREATE FUNCTION pg_sync.model_id_expr(r pg_sync.registry) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT 'pg_sync.key_text(ARRAY[' || string_agg(format('pg_sync.canonical_text(t.%I)', c), ', ' ORDER BY o) || '])'
+    SELECT '(pg_sync.key_text(ARRAY[' || string_agg(format('pg_sync.canonical_text(t.%I)', c), ', ' ORDER BY o) || ']) COLLATE pg_catalog."C")'
       FROM unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)
 $$;
 

@@ -314,7 +314,7 @@ impl Model {
             .map(|k| format!("pg_sync.canonical_text({})", spi::quote_identifier(k)))
             .collect::<Vec<_>>()
             .join(", ");
-        format!("pg_sync.key_text(ARRAY[{parts}])")
+        format!("(pg_sync.key_text(ARRAY[{parts}]) COLLATE pg_catalog.\"C\")")
     }
 
     fn quoted(cols: &Map<String, Value>) -> String {

@@ -331,9 +331,9 @@ pub fn owner_rows(
                   'ex', pg_catalog.to_jsonb(r.excluded_columns),
                   'grp', CASE WHEN r.group_column IS NULL THEN 'NULL::text'
                               ELSE pg_catalog.format('pg_sync.canonical_text(t.%I)', r.group_column) END,
-                  'mid', 'pg_sync.key_text(ARRAY[' OPERATOR(pg_catalog.||) (
+                  'mid', '(pg_sync.key_text(ARRAY[' OPERATOR(pg_catalog.||) (
                           SELECT pg_catalog.string_agg(pg_catalog.format('pg_sync.canonical_text(t.%I)', k.c), ', ' ORDER BY k.o)
-                            FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)) OPERATOR(pg_catalog.||) '])',
+                            FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)) OPERATOR(pg_catalog.||) ']) COLLATE pg_catalog.\"C\")',
                   'cols', (SELECT pg_catalog.string_agg(pg_catalog.format('t.%I', k.c), ', ' ORDER BY k.o)
                              FROM pg_catalog.unnest(r.pk_columns) WITH ORDINALITY AS k(c, o)),
                   'vals', (SELECT pg_catalog.string_agg(pg_catalog.format('(%s)::%s',
