@@ -419,9 +419,13 @@ fn copy_tree(from: &Path, to: &Path) {
 /// `bindir`), made once per machine and kept with the build (`target/<profile>/
 /// pg_sync_test_templates`, which `cargo clean` removes): a test cluster starts from a copy of
 /// it (0.15 s) instead of its own initdb (1.3 s, some 300 times per `make test`). Copies share
-/// the template's system identifier; what tells nodes apart (node id, log epoch) is made per
-/// database by `CREATE EXTENSION`. `None` (each cluster runs initdb) with
-/// `PG_SYNC_TEST_INITDB=1`, or when the template cannot be made.
+/// the template's system identifier, so two clusters' databases of the same OID have the same
+/// *default* `pg_sync.node_id` (derived from both): a test that needs distinct node ids sets
+/// them (federation refuses the default anyway); the log epoch stays distinct (its random part
+/// is made by `CREATE EXTENSION`). The key covers what initdb reads besides its arguments that
+/// the suites could notice (`TZ`: the `timezone` it writes). `None` (each cluster runs initdb)
+/// with `PG_SYNC_TEST_INITDB=1`, or when the template directory cannot be written; a failing
+/// initdb or copy fails the test, as initdb per cluster did.
 fn template(bindir: &Path) -> Option<PathBuf> {
     static TEMPLATE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     if std::env::var_os("PG_SYNC_TEST_INITDB").is_some_and(|v| v == "1") {
@@ -442,6 +446,7 @@ fn make_template(bindir: &Path) -> Option<PathBuf> {
         &version.stdout,
         initdb_args(Path::new("")),
         is_root(),
+        std::env::var_os("TZ"),
     )
         .hash(&mut key);
     // The build's own directory: target/<profile>/deps/<test binary>.

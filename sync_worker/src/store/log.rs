@@ -46,19 +46,23 @@ pub async fn changes(
         )
         .await?;
     futures::pin_mut!(rows);
+    // Set when this read ends, however it ends: chunks still waiting for a builder then skip
+    // their build (a page whose reader is gone, or whose read failed, costs no build time that
+    // live pages and the sequencer's republish would wait behind).
+    let abandoned = Abandoned::default();
     let mut chunk = Vec::new();
     let mut built = Vec::new();
     while let Some(row) = rows.try_next().await? {
         chunk.push(row);
         if chunk.len() == CHUNK_ROWS {
-            built.push(build_apart(std::mem::take(&mut chunk)));
+            built.push(build_apart(std::mem::take(&mut chunk), &abandoned));
         }
     }
     let mut page = if built.is_empty() && chunk.len() <= BLOCKING_PAGE_ROWS {
         build(&chunk)
     } else {
         if !chunk.is_empty() {
-            built.push(build_apart(chunk));
+            built.push(build_apart(chunk, &abandoned));
         }
         let mut page = Vec::new();
         for part in built {
@@ -102,20 +106,38 @@ fn build(rows: &[tokio_postgres::Row]) -> Vec<Arc<Delta>> {
 /// stalls every task scheduled there (two replaying clients held /healthz up for 2 s). At most
 /// (cores - 1) chunks are built at once (at least one), so many clients replaying together
 /// leave a core to everything else (/healthz, live delivery): six replays at once still held
-/// /healthz up for 230 ms without this bound. The task runs to its end even if the page's
-/// reader is gone (a chunk's work, bounded).
-fn build_apart(rows: Vec<tokio_postgres::Row>) -> tokio::task::JoinHandle<Vec<Arc<Delta>>> {
+/// /healthz up for 230 ms without this bound. A chunk whose page read has ended by the time
+/// it gets a builder (`Abandoned`) is not built.
+fn build_apart(
+    rows: Vec<tokio_postgres::Row>,
+    abandoned: &Abandoned,
+) -> tokio::task::JoinHandle<Vec<Arc<Delta>>> {
     static BUILDERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     let builders = BUILDERS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
     });
+    let gone = abandoned.0.clone();
     tokio::spawn(async move {
         let _turn = builders.acquire().await.expect("never closed");
+        if gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Vec::new();
+        }
         tokio::task::spawn_blocking(move || build(&rows))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     })
+}
+
+/// Whether the page read that spawned chunk builds has ended (set on drop: its result was
+/// taken, or it was dropped or failed; the builds of a taken page have all finished by then).
+#[derive(Default)]
+struct Abandoned(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Where `Delta::from_text`'s column `name` is in a row of `changes`' select list.
