@@ -7071,3 +7071,65 @@ async fn a_sparse_readers_wide_pages_lose_nothing_where_the_log_turns_dense() {
     );
     tokio::task::block_in_place(|| drop(db));
 }
+
+/// A group column of a nondeterministic (case-insensitive) collation: 'Team' and 'team' are two
+/// groups, as the capture records them, and a member of one gets only its rows from the
+/// bootstrap and from a shape's snapshot, for a text column (compared as its own text) and for
+/// a domain over text (compared by its canonical text). Compared under the column's collation,
+/// the other group's rows came too (review17b F1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_insensitive_group_column_does_not_open_one_group_to_another() {
+    let (cluster, worker) = utc_app_worker(
+        "nd_groups",
+        "CREATE COLLATION r_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE DOMAIN ci_text AS text COLLATE r_ci;
+         CREATE TABLE gdoc (id int PRIMARY KEY, team text COLLATE r_ci NOT NULL, body text);
+         CREATE TABLE gdom (id int PRIMARY KEY, team ci_text NOT NULL, body text);
+         SELECT pg_sync.register_table('gdoc', group_column => 'team');
+         SELECT pg_sync.register_table('gdom', group_column => 'team');
+         INSERT INTO gdoc VALUES (1, 'Team', 'of Team'), (2, 'team', 'of team');
+         INSERT INTO gdom VALUES (1, 'Team', 'of Team'), (2, 'team', 'of team');
+         SET pg_sync.restoring = on;
+         SELECT pg_sync.add_member('lower', 'team');
+         RESET pg_sync.restoring;",
+    )
+    .await;
+    let port = worker.port;
+    let (status, lines) = ndjson(port, "/sync/bootstrap?models=gdoc,gdom", &bearer("lower")).await;
+    assert_eq!(status, 200);
+    let rows: Vec<String> = lines
+        .iter()
+        .filter(|l| l["type"] == "row")
+        .map(|l| format!("{}:{}", l["model"], l["data"]["body"]))
+        .collect();
+    assert_eq!(
+        rows,
+        [r#""gdoc":"of team""#, r#""gdom":"of team""#],
+        "bootstrap of a member of 'team'"
+    );
+    for table in ["gdoc", "gdom"] {
+        let r = raw_request(
+            port,
+            "GET",
+            &format!("/v1/shape?table={table}&offset=-1"),
+            &bearer("lower"),
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let messages: Value = serde_json::from_slice(&r.body).unwrap();
+        let bodies: Vec<&Value> = messages
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m.get("value").map(|v| &v["body"]))
+            .collect();
+        assert_eq!(
+            bodies,
+            [&Value::from("of team")],
+            "{table}'s shape: {messages}"
+        );
+    }
+    drop(cluster);
+}
