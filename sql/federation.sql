@@ -254,8 +254,8 @@ END
 $$;
 
 -- The SQL expression of a registered table's model id (canonical key text) over alias "t", in
--- collation "C" (as row_state.model_id): a key column of another collation (a nondeterministic
--- one) would otherwise leave its comparisons with model ids without a collation (42P22).
+-- collation "C" (as row_state.model_id): a key column of a collation other than the default
+-- and "C" would otherwise leave its comparisons with model ids without a collation (42P22).
 CREATE FUNCTION pg_sync.model_id_expr(r pg_sync.registry) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp

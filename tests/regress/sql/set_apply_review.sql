@@ -82,9 +82,10 @@ SELECT pg_sync.apply_remote_set(jsonb_build_array(
 SELECT pg_sync.apply_remote_set(jsonb_build_array(
   rch(12, 'rfl', 'I', '0', 20, 'p2', '{"id": 0, "a": "x"}'))) IS NULL AS declined_float;
 SELECT * FROM rcit ORDER BY id;
--- A key of a nondeterministic collation, with a row that predates registration and one
--- captured: counting and announcing unannounced rows compares model ids in "C" (before, 42P22
--- "could not determine which collation to use", so add_peer failed on such a table).
+-- A key of a collation other than the default and "C" (a nondeterministic one here, POSIX
+-- below), with a row that predates registration and one captured: counting and announcing
+-- unannounced rows compares model ids in "C" (before, 42P22 "could not determine which
+-- collation to use", so add_peer failed on such a table).
 CREATE TABLE rnd2 (id text COLLATE r_ci PRIMARY KEY, a text);
 INSERT INTO rnd2 VALUES ('old', 'x');
 SELECT pg_sync.register_table('rnd2');
@@ -97,6 +98,13 @@ SET enable_indexscan = off; SET enable_bitmapscan = off;
 SELECT pg_sync.unannounced('rnd2') AS unannounced_after;
 RESET enable_indexscan; RESET enable_bitmapscan;
 SELECT model_id FROM pg_sync.row_state WHERE model = 'rnd2' ORDER BY 1;
+CREATE TABLE rpx (id text COLLATE "POSIX" PRIMARY KEY, a text);
+INSERT INTO rpx VALUES ('old', 'x');
+SELECT pg_sync.register_table('rpx');
+SET enable_indexscan = off; SET enable_bitmapscan = off;
+SELECT pg_sync.unannounced('rpx') AS unannounced_before;
+RESET enable_indexscan; RESET enable_bitmapscan;
+SELECT pg_sync.announce('rpx') AS announced, pg_sync.unannounced('rpx') AS unannounced_after;
 
 -- 3. A synced column named like the CTE the set path reads rows through: rows that predate
 -- registration (live, no recorded state) are found and written as change by change.
