@@ -405,8 +405,6 @@ struct Model {
     rel: String,
     oid: u32,
     group: Option<String>,
-    /// The group column's collation is nondeterministic: the filter compares in "C".
-    group_nondeterministic: bool,
     pk: Vec<String>,
     /// `registered_at` and the registry row's xmin: any re-registration or change of it.
     registered: String,
@@ -448,10 +446,7 @@ impl Model {
             .query_opt(
                 "SELECT r.model, n.nspname::text, c.relname::text, r.group_column,
                         r.pk_columns::text[], r.registered_at::text || '/' || r.xmin::text, cols.names, cols.types,
-                        cols.formats, cols.not_null, cols.dims,
-                        EXISTS (SELECT 1 FROM pg_attribute ga JOIN pg_collation co ON co.oid = ga.attcollation
-                             WHERE ga.attrelid = r.rel AND ga.attname = r.group_column
-                               AND NOT co.collisdeterministic)
+                        cols.formats, cols.not_null, cols.dims
                    FROM pg_sync.registry r
                    JOIN pg_class c ON c.oid = r.rel
                    JOIN pg_namespace n ON n.oid = c.relnamespace,
@@ -497,7 +492,6 @@ impl Model {
             table,
             oid: rel,
             group: row.get(3),
-            group_nondeterministic: row.get(11),
             pk: row.get(4),
             registered: row.get(5),
             cols,
@@ -1323,17 +1317,18 @@ fn stream_snapshot(
                 .cols
                 .iter()
                 .any(|c| &c.name == g && OWN_TEXT.contains(&c.format.as_str()));
-            // In "C" when the column's collation is nondeterministic (see
-            // `bootstrap::query::Model::group_nondeterministic`): 'Team' must not equal 'team'.
-            let exact = if m.group_nondeterministic {
-                " COLLATE pg_catalog.\"C\""
-            } else {
-                ""
-            };
+            // In the default collation, as the bootstrap (`bootstrap::query::Model::select`):
+            // under a nondeterministic one of the column, 'Team' would equal 'team'.
             if own {
-                format!("(t.{}::text{exact}) = ANY ($1)", quote(g))
+                format!(
+                    "(t.{}::text COLLATE pg_catalog.\"default\") = ANY ($1)",
+                    quote(g)
+                )
             } else {
-                format!("(pg_sync.canonical_text(t.{}){exact}) = ANY ($1)", quote(g))
+                format!(
+                    "(pg_sync.canonical_text(t.{}) COLLATE pg_catalog.\"default\") = ANY ($1)",
+                    quote(g)
+                )
             }
         }
     };
@@ -1821,7 +1816,6 @@ mod tests {
             rel: String::new(),
             oid: 0,
             group: None,
-            group_nondeterministic: false,
             pk: vec!["a".into(), "b".into()],
             registered: String::new(),
             cols: vec![],

@@ -18,11 +18,6 @@ pub(super) struct Model {
     /// The column whose value is the model id, for a one-column key of a simple kind;
     /// otherwise the id is the first select-list item, made by `pg_sync.key_text`.
     id_column: Option<usize>,
-    /// The group column's collation is nondeterministic (case-insensitive, say): its values
-    /// are compared with the user's groups in "C", else 'Team' would equal 'team' and one
-    /// group's rows reach the other's members. Other collations compare bytewise already, and
-    /// keep an index of the column usable.
-    group_nondeterministic: bool,
 }
 
 impl Model {
@@ -46,14 +41,7 @@ impl Model {
             key,
             columns,
             id_column,
-            group_nondeterministic: false,
         }
-    }
-
-    /// See `group_nondeterministic`.
-    pub(super) fn group_nondeterministic(mut self, yes: bool) -> Model {
-        self.group_nondeterministic = yes;
-        self
     }
 
     /// Where the columns start in a selected row.
@@ -86,12 +74,11 @@ impl Model {
         }
         items.extend(self.columns.iter().map(|c| c.kind.expr(&quote(&c.name))));
         // A group id is the column's text form; a cast gives it without format() where the
-        // two agree.
-        let exact = if self.group_nondeterministic {
-            " COLLATE pg_catalog.\"C\""
-        } else {
-            ""
-        };
+        // two agree. Compared in the database's default collation, which is deterministic
+        // (bytewise equality): under the column's own collation, a nondeterministic one would
+        // make 'Team' equal 'team' and hand one group's rows to the other's members. (Named
+        // in the statement, not read from the catalog beforehand: a collation changed in
+        // between would not be seen.) An index of a default-collation column stays usable.
         let group = match &self.group {
             Some(g)
                 if self
@@ -99,9 +86,15 @@ impl Model {
                     .iter()
                     .any(|c| &c.name == g && c.kind.is_own_text()) =>
             {
-                format!("(t.{}::text{exact}) = ANY ($1)", quote(g))
+                format!(
+                    "(t.{}::text COLLATE pg_catalog.\"default\") = ANY ($1)",
+                    quote(g)
+                )
             }
-            Some(g) => format!("(pg_sync.canonical_text(t.{}){exact}) = ANY ($1)", quote(g)),
+            Some(g) => format!(
+                "(pg_sync.canonical_text(t.{}) COLLATE pg_catalog.\"default\") = ANY ($1)",
+                quote(g)
+            ),
             None => "$1::text[] IS NOT NULL".into(),
         };
         let (from, keyset) = if after {

@@ -270,10 +270,7 @@ async fn send_rows(
         .get(0);
     let models: Vec<Model> = snap
         .query(
-            "SELECT r.model, r.rel::text, r.group_column, r.pk_columns::text[], c.names, c.types,
-                    EXISTS (SELECT 1 FROM pg_attribute ga JOIN pg_collation co ON co.oid = ga.attcollation
-                             WHERE ga.attrelid = r.rel AND ga.attname = r.group_column
-                               AND NOT co.collisdeterministic)
+            "SELECT r.model, r.rel::text, r.group_column, r.pk_columns::text[], c.names, c.types
                FROM pg_sync.registry r,
                     LATERAL (SELECT array_agg(a.attname::text ORDER BY a.attnum) AS names,
                                     array_agg(a.atttypid ORDER BY a.attnum) AS types
@@ -296,7 +293,6 @@ async fn send_rows(
                 .map(|(n, t)| Column::new(n, t, utc))
                 .collect();
             Model::new(m.get(0), m.get(1), m.get(2), m.get(3), columns)
-                .group_nondeterministic(m.get(6))
         })
         .collect();
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
