@@ -1312,25 +1312,13 @@ fn stream_snapshot(
         .collect();
     let filter = match &m.group {
         None => "$1::text[] IS NULL".to_owned(),
-        Some(g) => {
-            let own = m
-                .cols
+        // As the bootstrap (`bootstrap::query::Model::select`).
+        Some(g) => crate::store::group_filter(
+            g,
+            m.cols
                 .iter()
-                .any(|c| &c.name == g && OWN_TEXT.contains(&c.format.as_str()));
-            // In the default collation, as the bootstrap (`bootstrap::query::Model::select`):
-            // under a nondeterministic one of the column, 'Team' would equal 'team'.
-            if own {
-                format!(
-                    "(t.{}::text COLLATE pg_catalog.\"default\") = ANY ($1)",
-                    quote(g)
-                )
-            } else {
-                format!(
-                    "(pg_sync.canonical_text(t.{}) COLLATE pg_catalog.\"default\") = ANY ($1)",
-                    quote(g)
-                )
-            }
-        }
+                .any(|c| &c.name == g && OWN_TEXT.contains(&c.format.as_str())),
+        ),
     };
     let sql = format!(
         "SELECT {} FROM {} t WHERE {filter}",

@@ -73,27 +73,12 @@ impl Model {
             items.push(format!("pg_sync.key_text(ARRAY[{parts}])::text"));
         }
         items.extend(self.columns.iter().map(|c| c.kind.expr(&quote(&c.name))));
-        // A group id is the column's text form; a cast gives it without format() where the
-        // two agree. Compared in the database's default collation, which is deterministic
-        // (bytewise equality): under the column's own collation, a nondeterministic one would
-        // make 'Team' equal 'team' and hand one group's rows to the other's members. (Named
-        // in the statement, not read from the catalog beforehand: a collation changed in
-        // between would not be seen.) An index of a default-collation column stays usable.
         let group = match &self.group {
-            Some(g)
-                if self
-                    .columns
+            Some(g) => crate::store::group_filter(
+                g,
+                self.columns
                     .iter()
-                    .any(|c| &c.name == g && c.kind.is_own_text()) =>
-            {
-                format!(
-                    "(t.{}::text COLLATE pg_catalog.\"default\") = ANY ($1)",
-                    quote(g)
-                )
-            }
-            Some(g) => format!(
-                "(pg_sync.canonical_text(t.{}) COLLATE pg_catalog.\"default\") = ANY ($1)",
-                quote(g)
+                    .any(|c| &c.name == g && c.kind.is_own_text()),
             ),
             None => "$1::text[] IS NOT NULL".into(),
         };
