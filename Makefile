@@ -24,11 +24,10 @@ regress:
 	bash scripts/regress.sh
 	bash scripts/isolation.sh
 
+# Every test target of both packages (#[ignore]d soaks excepted), in cargo-nextest: one process
+# per test, four at a time; .config/nextest.toml says which tests run alone or first.
 integration:
-	cargo test -p pg_sync_tests -- --test-threads=2
-	cargo test -p sync_worker --lib --test e2e --test config_secrets_tls --test federation --test federation_chaos --test hostile --test group_lists -- --test-threads=1
-	cargo test -p sync_worker --test browser --test jsclient
-	cargo test -p sync_worker --test shape
+	cargo nextest run -p pg_sync_tests -p sync_worker
 
 lint:
 	cargo fmt --all -- --check

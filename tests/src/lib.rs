@@ -176,6 +176,7 @@ impl Cluster {
             port: free_port(),
             bindir: pg_bindir(),
         };
+        track(&cluster.dir, &cluster.bindir);
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -479,21 +480,62 @@ fn make_template(bindir: &Path) -> Option<PathBuf> {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let data = self.data();
-        let mut cmd = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"])
-                .arg(self.bindir.join("pg_ctl"));
-            c
-        } else {
-            Command::new(self.bindir.join("pg_ctl"))
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(dir, _)| dir != &self.dir);
+        stop_and_remove(&self.dir, &self.bindir);
+    }
+}
+
+/// The clusters of this process that have not been dropped (directory, bindir). A test stopped
+/// by a signal runs no `Drop`: nextest sends SIGTERM to a test past its timeout (then SIGKILL
+/// 10 s later), Ctrl-C sends SIGINT, and a postmaster (detached by `pg_ctl`) would outlive
+/// it. On the first of those signals, a thread stops and removes every cluster listed here,
+/// then the process exits (128 + the signal).
+static LIVE: std::sync::Mutex<Vec<(PathBuf, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn track(dir: &Path, bindir: &Path) {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) else {
+            return;
         };
-        let _ = cmd
-            .args(["-D", path(&data), "stop", "-m", "immediate", "-w"])
-            .output();
-        if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        std::thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+                for (dir, bindir) in &live {
+                    stop_and_remove(dir, bindir);
+                }
+                eprintln!(
+                    "pg_sync_tests: signal {signal}: stopped and removed {} cluster(s)",
+                    live.len()
+                );
+                std::process::exit(128 + signal);
+            }
+        });
+    });
+    LIVE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((dir.to_path_buf(), bindir.to_path_buf()));
+}
+
+/// `pg_ctl stop -m immediate` of the cluster in `dir`, then its directory removed (kept with
+/// `PG_SYNC_KEEP_CLUSTERS`).
+fn stop_and_remove(dir: &Path, bindir: &Path) {
+    let data = dir.join("data");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bindir.join("pg_ctl"));
+        c
+    } else {
+        Command::new(bindir.join("pg_ctl"))
+    };
+    let _ = cmd
+        .args(["-D", path(&data), "stop", "-m", "immediate", "-w"])
+        .output();
+    if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
