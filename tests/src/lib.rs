@@ -490,8 +490,9 @@ impl Drop for Cluster {
 /// The clusters of this process that have not been dropped (directory, bindir). A test stopped
 /// by a signal runs no `Drop`: nextest sends SIGTERM to a test past its timeout (then SIGKILL
 /// 10 s later), Ctrl-C sends SIGINT, and a postmaster (detached by `pg_ctl`) would outlive
-/// it. On the first of those signals, a thread stops and removes every cluster listed here,
-/// then the process exits (128 + the signal).
+/// it. On the first of those signals, a thread sends SIGTERM to this process's children (its
+/// workers), stops and removes every cluster listed here, then the process exits (128 + the
+/// signal).
 static LIVE: std::sync::Mutex<Vec<(PathBuf, PathBuf)>> = std::sync::Mutex::new(Vec::new());
 
 fn track(dir: &Path, bindir: &Path) {
@@ -503,6 +504,7 @@ fn track(dir: &Path, bindir: &Path) {
         };
         std::thread::spawn(move || {
             if let Some(signal) = signals.forever().next() {
+                terminate_children();
                 let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
                 for (dir, bindir) in &live {
                     stop_and_remove(dir, bindir);
@@ -518,6 +520,27 @@ fn track(dir: &Path, bindir: &Path) {
     LIVE.lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((dir.to_path_buf(), bindir.to_path_buf()));
+}
+
+/// SIGTERM to every live child of this process (the tests' workers, node, Chromium): they are
+/// not in a process group a signal to the test reaches when only the test is signalled.
+fn terminate_children() {
+    let me = std::process::id().to_string();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().into_string().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            (ppid == me).then_some(pid)
+        })
+        .collect();
+    if !children.is_empty() {
+        let _ = Command::new("kill").arg("-TERM").args(&children).output();
+    }
 }
 
 /// `pg_ctl stop -m immediate` of the cluster in `dir`, then its directory removed (kept with
