@@ -276,13 +276,7 @@ impl Cluster {
     }
 
     fn run(&self, program: PathBuf, args: &[&str]) -> Output {
-        let mut cmd = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
+        let mut cmd = server_command(program);
         // Rust backtraces in a server's error details would reach clients; keep them out.
         let out = cmd
             .args(args)
@@ -543,18 +537,22 @@ fn terminate_children() {
     }
 }
 
+/// `program` run as the server's user: through `runuser -u postgres` when this is root.
+fn server_command(program: PathBuf) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 /// `pg_ctl stop -m immediate` of the cluster in `dir`, then its directory removed (kept with
 /// `PG_SYNC_KEEP_CLUSTERS`).
 fn stop_and_remove(dir: &Path, bindir: &Path) {
     let data = dir.join("data");
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bindir.join("pg_ctl"));
-        c
-    } else {
-        Command::new(bindir.join("pg_ctl"))
-    };
-    let _ = cmd
+    let _ = server_command(bindir.join("pg_ctl"))
         .args(["-D", path(&data), "stop", "-m", "immediate", "-w"])
         .output();
     if std::env::var_os("PG_SYNC_KEEP_CLUSTERS").is_none() {
