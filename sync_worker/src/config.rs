@@ -59,6 +59,17 @@ pub struct Config {
     /// and live delivery never waits for it.
     #[arg(long, env = "SYNC_REPLAY_PERMITS", default_value_t = 0)]
     pub replay_permits: usize,
+    /// While live deliveries flow (something was published in the last second), each replay
+    /// permit is busy at most this percent of the time: after a page that took d, the next
+    /// turn waits d x (100 / percent - 1). Live delivery keeps the CPU it needs however many
+    /// clients replay; with nothing live, pages run back to back. 100: never wait.
+    #[arg(
+        long,
+        env = "SYNC_REPLAY_SHARE_PERCENT",
+        default_value_t = 25,
+        value_parser = clap::value_parser!(u64).range(1..=100)
+    )]
+    pub replay_share_percent: u64,
     /// How long a request waits for a pooled connection when all are busy (then 503).
     #[arg(long, env = "SYNC_DB_WAIT_SECS", default_value_t = 10)]
     pub db_wait_secs: u64,
@@ -144,6 +155,7 @@ impl fmt::Debug for Config {
             .field("publication", &self.publication)
             .field("db_connections", &self.db_connections)
             .field("replay_permits", &self.replay_permits)
+            .field("replay_share_percent", &self.replay_share_percent)
             .field("subscriber_queue", &self.subscriber_queue)
             .field("peer_ca_file", &self.peer_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)

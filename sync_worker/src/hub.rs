@@ -276,6 +276,10 @@ pub struct Hub {
     /// The published watermark, for waiters that need only "something new was published"
     /// (federation senders): O(1) per publish, no payload kept, never lags.
     advanced: tokio::sync::watch::Sender<i64>,
+    /// When a publish last delivered to a live subscriber, in milliseconds since `born` (0:
+    /// never): replay's admission paces itself while live deliveries flow (`delivered_within`).
+    delivered_at_ms: AtomicU64,
+    born: std::time::Instant,
     /// Valid API keys, removed here as their revocations are published (so at the same moment
     /// their live sessions are closed).
     pub known_keys: crate::auth::KnownKeys,
@@ -305,6 +309,8 @@ impl Hub {
             metrics: Metrics::default(),
             touched: tokio::sync::broadcast::channel(1024).0,
             advanced: tokio::sync::watch::channel(last_sync_id).0,
+            delivered_at_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             known_keys: Default::default(),
         }
     }
@@ -332,6 +338,12 @@ impl Hub {
     /// Revocations from now on: a bootstrap streaming under an API key ends when its key goes.
     pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revoked> {
         self.revocations.subscribe()
+    }
+
+    /// A publish delivered to a live subscriber within the last `window`: live deliveries flow.
+    pub fn delivered_within(&self, window: std::time::Duration) -> bool {
+        let at = self.delivered_at_ms.load(Ordering::Relaxed);
+        at != 0 && self.born.elapsed().as_millis() <= u128::from(at) + window.as_millis()
     }
 
     /// The highest sync id published (and so persisted).
@@ -757,6 +769,11 @@ impl Hub {
         self.metrics
             .deliveries
             .fetch_add(delivered, Ordering::Relaxed);
+        if delivered > 0 {
+            // At least 1: 0 is "never".
+            let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.delivered_at_ms.store(now.max(1), Ordering::Relaxed);
+        }
         if self.touched.receiver_count() > 0 {
             let _ = self.touched.send(Arc::new(Touched::of(batch)));
         }

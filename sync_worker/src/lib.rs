@@ -83,6 +83,7 @@ pub async fn serve(
         status.clone(),
         shutdown.clone(),
     ));
+    let live = hub.clone();
     let app = Arc::new(api::App {
         db,
         cfg: cfg.clone(),
@@ -92,7 +93,12 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         counters: Default::default(),
         bootstrap_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_bootstraps.max(1))),
-        replay: api::admission::Admission::new(cfg.replay_permits, cfg.db_connections),
+        replay: api::admission::Admission::new(
+            cfg.replay_permits,
+            cfg.db_connections,
+            cfg.replay_share_percent,
+            Box::new(move |window| live.delivered_within(window)),
+        ),
         unknown_keys: Default::default(),
         shape: Default::default(),
         sessions: Default::default(),

@@ -86,6 +86,13 @@ pub fn counter(name: &str, help: &str, value: u64) -> MetricFamily {
     c.collect().remove(0)
 }
 
+/// A counter family of seconds (or any fractional total) with one value.
+pub fn float_counter(name: &str, help: &str, value: f64) -> MetricFamily {
+    let c = prometheus::Counter::with_opts(Opts::new(name, help)).expect("a valid counter");
+    c.inc_by(value.max(0.0));
+    c.collect().remove(0)
+}
+
 /// A gauge family with one value.
 pub fn gauge(name: &str, help: &str, value: f64) -> MetricFamily {
     let g = Gauge::with_opts(Opts::new(name, help)).expect("a valid gauge");

@@ -2044,6 +2044,121 @@ async fn replays_sharing_one_permit_all_end_with_exact_streams() {
     assert!(turns >= 5 * 5, "every page took a turn: {turns}");
 }
 
+/// `pg_sync_replay_rest_seconds_total`: how long replay turns rested (their pacing).
+async fn replay_rested(port: u16) -> f64 {
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_sync_replay_rest_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the rest counter is exported")
+}
+
+/// Replay's pacing (SYNC_REPLAY_SHARE_PERCENT): with nothing delivered live, a replay's pages
+/// follow each other without rest; beside a live subscriber getting a row every 20 ms, a
+/// replay's pages rest (each permit busy at most the share) and its stream is still exact,
+/// while the live subscriber gets every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
+    let cluster = app_cluster("replay_pacing");
+    sql(
+        &cluster,
+        "SELECT pg_sync.add_member('u' || g, 'q' || g) FROM generate_series(0, 1) g",
+    );
+    sql(
+        &cluster,
+        "INSERT INTO todos SELECT i, 't', 'q' || (i % 2) FROM generate_series(1, 12000) i",
+    );
+    let worker = Worker::started_with(
+        &cluster,
+        "app",
+        &[
+            ("SYNC_REPLAY_PERMITS", "1"),
+            ("SYNC_REPLAY_SHARE_PERCENT", "20"),
+        ],
+    )
+    .await;
+    let port = worker.port;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) = http_get(port, "/healthz").await.unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["lastSyncId"].as_i64().unwrap_or(0) >= 12_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not published: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut quiet = connect_jwt(port, &token("u0", 3600, SECRET)).await;
+    let ids = deltas_of(&mut quiet, 0, 6000, Duration::from_secs(60)).await;
+    assert_eq!(ids.len(), 6000);
+    assert_eq!(replay_rested(port).await, 0.0, "rested with nothing live");
+
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = cluster.url("app");
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c =
+                pg_sync_tests::postgres::Client::connect(&url, pg_sync_tests::postgres::NoTls)
+                    .expect("connect");
+            let mut written = 0;
+            while !stop.load(Ordering::Relaxed) {
+                c.execute(
+                    "INSERT INTO todos VALUES (100000 + $1, 'live', 'p1')",
+                    &[&written],
+                )
+                .expect("insert");
+                written += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            written as usize
+        })
+    };
+    let live = tokio::spawn(async move {
+        let mut got = 0;
+        // Until the writer is done and every row it wrote has come.
+        let mut ids: Vec<i64> = vec![];
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), alice.next()).await
+        {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "delta" {
+                    let id = v["syncId"].as_i64().unwrap();
+                    assert!(ids.last().is_none_or(|l| *l < id), "{id} after {ids:?}");
+                    ids.push(id);
+                    got += 1;
+                }
+            }
+        }
+        got
+    });
+    // Live deliveries flowing before the replay starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut paced = connect_jwt(port, &token("u1", 3600, SECRET)).await;
+    let ids = deltas_of(&mut paced, 0, 6000, Duration::from_secs(120)).await;
+    assert_eq!(ids.len(), 6000);
+    let rested = replay_rested(port).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    assert!(rested > 0.0, "a replay beside live deliveries never rested");
+    assert_eq!(
+        live.await.unwrap(),
+        written,
+        "the live subscriber missed rows"
+    );
+}
+
 /// With the one permit held by a replay (a failpoint holds its page 10 s), a live subscriber
 /// still gets every delta committed meanwhile, single-row commits and a transaction larger
 /// than the sequencer's buffer (which it reads back from the log) alike: live delivery never

@@ -479,7 +479,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .is_none();
-    use crate::metrics::{counter, gauge, labelled_counter};
+    use crate::metrics::{counter, float_counter, gauge, labelled_counter};
     let (pool_open, pool_idle) = app.db.usage();
     let families = vec![
         gauge(
@@ -556,6 +556,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "pg_sync_replay_turns_total",
             "Pages of the log read for clients (replays, /sync/deltas, /v1/shape).",
             app.replay.turns.load(Ordering::Relaxed),
+        ),
+        float_counter(
+            "pg_sync_replay_rest_seconds_total",
+            "Time replay turns rested while live deliveries flowed (SYNC_REPLAY_SHARE_PERCENT).",
+            app.replay.rested_us.load(Ordering::Relaxed) as f64 / 1e6,
         ),
         gauge(
             "pg_sync_subscribers",
