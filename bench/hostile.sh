@@ -118,7 +118,8 @@ print()
 print(f"p99 hostile / quiet, per round: {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}; target <= 1.2).")
 print(f"Hostile outcomes over the run: {last['bad_frame_closes']} closed 4400, {last['revoked_closes']} closed 4401, "
       f"{last['stalled_cutoffs']} stalled readers cut off 4008, {last['other_ends']} other ends; normal subscribers closed: {last['normal_closed']}; "
-      f"revoked-kind handshakes refused (HTTP status: count, 0 no answer): {last.get('revoked_refused', '?')}.")
+      f"revoked-kind handshakes refused (HTTP status: count, 0 no answer): {last.get('revoked_refused', '?')}; "
+      f"frames-kind handshakes refused 429 (the penalty box): {last.get('frames_refused', '?')}.")
 PY
 )
 echo "$report"

@@ -83,8 +83,8 @@ lines.append("")
 lines.append(f"Commit {commit}. pg_sync (release build) vs Zero `@rocicorp/zero` {zero_version} on Node "
              f"{node_version} (install and configuration: bench/peers/README.md), one private Postgres 15 "
              f"cluster, {len(rounds)} rounds, the system measured first alternating between rounds. "
-             f"Machine: 2 cores, shared with 6 other helpers building and testing at the same time "
-             f"(load average at the end: {load}). Listeners of both systems: {listeners}.")
+             f"Machine: 2 cores (load average at the end: {load}; anything else running is for "
+             f"the notes to say). Listeners of both systems: {listeners}.")
 lines.append("Latency is now - the writer's clock at insert, in ms, over every row delivered to every "
              f"client during {secs} s of pgbench -R writes plus up to {drain} s of drain; a row not "
              "delivered by then ranks above every delivered one. Ratios are Zero ÷ pg_sync within a "

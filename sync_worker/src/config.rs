@@ -59,10 +59,11 @@ pub struct Config {
     /// and live delivery never waits for it.
     #[arg(long, env = "SYNC_REPLAY_PERMITS", default_value_t = 0)]
     pub replay_permits: usize,
-    /// While live deliveries flow (something was published in the last second), each replay
-    /// permit is busy at most this percent of the time: after a page that took d, the next
-    /// turn waits d x (100 / percent - 1). Live delivery keeps the CPU it needs however many
-    /// clients replay; with nothing live, pages run back to back. 100: never wait.
+    /// While live deliveries flow (one was delivered in the last second), replay pages far
+    /// behind the head keep the permits busy at most this percent of the time in total: after
+    /// a page that took d, the next such page waits d x (100 / percent - 1) / permits (at
+    /// most 1 s owed). Reads at the head are never paced; with nothing live, pages run back to
+    /// back. 100: never wait. See api/admission.rs.
     #[arg(
         long,
         env = "SYNC_REPLAY_SHARE_PERCENT",
@@ -85,6 +86,15 @@ pub struct Config {
     /// Frames a live subscriber may have queued; one that falls further behind pages from the log.
     #[arg(long, env = "SYNC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
+    /// Seconds a user whose WebSocket session was closed for malformed messages (4400) is
+    /// refused new WebSocket sessions (429 `busy`, Retry-After); 0: never.
+    #[arg(
+        long,
+        env = "SYNC_BAD_CLIENT_PENALTY_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(0..=3600)
+    )]
+    pub bad_client_penalty_secs: u64,
     /// Largest client message, in bytes.
     #[arg(long, env = "SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -157,6 +167,7 @@ impl fmt::Debug for Config {
             .field("replay_permits", &self.replay_permits)
             .field("replay_share_percent", &self.replay_share_percent)
             .field("subscriber_queue", &self.subscriber_queue)
+            .field("bad_client_penalty_secs", &self.bad_client_penalty_secs)
             .field("peer_ca_file", &self.peer_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)

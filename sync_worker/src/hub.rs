@@ -276,8 +276,8 @@ pub struct Hub {
     /// The published watermark, for waiters that need only "something new was published"
     /// (federation senders): O(1) per publish, no payload kept, never lags.
     advanced: tokio::sync::watch::Sender<i64>,
-    /// When a publish last delivered to a live subscriber, in milliseconds since `born` (0:
-    /// never): replay's admission paces itself while live deliveries flow (`delivered_within`).
+    /// When live delivery last happened (`note_live_delivery`), in milliseconds since `born`
+    /// (0: never): replay's admission paces itself while live deliveries flow.
     delivered_at_ms: AtomicU64,
     born: std::time::Instant,
     /// Valid API keys, removed here as their revocations are published (so at the same moment
@@ -340,7 +340,15 @@ impl Hub {
         self.revocations.subscribe()
     }
 
-    /// A publish delivered to a live subscriber within the last `window`: live deliveries flow.
+    /// Live delivery is happening now: a publish reached a live subscriber, or a live
+    /// subscriber that fell behind reads its range from the log (`stream`'s catch-up).
+    pub fn note_live_delivery(&self) {
+        // At least 1: 0 is "never".
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.delivered_at_ms.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Live delivery happened within the last `window` (`note_live_delivery`).
     pub fn delivered_within(&self, window: std::time::Duration) -> bool {
         let at = self.delivered_at_ms.load(Ordering::Relaxed);
         at != 0 && self.born.elapsed().as_millis() <= u128::from(at) + window.as_millis()
@@ -770,9 +778,7 @@ impl Hub {
             .deliveries
             .fetch_add(delivered, Ordering::Relaxed);
         if delivered > 0 {
-            // At least 1: 0 is "never".
-            let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.delivered_at_ms.store(now.max(1), Ordering::Relaxed);
+            self.note_live_delivery();
         }
         if self.touched.receiver_count() > 0 {
             let _ = self.touched.send(Arc::new(Touched::of(batch)));

@@ -99,6 +99,7 @@ pub async fn serve(
             cfg.replay_share_percent,
             Box::new(move |window| live.delivered_within(window)),
         ),
+        penalties: api::penalty::Penalties::new(cfg.bad_client_penalty_secs),
         unknown_keys: Default::default(),
         shape: Default::default(),
         sessions: Default::default(),

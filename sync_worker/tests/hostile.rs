@@ -407,7 +407,10 @@ const FLOOD: Duration = Duration::from_secs(6);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_bad_frames_and_credentials_hurt_only_the_attacker() {
     let cluster = app_cluster("hostile_floods");
-    let worker = Worker::started(&cluster, "app").await;
+    // The penalty box off: the floods reconnect at full rate, the worst case for the worker
+    // (`a_client_closed_for_malformed_messages_waits_before_its_next_session` tests the box).
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_BAD_CLIENT_PENALTY_SECS", "0")]).await;
     let port = worker.port;
     let bystander = Bystander::start(&cluster, port, 1).await;
     // The same probe without attackers first: what this machine gives anyway.
@@ -2044,6 +2047,98 @@ async fn replays_sharing_one_permit_all_end_with_exact_streams() {
     assert!(turns >= 5 * 5, "every page took a turn: {turns}");
 }
 
+/// The penalty box (SYNC_BAD_CLIENT_PENALTY_SECS): after mallory's session is closed 4400 for
+/// malformed frames, mallory's next WebSocket sessions are refused 429 `busy` (with a
+/// Retry-After) until the penalty ends, then accepted; mallory's session opened before goes on
+/// being served, and alice connects and gets her deltas throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closed_for_malformed_messages_waits_before_its_next_session() {
+    let cluster = app_cluster("penalty_box");
+    let worker =
+        Worker::started_with(&cluster, "app", &[("SYNC_BAD_CLIENT_PENALTY_SECS", "3")]).await;
+    let port = worker.port;
+    let mallory = token("mallory", 3600, SECRET);
+    let mut earlier = connect_jwt(port, &mallory).await;
+    send(
+        &mut earlier,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut earlier).await;
+
+    let mut flooding = connect_jwt(port, &mallory).await;
+    for _ in 0..50 {
+        if flooding
+            .send(Message::Binary(vec![0xff; 8].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut flooding).await, Some(4400));
+    let boxed_at = Instant::now();
+    assert_eq!(
+        try_connect(port, &mallory, None).await.err(),
+        Some(429),
+        "mallory reconnected at once"
+    );
+    let (status, body) = http_get_with(
+        port,
+        "/sync/ws",
+        &[
+            ("Authorization", format!("Bearer {mallory}")),
+            ("Connection", "Upgrade".into()),
+            ("Upgrade", "websocket".into()),
+            ("Sec-WebSocket-Version", "13".into()),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("\"code\":\"busy\""), "{body}");
+
+    // Others, and mallory's session from before, are served meanwhile.
+    let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
+    send(
+        &mut alice,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    caught_up(&mut alice).await;
+    sql(
+        &cluster,
+        "INSERT INTO todos VALUES (1, 'a', 'p1'), (2, 'm', 'p9')",
+    );
+    assert_eq!(
+        next_deltas(&mut alice, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        next_deltas(&mut earlier, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+
+    // After the penalty, mallory is let in again.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(boxed_at.elapsed())).await;
+    let mut again = connect_jwt(port, &mallory).await;
+    send(
+        &mut again,
+        json!({"type": "subscribe", "after": 0}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        next_deltas(&mut again, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+}
+
 /// `pg_sync_replay_rest_seconds_total`: how long replay turns rested (their pacing).
 async fn replay_rested(port: u16) -> f64 {
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
@@ -2056,8 +2151,8 @@ async fn replay_rested(port: u16) -> f64 {
 
 /// Replay's pacing (SYNC_REPLAY_SHARE_PERCENT): with nothing delivered live, a replay's pages
 /// follow each other without rest; beside a live subscriber getting a row every 20 ms, a
-/// replay's pages rest (each permit busy at most the share) and its stream is still exact,
-/// while the live subscriber gets every row.
+/// replay's pages rest (the permit busy at most the share) and its stream is still complete
+/// and in order, while the live subscriber gets every row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
     let cluster = app_cluster("replay_pacing");
@@ -2067,7 +2162,7 @@ async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
     );
     sql(
         &cluster,
-        "INSERT INTO todos SELECT i, 't', 'q' || (i % 2) FROM generate_series(1, 12000) i",
+        "INSERT INTO todos SELECT i, 't', 'q' || (i % 2) FROM generate_series(1, 20000) i",
     );
     let worker = Worker::started_with(
         &cluster,
@@ -2083,7 +2178,7 @@ async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
     loop {
         let (_, body) = http_get(port, "/healthz").await.unwrap();
         let v: Value = serde_json::from_str(&body).unwrap_or_default();
-        if v["lastSyncId"].as_i64().unwrap_or(0) >= 12_000 {
+        if v["lastSyncId"].as_i64().unwrap_or(0) >= 20_000 {
             break;
         }
         assert!(Instant::now() < deadline, "not published: {body}");
@@ -2091,8 +2186,8 @@ async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
     }
 
     let mut quiet = connect_jwt(port, &token("u0", 3600, SECRET)).await;
-    let ids = deltas_of(&mut quiet, 0, 6000, Duration::from_secs(60)).await;
-    assert_eq!(ids.len(), 6000);
+    let ids = deltas_of(&mut quiet, 0, 10000, Duration::from_secs(60)).await;
+    assert_eq!(ids.len(), 10000);
     assert_eq!(replay_rested(port).await, 0.0, "rested with nothing live");
 
     let mut alice = connect_jwt(port, &token("alice", 3600, SECRET)).await;
@@ -2123,34 +2218,40 @@ async fn a_replay_beside_live_deliveries_rests_and_one_without_them_does_not() {
             written as usize
         })
     };
-    let live = tokio::spawn(async move {
-        let mut got = 0;
-        // Until the writer is done and every row it wrote has come.
-        let mut ids: Vec<i64> = vec![];
-        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), alice.next()).await
-        {
-            if let Message::Text(t) = m {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                if v["type"] == "delta" {
-                    let id = v["syncId"].as_i64().unwrap();
-                    assert!(ids.last().is_none_or(|l| *l < id), "{id} after {ids:?}");
-                    ids.push(id);
-                    got += 1;
+    // The rows the writer wrote, once it is done (until then, more than it can write).
+    let target = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let live = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut ids: Vec<i64> = vec![];
+            while ids.len() < target.load(Ordering::Relaxed) {
+                let next = tokio::time::timeout(Duration::from_secs(30), alice.next()).await;
+                let Ok(Some(Ok(m))) = next else {
+                    break;
+                };
+                if let Message::Text(t) = m {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "delta" {
+                        let id = v["syncId"].as_i64().unwrap();
+                        assert!(ids.last().is_none_or(|l| *l < id), "{id} after {ids:?}");
+                        ids.push(id);
+                    }
                 }
             }
-        }
-        got
-    });
+            ids.len()
+        })
+    };
     // Live deliveries flowing before the replay starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut paced = connect_jwt(port, &token("u1", 3600, SECRET)).await;
-    let ids = deltas_of(&mut paced, 0, 6000, Duration::from_secs(120)).await;
-    assert_eq!(ids.len(), 6000);
+    let ids = deltas_of(&mut paced, 0, 10000, Duration::from_secs(120)).await;
+    assert_eq!(ids.len(), 10000);
     let rested = replay_rested(port).await;
     stop.store(true, Ordering::Relaxed);
     let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
         .unwrap();
+    target.store(written, Ordering::Relaxed);
     assert!(rested > 0.0, "a replay beside live deliveries never rested");
     assert_eq!(
         live.await.unwrap(),

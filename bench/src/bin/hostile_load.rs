@@ -46,6 +46,8 @@ struct Stats {
     other_ends: AtomicU64,
     /// Handshakes of the `revoked` kind refused before the upgrade: HTTP status -> count.
     revoked_refused: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// Handshakes of the `frames` kind refused (the penalty box after a 4400: 429).
+    frames_refused: AtomicU64,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -142,9 +144,15 @@ async fn wait_hostile(stats: &Stats) {
 async fn bad_frames(port: u16, jwt: String, stats: Arc<Stats>) {
     loop {
         wait_hostile(&stats).await;
-        let Some(mut ws) = connect(port, &jwt, None).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let mut ws = match connect_status(port, &jwt, None).await {
+            Ok(ws) => ws,
+            Err(status) => {
+                if status == Some(429) {
+                    stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let mut n = 0u32;
         loop {
@@ -429,6 +437,7 @@ async fn main() {
         stalled_cutoffs: AtomicU64::new(0),
         other_ends: AtomicU64::new(0),
         revoked_refused: Default::default(),
+        frames_refused: Default::default(),
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel(subscribers);
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
@@ -520,6 +529,7 @@ async fn main() {
                     "stalled_cutoffs": stats.stalled_cutoffs.load(Ordering::Relaxed),
                     "other_ends": stats.other_ends.load(Ordering::Relaxed),
                     "revoked_refused": format!("{:?}", stats.revoked_refused.lock().unwrap()),
+                    "frames_refused": stats.frames_refused.load(Ordering::Relaxed),
                 })
             );
         }

@@ -10,12 +10,16 @@
 //! client that replays again and again slows itself, and other replays by its share, never
 //! live delivery.
 //!
-//! While live deliveries flow, replay is also paced: each permit is busy at most
-//! `share_percent` of the time (a page that took d owes a rest of d x (100 / percent - 1)
-//! before the next turn starts). Without it the permits are work-conserving, and clients that
-//! replay again and again keep a permit's database backend busy all the time, on a machine
-//! whose CPU live delivery (the walsender, the sequencer, the writers' backends, the fan-out)
-//! needs too. With no live delivery in the last second, pages run back to back.
+//! While live deliveries flow, replay far behind the head of the log is also paced: such
+//! pages keep the permits busy at most `share_percent` of the time in total (a page that took
+//! d, once its connection was had, owes a rest of d x (100 / percent - 1) / permits before the
+//! next paced turn starts; at most `MAX_REST` is owed at once). Without it the permits are
+//! work-conserving, and clients that replay again and again keep a permit's database backend
+//! busy all the time, on a machine whose CPU live delivery (the walsender, the sequencer, the
+//! writers' backends, the fan-out) needs too. Pages that start within `PACE_FROM` sync ids of
+//! the published watermark are reads at the head (a `/v1/shape` live request, a session's
+//! last page before it goes live, a `/sync/deltas` poll): they neither rest nor owe a rest.
+//! With no live delivery in the last second, pages run back to back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +33,9 @@ const LIVE_WINDOW: Duration = Duration::from_secs(1);
 /// The most rest owed at once: a page held a long time (a slow database) does not stop replay
 /// for several times as long.
 const MAX_REST: Duration = Duration::from_secs(1);
+
+/// Pages starting fewer sync ids than this behind the published watermark are not paced.
+pub const PACE_FROM: i64 = 5_000;
 
 /// Says whether live deliveries flow now (the hub delivered within `LIVE_WINDOW`).
 pub type Live = Box<dyn Fn(Duration) -> bool + Send + Sync>;
@@ -55,22 +62,35 @@ pub struct Admission {
 /// The right to read and build one page of the log; released when dropped.
 pub struct Turn<'a> {
     admission: &'a Admission,
+    /// Far behind the head: the page owes a rest (see the module's first lines).
+    paced: bool,
     started: Instant,
     _permit: SemaphorePermit<'a>,
     _user: UserSlot<'a>,
+}
+
+impl Turn<'_> {
+    /// The page's reading starts now (its pooled connection was had): the wait for the
+    /// connection is not charged as the page's work.
+    pub fn reading(&mut self) {
+        self.started = Instant::now();
+    }
 }
 
 impl Drop for Turn<'_> {
     /// Before the permit goes: the page's rest is owed by the next turn.
     fn drop(&mut self) {
         let a = self.admission;
-        if a.share_percent >= 100 || !(a.live)(LIVE_WINDOW) {
+        if !self.paced || a.share_percent >= 100 || !(a.live)(LIVE_WINDOW) {
             return;
         }
         let busy = self.started.elapsed();
         // Spread over the permits: `size` pages at once owe one page's rest between them.
-        let owed = busy.mul_f64((100 - a.share_percent) as f64 / a.share_percent as f64)
-            / u32::try_from(a.size).unwrap_or(u32::MAX);
+        let owed = (busy
+            .min(MAX_REST * 100)
+            .mul_f64((100 - a.share_percent) as f64 / a.share_percent as f64)
+            / u32::try_from(a.size).unwrap_or(u32::MAX))
+        .min(MAX_REST);
         let now = Instant::now();
         let mut until = a.rest_until.lock().unwrap_or_else(|p| p.into_inner());
         let from = until.filter(|t| *t > now).unwrap_or(now);
@@ -177,9 +197,10 @@ impl Admission {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for `user`'s turn to read a page. Cancel-safe: dropped while waiting, it leaves
-    /// the line (callers race it with the session's revocation).
-    pub async fn enter(&self, user: &str) -> Turn<'_> {
+    /// Waits for `user`'s turn to read a page that starts `behind` sync ids behind the
+    /// published watermark (paced from `PACE_FROM` on). Cancel-safe: dropped while waiting, it
+    /// leaves the line (callers race it with the session's revocation).
+    pub async fn enter(&self, user: &str, behind: i64) -> Turn<'_> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
         let queue = self
@@ -195,10 +216,14 @@ impl Admission {
         };
         slot.held = Some(queue.acquire_owned().await.expect("never closed"));
         let permit = self.permits.acquire().await.expect("never closed");
-        self.rest().await;
+        let paced = behind >= PACE_FROM;
+        if paced {
+            self.rest().await;
+        }
         self.turns.fetch_add(1, Ordering::Relaxed);
         Turn {
             admission: self,
+            paced,
             started: Instant::now(),
             _permit: permit,
             _user: slot,
@@ -208,11 +233,14 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
-    use super::{Admission, Live, MAX_REST};
+    use super::{Admission, Live, MAX_REST, PACE_FROM};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     use tokio::time::Instant;
+
+    /// A page far behind the head (paced while live deliveries flow).
+    const FAR: i64 = PACE_FROM;
 
     fn unpaced(permits: usize, pool: usize) -> Admission {
         Admission::new(permits, pool, 100, Box::new(|_| true))
@@ -231,11 +259,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn while_live_deliveries_flow_a_page_owes_its_rest() {
         let (admission, _) = paced(1, 25);
-        let turn = admission.enter("a").await;
+        let turn = admission.enter("a", FAR).await;
         tokio::time::sleep(Duration::from_millis(40)).await;
         drop(turn);
         let asked = Instant::now();
-        let _next = admission.enter("b").await;
+        let _next = admission.enter("b", FAR).await;
         let waited = asked.elapsed();
         assert!(
             waited >= Duration::from_millis(119) && waited <= Duration::from_millis(130),
@@ -244,16 +272,60 @@ mod tests {
         assert!(admission.rested_us.load(Ordering::Relaxed) >= 119_000);
     }
 
+    /// A page at the head (fewer than `PACE_FROM` ids behind) neither waits out a rest nor
+    /// owes one: live-ish reads are never slowed by replays.
+    #[tokio::test(start_paused = true)]
+    async fn a_page_at_the_head_neither_rests_nor_owes_a_rest() {
+        let (admission, _) = paced(1, 25);
+        let turn = admission.enter("a", FAR).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        drop(turn);
+        let asked = Instant::now();
+        let head = admission.enter("b", PACE_FROM - 1).await;
+        assert_eq!(asked.elapsed(), Duration::ZERO, "a read at the head waited");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(head);
+        // Only the far page's 120 ms were owed, and they have passed.
+        let asked = Instant::now();
+        drop(admission.enter("c", FAR).await);
+        assert_eq!(
+            asked.elapsed(),
+            Duration::ZERO,
+            "a read at the head owed a rest"
+        );
+    }
+
+    /// The wait for a pooled connection (before `reading`) is not charged as the page's work.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_reading_is_charged() {
+        let (admission, _) = paced(1, 50);
+        let mut turn = admission.enter("a", FAR).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        turn.reading();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(turn);
+        let asked = Instant::now();
+        drop(admission.enter("b", FAR).await);
+        let waited = asked.elapsed();
+        assert!(
+            waited >= Duration::from_millis(19) && waited <= Duration::from_millis(25),
+            "waited {waited:?}, owed 20 ms"
+        );
+    }
+
     /// Two permits: two pages at once owe one page's rest between them (each permit is
     /// still busy at most its share of the time).
     #[tokio::test(start_paused = true)]
     async fn the_rest_is_spread_over_the_permits() {
         let (admission, _) = paced(2, 50);
-        let (a, b) = (admission.enter("a").await, admission.enter("b").await);
+        let (a, b) = (
+            admission.enter("a", FAR).await,
+            admission.enter("b", FAR).await,
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop((a, b));
         let asked = Instant::now();
-        let _next = admission.enter("c").await;
+        let _next = admission.enter("c", FAR).await;
         let waited = asked.elapsed();
         assert!(
             waited >= Duration::from_millis(99) && waited <= Duration::from_millis(110),
@@ -267,19 +339,19 @@ mod tests {
     async fn no_rest_without_live_deliveries_and_never_more_than_the_cap() {
         let (admission, flowing) = paced(1, 25);
         flowing.store(false, Ordering::Relaxed);
-        let turn = admission.enter("a").await;
+        let turn = admission.enter("a", FAR).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(turn);
         let asked = Instant::now();
-        drop(admission.enter("a").await);
+        drop(admission.enter("a", FAR).await);
         assert_eq!(asked.elapsed(), Duration::ZERO, "rested with nothing live");
 
         flowing.store(true, Ordering::Relaxed);
-        let turn = admission.enter("a").await;
+        let turn = admission.enter("a", FAR).await;
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop(turn);
         let asked = Instant::now();
-        let _next = admission.enter("a").await;
+        let _next = admission.enter("a", FAR).await;
         let waited = asked.elapsed();
         assert!(
             waited <= MAX_REST + Duration::from_millis(5),
@@ -296,10 +368,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_rest_given_up_leaves_the_line() {
         let (admission, _) = paced(1, 10);
-        let turn = admission.enter("a").await;
+        let turn = admission.enter("a", FAR).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(turn);
-        let gone = tokio::time::timeout(Duration::from_millis(50), admission.enter("b")).await;
+        let gone = tokio::time::timeout(Duration::from_millis(50), admission.enter("b", FAR)).await;
         assert!(gone.is_err(), "the rest (900 ms) was not owed");
         assert_eq!(admission.waiting(), 0);
         assert!(admission.lock().is_empty(), "b left the line");
@@ -314,12 +386,12 @@ mod tests {
         let admission = Arc::new(unpaced(1, 8));
         assert_eq!(admission.size(), 1);
         let order = Arc::new(Mutex::new(vec![]));
-        let first = admission.enter("x").await;
+        let first = admission.enter("x", FAR).await;
         let mut tasks = vec![];
         for (n, user) in ["a1", "a2", "a3", "b1"].into_iter().enumerate() {
             let (line, order) = (admission.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let _turn = line.enter(&user[..1]).await;
+                let _turn = line.enter(&user[..1], FAR).await;
                 order.lock().unwrap().push(user);
                 tokio::task::yield_now().await;
             }));
@@ -342,14 +414,17 @@ mod tests {
     #[tokio::test]
     async fn a_wait_given_up_leaves_the_line() {
         let admission = unpaced(1, 8);
-        let held = admission.enter("a").await;
-        let gone =
-            tokio::time::timeout(std::time::Duration::from_millis(20), admission.enter("b")).await;
+        let held = admission.enter("a", FAR).await;
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            admission.enter("b", FAR),
+        )
+        .await;
         assert!(gone.is_err(), "no permit while one is held");
         assert_eq!(admission.waiting(), 0);
         drop(held);
         assert!(admission.lock().is_empty());
-        let _next = admission.enter("c").await;
+        let _next = admission.enter("c", FAR).await;
     }
 
     #[test]
@@ -365,17 +440,17 @@ mod tests {
     #[tokio::test]
     async fn a_user_reads_one_page_at_a_time_and_a_free_permit_goes_to_another_user() {
         let admission = unpaced(2, 8);
-        let running = admission.enter("a").await;
+        let running = admission.enter("a", FAR).await;
         let wait = std::time::Duration::from_millis(300);
-        let second = tokio::time::timeout(wait, admission.enter("a")).await;
+        let second = tokio::time::timeout(wait, admission.enter("a", FAR)).await;
         assert!(second.is_err(), "a user read two pages at once");
-        let other = tokio::time::timeout(wait, admission.enter("b")).await;
+        let other = tokio::time::timeout(wait, admission.enter("b", FAR)).await;
         assert!(
             other.is_ok(),
             "a permit was free, yet another user's page waited"
         );
         drop(running);
-        let again = tokio::time::timeout(wait, admission.enter("a")).await;
+        let again = tokio::time::timeout(wait, admission.enter("a", FAR)).await;
         assert!(
             again.is_ok(),
             "the user's next page waited after its first was done"

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const PAGE_SPAN: i32 = 5_000;
+/// How long one `/sync/deltas` request reads pages at most.
+const READ_BUDGET: Duration = Duration::from_secs(2);
 const MAX_LIMIT: usize = 10_000;
 
 /// Parses a cursor; `Err` is the 400/409 response.
@@ -73,10 +75,11 @@ pub async fn deltas(
     };
     // Each page is read under a turn of replay's admission (as a WebSocket replay's), with a
     // pooled connection taken once the turn is had: a request waiting for its turn holds none.
-    let turn = app.replay.enter(&user).await;
+    let mut turn = app.replay.enter(&user, through - after).await;
     let Ok(db) = app.db.get().await else {
         return error(ErrorCode::Unavailable, "database unavailable; retry");
     };
+    turn.reading();
     let horizon = match db.track(stream::horizon(&db)).await {
         Ok(h) => h,
         Err(_) => return error(ErrorCode::Unavailable, "database unavailable; retry"),
@@ -97,12 +100,20 @@ pub async fn deltas(
     drop((db, turn));
     let mut frames: Vec<String> = vec![];
     let mut cursor = after.max(horizon);
-    'pages: while cursor < through {
+    // A request reads for at most READ_BUDGET (then answers `hasMore` from where it got): a
+    // user whose groups are sparse in a long log would otherwise hold the request through
+    // every page of it, each taking a turn (and, far behind while live deliveries flow, a
+    // rest).
+    let started = std::time::Instant::now();
+    'pages: while cursor < through
+        && (cursor == after.max(horizon) || started.elapsed() < READ_BUDGET)
+    {
         let span = store::page_span(cursor, through, PAGE_SPAN);
-        let _turn = app.replay.enter(&user).await;
+        let mut turn = app.replay.enter(&user, through - cursor).await;
         let Ok(db) = app.db.get().await else {
             return error(ErrorCode::Unavailable, "database unavailable; retry");
         };
+        turn.reading();
         let page = match db
             .track(store::changes(
                 &db,

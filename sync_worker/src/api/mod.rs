@@ -4,6 +4,7 @@ pub mod admission;
 pub mod bootstrap;
 pub mod http;
 pub mod mutate;
+pub mod penalty;
 pub mod row_json;
 pub mod shape;
 pub mod stream;
@@ -36,6 +37,8 @@ pub struct App {
     pub bootstrap_slots: Arc<tokio::sync::Semaphore>,
     /// Turns to read a page of the log for a client (`admission`): replay's bounded share.
     pub replay: admission::Admission,
+    /// Users whose session was closed for malformed messages, refused new sessions a while.
+    pub penalties: penalty::Penalties,
     /// API keys the database did not know (a repeated bad key costs no query).
     pub unknown_keys: crate::auth::UnknownKeys,
     /// `/v1/shape`'s own connections.

@@ -987,7 +987,10 @@ async fn read_log(
         pages += 1;
         let span = store::page_span(cursor, through, PAGE_SPAN);
         // Read and turned into messages under a turn of replay's admission (`admission`).
-        let _turn = app.replay.enter(&shape.user).await;
+        let _turn = app
+            .replay
+            .enter(&shape.user, app.hub.published() - cursor)
+            .await;
         let rows = db
             .query(&stmt, &[&cursor, &shape.groups, &span, &m.name])
             .await

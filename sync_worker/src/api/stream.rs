@@ -296,7 +296,9 @@ impl<'a> Replay<'a> {
                 // A live subscriber catching up after its queue overflowed takes no turn:
                 // live delivery never waits for other users' replays (review rev16c F1), and
                 // its range is what live delivery would have sent.
-                let _turn = if self.catch_up {
+                let mut _turn = if self.catch_up {
+                    // Live delivery by other means: replays far behind keep pacing themselves.
+                    self.app.hub.note_live_delivery();
                     None
                 } else {
                     let dropped = self
@@ -305,7 +307,7 @@ impl<'a> Replay<'a> {
                         .dropped_signal(self.id)
                         .ok_or(ReplayError::Dropped)?;
                     Some(tokio::select! {
-                        turn = self.app.replay.enter(self.user) => turn,
+                        turn = self.app.replay.enter(self.user, self.app.hub.published() - self.cursor) => turn,
                         () = dropped.notified() => return Err(ReplayError::Dropped),
                     })
                 };
@@ -324,6 +326,9 @@ impl<'a> Replay<'a> {
                 // A pooled connection per page, not per replay: between pages the session
                 // writes to its socket, and a slow reader must not hold a connection.
                 let db = pooled(self.app).await?;
+                if let Some(turn) = _turn.as_mut() {
+                    turn.reading();
+                }
                 let upto = self.through.max(groups_at);
                 if self.joins_upto < upto {
                     let more = db

@@ -11,7 +11,7 @@ use super::{App, Identity};
 use crate::hub::Outbound;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -40,6 +40,22 @@ pub async fn upgrade(
     let Identity {
         user, key, expires, ..
     } = identity;
+    if let Some(left) = app.penalties.left(&user) {
+        let secs = left.as_secs() + 1;
+        let mut refused = super::Refusal::of(
+            ErrorCode::Busy,
+            &format!(
+                "this user's last session sent too many malformed messages; retry after {secs} s"
+            ),
+        )
+        .with_status(axum::http::StatusCode::TOO_MANY_REQUESTS)
+        .into_response();
+        refused.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
+        return refused;
+    }
     let max = app.cfg.max_message_bytes;
     // Small socket buffers: an idle subscriber should cost kilobytes, not the 128 KiB defaults.
     ws.max_message_size(max)
@@ -385,6 +401,7 @@ async fn session(
                             }
                         }
                         if bad > MAX_BAD_MESSAGES {
+                            app.penalties.punish(&user);
                             close_with(&mut socket, close::BAD_INPUT, "too many malformed messages".into()).await;
                             break;
                         }
@@ -393,6 +410,7 @@ async fn session(
                         bad += 1;
                         // A flood of binary frames counts like one of malformed text frames.
                         if bad > MAX_BAD_MESSAGES {
+                            app.penalties.punish(&user);
                             close_with(&mut socket, close::BAD_INPUT, "too many malformed messages".into()).await;
                             break;
                         }
